@@ -1,0 +1,85 @@
+//! Builds the guest agent (`agent/`) as a static executable and puts it in `OUT_DIR`, so the
+//! `builder` binary embeds it and users never have to find or build it themselves.
+//!
+//! Why a nested cargo: the agent must link statically (`+crt-static`) so it runs on any x86_64
+//! guest whatever its glibc, and rustflags cannot be set for one package of a build. A
+//! separate target dir keeps the nested build off the outer build's lock.
+
+use std::env;
+use std::path::PathBuf;
+use std::process::Command;
+
+const TRIPLE: &str = "x86_64-unknown-linux-gnu";
+
+fn main() {
+    for path in [
+        "agent/src",
+        "agent/Cargo.toml",
+        "src/agent/protocol.rs",
+        "Cargo.lock",
+    ] {
+        println!("cargo::rerun-if-changed={path}");
+    }
+    println!("cargo::rerun-if-env-changed=BUILDER_AGENT_BINARY");
+
+    let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let dest = out_dir.join("builder-agent");
+
+    // An escape hatch for packagers who build the agent themselves.
+    if let Some(prebuilt) = env::var_os("BUILDER_AGENT_BINARY") {
+        std::fs::copy(&prebuilt, &dest).unwrap_or_else(|e| {
+            panic!(
+                "BUILDER_AGENT_BINARY={}: {e}",
+                PathBuf::from(&prebuilt).display()
+            )
+        });
+        return;
+    }
+
+    let manifest_dir =
+        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let target_dir = manifest_dir.join("target").join("agent");
+    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(&manifest_dir)
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "-p",
+            "builder-agent",
+            "--target",
+            TRIPLE,
+        ])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .env("RUSTFLAGS", "-C target-feature=+crt-static");
+    // The outer build's settings must not leak into this one (clippy's wrapper, encoded
+    // flags, a forced target dir or profile).
+    for var in [
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_BUILD_RUSTFLAGS",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTC_WRAPPER",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+        "CARGO_PROFILE_RELEASE_DEBUG",
+    ] {
+        cmd.env_remove(var);
+    }
+    let status = cmd
+        .status()
+        .expect("could not run cargo to build the guest agent");
+    assert!(
+        status.success(),
+        "building the guest agent (agent/) failed: {status}"
+    );
+
+    let built = target_dir
+        .join(TRIPLE)
+        .join("release")
+        .join("builder-agent");
+    std::fs::copy(&built, &dest)
+        .unwrap_or_else(|e| panic!("copy {} to {}: {e}", built.display(), dest.display()));
+}

@@ -1,0 +1,6 @@
+//! The host↔guest protocol spoken over a virtio-serial port, shared by the host side
+//! ([`crate::target`]'s agent target) and the guest agent (`agent/`, a separate small static
+//! binary that includes `protocol.rs` by path).
+
+/// The guest agent executable (static, x86_64), built by `build.rs` from `agent/`.
+pub const AGENT_BINARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/builder-agent"));

@@ -1,0 +1,83 @@
+//! Shared plumbing for commands: failures with an exit-code class, and how they are printed
+//! (`error:`, `Caused by:` lines, `hint:`). stdout carries data; messages go to stderr.
+
+pub mod component;
+pub mod vm;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anstream::eprintln;
+use anstyle::{AnsiColor, Style};
+
+/// Exit codes (STYLE.md): 0 ok, 1 build or test failed, 2 invalid input, 3 host problem,
+/// 130 interrupted.
+pub const EXIT_FAILED: u8 = 1;
+pub const EXIT_INPUT: u8 = 2;
+pub const EXIT_HOST: u8 = 3;
+pub const EXIT_INTERRUPTED: u8 = 130;
+
+/// A command that did not succeed: what happened, its class, and what the user can do.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub error: anyhow::Error,
+    pub hint: Option<String>,
+    /// Already printed in full (e.g. rendered diagnostics): print nothing more.
+    pub printed: bool,
+}
+
+impl Failure {
+    pub fn new(code: u8, error: impl Into<anyhow::Error>) -> Self {
+        Self {
+            code,
+            error: error.into(),
+            hint: None,
+            printed: false,
+        }
+    }
+    pub fn failed(error: impl Into<anyhow::Error>) -> Self {
+        Self::new(EXIT_FAILED, error)
+    }
+    pub fn input(error: impl Into<anyhow::Error>) -> Self {
+        Self::new(EXIT_INPUT, error)
+    }
+    pub fn host(error: impl Into<anyhow::Error>) -> Self {
+        Self::new(EXIT_HOST, error)
+    }
+    pub fn interrupted() -> Self {
+        Self::new(EXIT_INTERRUPTED, anyhow::anyhow!("interrupted"))
+    }
+    /// The message was already shown to the user; exit with `code` quietly.
+    pub fn already_printed(code: u8) -> Self {
+        Self {
+            code,
+            error: anyhow::anyhow!("see above"),
+            hint: None,
+            printed: true,
+        }
+    }
+    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+}
+
+pub type CliResult = Result<u8, Failure>;
+
+/// Print a failure the way every command does, and turn it into the process exit code.
+pub fn report(failure: &Failure) -> ExitCode {
+    if !failure.printed {
+        let red = Style::new().bold().fg_color(Some(AnsiColor::Red.into()));
+        let cyan = Style::new().bold().fg_color(Some(AnsiColor::Cyan.into()));
+        eprintln!("{red}error{red:#}: {}", failure.error);
+        for cause in failure.error.chain().skip(1) {
+            eprintln!("  Caused by: {cause}");
+        }
+        if let Some(hint) = &failure.hint {
+            eprintln!("{cyan}hint{cyan:#}: {hint}");
+        }
+    }
+    let _ = std::io::stderr().flush();
+    ExitCode::from(failure.code)
+}

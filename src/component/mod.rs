@@ -1,0 +1,8 @@
+//! AWSTOE-compatible component documents: the model ([`document`]), reading and validating
+//! ([`parse`]), the `{{ }}` language ([`template`]) and the executor that runs phases on a
+//! [`crate::target::StepTarget`].
+//!
+//! `document`, `parse` and `template` are pure: they read their input and nothing else.
+
+pub mod document;
+pub mod template;

@@ -1,0 +1,23 @@
+//! builder: golden machine images on a local QEMU/KVM hypervisor, offline.
+//!
+//! The modules and the data flow of one build:
+//!
+//! ```text
+//! recipe.yml ─recipe─▶ Recipe ─build─▶ Plan ─vm─▶ RunningVm ─target─▶ Session
+//!   component documents ─component::parse─▶ Document ─component::executor─▶ phase reports
+//!   ─build─▶ generalize, shut down, test in a fresh VM ─export─▶ artifacts ─distribute─▶ receipts
+//! ```
+//!
+//! - [`yaml`]: YAML read into a node tree that keeps line and column of every value.
+//! - [`diagnostic`]: problems in input files, collected and rendered with `file:line:col`.
+//! - [`component`]: AWSTOE component documents: model, validation, templating, executor.
+//! - [`target`]: where steps run ([`target::StepTarget`]): this machine, a guest via our agent.
+//! - [`agent`]: the host↔guest protocol spoken over virtio-serial.
+//! - [`vm`]: qemu-img, QEMU launch and QMP, accelerator probe, cloud-init seed.
+
+pub mod agent;
+pub mod component;
+pub mod diagnostic;
+pub mod target;
+pub mod vm;
+pub mod yaml;

@@ -1,0 +1,53 @@
+//! The `builder` command line: parse arguments, call the library, map errors to exit codes.
+//! Every command lives in `cli/<group>.rs`; this file only wires them up.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Build golden machine images on a local QEMU/KVM hypervisor, offline.
+#[derive(Debug, Parser)]
+#[command(name = "builder", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate and run AWSTOE-compatible component documents.
+    #[command(subcommand)]
+    Component(cli::component::ComponentCommand),
+    /// Throwaway VMs from a disk image: run a command or open a shell through the agent.
+    #[command(subcommand)]
+    Vm(cli::vm::VmCommand),
+}
+
+fn main() -> ExitCode {
+    let args = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            return cli::report(&cli::Failure::host(
+                anyhow::Error::new(e).context("could not start the async runtime"),
+            ));
+        }
+    };
+    let result = runtime.block_on(async {
+        match args.command {
+            Command::Component(cmd) => cli::component::main(cmd).await,
+            Command::Vm(cmd) => cli::vm::main(cmd).await,
+        }
+    });
+    // Leave no task behind: the runtime drops here, after every undo has run.
+    drop(runtime);
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(failure) => cli::report(&failure),
+    }
+}

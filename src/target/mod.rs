@@ -1,0 +1,299 @@
+//! Where steps run. One trait, [`StepTarget`], with an implementation per place: this machine
+//! ([`local`]), a guest through our agent, a guest through qemu-guest-agent.
+//!
+//! The component executor and every action are written against this trait only, so the same
+//! document runs unchanged on each target. A target knows primitives (exec, files, reboot),
+//! never actions, loops or templates: those live in the executor on the host.
+
+pub mod local;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+/// What to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Program {
+    /// Run `argv[0]` (looked up on `PATH` when it has no slash) with the rest as arguments.
+    Argv(Vec<String>),
+    /// Write `body` to a script file on the target and run it with `interpreter` (e.g. `bash`).
+    Script { interpreter: String, body: String },
+}
+
+/// One command to run on a target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecRequest {
+    pub program: Program,
+    /// Extra environment variables, added to the target's default environment.
+    pub env: Vec<(String, String)>,
+    /// Working directory; the target's default (usually `/`) when `None`.
+    pub cwd: Option<PathBuf>,
+    /// Run as this user (name or uid); the target's own user (root in a guest) when `None`.
+    pub user: Option<String>,
+    /// Kill the whole process tree and report [`ExitStatus::TimedOut`] after this long.
+    pub timeout: Option<Duration>,
+}
+
+impl ExecRequest {
+    pub fn argv<I, S>(argv: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self {
+            program: Program::Argv(argv.into_iter().map(Into::into).collect()),
+            env: Vec::new(),
+            cwd: None,
+            user: None,
+            timeout: None,
+        }
+    }
+
+    pub fn bash(body: impl Into<String>) -> Self {
+        Self {
+            program: Program::Script {
+                interpreter: "bash".into(),
+                body: body.into(),
+            },
+            env: Vec::new(),
+            cwd: None,
+            user: None,
+            timeout: None,
+        }
+    }
+
+    pub fn with_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.timeout = timeout;
+        self
+    }
+}
+
+/// Which output stream a chunk came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
+}
+
+/// Receives a command's output as it is produced. Must not block: it is called from the
+/// target's reader tasks.
+pub trait OutputSink: Send + Sync {
+    fn output(&self, stream: OutputStream, data: &[u8]);
+}
+
+/// A sink that drops everything, for commands whose output nobody needs.
+pub struct Discard;
+
+impl OutputSink for Discard {
+    fn output(&self, _: OutputStream, _: &[u8]) {}
+}
+
+/// A sink that keeps everything in memory, for short commands whose output is parsed.
+#[derive(Default)]
+pub struct Capture {
+    stdout: std::sync::Mutex<Vec<u8>>,
+    stderr: std::sync::Mutex<Vec<u8>>,
+}
+
+impl Capture {
+    pub fn stdout(&self) -> Vec<u8> {
+        self.stdout.lock().map(|b| b.clone()).unwrap_or_default()
+    }
+    pub fn stderr(&self) -> Vec<u8> {
+        self.stderr.lock().map(|b| b.clone()).unwrap_or_default()
+    }
+}
+
+impl OutputSink for Capture {
+    fn output(&self, stream: OutputStream, data: &[u8]) {
+        let buf = match stream {
+            OutputStream::Stdout => &self.stdout,
+            OutputStream::Stderr => &self.stderr,
+        };
+        if let Ok(mut b) = buf.lock() {
+            b.extend_from_slice(data);
+        }
+    }
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    Exited(i32),
+    /// Killed by this signal number (not by us).
+    Signaled(i32),
+    /// The request's timeout passed; the whole process tree was killed.
+    TimedOut,
+}
+
+impl ExitStatus {
+    pub fn success(self) -> bool {
+        self == ExitStatus::Exited(0)
+    }
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitStatus::Exited(code) => write!(f, "exited with status {code}"),
+            ExitStatus::Signaled(sig) => write!(f, "was killed by signal {sig}"),
+            ExitStatus::TimedOut => write!(f, "timed out"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExecOutcome {
+    pub status: ExitStatus,
+    pub duration: Duration,
+}
+
+/// Content for [`StepTarget::put_file`].
+#[derive(Debug, Clone)]
+pub enum FileSource {
+    Bytes(Vec<u8>),
+    /// A file on the host, streamed.
+    Path(PathBuf),
+}
+
+/// Options for [`StepTarget::put_file`]. `None` keeps the target's defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PutOptions {
+    /// Permission bits, e.g. `0o644`.
+    pub mode: Option<u32>,
+    pub owner: Option<String>,
+    pub group: Option<String>,
+    /// Create missing parent folders.
+    pub create_parents: bool,
+    /// Append instead of replacing.
+    pub append: bool,
+}
+
+/// What a transfer delivered, checked on both ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileInfo {
+    pub size: u64,
+    /// Lower-case hex sha256 of the content.
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+    Other,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileStat {
+    pub kind: FileKind,
+    pub size: u64,
+    /// Permission bits (`st_mode & 0o7777`).
+    pub mode: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    pub name: String,
+    pub stat: FileStat,
+}
+
+/// Facts about the machine a target runs on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TargetInfo {
+    /// `ID` from os-release, e.g. `debian`.
+    pub os_id: String,
+    /// `PRETTY_NAME` from os-release.
+    pub os_pretty: String,
+    pub arch: String,
+    /// Changes on every boot (`/proc/sys/kernel/random/boot_id`).
+    pub boot_id: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    /// {context}
+    #[error("{context}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The target cannot do this at all (e.g. reboot this machine).
+    #[error("{what} is not possible on {target}")]
+    Unsupported {
+        what: String,
+        target: String,
+        hint: String,
+    },
+    /// The connection to the target was lost.
+    #[error("lost the connection to {target}: {detail}")]
+    Disconnected { target: String, detail: String },
+    /// The other end said something we did not expect.
+    #[error("protocol error talking to {target}: {detail}")]
+    Protocol { target: String, detail: String },
+    /// The target reported a failure of the operation itself (not of a command it ran).
+    #[error("{0}")]
+    Failed(String),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl TargetError {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        TargetError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// A hint for the user, where the error has one.
+    pub fn hint(&self) -> Option<&str> {
+        match self {
+            TargetError::Unsupported { hint, .. } if !hint.is_empty() => Some(hint),
+            _ => None,
+        }
+    }
+}
+
+/// A place where steps run. Dropping a future returned by [`StepTarget::exec`] must kill the
+/// command's whole process tree: that is how the executor cancels.
+#[async_trait]
+pub trait StepTarget: Send + Sync {
+    /// A short description for messages: "this machine", "vm debian-12 (pid 4242)".
+    fn describe(&self) -> String;
+
+    /// os-release, architecture and boot id of the target.
+    async fn info(&self) -> Result<TargetInfo, TargetError>;
+
+    /// Run a command, streaming its output to `sink` as it comes.
+    async fn exec(
+        &self,
+        request: &ExecRequest,
+        sink: &dyn OutputSink,
+    ) -> Result<ExecOutcome, TargetError>;
+
+    /// Write a file on the target. The content's sha256 is checked on the target's side.
+    async fn put_file(
+        &self,
+        remote: &Path,
+        content: FileSource,
+        options: &PutOptions,
+    ) -> Result<FileInfo, TargetError>;
+
+    /// Copy a file from the target to `local` on the host (written under a temporary name and
+    /// renamed when its sha256 matched).
+    async fn get_file(&self, remote: &Path, local: &Path) -> Result<FileInfo, TargetError>;
+
+    /// `None` when nothing exists at `remote`. Does not follow a final symlink.
+    async fn stat(&self, remote: &Path) -> Result<Option<FileStat>, TargetError>;
+
+    /// The entries of a folder, sorted by name, without `.` and `..`.
+    async fn list(&self, remote: &Path) -> Result<Vec<DirEntry>, TargetError>;
+
+    /// Reboot the target and return once it is back (a new boot id). Targets that cannot
+    /// reboot return [`TargetError::Unsupported`] with a hint.
+    async fn reboot(&self) -> Result<(), TargetError>;
+}

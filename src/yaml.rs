@@ -1,0 +1,1 @@
+//! YAML read into a node tree that keeps the span, style and source text of every value.
