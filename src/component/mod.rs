@@ -4,5 +4,6 @@
 //!
 //! `document`, `parse` and `template` are pure: they read their input and nothing else.
 
+pub mod condition;
 pub mod document;
 pub mod template;
