@@ -8,15 +8,9 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-/// A byte range in the source file, for messages after parsing (e.g. at run time).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
-pub struct Span {
-    pub start: usize,
-    pub end: usize,
-    /// 1-based line and column of `start`.
-    pub line: usize,
-    pub col: usize,
-}
+/// A byte range in the source file, for messages after parsing (e.g. at run time). One type
+/// for every input file, so it lives with the diagnostics.
+pub use crate::diagnostic::Span;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Document {

@@ -6,4 +6,5 @@
 
 pub mod condition;
 pub mod document;
+pub mod parse;
 pub mod template;

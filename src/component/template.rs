@@ -321,6 +321,7 @@ fn chain_kind(segment: &str) -> Option<Result<(ChainKind, Option<usize>), String
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that unwraps fails loudly, which is the point
 mod tests {
     use super::*;
     use std::collections::HashMap;
