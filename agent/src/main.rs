@@ -1,1 +1,539 @@
-fn main() {}
+//! builder-agent: the guest side of builder. A small static binary that serves the host over
+//! a virtio-serial port: exec, file transfer, stat/list, sync, reboot, poweroff. The protocol
+//! is `src/agent/protocol.rs` in the main crate, included here by path.
+//!
+//! Threads, not async: one reader per connection dispatches frames; each exec and each
+//! transfer runs on its own thread, so a slow disk or a chatty command never stalls the
+//! others. The agent never exits on its own: when the port reports end-of-file (the host is
+//! not connected yet, or went away) it closes it, waits a moment and opens it again.
+//!
+//! It writes nothing to the guest except what it is asked to, and never prints request
+//! contents (an exec's `secret_env` values in particular).
+
+#[path = "../../src/agent/protocol.rs"]
+#[allow(dead_code)]
+mod protocol;
+
+mod exec;
+mod files;
+mod sys;
+
+use std::collections::HashMap;
+use std::io::{self, BufReader, Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use protocol::{Frame, HelloInfo, Message};
+
+const USAGE: &str = "usage: builder-agent [--port NAME|PATH] [--connect-unix PATH] [--daemon]
+       builder-agent --cloud-init-status
+       builder-agent --version
+
+  --port NAME|PATH     virtio-serial port to serve (default org.builder.agent.0, found in
+                       /dev/virtio-ports/)
+  --connect-unix PATH  serve a unix socket the host listens on instead (for tests)
+  --daemon             detach from the caller (e.g. cloud-init bootcmd) and keep running
+  --cloud-init-status  print cloud-init's state as the agent reports it, then exit
+";
+
+enum Endpoint {
+    Port(String),
+    Unix(String),
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let mut endpoint = Endpoint::Port(format!("/dev/virtio-ports/{}", protocol::DEFAULT_PORT_NAME));
+    let mut daemon = false;
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--port" => {
+                let Some(v) = args.next() else {
+                    usage_error("--port needs a value")
+                };
+                endpoint = Endpoint::Port(if v.contains('/') {
+                    v
+                } else {
+                    format!("/dev/virtio-ports/{v}")
+                });
+            }
+            "--connect-unix" => {
+                let Some(v) = args.next() else {
+                    usage_error("--connect-unix needs a value")
+                };
+                endpoint = Endpoint::Unix(v);
+            }
+            "--daemon" => daemon = true,
+            "--cloud-init-status" => {
+                println!("{}", cloud_init_state());
+                return;
+            }
+            "--version" => {
+                println!("builder-agent {}", env!("CARGO_PKG_VERSION"));
+                return;
+            }
+            "--help" | "-h" => {
+                print!("{USAGE}");
+                return;
+            }
+            other => usage_error(&format!("unknown argument `{other}`")),
+        }
+    }
+    if daemon {
+        detach();
+    }
+    serve_forever(endpoint);
+}
+
+fn usage_error(msg: &str) -> ! {
+    eprint!("builder-agent: {msg}\n{USAGE}");
+    std::process::exit(2);
+}
+
+/// Starts a copy of ourselves without `--daemon` in a new session with stdio on /dev/null,
+/// then exits, so a cloud-init bootcmd returns at once.
+fn detach() {
+    use std::os::unix::process::CommandExt;
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("builder-agent: cannot find own executable: {e}");
+            std::process::exit(1);
+        }
+    };
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--daemon")
+        .collect();
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: setsid is async-signal-safe and touches no memory.
+    unsafe {
+        cmd.pre_exec(sys_setsid);
+    }
+    match cmd.spawn() {
+        Ok(_) => std::process::exit(0),
+        Err(e) => {
+            eprintln!("builder-agent: cannot detach: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn sys_setsid() -> io::Result<()> {
+    unsafe extern "C" {
+        fn setsid() -> i32;
+    }
+    // SAFETY: setsid takes no arguments.
+    if unsafe { setsid() } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The link to the host: one writer shared by every thread, tagged with a generation so that
+// threads serving an old connection can never write into a new one.
+
+struct Link {
+    generation: AtomicU64,
+    writer: Mutex<Option<Box<dyn Write + Send>>>,
+}
+
+/// A handle for sending frames on the connection that was current when it was made.
+#[derive(Clone)]
+pub struct Tx {
+    link: Arc<Link>,
+    generation: u64,
+}
+
+impl Tx {
+    pub fn send(&self, id: u32, msg: &Message) -> io::Result<()> {
+        let bytes = protocol::encode(id, msg)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        self.send_raw(&bytes)
+    }
+
+    fn send_raw(&self, bytes: &[u8]) -> io::Result<()> {
+        if !self.is_current() {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the host connection this request came on is gone",
+            ));
+        }
+        let mut guard = self
+            .link
+            .writer
+            .lock()
+            .map_err(|_| io::Error::other("writer lock poisoned"))?;
+        // Checked again under the lock: the connection may have been replaced meanwhile.
+        if !self.is_current() {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "connection replaced",
+            ));
+        }
+        match guard.as_mut() {
+            Some(w) => {
+                w.write_all(bytes)?;
+                w.flush()
+            }
+            None => Err(io::Error::new(io::ErrorKind::BrokenPipe, "not connected")),
+        }
+    }
+
+    pub fn is_current(&self) -> bool {
+        self.link.generation.load(Ordering::SeqCst) == self.generation
+    }
+
+    pub fn error(&self, id: u32, code: u32, message: impl Into<String>) {
+        let _ = self.send(
+            id,
+            &Message::Error {
+                code,
+                message: message.into(),
+            },
+        );
+    }
+}
+
+/// What runs for a request id; the reader routes follow-up frames to it.
+pub enum Job {
+    Exec(exec::ExecHandle),
+    Put(std::sync::mpsc::Sender<files::PutEvent>),
+    Get(Arc<files::Credits>),
+}
+
+pub type Jobs = Arc<Mutex<HashMap<u32, Job>>>;
+
+fn open_endpoint(endpoint: &Endpoint) -> io::Result<(Box<dyn Read + Send>, Box<dyn Write + Send>)> {
+    match endpoint {
+        Endpoint::Port(path) => {
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)?;
+            let w = f.try_clone()?;
+            Ok((Box::new(f), Box::new(w)))
+        }
+        Endpoint::Unix(path) => {
+            let s = std::os::unix::net::UnixStream::connect(path)?;
+            let w = s.try_clone()?;
+            Ok((Box::new(s), Box::new(w)))
+        }
+    }
+}
+
+fn serve_forever(endpoint: Endpoint) -> ! {
+    let link = Arc::new(Link {
+        generation: AtomicU64::new(0),
+        writer: Mutex::new(None),
+    });
+    let mut last_error = String::new();
+    loop {
+        let (reader, writer) = match open_endpoint(&endpoint) {
+            Ok(rw) => rw,
+            Err(e) => {
+                // Reported once per distinct error, so a missing port does not flood the log.
+                let msg = e.to_string();
+                if msg != last_error {
+                    eprintln!("builder-agent: cannot open the host channel: {msg}; retrying");
+                    last_error = msg;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        last_error.clear();
+        let generation = link.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        if let Ok(mut w) = link.writer.lock() {
+            *w = Some(writer);
+        }
+        let tx = Tx {
+            link: link.clone(),
+            generation,
+        };
+        let jobs: Jobs = Arc::new(Mutex::new(HashMap::new()));
+        let _ = tx.send(0, &Message::Hello(hello()));
+        serve_connection(reader, &tx, &jobs);
+        // The host went away (or never came): nobody can receive what runs for it, so stop
+        // it all. Transfers notice the generation change on their next send.
+        link.generation.fetch_add(1, Ordering::SeqCst);
+        if let Ok(mut map) = jobs.lock() {
+            for (_, job) in map.drain() {
+                match job {
+                    Job::Exec(h) => h.kill(),
+                    Job::Put(p) => {
+                        let _ = p.send(files::PutEvent::Cancel);
+                    }
+                    Job::Get(c) => c.cancel(),
+                }
+            }
+        }
+        if let Ok(mut w) = link.writer.lock() {
+            *w = None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn serve_connection(reader: Box<dyn Read + Send>, tx: &Tx, jobs: &Jobs) {
+    let mut r = BufReader::with_capacity(2 * protocol::MAX_PAYLOAD, reader);
+    loop {
+        let mut h = [0u8; protocol::HEADER_LEN];
+        if !read_full(&mut r, &mut h) {
+            return;
+        }
+        let header = match protocol::decode_header(&h) {
+            Ok(h) => h,
+            Err(e) => {
+                tx.error(
+                    0,
+                    protocol::code::BAD_REQUEST,
+                    format!("bad frame header: {e}"),
+                );
+                if !resync(&mut r, h) {
+                    return;
+                }
+                continue;
+            }
+        };
+        let mut payload = vec![0u8; header.len];
+        if !read_full(&mut r, &mut payload) {
+            return;
+        }
+        match protocol::decode_body(header.ty, &payload) {
+            Ok(msg) => dispatch(Frame { id: header.id, msg }, tx, jobs),
+            // The frame was whole, so the stream is still in step: refuse just this request.
+            Err(e) => tx.error(
+                header.id,
+                protocol::code::BAD_REQUEST,
+                format!("bad frame: {e}"),
+            ),
+        }
+    }
+}
+
+/// Reads exactly `buf.len()` bytes; false at end of stream or on an error.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> bool {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => return false,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
+/// After a bad header: slide forward byte by byte until a plausible header starts, leaving it
+/// to be read next. False if the stream ended.
+fn resync(r: &mut BufReader<Box<dyn Read + Send>>, first: [u8; protocol::HEADER_LEN]) -> bool {
+    use std::io::BufRead;
+    let mut window: Vec<u8> = first[1..].to_vec();
+    loop {
+        while window.len() < protocol::HEADER_LEN {
+            let mut b = [0u8; 1];
+            if !read_full(r, &mut b) {
+                return false;
+            }
+            window.push(b[0]);
+        }
+        let mut h = [0u8; protocol::HEADER_LEN];
+        h.copy_from_slice(&window[..protocol::HEADER_LEN]);
+        if protocol::decode_header(&h).is_ok() {
+            // Put the header (and what was buffered after it) back in front of the stream.
+            let rest = r.buffer().to_vec();
+            let consumed = rest.len();
+            r.consume(consumed);
+            let mut joined = window;
+            joined.extend_from_slice(&rest);
+            let back = std::mem::replace(r.get_mut(), Box::new(io::empty()));
+            *r.get_mut() = Box::new(Chain {
+                front: io::Cursor::new(joined),
+                back,
+            });
+            return true;
+        }
+        window.remove(0);
+    }
+}
+
+/// A reader that returns `front` first, then `back`.
+struct Chain {
+    front: io::Cursor<Vec<u8>>,
+    back: Box<dyn Read + Send>,
+}
+
+impl Read for Chain {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.front.read(buf)?;
+        if n > 0 {
+            return Ok(n);
+        }
+        self.back.read(buf)
+    }
+}
+
+fn dispatch(frame: Frame, tx: &Tx, jobs: &Jobs) {
+    let id = frame.id;
+    match frame.msg {
+        Message::HelloRequest => {
+            let _ = tx.send(id, &Message::Hello(hello()));
+        }
+        Message::Ping => {
+            let _ = tx.send(id, &Message::Ok);
+        }
+        Message::Exec(spec) => exec::start(id, spec, tx.clone(), jobs.clone()),
+        Message::Stdin(data) => {
+            if let Some(Job::Exec(h)) = lock(jobs).get(&id) {
+                h.stdin(data);
+            }
+        }
+        Message::Resize { rows, cols } => {
+            if let Some(Job::Exec(h)) = lock(jobs).get(&id) {
+                h.resize(rows, cols);
+            }
+        }
+        Message::Kill => {
+            // Cancels whatever runs under this id: an exec's process group, a transfer.
+            let job = lock(jobs).remove(&id);
+            match job {
+                Some(Job::Exec(h)) => {
+                    h.kill();
+                    // Put it back so its thread still finds and removes it; the exec
+                    // thread reports how it ended.
+                    lock(jobs).insert(id, Job::Exec(h));
+                }
+                Some(Job::Put(p)) => {
+                    let _ = p.send(files::PutEvent::Cancel);
+                }
+                Some(Job::Get(c)) => c.cancel(),
+                None => {}
+            }
+        }
+        Message::PutFile(spec) => files::start_put(id, spec, tx.clone(), jobs.clone()),
+        Message::Data(data) => {
+            if let Some(Job::Put(p)) = lock(jobs).get(&id) {
+                let _ = p.send(files::PutEvent::Data(data));
+            }
+        }
+        Message::End { size, sha256 } => {
+            if let Some(Job::Put(p)) = lock(jobs).get(&id) {
+                let _ = p.send(files::PutEvent::End { size, sha256 });
+            }
+        }
+        Message::GetFile { path } => files::start_get(id, path, tx.clone(), jobs.clone()),
+        Message::Credit(n) => {
+            if let Some(Job::Get(c)) = lock(jobs).get(&id) {
+                c.grant(n);
+            }
+        }
+        Message::Stat { path } => {
+            let reply = files::stat(&path);
+            let _ = tx.send(id, &reply);
+        }
+        Message::List { path } => {
+            let tx = tx.clone();
+            // A big folder takes a while to stat: not on the reader thread.
+            std::thread::spawn(move || {
+                let reply = files::list(&path);
+                let _ = tx.send(id, &reply);
+            });
+        }
+        Message::Sync => {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                sys::sync_all();
+                let _ = tx.send(id, &Message::Ok);
+            });
+        }
+        Message::Reboot => power(id, tx, "reboot"),
+        Message::Poweroff => power(id, tx, "poweroff"),
+        other => tx.error(
+            id,
+            protocol::code::BAD_REQUEST,
+            format!("the agent does not accept `{}` messages", other.name()),
+        ),
+    }
+}
+
+pub fn lock(jobs: &Jobs) -> std::sync::MutexGuard<'_, HashMap<u32, Job>> {
+    // A panic while holding the map cannot leave it inconsistent (inserts and removes only).
+    jobs.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Acknowledges, then asks systemd (or the init in charge) for a clean reboot or poweroff.
+fn power(id: u32, tx: &Tx, verb: &'static str) {
+    let _ = tx.send(id, &Message::Ok);
+    std::thread::spawn(move || {
+        sys::sync_all();
+        let attempts: [&[&str]; 3] = [&["systemctl", verb], &[verb], &[verb, "-f"]];
+        for argv in attempts {
+            let ok = std::process::Command::new(argv[0])
+                .args(&argv[1..])
+                .stdin(std::process::Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if ok {
+                return;
+            }
+        }
+        eprintln!("builder-agent: could not {verb} the machine");
+    });
+}
+
+pub fn hello() -> HelloInfo {
+    let os_release = std::fs::read_to_string("/etc/os-release")
+        .or_else(|_| std::fs::read_to_string("/usr/lib/os-release"))
+        .unwrap_or_default();
+    let field = |key: &str| -> String {
+        os_release
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .map(|v| v.trim().trim_matches('"').to_owned())
+            .unwrap_or_default()
+    };
+    HelloInfo {
+        protocol: protocol::PROTOCOL_VERSION,
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        os_id: field("ID"),
+        os_pretty: field("PRETTY_NAME"),
+        arch: std::env::consts::ARCH.into(),
+        boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default(),
+        pid: std::process::id(),
+        cloud_init: cloud_init_state().into(),
+    }
+}
+
+/// cloud-init's state from the files it leaves in /run, without running it (that takes
+/// seconds on a slow guest): `absent`, `running`, `done` or `error`.
+fn cloud_init_state() -> &'static str {
+    let installed = ["/usr/bin/cloud-init", "/usr/local/bin/cloud-init"]
+        .iter()
+        .any(|p| std::path::Path::new(p).exists());
+    if !installed {
+        return "absent";
+    }
+    match std::fs::read_to_string("/run/cloud-init/result.json") {
+        Ok(result) => {
+            // {"v1": {"datasource": "...", "errors": []}}: done when the list is empty.
+            let empty = result
+                .find("\"errors\"")
+                .and_then(|at| result[at..].find('[').map(|b| at + b + 1))
+                .map(|after| result[after..].trim_start().starts_with(']'))
+                .unwrap_or(false);
+            if empty { "done" } else { "error" }
+        }
+        Err(_) => "running",
+    }
+}

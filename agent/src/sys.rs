@@ -1,0 +1,221 @@
+//! The few system calls std does not wrap (process groups, setuid, pseudo-terminals, sync,
+//! reboot), declared directly against the C library the static binary links anyway, and the
+//! /etc/passwd and /etc/group lookups (parsed by hand: a static glibc cannot load NSS
+//! modules, and guests keep their local users in these files).
+
+use std::ffi::CStr;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+unsafe extern "C" {
+    fn kill(pid: i32, sig: i32) -> i32;
+    fn setsid() -> i32;
+    fn setgid(gid: u32) -> i32;
+    fn setuid(uid: u32) -> i32;
+    fn setgroups(n: usize, list: *const u32) -> i32;
+    fn ioctl(fd: i32, request: u64, ...) -> i32;
+    fn posix_openpt(flags: i32) -> i32;
+    fn grantpt(fd: i32) -> i32;
+    fn unlockpt(fd: i32) -> i32;
+    fn ptsname_r(fd: i32, buf: *mut u8, len: usize) -> i32;
+    #[link_name = "sync"]
+    fn c_sync();
+}
+
+pub const SIGKILL: i32 = 9;
+const TIOCSCTTY: u64 = 0x540E;
+const TIOCSWINSZ: u64 = 0x5414;
+const O_RDWR: i32 = 2;
+const O_NOCTTY: i32 = 0o400;
+
+/// Sends `sig` to every process of the group `pgid`.
+pub fn kill_group(pgid: i32, sig: i32) {
+    if pgid > 1 {
+        // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+        unsafe {
+            kill(-pgid, sig);
+        }
+    }
+}
+
+pub fn sync_all() {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { c_sync() }
+}
+
+/// In a forked child before exec: start a new session and make `fd 0` (the pty slave) its
+/// controlling terminal. Only async-signal-safe calls.
+pub fn become_session_leader_with_tty() -> io::Result<()> {
+    // SAFETY: setsid and ioctl take integers; fd 0 is the pty slave set up by Command.
+    unsafe {
+        if setsid() < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if ioctl(0, TIOCSCTTY, 0i32) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// In a forked child before exec: drop to `uid`/`gid` with supplementary `groups`.
+/// Only async-signal-safe calls; `groups` was built before the fork.
+pub fn drop_privileges(uid: u32, gid: u32, groups: &[u32]) -> io::Result<()> {
+    // SAFETY: the pointer and length describe a live slice; the others take integers.
+    unsafe {
+        if setgroups(groups.len(), groups.as_ptr()) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if setgid(gid) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if setuid(uid) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// A new pseudo-terminal: the master side, and the slave opened as a file.
+pub fn open_pty(rows: u16, cols: u16) -> io::Result<(File, File)> {
+    // SAFETY: posix_openpt returns a new fd or -1; we own it from here on.
+    let master = unsafe { posix_openpt(O_RDWR | O_NOCTTY) };
+    if master < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `master` is a fresh fd nobody else owns.
+    let master = unsafe { OwnedFd::from_raw_fd(master) };
+    let fd = master.as_raw_fd();
+    let mut name = [0u8; 128];
+    // SAFETY: fd is open; the buffer outlives the call and its length is passed.
+    unsafe {
+        if grantpt(fd) < 0 || unlockpt(fd) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let rc = ptsname_r(fd, name.as_mut_ptr(), name.len());
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+    }
+    let path = CStr::from_bytes_until_nul(&name)
+        .map_err(|_| io::Error::other("ptsname_r returned no terminator"))?
+        .to_str()
+        .map_err(|_| io::Error::other("pty name is not UTF-8"))?
+        .to_owned();
+    let master = File::from(master);
+    set_window_size(&master, rows, cols)?;
+    let slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags_noctty()
+        .open(&path)?;
+    Ok((master, slave))
+}
+
+trait NoCtty {
+    fn custom_flags_noctty(&mut self) -> &mut Self;
+}
+
+impl NoCtty for std::fs::OpenOptions {
+    fn custom_flags_noctty(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.custom_flags(O_NOCTTY)
+    }
+}
+
+pub fn set_window_size(tty: &File, rows: u16, cols: u16) -> io::Result<()> {
+    let ws: [u16; 4] = [rows, cols, 0, 0];
+    // SAFETY: TIOCSWINSZ reads a `struct winsize` (four u16) from the pointer, which is live.
+    let rc = unsafe { ioctl(tty.as_raw_fd(), TIOCSWINSZ, ws.as_ptr()) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A local user, from /etc/passwd.
+#[derive(Debug, Clone)]
+pub struct User {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: String,
+    pub shell: String,
+    /// The primary group and every group that lists the user as a member.
+    pub groups: Vec<u32>,
+}
+
+/// Looks up a user by name or numeric uid.
+pub fn lookup_user(spec: &str) -> io::Result<User> {
+    let passwd = std::fs::read_to_string("/etc/passwd")?;
+    let numeric = spec.parse::<u32>().ok();
+    for line in passwd.lines() {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() < 7 {
+            continue;
+        }
+        let (Ok(uid), Ok(gid)) = (f[2].parse::<u32>(), f[3].parse::<u32>()) else {
+            continue;
+        };
+        if f[0] == spec || numeric == Some(uid) {
+            let mut groups = vec![gid];
+            if let Ok(group) = std::fs::read_to_string("/etc/group") {
+                for g in group.lines() {
+                    let gf: Vec<&str> = g.split(':').collect();
+                    if gf.len() >= 4
+                        && gf[3].split(',').any(|m| m == f[0])
+                        && let Ok(id) = gf[2].parse::<u32>()
+                        && !groups.contains(&id)
+                    {
+                        groups.push(id);
+                    }
+                }
+            }
+            return Ok(User {
+                name: f[0].to_owned(),
+                uid,
+                gid,
+                home: f[5].to_owned(),
+                shell: f[6].to_owned(),
+                groups,
+            });
+        }
+    }
+    if let Some(uid) = numeric {
+        // A uid without a passwd entry is still a valid identity to run as.
+        return Ok(User {
+            name: uid.to_string(),
+            uid,
+            gid: uid,
+            home: "/".into(),
+            shell: "/bin/sh".into(),
+            groups: vec![uid],
+        });
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("no user `{spec}` in /etc/passwd"),
+    ))
+}
+
+/// Looks up a group by name or numeric gid.
+pub fn lookup_group(spec: &str) -> io::Result<u32> {
+    if let Ok(gid) = spec.parse::<u32>() {
+        return Ok(gid);
+    }
+    let group = std::fs::read_to_string("/etc/group")?;
+    for line in group.lines() {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() >= 3
+            && f[0] == spec
+            && let Ok(gid) = f[2].parse::<u32>()
+        {
+            return Ok(gid);
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("no group `{spec}` in /etc/group"),
+    ))
+}
