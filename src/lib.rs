@@ -14,8 +14,10 @@
 //! - [`target`]: where steps run ([`target::StepTarget`]): this machine, a guest via our agent.
 //! - [`agent`]: the host↔guest protocol spoken over virtio-serial.
 //! - [`vm`]: qemu-img, QEMU launch and QMP, accelerator probe, cloud-init seed.
+//! - [`build`]: the stages of a build and the undo list that releases what they created.
 
 pub mod agent;
+pub mod build;
 pub mod component;
 pub mod diagnostic;
 pub mod target;

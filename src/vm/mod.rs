@@ -1,2 +1,819 @@
 //! Virtual machines: qemu-img, the QEMU command line, QMP, the accelerator probe, the
 //! cloud-init seed, and the lifecycle of one running VM. Knows nothing of components.
+//!
+//! [`RunningVm::boot`] takes [`VmOptions`] and returns a running VM whose every resource
+//! (folder, overlay, seed, sockets, the QEMU process) is on its undo list;
+//! [`RunningVm::shut_down`] consumes it (ACPI power button, wait, QMP `quit`, SIGKILL) and
+//! unwinds the list. Dropping a `RunningVm` (an error, a timeout, Ctrl-C) kills QEMU and
+//! removes everything at once. While it runs, QEMU's exit, the QMP connection closing and a
+//! guest kernel panic are watched at all times and surface as a [`VmError`] through
+//! [`RunningVm::guard`].
+
+pub mod accel;
+pub mod argv;
+pub mod firmware;
+pub mod img;
+pub mod process;
+pub mod qmp;
+pub mod seed;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+pub use accel::{AccelChoice, AccelDecision};
+pub use argv::{Accel, DiskFormat, Network};
+
+use crate::build::undo::{self, Outcome, UndoList, UnwindReport};
+use argv::{FirmwareFiles, SerialPort, VmSpec};
+use qmp::{EventKind, Qmp};
+
+/// Unix socket paths are limited to 107 bytes plus the terminating zero.
+const MAX_SOCKET_PATH: usize = 107;
+/// Lines of the serial console shown in boot errors.
+const CONSOLE_TAIL_LINES: usize = 30;
+
+/// Platform firmware.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Firmware {
+    /// SeaBIOS, QEMU's default.
+    #[default]
+    Bios,
+    /// OVMF (UEFI without Secure Boot), chosen from QEMU's firmware descriptors.
+    Uefi,
+}
+
+impl std::str::FromStr for Firmware {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "bios" => Ok(Firmware::Bios),
+            "uefi" => Ok(Firmware::Uefi),
+            other => Err(format!(
+                "unknown firmware `{other}`; expected `bios` or `uefi`"
+            )),
+        }
+    }
+}
+
+/// How the host talks to the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestChannel {
+    /// Our agent, brought in on a cloud-init NoCloud seed; `user_data` is the user's own,
+    /// combined with ours.
+    Agent { user_data: Option<String> },
+    /// qemu-guest-agent, already installed in the image; no seed.
+    Qga,
+}
+
+/// What to boot and how. [`VmOptions::new`] fills the defaults.
+#[derive(Debug, Clone)]
+pub struct VmOptions {
+    /// The base image; never written to (the VM writes to an overlay).
+    pub image: PathBuf,
+    /// Default `auto`.
+    pub accel: AccelChoice,
+    /// Default 2.
+    pub cpus: u32,
+    /// Default 1024 MiB.
+    pub memory_mib: u64,
+    /// Default BIOS.
+    pub firmware: Firmware,
+    /// Default none.
+    pub network: Network,
+    /// Grow the VM's disk to this many bytes; default: the image's size.
+    pub disk_size: Option<u64>,
+    pub channel: GuestChannel,
+    /// Keep the VM's folder (disk, console and QEMU logs) when it ends in failure.
+    pub keep_on_failure: bool,
+    /// Where the VM's folder is created; default `$XDG_RUNTIME_DIR`, else the temp dir.
+    pub work_dir: Option<PathBuf>,
+    /// The QEMU system emulator; default `qemu-system-x86_64` from `PATH`.
+    pub qemu: Option<PathBuf>,
+}
+
+impl VmOptions {
+    pub fn new(image: impl Into<PathBuf>) -> Self {
+        Self {
+            image: image.into(),
+            accel: AccelChoice::Auto,
+            cpus: 2,
+            memory_mib: 1024,
+            firmware: Firmware::Bios,
+            network: Network::None,
+            disk_size: None,
+            channel: GuestChannel::Agent { user_data: None },
+            keep_on_failure: false,
+            work_dir: None,
+            qemu: None,
+        }
+    }
+}
+
+/// Whose fault an error is, for the exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Bad input (the image, user data): exit 2.
+    Input,
+    /// The host cannot do it (no QEMU, no KVM, no space): exit 3.
+    Host,
+    /// The VM failed (crash, panic, timeout): exit 1.
+    Failed,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("QEMU is not installed (`qemu-system-x86_64` is not on PATH)")]
+    QemuMissing,
+    #[error("cannot use {path} as a base image")]
+    Image {
+        path: String,
+        #[source]
+        source: img::ImgError,
+    },
+    #[error("could not create the VM's overlay disk")]
+    Overlay(#[source] img::ImgError),
+    #[error(transparent)]
+    Accel(#[from] accel::AccelError),
+    #[error(transparent)]
+    Firmware(#[from] firmware::FirmwareError),
+    #[error("could not prepare the VM's folder {path}")]
+    WorkDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the VM's folder {dir} is too deep for unix socket paths (at most {MAX_SOCKET_PATH} bytes); set a shorter work directory"
+    )]
+    SocketPathTooLong { dir: String },
+    #[error("could not write the cloud-init seed")]
+    Seed(#[source] seed::SeedError),
+    #[error("could not start QEMU")]
+    Spawn(#[source] process::ProcessError),
+    #[error("QEMU's control socket (QMP) did not work")]
+    Qmp(#[source] qmp::QmpError),
+    /// QEMU ended while the VM was supposed to run.
+    #[error(
+        "QEMU {exit} unexpectedly{}",
+        section("QEMU's last messages", stderr_tail)
+    )]
+    QemuExited {
+        exit: process::Exit,
+        stderr_tail: String,
+    },
+    #[error("the QMP connection to QEMU closed unexpectedly")]
+    QmpClosed,
+    #[error(
+        "the guest kernel panicked{}",
+        section("last lines of the serial console", console_tail)
+    )]
+    GuestPanicked { console_tail: String },
+    #[error(
+        "the guest powered itself off{}",
+        section("last lines of the serial console", console_tail)
+    )]
+    GuestPoweredOff { console_tail: String },
+    #[error(
+        "{what} did not happen within {secs} s of boot{}",
+        section("last lines of the serial console", console_tail)
+    )]
+    BootTimeout {
+        what: String,
+        secs: u64,
+        console_tail: String,
+    },
+}
+
+/// `":\n  line\n  line"` for a non-empty multi-line section of an error message.
+fn section(title: &str, body: &str) -> String {
+    if body.trim().is_empty() {
+        return String::new();
+    }
+    let mut out = format!("; {title}:");
+    for line in body.lines() {
+        out.push_str("\n    ");
+        out.push_str(line);
+    }
+    out
+}
+
+impl VmError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            VmError::Image { .. } | VmError::Seed(seed::SeedError::UnsupportedUserData { .. }) => {
+                ErrorClass::Input
+            }
+            VmError::QemuMissing
+            | VmError::Accel(_)
+            | VmError::Firmware(_)
+            | VmError::WorkDir { .. }
+            | VmError::SocketPathTooLong { .. }
+            | VmError::Seed(_)
+            | VmError::Overlay(_)
+            | VmError::Spawn(_) => ErrorClass::Host,
+            VmError::Qmp(_)
+            | VmError::QemuExited { .. }
+            | VmError::QmpClosed
+            | VmError::GuestPanicked { .. }
+            | VmError::GuestPoweredOff { .. }
+            | VmError::BootTimeout { .. } => ErrorClass::Failed,
+        }
+    }
+
+    /// A hint for the user, where there is one.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            VmError::QemuMissing => Some("install QEMU: apt install qemu-system-x86 qemu-utils".into()),
+            VmError::Accel(_) => Some("use `--accel auto` or `--accel tcg` (slower, works everywhere)".into()),
+            VmError::BootTimeout { .. } => Some(
+                "check that the image boots with a serial console (console=ttyS0) and runs cloud-init; a longer --boot-timeout helps on slow or busy machines".into(),
+            ),
+            _ => None,
+        }
+    }
+}
+
+/// Something that ended the VM while it was supposed to run.
+#[derive(Debug, Clone)]
+enum Fault {
+    Exited(process::Exit),
+    QmpClosed,
+    Panicked,
+    PoweredOff,
+}
+
+/// Paths of one VM's folder.
+#[derive(Debug, Clone)]
+pub struct VmPaths {
+    pub dir: PathBuf,
+    pub disk: PathBuf,
+    pub seed: PathBuf,
+    pub vars: PathBuf,
+    pub qmp_socket: PathBuf,
+    pub agent_socket: PathBuf,
+    pub qga_socket: PathBuf,
+    pub console_log: PathBuf,
+    pub qemu_log: PathBuf,
+    pub qmp_log: PathBuf,
+    pub pidfile: PathBuf,
+}
+
+impl VmPaths {
+    fn new(dir: PathBuf) -> Self {
+        Self {
+            disk: dir.join("disk.qcow2"),
+            seed: dir.join("seed.img"),
+            vars: dir.join("vars.fd"),
+            qmp_socket: dir.join("qmp.sock"),
+            agent_socket: dir.join("agent.sock"),
+            qga_socket: dir.join("qga.sock"),
+            console_log: dir.join("console.log"),
+            qemu_log: dir.join("qemu.log"),
+            qmp_log: dir.join("qmp.log"),
+            pidfile: dir.join("qemu.pid"),
+            dir,
+        }
+    }
+}
+
+/// How [`RunningVm::shut_down`] ended the VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopRung {
+    /// It had already stopped (the guest powered off, e.g. through the agent).
+    AlreadyStopped,
+    /// The guest shut down after the ACPI power button.
+    Powerdown,
+    /// QMP `quit`.
+    Quit,
+    /// SIGKILL to QEMU's process group.
+    Killed,
+}
+
+#[derive(Debug, Clone)]
+pub struct ShutdownReport {
+    pub rung: StopRung,
+    pub took: Duration,
+    pub unwind: UnwindReport,
+}
+
+/// A booted VM. Its resources go away with it: [`RunningVm::shut_down`] in order, or `Drop`
+/// at once.
+pub struct RunningVm {
+    name: String,
+    paths: VmPaths,
+    accel: AccelDecision,
+    channel: GuestChannel,
+    qmp: Arc<Qmp>,
+    child: process::Child,
+    fault: watch::Receiver<Option<Fault>>,
+    monitor: tokio::task::JoinHandle<()>,
+    started: Instant,
+    // Declared last: dropped after the monitor is aborted, and it kills QEMU first.
+    undo: UndoList,
+}
+
+impl std::fmt::Debug for RunningVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningVm")
+            .field("name", &self.name)
+            .field("pid", &self.child.pid())
+            .field("dir", &self.paths.dir)
+            .finish()
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        self.monitor.abort();
+    }
+}
+
+fn default_work_dir() -> PathBuf {
+    std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_dir())
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+impl RunningVm {
+    /// Boot a throwaway VM from `options.image`: overlay, seed, QEMU, QMP. Returns as soon as
+    /// QEMU runs; wait for the guest with [`RunningVm::boot_phase`]. `progress` receives
+    /// one-line messages for the user.
+    pub async fn boot(
+        options: VmOptions,
+        progress: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<RunningVm, VmError> {
+        let qemu = match &options.qemu {
+            Some(q) => q.clone(),
+            None => {
+                process::find_program("qemu-system-x86_64").map_err(|_| VmError::QemuMissing)?
+            }
+        };
+        let image_err = |source| VmError::Image {
+            path: options.image.display().to_string(),
+            source,
+        };
+        let base = img::info(&options.image).await.map_err(image_err)?;
+        let base_format = base.disk_format().map_err(image_err)?;
+
+        let accel = accel::decide(options.accel, &qemu).await?;
+        if let Some(reason) = &accel.fallback_reason {
+            progress(&format!("KVM not usable ({reason}); using TCG (slower)"));
+        }
+        let uefi = match options.firmware {
+            Firmware::Bios => None,
+            Firmware::Uefi => Some(firmware::find_uefi()?),
+        };
+
+        let mut undo = UndoList::new(options.keep_on_failure);
+        let parent = options.work_dir.clone().unwrap_or_else(default_work_dir);
+        let dir = tempfile::Builder::new()
+            .prefix("builder-vm-")
+            .tempdir_in(&parent)
+            .map_err(|source| VmError::WorkDir {
+                path: parent.display().to_string(),
+                source,
+            })?
+            .keep();
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "builder-vm".into());
+        undo.push_keepable(
+            format!("remove the VM folder {}", dir.display()),
+            format!(
+                "kept the VM's disk and logs in {} (console.log, qemu.log); remove with: rm -rf {}",
+                dir.display(),
+                dir.display()
+            ),
+            undo::remove_dir(dir.clone()),
+        );
+        let paths = VmPaths::new(dir);
+        if paths.qga_socket.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(VmError::SocketPathTooLong {
+                dir: paths.dir.display().to_string(),
+            });
+        }
+        let work_err = |source| VmError::WorkDir {
+            path: paths.dir.display().to_string(),
+            source,
+        };
+
+        img::create_overlay(&options.image, base_format, &paths.disk, options.disk_size)
+            .await
+            .map_err(VmError::Overlay)?;
+
+        let mut ports = Vec::new();
+        let seed = match &options.channel {
+            GuestChannel::Agent { user_data } => {
+                seed::write_seed(
+                    &paths.seed,
+                    &seed::SeedContent {
+                        instance_id: format!("builder-{}", uuid::Uuid::new_v4()),
+                        hostname: "builder".into(),
+                        agent: Some(crate::agent::AGENT_BINARY.to_vec()),
+                        user_data: user_data.clone(),
+                        network_disabled: options.network == Network::None,
+                    },
+                )
+                .map_err(VmError::Seed)?;
+                ports.push(SerialPort {
+                    name: seed::AGENT_PORT.into(),
+                    socket: paths.agent_socket.clone(),
+                });
+                Some(paths.seed.clone())
+            }
+            GuestChannel::Qga => {
+                ports.push(SerialPort {
+                    name: seed::QGA_PORT.into(),
+                    socket: paths.qga_socket.clone(),
+                });
+                None
+            }
+        };
+
+        let firmware = match uefi {
+            None => FirmwareFiles::Bios,
+            Some(u) => {
+                // A private copy: the VM writes its boot entries there.
+                std::fs::copy(&u.vars_template, &paths.vars).map_err(work_err)?;
+                FirmwareFiles::Uefi {
+                    code: u.code,
+                    code_format: u.code_format,
+                    vars: paths.vars.clone(),
+                    vars_format: u.vars_format,
+                }
+            }
+        };
+
+        let spec = VmSpec {
+            name: name.clone(),
+            accel: accel.accel,
+            cpus: options.cpus,
+            memory_mib: options.memory_mib,
+            firmware,
+            disk: paths.disk.clone(),
+            disk_format: DiskFormat::Qcow2,
+            seed,
+            ports,
+            network: options.network,
+            qmp_socket: paths.qmp_socket.clone(),
+            console_log: paths.console_log.clone(),
+            pidfile: paths.pidfile.clone(),
+        };
+        std::fs::write(
+            paths.dir.join("qemu.cmdline"),
+            shell_words(&qemu, &argv::qemu_argv(&spec)),
+        )
+        .map_err(work_err)?;
+        let child = process::spawn(&qemu, &argv::qemu_argv(&spec), &paths.qemu_log)
+            .map_err(VmError::Spawn)?;
+        let (pid, exit) = (child.pid(), child.exit_watch());
+        undo.push(format!("stop QEMU pid {pid}"), move || {
+            process::kill_group(pid, &exit)
+        });
+        progress(&format!("booting ({}, pid {pid})…", accel.accel));
+
+        let qmp = connect_qmp(&paths, &child).await?;
+        let qmp = Arc::new(qmp);
+        let (fault_tx, fault) = watch::channel(None);
+        let monitor = tokio::spawn(monitor(qmp.clone(), child.exit_watch(), fault_tx));
+
+        Ok(RunningVm {
+            name,
+            paths,
+            accel,
+            channel: options.channel,
+            qmp,
+            child,
+            fault,
+            monitor,
+            started: Instant::now(),
+            undo,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
+    pub fn accel(&self) -> &AccelDecision {
+        &self.accel
+    }
+
+    pub fn paths(&self) -> &VmPaths {
+        &self.paths
+    }
+
+    pub fn qmp(&self) -> &Arc<Qmp> {
+        &self.qmp
+    }
+
+    /// Time since QEMU started.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// "vm builder-vm-ab12cd (pid 4242)", for messages.
+    pub fn describe(&self) -> String {
+        format!("vm {} (pid {})", self.name, self.child.pid())
+    }
+
+    /// The socket of the guest channel (our agent's or qemu-guest-agent's port).
+    pub fn channel_socket(&self) -> &Path {
+        match self.channel {
+            GuestChannel::Agent { .. } => &self.paths.agent_socket,
+            GuestChannel::Qga => &self.paths.qga_socket,
+        }
+    }
+
+    /// Something that opens a fresh connection to the guest channel, any number of times
+    /// (the agent target reconnects after a reboot).
+    pub fn channel_connector(&self) -> ChannelConnector {
+        ChannelConnector {
+            socket: self.channel_socket().to_path_buf(),
+        }
+    }
+
+    /// The last lines of the serial console.
+    pub fn console_tail(&self, lines: usize) -> String {
+        process::tail(&self.paths.console_log, lines)
+    }
+
+    /// The error for the fault that ended the VM, if one did.
+    fn fault_error(&self) -> Option<VmError> {
+        let fault = self.fault.borrow().clone()?;
+        Some(self.error_for(fault))
+    }
+
+    fn error_for(&self, fault: Fault) -> VmError {
+        match fault {
+            Fault::Exited(exit) => VmError::QemuExited {
+                exit,
+                stderr_tail: process::tail(&self.paths.qemu_log, 10),
+            },
+            Fault::QmpClosed => VmError::QmpClosed,
+            Fault::Panicked => VmError::GuestPanicked {
+                console_tail: self.console_tail(CONSOLE_TAIL_LINES),
+            },
+            Fault::PoweredOff => VmError::GuestPoweredOff {
+                console_tail: self.console_tail(CONSOLE_TAIL_LINES),
+            },
+        }
+    }
+
+    /// Resolves (with the error) when the VM fails: QEMU exits or crashes, the QMP connection
+    /// closes, the guest panics or powers itself off.
+    pub async fn failed(&self) -> VmError {
+        let mut fault = self.fault.clone();
+        let fault = match fault.wait_for(Option::is_some).await {
+            Ok(f) => f.clone(),
+            Err(_) => None,
+        };
+        self.error_for(fault.unwrap_or(Fault::QmpClosed))
+    }
+
+    /// Run `work` while watching the VM: if the VM fails first, `work` is dropped (which
+    /// cancels it) and the VM's error is returned.
+    pub async fn guard<T>(&self, work: impl Future<Output = T>) -> Result<T, VmError> {
+        if let Some(e) = self.fault_error() {
+            return Err(e);
+        }
+        tokio::select! {
+            biased;
+            e = self.failed() => Err(e),
+            out = work => Ok(out),
+        }
+    }
+
+    /// [`RunningVm::guard`] with a deadline counted from QEMU's start: a guest that does not
+    /// get `what` done in time is a [`VmError::BootTimeout`] carrying the console's last lines.
+    pub async fn boot_phase<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        work: impl Future<Output = T>,
+    ) -> Result<T, VmError> {
+        let left = timeout.saturating_sub(self.started.elapsed());
+        match tokio::time::timeout(left, self.guard(work)).await {
+            Ok(result) => result,
+            Err(_) => Err(VmError::BootTimeout {
+                what: what.to_string(),
+                secs: timeout.as_secs(),
+                console_tail: self.console_tail(CONSOLE_TAIL_LINES),
+            }),
+        }
+    }
+
+    /// Wait until the guest opens its end of the channel port (QMP `VSERPORT_CHANGE`), within
+    /// `timeout` of boot. Connect to the channel first: a guest that opens an unconnected
+    /// port reads end-of-file.
+    pub async fn wait_channel_open(&self, timeout: Duration) -> Result<Duration, VmError> {
+        let mut events = self.qmp.events();
+        let what = match self.channel {
+            GuestChannel::Agent { .. } => "the agent connecting",
+            GuestChannel::Qga => "qemu-guest-agent connecting",
+        };
+        self.boot_phase(what, timeout, async {
+            loop {
+                match events.recv().await {
+                    Ok(ev) => {
+                        if let EventKind::VserportChange { open: true, .. } = ev.kind() {
+                            return;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    // The sender lives in the QMP reader; closed means QMP is gone, which the
+                    // guard reports.
+                    Err(_) => std::future::pending::<()>().await,
+                }
+            }
+        })
+        .await?;
+        Ok(self.started.elapsed())
+    }
+
+    /// Stop the VM and release everything. The ladder: if the guest is already stopping (it
+    /// was told to power off through its agent: `guest_stopping`), wait for that; otherwise
+    /// press the ACPI power button; wait up to `grace` for QEMU to exit; then QMP `quit`;
+    /// then SIGKILL to its process group. Then the undo list unwinds with `outcome`.
+    pub async fn shut_down(
+        mut self,
+        outcome: Outcome,
+        guest_stopping: bool,
+        grace: Duration,
+        progress: &(dyn Fn(&str) + Send + Sync),
+    ) -> ShutdownReport {
+        let t0 = Instant::now();
+        // From here on, the VM ending is the point, not a fault.
+        self.monitor.abort();
+        let rung = 'ladder: {
+            if self.child.exit().is_some() {
+                break 'ladder StopRung::AlreadyStopped;
+            }
+            if !guest_stopping {
+                progress("powering off (ACPI)…");
+                if let Err(e) = self
+                    .qmp
+                    .execute_within(&qmp::SystemPowerdown {}, Duration::from_secs(5))
+                    .await
+                {
+                    progress(&format!("ACPI power button failed: {e}"));
+                }
+            }
+            if self.child.wait_timeout(grace).await.is_some() {
+                break 'ladder if guest_stopping {
+                    StopRung::AlreadyStopped
+                } else {
+                    StopRung::Powerdown
+                };
+            }
+            progress(&format!(
+                "the guest did not power off within {} s; stopping QEMU",
+                grace.as_secs()
+            ));
+            let _ = self
+                .qmp
+                .execute_within(&qmp::Quit {}, Duration::from_secs(5))
+                .await;
+            if self
+                .child
+                .wait_timeout(Duration::from_secs(5))
+                .await
+                .is_some()
+            {
+                break 'ladder StopRung::Quit;
+            }
+            StopRung::Killed
+        };
+        // The undo list kills whatever is left of the process group, then removes the folder.
+        let unwind = self.undo.unwind(outcome);
+        ShutdownReport {
+            rung,
+            took: t0.elapsed(),
+            unwind,
+        }
+    }
+
+    /// Kill the VM at once and release everything (what `Drop` does, with the report
+    /// returned instead of printed).
+    pub fn kill(mut self, outcome: Outcome) -> UnwindReport {
+        self.monitor.abort();
+        self.undo.unwind(outcome)
+    }
+}
+
+/// Opens connections to a VM's guest channel socket.
+#[derive(Debug, Clone)]
+pub struct ChannelConnector {
+    socket: PathBuf,
+}
+
+impl ChannelConnector {
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub async fn connect(&self) -> std::io::Result<tokio::net::UnixStream> {
+        tokio::net::UnixStream::connect(&self.socket).await
+    }
+}
+
+/// Connect to QMP as soon as QEMU has created its socket, or report why QEMU died.
+async fn connect_qmp(paths: &VmPaths, child: &process::Child) -> Result<Qmp, VmError> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(exit) = child.exit() {
+            return Err(VmError::QemuExited {
+                exit,
+                stderr_tail: process::tail(&paths.qemu_log, 10),
+            });
+        }
+        if paths.qmp_socket.exists() {
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&paths.qmp_log)
+                .ok();
+            match Qmp::connect(&paths.qmp_socket, log).await {
+                Ok(q) => return Ok(q),
+                Err(e) if Instant::now() > deadline => return Err(VmError::Qmp(e)),
+                Err(_) => {}
+            }
+        } else if Instant::now() > deadline {
+            return Err(VmError::Qmp(qmp::QmpError::Greeting(
+                "QEMU did not create its QMP socket within 30 s".into(),
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Watches one VM for the things that end it: QEMU's exit, QMP closing, a guest panic, a guest
+/// power-off. Records the first one.
+async fn monitor(
+    qmp: Arc<Qmp>,
+    mut exit: watch::Receiver<Option<process::Exit>>,
+    fault: watch::Sender<Option<Fault>>,
+) {
+    let mut events = qmp.events();
+    let exit_after_close = exit.clone();
+    let found = loop {
+        tokio::select! {
+            e = async { exit.wait_for(Option::is_some).await.ok().and_then(|e| *e) } => {
+                break Fault::Exited(e.unwrap_or(process::Exit::Unknown));
+            }
+            () = qmp.closed() => {
+                // QEMU usually closes QMP as it exits: give the exit status a moment to arrive.
+                let mut exit = exit_after_close.clone();
+                let waited = tokio::time::timeout(Duration::from_secs(2), exit.wait_for(Option::is_some))
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok().and_then(|e| *e));
+                break match waited {
+                    Some(e) => Fault::Exited(e),
+                    None => Fault::QmpClosed,
+                };
+            }
+            ev = events.recv() => match ev {
+                Ok(ev) => match ev.kind() {
+                    EventKind::GuestPanicked { .. } => break Fault::Panicked,
+                    EventKind::Shutdown { guest: true, .. } => break Fault::PoweredOff,
+                    _ => {}
+                },
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(_) => std::future::pending::<()>().await,
+            },
+        }
+    };
+    let _ = fault.send(Some(found));
+}
+
+/// The command line as a shell would read it, kept in the VM folder for debugging.
+fn shell_words(program: &Path, args: &[String]) -> String {
+    let quote = |s: &str| {
+        if !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./=,:+@%".contains(c))
+        {
+            s.to_string()
+        } else {
+            format!("'{}'", s.replace('\'', "'\\''"))
+        }
+    };
+    let mut out = quote(&program.to_string_lossy());
+    for a in args {
+        out.push(' ');
+        out.push_str(&quote(a));
+    }
+    out.push('\n');
+    out
+}

@@ -1,0 +1,301 @@
+//! The QEMU process: spawned in its own process group with a parent-death signal, watched for
+//! exit at all times, and stopped by SIGKILL to its whole group as the last resort.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, killpg};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+use tokio::sync::watch;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("`{program}` was not found on PATH")]
+    NotFound { program: String },
+    #[error("could not open the log file {path}")]
+    Log {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("could not start `{program}`")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How the process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    Signal(i32),
+    /// Reaped by someone else (our last-resort kill); the status is unknown.
+    Unknown,
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Exit::Code(c) => write!(f, "exited with status {c}"),
+            Exit::Signal(s) => write!(f, "was killed by signal {s}"),
+            Exit::Unknown => write!(f, "exited"),
+        }
+    }
+}
+
+/// Find `program` on `PATH` (or take it as is when it contains a slash).
+pub fn find_program(program: &str) -> Result<PathBuf, ProcessError> {
+    if program.contains('/') {
+        return Ok(PathBuf::from(program));
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+        .ok_or_else(|| ProcessError::NotFound {
+            program: program.to_string(),
+        })
+}
+
+/// A running child in its own process group. Dropping it does not kill it: the owner
+/// registers [`kill_group`] as an undo right after [`spawn`] returns.
+#[derive(Debug)]
+pub struct Child {
+    pid: Pid,
+    exit: watch::Receiver<Option<Exit>>,
+}
+
+impl Child {
+    pub fn pid(&self) -> u32 {
+        self.pid.as_raw().unsigned_abs()
+    }
+
+    /// `Some` once the process has exited.
+    pub fn exit(&self) -> Option<Exit> {
+        *self.exit.borrow()
+    }
+
+    /// A receiver that changes to `Some` when the process exits.
+    pub fn exit_watch(&self) -> watch::Receiver<Option<Exit>> {
+        self.exit.clone()
+    }
+
+    /// Wait for the exit, at most `timeout`.
+    pub async fn wait_timeout(&self, timeout: Duration) -> Option<Exit> {
+        let mut rx = self.exit.clone();
+        let waited = tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await;
+        match waited {
+            Ok(Ok(exit)) => *exit,
+            _ => self.exit(),
+        }
+    }
+}
+
+/// Start `program` with `args` in a new process group, stdin and stdout from/to nowhere and
+/// stderr appended to `stderr_log`. The child gets SIGKILL when the thread that spawned it
+/// dies (so spawn from a long-lived thread: a tokio worker or the main thread, never a
+/// `spawn_blocking` thread that may retire).
+pub fn spawn(program: &Path, args: &[String], stderr_log: &Path) -> Result<Child, ProcessError> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(stderr_log)
+        .map_err(|source| ProcessError::Log {
+            path: stderr_log.display().to_string(),
+            source,
+        })?;
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        // Its own group: a Ctrl-C in the terminal reaches builder, which shuts the VM down in
+        // order, instead of killing QEMU under it; and teardown can kill the whole group.
+        .process_group(0)
+        .kill_on_drop(false);
+    let parent = std::process::id();
+    // SAFETY: the closure runs in the forked child before exec and only makes two
+    // async-signal-safe system calls (prctl, getppid); it allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
+            // The parent may have died between fork and prctl: then no signal would ever come.
+            if nix::unistd::getppid().as_raw().unsigned_abs() != parent {
+                return Err(std::io::Error::other("builder exited while starting QEMU"));
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|source| ProcessError::Spawn {
+        program: program.display().to_string(),
+        source,
+    })?;
+    let pid = Pid::from_raw(
+        child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .expect("a freshly spawned child has a pid"),
+    );
+    let (tx, exit) = watch::channel(None);
+    tokio::spawn(async move {
+        let status = child.wait().await;
+        let exit = match status {
+            Ok(s) => {
+                use std::os::unix::process::ExitStatusExt;
+                match (s.code(), s.signal()) {
+                    (Some(c), _) => Exit::Code(c),
+                    (None, Some(sig)) => Exit::Signal(sig),
+                    _ => Exit::Unknown,
+                }
+            }
+            Err(_) => Exit::Unknown,
+        };
+        let _ = tx.send(Some(exit));
+    });
+    Ok(Child { pid, exit })
+}
+
+/// SIGKILL the child's whole process group and wait (up to 5 s) until no member is alive.
+/// Synchronous, so it can run from an undo during unwinding or `Drop`. Returns an error
+/// naming what is left.
+pub fn kill_group(pid: u32, exit: &watch::Receiver<Option<Exit>>) -> Result<(), String> {
+    let raw = i32::try_from(pid).map_err(|_| format!("pid {pid} out of range"))?;
+    let group = Pid::from_raw(raw);
+    // An exited leader with no live member left: nothing to do, and its pid may belong to
+    // someone else by now, so no signal is sent.
+    if exit.borrow().is_some() && live_group_members(pid).is_empty() {
+        return Ok(());
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut leader_gone = exit.borrow().is_some();
+    loop {
+        match killpg(group, Signal::SIGKILL) {
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+            Err(e) => return Err(format!("could not kill process group {pid}: {e}")),
+        }
+        if !leader_gone {
+            // Reap it ourselves: the runtime's reaper may not get to run while we block here.
+            leader_gone = exit.borrow().is_some()
+                || !matches!(
+                    waitpid(group, Some(WaitPidFlag::WNOHANG)),
+                    Ok(WaitStatus::StillAlive)
+                );
+        }
+        let left = live_group_members(pid);
+        if leader_gone && left.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "processes {left:?} of group {pid} are still running after SIGKILL"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Live (not zombie) processes whose process group is `pgid`, from `/proc`.
+pub fn live_group_members(pgid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            // "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
+            let Some((_, rest)) = stat.rsplit_once(')') else {
+                return false;
+            };
+            let mut fields = rest.split_whitespace();
+            let state = fields.next();
+            let group = fields.nth(1).and_then(|g| g.parse::<u32>().ok());
+            group == Some(pgid) && !matches!(state, Some("Z" | "X"))
+        })
+        .collect()
+}
+
+/// The last `lines` lines of a text file (lossy UTF-8), or nothing if it cannot be read.
+pub fn tail(path: &Path, lines: usize) -> String {
+    let Ok(bytes) = std::fs::read(path) else {
+        return String::new();
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    // Serial consoles emit \r\n and escape sequences; keep it readable.
+    let all: Vec<&str> = text
+        .lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn spawned_child_is_watched_and_killed_with_its_group() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = dir.path().join("stderr.log");
+        let sh = find_program("sh").expect("sh on PATH");
+        // The shell starts a grandchild in the same group: kill_group must take both.
+        let child = spawn(
+            &sh,
+            &["-c".into(), "sleep 300 & echo started >&2; wait".into()],
+            &log,
+        )
+        .expect("spawn");
+        let pid = child.pid();
+        assert_eq!(child.exit(), None);
+        // The child leads its own group.
+        let pgid = nix::unistd::getpgid(Some(Pid::from_raw(pid as i32))).expect("pgid");
+        assert_eq!(pgid.as_raw() as u32, pid);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(live_group_members(pid).len(), 2, "sh and sleep");
+        kill_group(pid, &child.exit_watch()).expect("killed");
+        // Nothing of the group is left alive (an orphaned grandchild may linger as a zombie
+        // until init reaps it, which is harmless).
+        assert_eq!(live_group_members(pid), Vec::<u32>::new());
+        assert!(
+            std::fs::read_to_string(&log)
+                .expect("log")
+                .contains("started")
+        );
+    }
+
+    #[tokio::test]
+    async fn exit_status_is_reported() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let sh = find_program("sh").expect("sh on PATH");
+        let child = spawn(
+            &sh,
+            &["-c".into(), "exit 7".into()],
+            &dir.path().join("e.log"),
+        )
+        .expect("spawn");
+        assert_eq!(
+            child.wait_timeout(Duration::from_secs(10)).await,
+            Some(Exit::Code(7))
+        );
+        // Killing an exited child is a no-op, never a signal to a recycled pid.
+        kill_group(child.pid(), &child.exit_watch()).expect("no-op");
+    }
+
+    #[test]
+    fn tail_keeps_the_last_non_empty_lines() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let p = dir.path().join("c.log");
+        std::fs::write(&p, "a\r\nb\r\n\r\nc\r\nd\r\n").expect("write");
+        assert_eq!(tail(&p, 2), "c\nd");
+        assert_eq!(tail(&dir.path().join("missing"), 2), "");
+    }
+}

@@ -1,0 +1,364 @@
+//! The cloud-init NoCloud seed: a small vfat volume labelled `CIDATA`, written in-process
+//! with `fatfs` (no mkisofs, xorriso or cloud-localds needed), carrying `meta-data`,
+//! `user-data`, optionally `network-config`, and our guest agent binary.
+//!
+//! How the agent starts: cloud-init's `bootcmd` is the earliest hook it offers (its network
+//! stage, about 30-35 s into a TCG boot). Our bootcmd copies the agent from the seed to the
+//! disk and installs a systemd unit that starts it at once; on later boots (a Reboot step)
+//! systemd starts the unit early in `sysinit`, well before cloud-init, and the bootcmd sees it
+//! running and does nothing. Without systemd, the bootcmd starts the agent detached on every
+//! boot. The generalize stage removes [`AGENT_INSTALLED_PATHS`].
+//!
+//! Nothing secret ever goes on the seed: secrets travel over the agent channel.
+
+use std::io::Write;
+use std::path::Path;
+
+/// File name of the agent on the seed volume.
+pub const AGENT_FILE: &str = "builder-agent";
+/// The virtio-serial port name our agent opens (`/dev/virtio-ports/<name>`).
+pub const AGENT_PORT: &str = "org.builder.agent.0";
+/// The port name qemu-guest-agent opens.
+pub const QGA_PORT: &str = "org.qemu.guest_agent.0";
+/// What the bootcmd installs in the guest; generalization removes these.
+pub const AGENT_INSTALLED_PATHS: &[&str] = &[
+    "/usr/local/lib/builder-agent",
+    "/etc/systemd/system/builder-agent.service",
+    "/etc/systemd/system/sysinit.target.wants/builder-agent.service",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum SeedError {
+    /// The user's own user data is not something we can combine with ours.
+    #[error(
+        "user data must start with `#cloud-config`, `#!` (a script) or `#cloud-boothook`; it starts with {first_line:?}"
+    )]
+    UnsupportedUserData { first_line: String },
+    #[error("could not write the seed volume {path}")]
+    Write {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What goes on the seed.
+#[derive(Debug, Clone)]
+pub struct SeedContent {
+    /// cloud-init's instance id; the same id across reboots of one VM.
+    pub instance_id: String,
+    pub hostname: String,
+    /// The agent executable to carry; `None` for a seed without our agent.
+    pub agent: Option<Vec<u8>>,
+    /// The user's own user data, combined with ours.
+    pub user_data: Option<String>,
+    /// Write a `network-config` that turns cloud-init's networking off (no network card).
+    pub network_disabled: bool,
+}
+
+/// The bootcmd script, run by `sh -c` on every boot.
+const BOOTCMD: &str = r#"set -u
+unit=builder-agent.service
+bin=/usr/local/lib/builder-agent/builder-agent
+if [ -d /run/systemd/system ] && systemctl is-active --quiet "$unit"; then exit 0; fi
+mnt=$(mktemp -d)
+dev=$(blkid -L CIDATA 2>/dev/null || echo /dev/disk/by-label/CIDATA)
+if ! mount -o ro "$dev" "$mnt"; then
+  rmdir "$mnt"; echo "builder: cannot mount the CIDATA seed ($dev)" >&2; exit 1
+fi
+mkdir -p /usr/local/lib/builder-agent
+cp "$mnt/builder-agent" "$bin.new" && chmod 0755 "$bin.new" && mv -f "$bin.new" "$bin"
+umount "$mnt"; rmdir "$mnt"
+if [ -d /run/systemd/system ]; then
+  cat > /etc/systemd/system/$unit <<'UNIT'
+[Unit]
+Description=builder guest agent (removed when the image is generalized)
+DefaultDependencies=no
+Conflicts=shutdown.target
+Before=shutdown.target
+StartLimitIntervalSec=0
+
+[Service]
+ExecStart=/usr/local/lib/builder-agent/builder-agent
+Restart=always
+RestartSec=1
+
+[Install]
+WantedBy=sysinit.target
+UNIT
+  systemctl daemon-reload
+  systemctl enable "$unit" 2>/dev/null
+  systemctl start --no-block "$unit"
+else
+  setsid "$bin" </dev/null >/dev/null 2>&1 &
+fi
+"#;
+
+/// Our own `#cloud-config` document.
+fn our_cloud_config(with_agent: bool) -> String {
+    let mut doc = String::from(
+        "#cloud-config\n\
+         # Written by builder for a throwaway build VM.\n\
+         manage_etc_hosts: true\n",
+    );
+    if with_agent {
+        doc.push_str("bootcmd:\n  - - sh\n    - -c\n    - |\n");
+        for line in BOOTCMD.lines() {
+            if line.is_empty() {
+                doc.push('\n');
+            } else {
+                doc.push_str("      ");
+                doc.push_str(line);
+                doc.push('\n');
+            }
+        }
+    }
+    doc
+}
+
+/// The MIME type cloud-init knows a user-data part by, from its first line.
+fn part_type(user_data: &str) -> Result<&'static str, SeedError> {
+    let first = user_data.lines().next().unwrap_or("").trim_end();
+    if first == "#cloud-config" {
+        Ok("text/cloud-config")
+    } else if first == "#cloud-boothook" {
+        Ok("text/cloud-boothook")
+    } else if first.starts_with("#!") {
+        Ok("text/x-shellscript")
+    } else {
+        Err(SeedError::UnsupportedUserData {
+            first_line: first.chars().take(60).collect(),
+        })
+    }
+}
+
+/// The `user-data` file: ours alone, or a MIME multipart with ours first and the user's
+/// second. The user's cloud-config part is merged with `list(append)` and
+/// `dict(no_replace,recurse_list)`, so its `bootcmd`, `runcmd` and `packages` are appended to
+/// ours instead of replacing our agent's bootcmd.
+pub fn user_data(content: &SeedContent) -> Result<String, SeedError> {
+    let ours = our_cloud_config(content.agent.is_some());
+    let Some(theirs) = &content.user_data else {
+        return Ok(ours);
+    };
+    let kind = part_type(theirs)?;
+    // A boundary that occurs in neither document.
+    let mut boundary = format!("==builder-{}==", uuid::Uuid::new_v4().simple());
+    while theirs.contains(&boundary) {
+        boundary = format!("==builder-{}==", uuid::Uuid::new_v4().simple());
+    }
+    let mut out =
+        format!("Content-Type: multipart/mixed; boundary=\"{boundary}\"\nMIME-Version: 1.0\n\n");
+    out.push_str(&format!(
+        "--{boundary}\nContent-Type: text/cloud-config; charset=\"utf-8\"\nMIME-Version: 1.0\nContent-Transfer-Encoding: 8bit\nContent-Disposition: attachment; filename=\"builder.cfg\"\n\n{ours}\n"
+    ));
+    out.push_str(&format!(
+        "--{boundary}\nContent-Type: {kind}; charset=\"utf-8\"\nMIME-Version: 1.0\nContent-Transfer-Encoding: 8bit\nContent-Disposition: attachment; filename=\"user-data\"\n"
+    ));
+    if kind == "text/cloud-config" {
+        out.push_str("Merge-Type: list(append)+dict(no_replace,recurse_list)+str()\n");
+    }
+    out.push('\n');
+    out.push_str(theirs);
+    if !theirs.ends_with('\n') {
+        out.push('\n');
+    }
+    out.push_str(&format!("--{boundary}--\n"));
+    Ok(out)
+}
+
+fn meta_data(content: &SeedContent) -> String {
+    // Both values are ours (a uuid and a fixed name), never user text, so plain lines are
+    // valid YAML.
+    format!(
+        "instance-id: {}\nlocal-hostname: {}\n",
+        content.instance_id, content.hostname
+    )
+}
+
+const NETWORK_DISABLED: &str = "network:\n  config: disabled\n";
+
+/// Write the seed volume to `path` (under a temporary name, renamed when complete).
+pub fn write_seed(path: &Path, content: &SeedContent) -> Result<(), SeedError> {
+    let user_data = user_data(content)?;
+    let err = |source| SeedError::Write {
+        path: path.display().to_string(),
+        source,
+    };
+    let meta = meta_data(content);
+    let mut files: Vec<(&str, &[u8])> = vec![
+        ("meta-data", meta.as_bytes()),
+        ("user-data", user_data.as_bytes()),
+    ];
+    if content.network_disabled {
+        files.push(("network-config", NETWORK_DISABLED.as_bytes()));
+    }
+    if let Some(agent) = &content.agent {
+        files.push((AGENT_FILE, agent));
+    }
+    let payload: u64 = files.iter().map(|(_, d)| d.len() as u64).sum();
+    // Room for the FAT structures and cluster slack; whole MiB.
+    let size = (payload + (2 << 20)).div_ceil(1 << 20) * (1 << 20);
+
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = tempfile::Builder::new()
+        .prefix(".seed-")
+        .tempfile_in(dir)
+        .map_err(err)?;
+    {
+        let file = tmp.as_file().try_clone().map_err(err)?;
+        file.set_len(size).map_err(err)?;
+        let mut buf = fscommon::BufStream::new(file);
+        fatfs::format_volume(
+            &mut buf,
+            fatfs::FormatVolumeOptions::new().volume_label(*b"CIDATA     "),
+        )
+        .map_err(err)?;
+        let fs = fatfs::FileSystem::new(buf, fatfs::FsOptions::new()).map_err(err)?;
+        {
+            let root = fs.root_dir();
+            for (name, data) in &files {
+                let mut f = root.create_file(name).map_err(err)?;
+                f.truncate().map_err(err)?;
+                f.write_all(data).map_err(err)?;
+                f.flush().map_err(err)?;
+            }
+        }
+        fs.unmount().map_err(err)?;
+    }
+    tmp.as_file().sync_all().map_err(err)?;
+    tmp.persist(path).map_err(|e| err(e.error))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    fn content() -> SeedContent {
+        SeedContent {
+            instance_id: "builder-test".into(),
+            hostname: "builder".into(),
+            agent: Some(b"\x7fELF pretend agent".repeat(1000)),
+            user_data: None,
+            network_disabled: true,
+        }
+    }
+
+    fn tool(name: &str) -> bool {
+        Command::new(name).arg("--help").output().is_ok()
+            || Path::new("/usr/sbin").join(name).exists()
+    }
+
+    #[test]
+    fn seed_is_a_clean_cidata_vfat_with_long_names() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let seed = dir.path().join("seed.img");
+        let c = content();
+        write_seed(&seed, &c).expect("seed written");
+
+        // fsck.vfat (dosfstools) is the oracle; the test fails if it is missing rather than
+        // pass without checking.
+        assert!(
+            tool("fsck.vfat"),
+            "fsck.vfat (dosfstools) is needed for this test"
+        );
+        let fsck = Command::new("fsck.vfat")
+            .arg("-n")
+            .arg(&seed)
+            .output()
+            .expect("run fsck.vfat");
+        assert!(
+            fsck.status.success(),
+            "fsck.vfat -n: {}{}",
+            String::from_utf8_lossy(&fsck.stdout),
+            String::from_utf8_lossy(&fsck.stderr)
+        );
+
+        // Read it back with fatfs: label and every file under its long name.
+        let f = std::fs::File::open(&seed).expect("open");
+        let fs = fatfs::FileSystem::new(fscommon::BufStream::new(f), fatfs::FsOptions::new())
+            .expect("mount");
+        assert_eq!(fs.volume_label(), "CIDATA");
+        let mut names: Vec<String> = fs
+            .root_dir()
+            .iter()
+            .filter_map(Result::ok)
+            .map(|e| e.file_name())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            vec!["builder-agent", "meta-data", "network-config", "user-data"]
+        );
+        let read = |name: &str| {
+            let mut v = Vec::new();
+            std::io::Read::read_to_end(
+                &mut fs.root_dir().open_file(name).expect("file exists"),
+                &mut v,
+            )
+            .expect("read");
+            v
+        };
+        assert_eq!(read("builder-agent"), c.agent.clone().expect("set"));
+        assert_eq!(
+            String::from_utf8(read("meta-data")).expect("utf-8"),
+            "instance-id: builder-test\nlocal-hostname: builder\n"
+        );
+        let ud = String::from_utf8(read("user-data")).expect("utf-8");
+        assert!(ud.starts_with("#cloud-config\n"));
+        assert!(ud.contains("manage_etc_hosts: true"));
+        assert!(ud.contains("mount -o ro"));
+        // No temporary file left next to the seed.
+        assert_eq!(std::fs::read_dir(dir.path()).expect("ls").count(), 1);
+    }
+
+    #[test]
+    fn user_cloud_config_is_a_second_part_appended_to_ours() {
+        let mut c = content();
+        c.user_data =
+            Some("#cloud-config\nruncmd:\n  - [touch, /root/hello]\npackages: [jq]\n".into());
+        let ud = user_data(&c).expect("combined");
+        assert!(ud.starts_with("Content-Type: multipart/mixed; boundary=\""));
+        let parts: Vec<&str> = ud.split("\n--==builder-").collect();
+        assert_eq!(parts.len(), 4, "preamble, two parts, closing: {ud}");
+        assert!(
+            parts[1].contains("Content-Type: text/cloud-config") && parts[1].contains("bootcmd:")
+        );
+        assert!(parts[2].contains("Merge-Type: list(append)+dict(no_replace,recurse_list)+str()"));
+        assert!(parts[2].contains("runcmd:\n  - [touch, /root/hello]"));
+        assert!(parts[3].ends_with("--\n"));
+    }
+
+    #[test]
+    fn user_scripts_are_shell_parts_and_other_data_is_refused() {
+        let mut c = content();
+        c.user_data = Some("#!/bin/sh\necho hi\n".into());
+        assert!(
+            user_data(&c)
+                .expect("script")
+                .contains("Content-Type: text/x-shellscript")
+        );
+        c.user_data = Some("hello: world\n".into());
+        let e = user_data(&c).expect_err("refused");
+        assert!(e.to_string().contains("\"hello: world\""), "{e}");
+    }
+
+    #[test]
+    fn our_cloud_config_is_valid_yaml_with_the_script_intact() {
+        let doc = our_cloud_config(true);
+        // Parse with the project's YAML reader: the bootcmd is a list whose item is
+        // [sh, -c, script] and the script survives the block scalar unchanged.
+        let mut parser = saphyr_parser::Parser::new_from_str(&doc);
+        let mut scalars = Vec::new();
+        while let Some(Ok((ev, _))) = parser.next() {
+            if let saphyr_parser::Event::Scalar(s, ..) = ev {
+                scalars.push(s.to_string());
+            }
+        }
+        let i = scalars.iter().position(|s| s == "-c").expect("-c present");
+        assert_eq!(scalars[i - 1], "sh");
+        assert_eq!(scalars[i + 1], BOOTCMD);
+    }
+}
