@@ -3,17 +3,22 @@
 //! at its `file:line:col` with a hint; invalid input never panics. Pure: [`parse_str`] reads
 //! nothing but its arguments; [`load`] reads the one file.
 
+mod expr;
+mod inputs;
+mod refs;
 mod spec;
+mod walk;
 
 use std::path::{Path, PathBuf};
 
 pub use spec::{
     ENCODINGS, HASH_ALGORITHMS, InputShape, InputSpec, InputType, input_shape, input_spec,
-    inputs_optional,
+    inputs_optional, outputs_of,
 };
 
 use crate::component::document::Document;
-use crate::diagnostic::Diagnostics;
+use crate::diagnostic::{Diagnostics, Problem, Span, did_you_mean, one_of};
+use crate::yaml::Node;
 
 /// The noun used in diagnostics headings.
 pub const NOUN: &str = "component document";
@@ -63,14 +68,143 @@ pub struct Checked {
 pub fn check(path: &Path, text: &str) -> Checked {
     let mut diagnostics = Diagnostics::new(path, text, NOUN);
     let (root, problems) = crate::yaml::parse(text);
+    let yaml_failed = root.is_none() && !problems.is_empty();
     diagnostics.extend(problems);
-    let _ = root;
-    diagnostics.push(crate::diagnostic::Problem::error(
-        crate::diagnostic::Span::default(),
-        "validation is being written (H1)",
-    ));
+    let mut cx = Cx::new(text);
+    let document = match &root {
+        Some(root) => walk::document(&mut cx, root, path),
+        None if yaml_failed => None,
+        None => {
+            cx.error(
+                Span::from_offsets(text, 0, 0),
+                "the file holds no YAML document",
+                Some("a component document needs at least `schemaVersion: 1.0` and `phases`"),
+            );
+            None
+        }
+    };
+    diagnostics.extend(cx.problems);
+    diagnostics.sort();
+    let document = document.filter(|_| !diagnostics.has_errors());
     Checked {
-        document: None,
+        document,
         diagnostics,
+    }
+}
+
+/// What validation carries along: the source (for the `{{ }}` shape check and for locating
+/// references inside scalars) and the problems found so far.
+struct Cx<'s> {
+    source: &'s str,
+    problems: Vec<Problem>,
+    /// The step being read, for strings that may hold references.
+    current: Option<refs::StepCtx>,
+    /// Strings with `{{`, checked once every phase and step is known.
+    texts: Vec<refs::Text>,
+}
+
+impl<'s> Cx<'s> {
+    fn new(source: &'s str) -> Self {
+        Cx {
+            source,
+            problems: Vec::new(),
+            current: None,
+            texts: Vec::new(),
+        }
+    }
+
+    fn error(&mut self, span: Span, message: impl Into<String>, hint: Option<&str>) {
+        self.problems
+            .push(Problem::error(span, message).with_hint_opt(hint.map(str::to_string)));
+    }
+
+    fn error_hint(&mut self, span: Span, message: impl Into<String>, hint: Option<String>) {
+        self.problems
+            .push(Problem::error(span, message).with_hint_opt(hint));
+    }
+
+    fn warning(&mut self, span: Span, message: impl Into<String>, hint: Option<String>) {
+        self.problems
+            .push(Problem::warning(span, message).with_hint_opt(hint));
+    }
+
+    /// The mapping entries of `node`, reporting every key not in `allowed` (with the closest
+    /// allowed key as a suggestion). `None` (and a problem) when `node` is not a mapping.
+    fn mapping<'n>(
+        &mut self,
+        node: &'n Node,
+        what: &str,
+        allowed: &[&str],
+    ) -> Option<&'n [(Node, Node)]> {
+        let Some(entries) = node.as_mapping() else {
+            self.not_a(node, what, "a mapping");
+            return None;
+        };
+        for (key, _) in entries {
+            match key.as_str() {
+                Some(k) if allowed.contains(&k) => {}
+                Some(k) => {
+                    let hint = match did_you_mean(k, allowed.iter().copied()) {
+                        Some(close) => format!("did you mean `{close}`?"),
+                        None => format!("{what} accepts {}", one_of(allowed)),
+                    };
+                    self.error_hint(key.span, format!("unknown key `{k}` in {what}"), Some(hint));
+                }
+                None => self.error(
+                    key.span,
+                    format!("a key in {what} must be a plain name"),
+                    None,
+                ),
+            }
+        }
+        Some(entries)
+    }
+
+    /// Report that `node` is not the kind of value `what` must be. Recognises the AWSTOE trap:
+    /// an unquoted `{{ name }}` that YAML reads as a mapping.
+    fn not_a(&mut self, node: &Node, what: &str, expected: &str) {
+        if let Some(written) = self.unquoted_template(node) {
+            self.error_hint(
+                node.span,
+                format!("this `{written}` is read by YAML as a mapping, not as text"),
+                Some(format!("quote it: `\"{written}\"`")),
+            );
+            return;
+        }
+        self.error(
+            node.span,
+            format!("{what} must be {expected}, found {}", node.describe()),
+            None,
+        );
+    }
+
+    /// `{{ name }}` as written when `node` is an unquoted template read as a flow mapping.
+    fn unquoted_template(&self, node: &Node) -> Option<String> {
+        if !node.flow || node.as_mapping().is_none() {
+            return None;
+        }
+        let rest = self.source.get(node.span.start..)?;
+        if !rest.starts_with("{{") {
+            return None;
+        }
+        let line = rest.lines().next().unwrap_or(rest);
+        let end = line.find("}}").map_or(line.len(), |i| i + 2);
+        Some(line[..end].to_string())
+    }
+
+    /// The text of a scalar (numbers and booleans as written). Reports a problem for
+    /// mappings, lists and (unless `allow_empty`) empty values.
+    fn string(&mut self, node: &Node, what: &str) -> Option<String> {
+        if node.is_null() {
+            self.error(node.span, format!("{what} is empty"), None);
+            return None;
+        }
+        match node.as_str() {
+            Some(s) => Some(s.to_string()),
+            None => {
+                self.not_a(node, what, "a string");
+                None
+            }
+        }
     }
 }

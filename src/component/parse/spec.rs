@@ -141,7 +141,7 @@ const WEB_DOWNLOAD: &[InputSpec] = &[
 const CREATE_FILE: &[InputSpec] = &[
     req("path", Str),
     opt("content", Str),
-    opt("encoding", Str),
+    opt("encoding", OneOf(ENCODINGS)),
     opt("owner", Str),
     opt("group", Str),
     opt("permissions", Mode),
@@ -155,7 +155,11 @@ const CREATE_FOLDER: &[InputSpec] = &[
     opt("overwrite", Bool),
 ];
 const CREATE_SYMLINK: &[InputSpec] = &[req("path", Str), req("target", Str), opt("force", Bool)];
-const APPEND_FILE: &[InputSpec] = &[req("path", Str), opt("content", Str), opt("encoding", Str)];
+const APPEND_FILE: &[InputSpec] = &[
+    req("path", Str),
+    opt("content", Str),
+    opt("encoding", OneOf(ENCODINGS)),
+];
 const COPY_MOVE: &[InputSpec] = &[
     req("source", Str),
     req("destination", Str),
@@ -170,10 +174,10 @@ const LIST_FILES: &[InputSpec] = &[
 ];
 const READ_FILE: &[InputSpec] = &[
     req("path", Str),
-    opt("encoding", Str),
+    opt("encoding", OneOf(ENCODINGS)),
     opt("printFileContent", Bool),
 ];
-const SET_FILE_ENCODING: &[InputSpec] = &[req("path", Str), opt("encoding", Str)];
+const SET_FILE_ENCODING: &[InputSpec] = &[req("path", Str), opt("encoding", OneOf(ENCODINGS))];
 const SET_FILE_OWNER: &[InputSpec] = &[req("path", Str), req("owner", Str), opt("group", Str)];
 const SET_FOLDER_OWNER: &[InputSpec] = &[
     req("path", Str),
@@ -260,4 +264,18 @@ pub fn input_shape(action: Action) -> InputShape {
 /// `Reboot` and `UpdateOS` are written without `inputs` in AWS-authored documents.
 pub fn inputs_optional(action: Action) -> bool {
     matches!(action, Action::Reboot | Action::UpdateOS)
+}
+
+/// The output keys a step of `action` produces (`{{ phase.step.outputs.<key> }}`); `None`
+/// when they depend on the step (`ExecuteDocument` returns the nested run's summary).
+pub fn outputs_of(action: Action) -> Option<&'static [&'static str]> {
+    Some(match action {
+        Action::ExecuteBash | Action::ExecuteBinary | Action::ExecutePowerShell => &["stdout"],
+        Action::ExecuteDocument => return None,
+        Action::WebDownload => &["destination"],
+        Action::ListFiles => &["files"],
+        Action::ReadFile => &["content"],
+        Action::InstallMSI | Action::UninstallMSI => &["logFile", "msiExitCode", "stdout"],
+        _ => &[],
+    })
 }

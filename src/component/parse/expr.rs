@@ -1,0 +1,295 @@
+//! Comparison and logical expressions, shared by a step's `if` and by `Assert` inputs
+//! (reference 1.8–1.10).
+
+use super::Cx;
+use crate::component::document::{CompareOp, ExistsOp, Expr, HashAlgorithm, StringTest};
+use crate::diagnostic::did_you_mean;
+use crate::yaml::Node;
+
+/// Logical operators may be nested at most this deep.
+pub const MAX_LOGICAL_NESTING: usize = 4;
+
+const COMPARISONS: &[(&str, CompareOp)] = &[
+    ("stringEquals", CompareOp::StringEquals),
+    ("stringLessThan", CompareOp::StringLessThan),
+    ("stringLessThanEquals", CompareOp::StringLessThanEquals),
+    ("stringGreaterThan", CompareOp::StringGreaterThan),
+    (
+        "stringGreaterThanEquals",
+        CompareOp::StringGreaterThanEquals,
+    ),
+    ("patternMatches", CompareOp::PatternMatches),
+    ("numberEquals", CompareOp::NumberEquals),
+    ("numberLessThan", CompareOp::NumberLessThan),
+    ("numberLessThanEquals", CompareOp::NumberLessThanEquals),
+    ("numberGreaterThan", CompareOp::NumberGreaterThan),
+    (
+        "numberGreaterThanEquals",
+        CompareOp::NumberGreaterThanEquals,
+    ),
+];
+const STRING_TESTS: &[(&str, StringTest)] = &[
+    ("stringIsEmpty", StringTest::IsEmpty),
+    ("stringIsWhitespace", StringTest::IsWhitespace),
+];
+const EXISTS: &[(&str, ExistsOp)] = &[
+    ("binaryExists", ExistsOp::Binary),
+    ("fileExists", ExistsOp::File),
+    ("folderExists", ExistsOp::Folder),
+];
+const HASHES: &[(&str, HashAlgorithm)] = &[
+    ("fileMD5Equals", HashAlgorithm::Md5),
+    ("fileSHA1Equals", HashAlgorithm::Sha1),
+    ("fileSHA256Equals", HashAlgorithm::Sha256),
+    ("fileSHA512Equals", HashAlgorithm::Sha512),
+];
+const LOGICAL: &[&str] = &["and", "or", "not"];
+
+fn operator_names() -> impl Iterator<Item = &'static str> {
+    COMPARISONS
+        .iter()
+        .map(|(n, _)| *n)
+        .chain(STRING_TESTS.iter().map(|(n, _)| *n))
+        .chain(EXISTS.iter().map(|(n, _)| *n))
+        .chain(HASHES.iter().map(|(n, _)| *n))
+        .chain(LOGICAL.iter().copied())
+}
+
+fn is_operator(name: &str) -> bool {
+    operator_names().any(|n| n == name)
+}
+
+/// One expression: a mapping holding exactly one operator, its `value`/`path` operand, and
+/// the `extra` keys the caller handles (`then`/`else` for `if`). `logical` is the number of
+/// logical operators around it.
+pub(super) fn expression(
+    cx: &mut Cx<'_>,
+    node: &Node,
+    extra: &[&'static str],
+    logical: usize,
+    what: &str,
+) -> Option<Expr> {
+    let Some(entries) = node
+        .as_mapping()
+        .filter(|_| cx.unquoted_template(node).is_none())
+    else {
+        cx.not_a(node, what, "a mapping with one operator");
+        return None;
+    };
+    let mut operators: Vec<(&Node, &str, &Node)> = Vec::new();
+    let mut value = None;
+    let mut path = None;
+    let mut ok = true;
+    for (key, v) in entries {
+        match key.as_str() {
+            Some("value") => value = Some((key, v)),
+            Some("path") => path = Some((key, v)),
+            Some(k) if extra.contains(&k) => {}
+            Some(k) if is_operator(k) => operators.push((key, k, v)),
+            Some(k) => {
+                let candidates = operator_names()
+                    .chain(["value", "path"])
+                    .chain(extra.iter().copied());
+                let hint = did_you_mean(k, candidates).map(|c| format!("did you mean `{c}`?"));
+                cx.error_hint(key.span, format!("unknown operator `{k}` in {what}"), hint);
+                ok = false;
+            }
+            None => {
+                cx.error(
+                    key.span,
+                    format!("a key in {what} must be a plain name"),
+                    None,
+                );
+                ok = false;
+            }
+        }
+    }
+    let (key, op, operand) = match operators.as_slice() {
+        [] => {
+            if ok {
+                cx.error(
+                    node.span,
+                    format!("{what} has no operator"),
+                    Some("e.g. `stringEquals: x` with `value: y`, or `fileExists: /etc/motd`"),
+                );
+            }
+            return None;
+        }
+        [one] => *one,
+        [first, second, ..] => {
+            cx.error_hint(
+                second.0.span,
+                format!(
+                    "{what} has more than one operator: `{}` and `{}`",
+                    first.1, second.1
+                ),
+                Some("combine them with `and:` or `or:`, one expression per item".to_string()),
+            );
+            return None;
+        }
+    };
+    let takes_value = COMPARISONS.iter().any(|(n, _)| *n == op);
+    let takes_path = HASHES.iter().any(|(n, _)| *n == op);
+    if let (false, Some((k, _))) = (takes_value, value) {
+        cx.error(
+            k.span,
+            format!("`{op}` takes no `value`"),
+            Some("its operand is written after the operator"),
+        );
+        ok = false;
+    }
+    if let (false, Some((k, _))) = (takes_path, path) {
+        cx.error(
+            k.span,
+            format!("`{op}` takes no `path`"),
+            Some("`path` belongs to the file hash operators"),
+        );
+        ok = false;
+    }
+    let expr = if let Some((_, cmp)) = COMPARISONS.iter().find(|(n, _)| *n == op) {
+        let baseline = operand_text(cx, operand, op);
+        let value = match value {
+            Some((_, v)) => operand_text(cx, v, "value"),
+            None => {
+                cx.error(
+                    key.span,
+                    format!("`{op}` needs a `value` to compare with"),
+                    Some("add `value: <text>` next to it"),
+                );
+                None
+            }
+        };
+        let baseline = baseline?;
+        if *cmp == CompareOp::PatternMatches
+            && !baseline.contains("{{")
+            && let Err(e) = regex::Regex::new(&baseline)
+        {
+            let first = e.to_string();
+            let reason = first
+                .lines()
+                .last()
+                .unwrap_or("")
+                .trim()
+                .trim_start_matches("error: ");
+            cx.error(
+                operand.span,
+                format!("`{baseline}` is not a valid regular expression: {reason}"),
+                Some("patterns use RE2 syntax (as Go's regexp)"),
+            );
+            return None;
+        }
+        Expr::Compare {
+            op: *cmp,
+            baseline,
+            value: value?,
+        }
+    } else if let Some((_, test)) = STRING_TESTS.iter().find(|(n, _)| *n == op) {
+        Expr::StringTest {
+            op: *test,
+            value: operand_text(cx, operand, op)?,
+        }
+    } else if let Some((_, exists)) = EXISTS.iter().find(|(n, _)| *n == op) {
+        Expr::Exists {
+            op: *exists,
+            path: operand_text(cx, operand, op)?,
+        }
+    } else if let Some((_, algorithm)) = HASHES.iter().find(|(n, _)| *n == op) {
+        let digest = operand_text(cx, operand, op);
+        let path = match path {
+            Some((_, p)) => operand_text(cx, p, "path"),
+            None => {
+                cx.error(
+                    key.span,
+                    format!("`{op}` needs a `path` to the file to hash"),
+                    Some("add `path: /the/file` next to it"),
+                );
+                None
+            }
+        };
+        Expr::FileHash {
+            algorithm: *algorithm,
+            digest: digest?,
+            path: path?,
+        }
+    } else {
+        let level = logical + 1;
+        if level > MAX_LOGICAL_NESTING {
+            cx.error(
+                key.span,
+                format!("logical operators are nested {level} levels deep; at most {MAX_LOGICAL_NESTING} are allowed"),
+                Some("split the condition over several steps"),
+            );
+            return None;
+        }
+        match op {
+            "not" => {
+                let inner = match (operand.as_sequence(), operand.as_mapping()) {
+                    (Some([one]), _) => Some(one),
+                    (_, Some(_)) => Some(operand),
+                    _ => None,
+                };
+                let Some(inner) = inner else {
+                    cx.error(
+                        operand.span,
+                        "`not` takes one expression (a mapping, or a list with one item)",
+                        None,
+                    );
+                    return None;
+                };
+                Expr::Not(Box::new(expression(
+                    cx,
+                    inner,
+                    &[],
+                    level,
+                    "the `not` expression",
+                )?))
+            }
+            _ => {
+                let Some(items) = operand.as_sequence().filter(|i| !i.is_empty()) else {
+                    cx.error(
+                        operand.span,
+                        format!("`{op}` takes a list of expressions"),
+                        Some("write each expression as a `- ` item"),
+                    );
+                    return None;
+                };
+                let what = format!("an `{op}` item");
+                let mut exprs = Vec::new();
+                let mut all = true;
+                for item in items {
+                    match expression(cx, item, &[], level, &what) {
+                        Some(e) => exprs.push(e),
+                        None => all = false,
+                    }
+                }
+                if !all {
+                    return None;
+                }
+                if op == "and" {
+                    Expr::And(exprs)
+                } else {
+                    Expr::Or(exprs)
+                }
+            }
+        }
+    };
+    ok.then_some(expr)
+}
+
+/// An operand as text (numbers as written; empty is the empty string), remembered for the
+/// reference check.
+fn operand_text(cx: &mut Cx<'_>, node: &Node, what: &str) -> Option<String> {
+    if node.is_null() {
+        return Some(String::new());
+    }
+    match node.as_str() {
+        Some(s) => {
+            cx.text(node);
+            Some(s.to_string())
+        }
+        None => {
+            cx.not_a(node, &format!("`{what}`"), "a string");
+            None
+        }
+    }
+}

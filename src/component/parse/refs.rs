@@ -1,0 +1,313 @@
+//! Checking `{{ … }}` references once the whole document has been read (chaining may point
+//! at any step of any phase, including later ones).
+
+use super::Cx;
+use super::spec::outputs_of;
+use crate::component::document::Action;
+use crate::component::template::{self, ChainKind, Piece, Reference};
+use crate::diagnostic::{Span, did_you_mean, one_of};
+use crate::yaml::Node;
+
+/// Whether the step being read loops, and the loop's name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum LoopCtx {
+    None,
+    Named(Option<String>),
+    /// The step has a `loop` that is itself invalid: do not add problems about references.
+    Unknown,
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct StepCtx {
+    pub phase: usize,
+    pub step: usize,
+    pub looping: LoopCtx,
+}
+
+/// What a chaining reference may point at in a step.
+#[derive(Debug, Clone, Default)]
+pub(super) enum InputsInfo {
+    /// The step is invalid in a way that makes its inputs unknown.
+    #[default]
+    Unknown,
+    /// No `inputs` at all.
+    Absent,
+    Map(Vec<String>),
+    List(Vec<Vec<String>>),
+    Expression,
+}
+
+#[derive(Debug, Clone, Default)]
+pub(super) struct StepInfo {
+    pub name: String,
+    pub action: Option<Action>,
+    pub inputs: InputsInfo,
+}
+
+/// A string that may hold references, with where it is and which step it belongs to.
+#[derive(Debug)]
+pub(super) struct Text {
+    span: Span,
+    raw: String,
+    value: String,
+    ctx: StepCtx,
+}
+
+impl Cx<'_> {
+    /// Remember a scalar for the reference check at the end (only strings with `{{`).
+    pub(super) fn text(&mut self, node: &Node) {
+        let (Some(scalar), Some(ctx)) = (node.as_scalar(), &self.current) else {
+            return;
+        };
+        if !scalar.value.contains("{{") {
+            return;
+        }
+        self.texts.push(Text {
+            span: node.span,
+            raw: scalar.raw.clone(),
+            value: scalar.value.clone(),
+            ctx: ctx.clone(),
+        });
+    }
+
+    /// The span of `part` inside a scalar, or the scalar's span when it cannot be found as
+    /// written (escapes, folding).
+    fn locate(&self, text: &Text, part: &str) -> Span {
+        match text.raw.find(part) {
+            Some(i) => Span::from_offsets(
+                self.source,
+                text.span.start + i,
+                text.span.start + i + part.len(),
+            ),
+            None => text.span,
+        }
+    }
+}
+
+pub(super) fn check_all(cx: &mut Cx<'_>, variables: &[&str], phases: &[(String, Vec<StepInfo>)]) {
+    let texts = std::mem::take(&mut cx.texts);
+    for text in &texts {
+        let pieces = match template::parse(&text.value) {
+            Ok(pieces) => pieces,
+            Err(e) => {
+                let part = text.value.get(e.range.clone()).unwrap_or(&text.value);
+                let at = cx.locate(text, part.lines().next().unwrap_or(part));
+                cx.error(
+                    at,
+                    e.message.clone(),
+                    Some(
+                        "write references as `{{ Name }}`; a literal `{{` cannot appear in inputs",
+                    ),
+                );
+                continue;
+            }
+        };
+        for piece in pieces {
+            if let Piece::Ref {
+                reference, source, ..
+            } = piece
+            {
+                let at = cx.locate(text, &source);
+                check(cx, &text.ctx, at, &source, &reference, variables, phases);
+            }
+        }
+    }
+}
+
+fn check(
+    cx: &mut Cx<'_>,
+    ctx: &StepCtx,
+    at: Span,
+    source: &str,
+    reference: &Reference,
+    variables: &[&str],
+    phases: &[(String, Vec<StepInfo>)],
+) {
+    match reference {
+        Reference::Variable(name) => {
+            if !variables.contains(&name.as_str()) {
+                let hint = match did_you_mean(name, variables.iter().copied()) {
+                    Some(close) => format!("did you mean `{close}`?"),
+                    None => format!(
+                        "declare it under `parameters:` (`- {name}: {{type: string}}`) or `constants:`"
+                    ),
+                };
+                cx.error_hint(
+                    at,
+                    format!("`{name}` is not a declared parameter or constant"),
+                    Some(hint),
+                );
+            }
+        }
+        Reference::Loop { name, .. } => match (&ctx.looping, name) {
+            (LoopCtx::Unknown, _) | (LoopCtx::Named(_), None) => {}
+            (LoopCtx::None, _) => cx.warning(
+                at,
+                format!("`{source}` is in a step without a `loop`, so it stays as written"),
+                Some("add a `loop` to this step, or remove the reference".to_string()),
+            ),
+            (LoopCtx::Named(Some(actual)), Some(name)) if actual == name => {}
+            (LoopCtx::Named(Some(actual)), Some(name)) => cx.error_hint(
+                at,
+                format!("this step's loop is named `{actual}`, not `{name}`"),
+                Some(format!(
+                    "use `{{{{ {actual}.value }}}}` or `{{{{ loop.value }}}}`"
+                )),
+            ),
+            (LoopCtx::Named(None), Some(name)) => cx.error_hint(
+                at,
+                format!("this step's loop has no name, so `{name}` refers to nothing"),
+                Some(format!(
+                    "add `name: {name}` to the loop, or use `loop.value` / `loop.index`"
+                )),
+            ),
+        },
+        Reference::Chain {
+            phase,
+            step,
+            kind,
+            index,
+            key,
+        } => chain(cx, ctx, at, (phase, step), *kind, *index, key, phases),
+        // Resolved at run time (and refused offline by the executor).
+        Reference::Ssm(_) => {}
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn chain(
+    cx: &mut Cx<'_>,
+    ctx: &StepCtx,
+    at: Span,
+    (phase, step): (&str, &str),
+    kind: ChainKind,
+    index: Option<usize>,
+    key: &str,
+    phases: &[(String, Vec<StepInfo>)],
+) {
+    let Some((phase_index, (_, steps))) = phases
+        .iter()
+        .enumerate()
+        .find(|(_, (name, _))| name == phase)
+    else {
+        let names: Vec<&str> = phases.iter().map(|(n, _)| n.as_str()).collect();
+        let hint = match did_you_mean(phase, names.iter().copied()) {
+            Some(close) => format!("did you mean `{close}`?"),
+            None => format!("phases in this document: {}", one_of(&names)),
+        };
+        cx.error_hint(
+            at,
+            format!("there is no phase `{phase}` in this document"),
+            Some(hint),
+        );
+        return;
+    };
+    let Some((step_index, info)) = steps.iter().enumerate().find(|(_, s)| s.name == step) else {
+        let names: Vec<&str> = steps
+            .iter()
+            .map(|s| s.name.as_str())
+            .filter(|n| !n.is_empty())
+            .collect();
+        let hint = match did_you_mean(step, names.iter().copied()) {
+            Some(close) => format!("did you mean `{close}`?"),
+            None => format!("steps in phase `{phase}`: {}", one_of(&names)),
+        };
+        cx.error_hint(
+            at,
+            format!("phase `{phase}` has no step `{step}`"),
+            Some(hint),
+        );
+        return;
+    };
+    let Some(action) = info.action else {
+        return;
+    };
+    match kind {
+        ChainKind::Outputs if (phase_index, step_index) >= (ctx.phase, ctx.step) => {
+            let when = if (phase_index, step_index) == (ctx.phase, ctx.step) {
+                "this step's own outputs do not exist while it runs".to_string()
+            } else {
+                format!(
+                    "step `{phase}.{step}` runs after this one, so its outputs do not exist yet"
+                )
+            };
+            cx.error(
+                at,
+                when,
+                Some("chain only to the outputs of steps that run earlier"),
+            );
+        }
+        ChainKind::Outputs => {
+            if let Some(i) = index.filter(|i| *i > 0) {
+                cx.error(
+                    at,
+                    format!("`outputs[{i}]` is out of range: a step's outputs have only index 0"),
+                    Some("use `outputs.<key>` or `outputs[0].<key>`"),
+                );
+                return;
+            }
+            let Some(outputs) = outputs_of(action) else {
+                return;
+            };
+            if outputs.is_empty() {
+                cx.error(
+                    at,
+                    format!("step `{step}` (`{action}`) produces no outputs"),
+                    None,
+                );
+            } else if !outputs.contains(&key) {
+                let hint = match did_you_mean(key, outputs.iter().copied()) {
+                    Some(close) => format!("did you mean `{close}`?"),
+                    None => format!("`{action}` outputs: {}", one_of(outputs)),
+                };
+                cx.error_hint(at, format!("`{action}` has no output `{key}`"), Some(hint));
+            }
+        }
+        ChainKind::Inputs => match (&info.inputs, index) {
+            (InputsInfo::Unknown | InputsInfo::Expression, _) => {}
+            (InputsInfo::Absent, _) => {
+                cx.error(at, format!("step `{step}` has no inputs"), None);
+            }
+            (InputsInfo::Map(_), Some(i)) => cx.error_hint(
+                at,
+                format!("`inputs[{i}]`: the inputs of `{action}` are a mapping, not a list"),
+                Some(format!("use `{phase}.{step}.inputs.{key}`")),
+            ),
+            (InputsInfo::Map(keys), None) => input_key(cx, at, step, key, keys),
+            (InputsInfo::List(_), None) => {
+                cx.error_hint(
+                    at,
+                    format!("the inputs of `{action}` are a list, so the reference needs an index"),
+                    Some(format!("use `{phase}.{step}.inputs[0].{key}`")),
+                );
+            }
+            (InputsInfo::List(items), Some(i)) => match items.get(i) {
+                Some(keys) => input_key(cx, at, step, key, keys),
+                None => cx.error(
+                    at,
+                    format!(
+                        "`inputs[{i}]` is out of range: step `{step}` has {} input item{}",
+                        items.len(),
+                        if items.len() == 1 { "" } else { "s" }
+                    ),
+                    Some("indexes start at 0"),
+                ),
+            },
+        },
+    }
+}
+
+fn input_key(cx: &mut Cx<'_>, at: Span, step: &str, key: &str, keys: &[String]) {
+    if keys.iter().any(|k| k == key) {
+        return;
+    }
+    let hint = match did_you_mean(key, keys.iter().map(String::as_str)) {
+        Some(close) => format!("did you mean `{close}`?"),
+        None => format!("its inputs: {}", one_of(keys)),
+    };
+    cx.error_hint(
+        at,
+        format!("step `{step}` has no input `{key}`"),
+        Some(hint),
+    );
+}

@@ -1,0 +1,942 @@
+//! The document's structure: top level, parameters and constants, phases, steps, loops.
+//! Inputs, expressions and references have their own modules.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+
+use super::refs::{self, LoopCtx, StepCtx, StepInfo};
+use super::{Cx, expr, inputs};
+use crate::component::document::{
+    Action, Branch, Condition, Constant, DEFAULT_TIMEOUT_SECS, Document, Loop, LoopKind, OnFailure,
+    Parameter, ParameterType, Phase, SourceInfo, Step,
+};
+use crate::diagnostic::{Span, did_you_mean, one_of};
+use crate::yaml::Node;
+
+const TOP_KEYS: &[&str] = &[
+    "name",
+    "description",
+    "schemaVersion",
+    "parameters",
+    "constants",
+    "phases",
+];
+const PHASE_KEYS: &[&str] = &["name", "steps"];
+const STEP_KEYS: &[&str] = &[
+    "name",
+    "action",
+    "inputs",
+    "onFailure",
+    "maxAttempts",
+    "timeoutSeconds",
+    "loop",
+    "if",
+];
+const PARAMETER_KEYS: &[&str] = &["type", "default", "description", "allowedValues"];
+const CONSTANT_KEYS: &[&str] = &["type", "value"];
+const LOOP_KEYS: &[&str] = &["name", "for", "forEach"];
+const FOR_KEYS: &[&str] = &["start", "end", "updateBy"];
+const FOR_EACH_KEYS: &[&str] = &["list", "delimiter"];
+const STANDARD_PHASES: &[&str] = &["build", "validate", "test"];
+/// `forEach` delimiters AWSTOE allows.
+const DELIMITERS: &[char] = &['.', ',', ';', ':', '\n', '\t', ' ', '-', '_'];
+
+pub(super) fn document(cx: &mut Cx<'_>, root: &Node, path: &Path) -> Option<Document> {
+    let entries = cx.mapping(root, "a component document", TOP_KEYS)?;
+    let get = |key: &str| entries.iter().find(|(k, _)| k.as_str() == Some(key));
+    let start = Span::from_offsets(cx.source, root.span.start, root.span.start);
+
+    let name = get("name").and_then(|(_, v)| optional_string(cx, v, "`name`"));
+    let description = get("description").and_then(|(_, v)| optional_string(cx, v, "`description`"));
+    match get("schemaVersion") {
+        None => cx.error(
+            start,
+            "missing `schemaVersion`",
+            Some("add `schemaVersion: 1.0` at the top level"),
+        ),
+        Some((_, v)) => schema_version(cx, v),
+    }
+
+    let mut names: HashMap<String, Span> = HashMap::new();
+    let parameters = get("parameters")
+        .map(|(_, v)| parameters(cx, v, &mut names))
+        .unwrap_or_default();
+    let constants = get("constants")
+        .map(|(_, v)| constants(cx, v, &mut names))
+        .unwrap_or_default();
+
+    let phases = match get("phases") {
+        None => {
+            cx.error(
+                start,
+                "missing `phases`",
+                Some("add `phases:` with at least a `build`, `validate` or `test` phase"),
+            );
+            None
+        }
+        Some((key, v)) => phases(cx, key, v),
+    };
+
+    let variables: Vec<&str> = parameters
+        .iter()
+        .map(|p: &Parameter| p.name.as_str())
+        .chain(constants.iter().map(|c: &Constant| c.name.as_str()))
+        .collect();
+    let (phases, infos) = phases?;
+    refs::check_all(cx, &variables, &infos);
+
+    Some(Document {
+        name,
+        description,
+        parameters,
+        constants,
+        phases,
+        source: SourceInfo {
+            path: path.to_path_buf(),
+            sha256: hex::encode(Sha256::digest(cx.source.as_bytes())),
+        },
+    })
+}
+
+fn optional_string(cx: &mut Cx<'_>, node: &Node, what: &str) -> Option<String> {
+    if node.is_null() {
+        return None;
+    }
+    cx.string(node, what)
+}
+
+/// `1.0` (a YAML float), `"1.0"` and `1` all occur in real documents.
+fn schema_version(cx: &mut Cx<'_>, node: &Node) {
+    match node.as_str() {
+        Some("1.0" | "1") => {}
+        Some(other) => cx.error_hint(
+            node.span,
+            format!("unsupported schemaVersion `{other}`; expected `1.0`"),
+            Some("only schemaVersion 1.0 exists: write `schemaVersion: 1.0`".to_string()),
+        ),
+        None => cx.not_a(node, "`schemaVersion`", "`1.0`"),
+    }
+}
+
+/// The single-key-map items of `parameters` / `constants`: `- Name: {...}`.
+fn variable_items<'n>(cx: &mut Cx<'_>, node: &'n Node, list: &str) -> Vec<(&'n Node, &'n Node)> {
+    let Some(items) = node.as_sequence() else {
+        if !node.is_null() {
+            cx.not_a(
+                node,
+                &format!("`{list}`"),
+                "a list of `- Name: {...}` items",
+            );
+        }
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for item in items {
+        match item.as_mapping() {
+            Some([(key, value)]) => out.push((key, value)),
+            Some(entries) if entries.len() > 1 => {
+                // The usual mistake: `- Name:` followed by `type:` at the same indentation.
+                let key = &entries[0].0;
+                cx.error_hint(
+                    item.span,
+                    format!("each item of `{list}` must be a single-key map `- Name: {{...}}`, this one has {} keys", entries.len()),
+                    Some(format!(
+                        "indent the settings under the name:\n       - {}:\n           type: string",
+                        key.as_str().unwrap_or("Name")
+                    )),
+                );
+            }
+            _ => cx.error_hint(
+                item.span,
+                format!("each item of `{list}` must be a single-key map `- Name: {{...}}`"),
+                Some("write it as `- Name:` followed by its settings, indented".to_string()),
+            ),
+        }
+    }
+    out
+}
+
+/// A parameter or constant name: 3–128 characters of `[A-Za-z0-9_-]`, unique across both.
+fn variable_name(cx: &mut Cx<'_>, key: &Node, names: &mut HashMap<String, Span>) -> Option<String> {
+    let name = cx.string(key, "a parameter or constant name")?;
+    let mut ok = true;
+    if !(3..=128).contains(&name.chars().count()) {
+        cx.error(
+            key.span,
+            format!("name `{name}` must be 3 to 128 characters long"),
+            None,
+        );
+        ok = false;
+    } else if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        cx.error(
+            key.span,
+            format!("name `{name}` may only hold letters, digits, `_` and `-`"),
+            None,
+        );
+        ok = false;
+    }
+    if let Some(first) = names.get(&name) {
+        cx.error_hint(
+            key.span,
+            format!("`{name}` is declared twice"),
+            Some(format!(
+                "parameter and constant names are shared; the first is on line {}",
+                first.line
+            )),
+        );
+        return None;
+    }
+    names.insert(name.clone(), key.span);
+    ok.then_some(name)
+}
+
+/// Parameter types: the documentation names only `string`; the service API also lists
+/// `Integer`, `Boolean` and `StringList` (SSM uses `stringList`). Accept those four in any
+/// letter case so documents written against either source validate.
+fn parameter_type(cx: &mut Cx<'_>, node: &Node) -> Option<ParameterType> {
+    let text = cx.string(node, "`type`")?;
+    match text.to_ascii_lowercase().as_str() {
+        "string" => Some(ParameterType::String),
+        "integer" => Some(ParameterType::Integer),
+        "boolean" => Some(ParameterType::Boolean),
+        "stringlist" => Some(ParameterType::StringList),
+        _ => {
+            cx.error(
+                node.span,
+                format!("unknown parameter type `{text}`; expected `string`, `integer`, `boolean` or `stringList`"),
+                Some("almost every document uses `type: string`"),
+            );
+            None
+        }
+    }
+}
+
+fn parameters(cx: &mut Cx<'_>, node: &Node, names: &mut HashMap<String, Span>) -> Vec<Parameter> {
+    let mut out = Vec::new();
+    for (key, body) in variable_items(cx, node, "parameters") {
+        let name = variable_name(cx, key, names);
+        let what = format!("parameter `{}`", key.as_str().unwrap_or("?"));
+        let Some(entries) = cx.mapping(body, &what, PARAMETER_KEYS) else {
+            continue;
+        };
+        let get = |k: &str| {
+            entries
+                .iter()
+                .find(|(key, _)| key.as_str() == Some(k))
+                .map(|(_, v)| v)
+        };
+        let kind = match get("type") {
+            Some(t) => parameter_type(cx, t),
+            None => {
+                cx.error(
+                    key.span,
+                    format!("{what} has no `type`"),
+                    Some("add `type: string`"),
+                );
+                None
+            }
+        };
+        let default = get("default").and_then(|d| {
+            if d.is_null() {
+                None
+            } else {
+                cx.string(d, "`default`")
+            }
+        });
+        let description = get("description").and_then(|d| optional_string(cx, d, "`description`"));
+        let mut allowed_values = Vec::new();
+        if let Some(av) = get("allowedValues") {
+            match av.as_sequence() {
+                Some(items) => {
+                    for item in items {
+                        if let Some(v) = cx.string(item, "an allowed value") {
+                            allowed_values.push(v);
+                        }
+                    }
+                }
+                None => cx.not_a(av, "`allowedValues`", "a list of strings"),
+            }
+            if let (Some(d), Some(dn)) = (&default, get("default"))
+                && !allowed_values.is_empty()
+                && !allowed_values.contains(d)
+            {
+                cx.error_hint(
+                    dn.span,
+                    format!("default `{d}` is not one of the allowed values"),
+                    Some(format!("allowed: {}", one_of(&allowed_values))),
+                );
+            }
+        }
+        if let (Some(name), Some(kind)) = (name, kind) {
+            out.push(Parameter {
+                name,
+                kind,
+                default,
+                description,
+                allowed_values,
+            });
+        }
+    }
+    out
+}
+
+fn constants(cx: &mut Cx<'_>, node: &Node, names: &mut HashMap<String, Span>) -> Vec<Constant> {
+    let mut out = Vec::new();
+    for (key, body) in variable_items(cx, node, "constants") {
+        let name = variable_name(cx, key, names);
+        let what = format!("constant `{}`", key.as_str().unwrap_or("?"));
+        let Some(entries) = cx.mapping(body, &what, CONSTANT_KEYS) else {
+            continue;
+        };
+        let get = |k: &str| {
+            entries
+                .iter()
+                .find(|(key, _)| key.as_str() == Some(k))
+                .map(|(_, v)| v)
+        };
+        match get("type") {
+            Some(t) => {
+                if let Some(text) = cx.string(t, "`type`")
+                    && !text.eq_ignore_ascii_case("string")
+                {
+                    cx.error(
+                        t.span,
+                        format!("constant type `{text}` is not supported; constants are `string`"),
+                        None,
+                    );
+                }
+            }
+            None => cx.error(
+                key.span,
+                format!("{what} has no `type`"),
+                Some("add `type: string`"),
+            ),
+        }
+        let value = match get("value") {
+            Some(v) => cx.string(v, "`value`"),
+            None => {
+                cx.error(
+                    key.span,
+                    format!("{what} has no `value`"),
+                    Some("a constant needs `value: <text>`"),
+                );
+                None
+            }
+        };
+        if let (Some(name), Some(value)) = (name, value) {
+            out.push(Constant { name, value });
+        }
+    }
+    out
+}
+
+type Phases = (Vec<Phase>, Vec<(String, Vec<StepInfo>)>);
+
+fn phases(cx: &mut Cx<'_>, key: &Node, node: &Node) -> Option<Phases> {
+    let Some(items) = node.as_sequence() else {
+        cx.not_a(node, "`phases`", "a list of phases");
+        return None;
+    };
+    if items.is_empty() {
+        cx.error(
+            key.span,
+            "`phases` is empty",
+            Some("add a `build`, `validate` or `test` phase with steps"),
+        );
+        return None;
+    }
+    let mut phases = Vec::new();
+    let mut infos = Vec::new();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut complete = true;
+    for item in items {
+        let Some(entries) = cx.mapping(item, "a phase", PHASE_KEYS) else {
+            complete = false;
+            continue;
+        };
+        let get = |k: &str| entries.iter().find(|(key, _)| key.as_str() == Some(k));
+        let name = match get("name") {
+            Some((_, n)) => cx.string(n, "a phase `name`"),
+            None => {
+                cx.error(
+                    item.span,
+                    "a phase has no `name`",
+                    Some("add `name: build` (or `validate`, `test`)"),
+                );
+                None
+            }
+        };
+        if let (Some(name), Some((_, n))) = (&name, get("name")) {
+            if let Some(line) = seen.get(name) {
+                cx.error_hint(
+                    n.span,
+                    format!("phase `{name}` is defined twice"),
+                    Some(format!(
+                        "the first is on line {line}; put all its steps in one phase"
+                    )),
+                );
+            } else {
+                seen.insert(name.clone(), n.span.line);
+            }
+        }
+        let phase_index = infos.len();
+        let mut step_infos = Vec::new();
+        let steps = match get("steps") {
+            None => {
+                cx.error(
+                    item.span,
+                    format!("phase `{}` has no `steps`", name.as_deref().unwrap_or("?")),
+                    None,
+                );
+                None
+            }
+            Some((k, v)) => steps(cx, phase_index, k, v, &mut step_infos),
+        };
+        infos.push((name.clone().unwrap_or_default(), step_infos));
+        match (name, steps) {
+            (Some(name), Some(steps)) => phases.push(Phase { name, steps }),
+            _ => complete = false,
+        }
+    }
+    // A document with only non-standard phases (AWS's own SSM example has just `verify`) is
+    // accepted with a warning: Image Builder would run none of its phases, but
+    // `builder component run --phases <name>` can, like `awstoe run`.
+    if !seen.keys().any(|n| STANDARD_PHASES.contains(&n.as_str())) && !seen.is_empty() {
+        cx.warning(
+            key.span,
+            "no `build`, `validate` or `test` phase: an image build runs none of these phases",
+            Some("rename a phase to `build`, or run it explicitly with `--phases`".to_string()),
+        );
+    }
+    complete.then_some((phases, infos))
+}
+
+fn steps(
+    cx: &mut Cx<'_>,
+    phase: usize,
+    key: &Node,
+    node: &Node,
+    infos: &mut Vec<StepInfo>,
+) -> Option<Vec<Step>> {
+    let Some(items) = node.as_sequence() else {
+        cx.not_a(node, "`steps`", "a list of steps");
+        return None;
+    };
+    if items.is_empty() {
+        cx.error(
+            key.span,
+            "`steps` is empty",
+            Some("add at least one step, or remove the phase"),
+        );
+        return None;
+    }
+    let mut out = Vec::new();
+    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut loop_names: HashMap<String, usize> = HashMap::new();
+    let mut complete = true;
+    for (index, item) in items.iter().enumerate() {
+        match step(cx, phase, index, item, &mut names, &mut loop_names, infos) {
+            Some(s) => out.push(s),
+            None => complete = false,
+        }
+    }
+    complete.then_some(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn step(
+    cx: &mut Cx<'_>,
+    phase: usize,
+    index: usize,
+    item: &Node,
+    names: &mut HashMap<String, usize>,
+    loop_names: &mut HashMap<String, usize>,
+    infos: &mut Vec<StepInfo>,
+) -> Option<Step> {
+    let Some(entries) = cx.mapping(item, "a step", STEP_KEYS) else {
+        infos.push(StepInfo::default());
+        return None;
+    };
+    let get = |k: &str| entries.iter().find(|(key, _)| key.as_str() == Some(k));
+    let name = match get("name") {
+        Some((_, n)) => cx.string(n, "a step `name`"),
+        None => {
+            cx.error(
+                item.span,
+                "a step has no `name`",
+                Some("add `name: <StepName>`"),
+            );
+            None
+        }
+    };
+    if let (Some(name), Some((_, n))) = (&name, get("name")) {
+        if let Some(line) = names.get(name) {
+            cx.error_hint(
+                n.span,
+                format!("step name `{name}` is used twice in this phase"),
+                Some(format!(
+                    "the first is on line {line}; step names must be unique within a phase"
+                )),
+            );
+        } else {
+            names.insert(name.clone(), n.span.line);
+        }
+    }
+    let what = match &name {
+        Some(n) => format!("step `{n}`"),
+        None => "this step".to_string(),
+    };
+    let action = match get("action") {
+        None => {
+            cx.error(
+                item.span,
+                format!("{what} has no `action`"),
+                Some("add `action: ExecuteBash` (or another action module)"),
+            );
+            None
+        }
+        Some((_, a)) => action(cx, a),
+    };
+
+    // The loop first: references in inputs depend on whether the step loops.
+    let looping = get("loop").and_then(|(_, l)| step_loop(cx, l, loop_names));
+    let loop_ctx = match (get("loop"), &looping) {
+        (None, _) => LoopCtx::None,
+        (Some(_), Some(l)) => LoopCtx::Named(l.name.clone()),
+        (Some(_), None) => LoopCtx::Unknown,
+    };
+    cx.current = Some(StepCtx {
+        phase,
+        step: index,
+        looping: loop_ctx,
+    });
+    // Re-read the loop's strings now that the context is known (they may hold references).
+    if let Some((_, l)) = get("loop") {
+        loop_texts(cx, l);
+    }
+
+    let (inputs, info) = match action {
+        Some(action) => inputs::step_inputs(cx, action, item, get("inputs").map(|(_, v)| v), &what),
+        None => (None, refs::InputsInfo::Unknown),
+    };
+    infos.push(StepInfo {
+        name: name.clone().unwrap_or_default(),
+        action,
+        inputs: info,
+    });
+
+    let on_failure = match get("onFailure") {
+        None => Some(OnFailure::Abort),
+        Some((_, v)) => on_failure(cx, v),
+    };
+    let fixed = action == Some(Action::ExecuteDocument);
+    let max_attempts = match get("maxAttempts") {
+        None => Some(1),
+        Some((_, v)) => match v.as_int() {
+            Some(n) if n >= 1 && fixed && n != 1 => {
+                cx.error(
+                    v.span,
+                    "`maxAttempts` of an `ExecuteDocument` step must be 1",
+                    Some("remove `maxAttempts`; nested documents are never retried"),
+                );
+                None
+            }
+            Some(n) if n >= 1 => u32::try_from(n).ok().or_else(|| {
+                cx.error(v.span, format!("`maxAttempts` {n} is too large"), None);
+                None
+            }),
+            Some(n) => {
+                cx.error(
+                    v.span,
+                    format!("`maxAttempts` must be at least 1, found {n}"),
+                    Some("`maxAttempts` counts all attempts; 1 means no retry"),
+                );
+                None
+            }
+            None => {
+                cx.not_a(v, "`maxAttempts`", "a whole number");
+                None
+            }
+        },
+    };
+    let timeout_secs = match get("timeoutSeconds") {
+        None if fixed => Some(None),
+        None => Some(Some(DEFAULT_TIMEOUT_SECS)),
+        Some((_, v)) => match v.as_int() {
+            Some(-1) => Some(None),
+            Some(n) if fixed => {
+                cx.error(
+                    v.span,
+                    format!("`timeoutSeconds` of an `ExecuteDocument` step must be -1, found {n}"),
+                    Some("remove `timeoutSeconds`; nested documents run without a step timeout"),
+                );
+                None
+            }
+            Some(0) => {
+                cx.error(
+                    v.span,
+                    "`timeoutSeconds` is 0",
+                    Some("use a number of seconds greater than 0, or -1 for no timeout"),
+                );
+                None
+            }
+            Some(n) if n > 0 => Some(Some(n as u64)),
+            Some(n) => {
+                cx.error(
+                    v.span,
+                    format!("`timeoutSeconds` must be greater than 0 or -1, found {n}"),
+                    Some("use -1 for no timeout"),
+                );
+                None
+            }
+            None => {
+                cx.not_a(v, "`timeoutSeconds`", "a whole number of seconds");
+                None
+            }
+        },
+    };
+    let condition = match get("if") {
+        None => Some(None),
+        Some((_, v)) => condition(cx, v).map(Some),
+    };
+    cx.current = None;
+
+    Some(Step {
+        name: name?,
+        action: action?,
+        inputs: inputs?,
+        on_failure: on_failure?,
+        max_attempts: max_attempts?,
+        timeout_secs: timeout_secs?,
+        looping: match get("loop") {
+            Some(_) => Some(looping?),
+            None => None,
+        },
+        condition: condition?,
+        span: item.span,
+    })
+}
+
+fn action(cx: &mut Cx<'_>, node: &Node) -> Option<Action> {
+    let name = cx.string(node, "`action`")?;
+    if let Some(a) = Action::from_name(&name) {
+        return Some(a);
+    }
+    let names: Vec<&str> = Action::ALL.iter().map(|a| a.name()).collect();
+    let hint = match did_you_mean(&name, names.iter().copied()) {
+        Some(close) => format!("did you mean `{close}`?"),
+        None => "see the list of action modules in the AWSTOE documentation (ExecuteBash, CreateFile, WebDownload, …)".to_string(),
+    };
+    cx.error_hint(node.span, format!("unknown action `{name}`"), Some(hint));
+    None
+}
+
+fn on_failure(cx: &mut Cx<'_>, node: &Node) -> Option<OnFailure> {
+    let text = cx.string(node, "`onFailure`")?;
+    match text.as_str() {
+        "Abort" => Some(OnFailure::Abort),
+        "Continue" => Some(OnFailure::Continue),
+        "Ignore" => Some(OnFailure::Ignore),
+        _ => {
+            let options = ["Abort", "Continue", "Ignore"];
+            let hint = did_you_mean(&text, options).map(|c| format!("did you mean `{c}`?"));
+            cx.error_hint(
+                node.span,
+                format!("unknown onFailure `{text}`; expected {}", one_of(&options)),
+                hint,
+            );
+            None
+        }
+    }
+}
+
+fn step_loop(
+    cx: &mut Cx<'_>,
+    node: &Node,
+    loop_names: &mut HashMap<String, usize>,
+) -> Option<Loop> {
+    let entries = cx.mapping(node, "`loop`", LOOP_KEYS)?;
+    let get = |k: &str| {
+        entries
+            .iter()
+            .find(|(key, _)| key.as_str() == Some(k))
+            .map(|(_, v)| v)
+    };
+    let mut ok = true;
+    let name = match get("name") {
+        None => None,
+        Some(n) => {
+            match cx.string(n, "a loop `name`") {
+                Some(name) => {
+                    if name == "loop"
+                        || !name
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                    {
+                        cx.error(
+                            n.span,
+                            format!("loop name `{name}` cannot be used in references"),
+                            Some("use letters, digits, `_` and `-`, and not the word `loop`"),
+                        );
+                        ok = false;
+                    } else if let Some(line) = loop_names.get(&name) {
+                        cx.error_hint(
+                        n.span,
+                        format!("loop name `{name}` is used twice in this phase"),
+                        Some(format!("the first is on line {line}; loop names must be unique within a phase")),
+                    );
+                        ok = false;
+                    } else {
+                        loop_names.insert(name.clone(), n.span.line);
+                    }
+                    Some(name)
+                }
+                None => {
+                    ok = false;
+                    None
+                }
+            }
+        }
+    };
+    let kind = match (get("for"), get("forEach")) {
+        (Some(_), Some(fe)) => {
+            cx.error(
+                fe.span,
+                "a loop has both `for` and `forEach`",
+                Some("keep one of them; use two steps for two loops"),
+            );
+            None
+        }
+        (None, None) => {
+            cx.error(
+                node.span,
+                "a loop needs `for` or `forEach`",
+                Some("e.g. `forEach: [a, b]` or `for: {start: 1, end: 3, updateBy: 1}`"),
+            );
+            None
+        }
+        (Some(f), None) => for_loop(cx, f),
+        (None, Some(fe)) => for_each(cx, fe),
+    };
+    let kind = kind?;
+    ok.then_some(Loop { name, kind })
+}
+
+fn for_loop(cx: &mut Cx<'_>, node: &Node) -> Option<LoopKind> {
+    let entries = cx.mapping(node, "`for`", FOR_KEYS)?;
+    let mut value = |key: &str| -> Option<i64> {
+        let Some((_, v)) = entries.iter().find(|(k, _)| k.as_str() == Some(key)) else {
+            cx.error(
+                node.span,
+                format!("`for` has no `{key}`"),
+                Some("`for` needs `start`, `end` and `updateBy`"),
+            );
+            return None;
+        };
+        match v.as_int() {
+            Some(n) => Some(n),
+            None => {
+                cx.error_hint(
+                    v.span,
+                    format!("`{key}` must be a whole number, found {}", v.describe()),
+                    v.as_str()
+                        .filter(|s| s.contains("{{"))
+                        .map(|_| "`for` bounds cannot hold references".to_string()),
+                );
+                None
+            }
+        }
+    };
+    let (start, end, update_by) = (value("start"), value("end"), value("updateBy"));
+    let (start, end, update_by) = (start?, end?, update_by?);
+    let at = entries
+        .iter()
+        .find(|(k, _)| k.as_str() == Some("updateBy"))
+        .map_or(node.span, |(_, v)| v.span);
+    if update_by == 0 {
+        cx.error(
+            at,
+            "`updateBy` is 0, so the loop never ends",
+            Some("use a positive step to count up or a negative one to count down"),
+        );
+        return None;
+    }
+    if (start < end && update_by < 0) || (start > end && update_by > 0) {
+        cx.error_hint(
+            at,
+            format!(
+                "this loop never ends: it counts from {start} {} by {update_by}, away from {end}",
+                if update_by > 0 { "up" } else { "down" }
+            ),
+            Some(format!("use `updateBy: {}`", -update_by)),
+        );
+        return None;
+    }
+    Some(LoopKind::For {
+        start,
+        end,
+        update_by,
+    })
+}
+
+fn for_each(cx: &mut Cx<'_>, node: &Node) -> Option<LoopKind> {
+    if let Some(items) = node.as_sequence() {
+        if items.is_empty() {
+            cx.error(
+                node.span,
+                "`forEach` is an empty list",
+                Some("list the values to loop over"),
+            );
+            return None;
+        }
+        let mut values = Vec::new();
+        let mut ok = true;
+        for item in items {
+            match cx.string(item, "a `forEach` item") {
+                Some(v) => values.push(v),
+                None => ok = false,
+            }
+        }
+        return ok.then_some(LoopKind::ForEach(values));
+    }
+    if node.as_mapping().is_none() || cx.unquoted_template(node).is_some() {
+        cx.not_a(
+            node,
+            "`forEach`",
+            "a list or a mapping with `list` and `delimiter`",
+        );
+        return None;
+    }
+    let entries = cx.mapping(node, "`forEach`", FOR_EACH_KEYS)?;
+    let get = |k: &str| {
+        entries
+            .iter()
+            .find(|(key, _)| key.as_str() == Some(k))
+            .map(|(_, v)| v)
+    };
+    let list = match get("list") {
+        Some(l) => cx.string(l, "`list`"),
+        None => {
+            cx.error(
+                node.span,
+                "`forEach` has no `list`",
+                Some("add `list: a,b,c`"),
+            );
+            None
+        }
+    };
+    let delimiter = match get("delimiter") {
+        None => Some(','),
+        Some(d) => delimiter(cx, d),
+    };
+    Some(LoopKind::ForEachDelimited {
+        list: list?,
+        delimiter: delimiter?,
+    })
+}
+
+fn delimiter(cx: &mut Cx<'_>, node: &Node) -> Option<char> {
+    let text = cx.string(node, "`delimiter`")?;
+    // Single-quoted or plain `\n` / `\t` are the two characters backslash and letter; the
+    // documentation writes them that way, so read them as the control characters.
+    let c = match text.as_str() {
+        "\\n" => Some('\n'),
+        "\\t" => Some('\t'),
+        t => {
+            let mut chars = t.chars();
+            match (chars.next(), chars.next()) {
+                (Some(c), None) => Some(c),
+                _ => None,
+            }
+        }
+    };
+    match c {
+        Some(c) if DELIMITERS.contains(&c) => Some(c),
+        _ => {
+            let shown = text.escape_debug();
+            let why = if text.contains("{{") {
+                "a delimiter cannot hold references".to_string()
+            } else if c.is_none() {
+                format!("delimiter `{shown}` must be exactly one character")
+            } else {
+                format!("delimiter `{shown}` is not allowed")
+            };
+            cx.error_hint(
+                node.span,
+                why,
+                Some(
+                    r"use one of `.` `,` `;` `:` `-` `_`, a space `' '`, `\n` or `\t`".to_string(),
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// Record the loop's strings for the reference check (with the step context set).
+fn loop_texts(cx: &mut Cx<'_>, node: &Node) {
+    let Some(fe) = node.get("forEach") else {
+        return;
+    };
+    if let Some(items) = fe.as_sequence() {
+        for item in items {
+            cx.text(item);
+        }
+    } else if let Some(list) = fe.get("list") {
+        cx.text(list);
+    }
+}
+
+const IF_BRANCH_KEYS: &[&str] = &["then", "else"];
+
+fn condition(cx: &mut Cx<'_>, node: &Node) -> Option<Condition> {
+    if node.as_sequence().is_some() {
+        cx.error(
+            node.span,
+            "`if` must be a mapping with one operator",
+            Some("write it as `if:` followed by e.g. `fileExists: /path` and optional `then:`/`else:`"),
+        );
+        return None;
+    }
+    if node.as_mapping().is_none() {
+        cx.not_a(node, "`if`", "a mapping with one operator");
+        return None;
+    }
+    let expr = expr::expression(cx, node, IF_BRANCH_KEYS, 1, "`if`");
+    let branch = |cx: &mut Cx<'_>, key: &str, default: Branch| -> Option<Branch> {
+        let Some(v) = node.get(key) else {
+            return Some(default);
+        };
+        let text = cx.string(v, &format!("`{key}`"))?;
+        match text.as_str() {
+            "Abort" => Some(Branch::Abort),
+            "Execute" => Some(Branch::Execute),
+            "Skip" => Some(Branch::Skip),
+            _ => {
+                let options = ["Abort", "Execute", "Skip"];
+                let hint = did_you_mean(&text, options).map(|c| format!("did you mean `{c}`?"));
+                cx.error_hint(
+                    v.span,
+                    format!(
+                        "unknown `{key}` action `{text}`; expected {}",
+                        one_of(&options)
+                    ),
+                    hint,
+                );
+                None
+            }
+        }
+    };
+    let then = branch(cx, "then", Branch::Execute);
+    let otherwise = branch(cx, "else", Branch::Skip);
+    Some(Condition {
+        expr: expr?,
+        then: then?,
+        otherwise: otherwise?,
+    })
+}
