@@ -5,6 +5,7 @@
 //! document runs unchanged on each target. A target knows primitives (exec, files, reboot),
 //! never actions, loops or templates: those live in the executor on the host.
 
+pub mod agent;
 pub mod local;
 
 use std::path::{Path, PathBuf};
