@@ -4,7 +4,10 @@
 //!
 //! `document`, `parse` and `template` are pure: they read their input and nothing else.
 
+pub mod actions;
 pub mod condition;
 pub mod document;
+pub mod executor;
 pub mod parse;
+pub mod report;
 pub mod template;

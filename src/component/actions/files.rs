@@ -1,0 +1,610 @@
+//! The file-system actions (reference 2.3), each built from target primitives: `put_file`,
+//! `get_file`, `stat`, `list` and argv commands (`mkdir -p`, `cp`, `mv`, `rm`, `ln -s`,
+//! `chmod`, `chown`), so they behave the same on this machine and in a guest.
+//! Relative paths are taken from the run's working directory.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use super::encoding::Encoding;
+use super::{ActionContext, ActionError, Inputs, Outputs, each_item};
+use crate::target::{FileKind, FileSource, FileStat, OutputStream, PutOptions};
+
+fn text(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
+fn argv<const N: usize>(words: [&str; N], paths: &[&Path]) -> Vec<String> {
+    words
+        .iter()
+        .map(|w| w.to_string())
+        .chain(paths.iter().map(|p| text(p)))
+        .collect()
+}
+
+async fn stat(cx: &ActionContext<'_>, path: &Path) -> Result<Option<FileStat>, ActionError> {
+    cx.target
+        .stat(path)
+        .await
+        .map_err(ActionError::target(format!(
+            "could not look at {}",
+            path.display()
+        )))
+}
+
+async fn mkdir_parents(cx: &ActionContext<'_>, path: &Path) -> Result<(), ActionError> {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => {
+            cx.run_quiet(&argv(["mkdir", "-p", "--"], &[parent])).await
+        }
+        _ => Ok(()),
+    }
+}
+
+fn encoding(inputs: &Inputs<'_>) -> Result<Encoding, ActionError> {
+    match inputs.string("encoding")? {
+        None => Ok(Encoding::Utf8),
+        Some(name) => Encoding::from_name(&name).ok_or_else(|| {
+            ActionError::Input(format!(
+                "`encoding: {name}` is not supported; use utf8, utf16, utf16-BE, utf32 or utf32-BE"
+            ))
+        }),
+    }
+}
+
+/// `*` in a name matches any run of characters (the only wildcard AWSTOE documents).
+pub fn wildcard_match(pattern: &str, name: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    let [first, middle @ .., last] = parts.as_slice() else {
+        return pattern == name;
+    };
+    if parts.len() == 1 {
+        return pattern == name;
+    }
+    let Some(mut rest) = name.strip_prefix(first) else {
+        return false;
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
+fn kind_name(folder: bool) -> &'static str {
+    if folder { "folder" } else { "file" }
+}
+
+fn is_kind(stat: &FileStat, folder: bool) -> bool {
+    if folder {
+        stat.kind == FileKind::Dir
+    } else {
+        matches!(
+            stat.kind,
+            FileKind::File | FileKind::Symlink | FileKind::Other
+        )
+    }
+}
+
+/// The paths `source` names: itself, or the matches of a `*` in its last element.
+async fn sources(
+    cx: &ActionContext<'_>,
+    source: &str,
+    folder: bool,
+) -> Result<Vec<PathBuf>, ActionError> {
+    let full = cx.path(source);
+    let name = full
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if name.contains('*') {
+        let parent = full.parent().unwrap_or(Path::new("/")).to_path_buf();
+        if parent.to_string_lossy().contains('*') {
+            return Err(ActionError::Input(format!(
+                "`{source}`: `*` is allowed only in the last part of the path"
+            )));
+        }
+        let entries = cx
+            .target
+            .list(&parent)
+            .await
+            .map_err(ActionError::target(format!(
+                "could not list {}",
+                parent.display()
+            )))?;
+        let found: Vec<PathBuf> = entries
+            .into_iter()
+            .filter(|e| wildcard_match(&name, &e.name) && is_kind(&e.stat, folder))
+            .map(|e| parent.join(e.name))
+            .collect();
+        if found.is_empty() {
+            return Err(ActionError::Failed(format!(
+                "no {} matches `{}`",
+                kind_name(folder),
+                full.display()
+            )));
+        }
+        return Ok(found);
+    }
+    match stat(cx, &full).await? {
+        None => Err(ActionError::Failed(format!(
+            "{} does not exist",
+            full.display()
+        ))),
+        Some(s) if !is_kind(&s, folder) => Err(ActionError::Failed(format!(
+            "{} is not a {}",
+            full.display(),
+            kind_name(folder)
+        ))),
+        Some(_) => Ok(vec![full]),
+    }
+}
+
+/// `owner`, `owner:group` or `:group` for chown; `None` when neither is given.
+fn owner_spec(owner: Option<&str>, group: Option<&str>) -> Option<String> {
+    match (owner, group) {
+        (None, None) => None,
+        (Some(o), None) => Some(o.to_string()),
+        (Some(o), Some(g)) => Some(format!("{o}:{g}")),
+        (None, Some(g)) => Some(format!(":{g}")),
+    }
+}
+
+pub async fn create_file(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outputs, ActionError> {
+    each_item(inputs, |i| async move {
+        let path = cx.path(&i.required("path")?);
+        let content = i.string("content")?.unwrap_or_default();
+        let bytes = encoding(&i)?.encode(&content);
+        let overwrite = i.bool("overwrite", true)?;
+        match stat(cx, &path).await? {
+            Some(s) if s.kind == FileKind::Dir => {
+                return Err(ActionError::Failed(format!(
+                    "{} is a folder",
+                    path.display()
+                )));
+            }
+            Some(_) if !overwrite => {
+                return Err(ActionError::Failed(format!(
+                    "{} already exists and `overwrite` is false",
+                    path.display()
+                )));
+            }
+            _ => {}
+        }
+        let options = PutOptions {
+            mode: i.mode("permissions")?,
+            owner: i.string("owner")?,
+            group: i.string("group")?,
+            create_parents: true,
+            append: false,
+        };
+        cx.target
+            .put_file(&path, FileSource::Bytes(bytes), &options)
+            .await
+            .map_err(ActionError::target(format!(
+                "could not create {}",
+                path.display()
+            )))?;
+        Ok(None)
+    })
+    .await
+}
+
+pub async fn append_file(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outputs, ActionError> {
+    each_item(inputs, |i| async move {
+        let path = cx.path(&i.required("path")?);
+        let content = i.string("content")?.unwrap_or_default();
+        let bytes = encoding(&i)?.encode(&content);
+        match stat(cx, &path).await? {
+            None => {
+                return Err(ActionError::Failed(format!(
+                    "{} does not exist (AppendFile only appends; use CreateFile first)",
+                    path.display()
+                )));
+            }
+            Some(s) if s.kind == FileKind::Dir => {
+                return Err(ActionError::Failed(format!(
+                    "{} is a folder",
+                    path.display()
+                )));
+            }
+            Some(_) => {}
+        }
+        let options = PutOptions {
+            append: true,
+            ..PutOptions::default()
+        };
+        cx.target
+            .put_file(&path, FileSource::Bytes(bytes), &options)
+            .await
+            .map_err(ActionError::target(format!(
+                "could not append to {}",
+                path.display()
+            )))?;
+        Ok(None)
+    })
+    .await
+}
+
+pub async fn create_folder(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outputs, ActionError> {
+    each_item(inputs, |i| async move {
+        let path = cx.path(&i.required("path")?);
+        let overwrite = i.bool("overwrite", true)?;
+        let mode = i.mode("permissions")?;
+        let owner = owner_spec(i.string("owner")?.as_deref(), i.string("group")?.as_deref());
+        match stat(cx, &path).await? {
+            Some(s) if s.kind != FileKind::Dir => {
+                return Err(ActionError::Failed(format!(
+                    "{} exists and is not a folder",
+                    path.display()
+                )));
+            }
+            Some(_) if !overwrite => {
+                return Err(ActionError::Failed(format!(
+                    "{} already exists and `overwrite` is false",
+                    path.display()
+                )));
+            }
+            _ => {}
+        }
+        cx.run_quiet(&argv(["mkdir", "-p", "--"], &[&path])).await?;
+        if let Some(mode) = mode {
+            cx.run_quiet(&argv(["chmod", &format!("{mode:o}"), "--"], &[&path]))
+                .await?;
+        }
+        if let Some(spec) = owner {
+            cx.run_quiet(&argv(["chown", &spec, "--"], &[&path]))
+                .await?;
+        }
+        Ok(None)
+    })
+    .await
+}
+
+pub async fn create_symlink(
+    inputs: &Value,
+    cx: &ActionContext<'_>,
+) -> Result<Outputs, ActionError> {
+    each_item(inputs, |i| async move {
+        let path = cx.path(&i.required("path")?);
+        let target = i.required("target")?;
+        let force = i.bool("force", false)?;
+        // A relative target is relative to the link's folder, as the kernel reads it.
+        let target_full = path.parent().unwrap_or(cx.working_directory).join(&target);
+        if stat(cx, &target_full).await?.is_none() {
+            return Err(ActionError::Failed(format!(
+                "the link target {} does not exist",
+                target_full.display()
+            )));
+        }
+        match stat(cx, &path).await? {
+            Some(s) if s.kind != FileKind::Symlink => {
+                return Err(ActionError::Failed(format!(
+                    "{} exists and is not a symbolic link",
+                    path.display()
+                )));
+            }
+            Some(_) if !force => {
+                return Err(ActionError::Failed(format!(
+                    "the link {} already exists; set `force: true` to replace it",
+                    path.display()
+                )));
+            }
+            _ => {}
+        }
+        mkdir_parents(cx, &path).await?;
+        let flags = if force { "-sfn" } else { "-s" };
+        cx.run_quiet(&[
+            "ln".to_string(),
+            flags.to_string(),
+            "--".to_string(),
+            target,
+            text(&path),
+        ])
+        .await?;
+        Ok(None)
+    })
+    .await
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transfer {
+    CopyFile,
+    CopyFolder,
+    MoveFile,
+    MoveFolder,
+}
+
+pub async fn copy_or_move(
+    inputs: &Value,
+    cx: &ActionContext<'_>,
+    kind: Transfer,
+) -> Result<Outputs, ActionError> {
+    let folder = matches!(kind, Transfer::CopyFolder | Transfer::MoveFolder);
+    each_item(inputs, |i| async move {
+        let source = i.required("source")?;
+        let destination = i.required("destination")?;
+        let overwrite = i.bool("overwrite", true)?;
+        let found = sources(cx, &source, folder).await?;
+        let into_folder = destination.ends_with('/') || destination.ends_with('\\');
+        if found.len() > 1 && !into_folder {
+            return Err(ActionError::Input(format!(
+                "`{source}` matches {} {}s; end `destination` with `/` to put them in a folder",
+                found.len(),
+                kind_name(folder)
+            )));
+        }
+        let destination = cx.path(destination.trim_end_matches(['/', '\\']));
+        for src in found {
+            let dst = if into_folder {
+                destination.join(src.file_name().unwrap_or_default())
+            } else {
+                destination.clone()
+            };
+            if dst == src {
+                return Err(ActionError::Failed(format!(
+                    "source and destination are the same: {}",
+                    src.display()
+                )));
+            }
+            let existing = stat(cx, &dst).await?;
+            if existing.is_some() && !overwrite {
+                return Err(ActionError::Failed(format!(
+                    "{} already exists and `overwrite` is false",
+                    dst.display()
+                )));
+            }
+            mkdir_parents(cx, &dst).await?;
+            // `-T`: the destination is exactly `dst`, never "inside dst if it is a folder".
+            match kind {
+                Transfer::CopyFile => {
+                    cx.run_quiet(&argv(["cp", "-pT", "--"], &[&src, &dst]))
+                        .await?
+                }
+                Transfer::CopyFolder => {
+                    cx.run_quiet(&argv(["cp", "-aT", "--"], &[&src, &dst]))
+                        .await?
+                }
+                Transfer::MoveFile => {
+                    cx.run_quiet(&argv(["mv", "-fT", "--"], &[&src, &dst]))
+                        .await?
+                }
+                Transfer::MoveFolder if existing.is_some() => {
+                    // `mv` cannot replace a non-empty folder: merge the content, then remove
+                    // the source.
+                    cx.run_quiet(&argv(["cp", "-aT", "--"], &[&src, &dst]))
+                        .await?;
+                    cx.run_quiet(&argv(["rm", "-rf", "--"], &[&src])).await?;
+                }
+                Transfer::MoveFolder => {
+                    cx.run_quiet(&argv(["mv", "-T", "--"], &[&src, &dst]))
+                        .await?
+                }
+            }
+        }
+        Ok(None)
+    })
+    .await
+}
+
+pub async fn delete_file(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outputs, ActionError> {
+    each_item(inputs, |i| async move {
+        let path = i.required("path")?;
+        let has_pattern = cx
+            .path(&path)
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().contains('*'));
+        let found = match sources(cx, &path, false).await {
+            // A pattern that matches nothing leaves nothing to delete.
+            Err(ActionError::Failed(_)) if has_pattern => Vec::new(),
+            other => other?,
+        };
+        if found.is_empty() {
+            return Ok(None);
+        }
+        let mut command = vec!["rm".to_string(), "-f".to_string(), "--".to_string()];
+        command.extend(found.iter().map(|p| text(p)));
+        cx.run_quiet(&command).await?;
+        Ok(None)
+    })
+    .await
+}
+
+pub async fn delete_folder(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outputs, ActionError> {
+    each_item(inputs, |i| async move {
+        let path = cx.path(&i.required("path")?);
+        let force = i.bool("force", false)?;
+        match stat(cx, &path).await? {
+            None => {
+                return Err(ActionError::Failed(format!(
+                    "{} does not exist",
+                    path.display()
+                )));
+            }
+            Some(s) if s.kind != FileKind::Dir => {
+                return Err(ActionError::Failed(format!(
+                    "{} is not a folder",
+                    path.display()
+                )));
+            }
+            Some(_) => {}
+        }
+        if force {
+            cx.run_quiet(&argv(["rm", "-rf", "--"], &[&path])).await?;
+        } else {
+            let entries = cx
+                .target
+                .list(&path)
+                .await
+                .map_err(ActionError::target(format!(
+                    "could not list {}",
+                    path.display()
+                )))?;
+            if !entries.is_empty() {
+                return Err(ActionError::Failed(format!(
+                    "{} is not empty ({} entries); set `force: true` to delete it with its content",
+                    path.display(),
+                    entries.len()
+                )));
+            }
+            cx.run_quiet(&argv(["rmdir", "--"], &[&path])).await?;
+        }
+        Ok(None)
+    })
+    .await
+}
+
+pub async fn list_files(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outputs, ActionError> {
+    each_item(inputs, |i| async move {
+        let root = cx.path(&i.required("path")?);
+        let pattern = i.string("fileNamePattern")?.unwrap_or_else(|| "*".into());
+        let recursive = i.bool("recursive", false)?;
+        match stat(cx, &root).await? {
+            Some(s) if s.kind == FileKind::Dir => {}
+            Some(_) => {
+                return Err(ActionError::Failed(format!(
+                    "{} is not a folder",
+                    root.display()
+                )));
+            }
+            None => {
+                return Err(ActionError::Failed(format!(
+                    "{} does not exist",
+                    root.display()
+                )));
+            }
+        }
+        let mut files = Vec::new();
+        let mut pending = vec![root];
+        while let Some(dir) = pending.pop() {
+            let entries = cx
+                .target
+                .list(&dir)
+                .await
+                .map_err(ActionError::target(format!(
+                    "could not list {}",
+                    dir.display()
+                )))?;
+            let mut subdirs = Vec::new();
+            for entry in entries {
+                let full = dir.join(&entry.name);
+                if entry.stat.kind == FileKind::Dir {
+                    if recursive {
+                        subdirs.push(full);
+                    }
+                } else if wildcard_match(&pattern, &entry.name) {
+                    files.push(text(&full));
+                }
+            }
+            // Depth-first in name order: push in reverse so the first folder comes out first.
+            pending.extend(subdirs.into_iter().rev());
+        }
+        let mut out = Map::new();
+        out.insert("files".into(), Value::String(files.join(",")));
+        Ok(Some(out))
+    })
+    .await
+}
+
+pub async fn read_file(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outputs, ActionError> {
+    each_item(inputs, |i| async move {
+        let path = cx.path(&i.required("path")?);
+        let encoding = encoding(&i)?;
+        let print = i.bool("printFileContent", false)?;
+        let host_dir = tempfile::tempdir().map_err(|e| {
+            ActionError::Failed(format!("could not create a temporary folder: {e}"))
+        })?;
+        let local = host_dir.path().join("content");
+        cx.target
+            .get_file(&path, &local)
+            .await
+            .map_err(ActionError::target(format!(
+                "could not read {}",
+                path.display()
+            )))?;
+        let bytes = tokio::fs::read(&local)
+            .await
+            .map_err(|e| ActionError::Failed(format!("could not read {}: {e}", local.display())))?;
+        let content = encoding.decode(&bytes).ok_or_else(|| {
+            ActionError::Failed(format!("{} is not valid {encoding:?} text", path.display()))
+        })?;
+        if print {
+            cx.sink.output(OutputStream::Stdout, content.as_bytes());
+            if !content.ends_with('\n') {
+                cx.sink.output(OutputStream::Stdout, b"\n");
+            }
+        }
+        let mut out = Map::new();
+        out.insert("content".into(), Value::String(content));
+        Ok(Some(out))
+    })
+    .await
+}
+
+pub async fn set_owner(
+    inputs: &Value,
+    cx: &ActionContext<'_>,
+    folder: bool,
+) -> Result<Outputs, ActionError> {
+    each_item(inputs, |i| async move {
+        let path = cx.path(&i.required("path")?);
+        let owner = i.required("owner")?;
+        // `owner:` (empty group) means the owner's login group.
+        let spec = match i.string("group")? {
+            Some(g) if !g.is_empty() => format!("{owner}:{g}"),
+            _ => format!("{owner}:"),
+        };
+        let recursive = folder && i.bool("recursive", true)?;
+        let mut command = vec!["chown".to_string()];
+        if recursive {
+            command.push("-R".into());
+        }
+        command.extend([spec, "--".into(), text(&path)]);
+        cx.run_quiet(&command).await?;
+        Ok(None)
+    })
+    .await
+}
+
+pub async fn set_permissions(
+    inputs: &Value,
+    cx: &ActionContext<'_>,
+    folder: bool,
+) -> Result<Outputs, ActionError> {
+    each_item(inputs, |i| async move {
+        let path = cx.path(&i.required("path")?);
+        let Some(mode) = i.mode("permissions")? else {
+            return Err(ActionError::Input("`permissions` is required".into()));
+        };
+        let recursive = folder && i.bool("recursive", true)?;
+        let mut command = vec!["chmod".to_string()];
+        if recursive {
+            command.push("-R".into());
+        }
+        command.extend([format!("{mode:o}"), "--".into(), text(&path)]);
+        cx.run_quiet(&command).await?;
+        Ok(None)
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wildcard_match;
+
+    #[test]
+    fn star_matches_any_run() {
+        assert!(wildcard_match("*", "anything"));
+        assert!(wildcard_match("*.log", "a.log"));
+        assert!(!wildcard_match("*.log", "a.log.1"));
+        assert!(wildcard_match("a*b*c", "aXbYc"));
+        assert!(!wildcard_match("a*b*c", "aXcYb"));
+        assert!(wildcard_match("ab*", "ab"));
+        assert!(!wildcard_match("ab*ba", "aba"));
+        assert!(wildcard_match("plain", "plain"));
+        assert!(!wildcard_match("plain", "plain2"));
+    }
+}

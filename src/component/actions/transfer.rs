@@ -1,0 +1,685 @@
+//! `WebDownload`, `S3Download`, `S3Upload`. The host does the network part (the guest may run
+//! without a network): downloads land in a host temporary file and are then put on the target
+//! with `put_file`; uploads are fetched from the target with `get_file` first.
+//!
+//! S3 means an S3-compatible endpoint from configuration ([`S3Config`]): requests are presigned
+//! with `rusty-s3` and sent with `reqwest`. Without an endpoint the S3 actions fail with a
+//! message saying how to configure one.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use reqwest::Url;
+use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
+use serde_json::{Map, Value};
+use tokio::io::AsyncWriteExt;
+
+use super::{ActionContext, ActionError, Outputs, each_item};
+use crate::component::condition::file_digest;
+use crate::component::document::HashAlgorithm;
+use crate::target::{FileKind, FileSource, OutputStream, PutOptions};
+
+/// Attempts per download, independent of the step's `maxAttempts` (reference 2.2).
+const DOWNLOAD_ATTEMPTS: u32 = 5;
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+/// How long a presigned S3 URL stays valid.
+const PRESIGN_FOR: Duration = Duration::from_secs(3600);
+/// S3Download's prefix form copies at most this many objects (as AWSTOE does).
+const MAX_PREFIX_OBJECTS: usize = 1000;
+
+/// Environment variable naming the S3-compatible endpoint, e.g. `http://127.0.0.1:9000`.
+pub const S3_ENDPOINT_ENV: &str = "BUILDER_S3_ENDPOINT";
+
+/// Where `s3://` URLs go.
+#[derive(Debug, Clone)]
+pub struct S3Config {
+    pub endpoint: Url,
+    pub region: String,
+    /// `None`: unsigned (anonymous) requests.
+    pub credentials: Option<(String, String, Option<String>)>,
+}
+
+impl S3Config {
+    /// An endpoint with credentials and region from the standard AWS variables
+    /// (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`).
+    pub fn new(endpoint: &str) -> Result<S3Config, String> {
+        let endpoint = Url::parse(endpoint)
+            .map_err(|e| format!("`{endpoint}` is not a URL: {e}"))
+            .and_then(|u| match u.scheme() {
+                "http" | "https" => Ok(u),
+                other => Err(format!(
+                    "the S3 endpoint must be an http:// or https:// URL, not {other}://"
+                )),
+            })?;
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let credentials = match (var("AWS_ACCESS_KEY_ID"), var("AWS_SECRET_ACCESS_KEY")) {
+            (Some(key), Some(secret)) => Some((key, secret, var("AWS_SESSION_TOKEN"))),
+            _ => None,
+        };
+        Ok(S3Config {
+            endpoint,
+            region: var("AWS_REGION")
+                .or_else(|| var("AWS_DEFAULT_REGION"))
+                .unwrap_or_else(|| "us-east-1".into()),
+            credentials,
+        })
+    }
+
+    /// From `BUILDER_S3_ENDPOINT`; `Ok(None)` when it is not set.
+    pub fn from_env() -> Result<Option<S3Config>, String> {
+        match std::env::var(S3_ENDPOINT_ENV) {
+            Ok(v) if !v.is_empty() => S3Config::new(&v).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    fn rusty_credentials(&self) -> Option<Credentials> {
+        self.credentials
+            .as_ref()
+            .map(|(key, secret, token)| match token {
+                Some(t) => Credentials::new_with_token(key, secret, t),
+                None => Credentials::new(key, secret),
+            })
+    }
+
+    fn bucket(&self, name: &str) -> Result<Bucket, ActionError> {
+        Bucket::new(
+            self.endpoint.clone(),
+            UrlStyle::Path,
+            name.to_string(),
+            self.region.clone(),
+        )
+        .map_err(|e| ActionError::Input(format!("bucket `{name}`: {e}")))
+    }
+}
+
+/// Network clients and configuration shared by the transfer actions of one run.
+pub struct Transfer {
+    s3: Option<S3Config>,
+    client: OnceLock<reqwest::Client>,
+    insecure_client: OnceLock<reqwest::Client>,
+}
+
+impl Transfer {
+    pub fn new(s3: Option<S3Config>) -> Self {
+        Self {
+            s3,
+            client: OnceLock::new(),
+            insecure_client: OnceLock::new(),
+        }
+    }
+
+    /// Built on first use: most runs never download anything.
+    fn client(&self, ignore_certificate_errors: bool) -> Result<&reqwest::Client, ActionError> {
+        let cell = if ignore_certificate_errors {
+            &self.insecure_client
+        } else {
+            &self.client
+        };
+        if let Some(c) = cell.get() {
+            return Ok(c);
+        }
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(30))
+            .read_timeout(Duration::from_secs(120))
+            .danger_accept_invalid_certs(ignore_certificate_errors)
+            .build()
+            .map_err(|e| ActionError::Failed(format!("could not set up the HTTP client: {e}")))?;
+        Ok(cell.get_or_init(|| client))
+    }
+
+    fn s3(&self, action: &str) -> Result<&S3Config, ActionError> {
+        self.s3.as_ref().ok_or_else(|| {
+            ActionError::Failed(format!(
+                "{action} needs an S3-compatible endpoint and none is configured: set \
+                 {S3_ENDPOINT_ENV} (e.g. http://127.0.0.1:9000) with AWS_ACCESS_KEY_ID, \
+                 AWS_SECRET_ACCESS_KEY and AWS_REGION, or pass --s3-endpoint"
+            ))
+        })
+    }
+}
+
+fn host_err(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> ActionError {
+    let what = what.to_string();
+    move |e| ActionError::Failed(format!("{what}: {e}"))
+}
+
+enum FetchError {
+    /// Worth another attempt (connection trouble, 5xx, 429).
+    Transient(String),
+    Permanent(String),
+}
+
+async fn fetch_once(client: &reqwest::Client, url: &Url, file: &Path) -> Result<(), FetchError> {
+    let mut response = client
+        .get(url.clone())
+        .send()
+        .await
+        .map_err(|e| FetchError::Transient(format!("could not fetch {url}: {e}")))?;
+    let status = response.status();
+    if status != reqwest::StatusCode::OK {
+        let message = format!("{url} answered {status}; expected 200 OK");
+        return Err(if status.is_server_error() || status.as_u16() == 429 {
+            FetchError::Transient(message)
+        } else {
+            FetchError::Permanent(message)
+        });
+    }
+    let mut out = tokio::fs::File::create(file)
+        .await
+        .map_err(|e| FetchError::Permanent(format!("could not create {}: {e}", file.display())))?;
+    loop {
+        match response.chunk().await {
+            Ok(Some(bytes)) => out.write_all(&bytes).await.map_err(|e| {
+                FetchError::Permanent(format!("could not write {}: {e}", file.display()))
+            })?,
+            Ok(None) => break,
+            Err(e) => {
+                return Err(FetchError::Transient(format!(
+                    "the download of {url} broke off: {e}"
+                )));
+            }
+        }
+    }
+    out.flush()
+        .await
+        .map_err(|e| FetchError::Permanent(format!("could not write {}: {e}", file.display())))?;
+    Ok(())
+}
+
+/// GET `url` into `file` on the host, with up to [`DOWNLOAD_ATTEMPTS`] attempts and doubling
+/// back-off for failures that may pass.
+async fn fetch(
+    client: &reqwest::Client,
+    url: &Url,
+    file: &Path,
+    cx: &ActionContext<'_>,
+) -> Result<(), ActionError> {
+    let mut backoff = FIRST_BACKOFF;
+    for attempt in 1..=DOWNLOAD_ATTEMPTS {
+        match fetch_once(client, url, file).await {
+            Ok(()) => return Ok(()),
+            Err(FetchError::Permanent(message)) => return Err(ActionError::Failed(message)),
+            Err(FetchError::Transient(message)) if attempt < DOWNLOAD_ATTEMPTS => {
+                let note = format!(
+                    "{message}; trying again in {} ms (attempt {} of {DOWNLOAD_ATTEMPTS})\n",
+                    backoff.as_millis(),
+                    attempt + 1
+                );
+                cx.sink.output(OutputStream::Stderr, note.as_bytes());
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+            }
+            Err(FetchError::Transient(message)) => {
+                return Err(ActionError::Failed(format!(
+                    "{message} (gave up after {DOWNLOAD_ATTEMPTS} attempts)"
+                )));
+            }
+        }
+    }
+    unreachable!("the last attempt returns")
+}
+
+fn algorithm(name: &str) -> Result<HashAlgorithm, ActionError> {
+    Ok(match name.to_ascii_uppercase().as_str() {
+        "MD5" => HashAlgorithm::Md5,
+        "SHA1" => HashAlgorithm::Sha1,
+        "SHA256" => HashAlgorithm::Sha256,
+        "SHA512" => HashAlgorithm::Sha512,
+        _ => {
+            return Err(ActionError::Input(format!(
+                "`algorithm: {name}` is not supported; use MD5, SHA1, SHA256 or SHA512"
+            )));
+        }
+    })
+}
+
+fn temp_beside(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(
+        ".{name}.builder-download-{}",
+        uuid::Uuid::new_v4().simple()
+    ))
+}
+
+/// Put a host file on the target at `dest`, checking its digest there first when asked: the
+/// file only appears at `dest` once it is verified.
+async fn deliver(
+    cx: &ActionContext<'_>,
+    host_file: &Path,
+    dest: &Path,
+    verify: Option<(HashAlgorithm, &str)>,
+    create_parents: bool,
+) -> Result<(), ActionError> {
+    let options = PutOptions {
+        create_parents,
+        ..PutOptions::default()
+    };
+    let Some((algorithm, expected)) = verify else {
+        cx.target
+            .put_file(dest, FileSource::Path(host_file.to_path_buf()), &options)
+            .await
+            .map_err(ActionError::target(format!(
+                "could not write {}",
+                dest.display()
+            )))?;
+        return Ok(());
+    };
+    let staged = temp_beside(dest);
+    cx.target
+        .put_file(&staged, FileSource::Path(host_file.to_path_buf()), &options)
+        .await
+        .map_err(ActionError::target(format!(
+            "could not write {}",
+            dest.display()
+        )))?;
+    let actual = file_digest(cx.target, algorithm, &staged).await;
+    let matches = matches!(&actual, Ok(Some(a)) if a.eq_ignore_ascii_case(expected.trim()));
+    if !matches {
+        let _ = cx
+            .run_quiet(&[
+                "rm".into(),
+                "-f".into(),
+                "--".into(),
+                staged.to_string_lossy().into_owned(),
+            ])
+            .await;
+        let actual = match actual {
+            Ok(Some(a)) => a,
+            Ok(None) => "(could not be computed)".into(),
+            Err(e) => format!("(could not be computed: {e})"),
+        };
+        return Err(ActionError::Failed(format!(
+            "the {algorithm:?} checksum of the download does not match: expected {}, got {actual}; {} was not written",
+            expected.trim().to_ascii_lowercase(),
+            dest.display()
+        )));
+    }
+    cx.run_quiet(&[
+        "mv".into(),
+        "-fT".into(),
+        "--".into(),
+        staged.to_string_lossy().into_owned(),
+        dest.to_string_lossy().into_owned(),
+    ])
+    .await
+}
+
+pub async fn web_download(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outputs, ActionError> {
+    each_item(inputs, |i| async move {
+        let source = i.required("source")?;
+        let destination = i.required("destination")?;
+        let overwrite = i.bool("overwrite", true)?;
+        let insecure = i.bool("ignoreCertificateErrors", false)?;
+        let verify = match (i.string("checksum")?, i.string("algorithm")?) {
+            (Some(sum), Some(alg)) => Some((algorithm(&alg)?, sum)),
+            (None, None) => None,
+            _ => {
+                return Err(ActionError::Input(
+                    "`checksum` and `algorithm` go together: give both to verify the download"
+                        .into(),
+                ));
+            }
+        };
+        let url = Url::parse(&source)
+            .map_err(|e| ActionError::Input(format!("`source: {source}` is not a URL: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(ActionError::Input(format!(
+                "`source: {source}` must be an http:// or https:// URL"
+            )));
+        }
+        let dest = if destination.ends_with('/') {
+            let name = url
+                .path_segments()
+                .and_then(|mut s| s.next_back())
+                .filter(|n| !n.is_empty())
+                .ok_or_else(|| {
+                    ActionError::Input(format!(
+                        "`{source}` has no file name to keep; give `destination` as a file path"
+                    ))
+                })?;
+            cx.path(&destination).join(name)
+        } else {
+            cx.path(&destination)
+        };
+        let existing = cx
+            .target
+            .stat(&dest)
+            .await
+            .map_err(ActionError::target(format!("could not look at {}", dest.display())))?;
+        match existing {
+            Some(s) if s.kind == FileKind::Dir => {
+                return Err(ActionError::Failed(format!(
+                    "{} is a folder; end `destination` with `/` to download into it",
+                    dest.display()
+                )));
+            }
+            Some(_) if !overwrite => {
+                return Err(ActionError::Failed(format!(
+                    "{} already exists and `overwrite` is false",
+                    dest.display()
+                )));
+            }
+            Some(_) => {
+                if let Some((alg, sum)) = &verify
+                    && let Ok(Some(actual)) = file_digest(cx.target, *alg, &dest).await
+                    && actual.eq_ignore_ascii_case(sum.trim())
+                {
+                    let note = format!(
+                        "{} is already there with the expected checksum; not downloading it again\n",
+                        dest.display()
+                    );
+                    cx.sink.output(OutputStream::Stdout, note.as_bytes());
+                    return Ok(Some(destination_output(&dest)));
+                }
+            }
+            None => {}
+        }
+        let client = cx.transfer.client(insecure)?;
+        let host_dir = tempfile::tempdir().map_err(host_err("could not create a temporary folder"))?;
+        let host_file = host_dir.path().join("download");
+        fetch(client, &url, &host_file, cx).await?;
+        deliver(
+            cx,
+            &host_file,
+            &dest,
+            verify.as_ref().map(|(a, s)| (*a, s.as_str())),
+            true,
+        )
+        .await?;
+        Ok(Some(destination_output(&dest)))
+    })
+    .await
+}
+
+fn destination_output(dest: &Path) -> Map<String, Value> {
+    let mut out = Map::new();
+    out.insert(
+        "destination".into(),
+        Value::String(dest.to_string_lossy().into_owned()),
+    );
+    out
+}
+
+/// `s3://bucket/key` → (bucket, key).
+pub fn parse_s3_url(url: &str) -> Result<(String, String), ActionError> {
+    let rest = url.strip_prefix("s3://").ok_or_else(|| {
+        ActionError::Input(format!("`{url}` is not an s3:// URL (s3://bucket/key)"))
+    })?;
+    match rest.split_once('/') {
+        Some((bucket, key)) if !bucket.is_empty() => Ok((bucket.to_string(), key.to_string())),
+        _ => Err(ActionError::Input(format!(
+            "`{url}` names no object; write s3://bucket/key"
+        ))),
+    }
+}
+
+async fn s3_get(
+    client: &reqwest::Client,
+    config: &S3Config,
+    bucket: &Bucket,
+    key: &str,
+    file: &Path,
+    cx: &ActionContext<'_>,
+) -> Result<(), ActionError> {
+    let credentials = config.rusty_credentials();
+    let url = bucket
+        .get_object(credentials.as_ref(), key)
+        .sign(PRESIGN_FOR);
+    fetch(client, &url, file, cx)
+        .await
+        .map_err(|e| ActionError::Failed(format!("s3://{}/{key}: {e}", bucket.name())))
+}
+
+pub async fn s3_download(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outputs, ActionError> {
+    each_item(inputs, |i| async move {
+        let source = i.required("source")?;
+        let destination = i.required("destination")?;
+        let overwrite = i.bool("overwrite", true)?;
+        let config = cx.transfer.s3("S3Download")?;
+        let client = cx.transfer.client(false)?;
+        let (bucket_name, key) = parse_s3_url(&source)?;
+        let bucket = config.bucket(&bucket_name)?;
+        let host_dir =
+            tempfile::tempdir().map_err(host_err("could not create a temporary folder"))?;
+        let host_file = host_dir.path().join("object");
+        let check_dest = |dest: PathBuf| async move {
+            match cx.target.stat(&dest).await {
+                Ok(Some(_)) if !overwrite => Err(ActionError::Failed(format!(
+                    "{} already exists and `overwrite` is false",
+                    dest.display()
+                ))),
+                Ok(_) => Ok(dest),
+                Err(e) => Err(ActionError::Target {
+                    what: format!("could not look at {}", dest.display()),
+                    source: e,
+                }),
+            }
+        };
+        if let Some(prefix) = key.strip_suffix('*') {
+            let credentials = config.rusty_credentials();
+            let mut list = bucket.list_objects_v2(credentials.as_ref());
+            list.with_prefix(prefix);
+            list.with_max_keys(MAX_PREFIX_OBJECTS);
+            let url = list.sign(PRESIGN_FOR);
+            let body = client
+                .get(url)
+                .send()
+                .await
+                .and_then(|r| r.error_for_status())
+                .map_err(|e| ActionError::Failed(format!("could not list {source}: {e}")))?
+                .text()
+                .await
+                .map_err(|e| ActionError::Failed(format!("could not list {source}: {e}")))?;
+            let listing = rusty_s3::actions::ListObjectsV2::parse_response(&body).map_err(|e| {
+                ActionError::Failed(format!("the listing of {source} is not S3 XML: {e}"))
+            })?;
+            let root = cx.path(destination.trim_end_matches('/'));
+            for object in listing.contents {
+                let Some(relative) = object.key.strip_prefix(prefix) else {
+                    continue;
+                };
+                if relative.is_empty() || relative.ends_with('/') {
+                    continue;
+                }
+                let dest = check_dest(root.join(relative)).await?;
+                s3_get(client, config, &bucket, &object.key, &host_file, cx).await?;
+                deliver(cx, &host_file, &dest, None, true).await?;
+            }
+        } else {
+            let dest = if destination.ends_with('/') {
+                let name = key.rsplit('/').next().unwrap_or(&key);
+                cx.path(&destination).join(name)
+            } else {
+                cx.path(&destination)
+            };
+            // The destination folder must exist (reference 2.2).
+            if let Some(parent) = dest.parent()
+                && !matches!(
+                    cx.target.stat(parent).await,
+                    Ok(Some(s)) if s.kind == FileKind::Dir
+                )
+            {
+                return Err(ActionError::Failed(format!(
+                    "the destination folder {} does not exist",
+                    parent.display()
+                )));
+            }
+            let dest = check_dest(dest).await?;
+            s3_get(client, config, &bucket, &key, &host_file, cx).await?;
+            deliver(cx, &host_file, &dest, None, false).await?;
+        }
+        Ok(None)
+    })
+    .await
+}
+
+/// Every file under `dir` on the target, with its path relative to `dir`.
+async fn walk(cx: &ActionContext<'_>, dir: &Path) -> Result<Vec<(PathBuf, String)>, ActionError> {
+    let mut files = Vec::new();
+    let mut pending = vec![(dir.to_path_buf(), String::new())];
+    while let Some((folder, relative)) = pending.pop() {
+        let entries = cx
+            .target
+            .list(&folder)
+            .await
+            .map_err(ActionError::target(format!(
+                "could not list {}",
+                folder.display()
+            )))?;
+        for entry in entries {
+            let rel = if relative.is_empty() {
+                entry.name.clone()
+            } else {
+                format!("{relative}/{}", entry.name)
+            };
+            let full = folder.join(&entry.name);
+            match entry.stat.kind {
+                FileKind::Dir => pending.push((full, rel)),
+                FileKind::File => files.push((full, rel)),
+                _ => {}
+            }
+        }
+    }
+    Ok(files)
+}
+
+pub async fn s3_upload(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outputs, ActionError> {
+    each_item(inputs, |i| async move {
+        let source = i.required("source")?;
+        let destination = i.required("destination")?;
+        let recurse = i.bool("recurse", false)?;
+        let config = cx.transfer.s3("S3Upload")?;
+        let client = cx.transfer.client(false)?;
+        let (bucket_name, key) = parse_s3_url(&destination)?;
+        let bucket = config.bucket(&bucket_name)?;
+        let full = cx.path(&source);
+        let name = full
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        // (path on the target, object key)
+        let mut uploads: Vec<(PathBuf, String)> = Vec::new();
+        let into_prefix = key.is_empty() || key.ends_with('/');
+        let matches: Vec<(PathBuf, FileKind, String)> = if name.contains('*') {
+            let parent = full.parent().unwrap_or(Path::new("/")).to_path_buf();
+            let entries = cx
+                .target
+                .list(&parent)
+                .await
+                .map_err(ActionError::target(format!("could not list {}", parent.display())))?;
+            entries
+                .into_iter()
+                .filter(|e| super::files::wildcard_match(&name, &e.name))
+                .map(|e| (parent.join(&e.name), e.stat.kind, e.name))
+                .collect()
+        } else {
+            match cx
+                .target
+                .stat(&full)
+                .await
+                .map_err(ActionError::target(format!("could not look at {}", full.display())))?
+            {
+                Some(s) => vec![(full.clone(), s.kind, name.clone())],
+                None => {
+                    return Err(ActionError::Failed(format!(
+                        "{} does not exist",
+                        full.display()
+                    )));
+                }
+            }
+        };
+        if matches.is_empty() {
+            return Err(ActionError::Failed(format!("nothing matches {}", full.display())));
+        }
+        if matches.len() > 1 && !into_prefix {
+            return Err(ActionError::Input(format!(
+                "`{source}` matches {} entries; end `destination` with `/` to upload them under a prefix",
+                matches.len()
+            )));
+        }
+        let mut folders = Vec::new();
+        for (path, kind, file_name) in matches {
+            match kind {
+                FileKind::Dir if recurse => folders.push((path, file_name)),
+                FileKind::Dir => {
+                    return Err(ActionError::Failed(format!(
+                        "{} is a folder; set `recurse: true` to upload its content",
+                        path.display()
+                    )));
+                }
+                FileKind::File => {
+                    let object = if into_prefix {
+                        format!("{key}{file_name}")
+                    } else {
+                        key.clone()
+                    };
+                    uploads.push((path, object));
+                }
+                _ => {}
+            }
+        }
+        for (folder, _) in folders {
+            let prefix = if into_prefix {
+                key.clone()
+            } else {
+                format!("{key}/")
+            };
+            for (path, relative) in walk(cx, &folder).await? {
+                uploads.push((path, format!("{prefix}{relative}")));
+            }
+        }
+        let host_dir = tempfile::tempdir().map_err(host_err("could not create a temporary folder"))?;
+        let host_file = host_dir.path().join("upload");
+        let credentials = config.rusty_credentials();
+        for (path, object) in uploads {
+            cx.target
+                .get_file(&path, &host_file)
+                .await
+                .map_err(ActionError::target(format!("could not read {}", path.display())))?;
+            let url = bucket.put_object(credentials.as_ref(), &object).sign(PRESIGN_FOR);
+            let file = tokio::fs::File::open(&host_file)
+                .await
+                .map_err(host_err(format!("could not open {}", host_file.display())))?;
+            let len = file
+                .metadata()
+                .await
+                .map_err(host_err(format!("could not open {}", host_file.display())))?
+                .len();
+            client
+                .put(url)
+                .header(reqwest::header::CONTENT_LENGTH, len)
+                .body(reqwest::Body::from(file))
+                .send()
+                .await
+                .and_then(|r| r.error_for_status())
+                .map_err(|e| {
+                    ActionError::Failed(format!(
+                        "could not upload {} to s3://{bucket_name}/{object}: {e}",
+                        path.display()
+                    ))
+                })?;
+        }
+        Ok(None)
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn s3_urls() {
+        assert_eq!(
+            parse_s3_url("s3://b/k/x.txt").expect("valid"),
+            ("b".to_string(), "k/x.txt".to_string())
+        );
+        assert!(parse_s3_url("https://b/k").is_err());
+        assert!(parse_s3_url("s3://b").is_err());
+    }
+}
