@@ -273,7 +273,8 @@ pub async fn create_symlink(
         let target = i.required("target")?;
         let force = i.bool("force", false)?;
         // A relative target is relative to the link's folder, as the kernel reads it.
-        let target_full = path.parent().unwrap_or(cx.working_directory).join(&target);
+        // `..` is taken lexically: the link's folder may not exist yet.
+        let target_full = lexical(&path.parent().unwrap_or(cx.working_directory).join(&target));
         if stat(cx, &target_full).await?.is_none() {
             return Err(ActionError::Failed(format!(
                 "the link target {} does not exist",
@@ -308,6 +309,21 @@ pub async fn create_symlink(
         Ok(None)
     })
     .await
+}
+
+/// `path` with `.` and `..` removed without asking the file system.
+fn lexical(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for part in path.components() {
+        match part {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

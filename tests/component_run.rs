@@ -1,0 +1,864 @@
+//! Local tier: `builder component run` running real documents (tests/run/) with real processes
+//! in temporary folders. Each test checks what the run did on disk, its exit code, its summary
+//! and its logs.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn doc(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/run")
+        .join(name)
+}
+
+/// A working directory and a log directory for one run.
+struct Sandbox {
+    root: tempfile::TempDir,
+}
+
+impl Sandbox {
+    fn new() -> Self {
+        let root = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir(root.path().join("work")).expect("work dir");
+        Self { root }
+    }
+
+    fn work(&self) -> PathBuf {
+        self.root.path().join("work")
+    }
+
+    fn logs(&self) -> PathBuf {
+        self.root.path().join("logs")
+    }
+
+    fn path(&self, relative: &str) -> PathBuf {
+        self.work().join(relative)
+    }
+
+    fn read(&self, relative: &str) -> String {
+        std::fs::read_to_string(self.path(relative))
+            .unwrap_or_else(|e| panic!("{relative} should exist: {e}"))
+    }
+
+    /// Write an inline document into the sandbox.
+    fn document(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.root.path().join(name);
+        std::fs::write(&path, text).expect("write document");
+        path
+    }
+
+    fn command(&self, documents: &[&Path]) -> assert_cmd::Command {
+        let mut cmd = assert_cmd::Command::new(env!("CARGO_BIN_EXE_builder"));
+        let list: Vec<String> = documents.iter().map(|d| d.display().to_string()).collect();
+        cmd.args(["component", "run", "--documents", &list.join(",")])
+            .arg("--working-directory")
+            .arg(self.work())
+            .arg("--log-directory")
+            .arg(self.logs())
+            .env("NO_COLOR", "1")
+            .env_remove("BUILDER_S3_ENDPOINT")
+            .env("NO_PROXY", "127.0.0.1")
+            .timeout(Duration::from_secs(60));
+        cmd
+    }
+
+    fn run(&self, documents: &[&Path], extra: &[&str]) -> Output {
+        self.command(documents)
+            .args(extra)
+            .output()
+            .expect("builder runs")
+    }
+
+    /// The one `TOE_*` folder of the run.
+    fn run_folder(&self) -> PathBuf {
+        let folders: Vec<PathBuf> = std::fs::read_dir(self.logs())
+            .expect("log directory exists")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("TOE_"))
+            })
+            .collect();
+        assert_eq!(folders.len(), 1, "one run folder: {folders:?}");
+        folders.into_iter().next().expect("one folder")
+    }
+
+    fn detailed(&self) -> Value {
+        let text = std::fs::read_to_string(self.run_folder().join("detailedoutput.json"))
+            .expect("detailedoutput.json");
+        serde_json::from_str(&text).expect("valid JSON")
+    }
+}
+
+fn code(output: &Output) -> i32 {
+    output.status.code().unwrap_or(-1)
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn summary(output: &Output) -> Value {
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is the summary JSON ({e}): {}\nstderr: {}",
+            String::from_utf8_lossy(&output.stdout),
+            stderr(output)
+        )
+    })
+}
+
+/// Step reports by name, from every document and phase of a detailed output.
+fn steps(detailed: &Value) -> Vec<Value> {
+    let mut out = Vec::new();
+    for d in detailed["documents"].as_array().expect("documents") {
+        for p in d["phases"].as_array().expect("phases") {
+            out.extend(p["steps"].as_array().expect("steps").iter().cloned());
+        }
+    }
+    out
+}
+
+fn step(detailed: &Value, name: &str) -> Value {
+    steps(detailed)
+        .into_iter()
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("step {name} in the report"))
+}
+
+/// Running and not a zombie.
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+fn wait_gone(pid: i32) -> bool {
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        if !alive(pid) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+fn pid_in(sandbox: &Sandbox, file: &str) -> i32 {
+    sandbox.read(file).trim().parse().expect("a pid")
+}
+
+#[test]
+fn file_actions_do_what_they_say() {
+    let sb = Sandbox::new();
+    let user = String::from_utf8(
+        std::process::Command::new("id")
+            .arg("-un")
+            .output()
+            .expect("id")
+            .stdout,
+    )
+    .expect("utf8");
+    let owner = format!("Owner={}", user.trim());
+    let out = sb.run(&[&doc("files.yml")], &["--parameters", &owner]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(summary(&out)["status"], "success");
+    assert_eq!(sb.read("made/hello.txt"), "hello world");
+    assert_eq!(sb.read("readback.txt"), "hello world");
+    assert_eq!(sb.read("moved/hello-moved.txt"), "hello world");
+    assert!(!sb.path("copies/renamed.txt").exists(), "moved away");
+    assert_eq!(
+        std::fs::read(sb.path("made/new/parent/utf16.txt")).expect("utf16 file"),
+        [0x68, 0, 0xe9, 0]
+    );
+    let mode = |p: &str| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(sb.path(p))
+            .expect("exists")
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    assert_eq!(mode("made/hello.txt"), 0o640);
+    assert_eq!(mode("made/b.log"), 0o600);
+    assert_eq!(mode("shared"), 0o750);
+    assert_eq!(
+        std::fs::read_link(sb.path("links/hello")).expect("a symlink"),
+        Path::new("../made/hello.txt")
+    );
+    let listed = sb.read("list.txt");
+    let work = sb.work();
+    assert_eq!(
+        listed,
+        format!(
+            "{w}/made/hello.txt,{w}/made/new/parent/utf16.txt",
+            w = work.display()
+        )
+    );
+    assert!(!sb.path("logs/a.log").exists() && !sb.path("logs/b.log").exists());
+    assert!(sb.path("logs").is_dir());
+    assert!(!sb.path("made/deep/er").exists() && sb.path("made/deep").is_dir());
+    assert!(!sb.path("tree-moved").exists() && !sb.path("tree-copy").exists());
+    // Inputs are recorded after templating.
+    let detailed = sb.detailed();
+    let inputs: Value = serde_json::from_str(
+        step(&detailed, "WriteReadBack")["inputs"]
+            .as_str()
+            .expect("inputs are JSON text"),
+    )
+    .expect("valid");
+    assert_eq!(inputs[0]["content"], "hello world");
+}
+
+#[test]
+fn file_actions_refuse_what_they_should() {
+    let sb = Sandbox::new();
+    std::fs::write(sb.path("exists.txt"), "old").expect("write");
+    std::fs::create_dir(sb.path("full")).expect("dir");
+    std::fs::write(sb.path("full/x"), "x").expect("write");
+    let cases = [
+        (
+            "CreateFile",
+            "- path: exists.txt\n            overwrite: false",
+            "already exists",
+        ),
+        ("AppendFile", "- path: missing.txt", "does not exist"),
+        ("DeleteFolder", "- path: full", "is not empty"),
+        ("DeleteFile", "- path: missing.txt", "does not exist"),
+        (
+            "CreateSymlink",
+            "- path: link\n            target: nowhere",
+            "does not exist",
+        ),
+        (
+            "CopyFile",
+            "- source: \"*.txt\"\n            destination: x/\n            overwrite: false\n          - source: nothing*\n            destination: x/",
+            "no file matches",
+        ),
+    ];
+    for (action, inputs, expected) in cases {
+        let text = format!(
+            "name: refuse\nschemaVersion: 1.0\nphases:\n  - name: build\n    steps:\n      - name: Try\n        action: {action}\n        inputs:\n          {inputs}\n"
+        );
+        let path = sb.document("refuse.yml", &text);
+        let out = sb.run(&[&path], &[]);
+        assert_eq!(code(&out), 1, "{action}: {}", stderr(&out));
+        let message = summary(&out)["failureMessage"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        assert!(message.contains(expected), "{action}: {message}");
+    }
+    assert_eq!(sb.read("exists.txt"), "old");
+    assert!(sb.path("full/x").exists());
+}
+
+#[test]
+fn every_operator_and_if_branch() {
+    let sb = Sandbox::new();
+    let out = sb.run(&[&doc("operators.yml")], &[]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(summary(&out)["status"], "successwithignoredfailure");
+    assert!(sb.path("ran-when-true").exists());
+    assert!(!sb.path("ran-when-false").exists());
+    assert!(sb.path("ran-else-execute").exists());
+    assert!(!sb.path("ran-then-skip").exists());
+    assert!(!sb.path("ran-abort").exists());
+    let detailed = sb.detailed();
+    assert_eq!(step(&detailed, "SkippedWhenFalse")["status"], "skipped");
+    assert_eq!(step(&detailed, "ThenSkip")["status"], "skipped");
+    assert_eq!(step(&detailed, "AbortIgnored")["status"], "ignoredfailure");
+}
+
+#[test]
+fn a_false_assertion_fails_the_step() {
+    let sb = Sandbox::new();
+    for (assertion, ok) in [
+        ("numberLessThan: 1\n          value: 2", false),
+        ("stringGreaterThan: b\n          value: a", false),
+        ("patternMatches: \"^x\"\n          value: y", false),
+        ("numberEquals: \"1e3\"\n          value: \"1000\"", false),
+        ("stringIsEmpty: \" \"", false),
+        ("numberGreaterThan: 99\n          value: 100", true),
+    ] {
+        let text = format!(
+            "name: assert\nschemaVersion: 1.0\nphases:\n  - name: build\n    steps:\n      - name: Check\n        action: Assert\n        inputs:\n          {assertion}\n"
+        );
+        let path = sb.document("assert.yml", &text);
+        let out = sb.run(&[&path], &[]);
+        assert_eq!(
+            code(&out),
+            if ok { 0 } else { 1 },
+            "{assertion}: {}",
+            stderr(&out)
+        );
+    }
+}
+
+#[test]
+fn loops_collate_outputs_and_stop_at_the_first_failure() {
+    let sb = Sandbox::new();
+    let out = sb.run(&[&doc("loops.yml")], &[]);
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    assert_eq!(
+        sb.read("collected.txt"),
+        "1\n3\n5|0:3\n1:2\n2:1|a\nb\nc|each-y.txt"
+    );
+    assert_eq!(sb.read("each-x.txt"), "0");
+    assert_eq!(sb.read("each-y.txt"), "1");
+    // Iteration 2 failed, so 3 never ran.
+    assert_eq!(sb.read("iterations.txt"), "1\n2\n");
+    let detailed = sb.detailed();
+    let failing = step(&detailed, "StopsAtFirstFailure");
+    assert_eq!(failing["status"], "failed");
+    let iterations = failing["loop"]["iterations"]
+        .as_array()
+        .expect("iterations");
+    assert_eq!(iterations.len(), 2);
+    assert_eq!(iterations[1]["status"], "failed");
+    assert!(
+        failing["failureMessage"]
+            .as_str()
+            .is_some_and(|m| m.contains("iteration 1 (value `2`)"))
+    );
+}
+
+#[test]
+fn on_failure_abort_continue_ignore() {
+    for (on_failure, exit, status, next_runs) in [
+        ("Abort", 1, "failed", false),
+        ("Continue", 1, "failed", true),
+        ("Ignore", 0, "successwithignoredfailure", true),
+    ] {
+        let sb = Sandbox::new();
+        let text = format!(
+            "name: onfailure\nschemaVersion: 1.0\nphases:\n  - name: build\n    steps:\n      - name: Fails\n        action: ExecuteBash\n        onFailure: {on_failure}\n        inputs:\n          commands:\n            - exit 3\n      - name: Next\n        action: CreateFile\n        inputs:\n          - path: next\n  - name: validate\n    steps:\n      - name: Later\n        action: CreateFile\n        inputs:\n          - path: later\n"
+        );
+        let path = sb.document("onfailure.yml", &text);
+        let out = sb.run(&[&path], &[]);
+        assert_eq!(code(&out), exit, "{on_failure}: {}", stderr(&out));
+        let summary = summary(&out);
+        assert_eq!(summary["status"], status, "{on_failure}");
+        assert_eq!(sb.path("next").exists(), next_runs, "{on_failure}");
+        assert_eq!(sb.path("later").exists(), next_runs, "{on_failure}");
+        let expected_step = if on_failure == "Ignore" {
+            "ignoredfailure"
+        } else {
+            "failed"
+        };
+        assert_eq!(step(&sb.detailed(), "Fails")["status"], expected_step);
+        if on_failure == "Ignore" {
+            assert_eq!(summary["ignoredFailedStepCount"], 1);
+        } else {
+            assert_eq!(summary["failedStepCount"], 1);
+        }
+    }
+}
+
+#[test]
+fn max_attempts_is_the_total_number_of_attempts() {
+    let sb = Sandbox::new();
+    let out = sb.run(&[&doc("retry.yml")], &[]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(sb.read("attempts").trim(), "3");
+    assert_eq!(step(&sb.detailed(), "Flaky")["attempts"], 3);
+
+    // With two attempts the same script gives up.
+    let sb = Sandbox::new();
+    let text = std::fs::read_to_string(doc("retry.yml"))
+        .expect("read")
+        .replace("maxAttempts: 3", "maxAttempts: 2");
+    let path = sb.document("retry2.yml", &text);
+    let out = sb.run(&[&path], &[]);
+    assert_eq!(code(&out), 1);
+    assert_eq!(sb.read("attempts").trim(), "2");
+}
+
+#[test]
+fn timeout_kills_the_whole_process_tree() {
+    let sb = Sandbox::new();
+    let out = sb.run(&[&doc("timeout.yml")], &[]);
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    let child = pid_in(&sb, "child.pid");
+    let shell = pid_in(&sb, "shell.pid");
+    assert!(
+        wait_gone(child),
+        "background child {child} survived the timeout"
+    );
+    assert!(wait_gone(shell), "script {shell} survived the timeout");
+    let detailed = sb.detailed();
+    assert_eq!(step(&detailed, "Hang")["status"], "timedout");
+    // The timeout covers all iterations together: 3 × 0.6 s do not fit in 1 s.
+    let slow = step(&detailed, "SlowLoop");
+    assert_eq!(slow["status"], "timedout");
+    assert!(!sb.read("slow.txt").contains('3'));
+}
+
+fn interrupt_with(signal: nix::sys::signal::Signal) {
+    let sb = Sandbox::new();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_builder"))
+        .args(["component", "run", "--documents"])
+        .arg(doc("interrupt.yml"))
+        .arg("--working-directory")
+        .arg(sb.work())
+        .arg("--log-directory")
+        .arg(sb.logs())
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("builder starts");
+    let until = Instant::now() + Duration::from_secs(20);
+    while !sb.path("started").exists() {
+        assert!(Instant::now() < until, "the step never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid fits"));
+    nix::sys::signal::kill(pid, signal).expect("signal sent");
+    let status = child.wait().expect("builder exits");
+    let mut stdout = String::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut stdout)
+        .expect("read");
+    assert_eq!(status.code(), Some(130), "{signal:?}");
+    let summary: Value = serde_json::from_str(&stdout).expect("summary on stdout");
+    assert_eq!(summary["status"], "cancelled");
+    for file in ["child.pid", "shell.pid"] {
+        let pid = pid_in(&sb, file);
+        assert!(wait_gone(pid), "{file} {pid} survived {signal:?}");
+    }
+    assert!(!sb.path("never").exists());
+    let detailed = sb.detailed();
+    assert_eq!(step(&detailed, "Wait")["status"], "cancelled");
+    assert_eq!(step(&detailed, "Never")["status"], "cancelled");
+    let folder = sb.run_folder();
+    for file in [
+        "console.log",
+        "application.log",
+        "chaining.json",
+        "document.yaml",
+    ] {
+        assert!(folder.join(file).exists(), "{file} written");
+    }
+}
+
+#[test]
+fn ctrl_c_cancels_kills_the_step_and_still_writes_logs() {
+    interrupt_with(nix::sys::signal::Signal::SIGINT);
+}
+
+#[test]
+fn sigterm_cancels_like_ctrl_c() {
+    interrupt_with(nix::sys::signal::Signal::SIGTERM);
+}
+
+#[test]
+fn parameters_are_checked_before_anything_runs() {
+    let sb = Sandbox::new();
+    let path = doc("required-parameter.yml");
+    let out = sb.run(&[&path], &[]);
+    assert_eq!(code(&out), 2);
+    assert!(
+        stderr(&out).contains("parameter `Needed` is required"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!sb.path("needed.txt").exists());
+    assert!(!sb.logs().exists(), "nothing ran, so no run folder");
+
+    let out = sb.run(&[&path], &["--parameters", "Needed="]);
+    assert_eq!(code(&out), 2);
+    assert!(stderr(&out).contains("empty value"), "{}", stderr(&out));
+
+    let out = sb.run(&[&path], &["--parameters", "Needed=x,Mode=medium"]);
+    assert_eq!(code(&out), 2);
+    assert!(
+        stderr(&out).contains("not an allowed value"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = sb.run(
+        &[&path],
+        &[
+            "--parameters",
+            "Needed=a,b",
+            "--parameters",
+            "Mode=slow,Other=1",
+        ],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(sb.read("needed.txt"), "a,b slow");
+    assert!(
+        stderr(&out).contains("`Other` is not declared"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn reboot_on_this_machine_fails_with_a_hint() {
+    for name in ["reboot.yml", "reboot-194.yml"] {
+        let sb = Sandbox::new();
+        let out = sb.run(&[&doc(name)], &[]);
+        assert_eq!(code(&out), 1, "{name}");
+        let err = stderr(&out);
+        assert!(
+            err.contains("rebooting is not possible on this machine"),
+            "{name}: {err}"
+        );
+        assert!(
+            err.contains("hint:") && err.contains("vm:IMAGE"),
+            "{name}: {err}"
+        );
+    }
+}
+
+#[test]
+fn windows_actions_are_refused_before_anything_runs() {
+    let sb = Sandbox::new();
+    let out = sb.run(&[&doc("windows.yml")], &[]);
+    assert_eq!(code(&out), 2);
+    let err = stderr(&out);
+    assert!(err.contains("Windows-only"), "{err}");
+    assert!(
+        err.contains("windows.yml:") && err.contains("ExecutePowerShell"),
+        "{err}"
+    );
+    assert!(!sb.path("ran").exists());
+    // The phase that holds it is not selected: the rest runs.
+    let out = sb.run(&[&doc("windows.yml")], &["--phases", "validate"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+}
+
+/// Serves `body` at `/file.txt` (404 elsewhere) on 127.0.0.1 until dropped.
+struct HttpServer {
+    port: u16,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HttpServer {
+    fn start(body: &'static [u8]) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if stopped.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+                let mut request_line = String::new();
+                let _ = reader.read_line(&mut request_line);
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                }
+                let response = if request_line.starts_with("GET /file.txt ") {
+                    let mut r = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    )
+                    .into_bytes();
+                    r.extend_from_slice(body);
+                    r
+                } else {
+                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                        .to_vec()
+                };
+                let _ = stream.write_all(&response);
+            }
+        });
+        Self {
+            port,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop so the thread sees the flag and ends.
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn web_download_checks_the_checksum() {
+    let server = HttpServer::start(b"downloaded content\n");
+    let url = format!("http://127.0.0.1:{}/file.txt", server.port);
+    let actual = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(b"downloaded content\n"))
+    };
+    let document = |checksum: &str, destination: &str| {
+        format!(
+            "name: download\nschemaVersion: 1.0\nparameters:\n  - Url:\n      type: string\nphases:\n  - name: build\n    steps:\n      - name: Get\n        action: WebDownload\n        inputs:\n          - source: \"{{{{ Url }}}}\"\n            destination: {destination}\n            checksum: {checksum}\n            algorithm: SHA256\n      - name: Record\n        action: CreateFile\n        inputs:\n          - path: where.txt\n            content: \"{{{{ build.Get.outputs.destination }}}}\"\n"
+        )
+    };
+    let url_param = format!("Url={url}");
+
+    let sb = Sandbox::new();
+    let path = sb.document("good.yml", &document(&actual, "into/folder/"));
+    let out = sb.run(&[&path], &["--parameters", &url_param]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(sb.read("into/folder/file.txt"), "downloaded content\n");
+    assert_eq!(
+        sb.read("where.txt"),
+        sb.path("into/folder/file.txt").display().to_string()
+    );
+
+    let sb = Sandbox::new();
+    let bad = "0".repeat(64);
+    let path = sb.document("bad.yml", &document(&bad, "file.txt"));
+    let out = sb.run(&[&path], &["--parameters", &url_param]);
+    assert_eq!(code(&out), 1);
+    let message = summary(&out)["failureMessage"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(message.contains("does not match"), "{message}");
+    assert!(!sb.path("file.txt").exists(), "a bad download is not kept");
+    let leftovers: Vec<_> = std::fs::read_dir(sb.work())
+        .expect("work")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert!(leftovers.is_empty(), "nothing left behind: {leftovers:?}");
+
+    let sb = Sandbox::new();
+    let missing = format!("Url=http://127.0.0.1:{}/missing", server.port);
+    let path = sb.document("missing.yml", &document(&actual, "file.txt"));
+    let out = sb.run(&[&path], &["--parameters", &missing]);
+    assert_eq!(code(&out), 1);
+    assert!(
+        summary(&out)["failureMessage"]
+            .as_str()
+            .is_some_and(|m| m.contains("404")),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn s3_without_an_endpoint_says_how_to_configure_one() {
+    let sb = Sandbox::new();
+    let path = sb.document(
+        "s3.yml",
+        "name: s3\nschemaVersion: 1.0\nphases:\n  - name: build\n    steps:\n      - name: Get\n        action: S3Download\n        inputs:\n          - source: s3://bucket/key.txt\n            destination: key.txt\n",
+    );
+    let out = sb.run(&[&path], &[]);
+    assert_eq!(code(&out), 1);
+    assert!(
+        stderr(&out).contains("BUILDER_S3_ENDPOINT"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn execute_document_runs_nested_documents_and_detects_cycles() {
+    let sb = Sandbox::new();
+    let out = sb.run(&[&doc("parent.yml")], &[]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(sb.read("child.txt"), "nested");
+    assert!(
+        !sb.path("child-test-phase.txt").exists(),
+        "only the build phase ran"
+    );
+    assert_eq!(sb.read("nested-summary.txt"), "success 1");
+    let nested = &step(&sb.detailed(), "Nested")["detailedOutput"];
+    assert_eq!(nested[0]["documents"][0]["name"], "child");
+
+    let sb = Sandbox::new();
+    let out = sb.run(&[&doc("cycle.yml")], &[]);
+    assert_eq!(code(&out), 1);
+    assert!(stderr(&out).contains("cycle"), "{}", stderr(&out));
+}
+
+#[test]
+fn phases_run_in_document_order_and_documents_in_the_order_given() {
+    let sb = Sandbox::new();
+    let make = |name: &str| {
+        sb.document(
+            &format!("{name}.yml"),
+            &format!(
+                "name: {name}\nschemaVersion: 1.0\nphases:\n{}",
+                ["build", "validate", "test"]
+                    .iter()
+                    .map(|p| format!(
+                        "  - name: {p}\n    steps:\n      - name: Mark\n        action: ExecuteBash\n        inputs:\n          commands:\n            - echo {name}-{p} >> order.txt\n"
+                    ))
+                    .collect::<String>()
+            ),
+        )
+    };
+    let first = make("first");
+    let second = make("second");
+    let out = sb
+        .command(&[&second])
+        .arg("--documents")
+        .arg(&first)
+        .args(["--phases", "test,build"])
+        .output()
+        .expect("runs");
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(
+        sb.read("order.txt"),
+        "second-build\nsecond-test\nfirst-build\nfirst-test\n"
+    );
+    let folder = sb.run_folder();
+    assert!(folder.join("document-1.yaml").exists() && folder.join("document-2.yaml").exists());
+}
+
+#[test]
+fn logs_and_json_events() {
+    let sb = Sandbox::new();
+    let out = sb.run(
+        &[&doc("loops.yml")],
+        &["--json", "--execution-id", "run-42", "--phases", "build"],
+    );
+    assert_eq!(code(&out), 1);
+    let events: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    assert_eq!(events[0]["event"], "runStarted");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "stepOutput" && e["step"] == "Delimited" && e["line"] == "b")
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "stepFinished" && e["step"] == "Up" && e["status"] == "success")
+    );
+    let last = events.last().expect("events");
+    assert_eq!(last["event"], "summary");
+    assert_eq!(last["executionId"], "run-42");
+    assert_eq!(last["status"], "failed");
+    assert_eq!(last["failedStepCount"], 1);
+
+    let folder = sb.run_folder();
+    let name = folder
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned();
+    assert!(
+        name.starts_with("TOE_") && name.ends_with("_UTC-0_run-42"),
+        "{name}"
+    );
+    let console = std::fs::read_to_string(folder.join("console.log")).expect("console.log");
+    assert!(console.contains("0:3\n1:2\n2:1\n"), "{console}");
+    let app = std::fs::read_to_string(folder.join("application.log")).expect("application.log");
+    assert!(app.contains("StopsAtFirstFailure"), "{app}");
+    let chaining: Value = serde_json::from_str(
+        &std::fs::read_to_string(folder.join("chaining.json")).expect("chaining.json"),
+    )
+    .expect("JSON");
+    assert!(
+        chaining["resolutions"]
+            .as_array()
+            .expect("resolutions")
+            .iter()
+            .any(|r| r["reference"] == "build.Up.outputs.stdout" && r["value"] == "1\n3\n5")
+    );
+    let detailed = sb.detailed();
+    assert_eq!(detailed["executionId"], "run-42");
+    assert_eq!(detailed["documents"][0]["status"], "failed");
+}
+
+#[test]
+fn bad_input_is_rejected_with_exit_code_2() {
+    let sb = Sandbox::new();
+    let path = sb.document(
+        "invalid.yml",
+        "name: bad\nschemaVersion: 1.0\nphases:\n  - name: build\n    steps:\n      - name: X\n        action: NoSuchAction\n",
+    );
+    let out = sb.run(&[&path], &[]);
+    assert_eq!(code(&out), 2);
+    assert!(stderr(&out).contains("invalid.yml:7:"), "{}", stderr(&out));
+
+    let out = sb.run(&[&doc("retry.yml")], &["--target", "vm:debian-12"]);
+    assert_eq!(code(&out), 2);
+    assert!(
+        stderr(&out).contains("not available yet"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!sb.path("attempts").exists());
+}
+
+fn example(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("images/components")
+        .join(name)
+}
+
+#[test]
+fn example_components_validate_and_the_local_ones_run() {
+    let all: Vec<PathBuf> = std::fs::read_dir(example(""))
+        .expect("images/components")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yml"))
+        .collect();
+    assert!(all.len() >= 4, "{all:?}");
+    let out = assert_cmd::Command::new(env!("CARGO_BIN_EXE_builder"))
+        .args(["component", "validate"])
+        .args(&all)
+        .output()
+        .expect("validate runs");
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+
+    // install-packages changes the system (root, package manager): validated only.
+    let sb = Sandbox::new();
+    let motd = sb.path("motd");
+    let ssh = sb.path("ssh");
+    let parameters = format!(
+        "MotdPath={},ConfigDirectory={},ImageName=example",
+        motd.display(),
+        ssh.display()
+    );
+    let out = sb.run(
+        &[
+            &example("create-motd.yml"),
+            &example("harden-ssh.yml"),
+            &example("test-basics.yml"),
+        ],
+        &["--parameters", &parameters],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(
+        sb.read("motd")
+            .starts_with("Welcome to example, built by builder on ")
+    );
+    assert!(
+        sb.read("ssh/50-builder-hardening.conf")
+            .contains("PasswordAuthentication no")
+    );
+}
