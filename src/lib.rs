@@ -15,11 +15,16 @@
 //! - [`agent`]: the host↔guest protocol spoken over virtio-serial.
 //! - [`vm`]: qemu-img, QEMU launch and QMP, accelerator probe, cloud-init seed.
 //! - [`build`]: the stages of a build and the undo list that releases what they created.
+//! - [`export`]: the finished disk converted to qcow2/raw/vmdk/vhdx/vhd/ova, checked, hashed;
+//!   `SHA256SUMS` and the `manifest.json` model.
+//! - [`store`]: the local store: base image cache and downloads, image versions `name/x.y.z/n`.
 
 pub mod agent;
 pub mod build;
 pub mod component;
 pub mod diagnostic;
+pub mod export;
+pub mod store;
 pub mod target;
 pub mod vm;
 pub mod yaml;

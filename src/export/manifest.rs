@@ -1,0 +1,437 @@
+//! `manifest.json`: what went into one build and what came out of it. The build fills a
+//! [`Manifest`]; this module defines it, writes it atomically and reads it back (the store
+//! lists and resolves images from it). Also the package inventory (a simple SBOM) parsed from
+//! the guest's `dpkg-query` or `rpm -qa` output.
+//!
+//! Readers are lenient (missing lists default to empty, unknown keys are ignored) so a newer
+//! builder can still list builds made by an older one; `schemaVersion` says which shape it is.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::{Artifact, ExportError};
+
+/// The shape of `manifest.json` this builder writes. Bump it when a field changes meaning.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The file name of the manifest in a build's folder.
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// What a redacted parameter value is replaced with.
+pub const REDACTED: &str = "<redacted>";
+
+/// Everything recorded about one build.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Manifest {
+    pub schema_version: u32,
+    pub image: ImageId,
+    /// A unique id for this build (also the name of its log folder if it fails).
+    pub build_id: String,
+    pub created: DateTime<Utc>,
+    /// The version of builder that made the image.
+    pub builder_version: String,
+    /// The build as a whole.
+    pub status: Status,
+    #[serde(default)]
+    pub inputs: Inputs,
+    /// sha256 of the resolved plan: same inputs, same digest.
+    #[serde(default)]
+    pub plan_digest: String,
+    #[serde(default)]
+    pub host: HostInfo,
+    /// Wall time of each build stage, in order.
+    #[serde(default)]
+    pub timings: Vec<StageTiming>,
+    /// Status of each phase of each component, in the order they ran.
+    #[serde(default)]
+    pub phases: Vec<PhaseStatus>,
+    /// The disk layer written by each component, with its cache key.
+    #[serde(default)]
+    pub layers: Vec<LayerKey>,
+    /// The exported files (in the build's folder), with their digests.
+    #[serde(default)]
+    pub outputs: Vec<Artifact>,
+    /// Packages installed in the image, read from the guest after the build.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packages: Option<PackageList>,
+    /// Results of the test stage.
+    #[serde(default)]
+    pub tests: Vec<TestResult>,
+}
+
+/// `name/x.y.z/n`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageId {
+    pub name: String,
+    /// The recipe's semantic version, `x.y.z`.
+    pub version: String,
+    /// The build number, counted per name and version from 1.
+    pub build: u32,
+}
+
+impl std::fmt::Display for ImageId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}/{}", self.name, self.version, self.build)
+    }
+}
+
+/// Outcome of a build, a phase, a step or a test (AWSTOE's words).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Success,
+    Failed,
+    Skipped,
+    Cancelled,
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Status::Success => "success",
+            Status::Failed => "failed",
+            Status::Skipped => "skipped",
+            Status::Cancelled => "cancelled",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Inputs {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentInput>,
+    #[serde(default)]
+    pub components: Vec<ComponentInput>,
+}
+
+/// The parent image as the recipe named it, and the digest of what was used.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ParentInput {
+    /// As written in the recipe: a path, a URL, or a store reference (`name/1.x.x`).
+    pub source: String,
+    pub sha256: String,
+    /// For a parent from the local store: the exact build used, `name/x.y.z/n`. The store
+    /// uses it to refuse removing an image another build was made from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_image: Option<String>,
+}
+
+/// One component document as used by the build, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ComponentInput {
+    /// Where the document came from (path or store reference).
+    pub path: String,
+    /// The document's `name`.
+    pub name: String,
+    /// The component's version, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// sha256 of the document's bytes.
+    pub sha256: String,
+    #[serde(default)]
+    pub parameters: Vec<ParameterValue>,
+}
+
+/// A parameter value the component ran with. Secret values are never written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ParameterValue {
+    pub name: String,
+    /// The value, or [`REDACTED`] for a secret.
+    pub value: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub redacted: bool,
+}
+
+impl ParameterValue {
+    /// The value as it will be recorded: a secret's value is replaced by [`REDACTED`].
+    pub fn new(name: impl Into<String>, value: impl Into<String>, secret: bool) -> Self {
+        Self {
+            name: name.into(),
+            value: if secret {
+                REDACTED.to_string()
+            } else {
+                value.into()
+            },
+            redacted: secret,
+        }
+    }
+}
+
+/// Where the build ran.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostInfo {
+    /// `qemu-system-x86_64 --version`'s first line.
+    #[serde(default)]
+    pub qemu_version: String,
+    /// `kvm` or `tcg`.
+    #[serde(default)]
+    pub accelerator: String,
+    /// `bios`, or `uefi` with the firmware file used.
+    #[serde(default)]
+    pub firmware: String,
+    #[serde(default)]
+    pub cpus: u32,
+    #[serde(default)]
+    pub memory_mib: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StageTiming {
+    /// `fetch`, `overlay`, `boot`, `build`, `generalize`, `shutdown`, `test`, `export`, …
+    pub stage: String,
+    pub started: DateTime<Utc>,
+    pub duration_secs: f64,
+    pub status: Status,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PhaseStatus {
+    pub component: String,
+    /// `build`, `validate` or `test`.
+    pub phase: String,
+    pub status: Status,
+    pub duration_secs: f64,
+    /// The failure's message, when it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// The disk layer a component's changes were committed to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LayerKey {
+    pub component: String,
+    /// sha256 of (parent layer key, component digest, parameters).
+    pub key: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TestResult {
+    /// The component whose test phase (or the test component) ran.
+    pub component: String,
+    pub status: Status,
+    pub duration_secs: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// The package inventory of the image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PackageList {
+    /// `dpkg` or `rpm`.
+    pub manager: String,
+    pub packages: Vec<Package>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Package {
+    pub name: String,
+    pub version: String,
+    pub arch: String,
+}
+
+/// The guest command whose output [`parse_packages`] reads for `dpkg`.
+pub const DPKG_QUERY: &str = r"dpkg-query -W -f '${Package}\t${Version}\t${Architecture}\n'";
+/// The guest command whose output [`parse_packages`] reads for `rpm`.
+pub const RPM_QUERY: &str = r"rpm -qa --qf '%{NAME}\t%{VERSION}-%{RELEASE}\t%{ARCH}\n'";
+
+/// Read the output of [`DPKG_QUERY`] or [`RPM_QUERY`] (one `name\tversion\tarch` per line)
+/// into a list sorted by name. `manager` is recorded as given (`dpkg` or `rpm`).
+pub fn parse_packages(manager: &str, output: &str) -> Result<PackageList, ExportError> {
+    let mut packages = Vec::new();
+    for (i, line) in output.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let mut fields = line.split('\t');
+        let (Some(name), Some(version), Some(arch), None) =
+            (fields.next(), fields.next(), fields.next(), fields.next())
+        else {
+            return Err(ExportError::PackageLine {
+                manager: manager.to_string(),
+                line: i + 1,
+                text: line.chars().take(120).collect(),
+            });
+        };
+        if name.is_empty() {
+            return Err(ExportError::PackageLine {
+                manager: manager.to_string(),
+                line: i + 1,
+                text: line.chars().take(120).collect(),
+            });
+        }
+        packages.push(Package {
+            name: name.to_string(),
+            version: version.to_string(),
+            arch: arch.to_string(),
+        });
+    }
+    packages.sort();
+    Ok(PackageList {
+        manager: manager.to_string(),
+        packages,
+    })
+}
+
+impl Manifest {
+    /// A manifest for a build that starts now, with every list empty.
+    pub fn new(image: ImageId, build_id: impl Into<String>) -> Self {
+        Self {
+            schema_version: SCHEMA_VERSION,
+            image,
+            build_id: build_id.into(),
+            created: Utc::now(),
+            builder_version: env!("CARGO_PKG_VERSION").to_string(),
+            status: Status::Success,
+            inputs: Inputs::default(),
+            plan_digest: String::new(),
+            host: HostInfo::default(),
+            timings: Vec::new(),
+            phases: Vec::new(),
+            layers: Vec::new(),
+            outputs: Vec::new(),
+            packages: None,
+            tests: Vec::new(),
+        }
+    }
+
+    /// Write `dir/manifest.json` under a temporary name, sync it, and rename it into place.
+    pub fn write(&self, dir: &Path) -> Result<PathBuf, ExportError> {
+        let path = dir.join(MANIFEST_FILE);
+        let mut json = serde_json::to_vec_pretty(self).expect("a manifest always serializes");
+        json.push(b'\n');
+        write_atomic(&path, &json)?;
+        Ok(path)
+    }
+
+    /// Read a `manifest.json`.
+    pub fn read(path: &Path) -> Result<Self, ExportError> {
+        let bytes = std::fs::read(path).map_err(|source| ExportError::Io {
+            action: "read",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| ExportError::ManifestDecode {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })
+    }
+
+    /// The output of the given format, if the build exported one.
+    pub fn output(&self, format: super::Format) -> Option<&Artifact> {
+        self.outputs.iter().find(|a| a.format == format)
+    }
+}
+
+/// Write `bytes` to `path` through a temporary sibling that is synced, then renamed: readers
+/// see the old file or the new one, never half of one.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ExportError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let io = |action: &'static str, p: &Path| {
+        let p = p.to_path_buf();
+        move |source| ExportError::Io {
+            action,
+            path: p,
+            source,
+        }
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempfile_in(dir)
+        .map_err(io("create a file in", dir))?;
+    tmp.write_all(bytes).map_err(io("write", tmp.path()))?;
+    tmp.as_file().sync_all().map_err(io("sync", tmp.path()))?;
+    tmp.persist(path).map_err(|e| ExportError::Io {
+        action: "rename into place",
+        path: path.to_path_buf(),
+        source: e.error,
+    })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::Format;
+
+    #[test]
+    fn dpkg_output_parses_sorted() {
+        let out = "zlib1g\t1:1.2.13.dfsg-1\tamd64\nbash\t5.2.15-2+b7\tamd64\n\n";
+        let list = parse_packages("dpkg", out).expect("parses");
+        assert_eq!(list.manager, "dpkg");
+        assert_eq!(list.packages.len(), 2);
+        assert_eq!(list.packages[0].name, "bash");
+        assert_eq!(list.packages[1].version, "1:1.2.13.dfsg-1");
+    }
+
+    #[test]
+    fn rpm_output_parses_and_bad_lines_name_their_line() {
+        let out = "gpg-pubkey\t5a6340b3-6229229e\t(none)\nbash\t5.1.8-9.el9\tx86_64\n";
+        let list = parse_packages("rpm", out).expect("parses");
+        assert_eq!(list.packages[0].arch, "x86_64");
+        assert_eq!(list.packages[1].arch, "(none)");
+
+        let e = parse_packages("rpm", "bash\t5.1\tx86_64\nbroken line\n").expect_err("bad");
+        assert!(e.to_string().contains("line 2"), "{e}");
+        let e = parse_packages("dpkg", "a\tb\tc\td\n").expect_err("four fields");
+        assert!(e.to_string().contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn secrets_are_redacted_and_manifest_round_trips() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut m = Manifest::new(
+            ImageId {
+                name: "web".into(),
+                version: "1.2.0".into(),
+                build: 3,
+            },
+            "b-1",
+        );
+        m.inputs.components.push(ComponentInput {
+            path: "c.yml".into(),
+            name: "c".into(),
+            version: Some("1.0.0".into()),
+            sha256: "00".repeat(32),
+            parameters: vec![
+                ParameterValue::new("port", "8080", false),
+                ParameterValue::new("token", "hunter2", true),
+            ],
+        });
+        m.outputs.push(Artifact {
+            file: "web.qcow2".into(),
+            format: Format::Qcow2,
+            size: 10,
+            virtual_size: 20,
+            sha256: "ab".repeat(32),
+        });
+        let path = m.write(dir.path()).expect("write");
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert!(!text.contains("hunter2"));
+        assert!(text.contains("\"schemaVersion\": 1"));
+        assert!(text.contains("\"format\": \"qcow2\""));
+        let back = Manifest::read(&path).expect("read back");
+        assert_eq!(back, m);
+        assert_eq!(back.output(Format::Qcow2).map(|a| a.size), Some(10));
+        // Only the manifest is left: the temporary file was renamed.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from(MANIFEST_FILE)]);
+    }
+}

@@ -1,0 +1,501 @@
+//! Parent images: downloaded into the cache by digest (streamed, resumed with HTTP Range,
+//! retried with backoff, verified before they get their final name), or local files hashed
+//! in place. A local file's digest is remembered by (path, size, mtime, inode) in
+//! `cache/hashes.json`, so a 1 GiB base is hashed once, not at every build; a file that
+//! changes gets a new mtime or size and is hashed again.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::{Store, StoreError};
+
+/// A parent image ready to use, and its verified digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseImage {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub size: u64,
+}
+
+/// How hard [`Store::fetch_base`] tries.
+#[derive(Debug, Clone)]
+pub struct FetchOptions {
+    /// Attempts in all, the first included. Default 5.
+    pub attempts: u32,
+    /// Wait before the second attempt; doubled each time. Default 1 s.
+    pub first_backoff: Duration,
+    /// Longest wait between attempts. Default 30 s.
+    pub max_backoff: Duration,
+    /// Give up on a connection that sends nothing for this long. Default 60 s.
+    pub read_timeout: Duration,
+}
+
+impl Default for FetchOptions {
+    fn default() -> Self {
+        Self {
+            attempts: 5,
+            first_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(30),
+            read_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Progress of a download, for a bar. Every method has an empty default.
+pub trait DownloadProgress: Send + Sync {
+    /// An attempt starts: `total` bytes if the server said, resuming at `offset`.
+    fn started(&self, _total: Option<u64>, _offset: u64) {}
+    /// `done` bytes are on disk.
+    fn advanced(&self, _done: u64) {}
+    /// An attempt failed; the next starts after `wait`.
+    fn retrying(&self, _attempt: u32, _error: &str, _wait: Duration) {}
+    /// The download is complete; its digest is being checked.
+    fn verifying(&self) {}
+}
+
+/// Reports nothing.
+pub struct NoDownloadProgress;
+impl DownloadProgress for NoDownloadProgress {}
+
+/// Why one attempt failed, and whether another may help.
+#[derive(Debug, thiserror::Error)]
+enum AttemptError {
+    #[error("{0}")]
+    Retry(String),
+    #[error("{0}")]
+    Fatal(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub(super) fn check_digest(sha256: &str) -> Result<String, StoreError> {
+    if sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(sha256.to_ascii_lowercase())
+    } else {
+        Err(StoreError::BadDigest {
+            sha256: sha256.to_string(),
+        })
+    }
+}
+
+impl Store {
+    fn base_dir(&self) -> PathBuf {
+        self.root.join("cache").join("base")
+    }
+
+    /// The cached parent image with this digest, if it is in the cache.
+    pub fn cached_base(&self, sha256: &str) -> Option<PathBuf> {
+        let sha = check_digest(sha256).ok()?;
+        let path = self.base_dir().join(format!("{sha}.qcow2"));
+        path.is_file().then_some(path)
+    }
+
+    /// Download `url` into the cache as `cache/base/<sha256>.qcow2`, unless it is there
+    /// already. The body streams into `<sha256>.part` (resumed with an HTTP Range request
+    /// after a broken connection, here or in an earlier run); the digest is checked before
+    /// the rename. A body with the wrong digest is deleted and fetched again from the start
+    /// while attempts remain. Two builders fetching the same digest wait for each other.
+    pub async fn fetch_base(
+        &self,
+        url: &str,
+        sha256: &str,
+        options: &FetchOptions,
+        progress: &dyn DownloadProgress,
+    ) -> Result<BaseImage, StoreError> {
+        let sha = check_digest(sha256)?;
+        let parsed =
+            reqwest::Url::parse(url).map_err(|_| StoreError::BadUrl { url: url.into() })?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(StoreError::BadUrl { url: url.into() });
+        }
+        let dest = self.base_dir().join(format!("{sha}.qcow2"));
+        let part_path = self.base_dir().join(format!("{sha}.part"));
+        if let Some(done) = existing(&dest, &sha)? {
+            return Ok(done);
+        }
+        let part = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&part_path)
+            .map_err(StoreError::io("open", &part_path))?;
+        // One download per digest: another builder holding it finishes first.
+        let part = blocking(move || part.lock().map(|()| part))
+            .await?
+            .map_err(StoreError::io("lock", &part_path))?;
+        if let Some(done) = existing(&dest, &sha)? {
+            return Ok(done);
+        }
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(30))
+            .read_timeout(options.read_timeout)
+            .build()
+            .map_err(|e| StoreError::Download {
+                url: url.into(),
+                attempts: 0,
+                source: Box::new(e),
+            })?;
+        let attempts = options.attempts.max(1);
+        let mut part = part;
+        let mut last = None;
+        for attempt in 1..=attempts {
+            match download_once(&client, url, &mut part, &part_path, progress).await {
+                Ok(actual) if actual == sha => {
+                    part.sync_all()
+                        .map_err(StoreError::io("sync", &part_path))?;
+                    std::fs::rename(&part_path, &dest)
+                        .map_err(StoreError::io("move into the cache", &dest))?;
+                    let size = std::fs::metadata(&dest)
+                        .map_err(StoreError::io("read", &dest))?
+                        .len();
+                    return Ok(BaseImage {
+                        path: dest,
+                        sha256: sha,
+                        size,
+                    });
+                }
+                Ok(actual) => {
+                    // The wrong bytes: resuming would keep them, so start over.
+                    part.set_len(0)
+                        .map_err(StoreError::io("truncate", &part_path))?;
+                    last = Some(AttemptError::Store(StoreError::DigestMismatch {
+                        what: url.to_string(),
+                        expected: sha.clone(),
+                        actual,
+                    }));
+                }
+                Err(AttemptError::Retry(e)) => last = Some(AttemptError::Retry(e)),
+                Err(e) => {
+                    last = Some(e);
+                    break;
+                }
+            }
+            if attempt < attempts {
+                let wait = options
+                    .first_backoff
+                    .saturating_mul(1 << (attempt - 1).min(16))
+                    .min(options.max_backoff);
+                let message = last.as_ref().map(ToString::to_string).unwrap_or_default();
+                progress.retrying(attempt, &message, wait);
+                tokio::time::sleep(wait).await;
+            }
+        }
+        // A body with the wrong digest is worthless; a broken transfer is kept to resume.
+        let last = last.expect("at least one attempt ran");
+        if matches!(last, AttemptError::Store(StoreError::DigestMismatch { .. })) {
+            drop(part);
+            let _ = std::fs::remove_file(&part_path);
+        }
+        Err(match last {
+            AttemptError::Store(e @ StoreError::DigestMismatch { .. }) => e,
+            other => StoreError::Download {
+                url: url.into(),
+                attempts,
+                source: other.to_string().into(),
+            },
+        })
+    }
+
+    /// A parent image given as a local file: used in place (a build never writes to its
+    /// parent; the overlay does), hashed once per (path, size, mtime, inode), and checked
+    /// against `expected` when given.
+    pub async fn import_base(
+        &self,
+        path: &Path,
+        expected: Option<&str>,
+    ) -> Result<BaseImage, StoreError> {
+        let expected = expected.map(check_digest).transpose()?;
+        let path = std::fs::canonicalize(path).map_err(StoreError::io("find", path))?;
+        let meta = std::fs::metadata(&path).map_err(StoreError::io("read", &path))?;
+        if !meta.is_file() {
+            return Err(StoreError::io("use", &path)(std::io::Error::other(
+                "not a file",
+            )));
+        }
+        let key = HashKey {
+            path: path.to_string_lossy().into_owned(),
+            size: meta.len(),
+            mtime_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
+            inode: meta.ino(),
+        };
+        let index_path = self.root.join("cache").join("hashes.json");
+        let known = {
+            let _lock = self.lock()?;
+            read_index(&index_path)
+                .entries
+                .into_iter()
+                .find(|e| e.key == key)
+                .map(|e| e.sha256)
+        };
+        let sha256 = match known {
+            Some(s) => s,
+            None => {
+                // Hashed without the lock: other builders need not wait for a 1 GiB read.
+                let p = path.clone();
+                let s = blocking(move || hash_file(&p)).await??;
+                let _lock = self.lock()?;
+                let mut index = read_index(&index_path);
+                index.entries.retain(|e| e.key.path != key.path);
+                index.entries.push(HashEntry {
+                    key: key.clone(),
+                    sha256: s.clone(),
+                });
+                let mut json = serde_json::to_vec_pretty(&index).expect("plain data serializes");
+                json.push(b'\n');
+                super::write_atomic(&index_path, &json)?;
+                s
+            }
+        };
+        if let Some(expected) = expected
+            && expected != sha256
+        {
+            return Err(StoreError::DigestMismatch {
+                what: path.display().to_string(),
+                expected,
+                actual: sha256,
+            });
+        }
+        Ok(BaseImage {
+            path,
+            sha256,
+            size: key.size,
+        })
+    }
+}
+
+/// The cached file, if present. Its name is its digest, checked when it was stored.
+fn existing(dest: &Path, sha: &str) -> Result<Option<BaseImage>, StoreError> {
+    match std::fs::metadata(dest) {
+        Ok(m) => Ok(Some(BaseImage {
+            path: dest.to_path_buf(),
+            sha256: sha.to_string(),
+            size: m.len(),
+        })),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StoreError::io("read", dest)(e)),
+    }
+}
+
+/// One GET: resume after what `part` holds if the server allows it, append the body, and
+/// return the digest of the whole file.
+async fn download_once(
+    client: &reqwest::Client,
+    url: &str,
+    part: &mut std::fs::File,
+    part_path: &Path,
+    progress: &dyn DownloadProgress,
+) -> Result<String, AttemptError> {
+    let mut offset = part
+        .metadata()
+        .map_err(StoreError::io("read", part_path))?
+        .len();
+    let mut request = client.get(url);
+    if offset > 0 {
+        request = request.header(reqwest::header::RANGE, format!("bytes={offset}-"));
+    }
+    let response = request
+        .send()
+        .await
+        .map_err(|e| AttemptError::Retry(describe(&e)))?;
+    let status = response.status();
+    let total = match status.as_u16() {
+        206 => {
+            let range = response
+                .headers()
+                .get(reqwest::header::CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_content_range);
+            match range {
+                Some((start, total)) if start == offset => total,
+                _ => {
+                    // A range we did not ask for: start over rather than guess.
+                    part.set_len(0)
+                        .map_err(StoreError::io("truncate", part_path))?;
+                    return Err(AttemptError::Retry(
+                        "the server answered a different range than asked".into(),
+                    ));
+                }
+            }
+        }
+        200 => {
+            // No resume from this server: the body is the whole file.
+            offset = 0;
+            part.set_len(0)
+                .map_err(StoreError::io("truncate", part_path))?;
+            response.content_length()
+        }
+        416 if offset > 0 => {
+            // What we have is already the whole file (or more): let the digest decide.
+            return hash_prefix(part, part_path, offset)
+                .await
+                .map_err(Into::into);
+        }
+        408 | 429 | 500..=599 => {
+            return Err(AttemptError::Retry(format!("the server answered {status}")));
+        }
+        _ => return Err(AttemptError::Fatal(format!("the server answered {status}"))),
+    };
+    progress.started(total, offset);
+    let mut hasher = if offset > 0 {
+        let mut h = Sha256::new();
+        feed_prefix(part, part_path, offset, &mut h)?;
+        h
+    } else {
+        Sha256::new()
+    };
+    part.seek(SeekFrom::Start(offset))
+        .map_err(StoreError::io("seek in", part_path))?;
+    let mut done = offset;
+    let mut response = response;
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| AttemptError::Retry(describe(&e)))?
+    {
+        // Small synchronous writes: the page cache absorbs them; a blocking task per chunk
+        // would cost more than it saves.
+        part.write_all(&chunk)
+            .map_err(StoreError::io("write", part_path))?;
+        hasher.update(&chunk);
+        done += chunk.len() as u64;
+        progress.advanced(done);
+    }
+    if let Some(total) = total
+        && done != total
+    {
+        return Err(AttemptError::Retry(format!(
+            "the connection ended after {done} of {total} bytes"
+        )));
+    }
+    progress.verifying();
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// reqwest's message with its causes (the useful part is usually in a cause).
+fn describe(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}
+
+/// `bytes 100-199/200` → (100, Some(200)); `bytes 100-199/*` → (100, None).
+fn parse_content_range(v: &str) -> Option<(u64, Option<u64>)> {
+    let rest = v.trim().strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let (start, _end) = range.split_once('-')?;
+    let total = if total == "*" {
+        None
+    } else {
+        Some(total.parse().ok()?)
+    };
+    Some((start.parse().ok()?, total))
+}
+
+fn feed_prefix(
+    part: &mut std::fs::File,
+    part_path: &Path,
+    len: u64,
+    hasher: &mut Sha256,
+) -> Result<(), StoreError> {
+    part.seek(SeekFrom::Start(0))
+        .map_err(StoreError::io("seek in", part_path))?;
+    let mut reader = (&mut *part).take(len);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = reader
+            .read(&mut buf)
+            .map_err(StoreError::io("read", part_path))?;
+        if n == 0 {
+            return Ok(());
+        }
+        hasher.update(&buf[..n]);
+    }
+}
+
+async fn hash_prefix(
+    part: &mut std::fs::File,
+    part_path: &Path,
+    len: u64,
+) -> Result<String, StoreError> {
+    let mut h = Sha256::new();
+    feed_prefix(part, part_path, len, &mut h)?;
+    Ok(hex::encode(h.finalize()))
+}
+
+fn hash_file(path: &Path) -> Result<String, StoreError> {
+    crate::export::sha256_file(path).map_err(|e| StoreError::Io {
+        action: "hash",
+        path: path.to_path_buf(),
+        source: std::io::Error::other(e.to_string()),
+    })
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct HashKey {
+    path: String,
+    size: u64,
+    mtime_ns: i128,
+    inode: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct HashEntry {
+    #[serde(flatten)]
+    key: HashKey,
+    sha256: String,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct HashIndex {
+    entries: Vec<HashEntry>,
+}
+
+/// The index, or an empty one if it is missing or unreadable (it is only a cache).
+fn read_index(path: &Path) -> HashIndex {
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_ranges_parse() {
+        assert_eq!(
+            parse_content_range("bytes 100-199/200"),
+            Some((100, Some(200)))
+        );
+        assert_eq!(parse_content_range("bytes 5-9/*"), Some((5, None)));
+        assert_eq!(parse_content_range("items 1-2/3"), None);
+    }
+
+    #[test]
+    fn digests_are_checked_and_lowercased() {
+        assert_eq!(check_digest(&"AB".repeat(32)).expect("ok"), "ab".repeat(32));
+        assert!(check_digest("abc").is_err());
+        assert!(check_digest(&"zz".repeat(32)).is_err());
+    }
+}
