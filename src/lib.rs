@@ -10,6 +10,7 @@
 //!
 //! - [`yaml`]: YAML read into a node tree that keeps line and column of every value.
 //! - [`diagnostic`]: problems in input files, collected and rendered with `file:line:col`.
+//! - [`recipe`]: image recipes: model, validation (every problem at `file:line:col`), JSON Schema.
 //! - [`component`]: AWSTOE component documents: model, validation, templating, executor.
 //! - [`target`]: where steps run ([`target::StepTarget`]): this machine, a guest via our agent.
 //! - [`agent`]: the host↔guest protocol spoken over virtio-serial.
@@ -24,6 +25,7 @@ pub mod build;
 pub mod component;
 pub mod diagnostic;
 pub mod export;
+pub mod recipe;
 pub mod store;
 pub mod target;
 pub mod vm;

@@ -23,6 +23,14 @@ enum Command {
     /// Throwaway VMs from a disk image: run a command or open a shell through the agent.
     #[command(subcommand)]
     Vm(cli::vm::VmCommand),
+    /// Check a recipe and every file it names (components, infrastructure) without starting
+    /// anything: every problem at its file:line:col with a hint.
+    Validate(cli::recipe::ValidateArgs),
+    /// Print the resolved plan of a recipe: defaults, inputs pinned by sha256, stages. No VM
+    /// is started.
+    Plan(cli::recipe::PlanArgs),
+    /// Print the JSON Schema (draft 2020-12) of an input file, for editors.
+    Schema(cli::recipe::SchemaArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +50,9 @@ fn main() -> ExitCode {
         match args.command {
             Command::Component(cmd) => cli::component::main(cmd).await,
             Command::Vm(cmd) => cli::vm::main(cmd).await,
+            Command::Validate(args) => cli::recipe::validate(args),
+            Command::Plan(args) => cli::recipe::plan(args),
+            Command::Schema(args) => cli::recipe::schema(args),
         }
     });
     // Leave no task behind: the runtime drops here, after every undo has run.

@@ -2,6 +2,7 @@
 //! (`error:`, `Caused by:` lines, `hint:`). stdout carries data; messages go to stderr.
 
 pub mod component;
+pub mod recipe;
 pub mod vm;
 
 use std::io::Write;

@@ -1,0 +1,1183 @@
+//! The plan of one build: the recipe with every input resolved and pinned by sha256. Same
+//! inputs, same plan ([`Plan::digest`]).
+//!
+//! Two steps, both before any VM starts:
+//! - [`validate`] reads the recipe and every file it names (infrastructure file, component
+//!   documents) and checks them together: each component document is valid, the parameters
+//!   passed are declared and the required ones given, a local parent image exists. Every
+//!   problem of every file is collected. This is `builder validate`.
+//! - [`plan`] resolves what validation does not touch: hashes a local parent image (streamed,
+//!   with progress) and checks it against a pinned digest, resolves a store reference through a
+//!   [`ParentResolver`], checks `diskSize` against the parent's virtual size, and computes the
+//!   layer key of each component. A URL parent is recorded; the build downloads it.
+//!
+//! This module reads files; it never starts a process.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256 as Hasher};
+
+use crate::component::document::Document;
+use crate::diagnostic::{Diagnostics, Problem, Span, did_you_mean};
+use crate::recipe::{
+    self, ByteSize, ComponentUse, Compression, Format, Infrastructure, Located, ParentImage,
+    Recipe, Sha256, Version, VersionPattern,
+};
+
+/// Bumped when the plan's JSON changes meaning; part of every digest and layer key.
+pub const PLAN_FORMAT: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// The recipe file itself cannot be read (exit 2: the user named a file that is not there).
+    #[error("could not read `{path}`")]
+    Unreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Invalid input: the diagnostics of each file with problems, the recipe's first.
+    #[error("{}", recipe::render(.0))]
+    Invalid(Vec<Diagnostics>),
+    /// Reading an input failed part-way (a host problem, exit 3).
+    #[error("could not read `{path}`")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The store could not be asked (a host problem).
+    #[error("could not look up `{reference}` in the image store")]
+    Store {
+        reference: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// A recipe and everything it names, read and checked together.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    pub recipe: Recipe,
+    /// The recipe's components, in order.
+    pub components: Vec<LoadedComponent>,
+    /// `tests.components`, in order.
+    pub test_components: Vec<LoadedComponent>,
+    /// Warnings of files that are valid (show them; they do not stop anything).
+    pub warnings: Vec<Diagnostics>,
+}
+
+/// A component entry with its document read and its parameters bound.
+#[derive(Debug, Clone)]
+pub struct LoadedComponent {
+    pub usage: ComponentUse,
+    /// The document's path (the recipe's directory joined with `usage.path`).
+    pub path: PathBuf,
+    pub document: Document,
+    pub sha256: Sha256,
+    /// Every declared parameter with its value: from the recipe, else the document's default.
+    pub parameters: BTreeMap<String, String>,
+}
+
+/// Read the recipe at `path` and every file it names, and check them all. Environment
+/// variables in a parent image path are read with `env` (`std::env::var` in the CLI).
+pub fn validate(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Validated, PlanError> {
+    let text = std::fs::read_to_string(path).map_err(|source| PlanError::Unreadable {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let checked = recipe::check_file(path, &text);
+    let mut files = checked.diagnostics;
+    let mut recipe_problems = Vec::new();
+
+    let mut load_all = |uses: &[ComponentUse], test: bool, files: &mut Vec<Diagnostics>| {
+        uses.iter()
+            .filter_map(|usage| load_component(path, usage, test, &mut recipe_problems, files))
+            .collect::<Vec<_>>()
+    };
+    let components = load_all(&checked.components, false, &mut files);
+    let test_components = load_all(&checked.test_components, true, &mut files);
+
+    if let Some(parent) = &checked.parent
+        && let ParentImage::File { path: written, .. } = &parent.value
+        && let Some(local) = local_parent(path, written, parent.span, env, &mut recipe_problems)
+    {
+        match std::fs::metadata(&local) {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => recipe_problems.push(Problem::error(
+                parent.span,
+                format!("parent image `{}` is not a file", local.display()),
+            )),
+            Err(e) => recipe_problems.push(
+                Problem::error(
+                    parent.span,
+                    format!(
+                        "parent image `{}` cannot be read: {}",
+                        local.display(),
+                        io_reason(&e)
+                    ),
+                )
+                .with_hint_opt(close_file_hint(&local)),
+            ),
+        }
+    }
+
+    files[0].extend(recipe_problems);
+    files[0].sort();
+    if files.iter().any(Diagnostics::has_errors) {
+        files.retain(|d| !d.is_empty());
+        return Err(PlanError::Invalid(files));
+    }
+    let recipe = checked
+        .recipe
+        .expect("a recipe without problems in any file has been assembled");
+    files.retain(|d| !d.is_empty());
+    Ok(Validated {
+        recipe,
+        components,
+        test_components,
+        warnings: files,
+    })
+}
+
+/// Where `written` (a parent path from the recipe, with `${VAR}`) is on this machine.
+fn local_parent(
+    recipe_path: &Path,
+    written: &str,
+    span: Span,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Vec<Problem>,
+) -> Option<PathBuf> {
+    let mut out = String::new();
+    let mut rest = written;
+    let mut ok = true;
+    while let Some(open) = rest.find("${") {
+        out.push_str(&rest[..open]);
+        let close = rest[open..].find('}').map(|i| i + open)?;
+        let name = &rest[open + 2..close];
+        match env(name).filter(|v| !v.is_empty()) {
+            Some(value) => out.push_str(&value),
+            None => {
+                problems.push(
+                    Problem::error(span, format!("environment variable `{name}` is not set"))
+                        .with_hint(format!(
+                            "`parentImage` uses `${{{name}}}`: set it to the parent image's path, e.g. `{name}=fixtures/cache/debian-12-cloud-init.qcow2`"
+                        )),
+                );
+                ok = false;
+            }
+        }
+        rest = &rest[close + 1..];
+    }
+    out.push_str(rest);
+    if !ok {
+        return None;
+    }
+    // A path that starts with a variable means the variable's value: a relative value is
+    // relative to where builder runs, as it was when the user typed it. Every other relative
+    // path is relative to the recipe's directory.
+    let expanded = PathBuf::from(&out);
+    Some(if written.starts_with("${") && expanded.is_relative() {
+        absolute(&expanded)
+    } else {
+        recipe::resolve_relative(recipe_path, &out)
+    })
+}
+
+fn io_reason(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "no such file".to_string(),
+        std::io::ErrorKind::PermissionDenied => "permission denied".to_string(),
+        _ => e.to_string(),
+    }
+}
+
+/// "did you mean" among the files next to a missing one.
+fn close_file_hint(missing: &Path) -> Option<String> {
+    let dir = missing
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = missing.file_name()?.to_str()?;
+    let siblings: Vec<String> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    let close = did_you_mean(name, siblings.iter().map(String::as_str))?;
+    Some(format!("did you mean `{close}`?"))
+}
+
+fn load_component(
+    recipe_path: &Path,
+    usage: &ComponentUse,
+    test: bool,
+    recipe_problems: &mut Vec<Problem>,
+    files: &mut Vec<Diagnostics>,
+) -> Option<LoadedComponent> {
+    let path = recipe::resolve_relative(recipe_path, &usage.path.value);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) => {
+            let hint = close_file_hint(&path)
+                .unwrap_or_else(|| "the path is relative to the recipe's directory".to_string());
+            recipe_problems.push(
+                Problem::error(
+                    usage.path.span,
+                    format!(
+                        "component document `{}` cannot be read: {}",
+                        path.display(),
+                        io_reason(&e)
+                    ),
+                )
+                .with_hint(hint),
+            );
+            return None;
+        }
+    };
+    let checked = crate::component::parse::check(&path, &text);
+    let diagnostics = checked.diagnostics.with_consequence(recipe::CONSEQUENCE);
+    let document = checked.document;
+    files.push(diagnostics);
+    let document = document?;
+    let (parameters, problems) = recipe::bind_parameters(usage, &document, &path, &text);
+    recipe_problems.extend(problems);
+    let phase_problem = if test {
+        recipe::check_test_component(usage, &document, &path)
+    } else {
+        recipe::check_build_component(usage, &document, &path)
+    };
+    recipe_problems.extend(phase_problem);
+    Some(LoadedComponent {
+        usage: usage.clone(),
+        path,
+        sha256: Sha256::from_digest(&Hasher::digest(text.as_bytes())),
+        document,
+        parameters,
+    })
+}
+
+/// How a reference to a previous build (`name/1.x.x`) becomes a disk: the store implements
+/// this; tests and `builder plan` without a store use [`NoStore`].
+pub trait ParentResolver {
+    /// The newest stored build of `name` whose version matches `version`.
+    fn resolve(&self, name: &str, version: &VersionPattern) -> Result<StoredParent, ResolveError>;
+}
+
+/// A stored build's disk, as the plan pins it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredParent {
+    /// `name/x.y.z/n`.
+    pub reference: String,
+    pub disk: PathBuf,
+    /// From the store's manifest; the build verifies it when it reads the disk.
+    pub sha256: Sha256,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    /// Nothing matches: shown as a problem of the recipe's `parentImage`.
+    #[error("{message}")]
+    NotFound {
+        message: String,
+        hint: Option<String>,
+    },
+    /// The store could not be read.
+    #[error(transparent)]
+    Failed(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// A resolver for when no store is open: every store reference is "not found".
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoStore;
+
+impl ParentResolver for NoStore {
+    fn resolve(&self, name: &str, version: &VersionPattern) -> Result<StoredParent, ResolveError> {
+        Err(ResolveError::NotFound {
+            message: format!("no image `{name}/{version}` in the store"),
+            hint: Some(format!(
+                "build it first: `builder build` of the recipe named `{name}`"
+            )),
+        })
+    }
+}
+
+/// The store as a [`ParentResolver`].
+impl ParentResolver for crate::store::Store {
+    fn resolve(&self, name: &str, version: &VersionPattern) -> Result<StoredParent, ResolveError> {
+        let reference = format!("{name}/{version}");
+        match self.resolve_image(&reference) {
+            Ok(image) => {
+                let disk = image.disk.as_ref().ok_or_else(|| ResolveError::NotFound {
+                    message: format!(
+                        "{} has no qcow2 or raw output to build on",
+                        image.reference()
+                    ),
+                    hint: Some("build it again with `qcow2` in `outputs.formats`".to_string()),
+                })?;
+                let sha256 = Sha256::parse(&disk.sha256).ok_or_else(|| {
+                    ResolveError::Failed(
+                        format!(
+                            "the manifest of {} has a malformed sha256",
+                            image.reference()
+                        )
+                        .into(),
+                    )
+                })?;
+                Ok(StoredParent {
+                    reference: image.reference(),
+                    disk: disk.path.clone(),
+                    sha256,
+                })
+            }
+            Err(crate::store::StoreError::NotFound { close, .. }) => Err(ResolveError::NotFound {
+                message: format!("no image `{reference}` in the store"),
+                hint: Some(if close.is_empty() {
+                    format!(
+                        "build it first: `builder build` of the recipe named `{name}`; `builder images list` shows what is stored"
+                    )
+                } else {
+                    format!("the store has {}", crate::diagnostic::one_of(&close))
+                }),
+            }),
+            Err(e) => Err(ResolveError::Failed(Box::new(e))),
+        }
+    }
+}
+
+/// Progress of hashing a parent image.
+#[derive(Debug, Clone, Copy)]
+pub struct HashProgress<'a> {
+    pub path: &'a Path,
+    pub done: u64,
+    pub total: u64,
+}
+
+/// The resolved build: what `builder plan --json` prints and the build follows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Plan {
+    /// [`PLAN_FORMAT`].
+    pub format: u32,
+    pub recipe: PlannedRecipe,
+    pub parent: PlannedParent,
+    /// The recipe's components in order, with their layer keys.
+    pub components: Vec<PlannedComponent>,
+    pub working_directory: String,
+    pub user_data: Option<String>,
+    /// `None`: the parent's size.
+    pub disk_size: Option<ByteSize>,
+    pub infrastructure: Infrastructure,
+    pub tests: PlannedTests,
+    pub outputs: PlannedOutputs,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlannedRecipe {
+    pub name: String,
+    pub version: Version,
+    pub description: Option<String>,
+    /// The recipe file on this machine (not part of the digest).
+    pub local_path: PathBuf,
+    pub sha256: Sha256,
+}
+
+/// On-disk format of a local parent image, read from its header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    Qcow2,
+    Raw,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "kind")]
+pub enum PlannedParent {
+    /// A file on this machine, hashed now.
+    #[serde(rename_all = "camelCase")]
+    File {
+        /// As written in the recipe.
+        path: String,
+        local_path: PathBuf,
+        sha256: Sha256,
+        format: DiskFormat,
+        virtual_size: ByteSize,
+    },
+    /// Downloaded (and verified against `sha256`) by the build.
+    #[serde(rename_all = "camelCase")]
+    Url { url: String, sha256: Sha256 },
+    /// A previous build from the store.
+    #[serde(rename_all = "camelCase")]
+    Store {
+        /// As written in the recipe (`name/1.x.x`).
+        reference: String,
+        /// The build it resolved to (`name/1.2.0/3`).
+        resolved: String,
+        local_path: PathBuf,
+        sha256: Sha256,
+        format: DiskFormat,
+        virtual_size: ByteSize,
+    },
+}
+
+impl DiskFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            DiskFormat::Qcow2 => "qcow2",
+            DiskFormat::Raw => "raw",
+        }
+    }
+}
+
+impl std::fmt::Display for DiskFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl PlannedParent {
+    /// The digest the parent is pinned to.
+    pub fn sha256(&self) -> &Sha256 {
+        match self {
+            PlannedParent::File { sha256, .. }
+            | PlannedParent::Url { sha256, .. }
+            | PlannedParent::Store { sha256, .. } => sha256,
+        }
+    }
+
+    /// Known now for local and stored parents; a downloaded one is measured by the build.
+    pub fn virtual_size(&self) -> Option<ByteSize> {
+        match self {
+            PlannedParent::File { virtual_size, .. }
+            | PlannedParent::Store { virtual_size, .. } => Some(*virtual_size),
+            PlannedParent::Url { .. } => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlannedComponent {
+    /// As written in the recipe.
+    pub path: String,
+    pub local_path: PathBuf,
+    /// The document's `name`, if it has one.
+    pub name: Option<String>,
+    pub sha256: Sha256,
+    /// Every declared parameter and the value it gets.
+    pub parameters: BTreeMap<String, String>,
+    /// The document's phases, in order.
+    pub phases: Vec<String>,
+    /// Key of the disk layer this component produces (recipe components only):
+    /// sha256(previous layer key, document sha256, canonical parameters). Equal keys mean the
+    /// same disk contents could be reused.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub layer_key: Option<String>,
+}
+
+impl PlannedComponent {
+    /// `install-nginx` or the path.
+    pub fn label(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.path)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlannedTests {
+    pub enabled: bool,
+    pub timeout_secs: u64,
+    pub components: Vec<PlannedComponent>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlannedOutputs {
+    pub formats: Vec<Format>,
+    pub compression: Compression,
+    /// The file stem template (parse with `recipe::NameTemplate::parse`; it was validated).
+    pub name: String,
+    /// As written in the recipe.
+    pub directory: Option<String>,
+    pub local_directory: Option<PathBuf>,
+}
+
+/// One stage of the build, in the order the build runs them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stage {
+    FetchParent,
+    Overlay,
+    Seed,
+    Boot,
+    /// The `build` and `validate` phases of `components[index]`.
+    Component(usize),
+    Generalize,
+    Shutdown,
+    /// In a fresh VM: the `test` phases of the components, then the test components.
+    Test,
+    Export,
+    Store,
+}
+
+impl Plan {
+    /// sha256 of the plan's canonical JSON (keys sorted, no spaces), leaving out where files
+    /// are on this machine (`localPath`, `localDirectory`): the same recipe and inputs give
+    /// the same digest in any checkout.
+    pub fn digest(&self) -> String {
+        let mut value = serde_json::to_value(self).expect("a plan serialises to JSON");
+        strip_local(&mut value);
+        let mut text = String::new();
+        canonical_json(&value, &mut text);
+        hex::encode(Hasher::digest(text.as_bytes()))
+    }
+
+    /// The stages in order (the test stage only when enabled).
+    pub fn stages(&self) -> Vec<Stage> {
+        let mut stages = vec![Stage::FetchParent, Stage::Overlay, Stage::Seed, Stage::Boot];
+        stages.extend((0..self.components.len()).map(Stage::Component));
+        stages.extend([Stage::Generalize, Stage::Shutdown]);
+        if self.tests.enabled {
+            stages.push(Stage::Test);
+        }
+        stages.extend([Stage::Export, Stage::Store]);
+        stages
+    }
+
+    /// The key the first layer builds on: the parent's digest and the settings that shape
+    /// the disk before the first component runs.
+    pub fn root_layer_key(&self) -> String {
+        root_layer_key(
+            self.parent.sha256(),
+            self.disk_size,
+            self.user_data.as_deref(),
+            &self.working_directory,
+            self.infrastructure.network,
+        )
+    }
+}
+
+/// Keys whose values say where something is on this machine, left out of digests.
+const LOCAL_KEYS: &[&str] = &["localPath", "localDirectory"];
+
+fn strip_local(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            map.retain(|k, _| !LOCAL_KEYS.contains(&k.as_str()));
+            map.values_mut().for_each(strip_local);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(strip_local),
+        _ => {}
+    }
+}
+
+/// JSON with object keys sorted and no whitespace, whatever order serde_json's map keeps.
+fn canonical_json(value: &serde_json::Value, out: &mut String) {
+    match value {
+        serde_json::Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, key) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&serde_json::Value::String(key.clone()).to_string());
+                out.push(':');
+                canonical_json(&map[key], out);
+            }
+            out.push('}');
+        }
+        serde_json::Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                canonical_json(item, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+/// The root of the layer chain. The formula (parent key + component + parameters)
+/// starts from the parent's digest; the disk size, user data, working directory and network
+/// also change what the first component sees, so they are folded in here.
+fn root_layer_key(
+    parent: &Sha256,
+    disk_size: Option<ByteSize>,
+    user_data: Option<&str>,
+    working_directory: &str,
+    network: recipe::Network,
+) -> String {
+    let value = serde_json::json!({
+        "format": PLAN_FORMAT,
+        "parent": parent.as_str(),
+        "diskSize": disk_size.map(|s| s.bytes()),
+        "userData": user_data,
+        "workingDirectory": working_directory,
+        "network": network.name(),
+    });
+    let mut text = String::new();
+    canonical_json(&value, &mut text);
+    hex::encode(Hasher::digest(text.as_bytes()))
+}
+
+/// sha256(previous layer key, component digest, canonical parameters).
+pub fn layer_key(
+    previous: &str,
+    component: &Sha256,
+    parameters: &BTreeMap<String, String>,
+) -> String {
+    let params = serde_json::to_value(parameters).expect("a string map serialises to JSON");
+    let mut text = String::new();
+    canonical_json(&params, &mut text);
+    let mut hasher = Hasher::new();
+    hasher.update(previous.as_bytes());
+    hasher.update(b"\n");
+    hasher.update(component.as_str().as_bytes());
+    hasher.update(b"\n");
+    hasher.update(text.as_bytes());
+    hex::encode(hasher.finalize())
+}
+
+/// Resolve everything validation left: the parent image (hashed, or looked up in the store)
+/// and the layer keys. `progress` is called while a local parent is hashed.
+pub fn plan(
+    validated: Validated,
+    resolver: &dyn ParentResolver,
+    env: &dyn Fn(&str) -> Option<String>,
+    progress: &mut dyn FnMut(HashProgress<'_>),
+) -> Result<Plan, PlanError> {
+    let Validated {
+        recipe,
+        components,
+        test_components,
+        ..
+    } = validated;
+    let mut problems = Vec::new();
+    let parent = resolve_parent(&recipe, resolver, env, progress, &mut problems)?;
+
+    if let (Some(parent), Some(disk)) = (&parent, &recipe.disk_size)
+        && let Some(virtual_size) = parent.virtual_size()
+        && disk.value < virtual_size
+    {
+        problems.push(
+            Problem::error(
+                disk.span,
+                format!(
+                    "diskSize ({}) is smaller than the parent image's virtual size ({virtual_size})",
+                    disk.value
+                ),
+            )
+            .with_hint(format!(
+                "a disk can only grow: use at least `{virtual_size}`, or remove `diskSize` to keep the parent's size"
+            )),
+        );
+    }
+    if !problems.is_empty() {
+        let mut d = Diagnostics::new(
+            &recipe.source.path,
+            recipe.source.text.clone(),
+            recipe::NOUN,
+        )
+        .with_consequence(recipe::CONSEQUENCE);
+        d.extend(problems);
+        d.sort();
+        return Err(PlanError::Invalid(vec![d]));
+    }
+    let parent = parent.expect("no problems means the parent was resolved");
+
+    let planned = |c: &LoadedComponent| PlannedComponent {
+        path: c.usage.path.value.clone(),
+        local_path: absolute(&c.path),
+        name: c.document.name.clone(),
+        sha256: c.sha256.clone(),
+        parameters: c.parameters.clone(),
+        phases: c.document.phases.iter().map(|p| p.name.clone()).collect(),
+        layer_key: None,
+    };
+    let mut plan = Plan {
+        format: PLAN_FORMAT,
+        recipe: PlannedRecipe {
+            name: recipe.name.clone(),
+            version: recipe.version,
+            description: recipe.description.clone(),
+            local_path: absolute(&recipe.source.path),
+            sha256: Sha256::parse(&recipe.source.sha256)
+                .expect("a sha256 computed here is 64 hex digits"),
+        },
+        parent,
+        components: components.iter().map(planned).collect(),
+        working_directory: recipe.working_directory.clone(),
+        user_data: recipe.user_data.clone(),
+        disk_size: recipe.disk_size.as_ref().map(|d| d.value),
+        infrastructure: recipe.infrastructure.clone(),
+        tests: PlannedTests {
+            enabled: recipe.tests.enabled,
+            timeout_secs: recipe.tests.timeout_secs,
+            components: test_components.iter().map(planned).collect(),
+        },
+        outputs: PlannedOutputs {
+            formats: recipe.outputs.formats.clone(),
+            compression: recipe.outputs.compression,
+            name: recipe.outputs.name.as_str().to_string(),
+            directory: recipe.outputs.directory.clone(),
+            local_directory: recipe
+                .outputs
+                .directory
+                .as_ref()
+                .map(|d| absolute(&recipe::resolve_relative(&recipe.source.path, d))),
+        },
+    };
+    let mut key = plan.root_layer_key();
+    for component in &mut plan.components {
+        key = layer_key(&key, &component.sha256, &component.parameters);
+        component.layer_key = Some(key.clone());
+    }
+    Ok(plan)
+}
+
+/// [`validate`] then [`plan`], reading the environment of this process.
+pub fn make(
+    recipe_path: &Path,
+    resolver: &dyn ParentResolver,
+    progress: &mut dyn FnMut(HashProgress<'_>),
+) -> Result<(Plan, Vec<Diagnostics>), PlanError> {
+    let env = |name: &str| std::env::var(name).ok();
+    let validated = validate(recipe_path, &env)?;
+    let warnings = validated.warnings.clone();
+    let plan = plan(validated, resolver, &env, progress)?;
+    Ok((plan, warnings))
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+fn resolve_parent(
+    recipe: &Recipe,
+    resolver: &dyn ParentResolver,
+    env: &dyn Fn(&str) -> Option<String>,
+    progress: &mut dyn FnMut(HashProgress<'_>),
+    problems: &mut Vec<Problem>,
+) -> Result<Option<PlannedParent>, PlanError> {
+    let Located { value, span } = &recipe.parent;
+    match value {
+        ParentImage::Url { url, sha256 } => Ok(Some(PlannedParent::Url {
+            url: url.clone(),
+            sha256: sha256.clone(),
+        })),
+        ParentImage::File { path, sha256 } => {
+            let Some(local) = local_parent(&recipe.source.path, path, *span, env, problems) else {
+                return Ok(None);
+            };
+            let (format, virtual_size) = match disk_header(&local) {
+                Ok(header) => header,
+                Err(HeaderError::Io(source)) => {
+                    return Err(PlanError::Io {
+                        path: local,
+                        source,
+                    });
+                }
+                Err(HeaderError::Unsupported(kind)) => {
+                    problems.push(unsupported_format(*span, &local, kind));
+                    return Ok(None);
+                }
+            };
+            let digest = hash_file(&local, progress).map_err(|source| PlanError::Io {
+                path: local.clone(),
+                source,
+            })?;
+            if let Some(pinned) = sha256
+                && *pinned != digest
+            {
+                problems.push(
+                    Problem::error(
+                        *span,
+                        format!(
+                            "parent image `{}` has sha256 {digest}, but the recipe pins {pinned}",
+                            local.display()
+                        ),
+                    )
+                    .with_hint("if the file was meant to change, update `sha256`; otherwise this is not the image that was pinned"),
+                );
+                return Ok(None);
+            }
+            Ok(Some(PlannedParent::File {
+                path: path.clone(),
+                local_path: absolute(&local),
+                sha256: digest,
+                format,
+                virtual_size,
+            }))
+        }
+        ParentImage::Store { name, version } => match resolver.resolve(name, version) {
+            Ok(stored) => {
+                let (format, virtual_size) = match disk_header(&stored.disk) {
+                    Ok(header) => header,
+                    Err(HeaderError::Io(source)) => {
+                        return Err(PlanError::Io {
+                            path: stored.disk,
+                            source,
+                        });
+                    }
+                    Err(HeaderError::Unsupported(kind)) => {
+                        problems.push(unsupported_format(*span, &stored.disk, kind));
+                        return Ok(None);
+                    }
+                };
+                Ok(Some(PlannedParent::Store {
+                    reference: format!("{name}/{version}"),
+                    resolved: stored.reference,
+                    local_path: stored.disk,
+                    sha256: stored.sha256,
+                    format,
+                    virtual_size,
+                }))
+            }
+            Err(ResolveError::NotFound { message, hint }) => {
+                problems.push(Problem::error(*span, message).with_hint_opt(hint));
+                Ok(None)
+            }
+            Err(ResolveError::Failed(source)) => Err(PlanError::Store {
+                reference: format!("{name}/{version}"),
+                source,
+            }),
+        },
+    }
+}
+
+fn unsupported_format(span: Span, path: &Path, kind: &str) -> Problem {
+    Problem::error(
+        span,
+        format!(
+            "parent image `{}` is a {kind} image; builds start from qcow2 or raw images",
+            path.display()
+        ),
+    )
+    .with_hint(format!(
+        "convert it: `qemu-img convert -O qcow2 {} base.qcow2`",
+        path.display()
+    ))
+}
+
+enum HeaderError {
+    Io(std::io::Error),
+    Unsupported(&'static str),
+}
+
+/// The format and virtual size of a disk image, from its header: qcow2 (magic `QFI\xfb`, size
+/// at byte 24, big-endian) or raw (the file's length). Other known formats are refused rather
+/// than booted as raw bytes.
+fn disk_header(path: &Path) -> Result<(DiskFormat, ByteSize), HeaderError> {
+    let mut file = std::fs::File::open(path).map_err(HeaderError::Io)?;
+    let length = file.metadata().map_err(HeaderError::Io)?.len();
+    let mut header = [0u8; 512];
+    let mut filled = 0;
+    while filled < header.len() {
+        match file.read(&mut header[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(HeaderError::Io(e)),
+        }
+    }
+    let header = &header[..filled];
+    if header.starts_with(b"QFI\xfb") && header.len() >= 32 {
+        let mut size = [0u8; 8];
+        size.copy_from_slice(&header[24..32]);
+        return Ok((DiskFormat::Qcow2, ByteSize::b(u64::from_be_bytes(size))));
+    }
+    let kind = if header.starts_with(b"KDMV") || header.starts_with(b"# Disk DescriptorFile") {
+        Some("VMDK")
+    } else if header.starts_with(b"vhdxfile") {
+        Some("VHDX")
+    } else if header.starts_with(b"conectix") {
+        Some("VHD")
+    } else if header.len() >= 68 && header[64..68] == [0x7f, 0x10, 0xda, 0xbe] {
+        Some("VDI")
+    } else if header.starts_with(b"QFI") {
+        Some("damaged qcow2")
+    } else {
+        None
+    };
+    match kind {
+        Some(kind) => Err(HeaderError::Unsupported(kind)),
+        None => Ok((DiskFormat::Raw, ByteSize::b(length))),
+    }
+}
+
+/// sha256 of a file, read in 1 MiB blocks; `progress` after each block.
+fn hash_file(path: &Path, progress: &mut dyn FnMut(HashProgress<'_>)) -> std::io::Result<Sha256> {
+    let mut file = std::fs::File::open(path)?;
+    let total = file.metadata()?.len();
+    let mut hasher = Hasher::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut done = 0u64;
+    loop {
+        let n = match file.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buffer[..n]);
+        done += n as u64;
+        progress(HashProgress { path, done, total });
+    }
+    Ok(Sha256::from_digest(&hasher.finalize()))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that unwraps fails loudly, which is the point
+mod tests {
+    use super::*;
+
+    const COMPONENT: &str = "name: hello\nschemaVersion: 1.0\nparameters:\n  - greeting:\n      type: string\n      default: hi\nphases:\n  - name: build\n    steps:\n      - name: say\n        action: ExecuteBash\n        inputs:\n          commands: [\"echo {{ greeting }}\"]\n";
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let dir = tempfile::tempdir().unwrap();
+            let f = Fixture { dir };
+            f.write("a.yml", COMPONENT);
+            f.write("b.yml", &COMPONENT.replace("hello", "second"));
+            f.write_bytes("base.raw", &vec![0u8; 3 << 20]);
+            f.write(
+                "recipe.yml",
+                "name: web\nversion: 1.0.0\nparentImage: base.raw\ncomponents:\n  - path: a.yml\n  - path: b.yml\n    parameters: {greeting: hello}\n",
+            );
+            f
+        }
+        fn path(&self, name: &str) -> PathBuf {
+            self.dir.path().join(name)
+        }
+        fn write(&self, name: &str, text: &str) {
+            std::fs::write(self.path(name), text).unwrap();
+        }
+        fn write_bytes(&self, name: &str, bytes: &[u8]) {
+            std::fs::write(self.path(name), bytes).unwrap();
+        }
+        fn plan(&self) -> Result<Plan, PlanError> {
+            let env = |_: &str| None;
+            let validated = validate(&self.path("recipe.yml"), &env)?;
+            plan(validated, &NoStore, &env, &mut |_| {})
+        }
+    }
+
+    fn problems(err: PlanError) -> Vec<String> {
+        match err {
+            PlanError::Invalid(files) => files
+                .iter()
+                .flat_map(|d| d.problems().iter().map(|p| p.message.clone()))
+                .collect(),
+            other => panic!("not a validation error: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn plan_pins_everything_and_fills_parameters() {
+        let f = Fixture::new();
+        let plan = f.plan().unwrap();
+        let PlannedParent::File {
+            sha256,
+            format,
+            virtual_size,
+            ..
+        } = &plan.parent
+        else {
+            panic!("{:?}", plan.parent);
+        };
+        assert_eq!(*format, DiskFormat::Raw);
+        assert_eq!(*virtual_size, ByteSize::mib(3));
+        assert_eq!(
+            sha256.as_str(),
+            hex::encode(Hasher::digest(vec![0u8; 3 << 20]))
+        );
+        assert_eq!(plan.components[0].parameters["greeting"], "hi");
+        assert_eq!(plan.components[1].parameters["greeting"], "hello");
+        assert_eq!(plan.components[0].name.as_deref(), Some("hello"));
+        assert_eq!(plan.components[1].phases, ["build"]);
+        assert!(plan.components.iter().all(|c| c.layer_key.is_some()));
+        assert_eq!(plan.stages().len(), 4 + 2 + 2 + 1 + 2);
+        let json = serde_json::to_string(&plan).unwrap();
+        let back: Plan = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, plan);
+        assert_eq!(back.digest(), plan.digest());
+    }
+
+    #[test]
+    fn same_inputs_same_digest_and_a_changed_component_changes_its_keys_onwards() {
+        let f = Fixture::new();
+        let first = f.plan().unwrap();
+        assert_eq!(f.plan().unwrap().digest(), first.digest());
+
+        // The same files in another directory: same digest.
+        let g = Fixture::new();
+        assert_eq!(g.plan().unwrap().digest(), first.digest());
+
+        // One byte more in the second component: its key and the digest change, the first
+        // component's key does not.
+        f.write("b.yml", &(COMPONENT.replace("hello", "second") + "\n"));
+        let changed = f.plan().unwrap();
+        assert_ne!(changed.digest(), first.digest());
+        assert_eq!(
+            changed.components[0].layer_key,
+            first.components[0].layer_key
+        );
+        assert_ne!(
+            changed.components[1].layer_key,
+            first.components[1].layer_key
+        );
+
+        // A change in the first component changes every key from it on.
+        let f = Fixture::new();
+        f.write("a.yml", &(COMPONENT.to_string() + "# changed\n"));
+        let changed = f.plan().unwrap();
+        assert_ne!(
+            changed.components[0].layer_key,
+            first.components[0].layer_key
+        );
+        assert_ne!(
+            changed.components[1].layer_key,
+            first.components[1].layer_key
+        );
+
+        // A parameter value changes its component's key.
+        let f = Fixture::new();
+        f.write(
+            "recipe.yml",
+            "name: web\nversion: 1.0.0\nparentImage: base.raw\ncomponents:\n  - path: a.yml\n    parameters: {greeting: bye}\n  - path: b.yml\n    parameters: {greeting: hello}\n",
+        );
+        let changed = f.plan().unwrap();
+        assert_ne!(
+            changed.components[0].layer_key,
+            first.components[0].layer_key
+        );
+
+        // A different parent changes everything.
+        let f = Fixture::new();
+        f.write_bytes("base.raw", &vec![1u8; 3 << 20]);
+        let changed = f.plan().unwrap();
+        assert_ne!(
+            changed.components[0].layer_key,
+            first.components[0].layer_key
+        );
+    }
+
+    #[test]
+    fn pinned_parent_mismatch_shows_both_digests() {
+        let f = Fixture::new();
+        let wrong = "0".repeat(64);
+        f.write(
+            "recipe.yml",
+            &format!("name: web\nversion: 1.0.0\nparentImage: {{path: base.raw, sha256: {wrong}}}\ncomponents:\n  - path: a.yml\n"),
+        );
+        let actual = hex::encode(Hasher::digest(vec![0u8; 3 << 20]));
+        let messages = problems(f.plan().unwrap_err());
+        assert_eq!(messages.len(), 1);
+        assert!(
+            messages[0].contains(&actual) && messages[0].contains(&wrong),
+            "{messages:?}"
+        );
+    }
+
+    #[test]
+    fn disk_size_below_the_parents_size_is_a_problem() {
+        let f = Fixture::new();
+        let mut qcow2 = vec![0u8; 512];
+        qcow2[..4].copy_from_slice(b"QFI\xfb");
+        qcow2[7] = 3;
+        qcow2[24..32].copy_from_slice(&(4u64 << 30).to_be_bytes());
+        f.write_bytes("base.qcow2", &qcow2);
+        f.write(
+            "recipe.yml",
+            "name: web\nversion: 1.0.0\nparentImage: base.qcow2\ndiskSize: 2GiB\ncomponents:\n  - path: a.yml\n",
+        );
+        assert_eq!(
+            problems(f.plan().unwrap_err()),
+            ["diskSize (2GiB) is smaller than the parent image's virtual size (4GiB)"]
+        );
+    }
+
+    #[test]
+    fn store_references_go_through_the_resolver() {
+        struct One(PathBuf);
+        impl ParentResolver for One {
+            fn resolve(
+                &self,
+                name: &str,
+                version: &VersionPattern,
+            ) -> Result<StoredParent, ResolveError> {
+                assert_eq!((name, version.to_string().as_str()), ("base", "1.x.x"));
+                Ok(StoredParent {
+                    reference: "base/1.2.0/3".into(),
+                    disk: self.0.clone(),
+                    sha256: Sha256::parse(&"ab".repeat(32)).unwrap(),
+                })
+            }
+        }
+        let f = Fixture::new();
+        f.write(
+            "recipe.yml",
+            "name: web\nversion: 1.0.0\nparentImage: base/1.x.x\ncomponents:\n  - path: a.yml\n",
+        );
+        let env = |_: &str| None;
+        let validated = validate(&f.path("recipe.yml"), &env).unwrap();
+        let plan = plan(
+            validated.clone(),
+            &One(f.path("base.raw")),
+            &env,
+            &mut |_| {},
+        )
+        .unwrap();
+        assert!(
+            matches!(&plan.parent, PlannedParent::Store { resolved, .. } if resolved == "base/1.2.0/3")
+        );
+        let err = super::plan(validated, &NoStore, &env, &mut |_| {}).unwrap_err();
+        assert_eq!(problems(err), ["no image `base/1.x.x` in the store"]);
+    }
+
+    #[test]
+    fn environment_variables_in_parent_paths() {
+        let f = Fixture::new();
+        f.write(
+            "recipe.yml",
+            "name: web\nversion: 1.0.0\nparentImage: ${BASE_DIR}/base.raw\ncomponents:\n  - path: a.yml\n",
+        );
+        let dir = f.dir.path().to_string_lossy().to_string();
+        let env = |name: &str| (name == "BASE_DIR").then(|| dir.clone());
+        let validated = validate(&f.path("recipe.yml"), &env).unwrap();
+        let mut calls = 0;
+        let plan = plan(validated, &NoStore, &env, &mut |p| {
+            calls += 1;
+            assert_eq!(p.total, 3 << 20);
+        })
+        .unwrap();
+        assert!(calls >= 3);
+        assert!(
+            matches!(&plan.parent, PlannedParent::File { path, .. } if path == "${BASE_DIR}/base.raw")
+        );
+        let unset = |_: &str| None;
+        let err = validate(&f.path("recipe.yml"), &unset).unwrap_err();
+        assert_eq!(
+            problems(err),
+            ["environment variable `BASE_DIR` is not set"]
+        );
+    }
+
+    #[test]
+    fn other_disk_formats_are_refused() {
+        let f = Fixture::new();
+        f.write_bytes("base.raw", b"KDMV\x01\x00\x00\x00 and so on");
+        assert!(problems(f.plan().unwrap_err())[0].contains("is a VMDK image"));
+    }
+}

@@ -1,0 +1,386 @@
+//! `builder validate recipe.yml`, `builder plan recipe.yml [--json]`, `builder schema recipe`.
+
+use std::fmt::Write as _;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anstream::{eprint, eprintln};
+use clap::{Args, ValueEnum};
+
+use super::{CliResult, EXIT_INPUT, Failure};
+use builder::build::plan::{
+    self, HashProgress, ParentResolver, Plan, PlanError, PlannedComponent, PlannedParent,
+    ResolveError, Stage, StoredParent,
+};
+use builder::diagnostic::Diagnostics;
+use builder::recipe::{Format, VersionPattern};
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// The recipe (YAML). The component documents and infrastructure file it names are
+    /// checked too.
+    #[arg(value_name = "RECIPE")]
+    recipe: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// The recipe (YAML).
+    #[arg(value_name = "RECIPE")]
+    recipe: PathBuf,
+    /// Print the plan as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SchemaArgs {
+    /// Which file's schema.
+    #[arg(value_enum)]
+    kind: SchemaKind,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum SchemaKind {
+    /// Recipe files.
+    Recipe,
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// Print every file's problems (errors and warnings), coloured when stderr allows it.
+fn show(files: &[Diagnostics]) {
+    for (i, d) in files.iter().filter(|d| !d.is_empty()).enumerate() {
+        if i > 0 {
+            eprintln!();
+        }
+        eprint!("{}", d.render(true));
+    }
+}
+
+fn failure(error: PlanError) -> Failure {
+    match error {
+        PlanError::Invalid(files) => {
+            show(&files);
+            Failure::already_printed(EXIT_INPUT)
+        }
+        e @ PlanError::Unreadable { .. } => Failure::input(e),
+        e @ (PlanError::Io { .. } | PlanError::Store { .. }) => Failure::host(e),
+    }
+}
+
+pub fn validate(args: ValidateArgs) -> CliResult {
+    let validated = plan::validate(&args.recipe, &env).map_err(failure)?;
+    show(&validated.warnings);
+    let r = &validated.recipe;
+    let count = |n: usize, one: &str| format!("{n} {one}{}", if n == 1 { "" } else { "s" });
+    let mut summary = format!(
+        "ok: {} ({} {}: {}",
+        args.recipe.display(),
+        r.name,
+        r.version,
+        count(validated.components.len(), "component")
+    );
+    if !validated.test_components.is_empty() {
+        let _ = write!(
+            summary,
+            ", {}",
+            count(validated.test_components.len(), "test component")
+        );
+    }
+    summary.push(')');
+    eprintln!("{summary}");
+    Ok(0)
+}
+
+/// Opens the default store only when the recipe names a stored parent.
+struct DefaultStore;
+
+impl ParentResolver for DefaultStore {
+    fn resolve(&self, name: &str, version: &VersionPattern) -> Result<StoredParent, ResolveError> {
+        let store =
+            builder::store::Store::open_default().map_err(|e| ResolveError::Failed(Box::new(e)))?;
+        ParentResolver::resolve(&store, name, version)
+    }
+}
+
+pub fn plan(args: PlanArgs) -> CliResult {
+    let validated = plan::validate(&args.recipe, &env).map_err(failure)?;
+    show(&validated.warnings);
+    let terminal = std::io::stderr().is_terminal();
+    let mut shown = None;
+    let mut progress = |p: HashProgress<'_>| {
+        let percent = (p.done * 100).checked_div(p.total).unwrap_or(100);
+        if terminal && shown != Some(percent) {
+            shown = Some(percent);
+            eprint!("\rhashing {} … {percent:>3}%", p.path.display());
+        }
+    };
+    let result = plan::plan(validated, &DefaultStore, &env, &mut progress);
+    if shown.is_some() {
+        eprintln!();
+    }
+    let plan = result.map_err(failure)?;
+    if args.json {
+        let json = serde_json::to_string_pretty(&plan).map_err(|e| {
+            Failure::failed(anyhow::Error::new(e).context("could not write the plan as JSON"))
+        })?;
+        stdout(&(json + "\n"))
+    } else {
+        stdout(&describe(&plan))
+    }
+}
+
+pub fn schema(args: SchemaArgs) -> CliResult {
+    let schema = match args.kind {
+        SchemaKind::Recipe => builder::recipe::schema::json_schema(),
+    };
+    let json = serde_json::to_string_pretty(&schema)
+        .map_err(|e| Failure::failed(anyhow::Error::new(e).context("could not write JSON")))?;
+    stdout(&(json + "\n"))
+}
+
+/// Write data to stdout; a reader that went away (`| head`) is not an error.
+fn stdout(text: &str) -> CliResult {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(0),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(0),
+        Err(e) => Err(Failure::host(
+            anyhow::Error::new(e).context("could not write to stdout"),
+        )),
+    }
+}
+
+/// The plan for people: every setting with defaults filled in, the pins, and the stages.
+pub fn describe(plan: &Plan) -> String {
+    let mut out = String::new();
+    let r = &plan.recipe;
+    let _ = writeln!(out, "plan for {} {}", r.name, r.version);
+    if let Some(d) = &r.description {
+        let _ = writeln!(out, "  {d}");
+    }
+    let _ = writeln!(
+        out,
+        "  recipe          {} (sha256 {})",
+        r.local_path.display(),
+        r.sha256
+    );
+    let _ = writeln!(out, "  plan digest     {}", plan.digest());
+    let _ = writeln!(out);
+
+    let _ = writeln!(out, "settings");
+    match &plan.parent {
+        PlannedParent::File {
+            path,
+            local_path,
+            sha256,
+            format,
+            virtual_size,
+        } => {
+            let _ = writeln!(out, "  parent image    {path} → {}", local_path.display());
+            let _ = writeln!(
+                out,
+                "                  {format}, virtual size {virtual_size}, sha256 {sha256}"
+            );
+        }
+        PlannedParent::Url { url, sha256 } => {
+            let _ = writeln!(out, "  parent image    {url}");
+            let _ = writeln!(
+                out,
+                "                  downloaded by the build, sha256 {sha256}"
+            );
+        }
+        PlannedParent::Store {
+            reference,
+            resolved,
+            local_path,
+            sha256,
+            virtual_size,
+            ..
+        } => {
+            let _ = writeln!(
+                out,
+                "  parent image    {reference} → {resolved} ({})",
+                local_path.display()
+            );
+            let _ = writeln!(
+                out,
+                "                  virtual size {virtual_size}, sha256 {sha256}"
+            );
+        }
+    }
+    let disk = match (plan.disk_size, plan.parent.virtual_size()) {
+        (Some(size), _) => size.to_string(),
+        (None, Some(parent)) => format!("{parent} (the parent's)"),
+        (None, None) => "the parent's".to_string(),
+    };
+    let i = &plan.infrastructure;
+    let _ = writeln!(out, "  disk size       {disk}");
+    let _ = writeln!(out, "  working dir     {}", plan.working_directory);
+    let user_data = match &plan.user_data {
+        Some(u) => format!("{} lines of cloud-config", u.lines().count()),
+        None => "none".to_string(),
+    };
+    let _ = writeln!(out, "  user data       {user_data}");
+    let _ = writeln!(
+        out,
+        "  vm              {} cpus, {} memory, accelerator {}, firmware {}, network {}",
+        i.cpus, i.memory, i.accelerator, i.firmware, i.network
+    );
+    let _ = writeln!(
+        out,
+        "  timeouts        boot {}s, build {}s, shutdown {}s, tests {}s",
+        i.boot_timeout_secs, i.build_timeout_secs, i.shutdown_timeout_secs, plan.tests.timeout_secs
+    );
+    let _ = writeln!(
+        out,
+        "  on failure      {}",
+        if i.keep_on_failure {
+            "keep the VM's disk and logs"
+        } else {
+            "remove everything"
+        }
+    );
+    let formats: Vec<String> = plan
+        .outputs
+        .formats
+        .iter()
+        .map(|f| match f {
+            Format::Qcow2 => format!("qcow2 ({})", plan.outputs.compression),
+            other => other.to_string(),
+        })
+        .collect();
+    let _ = writeln!(
+        out,
+        "  outputs         {} named `{}`",
+        formats.join(", "),
+        plan.outputs.name
+    );
+    if let Some(dir) = &plan.outputs.local_directory {
+        let _ = writeln!(out, "  copied to       {}", dir.display());
+    }
+    let _ = writeln!(out);
+
+    let _ = writeln!(out, "stages");
+    let stages = plan.stages();
+    let width = stages.len().to_string().len();
+    for (n, stage) in stages.iter().enumerate() {
+        let n = n + 1;
+        let line = match stage {
+            Stage::FetchParent => format!(
+                "fetch parent    {}",
+                match &plan.parent {
+                    PlannedParent::File { .. } =>
+                        "local file; the build checks it still has the sha256 above".to_string(),
+                    PlannedParent::Url { .. } =>
+                        "download into the cache (resumable), verify sha256".to_string(),
+                    PlannedParent::Store { resolved, .. } => format!("{resolved} from the store"),
+                }
+            ),
+            Stage::Overlay => format!("overlay         qcow2 on the parent, {disk}"),
+            Stage::Seed => {
+                "seed            cloud-init NoCloud volume with the agent".to_string()
+                    + if plan.user_data.is_some() {
+                        " and the user data"
+                    } else {
+                        ""
+                    }
+            }
+            Stage::Boot => format!(
+                "boot            agent expected within {}s",
+                i.boot_timeout_secs
+            ),
+            Stage::Component(index) => {
+                let c = &plan.components[*index];
+                let phases: Vec<&str> = c
+                    .phases
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|p| *p != "test")
+                    .collect();
+                let mut s = format!(
+                    "component       {} ({}): {}",
+                    c.label(),
+                    c.path,
+                    if phases.is_empty() {
+                        "no build phases".to_string()
+                    } else {
+                        phases.join(" + ")
+                    }
+                );
+                component_details(&mut s, c, width);
+                if let Some(key) = &c.layer_key {
+                    let _ = write!(s, "\n{:w$}layer key {key}", "", w = width + 20);
+                }
+                s
+            }
+            Stage::Generalize => {
+                "generalize      cloud-init clean, machine-id, ssh host keys, agent, logs, fstrim"
+                    .to_string()
+            }
+            Stage::Shutdown => format!(
+                "shutdown        ACPI power-down, hard stop after {}s",
+                i.shutdown_timeout_secs
+            ),
+            Stage::Test => {
+                let mut s = "test            fresh VM from the result; ".to_string();
+                let with_tests: Vec<&str> = plan
+                    .components
+                    .iter()
+                    .filter(|c| c.phases.iter().any(|p| p == "test"))
+                    .map(PlannedComponent::label)
+                    .collect();
+                s.push_str(&if with_tests.is_empty() {
+                    "no component has a test phase".to_string()
+                } else {
+                    format!("test phases of {}", with_tests.join(", "))
+                });
+                for c in &plan.tests.components {
+                    let _ = write!(
+                        s,
+                        "\n{:w$}+ test component {} ({})",
+                        "",
+                        c.label(),
+                        c.path,
+                        w = width + 20
+                    );
+                    component_details(&mut s, c, width);
+                }
+                s
+            }
+            Stage::Export => format!("export          {}", formats.join(", ")),
+            Stage::Store => format!(
+                "store           {}/{}/<next build number>{}",
+                r.name,
+                r.version,
+                plan.outputs
+                    .local_directory
+                    .as_ref()
+                    .map(|d| format!(", copy to {}", d.display()))
+                    .unwrap_or_default()
+            ),
+        };
+        let _ = writeln!(out, "  {n:>width$}. {line}");
+    }
+    if !plan.tests.enabled {
+        let _ = writeln!(out, "  (tests are disabled)");
+    }
+    out
+}
+
+fn component_details(s: &mut String, c: &PlannedComponent, width: usize) {
+    let pad = width + 20;
+    let _ = write!(s, "\n{:pad$}sha256 {}", "", c.sha256);
+    if !c.parameters.is_empty() {
+        let params: Vec<String> = c
+            .parameters
+            .iter()
+            .map(|(k, v)| format!("{k}={}", serde_json::Value::String(v.clone())))
+            .collect();
+        let _ = write!(s, "\n{:pad$}parameters {}", "", params.join(", "));
+    }
+}

@@ -1,0 +1,269 @@
+//! The JSON Schema (draft 2020-12) of recipe files, for editors: `builder schema recipe`.
+//!
+//! Generated with `schemars` from a serde mirror of the file's shape: the validated model is
+//! not serde-shaped (spans, resolved defaults, several spellings per key). The mirror's key
+//! sets are tested against the parser's (`walk::*_KEYS`), so the two cannot drift apart, and
+//! every example in `images/` is checked against the schema.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::Deserialize;
+
+use super::model::{Accelerator, Compression, Firmware, Format, Network};
+
+/// A builder image recipe: a parent image, components applied in order, and how to build,
+/// test and export the result. Keys are camelCase, as in EC2 Image Builder.
+#[derive(Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(title = "builder image recipe")]
+pub struct RecipeFile {
+    /// Required. Letters, digits, `-` and `_`, at most 128 characters, starting with a letter
+    /// or digit. Used in store references (`name/1.2.0`) and file names.
+    #[schemars(regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"))]
+    pub name: String,
+    /// Required. Semantic version `major.minor.patch`; each build of it gets a build number in
+    /// the store (`name/1.2.0/3`).
+    #[schemars(regex(pattern = r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)$"))]
+    pub version: String,
+    /// Free text. Default: none.
+    pub description: Option<String>,
+    /// Required. The disk image the build starts from.
+    pub parent_image: ParentImageFile,
+    /// Required, at least one. Component documents applied in order; each one's `build` then
+    /// `validate` phase runs before the next starts.
+    #[schemars(length(min = 1))]
+    pub components: Vec<ComponentFile>,
+    /// Absolute directory in the guest where components run. Default: `/tmp`.
+    #[schemars(regex(pattern = "^/"))]
+    pub working_directory: Option<String>,
+    /// A `#cloud-config` document merged into the build VM's cloud-init seed. Default: none.
+    #[schemars(regex(pattern = "^#cloud-config"))]
+    pub user_data: Option<String>,
+    /// Size of the image's disk (`8GiB`); the guest grows its root partition to fill it. At
+    /// least the parent image's virtual size. Default: the parent's size.
+    pub disk_size: Option<SizeFile>,
+    /// The build VM: these keys inline, or the path (relative to the recipe) of a YAML file
+    /// holding them. Default: every infrastructure default.
+    pub infrastructure: Option<InfrastructureRefFile>,
+    /// The test stage, in a fresh VM booted from the result.
+    pub tests: Option<TestsFile>,
+    /// Exported formats and their file names. The local store always keeps the outputs.
+    pub outputs: Option<OutputsFile>,
+    /// Where finished images go besides the local store. Not supported yet: only an empty list.
+    #[schemars(length(max = 0))]
+    pub distribution: Option<Vec<serde_json::Value>>,
+}
+
+/// Where the parent image comes from.
+#[derive(Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum ParentImageFile {
+    /// A local file relative to the recipe's directory (`${VAR}` is replaced by the environment
+    /// variable VAR), or a previous build in the local store: `name/1.2.0`, `name/1.x.x`,
+    /// `name/1.2.0/3`.
+    Reference(String),
+    /// A local file, optionally pinned to its sha256.
+    Path {
+        /// Relative to the recipe's directory; `${VAR}` is replaced by the environment variable.
+        path: String,
+        /// 64 hex digits; the build fails when the file's digest differs.
+        #[schemars(regex(pattern = "^[0-9a-fA-F]{64}$"))]
+        sha256: Option<String>,
+    },
+    /// Downloaded into the cache and verified.
+    Url {
+        /// `https://` or `http://`.
+        #[schemars(regex(pattern = "^https?://"))]
+        url: String,
+        /// Required: 64 hex digits.
+        #[schemars(regex(pattern = "^[0-9a-fA-F]{64}$"))]
+        sha256: String,
+    },
+    /// A previous build in the local store.
+    Image {
+        /// `name/1.2.0`, `name/1.x.x` (once a part is `x`, all after it are) or `name/1.2.0/3`.
+        #[schemars(regex(
+            pattern = r"^[A-Za-z0-9][A-Za-z0-9_-]*/([0-9]+|x)\.([0-9]+|x)\.([0-9]+|x)(/[0-9]+)?$"
+        ))]
+        image: String,
+    },
+}
+
+/// One component document and the values of its parameters.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ComponentFile {
+    /// Required. The component document (AWSTOE YAML), relative to the recipe's directory.
+    pub path: String,
+    /// Values for the document's parameters: `name: value`. A list is passed joined with `,`.
+    /// Parameters not given take their default from the document.
+    pub parameters: Option<BTreeMap<String, ParameterFile>>,
+}
+
+/// A parameter value.
+#[derive(Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum ParameterFile {
+    Text(String),
+    Number(f64),
+    Bool(bool),
+    List(Vec<String>),
+}
+
+/// A size: `2GiB`, `512MiB`, `2G` (K, M, G, T are powers of 1024, as in QEMU), or bytes.
+#[derive(Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum SizeFile {
+    Text(#[schemars(regex(pattern = r"^[0-9_]+ ?([KkMmGgTt]([Ii][Bb])?|[Bb])?$"))] String),
+    Bytes(u64),
+}
+
+/// Inline infrastructure settings or a file holding them.
+#[derive(Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum InfrastructureRefFile {
+    /// Path of a YAML file with the infrastructure keys, relative to the recipe.
+    File(String),
+    Inline(InfrastructureFile),
+}
+
+/// The build VM (Image Builder's infrastructure configuration).
+#[derive(Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InfrastructureFile {
+    /// Virtual CPUs, 1 to 255. Default: 2.
+    #[schemars(range(min = 1, max = 255))]
+    pub cpus: Option<u32>,
+    /// Guest memory, at least 256MiB. Default: 2GiB.
+    pub memory: Option<SizeFile>,
+    /// `auto` uses KVM when it works and TCG otherwise; `kvm` fails when KVM is unusable; `tcg`
+    /// always emulates. Default: `auto`.
+    pub accelerator: Option<Accelerator>,
+    /// Default: `bios`.
+    pub firmware: Option<Firmware>,
+    /// `none`: no network device; `user`: QEMU user networking (outbound only). Default: `none`.
+    pub network: Option<Network>,
+    /// From QEMU start until the agent connects. Default: 900.
+    #[schemars(range(min = 1, max = 604800))]
+    pub boot_timeout_seconds: Option<u64>,
+    /// The whole build stage (all components). Default: 7200.
+    #[schemars(range(min = 1, max = 604800))]
+    pub build_timeout_seconds: Option<u64>,
+    /// From ACPI power-down until QEMU is stopped hard. Default: 120.
+    #[schemars(range(min = 1, max = 604800))]
+    pub shutdown_timeout_seconds: Option<u64>,
+    /// Keep the VM's disk and logs when the build fails. Default: false.
+    pub keep_on_failure: Option<bool>,
+}
+
+/// The test stage (Image Builder's image tests configuration).
+#[derive(Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TestsFile {
+    /// Run the test stage. Default: true.
+    pub enabled: Option<bool>,
+    /// The whole test stage, boot included. Default: 3600.
+    #[schemars(range(min = 1, max = 604800))]
+    pub timeout_seconds: Option<u64>,
+    /// Extra test components; their `test` phase runs after the recipe components' `test`
+    /// phases. Default: none.
+    pub components: Option<Vec<ComponentFile>>,
+}
+
+/// What the build exports.
+#[derive(Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutputsFile {
+    /// Each at most once. Default: `[qcow2]`.
+    #[schemars(length(min = 1))]
+    pub formats: Option<Vec<Format>>,
+    /// For the qcow2 output. Default: `zlib`.
+    pub compression: Option<Compression>,
+    /// File stem template: `{{imagebuilder:name}}`, `{{imagebuilder:version}}`,
+    /// `{{imagebuilder:buildVersion}}`, `{{imagebuilder:buildDate}}` (or
+    /// `{{imagebuilder:buildDate:yyyyMMddHHmm}}`). Default:
+    /// `{{imagebuilder:name}}-{{imagebuilder:version}}-{{imagebuilder:buildVersion}}`.
+    pub name: Option<String>,
+    /// An extra directory (relative to the recipe) that receives a copy of the outputs.
+    /// Default: none.
+    pub directory: Option<String>,
+}
+
+/// The JSON Schema of recipe files.
+pub fn json_schema() -> serde_json::Value {
+    let mut schema = schemars::schema_for!(RecipeFile).to_value();
+    if let Some(object) = schema.as_object_mut() {
+        object.insert(
+            "$id".to_string(),
+            serde_json::Value::String("builder:recipe".to_string()),
+        );
+    }
+    schema
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that unwraps fails loudly, which is the point
+mod tests {
+    use super::*;
+    use crate::recipe::walk;
+    use std::collections::BTreeSet;
+
+    fn keys(object: &serde_json::Value) -> BTreeSet<String> {
+        object["properties"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    fn set(keys: &[&str]) -> BTreeSet<String> {
+        keys.iter().map(|k| k.to_string()).collect()
+    }
+
+    #[test]
+    fn schema_and_parser_know_the_same_keys() {
+        let schema = json_schema();
+        assert_eq!(
+            schema["$schema"],
+            "https://json-schema.org/draft/2020-12/schema"
+        );
+        assert_eq!(keys(&schema), set(walk::TOP_KEYS));
+        let defs = &schema["$defs"];
+        assert_eq!(
+            keys(&defs["InfrastructureFile"]),
+            set(walk::INFRASTRUCTURE_KEYS)
+        );
+        assert_eq!(keys(&defs["TestsFile"]), set(walk::TESTS_KEYS));
+        assert_eq!(keys(&defs["OutputsFile"]), set(walk::OUTPUTS_KEYS));
+        assert_eq!(keys(&defs["ComponentFile"]), set(walk::COMPONENT_KEYS));
+        let parent_keys: BTreeSet<String> = defs["ParentImageFile"]["anyOf"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|alt| alt.get("properties").is_some())
+            .flat_map(keys)
+            .collect();
+        assert_eq!(parent_keys, set(walk::PARENT_KEYS));
+        assert_eq!(
+            schema["required"],
+            serde_json::json!(["name", "version", "parentImage", "components"])
+        );
+    }
+
+    #[test]
+    fn word_sets_come_from_the_model() {
+        let schema = json_schema();
+        let text = schema.to_string();
+        for word in Format::NAMES.iter().chain(Accelerator::NAMES) {
+            assert!(text.contains(&format!("\"{word}\"")), "{word}");
+        }
+        assert!(
+            schema["properties"]["name"]["description"]
+                .as_str()
+                .unwrap()
+                .contains("store references")
+        );
+    }
+}

@@ -1,0 +1,1162 @@
+//! Spanned YAML nodes → the typed [`Recipe`]. Every problem is collected (never stop at the
+//! first); each names the offending value and, where one exists, what would be right.
+
+use std::path::{Path, PathBuf};
+
+use super::model::{
+    Accelerator, ComponentUse, Compression, DEFAULT_WORKING_DIRECTORY, Firmware, Format,
+    Infrastructure, Located, MAX_CPUS, MAX_TIMEOUT_SECS, MIN_MEMORY, Network, Outputs,
+    ParameterValue, ParentImage, Sha256, Tests,
+};
+use super::name_template::NameTemplate;
+use super::units::ByteSize;
+use super::version::{Version, VersionPattern};
+use crate::diagnostic::{Problem, Span, did_you_mean, one_of};
+use crate::yaml::{Node, ScalarStyle};
+
+pub const TOP_KEYS: &[&str] = &[
+    "name",
+    "version",
+    "description",
+    "parentImage",
+    "components",
+    "workingDirectory",
+    "userData",
+    "diskSize",
+    "infrastructure",
+    "tests",
+    "outputs",
+    "distribution",
+];
+pub const PARENT_KEYS: &[&str] = &["path", "url", "image", "sha256"];
+pub const COMPONENT_KEYS: &[&str] = &["path", "parameters"];
+pub const INFRASTRUCTURE_KEYS: &[&str] = &[
+    "cpus",
+    "memory",
+    "accelerator",
+    "firmware",
+    "network",
+    "bootTimeoutSeconds",
+    "buildTimeoutSeconds",
+    "shutdownTimeoutSeconds",
+    "keepOnFailure",
+];
+pub const TESTS_KEYS: &[&str] = &["enabled", "timeoutSeconds", "components"];
+pub const OUTPUTS_KEYS: &[&str] = &["formats", "compression", "name", "directory"];
+
+/// Image Builder's spelling of a setting → how to write it here. Users coming from AWS write
+/// these first; a plain "unknown key" would leave them guessing.
+const IMAGE_BUILDER_KEYS: &[(&str, &str)] = &[
+    ("semanticVersion", "write `version: 1.0.0`"),
+    (
+        "componentArn",
+        "name the document with `path: components/x.yml`",
+    ),
+    (
+        "blockDeviceMappings",
+        "set the disk's size with `diskSize: 8GiB`",
+    ),
+    (
+        "additionalInstanceConfiguration",
+        "put a `#cloud-config` document in `userData`",
+    ),
+    (
+        "userDataOverride",
+        "put a `#cloud-config` document in `userData`",
+    ),
+    ("imageTestsConfiguration", "use `tests: {enabled: true}`"),
+    (
+        "infrastructureConfiguration",
+        "use `infrastructure:` with `cpus`, `memory`, …",
+    ),
+    ("distributionConfiguration", "use `distribution:`"),
+    ("instanceTypes", "size the VM with `cpus` and `memory`"),
+    (
+        "terminateInstanceOnFailure",
+        "use `keepOnFailure` (the opposite meaning: `keepOnFailure: true` keeps the VM)",
+    ),
+    ("imageTestsEnabled", "write `enabled: true`"),
+    ("timeoutMinutes", "write `timeoutSeconds`"),
+];
+
+/// The problems of one file as they are found.
+pub(super) struct Cx<'s> {
+    pub source: &'s str,
+    pub problems: Vec<Problem>,
+}
+
+impl<'s> Cx<'s> {
+    pub fn new(source: &'s str) -> Cx<'s> {
+        Cx {
+            source,
+            problems: Vec::new(),
+        }
+    }
+
+    fn error(&mut self, span: Span, message: impl Into<String>, hint: Option<String>) {
+        self.problems
+            .push(Problem::error(span, message).with_hint_opt(hint));
+    }
+
+    fn warning(&mut self, span: Span, message: impl Into<String>, hint: Option<String>) {
+        self.problems
+            .push(Problem::warning(span, message).with_hint_opt(hint));
+    }
+
+    /// The span of the start of the file, for "missing key" problems in a file that is empty.
+    fn start_of(&self, node: &Node) -> Span {
+        Span::from_offsets(self.source, node.span.start, node.span.start)
+    }
+
+    /// The entries of a mapping, with a problem for every key not in `allowed`.
+    fn mapping<'n>(
+        &mut self,
+        node: &'n Node,
+        what: &str,
+        allowed: &[&str],
+    ) -> Option<&'n [(Node, Node)]> {
+        let Some(entries) = node.as_mapping() else {
+            self.not_a(node, what, "a mapping");
+            return None;
+        };
+        for (key, _) in entries {
+            match key.as_str() {
+                Some(k) if allowed.contains(&k) => {}
+                Some(k) => {
+                    let hint = match did_you_mean(k, allowed.iter().copied()) {
+                        Some(close) => format!("did you mean `{close}`?"),
+                        None => match IMAGE_BUILDER_KEYS.iter().find(|(ib, _)| *ib == k) {
+                            Some((_, how)) => format!("`{k}` is Image Builder's; here, {how}"),
+                            None => format!("{what} accepts {}", one_of(allowed)),
+                        },
+                    };
+                    self.error(key.span, format!("unknown key `{k}` in {what}"), Some(hint));
+                }
+                None => self.error(
+                    key.span,
+                    format!("a key in {what} must be a plain name"),
+                    None,
+                ),
+            }
+        }
+        Some(entries)
+    }
+
+    fn not_a(&mut self, node: &Node, what: &str, expected: &str) {
+        self.error(
+            node.span,
+            format!("{what} must be {expected}, found {}", node.describe()),
+            None,
+        );
+    }
+
+    /// A non-empty scalar's text (numbers and booleans as written).
+    fn string(&mut self, node: &Node, what: &str) -> Option<String> {
+        if node.is_null() {
+            self.error(node.span, format!("{what} is empty"), None);
+            return None;
+        }
+        match node.as_str() {
+            Some(s) => Some(s.to_string()),
+            None => {
+                self.not_a(node, what, "text");
+                None
+            }
+        }
+    }
+
+    fn optional_string(&mut self, node: &Node, what: &str) -> Option<String> {
+        if node.is_null() {
+            return None;
+        }
+        self.string(node, what)
+    }
+
+    fn boolean(&mut self, node: &Node, what: &str) -> Option<bool> {
+        match node.as_bool() {
+            Some(b) => Some(b),
+            None => {
+                // YAML 1.1 read these as booleans; YAML 1.2 (and this parser) reads text.
+                let hint = node
+                    .as_str()
+                    .filter(|s| {
+                        matches!(
+                            s.to_ascii_lowercase().as_str(),
+                            "yes" | "no" | "on" | "off" | "y" | "n"
+                        )
+                    })
+                    .map(|s| {
+                        let yes = matches!(s.to_ascii_lowercase().as_str(), "yes" | "on" | "y");
+                        format!("YAML 1.2 reads `{s}` as text; write `{yes}`")
+                    });
+                self.error(
+                    node.span,
+                    format!(
+                        "{what} must be `true` or `false`, found {}",
+                        node.describe()
+                    ),
+                    hint,
+                );
+                None
+            }
+        }
+    }
+
+    /// A whole number in `min..=max`, with the value and the limit in the message.
+    fn number(&mut self, node: &Node, what: &str, min: u64, max: u64) -> Option<u64> {
+        let Some(n) = node.as_int() else {
+            self.not_a(node, what, "a whole number");
+            return None;
+        };
+        if n < min as i64 {
+            self.error(
+                node.span,
+                format!("{what} ({n}) is below the minimum ({min})"),
+                None,
+            );
+            return None;
+        }
+        if n > max as i64 {
+            self.error(
+                node.span,
+                format!("{what} ({n}) is above the maximum ({max})"),
+                None,
+            );
+            return None;
+        }
+        Some(n as u64)
+    }
+
+    fn byte_size(&mut self, node: &Node, what: &str) -> Option<ByteSize> {
+        let text = self.string(node, what)?;
+        match text.parse::<ByteSize>() {
+            Ok(size) => Some(size),
+            Err(e) => {
+                self.error(node.span, format!("{what}: {e}"), e.hint());
+                None
+            }
+        }
+    }
+
+    /// One of a closed set of words, with a suggestion for a near miss.
+    fn word<T: Copy>(
+        &mut self,
+        node: &Node,
+        noun: &str,
+        names: &[&str],
+        from_name: fn(&str) -> Option<T>,
+    ) -> Option<T> {
+        let text = self.string(node, noun)?;
+        if let Some(value) = from_name(&text) {
+            return Some(value);
+        }
+        let hint =
+            did_you_mean(&text, names.iter().copied()).map(|c| format!("did you mean `{c}`?"));
+        self.error(
+            node.span,
+            format!("unknown {noun} `{text}`; expected {}", one_of(names)),
+            hint,
+        );
+        None
+    }
+
+    /// The span of `part` inside the scalar `node` (found in its source text), or the whole
+    /// scalar when it cannot be found (escapes, folding).
+    fn inner_span(&self, node: &Node, start: usize, end: usize, value: &str) -> Span {
+        let raw = &self.source[node.span.start..node.span.end.min(self.source.len())];
+        let part = &value[start..end];
+        let quote = usize::from(matches!(
+            node.as_scalar().map(|s| s.style),
+            Some(ScalarStyle::SingleQuoted | ScalarStyle::DoubleQuoted)
+        ));
+        // Without escapes, the value sits verbatim in the raw text after the opening quote.
+        if raw.get(quote + start..quote + end) == Some(part) {
+            let at = node.span.start + quote + start;
+            return Span::from_offsets(self.source, at, at + part.len());
+        }
+        match raw.find(part) {
+            Some(i) => Span::from_offsets(
+                self.source,
+                node.span.start + i,
+                node.span.start + i + part.len(),
+            ),
+            None => node.span,
+        }
+    }
+}
+
+/// What the walk found: the recipe's parts, each `None` when it had a problem. Component
+/// entries are kept even when other parts fail, so their documents can be checked too.
+#[derive(Default)]
+pub(super) struct Parts {
+    pub name: Option<String>,
+    pub version: Option<Version>,
+    pub description: Option<String>,
+    pub parent: Option<Located<ParentImage>>,
+    pub components: Vec<ComponentUse>,
+    pub working_directory: Option<String>,
+    pub user_data: Option<String>,
+    pub disk_size: Option<Located<ByteSize>>,
+    pub infrastructure: Option<Infrastructure>,
+    pub tests: Option<Tests>,
+    pub outputs: Option<Outputs>,
+}
+
+/// How the walk reads an infrastructure file named by the recipe: its path (as resolved) and
+/// what reading it gave.
+pub(super) type Include<'r> = &'r mut dyn FnMut(&str) -> (PathBuf, std::io::Result<String>);
+
+/// An infrastructure file that was read: its path, text and problems.
+pub(super) struct IncludedFile {
+    pub path: PathBuf,
+    pub text: String,
+    pub problems: Vec<Problem>,
+}
+
+pub(super) fn recipe(
+    cx: &mut Cx<'_>,
+    root: &Node,
+    include: Include<'_>,
+    included: &mut Vec<IncludedFile>,
+) -> Parts {
+    let mut parts = Parts::default();
+    let Some(entries) = cx.mapping(root, "a recipe", TOP_KEYS) else {
+        return parts;
+    };
+    let get = |key: &str| entries.iter().find(|(k, _)| k.as_str() == Some(key));
+    let start = cx.start_of(root);
+
+    match get("name") {
+        None => cx.error(
+            start,
+            "missing `name`",
+            Some("add `name: my-image` at the top level".to_string()),
+        ),
+        Some((_, v)) => parts.name = name(cx, v),
+    }
+    match get("version") {
+        None => cx.error(
+            start,
+            "missing `version`",
+            Some(
+                "add `version: 1.0.0` at the top level (semantic version major.minor.patch)"
+                    .to_string(),
+            ),
+        ),
+        Some((_, v)) => parts.version = version(cx, v),
+    }
+    parts.description =
+        get("description").and_then(|(_, v)| cx.optional_string(v, "`description`"));
+    match get("parentImage") {
+        None => cx.error(
+            start,
+            "missing `parentImage`",
+            Some("add `parentImage: path/to/base.qcow2` (or `{url: …, sha256: …}`, or `name/1.x.x` from the store)".to_string()),
+        ),
+        Some((_, v)) => parts.parent = parent(cx, v),
+    }
+    match get("components") {
+        None => cx.error(
+            start,
+            "missing `components`",
+            Some("add `components:` with at least one `- path: components/x.yml`".to_string()),
+        ),
+        Some((key, v)) => {
+            if let Some(list) = component_list(cx, v, "`components`") {
+                // Entries with problems are not in `list`; only a list with none written is empty.
+                if v.as_sequence().is_none_or(|items| items.is_empty()) {
+                    cx.error(
+                        key.span,
+                        "`components` is empty",
+                        Some(
+                            "a recipe applies at least one component: `- path: components/x.yml`"
+                                .to_string(),
+                        ),
+                    );
+                }
+                parts.components = list;
+            }
+        }
+    }
+    parts.working_directory = match get("workingDirectory") {
+        None => Some(DEFAULT_WORKING_DIRECTORY.to_string()),
+        Some((_, v)) => working_directory(cx, v),
+    };
+    parts.user_data = get("userData").and_then(|(_, v)| user_data(cx, v));
+    parts.disk_size = get("diskSize").and_then(|(_, v)| disk_size(cx, v));
+    parts.infrastructure = match get("infrastructure") {
+        None => Some(Infrastructure::default()),
+        Some((_, v)) => infrastructure_ref(cx, v, include, included),
+    };
+    parts.tests = match get("tests") {
+        None => Some(Tests::default()),
+        Some((_, v)) => tests(cx, v),
+    };
+    parts.outputs = match get("outputs") {
+        None => Some(Outputs::default()),
+        Some((_, v)) => outputs(cx, v),
+    };
+    if let Some((_, v)) = get("distribution") {
+        distribution(cx, v);
+    }
+    parts
+}
+
+fn name(cx: &mut Cx<'_>, node: &Node) -> Option<String> {
+    let text = cx.string(node, "`name`")?;
+    let mut bad: Vec<char> = text
+        .chars()
+        .filter(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+        .collect();
+    bad.sort_unstable();
+    bad.dedup();
+    if !bad.is_empty() {
+        let fixed: String = text
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        let shown: String = bad
+            .iter()
+            .map(|c| format!("`{c}`"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        cx.error(
+            node.span,
+            format!("name `{text}` holds {shown}; names may hold letters, digits, `-` and `_`"),
+            Some(format!(
+                "names become store references (`name/1.0.0`) and file names: write `{fixed}`"
+            )),
+        );
+        return None;
+    }
+    if text.len() > 128 {
+        cx.error(
+            node.span,
+            format!("name is {} characters long; the maximum is 128", text.len()),
+            None,
+        );
+        return None;
+    }
+    if text.starts_with(['-', '_']) {
+        cx.error(
+            node.span,
+            format!("name `{text}` must start with a letter or digit"),
+            None,
+        );
+        return None;
+    }
+    Some(text)
+}
+
+fn version(cx: &mut Cx<'_>, node: &Node) -> Option<Version> {
+    let text = cx.string(node, "`version`")?;
+    match text.parse::<Version>() {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let hint = e.hint().or_else(|| {
+                text.contains(['x', 'X']).then(|| {
+                    "a recipe has an exact version; wildcards (`1.x.x`) select a parent image from the store".to_string()
+                })
+            });
+            cx.error(node.span, e.to_string(), hint);
+            None
+        }
+    }
+}
+
+/// `name/1.2.3`, `name/1.x.x`, `name/1.2.3/4`: a previous build in the store.
+fn looks_like_store_reference(text: &str) -> bool {
+    let mut parts = text.splitn(2, '/');
+    let (Some(name), Some(version)) = (parts.next(), parts.next()) else {
+        return false;
+    };
+    let name_ok = name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    let version = version.split_once('/').map_or(version, |(v, _)| v);
+    let nodes: Vec<&str> = version.split('.').collect();
+    name_ok
+        && nodes.len() == 3
+        && nodes.iter().all(|n| {
+            !n.is_empty()
+                && n.chars()
+                    .all(|c| c.is_ascii_digit() || matches!(c, 'x' | 'X' | '*'))
+        })
+}
+
+fn parent(cx: &mut Cx<'_>, node: &Node) -> Option<Located<ParentImage>> {
+    let value = if node.as_mapping().is_some() {
+        parent_mapping(cx, node)?
+    } else {
+        let text = cx.string(node, "`parentImage`")?;
+        if let Some((scheme, _)) = text.split_once("://") {
+            url_without_pin(cx, node, scheme, &text);
+            return None;
+        }
+        if looks_like_store_reference(&text) {
+            store_reference(cx, node, &text)?
+        } else {
+            ParentImage::File {
+                path: file_path(cx, node, &text)?,
+                sha256: None,
+            }
+        }
+    };
+    Some(Located {
+        value,
+        span: node.span,
+    })
+}
+
+fn url_without_pin(cx: &mut Cx<'_>, node: &Node, scheme: &str, text: &str) {
+    match scheme {
+        "http" | "https" => cx.error(
+            node.span,
+            "a parent image from a URL needs its sha256",
+            Some(format!(
+                "pin it: `parentImage: {{url: {text}, sha256: <64 hex digits>}}`"
+            )),
+        ),
+        "oci" => oci_not_supported(cx, node.span),
+        other => cx.error(
+            node.span,
+            format!("unsupported URL scheme `{other}://` for `parentImage`"),
+            Some(
+                "use `https://` (with `sha256`), a local path, or a store image `name/1.x.x`"
+                    .to_string(),
+            ),
+        ),
+    }
+}
+
+fn oci_not_supported(cx: &mut Cx<'_>, span: Span) {
+    cx.error(
+        span,
+        "parent images from OCI registries (`oci://`) are not supported yet",
+        Some(
+            "use a local file, an `https://` URL with `sha256`, or a previous build `name/1.x.x`"
+                .to_string(),
+        ),
+    );
+}
+
+fn store_reference(cx: &mut Cx<'_>, node: &Node, text: &str) -> Option<ParentImage> {
+    let (name, version) = text.split_once('/')?;
+    match version.parse::<VersionPattern>() {
+        Ok(version) => Some(ParentImage::Store {
+            name: name.to_string(),
+            version,
+        }),
+        Err(e) => {
+            let at = name.len() + 1;
+            let span = cx.inner_span(node, at, text.len(), text);
+            cx.error(span, e.to_string(), e.hint());
+            None
+        }
+    }
+}
+
+/// A local path; `${VAR}` must be well formed (it is replaced when the plan is made).
+fn file_path(cx: &mut Cx<'_>, node: &Node, text: &str) -> Option<String> {
+    let mut ok = true;
+    let mut rest = 0;
+    while let Some(open) = text[rest..].find("${").map(|i| i + rest) {
+        let Some(close) = text[open..].find('}').map(|i| i + open) else {
+            let span = cx.inner_span(node, open, text.len(), text);
+            cx.error(
+                span,
+                "`${` is never closed",
+                Some("write `${NAME}` to use the environment variable NAME".to_string()),
+            );
+            ok = false;
+            break;
+        };
+        let var = &text[open + 2..close];
+        let valid = var.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            let span = cx.inner_span(node, open, close + 1, text);
+            cx.error(
+                span,
+                format!(
+                    "`{}` is not an environment variable reference",
+                    &text[open..=close]
+                ),
+                Some("write `${NAME}` with letters, digits and `_` only".to_string()),
+            );
+            ok = false;
+        }
+        rest = close + 1;
+    }
+    ok.then(|| text.to_string())
+}
+
+fn sha256(cx: &mut Cx<'_>, node: &Node) -> Option<Sha256> {
+    let text = cx.string(node, "`sha256`")?;
+    match Sha256::parse(&text) {
+        Some(d) => Some(d),
+        None => {
+            cx.error(
+                node.span,
+                format!(
+                    "`sha256` must be 64 hex digits, found {} characters",
+                    text.chars().count()
+                ),
+                Some("compute it with `sha256sum <file>`".to_string()),
+            );
+            None
+        }
+    }
+}
+
+fn parent_mapping(cx: &mut Cx<'_>, node: &Node) -> Option<ParentImage> {
+    let entries = cx.mapping(node, "`parentImage`", PARENT_KEYS)?;
+    let get = |key: &str| entries.iter().find(|(k, _)| k.as_str() == Some(key));
+    let given: Vec<&str> = ["path", "url", "image"]
+        .into_iter()
+        .filter(|k| get(k).is_some())
+        .collect();
+    if given.len() != 1 {
+        let message = if given.is_empty() {
+            "`parentImage` needs one of `path`, `url` or `image`".to_string()
+        } else {
+            format!("`parentImage` has {}; give only one", one_of(&given))
+        };
+        cx.error(node.span, message, None);
+        return None;
+    }
+    let digest = get("sha256").map(|(_, v)| sha256(cx, v));
+    match given[0] {
+        "path" => {
+            let (_, v) = get("path")?;
+            let text = cx.string(v, "`path`")?;
+            let path = file_path(cx, v, &text)?;
+            Some(ParentImage::File {
+                path,
+                sha256: digest.flatten(),
+            })
+        }
+        "url" => {
+            let (key, v) = get("url")?;
+            let url = cx.string(v, "`url`")?;
+            match url.split_once("://").map(|(s, _)| s) {
+                Some("http" | "https") => {}
+                Some("oci") => {
+                    oci_not_supported(cx, v.span);
+                    return None;
+                }
+                _ => {
+                    cx.error(
+                        v.span,
+                        format!("`url` must start with `https://` or `http://`, found `{url}`"),
+                        None,
+                    );
+                    return None;
+                }
+            }
+            match digest {
+                Some(d) => Some(ParentImage::Url { url, sha256: d? }),
+                None => {
+                    cx.error(
+                        key.span,
+                        "a parent image from a URL needs its sha256",
+                        Some("add `sha256: <64 hex digits>` next to `url` (the publisher's SHA256SUMS has it)".to_string()),
+                    );
+                    None
+                }
+            }
+        }
+        _ => {
+            let (_, v) = get("image")?;
+            let text = cx.string(v, "`image`")?;
+            if let Some((key, _)) = get("sha256") {
+                cx.error(
+                    key.span,
+                    "`sha256` cannot pin a store image",
+                    Some("name one build exactly instead: `image: name/1.2.0/3`".to_string()),
+                );
+                return None;
+            }
+            if !looks_like_store_reference(&text) {
+                cx.error(
+                    v.span,
+                    format!("`{text}` is not a store image reference"),
+                    Some("write `name/1.2.0`, `name/1.x.x` or `name/1.2.0/3`".to_string()),
+                );
+                return None;
+            }
+            store_reference(cx, v, &text)
+        }
+    }
+}
+
+pub(super) fn component_list(
+    cx: &mut Cx<'_>,
+    node: &Node,
+    what: &str,
+) -> Option<Vec<ComponentUse>> {
+    if node.is_null() {
+        return Some(Vec::new());
+    }
+    let Some(items) = node.as_sequence() else {
+        cx.not_a(node, what, "a list of `- path: …` entries");
+        return None;
+    };
+    Some(
+        items
+            .iter()
+            .filter_map(|item| component_use(cx, item))
+            .collect(),
+    )
+}
+
+fn component_use(cx: &mut Cx<'_>, item: &Node) -> Option<ComponentUse> {
+    if let Some(text) = item.as_str().filter(|_| !item.is_null()) {
+        cx.error(
+            item.span,
+            "a component entry must be a mapping",
+            Some(format!("write `- path: {text}`")),
+        );
+        return None;
+    }
+    let entries = cx.mapping(item, "a component entry", COMPONENT_KEYS)?;
+    let get = |key: &str| entries.iter().find(|(k, _)| k.as_str() == Some(key));
+    let path = match get("path") {
+        None => {
+            cx.error(
+                item.span,
+                "a component entry has no `path`",
+                Some("add `path: components/x.yml` (relative to the recipe)".to_string()),
+            );
+            None
+        }
+        Some((_, v)) => cx.string(v, "`path`").map(|p| Located {
+            value: p,
+            span: v.span,
+        }),
+    };
+    let parameters = match get("parameters") {
+        None => Some(Vec::new()),
+        Some((_, v)) => parameters(cx, v),
+    };
+    Some(ComponentUse {
+        path: path?,
+        parameters: parameters?,
+        span: item.span,
+    })
+}
+
+fn parameters(cx: &mut Cx<'_>, node: &Node) -> Option<Vec<ParameterValue>> {
+    if node.is_null() {
+        return Some(Vec::new());
+    }
+    if node.as_sequence().is_some() {
+        cx.error(
+            node.span,
+            "`parameters` must be a mapping of names to values",
+            Some("write `parameters: {name: value}`; Image Builder's `- name: … value: [...]` list is not used here".to_string()),
+        );
+        return None;
+    }
+    let entries = node.as_mapping();
+    let Some(entries) = entries else {
+        cx.not_a(node, "`parameters`", "a mapping of names to values");
+        return None;
+    };
+    let mut out = Vec::new();
+    let mut ok = true;
+    for (key, value) in entries {
+        let Some(name) = cx.string(key, "a parameter name") else {
+            ok = false;
+            continue;
+        };
+        let what = format!("parameter `{name}`");
+        let text = if let Some(items) = value.as_sequence() {
+            let mut texts = Vec::new();
+            for item in items {
+                match item.as_str().filter(|_| !item.is_null()) {
+                    Some(s) => texts.push(s.to_string()),
+                    None => {
+                        cx.not_a(item, &format!("an item of {what}"), "text");
+                        ok = false;
+                    }
+                }
+            }
+            Some(texts.join(","))
+        } else if value.is_null() {
+            cx.error(
+                value.span,
+                format!("{what} has no value"),
+                Some(format!("write `{name}: \"\"` to pass an empty value")),
+            );
+            None
+        } else {
+            match value.as_str() {
+                Some(s) => Some(s.to_string()),
+                None => {
+                    cx.not_a(value, &what, "text or a list of texts");
+                    None
+                }
+            }
+        };
+        match text {
+            Some(value) => out.push(ParameterValue {
+                name,
+                value,
+                span: key.span,
+            }),
+            None => ok = false,
+        }
+    }
+    ok.then_some(out)
+}
+
+fn working_directory(cx: &mut Cx<'_>, node: &Node) -> Option<String> {
+    let text = cx.string(node, "`workingDirectory`")?;
+    if !text.starts_with('/') {
+        cx.error(
+            node.span,
+            format!("`workingDirectory` must be an absolute path in the guest, found `{text}`"),
+            Some(format!("write `/{}`", text.trim_start_matches("./"))),
+        );
+        return None;
+    }
+    Some(text)
+}
+
+fn user_data(cx: &mut Cx<'_>, node: &Node) -> Option<String> {
+    let text = cx.optional_string(node, "`userData`")?;
+    if text.lines().next().map(str::trim_end) != Some("#cloud-config") {
+        cx.error(
+            node.span,
+            "`userData` must be a cloud-config document starting with `#cloud-config`",
+            Some("it is merged into the build VM's cloud-init seed; write `userData: |` then `#cloud-config` on the next line".to_string()),
+        );
+        return None;
+    }
+    let (root, problems) = crate::yaml::parse(&text);
+    if let Some(first) = problems.first() {
+        cx.error(
+            node.span,
+            format!(
+                "`userData` is not valid YAML: {} (line {} of the user data)",
+                first.message, first.span.line
+            ),
+            None,
+        );
+        return None;
+    }
+    if let Some(root) = root
+        && root.as_mapping().is_none()
+        && !root.is_null()
+    {
+        cx.error(
+            node.span,
+            format!(
+                "`userData` must hold a mapping of cloud-config keys, found {}",
+                root.describe()
+            ),
+            None,
+        );
+        return None;
+    }
+    Some(text)
+}
+
+/// Below this, no Linux image boots; it catches `diskSize: 8` (bytes) meant as GiB.
+const MIN_DISK: ByteSize = ByteSize::mib(64);
+
+fn disk_size(cx: &mut Cx<'_>, node: &Node) -> Option<Located<ByteSize>> {
+    let size = cx.byte_size(node, "`diskSize`")?;
+    if size < MIN_DISK {
+        cx.error(
+            node.span,
+            format!("diskSize ({size}) is below the minimum ({MIN_DISK})"),
+            (node.as_int().is_some())
+                .then(|| "a plain number is bytes; write a unit, e.g. `8GiB`".to_string()),
+        );
+        return None;
+    }
+    if !size.bytes().is_multiple_of(512) {
+        cx.error(
+            node.span,
+            format!("diskSize ({size}) is not a whole number of 512-byte sectors"),
+            Some("use a size in MiB or GiB".to_string()),
+        );
+        return None;
+    }
+    Some(Located {
+        value: size,
+        span: node.span,
+    })
+}
+
+fn infrastructure_ref(
+    cx: &mut Cx<'_>,
+    node: &Node,
+    include: Include<'_>,
+    included: &mut Vec<IncludedFile>,
+) -> Option<Infrastructure> {
+    if node.as_mapping().is_some() || node.is_null() {
+        return infrastructure(cx, node);
+    }
+    let name = cx.string(node, "`infrastructure`")?;
+    let (path, read) = include(&name);
+    let text = match read {
+        Ok(text) => text,
+        Err(e) => {
+            cx.error(
+                node.span,
+                format!(
+                    "could not read the infrastructure file `{}`: {e}",
+                    path.display()
+                ),
+                Some("the path is relative to the recipe's directory".to_string()),
+            );
+            return None;
+        }
+    };
+    let mut file_cx = Cx::new(&text);
+    let (root, problems) = crate::yaml::parse(&text);
+    file_cx.problems.extend(problems);
+    let result = match &root {
+        Some(root) => infrastructure(&mut file_cx, root),
+        None if !file_cx.problems.is_empty() => None,
+        // An empty file: every default.
+        None => Some(Infrastructure::default()),
+    };
+    let problems = std::mem::take(&mut file_cx.problems);
+    included.push(IncludedFile {
+        path,
+        text: text.clone(),
+        problems,
+    });
+    result
+}
+
+fn infrastructure(cx: &mut Cx<'_>, node: &Node) -> Option<Infrastructure> {
+    let mut infra = Infrastructure::default();
+    if node.is_null() {
+        return Some(infra);
+    }
+    let entries = cx.mapping(node, "`infrastructure`", INFRASTRUCTURE_KEYS)?;
+    let before = cx.problems.len();
+    for (key, value) in entries {
+        match key.as_str().unwrap_or_default() {
+            "cpus" => {
+                if let Some(n) = cx.number(value, "cpus", 1, u64::from(MAX_CPUS)) {
+                    infra.cpus = n as u32;
+                }
+            }
+            "memory" => {
+                if let Some(size) = cx.byte_size(value, "memory") {
+                    if size < MIN_MEMORY {
+                        let hint = value.as_int().map(|_| {
+                            "a plain number is bytes; write a unit, e.g. `2GiB`".to_string()
+                        });
+                        cx.error(
+                            value.span,
+                            format!("memory ({size}) is below the minimum ({MIN_MEMORY})"),
+                            hint,
+                        );
+                    } else {
+                        infra.memory = size;
+                    }
+                }
+            }
+            "accelerator" => {
+                if let Some(a) = cx.word(
+                    value,
+                    "accelerator",
+                    Accelerator::NAMES,
+                    Accelerator::from_name,
+                ) {
+                    infra.accelerator = a;
+                }
+            }
+            "firmware" => {
+                if let Some(f) = cx.word(value, "firmware", Firmware::NAMES, Firmware::from_name) {
+                    infra.firmware = f;
+                }
+            }
+            "network" => {
+                if let Some(n) = cx.word(value, "network", Network::NAMES, Network::from_name) {
+                    infra.network = n;
+                }
+            }
+            "bootTimeoutSeconds" => {
+                if let Some(n) = cx.number(value, "bootTimeoutSeconds", 1, MAX_TIMEOUT_SECS) {
+                    infra.boot_timeout_secs = n;
+                }
+            }
+            "buildTimeoutSeconds" => {
+                if let Some(n) = cx.number(value, "buildTimeoutSeconds", 1, MAX_TIMEOUT_SECS) {
+                    infra.build_timeout_secs = n;
+                }
+            }
+            "shutdownTimeoutSeconds" => {
+                if let Some(n) = cx.number(value, "shutdownTimeoutSeconds", 1, MAX_TIMEOUT_SECS) {
+                    infra.shutdown_timeout_secs = n;
+                }
+            }
+            "keepOnFailure" => {
+                if let Some(b) = cx.boolean(value, "keepOnFailure") {
+                    infra.keep_on_failure = b;
+                }
+            }
+            _ => {}
+        }
+    }
+    (cx.problems.len() == before).then_some(infra)
+}
+
+fn tests(cx: &mut Cx<'_>, node: &Node) -> Option<Tests> {
+    let mut tests = Tests::default();
+    if node.is_null() {
+        return Some(tests);
+    }
+    let entries = cx.mapping(node, "`tests`", TESTS_KEYS)?;
+    let before = cx.problems.len();
+    for (key, value) in entries {
+        match key.as_str().unwrap_or_default() {
+            "enabled" => {
+                if let Some(b) = cx.boolean(value, "`enabled`") {
+                    tests.enabled = b;
+                }
+            }
+            "timeoutSeconds" => {
+                if let Some(n) = cx.number(value, "timeoutSeconds", 1, MAX_TIMEOUT_SECS) {
+                    tests.timeout_secs = n;
+                }
+            }
+            "components" => {
+                if let Some(list) = component_list(cx, value, "`tests.components`") {
+                    tests.components = list;
+                }
+            }
+            _ => {}
+        }
+    }
+    (cx.problems.len() == before).then_some(tests)
+}
+
+fn outputs(cx: &mut Cx<'_>, node: &Node) -> Option<Outputs> {
+    let mut outputs = Outputs::default();
+    if node.is_null() {
+        return Some(outputs);
+    }
+    let entries = cx.mapping(node, "`outputs`", OUTPUTS_KEYS)?;
+    let before = cx.problems.len();
+    let mut compression_span = None;
+    for (key, value) in entries {
+        match key.as_str().unwrap_or_default() {
+            "formats" => {
+                if let Some(formats) = formats(cx, key, value) {
+                    outputs.formats = formats;
+                }
+            }
+            "compression" => {
+                compression_span = Some(key.span);
+                if let Some(c) = cx.word(
+                    value,
+                    "compression",
+                    Compression::NAMES,
+                    Compression::from_name,
+                ) {
+                    outputs.compression = c;
+                }
+            }
+            "name" => {
+                if let Some(text) = cx.string(value, "`name`") {
+                    match NameTemplate::parse(&text) {
+                        Ok(t) => outputs.name = t,
+                        Err(errors) => {
+                            for e in errors {
+                                let span = cx.inner_span(value, e.start, e.end, &text);
+                                cx.error(span, e.message, e.hint);
+                            }
+                        }
+                    }
+                }
+            }
+            "directory" => outputs.directory = cx.optional_string(value, "`directory`"),
+            _ => {}
+        }
+    }
+    let ok = cx.problems.len() == before;
+    if let Some(span) = compression_span
+        && !outputs.formats.contains(&Format::Qcow2)
+    {
+        cx.warning(
+            span,
+            "`compression` applies to the qcow2 output only, and no qcow2 output is requested",
+            Some("add `qcow2` to `formats` or remove `compression`".to_string()),
+        );
+    }
+    ok.then_some(outputs)
+}
+
+fn formats(cx: &mut Cx<'_>, key: &Node, node: &Node) -> Option<Vec<Format>> {
+    let Some(items) = node.as_sequence() else {
+        let hint = node
+            .as_str()
+            .map(|s| format!("write a list: `formats: [{s}]`"));
+        cx.error(
+            node.span,
+            format!("`formats` must be a list, found {}", node.describe()),
+            hint,
+        );
+        return None;
+    };
+    if items.is_empty() {
+        cx.error(
+            key.span,
+            "`formats` is empty",
+            Some(format!("list at least one of {}", one_of(Format::NAMES))),
+        );
+        return None;
+    }
+    let mut out: Vec<Format> = Vec::new();
+    let mut ok = true;
+    for item in items {
+        match cx.word(item, "output format", Format::NAMES, Format::from_name) {
+            Some(f) if out.contains(&f) => {
+                cx.error(item.span, format!("format `{f}` is listed twice"), None);
+                ok = false;
+            }
+            Some(f) => out.push(f),
+            None => ok = false,
+        }
+    }
+    ok.then_some(out)
+}
+
+fn distribution(cx: &mut Cx<'_>, node: &Node) {
+    if node.is_null() {
+        return;
+    }
+    let Some(items) = node.as_sequence() else {
+        cx.not_a(node, "`distribution`", "a list");
+        return;
+    };
+    for item in items {
+        cx.error(
+            item.span,
+            "distribution targets are not supported yet",
+            Some("remove the entry; every build is kept in the local store, and `outputs.directory` copies the files".to_string()),
+        );
+    }
+}
+
+/// Where `relative` (as written in the recipe) is, given the recipe's path.
+pub fn resolve_relative(recipe_path: &Path, relative: &str) -> PathBuf {
+    let base = recipe_path.parent().unwrap_or(Path::new(""));
+    base.join(relative)
+}
