@@ -1,12 +1,474 @@
-//! `builder vm exec|shell`.
+//! `builder vm exec|shell`: throwaway VMs from a disk image, driven through the agent.
+//! [`run_in_vm`] is the shared path (boot, wait until ready, work, shut down, clean up, and
+//! the same on Ctrl-C/SIGTERM) that `component run --target vm:IMAGE` uses too.
 
-use clap::Subcommand;
+use std::future::Future;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
-use super::CliResult;
+use anstream::eprintln;
+use anstyle::Style;
+use clap::{Args, Subcommand};
+
+use super::{CliResult, EXIT_FAILED, Failure};
+use builder::build::undo::Outcome;
+use builder::target::agent::InteractiveEvent;
+use builder::target::{ExecRequest, ExitStatus, OutputSink, OutputStream};
+use builder::vm::session::{Session, SessionOptions};
+use builder::vm::{AccelChoice, ErrorClass, Firmware, GuestChannel, Network, VmError, VmOptions};
 
 #[derive(Debug, Subcommand)]
-pub enum VmCommand {}
+pub enum VmCommand {
+    /// Boot a throwaway VM from an image, run one command in it through the agent, print its
+    /// output as it comes, shut the VM down and exit with the command's status. The image is
+    /// never modified (the VM writes to a temporary overlay).
+    Exec(ExecArgs),
+    /// Boot a throwaway VM from an image and open an interactive shell in it through the
+    /// agent (no SSH, no network needed).
+    Shell(ShellArgs),
+}
+
+/// How to boot the VM; shared by `vm exec`, `vm shell` and `component run --target vm:`.
+#[derive(Debug, Clone, Args)]
+pub struct VmArgs {
+    /// Accelerator: `auto` uses KVM only when a probe shows it works, else TCG.
+    #[arg(long, default_value = "auto", value_parser = parse_accel)]
+    pub accel: AccelChoice,
+    /// Guest memory, e.g. `1G`, `1536M` (MiB without a unit).
+    #[arg(long, default_value = "1G", value_parser = parse_mib)]
+    pub memory: u64,
+    /// Virtual CPUs.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub cpus: u32,
+    /// Guest network: `none` (no network card) or `user` (outbound NAT only, no port open
+    /// on the host).
+    #[arg(long, default_value = "none", value_parser = parse_network)]
+    pub network: Network,
+    /// Platform firmware: `bios` or `uefi` (OVMF, from QEMU's firmware descriptors).
+    #[arg(long, default_value = "bios", value_parser = parse_firmware)]
+    pub firmware: Firmware,
+    /// Grow the VM's disk to this size, e.g. `10G` (the image itself is never changed).
+    #[arg(long, value_parser = parse_bytes)]
+    pub disk_size: Option<u64>,
+    /// Seconds from QEMU's start until the agent answers and cloud-init is done.
+    #[arg(long, default_value_t = 600, value_name = "SECS")]
+    pub boot_timeout: u64,
+    /// On failure, keep the VM's disk and logs and print where they are.
+    #[arg(long)]
+    pub keep_on_failure: bool,
+    /// Do not wait for cloud-init to finish before running (the agent is up earlier).
+    #[arg(long)]
+    pub no_cloud_init_wait: bool,
+    /// Your own cloud-init user data (`#cloud-config` or a `#!` script), combined with
+    /// builder's. Never put secrets here.
+    #[arg(long, value_name = "FILE")]
+    pub user_data: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// The base image (qcow2 or raw) to boot.
+    #[arg(long, value_name = "IMAGE")]
+    image: PathBuf,
+    #[command(flatten)]
+    vm: VmArgs,
+    /// Kill the command after this many seconds.
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<u64>,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ShellArgs {
+    /// The base image (qcow2 or raw) to boot.
+    #[arg(long, value_name = "IMAGE")]
+    image: PathBuf,
+    #[command(flatten)]
+    vm: VmArgs,
+}
+
+fn parse_accel(s: &str) -> Result<AccelChoice, String> {
+    s.parse()
+}
+
+fn parse_firmware(s: &str) -> Result<Firmware, String> {
+    s.parse()
+}
+
+fn parse_network(s: &str) -> Result<Network, String> {
+    match s {
+        "none" => Ok(Network::None),
+        "user" => Ok(Network::User),
+        other => Err(format!(
+            "unknown network `{other}`; expected `none` or `user`"
+        )),
+    }
+}
+
+/// `10G`, `512M`, `1536K`, `1T` or a plain number of bytes.
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, unit) = t
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((t, ""), |i| t.split_at(i));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size; write it like `10G` or `512M`"))?;
+    let mult: u64 = match unit
+        .trim_end_matches(['i', 'B', 'b'])
+        .to_ascii_uppercase()
+        .as_str()
+    {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        "T" => 1 << 40,
+        _ => return Err(format!("unknown unit in `{s}`; use K, M, G or T")),
+    };
+    n.checked_mul(mult)
+        .filter(|&b| b > 0)
+        .ok_or_else(|| format!("`{s}` is out of range"))
+}
+
+/// Memory in MiB: a plain number is MiB.
+fn parse_mib(s: &str) -> Result<u64, String> {
+    if s.trim().chars().all(|c| c.is_ascii_digit()) {
+        let mib: u64 = s
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}` is not a size"))?;
+        if mib < 128 {
+            return Err(format!(
+                "{mib} MiB is too little memory for a VM (at least 128M)"
+            ));
+        }
+        return Ok(mib);
+    }
+    let bytes = parse_bytes(s)?;
+    let mib = bytes >> 20;
+    if mib < 128 {
+        return Err(format!(
+            "`{s}` is too little memory for a VM (at least 128M)"
+        ));
+    }
+    Ok(mib)
+}
+
+impl VmArgs {
+    /// Session options for booting `image` with our agent.
+    pub fn session_options(&self, image: PathBuf) -> Result<SessionOptions, Failure> {
+        let user_data = match &self.user_data {
+            None => None,
+            Some(p) => Some(std::fs::read_to_string(p).map_err(|e| {
+                Failure::input(
+                    anyhow::Error::new(e)
+                        .context(format!("could not read the user data `{}`", p.display())),
+                )
+            })?),
+        };
+        let mut vm = VmOptions::new(image);
+        vm.accel = self.accel;
+        vm.cpus = self.cpus;
+        vm.memory_mib = self.memory;
+        vm.network = self.network;
+        vm.firmware = self.firmware;
+        vm.disk_size = self.disk_size;
+        vm.keep_on_failure = self.keep_on_failure;
+        vm.channel = GuestChannel::Agent { user_data };
+        let mut options = SessionOptions::new(vm);
+        options.boot_timeout = Duration::from_secs(self.boot_timeout);
+        options.wait_cloud_init = !self.no_cloud_init_wait;
+        Ok(options)
+    }
+}
+
+/// One progress line on stderr.
+pub fn progress(message: &str) {
+    let dim = Style::new().dimmed();
+    eprintln!("{dim}vm:{dim:#} {message}");
+}
+
+fn progress_fn() -> &'static (dyn Fn(&str) + Send + Sync) {
+    &progress
+}
+
+/// A VM error as a CLI failure with the right exit code and hint.
+pub fn vm_failure(e: VmError) -> Failure {
+    let code = match e.class() {
+        ErrorClass::Input => super::EXIT_INPUT,
+        ErrorClass::Host => super::EXIT_HOST,
+        ErrorClass::Failed => EXIT_FAILED,
+    };
+    let hint = e.hint();
+    let mut f = Failure::new(code, e);
+    if let Some(h) = hint {
+        f = f.with_hint(h);
+    }
+    f
+}
+
+/// Resolves when the user interrupts builder (Ctrl-C, SIGTERM, SIGHUP), with the signal name.
+pub async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return "SIGINT";
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+        _ = hup.recv() => "SIGHUP",
+    }
+}
+
+/// Boot a VM for `options`, wait until it is ready, run `work` on its target while watching
+/// the VM, shut it down and release everything. `success` says whether `work`'s result counts
+/// as a success (for keep-on-failure). On Ctrl-C/SIGTERM the VM is killed, its files removed,
+/// and the result is the "interrupted" failure (exit 130).
+pub async fn run_in_vm<T, F, Fut>(
+    options: SessionOptions,
+    success: impl Fn(&T) -> bool,
+    work: F,
+) -> Result<T, Failure>
+where
+    F: FnOnce(Arc<Session>) -> Fut,
+    Fut: Future<Output = Result<T, Failure>>,
+{
+    let keep = options.vm.keep_on_failure;
+    let whole = async {
+        let session = Session::open(options, progress_fn())
+            .await
+            .map_err(vm_failure)?;
+        let session = Arc::new(session);
+        let result = match session.guard(work(session.clone())).await {
+            Ok(r) => r,
+            Err(e) => Err(vm_failure(e)),
+        };
+        let outcome = match &result {
+            Ok(v) if success(v) => Outcome::Success,
+            _ => Outcome::Failure,
+        };
+        // `work` is done and dropped its handles: we hold the only one.
+        let report = match Arc::try_unwrap(session) {
+            Ok(session) => session.close(outcome, progress_fn()).await.unwind,
+            Err(shared) => {
+                drop(shared);
+                Default::default()
+            }
+        };
+        report.print();
+        result
+    };
+    tokio::select! {
+        r = whole => r,
+        sig = interrupted() => {
+            // Dropping `whole` dropped the VM: its undo list killed QEMU and removed its files.
+            eprintln!("{sig}: stopped the VM and removed its files{}", if keep { " (kept what --keep-on-failure keeps)" } else { "" });
+            Err(Failure::interrupted())
+        }
+    }
+}
 
 pub async fn main(command: VmCommand) -> CliResult {
-    match command {}
+    match command {
+        VmCommand::Exec(args) => exec(args).await,
+        VmCommand::Shell(args) => shell(args).await,
+    }
+}
+
+/// Passes a command's output straight to our stdout/stderr as it comes.
+struct Passthrough;
+
+impl OutputSink for Passthrough {
+    fn output(&self, stream: OutputStream, data: &[u8]) {
+        match stream {
+            OutputStream::Stdout => {
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(data);
+                let _ = out.flush();
+            }
+            OutputStream::Stderr => {
+                let mut err = std::io::stderr().lock();
+                let _ = err.write_all(data);
+                let _ = err.flush();
+            }
+        }
+    }
+}
+
+fn exit_code(status: ExitStatus, timeout: Option<u64>) -> CliResult {
+    match status {
+        ExitStatus::Exited(c) => Ok(u8::try_from(c & 0xff).unwrap_or(EXIT_FAILED)),
+        ExitStatus::Signaled(s) => {
+            eprintln!("the command was killed by signal {s}");
+            Ok(u8::try_from((128 + s) & 0xff).unwrap_or(EXIT_FAILED))
+        }
+        ExitStatus::TimedOut => Err(Failure::failed(anyhow::anyhow!(
+            "the command timed out after {} s and was killed",
+            timeout.unwrap_or_default()
+        ))),
+    }
+}
+
+async fn exec(args: ExecArgs) -> CliResult {
+    let options = args.vm.session_options(args.image.clone())?;
+    let request =
+        ExecRequest::argv(args.command.clone()).with_timeout(args.timeout.map(Duration::from_secs));
+    let status = run_in_vm(
+        options,
+        |s: &ExitStatus| s.success(),
+        |session| async move {
+            let target = session.target();
+            target
+                .exec(&request, &Passthrough)
+                .await
+                .map(|o| o.status)
+                .map_err(|e| {
+                    Failure::failed(anyhow::Error::new(e).context(format!(
+                        "could not run `{}` in the VM",
+                        request_words(&request)
+                    )))
+                })
+        },
+    )
+    .await?;
+    exit_code(status, args.timeout)
+}
+
+fn request_words(request: &ExecRequest) -> String {
+    match &request.program {
+        builder::target::Program::Argv(a) => a.join(" "),
+        builder::target::Program::Script { interpreter, .. } => format!("{interpreter} script"),
+    }
+}
+
+/// Puts the local terminal in raw mode while it lives, and restores it.
+struct RawTerminal {
+    saved: nix::sys::termios::Termios,
+}
+
+impl RawTerminal {
+    fn enable() -> Option<RawTerminal> {
+        use nix::sys::termios::{SetArg, cfmakeraw, tcgetattr, tcsetattr};
+        let stdin = std::io::stdin();
+        let saved = tcgetattr(&stdin).ok()?;
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        tcsetattr(&stdin, SetArg::TCSANOW, &raw).ok()?;
+        Some(RawTerminal { saved })
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        let _ = nix::sys::termios::tcsetattr(
+            std::io::stdin(),
+            nix::sys::termios::SetArg::TCSANOW,
+            &self.saved,
+        );
+    }
+}
+
+fn window_size() -> Option<(u16, u16)> {
+    terminal_size::terminal_size_of(std::io::stdin())
+        .map(|(terminal_size::Width(w), terminal_size::Height(h))| (h, w))
+}
+
+async fn shell(args: ShellArgs) -> CliResult {
+    use std::io::IsTerminal;
+    let options = args.vm.session_options(args.image.clone())?;
+    let tty = std::io::stdin().is_terminal();
+    let status = run_in_vm(
+        options,
+        |_: &ExitStatus| true,
+        |session| async move {
+            let mut request = ExecRequest::bash(
+                "if command -v bash >/dev/null 2>&1; then exec bash -l; else exec sh -l; fi",
+            );
+            if let Ok(term) = std::env::var("TERM") {
+                request.env.push(("TERM".into(), term));
+            }
+            request.cwd = Some("/root".into());
+            let pty = if tty { window_size().or(Some((24, 80))) } else { None };
+            let mut shell = session
+                .agent()
+                .start_interactive(&request, pty)
+                .await
+                .map_err(|e| Failure::failed(anyhow::Error::new(e).context("could not start a shell in the VM")))?;
+            progress("shell ready (exit it to stop the VM)");
+            let raw = if tty { RawTerminal::enable() } else { None };
+            // A plain thread reads stdin: a blocked read must not hold up the runtime's
+            // shutdown after the shell ends (tokio's stdin would).
+            let (tx, mut stdin_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 4096];
+                loop {
+                    match std::io::Read::read(&mut std::io::stdin(), &mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if tx.blocking_send(buf[..n].to_vec()).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            });
+            let mut stdin_open = true;
+            let mut winch = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()).ok();
+            let status = loop {
+                tokio::select! {
+                    ev = shell.next() => match ev {
+                        Ok(InteractiveEvent::Output(stream, data)) => Passthrough.output(stream, &data),
+                        Ok(InteractiveEvent::Exited(status)) => break Ok(status),
+                        Err(e) => break Err(Failure::failed(anyhow::Error::new(e).context("the shell connection failed"))),
+                    },
+                    data = stdin_rx.recv(), if stdin_open => match data {
+                        None => {
+                            stdin_open = false;
+                            let _ = shell.write_stdin(&[]);
+                        }
+                        Some(data) => {
+                            if let Err(e) = shell.write_stdin(&data) {
+                                break Err(Failure::failed(anyhow::Error::new(e).context("the shell connection failed")));
+                            }
+                        }
+                    },
+                    _ = async { match winch.as_mut() { Some(w) => { w.recv().await; } None => std::future::pending::<()>().await } } => {
+                        if let Some((rows, cols)) = window_size() {
+                            let _ = shell.resize(rows, cols);
+                        }
+                    }
+                }
+            };
+            drop(raw);
+            status
+        },
+    )
+    .await?;
+    exit_code(status, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("10G"), Ok(10 << 30));
+        assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert!(parse_bytes("ten").expect_err("bad").contains("`ten`"));
+        assert!(parse_bytes("5Q").expect_err("bad").contains("unit"));
+        assert_eq!(parse_mib("1G"), Ok(1024));
+        assert_eq!(parse_mib("1536"), Ok(1536));
+        assert!(parse_mib("64M").is_err());
+    }
 }

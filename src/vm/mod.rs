@@ -16,6 +16,7 @@ pub mod img;
 pub mod process;
 pub mod qmp;
 pub mod seed;
+pub mod session;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -93,6 +94,13 @@ pub struct VmOptions {
     pub work_dir: Option<PathBuf>,
     /// The QEMU system emulator; default `qemu-system-x86_64` from `PATH`.
     pub qemu: Option<PathBuf>,
+    /// Boot `image` itself, writable, instead of a throwaway overlay on it. For a caller that
+    /// made its own qcow2 overlay and keeps it after the VM (the build's disk chain).
+    /// `disk_size` is then ignored (the caller sized it). Default false.
+    pub boot_in_place: bool,
+    /// Write the serial console, QEMU's stderr and the QMP log here instead of the VM's
+    /// folder, so they outlive it (a build keeps them with its logs). Default: none.
+    pub log_dir: Option<PathBuf>,
 }
 
 impl VmOptions {
@@ -109,6 +117,8 @@ impl VmOptions {
             keep_on_failure: false,
             work_dir: None,
             qemu: None,
+            boot_in_place: false,
+            log_dir: None,
         }
     }
 }
@@ -177,8 +187,15 @@ pub enum VmError {
         section("last lines of the serial console", console_tail)
     )]
     GuestPoweredOff { console_tail: String },
+    /// Talking to the guest (its agent) failed.
+    #[error("{what}")]
+    Guest {
+        what: String,
+        #[source]
+        source: crate::target::TargetError,
+    },
     #[error(
-        "{what} did not happen within {secs} s of boot{}",
+        "timed out after {secs} s of boot waiting for {what}{}",
         section("last lines of the serial console", console_tail)
     )]
     BootTimeout {
@@ -220,6 +237,7 @@ impl VmError {
             | VmError::QmpClosed
             | VmError::GuestPanicked { .. }
             | VmError::GuestPoweredOff { .. }
+            | VmError::Guest { .. }
             | VmError::BootTimeout { .. } => ErrorClass::Failed,
         }
     }
@@ -392,7 +410,26 @@ impl RunningVm {
             ),
             undo::remove_dir(dir.clone()),
         );
-        let paths = VmPaths::new(dir);
+        // If builder dies without unwinding (SIGKILL), QEMU dies by its parent-death signal
+        // and this watcher removes the folder.
+        let watcher = process::spawn_dir_watcher(&dir).map_err(VmError::Spawn)?;
+        let (wpid, wexit) = (watcher.pid(), watcher.exit_watch());
+        undo.push(format!("stop the folder watcher pid {wpid}"), move || {
+            process::kill_group(wpid, &wexit)
+        });
+        let mut paths = VmPaths::new(dir);
+        if options.boot_in_place {
+            paths.disk = options.image.clone();
+        }
+        if let Some(logs) = &options.log_dir {
+            std::fs::create_dir_all(logs).map_err(|source| VmError::WorkDir {
+                path: logs.display().to_string(),
+                source,
+            })?;
+            paths.console_log = logs.join("console.log");
+            paths.qemu_log = logs.join("qemu.log");
+            paths.qmp_log = logs.join("qmp.log");
+        }
         if paths.qga_socket.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(VmError::SocketPathTooLong {
                 dir: paths.dir.display().to_string(),
@@ -403,9 +440,11 @@ impl RunningVm {
             source,
         };
 
-        img::create_overlay(&options.image, base_format, &paths.disk, options.disk_size)
-            .await
-            .map_err(VmError::Overlay)?;
+        if !options.boot_in_place {
+            img::create_overlay(&options.image, base_format, &paths.disk, options.disk_size)
+                .await
+                .map_err(VmError::Overlay)?;
+        }
 
         let mut ports = Vec::new();
         let seed = match &options.channel {
@@ -457,7 +496,11 @@ impl RunningVm {
             memory_mib: options.memory_mib,
             firmware,
             disk: paths.disk.clone(),
-            disk_format: DiskFormat::Qcow2,
+            disk_format: if options.boot_in_place {
+                base_format
+            } else {
+                DiskFormat::Qcow2
+            },
             seed,
             ports,
             network: options.network,
@@ -548,6 +591,17 @@ impl RunningVm {
         process::tail(&self.paths.console_log, lines)
     }
 
+    /// The last lines of the serial console, or a note that it stayed empty.
+    fn console_tail_or_note(&self) -> String {
+        let tail = self.console_tail(CONSOLE_TAIL_LINES);
+        if tail.trim().is_empty() {
+            "(the serial console printed nothing: is the image bootable, with console=ttyS0?)"
+                .into()
+        } else {
+            tail
+        }
+    }
+
     /// The error for the fault that ended the VM, if one did.
     fn fault_error(&self) -> Option<VmError> {
         let fault = self.fault.borrow().clone()?;
@@ -608,7 +662,7 @@ impl RunningVm {
             Err(_) => Err(VmError::BootTimeout {
                 what: what.to_string(),
                 secs: timeout.as_secs(),
-                console_tail: self.console_tail(CONSOLE_TAIL_LINES),
+                console_tail: self.console_tail_or_note(),
             }),
         }
     }
@@ -724,6 +778,24 @@ impl ChannelConnector {
 
     pub async fn connect(&self) -> std::io::Result<tokio::net::UnixStream> {
         tokio::net::UnixStream::connect(&self.socket).await
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::target::agent::Connector for ChannelConnector {
+    async fn connect(
+        &self,
+    ) -> Result<Box<dyn crate::target::agent::AgentStream>, crate::target::TargetError> {
+        let stream = ChannelConnector::connect(self).await.map_err(|e| {
+            crate::target::TargetError::io(
+                format!(
+                    "could not connect to the guest channel {}",
+                    self.socket.display()
+                ),
+                e,
+            )
+        })?;
+        Ok(Box::new(stream))
     }
 }
 

@@ -101,6 +101,15 @@ impl Child {
 /// dies (so spawn from a long-lived thread: a tokio worker or the main thread, never a
 /// `spawn_blocking` thread that may retire).
 pub fn spawn(program: &Path, args: &[String], stderr_log: &Path) -> Result<Child, ProcessError> {
+    spawn_with_death_signal(program, args, stderr_log, Signal::SIGKILL)
+}
+
+fn spawn_with_death_signal(
+    program: &Path,
+    args: &[String],
+    stderr_log: &Path,
+    death_signal: Signal,
+) -> Result<Child, ProcessError> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -123,7 +132,7 @@ pub fn spawn(program: &Path, args: &[String], stderr_log: &Path) -> Result<Child
     // async-signal-safe system calls (prctl, getppid); it allocates nothing and takes no lock.
     unsafe {
         cmd.pre_exec(move || {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
+            nix::sys::prctl::set_pdeathsig(death_signal).map_err(std::io::Error::from)?;
             // The parent may have died between fork and prctl: then no signal would ever come.
             if nix::unistd::getppid().as_raw().unsigned_abs() != parent {
                 return Err(std::io::Error::other("builder exited while starting QEMU"));
@@ -158,6 +167,27 @@ pub fn spawn(program: &Path, args: &[String], stderr_log: &Path) -> Result<Child
         let _ = tx.send(Some(exit));
     });
     Ok(Child { pid, exit })
+}
+
+/// Start a watcher that removes `dir` if builder dies without unwinding (SIGKILL, a crash):
+/// a shell whose parent-death signal is SIGTERM, on which it runs `rm -rf`.
+/// The normal path kills the watcher's group with [`kill_group`] first (SIGKILL, no trap), so
+/// it never races the undo list or keep-on-failure.
+pub fn spawn_dir_watcher(dir: &Path) -> Result<Child, ProcessError> {
+    let sh = find_program("sh")?;
+    // `sleep & wait`: a trapped signal interrupts `wait` at once, never a foreground sleep.
+    let script =
+        r#"trap 'kill $! 2>/dev/null; rm -rf -- "$0"; exit 0' TERM; sleep 2147483647 & wait"#;
+    spawn_with_death_signal(
+        &sh,
+        &[
+            "-c".into(),
+            script.into(),
+            dir.to_string_lossy().into_owned(),
+        ],
+        Path::new("/dev/null"),
+        Signal::SIGTERM,
+    )
 }
 
 /// SIGKILL the child's whole process group and wait (up to 5 s) until no member is alive.
@@ -288,6 +318,50 @@ mod tests {
         );
         // Killing an exited child is a no-op, never a signal to a recycled pid.
         kill_group(child.pid(), &child.exit_watch()).expect("no-op");
+    }
+
+    #[test]
+    fn dir_watcher_removes_the_folder_when_its_parent_dies_and_not_when_killed() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let kept = dir.path().join("kept");
+        let doomed = dir.path().join("doomed");
+        std::fs::create_dir(&kept).expect("mkdir");
+        std::fs::create_dir(&doomed).expect("mkdir");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        // The normal path: the undo list kills the watcher; the folder stays for the undo list.
+        rt.block_on(async {
+            let w = spawn_dir_watcher(&kept).expect("watcher");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            kill_group(w.pid(), &w.exit_watch()).expect("killed");
+        });
+        assert!(kept.exists());
+        // The parent (here a thread standing in for builder) dies without unwinding.
+        let d = doomed.clone();
+        let pid = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let w = spawn_dir_watcher(&d).expect("watcher");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                w.pid()
+            })
+        })
+        .join()
+        .expect("thread");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while doomed.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!doomed.exists(), "the watcher removed the folder");
+        while !live_group_members(pid).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(live_group_members(pid), Vec::<u32>::new());
     }
 
     #[test]

@@ -87,6 +87,18 @@ command!(SystemReset, "system_reset", Empty);
 command!(Quit, "quit", Empty);
 command!(Cont, "cont", Empty);
 
+/// HMP through QMP; used only by the KVM probe (`info registers`).
+#[derive(Debug, Serialize)]
+pub struct HumanMonitorCommand {
+    #[serde(rename = "command-line")]
+    pub command_line: String,
+}
+
+impl Command for HumanMonitorCommand {
+    const NAME: &'static str = "human-monitor-command";
+    type Returns = String;
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct StatusInfo {
     pub running: bool,
