@@ -230,6 +230,10 @@ async fn exit_codes_signals_and_spawn_failures() {
         matches!(&err, TargetError::Failed(m) if m.contains("/no/such/program")),
         "{err}"
     );
+    // A script is removed after it ran.
+    let (_, out, _) = run(&t, ExecRequest::bash("echo \"$0\"")).await;
+    assert!(out.contains(".builder-script-"), "{out}");
+    assert!(!Path::new(out.trim()).exists(), "{out}");
     let mut req = ExecRequest::argv(["true"]);
     req.cwd = Some("/no/such/dir".into());
     let err = t
@@ -304,10 +308,8 @@ async fn dropping_an_exec_kills_its_process_tree() {
     let exec = t.exec(&req, &rec);
     tokio::select! {
         _ = exec => panic!("the command ended by itself"),
-        pid = read_pid(&pidfile) => {
-            // Dropping the exec future here cancels it.
-            drop(pid);
-        }
+        // Leaving the select drops the exec future: that cancels it.
+        _ = read_pid(&pidfile) => {}
     }
     assert_gone(read_pid(&pidfile).await).await;
     // The target is still usable afterwards.

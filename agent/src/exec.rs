@@ -243,6 +243,8 @@ fn run(
             return;
         }
     };
+    // Gone before the host hears the end, so it never sees a leftover script.
+    drop(script);
     let _ = tx.send(
         id,
         &Message::Exited {

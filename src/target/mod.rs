@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod local;
+pub mod qga;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
