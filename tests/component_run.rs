@@ -862,3 +862,129 @@ fn example_components_validate_and_the_local_ones_run() {
             .contains("PasswordAuthentication no")
     );
 }
+
+/// This machine, but `reboot()` succeeds (and is counted): what a VM target does, minus the
+/// VM. Proves the executor's reboot path without one.
+struct RebootableLocal {
+    inner: builder::target::local::LocalTarget,
+    reboots: std::sync::atomic::AtomicU32,
+}
+
+#[async_trait::async_trait]
+impl builder::target::StepTarget for RebootableLocal {
+    fn describe(&self) -> String {
+        "this machine (pretending to reboot)".into()
+    }
+    async fn info(&self) -> Result<builder::target::TargetInfo, builder::target::TargetError> {
+        self.inner.info().await
+    }
+    async fn exec(
+        &self,
+        request: &builder::target::ExecRequest,
+        sink: &dyn builder::target::OutputSink,
+    ) -> Result<builder::target::ExecOutcome, builder::target::TargetError> {
+        self.inner.exec(request, sink).await
+    }
+    async fn put_file(
+        &self,
+        remote: &Path,
+        content: builder::target::FileSource,
+        options: &builder::target::PutOptions,
+    ) -> Result<builder::target::FileInfo, builder::target::TargetError> {
+        self.inner.put_file(remote, content, options).await
+    }
+    async fn get_file(
+        &self,
+        remote: &Path,
+        local: &Path,
+    ) -> Result<builder::target::FileInfo, builder::target::TargetError> {
+        self.inner.get_file(remote, local).await
+    }
+    async fn stat(
+        &self,
+        remote: &Path,
+    ) -> Result<Option<builder::target::FileStat>, builder::target::TargetError> {
+        self.inner.stat(remote).await
+    }
+    async fn list(
+        &self,
+        remote: &Path,
+    ) -> Result<Vec<builder::target::DirEntry>, builder::target::TargetError> {
+        self.inner.list(remote).await
+    }
+    async fn reboot(&self) -> Result<(), builder::target::TargetError> {
+        self.reboots.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+fn run_with_reboots(sb: &Sandbox, text: &str) -> (builder::component::executor::RunOutcome, u32) {
+    use builder::component::executor::{RunOptions, RunRequest, Silent};
+    let path = sb.document("reboots.yml", text);
+    let document = builder::component::parse::load(&path).expect("valid document");
+    let target = RebootableLocal {
+        inner: builder::target::local::LocalTarget::new(),
+        reboots: std::sync::atomic::AtomicU32::new(0),
+    };
+    let options = RunOptions {
+        working_directory: Some(sb.work()),
+        max_reboots: 3,
+        ..RunOptions::default()
+    };
+    let request = RunRequest {
+        documents: vec![document],
+        ..RunRequest::default()
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let outcome = runtime
+        .block_on(builder::component::executor::run(
+            &target,
+            request,
+            options,
+            &Silent,
+            tokio_util::sync::CancellationToken::new(),
+        ))
+        .expect("the run starts");
+    (outcome, target.reboots.load(Ordering::SeqCst))
+}
+
+#[test]
+fn exit_194_reboots_and_reruns_the_same_step_and_reboot_continues() {
+    let sb = Sandbox::new();
+    let text = "name: reboots\nschemaVersion: 1.0\nphases:\n  - name: build\n    steps:\n      - name: Before\n        action: ExecuteBash\n        inputs:\n          commands:\n            - echo before >> trace\n      - name: Kernel\n        action: ExecuteBash\n        inputs:\n          commands:\n            - echo kernel >> trace\n            - if [ ! -e rebooted ]; then touch rebooted; exit 194; fi\n      - name: Restart\n        action: Reboot\n      - name: After\n        action: ExecuteBash\n        inputs:\n          commands:\n            - echo after >> trace\n";
+    let (outcome, reboots) = run_with_reboots(&sb, text);
+    assert_eq!(outcome.summary.status.as_str(), "success");
+    assert_eq!(reboots, 2, "one for exit 194, one for the Reboot action");
+    // The 194 step ran again after its reboot; the steps before it did not.
+    assert_eq!(sb.read("trace"), "before\nkernel\nkernel\nafter\n");
+}
+
+#[test]
+fn reboots_are_capped() {
+    let sb = Sandbox::new();
+    let text = "name: reboots\nschemaVersion: 1.0\nphases:\n  - name: build\n    steps:\n      - name: Always\n        action: ExecuteBash\n        inputs:\n          commands:\n            - echo x >> trace\n            - exit 194\n";
+    let (outcome, reboots) = run_with_reboots(&sb, text);
+    assert_eq!(outcome.summary.status.as_str(), "failed");
+    assert_eq!(reboots, 3);
+    assert!(
+        outcome
+            .summary
+            .failure_message
+            .contains("more than 3 reboots")
+    );
+    assert_eq!(sb.read("trace").lines().count(), 4);
+}
+
+#[test]
+fn execute_bash_and_execute_binary() {
+    let sb = Sandbox::new();
+    let out = sb.run(&[&doc("exec.yml")], &[]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(
+        sb.read("exec.txt"),
+        format!("in {}\none two|ONLY_HERE=unset|", sb.work().display())
+    );
+}
