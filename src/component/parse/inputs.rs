@@ -126,11 +126,20 @@ fn item(cx: &mut Cx<'_>, action: Action, node: &Node) -> Option<(Map<String, Val
     let entries = cx.mapping(node, &what, &keys)?;
     let mut map = Map::new();
     let mut ok = true;
+    // A misspelled required key is reported once, as the unknown key with its suggestion.
+    let misspelled: Vec<&str> = entries
+        .iter()
+        .filter_map(|(k, _)| k.as_str())
+        .filter(|k| !keys.contains(k))
+        .filter_map(|k| did_you_mean(k, keys.iter().copied()))
+        .collect();
     for spec in specs.iter().filter(|s| s.required) {
         let present = entries
             .iter()
             .any(|(k, v)| k.as_str() == Some(spec.key) && !v.is_null());
-        if !present {
+        if !present && misspelled.contains(&spec.key) {
+            ok = false;
+        } else if !present {
             cx.error_hint(
                 node.span,
                 format!("`{action}` needs the input `{}`", spec.key),
@@ -187,7 +196,7 @@ fn convert(cx: &mut Cx<'_>, spec: &InputSpec, node: &Node) -> Option<Value> {
                     {
                         Some(format!("write `{}` without quotes", s.to_ascii_lowercase()))
                     }
-                    _ => None,
+                    _ => Some("write `true` or `false`".to_string()),
                 };
                 if node.as_scalar().is_none() && cx.unquoted_template(node).is_some() {
                     cx.not_a(node, &what, "true or false");

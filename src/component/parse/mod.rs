@@ -101,6 +101,8 @@ struct Cx<'s> {
     current: Option<refs::StepCtx>,
     /// Strings with `{{`, checked once every phase and step is known.
     texts: Vec<refs::Text>,
+    /// Variable names from malformed declarations (already reported).
+    declared_elsewhere: Vec<String>,
 }
 
 impl<'s> Cx<'s> {
@@ -110,6 +112,7 @@ impl<'s> Cx<'s> {
             problems: Vec::new(),
             current: None,
             texts: Vec::new(),
+            declared_elsewhere: Vec::new(),
         }
     }
 

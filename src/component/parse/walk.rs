@@ -79,11 +79,12 @@ pub(super) fn document(cx: &mut Cx<'_>, root: &Node, path: &Path) -> Option<Docu
         Some((key, v)) => phases(cx, key, v),
     };
 
-    let variables: Vec<&str> = parameters
-        .iter()
-        .map(|p: &Parameter| p.name.as_str())
-        .chain(constants.iter().map(|c: &Constant| c.name.as_str()))
-        .collect();
+    // Names whose declaration was reported as malformed count as declared: one mistake, one
+    // problem.
+    let mut variables: Vec<String> = names.into_keys().collect();
+    variables.append(&mut cx.declared_elsewhere);
+    variables.sort();
+    let variables: Vec<&str> = variables.iter().map(String::as_str).collect();
     let (phases, infos) = phases?;
     refs::check_all(cx, &variables, &infos);
 
@@ -139,11 +140,14 @@ fn variable_items<'n>(cx: &mut Cx<'_>, node: &'n Node, list: &str) -> Vec<(&'n N
             Some(entries) if entries.len() > 1 => {
                 // The usual mistake: `- Name:` followed by `type:` at the same indentation.
                 let key = &entries[0].0;
+                if let Some(name) = key.as_str() {
+                    cx.declared_elsewhere.push(name.to_string());
+                }
                 cx.error_hint(
                     item.span,
                     format!("each item of `{list}` must be a single-key map `- Name: {{...}}`, this one has {} keys", entries.len()),
                     Some(format!(
-                        "indent the settings under the name:\n       - {}:\n           type: string",
+                        "indent `{}`'s settings (`type:`, `default:` …) two spaces deeper than its name",
                         key.as_str().unwrap_or("Name")
                     )),
                 );
@@ -166,7 +170,7 @@ fn variable_name(cx: &mut Cx<'_>, key: &Node, names: &mut HashMap<String, Span>)
         cx.error(
             key.span,
             format!("name `{name}` must be 3 to 128 characters long"),
-            None,
+            Some("parameter and constant names are 3 to 128 letters, digits, `_` or `-`"),
         );
         ok = false;
     } else if !name
@@ -176,9 +180,13 @@ fn variable_name(cx: &mut Cx<'_>, key: &Node, names: &mut HashMap<String, Span>)
         cx.error(
             key.span,
             format!("name `{name}` may only hold letters, digits, `_` and `-`"),
-            None,
+            Some("parameter and constant names are 3 to 128 letters, digits, `_` or `-`"),
         );
         ok = false;
+    }
+    if !ok {
+        cx.declared_elsewhere.push(name);
+        return None;
     }
     if let Some(first) = names.get(&name) {
         cx.error_hint(
@@ -192,7 +200,7 @@ fn variable_name(cx: &mut Cx<'_>, key: &Node, names: &mut HashMap<String, Span>)
         return None;
     }
     names.insert(name.clone(), key.span);
-    ok.then_some(name)
+    Some(name)
 }
 
 /// Parameter types: the documentation names only `string`; the service API also lists
@@ -770,8 +778,7 @@ fn for_loop(cx: &mut Cx<'_>, node: &Node) -> Option<LoopKind> {
         cx.error_hint(
             at,
             format!(
-                "this loop never ends: it counts from {start} {} by {update_by}, away from {end}",
-                if update_by > 0 { "up" } else { "down" }
+                "this loop never ends: `updateBy: {update_by}` moves from {start} away from `end: {end}`"
             ),
             Some(format!("use `updateBy: {}`", -update_by)),
         );
