@@ -49,6 +49,15 @@ pub enum PlanError {
         #[source]
         source: std::io::Error,
     },
+    /// A component document changed after the plan was made.
+    #[error(
+        "component document `{path}` changed since the plan was made (sha256 {actual}, planned {planned})"
+    )]
+    Changed {
+        path: PathBuf,
+        planned: Sha256,
+        actual: Sha256,
+    },
     /// The store could not be asked (a host problem).
     #[error("could not look up `{reference}` in the image store")]
     Store {
@@ -95,7 +104,7 @@ pub fn validate(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Val
 
     let mut load_all = |uses: &[ComponentUse], test: bool, files: &mut Vec<Diagnostics>| {
         uses.iter()
-            .filter_map(|usage| load_component(path, usage, test, &mut recipe_problems, files))
+            .filter_map(|usage| read_component(path, usage, test, &mut recipe_problems, files))
             .collect::<Vec<_>>()
     };
     let components = load_all(&checked.components, false, &mut files);
@@ -210,7 +219,7 @@ fn close_file_hint(missing: &Path) -> Option<String> {
     Some(format!("did you mean `{close}`?"))
 }
 
-fn load_component(
+fn read_component(
     recipe_path: &Path,
     usage: &ComponentUse,
     test: bool,
@@ -240,7 +249,10 @@ fn load_component(
     let checked = crate::component::parse::check(&path, &text);
     let diagnostics = checked.diagnostics.with_consequence(recipe::CONSEQUENCE);
     let document = checked.document;
-    files.push(diagnostics);
+    // A document used twice (as a build and a test component) is reported once.
+    if !files.iter().any(|d| d.path() == diagnostics.path()) {
+        files.push(diagnostics);
+    }
     let document = document?;
     let (parameters, problems) = recipe::bind_parameters(usage, &document, &path, &text);
     recipe_problems.extend(problems);
@@ -341,6 +353,18 @@ impl ParentResolver for crate::store::Store {
                 } else {
                     format!("the store has {}", crate::diagnostic::one_of(&close))
                 }),
+            }),
+            Err(crate::store::StoreError::NoDisk { image }) => Err(ResolveError::NotFound {
+                message: format!("{image} has no qcow2 or raw output to build on"),
+                hint: Some("build it again with `qcow2` in `outputs.formats`".to_string()),
+            }),
+            Err(
+                e @ (crate::store::StoreError::BadName { .. }
+                | crate::store::StoreError::BadVersion { .. }
+                | crate::store::StoreError::BadReference { .. }),
+            ) => Err(ResolveError::NotFound {
+                message: e.to_string(),
+                hint: None,
             }),
             Err(e) => Err(ResolveError::Failed(Box::new(e))),
         }
@@ -522,7 +546,44 @@ pub enum Stage {
     Store,
 }
 
+/// Read the document of a planned component for running it: the file must still have the
+/// digest the plan pinned (so the build runs what the plan shows), and it is validated again.
+pub fn load_component(component: &PlannedComponent) -> Result<Document, PlanError> {
+    let path = &component.local_path;
+    let text = std::fs::read_to_string(path).map_err(|source| PlanError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let actual = Sha256::from_digest(&Hasher::digest(text.as_bytes()));
+    if actual != component.sha256 {
+        return Err(PlanError::Changed {
+            path: path.clone(),
+            planned: component.sha256.clone(),
+            actual,
+        });
+    }
+    crate::component::parse::parse_str(path, &text)
+        .map_err(|d| PlanError::Invalid(vec![d.with_consequence(recipe::CONSEQUENCE)]))
+}
+
 impl Plan {
+    /// The file stem of this build's outputs (`outputs.name` rendered), e.g.
+    /// `debian-12-web-1.2.0-3`.
+    pub fn output_stem(
+        &self,
+        build_version: u32,
+        build_date: chrono::DateTime<chrono::Utc>,
+    ) -> String {
+        let template = recipe::NameTemplate::parse(&self.outputs.name)
+            .unwrap_or_else(|_| recipe::NameTemplate::default());
+        template.render(&recipe::NameValues {
+            name: &self.recipe.name,
+            version: self.recipe.version,
+            build_version,
+            build_date,
+        })
+    }
+
     /// sha256 of the plan's canonical JSON (keys sorted, no spaces), leaving out where files
     /// are on this machine (`localPath`, `localDirectory`): the same recipe and inputs give
     /// the same digest in any checkout.
@@ -1172,6 +1233,25 @@ mod tests {
             problems(err),
             ["environment variable `BASE_DIR` is not set"]
         );
+    }
+
+    #[test]
+    fn components_load_only_as_planned() {
+        let f = Fixture::new();
+        let plan = f.plan().unwrap();
+        let document = load_component(&plan.components[1]).unwrap();
+        assert_eq!(document.name.as_deref(), Some("second"));
+        f.write(
+            "b.yml",
+            &(COMPONENT.replace("hello", "second") + "# edited\n"),
+        );
+        assert!(matches!(
+            load_component(&plan.components[1]),
+            Err(PlanError::Changed { .. })
+        ));
+        use chrono::TimeZone;
+        let date = chrono::Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap();
+        assert_eq!(plan.output_stem(7, date), "web-1.0.0-7");
     }
 
     #[test]

@@ -17,10 +17,10 @@ use builder::recipe::{Format, VersionPattern};
 
 #[derive(Debug, Args)]
 pub struct ValidateArgs {
-    /// The recipe (YAML). The component documents and infrastructure file it names are
+    /// Recipes (YAML). The component documents and infrastructure file each names are
     /// checked too.
-    #[arg(value_name = "RECIPE")]
-    recipe: PathBuf,
+    #[arg(required = true, value_name = "RECIPE")]
+    recipes: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -51,7 +51,7 @@ fn env(name: &str) -> Option<String> {
 }
 
 /// Print every file's problems (errors and warnings), coloured when stderr allows it.
-fn show(files: &[Diagnostics]) {
+pub(super) fn show(files: &[Diagnostics]) {
     for (i, d) in files.iter().filter(|d| !d.is_empty()).enumerate() {
         if i > 0 {
             eprintln!();
@@ -60,25 +60,44 @@ fn show(files: &[Diagnostics]) {
     }
 }
 
-fn failure(error: PlanError) -> Failure {
+pub(super) fn failure(error: PlanError) -> Failure {
     match error {
         PlanError::Invalid(files) => {
             show(&files);
             Failure::already_printed(EXIT_INPUT)
         }
-        e @ PlanError::Unreadable { .. } => Failure::input(e),
+        e @ (PlanError::Unreadable { .. } | PlanError::Changed { .. }) => Failure::input(e),
         e @ (PlanError::Io { .. } | PlanError::Store { .. }) => Failure::host(e),
     }
 }
 
 pub fn validate(args: ValidateArgs) -> CliResult {
-    let validated = plan::validate(&args.recipe, &env).map_err(failure)?;
+    // Every recipe is checked even when an earlier one is invalid; the exit code is the
+    // worst outcome (2 invalid, 3 host problem).
+    let mut worst = 0;
+    for recipe in &args.recipes {
+        if let Err(failure) = validate_one(recipe) {
+            if !failure.printed {
+                super::report(&failure);
+            }
+            worst = worst.max(failure.code);
+        }
+    }
+    if worst == 0 {
+        Ok(0)
+    } else {
+        Err(Failure::already_printed(worst))
+    }
+}
+
+fn validate_one(path: &std::path::Path) -> CliResult {
+    let validated = plan::validate(path, &env).map_err(failure)?;
     show(&validated.warnings);
     let r = &validated.recipe;
     let count = |n: usize, one: &str| format!("{n} {one}{}", if n == 1 { "" } else { "s" });
     let mut summary = format!(
         "ok: {} ({} {}: {}",
-        args.recipe.display(),
+        path.display(),
         r.name,
         r.version,
         count(validated.components.len(), "component")

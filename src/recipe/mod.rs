@@ -415,6 +415,34 @@ mod tests {
         assert!(messages(&broken)[0].contains("not valid YAML"));
     }
 
+    const FULL: &str = "name: web\nversion: 1.2.0\ndescription: d\nparentImage: {url: 'https://x/y', sha256: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa}\ncomponents:\n  - path: c.yml\n    parameters: {a: b, c: [d, e]}\nworkingDirectory: /var/tmp\nuserData: |\n  #cloud-config\n  packages: [htop]\ndiskSize: 8GiB\ninfrastructure:\n  cpus: 2\n  memory: 2GiB\n  accelerator: auto\n  firmware: uefi\n  network: user\n  bootTimeoutSeconds: 900\n  buildTimeoutSeconds: 7200\n  shutdownTimeoutSeconds: 120\n  keepOnFailure: false\ntests:\n  enabled: true\n  timeoutSeconds: 3600\n  components:\n    - path: t.yml\noutputs:\n  formats: [qcow2, raw, vmdk, vhdx, vhd, ova]\n  compression: zstd\n  name: \"{{imagebuilder:name}}-{{ imagebuilder:buildDate:yyyyMMddHHmm }}\"\n  directory: ./out\ndistribution: []\n";
+
+    #[test]
+    fn every_key_at_once() {
+        let r = checked(FULL).recipe.unwrap();
+        assert_eq!(r.infrastructure.firmware, Firmware::Uefi);
+        assert_eq!(r.outputs.formats.len(), 6);
+        assert_eq!(r.outputs.compression, Compression::Zstd);
+        assert_eq!(r.outputs.directory.as_deref(), Some("./out"));
+        assert_eq!(r.disk_size.unwrap().value, ByteSize::gib(8));
+        assert_eq!(r.tests.components.len(), 1);
+    }
+
+    proptest::proptest! {
+        /// Any edit of a valid recipe gives a recipe or problems, never a panic.
+        #[test]
+        fn edited_recipes_never_panic(at in 0usize..2000, len in 0usize..8, insert in ".{0,6}") {
+            let mut text = FULL.to_string();
+            let start = at.min(text.len());
+            let start = (0..=start).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0);
+            let end = (start + len).min(text.len());
+            let end = (end..=text.len()).find(|i| text.is_char_boundary(*i)).unwrap_or(text.len());
+            text.replace_range(start..end, &insert);
+            let c = checked(&text);
+            proptest::prop_assert!(c.recipe.is_some() || c.has_errors());
+        }
+    }
+
     #[test]
     fn hostile_input_is_a_problem_not_a_panic() {
         for text in [
