@@ -12,8 +12,14 @@ use anstream::eprintln;
 use anstyle::Style;
 use clap::{Args, Subcommand};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio_util::sync::CancellationToken;
+
 use super::{CliResult, EXIT_FAILED, Failure};
 use builder::build::undo::Outcome;
+use builder::component::executor::{self, Observer, RunError, RunOptions, RunOutcome, RunRequest};
+use builder::component::report::Status;
 use builder::target::agent::InteractiveEvent;
 use builder::target::{ExecRequest, ExitStatus, OutputSink, OutputStream};
 use builder::vm::session::{Session, SessionOptions};
@@ -229,13 +235,19 @@ pub async fn interrupted() -> &'static str {
     }
 }
 
-/// Boot a VM for `options`, wait until it is ready, run `work` on its target while watching
-/// the VM, shut it down and release everything. `success` says whether `work`'s result counts
-/// as a success (for keep-on-failure). On Ctrl-C/SIGTERM the VM is killed, its files removed,
-/// and the result is the "interrupted" failure (exit 130).
+/// Boot a VM for `options`, wait until it is ready, run `work` on it while watching the VM,
+/// shut it down and release everything. `success` says whether `work`'s result counts as a
+/// success (for keep-on-failure).
+///
+/// Ctrl-C/SIGTERM/SIGHUP while booting drops everything at once (the VM's undo list kills QEMU
+/// and removes its files). While `work` runs and a `cancel` token is given, the first signal
+/// cancels the token so `work` can stop gracefully (the executor writes its logs), then the VM
+/// is killed; a second signal drops everything at once. Either way the result is the
+/// "interrupted" failure (exit 130).
 pub async fn run_in_vm<T, F, Fut>(
     options: SessionOptions,
     success: impl Fn(&T) -> bool,
+    cancel: Option<CancellationToken>,
     work: F,
 ) -> Result<T, Failure>
 where
@@ -243,11 +255,13 @@ where
     Fut: Future<Output = Result<T, Failure>>,
 {
     let keep = options.vm.keep_on_failure;
+    let working = AtomicBool::new(false);
     let whole = async {
         let session = Session::open(options, progress_fn())
             .await
             .map_err(vm_failure)?;
         let session = Arc::new(session);
+        working.store(true, Ordering::SeqCst);
         let result = match session.guard(work(session.clone())).await {
             Ok(r) => r,
             Err(e) => Err(vm_failure(e)),
@@ -256,8 +270,10 @@ where
             Ok(v) if success(v) => Outcome::Success,
             _ => Outcome::Failure,
         };
+        let interrupted = cancel.as_ref().is_some_and(CancellationToken::is_cancelled);
         // `work` is done and dropped its handles: we hold the only one.
         let report = match Arc::try_unwrap(session) {
+            Ok(session) if interrupted => session.kill(outcome),
             Ok(session) => session.close(outcome, progress_fn()).await.unwind,
             Err(shared) => {
                 drop(shared);
@@ -265,17 +281,130 @@ where
             }
         };
         report.print();
+        if interrupted {
+            return Err(Failure::interrupted());
+        }
         result
     };
-    tokio::select! {
-        r = whole => r,
-        sig = interrupted() => {
-            // Dropping `whole` dropped the VM: its undo list killed QEMU and removed its files.
-            eprintln!("{sig}: stopped the VM and removed its files{}", if keep { " (kept what --keep-on-failure keeps)" } else { "" });
-            Err(Failure::interrupted())
+    tokio::pin!(whole);
+    let sig = tokio::select! {
+        r = &mut whole => return r,
+        sig = interrupted() => sig,
+    };
+    if let Some(token) = cancel.as_ref().filter(|_| working.load(Ordering::SeqCst)) {
+        eprintln!("{sig}: stopping the running step (again to stop at once)");
+        token.cancel();
+        tokio::select! {
+            r = &mut whole => return r.and(Err(Failure::interrupted())),
+            sig = interrupted() => eprintln!("{sig}: stopping at once"),
+        }
+    }
+    // Dropping `whole` drops the VM: its undo list kills QEMU and removes its files.
+    drop(whole);
+    eprintln!(
+        "{sig}: stopped the VM and removed its files{}",
+        if keep {
+            " (kept what --keep-on-failure keeps)"
+        } else {
+            ""
+        }
+    );
+    Err(Failure::interrupted())
+}
+
+/// Where `component run --target` runs steps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetSpec {
+    Local,
+    /// `vm:IMAGE`: a throwaway VM with builder's agent.
+    Vm(PathBuf),
+    /// `qga:IMAGE`: a throwaway VM driven through qemu-guest-agent (no cloud-init needed).
+    Qga(PathBuf),
+}
+
+impl std::str::FromStr for TargetSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let image = |rest: &str| {
+            if rest.is_empty() {
+                Err(format!(
+                    "`{s}` names no image; write it like `vm:base.qcow2`"
+                ))
+            } else {
+                Ok(PathBuf::from(rest))
+            }
+        };
+        if s == "local" {
+            Ok(TargetSpec::Local)
+        } else if let Some(rest) = s.strip_prefix("vm:") {
+            image(rest).map(TargetSpec::Vm)
+        } else if let Some(rest) = s.strip_prefix("qga:") {
+            image(rest).map(TargetSpec::Qga)
+        } else {
+            Err(format!(
+                "unknown target `{s}`; expected `local`, `vm:IMAGE` or `qga:IMAGE`"
+            ))
         }
     }
 }
+
+/// Run the component executor in a throwaway VM booted from `image`, through our agent
+/// (`qga: false`) or qemu-guest-agent (`qga: true`). The steps' working directory defaults to a
+/// fresh folder in the guest.
+pub async fn run_components(
+    vm_args: &VmArgs,
+    image: PathBuf,
+    qga: bool,
+    request: RunRequest,
+    mut run_options: RunOptions,
+    observer: &dyn Observer,
+) -> Result<RunOutcome, Failure> {
+    let mut options = vm_args.session_options(image)?;
+    if qga {
+        options.vm.channel = GuestChannel::Qga;
+        options.wait_cloud_init = false;
+    }
+    let cancel = CancellationToken::new();
+    let token = cancel.clone();
+    run_in_vm(
+        options,
+        |o: &RunOutcome| {
+            matches!(
+                o.summary.status,
+                Status::Success | Status::SuccessWithIgnoredFailure | Status::Skipped
+            )
+        },
+        Some(cancel),
+        |session| async move {
+            let target = session.target();
+            if run_options.working_directory.is_none() {
+                let dir = PathBuf::from(GUEST_WORK_DIR);
+                let made = target
+                    .exec(
+                        &ExecRequest::argv(["mkdir", "-p", GUEST_WORK_DIR]),
+                        &builder::target::Discard,
+                    )
+                    .await;
+                if !matches!(made, Ok(o) if o.status.success()) {
+                    return Err(Failure::failed(anyhow::anyhow!(
+                        "could not create the working directory {GUEST_WORK_DIR} in the VM"
+                    )));
+                }
+                run_options.working_directory = Some(dir);
+            }
+            executor::run(target.as_ref(), request, run_options, observer, token)
+                .await
+                .map_err(|e| match e {
+                    e @ (RunError::Parameters(_) | RunError::WindowsOnly(_)) => Failure::input(e),
+                    e => Failure::host(e),
+                })
+        },
+    )
+    .await
+}
+
+/// Steps' working directory in a VM target (the VM is thrown away afterwards).
+const GUEST_WORK_DIR: &str = "/var/tmp/builder-work";
 
 pub async fn main(command: VmCommand) -> CliResult {
     match command {
@@ -325,6 +454,7 @@ async fn exec(args: ExecArgs) -> CliResult {
     let status = run_in_vm(
         options,
         |s: &ExitStatus| s.success(),
+        None,
         |session| async move {
             let target = session.target();
             target
@@ -389,6 +519,7 @@ async fn shell(args: ShellArgs) -> CliResult {
     let status = run_in_vm(
         options,
         |_: &ExitStatus| true,
+        None,
         |session| async move {
             let mut request = ExecRequest::bash(
                 "if command -v bash >/dev/null 2>&1; then exec bash -l; else exec sh -l; fi",
@@ -398,11 +529,14 @@ async fn shell(args: ShellArgs) -> CliResult {
             }
             request.cwd = Some("/root".into());
             let pty = if tty { window_size().or(Some((24, 80))) } else { None };
-            let mut shell = session
-                .agent()
-                .start_interactive(&request, pty)
-                .await
-                .map_err(|e| Failure::failed(anyhow::Error::new(e).context("could not start a shell in the VM")))?;
+            let Some(agent) = session.agent() else {
+                return Err(Failure::failed(anyhow::anyhow!(
+                    "an interactive shell needs builder's agent in the guest"
+                )));
+            };
+            let mut shell = agent.start_interactive(&request, pty).await.map_err(|e| {
+                Failure::failed(anyhow::Error::new(e).context("could not start a shell in the VM"))
+            })?;
             progress("shell ready (exit it to stop the VM)");
             let raw = if tty { RawTerminal::enable() } else { None };
             // A plain thread reads stdin: a blocked read must not hold up the runtime's

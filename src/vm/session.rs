@@ -6,10 +6,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::GuestChannel;
 use super::{RunningVm, ShutdownReport, VmError, VmOptions};
 use crate::build::undo::{Outcome, UnwindReport};
 use crate::target::StepTarget;
 use crate::target::agent::{AgentTarget, Readiness};
+use crate::target::qga::QgaTarget;
 
 /// How long the guest gets to power itself off before QMP `quit`.
 const POWEROFF_GRACE: Duration = Duration::from_secs(60);
@@ -42,11 +44,19 @@ pub struct BootTimings {
     pub cloud_init_done: Option<Duration>,
 }
 
-/// A running VM and the agent target in it.
+/// The target in the guest: our agent, or qemu-guest-agent.
+#[derive(Clone)]
+enum Guest {
+    Agent(Arc<AgentTarget>),
+    Qga(Arc<QgaTarget>),
+}
+
+/// A running VM and the step target in it.
 pub struct Session {
     vm: RunningVm,
-    agent: Arc<AgentTarget>,
-    pub readiness: Readiness,
+    guest: Guest,
+    /// What our agent reported (`None` with qemu-guest-agent).
+    pub readiness: Option<Readiness>,
     pub timings: BootTimings,
 }
 
@@ -77,6 +87,33 @@ impl Session {
         // The hello timeout runs a little past ours so the boot timeout, which carries the
         // console's last lines, is what the user sees.
         let hello_timeout = options.boot_timeout + Duration::from_secs(5);
+        if vm.channel == GuestChannel::Qga {
+            let qga = vm
+                .boot_phase(
+                    "qemu-guest-agent to answer",
+                    options.boot_timeout,
+                    QgaTarget::connect(stream, describe.clone(), hello_timeout),
+                )
+                .await?
+                .map_err(|source| VmError::Guest {
+                    what: format!("qemu-guest-agent in {describe} did not answer"),
+                    source,
+                })?;
+            let agent_up = vm.uptime();
+            progress(&format!(
+                "qemu-guest-agent up after {:.1} s",
+                agent_up.as_secs_f64()
+            ));
+            return Ok(Session {
+                vm,
+                guest: Guest::Qga(Arc::new(qga.with_connector(Arc::new(connector)))),
+                readiness: None,
+                timings: BootTimings {
+                    agent_up,
+                    cloud_init_done: None,
+                },
+            });
+        }
         let agent = vm
             .boot_phase(
                 "the agent to say hello",
@@ -117,8 +154,8 @@ impl Session {
         };
         Ok(Session {
             vm,
-            agent,
-            readiness,
+            guest: Guest::Agent(agent),
+            readiness: Some(readiness),
             timings: BootTimings {
                 agent_up,
                 cloud_init_done,
@@ -130,13 +167,20 @@ impl Session {
         &self.vm
     }
 
-    pub fn agent(&self) -> &Arc<AgentTarget> {
-        &self.agent
+    /// Our agent, when the guest channel is ours (not qemu-guest-agent).
+    pub fn agent(&self) -> Option<&Arc<AgentTarget>> {
+        match &self.guest {
+            Guest::Agent(a) => Some(a),
+            Guest::Qga(_) => None,
+        }
     }
 
     /// The guest as a step target, for the component executor.
     pub fn target(&self) -> Arc<dyn StepTarget> {
-        self.agent.clone()
+        match &self.guest {
+            Guest::Agent(a) => a.clone(),
+            Guest::Qga(q) => q.clone(),
+        }
     }
 
     /// Run `work` while watching the VM (see [`RunningVm::guard`]).
@@ -150,16 +194,18 @@ impl Session {
         outcome: Outcome,
         progress: &(dyn Fn(&str) + Send + Sync),
     ) -> ShutdownReport {
-        let asked = if self.vm.child.exit().is_some() {
-            false
-        } else {
-            progress("powering off…");
-            matches!(
-                tokio::time::timeout(Duration::from_secs(10), self.agent.poweroff()).await,
-                Ok(Ok(()))
-            )
+        let asked = match &self.guest {
+            Guest::Agent(agent) if self.vm.child.exit().is_none() => {
+                progress("powering off…");
+                matches!(
+                    tokio::time::timeout(Duration::from_secs(10), agent.poweroff()).await,
+                    Ok(Ok(()))
+                )
+            }
+            // qemu-guest-agent: the ACPI power button of the ladder.
+            _ => false,
         };
-        drop(self.agent);
+        drop(self.guest);
         self.vm
             .shut_down(outcome, asked, POWEROFF_GRACE, progress)
             .await

@@ -11,6 +11,7 @@ use clap::Args;
 use tokio_util::sync::CancellationToken;
 
 use super::super::{CliResult, EXIT_FAILED, EXIT_INPUT, EXIT_INTERRUPTED, Failure};
+use crate::cli::vm::TargetSpec;
 use builder::component::executor::{
     self, Event, Observer, RunError, RunOptions, RunRequest, S3Config,
 };
@@ -51,9 +52,14 @@ pub struct RunArgs {
     /// Credentials and region come from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION.
     #[arg(long, env = "BUILDER_S3_ENDPOINT", value_name = "URL")]
     s3_endpoint: Option<String>,
-    /// Where the steps run: `local` (this machine).
+    /// Where the steps run: `local` (this machine), `vm:IMAGE` (a throwaway VM booted from
+    /// IMAGE with builder's agent) or `qga:IMAGE` (a throwaway VM driven through the
+    /// qemu-guest-agent the image carries).
     #[arg(long, default_value = "local", value_name = "TARGET")]
-    target: String,
+    target: crate::cli::vm::TargetSpec,
+    /// How to boot the VM of a `vm:` or `qga:` target.
+    #[command(flatten, next_help_heading = "VM target")]
+    vm: crate::cli::vm::VmArgs,
     /// Print one JSON event per line on stdout (step started, output, finished; the summary
     /// last) instead of the summary alone.
     #[arg(long)]
@@ -61,17 +67,6 @@ pub struct RunArgs {
 }
 
 pub async fn run(args: RunArgs) -> CliResult {
-    if args.target != "local" {
-        let failure = Failure::input(anyhow::anyhow!(
-            "target `{}` is not available yet; only `local` (this machine) is",
-            args.target
-        ));
-        return Err(if args.target.starts_with("vm:") {
-            failure.with_hint("VM targets (`vm:IMAGE`) come with the VM engine; until then run on this machine with `--target local`")
-        } else {
-            failure.with_hint("use `--target local`")
-        });
-    }
     if let Some(id) = &args.execution_id
         && (id.is_empty() || id.contains('/') || id == "." || id == "..")
     {
@@ -129,22 +124,49 @@ pub async fn run(args: RunArgs) -> CliResult {
         parameters,
     };
 
-    let cancel = CancellationToken::new();
-    let signals = tokio::spawn(cancel_on_signal(cancel.clone()));
-    let target = LocalTarget::new();
     let observer: Box<dyn Observer> = if args.json {
         Box::new(JsonLines)
     } else {
         Box::new(Terminal)
     };
-    let result = executor::run(&target, request, options, observer.as_ref(), cancel).await;
-    signals.abort();
-    let outcome = match result {
-        Ok(outcome) => outcome,
-        Err(e @ (RunError::Parameters(_) | RunError::WindowsOnly(_))) => {
-            return Err(Failure::input(e));
+    let outcome = match args.target {
+        TargetSpec::Local => {
+            let cancel = CancellationToken::new();
+            let signals = tokio::spawn(cancel_on_signal(cancel.clone()));
+            let target = LocalTarget::new();
+            let result = executor::run(&target, request, options, observer.as_ref(), cancel).await;
+            signals.abort();
+            match result {
+                Ok(outcome) => outcome,
+                Err(e @ (RunError::Parameters(_) | RunError::WindowsOnly(_))) => {
+                    return Err(Failure::input(e));
+                }
+                Err(e) => return Err(Failure::host(e)),
+            }
         }
-        Err(e) => return Err(Failure::host(e)),
+        // Boot, wait for the agent and cloud-init, run, shut down; signals handled there.
+        TargetSpec::Vm(image) => {
+            crate::cli::vm::run_components(
+                &args.vm,
+                image,
+                false,
+                request,
+                options,
+                observer.as_ref(),
+            )
+            .await?
+        }
+        TargetSpec::Qga(image) => {
+            crate::cli::vm::run_components(
+                &args.vm,
+                image,
+                true,
+                request,
+                options,
+                observer.as_ref(),
+            )
+            .await?
+        }
     };
     for note in &outcome.notes {
         eprintln!(

@@ -1,0 +1,755 @@
+//! VM tier: real QEMU (TCG on our machines) booting the fixture images built by
+//! `fixtures/base-image.sh`, with the real agent. Slow, so boots are shared: each test that
+//! boots fully checks several things in sequence.
+//!
+//! Run with:
+//!
+//! ```text
+//! BUILDER_VM_TESTS=1 BUILDER_TEST_IMAGE=/var/cache/builder-fixtures/<hash>/debian-12-cloud-init.qcow2 \
+//!     cargo test --test vm
+//! ```
+//!
+//! `BUILDER_TEST_QGA_IMAGE` names the qemu-guest-agent variant (default: `debian-12-qga.qcow2`
+//! next to `BUILDER_TEST_IMAGE`). Without `BUILDER_VM_TESTS=1` every test says it was skipped
+//! and passes; with it, a missing image fails the test with its name.
+//!
+//! Every test owns a [`NoLeftovers`] guard: a private folder where the VM's files go (through
+//! `XDG_RUNTIME_DIR` for the CLI, `work_dir` for the library) and, in `Drop`, a check that
+//! no process mentions that folder and the folder is empty.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use builder::build::undo::Outcome;
+use builder::target::{Capture, ExecRequest, ExitStatus, FileSource, PutOptions};
+use builder::vm::session::{Session, SessionOptions};
+use builder::vm::{GuestChannel, StopRung, VmOptions};
+use sha2::{Digest, Sha256};
+
+fn enabled(test: &str) -> bool {
+    if std::env::var("BUILDER_VM_TESTS").as_deref() == Ok("1") {
+        true
+    } else {
+        eprintln!(
+            "skipped {test}: VM tests run only with BUILDER_VM_TESTS=1 (and BUILDER_TEST_IMAGE)"
+        );
+        false
+    }
+}
+
+fn image() -> PathBuf {
+    let Some(path) = std::env::var_os("BUILDER_TEST_IMAGE") else {
+        panic!(
+            "BUILDER_VM_TESTS=1 needs BUILDER_TEST_IMAGE=<debian-12-cloud-init.qcow2> (build it with fixtures/base-image.sh)"
+        );
+    };
+    let path = PathBuf::from(path);
+    assert!(
+        path.is_file(),
+        "BUILDER_TEST_IMAGE={} does not exist (build it with fixtures/base-image.sh)",
+        path.display()
+    );
+    path
+}
+
+fn qga_image() -> PathBuf {
+    let path = std::env::var_os("BUILDER_TEST_QGA_IMAGE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| image().with_file_name("debian-12-qga.qcow2"));
+    assert!(
+        path.is_file(),
+        "the qemu-guest-agent image {} does not exist (BUILDER_TEST_QGA_IMAGE, or build it with fixtures/base-image.sh)",
+        path.display()
+    );
+    path
+}
+
+fn sha256_file(path: &Path) -> String {
+    let mut f = std::fs::File::open(path).expect("open for sha256");
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).expect("read for sha256");
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    hex::encode(h.finalize())
+}
+
+/// Owns a test's private folder for VM files and checks, when dropped, that nothing the test
+/// started is left: no process whose command line mentions the folder (QEMU, the folder
+/// watcher), nothing inside the folder (overlay, seed, sockets, logs).
+struct NoLeftovers {
+    dir: tempfile::TempDir,
+}
+
+impl NoLeftovers {
+    fn new() -> Self {
+        // A short path: unix sockets live in there.
+        let dir = tempfile::Builder::new()
+            .prefix("bvt-")
+            .tempdir_in("/tmp")
+            .expect("temp dir");
+        Self { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn leftovers(&self) -> Vec<String> {
+        let needle = self.path().to_string_lossy().into_owned();
+        let mut left = Vec::new();
+        if let Ok(entries) = std::fs::read_dir("/proc") {
+            for e in entries.flatten() {
+                let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+                    continue;
+                };
+                let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                    continue;
+                };
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                let zombie = stat
+                    .rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+                let cmd = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+                if cmd.contains(&needle) && !zombie {
+                    left.push(format!("process {pid}: {cmd}"));
+                }
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(self.path()) {
+            for e in entries.flatten() {
+                left.push(format!("file {}", e.path().display()));
+            }
+        }
+        left
+    }
+
+    /// Wait (bounded) until nothing is left; the list of leftovers otherwise.
+    fn wait_clean(&self, within: Duration) -> Vec<String> {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = self.leftovers();
+            if left.is_empty() || Instant::now() > deadline {
+                return left;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for NoLeftovers {
+    fn drop(&mut self) {
+        let left = self.wait_clean(Duration::from_secs(15));
+        if left.is_empty() {
+            return;
+        }
+        // Do not leave a mess for the next test run either way.
+        for l in &left {
+            if let Some(pid) = l.strip_prefix("process ").and_then(|r| r.split(':').next()) {
+                let _ = Command::new("kill").args(["-9", pid]).status();
+            }
+        }
+        if !std::thread::panicking() {
+            panic!("left behind after the test:\n  {}", left.join("\n  "));
+        }
+    }
+}
+
+/// `builder` with the VM's folder inside the guard's folder.
+fn builder(guard: &NoLeftovers) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_builder"));
+    cmd.env("XDG_RUNTIME_DIR", guard.path())
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// A running `builder` whose stderr lines arrive on a channel (and are kept).
+struct Running {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Running {
+    fn start(mut cmd: Command) -> Running {
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start builder");
+        let stderr = child.stderr.take().expect("piped");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("  | {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Running {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Wait for a stderr line containing `needle`; the line.
+    fn wait_line(&mut self, needle: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no line with {needle:?} within {within:?}; stderr so far:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// The QEMU pid from the "booting (tcg, pid N)…" line.
+    fn wait_qemu_pid(&mut self) -> u32 {
+        let line = self.wait_line("booting (", Duration::from_secs(120));
+        line.split("pid ")
+            .nth(1)
+            .and_then(|r| r.split(')').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no pid in {line:?}"))
+    }
+
+    /// Wait for the exit (bounded) and the rest of stderr.
+    fn finish(mut self, within: Duration) -> (i32, String) {
+        let deadline = Instant::now() + within;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "builder did not exit within {within:?}; stderr:\n{}",
+                    self.seen.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(2)) {
+            self.seen.push(line);
+        }
+        use std::os::unix::process::ExitStatusExt;
+        let code = status
+            .code()
+            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+        (code, self.seen.join("\n"))
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(ok.success());
+    }
+}
+
+fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| !r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+// ---------------------------------------------------------------------------------------
+// Full boots.
+
+/// `builder vm exec`: output streamed as it comes, stdout and stderr apart, the command's exit
+/// status as builder's, the base image unchanged, readiness reported in two stages.
+#[test]
+fn exec_streams_output_and_leaves_the_image_unchanged() {
+    if !enabled("exec_streams_output_and_leaves_the_image_unchanged") {
+        return;
+    }
+    let image = image();
+    let before = sha256_file(&image);
+    let guard = NoLeftovers::new();
+    let mut cmd = builder(&guard);
+    cmd.args(["vm", "exec", "--image"]).arg(&image).args([
+        "--",
+        "sh",
+        "-c",
+        "echo first; sleep 5; echo second; echo on-stderr >&2; exit 7",
+    ]);
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start builder");
+    let stderr = child.stderr.take().expect("piped");
+    let err_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = BufReader::new(stderr).read_to_string(&mut s);
+        s
+    });
+    let mut out = BufReader::new(child.stdout.take().expect("piped"));
+    let mut first = String::new();
+    out.read_line(&mut first).expect("read stdout");
+    assert_eq!(first, "first\n");
+    // Streamed: the first line is here while the command (which sleeps) still runs.
+    assert!(
+        child.try_wait().expect("try_wait").is_none(),
+        "the first line arrived only after builder exited: output was not streamed"
+    );
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).expect("read stdout");
+    assert_eq!(rest, "second\n");
+    let status = child.wait().expect("wait");
+    let stderr = err_thread.join().expect("stderr thread");
+    eprintln!("{stderr}");
+    assert_eq!(status.code(), Some(7), "stderr:\n{stderr}");
+    assert!(stderr.contains("on-stderr"), "{stderr}");
+    assert!(stderr.contains("agent up after"), "{stderr}");
+    assert!(stderr.contains("cloud-init done after"), "{stderr}");
+    assert_eq!(sha256_file(&image), before, "the base image changed");
+    drop(guard);
+}
+
+fn session_options(guard: &NoLeftovers, image: PathBuf, channel: GuestChannel) -> SessionOptions {
+    let mut vm = VmOptions::new(image);
+    vm.work_dir = Some(guard.path().to_path_buf());
+    vm.channel = channel.clone();
+    let mut options = SessionOptions::new(vm);
+    options.wait_cloud_init = channel != GuestChannel::Qga;
+    options
+}
+
+fn progress(message: &str) {
+    eprintln!("  vm: {message}");
+}
+
+/// The library path on one boot: a 100 MiB round trip with matching sha256, a failing command,
+/// a command timeout, the agent killed in the guest, then the shutdown ladder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_session_transfers_failures_and_shutdown() {
+    if !enabled("agent_session_transfers_failures_and_shutdown") {
+        return;
+    }
+    let guard = NoLeftovers::new();
+    let session = Session::open(
+        session_options(&guard, image(), GuestChannel::Agent { user_data: None }),
+        &progress,
+    )
+    .await
+    .expect("boot and agent ready");
+    eprintln!("timings: {:?}", session.timings);
+    let target = session.target();
+
+    // 100 MiB of incompressible data up and back down.
+    let host = tempfile::tempdir().expect("temp dir");
+    let src = host.path().join("up.bin");
+    {
+        let mut data = vec![0u8; 100 << 20];
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for chunk in data.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+        }
+        std::fs::write(&src, &data).expect("write");
+    }
+    let want = sha256_file(&src);
+    let t = Instant::now();
+    let up = target
+        .put_file(
+            Path::new("/var/tmp/up.bin"),
+            FileSource::Path(src.clone()),
+            &PutOptions::default(),
+        )
+        .await
+        .expect("upload");
+    eprintln!("upload 100 MiB: {:?}", t.elapsed());
+    assert_eq!(up.sha256, want);
+    assert_eq!(up.size, 100 << 20);
+    let capture = Capture::default();
+    let out = target
+        .exec(
+            &ExecRequest::argv(["sha256sum", "/var/tmp/up.bin"]),
+            &capture,
+        )
+        .await
+        .expect("sha256sum");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&capture.stdout()).starts_with(&want));
+    let back = host.path().join("down.bin");
+    let t = Instant::now();
+    let down = target
+        .get_file(Path::new("/var/tmp/up.bin"), &back)
+        .await
+        .expect("download");
+    eprintln!("download 100 MiB: {:?}", t.elapsed());
+    assert_eq!(down.sha256, want);
+    assert_eq!(sha256_file(&back), want);
+
+    // A failing command is an exit status, not an error.
+    let out = target
+        .exec(&ExecRequest::bash("exit 42"), &builder::target::Discard)
+        .await
+        .expect("exec");
+    assert_eq!(out.status, ExitStatus::Exited(42));
+
+    // A command past its timeout is killed with its children.
+    let out = target
+        .exec(
+            &ExecRequest::bash("sleep 300 & sleep 300; wait")
+                .with_timeout(Some(Duration::from_secs(3))),
+            &builder::target::Discard,
+        )
+        .await
+        .expect("exec");
+    assert_eq!(out.status, ExitStatus::TimedOut);
+    let capture = Capture::default();
+    target
+        .exec(&ExecRequest::bash("pgrep -c -x sleep || true"), &capture)
+        .await
+        .expect("pgrep");
+    assert_eq!(
+        String::from_utf8_lossy(&capture.stdout()).trim(),
+        "0",
+        "sleeps left in the guest"
+    );
+
+    // The agent killed in the guest: the request in flight fails with a clear error instead
+    // of hanging, and the VM keeps running.
+    let killed = tokio::time::timeout(
+        Duration::from_secs(120),
+        session.guard(target.exec(
+            &ExecRequest::bash("sleep 1; kill -9 $(pidof builder-agent)"),
+            &builder::target::Discard,
+        )),
+    )
+    .await
+    .expect("a request whose agent died must not hang")
+    .expect("the VM itself is fine");
+    let err = killed.expect_err("the agent died under the request");
+    eprintln!("agent killed in the guest: {err}");
+    assert!(!err.to_string().is_empty());
+
+    // The shutdown ladder: the agent may be back (systemd restarts it) or not; either way the
+    // VM stops and everything is released.
+    let report = session.close(Outcome::Success, &progress).await;
+    eprintln!("shutdown: {:?} in {:?}", report.rung, report.took);
+    assert_ne!(
+        report.rung,
+        StopRung::Killed,
+        "the guest should stop before SIGKILL"
+    );
+    assert!(report.unwind.is_clean(), "{:?}", report.unwind);
+    drop(guard);
+}
+
+/// The qemu-guest-agent variant: no seed, no cloud-init; exec and a file round trip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qga_variant_runs_commands_and_files() {
+    if !enabled("qga_variant_runs_commands_and_files") {
+        return;
+    }
+    let guard = NoLeftovers::new();
+    let session = Session::open(
+        session_options(&guard, qga_image(), GuestChannel::Qga),
+        &progress,
+    )
+    .await
+    .expect("boot and qemu-guest-agent up");
+    let target = session.target();
+    let capture = Capture::default();
+    let out = target
+        .exec(&ExecRequest::argv(["cat", "/etc/debian_version"]), &capture)
+        .await
+        .expect("exec");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&capture.stdout()).starts_with("12"));
+    let info = target
+        .put_file(
+            Path::new("/root/hello.txt"),
+            FileSource::Bytes(b"hello over qga\n".to_vec()),
+            &PutOptions::default(),
+        )
+        .await
+        .expect("put");
+    let host = tempfile::tempdir().expect("temp dir");
+    let back = host.path().join("hello.txt");
+    let got = target
+        .get_file(Path::new("/root/hello.txt"), &back)
+        .await
+        .expect("get");
+    assert_eq!(got.sha256, info.sha256);
+    assert_eq!(std::fs::read(&back).expect("read"), b"hello over qga\n");
+    let report = session.close(Outcome::Success, &progress).await;
+    eprintln!("shutdown: {:?} in {:?}", report.rung, report.took);
+    assert!(report.unwind.is_clean(), "{:?}", report.unwind);
+    drop(guard);
+}
+
+const REBOOT_DOC: &str = r#"name: RebootAndResume
+description: A Reboot step, and a step that exits 194 once; both resume after the guest is back.
+schemaVersion: 1.0
+phases:
+  - name: build
+    steps:
+      - name: RememberBoot
+        action: ExecuteBash
+        inputs:
+          commands:
+            - cat /proc/sys/kernel/random/boot_id > /var/tmp/boot-before
+      - name: RebootNow
+        action: Reboot
+        inputs:
+          delaySeconds: 0
+      - name: CheckRebooted
+        action: ExecuteBash
+        inputs:
+          commands:
+            - test "$(cat /proc/sys/kernel/random/boot_id)" != "$(cat /var/tmp/boot-before)"
+      - name: ExitForReboot
+        action: ExecuteBash
+        inputs:
+          commands:
+            - |
+              if [ -e /var/tmp/asked-194 ]; then
+                echo resumed-after-194
+              else
+                touch /var/tmp/asked-194
+                cat /proc/sys/kernel/random/boot_id > /var/tmp/boot-194
+                exit 194
+              fi
+      - name: CheckSecondReboot
+        action: ExecuteBash
+        inputs:
+          commands:
+            - test "$(cat /proc/sys/kernel/random/boot_id)" != "$(cat /var/tmp/boot-194)"
+"#;
+
+const FAILING_DOC: &str = r#"name: FailsOnPurpose
+description: A step that fails.
+schemaVersion: 1.0
+phases:
+  - name: build
+    steps:
+      - name: Broken
+        action: ExecuteBash
+        inputs:
+          commands:
+            - echo about-to-fail
+            - exit 3
+"#;
+
+/// `component run --target vm:IMAGE`: the executor unchanged on the agent target, with a
+/// Reboot step and an exit-194 step that resume after the guest is back; then a failing step
+/// fails the run (exit 1) and the VM is still cleaned up.
+#[test]
+fn component_run_in_a_vm_reboots_resumes_and_fails_cleanly() {
+    if !enabled("component_run_in_a_vm_reboots_resumes_and_fails_cleanly") {
+        return;
+    }
+    let guard = NoLeftovers::new();
+    let docs = tempfile::tempdir().expect("temp dir");
+    let reboot = docs.path().join("reboot.yml");
+    let failing = docs.path().join("failing.yml");
+    std::fs::write(&reboot, REBOOT_DOC).expect("write");
+    std::fs::write(&failing, FAILING_DOC).expect("write");
+    let out = builder(&guard)
+        .args(["component", "run", "--target"])
+        .arg(format!("vm:{}", image().display()))
+        .arg("--documents")
+        .arg(format!("{},{}", reboot.display(), failing.display()))
+        .arg("--log-directory")
+        .arg(docs.path())
+        .output()
+        .expect("run builder");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stderr}\n{stdout}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the failing document fails the run"
+    );
+    assert!(stderr.contains("agent up after"), "{stderr}");
+    assert!(stderr.contains("resumed-after-194"), "{stderr}");
+    assert!(stderr.contains("about-to-fail"), "{stderr}");
+    for step in [
+        "RebootNow",
+        "CheckRebooted",
+        "ExitForReboot",
+        "CheckSecondReboot",
+    ] {
+        assert!(stderr.contains(step), "{step} missing:\n{stderr}");
+    }
+    drop(guard);
+}
+
+// ---------------------------------------------------------------------------------------
+// Faults that need no full boot: each stops builder or QEMU while the guest is booting.
+
+fn boot_then(guard: &NoLeftovers, extra: &[&str]) -> (Running, u32) {
+    let mut cmd = builder(guard);
+    cmd.args(["vm", "exec", "--image"])
+        .arg(image())
+        .args(extra)
+        .args(["--", "true"]);
+    let mut running = Running::start(cmd);
+    let pid = running.wait_qemu_pid();
+    // Let the guest get going.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(process_alive(pid), "QEMU {pid} died on its own");
+    (running, pid)
+}
+
+#[test]
+fn sigint_while_booting_stops_everything_with_exit_130() {
+    if !enabled("sigint_while_booting_stops_everything_with_exit_130") {
+        return;
+    }
+    let guard = NoLeftovers::new();
+    let (running, qemu) = boot_then(&guard, &[]);
+    running.signal("INT");
+    let (code, stderr) = running.finish(Duration::from_secs(60));
+    assert_eq!(code, 130, "{stderr}");
+    assert!(stderr.contains("SIGINT"), "{stderr}");
+    assert!(!process_alive(qemu));
+    drop(guard);
+}
+
+#[test]
+fn sigterm_while_booting_stops_everything_with_exit_130() {
+    if !enabled("sigterm_while_booting_stops_everything_with_exit_130") {
+        return;
+    }
+    let guard = NoLeftovers::new();
+    let (running, qemu) = boot_then(&guard, &[]);
+    running.signal("TERM");
+    let (code, stderr) = running.finish(Duration::from_secs(60));
+    assert_eq!(code, 130, "{stderr}");
+    assert!(!process_alive(qemu));
+    drop(guard);
+}
+
+/// SIGKILL of builder runs no cleanup code of ours: QEMU dies by its parent-death signal and
+/// the folder watcher removes the VM's folder.
+#[test]
+fn sigkill_of_builder_takes_qemu_and_the_folder_with_it() {
+    if !enabled("sigkill_of_builder_takes_qemu_and_the_folder_with_it") {
+        return;
+    }
+    let guard = NoLeftovers::new();
+    let (running, qemu) = boot_then(&guard, &[]);
+    running.signal("KILL");
+    let (code, _) = running.finish(Duration::from_secs(30));
+    assert_eq!(code, 128 + 9);
+    let left = guard.wait_clean(Duration::from_secs(15));
+    assert!(left.is_empty(), "left after SIGKILL: {left:?}");
+    assert!(!process_alive(qemu));
+    drop(guard);
+}
+
+/// QEMU killed under builder: a clear error at once (not a boot timeout), exit 1, cleanup.
+#[test]
+fn qemu_killed_is_a_clear_error() {
+    if !enabled("qemu_killed_is_a_clear_error") {
+        return;
+    }
+    let guard = NoLeftovers::new();
+    let (running, qemu) = boot_then(&guard, &[]);
+    let ok = Command::new("kill")
+        .args(["-9", &qemu.to_string()])
+        .status()
+        .expect("kill");
+    assert!(ok.success());
+    let (code, stderr) = running.finish(Duration::from_secs(60));
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("QEMU was killed by signal 9 unexpectedly"),
+        "{stderr}"
+    );
+    drop(guard);
+}
+
+/// A disk that boots nothing: the boot timeout names what it waited for and shows the
+/// console (or says it stayed empty).
+#[test]
+fn unbootable_disk_times_out_with_the_console() {
+    if !enabled("unbootable_disk_times_out_with_the_console") {
+        return;
+    }
+    let guard = NoLeftovers::new();
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let blank = scratch.path().join("blank.qcow2");
+    let made = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&blank)
+        .arg("1G")
+        .status()
+        .expect("qemu-img");
+    assert!(made.success());
+    let out = builder(&guard)
+        .args(["vm", "exec", "--boot-timeout", "10", "--image"])
+        .arg(&blank)
+        .args(["--", "true"])
+        .output()
+        .expect("run builder");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stderr}");
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("timed out after 10 s of boot waiting for the agent to say hello"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("serial console"), "{stderr}");
+    drop(guard);
+}
+
+/// `--accel kvm` where KVM cannot work is a host problem (exit 3) that says why.
+#[test]
+fn demanded_kvm_that_does_not_work_is_a_host_error() {
+    if !enabled("demanded_kvm_that_does_not_work_is_a_host_error") {
+        return;
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").expect("cpuinfo");
+    if cpuinfo.split_whitespace().any(|f| f == "vmx" || f == "svm") {
+        eprintln!("this machine may have working KVM; nothing to check");
+        return;
+    }
+    let guard = NoLeftovers::new();
+    let out = builder(&guard)
+        .args(["vm", "exec", "--accel", "kvm", "--image"])
+        .arg(image())
+        .args(["--", "true"])
+        .output()
+        .expect("run builder");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("KVM was requested but does not work"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("vmx or svm"), "{stderr}");
+    drop(guard);
+}
