@@ -545,7 +545,16 @@ fn windows_actions_are_refused_before_anything_runs() {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
 }
 
-/// Serves `body` at `/file.txt` (404 elsewhere) on 127.0.0.1 until dropped.
+/// One HTTP request as the test servers see it.
+struct Request {
+    method: String,
+    /// Path and query, as sent.
+    target: String,
+    body: Vec<u8>,
+}
+
+/// A tiny HTTP/1.1 server on 127.0.0.1 that answers each request with `handler`
+/// (status, body) until dropped.
 struct HttpServer {
     port: u16,
     stop: Arc<AtomicBool>,
@@ -553,7 +562,7 @@ struct HttpServer {
 }
 
 impl HttpServer {
-    fn start(body: &'static [u8]) -> Self {
+    fn start(handler: impl Fn(&Request) -> (u16, Vec<u8>) + Send + 'static) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let stop = Arc::new(AtomicBool::new(false));
@@ -567,24 +576,34 @@ impl HttpServer {
                 let mut reader = BufReader::new(stream.try_clone().expect("clone"));
                 let mut request_line = String::new();
                 let _ = reader.read_line(&mut request_line);
+                let mut length = 0usize;
                 loop {
                     let mut line = String::new();
                     if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
                         break;
                     }
+                    if let Some((name, value)) = line.split_once(':')
+                        && name.eq_ignore_ascii_case("content-length")
+                    {
+                        length = value.trim().parse().unwrap_or(0);
+                    }
                 }
-                let response = if request_line.starts_with("GET /file.txt ") {
-                    let mut r = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                        body.len()
-                    )
-                    .into_bytes();
-                    r.extend_from_slice(body);
-                    r
-                } else {
-                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                        .to_vec()
+                let mut body = vec![0u8; length];
+                let _ = reader.read_exact(&mut body);
+                let mut parts = request_line.split_whitespace();
+                let request = Request {
+                    method: parts.next().unwrap_or("").to_string(),
+                    target: parts.next().unwrap_or("").to_string(),
+                    body,
                 };
+                let (status, body) = handler(&request);
+                let reason = if status == 200 { "OK" } else { "Error" };
+                let mut response = format!(
+                    "HTTP/1.1 {status} {reason}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                )
+                .into_bytes();
+                response.extend_from_slice(&body);
                 let _ = stream.write_all(&response);
             }
         });
@@ -593,6 +612,17 @@ impl HttpServer {
             stop,
             thread: Some(thread),
         }
+    }
+
+    /// Serves `body` at `/file.txt`, 404 elsewhere.
+    fn file(body: &'static [u8]) -> Self {
+        Self::start(move |r| {
+            if r.method == "GET" && r.target == "/file.txt" {
+                (200, body.to_vec())
+            } else {
+                (404, Vec::new())
+            }
+        })
     }
 }
 
@@ -609,7 +639,7 @@ impl Drop for HttpServer {
 
 #[test]
 fn web_download_checks_the_checksum() {
-    let server = HttpServer::start(b"downloaded content\n");
+    let server = HttpServer::file(b"downloaded content\n");
     let url = format!("http://127.0.0.1:{}/file.txt", server.port);
     let actual = {
         use sha2::Digest;
@@ -986,5 +1016,121 @@ fn execute_bash_and_execute_binary() {
     assert_eq!(
         sb.read("exec.txt"),
         format!("in {}\none two|ONLY_HERE=unset|", sb.work().display())
+    );
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Ok(b) = u8::from_str_radix(&text[i + 1..i + 3], 16)
+        {
+            out.push(b);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A minimal S3-compatible endpoint (path style: GET/PUT objects, ListObjectsV2) that keeps
+/// objects in memory and records the request targets. It does not check signatures; the
+/// test checks that requests carry one.
+fn fake_s3() -> (
+    HttpServer,
+    Arc<std::sync::Mutex<std::collections::BTreeMap<String, Vec<u8>>>>,
+    Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    let objects: Arc<std::sync::Mutex<std::collections::BTreeMap<String, Vec<u8>>>> =
+        Arc::default();
+    let seen: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let (store, log) = (objects.clone(), seen.clone());
+    let server = HttpServer::start(move |r| {
+        log.lock()
+            .expect("lock")
+            .push(format!("{} {}", r.method, r.target));
+        let (path, query) = r.target.split_once('?').unwrap_or((&r.target, ""));
+        let path = percent_decode(path.trim_start_matches('/'));
+        let mut objects = store.lock().expect("lock");
+        match r.method.as_str() {
+            "GET" if query.contains("list-type=2") => {
+                let path = path.trim_end_matches('/');
+                let prefix = query
+                    .split('&')
+                    .find_map(|kv| kv.strip_prefix("prefix="))
+                    .map(percent_decode)
+                    .unwrap_or_default();
+                let bucket = format!("{path}/");
+                let contents: String = objects
+                    .iter()
+                    .filter_map(|(k, v)| k.strip_prefix(&bucket).map(|k| (k, v)))
+                    .filter(|(k, _)| k.starts_with(&prefix))
+                    .map(|(k, v)| {
+                        format!(
+                            "<Contents><Key>{k}</Key><Size>{}</Size></Contents>",
+                            v.len()
+                        )
+                    })
+                    .collect();
+                let xml = format!(
+                    "<?xml version=\"1.0\" encoding=\"UTF-8\"?><ListBucketResult xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><Name>{path}</Name><Prefix>{prefix}</Prefix><MaxKeys>1000</MaxKeys><IsTruncated>false</IsTruncated>{contents}</ListBucketResult>"
+                );
+                (200, xml.into_bytes())
+            }
+            "GET" => match objects.get(&path) {
+                Some(body) => (200, body.clone()),
+                None => (404, Vec::new()),
+            },
+            "PUT" => {
+                objects.insert(path, r.body.clone());
+                (200, Vec::new())
+            }
+            _ => (405, Vec::new()),
+        }
+    });
+    (server, objects, seen)
+}
+
+#[test]
+fn s3_upload_and_download_against_an_s3_compatible_endpoint() {
+    let (server, objects, seen) = fake_s3();
+    let sb = Sandbox::new();
+    let path = sb.document(
+        "s3.yml",
+        "name: s3\nschemaVersion: 1.0\nphases:\n  - name: build\n    steps:\n      - name: Prepare\n        action: CreateFile\n        inputs:\n          - path: up/one.txt\n            content: one\n          - path: up/sub/two.txt\n            content: two\n      - name: UploadOne\n        action: S3Upload\n        inputs:\n          - source: up/one.txt\n            destination: s3://bucket/single/one-copy.txt\n      - name: UploadTree\n        action: S3Upload\n        inputs:\n          - source: up\n            destination: s3://bucket/tree/\n            recurse: true\n      - name: DownloadOne\n        action: S3Download\n        inputs:\n          - source: s3://bucket/single/one-copy.txt\n            destination: one-back.txt\n      - name: DownloadPrefix\n        action: S3Download\n        inputs:\n          - source: s3://bucket/tree/*\n            destination: tree-back\n",
+    );
+    let out = sb
+        .command(&[&path])
+        .env(
+            "BUILDER_S3_ENDPOINT",
+            format!("http://127.0.0.1:{}", server.port),
+        )
+        .env("AWS_ACCESS_KEY_ID", "test-key")
+        .env("AWS_SECRET_ACCESS_KEY", "test-secret")
+        .env("AWS_REGION", "eu-west-1")
+        .output()
+        .expect("runs");
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let keys: Vec<String> = objects.lock().expect("lock").keys().cloned().collect();
+    assert_eq!(
+        keys,
+        [
+            "bucket/single/one-copy.txt",
+            "bucket/tree/one.txt",
+            "bucket/tree/sub/two.txt"
+        ]
+    );
+    assert_eq!(sb.read("one-back.txt"), "one");
+    assert_eq!(sb.read("tree-back/one.txt"), "one");
+    assert_eq!(sb.read("tree-back/sub/two.txt"), "two");
+    let seen = seen.lock().expect("lock").clone();
+    assert!(
+        seen.iter().all(|r| r.contains("X-Amz-Signature=")),
+        "every request is presigned: {seen:?}"
     );
 }
