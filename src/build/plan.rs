@@ -276,6 +276,15 @@ fn read_component(
 pub trait ParentResolver {
     /// The newest stored build of `name` whose version matches `version`.
     fn resolve(&self, name: &str, version: &VersionPattern) -> Result<StoredParent, ResolveError>;
+
+    /// The digest of the local file at `path` if it is known and the file has not changed
+    /// since (the store keeps such an index), so a large parent is not hashed at every plan.
+    fn known_digest(&self, _path: &Path) -> Option<Sha256> {
+        None
+    }
+
+    /// Remember the digest just computed for the local file at `path`.
+    fn remember_digest(&self, _path: &Path, _sha256: &Sha256) {}
 }
 
 /// A stored build's disk, as the plan pins it.
@@ -850,10 +859,17 @@ fn resolve_parent(
                     return Ok(None);
                 }
             };
-            let digest = hash_file(&local, progress).map_err(|source| PlanError::Io {
-                path: local.clone(),
-                source,
-            })?;
+            let digest = match resolver.known_digest(&local) {
+                Some(known) => known,
+                None => {
+                    let digest = hash_file(&local, progress).map_err(|source| PlanError::Io {
+                        path: local.clone(),
+                        source,
+                    })?;
+                    resolver.remember_digest(&local, &digest);
+                    digest
+                }
+            };
             if let Some(pinned) = sha256
                 && *pinned != digest
             {
@@ -1252,6 +1268,35 @@ mod tests {
         use chrono::TimeZone;
         let date = chrono::Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap();
         assert_eq!(plan.output_stem(7, date), "web-1.0.0-7");
+    }
+
+    #[test]
+    fn a_known_digest_is_not_recomputed() {
+        struct Known(std::cell::Cell<usize>);
+        impl ParentResolver for Known {
+            fn resolve(
+                &self,
+                name: &str,
+                version: &VersionPattern,
+            ) -> Result<StoredParent, ResolveError> {
+                NoStore.resolve(name, version)
+            }
+            fn known_digest(&self, _: &Path) -> Option<Sha256> {
+                Sha256::parse(&"cd".repeat(32))
+            }
+            fn remember_digest(&self, _: &Path, _: &Sha256) {
+                self.0.set(self.0.get() + 1);
+            }
+        }
+        let f = Fixture::new();
+        let env = |_: &str| None;
+        let validated = validate(&f.path("recipe.yml"), &env).unwrap();
+        let known = Known(std::cell::Cell::new(0));
+        let mut hashed = false;
+        let plan = plan(validated, &known, &env, &mut |_| hashed = true).unwrap();
+        assert!(!hashed);
+        assert_eq!(known.0.get(), 0);
+        assert_eq!(plan.parent.sha256().as_str(), "cd".repeat(32));
     }
 
     #[test]
