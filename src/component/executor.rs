@@ -103,6 +103,7 @@ pub struct RunOutcome {
     /// Advice for the user from the first failure that had some (e.g. "use a VM target").
     pub hint: Option<String>,
     /// Things worth saying that did not stop the run (ignored parameters, log write errors).
+    /// Each was also sent to the observer as an [`Event::Note`] when it came up.
     pub notes: Vec<String>,
 }
 
@@ -364,7 +365,9 @@ pub async fn run(
             if let Err(e) = result {
                 let message = format!("{e}: {}", error_chain(&e));
                 log.app("ERROR", &message);
-                notes.push(format!("{name} was not written: {message}"));
+                let note = format!("{name} was not written: {message}");
+                observer.event(&Event::Note { message: &note });
+                notes.push(note);
             }
         }
         log.flush();

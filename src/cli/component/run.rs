@@ -168,13 +168,7 @@ pub async fn run(args: RunArgs) -> CliResult {
             .await?
         }
     };
-    for note in &outcome.notes {
-        eprintln!(
-            "{}note{}: {note}",
-            style_note(),
-            style_note().render_reset()
-        );
-    }
+    // Notes were shown as they came (Event::Note); outcome.notes repeats them for library users.
     if !args.json {
         let json = serde_json::to_string_pretty(&outcome.summary)
             .map_err(|e| Failure::failed(anyhow::Error::new(e)))?;
