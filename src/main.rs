@@ -31,6 +31,9 @@ enum Command {
     Plan(cli::recipe::PlanArgs),
     /// Print the JSON Schema (draft 2020-12) of an input file, for editors.
     Schema(cli::recipe::SchemaArgs),
+    /// The image versions in the local store: list, show, remove.
+    #[command(subcommand)]
+    Images(cli::images::ImagesCommand),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +56,7 @@ fn main() -> ExitCode {
             Command::Validate(args) => cli::recipe::validate(args),
             Command::Plan(args) => cli::recipe::plan(args),
             Command::Schema(args) => cli::recipe::schema(args),
+            Command::Images(cmd) => cli::images::main(cmd).await,
         }
     });
     // Leave no task behind: the runtime drops here, after every undo has run.

@@ -390,10 +390,10 @@ async fn a_cancelled_export_leaves_nothing() {
     struct Notify(Mutex<Option<tokio::sync::oneshot::Sender<()>>>);
     impl ExportProgress for Notify {
         fn converting(&self, format: Format, _percent: f32) {
-            if format == Format::Raw {
-                if let Some(tx) = self.0.lock().expect("lock").take() {
-                    let _ = tx.send(());
-                }
+            if format == Format::Raw
+                && let Some(tx) = self.0.lock().expect("lock").take()
+            {
+                let _ = tx.send(());
             }
         }
     }
@@ -407,4 +407,49 @@ async fn a_cancelled_export_leaves_nothing() {
     // The export's future is dropped: qemu-img was killed, and the finished qcow2 and the
     // partial raw (which qemu-img had open: it had reported progress) were removed.
     assert!(names(&out).is_empty(), "left behind: {:?}", names(&out));
+}
+
+/// The way a build uses export and the store together: export into the build's slot, record
+/// the outputs in the manifest, commit; the stored image resolves to a disk whose digest is
+/// the file's, and `sha256sum -c` passes in its final folder.
+#[tokio::test]
+async fn an_export_committed_to_the_store_resolves_as_a_parent() {
+    use builder::export::manifest::{ImageId, Manifest};
+    use builder::store::Store;
+
+    let work = tempfile::tempdir().expect("temp dir");
+    let disk = make_disk(work.path());
+    let store = Store::open(work.path().join("store")).expect("store");
+    let slot = store
+        .allocate_build("web", &"1.2.0".parse().expect("version"))
+        .expect("slot");
+    let stem = format!("web-1.2.0-{}", slot.id().build);
+    let req = ExportRequest::new(&disk, slot.dir(), &stem, &[Format::Qcow2, Format::Vmdk]);
+    let report = export::export(&req, &export::NoProgress)
+        .await
+        .expect("export");
+    let mut manifest = Manifest::new(
+        ImageId {
+            name: "web".into(),
+            version: "1.2.0".into(),
+            build: slot.id().build,
+        },
+        slot.build_id(),
+    );
+    manifest.outputs = report.artifacts.clone();
+    manifest.write(slot.dir()).expect("manifest");
+    let stored = slot.commit().expect("commit");
+
+    let parent = store.resolve_image("web/1.x.x").expect("resolve");
+    assert_eq!(parent.reference(), stored.reference());
+    let d = parent.disk.expect("disk");
+    assert_eq!(d.path, stored.dir.join("web-1.2.0-1.qcow2"));
+    assert_eq!(d.sha256, export::sha256_file(&d.path).expect("hash"));
+    run(Command::new("sha256sum")
+        .args(["-c", "SHA256SUMS"])
+        .current_dir(&stored.dir));
+    run(Command::new("qemu-img")
+        .args(["compare", "-q"])
+        .arg(&disk)
+        .arg(&d.path));
 }

@@ -2,6 +2,7 @@
 //! (`error:`, `Caused by:` lines, `hint:`). stdout carries data; messages go to stderr.
 
 pub mod component;
+pub mod images;
 pub mod recipe;
 pub mod vm;
 

@@ -221,7 +221,10 @@ impl Store {
         let key = HashKey {
             path: path.to_string_lossy().into_owned(),
             size: meta.len(),
-            mtime_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
+            mtime_ns: meta
+                .mtime()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(meta.mtime_nsec()),
             inode: meta.ino(),
         };
         let index_path = self.root.join("cache").join("hashes.json");
@@ -454,13 +457,12 @@ async fn blocking<T: Send + 'static>(
 struct HashKey {
     path: String,
     size: u64,
-    mtime_ns: i128,
+    mtime_ns: i64,
     inode: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct HashEntry {
-    #[serde(flatten)]
     key: HashKey,
     sha256: String,
 }

@@ -446,8 +446,15 @@ impl Store {
         let names: Vec<String> = sorted_names(&self.root.join("images")).unwrap_or_default();
         let mut close: Vec<(f64, String)> = names
             .into_iter()
-            .map(|n| (strsim::jaro_winkler(&n, &reference.name), n))
-            .filter(|(score, _)| *score > 0.7)
+            .map(|n| {
+                // Damerau-Levenshtein catches swapped letters in short names, which
+                // Jaro-Winkler misses; Jaro-Winkler favours a shared prefix in long ones.
+                let jw = strsim::jaro_winkler(&n, &reference.name);
+                let score = strsim::normalized_damerau_levenshtein(&n, &reference.name)
+                    .max(if jw >= 0.85 { jw } else { 0.0 });
+                (score, n)
+            })
+            .filter(|(score, _)| *score >= 0.5)
             .collect();
         close.sort_by(|a, b| b.0.total_cmp(&a.0));
         StoreError::NotFound {

@@ -1,0 +1,463 @@
+//! `builder images list|show|rm`: the image versions in the local store.
+//! stdout carries the listing (a table or `--json`); messages go to stderr.
+
+use std::io::Write;
+
+use anstream::eprintln;
+use clap::{Args, Subcommand};
+use serde::Serialize;
+
+use super::{CliResult, Failure};
+use builder::export::Manifest;
+use builder::store::{FailedBuild, ImageRef, Store, StoreError, StoredImage};
+
+#[derive(Debug, Subcommand)]
+pub enum ImagesCommand {
+    /// List stored builds (and failed ones, whose logs are kept): NAME VERSION BUILD CREATED
+    /// STATUS FORMATS SIZE.
+    List(ListArgs),
+    /// Show one build: its manifest summary, outputs with sha256, and where its logs are.
+    /// A partial reference (`web`, `web/1.x.x`) shows the newest matching build.
+    Show(ShowArgs),
+    /// Remove stored builds. A reference matching several builds needs `--all` (or `--yes`);
+    /// an image another stored build was made from needs `--force`.
+    Rm(RmArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Print a JSON array on stdout instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// `NAME`, `NAME/VERSION` (with `x` wildcards, like `1.x.x`) or `NAME/VERSION/BUILD`.
+    #[arg(value_name = "NAME[/VERSION[/BUILD]]")]
+    reference: String,
+    /// Print the manifest and the build's folders as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RmArgs {
+    /// `NAME`, `NAME/VERSION` (with `x` wildcards) or `NAME/VERSION/BUILD`.
+    #[arg(value_name = "NAME[/VERSION[/BUILD]]")]
+    reference: String,
+    /// Remove every build the reference matches.
+    #[arg(long)]
+    all: bool,
+    /// Do not ask: same as `--all` for a reference that matches several builds.
+    #[arg(long, short = 'y')]
+    yes: bool,
+    /// Remove even if another stored build uses it as its parent image.
+    #[arg(long)]
+    force: bool,
+}
+
+pub async fn main(command: ImagesCommand) -> CliResult {
+    let store = Store::open_default().map_err(store_failure)?;
+    match command {
+        ImagesCommand::List(args) => list(&store, &args),
+        ImagesCommand::Show(args) => show(&store, &args),
+        ImagesCommand::Rm(args) => rm(&store, &args),
+    }
+}
+
+/// Exit 2 for what the user can fix by asking differently, 3 for the host (disk, permissions).
+fn store_failure(e: StoreError) -> Failure {
+    let hint = match &e {
+        StoreError::NotFound { close, .. } if !close.is_empty() => Some(format!(
+            "stored images with a close name: {}",
+            close.join(", ")
+        )),
+        StoreError::NotFound { .. } => {
+            Some("`builder images list` shows what is stored".to_string())
+        }
+        StoreError::InUse { .. } => Some("pass --force to remove it anyway".to_string()),
+        StoreError::BadReference { .. } => {
+            Some("references look like `web`, `web/1.x.x`, `web/1.2.0` or `web/1.2.0/3`".into())
+        }
+        StoreError::NoHome => Some(format!(
+            "set {} to the folder the store should live in",
+            builder::store::STORE_ENV
+        )),
+        _ => None,
+    };
+    let input = matches!(
+        e,
+        StoreError::NotFound { .. }
+            | StoreError::InUse { .. }
+            | StoreError::BadReference { .. }
+            | StoreError::BadName { .. }
+            | StoreError::BadVersion { .. }
+    );
+    let failure = if input {
+        Failure::input(e)
+    } else {
+        Failure::host(e)
+    };
+    match hint {
+        Some(h) => failure.with_hint(h),
+        None => failure,
+    }
+}
+
+fn parse_ref(s: &str) -> Result<ImageRef, Failure> {
+    s.parse::<ImageRef>().map_err(store_failure)
+}
+
+/// One row of `images list`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Row {
+    reference: String,
+    name: String,
+    version: String,
+    build: u32,
+    created: chrono::DateTime<chrono::Utc>,
+    status: String,
+    formats: Vec<String>,
+    /// Bytes of all outputs.
+    size: u64,
+    dir: std::path::PathBuf,
+    logs: std::path::PathBuf,
+}
+
+fn row(image: &StoredImage) -> Row {
+    Row {
+        reference: image.reference(),
+        name: image.name.clone(),
+        version: image.version.to_string(),
+        build: image.build,
+        created: image.manifest.created,
+        status: image.manifest.status.to_string(),
+        formats: image
+            .manifest
+            .outputs
+            .iter()
+            .map(|a| a.format.to_string())
+            .collect(),
+        size: image.outputs_size(),
+        dir: image.dir.clone(),
+        logs: image.logs_dir(),
+    }
+}
+
+fn failed_row(f: &FailedBuild) -> Row {
+    Row {
+        reference: f.reference(),
+        name: f.record.name.clone(),
+        version: f.record.version.clone(),
+        build: f.record.build,
+        created: f.record.started,
+        status: "failed".into(),
+        formats: Vec::new(),
+        size: 0,
+        dir: f.dir.clone(),
+        logs: f.logs_dir(),
+    }
+}
+
+fn list(store: &Store, args: &ListArgs) -> CliResult {
+    let listing = store.list().map_err(store_failure)?;
+    for problem in &listing.unreadable {
+        warn(problem);
+    }
+    let mut rows: Vec<Row> = listing.images.iter().map(row).collect();
+    rows.extend(listing.failed.iter().map(failed_row));
+    rows.sort_by(|a, b| {
+        let key = |r: &Row| {
+            (
+                r.name.clone(),
+                r.version.parse::<builder::store::Version>().ok(),
+                r.build,
+            )
+        };
+        key(a).cmp(&key(b))
+    });
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let json = serde_json::to_string_pretty(&rows).expect("rows serialize");
+        let _ = writeln!(out, "{json}");
+        return Ok(0);
+    }
+    if rows.is_empty() {
+        eprintln!("no images in the store ({})", store.root().display());
+        return Ok(0);
+    }
+    let table: Vec<[String; 7]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.name.clone(),
+                r.version.clone(),
+                r.build.to_string(),
+                r.created.format("%Y-%m-%d %H:%M").to_string(),
+                r.status.clone(),
+                if r.formats.is_empty() {
+                    "-".into()
+                } else {
+                    r.formats.join(",")
+                },
+                if r.formats.is_empty() {
+                    "-".into()
+                } else {
+                    human_size(r.size)
+                },
+            ]
+        })
+        .collect();
+    let header = [
+        "NAME", "VERSION", "BUILD", "CREATED", "STATUS", "FORMATS", "SIZE",
+    ];
+    let mut widths = header.map(str::len);
+    for cells in &table {
+        for (w, c) in widths.iter_mut().zip(cells) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: &[&str]| {
+        let mut s = String::new();
+        for (i, (c, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        s.trim_end().to_string()
+    };
+    let _ = writeln!(out, "{}", line(&header));
+    for cells in &table {
+        let refs: Vec<&str> = cells.iter().map(String::as_str).collect();
+        let _ = writeln!(out, "{}", line(&refs));
+    }
+    Ok(0)
+}
+
+fn warn(problem: &StoreError) {
+    let mut msg = format!("warning: {problem}");
+    let mut source = std::error::Error::source(problem);
+    while let Some(cause) = source {
+        msg.push_str(&format!("\n  Caused by: {cause}"));
+        source = cause.source();
+    }
+    eprintln!("{msg}");
+}
+
+/// `1.2 GiB`, `340.0 MiB`, `512 B`.
+fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ShowJson<'a> {
+    reference: String,
+    status: String,
+    dir: &'a std::path::Path,
+    logs: std::path::PathBuf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failure: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    manifest: Option<&'a Manifest>,
+}
+
+fn show(store: &Store, args: &ShowArgs) -> CliResult {
+    let reference = parse_ref(&args.reference)?;
+    match store.resolve(&reference) {
+        Ok(image) => {
+            let mut out = std::io::stdout().lock();
+            if args.json {
+                let json = ShowJson {
+                    reference: image.reference(),
+                    status: image.manifest.status.to_string(),
+                    dir: &image.dir,
+                    logs: image.logs_dir(),
+                    failure: None,
+                    manifest: Some(&image.manifest),
+                };
+                let text = serde_json::to_string_pretty(&json).expect("serializes");
+                let _ = writeln!(out, "{text}");
+            } else {
+                let _ = write!(out, "{}", describe(&image));
+            }
+            Ok(0)
+        }
+        Err(StoreError::NotFound { .. }) if reference.is_exact() => {
+            // A failed build keeps its number and its logs: show where they are.
+            let Some(failed) = store.failed_build(&reference).map_err(store_failure)? else {
+                return Err(store_failure(store.not_found(&reference)));
+            };
+            let manifest = Manifest::read(&failed.dir.join("manifest.json")).ok();
+            let mut out = std::io::stdout().lock();
+            if args.json {
+                let json = ShowJson {
+                    reference: failed.reference(),
+                    status: "failed".into(),
+                    dir: &failed.dir,
+                    logs: failed.logs_dir(),
+                    failure: failed.record.failure.as_deref(),
+                    manifest: manifest.as_ref(),
+                };
+                let text = serde_json::to_string_pretty(&json).expect("serializes");
+                let _ = writeln!(out, "{text}");
+            } else {
+                let _ = writeln!(out, "{}", failed.reference());
+                let _ = writeln!(out, "  status:   failed");
+                if let Some(f) = &failed.record.failure {
+                    let _ = writeln!(out, "  failure:  {f}");
+                }
+                let _ = writeln!(
+                    out,
+                    "  started:  {}",
+                    failed.record.started.format("%Y-%m-%d %H:%M:%S UTC")
+                );
+                let _ = writeln!(out, "  build id: {}", failed.record.build_id);
+                let _ = writeln!(out, "  logs:     {}", failed.logs_dir().display());
+            }
+            Ok(0)
+        }
+        Err(e) => Err(store_failure(e)),
+    }
+}
+
+/// The human summary of a stored build.
+fn describe(image: &StoredImage) -> String {
+    use std::fmt::Write as _;
+    let m = &image.manifest;
+    let mut s = String::new();
+    let _ = writeln!(s, "{}", image.reference());
+    let _ = writeln!(s, "  status:     {}", m.status);
+    let _ = writeln!(
+        s,
+        "  created:    {} by builder {} (build id {})",
+        m.created.format("%Y-%m-%d %H:%M:%S UTC"),
+        m.builder_version,
+        m.build_id
+    );
+    let _ = writeln!(s, "  folder:     {}", image.dir.display());
+    let _ = writeln!(s, "  logs:       {}", image.logs_dir().display());
+    if let Some(p) = &m.inputs.parent {
+        let exact = p
+            .store_image
+            .as_ref()
+            .map(|r| format!(" = {r}"))
+            .unwrap_or_default();
+        let _ = writeln!(s, "  parent:     {}{exact} (sha256 {})", p.source, p.sha256);
+    }
+    for (i, c) in m.inputs.components.iter().enumerate() {
+        let label = if i == 0 { "components:" } else { "" };
+        let version = c
+            .version
+            .as_deref()
+            .map(|v| format!(" {v}"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "  {label:<11} {}{version} from {} (sha256 {})",
+            c.name, c.path, c.sha256
+        );
+    }
+    if !m.plan_digest.is_empty() {
+        let _ = writeln!(s, "  plan:       sha256 {}", m.plan_digest);
+    }
+    if !m.host.qemu_version.is_empty() || !m.host.accelerator.is_empty() {
+        let _ = writeln!(
+            s,
+            "  host:       {}, accelerator {}, firmware {}",
+            m.host.qemu_version, m.host.accelerator, m.host.firmware
+        );
+    }
+    if let Some(p) = &m.packages {
+        let _ = writeln!(s, "  packages:   {} ({})", p.packages.len(), p.manager);
+    }
+    if !m.tests.is_empty() {
+        let passed = m
+            .tests
+            .iter()
+            .filter(|t| t.status == builder::export::manifest::Status::Success)
+            .count();
+        let _ = writeln!(
+            s,
+            "  tests:      {passed} passed, {} not",
+            m.tests.len() - passed
+        );
+    }
+    if m.outputs.is_empty() {
+        let _ = writeln!(s, "  outputs:    none");
+    } else {
+        let _ = writeln!(s, "  outputs:");
+        let width = m.outputs.iter().map(|a| a.file.len()).max().unwrap_or(0);
+        for a in &m.outputs {
+            let _ = writeln!(
+                s,
+                "    {:<width$}  {:<5}  {:>10}  virtual {:>10}  sha256 {}",
+                a.file,
+                a.format.to_string(),
+                human_size(a.size),
+                human_size(a.virtual_size),
+                a.sha256
+            );
+        }
+    }
+    s
+}
+
+fn rm(store: &Store, args: &RmArgs) -> CliResult {
+    let reference = parse_ref(&args.reference)?;
+    let matches = store.matching(&reference).map_err(store_failure)?;
+    if matches.is_empty() {
+        // An exact reference may name a failed build: remove its logs.
+        if reference.is_exact()
+            && let Some(failed) = store.failed_build(&reference).map_err(store_failure)?
+        {
+            store.remove_failed(&failed).map_err(store_failure)?;
+            eprintln!(
+                "removed the failed build {} and its logs",
+                failed.reference()
+            );
+            return Ok(0);
+        }
+        return Err(store_failure(store.not_found(&reference)));
+    }
+    if matches.len() > 1 && !(args.all || args.yes) {
+        let list: Vec<String> = matches.iter().map(StoredImage::reference).collect();
+        return Err(Failure::input(anyhow::anyhow!(
+            "`{reference}` matches {} builds: {}",
+            matches.len(),
+            list.join(", ")
+        ))
+        .with_hint("pass --all to remove all of them, or name one build as NAME/VERSION/BUILD"));
+    }
+    store.remove(&matches, args.force).map_err(store_failure)?;
+    for image in &matches {
+        eprintln!("removed {}", image.reference());
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_like_people_write_them() {
+        assert_eq!(human_size(512), "512 B");
+        assert_eq!(human_size(1536), "1.5 KiB");
+        assert_eq!(human_size(3 << 30), "3.0 GiB");
+    }
+}
