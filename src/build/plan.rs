@@ -522,6 +522,8 @@ impl PlannedComponent {
 #[serde(rename_all = "camelCase")]
 pub struct PlannedTests {
     pub enabled: bool,
+    /// Named as in the recipe.
+    #[serde(rename = "timeoutSeconds")]
     pub timeout_secs: u64,
     pub components: Vec<PlannedComponent>,
 }

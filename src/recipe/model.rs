@@ -180,10 +180,13 @@ pub struct Infrastructure {
     pub network: Network,
     /// `bootTimeoutSeconds`: from QEMU start until the agent connects. Default: 900 (TCG is
     /// slow).
+    #[serde(rename = "bootTimeoutSeconds")]
     pub boot_timeout_secs: u64,
     /// `buildTimeoutSeconds`: the whole build stage (all components). Default: 7200.
+    #[serde(rename = "buildTimeoutSeconds")]
     pub build_timeout_secs: u64,
     /// `shutdownTimeoutSeconds`: from ACPI power-down until QEMU is stopped hard. Default: 120.
+    #[serde(rename = "shutdownTimeoutSeconds")]
     pub shutdown_timeout_secs: u64,
     /// `keepOnFailure`: keep the VM's disk and logs when the build fails (the inverse of Image
     /// Builder's `terminateInstanceOnFailure`). Default: `false`.
