@@ -484,6 +484,33 @@ mod tests {
         assert!(!yes(NumberEquals, "1.", "1"));
     }
 
+    proptest::proptest! {
+        /// No input makes a comparison panic, and the order operators agree with each other
+        /// (`a < b` exactly when `b > a`; `<=` is `<` or `=`), for strings and numbers alike.
+        #[test]
+        fn comparisons_are_consistent(a in ".{0,12}", b in ".{0,12}", x in -1_000_000i64..1_000_000, y in 0u32..1000) {
+            use CompareOp::*;
+            let n1 = format!("{x}.{y:03}");
+            let n2 = format!("{}", x / 3);
+            for (v, w) in [(a.as_str(), b.as_str()), (n1.as_str(), n2.as_str()), (n1.as_str(), a.as_str())] {
+                for (lt, gt, le, eq) in [
+                    (StringLessThan, StringGreaterThan, StringLessThanEquals, StringEquals),
+                    (NumberLessThan, NumberGreaterThan, NumberLessThanEquals, NumberEquals),
+                ] {
+                    let c = |op, p: &str, q: &str| compare(op, p, q).expect("no pattern involved");
+                    proptest::prop_assert_eq!(c(lt, v, w), c(gt, w, v));
+                    proptest::prop_assert_eq!(c(le, v, w), c(lt, v, w) || c(eq, v, w));
+                }
+                let _ = compare(CompareOp::PatternMatches, v, w);
+            }
+            // A number equals itself written differently.
+            let padded = format!("+0{n1}0");
+            if x >= 0 {
+                proptest::prop_assert!(compare(CompareOp::NumberEquals, &padded, &n1).expect("numbers"));
+            }
+        }
+    }
+
     #[test]
     fn whitespace_test_needs_a_non_empty_string() {
         assert!(string_test(StringTest::IsEmpty, ""));
