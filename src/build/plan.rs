@@ -1273,6 +1273,27 @@ mod tests {
     }
 
     #[test]
+    fn url_parents_are_recorded_for_the_build() {
+        let f = Fixture::new();
+        let digest = "ef".repeat(32);
+        f.write(
+            "recipe.yml",
+            &format!("name: web\nversion: 1.0.0\nparentImage: {{url: 'https://example.invalid/b.qcow2', sha256: {digest}}}\ndiskSize: 1GiB\ncomponents:\n  - path: a.yml\n"),
+        );
+        let plan = f.plan().unwrap();
+        assert_eq!(
+            plan.parent,
+            PlannedParent::Url {
+                url: "https://example.invalid/b.qcow2".into(),
+                sha256: Sha256::parse(&digest).unwrap()
+            }
+        );
+        // Its size is known only after the download: the build checks diskSize then.
+        assert_eq!(plan.parent.virtual_size(), None);
+        assert_eq!(plan.disk_size, Some(ByteSize::gib(1)));
+    }
+
+    #[test]
     fn a_known_digest_is_not_recomputed() {
         struct Known(std::cell::Cell<usize>);
         impl ParentResolver for Known {
