@@ -1130,3 +1130,76 @@ fn s3_upload_and_download_against_an_s3_compatible_endpoint() {
         "every request is presigned: {seen:?}"
     );
 }
+
+#[test]
+fn update_os_uses_the_package_manager_it_finds() {
+    let sb = Sandbox::new();
+    // Stand-ins for apt-get and apt-mark, first on PATH, that record how they were called.
+    let bin = sb.root.path().join("bin");
+    std::fs::create_dir(&bin).expect("bin");
+    let calls = sb.root.path().join("calls");
+    for tool in ["apt-get", "apt-mark"] {
+        let script = bin.join(tool);
+        std::fs::write(
+            &script,
+            format!("#!/bin/sh\necho \"{tool} $*\" >> '{}'\n", calls.display()),
+        )
+        .expect("write");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let path = sb.document(
+        "update.yml",
+        "name: update\nschemaVersion: 1.0\nphases:\n  - name: build\n    steps:\n      - name: Everything\n        action: UpdateOS\n      - name: Some\n        action: UpdateOS\n        inputs:\n          include:\n            - curl\n            - openssl\n          exclude:\n            - openssl\n            - linux-image-amd64\n",
+    );
+    let system_path = std::env::var("PATH").unwrap_or_default();
+    let out = sb
+        .command(&[&path])
+        .env("PATH", format!("{}:{system_path}", bin.display()))
+        .output()
+        .expect("runs");
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let calls = std::fs::read_to_string(&calls).expect("the package manager was called");
+    let lines: Vec<&str> = calls.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "apt-get update",
+            "apt-get -y -o Dpkg::Options::=--force-confold upgrade",
+            "apt-get update",
+            "apt-mark hold openssl linux-image-amd64",
+            "apt-get -y -o Dpkg::Options::=--force-confold install --only-upgrade curl",
+            "apt-mark unhold openssl linux-image-amd64",
+        ]
+    );
+}
+
+#[test]
+fn web_download_retries_a_server_error() {
+    let hits = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counter = hits.clone();
+    let server = HttpServer::start(move |_| {
+        if counter.fetch_add(1, Ordering::SeqCst) == 0 {
+            (503, Vec::new())
+        } else {
+            (200, b"second time lucky".to_vec())
+        }
+    });
+    let sb = Sandbox::new();
+    let path = sb.document(
+        "retry-download.yml",
+        &format!(
+            "name: d\nschemaVersion: 1.0\nphases:\n  - name: build\n    steps:\n      - name: Get\n        action: WebDownload\n        inputs:\n          - source: http://127.0.0.1:{}/x\n            destination: x.txt\n",
+            server.port
+        ),
+    );
+    let out = sb.run(&[&path], &[]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(sb.read("x.txt"), "second time lucky");
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+    assert!(
+        stderr(&out).contains("503"),
+        "the retry is shown: {}",
+        stderr(&out)
+    );
+}
