@@ -140,9 +140,15 @@ pub fn validate(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Val
         files.retain(|d| !d.is_empty());
         return Err(PlanError::Invalid(files));
     }
-    let recipe = checked
-        .recipe
-        .expect("a recipe without problems in any file has been assembled");
+    // Every part that fails reports a problem, so this is not expected; but a missed case
+    // must be a message, not a panic.
+    let Some(recipe) = checked.recipe else {
+        files[0].push(Problem::error(
+            Span::from_offsets(&text, 0, 0),
+            "the recipe could not be read, although no problem was found in it",
+        ));
+        return Err(PlanError::Invalid(files));
+    };
     files.retain(|d| !d.is_empty());
     Ok(Validated {
         recipe,
@@ -751,18 +757,26 @@ pub fn plan(
             )),
         );
     }
-    if !problems.is_empty() {
-        let mut d = Diagnostics::new(
-            &recipe.source.path,
-            recipe.source.text.clone(),
-            recipe::NOUN,
-        )
-        .with_consequence(recipe::CONSEQUENCE);
-        d.extend(problems);
-        d.sort();
-        return Err(PlanError::Invalid(vec![d]));
+    if parent.is_none() && problems.is_empty() {
+        problems.push(Problem::error(
+            recipe.parent.span,
+            "the parent image could not be resolved",
+        ));
     }
-    let parent = parent.expect("no problems means the parent was resolved");
+    let parent = match parent {
+        Some(parent) if problems.is_empty() => parent,
+        _ => {
+            let mut d = Diagnostics::new(
+                &recipe.source.path,
+                recipe.source.text.clone(),
+                recipe::NOUN,
+            )
+            .with_consequence(recipe::CONSEQUENCE);
+            d.extend(problems);
+            d.sort();
+            return Err(PlanError::Invalid(vec![d]));
+        }
+    };
 
     let planned = |c: &LoadedComponent| PlannedComponent {
         path: c.usage.path.value.clone(),
