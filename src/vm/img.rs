@@ -28,6 +28,8 @@ pub enum ImgError {
     Decode { path: String, detail: String },
     #[error("{path} is a {format} image; builder boots qcow2 or raw images")]
     UnsupportedFormat { path: String, format: String },
+    #[error("{path} is marked corrupt by qemu-img; repair it with `qemu-img check -r all`")]
+    Corrupt { path: String },
     #[error("{path} does not exist")]
     Missing { path: String },
 }

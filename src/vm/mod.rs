@@ -144,6 +144,10 @@ pub enum VmError {
         #[source]
         source: img::ImgError,
     },
+    #[error(
+        "the requested disk size ({requested} bytes) is smaller than the image's ({image} bytes); a disk can only grow"
+    )]
+    DiskTooSmall { requested: u64, image: u64 },
     #[error("could not create the VM's overlay disk")]
     Overlay(#[source] img::ImgError),
     #[error(transparent)]
@@ -221,9 +225,9 @@ fn section(title: &str, body: &str) -> String {
 impl VmError {
     pub fn class(&self) -> ErrorClass {
         match self {
-            VmError::Image { .. } | VmError::Seed(seed::SeedError::UnsupportedUserData { .. }) => {
-                ErrorClass::Input
-            }
+            VmError::Image { .. }
+            | VmError::DiskTooSmall { .. }
+            | VmError::Seed(seed::SeedError::UnsupportedUserData { .. }) => ErrorClass::Input,
             VmError::QemuMissing
             | VmError::Accel(_)
             | VmError::Firmware(_)
@@ -377,6 +381,22 @@ impl RunningVm {
         };
         let base = img::info(&options.image).await.map_err(image_err)?;
         let base_format = base.disk_format().map_err(image_err)?;
+        if base.corrupt() {
+            return Err(VmError::Image {
+                path: options.image.display().to_string(),
+                source: img::ImgError::Corrupt {
+                    path: options.image.display().to_string(),
+                },
+            });
+        }
+        if let Some(size) = options.disk_size
+            && size < base.virtual_size
+        {
+            return Err(VmError::DiskTooSmall {
+                requested: size,
+                image: base.virtual_size,
+            });
+        }
 
         let accel = accel::decide(options.accel, &qemu).await?;
         if let Some(reason) = &accel.fallback_reason {
