@@ -85,7 +85,17 @@ impl Shared {
 
     fn route(&self, id: u32, incoming: Incoming) {
         if let Ok(Message::Hello(h)) = &incoming {
-            self.hello.send_replace(Some(h.clone()));
+            let previous = self.hello.send_replace(Some(h.clone()));
+            // A Hello from another agent process (new pid or boot id) means the one that held
+            // our requests is gone (killed, crashed): fail them now, they would wait forever.
+            if let Some(prev) = previous
+                && (prev.pid != h.pid || prev.boot_id != h.boot_id)
+            {
+                self.fail_in_flight(&format!(
+                    "the agent in the guest restarted (pid {} is now {}); what it was doing was lost",
+                    prev.pid, h.pid
+                ));
+            }
         }
         if id == 0 {
             return; // unsolicited Hello, or the agent complaining about a frame of ours
