@@ -95,3 +95,50 @@ fn an_unreadable_recipe_is_an_input_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn json_output_lists_every_file_and_problem() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_builder"))
+        .args([
+            "validate",
+            "--json",
+            "tests/cases/recipe/recipe-and-component-both-invalid.yml",
+            "tests/cases/recipe/no-such-recipe.yml",
+        ])
+        .current_dir(root())
+        .output()
+        .expect("builder runs");
+    assert_eq!(output.status.code(), Some(2));
+    let results: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("stdout is JSON");
+    let first = &results[0];
+    assert_eq!(first["valid"], false);
+    let files: Vec<&str> = first["files"]
+        .as_array()
+        .expect("a list of files")
+        .iter()
+        .map(|f| f["path"].as_str().expect("a path"))
+        .collect();
+    assert_eq!(
+        files,
+        [
+            "tests/cases/recipe/recipe-and-component-both-invalid.yml",
+            "tests/cases/recipe/components/broken.yml"
+        ]
+    );
+    let memory = &first["files"][0]["problems"][0];
+    assert_eq!(
+        (memory["line"].as_u64(), memory["col"].as_u64()),
+        (Some(6), Some(11))
+    );
+    assert_eq!(
+        memory["message"],
+        "memory (100MiB) is below the minimum (256MiB)"
+    );
+    assert!(
+        results[1]["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("could not read")),
+        "{results}"
+    );
+}

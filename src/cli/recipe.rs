@@ -12,8 +12,9 @@ use builder::build::plan::{
     self, HashProgress, ParentResolver, Plan, PlanError, PlannedComponent, PlannedParent,
     ResolveError, Stage, StoredParent,
 };
-use builder::diagnostic::Diagnostics;
+use builder::diagnostic::{Diagnostics, Severity};
 use builder::recipe::{Format, VersionPattern};
+use serde::Serialize;
 
 #[derive(Debug, Args)]
 pub struct ValidateArgs {
@@ -21,6 +22,10 @@ pub struct ValidateArgs {
     /// checked too.
     #[arg(required = true, value_name = "RECIPE")]
     recipes: Vec<PathBuf>,
+    /// Print the results as JSON on stdout (one entry per recipe, with every file's
+    /// problems) instead of messages.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -72,6 +77,9 @@ pub(super) fn failure(error: PlanError) -> Failure {
 }
 
 pub fn validate(args: ValidateArgs) -> CliResult {
+    if args.json {
+        return validate_json(&args.recipes);
+    }
     // Every recipe is checked even when an earlier one is invalid; the exit code is the
     // worst outcome (2 invalid, 3 host problem).
     let mut worst = 0;
@@ -83,6 +91,88 @@ pub fn validate(args: ValidateArgs) -> CliResult {
             worst = worst.max(failure.code);
         }
     }
+    if worst == 0 {
+        Ok(0)
+    } else {
+        Err(Failure::already_printed(worst))
+    }
+}
+
+#[derive(Serialize)]
+struct JsonRecipe {
+    recipe: PathBuf,
+    valid: bool,
+    /// Why the recipe could not be checked at all (unreadable file, host problem).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    /// Every file with problems (errors or warnings): the recipe, an infrastructure file,
+    /// component documents.
+    files: Vec<JsonFile>,
+}
+
+#[derive(Serialize)]
+struct JsonFile {
+    path: PathBuf,
+    problems: Vec<JsonProblem>,
+}
+
+#[derive(Serialize)]
+struct JsonProblem {
+    line: usize,
+    col: usize,
+    severity: Severity,
+    message: String,
+    hint: Option<String>,
+}
+
+fn json_files(files: &[Diagnostics]) -> Vec<JsonFile> {
+    files
+        .iter()
+        .filter(|d| !d.is_empty())
+        .map(|d| JsonFile {
+            path: d.path().to_path_buf(),
+            problems: d
+                .problems()
+                .iter()
+                .map(|p| JsonProblem {
+                    line: p.span.line,
+                    col: p.span.col,
+                    severity: p.severity,
+                    message: p.message.clone(),
+                    hint: p.hint.clone(),
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+fn validate_json(recipes: &[PathBuf]) -> CliResult {
+    let mut worst = 0;
+    let mut results = Vec::new();
+    for recipe in recipes {
+        let (valid, error, files) = match plan::validate(recipe, &env) {
+            Ok(validated) => (true, None, json_files(&validated.warnings)),
+            Err(PlanError::Invalid(files)) => {
+                worst = worst.max(EXIT_INPUT);
+                (false, None, json_files(&files))
+            }
+            Err(e) => {
+                let failure = failure(e);
+                worst = worst.max(failure.code);
+                let chain: Vec<String> = failure.error.chain().map(|c| c.to_string()).collect();
+                (false, Some(chain.join(": ")), Vec::new())
+            }
+        };
+        results.push(JsonRecipe {
+            recipe: recipe.clone(),
+            valid,
+            error,
+            files,
+        });
+    }
+    let json = serde_json::to_string_pretty(&results)
+        .map_err(|e| Failure::failed(anyhow::Error::new(e).context("could not write JSON")))?;
+    stdout(&(json + "\n"))?;
     if worst == 0 {
         Ok(0)
     } else {
