@@ -383,6 +383,14 @@ fn max_attempts_is_the_total_number_of_attempts() {
     let out = sb.run(&[&path], &[]);
     assert_eq!(code(&out), 1);
     assert_eq!(sb.read("attempts").trim(), "2");
+    let err = stderr(&out);
+    assert!(
+        err.contains(
+            "error: component `retry` failed in phase `build`, step `Flaky` (attempt 2 of 2)"
+        ) && err.contains("Caused by: the script exited with status 1")
+            && err.contains("full log: "),
+        "{err}"
+    );
 }
 
 #[test]

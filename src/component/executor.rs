@@ -472,6 +472,7 @@ fn cancelled_step(step: &Step) -> StepReport {
         outputs: "[]".into(),
         loop_report: None,
         detailed_output: None,
+        output_tail: Vec::new(),
     }
 }
 
@@ -719,6 +720,7 @@ impl<'a> Engine<'a> {
             outputs: "[]".into(),
             loop_report: None,
             detailed_output: None,
+            output_tail: Vec::new(),
         };
 
         let mut failure: Option<(Status, String)> = None;
@@ -819,6 +821,7 @@ impl<'a> Engine<'a> {
             };
         }
         sink.finish();
+        report.output_tail = sink.tail();
 
         if let Some((status, message)) = failure {
             report.status = match status {
@@ -880,6 +883,7 @@ impl<'a> Engine<'a> {
         let mut attempt = 0;
         loop {
             attempt += 1;
+            sink.clear_tail();
             self.observer.event(&Event::StepStarted {
                 document: &run.label,
                 phase: &phase.name,

@@ -144,6 +144,10 @@ pub struct StepReport {
     pub loop_report: Option<LoopReport>,
     /// The nested runs of `ExecuteDocument`.
     pub detailed_output: Option<Vec<ExecutionReport>>,
+    /// The last lines the step printed (both streams), for error messages. Not in the JSON:
+    /// `console.log` has everything.
+    #[serde(skip)]
+    pub output_tail: Vec<String>,
 }
 
 /// Per-iteration results of a looping step (AWSTOE does not publish its shape).
@@ -161,6 +165,40 @@ pub struct IterationReport {
     pub value: String,
     pub status: Status,
     pub failure_message: String,
+}
+
+/// Where a run failed: the first failed step, followed into nested documents.
+#[derive(Debug, Clone, Copy)]
+pub struct FailedStep<'a> {
+    pub document: &'a DocumentReport,
+    pub phase: &'a PhaseReport,
+    pub step: &'a StepReport,
+}
+
+impl ExecutionReport {
+    /// The first step that failed or timed out (not ignored, not cancelled). When it is an
+    /// `ExecuteDocument`, the failed step inside the nested document is returned instead.
+    pub fn failed_step(&self) -> Option<FailedStep<'_>> {
+        for document in &self.documents {
+            for phase in &document.phases {
+                for step in &phase.steps {
+                    if matches!(step.status, Status::Failed | Status::TimedOut) {
+                        let nested = step
+                            .detailed_output
+                            .iter()
+                            .flatten()
+                            .find_map(ExecutionReport::failed_step);
+                        return Some(nested.unwrap_or(FailedStep {
+                            document,
+                            phase,
+                            step,
+                        }));
+                    }
+                }
+            }
+        }
+        None
+    }
 }
 
 /// The object `awstoe run` prints at the end, also `ExecuteDocument`'s outputs.

@@ -193,16 +193,45 @@ pub async fn run(args: RunArgs) -> CliResult {
             Err(failure)
         }
         _ => {
-            let mut failure = Failure::new(
-                EXIT_FAILED,
-                anyhow::anyhow!("the run failed: {}{logs}", outcome.summary.failure_message),
-            );
+            let mut failure = Failure::new(EXIT_FAILED, run_failure(&outcome, &logs));
             if let Some(hint) = outcome.hint {
                 failure = failure.with_hint(hint);
             }
             Err(failure)
         }
     }
+}
+
+/// "component `x` failed in phase `build`, step `y` (attempt 3 of 3)", caused by the step's
+/// failure, with its last lines of output and where the full log is.
+fn run_failure(outcome: &executor::RunOutcome, logs: &str) -> anyhow::Error {
+    let Some(failed) = outcome.report.failed_step() else {
+        return anyhow::anyhow!("the run failed: {}{logs}", outcome.summary.failure_message);
+    };
+    let step = failed.step;
+    let mut cause = step.failure_message.clone();
+    if !step.output_tail.is_empty() {
+        cause.push_str("\n  last lines of output:");
+        for line in &step.output_tail {
+            cause.push_str("\n    ");
+            cause.push_str(line);
+        }
+    }
+    if let Some(dir) = &outcome.log_dir {
+        cause.push_str(&format!(
+            "\n  full log: {}",
+            dir.join("console.log").display()
+        ));
+    }
+    let verb = if step.status == Status::TimedOut {
+        "timed out"
+    } else {
+        "failed"
+    };
+    anyhow::anyhow!(cause).context(format!(
+        "component `{}` {verb} in phase `{}`, step `{}` (attempt {} of {})",
+        failed.document.name, failed.phase.name, step.name, step.attempts, step.max_attempts
+    ))
 }
 
 /// Ctrl-C and SIGTERM cancel the run; the executor stops the running command and still writes

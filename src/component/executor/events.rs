@@ -1,6 +1,7 @@
 //! What the executor tells the outside while it runs (terminal, `--json`), and the sink that
 //! takes a step's raw output to `console.log` and, line by line, to the observer.
 
+use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -103,7 +104,12 @@ pub(super) struct StepSink<'a> {
     pub depth: usize,
     /// Unfinished last line per stream (stdout, stderr).
     partial: Mutex<[Vec<u8>; 2]>,
+    /// The last [`TAIL_LINES`] complete lines, for error messages.
+    tail: Mutex<VecDeque<String>>,
 }
+
+/// How many of a step's last output lines an error message shows.
+pub const TAIL_LINES: usize = 5;
 
 impl<'a> StepSink<'a> {
     pub fn new(
@@ -122,12 +128,34 @@ impl<'a> StepSink<'a> {
             step,
             depth,
             partial: Mutex::new([Vec::new(), Vec::new()]),
+            tail: Mutex::new(VecDeque::new()),
         }
+    }
+
+    /// A new attempt starts: the tail is about the last attempt only.
+    pub fn clear_tail(&self) {
+        if let Ok(mut tail) = self.tail.lock() {
+            tail.clear();
+        }
+    }
+
+    /// The last lines printed so far (both streams, in order).
+    pub fn tail(&self) -> Vec<String> {
+        self.tail
+            .lock()
+            .map(|t| t.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     fn line(&self, stream: OutputStream, bytes: &[u8]) {
         let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
         let text = String::from_utf8_lossy(bytes);
+        if let Ok(mut tail) = self.tail.lock() {
+            if tail.len() == TAIL_LINES {
+                tail.pop_front();
+            }
+            tail.push_back(text.to_string());
+        }
         self.observer.event(&Event::StepOutput {
             document: self.document,
             phase: self.phase,
