@@ -155,36 +155,73 @@ fn put(
         std::process::id()
     ));
     let mut tmp_guard = TempFile(Some(tmp_path.clone()));
-    let mut file = std::fs::OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(&tmp_path)
         .map_err(|e| fail("cannot write next to", e))?;
 
-    if tx
+    // Three stages so a guest with several CPUs hashes one chunk while it reads the next and
+    // writes the one before: this thread receives, one hashes, one writes and grants credit.
+    let (hash_tx, hash_rx) = mpsc::channel::<Vec<u8>>();
+    let (write_tx, write_rx) = mpsc::channel::<Vec<u8>>();
+    let hasher = std::thread::spawn(move || {
+        let mut hasher = Sha256::new();
+        for chunk in hash_rx {
+            hasher.update(&chunk);
+            let _ = write_tx.send(chunk);
+        }
+        <[u8; 32]>::from(hasher.finalize())
+    });
+    let writer_tx = tx.clone();
+    let writer = std::thread::spawn(move || {
+        let mut file = file;
+        let mut written: u64 = 0;
+        let mut failed: Option<io::Error> = None;
+        for chunk in write_rx {
+            if failed.is_some() {
+                continue; // drain; the host stops sending when credit stops coming
+            }
+            match file.write_all(&chunk) {
+                Ok(()) => {
+                    written += chunk.len() as u64;
+                    let _ = writer_tx.send(id, &Message::Credit(1));
+                }
+                Err(e) => failed = Some(e),
+            }
+        }
+        (file, written, failed)
+    });
+    let end = if tx
         .send(id, &Message::Credit(protocol::WINDOW_CHUNKS))
         .is_err()
     {
-        return Ok(None);
-    }
-    let mut hasher = Sha256::new();
-    let mut written: u64 = 0;
-    let (size, sha256) = loop {
-        match events.recv() {
-            Ok(PutEvent::Data(d)) => {
-                hasher.update(&d);
-                file.write_all(&d).map_err(|e| fail("cannot write", e))?;
-                written += d.len() as u64;
-                if tx.send(id, &Message::Credit(1)).is_err() {
-                    return Ok(None);
+        None
+    } else {
+        loop {
+            match events.recv() {
+                Ok(PutEvent::Data(d)) => {
+                    let _ = hash_tx.send(d);
                 }
+                Ok(PutEvent::End { size, sha256 }) => break Some((size, sha256)),
+                Ok(PutEvent::Cancel) | Err(_) => break None,
             }
-            Ok(PutEvent::End { size, sha256 }) => break (size, sha256),
-            Ok(PutEvent::Cancel) | Err(_) => return Ok(None),
         }
     };
-    let digest: [u8; 32] = hasher.finalize().into();
+    drop(hash_tx);
+    let digest = hasher
+        .join()
+        .map_err(|_| (code::IO, format!("hashing {shown} failed")))?;
+    let (mut file, written, failed) = writer
+        .join()
+        .map_err(|_| (code::IO, format!("writing {shown} failed")))?;
+    let Some((size, sha256)) = end else {
+        return Ok(None);
+    };
+    if let Some(e) = failed {
+        return Err(fail("cannot write", e));
+    }
     if size != written || sha256 != digest {
         return Err((
             code::CHECKSUM,
@@ -195,6 +232,7 @@ fn put(
             ),
         ));
     }
+    file.flush().map_err(|e| fail("cannot write", e))?;
 
     if spec.append {
         // Verified: now add it to the end of the real file.
@@ -281,36 +319,72 @@ fn get(id: u32, path: &str, credits: &Credits, tx: &Tx) -> Result<(), (u32, Stri
     if tx.send(id, &start).is_err() {
         return Ok(());
     }
-    let mut hasher = Sha256::new();
-    let mut total: u64 = 0;
-    let mut buf = vec![0u8; protocol::CHUNK_SIZE];
-    loop {
-        // Fill a whole chunk (short reads happen on pipes and /proc) before sending.
-        let mut n = 0;
-        while n < buf.len() {
-            match f.read(&mut buf[n..]) {
-                Ok(0) => break,
-                Ok(k) => n += k,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err((code::IO, format!("cannot read {path}: {e}"))),
+    // Three stages, as for put: one thread reads the file straight into frames, one hashes,
+    // this one waits for credit and sends. Small bounded queues keep memory in check.
+    let (frames_tx, frames_rx) = mpsc::sync_channel::<Vec<u8>>(2);
+    let (hashed_tx, hashed_rx) = mpsc::sync_channel::<Vec<u8>>(2);
+    let shown = path.to_owned();
+    let reader = std::thread::spawn(move || -> Result<(), String> {
+        loop {
+            let mut frame = vec![0u8; protocol::DATA_PREFIX + protocol::CHUNK_SIZE];
+            // Fill a whole chunk (short reads happen on pipes and /proc) before sending.
+            let mut n = protocol::DATA_PREFIX;
+            while n < frame.len() {
+                match f.read(&mut frame[n..]) {
+                    Ok(0) => break,
+                    Ok(k) => n += k,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(format!("cannot read {shown}: {e}")),
+                }
+            }
+            if n == protocol::DATA_PREFIX {
+                return Ok(());
+            }
+            let full = n == frame.len();
+            frame.truncate(n);
+            if frames_tx.send(frame).is_err() || !full {
+                return Ok(());
             }
         }
-        if n == 0 {
+    });
+    let hasher = std::thread::spawn(move || {
+        let mut hasher = Sha256::new();
+        let mut total: u64 = 0;
+        for frame in frames_rx {
+            hasher.update(&frame[protocol::DATA_PREFIX..]);
+            total += (frame.len() - protocol::DATA_PREFIX) as u64;
+            if hashed_tx.send(frame).is_err() {
+                break;
+            }
+        }
+        (total, <[u8; 32]>::from(hasher.finalize()))
+    });
+    let mut abandoned = false;
+    for mut frame in hashed_rx.iter() {
+        if !credits.take() {
+            abandoned = true; // cancelled by the host, or the host went away
             break;
         }
-        if !credits.take() {
-            return Ok(()); // cancelled by the host, or the host went away
-        }
-        hasher.update(&buf[..n]);
-        total += n as u64;
-        if tx.send(id, &Message::Data(buf[..n].to_vec())).is_err() {
-            return Ok(());
-        }
-        if n < buf.len() {
+        let sent = protocol::finish_data_frame(id, &mut frame)
+            .map_err(|e| io::Error::other(e.to_string()))
+            .and_then(|()| tx.send_raw(&frame));
+        if sent.is_err() {
+            abandoned = true;
             break;
         }
     }
-    let digest: [u8; 32] = hasher.finalize().into();
+    // Dropping the receiving end stops the other stages.
+    drop(hashed_rx);
+    let read = reader
+        .join()
+        .unwrap_or_else(|_| Err(format!("reading {path} failed")));
+    let (total, digest) = hasher
+        .join()
+        .map_err(|_| (code::IO, format!("hashing {path} failed")))?;
+    if abandoned {
+        return Ok(());
+    }
+    read.map_err(|m| (code::IO, m))?;
     let _ = tx.send(
         id,
         &Message::End {

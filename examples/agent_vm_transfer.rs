@@ -1,0 +1,111 @@
+//! Prints agent figures inside a real VM (TCG here): put/get MiB/s of a file through the
+//! agent, exec round trip, and for scale the guest's own `sha256sum` and `dd` speed.
+//!
+//!     cargo run --release --example agent_vm_transfer -- IMAGE [MiB]
+//!
+//! A benchmark, not a test: it asserts nothing about time.
+
+use std::time::{Duration, Instant};
+
+use builder::build::undo::Outcome;
+use builder::target::{Capture, ExecRequest, FileSource, PutOptions, StepTarget};
+use builder::vm::VmOptions;
+use builder::vm::session::{Session, SessionOptions};
+
+fn mib_s(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0) / d.as_secs_f64()
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let image = std::env::args()
+        .nth(1)
+        .ok_or_else(|| anyhow::anyhow!("usage: agent_vm_transfer IMAGE [MiB]"))?;
+    let mib: u64 = std::env::args()
+        .nth(2)
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(100);
+    let progress = |m: &str| eprintln!("vm: {m}");
+    let mut options = SessionOptions::new(VmOptions::new(&image));
+    // Measured after cloud-init finished, so it does not compete for the guest's CPUs.
+    options.wait_cloud_init = true;
+    let session = Session::open(options, &progress).await?;
+    let agent = session
+        .agent()
+        .ok_or_else(|| anyhow::anyhow!("no agent"))?
+        .clone();
+    let result = async {
+        let dir = tempfile::tempdir()?;
+        let src = dir.path().join("src.bin");
+        let size = mib * 1024 * 1024;
+        let mut data = Vec::with_capacity(size as usize);
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        while (data.len() as u64) < size {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            data.extend_from_slice(&x.to_le_bytes());
+        }
+        std::fs::write(&src, data)?;
+        let back = dir.path().join("back.bin");
+        let remote = std::path::Path::new("/root/transfer.bin");
+        for round in 1..=2 {
+            let t0 = Instant::now();
+            let put = agent
+                .put_file(
+                    remote,
+                    FileSource::Path(src.clone()),
+                    &PutOptions::default(),
+                )
+                .await?;
+            let put_t = t0.elapsed();
+            let t0 = Instant::now();
+            let get = agent.get_file(remote, &back).await?;
+            let get_t = t0.elapsed();
+            anyhow::ensure!(put.sha256 == get.sha256, "digests differ");
+            println!(
+                "round {round}: put {:6.1} MiB/s   get {:6.1} MiB/s   ({mib} MiB)",
+                mib_s(put.size, put_t),
+                mib_s(get.size, get_t)
+            );
+        }
+        for (what, script) in [
+            ("guest sha256sum", "sha256sum /root/transfer.bin >/dev/null"),
+            (
+                "guest dd read",
+                "dd if=/root/transfer.bin of=/dev/null bs=1M 2>/dev/null",
+            ),
+        ] {
+            let t0 = Instant::now();
+            agent
+                .exec(&ExecRequest::bash(script), &Capture::default())
+                .await?;
+            println!("{what}: {:6.1} MiB/s", mib_s(size, t0.elapsed()));
+        }
+        let n = 20;
+        let t0 = Instant::now();
+        for _ in 0..n {
+            agent
+                .exec(&ExecRequest::argv(["true"]), &Capture::default())
+                .await?;
+        }
+        println!(
+            "exec `true` round trip: {:.1} ms",
+            t0.elapsed().as_secs_f64() * 1000.0 / n as f64
+        );
+        let t0 = Instant::now();
+        for _ in 0..n {
+            agent.stat(std::path::Path::new("/")).await?;
+        }
+        println!(
+            "stat round trip: {:.1} ms",
+            t0.elapsed().as_secs_f64() * 1000.0 / n as f64
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    drop(agent);
+    session.close(Outcome::Success, &progress).await;
+    result
+}
