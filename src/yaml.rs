@@ -259,14 +259,14 @@ impl<'s> Positions<'s> {
 
 enum Open {
     Sequence {
-        start: usize,
+        start: Span,
         items: Vec<Node>,
         anchor: usize,
         tag: Option<String>,
         flow: bool,
     },
     Mapping {
-        start: usize,
+        start: Span,
         entries: Vec<(Node, Node)>,
         pending_key: Option<Node>,
         anchor: usize,
@@ -354,7 +354,7 @@ impl Builder<'_> {
                 let flow = self.source[start.start..start.end.max(start.start)].contains('[');
                 self.open(
                     Open::Sequence {
-                        start: start.start,
+                        start,
                         items: Vec::new(),
                         anchor,
                         tag: tag_text(tag),
@@ -368,7 +368,7 @@ impl Builder<'_> {
                 let flow = self.source[start.start..start.end.max(start.start)].contains('{');
                 self.open(
                     Open::Mapping {
-                        start: start.start,
+                        start,
                         entries: Vec::new(),
                         pending_key: None,
                         anchor,
@@ -391,10 +391,10 @@ impl Builder<'_> {
                         tag,
                         flow,
                     } => {
-                        let end =
-                            close_end(flow, end_span, items.last().map(|n| n.span.end), start);
+                        let last = items.last().map(|n| n.span.end);
+                        let end = close_end(flow, end_span, last, start.start);
                         let node = Node {
-                            span: Span::from_offsets(self.source, start, end),
+                            span: Span { end, ..start },
                             kind: NodeKind::Sequence(items),
                             tag,
                             flow,
@@ -410,9 +410,9 @@ impl Builder<'_> {
                         ..
                     } => {
                         let last = entries.last().map(|(_, v)| v.span.end);
-                        let end = close_end(flow, end_span, last, start);
+                        let end = close_end(flow, end_span, last, start.start);
                         let node = Node {
-                            span: Span::from_offsets(self.source, start, end),
+                            span: Span { end, ..start },
                             kind: NodeKind::Mapping(entries),
                             tag,
                             flow,

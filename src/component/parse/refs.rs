@@ -1,6 +1,8 @@
 //! Checking `{{ … }}` references once the whole document has been read (chaining may point
 //! at any step of any phase, including later ones).
 
+use std::collections::HashMap;
+
 use super::Cx;
 use super::spec::outputs_of;
 use crate::component::document::Action;
@@ -73,19 +75,31 @@ impl Cx<'_> {
     /// The span of `part` inside a scalar, or the scalar's span when it cannot be found as
     /// written (escapes, folding).
     fn locate(&self, text: &Text, part: &str) -> Span {
-        match text.raw.find(part) {
-            Some(i) => Span::from_offsets(
-                self.source,
-                text.span.start + i,
-                text.span.start + i + part.len(),
+        let Some(i) = text.raw.find(part) else {
+            return text.span;
+        };
+        // Line and column from the scalar's own position: counting from the start of the file
+        // for every reference would make validation quadratic in the file size.
+        let before = &text.raw[..i];
+        let (line, col) = match before.rfind('\n') {
+            Some(nl) => (
+                text.span.line + before.matches('\n').count(),
+                before[nl + 1..].chars().count() + 1,
             ),
-            None => text.span,
+            None => (text.span.line, text.span.col + before.chars().count()),
+        };
+        Span {
+            start: text.span.start + i,
+            end: text.span.start + i + part.len(),
+            line,
+            col,
         }
     }
 }
 
 pub(super) fn check_all(cx: &mut Cx<'_>, variables: &[&str], phases: &[(String, Vec<StepInfo>)]) {
     let texts = std::mem::take(&mut cx.texts);
+    let index = Index::new(phases);
     for text in &texts {
         let pieces = match template::parse(&text.value) {
             Ok(pieces) => pieces,
@@ -108,7 +122,7 @@ pub(super) fn check_all(cx: &mut Cx<'_>, variables: &[&str], phases: &[(String, 
             } = piece
             {
                 let at = cx.locate(text, &source);
-                check(cx, &text.ctx, at, &source, &reference, variables, phases);
+                check(cx, &text.ctx, at, &source, &reference, variables, &index);
             }
         }
     }
@@ -121,7 +135,7 @@ fn check(
     source: &str,
     reference: &Reference,
     variables: &[&str],
-    phases: &[(String, Vec<StepInfo>)],
+    index: &Index<'_>,
 ) {
     match reference {
         Reference::Variable(name) => {
@@ -166,9 +180,9 @@ fn check(
             phase,
             step,
             kind,
-            index,
+            index: item,
             key,
-        } => chain(cx, ctx, at, (phase, step), *kind, *index, key, phases),
+        } => chain(cx, ctx, at, (phase, step), *kind, *item, key, index),
         // Resolved at run time (and refused offline by the executor).
         Reference::Ssm(_) => {}
     }
@@ -183,13 +197,10 @@ fn chain(
     kind: ChainKind,
     index: Option<usize>,
     key: &str,
-    phases: &[(String, Vec<StepInfo>)],
+    index_of: &Index<'_>,
 ) {
-    let Some((phase_index, (_, steps))) = phases
-        .iter()
-        .enumerate()
-        .find(|(_, (name, _))| name == phase)
-    else {
+    let phases = index_of.phases;
+    let Some(&phase_index) = index_of.phase.get(phase) else {
         let names: Vec<&str> = phases.iter().map(|(n, _)| n.as_str()).collect();
         let hint = match did_you_mean(phase, names.iter().copied()) {
             Some(close) => format!("did you mean `{close}`?"),
@@ -202,7 +213,8 @@ fn chain(
         );
         return;
     };
-    let Some((step_index, info)) = steps.iter().enumerate().find(|(_, s)| s.name == step) else {
+    let steps = &phases[phase_index].1;
+    let Some(&step_index) = index_of.step.get(&(phase_index, step)) else {
         let names: Vec<&str> = steps
             .iter()
             .map(|s| s.name.as_str())
@@ -219,6 +231,7 @@ fn chain(
         );
         return;
     };
+    let info = &steps[step_index];
     let Some(action) = info.action else {
         return;
     };
@@ -310,4 +323,29 @@ fn input_key(cx: &mut Cx<'_>, at: Span, step: &str, key: &str, keys: &[String]) 
         format!("step `{step}` has no input `{key}`"),
         Some(hint),
     );
+}
+
+/// Phases and steps by name (first occurrence wins, as duplicates are already reported).
+struct Index<'a> {
+    phases: &'a [(String, Vec<StepInfo>)],
+    phase: HashMap<&'a str, usize>,
+    step: HashMap<(usize, &'a str), usize>,
+}
+
+impl<'a> Index<'a> {
+    fn new(phases: &'a [(String, Vec<StepInfo>)]) -> Self {
+        let mut phase = HashMap::new();
+        let mut step = HashMap::new();
+        for (p, (name, steps)) in phases.iter().enumerate() {
+            phase.entry(name.as_str()).or_insert(p);
+            for (s, info) in steps.iter().enumerate() {
+                step.entry((p, info.name.as_str())).or_insert(s);
+            }
+        }
+        Index {
+            phases,
+            phase,
+            step,
+        }
+    }
 }
