@@ -31,6 +31,9 @@ enum Command {
     Plan(cli::recipe::PlanArgs),
     /// Print the JSON Schema (draft 2020-12) of an input file, for editors.
     Schema(cli::recipe::SchemaArgs),
+    /// Build a recipe: boot the parent, run the components, generalize, test in a fresh VM,
+    /// export every format, and store the image as `name/x.y.z/n`.
+    Build(cli::build::BuildArgs),
     /// The image versions in the local store: list, show, remove.
     #[command(subcommand)]
     Images(cli::images::ImagesCommand),
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
             Command::Validate(args) => cli::recipe::validate(args),
             Command::Plan(args) => cli::recipe::plan(args),
             Command::Schema(args) => cli::recipe::schema(args),
+            Command::Build(args) => cli::build::main(args).await,
             Command::Images(cmd) => cli::images::main(cmd).await,
         }
     });

@@ -1,5 +1,151 @@
 //! The stages of one build, in order, and the undo list that releases what they created.
-//! For now only the undo list lives here; the stages come with the build command.
+//!
+//! [`build`] is the build: reading it is reading the stages. Each stage takes the previous
+//! stage's value and returns the next; a stage that creates a resource registers its undo
+//! right away (the VM's own resources are on the VM's list, the build's disk chain on the
+//! build's). On success the lists unwind before the store commit; on failure they unwind as
+//! a failure (keep-on-failure keeps the disk chain and logs and says how to remove them); a
+//! dropped build future (Ctrl-C, SIGTERM, a timeout in the caller) unwinds through `Drop`.
+//!
+//! ```text
+//! Plan ─allocate─▶ BuildSlot + logs ─fetch─▶ base ─overlay─▶ DiskChain ─boot─▶ BuildVm
+//!   ─component × n (build, validate, commit layer)─▶ BuildVm ─generalize─▶ Sealed
+//!   ─shut down─▶ BuiltDisk ─test (fresh VM)─▶ Tested ─export─▶ outputs ─manifest, commit─▶ StoredImage
+//! ```
 
+pub mod events;
+pub mod generalize;
+pub mod layers;
 pub mod plan;
+mod stages;
 pub mod undo;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+pub use events::{BuildEvent, BuildLog, BuildObserver, Quiet};
+pub use stages::{BuildError, ComponentFailure};
+
+use crate::store::{Store, StoredImage};
+use crate::vm::{AccelChoice, ErrorClass};
+use plan::Plan;
+use stages::Cx;
+use undo::{Outcome, UndoList, UnwindReport};
+
+/// How to run a build, beyond the plan.
+#[derive(Debug, Clone, Default)]
+pub struct BuildOptions {
+    /// Keep the build's disk chain and logs (and the test VM's disk) when it fails; also set
+    /// by the recipe's `infrastructure.keepOnFailure`.
+    pub keep_on_failure: bool,
+    /// Overrides the recipe's `infrastructure.accelerator`.
+    pub accel: Option<AccelChoice>,
+    /// The QEMU system emulator; default `qemu-system-x86_64` from `PATH`.
+    pub qemu: Option<PathBuf>,
+}
+
+/// A finished, stored build.
+#[derive(Debug)]
+pub struct Built {
+    pub image: StoredImage,
+    /// The exported files, in the store.
+    pub outputs: Vec<PathBuf>,
+    /// Copies in the recipe's `outputs.directory`, if it names one.
+    pub copies: Vec<PathBuf>,
+    /// Undo actions that failed (resources that may be left behind).
+    pub warnings: Vec<String>,
+}
+
+/// A build that did not finish.
+#[derive(Debug)]
+pub struct Failed {
+    pub error: BuildError,
+    /// `name/x.y.z/n`, when a build number had been handed out.
+    pub image: Option<String>,
+    /// Where the failed build's logs are kept.
+    pub logs: Option<PathBuf>,
+    /// What unwinding kept (keep-on-failure) and what it could not remove.
+    pub unwind: UnwindReport,
+}
+
+impl Failed {
+    pub fn class(&self) -> ErrorClass {
+        self.error.class()
+    }
+}
+
+/// Build `plan` into `store`. Every stage reports to `observer`; the build's logs are written
+/// in the store (kept under `failed/` when the build fails).
+pub async fn build(
+    plan: &Plan,
+    store: &Store,
+    options: &BuildOptions,
+    observer: &dyn BuildObserver,
+) -> Result<Built, Failed> {
+    let started = Instant::now();
+    let keep = options.keep_on_failure || plan.infrastructure.keep_on_failure;
+    let fail = |error: BuildError| Failed {
+        error,
+        image: None,
+        logs: None,
+        unwind: UnwindReport::default(),
+    };
+    let slot = stages::allocate(plan, store).map_err(fail)?;
+    let log = BuildLog::new(&slot.logs_dir(), observer).map_err(|source| {
+        fail(BuildError::Logs {
+            path: slot.logs_dir(),
+            source,
+        })
+    })?;
+    let cx = Cx::new(plan, store, options, &slot, &log, UndoList::new(keep));
+    cx.started(started);
+
+    let result = async {
+        let base = cx.stage("fetch", stages::fetch_parent(&cx)).await?;
+        let chain = cx.stage("overlay", stages::overlay(&cx, base)).await?;
+        let vm = cx.stage("boot", stages::boot(&cx, chain)).await?;
+        let vm = stages::components(&cx, vm).await?;
+        let sealed = cx.stage("generalize", stages::generalize(&cx, vm)).await?;
+        let built = cx.stage("shutdown", stages::shut_down(&cx, sealed)).await?;
+        let tested = if plan.tests.enabled {
+            cx.stage("test", stages::test(&cx, built)).await?
+        } else {
+            cx.skipped("test");
+            stages::untested(built)
+        };
+        cx.stage("export", stages::export(&cx, tested)).await
+    }
+    .await;
+
+    match result {
+        Ok(exported) => {
+            let warnings = cx.unwind(Outcome::Success).failed;
+            cx.stage("store", stages::store(&cx, exported, slot, warnings))
+                .await
+                .map_err(|error| Failed {
+                    error,
+                    image: Some(cx.image()),
+                    logs: None,
+                    unwind: UnwindReport::default(),
+                })
+        }
+        Err(mut error) => {
+            let unwind = cx.unwind(Outcome::Failure);
+            let logs = stages::abandon(&cx, slot, &error);
+            // The logs moved with the failed build: point at where they are now.
+            if let (BuildError::Component(f), Some(now)) = (&mut error, &logs) {
+                for path in [&mut f.log, &mut f.run_log].into_iter().flatten() {
+                    if let Ok(rest) = path.strip_prefix(&cx.logs) {
+                        *path = now.join(rest);
+                    }
+                }
+            }
+            Err(Failed {
+                error,
+                image: Some(cx.image()),
+                logs,
+                unwind,
+            })
+        }
+    }
+}

@@ -6,7 +6,7 @@ use anstream::{eprint, eprintln};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
-mod run;
+pub(crate) mod run;
 
 use super::{CliResult, EXIT_INPUT, Failure};
 use builder::component::parse;

@@ -259,7 +259,7 @@ fn style_note() -> Style {
 }
 
 /// Steps as they start and end, their output live, on stderr.
-struct Terminal;
+pub(crate) struct Terminal;
 
 impl Observer for Terminal {
     fn event(&self, event: &Event<'_>) {

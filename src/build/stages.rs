@@ -1,0 +1,1425 @@
+//! The stages of [`super::build`], each a function from one value to the next, and the build
+//! context they share ([`Cx`]: the plan, the store, the log, the undo list, the manifest being
+//! filled in).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use tokio_util::sync::CancellationToken;
+
+use super::BuildOptions;
+use super::events::{BuildEvent, BuildLog, StageOutput};
+use super::generalize::{self, GeneralizeError};
+use super::layers::{DiskChain, LayerError, file_safe};
+use super::plan::{self, Plan, PlanError, PlannedComponent, PlannedParent};
+use super::undo::{self, Outcome, UndoList, UnwindReport};
+use crate::component::executor::{self, RunError, RunOptions, RunRequest};
+use crate::component::report::{ExecutionReport, Status as StepStatus};
+use crate::export::manifest::{
+    ComponentInput, HostInfo, ImageId, LayerKey, Manifest, PackageList, ParameterValue,
+    ParentInput, PhaseStatus, StageTiming, Status, TestResult,
+};
+use crate::export::{self, ExportError, ExportProgress, ExportRequest};
+use crate::recipe;
+use crate::store::{BuildSlot, DownloadProgress, FetchOptions, Store, StoreError};
+use crate::target::{Capture, ExecRequest, StepTarget, TargetError};
+use crate::vm::session::{Session, SessionOptions};
+use crate::vm::{AccelChoice, ErrorClass, GuestChannel, VmError, VmOptions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("could not start a build in the store")]
+    Allocate(#[source] StoreError),
+    #[error("could not write the build's logs in {path}")]
+    Logs {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("could not fetch the parent image")]
+    Fetch(#[source] StoreError),
+    #[error("the parent image {path} has sha256 {actual}, but the plan pinned {planned}")]
+    ParentChanged {
+        path: PathBuf,
+        planned: String,
+        actual: String,
+    },
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error("could not prepare the build's disk")]
+    Disk(#[source] LayerError),
+    #[error("could not create the build's work folder {path}")]
+    WorkDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the {which} VM failed")]
+    Vm {
+        which: &'static str,
+        #[source]
+        source: VmError,
+    },
+    #[error("{what}")]
+    Guest {
+        what: String,
+        #[source]
+        source: TargetError,
+    },
+    #[error(
+        "the root file system did not grow to `diskSize` ({wanted}): it is {actual} (the parent's disk is {parent}); the image's cloud-init must run growpart and resize the root file system"
+    )]
+    DiskNotGrown {
+        wanted: recipe::ByteSize,
+        actual: recipe::ByteSize,
+        parent: recipe::ByteSize,
+    },
+    #[error("{}", .0.heading())]
+    Component(Box<ComponentFailure>),
+    #[error("could not run component `{component}`")]
+    Executor {
+        component: String,
+        #[source]
+        source: RunError,
+    },
+    #[error("generalizing the image failed")]
+    Generalize(#[source] GeneralizeError),
+    #[error("{stage} did not finish within {secs} s (infrastructure.{setting})")]
+    Timeout {
+        stage: &'static str,
+        secs: u64,
+        setting: &'static str,
+    },
+    #[error(
+        "the test stage changed the built disk {file} (sha256 {before} before, {after} after); the artifact must stay as built"
+    )]
+    ArtifactChanged {
+        file: PathBuf,
+        before: String,
+        after: String,
+    },
+    #[error("could not hash {path}")]
+    Hash {
+        path: PathBuf,
+        #[source]
+        source: ExportError,
+    },
+    #[error("exporting the image failed")]
+    Export(#[source] ExportError),
+    #[error("could not write the manifest")]
+    Manifest(#[source] ExportError),
+    #[error("could not copy the outputs to {path}")]
+    Copy {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("could not store the build")]
+    Commit(#[source] StoreError),
+}
+
+/// A component (or test) step that failed, with what the user needs to act on it.
+#[derive(Debug, Clone)]
+pub struct ComponentFailure {
+    pub component: String,
+    pub phase: String,
+    pub step: String,
+    pub attempt: u32,
+    pub max_attempts: u32,
+    /// The step's failure message (the cause).
+    pub cause: String,
+    /// The last lines of the step's output.
+    pub last_lines: Vec<String>,
+    /// The step's full output, in the build's logs (moved to `failed/` with them).
+    pub log: Option<PathBuf>,
+    /// The executor's own log folder for this component (`TOE_…`, detailedoutput.json).
+    pub run_log: Option<PathBuf>,
+}
+
+impl ComponentFailure {
+    pub fn heading(&self) -> String {
+        let what = if self.phase == "test" {
+            "test of component"
+        } else {
+            "component"
+        };
+        let attempts = if self.max_attempts > 1 {
+            format!(" (attempt {} of {})", self.attempt, self.max_attempts)
+        } else {
+            String::new()
+        };
+        format!(
+            "{what} `{}` failed in phase `{}`, step `{}`{attempts}",
+            self.component, self.phase, self.step
+        )
+    }
+}
+
+impl BuildError {
+    /// Whose fault it is, for the exit code.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            BuildError::Plan(PlanError::Invalid(_) | PlanError::Changed { .. })
+            | BuildError::ParentChanged { .. } => ErrorClass::Input,
+            BuildError::Vm { source, .. } => source.class(),
+            BuildError::Allocate(_)
+            | BuildError::Logs { .. }
+            | BuildError::Fetch(_)
+            | BuildError::Plan(_)
+            | BuildError::Disk(_)
+            | BuildError::WorkDir { .. }
+            | BuildError::Hash { .. }
+            | BuildError::Export(_)
+            | BuildError::Manifest(_)
+            | BuildError::Copy { .. }
+            | BuildError::Commit(_) => ErrorClass::Host,
+            BuildError::Guest { .. }
+            | BuildError::DiskNotGrown { .. }
+            | BuildError::Component(_)
+            | BuildError::Executor { .. }
+            | BuildError::Generalize(_)
+            | BuildError::Timeout { .. }
+            | BuildError::ArtifactChanged { .. } => ErrorClass::Failed,
+        }
+    }
+
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            BuildError::Vm { source, .. } => source.hint(),
+            BuildError::Component(_)
+            | BuildError::Generalize(_)
+            | BuildError::DiskNotGrown { .. } => {
+                Some("rerun with `--keep-on-failure` to keep the build's disk and logs".into())
+            }
+            BuildError::Timeout { setting, .. } => Some(format!(
+                "raise `{setting}` in the recipe if the work is just slow (TCG is much slower than KVM)"
+            )),
+            _ => None,
+        }
+    }
+}
+
+fn vm_err(which: &'static str) -> impl FnOnce(VmError) -> BuildError {
+    move |source| BuildError::Vm { which, source }
+}
+
+/// What the stages share. Everything mutable sits behind a mutex so stages take `&Cx`.
+pub struct Cx<'a> {
+    pub plan: &'a Plan,
+    pub store: &'a Store,
+    pub options: &'a BuildOptions,
+    pub log: &'a BuildLog<'a>,
+    pub id: ImageId,
+    pub build_id: String,
+    /// The build's folder in `staging/` (outputs, manifest).
+    pub dir: PathBuf,
+    /// The build's logs folder.
+    pub logs: PathBuf,
+    /// `<store>/work/<build-id>`: the disk chain (outside the build's folder so keeping it on
+    /// failure does not depend on the store moving the folder).
+    pub work: PathBuf,
+    pub keep: bool,
+    pub build_date: DateTime<Utc>,
+    undo: Mutex<UndoList>,
+    manifest: Mutex<Manifest>,
+    started: Mutex<Option<Instant>>,
+}
+
+impl<'a> Cx<'a> {
+    pub fn new(
+        plan: &'a Plan,
+        store: &'a Store,
+        options: &'a BuildOptions,
+        slot: &BuildSlot,
+        log: &'a BuildLog<'a>,
+        undo: UndoList,
+    ) -> Cx<'a> {
+        let mut manifest = Manifest::new(slot.id().clone(), slot.build_id());
+        fill_inputs(&mut manifest, plan);
+        let keep = options.keep_on_failure || plan.infrastructure.keep_on_failure;
+        Cx {
+            plan,
+            store,
+            options,
+            log,
+            id: slot.id().clone(),
+            build_id: slot.build_id().to_string(),
+            dir: slot.dir().to_path_buf(),
+            logs: slot.logs_dir(),
+            work: store.root().join("work").join(slot.build_id()),
+            keep,
+            build_date: manifest.created,
+            undo: Mutex::new(undo),
+            manifest: Mutex::new(manifest),
+            started: Mutex::new(None),
+        }
+    }
+
+    /// `name/x.y.z/n`.
+    pub fn image(&self) -> String {
+        self.id.to_string()
+    }
+
+    pub fn started(&self, at: Instant) {
+        if let Ok(mut s) = self.started.lock() {
+            *s = Some(at);
+        }
+        let image = self.image();
+        let digest = self.plan.digest();
+        self.log.emit(&BuildEvent::BuildStarted {
+            image: &image,
+            build_id: &self.build_id,
+            plan_digest: &digest,
+            logs: &self.logs,
+        });
+    }
+
+    fn elapsed(&self) -> Duration {
+        self.started
+            .lock()
+            .ok()
+            .and_then(|s| *s)
+            .map(|s| s.elapsed())
+            .unwrap_or_default()
+    }
+
+    fn push_undo(
+        &self,
+        label: String,
+        keep_note: Option<String>,
+        action: impl FnOnce() -> Result<(), String> + Send + 'static,
+    ) {
+        if let Ok(mut undo) = self.undo.lock() {
+            match keep_note {
+                Some(note) => undo.push_keepable(label, note, action),
+                None => undo.push(label, action),
+            }
+        }
+    }
+
+    pub fn unwind(&self, outcome: Outcome) -> UnwindReport {
+        let report = self
+            .undo
+            .lock()
+            .map(|mut u| u.unwind(outcome))
+            .unwrap_or_default();
+        for f in &report.failed {
+            self.log.line(&format!("warning: {f}"));
+        }
+        for k in &report.kept {
+            self.log.line(&format!("kept: {k}"));
+        }
+        report
+    }
+
+    fn with_manifest(&self, f: impl FnOnce(&mut Manifest)) {
+        if let Ok(mut m) = self.manifest.lock() {
+            f(&mut m);
+        }
+    }
+
+    fn manifest(&self) -> Manifest {
+        self.manifest
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    pub fn progress(&self, stage: &str, message: &str) {
+        self.log.progress(stage, message);
+    }
+
+    /// Run one stage: announce it, time it, record its timing and status.
+    pub async fn stage<T>(
+        &self,
+        name: &'static str,
+        work: impl Future<Output = Result<T, BuildError>>,
+    ) -> Result<T, BuildError> {
+        self.stage_of(name, None, work).await
+    }
+
+    /// [`Cx::stage`] for one of several units of a stage (a component).
+    pub async fn stage_of<T>(
+        &self,
+        name: &'static str,
+        detail: Option<&str>,
+        work: impl Future<Output = Result<T, BuildError>>,
+    ) -> Result<T, BuildError> {
+        self.log.emit(&BuildEvent::StageStarted {
+            stage: name,
+            detail,
+        });
+        let started = Utc::now();
+        let t0 = Instant::now();
+        let result = work.await;
+        let took = t0.elapsed();
+        let status = if result.is_ok() {
+            Status::Success
+        } else {
+            Status::Failed
+        };
+        self.log.emit(&BuildEvent::StageFinished {
+            stage: name,
+            detail,
+            status: &status.to_string(),
+            duration_ms: took.as_millis() as u64,
+        });
+        let stage = match detail {
+            Some(d) => format!("{name}:{d}"),
+            None => name.to_string(),
+        };
+        self.with_manifest(|m| {
+            m.timings.push(StageTiming {
+                stage,
+                started,
+                duration_secs: took.as_secs_f64(),
+                status,
+            })
+        });
+        result
+    }
+
+    pub fn skipped(&self, name: &'static str) {
+        self.log.emit(&BuildEvent::StageFinished {
+            stage: name,
+            detail: None,
+            status: "skipped",
+            duration_ms: 0,
+        });
+        self.with_manifest(|m| {
+            m.timings.push(StageTiming {
+                stage: name.to_string(),
+                started: Utc::now(),
+                duration_secs: 0.0,
+                status: Status::Skipped,
+            })
+        });
+    }
+}
+
+/// The manifest's inputs: the parent and every component, with digests and parameters.
+fn fill_inputs(m: &mut Manifest, plan: &Plan) {
+    m.plan_digest = plan.digest();
+    m.inputs.parent = Some(match &plan.parent {
+        PlannedParent::File { path, sha256, .. } => ParentInput {
+            source: path.clone(),
+            sha256: sha256.to_string(),
+            store_image: None,
+        },
+        PlannedParent::Url { url, sha256 } => ParentInput {
+            source: url.clone(),
+            sha256: sha256.to_string(),
+            store_image: None,
+        },
+        PlannedParent::Store {
+            reference,
+            resolved,
+            sha256,
+            ..
+        } => ParentInput {
+            source: reference.clone(),
+            sha256: sha256.to_string(),
+            store_image: Some(resolved.clone()),
+        },
+    });
+    m.inputs.components = plan
+        .components
+        .iter()
+        .chain(&plan.tests.components)
+        .map(|c| ComponentInput {
+            path: c.path.clone(),
+            name: c.label().to_string(),
+            version: None,
+            sha256: c.sha256.to_string(),
+            parameters: c
+                .parameters
+                .iter()
+                .map(|(k, v)| ParameterValue::new(k, v, false))
+                .collect(),
+        })
+        .collect();
+    let i = &plan.infrastructure;
+    m.host = HostInfo {
+        qemu_version: String::new(),
+        accelerator: String::new(),
+        firmware: i.firmware.to_string(),
+        cpus: i.cpus,
+        memory_mib: i.memory.bytes() >> 20,
+    };
+}
+
+// ─── 1. allocate ────────────────────────────────────────────────────────────────────────
+
+/// A build number and folder in the store's staging area.
+pub fn allocate(plan: &Plan, store: &Store) -> Result<BuildSlot, BuildError> {
+    let version: crate::store::Version = plan
+        .recipe
+        .version
+        .to_string()
+        .parse()
+        .map_err(BuildError::Allocate)?;
+    store
+        .allocate_build(&plan.recipe.name, &version)
+        .map_err(BuildError::Allocate)
+}
+
+// ─── 2. fetch the parent ────────────────────────────────────────────────────────────────
+
+/// The parent image, verified.
+pub struct Base {
+    pub path: PathBuf,
+}
+
+struct DownloadBar<'a, 'b>(&'b Cx<'a>, Mutex<Option<u64>>, Mutex<u64>);
+
+impl DownloadProgress for DownloadBar<'_, '_> {
+    fn started(&self, total: Option<u64>, offset: u64) {
+        if let Ok(mut t) = self.1.lock() {
+            *t = total;
+        }
+        self.0.progress(
+            "fetch",
+            &format!(
+                "downloading{}{}",
+                total
+                    .map(|t| format!(" {}", recipe::ByteSize::b(t)))
+                    .unwrap_or_default(),
+                if offset > 0 {
+                    format!(", resuming at {}", recipe::ByteSize::b(offset))
+                } else {
+                    String::new()
+                }
+            ),
+        );
+    }
+    fn advanced(&self, done: u64) {
+        // One event per MiB at most.
+        let Ok(mut last) = self.2.lock() else { return };
+        if done < *last + (1 << 20) {
+            return;
+        }
+        *last = done;
+        let total = self.1.lock().ok().and_then(|t| *t);
+        self.0.log.emit(&BuildEvent::Transfer {
+            stage: "fetch",
+            what: "parent image",
+            done,
+            total,
+        });
+    }
+    fn retrying(&self, attempt: u32, error: &str, wait: Duration) {
+        self.0.progress(
+            "fetch",
+            &format!(
+                "attempt {attempt} failed ({error}); retrying in {} s",
+                wait.as_secs()
+            ),
+        );
+    }
+    fn verifying(&self) {
+        self.0.progress("fetch", "verifying sha256");
+    }
+}
+
+pub async fn fetch_parent(cx: &Cx<'_>) -> Result<Base, BuildError> {
+    match &cx.plan.parent {
+        // Hashed by the plan moments ago.
+        PlannedParent::File { local_path, .. } => {
+            cx.progress(
+                "fetch",
+                &format!(
+                    "local file {} (sha256 checked by the plan)",
+                    local_path.display()
+                ),
+            );
+            Ok(Base {
+                path: local_path.clone(),
+            })
+        }
+        PlannedParent::Url { url, sha256 } => {
+            let bar = DownloadBar(cx, Mutex::new(None), Mutex::new(0));
+            let base = cx
+                .store
+                .fetch_base(url, sha256.as_str(), &FetchOptions::default(), &bar)
+                .await
+                .map_err(BuildError::Fetch)?;
+            cx.progress(
+                "fetch",
+                &format!("cached as {} (sha256 verified)", base.path.display()),
+            );
+            Ok(Base { path: base.path })
+        }
+        PlannedParent::Store {
+            resolved,
+            local_path,
+            sha256,
+            ..
+        } => {
+            cx.progress(
+                "fetch",
+                &format!("{resolved} from the store: verifying sha256"),
+            );
+            let actual = hash(local_path).await?;
+            if actual != sha256.as_str() {
+                return Err(BuildError::ParentChanged {
+                    path: local_path.clone(),
+                    planned: sha256.to_string(),
+                    actual,
+                });
+            }
+            Ok(Base {
+                path: local_path.clone(),
+            })
+        }
+    }
+}
+
+async fn hash(path: &Path) -> Result<String, BuildError> {
+    let p = path.to_path_buf();
+    tokio::task::spawn_blocking(move || export::sha256_file(&p))
+        .await
+        .map_err(|e| BuildError::Hash {
+            path: path.to_path_buf(),
+            source: ExportError::Task(e.to_string()),
+        })?
+        .map_err(|source| BuildError::Hash {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+// ─── 3. overlay ─────────────────────────────────────────────────────────────────────────
+
+pub async fn overlay(cx: &Cx<'_>, base: Base) -> Result<DiskChain, BuildError> {
+    std::fs::create_dir_all(&cx.work).map_err(|source| BuildError::WorkDir {
+        path: cx.work.clone(),
+        source,
+    })?;
+    let work = cx.work.clone();
+    cx.push_undo(
+        format!("remove the build's disk chain {}", work.display()),
+        Some(format!(
+            "kept the build's disk chain in {} (the top file is the newest state; open it with `builder vm shell --image <file>`); remove with: rm -rf {}",
+            work.display(),
+            work.display()
+        )),
+        undo::remove_dir(work),
+    );
+    let size = cx.plan.disk_size.map(|s| s.bytes());
+    let chain = DiskChain::create(&cx.work, &base.path, size)
+        .await
+        .map_err(BuildError::Disk)?;
+    cx.progress(
+        "overlay",
+        &format!(
+            "{} on {}{}",
+            chain.top.display(),
+            base.path.display(),
+            cx.plan
+                .disk_size
+                .map(|s| format!(", grown to {s}"))
+                .unwrap_or_default()
+        ),
+    );
+    Ok(chain)
+}
+
+// ─── 4. seed + boot ─────────────────────────────────────────────────────────────────────
+
+/// The build VM, ready for steps, and the disk chain it writes.
+pub struct BuildVm {
+    pub session: Session,
+    pub chain: DiskChain,
+}
+
+fn accel(cx: &Cx<'_>) -> AccelChoice {
+    cx.options
+        .accel
+        .unwrap_or(match cx.plan.infrastructure.accelerator {
+            recipe::Accelerator::Auto => AccelChoice::Auto,
+            recipe::Accelerator::Kvm => AccelChoice::Kvm,
+            recipe::Accelerator::Tcg => AccelChoice::Tcg,
+        })
+}
+
+fn vm_options(cx: &Cx<'_>, image: &Path, logs: PathBuf) -> SessionOptions {
+    let i = &cx.plan.infrastructure;
+    let mut vm = VmOptions::new(image);
+    vm.accel = accel(cx);
+    vm.cpus = i.cpus;
+    vm.memory_mib = i.memory.bytes() >> 20;
+    vm.firmware = match i.firmware {
+        recipe::Firmware::Bios => crate::vm::Firmware::Bios,
+        recipe::Firmware::Uefi => crate::vm::Firmware::Uefi,
+    };
+    vm.network = match i.network {
+        recipe::Network::None => crate::vm::Network::None,
+        recipe::Network::User => crate::vm::Network::User,
+    };
+    vm.channel = GuestChannel::Agent {
+        user_data: cx.plan.user_data.clone(),
+    };
+    vm.qemu = cx.options.qemu.clone();
+    vm.log_dir = Some(logs);
+    let mut options = SessionOptions::new(vm);
+    options.boot_timeout = Duration::from_secs(i.boot_timeout_secs);
+    options
+}
+
+pub async fn boot(cx: &Cx<'_>, chain: DiskChain) -> Result<BuildVm, BuildError> {
+    let mut options = vm_options(cx, &chain.top, cx.logs.join("build-vm"));
+    // The chain is the build's: the VM writes to it in place and leaves it behind.
+    options.vm.boot_in_place = true;
+    let progress = |m: &str| cx.progress("boot", m);
+    let session = Session::open(options, &progress)
+        .await
+        .map_err(vm_err("build"))?;
+    let accel = session.vm().accel().accel.as_str().to_string();
+    let qemu_version = qemu_version(cx).await;
+    cx.with_manifest(|m| {
+        m.host.accelerator = accel;
+        m.host.qemu_version = qemu_version;
+    });
+    let vm = BuildVm { session, chain };
+    check_disk_grew(cx, &vm).await?;
+    let wd = cx.plan.working_directory.clone();
+    run_quiet(
+        vm.session.target().as_ref(),
+        &format!("mkdir -p '{}'", wd.replace('\'', r"'\''")),
+        "create the working directory",
+    )
+    .await?;
+    Ok(vm)
+}
+
+async fn qemu_version(cx: &Cx<'_>) -> String {
+    let qemu = cx
+        .options
+        .qemu
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"));
+    match tokio::process::Command::new(qemu)
+        .arg("--version")
+        .output()
+        .await
+    {
+        Ok(out) => String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string(),
+        Err(_) => String::new(),
+    }
+}
+
+/// Run a short shell command in the guest; its stdout, or an error naming `what`.
+async fn run_quiet(
+    target: &dyn StepTarget,
+    script: &str,
+    what: &str,
+) -> Result<String, BuildError> {
+    let out = Capture::default();
+    let outcome = target
+        .exec(
+            &ExecRequest::bash(script).with_timeout(Some(Duration::from_secs(300))),
+            &out,
+        )
+        .await
+        .map_err(|source| BuildError::Guest {
+            what: format!("could not {what} in the guest"),
+            source,
+        })?;
+    if !outcome.status.success() {
+        return Err(BuildError::Guest {
+            what: format!("could not {what} in the guest"),
+            source: TargetError::Failed(format!(
+                "`{script}` {}: {}",
+                outcome.status,
+                String::from_utf8_lossy(&out.stderr()).trim()
+            )),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout()).into_owned())
+}
+
+/// With `diskSize`, the guest must have grown its root file system (cloud-init growpart and
+/// resizefs, or systemd's x-systemd.growfs). Checked with `df` once cloud-init is done.
+async fn check_disk_grew(cx: &Cx<'_>, vm: &BuildVm) -> Result<(), BuildError> {
+    let Some(wanted) = cx.plan.disk_size else {
+        return Ok(());
+    };
+    let parent = match cx.plan.parent.virtual_size() {
+        Some(s) => s.bytes(),
+        None => crate::vm::img::info(&vm.chain.parent)
+            .await
+            .map(|i| i.virtual_size)
+            .unwrap_or(0),
+    };
+    if wanted.bytes() <= parent {
+        return Ok(());
+    }
+    let out = run_quiet(
+        vm.session.target().as_ref(),
+        "df -B1 --output=size / | tail -n 1",
+        "measure the root file system",
+    )
+    .await?;
+    let actual: u64 = out.trim().parse().unwrap_or(0);
+    // The file system is smaller than the disk (partition table, boot partitions, its own
+    // metadata); it must at least have taken most of the added space.
+    let grown_enough = actual > parent.saturating_sub(parent / 10) + (wanted.bytes() - parent) / 2;
+    cx.progress(
+        "boot",
+        &format!(
+            "root file system: {} (disk {wanted}, parent {})",
+            recipe::ByteSize::b(actual),
+            recipe::ByteSize::b(parent)
+        ),
+    );
+    if grown_enough {
+        Ok(())
+    } else {
+        Err(BuildError::DiskNotGrown {
+            wanted,
+            actual: recipe::ByteSize::b(actual),
+            parent: recipe::ByteSize::b(parent),
+        })
+    }
+}
+
+// ─── 5. components ──────────────────────────────────────────────────────────────────────
+
+/// Commit the boot layer, then run each component's `build` and `validate` phases and commit
+/// its layer; all within `buildTimeoutSeconds`.
+pub async fn components(cx: &Cx<'_>, mut vm: BuildVm) -> Result<BuildVm, BuildError> {
+    let first = cx
+        .plan
+        .components
+        .first()
+        .map(|c| c.label().to_string())
+        .unwrap_or_else(|| "generalize".into());
+    commit_layer(cx, &mut vm, "boot", None, &first).await?;
+    let secs = cx.plan.infrastructure.build_timeout_secs;
+    let all = async {
+        for (index, component) in cx.plan.components.iter().enumerate() {
+            let label = component.label().to_string();
+            cx.stage_of(
+                "component",
+                Some(&label),
+                run_component(cx, &mut vm, index, component),
+            )
+            .await?;
+        }
+        Ok::<(), BuildError>(())
+    };
+    match tokio::time::timeout(Duration::from_secs(secs), all).await {
+        Ok(result) => result?,
+        Err(_) => {
+            return Err(BuildError::Timeout {
+                stage: "the components",
+                secs,
+                setting: "buildTimeoutSeconds",
+            });
+        }
+    }
+    Ok(vm)
+}
+
+fn component_folder(index: usize, component: &PlannedComponent) -> String {
+    file_safe(&format!("{}-{}", index + 1, component.label()))
+}
+
+async fn commit_layer(
+    cx: &Cx<'_>,
+    vm: &mut BuildVm,
+    name: &str,
+    key: Option<&str>,
+    next: &str,
+) -> Result<(), BuildError> {
+    let qmp = vm.session.vm().qmp().clone();
+    let agent = vm
+        .session
+        .agent()
+        .cloned()
+        .ok_or_else(|| BuildError::Guest {
+            what: format!("could not commit layer `{name}`"),
+            source: TargetError::Failed("the build VM has no builder agent to sync with".into()),
+        })?;
+    let layer = vm
+        .session
+        .guard(vm.chain.commit(&qmp, &agent, name, key, next))
+        .await
+        .map_err(vm_err("build"))?
+        .map_err(BuildError::Disk)?
+        .clone();
+    cx.log.emit(&BuildEvent::LayerCommitted {
+        layer: &layer.name,
+        key: layer.key.as_deref(),
+        file: &layer.file,
+    });
+    if let Some(key) = &layer.key {
+        cx.with_manifest(|m| {
+            m.layers.push(LayerKey {
+                component: layer.name.clone(),
+                key: key.clone(),
+            })
+        });
+    }
+    Ok(())
+}
+
+async fn run_component(
+    cx: &Cx<'_>,
+    vm: &mut BuildVm,
+    index: usize,
+    component: &PlannedComponent,
+) -> Result<(), BuildError> {
+    let document = plan::load_component(component)?;
+    let wanted = ["build", "validate"];
+    let phases: Vec<String> = wanted
+        .iter()
+        .filter(|p| document.phases.iter().any(|d| d.name == **p))
+        .map(|p| p.to_string())
+        .collect();
+    let folder = component_folder(index, component);
+    let report = run_document(
+        cx,
+        &vm.session,
+        document,
+        component,
+        phases,
+        &folder,
+        "components",
+    )
+    .await?;
+    let label = component.label().to_string();
+    record_phases(cx, &label, &report.report);
+    if !report.report.status.is_ok() {
+        return Err(failure_of(cx, &label, &report));
+    }
+    let next = cx
+        .plan
+        .components
+        .get(index + 1)
+        .map(|c| c.label().to_string())
+        .unwrap_or_else(|| "generalize".into());
+    commit_layer(cx, vm, &label, component.layer_key.as_deref(), &next).await
+}
+
+/// One executor run of one document on the session's target.
+async fn run_document(
+    cx: &Cx<'_>,
+    session: &Session,
+    document: crate::component::document::Document,
+    component: &PlannedComponent,
+    phases: Vec<String>,
+    folder: &str,
+    logs: &str,
+) -> Result<executor::RunOutcome, BuildError> {
+    cx.log.set_component(folder);
+    let request = RunRequest {
+        documents: vec![document],
+        phases: Some(phases),
+        parameters: component
+            .parameters
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    };
+    let options = RunOptions {
+        execution_id: Some(folder.to_string()),
+        log_directory: Some(cx.logs.join(logs)),
+        working_directory: Some(PathBuf::from(&cx.plan.working_directory)),
+        ..RunOptions::default()
+    };
+    let target: Arc<dyn StepTarget> = session.target();
+    let run = executor::run(
+        target.as_ref(),
+        request,
+        options,
+        cx.log,
+        CancellationToken::new(),
+    );
+    session
+        .guard(run)
+        .await
+        .map_err(vm_err(if logs == "tests" { "test" } else { "build" }))?
+        .map_err(|source| BuildError::Executor {
+            component: component.label().to_string(),
+            source,
+        })
+}
+
+fn record_phases(cx: &Cx<'_>, label: &str, report: &ExecutionReport) {
+    let phases: Vec<PhaseStatus> = report
+        .documents
+        .iter()
+        .flat_map(|d| d.phases.iter())
+        .map(|p| PhaseStatus {
+            component: label.to_string(),
+            phase: p.name.clone(),
+            status: status_of(p.status),
+            duration_secs: seconds_between(&p.start_time, &p.end_time),
+            message: (!p.failure_message.is_empty()).then(|| p.failure_message.clone()),
+        })
+        .collect();
+    cx.with_manifest(|m| m.phases.extend(phases));
+}
+
+fn status_of(s: StepStatus) -> Status {
+    match s {
+        StepStatus::Success
+        | StepStatus::SuccessWithIgnoredFailure
+        | StepStatus::IgnoredFailure => Status::Success,
+        StepStatus::Skipped => Status::Skipped,
+        StepStatus::Cancelled => Status::Cancelled,
+        StepStatus::Failed | StepStatus::TimedOut => Status::Failed,
+    }
+}
+
+fn seconds_between(start: &str, end: &str) -> f64 {
+    let parse = |s: &str| DateTime::parse_from_rfc3339(s).ok();
+    match (parse(start), parse(end)) {
+        (Some(a), Some(b)) => (b - a).num_milliseconds() as f64 / 1000.0,
+        _ => 0.0,
+    }
+}
+
+/// The failed step of a run, with its last lines of output and where its logs are.
+fn failure_of(cx: &Cx<'_>, label: &str, outcome: &executor::RunOutcome) -> BuildError {
+    let report = &outcome.report;
+    let failed = report.documents.iter().find_map(|d| {
+        d.phases.iter().find_map(|p| {
+            p.steps
+                .iter()
+                .find(|s| matches!(s.status, StepStatus::Failed | StepStatus::TimedOut))
+                .map(|s| (d, p, s))
+        })
+    });
+    let failure = match failed {
+        Some((d, p, s)) => {
+            let tail = cx.log.tail(&d.name, &p.name, &s.name);
+            ComponentFailure {
+                component: label.to_string(),
+                phase: p.name.clone(),
+                step: s.name.clone(),
+                attempt: s.attempts.max(1),
+                max_attempts: s.max_attempts,
+                cause: if s.failure_message.is_empty() {
+                    format!("the step {}", s.status)
+                } else {
+                    s.failure_message.clone()
+                },
+                last_lines: tail.lines.into_iter().collect(),
+                log: tail.log,
+                run_log: outcome.log_dir.clone(),
+            }
+        }
+        None => ComponentFailure {
+            component: label.to_string(),
+            phase: report
+                .documents
+                .first()
+                .and_then(|d| d.phases.iter().find(|p| !p.status.is_ok()))
+                .map(|p| p.name.clone())
+                .unwrap_or_default(),
+            step: String::new(),
+            attempt: 1,
+            max_attempts: 1,
+            cause: if report.failure_message.is_empty() {
+                format!("the run {}", report.status)
+            } else {
+                report.failure_message.clone()
+            },
+            last_lines: Vec::new(),
+            log: None,
+            run_log: outcome.log_dir.clone(),
+        },
+    };
+    BuildError::Component(Box::new(failure))
+}
+
+// ─── 6. generalize ──────────────────────────────────────────────────────────────────────
+
+/// The build VM after generalizing, and the package list read before.
+pub struct Sealed {
+    vm: BuildVm,
+}
+
+pub async fn generalize(cx: &Cx<'_>, vm: BuildVm) -> Result<Sealed, BuildError> {
+    let target = vm.session.target();
+    // After a Reboot step the agent is back long before cloud-init's boot stages end; a
+    // `cloud-init clean` racing them would be undone (cloud-init recreates its instance
+    // state), so wait for cloud-init first.
+    if let Some(agent) = vm.session.agent() {
+        vm.session
+            .guard(agent.wait_ready(true, Duration::from_secs(900)))
+            .await
+            .map_err(vm_err("build"))?
+            .map_err(|source| BuildError::Guest {
+                what: "cloud-init did not settle before generalizing".into(),
+                source,
+            })?;
+    }
+    let packages: Option<PackageList> = vm
+        .session
+        .guard(generalize::packages(target.as_ref()))
+        .await
+        .map_err(vm_err("build"))?
+        .map_err(BuildError::Generalize)?;
+    if let Some(p) = &packages {
+        cx.progress(
+            "generalize",
+            &format!("{} packages ({})", p.packages.len(), p.manager),
+        );
+    }
+    cx.with_manifest(|m| m.packages = packages);
+    cx.log.set_component("generalize");
+    let sink = StageOutput::new(cx.log, "generalize");
+    let t0 = Utc::now();
+    let result = vm
+        .session
+        .guard(generalize::generalize(target.as_ref(), &sink))
+        .await
+        .map_err(vm_err("build"))?;
+    sink.finish();
+    let took = (Utc::now() - t0).num_milliseconds() as f64 / 1000.0;
+    let (status, message) = match &result {
+        Ok(g) => {
+            for c in &g.checks {
+                cx.progress("generalize", &format!("✓ {}: {}", c.name, c.detail));
+            }
+            (Status::Success, None)
+        }
+        Err(e) => (Status::Failed, Some(e.to_string())),
+    };
+    cx.with_manifest(|m| {
+        m.phases.push(PhaseStatus {
+            component: "builder".into(),
+            phase: "generalize".into(),
+            status,
+            duration_secs: took,
+            message,
+        })
+    });
+    result.map_err(BuildError::Generalize)?;
+    Ok(Sealed { vm })
+}
+
+// ─── 7. shut down ───────────────────────────────────────────────────────────────────────
+
+/// The finished disk: a chain whose top file is the image. Nothing runs on it any more.
+pub struct BuiltDisk {
+    pub chain: DiskChain,
+}
+
+pub async fn shut_down(cx: &Cx<'_>, sealed: Sealed) -> Result<BuiltDisk, BuildError> {
+    let BuildVm { session, chain } = sealed.vm;
+    let progress = |m: &str| cx.progress("shutdown", m);
+    let report = session.close(Outcome::Success, &progress).await;
+    cx.progress(
+        "shutdown",
+        &format!("{:?} after {:.1} s", report.rung, report.took.as_secs_f64()),
+    );
+    for f in &report.unwind.failed {
+        cx.progress("shutdown", &format!("warning: {f}"));
+    }
+    Ok(BuiltDisk { chain })
+}
+
+// ─── 8. test ────────────────────────────────────────────────────────────────────────────
+
+/// The built disk, tested (or not, when the recipe turned tests off).
+pub struct Tested {
+    pub disk: BuiltDisk,
+}
+
+pub fn untested(disk: BuiltDisk) -> Tested {
+    Tested { disk }
+}
+
+/// Boot a fresh VM on a throwaway overlay of the built disk, run the `test` phase of every
+/// component that has one and then the test components, and throw the VM away. The built
+/// disk's files must hash the same afterwards.
+pub async fn test(cx: &Cx<'_>, disk: BuiltDisk) -> Result<Tested, BuildError> {
+    let files = disk.chain.files();
+    let mut before = Vec::new();
+    for f in &files {
+        before.push(hash(f).await?);
+    }
+    let secs = cx.plan.tests.timeout_secs;
+    let work = run_tests(cx, &disk);
+    match tokio::time::timeout(Duration::from_secs(secs), work).await {
+        Ok(result) => result?,
+        Err(_) => {
+            return Err(BuildError::Timeout {
+                stage: "the test stage",
+                secs,
+                setting: "tests.timeoutSeconds",
+            });
+        }
+    }
+    for (f, b) in files.iter().zip(before) {
+        let after = hash(f).await?;
+        if after != b {
+            return Err(BuildError::ArtifactChanged {
+                file: f.clone(),
+                before: b,
+                after,
+            });
+        }
+    }
+    cx.progress(
+        "test",
+        "the built disk is unchanged (sha256 of every layer re-checked)",
+    );
+    Ok(Tested { disk })
+}
+
+async fn run_tests(cx: &Cx<'_>, disk: &BuiltDisk) -> Result<(), BuildError> {
+    let mut options = vm_options(cx, &disk.chain.top, cx.logs.join("test-vm"));
+    options.vm.keep_on_failure = cx.keep;
+    let progress = |m: &str| cx.progress("test", m);
+    let session = Session::open(options, &progress)
+        .await
+        .map_err(vm_err("test"))?;
+    let mut results = Vec::new();
+    let mut failure = None;
+    let with_test = cx
+        .plan
+        .components
+        .iter()
+        .filter(|c| c.phases.iter().any(|p| p == "test"))
+        .chain(&cx.plan.tests.components);
+    for (index, component) in with_test.enumerate() {
+        let document = plan::load_component(component)?;
+        let folder = file_safe(&format!("test-{}-{}", index + 1, component.label()));
+        let t0 = Instant::now();
+        let outcome = run_document(
+            cx,
+            &session,
+            document,
+            component,
+            vec!["test".to_string()],
+            &folder,
+            "tests",
+        )
+        .await?;
+        let label = component.label().to_string();
+        let ok = outcome.report.status.is_ok();
+        results.push(TestResult {
+            component: label.clone(),
+            status: if ok { Status::Success } else { Status::Failed },
+            duration_secs: t0.elapsed().as_secs_f64(),
+            message: (!ok).then(|| outcome.report.failure_message.clone()),
+        });
+        if !ok && failure.is_none() {
+            failure = Some(failure_of(cx, &label, &outcome));
+        }
+    }
+    cx.with_manifest(|m| m.tests = results);
+    let outcome = if failure.is_some() {
+        Outcome::Failure
+    } else {
+        Outcome::Success
+    };
+    let report = session.close(outcome, &progress).await;
+    for k in &report.unwind.kept {
+        cx.progress("test", &format!("kept: {k}"));
+    }
+    match failure {
+        Some(f) => Err(f),
+        None => Ok(()),
+    }
+}
+
+// ─── 9. export ──────────────────────────────────────────────────────────────────────────
+
+/// The exported files in the build's folder.
+pub struct Exported {
+    pub report: export::ExportReport,
+    pub stem: String,
+}
+
+struct ExportBar<'a, 'b>(&'b Cx<'a>, Mutex<BTreeMap<String, u32>>);
+
+impl ExportProgress for ExportBar<'_, '_> {
+    fn started(&self, format: export::Format, file: &str) {
+        self.0
+            .progress("export", &format!("{format}: writing {file}"));
+    }
+    fn converting(&self, format: export::Format, percent: f32) {
+        let Ok(mut last) = self.1.lock() else { return };
+        let p = percent as u32;
+        let seen = last.entry(format.to_string()).or_insert(u32::MAX);
+        if *seen != u32::MAX && p < *seen + 5 && p < 100 {
+            return;
+        }
+        *seen = p;
+        let what = format.to_string();
+        self.0.log.emit(&BuildEvent::Transfer {
+            stage: "export",
+            what: &what,
+            done: u64::from(p),
+            total: Some(100),
+        });
+    }
+    fn verifying(&self, format: export::Format) {
+        self.0
+            .progress("export", &format!("{format}: checking and hashing"));
+    }
+    fn finished(&self, artifact: &export::Artifact, took: Duration) {
+        self.0.progress(
+            "export",
+            &format!(
+                "{}: {} ({}) in {:.1} s, sha256 {}",
+                artifact.format,
+                artifact.file,
+                recipe::ByteSize::b(artifact.size),
+                took.as_secs_f64(),
+                artifact.sha256
+            ),
+        );
+    }
+}
+
+pub async fn export(cx: &Cx<'_>, tested: Tested) -> Result<Exported, BuildError> {
+    let plan = cx.plan;
+    let stem = plan.output_stem(cx.id.build, cx.build_date);
+    let formats: Vec<export::Format> = plan
+        .outputs
+        .formats
+        .iter()
+        .map(|f| match f {
+            recipe::Format::Qcow2 => export::Format::Qcow2,
+            recipe::Format::Raw => export::Format::Raw,
+            recipe::Format::Vmdk => export::Format::Vmdk,
+            recipe::Format::Vhdx => export::Format::Vhdx,
+            recipe::Format::Vhd => export::Format::Vhd,
+            recipe::Format::Ova => export::Format::Ova,
+        })
+        .collect();
+    let mut request = ExportRequest::new(&tested.disk.chain.top, &cx.dir, &stem, &formats);
+    request.compression = match plan.outputs.compression {
+        recipe::Compression::Zstd => export::Compression::Zstd,
+        recipe::Compression::Zlib => export::Compression::Zlib,
+        recipe::Compression::None => export::Compression::None,
+    };
+    request.machine.name = format!("{}-{}", plan.recipe.name, plan.recipe.version);
+    request.machine.description = plan.recipe.description.clone();
+    request.machine.cpus = plan.infrastructure.cpus;
+    request.machine.memory_mib = plan.infrastructure.memory.bytes() >> 20;
+    request.machine.firmware = match plan.infrastructure.firmware {
+        recipe::Firmware::Bios => crate::vm::Firmware::Bios,
+        recipe::Firmware::Uefi => crate::vm::Firmware::Uefi,
+    };
+    let bar = ExportBar(cx, Mutex::new(BTreeMap::new()));
+    let report = export::export(&request, &bar)
+        .await
+        .map_err(BuildError::Export)?;
+    cx.with_manifest(|m| m.outputs = report.artifacts.clone());
+    Ok(Exported { report, stem })
+}
+
+// ─── 10. manifest + store ───────────────────────────────────────────────────────────────
+
+pub async fn store(
+    cx: &Cx<'_>,
+    exported: Exported,
+    slot: BuildSlot,
+    warnings: Vec<String>,
+) -> Result<super::Built, BuildError> {
+    let mut manifest = cx.manifest();
+    manifest.status = Status::Success;
+    manifest.write(&cx.dir).map_err(BuildError::Manifest)?;
+    let mut copies = Vec::new();
+    if let Some(dir) = &cx.plan.outputs.local_directory {
+        copies = copy_outputs(dir, &cx.dir, &exported.report)?;
+    }
+    let image = slot.commit().map_err(BuildError::Commit)?;
+    let outputs = exported
+        .report
+        .artifacts
+        .iter()
+        .map(|a| a.path(&image.dir))
+        .collect::<Vec<_>>();
+    let image_name = cx.image();
+    cx.log.emit(&BuildEvent::BuildFinished {
+        status: "success",
+        image: &image_name,
+        directory: Some(&image.dir),
+        outputs: outputs.iter().map(PathBuf::as_path).collect(),
+        message: None,
+        duration_ms: cx.elapsed().as_millis() as u64,
+    });
+    cx.log.close();
+    let _ = exported.stem;
+    Ok(super::Built {
+        image,
+        outputs,
+        copies,
+        warnings,
+    })
+}
+
+/// Copy the outputs and `SHA256SUMS` to `dest` (each under a temporary name, then renamed).
+fn copy_outputs(
+    dest: &Path,
+    from: &Path,
+    report: &export::ExportReport,
+) -> Result<Vec<PathBuf>, BuildError> {
+    let err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| BuildError::Copy { path, source }
+    };
+    std::fs::create_dir_all(dest).map_err(err(dest))?;
+    let mut names: Vec<String> = report.artifacts.iter().map(|a| a.file.clone()).collect();
+    names.push(export::SUMS_FILE.to_string());
+    let mut copies = Vec::new();
+    for name in names {
+        let target = dest.join(&name);
+        let temp = dest.join(format!(".{name}.partial"));
+        std::fs::copy(from.join(&name), &temp).map_err(err(&temp))?;
+        std::fs::rename(&temp, &target).map_err(err(&target))?;
+        copies.push(target);
+    }
+    Ok(copies)
+}
+
+/// After a failure: record it in the manifest, keep the logs in the store's `failed/` area.
+/// Returns where the logs are.
+pub fn abandon(cx: &Cx<'_>, slot: BuildSlot, error: &BuildError) -> Option<PathBuf> {
+    let message = error_chain(error);
+    let mut manifest = cx.manifest();
+    manifest.status = Status::Failed;
+    let _ = manifest.write(&cx.dir);
+    let image = cx.image();
+    cx.log.emit(&BuildEvent::BuildFinished {
+        status: "failed",
+        image: &image,
+        directory: None,
+        outputs: Vec::new(),
+        message: Some(&message),
+        duration_ms: cx.elapsed().as_millis() as u64,
+    });
+    cx.log.close();
+    slot.abandon(&message)
+        .ok()
+        .map(|dir| dir.join(crate::store::LOGS_DIR))
+}
+
+/// The error and its causes on one line.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

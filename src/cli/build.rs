@@ -1,0 +1,371 @@
+//! `builder build recipe.yml`: validate, plan, then run the build's stages (see
+//! `builder::build`). Progress and messages go to stderr; stdout carries data: the paths of
+//! the outputs, one per line, or with `--json` one event per line (stage, step, output,
+//! result) for CI.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use anstream::{eprint, eprintln};
+use anstyle::{AnsiColor, Style};
+use clap::{Args, ValueEnum};
+
+use super::component::run::Terminal;
+use super::{CliResult, EXIT_FAILED, EXIT_HOST, EXIT_INPUT, Failure};
+use builder::build::plan::{self, HashProgress};
+use builder::build::{self as build, BuildError, BuildEvent, BuildObserver, BuildOptions};
+use builder::component::executor::{Event, Observer};
+use builder::store::Store;
+use builder::vm::{AccelChoice, ErrorClass};
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// The recipe (YAML). It is validated with every file it names before anything starts.
+    #[arg(value_name = "RECIPE")]
+    recipe: PathBuf,
+    /// When the build fails, keep the build's disk chain and logs (and the test VM's disk)
+    /// and print where they are and how to remove them. Same as `--on-error keep`.
+    #[arg(long)]
+    keep_on_failure: bool,
+    /// What to do when a stage fails: `abort` removes everything but the logs, `keep` keeps
+    /// the disk too, `shell` is not available yet (it keeps the disk; open it with
+    /// `builder vm shell --image <disk>`).
+    #[arg(long, value_enum, default_value_t = OnError::Abort)]
+    on_error: OnError,
+    /// Print one JSON object per line on stdout: build and stage events, step events and
+    /// output, the result last.
+    #[arg(long)]
+    json: bool,
+    /// The store folder [default: $BUILDER_STORE, else $XDG_DATA_HOME/builder, else
+    /// ~/.local/share/builder].
+    #[arg(long, value_name = "DIR")]
+    store: Option<PathBuf>,
+    /// Override the recipe's accelerator: `auto`, `kvm` or `tcg`.
+    #[arg(long, value_parser = parse_accel)]
+    accel: Option<AccelChoice>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OnError {
+    Abort,
+    Keep,
+    Shell,
+}
+
+fn parse_accel(s: &str) -> Result<AccelChoice, String> {
+    s.parse()
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+pub async fn main(args: BuildArgs) -> CliResult {
+    let store = match &args.store {
+        Some(dir) => Store::open(dir),
+        None => Store::open_default(),
+    }
+    .map_err(|e| Failure::host(anyhow::Error::new(e).context("could not open the store")))?;
+
+    // 1. Validate (every problem of every file, nothing started), then pin the inputs.
+    let validated = plan::validate(&args.recipe, &env).map_err(super::recipe::failure)?;
+    super::recipe::show(&validated.warnings);
+    let terminal = std::io::stderr().is_terminal();
+    let mut shown = None;
+    let mut progress = |p: HashProgress<'_>| {
+        let percent = (p.done * 100).checked_div(p.total).unwrap_or(100);
+        if terminal && !args.json && shown != Some(percent) {
+            shown = Some(percent);
+            eprint!("\rhashing {} … {percent:>3}%", p.path.display());
+        }
+    };
+    let planned = plan::plan(validated, &store, &env, &mut progress);
+    if shown.is_some() {
+        eprintln!();
+    }
+    let plan = planned.map_err(super::recipe::failure)?;
+
+    if args.on_error == OnError::Shell {
+        eprintln!(
+            "{}note{}: `--on-error shell` is not available yet; the build's disk is kept instead (open it with `builder vm shell --image <disk>`)",
+            note(),
+            note().render_reset()
+        );
+    }
+    let options = BuildOptions {
+        keep_on_failure: args.keep_on_failure || args.on_error != OnError::Abort,
+        accel: args.accel,
+        qemu: None,
+    };
+    let observer: Box<dyn BuildObserver> = if args.json {
+        Box::new(JsonLines)
+    } else {
+        Box::new(Progress::new())
+    };
+
+    let started = Instant::now();
+    let result = tokio::select! {
+        r = build::build(&plan, &store, &options, observer.as_ref()) => r,
+        sig = super::vm::interrupted() => {
+            // Dropping the build future ran every undo (VM stopped, files removed) and moved
+            // the logs to the store's failed/ area.
+            eprintln!("{sig}: the build was stopped; its VM and files were removed (logs kept in {}/failed/)", store.root().display());
+            return Err(Failure::interrupted());
+        }
+    };
+    match result {
+        Ok(built) => {
+            for w in &built.warnings {
+                eprintln!("warning: {w}");
+            }
+            let green = Style::new().bold().fg_color(Some(AnsiColor::Green.into()));
+            eprintln!(
+                "{green}built{green:#} {} in {:.0} s",
+                built.image.reference(),
+                started.elapsed().as_secs_f64()
+            );
+            eprintln!("  folder  {}", built.image.dir.display());
+            for o in built.outputs.iter().chain(&built.copies) {
+                eprintln!("  output  {}", o.display());
+            }
+            if !args.json {
+                let mut out = std::io::stdout().lock();
+                for o in &built.outputs {
+                    let _ = writeln!(out, "{}", o.display());
+                }
+            }
+            Ok(0)
+        }
+        Err(failed) => {
+            print_failure(&failed, options.keep_on_failure);
+            let code = match failed.class() {
+                ErrorClass::Input => EXIT_INPUT,
+                ErrorClass::Host => EXIT_HOST,
+                ErrorClass::Failed => EXIT_FAILED,
+            };
+            Err(Failure::already_printed(code))
+        }
+    }
+}
+
+fn note() -> Style {
+    Style::new().bold().fg_color(Some(AnsiColor::Cyan.into()))
+}
+
+/// The STYLE.md error: heading, causes, the failed step's last lines and log, where the
+/// build's logs are, what was kept, a hint.
+fn print_failure(failed: &build::Failed, keep: bool) {
+    let red = Style::new().bold().fg_color(Some(AnsiColor::Red.into()));
+    let cyan = note();
+    let dim = Style::new().dimmed();
+    eprintln!("{red}error{red:#}: {}", failed.error);
+    let mut source = std::error::Error::source(&failed.error);
+    while let Some(s) = source {
+        eprintln!("  Caused by: {}", indent(&s.to_string()));
+        source = s.source();
+    }
+    if let BuildError::Component(f) = &failed.error {
+        eprintln!("  Caused by: {}", indent(&f.cause));
+        if !f.last_lines.is_empty() {
+            eprintln!("  last lines of output:");
+            for l in &f.last_lines {
+                eprintln!("    {dim}│{dim:#} {l}");
+            }
+        }
+        if let Some(log) = &f.log {
+            eprintln!("  full log: {}", log.display());
+        }
+        if let Some(run) = &f.run_log {
+            eprintln!(
+                "  step reports: {}",
+                run.join("detailedoutput.json").display()
+            );
+        }
+    }
+    if let Some(image) = &failed.image {
+        eprintln!("  build: {image}");
+    }
+    if let Some(logs) = &failed.logs {
+        eprintln!("  logs: {}", logs.display());
+    }
+    for f in &failed.unwind.failed {
+        eprintln!("warning: {f}");
+    }
+    for k in &failed.unwind.kept {
+        eprintln!("{cyan}note{cyan:#}: {k}");
+    }
+    let hint = failed.error.hint().filter(|_| {
+        !keep
+            || !matches!(
+                failed.error,
+                BuildError::Component(_)
+                    | BuildError::Generalize(_)
+                    | BuildError::DiskNotGrown { .. }
+            )
+    });
+    if let Some(h) = hint {
+        eprintln!("{cyan}hint{cyan:#}: {h}");
+    }
+    let _ = std::io::stderr().flush();
+}
+
+fn indent(text: &str) -> String {
+    text.replace('\n', "\n    ")
+}
+
+/// Stages with elapsed time, progress lines, bars, and the executor's step lines, on stderr.
+struct Progress {
+    start: Instant,
+    steps: Terminal,
+    tty: bool,
+    /// The transfer a bar is being drawn for (on a terminal), to end its line.
+    bar: Mutex<Option<String>>,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            steps: Terminal,
+            tty: std::io::stderr().is_terminal(),
+            bar: Mutex::new(None),
+        }
+    }
+
+    fn clock(&self) -> String {
+        let s = self.start.elapsed().as_secs();
+        format!("{:>2}:{:02}", s / 60, s % 60)
+    }
+
+    fn end_bar(&self) {
+        if let Ok(mut bar) = self.bar.lock()
+            && bar.take().is_some()
+        {
+            eprintln!();
+        }
+    }
+}
+
+impl Observer for Progress {
+    fn event(&self, event: &Event<'_>) {
+        self.end_bar();
+        self.steps.event(event);
+    }
+}
+
+impl BuildObserver for Progress {
+    fn build_event(&self, event: &BuildEvent<'_>) {
+        let bold = Style::new().bold();
+        let dim = Style::new().dimmed();
+        let green = Style::new().fg_color(Some(AnsiColor::Green.into()));
+        let red = Style::new().bold().fg_color(Some(AnsiColor::Red.into()));
+        if !matches!(event, BuildEvent::Transfer { .. }) {
+            self.end_bar();
+        }
+        match event {
+            BuildEvent::BuildStarted {
+                image,
+                plan_digest,
+                logs,
+                ..
+            } => {
+                eprintln!(
+                    "{bold}building {image}{bold:#} {dim}(plan {}){dim:#}",
+                    &plan_digest[..12.min(plan_digest.len())]
+                );
+                eprintln!("{dim}logs: {}{dim:#}", logs.display());
+            }
+            BuildEvent::StageStarted { stage, detail } => {
+                let detail = detail.map(|d| format!(" {d}")).unwrap_or_default();
+                eprintln!(
+                    "{dim}[{}]{dim:#} {bold}▶ {stage}{detail}{bold:#}",
+                    self.clock()
+                );
+            }
+            BuildEvent::StageFinished {
+                stage,
+                detail,
+                status,
+                duration_ms,
+            } => {
+                let detail = detail.map(|d| format!(" {d}")).unwrap_or_default();
+                let (mark, style) = match *status {
+                    "success" => ("✓", green),
+                    "skipped" => ("↷", dim),
+                    _ => ("✗", red),
+                };
+                eprintln!(
+                    "{dim}[{}]{dim:#} {style}{mark} {stage}{detail} {status}{style:#} {dim}{:.1} s{dim:#}",
+                    self.clock(),
+                    *duration_ms as f64 / 1000.0
+                );
+            }
+            BuildEvent::Progress { stage, message } => {
+                eprintln!("{dim}[{}]   {stage}:{dim:#} {message}", self.clock());
+            }
+            BuildEvent::Transfer {
+                stage,
+                what,
+                done,
+                total,
+            } => {
+                let text = match total {
+                    Some(100) if *stage == "export" => format!("{what}: converting {done:>3}%"),
+                    Some(t) if *t > 0 => format!(
+                        "{what}: {} of {} ({:>3}%)",
+                        builder::recipe::ByteSize::b(*done),
+                        builder::recipe::ByteSize::b(*t),
+                        done * 100 / t
+                    ),
+                    _ => format!("{what}: {}", builder::recipe::ByteSize::b(*done)),
+                };
+                if self.tty {
+                    eprint!("\r{dim}[{}]   {stage}:{dim:#} {text}\x1b[K", self.clock());
+                    if let Ok(mut bar) = self.bar.lock() {
+                        *bar = Some(what.to_string());
+                    }
+                } else if total.is_some_and(|t| *done == t || (t == 100 && done % 25 == 0)) {
+                    eprintln!("{dim}[{}]   {stage}:{dim:#} {text}", self.clock());
+                }
+            }
+            BuildEvent::LayerCommitted { layer, key, file } => {
+                let key = key
+                    .map(|k| format!(", key {}", &k[..16.min(k.len())]))
+                    .unwrap_or_default();
+                eprintln!(
+                    "{dim}[{}]   layer:{dim:#} {layer} committed to {}{dim}{key}{dim:#}",
+                    self.clock(),
+                    file.display()
+                );
+            }
+            BuildEvent::BuildFinished { .. } => {}
+        }
+    }
+}
+
+/// One JSON object per line on stdout.
+struct JsonLines;
+
+impl JsonLines {
+    fn line(json: serde_json::Result<String>) {
+        if let Ok(line) = json {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
+        }
+    }
+}
+
+impl Observer for JsonLines {
+    fn event(&self, event: &Event<'_>) {
+        Self::line(serde_json::to_string(event));
+    }
+}
+
+impl BuildObserver for JsonLines {
+    fn build_event(&self, event: &BuildEvent<'_>) {
+        Self::line(serde_json::to_string(event));
+    }
+}
