@@ -42,18 +42,17 @@ fn make_disk(dir: &Path, size_mib: u64, data_mib: u64) -> std::path::PathBuf {
         bytes.extend_from_slice(text);
     }
     std::fs::write(&raw, &bytes).expect("write data");
+    // The rest of the disk is a hole, as unused space in a filesystem image is.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&raw)
+        .and_then(|f| f.set_len(size_mib << 20))
+        .expect("grow the raw file");
     let disk = dir.join("disk.qcow2");
     sh(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&disk)
-        .arg(format!("{size_mib}M")));
-    // Data at the start of the disk, like a filesystem's first files.
-    sh(Command::new("qemu-img")
-        .args(["dd", "-f", "raw", "-O", "qcow2"])
-        .arg(format!("if={}", raw.display()))
-        .arg(format!("of={}", disk.display()))
-        .arg("bs=1M")
-        .arg("conv=notrunc"));
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&disk));
     std::fs::remove_file(&raw).expect("remove data");
     disk
 }

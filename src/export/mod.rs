@@ -209,8 +209,8 @@ pub struct MachineSpec {
 pub struct ExportRequest {
     /// The finished disk; its backing chain is flattened into every output.
     pub source: PathBuf,
-    /// An existing folder (on the same filesystem as nothing in particular: outputs are
-    /// written and renamed inside it).
+    /// An existing folder; each output is written under a temporary name inside it and
+    /// renamed there, so the rename is atomic.
     pub out_dir: PathBuf,
     /// File name without extension: `<stem>.qcow2`, `<stem>.ova`, …
     pub stem: String,
@@ -429,6 +429,16 @@ pub async fn export(
             let sha = blocking(move || sha256_file(&path)).await??;
             (sha, virtual_size)
         };
+        // On disk before it gets its name: after a crash, a final name never points at
+        // blocks qemu-img had only in the page cache.
+        let path = partial.path.clone();
+        blocking(move || std::fs::File::open(&path).and_then(|f| f.sync_all()))
+            .await?
+            .map_err(|source| ExportError::Io {
+                action: "sync",
+                path: partial.path.clone(),
+                source,
+            })?;
         let size = std::fs::metadata(&partial.path)
             .map_err(|source| ExportError::Io {
                 action: "read the size of",
