@@ -238,6 +238,17 @@ fn run_failure(outcome: &executor::RunOutcome, logs: &str) -> anyhow::Error {
 /// the logs.
 async fn cancel_on_signal(cancel: CancellationToken) {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    next_signal(&mut term).await;
+    eprintln!("interrupted: stopping the running step and writing the logs (again to quit now)");
+    cancel.cancel();
+    // Stopping normally takes a moment; a second signal means "now", logs or not.
+    next_signal(&mut term).await;
+    eprintln!("interrupted again: quitting without waiting");
+    std::process::exit(i32::from(EXIT_INTERRUPTED));
+}
+
+/// The next Ctrl-C or SIGTERM.
+async fn next_signal(term: &mut Option<tokio::signal::unix::Signal>) {
     let terminated = async {
         match term.as_mut() {
             Some(t) => {
@@ -250,8 +261,6 @@ async fn cancel_on_signal(cancel: CancellationToken) {
         _ = tokio::signal::ctrl_c() => {}
         () = terminated => {}
     }
-    eprintln!("interrupted: stopping the running step and writing the logs");
-    cancel.cancel();
 }
 
 fn style_note() -> Style {
