@@ -69,7 +69,11 @@ pub fn check(path: &Path, text: &str) -> Checked {
     let mut diagnostics = Diagnostics::new(path, text, NOUN);
     let (root, problems) = crate::yaml::parse(text);
     let yaml_failed = root.is_none() && !problems.is_empty();
-    diagnostics.extend(problems);
+    diagnostics.extend(
+        problems
+            .into_iter()
+            .map(|p| explain_unquoted_template(text, p)),
+    );
     let mut cx = Cx::new(text);
     let document = match &root {
         Some(root) => walk::document(&mut cx, root, path),
@@ -89,6 +93,30 @@ pub fn check(path: &Path, text: &str) -> Checked {
     Checked {
         document,
         diagnostics,
+    }
+}
+
+/// A YAML syntax error on a line where a value starts with an unquoted `{{` is almost always
+/// the AWSTOE trap (`- {{ Dir }}/bin` is a flow mapping followed by text): say so.
+fn explain_unquoted_template(source: &str, problem: Problem) -> Problem {
+    if !problem.message.starts_with("YAML syntax error") {
+        return problem;
+    }
+    let Some(line) = source.lines().nth(problem.span.line.saturating_sub(1)) else {
+        return problem;
+    };
+    let trimmed = line.trim_start().trim_start_matches("- ");
+    let value = match trimmed.split_once(": ") {
+        Some((_, v)) if v.trim_start().starts_with("{{") => v.trim(),
+        _ if trimmed.starts_with("{{") => trimmed.trim(),
+        _ => return problem,
+    };
+    Problem {
+        hint: Some(format!(
+            "a value that starts with `{{{{` must be quoted, or YAML reads it as a mapping: `\"{}\"`",
+            value.replace('"', "\\\"")
+        )),
+        ..problem
     }
 }
 

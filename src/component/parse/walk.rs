@@ -257,6 +257,33 @@ fn parameters(cx: &mut Cx<'_>, node: &Node, names: &mut HashMap<String, Span>) -
             }
         });
         let description = get("description").and_then(|d| optional_string(cx, d, "`description`"));
+        // A default must be a value of the declared type (only checked when it holds no
+        // reference).
+        if let (Some(d), Some(kind), Some(dn)) = (&default, kind, get("default"))
+            && !d.contains("{{")
+        {
+            let fits = match kind {
+                ParameterType::Integer => d.trim().parse::<i64>().is_ok(),
+                ParameterType::Boolean => {
+                    matches!(d.to_ascii_lowercase().as_str(), "true" | "false")
+                }
+                ParameterType::String | ParameterType::StringList => true,
+            };
+            if !fits {
+                cx.error(
+                    dn.span,
+                    format!(
+                        "default `{d}` is not {}",
+                        if kind == ParameterType::Integer {
+                            "a whole number"
+                        } else {
+                            "`true` or `false`"
+                        }
+                    ),
+                    Some("the default must fit the parameter's `type`"),
+                );
+            }
+        }
         let mut allowed_values = Vec::new();
         if let Some(av) = get("allowedValues") {
             match av.as_sequence() {
