@@ -268,6 +268,14 @@ fn read_component(
         recipe::check_build_component(usage, &document, &path)
     };
     recipe_problems.extend(phase_problem);
+    // What runs of it: build components run every standard phase (test in the test VM), test
+    // components their `test` phase.
+    let runs: &[&str] = if test {
+        &["test"]
+    } else {
+        &["build", "validate", "test"]
+    };
+    recipe_problems.extend(recipe::check_linux_actions(usage, &document, &path, runs));
     Some(LoadedComponent {
         usage: usage.clone(),
         path,

@@ -156,6 +156,40 @@ pub fn check_build_component(
     )
 }
 
+/// Problems for steps that can never run in a Linux guest (Windows-only actions such as
+/// `ExecutePowerShell`) in the phases a build runs (`phases`): found now rather than after
+/// the VM has booted.
+pub fn check_linux_actions(
+    usage: &ComponentUse,
+    document: &Document,
+    document_path: &Path,
+    phases: &[&str],
+) -> Vec<Problem> {
+    let label = label(document, document_path);
+    document
+        .phases
+        .iter()
+        .filter(|phase| phases.contains(&phase.name.as_str()))
+        .flat_map(|phase| phase.steps.iter().map(move |step| (phase, step)))
+        .filter(|(_, step)| step.action.windows_only())
+        .map(|(phase, step)| {
+            Problem::error(
+                usage.path.span,
+                format!(
+                    "{label} uses `{}` (step `{}` of phase `{}`), which runs only on Windows",
+                    step.action, step.name, phase.name
+                ),
+            )
+            .with_hint(format!(
+                "builder builds Linux guests; the step is at {}:{}:{}",
+                document_path.display(),
+                step.span.line,
+                step.span.col
+            ))
+        })
+        .collect()
+}
+
 /// `` `install-nginx` (components/install-nginx.yml) `` or the path alone.
 fn label(document: &Document, path: &Path) -> String {
     match &document.name {
@@ -242,6 +276,31 @@ mod tests {
             Some("did you mean `packages` (declared at c.yml:4:5)?")
         );
         assert!(problems[2].hint.as_deref().unwrap().contains("c.yml:4:5"));
+    }
+
+    #[test]
+    fn windows_only_actions_are_refused_in_the_phases_that_run() {
+        let text = "name: win\nschemaVersion: 1.0\nphases:\n  - name: build\n    steps:\n      - name: Ps\n        action: ExecutePowerShell\n        inputs:\n          commands: [dir]\n  - name: other\n    steps:\n      - name: Ps2\n        action: ExecutePowerShell\n        inputs:\n          commands: [dir]\n";
+        let windows = crate::component::parse::parse_str(Path::new("w.yml"), text).unwrap();
+        let problems = check_linux_actions(
+            &usage(&[]),
+            &windows,
+            Path::new("w.yml"),
+            &["build", "validate"],
+        );
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0]
+                .message
+                .contains("`ExecutePowerShell` (step `Ps` of phase `build`)")
+        );
+        assert_eq!(
+            problems[0].hint.as_deref(),
+            Some("builder builds Linux guests; the step is at w.yml:6:9")
+        );
+        assert!(
+            check_linux_actions(&usage(&[]), &doc(), Path::new("c.yml"), &["build"]).is_empty()
+        );
     }
 
     #[test]

@@ -38,7 +38,9 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256 as Sha256Hasher};
 
-pub use components::{bind_parameters, check_build_component, check_test_component};
+pub use components::{
+    bind_parameters, check_build_component, check_linux_actions, check_test_component,
+};
 pub use model::{
     Accelerator, ComponentUse, Compression, Distribution, Firmware, Format, Infrastructure,
     Located, Network, Outputs, ParameterValue, ParentImage, Recipe, RecipeSource, Sha256, Tests,
