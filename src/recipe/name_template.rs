@@ -353,6 +353,23 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Any text parses or gives errors whose ranges lie inside it; rendering a template
+        /// that parsed never yields a `/`.
+        #[test]
+        fn parsing_never_panics(text in "[a-z{}: /_.-]{0,40}|.{0,20}") {
+            match NameTemplate::parse(&text) {
+                Ok(t) => proptest::prop_assert!(!t.render(&values()).contains('/')),
+                Err(errors) => {
+                    for e in errors {
+                        proptest::prop_assert!(e.start <= e.end && e.end <= text.len());
+                        proptest::prop_assert!(text.is_char_boundary(e.start) && text.is_char_boundary(e.end));
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn every_mistake_is_reported() {
         let errors = NameTemplate::parse("a/b-{{imagebuilder:buildDate:yyyyQQ}}-{{x").unwrap_err();

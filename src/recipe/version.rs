@@ -312,6 +312,18 @@ mod tests {
         assert!("1.x".parse::<VersionPattern>().is_err());
     }
 
+    proptest::proptest! {
+        #[test]
+        fn parsing_never_panics_and_round_trips(text in "[0-9x./]{0,14}") {
+            if let Ok(v) = text.parse::<Version>() {
+                proptest::prop_assert_eq!(v.to_string(), text.clone());
+            }
+            if let Ok(p) = text.parse::<VersionPattern>() {
+                proptest::prop_assert_eq!(p.to_string().parse::<VersionPattern>(), Ok(p));
+            }
+        }
+    }
+
     #[test]
     fn patterns_select_versions() {
         let p: VersionPattern = "1.x.x".parse().unwrap();
