@@ -436,6 +436,29 @@ async fn agent_session_transfers_failures_and_shutdown() {
         "sleeps left in the guest"
     );
 
+    // A reboot: the agent is back with a new boot id, started early by the systemd unit
+    // that the seed's bootcmd installed on the first boot.
+    let before = target.info().await.expect("info").boot_id;
+    let t = Instant::now();
+    target.reboot().await.expect("reboot");
+    eprintln!("reboot until the agent is back: {:?}", t.elapsed());
+    assert_ne!(target.info().await.expect("info").boot_id, before);
+    let capture = Capture::default();
+    target
+        .exec(
+            &ExecRequest::bash(
+                "systemctl is-enabled builder-agent; journalctl -b -u builder-agent -o short-monotonic --no-pager | grep -m1 Started >&2; cat /proc/uptime >&2",
+            ),
+            &capture,
+        )
+        .await
+        .expect("unit state");
+    eprintln!(
+        "agent unit after reboot: {}",
+        String::from_utf8_lossy(&capture.stderr())
+    );
+    assert_eq!(String::from_utf8_lossy(&capture.stdout()).trim(), "enabled");
+
     // The agent killed in the guest: the request in flight fails with a clear error instead
     // of hanging, and the VM keeps running.
     let killed = tokio::time::timeout(
@@ -751,5 +774,46 @@ fn demanded_kvm_that_does_not_work_is_a_host_error() {
         "{stderr}"
     );
     assert!(stderr.contains("vmx or svm"), "{stderr}");
+    drop(guard);
+}
+
+/// `builder vm shell` without a terminal: commands come from stdin (line mode) and their
+/// output comes back; then the guest kernel panics (sysrq `c`), which builder reports as a
+/// panic with the console's last lines instead of waiting forever.
+#[test]
+fn shell_line_mode_then_a_guest_panic_is_reported() {
+    if !enabled("shell_line_mode_then_a_guest_panic_is_reported") {
+        return;
+    }
+    let guard = NoLeftovers::new();
+    let mut child = builder(&guard)
+        .args(["vm", "shell", "--no-cloud-init-wait", "--image"])
+        .arg(image())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start builder");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("piped");
+        stdin
+            .write_all(
+                b"echo hello-from-$(hostname)\nsleep 2\necho c > /proc/sysrq-trigger\nsleep 600\n",
+            )
+            .expect("write stdin");
+    }
+    let out = child.wait_with_output().expect("wait");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stderr}");
+    assert!(stdout.contains("hello-from-builder"), "{stdout}");
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("the guest kernel panicked"), "{stderr}");
+    assert!(stderr.contains("Kernel panic"), "{stderr}");
+    assert!(
+        !stderr.contains("powering off"),
+        "a panicked VM is released at once, not shut down: {stderr}"
+    );
     drop(guard);
 }

@@ -271,9 +271,11 @@ where
             _ => Outcome::Failure,
         };
         let interrupted = cancel.as_ref().is_some_and(CancellationToken::is_cancelled);
+        // A crashed, panicked or stopped VM will not power off: no ladder, just release it.
+        let broken = session.vm().has_failed();
         // `work` is done and dropped its handles: we hold the only one.
         let report = match Arc::try_unwrap(session) {
-            Ok(session) if interrupted => session.kill(outcome),
+            Ok(session) if interrupted || broken => session.kill(outcome),
             Ok(session) => session.close(outcome, progress_fn()).await.unwind,
             Err(shared) => {
                 drop(shared);

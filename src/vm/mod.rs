@@ -305,8 +305,10 @@ impl VmPaths {
 /// How [`RunningVm::shut_down`] ended the VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StopRung {
-    /// It had already stopped (the guest powered off, e.g. through the agent).
+    /// It had already stopped before the ladder began.
     AlreadyStopped,
+    /// The guest powered off as asked through its agent.
+    AgentPoweroff,
     /// The guest shut down after the ACPI power button.
     Powerdown,
     /// QMP `quit`.
@@ -635,13 +637,20 @@ impl RunningVm {
                 stderr_tail: process::tail(&self.paths.qemu_log, 10),
             },
             Fault::QmpClosed => VmError::QmpClosed,
+            // A panic's own line comes before its stack trace: show more.
             Fault::Panicked => VmError::GuestPanicked {
-                console_tail: self.console_tail(CONSOLE_TAIL_LINES),
+                console_tail: self.console_tail(2 * CONSOLE_TAIL_LINES),
             },
             Fault::PoweredOff => VmError::GuestPoweredOff {
                 console_tail: self.console_tail(CONSOLE_TAIL_LINES),
             },
         }
+    }
+
+    /// Whether the VM has failed (QEMU exited, QMP closed, a panic, a power-off): then there is
+    /// no point in a graceful shutdown.
+    pub fn has_failed(&self) -> bool {
+        self.fault.borrow().is_some()
     }
 
     /// Resolves (with the error) when the VM fails: QEMU exits or crashes, the QMP connection
@@ -733,7 +742,9 @@ impl RunningVm {
             if self.child.exit().is_some() {
                 break 'ladder StopRung::AlreadyStopped;
             }
-            if !guest_stopping {
+            // A panicked (paused) guest will not react to the power button.
+            let broken = self.has_failed();
+            if !guest_stopping && !broken {
                 progress("powering off (ACPI)…");
                 if let Err(e) = self
                     .qmp
@@ -743,17 +754,19 @@ impl RunningVm {
                     progress(&format!("ACPI power button failed: {e}"));
                 }
             }
-            if self.child.wait_timeout(grace).await.is_some() {
+            if !broken && self.child.wait_timeout(grace).await.is_some() {
                 break 'ladder if guest_stopping {
-                    StopRung::AlreadyStopped
+                    StopRung::AgentPoweroff
                 } else {
                     StopRung::Powerdown
                 };
             }
-            progress(&format!(
-                "the guest did not power off within {} s; stopping QEMU",
-                grace.as_secs()
-            ));
+            if !broken {
+                progress(&format!(
+                    "the guest did not power off within {} s; stopping QEMU",
+                    grace.as_secs()
+                ));
+            }
             let _ = self
                 .qmp
                 .execute_within(&qmp::Quit {}, Duration::from_secs(5))

@@ -195,7 +195,7 @@ impl Session {
         progress: &(dyn Fn(&str) + Send + Sync),
     ) -> ShutdownReport {
         let asked = match &self.guest {
-            Guest::Agent(agent) if self.vm.child.exit().is_none() => {
+            Guest::Agent(agent) if self.vm.child.exit().is_none() && !self.vm.has_failed() => {
                 progress("powering off…");
                 matches!(
                     tokio::time::timeout(Duration::from_secs(10), agent.poweroff()).await,
