@@ -335,12 +335,14 @@ impl Drop for Partial {
 
 /// Final outputs of this export: removed on drop unless the whole export succeeded.
 #[derive(Default)]
-struct Finished {
+struct Done {
     paths: Vec<PathBuf>,
+    artifacts: Vec<Artifact>,
+    durations: Vec<(Format, Duration)>,
     keep: bool,
 }
 
-impl Drop for Finished {
+impl Drop for Done {
     fn drop(&mut self) {
         if !self.keep {
             for p in &self.paths {
@@ -402,72 +404,127 @@ pub async fn export(
         c => c,
     };
 
-    let mut finished = Finished::default();
-    let mut artifacts: Vec<Artifact> = Vec::new();
-    let mut durations = Vec::new();
+    let mut done = Done::default();
+    // Hashing and syncing a converted file runs on a blocking thread while the next format
+    // converts: with several formats, the digests cost little extra wall time.
+    let mut hashing: Vec<Hashing> = Vec::new();
     for format in formats {
         let t0 = Instant::now();
         let file = file_name(&req.stem, format);
         progress.started(format, &file);
-        let dest = req.out_dir.join(&file);
         let partial = Partial::new(&req.out_dir, &file);
-        let (sha256, vsize) = if format == Format::Ova {
-            let vmdk = artifacts.iter().find(|a| a.format == Format::Vmdk);
-            write_ova(req, vmdk, virtual_size, &partial, progress).await?
-        } else {
-            convert_one(
-                &req.source,
-                format,
-                compression,
-                &partial.path,
-                &file,
-                virtual_size,
-                progress,
-            )
-            .await?;
+        if format == Format::Ova {
+            // The OVA reuses the exported vmdk and its digest: let those finish first.
+            for h in hashing.drain(..) {
+                h.finish(&req.out_dir, &mut done, progress).await?;
+            }
+            let vmdk = done.artifacts.iter().find(|a| a.format == Format::Vmdk);
+            let (sha256, _) = write_ova(req, vmdk, virtual_size, &partial, progress).await?;
             let path = partial.path.clone();
-            let sha = blocking(move || sha256_file(&path)).await??;
-            (sha, virtual_size)
-        };
-        // On disk before it gets its name: after a crash, a final name never points at
-        // blocks qemu-img had only in the page cache.
+            let size = blocking(move || sync_and_size(&path)).await??;
+            let h = Hashing {
+                task: tokio::task::spawn_blocking(move || Ok((sha256, size))),
+                partial,
+                file,
+                format,
+                virtual_size,
+                t0,
+            };
+            h.finish(&req.out_dir, &mut done, progress).await?;
+            continue;
+        }
+        convert_one(
+            &req.source,
+            format,
+            compression,
+            &partial.path,
+            &file,
+            virtual_size,
+            progress,
+        )
+        .await?;
         let path = partial.path.clone();
-        blocking(move || std::fs::File::open(&path).and_then(|f| f.sync_all()))
-            .await?
-            .map_err(|source| ExportError::Io {
-                action: "sync",
-                path: partial.path.clone(),
-                source,
-            })?;
-        let size = std::fs::metadata(&partial.path)
-            .map_err(|source| ExportError::Io {
-                action: "read the size of",
-                path: partial.path.clone(),
-                source,
-            })?
-            .len();
-        partial.persist(&dest)?;
-        finished.paths.push(dest);
-        let artifact = Artifact {
+        let task = tokio::task::spawn_blocking(move || {
+            let sha = sha256_file(&path)?;
+            Ok((sha, sync_and_size(&path)?))
+        });
+        hashing.push(Hashing {
+            task,
+            partial,
             file,
             format,
-            size,
-            virtual_size: vsize,
-            sha256,
-        };
-        let took = t0.elapsed();
-        progress.finished(&artifact, took);
-        durations.push((format, took));
-        artifacts.push(artifact);
+            virtual_size,
+            t0,
+        });
     }
-    write_sums(&sums_file, &artifacts)?;
-    finished.keep = true;
+    for h in hashing.drain(..) {
+        h.finish(&req.out_dir, &mut done, progress).await?;
+    }
+    write_sums(&sums_file, &done.artifacts)?;
+    done.keep = true;
     Ok(ExportReport {
-        artifacts,
+        artifacts: std::mem::take(&mut done.artifacts),
         sums_file,
         compression,
-        durations,
+        durations: std::mem::take(&mut done.durations),
     })
+}
+
+/// A converted, verified output whose digest is being computed.
+struct Hashing {
+    task: tokio::task::JoinHandle<Result<(String, u64), ExportError>>,
+    /// Removed if the export fails before this output is renamed.
+    partial: Partial,
+    file: String,
+    format: Format,
+    virtual_size: u64,
+    t0: Instant,
+}
+
+impl Hashing {
+    /// Wait for the digest, then give the output its final name.
+    async fn finish(
+        self,
+        out_dir: &Path,
+        done: &mut Done,
+        progress: &dyn ExportProgress,
+    ) -> Result<(), ExportError> {
+        let (sha256, size) = self
+            .task
+            .await
+            .map_err(|e| ExportError::Task(e.to_string()))??;
+        let dest = out_dir.join(&self.file);
+        self.partial.persist(&dest)?;
+        done.paths.push(dest);
+        let artifact = Artifact {
+            file: self.file,
+            format: self.format,
+            size,
+            virtual_size: self.virtual_size,
+            sha256,
+        };
+        let took = self.t0.elapsed();
+        progress.finished(&artifact, took);
+        done.durations.push((self.format, took));
+        done.artifacts.push(artifact);
+        Ok(())
+    }
+}
+
+/// Flush a file to disk and return its size. An output is on disk before it gets its name:
+/// after a crash, a final name never points at blocks qemu-img had only in the page cache.
+fn sync_and_size(path: &Path) -> Result<u64, ExportError> {
+    let io = |action| {
+        let p = path.to_path_buf();
+        move |source| ExportError::Io {
+            action,
+            path: p,
+            source,
+        }
+    };
+    let f = std::fs::File::open(path).map_err(io("open"))?;
+    f.sync_all().map_err(io("sync"))?;
+    Ok(f.metadata().map_err(io("read the size of"))?.len())
 }
 
 fn file_name(stem: &str, format: Format) -> String {
