@@ -190,16 +190,11 @@ pub struct OutputsFile {
     pub directory: Option<String>,
 }
 
-/// The JSON Schema of recipe files.
+/// The JSON Schema of recipe files. Editors use it with e.g. `builder schema recipe >
+/// recipe.schema.json` and `# yaml-language-server: $schema=recipe.schema.json` at the top of
+/// a recipe.
 pub fn json_schema() -> serde_json::Value {
-    let mut schema = schemars::schema_for!(RecipeFile).to_value();
-    if let Some(object) = schema.as_object_mut() {
-        object.insert(
-            "$id".to_string(),
-            serde_json::Value::String("builder:recipe".to_string()),
-        );
-    }
-    schema
+    schemars::schema_for!(RecipeFile).to_value()
 }
 
 #[cfg(test)]
