@@ -106,13 +106,11 @@ pub(super) fn check_all(cx: &mut Cx<'_>, variables: &[&str], phases: &[(String, 
             Err(e) => {
                 let part = text.value.get(e.range.clone()).unwrap_or(&text.value);
                 let at = cx.locate(text, part.lines().next().unwrap_or(part));
-                cx.error(
-                    at,
-                    e.message.clone(),
-                    Some(
-                        "write references as `{{ Name }}`; a literal `{{` cannot appear in inputs",
-                    ),
-                );
+                // An unclosed `{{` is often text meant literally; a malformed reference is a
+                // typo whose message already lists the valid forms.
+                let hint = (e.range.end == text.value.len() && e.message.contains("not closed"))
+                    .then_some("close it with `}}`; a literal `{{` cannot appear in inputs");
+                cx.error(at, e.message.clone(), hint);
                 continue;
             }
         };
