@@ -110,7 +110,16 @@ pub(super) fn check_all(cx: &mut Cx<'_>, variables: &[&str], phases: &[(String, 
                 // typo whose message already lists the valid forms.
                 let hint = (e.range.end == text.value.len() && e.message.contains("not closed"))
                     .then_some("close it with `}}`; a literal `{{` cannot appear in inputs");
-                cx.error(at, e.message.clone(), hint);
+                match e.message.split_once("; expected ") {
+                    Some((what, forms)) => {
+                        cx.error_hint(
+                            at,
+                            what.to_string(),
+                            Some(format!("references look like {forms}")),
+                        );
+                    }
+                    None => cx.error(at, e.message.clone(), hint),
+                }
                 continue;
             }
         };
