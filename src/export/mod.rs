@@ -280,7 +280,8 @@ pub struct ExportReport {
     pub sums_file: PathBuf,
     /// The qcow2 compression actually used (never `Auto`).
     pub compression: Compression,
-    /// Wall time of each format (conversion, check and hashing).
+    /// Wall time of each format, from the start of its conversion to its digest (the
+    /// digest of one format is computed while the next converts, so these overlap).
     pub durations: Vec<(Format, Duration)>,
 }
 
@@ -423,7 +424,7 @@ pub async fn export(
             let path = partial.path.clone();
             let size = blocking(move || sync_and_size(&path)).await??;
             let h = Hashing {
-                task: tokio::task::spawn_blocking(move || Ok((sha256, size))),
+                task: tokio::task::spawn_blocking(move || Ok((sha256, size, Instant::now()))),
                 partial,
                 file,
                 format,
@@ -446,7 +447,7 @@ pub async fn export(
         let path = partial.path.clone();
         let task = tokio::task::spawn_blocking(move || {
             let sha = sha256_file(&path)?;
-            Ok((sha, sync_and_size(&path)?))
+            Ok((sha, sync_and_size(&path)?, Instant::now()))
         });
         hashing.push(Hashing {
             task,
@@ -472,7 +473,8 @@ pub async fn export(
 
 /// A converted, verified output whose digest is being computed.
 struct Hashing {
-    task: tokio::task::JoinHandle<Result<(String, u64), ExportError>>,
+    /// Digest, size, and when they were known.
+    task: tokio::task::JoinHandle<Result<(String, u64, Instant), ExportError>>,
     /// Removed if the export fails before this output is renamed.
     partial: Partial,
     file: String,
@@ -489,7 +491,7 @@ impl Hashing {
         done: &mut Done,
         progress: &dyn ExportProgress,
     ) -> Result<(), ExportError> {
-        let (sha256, size) = self
+        let (sha256, size, hashed) = self
             .task
             .await
             .map_err(|e| ExportError::Task(e.to_string()))??;
@@ -503,7 +505,8 @@ impl Hashing {
             virtual_size: self.virtual_size,
             sha256,
         };
-        let took = self.t0.elapsed();
+        // From the start of its conversion to its digest; not the wait for earlier formats.
+        let took = hashed.duration_since(self.t0);
         progress.finished(&artifact, took);
         done.durations.push((self.format, took));
         done.artifacts.push(artifact);

@@ -443,7 +443,13 @@ impl Store {
 
     /// The not-found error, with stored names close to the one asked for.
     pub fn not_found(&self, reference: &ImageRef) -> StoreError {
-        let names: Vec<String> = sorted_names(&self.root.join("images")).unwrap_or_default();
+        // Names with at least one stored build (a name whose builds were all removed keeps
+        // its folder for the build counter, but there is nothing to suggest).
+        let mut names: Vec<String> = self
+            .list()
+            .map(|l| l.images.into_iter().map(|i| i.name).collect())
+            .unwrap_or_default();
+        names.dedup();
         let mut close: Vec<(f64, String)> = names
             .into_iter()
             .map(|n| {
