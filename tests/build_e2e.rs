@@ -7,13 +7,15 @@
 //! ```
 //!
 //! Without `BUILDER_VM_TESTS=1` each test says it was skipped; with it, a missing image fails.
-//! Boots are expensive (60-140 s each under TCG), so the tests share them: six boots in all.
+//! Boots are expensive (60-140 s each under TCG), so the tests share them: eight boots in all,
+//! one build at a time.
 //!
 //! - the two-component recipe (`tests/build/two-components.yml`: a Reboot step, the test
 //!   stage, every export format): exit 0, every output `qemu-img check`ed and its sha256 in
 //!   the manifest recomputed, layer keys equal to `builder plan`'s, packages and test results
-//!   recorded; then the exported qcow2 boots (`builder vm exec`) with the changes in it; then
-//!   a recipe built on it from the store (`tests/build/on-parent.yml`).
+//!   recorded; then the exported qcow2 boots (`builder vm exec`) with the changes in it.
+//! - the example `images/debian-12-base/recipe.yml`, then a recipe built on it from the store
+//!   (`tests/build/on-parent.yml`).
 //! - a failing test component with `--keep-on-failure`: exit 1, the STYLE.md error, logs in
 //!   the store's `failed/` area, the disk chain and the test VM kept as the notes say, then
 //!   removed with the notes' own commands.
@@ -81,6 +83,7 @@ impl NoLeftovers {
             .env("BUILDER_STORE", self.store())
             .env("XDG_RUNTIME_DIR", self.runtime())
             .env("BUILDER_TEST_IMAGE", image)
+            .env("BUILDER_BASE_IMAGE", image)
             .env("NO_COLOR", "1")
             .output()
             .expect("builder runs");
@@ -152,9 +155,17 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 }
 
 fn sha256(path: &Path) -> String {
+    use std::io::Read;
     let mut file = std::fs::File::open(path).expect("open output");
     let mut hasher = Sha256::new();
-    std::io::copy(&mut file, &mut hasher).expect("read output");
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buffer).expect("read output");
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+    }
     hex::encode(hasher.finalize())
 }
 
@@ -345,8 +356,37 @@ fn two_components_tested_exported_booted_and_built_upon() {
         String::from_utf8_lossy(&out.stdout),
         "built by the e2e test\nrebooted\n"
     );
+}
 
-    // 4. A recipe whose parent is that build, from the store.
+#[test]
+fn example_recipe_and_a_recipe_built_on_it() {
+    let Some(image) = enabled("example_recipe_and_a_recipe_built_on_it") else {
+        return;
+    };
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let guard = NoLeftovers::new();
+
+    // CI builds at least one example from images/.
+    let out = guard.builder(
+        &image,
+        &[
+            "build",
+            "images/debian-12-base/recipe.yml",
+            "--accel",
+            "tcg",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "the example failed to build");
+    let base = stored_build(&guard.store(), "debian-12-base");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(base.join("manifest.json")).expect("manifest"))
+            .expect("manifest JSON");
+    let parent_sha = manifest["outputs"][0]["sha256"].clone();
+    assert_eq!(manifest["tests"][0]["component"], "test-basics");
+    assert_eq!(manifest["tests"][0]["status"], "success");
+
+    // A recipe whose parent is that build, from the store; its component checks the
+    // parent's changes are there (the exported qcow2 boots as a parent).
     let out = guard.builder(
         &image,
         &["build", "tests/build/on-parent.yml", "--accel", "tcg"],
@@ -363,10 +403,10 @@ fn two_components_tested_exported_booted_and_built_upon() {
             .expect("manifest JSON");
     assert_eq!(
         manifest["inputs"]["parent"]["storeImage"],
-        "e2e-two/1.0.0/1"
+        "debian-12-base/1.0.0/1"
     );
     assert_eq!(
-        manifest["inputs"]["parent"]["sha256"], outputs[0]["sha256"],
+        manifest["inputs"]["parent"]["sha256"], parent_sha,
         "the parent is the stored qcow2"
     );
     assert!(

@@ -1256,7 +1256,8 @@ impl ExportProgress for ExportBar<'_, '_> {
         let Ok(mut last) = self.1.lock() else { return };
         let p = percent as u32;
         let seen = last.entry(format.to_string()).or_insert(u32::MAX);
-        if *seen != u32::MAX && p < *seen + 5 && p < 100 {
+        // One event per 5 % (and each of 0 and 100 once).
+        if *seen != u32::MAX && (p == *seen || (p < seen.saturating_add(5) && p < 100)) {
             return;
         }
         *seen = p;
