@@ -60,7 +60,8 @@ pub struct RecipeFile {
 #[serde(untagged)]
 pub enum ParentImageFile {
     /// A local file relative to the recipe's directory (`${VAR}` is replaced by the environment
-    /// variable VAR), or a previous build in the local store: `name/1.2.0`, `name/1.x.x`,
+    /// variable VAR; a path starting with `${VAR}` takes a relative value from the directory
+    /// builder runs in), or a previous build in the local store: `name/1.2.0`, `name/1.x.x`,
     /// `name/1.2.0/3`.
     Reference(String),
     /// A local file, optionally pinned to its sha256.
