@@ -94,6 +94,20 @@ async fn main() -> anyhow::Result<()> {
             "exec `true` round trip: {:.1} ms",
             t0.elapsed().as_secs_f64() * 1000.0 / n as f64
         );
+        let cap = Capture::default();
+        agent
+            .exec(
+                &ExecRequest::bash(
+                    "s=$(date +%s%N); for i in 1 2 3 4 5 6 7 8 9 10; do /bin/true; done; \
+                     echo $(( ($(date +%s%N) - s) / 10000000 ))",
+                ),
+                &cap,
+            )
+            .await?;
+        println!(
+            "guest fork+exec of /bin/true from bash: {} ms",
+            String::from_utf8_lossy(&cap.stdout()).trim()
+        );
         let t0 = Instant::now();
         for _ in 0..n {
             agent.stat(std::path::Path::new("/")).await?;
@@ -102,6 +116,24 @@ async fn main() -> anyhow::Result<()> {
             "stat round trip: {:.1} ms",
             t0.elapsed().as_secs_f64() * 1000.0 / n as f64
         );
+        if std::env::var_os("SKIP_REBOOT").is_none() {
+            let before = agent.info().await?.boot_id;
+            let t0 = Instant::now();
+            agent.reboot().await?;
+            let after = agent.info().await?.boot_id;
+            anyhow::ensure!(before != after, "boot id did not change");
+            let cap = Capture::default();
+            agent
+                .exec(&ExecRequest::argv(["cat", "/proc/uptime"]), &cap)
+                .await?;
+            println!(
+                "reboot: back after {:.1} s, boot id {} -> {}, guest uptime {}",
+                t0.elapsed().as_secs_f64(),
+                &before[..8],
+                &after[..8],
+                String::from_utf8_lossy(&cap.stdout()).trim()
+            );
+        }
         anyhow::Ok(())
     }
     .await;

@@ -699,3 +699,128 @@ mod decoder {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// A relay that keeps the host's stream open while agents come and go, as QEMU's chardev socket
+// does when the agent in the guest dies and systemd starts a new one.
+
+struct Relay {
+    host_end: Option<tokio::io::DuplexStream>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn relay(listener: UnixListener) -> Relay {
+    let (host_end, relay_end) = tokio::io::duplex(1 << 20);
+    let task = tokio::spawn(async move {
+        let (mut from_host, mut to_host) = tokio::io::split(relay_end);
+        loop {
+            let Ok((agent, _)) = listener.accept().await else {
+                return;
+            };
+            let (mut from_agent, mut to_agent) = agent.into_split();
+            let up = tokio::io::copy(&mut from_agent, &mut to_host);
+            let down = tokio::io::copy(&mut from_host, &mut to_agent);
+            // When the agent goes, whatever the host sent meanwhile is lost, as in a guest.
+            tokio::select! {
+                _ = up => {}
+                _ = down => return,
+            }
+        }
+    });
+    Relay {
+        host_end: Some(host_end),
+        task,
+    }
+}
+
+#[tokio::test]
+async fn a_restarted_agent_or_a_closed_port_fails_requests_in_flight() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let exe = dir.path().join("builder-agent");
+    std::fs::write(&exe, builder::agent::AGENT_BINARY).expect("write agent");
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let sock = dir.path().join("agent.sock");
+    let mut relay = relay(UnixListener::bind(&sock).expect("bind"));
+    let start = || {
+        std::process::Command::new(&exe)
+            .arg("--connect-unix")
+            .arg(&sock)
+            .spawn()
+            .expect("start agent")
+    };
+    let mut first = start();
+    let t = AgentTarget::connect(
+        relay.host_end.take().expect("host end"),
+        "relayed agent".into(),
+        Duration::from_secs(20),
+    )
+    .await
+    .expect("hello");
+    let cap = Capture::default();
+    let pidfile = dir.path().join("orphan.pid");
+    // The killed agent cannot clean up after itself (in a guest, systemd kills its cgroup):
+    // the test does, through this pid file.
+    let orphan = ExecRequest::bash(format!(
+        "echo $$ > '{}'; exec sleep 1000",
+        pidfile.display()
+    ));
+    let exec = t.exec(&orphan, &cap);
+    tokio::pin!(exec);
+    // Give the exec time to reach the agent, then kill that agent; a new one takes over.
+    tokio::select! {
+        _ = &mut exec => panic!("ended by itself"),
+        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+    }
+    let _ = first.kill();
+    let _ = first.wait();
+    let orphan_pid = read_pid(&pidfile).await;
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", &orphan_pid.to_string()])
+        .status();
+    assert_gone(orphan_pid).await;
+    let mut second = start();
+    let err = tokio::time::timeout(Duration::from_secs(20), &mut exec)
+        .await
+        .expect("the exec fails instead of waiting forever")
+        .expect_err("lost");
+    assert!(err.to_string().contains("restarted"), "{err}");
+    let (status, out, _) = run(&t, ExecRequest::argv(["echo", "second"])).await;
+    assert_eq!((status, out.as_str()), (ExitStatus::Exited(0), "second\n"));
+
+    // The host hears (from QMP) that the guest closed its port: in-flight requests fail.
+    let second_pid;
+    let err = {
+        let pidfile = dir.path().join("second.pid");
+        let sleep = ExecRequest::bash(format!(
+            "echo $$ > '{}'; exec sleep 1000",
+            pidfile.display()
+        ));
+        let exec = t.exec(&sleep, &cap);
+        tokio::pin!(exec);
+        tokio::select! {
+            _ = &mut exec => panic!("ended by itself"),
+            pid = read_pid(&pidfile) => second_pid = pid,
+        }
+        tokio::pin!(exec);
+        tokio::select! {
+            _ = &mut exec => panic!("ended by itself"),
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        t.guest_port_closed();
+        tokio::time::timeout(Duration::from_secs(5), &mut exec)
+            .await
+            .expect("fails at once")
+            .expect_err("port closed")
+    };
+    assert!(err.to_string().contains("closed the agent's port"), "{err}");
+    // The failed request's Kill reached the live agent: its command is gone too.
+    assert_gone(second_pid).await;
+    let _ = second.kill();
+    let _ = second.wait();
+}

@@ -520,6 +520,16 @@ impl AgentTarget {
         self.conn().shared.hello.borrow().clone()
     }
 
+    /// Tells the target that the guest closed its end of the port (QMP `VSERPORT_CHANGE` with
+    /// `open: false`) while the host side stays connected: requests in flight fail at once
+    /// instead of waiting for an agent that is gone. The stream stays usable: an agent that
+    /// comes back says hello on it again.
+    pub fn guest_port_closed(&self) {
+        self.conn().shared.fail_in_flight(
+            "the guest closed the agent's port (the agent stopped, or the guest is going down)",
+        );
+    }
+
     fn conn(&self) -> Arc<Connection> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
