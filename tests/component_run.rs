@@ -1045,14 +1045,12 @@ fn percent_decode(text: &str) -> String {
 /// A minimal S3-compatible endpoint (path style: GET/PUT objects, ListObjectsV2) that keeps
 /// objects in memory and records the request targets. It does not check signatures; the
 /// test checks that requests carry one.
-fn fake_s3() -> (
-    HttpServer,
-    Arc<std::sync::Mutex<std::collections::BTreeMap<String, Vec<u8>>>>,
-    Arc<std::sync::Mutex<Vec<String>>>,
-) {
-    let objects: Arc<std::sync::Mutex<std::collections::BTreeMap<String, Vec<u8>>>> =
-        Arc::default();
-    let seen: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+type Objects = Arc<std::sync::Mutex<std::collections::BTreeMap<String, Vec<u8>>>>;
+type Seen = Arc<std::sync::Mutex<Vec<String>>>;
+
+fn fake_s3() -> (HttpServer, Objects, Seen) {
+    let objects: Objects = Arc::default();
+    let seen: Seen = Arc::default();
     let (store, log) = (objects.clone(), seen.clone());
     let server = HttpServer::start(move |r| {
         log.lock()

@@ -19,7 +19,7 @@ pub enum ComponentCommand {
     Validate(ValidateArgs),
     /// Run component documents on this machine, like `awstoe run`: phases in document order,
     /// logs in a `TOE_*` folder, the summary JSON on stdout.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -35,7 +35,7 @@ pub struct ValidateArgs {
 pub async fn main(command: ComponentCommand) -> CliResult {
     match command {
         ComponentCommand::Validate(args) => validate(args),
-        ComponentCommand::Run(args) => run::run(args).await,
+        ComponentCommand::Run(args) => run::run(*args).await,
     }
 }
 

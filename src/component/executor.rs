@@ -119,6 +119,9 @@ pub enum RunError {
     Log(#[from] ReportError),
     #[error("could not create a working directory")]
     WorkingDirectory(#[source] std::io::Error),
+    /// The working directory could not be created on the target.
+    #[error("could not create the working directory on the target: {0}")]
+    WorkingDirectoryOnTarget(String),
 }
 
 /// A short name for a document in messages: its `name`, else its file name.
@@ -249,6 +252,32 @@ pub async fn run(
             path
         }
     };
+    if options.working_directory.is_some() {
+        // Created on the target, so a guest path works as well as a local one.
+        let dir = working_directory.to_string_lossy().into_owned();
+        let capture = crate::target::Capture::default();
+        let made = target
+            .exec(
+                &crate::target::ExecRequest::argv(["mkdir", "-p", "--", dir.as_str()]),
+                &capture,
+            )
+            .await;
+        match made {
+            Ok(outcome) if outcome.status.success() => {}
+            Ok(outcome) => {
+                return Err(RunError::WorkingDirectoryOnTarget(format!(
+                    "`mkdir -p {dir}` {}: {}",
+                    outcome.status,
+                    String::from_utf8_lossy(&capture.stderr()).trim()
+                )));
+            }
+            Err(e) => {
+                return Err(RunError::WorkingDirectoryOnTarget(format!(
+                    "`mkdir -p {dir}`: {e}"
+                )));
+            }
+        }
+    }
     let mut env = vec![(
         "WORKING_DIRECTORY".to_string(),
         working_directory.to_string_lossy().into_owned(),

@@ -134,6 +134,17 @@ pub async fn run(args: RunArgs) -> CliResult {
             let cancel = CancellationToken::new();
             let signals = tokio::spawn(cancel_on_signal(cancel.clone()));
             let target = LocalTarget::new();
+            // Steps run inside the working directory and also name paths under it: a relative
+            // one would be counted twice.
+            let mut options = options;
+            if let Some(dir) = options.working_directory.take() {
+                options.working_directory = Some(std::path::absolute(&dir).map_err(|e| {
+                    Failure::input(
+                        anyhow::Error::new(e)
+                            .context(format!("--working-directory {}", dir.display())),
+                    )
+                })?);
+            }
             let result = executor::run(&target, request, options, observer.as_ref(), cancel).await;
             signals.abort();
             match result {
