@@ -197,7 +197,8 @@ async fn fetch(
     cx: &ActionContext<'_>,
 ) -> Result<(), ActionError> {
     let mut backoff = FIRST_BACKOFF;
-    for attempt in 1..=DOWNLOAD_ATTEMPTS {
+    let mut attempt = 1;
+    loop {
         match fetch_once(client, url, file).await {
             Ok(()) => return Ok(()),
             Err(FetchError::Permanent(message)) => return Err(ActionError::Failed(message)),
@@ -210,6 +211,7 @@ async fn fetch(
                 cx.sink.output(OutputStream::Stderr, note.as_bytes());
                 tokio::time::sleep(backoff).await;
                 backoff *= 2;
+                attempt += 1;
             }
             Err(FetchError::Transient(message)) => {
                 return Err(ActionError::Failed(format!(
@@ -218,7 +220,6 @@ async fn fetch(
             }
         }
     }
-    unreachable!("the last attempt returns")
 }
 
 fn algorithm(name: &str) -> Result<HashAlgorithm, ActionError> {
