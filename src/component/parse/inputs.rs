@@ -163,6 +163,30 @@ fn item(cx: &mut Cx<'_>, action: Action, node: &Node) -> Option<(Map<String, Val
             None => ok = false,
         }
     }
+    // A checksum is only verified with its algorithm; one without the other is a mistake
+    // that would silently skip the check.
+    if action == Action::WebDownload
+        && ok
+        && map.contains_key("checksum") != map.contains_key("algorithm")
+    {
+        let (given, missing) = if map.contains_key("checksum") {
+            ("checksum", "algorithm")
+        } else {
+            ("algorithm", "checksum")
+        };
+        let at = entries
+            .iter()
+            .find(|(k, _)| k.as_str() == Some(given))
+            .map_or(node.span, |(k, _)| k.span);
+        cx.error_hint(
+            at,
+            format!("`{given}` without `{missing}`: the download would not be verified"),
+            Some(format!(
+                "add `{missing}: …` (algorithms: `MD5`, `SHA1`, `SHA256`, `SHA512`)"
+            )),
+        );
+        ok = false;
+    }
     let present = map.keys().cloned().collect();
     ok.then_some((map, present))
 }
