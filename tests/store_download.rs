@@ -399,3 +399,27 @@ fn set_mtime(path: &Path, t: std::time::SystemTime) {
         .expect("open");
     f.set_modified(t).expect("set mtime");
 }
+
+#[tokio::test]
+async fn two_builders_fetching_one_digest_download_it_once() {
+    let body = body();
+    let server = Server::start(body.clone(), vec![]);
+    let tmp = tempfile::tempdir().expect("temp dir");
+    // Two stores on one folder, as two builder processes would open it.
+    let a = Store::open(tmp.path()).expect("store");
+    let b = Store::open(tmp.path()).expect("store");
+    let digest = sha(&body);
+    let options = fast();
+    let (x, y) = tokio::join!(
+        a.fetch_base(&server.url, &digest, &options, &NoDownloadProgress),
+        b.fetch_base(&server.url, &digest, &options, &NoDownloadProgress),
+    );
+    let (x, y) = (x.expect("first"), y.expect("second"));
+    assert_eq!(x.path, y.path);
+    assert_eq!(server.ranges().len(), 1, "one download for both");
+    assert_eq!(
+        cache_files(&a),
+        vec![format!("{digest}.qcow2")],
+        "no stray .part"
+    );
+}

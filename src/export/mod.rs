@@ -419,6 +419,7 @@ pub async fn export(
             for h in hashing.drain(..) {
                 h.finish(&req.out_dir, &mut done, progress).await?;
             }
+            let t0 = Instant::now();
             let vmdk = done.artifacts.iter().find(|a| a.format == Format::Vmdk);
             let (sha256, _) = write_ova(req, vmdk, virtual_size, &partial, progress).await?;
             let path = partial.path.clone();

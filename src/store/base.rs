@@ -130,6 +130,11 @@ impl Store {
             .await?
             .map_err(StoreError::io("lock", &part_path))?;
         if let Some(done) = existing(&dest, &sha)? {
+            // Another builder finished it while we waited. If we opened the `.part` after
+            // its rename, we created an empty one: remove it.
+            if part.metadata().is_ok_and(|m| m.len() == 0) {
+                let _ = std::fs::remove_file(&part_path);
+            }
             return Ok(done);
         }
         let client = reqwest::Client::builder()
