@@ -269,6 +269,8 @@ enum Open {
         start: Span,
         entries: Vec<(Node, Node)>,
         pending_key: Option<Node>,
+        /// Entries from `<<` merge keys; explicit keys win over them wherever they appear.
+        merged: Vec<(Node, Node)>,
         anchor: usize,
         tag: Option<String>,
         flow: bool,
@@ -371,6 +373,7 @@ impl Builder<'_> {
                         start,
                         entries: Vec::new(),
                         pending_key: None,
+                        merged: Vec::new(),
                         anchor,
                         tag: tag_text(tag),
                         flow,
@@ -403,12 +406,21 @@ impl Builder<'_> {
                     }
                     Open::Mapping {
                         start,
-                        entries,
+                        mut entries,
+                        merged,
                         anchor,
                         tag,
                         flow,
                         ..
                     } => {
+                        for (key, value) in merged {
+                            let explicit = key.as_str().is_some_and(|k| {
+                                entries.iter().any(|(other, _)| other.as_str() == Some(k))
+                            });
+                            if !explicit {
+                                entries.push((key, value));
+                            }
+                        }
                         let last = entries.last().map(|(_, v)| v.span.end);
                         let end = close_end(flow, end_span, last, start.start);
                         let node = Node {
@@ -471,9 +483,36 @@ impl Builder<'_> {
             Some(Open::Mapping {
                 entries,
                 pending_key,
+                merged,
                 ..
             }) => match pending_key.take() {
                 None => *pending_key = Some(node),
+                // `<<: *base` (YAML merge key, which Go's YAML readers honour).
+                Some(key) if is_merge_key(&key) => {
+                    let sources: Vec<Node> = match node.kind {
+                        NodeKind::Mapping(_) => vec![node],
+                        NodeKind::Sequence(items) => items,
+                        NodeKind::Scalar(_) => vec![node],
+                    };
+                    for source in sources {
+                        let NodeKind::Mapping(source_entries) = source.kind else {
+                            self.problems.push(
+                                Problem::error(source.span, "`<<` can only merge mappings")
+                                    .with_hint("write `<<: *anchor` where the anchor is a mapping"),
+                            );
+                            continue;
+                        };
+                        for (k, v) in source_entries {
+                            // Earlier sources win over later ones.
+                            let seen = k.as_str().is_some_and(|name| {
+                                merged.iter().any(|(other, _)| other.as_str() == Some(name))
+                            });
+                            if !seen {
+                                merged.push((k, v));
+                            }
+                        }
+                    }
+                }
                 Some(key) => {
                     let duplicate = key.as_str().and_then(|k| {
                         entries
@@ -506,6 +545,11 @@ fn close_end(flow: bool, end: Span, last_child: Option<usize>, start: usize) -> 
     } else {
         last_child.unwrap_or(start)
     }
+}
+
+fn is_merge_key(key: &Node) -> bool {
+    matches!(&key.kind, NodeKind::Scalar(s) if s.style == ScalarStyle::Plain && s.value == "<<")
+        && key.tag.is_none()
 }
 
 fn count_nodes(node: &Node) -> usize {
@@ -611,6 +655,23 @@ mod tests {
             problems.iter().any(|p| p.message.contains("too many")),
             "{problems:?}"
         );
+    }
+
+    #[test]
+    fn merge_keys_fill_in_without_overriding() {
+        let node = root("base: &b {a: 1, b: 2}\nx:\n  c: 3\n  <<: *b\n  a: 9\n");
+        let x = node.get("x").unwrap();
+        let keys: Vec<_> = x
+            .as_mapping()
+            .unwrap()
+            .iter()
+            .map(|(k, _)| k.as_str().unwrap())
+            .collect();
+        assert_eq!(keys, ["c", "a", "b"]);
+        assert_eq!(x.get("a").unwrap().as_int(), Some(9));
+        assert_eq!(x.get("b").unwrap().as_int(), Some(2));
+        let (_, problems) = parse("x:\n  <<: 5\n");
+        assert_eq!(problems.len(), 1);
     }
 
     #[test]

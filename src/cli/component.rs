@@ -1,5 +1,6 @@
 //! `builder component validate|run`.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 
 use anstream::{eprint, eprintln};
@@ -124,7 +125,15 @@ fn validate(args: ValidateArgs) -> CliResult {
     if args.json {
         let json = serde_json::to_string_pretty(&results)
             .map_err(|e| Failure::failed(anyhow::Error::new(e).context("could not write JSON")))?;
-        println!("{json}");
+        // A closed pipe (`| head`) is not an error worth a panic: the reader has what it wants.
+        let mut stdout = std::io::stdout().lock();
+        if let Err(e) = writeln!(stdout, "{json}").and_then(|()| stdout.flush())
+            && e.kind() != std::io::ErrorKind::BrokenPipe
+        {
+            return Err(Failure::failed(
+                anyhow::Error::new(e).context("could not write to stdout"),
+            ));
+        }
     }
     if all_valid {
         Ok(0)
