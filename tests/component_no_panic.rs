@@ -29,6 +29,7 @@ fn yamlish() -> impl Strategy<Value = String> {
             Just("|".to_string()),
             Just("&a ".to_string()),
             Just("*a".to_string()),
+            Just("<<: ".to_string()),
             Just("#".to_string()),
             Just("\t".to_string()),
             Just("é".to_string()),
@@ -100,7 +101,7 @@ fn mutate(base: &str, edits: &[(usize, u8, String)]) -> String {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    // 256 cases each unless PROPTEST_CASES says otherwise (e.g. 100000 for a long soak).
 
     #[test]
     fn templater_never_panics(text in any::<String>()) {
