@@ -824,3 +824,41 @@ async fn a_restarted_agent_or_a_closed_port_fails_requests_in_flight() {
     let _ = second.kill();
     let _ = second.wait();
 }
+
+#[tokio::test]
+async fn readiness_on_a_machine_without_cloud_init() {
+    let agent = Agent::start().await;
+    let t = agent.target().await;
+    let ready = t
+        .wait_ready(false, Duration::from_secs(30))
+        .await
+        .expect("agent up");
+    assert_eq!(ready.cloud_init, None);
+    assert_eq!(ready.hello.pid, agent.child.id());
+    let installed = ["/usr/bin/cloud-init", "/usr/local/bin/cloud-init"]
+        .iter()
+        .any(|p| Path::new(p).exists());
+    let ready = t
+        .wait_ready(true, Duration::from_secs(120))
+        .await
+        .expect("ready");
+    if installed {
+        assert_eq!(ready.cloud_init.as_deref(), Some("done"));
+    } else {
+        assert_eq!(ready.hello.cloud_init, "absent");
+        assert_eq!(ready.cloud_init.as_deref(), Some("absent"));
+    }
+}
+
+#[tokio::test]
+async fn a_script_bigger_than_a_frame_still_runs() {
+    let agent = Agent::start().await;
+    let t = agent.target().await;
+    // 2 MiB of comments, then the command: too big for one frame.
+    let body = format!("{}\necho \"ran $0\"\n", "# padding\n".repeat(200_000));
+    let (status, out, err) = run(&t, ExecRequest::bash(body)).await;
+    assert_eq!(status, ExitStatus::Exited(0), "{err}");
+    let path = out.trim().strip_prefix("ran ").expect("script path");
+    assert!(path.contains(".builder-script-"), "{out}");
+    assert!(!Path::new(path).exists(), "left behind: {path}");
+}

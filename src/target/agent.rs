@@ -44,6 +44,8 @@ pub trait Connector: Send + Sync {
 /// sees our first request if the guest port was reset, and a torn frame may swallow one.
 const HELLO_RETRY: Duration = Duration::from_secs(2);
 const DEFAULT_REBOOT_TIMEOUT: Duration = Duration::from_secs(600);
+/// Script bodies above this go as a file instead of inside the `Exec` frame.
+const LARGE_SCRIPT: usize = protocol::MAX_PAYLOAD - 64 * 1024;
 
 type Incoming = Result<Message, String>;
 
@@ -576,6 +578,13 @@ impl AgentTarget {
         secret_env: &[(String, String)],
         sink: &dyn OutputSink,
     ) -> Result<ExecOutcome, TargetError> {
+        if let Program::Script { interpreter, body } = &request.program
+            && body.len() > LARGE_SCRIPT
+        {
+            return self
+                .exec_large_script(request, interpreter, body, secret_env, sink)
+                .await;
+        }
         let started = Instant::now();
         let spec = exec_spec(request, secret_env)?;
         let mut req = self.request()?;
@@ -597,6 +606,35 @@ impl AgentTarget {
                 other => return Err(req.unexpected(&other, "command output")),
             }
         }
+    }
+
+    /// A script too big for one frame: uploaded as a file (private to the user that runs
+    /// it), run, then removed.
+    async fn exec_large_script(
+        &self,
+        request: &ExecRequest,
+        interpreter: &str,
+        body: &str,
+        secret_env: &[(String, String)],
+        sink: &dyn OutputSink,
+    ) -> Result<ExecOutcome, TargetError> {
+        let path = PathBuf::from(format!(
+            "/tmp/.builder-script-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        let options = PutOptions {
+            mode: Some(0o700),
+            owner: request.user.clone(),
+            ..PutOptions::default()
+        };
+        self.put_file(&path, FileSource::Bytes(body.as_bytes().to_vec()), &options)
+            .await?;
+        let mut run = request.clone();
+        run.program = Program::Argv(vec![interpreter.to_owned(), path_str(&path)?]);
+        let outcome = Box::pin(self.exec_with_secrets(&run, secret_env, sink)).await;
+        let cleanup = ExecRequest::argv(["rm", "-f", "--", &path_str(&path)?]);
+        let _ = Box::pin(self.exec_with_secrets(&cleanup, &[], &Capture::default())).await;
+        outcome
     }
 
     /// Starts a command whose stdin the caller feeds, on a pseudo-terminal of `pty` (rows,
