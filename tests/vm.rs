@@ -267,6 +267,19 @@ impl Running {
     }
 }
 
+/// Wait (bounded) until `pid` is gone or a zombie: a killed QEMU takes a moment to release
+/// its memory.
+fn gone_within(pid: u32, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while process_alive(pid) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
+}
+
 fn process_alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
@@ -657,7 +670,10 @@ fn sigint_while_booting_stops_everything_with_exit_130() {
     let (code, stderr) = running.finish(Duration::from_secs(60));
     assert_eq!(code, 130, "{stderr}");
     assert!(stderr.contains("SIGINT"), "{stderr}");
-    assert!(!process_alive(qemu));
+    assert!(
+        gone_within(qemu, Duration::from_secs(15)),
+        "QEMU {qemu} still running"
+    );
     drop(guard);
 }
 
@@ -671,7 +687,10 @@ fn sigterm_while_booting_stops_everything_with_exit_130() {
     running.signal("TERM");
     let (code, stderr) = running.finish(Duration::from_secs(60));
     assert_eq!(code, 130, "{stderr}");
-    assert!(!process_alive(qemu));
+    assert!(
+        gone_within(qemu, Duration::from_secs(15)),
+        "QEMU {qemu} still running"
+    );
     drop(guard);
 }
 
@@ -689,7 +708,10 @@ fn sigkill_of_builder_takes_qemu_and_the_folder_with_it() {
     assert_eq!(code, 128 + 9);
     let left = guard.wait_clean(Duration::from_secs(15));
     assert!(left.is_empty(), "left after SIGKILL: {left:?}");
-    assert!(!process_alive(qemu));
+    assert!(
+        gone_within(qemu, Duration::from_secs(15)),
+        "QEMU {qemu} still running"
+    );
     drop(guard);
 }
 

@@ -263,6 +263,11 @@ where
         let session = Arc::new(session);
         working.store(true, Ordering::SeqCst);
         let result = match session.guard(work(session.clone())).await {
+            // A broken channel is often QEMU dying a moment earlier: say that instead.
+            Ok(Err(failure)) => match session.vm().explain(Duration::from_secs(1)).await {
+                Some(e) => Err(vm_failure(e)),
+                None => Err(failure),
+            },
             Ok(r) => r,
             Err(e) => Err(vm_failure(e)),
         };

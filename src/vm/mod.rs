@@ -664,6 +664,13 @@ impl RunningVm {
         self.error_for(fault.unwrap_or(Fault::QmpClosed))
     }
 
+    /// After talking to the guest failed: the VM's own failure, if it has one, explains it
+    /// better ("QEMU was killed" rather than "connection reset"). Waits up to `within` for the
+    /// watcher to notice, since the channel often breaks a moment before QEMU's exit is seen.
+    pub async fn explain(&self, within: Duration) -> Option<VmError> {
+        tokio::time::timeout(within, self.failed()).await.ok()
+    }
+
     /// Run `work` while watching the VM: if the VM fails first, `work` is dropped (which
     /// cancels it) and the VM's error is returned.
     pub async fn guard<T>(&self, work: impl Future<Output = T>) -> Result<T, VmError> {

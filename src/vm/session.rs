@@ -44,6 +44,15 @@ pub struct BootTimings {
     pub cloud_init_done: Option<Duration>,
 }
 
+/// The error for a failed talk with the guest: the VM's own failure when it has one (QEMU
+/// killed, a panic), which explains a broken channel better than the channel's error.
+async fn guest_error(vm: &RunningVm, what: String, source: crate::target::TargetError) -> VmError {
+    match vm.explain(Duration::from_secs(1)).await {
+        Some(e) => e,
+        None => VmError::Guest { what, source },
+    }
+}
+
 /// The target in the guest: our agent, or qemu-guest-agent.
 #[derive(Clone)]
 enum Guest {
@@ -94,11 +103,14 @@ impl Session {
                     options.boot_timeout,
                     QgaTarget::connect(stream, describe.clone(), hello_timeout),
                 )
-                .await?
-                .map_err(|source| VmError::Guest {
-                    what: format!("qemu-guest-agent in {describe} did not answer"),
-                    source,
-                })?;
+                .await?;
+            let qga = match qga {
+                Ok(q) => q,
+                Err(source) => {
+                    let what = format!("qemu-guest-agent in {describe} did not answer");
+                    return Err(guest_error(&vm, what, source).await);
+                }
+            };
             let agent_up = vm.uptime();
             progress(&format!(
                 "qemu-guest-agent up after {:.1} s",
@@ -120,11 +132,14 @@ impl Session {
                 options.boot_timeout,
                 AgentTarget::connect(stream, describe.clone(), hello_timeout),
             )
-            .await?
-            .map_err(|source| VmError::Guest {
-                what: format!("the agent in {describe} did not start talking"),
-                source,
-            })?;
+            .await?;
+        let agent = match agent {
+            Ok(a) => a,
+            Err(source) => {
+                let what = format!("the agent in {describe} did not start talking");
+                return Err(guest_error(&vm, what, source).await);
+            }
+        };
         let agent_up = vm.uptime();
         progress(&format!("agent up after {:.1} s", agent_up.as_secs_f64()));
         let agent = Arc::new(agent.with_connector(Arc::new(connector)));
@@ -136,11 +151,14 @@ impl Session {
                 options.boot_timeout,
                 agent.wait_ready(options.wait_cloud_init, cloud_init_budget),
             )
-            .await?
-            .map_err(|source| VmError::Guest {
-                what: format!("{describe} is not ready for steps"),
-                source,
-            })?;
+            .await?;
+        let readiness = match readiness {
+            Ok(r) => r,
+            Err(source) => {
+                let what = format!("{describe} is not ready for steps");
+                return Err(guest_error(&vm, what, source).await);
+            }
+        };
         let cloud_init_done = match &readiness.cloud_init {
             Some(state) => {
                 let t = vm.uptime();
