@@ -944,7 +944,11 @@ impl<'a> Engine<'a> {
                 _ => step.timeout_secs.map(Duration::from_secs),
             };
             let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
-            let progress = Mutex::new(Progress::default());
+            let progress = Mutex::new(Progress {
+                // Until the inputs are expanded, report them as written.
+                inputs: as_input_array(&step.inputs),
+                ..Progress::default()
+            });
             let attempt_future = self.attempt(run, phase, step, deadline, sink, &progress);
             let end = tokio::select! {
                 biased;
