@@ -255,13 +255,19 @@ impl Diagnostics {
                     .map(|c| if c == '\t' { 4 } else { 1 })
                     .sum();
                 // The caret covers the span on its first line, at least one column.
-                let line_start = self.source[..span.start.min(self.source.len())]
+                // `get`: a span made by hand (not by our readers) may not sit on a character
+                // boundary; rendering must not panic for it.
+                let line_start = self
+                    .source
+                    .get(..span.start.min(self.source.len()))
+                    .unwrap_or("")
                     .rfind('\n')
                     .map_or(0, |i| i + 1);
                 let line_end = line_start + text.len();
+                let hi = span.end.min(line_end);
                 let covered = self
                     .source
-                    .get(span.start.min(line_end)..span.end.clamp(span.start, line_end))
+                    .get(span.start.min(hi)..hi)
                     .map_or(0, |s| s.chars().count());
                 let carets = "^".repeat(covered.max(1));
                 let _ = writeln!(out, " {pad} {gutter}");
@@ -426,6 +432,41 @@ mod tests {
         assert!(bad < warn, "{out}");
         assert!(out.contains("\n 12 | k12: v\n"), "{out}");
         assert!(out.contains("\n  2 | k2: v\n"), "{out}");
+    }
+
+    #[test]
+    fn hand_made_spans_never_panic() {
+        let text = "é\nab\n";
+        for span in [
+            Span {
+                start: 1,
+                end: 0,
+                line: 1,
+                col: 1,
+            },
+            Span {
+                start: 50,
+                end: 60,
+                line: 1,
+                col: 3,
+            },
+            Span {
+                start: 0,
+                end: 0,
+                line: 0,
+                col: 0,
+            },
+            Span {
+                start: 4,
+                end: 2,
+                line: 9,
+                col: 9,
+            },
+        ] {
+            let mut d = Diagnostics::new("x.yml", text, "recipe");
+            d.push(Problem::error(span, "m").with_hint("h"));
+            assert!(d.render(false).contains(" m"));
+        }
     }
 
     #[test]

@@ -224,7 +224,7 @@ impl<'s> Cx<'s> {
     }
 
     /// The text of a scalar (numbers and booleans as written). Reports a problem for
-    /// mappings, lists and (unless `allow_empty`) empty values.
+    /// mappings, lists and empty values.
     fn string(&mut self, node: &Node, what: &str) -> Option<String> {
         if node.is_null() {
             self.error(node.span, format!("{what} is empty"), None);
