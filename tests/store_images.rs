@@ -116,6 +116,10 @@ fn references_resolve_to_the_highest_version_and_newest_build() {
         disk.sha256,
         builder::export::sha256_file(&disk.path).expect("hash")
     );
+    // A disk file removed by hand: the image cannot be a parent any more.
+    std::fs::remove_file(tmp.path().join("images/base/0.1.0/1/base.qcow2")).expect("rm");
+    let e = store.resolve_image("base").expect_err("gone");
+    assert!(matches!(e, StoreError::NoDisk { .. }), "{e}");
     let e = store.resolve_image("web/1.x.2").expect_err("bad ref");
     assert!(matches!(e, StoreError::BadReference { .. }), "{e}");
 }

@@ -70,7 +70,7 @@ pub enum StoreError {
         /// Stored names close to the one asked for.
         close: Vec<String>,
     },
-    #[error("{image} has no qcow2 or raw output to build on")]
+    #[error("{image} has no qcow2 or raw output to build on (none exported, or its file is gone)")]
     NoDisk { image: String },
     #[error("{image} is the parent of {}; remove those first or force it", dependents.join(", "))]
     InUse {
@@ -424,12 +424,13 @@ impl Store {
     pub fn resolve_image(&self, reference: &str) -> Result<StoredImage, StoreError> {
         let reference: ImageRef = reference.parse()?;
         let image = self.resolve(&reference)?;
-        if image.disk.is_none() {
-            return Err(StoreError::NoDisk {
+        match &image.disk {
+            Some(d) if d.path.is_file() => Ok(image),
+            // Recorded but gone (removed by hand): as unusable as never exported.
+            _ => Err(StoreError::NoDisk {
                 image: image.reference(),
-            });
+            }),
         }
-        Ok(image)
     }
 
     /// A failed build with exactly this `name/x.y.z/n`, if there is one.
