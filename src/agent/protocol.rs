@@ -47,6 +47,15 @@
 //!
 //! A transfer's content is hashed incrementally on both ends; the receiver compares its
 //! sha256 with the sender's `End` and only then renames its temporary file into place.
+//! `Data` frames can be built in place ([`finish_data_frame`]) and read without the generic
+//! decoder, so a chunk is copied as little as possible (the guest may be emulated).
+//!
+//! # Getting back in step
+//!
+//! A frame whose header is fine but whose payload is not is answered with `Error` for its id;
+//! the stream is still in step. A bad header (stale bytes after a guest reboot, a torn frame)
+//! makes the reader slide forward byte by byte to the next plausible header; the host then asks
+//! for a fresh `Hello`. Requests in flight at that moment fail.
 
 use std::fmt;
 use std::io::{self, Read};
