@@ -109,26 +109,36 @@ pub async fn packages(target: &dyn StepTarget) -> Result<Option<PackageList>, Ge
 
 /// The clean-up script. Every command says what it does (its output goes to the build log);
 /// a command that is missing on this distribution is skipped, one that fails is reported and
-/// the rest still run: the checks afterwards decide.
-pub fn script() -> String {
+/// the rest still run: the checks afterwards decide. With `seal` false (the recipe's
+/// `generalize: false`) only builder's own traces go: the agent and its unit.
+pub fn script(seal: bool) -> String {
     let agent_paths = AGENT_INSTALLED_PATHS.join(" ");
+    let seal_part = if seal { SEAL } else { "" };
     format!(
         r#"set -u
 run() {{ echo "+ $*"; "$@" || echo "warning: \`$*\` failed with status $?" >&2; }}
 has() {{ command -v "$1" >/dev/null 2>&1; }}
-# cloud-init: forget this instance, its logs and the seed it came from, so the next boot is a
+{seal_part}# The agent and its unit: it keeps running from memory until the power-off.
+if [ -d /run/systemd/system ]; then
+  systemctl disable builder-agent.service >/dev/null 2>&1 || true
+fi
+run rm -rf {agent_paths}
+if [ -d /run/systemd/system ]; then run systemctl daemon-reload; fi
+# Free blocks back to the disk (the VM runs with discard=unmap), so the export is small.
+if has fstrim; then run fstrim -av; fi
+run sync
+"#
+    )
+}
+
+/// The sealing part of [`script`].
+const SEAL: &str = r#"# cloud-init: forget this instance, its logs and the seed it came from, so the next boot is a
 # first boot that reads the next machine's seed.
 if has cloud-init; then run cloud-init clean --logs --seed; fi
 # Machine identity: systemd makes a new machine id on the next boot.
 if [ -e /etc/machine-id ]; then run truncate -s 0 /etc/machine-id; fi
 run rm -f /var/lib/dbus/machine-id
 run sh -c 'rm -f /etc/ssh/ssh_host_*'
-# The agent and its unit: it keeps running from memory until the power-off.
-if [ -d /run/systemd/system ]; then
-  systemctl disable builder-agent.service >/dev/null 2>&1 || true
-fi
-run rm -rf {agent_paths}
-if [ -d /run/systemd/system ]; then run systemctl daemon-reload; fi
 # Package caches.
 if has apt-get; then run apt-get clean; fi
 if has dnf; then run dnf clean all; elif has yum; then run yum clean all; fi
@@ -138,29 +148,25 @@ if has journalctl; then
   journalctl --rotate >/dev/null 2>&1 || true
   run journalctl --vacuum-time=1s --quiet
 fi
-run find /var/log -path /var/log/journal -prune -o -type f -exec truncate -s 0 {{}} +
+run find /var/log -path /var/log/journal -prune -o -type f -exec truncate -s 0 {} +
 run rm -f /root/.bash_history /root/.lesshst /root/.viminfo
 run sh -c 'rm -f /home/*/.bash_history'
-# Free blocks back to the disk (the VM runs with discard=unmap), so the export is small.
-if has fstrim; then run fstrim -av; fi
-run sync
-"#
-    )
-}
+"#;
 
-/// The checks, as `name<TAB>ok|fail<TAB>detail` lines.
-fn verify_script() -> String {
+/// The checks, as `name<TAB>ok|fail<TAB>detail` lines; without `seal`, only the agent's.
+fn verify_script(seal: bool) -> String {
     let agent_paths = AGENT_INSTALLED_PATHS.join(" ");
     format!(
         r#"set -u
 check() {{ if eval "$2"; then printf '%s\tok\t%s\n' "$1" "$3"; else printf '%s\tfail\t%s\n' "$1" "$4"; fi; }}
+left=""
+for p in {agent_paths}; do [ -e "$p" ] && left="$left $p"; done
+check agent-removed '[ -z "$left" ]' 'no file of the agent or its unit' "left:$left"
+[ {seal} = true ] || exit 0
 check machine-id '[ ! -s /etc/machine-id ]' 'empty' "holds $(cat /etc/machine-id 2>/dev/null)"
 check dbus-machine-id '[ ! -e /var/lib/dbus/machine-id ]' 'absent' 'still there'
 keys=$(ls /etc/ssh/ssh_host_* 2>/dev/null | tr '\n' ' ')
 check ssh-host-keys '[ -z "$keys" ]' 'none' "still there: $keys"
-left=""
-for p in {agent_paths}; do [ -e "$p" ] && left="$left $p"; done
-check agent-removed '[ -z "$left" ]' 'no file of the agent or its unit' "left:$left"
 check cloud-init-clean '[ ! -e /var/lib/cloud/instance ] && [ ! -e /var/lib/cloud/seed ]' 'no instance state, no seed copy' "$(ls -d /var/lib/cloud/instance /var/lib/cloud/seed 2>/dev/null | tr '\n' ' ')"
 check shell-history '[ ! -e /root/.bash_history ]' 'none' '/root/.bash_history is there'
 exit 0
@@ -168,14 +174,16 @@ exit 0
     )
 }
 
-/// Run the clean-up script (its output to `sink`), then check the result.
+/// Run the clean-up script (its output to `sink`), then check the result. `seal`: the
+/// recipe's `generalize`.
 pub async fn generalize(
     target: &dyn StepTarget,
     sink: &dyn OutputSink,
+    seal: bool,
 ) -> Result<Generalized, GeneralizeError> {
     let outcome = target
         .exec(
-            &ExecRequest::bash(script()).with_timeout(Some(SCRIPT_TIMEOUT)),
+            &ExecRequest::bash(script(seal)).with_timeout(Some(SCRIPT_TIMEOUT)),
             sink,
         )
         .await
@@ -193,7 +201,7 @@ pub async fn generalize(
     let out = Capture::default();
     let verified = target
         .exec(
-            &ExecRequest::bash(verify_script()).with_timeout(Some(QUERY_TIMEOUT)),
+            &ExecRequest::bash(verify_script(seal)).with_timeout(Some(QUERY_TIMEOUT)),
             &out,
         )
         .await
@@ -257,7 +265,7 @@ mod tests {
 
     #[test]
     fn scripts_name_every_agent_path_and_parse_in_bash() {
-        for script in [script(), verify_script()] {
+        for script in [script(true), verify_script(true), script(false)] {
             for path in AGENT_INSTALLED_PATHS {
                 assert!(script.contains(path), "{path} missing");
             }
@@ -274,7 +282,7 @@ mod tests {
     #[test]
     fn verify_script_reports_one_line_per_check() {
         let out = std::process::Command::new("bash")
-            .args(["-c", &verify_script()])
+            .args(["-c", &verify_script(true)])
             .output()
             .expect("bash runs");
         let checks = parse_checks(&String::from_utf8_lossy(&out.stdout));
@@ -282,13 +290,19 @@ mod tests {
         assert_eq!(
             names,
             [
+                "agent-removed",
                 "machine-id",
                 "dbus-machine-id",
                 "ssh-host-keys",
-                "agent-removed",
                 "cloud-init-clean",
                 "shell-history"
             ]
         );
+        let out = std::process::Command::new("bash")
+            .args(["-c", &verify_script(false)])
+            .output()
+            .expect("bash runs");
+        let checks = parse_checks(&String::from_utf8_lossy(&out.stdout));
+        assert_eq!(checks.len(), 1, "only the agent's check without sealing");
     }
 }

@@ -419,6 +419,18 @@ pub struct Plan {
     pub infrastructure: Infrastructure,
     pub tests: PlannedTests,
     pub outputs: PlannedOutputs,
+    /// `generalize` (default true). Written only when false, so plans made before the key
+    /// existed keep their digest.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub generalize: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -827,6 +839,7 @@ pub fn plan(
                 .as_ref()
                 .map(|d| absolute(&recipe::resolve_relative(&recipe.source.path, d))),
         },
+        generalize: recipe.generalize,
     };
     let mut key = plan.root_layer_key();
     for component in &mut plan.components {

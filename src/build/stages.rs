@@ -1079,11 +1079,21 @@ pub async fn generalize(cx: &Cx<'_>, vm: BuildVm) -> Result<Sealed, BuildError> 
     }
     cx.with_manifest(|m| m.packages = packages);
     cx.log.set_component("generalize");
+    if !cx.plan.generalize {
+        cx.progress(
+            "generalize",
+            "the recipe has `generalize: false`: only builder's agent is removed",
+        );
+    }
     let sink = StageOutput::new(cx.log, "generalize");
     let t0 = Utc::now();
     let result = vm
         .session
-        .guard(generalize::generalize(target.as_ref(), &sink))
+        .guard(generalize::generalize(
+            target.as_ref(),
+            &sink,
+            cx.plan.generalize,
+        ))
         .await
         .map_err(vm_err("build"))?;
     sink.finish();

@@ -354,6 +354,15 @@ pub fn describe(plan: &Plan) -> String {
             "remove everything"
         }
     );
+    let _ = writeln!(
+        out,
+        "  generalize      {}",
+        if plan.generalize {
+            "yes (cloud-init clean, machine-id, ssh host keys, logs, fstrim)"
+        } else {
+            "no (only builder's agent is removed)"
+        }
+    );
     let formats: Vec<String> = plan
         .outputs
         .formats

@@ -178,6 +178,7 @@ fn assemble(parts: walk::Parts, path: &Path, text: &str) -> Option<Recipe> {
         infrastructure: parts.infrastructure?,
         tests: parts.tests?,
         outputs: parts.outputs?,
+        generalize: parts.generalize?,
         distribution: Vec::new(),
         source: RecipeSource {
             path: path.to_path_buf(),
@@ -379,6 +380,15 @@ mod tests {
                 .message
                 .starts_with("could not read the infrastructure file `infra.yml`")
         );
+    }
+
+    #[test]
+    fn generalize_is_on_unless_turned_off() {
+        assert!(checked(MINIMAL).recipe.unwrap().generalize);
+        let off = format!("{MINIMAL}generalize: false\n");
+        assert!(!checked(&off).recipe.unwrap().generalize);
+        let bad = format!("{MINIMAL}generalize: sometimes\n");
+        assert!(checked(&bad).has_errors());
     }
 
     #[test]

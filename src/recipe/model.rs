@@ -44,6 +44,10 @@ pub struct Recipe {
     pub tests: Tests,
     /// `outputs`: exported formats and their file names.
     pub outputs: Outputs,
+    /// `generalize`: seal the image before it is shut down for good (cloud-init clean, empty
+    /// machine-id, no SSH host keys, logs and shell history cleared, fstrim). `false` keeps
+    /// all of that as the build left it; builder's agent is removed either way. Default: `true`.
+    pub generalize: bool,
     /// `distribution`: where finished images go besides the local store. Only an empty list
     /// is accepted for now.
     pub distribution: Vec<Distribution>,

@@ -50,6 +50,10 @@ pub struct RecipeFile {
     pub tests: Option<TestsFile>,
     /// Exported formats and their file names. The local store always keeps the outputs.
     pub outputs: Option<OutputsFile>,
+    /// Seal the image before it is shut down (cloud-init clean, empty machine-id, no SSH host
+    /// keys, logs and shell history cleared, fstrim); `false` keeps that state as the build
+    /// left it (builder's agent is removed either way). Default: `true`.
+    pub generalize: Option<bool>,
     /// Where finished images go besides the local store. Not supported yet: only an empty list.
     #[schemars(length(max = 0))]
     pub distribution: Option<Vec<serde_json::Value>>,

@@ -26,6 +26,7 @@ pub const TOP_KEYS: &[&str] = &[
     "infrastructure",
     "tests",
     "outputs",
+    "generalize",
     "distribution",
 ];
 pub const PARENT_KEYS: &[&str] = &["path", "url", "image", "sha256"];
@@ -300,6 +301,7 @@ pub(super) struct Parts {
     pub infrastructure: Option<Infrastructure>,
     pub tests: Option<Tests>,
     pub outputs: Option<Outputs>,
+    pub generalize: Option<bool>,
 }
 
 /// How the walk reads an infrastructure file named by the recipe: its path (as resolved) and
@@ -395,6 +397,10 @@ pub(super) fn recipe(
     parts.outputs = match get("outputs") {
         None => Some(Outputs::default()),
         Some((_, v)) => outputs(cx, v),
+    };
+    parts.generalize = match get("generalize") {
+        None => Some(true),
+        Some((_, v)) => cx.boolean(v, "`generalize`"),
     };
     if let Some((_, v)) = get("distribution") {
         distribution(cx, v);
