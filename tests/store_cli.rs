@@ -112,6 +112,20 @@ fn list_show_and_rm_against_a_real_store() {
     let img = store.resolve_image("web/1.2.0/2").expect("web");
     assert!(stdout.contains(&img.disk.expect("disk").sha256), "{stdout}");
     assert!(stdout.contains(&format!("logs:       {}", img.dir.join("logs").display())));
+    // --verify recomputes the digests; a changed output fails with exit 1.
+    builder(tmp.path())
+        .args(["images", "show", "web/1.2.0/1", "--verify"])
+        .assert()
+        .success()
+        .stderr(predicate::str::contains("verified: 1 output(s)"));
+    let web1 = store.resolve_image("web/1.2.0/1").expect("web 1");
+    std::fs::write(&web1.disk.as_ref().expect("disk").path, "tampered").expect("tamper");
+    builder(tmp.path())
+        .args(["images", "show", "web/1.2.0/1", "--verify"])
+        .assert()
+        .code(1)
+        .stdout("")
+        .stderr(predicate::str::contains("web.qcow2 has sha256"));
     let out = builder(tmp.path())
         .args(["images", "show", "app", "--json"])
         .assert()

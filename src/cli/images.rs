@@ -39,6 +39,10 @@ pub struct ShowArgs {
     /// Print the manifest and the build's folders as JSON on stdout.
     #[arg(long)]
     json: bool,
+    /// Also recompute the sha256 of every output and compare it with the manifest
+    /// (exit 1 if one differs).
+    #[arg(long)]
+    verify: bool,
 }
 
 #[derive(Debug, Args)]
@@ -61,7 +65,7 @@ pub async fn main(command: ImagesCommand) -> CliResult {
     let store = Store::open_default().map_err(store_failure)?;
     match command {
         ImagesCommand::List(args) => list(&store, &args),
-        ImagesCommand::Show(args) => show(&store, &args),
+        ImagesCommand::Show(args) => show(&store, &args).await,
         ImagesCommand::Rm(args) => rm(&store, &args),
     }
 }
@@ -276,10 +280,24 @@ struct ShowJson<'a> {
     manifest: Option<&'a Manifest>,
 }
 
-fn show(store: &Store, args: &ShowArgs) -> CliResult {
+async fn show(store: &Store, args: &ShowArgs) -> CliResult {
     let reference = parse_ref(&args.reference)?;
     match store.resolve(&reference) {
         Ok(image) => {
+            if args.verify {
+                let img = image.clone();
+                tokio::task::spawn_blocking(move || img.verify())
+                    .await
+                    .map_err(|e| Failure::host(anyhow::anyhow!("verification stopped: {e}")))?
+                    .map_err(|e| match e {
+                        e @ StoreError::DigestMismatch { .. } => Failure::failed(e),
+                        e => store_failure(e),
+                    })?;
+                eprintln!(
+                    "verified: {} output(s) match their sha256",
+                    image.manifest.outputs.len()
+                );
+            }
             let mut out = std::io::stdout().lock();
             if args.json {
                 let json = ShowJson {

@@ -169,6 +169,27 @@ impl StoredImage {
         self.manifest.outputs.iter().map(|a| a.size).sum()
     }
 
+    /// Recompute the sha256 of every output and compare it with the manifest (blocking; reads
+    /// every file). Returns the first output that is missing or differs.
+    pub fn verify(&self) -> Result<(), StoreError> {
+        for a in &self.manifest.outputs {
+            let path = a.path(&self.dir);
+            let actual = crate::export::sha256_file(&path).map_err(|e| StoreError::Io {
+                action: "hash",
+                path: path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            if actual != a.sha256 {
+                return Err(StoreError::DigestMismatch {
+                    what: path.display().to_string(),
+                    expected: a.sha256.clone(),
+                    actual,
+                });
+            }
+        }
+        Ok(())
+    }
+
     fn from_dir(
         name: &str,
         version: Version,
