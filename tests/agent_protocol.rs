@@ -784,12 +784,23 @@ async fn a_restarted_agent_or_a_closed_port_fails_requests_in_flight() {
         .args(["-KILL", &orphan_pid.to_string()])
         .status();
     assert_gone(orphan_pid).await;
+    let first_scripts = || {
+        let prefix = format!(".builder-script-{}-", first.id());
+        std::fs::read_dir(std::env::temp_dir())
+            .expect("temp dir")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .count()
+    };
+    assert_eq!(first_scripts(), 1, "the killed agent left its script");
     let mut second = start();
     let err = tokio::time::timeout(Duration::from_secs(20), &mut exec)
         .await
         .expect("the exec fails instead of waiting forever")
         .expect_err("lost");
     assert!(err.to_string().contains("restarted"), "{err}");
+    // The new agent removed what the killed one left behind.
+    assert_eq!(first_scripts(), 0);
     let (status, out, _) = run(&t, ExecRequest::argv(["echo", "second"])).await;
     assert_eq!((status, out.as_str()), (ExitStatus::Exited(0), "second\n"));
 

@@ -83,7 +83,33 @@ fn main() {
     if daemon {
         detach();
     }
+    remove_stale_scripts();
     serve_forever(endpoint);
+}
+
+/// Script files of an agent that was killed before it could remove them (named
+/// `.builder-script-<agent pid>-…`): removed when that agent is gone, so a crash or a kill
+/// leaves nothing behind in the image.
+fn remove_stale_scripts() {
+    let dir = std::env::temp_dir();
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(".builder-script-"))
+        else {
+            continue;
+        };
+        let Some(Ok(pid)) = rest.split('-').next().map(str::parse::<u32>) else {
+            continue;
+        };
+        if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 fn usage_error(msg: &str) -> ! {
