@@ -553,10 +553,17 @@ mod tests {
                 .trim()
                 .parse()
                 .expect("a pid");
-            // Signal 0 checks existence; the child was killed and reaped by init.
+            // Gone, or a zombie nobody reaped yet (another test in this process may have made
+            // it a child subreaper): either way it no longer runs.
+            let running = || {
+                std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                    stat.rsplit_once(") ")
+                        .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+                })
+            };
             let mut gone = false;
-            for _ in 0..50 {
-                if nix::sys::signal::kill(Pid::from_raw(pid), None).is_err() {
+            for _ in 0..100 {
+                if !running() {
                     gone = true;
                     break;
                 }
