@@ -1209,3 +1209,30 @@ fn web_download_retries_a_server_error() {
         stderr(&out)
     );
 }
+
+#[test]
+fn nothing_is_left_in_the_temporary_folder() {
+    // The default working directory and every script file live under TMPDIR; after runs that
+    // succeed, fail, time out and are interrupted, it is empty again.
+    let sb = Sandbox::new();
+    let tmp = sb.root.path().join("tmp");
+    std::fs::create_dir(&tmp).expect("tmp");
+    for name in ["exec.yml", "loops.yml", "timeout.yml", "retry.yml"] {
+        let mut cmd = assert_cmd::Command::new(env!("CARGO_BIN_EXE_builder"));
+        let out = cmd
+            .args(["component", "run", "--documents"])
+            .arg(doc(name))
+            .arg("--log-directory")
+            .arg(sb.logs())
+            .env("TMPDIR", &tmp)
+            .timeout(Duration::from_secs(60))
+            .output()
+            .expect("runs");
+        assert!(code(&out) <= 1, "{name}: {}", stderr(&out));
+        let left: Vec<_> = std::fs::read_dir(&tmp)
+            .expect("tmp")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert!(left.is_empty(), "{name} left {left:?}");
+    }
+}
