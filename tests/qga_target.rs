@@ -171,6 +171,11 @@ async fn exec_output_exit_codes_env_cwd_user() {
     let (status, out, err) = run(&t, req).await;
     assert!(status.success(), "{err}");
     assert_eq!(out, "nobody\n");
+    let mut req = ExecRequest::bash("id -un; test -r \"$0\" && echo readable");
+    req.user = Some("nobody".into());
+    let (status, out, err) = run(&t, req).await;
+    assert!(status.success(), "{err}");
+    assert_eq!(out, "nobody\nreadable\n");
     // A script is removed after it ran.
     let (_, out, _) = run(&t, ExecRequest::bash("echo \"$0\"")).await;
     assert!(out.contains(".builder-script-"), "{out}");

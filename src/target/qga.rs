@@ -40,13 +40,26 @@ const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(120);
 const DEFAULT_REBOOT_TIMEOUT: Duration = Duration::from_secs(600);
 const MAX_POLL: Duration = Duration::from_millis(200);
 
-/// `cd`, then become a new session (pid = process group) and run the command, as another
-/// user if asked. Arguments: dir, user, script-to-chown, argv…
+/// Run by `setsid /bin/sh -c` (so the shell's pid, which QGA reports, is the process group
+/// that a timeout kills): `cd`, then run the command, as another user if asked. A script body
+/// arrives on stdin (one `guest-exec` instead of four file calls); the shell writes it to a
+/// private file, runs it with stdin on /dev/null, removes it, and passes on the exit status
+/// (re-raising a signal that killed the script). Arguments: dir, user, script path, argv…
 const EXEC_WRAPPER: &str = r#"dir=$1 user=$2 script=$3; shift 3
-if [ -n "$user" ] && [ -n "$script" ]; then chown -- "$user" "$script" || exit 127; fi
-cd -- "$dir" || exit 127
-if [ -n "$user" ]; then exec setsid runuser -u "$user" -- "$@"; fi
-exec setsid "$@""#;
+if [ -n "$script" ]; then
+  (umask 077 && cat > "$script") || exit 127
+  if [ -n "$user" ]; then chown -- "$user" "$script" || { rm -f -- "$script"; exit 127; }; fi
+fi
+cd -- "$dir" || { [ -z "$script" ] || rm -f -- "$script"; exit 127; }
+if [ -z "$script" ]; then
+  if [ -n "$user" ]; then exec runuser -u "$user" -- "$@"; fi
+  exec "$@"
+fi
+if [ -n "$user" ]; then runuser -u "$user" -- "$@" </dev/null; else "$@" </dev/null; fi
+rc=$?
+rm -f -- "$script"
+if [ "$rc" -gt 128 ] && [ "$rc" -lt 160 ]; then kill -s "$(kill -l "$rc")" $$; fi
+exit "$rc""#;
 
 /// Verifies an uploaded temporary file and moves it into place. Arguments: tmp, target,
 /// mode, owner, group, append, sha256.
@@ -235,15 +248,24 @@ impl Inner {
         env: Vec<String>,
         capture: bool,
     ) -> Result<i64, TargetError> {
+        self.spawn_with_input(argv, env, capture, None).await
+    }
+
+    async fn spawn_with_input(
+        &self,
+        argv: &[String],
+        env: Vec<String>,
+        capture: bool,
+        input: Option<&[u8]>,
+    ) -> Result<i64, TargetError> {
         let (path, args) = argv
             .split_first()
             .ok_or_else(|| TargetError::Failed("the command is empty".into()))?;
-        let ret = self
-            .call(
-                "guest-exec",
-                json!({"path": path, "arg": args, "env": env, "capture-output": capture}),
-            )
-            .await?;
+        let mut request = json!({"path": path, "arg": args, "env": env, "capture-output": capture});
+        if let Some(data) = input {
+            request["input-data"] = Value::String(B64.encode(data));
+        }
+        let ret = self.call("guest-exec", request).await?;
         ret["pid"].as_i64().ok_or_else(|| TargetError::Protocol {
             target: self.describe.clone(),
             detail: "guest-exec returned no pid".into(),
@@ -563,14 +585,12 @@ impl StepTarget for QgaTarget {
             pid: None,
             script: None,
         };
-        let command: Vec<String> = match &request.program {
-            Program::Argv(argv) => argv.clone(),
+        let (command, input): (Vec<String>, Option<&[u8]>) = match &request.program {
+            Program::Argv(argv) => (argv.clone(), None),
             Program::Script { interpreter, body } => {
                 let path = format!("/tmp/.builder-script-{}", uuid::Uuid::new_v4().simple());
                 guard.script = Some(path.clone());
-                self.upload(&path, FileSource::Bytes(body.clone().into_bytes()))
-                    .await?;
-                vec![interpreter.clone(), path]
+                (vec![interpreter.clone(), path], Some(body.as_bytes()))
             }
         };
         if command.is_empty() {
@@ -581,7 +601,8 @@ impl StepTarget for QgaTarget {
             None => "/".into(),
         };
         let mut argv = vec![
-            "/bin/sh".to_owned(),
+            "setsid".to_owned(),
+            "/bin/sh".into(),
             "-c".into(),
             EXEC_WRAPPER.into(),
             "sh".into(),
@@ -592,7 +613,7 @@ impl StepTarget for QgaTarget {
         argv.extend(command);
         let mut env = default_env();
         env.extend(request.env.iter().map(|(k, v)| format!("{k}={v}")));
-        let pid = self.inner.spawn(&argv, env, true).await?;
+        let pid = self.inner.spawn_with_input(&argv, env, true, input).await?;
         guard.pid = Some(pid);
         let deadline = request.timeout.map(|t| started + t);
         let mut timed_out = false;
@@ -639,7 +660,10 @@ impl StepTarget for QgaTarget {
                 );
             }
         }
-        if let Some(s) = guard.script.take() {
+        // The wrapper removed the script unless the command was killed (timeout).
+        if let Some(s) = guard.script.take()
+            && timed_out
+        {
             self.inner.remove(&s).await;
         }
         Ok(ExecOutcome {
