@@ -839,3 +839,58 @@ fn shell_line_mode_then_a_guest_panic_is_reported() {
     );
     drop(guard);
 }
+
+/// `--keep-on-failure`: after a failed boot the VM's disk and logs stay where the note says,
+/// QEMU does not; removing the folder as told leaves nothing.
+#[test]
+fn keep_on_failure_keeps_disk_and_logs_and_says_where() {
+    if !enabled("keep_on_failure_keeps_disk_and_logs_and_says_where") {
+        return;
+    }
+    let guard = NoLeftovers::new();
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let blank = scratch.path().join("blank.qcow2");
+    let made = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&blank)
+        .arg("1G")
+        .status()
+        .expect("qemu-img");
+    assert!(made.success());
+    let out = builder(&guard)
+        .args([
+            "vm",
+            "exec",
+            "--boot-timeout",
+            "8",
+            "--keep-on-failure",
+            "--image",
+        ])
+        .arg(&blank)
+        .args(["--", "true"])
+        .output()
+        .expect("run builder");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let kept = stderr
+        .lines()
+        .find_map(|l| l.split("remove with: rm -rf ").nth(1))
+        .unwrap_or_else(|| panic!("no removal advice in:\n{stderr}"));
+    let kept = PathBuf::from(kept.trim());
+    assert!(kept.starts_with(guard.path()), "{}", kept.display());
+    for file in ["disk.qcow2", "console.log", "qemu.log"] {
+        assert!(
+            kept.join(file).is_file(),
+            "{file} not kept in {}",
+            kept.display()
+        );
+    }
+    let processes: Vec<String> = guard
+        .leftovers()
+        .into_iter()
+        .filter(|l| l.starts_with("process"))
+        .collect();
+    assert!(processes.is_empty(), "{processes:?}");
+    std::fs::remove_dir_all(&kept).expect("remove as advised");
+    drop(guard);
+}

@@ -546,7 +546,13 @@ impl RunningVm {
         let qmp = connect_qmp(&paths, &child).await?;
         let qmp = Arc::new(qmp);
         let (fault_tx, fault) = watch::channel(None);
-        let monitor = tokio::spawn(monitor(qmp.clone(), child.exit_watch(), fault_tx));
+        let monitor = tokio::spawn(monitor(
+            qmp.clone(),
+            child.exit_watch(),
+            fault_tx,
+            paths.console_log.clone(),
+            0,
+        ));
 
         Ok(RunningVm {
             name,
@@ -645,6 +651,42 @@ impl RunningVm {
                 console_tail: self.console_tail(CONSOLE_TAIL_LINES),
             },
         }
+    }
+
+    /// Reset a guest whose kernel panicked while booting (the machine's reset button) and
+    /// watch it afresh. For early-boot panics that a retry cures, such as the timer check that
+    /// TCG on an overloaded host fails.
+    pub async fn reset_after_panic(&mut self) -> Result<(), VmError> {
+        self.monitor.abort();
+        let console_offset = std::fs::metadata(&self.paths.console_log)
+            .map(|m| m.len())
+            .unwrap_or(0);
+        self.qmp
+            .execute_within(&qmp::SystemReset {}, Duration::from_secs(10))
+            .await
+            .map_err(VmError::Qmp)?;
+        // A pvpanic panic paused the VM: let it run again.
+        let status = self
+            .qmp
+            .execute_within(&qmp::QueryStatus {}, Duration::from_secs(10))
+            .await
+            .map_err(VmError::Qmp)?;
+        if !status.running {
+            self.qmp
+                .execute_within(&qmp::Cont {}, Duration::from_secs(10))
+                .await
+                .map_err(VmError::Qmp)?;
+        }
+        let (fault_tx, fault) = watch::channel(None);
+        self.fault = fault;
+        self.monitor = tokio::spawn(monitor(
+            self.qmp.clone(),
+            self.child.exit_watch(),
+            fault_tx,
+            self.paths.console_log.clone(),
+            console_offset,
+        ));
+        Ok(())
     }
 
     /// Whether the VM has failed (QEMU exited, QMP closed, a panic, a power-off): then there is
@@ -871,15 +913,27 @@ async fn connect_qmp(paths: &VmPaths, child: &process::Child) -> Result<Qmp, VmE
 
 /// Watches one VM for the things that end it: QEMU's exit, QMP closing, a guest panic, a guest
 /// power-off. Records the first one.
+///
+/// A kernel that panics before its pvpanic driver is loaded (e.g. "IO-APIC + timer doesn't
+/// work!", which TCG on an overloaded host triggers) sends no QMP event, so the console log is
+/// scanned too, from `console_offset` on.
 async fn monitor(
     qmp: Arc<Qmp>,
     mut exit: watch::Receiver<Option<process::Exit>>,
     fault: watch::Sender<Option<Fault>>,
+    console: PathBuf,
+    mut console_offset: u64,
 ) {
     let mut events = qmp.events();
     let exit_after_close = exit.clone();
+    let mut scan = tokio::time::interval(Duration::from_millis(500));
     let found = loop {
         tokio::select! {
+            _ = scan.tick() => {
+                if console_shows_panic(&console, &mut console_offset) {
+                    break Fault::Panicked;
+                }
+            }
             e = async { exit.wait_for(Option::is_some).await.ok().and_then(|e| *e) } => {
                 break Fault::Exited(e.unwrap_or(process::Exit::Unknown));
             }
@@ -909,6 +963,28 @@ async fn monitor(
     let _ = fault.send(Some(found));
 }
 
+const PANIC_MARK: &[u8] = b"Kernel panic - not syncing";
+
+/// Whether the console log has a kernel panic line after `offset`; moves `offset` past what
+/// was read (keeping a tail so a line split across reads is still seen).
+fn console_shows_panic(path: &Path, offset: &mut u64) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return false;
+    };
+    if f.seek(SeekFrom::Start(*offset)).is_err() {
+        return false;
+    }
+    let mut buf = Vec::new();
+    if f.take(4 << 20).read_to_end(&mut buf).is_err() || buf.is_empty() {
+        return false;
+    }
+    let found = buf.windows(PANIC_MARK.len()).any(|w| w == PANIC_MARK);
+    let keep = PANIC_MARK.len() as u64;
+    *offset += (buf.len() as u64).saturating_sub(keep);
+    found
+}
+
 /// The command line as a shell would read it, kept in the VM folder for debugging.
 fn shell_words(program: &Path, args: &[String]) -> String {
     let quote = |s: &str| {
@@ -928,4 +1004,50 @@ fn shell_words(program: &Path, args: &[String]) -> String {
     }
     out.push('\n');
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_scan_finds_a_panic_once_and_across_reads() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = dir.path().join("console.log");
+        std::fs::write(&log, b"[    0.0] booting\r\n[    0.1] Kernel pan").expect("write");
+        let mut offset = 0;
+        assert!(!console_shows_panic(&log, &mut offset));
+        // The rest of the line arrives in the next read: still found.
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&log)
+            .expect("open");
+        std::io::Write::write_all(
+            &mut f,
+            b"ic - not syncing: IO-APIC + timer doesn't work!\r\n",
+        )
+        .expect("append");
+        assert!(console_shows_panic(&log, &mut offset));
+        // After a reset the scan starts past the old panic.
+        let mut offset = std::fs::metadata(&log).expect("stat").len();
+        std::io::Write::write_all(&mut f, b"[    0.0] booting again\r\n").expect("append");
+        assert!(!console_shows_panic(&log, &mut offset));
+        assert!(!console_shows_panic(&dir.path().join("missing"), &mut 0));
+    }
+
+    #[test]
+    fn error_sections_indent_and_vanish_when_empty() {
+        assert_eq!(section("console", "  \n"), "");
+        assert_eq!(section("console", "a\nb"), "; console:\n    a\n    b");
+        let e = VmError::BootTimeout {
+            what: "the agent to say hello".into(),
+            secs: 10,
+            console_tail: "GRUB".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "timed out after 10 s of boot waiting for the agent to say hello; last lines of the serial console:\n    GRUB"
+        );
+        assert_eq!(e.class(), ErrorClass::Failed);
+    }
 }

@@ -60,6 +60,15 @@ enum Guest {
     Qga(Arc<QgaTarget>),
 }
 
+/// A guest channel that just answered, before it is shared.
+enum Connected {
+    Agent(AgentTarget),
+    Qga(QgaTarget),
+}
+
+/// Boots of one VM whose kernel panicked early before we give up.
+const BOOT_ATTEMPTS: u32 = 3;
+
 /// A running VM and the step target in it.
 pub struct Session {
     vm: RunningVm,
@@ -84,60 +93,75 @@ impl Session {
         options: SessionOptions,
         progress: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<Session, VmError> {
-        let vm = RunningVm::boot(options.vm, progress).await?;
+        let mut vm = RunningVm::boot(options.vm, progress).await?;
         let connector = vm.channel_connector();
         let describe = vm.describe();
-        // Connect before the guest opens its port (it would read end-of-file otherwise). The
-        // chardev exists once QMP answers: QEMU creates chardevs in command-line order.
-        let stream = connector.connect().await.map_err(|e| VmError::Guest {
-            what: format!("could not connect to the agent socket of {describe}"),
-            source: crate::target::TargetError::io(connector.socket().display().to_string(), e),
-        })?;
         // The hello timeout runs a little past ours so the boot timeout, which carries the
         // console's last lines, is what the user sees.
         let hello_timeout = options.boot_timeout + Duration::from_secs(5);
-        if vm.channel == GuestChannel::Qga {
-            let qga = vm
-                .boot_phase(
-                    "qemu-guest-agent to answer",
-                    options.boot_timeout,
-                    QgaTarget::connect(stream, describe.clone(), hello_timeout),
-                )
-                .await?;
-            let qga = match qga {
-                Ok(q) => q,
-                Err(source) => {
-                    let what = format!("qemu-guest-agent in {describe} did not answer");
+        let qga = vm.channel == GuestChannel::Qga;
+        let mut attempt = 1;
+        let guest = loop {
+            // Connect before the guest opens its port (it would read end-of-file otherwise).
+            // The chardev exists once QMP answers: QEMU creates chardevs in command-line order.
+            let stream = connector.connect().await.map_err(|e| VmError::Guest {
+                what: format!("could not connect to the agent socket of {describe}"),
+                source: crate::target::TargetError::io(connector.socket().display().to_string(), e),
+            })?;
+            let up = if qga {
+                vm.boot_phase("qemu-guest-agent to answer", options.boot_timeout, async {
+                    QgaTarget::connect(stream, describe.clone(), hello_timeout)
+                        .await
+                        .map(Connected::Qga)
+                })
+                .await
+            } else {
+                vm.boot_phase("the agent to say hello", options.boot_timeout, async {
+                    AgentTarget::connect(stream, describe.clone(), hello_timeout)
+                        .await
+                        .map(Connected::Agent)
+                })
+                .await
+            };
+            match up {
+                Ok(Ok(guest)) => break guest,
+                Ok(Err(source)) => {
+                    let what = if qga {
+                        format!("qemu-guest-agent in {describe} did not answer")
+                    } else {
+                        format!("the agent in {describe} did not start talking")
+                    };
                     return Err(guest_error(&vm, what, source).await);
                 }
-            };
-            let agent_up = vm.uptime();
-            progress(&format!(
-                "qemu-guest-agent up after {:.1} s",
-                agent_up.as_secs_f64()
-            ));
-            return Ok(Session {
-                vm,
-                guest: Guest::Qga(Arc::new(qga.with_connector(Arc::new(connector)))),
-                readiness: None,
-                timings: BootTimings {
-                    agent_up,
-                    cloud_init_done: None,
-                },
-            });
-        }
-        let agent = vm
-            .boot_phase(
-                "the agent to say hello",
-                options.boot_timeout,
-                AgentTarget::connect(stream, describe.clone(), hello_timeout),
-            )
-            .await?;
-        let agent = match agent {
-            Ok(a) => a,
-            Err(source) => {
-                let what = format!("the agent in {describe} did not start talking");
-                return Err(guest_error(&vm, what, source).await);
+                // Early-boot panics under TCG on a loaded host (the kernel's timer check) go
+                // away on a reset; anything else, or a third panic, is the answer.
+                Err(VmError::GuestPanicked { .. }) if attempt < BOOT_ATTEMPTS => {
+                    attempt += 1;
+                    progress(&format!(
+                        "the guest kernel panicked while booting; resetting it (attempt {attempt} of {BOOT_ATTEMPTS})"
+                    ));
+                    vm.reset_after_panic().await?;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let agent = match guest {
+            Connected::Agent(agent) => agent,
+            Connected::Qga(qga) => {
+                let agent_up = vm.uptime();
+                progress(&format!(
+                    "qemu-guest-agent up after {:.1} s",
+                    agent_up.as_secs_f64()
+                ));
+                return Ok(Session {
+                    vm,
+                    guest: Guest::Qga(Arc::new(qga.with_connector(Arc::new(connector)))),
+                    readiness: None,
+                    timings: BootTimings {
+                        agent_up,
+                        cloud_init_done: None,
+                    },
+                });
             }
         };
         let agent_up = vm.uptime();
