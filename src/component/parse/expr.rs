@@ -148,6 +148,7 @@ pub(super) fn expression(
     }
     let expr = if let Some((_, cmp)) = COMPARISONS.iter().find(|(n, _)| *n == op) {
         let baseline = operand_text(cx, operand, op);
+        let value_node = value.map(|(_, v)| v);
         let value = match value {
             Some((_, v)) => operand_text(cx, v, "value"),
             None => {
@@ -178,10 +179,28 @@ pub(super) fn expression(
             );
             return None;
         }
+        let value = value?;
+        if op.starts_with("number") {
+            // AWSTOE makes a number comparison false (not an error) when an operand is not a
+            // number; written out literally, that is surely a mistake worth a warning.
+            let operands = [
+                (&baseline, operand),
+                (&value, value_node.unwrap_or(operand)),
+            ];
+            for (text, node) in operands {
+                if !text.contains("{{") && !is_number(text) {
+                    cx.warning(
+                        node.span,
+                        format!("`{text}` is not a number, so `{op}` is always false"),
+                        Some("number operators compare numbers such as `3` or `-1.5`".to_string()),
+                    );
+                }
+            }
+        }
         Expr::Compare {
             op: *cmp,
             baseline,
-            value: value?,
+            value,
         }
     } else if let Some((_, test)) = STRING_TESTS.iter().find(|(n, _)| *n == op) {
         Expr::StringTest {
@@ -292,4 +311,16 @@ fn operand_text(cx: &mut Cx<'_>, node: &Node, what: &str) -> Option<String> {
             None
         }
     }
+}
+
+/// The number form AWSTOE accepts: `^[-+]?([0-9]+[.])?[0-9]+$`.
+fn is_number(text: &str) -> bool {
+    let t = text.trim();
+    let t = t.strip_prefix(['-', '+']).unwrap_or(t);
+    let (int, frac) = match t.split_once('.') {
+        Some((i, f)) => (i, Some(f)),
+        None => (t, None),
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    digits(int) && frac.is_none_or(digits)
 }
