@@ -260,6 +260,9 @@ where
         let session = Session::open(options, progress_fn())
             .await
             .map_err(vm_failure)?;
+        // Shared by `work` and this function on one task only (never sent to another
+        // thread), so it need not be `Sync`: the VM's undo actions are only `Send`.
+        #[allow(clippy::arc_with_non_send_sync)]
         let session = Arc::new(session);
         working.store(true, Ordering::SeqCst);
         let result = match session.guard(work(session.clone())).await {
@@ -293,7 +296,8 @@ where
         }
         result
     };
-    tokio::pin!(whole);
+    // Boxed so that `drop(whole)` below really drops the VM before we say so.
+    let mut whole = Box::pin(whole);
     let sig = tokio::select! {
         r = &mut whole => return r,
         sig = interrupted() => sig,
