@@ -471,9 +471,11 @@ fn failing_test_fails_the_build_and_keep_on_failure_keeps_what_it_says() {
     );
     let log = std::fs::read_to_string(&full_log).expect("the step's log");
     assert!(log.contains("looking for /etc/not-there"), "{log}");
+    // The build's own `logs:` line is the last one (the executor prints one per run).
     let logs = stderr
         .lines()
-        .find_map(|l| l.trim().strip_prefix("logs: "))
+        .rev()
+        .find_map(|l| l.strip_prefix("  logs: "))
         .map(PathBuf::from)
         .expect("a logs line");
     for f in ["build.log", "build-vm/console.log", "test-vm/console.log"] {

@@ -225,6 +225,8 @@ pub struct Cx<'a> {
     pub keep: bool,
     pub build_date: DateTime<Utc>,
     undo: Mutex<UndoList>,
+    /// Notes on what a VM's own undo list kept (the test VM's folder), for the final report.
+    kept: Mutex<Vec<String>>,
     manifest: Mutex<Manifest>,
     started: Mutex<Option<Instant>>,
 }
@@ -254,6 +256,7 @@ impl<'a> Cx<'a> {
             keep,
             build_date: manifest.created,
             undo: Mutex::new(undo),
+            kept: Mutex::new(Vec::new()),
             manifest: Mutex::new(manifest),
             started: Mutex::new(None),
         }
@@ -302,11 +305,14 @@ impl<'a> Cx<'a> {
     }
 
     pub fn unwind(&self, outcome: Outcome) -> UnwindReport {
-        let report = self
+        let mut report = self
             .undo
             .lock()
             .map(|mut u| u.unwind(outcome))
             .unwrap_or_default();
+        if let Ok(mut kept) = self.kept.lock() {
+            report.kept.append(&mut kept);
+        }
         for f in &report.failed {
             self.log.line(&format!("warning: {f}"));
         }
@@ -1238,8 +1244,11 @@ async fn run_tests(cx: &Cx<'_>, disk: &BuiltDisk) -> Result<(), BuildError> {
         Outcome::Success
     };
     let report = session.close(outcome, &progress).await;
-    for k in &report.unwind.kept {
-        cx.progress("test", &format!("kept: {k}"));
+    if let Ok(mut kept) = cx.kept.lock() {
+        kept.extend(report.unwind.kept.iter().cloned());
+    }
+    for f in &report.unwind.failed {
+        cx.progress("test", &format!("warning: {f}"));
     }
     match failure {
         Some(f) => Err(f),
