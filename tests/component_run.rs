@@ -558,7 +558,6 @@ struct Request {
     method: String,
     /// Path and query, as sent.
     target: String,
-    body: Vec<u8>,
 }
 
 /// A tiny HTTP/1.1 server on 127.0.0.1 that answers each request with `handler`
@@ -596,13 +595,13 @@ impl HttpServer {
                         length = value.trim().parse().unwrap_or(0);
                     }
                 }
+                // Read (and drop) the body so the client sees the whole request consumed.
                 let mut body = vec![0u8; length];
                 let _ = reader.read_exact(&mut body);
                 let mut parts = request_line.split_whitespace();
                 let request = Request {
                     method: parts.next().unwrap_or("").to_string(),
                     target: parts.next().unwrap_or("").to_string(),
-                    body,
                 };
                 let (status, body) = handler(&request);
                 let reason = if status == 200 { "OK" } else { "Error" };
@@ -1023,118 +1022,197 @@ fn execute_bash_and_execute_binary() {
     );
 }
 
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len()
-            && let Ok(b) = u8::from_str_radix(&text[i + 1..i + 3], 16)
-        {
-            out.push(b);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+const S3_KEY: &str = "builder-test-key";
+const S3_SECRET: &str = "builder-test-secret";
+
+/// `s3s-fs` on PATH, else in cargo's bin folder (where `scripts/install-deps` puts it).
+fn s3s_fs_program() -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join("s3s-fs"));
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
+    on_path
+        .chain(cargo_home.map(|c| c.join("bin/s3s-fs")))
+        .find(|p| p.is_file())
 }
 
-/// A minimal S3-compatible endpoint (path style: GET/PUT objects, ListObjectsV2) that keeps
-/// objects in memory and records the request targets. It does not check signatures; the
-/// test checks that requests carry one.
-type Objects = Arc<std::sync::Mutex<std::collections::BTreeMap<String, Vec<u8>>>>;
-type Seen = Arc<std::sync::Mutex<Vec<String>>>;
+/// A real S3-compatible server: `s3s-fs` on 127.0.0.1, keeping its buckets as folders under a
+/// temporary folder, checking SigV4 against [`S3_KEY`]/[`S3_SECRET`]. Killed on drop.
+struct S3Server {
+    child: std::process::Child,
+    port: u16,
+    root: tempfile::TempDir,
+}
 
-fn fake_s3() -> (HttpServer, Objects, Seen) {
-    let objects: Objects = Arc::default();
-    let seen: Seen = Arc::default();
-    let (store, log) = (objects.clone(), seen.clone());
-    let server = HttpServer::start(move |r| {
-        log.lock()
-            .expect("lock")
-            .push(format!("{} {}", r.method, r.target));
-        let (path, query) = r.target.split_once('?').unwrap_or((&r.target, ""));
-        let path = percent_decode(path.trim_start_matches('/'));
-        let mut objects = store.lock().expect("lock");
-        match r.method.as_str() {
-            "GET" if query.contains("list-type=2") => {
-                let path = path.trim_end_matches('/');
-                let prefix = query
-                    .split('&')
-                    .find_map(|kv| kv.strip_prefix("prefix="))
-                    .map(percent_decode)
-                    .unwrap_or_default();
-                let bucket = format!("{path}/");
-                let contents: String = objects
-                    .iter()
-                    .filter_map(|(k, v)| k.strip_prefix(&bucket).map(|k| (k, v)))
-                    .filter(|(k, _)| k.starts_with(&prefix))
-                    .map(|(k, v)| {
-                        format!(
-                            "<Contents><Key>{k}</Key><Size>{}</Size></Contents>",
-                            v.len()
-                        )
-                    })
-                    .collect();
-                let xml = format!(
-                    "<?xml version=\"1.0\" encoding=\"UTF-8\"?><ListBucketResult xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><Name>{path}</Name><Prefix>{prefix}</Prefix><MaxKeys>1000</MaxKeys><IsTruncated>false</IsTruncated>{contents}</ListBucketResult>"
+impl S3Server {
+    /// Starts s3s-fs with `bucket` created. `None` (the test is skipped, with a note) when
+    /// s3s-fs is not installed, unless `BUILDER_S3_TESTS=1` asks for it: then it panics.
+    fn start(bucket: &str) -> Option<S3Server> {
+        let Some(program) = s3s_fs_program() else {
+            let how = "install it with `cargo install s3s-fs --version 0.14.1 --locked \
+                       --features binary` or `scripts/install-deps`";
+            if std::env::var("BUILDER_S3_TESTS").as_deref() == Ok("1") {
+                panic!(
+                    "BUILDER_S3_TESTS=1 but the program `s3s-fs` was not found on PATH nor in ~/.cargo/bin; {how}"
                 );
-                (200, xml.into_bytes())
             }
-            "GET" => match objects.get(&path) {
-                Some(body) => (200, body.clone()),
-                None => (404, Vec::new()),
-            },
-            "PUT" => {
-                objects.insert(path, r.body.clone());
-                (200, Vec::new())
+            eprintln!("skipped: the S3 test needs the program `s3s-fs`; {how}");
+            return None;
+        };
+        let root = tempfile::tempdir().expect("temp dir");
+        let data = root.path().join("data");
+        // s3s-fs keeps a bucket as a folder under its root: this creates the bucket.
+        std::fs::create_dir_all(data.join(bucket)).expect("bucket folder");
+        let log = std::fs::File::create(root.path().join("s3s-fs.log")).expect("log file");
+        // Port 0 gives a free port; it is released just before s3s-fs binds it.
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let child = std::process::Command::new(&program)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", S3_KEY, "--secret-key", S3_SECRET])
+            .arg(&data)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("could not start {}: {e}", program.display()));
+        let mut server = S3Server { child, port, root };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            let exited = server.child.try_wait().expect("s3s-fs status");
+            if exited.is_some() || Instant::now() > deadline {
+                panic!(
+                    "s3s-fs did not start listening on port {port} ({exited:?}): {}",
+                    std::fs::read_to_string(server.root.path().join("s3s-fs.log"))
+                        .unwrap_or_default()
+                );
             }
-            _ => (405, Vec::new()),
+            std::thread::sleep(Duration::from_millis(50));
         }
-    });
-    (server, objects, seen)
+        Some(server)
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// What the server stored for `bucket/key`, read from its folder (not through S3).
+    fn stored(&self, bucket_and_key: &str) -> Option<String> {
+        std::fs::read_to_string(self.root.path().join("data").join(bucket_and_key)).ok()
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 #[test]
 fn s3_upload_and_download_against_an_s3_compatible_endpoint() {
-    let (server, objects, seen) = fake_s3();
+    let Some(server) = S3Server::start("bucket") else {
+        return;
+    };
+    let run = |sb: &Sandbox, document: &Path, secret: &str| {
+        sb.command(&[document])
+            .env("BUILDER_S3_ENDPOINT", server.endpoint())
+            .env("AWS_ACCESS_KEY_ID", S3_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", secret)
+            .env_remove("AWS_SESSION_TOKEN")
+            .env("AWS_REGION", "us-east-1")
+            .output()
+            .expect("runs")
+    };
+
     let sb = Sandbox::new();
     let path = sb.document(
         "s3.yml",
-        "name: s3\nschemaVersion: 1.0\nphases:\n  - name: build\n    steps:\n      - name: Prepare\n        action: CreateFile\n        inputs:\n          - path: up/one.txt\n            content: one\n          - path: up/sub/two.txt\n            content: two\n      - name: UploadOne\n        action: S3Upload\n        inputs:\n          - source: up/one.txt\n            destination: s3://bucket/single/one-copy.txt\n      - name: UploadTree\n        action: S3Upload\n        inputs:\n          - source: up\n            destination: s3://bucket/tree/\n            recurse: true\n      - name: DownloadOne\n        action: S3Download\n        inputs:\n          - source: s3://bucket/single/one-copy.txt\n            destination: one-back.txt\n      - name: DownloadPrefix\n        action: S3Download\n        inputs:\n          - source: s3://bucket/tree/*\n            destination: tree-back\n",
+        "name: s3\nschemaVersion: 1.0\nphases:\n  - name: build\n    steps:\n      - name: Prepare\n        action: CreateFile\n        inputs:\n          - path: up/one.txt\n            content: one\n          - path: up/sub/two.txt\n            content: two\n          - path: up/sub/deeper/three.txt\n            content: three\n      - name: UploadOne\n        action: S3Upload\n        inputs:\n          - source: up/one.txt\n            destination: s3://bucket/single/one-copy.txt\n      - name: UploadTree\n        action: S3Upload\n        inputs:\n          - source: up\n            destination: s3://bucket/tree/\n            recurse: true\n      - name: DownloadOne\n        action: S3Download\n        inputs:\n          - source: s3://bucket/single/one-copy.txt\n            destination: one-back.txt\n      - name: DownloadPrefix\n        action: S3Download\n        inputs:\n          - source: s3://bucket/tree/*\n            destination: tree-back\n",
     );
-    let out = sb
-        .command(&[&path])
-        .env(
-            "BUILDER_S3_ENDPOINT",
-            format!("http://127.0.0.1:{}", server.port),
-        )
-        .env("AWS_ACCESS_KEY_ID", "test-key")
-        .env("AWS_SECRET_ACCESS_KEY", "test-secret")
-        .env("AWS_REGION", "eu-west-1")
-        .output()
-        .expect("runs");
+    let out = run(&sb, &path, S3_SECRET);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let keys: Vec<String> = objects.lock().expect("lock").keys().cloned().collect();
+    // What the server keeps, read from its own folder.
     assert_eq!(
-        keys,
-        [
-            "bucket/single/one-copy.txt",
-            "bucket/tree/one.txt",
-            "bucket/tree/sub/two.txt"
-        ]
+        server.stored("bucket/single/one-copy.txt").as_deref(),
+        Some("one")
     );
+    assert_eq!(server.stored("bucket/tree/one.txt").as_deref(), Some("one"));
+    assert_eq!(
+        server.stored("bucket/tree/sub/two.txt").as_deref(),
+        Some("two")
+    );
+    assert_eq!(
+        server.stored("bucket/tree/sub/deeper/three.txt").as_deref(),
+        Some("three")
+    );
+    // What came back through S3.
     assert_eq!(sb.read("one-back.txt"), "one");
     assert_eq!(sb.read("tree-back/one.txt"), "one");
     assert_eq!(sb.read("tree-back/sub/two.txt"), "two");
-    let seen = seen.lock().expect("lock").clone();
-    assert!(
-        seen.iter().all(|r| r.contains("X-Amz-Signature=")),
-        "every request is presigned: {seen:?}"
+    assert_eq!(sb.read("tree-back/sub/deeper/three.txt"), "three");
+    let mut back: Vec<String> = Vec::new();
+    let mut pending = vec![sb.path("tree-back")];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).expect("tree-back") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                let relative = path.strip_prefix(sb.path("tree-back")).expect("under");
+                back.push(relative.display().to_string());
+            }
+        }
+    }
+    back.sort();
+    assert_eq!(
+        back,
+        ["one.txt", "sub/deeper/three.txt", "sub/two.txt"],
+        "exactly the objects under the prefix"
     );
+
+    // A wrong secret: the server refuses the signature and the step says so.
+    for (name, action) in [
+        (
+            "upload",
+            "action: S3Upload\n        inputs:\n          - source: one.txt\n            destination: s3://bucket/refused.txt\n",
+        ),
+        (
+            "download",
+            "action: S3Download\n        inputs:\n          - source: s3://bucket/single/one-copy.txt\n            destination: refused.txt\n",
+        ),
+    ] {
+        let sb = Sandbox::new();
+        std::fs::write(sb.path("one.txt"), "one").expect("write");
+        let path = sb.document(
+            "wrong.yml",
+            &format!(
+                "name: wrong\nschemaVersion: 1.0\nphases:\n  - name: build\n    steps:\n      - name: Transfer\n        {action}"
+            ),
+        );
+        let out = run(&sb, &path, "not-the-secret");
+        assert_eq!(code(&out), 1, "{name}: {}", stderr(&out));
+        let message = summary(&out)["failureMessage"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        assert!(message.contains("403"), "{name}: {message}");
+        // The S3 error code from the response body, as AWS would send it too.
+        assert!(
+            message.contains("SignatureDoesNotMatch"),
+            "{name}: {message}"
+        );
+        assert!(
+            !message.contains("X-Amz-Signature"),
+            "{name}: the presigned query is not shown: {message}"
+        );
+    }
+    assert_eq!(server.stored("bucket/refused.txt"), None);
 }
 
 #[test]

@@ -151,15 +151,60 @@ enum FetchError {
     Permanent(String),
 }
 
-async fn fetch_once(client: &reqwest::Client, url: &Url, file: &Path) -> Result<(), FetchError> {
-    let mut response = client
-        .get(url.clone())
-        .send()
-        .await
-        .map_err(|e| FetchError::Transient(format!("could not fetch {url}: {e}")))?;
+/// Why a response is not a success, for a message: the status plus, from an S3 error body,
+/// its `<Code>` and `<Message>` (e.g. `403 Forbidden (SignatureDoesNotMatch: …)`).
+async fn refusal(response: reqwest::Response) -> String {
+    let status = response.status();
+    // S3 error documents are small; a large body is some other page, not worth reading.
+    let body = if response.content_length().is_some_and(|n| n <= 64 * 1024) {
+        response.text().await.unwrap_or_default()
+    } else {
+        String::new()
+    };
+    let element = |name: &str| {
+        let open = format!("<{name}>");
+        let start = body.find(&open)? + open.len();
+        let end = body[start..].find(&format!("</{name}>"))? + start;
+        Some(body[start..end].trim().to_string()).filter(|t| !t.is_empty())
+    };
+    match (element("Code"), element("Message")) {
+        (Some(code), Some(message)) => format!("{status} ({code}: {message})"),
+        (Some(code), None) => format!("{status} ({code})"),
+        _ => status.to_string(),
+    }
+}
+
+/// A hint for S3 refusals that usually mean wrong credentials.
+fn credentials_hint(status: reqwest::StatusCode) -> &'static str {
+    if status == reqwest::StatusCode::FORBIDDEN {
+        "; check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and that the key may use this bucket)"
+    } else {
+        ""
+    }
+}
+
+/// GET `url` into `file` once. Messages name the request as `shown`: a presigned URL carries
+/// the access key id and a signature, which have no place in logs.
+async fn fetch_once(
+    client: &reqwest::Client,
+    url: &Url,
+    shown: &str,
+    file: &Path,
+) -> Result<(), FetchError> {
+    let mut response = client.get(url.clone()).send().await.map_err(|e| {
+        FetchError::Transient(format!("could not fetch {shown}: {}", e.without_url()))
+    })?;
     let status = response.status();
     if status != reqwest::StatusCode::OK {
-        let message = format!("{url} answered {status}; expected 200 OK");
+        let message = format!(
+            "{shown} answered {}; expected 200 OK{}",
+            refusal(response).await,
+            if shown.starts_with("s3://") {
+                credentials_hint(status)
+            } else {
+                ""
+            }
+        );
         return Err(if status.is_server_error() || status.as_u16() == 429 {
             FetchError::Transient(message)
         } else {
@@ -177,7 +222,8 @@ async fn fetch_once(client: &reqwest::Client, url: &Url, file: &Path) -> Result<
             Ok(None) => break,
             Err(e) => {
                 return Err(FetchError::Transient(format!(
-                    "the download of {url} broke off: {e}"
+                    "the download of {shown} broke off: {}",
+                    e.without_url()
                 )));
             }
         }
@@ -193,13 +239,14 @@ async fn fetch_once(client: &reqwest::Client, url: &Url, file: &Path) -> Result<
 async fn fetch(
     client: &reqwest::Client,
     url: &Url,
+    shown: &str,
     file: &Path,
     cx: &ActionContext<'_>,
 ) -> Result<(), ActionError> {
     let mut backoff = FIRST_BACKOFF;
     let mut attempt = 1;
     loop {
-        match fetch_once(client, url, file).await {
+        match fetch_once(client, url, shown, file).await {
             Ok(()) => return Ok(()),
             Err(FetchError::Permanent(message)) => return Err(ActionError::Failed(message)),
             Err(FetchError::Transient(message)) if attempt < DOWNLOAD_ATTEMPTS => {
@@ -383,7 +430,7 @@ pub async fn web_download(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outp
         let client = cx.transfer.client(insecure)?;
         let host_dir = tempfile::tempdir().map_err(host_err("could not create a temporary folder"))?;
         let host_file = host_dir.path().join("download");
-        fetch(client, &url, &host_file, cx).await?;
+        fetch(client, &url, url.as_str(), &host_file, cx).await?;
         deliver(
             cx,
             &host_file,
@@ -431,9 +478,8 @@ async fn s3_get(
     let url = bucket
         .get_object(credentials.as_ref(), key)
         .sign(PRESIGN_FOR);
-    fetch(client, &url, file, cx)
-        .await
-        .map_err(|e| ActionError::Failed(format!("s3://{}/{key}: {e}", bucket.name())))
+    let shown = format!("s3://{}/{key}", bucket.name());
+    fetch(client, &url, &shown, file, cx).await
 }
 
 pub async fn s3_download(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outputs, ActionError> {
@@ -467,15 +513,20 @@ pub async fn s3_download(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outpu
             list.with_prefix(prefix);
             list.with_max_keys(MAX_PREFIX_OBJECTS);
             let url = list.sign(PRESIGN_FOR);
-            let body = client
-                .get(url)
-                .send()
-                .await
-                .and_then(|r| r.error_for_status())
-                .map_err(|e| ActionError::Failed(format!("could not list {source}: {e}")))?
-                .text()
-                .await
-                .map_err(|e| ActionError::Failed(format!("could not list {source}: {e}")))?;
+            let response = client.get(url).send().await.map_err(|e| {
+                ActionError::Failed(format!("could not list {source}: {}", e.without_url()))
+            })?;
+            let status = response.status();
+            if !status.is_success() {
+                return Err(ActionError::Failed(format!(
+                    "could not list {source}: the endpoint answered {}{}",
+                    refusal(response).await,
+                    credentials_hint(status)
+                )));
+            }
+            let body = response.text().await.map_err(|e| {
+                ActionError::Failed(format!("could not list {source}: {}", e.without_url()))
+            })?;
             let listing = rusty_s3::actions::ListObjectsV2::parse_response(&body).map_err(|e| {
                 ActionError::Failed(format!("the listing of {source} is not S3 XML: {e}"))
             })?;
@@ -651,19 +702,28 @@ pub async fn s3_upload(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outputs
                 .await
                 .map_err(host_err(format!("could not open {}", host_file.display())))?
                 .len();
-            client
+            let response = client
                 .put(url)
                 .header(reqwest::header::CONTENT_LENGTH, len)
                 .body(reqwest::Body::from(file))
                 .send()
                 .await
-                .and_then(|r| r.error_for_status())
                 .map_err(|e| {
                     ActionError::Failed(format!(
-                        "could not upload {} to s3://{bucket_name}/{object}: {e}",
-                        path.display()
+                        "could not upload {} to s3://{bucket_name}/{object}: {}",
+                        path.display(),
+                        e.without_url()
                     ))
                 })?;
+            let status = response.status();
+            if !status.is_success() {
+                return Err(ActionError::Failed(format!(
+                    "could not upload {} to s3://{bucket_name}/{object}: the endpoint answered {}{}",
+                    path.display(),
+                    refusal(response).await,
+                    credentials_hint(status)
+                )));
+            }
         }
         Ok(None)
     })
