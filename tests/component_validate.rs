@@ -249,7 +249,7 @@ mod cli {
         assert_eq!(json[0]["valid"], true);
         assert_eq!(json[1]["valid"], false);
         let problems = json[1]["problems"].as_array().expect("a list");
-        assert_eq!(problems.len(), 10);
+        assert_eq!(problems.len(), 12);
         assert_eq!(problems[0]["line"], 3);
         assert_eq!(problems[0]["col"], 1);
         assert_eq!(problems[0]["hint"], "did you mean `parameters`?");

@@ -222,11 +222,12 @@ fn chain(
     };
     let steps = &phases[phase_index].1;
     let Some(&step_index) = index_of.step.get(&(phase_index, step)) else {
-        let names: Vec<&str> = steps
-            .iter()
-            .map(|s| s.name.as_str())
-            .filter(|n| !n.is_empty())
-            .collect();
+        let mut names: Vec<&str> = Vec::new();
+        for name in steps.iter().map(|s| s.name.as_str()) {
+            if !name.is_empty() && !names.contains(&name) {
+                names.push(name);
+            }
+        }
         let hint = match did_you_mean(step, names.iter().copied()) {
             Some(close) => format!("did you mean `{close}`?"),
             None => format!("steps in phase `{phase}`: {}", one_of(&names)),

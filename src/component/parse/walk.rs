@@ -87,6 +87,7 @@ pub(super) fn document(cx: &mut Cx<'_>, root: &Node, path: &Path) -> Option<Docu
     let variables: Vec<&str> = variables.iter().map(String::as_str).collect();
     let (phases, infos) = phases?;
     refs::check_all(cx, &variables, &infos);
+    let phases = phases?;
 
     Some(Document {
         name,
@@ -370,7 +371,9 @@ fn constants(cx: &mut Cx<'_>, node: &Node, names: &mut HashMap<String, Span>) ->
     out
 }
 
-type Phases = (Vec<Phase>, Vec<(String, Vec<StepInfo>)>);
+/// The phases when all are valid, and what is known of every step either way (references are
+/// checked even in a document with other problems).
+type Phases = (Option<Vec<Phase>>, Vec<(String, Vec<StepInfo>)>);
 
 fn phases(cx: &mut Cx<'_>, key: &Node, node: &Node) -> Option<Phases> {
     let Some(items) = node.as_sequence() else {
@@ -448,7 +451,7 @@ fn phases(cx: &mut Cx<'_>, key: &Node, node: &Node) -> Option<Phases> {
             Some("rename a phase to `build`, or run it explicitly with `--phases`".to_string()),
         );
     }
-    complete.then_some((phases, infos))
+    Some((complete.then_some(phases), infos))
 }
 
 fn steps(
