@@ -30,6 +30,22 @@ impl Drop for Agent {
     }
 }
 
+/// Start a freshly written executable. Another test thread may `fork` while this one still
+/// holds the file open for writing; the child keeps that descriptor until its `exec`, and our
+/// `exec` of the file then fails with ETXTBSY. That window is short: retry.
+fn spawn_fresh(cmd: &mut std::process::Command) -> std::process::Child {
+    let mut tries = 0;
+    loop {
+        match cmd.spawn() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 50 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other.expect("start agent"),
+        }
+    }
+}
+
 impl Agent {
     async fn start() -> Agent {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -38,11 +54,11 @@ impl Agent {
         std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         let sock = dir.path().join("agent.sock");
         let listener = UnixListener::bind(&sock).expect("bind");
-        let child = std::process::Command::new(&exe)
-            .arg("--connect-unix")
-            .arg(&sock)
-            .spawn()
-            .expect("start agent");
+        let child = spawn_fresh(
+            std::process::Command::new(&exe)
+                .arg("--connect-unix")
+                .arg(&sock),
+        );
         Agent {
             child,
             listener,
@@ -748,11 +764,11 @@ async fn a_restarted_agent_or_a_closed_port_fails_requests_in_flight() {
     let sock = dir.path().join("agent.sock");
     let mut relay = relay(UnixListener::bind(&sock).expect("bind"));
     let start = || {
-        std::process::Command::new(&exe)
-            .arg("--connect-unix")
-            .arg(&sock)
-            .spawn()
-            .expect("start agent")
+        spawn_fresh(
+            std::process::Command::new(&exe)
+                .arg("--connect-unix")
+                .arg(&sock),
+        )
     };
     let mut first = start();
     let t = AgentTarget::connect(
