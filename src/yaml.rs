@@ -569,6 +569,41 @@ fn tag_text(tag: Option<Cow<'_, saphyr_parser::Tag>>) -> Option<String> {
     tag.map(|t| format!("{}{}", t.handle, t.suffix))
 }
 
+/// A problem for every key of `entries` that is not in `allowed`: "unknown key `k` in
+/// {what}", with a "did you mean" hint, else `fallback(k)`, else the keys `what` accepts.
+/// Component documents, recipes and every later file kind share this rule.
+pub fn unknown_keys(
+    entries: &[(Node, Node)],
+    allowed: &[&str],
+    what: &str,
+    fallback: impl Fn(&str) -> Option<String>,
+) -> Vec<Problem> {
+    use crate::diagnostic::{did_you_mean, one_of};
+    let mut problems = Vec::new();
+    for (key, _) in entries {
+        match key.as_str() {
+            Some(k) if allowed.contains(&k) => {}
+            Some(k) => {
+                let hint = match did_you_mean(k, allowed.iter().copied()) {
+                    Some(close) => format!("did you mean `{close}`?"),
+                    None => {
+                        fallback(k).unwrap_or_else(|| format!("{what} accepts {}", one_of(allowed)))
+                    }
+                };
+                problems.push(
+                    Problem::error(key.span, format!("unknown key `{k}` in {what}"))
+                        .with_hint(hint),
+                );
+            }
+            None => problems.push(Problem::error(
+                key.span,
+                format!("a key in {what} must be a plain name"),
+            )),
+        }
+    }
+    problems
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a test that unwraps fails loudly, which is the point
 mod tests {

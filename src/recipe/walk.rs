@@ -120,26 +120,13 @@ impl<'s> Cx<'s> {
             self.not_a(node, what, "a mapping");
             return None;
         };
-        for (key, _) in entries {
-            match key.as_str() {
-                Some(k) if allowed.contains(&k) => {}
-                Some(k) => {
-                    let hint = match did_you_mean(k, allowed.iter().copied()) {
-                        Some(close) => format!("did you mean `{close}`?"),
-                        None => match IMAGE_BUILDER_KEYS.iter().find(|(ib, _)| *ib == k) {
-                            Some((_, how)) => format!("`{k}` is Image Builder's; here, {how}"),
-                            None => format!("{what} accepts {}", one_of(allowed)),
-                        },
-                    };
-                    self.error(key.span, format!("unknown key `{k}` in {what}"), Some(hint));
-                }
-                None => self.error(
-                    key.span,
-                    format!("a key in {what} must be a plain name"),
-                    None,
-                ),
-            }
-        }
+        self.problems
+            .extend(crate::yaml::unknown_keys(entries, allowed, what, |k| {
+                IMAGE_BUILDER_KEYS
+                    .iter()
+                    .find(|(ib, _)| *ib == k)
+                    .map(|(_, how)| format!("`{k}` is Image Builder's; here, {how}"))
+            }));
         Some(entries)
     }
 

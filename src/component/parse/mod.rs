@@ -17,7 +17,7 @@ pub use spec::{
 };
 
 use crate::component::document::Document;
-use crate::diagnostic::{Diagnostics, Problem, Span, did_you_mean, one_of};
+use crate::diagnostic::{Diagnostics, Problem, Span};
 use crate::yaml::Node;
 
 /// The noun used in diagnostics headings.
@@ -171,23 +171,8 @@ impl<'s> Cx<'s> {
             self.not_a(node, what, "a mapping");
             return None;
         };
-        for (key, _) in entries {
-            match key.as_str() {
-                Some(k) if allowed.contains(&k) => {}
-                Some(k) => {
-                    let hint = match did_you_mean(k, allowed.iter().copied()) {
-                        Some(close) => format!("did you mean `{close}`?"),
-                        None => format!("{what} accepts {}", one_of(allowed)),
-                    };
-                    self.error_hint(key.span, format!("unknown key `{k}` in {what}"), Some(hint));
-                }
-                None => self.error(
-                    key.span,
-                    format!("a key in {what} must be a plain name"),
-                    None,
-                ),
-            }
-        }
+        self.problems
+            .extend(crate::yaml::unknown_keys(entries, allowed, what, |_| None));
         Some(entries)
     }
 
