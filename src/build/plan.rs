@@ -339,8 +339,17 @@ impl ParentResolver for NoStore {
     }
 }
 
-/// The store as a [`ParentResolver`].
+/// The store as a [`ParentResolver`]. Its hash index spares re-hashing a large local parent
+/// at every plan, and the build's `import_base` then finds the digest the plan computed.
 impl ParentResolver for crate::store::Store {
+    fn known_digest(&self, path: &Path) -> Option<Sha256> {
+        self.known_digest(path).and_then(|s| Sha256::parse(&s))
+    }
+
+    fn remember_digest(&self, path: &Path, sha256: &Sha256) {
+        self.remember_digest(path, sha256.as_str());
+    }
+
     fn resolve(&self, name: &str, version: &VersionPattern) -> Result<StoredParent, ResolveError> {
         let reference = format!("{name}/{version}");
         match self.resolve_image(&reference) {

@@ -223,40 +223,14 @@ impl Store {
                 "not a file",
             )));
         }
-        let key = HashKey {
-            path: path.to_string_lossy().into_owned(),
-            size: meta.len(),
-            mtime_ns: meta
-                .mtime()
-                .saturating_mul(1_000_000_000)
-                .saturating_add(meta.mtime_nsec()),
-            inode: meta.ino(),
-        };
-        let index_path = self.root.join("cache").join("hashes.json");
-        let known = {
-            let _lock = self.lock()?;
-            read_index(&index_path)
-                .entries
-                .into_iter()
-                .find(|e| e.key == key)
-                .map(|e| e.sha256)
-        };
-        let sha256 = match known {
+        let key = hash_key(&path, &meta);
+        let sha256 = match self.indexed_digest(&key)? {
             Some(s) => s,
             None => {
                 // Hashed without the lock: other builders need not wait for a 1 GiB read.
                 let p = path.clone();
                 let s = blocking(move || hash_file(&p)).await??;
-                let _lock = self.lock()?;
-                let mut index = read_index(&index_path);
-                index.entries.retain(|e| e.key.path != key.path);
-                index.entries.push(HashEntry {
-                    key: key.clone(),
-                    sha256: s.clone(),
-                });
-                let mut json = serde_json::to_vec_pretty(&index).expect("plain data serializes");
-                json.push(b'\n');
-                super::write_atomic(&index_path, &json)?;
+                self.index_digest(key.clone(), &s)?;
                 s
             }
         };
@@ -274,6 +248,66 @@ impl Store {
             sha256,
             size: key.size,
         })
+    }
+
+    /// The recorded digest of the local file at `path`, if the index has one for the file as
+    /// it is now (same size, mtime and inode). Never hashes; `None` on any doubt.
+    pub fn known_digest(&self, path: &Path) -> Option<String> {
+        let path = std::fs::canonicalize(path).ok()?;
+        let meta = std::fs::metadata(&path).ok()?;
+        self.indexed_digest(&hash_key(&path, &meta)).ok().flatten()
+    }
+
+    /// Record a digest computed elsewhere (e.g. while planning) for the local file at `path`.
+    /// Best effort: the index is only a cache.
+    pub fn remember_digest(&self, path: &Path, sha256: &str) {
+        let Ok(path) = std::fs::canonicalize(path) else {
+            return;
+        };
+        let Ok(meta) = std::fs::metadata(&path) else {
+            return;
+        };
+        let _ = self.index_digest(hash_key(&path, &meta), sha256);
+    }
+
+    fn indexed_digest(&self, key: &HashKey) -> Result<Option<String>, StoreError> {
+        let _lock = self.lock()?;
+        Ok(read_index(&self.hash_index_path())
+            .entries
+            .into_iter()
+            .find(|e| e.key == *key)
+            .map(|e| e.sha256))
+    }
+
+    fn index_digest(&self, key: HashKey, sha256: &str) -> Result<(), StoreError> {
+        let index_path = self.hash_index_path();
+        let _lock = self.lock()?;
+        let mut index = read_index(&index_path);
+        index.entries.retain(|e| e.key.path != key.path);
+        index.entries.push(HashEntry {
+            key,
+            sha256: sha256.to_string(),
+        });
+        let mut json = serde_json::to_vec_pretty(&index).expect("plain data serializes");
+        json.push(b'\n');
+        super::write_atomic(&index_path, &json)
+    }
+
+    fn hash_index_path(&self) -> PathBuf {
+        self.root.join("cache").join("hashes.json")
+    }
+}
+
+/// The key the hash index keeps a local file under: it changes when the file does.
+fn hash_key(path: &Path, meta: &std::fs::Metadata) -> HashKey {
+    HashKey {
+        path: path.to_string_lossy().into_owned(),
+        size: meta.len(),
+        mtime_ns: meta
+            .mtime()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(meta.mtime_nsec()),
+        inode: meta.ino(),
     }
 }
 
