@@ -18,13 +18,17 @@
 //! - [`build`]: the stages of a build and the undo list that releases what they created.
 //! - [`export`]: the finished disk converted to qcow2/raw/vmdk/vhdx/vhd/ova, checked, hashed;
 //!   `SHA256SUMS` and the `manifest.json` model.
+//! - [`distribute`]: finished images pushed to OCI registries, AWS (AMI import), Vagrant
+//!   boxes, directories; a receipt for each.
 //! - [`store`]: the local store: base image cache and downloads, image versions `name/x.y.z/n`.
 
 pub mod agent;
 pub mod build;
 pub mod component;
 pub mod diagnostic;
+pub mod distribute;
 pub mod export;
+pub mod pipeline;
 pub mod recipe;
 pub mod store;
 pub mod target;

@@ -1,0 +1,74 @@
+//! Distribution: a finished image goes where people use it (Image Builder's last stage).
+//!
+//! Each target takes a stored build ([`StoredImage`]: its folder, manifest, outputs) and
+//! returns a [`Receipt`] saying where the image went, with digests and ids; the store records
+//! every receipt next to the build (`receipts.json`) and `builder images show` prints them.
+//!
+//! - [`oci`]: push to an OCI registry as an artifact or a KubeVirt containerDisk; pull a
+//!   pushed disk back as a parent image (`parentImage: oci://…`).
+//! - [`aws`]: S3 multipart upload, then EC2 ImportSnapshot + RegisterImage (AMI).
+//! - [`local`]: a directory, a Vagrant box (libvirt provider), the local store itself.
+//! - [`target`]: the targets as the user names them (`--to oci://…`, recipe `distribution:`)
+//!   and the dispatcher that runs one target.
+
+pub mod aws;
+pub mod local;
+pub mod oci;
+pub mod target;
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+pub use crate::store::StoredImage;
+
+/// Where an image went: printed after distributing and recorded in the store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Receipt {
+    /// The target kind: `oci`, `containerdisk`, `ami`, `vagrant`, `directory`, `store`.
+    pub kind: String,
+    /// Where it went, in a form the user can use again: `oci://host/repo:tag@sha256:…`,
+    /// `ami-0123… (eu-west-1)`, an absolute path.
+    pub location: String,
+    /// Digests of what was written, by role: `manifest`, `config`, `disk`, `box`, file names.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub digests: BTreeMap<String, String>,
+    /// Ids the destination handed out, by role: `ami:eu-west-1`, `snapshot:eu-west-1`,
+    /// `importTask`, …
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ids: BTreeMap<String, String>,
+    /// When the target finished.
+    pub finished: DateTime<Utc>,
+    /// Wall time in seconds.
+    pub seconds: f64,
+}
+
+/// Progress of a distribution, for the terminal and `--json` events. Every method has an
+/// empty default; implementations must be cheap (they are called per chunk).
+pub trait Progress: Send + Sync {
+    /// A new step of the target starts (`uploading disk`, `waiting for import-snap-…: 45%
+    /// converting`, …).
+    fn step(&self, _target: &str, _message: &str) {}
+    /// Bytes moved so far of `total` for the thing named `what` (a file or blob).
+    fn transfer(&self, _target: &str, _what: &str, _done: u64, _total: Option<u64>) {}
+}
+
+/// Reports nothing.
+pub struct NoProgress;
+
+impl Progress for NoProgress {}
+
+/// Any target's failure.
+#[derive(Debug, thiserror::Error)]
+pub enum DistributeError {
+    #[error(transparent)]
+    Oci(#[from] oci::OciError),
+    #[error(transparent)]
+    Aws(#[from] aws::AwsError),
+    #[error(transparent)]
+    Local(#[from] local::LocalError),
+    #[error(transparent)]
+    Target(#[from] target::TargetError),
+}
