@@ -1,0 +1,200 @@
+//! The validated pipeline. A value of these types is always valid and has every default
+//! filled in; the doc comment of each field is the user reference for its key (camelCase in
+//! files) and states the default. `parse` builds these from a file; `lifecycle` and `notify`
+//! read [`Lifecycle`] and [`Notifications`].
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use super::history::ExecStatus;
+use super::schedule::CronExpr;
+use crate::recipe::{Infrastructure, Located};
+
+/// One pipeline: a recipe built unattended (Image Builder's image pipeline).
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    /// `name` (required): letters, digits, `-` and `_`; the key of its history.
+    pub name: String,
+    /// `description`: free text. Default: none.
+    pub description: Option<String>,
+    /// `recipe` (required): the recipe file, relative to the pipeline file's directory.
+    pub recipe: Located<PathBuf>,
+    /// `infrastructure`: settings that replace the recipe's, same keys as the recipe's
+    /// `infrastructure` (`cpus`, `memory`, `accelerator`, …). Default: the recipe's.
+    pub infrastructure: InfrastructureOverride,
+    /// `tests`: `enabled` and `timeoutSeconds` replace the recipe's. Default: the recipe's.
+    pub tests: TestsOverride,
+    /// `schedule`: when the pipeline runs by itself. Default: none (only `builder pipeline run`).
+    pub schedule: Option<Schedule>,
+    /// `lifecycle`: which of this pipeline's images are kept. Default: all are kept.
+    pub lifecycle: Option<Lifecycle>,
+    /// `notifications`: hooks called on status changes. Default: none.
+    pub notifications: Notifications,
+    /// `status`: `enabled` or `disabled` (Image Builder's `ENABLED`/`DISABLED` too). A disabled
+    /// pipeline is not scheduled; `builder pipeline run` still runs it. Default: `enabled`.
+    pub enabled: bool,
+    /// Where the pipeline was read from, its text and its sha256.
+    pub source: PipelineSource,
+}
+
+/// The pipeline file: for messages after validation and for change detection by `serve`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PipelineSource {
+    pub path: PathBuf,
+    pub text: String,
+    pub sha256: String,
+}
+
+/// Infrastructure settings that replace the recipe's: the keys written, and their values
+/// (validated like a recipe's `infrastructure`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InfrastructureOverride {
+    /// The keys written in the pipeline file, in file order.
+    pub keys: Vec<String>,
+    /// The values; keys not in `keys` hold defaults that are not applied.
+    pub values: Infrastructure,
+}
+
+impl InfrastructureOverride {
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// `recipe` with every key written in the pipeline replaced.
+    pub fn apply(&self, recipe: &Infrastructure) -> Infrastructure {
+        let mut out = recipe.clone();
+        let v = &self.values;
+        for key in &self.keys {
+            match key.as_str() {
+                "cpus" => out.cpus = v.cpus,
+                "memory" => out.memory = v.memory,
+                "accelerator" => out.accelerator = v.accelerator,
+                "firmware" => out.firmware = v.firmware,
+                "network" => out.network = v.network,
+                "bootTimeoutSeconds" => out.boot_timeout_secs = v.boot_timeout_secs,
+                "buildTimeoutSeconds" => out.build_timeout_secs = v.build_timeout_secs,
+                "shutdownTimeoutSeconds" => out.shutdown_timeout_secs = v.shutdown_timeout_secs,
+                "keepOnFailure" => out.keep_on_failure = v.keep_on_failure,
+                // The parser only keeps known keys.
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+/// The test stage settings that replace the recipe's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TestsOverride {
+    /// `enabled`: run the test stage. Default: the recipe's.
+    pub enabled: Option<bool>,
+    /// `timeoutSeconds`: the whole test stage. Default: the recipe's.
+    pub timeout_secs: Option<u64>,
+}
+
+/// When a pipeline runs by itself (Image Builder's `schedule`).
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    /// `expression` (required): 5-field cron (`minute hour day-of-month month day-of-week`,
+    /// e.g. `0 3 * * 1`) or Image Builder's `cron(min hour dom month dow year)` (e.g.
+    /// `cron(0 3 ? * MON *)`). `L`, `W`, `#` and `?` work as in Image Builder.
+    pub expression: Located<CronExpr>,
+    /// `timezone`: an IANA zone (`Europe/Paris`); the expression is read in it, daylight
+    /// saving included. Default: `UTC`.
+    pub timezone: chrono_tz::Tz,
+    /// `startCondition`: `always` builds at every match; `dependencyChanged` builds only when
+    /// an input changed since the last successful execution (the parent image, a component
+    /// document, a parameter value, the recipe). Image Builder's
+    /// `EXPRESSION_MATCH_ONLY` / `EXPRESSION_MATCH_AND_DEPENDENCY_UPDATES_AVAILABLE` are
+    /// accepted too. Default: `dependencyChanged` (as Image Builder).
+    pub start_condition: StartCondition,
+    /// `packageUpdates`: also count package updates available in the guest as a changed
+    /// dependency. Not checked yet (it needs a VM): accepted with a warning. Default: `false`.
+    pub package_updates: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum StartCondition {
+    Always,
+    DependencyChanged,
+}
+
+impl StartCondition {
+    pub const NAMES: &'static [&'static str] = &["always", "dependencyChanged"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            StartCondition::Always => "always",
+            StartCondition::DependencyChanged => "dependencyChanged",
+        }
+    }
+
+    /// Our names and Image Builder's.
+    pub fn from_name(text: &str) -> Option<StartCondition> {
+        match text {
+            "always" | "EXPRESSION_MATCH_ONLY" => Some(StartCondition::Always),
+            "dependencyChanged" | "EXPRESSION_MATCH_AND_DEPENDENCY_UPDATES_AVAILABLE" => {
+                Some(StartCondition::DependencyChanged)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Which images of a pipeline are kept (Image Builder's lifecycle policy, per pipeline).
+/// An image is retained while it is among the newest `keepLast` or younger than `maxAge`;
+/// at least one of the two is given. An image that another stored image uses as its parent
+/// is never deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lifecycle {
+    /// `keepLast`: the newest N available images are retained (1 to 1000). Default: none.
+    pub keep_last: Option<u32>,
+    /// `maxAge`: images younger than this are retained (`30d`, `12h`, `2w`). Default: none.
+    pub max_age: Option<Duration>,
+    /// `deprecateFor`: an image outside retention is first marked deprecated and deleted
+    /// this long after; `0s` deletes it at once. Default: `0s`.
+    pub deprecate_for: Duration,
+    /// `remote`: also remove the image where its distribution target supports removal.
+    /// Default: `false`.
+    pub remote: bool,
+}
+
+/// Hooks called when an execution reaches a status in `on` (Image Builder's SNS topic).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notifications {
+    /// `on`: the statuses that notify. Default: `[available, failed, cancelled]`.
+    pub on: Vec<ExecStatus>,
+    /// `webhook`: an HTTP POST with a JSON body, retried. Default: none.
+    pub webhook: Option<Webhook>,
+    /// `command`: a program and its arguments (no shell); the JSON body arrives on stdin.
+    /// Default: none.
+    pub command: Option<Vec<String>>,
+}
+
+impl Default for Notifications {
+    fn default() -> Notifications {
+        Notifications {
+            on: DEFAULT_NOTIFY_ON.to_vec(),
+            webhook: None,
+            command: None,
+        }
+    }
+}
+
+pub const DEFAULT_NOTIFY_ON: &[ExecStatus] = &[
+    ExecStatus::Available,
+    ExecStatus::Failed,
+    ExecStatus::Cancelled,
+];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Webhook {
+    /// `url` (required): `http://` or `https://`.
+    pub url: String,
+    /// `headers`: extra request headers (`Authorization: Bearer …`). Default: none.
+    pub headers: BTreeMap<String, String>,
+}

@@ -1,0 +1,1114 @@
+//! Pipeline files → the typed [`Pipeline`], every problem at `file:line:col` (never stop at
+//! the first). [`check`] is pure (it reads its arguments only); [`validate`] also reads the
+//! recipe the pipeline names and every file the recipe names, as `builder validate` does.
+//!
+//! A pipeline file, with every key:
+//!
+//! ```yaml
+//! name: weekly-web
+//! description: Debian 12 web image, rebuilt every Monday with the latest patches
+//! recipe: ../debian-12-web/recipe.yml          # relative to this file
+//! infrastructure: {cpus: 4, memory: 4GiB}      # replaces these keys of the recipe's
+//! tests: {enabled: true, timeoutSeconds: 1800}
+//! schedule:
+//!   expression: "0 3 * * 1"                    # or Image Builder's "cron(0 3 ? * MON *)"
+//!   timezone: Europe/Paris                     # default UTC
+//!   startCondition: dependencyChanged          # or always
+//! lifecycle: {keepLast: 4, maxAge: 30d, deprecateFor: 7d}
+//! notifications:
+//!   on: [available, failed]
+//!   webhook: {url: "https://hooks.example/builder", headers: {Authorization: Bearer x}}
+//!   command: [/usr/local/bin/notify-team]
+//! status: enabled
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sha2::{Digest, Sha256};
+
+use super::model::{
+    DEFAULT_NOTIFY_ON, ExecStatus, InfrastructureOverride, Lifecycle, Notifications, Pipeline,
+    PipelineSource, Schedule, StartCondition, TestsOverride, Webhook,
+};
+use super::schedule::{CronExpr, close_zone, parse_zone};
+use crate::build::plan;
+use crate::diagnostic::{Diagnostics, Problem, Span, did_you_mean, one_of};
+use crate::recipe::model::{MAX_CPUS, MAX_TIMEOUT_SECS, MIN_MEMORY};
+use crate::recipe::{Accelerator, ByteSize, Firmware, Infrastructure, Located, Network};
+use crate::yaml::Node;
+
+/// The noun used in diagnostics headings.
+pub const NOUN: &str = "pipeline";
+/// What an invalid pipeline means for every command that reads one.
+pub const CONSEQUENCE: &str = "nothing was started";
+
+pub const TOP_KEYS: &[&str] = &[
+    "name",
+    "description",
+    "recipe",
+    "infrastructure",
+    "distribution",
+    "tests",
+    "schedule",
+    "lifecycle",
+    "notifications",
+    "status",
+];
+const INFRASTRUCTURE_KEYS: &[&str] = &[
+    "cpus",
+    "memory",
+    "accelerator",
+    "firmware",
+    "network",
+    "bootTimeoutSeconds",
+    "buildTimeoutSeconds",
+    "shutdownTimeoutSeconds",
+    "keepOnFailure",
+];
+const TESTS_KEYS: &[&str] = &["enabled", "timeoutSeconds"];
+const SCHEDULE_KEYS: &[&str] = &["expression", "timezone", "startCondition", "packageUpdates"];
+const LIFECYCLE_KEYS: &[&str] = &["keepLast", "maxAge", "deprecateFor", "remote"];
+const NOTIFICATION_KEYS: &[&str] = &["on", "webhook", "command"];
+const WEBHOOK_KEYS: &[&str] = &["url", "headers"];
+
+/// Image Builder's spelling of a setting → how to write it here.
+const IMAGE_BUILDER_KEYS: &[(&str, &str)] = &[
+    (
+        "imageRecipeArn",
+        "name the recipe file with `recipe: path/to/recipe.yml`",
+    ),
+    (
+        "containerRecipeArn",
+        "name the recipe file with `recipe: path/to/recipe.yml`",
+    ),
+    (
+        "infrastructureConfigurationArn",
+        "write the settings under `infrastructure:` (`cpus`, `memory`, …)",
+    ),
+    (
+        "distributionConfigurationArn",
+        "put `distribution:` in the recipe",
+    ),
+    ("imageTestsConfiguration", "use `tests: {enabled: true}`"),
+    ("imageTestsEnabled", "write `enabled: true`"),
+    ("timeoutMinutes", "write `timeoutSeconds`"),
+    ("scheduleExpression", "write `expression:`"),
+    ("pipelineExecutionStartCondition", "write `startCondition:`"),
+    (
+        "autoDisablePolicy",
+        "not supported; a failing pipeline keeps its schedule",
+    ),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    /// The pipeline file cannot be read.
+    #[error("could not read `{path}`")]
+    Unreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The pipeline (or its recipe, or a file the recipe names) is not valid: the diagnostics
+    /// of each file with problems, the pipeline's first.
+    #[error("{}", crate::recipe::render(.0))]
+    Invalid(Vec<Diagnostics>),
+    /// Reading the recipe's inputs failed (a host problem).
+    #[error("could not read the recipe of the pipeline")]
+    Recipe(#[source] plan::PlanError),
+}
+
+/// The outcome of reading a pipeline file: the pipeline when it has no error, and its
+/// diagnostics (warnings included).
+#[derive(Debug)]
+pub struct Checked {
+    pub pipeline: Option<Pipeline>,
+    pub diagnostics: Diagnostics,
+}
+
+/// A pipeline and its recipe, read and checked together.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    pub pipeline: Pipeline,
+    pub recipe: plan::Validated,
+    /// Warnings of files that are valid.
+    pub warnings: Vec<Diagnostics>,
+}
+
+/// Validate `text` as the pipeline file at `path`. `now` is when a schedule must still
+/// match a time (an expression for a year in the past never does).
+pub fn check(path: &Path, text: &str, now: DateTime<Utc>) -> Checked {
+    let mut diagnostics = Diagnostics::new(path, text, NOUN).with_consequence(CONSEQUENCE);
+    let (root, problems) = crate::yaml::parse(text);
+    let yaml_failed = root.is_none() && !problems.is_empty();
+    diagnostics.extend(problems);
+    let mut cx = Cx {
+        source: text,
+        problems: Vec::new(),
+        now,
+    };
+    let pipeline = match &root {
+        Some(root) => pipeline(&mut cx, root, path, text),
+        None => {
+            if !yaml_failed {
+                cx.problems.push(
+                    Problem::error(
+                        Span::from_offsets(text, 0, 0),
+                        "the file holds no YAML document",
+                    )
+                    .with_hint("a pipeline needs at least `name` and `recipe`"),
+                );
+            }
+            None
+        }
+    };
+    diagnostics.extend(cx.problems);
+    diagnostics.sort();
+    let pipeline = pipeline.filter(|_| !diagnostics.has_errors());
+    Checked {
+        pipeline,
+        diagnostics,
+    }
+}
+
+/// Read the pipeline file at `path` (only it).
+pub fn load(path: &Path, now: DateTime<Utc>) -> Result<Pipeline, ParseError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ParseError::Unreadable {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let checked = check(path, &text, now);
+    checked
+        .pipeline
+        .ok_or_else(|| ParseError::Invalid(vec![checked.diagnostics]))
+}
+
+/// Read the pipeline at `path` and validate the recipe it names with every file the recipe
+/// names. Every problem of every file is collected, the pipeline's first.
+pub fn validate(
+    path: &Path,
+    now: DateTime<Utc>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Validated, ParseError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ParseError::Unreadable {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let Checked {
+        pipeline,
+        mut diagnostics,
+    } = check(path, &text, now);
+    let Some(pipeline) = pipeline else {
+        return Err(ParseError::Invalid(vec![diagnostics]));
+    };
+    let recipe_path = &pipeline.recipe.value;
+    if !recipe_path.is_file() {
+        let hint = close_file_hint(recipe_path)
+            .unwrap_or_else(|| "the path is relative to the pipeline file's directory".into());
+        diagnostics.push(
+            Problem::error(
+                pipeline.recipe.span,
+                format!(
+                    "recipe `{}` cannot be read: no such file",
+                    recipe_path.display()
+                ),
+            )
+            .with_hint(hint),
+        );
+        return Err(ParseError::Invalid(vec![diagnostics]));
+    }
+    match plan::validate(recipe_path, env) {
+        Ok(recipe) => {
+            let mut warnings = Vec::new();
+            if !diagnostics.is_empty() {
+                warnings.push(diagnostics);
+            }
+            warnings.extend(recipe.warnings.iter().cloned());
+            Ok(Validated {
+                pipeline,
+                recipe,
+                warnings,
+            })
+        }
+        Err(plan::PlanError::Invalid(files)) => {
+            let mut all = Vec::new();
+            if !diagnostics.is_empty() {
+                all.push(diagnostics);
+            }
+            all.extend(files);
+            Err(ParseError::Invalid(all))
+        }
+        Err(e) => Err(ParseError::Recipe(e)),
+    }
+}
+
+fn close_file_hint(missing: &Path) -> Option<String> {
+    let dir = missing
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = missing.file_name()?.to_str()?;
+    let siblings: Vec<String> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    let close = did_you_mean(name, siblings.iter().map(String::as_str))?;
+    Some(format!("did you mean `{close}`?"))
+}
+
+struct Cx<'s> {
+    source: &'s str,
+    problems: Vec<Problem>,
+    now: DateTime<Utc>,
+}
+
+impl Cx<'_> {
+    fn error(&mut self, span: Span, message: impl Into<String>, hint: Option<String>) {
+        self.problems
+            .push(Problem::error(span, message).with_hint_opt(hint));
+    }
+
+    fn warning(&mut self, span: Span, message: impl Into<String>, hint: Option<String>) {
+        self.problems
+            .push(Problem::warning(span, message).with_hint_opt(hint));
+    }
+
+    fn mapping<'n>(
+        &mut self,
+        node: &'n Node,
+        what: &str,
+        allowed: &[&str],
+    ) -> Option<&'n [(Node, Node)]> {
+        let Some(entries) = node.as_mapping() else {
+            self.not_a(node, what, "a mapping");
+            return None;
+        };
+        self.problems
+            .extend(crate::yaml::unknown_keys(entries, allowed, what, |k| {
+                IMAGE_BUILDER_KEYS
+                    .iter()
+                    .find(|(ib, _)| *ib == k)
+                    .map(|(_, how)| format!("`{k}` is Image Builder's; here, {how}"))
+            }));
+        Some(entries)
+    }
+
+    fn not_a(&mut self, node: &Node, what: &str, expected: &str) {
+        self.error(
+            node.span,
+            format!("{what} must be {expected}, found {}", node.describe()),
+            None,
+        );
+    }
+
+    fn string(&mut self, node: &Node, what: &str) -> Option<String> {
+        if node.is_null() {
+            self.error(node.span, format!("{what} is empty"), None);
+            return None;
+        }
+        match node.as_str() {
+            Some(s) => Some(s.to_string()),
+            None => {
+                self.not_a(node, what, "text");
+                None
+            }
+        }
+    }
+
+    fn boolean(&mut self, node: &Node, what: &str) -> Option<bool> {
+        match node.as_bool() {
+            Some(b) => Some(b),
+            None => {
+                let hint = node
+                    .as_str()
+                    .filter(|s| {
+                        matches!(
+                            s.to_ascii_lowercase().as_str(),
+                            "yes" | "no" | "on" | "off" | "y" | "n"
+                        )
+                    })
+                    .map(|s| {
+                        let yes = matches!(s.to_ascii_lowercase().as_str(), "yes" | "on" | "y");
+                        format!("YAML 1.2 reads `{s}` as text; write `{yes}`")
+                    });
+                self.error(
+                    node.span,
+                    format!(
+                        "{what} must be `true` or `false`, found {}",
+                        node.describe()
+                    ),
+                    hint,
+                );
+                None
+            }
+        }
+    }
+
+    fn number(&mut self, node: &Node, what: &str, min: u64, max: u64) -> Option<u64> {
+        let Some(n) = node.as_int() else {
+            self.not_a(node, what, "a whole number");
+            return None;
+        };
+        if n < min as i64 {
+            self.error(
+                node.span,
+                format!("{what} ({n}) is below the minimum ({min})"),
+                None,
+            );
+            return None;
+        }
+        if n > max as i64 {
+            self.error(
+                node.span,
+                format!("{what} ({n}) is above the maximum ({max})"),
+                None,
+            );
+            return None;
+        }
+        Some(n as u64)
+    }
+
+    fn word<T: Copy>(
+        &mut self,
+        node: &Node,
+        noun: &str,
+        names: &[&str],
+        from_name: fn(&str) -> Option<T>,
+    ) -> Option<T> {
+        let text = self.string(node, noun)?;
+        if let Some(value) = from_name(&text) {
+            return Some(value);
+        }
+        let hint =
+            did_you_mean(&text, names.iter().copied()).map(|c| format!("did you mean `{c}`?"));
+        self.error(
+            node.span,
+            format!("unknown {noun} `{text}`; expected {}", one_of(names)),
+            hint,
+        );
+        None
+    }
+
+    fn duration(&mut self, node: &Node, what: &str) -> Option<Duration> {
+        let text = self.string(node, what)?;
+        match parse_duration(&text) {
+            Some(d) => Some(d),
+            None => {
+                self.error(
+                    node.span,
+                    format!("{what} `{text}` is not a duration"),
+                    Some("write a number and a unit: `30d`, `12h`, `2w`, `90m` or `0s`".into()),
+                );
+                None
+            }
+        }
+    }
+}
+
+/// `30d`, `12h`, `2w`, `90m`, `45s`.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().ok()?;
+    let secs = match unit.trim() {
+        "s" => 1,
+        "m" | "min" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        _ => return None,
+    };
+    n.checked_mul(secs).map(Duration::from_secs)
+}
+
+fn pipeline(cx: &mut Cx<'_>, root: &Node, path: &Path, text: &str) -> Option<Pipeline> {
+    let entries = cx.mapping(root, "a pipeline", TOP_KEYS)?;
+    let get = |key: &str| entries.iter().find(|(k, _)| k.as_str() == Some(key));
+    let start = Span::from_offsets(cx.source, root.span.start, root.span.start);
+
+    let name = match get("name") {
+        None => {
+            cx.error(
+                start,
+                "missing `name`",
+                Some("add `name: weekly-web` at the top level".into()),
+            );
+            None
+        }
+        Some((_, v)) => name(cx, v),
+    };
+    let description = get("description").and_then(|(_, v)| {
+        if v.is_null() {
+            None
+        } else {
+            cx.string(v, "`description`")
+        }
+    });
+    let recipe = match get("recipe") {
+        None => {
+            cx.error(
+                start,
+                "missing `recipe`",
+                Some("add `recipe: path/to/recipe.yml` (relative to this file)".into()),
+            );
+            None
+        }
+        Some((_, v)) => cx.string(v, "`recipe`").map(|r| Located {
+            value: crate::recipe::resolve_relative(path, &r),
+            span: v.span,
+        }),
+    };
+    let infrastructure = match get("infrastructure") {
+        None => Some(InfrastructureOverride::default()),
+        Some((_, v)) => infrastructure(cx, v),
+    };
+    if let Some((key, v)) = get("distribution")
+        && !v.is_null()
+    {
+        cx.error(
+            key.span,
+            "`distribution` cannot be set in a pipeline yet",
+            Some(
+                "put `distribution:` in the recipe; the pipeline distributes where the recipe says"
+                    .into(),
+            ),
+        );
+    }
+    let tests = match get("tests") {
+        None => Some(TestsOverride::default()),
+        Some((_, v)) => tests(cx, v),
+    };
+    let schedule = match get("schedule") {
+        None => Some(None),
+        Some((_, v)) if v.is_null() => Some(None),
+        Some((_, v)) => schedule(cx, v).map(Some),
+    };
+    let lifecycle = match get("lifecycle") {
+        None => Some(None),
+        Some((_, v)) if v.is_null() => Some(None),
+        Some((key, v)) => lifecycle(cx, key, v).map(Some),
+    };
+    let notifications = match get("notifications") {
+        None => Some(Notifications::default()),
+        Some((_, v)) if v.is_null() => Some(Notifications::default()),
+        Some((_, v)) => notifications(cx, v),
+    };
+    let enabled = match get("status") {
+        None => Some(true),
+        Some((_, v)) => cx.word(v, "status", &["enabled", "disabled"], |s| match s {
+            "enabled" | "ENABLED" => Some(true),
+            "disabled" | "DISABLED" => Some(false),
+            _ => None,
+        }),
+    };
+    Some(Pipeline {
+        name: name?,
+        description,
+        recipe: recipe?,
+        infrastructure: infrastructure?,
+        tests: tests?,
+        schedule: schedule?,
+        lifecycle: lifecycle?,
+        notifications: notifications?,
+        enabled: enabled?,
+        source: PipelineSource {
+            path: path.to_path_buf(),
+            text: text.to_string(),
+            sha256: hex::encode(Sha256::digest(text.as_bytes())),
+        },
+    })
+}
+
+fn name(cx: &mut Cx<'_>, node: &Node) -> Option<String> {
+    let text = cx.string(node, "`name`")?;
+    let ok = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+    if !text.chars().all(ok) {
+        let fixed: String = text.chars().map(|c| if ok(c) { c } else { '-' }).collect();
+        cx.error(
+            node.span,
+            format!("name `{text}` holds characters other than letters, digits, `-` and `_`"),
+            Some(format!("write `{fixed}`")),
+        );
+        return None;
+    }
+    if text.len() > 128 || text.starts_with(['-', '_']) {
+        cx.error(
+            node.span,
+            format!(
+                "name `{text}` must start with a letter or digit and have at most 128 characters"
+            ),
+            None,
+        );
+        return None;
+    }
+    Some(text)
+}
+
+fn infrastructure(cx: &mut Cx<'_>, node: &Node) -> Option<InfrastructureOverride> {
+    if node.is_null() {
+        return Some(InfrastructureOverride::default());
+    }
+    if node.as_str().is_some() {
+        cx.error(
+            node.span,
+            "`infrastructure` in a pipeline must be a mapping",
+            Some(
+                "write the settings that replace the recipe's: `infrastructure: {cpus: 4}`".into(),
+            ),
+        );
+        return None;
+    }
+    let entries = cx.mapping(node, "`infrastructure`", INFRASTRUCTURE_KEYS)?;
+    let before = cx.problems.len();
+    let mut out = InfrastructureOverride {
+        keys: Vec::new(),
+        values: Infrastructure::default(),
+    };
+    let v = &mut out.values;
+    for (key, value) in entries {
+        let Some(k) = key.as_str() else { continue };
+        if !INFRASTRUCTURE_KEYS.contains(&k) {
+            continue;
+        }
+        match k {
+            "cpus" => {
+                if let Some(n) = cx.number(value, "cpus", 1, u64::from(MAX_CPUS)) {
+                    v.cpus = n as u32;
+                }
+            }
+            "memory" => {
+                if let Some(text) = cx.string(value, "memory") {
+                    match text.parse::<ByteSize>() {
+                        Ok(size) if size < MIN_MEMORY => cx.error(
+                            value.span,
+                            format!("memory ({size}) is below the minimum ({MIN_MEMORY})"),
+                            value.as_int().map(|_| {
+                                "a plain number is bytes; write a unit, e.g. `2GiB`".into()
+                            }),
+                        ),
+                        Ok(size) => v.memory = size,
+                        Err(e) => cx.error(value.span, format!("memory: {e}"), e.hint()),
+                    }
+                }
+            }
+            "accelerator" => {
+                if let Some(a) = cx.word(
+                    value,
+                    "accelerator",
+                    Accelerator::NAMES,
+                    Accelerator::from_name,
+                ) {
+                    v.accelerator = a;
+                }
+            }
+            "firmware" => {
+                if let Some(f) = cx.word(value, "firmware", Firmware::NAMES, Firmware::from_name) {
+                    v.firmware = f;
+                }
+            }
+            "network" => {
+                if let Some(n) = cx.word(value, "network", Network::NAMES, Network::from_name) {
+                    v.network = n;
+                }
+            }
+            "bootTimeoutSeconds" | "buildTimeoutSeconds" | "shutdownTimeoutSeconds" => {
+                if let Some(n) = cx.number(value, k, 1, MAX_TIMEOUT_SECS) {
+                    match k {
+                        "bootTimeoutSeconds" => v.boot_timeout_secs = n,
+                        "buildTimeoutSeconds" => v.build_timeout_secs = n,
+                        _ => v.shutdown_timeout_secs = n,
+                    }
+                }
+            }
+            "keepOnFailure" => {
+                if let Some(b) = cx.boolean(value, "keepOnFailure") {
+                    v.keep_on_failure = b;
+                }
+            }
+            _ => {}
+        }
+        out.keys.push(k.to_string());
+    }
+    (cx.problems.len() == before).then_some(out)
+}
+
+fn tests(cx: &mut Cx<'_>, node: &Node) -> Option<TestsOverride> {
+    let mut out = TestsOverride::default();
+    if node.is_null() {
+        return Some(out);
+    }
+    let entries = cx.mapping(node, "`tests`", TESTS_KEYS)?;
+    let before = cx.problems.len();
+    for (key, value) in entries {
+        match key.as_str().unwrap_or_default() {
+            "enabled" => out.enabled = cx.boolean(value, "`enabled`"),
+            "timeoutSeconds" => {
+                out.timeout_secs = cx.number(value, "timeoutSeconds", 1, MAX_TIMEOUT_SECS);
+            }
+            _ => {}
+        }
+    }
+    (cx.problems.len() == before).then_some(out)
+}
+
+fn schedule(cx: &mut Cx<'_>, node: &Node) -> Option<Schedule> {
+    if let Some(text) = node.as_str().filter(|_| !node.is_null()) {
+        cx.error(
+            node.span,
+            "`schedule` must be a mapping",
+            Some(format!("write `schedule: {{expression: \"{text}\"}}`")),
+        );
+        return None;
+    }
+    let entries = cx.mapping(node, "`schedule`", SCHEDULE_KEYS)?;
+    let before = cx.problems.len();
+    let get = |key: &str| entries.iter().find(|(k, _)| k.as_str() == Some(key));
+    let timezone = match get("timezone") {
+        None => Some(chrono_tz::Tz::UTC),
+        Some((_, v)) => {
+            let text = cx.string(v, "`timezone`")?;
+            match parse_zone(&text) {
+                Some(zone) => Some(zone),
+                None => {
+                    let hint = close_zone(&text)
+                        .map(|z| format!("did you mean `{z}`?"))
+                        .unwrap_or_else(|| {
+                            "use an IANA zone name such as `UTC`, `Europe/Paris` or `America/New_York`"
+                                .into()
+                        });
+                    cx.error(v.span, format!("unknown time zone `{text}`"), Some(hint));
+                    None
+                }
+            }
+        }
+    };
+    let expression = match get("expression") {
+        None => {
+            cx.error(
+                node.span,
+                "`schedule` has no `expression`",
+                Some("add `expression: \"0 3 * * 1\"` (Mondays at 03:00)".into()),
+            );
+            None
+        }
+        Some((_, v)) => {
+            cx.string(v, "`expression`")
+                .and_then(|text| match CronExpr::parse(&text) {
+                    Ok(expr) => {
+                        if let Some(zone) = timezone
+                            && let Some(why) = expr.never_matches(cx.now, zone)
+                        {
+                            cx.error(
+                            v.span,
+                            why,
+                            Some(
+                                "check the day of month against the month (and the year, if given)"
+                                    .into(),
+                            ),
+                        );
+                            return None;
+                        }
+                        Some(Located {
+                            value: expr,
+                            span: v.span,
+                        })
+                    }
+                    Err(problem) => {
+                        let span = match problem.part {
+                            Some((s, e)) => inner_span(cx.source, v, &text, s, e),
+                            None => v.span,
+                        };
+                        cx.error(span, problem.message, problem.hint);
+                        None
+                    }
+                })
+        }
+    };
+    let start_condition = match get("startCondition") {
+        None => Some(StartCondition::DependencyChanged),
+        Some((_, v)) => cx.word(
+            v,
+            "start condition",
+            StartCondition::NAMES,
+            StartCondition::from_name,
+        ),
+    };
+    let package_updates = match get("packageUpdates") {
+        None => Some(false),
+        Some((key, v)) => {
+            let b = cx.boolean(v, "`packageUpdates`");
+            if b == Some(true) {
+                cx.warning(
+                    key.span,
+                    "`packageUpdates` is not checked yet (it needs a VM); only the parent image, components, parameters and recipe count as dependencies",
+                    Some("use `startCondition: always` to rebuild on every match and pick up package updates".into()),
+                );
+            }
+            b
+        }
+    };
+    if cx
+        .problems
+        .iter()
+        .skip(before)
+        .any(|p| p.severity == crate::diagnostic::Severity::Error)
+    {
+        return None;
+    }
+    Some(Schedule {
+        expression: expression?,
+        timezone: timezone?,
+        start_condition: start_condition?,
+        package_updates: package_updates?,
+    })
+}
+
+/// The span of `value[start..end]` inside the scalar `node`, or the whole scalar.
+fn inner_span(source: &str, node: &Node, value: &str, start: usize, end: usize) -> Span {
+    let raw = &source[node.span.start..node.span.end.min(source.len())];
+    let part = &value[start..end.min(value.len())];
+    match raw.find(part) {
+        Some(i) if !part.is_empty() => Span::from_offsets(
+            source,
+            node.span.start + i,
+            node.span.start + i + part.len(),
+        ),
+        _ => node.span,
+    }
+}
+
+fn lifecycle(cx: &mut Cx<'_>, key: &Node, node: &Node) -> Option<Lifecycle> {
+    let entries = cx.mapping(node, "`lifecycle`", LIFECYCLE_KEYS)?;
+    let before = cx.problems.len();
+    let mut out = Lifecycle {
+        keep_last: None,
+        max_age: None,
+        deprecate_for: Duration::ZERO,
+        remote: false,
+    };
+    for (k, value) in entries {
+        match k.as_str().unwrap_or_default() {
+            "keepLast" => out.keep_last = cx.number(value, "keepLast", 1, 1000).map(|n| n as u32),
+            "maxAge" => {
+                out.max_age = cx.duration(value, "`maxAge`");
+                if out.max_age == Some(Duration::ZERO) {
+                    cx.error(
+                        value.span,
+                        "`maxAge` is zero: every image would be removed",
+                        Some("write a positive duration such as `30d`".into()),
+                    );
+                }
+            }
+            "deprecateFor" => {
+                if let Some(d) = cx.duration(value, "`deprecateFor`") {
+                    out.deprecate_for = d;
+                }
+            }
+            "remote" => {
+                if let Some(b) = cx.boolean(value, "`remote`") {
+                    out.remote = b;
+                }
+            }
+            _ => {}
+        }
+    }
+    if cx.problems.len() != before {
+        return None;
+    }
+    if out.keep_last.is_none() && out.max_age.is_none() {
+        cx.error(
+            key.span,
+            "`lifecycle` says neither how many images to keep nor for how long",
+            Some("add `keepLast: 5` and/or `maxAge: 30d`".into()),
+        );
+        return None;
+    }
+    Some(out)
+}
+
+fn notifications(cx: &mut Cx<'_>, node: &Node) -> Option<Notifications> {
+    let entries = cx.mapping(node, "`notifications`", NOTIFICATION_KEYS)?;
+    let before = cx.problems.len();
+    let mut out = Notifications {
+        on: DEFAULT_NOTIFY_ON.to_vec(),
+        webhook: None,
+        command: None,
+    };
+    let names: Vec<&str> = ExecStatus::ALL.iter().map(|s| s.as_str()).collect();
+    for (key, value) in entries {
+        match key.as_str().unwrap_or_default() {
+            "on" => {
+                let Some(items) = value.as_sequence() else {
+                    cx.not_a(value, "`on`", "a list of statuses");
+                    continue;
+                };
+                let mut on = Vec::new();
+                for item in items {
+                    let status = cx.word(item, "status", &names, |s| {
+                        ExecStatus::ALL
+                            .into_iter()
+                            .find(|st| st.as_str().eq_ignore_ascii_case(s))
+                    });
+                    if let Some(s) = status
+                        && !on.contains(&s)
+                    {
+                        on.push(s);
+                    }
+                }
+                out.on = on;
+            }
+            "webhook" => out.webhook = webhook(cx, value),
+            "command" => {
+                let Some(items) = value.as_sequence() else {
+                    let hint = value
+                        .as_str()
+                        .map(|s| {
+                            let words: Vec<String> =
+                                s.split_whitespace().map(|w| format!("\"{w}\"")).collect();
+                            format!("write the program and its arguments as a list: `command: [{}]` (no shell)", words.join(", "))
+                        });
+                    cx.error(
+                        value.span,
+                        format!("`command` must be a list, found {}", value.describe()),
+                        hint,
+                    );
+                    continue;
+                };
+                let mut argv = Vec::new();
+                for item in items {
+                    if let Some(s) = cx.string(item, "an argument of `command`") {
+                        argv.push(s);
+                    }
+                }
+                if items.is_empty() {
+                    cx.error(
+                        value.span,
+                        "`command` is empty",
+                        Some("name a program: `command: [/usr/local/bin/notify]`".into()),
+                    );
+                }
+                out.command = Some(argv);
+            }
+            _ => {}
+        }
+    }
+    (cx.problems.len() == before).then_some(out)
+}
+
+fn webhook(cx: &mut Cx<'_>, node: &Node) -> Option<Webhook> {
+    if let Some(url) = node.as_str().filter(|_| !node.is_null()) {
+        cx.error(
+            node.span,
+            "`webhook` must be a mapping",
+            Some(format!("write `webhook: {{url: \"{url}\"}}`")),
+        );
+        return None;
+    }
+    let entries = cx.mapping(node, "`webhook`", WEBHOOK_KEYS)?;
+    let get = |key: &str| entries.iter().find(|(k, _)| k.as_str() == Some(key));
+    let url = match get("url") {
+        None => {
+            cx.error(
+                node.span,
+                "`webhook` has no `url`",
+                Some("add `url: https://…`".into()),
+            );
+            None
+        }
+        Some((_, v)) => cx.string(v, "`url`").and_then(|url| {
+            if url.starts_with("http://") || url.starts_with("https://") {
+                Some(url)
+            } else {
+                cx.error(
+                    v.span,
+                    format!("webhook URL `{url}` is not an http(s) URL"),
+                    Some("write `https://host/path` (or `http://` on a trusted network)".into()),
+                );
+                None
+            }
+        }),
+    };
+    let mut headers = BTreeMap::new();
+    if let Some((_, v)) = get("headers")
+        && !v.is_null()
+    {
+        match v.as_mapping() {
+            Some(entries) => {
+                for (k, value) in entries {
+                    let name = cx.string(k, "a header name");
+                    let text = cx.string(value, "a header value");
+                    if let (Some(name), Some(text)) = (name, text) {
+                        if !name
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                        {
+                            cx.error(
+                                k.span,
+                                format!("`{name}` is not a valid header name"),
+                                Some("header names hold letters, digits, `-` and `_`".into()),
+                            );
+                            continue;
+                        }
+                        headers.insert(name, text);
+                    }
+                }
+            }
+            None => cx.not_a(v, "`headers`", "a mapping of header names to values"),
+        }
+    }
+    Some(Webhook { url: url?, headers })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that unwraps fails loudly, which is the point
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 21, 12, 0, 0).unwrap()
+    }
+
+    fn checked(text: &str) -> Checked {
+        check(Path::new("p/weekly.yml"), text, now())
+    }
+
+    /// (line, col, message, hint) of every problem.
+    fn problems(text: &str) -> Vec<(usize, usize, String, Option<String>)> {
+        checked(text)
+            .diagnostics
+            .problems()
+            .iter()
+            .map(|p| (p.span.line, p.span.col, p.message.clone(), p.hint.clone()))
+            .collect()
+    }
+
+    const MINIMAL: &str = "name: weekly\nrecipe: ../r/recipe.yml\n";
+
+    #[test]
+    fn minimal_pipeline_gets_every_default() {
+        let p = checked(MINIMAL).pipeline.unwrap();
+        assert_eq!(p.name, "weekly");
+        assert_eq!(p.recipe.value, Path::new("p/../r/recipe.yml"));
+        assert!(p.schedule.is_none());
+        assert!(p.enabled);
+        assert!(p.infrastructure.is_empty());
+        assert_eq!(p.notifications, Notifications::default());
+        assert!(p.lifecycle.is_none());
+    }
+
+    #[test]
+    fn every_key_at_once() {
+        let text = "name: weekly-web\ndescription: d\nrecipe: r.yml\ninfrastructure: {cpus: 4, memory: 4GiB, accelerator: tcg}\ntests: {enabled: false, timeoutSeconds: 600}\nschedule:\n  expression: cron(0 3 ? * MON *)\n  timezone: Europe/Paris\n  startCondition: EXPRESSION_MATCH_ONLY\nlifecycle: {keepLast: 4, maxAge: 30d, deprecateFor: 7d, remote: true}\nnotifications:\n  on: [available, FAILED]\n  webhook: {url: 'http://127.0.0.1:9/x', headers: {Authorization: Bearer t}}\n  command: [/bin/true, x]\nstatus: DISABLED\n";
+        let c = checked(text);
+        assert!(c.diagnostics.is_empty(), "{}", c.diagnostics);
+        let p = c.pipeline.unwrap();
+        assert_eq!(p.infrastructure.keys, ["cpus", "memory", "accelerator"]);
+        let applied = p.infrastructure.apply(&Infrastructure::default());
+        assert_eq!(applied.cpus, 4);
+        assert_eq!(applied.memory, ByteSize::gib(4));
+        assert_eq!(applied.accelerator, Accelerator::Tcg);
+        assert_eq!(applied.firmware, Infrastructure::default().firmware);
+        assert_eq!(p.tests.enabled, Some(false));
+        let s = p.schedule.unwrap();
+        assert_eq!(s.start_condition, StartCondition::Always);
+        assert_eq!(s.timezone, chrono_tz::Europe::Paris);
+        let l = p.lifecycle.unwrap();
+        assert_eq!(l.keep_last, Some(4));
+        assert_eq!(l.max_age, Some(Duration::from_secs(30 * 86400)));
+        assert_eq!(l.deprecate_for, Duration::from_secs(7 * 86400));
+        assert_eq!(
+            p.notifications.on,
+            [ExecStatus::Available, ExecStatus::Failed]
+        );
+        assert_eq!(p.notifications.command.unwrap(), ["/bin/true", "x"]);
+        assert_eq!(
+            p.notifications.webhook.unwrap().headers["Authorization"],
+            "Bearer t"
+        );
+        assert!(!p.enabled);
+    }
+
+    #[test]
+    fn impossible_cron_is_explained_at_its_place() {
+        let text = format!("{MINIMAL}schedule:\n  expression: 0 0 31 2 *\n");
+        let p = problems(&text);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!((p[0].0, p[0].1), (4, 15));
+        assert!(p[0].2.contains("never matches"), "{p:?}");
+        assert!(p[0].2.contains("February"), "{p:?}");
+    }
+
+    #[test]
+    fn bad_time_zone_gets_did_you_mean() {
+        let text =
+            format!("{MINIMAL}schedule:\n  expression: 0 3 * * *\n  timezone: Europe/Pariss\n");
+        let p = problems(&text);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!((p[0].0, p[0].1), (5, 13));
+        assert_eq!(p[0].2, "unknown time zone `Europe/Pariss`");
+        assert_eq!(p[0].3.as_deref(), Some("did you mean `Europe/Paris`?"));
+    }
+
+    #[test]
+    fn every_problem_at_once() {
+        let text = "nme: x\nrecipe: r.yml\ninfrastructure: {cpus: 0, memry: 1G}\nschedule: {expression: '0 3 * *', startCondition: sometimes}\nlifecycle: {}\nnotifications: {on: [done], command: notify me, webhook: {url: ftp://x}}\nstatus: on\n";
+        let messages: Vec<String> = problems(text).into_iter().map(|p| p.2).collect();
+        assert_eq!(
+            messages,
+            [
+                "unknown key `nme` in a pipeline",
+                "missing `name`",
+                "cpus (0) is below the minimum (1)",
+                "unknown key `memry` in `infrastructure`",
+                "`0 3 * *` has 4 fields; a cron expression has 5 (minute hour day-of-month month day-of-week)",
+                "unknown start condition `sometimes`; expected `always` or `dependencyChanged`",
+                "`lifecycle` says neither how many images to keep nor for how long",
+                "unknown status `done`; expected `pending`, `building`, `testing`, `distributing`, `available`, `failed`, `cancelled` or `skipped`",
+                "`command` must be a list, found a string",
+                "webhook URL `ftp://x` is not an http(s) URL",
+                "unknown status `on`; expected `enabled` or `disabled`",
+            ],
+        );
+    }
+
+    #[test]
+    fn image_builder_keys_get_a_translation() {
+        let text = format!("{MINIMAL}schedule:\n  scheduleExpression: cron(0 3 ? * MON *)\n");
+        let p = problems(&text);
+        assert!(
+            p.iter().any(|p| p.3.as_deref()
+                == Some("`scheduleExpression` is Image Builder's; here, write `expression:`")),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30d"), Some(Duration::from_secs(30 * 86400)));
+        assert_eq!(parse_duration("2w"), Some(Duration::from_secs(14 * 86400)));
+        assert_eq!(parse_duration("0s"), Some(Duration::ZERO));
+        assert_eq!(parse_duration("d"), None);
+        assert_eq!(parse_duration("3y"), None);
+        assert_eq!(parse_duration("99999999999999999999d"), None);
+    }
+
+    proptest::proptest! {
+        /// Any edit of a valid pipeline gives a pipeline or problems, never a panic.
+        #[test]
+        fn edited_pipelines_never_panic(at in 0usize..600, len in 0usize..8, insert in ".{0,6}") {
+            let mut text = "name: weekly-web\nrecipe: r.yml\ninfrastructure: {cpus: 4}\nschedule:\n  expression: cron(0 3 ? * MON *)\n  timezone: Europe/Paris\nlifecycle: {keepLast: 4}\nnotifications: {webhook: {url: 'http://x'}, command: [a]}\n".to_string();
+            let start = at.min(text.len());
+            let start = (0..=start).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0);
+            let end = (start + len).min(text.len());
+            let end = (end..=text.len()).find(|i| text.is_char_boundary(*i)).unwrap_or(text.len());
+            text.replace_range(start..end, &insert);
+            let c = checked(&text);
+            proptest::prop_assert!(c.pipeline.is_some() || c.diagnostics.has_errors());
+        }
+    }
+}
