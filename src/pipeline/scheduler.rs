@@ -1,0 +1,506 @@
+//! `builder serve`: runs the pipelines of a folder on their schedules.
+//!
+//! Every tick (at the next due time, at most [`TICK`] apart, and at once on SIGHUP) the
+//! folder is read again, so edited, added and removed pipeline files take effect without a
+//! restart. For each enabled pipeline with a schedule:
+//!
+//! 1. its next run time comes from the history (persisted; `None` for a new pipeline, which
+//!    waits for its first match);
+//! 2. when it is due, the execution is recorded first (`History::begin`, unique per
+//!    `(pipeline, due)`: a slot already taken, by this scheduler before a restart or by
+//!    another one, is not run again), then the next run time is persisted, then the build
+//!    starts. After downtime only the latest missed occurrence runs.
+//!
+//! At most `concurrency` builds run at once (one by default); due executions wait as
+//! `pending`. On startup, executions left unfinished by a scheduler that died (SIGKILL, power
+//! loss) are recorded as failed ("scheduler stopped") and their build's folders in the store
+//! removed (the logs are kept with the store's failed builds). On stop, running builds are
+//! cancelled cleanly (their VMs stopped, files removed) or, with [`OnStop::Finish`], allowed
+//! to finish; executions still pending are recorded as cancelled.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::task::JoinSet;
+
+use super::Clock;
+use super::history::{ExecStatus, Execution, ExecutionId, History, HistoryError, Outcome, Trigger};
+use super::model::Pipeline;
+use super::parse;
+use super::run::{self, Report, RunOptions};
+use super::schedule::{Due, When};
+use crate::build::{BuildEvent, BuildObserver};
+use crate::component::executor::{Event, Observer};
+use crate::store::{BuildRecord, Store};
+
+/// The longest the scheduler sleeps before it looks at the folder again.
+pub const TICK: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    #[error("could not read the pipelines folder `{path}`")]
+    Folder {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    History(#[from] HistoryError),
+}
+
+/// What to do with running builds when the scheduler is asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnStop {
+    /// Cancel them cleanly (VMs stopped, files removed, logs kept); recorded as cancelled.
+    #[default]
+    Cancel,
+    /// Let them finish, then stop.
+    Finish,
+}
+
+/// What the scheduler is told from outside (signals, tests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    /// Stop (the signal's name, for the records).
+    Stop(String),
+    /// Read the folder again now (SIGHUP).
+    Reload,
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub dir: PathBuf,
+    /// Builds at once; at least 1.
+    pub concurrency: usize,
+    pub on_stop: OnStop,
+    pub run: RunOptions,
+}
+
+/// What a build task returns: its execution, pipeline, and report (or why none).
+type Done = (ExecutionId, String, Result<Report, String>);
+
+/// A line for the scheduler's log (stderr in `builder serve`).
+pub type Log = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// Run the scheduler until `control` says stop (or is closed). Must run inside a
+/// `tokio::task::LocalSet` (builds are local tasks).
+pub async fn serve(
+    store: Store,
+    history: Arc<History>,
+    clock: Arc<dyn Clock>,
+    options: Options,
+    mut control: UnboundedReceiver<Control>,
+    log: Log,
+) -> Result<(), SchedulerError> {
+    recover(&store, &history, &log)?;
+    let concurrency = options.concurrency.max(1);
+    let mut running: JoinSet<Done> = JoinSet::new();
+    let mut running_ids: HashMap<tokio::task::Id, (ExecutionId, String)> = HashMap::new();
+    let mut queue: VecDeque<(ExecutionId, String, PathBuf)> = VecDeque::new();
+    let mut reported: HashMap<PathBuf, String> = HashMap::new();
+    let stop_reason: String;
+    log(&format!(
+        "serving pipelines in {} (at most {concurrency} build{} at once)",
+        options.dir.display(),
+        if concurrency == 1 { "" } else { "s" }
+    ));
+
+    loop {
+        let now = clock.now();
+        let pipelines = load_folder(&options.dir, now, &mut reported, &log)?;
+        let mut wake = now + chrono::Duration::from_std(TICK).unwrap_or_default();
+        for (path, pipeline) in &pipelines {
+            let Some(schedule) = pipeline.schedule.as_ref().filter(|_| pipeline.enabled) else {
+                continue;
+            };
+            let when = When {
+                expression: &schedule.expression.value,
+                zone: schedule.timezone,
+            };
+            let stored = history.next_run(&pipeline.name)?;
+            match when.due(stored, now) {
+                Due::Wait { next } => {
+                    if stored != Some(next) {
+                        history.set_next_run(&pipeline.name, next)?;
+                        log(&format!(
+                            "{}: next run at {} ({})",
+                            pipeline.name,
+                            next.format("%Y-%m-%d %H:%M UTC"),
+                            schedule.expression.value.describe()
+                        ));
+                    }
+                    wake = wake.min(next);
+                }
+                Due::Never => {
+                    if stored.is_some() {
+                        history.clear_next_run(&pipeline.name)?;
+                        log(&format!(
+                            "{}: its schedule matches no time from now on",
+                            pipeline.name
+                        ));
+                    }
+                }
+                Due::Run { due, missed, next } => {
+                    let trigger = Trigger::Schedule { due };
+                    let reason = run::trigger_reason(&trigger, missed);
+                    // Recorded before anything else: the slot is taken even if we die now.
+                    match history.begin(&pipeline.name, trigger, &reason)? {
+                        Some(id) => {
+                            log(&format!("{}: execution {id}: {reason}", pipeline.name));
+                            queue.push_back((id, pipeline.name.clone(), path.clone()));
+                        }
+                        None => log(&format!(
+                            "{}: the run for {} was already recorded; not running it again",
+                            pipeline.name,
+                            due.format("%Y-%m-%d %H:%M UTC")
+                        )),
+                    }
+                    match next {
+                        Some(next) => {
+                            history.set_next_run(&pipeline.name, next)?;
+                            wake = wake.min(next);
+                        }
+                        None => history.clear_next_run(&pipeline.name)?,
+                    }
+                }
+            }
+        }
+
+        while running.len() < concurrency
+            && let Some((id, name, path)) = queue.pop_front()
+        {
+            let store = store.clone();
+            let history = history.clone();
+            let run_options = options.run.clone();
+            let observer = LogLines {
+                name: name.clone(),
+                log: log.clone(),
+            };
+            let task_name = name.clone();
+            // The build future is not `Send` (it borrows the VM's undo list across awaits): the
+            // builds run on the scheduler's own thread, as tasks of a `LocalSet`.
+            let handle = running.spawn_local(async move {
+                let result = run::execute_file(
+                    &path,
+                    id,
+                    &store,
+                    &history,
+                    &run_options,
+                    &observer,
+                    Utc::now(),
+                )
+                .await
+                .map_err(|e| error_chain(&e));
+                (id, task_name, result)
+            });
+            running_ids.insert(handle.id(), (id, name));
+        }
+
+        let sleep = (wake - clock.now()).to_std().unwrap_or(Duration::ZERO);
+        // A due time just passed: look again right after it (croner matches whole minutes).
+        let sleep = sleep.max(Duration::from_millis(200)).min(TICK);
+        tokio::select! {
+            _ = tokio::time::sleep(sleep) => {}
+            Some(done) = running.join_next_with_id(), if !running.is_empty() => {
+                finished(done, &mut running_ids, &log);
+            }
+            message = control.recv() => match message {
+                Some(Control::Reload) => log("reloading the pipelines folder"),
+                Some(Control::Stop(why)) => { stop_reason = why; break; }
+                None => { stop_reason = "the control channel closed".into(); break; }
+            },
+        }
+    }
+
+    // Stopping.
+    for (id, name, _) in queue.drain(..) {
+        log(&format!(
+            "{name}: execution {id} cancelled before it started"
+        ));
+        let _ = run::cancelled(
+            &history,
+            id,
+            &format!("scheduler stopped ({stop_reason}) before the build started"),
+        );
+    }
+    match options.on_stop {
+        OnStop::Finish if !running.is_empty() => {
+            log(&format!(
+                "{stop_reason}: waiting for {} running build(s) to finish",
+                running.len()
+            ));
+            while let Some(done) = running.join_next_with_id().await {
+                finished(done, &mut running_ids, &log);
+            }
+        }
+        _ => {
+            if !running.is_empty() {
+                log(&format!(
+                    "{stop_reason}: cancelling {} running build(s)",
+                    running.len()
+                ));
+            }
+            running.abort_all();
+            // Each aborted build unwinds as its future is dropped (VM stopped, files
+            // removed); wait for that before saying so.
+            while let Some(done) = running.join_next_with_id().await {
+                if let Err(e) = &done
+                    && e.is_cancelled()
+                    && let Some((id, name)) = running_ids.remove(&e.id())
+                {
+                    let _ =
+                        run::cancelled(&history, id, &format!("scheduler stopped ({stop_reason})"));
+                    log(&format!(
+                        "{name}: execution {id} cancelled; its build was stopped and removed"
+                    ));
+                } else {
+                    finished(done, &mut running_ids, &log);
+                }
+            }
+        }
+    }
+    log("stopped");
+    Ok(())
+}
+
+fn finished(
+    done: Result<(tokio::task::Id, Done), tokio::task::JoinError>,
+    running_ids: &mut HashMap<tokio::task::Id, (ExecutionId, String)>,
+    log: &Log,
+) {
+    match done {
+        Ok((task, (id, name, result))) => {
+            running_ids.remove(&task);
+            match result {
+                Ok(report) => {
+                    let what = report
+                        .image
+                        .as_deref()
+                        .map(|i| format!(" {i}"))
+                        .unwrap_or_default();
+                    let why = match report.status {
+                        ExecStatus::Failed => report.error.clone().unwrap_or_default(),
+                        _ => report.reason.clone(),
+                    };
+                    log(&format!(
+                        "{name}: execution {id} {}{what}: {why}",
+                        report.status
+                    ));
+                    for w in &report.warnings {
+                        log(&format!("{name}: warning: {w}"));
+                    }
+                }
+                Err(e) => log(&format!(
+                    "{name}: execution {id} could not be recorded: {e}"
+                )),
+            }
+        }
+        Err(e) => {
+            if let Some((id, name)) = running_ids.remove(&e.id()) {
+                log(&format!("{name}: execution {id} stopped unexpectedly: {e}"));
+            }
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// The valid pipelines of `dir` (`*.yml`, `*.yaml`), sorted by file name. An invalid file is
+/// reported once per content (and again when it changes); a second file with a name already
+/// taken is reported and left out.
+pub fn load_folder(
+    dir: &Path,
+    now: DateTime<Utc>,
+    reported: &mut HashMap<PathBuf, String>,
+    log: &Log,
+) -> Result<Vec<(PathBuf, Pipeline)>, SchedulerError> {
+    let entries = std::fs::read_dir(dir).map_err(|source| SchedulerError::Folder {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file() && matches!(p.extension().and_then(|e| e.to_str()), Some("yml" | "yaml"))
+        })
+        .collect();
+    paths.sort();
+    let mut out: Vec<(PathBuf, Pipeline)> = Vec::new();
+    for path in paths {
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let checked = parse::check(&path, &text, now);
+        let key = format!("{:x}", text.len()) + &text;
+        match checked.pipeline {
+            Some(p) => {
+                if out.iter().any(|(_, q)| q.name == p.name) {
+                    if reported.get(&path) != Some(&key) {
+                        log(&format!(
+                            "{}: another pipeline file is already named `{}`; this one is ignored",
+                            path.display(),
+                            p.name
+                        ));
+                        reported.insert(path.clone(), key);
+                    }
+                    continue;
+                }
+                reported.remove(&path);
+                out.push((path, p));
+            }
+            None => {
+                if reported.get(&path) != Some(&key) {
+                    log(&format!(
+                        "ignoring an invalid pipeline file (fix it; it is read again at each tick):\n{}",
+                        checked.diagnostics.render(false)
+                    ));
+                    reported.insert(path.clone(), key);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Executions left unfinished by a scheduler that is gone: recorded as failed, their build's
+/// folders in the store cleaned up. Executions another live process runs are left alone.
+pub fn recover(
+    store: &Store,
+    history: &History,
+    log: &Log,
+) -> Result<Vec<ExecutionId>, SchedulerError> {
+    let me = std::process::id();
+    let mut recovered = Vec::new();
+    for execution in history.unfinished()? {
+        if let Some(runner) = &execution.runner
+            && runner.pid != me
+            && runner.is_alive() != Some(false)
+        {
+            continue;
+        }
+        history.adopt(execution.id)?;
+        let cleaned = clean_build(store, &execution);
+        let mut message = format!(
+            "scheduler stopped while the execution was {} (the process running it is gone)",
+            execution.status
+        );
+        if let Some(note) = &cleaned {
+            message.push_str("; ");
+            message.push_str(note);
+        }
+        history.finish(
+            execution.id,
+            &Outcome {
+                status: Some(ExecStatus::Failed),
+                image: run::recorded_build(&execution).map(|(image, _)| image),
+                error: Some(message.clone()),
+                ..Outcome::default()
+            },
+        )?;
+        log(&format!(
+            "{}: execution {}: {message}",
+            execution.pipeline, execution.id
+        ));
+        recovered.push(execution.id);
+    }
+    Ok(recovered)
+}
+
+/// Remove what a killed build left in the store: its disk chain (`work/<build-id>`) and its
+/// staging folder, whose logs move to `failed/<build-id>` like any failed build's. QEMU died
+/// with the builder (parent-death signal) and the VM folder's watcher removed that folder.
+fn clean_build(store: &Store, execution: &Execution) -> Option<String> {
+    let (image, build_id) = run::recorded_build(execution)?;
+    if build_id.contains('/') || build_id.contains("..") || build_id.is_empty() {
+        return None;
+    }
+    let root = store.root();
+    let mut notes = Vec::new();
+    let work = root.join("work").join(&build_id);
+    if work.exists() {
+        match std::fs::remove_dir_all(&work) {
+            Ok(()) => notes.push(format!("removed its disk chain {}", work.display())),
+            Err(e) => notes.push(format!("could not remove {}: {e}", work.display())),
+        }
+    }
+    let staging = root.join("staging").join(&build_id);
+    if staging.exists() {
+        let failed = root.join("failed").join(&build_id);
+        let record_path = staging.join("build.json");
+        if let Ok(bytes) = std::fs::read(&record_path)
+            && let Ok(mut record) = serde_json::from_slice::<BuildRecord>(&bytes)
+        {
+            record.failure = Some("the scheduler running the build was stopped".into());
+            if let Ok(json) = serde_json::to_vec_pretty(&record) {
+                let _ = std::fs::write(&record_path, json);
+            }
+        }
+        // Outputs are not worth keeping from a build that never finished; logs are.
+        if let Ok(entries) = std::fs::read_dir(&staging) {
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                if name != "logs" && name != "build.json" {
+                    let p = entry.path();
+                    let _ = if p.is_dir() {
+                        std::fs::remove_dir_all(&p)
+                    } else {
+                        std::fs::remove_file(&p)
+                    };
+                }
+            }
+        }
+        match std::fs::rename(&staging, &failed) {
+            Ok(()) => notes.push(format!("build {image}'s logs are in {}", failed.display())),
+            Err(e) => notes.push(format!("could not move {}: {e}", staging.display())),
+        }
+    }
+    (!notes.is_empty()).then(|| notes.join("; "))
+}
+
+/// The build's stages as log lines, prefixed with the pipeline's name.
+struct LogLines {
+    name: String,
+    log: Log,
+}
+
+impl Observer for LogLines {
+    fn event(&self, _: &Event<'_>) {}
+}
+
+impl BuildObserver for LogLines {
+    fn build_event(&self, event: &BuildEvent<'_>) {
+        let line = match event {
+            BuildEvent::BuildStarted { image, logs, .. } => {
+                format!("building {image} (logs: {})", logs.display())
+            }
+            BuildEvent::StageStarted { stage, detail } => {
+                format!(
+                    "▶ {stage}{}",
+                    detail.map(|d| format!(" {d}")).unwrap_or_default()
+                )
+            }
+            BuildEvent::StageFinished {
+                stage,
+                status,
+                duration_ms,
+                ..
+            } => format!("{stage} {status} ({:.1} s)", *duration_ms as f64 / 1000.0),
+            BuildEvent::BuildFinished { status, image, .. } => format!("build {image} {status}"),
+            _ => return,
+        };
+        (self.log)(&format!("{}: {line}", self.name));
+    }
+}
