@@ -1,0 +1,904 @@
+//! AWS AMI import (`builder::distribute::aws`).
+//!
+//! S3 is real: `s3s-fs` (an S3-compatible server, installed by scripts/install-deps) on
+//! loopback checks every signature and each part's signed SHA-256. EC2 and IAM are a
+//! scripted fake (`support/fake_ec2.rs`) because nothing we can run implements VM Import;
+//! the fake recomputes every request's SigV4 signature and records each action with its
+//! parameters for the assertions below.
+//!
+//! Without s3s-fs these tests are skipped with a note, unless `BUILDER_S3_TESTS=1` (set by
+//! scripts/test, so CI) asks for them: then they fail and say how to install it.
+
+#[path = "support/fake_ec2.rs"]
+mod fake_ec2;
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use builder::distribute::Progress;
+use builder::distribute::aws::client::http_client;
+use builder::distribute::aws::ec2::{Ec2Client, Ec2Error};
+use builder::distribute::aws::{
+    AmiOptions, AwsCredentials, AwsError, ImportMethod, RetryPolicy, S3Client, S3Error,
+    UploadOptions, import_ami, preflight, upload_multipart,
+};
+use builder::export::Format;
+use builder::export::manifest::ImageId;
+use builder::store::{StoredDisk, StoredImage};
+use fake_ec2::{FakeEc2, Script};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+const KEY: &str = "builder-test-key";
+const SECRET: &str = "builder-test-secret";
+const BUCKET: &str = "imports";
+const MIB: u64 = 1024 * 1024;
+
+// ---- s3s-fs (copied from tests/component_run.rs on purpose: each test file owns its harness)
+
+/// `s3s-fs` on PATH, else in cargo's bin folder (where `scripts/install-deps` puts it).
+fn s3s_fs_program() -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join("s3s-fs"));
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
+    on_path
+        .chain(cargo_home.map(|c| c.join("bin/s3s-fs")))
+        .find(|p| p.is_file())
+}
+
+/// A real S3-compatible server on 127.0.0.1, buckets as folders under a temp dir, checking
+/// SigV4 against [`KEY`]/[`SECRET`]. Killed on drop.
+struct S3Server {
+    child: std::process::Child,
+    port: u16,
+    root: tempfile::TempDir,
+}
+
+impl S3Server {
+    fn start(bucket: &str) -> Option<S3Server> {
+        let Some(program) = s3s_fs_program() else {
+            let how = "run scripts/install-deps (or `cargo install s3s-fs --version 0.14.1 \
+                       --locked --features binary`)";
+            if std::env::var("BUILDER_S3_TESTS").as_deref() == Ok("1") {
+                panic!("the S3 tests need the program `s3s-fs`, which is missing; {how}");
+            }
+            eprintln!("skipped: the S3 tests need the program `s3s-fs`; {how}");
+            return None;
+        };
+        let root = tempfile::tempdir().expect("temp dir");
+        let data = root.path().join("data");
+        std::fs::create_dir_all(data.join(bucket)).expect("bucket folder");
+        let log = std::fs::File::create(root.path().join("s3s-fs.log")).expect("log file");
+        let port = free_port();
+        let child = std::process::Command::new(&program)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", KEY, "--secret-key", SECRET])
+            .arg(&data)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("could not start {}: {e}", program.display()));
+        let mut server = S3Server { child, port, root };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            let exited = server.child.try_wait().expect("s3s-fs status");
+            if exited.is_some() || Instant::now() > deadline {
+                panic!(
+                    "s3s-fs did not start listening on port {port} ({exited:?}): {}",
+                    std::fs::read_to_string(server.root.path().join("s3s-fs.log"))
+                        .unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(server)
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn data(&self) -> PathBuf {
+        self.root.path().join("data")
+    }
+
+    /// What the server stored for `bucket/key`, read from its folder (not through S3).
+    fn stored(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
+        std::fs::read(self.data().join(bucket).join(key)).ok()
+    }
+
+    /// Multipart uploads the server still holds (its `.upload-<id>.json` files and parts).
+    fn pending_uploads(&self) -> Vec<String> {
+        std::fs::read_dir(self.data())
+            .expect("data folder")
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".upload"))
+            .collect()
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+// ---- a proxy in front of s3s-fs that counts part uploads and can refuse them
+
+/// Forwards HTTP/1.1 requests to the server one by one, counting `PUT …?partNumber=`
+/// requests. With a budget set, the part upload past the budget has its connection cut
+/// before any byte reaches the server (as if the server went away mid-upload).
+struct PartProxy {
+    port: u16,
+    parts: Arc<AtomicUsize>,
+    /// Part uploads still allowed; negative means unlimited.
+    budget: Arc<AtomicI64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PartProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl PartProxy {
+    async fn start(upstream: u16) -> PartProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let parts = Arc::new(AtomicUsize::new(0));
+        let budget = Arc::new(AtomicI64::new(-1));
+        let (p, b) = (parts.clone(), budget.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let (p, b) = (p.clone(), b.clone());
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    else {
+                        return;
+                    };
+                    let (client_read, mut client_write) = client.into_split();
+                    let (mut server_read, server_write) = server.into_split();
+                    tokio::select! {
+                        _ = forward_requests(client_read, server_write, &p, &b) => {}
+                        _ = tokio::io::copy(&mut server_read, &mut client_write) => {}
+                    }
+                });
+            }
+        });
+        PartProxy {
+            port,
+            parts,
+            budget,
+            task,
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+async fn forward_requests(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    parts: &AtomicUsize,
+    budget: &AtomicI64,
+) -> std::io::Result<()> {
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let head_end = loop {
+            if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break pos + 4;
+            }
+            let n = from.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let first = head.lines().next().unwrap_or_default().to_string();
+        let length: usize = head
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.trim().parse().ok())
+            .unwrap_or(0);
+        if first.starts_with("PUT ") && first.contains("partNumber=") {
+            if budget.load(Ordering::SeqCst) == 0 {
+                return Err(std::io::Error::other("part refused by the test"));
+            }
+            budget.fetch_sub(1, Ordering::SeqCst);
+            parts.fetch_add(1, Ordering::SeqCst);
+        }
+        to.write_all(&buf[..head_end]).await?;
+        buf.drain(..head_end);
+        let mut remaining = length;
+        while remaining > 0 {
+            if buf.is_empty() {
+                let n = from.read(&mut chunk).await?;
+                if n == 0 {
+                    return Ok(());
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let take = remaining.min(buf.len());
+            to.write_all(&buf[..take]).await?;
+            buf.drain(..take);
+            remaining -= take;
+        }
+    }
+}
+
+// ---- helpers
+
+/// Records what the code reports; optionally cancels once the first part is done.
+#[derive(Default)]
+struct Recorder {
+    steps: Mutex<Vec<String>>,
+    transfers: Mutex<Vec<(u64, Option<u64>)>>,
+    cancel_after_first_part: Option<CancellationToken>,
+}
+
+impl Progress for Recorder {
+    fn step(&self, target: &str, message: &str) {
+        assert_eq!(target, "ami");
+        self.steps.lock().expect("steps").push(message.to_string());
+    }
+    fn transfer(&self, _target: &str, _what: &str, done: u64, total: Option<u64>) {
+        self.transfers
+            .lock()
+            .expect("transfers")
+            .push((done, total));
+        if done > 0
+            && let Some(token) = &self.cancel_after_first_part
+        {
+            token.cancel();
+        }
+    }
+}
+
+fn credentials(secret: &str) -> AwsCredentials {
+    AwsCredentials::new(KEY, secret, None, "test")
+}
+
+fn quick_retries() -> RetryPolicy {
+    RetryPolicy {
+        attempts: 2,
+        base_delay: Duration::from_millis(20),
+        max_delay: Duration::from_millis(50),
+    }
+}
+
+fn s3_client(endpoint: &str, secret: &str) -> S3Client {
+    S3Client::new(
+        http_client(),
+        credentials(secret),
+        "us-east-1",
+        Some(endpoint),
+        quick_retries(),
+    )
+    .expect("valid endpoint")
+}
+
+/// `size` bytes that differ from part to part (xorshift), written to `dir/name`.
+fn random_file(dir: &Path, name: &str, size: u64) -> PathBuf {
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15 ^ size;
+    let mut bytes = Vec::with_capacity(size as usize);
+    while (bytes.len() as u64) < size {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        bytes.extend_from_slice(&state.to_le_bytes());
+    }
+    bytes.truncate(size as usize);
+    let path = dir.join(name);
+    std::fs::write(&path, &bytes).expect("write");
+    path
+}
+
+fn upload_options(state_dir: &Path) -> UploadOptions {
+    UploadOptions {
+        part_size: 5 * MIB,
+        concurrency: 2,
+        state_dir: state_dir.to_path_buf(),
+        cancel: None,
+    }
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+// ---- S3 against s3s-fs
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multipart_upload_of_a_file_larger_than_one_part() {
+    let Some(server) = S3Server::start(BUCKET) else {
+        return;
+    };
+    let work = tempfile::tempdir().expect("temp dir");
+    let file = random_file(work.path(), "disk.vmdk", 12 * MIB + 123);
+    let state = work.path().join("state");
+    let s3 = s3_client(&server.endpoint(), SECRET);
+    let progress = Recorder::default();
+
+    let uploaded = upload_multipart(
+        &s3,
+        &file,
+        BUCKET,
+        "dir/disk one.vmdk",
+        &upload_options(&state),
+        &progress,
+        "ami",
+    )
+    .await
+    .expect("uploads");
+
+    let original = std::fs::read(&file).expect("read");
+    assert_eq!(uploaded.parts, 3);
+    assert_eq!(uploaded.parts_reused, 0);
+    assert_eq!(uploaded.size, original.len() as u64);
+    assert_eq!(uploaded.sha256, hex::encode(Sha256::digest(&original)));
+    assert!(
+        uploaded.etag.ends_with("-3\""),
+        "a multipart ETag: {}",
+        uploaded.etag
+    );
+    let stored = server.stored(BUCKET, "dir/disk one.vmdk").expect("stored");
+    assert!(
+        stored == original,
+        "the stored object differs from the file"
+    );
+    assert!(
+        files_in(&state).is_empty(),
+        "state left: {:?}",
+        files_in(&state)
+    );
+    assert!(server.pending_uploads().is_empty());
+    let transfers = progress.transfers.lock().expect("transfers").clone();
+    assert_eq!(transfers.first(), Some(&(0, Some(original.len() as u64))));
+    assert_eq!(
+        transfers.last(),
+        Some(&(original.len() as u64, Some(original.len() as u64)))
+    );
+    assert_eq!(
+        transfers.len(),
+        4,
+        "one report at the start and one per part"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_upload_resumes_with_only_the_missing_parts() {
+    let Some(server) = S3Server::start(BUCKET) else {
+        return;
+    };
+    let proxy = PartProxy::start(server.port).await;
+    let work = tempfile::tempdir().expect("temp dir");
+    let file = random_file(work.path(), "disk.vmdk", 12 * MIB);
+    let state = work.path().join("state");
+    let s3 = s3_client(&proxy.endpoint(), SECRET);
+
+    // First run: the server takes one part, then part uploads fail (connections cut).
+    proxy.budget.store(1, Ordering::SeqCst);
+    let err = upload_multipart(
+        &s3,
+        &file,
+        BUCKET,
+        "disk.vmdk",
+        &upload_options(&state),
+        &Recorder::default(),
+        "ami",
+    )
+    .await
+    .expect_err("parts are refused");
+    let text = err.to_string();
+    assert!(
+        matches!(&err, S3Error::Interrupted(i) if i.done == 1 && i.total == 3),
+        "{text}"
+    );
+    assert!(
+        text.contains("run the same command again to resume"),
+        "{text}"
+    );
+    assert_eq!(files_in(&state).len(), 1, "the resume state is kept");
+    assert_eq!(server.stored(BUCKET, "disk.vmdk"), None);
+    assert_eq!(proxy.parts.load(Ordering::SeqCst), 1);
+
+    // Second run: only the two missing parts are sent.
+    proxy.budget.store(-1, Ordering::SeqCst);
+    proxy.parts.store(0, Ordering::SeqCst);
+    let uploaded = upload_multipart(
+        &s3,
+        &file,
+        BUCKET,
+        "disk.vmdk",
+        &upload_options(&state),
+        &Recorder::default(),
+        "ami",
+    )
+    .await
+    .expect("resumes");
+    assert_eq!(uploaded.parts, 3);
+    assert_eq!(uploaded.parts_reused, 1);
+    assert_eq!(
+        proxy.parts.load(Ordering::SeqCst),
+        2,
+        "only the missing parts were sent"
+    );
+    let original = std::fs::read(&file).expect("read");
+    assert!(
+        server.stored(BUCKET, "disk.vmdk").expect("stored") == original,
+        "the resumed object differs from the file"
+    );
+    assert!(files_in(&state).is_empty());
+    assert!(server.pending_uploads().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_upload_is_aborted() {
+    let Some(server) = S3Server::start(BUCKET) else {
+        return;
+    };
+    let work = tempfile::tempdir().expect("temp dir");
+    let file = random_file(work.path(), "disk.vmdk", 12 * MIB);
+    let state = work.path().join("state");
+    let s3 = s3_client(&server.endpoint(), SECRET);
+    let token = CancellationToken::new();
+    let progress = Recorder {
+        cancel_after_first_part: Some(token.clone()),
+        ..Recorder::default()
+    };
+    let mut options = upload_options(&state);
+    options.concurrency = 1;
+    options.cancel = Some(token);
+    let err = upload_multipart(&s3, &file, BUCKET, "disk.vmdk", &options, &progress, "ami")
+        .await
+        .expect_err("cancelled");
+    assert!(matches!(err, S3Error::Cancelled { .. }), "{err}");
+    assert!(
+        files_in(&state).is_empty(),
+        "no resume state after a cancel"
+    );
+    assert!(
+        server.pending_uploads().is_empty(),
+        "the multipart upload was aborted: {:?}",
+        server.pending_uploads()
+    );
+    assert_eq!(server.stored(BUCKET, "disk.vmdk"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_credential_is_rejected_with_a_clear_error() {
+    let Some(server) = S3Server::start(BUCKET) else {
+        return;
+    };
+    let work = tempfile::tempdir().expect("temp dir");
+    let file = random_file(work.path(), "disk.vmdk", 6 * MIB);
+    let state = work.path().join("state");
+    let s3 = s3_client(&server.endpoint(), "not-the-secret");
+    let err = upload_multipart(
+        &s3,
+        &file,
+        BUCKET,
+        "disk.vmdk",
+        &upload_options(&state),
+        &Recorder::default(),
+        "ami",
+    )
+    .await
+    .expect_err("refused");
+    let text = err.to_string();
+    assert!(matches!(err, S3Error::Credentials { .. }), "{text}");
+    assert!(
+        text.contains("refused the credentials (access key builder-test-key from test)"),
+        "{text}"
+    );
+    assert!(text.contains("check the secret access key"), "{text}");
+    assert!(
+        !text.contains("not-the-secret"),
+        "the secret is never shown: {text}"
+    );
+    assert!(files_in(&state).is_empty());
+
+    // HeadBucket (the preflight's bucket check) gets a 403 without a body: the message
+    // names both possible causes.
+    let err = s3.head_bucket(BUCKET).await.expect_err("refused");
+    let text = err.to_string();
+    assert!(matches!(err, S3Error::Forbidden { .. }), "{text}");
+    assert!(
+        text.contains("the credentials are wrong (access key builder-test-key from test"),
+        "{text}"
+    );
+}
+
+// ---- the AMI flow: s3s-fs + the EC2/IAM fake
+
+/// A stored build with only a qcow2 (so the import converts it to a vmdk), UEFI firmware.
+fn stored_image(dir: &Path) -> StoredImage {
+    let image_dir = dir.join("store/images/web/1.2.0/3");
+    std::fs::create_dir_all(&image_dir).expect("mkdir");
+    let disk = image_dir.join("web.qcow2");
+    let status = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&disk)
+        .arg("64M")
+        .status()
+        .expect("qemu-img runs (install qemu-utils)");
+    assert!(status.success());
+    let sha256 = builder::export::sha256_file(&disk).expect("hash");
+    let mut manifest = builder::export::Manifest::new(
+        ImageId {
+            name: "web".into(),
+            version: "1.2.0".into(),
+            build: 3,
+        },
+        "build-1",
+    );
+    manifest.host.firmware = "uefi".into();
+    StoredImage {
+        name: "web".into(),
+        version: "1.2.0".parse().expect("version"),
+        build: 3,
+        dir: image_dir,
+        manifest,
+        disk: Some(StoredDisk {
+            path: disk,
+            format: Format::Qcow2,
+            sha256,
+        }),
+    }
+}
+
+fn ami_options(server: &S3Server, fake: &FakeEc2, state: &Path) -> AmiOptions {
+    let mut options = AmiOptions::new(BUCKET, "web 1.2.0 (build 3)");
+    options.region = Some("us-east-1".into());
+    options.s3_endpoint = Some(server.endpoint());
+    options.ec2_endpoint = Some(fake.endpoint());
+    options.credentials = Some(credentials(SECRET));
+    options.part_size = 5 * MIB;
+    options.poll_interval = Duration::from_millis(10);
+    options.state_dir = Some(state.to_path_buf());
+    options.retry = quick_retries();
+    options
+}
+
+fn call_list(fake: &FakeEc2) -> Vec<String> {
+    fake.calls()
+        .iter()
+        .map(|c| {
+            format!(
+                "{}{}@{}",
+                c.action,
+                if c.is_dry_run() { "(dry)" } else { "" },
+                c.region
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_ami_uploads_imports_registers_tags_copies_and_shares() {
+    let Some(server) = S3Server::start(BUCKET) else {
+        return;
+    };
+    let fake = FakeEc2::start(KEY, SECRET, Script::default()).await;
+    let work = tempfile::tempdir().expect("temp dir");
+    let image = stored_image(work.path());
+    let state = work.path().join("state");
+    let mut options = ami_options(&server, &fake, &state);
+    options.tags = BTreeMap::from([("team".to_string(), "web".to_string())]);
+    options.copy_to_regions = vec!["eu-central-1".into()];
+    options.launch_permission_user_ids = vec!["123456789012".into()];
+    options.launch_permission_groups = vec!["all".into()];
+    let progress = Recorder::default();
+
+    let receipt = import_ami(&image, &options, &progress)
+        .await
+        .expect("imports");
+
+    assert!(
+        fake.rejected().is_empty(),
+        "bad signatures: {:?}",
+        fake.rejected()
+    );
+    assert_eq!(
+        call_list(&fake),
+        [
+            "ImportSnapshot(dry)@us-east-1",
+            "DescribeImages@us-east-1",
+            "DescribeImages@eu-central-1",
+            "GetRole@us-east-1",
+            "ImportSnapshot@us-east-1",
+            "DescribeImportSnapshotTasks@us-east-1",
+            "DescribeImportSnapshotTasks@us-east-1",
+            "RegisterImage@us-east-1",
+            "DescribeImages@us-east-1",
+            "CreateTags@us-east-1",
+            "ModifyImageAttribute@us-east-1",
+            "CopyImage@eu-central-1",
+            "DescribeImages@eu-central-1",
+            "CreateTags@eu-central-1",
+            "ModifyImageAttribute@eu-central-1",
+        ]
+    );
+    let calls = fake.calls();
+    let find = |action: &str, region: &str| {
+        calls
+            .iter()
+            .find(|c| c.action == action && c.region == region && !c.is_dry_run())
+            .unwrap_or_else(|| panic!("no {action} in {region}"))
+    };
+    let key = "builder-imports/web/1.2.0/3/web.vmdk";
+    let import = find("ImportSnapshot", "us-east-1");
+    for (name, value) in [
+        ("DiskContainer.Format", "VMDK"),
+        ("DiskContainer.UserBucket.S3Bucket", BUCKET),
+        ("DiskContainer.UserBucket.S3Key", key),
+        ("RoleName", "vmimport"),
+        ("TagSpecification.1.ResourceType", "import-snapshot-task"),
+    ] {
+        assert_eq!(import.param(name), Some(value), "ImportSnapshot {name}");
+    }
+    let register = find("RegisterImage", "us-east-1");
+    for (name, value) in [
+        ("Name", "web 1.2.0 (build 3)"),
+        ("Architecture", "x86_64"),
+        ("VirtualizationType", "hvm"),
+        ("RootDeviceName", "/dev/xvda"),
+        ("EnaSupport", "true"),
+        ("BootMode", "uefi"),
+        ("BlockDeviceMapping.1.DeviceName", "/dev/xvda"),
+        ("BlockDeviceMapping.1.Ebs.SnapshotId", "snap-0fake"),
+    ] {
+        assert_eq!(register.param(name), Some(value), "RegisterImage {name}");
+    }
+    let tags = find("CreateTags", "us-east-1");
+    assert_eq!(tags.param("ResourceId.1"), Some("ami-0fake"));
+    assert_eq!(tags.param("ResourceId.2"), Some("snap-0fake"));
+    let tag_map: BTreeMap<&str, &str> = (1..=3)
+        .filter_map(|i| {
+            Some((
+                tags.param(&format!("Tag.{i}.Key"))?,
+                tags.param(&format!("Tag.{i}.Value"))?,
+            ))
+        })
+        .collect();
+    assert_eq!(
+        tag_map,
+        BTreeMap::from([
+            ("Name", "web 1.2.0 (build 3)"),
+            ("builder:image", "web/1.2.0/3"),
+            ("team", "web"),
+        ])
+    );
+    let share = find("ModifyImageAttribute", "eu-central-1");
+    assert_eq!(share.param("ImageId"), Some("ami-0copy-eu-central-1"));
+    assert_eq!(
+        share.param("LaunchPermission.Add.1.UserId"),
+        Some("123456789012")
+    );
+    assert_eq!(share.param("LaunchPermission.Add.2.Group"), Some("all"));
+    let copy = find("CopyImage", "eu-central-1");
+    assert_eq!(copy.param("SourceRegion"), Some("us-east-1"));
+    assert_eq!(copy.param("SourceImageId"), Some("ami-0fake"));
+
+    // What S3 holds is the converted disk, and the receipt carries its digest.
+    let stored = server.stored(BUCKET, key).expect("uploaded");
+    assert_eq!(&stored[..4], b"KDMV", "a VMDK sparse extent");
+    assert_eq!(receipt.kind, "ami");
+    assert_eq!(receipt.location, "ami-0fake (us-east-1)");
+    assert_eq!(
+        receipt.digests.get("disk"),
+        Some(&format!("sha256:{}", hex::encode(Sha256::digest(&stored))))
+    );
+    let ids: BTreeMap<&str, &str> = receipt
+        .ids
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    assert_eq!(
+        ids,
+        BTreeMap::from([
+            ("ami:eu-central-1", "ami-0copy-eu-central-1"),
+            ("ami:us-east-1", "ami-0fake"),
+            ("importTask", "import-snap-0fake"),
+            (
+                "s3Object",
+                "s3://imports/builder-imports/web/1.2.0/3/web.vmdk"
+            ),
+            ("snapshot:eu-central-1", "snap-0copy-eu-central-1"),
+            ("snapshot:us-east-1", "snap-0fake"),
+        ])
+    );
+    // The task's progress and status message were shown; nothing is left behind.
+    let steps = progress.steps.lock().expect("steps").clone();
+    assert!(
+        steps
+            .iter()
+            .any(|s| s == "importing import-snap-0fake: 30% converting"),
+        "{steps:#?}"
+    );
+    assert!(files_in(&state).is_empty(), "left: {:?}", files_in(&state));
+    assert!(server.pending_uploads().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_image_method_uses_import_image() {
+    let Some(server) = S3Server::start(BUCKET) else {
+        return;
+    };
+    let fake = FakeEc2::start(KEY, SECRET, Script::default()).await;
+    let work = tempfile::tempdir().expect("temp dir");
+    let image = stored_image(work.path());
+    let state = work.path().join("state");
+    let mut options = ami_options(&server, &fake, &state);
+    options.import_method = ImportMethod::Image;
+    options.boot_mode = Some("legacy-bios".into());
+
+    let receipt = import_ami(&image, &options, &Recorder::default())
+        .await
+        .expect("imports");
+    assert!(fake.rejected().is_empty(), "{:?}", fake.rejected());
+    assert_eq!(
+        call_list(&fake),
+        [
+            "ImportImage(dry)@us-east-1",
+            "GetRole@us-east-1",
+            "ImportImage@us-east-1",
+            "DescribeImportImageTasks@us-east-1",
+            "DescribeImportImageTasks@us-east-1",
+            "DescribeImages@us-east-1",
+            "CreateTags@us-east-1",
+        ]
+    );
+    let import = fake
+        .calls()
+        .into_iter()
+        .find(|c| c.action == "ImportImage" && !c.is_dry_run())
+        .expect("ImportImage");
+    assert_eq!(import.param("DiskContainer.1.Format"), Some("VMDK"));
+    assert_eq!(import.param("BootMode"), Some("legacy-bios"));
+    assert_eq!(receipt.location, "ami-0imported (us-east-1)");
+    assert_eq!(
+        receipt.ids.get("snapshot:us-east-1").map(String::as_str),
+        Some("snap-0imported")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preflight_stops_before_any_upload_when_the_bucket_is_missing() {
+    let Some(server) = S3Server::start(BUCKET) else {
+        return;
+    };
+    let fake = FakeEc2::start(KEY, SECRET, Script::default()).await;
+    let work = tempfile::tempdir().expect("temp dir");
+    let image = stored_image(work.path());
+    let state = work.path().join("state");
+    let mut options = ami_options(&server, &fake, &state);
+    options.bucket = "missing-bucket".into();
+
+    let err = preflight(&options).await.expect_err("no such bucket");
+    let text = err.to_string();
+    assert!(matches!(err, AwsError::Preflight { .. }), "{text}");
+    assert!(
+        text.contains("the S3 bucket `missing-bucket` does not exist"),
+        "{text}"
+    );
+    assert!(text.contains("aws s3 mb s3://missing-bucket"), "{text}");
+    assert!(text.contains("nothing was uploaded"), "{text}");
+
+    let err = import_ami(&image, &options, &Recorder::default())
+        .await
+        .expect_err("no such bucket");
+    assert!(matches!(err, AwsError::Preflight { .. }), "{err}");
+    assert!(
+        fake.actions().iter().all(|a| a != "ImportSnapshot"),
+        "no import started: {:?}",
+        fake.actions()
+    );
+    assert!(files_in(&server.data().join(BUCKET)).is_empty());
+    assert!(server.pending_uploads().is_empty());
+    assert!(files_in(&state).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preflight_reports_a_missing_role_and_a_taken_name_and_warns_without_iam() {
+    let Some(server) = S3Server::start(BUCKET) else {
+        return;
+    };
+    let script = Script {
+        role_exists: false,
+        existing_names: BTreeMap::from([(
+            "web 1.2.0 (build 3)".to_string(),
+            "ami-0old".to_string(),
+        )]),
+        ..Script::default()
+    };
+    let fake = FakeEc2::start(KEY, SECRET, script).await;
+    let work = tempfile::tempdir().expect("temp dir");
+    let options = ami_options(&server, &fake, work.path());
+    let err = preflight(&options).await.expect_err("two problems");
+    let text = err.to_string();
+    assert!(text.contains("found 2 problem(s)"), "{text}");
+    assert!(
+        text.contains("an AMI named `web 1.2.0 (build 3)` already exists in us-east-1 (ami-0old)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("the VM Import service role `vmimport` does not exist"),
+        "{text}"
+    );
+
+    // IAM that does not answer (custom endpoints often have none) is a warning.
+    let fake = FakeEc2::start(KEY, SECRET, Script::default()).await;
+    let mut options = ami_options(&server, &fake, work.path());
+    let closed = free_port();
+    options.iam_endpoint = Some(format!("http://127.0.0.1:{closed}"));
+    let warnings = preflight(&options).await.expect("passes with a warning");
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains(&format!(
+            "could not check the VM Import role `vmimport`: IAM at http://127.0.0.1:{closed} did not answer"
+        )),
+        "{warnings:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fake_rejects_a_wrong_signature_and_ec2_says_so() {
+    let fake = FakeEc2::start(KEY, SECRET, Script::default()).await;
+    let ec2 = Ec2Client::new(
+        http_client(),
+        credentials("not-the-secret"),
+        "eu-west-1",
+        Some(&fake.endpoint()),
+        quick_retries(),
+    )
+    .expect("valid endpoint");
+    let err = ec2.images_named("x").await.expect_err("refused");
+    assert!(matches!(err, Ec2Error::Credentials { .. }), "{err}");
+    assert!(
+        err.to_string().contains("check the secret access key"),
+        "{err}"
+    );
+    let rejected = fake.rejected();
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert!(
+        rejected[0].starts_with("signature mismatch"),
+        "{rejected:?}"
+    );
+    assert!(fake.calls().is_empty());
+}
