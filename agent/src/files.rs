@@ -63,6 +63,33 @@ impl Credits {
     }
 }
 
+/// Chunk buffers reused from one data frame to the next. A fresh 256 KiB buffer per chunk
+/// costs the allocator's page faults and a memset each time, which an emulated guest (TCG)
+/// pays dearly for; a transfer only ever has a window's worth of chunks alive.
+static POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+const POOL_MAX: usize = 2 * protocol::WINDOW_CHUNKS as usize + 4;
+
+/// A buffer of `len` bytes, from the pool when one is there. Its content is stale: the caller
+/// overwrites all of it (zeroes are written only where the buffer grows).
+pub fn buffer(len: usize) -> Vec<u8> {
+    let mut b = POOL
+        .lock()
+        .ok()
+        .and_then(|mut p| p.pop())
+        .unwrap_or_default();
+    b.resize(len, 0);
+    b
+}
+
+/// Gives a buffer back for [`buffer`] to hand out again.
+pub fn recycle(b: Vec<u8>) {
+    if let Ok(mut p) = POOL.lock()
+        && p.len() < POOL_MAX
+    {
+        p.push(b);
+    }
+}
+
 fn io_code(e: &io::Error) -> u32 {
     match e.kind() {
         io::ErrorKind::NotFound => code::NOT_FOUND,
@@ -190,6 +217,7 @@ fn put(
                 }
                 Err(e) => failed = Some(e),
             }
+            recycle(chunk);
         }
         (file, written, failed)
     });
@@ -326,7 +354,7 @@ fn get(id: u32, path: &str, credits: &Credits, tx: &Tx) -> Result<(), (u32, Stri
     let shown = path.to_owned();
     let reader = std::thread::spawn(move || -> Result<(), String> {
         loop {
-            let mut frame = vec![0u8; protocol::DATA_PREFIX + protocol::CHUNK_SIZE];
+            let mut frame = buffer(protocol::DATA_PREFIX + protocol::CHUNK_SIZE);
             // Fill a whole chunk (short reads happen on pipes and /proc) before sending.
             let mut n = protocol::DATA_PREFIX;
             while n < frame.len() {
@@ -368,6 +396,7 @@ fn get(id: u32, path: &str, credits: &Credits, tx: &Tx) -> Result<(), (u32, Stri
         let sent = protocol::finish_data_frame(id, &mut frame)
             .map_err(|e| io::Error::other(e.to_string()))
             .and_then(|()| tx.send_raw(&frame));
+        recycle(frame);
         if sent.is_err() {
             abandoned = true;
             break;

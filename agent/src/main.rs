@@ -337,7 +337,7 @@ fn serve_connection(reader: Box<dyn Read + Send>, tx: &Tx, jobs: &Jobs) {
             if !read_full(&mut r, &mut len) {
                 return;
             }
-            let mut data = vec![0u8; header.len - 4];
+            let mut data = files::buffer(header.len - 4);
             if !read_full(&mut r, &mut data) {
                 return;
             }
