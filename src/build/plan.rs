@@ -299,6 +299,12 @@ pub trait ParentResolver {
 
     /// Remember the digest just computed for the local file at `path`.
     fn remember_digest(&self, _path: &Path, _sha256: &Sha256) {}
+
+    /// The manifest digest an OCI tag points to now (`reference` without `oci://`), for the
+    /// hint when a recipe names `parentImage: oci://…` without a digest. `None` if unknown.
+    fn oci_tag_digest(&self, _reference: &str) -> Option<String> {
+        None
+    }
 }
 
 /// A stored build's disk, as the plan pins it.
@@ -348,6 +354,31 @@ impl ParentResolver for crate::store::Store {
 
     fn remember_digest(&self, path: &Path, sha256: &Sha256) {
         self.remember_digest(path, sha256.as_str());
+    }
+
+    /// Asks the registry (only to word an error's hint; a plan never depends on it). Runs on
+    /// a thread of its own so it works whether or not the caller is inside a tokio runtime.
+    fn oci_tag_digest(&self, reference: &str) -> Option<String> {
+        let reference: crate::distribute::oci::OciReference = reference.parse().ok()?;
+        let options = crate::distribute::oci::OciOptions {
+            attempts: 1,
+            connect_timeout: std::time::Duration::from_secs(5),
+            read_timeout: std::time::Duration::from_secs(10),
+            ..crate::distribute::oci::OciOptions::from_env()
+        };
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .ok()?;
+                rt.block_on(crate::distribute::oci::current_digest(&reference, &options))
+                    .ok()
+            })
+            .join()
+            .ok()
+            .flatten()
+        })
     }
 
     fn resolve(&self, name: &str, version: &VersionPattern) -> Result<StoredParent, ResolveError> {
@@ -489,6 +520,14 @@ pub enum PlannedParent {
         format: DiskFormat,
         virtual_size: ByteSize,
     },
+    /// Pulled from an OCI registry by the build (the disk layer of a builder artifact, or the
+    /// qcow2 in a containerDisk), pinned by the manifest digest; the pull checks the layer.
+    #[serde(rename_all = "camelCase")]
+    Oci {
+        /// As written, without `oci://`.
+        reference: String,
+        manifest_digest: Sha256,
+    },
 }
 
 impl DiskFormat {
@@ -513,6 +552,9 @@ impl PlannedParent {
             PlannedParent::File { sha256, .. }
             | PlannedParent::Url { sha256, .. }
             | PlannedParent::Store { sha256, .. } => sha256,
+            PlannedParent::Oci {
+                manifest_digest, ..
+            } => manifest_digest,
         }
     }
 
@@ -521,7 +563,7 @@ impl PlannedParent {
         match self {
             PlannedParent::File { virtual_size, .. }
             | PlannedParent::Store { virtual_size, .. } => Some(*virtual_size),
-            PlannedParent::Url { .. } => None,
+            PlannedParent::Url { .. } | PlannedParent::Oci { .. } => None,
         }
     }
 }
@@ -888,6 +930,30 @@ fn resolve_parent(
             url: url.clone(),
             sha256: sha256.clone(),
         })),
+        ParentImage::Oci { reference } => {
+            use crate::distribute::oci::{OciError, OciReference};
+            let parsed = match reference.parse::<OciReference>() {
+                Ok(r) => r,
+                Err(e) => {
+                    problems.push(Problem::error(*span, e.to_string()).with_hint_opt(e.hint()));
+                    return Ok(None);
+                }
+            };
+            match parsed.digest.as_deref().and_then(Sha256::parse) {
+                Some(manifest_digest) => Ok(Some(PlannedParent::Oci {
+                    reference: reference.clone(),
+                    manifest_digest,
+                })),
+                None => {
+                    let e = OciError::NotPinned {
+                        reference: parsed.to_string(),
+                        current: resolver.oci_tag_digest(reference),
+                    };
+                    problems.push(Problem::error(*span, e.to_string()).with_hint_opt(e.hint()));
+                    Ok(None)
+                }
+            }
+        }
         ParentImage::File { path, sha256 } => {
             let Some(local) = local_parent(&recipe.source.path, path, *span, env, problems) else {
                 return Ok(None);
@@ -1335,6 +1401,57 @@ mod tests {
         // Its size is known only after the download: the build checks diskSize then.
         assert_eq!(plan.parent.virtual_size(), None);
         assert_eq!(plan.disk_size, Some(ByteSize::gib(1)));
+    }
+
+    #[test]
+    fn oci_parents_must_be_pinned_by_their_manifest_digest() {
+        struct Registry;
+        impl ParentResolver for Registry {
+            fn resolve(
+                &self,
+                name: &str,
+                version: &VersionPattern,
+            ) -> Result<StoredParent, ResolveError> {
+                NoStore.resolve(name, version)
+            }
+            fn oci_tag_digest(&self, reference: &str) -> Option<String> {
+                (reference == "127.0.0.1:5000/base:1")
+                    .then(|| format!("sha256:{}", "ab".repeat(32)))
+            }
+        }
+        let f = Fixture::new();
+        let env = |_: &str| None;
+        let recipe = |parent: &str| {
+            format!(
+                "name: web\nversion: 1.0.0\nparentImage: {parent}\ncomponents:\n  - path: a.yml\n"
+            )
+        };
+        let digest = format!("sha256:{}", "cd".repeat(32));
+        f.write(
+            "recipe.yml",
+            &recipe(&format!("oci://127.0.0.1:5000/base:1@{digest}")),
+        );
+        let validated = validate(&f.path("recipe.yml"), &env).unwrap();
+        let pinned = plan(validated, &Registry, &env, &mut |_| {}).unwrap();
+        assert_eq!(
+            pinned.parent,
+            PlannedParent::Oci {
+                reference: format!("127.0.0.1:5000/base:1@{digest}"),
+                manifest_digest: Sha256::parse(&digest).unwrap(),
+            }
+        );
+        f.write("recipe.yml", &recipe("oci://127.0.0.1:5000/base:1"));
+        let validated = validate(&f.path("recipe.yml"), &env).unwrap();
+        let err = plan(validated, &Registry, &env, &mut |_| {}).unwrap_err();
+        let text = format!("{err:?}");
+        assert!(text.contains("must be pinned"), "{text}");
+        assert!(
+            text.contains(&format!(
+                "oci://127.0.0.1:5000/base:1@sha256:{}",
+                "ab".repeat(32)
+            )),
+            "the hint names the current digest: {text}"
+        );
     }
 
     #[test]

@@ -42,6 +42,8 @@ pub enum BuildError {
     },
     #[error("could not fetch the parent image")]
     Fetch(#[source] StoreError),
+    #[error("could not pull the parent image from its registry")]
+    PullParent(#[source] crate::distribute::oci::OciError),
     #[error("the parent image {path} has sha256 {actual}, but the plan pinned {planned}")]
     ParentChanged {
         path: PathBuf,
@@ -169,6 +171,7 @@ impl BuildError {
             BuildError::Allocate(_)
             | BuildError::Logs { .. }
             | BuildError::Fetch(_)
+            | BuildError::PullParent(_)
             | BuildError::Plan(_)
             | BuildError::Disk(_)
             | BuildError::WorkDir { .. }
@@ -190,6 +193,7 @@ impl BuildError {
     pub fn hint(&self) -> Option<String> {
         match self {
             BuildError::Vm { source, .. } => source.hint(),
+            BuildError::PullParent(source) => source.hint(),
             BuildError::Component(_)
             | BuildError::Generalize(_)
             | BuildError::DiskNotGrown { .. } => {
@@ -421,6 +425,16 @@ fn fill_inputs(m: &mut Manifest, plan: &Plan) {
             sha256: sha256.to_string(),
             store_image: None,
         },
+        // The pin is the manifest digest (the reference ends with it); the pull checks the
+        // disk layer's digest against that manifest.
+        PlannedParent::Oci {
+            reference,
+            manifest_digest,
+        } => ParentInput {
+            source: format!("oci://{reference}"),
+            sha256: manifest_digest.to_string(),
+            store_image: None,
+        },
         PlannedParent::Store {
             reference,
             resolved,
@@ -531,8 +545,51 @@ impl DownloadProgress for DownloadBar<'_, '_> {
     }
 }
 
+/// Pull progress as build events (one per MiB at most), like [`DownloadBar`].
+struct PullBar<'a, 'b>(&'b Cx<'a>, Mutex<u64>);
+
+impl crate::distribute::Progress for PullBar<'_, '_> {
+    fn step(&self, _target: &str, message: &str) {
+        self.0.progress("fetch", message);
+    }
+    fn transfer(&self, _target: &str, _what: &str, done: u64, total: Option<u64>) {
+        let Ok(mut last) = self.1.lock() else { return };
+        if done < *last + (1 << 20) && Some(done) != total {
+            return;
+        }
+        *last = done;
+        self.0.log.emit(&BuildEvent::Transfer {
+            stage: "fetch",
+            what: "parent image",
+            done,
+            total,
+        });
+    }
+}
+
 pub async fn fetch_parent(cx: &Cx<'_>) -> Result<Base, BuildError> {
     match &cx.plan.parent {
+        PlannedParent::Oci { reference, .. } => {
+            use crate::distribute::oci;
+            let src: oci::OciReference = reference.parse().map_err(BuildError::PullParent)?;
+            let bar = PullBar(cx, Mutex::new(0));
+            let pulled = oci::pull_disk(
+                &src,
+                &oci::OciOptions::from_env(),
+                &cx.store.base_dir(),
+                &bar,
+            )
+            .await
+            .map_err(BuildError::PullParent)?;
+            cx.progress(
+                "fetch",
+                &format!(
+                    "cached as {} (layer digest verified)",
+                    pulled.path.display()
+                ),
+            );
+            Ok(Base { path: pulled.path })
+        }
         // Hashed by the plan moments ago.
         PlannedParent::File { local_path, .. } => {
             cx.progress(

@@ -321,6 +321,13 @@ pub fn describe(plan: &Plan) -> String {
                 "                  virtual size {virtual_size}, sha256 {sha256}"
             );
         }
+        PlannedParent::Oci { reference, .. } => {
+            let _ = writeln!(out, "  parent image    oci://{reference}");
+            let _ = writeln!(
+                out,
+                "                  pulled by the build (manifest pinned, layer digest verified)"
+            );
+        }
     }
     let disk = match (plan.disk_size, plan.parent.virtual_size()) {
         (Some(size), _) => size.to_string(),
@@ -397,6 +404,8 @@ pub fn describe(plan: &Plan) -> String {
                     PlannedParent::Url { .. } =>
                         "download into the cache (resumable), verify sha256".to_string(),
                     PlannedParent::Store { resolved, .. } => format!("{resolved} from the store"),
+                    PlannedParent::Oci { .. } =>
+                        "pull from the registry into the cache, verify the layer digest".to_string(),
                 }
             ),
             Stage::Overlay => format!("overlay         qcow2 on the parent, {disk}"),

@@ -308,7 +308,16 @@ mod tests {
                 sha256: None
             })
         );
-        assert_eq!(parent("oci://registry/x:1"), None);
+        // Pinning is checked by the plan, which can ask the registry for the current digest.
+        assert_eq!(
+            parent("oci://registry/x:1"),
+            Some(ParentImage::Oci {
+                reference: "registry/x:1".into()
+            })
+        );
+        assert_eq!(parent("oci://registry"), None);
+        assert_eq!(parent("oci://registry/x@sha256:abc"), None);
+        assert_eq!(parent("{url: 'oci://registry/x:1'}"), None);
         assert_eq!(parent("'${BASE'"), None);
         assert_eq!(parent("'${1X}'"), None);
         assert_eq!(parent("{path: a, url: 'https://b'}"), None);

@@ -84,6 +84,8 @@ pub struct Located<T> {
 /// - `parentImage: debian-12-base/1.x.x` or `{image: debian-12-base/1.x.x}` — the newest
 ///   matching build in the local store (`x` wildcards as in Image Builder; `1.2.0/3` names
 ///   one build).
+/// - `parentImage: oci://registry:5000/images/base:1.0.0@sha256:<64 hex>` — a disk pushed to
+///   an OCI registry (artifact or containerDisk), pinned by its manifest digest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", tag = "kind")]
 pub enum ParentImage {
@@ -99,6 +101,13 @@ pub enum ParentImage {
     Store {
         name: String,
         version: VersionPattern,
+    },
+    /// `parentImage: oci://host[:port]/repository[:tag]@sha256:<manifest digest>`: a disk
+    /// pushed as a builder artifact or a KubeVirt containerDisk, pulled into the cache. The
+    /// plan requires the digest (a tag alone can move).
+    Oci {
+        /// Without the `oci://` scheme.
+        reference: String,
     },
 }
 

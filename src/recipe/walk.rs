@@ -489,11 +489,14 @@ fn parent(cx: &mut Cx<'_>, node: &Node) -> Option<Located<ParentImage>> {
         parent_mapping(cx, node)?
     } else {
         let text = cx.string(node, "`parentImage`")?;
-        if let Some((scheme, _)) = text.split_once("://") {
+        if let Some(rest) = text.strip_prefix("oci://") {
+            ParentImage::Oci {
+                reference: oci_parent(cx, node, rest)?,
+            }
+        } else if let Some((scheme, _)) = text.split_once("://") {
             url_without_pin(cx, node, scheme, &text);
             return None;
-        }
-        if looks_like_store_reference(&text) {
+        } else if looks_like_store_reference(&text) {
             store_reference(cx, node, &text)?
         } else {
             ParentImage::File {
@@ -532,12 +535,43 @@ fn url_without_pin(cx: &mut Cx<'_>, node: &Node, scheme: &str, text: &str) {
 fn oci_not_supported(cx: &mut Cx<'_>, span: Span) {
     cx.error(
         span,
-        "parent images from OCI registries (`oci://`) are not supported yet",
+        "an OCI parent image is written as a string, pinned by its manifest digest",
         Some(
-            "use a local file, an `https://` URL with `sha256`, or a previous build `name/1.x.x`"
+            "write `parentImage: oci://registry[:port]/repository:tag@sha256:<64 hex digits>`"
                 .to_string(),
         ),
     );
+}
+
+/// `registry[:port]/repository[:tag][@sha256:<hex>]` after `oci://`: its shape only (the
+/// plan parses it fully and insists on the digest, naming the current one when it can).
+fn oci_parent(cx: &mut Cx<'_>, node: &Node, rest: &str) -> Option<String> {
+    let (name, digest) = match rest.split_once('@') {
+        Some((name, digest)) => (name, Some(digest)),
+        None => (rest, None),
+    };
+    if let Some(digest) = digest
+        && Sha256::parse(digest).is_none_or(|_| !digest.starts_with("sha256:"))
+    {
+        cx.error(
+            node.span,
+            format!("`{digest}` is not a manifest digest"),
+            Some("write `@sha256:` and the 64 hex digits the push printed".to_string()),
+        );
+        return None;
+    }
+    if name
+        .find('/')
+        .is_none_or(|slash| slash == 0 || slash + 1 == name.len())
+    {
+        cx.error(
+            node.span,
+            format!("`oci://{rest}` does not name a registry and a repository"),
+            Some("write `oci://registry[:port]/repository:tag@sha256:<64 hex digits>`".to_string()),
+        );
+        return None;
+    }
+    Some(rest.to_string())
 }
 
 fn store_reference(cx: &mut Cx<'_>, node: &Node, text: &str) -> Option<ParentImage> {

@@ -84,7 +84,8 @@ pub(super) fn check_digest(sha256: &str) -> Result<String, StoreError> {
 }
 
 impl Store {
-    fn base_dir(&self) -> PathBuf {
+    /// `cache/base/`: parent images by digest (downloads and OCI pulls land here).
+    pub fn base_dir(&self) -> PathBuf {
         self.root.join("cache").join("base")
     }
 
