@@ -180,12 +180,23 @@ async fn run_once(args: RunArgs) -> CliResult {
         })?
         .ok_or_else(|| Failure::host(anyhow::anyhow!("the history refused a manual execution")))?;
     eprintln!("{name}: execution {id}");
+    // The lifecycle never deletes what the pipelines next to this one build on.
+    let folder = args
+        .file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let quiet: scheduler::Log = Arc::new(|_: &str| {});
+    let neighbours =
+        scheduler::load_folder(folder, SystemClock.now(), &mut Default::default(), &quiet)
+            .unwrap_or_default();
     let options = RunOptions {
         force: args.force,
         build: BuildOptions {
             accel: args.accel,
             ..BuildOptions::default()
         },
+        protected_refs: scheduler::protected_refs(&neighbours),
     };
     let observer: Box<dyn BuildObserver> = if args.json {
         Box::new(super::build::JsonLines)
@@ -212,6 +223,9 @@ async fn run_once(args: RunArgs) -> CliResult {
     }
     for w in &report.warnings {
         eprintln!("warning: {w}");
+    }
+    for l in &report.lifecycle {
+        eprintln!("lifecycle: {l}");
     }
     let green = Style::new().bold().fg_color(Some(AnsiColor::Green.into()));
     let red = Style::new().bold().fg_color(Some(AnsiColor::Red.into()));
@@ -276,6 +290,8 @@ pub async fn serve(args: ServeArgs) -> CliResult {
                 accel: args.accel,
                 ..BuildOptions::default()
             },
+            // Filled at each tick from the folder's pipelines.
+            protected_refs: Vec::new(),
         },
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);

@@ -9,7 +9,7 @@
 //! execution as cancelled with [`cancelled`].
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -54,6 +54,9 @@ pub struct Report {
     /// Problems that did not change the outcome (a notification that failed, lifecycle).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// What the lifecycle did after a success (`name/1.0.0/2: deprecated`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub lifecycle: Vec<String>,
 }
 
 /// How to run.
@@ -62,6 +65,9 @@ pub struct RunOptions {
     /// Build even when the start condition says nothing changed.
     pub force: bool,
     pub build: BuildOptions,
+    /// Store references other pipelines' recipes build on (`base/1.x.x`): the lifecycle never
+    /// deletes what they resolve to.
+    pub protected_refs: Vec<String>,
 }
 
 /// The reason recorded when an execution begins.
@@ -109,6 +115,7 @@ pub async fn execute_file(
                 logs: None,
                 error: Some(message),
                 warnings: Vec::new(),
+                lifecycle: Vec::new(),
             })
         }
     }
@@ -136,8 +143,9 @@ pub async fn execute(
         logs: None,
         error: None,
         warnings: Vec::new(),
+        lifecycle: Vec::new(),
     };
-    let notifier = Notifier::new(&pipeline, id);
+    let notifier = Notifier::new(&pipeline, history, id);
 
     // 1. Pin the inputs (hashing a large parent is blocking work).
     let resolver = store.clone();
@@ -256,9 +264,10 @@ pub async fn execute(
             report
                 .warnings
                 .extend(notifier.send(ExecStatus::Available, &report).await);
-            report
-                .warnings
-                .extend(apply_lifecycle(&pipeline, store, history));
+            let (done, warnings) =
+                apply_lifecycle(&pipeline, store, history, &options.protected_refs);
+            report.lifecycle = done;
+            report.warnings.extend(warnings);
             Ok(report)
         }
         Err(failed) => {
@@ -282,7 +291,7 @@ pub async fn execute(
 
 async fn fail(
     history: &History,
-    notifier: &Notifier,
+    notifier: &Notifier<'_>,
     mut report: Report,
     message: String,
     logs: Option<PathBuf>,
@@ -326,12 +335,35 @@ pub fn with_overrides(mut plan: Plan, pipeline: &Pipeline) -> Plan {
     plan
 }
 
-fn apply_lifecycle(pipeline: &Pipeline, store: &Store, history: &History) -> Vec<String> {
-    let Some(_policy) = &pipeline.lifecycle else {
-        return Vec::new();
-    };
-    let _ = (store, history);
-    Vec::new()
+/// The pipeline's lifecycle after a success; its report's lines become warnings only when
+/// something went wrong, the rest is logged by the caller through the report.
+fn apply_lifecycle(
+    pipeline: &Pipeline,
+    store: &Store,
+    history: &History,
+    protected_refs: &[String],
+) -> (Vec<String>, Vec<String>) {
+    if pipeline.lifecycle.is_none() {
+        return (Vec::new(), Vec::new());
+    }
+    match super::lifecycle::apply_pipeline(
+        store,
+        history,
+        pipeline,
+        &super::SystemClock,
+        protected_refs,
+    ) {
+        Ok(report) => {
+            let done = report
+                .actions
+                .iter()
+                .filter(|a| !a.done.starts_with("kept"))
+                .map(|a| format!("{}: {}", a.verdict.image, a.done))
+                .collect();
+            (done, report.warnings)
+        }
+        Err(e) => (Vec::new(), vec![format!("lifecycle: {e}")]),
+    }
 }
 
 /// What the build has shown so far.
@@ -404,26 +436,45 @@ pub fn recorded_build(execution: &super::history::Execution) -> Option<(String, 
 }
 
 /// Sends the pipeline's notifications for the statuses it asks for.
-struct Notifier {
-    pipeline: Arc<Pipeline>,
-    #[allow(dead_code)] // read by the notification hooks once they are wired
+struct Notifier<'a> {
+    pipeline: &'a Pipeline,
+    history: &'a History,
     id: ExecutionId,
 }
 
-impl Notifier {
-    fn new(pipeline: &Pipeline, id: ExecutionId) -> Notifier {
+impl<'a> Notifier<'a> {
+    fn new(pipeline: &'a Pipeline, history: &'a History, id: ExecutionId) -> Notifier<'a> {
         Notifier {
-            pipeline: Arc::new(pipeline.clone()),
+            pipeline,
+            history,
             id,
         }
     }
 
-    /// Warnings for hooks that failed; a failed hook never fails the execution.
+    /// Warnings for hooks that failed; a failed hook never fails the execution. The event
+    /// is the execution as recorded, at `status`.
     async fn send(&self, status: ExecStatus, report: &Report) -> Vec<String> {
-        if !self.pipeline.notifications.on.contains(&status) {
+        let notifications = &self.pipeline.notifications;
+        if !notifications.on.contains(&status)
+            || (notifications.webhook.is_none() && notifications.command.is_none())
+        {
             return Vec::new();
         }
-        let _ = report;
-        Vec::new()
+        let mut event = match self.history.execution(self.id) {
+            Ok(execution) => super::notify::Event::from_execution(&execution),
+            Err(e) => {
+                return vec![format!(
+                    "could not read execution {} to notify: {e}",
+                    self.id
+                )];
+            }
+        };
+        event.status = status;
+        if event.reason.is_empty() || status == ExecStatus::Skipped {
+            event.reason = report.reason.clone();
+        }
+        event.image = event.image.or_else(|| report.image.clone());
+        event.error = event.error.or_else(|| report.error.clone());
+        super::notify::send(notifications, &event).await
     }
 }

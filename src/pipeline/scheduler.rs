@@ -170,12 +170,18 @@ pub async fn serve(
             }
         }
 
+        let protected = if queue.is_empty() {
+            Vec::new()
+        } else {
+            protected_refs(&pipelines)
+        };
         while running.len() < concurrency
             && let Some((id, name, path)) = queue.pop_front()
         {
             let store = store.clone();
             let history = history.clone();
-            let run_options = options.run.clone();
+            let mut run_options = options.run.clone();
+            run_options.protected_refs = protected.clone();
             let observer = LogLines {
                 name: name.clone(),
                 log: log.clone(),
@@ -293,6 +299,9 @@ fn finished(
                     for w in &report.warnings {
                         log(&format!("{name}: warning: {w}"));
                     }
+                    for l in &report.lifecycle {
+                        log(&format!("{name}: lifecycle: {l}"));
+                    }
                 }
                 Err(e) => log(&format!(
                     "{name}: execution {id} could not be recorded: {e}"
@@ -373,6 +382,24 @@ pub fn load_folder(
         }
     }
     Ok(out)
+}
+
+/// The store references (`base/1.x.x`) the recipes of `pipelines` build on: the lifecycle
+/// of one pipeline never deletes the parent of another.
+pub fn protected_refs(pipelines: &[(PathBuf, Pipeline)]) -> Vec<String> {
+    let mut refs: Vec<String> = pipelines
+        .iter()
+        .filter_map(|(_, p)| crate::recipe::load(&p.recipe.value).ok())
+        .filter_map(|r| match r.parent.value {
+            crate::recipe::ParentImage::Store { name, version } => {
+                Some(format!("{name}/{version}"))
+            }
+            _ => None,
+        })
+        .collect();
+    refs.sort();
+    refs.dedup();
+    refs
 }
 
 /// Executions left unfinished by a scheduler that is gone: recorded as failed, their build's
