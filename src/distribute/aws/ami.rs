@@ -998,5 +998,12 @@ mod tests {
             object_key(&options, &image, "d.vmdk"),
             "imports/web/1.0.0/3/d.vmdk"
         );
+
+        // Callers spawn the import on a multi-threaded runtime: its future must be Send.
+        fn assert_send<T: Send>(_: &T) {}
+        let future = import_ami(&image, &options, &crate::distribute::NoProgress);
+        assert_send(&future);
+        let future = preflight(&options);
+        assert_send(&future);
     }
 }

@@ -249,6 +249,9 @@ pub fn http_client() -> reqwest::Client {
         .connect_timeout(Duration::from_secs(20))
         .read_timeout(Duration::from_secs(120))
         .user_agent(concat!("builder/", env!("CARGO_PKG_VERSION")))
+        // A redirect would be sent unsigned for its new host; S3's redirects mean "wrong
+        // region", which HeadBucket reports instead.
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .expect("a reqwest client with rustls and timeouts always builds")
 }

@@ -298,9 +298,12 @@ impl S3Client {
                 }
                 Ok(())
             }
+            // AWS names the bucket's region on a refusal caused by signing for another one
+            // (301 PermanentRedirect, 400 AuthorizationHeaderMalformed; no body on HEAD).
             Err(RequestError::Service(f))
-                if f.status == 301
-                    && let Some(actual) = f.bucket_region.clone() =>
+                if self.base.is_none()
+                    && let Some(actual) = f.bucket_region.clone()
+                    && actual != self.client.region =>
             {
                 Err(S3Error::WrongRegion {
                     bucket: bucket.to_string(),
