@@ -72,7 +72,8 @@ pub struct AmiOptions {
     pub launch_permission_user_ids: Vec<String>,
     /// Groups given launch permission (`all` makes the AMI public).
     pub launch_permission_groups: Vec<String>,
-    /// `legacy-bios` or `uefi`. Default: from the build's firmware (bios → legacy-bios).
+    /// `legacy-bios`, `uefi`, or `uefi-preferred` (RegisterImage only: UEFI where the
+    /// instance type supports it). Default: from the build's firmware (bios → legacy-bios).
     pub boot_mode: Option<String>,
     pub import_method: ImportMethod,
     /// An S3-compatible endpoint (path-style addressing). Default: AWS.
@@ -156,12 +157,17 @@ impl AmiOptions {
         if let Err(reason) = check_ami_name(&self.name) {
             problems.push(format!("the AMI name `{}` {reason}", self.name));
         }
-        if let Some(mode) = &self.boot_mode
-            && !matches!(mode.as_str(), "legacy-bios" | "uefi")
-        {
-            problems.push(format!(
-                "unknown boot mode `{mode}`; expected `legacy-bios` or `uefi`"
-            ));
+        match (self.boot_mode.as_deref(), self.import_method) {
+            (None | Some("legacy-bios" | "uefi"), _) => {}
+            (Some("uefi-preferred"), ImportMethod::Snapshot) => {}
+            (Some("uefi-preferred"), ImportMethod::Image) => problems.push(
+                "ImportImage does not accept the boot mode `uefi-preferred`; use `uefi` or \
+                 `legacy-bios`, or the snapshot import method"
+                    .to_string(),
+            ),
+            (Some(mode), _) => problems.push(format!(
+                "unknown boot mode `{mode}`; expected `legacy-bios`, `uefi` or `uefi-preferred`"
+            )),
         }
         for id in &self.launch_permission_user_ids {
             if id.len() != 12 || !id.bytes().all(|b| b.is_ascii_digit()) {
@@ -951,11 +957,14 @@ mod tests {
         ] {
             assert!(text.contains(expected), "missing `{expected}` in:\n{text}");
         }
-        assert!(
-            AmiOptions::new("my-bucket", "web 1.0 (2026-11-21)")
-                .validate()
-                .is_ok()
-        );
+        let mut ok = AmiOptions::new("my-bucket", "web 1.0 (2026-11-21)");
+        ok.boot_mode = Some("uefi-preferred".into());
+        assert!(ok.validate().is_ok());
+        ok.import_method = ImportMethod::Image;
+        let Err(AwsError::Invalid { problems }) = ok.validate() else {
+            panic!("ImportImage takes no uefi-preferred");
+        };
+        assert!(problems[0].contains("does not accept the boot mode `uefi-preferred`"));
     }
 
     #[test]
