@@ -176,15 +176,8 @@ pub async fn execute(
     let last = history.last_success(&pipeline.name)?;
     match conditions::evaluate(condition, options.force, last.as_ref(), &inputs) {
         Verdict::Skip { reason } => {
-            history.finish(
-                id,
-                &Outcome {
-                    status: Some(ExecStatus::Skipped),
-                    error: Some(reason.clone()),
-                    inputs: Some(inputs.to_json()),
-                    ..Outcome::default()
-                },
-            )?;
+            // The reason is the skipped transition's detail (it is not an error).
+            history.set_status(id, ExecStatus::Skipped, Some(&reason))?;
             report.status = ExecStatus::Skipped;
             report.reason = reason;
             report.warnings = notifier.send(ExecStatus::Skipped, &report).await;
@@ -272,7 +265,14 @@ pub async fn execute(
         }
         Err(failed) => {
             report.image = failed.image.clone();
+            // The whole chain: "the build VM failed: KVM is not usable: …".
             let mut message = failed.error.to_string();
+            let mut source = std::error::Error::source(&failed.error);
+            while let Some(s) = source {
+                message.push_str(": ");
+                message.push_str(&s.to_string());
+                source = s.source();
+            }
             if let build::BuildError::Component(f) = &failed.error {
                 message = format!("{message}: {}", f.cause);
             }
