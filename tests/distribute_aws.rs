@@ -262,12 +262,19 @@ struct Recorder {
     steps: Mutex<Vec<String>>,
     transfers: Mutex<Vec<(u64, Option<u64>)>>,
     cancel_after_first_part: Option<CancellationToken>,
+    /// Cancel when a step starting with this text is reported.
+    cancel_on_step: Option<(&'static str, CancellationToken)>,
 }
 
 impl Progress for Recorder {
     fn step(&self, target: &str, message: &str) {
         assert_eq!(target, "ami");
         self.steps.lock().expect("steps").push(message.to_string());
+        if let Some((prefix, token)) = &self.cancel_on_step
+            && message.starts_with(prefix)
+        {
+            token.cancel();
+        }
     }
     fn transfer(&self, _target: &str, _what: &str, done: u64, total: Option<u64>) {
         self.transfers
@@ -901,4 +908,144 @@ async fn the_fake_rejects_a_wrong_signature_and_ec2_says_so() {
         "{rejected:?}"
     );
     assert!(fake.calls().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_a_slow_and_a_cancelled_import_are_reported() {
+    let Some(server) = S3Server::start(BUCKET) else {
+        return;
+    };
+    let work = tempfile::tempdir().expect("temp dir");
+    let image = stored_image(work.path());
+    let state = work.path().join("state");
+
+    // VM Import gives up: the task ends `deleted` with its reason.
+    let fake = FakeEc2::start(
+        KEY,
+        SECRET,
+        Script {
+            fail_with: Some(
+                "ClientError: Disk validation failed [Unsupported VMDK File Format]".into(),
+            ),
+            ..Script::default()
+        },
+    )
+    .await;
+    let options = ami_options(&server, &fake, &state);
+    let err = import_ami(&image, &options, &Recorder::default())
+        .await
+        .expect_err("the import fails");
+    assert_eq!(
+        err.to_string(),
+        "the import task import-snap-0fake in us-east-1 failed (deleted): ClientError: Disk \
+         validation failed [Unsupported VMDK File Format]"
+    );
+    assert!(err.hint().is_some());
+    assert!(!fake.actions().contains(&"RegisterImage".to_string()));
+
+    // The task never finishes within the timeout.
+    let fake = FakeEc2::start(
+        KEY,
+        SECRET,
+        Script {
+            active_polls: usize::MAX,
+            ..Script::default()
+        },
+    )
+    .await;
+    let mut options = ami_options(&server, &fake, &state);
+    options.import_timeout = Duration::from_millis(100);
+    let err = import_ami(&image, &options, &Recorder::default())
+        .await
+        .expect_err("times out");
+    let text = err.to_string();
+    assert!(matches!(err, AwsError::ImportTimeout { .. }), "{text}");
+    assert!(
+        text.contains("last seen: importing import-snap-0fake: ") && text.contains("% converting"),
+        "{text}"
+    );
+    assert!(
+        err.hint()
+            .expect("hint")
+            .contains("aws ec2 describe-import-snapshot-tasks --import-task-ids import-snap-0fake")
+    );
+
+    // The user cancels while the task runs: the task is cancelled too.
+    let fake = FakeEc2::start(
+        KEY,
+        SECRET,
+        Script {
+            active_polls: usize::MAX,
+            ..Script::default()
+        },
+    )
+    .await;
+    let mut options = ami_options(&server, &fake, &state);
+    let token = CancellationToken::new();
+    options.cancel = Some(token.clone());
+    let progress = Recorder {
+        cancel_on_step: Some(("importing import-snap-0fake", token)),
+        ..Recorder::default()
+    };
+    let err = import_ami(&image, &options, &progress)
+        .await
+        .expect_err("cancelled");
+    assert!(matches!(err, AwsError::Cancelled { .. }), "{err}");
+    let cancels: Vec<_> = fake
+        .calls()
+        .into_iter()
+        .filter(|c| c.action == "CancelImportTask")
+        .collect();
+    assert_eq!(cancels.len(), 1);
+    assert_eq!(cancels[0].param("ImportTaskId"), Some("import-snap-0fake"));
+    assert!(files_in(&state).is_empty(), "left: {:?}", files_in(&state));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_import_keeps_its_converted_disk_and_resumes() {
+    let Some(server) = S3Server::start(BUCKET) else {
+        return;
+    };
+    let proxy = PartProxy::start(server.port).await;
+    let fake = FakeEc2::start(KEY, SECRET, Script::default()).await;
+    let work = tempfile::tempdir().expect("temp dir");
+    let image = stored_image(work.path());
+    let state = work.path().join("state");
+    let mut options = ami_options(&server, &fake, &state);
+    options.s3_endpoint = Some(proxy.endpoint());
+
+    proxy.budget.store(0, Ordering::SeqCst);
+    let err = import_ami(&image, &options, &Recorder::default())
+        .await
+        .expect_err("no part gets through");
+    assert!(
+        err.to_string().contains("run the same command again"),
+        "{err}"
+    );
+    assert!(err.hint().is_some());
+    let mut kept = files_in(&state);
+    kept.sort();
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    assert!(
+        kept[0].starts_with("convert-") && kept[0].ends_with(".vmdk"),
+        "{kept:?}"
+    );
+    assert!(kept[1].starts_with("s3-upload-"), "{kept:?}");
+
+    proxy.budget.store(-1, Ordering::SeqCst);
+    let progress = Recorder::default();
+    let receipt = import_ami(&image, &options, &progress)
+        .await
+        .expect("resumes");
+    let steps = progress.steps.lock().expect("steps").clone();
+    assert!(
+        steps
+            .iter()
+            .any(|s| s.starts_with("reusing ") && s.ends_with(" from an interrupted upload")),
+        "{steps:#?}"
+    );
+    assert_eq!(receipt.location, "ami-0fake (us-east-1)");
+    assert!(files_in(&state).is_empty(), "left: {:?}", files_in(&state));
+    assert!(server.pending_uploads().is_empty());
+    assert!(fake.rejected().is_empty(), "{:?}", fake.rejected());
 }

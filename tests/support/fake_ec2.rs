@@ -49,6 +49,9 @@ pub struct Script {
     /// DescribeImportSnapshotTasks answers `active` this many times (30%, then 70%)
     /// before `completed`.
     pub active_polls: usize,
+    /// After the active polls the snapshot task ends `deleted` with this status message
+    /// (how VM Import reports a failure) instead of `completed`.
+    pub fail_with: Option<String>,
 }
 
 impl Default for Script {
@@ -57,6 +60,7 @@ impl Default for Script {
             role_exists: true,
             existing_names: BTreeMap::new(),
             active_polls: 1,
+            fail_with: None,
         }
     }
 }
@@ -368,6 +372,8 @@ fn answer(call: &Call, script: &Script, state: &Mutex<State>) -> (u16, String) {
                 format!(
                     "<status>active</status><progress>{progress}</progress><statusMessage>converting</statusMessage>"
                 )
+            } else if let Some(message) = &script.fail_with {
+                format!("<status>deleted</status><statusMessage>{message}</statusMessage>")
             } else {
                 "<status>completed</status><snapshotId>snap-0fake</snapshotId><diskImageSize>1.0</diskImageSize><format>VMDK</format>".to_string()
             };
