@@ -390,6 +390,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         vm.started.elapsed().as_secs_f64()
     );
     let vcpus = vm.vcpu_threads();
+    // How long cloud-init's bootcmd module took in the agent VM: our agent's install runs
+    // there before any user hook.
+    let blame = Capture::default();
+    let _ = agent
+        .exec(
+            &ExecRequest::bash("cloud-init analyze blame 2>/dev/null | grep -m1 bootcmd"),
+            &blame,
+        )
+        .await;
+    let bootcmd_blame =
+        Some(String::from_utf8_lossy(&blame.stdout()).trim().to_string()).filter(|b| !b.is_empty());
 
     // Exec round trips, alternating with ssh.
     let ssh = Ssh {
@@ -442,10 +453,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let remote = Path::new("/root/bench.bin");
     let mut t = Transfers::default();
     let load_xfer_start = load();
+    let cpu = CpuClock::new(vm.child.pid());
     for round in 1..=args.rounds {
         let stream = bench.as_mut().context("bench port connected")?;
+        let c0 = cpu.sample();
         let up = bare_up(&agent, stream, &data, None).await?;
+        let c1 = cpu.sample();
         let up_file = bare_up(&agent, stream, &data, Some("/root/bare.bin")).await?;
+        let c2 = cpu.sample();
         let t0 = Instant::now();
         let put = agent
             .put_file(
@@ -455,12 +470,32 @@ async fn run(args: Args) -> anyhow::Result<()> {
             )
             .await?;
         let put_t = t0.elapsed();
+        let c3 = cpu.sample();
         let scp_up = ssh.scp_up(&src, "/root/scp.bin").await?;
+        let c4 = cpu.sample();
         let down = bare_down(&agent, stream, size, None).await?;
+        let c5 = cpu.sample();
         let down_file = bare_down(&agent, stream, size, Some("/root/bench.bin")).await?;
+        let c6 = cpu.sample();
         let t0 = Instant::now();
         let get = agent.get_file(remote, &back).await?;
         let get_t = t0.elapsed();
+        let c7 = cpu.sample();
+        for (what, from, to) in [
+            ("bare up", c0, c1),
+            ("bare to file", c1, c2),
+            ("agent put", c2, c3),
+            ("bare down", c4, c5),
+            ("bare from file", c5, c6),
+            ("agent get", c6, c7),
+        ] {
+            let per_100 = 100.0 / args.mib as f64;
+            t.cpu.push(format!(
+                "{what}: QEMU {:.2} s, this process {:.2} s",
+                (to.0 - from.0) * per_100,
+                (to.1 - from.1) * per_100
+            ));
+        }
         if put.sha256 != get.sha256 || put.size != size {
             bail!("put and get disagree: {put:?} vs {get:?}");
         }
@@ -669,6 +704,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "({} MiB, {} round(s) alternating bare/agent/scp; agent transfers verify sha256 on both ends)",
         args.mib, args.rounds
     );
+    println!(
+        "host CPU per 100 MiB (round by round): {}",
+        t.cpu.join("; ")
+    );
+    if let Some(b) = &bootcmd_blame {
+        println!("cloud-init's bootcmd module in the agent VM (ours, then the marker): {b}");
+    }
     for (path, put, get) in variant_rows {
         println!(
             "variant {}: upload {:.1} MiB/s ({:.0}% of bare), download {:.1} MiB/s ({:.0}% of bare)",
@@ -690,9 +732,46 @@ struct Transfers {
     bare_down: Vec<f64>,
     get: Vec<f64>,
     scp_down: Vec<f64>,
+    /// CPU seconds per 100 MiB of QEMU (the guest, emulated) and of this process, per copy.
+    cpu: Vec<String>,
     /// The bare copy into a file (with fsync) and out of one: the port plus the guest's disk.
     bare_up_file: Vec<f64>,
     bare_down_file: Vec<f64>,
+}
+
+/// CPU seconds (user + system) of QEMU and of this process, read from /proc.
+struct CpuClock {
+    qemu: u32,
+    ticks: f64,
+}
+
+impl CpuClock {
+    fn new(qemu: u32) -> Self {
+        let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .filter(|t| *t > 0)
+            .map_or(100.0, |t| t as f64);
+        CpuClock { qemu, ticks }
+    }
+
+    fn seconds(&self, pid: &str) -> f64 {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return 0.0;
+        };
+        // utime and stime: fields 14 and 15, counted after the command name's ')'.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            return 0.0;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let field = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        (field(11) + field(12)) / self.ticks
+    }
+
+    /// (QEMU, this process)
+    fn sample(&self) -> (f64, f64) {
+        (self.seconds(&self.qemu.to_string()), self.seconds("self"))
+    }
 }
 
 fn random_bytes(n: usize) -> Vec<u8> {
@@ -828,20 +907,30 @@ async fn variant(
     let (mut put, mut get) = (Vec::new(), Vec::new());
     let dest = Path::new("/root/bench-variant.bin");
     for round in 1..=rounds {
+        // A variant may be a measurement build that skips a step on purpose (no hashing, say)
+        // and so fails verification at the end: the time until that answer still counts.
         let t0 = Instant::now();
-        target
+        let r = target
             .put_file(
                 dest,
                 FileSource::Path(src.to_path_buf()),
                 &PutOptions::default(),
             )
-            .await?;
+            .await;
         put.push(mib_s(size, t0.elapsed()));
+        let put_note = r
+            .err()
+            .map(|e| format!(" (put failed: {e})"))
+            .unwrap_or_default();
         let t0 = Instant::now();
-        target.get_file(dest, back).await?;
+        let r = target.get_file(dest, back).await;
         get.push(mib_s(size, t0.elapsed()));
+        let get_note = r
+            .err()
+            .map(|e| format!(" (get failed: {e})"))
+            .unwrap_or_default();
         eprintln!(
-            "variant {} round {round} (load {}): put {:.1} get {:.1} MiB/s",
+            "variant {} round {round} (load {}): put {:.1} get {:.1} MiB/s{put_note}{get_note}",
             path.display(),
             load(),
             put[round - 1],
