@@ -908,6 +908,26 @@ async fn the_fake_rejects_a_wrong_signature_and_ec2_says_so() {
         "{rejected:?}"
     );
     assert!(fake.calls().is_empty());
+
+    // Temporary credentials: the session token is sent and covered by the signature.
+    let ec2 = Ec2Client::new(
+        http_client(),
+        AwsCredentials::new(KEY, SECRET, Some("session-token".into()), "test"),
+        "eu-west-1",
+        Some(&fake.endpoint()),
+        quick_retries(),
+    )
+    .expect("valid endpoint");
+    assert_eq!(
+        ec2.images_named("x").await.expect("accepted"),
+        Vec::<String>::new()
+    );
+    let calls = fake.calls();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].region, "eu-west-1");
+    assert_eq!(calls[0].param("Owner.1"), Some("self"));
+    assert_eq!(calls[0].session_token.as_deref(), Some("session-token"));
+    assert_eq!(fake.rejected().len(), 1, "no new rejection");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,6 +27,8 @@ pub struct Call {
     pub region: String,
     pub action: String,
     pub params: BTreeMap<String, String>,
+    /// `x-amz-security-token`, when temporary credentials signed the request.
+    pub session_token: Option<String>,
 }
 
 impl Call {
@@ -481,6 +483,7 @@ async fn serve(
                     region,
                     action,
                     params,
+                    session_token: request.header("x-amz-security-token").map(str::to_string),
                 };
                 let answer = answer(&call, script, state);
                 state.lock().expect("state").calls.push(call);
