@@ -147,17 +147,34 @@ pub async fn serve(
                 Due::Run { due, missed, next } => {
                     let trigger = Trigger::Schedule { due };
                     let reason = run::trigger_reason(&trigger, missed);
-                    // Recorded before anything else: the slot is taken even if we die now.
-                    match history.begin(&pipeline.name, trigger, &reason)? {
-                        Some(id) => {
-                            log(&format!("{}: execution {id}: {reason}", pipeline.name));
-                            queue.push_back((id, pipeline.name.clone(), path.clone()));
-                        }
-                        None => log(&format!(
-                            "{}: the run for {} was already recorded; not running it again",
+                    let busy = queue.iter().any(|(_, n, _)| *n == pipeline.name)
+                        || running_ids.values().any(|(_, n)| *n == pipeline.name);
+                    if busy {
+                        // One execution of a pipeline at a time: the slot is recorded as
+                        // skipped (and so never run later) rather than queued behind it.
+                        history.skip(
+                            &pipeline.name,
+                            trigger,
+                            &format!("{reason}; skipped: the previous execution is still running"),
+                        )?;
+                        log(&format!(
+                            "{}: the run for {} is skipped: the previous execution is still running",
                             pipeline.name,
                             due.format("%Y-%m-%d %H:%M UTC")
-                        )),
+                        ));
+                    } else {
+                        // Recorded before anything else: the slot is taken even if we die now.
+                        match history.begin(&pipeline.name, trigger, &reason)? {
+                            Some(id) => {
+                                log(&format!("{}: execution {id}: {reason}", pipeline.name));
+                                queue.push_back((id, pipeline.name.clone(), path.clone()));
+                            }
+                            None => log(&format!(
+                                "{}: the run for {} was already recorded; not running it again",
+                                pipeline.name,
+                                due.format("%Y-%m-%d %H:%M UTC")
+                            )),
+                        }
                     }
                     match next {
                         Some(next) => {
