@@ -8,3 +8,38 @@
 //! - `lifecycle`: keep the last N / younger than a duration; never a parent in use.
 //! - `notify`: webhook and command hooks on status changes.
 //! - `run`/`scheduler`: one execution now; `builder serve`.
+
+pub mod history;
+pub mod lifecycle;
+pub mod model;
+pub mod notify;
+pub mod parse;
+pub mod schedule;
+
+use chrono::{DateTime, Utc};
+
+/// Where pipeline code reads the time, so schedules, catch-up and lifecycle ages can be tested
+/// with a fake clock. Production code uses [`SystemClock`].
+pub trait Clock: Send + Sync {
+    fn now(&self) -> DateTime<Utc>;
+}
+
+/// The real time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}
+
+/// Always the same instant (tests, and evaluating a policy "as of" a given time).
+#[derive(Debug, Clone, Copy)]
+pub struct FixedClock(pub DateTime<Utc>);
+
+impl Clock for FixedClock {
+    fn now(&self) -> DateTime<Utc> {
+        self.0
+    }
+}
