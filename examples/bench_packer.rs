@@ -67,6 +67,7 @@ fn main() {
     std::fs::write(&blob, &data).expect("write the blob");
     let port = serve(data);
 
+    let load_before = loadavg();
     let mut packer_times = Vec::new();
     let mut builder_runs = Vec::new();
     for run in 1..=runs {
@@ -89,6 +90,7 @@ fn main() {
                     r.cpu.as_secs_f64(),
                     r.peak_kib as f64 / 1024.0
                 );
+                eprintln!("run {run}: builder stages: {}", r.stages);
                 builder_runs.push(r);
             }
             Err(e) => eprintln!("run {run}: builder failed: {e}"),
@@ -97,6 +99,11 @@ fn main() {
 
     println!(
         "same work ({BLOB_MIB} MiB upload + a shell step + compressed qcow2), {runs} run(s) each, alternating"
+    );
+    println!(
+        "  load average (1, 5, 15 min): {} before, {} after",
+        load_before,
+        loadavg()
     );
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -268,6 +275,15 @@ struct BuilderRun {
     limit: Duration,
     cpu: Duration,
     peak_kib: u64,
+    /// Where builder's time went: agent up, cloud-init done, and each stage's duration.
+    stages: String,
+}
+
+/// `/proc/loadavg`'s first three figures.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
 }
 
 fn builder_run(
@@ -337,11 +353,25 @@ fn builder_run(
         ));
     }
     let mut limit = 0.0;
+    let mut stages = Vec::new();
     for line in events.lines() {
         let Ok(e) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
         };
         let stage = e["stage"].as_str().unwrap_or_default();
+        if e["event"] == "progress"
+            && stage == "boot"
+            && let Some(m) = e["message"].as_str()
+            && (m.starts_with("agent up") || m.starts_with("cloud-init"))
+        {
+            stages.push(m.to_string());
+        }
+        if e["event"] == "stageFinished"
+            && let Some(ms) = e["durationMs"].as_f64()
+            && ms > 0.0
+        {
+            stages.push(format!("{stage} {:.1} s", ms / 1000.0));
+        }
         if e["event"] == "progress"
             && stage == "boot"
             && let Some(s) = e["message"]
@@ -361,6 +391,7 @@ fn builder_run(
         limit: Duration::from_secs_f64(limit),
         cpu: Duration::from_secs_f64(cpu_ticks as f64 / ticks),
         peak_kib,
+        stages: stages.join(", "),
     })
 }
 

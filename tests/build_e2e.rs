@@ -521,3 +521,35 @@ fn failing_test_fails_the_build_and_keep_on_failure_keeps_what_it_says() {
         std::fs::remove_dir_all(dir).expect("remove what was kept");
     }
 }
+
+/// `--on-error shell` needs a terminal: without one it is refused before anything starts
+/// (exit 2), instead of hanging at the first failed step. No VM needed.
+#[test]
+fn on_error_shell_without_a_terminal_is_refused_at_once() {
+    let store = tempfile::tempdir().expect("temp dir");
+    let out = Command::new(env!("CARGO_BIN_EXE_builder"))
+        .args([
+            "build",
+            "tests/build/two-components.yml",
+            "--on-error",
+            "shell",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("BUILDER_STORE", store.path())
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("builder runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("error: `--on-error shell` needs a terminal on stdin"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("hint: use `--on-error keep`"), "{stderr}");
+    assert_eq!(
+        std::fs::read_dir(store.path()).expect("store").count(),
+        0,
+        "nothing was started"
+    );
+}

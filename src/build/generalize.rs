@@ -3,16 +3,18 @@
 //!
 //! First the package inventory is read (it needs the package manager's state, which the
 //! clean-up does not touch but which is cheapest to read while the guest is up). Then one
-//! script runs in the guest: `cloud-init clean --logs --seed`, an empty `/etc/machine-id`,
-//! no D-Bus machine id, no SSH host keys, emptied logs and shell history, package caches
-//! cleaned, the agent and its unit removed, `fstrim`, `sync`. Then the result is checked from
-//! the guest and reported; a check that fails fails the build (an image that would boot with
-//! the build VM's identity is not a golden image).
+//! script runs in the guest: cloud-init's instance state, logs and seed removed (what
+//! `cloud-init clean --logs --seed` does), an empty `/etc/machine-id`, no D-Bus machine id,
+//! no SSH host keys, emptied logs and shell history, package caches cleaned, the agent and its
+//! unit removed, `fstrim`, `sync`; then, in the same exec, the result is checked and reported;
+//! a check that fails fails the build (an image that would boot with the build VM's identity
+//! is not a golden image). Each command's time goes to the build log: under TCG every
+//! process start costs, so the script avoids Python and systemd reloads.
 
 use std::time::Duration;
 
 use crate::export::manifest::{DPKG_QUERY, PackageList, RPM_QUERY, parse_packages};
-use crate::target::{Capture, ExecRequest, OutputSink, StepTarget, TargetError};
+use crate::target::{Capture, ExecRequest, OutputSink, OutputStream, StepTarget, TargetError};
 use crate::vm::seed::AGENT_INSTALLED_PATHS;
 
 /// Generalizing may trim a few GiB under TCG.
@@ -63,31 +65,16 @@ pub struct Generalized {
 }
 
 /// The packages installed in the guest (`dpkg-query`, else `rpm -qa`); `None` when the guest
-/// has neither.
+/// has neither. One exec: the first line of output names the manager, the rest is its list.
 pub async fn packages(target: &dyn StepTarget) -> Result<Option<PackageList>, GeneralizeError> {
-    let which = Capture::default();
-    let probe = ExecRequest::bash(
-        "if command -v dpkg-query >/dev/null 2>&1; then echo dpkg; \
-         elif command -v rpm >/dev/null 2>&1; then echo rpm; fi",
-    )
-    .with_timeout(Some(QUERY_TIMEOUT));
-    target
-        .exec(&probe, &which)
-        .await
-        .map_err(|source| GeneralizeError::Target {
-            what: "find the package manager",
-            source,
-        })?;
-    let manager = String::from_utf8_lossy(&which.stdout()).trim().to_string();
-    let (command, query) = match manager.as_str() {
-        "dpkg" => ("dpkg-query -W", DPKG_QUERY),
-        "rpm" => ("rpm -qa", RPM_QUERY),
-        _ => return Ok(None),
-    };
     let out = Capture::default();
+    let script = format!(
+        "if command -v dpkg-query >/dev/null 2>&1; then echo dpkg; {DPKG_QUERY}; \
+         elif command -v rpm >/dev/null 2>&1; then echo rpm; {RPM_QUERY}; fi"
+    );
     let outcome = target
         .exec(
-            &ExecRequest::bash(query).with_timeout(Some(QUERY_TIMEOUT)),
+            &ExecRequest::bash(script).with_timeout(Some(QUERY_TIMEOUT)),
             &out,
         )
         .await
@@ -95,6 +82,13 @@ pub async fn packages(target: &dyn StepTarget) -> Result<Option<PackageList>, Ge
             what: "list the installed packages",
             source,
         })?;
+    let stdout = String::from_utf8_lossy(&out.stdout()).into_owned();
+    let (manager, list) = stdout.split_once('\n').unwrap_or((stdout.as_str(), ""));
+    let command = match manager.trim() {
+        "dpkg" => "dpkg-query -W",
+        "rpm" => "rpm -qa",
+        _ => return Ok(None),
+    };
     if !outcome.status.success() {
         return Err(GeneralizeError::Command {
             command,
@@ -102,7 +96,7 @@ pub async fn packages(target: &dyn StepTarget) -> Result<Option<PackageList>, Ge
             stderr: String::from_utf8_lossy(&out.stderr()).into_owned(),
         });
     }
-    parse_packages(&manager, &String::from_utf8_lossy(&out.stdout()))
+    parse_packages(manager.trim(), list)
         .map(Some)
         .map_err(GeneralizeError::Packages)
 }
@@ -116,14 +110,17 @@ pub fn script(seal: bool) -> String {
     let seal_part = if seal { SEAL } else { "" };
     format!(
         r#"set -u
-run() {{ echo "+ $*"; "$@" || echo "warning: \`$*\` failed with status $?" >&2; }}
+now() {{ date +%s%N 2>/dev/null || echo 0; }}
+run() {{
+  echo "+ $*"; t0=$(now)
+  "$@" || echo "warning: \`$*\` failed with status $?" >&2
+  echo "  ($(( ($(now) - t0) / 1000000 )) ms)"
+}}
 has() {{ command -v "$1" >/dev/null 2>&1; }}
-{seal_part}# The agent and its unit: it keeps running from memory until the power-off.
-if [ -d /run/systemd/system ]; then
-  systemctl disable builder-agent.service >/dev/null 2>&1 || true
-fi
+{seal_part}# The agent and its unit (enabled by a hand-made link, removed with it): it keeps running
+# from memory until the power-off. No `systemctl disable` or daemon-reload: the guest powers
+# off next, and each reload costs seconds under TCG.
 run rm -rf {agent_paths}
-if [ -d /run/systemd/system ]; then run systemctl daemon-reload; fi
 # Free blocks back to the disk (the VM runs with discard=unmap), so the export is small.
 if has fstrim; then run fstrim -av; fi
 run sync
@@ -133,8 +130,19 @@ run sync
 
 /// The sealing part of [`script`].
 const SEAL: &str = r#"# cloud-init: forget this instance, its logs and the seed it came from, so the next boot is a
-# first boot that reads the next machine's seed.
-if has cloud-init; then run cloud-init clean --logs --seed; fi
+# first boot that reads the next machine's seed. With the default paths and no clean.d hooks
+# this is what `cloud-init clean --logs --seed` does, without starting Python (10 s under a
+# loaded TCG); otherwise cloud-init's own command, which knows its configuration. (Logs
+# elsewhere under /var/log are emptied below anyway.)
+if has cloud-init; then
+  dirs=$(grep -hs '^[[:space:]]*cloud_dir:' /etc/cloud/cloud.cfg /etc/cloud/cloud.cfg.d/*.cfg \
+    | awk '{print $2}' | tr -d "'\"" | sed 's:/*$::' | sort -u)
+  if [ -z "$(ls -A /etc/cloud/clean.d 2>/dev/null)" ] && [ -z "${dirs#/var/lib/cloud}" ]; then
+    run sh -c 'rm -rf /var/lib/cloud/* /var/log/cloud-init.log /var/log/cloud-init-output.log'
+  else
+    run cloud-init clean --logs --seed
+  fi
+fi
 # Machine identity: systemd makes a new machine id on the next boot.
 if [ -e /etc/machine-id ]; then run truncate -s 0 /etc/machine-id; fi
 run rm -f /var/lib/dbus/machine-id
@@ -153,12 +161,13 @@ run rm -f /root/.bash_history /root/.lesshst /root/.viminfo
 run sh -c 'rm -f /home/*/.bash_history'
 "#;
 
-/// The checks, as `name<TAB>ok|fail<TAB>detail` lines; without `seal`, only the agent's.
+/// The checks, as `check<TAB>name<TAB>ok|fail<TAB>detail` lines; without `seal`, only the
+/// agent's. Run at the end of [`script`], in the same exec.
 fn verify_script(seal: bool) -> String {
     let agent_paths = AGENT_INSTALLED_PATHS.join(" ");
     format!(
         r#"set -u
-check() {{ if eval "$2"; then printf '%s\tok\t%s\n' "$1" "$3"; else printf '%s\tfail\t%s\n' "$1" "$4"; fi; }}
+check() {{ if eval "$2"; then printf 'check\t%s\tok\t%s\n' "$1" "$3"; else printf 'check\t%s\tfail\t%s\n' "$1" "$4"; fi; }}
 left=""
 for p in {agent_paths}; do [ -e "$p" ] && left="$left $p"; done
 check agent-removed '[ -z "$left" ]' 'no file of the agent or its unit' "left:$left"
@@ -174,17 +183,37 @@ exit 0
     )
 }
 
-/// Run the clean-up script (its output to `sink`), then check the result. `seal`: the
-/// recipe's `generalize`.
+/// Forwards output to the build log and keeps stdout for the check lines.
+struct Tee<'a> {
+    log: &'a dyn OutputSink,
+    stdout: Capture,
+}
+
+impl OutputSink for Tee<'_> {
+    fn output(&self, stream: OutputStream, data: &[u8]) {
+        self.log.output(stream, data);
+        if stream == OutputStream::Stdout {
+            self.stdout.output(stream, data);
+        }
+    }
+}
+
+/// Run the clean-up script and then the checks, in one exec (its output to `sink`), and
+/// report the checks. `seal`: the recipe's `generalize`.
 pub async fn generalize(
     target: &dyn StepTarget,
     sink: &dyn OutputSink,
     seal: bool,
 ) -> Result<Generalized, GeneralizeError> {
+    let tee = Tee {
+        log: sink,
+        stdout: Capture::default(),
+    };
+    let body = format!("{}\n{}", script(seal), verify_script(seal));
     let outcome = target
         .exec(
-            &ExecRequest::bash(script(seal)).with_timeout(Some(SCRIPT_TIMEOUT)),
-            sink,
+            &ExecRequest::bash(body).with_timeout(Some(SCRIPT_TIMEOUT)),
+            &tee,
         )
         .await
         .map_err(|source| GeneralizeError::Target {
@@ -198,25 +227,7 @@ pub async fn generalize(
             stderr: String::new(),
         });
     }
-    let out = Capture::default();
-    let verified = target
-        .exec(
-            &ExecRequest::bash(verify_script(seal)).with_timeout(Some(QUERY_TIMEOUT)),
-            &out,
-        )
-        .await
-        .map_err(|source| GeneralizeError::Target {
-            what: "check the generalized image",
-            source,
-        })?;
-    if !verified.status.success() {
-        return Err(GeneralizeError::Command {
-            command: "generalize checks",
-            status: verified.status,
-            stderr: String::from_utf8_lossy(&out.stderr()).into_owned(),
-        });
-    }
-    let checks = parse_checks(&String::from_utf8_lossy(&out.stdout()));
+    let checks = parse_checks(&String::from_utf8_lossy(&tee.stdout.stdout()));
     let failed: Vec<String> = checks
         .iter()
         .filter(|c| !c.ok)
@@ -237,7 +248,7 @@ fn parse_checks(output: &str) -> Vec<Check> {
     output
         .lines()
         .filter_map(|line| {
-            let mut parts = line.splitn(3, '\t');
+            let mut parts = line.strip_prefix("check\t")?.splitn(3, '\t');
             let (name, verdict, detail) = (parts.next()?, parts.next()?, parts.next()?);
             Some(Check {
                 name: name.to_string(),
@@ -255,7 +266,7 @@ mod tests {
     #[test]
     fn checks_parse_and_failures_keep_their_detail() {
         let checks = parse_checks(
-            "machine-id\tok\tempty\nssh-host-keys\tfail\tstill there: /etc/ssh/ssh_host_rsa_key \nnoise\n",
+            "check\tmachine-id\tok\tempty\ncheck\tssh-host-keys\tfail\tstill there: /etc/ssh/ssh_host_rsa_key \nnoise\nname\tok\tnot a check line\n",
         );
         assert_eq!(checks.len(), 2);
         assert!(checks[0].ok);

@@ -532,73 +532,89 @@ async fn shell(args: ShellArgs) -> CliResult {
         |_: &ExitStatus| true,
         None,
         |session| async move {
-            let mut request = ExecRequest::bash(
-                "if command -v bash >/dev/null 2>&1; then exec bash -l; else exec sh -l; fi",
-            );
-            if let Ok(term) = std::env::var("TERM") {
-                request.env.push(("TERM".into(), term));
-            }
-            request.cwd = Some("/root".into());
-            let pty = if tty { window_size().or(Some((24, 80))) } else { None };
             let Some(agent) = session.agent() else {
                 return Err(Failure::failed(anyhow::anyhow!(
                     "an interactive shell needs builder's agent in the guest"
                 )));
             };
-            let mut shell = agent.start_interactive(&request, pty).await.map_err(|e| {
-                Failure::failed(anyhow::Error::new(e).context("could not start a shell in the VM"))
-            })?;
-            progress("shell ready (exit it to stop the VM)");
-            let raw = if tty { RawTerminal::enable() } else { None };
-            // A plain thread reads stdin: a blocked read must not hold up the runtime's
-            // shutdown after the shell ends (tokio's stdin would).
-            let (tx, mut stdin_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 4096];
-                loop {
-                    match std::io::Read::read(&mut std::io::stdin(), &mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if tx.blocking_send(buf[..n].to_vec()).is_err() {
-                                break;
-                            }
-                        }
-                    }
-                }
-            });
-            let mut stdin_open = true;
-            let mut winch = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()).ok();
-            let status = loop {
-                tokio::select! {
-                    ev = shell.next() => match ev {
-                        Ok(InteractiveEvent::Output(stream, data)) => Passthrough.output(stream, &data),
-                        Ok(InteractiveEvent::Exited(status)) => break Ok(status),
-                        Err(e) => break Err(Failure::failed(anyhow::Error::new(e).context("the shell connection failed"))),
-                    },
-                    data = stdin_rx.recv(), if stdin_open => match data {
-                        None => {
-                            stdin_open = false;
-                            let _ = shell.write_stdin(&[]);
-                        }
-                        Some(data) => {
-                            if let Err(e) = shell.write_stdin(&data) {
-                                break Err(Failure::failed(anyhow::Error::new(e).context("the shell connection failed")));
-                            }
-                        }
-                    },
-                    _ = async { match winch.as_mut() { Some(w) => { w.recv().await; } None => std::future::pending::<()>().await } } => {
-                        if let Some((rows, cols)) = window_size() {
-                            let _ = shell.resize(rows, cols);
-                        }
-                    }
-                }
-            };
-            drop(raw);
-            status
+            interactive_shell(agent, tty, "shell ready (exit it to stop the VM)").await
         },
     )
     .await?;
     exit_code(status, None)
+}
+
+/// A login shell in the guest through its agent, wired to this terminal (raw mode and window
+/// size when `tty`), until it exits. `ready` is printed once it runs. Also what
+/// `builder build --on-error shell` opens.
+pub async fn interactive_shell(
+    agent: &builder::target::agent::AgentTarget,
+    tty: bool,
+    ready: &str,
+) -> Result<ExitStatus, Failure> {
+    let mut request = ExecRequest::bash(
+        "if command -v bash >/dev/null 2>&1; then exec bash -l; else exec sh -l; fi",
+    );
+    if let Ok(term) = std::env::var("TERM") {
+        request.env.push(("TERM".into(), term));
+    }
+    request.cwd = Some("/root".into());
+    let pty = if tty {
+        window_size().or(Some((24, 80)))
+    } else {
+        None
+    };
+    let mut shell = agent.start_interactive(&request, pty).await.map_err(|e| {
+        Failure::failed(anyhow::Error::new(e).context("could not start a shell in the VM"))
+    })?;
+    progress(ready);
+    let raw = if tty { RawTerminal::enable() } else { None };
+    // A plain thread reads stdin: a blocked read must not hold up the runtime's
+    // shutdown after the shell ends (tokio's stdin would).
+    let (tx, mut stdin_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            match std::io::Read::read(&mut std::io::stdin(), &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if tx.blocking_send(buf[..n].to_vec()).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    let mut stdin_open = true;
+    let mut winch =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()).ok();
+    let status = loop {
+        tokio::select! {
+            ev = shell.next() => match ev {
+                Ok(InteractiveEvent::Output(stream, data)) => Passthrough.output(stream, &data),
+                Ok(InteractiveEvent::Exited(status)) => break Ok(status),
+                Err(e) => break Err(Failure::failed(anyhow::Error::new(e).context("the shell connection failed"))),
+            },
+            data = stdin_rx.recv(), if stdin_open => match data {
+                None => {
+                    stdin_open = false;
+                    let _ = shell.write_stdin(&[]);
+                }
+                Some(data) => {
+                    if let Err(e) = shell.write_stdin(&data) {
+                        break Err(Failure::failed(anyhow::Error::new(e).context("the shell connection failed")));
+                    }
+                }
+            },
+            _ = async { match winch.as_mut() { Some(w) => { w.recv().await; } None => std::future::pending::<()>().await } } => {
+                if let Some((rows, cols)) = window_size() {
+                    let _ = shell.resize(rows, cols);
+                }
+            }
+        }
+    };
+    drop(raw);
+    status
 }
 
 #[cfg(test)]
