@@ -34,6 +34,9 @@ enum Command {
     /// Build a recipe: boot the parent, run the components, generalize, test in a fresh VM,
     /// export every format, and store the image as `name/x.y.z/n`.
     Build(cli::build::BuildArgs),
+    /// Send an image from the store to OCI registries, AWS (AMI), a Vagrant box or a folder;
+    /// each target's receipt is printed and recorded in the store.
+    Distribute(Box<cli::distribute::DistributeArgs>),
     /// The image versions in the local store: list, show, remove.
     #[command(subcommand)]
     Images(cli::images::ImagesCommand),
@@ -60,6 +63,7 @@ fn main() -> ExitCode {
             Command::Plan(args) => cli::recipe::plan(args),
             Command::Schema(args) => cli::recipe::schema(args),
             Command::Build(args) => cli::build::main(args).await,
+            Command::Distribute(args) => cli::distribute::main(*args).await,
             Command::Images(cmd) => cli::images::main(cmd).await,
         }
     });

@@ -11,6 +11,7 @@
 //! Plan ─allocate─▶ BuildSlot + logs ─fetch─▶ base ─overlay─▶ DiskChain ─boot─▶ BuildVm
 //!   ─component × n (build, validate, commit layer)─▶ BuildVm ─generalize─▶ Sealed
 //!   ─shut down─▶ BuiltDisk ─test (fresh VM)─▶ Tested ─export─▶ outputs ─manifest, commit─▶ StoredImage
+//!   ─distribute (each recipe target; a failure leaves the image stored)─▶ Receipts
 //! ```
 
 pub mod events;
@@ -24,7 +25,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 pub use events::{BuildEvent, BuildLog, BuildObserver, Quiet};
-pub use stages::{BuildError, ComponentFailure, FailureShell};
+pub use stages::{BuildError, ComponentFailure};
 
 use crate::store::{Store, StoredImage};
 use crate::vm::{AccelChoice, ErrorClass};
@@ -42,8 +43,6 @@ pub struct BuildOptions {
     pub accel: Option<AccelChoice>,
     /// The QEMU system emulator; default `qemu-system-x86_64` from `PATH`.
     pub qemu: Option<PathBuf>,
-    /// `--on-error shell`: called when a component step fails, with the build VM running.
-    pub on_failure: Option<std::sync::Arc<dyn FailureShell>>,
 }
 
 /// A finished, stored build.
@@ -56,6 +55,10 @@ pub struct Built {
     pub copies: Vec<PathBuf>,
     /// Undo actions that failed (resources that may be left behind).
     pub warnings: Vec<String>,
+    /// Where the recipe's `distribution` targets put the image (also in the store).
+    pub receipts: Vec<crate::distribute::Receipt>,
+    /// Targets that failed (the image is stored all the same): (target, error).
+    pub distribution_failures: Vec<(String, String)>,
 }
 
 /// A build that did not finish.
@@ -122,14 +125,32 @@ pub async fn build(
     match result {
         Ok(exported) => {
             let warnings = cx.unwind(Outcome::Success).failed;
-            cx.stage("store", stages::store(&cx, exported, slot, warnings))
-                .await
-                .map_err(|error| Failed {
-                    error,
-                    image: Some(cx.image()),
-                    logs: None,
-                    unwind: UnwindReport::default(),
-                })
+            let stored = cx
+                .stage("store", stages::store(&cx, exported, slot, warnings))
+                .await;
+            let mut built = match stored {
+                Ok(built) => built,
+                Err(error) => {
+                    cx.log.close();
+                    return Err(Failed {
+                        error,
+                        image: Some(cx.image()),
+                        logs: None,
+                        unwind: UnwindReport::default(),
+                    });
+                }
+            };
+            if plan.distribution.is_empty() {
+                cx.skipped("distribute");
+            } else {
+                // A failure is in `built.distribution_failures`: the image is stored and
+                // the caller reports both.
+                let _ = cx
+                    .stage("distribute", stages::distribute(&cx, &mut built))
+                    .await;
+            }
+            stages::finished(&cx, &built);
+            Ok(built)
         }
         Err(mut error) => {
             let unwind = cx.unwind(Outcome::Failure);

@@ -463,6 +463,10 @@ pub struct Plan {
     /// existed keep their digest.
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub generalize: bool,
+    /// The recipe's `distribution` targets, paths resolved. Not part of the digest: where an
+    /// image goes does not change what it is (the recipe's own sha256 still pins the file).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub distribution: Vec<crate::distribute::target::Target>,
 }
 
 fn yes() -> bool {
@@ -709,7 +713,7 @@ impl Plan {
 }
 
 /// Keys whose values say where something is on this machine, left out of digests.
-const LOCAL_KEYS: &[&str] = &["localPath", "localDirectory"];
+const LOCAL_KEYS: &[&str] = &["localPath", "localDirectory", "distribution"];
 
 fn strip_local(value: &mut serde_json::Value) {
     match value {
@@ -891,6 +895,11 @@ pub fn plan(
                 .map(|d| absolute(&recipe::resolve_relative(&recipe.source.path, d))),
         },
         generalize: recipe.generalize,
+        distribution: recipe
+            .distribution
+            .iter()
+            .map(|d| crate::distribute::target::Target::from_recipe(&d.value, &recipe.source.path))
+            .collect(),
     };
     let mut key = plan.root_layer_key();
     for component in &mut plan.components {

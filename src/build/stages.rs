@@ -122,20 +122,13 @@ pub enum BuildError {
     },
     #[error("could not store the build")]
     Commit(#[source] StoreError),
-}
-
-/// What `--on-error shell` does when a component step fails: called with the failure while
-/// the build VM still runs (outside the build's timeout), it returns when the user is done
-/// (typically after an interactive shell in the guest through `agent`). The build then fails
-/// as it would have.
-#[async_trait::async_trait]
-pub trait FailureShell: Send + Sync + std::fmt::Debug {
-    async fn open(
-        &self,
-        failure: &ComponentFailure,
-        vm: &str,
-        agent: Arc<crate::target::agent::AgentTarget>,
-    );
+    /// The image is stored; sending it to a target failed.
+    #[error("the image is stored, but distributing it to {target} failed{}: {message}", if *.failed > 1 { format!(" (and {} more)", .failed - 1) } else { String::new() })]
+    Distribute {
+        target: String,
+        message: String,
+        failed: usize,
+    },
 }
 
 /// A component (or test) step that failed, with what the user needs to act on it.
@@ -194,6 +187,7 @@ impl BuildError {
             | BuildError::Manifest(_)
             | BuildError::Copy { .. }
             | BuildError::Commit(_) => ErrorClass::Host,
+            BuildError::Distribute { .. } => ErrorClass::Failed,
             BuildError::Guest { .. }
             | BuildError::DiskNotGrown { .. }
             | BuildError::Component(_)
@@ -893,8 +887,8 @@ pub async fn components(cx: &Cx<'_>, mut vm: BuildVm) -> Result<BuildVm, BuildEr
         }
         Ok::<(), BuildError>(())
     };
-    let result = match tokio::time::timeout(Duration::from_secs(secs), all).await {
-        Ok(result) => result,
+    match tokio::time::timeout(Duration::from_secs(secs), all).await {
+        Ok(result) => result?,
         Err(_) => {
             return Err(BuildError::Timeout {
                 stage: "the components",
@@ -902,19 +896,7 @@ pub async fn components(cx: &Cx<'_>, mut vm: BuildVm) -> Result<BuildVm, BuildEr
                 setting: "buildTimeoutSeconds",
             });
         }
-    };
-    if let (Err(BuildError::Component(failure)), Some(shell), Some(agent)) =
-        (&result, &cx.options.on_failure, vm.session.agent().cloned())
-    {
-        // The user's time in the shell is not the build's: outside the timeout. A VM that
-        // dies meanwhile ends the wait (the shell's channel breaks with it).
-        let describe = vm.session.vm().describe();
-        let _ = vm
-            .session
-            .guard(shell.open(failure, &describe, agent))
-            .await;
     }
-    result?;
     Ok(vm)
 }
 
@@ -1250,7 +1232,18 @@ pub async fn test(cx: &Cx<'_>, disk: BuiltDisk) -> Result<Tested, BuildError> {
     for f in &files {
         before.push(hash(f).await?);
     }
-    run_tests(cx, &disk).await?;
+    let secs = cx.plan.tests.timeout_secs;
+    let work = run_tests(cx, &disk);
+    match tokio::time::timeout(Duration::from_secs(secs), work).await {
+        Ok(result) => result?,
+        Err(_) => {
+            return Err(BuildError::Timeout {
+                stage: "the test stage",
+                secs,
+                setting: "tests.timeoutSeconds",
+            });
+        }
+    }
     for (f, b) in files.iter().zip(before) {
         let after = hash(f).await?;
         if after != b {
@@ -1268,57 +1261,13 @@ pub async fn test(cx: &Cx<'_>, disk: BuiltDisk) -> Result<Tested, BuildError> {
     Ok(Tested { disk })
 }
 
-/// Within `tests.timeoutSeconds` (the VM's boot and the tests; not the user's time in an
-/// `--on-error shell`).
 async fn run_tests(cx: &Cx<'_>, disk: &BuiltDisk) -> Result<(), BuildError> {
-    let secs = cx.plan.tests.timeout_secs;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    let timed_out = || BuildError::Timeout {
-        stage: "the test stage",
-        secs,
-        setting: "tests.timeoutSeconds",
-    };
     let mut options = vm_options(cx, &disk.chain.top, cx.logs.join("test-vm"));
     options.vm.keep_on_failure = cx.keep;
     let progress = |m: &str| cx.progress("test", m);
-    let session = tokio::time::timeout_at(deadline, Session::open(options, &progress))
+    let session = Session::open(options, &progress)
         .await
-        .map_err(|_| timed_out())?
         .map_err(vm_err("test"))?;
-    let (results, failure) = tokio::time::timeout_at(deadline, test_components(cx, &session))
-        .await
-        .map_err(|_| timed_out())??;
-    cx.with_manifest(|m| m.tests = results);
-    if let (Some(BuildError::Component(f)), Some(shell), Some(agent)) =
-        (&failure, &cx.options.on_failure, session.agent().cloned())
-    {
-        let describe = session.vm().describe();
-        let _ = session.guard(shell.open(f, &describe, agent)).await;
-    }
-    let outcome = if failure.is_some() {
-        Outcome::Failure
-    } else {
-        Outcome::Success
-    };
-    let report = session.close(outcome, &progress).await;
-    if let Ok(mut kept) = cx.kept.lock() {
-        kept.extend(report.unwind.kept.iter().cloned());
-    }
-    for f in &report.unwind.failed {
-        cx.progress("test", &format!("warning: {f}"));
-    }
-    match failure {
-        Some(f) => Err(f),
-        None => Ok(()),
-    }
-}
-
-/// The `test` phase of every component that has one, then the test components: each one's
-/// result, and the first failure.
-async fn test_components(
-    cx: &Cx<'_>,
-    session: &Session,
-) -> Result<(Vec<TestResult>, Option<BuildError>), BuildError> {
     let mut results = Vec::new();
     let mut failure = None;
     let with_test = cx
@@ -1333,7 +1282,7 @@ async fn test_components(
         let t0 = Instant::now();
         let outcome = run_document(
             cx,
-            session,
+            &session,
             document,
             component,
             vec!["test".to_string()],
@@ -1353,7 +1302,23 @@ async fn test_components(
             failure = Some(failure_of(cx, &label, &outcome));
         }
     }
-    Ok((results, failure))
+    cx.with_manifest(|m| m.tests = results);
+    let outcome = if failure.is_some() {
+        Outcome::Failure
+    } else {
+        Outcome::Success
+    };
+    let report = session.close(outcome, &progress).await;
+    if let Ok(mut kept) = cx.kept.lock() {
+        kept.extend(report.unwind.kept.iter().cloned());
+    }
+    for f in &report.unwind.failed {
+        cx.progress("test", &format!("warning: {f}"));
+    }
+    match failure {
+        Some(f) => Err(f),
+        None => Ok(()),
+    }
 }
 
 // ─── 9. export ──────────────────────────────────────────────────────────────────────────
@@ -1467,23 +1432,109 @@ pub async fn store(
         .iter()
         .map(|a| a.path(&image.dir))
         .collect::<Vec<_>>();
-    let image_name = cx.image();
-    cx.log.emit(&BuildEvent::BuildFinished {
-        status: "success",
-        image: &image_name,
-        directory: Some(&image.dir),
-        outputs: outputs.iter().map(PathBuf::as_path).collect(),
-        message: None,
-        duration_ms: cx.elapsed().as_millis() as u64,
-    });
-    cx.log.close();
     let _ = exported.stem;
     Ok(super::Built {
         image,
         outputs,
         copies,
         warnings,
+        receipts: Vec::new(),
+        distribution_failures: Vec::new(),
     })
+}
+
+// ─── 11. distribute ─────────────────────────────────────────────────────────────────────
+
+/// A distribution target's progress as build events (stage `distribute`).
+struct DistributeEvents<'a, 'b>(&'b BuildLog<'a>);
+
+impl crate::distribute::Progress for DistributeEvents<'_, '_> {
+    fn step(&self, target: &str, message: &str) {
+        self.0
+            .progress("distribute", &format!("{target}: {message}"));
+    }
+    fn transfer(&self, target: &str, what: &str, done: u64, total: Option<u64>) {
+        let what = format!("{target}: {what}");
+        self.0.emit(&BuildEvent::Transfer {
+            stage: "distribute",
+            what: &what,
+            done,
+            total,
+        });
+    }
+}
+
+/// Send the stored image to every target of the recipe, one after another. A target that
+/// fails does not stop the others; the image stays stored either way. Every receipt is
+/// recorded in the store. Fails (after trying every target) when one target failed.
+pub async fn distribute(cx: &Cx<'_>, built: &mut super::Built) -> Result<(), BuildError> {
+    use crate::distribute::target;
+    let events = DistributeEvents(cx.log);
+    // Check every target before the first one writes anything.
+    for t in &cx.plan.distribution {
+        if let Err(e) = target::preflight(&built.image, t).await {
+            built
+                .distribution_failures
+                .push((t.describe(&built.image), error_chain(&e)));
+        }
+    }
+    if built.distribution_failures.is_empty() {
+        for t in &cx.plan.distribution {
+            let what = t.describe(&built.image);
+            cx.progress("distribute", &format!("to {what}"));
+            match target::distribute(&built.image, t, &events).await {
+                Ok(receipt) => {
+                    cx.progress(
+                        "distribute",
+                        &format!("{}: {}", receipt.kind, receipt.location),
+                    );
+                    if let Err(e) = cx
+                        .store
+                        .record_receipts(&built.image, std::slice::from_ref(&receipt))
+                    {
+                        built
+                            .warnings
+                            .push(format!("could not record the receipt: {}", error_chain(&e)));
+                    }
+                    built.receipts.push(receipt);
+                }
+                Err(e) => built.distribution_failures.push((what, error_chain(&e))),
+            }
+        }
+    }
+    for (what, error) in &built.distribution_failures {
+        cx.progress("distribute", &format!("failed: {what}: {error}"));
+    }
+    match built.distribution_failures.first() {
+        None => Ok(()),
+        Some((what, error)) => Err(BuildError::Distribute {
+            target: what.clone(),
+            message: error.clone(),
+            failed: built.distribution_failures.len(),
+        }),
+    }
+}
+
+/// The build's last event, then its log is closed.
+pub fn finished(cx: &Cx<'_>, built: &super::Built) {
+    let image_name = cx.image();
+    let message = built
+        .distribution_failures
+        .first()
+        .map(|(what, error)| format!("distribution to {what} failed: {error}"));
+    cx.log.emit(&BuildEvent::BuildFinished {
+        status: if message.is_some() {
+            "distributionFailed"
+        } else {
+            "success"
+        },
+        image: &image_name,
+        directory: Some(&built.image.dir),
+        outputs: built.outputs.iter().map(PathBuf::as_path).collect(),
+        message: message.as_deref(),
+        duration_ms: cx.elapsed().as_millis() as u64,
+    });
+    cx.log.close();
 }
 
 /// Copy the outputs and `SHA256SUMS` to `dest` (each under a temporary name, then renamed).

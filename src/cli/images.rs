@@ -59,6 +59,10 @@ pub struct RmArgs {
     /// Remove even if another stored build uses it as its parent image.
     #[arg(long)]
     force: bool,
+    /// Also remove cached parent images (`cache/base/`) that no remaining stored build was
+    /// made from (never one a stored build references; nothing while a build runs).
+    #[arg(long)]
+    prune_cache: bool,
 }
 
 pub async fn main(command: ImagesCommand) -> CliResult {
@@ -71,7 +75,7 @@ pub async fn main(command: ImagesCommand) -> CliResult {
 }
 
 /// Exit 2 for what the user can fix by asking differently, 3 for the host (disk, permissions).
-fn store_failure(e: StoreError) -> Failure {
+pub(super) fn store_failure(e: StoreError) -> Failure {
     let hint = match &e {
         StoreError::NotFound { close, .. } if !close.is_empty() => Some(format!(
             "stored images with a close name: {}",
@@ -128,6 +132,9 @@ struct Row {
     size: u64,
     dir: std::path::PathBuf,
     logs: std::path::PathBuf,
+    /// Where the build was distributed: receipt kinds and locations.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    sent: Vec<String>,
 }
 
 fn row(image: &StoredImage) -> Row {
@@ -147,6 +154,11 @@ fn row(image: &StoredImage) -> Row {
         size: image.outputs_size(),
         dir: image.dir.clone(),
         logs: image.logs_dir(),
+        sent: image
+            .receipts()
+            .iter()
+            .map(|r| format!("{} {}", r.kind, r.location))
+            .collect(),
     }
 }
 
@@ -162,6 +174,7 @@ fn failed_row(f: &FailedBuild) -> Row {
         size: 0,
         dir: f.dir.clone(),
         logs: f.logs_dir(),
+        sent: Vec::new(),
     }
 }
 
@@ -192,7 +205,7 @@ fn list(store: &Store, args: &ListArgs) -> CliResult {
         eprintln!("no images in the store ({})", store.root().display());
         return Ok(0);
     }
-    let table: Vec<[String; 7]> = rows
+    let table: Vec<[String; 8]> = rows
         .iter()
         .map(|r| {
             [
@@ -211,11 +224,12 @@ fn list(store: &Store, args: &ListArgs) -> CliResult {
                 } else {
                     human_size(r.size)
                 },
+                sent_summary(&r.sent),
             ]
         })
         .collect();
     let header = [
-        "NAME", "VERSION", "BUILD", "CREATED", "STATUS", "FORMATS", "SIZE",
+        "NAME", "VERSION", "BUILD", "CREATED", "STATUS", "FORMATS", "SIZE", "SENT",
     ];
     let mut widths = header.map(str::len);
     for cells in &table {
@@ -240,6 +254,22 @@ fn list(store: &Store, args: &ListArgs) -> CliResult {
         let _ = writeln!(out, "{}", line(&refs));
     }
     Ok(0)
+}
+
+/// The distinct receipt kinds, in the order first sent: `directory,vagrant`, or `-`.
+fn sent_summary(sent: &[String]) -> String {
+    let mut kinds: Vec<&str> = Vec::new();
+    for s in sent {
+        let kind = s.split(' ').next().unwrap_or_default();
+        if !kinds.contains(&kind) {
+            kinds.push(kind);
+        }
+    }
+    if kinds.is_empty() {
+        "-".into()
+    } else {
+        kinds.join(",")
+    }
 }
 
 fn warn(problem: &StoreError) {
@@ -278,6 +308,8 @@ struct ShowJson<'a> {
     failure: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     manifest: Option<&'a Manifest>,
+    /// Where the build was distributed (`receipts.json`), oldest first.
+    receipts: Vec<builder::distribute::Receipt>,
 }
 
 async fn show(store: &Store, args: &ShowArgs) -> CliResult {
@@ -307,6 +339,7 @@ async fn show(store: &Store, args: &ShowArgs) -> CliResult {
                     logs: image.logs_dir(),
                     failure: None,
                     manifest: Some(&image.manifest),
+                    receipts: image.receipts(),
                 };
                 let text = serde_json::to_string_pretty(&json).expect("serializes");
                 let _ = writeln!(out, "{text}");
@@ -330,6 +363,7 @@ async fn show(store: &Store, args: &ShowArgs) -> CliResult {
                     logs: failed.logs_dir(),
                     failure: failed.record.failure.as_deref(),
                     manifest: manifest.as_ref(),
+                    receipts: Vec::new(),
                 };
                 let text = serde_json::to_string_pretty(&json).expect("serializes");
                 let _ = writeln!(out, "{text}");
@@ -432,6 +466,30 @@ fn describe(image: &StoredImage) -> String {
             );
         }
     }
+    let receipts = image.receipts();
+    if receipts.is_empty() {
+        let _ = writeln!(
+            s,
+            "  sent:       nowhere else (builder distribute sends it)"
+        );
+    } else {
+        let _ = writeln!(s, "  sent:");
+        for r in &receipts {
+            let _ = writeln!(
+                s,
+                "    {}  {:<10} {}",
+                r.finished.format("%Y-%m-%d %H:%M"),
+                r.kind,
+                r.location
+            );
+            for (role, digest) in &r.digests {
+                let _ = writeln!(s, "      {role}: sha256 {digest}");
+            }
+            for (role, id) in &r.ids {
+                let _ = writeln!(s, "      {role}: {id}");
+            }
+        }
+    }
     s
 }
 
@@ -464,6 +522,18 @@ fn rm(store: &Store, args: &RmArgs) -> CliResult {
     store.remove(&matches, args.force).map_err(store_failure)?;
     for image in &matches {
         eprintln!("removed {}", image.reference());
+    }
+    if args.prune_cache {
+        let report = store.prune_cache().map_err(store_failure)?;
+        for path in &report.removed {
+            eprintln!("removed cached parent {}", path.display());
+        }
+        if !report.builds_in_progress.is_empty() {
+            eprintln!(
+                "kept the parent cache: a build is in progress ({})",
+                report.builds_in_progress.join(", ")
+            );
+        }
     }
     Ok(0)
 }

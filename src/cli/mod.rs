@@ -3,6 +3,7 @@
 
 pub mod build;
 pub mod component;
+pub mod distribute;
 pub mod images;
 pub mod recipe;
 pub mod vm;

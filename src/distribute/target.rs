@@ -1,7 +1,630 @@
-//! Targets as the user names them, and the dispatcher. (Being written: see the team notes.)
+//! Targets as the user names them, and the dispatcher that runs one.
+//!
+//! A [`Target`] comes from the command line (`--to oci://host:5000/repo:tag`, `--to
+//! vagrant:./out/web.box`, …; see [`Target::parse`]) or from a recipe's `distribution:` entry
+//! ([`Target::from_recipe`], paths resolved against the recipe's folder). Names and tags
+//! may hold name-template placeholders; they are rendered for one stored build by
+//! [`distribute`], with that build's name, version, number and date.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::local::{self, DirectoryOptions, VagrantOptions};
+use super::{DistributeError, Progress, Receipt, StoredImage};
+use crate::export::Format;
+use crate::recipe::{self, Distribution, NameTemplate, NameValues};
+
+/// The CLI forms, for messages.
+pub const CLI_FORMS: &str = "`oci://REGISTRY/REPO:TAG`, `containerdisk://REGISTRY/REPO:TAG`, `ami`, `vagrant:PATH.box`, `dir:PATH` or `store`";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
-    #[error("{0}")]
-    Other(String),
+    #[error("`{text}` is not a distribution target")]
+    Unknown {
+        text: String,
+        /// A close spelling, if there is one.
+        suggestion: Option<String>,
+    },
+    #[error("`{text}`: {reason}")]
+    Bad { text: String, reason: String },
+    #[error("`--to ami` needs `--bucket`: the disk is uploaded there for the import")]
+    NoBucket,
+    #[error("the {kind} target is not available in this build of builder")]
+    NotAvailable { kind: &'static str },
+}
+
+impl TargetError {
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            TargetError::Unknown {
+                suggestion: Some(s),
+                ..
+            } => Some(format!("did you mean `{s}`?")),
+            TargetError::Unknown { .. } | TargetError::Bad { .. } => {
+                Some(format!("targets are {CLI_FORMS}"))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Where an image goes. Names are name templates (as written), rendered per build.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "kind")]
+pub enum Target {
+    /// A copy of the outputs in `<path>/<name>/`.
+    #[serde(rename_all = "camelCase")]
+    Directory {
+        path: PathBuf,
+        name: String,
+        /// Empty: every output of the build.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        formats: Vec<Format>,
+        #[serde(default)]
+        overwrite: bool,
+    },
+    /// A Vagrant box (libvirt provider) at `path`, or `<path>/<name>.box` when `folder`.
+    #[serde(rename_all = "camelCase")]
+    Vagrant {
+        path: PathBuf,
+        #[serde(default)]
+        folder: bool,
+        name: String,
+        #[serde(default)]
+        overwrite: bool,
+    },
+    /// An OCI artifact; the reference's tag may be a template.
+    #[serde(rename_all = "camelCase")]
+    Oci {
+        reference: String,
+        #[serde(default)]
+        plain_http: bool,
+    },
+    /// A KubeVirt containerDisk.
+    #[serde(rename_all = "camelCase")]
+    ContainerDisk {
+        reference: String,
+        #[serde(default)]
+        plain_http: bool,
+    },
+    /// An AMI.
+    Ami(Box<AmiTarget>),
+    /// The local store (where every build already is).
+    Store,
+}
+
+/// The AMI settings as written (name is a template), before credentials are looked up.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AmiTarget {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    pub bucket: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// Name template; empty: the default output name.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub copy_to_regions: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub launch_permission_user_ids: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub launch_permission_groups: Vec<String>,
+    /// `legacy-bios`, `uefi`, `uefi-preferred`; none: from the build's firmware.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_mode: Option<String>,
+    /// `snapshot` (default) or `image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub import_method: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ec2_endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+}
+
+/// Options of `builder distribute` that shape targets named with `--to`.
+#[derive(Debug, Clone, Default)]
+pub struct CliOptions {
+    /// `--name`: the folder, box or AMI name template.
+    pub name: Option<String>,
+    /// `--format`: for `dir:` targets.
+    pub formats: Vec<Format>,
+    /// `--overwrite`: for `dir:` and `vagrant:` targets.
+    pub overwrite: bool,
+    /// `--plain-http HOST`: registries spoken to over plain HTTP.
+    pub plain_http: Vec<String>,
+    /// `--region`, `--bucket`, `--prefix`, `--endpoint` (both S3 and EC2), `--profile`, …
+    pub ami: AmiTarget,
+}
+
+impl Target {
+    /// The kind as in receipts: `directory`, `vagrant`, `oci`, `containerdisk`, `ami`, `store`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Target::Directory { .. } => "directory",
+            Target::Vagrant { .. } => "vagrant",
+            Target::Oci { .. } => "oci",
+            Target::ContainerDisk { .. } => "containerdisk",
+            Target::Ami(_) => "ami",
+            Target::Store => "store",
+        }
+    }
+
+    /// Parse the command-line form of a target: `oci://host:5000/repo:tag`,
+    /// `containerdisk://…`, `ami`, `vagrant:PATH`, `dir:PATH`, `store`. `options` fills in
+    /// what the form does not say.
+    pub fn parse(text: &str, options: &CliOptions) -> Result<Target, TargetError> {
+        let bad = |reason: &str| TargetError::Bad {
+            text: text.to_string(),
+            reason: reason.to_string(),
+        };
+        let name = options
+            .name
+            .clone()
+            .unwrap_or_else(|| recipe::name_template::DEFAULT_NAME_TEMPLATE.to_string());
+        if let Some(errors) = options
+            .name
+            .as_deref()
+            .and_then(|n| NameTemplate::parse(n).err())
+        {
+            let first = errors.into_iter().next().map(|e| e.message);
+            return Err(TargetError::Bad {
+                text: options.name.clone().unwrap_or_default(),
+                reason: first.unwrap_or_else(|| "not a valid name template".into()),
+            });
+        }
+        if let Some(rest) = text.strip_prefix("oci://") {
+            let reference = check_reference(text, rest)?;
+            return Ok(Target::Oci {
+                plain_http: plain_http_for(&reference, &options.plain_http),
+                reference,
+            });
+        }
+        if let Some(rest) = text.strip_prefix("containerdisk://") {
+            let reference = check_reference(text, rest)?;
+            return Ok(Target::ContainerDisk {
+                plain_http: plain_http_for(&reference, &options.plain_http),
+                reference,
+            });
+        }
+        if let Some(rest) = text.strip_prefix("vagrant:") {
+            if rest.is_empty() {
+                return Err(bad("name the box file: `vagrant:./out/web.box`"));
+            }
+            return Ok(Target::Vagrant {
+                folder: rest.ends_with('/') || Path::new(rest).is_dir(),
+                path: PathBuf::from(rest),
+                name,
+                overwrite: options.overwrite,
+            });
+        }
+        if let Some(rest) = text
+            .strip_prefix("dir:")
+            .or_else(|| text.strip_prefix("directory:"))
+        {
+            if rest.is_empty() {
+                return Err(bad("name the folder: `dir:/srv/images/`"));
+            }
+            return Ok(Target::Directory {
+                path: PathBuf::from(rest),
+                name,
+                formats: options.formats.clone(),
+                overwrite: options.overwrite,
+            });
+        }
+        match text {
+            "store" => return Ok(Target::Store),
+            "ami" => {
+                if options.ami.bucket.is_empty() {
+                    return Err(TargetError::NoBucket);
+                }
+                let mut ami = options.ami.clone();
+                if let Some(n) = &options.name {
+                    ami.name = n.clone();
+                }
+                return Ok(Target::Ami(Box::new(ami)));
+            }
+            _ => {}
+        }
+        if text.starts_with("ami:") || text.starts_with("ami://") {
+            return Err(bad(
+                "write `--to ami` and give the region and bucket with `--region` and `--bucket`",
+            ));
+        }
+        if let Some((scheme, _)) = text.split_once("://") {
+            return Err(TargetError::Unknown {
+                text: text.to_string(),
+                suggestion: crate::diagnostic::did_you_mean(scheme, ["oci", "containerdisk"])
+                    .map(|s| format!("{s}://…")),
+            });
+        }
+        let head = text.split(':').next().unwrap_or(text);
+        Err(TargetError::Unknown {
+            text: text.to_string(),
+            suggestion: crate::diagnostic::did_you_mean(
+                head,
+                ["oci", "containerdisk", "ami", "vagrant", "dir", "store"],
+            )
+            .map(|s| match s {
+                "ami" | "store" => s.to_string(),
+                "oci" | "containerdisk" => format!("{s}://…"),
+                _ => format!("{s}:…"),
+            }),
+        })
+    }
+
+    /// A recipe's distribution entry, with relative paths resolved against the recipe's
+    /// folder (`recipe_path` is the recipe file).
+    pub fn from_recipe(entry: &Distribution, recipe_path: &Path) -> Target {
+        let resolve = |p: &str| absolute(&recipe::resolve_relative(recipe_path, p));
+        match entry {
+            Distribution::Directory(d) => Target::Directory {
+                path: resolve(&d.path.value),
+                name: d.name.as_str().to_string(),
+                formats: d.formats.iter().map(|f| export_format(*f)).collect(),
+                overwrite: d.overwrite,
+            },
+            Distribution::Vagrant(v) => Target::Vagrant {
+                folder: v.path.value.ends_with('/'),
+                path: resolve(&v.path.value),
+                name: v.name.as_str().to_string(),
+                overwrite: v.overwrite,
+            },
+            Distribution::Oci(o) => Target::Oci {
+                reference: o.reference.value.clone(),
+                plain_http: o.plain_http,
+            },
+            Distribution::ContainerDisk(o) => Target::ContainerDisk {
+                reference: o.reference.value.clone(),
+                plain_http: o.plain_http,
+            },
+            Distribution::Ami(a) => Target::Ami(Box::new(AmiTarget {
+                region: a.region.clone(),
+                bucket: a.bucket.clone(),
+                prefix: a.prefix.clone(),
+                name: a.name.as_str().to_string(),
+                description: a.description.clone(),
+                tags: a.ami_tags.clone(),
+                copy_to_regions: a.regions.clone(),
+                launch_permission_user_ids: a.launch_permission.user_ids.clone(),
+                launch_permission_groups: a.launch_permission.user_groups.clone(),
+                boot_mode: a.boot_mode.map(|b| b.name().to_string()),
+                import_method: Some(a.import_method.name().to_string()),
+                s3_endpoint: a.endpoint.s3.clone(),
+                ec2_endpoint: a.endpoint.ec2.clone(),
+                profile: a.profile.clone(),
+            })),
+        }
+    }
+
+    /// Where this target puts `image`, in words (for messages before it runs).
+    pub fn describe(&self, image: &StoredImage) -> String {
+        match self {
+            Target::Directory { .. } => self
+                .directory_options(image)
+                .map(|o| format!("directory {}", o.destination().display()))
+                .unwrap_or_else(|_| "directory".into()),
+            Target::Vagrant { .. } => self
+                .vagrant_options(image)
+                .map(|o| format!("vagrant box {}", o.path.display()))
+                .unwrap_or_else(|_| "vagrant box".into()),
+            Target::Oci { reference, .. } => {
+                format!("oci://{}", render_reference(reference, image))
+            }
+            Target::ContainerDisk { reference, .. } => {
+                format!("containerdisk://{}", render_reference(reference, image))
+            }
+            Target::Ami(a) => format!(
+                "ami {} (bucket {})",
+                a.region.as_deref().unwrap_or("default region"),
+                a.bucket
+            ),
+            Target::Store => "the local store".into(),
+        }
+    }
+
+    fn directory_options(&self, image: &StoredImage) -> Result<DirectoryOptions, TargetError> {
+        match self {
+            Target::Directory {
+                path,
+                name,
+                formats,
+                overwrite,
+            } => Ok(DirectoryOptions {
+                path: path.clone(),
+                name: render(name, image),
+                formats: formats.clone(),
+                overwrite: *overwrite,
+            }),
+            _ => Err(TargetError::NotAvailable { kind: self.kind() }),
+        }
+    }
+
+    fn vagrant_options(&self, image: &StoredImage) -> Result<VagrantOptions, TargetError> {
+        match self {
+            Target::Vagrant {
+                path,
+                folder,
+                name,
+                overwrite,
+            } => Ok(VagrantOptions {
+                path: if *folder {
+                    path.join(format!("{}.box", render(name, image)))
+                } else {
+                    path.clone()
+                },
+                overwrite: *overwrite,
+            }),
+            _ => Err(TargetError::NotAvailable { kind: self.kind() }),
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Directory { path, .. } => write!(f, "dir:{}", path.display()),
+            Target::Vagrant { path, .. } => write!(f, "vagrant:{}", path.display()),
+            Target::Oci { reference, .. } => write!(f, "oci://{reference}"),
+            Target::ContainerDisk { reference, .. } => write!(f, "containerdisk://{reference}"),
+            Target::Ami(a) => write!(f, "ami (bucket {})", a.bucket),
+            Target::Store => f.write_str("store"),
+        }
+    }
+}
+
+fn export_format(f: recipe::Format) -> Format {
+    match f {
+        recipe::Format::Qcow2 => Format::Qcow2,
+        recipe::Format::Raw => Format::Raw,
+        recipe::Format::Vmdk => Format::Vmdk,
+        recipe::Format::Vhdx => Format::Vhdx,
+        recipe::Format::Vhd => Format::Vhd,
+        recipe::Format::Ova => Format::Ova,
+    }
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    local::absolute(path)
+}
+
+/// `registry/repo[:tag]` checked the way a recipe's reference is.
+fn check_reference(text: &str, rest: &str) -> Result<String, TargetError> {
+    let bad = |reason: String| TargetError::Bad {
+        text: text.to_string(),
+        reason,
+    };
+    if rest.contains('@') {
+        return Err(bad(
+            "a push writes a tag, not a digest; the digest is in the receipt".into(),
+        ));
+    }
+    let Some((slash, tag)) = recipe::split_oci_reference(rest) else {
+        return Err(bad(
+            "name the registry and the repository: `oci://127.0.0.1:5000/images/web:1.0.0`".into(),
+        ));
+    };
+    if slash == 0 {
+        return Err(bad("the registry's host is missing".into()));
+    }
+    if let Some(t) = tag
+        && let Err(errors) = NameTemplate::parse(&rest[t..])
+    {
+        let message = errors
+            .into_iter()
+            .next()
+            .map(|e| e.message)
+            .unwrap_or_default();
+        return Err(bad(format!("the tag is not valid: {message}")));
+    }
+    let repository = &rest[slash + 1..tag.map(|t| t - 1).unwrap_or(rest.len())];
+    if repository.is_empty() || repository.chars().any(|c| c.is_ascii_uppercase()) {
+        return Err(bad(format!(
+            "`{repository}` is not a repository name (lower-case letters, digits, `.`, `_`, `-`, `/`)"
+        )));
+    }
+    Ok(rest.to_string())
+}
+
+fn plain_http_for(reference: &str, hosts: &[String]) -> bool {
+    let registry = reference.split('/').next().unwrap_or_default();
+    hosts
+        .iter()
+        .any(|h| h == registry || registry.split(':').next() == Some(h.as_str()))
+}
+
+/// What name templates are rendered with for `image`.
+pub fn name_values(image: &StoredImage) -> NameValues<'_> {
+    NameValues {
+        name: &image.name,
+        // Store versions allow wider numbers than recipes; a stored build came from a recipe.
+        version: image
+            .version
+            .to_string()
+            .parse()
+            .unwrap_or(recipe::Version {
+                major: 0,
+                minor: 0,
+                patch: 0,
+            }),
+        build_version: image.build,
+        build_date: image.manifest.created,
+    }
+}
+
+/// A name template rendered for `image` (a template that does not parse is used as written:
+/// every template here was validated when it was read).
+pub fn render(template: &str, image: &StoredImage) -> String {
+    match NameTemplate::parse(template) {
+        Ok(t) => t.render(&name_values(image)),
+        Err(_) => template.to_string(),
+    }
+}
+
+/// `registry/repo:tag` with the tag rendered (the default tag when there is none).
+pub fn render_reference(reference: &str, image: &StoredImage) -> String {
+    match recipe::split_oci_reference(reference) {
+        Some((_, Some(tag))) => {
+            format!("{}{}", &reference[..tag], render(&reference[tag..], image))
+        }
+        _ => format!("{reference}:{}", render(recipe::DEFAULT_OCI_TAG, image)),
+    }
+}
+
+/// Check what can be checked before anything is written or uploaded: destinations are free,
+/// names are file names, references parse, credentials and buckets answer.
+pub async fn preflight(image: &StoredImage, target: &Target) -> Result<(), DistributeError> {
+    match target {
+        Target::Directory { .. } => {
+            local::preflight_directory(&target.directory_options(image)?)?;
+        }
+        Target::Vagrant { .. } => {
+            local::preflight_vagrant(&target.vagrant_options(image)?)?;
+        }
+        Target::Store => {}
+        Target::Oci { .. } | Target::ContainerDisk { .. } => {
+            oci_dispatch::preflight(image, target)?;
+        }
+        Target::Ami(ami) => aws_dispatch::preflight(image, ami).await?,
+    }
+    Ok(())
+}
+
+/// Send `image` to `target`.
+pub async fn distribute(
+    image: &StoredImage,
+    target: &Target,
+    progress: &dyn Progress,
+) -> Result<Receipt, DistributeError> {
+    match target {
+        Target::Directory { .. } => {
+            let options = target.directory_options(image)?;
+            Ok(local::to_directory(image, &options, progress).await?)
+        }
+        Target::Vagrant { .. } => {
+            let options = target.vagrant_options(image)?;
+            Ok(local::to_vagrant(image, &options, progress).await?)
+        }
+        Target::Store => Ok(local::to_store(image)),
+        Target::Oci { .. } | Target::ContainerDisk { .. } => {
+            oci_dispatch::push(image, target, progress).await
+        }
+        Target::Ami(ami) => aws_dispatch::import(image, ami, progress).await,
+    }
+}
+
+/// The OCI targets, through `super::oci`.
+mod oci_dispatch {
+    use super::*;
+
+    pub fn preflight(_image: &StoredImage, target: &Target) -> Result<(), TargetError> {
+        Err(TargetError::NotAvailable {
+            kind: target.kind(),
+        })
+    }
+
+    pub async fn push(
+        _image: &StoredImage,
+        target: &Target,
+        _progress: &dyn Progress,
+    ) -> Result<Receipt, DistributeError> {
+        Err(TargetError::NotAvailable {
+            kind: target.kind(),
+        }
+        .into())
+    }
+}
+
+/// The AMI target, through `super::aws`.
+mod aws_dispatch {
+    use super::*;
+
+    pub async fn preflight(_image: &StoredImage, _ami: &AmiTarget) -> Result<(), DistributeError> {
+        Err(TargetError::NotAvailable { kind: "ami" }.into())
+    }
+
+    pub async fn import(
+        _image: &StoredImage,
+        _ami: &AmiTarget,
+        _progress: &dyn Progress,
+    ) -> Result<Receipt, DistributeError> {
+        Err(TargetError::NotAvailable { kind: "ami" }.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Target, TargetError> {
+        Target::parse(text, &CliOptions::default())
+    }
+
+    #[test]
+    fn every_cli_form_parses() {
+        assert!(matches!(
+            parse("oci://127.0.0.1:5000/images/web:1.2.0"),
+            Ok(Target::Oci { ref reference, plain_http: false }) if reference == "127.0.0.1:5000/images/web:1.2.0"
+        ));
+        let options = CliOptions {
+            plain_http: vec!["127.0.0.1".into()],
+            ..CliOptions::default()
+        };
+        assert!(matches!(
+            Target::parse("containerdisk://127.0.0.1:5000/vms/web", &options),
+            Ok(Target::ContainerDisk {
+                plain_http: true,
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse("vagrant:./out/web.box"),
+            Ok(Target::Vagrant { folder: false, .. })
+        ));
+        assert!(matches!(
+            parse("vagrant:./out/"),
+            Ok(Target::Vagrant { folder: true, .. })
+        ));
+        assert!(matches!(
+            parse("dir:/srv/images/"),
+            Ok(Target::Directory { .. })
+        ));
+        assert_eq!(parse("store").ok(), Some(Target::Store));
+        assert!(matches!(parse("ami"), Err(TargetError::NoBucket)));
+        let options = CliOptions {
+            ami: AmiTarget {
+                bucket: "b-1".into(),
+                ..AmiTarget::default()
+            },
+            ..CliOptions::default()
+        };
+        assert!(matches!(Target::parse("ami", &options), Ok(Target::Ami(_))));
+    }
+
+    #[test]
+    fn mistakes_are_named_with_a_suggestion() {
+        let e = parse("ocj://x:5000/a:b").expect_err("scheme");
+        assert_eq!(e.hint().as_deref(), Some("did you mean `oci://…`?"));
+        let e = parse("vagrnt:./x.box").expect_err("typo");
+        assert_eq!(e.hint().as_deref(), Some("did you mean `vagrant:…`?"));
+        let e = parse("oci://web:1.0").expect_err("no registry");
+        assert!(e.to_string().contains("registry"), "{e}");
+        let e = parse("oci://h:5000/Web:1").expect_err("upper case");
+        assert!(e.to_string().contains("`Web`"), "{e}");
+        let e = parse("oci://h:5000/web@sha256:abcd").expect_err("digest");
+        assert!(e.to_string().contains("digest"), "{e}");
+        let e = parse("dir:").expect_err("empty");
+        assert!(e.to_string().contains("folder"), "{e}");
+        let e = parse("ami:eu-west-1").expect_err("ami form");
+        assert!(e.to_string().contains("--region"), "{e}");
+    }
 }

@@ -45,10 +45,15 @@ pub use model::{
     Accelerator, ComponentUse, Compression, Distribution, Firmware, Format, Infrastructure,
     Located, Network, Outputs, ParameterValue, ParentImage, Recipe, RecipeSource, Sha256, Tests,
 };
+pub use model::{
+    AmiDistribution, AmiEndpoints, BootMode, DirectoryDistribution, ImportMethod, LaunchPermission,
+    OciDistribution, VagrantDistribution,
+};
 pub use name_template::{NameTemplate, NameValues};
 pub use units::ByteSize;
 pub use version::{Version, VersionPattern};
 pub use walk::resolve_relative;
+pub use walk::{DEFAULT_OCI_TAG, split_oci_reference};
 
 use crate::diagnostic::{Diagnostics, Span};
 
@@ -179,7 +184,7 @@ fn assemble(parts: walk::Parts, path: &Path, text: &str) -> Option<Recipe> {
         tests: parts.tests?,
         outputs: parts.outputs?,
         generalize: parts.generalize?,
-        distribution: Vec::new(),
+        distribution: parts.distribution?,
         source: RecipeSource {
             path: path.to_path_buf(),
             text: text.to_string(),

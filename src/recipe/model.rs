@@ -48,9 +48,12 @@ pub struct Recipe {
     /// machine-id, no SSH host keys, logs and shell history cleared, fstrim). `false` keeps
     /// all of that as the build left it; builder's agent is removed either way. Default: `true`.
     pub generalize: bool,
-    /// `distribution`: where finished images go besides the local store. Only an empty list
-    /// is accepted for now.
-    pub distribution: Vec<Distribution>,
+    /// `distribution`: where finished images go besides the local store (which always keeps
+    /// them): a list of targets, each a mapping with one key naming its kind (`directory`,
+    /// `vagrant`, `oci`, `containerDisk`, `ami`) and that kind's settings. `builder build`
+    /// distributes to every target after the image is stored; `builder distribute` does the
+    /// same for an image already in the store. Default: none.
+    pub distribution: Vec<Located<Distribution>>,
     /// Where the recipe was read from, its text and its sha256.
     pub source: RecipeSource,
 }
@@ -138,10 +141,156 @@ impl std::fmt::Display for Sha256 {
     }
 }
 
-/// A distribution target. None exists yet (a later issue adds them); the type is here so the
-/// recipe's shape does not change when they come.
+/// One entry of `distribution`: where a finished image goes. Close to Image Builder's
+/// distribution settings, for local use:
+///
+/// ```yaml
+/// distribution:
+///   - directory: {path: /srv/images/, name: "web-{{imagebuilder:buildVersion}}"}
+///   - vagrant: {path: ./out/web.box}
+///   - oci: {reference: "127.0.0.1:5000/images/web:{{imagebuilder:version}}", plainHttp: true}
+///   - containerDisk: {reference: "127.0.0.1:5000/vms/web:{{imagebuilder:version}}"}
+///   - ami: {region: eu-west-1, bucket: my-imports, name: "web {{imagebuilder:buildDate}}"}
+/// ```
+///
+/// Name templates (`name`, an OCI tag) know the placeholders of `outputs.name`:
+/// `{{imagebuilder:name}}`, `{{imagebuilder:version}}`, `{{imagebuilder:buildVersion}}` (the
+/// build number) and `{{imagebuilder:buildDate}}` (optionally with a format suffix).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Distribution {}
+pub enum Distribution {
+    /// `directory`: a copy of the outputs in a folder of their own.
+    Directory(DirectoryDistribution),
+    /// `vagrant`: a Vagrant box for the libvirt provider.
+    Vagrant(VagrantDistribution),
+    /// `oci`: the disk pushed to an OCI registry as an artifact (a layer holding the qcow2,
+    /// with `manifest.json` and `SHA256SUMS` alongside).
+    Oci(OciDistribution),
+    /// `containerDisk`: the disk pushed as a KubeVirt containerDisk (an image whose single
+    /// layer holds `disk/<name>.qcow2`).
+    ContainerDisk(OciDistribution),
+    /// `ami`: the disk imported into EC2 as an AMI (S3 upload, then ImportSnapshot +
+    /// RegisterImage).
+    Ami(AmiDistribution),
+}
+
+/// The distribution kinds as keys in a recipe, in the order of [`Distribution`].
+pub const DISTRIBUTION_KINDS: &[&str] = &["directory", "vagrant", "oci", "containerDisk", "ami"];
+
+impl Distribution {
+    /// The key the entry is written with (`directory`, `containerDisk`, …).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Distribution::Directory(_) => "directory",
+            Distribution::Vagrant(_) => "vagrant",
+            Distribution::Oci(_) => "oci",
+            Distribution::ContainerDisk(_) => "containerDisk",
+            Distribution::Ami(_) => "ami",
+        }
+    }
+}
+
+/// `directory`: the build's outputs, `manifest.json` and `SHA256SUMS` copied into
+/// `<path>/<name>/`. The copy is made in a temporary folder inside `path`, every file's
+/// sha256 is checked against the manifest, and the folder is then renamed to its name in one
+/// step, so a reader never sees half of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectoryDistribution {
+    /// `path` (required): the folder that receives the image's folder; relative to the
+    /// recipe's directory. Created if missing.
+    pub path: Located<String>,
+    /// `name`: the image's folder inside `path`, a name template. Default:
+    /// `{{imagebuilder:name}}-{{imagebuilder:version}}-{{imagebuilder:buildVersion}}`.
+    pub name: NameTemplate,
+    /// `formats`: which outputs to copy. A format the build did not export (e.g. `ova`) is
+    /// converted from the stored disk. Default: every output of the build.
+    pub formats: Vec<Format>,
+    /// `overwrite`: replace a folder of the same name. Default: `false` (refuse).
+    pub overwrite: bool,
+}
+
+/// `vagrant`: a Vagrant box for the libvirt provider (`metadata.json`, a `Vagrantfile` with
+/// libvirt defaults, `box.img` = the qcow2; a gzip'd tar), accepted by `vagrant box add`.
+/// Next to the box, `<box>.json` is catalog metadata (name, version, sha256) that `vagrant
+/// box add <box>.json` also reads. `vagrant up` needs the vagrant-libvirt plugin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VagrantDistribution {
+    /// `path` (required): the box file (`./out/web.box`), or a folder (written with a
+    /// trailing `/`) that receives `<name>.box`; relative to the recipe's directory.
+    pub path: Located<String>,
+    /// `name`: the box file's stem when `path` is a folder, a name template. Default:
+    /// `{{imagebuilder:name}}-{{imagebuilder:version}}-{{imagebuilder:buildVersion}}`.
+    pub name: NameTemplate,
+    /// `overwrite`: replace a box file of the same name. Default: `false` (refuse).
+    pub overwrite: bool,
+}
+
+/// `oci` and `containerDisk`: an OCI registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OciDistribution {
+    /// `reference` (required): `registry[:port]/repository:tag`, without a scheme. The tag
+    /// may hold name-template placeholders (`web:{{imagebuilder:version}}`). Default tag:
+    /// `{{imagebuilder:version}}-{{imagebuilder:buildVersion}}`. Credentials come from the
+    /// docker/podman config files and credential helpers.
+    pub reference: Located<String>,
+    /// `plainHttp`: talk to this registry over plain HTTP (a registry on loopback or a lab
+    /// network). Default: `false` (HTTPS).
+    pub plain_http: bool,
+}
+
+/// `ami`: Image Builder's `amiDistributionConfiguration`, plus where to upload the disk.
+/// Credentials come from the standard AWS environment variables and `~/.aws` files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AmiDistribution {
+    /// `region`: where the AMI is made. Default: `AWS_REGION`, `AWS_DEFAULT_REGION`, then the
+    /// profile's region.
+    pub region: Option<String>,
+    /// `bucket` (required): the S3 bucket the disk is uploaded to for the import.
+    pub bucket: String,
+    /// `prefix`: key prefix of the upload in the bucket. Default: `builder/`.
+    pub prefix: Option<String>,
+    /// `name`: the AMI's name, a name template (EC2 wants 3 to 128 characters). Default:
+    /// `{{imagebuilder:name}}-{{imagebuilder:version}}-{{imagebuilder:buildVersion}}`.
+    pub name: NameTemplate,
+    /// `description`: the AMI's description. Default: the recipe's description.
+    pub description: Option<String>,
+    /// `amiTags`: tags on the AMI and its snapshot, `key: value`. Default: none.
+    pub ami_tags: BTreeMap<String, String>,
+    /// `regions`: other regions the AMI is copied to. Default: none.
+    pub regions: Vec<String>,
+    /// `launchPermission`: `{userIds: [account ids], userGroups: [all]}`; `all` makes the
+    /// AMI public. Default: private.
+    pub launch_permission: LaunchPermission,
+    /// `bootMode`: `legacy-bios`, `uefi` or `uefi-preferred`. Default: from
+    /// `infrastructure.firmware` (`bios` → `legacy-bios`).
+    pub boot_mode: Option<BootMode>,
+    /// `importMethod`: `snapshot` (ImportSnapshot + RegisterImage) or `image` (ImportImage).
+    /// Default: `snapshot`.
+    pub import_method: ImportMethod,
+    /// `endpoint`: `{s3: URL, ec2: URL}` for S3- and EC2-compatible services on premises.
+    /// Default: AWS's endpoints for the region.
+    pub endpoint: AmiEndpoints,
+    /// `profile`: the profile in `~/.aws/config` and `~/.aws/credentials`. Default:
+    /// `AWS_PROFILE`, else `default`.
+    pub profile: Option<String>,
+}
+
+/// Who may launch an AMI besides its owner.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LaunchPermission {
+    /// `userIds`: 12-digit AWS account ids.
+    pub user_ids: Vec<String>,
+    /// `userGroups`: `all` (public).
+    pub user_groups: Vec<String>,
+}
+
+/// S3 and EC2 endpoints that replace AWS's.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AmiEndpoints {
+    /// `s3`: `http(s)://host[:port]`.
+    pub s3: Option<String>,
+    /// `ec2`: `http(s)://host[:port]`.
+    pub ec2: Option<String>,
+}
 
 /// One entry of `components` (or `tests.components`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -254,6 +403,21 @@ macro_rules! word_enum {
 }
 
 word_enum!(Accelerator { Auto = "auto", Kvm = "kvm", Tcg = "tcg" });
+word_enum!(
+    /// An AMI's boot mode, as EC2 spells it.
+    BootMode {
+        LegacyBios = "legacy-bios",
+        Uefi = "uefi",
+        UefiPreferred = "uefi-preferred",
+    }
+);
+word_enum!(
+    /// How an AMI is imported: ImportSnapshot + RegisterImage, or ImportImage.
+    ImportMethod {
+        Snapshot = "snapshot",
+        Image = "image",
+    }
+);
 word_enum!(Firmware { Bios = "bios", Uefi = "uefi" });
 word_enum!(Network { None = "none", User = "user" });
 word_enum!(

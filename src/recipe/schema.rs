@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::Deserialize;
 
-use super::model::{Accelerator, Compression, Firmware, Format, Network};
+use super::model::{Accelerator, BootMode, Compression, Firmware, Format, ImportMethod, Network};
 
 /// A builder image recipe: a parent image, components applied in order, and how to build,
 /// test and export the result. Keys are camelCase, as in EC2 Image Builder.
@@ -54,9 +54,10 @@ pub struct RecipeFile {
     /// keys, logs and shell history cleared, fstrim); `false` keeps that state as the build
     /// left it (builder's agent is removed either way). Default: `true`.
     pub generalize: Option<bool>,
-    /// Where finished images go besides the local store. Not supported yet: only an empty list.
-    #[schemars(length(max = 0))]
-    pub distribution: Option<Vec<serde_json::Value>>,
+    /// Where finished images go besides the local store (which always keeps them): each entry
+    /// names one target. `builder build` distributes to every one after storing the image.
+    /// Default: none.
+    pub distribution: Option<Vec<DistributionFile>>,
 }
 
 /// Where the parent image comes from.
@@ -195,6 +196,118 @@ pub struct OutputsFile {
     pub directory: Option<String>,
 }
 
+/// One distribution target: a mapping with exactly one key.
+#[derive(Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub enum DistributionFile {
+    /// A copy of the outputs, `manifest.json` and `SHA256SUMS` in `<path>/<name>/` (made in a
+    /// temporary folder, verified, then renamed).
+    Directory(DirectoryFile),
+    /// A Vagrant box for the libvirt provider, with `<box>.json` catalog metadata next to it.
+    Vagrant(VagrantFile),
+    /// The disk pushed to an OCI registry as an artifact.
+    Oci(OciFile),
+    /// The disk pushed as a KubeVirt containerDisk (`disk/<name>.qcow2` in one layer).
+    ContainerDisk(OciFile),
+    /// The disk imported into EC2 as an AMI.
+    Ami(Box<AmiFile>),
+}
+
+/// Name template: `{{imagebuilder:name}}`, `{{imagebuilder:version}}`,
+/// `{{imagebuilder:buildVersion}}`, `{{imagebuilder:buildDate}}` (or
+/// `{{imagebuilder:buildDate:yyyyMMddHHmm}}`) and literal text without `/`.
+type NameTemplateText = String;
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DirectoryFile {
+    /// Required. The folder that receives the image's folder (relative to the recipe).
+    pub path: String,
+    /// The image's folder inside `path`. Default:
+    /// `{{imagebuilder:name}}-{{imagebuilder:version}}-{{imagebuilder:buildVersion}}`.
+    pub name: Option<NameTemplateText>,
+    /// Which outputs to copy; a format the build did not export is converted. Default: every
+    /// output of the build.
+    #[schemars(length(min = 1))]
+    pub formats: Option<Vec<Format>>,
+    /// Replace a folder of the same name. Default: false.
+    pub overwrite: Option<bool>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VagrantFile {
+    /// Required. The box file (`./out/web.box`), or a folder (trailing `/`) that receives
+    /// `<name>.box`; relative to the recipe.
+    pub path: String,
+    /// The box file's stem when `path` is a folder. Default:
+    /// `{{imagebuilder:name}}-{{imagebuilder:version}}-{{imagebuilder:buildVersion}}`.
+    pub name: Option<NameTemplateText>,
+    /// Replace a box file of the same name. Default: false.
+    pub overwrite: Option<bool>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OciFile {
+    /// Required. `registry[:port]/repository:tag` without a scheme; the tag may hold name
+    /// template placeholders. Default tag:
+    /// `{{imagebuilder:version}}-{{imagebuilder:buildVersion}}`.
+    #[schemars(regex(pattern = r"^[A-Za-z0-9.\-:\[\]]+/[^@]+$"))]
+    pub reference: String,
+    /// Talk to the registry over plain HTTP. Default: false.
+    pub plain_http: Option<bool>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AmiFile {
+    /// Where the AMI is made. Default: `AWS_REGION`, `AWS_DEFAULT_REGION`, the profile's.
+    pub region: Option<String>,
+    /// Required. The S3 bucket the disk is uploaded to.
+    #[schemars(regex(pattern = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"))]
+    pub bucket: String,
+    /// Key prefix in the bucket. Default: `builder/`.
+    pub prefix: Option<String>,
+    /// The AMI's name. Default:
+    /// `{{imagebuilder:name}}-{{imagebuilder:version}}-{{imagebuilder:buildVersion}}`.
+    pub name: Option<NameTemplateText>,
+    /// Default: the recipe's description.
+    pub description: Option<String>,
+    /// Tags on the AMI and its snapshot.
+    pub ami_tags: Option<BTreeMap<String, String>>,
+    /// Other regions the AMI is copied to.
+    pub regions: Option<Vec<String>>,
+    /// Who may launch the AMI besides its owner.
+    pub launch_permission: Option<LaunchPermissionFile>,
+    /// Default: from `infrastructure.firmware`.
+    pub boot_mode: Option<BootMode>,
+    /// Default: `snapshot`.
+    pub import_method: Option<ImportMethod>,
+    /// S3- and EC2-compatible services to use instead of AWS's.
+    pub endpoint: Option<EndpointFile>,
+    /// The AWS profile. Default: `AWS_PROFILE`, else `default`.
+    pub profile: Option<String>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LaunchPermissionFile {
+    /// 12-digit account ids.
+    pub user_ids: Option<Vec<String>>,
+    /// `all` makes the AMI public.
+    pub user_groups: Option<Vec<String>>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EndpointFile {
+    /// `http(s)://host[:port]` of an S3-compatible service.
+    pub s3: Option<String>,
+    /// `http(s)://host[:port]` of an EC2-compatible service.
+    pub ec2: Option<String>,
+}
+
 /// The JSON Schema of recipe files. Editors use it with e.g. `builder schema recipe >
 /// recipe.schema.json` and `# yaml-language-server: $schema=recipe.schema.json` at the top of
 /// a recipe.
@@ -238,6 +351,22 @@ mod tests {
         assert_eq!(keys(&defs["TestsFile"]), set(walk::TESTS_KEYS));
         assert_eq!(keys(&defs["OutputsFile"]), set(walk::OUTPUTS_KEYS));
         assert_eq!(keys(&defs["ComponentFile"]), set(walk::COMPONENT_KEYS));
+        assert_eq!(keys(&defs["DirectoryFile"]), set(walk::DIRECTORY_KEYS));
+        assert_eq!(keys(&defs["VagrantFile"]), set(walk::VAGRANT_KEYS));
+        assert_eq!(keys(&defs["OciFile"]), set(walk::OCI_KEYS));
+        assert_eq!(keys(&defs["AmiFile"]), set(walk::AMI_KEYS));
+        assert_eq!(
+            keys(&defs["LaunchPermissionFile"]),
+            set(walk::LAUNCH_PERMISSION_KEYS)
+        );
+        assert_eq!(keys(&defs["EndpointFile"]), set(walk::ENDPOINT_KEYS));
+        let kinds: BTreeSet<String> = defs["DistributionFile"]["oneOf"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(keys)
+            .collect();
+        assert_eq!(kinds, set(crate::recipe::model::DISTRIBUTION_KINDS));
         let parent_keys: BTreeSet<String> = defs["ParentImageFile"]["anyOf"]
             .as_array()
             .unwrap()

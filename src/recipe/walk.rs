@@ -8,6 +8,10 @@ use super::model::{
     Infrastructure, Located, MAX_CPUS, MAX_TIMEOUT_SECS, MIN_MEMORY, Network, Outputs,
     ParameterValue, ParentImage, Sha256, Tests,
 };
+use super::model::{
+    AmiDistribution, AmiEndpoints, BootMode, DISTRIBUTION_KINDS, DirectoryDistribution,
+    Distribution, ImportMethod, LaunchPermission, OciDistribution, VagrantDistribution,
+};
 use super::name_template::NameTemplate;
 use super::units::ByteSize;
 use super::version::{Version, VersionPattern};
@@ -44,6 +48,25 @@ pub const INFRASTRUCTURE_KEYS: &[&str] = &[
 ];
 pub const TESTS_KEYS: &[&str] = &["enabled", "timeoutSeconds", "components"];
 pub const OUTPUTS_KEYS: &[&str] = &["formats", "compression", "name", "directory"];
+pub const DIRECTORY_KEYS: &[&str] = &["path", "name", "formats", "overwrite"];
+pub const VAGRANT_KEYS: &[&str] = &["path", "name", "overwrite"];
+pub const OCI_KEYS: &[&str] = &["reference", "plainHttp"];
+pub const AMI_KEYS: &[&str] = &[
+    "region",
+    "bucket",
+    "prefix",
+    "name",
+    "description",
+    "amiTags",
+    "regions",
+    "launchPermission",
+    "bootMode",
+    "importMethod",
+    "endpoint",
+    "profile",
+];
+pub const LAUNCH_PERMISSION_KEYS: &[&str] = &["userIds", "userGroups"];
+pub const ENDPOINT_KEYS: &[&str] = &["s3", "ec2"];
 
 /// Image Builder's spelling of a setting → how to write it here. Users coming from AWS write
 /// these first; a plain "unknown key" would leave them guessing.
@@ -77,6 +100,26 @@ const IMAGE_BUILDER_KEYS: &[(&str, &str)] = &[
         "use `keepOnFailure` (the opposite meaning: `keepOnFailure: true` keeps the VM)",
     ),
     ("imageTestsEnabled", "write `enabled: true`"),
+    (
+        "amiDistributionConfiguration",
+        "write `- ami: {region: …, bucket: …, name: …}`",
+    ),
+    (
+        "containerDistributionConfiguration",
+        "write `- oci: {reference: registry/repository:tag}`",
+    ),
+    (
+        "s3ExportConfiguration",
+        "copy the outputs with `- directory: {path: …}`",
+    ),
+    (
+        "region",
+        "name the region inside the target: `- ami: {region: eu-west-1, bucket: …}`",
+    ),
+    (
+        "targetAccountIds",
+        "share the AMI with `launchPermission: {userIds: [...]}`",
+    ),
     ("timeoutMinutes", "write `timeoutSeconds`"),
 ];
 
@@ -289,6 +332,7 @@ pub(super) struct Parts {
     pub tests: Option<Tests>,
     pub outputs: Option<Outputs>,
     pub generalize: Option<bool>,
+    pub distribution: Option<Vec<Located<Distribution>>>,
 }
 
 /// How the walk reads an infrastructure file named by the recipe: its path (as resolved) and
@@ -389,9 +433,10 @@ pub(super) fn recipe(
         None => Some(true),
         Some((_, v)) => cx.boolean(v, "`generalize`"),
     };
-    if let Some((_, v)) = get("distribution") {
-        distribution(cx, v);
-    }
+    parts.distribution = match get("distribution") {
+        None => Some(Vec::new()),
+        Some((_, v)) => distribution(cx, v),
+    };
     parts
 }
 
@@ -1165,21 +1210,656 @@ fn formats(cx: &mut Cx<'_>, key: &Node, node: &Node) -> Option<Vec<Format>> {
     ok.then_some(out)
 }
 
-fn distribution(cx: &mut Cx<'_>, node: &Node) {
+fn distribution(cx: &mut Cx<'_>, node: &Node) -> Option<Vec<Located<Distribution>>> {
     if node.is_null() {
-        return;
+        return Some(Vec::new());
     }
     let Some(items) = node.as_sequence() else {
-        cx.not_a(node, "`distribution`", "a list");
-        return;
+        let hint = node
+            .as_mapping()
+            .map(|_| "write a list: `distribution:` then `- directory: {path: …}`".to_string());
+        cx.error(
+            node.span,
+            format!("`distribution` must be a list, found {}", node.describe()),
+            hint,
+        );
+        return None;
     };
+    let mut out = Vec::new();
+    let mut ok = true;
     for item in items {
+        match distribution_entry(cx, item) {
+            Some(d) => out.push(Located {
+                value: d,
+                span: item.span,
+            }),
+            None => ok = false,
+        }
+    }
+    ok.then_some(out)
+}
+
+fn distribution_entry(cx: &mut Cx<'_>, item: &Node) -> Option<Distribution> {
+    let kinds = one_of(DISTRIBUTION_KINDS);
+    if let Some(text) = item.as_str().filter(|_| !item.is_null()) {
+        let hint = match DISTRIBUTION_KINDS.iter().find(|k| **k == text) {
+            Some(k) => format!("write `- {k}: {{…}}` with its settings"),
+            None => format!(
+                "each entry is a mapping with one of {kinds}, e.g. `- directory: {{path: ./out/}}`"
+            ),
+        };
         cx.error(
             item.span,
-            "distribution targets are not supported yet",
-            Some("remove the entry; every build is kept in the local store, and `outputs.directory` copies the files".to_string()),
+            "a distribution entry must be a mapping",
+            Some(hint),
+        );
+        return None;
+    }
+    let entries = cx.mapping(item, "a distribution entry", DISTRIBUTION_KINDS)?;
+    let known: Vec<&(Node, Node)> = entries
+        .iter()
+        .filter(|(k, _)| k.as_str().is_some_and(|k| DISTRIBUTION_KINDS.contains(&k)))
+        .collect();
+    if entries.is_empty() {
+        cx.error(
+            item.span,
+            "a distribution entry is empty",
+            Some(format!("name one target: {kinds}")),
+        );
+        return None;
+    }
+    if known.len() != entries.len() {
+        // Unknown keys were reported by `mapping`.
+        return None;
+    }
+    if known.len() > 1 {
+        cx.error(
+            known[1].0.span,
+            "a distribution entry names one target",
+            Some("start a new entry with `- ` for each target".to_string()),
+        );
+        return None;
+    }
+    let (key, value) = known[0];
+    match key.as_str().unwrap_or_default() {
+        "directory" => directory_target(cx, key, value).map(Distribution::Directory),
+        "vagrant" => vagrant_target(cx, key, value).map(Distribution::Vagrant),
+        "oci" => oci_target(cx, key, value, "oci").map(Distribution::Oci),
+        "containerDisk" => {
+            oci_target(cx, key, value, "containerDisk").map(Distribution::ContainerDisk)
+        }
+        _ => ami_target(cx, key, value).map(Distribution::Ami),
+    }
+}
+
+/// The settings mapping of one target (`- directory: {…}`), with unknown keys reported.
+fn target_mapping<'n>(
+    cx: &mut Cx<'_>,
+    key: &Node,
+    value: &'n Node,
+    kind: &str,
+    allowed: &[&str],
+    example: &str,
+) -> Option<&'n [(Node, Node)]> {
+    if value.is_null() {
+        cx.error(
+            key.span,
+            format!("`{kind}` has no settings"),
+            Some(format!("write `- {kind}: {example}`")),
+        );
+        return None;
+    }
+    if value.as_mapping().is_none() {
+        cx.error(
+            value.span,
+            format!(
+                "`{kind}` must be a mapping of settings, found {}",
+                value.describe()
+            ),
+            Some(format!("write `- {kind}: {example}`")),
+        );
+        return None;
+    }
+    cx.mapping(value, &format!("`{kind}`"), allowed)
+}
+
+/// A name template with each mistake at its place in the file.
+fn name_template(cx: &mut Cx<'_>, node: &Node, what: &str) -> Option<NameTemplate> {
+    let text = cx.string(node, what)?;
+    match NameTemplate::parse(&text) {
+        Ok(t) => Some(t),
+        Err(errors) => {
+            for e in errors {
+                let span = cx.inner_span(node, e.start, e.end, &text);
+                cx.error(span, e.message, e.hint);
+            }
+            None
+        }
+    }
+}
+
+fn required_path(
+    cx: &mut Cx<'_>,
+    key: &Node,
+    path: Option<&Node>,
+    kind: &str,
+    example: &str,
+) -> Option<Located<String>> {
+    match path {
+        None => {
+            cx.error(
+                key.span,
+                format!("`{kind}` has no `path`"),
+                Some(format!("add `path: {example}` (relative to the recipe)")),
+            );
+            None
+        }
+        Some(v) => cx.string(v, "`path`").map(|p| Located {
+            value: p,
+            span: v.span,
+        }),
+    }
+}
+
+fn directory_target(cx: &mut Cx<'_>, key: &Node, value: &Node) -> Option<DirectoryDistribution> {
+    let entries = target_mapping(
+        cx,
+        key,
+        value,
+        "directory",
+        DIRECTORY_KEYS,
+        "{path: /srv/images/}",
+    )?;
+    let before = cx.problems.len();
+    let get = |k: &str| entries.iter().find(|(n, _)| n.as_str() == Some(k));
+    let path = required_path(
+        cx,
+        key,
+        get("path").map(|(_, v)| v),
+        "directory",
+        "/srv/images/",
+    );
+    let mut target = DirectoryDistribution {
+        path: Located {
+            value: String::new(),
+            span: key.span,
+        },
+        name: NameTemplate::default(),
+        formats: Vec::new(),
+        overwrite: false,
+    };
+    if let Some((_, v)) = get("name")
+        && let Some(t) = name_template(cx, v, "`name`")
+    {
+        target.name = t;
+    }
+    if let Some((k, v)) = get("formats")
+        && let Some(f) = formats(cx, k, v)
+    {
+        target.formats = f;
+    }
+    if let Some((_, v)) = get("overwrite")
+        && let Some(b) = cx.boolean(v, "`overwrite`")
+    {
+        target.overwrite = b;
+    }
+    target.path = path?;
+    (cx.problems.len() == before).then_some(target)
+}
+
+fn vagrant_target(cx: &mut Cx<'_>, key: &Node, value: &Node) -> Option<VagrantDistribution> {
+    let entries = target_mapping(
+        cx,
+        key,
+        value,
+        "vagrant",
+        VAGRANT_KEYS,
+        "{path: ./out/web.box}",
+    )?;
+    let before = cx.problems.len();
+    let get = |k: &str| entries.iter().find(|(n, _)| n.as_str() == Some(k));
+    let path = required_path(
+        cx,
+        key,
+        get("path").map(|(_, v)| v),
+        "vagrant",
+        "./out/web.box",
+    );
+    let mut name = NameTemplate::default();
+    if let Some((_, v)) = get("name")
+        && let Some(t) = name_template(cx, v, "`name`")
+    {
+        name = t;
+    }
+    let mut overwrite = false;
+    if let Some((_, v)) = get("overwrite")
+        && let Some(b) = cx.boolean(v, "`overwrite`")
+    {
+        overwrite = b;
+    }
+    let path = path?;
+    if !path.value.ends_with('/') && !path.value.ends_with(".box") {
+        cx.warning(
+            path.span,
+            format!("`{}` does not end in `.box`", path.value),
+            Some(
+                "a folder is written with a trailing `/`; a box file usually ends in `.box`"
+                    .to_string(),
+            ),
         );
     }
+    (cx.problems
+        .iter()
+        .skip(before)
+        .all(|p| p.severity != crate::diagnostic::Severity::Error))
+    .then_some(VagrantDistribution {
+        path,
+        name,
+        overwrite,
+    })
+}
+
+/// The tag a pushed image gets when the reference names none.
+pub const DEFAULT_OCI_TAG: &str = "{{imagebuilder:version}}-{{imagebuilder:buildVersion}}";
+
+fn oci_target(cx: &mut Cx<'_>, key: &Node, value: &Node, kind: &str) -> Option<OciDistribution> {
+    let entries = target_mapping(
+        cx,
+        key,
+        value,
+        kind,
+        OCI_KEYS,
+        "{reference: 127.0.0.1:5000/images/web:1.0.0}",
+    )?;
+    let before = cx.problems.len();
+    let get = |k: &str| entries.iter().find(|(n, _)| n.as_str() == Some(k));
+    let reference = match get("reference") {
+        None => {
+            cx.error(
+                key.span,
+                format!("`{kind}` has no `reference`"),
+                Some("add `reference: registry[:port]/repository:tag`".to_string()),
+            );
+            None
+        }
+        Some((_, v)) => oci_reference(cx, v),
+    };
+    let mut plain_http = false;
+    if let Some((_, v)) = get("plainHttp")
+        && let Some(b) = cx.boolean(v, "`plainHttp`")
+    {
+        plain_http = b;
+    }
+    let reference = reference?;
+    (cx.problems.len() == before).then_some(OciDistribution {
+        reference,
+        plain_http,
+    })
+}
+
+/// Where the parts of an OCI reference `registry/repository[:tag]` are: (registry end,
+/// tag start) as byte offsets; the tag starts after a `:` that follows the last `/`.
+pub fn split_oci_reference(text: &str) -> Option<(usize, Option<usize>)> {
+    let slash = text.find('/')?;
+    let last_slash = text.rfind('/')?;
+    let tag = text[last_slash..].find(':').map(|i| last_slash + i + 1);
+    Some((slash, tag))
+}
+
+fn oci_reference(cx: &mut Cx<'_>, node: &Node) -> Option<Located<String>> {
+    let text = cx.string(node, "`reference`")?;
+    let example = "`127.0.0.1:5000/images/web:1.0.0`";
+    if let Some((scheme, rest)) = text.split_once("://") {
+        cx.error(
+            node.span,
+            format!("write the reference without the scheme `{scheme}://`"),
+            Some(format!(
+                "write `{rest}`; `plainHttp: true` selects plain HTTP"
+            )),
+        );
+        return None;
+    }
+    if text.contains('@') {
+        cx.error(
+            node.span,
+            format!("`{text}` names a digest; a push writes a tag"),
+            Some("the pushed digest is in the receipt (`builder images show`)".to_string()),
+        );
+        return None;
+    }
+    let Some((slash, tag)) = split_oci_reference(&text) else {
+        cx.error(
+            node.span,
+            format!("`{text}` does not name a registry and a repository"),
+            Some(format!(
+                "write `registry[:port]/repository:tag`, e.g. {example}"
+            )),
+        );
+        return None;
+    };
+    let registry = &text[..slash];
+    let ok = !registry.is_empty()
+        && (registry.contains(['.', ':']) || registry == "localhost")
+        && registry
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'));
+    if !ok {
+        let span = cx.inner_span(node, 0, slash, &text);
+        cx.error(
+            span,
+            format!("`{registry}` is not a registry host"),
+            Some(format!(
+                "the reference starts with the registry's host (and port), e.g. {example}"
+            )),
+        );
+        return None;
+    }
+    let repo_end = tag.map(|t| t - 1).unwrap_or(text.len());
+    let repository = &text[slash + 1..repo_end];
+    let component_ok = |c: &str| {
+        !c.is_empty()
+            && c.chars().all(|ch| {
+                ch.is_ascii_lowercase() || ch.is_ascii_digit() || matches!(ch, '.' | '_' | '-')
+            })
+            && c.starts_with(|ch: char| ch.is_ascii_alphanumeric())
+            && c.ends_with(|ch: char| ch.is_ascii_alphanumeric())
+    };
+    if !repository.split('/').all(component_ok) {
+        let span = cx.inner_span(node, slash + 1, repo_end, &text);
+        cx.error(
+            span,
+            format!("`{repository}` is not a valid repository name"),
+            Some(format!(
+                "repository names hold lower-case letters, digits and `.`, `_`, `-` between them: `{}`",
+                repository.to_ascii_lowercase()
+            )),
+        );
+        return None;
+    }
+    if let Some(start) = tag {
+        let tag_text = &text[start..];
+        let template = match NameTemplate::parse(tag_text) {
+            Ok(t) => t,
+            Err(errors) => {
+                for e in errors {
+                    let span = cx.inner_span(node, start + e.start, start + e.end, &text);
+                    cx.error(span, e.message, e.hint);
+                }
+                return None;
+            }
+        };
+        // Placeholders render to tag-safe text; the literal parts decide.
+        let sample = template.render(&super::name_template::NameValues {
+            name: "n",
+            version: Version {
+                major: 1,
+                minor: 0,
+                patch: 0,
+            },
+            build_version: 1,
+            build_date: chrono::DateTime::<chrono::Utc>::UNIX_EPOCH,
+        });
+        let tag_ok = sample.len() <= 128
+            && sample.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
+            && sample
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        if !tag_ok {
+            let span = cx.inner_span(node, start, text.len(), &text);
+            cx.error(
+                span,
+                format!("`{tag_text}` is not a valid tag"),
+                Some("tags hold letters, digits, `_`, `.` and `-` (at most 128), and may use name-template placeholders".to_string()),
+            );
+            return None;
+        }
+    }
+    Some(Located {
+        value: text,
+        span: node.span,
+    })
+}
+
+fn ami_target(cx: &mut Cx<'_>, key: &Node, value: &Node) -> Option<AmiDistribution> {
+    let entries = target_mapping(
+        cx,
+        key,
+        value,
+        "ami",
+        AMI_KEYS,
+        "{region: eu-west-1, bucket: my-imports}",
+    )?;
+    let before = cx.problems.len();
+    let mut ami = AmiDistribution {
+        region: None,
+        bucket: String::new(),
+        prefix: None,
+        name: NameTemplate::default(),
+        description: None,
+        ami_tags: Default::default(),
+        regions: Vec::new(),
+        launch_permission: LaunchPermission::default(),
+        boot_mode: None,
+        import_method: ImportMethod::Snapshot,
+        endpoint: AmiEndpoints::default(),
+        profile: None,
+    };
+    let mut bucket = None;
+    for (k, v) in entries {
+        match k.as_str().unwrap_or_default() {
+            "region" => ami.region = region(cx, v, "`region`"),
+            "bucket" => bucket = bucket_name(cx, v),
+            "prefix" => ami.prefix = cx.optional_string(v, "`prefix`"),
+            "name" => {
+                if let Some(t) = name_template(cx, v, "`name`") {
+                    ami.name = t;
+                }
+            }
+            "description" => ami.description = cx.optional_string(v, "`description`"),
+            "amiTags" => ami.ami_tags = string_map(cx, v, "`amiTags`"),
+            "regions" => {
+                for item in string_list(cx, v, "`regions`") {
+                    if let Some(r) = region(cx, item, "a region") {
+                        ami.regions.push(r);
+                    }
+                }
+            }
+            "launchPermission" => {
+                if let Some(lp) = cx.mapping(v, "`launchPermission`", LAUNCH_PERMISSION_KEYS) {
+                    for (lk, lv) in lp {
+                        match lk.as_str().unwrap_or_default() {
+                            "userIds" => {
+                                for item in string_list(cx, lv, "`userIds`") {
+                                    if let Some(id) = account_id(cx, item) {
+                                        ami.launch_permission.user_ids.push(id);
+                                    }
+                                }
+                            }
+                            "userGroups" => {
+                                for item in string_list(cx, lv, "`userGroups`") {
+                                    match cx.string(item, "a user group") {
+                                        Some(g) if g == "all" => {
+                                            ami.launch_permission.user_groups.push(g)
+                                        }
+                                        Some(g) => cx.error(
+                                            item.span,
+                                            format!("unknown user group `{g}`; the only group is `all`"),
+                                            Some("`all` makes the AMI public; share with accounts through `userIds`".to_string()),
+                                        ),
+                                        None => {}
+                                    }
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            }
+            "bootMode" if v.as_str() == Some("bios") => cx.error(
+                v.span,
+                "unknown boot mode `bios`; EC2 calls it `legacy-bios`",
+                Some("write `bootMode: legacy-bios` (or `uefi`, `uefi-preferred`)".to_string()),
+            ),
+            "bootMode" => {
+                ami.boot_mode = cx.word(v, "boot mode", BootMode::NAMES, BootMode::from_name)
+            }
+            "importMethod" => {
+                if let Some(m) = cx.word(
+                    v,
+                    "import method",
+                    ImportMethod::NAMES,
+                    ImportMethod::from_name,
+                ) {
+                    ami.import_method = m;
+                }
+            }
+            "endpoint" => {
+                if let Some(ep) = cx.mapping(v, "`endpoint`", ENDPOINT_KEYS) {
+                    for (ek, ev) in ep {
+                        let which = ek.as_str().unwrap_or_default();
+                        let url = endpoint_url(cx, ev, which);
+                        match which {
+                            "s3" => ami.endpoint.s3 = url,
+                            "ec2" => ami.endpoint.ec2 = url,
+                            _ => {}
+                        }
+                    }
+                }
+            }
+            "profile" => ami.profile = cx.optional_string(v, "`profile`"),
+            _ => {}
+        }
+    }
+    match bucket {
+        Some(b) => ami.bucket = b,
+        None if entries.iter().all(|(k, _)| k.as_str() != Some("bucket")) => cx.error(
+            key.span,
+            "`ami` has no `bucket`",
+            Some("add `bucket: my-imports`: the disk is uploaded there for the import".to_string()),
+        ),
+        None => {}
+    }
+    (cx.problems.len() == before).then_some(ami)
+}
+
+fn string_list<'n>(cx: &mut Cx<'_>, node: &'n Node, what: &str) -> Vec<&'n Node> {
+    match node.as_sequence() {
+        Some(items) => items.iter().collect(),
+        None if node.is_null() => Vec::new(),
+        None => {
+            let hint = node.as_str().map(|s| format!("write a list: `[{s}]`"));
+            cx.error(
+                node.span,
+                format!("{what} must be a list, found {}", node.describe()),
+                hint,
+            );
+            Vec::new()
+        }
+    }
+}
+
+fn string_map(
+    cx: &mut Cx<'_>,
+    node: &Node,
+    what: &str,
+) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    if node.is_null() {
+        return out;
+    }
+    let Some(entries) = node.as_mapping() else {
+        cx.not_a(node, what, "a mapping of keys to values");
+        return out;
+    };
+    for (k, v) in entries {
+        let Some(key) = cx.string(k, "a tag key") else {
+            continue;
+        };
+        let value = if v.is_null() {
+            Some(String::new())
+        } else {
+            cx.string(v, &format!("tag `{key}`"))
+        };
+        if let Some(value) = value {
+            out.insert(key, value);
+        }
+    }
+    out
+}
+
+fn region(cx: &mut Cx<'_>, node: &Node, what: &str) -> Option<String> {
+    let text = cx.string(node, what)?;
+    let ok = text.split('-').count() >= 3
+        && text
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && text.ends_with(|c: char| c.is_ascii_digit());
+    if !ok {
+        cx.error(
+            node.span,
+            format!("`{text}` is not a region name"),
+            Some("regions look like `eu-west-1` or `us-east-2`".to_string()),
+        );
+        return None;
+    }
+    Some(text)
+}
+
+fn bucket_name(cx: &mut Cx<'_>, node: &Node) -> Option<String> {
+    let text = cx.string(node, "`bucket`")?;
+    if let Some(rest) = text.strip_prefix("s3://") {
+        cx.error(
+            node.span,
+            "write the bucket's name without `s3://`",
+            Some(format!(
+                "write `bucket: {}` (and a key prefix in `prefix`)",
+                rest.split('/').next().unwrap_or(rest)
+            )),
+        );
+        return None;
+    }
+    let ok = (3..=63).contains(&text.len())
+        && text
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-'))
+        && text.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && text.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if !ok {
+        cx.error(
+            node.span,
+            format!("`{text}` is not a valid S3 bucket name"),
+            Some("bucket names have 3 to 63 lower-case letters, digits, `.` and `-`".to_string()),
+        );
+        return None;
+    }
+    Some(text)
+}
+
+fn account_id(cx: &mut Cx<'_>, node: &Node) -> Option<String> {
+    // Written unquoted, a 12-digit id is a YAML number: take its text as written.
+    let text = cx.string(node, "an account id")?;
+    if text.len() != 12 || !text.bytes().all(|b| b.is_ascii_digit()) {
+        cx.error(
+            node.span,
+            format!("`{text}` is not an AWS account id (12 digits)"),
+            Some("quote ids that start with 0: `\"012345678901\"`".to_string()),
+        );
+        return None;
+    }
+    Some(text)
+}
+
+fn endpoint_url(cx: &mut Cx<'_>, node: &Node, which: &str) -> Option<String> {
+    let text = cx.string(node, &format!("`endpoint.{which}`"))?;
+    if !(text.starts_with("http://") || text.starts_with("https://")) {
+        cx.error(
+            node.span,
+            format!("`endpoint.{which}` must be an http(s) URL, found `{text}`"),
+            Some(format!("write `http://{text}` or `https://{text}`")),
+        );
+        return None;
+    }
+    Some(text)
 }
 
 /// Where `relative` (as written in the recipe) is, given the recipe's path.

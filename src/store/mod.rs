@@ -12,7 +12,8 @@
 //!                                     inode), so a 1 GiB base is not re-hashed every build
 //!   images/<name>/<x.y.z>/.last-build the highest build number handed out for this version
 //!   images/<name>/<x.y.z>/<n>/        one finished build: manifest.json, the outputs,
-//!                                     SHA256SUMS, logs/
+//!                                     SHA256SUMS, logs/, receipts.json (where it was
+//!                                     distributed; appended under the lock)
 //!   staging/<build-id>/               a build in progress (build.json says which);
 //!                                     renamed to images/… by commit, never copied
 //!   failed/<build-id>/                a failed build: build.json, logs/, manifest.json if any
@@ -43,6 +44,9 @@ pub const STORE_ENV: &str = "BUILDER_STORE";
 
 /// The logs folder inside a build's folder.
 pub const LOGS_DIR: &str = "logs";
+
+/// Where a build was distributed, in its folder: a JSON array of receipts, oldest first.
+pub const RECEIPTS_FILE: &str = "receipts.json";
 
 const BUILD_FILE: &str = "build.json";
 const LAST_BUILD_FILE: &str = ".last-build";
@@ -164,6 +168,15 @@ impl StoredImage {
         self.dir.join(LOGS_DIR)
     }
 
+    /// Where this build was distributed, oldest first (empty when never, or when
+    /// `receipts.json` is unreadable: receipts are a record, not something a build needs).
+    pub fn receipts(&self) -> Vec<crate::distribute::Receipt> {
+        std::fs::read(self.dir.join(RECEIPTS_FILE))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default()
+    }
+
     /// Total size of the outputs in bytes.
     pub fn outputs_size(&self) -> u64 {
         self.manifest.outputs.iter().map(|a| a.size).sum()
@@ -217,6 +230,15 @@ impl StoredImage {
             disk,
         })
     }
+}
+
+/// What [`Store::prune_cache`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PruneReport {
+    /// The cached files removed.
+    pub removed: Vec<PathBuf>,
+    /// Build ids in `staging/` that kept the cache as it was.
+    pub builds_in_progress: Vec<String>,
 }
 
 /// What `build.json` records about a build in progress or a failed one.
@@ -536,6 +558,77 @@ impl Store {
             self.discard(&image.dir)?;
         }
         Ok(())
+    }
+
+    /// Append `receipts` to the build's `receipts.json` (under the lock, so two distributions
+    /// of one build never lose each other's; written under a temporary name, then renamed).
+    pub fn record_receipts(
+        &self,
+        image: &StoredImage,
+        receipts: &[crate::distribute::Receipt],
+    ) -> Result<(), StoreError> {
+        if receipts.is_empty() {
+            return Ok(());
+        }
+        let _lock = self.lock()?;
+        if !image.dir.is_dir() {
+            return Err(StoreError::NotFound {
+                reference: image.reference(),
+                close: Vec::new(),
+            });
+        }
+        let mut all = image.receipts();
+        all.extend_from_slice(receipts);
+        write_json(&image.dir.join(RECEIPTS_FILE), &all)
+    }
+
+    /// Remove cached parent images (`cache/base/<sha256>.qcow2`) that no stored build names
+    /// as its parent (by digest). While a build is in progress (its folder is in `staging/`)
+    /// nothing is removed: its disk chain may be backed by any cached file.
+    pub fn prune_cache(&self) -> Result<PruneReport, StoreError> {
+        let _lock = self.lock()?;
+        let staging = self.root.join("staging");
+        let busy = sorted_names(&staging)?;
+        if !busy.is_empty() {
+            return Ok(PruneReport {
+                removed: Vec::new(),
+                builds_in_progress: busy,
+            });
+        }
+        let listing = self.list()?;
+        let used: std::collections::BTreeSet<String> = listing
+            .images
+            .iter()
+            .filter_map(|i| i.manifest.inputs.parent.as_ref().map(|p| p.sha256.clone()))
+            .collect();
+        let dir = self.root.join("cache").join("base");
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(PruneReport::default()),
+            Err(e) => return Err(StoreError::io("list", &dir)(e)),
+        };
+        let mut removed = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(StoreError::io("list", &dir))?;
+            let path = entry.path();
+            let Some(stem) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".qcow2"))
+            else {
+                continue;
+            };
+            let is_digest = stem.len() == 64 && stem.bytes().all(|b| b.is_ascii_hexdigit());
+            if is_digest && !used.contains(stem) {
+                std::fs::remove_file(&path).map_err(StoreError::io("remove", &path))?;
+                removed.push(path);
+            }
+        }
+        removed.sort();
+        Ok(PruneReport {
+            removed,
+            builds_in_progress: Vec::new(),
+        })
     }
 
     /// Remove a failed build's folder (its logs).
