@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 pub use events::{BuildEvent, BuildLog, BuildObserver, Quiet};
-pub use stages::{BuildError, ComponentFailure};
+pub use stages::{BuildError, ComponentFailure, FailureShell};
 
 use crate::store::{Store, StoredImage};
 use crate::vm::{AccelChoice, ErrorClass};
@@ -43,6 +43,8 @@ pub struct BuildOptions {
     pub accel: Option<AccelChoice>,
     /// The QEMU system emulator; default `qemu-system-x86_64` from `PATH`.
     pub qemu: Option<PathBuf>,
+    /// `--on-error shell`: called when a component step fails, with the build VM running.
+    pub on_failure: Option<std::sync::Arc<dyn FailureShell>>,
 }
 
 /// A finished, stored build.

@@ -131,6 +131,20 @@ pub enum BuildError {
     },
 }
 
+/// What `--on-error shell` does when a component step fails: called with the failure while
+/// the build VM still runs (outside the build's timeout), it returns when the user is done
+/// (typically after an interactive shell in the guest through `agent`). The build then fails
+/// as it would have.
+#[async_trait::async_trait]
+pub trait FailureShell: Send + Sync + std::fmt::Debug {
+    async fn open(
+        &self,
+        failure: &ComponentFailure,
+        vm: &str,
+        agent: Arc<crate::target::agent::AgentTarget>,
+    );
+}
+
 /// A component (or test) step that failed, with what the user needs to act on it.
 #[derive(Debug, Clone)]
 pub struct ComponentFailure {
@@ -887,8 +901,8 @@ pub async fn components(cx: &Cx<'_>, mut vm: BuildVm) -> Result<BuildVm, BuildEr
         }
         Ok::<(), BuildError>(())
     };
-    match tokio::time::timeout(Duration::from_secs(secs), all).await {
-        Ok(result) => result?,
+    let result = match tokio::time::timeout(Duration::from_secs(secs), all).await {
+        Ok(result) => result,
         Err(_) => {
             return Err(BuildError::Timeout {
                 stage: "the components",
@@ -896,7 +910,19 @@ pub async fn components(cx: &Cx<'_>, mut vm: BuildVm) -> Result<BuildVm, BuildEr
                 setting: "buildTimeoutSeconds",
             });
         }
+    };
+    if let (Err(BuildError::Component(failure)), Some(shell), Some(agent)) =
+        (&result, &cx.options.on_failure, vm.session.agent().cloned())
+    {
+        // The user's time in the shell is not the build's: outside the timeout. A VM that
+        // dies meanwhile ends the wait (the shell's channel breaks with it).
+        let describe = vm.session.vm().describe();
+        let _ = vm
+            .session
+            .guard(shell.open(failure, &describe, agent))
+            .await;
     }
+    result?;
     Ok(vm)
 }
 
@@ -1232,18 +1258,7 @@ pub async fn test(cx: &Cx<'_>, disk: BuiltDisk) -> Result<Tested, BuildError> {
     for f in &files {
         before.push(hash(f).await?);
     }
-    let secs = cx.plan.tests.timeout_secs;
-    let work = run_tests(cx, &disk);
-    match tokio::time::timeout(Duration::from_secs(secs), work).await {
-        Ok(result) => result?,
-        Err(_) => {
-            return Err(BuildError::Timeout {
-                stage: "the test stage",
-                secs,
-                setting: "tests.timeoutSeconds",
-            });
-        }
-    }
+    run_tests(cx, &disk).await?;
     for (f, b) in files.iter().zip(before) {
         let after = hash(f).await?;
         if after != b {
@@ -1261,13 +1276,57 @@ pub async fn test(cx: &Cx<'_>, disk: BuiltDisk) -> Result<Tested, BuildError> {
     Ok(Tested { disk })
 }
 
+/// Within `tests.timeoutSeconds` (the VM's boot and the tests; not the user's time in an
+/// `--on-error shell`).
 async fn run_tests(cx: &Cx<'_>, disk: &BuiltDisk) -> Result<(), BuildError> {
+    let secs = cx.plan.tests.timeout_secs;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    let timed_out = || BuildError::Timeout {
+        stage: "the test stage",
+        secs,
+        setting: "tests.timeoutSeconds",
+    };
     let mut options = vm_options(cx, &disk.chain.top, cx.logs.join("test-vm"));
     options.vm.keep_on_failure = cx.keep;
     let progress = |m: &str| cx.progress("test", m);
-    let session = Session::open(options, &progress)
+    let session = tokio::time::timeout_at(deadline, Session::open(options, &progress))
         .await
+        .map_err(|_| timed_out())?
         .map_err(vm_err("test"))?;
+    let (results, failure) = tokio::time::timeout_at(deadline, test_components(cx, &session))
+        .await
+        .map_err(|_| timed_out())??;
+    cx.with_manifest(|m| m.tests = results);
+    if let (Some(BuildError::Component(f)), Some(shell), Some(agent)) =
+        (&failure, &cx.options.on_failure, session.agent().cloned())
+    {
+        let describe = session.vm().describe();
+        let _ = session.guard(shell.open(f, &describe, agent)).await;
+    }
+    let outcome = if failure.is_some() {
+        Outcome::Failure
+    } else {
+        Outcome::Success
+    };
+    let report = session.close(outcome, &progress).await;
+    if let Ok(mut kept) = cx.kept.lock() {
+        kept.extend(report.unwind.kept.iter().cloned());
+    }
+    for f in &report.unwind.failed {
+        cx.progress("test", &format!("warning: {f}"));
+    }
+    match failure {
+        Some(f) => Err(f),
+        None => Ok(()),
+    }
+}
+
+/// The `test` phase of every component that has one, then the test components: each one's
+/// result, and the first failure.
+async fn test_components(
+    cx: &Cx<'_>,
+    session: &Session,
+) -> Result<(Vec<TestResult>, Option<BuildError>), BuildError> {
     let mut results = Vec::new();
     let mut failure = None;
     let with_test = cx
@@ -1282,7 +1341,7 @@ async fn run_tests(cx: &Cx<'_>, disk: &BuiltDisk) -> Result<(), BuildError> {
         let t0 = Instant::now();
         let outcome = run_document(
             cx,
-            &session,
+            session,
             document,
             component,
             vec!["test".to_string()],
@@ -1302,23 +1361,7 @@ async fn run_tests(cx: &Cx<'_>, disk: &BuiltDisk) -> Result<(), BuildError> {
             failure = Some(failure_of(cx, &label, &outcome));
         }
     }
-    cx.with_manifest(|m| m.tests = results);
-    let outcome = if failure.is_some() {
-        Outcome::Failure
-    } else {
-        Outcome::Success
-    };
-    let report = session.close(outcome, &progress).await;
-    if let Ok(mut kept) = cx.kept.lock() {
-        kept.extend(report.unwind.kept.iter().cloned());
-    }
-    for f in &report.unwind.failed {
-        cx.progress("test", &format!("warning: {f}"));
-    }
-    match failure {
-        Some(f) => Err(f),
-        None => Ok(()),
-    }
+    Ok((results, failure))
 }
 
 // ─── 9. export ──────────────────────────────────────────────────────────────────────────

@@ -15,7 +15,10 @@ use clap::{Args, ValueEnum};
 use super::component::run::Terminal;
 use super::{CliResult, EXIT_FAILED, EXIT_HOST, EXIT_INPUT, Failure};
 use builder::build::plan::{self, HashProgress};
-use builder::build::{self as build, BuildError, BuildEvent, BuildObserver, BuildOptions};
+use builder::build::{
+    self as build, BuildError, BuildEvent, BuildObserver, BuildOptions, ComponentFailure,
+    FailureShell,
+};
 use builder::component::executor::{Event, Observer};
 use builder::store::Store;
 use builder::vm::{AccelChoice, ErrorClass};
@@ -30,8 +33,9 @@ pub struct BuildArgs {
     #[arg(long)]
     keep_on_failure: bool,
     /// What to do when a stage fails: `abort` removes everything but the logs, `keep` keeps
-    /// the disk too, `shell` is not available yet (it keeps the disk; open it with
-    /// `builder vm shell --image <disk>`).
+    /// the disk too, `shell` (when a component step fails) opens a shell in the still-running
+    /// build VM, then fails the build as `abort` does (or `keep` with `--keep-on-failure`)
+    /// once you exit it. `shell` needs a terminal on stdin.
     #[arg(long, value_enum, default_value_t = OnError::Abort)]
     on_error: OnError,
     /// Print one JSON object per line on stdout: build and stage events, step events and
@@ -63,6 +67,21 @@ fn env(name: &str) -> Option<String> {
 }
 
 pub async fn main(args: BuildArgs) -> CliResult {
+    // Refused before anything starts: a shell without a terminal would hang or read EOF, and
+    // the JSON lines on stdout would mix with the shell's output.
+    if args.on_error == OnError::Shell {
+        if !std::io::stdin().is_terminal() {
+            return Err(Failure::input(anyhow::anyhow!(
+                "`--on-error shell` needs a terminal on stdin to open a shell in the build VM"
+            ))
+            .with_hint("use `--on-error keep` in scripts and CI; open the kept disk later with `builder vm shell --image <file>`"));
+        }
+        if args.json {
+            return Err(Failure::input(anyhow::anyhow!(
+                "`--on-error shell` cannot be combined with `--json` (stdout carries the events)"
+            )));
+        }
+    }
     let store = match &args.store {
         Some(dir) => Store::open(dir),
         None => Store::open_default(),
@@ -87,17 +106,17 @@ pub async fn main(args: BuildArgs) -> CliResult {
     }
     let plan = planned.map_err(super::recipe::failure)?;
 
-    if args.on_error == OnError::Shell {
-        eprintln!(
-            "{}note{}: `--on-error shell` is not available yet; the build's disk is kept instead (open it with `builder vm shell --image <disk>`)",
-            note(),
-            note().render_reset()
-        );
-    }
+    let on_failure: Option<std::sync::Arc<dyn FailureShell>> = (args.on_error == OnError::Shell)
+        .then(|| {
+            std::sync::Arc::new(Shell {
+                keep: args.keep_on_failure,
+            }) as _
+        });
     let options = BuildOptions {
-        keep_on_failure: args.keep_on_failure || args.on_error != OnError::Abort,
+        keep_on_failure: args.keep_on_failure || args.on_error == OnError::Keep,
         accel: args.accel,
         qemu: None,
+        on_failure,
     };
     let observer: Box<dyn BuildObserver> = if args.json {
         Box::new(JsonLines)
@@ -175,12 +194,66 @@ fn note() -> Style {
     Style::new().bold().fg_color(Some(AnsiColor::Cyan.into()))
 }
 
+/// `--on-error shell`: say what failed, then a shell in the build VM until the user exits it.
+#[derive(Debug)]
+struct Shell {
+    keep: bool,
+}
+
+#[async_trait::async_trait]
+impl FailureShell for Shell {
+    async fn open(
+        &self,
+        failure: &ComponentFailure,
+        vm: &str,
+        agent: std::sync::Arc<builder::target::agent::AgentTarget>,
+    ) {
+        let red = Style::new().bold().fg_color(Some(AnsiColor::Red.into()));
+        let cyan = note();
+        eprintln!("{red}error{red:#}: {}", failure.heading());
+        print_step_failure(failure);
+        let then = if self.keep {
+            "the build then fails and keeps its disk and logs (--keep-on-failure)"
+        } else {
+            "the build then fails and removes its VM and disk (logs are kept)"
+        };
+        eprintln!(
+            "{cyan}note{cyan:#}: opening a shell in {vm} (as root, in the state the step left); exit it when done: {then}"
+        );
+        let _ = std::io::stderr().flush();
+        if let Err(e) = super::vm::interactive_shell(&agent, true, "shell ready").await {
+            eprintln!("warning: the shell ended: {:#}", e.error);
+        }
+        eprintln!("{cyan}note{cyan:#}: shell closed; failing the build");
+    }
+}
+
+/// The failed step's cause, last lines of output, log and reports.
+fn print_step_failure(f: &ComponentFailure) {
+    let dim = Style::new().dimmed();
+    eprintln!("  Caused by: {}", indent(&f.cause));
+    if !f.last_lines.is_empty() {
+        eprintln!("  last lines of output:");
+        for l in &f.last_lines {
+            eprintln!("    {dim}│{dim:#} {l}");
+        }
+    }
+    if let Some(log) = &f.log {
+        eprintln!("  full log: {}", log.display());
+    }
+    if let Some(run) = &f.run_log {
+        eprintln!(
+            "  step reports: {}",
+            run.join("detailedoutput.json").display()
+        );
+    }
+}
+
 /// The STYLE.md error: heading, causes, the failed step's last lines and log, where the
 /// build's logs are, what was kept, a hint.
 fn print_failure(failed: &build::Failed, keep: bool) {
     let red = Style::new().bold().fg_color(Some(AnsiColor::Red.into()));
     let cyan = note();
-    let dim = Style::new().dimmed();
     eprintln!("{red}error{red:#}: {}", failed.error);
     let mut source = std::error::Error::source(&failed.error);
     while let Some(s) = source {
@@ -188,22 +261,7 @@ fn print_failure(failed: &build::Failed, keep: bool) {
         source = s.source();
     }
     if let BuildError::Component(f) = &failed.error {
-        eprintln!("  Caused by: {}", indent(&f.cause));
-        if !f.last_lines.is_empty() {
-            eprintln!("  last lines of output:");
-            for l in &f.last_lines {
-                eprintln!("    {dim}│{dim:#} {l}");
-            }
-        }
-        if let Some(log) = &f.log {
-            eprintln!("  full log: {}", log.display());
-        }
-        if let Some(run) = &f.run_log {
-            eprintln!(
-                "  step reports: {}",
-                run.join("detailedoutput.json").display()
-            );
-        }
+        print_step_failure(f);
     }
     if let Some(image) = &failed.image {
         eprintln!("  build: {image}");
