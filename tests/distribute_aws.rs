@@ -348,6 +348,23 @@ fn files_in(dir: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Files (not folders) anywhere under `dir`, as paths relative to it.
+fn files_under(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(current) = pending.pop() {
+        for entry in std::fs::read_dir(&current).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if let Ok(relative) = path.strip_prefix(dir) {
+                found.push(relative.display().to_string());
+            }
+        }
+    }
+    found
+}
+
 // ---- S3 against s3s-fs
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -630,6 +647,7 @@ async fn import_ami_uploads_imports_registers_tags_copies_and_shares() {
     options.copy_to_regions = vec!["eu-central-1".into()];
     options.launch_permission_user_ids = vec!["123456789012".into()];
     options.launch_permission_groups = vec!["all".into()];
+    options.keep_object = true;
     let progress = Recorder::default();
 
     let receipt = import_ami(&image, &options, &progress)
@@ -799,6 +817,10 @@ async fn import_image_method_uses_import_image() {
     assert_eq!(import.param("DiskContainer.1.Format"), Some("VMDK"));
     assert_eq!(import.param("BootMode"), Some("legacy-bios"));
     assert_eq!(receipt.location, "ami-0imported (us-east-1)");
+    // Without keepObject the uploaded disk is deleted once imported.
+    let left = files_under(&server.data().join(BUCKET));
+    assert!(left.is_empty(), "the object was deleted: {left:?}");
+    assert!(!receipt.ids.contains_key("s3Object"));
     assert_eq!(
         receipt.ids.get("snapshot:us-east-1").map(String::as_str),
         Some("snap-0imported")
@@ -836,7 +858,7 @@ async fn preflight_stops_before_any_upload_when_the_bucket_is_missing() {
         "no import started: {:?}",
         fake.actions()
     );
-    assert!(files_in(&server.data().join(BUCKET)).is_empty());
+    assert!(files_under(&server.data().join(BUCKET)).is_empty());
     assert!(server.pending_uploads().is_empty());
     assert!(files_in(&state).is_empty());
 }

@@ -85,6 +85,10 @@ pub struct AmiOptions {
     pub iam_endpoint: Option<String>,
     /// The AWS profile. Default: `AWS_PROFILE`, else `default` (environment keys first).
     pub profile: Option<String>,
+    /// Keep the uploaded disk in the bucket after a successful import. Default: it is
+    /// deleted (VM Import no longer needs it; it would cost storage). A failed import keeps
+    /// it either way, for inspection.
+    pub keep_object: bool,
     /// Credentials to use instead of looking in the environment and the AWS files (the
     /// region then comes from `region`, `AWS_REGION` or `AWS_DEFAULT_REGION`).
     pub credentials: Option<AwsCredentials>,
@@ -126,6 +130,7 @@ impl AmiOptions {
             ec2_endpoint: None,
             iam_endpoint: None,
             profile: None,
+            keep_object: false,
             credentials: None,
             role_name: None,
             part_size: s3::DEFAULT_PART_SIZE,
@@ -863,10 +868,6 @@ pub async fn import_ami(
     if let Some(s) = &snapshot_id {
         ids.insert(format!("snapshot:{region}"), s.clone());
     }
-    ids.insert(
-        "s3Object".to_string(),
-        format!("s3://{}/{}", options.bucket, key),
-    );
     let finish = async |ec2: &Ec2Client,
                         image_id: &str,
                         snapshot: Option<&String>|
@@ -906,6 +907,24 @@ pub async fn import_ami(
         ids.insert(format!("ami:{}", target_ec2.region()), copy_id.clone());
         if let Some(s) = snapshot {
             ids.insert(format!("snapshot:{}", target_ec2.region()), s);
+        }
+    }
+
+    // VM Import has copied the disk into EBS: the object is no longer needed.
+    let object = format!("s3://{}/{key}", options.bucket);
+    if options.keep_object {
+        ids.insert("s3Object".to_string(), object);
+    } else {
+        progress.step(TARGET, &format!("deleting {object}"));
+        if let Err(e) = session.s3.delete_object(&options.bucket, &key).await {
+            progress.step(
+                TARGET,
+                &format!(
+                    "warning: could not delete {object} ({}); delete it yourself",
+                    chain(&e)
+                ),
+            );
+            ids.insert("s3Object".to_string(), object);
         }
     }
 

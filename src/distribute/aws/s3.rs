@@ -520,6 +520,21 @@ impl S3Client {
         Ok(root.text_at(&["ETag"]).unwrap_or_default())
     }
 
+    /// DeleteObject (a missing object is not an error).
+    pub async fn delete_object(&self, bucket: &str, key: &str) -> Result<(), S3Error> {
+        let request = Request {
+            method: "DELETE",
+            url: self.object_url(bucket, key),
+            headers: vec![],
+            body: vec![],
+        };
+        match self.client.send(&request).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.status() == Some(404) => Ok(()),
+            Err(e) => Err(self.request_error("DeleteObject", bucket, key, e)),
+        }
+    }
+
     /// AbortMultipartUpload (S3 then deletes the parts).
     pub async fn abort_multipart_upload(
         &self,
