@@ -4,7 +4,11 @@
 //! without it the Vagrant tests fail and say so), an OVA converted when the build did not
 //! export one, the `builder distribute` command line (its mistakes and its receipts in
 //! `images show --json`), recipe `distribution:` entries resolved into targets, and
-//! `images rm --prune-cache`.
+//! `images rm --prune-cache`. One test sends through the dispatcher to the OCI targets on a
+//! real registry (Debian's `docker-registry` on loopback, tests/support/registry.rs).
+
+#[path = "support/registry.rs"]
+mod registry;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -463,4 +467,55 @@ fn rm_prune_cache_removes_only_parents_nothing_stored_needs() {
         "{}",
         stderr(&o)
     );
+}
+
+#[test]
+fn the_command_line_pushes_to_both_oci_shapes_with_rendered_tags() {
+    let registry = registry::TestRegistry::start();
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let root = tmp.path().join("store");
+    let store = Store::open(&root).expect("store");
+    store_build(&store, "web", None);
+    // No credentials of this machine: an empty docker config.
+    let docker = tmp.path().join("docker");
+    std::fs::create_dir(&docker).expect("mkdir");
+    std::fs::write(docker.join("config.json"), "{}").expect("config");
+    let host = registry.host();
+    let o = Command::new(env!("CARGO_BIN_EXE_builder"))
+        .args(["distribute", "web", "--json", "--plain-http", "127.0.0.1"])
+        .args(["--to", &format!("oci://{host}/images/web")])
+        .args([
+            "--to",
+            &format!("containerdisk://{host}/vms/web:v{{{{imagebuilder:version}}}}"),
+        ])
+        .env("BUILDER_STORE", &root)
+        .env("DOCKER_CONFIG", &docker)
+        .env_remove("REGISTRY_AUTH_FILE")
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("builder runs");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let receipts: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
+        .filter(|e| e["event"] == "receipt")
+        .map(|e| e["receipt"].clone())
+        .collect();
+    assert_eq!(receipts.len(), 2, "{}", stderr(&o));
+    assert_eq!(receipts[0]["kind"], "oci");
+    let artifact = receipts[0]["location"].as_str().expect("location");
+    // The default tag is `<version>-<build>`; the location pins the manifest digest.
+    assert!(
+        artifact.starts_with(&format!("oci://{host}/images/web:1.0.0-1@sha256:")),
+        "{artifact}"
+    );
+    assert_eq!(receipts[1]["kind"], "containerdisk");
+    let disk = receipts[1]["location"].as_str().expect("location");
+    assert!(
+        disk.starts_with(&format!("containerdisk://{host}/vms/web:v1.0.0@sha256:")),
+        "{disk}"
+    );
+    let o = builder(&root, &["images", "show", "web", "--json"]);
+    let shown: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(shown["receipts"].as_array().map(Vec::len), Some(2));
 }

@@ -1515,10 +1515,18 @@ pub async fn distribute(cx: &Cx<'_>, built: &mut super::Built) -> Result<(), Bui
     let events = DistributeEvents(cx.log);
     // Check every target before the first one writes anything.
     for t in &cx.plan.distribution {
-        if let Err(e) = target::preflight(&built.image, t).await {
-            built
+        match target::preflight(&built.image, t).await {
+            Ok(warnings) => {
+                for w in warnings {
+                    cx.progress(
+                        "distribute",
+                        &format!("warning: {}: {w}", t.describe(&built.image)),
+                    );
+                }
+            }
+            Err(e) => built
                 .distribution_failures
-                .push((t.describe(&built.image), error_chain(&e)));
+                .push((t.describe(&built.image), error_chain(&e))),
         }
     }
     if built.distribution_failures.is_empty() {

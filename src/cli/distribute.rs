@@ -19,6 +19,7 @@ use builder::distribute::target::{self, AmiTarget, CliOptions, Target, TargetErr
 use builder::distribute::{DistributeError, Progress, Receipt};
 use builder::export::Format;
 use builder::store::{ImageRef, Store};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Args)]
 pub struct DistributeArgs {
@@ -53,7 +54,7 @@ pub struct DistributeArgs {
     /// `ami`: the S3 bucket the disk is uploaded to.
     #[arg(long)]
     bucket: Option<String>,
-    /// `ami`: the key prefix in the bucket [default: builder/].
+    /// `ami`: the key prefix in the bucket [default: builder-imports/].
     #[arg(long)]
     prefix: Option<String>,
     /// `ami`: one endpoint URL for both S3 and EC2 (an on-premises compatible service).
@@ -210,14 +211,28 @@ pub async fn main(args: DistributeArgs) -> CliResult {
     // 1. Check every target before the first one writes or uploads anything.
     let mut code = 0u8;
     for t in &targets {
-        if let Err(e) = target::preflight(&image, t).await {
-            let what = t.describe(&image);
-            progress.json(&Event::Failed {
-                target: &what,
-                message: &chain(&e),
-            });
-            print_error(&format!("{what}: the check before sending failed"), &e);
-            code = code.max(code_of(&e));
+        let checked = tokio::select! {
+            r = target::preflight(&image, t) => r,
+            sig = super::vm::interrupted() => {
+                eprintln!("{sig}: stopped before anything was sent");
+                return Err(Failure::interrupted());
+            }
+        };
+        match checked {
+            Ok(warnings) => {
+                for w in warnings {
+                    eprintln!("warning: {}: {w}", t.describe(&image));
+                }
+            }
+            Err(e) => {
+                let what = t.describe(&image);
+                progress.json(&Event::Failed {
+                    target: &what,
+                    message: &chain(&e),
+                });
+                print_error(&format!("{what}: the check before sending failed"), &e);
+                code = code.max(code_of(&e));
+            }
         }
     }
     if code != 0 {
@@ -232,8 +247,30 @@ pub async fn main(args: DistributeArgs) -> CliResult {
         let what = t.describe(&image);
         eprintln!("{bold}▶ {} to {what}{bold:#}", image.reference());
         progress.json(&Event::Started { target: &what });
-        let result = target::distribute(&image, t, &progress).await;
+        // The first signal asks the target to stop cleanly (an AMI import is cancelled, a
+        // copy removes what it wrote); a second one stops at once.
+        let cancel = CancellationToken::new();
+        let run = target::distribute_cancellable(&image, t, &progress, &cancel);
+        tokio::pin!(run);
+        let result = tokio::select! {
+            r = &mut run => r,
+            sig = super::vm::interrupted() => {
+                progress.end_bar();
+                eprintln!("{sig}: stopping {what} and cleaning up (again to stop at once)");
+                cancel.cancel();
+                tokio::select! {
+                    r = &mut run => r,
+                    _ = super::vm::interrupted() => return Err(Failure::interrupted()),
+                }
+            }
+        };
         progress.end_bar();
+        if cancel.is_cancelled() {
+            if let Err(e) = &result {
+                eprintln!("stopped: {}", chain(e));
+            }
+            return Err(Failure::interrupted());
+        }
         match result {
             Ok(receipt) => {
                 if let Err(e) = store.record_receipts(&image, std::slice::from_ref(&receipt)) {

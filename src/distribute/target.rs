@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 use super::local::{self, DirectoryOptions, VagrantOptions};
 use super::{DistributeError, Progress, Receipt, StoredImage};
@@ -33,6 +34,8 @@ pub enum TargetError {
     NoBucket,
     #[error("the {kind} target is not available in this build of builder")]
     NotAvailable { kind: &'static str },
+    #[error("sending to the {kind} target was stopped")]
+    Cancelled { kind: &'static str },
 }
 
 impl TargetError {
@@ -481,8 +484,12 @@ pub fn render_reference(reference: &str, image: &StoredImage) -> String {
 }
 
 /// Check what can be checked before anything is written or uploaded: destinations are free,
-/// names are file names, references parse, credentials and buckets answer.
-pub async fn preflight(image: &StoredImage, target: &Target) -> Result<(), DistributeError> {
+/// names are file names, references parse, credentials and buckets answer. Returns warnings
+/// (problems that do not stop the target, e.g. a role that could not be checked).
+pub async fn preflight(
+    image: &StoredImage,
+    target: &Target,
+) -> Result<Vec<String>, DistributeError> {
     match target {
         Target::Directory { .. } => {
             local::preflight_directory(&target.directory_options(image)?)?;
@@ -492,11 +499,14 @@ pub async fn preflight(image: &StoredImage, target: &Target) -> Result<(), Distr
         }
         Target::Store => {}
         Target::Oci { .. } | Target::ContainerDisk { .. } => {
-            oci_dispatch::preflight(image, target)?;
+            oci_dispatch::destination(image, target)?;
         }
-        Target::Ami(ami) => aws_dispatch::preflight(image, ami).await?,
+        Target::Ami(ami) => {
+            let options = aws_dispatch::options(image, ami, None)?;
+            return Ok(super::aws::preflight(&options).await?);
+        }
     }
-    Ok(())
+    Ok(Vec::new())
 }
 
 /// Send `image` to `target`.
@@ -505,59 +515,125 @@ pub async fn distribute(
     target: &Target,
     progress: &dyn Progress,
 ) -> Result<Receipt, DistributeError> {
+    distribute_cancellable(image, target, progress, &CancellationToken::new()).await
+}
+
+/// [`distribute`], stopping cleanly when `cancel` fires: local copies stop at the next chunk
+/// and remove what they wrote; an AMI upload is aborted and an import task cancelled (which
+/// takes a few requests: keep polling the future after cancelling). A push stops where it
+/// is; its tag is only written last, so nothing half-pushed is tagged.
+pub async fn distribute_cancellable(
+    image: &StoredImage,
+    target: &Target,
+    progress: &dyn Progress,
+    cancel: &CancellationToken,
+) -> Result<Receipt, DistributeError> {
+    let cancelled = || TargetError::Cancelled {
+        kind: target.kind(),
+    };
     match target {
         Target::Directory { .. } => {
             let options = target.directory_options(image)?;
-            Ok(local::to_directory(image, &options, progress).await?)
+            tokio::select! {
+                r = local::to_directory(image, &options, progress) => Ok(r?),
+                () = cancel.cancelled() => Err(cancelled().into()),
+            }
         }
         Target::Vagrant { .. } => {
             let options = target.vagrant_options(image)?;
-            Ok(local::to_vagrant(image, &options, progress).await?)
+            tokio::select! {
+                r = local::to_vagrant(image, &options, progress) => Ok(r?),
+                () = cancel.cancelled() => Err(cancelled().into()),
+            }
         }
         Target::Store => Ok(local::to_store(image)),
-        Target::Oci { .. } | Target::ContainerDisk { .. } => {
-            oci_dispatch::push(image, target, progress).await
+        Target::Oci { plain_http, .. } | Target::ContainerDisk { plain_http, .. } => {
+            let (dest, shape) = oci_dispatch::destination(image, target)?;
+            let mut options = super::oci::OciOptions::from_env();
+            if *plain_http && !options.plain_http.contains(&dest.registry) {
+                options.plain_http.push(dest.registry.clone());
+            }
+            tokio::select! {
+                r = super::oci::push(image, &dest, shape, &options, progress) => Ok(r?),
+                () = cancel.cancelled() => Err(cancelled().into()),
+            }
         }
-        Target::Ami(ami) => aws_dispatch::import(image, ami, progress).await,
+        Target::Ami(ami) => {
+            let options = aws_dispatch::options(image, ami, Some(cancel.clone()))?;
+            Ok(super::aws::import_ami(image, &options, progress).await?)
+        }
     }
 }
 
 /// The OCI targets, through `super::oci`.
 mod oci_dispatch {
     use super::*;
+    use crate::distribute::oci::{OciReference, OciShape};
 
-    pub fn preflight(_image: &StoredImage, target: &Target) -> Result<(), TargetError> {
-        Err(TargetError::NotAvailable {
-            kind: target.kind(),
-        })
-    }
-
-    pub async fn push(
-        _image: &StoredImage,
+    /// Where the push goes (the tag rendered for `image`) and in which shape.
+    pub fn destination(
+        image: &StoredImage,
         target: &Target,
-        _progress: &dyn Progress,
-    ) -> Result<Receipt, DistributeError> {
-        Err(TargetError::NotAvailable {
-            kind: target.kind(),
-        }
-        .into())
+    ) -> Result<(OciReference, OciShape), TargetError> {
+        let (reference, shape) = match target {
+            Target::Oci { reference, .. } => (reference, OciShape::Artifact),
+            Target::ContainerDisk { reference, .. } => (reference, OciShape::ContainerDisk),
+            _ => {
+                return Err(TargetError::NotAvailable {
+                    kind: target.kind(),
+                });
+            }
+        };
+        let rendered = render_reference(reference, image);
+        let dest: OciReference = rendered.parse().map_err(|e| TargetError::Bad {
+            text: rendered.clone(),
+            reason: crate::distribute::oci::OciError::to_string(&e),
+        })?;
+        Ok((dest, shape))
     }
 }
 
 /// The AMI target, through `super::aws`.
 mod aws_dispatch {
     use super::*;
+    use crate::distribute::aws::{AmiOptions, ImportMethod};
 
-    pub async fn preflight(_image: &StoredImage, _ami: &AmiTarget) -> Result<(), DistributeError> {
-        Err(TargetError::NotAvailable { kind: "ami" }.into())
-    }
-
-    pub async fn import(
-        _image: &StoredImage,
-        _ami: &AmiTarget,
-        _progress: &dyn Progress,
-    ) -> Result<Receipt, DistributeError> {
-        Err(TargetError::NotAvailable { kind: "ami" }.into())
+    /// The import's options for `image`: the name rendered, the description defaulted.
+    pub fn options(
+        image: &StoredImage,
+        ami: &AmiTarget,
+        cancel: Option<CancellationToken>,
+    ) -> Result<AmiOptions, TargetError> {
+        let template = if ami.name.is_empty() {
+            recipe::name_template::DEFAULT_NAME_TEMPLATE
+        } else {
+            &ami.name
+        };
+        let mut o = AmiOptions::new(ami.bucket.clone(), render(template, image));
+        o.region = ami.region.clone();
+        o.prefix = ami.prefix.clone();
+        o.description = ami
+            .description
+            .clone()
+            .or_else(|| Some(format!("{} built by builder", image.reference())));
+        o.tags = ami.tags.clone();
+        o.copy_to_regions = ami.copy_to_regions.clone();
+        o.launch_permission_user_ids = ami.launch_permission_user_ids.clone();
+        o.launch_permission_groups = ami.launch_permission_groups.clone();
+        o.boot_mode = ami.boot_mode.clone();
+        if let Some(m) = &ami.import_method {
+            o.import_method = m
+                .parse::<ImportMethod>()
+                .map_err(|reason| TargetError::Bad {
+                    text: m.clone(),
+                    reason,
+                })?;
+        }
+        o.s3_endpoint = ami.s3_endpoint.clone();
+        o.ec2_endpoint = ami.ec2_endpoint.clone();
+        o.profile = ami.profile.clone();
+        o.cancel = cancel;
+        Ok(o)
     }
 }
 

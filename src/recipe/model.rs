@@ -246,7 +246,7 @@ pub struct AmiDistribution {
     pub region: Option<String>,
     /// `bucket` (required): the S3 bucket the disk is uploaded to for the import.
     pub bucket: String,
-    /// `prefix`: key prefix of the upload in the bucket. Default: `builder/`.
+    /// `prefix`: key prefix of the upload in the bucket. Default: `builder-imports/`.
     pub prefix: Option<String>,
     /// `name`: the AMI's name, a name template (EC2 wants 3 to 128 characters). Default:
     /// `{{imagebuilder:name}}-{{imagebuilder:version}}-{{imagebuilder:buildVersion}}`.

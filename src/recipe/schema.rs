@@ -267,7 +267,7 @@ pub struct AmiFile {
     /// Required. The S3 bucket the disk is uploaded to.
     #[schemars(regex(pattern = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"))]
     pub bucket: String,
-    /// Key prefix in the bucket. Default: `builder/`.
+    /// Key prefix in the bucket. Default: `builder-imports/`.
     pub prefix: Option<String>,
     /// The AMI's name. Default:
     /// `{{imagebuilder:name}}-{{imagebuilder:version}}-{{imagebuilder:buildVersion}}`.
