@@ -9,7 +9,7 @@ mod registry;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use builder::distribute::Progress;
@@ -23,22 +23,21 @@ use sha2::{Digest, Sha256};
 /// Credentials come from `$DOCKER_CONFIG/config.json`: every test uses one temp folder, set
 /// once before any test reads the environment (so no test sees the machine's own logins).
 fn docker_config() -> &'static Path {
-    static INIT: Once = Once::new();
-    static mut DIR: Option<PathBuf> = None;
-    INIT.call_once(|| {
-        let dir = tempfile::tempdir().expect("temp dir").keep();
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        // In cargo's temp folder for tests (under target/), so nothing is left in /tmp.
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("distribute_oci-docker-config");
+        std::fs::create_dir_all(&dir).expect("create the docker config folder");
+        std::fs::write(dir.join("config.json"), "{}").expect("empty docker config");
         // SAFETY: runs once, and every test calls this before it reads the environment or
         // starts a thread that could, so nothing reads the environment concurrently.
         unsafe {
             std::env::set_var("DOCKER_CONFIG", &dir);
             std::env::remove_var("REGISTRY_AUTH_FILE");
             std::env::remove_var("XDG_RUNTIME_DIR");
-            DIR = Some(dir);
         }
-    });
-    // SAFETY: written once inside `call_once`, only read afterwards.
-    #[allow(static_mut_refs)]
-    unsafe { DIR.as_deref() }.expect("set by call_once")
+        dir
+    })
 }
 
 /// Write `config.json` atomically (other tests may be reading it).
