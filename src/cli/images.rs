@@ -29,6 +29,9 @@ pub struct ListArgs {
     /// Print a JSON array on stdout instead of a table.
     #[arg(long)]
     json: bool,
+    /// Only the builds this pipeline produced (from the pipeline history).
+    #[arg(long, value_name = "NAME")]
+    pipeline: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -185,6 +188,16 @@ fn list(store: &Store, args: &ListArgs) -> CliResult {
     }
     let mut rows: Vec<Row> = listing.images.iter().map(row).collect();
     rows.extend(listing.failed.iter().map(failed_row));
+    let history = pipeline_view(store, args.pipeline.as_deref())?;
+    if let Some(only) = &history.only {
+        rows.retain(|r| only.contains(&r.reference));
+    }
+    for r in &mut rows {
+        if history.deprecated.contains(&r.reference) {
+            // Image Builder's state for an image lifecycle deprecated.
+            r.status = "deprecated".into();
+        }
+    }
     rows.sort_by(|a, b| {
         let key = |r: &Row| {
             (
@@ -536,6 +549,63 @@ fn rm(store: &Store, args: &RmArgs) -> CliResult {
         }
     }
     Ok(0)
+}
+
+/// What the pipeline history says about stored builds: those one pipeline produced, and
+/// those lifecycle deprecated.
+#[derive(Default)]
+struct PipelineView {
+    /// With `--pipeline`: the builds of its executions (successful or not).
+    only: Option<std::collections::BTreeSet<String>>,
+    deprecated: std::collections::BTreeSet<String>,
+}
+
+fn pipeline_view(store: &Store, pipeline: Option<&str>) -> Result<PipelineView, Failure> {
+    use builder::pipeline::history::History;
+    let read_failure = |e: builder::pipeline::history::HistoryError| {
+        Failure::host(anyhow::Error::new(e).context("could not read the pipeline history"))
+    };
+    // Never create a history just to list images.
+    let Some(history) =
+        History::open_existing(&History::default_path(store)).map_err(read_failure)?
+    else {
+        return match pipeline {
+            Some(name) => Err(Failure::input(anyhow::anyhow!(
+                "pipeline `{name}` has never run in this store ({})",
+                store.root().display()
+            ))
+            .with_hint("`builder pipeline run FILE` runs a pipeline once")),
+            None => Ok(PipelineView::default()),
+        };
+    };
+    let mut view = PipelineView::default();
+    for mark in history.marks(pipeline).map_err(read_failure)? {
+        if mark.deprecated_at.is_some() && mark.deleted_at.is_none() {
+            view.deprecated.insert(mark.image);
+        }
+    }
+    if let Some(name) = pipeline {
+        let known = history.pipelines().map_err(read_failure)?;
+        if !known.iter().any(|k| k == name) {
+            let hint = if known.is_empty() {
+                "no pipeline has run yet".to_string()
+            } else {
+                format!("pipelines with a history: {}", known.join(", "))
+            };
+            return Err(Failure::input(anyhow::anyhow!(
+                "pipeline `{name}` is not in the pipeline history"
+            ))
+            .with_hint(hint));
+        }
+        let images = history
+            .executions(Some(name), usize::MAX)
+            .map_err(read_failure)?
+            .into_iter()
+            .filter_map(|e| e.image)
+            .collect();
+        view.only = Some(images);
+    }
+    Ok(view)
 }
 
 #[cfg(test)]

@@ -27,6 +27,9 @@ pub enum PipelineCommand {
     /// Run one execution of a pipeline now: evaluate its start condition, build, record it in
     /// the pipeline history, notify, apply its lifecycle.
     Run(RunArgs),
+    /// The last executions of each pipeline (status, when, image, why it ran or was skipped)
+    /// and its next scheduled run, from the pipeline history.
+    Status(super::pipeline_status::StatusArgs),
 }
 
 #[derive(Debug, Args)]
@@ -95,6 +98,7 @@ pub async fn main(command: PipelineCommand) -> CliResult {
     match command {
         PipelineCommand::Validate(args) => validate(args),
         PipelineCommand::Run(args) => run_once(args).await,
+        PipelineCommand::Status(args) => super::pipeline_status::status(args),
     }
 }
 
