@@ -8,6 +8,7 @@
 //! real registry (Debian's `docker-registry` on loopback, tests/support/registry.rs).
 
 #[path = "support/registry.rs"]
+#[allow(dead_code)] // shared with tests/distribute_oci.rs, which uses all of it
 mod registry;
 
 use std::path::{Path, PathBuf};
