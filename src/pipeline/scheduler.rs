@@ -548,3 +548,47 @@ impl BuildObserver for LogLines {
         (self.log)(&format!("{}: {line}", self.name));
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that unwraps fails loudly, which is the point
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[test]
+    fn the_folder_is_read_with_invalid_files_reported_once_and_duplicates_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        write("a.yml", "name: web\nrecipe: r.yml\n");
+        write("b.yaml", "name: web\nrecipe: other.yml\n");
+        write(
+            "c.yml",
+            "name: broken\nrecipe: r.yml\nschedule: {expression: '0 0 31 2 *'}\n",
+        );
+        write("notes.txt", "not a pipeline");
+        let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+        let sink = lines.clone();
+        let log: Log = Arc::new(move |l: &str| sink.lock().unwrap().push(l.to_string()));
+        let mut reported = HashMap::new();
+        let now = Utc::now();
+        for _ in 0..3 {
+            let found = load_folder(dir.path(), now, &mut reported, &log).unwrap();
+            let names: Vec<_> = found
+                .iter()
+                .map(|(p, q)| (p.file_name().unwrap().to_owned(), q.name.clone()))
+                .collect();
+            assert_eq!(
+                names,
+                [(std::ffi::OsString::from("a.yml"), "web".to_string())]
+            );
+        }
+        let lines = lines.lock().unwrap().clone();
+        assert_eq!(lines.len(), 2, "each problem once: {lines:?}");
+        assert!(lines[0].contains("already named `web`"), "{lines:?}");
+        assert!(lines[1].contains("never matches"), "{lines:?}");
+        // Fixed: read again, no longer reported.
+        write("c.yml", "name: fixed\nrecipe: r.yml\n");
+        let found = load_folder(dir.path(), now, &mut reported, &log).unwrap();
+        assert_eq!(found.len(), 2);
+    }
+}
