@@ -636,6 +636,8 @@ pub enum Stage {
     Test,
     Export,
     Store,
+    /// The recipe's `distribution` targets, one after another.
+    Distribute,
 }
 
 /// Read the document of a planned component for running it: the file must still have the
@@ -696,6 +698,9 @@ impl Plan {
             stages.push(Stage::Test);
         }
         stages.extend([Stage::Export, Stage::Store]);
+        if !self.distribution.is_empty() {
+            stages.push(Stage::Distribute);
+        }
         stages
     }
 

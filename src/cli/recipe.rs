@@ -490,6 +490,11 @@ pub fn describe(plan: &Plan) -> String {
                     .map(|d| format!(", copy to {}", d.display()))
                     .unwrap_or_default()
             ),
+            Stage::Distribute => {
+                let targets: Vec<String> =
+                    plan.distribution.iter().map(|t| t.to_string()).collect();
+                format!("distribute      {}", targets.join(", "))
+            }
         };
         let _ = writeln!(out, "  {n:>width$}. {line}");
     }
