@@ -723,3 +723,116 @@ fn https_to_a_plain_http_registry_points_at_the_insecure_list() {
         "{hint}"
     );
 }
+
+/// Upload `bytes` as a blob with plain requests (as another tool would); returns its digest.
+async fn raw_blob(client: &reqwest::Client, host: &str, repo: &str, bytes: Vec<u8>) -> String {
+    let digest = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
+    let response = client
+        .post(format!("http://{host}/v2/{repo}/blobs/uploads/"))
+        .send()
+        .await
+        .expect("start upload");
+    let location = response
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .expect("location")
+        .to_string();
+    let url = if location.starts_with('/') {
+        format!("http://{host}{location}")
+    } else {
+        location
+    };
+    let response = client
+        .put(format!("{url}&digest={digest}"))
+        .header("content-type", "application/octet-stream")
+        .body(bytes)
+        .send()
+        .await
+        .expect("PUT blob");
+    assert_eq!(response.status().as_u16(), 201);
+    digest
+}
+
+/// containerDisks built by docker or podman have a gzip layer (and `./disk/…` paths): the
+/// qcow2 comes out of it all the same.
+#[test]
+fn a_gzip_container_disk_built_elsewhere_can_be_a_parent() {
+    docker_config();
+    let registry = TestRegistry::start();
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let image = stored_image(&tmp.path().join("store"), "ext", 2);
+    let disk = image.disk.clone().expect("disk");
+    let mut tar_bytes = Vec::new();
+    {
+        let mut builder = tar::Builder::new(&mut tar_bytes);
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(tar::EntryType::Directory);
+        header.set_mode(0o755);
+        header.set_size(0);
+        header.set_cksum();
+        builder
+            .append_data(&mut header, "./disk/", std::io::empty())
+            .expect("dir");
+        let body = std::fs::read(&disk.path).expect("disk");
+        let mut header = tar::Header::new_gnu();
+        header.set_mode(0o440);
+        header.set_uid(107);
+        header.set_gid(107);
+        header.set_size(body.len() as u64);
+        header.set_cksum();
+        builder
+            .append_data(&mut header, "./disk/disk.img", &body[..])
+            .expect("file");
+        builder.finish().expect("tar");
+    }
+    let diff_id = format!("sha256:{}", hex::encode(Sha256::digest(&tar_bytes)));
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &tar_bytes).expect("gzip");
+    let gz = gz.finish().expect("gzip");
+    let gz_len = gz.len();
+    let host = registry.host();
+    let manifest_digest = runtime().block_on(async {
+        let client = reqwest::Client::new();
+        let layer = raw_blob(&client, &host, "ext/vm", gz).await;
+        let config = serde_json::to_vec(&serde_json::json!({
+            "architecture": "amd64", "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [diff_id]}
+        }))
+        .expect("json");
+        let config_len = config.len();
+        let config = raw_blob(&client, &host, "ext/vm", config).await;
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": config, "size": config_len},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                        "digest": layer, "size": gz_len}]
+        }))
+        .expect("json");
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(&manifest)));
+        let response = client
+            .put(format!("http://{host}/v2/ext/vm/manifests/latest"))
+            .header("content-type", OCI_MANIFEST)
+            .body(manifest)
+            .send()
+            .await
+            .expect("PUT manifest");
+        assert_eq!(response.status().as_u16(), 201);
+        digest
+    });
+    let pinned: OciReference = format!("{host}/ext/vm@{manifest_digest}")
+        .parse()
+        .expect("pinned");
+    let pulled = runtime()
+        .block_on(oci::pull_disk(
+            &pinned,
+            &options(&registry),
+            &tmp.path().join("cache"),
+            &Recorder::default(),
+        ))
+        .expect("pull");
+    assert_eq!(pulled.sha256, disk.sha256);
+    assert_eq!(sha256_hex(&pulled.path), disk.sha256);
+}

@@ -28,8 +28,9 @@
 //! then writes the manifest under the tag: a failed push never leaves a half image there.
 //!
 //! **Pulling** needs a digest-pinned reference; it takes the disk layer of an artifact, or the
-//! qcow2 inside a containerDisk, into `cache/base/<sha256>.qcow2` (`.part` first, layer digest
-//! verified, then renamed).
+//! qcow2 inside a containerDisk (a plain or gzip tar layer, as builder, docker or podman make
+//! them), into `cache/base/<sha256>.qcow2` (`.part` first, layer digest verified, then
+//! renamed).
 
 mod auth;
 mod blob;
@@ -73,6 +74,8 @@ const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+
 const IMAGE_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 const TAR_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
 const DOCKER_TAR_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar";
+const TAR_GZIP_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+const DOCKER_TAR_GZIP_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 const TITLE: &str = "org.opencontainers.image.title";
 
 #[derive(Debug, thiserror::Error)]
@@ -713,7 +716,15 @@ pub async fn pull_disk(
     let tar_layers: Vec<&OciDescriptor> = manifest
         .layers
         .iter()
-        .filter(|l| l.media_type == TAR_LAYER || l.media_type == DOCKER_TAR_LAYER)
+        .filter(|l| {
+            [
+                TAR_LAYER,
+                DOCKER_TAR_LAYER,
+                TAR_GZIP_LAYER,
+                DOCKER_TAR_GZIP_LAYER,
+            ]
+            .contains(&l.media_type.as_str())
+        })
         .collect();
     match (tar_layers.as_slice(), manifest.layers.len()) {
         ([layer], 1) => {
@@ -727,7 +738,7 @@ pub async fn pull_disk(
         }
         _ => Err(no_disk(format!(
             "expected a builder disk artifact ({DISK_QCOW2} layer) or a containerDisk (one \
-             uncompressed tar layer); found layers: {}",
+             tar layer, plain or gzip); found layers: {}",
             manifest
                 .layers
                 .iter()
@@ -1039,6 +1050,48 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
+fn bad_tar(e: std::io::Error) -> OciError {
+    OciError::NoDisk {
+        reference: "the containerDisk layer".into(),
+        reason: format!("it is not a readable tar archive ({e})"),
+    }
+}
+
+/// Read a tar stream to its end, writing the first regular file under `disk/` into `file`;
+/// returns that file's sha256 (hex), if there was one.
+fn extract_disk(
+    tar_stream: impl Read,
+    file: &mut std::fs::File,
+    part: &Path,
+) -> Result<Option<String>, OciError> {
+    let mut disk_sha = None;
+    let mut archive = tar::Archive::new(tar_stream);
+    for entry in archive.entries().map_err(bad_tar)? {
+        let mut entry = entry.map_err(bad_tar)?;
+        let path = entry
+            .path()
+            .map_err(bad_tar)?
+            .to_string_lossy()
+            .into_owned();
+        let path = path.trim_start_matches("./").trim_start_matches('/');
+        if disk_sha.is_none() && entry.header().entry_type().is_file() && path.starts_with("disk/")
+        {
+            let mut h = Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = entry.read(&mut buf).map_err(bad_tar)?;
+                if n == 0 {
+                    break;
+                }
+                file.write_all(&buf[..n]).map_err(io_err("write", part))?;
+                h.update(&buf[..n]);
+            }
+            disk_sha = Some(hex::encode(h.finalize()));
+        }
+    }
+    Ok(disk_sha)
+}
+
 /// One streaming pass over the layer. Returns (layer sha256 hex, sha256 hex of the extracted
 /// disk if there was one).
 async fn extract_once(
@@ -1052,6 +1105,7 @@ async fn extract_once(
     let (mut response, _) = registry.get_blob(&layer.digest, 0).await?;
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let part = part_path.to_path_buf();
+    let gzip = layer.media_type.ends_with("gzip");
     let extract = tokio::task::spawn_blocking(move || -> Result<_, OciError> {
         let mut reader = HashingReader {
             inner: ChannelReader {
@@ -1063,39 +1117,16 @@ async fn extract_once(
         };
         let mut file = file;
         file.set_len(0).map_err(io_err("truncate", &part))?;
-        let bad_tar = |e: std::io::Error| OciError::NoDisk {
-            reference: "the containerDisk layer".into(),
-            reason: format!("it is not a readable tar archive ({e})"),
+        // Docker and podman build containerDisks with gzip layers; builder pushes plain tar.
+        // Either way the layer digest is of the bytes as sent (hashed below the decoder).
+        let disk_sha = if gzip {
+            let mut gz = flate2::read::GzDecoder::new(&mut reader);
+            let found = extract_disk(&mut gz, &mut file, &part)?;
+            std::io::copy(&mut gz, &mut std::io::sink()).map_err(bad_tar)?;
+            found
+        } else {
+            extract_disk(&mut reader, &mut file, &part)?
         };
-        let mut disk_sha = None;
-        {
-            let mut archive = tar::Archive::new(&mut reader);
-            for entry in archive.entries().map_err(bad_tar)? {
-                let mut entry = entry.map_err(bad_tar)?;
-                let path = entry
-                    .path()
-                    .map_err(bad_tar)?
-                    .to_string_lossy()
-                    .into_owned();
-                let path = path.trim_start_matches("./").trim_start_matches('/');
-                if disk_sha.is_none()
-                    && entry.header().entry_type().is_file()
-                    && path.starts_with("disk/")
-                {
-                    let mut h = Sha256::new();
-                    let mut buf = vec![0u8; 1 << 20];
-                    loop {
-                        let n = entry.read(&mut buf).map_err(bad_tar)?;
-                        if n == 0 {
-                            break;
-                        }
-                        file.write_all(&buf[..n]).map_err(io_err("write", &part))?;
-                        h.update(&buf[..n]);
-                    }
-                    disk_sha = Some(hex::encode(h.finalize()));
-                }
-            }
-        }
         // The rest of the layer (padding after the end marker) counts for its digest.
         std::io::copy(&mut reader, &mut std::io::sink()).map_err(bad_tar)?;
         Ok((hex::encode(reader.hasher.finalize()), disk_sha))
