@@ -345,6 +345,32 @@ impl ParentResolver for NoStore {
     }
 }
 
+/// The manifest digest an OCI tag points to now (`reference` without `oci://`), asked of the
+/// registry with one short attempt: only to word the hint of a tag-only `parentImage`, never
+/// part of a plan. Runs on a thread of its own, so it works inside or outside a tokio runtime.
+pub fn registry_tag_digest(reference: &str) -> Option<String> {
+    use crate::distribute::oci;
+    let reference: oci::OciReference = reference.parse().ok()?;
+    let options = oci::OciOptions {
+        attempts: 1,
+        connect_timeout: std::time::Duration::from_secs(5),
+        read_timeout: std::time::Duration::from_secs(10),
+        ..oci::OciOptions::from_env()
+    };
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(oci::current_digest(&reference, &options)).ok()
+        })
+        .join()
+        .ok()
+        .flatten()
+    })
+}
+
 /// The store as a [`ParentResolver`]. Its hash index spares re-hashing a large local parent
 /// at every plan, and the build's `import_base` then finds the digest the plan computed.
 impl ParentResolver for crate::store::Store {
@@ -356,29 +382,8 @@ impl ParentResolver for crate::store::Store {
         self.remember_digest(path, sha256.as_str());
     }
 
-    /// Asks the registry (only to word an error's hint; a plan never depends on it). Runs on
-    /// a thread of its own so it works whether or not the caller is inside a tokio runtime.
     fn oci_tag_digest(&self, reference: &str) -> Option<String> {
-        let reference: crate::distribute::oci::OciReference = reference.parse().ok()?;
-        let options = crate::distribute::oci::OciOptions {
-            attempts: 1,
-            connect_timeout: std::time::Duration::from_secs(5),
-            read_timeout: std::time::Duration::from_secs(10),
-            ..crate::distribute::oci::OciOptions::from_env()
-        };
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .ok()?;
-                rt.block_on(crate::distribute::oci::current_digest(&reference, &options))
-                    .ok()
-            })
-            .join()
-            .ok()
-            .flatten()
-        })
+        registry_tag_digest(reference)
     }
 
     fn resolve(&self, name: &str, version: &VersionPattern) -> Result<StoredParent, ResolveError> {

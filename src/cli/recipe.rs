@@ -213,6 +213,10 @@ impl ParentResolver for DefaultStore {
             builder::store::Store::open_default().map_err(|e| ResolveError::Failed(Box::new(e)))?;
         ParentResolver::resolve(&store, name, version)
     }
+
+    fn oci_tag_digest(&self, reference: &str) -> Option<String> {
+        plan::registry_tag_digest(reference)
+    }
 }
 
 pub fn plan(args: PlanArgs) -> CliResult {
