@@ -11,10 +11,7 @@
 
 pub mod history;
 pub mod lifecycle;
-pub mod model;
 pub mod notify;
-pub mod parse;
-pub mod schedule;
 
 use chrono::{DateTime, Utc};
 
@@ -43,3 +40,10 @@ impl Clock for FixedClock {
         self.0
     }
 }
+
+pub mod conditions;
+pub mod model;
+pub mod parse;
+pub mod run;
+pub mod schedule;
+pub mod scheduler;
