@@ -306,6 +306,22 @@ pub async fn main(args: DistributeArgs) -> CliResult {
     Ok(0)
 }
 
+/// `1.2 GiB`, `340.0 MiB`, `512 B`.
+fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
 fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
@@ -410,7 +426,7 @@ impl Progress for Terminal {
             done,
             total,
         });
-        let size = |b: u64| builder::recipe::ByteSize::b(b).to_string();
+        let size = human_size;
         let (text, percent) = match total {
             Some(100) if what.len() <= 5 && done <= 100 => {
                 (format!("{what}: converting {done:>3}%"), done)

@@ -783,13 +783,18 @@ pub fn to_store(image: &StoredImage) -> Receipt {
     receipt
 }
 
-/// `path` made absolute against the current directory (for receipts people reuse).
+/// `path` made absolute against the current directory, without `.` parts (for receipts
+/// people reuse). `..` is kept: it may cross a symlink.
 pub fn absolute(path: &Path) -> PathBuf {
-    if path.is_absolute() {
+    let joined = if path.is_absolute() {
         path.to_path_buf()
     } else {
         std::env::current_dir()
             .map(|d| d.join(path))
             .unwrap_or_else(|_| path.to_path_buf())
-    }
+    };
+    joined
+        .components()
+        .filter(|c| !matches!(c, std::path::Component::CurDir))
+        .collect()
 }

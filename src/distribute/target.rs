@@ -205,7 +205,7 @@ impl Target {
             }
             return Ok(Target::Vagrant {
                 folder: rest.ends_with('/') || Path::new(rest).is_dir(),
-                path: PathBuf::from(rest),
+                path: absolute(Path::new(rest)),
                 name,
                 overwrite: options.overwrite,
             });
@@ -218,7 +218,7 @@ impl Target {
                 return Err(bad("name the folder: `dir:/srv/images/`"));
             }
             return Ok(Target::Directory {
-                path: PathBuf::from(rest),
+                path: absolute(Path::new(rest)),
                 name,
                 formats: options.formats.clone(),
                 overwrite: options.overwrite,
