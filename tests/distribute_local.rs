@@ -460,6 +460,15 @@ fn rm_prune_cache_removes_only_parents_nothing_stored_needs() {
     };
     store_build(&store, "keep", Some(parent(&used)));
     store_build(&store, "gone", Some(parent(&unused)));
+    // While a build is in progress nothing is pruned: its disk chain may use any cached base.
+    let slot = store
+        .allocate_build("busy", &Version::new(1, 0, 0))
+        .expect("allocate");
+    let report = store.prune_cache().expect("prune");
+    assert!(report.removed.is_empty(), "{report:?}");
+    assert_eq!(report.builds_in_progress, [slot.build_id().to_string()]);
+    slot.abandon("test").expect("abandon");
+
     let o = builder(&root, &["images", "rm", "gone", "--prune-cache"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(

@@ -253,9 +253,9 @@ impl Target {
         let head = text.split(':').next().unwrap_or(text);
         Err(TargetError::Unknown {
             text: text.to_string(),
-            suggestion: crate::diagnostic::did_you_mean(
+            suggestion: closest(
                 head,
-                ["oci", "containerdisk", "ami", "vagrant", "dir", "store"],
+                &["oci", "containerdisk", "ami", "vagrant", "dir", "store"],
             )
             .map(|s| match s {
                 "ami" | "store" => s.to_string(),
@@ -383,6 +383,16 @@ impl std::fmt::Display for Target {
             Target::Store => f.write_str("store"),
         }
     }
+}
+
+/// The likely meant kind: the usual typo rule, and for short words (`dri`) one edit or swap.
+fn closest(word: &str, kinds: &[&'static str]) -> Option<&'static str> {
+    crate::diagnostic::did_you_mean(word, kinds.iter().copied()).or_else(|| {
+        kinds
+            .iter()
+            .copied()
+            .find(|k| strsim::damerau_levenshtein(&word.to_lowercase(), k) <= 1)
+    })
 }
 
 fn export_format(f: recipe::Format) -> Format {
@@ -692,6 +702,8 @@ mod tests {
         assert_eq!(e.hint().as_deref(), Some("did you mean `oci://…`?"));
         let e = parse("vagrnt:./x.box").expect_err("typo");
         assert_eq!(e.hint().as_deref(), Some("did you mean `vagrant:…`?"));
+        let e = parse("dri:./out").expect_err("swapped letters");
+        assert_eq!(e.hint().as_deref(), Some("did you mean `dir:…`?"));
         let e = parse("oci://web:1.0").expect_err("no registry");
         assert!(e.to_string().contains("registry"), "{e}");
         let e = parse("oci://h:5000/Web:1").expect_err("upper case");
