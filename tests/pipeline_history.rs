@@ -194,15 +194,16 @@ fn a_child_process_writes_while_this_one_reads_and_writes() {
 fn a_scheduled_slot_is_taken_once_whoever_races_for_it() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let path = history_path(&tmp);
-    History::open(&path).expect("create");
     let due = at("2026-11-23T03:00:00Z");
-    // Eight connections (as eight scheduler processes would have) start the same slot at once.
+    // Eight connections (as eight scheduler processes would have) create the history, migrate
+    // it and start the same slot, all at once.
     let barrier = Arc::new(Barrier::new(8));
     let threads: Vec<_> = (0..8)
         .map(|_| {
             let path = path.clone();
             let barrier = barrier.clone();
             std::thread::spawn(move || {
+                barrier.wait();
                 let history = History::open(&path).expect("open");
                 barrier.wait();
                 history

@@ -26,7 +26,7 @@ use crate::export::manifest::MANIFEST_FILE;
 use crate::store::{ImageRef, Store, StoreError, StoredImage};
 
 /// The file, next to a stored build, where distribution records its receipts.
-pub const RECEIPTS_FILE: &str = "receipts.json";
+pub use crate::store::RECEIPTS_FILE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LifecycleError {
