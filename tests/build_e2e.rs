@@ -244,6 +244,23 @@ fn two_components_tested_exported_booted_and_built_upon() {
             .any(|e| e["step"] == "RebootNow"),
         "the Reboot step ran"
     );
+    // The step after the reboot found cloud-init's boot stages finished (the session waits
+    // for them again after a reboot).
+    assert!(
+        events(&all, "stepFinished")
+            .iter()
+            .any(|e| e["step"] == "CloudInitSettledAfterReboot" && e["status"] == "success"),
+        "the step after the reboot ran once cloud-init was done"
+    );
+    // The build VM had no user data: readiness is the end of cloud-init's init stages (the
+    // seed cancelled the others), reported as the boot stage's "cloud-init done".
+    assert!(
+        events(&all, "progress").iter().any(|e| e["stage"] == "boot"
+            && e["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("cloud-init done after"))),
+        "boot reports cloud-init done"
+    );
     let layers: Vec<&str> = events(&all, "layerCommitted")
         .iter()
         .filter_map(|e| e["key"].as_str())

@@ -27,6 +27,7 @@ use crate::export::{self, ExportError, ExportProgress, ExportRequest};
 use crate::recipe;
 use crate::store::{BuildSlot, DownloadProgress, FetchOptions, Store, StoreError};
 use crate::target::{Capture, ExecRequest, StepTarget, TargetError};
+use crate::vm::seed::CloudInitScope;
 use crate::vm::session::{Session, SessionOptions};
 use crate::vm::{AccelChoice, ErrorClass, GuestChannel, VmError, VmOptions};
 
@@ -759,6 +760,11 @@ pub async fn boot(cx: &Cx<'_>, chain: DiskChain) -> Result<BuildVm, BuildError> 
     let mut options = vm_options(cx, &chain.top, cx.logs.join("build-vm"));
     // The chain is the build's: the VM writes to it in place and leaves it behind.
     options.vm.boot_in_place = true;
+    // A throwaway VM: only the cloud-init the build needs (the test VM gets a full first
+    // boot, as the image will see it).
+    options.vm.cloud_init = CloudInitScope::Build {
+        grow_root: cx.plan.disk_size.is_some(),
+    };
     let progress = |m: &str| cx.progress("boot", m);
     let session = Session::open(options, &progress)
         .await
@@ -1149,19 +1155,13 @@ pub struct Sealed {
 
 pub async fn generalize(cx: &Cx<'_>, vm: BuildVm) -> Result<Sealed, BuildError> {
     let target = vm.session.target();
-    // After a Reboot step the agent is back long before cloud-init's boot stages end; a
-    // `cloud-init clean` racing them would be undone (cloud-init recreates its instance
-    // state), so wait for cloud-init first.
-    if let Some(agent) = vm.session.agent() {
-        vm.session
-            .guard(agent.wait_ready(true, Duration::from_secs(900)))
-            .await
-            .map_err(vm_err("build"))?
-            .map_err(|source| BuildError::Guest {
-                what: "cloud-init did not settle before generalizing".into(),
-                source,
-            })?;
-    }
+    // A `cloud-init clean` racing cloud-init's boot stages would be undone (cloud-init
+    // recreates its instance state). Reboots already wait for them; this is for a step that
+    // restarted cloud-init some other way, and returns at once otherwise.
+    vm.session
+        .settle(Duration::from_secs(900))
+        .await
+        .map_err(vm_err("build"))?;
     let packages: Option<PackageList> = vm
         .session
         .guard(generalize::packages(target.as_ref()))

@@ -101,6 +101,9 @@ pub struct VmOptions {
     /// Write the serial console, QEMU's stderr and the QMP log here instead of the VM's
     /// folder, so they outlive it (a build keeps them with its logs). Default: none.
     pub log_dir: Option<PathBuf>,
+    /// How much of cloud-init the seed lets run (our agent's channel only). Default: a full
+    /// first boot.
+    pub cloud_init: seed::CloudInitScope,
 }
 
 impl VmOptions {
@@ -119,6 +122,7 @@ impl VmOptions {
             qemu: None,
             boot_in_place: false,
             log_dir: None,
+            cloud_init: seed::CloudInitScope::Full,
         }
     }
 }
@@ -471,7 +475,7 @@ impl RunningVm {
         let mut ports = Vec::new();
         let seed = match &options.channel {
             GuestChannel::Agent { user_data } => {
-                seed::write_seed(
+                seed::write_seed_scoped(
                     &paths.seed,
                     &seed::SeedContent {
                         instance_id: format!("builder-{}", uuid::Uuid::new_v4()),
@@ -480,6 +484,7 @@ impl RunningVm {
                         user_data: user_data.clone(),
                         network_disabled: options.network == Network::None,
                     },
+                    options.cloud_init,
                 )
                 .map_err(VmError::Seed)?;
                 ports.push(SerialPort {

@@ -9,6 +9,14 @@
 //! running and does nothing. Without systemd, the bootcmd starts the agent detached on every
 //! boot. The generalize stage removes [`AGENT_INSTALLED_PATHS`].
 //!
+//! A build VM needs less of cloud-init than the image's real first boot ([`CloudInitScope`]):
+//! without user data, its config and final stages have nothing to do for the build (their
+//! state is wiped by generalization anyway) but cost 20-40 s under TCG, mostly Python
+//! starting twice; the bootcmd cancels their queued start jobs on every boot, so the guest is
+//! ready for steps when the init stage ends ([`crate::vm::session`] waits for exactly that).
+//! The init stage also skips growpart/resizefs when the disk was not grown and makes only an
+//! ed25519 SSH host key (generalization deletes them all).
+//!
 //! Nothing secret ever goes on the seed: secrets travel over the agent channel.
 
 use std::io::Write;
@@ -42,6 +50,27 @@ pub enum SeedError {
     },
 }
 
+/// How much of cloud-init a boot with this seed runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CloudInitScope {
+    /// What the image's cloud-init does on a first boot (the test VM, `builder vm`).
+    #[default]
+    Full,
+    /// A throwaway build VM. Without user data: the init stage only (growpart and resizefs
+    /// only when `grow_root`, an ed25519 host key only), the config and final stages
+    /// cancelled. With user data: everything, as [`CloudInitScope::Full`], since the user's
+    /// data may need any stage.
+    Build { grow_root: bool },
+}
+
+impl CloudInitScope {
+    /// Whether cloud-init's config and final stages are cancelled for a seed with (or
+    /// without) user data: readiness is then the end of the init stage.
+    pub fn cancels_later_stages(self, has_user_data: bool) -> bool {
+        matches!(self, CloudInitScope::Build { .. }) && !has_user_data
+    }
+}
+
 /// What goes on the seed.
 #[derive(Debug, Clone)]
 pub struct SeedContent {
@@ -56,11 +85,25 @@ pub struct SeedContent {
     pub network_disabled: bool,
 }
 
-/// The bootcmd script, run by `sh -c` on every boot.
+/// The bootcmd script, run by `sh -c` on every boot; [`our_cloud_config`] sets `cancel` in
+/// front of it (`yes` to cancel cloud-init's config and final stages).
 const BOOTCMD: &str = r#"set -u
 unit=builder-agent.service
 bin=/usr/local/lib/builder-agent/builder-agent
-if [ -d /run/systemd/system ] && systemctl is-active --quiet "$unit"; then exit 0; fi
+systemd=false; [ -d /run/systemd/system ] && systemd=true
+if [ "$cancel" = yes ] && $systemd; then
+  # Replaces their queued start jobs with stop jobs: they never run this boot.
+  systemctl stop --no-block cloud-config.service cloud-final.service || true
+fi
+# A later boot: systemd knows the unit (it started the agent early in sysinit and restarts
+# it), or an agent runs anyway. A second agent would fight the first for the port, so any
+# sign of one is enough (systemctl can time out on a loaded TCG guest).
+if $systemd && [ "$(systemctl show -p LoadState --value "$unit" 2>/dev/null)" = loaded ]; then
+  exit 0
+fi
+for comm in /proc/[0-9]*/comm; do
+  [ "$(cat "$comm" 2>/dev/null)" = builder-agent ] && exit 0
+done
 mnt=$(mktemp -d)
 dev=$(blkid -L CIDATA 2>/dev/null || echo /dev/disk/by-label/CIDATA)
 if ! mount -o ro "$dev" "$mnt"; then
@@ -69,7 +112,15 @@ fi
 mkdir -p /usr/local/lib/builder-agent
 cp "$mnt/builder-agent" "$bin.new" && chmod 0755 "$bin.new" && mv -f "$bin.new" "$bin"
 umount "$mnt"; rmdir "$mnt"
-if [ -d /run/systemd/system ]; then
+if $systemd; then
+  # This boot: a transient unit starts the agent at once (a daemon-reload first would cost
+  # seconds under TCG). Later boots (a Reboot step): the unit file below, enabled by hand,
+  # starts it early in sysinit.
+  if ! systemd-run --quiet --unit=builder-agent-first-boot -p DefaultDependencies=no \
+      -p Conflicts=shutdown.target -p Before=shutdown.target -p Restart=always -p RestartSec=1 \
+      "$bin"; then
+    fallback=yes
+  fi
   cat > /etc/systemd/system/$unit <<'UNIT'
 [Unit]
 Description=builder guest agent (removed when the image is generalized)
@@ -86,23 +137,41 @@ RestartSec=1
 [Install]
 WantedBy=sysinit.target
 UNIT
-  systemctl daemon-reload
-  systemctl enable "$unit" 2>/dev/null
-  systemctl start --no-block "$unit"
+  mkdir -p /etc/systemd/system/sysinit.target.wants
+  ln -sf ../$unit /etc/systemd/system/sysinit.target.wants/$unit
+  if [ "${fallback:-no}" = yes ]; then
+    systemctl daemon-reload
+    systemctl start --no-block "$unit"
+  fi
 else
   setsid "$bin" </dev/null >/dev/null 2>&1 &
 fi
 "#;
 
-/// Our own `#cloud-config` document.
-fn our_cloud_config(with_agent: bool) -> String {
+/// Our own `#cloud-config` document. `minimal`: a build VM without user data (see
+/// [`CloudInitScope::Build`]).
+fn our_cloud_config(with_agent: bool, scope: CloudInitScope, has_user_data: bool) -> String {
     let mut doc = String::from(
         "#cloud-config\n\
          # Written by builder for a throwaway build VM.\n\
          manage_etc_hosts: true\n",
     );
+    let cancel = scope.cancels_later_stages(has_user_data);
+    if let (true, CloudInitScope::Build { grow_root }) = (cancel, scope) {
+        // Set only without user data: our part wins a merge (`no_replace`), and these must
+        // never override what a user asked for.
+        doc.push_str("ssh_genkeytypes: [ed25519]\nssh_quiet_keygen: true\n");
+        if !grow_root {
+            doc.push_str("growpart:\n  mode: \"off\"\nresize_rootfs: false\n");
+        }
+    }
     if with_agent {
         doc.push_str("bootcmd:\n  - - sh\n    - -c\n    - |\n");
+        doc.push_str(if cancel {
+            "      cancel=yes\n"
+        } else {
+            "      cancel=no\n"
+        });
         for line in BOOTCMD.lines() {
             if line.is_empty() {
                 doc.push('\n');
@@ -136,8 +205,8 @@ fn part_type(user_data: &str) -> Result<&'static str, SeedError> {
 /// second. The user's cloud-config part is merged with `list(append)` and
 /// `dict(no_replace,recurse_list)`, so its `bootcmd`, `runcmd` and `packages` are appended to
 /// ours instead of replacing our agent's bootcmd.
-pub fn user_data(content: &SeedContent) -> Result<String, SeedError> {
-    let ours = our_cloud_config(content.agent.is_some());
+pub fn user_data(content: &SeedContent, scope: CloudInitScope) -> Result<String, SeedError> {
+    let ours = our_cloud_config(content.agent.is_some(), scope, content.user_data.is_some());
     let Some(theirs) = &content.user_data else {
         return Ok(ours);
     };
@@ -178,9 +247,19 @@ fn meta_data(content: &SeedContent) -> String {
 
 const NETWORK_DISABLED: &str = "network:\n  config: disabled\n";
 
-/// Write the seed volume to `path` (under a temporary name, renamed when complete).
+/// Write the seed volume to `path` (under a temporary name, renamed when complete), for a
+/// full cloud-init first boot.
 pub fn write_seed(path: &Path, content: &SeedContent) -> Result<(), SeedError> {
-    let user_data = user_data(content)?;
+    write_seed_scoped(path, content, CloudInitScope::Full)
+}
+
+/// [`write_seed`] with cloud-init limited to `scope`.
+pub fn write_seed_scoped(
+    path: &Path,
+    content: &SeedContent,
+    scope: CloudInitScope,
+) -> Result<(), SeedError> {
+    let user_data = user_data(content, scope)?;
     let err = |source| SeedError::Write {
         path: path.display().to_string(),
         source,
@@ -319,7 +398,7 @@ mod tests {
         let mut c = content();
         c.user_data =
             Some("#cloud-config\nruncmd:\n  - [touch, /root/hello]\npackages: [jq]\n".into());
-        let ud = user_data(&c).expect("combined");
+        let ud = user_data(&c, CloudInitScope::Build { grow_root: false }).expect("combined");
         assert!(ud.starts_with("Content-Type: multipart/mixed; boundary=\""));
         let parts: Vec<&str> = ud.split("\n--==builder-").collect();
         assert_eq!(parts.len(), 4, "preamble, two parts, closing: {ud}");
@@ -336,29 +415,93 @@ mod tests {
         let mut c = content();
         c.user_data = Some("#!/bin/sh\necho hi\n".into());
         assert!(
-            user_data(&c)
+            user_data(&c, CloudInitScope::Full)
                 .expect("script")
                 .contains("Content-Type: text/x-shellscript")
         );
         c.user_data = Some("hello: world\n".into());
-        let e = user_data(&c).expect_err("refused");
+        let e = user_data(&c, CloudInitScope::Full).expect_err("refused");
         assert!(e.to_string().contains("\"hello: world\""), "{e}");
     }
 
-    #[test]
-    fn our_cloud_config_is_valid_yaml_with_the_script_intact() {
-        let doc = our_cloud_config(true);
-        // Parse with the project's YAML reader: the bootcmd is a list whose item is
-        // [sh, -c, script] and the script survives the block scalar unchanged.
-        let mut parser = saphyr_parser::Parser::new_from_str(&doc);
+    fn scalars(doc: &str) -> Vec<String> {
+        let mut parser = saphyr_parser::Parser::new_from_str(doc);
         let mut scalars = Vec::new();
-        while let Some(Ok((ev, _))) = parser.next() {
+        while let Some(event) = parser.next() {
+            let (ev, _) = event.unwrap_or_else(|e| panic!("not YAML ({e}):\n{doc}"));
             if let saphyr_parser::Event::Scalar(s, ..) = ev {
                 scalars.push(s.to_string());
             }
         }
-        let i = scalars.iter().position(|s| s == "-c").expect("-c present");
-        assert_eq!(scalars[i - 1], "sh");
-        assert_eq!(scalars[i + 1], BOOTCMD);
+        scalars
+    }
+
+    #[test]
+    fn our_cloud_config_is_valid_yaml_with_the_script_intact() {
+        for (scope, with_user_data, cancel) in [
+            (CloudInitScope::Full, false, "no"),
+            (CloudInitScope::Build { grow_root: true }, false, "yes"),
+            (CloudInitScope::Build { grow_root: false }, false, "yes"),
+            (CloudInitScope::Build { grow_root: false }, true, "no"),
+        ] {
+            let doc = our_cloud_config(true, scope, with_user_data);
+            // Parse with the project's YAML reader: the bootcmd is a list whose item is
+            // [sh, -c, script] and the script survives the block scalar unchanged.
+            let scalars = scalars(&doc);
+            let i = scalars.iter().position(|s| s == "-c").expect("-c present");
+            assert_eq!(scalars[i - 1], "sh");
+            assert_eq!(scalars[i + 1], format!("cancel={cancel}\n{BOOTCMD}"));
+        }
+    }
+
+    /// The build VM's trimmed cloud-init only without user data (ours wins a merge, so it must
+    /// never override the user's), and growpart stays on when the disk was grown.
+    #[test]
+    fn build_scope_trims_cloud_init_only_without_user_data() {
+        let keys = |doc: &str| {
+            let s = scalars(doc);
+            let has = |k: &str| s.iter().any(|x| x == k);
+            (
+                has("ssh_genkeytypes"),
+                has("growpart"),
+                has("resize_rootfs"),
+            )
+        };
+        let full = our_cloud_config(true, CloudInitScope::Full, false);
+        assert_eq!(keys(&full), (false, false, false));
+        let small = our_cloud_config(true, CloudInitScope::Build { grow_root: false }, false);
+        assert_eq!(keys(&small), (true, true, true));
+        let s = scalars(&small);
+        let mode = s.iter().position(|x| x == "mode").expect("growpart mode");
+        assert_eq!(s[mode + 1], "off", "a string, not YAML 1.1's boolean");
+        let grown = our_cloud_config(true, CloudInitScope::Build { grow_root: true }, false);
+        assert_eq!(keys(&grown), (true, false, false));
+        let theirs = our_cloud_config(true, CloudInitScope::Build { grow_root: false }, true);
+        assert_eq!(keys(&theirs), (false, false, false));
+        assert!(CloudInitScope::Build { grow_root: true }.cancels_later_stages(false));
+        assert!(!CloudInitScope::Build { grow_root: true }.cancels_later_stages(true));
+        assert!(!CloudInitScope::Full.cancels_later_stages(false));
+    }
+
+    /// The bootcmd as the guest's `sh` runs it: it parses, and with `cancel=yes` its first
+    /// command cancels the config and final stages (checked with a `systemctl` stand-in).
+    #[test]
+    fn bootcmd_parses_in_sh_and_cancels_the_later_stages() {
+        let doc = our_cloud_config(true, CloudInitScope::Build { grow_root: false }, false);
+        let s = scalars(&doc);
+        let script = &s[s.iter().position(|x| x == "-c").expect("-c") + 1];
+        let status = Command::new("sh")
+            .args(["-n", "-c", script])
+            .status()
+            .expect("sh runs");
+        assert!(status.success(), "sh -n rejected:\n{script}");
+        let cancel = script
+            .lines()
+            .find(|l| l.contains("systemctl stop"))
+            .expect("a stop line");
+        assert!(
+            cancel.contains("cloud-config.service cloud-final.service"),
+            "{cancel}"
+        );
     }
 }

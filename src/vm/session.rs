@@ -1,17 +1,27 @@
 //! A booted VM with a step target on it. Readiness comes in two stages, each reported: "agent
-//! up" (the agent said hello over virtio-serial), then "cloud-init done" (`cloud-init status
-//! --wait`), so steps never race cloud-init for the package manager. [`Session::close`]
-//! powers the guest off through its agent, then falls back on the VM's shutdown ladder.
+//! up" (the agent said hello over virtio-serial), then "cloud-init done", so steps never race
+//! cloud-init for the package manager. "Done" is `cloud-init status --wait` when every stage
+//! runs; when the seed cancelled the config and final stages (a build VM without user data,
+//! see [`super::seed::CloudInitScope`]) it is the init stages' systemd jobs having finished
+//! without failure. After a Reboot step the target waits for the same again before the next
+//! step runs. [`Session::close`] powers the guest off through its agent, then falls back on
+//! the VM's shutdown ladder.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+
+use async_trait::async_trait;
 
 use super::GuestChannel;
 use super::{RunningVm, ShutdownReport, VmError, VmOptions};
 use crate::build::undo::{Outcome, UnwindReport};
-use crate::target::StepTarget;
 use crate::target::agent::{AgentTarget, Readiness};
 use crate::target::qga::QgaTarget;
+use crate::target::{
+    Capture, DirEntry, ExecOutcome, ExecRequest, ExitStatus, FileInfo, FileSource, FileStat,
+    OutputSink, PutOptions, StepTarget, TargetError, TargetInfo,
+};
 
 /// How long the guest gets to power itself off before QMP `quit`.
 const POWEROFF_GRACE: Duration = Duration::from_secs(60);
@@ -53,10 +63,161 @@ async fn guest_error(vm: &RunningVm, what: String, source: crate::target::Target
     }
 }
 
+/// How to tell that cloud-init is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    /// Do not wait (the caller said so).
+    None,
+    /// `cloud-init status --wait`: every stage runs.
+    Status,
+    /// The init stages' jobs finished: the seed cancelled the config and final stages.
+    InitStages,
+}
+
+/// Waits until no cloud-init stage has a queued or running systemd job, then fails if an init
+/// stage failed. Prints `status: …` lines like `cloud-init status --long`. Without systemd the
+/// seed cancels nothing, so `cloud-init status --wait` is the answer there. No Python: under
+/// TCG each `cloud-init` command costs seconds just to start.
+const INIT_STAGES_GATE: &str = r#"set -u
+if [ ! -d /run/systemd/system ]; then exec cloud-init status --wait --long; fi
+pending() {
+  systemctl list-jobs --no-legend 2>/dev/null | awk '{print $2}' \
+    | grep -qxE 'cloud-(init-local|init|config|final)\.service'
+}
+while pending; do sleep 0.3; done
+failed=""
+for u in cloud-init-local.service cloud-init.service; do
+  [ "$(systemctl is-failed "$u" 2>/dev/null)" = failed ] && failed="$failed $u"
+done
+if [ -n "$failed" ]; then
+  echo "status: error"
+  echo "detail: failed:$failed"
+  exit 1
+fi
+echo "status: done"
+echo "detail: init stages finished; config and final stages cancelled for the build VM"
+"#;
+
+/// Wait for cloud-init as `gate` says, within `timeout`.
+async fn settle(
+    agent: &AgentTarget,
+    gate: Gate,
+    timeout: Duration,
+) -> Result<Readiness, TargetError> {
+    match gate {
+        Gate::None => agent.wait_ready(false, timeout).await,
+        Gate::Status => agent.wait_ready(true, timeout).await,
+        Gate::InitStages => {
+            let mut ready = agent.wait_ready(false, timeout).await?;
+            if ready.hello.cloud_init == "absent" {
+                ready.cloud_init = Some("absent".into());
+                return Ok(ready);
+            }
+            let out = Capture::default();
+            let outcome = agent
+                .exec(
+                    &ExecRequest::bash(INIT_STAGES_GATE).with_timeout(Some(timeout)),
+                    &out,
+                )
+                .await?;
+            let report = String::from_utf8_lossy(&out.stdout()).into_owned();
+            let status = report
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("status:"))
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_default();
+            if outcome.status.success() && status == "done" {
+                ready.cloud_init = Some(status);
+                return Ok(ready);
+            }
+            let tail = Capture::default();
+            let _ = agent
+                .exec(
+                    &ExecRequest::argv(["tail", "-n", "25", "/var/log/cloud-init-output.log"])
+                        .with_timeout(Some(Duration::from_secs(30))),
+                    &tail,
+                )
+                .await;
+            let what = if outcome.status == ExitStatus::TimedOut {
+                format!(
+                    "cloud-init's init stages did not finish within {}s in {}",
+                    timeout.as_secs(),
+                    agent.describe()
+                )
+            } else {
+                format!(
+                    "cloud-init's init stages did not finish cleanly in {} (the readiness check {})",
+                    agent.describe(),
+                    outcome.status
+                )
+            };
+            Err(TargetError::Failed(format!(
+                "{what}\n{}\nlast lines of /var/log/cloud-init-output.log:\n{}",
+                report.trim_end(),
+                String::from_utf8_lossy(&tail.stdout()).trim_end()
+            )))
+        }
+    }
+}
+
+/// Our agent as a step target that waits for cloud-init again after a reboot, so the step
+/// after a Reboot never races cloud-init's boot stages (on later boots the agent starts early
+/// in sysinit, long before them).
+struct Gated {
+    agent: Arc<AgentTarget>,
+    gate: Gate,
+    timeout: Duration,
+}
+
+#[async_trait]
+impl StepTarget for Gated {
+    fn describe(&self) -> String {
+        self.agent.describe()
+    }
+
+    async fn info(&self) -> Result<TargetInfo, TargetError> {
+        self.agent.info().await
+    }
+
+    async fn exec(
+        &self,
+        request: &ExecRequest,
+        sink: &dyn OutputSink,
+    ) -> Result<ExecOutcome, TargetError> {
+        self.agent.exec(request, sink).await
+    }
+
+    async fn put_file(
+        &self,
+        remote: &Path,
+        content: FileSource,
+        options: &PutOptions,
+    ) -> Result<FileInfo, TargetError> {
+        self.agent.put_file(remote, content, options).await
+    }
+
+    async fn get_file(&self, remote: &Path, local: &Path) -> Result<FileInfo, TargetError> {
+        self.agent.get_file(remote, local).await
+    }
+
+    async fn stat(&self, remote: &Path) -> Result<Option<FileStat>, TargetError> {
+        self.agent.stat(remote).await
+    }
+
+    async fn list(&self, remote: &Path) -> Result<Vec<DirEntry>, TargetError> {
+        self.agent.list(remote).await
+    }
+
+    async fn reboot(&self) -> Result<(), TargetError> {
+        self.agent.reboot().await?;
+        settle(&self.agent, self.gate, self.timeout).await.map(drop)
+    }
+}
+
 /// The target in the guest: our agent, or qemu-guest-agent.
 #[derive(Clone)]
 enum Guest {
-    Agent(Arc<AgentTarget>),
+    Agent(Arc<AgentTarget>, Arc<Gated>),
     Qga(Arc<QgaTarget>),
 }
 
@@ -93,6 +254,18 @@ impl Session {
         options: SessionOptions,
         progress: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<Session, VmError> {
+        let gate = match (&options.vm.channel, options.wait_cloud_init) {
+            (_, false) => Gate::None,
+            (GuestChannel::Agent { user_data }, true)
+                if options
+                    .vm
+                    .cloud_init
+                    .cancels_later_stages(user_data.is_some()) =>
+            {
+                Gate::InitStages
+            }
+            _ => Gate::Status,
+        };
         let mut vm = RunningVm::boot(options.vm, progress).await?;
         let connector = vm.channel_connector();
         let describe = vm.describe();
@@ -173,7 +346,7 @@ impl Session {
             .boot_phase(
                 "cloud-init to finish",
                 options.boot_timeout,
-                agent.wait_ready(options.wait_cloud_init, cloud_init_budget),
+                settle(&agent, gate, cloud_init_budget),
             )
             .await?;
         let readiness = match readiness {
@@ -194,9 +367,14 @@ impl Session {
             }
             None => None,
         };
+        let gated = Arc::new(Gated {
+            agent: agent.clone(),
+            gate,
+            timeout: options.boot_timeout,
+        });
         Ok(Session {
             vm,
-            guest: Guest::Agent(agent),
+            guest: Guest::Agent(agent, gated),
             readiness: Some(readiness),
             timings: BootTimings {
                 agent_up,
@@ -212,16 +390,38 @@ impl Session {
     /// Our agent, when the guest channel is ours (not qemu-guest-agent).
     pub fn agent(&self) -> Option<&Arc<AgentTarget>> {
         match &self.guest {
-            Guest::Agent(a) => Some(a),
+            Guest::Agent(a, _) => Some(a),
             Guest::Qga(_) => None,
         }
     }
 
-    /// The guest as a step target, for the component executor.
+    /// The guest as a step target, for the component executor. With our agent, a reboot
+    /// returns once cloud-init is done again (as the session waited for it at boot).
     pub fn target(&self) -> Arc<dyn StepTarget> {
         match &self.guest {
-            Guest::Agent(a) => a.clone(),
+            Guest::Agent(_, gated) => gated.clone(),
             Guest::Qga(q) => q.clone(),
+        }
+    }
+
+    /// Wait (within `timeout`) until cloud-init is done, as the session did at boot: cheap
+    /// when it already is. `None` with qemu-guest-agent or when the session was opened
+    /// without waiting.
+    pub async fn settle(&self, timeout: Duration) -> Result<Option<Readiness>, VmError> {
+        let Guest::Agent(agent, gated) = &self.guest else {
+            return Ok(None);
+        };
+        if gated.gate == Gate::None {
+            return Ok(None);
+        }
+        match self.vm.guard(settle(agent, gated.gate, timeout)).await? {
+            Ok(r) => Ok(Some(r)),
+            Err(source) => Err(guest_error(
+                &self.vm,
+                format!("cloud-init did not settle in {}", self.vm.describe()),
+                source,
+            )
+            .await),
         }
     }
 
@@ -237,7 +437,7 @@ impl Session {
         progress: &(dyn Fn(&str) + Send + Sync),
     ) -> ShutdownReport {
         let asked = match &self.guest {
-            Guest::Agent(agent) if self.vm.child.exit().is_none() && !self.vm.has_failed() => {
+            Guest::Agent(agent, _) if self.vm.child.exit().is_none() && !self.vm.has_failed() => {
                 progress("powering off…");
                 matches!(
                     tokio::time::timeout(Duration::from_secs(10), agent.poweroff()).await,
