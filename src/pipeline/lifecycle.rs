@@ -919,6 +919,44 @@ mod tests {
     }
 
     #[test]
+    fn the_pipeline_files_settings_become_a_policy() {
+        let l = crate::pipeline::model::Lifecycle {
+            keep_last: Some(4),
+            max_age: Some(std::time::Duration::from_secs(30 * 86_400)),
+            deprecate_for: std::time::Duration::from_secs(7 * 86_400),
+            remote: true,
+        };
+        let p = Policy::from(&l);
+        assert_eq!(
+            p,
+            Policy {
+                keep_last: Some(4),
+                keep_younger_than: Some(TimeDelta::days(30)),
+                retain_at_least: 1,
+                delete_after: Some(TimeDelta::days(7)),
+                remote: true,
+            }
+        );
+        assert!(p.validate().is_ok());
+        // `deprecateFor: 0s` deletes as soon as no rule keeps an image.
+        let at_once = Policy::from(&crate::pipeline::model::Lifecycle {
+            keep_last: Some(1),
+            max_age: None,
+            deprecate_for: std::time::Duration::ZERO,
+            remote: false,
+        });
+        let v = evaluate(&at_once, &images(&[3, 2, 1]), &FixedClock(t(NOW)));
+        assert_eq!(
+            actions(&v),
+            pairs(&[
+                ("web/1.0.0/3", "keep"),
+                ("web/1.0.0/2", "delete"),
+                ("web/1.0.0/1", "delete"),
+            ])
+        );
+    }
+
+    #[test]
     fn durations_read_like_people_write_them() {
         assert_eq!(human_duration(TimeDelta::days(3)), "3d");
         assert_eq!(human_duration(TimeDelta::hours(27)), "1d 3h");

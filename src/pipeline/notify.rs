@@ -486,6 +486,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_pipeline_files_settings_become_hooks() {
+        use crate::pipeline::model::{Notifications, Webhook as FileWebhook};
+        let n = Notifications {
+            on: vec![ExecStatus::Failed],
+            webhook: Some(FileWebhook {
+                url: "http://hooks.local/b".into(),
+                headers: BTreeMap::from([("Authorization".into(), "Bearer x".into())]),
+            }),
+            command: Some(vec!["logger".into(), "-t".into(), "builder".into()]),
+        };
+        let hooks = Hooks::from(&n);
+        assert_eq!(hooks.webhooks.len(), 1);
+        assert_eq!(hooks.webhooks[0].on, [ExecStatus::Failed]);
+        assert_eq!(hooks.webhooks[0].attempts, 3);
+        assert_eq!(hooks.webhooks[0].headers["Authorization"], "Bearer x");
+        assert_eq!(hooks.commands[0].argv, ["logger", "-t", "builder"]);
+        assert_eq!(hooks.commands[0].on, [ExecStatus::Failed]);
+        assert!(Hooks::from(&Notifications::default()).is_empty());
+    }
+
+    #[test]
     fn urls_in_messages_carry_no_credentials() {
         assert_eq!(
             display_url("https://user:secret@hooks.example:8443/x/y?token=abc"),
