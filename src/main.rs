@@ -40,6 +40,12 @@ enum Command {
     /// The image versions in the local store: list, show, remove.
     #[command(subcommand)]
     Images(cli::images::ImagesCommand),
+    /// Pipelines: a recipe built on a schedule or when a dependency changed, with a history.
+    #[command(subcommand)]
+    Pipeline(cli::pipeline::PipelineCommand),
+    /// Run the pipelines of a folder on their schedules (a long-running scheduler; see
+    /// contrib/systemd/builder-serve.service).
+    Serve(cli::pipeline::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -65,6 +71,8 @@ fn main() -> ExitCode {
             Command::Build(args) => cli::build::main(args).await,
             Command::Distribute(args) => cli::distribute::main(*args).await,
             Command::Images(cmd) => cli::images::main(cmd).await,
+            Command::Pipeline(cmd) => cli::pipeline::main(cmd).await,
+            Command::Serve(args) => cli::pipeline::serve(args).await,
         }
     });
     // Leave no task behind: the runtime drops here, after every undo has run.

@@ -295,7 +295,7 @@ fn indent(text: &str) -> String {
 }
 
 /// Stages with elapsed time, progress lines, bars, and the executor's step lines, on stderr.
-struct Progress {
+pub(super) struct Progress {
     start: Instant,
     steps: Terminal,
     tty: bool,
@@ -304,7 +304,7 @@ struct Progress {
 }
 
 impl Progress {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self {
             start: Instant::now(),
             steps: Terminal,
@@ -425,7 +425,7 @@ impl BuildObserver for Progress {
 }
 
 /// One JSON object per line on stdout.
-struct JsonLines;
+pub(super) struct JsonLines;
 
 impl JsonLines {
     fn line(json: serde_json::Result<String>) {

@@ -5,6 +5,8 @@ pub mod build;
 pub mod component;
 pub mod distribute;
 pub mod images;
+pub mod pipeline;
+pub mod pipeline_status;
 pub mod recipe;
 pub mod vm;
 
