@@ -398,3 +398,36 @@ fn set_version(path: &Path, version: i64) {
     conn.execute("UPDATE schema_version SET version = ?1", [version])
         .expect("update");
 }
+
+#[test]
+fn readers_open_and_read_while_a_writer_holds_the_write_lock() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let path = history_path(&tmp);
+    let history = History::open(&path).expect("create");
+    history
+        .begin("weekly", Trigger::Manual, "by hand")
+        .expect("begin");
+    drop(history);
+
+    // Another process (here: a plain connection) is in the middle of a write.
+    let mut writer = rusqlite::Connection::open(&path).expect("writer");
+    let tx = writer
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .expect("take the write lock");
+    tx.execute(
+        "INSERT INTO pipelines (name, next_run) VALUES ('nightly', NULL)",
+        [],
+    )
+    .expect("write");
+
+    // `builder pipeline status` / `images list` open and read meanwhile: no write lock is
+    // needed for that, so they neither wait nor fail, and see only committed data.
+    let reader = History::open(&path).expect("open while another process writes");
+    assert_eq!(reader.executions(None, 10).expect("read").len(), 1);
+    assert_eq!(reader.pipelines().expect("read"), ["weekly".to_string()]);
+    tx.commit().expect("commit");
+    assert_eq!(
+        reader.pipelines().expect("read"),
+        ["nightly".to_string(), "weekly".to_string()]
+    );
+}

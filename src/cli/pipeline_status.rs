@@ -194,7 +194,9 @@ fn render(p: &PipelineStatus, now: DateTime<Utc>) -> String {
                 (ExecStatus::Failed | ExecStatus::Cancelled, Some(err)) => {
                     format!("{}: {}", e.reason, one_line(err))
                 }
-                // A skip records its reason as the error too: say it once.
+                // A run that began and then found nothing to build records why it skipped as
+                // its error; that is the interesting part.
+                (ExecStatus::Skipped, Some(why)) => one_line(why),
                 _ => one_line(&e.reason),
             };
             [
@@ -287,10 +289,12 @@ mod tests {
         built.image = Some("web/1.0.0/3".into());
         let mut failed = execution(1, ExecStatus::Failed, "first run");
         failed.error = Some("component `x` failed\nmore".into());
+        let mut skipped = execution(3, ExecStatus::Skipped, "the schedule is due");
+        skipped.error = Some("nothing changed since execution 2".into());
         let p = PipelineStatus {
             pipeline: "weekly".into(),
             next_run: Some(t("2026-11-23T03:00:00Z")),
-            executions: vec![built, failed],
+            executions: vec![skipped, built, failed],
             images: vec![ImageMark {
                 image: "web/1.0.0/3".into(),
                 pipeline: "weekly".into(),
@@ -303,6 +307,7 @@ mod tests {
         let expected = "\
 weekly: next run 2026-11-23 03:00 UTC (in 1d 14h)
   ID  STATUS     TRIGGER                    CREATED           TOOK  IMAGE                     WHY
+  3   skipped    schedule 2026-11-16 03:00  2026-11-16 03:00  14m   -                         nothing changed since execution 2
   2   available  schedule 2026-11-16 03:00  2026-11-16 03:00  14m   web/1.0.0/3 (deprecated)  the parent image changed
   1   failed     schedule 2026-11-16 03:00  2026-11-16 03:00  14m   -                         first run: component `x` failed …
 ";

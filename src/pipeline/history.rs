@@ -1154,6 +1154,16 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), HistoryError> {
         path: path.to_path_buf(),
         source,
     };
+    let known = MIGRATIONS.len() as i64;
+    // The common case, a current schema, needs no write lock: a reader such as `builder
+    // images list` must not wait for the scheduler's write. (No table yet reads as None.)
+    let current: Option<i64> = conn
+        .query_row("SELECT MAX(version) FROM schema_version", [], |r| r.get(0))
+        .ok()
+        .flatten();
+    if current == Some(known) {
+        return Ok(());
+    }
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(err)?;
@@ -1163,7 +1173,6 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), HistoryError> {
         .query_row("SELECT MAX(version) FROM schema_version", [], |r| r.get(0))
         .map_err(err)?;
     let found = found.unwrap_or(0);
-    let known = MIGRATIONS.len() as i64;
     if found > known {
         return Err(HistoryError::TooNew {
             path: path.to_path_buf(),
