@@ -17,6 +17,8 @@ use saphyr_parser::{Event, Parser, ScalarStyle as SaphyrStyle};
 
 use crate::diagnostic::{Problem, Span};
 
+pub mod walk;
+
 /// Maximum nesting of sequences and mappings.
 pub const MAX_DEPTH: usize = 64;
 

@@ -35,7 +35,7 @@ use super::model::{
 };
 use super::schedule::{CronExpr, close_zone, parse_zone};
 use crate::build::plan;
-use crate::diagnostic::{Diagnostics, Problem, Span, did_you_mean, one_of};
+use crate::diagnostic::{Diagnostics, Problem, Span, did_you_mean};
 use crate::recipe::model::{MAX_CPUS, MAX_TIMEOUT_SECS, MIN_MEMORY};
 use crate::recipe::{Accelerator, ByteSize, Firmware, Infrastructure, Located, Network};
 use crate::yaml::Node;
@@ -75,7 +75,7 @@ const NOTIFICATION_KEYS: &[&str] = &["on", "webhook", "command"];
 const WEBHOOK_KEYS: &[&str] = &["url", "headers"];
 
 /// Image Builder's spelling of a setting → how to write it here.
-const IMAGE_BUILDER_KEYS: &[(&str, &str)] = &[
+const IMAGE_BUILDER_KEYS: crate::yaml::walk::ImageBuilderKeys = &[
     (
         "imageRecipeArn",
         "name the recipe file with `recipe: path/to/recipe.yml`",
@@ -146,8 +146,7 @@ pub fn check(path: &Path, text: &str, now: DateTime<Utc>) -> Checked {
     let yaml_failed = root.is_none() && !problems.is_empty();
     diagnostics.extend(problems);
     let mut cx = Cx {
-        source: text,
-        problems: Vec::new(),
+        walk: crate::yaml::walk::Cx::new(text, IMAGE_BUILDER_KEYS),
         now,
     };
     let pipeline = match &root {
@@ -165,7 +164,7 @@ pub fn check(path: &Path, text: &str, now: DateTime<Utc>) -> Checked {
             None
         }
     };
-    diagnostics.extend(cx.problems);
+    diagnostics.extend(cx.walk.problems);
     diagnostics.sort();
     let pipeline = pipeline.filter(|_| !diagnostics.has_errors());
     Checked {
@@ -259,139 +258,27 @@ fn close_file_hint(missing: &Path) -> Option<String> {
     Some(format!("did you mean `{close}`?"))
 }
 
+/// The shared walker context (with the pipeline's table of Image Builder spellings) and the
+/// time a schedule must still match.
 struct Cx<'s> {
-    source: &'s str,
-    problems: Vec<Problem>,
+    walk: crate::yaml::walk::Cx<'s>,
     now: DateTime<Utc>,
 }
 
+impl<'s> std::ops::Deref for Cx<'s> {
+    type Target = crate::yaml::walk::Cx<'s>;
+    fn deref(&self) -> &Self::Target {
+        &self.walk
+    }
+}
+
+impl std::ops::DerefMut for Cx<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.walk
+    }
+}
+
 impl Cx<'_> {
-    fn error(&mut self, span: Span, message: impl Into<String>, hint: Option<String>) {
-        self.problems
-            .push(Problem::error(span, message).with_hint_opt(hint));
-    }
-
-    fn warning(&mut self, span: Span, message: impl Into<String>, hint: Option<String>) {
-        self.problems
-            .push(Problem::warning(span, message).with_hint_opt(hint));
-    }
-
-    fn mapping<'n>(
-        &mut self,
-        node: &'n Node,
-        what: &str,
-        allowed: &[&str],
-    ) -> Option<&'n [(Node, Node)]> {
-        let Some(entries) = node.as_mapping() else {
-            self.not_a(node, what, "a mapping");
-            return None;
-        };
-        self.problems
-            .extend(crate::yaml::unknown_keys(entries, allowed, what, |k| {
-                IMAGE_BUILDER_KEYS
-                    .iter()
-                    .find(|(ib, _)| *ib == k)
-                    .map(|(_, how)| format!("`{k}` is Image Builder's; here, {how}"))
-            }));
-        Some(entries)
-    }
-
-    fn not_a(&mut self, node: &Node, what: &str, expected: &str) {
-        self.error(
-            node.span,
-            format!("{what} must be {expected}, found {}", node.describe()),
-            None,
-        );
-    }
-
-    fn string(&mut self, node: &Node, what: &str) -> Option<String> {
-        if node.is_null() {
-            self.error(node.span, format!("{what} is empty"), None);
-            return None;
-        }
-        match node.as_str() {
-            Some(s) => Some(s.to_string()),
-            None => {
-                self.not_a(node, what, "text");
-                None
-            }
-        }
-    }
-
-    fn boolean(&mut self, node: &Node, what: &str) -> Option<bool> {
-        match node.as_bool() {
-            Some(b) => Some(b),
-            None => {
-                let hint = node
-                    .as_str()
-                    .filter(|s| {
-                        matches!(
-                            s.to_ascii_lowercase().as_str(),
-                            "yes" | "no" | "on" | "off" | "y" | "n"
-                        )
-                    })
-                    .map(|s| {
-                        let yes = matches!(s.to_ascii_lowercase().as_str(), "yes" | "on" | "y");
-                        format!("YAML 1.2 reads `{s}` as text; write `{yes}`")
-                    });
-                self.error(
-                    node.span,
-                    format!(
-                        "{what} must be `true` or `false`, found {}",
-                        node.describe()
-                    ),
-                    hint,
-                );
-                None
-            }
-        }
-    }
-
-    fn number(&mut self, node: &Node, what: &str, min: u64, max: u64) -> Option<u64> {
-        let Some(n) = node.as_int() else {
-            self.not_a(node, what, "a whole number");
-            return None;
-        };
-        if n < min as i64 {
-            self.error(
-                node.span,
-                format!("{what} ({n}) is below the minimum ({min})"),
-                None,
-            );
-            return None;
-        }
-        if n > max as i64 {
-            self.error(
-                node.span,
-                format!("{what} ({n}) is above the maximum ({max})"),
-                None,
-            );
-            return None;
-        }
-        Some(n as u64)
-    }
-
-    fn word<T: Copy>(
-        &mut self,
-        node: &Node,
-        noun: &str,
-        names: &[&str],
-        from_name: fn(&str) -> Option<T>,
-    ) -> Option<T> {
-        let text = self.string(node, noun)?;
-        if let Some(value) = from_name(&text) {
-            return Some(value);
-        }
-        let hint =
-            did_you_mean(&text, names.iter().copied()).map(|c| format!("did you mean `{c}`?"));
-        self.error(
-            node.span,
-            format!("unknown {noun} `{text}`; expected {}", one_of(names)),
-            hint,
-        );
-        None
-    }
-
     fn duration(&mut self, node: &Node, what: &str) -> Option<Duration> {
         let text = self.string(node, what)?;
         match parse_duration(&text) {

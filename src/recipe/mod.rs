@@ -119,7 +119,7 @@ pub fn check(
     let (root, problems) = crate::yaml::parse(text);
     let yaml_failed = root.is_none() && !problems.is_empty();
     diagnostics.extend(problems);
-    let mut cx = walk::Cx::new(text);
+    let mut cx = walk::new_cx(text);
     let mut included = Vec::new();
     let parts = match &root {
         Some(root) => walk::recipe(&mut cx, root, include, &mut included),

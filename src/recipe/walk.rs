@@ -15,7 +15,7 @@ use super::model::{
 use super::name_template::NameTemplate;
 use super::units::ByteSize;
 use super::version::{Version, VersionPattern};
-use crate::diagnostic::{Problem, Span, did_you_mean, one_of};
+use crate::diagnostic::{Problem, Span, one_of};
 use crate::yaml::{Node, ScalarStyle};
 
 pub const TOP_KEYS: &[&str] = &[
@@ -70,7 +70,7 @@ pub const ENDPOINT_KEYS: &[&str] = &["s3", "ec2"];
 
 /// Image Builder's spelling of a setting → how to write it here. Users coming from AWS write
 /// these first; a plain "unknown key" would leave them guessing.
-const IMAGE_BUILDER_KEYS: &[(&str, &str)] = &[
+const IMAGE_BUILDER_KEYS: crate::yaml::walk::ImageBuilderKeys = &[
     ("semanticVersion", "write `version: 1.0.0`"),
     (
         "componentArn",
@@ -123,141 +123,22 @@ const IMAGE_BUILDER_KEYS: &[(&str, &str)] = &[
     ("timeoutMinutes", "write `timeoutSeconds`"),
 ];
 
-/// The problems of one file as they are found.
-pub(super) struct Cx<'s> {
-    pub source: &'s str,
-    pub problems: Vec<Problem>,
+/// The walker's context (shared with the other file kinds), with the recipe's table of Image
+/// Builder spellings.
+pub(crate) type Cx<'s> = crate::yaml::walk::Cx<'s>;
+
+/// A context for a recipe file (or an infrastructure file it names).
+pub(super) fn new_cx(source: &str) -> Cx<'_> {
+    Cx::new(source, IMAGE_BUILDER_KEYS)
 }
 
-impl<'s> Cx<'s> {
-    pub fn new(source: &'s str) -> Cx<'s> {
-        Cx {
-            source,
-            problems: Vec::new(),
-        }
-    }
+/// Readers only recipes need.
+trait RecipeCx {
+    fn byte_size(&mut self, node: &Node, what: &str) -> Option<ByteSize>;
+    fn inner_span(&self, node: &Node, start: usize, end: usize, value: &str) -> Span;
+}
 
-    fn error(&mut self, span: Span, message: impl Into<String>, hint: Option<String>) {
-        self.problems
-            .push(Problem::error(span, message).with_hint_opt(hint));
-    }
-
-    fn warning(&mut self, span: Span, message: impl Into<String>, hint: Option<String>) {
-        self.problems
-            .push(Problem::warning(span, message).with_hint_opt(hint));
-    }
-
-    /// The span of the start of the file, for "missing key" problems in a file that is empty.
-    fn start_of(&self, node: &Node) -> Span {
-        Span::from_offsets(self.source, node.span.start, node.span.start)
-    }
-
-    /// The entries of a mapping, with a problem for every key not in `allowed`.
-    fn mapping<'n>(
-        &mut self,
-        node: &'n Node,
-        what: &str,
-        allowed: &[&str],
-    ) -> Option<&'n [(Node, Node)]> {
-        let Some(entries) = node.as_mapping() else {
-            self.not_a(node, what, "a mapping");
-            return None;
-        };
-        self.problems
-            .extend(crate::yaml::unknown_keys(entries, allowed, what, |k| {
-                IMAGE_BUILDER_KEYS
-                    .iter()
-                    .find(|(ib, _)| *ib == k)
-                    .map(|(_, how)| format!("`{k}` is Image Builder's; here, {how}"))
-            }));
-        Some(entries)
-    }
-
-    fn not_a(&mut self, node: &Node, what: &str, expected: &str) {
-        self.error(
-            node.span,
-            format!("{what} must be {expected}, found {}", node.describe()),
-            None,
-        );
-    }
-
-    /// A non-empty scalar's text (numbers and booleans as written).
-    fn string(&mut self, node: &Node, what: &str) -> Option<String> {
-        if node.is_null() {
-            self.error(node.span, format!("{what} is empty"), None);
-            return None;
-        }
-        match node.as_str() {
-            Some(s) => Some(s.to_string()),
-            None => {
-                self.not_a(node, what, "text");
-                None
-            }
-        }
-    }
-
-    fn optional_string(&mut self, node: &Node, what: &str) -> Option<String> {
-        if node.is_null() {
-            return None;
-        }
-        self.string(node, what)
-    }
-
-    fn boolean(&mut self, node: &Node, what: &str) -> Option<bool> {
-        match node.as_bool() {
-            Some(b) => Some(b),
-            None => {
-                // YAML 1.1 read these as booleans; YAML 1.2 (and this parser) reads text.
-                let hint = node
-                    .as_str()
-                    .filter(|s| {
-                        matches!(
-                            s.to_ascii_lowercase().as_str(),
-                            "yes" | "no" | "on" | "off" | "y" | "n"
-                        )
-                    })
-                    .map(|s| {
-                        let yes = matches!(s.to_ascii_lowercase().as_str(), "yes" | "on" | "y");
-                        format!("YAML 1.2 reads `{s}` as text; write `{yes}`")
-                    });
-                self.error(
-                    node.span,
-                    format!(
-                        "{what} must be `true` or `false`, found {}",
-                        node.describe()
-                    ),
-                    hint,
-                );
-                None
-            }
-        }
-    }
-
-    /// A whole number in `min..=max`, with the value and the limit in the message.
-    fn number(&mut self, node: &Node, what: &str, min: u64, max: u64) -> Option<u64> {
-        let Some(n) = node.as_int() else {
-            self.not_a(node, what, "a whole number");
-            return None;
-        };
-        if n < min as i64 {
-            self.error(
-                node.span,
-                format!("{what} ({n}) is below the minimum ({min})"),
-                None,
-            );
-            return None;
-        }
-        if n > max as i64 {
-            self.error(
-                node.span,
-                format!("{what} ({n}) is above the maximum ({max})"),
-                None,
-            );
-            return None;
-        }
-        Some(n as u64)
-    }
-
+impl RecipeCx for Cx<'_> {
     fn byte_size(&mut self, node: &Node, what: &str) -> Option<ByteSize> {
         let text = self.string(node, what)?;
         match text.parse::<ByteSize>() {
@@ -267,28 +148,6 @@ impl<'s> Cx<'s> {
                 None
             }
         }
-    }
-
-    /// One of a closed set of words, with a suggestion for a near miss.
-    fn word<T: Copy>(
-        &mut self,
-        node: &Node,
-        noun: &str,
-        names: &[&str],
-        from_name: fn(&str) -> Option<T>,
-    ) -> Option<T> {
-        let text = self.string(node, noun)?;
-        if let Some(value) = from_name(&text) {
-            return Some(value);
-        }
-        let hint =
-            did_you_mean(&text, names.iter().copied()).map(|c| format!("did you mean `{c}`?"));
-        self.error(
-            node.span,
-            format!("unknown {noun} `{text}`; expected {}", one_of(names)),
-            hint,
-        );
-        None
     }
 
     /// The span of `part` inside the scalar `node` (found in its source text), or the whole
@@ -995,7 +854,7 @@ fn infrastructure_ref(
             return None;
         }
     };
-    let mut file_cx = Cx::new(&text);
+    let mut file_cx = new_cx(&text);
     let (root, problems) = crate::yaml::parse(&text);
     file_cx.problems.extend(problems);
     let result = match &root {
