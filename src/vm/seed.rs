@@ -427,7 +427,7 @@ mod tests {
     fn scalars(doc: &str) -> Vec<String> {
         let mut parser = saphyr_parser::Parser::new_from_str(doc);
         let mut scalars = Vec::new();
-        while let Some(event) = parser.next() {
+        for event in parser {
             let (ev, _) = event.unwrap_or_else(|e| panic!("not YAML ({e}):\n{doc}"));
             if let saphyr_parser::Event::Scalar(s, ..) = ev {
                 scalars.push(s.to_string());
