@@ -425,7 +425,7 @@ mod tests {
     }
 
     fn scalars(doc: &str) -> Vec<String> {
-        let mut parser = saphyr_parser::Parser::new_from_str(doc);
+        let parser = saphyr_parser::Parser::new_from_str(doc);
         let mut scalars = Vec::new();
         for event in parser {
             let (ev, _) = event.unwrap_or_else(|e| panic!("not YAML ({e}):\n{doc}"));
