@@ -131,13 +131,15 @@ run sync
 /// The sealing part of [`script`].
 const SEAL: &str = r#"# cloud-init: forget this instance, its logs and the seed it came from, so the next boot is a
 # first boot that reads the next machine's seed. With the default paths and no clean.d hooks
+# (executables; Debian ships a README there)
 # this is what `cloud-init clean --logs --seed` does, without starting Python (10 s under a
 # loaded TCG); otherwise cloud-init's own command, which knows its configuration. (Logs
 # elsewhere under /var/log are emptied below anyway.)
 if has cloud-init; then
   dirs=$(grep -hs '^[[:space:]]*cloud_dir:' /etc/cloud/cloud.cfg /etc/cloud/cloud.cfg.d/*.cfg \
     | awk '{print $2}' | tr -d "'\"" | sed 's:/*$::' | sort -u)
-  if [ -z "$(ls -A /etc/cloud/clean.d 2>/dev/null)" ] && [ -z "${dirs#/var/lib/cloud}" ]; then
+  hooks=$(find /etc/cloud/clean.d -maxdepth 1 -type f -perm /111 2>/dev/null)
+  if [ -z "$hooks" ] && [ -z "${dirs#/var/lib/cloud}" ]; then
     run sh -c 'rm -rf /var/lib/cloud/* /var/log/cloud-init.log /var/log/cloud-init-output.log'
   else
     run cloud-init clean --logs --seed
