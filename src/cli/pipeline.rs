@@ -144,8 +144,20 @@ fn validate(args: ValidateArgs) -> CliResult {
                     ),
                     None => "no schedule (runs only with `builder pipeline run`)".into(),
                 };
+                let mut overrides = String::new();
+                if !p.infrastructure.is_empty() {
+                    let keys = p.infrastructure.keys.join(", ");
+                    overrides.push_str(&format!("; infrastructure {keys} replaced"));
+                }
+                if let Some(targets) = &p.distribution {
+                    let kinds: Vec<&str> = targets.iter().map(|t| t.value.kind()).collect();
+                    overrides.push_str(&match kinds.as_slice() {
+                        [] => "; distribution replaced: none".to_string(),
+                        kinds => format!("; distribution replaced: {}", kinds.join(", ")),
+                    });
+                }
                 eprintln!(
-                    "ok: {} ({}: recipe {} {}; {schedule}{})",
+                    "ok: {} ({}: recipe {} {}; {schedule}{overrides}{})",
                     file.display(),
                     p.name,
                     v.recipe.recipe.name,

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 pub use super::history::ExecStatus;
 use super::schedule::CronExpr;
-use crate::recipe::{Infrastructure, Located};
+use crate::recipe::{Distribution, Infrastructure, Located};
 
 /// One pipeline: a recipe built unattended (Image Builder's image pipeline).
 #[derive(Debug, Clone)]
@@ -22,9 +22,15 @@ pub struct Pipeline {
     pub description: Option<String>,
     /// `recipe` (required): the recipe file, relative to the pipeline file's directory.
     pub recipe: Located<PathBuf>,
-    /// `infrastructure`: settings that replace the recipe's, same keys as the recipe's
-    /// `infrastructure` (`cpus`, `memory`, `accelerator`, …). Default: the recipe's.
+    /// `infrastructure`: settings that replace the recipe's, same keys and rules as the
+    /// recipe's `infrastructure` (`cpus`, `memory`, `accelerator`, …); keys not written keep
+    /// the recipe's value. Default: the recipe's.
     pub infrastructure: InfrastructureOverride,
+    /// `distribution`: a list of targets written as in a recipe (`- directory: {path: …}`,
+    /// `- oci: …`, `- ami: …`, …) that replaces the recipe's whole list; `[]` distributes
+    /// nowhere. Relative paths are relative to the pipeline file. Default (or empty): the
+    /// recipe's.
+    pub distribution: Option<Vec<Located<Distribution>>>,
     /// `tests`: `enabled` and `timeoutSeconds` replace the recipe's. Default: the recipe's.
     pub tests: TestsOverride,
     /// `schedule`: when the pipeline runs by itself. Default: none (only `builder pipeline run`).

@@ -9,6 +9,8 @@
 //! description: Debian 12 web image, rebuilt every Monday with the latest patches
 //! recipe: ../debian-12-web/recipe.yml          # relative to this file
 //! infrastructure: {cpus: 4, memory: 4GiB}      # replaces these keys of the recipe's
+//! distribution:                               # replaces the recipe's list (same entries)
+//!   - directory: {path: ../../out/weekly/}    # relative to this file
 //! tests: {enabled: true, timeoutSeconds: 1800}
 //! schedule:
 //!   expression: "0 3 * * 1"                    # or Image Builder's "cron(0 3 ? * MON *)"
@@ -36,8 +38,8 @@ use super::model::{
 use super::schedule::{CronExpr, close_zone, parse_zone};
 use crate::build::plan;
 use crate::diagnostic::{Diagnostics, Problem, Span, did_you_mean};
-use crate::recipe::model::{MAX_CPUS, MAX_TIMEOUT_SECS, MIN_MEMORY};
-use crate::recipe::{Accelerator, ByteSize, Firmware, Infrastructure, Located, Network};
+use crate::recipe::Located;
+use crate::recipe::model::MAX_TIMEOUT_SECS;
 use crate::yaml::Node;
 
 /// The noun used in diagnostics headings.
@@ -56,17 +58,6 @@ pub const TOP_KEYS: &[&str] = &[
     "lifecycle",
     "notifications",
     "status",
-];
-const INFRASTRUCTURE_KEYS: &[&str] = &[
-    "cpus",
-    "memory",
-    "accelerator",
-    "firmware",
-    "network",
-    "bootTimeoutSeconds",
-    "buildTimeoutSeconds",
-    "shutdownTimeoutSeconds",
-    "keepOnFailure",
 ];
 const TESTS_KEYS: &[&str] = &["enabled", "timeoutSeconds"];
 const SCHEDULE_KEYS: &[&str] = &["expression", "timezone", "startCondition", "packageUpdates"];
@@ -90,7 +81,7 @@ const IMAGE_BUILDER_KEYS: crate::yaml::walk::ImageBuilderKeys = &[
     ),
     (
         "distributionConfigurationArn",
-        "put `distribution:` in the recipe",
+        "write the targets under `distribution:` (`- directory: {path: …}`, …)",
     ),
     ("imageTestsConfiguration", "use `tests: {enabled: true}`"),
     ("imageTestsEnabled", "write `enabled: true`"),
@@ -353,18 +344,12 @@ fn pipeline(cx: &mut Cx<'_>, root: &Node, path: &Path, text: &str) -> Option<Pip
         None => Some(InfrastructureOverride::default()),
         Some((_, v)) => infrastructure(cx, v),
     };
-    if let Some((key, v)) = get("distribution")
-        && !v.is_null()
-    {
-        cx.error(
-            key.span,
-            "`distribution` cannot be set in a pipeline yet",
-            Some(
-                "put `distribution:` in the recipe; the pipeline distributes where the recipe says"
-                    .into(),
-            ),
-        );
-    }
+    // The recipe's `distribution` rules; an empty value keeps the recipe's list.
+    let distribution = match get("distribution") {
+        None => Some(None),
+        Some((_, v)) if v.is_null() => Some(None),
+        Some((_, v)) => crate::recipe::read_distribution(cx, v).map(Some),
+    };
     let tests = match get("tests") {
         None => Some(TestsOverride::default()),
         Some((_, v)) => tests(cx, v),
@@ -397,6 +382,7 @@ fn pipeline(cx: &mut Cx<'_>, root: &Node, path: &Path, text: &str) -> Option<Pip
         description,
         recipe: recipe?,
         infrastructure: infrastructure?,
+        distribution: distribution?,
         tests: tests?,
         schedule: schedule?,
         lifecycle: lifecycle?,
@@ -435,6 +421,8 @@ fn name(cx: &mut Cx<'_>, node: &Node) -> Option<String> {
     Some(text)
 }
 
+/// The recipe's `infrastructure` rules (the recipe walker's reader, so the messages are the
+/// same), keeping which keys were written: only those replace the recipe's.
 fn infrastructure(cx: &mut Cx<'_>, node: &Node) -> Option<InfrastructureOverride> {
     if node.is_null() {
         return Some(InfrastructureOverride::default());
@@ -449,78 +437,16 @@ fn infrastructure(cx: &mut Cx<'_>, node: &Node) -> Option<InfrastructureOverride
         );
         return None;
     }
-    let entries = cx.mapping(node, "`infrastructure`", INFRASTRUCTURE_KEYS)?;
-    let before = cx.problems.len();
-    let mut out = InfrastructureOverride {
-        keys: Vec::new(),
-        values: Infrastructure::default(),
-    };
-    let v = &mut out.values;
-    for (key, value) in entries {
-        let Some(k) = key.as_str() else { continue };
-        if !INFRASTRUCTURE_KEYS.contains(&k) {
-            continue;
-        }
-        match k {
-            "cpus" => {
-                if let Some(n) = cx.number(value, "cpus", 1, u64::from(MAX_CPUS)) {
-                    v.cpus = n as u32;
-                }
-            }
-            "memory" => {
-                if let Some(text) = cx.string(value, "memory") {
-                    match text.parse::<ByteSize>() {
-                        Ok(size) if size < MIN_MEMORY => cx.error(
-                            value.span,
-                            format!("memory ({size}) is below the minimum ({MIN_MEMORY})"),
-                            value.as_int().map(|_| {
-                                "a plain number is bytes; write a unit, e.g. `2GiB`".into()
-                            }),
-                        ),
-                        Ok(size) => v.memory = size,
-                        Err(e) => cx.error(value.span, format!("memory: {e}"), e.hint()),
-                    }
-                }
-            }
-            "accelerator" => {
-                if let Some(a) = cx.word(
-                    value,
-                    "accelerator",
-                    Accelerator::NAMES,
-                    Accelerator::from_name,
-                ) {
-                    v.accelerator = a;
-                }
-            }
-            "firmware" => {
-                if let Some(f) = cx.word(value, "firmware", Firmware::NAMES, Firmware::from_name) {
-                    v.firmware = f;
-                }
-            }
-            "network" => {
-                if let Some(n) = cx.word(value, "network", Network::NAMES, Network::from_name) {
-                    v.network = n;
-                }
-            }
-            "bootTimeoutSeconds" | "buildTimeoutSeconds" | "shutdownTimeoutSeconds" => {
-                if let Some(n) = cx.number(value, k, 1, MAX_TIMEOUT_SECS) {
-                    match k {
-                        "bootTimeoutSeconds" => v.boot_timeout_secs = n,
-                        "buildTimeoutSeconds" => v.build_timeout_secs = n,
-                        _ => v.shutdown_timeout_secs = n,
-                    }
-                }
-            }
-            "keepOnFailure" => {
-                if let Some(b) = cx.boolean(value, "keepOnFailure") {
-                    v.keep_on_failure = b;
-                }
-            }
-            _ => {}
-        }
-        out.keys.push(k.to_string());
-    }
-    (cx.problems.len() == before).then_some(out)
+    let values = crate::recipe::read_infrastructure(cx, node)?;
+    let keys = node
+        .as_mapping()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|(k, _)| k.as_str())
+        .filter(|k| crate::recipe::INFRASTRUCTURE_KEYS.contains(k))
+        .map(str::to_string)
+        .collect();
+    Some(InfrastructureOverride { keys, values })
 }
 
 fn tests(cx: &mut Cx<'_>, node: &Node) -> Option<TestsOverride> {
@@ -854,6 +780,7 @@ fn webhook(cx: &mut Cx<'_>, node: &Node) -> Option<Webhook> {
 #[allow(clippy::unwrap_used)] // a test that unwraps fails loudly, which is the point
 mod tests {
     use super::*;
+    use crate::recipe::{Accelerator, ByteSize, Infrastructure};
     use chrono::TimeZone;
 
     fn now() -> DateTime<Utc> {
@@ -918,6 +845,51 @@ mod tests {
             "Bearer t"
         );
         assert!(!p.enabled);
+    }
+
+    #[test]
+    fn distribution_replaces_the_recipes_and_obeys_its_rules() {
+        let text = format!("{MINIMAL}distribution:\n  - directory: {{path: out/}}\n");
+        let p = checked(&text).pipeline.unwrap();
+        let targets = p.distribution.unwrap();
+        assert_eq!(targets.len(), 1);
+        assert_eq!(targets[0].value.kind(), "directory");
+        // Empty: the recipe's list stays; `[]`: nowhere.
+        let p = checked(&format!("{MINIMAL}distribution:\n"))
+            .pipeline
+            .unwrap();
+        assert!(p.distribution.is_none());
+        let p = checked(&format!("{MINIMAL}distribution: []\n"))
+            .pipeline
+            .unwrap();
+        assert_eq!(p.distribution.unwrap().len(), 0);
+        // The recipe's messages.
+        let p = problems(&format!(
+            "{MINIMAL}distribution: {{directory: {{path: x}}}}\n"
+        ));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].2, "`distribution` must be a list, found a mapping");
+        assert_eq!(
+            p[0].3.as_deref(),
+            Some("write a list: `distribution:` then `- directory: {path: …}`")
+        );
+    }
+
+    #[test]
+    fn infrastructure_override_keeps_only_the_keys_written() {
+        let text = format!("{MINIMAL}infrastructure: {{memory: 3GiB, keepOnFailure: true}}\n");
+        let p = checked(&text).pipeline.unwrap();
+        assert_eq!(p.infrastructure.keys, ["memory", "keepOnFailure"]);
+        let recipe = Infrastructure {
+            cpus: 6,
+            ..Infrastructure::default()
+        };
+        let applied = p.infrastructure.apply(&recipe);
+        assert_eq!(applied.cpus, 6);
+        assert_eq!(applied.memory, ByteSize::gib(3));
+        assert!(applied.keep_on_failure);
+        let p = problems(&format!("{MINIMAL}infrastructure: {{memory: 1000}}\n"));
+        assert!(p[0].2.ends_with("is below the minimum (256MiB)"), "{p:?}");
     }
 
     #[test]

@@ -21,6 +21,7 @@ use super::parse::{self, ParseError, Validated};
 use crate::build::plan::{self, Plan};
 use crate::build::{self, BuildEvent, BuildObserver, BuildOptions};
 use crate::component::executor::{Event, Observer};
+use crate::distribute::target::Target;
 use crate::store::Store;
 
 #[derive(Debug, thiserror::Error)]
@@ -321,6 +322,13 @@ async fn fail(
 /// and the layer keys computed again (the network setting is part of them).
 pub fn with_overrides(mut plan: Plan, pipeline: &Pipeline) -> Plan {
     plan.infrastructure = pipeline.infrastructure.apply(&plan.infrastructure);
+    if let Some(targets) = &pipeline.distribution {
+        // Where an image goes is not part of its digest, so the layer keys stay the same.
+        plan.distribution = targets
+            .iter()
+            .map(|d| Target::from_recipe(&d.value, &pipeline.source.path))
+            .collect();
+    }
     if let Some(enabled) = pipeline.tests.enabled {
         plan.tests.enabled = enabled;
     }
@@ -476,5 +484,69 @@ impl<'a> Notifier<'a> {
         event.image = event.image.or_else(|| report.image.clone());
         event.error = event.error.or_else(|| report.error.clone());
         super::notify::send(notifications, &event).await
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that unwraps fails loudly, which is the point
+mod tests {
+    use super::*;
+    use crate::pipeline::Clock;
+    use crate::pipeline::SystemClock;
+
+    /// The pipeline at `name` (in a temporary folder next to the pipeline case recipes) and
+    /// the plan of its recipe before the overrides.
+    fn planned(dir: &Path, text: &str) -> (Pipeline, Plan) {
+        let path = dir.join("p.yml");
+        std::fs::write(&path, text).unwrap();
+        let env = |_: &str| None;
+        let v = parse::validate(&path, SystemClock.now(), &env).unwrap();
+        let plan = plan::plan(v.recipe, &plan::NoStore, &env, &mut |_| {}).unwrap();
+        (v.pipeline, plan)
+    }
+
+    #[test]
+    fn overrides_replace_the_recipes_infrastructure_keys_and_distribution() {
+        let dir = tempfile::tempdir().unwrap();
+        let recipe =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cases/pipeline/recipes/hello.yml");
+        let head = format!("name: p\nrecipe: {}\n", recipe.display());
+        let (pipeline, plan) = planned(dir.path(), &head);
+        let unchanged = with_overrides(plan.clone(), &pipeline);
+        assert_eq!(unchanged.infrastructure, plan.infrastructure);
+        assert_eq!(unchanged.distribution.len(), plan.distribution.len());
+
+        let text = format!(
+            "{head}infrastructure: {{cpus: 3}}\ndistribution:\n  - directory: {{path: out/}}\n"
+        );
+        let (pipeline, plan) = planned(dir.path(), &text);
+        let overridden = with_overrides(plan.clone(), &pipeline);
+        assert_eq!(overridden.infrastructure.cpus, 3);
+        assert_eq!(overridden.infrastructure.memory, plan.infrastructure.memory);
+        match overridden.distribution.as_slice() {
+            [Target::Directory { path, .. }] => {
+                assert_eq!(
+                    path,
+                    &dir.path().join("out/"),
+                    "relative to the pipeline file"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        // What an image is does not depend on where it goes.
+        assert_eq!(
+            overridden.components.last().unwrap().layer_key,
+            with_overrides(
+                plan,
+                &Pipeline {
+                    distribution: None,
+                    ..pipeline
+                }
+            )
+            .components
+            .last()
+            .unwrap()
+            .layer_key
+        );
     }
 }

@@ -54,6 +54,9 @@ pub use units::ByteSize;
 pub use version::{Version, VersionPattern};
 pub use walk::resolve_relative;
 pub use walk::{DEFAULT_OCI_TAG, split_oci_reference};
+pub(crate) use walk::{
+    INFRASTRUCTURE_KEYS, distribution as read_distribution, infrastructure as read_infrastructure,
+};
 
 use crate::diagnostic::{Diagnostics, Span};
 

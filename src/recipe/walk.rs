@@ -872,7 +872,9 @@ fn infrastructure_ref(
     result
 }
 
-fn infrastructure(cx: &mut Cx<'_>, node: &Node) -> Option<Infrastructure> {
+/// A recipe's `infrastructure` mapping (also read by pipelines, whose overrides obey the same
+/// rules).
+pub(crate) fn infrastructure(cx: &mut Cx<'_>, node: &Node) -> Option<Infrastructure> {
     let mut infra = Infrastructure::default();
     if node.is_null() {
         return Some(infra);
@@ -1069,7 +1071,8 @@ fn formats(cx: &mut Cx<'_>, key: &Node, node: &Node) -> Option<Vec<Format>> {
     ok.then_some(out)
 }
 
-fn distribution(cx: &mut Cx<'_>, node: &Node) -> Option<Vec<Located<Distribution>>> {
+/// A recipe's `distribution` list (also read by pipelines, whose list replaces the recipe's).
+pub(crate) fn distribution(cx: &mut Cx<'_>, node: &Node) -> Option<Vec<Located<Distribution>>> {
     if node.is_null() {
         return Some(Vec::new());
     }
