@@ -12,6 +12,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+#[path = "support/s3s.rs"]
+mod s3s;
+use s3s::{KEY as S3_KEY, S3Server, SECRET as S3_SECRET};
+
 fn doc(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/run")
@@ -1022,98 +1026,6 @@ fn execute_bash_and_execute_binary() {
     );
 }
 
-const S3_KEY: &str = "builder-test-key";
-const S3_SECRET: &str = "builder-test-secret";
-
-/// `s3s-fs` on PATH, else in cargo's bin folder (where `scripts/install-deps` puts it).
-fn s3s_fs_program() -> Option<PathBuf> {
-    let on_path = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|dir| dir.join("s3s-fs"));
-    let cargo_home = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
-    on_path
-        .chain(cargo_home.map(|c| c.join("bin/s3s-fs")))
-        .find(|p| p.is_file())
-}
-
-/// A real S3-compatible server: `s3s-fs` on 127.0.0.1, keeping its buckets as folders under a
-/// temporary folder, checking SigV4 against [`S3_KEY`]/[`S3_SECRET`]. Killed on drop.
-struct S3Server {
-    child: std::process::Child,
-    port: u16,
-    root: tempfile::TempDir,
-}
-
-impl S3Server {
-    /// Starts s3s-fs with `bucket` created. `None` (the test is skipped, with a note) when
-    /// s3s-fs is not installed, unless `BUILDER_S3_TESTS=1` asks for it: then it panics.
-    fn start(bucket: &str) -> Option<S3Server> {
-        let Some(program) = s3s_fs_program() else {
-            let how = "install it with `cargo install s3s-fs --version 0.14.1 --locked \
-                       --features binary` or `scripts/install-deps`";
-            if std::env::var("BUILDER_S3_TESTS").as_deref() == Ok("1") {
-                panic!(
-                    "BUILDER_S3_TESTS=1 but the program `s3s-fs` was not found on PATH nor in ~/.cargo/bin; {how}"
-                );
-            }
-            eprintln!("skipped: the S3 test needs the program `s3s-fs`; {how}");
-            return None;
-        };
-        let root = tempfile::tempdir().expect("temp dir");
-        let data = root.path().join("data");
-        // s3s-fs keeps a bucket as a folder under its root: this creates the bucket.
-        std::fs::create_dir_all(data.join(bucket)).expect("bucket folder");
-        let log = std::fs::File::create(root.path().join("s3s-fs.log")).expect("log file");
-        // Port 0 gives a free port; it is released just before s3s-fs binds it.
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let child = std::process::Command::new(&program)
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--access-key", S3_KEY, "--secret-key", S3_SECRET])
-            .arg(&data)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log file"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("could not start {}: {e}", program.display()));
-        let mut server = S3Server { child, port, root };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            let exited = server.child.try_wait().expect("s3s-fs status");
-            if exited.is_some() || Instant::now() > deadline {
-                panic!(
-                    "s3s-fs did not start listening on port {port} ({exited:?}): {}",
-                    std::fs::read_to_string(server.root.path().join("s3s-fs.log"))
-                        .unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Some(server)
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    /// What the server stored for `bucket/key`, read from its folder (not through S3).
-    fn stored(&self, bucket_and_key: &str) -> Option<String> {
-        std::fs::read_to_string(self.root.path().join("data").join(bucket_and_key)).ok()
-    }
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn s3_upload_and_download_against_an_s3_compatible_endpoint() {
     let Some(server) = S3Server::start("bucket") else {
@@ -1139,17 +1051,22 @@ fn s3_upload_and_download_against_an_s3_compatible_endpoint() {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     // What the server keeps, read from its own folder.
     assert_eq!(
-        server.stored("bucket/single/one-copy.txt").as_deref(),
-        Some("one")
-    );
-    assert_eq!(server.stored("bucket/tree/one.txt").as_deref(), Some("one"));
-    assert_eq!(
-        server.stored("bucket/tree/sub/two.txt").as_deref(),
-        Some("two")
+        server.stored("bucket", "single/one-copy.txt").as_deref(),
+        Some(&b"one"[..])
     );
     assert_eq!(
-        server.stored("bucket/tree/sub/deeper/three.txt").as_deref(),
-        Some("three")
+        server.stored("bucket", "tree/one.txt").as_deref(),
+        Some(&b"one"[..])
+    );
+    assert_eq!(
+        server.stored("bucket", "tree/sub/two.txt").as_deref(),
+        Some(&b"two"[..])
+    );
+    assert_eq!(
+        server
+            .stored("bucket", "tree/sub/deeper/three.txt")
+            .as_deref(),
+        Some(&b"three"[..])
     );
     // What came back through S3.
     assert_eq!(sb.read("one-back.txt"), "one");
@@ -1212,7 +1129,7 @@ fn s3_upload_and_download_against_an_s3_compatible_endpoint() {
             "{name}: the presigned query is not shown: {message}"
         );
     }
-    assert_eq!(server.stored("bucket/refused.txt"), None);
+    assert_eq!(server.stored("bucket", "refused.txt"), None);
 }
 
 #[test]
