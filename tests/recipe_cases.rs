@@ -3,68 +3,25 @@
 //! it (tests/cases/recipe/snapshots/). Component documents and the infrastructure file those
 //! recipes name live in the subfolders.
 
-use std::path::{Path, PathBuf};
+#[path = "support/cases.rs"]
+mod cases;
+
+use cases::root;
 
 const CASES: &str = "tests/cases/recipe";
 
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn cases() -> Vec<PathBuf> {
-    let mut cases: Vec<PathBuf> = std::fs::read_dir(root().join(CASES))
-        .expect("the cases folder exists")
-        .map(|e| e.expect("a readable folder entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yml"))
-        .collect();
-    cases.sort();
-    cases
-}
-
-/// `builder validate` on a case, run from the repository root so paths in messages are the
-/// relative paths a user would type.
+/// `builder validate` on a case.
 fn validate(relative: &str) -> (Option<i32>, String, String) {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_builder"))
-        .args(["validate", relative])
-        .current_dir(root())
-        .env("NO_COLOR", "1")
-        .env_remove("BUILDER_TEST_UNSET_VARIABLE")
-        .output()
-        .expect("builder runs");
-    (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    cases::builder(&["validate", relative], |c| {
+        c.env_remove("BUILDER_TEST_UNSET_VARIABLE")
+    })
 }
 
 #[test]
 fn every_case_is_rejected_with_its_rendered_problems() {
-    let cases = cases();
-    assert!(
-        cases.len() >= 14,
-        "expected the case files, found {}",
-        cases.len()
-    );
-    for case in &cases {
-        let name = case
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .expect("a UTF-8 name");
-        let relative = format!("{CASES}/{name}.yml");
-        let (code, stdout, stderr) = validate(&relative);
-        assert_eq!(code, Some(2), "{relative} should be invalid:\n{stderr}");
-        assert!(stdout.is_empty(), "{relative} printed on stdout: {stdout}");
-        assert!(
-            !stderr.contains("panicked"),
-            "{relative} made builder panic:\n{stderr}"
-        );
-        let mut settings = insta::Settings::clone_current();
-        settings.set_snapshot_path(root().join(CASES).join("snapshots"));
-        settings.set_prepend_module_to_snapshot(false);
-        settings.set_input_file(case);
-        settings.set_omit_expression(true);
-        settings.bind(|| insta::assert_snapshot!(name, stderr));
+    for case in cases::rejected_cases(CASES, 14, validate) {
+        let (name, stderr) = (case.name, case.stderr);
+        case.settings.bind(|| insta::assert_snapshot!(name, stderr));
     }
 }
 
