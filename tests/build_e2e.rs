@@ -403,13 +403,72 @@ fn example_recipe_and_a_recipe_built_on_it() {
     assert_eq!(manifest["tests"][0]["status"], "success");
 
     // A recipe whose parent is that build, from the store; its component checks the
-    // parent's changes are there (the exported qcow2 boots as a parent).
+    // parent's changes are there (the exported qcow2 boots as a parent). It is
+    // tests/build/on-parent.yml with a `distribution:` to a directory outside the checkout
+    // added, so the build's distribute stage runs in a real build too.
+    let recipe_dir = guard.root.path().join("recipe");
+    std::fs::create_dir(&recipe_dir).expect("mkdir recipe");
+    let components = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/build/components");
+    let shipped = guard.root.path().join("shipped");
+    let text = std::fs::read_to_string("tests/build/on-parent.yml")
+        .expect("on-parent.yml")
+        .replace(
+            "path: components/",
+            &format!("path: {}/", components.display()),
+        );
+    let recipe = recipe_dir.join("on-parent.yml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "{text}distribution:\n  - directory: {{path: {}}}\n",
+            shipped.display()
+        ),
+    )
+    .expect("write the child recipe");
     let out = guard.builder(
         &image,
-        &["build", "tests/build/on-parent.yml", "--accel", "tcg"],
+        &[
+            "build",
+            recipe.to_str().expect("utf-8 path"),
+            "--accel",
+            "tcg",
+        ],
     );
     assert_eq!(out.status.code(), Some(0), "the child build failed");
     let child = stored_build(&guard.store(), "e2e-child");
+    // Distributed: the folder holds the qcow2, the manifest and SHA256SUMS, with the stored
+    // digests, and the store recorded the receipt.
+    let receipts: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(child.join("receipts.json")).expect("receipts"))
+            .expect("receipts JSON");
+    assert_eq!(receipts[0]["kind"], "directory", "{receipts}");
+    let location = PathBuf::from(receipts[0]["location"].as_str().expect("location"));
+    assert!(location.starts_with(&shipped), "{}", location.display());
+    let sums = std::fs::read_to_string(location.join("SHA256SUMS")).expect("shipped SHA256SUMS");
+    let stored_manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(child.join("manifest.json")).expect("manifest"))
+            .expect("manifest JSON");
+    let qcow2 = stored_manifest["outputs"][0]["file"]
+        .as_str()
+        .expect("file");
+    assert_eq!(
+        sha256(&location.join(qcow2)),
+        stored_manifest["outputs"][0]["sha256"]
+            .as_str()
+            .expect("sha256"),
+        "the shipped qcow2 is the stored one"
+    );
+    assert!(sums.contains(qcow2), "{sums}");
+    assert!(location.join("manifest.json").is_file());
+    let shipped_entries: Vec<PathBuf> = std::fs::read_dir(&shipped)
+        .expect("shipped folder")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert_eq!(
+        shipped_entries,
+        [location.clone()],
+        "no temporary folder left"
+    );
     let printed = String::from_utf8_lossy(&out.stdout);
     assert!(
         printed.trim().ends_with(".qcow2") && printed.contains(&*child.to_string_lossy()),
