@@ -142,25 +142,7 @@ async fn main() {
     let raw = {
         let client = reqwest::Client::new();
         let t = Instant::now();
-        let response = client
-            .post(format!(
-                "http://{}/v2/bench/raw/blobs/uploads/",
-                registry.host()
-            ))
-            .send()
-            .await
-            .expect("start upload");
-        let location = response
-            .headers()
-            .get("location")
-            .and_then(|v| v.to_str().ok())
-            .expect("location")
-            .to_string();
-        let url = if location.starts_with('/') {
-            format!("http://{}{location}", registry.host())
-        } else {
-            location
-        };
+        let url = registry::start_upload(&client, &registry.host(), "bench/raw").await;
         let file = tokio::fs::File::open(&disk.path).await.expect("open disk");
         let response = client
             .put(format!("{url}&digest=sha256:{}", disk.sha256))

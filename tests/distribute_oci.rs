@@ -12,8 +12,8 @@ use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use builder::distribute::Progress;
 use builder::distribute::oci::{self, OciError, OciOptions, OciReference, OciShape};
+use builder::distribute::{Progress, Receipt};
 use builder::export::manifest::Manifest;
 use builder::export::{Artifact, Format};
 use builder::store::{Store, StoredImage, Version};
@@ -133,6 +133,15 @@ struct Recorder {
     hook: Option<Box<dyn Fn(&str, u64) + Send + Sync>>,
 }
 
+impl Recorder {
+    fn with_hook(hook: impl Fn(&str, u64) + Send + Sync + 'static) -> Self {
+        Self {
+            hook: Some(Box::new(hook)),
+            ..Self::default()
+        }
+    }
+}
+
 impl Progress for Recorder {
     fn transfer(&self, _target: &str, what: &str, done: u64, _total: Option<u64>) {
         self.transfers
@@ -194,25 +203,83 @@ fn api_bytes(registry: &TestRegistry, path: &str) -> Vec<u8> {
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
+/// A registry that a progress hook can stop and restart (hence shared), its host and the
+/// options to reach it; the docker config is set up first, as in every test.
+fn stoppable_registry() -> (Arc<Mutex<TestRegistry>>, String, OciOptions) {
+    docker_config();
+    let registry = TestRegistry::start();
+    let (host, opts) = (registry.host(), options(&registry));
+    (Arc::new(Mutex::new(registry)), host, opts)
+}
+
+/// A temp folder holding a store with one build `name` of `mib` MiB (see `stored_image`).
+fn temp_image(name: &str, mib: u32) -> (tempfile::TempDir, StoredImage) {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let image = stored_image(&tmp.path().join("store"), name, mib);
+    (tmp, image)
+}
+
+fn push(
+    rt: &tokio::runtime::Runtime,
+    image: &StoredImage,
+    dest: &OciReference,
+    shape: OciShape,
+    opts: &OciOptions,
+    progress: &Recorder,
+) -> Result<Receipt, OciError> {
+    rt.block_on(oci::push(image, dest, shape, opts, progress))
+}
+
+/// A push with the test options for `registry` and no progress hook.
+fn push_plain(
+    rt: &tokio::runtime::Runtime,
+    image: &StoredImage,
+    dest: &OciReference,
+    shape: OciShape,
+    registry: &TestRegistry,
+) -> Result<Receipt, OciError> {
+    push(
+        rt,
+        image,
+        dest,
+        shape,
+        &options(registry),
+        &Recorder::default(),
+    )
+}
+
+fn pull(
+    rt: &tokio::runtime::Runtime,
+    pinned: &OciReference,
+    opts: &OciOptions,
+    cache: &Path,
+) -> Result<oci::PulledDisk, OciError> {
+    rt.block_on(oci::pull_disk(pinned, opts, cache, &Recorder::default()))
+}
+
+/// `host/repo@digest`: a reference pinned to a manifest digest.
+fn pinned(host: &str, repo: &str, digest: &str) -> OciReference {
+    format!("{host}/{repo}@{digest}").parse().expect("pinned")
+}
+
 #[test]
 fn an_artifact_round_trips_with_equal_digests() {
     docker_config();
     let registry = TestRegistry::start();
-    let tmp = tempfile::tempdir().expect("temp dir");
-    let image = stored_image(&tmp.path().join("store"), "web", 3);
+    let (tmp, image) = temp_image("web", 3);
     let disk = image.disk.clone().expect("disk");
     let dest = reference(&registry, "images/web:1.0.0");
     let rt = runtime();
     let progress = Recorder::default();
-    let receipt = rt
-        .block_on(oci::push(
-            &image,
-            &dest,
-            OciShape::Artifact,
-            &options(&registry),
-            &progress,
-        ))
-        .expect("push");
+    let receipt = push(
+        &rt,
+        &image,
+        &dest,
+        OciShape::Artifact,
+        &options(&registry),
+        &progress,
+    )
+    .expect("push");
     assert_eq!(receipt.kind, "oci");
     let manifest_digest = receipt.digests["manifest"].clone();
     assert_eq!(
@@ -267,15 +334,15 @@ fn an_artifact_round_trips_with_equal_digests() {
 
     // Pushing again sends nothing new (every blob is there) and gives the same manifest.
     let again = Recorder::default();
-    let receipt2 = rt
-        .block_on(oci::push(
-            &image,
-            &dest,
-            OciShape::Artifact,
-            &options(&registry),
-            &again,
-        ))
-        .expect("second push");
+    let receipt2 = push(
+        &rt,
+        &image,
+        &dest,
+        OciShape::Artifact,
+        &options(&registry),
+        &again,
+    )
+    .expect("second push");
     assert_eq!(receipt2.digests, receipt.digests);
     assert!(
         again
@@ -289,17 +356,8 @@ fn an_artifact_round_trips_with_equal_digests() {
 
     // Pull it back by digest into a cache.
     let cache = tmp.path().join("cache");
-    let pinned: OciReference = format!("{}/images/web@{manifest_digest}", registry.host())
-        .parse()
-        .expect("pinned");
-    let pulled = rt
-        .block_on(oci::pull_disk(
-            &pinned,
-            &options(&registry),
-            &cache,
-            &Recorder::default(),
-        ))
-        .expect("pull");
+    let pinned = pinned(&registry.host(), "images/web", &manifest_digest);
+    let pulled = pull(&rt, &pinned, &options(&registry), &cache).expect("pull");
     assert_eq!(pulled.sha256, disk.sha256);
     assert_eq!(pulled.manifest_digest, manifest_digest);
     assert_eq!(pulled.path, cache.join(format!("{}.qcow2", disk.sha256)));
@@ -320,20 +378,11 @@ fn an_artifact_round_trips_with_equal_digests() {
 fn a_container_disk_holds_the_disk_owned_by_qemu_read_only() {
     docker_config();
     let registry = TestRegistry::start();
-    let tmp = tempfile::tempdir().expect("temp dir");
-    let image = stored_image(&tmp.path().join("store"), "vm", 3);
+    let (tmp, image) = temp_image("vm", 3);
     let disk = image.disk.clone().expect("disk");
     let dest = reference(&registry, "vms/vm:1.0.0");
     let rt = runtime();
-    let receipt = rt
-        .block_on(oci::push(
-            &image,
-            &dest,
-            OciShape::ContainerDisk,
-            &options(&registry),
-            &Recorder::default(),
-        ))
-        .expect("push");
+    let receipt = push_plain(&rt, &image, &dest, OciShape::ContainerDisk, &registry).expect("push");
     assert_eq!(receipt.kind, "containerdisk");
     assert!(
         receipt.location.starts_with(&format!(
@@ -404,19 +453,9 @@ fn a_container_disk_holds_the_disk_owned_by_qemu_read_only() {
     assert!(files.iter().any(|f| f.0 == "disk/"), "{files:?}");
 
     // A containerDisk works as a parent image too: the qcow2 comes out of the layer.
-    let pinned: OciReference =
-        format!("{}/vms/vm@{}", registry.host(), receipt.digests["manifest"])
-            .parse()
-            .expect("pinned");
+    let pinned = pinned(&registry.host(), "vms/vm", &receipt.digests["manifest"]);
     let cache = tmp.path().join("cache");
-    let pulled = rt
-        .block_on(oci::pull_disk(
-            &pinned,
-            &options(&registry),
-            &cache,
-            &Recorder::default(),
-        ))
-        .expect("pull");
+    let pulled = pull(&rt, &pinned, &options(&registry), &cache).expect("pull");
     assert_eq!(pulled.sha256, disk.sha256);
     assert_eq!(sha256_hex(&pulled.path), disk.sha256);
 }
@@ -425,39 +464,23 @@ fn a_container_disk_holds_the_disk_owned_by_qemu_read_only() {
 /// does not exist; once the registry is back the same push succeeds.
 #[test]
 fn an_interrupted_push_leaves_no_tag_and_succeeds_when_retried() {
-    docker_config();
-    let registry = Arc::new(Mutex::new(TestRegistry::start()));
-    let (host, opts) = {
-        let r = registry.lock().expect("lock");
-        (r.host(), options(&r))
-    };
-    let tmp = tempfile::tempdir().expect("temp dir");
-    let image = stored_image(&tmp.path().join("store"), "web", 6);
+    let (registry, host, opts) = stoppable_registry();
+    let (_tmp, image) = temp_image("web", 6);
     let dest: OciReference = format!("{host}/images/web:1.0.0").parse().expect("ref");
     let rt = runtime();
     let killer = {
         let registry = registry.clone();
-        Recorder {
-            hook: Some(Box::new(move |what: &str, done: u64| {
-                if what.ends_with(".qcow2") && done >= 2 << 20 {
-                    registry.lock().expect("lock").stop();
-                }
-            })),
-            ..Recorder::default()
-        }
+        Recorder::with_hook(move |what: &str, done: u64| {
+            if what.ends_with(".qcow2") && done >= 2 << 20 {
+                registry.lock().expect("lock").stop();
+            }
+        })
     };
     let opts_few = OciOptions {
         attempts: 2,
         ..opts.clone()
     };
-    let e = rt
-        .block_on(oci::push(
-            &image,
-            &dest,
-            OciShape::Artifact,
-            &opts_few,
-            &killer,
-        ))
+    let e = push(&rt, &image, &dest, OciShape::Artifact, &opts_few, &killer)
         .expect_err("the registry went away");
     assert!(matches!(e, OciError::GaveUp { .. }), "{e}");
     assert!(
@@ -474,15 +497,15 @@ fn an_interrupted_push_leaves_no_tag_and_succeeds_when_retried() {
     );
     assert_eq!(tag_status, 404, "a failed push left a tag");
 
-    let receipt = rt
-        .block_on(oci::push(
-            &image,
-            &dest,
-            OciShape::Artifact,
-            &opts,
-            &Recorder::default(),
-        ))
-        .expect("push after restart");
+    let receipt = push(
+        &rt,
+        &image,
+        &dest,
+        OciShape::Artifact,
+        &opts,
+        &Recorder::default(),
+    )
+    .expect("push after restart");
     let r = registry.lock().expect("lock");
     let m = api_json(&r, "images/web/manifests/1.0.0", OCI_MANIFEST);
     assert_eq!(
@@ -496,42 +519,41 @@ fn an_interrupted_push_leaves_no_tag_and_succeeds_when_retried() {
 /// how much of the upload session it holds, and carries on from there (never from zero).
 #[test]
 fn a_push_resumes_its_upload_session_after_the_registry_restarts() {
-    docker_config();
-    let registry = Arc::new(Mutex::new(TestRegistry::start()));
-    let (host, opts) = {
-        let r = registry.lock().expect("lock");
-        (r.host(), options(&r))
-    };
-    let tmp = tempfile::tempdir().expect("temp dir");
-    let image = stored_image(&tmp.path().join("store"), "web", 6);
+    let (registry, host, opts) = stoppable_registry();
+    let (tmp, image) = temp_image("web", 6);
     let dest: OciReference = format!("{host}/images/web:2").parse().expect("ref");
     let kill_at = 3u64 << 20;
     let killed = Arc::new(Mutex::new(false));
     let progress = {
         let registry = registry.clone();
         let killed = killed.clone();
-        Recorder {
-            hook: Some(Box::new(move |what: &str, done: u64| {
-                let mut k = killed.lock().expect("lock");
-                if what.ends_with(".qcow2") && done >= kill_at && !*k {
-                    *k = true;
-                    registry.lock().expect("lock").stop();
-                    // Back after a while: the push's first retry fails, a later one resumes.
-                    let registry = registry.clone();
-                    std::thread::spawn(move || {
-                        std::thread::sleep(Duration::from_millis(300));
-                        registry.lock().expect("lock").restart();
-                    });
-                }
-            })),
-            ..Recorder::default()
-        }
+        Recorder::with_hook(move |what: &str, done: u64| {
+            let mut k = killed.lock().expect("lock");
+            if what.ends_with(".qcow2") && done >= kill_at && !*k {
+                *k = true;
+                registry.lock().expect("lock").stop();
+                // Back after a while: the push's first retry fails, a later one resumes.
+                let registry = registry.clone();
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(300));
+                    registry.lock().expect("lock").restart();
+                });
+            }
+        })
     };
     let opts = OciOptions {
         attempts: 8,
         ..opts
     };
-    let receipt = rt_push(&image, &dest, &opts, &progress);
+    let receipt = push(
+        &runtime(),
+        &image,
+        &dest,
+        OciShape::Artifact,
+        &opts,
+        &progress,
+    )
+    .expect("push");
     assert!(
         *killed.lock().expect("lock"),
         "the registry was never stopped"
@@ -547,29 +569,9 @@ fn a_push_resumes_its_upload_session_after_the_registry_restarts() {
         after_kill.iter().all(|done| *done >= kill_at),
         "the upload started over after the restart: {after_kill:?}"
     );
-    let pinned: OciReference = format!("{host}/images/web@{}", receipt.digests["manifest"])
-        .parse()
-        .expect("pinned");
-    let pulled = runtime()
-        .block_on(oci::pull_disk(
-            &pinned,
-            &opts,
-            &tmp.path().join("cache"),
-            &Recorder::default(),
-        ))
-        .expect("pull");
+    let pinned = pinned(&host, "images/web", &receipt.digests["manifest"]);
+    let pulled = pull(&runtime(), &pinned, &opts, &tmp.path().join("cache")).expect("pull");
     assert_eq!(pulled.sha256, image.disk.as_ref().expect("disk").sha256);
-}
-
-fn rt_push(
-    image: &StoredImage,
-    dest: &OciReference,
-    opts: &OciOptions,
-    progress: &Recorder,
-) -> builder::distribute::Receipt {
-    runtime()
-        .block_on(oci::push(image, dest, OciShape::Artifact, opts, progress))
-        .expect("push")
 }
 
 /// htpasswd basic auth, credentials from `$DOCKER_CONFIG/config.json`: a wrong password is
@@ -578,39 +580,25 @@ fn rt_push(
 fn registry_credentials_come_from_the_docker_config() {
     let config_dir = docker_config();
     let registry = TestRegistry::start_with_auth("builder", "s3cret-pass");
-    let tmp = tempfile::tempdir().expect("temp dir");
-    let image = stored_image(&tmp.path().join("store"), "web", 2);
+    let (tmp, image) = temp_image("web", 2);
     let dest = reference(&registry, "private/web:1.0.0");
     let rt = runtime();
     use base64::Engine as _;
-    let auth = |user: &str, password: &str| {
-        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    // Log `builder` in with `password` in the docker config, then push.
+    let push_as = |password: &str| {
+        let auth = base64::engine::general_purpose::STANDARD.encode(format!("builder:{password}"));
+        write_docker_config(&serde_json::json!({
+            "auths": { registry.host(): { "auth": auth } }
+        }));
+        push_plain(&rt, &image, &dest, OciShape::Artifact, &registry)
     };
 
     // No credential at all.
-    let e = rt
-        .block_on(oci::push(
-            &image,
-            &dest,
-            OciShape::Artifact,
-            &options(&registry),
-            &Recorder::default(),
-        ))
+    let e = push_plain(&rt, &image, &dest, OciShape::Artifact, &registry)
         .expect_err("anonymous push to an htpasswd registry");
     assert!(matches!(e, OciError::AuthFailed { .. }), "{e}");
 
-    write_docker_config(&serde_json::json!({
-        "auths": { registry.host(): { "auth": auth("builder", "wrong") } }
-    }));
-    let e = rt
-        .block_on(oci::push(
-            &image,
-            &dest,
-            OciShape::Artifact,
-            &options(&registry),
-            &Recorder::default(),
-        ))
-        .expect_err("wrong password");
+    let e = push_as("wrong").expect_err("wrong password");
     let message = e.to_string();
     assert!(matches!(e, OciError::AuthFailed { .. }), "{message}");
     assert!(
@@ -624,32 +612,13 @@ fn registry_credentials_come_from_the_docker_config() {
         e.hint()
     );
 
-    write_docker_config(&serde_json::json!({
-        "auths": { registry.host(): { "auth": auth("builder", "s3cret-pass") } }
-    }));
-    let receipt = rt
-        .block_on(oci::push(
-            &image,
-            &dest,
-            OciShape::Artifact,
-            &options(&registry),
-            &Recorder::default(),
-        ))
-        .expect("push with the right password");
-    let pinned: OciReference = format!(
-        "{}/private/web@{}",
-        registry.host(),
-        receipt.digests["manifest"]
-    )
-    .parse()
-    .expect("pinned");
-    let pulled = rt
-        .block_on(oci::pull_disk(
-            &pinned,
-            &options(&registry),
-            &tmp.path().join("cache"),
-            &Recorder::default(),
-        ))
+    let receipt = push_as("s3cret-pass").expect("push with the right password");
+    let pinned = pinned(
+        &registry.host(),
+        "private/web",
+        &receipt.digests["manifest"],
+    );
+    let pulled = pull(&rt, &pinned, &options(&registry), &tmp.path().join("cache"))
         .expect("pull with the right password");
     assert_eq!(pulled.sha256, image.disk.as_ref().expect("disk").sha256);
 }
@@ -658,26 +627,23 @@ fn registry_credentials_come_from_the_docker_config() {
 fn a_tag_only_pull_is_refused_with_the_digest_to_pin() {
     docker_config();
     let registry = TestRegistry::start();
-    let tmp = tempfile::tempdir().expect("temp dir");
-    let image = stored_image(&tmp.path().join("store"), "base", 2);
+    let (tmp, image) = temp_image("base", 2);
     let rt = runtime();
-    let receipt = rt
-        .block_on(oci::push(
-            &image,
-            &reference(&registry, "base:1"),
-            OciShape::Artifact,
-            &options(&registry),
-            &Recorder::default(),
-        ))
-        .expect("push");
-    let e = rt
-        .block_on(oci::pull_disk(
-            &reference(&registry, "base:1"),
-            &options(&registry),
-            &tmp.path().join("cache"),
-            &Recorder::default(),
-        ))
-        .expect_err("tag only");
+    let receipt = push_plain(
+        &rt,
+        &image,
+        &reference(&registry, "base:1"),
+        OciShape::Artifact,
+        &registry,
+    )
+    .expect("push");
+    let e = pull(
+        &rt,
+        &reference(&registry, "base:1"),
+        &options(&registry),
+        &tmp.path().join("cache"),
+    )
+    .expect_err("tag only");
     assert!(matches!(e, OciError::NotPinned { .. }), "{e}");
     let hint = e.hint().expect("hint");
     assert!(
@@ -701,21 +667,20 @@ fn a_tag_only_pull_is_refused_with_the_digest_to_pin() {
 fn https_to_a_plain_http_registry_points_at_the_insecure_list() {
     docker_config();
     let registry = TestRegistry::start();
-    let tmp = tempfile::tempdir().expect("temp dir");
-    let image = stored_image(&tmp.path().join("store"), "web", 2);
+    let (_tmp, image) = temp_image("web", 2);
     let opts = OciOptions {
         plain_http: Vec::new(),
         ..options(&registry)
     };
-    let e = runtime()
-        .block_on(oci::push(
-            &image,
-            &reference(&registry, "web:1"),
-            OciShape::Artifact,
-            &opts,
-            &Recorder::default(),
-        ))
-        .expect_err("TLS to a plain registry");
+    let e = push(
+        &runtime(),
+        &image,
+        &reference(&registry, "web:1"),
+        OciShape::Artifact,
+        &opts,
+        &Recorder::default(),
+    )
+    .expect_err("TLS to a plain registry");
     assert!(matches!(e, OciError::PlainHttpRegistry { .. }), "{e}");
     let hint = e.hint().expect("hint");
     assert!(
@@ -727,22 +692,7 @@ fn https_to_a_plain_http_registry_points_at_the_insecure_list() {
 /// Upload `bytes` as a blob with plain requests (as another tool would); returns its digest.
 async fn raw_blob(client: &reqwest::Client, host: &str, repo: &str, bytes: Vec<u8>) -> String {
     let digest = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
-    let response = client
-        .post(format!("http://{host}/v2/{repo}/blobs/uploads/"))
-        .send()
-        .await
-        .expect("start upload");
-    let location = response
-        .headers()
-        .get("location")
-        .and_then(|v| v.to_str().ok())
-        .expect("location")
-        .to_string();
-    let url = if location.starts_with('/') {
-        format!("http://{host}{location}")
-    } else {
-        location
-    };
+    let url = registry::start_upload(client, host, repo).await;
     let response = client
         .put(format!("{url}&digest={digest}"))
         .header("content-type", "application/octet-stream")
@@ -760,8 +710,7 @@ async fn raw_blob(client: &reqwest::Client, host: &str, repo: &str, bytes: Vec<u
 fn a_gzip_container_disk_built_elsewhere_can_be_a_parent() {
     docker_config();
     let registry = TestRegistry::start();
-    let tmp = tempfile::tempdir().expect("temp dir");
-    let image = stored_image(&tmp.path().join("store"), "ext", 2);
+    let (tmp, image) = temp_image("ext", 2);
     let disk = image.disk.clone().expect("disk");
     let mut tar_bytes = Vec::new();
     {
@@ -822,17 +771,14 @@ fn a_gzip_container_disk_built_elsewhere_can_be_a_parent() {
         assert_eq!(response.status().as_u16(), 201);
         digest
     });
-    let pinned: OciReference = format!("{host}/ext/vm@{manifest_digest}")
-        .parse()
-        .expect("pinned");
-    let pulled = runtime()
-        .block_on(oci::pull_disk(
-            &pinned,
-            &options(&registry),
-            &tmp.path().join("cache"),
-            &Recorder::default(),
-        ))
-        .expect("pull");
+    let pinned = pinned(&host, "ext/vm", &manifest_digest);
+    let pulled = pull(
+        &runtime(),
+        &pinned,
+        &options(&registry),
+        &tmp.path().join("cache"),
+    )
+    .expect("pull");
     assert_eq!(pulled.sha256, disk.sha256);
     assert_eq!(sha256_hex(&pulled.path), disk.sha256);
 }

@@ -131,6 +131,28 @@ impl Drop for TestRegistry {
     }
 }
 
+/// Open a blob upload session in `repo` with a plain request (as another tool would) and
+/// return the absolute URL to PUT the blob to (the registry may answer with a path only).
+#[allow(dead_code)] // distribute_local includes this file but uploads through builder only
+pub async fn start_upload(client: &reqwest::Client, host: &str, repo: &str) -> String {
+    let response = client
+        .post(format!("http://{host}/v2/{repo}/blobs/uploads/"))
+        .send()
+        .await
+        .expect("start upload");
+    let location = response
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .expect("location")
+        .to_string();
+    if location.starts_with('/') {
+        format!("http://{host}{location}")
+    } else {
+        location
+    }
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
