@@ -25,7 +25,7 @@ use builder::distribute::aws::client::http_client;
 use builder::distribute::aws::ec2::{Ec2Client, Ec2Error};
 use builder::distribute::aws::{
     AmiOptions, AwsCredentials, AwsError, ImportMethod, RetryPolicy, S3Client, S3Error,
-    UploadOptions, import_ami, preflight, upload_multipart,
+    UploadOptions, Uploaded, import_ami, preflight, upload_multipart,
 };
 use builder::export::Format;
 use builder::export::manifest::ImageId;
@@ -244,6 +244,38 @@ fn files_in(dir: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// A temp folder with a `size`-byte `disk.vmdk` to upload and the path of its state folder.
+fn upload_work(size: u64) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let work = tempfile::tempdir().expect("temp dir");
+    let file = random_file(work.path(), "disk.vmdk", size);
+    let state = work.path().join("state");
+    (work, file, state)
+}
+
+/// Upload `file` to `BUCKET/key` with the test's part size and concurrency.
+async fn upload(
+    s3: &S3Client,
+    file: &Path,
+    key: &str,
+    state: &Path,
+    progress: &Recorder,
+) -> Result<Uploaded, S3Error> {
+    upload_multipart(
+        s3,
+        file,
+        BUCKET,
+        key,
+        &upload_options(state),
+        progress,
+        "ami",
+    )
+    .await
+}
+
+fn assert_no_state(state: &Path) {
+    assert!(files_in(state).is_empty(), "left: {:?}", files_in(state));
+}
+
 /// Files (not folders) anywhere under `dir`, as paths relative to it.
 fn files_under(dir: &Path) -> Vec<String> {
     let mut found = Vec::new();
@@ -268,23 +300,13 @@ async fn multipart_upload_of_a_file_larger_than_one_part() {
     let Some(server) = S3Server::start(BUCKET) else {
         return;
     };
-    let work = tempfile::tempdir().expect("temp dir");
-    let file = random_file(work.path(), "disk.vmdk", 12 * MIB + 123);
-    let state = work.path().join("state");
+    let (_work, file, state) = upload_work(12 * MIB + 123);
     let s3 = s3_client(&server.endpoint(), SECRET);
     let progress = Recorder::default();
 
-    let uploaded = upload_multipart(
-        &s3,
-        &file,
-        BUCKET,
-        "dir/disk one.vmdk",
-        &upload_options(&state),
-        &progress,
-        "ami",
-    )
-    .await
-    .expect("uploads");
+    let uploaded = upload(&s3, &file, "dir/disk one.vmdk", &state, &progress)
+        .await
+        .expect("uploads");
 
     let original = std::fs::read(&file).expect("read");
     assert_eq!(uploaded.parts, 3);
@@ -301,11 +323,7 @@ async fn multipart_upload_of_a_file_larger_than_one_part() {
         stored == original,
         "the stored object differs from the file"
     );
-    assert!(
-        files_in(&state).is_empty(),
-        "state left: {:?}",
-        files_in(&state)
-    );
+    assert_no_state(&state);
     assert!(server.pending_uploads().is_empty());
     let transfers = progress.transfers.lock().expect("transfers").clone();
     assert_eq!(transfers.first(), Some(&(0, Some(original.len() as u64))));
@@ -326,24 +344,14 @@ async fn an_interrupted_upload_resumes_with_only_the_missing_parts() {
         return;
     };
     let proxy = PartProxy::start(server.port).await;
-    let work = tempfile::tempdir().expect("temp dir");
-    let file = random_file(work.path(), "disk.vmdk", 12 * MIB);
-    let state = work.path().join("state");
+    let (_work, file, state) = upload_work(12 * MIB);
     let s3 = s3_client(&proxy.endpoint(), SECRET);
 
     // First run: the server takes one part, then part uploads fail (connections cut).
     proxy.budget.store(1, Ordering::SeqCst);
-    let err = upload_multipart(
-        &s3,
-        &file,
-        BUCKET,
-        "disk.vmdk",
-        &upload_options(&state),
-        &Recorder::default(),
-        "ami",
-    )
-    .await
-    .expect_err("parts are refused");
+    let err = upload(&s3, &file, "disk.vmdk", &state, &Recorder::default())
+        .await
+        .expect_err("parts are refused");
     let text = err.to_string();
     assert!(
         matches!(&err, S3Error::Interrupted(i) if i.done == 1 && i.total == 3),
@@ -360,17 +368,9 @@ async fn an_interrupted_upload_resumes_with_only_the_missing_parts() {
     // Second run: only the two missing parts are sent.
     proxy.budget.store(-1, Ordering::SeqCst);
     proxy.parts.store(0, Ordering::SeqCst);
-    let uploaded = upload_multipart(
-        &s3,
-        &file,
-        BUCKET,
-        "disk.vmdk",
-        &upload_options(&state),
-        &Recorder::default(),
-        "ami",
-    )
-    .await
-    .expect("resumes");
+    let uploaded = upload(&s3, &file, "disk.vmdk", &state, &Recorder::default())
+        .await
+        .expect("resumes");
     assert_eq!(uploaded.parts, 3);
     assert_eq!(uploaded.parts_reused, 1);
     assert_eq!(
@@ -392,9 +392,7 @@ async fn a_cancelled_upload_is_aborted() {
     let Some(server) = S3Server::start(BUCKET) else {
         return;
     };
-    let work = tempfile::tempdir().expect("temp dir");
-    let file = random_file(work.path(), "disk.vmdk", 12 * MIB);
-    let state = work.path().join("state");
+    let (_work, file, state) = upload_work(12 * MIB);
     let s3 = s3_client(&server.endpoint(), SECRET);
     let token = CancellationToken::new();
     let progress = Recorder {
@@ -425,21 +423,11 @@ async fn a_bad_credential_is_rejected_with_a_clear_error() {
     let Some(server) = S3Server::start(BUCKET) else {
         return;
     };
-    let work = tempfile::tempdir().expect("temp dir");
-    let file = random_file(work.path(), "disk.vmdk", 6 * MIB);
-    let state = work.path().join("state");
+    let (_work, file, state) = upload_work(6 * MIB);
     let s3 = s3_client(&server.endpoint(), "not-the-secret");
-    let err = upload_multipart(
-        &s3,
-        &file,
-        BUCKET,
-        "disk.vmdk",
-        &upload_options(&state),
-        &Recorder::default(),
-        "ami",
-    )
-    .await
-    .expect_err("refused");
+    let err = upload(&s3, &file, "disk.vmdk", &state, &Recorder::default())
+        .await
+        .expect_err("refused");
     let text = err.to_string();
     assert!(matches!(err, S3Error::Credentials { .. }), "{text}");
     assert!(
@@ -502,6 +490,33 @@ fn stored_image(dir: &Path) -> StoredImage {
     }
 }
 
+/// A temp folder with a stored build (see `stored_image`) and the path of the state folder.
+fn ami_work() -> (tempfile::TempDir, StoredImage, PathBuf) {
+    let work = tempfile::tempdir().expect("temp dir");
+    let image = stored_image(work.path());
+    let state = work.path().join("state");
+    (work, image, state)
+}
+
+/// A script whose import task never finishes.
+fn endless_task() -> Script {
+    Script {
+        active_polls: usize::MAX,
+        ..Script::default()
+    }
+}
+
+fn ec2_client(fake: &FakeEc2, credentials: AwsCredentials) -> Ec2Client {
+    Ec2Client::new(
+        http_client(),
+        credentials,
+        "eu-west-1",
+        Some(&fake.endpoint()),
+        quick_retries(),
+    )
+    .expect("valid endpoint")
+}
+
 fn ami_options(server: &S3Server, fake: &FakeEc2, state: &Path) -> AmiOptions {
     let mut options = AmiOptions::new(BUCKET, "web 1.2.0 (build 3)");
     options.region = Some("us-east-1".into());
@@ -535,9 +550,7 @@ async fn import_ami_uploads_imports_registers_tags_copies_and_shares() {
         return;
     };
     let fake = FakeEc2::start(KEY, SECRET, Script::default()).await;
-    let work = tempfile::tempdir().expect("temp dir");
-    let image = stored_image(work.path());
-    let state = work.path().join("state");
+    let (_work, image, state) = ami_work();
     let mut options = ami_options(&server, &fake, &state);
     options.tags = BTreeMap::from([("team".to_string(), "web".to_string())]);
     options.copy_to_regions = vec!["eu-central-1".into()];
@@ -672,7 +685,7 @@ async fn import_ami_uploads_imports_registers_tags_copies_and_shares() {
             .any(|s| s == "importing import-snap-0fake: 30% converting"),
         "{steps:#?}"
     );
-    assert!(files_in(&state).is_empty(), "left: {:?}", files_in(&state));
+    assert_no_state(&state);
     assert!(server.pending_uploads().is_empty());
 }
 
@@ -682,9 +695,7 @@ async fn import_image_method_uses_import_image() {
         return;
     };
     let fake = FakeEc2::start(KEY, SECRET, Script::default()).await;
-    let work = tempfile::tempdir().expect("temp dir");
-    let image = stored_image(work.path());
-    let state = work.path().join("state");
+    let (_work, image, state) = ami_work();
     let mut options = ami_options(&server, &fake, &state);
     options.import_method = ImportMethod::Image;
     options.boot_mode = Some("legacy-bios".into());
@@ -729,9 +740,7 @@ async fn preflight_stops_before_any_upload_when_the_bucket_is_missing() {
         return;
     };
     let fake = FakeEc2::start(KEY, SECRET, Script::default()).await;
-    let work = tempfile::tempdir().expect("temp dir");
-    let image = stored_image(work.path());
-    let state = work.path().join("state");
+    let (_work, image, state) = ami_work();
     let mut options = ami_options(&server, &fake, &state);
     options.bucket = "missing-bucket".into();
 
@@ -805,14 +814,7 @@ async fn preflight_reports_a_missing_role_and_a_taken_name_and_warns_without_iam
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fake_rejects_a_wrong_signature_and_ec2_says_so() {
     let fake = FakeEc2::start(KEY, SECRET, Script::default()).await;
-    let ec2 = Ec2Client::new(
-        http_client(),
-        credentials("not-the-secret"),
-        "eu-west-1",
-        Some(&fake.endpoint()),
-        quick_retries(),
-    )
-    .expect("valid endpoint");
+    let ec2 = ec2_client(&fake, credentials("not-the-secret"));
     let err = ec2.images_named("x").await.expect_err("refused");
     assert!(matches!(err, Ec2Error::Credentials { .. }), "{err}");
     assert!(
@@ -828,14 +830,10 @@ async fn the_fake_rejects_a_wrong_signature_and_ec2_says_so() {
     assert!(fake.calls().is_empty());
 
     // Temporary credentials: the session token is sent and covered by the signature.
-    let ec2 = Ec2Client::new(
-        http_client(),
+    let ec2 = ec2_client(
+        &fake,
         AwsCredentials::new(KEY, SECRET, Some("session-token".into()), "test"),
-        "eu-west-1",
-        Some(&fake.endpoint()),
-        quick_retries(),
-    )
-    .expect("valid endpoint");
+    );
     assert_eq!(
         ec2.images_named("x").await.expect("accepted"),
         Vec::<String>::new()
@@ -853,9 +851,7 @@ async fn a_failed_a_slow_and_a_cancelled_import_are_reported() {
     let Some(server) = S3Server::start(BUCKET) else {
         return;
     };
-    let work = tempfile::tempdir().expect("temp dir");
-    let image = stored_image(work.path());
-    let state = work.path().join("state");
+    let (_work, image, state) = ami_work();
 
     // VM Import gives up: the task ends `deleted` with its reason.
     let fake = FakeEc2::start(
@@ -882,15 +878,7 @@ async fn a_failed_a_slow_and_a_cancelled_import_are_reported() {
     assert!(!fake.actions().contains(&"RegisterImage".to_string()));
 
     // The task never finishes within the timeout.
-    let fake = FakeEc2::start(
-        KEY,
-        SECRET,
-        Script {
-            active_polls: usize::MAX,
-            ..Script::default()
-        },
-    )
-    .await;
+    let fake = FakeEc2::start(KEY, SECRET, endless_task()).await;
     let mut options = ami_options(&server, &fake, &state);
     options.import_timeout = Duration::from_millis(100);
     let err = import_ami(&image, &options, &Recorder::default())
@@ -909,15 +897,7 @@ async fn a_failed_a_slow_and_a_cancelled_import_are_reported() {
     );
 
     // The user cancels while the task runs: the task is cancelled too.
-    let fake = FakeEc2::start(
-        KEY,
-        SECRET,
-        Script {
-            active_polls: usize::MAX,
-            ..Script::default()
-        },
-    )
-    .await;
+    let fake = FakeEc2::start(KEY, SECRET, endless_task()).await;
     let mut options = ami_options(&server, &fake, &state);
     let token = CancellationToken::new();
     options.cancel = Some(token.clone());
@@ -936,7 +916,7 @@ async fn a_failed_a_slow_and_a_cancelled_import_are_reported() {
         .collect();
     assert_eq!(cancels.len(), 1);
     assert_eq!(cancels[0].param("ImportTaskId"), Some("import-snap-0fake"));
-    assert!(files_in(&state).is_empty(), "left: {:?}", files_in(&state));
+    assert_no_state(&state);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -946,9 +926,7 @@ async fn an_interrupted_import_keeps_its_converted_disk_and_resumes() {
     };
     let proxy = PartProxy::start(server.port).await;
     let fake = FakeEc2::start(KEY, SECRET, Script::default()).await;
-    let work = tempfile::tempdir().expect("temp dir");
-    let image = stored_image(work.path());
-    let state = work.path().join("state");
+    let (_work, image, state) = ami_work();
     let mut options = ami_options(&server, &fake, &state);
     options.s3_endpoint = Some(proxy.endpoint());
 
@@ -983,7 +961,7 @@ async fn an_interrupted_import_keeps_its_converted_disk_and_resumes() {
         "{steps:#?}"
     );
     assert_eq!(receipt.location, "ami-0fake (us-east-1)");
-    assert!(files_in(&state).is_empty(), "left: {:?}", files_in(&state));
+    assert_no_state(&state);
     assert!(server.pending_uploads().is_empty());
     assert!(fake.rejected().is_empty(), "{:?}", fake.rejected());
 }
