@@ -195,6 +195,18 @@ pub struct Request {
     pub body: Vec<u8>,
 }
 
+impl Request {
+    /// A request without headers of its own or a body.
+    pub fn bare(method: &'static str, url: String) -> Request {
+        Request {
+            method,
+            url,
+            headers: vec![],
+            body: vec![],
+        }
+    }
+}
+
 /// A response with a success status (and, for S3, no `<Error>` hidden in a 200).
 #[derive(Debug)]
 pub struct Response {

@@ -27,9 +27,9 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::sync::CancellationToken;
 
-use super::client::{self, Client, Request, RequestError, RetryPolicy, Service};
+use super::client::{self, Client, Request, RequestError, Response, RetryPolicy, Service};
 use super::credentials::AwsCredentials;
-use super::xml;
+use super::xml::{self, Element};
 use crate::distribute::Progress;
 
 /// S3's smallest part (except the last).
@@ -276,14 +276,37 @@ impl S3Client {
         }
     }
 
+    /// Send `request` (with retries); a failure becomes the error for `action`.
+    async fn send(
+        &self,
+        request: &Request,
+        action: &'static str,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Response, S3Error> {
+        self.client
+            .send(request)
+            .await
+            .map_err(|e| self.request_error(action, bucket, key, e))
+    }
+
+    /// [`Self::send`], then read the XML answer.
+    async fn send_xml(
+        &self,
+        request: &Request,
+        action: &'static str,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Element, S3Error> {
+        self.send(request, action, bucket, key)
+            .await?
+            .xml(Service::S3, &self.client.endpoint)
+            .map_err(|e| self.request_error(action, bucket, key, e))
+    }
+
     /// HeadBucket: the bucket exists, these credentials may use it, and it is in our region.
     pub async fn head_bucket(&self, bucket: &str) -> Result<(), S3Error> {
-        let request = Request {
-            method: "HEAD",
-            url: format!("{}/", self.bucket_url(bucket)),
-            headers: vec![],
-            body: vec![],
-        };
+        let request = Request::bare("HEAD", format!("{}/", self.bucket_url(bucket)));
         match self.client.send(&request).await {
             Ok(response) => {
                 if let Some(actual) = response.header("x-amz-bucket-region")
@@ -330,12 +353,7 @@ impl S3Client {
 
     /// HeadObject: the object's size, `None` when there is no such object.
     pub async fn head_object(&self, bucket: &str, key: &str) -> Result<Option<u64>, S3Error> {
-        let request = Request {
-            method: "HEAD",
-            url: self.object_url(bucket, key),
-            headers: vec![],
-            body: vec![],
-        };
+        let request = Request::bare("HEAD", self.object_url(bucket, key));
         match self.client.send(&request).await {
             Ok(response) => Ok(response
                 .header("content-length")
@@ -362,21 +380,9 @@ impl S3Client {
             body: vec![],
         };
         let action = "CreateMultipartUpload";
-        let response = self
-            .client
-            .send(&request)
-            .await
-            .map_err(|e| self.request_error(action, bucket, key, e))?;
-        let root = response
-            .xml(Service::S3, &self.client.endpoint)
-            .map_err(|e| self.request_error(action, bucket, key, e))?;
+        let root = self.send_xml(&request, action, bucket, key).await?;
         root.text_at(&["UploadId"])
-            .ok_or_else(|| S3Error::Incomplete {
-                action,
-                bucket: bucket.to_string(),
-                key: key.to_string(),
-                missing: "an UploadId",
-            })
+            .ok_or_else(|| incomplete(action, bucket, key, "an UploadId"))
     }
 
     /// UploadPart; returns the part's ETag as S3 sent it.
@@ -403,17 +409,10 @@ impl S3Client {
             body: data,
         };
         let action = "UploadPart";
-        let response = self
-            .client
-            .send(&request)
-            .await
-            .map_err(|e| self.request_error(action, bucket, key, e))?;
-        response.header("etag").ok_or_else(|| S3Error::Incomplete {
-            action,
-            bucket: bucket.to_string(),
-            key: key.to_string(),
-            missing: "an ETag",
-        })
+        let response = self.send(&request, action, bucket, key).await?;
+        response
+            .header("etag")
+            .ok_or_else(|| incomplete(action, bucket, key, "an ETag"))
     }
 
     /// ListParts, every page. `Ok(None)` when the upload no longer exists.
@@ -440,12 +439,7 @@ impl S3Client {
                     client::encode(upload_id)
                 );
             }
-            let request = Request {
-                method: "GET",
-                url,
-                headers: vec![],
-                body: vec![],
-            };
+            let request = Request::bare("GET", url);
             let response = match self.client.send(&request).await {
                 Ok(r) => r,
                 Err(e) if e.code() == Some("NoSuchUpload") || e.status() == Some(404) => {
@@ -509,25 +503,13 @@ impl S3Client {
             body: body.into_bytes(),
         };
         let action = "CompleteMultipartUpload";
-        let response = self
-            .client
-            .send(&request)
-            .await
-            .map_err(|e| self.request_error(action, bucket, key, e))?;
-        let root = response
-            .xml(Service::S3, &self.client.endpoint)
-            .map_err(|e| self.request_error(action, bucket, key, e))?;
+        let root = self.send_xml(&request, action, bucket, key).await?;
         Ok(root.text_at(&["ETag"]).unwrap_or_default())
     }
 
     /// DeleteObject (a missing object is not an error).
     pub async fn delete_object(&self, bucket: &str, key: &str) -> Result<(), S3Error> {
-        let request = Request {
-            method: "DELETE",
-            url: self.object_url(bucket, key),
-            headers: vec![],
-            body: vec![],
-        };
+        let request = Request::bare("DELETE", self.object_url(bucket, key));
         match self.client.send(&request).await {
             Ok(_) => Ok(()),
             Err(e) if e.status() == Some(404) => Ok(()),
@@ -542,16 +524,14 @@ impl S3Client {
         key: &str,
         upload_id: &str,
     ) -> Result<(), S3Error> {
-        let request = Request {
-            method: "DELETE",
-            url: format!(
+        let request = Request::bare(
+            "DELETE",
+            format!(
                 "{}?uploadId={}",
                 self.object_url(bucket, key),
                 client::encode(upload_id)
             ),
-            headers: vec![],
-            body: vec![],
-        };
+        );
         match self.client.send(&request).await {
             Ok(_) => Ok(()),
             Err(e) if e.code() == Some("NoSuchUpload") || e.status() == Some(404) => Ok(()),
@@ -627,6 +607,16 @@ struct UploadState {
 pub fn state_path(state_dir: &Path, endpoint: &str, bucket: &str, key: &str) -> PathBuf {
     let id = Sha256::digest(format!("{endpoint}\n{bucket}\n{key}").as_bytes());
     state_dir.join(format!("s3-upload-{}.json", &hex::encode(id)[..16]))
+}
+
+/// S3 answered `action` without a field it must hold.
+fn incomplete(action: &'static str, bucket: &str, key: &str, missing: &'static str) -> S3Error {
+    S3Error::Incomplete {
+        action,
+        bucket: bucket.to_string(),
+        key: key.to_string(),
+        missing,
+    }
 }
 
 fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> S3Error {
