@@ -195,6 +195,33 @@ pub struct Request {
     pub body: Vec<u8>,
 }
 
+/// A service refused the credentials (wrong key or secret, expired token): one message for
+/// every service.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{service} at {endpoint} refused the credentials ({who}): check the secret access key{}",
+    if *has_token { " and the session token (it may have expired)" } else { "" }
+)]
+pub struct CredentialsRefused {
+    /// `S3`, `EC2`.
+    pub service: &'static str,
+    pub endpoint: String,
+    /// `access key AKIA… from <source>`.
+    pub who: String,
+    pub has_token: bool,
+    #[source]
+    pub source: RequestError,
+}
+
+/// `access key AKIA… from <where>`, for messages (the key id is not a secret).
+pub(crate) fn describe(credentials: &AwsCredentials) -> String {
+    format!(
+        "access key {} from {}",
+        credentials.access_key_id(),
+        credentials.source
+    )
+}
+
 impl Request {
     /// A request without headers of its own or a body.
     pub fn bare(method: &'static str, url: String) -> Request {
@@ -285,6 +312,17 @@ impl Client {
             endpoint: endpoint.into(),
             retry,
         }
+    }
+
+    /// `source` (a refusal of the credentials) as the error that names them.
+    pub fn refused(&self, source: RequestError) -> Box<CredentialsRefused> {
+        Box::new(CredentialsRefused {
+            service: self.service.display(),
+            endpoint: self.endpoint.clone(),
+            who: describe(&self.credentials),
+            has_token: self.credentials.has_session_token(),
+            source,
+        })
     }
 
     pub fn credentials(&self) -> &AwsCredentials {

@@ -4,9 +4,8 @@
 
 use std::collections::BTreeMap;
 
-use super::client::{self, Client, RequestError, RetryPolicy, Service};
+use super::client::{self, Client, CredentialsRefused, RequestError, RetryPolicy, Service};
 use super::credentials::AwsCredentials;
-use super::s3::describe;
 use super::xml::Element;
 
 const VERSION: &str = "2016-11-15";
@@ -15,18 +14,8 @@ const VERSION: &str = "2016-11-15";
 pub enum Ec2Error {
     #[error("the EC2 endpoint `{endpoint}` is not an http:// or https:// URL")]
     BadEndpoint { endpoint: String },
-    #[error(
-        "EC2 at {endpoint} refused the credentials ({who}): check the secret access key{}",
-        if *has_token { " and the session token (it may have expired)" } else { "" }
-    )]
-    Credentials {
-        endpoint: String,
-        /// `access key AKIA… from <source>`.
-        who: String,
-        has_token: bool,
-        #[source]
-        source: RequestError,
-    },
+    #[error(transparent)]
+    Credentials(Box<CredentialsRefused>),
     #[error(
         "the credentials may not call ec2:{action} in {region}; grant it to the IAM user or \
          role (an AMI import needs ec2:ImportSnapshot, ec2:DescribeImportSnapshotTasks, \
@@ -179,13 +168,7 @@ impl Ec2Client {
 
     fn error(&self, action: &'static str, e: RequestError) -> Ec2Error {
         if e.is_credentials() {
-            let c = self.client.credentials();
-            return Ec2Error::Credentials {
-                endpoint: self.client.endpoint.clone(),
-                who: describe(c),
-                has_token: c.has_session_token(),
-                source: e,
-            };
+            return Ec2Error::Credentials(self.client.refused(e));
         }
         if e.code() == Some("UnauthorizedOperation") {
             return Ec2Error::Unauthorized {

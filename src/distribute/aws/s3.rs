@@ -27,7 +27,10 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::sync::CancellationToken;
 
-use super::client::{self, Client, Request, RequestError, Response, RetryPolicy, Service};
+use super::client::{
+    self, Client, CredentialsRefused, Request, RequestError, Response, RetryPolicy, Service,
+    describe,
+};
 use super::credentials::AwsCredentials;
 use super::xml::{self, Element};
 use crate::distribute::Progress;
@@ -65,18 +68,8 @@ pub enum S3Error {
         expected: String,
         actual: String,
     },
-    #[error(
-        "S3 at {endpoint} refused the credentials ({who}): check the secret access key{}",
-        if *has_token { " and the session token (it may have expired)" } else { "" }
-    )]
-    Credentials {
-        endpoint: String,
-        /// `access key AKIA… from <source>`.
-        who: String,
-        has_token: bool,
-        #[source]
-        source: RequestError,
-    },
+    #[error(transparent)]
+    Credentials(Box<CredentialsRefused>),
     #[error(
         "access to the S3 bucket `{bucket}` was denied: the credentials need s3:ListBucket, \
          s3:PutObject and s3:AbortMultipartUpload on it (or the bucket belongs to another \
@@ -159,15 +152,6 @@ pub struct Interrupted {
     pub source: RequestError,
 }
 
-/// `access key AKIA… from <where>`, for messages (the key id is not a secret).
-pub(crate) fn describe(credentials: &AwsCredentials) -> String {
-    format!(
-        "access key {} from {}",
-        credentials.access_key_id(),
-        credentials.source
-    )
-}
-
 /// Where S3 requests go.
 #[derive(Debug, Clone)]
 pub struct S3Client {
@@ -195,20 +179,14 @@ impl S3Client {
         endpoint: Option<&str>,
         retry: RetryPolicy,
     ) -> Result<S3Client, S3Error> {
-        let base = match endpoint {
-            Some(e) => {
-                let parsed = reqwest::Url::parse(e).map_err(|_| S3Error::BadEndpoint {
-                    endpoint: e.to_string(),
-                })?;
-                if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
-                    return Err(S3Error::BadEndpoint {
-                        endpoint: e.to_string(),
-                    });
-                }
-                Some(e.trim_end_matches('/').to_string())
-            }
-            None => None,
-        };
+        if let Some(e) = endpoint
+            && !client::valid_endpoint(e)
+        {
+            return Err(S3Error::BadEndpoint {
+                endpoint: e.to_string(),
+            });
+        }
+        let base = endpoint.map(|e| e.trim_end_matches('/').to_string());
         let shown = base
             .clone()
             .unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com"));
@@ -249,13 +227,7 @@ impl S3Client {
         e: RequestError,
     ) -> S3Error {
         if e.is_credentials() {
-            let credentials = self.client.credentials();
-            return S3Error::Credentials {
-                endpoint: self.client.endpoint.clone(),
-                who: describe(credentials),
-                has_token: credentials.has_session_token(),
-                source: e,
-            };
+            return S3Error::Credentials(self.client.refused(e));
         }
         match e.code() {
             Some("NoSuchBucket") => S3Error::NoSuchBucket {
