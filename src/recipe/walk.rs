@@ -1200,14 +1200,55 @@ fn name_template(cx: &mut Cx<'_>, node: &Node, what: &str) -> Option<NameTemplat
     }
 }
 
-fn required_path(
+/// One target's settings, as `target_mapping` let them through.
+struct Settings<'n>(&'n [(Node, Node)]);
+
+impl<'n> Settings<'n> {
+    /// The value of `key`, if it is set.
+    fn value(&self, key: &str) -> Option<&'n Node> {
+        self.entry(key).map(|(_, v)| v)
+    }
+
+    fn entry(&self, key: &str) -> Option<&'n (Node, Node)> {
+        self.0.iter().find(|(n, _)| n.as_str() == Some(key))
+    }
+
+    /// `key: true|false`; `default` when it is not set or not a boolean (then reported).
+    fn boolean(&self, cx: &mut Cx<'_>, key: &str, default: bool) -> bool {
+        self.value(key)
+            .and_then(|v| cx.boolean(v, &format!("`{key}`")))
+            .unwrap_or(default)
+    }
+
+    /// The `name` template; the default when it is not set or wrong (then reported).
+    fn name(&self, cx: &mut Cx<'_>) -> NameTemplate {
+        self.value("name")
+            .and_then(|v| name_template(cx, v, "`name`"))
+            .unwrap_or_default()
+    }
+}
+
+/// The start of a target written to a `path` (directory, vagrant): its settings, the
+/// number of problems before them, and the path (`None` when missing or not a string, then
+/// reported).
+fn path_target<'n>(
     cx: &mut Cx<'_>,
     key: &Node,
-    path: Option<&Node>,
+    value: &'n Node,
     kind: &str,
+    allowed: &[&str],
     example: &str,
-) -> Option<Located<String>> {
-    match path {
+) -> Option<(Settings<'n>, usize, Option<Located<String>>)> {
+    let settings = Settings(target_mapping(
+        cx,
+        key,
+        value,
+        kind,
+        allowed,
+        &format!("{{path: {example}}}"),
+    )?);
+    let before = cx.problems.len();
+    let path = match settings.value("path") {
         None => {
             cx.error(
                 key.span,
@@ -1220,85 +1261,33 @@ fn required_path(
             value: p,
             span: v.span,
         }),
-    }
+    };
+    Some((settings, before, path))
 }
 
 fn directory_target(cx: &mut Cx<'_>, key: &Node, value: &Node) -> Option<DirectoryDistribution> {
-    let entries = target_mapping(
-        cx,
-        key,
-        value,
-        "directory",
-        DIRECTORY_KEYS,
-        "{path: /srv/images/}",
-    )?;
-    let before = cx.problems.len();
-    let get = |k: &str| entries.iter().find(|(n, _)| n.as_str() == Some(k));
-    let path = required_path(
-        cx,
-        key,
-        get("path").map(|(_, v)| v),
-        "directory",
-        "/srv/images/",
-    );
-    let mut target = DirectoryDistribution {
-        path: Located {
-            value: String::new(),
-            span: key.span,
-        },
-        name: NameTemplate::default(),
-        formats: Vec::new(),
-        overwrite: false,
+    let (settings, before, path) =
+        path_target(cx, key, value, "directory", DIRECTORY_KEYS, "/srv/images/")?;
+    let name = settings.name(cx);
+    let formats = settings
+        .entry("formats")
+        .and_then(|(k, v)| formats(cx, k, v))
+        .unwrap_or_default();
+    let overwrite = settings.boolean(cx, "overwrite", false);
+    let target = DirectoryDistribution {
+        path: path?,
+        name,
+        formats,
+        overwrite,
     };
-    if let Some((_, v)) = get("name")
-        && let Some(t) = name_template(cx, v, "`name`")
-    {
-        target.name = t;
-    }
-    if let Some((k, v)) = get("formats")
-        && let Some(f) = formats(cx, k, v)
-    {
-        target.formats = f;
-    }
-    if let Some((_, v)) = get("overwrite")
-        && let Some(b) = cx.boolean(v, "`overwrite`")
-    {
-        target.overwrite = b;
-    }
-    target.path = path?;
     (cx.problems.len() == before).then_some(target)
 }
 
 fn vagrant_target(cx: &mut Cx<'_>, key: &Node, value: &Node) -> Option<VagrantDistribution> {
-    let entries = target_mapping(
-        cx,
-        key,
-        value,
-        "vagrant",
-        VAGRANT_KEYS,
-        "{path: ./out/web.box}",
-    )?;
-    let before = cx.problems.len();
-    let get = |k: &str| entries.iter().find(|(n, _)| n.as_str() == Some(k));
-    let path = required_path(
-        cx,
-        key,
-        get("path").map(|(_, v)| v),
-        "vagrant",
-        "./out/web.box",
-    );
-    let mut name = NameTemplate::default();
-    if let Some((_, v)) = get("name")
-        && let Some(t) = name_template(cx, v, "`name`")
-    {
-        name = t;
-    }
-    let mut overwrite = false;
-    if let Some((_, v)) = get("overwrite")
-        && let Some(b) = cx.boolean(v, "`overwrite`")
-    {
-        overwrite = b;
-    }
+    let (settings, before, path) =
+        path_target(cx, key, value, "vagrant", VAGRANT_KEYS, "./out/web.box")?;
+    let name = settings.name(cx);
+    let overwrite = settings.boolean(cx, "overwrite", false);
     let path = path?;
     if !path.value.ends_with('/') && !path.value.ends_with(".box") {
         cx.warning(
@@ -1333,9 +1322,9 @@ fn oci_target(cx: &mut Cx<'_>, key: &Node, value: &Node, kind: &str) -> Option<O
         OCI_KEYS,
         "{reference: 127.0.0.1:5000/images/web:1.0.0}",
     )?;
+    let settings = Settings(entries);
     let before = cx.problems.len();
-    let get = |k: &str| entries.iter().find(|(n, _)| n.as_str() == Some(k));
-    let reference = match get("reference") {
+    let reference = match settings.value("reference") {
         None => {
             cx.error(
                 key.span,
@@ -1344,14 +1333,9 @@ fn oci_target(cx: &mut Cx<'_>, key: &Node, value: &Node, kind: &str) -> Option<O
             );
             None
         }
-        Some((_, v)) => oci_reference(cx, v),
+        Some(v) => oci_reference(cx, v),
     };
-    let mut plain_http = false;
-    if let Some((_, v)) = get("plainHttp")
-        && let Some(b) = cx.boolean(v, "`plainHttp`")
-    {
-        plain_http = b;
-    }
+    let plain_http = settings.boolean(cx, "plainHttp", false);
     let reference = reference?;
     (cx.problems.len() == before).then_some(OciDistribution {
         reference,
