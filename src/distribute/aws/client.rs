@@ -536,6 +536,15 @@ pub fn query_request(
 }
 
 /// Check that a user-given endpoint is an http(s) URL with a host.
+/// A custom endpoint as requests use it (no trailing `/`); `Err` with the endpoint as written
+/// when it is not an http:// or https:// URL with a host.
+pub fn custom_endpoint(endpoint: Option<&str>) -> Result<Option<String>, String> {
+    match endpoint {
+        Some(e) if !valid_endpoint(e) => Err(e.to_string()),
+        e => Ok(e.map(|e| e.trim_end_matches('/').to_string())),
+    }
+}
+
 pub fn valid_endpoint(endpoint: &str) -> bool {
     reqwest::Url::parse(endpoint)
         .map(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some())

@@ -114,14 +114,8 @@ impl Ec2Client {
         endpoint: Option<&str>,
         retry: RetryPolicy,
     ) -> Result<Ec2Client, Ec2Error> {
-        if let Some(e) = endpoint
-            && !client::valid_endpoint(e)
-        {
-            return Err(Ec2Error::BadEndpoint {
-                endpoint: e.to_string(),
-            });
-        }
-        let custom = endpoint.map(|e| e.trim_end_matches('/').to_string());
+        let custom = client::custom_endpoint(endpoint)
+            .map_err(|endpoint| Ec2Error::BadEndpoint { endpoint })?;
         let url = Self::endpoint_for(custom.as_deref(), region);
         Ok(Ec2Client {
             client: Client::new(http, credentials, region, Service::Ec2, url, retry),

@@ -42,15 +42,8 @@ impl IamClient {
         endpoint: Option<&str>,
         retry: RetryPolicy,
     ) -> Result<IamClient, IamError> {
-        if let Some(e) = endpoint
-            && !client::valid_endpoint(e)
-        {
-            return Err(IamError::BadEndpoint {
-                endpoint: e.to_string(),
-            });
-        }
-        let url = endpoint
-            .map(|e| e.trim_end_matches('/').to_string())
+        let url = client::custom_endpoint(endpoint)
+            .map_err(|endpoint| IamError::BadEndpoint { endpoint })?
             .unwrap_or_else(|| "https://iam.amazonaws.com".to_string());
         Ok(IamClient {
             client: Client::new(http, credentials, SIGNING_REGION, Service::Iam, url, retry),

@@ -179,14 +179,8 @@ impl S3Client {
         endpoint: Option<&str>,
         retry: RetryPolicy,
     ) -> Result<S3Client, S3Error> {
-        if let Some(e) = endpoint
-            && !client::valid_endpoint(e)
-        {
-            return Err(S3Error::BadEndpoint {
-                endpoint: e.to_string(),
-            });
-        }
-        let base = endpoint.map(|e| e.trim_end_matches('/').to_string());
+        let base = client::custom_endpoint(endpoint)
+            .map_err(|endpoint| S3Error::BadEndpoint { endpoint })?;
         let shown = base
             .clone()
             .unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com"));
