@@ -1640,15 +1640,15 @@ fn region(cx: &mut Cx<'_>, node: &Node, what: &str) -> Option<String> {
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         && text.ends_with(|c: char| c.is_ascii_digit());
-    if !ok {
-        cx.error(
-            node.span,
-            format!("`{text}` is not a region name"),
-            Some("regions look like `eu-west-1` or `us-east-2`".to_string()),
-        );
-        return None;
-    }
-    Some(text)
+    let message = format!("`{text}` is not a region name");
+    accept(
+        cx,
+        node,
+        text,
+        ok,
+        message,
+        "regions look like `eu-west-1` or `us-east-2`",
+    )
 }
 
 fn bucket_name(cx: &mut Cx<'_>, node: &Node) -> Option<String> {
@@ -1670,39 +1670,45 @@ fn bucket_name(cx: &mut Cx<'_>, node: &Node) -> Option<String> {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-'))
         && text.starts_with(|c: char| c.is_ascii_alphanumeric())
         && text.ends_with(|c: char| c.is_ascii_alphanumeric());
-    if !ok {
-        cx.error(
-            node.span,
-            format!("`{text}` is not a valid S3 bucket name"),
-            Some("bucket names have 3 to 63 lower-case letters, digits, `.` and `-`".to_string()),
-        );
-        return None;
-    }
-    Some(text)
+    let message = format!("`{text}` is not a valid S3 bucket name");
+    let hint = "bucket names have 3 to 63 lower-case letters, digits, `.` and `-`";
+    accept(cx, node, text, ok, message, hint)
 }
 
 fn account_id(cx: &mut Cx<'_>, node: &Node) -> Option<String> {
     // Written unquoted, a 12-digit id is a YAML number: take its text as written.
     let text = cx.string(node, "an account id")?;
-    if text.len() != 12 || !text.bytes().all(|b| b.is_ascii_digit()) {
-        cx.error(
-            node.span,
-            format!("`{text}` is not an AWS account id (12 digits)"),
-            Some("quote ids that start with 0: `\"012345678901\"`".to_string()),
-        );
-        return None;
-    }
-    Some(text)
+    let ok = text.len() == 12 && text.bytes().all(|b| b.is_ascii_digit());
+    let message = format!("`{text}` is not an AWS account id (12 digits)");
+    accept(
+        cx,
+        node,
+        text,
+        ok,
+        message,
+        "quote ids that start with 0: `\"012345678901\"`",
+    )
 }
 
 fn endpoint_url(cx: &mut Cx<'_>, node: &Node, which: &str) -> Option<String> {
     let text = cx.string(node, &format!("`endpoint.{which}`"))?;
-    if !(text.starts_with("http://") || text.starts_with("https://")) {
-        cx.error(
-            node.span,
-            format!("`endpoint.{which}` must be an http(s) URL, found `{text}`"),
-            Some(format!("write `http://{text}` or `https://{text}`")),
-        );
+    let ok = text.starts_with("http://") || text.starts_with("https://");
+    let message = format!("`endpoint.{which}` must be an http(s) URL, found `{text}`");
+    let hint = format!("write `http://{text}` or `https://{text}`");
+    accept(cx, node, text, ok, message, &hint)
+}
+
+/// `text` when `ok`; otherwise the error `message` (with `hint`) at `node`, and `None`.
+fn accept(
+    cx: &mut Cx<'_>,
+    node: &Node,
+    text: String,
+    ok: bool,
+    message: String,
+    hint: &str,
+) -> Option<String> {
+    if !ok {
+        cx.error(node.span, message, Some(hint.to_string()));
         return None;
     }
     Some(text)
