@@ -466,7 +466,7 @@ fn example_recipe_and_a_recipe_built_on_it() {
         .collect();
     assert_eq!(
         shipped_entries,
-        [location.clone()],
+        std::slice::from_ref(&location),
         "no temporary folder left"
     );
     let printed = String::from_utf8_lossy(&out.stdout);
