@@ -83,8 +83,36 @@ fn main() {
     if daemon {
         detach();
     }
+    let _only_agent = wait_until_only_agent(&endpoint);
     remove_stale_scripts();
     serve_forever(endpoint);
+}
+
+/// One agent per port: a second copy (started by a boot hook that did not see the first, or by
+/// a unit restarted while the first still runs) would take the port whenever the host
+/// reconnects, and the host would see the agent "restart" in the middle of a request. The
+/// second copy waits here on a lock in /run (tmpfs: nothing stays in the image) and takes over
+/// only when the first is gone. Without a writable /run there is no lock.
+fn wait_until_only_agent(endpoint: &Endpoint) -> Option<std::fs::File> {
+    let Endpoint::Port(path) = endpoint else {
+        return None;
+    };
+    let name = path.rsplit('/').next().unwrap_or("port");
+    let lock_path = format!("/run/builder-agent-{name}.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .ok()?;
+    match file.try_lock() {
+        Ok(()) => Some(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            eprintln!("builder-agent: another agent serves {path}; waiting until it is gone");
+            file.lock().ok().map(|()| file)
+        }
+        Err(std::fs::TryLockError::Error(_)) => None,
+    }
 }
 
 /// Script files of an agent that was killed before it could remove them (named
