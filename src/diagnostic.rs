@@ -338,6 +338,22 @@ impl Painter {
     }
 }
 
+/// "did you mean" among the files next to a missing one: the hint for a path that does not
+/// exist (`None` when no sibling is close).
+pub fn close_file_hint(missing: &std::path::Path) -> Option<String> {
+    let dir = missing
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let name = missing.file_name()?.to_str()?;
+    let siblings: Vec<String> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    let close = did_you_mean(name, siblings.iter().map(String::as_str))?;
+    Some(format!("did you mean `{close}`?"))
+}
+
 /// The closest of `candidates` to `word`, if it is close enough to be a likely typo.
 pub fn did_you_mean<'a>(
     word: &str,

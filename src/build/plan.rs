@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256 as Hasher};
 
 use crate::component::document::Document;
-use crate::diagnostic::{Diagnostics, Problem, Span, did_you_mean};
+use crate::diagnostic::{Diagnostics, Problem, Span, close_file_hint};
 use crate::recipe::{
     self, ByteSize, ComponentUse, Compression, Format, Infrastructure, Located, ParentImage,
     Recipe, Sha256, Version, VersionPattern,
@@ -208,21 +208,6 @@ fn io_reason(e: &std::io::Error) -> String {
         std::io::ErrorKind::PermissionDenied => "permission denied".to_string(),
         _ => e.to_string(),
     }
-}
-
-/// "did you mean" among the files next to a missing one.
-fn close_file_hint(missing: &Path) -> Option<String> {
-    let dir = missing
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = missing.file_name()?.to_str()?;
-    let siblings: Vec<String> = std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .collect();
-    let close = did_you_mean(name, siblings.iter().map(String::as_str))?;
-    Some(format!("did you mean `{close}`?"))
 }
 
 fn read_component(

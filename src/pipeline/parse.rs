@@ -37,7 +37,7 @@ use super::model::{
 };
 use super::schedule::{CronExpr, close_zone, parse_zone};
 use crate::build::plan;
-use crate::diagnostic::{Diagnostics, Problem, Span, did_you_mean};
+use crate::diagnostic::{Diagnostics, Problem, Span, close_file_hint};
 use crate::recipe::Located;
 use crate::recipe::model::MAX_TIMEOUT_SECS;
 use crate::yaml::Node;
@@ -233,20 +233,6 @@ pub fn validate(
         }
         Err(e) => Err(ParseError::Recipe(e)),
     }
-}
-
-fn close_file_hint(missing: &Path) -> Option<String> {
-    let dir = missing
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = missing.file_name()?.to_str()?;
-    let siblings: Vec<String> = std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .collect();
-    let close = did_you_mean(name, siblings.iter().map(String::as_str))?;
-    Some(format!("did you mean `{close}`?"))
 }
 
 /// The shared walker context (with the pipeline's table of Image Builder spellings) and the
