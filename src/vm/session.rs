@@ -210,7 +210,25 @@ impl StepTarget for Gated {
 
     async fn reboot(&self) -> Result<(), TargetError> {
         self.agent.reboot().await?;
-        settle(&self.agent, self.gate, self.timeout).await.map(drop)
+        // Right after a reboot the host can still see the old boot's agent say hello (it
+        // reopens the port while the guest shuts down) before the new boot's agent does; the
+        // switch then fails whatever was in flight with "the agent in the guest restarted".
+        // That is the reboot finishing, not a fault: wait for cloud-init again on the agent
+        // that is there now (a few times at most, within the same timeout).
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut switches = 0;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match settle(&self.agent, self.gate, left).await {
+                Err(TargetError::Protocol { .. } | TargetError::Disconnected { .. })
+                    if switches < 3 && !left.is_zero() =>
+                {
+                    switches += 1;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                other => return other.map(drop),
+            }
+        }
     }
 }
 
