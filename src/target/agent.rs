@@ -702,14 +702,6 @@ impl AgentTarget {
                 }),
             });
         }
-        let tail = Capture::default();
-        let _ = self
-            .exec(
-                &ExecRequest::argv(["tail", "-n", "25", "/var/log/cloud-init-output.log"])
-                    .with_timeout(Some(Duration::from_secs(30))),
-                &tail,
-            )
-            .await;
         let what = if outcome.status == ExitStatus::TimedOut {
             format!(
                 "cloud-init did not finish within {}s in {}",
@@ -728,11 +720,25 @@ impl AgentTarget {
                 outcome.status
             )
         };
-        Err(TargetError::Failed(format!(
+        Err(self.cloud_init_failure(what, &report).await)
+    }
+
+    /// The error for cloud-init that did not finish: `what` went wrong, the readiness
+    /// check's `report`, and the last lines of cloud-init's output log read from the guest.
+    pub async fn cloud_init_failure(&self, what: String, report: &str) -> TargetError {
+        let tail = Capture::default();
+        let _ = self
+            .exec(
+                &ExecRequest::argv(["tail", "-n", "25", "/var/log/cloud-init-output.log"])
+                    .with_timeout(Some(Duration::from_secs(30))),
+                &tail,
+            )
+            .await;
+        TargetError::Failed(format!(
             "{what}\n{}\nlast lines of /var/log/cloud-init-output.log:\n{}",
             report.trim_end(),
             String::from_utf8_lossy(&tail.stdout()).trim_end()
-        )))
+        ))
     }
 
     /// Asks the agent to power the guest off; returns once the agent acknowledged (the

@@ -130,14 +130,6 @@ async fn settle(
                 ready.cloud_init = Some(status);
                 return Ok(ready);
             }
-            let tail = Capture::default();
-            let _ = agent
-                .exec(
-                    &ExecRequest::argv(["tail", "-n", "25", "/var/log/cloud-init-output.log"])
-                        .with_timeout(Some(Duration::from_secs(30))),
-                    &tail,
-                )
-                .await;
             let what = if outcome.status == ExitStatus::TimedOut {
                 format!(
                     "cloud-init's init stages did not finish within {}s in {}",
@@ -151,11 +143,7 @@ async fn settle(
                     outcome.status
                 )
             };
-            Err(TargetError::Failed(format!(
-                "{what}\n{}\nlast lines of /var/log/cloud-init-output.log:\n{}",
-                report.trim_end(),
-                String::from_utf8_lossy(&tail.stdout()).trim_end()
-            )))
+            Err(agent.cloud_init_failure(what, &report).await)
         }
     }
 }
