@@ -737,6 +737,19 @@ fn qemu_killed_is_a_clear_error() {
     drop(guard);
 }
 
+/// A 1 GiB qcow2 with nothing on it, in `dir`.
+fn blank_disk(dir: &Path) -> PathBuf {
+    let blank = dir.join("blank.qcow2");
+    let made = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&blank)
+        .arg("1G")
+        .status()
+        .expect("qemu-img");
+    assert!(made.success());
+    blank
+}
+
 /// A disk that boots nothing: the boot timeout names what it waited for and shows the
 /// console (or says it stayed empty).
 #[test]
@@ -746,14 +759,7 @@ fn unbootable_disk_times_out_with_the_console() {
     }
     let guard = NoLeftovers::new();
     let scratch = tempfile::tempdir().expect("temp dir");
-    let blank = scratch.path().join("blank.qcow2");
-    let made = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&blank)
-        .arg("1G")
-        .status()
-        .expect("qemu-img");
-    assert!(made.success());
+    let blank = blank_disk(scratch.path());
     let out = builder(&guard)
         .args(["vm", "exec", "--boot-timeout", "10", "--image"])
         .arg(&blank)
@@ -849,14 +855,7 @@ fn keep_on_failure_keeps_disk_and_logs_and_says_where() {
     }
     let guard = NoLeftovers::new();
     let scratch = tempfile::tempdir().expect("temp dir");
-    let blank = scratch.path().join("blank.qcow2");
-    let made = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&blank)
-        .arg("1G")
-        .status()
-        .expect("qemu-img");
-    assert!(made.success());
+    let blank = blank_disk(scratch.path());
     let out = builder(&guard)
         .args([
             "vm",
