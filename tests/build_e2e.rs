@@ -33,25 +33,11 @@ use sha2::{Digest, Sha256};
 /// One VM build at a time: two TCG guests on two cores only slow each other down.
 static SERIAL: Mutex<()> = Mutex::new(());
 
+#[path = "support/vm_tier.rs"]
+mod vm_tier;
+
 fn enabled(test: &str) -> Option<PathBuf> {
-    if std::env::var("BUILDER_VM_TESTS").as_deref() != Ok("1") {
-        eprintln!(
-            "skipped {test}: VM tests run only with BUILDER_VM_TESTS=1 (and BUILDER_TEST_IMAGE)"
-        );
-        return None;
-    }
-    let Some(path) = std::env::var_os("BUILDER_TEST_IMAGE") else {
-        panic!(
-            "BUILDER_VM_TESTS=1 needs BUILDER_TEST_IMAGE=<debian-12-cloud-init.qcow2> (fixtures/base-image.sh prints it)"
-        );
-    };
-    let path = PathBuf::from(path);
-    assert!(
-        path.is_file(),
-        "BUILDER_TEST_IMAGE={} does not exist (fixtures/base-image.sh builds it)",
-        path.display()
-    );
-    Some(path)
+    vm_tier::test_image(test)
 }
 
 /// A private store and runtime folder; checks in `Drop` that nothing was left behind.

@@ -31,23 +31,11 @@ use builder::pipeline::history::{ExecStatus, Execution, History};
 use builder::store::Store;
 use nix::sys::signal::Signal;
 
+#[path = "support/vm_tier.rs"]
+mod vm_tier;
+
 fn enabled() -> Option<PathBuf> {
-    if std::env::var("BUILDER_VM_TESTS").as_deref() != Ok("1") {
-        eprintln!("skipped: VM tests run only with BUILDER_VM_TESTS=1 (and BUILDER_TEST_IMAGE)");
-        return None;
-    }
-    let Some(path) = std::env::var_os("BUILDER_TEST_IMAGE") else {
-        panic!(
-            "BUILDER_VM_TESTS=1 needs BUILDER_TEST_IMAGE=<debian-12-cloud-init.qcow2> (fixtures/base-image.sh prints it)"
-        );
-    };
-    let path = PathBuf::from(path);
-    assert!(
-        path.is_file(),
-        "BUILDER_TEST_IMAGE={} does not exist (fixtures/base-image.sh builds it)",
-        path.display()
-    );
-    Some(path)
+    vm_tier::test_image("pipeline_serve_vm")
 }
 
 const COMPONENT: &str = "name: mark\nschemaVersion: 1.0\nphases:\n  - name: build\n    steps:\n      - name: Mark\n        action: ExecuteBash\n        inputs:\n          commands:\n            - echo built-by-a-pipeline > /etc/pipeline-mark\n";
