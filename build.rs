@@ -11,6 +11,23 @@ use std::process::Command;
 
 const TRIPLE: &str = "x86_64-unknown-linux-gnu";
 
+/// The slow or tool-dependent test tiers are chosen when the tests are compiled, so a test
+/// whose tier is off shows as *ignored* (with its reason) instead of passing without running:
+/// `BUILDER_VM_TESTS=1` sets `cfg(vm_tier)` (tests/support/vm_tier.rs), `BUILDER_S3_TESTS=1`
+/// sets `cfg(s3_tier)` (tests/support/s3s.rs).
+fn test_tiers() {
+    for (var, cfg) in [
+        ("BUILDER_VM_TESTS", "vm_tier"),
+        ("BUILDER_S3_TESTS", "s3_tier"),
+    ] {
+        println!("cargo::rustc-check-cfg=cfg({cfg})");
+        println!("cargo::rerun-if-env-changed={var}");
+        if env::var(var).as_deref() == Ok("1") {
+            println!("cargo::rustc-cfg={cfg}");
+        }
+    }
+}
+
 fn main() {
     for path in [
         "agent/src",
@@ -21,6 +38,7 @@ fn main() {
         println!("cargo::rerun-if-changed={path}");
     }
     println!("cargo::rerun-if-env-changed=BUILDER_AGENT_BINARY");
+    test_tiers();
 
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let dest = out_dir.join("builder-agent");

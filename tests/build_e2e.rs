@@ -6,7 +6,8 @@
 //!     cargo test --test build_e2e
 //! ```
 //!
-//! Without `BUILDER_VM_TESTS=1` each test says it was skipped; with it, a missing image fails.
+//! Without `BUILDER_VM_TESTS=1` each VM test is ignored (tests/support/vm_tier.rs); with it, a
+//! missing image fails.
 //! Boots are expensive (60-140 s each under TCG), so the tests share them: eight boots in all,
 //! one build at a time.
 //!
@@ -35,10 +36,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 #[path = "support/vm_tier.rs"]
 mod vm_tier;
-
-fn enabled(test: &str) -> Option<PathBuf> {
-    vm_tier::test_image(test)
-}
 
 /// A private store and runtime folder; checks in `Drop` that nothing was left behind.
 struct NoLeftovers {
@@ -185,10 +182,12 @@ fn qemu_img_check(path: &Path) {
 }
 
 #[test]
+#[cfg_attr(
+    not(vm_tier),
+    ignore = "VM tier: set BUILDER_VM_TESTS=1 and BUILDER_TEST_IMAGE (scripts/test does)"
+)]
 fn two_components_tested_exported_booted_and_built_upon() {
-    let Some(image) = enabled("two_components_tested_exported_booted_and_built_upon") else {
-        return;
-    };
+    let image = vm_tier::test_image();
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let guard = NoLeftovers::new();
     let recipe = "tests/build/two-components.yml";
@@ -362,10 +361,12 @@ fn two_components_tested_exported_booted_and_built_upon() {
 }
 
 #[test]
+#[cfg_attr(
+    not(vm_tier),
+    ignore = "VM tier: set BUILDER_VM_TESTS=1 and BUILDER_TEST_IMAGE (scripts/test does)"
+)]
 fn example_recipe_and_a_recipe_built_on_it() {
-    let Some(image) = enabled("example_recipe_and_a_recipe_built_on_it") else {
-        return;
-    };
+    let image = vm_tier::test_image();
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let guard = NoLeftovers::new();
 
@@ -490,12 +491,12 @@ fn plan_digest(guard: &NoLeftovers, image: &Path, recipe: &str) -> String {
 }
 
 #[test]
+#[cfg_attr(
+    not(vm_tier),
+    ignore = "VM tier: set BUILDER_VM_TESTS=1 and BUILDER_TEST_IMAGE (scripts/test does)"
+)]
 fn failing_test_fails_the_build_and_keep_on_failure_keeps_what_it_says() {
-    let Some(image) =
-        enabled("failing_test_fails_the_build_and_keep_on_failure_keeps_what_it_says")
-    else {
-        return;
-    };
+    let image = vm_tier::test_image();
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let guard = NoLeftovers::new();
     let out = guard.builder(

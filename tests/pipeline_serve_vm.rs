@@ -20,7 +20,8 @@
 //! 4. `serve` again: the missed minute builds; SIGTERM once its VM runs cancels it cleanly
 //!    (exit 0, recorded `cancelled`, nothing left).
 //!
-//! Without `BUILDER_VM_TESTS=1` the test says it was skipped; with it, a missing image fails.
+//! Without `BUILDER_VM_TESTS=1` the test is ignored (tests/support/vm_tier.rs); with it, a
+//! missing image fails.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -33,10 +34,6 @@ use nix::sys::signal::Signal;
 
 #[path = "support/vm_tier.rs"]
 mod vm_tier;
-
-fn enabled() -> Option<PathBuf> {
-    vm_tier::test_image("pipeline_serve_vm")
-}
 
 const COMPONENT: &str = "name: mark\nschemaVersion: 1.0\nphases:\n  - name: build\n    steps:\n      - name: Mark\n        action: ExecuteBash\n        inputs:\n          commands:\n            - echo built-by-a-pipeline > /etc/pipeline-mark\n";
 
@@ -203,8 +200,12 @@ fn details(e: &Execution) -> String {
 }
 
 #[test]
+#[cfg_attr(
+    not(vm_tier),
+    ignore = "VM tier: set BUILDER_VM_TESTS=1 and BUILDER_TEST_IMAGE (scripts/test does)"
+)]
 fn serve_builds_survives_sigkill_skips_when_unchanged_and_runs_when_the_parent_changes() {
-    let Some(image) = enabled() else { return };
+    let image = vm_tier::test_image();
     let site = Site::new(&image);
     // Due as soon as the scheduler starts (as after a short downtime).
     site.history()

@@ -2,8 +2,19 @@
 //! 127.0.0.1, keeping its buckets as folders under a temporary folder and checking every SigV4
 //! signature against [`KEY`]/[`SECRET`]. Killed on drop.
 //!
-//! Without s3s-fs a test is skipped with a note, unless `BUILDER_S3_TESTS=1` (set by
-//! scripts/test, so CI) asks for the S3 tests: then it fails and says how to install it.
+//! The S3 tier: a test that needs s3s-fs (or moto) is compiled as ignored unless
+//! `BUILDER_S3_TESTS=1` (set by scripts/test, so CI, after scripts/install-deps installed
+//! them): `build.rs` then sets `cfg(s3_tier)`. Each such test carries
+//!
+//! ```text
+//! #[cfg_attr(
+//!     not(s3_tier),
+//!     ignore = "S3 tier: set BUILDER_S3_TESTS=1 after scripts/install-deps (scripts/test does)"
+//! )]
+//! ```
+//!
+//! so without the tier cargo counts it as ignored, with the reason; with it, a missing
+//! server program fails the test and says how to install it.
 
 // Each test file that includes this uses part of it.
 #![allow(dead_code)]
@@ -45,19 +56,15 @@ pub struct S3Server {
 }
 
 impl S3Server {
-    /// Starts s3s-fs with `bucket` created. `None` (the test is skipped, with a note) when
-    /// s3s-fs is not installed, unless `BUILDER_S3_TESTS=1` asks for it: then it panics.
-    pub fn start(bucket: &str) -> Option<S3Server> {
+    /// Starts s3s-fs with `bucket` created. Panics, saying how to install it, when s3s-fs is
+    /// missing: a test that uses it carries the S3 tier's `ignore` (see the module docs).
+    pub fn start(bucket: &str) -> S3Server {
         let Some(program) = s3s_fs_program() else {
-            let how = "run scripts/install-deps (or `cargo install s3s-fs --version 0.14.1 \
-                       --locked --features binary`)";
-            if std::env::var("BUILDER_S3_TESTS").as_deref() == Ok("1") {
-                panic!(
-                    "BUILDER_S3_TESTS=1 but the program `s3s-fs` was not found on PATH nor in ~/.cargo/bin; {how}"
-                );
-            }
-            eprintln!("skipped: the S3 tests need the program `s3s-fs`; {how}");
-            return None;
+            panic!(
+                "the program `s3s-fs` was not found on PATH nor in ~/.cargo/bin: run \
+                 scripts/install-deps (or `cargo install s3s-fs --version 0.14.1 --locked \
+                 --features binary`)"
+            );
         };
         let root = tempfile::tempdir().expect("temp dir");
         let data = root.path().join("data");
@@ -87,7 +94,7 @@ impl S3Server {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Some(server)
+        server
     }
 
     pub fn endpoint(&self) -> String {
