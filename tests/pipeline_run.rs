@@ -7,8 +7,16 @@
 //!   all this tier needs; the VM tier builds for real in `pipeline_serve_vm.rs`).
 //! - `builder serve` after downtime runs only the latest missed occurrence, persists the next
 //!   run, stops on SIGTERM, and a restarted scheduler does not run that slot again.
+//! - a recipe on `parentImage: oci://host/repo:tag` (a real registry: Debian's
+//!   `docker-registry` on loopback, tests/support/registry.rs): each execution pins the digest
+//!   the tag points to, skips while it stays, builds after a push moves the tag and names the
+//!   new digest; `builder build`/`plan` refuse the tag without `--resolve-tags` and pin it with.
 //!
 //! The history is read with the library while the processes write it (SQLite in WAL mode).
+
+#[path = "support/registry.rs"]
+#[allow(dead_code)] // shared with tests/distribute_oci.rs, which uses all of it
+mod registry;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -37,6 +45,8 @@ impl Site {
         let d = dir.path();
         std::fs::create_dir_all(d.join("pipelines")).expect("mkdir");
         std::fs::create_dir_all(d.join("run")).expect("mkdir");
+        std::fs::create_dir_all(d.join("docker")).expect("mkdir");
+        std::fs::write(d.join("docker/config.json"), "{}").expect("write the docker config");
         std::fs::copy(
             root().join("tests/cases/recipe/parent.raw"),
             d.join("parent.raw"),
@@ -63,13 +73,23 @@ impl Site {
     }
 
     fn command(&self, args: &[&str]) -> Command {
+        let mut c = self.command_on_store_env(args);
+        c.arg("--store").arg(self.path("store"));
+        c
+    }
+
+    /// For commands without `--store` (`builder plan`): the store through `$BUILDER_STORE`.
+    fn command_on_store_env(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_builder"));
         c.args(args)
-            .arg("--store")
-            .arg(self.path("store"))
+            .env("BUILDER_STORE", self.path("store"))
             .current_dir(self.dir.path())
             .env("NO_COLOR", "1")
-            .env("XDG_RUNTIME_DIR", self.path("run"));
+            .env("XDG_RUNTIME_DIR", self.path("run"))
+            // No registry credentials of this machine: an empty docker config.
+            .env("DOCKER_CONFIG", self.path("docker"))
+            .env_remove("REGISTRY_AUTH_FILE")
+            .env_remove("BUILDER_INSECURE_REGISTRIES");
         c
     }
 
@@ -299,4 +319,288 @@ fn serve_refuses_a_missing_folder() {
     let (code, stderr) = site.builder(&["serve", "--pipelines", "nowhere"]);
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("`nowhere` is not a folder"), "{stderr}");
+}
+
+/// The site's recipe on `oci://<registry>/base:<tag>`, a registry spoken to over plain HTTP,
+/// and builds of small qcow2 disks in the site's store to push to it.
+struct OciSite {
+    site: Site,
+    registry: registry::TestRegistry,
+}
+
+impl OciSite {
+    fn new(pipeline: &str) -> OciSite {
+        let registry = registry::TestRegistry::start();
+        let site = Site::new(pipeline, &format!("oci://{}/base:stable", registry.host()));
+        OciSite { site, registry }
+    }
+
+    /// `builder ARGS` with the registry allowed over plain HTTP (the store from the environment).
+    fn builder(&self, args: &[&str]) -> (Option<i32>, String, String) {
+        let out = self
+            .site
+            .command_on_store_env(args)
+            .env("BUILDER_INSECURE_REGISTRIES", self.registry.host())
+            .output()
+            .expect("builder runs");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        eprintln!(
+            "$ builder {}\n{stderr}--- exit {:?}",
+            args.join(" "),
+            out.status.code()
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out.status.code(), stdout, stderr)
+    }
+
+    /// Store a new build `base/1.0.0/N` whose 1 MiB qcow2 is filled with `pattern`, push it to
+    /// `base:<tag>` with `builder distribute`, and return (manifest digest, disk sha256).
+    fn push(&self, tag: &str, pattern: u8) -> (String, String) {
+        let store = Store::open(self.site.path("store")).expect("store");
+        let slot = store
+            .allocate_build("base", &"1.0.0".parse().expect("version"))
+            .expect("allocate");
+        let file = format!("base-1.0.0-{}.qcow2", slot.id().build);
+        let disk = slot.dir().join(&file);
+        for (tool, args) in [
+            (
+                "qemu-img",
+                vec!["create", "-q", "-f", "qcow2", "DISK", "1M"],
+            ),
+            (
+                "qemu-io",
+                vec![
+                    "-f",
+                    "qcow2",
+                    "-c",
+                    &format!("write -q -P {pattern} 0 1M"),
+                    "DISK",
+                ],
+            ),
+        ] {
+            let out = Command::new(tool)
+                .args(args.iter().map(|a| {
+                    if *a == "DISK" {
+                        disk.as_os_str()
+                    } else {
+                        a.as_ref()
+                    }
+                }))
+                .output()
+                .unwrap_or_else(|e| panic!("{tool} is missing ({e}): run scripts/install-deps"));
+            assert!(
+                out.status.success(),
+                "{tool}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let sha256 = builder::export::sha256_file(&disk).expect("hash");
+        std::fs::write(slot.dir().join("SHA256SUMS"), format!("{sha256}  {file}\n")).expect("sums");
+        let mut m = builder::export::manifest::Manifest::new(slot.id().clone(), slot.build_id());
+        m.outputs.push(builder::export::Artifact {
+            file,
+            format: builder::export::Format::Qcow2,
+            size: std::fs::metadata(&disk).expect("size").len(),
+            virtual_size: 1 << 20,
+            sha256: sha256.clone(),
+        });
+        m.write(slot.dir()).expect("manifest");
+        let image = slot.commit().expect("commit").reference();
+        let to = format!("oci://{}/base:{tag}", self.registry.host());
+        let (code, stdout, stderr) = self.builder(&["distribute", &image, "--to", &to]);
+        assert_eq!(code, Some(0), "{stderr}");
+        // stdout: the receipt's location, `oci://host/base:tag@sha256:<manifest digest>`.
+        let digest = stdout
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(&format!("{to}@sha256:")))
+            .unwrap_or_else(|| panic!("no receipt for {to} in {stdout:?}"))
+            .to_string();
+        (digest, sha256)
+    }
+
+    /// The parent's digest an execution recorded with its inputs.
+    fn recorded_parent(e: &Execution) -> builder::pipeline::conditions::ParentInput {
+        let inputs: Inputs =
+            serde_json::from_value(e.inputs.clone().expect("inputs recorded")).expect("inputs");
+        inputs.parent
+    }
+}
+
+/// Without a VM: the build of every execution that runs fails fast (its 1 MiB parent cannot
+/// boot; only the decision matters here). The comparison is with the last *successful*
+/// execution, so once the first execution has pinned the tag, a success is recorded with the
+/// inputs it recorded (a successful build records the same inputs: they are pinned before the
+/// build starts, `pipeline_serve_vm.rs` shows it for real) and the next run is skipped.
+#[test]
+fn a_moved_oci_tag_is_a_changed_dependency_named_by_its_new_digest() {
+    let oci = OciSite::new(DEPENDENCY_PIPELINE);
+    let site = &oci.site;
+    let written = format!("oci://{}/base:stable", oci.registry.host());
+    let (first_digest, first_disk) = oci.push("stable", 0x11);
+
+    // 1. The tag is resolved and pinned; the build pulls that digest (its disk is cached).
+    let (code, _, stderr) = oci.builder(&["pipeline", "run", "pipelines/hello.yml"]);
+    assert_ne!(code, Some(0), "the 1 MiB parent cannot boot:\n{stderr}");
+    assert_ne!(code, Some(2), "not an input problem:\n{stderr}");
+    let ran = &site.executions()[0];
+    let why = details(ran);
+    assert_eq!(ran.status, ExecStatus::Failed, "{why}");
+    assert!(why.contains("no successful execution yet"), "{why}");
+    let parent = OciSite::recorded_parent(ran);
+    assert_eq!(
+        (parent.written.as_str(), parent.sha256.as_str()),
+        (written.as_str(), first_digest.as_str())
+    );
+    assert!(
+        site.path(&format!("store/cache/base/{first_disk}.qcow2"))
+            .is_file(),
+        "the build pulled the pinned disk:\n{why}"
+    );
+    site.assert_no_leftovers();
+
+    // As if that build had succeeded: the same inputs, recorded as available.
+    let history = site.history();
+    let success = history
+        .begin("hello", Trigger::Manual, "seeded by the test")
+        .expect("begin")
+        .expect("an id");
+    history
+        .finish(
+            success,
+            &Outcome {
+                inputs: ran.inputs.clone(),
+                ..Outcome::available("hello/1.0.0/1")
+            },
+        )
+        .expect("finish");
+
+    // 2. The tag has not moved: skipped, the reason names the tag and its digest.
+    let (code, _, stderr) = oci.builder(&["pipeline", "run", "pipelines/hello.yml"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let skipped = &site.executions()[0];
+    let why = details(skipped);
+    assert_eq!(skipped.status, ExecStatus::Skipped, "{why}");
+    assert!(
+        why.contains(&format!("nothing changed since execution {success}"))
+            && why.contains(&format!(
+                "parent image `{written}` (sha256 {})",
+                &first_digest[..12]
+            )),
+        "{why}"
+    );
+
+    // 3. Another disk pushed to the same tag: the pipeline builds, and says to what.
+    let (second_digest, second_disk) = oci.push("stable", 0x22);
+    assert_ne!(second_digest, first_digest);
+    let (code, _, stderr) = oci.builder(&["pipeline", "run", "pipelines/hello.yml"]);
+    assert_ne!(code, Some(0), "the 1 MiB parent cannot boot:\n{stderr}");
+    let ran = &site.executions()[0];
+    let why = details(ran);
+    assert_eq!(ran.status, ExecStatus::Failed, "{why}");
+    assert!(
+        why.contains(&format!("dependency changed since execution {success}"))
+            && why.contains(&format!(
+                "parent image `{written}` now points to sha256:{second_digest} (was sha256:{})",
+                &first_digest[..12]
+            )),
+        "{why}"
+    );
+    assert_eq!(OciSite::recorded_parent(ran).sha256, second_digest);
+    assert!(
+        site.path(&format!("store/cache/base/{second_disk}.qcow2"))
+            .is_file()
+    );
+    site.assert_no_leftovers();
+}
+
+/// `builder plan`/`build` on a tag-only parent: refused with the digest to pin and the flag,
+/// pinned (and said so) with `--resolve-tags`; a missing tag and an unreachable registry are
+/// errors at the recipe's `parentImage`, and fail a pipeline execution the same way.
+#[test]
+fn tags_are_resolved_only_when_asked_and_failures_name_the_parent_line() {
+    let mut oci = OciSite::new(DEPENDENCY_PIPELINE);
+    let host = oci.registry.host();
+    let (digest, _) = oci.push("stable", 0x33);
+    let site = &oci.site;
+    let at = "recipe.yml:3:14";
+
+    // Refused, with the hint it always gave plus the flag; nothing is started.
+    for command in ["plan", "build"] {
+        let (code, _, stderr) = oci.builder(&[command, "recipe.yml"]);
+        assert_eq!(code, Some(2), "{stderr}");
+        assert!(
+            stderr.contains("names a tag, not a digest")
+                && stderr.contains("recipe.yml:3:14")
+                && stderr.contains(&format!(
+                    "pin it: `oci://{host}/base:stable@sha256:{digest}`"
+                ))
+                && stderr.contains("--resolve-tags"),
+            "{stderr}"
+        );
+    }
+
+    // `plan --resolve-tags`: the digest is in the plan, and said on stderr.
+    let pinned = format!("pinned oci://{host}/base:stable@sha256:{digest}");
+    let (code, stdout, stderr) = oci.builder(&["plan", "--resolve-tags", "--json", "recipe.yml"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains(&pinned), "{stderr}");
+    let plan: serde_json::Value = serde_json::from_str(&stdout).expect("the plan as JSON");
+    assert_eq!(plan["parent"]["kind"], "oci");
+    assert_eq!(plan["parent"]["reference"], format!("{host}/base:stable"));
+    assert_eq!(plan["parent"]["manifestDigest"], digest.as_str());
+
+    // `build --resolve-tags` says what it pinned, then builds (and fails fast: no bootable disk).
+    std::fs::write(
+        site.path("direct.yml"),
+        std::fs::read_to_string(site.path("recipe.yml")).expect("recipe")
+            + "infrastructure: {accelerator: kvm, bootTimeoutSeconds: 5}\n",
+    )
+    .expect("write the recipe");
+    let (code, _, stderr) = oci.builder(&["build", "--resolve-tags", "direct.yml"]);
+    assert!(stderr.contains(&pinned), "{stderr}");
+    assert_ne!(code, Some(0), "the 1 MiB parent cannot boot:\n{stderr}");
+    assert_ne!(code, Some(2), "not an input problem:\n{stderr}");
+
+    // A tag the registry does not hold: a problem of the recipe, at its line.
+    std::fs::write(
+        site.path("missing.yml"),
+        std::fs::read_to_string(site.path("recipe.yml"))
+            .expect("recipe")
+            .replace("base:stable", "base:nope"),
+    )
+    .expect("write the recipe");
+    let (code, _, stderr) = oci.builder(&["plan", "--resolve-tags", "missing.yml"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("missing.yml:3:14")
+            && stderr.contains(&format!("{host}/base has no tag `nope`")),
+        "{stderr}"
+    );
+
+    // The registry is gone: a host problem (exit 3) that still names the line; a pipeline
+    // execution fails with the same words and the hint.
+    oci.registry.stop();
+    let site = &oci.site;
+    let (code, _, stderr) = oci.builder(&["plan", "--resolve-tags", "recipe.yml"]);
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "cannot resolve the tag of `oci://{host}/base:stable`"
+        )) && stderr.contains(at)
+            && stderr.contains("cannot reach the registry")
+            && stderr.contains("hint:"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = oci.builder(&["pipeline", "run", "pipelines/hello.yml"]);
+    assert_ne!(code, Some(0), "{stderr}");
+    let failed = &site.executions()[0];
+    assert_eq!(failed.status, ExecStatus::Failed, "{}", details(failed));
+    let error = failed.error.as_deref().unwrap_or_default();
+    assert!(
+        error.contains(at)
+            && error.contains("cannot reach the registry")
+            && error.contains("hint:"),
+        "{error}"
+    );
+    site.assert_no_leftovers();
 }

@@ -65,6 +65,27 @@ pub enum PlanError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The registry of a tag-only `parentImage: oci://…` could not say what the tag points to
+    /// (unreachable, refused the credential, failed): a host problem (exit 3). A tag the
+    /// registry does not hold is a problem of the recipe instead ([`PlanError::Invalid`]).
+    #[error("`parentImage` at {location}: cannot resolve the tag of `oci://{reference}`: {cause}")]
+    Registry {
+        /// Without `oci://`.
+        reference: String,
+        /// `recipe.yml:3:14`.
+        location: String,
+        cause: Box<crate::distribute::oci::OciError>,
+    },
+}
+
+impl PlanError {
+    /// What the user can do about it, when the error has advice beyond its message.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            PlanError::Registry { cause, .. } => cause.hint(),
+            _ => None,
+        }
+    }
 }
 
 /// A recipe and everything it names, read and checked together.
@@ -285,10 +306,46 @@ pub trait ParentResolver {
     /// Remember the digest just computed for the local file at `path`.
     fn remember_digest(&self, _path: &Path, _sha256: &Sha256) {}
 
-    /// The manifest digest an OCI tag points to now (`reference` without `oci://`), for the
-    /// hint when a recipe names `parentImage: oci://…` without a digest. `None` if unknown.
-    fn oci_tag_digest(&self, _reference: &str) -> Option<String> {
+    /// The manifest digest the tag of `reference` (a `parentImage: oci://…` without a digest,
+    /// without the scheme) points to now, asked of its registry. `None`: this resolver cannot
+    /// ask (the default).
+    fn oci_tag_digest(
+        &self,
+        _reference: &crate::distribute::oci::OciReference,
+    ) -> Option<Result<Sha256, crate::distribute::oci::OciError>> {
         None
+    }
+
+    /// Whether a tag-only `parentImage: oci://…` is pinned to the digest its tag points to now
+    /// (pipelines; `builder build --resolve-tags`) rather than refused with that digest in the
+    /// hint. Default: refused; wrap a resolver in [`ResolveTags`] to resolve.
+    fn resolves_tags(&self) -> bool {
+        false
+    }
+}
+
+/// `resolver`, resolving tag-only OCI parents to the digest their tag points to now: every
+/// pipeline execution, and `builder build`/`builder plan` with `--resolve-tags`.
+pub struct ResolveTags<'a>(pub &'a dyn ParentResolver);
+
+impl ParentResolver for ResolveTags<'_> {
+    fn resolve(&self, name: &str, version: &VersionPattern) -> Result<StoredParent, ResolveError> {
+        self.0.resolve(name, version)
+    }
+    fn known_digest(&self, path: &Path) -> Option<Sha256> {
+        self.0.known_digest(path)
+    }
+    fn remember_digest(&self, path: &Path, sha256: &Sha256) {
+        self.0.remember_digest(path, sha256)
+    }
+    fn oci_tag_digest(
+        &self,
+        reference: &crate::distribute::oci::OciReference,
+    ) -> Option<Result<Sha256, crate::distribute::oci::OciError>> {
+        self.0.oci_tag_digest(reference)
+    }
+    fn resolves_tags(&self) -> bool {
+        true
     }
 }
 
@@ -330,30 +387,43 @@ impl ParentResolver for NoStore {
     }
 }
 
-/// The manifest digest an OCI tag points to now (`reference` without `oci://`), asked of the
-/// registry with one short attempt: only to word the hint of a tag-only `parentImage`, never
-/// part of a plan. Runs on a thread of its own, so it works inside or outside a tokio runtime.
-pub fn registry_tag_digest(reference: &str) -> Option<String> {
+/// The manifest digest the tag of `reference` points to now (`latest` when it names none),
+/// asked of its registry with the credentials and plain-HTTP list every OCI command uses
+/// (docker's `config.json`, `$BUILDER_INSECURE_REGISTRIES`). Runs on a thread of its own, so
+/// it works inside or outside a tokio runtime.
+pub fn registry_tag_digest(
+    reference: &crate::distribute::oci::OciReference,
+) -> Result<Sha256, crate::distribute::oci::OciError> {
     use crate::distribute::oci;
-    let reference: oci::OciReference = reference.parse().ok()?;
+    // A plan waits for this: fewer and shorter attempts than a transfer gets.
     let options = oci::OciOptions {
-        attempts: 1,
-        connect_timeout: std::time::Duration::from_secs(5),
-        read_timeout: std::time::Duration::from_secs(10),
+        attempts: 3,
+        connect_timeout: std::time::Duration::from_secs(10),
+        read_timeout: std::time::Duration::from_secs(30),
         ..oci::OciOptions::from_env()
     };
-    std::thread::scope(|s| {
+    let digest = std::thread::scope(|s| {
         s.spawn(|| {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .ok()?;
-            rt.block_on(oci::current_digest(&reference, &options)).ok()
+                .map_err(|e| oci::OciError::Task(e.to_string()))?;
+            rt.block_on(oci::current_digest(reference, &options))
         })
         .join()
-        .ok()
-        .flatten()
-    })
+        .unwrap_or_else(|_| Err(oci::OciError::Task("the registry lookup panicked".into())))
+    })?;
+    Sha256::parse(&digest)
+        .filter(|_| digest.starts_with("sha256:"))
+        .ok_or_else(|| oci::OciError::Registry {
+            registry: reference.registry.clone(),
+            action: format!(
+                "name the digest of tag `{}`",
+                reference.tag.as_deref().unwrap_or("latest")
+            ),
+            status: 200,
+            message: format!("`{digest}` is not a sha256 digest"),
+        })
 }
 
 /// The store as a [`ParentResolver`]. Its hash index spares re-hashing a large local parent
@@ -367,8 +437,11 @@ impl ParentResolver for crate::store::Store {
         self.remember_digest(path, sha256.as_str());
     }
 
-    fn oci_tag_digest(&self, reference: &str) -> Option<String> {
-        registry_tag_digest(reference)
+    fn oci_tag_digest(
+        &self,
+        reference: &crate::distribute::oci::OciReference,
+    ) -> Option<Result<Sha256, crate::distribute::oci::OciError>> {
+        Some(registry_tag_digest(reference))
     }
 
     fn resolve(&self, name: &str, version: &VersionPattern) -> Result<StoredParent, ResolveError> {
@@ -518,7 +591,8 @@ pub enum PlannedParent {
     /// qcow2 in a containerDisk), pinned by the manifest digest; the pull checks the layer.
     #[serde(rename_all = "camelCase")]
     Oci {
-        /// As written, without `oci://`.
+        /// As written, without `oci://`. Without `@sha256:…` when the plan resolved the tag
+        /// (pipelines, `--resolve-tags`): `manifest_digest` is then what the tag pointed to.
         reference: String,
         manifest_digest: Sha256,
     },
@@ -549,6 +623,19 @@ impl PlannedParent {
             PlannedParent::Oci {
                 manifest_digest, ..
             } => manifest_digest,
+        }
+    }
+
+    /// For an OCI parent whose tag the plan resolved: the reference pinned to the digest the
+    /// tag pointed to (`host/repo:tag@sha256:…`, without `oci://`). `None` for every other
+    /// parent, and for an OCI reference the recipe pinned itself.
+    pub fn resolved_tag(&self) -> Option<String> {
+        match self {
+            PlannedParent::Oci {
+                reference,
+                manifest_digest,
+            } if !reference.contains('@') => Some(format!("{reference}@sha256:{manifest_digest}")),
+            _ => None,
         }
     }
 
@@ -943,17 +1030,67 @@ fn resolve_parent(
                     return Ok(None);
                 }
             };
-            match parsed.digest.as_deref().and_then(Sha256::parse) {
-                Some(manifest_digest) => Ok(Some(PlannedParent::Oci {
+            if let Some(manifest_digest) = parsed.digest.as_deref().and_then(Sha256::parse) {
+                return Ok(Some(PlannedParent::Oci {
+                    reference: reference.clone(),
+                    manifest_digest,
+                }));
+            }
+            if !resolver.resolves_tags() {
+                let e = OciError::NotPinned {
+                    reference: parsed.to_string(),
+                    current: resolver
+                        .oci_tag_digest(&parsed)
+                        .and_then(Result::ok)
+                        .map(|d| format!("sha256:{d}")),
+                };
+                let hint = e.hint().map(|h| {
+                    format!("{h}; or pass `--resolve-tags` to pin what the tag points to now")
+                });
+                problems.push(Problem::error(*span, e.to_string()).with_hint_opt(hint));
+                return Ok(None);
+            }
+            let tag = parsed.tag.as_deref().unwrap_or("latest");
+            match resolver.oci_tag_digest(&parsed) {
+                Some(Ok(manifest_digest)) => Ok(Some(PlannedParent::Oci {
                     reference: reference.clone(),
                     manifest_digest,
                 })),
+                Some(Err(OciError::NotFound { .. })) => {
+                    problems.push(
+                        Problem::error(
+                            *span,
+                            format!(
+                                "{}/{} has no tag `{tag}`",
+                                parsed.registry, parsed.repository
+                            ),
+                        )
+                        .with_hint(
+                            "check the repository and the tag, or push the image to that tag first",
+                        ),
+                    );
+                    Ok(None)
+                }
+                Some(Err(cause)) => Err(PlanError::Registry {
+                    reference: reference.clone(),
+                    location: format!(
+                        "{}:{}:{}",
+                        recipe.source.path.display(),
+                        span.line,
+                        span.col
+                    ),
+                    cause: Box::new(cause),
+                }),
                 None => {
-                    let e = OciError::NotPinned {
-                        reference: parsed.to_string(),
-                        current: resolver.oci_tag_digest(reference),
-                    };
-                    problems.push(Problem::error(*span, e.to_string()).with_hint_opt(e.hint()));
+                    problems.push(
+                        Problem::error(
+                            *span,
+                            format!(
+                                "`oci://{parsed}` names a tag and no registry can be asked here"
+                            ),
+                        )
+                        .with_hint("pin it: `oci://…@sha256:<manifest digest>`"),
+                    );
                     Ok(None)
                 }
             }
@@ -1407,33 +1544,47 @@ mod tests {
         assert_eq!(plan.disk_size, Some(ByteSize::gib(1)));
     }
 
+    /// A registry as the plan sees it: tag `1` of `127.0.0.1:5000/base` points to `ab…`;
+    /// `127.0.0.1:9` cannot be reached.
+    struct Registry;
+    impl ParentResolver for Registry {
+        fn resolve(
+            &self,
+            name: &str,
+            version: &VersionPattern,
+        ) -> Result<StoredParent, ResolveError> {
+            NoStore.resolve(name, version)
+        }
+        fn oci_tag_digest(
+            &self,
+            reference: &crate::distribute::oci::OciReference,
+        ) -> Option<Result<Sha256, crate::distribute::oci::OciError>> {
+            use crate::distribute::oci::OciError;
+            Some(match reference.to_string().as_str() {
+                "127.0.0.1:5000/base:1" => Ok(Sha256::parse(&"ab".repeat(32)).unwrap()),
+                r if r.starts_with("127.0.0.1:9/") => Err(OciError::Unreachable {
+                    registry: "127.0.0.1:9".into(),
+                    cause: "connection refused".into(),
+                }),
+                _ => Err(OciError::NotFound {
+                    reference: reference.to_string(),
+                }),
+            })
+        }
+    }
+
+    fn oci_recipe(parent: &str) -> String {
+        format!("name: web\nversion: 1.0.0\nparentImage: {parent}\ncomponents:\n  - path: a.yml\n")
+    }
+
     #[test]
     fn oci_parents_must_be_pinned_by_their_manifest_digest() {
-        struct Registry;
-        impl ParentResolver for Registry {
-            fn resolve(
-                &self,
-                name: &str,
-                version: &VersionPattern,
-            ) -> Result<StoredParent, ResolveError> {
-                NoStore.resolve(name, version)
-            }
-            fn oci_tag_digest(&self, reference: &str) -> Option<String> {
-                (reference == "127.0.0.1:5000/base:1")
-                    .then(|| format!("sha256:{}", "ab".repeat(32)))
-            }
-        }
         let f = Fixture::new();
         let env = |_: &str| None;
-        let recipe = |parent: &str| {
-            format!(
-                "name: web\nversion: 1.0.0\nparentImage: {parent}\ncomponents:\n  - path: a.yml\n"
-            )
-        };
         let digest = format!("sha256:{}", "cd".repeat(32));
         f.write(
             "recipe.yml",
-            &recipe(&format!("oci://127.0.0.1:5000/base:1@{digest}")),
+            &oci_recipe(&format!("oci://127.0.0.1:5000/base:1@{digest}")),
         );
         let validated = validate(&f.path("recipe.yml"), &env).unwrap();
         let pinned = plan(validated, &Registry, &env, &mut |_| {}).unwrap();
@@ -1444,18 +1595,69 @@ mod tests {
                 manifest_digest: Sha256::parse(&digest).unwrap(),
             }
         );
-        f.write("recipe.yml", &recipe("oci://127.0.0.1:5000/base:1"));
+        assert_eq!(pinned.parent.resolved_tag(), None);
+        f.write("recipe.yml", &oci_recipe("oci://127.0.0.1:5000/base:1"));
         let validated = validate(&f.path("recipe.yml"), &env).unwrap();
         let err = plan(validated, &Registry, &env, &mut |_| {}).unwrap_err();
-        let text = format!("{err:?}");
+        assert!(matches!(err, PlanError::Invalid(_)), "{err:?}");
+        let text = err.to_string();
         assert!(text.contains("must be pinned"), "{text}");
         assert!(
             text.contains(&format!(
                 "oci://127.0.0.1:5000/base:1@sha256:{}",
                 "ab".repeat(32)
-            )),
-            "the hint names the current digest: {text}"
+            )) && text.contains("--resolve-tags"),
+            "the hint names the current digest and the flag: {text}"
         );
+    }
+
+    #[test]
+    fn a_tag_is_pinned_to_its_digest_when_tags_are_resolved() {
+        let f = Fixture::new();
+        let env = |_: &str| None;
+        f.write("recipe.yml", &oci_recipe("oci://127.0.0.1:5000/base:1"));
+        let validated = validate(&f.path("recipe.yml"), &env).unwrap();
+        let pinned = plan(validated, &ResolveTags(&Registry), &env, &mut |_| {}).unwrap();
+        let ab = Sha256::parse(&"ab".repeat(32)).unwrap();
+        assert_eq!(
+            pinned.parent,
+            PlannedParent::Oci {
+                reference: "127.0.0.1:5000/base:1".into(),
+                manifest_digest: ab.clone(),
+            }
+        );
+        assert_eq!(
+            pinned.parent.resolved_tag().unwrap(),
+            format!("127.0.0.1:5000/base:1@sha256:{ab}")
+        );
+        // The digest is an input like any other: it is in the plan's digest and layer keys.
+        assert_eq!(pinned.parent.sha256(), &ab);
+
+        // A tag the registry does not hold is a problem of the recipe, at `parentImage`.
+        f.write("recipe.yml", &oci_recipe("oci://127.0.0.1:5000/base:2"));
+        let validated = validate(&f.path("recipe.yml"), &env).unwrap();
+        let err = plan(validated, &ResolveTags(&Registry), &env, &mut |_| {}).unwrap_err();
+        assert!(matches!(err, PlanError::Invalid(_)), "{err:?}");
+        let text = err.to_string();
+        assert!(
+            text.contains("recipe.yml:3:14") && text.contains("127.0.0.1:5000/base has no tag `2`"),
+            "{text}"
+        );
+
+        // A registry that cannot be asked is a host problem, still located in the recipe.
+        f.write("recipe.yml", &oci_recipe("oci://127.0.0.1:9/base:1"));
+        let validated = validate(&f.path("recipe.yml"), &env).unwrap();
+        let err = plan(validated, &ResolveTags(&Registry), &env, &mut |_| {}).unwrap_err();
+        assert!(matches!(err, PlanError::Registry { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(
+            text.contains("recipe.yml:3:14")
+                && text
+                    .contains("cannot resolve the tag of `oci://127.0.0.1:9/base:1`: cannot reach")
+                && text.contains("connection refused"),
+            "{text}"
+        );
+        assert!(err.hint().unwrap().contains("registry is running"));
     }
 
     #[test]

@@ -454,7 +454,13 @@ fn fill_inputs(m: &mut Manifest, plan: &Plan) {
             reference,
             manifest_digest,
         } => ParentInput {
-            source: format!("oci://{reference}"),
+            // A tag the plan resolved is recorded with the digest it pointed to.
+            source: format!(
+                "oci://{}",
+                plan.parent
+                    .resolved_tag()
+                    .unwrap_or_else(|| reference.clone())
+            ),
             sha256: manifest_digest.to_string(),
             store_image: None,
         },
@@ -592,9 +598,15 @@ impl crate::distribute::Progress for PullBar<'_, '_> {
 
 pub async fn fetch_parent(cx: &Cx<'_>) -> Result<Base, BuildError> {
     match &cx.plan.parent {
-        PlannedParent::Oci { reference, .. } => {
+        PlannedParent::Oci {
+            reference,
+            manifest_digest,
+        } => {
             use crate::distribute::oci;
-            let src: oci::OciReference = reference.parse().map_err(BuildError::PullParent)?;
+            let mut src: oci::OciReference = reference.parse().map_err(BuildError::PullParent)?;
+            // The digest the plan pinned (written in the recipe, or what the tag pointed to
+            // when the plan resolved it): a tag moved since is not followed.
+            src.digest = Some(format!("sha256:{manifest_digest}"));
             let bar = PullBar(cx, Mutex::new(0));
             let pulled = oci::pull_disk(
                 &src,

@@ -49,6 +49,11 @@ pub struct BuildArgs {
     /// Override the recipe's accelerator: `auto`, `kvm` or `tcg`.
     #[arg(long, value_parser = parse_accel)]
     accel: Option<AccelChoice>,
+    /// Accept a `parentImage: oci://host/repo:tag` without `@sha256:…`: ask the registry what
+    /// the tag points to now and pin that manifest digest for this build (printed, and kept in
+    /// the plan and the manifest). Without it such a parent is refused.
+    #[arg(long)]
+    resolve_tags: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -100,11 +105,16 @@ pub async fn main(args: BuildArgs) -> CliResult {
             eprint!("\rhashing {} … {percent:>3}%", p.path.display());
         }
     };
-    let planned = plan::plan(validated, &store, &env, &mut progress);
+    let planned = if args.resolve_tags {
+        plan::plan(validated, &plan::ResolveTags(&store), &env, &mut progress)
+    } else {
+        plan::plan(validated, &store, &env, &mut progress)
+    };
     if shown.is_some() {
         eprintln!();
     }
     let plan = planned.map_err(super::recipe::failure)?;
+    super::recipe::show_resolved_tag(&plan);
 
     let on_failure: Option<std::sync::Arc<dyn FailureShell>> = (args.on_error == OnError::Shell)
         .then(|| {

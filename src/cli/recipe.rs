@@ -36,6 +36,11 @@ pub struct PlanArgs {
     /// Print the plan as JSON on stdout.
     #[arg(long)]
     json: bool,
+    /// Accept a `parentImage: oci://host/repo:tag` without `@sha256:…`: ask the registry what
+    /// the tag points to now and pin that manifest digest in the plan, as `builder build
+    /// --resolve-tags` and every pipeline execution do.
+    #[arg(long)]
+    resolve_tags: bool,
 }
 
 #[derive(Debug, Args)]
@@ -73,6 +78,21 @@ pub(super) fn failure(error: PlanError) -> Failure {
         }
         e @ (PlanError::Unreadable { .. } | PlanError::Changed { .. }) => Failure::input(e),
         e @ (PlanError::Io { .. } | PlanError::Store { .. }) => Failure::host(e),
+        e @ PlanError::Registry { .. } => {
+            let hint = e.hint();
+            let failure = Failure::host(e);
+            match hint {
+                Some(hint) => failure.with_hint(hint),
+                None => failure,
+            }
+        }
+    }
+}
+
+/// Say which digest a tag-only OCI parent was pinned to (`--resolve-tags`), on stderr.
+pub(super) fn show_resolved_tag(plan: &Plan) {
+    if let Some(pinned) = plan.parent.resolved_tag() {
+        eprintln!("parent image: pinned oci://{pinned} (what the tag points to now)");
     }
 }
 
@@ -214,8 +234,11 @@ impl ParentResolver for DefaultStore {
         ParentResolver::resolve(&store, name, version)
     }
 
-    fn oci_tag_digest(&self, reference: &str) -> Option<String> {
-        plan::registry_tag_digest(reference)
+    fn oci_tag_digest(
+        &self,
+        reference: &builder::distribute::oci::OciReference,
+    ) -> Option<Result<builder::recipe::Sha256, builder::distribute::oci::OciError>> {
+        Some(plan::registry_tag_digest(reference))
     }
 }
 
@@ -231,11 +254,21 @@ pub fn plan(args: PlanArgs) -> CliResult {
             eprint!("\rhashing {} … {percent:>3}%", p.path.display());
         }
     };
-    let result = plan::plan(validated, &DefaultStore, &env, &mut progress);
+    let result = if args.resolve_tags {
+        plan::plan(
+            validated,
+            &plan::ResolveTags(&DefaultStore),
+            &env,
+            &mut progress,
+        )
+    } else {
+        plan::plan(validated, &DefaultStore, &env, &mut progress)
+    };
     if shown.is_some() {
         eprintln!();
     }
     let plan = result.map_err(failure)?;
+    show_resolved_tag(&plan);
     if args.json {
         let json = serde_json::to_string_pretty(&plan).map_err(|e| {
             Failure::failed(anyhow::Error::new(e).context("could not write the plan as JSON"))
@@ -325,8 +358,20 @@ pub fn describe(plan: &Plan) -> String {
                 "                  virtual size {virtual_size}, sha256 {sha256}"
             );
         }
-        PlannedParent::Oci { reference, .. } => {
+        PlannedParent::Oci {
+            reference,
+            manifest_digest,
+        } => {
             let _ = writeln!(out, "  parent image    oci://{reference}");
+            let _ = writeln!(
+                out,
+                "                  manifest sha256:{manifest_digest}{}",
+                if plan.parent.resolved_tag().is_some() {
+                    " (what the tag points to now)"
+                } else {
+                    ""
+                }
+            );
             let _ = writeln!(
                 out,
                 "                  pulled by the build (manifest pinned, layer digest verified)"

@@ -114,7 +114,9 @@ pub struct Inputs {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ParentInput {
-    /// As written in the recipe: a path, a URL, or a store reference (`name/1.x.x`).
+    /// As written in the recipe: a path, a URL, a store reference (`name/1.x.x`) or an OCI
+    /// reference; an OCI tag the plan resolved is written with the manifest digest it pointed
+    /// to (`oci://host/repo:tag@sha256:…`, which is also `sha256`).
     pub source: String,
     pub sha256: String,
     /// For a parent from the local store: the exact build used, `name/x.y.z/n`. The store

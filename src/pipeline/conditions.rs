@@ -4,9 +4,10 @@
 //! successful execution. No VM: the plan hashes a local parent (through the store's hash
 //! index) and resolves `name/1.x.x` to the newest stored build.
 //!
-//! A parent from an OCI registry (`oci://host/repo:tag`) is pinned by the plan to the manifest
-//! digest the tag points at now, so a newer push of the tag is a change. Package updates
-//! inside the guest would need a VM and are not checked.
+//! A parent from an OCI registry named by its tag (`oci://host/repo:tag`) is pinned by the plan
+//! to the manifest digest the tag points at now (pipelines always resolve tags), so a newer push
+//! to the tag is a change, named with its new digest. Package updates inside the guest would
+//! need a VM and are not checked.
 
 use std::collections::BTreeMap;
 
@@ -141,6 +142,14 @@ pub fn changes(before: &Inputs, now: &Inputs) -> Vec<String> {
         out.push(format!(
             "the parent image is now `{}` (was `{}`)",
             n.written, b.written
+        ));
+    } else if b.sha256 != n.sha256 && n.written.starts_with("oci://") {
+        // A moved tag: the new digest in full, so it can be pinned or pulled.
+        out.push(format!(
+            "parent image `{}` now points to sha256:{} (was sha256:{})",
+            n.written,
+            n.sha256,
+            short(&b.sha256)
         ));
     } else if b.sha256 != n.sha256 || b.resolved != n.resolved {
         let resolved = match (&b.resolved, &n.resolved) {
@@ -335,6 +344,21 @@ mod tests {
                 "component `hello` document changed (sha256 cccccccccccc → dddddddddddd)",
                 "component `hello` parameter `greeting` is now `hello` (was `hi`)",
             ]
+        );
+        let mut oci_before = inputs();
+        oci_before.parent = ParentInput {
+            written: "oci://127.0.0.1:5000/base:1".into(),
+            resolved: None,
+            sha256: "a".repeat(64),
+        };
+        let mut oci_now = oci_before.clone();
+        oci_now.parent.sha256 = "b".repeat(64);
+        assert_eq!(
+            changes(&oci_before, &oci_now),
+            [format!(
+                "parent image `oci://127.0.0.1:5000/base:1` now points to sha256:{} (was sha256:aaaaaaaaaaaa)",
+                "b".repeat(64)
+            )]
         );
         let mut recipe_only = inputs();
         recipe_only.recipe = "s".repeat(64);

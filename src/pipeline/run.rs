@@ -148,17 +148,21 @@ pub async fn execute(
     };
     let notifier = Notifier::new(&pipeline, history, id);
 
-    // 1. Pin the inputs (hashing a large parent is blocking work).
+    // 1. Pin the inputs (hashing a large parent is blocking work). A tag-only OCI parent is
+    //    pinned to what its tag points to now, so a push to the tag is a changed dependency.
     let resolver = store.clone();
     let planned = tokio::task::spawn_blocking(move || {
         let env = |name: &str| std::env::var(name).ok();
-        plan::plan(recipe, &resolver, &env, &mut |_| {})
+        plan::plan(recipe, &plan::ResolveTags(&resolver), &env, &mut |_| {})
     })
     .await;
     let plan = match planned {
         Ok(Ok(plan)) => with_overrides(plan, &pipeline),
         Ok(Err(e)) => {
-            let message = e.to_string();
+            let message = match e.hint() {
+                Some(hint) => format!("{e}\nhint: {hint}"),
+                None => e.to_string(),
+            };
             report.reason = "the recipe could not be planned".into();
             return fail(history, &notifier, report, message, None, None).await;
         }
