@@ -571,6 +571,21 @@ fn tag_text(tag: Option<Cow<'_, saphyr_parser::Tag>>) -> Option<String> {
     tag.map(|t| format!("{}{}", t.handle, t.suffix))
 }
 
+/// The hint for the unknown key `key` in {what}: "did you mean" the closest of `allowed`, else
+/// `fallback(key)`, else the keys `what` accepts.
+pub fn unknown_key_hint(
+    key: &str,
+    allowed: &[&str],
+    what: &str,
+    fallback: impl Fn(&str) -> Option<String>,
+) -> String {
+    use crate::diagnostic::{did_you_mean, one_of};
+    match did_you_mean(key, allowed.iter().copied()) {
+        Some(close) => format!("did you mean `{close}`?"),
+        None => fallback(key).unwrap_or_else(|| format!("{what} accepts {}", one_of(allowed))),
+    }
+}
+
 /// A problem for every key of `entries` that is not in `allowed`: "unknown key `k` in
 /// {what}", with a "did you mean" hint, else `fallback(k)`, else the keys `what` accepts.
 /// Component documents, recipes and every later file kind share this rule.
@@ -580,18 +595,12 @@ pub fn unknown_keys(
     what: &str,
     fallback: impl Fn(&str) -> Option<String>,
 ) -> Vec<Problem> {
-    use crate::diagnostic::{did_you_mean, one_of};
     let mut problems = Vec::new();
     for (key, _) in entries {
         match key.as_str() {
             Some(k) if allowed.contains(&k) => {}
             Some(k) => {
-                let hint = match did_you_mean(k, allowed.iter().copied()) {
-                    Some(close) => format!("did you mean `{close}`?"),
-                    None => {
-                        fallback(k).unwrap_or_else(|| format!("{what} accepts {}", one_of(allowed)))
-                    }
-                };
+                let hint = unknown_key_hint(k, allowed, what, &fallback);
                 problems.push(
                     Problem::error(key.span, format!("unknown key `{k}` in {what}"))
                         .with_hint(hint),

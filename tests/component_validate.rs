@@ -1,5 +1,7 @@
 //! Each file in `tests/cases/component/` holds one mistake (named for it); its rendered
-//! diagnostics are snapshot-tested. Every document in `fixtures/components/` must validate.
+//! diagnostics are snapshot-tested. Every document in `fixtures/components/` must validate,
+//! and so must every real document in `tests/cases/component/corpus/` (where each came from:
+//! its first lines and `SOURCES.md` there).
 
 use std::path::{Path, PathBuf};
 
@@ -62,6 +64,32 @@ fn fixture_documents_are_valid() {
             panic!("{}", diagnostics.render(false));
         }
     }
+}
+
+/// Documents AWS publishes and runs (and others found in public repositories) are valid:
+/// what AWSTOE accepts, builder accepts. Warnings are allowed (and printed, for the record).
+#[test]
+fn real_documents_in_the_corpus_are_valid() {
+    let corpus = yaml_files("tests/cases/component/corpus");
+    assert!(corpus.len() >= 15, "only {} corpus documents", corpus.len());
+    let sources = read(Path::new("tests/cases/component/corpus/SOURCES.md"));
+    let mut invalid = Vec::new();
+    for path in &corpus {
+        let text = read(path);
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        assert!(
+            text.starts_with("# Source: ") && sources.contains(name),
+            "{name}: say where it came from (a `# Source:` first line and a row in SOURCES.md)"
+        );
+        let checked = parse::check(path, &text);
+        let rendered = checked.diagnostics.render(false);
+        if checked.document.is_none() {
+            invalid.push(rendered);
+        } else if !rendered.is_empty() {
+            println!("{rendered}");
+        }
+    }
+    assert!(invalid.is_empty(), "{}", invalid.join("\n"));
 }
 
 #[test]
@@ -217,6 +245,58 @@ mod cli {
             ))
             .stderr(predicate::str::contains("did you mean `ExecuteBash`?"))
             .stderr(predicate::str::contains("\u{1b}[").not());
+    }
+
+    #[test]
+    fn warnings_are_printed_and_exit_0() {
+        builder()
+            .args([
+                "component",
+                "validate",
+                "tests/cases/component/warn-unknown-input-key.yml",
+            ])
+            .assert()
+            .code(0)
+            .stderr(predicate::str::contains(
+                "--> tests/cases/component/warn-unknown-input-key.yml:10:13",
+            ))
+            .stderr(predicate::str::contains(
+                "warning: unknown key `overwite` in the inputs of `WebDownload` is ignored",
+            ))
+            .stderr(predicate::str::contains("did you mean `overwrite`?"))
+            .stderr(predicate::str::contains(
+                "ok: tests/cases/component/warn-unknown-input-key.yml",
+            ));
+    }
+
+    #[test]
+    fn json_says_which_problems_are_warnings() {
+        let out = builder()
+            .args([
+                "component",
+                "validate",
+                "--json",
+                "tests/cases/component/warn-unknown-input-key.yml",
+                "tests/cases/component/unknown-input-key.yml",
+            ])
+            .assert()
+            .code(2)
+            .get_output()
+            .stdout
+            .clone();
+        let json: serde_json::Value = serde_json::from_slice(&out).expect("stdout is JSON");
+        assert_eq!(json[0]["valid"], true);
+        let warning = &json[0]["problems"][0];
+        assert_eq!(warning["severity"], "warning");
+        assert_eq!(
+            (&warning["line"], &warning["col"]),
+            (&10.into(), &13.into())
+        );
+        assert_eq!(warning["hint"], "did you mean `overwrite`?");
+        // A misspelled *required* key stays an error: AWSTOE rejects the missing key.
+        assert_eq!(json[1]["valid"], false);
+        assert_eq!(json[1]["problems"][0]["severity"], "error");
+        assert_eq!(json[1]["problems"][0]["hint"], "did you mean `commands`?");
     }
 
     #[test]

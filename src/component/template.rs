@@ -9,8 +9,12 @@
 //! `docker inspect -f '{{ .State.Running }}'`, or `{{ json . }}`: it starts with a dot or holds
 //! characters no reference has) is kept as literal text, because real component scripts
 //! contain such text and AWSTOE does not touch it. Text that has the *shape* of a reference
-//! but a bad form (`{{ a.b.c }}`, `{{ build.step.outputs }}`) is an error, and so is a `{{`
-//! without its `}}`.
+//! but a bad form (`{{ a.b.c }}`, `{{ build.step.outputs }}`) is an error.
+//!
+//! A `{{` without its own `}}` (none follows, or another `{{` comes first) is literal text too:
+//! AWSTOE runs such scripts as written (an AWS-managed component has
+//! `if [ '{{ build.X.outputs.stdout' == 'install' ]`), and a later reference in the same
+//! script is still a reference. Validation warns about it ([`unclosed`]).
 
 /// One parsed reference inside `{{ }}`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -113,16 +117,14 @@ pub fn parse(text: &str) -> Result<Vec<Piece>, TemplateError> {
     let mut pieces = Vec::new();
     let mut literal = String::new();
     let mut rest_start = 0;
-    while let Some(found) = text[rest_start..].find("{{") {
-        let open = rest_start + found;
-        let Some(close_rel) = text[open + 2..].find("}}") else {
-            return Err(TemplateError {
-                message: "`{{` is not closed by `}}`".to_string(),
-                range: open..text.len(),
-            });
+    let mut from = 0;
+    while let Some((open, close)) = next_open(text, from) {
+        let Some(inner_end) = close else {
+            // Unclosed: the `{{` is text; look for the next one after it.
+            from = open + 2;
+            continue;
         };
         let inner_start = open + 2;
-        let inner_end = inner_start + close_rel;
         // `{{{ imagebuilder:x }}}` (Dockerfile placeholders) reads as `{{` + `{ imagebuilder:x `,
         // which is not a reference, so it stays text without special handling.
         let end = inner_end + 2;
@@ -150,12 +152,42 @@ pub fn parse(text: &str) -> Result<Vec<Piece>, TemplateError> {
             }
         }
         rest_start = end;
+        from = end;
     }
     literal.push_str(&text[rest_start..]);
     if !literal.is_empty() {
         pieces.push(Piece::Text(literal));
     }
     Ok(pieces)
+}
+
+/// The next `{{` at or after `from`, with the start of its `}}` when it has one of its own:
+/// `None` when no `}}` follows, or when another `{{` comes before it (the first `{{` is then
+/// literal text and the second may open a reference).
+fn next_open(text: &str, from: usize) -> Option<(usize, Option<usize>)> {
+    let open = from + text.get(from..)?.find("{{")?;
+    let inner = open + 2;
+    let close = text[inner..].find("}}").map(|i| inner + i);
+    let reopened = close.is_some_and(|c| text[inner..c].contains("{{"));
+    Some((open, close.filter(|_| !reopened)))
+}
+
+/// Where `text` has a `{{` that [`parse`] keeps as literal text because it has no `}}` of its
+/// own: each range runs from the `{{` to the end of its line.
+pub fn unclosed(text: &str) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    while let Some((open, close)) = next_open(text, from) {
+        match close {
+            Some(c) => from = c + 2,
+            None => {
+                let end = text[open..].find('\n').map_or(text.len(), |i| open + i);
+                out.push(open..end);
+                from = open + 2;
+            }
+        }
+    }
+    out
 }
 
 /// Expand every reference in `text` with `scope`. A reference the scope answers `Ok(None)`
@@ -435,11 +467,46 @@ mod tests {
     }
 
     #[test]
-    fn unterminated_is_an_error_with_its_range() {
-        let err = parse("echo {{ Name").unwrap_err();
-        assert_eq!(err.range, 5..12);
-        assert!(err.message.contains("not closed"), "{}", err.message);
-        assert!(references("echo {{ Name").is_empty());
+    fn unclosed_braces_are_literal_text() {
+        let text = "echo {{ Name";
+        assert_eq!(parse(text).unwrap(), vec![Piece::Text(text.into())]);
+        assert!(references(text).is_empty());
+        assert_eq!(unclosed(text), vec![5..12]);
+        // As in an AWS-managed component: the quote ends before any `}}`, and a reference
+        // later in the same script is still a reference.
+        let script = "if [ '{{ build.Check.outputs.stdout' == 'install' ]; then\n  \
+                      echo {{ build.Version.outputs.stdout }}\nfi";
+        assert_eq!(
+            references(script),
+            vec![chain(
+                "build",
+                "Version",
+                ChainKind::Outputs,
+                None,
+                "stdout"
+            )]
+        );
+        assert_eq!(unclosed(script), vec![6..57]);
+        let pieces = parse(script).unwrap();
+        assert_eq!(pieces.len(), 3, "{pieces:?}");
+        assert_eq!(
+            pieces[0],
+            Piece::Text(
+                "if [ '{{ build.Check.outputs.stdout' == 'install' ]; then\n  echo ".into()
+            )
+        );
+        let scope = Map(HashMap::from([(
+            "build.Version.outputs.stdout".to_string(),
+            "2".to_string(),
+        )]));
+        assert_eq!(
+            expand(script, &scope).unwrap(),
+            "if [ '{{ build.Check.outputs.stdout' == 'install' ]; then\n  echo 2\nfi"
+        );
+        // Closed references have no unclosed part; `{{{ x }}}` stays as it always was.
+        assert!(unclosed("{{ A }} and {{ B }}").is_empty());
+        assert!(unclosed("{{{ imagebuilder:buildDate }}}").is_empty());
+        assert_eq!(unclosed("a {{ b\nc {{ d"), vec![2..6, 9..13]);
     }
 
     #[test]
@@ -514,6 +581,6 @@ mod tests {
             expand("{{ aws:ssm:/x }}", &scope).unwrap_err(),
             "no SSM offline"
         );
-        assert!(expand("{{ Name", &scope).is_err());
+        assert_eq!(expand("{{ Name", &scope).unwrap(), "{{ Name");
     }
 }

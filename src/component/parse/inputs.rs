@@ -118,40 +118,94 @@ pub(super) fn step_inputs(
     }
 }
 
+/// The entries of one mapping inside `inputs` whose keys should be `keys` (`required` among
+/// them). A key AWSTOE does not know is a warning: AWSTOE's decoders drop it, and documents
+/// AWS publishes carry such keys. It stays an error when it is the likely misspelling of a
+/// required key that is missing (AWSTOE rejects the missing key): said once, at the
+/// misspelled key. Every missing required key is reported. `None` (and a problem) when
+/// `node` is not a mapping, or when a key is not a plain name or a required key is missing.
+fn input_entries<'n>(
+    cx: &mut Cx<'_>,
+    node: &'n Node,
+    what: &str,
+    needs: &str,
+    keys: &[&str],
+    required: &[&str],
+) -> Option<&'n [(Node, Node)]> {
+    let Some(entries) = node.as_mapping() else {
+        cx.not_a(node, what, "a mapping");
+        return None;
+    };
+    let missing: Vec<&str> = required
+        .iter()
+        .copied()
+        .filter(|key| {
+            !entries
+                .iter()
+                .any(|(k, v)| k.as_str() == Some(*key) && !v.is_null())
+        })
+        .collect();
+    let mut explained = Vec::new();
+    let mut ok = missing.is_empty();
+    for (key, _) in entries {
+        let Some(k) = key.as_str() else {
+            cx.error(
+                key.span,
+                format!("a key in {what} must be a plain name"),
+                None,
+            );
+            ok = false;
+            continue;
+        };
+        if keys.contains(&k) {
+            continue;
+        }
+        match did_you_mean(k, keys.iter().copied()) {
+            Some(close) if missing.contains(&close) && !explained.contains(&close) => {
+                explained.push(close);
+                cx.error_hint(
+                    key.span,
+                    format!("{needs} `{close}`; `{k}` is not one of its keys"),
+                    Some(format!("did you mean `{close}`?")),
+                );
+            }
+            _ => {
+                let hint = crate::yaml::unknown_key_hint(k, keys, what, |_| {
+                    Some(format!("expected {}", one_of(keys)))
+                });
+                cx.warning(
+                    key.span,
+                    format!("unknown key `{k}` in {what} is ignored (AWSTOE ignores it too)"),
+                    Some(hint),
+                );
+            }
+        }
+    }
+    for key in missing.iter().filter(|k| !explained.contains(k)) {
+        cx.error_hint(
+            node.span,
+            format!("{needs} `{key}`"),
+            Some(format!("add `{key}: …`")),
+        );
+    }
+    ok.then_some(entries)
+}
+
 /// One map of inputs: unknown keys, missing required keys, value types.
 fn item(cx: &mut Cx<'_>, action: Action, node: &Node) -> Option<(Map<String, Value>, Vec<String>)> {
     let specs = input_spec(action);
     let keys: Vec<&str> = specs.iter().map(|s| s.key).collect();
+    let required: Vec<&str> = specs.iter().filter(|s| s.required).map(|s| s.key).collect();
     let what = format!("the inputs of `{action}`");
-    let entries = cx.mapping(node, &what, &keys)?;
+    let needs = format!("`{action}` needs the input");
+    let entries = input_entries(cx, node, &what, &needs, &keys, &required);
     let mut map = Map::new();
-    let mut ok = true;
-    // A misspelled required key is reported once, as the unknown key with its suggestion.
-    let misspelled: Vec<&str> = entries
-        .iter()
-        .filter_map(|(k, _)| k.as_str())
-        .filter(|k| !keys.contains(k))
-        .filter_map(|k| did_you_mean(k, keys.iter().copied()))
-        .collect();
-    for spec in specs.iter().filter(|s| s.required) {
-        let present = entries
-            .iter()
-            .any(|(k, v)| k.as_str() == Some(spec.key) && !v.is_null());
-        if !present && misspelled.contains(&spec.key) {
-            ok = false;
-        } else if !present {
-            cx.error_hint(
-                node.span,
-                format!("`{action}` needs the input `{}`", spec.key),
-                Some(format!("add `{}: …`", spec.key)),
-            );
-            ok = false;
-        }
-    }
+    let mut ok = entries.is_some();
+    // The values are checked even when a key is missing, so every problem is reported at once.
+    let entries = entries.or_else(|| node.as_mapping())?;
     for (key, value) in entries {
         let Some(spec) = key.as_str().and_then(|k| specs.iter().find(|s| s.key == k)) else {
-            ok = false; // reported by `mapping`
-            continue;
+            continue; // an unknown key: reported by `input_entries`, and not passed on
         };
         if value.is_null() {
             continue; // an empty optional input is the same as leaving it out
@@ -272,27 +326,26 @@ fn convert(cx: &mut Cx<'_>, spec: &InputSpec, node: &Node) -> Option<Value> {
             let mut out = Vec::new();
             let mut ok = true;
             for item in items {
-                let Some(entries) = cx.mapping(item, "a `parameters` item", &["name", "value"])
-                else {
+                let fields = ["name", "value"];
+                let Some(entries) = input_entries(
+                    cx,
+                    item,
+                    "a `parameters` item",
+                    "a `parameters` item needs",
+                    &fields,
+                    &fields,
+                ) else {
                     ok = false;
                     continue;
                 };
                 let mut map = Map::new();
-                for field in ["name", "value"] {
-                    match entries.iter().find(|(k, _)| k.as_str() == Some(field)) {
-                        Some((_, v)) => match string(cx, v, &format!("`{field}`")) {
+                for field in fields {
+                    if let Some((_, v)) = entries.iter().find(|(k, _)| k.as_str() == Some(field)) {
+                        match string(cx, v, &format!("`{field}`")) {
                             Some(s) => {
                                 map.insert(field.to_string(), Value::String(s));
                             }
                             None => ok = false,
-                        },
-                        None => {
-                            cx.error(
-                                item.span,
-                                format!("a `parameters` item has no `{field}`"),
-                                Some("write each as `- name: X` and `value: Y`"),
-                            );
-                            ok = false;
                         }
                     }
                 }

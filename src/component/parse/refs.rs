@@ -106,10 +106,7 @@ pub(super) fn check_all(cx: &mut Cx<'_>, variables: &[&str], phases: &[(String, 
             Err(e) => {
                 let part = text.value.get(e.range.clone()).unwrap_or(&text.value);
                 let at = cx.locate(text, part.lines().next().unwrap_or(part));
-                // An unclosed `{{` is often text meant literally; a malformed reference is a
-                // typo whose message already lists the valid forms.
-                let hint = (e.range.end == text.value.len() && e.message.contains("not closed"))
-                    .then_some("close it with `}}`; a literal `{{` cannot appear in inputs");
+                // A malformed reference is a typo whose message already lists the valid forms.
                 match e.message.split_once("; expected ") {
                     Some((what, forms)) => {
                         cx.error_hint(
@@ -118,11 +115,25 @@ pub(super) fn check_all(cx: &mut Cx<'_>, variables: &[&str], phases: &[(String, 
                             Some(format!("references look like {forms}")),
                         );
                     }
-                    None => cx.error(at, e.message.clone(), hint),
+                    None => cx.error(at, e.message.clone(), None),
                 }
                 continue;
             }
         };
+        // AWSTOE runs an unclosed `{{` as written (AWS's own scripts have them); it is worth
+        // a word only because it may be a reference with its `}}` forgotten.
+        for range in template::unclosed(&text.value) {
+            let part = &text.value[range];
+            let at = cx.locate(text, part);
+            cx.warning(
+                at,
+                "`{{` is not closed by `}}`, so it is kept as text",
+                Some(
+                    "AWSTOE runs it as written; if it is meant as a reference, close it with `}}`"
+                        .to_string(),
+                ),
+            );
+        }
         for piece in pieces {
             if let Piece::Ref {
                 reference, source, ..
