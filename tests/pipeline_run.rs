@@ -548,6 +548,14 @@ fn tags_are_resolved_only_when_asked_and_failures_name_the_parent_line() {
     assert_eq!(plan["parent"]["kind"], "oci");
     assert_eq!(plan["parent"]["reference"], format!("{host}/base:stable"));
     assert_eq!(plan["parent"]["manifestDigest"], digest.as_str());
+    let (code, stdout, stderr) = oci.builder(&["plan", "--resolve-tags", "recipe.yml"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stdout.contains(&format!(
+            "manifest sha256:{digest} (what the tag points to now)"
+        )),
+        "{stdout}"
+    );
 
     // `build --resolve-tags` says what it pinned, then builds (and fails fast: no bootable disk).
     std::fs::write(

@@ -437,44 +437,7 @@ impl<'a> Cx<'a> {
 /// The manifest's inputs: the parent and every component, with digests and parameters.
 fn fill_inputs(m: &mut Manifest, plan: &Plan) {
     m.plan_digest = plan.digest();
-    m.inputs.parent = Some(match &plan.parent {
-        PlannedParent::File { path, sha256, .. } => ParentInput {
-            source: path.clone(),
-            sha256: sha256.to_string(),
-            store_image: None,
-        },
-        PlannedParent::Url { url, sha256 } => ParentInput {
-            source: url.clone(),
-            sha256: sha256.to_string(),
-            store_image: None,
-        },
-        // The pin is the manifest digest (the reference ends with it); the pull checks the
-        // disk layer's digest against that manifest.
-        PlannedParent::Oci {
-            reference,
-            manifest_digest,
-        } => ParentInput {
-            // A tag the plan resolved is recorded with the digest it pointed to.
-            source: format!(
-                "oci://{}",
-                plan.parent
-                    .resolved_tag()
-                    .unwrap_or_else(|| reference.clone())
-            ),
-            sha256: manifest_digest.to_string(),
-            store_image: None,
-        },
-        PlannedParent::Store {
-            reference,
-            resolved,
-            sha256,
-            ..
-        } => ParentInput {
-            source: reference.clone(),
-            sha256: sha256.to_string(),
-            store_image: Some(resolved.clone()),
-        },
-    });
+    m.inputs.parent = Some(parent_input(&plan.parent));
     m.inputs.components = plan
         .components
         .iter()
@@ -499,6 +462,47 @@ fn fill_inputs(m: &mut Manifest, plan: &Plan) {
         cpus: i.cpus,
         memory_mib: i.memory.bytes() >> 20,
     };
+}
+
+/// The parent as the manifest records it: as written, with the digest the build used.
+fn parent_input(parent: &PlannedParent) -> ParentInput {
+    match parent {
+        PlannedParent::File { path, sha256, .. } => ParentInput {
+            source: path.clone(),
+            sha256: sha256.to_string(),
+            store_image: None,
+        },
+        PlannedParent::Url { url, sha256 } => ParentInput {
+            source: url.clone(),
+            sha256: sha256.to_string(),
+            store_image: None,
+        },
+        // The pin is the manifest digest (written in the recipe, or what the tag pointed to
+        // when the plan resolved it); the pull checks the disk layer's digest against that
+        // manifest.
+        PlannedParent::Oci {
+            reference,
+            manifest_digest,
+        } => ParentInput {
+            // A resolved tag is recorded with the digest: what to write to build it again.
+            source: format!(
+                "oci://{}",
+                parent.resolved_tag().unwrap_or_else(|| reference.clone())
+            ),
+            sha256: manifest_digest.to_string(),
+            store_image: None,
+        },
+        PlannedParent::Store {
+            reference,
+            resolved,
+            sha256,
+            ..
+        } => ParentInput {
+            source: reference.clone(),
+            sha256: sha256.to_string(),
+            store_image: Some(resolved.clone()),
+        },
+    }
 }
 
 // ─── 1. allocate ────────────────────────────────────────────────────────────────────────
@@ -1656,4 +1660,31 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that unwraps fails loudly, which is the point
+mod tests {
+    use super::*;
+    use crate::recipe::Sha256;
+
+    #[test]
+    fn an_oci_tag_the_plan_resolved_is_recorded_pinned() {
+        let digest = Sha256::parse(&"ab".repeat(32)).unwrap();
+        let resolved = parent_input(&PlannedParent::Oci {
+            reference: "127.0.0.1:5000/base:stable".into(),
+            manifest_digest: digest.clone(),
+        });
+        assert_eq!(
+            resolved.source,
+            format!("oci://127.0.0.1:5000/base:stable@sha256:{digest}")
+        );
+        assert_eq!(resolved.sha256, digest.as_str());
+        let written = format!("127.0.0.1:5000/base:stable@sha256:{digest}");
+        let pinned = parent_input(&PlannedParent::Oci {
+            reference: written.clone(),
+            manifest_digest: digest,
+        });
+        assert_eq!(pinned.source, format!("oci://{written}"));
+    }
 }
