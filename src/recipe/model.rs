@@ -89,6 +89,9 @@ pub struct Located<T> {
 ///   one build).
 /// - `parentImage: oci://registry:5000/images/base:1.0.0@sha256:<64 hex>` — a disk pushed to
 ///   an OCI registry (artifact or containerDisk), pinned by its manifest digest.
+/// - `parentImage: oci://registry:5000/images/base:stable` — the same by tag: pipelines (and
+///   `builder build`/`plan` with `--resolve-tags`) pin the digest the tag points to when the
+///   plan is made; otherwise refused, with that digest in the hint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", tag = "kind")]
 pub enum ParentImage {
@@ -106,8 +109,8 @@ pub enum ParentImage {
         version: VersionPattern,
     },
     /// `parentImage: oci://host[:port]/repository[:tag]@sha256:<manifest digest>`: a disk
-    /// pushed as a builder artifact or a KubeVirt containerDisk, pulled into the cache. The
-    /// plan requires the digest (a tag alone can move).
+    /// pushed as a builder artifact or a KubeVirt containerDisk, pulled into the cache. A tag
+    /// alone can move: the plan pins what it points to only when told to resolve tags.
     Oci {
         /// Without the `oci://` scheme.
         reference: String,

@@ -66,8 +66,9 @@ pub struct RecipeFile {
 pub enum ParentImageFile {
     /// A local file relative to the recipe's directory (`${VAR}` is replaced by the environment
     /// variable VAR; a path starting with `${VAR}` takes a relative value from the directory
-    /// builder runs in), or a previous build in the local store: `name/1.2.0`, `name/1.x.x`,
-    /// `name/1.2.0/3`.
+    /// builder runs in), a previous build in the local store: `name/1.2.0`, `name/1.x.x`,
+    /// `name/1.2.0/3`, or a disk in an OCI registry: `oci://host[:port]/repo:tag@sha256:<manifest
+    /// digest>` (a tag alone is pinned to what it points to by pipelines and `--resolve-tags`).
     Reference(String),
     /// A local file, optionally pinned to its sha256.
     Path {

@@ -448,7 +448,7 @@ fn oci_not_supported(cx: &mut Cx<'_>, span: Span) {
 }
 
 /// `registry[:port]/repository[:tag][@sha256:<hex>]` after `oci://`: its shape only (the
-/// plan parses it fully and insists on the digest, naming the current one when it can).
+/// plan parses it fully, and pins a tag-only reference or refuses it naming the current digest).
 fn oci_parent(cx: &mut Cx<'_>, node: &Node, rest: &str) -> Option<String> {
     let (name, digest) = match rest.split_once('@') {
         Some((name, digest)) => (name, Some(digest)),
