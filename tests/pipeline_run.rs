@@ -457,6 +457,16 @@ fn a_moved_oci_tag_is_a_changed_dependency_named_by_its_new_digest() {
         "the build pulled the pinned disk:\n{why}"
     );
     site.assert_no_leftovers();
+    // A failed execution is no baseline: the same tag runs again.
+    let (code, _, stderr) = oci.builder(&["pipeline", "run", "pipelines/hello.yml"]);
+    assert_ne!(code, Some(0), "{stderr}");
+    let again = &site.executions()[0];
+    assert!(
+        details(again).contains("no successful execution yet"),
+        "{}",
+        details(again)
+    );
+    assert_eq!(OciSite::recorded_parent(again), parent);
 
     // As if that build had succeeded: the same inputs, recorded as available.
     let history = site.history();
