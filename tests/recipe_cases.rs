@@ -99,3 +99,43 @@ fn json_output_lists_every_file_and_problem() {
         "{results}"
     );
 }
+
+/// A component document's warnings (a key AWSTOE ignores, a `{{` kept as text) are shown with
+/// their place and hint, in text and in `--json`, and do not make the recipe invalid.
+#[test]
+fn component_warnings_are_shown_and_do_not_fail() {
+    let recipe = "tests/cases/recipe/valid/component-warnings.yml";
+    let (code, _, stderr) = validate(recipe);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("--> tests/cases/recipe/valid/../components/warns.yml:16:13"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("warning: unknown key `force` in the inputs of `DeleteFile` is ignored"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("= hint: expected `path`"), "{stderr}");
+    assert!(
+        stderr.contains("warning: `{{` is not closed by `}}`, so it is kept as text"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("ok: tests/cases/recipe/valid/component-warnings.yml"));
+
+    let (code, stdout, stderr) = cases::builder(&["validate", "--json", recipe], |c| c);
+    assert_eq!(code, Some(0), "{stderr}");
+    let results: serde_json::Value = serde_json::from_str(&stdout).expect("stdout is JSON");
+    assert_eq!(results[0]["valid"], true);
+    let problems = results[0]["files"][0]["problems"]
+        .as_array()
+        .expect("a list of problems");
+    assert_eq!(problems.len(), 2, "{results}");
+    assert!(
+        problems.iter().all(|p| p["severity"] == "warning"),
+        "{results}"
+    );
+    assert_eq!(
+        (&problems[1]["line"], &problems[1]["col"]),
+        (&21.into(), &21.into())
+    );
+}

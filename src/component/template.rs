@@ -173,7 +173,7 @@ fn next_open(text: &str, from: usize) -> Option<(usize, Option<usize>)> {
 }
 
 /// Where `text` has a `{{` that [`parse`] keeps as literal text because it has no `}}` of its
-/// own: each range runs from the `{{` to the end of its line.
+/// own: each range covers the `{{` and what reads as a reference after it (`{{ Name`).
 pub fn unclosed(text: &str) -> Vec<std::ops::Range<usize>> {
     let mut out = Vec::new();
     let mut from = 0;
@@ -181,7 +181,12 @@ pub fn unclosed(text: &str) -> Vec<std::ops::Range<usize>> {
         match close {
             Some(c) => from = c + 2,
             None => {
-                let end = text[open..].find('\n').map_or(text.len(), |i| open + i);
+                let rest = &text[open + 2..];
+                let spaces = rest.len() - rest.trim_start_matches([' ', '\t']).len();
+                let word = rest[spaces..]
+                    .find(|c: char| !reference_char(c) && c != ':')
+                    .unwrap_or(rest.len() - spaces);
+                let end = open + 2 + if word == 0 { 0 } else { spaces + word };
                 out.push(open..end);
                 from = open + 2;
             }
@@ -486,7 +491,7 @@ mod tests {
                 "stdout"
             )]
         );
-        assert_eq!(unclosed(script), vec![6..57]);
+        assert_eq!(unclosed(script), vec![6..35]);
         let pieces = parse(script).unwrap();
         assert_eq!(pieces.len(), 3, "{pieces:?}");
         assert_eq!(
@@ -507,6 +512,7 @@ mod tests {
         assert!(unclosed("{{ A }} and {{ B }}").is_empty());
         assert!(unclosed("{{{ imagebuilder:buildDate }}}").is_empty());
         assert_eq!(unclosed("a {{ b\nc {{ d"), vec![2..6, 9..13]);
+        assert_eq!(unclosed("x {{ \"y\" {{"), vec![2..4, 9..11]);
     }
 
     #[test]
