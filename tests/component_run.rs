@@ -1233,3 +1233,58 @@ fn nothing_is_left_in_the_temporary_folder() {
         assert!(left.is_empty(), "{name} left {left:?}");
     }
 }
+
+/// A build passes the documents its plan pinned: `ExecuteDocument` runs a pinned document
+/// whose bytes are unchanged, and fails the step for one that changed or was not pinned.
+#[test]
+fn execute_document_runs_only_pinned_documents_when_given_pins() {
+    use builder::component::executor::{self, RunOptions, RunRequest, Silent};
+    use sha2::Digest;
+    let run = |pins: Option<Vec<(PathBuf, String)>>| {
+        let sb = Sandbox::new();
+        let document = builder::component::parse::load(&doc("parent.yml")).expect("valid");
+        let options = RunOptions {
+            working_directory: Some(sb.work()),
+            pinned_documents: pins.map(|p| p.into_iter().collect()),
+            ..RunOptions::default()
+        };
+        let request = RunRequest {
+            documents: vec![document],
+            ..RunRequest::default()
+        };
+        let outcome = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(executor::run(
+                &builder::target::local::LocalTarget::new(),
+                request,
+                options,
+                &Silent,
+                tokio_util::sync::CancellationToken::new(),
+            ))
+            .expect("the run starts");
+        (
+            outcome.summary.status.as_str().to_string(),
+            outcome.report.failure_message,
+        )
+    };
+    let child = executor::canonical(&doc("child.yml"));
+    let bytes = std::fs::read(&child).expect("child.yml");
+    let sha256 = hex::encode(sha2::Sha256::digest(&bytes));
+
+    assert_eq!(run(None).0, "success", "no pins: any document");
+    assert_eq!(run(Some(vec![(child.clone(), sha256)])).0, "success");
+    let (status, message) = run(Some(vec![(child.clone(), "0".repeat(64))]));
+    assert_eq!(status, "failed");
+    assert!(
+        message.contains("changed since the build was planned"),
+        "{message}"
+    );
+    let (status, message) = run(Some(Vec::new()));
+    assert_eq!(status, "failed");
+    assert!(
+        message.contains("is not one of the documents the build's plan pinned"),
+        "{message}"
+    );
+}

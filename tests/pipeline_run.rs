@@ -219,6 +219,69 @@ fn skipped_while_nothing_changed_then_built_after_the_parent_changed() {
     site.assert_no_leftovers();
 }
 
+/// A document the component runs through ExecuteDocument is an input like the component's
+/// own: unchanged, the pipeline skips; edited, it builds and the reason names the document.
+#[test]
+fn editing_a_document_run_through_execute_document_is_a_changed_dependency() {
+    let site = Site::new(DEPENDENCY_PIPELINE, "parent.raw");
+    std::fs::create_dir_all(site.path("lib")).expect("mkdir");
+    let common = "schemaVersion: 1.0\nphases:\n  - name: build\n    steps:\n      - name: Say\n        action: ExecuteBash\n        inputs:\n          commands: [echo common]\n";
+    std::fs::write(site.path("lib/common.yml"), common).expect("write");
+    std::fs::write(
+        site.path("caller.yml"),
+        "name: caller\nschemaVersion: 1.0\nphases:\n  - name: build\n    steps:\n      - name: Common\n        action: ExecuteDocument\n        inputs:\n          document: lib/common.yml\n",
+    )
+    .expect("write");
+    std::fs::write(
+        site.path("recipe.yml"),
+        "name: hello\nversion: 1.0.0\nparentImage: parent.raw\ncomponents:\n  - path: caller.yml\ntests: {enabled: false}\n",
+    )
+    .expect("write the recipe");
+    let store = Store::open(site.path("store")).expect("store");
+    let (plan, _) =
+        builder::build::plan::make(&site.path("recipe.yml"), &store, &mut |_| {}).expect("plan");
+    assert_eq!(plan.components[0].documents[0].path, "lib/common.yml");
+    let history = site.history();
+    let first = history
+        .begin("hello", Trigger::Manual, "seeded by the test")
+        .expect("begin")
+        .expect("an id");
+    history
+        .finish(
+            first,
+            &Outcome {
+                inputs: Some(Inputs::of(&plan).to_json()),
+                ..Outcome::available("hello/1.0.0/1")
+            },
+        )
+        .expect("finish");
+
+    let (code, stderr) = site.builder(&["pipeline", "run", "pipelines/hello.yml"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let skipped = &site.executions()[0];
+    let why = details(skipped);
+    assert_eq!(skipped.status, ExecStatus::Skipped, "{why}");
+    assert!(
+        why.contains("the document they run through ExecuteDocument"),
+        "{why}"
+    );
+
+    std::fs::write(site.path("lib/common.yml"), format!("{common}# edited\n")).expect("edit");
+    let (code, stderr) = site.builder(&["pipeline", "run", "pipelines/hello.yml"]);
+    assert_ne!(code, Some(0), "the 4 KiB parent cannot boot:\n{stderr}");
+    assert_ne!(code, Some(2), "not an input problem:\n{stderr}");
+    let ran = &site.executions()[0];
+    let why = details(ran);
+    assert!(
+        why.contains(&format!("dependency changed since execution {first}"))
+            && why.contains(
+                "`lib/common.yml`, which component `caller` runs through ExecuteDocument, changed (sha256 "
+            ),
+        "{why}"
+    );
+    site.assert_no_leftovers();
+}
+
 /// `builder serve` on the site's pipelines folder, with stderr kept in a file.
 fn serve(site: &Site, log: &str) -> Child {
     let file = std::fs::File::create(site.path(log)).expect("log file");

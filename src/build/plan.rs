@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256 as Hasher};
 
 use crate::component::document::Document;
+use crate::component::executor::{self, bind_parameters};
 use crate::diagnostic::{Diagnostics, Problem, Span, close_file_hint};
 use crate::recipe::{
     self, ByteSize, ComponentUse, Compression, Format, Infrastructure, Located, ParentImage,
@@ -110,6 +111,8 @@ pub struct LoadedComponent {
     pub sha256: Sha256,
     /// Every declared parameter with its value: from the recipe, else the document's default.
     pub parameters: BTreeMap<String, String>,
+    /// The documents it runs through `ExecuteDocument`, at any depth (see [`ReachedDocument`]).
+    pub documents: Vec<ReachedDocument>,
 }
 
 /// Read the recipe at `path` and every file it names, and check them all. Environment
@@ -282,13 +285,248 @@ fn read_component(
         &["build", "validate", "test"]
     };
     recipe_problems.extend(recipe::check_linux_actions(usage, &document, &path, runs));
+    let mut reach = Reach {
+        files,
+        found: Vec::new(),
+    };
+    let overrides: Vec<(String, String)> = parameters
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    // Binding problems were reported just above, against the recipe.
+    if let Ok(variables) = bind_parameters(&document, "", &overrides, executor::Given::CommandLine)
+    {
+        let runs: Vec<String> = runs.iter().map(|r| r.to_string()).collect();
+        let shown = PathBuf::from(&usage.path.value);
+        reach.walk(
+            &document,
+            &shown,
+            &variables,
+            Some(&runs),
+            &mut vec![executor::canonical(&path)],
+        );
+    }
     Some(LoadedComponent {
         usage: usage.clone(),
         path,
         sha256: Sha256::from_digest(&Hasher::digest(text.as_bytes())),
         document,
         parameters,
+        documents: reach.found,
     })
+}
+
+/// A document a component runs through `ExecuteDocument` (directly or from a document that
+/// is itself run so), pinned like the component's own document: editing it changes the plan,
+/// the component's layer key, the manifest's inputs and a pipeline's `dependencyChanged`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReachedDocument {
+    /// Relative to the recipe's directory: the calling document's folder joined with the path
+    /// it writes (`components/lib/common.yml`).
+    pub path: String,
+    pub local_path: PathBuf,
+    pub sha256: Sha256,
+}
+
+/// Follows `ExecuteDocument` steps from a component's document, as the executor will: the
+/// `document` input is resolved relative to the calling document, with the parameters and
+/// constants it will see. A path known only while the build runs (a loop value, a step's
+/// output) cannot be pinned and is a problem, as are documents that cannot be read, are
+/// invalid, nest too deep or call each other in a cycle.
+struct Reach<'a> {
+    files: &'a mut Vec<Diagnostics>,
+    found: Vec<ReachedDocument>,
+}
+
+impl Reach<'_> {
+    /// The ExecuteDocument steps of `document`'s phases that run (`phases`; all when `None`).
+    /// `shown` is the document's path relative to the recipe's directory; `ancestry` the
+    /// canonical paths from the component's document down to this one.
+    fn walk(
+        &mut self,
+        document: &Document,
+        shown: &Path,
+        variables: &std::collections::HashMap<String, String>,
+        phases: Option<&[String]>,
+        ancestry: &mut Vec<PathBuf>,
+    ) {
+        let steps = document
+            .phases
+            .iter()
+            .filter(|p| phases.is_none_or(|names| names.contains(&p.name)))
+            .flat_map(|p| p.steps.iter())
+            .filter(|s| s.action == crate::component::document::Action::ExecuteDocument);
+        for step in steps {
+            self.step(document, shown, variables, step, ancestry);
+        }
+    }
+
+    fn step(
+        &mut self,
+        document: &Document,
+        shown: &Path,
+        variables: &std::collections::HashMap<String, String>,
+        step: &crate::component::document::Step,
+        ancestry: &mut Vec<PathBuf>,
+    ) {
+        let calling = &document.source.path;
+        let scope = PlanScope(variables);
+        let input = |key: &str| step.inputs.get(key).and_then(serde_json::Value::as_str);
+        let Some(written) = input("document") else {
+            return; // the document's own validation requires it
+        };
+        let problem = |message: String| Problem::error(step.span, message);
+        let written = match crate::component::template::expand(written, &scope) {
+            Ok(w) => w,
+            Err(reason) => {
+                return self.problem(
+                    calling,
+                    problem(format!(
+                        "the document step `{}` runs must be known before the build starts, to be pinned by its sha256: {reason}",
+                        step.name
+                    ))
+                    .with_hint("write the document's path, or take it from a parameter of the component"),
+                );
+            }
+        };
+        let path = match executor::nested_document_path(calling, &written) {
+            Ok(p) => p,
+            Err(message) => return self.problem(calling, problem(message)),
+        };
+        let canonical = executor::canonical(&path);
+        if ancestry.contains(&canonical) {
+            let chain: Vec<String> = ancestry
+                .iter()
+                .chain(std::iter::once(&canonical))
+                .map(|p| p.display().to_string())
+                .collect();
+            return self.problem(
+                calling,
+                problem(format!(
+                    "documents call each other in a cycle: {}",
+                    chain.join(" → ")
+                )),
+            );
+        }
+        if ancestry.len() > executor::MAX_NESTING {
+            return self.problem(
+                calling,
+                problem(format!(
+                    "ExecuteDocument may nest at most {} levels below a component's document; `{}` would be level {}",
+                    executor::MAX_NESTING,
+                    path.display(),
+                    ancestry.len()
+                )),
+            );
+        }
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) => {
+                return self.problem(
+                    calling,
+                    problem(format!(
+                        "document `{}` (run by step `{}`) cannot be read: {}",
+                        path.display(),
+                        step.name,
+                        io_reason(&e)
+                    ))
+                    .with_hint(close_file_hint(&path).unwrap_or_else(|| {
+                        "the path is relative to the folder of the document that runs it"
+                            .to_string()
+                    })),
+                );
+            }
+        };
+        let checked = crate::component::parse::check(&path, &text);
+        if !self.files.iter().any(|d| d.path() == path) {
+            self.files
+                .push(checked.diagnostics.with_consequence(recipe::CONSEQUENCE));
+        }
+        let Some(nested) = checked.document else {
+            return;
+        };
+        let shown = shown.parent().unwrap_or(Path::new("")).join(&written);
+        if !self
+            .found
+            .iter()
+            .any(|d| executor::canonical(&d.local_path) == canonical)
+        {
+            self.found.push(ReachedDocument {
+                path: shown.to_string_lossy().into_owned(),
+                local_path: absolute(&path),
+                sha256: Sha256::from_digest(&Hasher::digest(text.as_bytes())),
+            });
+        }
+        let mut parameters = Vec::new();
+        if let Some(serde_json::Value::Array(items)) = step.inputs.get("parameters") {
+            for item in items {
+                let name = item.get("name").and_then(serde_json::Value::as_str);
+                let value = item.get("value").map(|v| match v {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                });
+                if let (Some(name), Some(value)) = (name, value) {
+                    // A value known only at run time does not change which document runs
+                    // unless the nested document uses it in a path; that is reported there.
+                    let value = crate::component::template::expand(&value, &scope).unwrap_or(value);
+                    parameters.push((name.to_string(), value));
+                }
+            }
+        }
+        let label = format!("`{}`", shown.display());
+        let variables = match bind_parameters(&nested, &label, &parameters, executor::Given::Step) {
+            Ok(v) => v,
+            Err(errors) => {
+                for e in errors {
+                    self.problem(calling, problem(e));
+                }
+                return;
+            }
+        };
+        let phases: Option<Vec<String>> = input("phases")
+            .and_then(|p| crate::component::template::expand(p, &scope).ok())
+            .map(|p| {
+                p.split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect::<Vec<_>>()
+            })
+            .filter(|p| !p.is_empty());
+        ancestry.push(canonical);
+        self.walk(&nested, &shown, &variables, phases.as_deref(), ancestry);
+        ancestry.pop();
+    }
+
+    /// A problem of the document at `path` (once, however often the document is reached).
+    fn problem(&mut self, path: &Path, problem: Problem) {
+        if let Some(d) = self.files.iter_mut().find(|d| d.path() == path)
+            && !d.problems().contains(&problem)
+        {
+            d.push(problem);
+        }
+    }
+}
+
+/// What a document's references are worth before the build: its parameters and constants.
+struct PlanScope<'a>(&'a std::collections::HashMap<String, String>);
+
+impl crate::component::template::Scope for PlanScope<'_> {
+    fn resolve(
+        &self,
+        reference: &crate::component::template::Reference,
+    ) -> Result<Option<String>, String> {
+        use crate::component::template::Reference;
+        match reference {
+            Reference::Variable(name) => match self.0.get(name) {
+                Some(value) => Ok(Some(value.clone())),
+                None => Err(format!("`{{{{ {name} }}}}` is not a parameter or constant")),
+            },
+            other => Err(format!(
+                "`{{{{ {other} }}}}` is known only while the build runs"
+            )),
+        }
+    }
 }
 
 /// How a reference to a previous build (`name/1.x.x`) becomes a disk: the store implements
@@ -662,9 +900,14 @@ pub struct PlannedComponent {
     pub parameters: BTreeMap<String, String>,
     /// The document's phases, in order.
     pub phases: Vec<String>,
+    /// The documents it runs through `ExecuteDocument`, at any depth, in the order first
+    /// reached; each pinned by sha256. Written only when there are some, so plans of
+    /// components without them keep their digest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub documents: Vec<ReachedDocument>,
     /// Key of the disk layer this component produces (recipe components only):
-    /// sha256(previous layer key, document sha256, canonical parameters). Equal keys mean the
-    /// same disk contents could be reused.
+    /// sha256(previous layer key, document sha256, canonical parameters, and the sha256 of
+    /// each document it reaches). Equal keys mean the same disk contents could be reused.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub layer_key: Option<String>,
 }
@@ -781,6 +1024,16 @@ impl Plan {
         stages
     }
 
+    /// (Re)compute each component's layer key, from [`Plan::root_layer_key`] on: after
+    /// planning, and after anything that goes into the keys changed (a pipeline's settings).
+    pub fn set_layer_keys(&mut self) {
+        let mut key = self.root_layer_key();
+        for component in &mut self.components {
+            key = layer_key(&key, component);
+            component.layer_key = Some(key.clone());
+        }
+    }
+
     /// The key the first layer builds on: the parent's digest and the settings that shape
     /// the disk before the first component runs.
     pub fn root_layer_key(&self) -> String {
@@ -862,21 +1115,23 @@ fn root_layer_key(
     hex::encode(Hasher::digest(text.as_bytes()))
 }
 
-/// sha256(previous layer key, component digest, canonical parameters).
-pub fn layer_key(
-    previous: &str,
-    component: &Sha256,
-    parameters: &BTreeMap<String, String>,
-) -> String {
-    let params = serde_json::to_value(parameters).expect("a string map serialises to JSON");
+/// sha256(previous layer key, component digest, canonical parameters, then the digest of
+/// each document the component reaches, when it reaches any).
+pub fn layer_key(previous: &str, component: &PlannedComponent) -> String {
+    let params =
+        serde_json::to_value(&component.parameters).expect("a string map serialises to JSON");
     let mut text = String::new();
     canonical_json(&params, &mut text);
     let mut hasher = Hasher::new();
     hasher.update(previous.as_bytes());
     hasher.update(b"\n");
-    hasher.update(component.as_str().as_bytes());
+    hasher.update(component.sha256.as_str().as_bytes());
     hasher.update(b"\n");
     hasher.update(text.as_bytes());
+    for document in &component.documents {
+        hasher.update(b"\n");
+        hasher.update(document.sha256.as_str().as_bytes());
+    }
     hex::encode(hasher.finalize())
 }
 
@@ -942,6 +1197,7 @@ pub fn plan(
         sha256: c.sha256.clone(),
         parameters: c.parameters.clone(),
         phases: c.document.phases.iter().map(|p| p.name.clone()).collect(),
+        documents: c.documents.clone(),
         layer_key: None,
     };
     let mut plan = Plan {
@@ -983,11 +1239,7 @@ pub fn plan(
             .map(|d| crate::distribute::target::Target::from_recipe(&d.value, &recipe.source.path))
             .collect(),
     };
-    let mut key = plan.root_layer_key();
-    for component in &mut plan.components {
-        key = layer_key(&key, &component.sha256, &component.parameters);
-        component.layer_key = Some(key.clone());
-    }
+    plan.set_layer_keys();
     Ok(plan)
 }
 
@@ -1400,6 +1652,142 @@ mod tests {
         assert_ne!(
             changed.components[0].layer_key,
             first.components[0].layer_key
+        );
+    }
+
+    /// A component that runs `{{ lib }}/common.yml` (the parameter's default is `lib`), which
+    /// runs `deeper.yml` next to it in its `build` phase (the only one asked for: its `other`
+    /// phase names a document that does not exist).
+    const CALLER: &str = "name: caller\nschemaVersion: 1.0\nparameters:\n  - lib:\n      type: string\n      default: lib\nphases:\n  - name: build\n    steps:\n      - name: common\n        action: ExecuteDocument\n        inputs:\n          document: '{{ lib }}/common.yml'\n          phases: build\n          parameters:\n            - name: Word\n              value: hi\n";
+    const COMMON: &str = "schemaVersion: 1.0\nparameters:\n  - Word:\n      type: string\nphases:\n  - name: build\n    steps:\n      - name: deeper\n        action: ExecuteDocument\n        inputs:\n          document: deeper.yml\n  - name: other\n    steps:\n      - name: never\n        action: ExecuteDocument\n        inputs:\n          document: missing.yml\n";
+    const DEEPER: &str = "schemaVersion: 1.0\nphases:\n  - name: build\n    steps:\n      - name: say\n        action: ExecuteBash\n        inputs:\n          commands: [echo deep]\n";
+
+    fn with_reached_documents() -> Fixture {
+        let f = Fixture::new();
+        std::fs::create_dir(f.path("lib")).unwrap();
+        f.write("caller.yml", CALLER);
+        f.write("lib/common.yml", COMMON);
+        f.write("lib/deeper.yml", DEEPER);
+        f.write(
+            "recipe.yml",
+            "name: web\nversion: 1.0.0\nparentImage: base.raw\ncomponents:\n  - path: a.yml\n  - path: caller.yml\n  - path: b.yml\n",
+        );
+        f
+    }
+
+    #[test]
+    fn documents_reached_through_execute_document_are_pinned() {
+        let f = with_reached_documents();
+        let plan = f.plan().unwrap();
+        let sha = |text: &str| Sha256::from_digest(&Hasher::digest(text.as_bytes()));
+        let reached: Vec<(&str, &Sha256)> = plan.components[1]
+            .documents
+            .iter()
+            .map(|d| (d.path.as_str(), &d.sha256))
+            .collect();
+        // Nested paths are relative to the calling document; a phase that never runs
+        // (`other`, with a missing document) is not followed.
+        assert_eq!(
+            reached,
+            [
+                ("lib/common.yml", &sha(COMMON)),
+                ("lib/deeper.yml", &sha(DEEPER))
+            ]
+        );
+        assert!(plan.components[0].documents.is_empty());
+        let json = serde_json::to_string(&plan).unwrap();
+        assert_eq!(serde_json::from_str::<Plan>(&json).unwrap(), plan);
+
+        // Editing the document two levels down changes the plan, the calling component's
+        // layer key and every one after it, not the ones before.
+        f.write("lib/deeper.yml", &(DEEPER.to_string() + "# edited\n"));
+        let edited = f.plan().unwrap();
+        assert_ne!(edited.digest(), plan.digest());
+        assert_eq!(edited.components[0].layer_key, plan.components[0].layer_key);
+        assert_ne!(edited.components[1].layer_key, plan.components[1].layer_key);
+        assert_ne!(edited.components[2].layer_key, plan.components[2].layer_key);
+        assert_eq!(
+            edited.components[1].documents[1].sha256,
+            sha(&(DEEPER.to_string() + "# edited\n"))
+        );
+
+        // The parameter that names the folder: another folder, other documents.
+        std::fs::create_dir(f.path("lib2")).unwrap();
+        f.write("lib2/common.yml", COMMON);
+        f.write("lib2/deeper.yml", DEEPER);
+        f.write(
+            "recipe.yml",
+            "name: web\nversion: 1.0.0\nparentImage: base.raw\ncomponents:\n  - path: caller.yml\n    parameters: {lib: lib2}\n",
+        );
+        let other = f.plan().unwrap();
+        assert_eq!(other.components[0].documents[0].path, "lib2/common.yml");
+    }
+
+    #[test]
+    fn a_test_component_pins_what_its_test_phase_runs() {
+        let f = with_reached_documents();
+        f.write(
+            "tester.yml",
+            "schemaVersion: 1.0\nphases:\n  - name: test\n    steps:\n      - name: run\n        action: ExecuteDocument\n        inputs:\n          document: lib/deeper.yml\n",
+        );
+        f.write(
+            "recipe.yml",
+            "name: web\nversion: 1.0.0\nparentImage: base.raw\ncomponents:\n  - path: a.yml\ntests:\n  components:\n    - path: tester.yml\n",
+        );
+        let plan = f.plan().unwrap();
+        assert_eq!(plan.tests.components[0].documents[0].path, "lib/deeper.yml");
+        f.write("lib/deeper.yml", &(DEEPER.to_string() + "# edited\n"));
+        assert_ne!(f.plan().unwrap().digest(), plan.digest());
+    }
+
+    #[test]
+    fn documents_that_cannot_be_pinned_are_problems() {
+        let f = with_reached_documents();
+        let messages = |caller: &str| {
+            f.write("caller.yml", caller);
+            problems(f.plan().unwrap_err())
+        };
+        // Unreadable, at the step that names it.
+        let missing = messages(&CALLER.replace("common.yml", "nothing.yml"));
+        assert_eq!(missing.len(), 1, "{missing:?}");
+        assert!(
+            missing[0].contains("nothing.yml") && missing[0].contains("cannot be read"),
+            "{missing:?}"
+        );
+        // Known only while the build runs.
+        let chained = messages(&CALLER.replace(
+            "      - name: common\n",
+            "      - name: find\n        action: ExecuteBash\n        inputs:\n          commands: [echo lib]\n      - name: common\n",
+        ).replace("{{ lib }}", "{{ build.find.outputs.stdout }}"));
+        assert!(
+            chained[0].contains("must be known before the build starts"),
+            "{chained:?}"
+        );
+        // A required parameter not given.
+        let unbound = messages(&CALLER.replace("- name: Word", "- name: Other"));
+        assert!(
+            unbound
+                .iter()
+                .any(|m| m.contains("parameter `Word` is required")),
+            "{unbound:?}"
+        );
+        // A cycle.
+        f.write("caller.yml", CALLER);
+        f.write(
+            "lib/deeper.yml",
+            "schemaVersion: 1.0\nphases:\n  - name: build\n    steps:\n      - name: back\n        action: ExecuteDocument\n        inputs:\n          document: common.yml\n",
+        );
+        let cycle = problems(f.plan().unwrap_err());
+        assert!(cycle[0].contains("in a cycle"), "{cycle:?}");
+        // An invalid nested document is reported as its own file.
+        f.write("lib/deeper.yml", "schemaVersion: 1.0\nphases: []\n");
+        let err = f.plan().unwrap_err();
+        let PlanError::Invalid(files) = err else {
+            panic!("{err:?}")
+        };
+        assert!(
+            files.iter().any(|d| d.path().ends_with("lib/deeper.yml")),
+            "{files:?}"
         );
     }
 

@@ -20,8 +20,8 @@ use super::undo::{self, Outcome, UndoList, UnwindReport};
 use crate::component::executor::{self, RunError, RunOptions, RunRequest};
 use crate::component::report::{ExecutionReport, Status as StepStatus};
 use crate::export::manifest::{
-    ComponentInput, HostInfo, ImageId, LayerKey, Manifest, PackageList, ParameterValue,
-    ParentInput, PhaseStatus, StageTiming, Status, TestResult,
+    ComponentInput, DocumentInput, HostInfo, ImageId, LayerKey, Manifest, PackageList,
+    ParameterValue, ParentInput, PhaseStatus, StageTiming, Status, TestResult,
 };
 use crate::export::{self, ExportError, ExportProgress, ExportRequest};
 use crate::recipe;
@@ -452,6 +452,14 @@ fn fill_inputs(m: &mut Manifest, plan: &Plan) {
                 .iter()
                 .map(|(k, v)| ParameterValue::new(k, v, false))
                 .collect(),
+            documents: c
+                .documents
+                .iter()
+                .map(|d| DocumentInput {
+                    path: d.path.clone(),
+                    sha256: d.sha256.to_string(),
+                })
+                .collect(),
         })
         .collect();
     let i = &plan.infrastructure;
@@ -738,20 +746,34 @@ pub struct BuildVm {
     pub chain: DiskChain,
 }
 
-fn accel(cx: &Cx<'_>) -> AccelChoice {
-    cx.options
-        .accel
-        .unwrap_or(match cx.plan.infrastructure.accelerator {
-            recipe::Accelerator::Auto => AccelChoice::Auto,
-            recipe::Accelerator::Kvm => AccelChoice::Kvm,
-            recipe::Accelerator::Tcg => AccelChoice::Tcg,
-        })
+/// Which of the build's two VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WhichVm {
+    /// Boots the disk chain in place; only the cloud-init the build needs.
+    Build,
+    /// Boots a throwaway overlay of the result with a full first boot, as the image will see
+    /// it; kept on failure with the build.
+    Test,
 }
 
-fn vm_options(cx: &Cx<'_>, image: &Path, logs: PathBuf) -> SessionOptions {
-    let i = &cx.plan.infrastructure;
+/// How the build launches one of its VMs: every `infrastructure` setting a VM uses (the
+/// accelerator unless the command line overrides it), the user data and the disk size.
+/// Pure, so a test can check that each setting reaches the VM.
+fn launch_options(
+    plan: &Plan,
+    options: &BuildOptions,
+    keep: bool,
+    which: WhichVm,
+    image: &Path,
+    logs: PathBuf,
+) -> SessionOptions {
+    let i = &plan.infrastructure;
     let mut vm = VmOptions::new(image);
-    vm.accel = accel(cx);
+    vm.accel = options.accel.unwrap_or(match i.accelerator {
+        recipe::Accelerator::Auto => AccelChoice::Auto,
+        recipe::Accelerator::Kvm => AccelChoice::Kvm,
+        recipe::Accelerator::Tcg => AccelChoice::Tcg,
+    });
     vm.cpus = i.cpus;
     vm.memory_mib = i.memory.bytes() >> 20;
     vm.firmware = match i.firmware {
@@ -763,24 +785,37 @@ fn vm_options(cx: &Cx<'_>, image: &Path, logs: PathBuf) -> SessionOptions {
         recipe::Network::User => crate::vm::Network::User,
     };
     vm.channel = GuestChannel::Agent {
-        user_data: cx.plan.user_data.clone(),
+        user_data: plan.user_data.clone(),
     };
-    vm.qemu = cx.options.qemu.clone();
+    vm.qemu = options.qemu.clone();
     vm.log_dir = Some(logs);
-    let mut options = SessionOptions::new(vm);
-    options.boot_timeout = Duration::from_secs(i.boot_timeout_secs);
-    options
+    match which {
+        WhichVm::Build => {
+            // The chain is the build's: the VM writes to it in place and leaves it behind.
+            vm.boot_in_place = true;
+            // A throwaway VM: only the cloud-init the build needs (the test VM gets a full
+            // first boot, as the image will see it).
+            vm.cloud_init = CloudInitScope::Build {
+                grow_root: plan.disk_size.is_some(),
+            };
+        }
+        WhichVm::Test => vm.keep_on_failure = keep,
+    }
+    let mut session = SessionOptions::new(vm);
+    session.boot_timeout = Duration::from_secs(i.boot_timeout_secs);
+    session.shutdown_timeout = Duration::from_secs(i.shutdown_timeout_secs);
+    session
 }
 
 pub async fn boot(cx: &Cx<'_>, chain: DiskChain) -> Result<BuildVm, BuildError> {
-    let mut options = vm_options(cx, &chain.top, cx.logs.join("build-vm"));
-    // The chain is the build's: the VM writes to it in place and leaves it behind.
-    options.vm.boot_in_place = true;
-    // A throwaway VM: only the cloud-init the build needs (the test VM gets a full first
-    // boot, as the image will see it).
-    options.vm.cloud_init = CloudInitScope::Build {
-        grow_root: cx.plan.disk_size.is_some(),
-    };
+    let options = launch_options(
+        cx.plan,
+        cx.options,
+        cx.keep,
+        WhichVm::Build,
+        &chain.top,
+        cx.logs.join("build-vm"),
+    );
     let progress = |m: &str| cx.progress("boot", m);
     let session = Session::open(options, &progress)
         .await
@@ -1053,6 +1088,19 @@ async fn run_document(
         execution_id: Some(folder.to_string()),
         log_directory: Some(cx.logs.join(logs)),
         working_directory: Some(PathBuf::from(&cx.plan.working_directory)),
+        // ExecuteDocument runs only what the plan pinned, unchanged.
+        pinned_documents: Some(
+            component
+                .documents
+                .iter()
+                .map(|d| {
+                    (
+                        executor::canonical(&d.local_path),
+                        d.sha256.as_str().to_string(),
+                    )
+                })
+                .collect(),
+        ),
         ..RunOptions::default()
     };
     let target: Arc<dyn StepTarget> = session.target();
@@ -1302,8 +1350,14 @@ async fn run_tests(cx: &Cx<'_>, disk: &BuiltDisk) -> Result<(), BuildError> {
         secs,
         setting: "tests.timeoutSeconds",
     };
-    let mut options = vm_options(cx, &disk.chain.top, cx.logs.join("test-vm"));
-    options.vm.keep_on_failure = cx.keep;
+    let options = launch_options(
+        cx.plan,
+        cx.options,
+        cx.keep,
+        WhichVm::Test,
+        &disk.chain.top,
+        cx.logs.join("test-vm"),
+    );
     let progress = |m: &str| cx.progress("test", m);
     let session = tokio::time::timeout_at(deadline, Session::open(options, &progress))
         .await

@@ -499,7 +499,7 @@ pub fn describe(plan: &Plan) -> String {
                     .to_string()
             }
             Stage::Shutdown => format!(
-                "shutdown        ACPI power-down, hard stop after {}s",
+                "shutdown        guest power-off (agent, else ACPI), hard stop after {}s",
                 i.shutdown_timeout_secs
             ),
             Stage::Test => {
@@ -563,5 +563,12 @@ fn component_details(s: &mut String, c: &PlannedComponent, width: usize) {
             .map(|(k, v)| format!("{k}={}", serde_json::Value::String(v.clone())))
             .collect();
         let _ = write!(s, "\n{:pad$}parameters {}", "", params.join(", "));
+    }
+    for d in &c.documents {
+        let _ = write!(
+            s,
+            "\n{:pad$}runs {} (ExecuteDocument), sha256 {}",
+            "", d.path, d.sha256
+        );
     }
 }

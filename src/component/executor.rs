@@ -15,7 +15,7 @@
 mod events;
 mod scope;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -27,7 +27,7 @@ use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
 pub use events::{Event, Observer, Silent};
-pub use scope::{bind_parameters, parse_parameter_overrides};
+pub use scope::{Given, bind_parameters, parse_parameter_overrides};
 
 use super::actions::{self, ActionContext, ActionError, Completed, Next, Outputs};
 use super::condition::{self, EvalContext};
@@ -78,6 +78,10 @@ pub struct RunOptions {
     pub max_reboots: u32,
     /// Extra environment for scripts and binaries.
     pub env: Vec<(String, String)>,
+    /// When set, the only documents `ExecuteDocument` may run: canonical path → sha256 of the
+    /// bytes (a build passes what its plan pinned). Another document, or one whose bytes
+    /// changed since, fails the step. `None` (`builder component run`): any document.
+    pub pinned_documents: Option<BTreeMap<PathBuf, String>>,
 }
 
 impl Default for RunOptions {
@@ -89,6 +93,7 @@ impl Default for RunOptions {
             s3: None,
             max_reboots: DEFAULT_MAX_REBOOTS,
             env: Vec::new(),
+            pinned_documents: None,
         }
     }
 }
@@ -184,7 +189,12 @@ pub async fn run(
     let mut bound = Vec::new();
     let mut errors = Vec::new();
     for document in &request.documents {
-        match bind_parameters(document, &document_label(document), &request.parameters) {
+        match bind_parameters(
+            document,
+            &document_label(document),
+            &request.parameters,
+            Given::CommandLine,
+        ) {
             Ok(vars) => bound.push(vars),
             Err(e) => errors.extend(e),
         }
@@ -293,6 +303,7 @@ pub async fn run(
         env,
         transfer: Transfer::new(options.s3.clone()),
         max_reboots: options.max_reboots,
+        pinned_documents: options.pinned_documents.clone(),
         reboots: AtomicU32::new(0),
         resolutions: Mutex::new(Vec::new()),
         stored_steps: Mutex::new(Vec::new()),
@@ -422,7 +433,23 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     parts.join(": ")
 }
 
-fn canonical(path: &Path) -> PathBuf {
+/// Where the document of `ExecuteDocument` (`document: written`) is: relative paths are
+/// relative to the folder of the calling document (`calling`, its path). `Err` says why a
+/// document cannot be run: S3 and ARN documents need AWS.
+pub fn nested_document_path(calling: &Path, written: &str) -> Result<PathBuf, String> {
+    if written.starts_with("s3://") || written.starts_with("arn:") {
+        return Err(format!(
+            "`document: {written}`: only local paths are supported (builder works \
+             offline); copy the document next to this one and give its path"
+        ));
+    }
+    let base = calling.parent().unwrap_or(Path::new(""));
+    Ok(base.join(written))
+}
+
+/// The path with symbolic links and `..` resolved when it exists (as written otherwise): how
+/// nested documents are compared, for cycles and with a plan's pins.
+pub fn canonical(path: &Path) -> PathBuf {
     std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
@@ -456,6 +483,7 @@ struct Engine<'a> {
     env: Vec<(String, String)>,
     transfer: Transfer,
     max_reboots: u32,
+    pinned_documents: Option<BTreeMap<PathBuf, String>>,
     reboots: AtomicU32,
     resolutions: Mutex<Vec<Resolution>>,
     stored_steps: Mutex<Vec<StoredStep>>,
@@ -1212,20 +1240,8 @@ impl<'a> Engine<'a> {
         let Some(path_text) = text("document").filter(|d| !d.is_empty()) else {
             return Err(ActionError::Input("`document` is required".into()));
         };
-        if path_text.starts_with("s3://") || path_text.starts_with("arn:") {
-            return Err(ActionError::Input(format!(
-                "`document: {path_text}`: only local paths are supported (builder works \
-                 offline); copy the document next to this one and give its path"
-            )));
-        }
-        let base = run
-            .document
-            .source
-            .path
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default();
-        let path = base.join(&path_text);
+        let path = nested_document_path(&run.document.source.path, &path_text)
+            .map_err(ActionError::Input)?;
         let depth = run.depth + 1;
         if depth > MAX_NESTING {
             return Err(ActionError::Failed(format!(
@@ -1255,6 +1271,27 @@ impl<'a> Engine<'a> {
                 super::parse::LoadError::Invalid(diagnostics) => diagnostics.render(false),
             })
         })?;
+        if let Some(pinned) = &self.pinned_documents {
+            match pinned.get(&canonical_path) {
+                Some(sha256) if *sha256 == document.source.sha256 => {}
+                Some(sha256) => {
+                    return Err(ActionError::Failed(format!(
+                        "{} changed since the build was planned (sha256 {}, planned {sha256}); \
+                         plan the build again",
+                        path.display(),
+                        document.source.sha256
+                    )));
+                }
+                None => {
+                    return Err(ActionError::Failed(format!(
+                        "{} is not one of the documents the build's plan pinned; the plan \
+                         pins every document a component reaches through ExecuteDocument \
+                         (`builder plan` lists them)",
+                        path.display()
+                    )));
+                }
+            }
+        }
         let phases: Option<Vec<String>> = text("phases")
             .map(|p| {
                 p.split(',')
@@ -1292,7 +1329,7 @@ impl<'a> Engine<'a> {
             }
         }
         let label = document_label(&document);
-        let variables = bind_parameters(&document, &label, &parameters)
+        let variables = bind_parameters(&document, &label, &parameters, Given::Step)
             .map_err(|errors| ActionError::Input(errors.join("; ")))?;
         let mut ancestry = run.ancestry.clone();
         ancestry.push(canonical_path);

@@ -140,6 +140,19 @@ pub struct ComponentInput {
     pub sha256: String,
     #[serde(default)]
     pub parameters: Vec<ParameterValue>,
+    /// The documents it runs through `ExecuteDocument`, at any depth, as the plan pinned them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub documents: Vec<DocumentInput>,
+}
+
+/// A document a component reaches through `ExecuteDocument`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DocumentInput {
+    /// Relative to the recipe's directory.
+    pub path: String,
+    /// sha256 of the document's bytes.
+    pub sha256: String,
 }
 
 /// A parameter value the component ran with. Secret values are never written.
@@ -413,6 +426,10 @@ mod tests {
                 ParameterValue::new("port", "8080", false),
                 ParameterValue::new("token", "hunter2", true),
             ],
+            documents: vec![DocumentInput {
+                path: "lib/common.yml".into(),
+                sha256: "11".repeat(32),
+            }],
         });
         m.outputs.push(Artifact {
             file: "web.qcow2".into(),

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::history::Execution;
 use super::model::StartCondition;
 use crate::build::plan::{Plan, PlannedComponent, PlannedParent};
+use crate::export::manifest::DocumentInput;
 
 /// What a build is made from, as recorded with each execution (`inputs` in the history).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,6 +51,9 @@ pub struct ComponentInput {
     pub sha256: String,
     #[serde(default)]
     pub parameters: BTreeMap<String, String>,
+    /// The documents it runs through `ExecuteDocument`, at any depth.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub documents: Vec<DocumentInput>,
 }
 
 impl ComponentInput {
@@ -98,6 +102,14 @@ impl Inputs {
             name: c.name.clone(),
             sha256: c.sha256.to_string(),
             parameters: c.parameters.clone(),
+            documents: c
+                .documents
+                .iter()
+                .map(|d| DocumentInput {
+                    path: d.path.clone(),
+                    sha256: d.sha256.to_string(),
+                })
+                .collect(),
         };
         Inputs {
             recipe: plan.recipe.sha256.to_string(),
@@ -115,8 +127,21 @@ impl Inputs {
     /// documents and their parameters, the recipe".
     fn summary(&self) -> String {
         let n = self.components.len() + self.test_components.len();
+        let mut reached: Vec<&str> = self
+            .components
+            .iter()
+            .chain(&self.test_components)
+            .flat_map(|c| c.documents.iter().map(|d| d.path.as_str()))
+            .collect();
+        reached.sort_unstable();
+        reached.dedup();
+        let reached = match reached.len() {
+            0 => String::new(),
+            1 => ", the document they run through ExecuteDocument".to_string(),
+            r => format!(", the {r} documents they run through ExecuteDocument"),
+        };
         format!(
-            "parent image `{}`{} (sha256 {}), {n} component document{} and {} parameters, the recipe file",
+            "parent image `{}`{} (sha256 {}), {n} component document{} and {} parameters{reached}, the recipe file",
             self.parent.written,
             self.parent
                 .resolved
@@ -182,6 +207,32 @@ pub fn changes(before: &Inputs, now: &Inputs) -> Vec<String> {
                             short(&o.sha256),
                             short(&c.sha256)
                         ));
+                    }
+                    for d in &c.documents {
+                        match o.documents.iter().find(|od| od.path == d.path) {
+                            None => out.push(format!(
+                                "{kind} `{}` now runs `{}` (ExecuteDocument)",
+                                c.label(),
+                                d.path
+                            )),
+                            Some(od) if od.sha256 != d.sha256 => out.push(format!(
+                                "`{}`, which {kind} `{}` runs through ExecuteDocument, changed (sha256 {} → {})",
+                                d.path,
+                                c.label(),
+                                short(&od.sha256),
+                                short(&d.sha256)
+                            )),
+                            Some(_) => {}
+                        }
+                    }
+                    for od in &o.documents {
+                        if !c.documents.iter().any(|d| d.path == od.path) {
+                            out.push(format!(
+                                "{kind} `{}` no longer runs `{}` (ExecuteDocument)",
+                                c.label(),
+                                od.path
+                            ));
+                        }
                     }
                     let mut names: Vec<&String> =
                         o.parameters.keys().chain(c.parameters.keys()).collect();
@@ -314,6 +365,10 @@ mod tests {
                 name: Some("hello".into()),
                 sha256: "c".repeat(64),
                 parameters: [("greeting".to_string(), "hi".to_string())].into(),
+                documents: vec![DocumentInput {
+                    path: "lib/common.yml".into(),
+                    sha256: "e".repeat(64),
+                }],
             }],
             test_components: Vec::new(),
         }

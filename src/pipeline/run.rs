@@ -339,11 +339,7 @@ pub fn with_overrides(mut plan: Plan, pipeline: &Pipeline) -> Plan {
     if let Some(timeout) = pipeline.tests.timeout_secs {
         plan.tests.timeout_secs = timeout;
     }
-    let mut key = plan.root_layer_key();
-    for component in &mut plan.components {
-        key = plan::layer_key(&key, &component.sha256, &component.parameters);
-        component.layer_key = Some(key.clone());
-    }
+    plan.set_layer_keys();
     plan
 }
 

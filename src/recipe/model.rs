@@ -350,7 +350,9 @@ pub struct Infrastructure {
     /// `buildTimeoutSeconds`: the whole build stage (all components). Default: 7200.
     #[serde(rename = "buildTimeoutSeconds")]
     pub build_timeout_secs: u64,
-    /// `shutdownTimeoutSeconds`: from ACPI power-down until QEMU is stopped hard. Default: 120.
+    /// `shutdownTimeoutSeconds`: for each VM (build and test), from asking the guest to power
+    /// off (through builder's agent, else the ACPI power button) until QEMU is stopped hard
+    /// (QMP `quit`, then SIGKILL). Default: 120.
     #[serde(rename = "shutdownTimeoutSeconds")]
     pub shutdown_timeout_secs: u64,
     /// `keepOnFailure`: keep the VM's disk and logs when the build fails (the inverse of Image

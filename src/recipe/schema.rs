@@ -157,7 +157,8 @@ pub struct InfrastructureFile {
     /// The whole build stage (all components). Default: 7200.
     #[schemars(range(min = 1, max = 604800))]
     pub build_timeout_seconds: Option<u64>,
-    /// From ACPI power-down until QEMU is stopped hard. Default: 120.
+    /// For each VM (build and test): from asking the guest to power off (the agent, else the
+    /// ACPI power button) until QEMU is stopped hard (QMP `quit`, then SIGKILL). Default: 120.
     #[schemars(range(min = 1, max = 604800))]
     pub shutdown_timeout_seconds: Option<u64>,
     /// Keep the VM's disk and logs when the build fails. Default: false.

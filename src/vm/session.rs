@@ -23,7 +23,9 @@ use crate::target::{
     OutputSink, PutOptions, StepTarget, TargetError, TargetInfo,
 };
 
-/// How long the guest gets to power itself off before QMP `quit`.
+/// How long the guest gets to power itself off before QMP `quit`, unless the caller says
+/// otherwise ([`SessionOptions::shutdown_timeout`]; a build passes the recipe's
+/// `shutdownTimeoutSeconds`).
 const POWEROFF_GRACE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
@@ -34,6 +36,9 @@ pub struct SessionOptions {
     pub boot_timeout: Duration,
     /// Wait for cloud-init to finish before handing out the target (default true).
     pub wait_cloud_init: bool,
+    /// From asking the guest to power off (through the agent, else the ACPI power button)
+    /// until QEMU is stopped hard. Default 60 s.
+    pub shutdown_timeout: Duration,
 }
 
 impl SessionOptions {
@@ -42,6 +47,7 @@ impl SessionOptions {
             vm,
             boot_timeout: Duration::from_secs(600),
             wait_cloud_init: true,
+            shutdown_timeout: POWEROFF_GRACE,
         }
     }
 }
@@ -240,6 +246,8 @@ const BOOT_ATTEMPTS: u32 = 3;
 pub struct Session {
     vm: RunningVm,
     guest: Guest,
+    /// [`SessionOptions::shutdown_timeout`], for [`Session::close`].
+    shutdown_timeout: Duration,
     /// What our agent reported (`None` with qemu-guest-agent).
     pub readiness: Option<Readiness>,
     pub timings: BootTimings,
@@ -334,6 +342,7 @@ impl Session {
                 ));
                 return Ok(Session {
                     vm,
+                    shutdown_timeout: options.shutdown_timeout,
                     guest: Guest::Qga(Arc::new(qga.with_connector(Arc::new(connector)))),
                     readiness: None,
                     timings: BootTimings {
@@ -380,6 +389,7 @@ impl Session {
         });
         Ok(Session {
             vm,
+            shutdown_timeout: options.shutdown_timeout,
             guest: Guest::Agent(agent, gated),
             readiness: Some(readiness),
             timings: BootTimings {
@@ -436,7 +446,8 @@ impl Session {
         self.vm.guard(work).await
     }
 
-    /// Power the guest off through its agent, then the VM's ladder; unwind with `outcome`.
+    /// Power the guest off through its agent, then the VM's ladder (QMP `quit` after
+    /// [`SessionOptions::shutdown_timeout`]); unwind with `outcome`.
     pub async fn close(
         self,
         outcome: Outcome,
@@ -455,7 +466,7 @@ impl Session {
         };
         drop(self.guest);
         self.vm
-            .shut_down(outcome, asked, POWEROFF_GRACE, progress)
+            .shut_down(outcome, asked, self.shutdown_timeout, progress)
             .await
     }
 

@@ -325,12 +325,22 @@ pub fn parse_parameter_overrides(args: &[String]) -> Result<Vec<(String, String)
     Ok(out)
 }
 
+/// Where a run's parameter values come from, for the fix a "required" error suggests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Given {
+    /// `--parameters name=value` (or a recipe, which checks its own values first).
+    CommandLine,
+    /// The `parameters` input of an `ExecuteDocument` step.
+    Step,
+}
+
 /// The variables of `document` for a run: constants, then each parameter from `overrides`
 /// (the last given wins) or its default. Errors name the document, parameter and fix.
 pub fn bind_parameters(
     document: &Document,
     label: &str,
     overrides: &[(String, String)],
+    from: Given,
 ) -> Result<HashMap<String, String>, Vec<String>> {
     let mut variables = HashMap::new();
     let mut errors = Vec::new();
@@ -344,11 +354,17 @@ pub fn bind_parameters(
             .find(|(n, _)| *n == parameter.name)
             .map(|(_, v)| v.clone());
         let Some(value) = given.or_else(|| parameter.default.clone()) else {
-            errors.push(format!(
-                "{label}: parameter `{}` is required (it has no default); pass it with \
-                 --parameters {}=VALUE",
-                parameter.name, parameter.name
-            ));
+            let n = &parameter.name;
+            errors.push(match from {
+                Given::CommandLine => format!(
+                    "{label}: parameter `{n}` is required (it has no default); pass it with \
+                     --parameters {n}=VALUE"
+                ),
+                Given::Step => format!(
+                    "{label}: parameter `{n}` is required (it has no default); give it in the \
+                     step's `parameters`: `- name: {n}` with its `value`"
+                ),
+            });
             continue;
         };
         if !parameter.allowed_values.is_empty() && !parameter.allowed_values.contains(&value) {
