@@ -8,13 +8,19 @@
 //!
 //! Without `BUILDER_VM_TESTS=1` each VM test is ignored (tests/support/vm_tier.rs); with it, a
 //! missing image fails.
-//! Boots are expensive (60-140 s each under TCG), so the tests share them: eight boots in all,
+//! Boots are expensive (60-140 s each under TCG), so the tests share them: eleven boots in all,
 //! one build at a time.
 //!
 //! - the two-component recipe (`tests/build/two-components.yml`: a Reboot step, the test
 //!   stage, every export format): exit 0, every output `qemu-img check`ed and its sha256 in
 //!   the manifest recomputed, layer keys equal to `builder plan`'s, packages and test results
-//!   recorded; then the exported qcow2 boots (`builder vm exec`) with the changes in it.
+//!   recorded; then the exported qcow2 boots (`builder vm exec`) with the changes in it. A
+//!   third component shows that `network: none` leaves the build VM without a route.
+//! - `firmware: uefi` + `network: user` (`tests/build/uefi-user-network.yml`): the build VM
+//!   and the test VM boot OVMF and fetch from an HTTP server the test runs on the host's
+//!   loopback.
+//! - `--on-error shell` on a pseudo-terminal (`tests/build/failing-step.yml`): the shell opens
+//!   in the build VM, a typed command runs, exiting fails the build.
 //! - the example `images/debian-12-base/recipe.yml`, then a recipe built on it from the store
 //!   (`tests/build/on-parent.yml`).
 //! - a failing test component with `--keep-on-failure`: exit 1, the STYLE.md error, logs in
@@ -58,18 +64,22 @@ impl NoLeftovers {
         self.root.path().join("run")
     }
 
-    /// `builder ARGS` with this guard's store and runtime folder.
-    fn builder(&self, image: &Path, args: &[&str]) -> Output {
-        let out = Command::new(env!("CARGO_BIN_EXE_builder"))
-            .args(args)
+    /// `builder ARGS` with this guard's store and runtime folder, not started.
+    fn command(&self, image: &Path, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_builder"));
+        cmd.args(args)
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .env("BUILDER_STORE", self.store())
             .env("XDG_RUNTIME_DIR", self.runtime())
             .env("BUILDER_TEST_IMAGE", image)
             .env("BUILDER_BASE_IMAGE", image)
-            .env("NO_COLOR", "1")
-            .output()
-            .expect("builder runs");
+            .env("NO_COLOR", "1");
+        cmd
+    }
+
+    /// `builder ARGS` with this guard's store and runtime folder.
+    fn builder(&self, image: &Path, args: &[&str]) -> Output {
+        let out = self.command(image, args).output().expect("builder runs");
         eprintln!(
             "$ builder {}\n--- stderr ---\n{}--- exit {:?} ---",
             args.join(" "),
@@ -163,6 +173,42 @@ fn events<'a>(all: &'a [serde_json::Value], name: &str) -> Vec<&'a serde_json::V
     all.iter().filter(|e| e["event"] == name).collect()
 }
 
+/// Each stage's duration and the boot's progress messages, on stderr (what a boot costs CI).
+fn print_stage_times(all: &[serde_json::Value]) {
+    for e in all {
+        if e["event"] == "stageFinished" {
+            eprintln!(
+                "stage {} {}: {:.1} s",
+                e["stage"].as_str().unwrap_or("?"),
+                e["status"].as_str().unwrap_or("?"),
+                e["durationMs"].as_f64().unwrap_or(0.0) / 1000.0
+            );
+        } else if e["event"] == "progress" && matches!(e["stage"].as_str(), Some("boot" | "test")) {
+            eprintln!(
+                "  {}: {}",
+                e["stage"].as_str().unwrap_or("?"),
+                e["message"].as_str().unwrap_or("?")
+            );
+        }
+    }
+}
+
+/// The output lines of the step named `step` in `phase`.
+fn step_output<'a>(all: &'a [serde_json::Value], phase: &str, step: &str) -> Vec<&'a str> {
+    events(all, "stepOutput")
+        .iter()
+        .filter(|e| e["phase"] == phase && e["step"] == step)
+        .filter_map(|e| e["line"].as_str())
+        .collect()
+}
+
+/// Whether the step named `step` in `phase` finished with `success`.
+fn step_succeeded(all: &[serde_json::Value], phase: &str, step: &str) -> bool {
+    events(all, "stepFinished")
+        .iter()
+        .any(|e| e["phase"] == phase && e["step"] == step && e["status"] == "success")
+}
+
 fn stored_build(store: &Path, name: &str) -> PathBuf {
     store.join("images").join(name).join("1.0.0").join("1")
 }
@@ -245,6 +291,20 @@ fn two_components_tested_exported_booted_and_built_upon() {
                 .as_str()
                 .is_some_and(|m| m.starts_with("cloud-init done after"))),
         "boot reports cloud-init done"
+    );
+    // `network: none`: the build VM has no network card but loopback, no default route, and
+    // a connection to the host's address on QEMU's user network fails as unreachable.
+    for step in ["OnlyLoopback", "NoDefaultRoute", "FetchFails"] {
+        assert!(
+            step_succeeded(&all, "build", step),
+            "no-route step {step} failed"
+        );
+    }
+    assert_eq!(step_output(&all, "build", "OnlyLoopback"), ["lo"]);
+    let fetch = step_output(&all, "build", "FetchFails").join("\n");
+    assert!(
+        fetch.contains("the fetch failed") && fetch.contains("Network is unreachable"),
+        "{fetch}"
     );
     let layers: Vec<&str> = events(&all, "layerCommitted")
         .iter()
@@ -615,4 +675,390 @@ fn on_error_shell_without_a_terminal_is_refused_at_once() {
         0,
         "nothing was started"
     );
+}
+
+/// A recipe from `tests/build/` copied into `dir`, its component paths made absolute and each
+/// `(placeholder, value)` replaced.
+fn recipe_copy(dir: &Path, name: &str, replace: &[(&str, &str)]) -> PathBuf {
+    let components = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/build/components");
+    let mut text = std::fs::read_to_string(Path::new("tests/build").join(name))
+        .unwrap_or_else(|e| panic!("tests/build/{name}: {e}"))
+        .replace(
+            "path: components/",
+            &format!("path: {}/", components.display()),
+        );
+    for (from, to) in replace {
+        assert!(text.contains(from), "no {from} in {name}");
+        text = text.replace(from, to);
+    }
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write the recipe copy");
+    path
+}
+
+/// An HTTP/1.0 server on the host's loopback, for guests on QEMU's user network (which reach
+/// the host's 127.0.0.1 as 10.0.2.2): `GET /build` and `GET /test` answer `body`, anything
+/// else 404. It records each request line; stopped (and its thread joined) on drop.
+struct HostHttp {
+    port: u16,
+    requests: std::sync::Arc<Mutex<Vec<String>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HostHttp {
+    fn start(body: &str) -> Self {
+        use std::io::{BufRead, BufReader, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the loopback");
+        listener.set_nonblocking(true).expect("non-blocking");
+        let port = listener.local_addr().expect("local address").port();
+        let requests = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let body = format!("{body}\n");
+        let thread = {
+            let (requests, stop) = (requests.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let stream = match listener.accept() {
+                        Ok((stream, _)) => stream,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(std::time::Duration::from_millis(50));
+                            continue;
+                        }
+                        Err(e) => panic!("accept: {e}"),
+                    };
+                    let _ = stream.set_nonblocking(false);
+                    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(30)));
+                    let mut reader = BufReader::new(&stream);
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).is_err() {
+                        continue;
+                    }
+                    let request = line.trim_end().to_string();
+                    // The rest of the header, up to the empty line.
+                    loop {
+                        let mut header = String::new();
+                        match reader.read_line(&mut header) {
+                            Ok(0) | Err(_) => break,
+                            Ok(_) if header.trim_end().is_empty() => break,
+                            Ok(_) => {}
+                        }
+                    }
+                    let found = matches!(
+                        request.as_str(),
+                        "GET /build HTTP/1.0" | "GET /test HTTP/1.0"
+                    );
+                    requests
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(request);
+                    let (status, text) = if found {
+                        ("200 OK", body.as_str())
+                    } else {
+                        ("404 Not Found", "not found\n")
+                    };
+                    let _ = (&stream).write_all(
+                        format!(
+                            "HTTP/1.0 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+                            text.len()
+                        )
+                        .as_bytes(),
+                    );
+                }
+            })
+        };
+        Self {
+            port,
+            requests,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl Drop for HostHttp {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// `firmware: uefi` and `network: user` in one build (tests/build/uefi-user-network.yml): the
+/// build VM boots OVMF and fetches from an HTTP server this test runs on the host's loopback,
+/// through QEMU's user network; the test VM boots UEFI too, finds what was fetched and fetches
+/// again. Costs two boots (build VM, test VM), both on OVMF.
+#[test]
+#[cfg_attr(
+    not(vm_tier),
+    ignore = "VM tier: set BUILDER_VM_TESTS=1 and BUILDER_TEST_IMAGE (scripts/test does)"
+)]
+fn uefi_and_user_network_build_fetches_from_the_host_and_tests_on_uefi() {
+    let image = vm_tier::test_image();
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let guard = NoLeftovers::new();
+    // Unique to this run: the guest can only know it from this server.
+    let token = format!(
+        "token-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_nanos()
+    );
+    let server = HostHttp::start(&token);
+    let recipe = recipe_copy(
+        guard.root.path(),
+        "uefi-user-network.yml",
+        &[
+            ("\"PORT\"", &format!("\"{}\"", server.port)),
+            ("\"TOKEN\"", &format!("\"{token}\"")),
+        ],
+    );
+    let out = guard.builder(
+        &image,
+        &[
+            "build",
+            recipe.to_str().expect("utf-8 path"),
+            "--json",
+            "--accel",
+            "tcg",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "the build failed");
+    let all = json_lines(&out.stdout);
+    print_stage_times(&all);
+
+    // The build VM: on UEFI, its default route through QEMU's gateway, and the file fetched
+    // from this test's server.
+    for step in ["BootedOnUefi", "RouteThroughTheHost", "FetchFromTheHost"] {
+        assert!(step_succeeded(&all, "build", step), "{step} failed");
+    }
+    assert_eq!(step_output(&all, "build", "BootedOnUefi"), ["UEFI, 64-bit"]);
+    let route = step_output(&all, "build", "RouteThroughTheHost").join("\n");
+    assert!(route.starts_with("default via 10.0.2.2 "), "{route}");
+    assert_eq!(
+        step_output(&all, "build", "FetchFromTheHost"),
+        ["HTTP/1.0 200 OK", &format!("fetched {token}")]
+    );
+    assert!(step_succeeded(&all, "validate", "FetchedTheToken"));
+    // The test VM: UEFI too, the fetched file in the image, and the network works there.
+    for step in ["TestVmOnUefi", "KeptWhatWasFetched", "TestVmFetchesToo"] {
+        assert!(step_succeeded(&all, "test", step), "{step} failed");
+    }
+    assert_eq!(
+        server.requests(),
+        ["GET /build HTTP/1.0", "GET /test HTTP/1.0"],
+        "the build VM, then the test VM fetched from the host"
+    );
+
+    let dir = stored_build(&guard.store(), "e2e-uefi-net");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).expect("manifest"))
+            .expect("manifest JSON");
+    assert_eq!(manifest["status"], "success");
+    assert_eq!(manifest["host"]["firmware"], "uefi", "{}", manifest["host"]);
+    assert_eq!(manifest["tests"][0]["component"], "fetch-from-host");
+    assert_eq!(manifest["tests"][0]["status"], "success");
+    for vm in ["build-vm", "test-vm"] {
+        let console = std::fs::read_to_string(dir.join("logs").join(vm).join("console.log"))
+            .unwrap_or_else(|e| panic!("{vm}/console.log: {e}"));
+        // OVMF's boot manager says what it loads on the serial console.
+        assert!(
+            console.contains("BdsDxe"),
+            "{vm} did not boot OVMF:\n{console}"
+        );
+    }
+}
+
+/// A process on the slave side of a pseudo-terminal (stdin, stdout and stderr, as in a user's
+/// terminal); a thread copies everything it writes from the master side into a transcript.
+struct OnTerminal {
+    child: std::process::Child,
+    master: std::fs::File,
+    transcript: std::sync::Arc<Mutex<Vec<u8>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl OnTerminal {
+    fn spawn(mut cmd: Command) -> Self {
+        use std::io::Read;
+        let size = nix::pty::Winsize {
+            ws_row: 24,
+            ws_col: 80,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        let pty = nix::pty::openpty(&size, None).expect("openpty");
+        let slave = std::fs::File::from(pty.slave);
+        cmd.stdin(slave.try_clone().expect("dup the pty"))
+            .stdout(slave.try_clone().expect("dup the pty"))
+            .stderr(slave)
+            .env("TERM", "dumb");
+        let child = cmd.spawn().expect("builder runs");
+        // `cmd` still holds the slave's descriptors: without dropping them the master would
+        // never see the end of the output.
+        drop(cmd);
+        let master = std::fs::File::from(pty.master);
+        let transcript = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let reader = {
+            let mut master = master.try_clone().expect("dup the master");
+            let transcript = transcript.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                // EIO once the last slave descriptor is closed (the process exited).
+                while let Ok(n) = master.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    transcript
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .extend_from_slice(&buf[..n]);
+                }
+            })
+        };
+        Self {
+            child,
+            master,
+            transcript,
+            reader: Some(reader),
+        }
+    }
+
+    fn transcript(&self) -> String {
+        String::from_utf8_lossy(&self.transcript.lock().unwrap_or_else(|p| p.into_inner()))
+            .into_owned()
+    }
+
+    /// Waits until the transcript after byte `from` contains `needle`; returns where it ends.
+    fn wait_for(&mut self, from: usize, needle: &str, within: std::time::Duration) -> usize {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let text = self.transcript();
+            if let Some(at) = text.get(from..).and_then(|t| t.find(needle)) {
+                return from + at + needle.len();
+            }
+            let exited = self.child.try_wait().expect("wait").is_some();
+            assert!(
+                !exited && std::time::Instant::now() < deadline,
+                "no `{needle}` {} ; the terminal showed:\n{text}",
+                if exited {
+                    "before builder exited"
+                } else {
+                    "in time"
+                }
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+
+    /// Types `text` as a user would.
+    fn type_in(&mut self, text: &str) {
+        use std::io::Write;
+        self.master.write_all(text.as_bytes()).expect("type");
+    }
+
+    /// The exit code, and the whole transcript once the output is drained.
+    fn finish(mut self, within: std::time::Duration) -> (Option<i32>, String) {
+        let deadline = std::time::Instant::now() + within;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                break status;
+            }
+            if std::time::Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("builder did not exit in time:\n{}", self.transcript());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        };
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        let text = self.transcript();
+        eprintln!("--- terminal ---\n{text}\n--- exit {:?} ---", status.code());
+        (status.code(), text)
+    }
+}
+
+/// `--on-error shell` on a terminal (a pseudo-terminal here): a build step fails, builder says
+/// what failed and opens a root shell in the build VM, in the state the step left; a command
+/// typed there runs; exiting the shell fails the build as `abort` does (exit 1, VM and disk
+/// removed, logs kept). One boot (the build VM; the build never reaches its test stage).
+#[test]
+#[cfg_attr(
+    not(vm_tier),
+    ignore = "VM tier: set BUILDER_VM_TESTS=1 and BUILDER_TEST_IMAGE (scripts/test does)"
+)]
+fn on_error_shell_opens_a_shell_in_the_build_vm_on_a_terminal() {
+    let image = vm_tier::test_image();
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let guard = NoLeftovers::new();
+    let minutes = |m: u64| std::time::Duration::from_secs(m * 60);
+    let mut term = OnTerminal::spawn(guard.command(
+        &image,
+        &[
+            "build",
+            "tests/build/failing-step.yml",
+            "--on-error",
+            "shell",
+            "--accel",
+            "tcg",
+        ],
+    ));
+    let at = term.wait_for(0, "shell ready", minutes(15));
+    let before = term.transcript()[..at].to_string();
+    assert!(
+        before.contains(
+            "error: component `fails-in-build` failed in phase `build`, step `LeaveStateThenFail`"
+        ),
+        "says what failed:\n{before}"
+    );
+    assert!(
+        before.contains("│ about to fail"),
+        "the step's last lines:\n{before}"
+    );
+    assert!(
+        before.contains("note: opening a shell in")
+            && before.contains("the build then fails and removes its VM and disk"),
+        "says what happens after the shell:\n{before}"
+    );
+
+    // A command typed in the shell runs in the build VM, where the failed step left its file.
+    // Its output is computed in the guest, so the terminal's echo of the line cannot match.
+    let typed = term.transcript().len();
+    term.type_in("cat /root/left-by-the-step; echo \"typed by $(id -un)-$((6 * 7))\"\r");
+    let at = term.wait_for(typed, "typed by root-42", minutes(2));
+    let shown = term.transcript();
+    assert!(
+        shown[typed..at].contains("state 42"),
+        "the file the step left:\n{}",
+        &shown[typed..]
+    );
+
+    // Exiting the shell (with any status) fails the build.
+    term.type_in("exit 7\r");
+    let (code, shown) = term.finish(minutes(5));
+    assert_eq!(code, Some(1), "the build failed after the shell:\n{shown}");
+    let after = &shown[at..];
+    assert!(
+        after.contains("note: shell closed; failing the build"),
+        "{after}"
+    );
+    assert!(after.contains("logs: "), "{after}");
+    assert!(
+        !stored_build(&guard.store(), "e2e-shell").exists(),
+        "a failed build is not stored"
+    );
+    // The guard checks the VM, the disk chain and the staging folder are gone.
 }
