@@ -167,6 +167,31 @@ impl Diagnostics {
         self.error_count() > 0
     }
 
+    /// Each problem on one line, for logs: `path:line:col: warning: message (hint: …)`.
+    pub fn lines(&self) -> Vec<String> {
+        self.problems
+            .iter()
+            .map(|p| {
+                let severity = match p.severity {
+                    Severity::Error => "error",
+                    Severity::Warning => "warning",
+                };
+                let hint = p
+                    .hint
+                    .as_ref()
+                    .map(|h| format!(" (hint: {h})"))
+                    .unwrap_or_default();
+                format!(
+                    "{}:{}:{}: {severity}: {}{hint}",
+                    self.path.display(),
+                    p.span.line,
+                    p.span.col,
+                    p.message
+                )
+            })
+            .collect()
+    }
+
     /// Sort by position (stable, so problems at one place keep the order they were found in).
     pub fn sort(&mut self) {
         self.problems
@@ -448,6 +473,13 @@ mod tests {
         assert!(bad < warn, "{out}");
         assert!(out.contains("\n 12 | k12: v\n"), "{out}");
         assert!(out.contains("\n  2 | k2: v\n"), "{out}");
+        assert_eq!(
+            d.lines(),
+            [
+                "x.yml:2:1: warning: just so you know",
+                "x.yml:12:1: error: bad key"
+            ]
+        );
     }
 
     #[test]

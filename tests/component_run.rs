@@ -522,6 +522,38 @@ fn parameters_are_checked_before_anything_runs() {
     );
 }
 
+/// What AWSTOE accepts although it looks wrong runs as AWSTOE runs it, after a warning: an
+/// input key the action does not have is ignored, and a `{{` without its `}}` stays text while
+/// the reference after it is expanded.
+#[test]
+fn what_awstoe_ignores_is_ignored_and_an_unclosed_brace_is_text() {
+    let sb = Sandbox::new();
+    let out = sb.run(&[&doc("awstoe-leniency.yml")], &[]);
+    let err = stderr(&out);
+    assert_eq!(code(&out), 0, "{err}");
+    assert_eq!(summary(&out)["status"], "success");
+    assert!(
+        err.contains("warning: unknown key `force` in the inputs of `DeleteFile` is ignored"),
+        "{err}"
+    );
+    assert!(
+        err.contains("warning: `{{` is not closed by `}}`, so it is kept as text"),
+        "{err}"
+    );
+    assert!(
+        !sb.path("scratch.txt").exists(),
+        "DeleteFile ran without `force`"
+    );
+    assert!(
+        !sb.path("wrong.txt").exists(),
+        "the unclosed `{{{{` was expanded"
+    );
+    assert_eq!(
+        sb.read("literal.txt"),
+        "{{ build.Mode.outputs.stdout\ninstall\n"
+    );
+}
+
 #[test]
 fn reboot_on_this_machine_fails_with_a_hint() {
     for name in ["reboot.yml", "reboot-194.yml"] {

@@ -963,6 +963,14 @@ pub enum Stage {
 /// Read the document of a planned component for running it: the file must still have the
 /// digest the plan pinned (so the build runs what the plan shows), and it is validated again.
 pub fn load_component(component: &PlannedComponent) -> Result<Document, PlanError> {
+    load_component_checked(component).map(|(document, _)| document)
+}
+
+/// [`load_component`], with the document's warnings (empty when it has none), one per line
+/// (`path:line:col: warning: …`), for the build's log.
+pub fn load_component_checked(
+    component: &PlannedComponent,
+) -> Result<(Document, Vec<String>), PlanError> {
     let path = &component.local_path;
     let text = std::fs::read_to_string(path).map_err(|source| PlanError::Io {
         path: path.clone(),
@@ -976,8 +984,13 @@ pub fn load_component(component: &PlannedComponent) -> Result<Document, PlanErro
             actual,
         });
     }
-    crate::component::parse::parse_str(path, &text)
-        .map_err(|d| PlanError::Invalid(vec![d.with_consequence(recipe::CONSEQUENCE)]))
+    let checked = crate::component::parse::check(path, &text);
+    match checked.document {
+        Some(document) => Ok((document, checked.diagnostics.lines())),
+        None => Err(PlanError::Invalid(vec![
+            checked.diagnostics.with_consequence(recipe::CONSEQUENCE),
+        ])),
+    }
 }
 
 impl Plan {
@@ -1909,6 +1922,31 @@ mod tests {
         use chrono::TimeZone;
         let date = chrono::Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap();
         assert_eq!(plan.output_stem(7, date), "web-1.0.0-7");
+    }
+
+    #[test]
+    fn a_component_with_warnings_is_planned_and_loads_with_them() {
+        let f = Fixture::new();
+        f.write(
+            "a.yml",
+            &COMPONENT.replace("commands: [", "comands: oops\n          commands: ["),
+        );
+        let plan = f.plan().expect("warnings do not stop planning");
+        let (document, warnings) = load_component_checked(&plan.components[0]).unwrap();
+        assert_eq!(document.name.as_deref(), Some("hello"));
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].ends_with(
+                "a.yml:13:11: warning: unknown key `comands` in the inputs of `ExecuteBash` is ignored (AWSTOE ignores it too) (hint: did you mean `commands`?)"
+            ),
+            "{warnings:?}"
+        );
+        assert!(
+            load_component_checked(&plan.components[1])
+                .unwrap()
+                .1
+                .is_empty()
+        );
     }
 
     #[test]

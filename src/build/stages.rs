@@ -1032,7 +1032,11 @@ async fn run_component(
     index: usize,
     component: &PlannedComponent,
 ) -> Result<(), BuildError> {
-    let document = plan::load_component(component)?;
+    let (document, warnings) = plan::load_component_checked(component)?;
+    // Shown before the build too; here they become part of the build's log and events.
+    for w in &warnings {
+        cx.progress("component", &format!("warning: {w}"));
+    }
     let wanted = ["build", "validate"];
     let phases: Vec<String> = wanted
         .iter()
@@ -1406,7 +1410,10 @@ async fn test_components(
         .filter(|c| c.phases.iter().any(|p| p == "test"))
         .chain(&cx.plan.tests.components);
     for (index, component) in with_test.enumerate() {
-        let document = plan::load_component(component)?;
+        let (document, warnings) = plan::load_component_checked(component)?;
+        for w in &warnings {
+            cx.progress("test", &format!("warning: {w}"));
+        }
         let folder = file_safe(&format!("test-{}-{}", index + 1, component.label()));
         let t0 = Instant::now();
         let outcome = run_document(

@@ -84,17 +84,20 @@ pub async fn run(args: RunArgs) -> CliResult {
         _ => None,
     };
 
-    // Every document is read and validated before anything runs.
+    // Every document is read and validated before anything runs; warnings are shown and do
+    // not stop the run.
     let mut documents = Vec::new();
     let mut invalid = false;
     for path in &args.documents {
-        match parse::load(path) {
-            Ok(document) => documents.push(document),
-            Err(parse::LoadError::Invalid(diagnostics)) => {
-                invalid = true;
-                anstream::eprint!("{}", diagnostics.render(true));
+        match parse::load_checked(path) {
+            Ok(checked) => {
+                anstream::eprint!("{}", checked.diagnostics.render(true));
+                match checked.document {
+                    Some(document) => documents.push(document),
+                    None => invalid = true,
+                }
             }
-            Err(e @ parse::LoadError::Io { .. }) => {
+            Err(e) => {
                 invalid = true;
                 super::super::report(&Failure::input(e));
             }

@@ -39,11 +39,21 @@ pub enum LoadError {
 
 /// Read and validate the document at `path`.
 pub fn load(path: &Path) -> Result<Document, LoadError> {
+    let checked = load_checked(path)?;
+    match checked.document {
+        Some(document) => Ok(document),
+        None => Err(LoadError::Invalid(checked.diagnostics)),
+    }
+}
+
+/// Read and validate the document at `path`, keeping its warnings (see [`check`]); only an
+/// unreadable file is an `Err`.
+pub fn load_checked(path: &Path) -> Result<Checked, LoadError> {
     let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
         path: path.to_path_buf(),
         source,
     })?;
-    parse_str(path, &text).map_err(LoadError::Invalid)
+    Ok(check(path, &text))
 }
 
 /// Validate `text` as the document at `path` (used for messages and [`Document::source`]).
