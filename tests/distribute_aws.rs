@@ -1,17 +1,23 @@
-//! AWS AMI import (`builder::distribute::aws`).
+//! AWS AMI import (`builder::distribute::aws`), against servers no one here wrote.
 //!
-//! S3 is real: `s3s-fs` (an S3-compatible server, installed by scripts/install-deps) on
-//! loopback checks every signature and each part's signed SHA-256. EC2 and IAM are a
-//! scripted fake (`support/fake_ec2.rs`) because nothing we can run implements VM Import;
-//! the fake recomputes every request's SigV4 signature and records each action with its
-//! parameters for the assertions below.
+//! - The S3 upload tests run against `s3s-fs` (an S3-compatible server) on loopback, which
+//!   checks every signature and each part's signed SHA-256.
+//! - The AMI flow (`import_ami`, `preflight`, the EC2 client) runs end to end against moto
+//!   (`support/moto.rs`): the upload goes to moto's S3, GetRole to its IAM, RegisterImage,
+//!   DescribeImages, CreateTags, CopyImage and ModifyImageAttribute to its EC2, and moto
+//!   checks every signature with botocore's SigV4 code. moto has no VM Import, so a minimal
+//!   shim in front of it (`support/moto_vmimport.py`) answers only ImportSnapshot,
+//!   DescribeImportSnapshotTasks, ImportImage, DescribeImportImageTasks and CancelImportTask,
+//!   working on moto's state (it reads the disk from moto's S3 and makes the snapshot in
+//!   moto's EC2), and records every EC2/IAM call for the assertions on what builder sent.
+//!   The results are then read back from moto with boto3, not with builder's client.
 //!
-//! The tests that need s3s-fs are ignored unless `BUILDER_S3_TESTS=1` (set by scripts/test,
-//! so CI); with it, a missing s3s-fs fails them and says how to install it
-//! (tests/support/s3s.rs).
+//! All of them need s3s-fs or moto: they are ignored unless `BUILDER_S3_TESTS=1` (set by
+//! scripts/test, so CI, after scripts/install-deps installed both); with it, a missing server
+//! fails them and says how to install it.
 
-#[path = "support/fake_ec2.rs"]
-mod fake_ec2;
+#[path = "support/moto.rs"]
+mod moto;
 #[path = "support/s3s.rs"]
 mod s3s;
 
@@ -31,7 +37,7 @@ use builder::distribute::aws::{
 use builder::export::Format;
 use builder::export::manifest::ImageId;
 use builder::store::{StoredDisk, StoredImage};
-use fake_ec2::{FakeEc2, Script};
+use moto::Moto;
 use s3s::{KEY, S3Server, SECRET, free_port};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -277,23 +283,6 @@ fn assert_no_state(state: &Path) {
     assert!(files_in(state).is_empty(), "left: {:?}", files_in(state));
 }
 
-/// Files (not folders) anywhere under `dir`, as paths relative to it.
-fn files_under(dir: &Path) -> Vec<String> {
-    let mut found = Vec::new();
-    let mut pending = vec![dir.to_path_buf()];
-    while let Some(current) = pending.pop() {
-        for entry in std::fs::read_dir(&current).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                pending.push(path);
-            } else if let Ok(relative) = path.strip_prefix(dir) {
-                found.push(relative.display().to_string());
-            }
-        }
-    }
-    found
-}
-
 // ---- S3 against s3s-fs
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -461,7 +450,7 @@ async fn a_bad_credential_is_rejected_with_a_clear_error() {
     );
 }
 
-// ---- the AMI flow: s3s-fs + the EC2/IAM fake
+// ---- the AMI flow: moto (S3, IAM, EC2 images) + its VM Import shim
 
 /// A stored build with only a qcow2 (so the import converts it to a vmdk), UEFI firmware.
 fn stored_image(dir: &Path) -> StoredImage {
@@ -507,31 +496,25 @@ fn ami_work() -> (tempfile::TempDir, StoredImage, PathBuf) {
     (work, image, state)
 }
 
-/// A script whose import task never finishes.
-fn endless_task() -> Script {
-    Script {
-        active_polls: usize::MAX,
-        ..Script::default()
-    }
+/// moto with the test bucket (and the `vmimport` role).
+fn moto() -> Moto {
+    Moto::start(&moto::Setup {
+        buckets: vec![BUCKET.into()],
+        ..moto::Setup::default()
+    })
 }
 
-fn ec2_client(fake: &FakeEc2, credentials: AwsCredentials) -> Ec2Client {
-    Ec2Client::new(
-        http_client(),
-        credentials,
-        "eu-west-1",
-        Some(&fake.endpoint()),
-        quick_retries(),
-    )
-    .expect("valid endpoint")
+fn moto_credentials(moto: &Moto) -> AwsCredentials {
+    AwsCredentials::new(&moto.key, &moto.secret, None, "test")
 }
 
-fn ami_options(server: &S3Server, fake: &FakeEc2, state: &Path) -> AmiOptions {
+/// Everything at moto: S3, EC2 and (through the EC2 endpoint) IAM.
+fn ami_options(moto: &Moto, state: &Path) -> AmiOptions {
     let mut options = AmiOptions::new(BUCKET, "web 1.2.0 (build 3)");
     options.region = Some("us-east-1".into());
-    options.s3_endpoint = Some(server.endpoint());
-    options.ec2_endpoint = Some(fake.endpoint());
-    options.credentials = Some(credentials(SECRET));
+    options.s3_endpoint = Some(moto.endpoint());
+    options.ec2_endpoint = Some(moto.endpoint());
+    options.credentials = Some(moto_credentials(moto));
     options.part_size = 5 * MIB;
     options.poll_interval = Duration::from_millis(10);
     options.state_dir = Some(state.to_path_buf());
@@ -539,30 +522,58 @@ fn ami_options(server: &S3Server, fake: &FakeEc2, state: &Path) -> AmiOptions {
     options
 }
 
-fn call_list(fake: &FakeEc2) -> Vec<String> {
-    fake.calls()
+/// The EC2/IAM calls moto accepted (or answered a dry run), as `Action(dry)@region`.
+async fn call_list(moto: &Moto) -> Vec<String> {
+    let calls = moto.calls().await;
+    let refused: Vec<_> = calls
+        .iter()
+        .filter(|c| !matches!(c.status, 200 | 412))
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "moto refused: {refused:#?}\n{}",
+        moto.log()
+    );
+    calls
         .iter()
         .map(|c| {
             format!(
                 "{}{}@{}",
                 c.action,
-                if c.is_dry_run() { "(dry)" } else { "" },
+                if c.dry_run { "(dry)" } else { "" },
                 c.region
             )
         })
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// The last call of `action` (not a dry run) in `region`.
+fn find<'a>(calls: &'a [moto::Call], action: &str, region: &str) -> &'a moto::Call {
+    calls
+        .iter()
+        .rev()
+        .find(|c| c.action == action && c.region == region && !c.dry_run)
+        .unwrap_or_else(|| panic!("no {action} in {region}: {calls:#?}"))
+}
+
+fn tag_map(value: &serde_json::Value) -> BTreeMap<String, String> {
+    value
+        .as_object()
+        .expect("tags")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().expect("tag value").to_string()))
+        .collect()
+}
+
 #[cfg_attr(
     not(s3_tier),
     ignore = "S3 tier: set BUILDER_S3_TESTS=1 after scripts/install-deps (scripts/test does)"
 )]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn import_ami_uploads_imports_registers_tags_copies_and_shares() {
-    let server = S3Server::start(BUCKET);
-    let fake = FakeEc2::start(KEY, SECRET, Script::default()).await;
+    let moto = moto();
     let (_work, image, state) = ami_work();
-    let mut options = ami_options(&server, &fake, &state);
+    let mut options = ami_options(&moto, &state);
     options.tags = BTreeMap::from([("team".to_string(), "web".to_string())]);
     options.copy_to_regions = vec!["eu-central-1".into()];
     options.launch_permission_user_ids = vec!["123456789012".into()];
@@ -574,13 +585,9 @@ async fn import_ami_uploads_imports_registers_tags_copies_and_shares() {
         .await
         .expect("imports");
 
-    assert!(
-        fake.rejected().is_empty(),
-        "bad signatures: {:?}",
-        fake.rejected()
-    );
+    // What builder asked, in order (moto and the shim accepted every signature).
     assert_eq!(
-        call_list(&fake),
+        call_list(&moto).await,
         [
             "ImportSnapshot(dry)@us-east-1",
             "DescribeImages@us-east-1",
@@ -599,15 +606,9 @@ async fn import_ami_uploads_imports_registers_tags_copies_and_shares() {
             "ModifyImageAttribute@eu-central-1",
         ]
     );
-    let calls = fake.calls();
-    let find = |action: &str, region: &str| {
-        calls
-            .iter()
-            .find(|c| c.action == action && c.region == region && !c.is_dry_run())
-            .unwrap_or_else(|| panic!("no {action} in {region}"))
-    };
+    let calls = moto.calls().await;
     let key = "builder-imports/web/1.2.0/3/web.vmdk";
-    let import = find("ImportSnapshot", "us-east-1");
+    let import = find(&calls, "ImportSnapshot", "us-east-1");
     for (name, value) in [
         ("DiskContainer.Format", "VMDK"),
         ("DiskContainer.UserBucket.S3Bucket", BUCKET),
@@ -617,7 +618,52 @@ async fn import_ami_uploads_imports_registers_tags_copies_and_shares() {
     ] {
         assert_eq!(import.param(name), Some(value), "ImportSnapshot {name}");
     }
-    let register = find("RegisterImage", "us-east-1");
+    let task = import.task.clone().expect("the shim started a task");
+    let ami = receipt.ids.get("ami:us-east-1").expect("ami id").clone();
+    let copy = receipt
+        .ids
+        .get("ami:eu-central-1")
+        .expect("copy id")
+        .clone();
+
+    // moto's own view, through boto3 (botocore's client, not builder's).
+    let seen = moto.boto3(&format!(
+        "img = ec2('us-east-1').describe_images(ImageIds=[{ami:?}])['Images'][0]\n\
+         cp = ec2('eu-central-1').describe_images(ImageIds=[{copy:?}])['Images'][0]\n\
+         perms = ec2('eu-central-1').describe_image_attribute(ImageId={copy:?}, Attribute='launchPermission')['LaunchPermissions']\n\
+         snaps = ec2('us-east-1').describe_snapshots(OwnerIds=['self'])['Snapshots']\n\
+         obj = s3().get_object(Bucket={BUCKET:?}, Key={key:?})['Body'].read()\n\
+         out = dict(name=img['Name'], state=img['State'], tags={{t['Key']: t['Value'] for t in img.get('Tags', [])}},\n\
+             copy_name=cp['Name'], copy_tags={{t['Key']: t['Value'] for t in cp.get('Tags', [])}},\n\
+             copy_root=cp['BlockDeviceMappings'][0]['Ebs']['SnapshotId'],\n\
+             perms=sorted(p.get('UserId') or 'group:' + p.get('Group') for p in perms),\n\
+             imported=[s['SnapshotId'] for s in snaps if s.get('Description') == 'Created by AWS-VMImport service for {task}'],\n\
+             imported_tags=[{{t['Key']: t['Value'] for t in s.get('Tags', [])}} for s in snaps if s.get('Description') == 'Created by AWS-VMImport service for {task}'],\n\
+             head=obj[:4].hex(), sha=hashlib.sha256(obj).hexdigest())"
+    ));
+    let expected_tags = BTreeMap::from([
+        ("Name".to_string(), "web 1.2.0 (build 3)".to_string()),
+        ("builder:image".to_string(), "web/1.2.0/3".to_string()),
+        ("team".to_string(), "web".to_string()),
+    ]);
+    assert_eq!(seen["name"], "web 1.2.0 (build 3)", "{seen}");
+    assert_eq!(seen["state"], "available", "{seen}");
+    assert_eq!(tag_map(&seen["tags"]), expected_tags, "{seen}");
+    assert_eq!(seen["copy_name"], "web 1.2.0 (build 3)", "{seen}");
+    assert_eq!(tag_map(&seen["copy_tags"]), expected_tags, "{seen}");
+    assert_eq!(
+        seen["perms"],
+        serde_json::json!(["123456789012", "group:all"]),
+        "{seen}"
+    );
+    // The image was registered on the snapshot the import made, and that snapshot is tagged
+    // too. (moto's RegisterImage keeps only the name and description and gives the image a
+    // root snapshot of its own: the mapping builder sent is checked on the call.)
+    let imported = seen["imported"].as_array().expect("snapshots");
+    assert_eq!(imported.len(), 1, "{seen}");
+    let imported = imported[0].as_str().expect("id");
+    assert_eq!(tag_map(&seen["imported_tags"][0]), expected_tags, "{seen}");
+    let register = find(&calls, "RegisterImage", "us-east-1");
     for (name, value) in [
         ("Name", "web 1.2.0 (build 3)"),
         ("Architecture", "x86_64"),
@@ -626,48 +672,24 @@ async fn import_ami_uploads_imports_registers_tags_copies_and_shares() {
         ("EnaSupport", "true"),
         ("BootMode", "uefi"),
         ("BlockDeviceMapping.1.DeviceName", "/dev/xvda"),
-        ("BlockDeviceMapping.1.Ebs.SnapshotId", "snap-0fake"),
+        ("BlockDeviceMapping.1.Ebs.SnapshotId", imported),
     ] {
         assert_eq!(register.param(name), Some(value), "RegisterImage {name}");
     }
-    let tags = find("CreateTags", "us-east-1");
-    assert_eq!(tags.param("ResourceId.1"), Some("ami-0fake"));
-    assert_eq!(tags.param("ResourceId.2"), Some("snap-0fake"));
-    let tag_map: BTreeMap<&str, &str> = (1..=3)
-        .filter_map(|i| {
-            Some((
-                tags.param(&format!("Tag.{i}.Key"))?,
-                tags.param(&format!("Tag.{i}.Value"))?,
-            ))
-        })
-        .collect();
-    assert_eq!(
-        tag_map,
-        BTreeMap::from([
-            ("Name", "web 1.2.0 (build 3)"),
-            ("builder:image", "web/1.2.0/3"),
-            ("team", "web"),
-        ])
-    );
-    let share = find("ModifyImageAttribute", "eu-central-1");
-    assert_eq!(share.param("ImageId"), Some("ami-0copy-eu-central-1"));
-    assert_eq!(
-        share.param("LaunchPermission.Add.1.UserId"),
-        Some("123456789012")
-    );
-    assert_eq!(share.param("LaunchPermission.Add.2.Group"), Some("all"));
-    let copy = find("CopyImage", "eu-central-1");
-    assert_eq!(copy.param("SourceRegion"), Some("us-east-1"));
-    assert_eq!(copy.param("SourceImageId"), Some("ami-0fake"));
+    let tags = find(&calls, "CreateTags", "us-east-1");
+    assert_eq!(tags.param("ResourceId.1"), Some(ami.as_str()));
+    assert_eq!(tags.param("ResourceId.2"), Some(imported));
+    let copy_call = find(&calls, "CopyImage", "eu-central-1");
+    assert_eq!(copy_call.param("SourceRegion"), Some("us-east-1"));
+    assert_eq!(copy_call.param("SourceImageId"), Some(ami.as_str()));
 
     // What S3 holds is the converted disk, and the receipt carries its digest.
-    let stored = server.stored(BUCKET, key).expect("uploaded");
-    assert_eq!(&stored[..4], b"KDMV", "a VMDK sparse extent");
+    assert_eq!(seen["head"], hex::encode(b"KDMV"), "a VMDK sparse extent");
     assert_eq!(receipt.kind, "ami");
-    assert_eq!(receipt.location, "ami-0fake (us-east-1)");
+    assert_eq!(receipt.location, format!("{ami} (us-east-1)"));
     assert_eq!(
         receipt.digests.get("disk"),
-        Some(&format!("sha256:{}", hex::encode(Sha256::digest(&stored))))
+        Some(&format!("sha256:{}", seen["sha"].as_str().expect("sha")))
     );
     let ids: BTreeMap<&str, &str> = receipt
         .ids
@@ -677,15 +699,18 @@ async fn import_ami_uploads_imports_registers_tags_copies_and_shares() {
     assert_eq!(
         ids,
         BTreeMap::from([
-            ("ami:eu-central-1", "ami-0copy-eu-central-1"),
-            ("ami:us-east-1", "ami-0fake"),
-            ("importTask", "import-snap-0fake"),
+            ("ami:eu-central-1", copy.as_str()),
+            ("ami:us-east-1", ami.as_str()),
+            ("importTask", task.as_str()),
             (
                 "s3Object",
                 "s3://imports/builder-imports/web/1.2.0/3/web.vmdk"
             ),
-            ("snapshot:eu-central-1", "snap-0copy-eu-central-1"),
-            ("snapshot:us-east-1", "snap-0fake"),
+            (
+                "snapshot:eu-central-1",
+                seen["copy_root"].as_str().expect("id")
+            ),
+            ("snapshot:us-east-1", imported),
         ])
     );
     // The task's progress and status message were shown; nothing is left behind.
@@ -693,32 +718,33 @@ async fn import_ami_uploads_imports_registers_tags_copies_and_shares() {
     assert!(
         steps
             .iter()
-            .any(|s| s == "importing import-snap-0fake: 30% converting"),
+            .any(|s| *s == format!("importing {task}: 30% converting")),
         "{steps:#?}"
     );
     assert_no_state(&state);
-    assert!(server.pending_uploads().is_empty());
+    let uploads = moto.boto3(&format!(
+        "out = len(s3().list_multipart_uploads(Bucket={BUCKET:?}).get('Uploads', []))"
+    ));
+    assert_eq!(uploads, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(
     not(s3_tier),
     ignore = "S3 tier: set BUILDER_S3_TESTS=1 after scripts/install-deps (scripts/test does)"
 )]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn import_image_method_uses_import_image() {
-    let server = S3Server::start(BUCKET);
-    let fake = FakeEc2::start(KEY, SECRET, Script::default()).await;
+    let moto = moto();
     let (_work, image, state) = ami_work();
-    let mut options = ami_options(&server, &fake, &state);
+    let mut options = ami_options(&moto, &state);
     options.import_method = ImportMethod::Image;
     options.boot_mode = Some("legacy-bios".into());
 
     let receipt = import_ami(&image, &options, &Recorder::default())
         .await
         .expect("imports");
-    assert!(fake.rejected().is_empty(), "{:?}", fake.rejected());
     assert_eq!(
-        call_list(&fake),
+        call_list(&moto).await,
         [
             "ImportImage(dry)@us-east-1",
             "GetRole@us-east-1",
@@ -729,34 +755,43 @@ async fn import_image_method_uses_import_image() {
             "CreateTags@us-east-1",
         ]
     );
-    let import = fake
-        .calls()
-        .into_iter()
-        .find(|c| c.action == "ImportImage" && !c.is_dry_run())
-        .expect("ImportImage");
+    let calls = moto.calls().await;
+    let import = find(&calls, "ImportImage", "us-east-1");
     assert_eq!(import.param("DiskContainer.1.Format"), Some("VMDK"));
     assert_eq!(import.param("BootMode"), Some("legacy-bios"));
-    assert_eq!(receipt.location, "ami-0imported (us-east-1)");
-    // Without keepObject the uploaded disk is deleted once imported.
-    let left = files_under(&server.data().join(BUCKET));
-    assert!(left.is_empty(), "the object was deleted: {left:?}");
+    let ami = receipt.ids.get("ami:us-east-1").expect("ami id").clone();
+    assert_eq!(receipt.location, format!("{ami} (us-east-1)"));
+    // In moto: the image with its tags; without keepObject the uploaded disk was deleted.
+    let seen = moto.boto3(&format!(
+        "img = ec2('us-east-1').describe_images(ImageIds=[{ami:?}])['Images'][0]\n\
+         objects = s3().list_objects_v2(Bucket={BUCKET:?}).get('Contents', [])\n\
+         out = dict(tags={{t['Key']: t['Value'] for t in img.get('Tags', [])}},\n\
+             root=img['BlockDeviceMappings'][0]['Ebs']['SnapshotId'], objects=[o['Key'] for o in objects])"
+    ));
+    assert_eq!(seen["objects"], serde_json::json!([]), "{seen}");
+    assert_eq!(
+        tag_map(&seen["tags"])
+            .get("builder:image")
+            .map(String::as_str),
+        Some("web/1.2.0/3"),
+        "{seen}"
+    );
     assert!(!receipt.ids.contains_key("s3Object"));
     assert_eq!(
         receipt.ids.get("snapshot:us-east-1").map(String::as_str),
-        Some("snap-0imported")
+        seen["root"].as_str()
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(
     not(s3_tier),
     ignore = "S3 tier: set BUILDER_S3_TESTS=1 after scripts/install-deps (scripts/test does)"
 )]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preflight_stops_before_any_upload_when_the_bucket_is_missing() {
-    let server = S3Server::start(BUCKET);
-    let fake = FakeEc2::start(KEY, SECRET, Script::default()).await;
+    let moto = moto();
     let (_work, image, state) = ami_work();
-    let mut options = ami_options(&server, &fake, &state);
+    let mut options = ami_options(&moto, &state);
     options.bucket = "missing-bucket".into();
 
     let err = preflight(&options).await.expect_err("no such bucket");
@@ -773,39 +808,45 @@ async fn preflight_stops_before_any_upload_when_the_bucket_is_missing() {
         .await
         .expect_err("no such bucket");
     assert!(matches!(err, AwsError::Preflight { .. }), "{err}");
+    let calls = moto.calls().await;
     assert!(
-        fake.actions().iter().all(|a| a != "ImportSnapshot"),
-        "no import started: {:?}",
-        fake.actions()
+        calls
+            .iter()
+            .all(|c| c.action != "ImportSnapshot" || c.dry_run),
+        "no import started: {calls:#?}"
     );
-    assert!(files_under(&server.data().join(BUCKET)).is_empty());
-    assert!(server.pending_uploads().is_empty());
+    let seen = moto.boto3(
+        "out = [b['Name'] for b in s3().list_buckets()['Buckets']] + \
+         [o['Key'] for o in s3().list_objects_v2(Bucket='imports').get('Contents', [])] + \
+         [u['Key'] for u in s3().list_multipart_uploads(Bucket='imports').get('Uploads', [])]",
+    );
+    assert_eq!(seen, serde_json::json!([BUCKET]), "nothing uploaded");
     assert!(files_in(&state).is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(
     not(s3_tier),
     ignore = "S3 tier: set BUILDER_S3_TESTS=1 after scripts/install-deps (scripts/test does)"
 )]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preflight_reports_a_missing_role_and_a_taken_name_and_warns_without_iam() {
-    let server = S3Server::start(BUCKET);
-    let script = Script {
-        role_exists: false,
-        existing_names: BTreeMap::from([(
-            "web 1.2.0 (build 3)".to_string(),
-            "ami-0old".to_string(),
-        )]),
-        ..Script::default()
-    };
-    let fake = FakeEc2::start(KEY, SECRET, script).await;
+    let moto = Moto::start(&moto::Setup {
+        buckets: vec![BUCKET.into()],
+        role: false,
+        images_named: vec!["web 1.2.0 (build 3)".into()],
+    });
+    let old = moto
+        .boto3("out = ec2('us-east-1').describe_images(Owners=['self'])['Images'][0]['ImageId']");
     let work = tempfile::tempdir().expect("temp dir");
-    let options = ami_options(&server, &fake, work.path());
+    let options = ami_options(&moto, work.path());
     let err = preflight(&options).await.expect_err("two problems");
     let text = err.to_string();
     assert!(text.contains("found 2 problem(s)"), "{text}");
     assert!(
-        text.contains("an AMI named `web 1.2.0 (build 3)` already exists in us-east-1 (ami-0old)"),
+        text.contains(&format!(
+            "an AMI named `web 1.2.0 (build 3)` already exists in us-east-1 ({})",
+            old.as_str().expect("id")
+        )),
         "{text}"
     );
     assert!(
@@ -814,8 +855,8 @@ async fn preflight_reports_a_missing_role_and_a_taken_name_and_warns_without_iam
     );
 
     // IAM that does not answer (custom endpoints often have none) is a warning.
-    let fake = FakeEc2::start(KEY, SECRET, Script::default()).await;
-    let mut options = ami_options(&server, &fake, work.path());
+    let moto = self::moto();
+    let mut options = ami_options(&moto, work.path());
     let closed = free_port();
     options.iam_endpoint = Some(format!("http://127.0.0.1:{closed}"));
     let warnings = preflight(&options).await.expect("passes with a warning");
@@ -828,127 +869,191 @@ async fn preflight_reports_a_missing_role_and_a_taken_name_and_warns_without_iam
     );
 }
 
+#[cfg_attr(
+    not(s3_tier),
+    ignore = "S3 tier: set BUILDER_S3_TESTS=1 after scripts/install-deps (scripts/test does)"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_fake_rejects_a_wrong_signature_and_ec2_says_so() {
-    let fake = FakeEc2::start(KEY, SECRET, Script::default()).await;
-    let ec2 = ec2_client(&fake, credentials("not-the-secret"));
-    let err = ec2.images_named("x").await.expect_err("refused");
+async fn moto_refuses_a_wrong_secret_and_ec2_says_so() {
+    let moto = moto();
+    let ec2 = |credentials| {
+        Ec2Client::new(
+            http_client(),
+            credentials,
+            "eu-west-1",
+            Some(&moto.endpoint()),
+            quick_retries(),
+        )
+        .expect("valid endpoint")
+    };
+    let err = ec2(AwsCredentials::new(
+        &moto.key,
+        "not-the-secret",
+        None,
+        "test",
+    ))
+    .images_named("x")
+    .await
+    .expect_err("refused");
     assert!(matches!(err, Ec2Error::Credentials { .. }), "{err}");
     assert!(
         err.to_string().contains("check the secret access key"),
         "{err}"
     );
-    let rejected = fake.rejected();
-    assert_eq!(rejected.len(), 1, "{rejected:?}");
-    assert!(
-        rejected[0].starts_with("signature mismatch"),
-        "{rejected:?}"
-    );
-    assert!(fake.calls().is_empty());
+    let calls = moto.calls().await;
+    assert_eq!(calls.len(), 1, "{calls:#?}");
+    assert_eq!(calls[0].status, 401, "moto refused the signature");
 
-    // Temporary credentials: the session token is sent and covered by the signature.
-    let ec2 = ec2_client(
-        &fake,
-        AwsCredentials::new(KEY, SECRET, Some("session-token".into()), "test"),
+    // Temporary credentials (from moto's STS): the session token is sent and covered by the
+    // signature, which moto checks together with the token.
+    let temporary = moto.boto3(
+        "user = iam().get_user(UserName='builder-tests')['User']['Arn']\n\
+         iam().create_role(RoleName='builder-temporary', AssumeRolePolicyDocument=json.dumps({'Version': '2012-10-17', \
+             'Statement': [{'Effect': 'Allow', 'Principal': {'AWS': user}, 'Action': 'sts:AssumeRole'}]}))\n\
+         iam().put_role_policy(RoleName='builder-temporary', PolicyName='everything', PolicyDocument=json.dumps({'Version': '2012-10-17', \
+             'Statement': [{'Effect': 'Allow', 'Action': '*', 'Resource': '*'}]}))\n\
+         c = boto3.client('sts', region_name='us-east-1', **kw).assume_role(RoleArn=f'arn:aws:iam::{user.split(\":\")[4]}:role/builder-temporary', \
+             RoleSessionName='builder-tests')['Credentials']\n\
+         out = [c['AccessKeyId'], c['SecretAccessKey'], c['SessionToken']]",
     );
+    let field = |i: usize| temporary[i].as_str().expect("a credential").to_string();
+    let before = moto.calls().await.len();
     assert_eq!(
-        ec2.images_named("x").await.expect("accepted"),
+        ec2(AwsCredentials::new(
+            field(0),
+            field(1),
+            Some(field(2)),
+            "test"
+        ))
+        .images_named("x")
+        .await
+        .expect("accepted"),
         Vec::<String>::new()
     );
-    let calls = fake.calls();
-    assert_eq!(calls.len(), 1);
-    assert_eq!(calls[0].region, "eu-west-1");
-    assert_eq!(calls[0].param("Owner.1"), Some("self"));
-    assert_eq!(calls[0].session_token.as_deref(), Some("session-token"));
-    assert_eq!(fake.rejected().len(), 1, "no new rejection");
+    // A wrong token is refused.
+    let err = ec2(AwsCredentials::new(
+        field(0),
+        field(1),
+        Some("not-the-token".into()),
+        "test",
+    ))
+    .images_named("x")
+    .await
+    .expect_err("refused");
+    assert!(matches!(err, Ec2Error::Credentials { .. }), "{err}");
+    let calls = moto.calls().await;
+    let ec2_calls: Vec<_> = calls[before..]
+        .iter()
+        .filter(|c| c.service == "ec2")
+        .collect();
+    assert_eq!(ec2_calls.len(), 2, "{calls:#?}");
+    assert_eq!(ec2_calls[0].status, 200);
+    assert_eq!(ec2_calls[0].region, "eu-west-1");
+    assert_eq!(ec2_calls[0].param("Owner.1"), Some("self"));
+    assert_eq!(
+        ec2_calls[0].session_token.as_deref(),
+        Some(field(2).as_str())
+    );
+    assert_eq!(ec2_calls[1].status, 401);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// The shim's last import task.
+async fn last_task(moto: &Moto) -> String {
+    let calls = moto.calls().await;
+    calls
+        .iter()
+        .rev()
+        .find_map(|c| c.task.clone())
+        .unwrap_or_else(|| panic!("no import task started: {calls:#?}"))
+}
+
 #[cfg_attr(
     not(s3_tier),
     ignore = "S3 tier: set BUILDER_S3_TESTS=1 after scripts/install-deps (scripts/test does)"
 )]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_a_slow_and_a_cancelled_import_are_reported() {
-    let server = S3Server::start(BUCKET);
+    let moto = moto();
     let (_work, image, state) = ami_work();
 
     // VM Import gives up: the task ends `deleted` with its reason.
-    let fake = FakeEc2::start(
-        KEY,
-        SECRET,
-        Script {
-            fail_with: Some(
-                "ClientError: Disk validation failed [Unsupported VMDK File Format]".into(),
-            ),
-            ..Script::default()
-        },
+    moto.script(
+        1,
+        Some("ClientError: Disk validation failed [Unsupported VMDK File Format]"),
     )
     .await;
-    let options = ami_options(&server, &fake, &state);
+    let options = ami_options(&moto, &state);
     let err = import_ami(&image, &options, &Recorder::default())
         .await
         .expect_err("the import fails");
+    let task = last_task(&moto).await;
     assert_eq!(
         err.to_string(),
-        "the import task import-snap-0fake in us-east-1 failed (deleted): ClientError: Disk \
-         validation failed [Unsupported VMDK File Format]"
+        format!(
+            "the import task {task} in us-east-1 failed (deleted): ClientError: Disk \
+             validation failed [Unsupported VMDK File Format]"
+        )
     );
     assert!(err.hint().is_some());
-    assert!(!fake.actions().contains(&"RegisterImage".to_string()));
+    assert!(
+        moto.calls()
+            .await
+            .iter()
+            .all(|c| c.action != "RegisterImage")
+    );
 
     // The task never finishes within the timeout.
-    let fake = FakeEc2::start(KEY, SECRET, endless_task()).await;
-    let mut options = ami_options(&server, &fake, &state);
+    moto.script(u64::MAX, None).await;
+    let mut options = ami_options(&moto, &state);
     options.import_timeout = Duration::from_millis(100);
     let err = import_ami(&image, &options, &Recorder::default())
         .await
         .expect_err("times out");
+    let task = last_task(&moto).await;
     let text = err.to_string();
     assert!(matches!(err, AwsError::ImportTimeout { .. }), "{text}");
     assert!(
-        text.contains("last seen: importing import-snap-0fake: ") && text.contains("% converting"),
+        text.contains(&format!("last seen: importing {task}: ")) && text.contains("% converting"),
         "{text}"
     );
-    assert!(
-        err.hint()
-            .expect("hint")
-            .contains("aws ec2 describe-import-snapshot-tasks --import-task-ids import-snap-0fake")
-    );
+    assert!(err.hint().expect("hint").contains(&format!(
+        "aws ec2 describe-import-snapshot-tasks --import-task-ids {task}"
+    )));
 
     // The user cancels while the task runs: the task is cancelled too.
-    let fake = FakeEc2::start(KEY, SECRET, endless_task()).await;
-    let mut options = ami_options(&server, &fake, &state);
+    let mut options = ami_options(&moto, &state);
     let token = CancellationToken::new();
     options.cancel = Some(token.clone());
     let progress = Recorder {
-        cancel_on_step: Some(("importing import-snap-0fake", token)),
+        cancel_on_step: Some(("importing import-snap-", token)),
         ..Recorder::default()
     };
     let err = import_ami(&image, &options, &progress)
         .await
         .expect_err("cancelled");
     assert!(matches!(err, AwsError::Cancelled { .. }), "{err}");
-    let cancels: Vec<_> = fake
+    let task = last_task(&moto).await;
+    let cancels: Vec<_> = moto
         .calls()
+        .await
         .into_iter()
         .filter(|c| c.action == "CancelImportTask")
         .collect();
     assert_eq!(cancels.len(), 1);
-    assert_eq!(cancels[0].param("ImportTaskId"), Some("import-snap-0fake"));
+    assert_eq!(cancels[0].param("ImportTaskId"), Some(task.as_str()));
     assert_no_state(&state);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(
     not(s3_tier),
     ignore = "S3 tier: set BUILDER_S3_TESTS=1 after scripts/install-deps (scripts/test does)"
 )]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_import_keeps_its_converted_disk_and_resumes() {
-    let server = S3Server::start(BUCKET);
-    let proxy = PartProxy::start(server.port).await;
-    let fake = FakeEc2::start(KEY, SECRET, Script::default()).await;
+    let moto = moto();
+    let proxy = PartProxy::start(moto.port).await;
     let (_work, image, state) = ami_work();
-    let mut options = ami_options(&server, &fake, &state);
+    let mut options = ami_options(&moto, &state);
     options.s3_endpoint = Some(proxy.endpoint());
 
     proxy.budget.store(0, Ordering::SeqCst);
@@ -981,8 +1086,12 @@ async fn an_interrupted_import_keeps_its_converted_disk_and_resumes() {
             .any(|s| s.starts_with("reusing ") && s.ends_with(" from an interrupted upload")),
         "{steps:#?}"
     );
-    assert_eq!(receipt.location, "ami-0fake (us-east-1)");
+    let ami = receipt.ids.get("ami:us-east-1").expect("ami id");
+    assert_eq!(receipt.location, format!("{ami} (us-east-1)"));
     assert_no_state(&state);
-    assert!(server.pending_uploads().is_empty());
-    assert!(fake.rejected().is_empty(), "{:?}", fake.rejected());
+    call_list(&moto).await;
+    let uploads = moto.boto3(&format!(
+        "out = len(s3().list_multipart_uploads(Bucket={BUCKET:?}).get('Uploads', []))"
+    ));
+    assert_eq!(uploads, 0);
 }

@@ -509,6 +509,14 @@ pub fn encode_path(key: &str) -> String {
     key.split('/').map(encode).collect::<Vec<_>>().join("/")
 }
 
+/// A form body's name or value (`application/x-www-form-urlencoded`): [`encode`], but a space
+/// is `+`, as the form encoding and the AWS SDKs write it. The signature covers the body's
+/// bytes, so either spelling is valid for AWS; servers that check the signature over their own
+/// re-encoding of the form (moto does) accept only this one.
+pub fn form_encode(text: &str) -> String {
+    text.split(' ').map(encode).collect::<Vec<_>>().join("+")
+}
+
 /// A Query API call (EC2, IAM): a form-encoded POST to the endpoint's root.
 pub fn query_request(
     endpoint: &str,
@@ -516,12 +524,16 @@ pub fn query_request(
     version: &str,
     params: &[(String, String)],
 ) -> Request {
-    let mut body = format!("Action={}&Version={}", encode(action), encode(version));
+    let mut body = format!(
+        "Action={}&Version={}",
+        form_encode(action),
+        form_encode(version)
+    );
     for (name, value) in params {
         body.push('&');
-        body.push_str(&encode(name));
+        body.push_str(&form_encode(name));
         body.push('=');
-        body.push_str(&encode(value));
+        body.push_str(&form_encode(value));
     }
     let base = endpoint.trim_end_matches('/');
     Request {
@@ -564,6 +576,10 @@ mod tests {
         assert_eq!(
             encode_path("dir one/file+1.vmdk"),
             "dir%20one/file%2B1.vmdk"
+        );
+        assert_eq!(
+            form_encode("web 1.2.0 (build 3)+x"),
+            "web+1.2.0+%28build+3%29%2Bx"
         );
     }
 
