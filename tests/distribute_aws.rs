@@ -565,11 +565,11 @@ fn tag_map(value: &serde_json::Value) -> BTreeMap<String, String> {
         .collect()
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(
     not(s3_tier),
     ignore = "S3 tier: set BUILDER_S3_TESTS=1 after scripts/install-deps (scripts/test does)"
 )]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn import_ami_uploads_imports_registers_tags_copies_and_shares() {
     let moto = moto();
     let (_work, image, state) = ami_work();
@@ -728,11 +728,11 @@ async fn import_ami_uploads_imports_registers_tags_copies_and_shares() {
     assert_eq!(uploads, 0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(
     not(s3_tier),
     ignore = "S3 tier: set BUILDER_S3_TESTS=1 after scripts/install-deps (scripts/test does)"
 )]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn import_image_method_uses_import_image() {
     let moto = moto();
     let (_work, image, state) = ami_work();
@@ -783,11 +783,11 @@ async fn import_image_method_uses_import_image() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(
     not(s3_tier),
     ignore = "S3 tier: set BUILDER_S3_TESTS=1 after scripts/install-deps (scripts/test does)"
 )]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preflight_stops_before_any_upload_when_the_bucket_is_missing() {
     let moto = moto();
     let (_work, image, state) = ami_work();
@@ -824,11 +824,11 @@ async fn preflight_stops_before_any_upload_when_the_bucket_is_missing() {
     assert!(files_in(&state).is_empty());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(
     not(s3_tier),
     ignore = "S3 tier: set BUILDER_S3_TESTS=1 after scripts/install-deps (scripts/test does)"
 )]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preflight_reports_a_missing_role_and_a_taken_name_and_warns_without_iam() {
     let moto = Moto::start(&moto::Setup {
         buckets: vec![BUCKET.into()],
@@ -869,11 +869,11 @@ async fn preflight_reports_a_missing_role_and_a_taken_name_and_warns_without_iam
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(
     not(s3_tier),
     ignore = "S3 tier: set BUILDER_S3_TESTS=1 after scripts/install-deps (scripts/test does)"
 )]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn moto_refuses_a_wrong_secret_and_ec2_says_so() {
     let moto = moto();
     let ec2 = |credentials| {
@@ -967,11 +967,11 @@ async fn last_task(moto: &Moto) -> String {
         .unwrap_or_else(|| panic!("no import task started: {calls:#?}"))
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(
     not(s3_tier),
     ignore = "S3 tier: set BUILDER_S3_TESTS=1 after scripts/install-deps (scripts/test does)"
 )]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_a_slow_and_a_cancelled_import_are_reported() {
     let moto = moto();
     let (_work, image, state) = ami_work();
@@ -1044,11 +1044,11 @@ async fn a_failed_a_slow_and_a_cancelled_import_are_reported() {
     assert_no_state(&state);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(
     not(s3_tier),
     ignore = "S3 tier: set BUILDER_S3_TESTS=1 after scripts/install-deps (scripts/test does)"
 )]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_import_keeps_its_converted_disk_and_resumes() {
     let moto = moto();
     let proxy = PartProxy::start(moto.port).await;
@@ -1094,4 +1094,92 @@ async fn an_interrupted_import_keeps_its_converted_disk_and_resumes() {
         "out = len(s3().list_multipart_uploads(Bucket={BUCKET:?}).get('Uploads', []))"
     ));
     assert_eq!(uploads, 0);
+}
+
+/// `builder distribute NAME --to ami` as a user runs it: a build in a real store, the
+/// credentials from the environment, one `--endpoint` for S3 and EC2 (moto), and the AMI
+/// checked in moto with boto3; the store records where the build was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(s3_tier),
+    ignore = "S3 tier: set BUILDER_S3_TESTS=1 after scripts/install-deps (scripts/test does)"
+)]
+async fn builder_distribute_to_ami_runs_end_to_end_against_moto() {
+    use builder::export::Artifact;
+    use builder::store::{Store, Version};
+
+    let moto = moto();
+    // The task completes at the first look (the CLI polls every 15 s).
+    moto.script(0, None).await;
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let store = Store::open(tmp.path().join("store")).expect("store");
+    let slot = store
+        .allocate_build("web", &Version::new(1, 0, 0))
+        .expect("allocate");
+    let file = "web-1.0.0-1.qcow2";
+    let disk = slot.dir().join(file);
+    let status = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&disk)
+        .arg("64M")
+        .status()
+        .expect("qemu-img runs (install qemu-utils)");
+    assert!(status.success());
+    let mut manifest = builder::export::Manifest::new(slot.id().clone(), slot.build_id());
+    manifest.host.firmware = "bios".into();
+    let sha256 = builder::export::sha256_file(&disk).expect("hash");
+    manifest.outputs.push(Artifact {
+        file: file.into(),
+        format: Format::Qcow2,
+        size: std::fs::metadata(&disk).expect("size").len(),
+        virtual_size: 64 * MIB,
+        sha256: sha256.clone(),
+    });
+    std::fs::write(slot.dir().join("SHA256SUMS"), format!("{sha256}  {file}\n")).expect("sums");
+    manifest.write(slot.dir()).expect("manifest");
+    slot.commit().expect("commit");
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_builder"))
+        .args(["distribute", "web", "--to", "ami", "--region", "us-east-1"])
+        .args(["--bucket", BUCKET, "--endpoint", &moto.endpoint()])
+        .args(["--tag", "team=web"])
+        .env("BUILDER_STORE", tmp.path().join("store"))
+        .env("AWS_ACCESS_KEY_ID", &moto.key)
+        .env("AWS_SECRET_ACCESS_KEY", &moto.secret)
+        .env_remove("AWS_SESSION_TOKEN")
+        .env_remove("AWS_PROFILE")
+        .env("AWS_CONFIG_FILE", tmp.path().join("no-aws-config"))
+        .env(
+            "AWS_SHARED_CREDENTIALS_FILE",
+            tmp.path().join("no-aws-credentials"),
+        )
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run builder");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}\n{}", moto.log());
+    call_list(&moto).await;
+
+    let seen = moto.boto3(
+        "imgs = ec2('us-east-1').describe_images(Owners=['self'])['Images']\n\
+         out = [dict(id=i['ImageId'], name=i['Name'], tags={t['Key']: t['Value'] for t in i.get('Tags', [])}) for i in imgs]",
+    );
+    let images = seen.as_array().expect("images");
+    assert_eq!(images.len(), 1, "{seen}");
+    let ami = images[0]["id"].as_str().expect("id");
+    let tags = tag_map(&images[0]["tags"]);
+    assert_eq!(
+        tags.get("builder:image").map(String::as_str),
+        Some("web/1.0.0/1"),
+        "{seen}"
+    );
+    assert_eq!(tags.get("team").map(String::as_str), Some("web"), "{seen}");
+    assert!(
+        format!("{stdout}{stderr}").contains(ami),
+        "builder names the AMI: {stdout}\n{stderr}"
+    );
+    let calls = moto.calls().await;
+    let register = find(&calls, "RegisterImage", "us-east-1");
+    assert_eq!(register.param("BootMode"), Some("legacy-bios"));
 }
