@@ -580,6 +580,17 @@ fn failing_test_fails_the_build_and_keep_on_failure_keeps_what_it_says() {
     assert!(stderr.contains("`test -e /etc/not-there`") || stderr.contains("Caused by"));
     assert!(stderr.contains("│ it is not there"), "last lines of output");
     assert!(out.stdout.is_empty(), "no output paths on failure");
+    // write-marker.yml has what AWSTOE accepts with a warning (an input key DeleteFile does not
+    // have, an unclosed `{{`): shown before the build, with its place and hint, and the steps
+    // ran as AWSTOE runs them (its LiteralBraces step checks that in the guest).
+    assert!(
+        stderr.contains("warning: unknown key `force` in the inputs of `DeleteFile` is ignored"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("warning: `{{` is not closed by `}}`, so it is kept as text"),
+        "{stderr}"
+    );
 
     // The logs are kept in the store's failed/ area, where the message says.
     let full_log = stderr
@@ -604,6 +615,19 @@ fn failing_test_fails_the_build_and_keep_on_failure_keeps_what_it_says() {
     for f in ["build.log", "build-vm/console.log", "test-vm/console.log"] {
         assert!(logs.join(f).is_file(), "{f} kept");
     }
+    // The component's warnings are in the build's own log too (one line each, with place and
+    // hint), where a build run by a pipeline keeps them.
+    let build_log = std::fs::read_to_string(logs.join("build.log")).expect("build.log");
+    let warnings: Vec<&str> = build_log
+        .lines()
+        .filter(|l| l.contains(r#""stage":"component""#) && l.contains("write-marker.yml:"))
+        .collect();
+    assert_eq!(warnings.len(), 2, "{build_log}");
+    assert!(
+        warnings[0].contains("unknown key `force` in the inputs of `DeleteFile`")
+            && warnings[0].contains("(hint: expected `path`)"),
+        "{build_log}"
+    );
     let manifest: serde_json::Value = serde_json::from_slice(
         &std::fs::read(logs.parent().expect("build folder").join("manifest.json"))
             .expect("the failed build's manifest"),

@@ -1035,7 +1035,7 @@ async fn run_component(
     let (document, warnings) = plan::load_component_checked(component)?;
     // Shown before the build too; here they become part of the build's log and events.
     for w in &warnings {
-        cx.progress("component", &format!("warning: {w}"));
+        cx.progress("component", w);
     }
     let wanted = ["build", "validate"];
     let phases: Vec<String> = wanted
@@ -1412,7 +1412,7 @@ async fn test_components(
     for (index, component) in with_test.enumerate() {
         let (document, warnings) = plan::load_component_checked(component)?;
         for w in &warnings {
-            cx.progress("test", &format!("warning: {w}"));
+            cx.progress("test", w);
         }
         let folder = file_safe(&format!("test-{}-{}", index + 1, component.label()));
         let t0 = Instant::now();
