@@ -457,6 +457,7 @@ fn rm_prune_cache_removes_only_parents_nothing_stored_needs() {
         source: "base.qcow2".into(),
         sha256: sha.to_string(),
         store_image: None,
+        disk_sha256: None,
     };
     store_build(&store, "keep", Some(parent(&used)));
     store_build(&store, "gone", Some(parent(&unused)));

@@ -52,6 +52,7 @@ fn store_build(store: &Store, name: &str, version: &str, parent: Option<&str>) -
             source: p.to_string(),
             sha256: parent_img.disk.expect("disk").sha256,
             store_image: Some(p.to_string()),
+            disk_sha256: None,
         });
     }
     m.outputs.push(Artifact {

@@ -57,6 +57,7 @@ fn list_show_and_rm_against_a_real_store() {
             source: "base/1.x.x".into(),
             sha256: base_sha,
             store_image: Some(base.clone()),
+            disk_sha256: None,
         }),
     );
     let failed = store
@@ -211,4 +212,237 @@ fn list_show_and_rm_against_a_real_store() {
         .stderr(predicate::str::contains("no stored image matches `base`"))
         // Its folder stays (for the build counter) but nothing named base is left to suggest.
         .stderr(predicate::str::contains("close name").not());
+}
+
+/// Kills the child on drop (SIGKILL), so a failed assertion leaves no builder running.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Two real `builder build` processes on one store, both stuck fetching their parent from a
+/// server that accepts and never answers (the second waits for the first's download lock;
+/// no VM needed). While both run, nothing is taken for
+/// abandoned and `--prune-cache` keeps the cache. One is killed with SIGKILL: the next
+/// command cleans it up, says so on stderr and in `--json`, keeps its logs under `failed/`
+/// with the reason, and leaves the live one alone; once that one is killed too, pruning runs.
+#[test]
+fn a_killed_build_is_cleaned_up_by_the_next_command_and_a_live_one_is_not() {
+    use std::io::Read as _;
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let store_dir = tmp.path().join("store");
+    // Accepts connections and keeps them open, silent.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+    let port = listener.local_addr().expect("addr").port();
+    let (tx, accepted) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().flatten() {
+            held.push(stream);
+            if tx.send(()).is_err() {
+                break;
+            }
+        }
+    });
+    std::fs::write(
+        tmp.path().join("c.yml"),
+        "name: noop\nschemaVersion: 1.0\nphases:\n  - name: build\n    steps:\n      - name: Noop\n        action: ExecuteBash\n        inputs:\n          commands: [\"true\"]\n",
+    )
+    .expect("component");
+    std::fs::write(
+        tmp.path().join("recipe.yml"),
+        format!(
+            "name: stuck\nversion: 1.0.0\nparentImage: {{url: 'http://127.0.0.1:{port}/base.qcow2', sha256: {}}}\ncomponents: [{{path: c.yml}}]\ntests: {{enabled: false}}\noutputs: {{formats: [qcow2]}}\n",
+            "a".repeat(64)
+        ),
+    )
+    .expect("recipe");
+    let start = || {
+        KillOnDrop(
+            std::process::Command::new(env!("CARGO_BIN_EXE_builder"))
+                .args(["build", "recipe.yml"])
+                .current_dir(tmp.path())
+                .env("BUILDER_STORE", &store_dir)
+                .env("NO_COLOR", "1")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("builder starts"),
+        )
+    };
+    let mut first = start();
+    accepted
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the first build fetches");
+    let second = start();
+    let staging = |dir: &str| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(store_dir.join(dir))
+            .expect("ls")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    // The second build is under way once its record is written.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let both = loop {
+        let both = staging("staging");
+        let recorded = both
+            .iter()
+            .filter(|id| {
+                store_dir
+                    .join("staging")
+                    .join(id)
+                    .join("build.json")
+                    .is_file()
+            })
+            .count();
+        if recorded == 2 {
+            break both;
+        }
+        assert!(Instant::now() < deadline, "no second build: {both:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+
+    // Both run: nothing is cleaned, nothing pruned.
+    let out = builder(&store_dir)
+        .args(["images", "list", "--json"])
+        .assert()
+        .success();
+    let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    assert!(!stderr.contains("abandoned"), "{stderr}");
+    assert_eq!(staging("staging"), both);
+
+    // SIGKILL: no unwinding, no Drop.
+    first.0.kill().expect("SIGKILL");
+    first.0.wait().expect("reap");
+    let mut first_stderr = String::new();
+    first
+        .0
+        .stderr
+        .take()
+        .expect("piped")
+        .read_to_string(&mut first_stderr)
+        .expect("stderr");
+    let killed_id = both
+        .iter()
+        .find(|id| first_stderr.contains(id.as_str()))
+        .unwrap_or_else(|| panic!("which build was the first? {first_stderr}"))
+        .clone();
+    let live_id = both
+        .iter()
+        .find(|id| **id != killed_id)
+        .expect("other")
+        .clone();
+    let reference = |id: &str| -> String {
+        let record: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(store_dir.join("staging").join(id).join("build.json"))
+                .or_else(|_| std::fs::read(store_dir.join("failed").join(id).join("build.json")))
+                .expect("build.json"),
+        )
+        .expect("json");
+        format!("stuck/1.0.0/{}", record["build"])
+    };
+    let killed_ref = reference(&killed_id);
+
+    let out = builder(&store_dir)
+        .args(["images", "list", "--json"])
+        .assert()
+        .success();
+    let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    assert!(
+        stderr.contains(&format!(
+            "note: cleaned up the abandoned build {killed_ref} (build id {killed_id})"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("pid {}", first.0.id())),
+        "{stderr}"
+    );
+    assert_eq!(
+        staging("staging"),
+        std::slice::from_ref(&live_id),
+        "the live build stays"
+    );
+    assert_eq!(staging("failed"), std::slice::from_ref(&killed_id));
+    let rows: serde_json::Value =
+        serde_json::from_slice(&out.get_output().stdout).expect("JSON rows");
+    let row = rows
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|r| r["reference"] == killed_ref.as_str())
+        .unwrap_or_else(|| panic!("no row for {killed_ref}: {rows:#}"));
+    assert_eq!(row["status"], "failed");
+    assert!(
+        row["failure"]
+            .as_str()
+            .is_some_and(|f| f.starts_with("abandoned: ")),
+        "{row:#}"
+    );
+    assert_eq!(row["cleaned"]["buildId"], killed_id.as_str(), "{row:#}");
+    assert_eq!(row["cleaned"]["runner"]["pid"], first.0.id(), "{row:#}");
+    let log = store_dir
+        .join("failed")
+        .join(&killed_id)
+        .join("logs/build.log");
+    assert!(log.is_file(), "{} kept", log.display());
+    // Said once: the next command finds nothing to clean.
+    let out = builder(&store_dir)
+        .args(["images", "list"])
+        .assert()
+        .success();
+    assert!(!String::from_utf8_lossy(&out.get_output().stderr).contains("abandoned"));
+
+    // The live build still keeps the cache as it is.
+    let out = builder(&store_dir)
+        .args(["images", "rm", &killed_ref, "--prune-cache"])
+        .assert()
+        .success();
+    let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    assert!(
+        stderr.contains(&format!("a build is in progress ({live_id})")),
+        "{stderr}"
+    );
+
+    // Now the second one downloads (the first's lock on the download went with it).
+    accepted
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the second build fetches");
+    drop(second);
+    let part = store_dir
+        .join("cache/base")
+        .join(format!("{}.part", "a".repeat(64)));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !part.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let live_ref = reference(&live_id);
+    let out = builder(&store_dir)
+        .args(["images", "rm", &live_ref, "--prune-cache"])
+        .assert()
+        .success();
+    let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    assert!(
+        stderr.contains(&format!("cleaned up the abandoned build {live_ref}")),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("in progress"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("removed partial download {}", part.display())),
+        "{stderr}"
+    );
+    assert!(staging("staging").is_empty());
+    assert!(staging("failed").is_empty());
+    assert!(staging("cache/base").is_empty());
 }

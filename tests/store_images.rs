@@ -140,6 +140,7 @@ fn a_parent_cannot_be_removed_while_a_child_uses_it() {
             source: "base/1.x.x".into(),
             sha256: digest.clone(),
             store_image: Some(base.clone()),
+            disk_sha256: None,
         }),
     );
     store_build(
@@ -150,6 +151,7 @@ fn a_parent_cannot_be_removed_while_a_child_uses_it() {
             source: "/somewhere/base.qcow2".into(),
             sha256: digest,
             store_image: None,
+            disk_sha256: None,
         }),
     );
     let e = store
@@ -189,6 +191,7 @@ fn a_parent_cannot_be_removed_while_a_child_uses_it() {
             source: "base".into(),
             sha256: "00".repeat(32),
             store_image: Some(base.clone()),
+            disk_sha256: None,
         }),
     );
     store

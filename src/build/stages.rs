@@ -479,11 +479,13 @@ fn parent_input(parent: &PlannedParent) -> ParentInput {
             source: path.clone(),
             sha256: sha256.to_string(),
             store_image: None,
+            disk_sha256: None,
         },
         PlannedParent::Url { url, sha256 } => ParentInput {
             source: url.clone(),
             sha256: sha256.to_string(),
             store_image: None,
+            disk_sha256: None,
         },
         // The pin is the manifest digest (written in the recipe, or what the tag pointed to
         // when the plan resolved it); the pull checks the disk layer's digest against that
@@ -499,6 +501,7 @@ fn parent_input(parent: &PlannedParent) -> ParentInput {
             ),
             sha256: manifest_digest.to_string(),
             store_image: None,
+            disk_sha256: None,
         },
         PlannedParent::Store {
             reference,
@@ -509,6 +512,7 @@ fn parent_input(parent: &PlannedParent) -> ParentInput {
             source: reference.clone(),
             sha256: sha256.to_string(),
             store_image: Some(resolved.clone()),
+            disk_sha256: None,
         },
     }
 }
@@ -635,6 +639,12 @@ pub async fn fetch_parent(cx: &Cx<'_>) -> Result<Base, BuildError> {
                     pulled.path.display()
                 ),
             );
+            // The pin is the manifest's digest; the cache knows the disk by its own.
+            cx.with_manifest(|m| {
+                if let Some(parent) = &mut m.inputs.parent {
+                    parent.disk_sha256 = Some(pulled.sha256.clone());
+                }
+            });
             Ok(Base { path: pulled.path })
         }
         // Hashed by the plan moments ago.

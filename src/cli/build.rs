@@ -20,7 +20,6 @@ use builder::build::{
     FailureShell,
 };
 use builder::component::executor::{Event, Observer};
-use builder::store::Store;
 use builder::vm::{AccelChoice, ErrorClass};
 
 #[derive(Debug, Args)]
@@ -87,11 +86,16 @@ pub async fn main(args: BuildArgs) -> CliResult {
             )));
         }
     }
-    let store = match &args.store {
-        Some(dir) => Store::open(dir),
-        None => Store::open_default(),
+    let (store, abandoned) = super::open_store(args.store.as_deref())?;
+    if args.json {
+        // What opening the store cleaned up, before the build's own events.
+        for a in &abandoned {
+            JsonLines::line(serde_json::to_string(&AbandonedEvent {
+                event: "abandonedBuildCleaned",
+                abandoned: a,
+            }));
+        }
     }
-    .map_err(|e| Failure::host(anyhow::Error::new(e).context("could not open the store")))?;
 
     // 1. Validate (every problem of every file, nothing started), then pin the inputs.
     let validated = plan::validate(&args.recipe, &env).map_err(super::recipe::failure)?;
@@ -436,6 +440,14 @@ impl BuildObserver for Progress {
 
 /// One JSON object per line on stdout.
 pub(super) struct JsonLines;
+
+/// `--json`: an abandoned build that opening the store cleaned up.
+#[derive(serde::Serialize)]
+struct AbandonedEvent<'a> {
+    event: &'static str,
+    #[serde(flatten)]
+    abandoned: &'a builder::store::Abandoned,
+}
 
 impl JsonLines {
     fn line(json: serde_json::Result<String>) {

@@ -18,7 +18,7 @@ use builder::distribute::local::LocalError;
 use builder::distribute::target::{self, AmiTarget, CliOptions, Target, TargetError};
 use builder::distribute::{DistributeError, Progress, Receipt};
 use builder::export::Format;
-use builder::store::{ImageRef, Store};
+use builder::store::ImageRef;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Args)]
@@ -166,11 +166,7 @@ fn hint_of(e: &DistributeError) -> Option<String> {
 }
 
 pub async fn main(args: DistributeArgs) -> CliResult {
-    let store = match &args.store {
-        Some(dir) => Store::open(dir),
-        None => Store::open_default(),
-    }
-    .map_err(|e| Failure::host(anyhow::Error::new(e).context("could not open the store")))?;
+    let (store, _) = super::open_store(args.store.as_deref())?;
     let reference: ImageRef = args
         .reference
         .parse()

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::{CliResult, Failure};
 use builder::export::Manifest;
-use builder::store::{FailedBuild, ImageRef, Store, StoreError, StoredImage};
+use builder::store::{Abandoned, FailedBuild, ImageRef, Store, StoreError, StoredImage};
 
 #[derive(Debug, Subcommand)]
 pub enum ImagesCommand {
@@ -69,9 +69,9 @@ pub struct RmArgs {
 }
 
 pub async fn main(command: ImagesCommand) -> CliResult {
-    let store = Store::open_default().map_err(store_failure)?;
+    let (store, abandoned) = super::open_store(None)?;
     match command {
-        ImagesCommand::List(args) => list(&store, &args),
+        ImagesCommand::List(args) => list(&store, &args, &abandoned),
         ImagesCommand::Show(args) => show(&store, &args).await,
         ImagesCommand::Rm(args) => rm(&store, &args),
     }
@@ -138,6 +138,13 @@ struct Row {
     /// Where the build was distributed: receipt kinds and locations.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     sent: Vec<String>,
+    /// Failed builds: why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failure: Option<String>,
+    /// A build abandoned by its process (killed, crashed) that this command cleaned up:
+    /// what it removed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cleaned: Option<Abandoned>,
 }
 
 fn row(image: &StoredImage) -> Row {
@@ -162,6 +169,8 @@ fn row(image: &StoredImage) -> Row {
             .iter()
             .map(|r| format!("{} {}", r.kind, r.location))
             .collect(),
+        failure: None,
+        cleaned: None,
     }
 }
 
@@ -178,16 +187,25 @@ fn failed_row(f: &FailedBuild) -> Row {
         dir: f.dir.clone(),
         logs: f.logs_dir(),
         sent: Vec::new(),
+        failure: f.record.failure.clone(),
+        cleaned: None,
     }
 }
 
-fn list(store: &Store, args: &ListArgs) -> CliResult {
+fn list(store: &Store, args: &ListArgs, abandoned: &[Abandoned]) -> CliResult {
     let listing = store.list().map_err(store_failure)?;
     for problem in &listing.unreadable {
         warn(problem);
     }
     let mut rows: Vec<Row> = listing.images.iter().map(row).collect();
-    rows.extend(listing.failed.iter().map(failed_row));
+    rows.extend(listing.failed.iter().map(|f| {
+        let mut r = failed_row(f);
+        r.cleaned = abandoned
+            .iter()
+            .find(|a| a.build_id == f.record.build_id)
+            .cloned();
+        r
+    }));
     let history = pipeline_view(store, args.pipeline.as_deref())?;
     if let Some(only) = &history.only {
         rows.retain(|r| only.contains(&r.reference));
@@ -519,6 +537,9 @@ fn rm(store: &Store, args: &RmArgs) -> CliResult {
                 "removed the failed build {} and its logs",
                 failed.reference()
             );
+            if args.prune_cache {
+                prune_cache(store)?;
+            }
             return Ok(0);
         }
         return Err(store_failure(store.not_found(&reference)));
@@ -537,18 +558,36 @@ fn rm(store: &Store, args: &RmArgs) -> CliResult {
         eprintln!("removed {}", image.reference());
     }
     if args.prune_cache {
-        let report = store.prune_cache().map_err(store_failure)?;
-        for path in &report.removed {
-            eprintln!("removed cached parent {}", path.display());
-        }
-        if !report.builds_in_progress.is_empty() {
-            eprintln!(
-                "kept the parent cache: a build is in progress ({})",
-                report.builds_in_progress.join(", ")
-            );
-        }
+        prune_cache(store)?;
     }
     Ok(0)
+}
+
+/// `--prune-cache`: what was removed from the parent cache, or why nothing was.
+fn prune_cache(store: &Store) -> Result<(), Failure> {
+    let report = store.prune_cache().map_err(store_failure)?;
+    for a in &report.abandoned {
+        eprintln!("note: {a}");
+    }
+    for path in &report.removed {
+        let what = match path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(builder::store::base::CacheFile::parse)
+        {
+            Some(builder::store::base::CacheFile::Part) => "partial download",
+            Some(builder::store::base::CacheFile::Memo) => "cache memo",
+            _ => "cached parent",
+        };
+        eprintln!("removed {what} {}", path.display());
+    }
+    if !report.builds_in_progress.is_empty() {
+        eprintln!(
+            "kept the parent cache: a build is in progress ({})",
+            report.builds_in_progress.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// What the pipeline history says about stored builds: those one pipeline produced, and

@@ -11,10 +11,12 @@ pub mod recipe;
 pub mod vm;
 
 use std::io::Write;
+use std::path::Path;
 use std::process::ExitCode;
 
 use anstream::eprintln;
 use anstyle::{AnsiColor, Style};
+use builder::store::{Abandoned, Store, StoreError};
 
 /// Exit codes (STYLE.md): 0 ok, 1 build or test failed, 2 invalid input, 3 host problem,
 /// 130 interrupted.
@@ -70,6 +72,51 @@ impl Failure {
 }
 
 pub type CliResult = Result<u8, Failure>;
+
+/// Open the store (`dir`, else the default) as every command that uses it does: create its
+/// folders if needed, then clean up abandoned builds (a `builder build` killed with SIGKILL,
+/// a crash) and say on stderr what was cleaned. Commands with `--json` also put the returned
+/// list in their output. A failed clean-up is a warning: the command goes on.
+pub fn open_store(dir: Option<&Path>) -> Result<(Store, Vec<Abandoned>), Failure> {
+    let store = match dir {
+        Some(dir) => Store::open(dir),
+        None => Store::open_default(),
+    }
+    .map_err(|e| {
+        let hint = matches!(e, StoreError::NoHome).then(|| {
+            format!(
+                "set {} to the folder the store should live in",
+                builder::store::STORE_ENV
+            )
+        });
+        let failure = Failure::host(anyhow::Error::new(e).context("could not open the store"));
+        match hint {
+            Some(h) => failure.with_hint(h),
+            None => failure,
+        }
+    })?;
+    let abandoned = recover_abandoned(&store);
+    Ok((store, abandoned))
+}
+
+/// [`Store::recover_abandoned`], reported on stderr.
+pub fn recover_abandoned(store: &Store) -> Vec<Abandoned> {
+    match store.recover_abandoned() {
+        Ok(list) => {
+            for a in &list {
+                eprintln!("note: {a}");
+            }
+            list
+        }
+        Err(e) => {
+            eprintln!(
+                "warning: could not check {} for abandoned builds: {e}",
+                store.root().display()
+            );
+            Vec::new()
+        }
+    }
+}
 
 /// Print a failure the way every command does, and turn it into the process exit code.
 pub fn report(failure: &Failure) -> ExitCode {

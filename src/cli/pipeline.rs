@@ -103,11 +103,7 @@ pub async fn main(command: PipelineCommand) -> CliResult {
 }
 
 fn open_store(dir: &Option<PathBuf>) -> Result<Store, Failure> {
-    match dir {
-        Some(dir) => Store::open(dir),
-        None => Store::open_default(),
-    }
-    .map_err(|e| Failure::host(anyhow::Error::new(e).context("could not open the store")))
+    super::open_store(dir.as_deref()).map(|(store, _)| store)
 }
 
 fn open_history(store: &Store) -> Result<History, Failure> {

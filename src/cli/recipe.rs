@@ -231,6 +231,7 @@ impl ParentResolver for DefaultStore {
     fn resolve(&self, name: &str, version: &VersionPattern) -> Result<StoredParent, ResolveError> {
         let store =
             builder::store::Store::open_default().map_err(|e| ResolveError::Failed(Box::new(e)))?;
+        super::recover_abandoned(&store);
         ParentResolver::resolve(&store, name, version)
     }
 

@@ -123,6 +123,11 @@ pub struct ParentInput {
     /// uses it to refuse removing an image another build was made from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store_image: Option<String>,
+    /// For a parent pulled from an OCI registry, whose `sha256` is the manifest digest: the
+    /// sha256 of the disk the manifest held, which the parent cache keeps it under
+    /// (`cache/base/<disk sha256>.qcow2`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_sha256: Option<String>,
 }
 
 /// One component document as used by the build, in order.

@@ -237,62 +237,9 @@ impl FromStr for ExecStatus {
     }
 }
 
-/// The process running an execution: a restarted scheduler tells its own dead runs (same
-/// host, process gone) from runs another live scheduler is still doing.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Runner {
-    pub pid: u32,
-    pub host: String,
-    /// The process's start time in clock ticks since boot (`/proc/<pid>/stat` field 22), so a
-    /// recycled pid is not mistaken for the runner.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub start_ticks: Option<u64>,
-}
-
-impl Runner {
-    /// This process.
-    pub fn current() -> Runner {
-        let pid = std::process::id();
-        Runner {
-            pid,
-            host: host_name(),
-            start_ticks: process_start_ticks(pid),
-        }
-    }
-
-    /// Whether the runner still runs. `None` when it ran on another host (only that host
-    /// can tell; it may share the history over a network file system).
-    pub fn is_alive(&self) -> Option<bool> {
-        if self.host != host_name() {
-            return None;
-        }
-        let alive = match (process_start_ticks(self.pid), self.start_ticks) {
-            (None, _) => false,
-            (Some(now), Some(then)) => now == then,
-            // No start time recorded: the pid existing is the best we know.
-            (Some(_), None) => true,
-        };
-        Some(alive)
-    }
-}
-
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "localhost".to_string())
-}
-
-/// Field 22 of `/proc/<pid>/stat`; `None` if the process does not exist.
-fn process_start_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may contain spaces and ')'.
-    let after = &stat[stat.rfind(')')? + 1..];
-    // Fields 3.. follow; field 22 is the 20th of them.
-    after.split_whitespace().nth(19)?.parse().ok()
-}
+/// The process running an execution (its pid, host and start time); one home with the
+/// store's build locks, which tell abandoned builds from live ones the same way.
+pub use crate::store::Runner;
 
 /// One status an execution went through.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -1279,21 +1226,5 @@ mod tests {
             last.inputs,
             Some(serde_json::json!({"parent": "sha256:ab"}))
         );
-    }
-
-    #[test]
-    fn a_dead_runner_is_told_from_a_live_one() {
-        let me = Runner::current();
-        assert_eq!(me.is_alive(), Some(true));
-        let recycled = Runner {
-            start_ticks: me.start_ticks.map(|t| t + 1),
-            ..me.clone()
-        };
-        assert_eq!(recycled.is_alive(), Some(false), "same pid, other process");
-        let elsewhere = Runner {
-            host: format!("{}-other", me.host),
-            ..me
-        };
-        assert_eq!(elsewhere.is_alive(), None);
     }
 }

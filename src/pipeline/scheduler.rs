@@ -28,14 +28,14 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::task::JoinSet;
 
 use super::Clock;
-use super::history::{ExecStatus, Execution, ExecutionId, History, HistoryError, Outcome, Trigger};
+use super::history::{ExecStatus, ExecutionId, History, HistoryError, Outcome, Trigger};
 use super::model::Pipeline;
 use super::parse;
 use super::run::{self, Report, RunOptions};
 use super::schedule::{Due, When};
 use crate::build::{BuildEvent, BuildObserver};
 use crate::component::executor::{Event, Observer};
-use crate::store::{BuildRecord, Store};
+use crate::store::Store;
 
 /// The longest the scheduler sleeps before it looks at the folder again.
 pub const TICK: Duration = Duration::from_secs(30);
@@ -419,13 +419,25 @@ pub fn protected_refs(pipelines: &[(PathBuf, Pipeline)]) -> Vec<String> {
     refs
 }
 
-/// Executions left unfinished by a scheduler that is gone: recorded as failed, their build's
-/// folders in the store cleaned up. Executions another live process runs are left alone.
+/// Executions left unfinished by a scheduler that is gone: recorded as failed. Their builds
+/// were abandoned like any killed builder's: [`Store::recover_abandoned`] (the one place
+/// that cleans those up, for every command) removes their disk chains and staging folders
+/// and keeps their logs under `failed/`. Executions another live process runs are left alone.
 pub fn recover(
     store: &Store,
     history: &History,
     log: &Log,
 ) -> Result<Vec<ExecutionId>, SchedulerError> {
+    match store.recover_abandoned() {
+        Ok(abandoned) => {
+            for a in abandoned {
+                log(&a.to_string());
+            }
+        }
+        Err(e) => log(&format!(
+            "could not check the store for abandoned builds: {e}"
+        )),
+    }
     let me = std::process::id();
     let mut recovered = Vec::new();
     for execution in history.unfinished()? {
@@ -436,14 +448,18 @@ pub fn recover(
             continue;
         }
         history.adopt(execution.id)?;
-        let cleaned = clean_build(store, &execution);
         let mut message = format!(
             "scheduler stopped while the execution was {} (the process running it is gone)",
             execution.status
         );
-        if let Some(note) = &cleaned {
-            message.push_str("; ");
-            message.push_str(note);
+        if let Some((image, build_id)) = run::recorded_build(&execution) {
+            let failed = store.root().join("failed").join(&build_id);
+            if failed.is_dir() {
+                message.push_str(&format!(
+                    "; build {image}'s logs are in {}",
+                    failed.display()
+                ));
+            }
         }
         history.finish(
             execution.id,
@@ -461,57 +477,6 @@ pub fn recover(
         recovered.push(execution.id);
     }
     Ok(recovered)
-}
-
-/// Remove what a killed build left in the store: its disk chain (`work/<build-id>`) and its
-/// staging folder, whose logs move to `failed/<build-id>` like any failed build's. QEMU died
-/// with the builder (parent-death signal) and the VM folder's watcher removed that folder.
-fn clean_build(store: &Store, execution: &Execution) -> Option<String> {
-    let (image, build_id) = run::recorded_build(execution)?;
-    if build_id.contains('/') || build_id.contains("..") || build_id.is_empty() {
-        return None;
-    }
-    let root = store.root();
-    let mut notes = Vec::new();
-    let work = root.join("work").join(&build_id);
-    if work.exists() {
-        match std::fs::remove_dir_all(&work) {
-            Ok(()) => notes.push(format!("removed its disk chain {}", work.display())),
-            Err(e) => notes.push(format!("could not remove {}: {e}", work.display())),
-        }
-    }
-    let staging = root.join("staging").join(&build_id);
-    if staging.exists() {
-        let failed = root.join("failed").join(&build_id);
-        let record_path = staging.join("build.json");
-        if let Ok(bytes) = std::fs::read(&record_path)
-            && let Ok(mut record) = serde_json::from_slice::<BuildRecord>(&bytes)
-        {
-            record.failure = Some("the scheduler running the build was stopped".into());
-            if let Ok(json) = serde_json::to_vec_pretty(&record) {
-                let _ = std::fs::write(&record_path, json);
-            }
-        }
-        // Outputs are not worth keeping from a build that never finished; logs are.
-        if let Ok(entries) = std::fs::read_dir(&staging) {
-            for entry in entries.flatten() {
-                let name = entry.file_name();
-                if name != "logs" && name != "build.json" {
-                    let p = entry.path();
-                    let _ = if p.is_dir() {
-                        std::fs::remove_dir_all(&p)
-                    } else {
-                        std::fs::remove_file(&p)
-                    };
-                }
-            }
-        }
-        match std::fs::rename(&staging, &failed) {
-            Ok(()) => notes.push(format!("build {image}'s logs are in {}", failed.display())),
-            Err(e) => notes.push(format!("could not move {}: {e}", staging.display())),
-        }
-    }
-    (!notes.is_empty()).then(|| notes.join("; "))
 }
 
 /// The build's stages as log lines, prefixed with the pipeline's name.

@@ -83,6 +83,86 @@ pub(super) fn check_digest(sha256: &str) -> Result<String, StoreError> {
     }
 }
 
+/// What a file in `cache/base/` is, by its name. Every name the cache uses is here, so
+/// pruning knows each of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheFile {
+    /// `<sha256>.qcow2`: a parent image, named by its digest.
+    Disk(String),
+    /// `<sha256>.part`, `layer-<sha256>.part`: a download in progress (it holds a flock on
+    /// the file), or one cut short, resumed by the next.
+    Part,
+    /// `manifest-<sha256>.sha256`, `layer-<sha256>.sha256`: which disk an OCI manifest or a
+    /// containerDisk layer held, remembered after a pull (see [`oci_manifest_memo`]).
+    Memo,
+}
+
+impl CacheFile {
+    pub fn parse(name: &str) -> Option<CacheFile> {
+        let is_digest = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
+        if let Some(sha) = name.strip_suffix(".qcow2") {
+            return is_digest(sha).then(|| CacheFile::Disk(sha.to_ascii_lowercase()));
+        }
+        if name.ends_with(".part") {
+            return Some(CacheFile::Part);
+        }
+        let memo = name.strip_suffix(".sha256").and_then(|n| {
+            n.strip_prefix("manifest-")
+                .or_else(|| n.strip_prefix("layer-"))
+        });
+        memo.is_some_and(is_digest).then_some(CacheFile::Memo)
+    }
+}
+
+/// `<cache_dir>/manifest-<hex>.sha256`: the digest of the disk the OCI manifest with this
+/// digest held, written after a pull. A manifest digest names its content for ever, so a
+/// build pinned to it finds its parent in the cache without asking the registry, and pruning
+/// keeps the disk a stored build's manifest digest stands for. `manifest_digest` may carry
+/// the `sha256:` prefix.
+pub fn oci_manifest_memo(cache_dir: &Path, manifest_digest: &str) -> PathBuf {
+    let hex = manifest_digest
+        .strip_prefix("sha256:")
+        .unwrap_or(manifest_digest);
+    cache_dir.join(format!("manifest-{hex}.sha256"))
+}
+
+/// `<cache_dir>/layer-<hex>.sha256`: the digest of the disk a containerDisk layer held.
+pub fn oci_layer_memo(cache_dir: &Path, layer_hex: &str) -> PathBuf {
+    cache_dir.join(format!("layer-{layer_hex}.sha256"))
+}
+
+/// The disk digest a memo names, if it is readable and a digest.
+pub fn read_memo(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    check_digest(text.trim()).ok()
+}
+
+/// Remember `sha256` in the memo at `path`. Best effort: losing it costs a download.
+pub fn write_memo(path: &Path, sha256: &str) {
+    let _ = super::write_atomic(path, format!("{sha256}\n").as_bytes());
+}
+
+/// The backing file a qcow2 image names in its header, if it names one (read from the header
+/// itself: no process, no lock on the image).
+pub fn qcow2_backing_file(path: &Path) -> Option<String> {
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut header = [0u8; 20];
+    f.read_exact(&mut header).ok()?;
+    if header[..4] != *b"QFI\xfb" {
+        return None;
+    }
+    let offset = u64::from_be_bytes(header[8..16].try_into().ok()?);
+    let size = u32::from_be_bytes(header[16..20].try_into().ok()?);
+    // qcow2 limits the name to 1023 bytes.
+    if offset == 0 || size == 0 || size > 1023 {
+        return None;
+    }
+    f.seek(SeekFrom::Start(offset)).ok()?;
+    let mut name = vec![0u8; size as usize];
+    f.read_exact(&mut name).ok()?;
+    String::from_utf8(name).ok()
+}
+
 impl Store {
     /// `cache/base/`: parent images by digest (downloads and OCI pulls land here).
     pub fn base_dir(&self) -> PathBuf {
@@ -292,6 +372,23 @@ impl Store {
         let mut json = serde_json::to_vec_pretty(&index).expect("plain data serializes");
         json.push(b'\n');
         super::write_atomic(&index_path, &json)
+    }
+
+    /// Drop the digests of local files that are gone or changed since they were hashed
+    /// (under the store lock, held by the caller). Best effort: the index is only a cache.
+    pub(super) fn prune_hash_index_locked(&self) {
+        let index_path = self.hash_index_path();
+        let mut index = read_index(&index_path);
+        let before = index.entries.len();
+        index.entries.retain(|e| {
+            let path = Path::new(&e.key.path);
+            std::fs::metadata(path).is_ok_and(|meta| hash_key(path, &meta) == e.key)
+        });
+        if index.entries.len() != before {
+            let mut json = serde_json::to_vec_pretty(&index).expect("plain data serializes");
+            json.push(b'\n');
+            let _ = super::write_atomic(&index_path, &json);
+        }
     }
 
     fn hash_index_path(&self) -> PathBuf {

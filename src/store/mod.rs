@@ -14,8 +14,12 @@
 //!   images/<name>/<x.y.z>/<n>/        one finished build: manifest.json, the outputs,
 //!                                     SHA256SUMS, logs/, receipts.json (where it was
 //!                                     distributed; appended under the lock)
-//!   staging/<build-id>/               a build in progress (build.json says which);
-//!                                     renamed to images/… by commit, never copied
+//!   staging/<build-id>/               a build in progress (build.json says which, and which
+//!                                     process runs it); renamed to images/… by commit,
+//!                                     never copied. The build holds a flock on the folder
+//!                                     as long as it runs
+//!   work/<build-id>/                  the build's disk chain (outside its folder, so
+//!                                     keep-on-failure can keep it apart from the logs)
 //!   failed/<build-id>/                a failed build: build.json, logs/, manifest.json if any
 //!   trash/<random>/                   removals: renamed here (atomic), then deleted
 //! ```
@@ -23,9 +27,16 @@
 //! A build number is handed out under the lock and never handed out again, even if that
 //! build fails or is removed, so `name/1.2.0/3` always means the same build. A finished
 //! build appears under its final name in one rename, so readers never see half of one.
+//!
+//! A build whose process died without cleaning up (`kill -9`, a crash, a power cut) is
+//! *abandoned*: its folder's flock is free and the process its `build.json` names is gone.
+//! [`Store::recover_abandoned`] (which every builder command runs when it opens the store)
+//! removes its disk chain and staging folder and keeps its logs under `failed/`, like any
+//! failed build's. A live build is never taken for abandoned: its flock is held.
 
 pub mod base;
 pub mod reference;
+pub mod runner;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -38,6 +49,7 @@ use crate::export::{Artifact, ExportError, Format, Manifest};
 
 pub use base::{BaseImage, DownloadProgress, FetchOptions, NoDownloadProgress};
 pub use reference::{ImageRef, Version, VersionPattern, check_name};
+pub use runner::Runner;
 
 /// Environment variable naming the store folder.
 pub const STORE_ENV: &str = "BUILDER_STORE";
@@ -235,10 +247,97 @@ impl StoredImage {
 /// What [`Store::prune_cache`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PruneReport {
-    /// The cached files removed.
+    /// The cached files removed: parent images, partial downloads, memos.
     pub removed: Vec<PathBuf>,
     /// Build ids in `staging/` that kept the cache as it was.
     pub builds_in_progress: Vec<String>,
+    /// Abandoned builds cleaned up first (see [`Store::recover_abandoned`]).
+    pub abandoned: Vec<Abandoned>,
+}
+
+/// A build whose process ended without finishing it or cleaning up (`kill -9`, a crash, the
+/// machine stopped), as [`Store::recover_abandoned`] cleaned it up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Abandoned {
+    /// `name/x.y.z/n`; `None` when the build left no readable record.
+    pub reference: Option<String>,
+    pub build_id: String,
+    /// The process that ran it, as its `build.json` names it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runner: Option<Runner>,
+    /// Processes still using its disk chain (a QEMU that outlived its builder), killed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub killed: Vec<u32>,
+    /// What was removed: its disk chain `work/<id>`, its staging folder `staging/<id>`.
+    pub removed: Vec<PathBuf>,
+    /// Bytes those held.
+    pub freed_bytes: u64,
+    /// Where its logs are now, with the reason in `build.json` (`failed/<id>`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed_dir: Option<PathBuf>,
+    /// Why it counts as abandoned; recorded as the failed build's failure.
+    pub reason: String,
+    /// What could not be cleaned (it is tried again next time).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
+}
+
+impl std::fmt::Display for Abandoned {
+    /// `cleaned up the abandoned build web/1.0.0/3 (pid 4242 on host h is gone): removed
+    /// /s/work/<id>, /s/staging/<id> (1.2 GiB); its logs are in /s/failed/<id>`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cleaned up the abandoned build ")?;
+        match &self.reference {
+            Some(r) => write!(f, "{r} (build id {})", self.build_id)?,
+            None => write!(f, "{}", self.build_id)?,
+        }
+        if let Some(runner) = &self.runner {
+            write!(f, ": its process ({runner}) is gone")?;
+        }
+        if !self.killed.is_empty() {
+            write!(
+                f,
+                "; killed processes still using its disks: {:?}",
+                self.killed
+            )?;
+        }
+        if !self.removed.is_empty() {
+            let removed: Vec<String> = self
+                .removed
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect();
+            write!(
+                f,
+                "; removed {} ({})",
+                removed.join(", "),
+                human_bytes(self.freed_bytes)
+            )?;
+        }
+        if let Some(dir) = &self.failed_dir {
+            write!(f, "; its logs are in {}", dir.display())?;
+        }
+        for p in &self.problems {
+            write!(f, "; {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// `1.2 GiB`, `340.0 MiB`, `512 B`.
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
 }
 
 /// What `build.json` records about a build in progress or a failed one.
@@ -253,6 +352,11 @@ pub struct BuildRecord {
     /// Why it failed (failed builds only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
+    /// The process running the build, so a later builder tells an abandoned build from a
+    /// live one (with the flock the build holds on its folder). Absent in records written
+    /// by builders before 0.2, which are never taken for abandoned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner: Option<Runner>,
 }
 
 /// A failed build's record and where its logs are.
@@ -376,6 +480,9 @@ impl Store {
         let dir = self.root.join("staging").join(&build_id);
         let logs = dir.join(LOGS_DIR);
         std::fs::create_dir_all(&logs).map_err(StoreError::io("create", &logs))?;
+        // Taken before the store lock is released: no one ever sees the folder unlocked
+        // while this build runs.
+        let folder_lock = lock_folder(&dir)?;
         let record = BuildRecord {
             name: name.to_string(),
             version: version.to_string(),
@@ -383,9 +490,11 @@ impl Store {
             build_id: build_id.clone(),
             started: Utc::now(),
             failure: None,
+            runner: Some(Runner::current()),
         };
         write_json(&dir.join(BUILD_FILE), &record)?;
         Ok(BuildSlot {
+            _folder_lock: folder_lock,
             store: self.clone(),
             id: ImageId {
                 name: name.to_string(),
@@ -582,53 +691,245 @@ impl Store {
         write_json(&image.dir.join(RECEIPTS_FILE), &all)
     }
 
-    /// Remove cached parent images (`cache/base/<sha256>.qcow2`) that no stored build names
-    /// as its parent (by digest). While a build is in progress (its folder is in `staging/`)
-    /// nothing is removed: its disk chain may be backed by any cached file.
+    /// Clean up abandoned builds (see the module doc): for each build in `staging/` whose
+    /// folder lock is free and whose process (as `build.json` names it) is gone from this
+    /// host, kill what still uses its disk chain, remove the chain (`work/<id>`) and the
+    /// staging folder, and keep its logs in `failed/<id>` with the reason. Builds that run,
+    /// ran on another host, or were started by a builder that recorded no process, are left
+    /// alone. Every builder command runs this when it opens the store.
+    pub fn recover_abandoned(&self) -> Result<Vec<Abandoned>, StoreError> {
+        // Nothing in progress (the usual case): no need for the lock.
+        if sorted_names(&self.root.join("staging"))?.is_empty() {
+            return Ok(Vec::new());
+        }
+        let _lock = self.lock()?;
+        self.recover_abandoned_locked()
+    }
+
+    fn recover_abandoned_locked(&self) -> Result<Vec<Abandoned>, StoreError> {
+        let staging = self.root.join("staging");
+        let mut recovered = Vec::new();
+        for id in sorted_names(&staging)? {
+            if let Some(abandoned) = self.recover_one(&staging.join(&id), &id)? {
+                recovered.push(abandoned);
+            }
+        }
+        Ok(recovered)
+    }
+
+    /// One folder of `staging/`, under the store lock: cleaned up if abandoned.
+    fn recover_one(&self, dir: &Path, id: &str) -> Result<Option<Abandoned>, StoreError> {
+        let folder = match File::open(dir) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StoreError::io("open", dir)(e)),
+        };
+        match folder.try_lock() {
+            Ok(()) => {}
+            // A live build holds it.
+            Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => return Err(StoreError::io("lock", dir)(e)),
+        }
+        let record: Option<BuildRecord> = std::fs::read(dir.join(BUILD_FILE))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+        let reason = match &record {
+            // Allocation writes the record under the store lock, which we hold: a folder
+            // without one was never a build that could still be running.
+            None => "abandoned: the build's folder has no readable build.json".to_string(),
+            // An older builder took no folder lock: a free lock proves nothing.
+            Some(BuildRecord { runner: None, .. }) => return Ok(None),
+            Some(BuildRecord {
+                runner: Some(runner),
+                ..
+            }) => match runner.is_alive() {
+                Some(false) => format!(
+                    "abandoned: the process running the build ({runner}) ended before the \
+                     build finished (killed, crashed, or the machine stopped)"
+                ),
+                // Alive without its lock cannot happen to a build of ours; another host's
+                // process only that host can judge.
+                Some(true) | None => return Ok(None),
+            },
+        };
+        let mut abandoned = Abandoned {
+            reference: record
+                .as_ref()
+                .map(|r| format!("{}/{}/{}", r.name, r.version, r.build)),
+            build_id: id.to_string(),
+            runner: record.as_ref().and_then(|r| r.runner.clone()),
+            killed: Vec::new(),
+            removed: Vec::new(),
+            freed_bytes: 0,
+            failed_dir: None,
+            reason: reason.clone(),
+            problems: Vec::new(),
+        };
+        // QEMU dies with its builder (parent-death signal); should one have outlived it, it
+        // must not keep running on a chain that is about to go.
+        let work = self.root.join("work").join(id);
+        for process in runner::processes_mentioning(&work.to_string_lossy()) {
+            if let Ok(pid) = i32::try_from(process.pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                abandoned.killed.push(process.pid);
+            }
+        }
+        if work.exists() {
+            let size = tree_size(&work);
+            match self.discard(&work) {
+                Ok(()) => {
+                    abandoned.removed.push(work);
+                    abandoned.freed_bytes += size;
+                }
+                Err(e) => abandoned.problems.push(format!("could not remove: {e}")),
+            }
+        }
+        // What goes: all but the logs and the manifest, which move to `failed/`.
+        let size = tree_size(dir)
+            .saturating_sub(tree_size(&dir.join(LOGS_DIR)))
+            .saturating_sub(tree_size(&dir.join(MANIFEST_FILE)));
+        let kept = match &record {
+            Some(record) => self.keep_failed(dir, record, &reason).map(Some),
+            None => self.discard(dir).map(|()| None),
+        };
+        match kept {
+            Ok(failed) => {
+                abandoned.removed.push(dir.to_path_buf());
+                abandoned.freed_bytes += size;
+                abandoned.failed_dir = failed;
+            }
+            Err(e) => abandoned.problems.push(format!("could not clean up: {e}")),
+        }
+        Ok(Some(abandoned))
+    }
+
+    /// Keep a failed build's logs (and manifest, if written) in `failed/<build-id>/` with
+    /// `failure` recorded in its `build.json`, and delete the rest of its staging folder.
+    fn keep_failed(
+        &self,
+        staging: &Path,
+        record: &BuildRecord,
+        failure: &str,
+    ) -> Result<PathBuf, StoreError> {
+        let failed = self.root.join("failed").join(&record.build_id);
+        std::fs::create_dir_all(&failed).map_err(StoreError::io("create", &failed))?;
+        for keep in [LOGS_DIR, MANIFEST_FILE] {
+            let from = staging.join(keep);
+            let to = failed.join(keep);
+            // Already there when an earlier attempt was cut short half way.
+            if from.exists() && !to.exists() {
+                std::fs::rename(&from, &to).map_err(StoreError::io("keep", &from))?;
+            }
+        }
+        let mut record = record.clone();
+        record.failure = Some(failure.to_string());
+        write_json(&failed.join(BUILD_FILE), &record)?;
+        if staging.exists() {
+            self.discard(staging)?;
+        }
+        Ok(failed)
+    }
+
+    /// Clean the parent-image cache (`cache/base/`): remove the parent images no stored build
+    /// was made from, partial downloads (`.part`) no one is writing, memos about files no
+    /// longer there, and digests of local files that changed or are gone
+    /// (`cache/hashes.json`). A stored build's parent is known by its disk digest, or, for
+    /// an OCI parent, by the manifest digest, which the pull's memo maps to the disk it
+    /// held. A disk chain kept by `--keep-on-failure` keeps the file it is backed by. While
+    /// a build is in progress (its folder is in `staging/`) nothing is removed: its disk
+    /// chain may be backed by any cached file. Abandoned builds are cleaned up first.
     pub fn prune_cache(&self) -> Result<PruneReport, StoreError> {
         let _lock = self.lock()?;
-        let staging = self.root.join("staging");
-        let busy = sorted_names(&staging)?;
+        let abandoned = self.recover_abandoned_locked()?;
+        let busy = sorted_names(&self.root.join("staging"))?;
         if !busy.is_empty() {
             return Ok(PruneReport {
                 removed: Vec::new(),
                 builds_in_progress: busy,
+                abandoned,
             });
         }
-        let listing = self.list()?;
-        let used: std::collections::BTreeSet<String> = listing
-            .images
-            .iter()
-            .filter_map(|i| i.manifest.inputs.parent.as_ref().map(|p| p.sha256.clone()))
-            .collect();
-        let dir = self.root.join("cache").join("base");
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(PruneReport::default()),
-            Err(e) => return Err(StoreError::io("list", &dir)(e)),
-        };
-        let mut removed = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(StoreError::io("list", &dir))?;
-            let path = entry.path();
-            let Some(stem) = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".qcow2"))
-            else {
+        let cache = self.base_dir();
+        let mut used = std::collections::BTreeSet::new();
+        for image in self.list()?.images {
+            let Some(parent) = &image.manifest.inputs.parent else {
                 continue;
             };
-            let is_digest = stem.len() == 64 && stem.bytes().all(|b| b.is_ascii_hexdigit());
-            if is_digest && !used.contains(stem) {
-                std::fs::remove_file(&path).map_err(StoreError::io("remove", &path))?;
-                removed.push(path);
+            used.insert(parent.sha256.clone());
+            used.extend(parent.disk_sha256.clone());
+            used.extend(base::read_memo(&base::oci_manifest_memo(
+                &cache,
+                &parent.sha256,
+            )));
+        }
+        used.extend(self.kept_chain_parents(&cache));
+        let mut removed = Vec::new();
+        let remove = |path: &Path, removed: &mut Vec<PathBuf>| -> Result<(), StoreError> {
+            std::fs::remove_file(path).map_err(StoreError::io("remove", path))?;
+            removed.push(path.to_path_buf());
+            Ok(())
+        };
+        let mut memos = Vec::new();
+        for name in file_names(&cache)? {
+            let path = cache.join(&name);
+            match base::CacheFile::parse(&name) {
+                Some(base::CacheFile::Disk(sha)) if !used.contains(&sha) => {
+                    remove(&path, &mut removed)?;
+                }
+                Some(base::CacheFile::Part) => {
+                    // A download in progress holds its lock; a free one is left over.
+                    let Ok(file) = File::open(&path) else {
+                        continue;
+                    };
+                    if file.try_lock().is_ok() {
+                        remove(&path, &mut removed)?;
+                    }
+                }
+                Some(base::CacheFile::Memo) => memos.push(path),
+                _ => {}
             }
         }
+        // A memo is worth keeping only while the disk it names is cached.
+        for memo in memos {
+            let target = base::read_memo(&memo);
+            if target.is_none_or(|sha| self.cached_base(&sha).is_none()) {
+                remove(&memo, &mut removed)?;
+            }
+        }
+        self.prune_hash_index_locked();
         removed.sort();
         Ok(PruneReport {
             removed,
             builds_in_progress: Vec::new(),
+            abandoned,
         })
+    }
+
+    /// Digests of the cached files that disk chains kept in `work/` (keep-on-failure) are
+    /// backed by: removing one would break the kept chain.
+    fn kept_chain_parents(&self, cache: &Path) -> Vec<String> {
+        let mut parents = Vec::new();
+        let work = self.root.join("work");
+        for id in sorted_names(&work).unwrap_or_default() {
+            for name in file_names(&work.join(&id)).unwrap_or_default() {
+                let Some(backing) = base::qcow2_backing_file(&work.join(&id).join(&name)) else {
+                    continue;
+                };
+                let backing = PathBuf::from(backing);
+                if backing.parent() == Some(cache)
+                    && let Some(base::CacheFile::Disk(sha)) = backing
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .and_then(base::CacheFile::parse)
+                {
+                    parents.push(sha);
+                }
+            }
+        }
+        parents
     }
 
     /// Remove a failed build's folder (its logs).
@@ -643,6 +944,10 @@ impl Store {
 /// commit or abandon (an error, Ctrl-C), it is abandoned: its logs move to `failed/`.
 #[derive(Debug)]
 pub struct BuildSlot {
+    /// The flock on the staging folder, held as long as the build runs: it tells a live
+    /// build from an abandoned one. Fields drop after `Drop::drop` moved the folder, so the
+    /// lock outlives the folder's move to `images/` or `failed/`.
+    _folder_lock: File,
     store: Store,
     id: ImageId,
     version: Version,
@@ -715,22 +1020,7 @@ impl BuildSlot {
     }
 
     fn abandon_inner(&mut self, failure: &str) -> Result<PathBuf, StoreError> {
-        let failed = self.store.root.join("failed").join(&self.record.build_id);
-        std::fs::create_dir_all(&failed).map_err(StoreError::io("create", &failed))?;
-        for keep in [LOGS_DIR, MANIFEST_FILE] {
-            let from = self.dir.join(keep);
-            if from.exists() {
-                let to = failed.join(keep);
-                std::fs::rename(&from, &to).map_err(StoreError::io("keep", &from))?;
-            }
-        }
-        let mut record = self.record.clone();
-        record.failure = Some(failure.to_string());
-        write_json(&failed.join(BUILD_FILE), &record)?;
-        if self.dir.exists() {
-            self.store.discard(&self.dir)?;
-        }
-        Ok(failed)
+        self.store.keep_failed(&self.dir, &self.record, failure)
     }
 }
 
@@ -760,6 +1050,54 @@ fn sorted_names(dir: &Path) -> Result<Vec<String>, StoreError> {
     }
     names.sort();
     Ok(names)
+}
+
+/// Names of the plain files in `dir`, sorted; empty if `dir` does not exist.
+fn file_names(dir: &Path) -> Result<Vec<String>, StoreError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(StoreError::io("list", dir)(e)),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(StoreError::io("list", dir))?;
+        if entry.file_type().is_ok_and(|t| t.is_file()) {
+            names.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Bytes of the files under `path` (best effort: what cannot be read counts as nothing).
+fn tree_size(path: &Path) -> u64 {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    if !meta.is_dir() {
+        return meta.len();
+    }
+    std::fs::read_dir(path)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| tree_size(&e.path()))
+        .sum()
+}
+
+/// Lock a build's staging folder (flock on the folder itself), without waiting.
+fn lock_folder(dir: &Path) -> Result<File, StoreError> {
+    let folder = File::open(dir).map_err(StoreError::io("open", dir))?;
+    folder.try_lock().map_err(|e| {
+        StoreError::io("lock", dir)(match e {
+            std::fs::TryLockError::WouldBlock => {
+                std::io::Error::other("another process holds the build's lock")
+            }
+            std::fs::TryLockError::Error(e) => e,
+        })
+    })?;
+    Ok(folder)
 }
 
 /// Build numbers present as folders in a version folder.
@@ -847,6 +1185,237 @@ mod tests {
                 .expect("json");
         assert_eq!(record.failure.as_deref(), Some("boom"));
         assert!(failed.join(LOGS_DIR).is_dir());
+    }
+
+    /// A runner that was alive once and is gone now: a process that ran and was reaped.
+    fn dead_runner() -> Runner {
+        let mut child = std::process::Command::new("true").spawn().expect("true");
+        let pid = child.id();
+        let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .and_then(|(_, r)| r.split_whitespace().nth(19)?.parse().ok())
+            });
+        child.wait().expect("reap");
+        Runner {
+            pid,
+            start_ticks: ticks.or(Some(1)),
+            ..Runner::current()
+        }
+    }
+
+    /// A staging folder as a build of `runner` leaves it when killed: its record, a log, a
+    /// half-written output, and a disk chain in `work/`.
+    fn killed_build(store: &Store, name: &str, runner: Option<Runner>) -> String {
+        let slot = store
+            .allocate_build(name, &Version::new(1, 0, 0))
+            .expect("slot");
+        let id = slot.build_id().to_string();
+        let dir = slot.dir().to_path_buf();
+        std::fs::write(slot.logs_dir().join("build.log"), "component started").expect("log");
+        std::fs::write(dir.join("out.qcow2.partial"), vec![0u8; 4096]).expect("partial");
+        let work = store.root().join("work").join(&id);
+        std::fs::create_dir_all(&work).expect("work");
+        std::fs::write(work.join("0-boot.qcow2"), vec![0u8; 8192]).expect("chain");
+        let mut record = slot.record.clone();
+        record.runner = runner;
+        write_json(&dir.join(BUILD_FILE), &record).expect("record");
+        // The process is gone: its slot never ran `Drop`, its lock went with it.
+        let mut slot = slot;
+        slot.done = true;
+        drop(slot);
+        id
+    }
+
+    #[test]
+    fn an_abandoned_build_is_cleaned_up_and_its_logs_kept_with_the_reason() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(tmp.path()).expect("open");
+        let runner = dead_runner();
+        let id = killed_build(&store, "web", Some(runner.clone()));
+        let live = store
+            .allocate_build("web", &Version::new(1, 0, 0))
+            .expect("a live build");
+
+        let cleaned = store.recover_abandoned().expect("recover");
+        assert_eq!(cleaned.len(), 1, "{cleaned:?}");
+        let a = &cleaned[0];
+        assert_eq!(a.build_id, id);
+        assert_eq!(a.reference.as_deref(), Some("web/1.0.0/1"));
+        assert_eq!(a.runner.as_ref(), Some(&runner));
+        assert_eq!(
+            a.removed,
+            [
+                tmp.path().join("work").join(&id),
+                tmp.path().join("staging").join(&id)
+            ]
+        );
+        // The chain and the partial output (and the old build.json, a few hundred bytes).
+        assert!(
+            (8192 + 4096..8192 + 4096 + 1024).contains(&a.freed_bytes),
+            "{a:?}"
+        );
+        assert!(a.problems.is_empty(), "{a:?}");
+        let failed = tmp.path().join("failed").join(&id);
+        assert_eq!(a.failed_dir.as_deref(), Some(failed.as_path()));
+        let text = a.to_string();
+        assert!(text.contains("web/1.0.0/1"), "{text}");
+        assert!(text.contains(&format!("pid {}", runner.pid)), "{text}");
+        assert!(text.contains("logs are in"), "{text}");
+
+        // Kept like any failed build's: listed, with the reason and the log.
+        let listing = store.list().expect("list");
+        assert_eq!(listing.failed.len(), 1);
+        let reason = listing.failed[0].record.failure.as_deref().unwrap_or("");
+        assert!(reason.starts_with("abandoned: "), "{reason}");
+        assert!(reason.contains(&format!("pid {}", runner.pid)), "{reason}");
+        assert_eq!(
+            std::fs::read_to_string(failed.join("logs/build.log")).expect("log"),
+            "component started"
+        );
+        assert!(!failed.join("out.qcow2.partial").exists());
+        // The live build is untouched, and nothing else is left.
+        assert!(live.dir().is_dir());
+        assert_eq!(
+            sorted_names(&tmp.path().join("work")).expect("ls"),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            sorted_names(&tmp.path().join("trash")).expect("ls"),
+            Vec::<String>::new()
+        );
+        assert!(store.recover_abandoned().expect("again").is_empty());
+        drop(live);
+    }
+
+    #[test]
+    fn a_build_whose_lock_is_held_is_never_taken_for_abandoned() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(tmp.path()).expect("open");
+        // Its record names a dead process (a pid namespace we cannot see, say), but another
+        // process holds its lock: it runs.
+        let id = killed_build(&store, "web", Some(dead_runner()));
+        let dir = tmp.path().join("staging").join(&id);
+        // The lock is on the folder opened by the shell, kept by `sleep` after the exec.
+        let mut holder = std::process::Command::new("sh")
+            .args(["-c", r#"exec 9<"$0"; flock -n 9 || exit 7; exec sleep 300"#])
+            .arg(&dir)
+            .spawn()
+            .expect("sh and flock (util-linux)");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while File::open(&dir).expect("open").try_lock().is_ok() {
+            assert!(std::time::Instant::now() < deadline, "flock never locked");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(store.recover_abandoned().expect("recover").is_empty());
+        let report = store.prune_cache().expect("prune");
+        assert_eq!(report.builds_in_progress, std::slice::from_ref(&id));
+        assert!(dir.is_dir());
+
+        holder.kill().expect("kill");
+        holder.wait().expect("reap");
+        let report = store.prune_cache().expect("prune");
+        assert!(report.builds_in_progress.is_empty(), "{report:?}");
+        assert_eq!(report.abandoned.len(), 1, "{report:?}");
+        assert!(!dir.exists());
+    }
+
+    #[test]
+    fn builds_no_one_can_judge_here_are_left_alone() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(tmp.path()).expect("open");
+        let me = Runner::current();
+        let elsewhere = Runner {
+            host: format!("{}-other", me.host),
+            ..dead_runner()
+        };
+        // Another host's process; a record from a builder that took no lock; this process
+        // (alive) without its lock.
+        let ids = [
+            killed_build(&store, "a", Some(elsewhere)),
+            killed_build(&store, "b", None),
+            killed_build(&store, "c", Some(me)),
+        ];
+        assert!(store.recover_abandoned().expect("recover").is_empty());
+        for id in &ids {
+            assert!(tmp.path().join("staging").join(id).is_dir());
+            assert!(tmp.path().join("work").join(id).is_dir());
+        }
+        // A folder with no record at all was never a running build: it goes.
+        let debris = tmp.path().join("staging/20240101T000000Z-deadbeef");
+        std::fs::create_dir_all(debris.join("logs")).expect("debris");
+        let cleaned = store.recover_abandoned().expect("recover");
+        assert_eq!(cleaned.len(), 1, "{cleaned:?}");
+        assert_eq!(cleaned[0].reference, None);
+        assert_eq!(cleaned[0].failed_dir, None);
+        assert!(!debris.exists());
+    }
+
+    #[test]
+    fn a_kept_chain_and_oci_parents_survive_pruning_and_leftovers_do_not() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(tmp.path()).expect("open");
+        let cache = store.base_dir();
+        let [oci_disk, manifest, kept, unused, stale] =
+            ["a", "b", "c", "d", "e"].map(|c| c.repeat(64));
+        for sha in [&oci_disk, &kept, &unused] {
+            std::fs::write(cache.join(format!("{sha}.qcow2")), "disk").expect("cache");
+        }
+        // The OCI pull's memo: manifest digest → the disk it held.
+        base::write_memo(
+            &base::oci_manifest_memo(&cache, &format!("sha256:{manifest}")),
+            &oci_disk,
+        );
+        // Memos about disks no longer cached, and partial downloads no one writes.
+        base::write_memo(&base::oci_manifest_memo(&cache, &stale), &stale);
+        base::write_memo(&base::oci_layer_memo(&cache, &unused), &stale);
+        std::fs::write(cache.join(format!("{stale}.part")), "half").expect("part");
+        std::fs::write(cache.join(format!("layer-{stale}.part")), "half").expect("part");
+        // A download in progress: its `.part` is locked.
+        let busy_part = cache.join(format!("{unused}.part"));
+        let busy = File::create(&busy_part).expect("part");
+        busy.lock().expect("lock");
+        // A stored build on the OCI parent: its manifest records the manifest digest.
+        let slot = store
+            .allocate_build("web", &Version::new(1, 0, 0))
+            .expect("slot");
+        let mut m = manifest_for(&slot);
+        m.inputs.parent = Some(crate::export::manifest::ParentInput {
+            source: format!("oci://127.0.0.1:5000/base:1@sha256:{manifest}"),
+            sha256: manifest.clone(),
+            store_image: None,
+            disk_sha256: None,
+        });
+        m.write(slot.dir()).expect("manifest");
+        slot.commit().expect("commit");
+        // A chain kept by --keep-on-failure, backed by a cached file.
+        let chain = tmp.path().join("work/20240101T000000Z-0000kept");
+        std::fs::create_dir_all(&chain).expect("chain");
+        let backing = cache.join(format!("{kept}.qcow2"));
+        let status = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-u", "-F", "qcow2", "-b"])
+            .arg(&backing)
+            .arg(chain.join("0-boot.qcow2"))
+            .arg("1G")
+            .status()
+            .expect("qemu-img (scripts/install-deps)");
+        assert!(status.success());
+
+        let report = store.prune_cache().expect("prune");
+        let names = |dir: &Path| file_names(dir).expect("ls");
+        assert_eq!(
+            names(&cache),
+            [
+                format!("{oci_disk}.qcow2"),
+                format!("{kept}.qcow2"),
+                format!("{unused}.part"),
+                format!("manifest-{manifest}.sha256"),
+            ],
+            "{report:?}"
+        );
+        assert_eq!(report.removed.len(), 5, "{report:?}");
+        drop(busy);
     }
 
     #[test]

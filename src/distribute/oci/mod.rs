@@ -672,7 +672,38 @@ pub async fn pull_disk(
             current: current_digest(src, options).await.ok(),
         });
     };
-    progress.step(&target, &format!("connecting to {}", src.registry));
+    // A manifest digest names its content for ever: what it held, once pulled, is in the
+    // cache under the disk's digest, and the registry need not be asked again (it may be
+    // down, or the image deleted from it).
+    let memo = crate::store::base::oci_manifest_memo(cache_dir, &manifest_digest);
+    if let Some(sha256) = crate::store::base::read_memo(&memo) {
+        let path = cache_dir.join(format!("{sha256}.qcow2"));
+        if path.is_file() {
+            progress.step(&target, &format!("already cached as {}", path.display()));
+            return Ok(PulledDisk {
+                path,
+                sha256,
+                manifest_digest,
+            });
+        }
+    }
+    let pulled =
+        pull_uncached(src, &target, &manifest_digest, options, cache_dir, progress).await?;
+    crate::store::base::write_memo(&memo, &pulled.sha256);
+    Ok(pulled)
+}
+
+/// [`pull_disk`] when the cache does not know the manifest: ask the registry.
+async fn pull_uncached(
+    src: &OciReference,
+    target: &str,
+    manifest_digest: &str,
+    options: &OciOptions,
+    cache_dir: &Path,
+    progress: &dyn Progress,
+) -> Result<PulledDisk, OciError> {
+    let manifest_digest = manifest_digest.to_string();
+    progress.step(target, &format!("connecting to {}", src.registry));
     let registry = Registry::connect(src, options, RegistryOperation::Pull).await?;
     let (bytes, _) = registry.get_manifest(&manifest_digest).await?;
     let no_disk = |reason: String| OciError::NoDisk {
@@ -706,7 +737,7 @@ pub async fn pull_disk(
                 layer.digest
             ))
         })?;
-        let path = download_layer(&registry, layer, &sha, cache_dir, &target, progress).await?;
+        let path = download_layer(&registry, layer, &sha, cache_dir, target, progress).await?;
         return Ok(PulledDisk {
             path,
             sha256: sha,
@@ -729,7 +760,7 @@ pub async fn pull_disk(
     match (tar_layers.as_slice(), manifest.layers.len()) {
         ([layer], 1) => {
             let (path, sha256) =
-                extract_container_disk(&registry, layer, cache_dir, &target, progress).await?;
+                extract_container_disk(&registry, layer, cache_dir, target, progress).await?;
             Ok(PulledDisk {
                 path,
                 sha256,
@@ -932,10 +963,8 @@ async fn extract_container_disk(
         reason: "its layer digest is not sha256".into(),
     })?;
     // Which qcow2 this layer held, remembered after a pull: the next one needs no download.
-    let memo = cache_dir.join(format!("layer-{layer_hex}.sha256"));
-    if let Ok(sha) = std::fs::read_to_string(&memo)
-        && let Some(sha) = digest_hex(&format!("sha256:{}", sha.trim()))
-    {
+    let memo = crate::store::base::oci_layer_memo(cache_dir, &layer_hex);
+    if let Some(sha) = crate::store::base::read_memo(&memo) {
         let dest = cache_dir.join(format!("{sha}.qcow2"));
         if dest.is_file() {
             progress.step(target, &format!("already cached as {}", dest.display()));
@@ -999,8 +1028,7 @@ async fn extract_container_disk(
     part.sync_all().map_err(io_err("sync", &part_path))?;
     let dest = cache_dir.join(format!("{sha}.qcow2"));
     std::fs::rename(&part_path, &dest).map_err(io_err("move into the cache", &dest))?;
-    // Only a cache: losing it costs a download.
-    let _ = std::fs::write(&memo, format!("{sha}\n"));
+    crate::store::base::write_memo(&memo, &sha);
     Ok((dest, sha))
 }
 
