@@ -90,7 +90,7 @@ pub async fn build(
     observer: &dyn BuildObserver,
 ) -> Result<Built, Failed> {
     let started = Instant::now();
-    let keep = options.keep_on_failure || plan.infrastructure.keep_on_failure;
+    let keep = stages::keeps_on_failure(plan, options);
     let fail = |error: BuildError| Failed {
         error,
         image: None,

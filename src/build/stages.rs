@@ -234,6 +234,12 @@ fn vm_err(which: &'static str) -> impl FnOnce(VmError) -> BuildError {
     move |source| BuildError::Vm { which, source }
 }
 
+/// Whether a failed build keeps its disk chain and logs (and the test VM's disk): the
+/// command line's `--keep-on-failure` or the recipe's `infrastructure.keepOnFailure`.
+pub fn keeps_on_failure(plan: &Plan, options: &BuildOptions) -> bool {
+    options.keep_on_failure || plan.infrastructure.keep_on_failure
+}
+
 /// What the stages share. Everything mutable sits behind a mutex so stages take `&Cx`.
 pub struct Cx<'a> {
     pub plan: &'a Plan,
@@ -269,7 +275,7 @@ impl<'a> Cx<'a> {
     ) -> Cx<'a> {
         let mut manifest = Manifest::new(slot.id().clone(), slot.build_id());
         fill_inputs(&mut manifest, plan);
-        let keep = options.keep_on_failure || plan.infrastructure.keep_on_failure;
+        let keep = keeps_on_failure(plan, options);
         Cx {
             plan,
             store,
@@ -445,7 +451,6 @@ fn fill_inputs(m: &mut Manifest, plan: &Plan) {
         .map(|c| ComponentInput {
             path: c.path.clone(),
             name: c.label().to_string(),
-            version: None,
             sha256: c.sha256.to_string(),
             parameters: c
                 .parameters
@@ -1503,8 +1508,19 @@ impl ExportProgress for ExportBar<'_, '_> {
 }
 
 pub async fn export(cx: &Cx<'_>, tested: Tested) -> Result<Exported, BuildError> {
-    let plan = cx.plan;
-    let stem = plan.output_stem(cx.id.build, cx.build_date);
+    let stem = cx.plan.output_stem(cx.id.build, cx.build_date);
+    let request = export_request(cx.plan, &tested.disk.chain.top, &cx.dir, &stem);
+    let bar = ExportBar(cx, Mutex::new(BTreeMap::new()));
+    let report = export::export(&request, &bar)
+        .await
+        .map_err(BuildError::Export)?;
+    cx.with_manifest(|m| m.outputs = report.artifacts.clone());
+    Ok(Exported { report, stem })
+}
+
+/// What the export stage writes: the recipe's `outputs` and, for an OVA, the VM it
+/// describes. Pure, so a test can check that each setting reaches it.
+fn export_request(plan: &Plan, top: &Path, dir: &Path, stem: &str) -> ExportRequest {
     let formats: Vec<export::Format> = plan
         .outputs
         .formats
@@ -1518,7 +1534,7 @@ pub async fn export(cx: &Cx<'_>, tested: Tested) -> Result<Exported, BuildError>
             recipe::Format::Ova => export::Format::Ova,
         })
         .collect();
-    let mut request = ExportRequest::new(&tested.disk.chain.top, &cx.dir, &stem, &formats);
+    let mut request = ExportRequest::new(top, dir, stem, &formats);
     request.compression = match plan.outputs.compression {
         recipe::Compression::Zstd => export::Compression::Zstd,
         recipe::Compression::Zlib => export::Compression::Zlib,
@@ -1532,12 +1548,7 @@ pub async fn export(cx: &Cx<'_>, tested: Tested) -> Result<Exported, BuildError>
         recipe::Firmware::Bios => crate::vm::Firmware::Bios,
         recipe::Firmware::Uefi => crate::vm::Firmware::Uefi,
     };
-    let bar = ExportBar(cx, Mutex::new(BTreeMap::new()));
-    let report = export::export(&request, &bar)
-        .await
-        .map_err(BuildError::Export)?;
-    cx.with_manifest(|m| m.outputs = report.artifacts.clone());
-    Ok(Exported { report, stem })
+    request
 }
 
 // ─── 10. manifest + store ───────────────────────────────────────────────────────────────
@@ -1757,5 +1768,640 @@ mod tests {
             manifest_digest: digest,
         });
         assert_eq!(pinned.source, format!("oci://{written}"));
+    }
+
+    use crate::build::plan::{ParentResolver, ResolveError, StoredParent};
+    use crate::recipe as keys;
+
+    const COMPONENT: &str = "name: hello\nschemaVersion: 1.0\nparameters:\n  - Greeting:\n      type: string\n      default: hi\nphases:\n  - name: build\n    steps:\n      - name: Say\n        action: ExecuteBash\n        inputs:\n          commands: ['echo {{ Greeting }}']\n";
+    const TEST_COMPONENT: &str = "name: check\nschemaVersion: 1.0\nphases:\n  - name: test\n    steps:\n      - name: Check\n        action: ExecuteBash\n        inputs:\n          commands: ['true']\n";
+    const RECIPE: &str =
+        "name: web\nversion: 1.0.0\nparentImage: base.raw\ncomponents:\n  - path: c.yml\n";
+
+    /// Every stored reference resolves to `base.raw`, as the build it names.
+    struct Stored(PathBuf);
+    impl ParentResolver for Stored {
+        fn resolve(
+            &self,
+            name: &str,
+            version: &crate::recipe::VersionPattern,
+        ) -> Result<StoredParent, ResolveError> {
+            Ok(StoredParent {
+                reference: format!("{name}/{version}/1").replace(".x", ".0"),
+                disk: self.0.clone(),
+                sha256: recipe::Sha256::parse(&"ab".repeat(32)).unwrap(),
+            })
+        }
+    }
+
+    fn plan_of(dir: &Path, recipe_text: &str) -> Result<Plan, PlanError> {
+        std::fs::write(dir.join("recipe.yml"), recipe_text).unwrap();
+        let env = |_: &str| None;
+        let validated = plan::validate(&dir.join("recipe.yml"), &env)?;
+        plan::plan(validated, &Stored(dir.join("base.raw")), &env, &mut |_| {})
+    }
+
+    /// Where the build reads a setting: what it derives from the plan there.
+    #[derive(Clone, Copy)]
+    enum Reads {
+        /// The build VM's launch options ([`launch_options`]).
+        BuildVm,
+        /// Whether a failed build keeps its disks ([`keeps_on_failure`]).
+        Keep,
+        /// The export stage's request ([`export_request`]).
+        Export,
+        /// The outputs' file stem (and the store's image name and version).
+        Stem,
+        /// The manifest's inputs ([`fill_inputs`]).
+        Manifest,
+        /// The targets the distribute stage sends the image to.
+        Distribution,
+        /// A plan field a stage reads directly (named here, the stage in the row's comment).
+        Plan(fn(&Plan) -> String),
+        /// A check, not a setting: the changed value (a wrong pin) is refused before the build.
+        Refused,
+    }
+
+    fn derived(plan: &Plan, reads: Reads) -> String {
+        let options = BuildOptions::default();
+        match reads {
+            Reads::BuildVm => format!(
+                "{:?}",
+                launch_options(
+                    plan,
+                    &options,
+                    keeps_on_failure(plan, &options),
+                    WhichVm::Build,
+                    Path::new("/top.qcow2"),
+                    PathBuf::from("/logs"),
+                )
+            ),
+            Reads::Keep => format!(
+                "{} {:?}",
+                keeps_on_failure(plan, &options),
+                launch_options(
+                    plan,
+                    &options,
+                    keeps_on_failure(plan, &options),
+                    WhichVm::Test,
+                    Path::new("/top.qcow2"),
+                    PathBuf::from("/logs"),
+                )
+            ),
+            Reads::Export => format!(
+                "{:?}",
+                export_request(plan, Path::new("/top.qcow2"), Path::new("/out"), "stem")
+            ),
+            Reads::Stem => {
+                use chrono::TimeZone;
+                let date = Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap();
+                format!(
+                    "{} {}/{}",
+                    plan.output_stem(1, date),
+                    plan.recipe.name,
+                    plan.recipe.version
+                )
+            }
+            Reads::Manifest => {
+                let id = ImageId {
+                    name: "web".into(),
+                    version: "1.0.0".into(),
+                    build: 1,
+                };
+                let mut m = Manifest::new(id, "build");
+                fill_inputs(&mut m, plan);
+                format!("{:?}", m.inputs)
+            }
+            Reads::Distribution => format!("{:?}", plan.distribution),
+            Reads::Plan(field) => field(plan),
+            Reads::Refused => String::new(),
+        }
+    }
+
+    /// `RECIPE` with `replace` applied and `add` appended.
+    fn recipe_with(replace: &[(&str, &str)], add: &str) -> String {
+        let mut text = RECIPE.to_string();
+        for (from, to) in replace {
+            assert!(text.contains(from), "`{from}` is not in the base recipe");
+            text = text.replace(from, to);
+        }
+        text + add
+    }
+
+    /// Every key the recipe walker accepts (its key lists, which the JSON schema and the
+    /// model's doc comments, the user reference, are tested against) changes what the build
+    /// does: a launch option of its VMs, the export, the manifest, the distribution, or a
+    /// plan field a stage reads. A key whose change reaches nothing is a setting that is
+    /// accepted and ignored (as `shutdownTimeoutSeconds` was). A key added to the walker
+    /// without a row here fails the test.
+    #[test]
+    fn every_recipe_key_changes_what_the_build_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("c.yml"), COMPONENT).unwrap();
+        std::fs::write(d.join("d.yml"), COMPONENT.replace("hello", "other")).unwrap();
+        std::fs::write(d.join("t.yml"), TEST_COMPONENT).unwrap();
+        std::fs::write(d.join("base.raw"), vec![0u8; 1 << 20]).unwrap();
+        std::fs::write(d.join("other.raw"), vec![1u8; 1 << 20]).unwrap();
+        std::fs::write(d.join("infra.yml"), "cpus: 3\n").unwrap();
+
+        fn parent(to: &str) -> [(&'static str, &str); 1] {
+            [("parentImage: base.raw", to)]
+        }
+        let dist = |entry: &str| format!("distribution:\n  - {entry}\n");
+        let ami = |extra: &str| dist(&format!("ami: {{bucket: images{extra}}}"));
+        let url = |file: &str| {
+            format!(
+                "parentImage: {{url: 'https://example.invalid/{file}', sha256: {}}}",
+                "cd".repeat(32)
+            )
+        };
+        let (url_a, url_b) = (url("a.qcow2"), url("b.qcow2"));
+        let bad_pin = format!(
+            "parentImage: {{path: base.raw, sha256: {}}}",
+            "0".repeat(64)
+        );
+        use Reads::*;
+        // (key, base recipe, changed recipe, where the build reads it)
+        let rows: Vec<(&str, String, String, Reads)> = vec![
+            (
+                "name",
+                RECIPE.into(),
+                recipe_with(&[("name: web", "name: web2")], ""),
+                Stem,
+            ),
+            (
+                "version",
+                RECIPE.into(),
+                recipe_with(&[("1.0.0", "1.0.1")], ""),
+                Stem,
+            ),
+            (
+                "description",
+                recipe_with(&[], "description: a\n"),
+                recipe_with(&[], "description: b\n"),
+                Export,
+            ),
+            (
+                "parentImage",
+                RECIPE.into(),
+                recipe_with(&parent("parentImage: other.raw"), ""),
+                Manifest,
+            ),
+            (
+                "parentImage.path",
+                recipe_with(&parent("parentImage: {path: base.raw}"), ""),
+                recipe_with(&parent("parentImage: {path: other.raw}"), ""),
+                Manifest,
+            ),
+            (
+                "parentImage.url",
+                recipe_with(&parent(&url_a), ""),
+                recipe_with(&parent(&url_b), ""),
+                Manifest,
+            ),
+            (
+                "parentImage.image",
+                recipe_with(&parent("parentImage: {image: base/1.x.x}"), ""),
+                recipe_with(&parent("parentImage: {image: base/2.x.x}"), ""),
+                Manifest,
+            ),
+            (
+                "parentImage.sha256",
+                RECIPE.into(),
+                recipe_with(&parent(&bad_pin), ""),
+                Refused,
+            ),
+            (
+                "components",
+                RECIPE.into(),
+                recipe_with(&[("c.yml", "d.yml")], ""),
+                Manifest,
+            ),
+            (
+                "components.path",
+                RECIPE.into(),
+                recipe_with(&[("c.yml", "d.yml")], ""),
+                Manifest,
+            ),
+            (
+                "components.parameters",
+                RECIPE.into(),
+                recipe_with(&[], "    parameters: {Greeting: yo}\n"),
+                Manifest,
+            ),
+            // Read by `boot` (mkdir) and `run_document` (the executor's working directory).
+            (
+                "workingDirectory",
+                RECIPE.into(),
+                recipe_with(&[], "workingDirectory: /var/tmp\n"),
+                Plan(|p| p.working_directory.clone()),
+            ),
+            (
+                "userData",
+                RECIPE.into(),
+                recipe_with(&[], "userData: |\n  #cloud-config\n  packages: []\n"),
+                BuildVm,
+            ),
+            // Also read by `overlay`, which grows the disk to it.
+            (
+                "diskSize",
+                RECIPE.into(),
+                recipe_with(&[], "diskSize: 128MiB\n"),
+                BuildVm,
+            ),
+            (
+                "infrastructure",
+                recipe_with(&[], "infrastructure: {cpus: 2}\n"),
+                recipe_with(&[], "infrastructure: infra.yml\n"),
+                BuildVm,
+            ),
+            (
+                "infrastructure.cpus",
+                RECIPE.into(),
+                recipe_with(&[], "infrastructure: {cpus: 3}\n"),
+                BuildVm,
+            ),
+            (
+                "infrastructure.memory",
+                RECIPE.into(),
+                recipe_with(&[], "infrastructure: {memory: 1GiB}\n"),
+                BuildVm,
+            ),
+            (
+                "infrastructure.accelerator",
+                RECIPE.into(),
+                recipe_with(&[], "infrastructure: {accelerator: tcg}\n"),
+                BuildVm,
+            ),
+            (
+                "infrastructure.firmware",
+                RECIPE.into(),
+                recipe_with(&[], "infrastructure: {firmware: uefi}\n"),
+                BuildVm,
+            ),
+            (
+                "infrastructure.network",
+                RECIPE.into(),
+                recipe_with(&[], "infrastructure: {network: user}\n"),
+                BuildVm,
+            ),
+            (
+                "infrastructure.bootTimeoutSeconds",
+                RECIPE.into(),
+                recipe_with(&[], "infrastructure: {bootTimeoutSeconds: 100}\n"),
+                BuildVm,
+            ),
+            // The deadline of the `components` stage.
+            (
+                "infrastructure.buildTimeoutSeconds",
+                RECIPE.into(),
+                recipe_with(&[], "infrastructure: {buildTimeoutSeconds: 100}\n"),
+                Plan(|p| p.infrastructure.build_timeout_secs.to_string()),
+            ),
+            (
+                "infrastructure.shutdownTimeoutSeconds",
+                RECIPE.into(),
+                recipe_with(&[], "infrastructure: {shutdownTimeoutSeconds: 30}\n"),
+                BuildVm,
+            ),
+            (
+                "infrastructure.keepOnFailure",
+                RECIPE.into(),
+                recipe_with(&[], "infrastructure: {keepOnFailure: true}\n"),
+                Keep,
+            ),
+            // `tests` and `tests.enabled`: `build` runs the test stage or skips it.
+            (
+                "tests",
+                RECIPE.into(),
+                recipe_with(&[], "tests: {enabled: false}\n"),
+                Plan(|p| p.tests.enabled.to_string()),
+            ),
+            (
+                "tests.enabled",
+                RECIPE.into(),
+                recipe_with(&[], "tests: {enabled: false}\n"),
+                Plan(|p| p.tests.enabled.to_string()),
+            ),
+            // The deadline of `run_tests`.
+            (
+                "tests.timeoutSeconds",
+                RECIPE.into(),
+                recipe_with(&[], "tests: {timeoutSeconds: 100}\n"),
+                Plan(|p| p.tests.timeout_secs.to_string()),
+            ),
+            (
+                "tests.components",
+                RECIPE.into(),
+                recipe_with(&[], "tests:\n  components:\n    - path: t.yml\n"),
+                Manifest,
+            ),
+            (
+                "outputs",
+                RECIPE.into(),
+                recipe_with(&[], "outputs: {formats: [raw]}\n"),
+                Export,
+            ),
+            (
+                "outputs.formats",
+                RECIPE.into(),
+                recipe_with(&[], "outputs: {formats: [raw]}\n"),
+                Export,
+            ),
+            (
+                "outputs.compression",
+                RECIPE.into(),
+                recipe_with(&[], "outputs: {compression: zstd}\n"),
+                Export,
+            ),
+            (
+                "outputs.name",
+                RECIPE.into(),
+                recipe_with(&[], "outputs: {name: 'x-{{imagebuilder:version}}'}\n"),
+                Stem,
+            ),
+            // Where the `store` stage copies the outputs.
+            (
+                "outputs.directory",
+                RECIPE.into(),
+                recipe_with(&[], "outputs: {directory: out/}\n"),
+                Plan(|p| format!("{:?}", p.outputs.local_directory)),
+            ),
+            // What the `generalize` stage runs.
+            (
+                "generalize",
+                RECIPE.into(),
+                recipe_with(&[], "generalize: false\n"),
+                Plan(|p| p.generalize.to_string()),
+            ),
+            (
+                "distribution",
+                RECIPE.into(),
+                recipe_with(&[], &dist("directory: {path: out/}")),
+                Distribution,
+            ),
+            (
+                "distribution.directory.path",
+                recipe_with(&[], &dist("directory: {path: out/}")),
+                recipe_with(&[], &dist("directory: {path: out2/}")),
+                Distribution,
+            ),
+            (
+                "distribution.directory.name",
+                recipe_with(&[], &dist("directory: {path: out/}")),
+                recipe_with(&[], &dist("directory: {path: out/, name: x}")),
+                Distribution,
+            ),
+            (
+                "distribution.directory.formats",
+                recipe_with(&[], &dist("directory: {path: out/}")),
+                recipe_with(&[], &dist("directory: {path: out/, formats: [qcow2]}")),
+                Distribution,
+            ),
+            (
+                "distribution.directory.overwrite",
+                recipe_with(&[], &dist("directory: {path: out/}")),
+                recipe_with(&[], &dist("directory: {path: out/, overwrite: true}")),
+                Distribution,
+            ),
+            (
+                "distribution.vagrant.path",
+                recipe_with(&[], &dist("vagrant: {path: out/}")),
+                recipe_with(&[], &dist("vagrant: {path: out/x.box}")),
+                Distribution,
+            ),
+            (
+                "distribution.vagrant.name",
+                recipe_with(&[], &dist("vagrant: {path: out/}")),
+                recipe_with(&[], &dist("vagrant: {path: out/, name: x}")),
+                Distribution,
+            ),
+            (
+                "distribution.vagrant.overwrite",
+                recipe_with(&[], &dist("vagrant: {path: out/}")),
+                recipe_with(&[], &dist("vagrant: {path: out/, overwrite: true}")),
+                Distribution,
+            ),
+            (
+                "distribution.oci.reference",
+                recipe_with(&[], &dist("oci: {reference: 'r:5000/a:1'}")),
+                recipe_with(&[], &dist("oci: {reference: 'r:5000/b:1'}")),
+                Distribution,
+            ),
+            (
+                "distribution.oci.plainHttp",
+                recipe_with(&[], &dist("oci: {reference: 'r:5000/a:1'}")),
+                recipe_with(
+                    &[],
+                    &dist("oci: {reference: 'r:5000/a:1', plainHttp: true}"),
+                ),
+                Distribution,
+            ),
+            (
+                "distribution.containerDisk.reference",
+                recipe_with(&[], &dist("containerDisk: {reference: 'r:5000/a:1'}")),
+                recipe_with(&[], &dist("containerDisk: {reference: 'r:5000/b:1'}")),
+                Distribution,
+            ),
+            (
+                "distribution.containerDisk.plainHttp",
+                recipe_with(&[], &dist("containerDisk: {reference: 'r:5000/a:1'}")),
+                recipe_with(
+                    &[],
+                    &dist("containerDisk: {reference: 'r:5000/a:1', plainHttp: true}"),
+                ),
+                Distribution,
+            ),
+            (
+                "distribution.ami.region",
+                recipe_with(&[], &ami("")),
+                recipe_with(&[], &ami(", region: eu-west-1")),
+                Distribution,
+            ),
+            (
+                "distribution.ami.bucket",
+                recipe_with(&[], &ami("")),
+                recipe_with(&[], &ami("2")),
+                Distribution,
+            ),
+            (
+                "distribution.ami.prefix",
+                recipe_with(&[], &ami("")),
+                recipe_with(&[], &ami(", prefix: p/")),
+                Distribution,
+            ),
+            (
+                "distribution.ami.name",
+                recipe_with(&[], &ami("")),
+                recipe_with(&[], &ami(", name: web-ami")),
+                Distribution,
+            ),
+            (
+                "distribution.ami.description",
+                recipe_with(&[], &ami("")),
+                recipe_with(&[], &ami(", description: d")),
+                Distribution,
+            ),
+            (
+                "distribution.ami.amiTags",
+                recipe_with(&[], &ami("")),
+                recipe_with(&[], &ami(", amiTags: {team: x}")),
+                Distribution,
+            ),
+            (
+                "distribution.ami.regions",
+                recipe_with(&[], &ami("")),
+                recipe_with(&[], &ami(", regions: [us-east-1]")),
+                Distribution,
+            ),
+            (
+                "distribution.ami.launchPermission",
+                recipe_with(&[], &ami("")),
+                recipe_with(&[], &ami(", launchPermission: {userGroups: [all]}")),
+                Distribution,
+            ),
+            (
+                "distribution.ami.launchPermission.userIds",
+                recipe_with(&[], &ami("")),
+                recipe_with(&[], &ami(", launchPermission: {userIds: ['123456789012']}")),
+                Distribution,
+            ),
+            (
+                "distribution.ami.launchPermission.userGroups",
+                recipe_with(&[], &ami("")),
+                recipe_with(&[], &ami(", launchPermission: {userGroups: [all]}")),
+                Distribution,
+            ),
+            (
+                "distribution.ami.bootMode",
+                recipe_with(&[], &ami("")),
+                recipe_with(&[], &ami(", bootMode: uefi")),
+                Distribution,
+            ),
+            (
+                "distribution.ami.importMethod",
+                recipe_with(&[], &ami("")),
+                recipe_with(&[], &ami(", importMethod: image")),
+                Distribution,
+            ),
+            (
+                "distribution.ami.endpoint",
+                recipe_with(&[], &ami("")),
+                recipe_with(&[], &ami(", endpoint: {s3: 'http://127.0.0.1:9000'}")),
+                Distribution,
+            ),
+            (
+                "distribution.ami.endpoint.s3",
+                recipe_with(&[], &ami("")),
+                recipe_with(&[], &ami(", endpoint: {s3: 'http://127.0.0.1:9000'}")),
+                Distribution,
+            ),
+            (
+                "distribution.ami.endpoint.ec2",
+                recipe_with(&[], &ami("")),
+                recipe_with(&[], &ami(", endpoint: {ec2: 'http://127.0.0.1:9000'}")),
+                Distribution,
+            ),
+            (
+                "distribution.ami.profile",
+                recipe_with(&[], &ami("")),
+                recipe_with(&[], &ami(", profile: lab")),
+                Distribution,
+            ),
+        ];
+
+        // Every key the walker accepts has a row, and every row a key the walker accepts.
+        let qualified = |prefix: &str, keys: &[&str]| -> Vec<String> {
+            keys.iter()
+                .map(|k| {
+                    if prefix.is_empty() {
+                        k.to_string()
+                    } else {
+                        format!("{prefix}.{k}")
+                    }
+                })
+                .collect()
+        };
+        let mut accepted: Vec<String> = [
+            qualified("", keys::TOP_KEYS),
+            qualified("parentImage", keys::PARENT_KEYS),
+            qualified("components", keys::COMPONENT_KEYS),
+            qualified("infrastructure", keys::INFRASTRUCTURE_KEYS),
+            qualified("tests", keys::TESTS_KEYS),
+            qualified("outputs", keys::OUTPUTS_KEYS),
+            qualified("distribution.directory", keys::DIRECTORY_KEYS),
+            qualified("distribution.vagrant", keys::VAGRANT_KEYS),
+            qualified("distribution.oci", keys::OCI_KEYS),
+            qualified("distribution.containerDisk", keys::OCI_KEYS),
+            qualified("distribution.ami", keys::AMI_KEYS),
+            qualified(
+                "distribution.ami.launchPermission",
+                keys::LAUNCH_PERMISSION_KEYS,
+            ),
+            qualified("distribution.ami.endpoint", keys::ENDPOINT_KEYS),
+        ]
+        .concat();
+        accepted.sort();
+        let mut tested: Vec<String> = rows.iter().map(|r| r.0.to_string()).collect();
+        tested.sort();
+        assert_eq!(
+            tested, accepted,
+            "each recipe key needs a row in this table (and each row a key)"
+        );
+
+        let mut ignored = Vec::new();
+        for (key, base, changed, reads) in &rows {
+            let before = plan_of(d, base).unwrap_or_else(|e| panic!("{key}: base: {e:?}"));
+            if let Reads::Refused = reads {
+                assert!(
+                    plan_of(d, changed).is_err(),
+                    "{key}: a wrong value is planned"
+                );
+                continue;
+            }
+            let after = plan_of(d, changed).unwrap_or_else(|e| panic!("{key}: changed: {e:?}"));
+            if derived(&before, *reads) == derived(&after, *reads) {
+                ignored.push(*key);
+            }
+        }
+        assert!(
+            ignored.is_empty(),
+            "changing these settings changes nothing the build reads: {ignored:?}"
+        );
+    }
+
+    /// The manifest's inputs list the documents a component runs through ExecuteDocument.
+    #[test]
+    fn the_manifest_lists_documents_run_through_execute_document() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir(d.join("lib")).unwrap();
+        std::fs::write(d.join("base.raw"), vec![0u8; 1 << 20]).unwrap();
+        std::fs::write(
+            d.join("c.yml"),
+            "schemaVersion: 1.0\nphases:\n  - name: build\n    steps:\n      - name: Lib\n        action: ExecuteDocument\n        inputs:\n          document: lib/x.yml\n",
+        )
+        .unwrap();
+        std::fs::write(d.join("lib/x.yml"), TEST_COMPONENT).unwrap();
+        let plan = plan_of(d, RECIPE).unwrap();
+        let id = ImageId {
+            name: "web".into(),
+            version: "1.0.0".into(),
+            build: 1,
+        };
+        let mut m = Manifest::new(id, "build");
+        fill_inputs(&mut m, &plan);
+        let documents = &m.inputs.components[0].documents;
+        assert_eq!(documents.len(), 1);
+        assert_eq!(documents[0].path, "lib/x.yml");
+        assert_eq!(
+            documents[0].sha256,
+            plan.components[0].documents[0].sha256.as_str()
+        );
+        std::fs::write(d.join("lib/x.yml"), format!("{TEST_COMPONENT}# edited\n")).unwrap();
+        let mut edited = Manifest::new(m.image.clone(), "build");
+        fill_inputs(&mut edited, &plan_of(d, RECIPE).unwrap());
+        assert_ne!(edited.inputs.components[0].documents, *documents);
     }
 }

@@ -444,16 +444,18 @@ fn describe(image: &StoredImage) -> String {
     }
     for (i, c) in m.inputs.components.iter().enumerate() {
         let label = if i == 0 { "components:" } else { "" };
-        let version = c
-            .version
-            .as_deref()
-            .map(|v| format!(" {v}"))
-            .unwrap_or_default();
         let _ = writeln!(
             s,
-            "  {label:<11} {}{version} from {} (sha256 {})",
+            "  {label:<11} {} from {} (sha256 {})",
             c.name, c.path, c.sha256
         );
+        for d in &c.documents {
+            let _ = writeln!(
+                s,
+                "  {:<11}   runs {} (ExecuteDocument, sha256 {})",
+                "", d.path, d.sha256
+            );
+        }
     }
     if !m.plan_digest.is_empty() {
         let _ = writeln!(s, "  plan:       sha256 {}", m.plan_digest);

@@ -53,6 +53,12 @@ pub use name_template::{NameTemplate, NameValues};
 pub use units::ByteSize;
 pub use version::{Version, VersionPattern};
 pub use walk::resolve_relative;
+/// The key lists, for the build's test that every key changes what a build does.
+#[cfg(test)]
+pub(crate) use walk::{
+    AMI_KEYS, COMPONENT_KEYS, DIRECTORY_KEYS, ENDPOINT_KEYS, LAUNCH_PERMISSION_KEYS, OCI_KEYS,
+    OUTPUTS_KEYS, PARENT_KEYS, TESTS_KEYS, TOP_KEYS, VAGRANT_KEYS,
+};
 pub use walk::{DEFAULT_OCI_TAG, split_oci_reference};
 pub(crate) use walk::{
     INFRASTRUCTURE_KEYS, distribution as read_distribution, infrastructure as read_infrastructure,
