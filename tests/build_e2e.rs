@@ -904,17 +904,22 @@ fn uefi_and_user_network_build_fetches_from_the_host_and_tests_on_uefi() {
     }
 }
 
-/// A process on the slave side of a pseudo-terminal (stdin, stdout and stderr, as in a user's
-/// terminal); a thread copies everything it writes from the master side into a transcript.
+/// A process on the slave side of a pseudo-terminal (stdin, stdout and stderr), which is its
+/// controlling terminal, as in a user's terminal (`setsid --ctty`: a new session, so ^C and
+/// window changes reach it from this terminal only); a thread copies everything it writes
+/// from the master side into a transcript.
 struct OnTerminal {
     child: std::process::Child,
     master: std::fs::File,
+    /// The slave's path (`/dev/pts/N`), to resize the terminal with `stty -F`.
+    slave: PathBuf,
     transcript: std::sync::Arc<Mutex<Vec<u8>>>,
     reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl OnTerminal {
-    fn spawn(mut cmd: Command) -> Self {
+    /// Runs `program` on a new 24x80 terminal.
+    fn spawn(program: &Command) -> Self {
         use std::io::Read;
         let size = nix::pty::Winsize {
             ws_row: 24,
@@ -923,7 +928,23 @@ impl OnTerminal {
             ws_ypixel: 0,
         };
         let pty = nix::pty::openpty(&size, None).expect("openpty");
+        let slave_path = nix::unistd::ttyname(&pty.slave).expect("the pty's name");
         let slave = std::fs::File::from(pty.slave);
+        // setsid execs the program (the child is no process group leader, so it does not
+        // fork; --wait covers the case where it would).
+        let mut cmd = Command::new("setsid");
+        cmd.args(["--ctty", "--wait"])
+            .arg(program.get_program())
+            .args(program.get_args());
+        if let Some(dir) = program.get_current_dir() {
+            cmd.current_dir(dir);
+        }
+        for (key, value) in program.get_envs() {
+            match value {
+                Some(value) => cmd.env(key, value),
+                None => cmd.env_remove(key),
+            };
+        }
         cmd.stdin(slave.try_clone().expect("dup the pty"))
             .stdout(slave.try_clone().expect("dup the pty"))
             .stderr(slave)
@@ -954,9 +975,29 @@ impl OnTerminal {
         Self {
             child,
             master,
+            slave: slave_path,
             transcript,
             reader: Some(reader),
         }
+    }
+
+    /// Resizes the terminal, as a user resizing the window (the kernel sends SIGWINCH to the
+    /// terminal's foreground process group).
+    fn resize(&self, rows: u16, cols: u16) {
+        let status = Command::new("stty")
+            .arg("-F")
+            .arg(&self.slave)
+            .args(["rows", &rows.to_string(), "cols", &cols.to_string()])
+            .status()
+            .expect("stty runs");
+        assert!(status.success(), "stty -F {}", self.slave.display());
+    }
+
+    /// The terminal's local modes now (echo, canonical input, signals from ^C).
+    fn local_modes(&self) -> nix::sys::termios::LocalFlags {
+        nix::sys::termios::tcgetattr(&self.master)
+            .expect("tcgetattr")
+            .local_flags
     }
 
     fn transcript(&self) -> String {
@@ -992,8 +1033,12 @@ impl OnTerminal {
         self.master.write_all(text.as_bytes()).expect("type");
     }
 
-    /// The exit code, and the whole transcript once the output is drained.
-    fn finish(mut self, within: std::time::Duration) -> (Option<i32>, String) {
+    /// The exit code, the whole transcript once the output is drained, and the terminal's
+    /// local modes as the process left them.
+    fn finish(
+        mut self,
+        within: std::time::Duration,
+    ) -> (Option<i32>, String, nix::sys::termios::LocalFlags) {
         let deadline = std::time::Instant::now() + within;
         let status = loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
@@ -1011,7 +1056,7 @@ impl OnTerminal {
         }
         let text = self.transcript();
         eprintln!("--- terminal ---\n{text}\n--- exit {:?} ---", status.code());
-        (status.code(), text)
+        (status.code(), text, self.local_modes())
     }
 }
 
@@ -1029,7 +1074,7 @@ fn on_error_shell_opens_a_shell_in_the_build_vm_on_a_terminal() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let guard = NoLeftovers::new();
     let minutes = |m: u64| std::time::Duration::from_secs(m * 60);
-    let mut term = OnTerminal::spawn(guard.command(
+    let mut term = OnTerminal::spawn(&guard.command(
         &image,
         &[
             "build",
@@ -1040,6 +1085,9 @@ fn on_error_shell_opens_a_shell_in_the_build_vm_on_a_terminal() {
             "tcg",
         ],
     ));
+    use nix::sys::termios::LocalFlags;
+    let cooked = LocalFlags::ECHO | LocalFlags::ICANON | LocalFlags::ISIG;
+    assert!(term.local_modes().contains(cooked));
     let at = term.wait_for(0, "shell ready", minutes(15));
     let before = term.transcript()[..at].to_string();
     assert!(
@@ -1058,11 +1106,26 @@ fn on_error_shell_opens_a_shell_in_the_build_vm_on_a_terminal() {
         "says what happens after the shell:\n{before}"
     );
 
-    // A command typed in the shell runs in the build VM, where the failed step left its file.
-    // Its output is computed in the guest, so the terminal's echo of the line cannot match.
+    // The host terminal is raw while the shell runs: keys go to the guest as typed. (builder
+    // says "shell ready" just before it switches.)
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while term.local_modes().intersects(cooked) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the terminal is not raw: {:?}",
+            term.local_modes()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+
+    // A command typed in the shell runs in the build VM, as root, where the failed step left
+    // its file, on a terminal of this one's size and type. Its output is computed in the
+    // guest, so the terminal's echo of the line cannot match.
     let typed = term.transcript().len();
-    term.type_in("cat /root/left-by-the-step; echo \"typed by $(id -un)-$((6 * 7))\"\r");
-    let at = term.wait_for(typed, "typed by root-42", minutes(2));
+    term.type_in(
+        "cat /root/left-by-the-step; echo \"typed by $(id -un)-$((6 * 7)), size $(stty size), TERM $TERM\"\r",
+    );
+    let at = term.wait_for(typed, "typed by root-42, size 24 80, TERM dumb", minutes(2));
     let shown = term.transcript();
     assert!(
         shown[typed..at].contains("state 42"),
@@ -1070,9 +1133,30 @@ fn on_error_shell_opens_a_shell_in_the_build_vm_on_a_terminal() {
         &shown[typed..]
     );
 
+    // Resizing this terminal resizes the guest's (the guest polls: the resize travels
+    // through builder's SIGWINCH handler and the agent).
+    term.resize(30, 100);
+    term.type_in(
+        "for i in $(seq 100); do [ \"$(stty size)\" = '30 100' ] && break; sleep 0.2; done; echo \"resized to $(stty size)\"\r",
+    );
+    let at = term.wait_for(at, "resized to 30 100", minutes(2));
+
+    // ^C interrupts the command in the guest, not the build (the terminal is raw, so it is
+    // a byte for the guest's terminal, not SIGINT for builder).
+    term.type_in("echo \"sleeping $((3 * 3))\"; sleep 600\r");
+    let at = term.wait_for(at, "sleeping 9", minutes(2));
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    term.type_in("\x03");
+    term.type_in("echo \"after ctrl-c $((1 + 1))\"\r");
+    let at = term.wait_for(at, "after ctrl-c 2", minutes(2));
+
     // Exiting the shell (with any status) fails the build.
     term.type_in("exit 7\r");
-    let (code, shown) = term.finish(minutes(5));
+    let (code, shown, modes) = term.finish(minutes(5));
+    assert!(
+        modes.contains(cooked),
+        "builder left the terminal raw: {modes:?}"
+    );
     assert_eq!(code, Some(1), "the build failed after the shell:\n{shown}");
     let after = &shown[at..];
     assert!(
