@@ -241,6 +241,21 @@ fn editing_a_document_run_through_execute_document_is_a_changed_dependency() {
     let (plan, _) =
         builder::build::plan::make(&site.path("recipe.yml"), &store, &mut |_| {}).expect("plan");
     assert_eq!(plan.components[0].documents[0].path, "lib/common.yml");
+    let shown = Command::new(env!("CARGO_BIN_EXE_builder"))
+        .args(["plan", "recipe.yml"])
+        .current_dir(site.path(""))
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("builder plan runs");
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        text.contains(&format!(
+            "runs lib/common.yml (ExecuteDocument), sha256 {}",
+            plan.components[0].documents[0].sha256
+        )),
+        "builder plan shows the reached document:\n{text}\n{}",
+        String::from_utf8_lossy(&shown.stderr)
+    );
     let history = site.history();
     let first = history
         .begin("hello", Trigger::Manual, "seeded by the test")
