@@ -27,9 +27,10 @@
 //!   the store's `failed/` area, the disk chain and the test VM kept as the notes say, then
 //!   removed with the notes' own commands.
 //!
-//! Each test owns a [`NoLeftovers`] guard: a private store and runtime folder (where the VM
-//! folders go, through `XDG_RUNTIME_DIR`); its `Drop` checks that no process mentions them
-//! and that no work folder, staging build, VM folder or partial output is left.
+//! Each test owns a [`NoLeftovers`] guard (tests/support/leftovers.rs, shared with
+//! tests/vm.rs): a private store and runtime folder (where the VM folders go, through
+//! `XDG_RUNTIME_DIR`); its `Drop` checks that no process mentions them (QEMU found by command
+//! line) and that no work folder, staging build, VM folder or partial output is left.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -43,27 +44,12 @@ static SERIAL: Mutex<()> = Mutex::new(());
 #[path = "support/vm_tier.rs"]
 mod vm_tier;
 
-/// A private store and runtime folder; checks in `Drop` that nothing was left behind.
-struct NoLeftovers {
-    root: tempfile::TempDir,
-}
+#[path = "support/leftovers.rs"]
+mod leftovers;
+use leftovers::NoLeftovers;
 
+/// Builder as this file's tests run it, in a guard's store and runtime folder.
 impl NoLeftovers {
-    fn new() -> Self {
-        let root = tempfile::Builder::new()
-            .prefix("b-e2e-")
-            .tempdir()
-            .expect("temp dir");
-        std::fs::create_dir(root.path().join("run")).expect("mkdir run");
-        Self { root }
-    }
-    fn store(&self) -> PathBuf {
-        self.root.path().join("store")
-    }
-    fn runtime(&self) -> PathBuf {
-        self.root.path().join("run")
-    }
-
     /// `builder ARGS` with this guard's store and runtime folder, not started.
     fn command(&self, image: &Path, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_builder"));
@@ -88,63 +74,6 @@ impl NoLeftovers {
         );
         out
     }
-
-    fn leftovers(&self) -> Vec<String> {
-        let mut left = Vec::new();
-        let root = self.root.path().to_string_lossy().into_owned();
-        if let Ok(procs) = std::fs::read_dir("/proc") {
-            for p in procs.flatten() {
-                if let Ok(cmdline) = std::fs::read(p.path().join("cmdline"))
-                    && String::from_utf8_lossy(&cmdline).contains(&root)
-                {
-                    left.push(format!(
-                        "process {}: {}",
-                        p.file_name().to_string_lossy(),
-                        String::from_utf8_lossy(&cmdline).replace('\0', " ")
-                    ));
-                }
-            }
-        }
-        for dir in [
-            self.runtime(),
-            self.store().join("work"),
-            self.store().join("staging"),
-            self.store().join("trash"),
-        ] {
-            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-                left.push(format!("{}", e.path().display()));
-            }
-        }
-        for e in walk(&self.store().join("images")) {
-            if e.file_name()
-                .is_some_and(|n| n.to_string_lossy().contains(".partial"))
-            {
-                left.push(format!("partial output {}", e.display()));
-            }
-        }
-        left
-    }
-}
-
-impl Drop for NoLeftovers {
-    fn drop(&mut self) {
-        let left = self.leftovers();
-        if !left.is_empty() && !std::thread::panicking() {
-            panic!("left behind:\n  {}", left.join("\n  "));
-        }
-    }
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        }
-        out.push(p);
-    }
-    out
 }
 
 fn sha256(path: &Path) -> String {
@@ -453,10 +382,10 @@ fn example_recipe_and_a_recipe_built_on_it() {
     // parent's changes are there (the exported qcow2 boots as a parent). It is
     // tests/build/on-parent.yml with a `distribution:` to a directory outside the checkout
     // added, so the build's distribute stage runs in a real build too.
-    let recipe_dir = guard.root.path().join("recipe");
+    let recipe_dir = guard.root().join("recipe");
     std::fs::create_dir(&recipe_dir).expect("mkdir recipe");
     let components = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/build/components");
-    let shipped = guard.root.path().join("shipped");
+    let shipped = guard.root().join("shipped");
     let text = std::fs::read_to_string("tests/build/on-parent.yml")
         .expect("on-parent.yml")
         .replace(
@@ -841,7 +770,7 @@ fn uefi_and_user_network_build_fetches_from_the_host_and_tests_on_uefi() {
     );
     let server = HostHttp::start(&token);
     let recipe = recipe_copy(
-        guard.root.path(),
+        guard.root(),
         "uefi-user-network.yml",
         &[
             ("\"PORT\"", &format!("\"{}\"", server.port)),

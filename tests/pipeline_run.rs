@@ -31,18 +31,20 @@ fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A folder with a recipe on a 4 KiB raw parent, its component, and a store.
+#[path = "support/leftovers.rs"]
+mod leftovers;
+use leftovers::NoLeftovers;
+
+/// A folder with a recipe on a 4 KiB raw parent, its component, and a store; its store and
+/// runtime folder are a [`NoLeftovers`] guard's.
 struct Site {
-    dir: tempfile::TempDir,
+    guard: NoLeftovers,
 }
 
 impl Site {
     fn new(pipeline: &str, parent: &str) -> Site {
-        let dir = tempfile::Builder::new()
-            .prefix("b-pipeline-")
-            .tempdir()
-            .expect("temp dir");
-        let d = dir.path();
+        let guard = NoLeftovers::new();
+        let d = guard.root();
         std::fs::create_dir_all(d.join("pipelines")).expect("mkdir");
         std::fs::create_dir_all(d.join("run")).expect("mkdir");
         std::fs::create_dir_all(d.join("docker")).expect("mkdir");
@@ -65,11 +67,11 @@ impl Site {
         )
         .expect("write the recipe");
         std::fs::write(d.join("pipelines/hello.yml"), pipeline).expect("write the pipeline");
-        Site { dir }
+        Site { guard }
     }
 
     fn path(&self, p: &str) -> PathBuf {
-        self.dir.path().join(p)
+        self.guard.root().join(p)
     }
 
     fn command(&self, args: &[&str]) -> Command {
@@ -83,7 +85,7 @@ impl Site {
         let mut c = Command::new(env!("CARGO_BIN_EXE_builder"));
         c.args(args)
             .env("BUILDER_STORE", self.path("store"))
-            .current_dir(self.dir.path())
+            .current_dir(self.guard.root())
             .env("NO_COLOR", "1")
             .env("XDG_RUNTIME_DIR", self.path("run"))
             // No registry credentials of this machine: an empty docker config.
@@ -117,19 +119,8 @@ impl Site {
 
     /// Nothing of a build is left: no staging or work folder, no VM folder, no process.
     fn assert_no_leftovers(&self) {
-        for dir in ["store/staging", "store/work", "run"] {
-            let left: Vec<_> = std::fs::read_dir(self.path(dir))
-                .map(|r| r.flatten().map(|e| e.path()).collect())
-                .unwrap_or_default();
-            assert!(left.is_empty(), "left in {dir}: {left:?}");
-        }
-        let me = self.dir.path().to_string_lossy().into_owned();
-        for p in std::fs::read_dir("/proc").expect("/proc").flatten() {
-            if let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) {
-                let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-                assert!(!cmdline.contains(&me), "process left: {cmdline}");
-            }
-        }
+        let left = self.guard.leftovers();
+        assert!(left.is_empty(), "left behind:\n  {}", left.join("\n  "));
     }
 }
 

@@ -35,6 +35,10 @@ use nix::sys::signal::Signal;
 #[path = "support/vm_tier.rs"]
 mod vm_tier;
 
+#[path = "support/leftovers.rs"]
+mod leftovers;
+use leftovers::NoLeftovers;
+
 const COMPONENT: &str = "name: mark\nschemaVersion: 1.0\nphases:\n  - name: build\n    steps:\n      - name: Mark\n        action: ExecuteBash\n        inputs:\n          commands:\n            - echo built-by-a-pipeline > /etc/pipeline-mark\n";
 
 /// The smallest useful build: one step, no test stage, no generalize, an uncompressed qcow2.
@@ -42,17 +46,15 @@ const RECIPE: &str = "name: tiny\nversion: 1.0.0\nparentImage: parent.qcow2\ncom
 
 const PIPELINE: &str = "name: tiny\nrecipe: ../recipe.yml\nschedule:\n  expression: '* * * * *'\n  startCondition: dependencyChanged\n";
 
+/// The test's folder: its store and runtime folder are a [`NoLeftovers`] guard's.
 struct Site {
-    dir: tempfile::TempDir,
+    guard: NoLeftovers,
 }
 
 impl Site {
     fn new(image: &Path) -> Site {
-        let dir = tempfile::Builder::new()
-            .prefix("b-pipe-vm-")
-            .tempdir()
-            .expect("temp dir");
-        let d = dir.path();
+        let guard = NoLeftovers::new();
+        let d = guard.root();
         for sub in ["pipelines", "run"] {
             std::fs::create_dir_all(d.join(sub)).expect("mkdir");
         }
@@ -67,11 +69,11 @@ impl Site {
         std::fs::write(d.join("mark.yml"), COMPONENT).expect("component");
         std::fs::write(d.join("recipe.yml"), RECIPE).expect("recipe");
         std::fs::write(d.join("pipelines/tiny.yml"), PIPELINE).expect("pipeline");
-        Site { dir }
+        Site { guard }
     }
 
     fn path(&self, p: &str) -> PathBuf {
-        self.dir.path().join(p)
+        self.guard.root().join(p)
     }
 
     fn command(&self, args: &[&str]) -> Command {
@@ -79,7 +81,7 @@ impl Site {
         c.args(args)
             .arg("--store")
             .arg(self.path("store"))
-            .current_dir(self.dir.path())
+            .current_dir(self.guard.root())
             .env("NO_COLOR", "1")
             .env("XDG_RUNTIME_DIR", self.path("run"));
         c
@@ -112,58 +114,27 @@ impl Site {
         all
     }
 
-    /// Processes whose command line mentions this site (QEMU, the VM folder watcher, builder).
-    fn processes(&self) -> Vec<String> {
-        let me = self.dir.path().to_string_lossy().into_owned();
-        let mut found = Vec::new();
-        for p in std::fs::read_dir("/proc").expect("/proc").flatten() {
-            if let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) {
-                let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-                if cmdline.contains(&me) {
-                    found.push(format!("{}: {cmdline}", p.file_name().to_string_lossy()));
-                }
-            }
-        }
-        found
-    }
-
+    /// Whether a QEMU of this site runs (found by command line: it renames its process).
     fn qemu_running(&self) -> bool {
-        self.processes().iter().any(|p| p.contains("qemu-system"))
-    }
-
-    fn leftovers(&self) -> Vec<String> {
-        let mut left = self.processes();
-        for dir in ["store/staging", "store/work", "run", "store/trash"] {
-            for e in std::fs::read_dir(self.path(dir))
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
-                left.push(e.path().display().to_string());
-            }
-        }
-        left
+        builder::store::runner::processes_mentioning(&self.guard.root().to_string_lossy())
+            .iter()
+            .any(|p| p.command_line.contains("qemu-system"))
     }
 
     /// Waits until nothing of a build is left (a killed builder's QEMU and folder watcher
     /// need a moment to notice), then checks.
     fn assert_no_leftovers(&self) {
-        let start = Instant::now();
-        while !self.leftovers().is_empty() && start.elapsed() < Duration::from_secs(60) {
-            std::thread::sleep(Duration::from_millis(500));
-        }
-        let left = self.leftovers();
+        let left = self.guard.wait_clean(Duration::from_secs(60));
         assert!(left.is_empty(), "left behind:\n  {}", left.join("\n  "));
     }
 }
 
 impl Drop for Site {
     fn drop(&mut self) {
-        // A failed assertion must not leave a scheduler or QEMU running on the machine.
-        for p in self.processes() {
-            if let Some(pid) = p.split(':').next().and_then(|p| p.parse::<i32>().ok()) {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
-            }
+        // A failed assertion must not leave a scheduler or QEMU running on the machine (the
+        // guard would wait for them first).
+        if std::thread::panicking() {
+            self.guard.kill_processes();
         }
     }
 }

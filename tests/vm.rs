@@ -14,9 +14,11 @@
 //! counts it so, with the reason); with it, a missing image fails the test with its name
 //! (`tests/support/vm_tier.rs`).
 //!
-//! Every test owns a [`NoLeftovers`] guard: a private folder where the VM's files go (through
+//! Every test owns a [`NoLeftovers`] guard (tests/support/leftovers.rs, shared with
+//! tests/build_e2e.rs): a private folder whose `run/` is where the VM's files go (through
 //! `XDG_RUNTIME_DIR` for the CLI, `work_dir` for the library) and, in `Drop`, a check that
-//! no process mentions that folder and the folder is empty.
+//! no process mentions that folder (QEMU found by command line, not by its renamed process
+//! name) and `run/` is empty. `the_leftover_guard_sees_a_renamed_qemu` proves it can fail.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -47,91 +49,51 @@ fn sha256_file(path: &Path) -> String {
     hex::encode(h.finalize())
 }
 
-/// Owns a test's private folder for VM files and checks, when dropped, that nothing the test
-/// started is left: no process whose command line mentions the folder (QEMU, the folder
-/// watcher), nothing inside the folder (overlay, seed, sockets, logs).
-struct NoLeftovers {
-    dir: tempfile::TempDir,
-}
+#[path = "support/leftovers.rs"]
+mod leftovers;
+use leftovers::NoLeftovers;
 
-impl NoLeftovers {
-    fn new() -> Self {
-        // A short path: unix sockets live in there.
-        let dir = tempfile::Builder::new()
-            .prefix("bvt-")
-            .tempdir_in("/tmp")
-            .expect("temp dir");
-        Self { dir }
+/// The guard finds a QEMU that renamed itself as builder's do (`-name …,process=builder-vm-…`,
+/// so `pgrep qemu-system` misses it) by its command line, and kills it. No guest and no VM
+/// tier: QEMU with an empty machine, stopped before it starts.
+#[test]
+fn the_leftover_guard_sees_a_renamed_qemu() {
+    let guard = NoLeftovers::new();
+    let pidfile = guard.runtime().join("qemu.pid");
+    let mut qemu = Command::new("qemu-system-x86_64")
+        .args(["-name", "guard-check,process=builder-vm-guard-check"])
+        .args(["-machine", "none", "-nodefaults", "-display", "none", "-S"])
+        .arg("-pidfile")
+        .arg(&pidfile)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("qemu-system-x86_64 is needed (scripts/install-deps)");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !pidfile.exists() {
+        assert!(Instant::now() < deadline, "QEMU did not start");
+        std::thread::sleep(Duration::from_millis(20));
     }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn leftovers(&self) -> Vec<String> {
-        let needle = self.path().to_string_lossy().into_owned();
-        let mut left = Vec::new();
-        if let Ok(entries) = std::fs::read_dir("/proc") {
-            for e in entries.flatten() {
-                let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
-                    continue;
-                };
-                let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-                    continue;
-                };
-                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-                let zombie = stat
-                    .rsplit_once(')')
-                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
-                let cmd = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-                if cmd.contains(&needle) && !zombie {
-                    left.push(format!("process {pid}: {cmd}"));
-                }
-            }
-        }
-        if let Ok(entries) = std::fs::read_dir(self.path()) {
-            for e in entries.flatten() {
-                left.push(format!("file {}", e.path().display()));
-            }
-        }
-        left
-    }
-
-    /// Wait (bounded) until nothing is left; the list of leftovers otherwise.
-    fn wait_clean(&self, within: Duration) -> Vec<String> {
-        let deadline = Instant::now() + within;
-        loop {
-            let left = self.leftovers();
-            if left.is_empty() || Instant::now() > deadline {
-                return left;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for NoLeftovers {
-    fn drop(&mut self) {
-        let left = self.wait_clean(Duration::from_secs(15));
-        if left.is_empty() {
-            return;
-        }
-        // Do not leave a mess for the next test run either way.
-        for l in &left {
-            if let Some(pid) = l.strip_prefix("process ").and_then(|r| r.split(':').next()) {
-                let _ = Command::new("kill").args(["-9", pid]).status();
-            }
-        }
-        if !std::thread::panicking() {
-            panic!("left behind after the test:\n  {}", left.join("\n  "));
-        }
-    }
+    let comm = std::fs::read_to_string(format!("/proc/{}/comm", qemu.id())).unwrap_or_default();
+    assert!(comm.starts_with("builder-vm-"), "renamed: {comm}");
+    let left = guard.leftovers();
+    assert!(
+        left.iter()
+            .any(|l| l.starts_with(&format!("process {}: qemu-system-x86_64 ", qemu.id()))),
+        "{left:?}"
+    );
+    assert_eq!(guard.kill_processes(), [qemu.id()]);
+    let status = qemu.wait().expect("reap");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(9), "killed by the guard");
+    // QEMU removes its pid file only on a clean exit: the guard would report it.
+    assert_eq!(guard.leftovers(), [format!("file {}", pidfile.display())]);
+    std::fs::remove_file(&pidfile).expect("rm");
 }
 
 /// `builder` with the VM's folder inside the guard's folder.
 fn builder(guard: &NoLeftovers) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_builder"));
-    cmd.env("XDG_RUNTIME_DIR", guard.path())
+    cmd.env("XDG_RUNTIME_DIR", guard.runtime())
         .env("NO_COLOR", "1")
         .stdin(Stdio::null());
     cmd
@@ -313,7 +275,7 @@ fn exec_streams_output_and_leaves_the_image_unchanged() {
 
 fn session_options(guard: &NoLeftovers, image: PathBuf, channel: GuestChannel) -> SessionOptions {
     let mut vm = VmOptions::new(image);
-    vm.work_dir = Some(guard.path().to_path_buf());
+    vm.work_dir = Some(guard.runtime());
     vm.channel = channel.clone();
     let mut options = SessionOptions::new(vm);
     options.wait_cloud_init = channel != GuestChannel::Qga;
@@ -864,7 +826,7 @@ fn keep_on_failure_keeps_disk_and_logs_and_says_where() {
         .find_map(|l| l.split("remove with: rm -rf ").nth(1))
         .unwrap_or_else(|| panic!("no removal advice in:\n{stderr}"));
     let kept = PathBuf::from(kept.trim());
-    assert!(kept.starts_with(guard.path()), "{}", kept.display());
+    assert!(kept.starts_with(guard.runtime()), "{}", kept.display());
     for file in ["disk.qcow2", "console.log", "qemu.log"] {
         assert!(
             kept.join(file).is_file(),

@@ -1,0 +1,128 @@
+//! The one leftover guard for tests that start builder, QEMU or a VM: a private folder with
+//! a store (`store/`) and a runtime folder (`run/`, where VM folders go through
+//! `XDG_RUNTIME_DIR` or `VmOptions::work_dir`), checked when the guard is dropped.
+//!
+//! Left behind means: a live process whose command line mentions the folder (QEMU, the VM
+//! folder's watcher, builder itself), anything in `run/`, a disk chain in `store/work/`, a
+//! build in `store/staging/`, anything in `store/trash/`, a `.partial` output in
+//! `store/images/`. Processes are found by command line
+//! ([`builder::store::runner::processes_mentioning`]), never by name: QEMU renames itself
+//! (`-name …,process=builder-vm-…`), so `pgrep qemu-system` sees nothing. `Drop` waits a
+//! little (a killed builder's QEMU and watcher take a moment), kills what is still running,
+//! and fails the test with the list.
+
+// Each test file that includes this uses part of it.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+pub struct NoLeftovers {
+    root: tempfile::TempDir,
+}
+
+impl NoLeftovers {
+    pub fn new() -> Self {
+        // A short path: unix sockets (at most 107 bytes) live under it.
+        let root = tempfile::Builder::new()
+            .prefix("bt-")
+            .tempdir_in("/tmp")
+            .expect("temp dir");
+        std::fs::create_dir(root.path().join("run")).expect("mkdir run");
+        Self { root }
+    }
+
+    /// The private folder; files a test writes here (recipes, copies) are not leftovers.
+    pub fn root(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// The store (`BUILDER_STORE`); created by the first builder command.
+    pub fn store(&self) -> PathBuf {
+        self.root().join("store")
+    }
+
+    /// Where VM folders go (`XDG_RUNTIME_DIR`, `VmOptions::work_dir`); must end empty.
+    pub fn runtime(&self) -> PathBuf {
+        self.root().join("run")
+    }
+
+    /// What is left now, one line each (`process <pid>: <command line>`, or a path).
+    pub fn leftovers(&self) -> Vec<String> {
+        let mut left: Vec<String> =
+            builder::store::runner::processes_mentioning(&self.root().to_string_lossy())
+                .into_iter()
+                .map(|p| format!("process {}: {}", p.pid, p.command_line))
+                .collect();
+        for dir in [
+            self.runtime(),
+            self.store().join("work"),
+            self.store().join("staging"),
+            self.store().join("trash"),
+        ] {
+            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                left.push(format!("file {}", e.path().display()));
+            }
+        }
+        for p in walk(&self.store().join("images")) {
+            if p.file_name()
+                .is_some_and(|n| n.to_string_lossy().contains(".partial"))
+            {
+                left.push(format!("partial output {}", p.display()));
+            }
+        }
+        left
+    }
+
+    /// Wait (bounded) until nothing is left; what is left otherwise.
+    pub fn wait_clean(&self, within: Duration) -> Vec<String> {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = self.leftovers();
+            if left.is_empty() || Instant::now() > deadline {
+                return left;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Kill (SIGKILL) every process that mentions the folder; their pids.
+    pub fn kill_processes(&self) -> Vec<u32> {
+        let found = builder::store::runner::processes_mentioning(&self.root().to_string_lossy());
+        for p in &found {
+            if let Ok(pid) = i32::try_from(p.pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        found.into_iter().map(|p| p.pid).collect()
+    }
+}
+
+impl Drop for NoLeftovers {
+    fn drop(&mut self) {
+        let left = self.wait_clean(Duration::from_secs(15));
+        if left.is_empty() {
+            return;
+        }
+        // Leave no mess for the next test either way.
+        self.kill_processes();
+        if !std::thread::panicking() {
+            panic!("left behind after the test:\n  {}", left.join("\n  "));
+        }
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        }
+        out.push(p);
+    }
+    out
+}
