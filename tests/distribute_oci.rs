@@ -372,6 +372,15 @@ fn an_artifact_round_trips_with_equal_digests() {
         .filter(|n| n.to_string_lossy().ends_with(".part"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert!(!pulled.from_cache);
+
+    // A manifest digest names its content for ever: once pulled, the registry is not asked
+    // again (here it is gone).
+    let opts = options(&registry);
+    drop(registry);
+    let again = pull(&rt, &pinned, &opts, &cache).expect("pull from the cache");
+    assert!(again.from_cache);
+    assert_eq!((again.path, again.sha256), (pulled.path, pulled.sha256));
 }
 
 #[test]

@@ -637,13 +637,16 @@ pub async fn fetch_parent(cx: &Cx<'_>) -> Result<Base, BuildError> {
             )
             .await
             .map_err(BuildError::PullParent)?;
-            cx.progress(
-                "fetch",
-                &format!(
-                    "cached as {} (layer digest verified)",
-                    pulled.path.display()
-                ),
-            );
+            // From the cache, the pull already said so ("already cached as …").
+            if !pulled.from_cache {
+                cx.progress(
+                    "fetch",
+                    &format!(
+                        "cached as {} (layer digest verified)",
+                        pulled.path.display()
+                    ),
+                );
+            }
             // The pin is the manifest's digest; the cache knows the disk by its own.
             cx.with_manifest(|m| {
                 if let Some(parent) = &mut m.inputs.parent {

@@ -417,6 +417,9 @@ pub struct PulledDisk {
     pub sha256: String,
     /// `sha256:<hex>` of the manifest it came from.
     pub manifest_digest: String,
+    /// Served from the cache by the manifest's memo: the registry was not asked (the disk's
+    /// digest was checked when it was first pulled; its file is named by it).
+    pub from_cache: bool,
 }
 
 /// An OCI descriptor (what a manifest says about a blob).
@@ -684,6 +687,7 @@ pub async fn pull_disk(
                 path,
                 sha256,
                 manifest_digest,
+                from_cache: true,
             });
         }
     }
@@ -742,6 +746,7 @@ async fn pull_uncached(
             path,
             sha256: sha,
             manifest_digest,
+            from_cache: false,
         });
     }
     let tar_layers: Vec<&OciDescriptor> = manifest
@@ -765,6 +770,7 @@ async fn pull_uncached(
                 path,
                 sha256,
                 manifest_digest,
+                from_cache: false,
             })
         }
         _ => Err(no_disk(format!(
