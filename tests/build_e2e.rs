@@ -23,7 +23,8 @@
 //!   in the build VM, a typed command runs, exiting fails the build.
 //! - the example `images/debian-12-base/recipe.yml`, then a recipe built on it from the store
 //!   (`tests/build/on-parent.yml`).
-//! - a failing test component with `--keep-on-failure`: exit 1, the STYLE.md error, logs in
+//! - a failing test component with `--keep-on-failure` and `--on-error shell` on a
+//!   pseudo-terminal: the shell opens in the test VM; then exit 1, the STYLE.md error, logs in
 //!   the store's `failed/` area, the disk chain and the test VM kept as the notes say, then
 //!   removed with the notes' own commands.
 //!
@@ -488,18 +489,49 @@ fn failing_test_fails_the_build_and_keep_on_failure_keeps_what_it_says() {
     let image = vm_tier::test_image();
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let guard = NoLeftovers::new();
-    let out = guard.builder(
-        &image,
-        &[
-            "build",
-            "tests/build/failing-test.yml",
-            "--keep-on-failure",
-            "--accel",
-            "tcg",
-        ],
+    // With `--on-error shell` too, on a terminal (stdout a pipe): the test step fails in the
+    // test VM, so the shell opens there; once it is closed the build fails and keeps what
+    // --keep-on-failure keeps. (No boot of its own: the failing build boots both VMs anyway.)
+    let minutes = |m: u64| std::time::Duration::from_secs(m * 60);
+    let mut term = OnTerminal::spawn(
+        &guard.command(
+            &image,
+            &[
+                "build",
+                "tests/build/failing-test.yml",
+                "--keep-on-failure",
+                "--on-error",
+                "shell",
+                "--accel",
+                "tcg",
+            ],
+        ),
+        false,
     );
-    assert_eq!(out.status.code(), Some(1), "a failing test is exit 1");
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let at = term.wait_for(0, "shell ready", minutes(20));
+    let before = term.transcript()[..at].replace('\r', "");
+    assert!(
+        before.contains(
+            "error: test of component `always-fails` failed in phase `test`, step `CheckSomethingMissing`"
+        ) && before.contains(
+            "the build then fails and keeps its disk and logs (--keep-on-failure)"
+        ),
+        "{before}"
+    );
+    // The test VM: the built image (write-marker's file) in the state the test step left.
+    term.type_in(
+        "test -e /etc/not-there || echo \"not there; marker $(cat /etc/builder-e2e/marker), $((2 * 2))\"\r",
+    );
+    term.wait_for(at, "not there; marker hello, 4", minutes(2));
+    term.type_in("exit\r");
+    let finished = term.finish(minutes(5));
+    assert_eq!(finished.code, Some(1), "a failing test is exit 1");
+    assert!(
+        finished.transcript[at..].contains("note: shell closed; failing the build"),
+        "{}",
+        finished.transcript
+    );
+    let stderr = finished.transcript.replace('\r', "");
     assert!(
         stderr.contains(
             "error: test of component `always-fails` failed in phase `test`, step `CheckSomethingMissing`"
@@ -508,7 +540,7 @@ fn failing_test_fails_the_build_and_keep_on_failure_keeps_what_it_says() {
     );
     assert!(stderr.contains("`test -e /etc/not-there`") || stderr.contains("Caused by"));
     assert!(stderr.contains("│ it is not there"), "last lines of output");
-    assert!(out.stdout.is_empty(), "no output paths on failure");
+    assert!(finished.stdout.is_empty(), "no output paths on failure");
     // write-marker.yml has what AWSTOE accepts with a warning (an input key DeleteFile does not
     // have, an unclosed `{{`): shown before the build, with its place and hint, and the steps
     // ran as AWSTOE runs them (its LiteralBraces step checks that in the guest).
@@ -521,9 +553,11 @@ fn failing_test_fails_the_build_and_keep_on_failure_keeps_what_it_says() {
         "{stderr}"
     );
 
-    // The logs are kept in the store's failed/ area, where the message says.
+    // The logs are kept in the store's failed/ area, where the message says (the last
+    // message: the one before the shell names them where they were while it was open).
     let full_log = stderr
         .lines()
+        .rev()
         .find_map(|l| l.trim().strip_prefix("full log: "))
         .map(PathBuf::from)
         .expect("a full log line");
@@ -844,11 +878,25 @@ struct OnTerminal {
     slave: PathBuf,
     transcript: std::sync::Arc<Mutex<Vec<u8>>>,
     reader: Option<std::thread::JoinHandle<()>>,
+    /// Reads stdout when it is a pipe rather than the terminal.
+    stdout: Option<std::thread::JoinHandle<Vec<u8>>>,
+}
+
+/// How a process on a terminal ended.
+struct Finished {
+    code: Option<i32>,
+    /// Everything the terminal showed.
+    transcript: String,
+    /// The terminal's local modes as the process left them.
+    modes: nix::sys::termios::LocalFlags,
+    /// stdout, when it was a pipe.
+    stdout: Vec<u8>,
 }
 
 impl OnTerminal {
-    /// Runs `program` on a new 24x80 terminal.
-    fn spawn(program: &Command) -> Self {
+    /// Runs `program` on a new 24x80 terminal; its stdout is the terminal too, or a pipe
+    /// (as in `builder build … > paths`).
+    fn spawn(program: &Command, stdout_on_terminal: bool) -> Self {
         use std::io::Read;
         let size = nix::pty::Winsize {
             ws_row: 24,
@@ -875,10 +923,21 @@ impl OnTerminal {
             };
         }
         cmd.stdin(slave.try_clone().expect("dup the pty"))
-            .stdout(slave.try_clone().expect("dup the pty"))
+            .stdout(if stdout_on_terminal {
+                std::process::Stdio::from(slave.try_clone().expect("dup the pty"))
+            } else {
+                std::process::Stdio::piped()
+            })
             .stderr(slave)
             .env("TERM", "dumb");
-        let child = cmd.spawn().expect("builder runs");
+        let mut child = cmd.spawn().expect("builder runs");
+        let stdout = child.stdout.take().map(|mut out| {
+            std::thread::spawn(move || {
+                let mut bytes = Vec::new();
+                let _ = out.read_to_end(&mut bytes);
+                bytes
+            })
+        });
         // `cmd` still holds the slave's descriptors: without dropping them the master would
         // never see the end of the output.
         drop(cmd);
@@ -907,6 +966,7 @@ impl OnTerminal {
             slave: slave_path,
             transcript,
             reader: Some(reader),
+            stdout,
         }
     }
 
@@ -962,12 +1022,8 @@ impl OnTerminal {
         self.master.write_all(text.as_bytes()).expect("type");
     }
 
-    /// The exit code, the whole transcript once the output is drained, and the terminal's
-    /// local modes as the process left them.
-    fn finish(
-        mut self,
-        within: std::time::Duration,
-    ) -> (Option<i32>, String, nix::sys::termios::LocalFlags) {
+    /// Waits for the process to exit and its output to be drained.
+    fn finish(mut self, within: std::time::Duration) -> Finished {
         let deadline = std::time::Instant::now() + within;
         let status = loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
@@ -983,9 +1039,44 @@ impl OnTerminal {
         if let Some(reader) = self.reader.take() {
             let _ = reader.join();
         }
-        let text = self.transcript();
-        eprintln!("--- terminal ---\n{text}\n--- exit {:?} ---", status.code());
-        (status.code(), text, self.local_modes())
+        let stdout = self
+            .stdout
+            .take()
+            .map(|t| t.join().expect("stdout reader"))
+            .unwrap_or_default();
+        let transcript = self.transcript();
+        eprintln!(
+            "--- terminal ---\n{transcript}\n--- exit {:?} ---",
+            status.code()
+        );
+        Finished {
+            code: status.code(),
+            transcript,
+            modes: self.local_modes(),
+            stdout,
+        }
+    }
+}
+
+/// A test that failed while builder still runs stops it as a user would (SIGTERM: builder
+/// removes its VM and files), so the leftovers check that follows sees what builder left.
+impl Drop for OnTerminal {
+    fn drop(&mut self) {
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
+        }
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while matches!(self.child.try_wait(), Ok(None)) {
+            if std::time::Instant::now() >= deadline {
+                let _ = self.child.kill();
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        let _ = self.child.wait();
+        eprintln!("--- terminal (stopped) ---\n{}", self.transcript());
     }
 }
 
@@ -1003,17 +1094,20 @@ fn on_error_shell_opens_a_shell_in_the_build_vm_on_a_terminal() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let guard = NoLeftovers::new();
     let minutes = |m: u64| std::time::Duration::from_secs(m * 60);
-    let mut term = OnTerminal::spawn(&guard.command(
-        &image,
-        &[
-            "build",
-            "tests/build/failing-step.yml",
-            "--on-error",
-            "shell",
-            "--accel",
-            "tcg",
-        ],
-    ));
+    let mut term = OnTerminal::spawn(
+        &guard.command(
+            &image,
+            &[
+                "build",
+                "tests/build/failing-step.yml",
+                "--on-error",
+                "shell",
+                "--accel",
+                "tcg",
+            ],
+        ),
+        true,
+    );
     use nix::sys::termios::LocalFlags;
     let cooked = LocalFlags::ECHO | LocalFlags::ICANON | LocalFlags::ISIG;
     assert!(term.local_modes().contains(cooked));
@@ -1081,7 +1175,12 @@ fn on_error_shell_opens_a_shell_in_the_build_vm_on_a_terminal() {
 
     // Exiting the shell (with any status) fails the build.
     term.type_in("exit 7\r");
-    let (code, shown, modes) = term.finish(minutes(5));
+    let Finished {
+        code,
+        transcript: shown,
+        modes,
+        ..
+    } = term.finish(minutes(5));
     assert!(
         modes.contains(cooked),
         "builder left the terminal raw: {modes:?}"

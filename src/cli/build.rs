@@ -235,7 +235,11 @@ impl FailureShell for Shell {
             "{cyan}note{cyan:#}: opening a shell in {vm} (as root, in the state the step left); exit it when done: {then}"
         );
         let _ = std::io::stderr().flush();
-        if let Err(e) = super::vm::interactive_shell(&agent, true, "shell ready").await {
+        // The shell prints to stderr, the terminal the messages go to: stdout carries only
+        // the output paths (`builder build … > paths` must not capture the session).
+        if let Err(e) =
+            super::vm::interactive_shell(&agent, true, "shell ready", &super::vm::AllToStderr).await
+        {
             eprintln!("warning: the shell ended: {:#}", e.error);
         }
         eprintln!("{cyan}note{cyan:#}: shell closed; failing the build");

@@ -444,6 +444,18 @@ impl OutputSink for Passthrough {
     }
 }
 
+/// Everything the guest prints goes to stderr: for `builder build --on-error shell`, whose
+/// stdout carries only data (the output paths) and may be a file or a pipe.
+pub(super) struct AllToStderr;
+
+impl OutputSink for AllToStderr {
+    fn output(&self, _: OutputStream, data: &[u8]) {
+        let mut err = std::io::stderr().lock();
+        let _ = err.write_all(data);
+        let _ = err.flush();
+    }
+}
+
 fn exit_code(status: ExitStatus, timeout: Option<u64>) -> CliResult {
     match status {
         ExitStatus::Exited(c) => Ok(u8::try_from(c & 0xff).unwrap_or(EXIT_FAILED)),
@@ -537,7 +549,13 @@ async fn shell(args: ShellArgs) -> CliResult {
                     "an interactive shell needs builder's agent in the guest"
                 )));
             };
-            interactive_shell(agent, tty, "shell ready (exit it to stop the VM)").await
+            interactive_shell(
+                agent,
+                tty,
+                "shell ready (exit it to stop the VM)",
+                &Passthrough,
+            )
+            .await
         },
     )
     .await?;
@@ -545,12 +563,13 @@ async fn shell(args: ShellArgs) -> CliResult {
 }
 
 /// A login shell in the guest through its agent, wired to this terminal (raw mode and window
-/// size when `tty`), until it exits. `ready` is printed once it runs. Also what
-/// `builder build --on-error shell` opens.
+/// size when `tty`), until it exits; what it prints goes to `output`. `ready` is printed once
+/// it runs. Also what `builder build --on-error shell` opens.
 pub async fn interactive_shell(
     agent: &builder::target::agent::AgentTarget,
     tty: bool,
     ready: &str,
+    output: &dyn OutputSink,
 ) -> Result<ExitStatus, Failure> {
     let mut request = ExecRequest::bash(
         "if command -v bash >/dev/null 2>&1; then exec bash -l; else exec sh -l; fi",
@@ -591,7 +610,7 @@ pub async fn interactive_shell(
     let status = loop {
         tokio::select! {
             ev = shell.next() => match ev {
-                Ok(InteractiveEvent::Output(stream, data)) => Passthrough.output(stream, &data),
+                Ok(InteractiveEvent::Output(stream, data)) => output.output(stream, &data),
                 Ok(InteractiveEvent::Exited(status)) => break Ok(status),
                 Err(e) => break Err(Failure::failed(anyhow::Error::new(e).context("the shell connection failed"))),
             },
