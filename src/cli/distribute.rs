@@ -18,7 +18,7 @@ use builder::distribute::local::LocalError;
 use builder::distribute::target::{self, AmiTarget, CliOptions, Target, TargetError};
 use builder::distribute::{DistributeError, Progress, Receipt};
 use builder::export::Format;
-use builder::store::ImageRef;
+use builder::store::{ImageRef, human_size};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Args)]
@@ -300,22 +300,6 @@ pub async fn main(args: DistributeArgs) -> CliResult {
         return Err(Failure::already_printed(code));
     }
     Ok(0)
-}
-
-/// `1.2 GiB`, `340.0 MiB`, `512 B`.
-fn human_size(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
 }
 
 fn chain(e: &dyn std::error::Error) -> String {

@@ -9,7 +9,9 @@ use serde::Serialize;
 
 use super::{CliResult, Failure};
 use builder::export::Manifest;
-use builder::store::{Abandoned, FailedBuild, ImageRef, Store, StoreError, StoredImage};
+use builder::store::{
+    Abandoned, FailedBuild, ImageRef, Store, StoreError, StoredImage, human_size,
+};
 
 #[derive(Debug, Subcommand)]
 pub enum ImagesCommand {
@@ -311,21 +313,6 @@ fn warn(problem: &StoreError) {
         source = cause.source();
     }
     eprintln!("{msg}");
-}
-
-/// `1.2 GiB`, `340.0 MiB`, `512 B`.
-fn human_size(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    if bytes < 1024 {
-        return format!("{bytes} B");
-    }
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1} {}", UNITS[unit])
 }
 
 #[derive(Serialize)]

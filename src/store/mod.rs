@@ -312,7 +312,7 @@ impl std::fmt::Display for Abandoned {
                 f,
                 "; removed {} ({})",
                 removed.join(", "),
-                human_bytes(self.freed_bytes)
+                human_size(self.freed_bytes)
             )?;
         }
         if let Some(dir) = &self.failed_dir {
@@ -325,8 +325,8 @@ impl std::fmt::Display for Abandoned {
     }
 }
 
-/// `1.2 GiB`, `340.0 MiB`, `512 B`.
-fn human_bytes(bytes: u64) -> String {
+/// `1.2 GiB`, `340.0 MiB`, `512 B`: a size as the store's listings and messages show it.
+pub fn human_size(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     if bytes < 1024 {
         return format!("{bytes} B");
