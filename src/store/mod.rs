@@ -1035,6 +1035,21 @@ impl Drop for BuildSlot {
 
 /// Sub-folder names of `dir` that are not hidden, sorted; empty if `dir` does not exist.
 fn sorted_names(dir: &Path) -> Result<Vec<String>, StoreError> {
+    entry_names(dir, |entry, name| {
+        !name.starts_with('.') && entry.path().is_dir()
+    })
+}
+
+/// Names of the plain files in `dir`, sorted; empty if `dir` does not exist.
+fn file_names(dir: &Path) -> Result<Vec<String>, StoreError> {
+    entry_names(dir, |entry, _| entry.file_type().is_ok_and(|t| t.is_file()))
+}
+
+/// Names of the entries of `dir` that `keep` accepts, sorted; empty if `dir` does not exist.
+fn entry_names(
+    dir: &Path,
+    keep: impl Fn(&std::fs::DirEntry, &str) -> bool,
+) -> Result<Vec<String>, StoreError> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -1044,26 +1059,8 @@ fn sorted_names(dir: &Path) -> Result<Vec<String>, StoreError> {
     for entry in entries {
         let entry = entry.map_err(StoreError::io("list", dir))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if !name.starts_with('.') && entry.path().is_dir() {
+        if keep(&entry, &name) {
             names.push(name);
-        }
-    }
-    names.sort();
-    Ok(names)
-}
-
-/// Names of the plain files in `dir`, sorted; empty if `dir` does not exist.
-fn file_names(dir: &Path) -> Result<Vec<String>, StoreError> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(StoreError::io("list", dir)(e)),
-    };
-    let mut names = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(StoreError::io("list", dir))?;
-        if entry.file_type().is_ok_and(|t| t.is_file()) {
-            names.push(entry.file_name().to_string_lossy().into_owned());
         }
     }
     names.sort();
