@@ -329,6 +329,16 @@ pub struct ReachedDocument {
     pub sha256: Sha256,
 }
 
+impl ReachedDocument {
+    /// How the manifest's inputs (and a pipeline's recorded inputs) name this document.
+    pub fn input(&self) -> crate::export::manifest::DocumentInput {
+        crate::export::manifest::DocumentInput {
+            path: self.path.clone(),
+            sha256: self.sha256.to_string(),
+        }
+    }
+}
+
 /// Follows `ExecuteDocument` steps from a component's document, as the executor will: the
 /// `document` input is resolved relative to the calling document, with the parameters and
 /// constants it will see. A path known only while the build runs (a loop value, a step's

@@ -15,13 +15,13 @@ use super::BuildOptions;
 use super::events::{BuildEvent, BuildLog, StageOutput};
 use super::generalize::{self, GeneralizeError};
 use super::layers::{DiskChain, LayerError, file_safe};
-use super::plan::{self, Plan, PlanError, PlannedComponent, PlannedParent};
+use super::plan::{self, Plan, PlanError, PlannedComponent, PlannedParent, ReachedDocument};
 use super::undo::{self, Outcome, UndoList, UnwindReport};
 use crate::component::executor::{self, RunError, RunOptions, RunRequest};
 use crate::component::report::{ExecutionReport, Status as StepStatus};
 use crate::export::manifest::{
-    ComponentInput, DocumentInput, HostInfo, ImageId, LayerKey, Manifest, PackageList,
-    ParameterValue, ParentInput, PhaseStatus, StageTiming, Status, TestResult,
+    ComponentInput, HostInfo, ImageId, LayerKey, Manifest, PackageList, ParameterValue,
+    ParentInput, PhaseStatus, StageTiming, Status, TestResult,
 };
 use crate::export::{self, ExportError, ExportProgress, ExportRequest};
 use crate::recipe;
@@ -457,14 +457,7 @@ fn fill_inputs(m: &mut Manifest, plan: &Plan) {
                 .iter()
                 .map(|(k, v)| ParameterValue::new(k, v, false))
                 .collect(),
-            documents: c
-                .documents
-                .iter()
-                .map(|d| DocumentInput {
-                    path: d.path.clone(),
-                    sha256: d.sha256.to_string(),
-                })
-                .collect(),
+            documents: c.documents.iter().map(ReachedDocument::input).collect(),
         })
         .collect();
     let i = &plan.infrastructure;

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::history::Execution;
 use super::model::StartCondition;
-use crate::build::plan::{Plan, PlannedComponent, PlannedParent};
+use crate::build::plan::{Plan, PlannedComponent, PlannedParent, ReachedDocument};
 use crate::export::manifest::DocumentInput;
 
 /// What a build is made from, as recorded with each execution (`inputs` in the history).
@@ -102,14 +102,7 @@ impl Inputs {
             name: c.name.clone(),
             sha256: c.sha256.to_string(),
             parameters: c.parameters.clone(),
-            documents: c
-                .documents
-                .iter()
-                .map(|d| DocumentInput {
-                    path: d.path.clone(),
-                    sha256: d.sha256.to_string(),
-                })
-                .collect(),
+            documents: c.documents.iter().map(ReachedDocument::input).collect(),
         };
         Inputs {
             recipe: plan.recipe.sha256.to_string(),
