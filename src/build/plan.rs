@@ -494,15 +494,9 @@ impl Reach<'_> {
                 return;
             }
         };
-        let phases: Option<Vec<String>> = input("phases")
+        let phases = input("phases")
             .and_then(|p| crate::component::template::expand(p, &scope).ok())
-            .map(|p| {
-                p.split(',')
-                    .map(|s| s.trim().to_string())
-                    .filter(|s| !s.is_empty())
-                    .collect::<Vec<_>>()
-            })
-            .filter(|p| !p.is_empty());
+            .and_then(|p| executor::selected_phases(&p));
         ancestry.push(canonical);
         self.walk(&nested, &shown, &variables, phases.as_deref(), ancestry);
         ancestry.pop();

@@ -142,6 +142,17 @@ pub fn document_label(document: &Document) -> String {
     }
 }
 
+/// The phases an `ExecuteDocument` step's `phases` input selects (`build, test`): the
+/// comma-separated names, trimmed; `None` (every phase) when it names none.
+pub fn selected_phases(phases: &str) -> Option<Vec<String>> {
+    let names: Vec<String> = phases
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    (!names.is_empty()).then_some(names)
+}
+
 fn phase_selected(filter: Option<&[String]>, phase: &Phase) -> bool {
     filter.is_none_or(|names| names.contains(&phase.name))
 }
@@ -1292,14 +1303,7 @@ impl<'a> Engine<'a> {
                 }
             }
         }
-        let phases: Option<Vec<String>> = text("phases")
-            .map(|p| {
-                p.split(',')
-                    .map(|s| s.trim().to_string())
-                    .filter(|s| !s.is_empty())
-                    .collect::<Vec<_>>()
-            })
-            .filter(|p| !p.is_empty());
+        let phases = text("phases").and_then(|p| selected_phases(&p));
         let windows = windows_only_steps(&document, phases.as_deref());
         if !windows.is_empty() {
             return Err(ActionError::Failed(format!(
