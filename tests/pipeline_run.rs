@@ -23,7 +23,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use builder::pipeline::conditions::Inputs;
-use builder::pipeline::history::{ExecStatus, Execution, History, Outcome, Trigger};
+use builder::pipeline::history::{ExecStatus, Execution, ExecutionId, History, Outcome, Trigger};
 use builder::store::Store;
 use chrono::Utc;
 
@@ -111,6 +111,25 @@ impl Site {
         History::open(&History::default_path(&store)).expect("history")
     }
 
+    /// Record a successful execution of `hello` with `inputs`, as a real build records one.
+    fn seed_success(&self, inputs: Option<serde_json::Value>) -> ExecutionId {
+        let history = self.history();
+        let id = history
+            .begin("hello", Trigger::Manual, "seeded by the test")
+            .expect("begin")
+            .expect("an id");
+        history
+            .finish(
+                id,
+                &Outcome {
+                    inputs,
+                    ..Outcome::available("hello/1.0.0/1")
+                },
+            )
+            .expect("finish");
+        id
+    }
+
     fn executions(&self) -> Vec<Execution> {
         self.history()
             .executions(Some("hello"), 100)
@@ -142,20 +161,7 @@ fn skipped_while_nothing_changed_then_built_after_the_parent_changed() {
     let store = Store::open(site.path("store")).expect("store");
     let (plan, _) =
         builder::build::plan::make(&site.path("recipe.yml"), &store, &mut |_| {}).expect("plan");
-    let history = site.history();
-    let first = history
-        .begin("hello", Trigger::Manual, "seeded by the test")
-        .expect("begin")
-        .expect("an id");
-    history
-        .finish(
-            first,
-            &Outcome {
-                inputs: Some(Inputs::of(&plan).to_json()),
-                ..Outcome::available("hello/1.0.0/1")
-            },
-        )
-        .expect("finish");
+    let first = site.seed_success(Some(Inputs::of(&plan).to_json()));
 
     // 1. Nothing changed: skipped, no build, the reason says what was compared.
     let (code, stderr) = site.builder(&["pipeline", "run", "pipelines/hello.yml"]);
@@ -247,20 +253,7 @@ fn editing_a_document_run_through_execute_document_is_a_changed_dependency() {
         "builder plan shows the reached document:\n{text}\n{}",
         String::from_utf8_lossy(&shown.stderr)
     );
-    let history = site.history();
-    let first = history
-        .begin("hello", Trigger::Manual, "seeded by the test")
-        .expect("begin")
-        .expect("an id");
-    history
-        .finish(
-            first,
-            &Outcome {
-                inputs: Some(Inputs::of(&plan).to_json()),
-                ..Outcome::available("hello/1.0.0/1")
-            },
-        )
-        .expect("finish");
+    let first = site.seed_success(Some(Inputs::of(&plan).to_json()));
 
     let (code, stderr) = site.builder(&["pipeline", "run", "pipelines/hello.yml"]);
     assert_eq!(code, Some(0), "{stderr}");
@@ -538,20 +531,7 @@ fn a_moved_oci_tag_is_a_changed_dependency_named_by_its_new_digest() {
     assert_eq!(OciSite::recorded_parent(again), parent);
 
     // As if that build had succeeded: the same inputs, recorded as available.
-    let history = site.history();
-    let success = history
-        .begin("hello", Trigger::Manual, "seeded by the test")
-        .expect("begin")
-        .expect("an id");
-    history
-        .finish(
-            success,
-            &Outcome {
-                inputs: ran.inputs.clone(),
-                ..Outcome::available("hello/1.0.0/1")
-            },
-        )
-        .expect("finish");
+    let success = site.seed_success(ran.inputs.clone());
 
     // 2. The tag has not moved: skipped, the reason names the tag and its digest.
     let (code, _, stderr) = oci.builder(&["pipeline", "run", "pipelines/hello.yml"]);
