@@ -283,6 +283,14 @@ fn assert_no_state(state: &Path) {
     assert!(files_in(state).is_empty(), "left: {:?}", files_in(state));
 }
 
+/// No multipart upload is left open in moto's `BUCKET`.
+fn assert_no_multipart_upload(moto: &Moto) {
+    let uploads = moto.boto3(&format!(
+        "out = len(s3().list_multipart_uploads(Bucket={BUCKET:?}).get('Uploads', []))"
+    ));
+    assert_eq!(uploads, 0);
+}
+
 // ---- S3 against s3s-fs
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -722,10 +730,7 @@ async fn import_ami_uploads_imports_registers_tags_copies_and_shares() {
         "{steps:#?}"
     );
     assert_no_state(&state);
-    let uploads = moto.boto3(&format!(
-        "out = len(s3().list_multipart_uploads(Bucket={BUCKET:?}).get('Uploads', []))"
-    ));
-    assert_eq!(uploads, 0);
+    assert_no_multipart_upload(&moto);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1090,10 +1095,7 @@ async fn an_interrupted_import_keeps_its_converted_disk_and_resumes() {
     assert_eq!(receipt.location, format!("{ami} (us-east-1)"));
     assert_no_state(&state);
     call_list(&moto).await;
-    let uploads = moto.boto3(&format!(
-        "out = len(s3().list_multipart_uploads(Bucket={BUCKET:?}).get('Uploads', []))"
-    ));
-    assert_eq!(uploads, 0);
+    assert_no_multipart_upload(&moto);
 }
 
 /// `builder distribute NAME --to ami` as a user runs it: a build in a real store, the
