@@ -763,9 +763,14 @@ async fn a_restarted_agent_or_a_closed_port_fails_requests_in_flight() {
     std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let sock = dir.path().join("agent.sock");
     let mut relay = relay(UnixListener::bind(&sock).expect("bind"));
+    // The agents of this test keep their scripts in a temp dir of their own: an agent that
+    // another test starts meanwhile removes a dead agent's scripts from the shared one.
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).expect("mkdir tmp");
     let start = || {
         spawn_fresh(
             std::process::Command::new(&exe)
+                .env("TMPDIR", &tmp)
                 .arg("--connect-unix")
                 .arg(&sock),
         )
@@ -802,7 +807,7 @@ async fn a_restarted_agent_or_a_closed_port_fails_requests_in_flight() {
     assert_gone(orphan_pid).await;
     let first_scripts = || {
         let prefix = format!(".builder-script-{}-", first.id());
-        std::fs::read_dir(std::env::temp_dir())
+        std::fs::read_dir(&tmp)
             .expect("temp dir")
             .filter_map(|e| e.ok())
             .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
