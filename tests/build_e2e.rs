@@ -8,14 +8,17 @@
 //!
 //! Without `BUILDER_VM_TESTS=1` each VM test is ignored (tests/support/vm_tier.rs); with it, a
 //! missing image fails.
-//! Boots are expensive (60-140 s each under TCG), so the tests share them: eleven boots in all,
-//! one build at a time.
+//! Boots are expensive (60-140 s each under TCG, several minutes on a busy machine), so the
+//! tests share them: sixteen boots in all (a reboot counts as one), one build at a time.
 //!
-//! - the two-component recipe (`tests/build/two-components.yml`: a Reboot step, the test
-//!   stage, every export format): exit 0, every output `qemu-img check`ed and its sha256 in
-//!   the manifest recomputed, layer keys equal to `builder plan`'s, packages and test results
-//!   recorded; then the exported qcow2 boots (`builder vm exec`) with the changes in it. A
-//!   third component shows that `network: none` leaves the build VM without a route.
+//! - the two-component recipe (`tests/build/two-components.yml`: `diskSize`, a Reboot step,
+//!   AWS's exit-194 reboot, the test stage, every export format): exit 0, every output
+//!   `qemu-img check`ed and its sha256 in the manifest recomputed, layer keys equal to
+//!   `builder plan`'s, packages and test results recorded; then the exported qcow2 boots
+//!   (`builder vm exec`) with the changes in it. Another component shows that `network: none`
+//!   leaves the build VM without a route.
+//! - the same recipe on the Debian 13 fixture (`BUILDER_TEST_IMAGE_DEBIAN13`: systemd 257,
+//!   cloud-init 25.1), qcow2 only: the grown disk, both reboots, the test stage.
 //! - `firmware: uefi` + `network: user` (`tests/build/uefi-user-network.yml`): the build VM
 //!   and the test VM boot OVMF and fetch from an HTTP server the test runs on the host's
 //!   loopback.
@@ -157,6 +160,53 @@ fn qemu_img_check(path: &Path) {
     );
 }
 
+/// What the two-component recipe's build must show on every fixture: the build VM was ready
+/// for steps ("cloud-init done", the root file system grown to `diskSize` before any step),
+/// the Reboot step and AWS's exit-194 step each rebooted, and the step after each reboot ran
+/// on the booted system (boot finished, `/` writable, `/tmp` mounted).
+fn booted_grown_and_resumed_after_reboots(all: &[serde_json::Value]) {
+    let boot: Vec<&str> = events(all, "progress")
+        .iter()
+        .filter(|e| e["stage"] == "boot")
+        .filter_map(|e| e["message"].as_str())
+        .collect();
+    // The build VM had no user data: readiness is the end of the boot with cloud-init's
+    // init stages finished (the seed cancelled the others).
+    assert!(
+        boot.iter().any(|m| m.starts_with("cloud-init done after")),
+        "boot reports cloud-init done: {boot:?}"
+    );
+    assert!(
+        boot.iter().any(|m| m.starts_with("root file system: ")),
+        "the grown root file system was measured: {boot:?}"
+    );
+    let started = |step: &str| {
+        events(all, "stepStarted")
+            .iter()
+            .filter(|e| e["step"] == step)
+            .count()
+    };
+    let succeeded = |step: &str| step_succeeded(all, "build", step);
+    assert_eq!(started("RebootNow"), 1, "the Reboot step ran");
+    // The step after the reboot found the boot finished (the session waits for it again
+    // after a reboot): `/` writable, no cloud-init job left.
+    assert!(
+        succeeded("BootFinishedAfterReboot"),
+        "the step after the reboot ran once the boot was over"
+    );
+    // Exit 194: the same step again from its start, in a new boot, writing /tmp.
+    assert_eq!(
+        started("RebootAndResume"),
+        2,
+        "the exit-194 step ran before and after its reboot"
+    );
+    assert!(succeeded("RebootAndResume"));
+    assert!(
+        succeeded("ResumedInANewBoot"),
+        "the exit-194 step resumed in a new boot, on the booted system"
+    );
+}
+
 #[test]
 #[cfg_attr(
     not(vm_tier),
@@ -199,29 +249,7 @@ fn two_components_tested_exported_booted_and_built_upon() {
     ] {
         assert!(stages.contains(&stage), "no stage {stage} in {stages:?}");
     }
-    assert!(
-        events(&all, "stepStarted")
-            .iter()
-            .any(|e| e["step"] == "RebootNow"),
-        "the Reboot step ran"
-    );
-    // The step after the reboot found cloud-init's boot stages finished (the session waits
-    // for them again after a reboot).
-    assert!(
-        events(&all, "stepFinished")
-            .iter()
-            .any(|e| e["step"] == "CloudInitSettledAfterReboot" && e["status"] == "success"),
-        "the step after the reboot ran once cloud-init was done"
-    );
-    // The build VM had no user data: readiness is the end of cloud-init's init stages (the
-    // seed cancelled the others), reported as the boot stage's "cloud-init done".
-    assert!(
-        events(&all, "progress").iter().any(|e| e["stage"] == "boot"
-            && e["message"]
-                .as_str()
-                .is_some_and(|m| m.starts_with("cloud-init done after"))),
-        "boot reports cloud-init done"
-    );
+    booted_grown_and_resumed_after_reboots(&all);
     // `network: none`: the build VM has no network card but loopback, no default route, and
     // a connection to the host's address on QEMU's user network fails as unreachable.
     for step in ["OnlyLoopback", "NoDefaultRoute", "FetchFails"] {
@@ -348,6 +376,72 @@ fn two_components_tested_exported_booted_and_built_upon() {
         String::from_utf8_lossy(&out.stdout),
         "built by the e2e test\nrebooted\n"
     );
+}
+
+/// The same recipe on Debian 13 (systemd 257 with a tmpfs `/tmp`, cloud-init 25.1 running
+/// all its stages in one process, kernel 6.12), where steps once started before the guest
+/// was ready: the root file system had not grown yet, and after a reboot `/` was still
+/// read-only. Only the qcow2 format (the exports are the Debian 12 test's business).
+#[test]
+#[cfg_attr(
+    not(vm_tier),
+    ignore = "VM tier: set BUILDER_VM_TESTS=1 and BUILDER_TEST_IMAGE (scripts/test does)"
+)]
+fn two_components_on_debian_13_grown_rebooted_and_tested() {
+    let image = vm_tier::debian13_image();
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let guard = NoLeftovers::new();
+    let recipe = recipe_copy(
+        guard.root(),
+        "two-components.yml",
+        &[(
+            "formats: [qcow2, raw, vmdk, vhdx, vhd, ova]",
+            "formats: [qcow2]",
+        )],
+    );
+
+    let out = guard.builder(
+        &image,
+        &[
+            "build",
+            recipe.to_str().expect("utf-8 path"),
+            "--json",
+            "--accel",
+            "tcg",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "the build failed");
+    let all = json_lines(&out.stdout);
+    print_stage_times(&all);
+    booted_grown_and_resumed_after_reboots(&all);
+    let say = step_output(&all, "build", "Say").join("\n");
+    assert!(
+        say.contains("Debian GNU/Linux 13 (trixie)"),
+        "built on Debian 13: {say}"
+    );
+
+    let dir = stored_build(&guard.store(), "e2e-two");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).expect("manifest"))
+            .expect("manifest JSON");
+    let tests: Vec<(&str, &str)> = manifest["tests"]
+        .as_array()
+        .expect("tests")
+        .iter()
+        .map(|t| {
+            (
+                t["component"].as_str().expect("component"),
+                t["status"].as_str().expect("status"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        tests,
+        [("write-marker", "success"), ("image-is-sealed", "success")],
+        "the test stage ran in a full first boot of the result"
+    );
+    let qcow2 = dir.join(manifest["outputs"][0]["file"].as_str().expect("file"));
+    qemu_img_check(&qcow2);
 }
 
 #[test]

@@ -364,6 +364,10 @@ pub struct Readiness {
     /// `None` when cloud-init was not waited for; otherwise its final status (`done`, or
     /// `absent` when the guest has no cloud-init).
     pub cloud_init: Option<String>,
+    /// How the guest's boot ended, when it was waited for ([`crate::vm::Session`]): the
+    /// boot check's `system: running` (or `degraded` with a `failed: …` line, or `none`
+    /// without systemd).
+    pub system: Option<String>,
 }
 
 /// An interactive command started by [`AgentTarget::start_interactive`].
@@ -669,12 +673,14 @@ impl AgentTarget {
             return Ok(Readiness {
                 hello,
                 cloud_init: None,
+                system: None,
             });
         }
         if hello.cloud_init == "absent" {
             return Ok(Readiness {
                 hello,
                 cloud_init: Some("absent".into()),
+                system: None,
             });
         }
         let capture = Capture::default();
@@ -700,6 +706,7 @@ impl AgentTarget {
                 } else {
                     status
                 }),
+                system: None,
             });
         }
         let what = if outcome.status == ExitStatus::TimedOut {

@@ -13,7 +13,8 @@
 //! without user data, its config and final stages have nothing to do for the build (their
 //! state is wiped by generalization anyway) but cost 20-40 s under TCG, mostly Python
 //! starting twice; the bootcmd cancels their queued start jobs on every boot, so the guest is
-//! ready for steps when the init stage ends ([`crate::vm::session`] waits for exactly that).
+//! ready for steps once the boot is over and the init stages have ended
+//! ([`crate::vm::session`] waits for exactly that).
 //! The init stage also skips growpart/resizefs when the disk was not grown and makes only an
 //! ed25519 SSH host key (generalization deletes them all).
 //!

@@ -1,11 +1,14 @@
 //! A booted VM with a step target on it. Readiness comes in two stages, each reported: "agent
-//! up" (the agent said hello over virtio-serial), then "cloud-init done", so steps never race
-//! cloud-init for the package manager. "Done" is `cloud-init status --wait` when every stage
-//! runs; when the seed cancelled the config and final stages (a build VM without user data,
-//! see [`super::seed::CloudInitScope`]) it is the init stages' systemd jobs having finished
-//! without failure. After a Reboot step the target waits for the same again before the next
-//! step runs. [`Session::close`] powers the guest off through its agent, then falls back on
-//! the VM's shutdown ladder.
+//! up" (the agent said hello over virtio-serial), then "ready": systemd finished booting (so
+//! `/` is writable, `/tmp` is mounted and no boot job is left) and cloud-init is done, so
+//! steps never race the boot or cloud-init for the package manager. "Done" is `cloud-init
+//! status --wait` when every stage runs; when the seed cancelled the config and final stages
+//! (a build VM without user data, see [`super::seed::CloudInitScope`]) it is cloud-init's own
+//! record of this boot (`/run/cloud-init/status.json`) showing its init stages finished
+//! without errors. Neither depends on how a cloud-init release names its units (22.4 runs
+//! one process per stage, 24.3 and later one process for all). After a Reboot step the
+//! target waits for the same again before the next step runs. [`Session::close`] powers the
+//! guest off through its agent, then falls back on the VM's shutdown ladder.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -74,82 +77,181 @@ async fn guest_error(vm: &RunningVm, what: String, source: crate::target::Target
 enum Gate {
     /// Do not wait (the caller said so).
     None,
-    /// `cloud-init status --wait`: every stage runs.
+    /// The boot finished, then `cloud-init status --wait`: every stage runs.
     Status,
-    /// The init stages' jobs finished: the seed cancelled the config and final stages.
+    /// The boot finished and cloud-init's init stages ran to their end this boot: the seed
+    /// cancelled the config and final stages.
     InitStages,
 }
 
-/// Waits until no cloud-init stage has a queued or running systemd job, then fails if an init
-/// stage failed. Prints `status: …` lines like `cloud-init status --long`. Without systemd the
-/// seed cancels nothing, so `cloud-init status --wait` is the answer there. No Python: under
-/// TCG each `cloud-init` command costs seconds just to start.
-const INIT_STAGES_GATE: &str = r#"set -u
-if [ ! -d /run/systemd/system ]; then exec cloud-init status --wait --long; fi
-pending() {
-  systemctl list-jobs --no-legend 2>/dev/null | awk '{print $2}' \
-    | grep -qxE 'cloud-(init-local|init|config|final)\.service'
-}
-while pending; do sleep 0.3; done
-failed=""
-for u in cloud-init-local.service cloud-init.service; do
-  [ "$(systemctl is-failed "$u" 2>/dev/null)" = failed ] && failed="$failed $u"
-done
-if [ -n "$failed" ]; then
-  echo "status: error"
-  echo "detail: failed:$failed"
+/// Waits (at most `$1` seconds) until systemd has finished booting: every job of the boot
+/// transaction done, so the root file system is writable, `/tmp` is the final one (a tmpfs
+/// on systemd 257) and cloud-init's init stages (growpart, resizefs) have run, whatever the
+/// units are called in this release (`cloud-init.service` up to 24.2, `cloud-init-network`
+/// and `cloud-init-main` from 24.3). Prints `system: <state>`; `degraded` (some unit failed)
+/// is ready, with the failed units named. No systemd: `system: none`.
+///
+/// Run as `sh -c` with its text as an argument, never from a script file: right after a
+/// reboot the agent starts early in sysinit, when `/` may still be read-only and `/tmp` not
+/// mounted yet. No Python: under TCG each `cloud-init` command costs seconds just to start.
+const BOOT_GATE: &str = r#"set -u
+if [ ! -d /run/systemd/system ]; then echo "system: none"; exit 0; fi
+state=$(timeout "$1" systemctl is-system-running --wait 2>/dev/null)
+rc=$?
+if [ "$rc" -eq 124 ]; then
+  echo "system: starting"
+  echo "detail: the boot did not finish within $1 s; its jobs still waiting or running:"
+  systemctl list-jobs --no-legend --no-pager 2>/dev/null | head -n 20
   exit 1
 fi
-echo "status: done"
-echo "detail: init stages finished; config and final stages cancelled for the build VM"
+echo "system: ${state:-unknown}"
+case $state in
+running) ;;
+degraded)
+  echo "failed: $(systemctl list-units --state=failed --no-legend --plain 2>/dev/null | awk '{printf "%s ", $1}')" ;;
+*) exit 1 ;;
+esac
 "#;
 
-/// Wait for cloud-init as `gate` says, within `timeout`.
+/// `/run/cloud-init/status.json` (written by cloud-init 22.4 and 25.x alike, fresh each boot
+/// since `/run` is a tmpfs): the init stages of this boot ran to their end without errors.
+fn init_stages_report(status_json: &str) -> Result<String, String> {
+    let doc: serde_json::Value = serde_json::from_str(status_json)
+        .map_err(|e| format!("/run/cloud-init/status.json is not JSON: {e}"))?;
+    let v1 = &doc["v1"];
+    let mut problems = Vec::new();
+    for stage in ["init-local", "init"] {
+        let s = &v1[stage];
+        if s["finished"].as_f64().is_none() {
+            problems.push(format!("stage `{stage}` did not finish this boot"));
+        }
+        if let Some(errors) = s["errors"].as_array()
+            && !errors.is_empty()
+        {
+            let list: Vec<String> = errors
+                .iter()
+                .map(|e| e.as_str().map_or_else(|| e.to_string(), str::to_owned))
+                .collect();
+            problems.push(format!("stage `{stage}` failed: {}", list.join("; ")));
+        }
+    }
+    if problems.is_empty() {
+        Ok(format!(
+            "init stages finished (datasource {}); config and final stages cancelled for the build VM",
+            v1["datasource"].as_str().unwrap_or("none")
+        ))
+    } else {
+        Err(problems.join("\n"))
+    }
+}
+
+/// What the boot gate found: systemd's state once the boot finished (`running`, `degraded`
+/// with the failed units, or `none` without systemd).
+fn boot_state(report: &str) -> Option<&str> {
+    report
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("system:"))
+        .map(str::trim)
+}
+
+/// Waits until the guest's boot finished (see [`BOOT_GATE`]), within `timeout`. Returns the
+/// gate's report (`system: …` and, when degraded, `failed: …`).
+async fn boot_finished(agent: &AgentTarget, timeout: Duration) -> Result<String, TargetError> {
+    let secs = timeout.as_secs().max(1);
+    let out = Capture::default();
+    let outcome = agent
+        .exec(
+            &ExecRequest::argv(["sh", "-c", BOOT_GATE, "sh", &secs.to_string()])
+                // The script's own limit ends it first, with the jobs still queued.
+                .with_timeout(Some(timeout + Duration::from_secs(30))),
+            &out,
+        )
+        .await?;
+    let report = String::from_utf8_lossy(&out.stdout()).into_owned();
+    if outcome.status.success() {
+        return Ok(report);
+    }
+    let state = boot_state(&report);
+    let unfinished =
+        state == Some("starting") || (state.is_none() && outcome.status == ExitStatus::TimedOut);
+    let what = match state {
+        _ if unfinished => format!(
+            "{} did not finish booting within {}s",
+            agent.describe(),
+            timeout.as_secs()
+        ),
+        Some(state) => format!(
+            "{} is not ready for steps: systemd says the system is `{state}`",
+            agent.describe()
+        ),
+        None => format!(
+            "{} is not ready for steps (the boot check {})",
+            agent.describe(),
+            outcome.status
+        ),
+    };
+    Err(TargetError::Failed(format!(
+        "{what}\n{}",
+        report.trim_end()
+    )))
+}
+
+/// Wait for the guest as `gate` says, within `timeout`: the agent's hello, then (unless
+/// `Gate::None`) the end of the boot, then cloud-init's result.
 async fn settle(
     agent: &AgentTarget,
     gate: Gate,
     timeout: Duration,
 ) -> Result<Readiness, TargetError> {
-    match gate {
-        Gate::None => agent.wait_ready(false, timeout).await,
-        Gate::Status => agent.wait_ready(true, timeout).await,
-        Gate::InitStages => {
-            let mut ready = agent.wait_ready(false, timeout).await?;
-            if ready.hello.cloud_init == "absent" {
-                ready.cloud_init = Some("absent".into());
-                return Ok(ready);
-            }
-            let out = Capture::default();
-            let outcome = agent
-                .exec(
-                    &ExecRequest::bash(INIT_STAGES_GATE).with_timeout(Some(timeout)),
-                    &out,
-                )
-                .await?;
-            let report = String::from_utf8_lossy(&out.stdout()).into_owned();
-            let status = report
-                .lines()
-                .find_map(|l| l.trim().strip_prefix("status:"))
-                .map(|s| s.trim().to_owned())
-                .unwrap_or_default();
-            if outcome.status.success() && status == "done" {
-                ready.cloud_init = Some(status);
-                return Ok(ready);
-            }
-            let what = if outcome.status == ExitStatus::TimedOut {
-                format!(
-                    "cloud-init's init stages did not finish within {}s in {}",
-                    timeout.as_secs(),
-                    agent.describe()
-                )
-            } else {
-                format!(
-                    "cloud-init's init stages did not finish cleanly in {} (the readiness check {})",
-                    agent.describe(),
-                    outcome.status
-                )
-            };
-            Err(agent.cloud_init_failure(what, &report).await)
+    let deadline = tokio::time::Instant::now() + timeout;
+    let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
+    let mut ready = agent.wait_ready(false, timeout).await?;
+    if gate == Gate::None {
+        return Ok(ready);
+    }
+    let boot = boot_finished(agent, left()).await?;
+    if ready.hello.cloud_init == "absent" {
+        ready.cloud_init = Some("absent".into());
+        ready.system = Some(boot.trim_end().to_owned());
+        return Ok(ready);
+    }
+    // Without systemd the seed cancels nothing: every stage runs, and `cloud-init status
+    // --wait` is the answer there too.
+    if gate == Gate::Status || boot_state(&boot) == Some("none") {
+        let mut ready = agent.wait_ready(true, left()).await?;
+        ready.system = Some(boot.trim_end().to_owned());
+        return Ok(ready);
+    }
+    let out = Capture::default();
+    let outcome = agent
+        .exec(
+            &ExecRequest::argv(["cat", "/run/cloud-init/status.json"])
+                .with_timeout(Some(Duration::from_secs(60))),
+            &out,
+        )
+        .await?;
+    let report = if outcome.status.success() {
+        init_stages_report(&String::from_utf8_lossy(&out.stdout()))
+    } else {
+        Err(format!(
+            "cloud-init did not run in this boot (no /run/cloud-init/status.json: {})",
+            String::from_utf8_lossy(&out.stderr()).trim()
+        ))
+    };
+    match report {
+        Ok(_) => {
+            ready.cloud_init = Some("done".into());
+            ready.system = Some(boot.trim_end().to_owned());
+            Ok(ready)
+        }
+        Err(problem) => {
+            let what = format!(
+                "cloud-init's init stages did not finish cleanly in {}",
+                agent.describe()
+            );
+            Err(agent
+                .cloud_init_failure(what, &format!("{}\n{problem}", boot.trim_end()))
+                .await)
         }
     }
 }
@@ -359,7 +461,7 @@ impl Session {
         let cloud_init_budget = options.boot_timeout.saturating_sub(vm.uptime());
         let readiness = vm
             .boot_phase(
-                "cloud-init to finish",
+                "the boot and cloud-init to finish",
                 options.boot_timeout,
                 settle(&agent, gate, cloud_init_budget),
             )
@@ -371,6 +473,15 @@ impl Session {
                 return Err(guest_error(&vm, what, source).await);
             }
         };
+        if let Some(failed) = readiness.system.as_deref().and_then(|r| {
+            r.lines()
+                .find_map(|l| l.trim().strip_prefix("failed:"))
+                .map(str::trim)
+        }) {
+            progress(&format!(
+                "the guest finished booting `degraded` (failed units: {failed}); steps run anyway"
+            ));
+        }
         let cloud_init_done = match &readiness.cloud_init {
             Some(state) => {
                 let t = vm.uptime();
@@ -473,5 +584,78 @@ impl Session {
     /// Kill the VM at once (no guest shutdown) and release everything.
     pub fn kill(self, outcome: Outcome) -> UnwindReport {
         self.vm.kill(outcome)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `/run/cloud-init/status.json` as cloud-init writes it (22.4 and 25.1 alike) in a build
+    /// VM whose config and final stages were cancelled.
+    fn status_json(init_finished: &str, init_errors: &str) -> String {
+        format!(
+            r#"{{
+ "v1": {{
+  "datasource": "DataSourceNoCloud [seed=/dev/vdb][dsmode=net]",
+  "init": {{
+   "errors": [{init_errors}],
+   "finished": {init_finished},
+   "recoverable_errors": {{}},
+   "start": 1765037390.112
+  }},
+  "init-local": {{
+   "errors": [],
+   "finished": 1765037388.5,
+   "recoverable_errors": {{}},
+   "start": 1765037380.25
+  }},
+  "modules-config": {{ "errors": [], "finished": null, "recoverable_errors": {{}}, "start": null }},
+  "modules-final": {{ "errors": [], "finished": null, "recoverable_errors": {{}}, "start": null }},
+  "stage": null
+ }}
+}}"#
+        )
+    }
+
+    #[test]
+    fn init_stages_are_done_only_when_both_finished_without_errors() {
+        let done = init_stages_report(&status_json("1765037401.75", "")).expect("done");
+        assert!(done.contains("DataSourceNoCloud"), "{done}");
+        // The network stage still running (growpart and resizefs are in it): not ready.
+        let running = init_stages_report(&status_json("null", "")).expect_err("running");
+        assert_eq!(running, "stage `init` did not finish this boot");
+        let failed = init_stages_report(&status_json(
+            "1765037401.75",
+            r#""('growpart', ProcessExecutionError())""#,
+        ))
+        .expect_err("failed");
+        assert!(
+            failed.starts_with("stage `init` failed: ('growpart'"),
+            "{failed}"
+        );
+        let garbage = init_stages_report("{\"v1\": ").expect_err("not JSON");
+        assert!(garbage.contains("not JSON"), "{garbage}");
+        // No record of a stage at all (cloud-init never got that far this boot).
+        let empty = init_stages_report("{\"v1\": {}}").expect_err("empty");
+        assert_eq!(
+            empty,
+            "stage `init-local` did not finish this boot\nstage `init` did not finish this boot"
+        );
+    }
+
+    #[test]
+    fn boot_gate_parses_in_sh_and_reads_its_budget_from_an_argument() {
+        let status = std::process::Command::new("sh")
+            .args(["-n", "-c", BOOT_GATE])
+            .status()
+            .expect("sh runs");
+        assert!(status.success(), "sh -n rejected:\n{BOOT_GATE}");
+        assert!(BOOT_GATE.contains(r#"timeout "$1" systemctl is-system-running --wait"#));
+        assert_eq!(
+            boot_state("system: degraded\nfailed: x.service \n"),
+            Some("degraded")
+        );
+        assert_eq!(boot_state("nothing\n"), None);
     }
 }

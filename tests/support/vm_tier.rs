@@ -61,6 +61,24 @@ pub fn test_image() -> PathBuf {
     path
 }
 
+/// The Debian 13 fixture image (`BUILDER_TEST_IMAGE_DEBIAN13`: systemd 257, cloud-init 25.1).
+/// Panics with what to do when the tier is off at run time or the image is missing.
+pub fn debian13_image() -> PathBuf {
+    tier_on();
+    let Some(path) = std::env::var_os("BUILDER_TEST_IMAGE_DEBIAN13") else {
+        panic!(
+            "BUILDER_VM_TESTS=1 needs BUILDER_TEST_IMAGE_DEBIAN13=<debian-13-cloud-init.qcow2> (`fixtures/base-image.sh --suite trixie` prints it; scripts/test sets it)"
+        );
+    };
+    let path = PathBuf::from(path);
+    assert!(
+        path.is_file(),
+        "BUILDER_TEST_IMAGE_DEBIAN13={} does not exist (`fixtures/base-image.sh --suite trixie` builds it)",
+        path.display()
+    );
+    path
+}
+
 /// The qemu-guest-agent variant: `BUILDER_TEST_IMAGE_QGA` (or its alias
 /// `BUILDER_TEST_QGA_IMAGE`), else `debian-12-qga.qcow2` next to the cloud-init image.
 /// Panics with what to do when it is missing.
