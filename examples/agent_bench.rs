@@ -9,8 +9,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use builder::target::agent::AgentTarget;
-use builder::target::{Capture, ExecRequest, FileSource, PutOptions, StepTarget};
+use builder::machine::agent::AgentMachine;
+use builder::machine::{Capture, ExecRequest, FileSource, Machine, PutOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
@@ -72,7 +72,7 @@ async fn main() -> anyhow::Result<()> {
         .spawn()?;
     let (stream, _) = listener.accept().await?;
     let target =
-        AgentTarget::connect(stream, "local agent".into(), Duration::from_secs(10)).await?;
+        AgentMachine::connect(stream, "local agent".into(), Duration::from_secs(10)).await?;
 
     let src = dir.path().join("src.bin");
     {

@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use builder::build::undo::Outcome;
-use builder::target::{Capture, ExecRequest, FileSource, PutOptions, StepTarget};
+use builder::machine::{Capture, ExecRequest, FileSource, Machine, PutOptions};
 use builder::vm::VmOptions;
 use builder::vm::session::{Session, SessionOptions};
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use builder::component::executor::{self, RunOptions, RunRequest, Silent};
 use builder::component::parse;
-use builder::target::local::LocalTarget;
+use builder::machine::host::HostMachine;
 use tokio_util::sync::CancellationToken;
 
 fn document(steps: usize) -> String {
@@ -45,7 +45,7 @@ async fn executor(steps: usize) -> Duration {
     let text = document(steps);
     std::fs::write(&path, &text).expect("write document");
     let document = parse::parse_str(&path, &text).expect("the generated document is valid");
-    let target = LocalTarget::new();
+    let target = HostMachine::new();
     let options = RunOptions {
         log_directory: Some(dir.path().join("logs")),
         working_directory: Some(dir.path().to_path_buf()),

@@ -32,8 +32,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use builder::target::agent::AgentTarget;
-use builder::target::{Capture, Discard, ExecRequest, FileSource, PutOptions, StepTarget};
+use builder::machine::agent::AgentMachine;
+use builder::machine::{Capture, Discard, ExecRequest, FileSource, Machine, PutOptions};
 use builder::vm::argv::{Accel, DiskFormat, FirmwareFiles, Network, SerialPort, VmSpec};
 use builder::vm::{AccelChoice, img, process, seed};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -373,7 +373,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         vm.wait_marker().await.ok()
     };
     let hello = async {
-        let t = AgentTarget::connect(agent_stream, "bench VM".into(), BOOT_TIMEOUT).await;
+        let t = AgentMachine::connect(agent_stream, "bench VM".into(), BOOT_TIMEOUT).await;
         (t, vm.started.elapsed())
     };
     let ((agent, agent_up), marker_in_agent_vm) = tokio::join!(hello, marker);
@@ -803,7 +803,7 @@ async fn raw_boot(common: &Common, n: usize) -> anyhow::Result<(Duration, String
 /// Host writes `data` into the bench port while the guest reads exactly that many bytes, into
 /// `/dev/null`, or with `to_file` into that file (flushed with fsync, as a put does).
 async fn bare_up(
-    agent: &Arc<AgentTarget>,
+    agent: &Arc<AgentMachine>,
     stream: &mut UnixStream,
     data: &[u8],
     to_file: Option<&str>,
@@ -835,7 +835,7 @@ async fn bare_up(
 /// The guest writes `size` bytes into the bench port while the host reads them: zeros, or with
 /// `from_file` that file's content.
 async fn bare_down(
-    agent: &Arc<AgentTarget>,
+    agent: &Arc<AgentMachine>,
     stream: &mut UnixStream,
     size: u64,
     from_file: Option<&str>,
@@ -873,7 +873,7 @@ async fn bare_down(
 /// Another agent build served on the bench port; put/get as for ours.
 async fn variant(
     vm: &Vm,
-    agent: &Arc<AgentTarget>,
+    agent: &Arc<AgentMachine>,
     k: usize,
     path: &Path,
     src: &Path,
@@ -901,7 +901,7 @@ async fn variant(
     if !start.status.success() {
         bail!("variant {} did not start: {}", path.display(), start.status);
     }
-    let target = AgentTarget::connect(stream, "variant".into(), Duration::from_secs(60)).await?;
+    let target = AgentMachine::connect(stream, "variant".into(), Duration::from_secs(60)).await?;
     let pid = target.hello().map(|h| h.pid);
     let size = std::fs::metadata(src)?.len();
     let (mut put, mut get) = (Vec::new(), Vec::new());

@@ -3,7 +3,7 @@
 //! The modules and the data flow of one build:
 //!
 //! ```text
-//! recipe.yml ─recipe─▶ Recipe ─build─▶ Plan ─vm─▶ RunningVm ─target─▶ Session
+//! recipe.yml ─recipe─▶ Recipe ─build─▶ Plan ─vm─▶ RunningVm ─machine─▶ Session
 //!   component documents ─component::parse─▶ Document ─component::executor─▶ phase reports
 //!   ─build─▶ generalize, shut down, test in a fresh VM ─export─▶ artifacts ─distribute─▶ receipts
 //! ```
@@ -12,7 +12,7 @@
 //! - [`diagnostic`]: problems in input files, collected and rendered with `file:line:col`.
 //! - [`recipe`]: image recipes: model, validation (every problem at `file:line:col`), JSON Schema.
 //! - [`component`]: AWSTOE component documents: model, validation, templating, executor.
-//! - [`target`]: where steps run ([`target::StepTarget`]): this machine, a guest via our agent.
+//! - [`machine`]: where steps run ([`machine::Machine`]): this machine, a guest via our agent.
 //! - [`agent`]: the host↔guest protocol spoken over virtio-serial.
 //! - [`vm`]: qemu-img, QEMU launch and QMP, accelerator probe, cloud-init seed.
 //! - [`build`]: the stages of a build and the undo list that releases what they created.
@@ -28,9 +28,9 @@ pub mod component;
 pub mod diagnostic;
 pub mod distribute;
 pub mod export;
+pub mod machine;
 pub mod pipeline;
 pub mod recipe;
 pub mod store;
-pub mod target;
 pub mod vm;
 pub mod yaml;

@@ -17,7 +17,7 @@ use saphyr_parser::{Event, Parser, ScalarStyle as SaphyrStyle};
 
 use crate::diagnostic::{Problem, Span};
 
-pub mod walk;
+pub mod reader;
 
 /// Maximum nesting of sequences and mappings.
 pub const MAX_DEPTH: usize = 64;

@@ -1,5 +1,5 @@
 //! Local tier: the real static guest agent (the binary `builder` embeds) run on this machine
-//! against a unix socket standing in for the virtio-serial port, driven by `AgentTarget`.
+//! against a unix socket standing in for the virtio-serial port, driven by `AgentMachine`.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -7,10 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use builder::agent::protocol::{self, Message};
-use builder::target::agent::AgentTarget;
-use builder::target::{
-    Capture, ExecRequest, ExitStatus, FileKind, FileSource, OutputSink, OutputStream, PutOptions,
-    StepTarget, TargetError,
+use builder::machine::agent::AgentMachine;
+use builder::machine::{
+    Capture, ExecRequest, ExitStatus, FileKind, FileSource, Machine, MachineError, OutputSink,
+    OutputStream, PutOptions,
 };
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -74,9 +74,9 @@ impl Agent {
         s
     }
 
-    async fn target(&self) -> AgentTarget {
+    async fn target(&self) -> AgentMachine {
         let stream = self.accept().await;
-        AgentTarget::connect(stream, "local agent".into(), Duration::from_secs(20))
+        AgentMachine::connect(stream, "local agent".into(), Duration::from_secs(20))
             .await
             .expect("hello")
     }
@@ -118,7 +118,7 @@ impl Recorder {
     }
 }
 
-async fn run(t: &AgentTarget, req: ExecRequest) -> (ExitStatus, String, String) {
+async fn run(t: &AgentMachine, req: ExecRequest) -> (ExitStatus, String, String) {
     let cap = Capture::default();
     let out = t.exec(&req, &cap).await.expect("exec");
     (
@@ -243,7 +243,7 @@ async fn exit_codes_signals_and_spawn_failures() {
         .await
         .expect_err("cannot start");
     assert!(
-        matches!(&err, TargetError::Failed(m) if m.contains("/no/such/program")),
+        matches!(&err, MachineError::Failed(m) if m.contains("/no/such/program")),
         "{err}"
     );
     // A script is removed after it ran.
@@ -572,14 +572,14 @@ async fn interactive_command_on_a_pty() {
             .expect("pty output")
             .expect("event")
         {
-            builder::target::agent::InteractiveEvent::Output(_, d) => {
+            builder::machine::agent::InteractiveEvent::Output(_, d) => {
                 out.push_str(&String::from_utf8_lossy(&d));
                 if out.contains("33 101") && !out.contains("sent") {
                     session.write_stdin(b"hello\n").expect("stdin");
                     out.push_str("[sent]");
                 }
             }
-            builder::target::agent::InteractiveEvent::Exited(s) => break s,
+            builder::machine::agent::InteractiveEvent::Exited(s) => break s,
         }
     };
     assert_eq!(status, ExitStatus::Exited(0), "{out}");
@@ -776,7 +776,7 @@ async fn a_restarted_agent_or_a_closed_port_fails_requests_in_flight() {
         )
     };
     let mut first = start();
-    let t = AgentTarget::connect(
+    let t = AgentMachine::connect(
         relay.host_end.take().expect("host end"),
         "relayed agent".into(),
         Duration::from_secs(20),

@@ -935,53 +935,53 @@ fn example_components_validate_and_the_local_ones_run() {
 /// This machine, but `reboot()` succeeds (and is counted): what a VM target does, minus the
 /// VM. Proves the executor's reboot path without one.
 struct RebootableLocal {
-    inner: builder::target::local::LocalTarget,
+    inner: builder::machine::host::HostMachine,
     reboots: std::sync::atomic::AtomicU32,
 }
 
 #[async_trait::async_trait]
-impl builder::target::StepTarget for RebootableLocal {
+impl builder::machine::Machine for RebootableLocal {
     fn describe(&self) -> String {
         "this machine (pretending to reboot)".into()
     }
-    async fn info(&self) -> Result<builder::target::TargetInfo, builder::target::TargetError> {
+    async fn info(&self) -> Result<builder::machine::MachineInfo, builder::machine::MachineError> {
         self.inner.info().await
     }
     async fn exec(
         &self,
-        request: &builder::target::ExecRequest,
-        sink: &dyn builder::target::OutputSink,
-    ) -> Result<builder::target::ExecOutcome, builder::target::TargetError> {
+        request: &builder::machine::ExecRequest,
+        sink: &dyn builder::machine::OutputSink,
+    ) -> Result<builder::machine::ExecOutcome, builder::machine::MachineError> {
         self.inner.exec(request, sink).await
     }
     async fn put_file(
         &self,
         remote: &Path,
-        content: builder::target::FileSource,
-        options: &builder::target::PutOptions,
-    ) -> Result<builder::target::FileInfo, builder::target::TargetError> {
+        content: builder::machine::FileSource,
+        options: &builder::machine::PutOptions,
+    ) -> Result<builder::machine::FileInfo, builder::machine::MachineError> {
         self.inner.put_file(remote, content, options).await
     }
     async fn get_file(
         &self,
         remote: &Path,
         local: &Path,
-    ) -> Result<builder::target::FileInfo, builder::target::TargetError> {
+    ) -> Result<builder::machine::FileInfo, builder::machine::MachineError> {
         self.inner.get_file(remote, local).await
     }
     async fn stat(
         &self,
         remote: &Path,
-    ) -> Result<Option<builder::target::FileStat>, builder::target::TargetError> {
+    ) -> Result<Option<builder::machine::FileStat>, builder::machine::MachineError> {
         self.inner.stat(remote).await
     }
     async fn list(
         &self,
         remote: &Path,
-    ) -> Result<Vec<builder::target::DirEntry>, builder::target::TargetError> {
+    ) -> Result<Vec<builder::machine::DirEntry>, builder::machine::MachineError> {
         self.inner.list(remote).await
     }
-    async fn reboot(&self) -> Result<(), builder::target::TargetError> {
+    async fn reboot(&self) -> Result<(), builder::machine::MachineError> {
         self.reboots.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
@@ -992,7 +992,7 @@ fn run_with_reboots(sb: &Sandbox, text: &str) -> (builder::component::executor::
     let path = sb.document("reboots.yml", text);
     let document = builder::component::parse::load(&path).expect("valid document");
     let target = RebootableLocal {
-        inner: builder::target::local::LocalTarget::new(),
+        inner: builder::machine::host::HostMachine::new(),
         reboots: std::sync::atomic::AtomicU32::new(0),
     };
     let options = RunOptions {
@@ -1289,7 +1289,7 @@ fn execute_document_runs_only_pinned_documents_when_given_pins() {
             .build()
             .expect("runtime")
             .block_on(executor::run(
-                &builder::target::local::LocalTarget::new(),
+                &builder::machine::host::HostMachine::new(),
                 request,
                 options,
                 &Silent,

@@ -14,8 +14,8 @@ mod registry;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use builder::distribute::local::LocalError;
-use builder::distribute::target::{self, CliOptions, Target};
+use builder::distribute::destination::{self, CliOptions, Destination};
+use builder::distribute::directory::DirectoryError;
 use builder::distribute::{DistributeError, NoProgress};
 use builder::export::manifest::{Manifest, ParentInput};
 use builder::export::{Artifact, Format};
@@ -72,8 +72,8 @@ fn names(dir: &Path) -> Vec<String> {
     v
 }
 
-fn dir_target(path: &Path, overwrite: bool, formats: Vec<Format>) -> Target {
-    Target::parse(
+fn dir_target(path: &Path, overwrite: bool, formats: Vec<Format>) -> Destination {
+    Destination::parse(
         &format!("dir:{}", path.display()),
         &CliOptions {
             overwrite,
@@ -91,7 +91,7 @@ async fn a_directory_copy_is_complete_verified_and_never_half_there() {
     let image = store_build(&store, "web", None);
     let out = tmp.path().join("out");
 
-    let receipt = target::distribute(&image, &dir_target(&out, false, vec![]), &NoProgress)
+    let receipt = destination::distribute(&image, &dir_target(&out, false, vec![]), &NoProgress)
         .await
         .expect("distributed");
     assert_eq!(receipt.kind, "directory");
@@ -111,16 +111,16 @@ async fn a_directory_copy_is_complete_verified_and_never_half_there() {
     assert_eq!(copied.image, image.manifest.image);
 
     // A second copy under the same name is refused before anything is written...
-    let e = target::distribute(&image, &dir_target(&out, false, vec![]), &NoProgress)
+    let e = destination::distribute(&image, &dir_target(&out, false, vec![]), &NoProgress)
         .await
         .expect_err("exists");
     assert!(
-        matches!(e, DistributeError::Local(LocalError::Exists { .. })),
+        matches!(e, DistributeError::Directory(DirectoryError::Exists { .. })),
         "{e}"
     );
     // ...and replaces the folder when asked.
     std::fs::write(folder.join("stale"), "x").expect("write");
-    target::distribute(&image, &dir_target(&out, true, vec![]), &NoProgress)
+    destination::distribute(&image, &dir_target(&out, true, vec![]), &NoProgress)
         .await
         .expect("overwritten");
     assert!(!folder.join("stale").exists(), "the old folder is gone");
@@ -134,11 +134,14 @@ async fn a_directory_copy_is_complete_verified_and_never_half_there() {
     let mut bytes = std::fs::read(&stored).expect("read");
     bytes.push(0);
     std::fs::write(&stored, bytes).expect("corrupt");
-    let e = target::distribute(&image, &dir_target(&other, false, vec![]), &NoProgress)
+    let e = destination::distribute(&image, &dir_target(&other, false, vec![]), &NoProgress)
         .await
         .expect_err("corrupt");
     assert!(
-        matches!(e, DistributeError::Local(LocalError::Corrupt { .. })),
+        matches!(
+            e,
+            DistributeError::Directory(DirectoryError::Corrupt { .. })
+        ),
         "{e}"
     );
     assert!(names(&other).is_empty(), "left behind: {:?}", names(&other));
@@ -151,7 +154,7 @@ async fn a_format_the_build_did_not_export_is_converted() {
     let image = store_build(&store, "web", None);
     let out = tmp.path().join("out");
     let t = dir_target(&out, false, vec![Format::Qcow2, Format::Ova]);
-    let receipt = target::distribute(&image, &t, &NoProgress)
+    let receipt = destination::distribute(&image, &t, &NoProgress)
         .await
         .expect("distributed");
     let folder = out.join("web-1.0.0-1");
@@ -193,12 +196,12 @@ async fn a_vagrant_box_is_accepted_by_vagrant_box_add() {
     let store = Store::open(tmp.path().join("store")).expect("store");
     let image = store_build(&store, "web", None);
     let box_path = tmp.path().join("out/web.box");
-    let t = Target::parse(
+    let t = Destination::parse(
         &format!("vagrant:{}", box_path.display()),
         &CliOptions::default(),
     )
     .expect("target");
-    let receipt = target::distribute(&image, &t, &NoProgress)
+    let receipt = destination::distribute(&image, &t, &NoProgress)
         .await
         .expect("box");
     assert_eq!(receipt.kind, "vagrant");
@@ -390,14 +393,14 @@ fn recipe_targets_resolve_paths_against_the_recipe() {
         (PathBuf::from(n), Err(std::io::ErrorKind::NotFound.into()))
     });
     let recipe = checked.recipe.expect("a valid recipe");
-    let targets: Vec<Target> = recipe
+    let targets: Vec<Destination> = recipe
         .distribution
         .iter()
-        .map(|d| Target::from_recipe(&d.value, recipe_path))
+        .map(|d| Destination::from_recipe(&d.value, recipe_path))
         .collect();
     assert_eq!(
         targets[0],
-        Target::Directory {
+        Destination::Directory {
             path: PathBuf::from("/srv/recipes/web/out/"),
             name: "web-{{imagebuilder:buildVersion}}".into(),
             formats: vec![Format::Qcow2, Format::Ova],
@@ -405,23 +408,23 @@ fn recipe_targets_resolve_paths_against_the_recipe() {
         }
     );
     assert!(
-        matches!(&targets[1], Target::Vagrant { folder: true, path, .. } if path == Path::new("/srv/recipes/web/boxes/"))
+        matches!(&targets[1], Destination::Vagrant { folder: true, path, .. } if path == Path::new("/srv/recipes/web/boxes/"))
     );
     assert!(matches!(
         &targets[2],
-        Target::Oci {
+        Destination::Oci {
             plain_http: true,
             ..
         }
     ));
     assert!(matches!(
         &targets[3],
-        Target::ContainerDisk {
+        Destination::ContainerDisk {
             plain_http: false,
             ..
         }
     ));
-    let Target::Ami(ami) = &targets[4] else {
+    let Destination::Ami(ami) = &targets[4] else {
         panic!("an AMI target: {:?}", targets[4]);
     };
     assert_eq!(ami.bucket, "my-imports");
@@ -434,11 +437,11 @@ fn recipe_targets_resolve_paths_against_the_recipe() {
     let store = Store::open(tmp.path()).expect("store");
     let image = store_build(&store, "web", None);
     assert_eq!(
-        target::render_reference("127.0.0.1:5000/images/web:{{imagebuilder:version}}", &image),
+        destination::render_reference("127.0.0.1:5000/images/web:{{imagebuilder:version}}", &image),
         "127.0.0.1:5000/images/web:1.0.0"
     );
     assert_eq!(
-        target::render_reference("127.0.0.1:5000/vms/web", &image),
+        destination::render_reference("127.0.0.1:5000/vms/web", &image),
         "127.0.0.1:5000/vms/web:1.0.0-1"
     );
 }

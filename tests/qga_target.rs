@@ -1,4 +1,4 @@
-//! Local tier: `QgaTarget` against a real qemu-guest-agent (`qemu-ga`, Debian package
+//! Local tier: `QgaMachine` against a real qemu-guest-agent (`qemu-ga`, Debian package
 //! qemu-guest-agent) listening on a unix socket on this machine, with guest-shutdown
 //! disabled so nothing here can reboot the host. Fails, naming the package, when qemu-ga is
 //! missing.
@@ -7,9 +7,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use builder::target::qga::QgaTarget;
-use builder::target::{
-    Capture, ExecRequest, ExitStatus, FileKind, FileSource, PutOptions, StepTarget,
+use builder::machine::qga::QgaMachine;
+use builder::machine::{
+    Capture, ExecRequest, ExitStatus, FileKind, FileSource, Machine, PutOptions,
 };
 use sha2::{Digest, Sha256};
 use tokio::net::UnixStream;
@@ -64,9 +64,9 @@ impl Qga {
         Qga { child, sock, dir }
     }
 
-    async fn target(&self) -> QgaTarget {
+    async fn target(&self) -> QgaMachine {
         let stream = UnixStream::connect(&self.sock).await.expect("connect");
-        QgaTarget::connect(stream, "local qemu-ga".into(), Duration::from_secs(20))
+        QgaMachine::connect(stream, "local qemu-ga".into(), Duration::from_secs(20))
             .await
             .expect("guest-sync")
     }
@@ -76,7 +76,7 @@ impl Qga {
     }
 }
 
-async fn run(t: &QgaTarget, req: ExecRequest) -> (ExitStatus, String, String) {
+async fn run(t: &QgaMachine, req: ExecRequest) -> (ExitStatus, String, String) {
     let cap = Capture::default();
     let out = t.exec(&req, &cap).await.expect("exec");
     (

@@ -27,7 +27,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use builder::build::undo::Outcome;
-use builder::target::{Capture, ExecRequest, ExitStatus, FileSource, PutOptions};
+use builder::machine::{Capture, ExecRequest, ExitStatus, FileSource, PutOptions};
 use builder::vm::session::{Session, SessionOptions};
 use builder::vm::{GuestChannel, StopRung, VmOptions};
 use sha2::{Digest, Sha256};
@@ -357,7 +357,7 @@ async fn agent_session_transfers_failures_and_shutdown() {
 
     // A failing command is an exit status, not an error.
     let out = target
-        .exec(&ExecRequest::bash("exit 42"), &builder::target::Discard)
+        .exec(&ExecRequest::bash("exit 42"), &builder::machine::Discard)
         .await
         .expect("exec");
     assert_eq!(out.status, ExitStatus::Exited(42));
@@ -367,7 +367,7 @@ async fn agent_session_transfers_failures_and_shutdown() {
         .exec(
             &ExecRequest::bash("sleep 300 & sleep 300; wait")
                 .with_timeout(Some(Duration::from_secs(3))),
-            &builder::target::Discard,
+            &builder::machine::Discard,
         )
         .await
         .expect("exec");
@@ -412,7 +412,7 @@ async fn agent_session_transfers_failures_and_shutdown() {
         Duration::from_secs(120),
         session.guard(target.exec(
             &ExecRequest::bash("sleep 1; kill -9 $(pidof builder-agent)"),
-            &builder::target::Discard,
+            &builder::machine::Discard,
         )),
     )
     .await

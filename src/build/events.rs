@@ -17,7 +17,7 @@ use std::sync::Mutex;
 use serde::Serialize;
 
 use crate::component::executor::{Event, Observer};
-use crate::target::{OutputSink, OutputStream};
+use crate::machine::{OutputSink, OutputStream};
 
 /// Lines of a step's output kept for the error message.
 pub const TAIL_LINES: usize = 10;

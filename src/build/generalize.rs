@@ -14,7 +14,7 @@
 use std::time::Duration;
 
 use crate::export::manifest::{DPKG_QUERY, PackageList, RPM_QUERY, parse_packages};
-use crate::target::{Capture, ExecRequest, OutputSink, OutputStream, StepTarget, TargetError};
+use crate::machine::{Capture, ExecRequest, Machine, MachineError, OutputSink, OutputStream};
 use crate::vm::seed::AGENT_INSTALLED_PATHS;
 
 /// Generalizing may trim a few GiB under TCG.
@@ -27,14 +27,14 @@ pub enum GeneralizeError {
     Target {
         what: &'static str,
         #[source]
-        source: TargetError,
+        source: MachineError,
     },
     #[error("the package list could not be read")]
     Packages(#[source] crate::export::ExportError),
     #[error("`{command}` {status} in the guest{}", tail(.stderr))]
     Command {
         command: &'static str,
-        status: crate::target::ExitStatus,
+        status: crate::machine::ExitStatus,
         stderr: String,
     },
     #[error("the image is not generalized: {}", .0.join("; "))]
@@ -66,7 +66,7 @@ pub struct Generalized {
 
 /// The packages installed in the guest (`dpkg-query`, else `rpm -qa`); `None` when the guest
 /// has neither. One exec: the first line of output names the manager, the rest is its list.
-pub async fn packages(target: &dyn StepTarget) -> Result<Option<PackageList>, GeneralizeError> {
+pub async fn packages(target: &dyn Machine) -> Result<Option<PackageList>, GeneralizeError> {
     let out = Capture::default();
     let script = format!(
         "if command -v dpkg-query >/dev/null 2>&1; then echo dpkg; {DPKG_QUERY}; \
@@ -203,7 +203,7 @@ impl OutputSink for Tee<'_> {
 /// Run the clean-up script and then the checks, in one exec (its output to `sink`), and
 /// report the checks. `seal`: the recipe's `generalize`.
 pub async fn generalize(
-    target: &dyn StepTarget,
+    target: &dyn Machine,
     sink: &dyn OutputSink,
     seal: bool,
 ) -> Result<Generalized, GeneralizeError> {

@@ -52,7 +52,7 @@ pub enum LayerError {
     Sync {
         layer: String,
         #[source]
-        source: crate::target::TargetError,
+        source: crate::machine::MachineError,
     },
     #[error("could not commit layer `{layer}` (QMP blockdev-snapshot-sync to {file})")]
     Snapshot {
@@ -125,7 +125,7 @@ impl DiskChain {
     pub async fn commit(
         &mut self,
         qmp: &Qmp,
-        agent: &crate::target::agent::AgentTarget,
+        agent: &crate::machine::agent::AgentMachine,
         name: &str,
         key: Option<&str>,
         next: &str,

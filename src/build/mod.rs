@@ -30,7 +30,7 @@ pub use stages::{BuildError, ComponentFailure, FailureShell};
 use crate::store::{Store, StoredImage};
 use crate::vm::{AccelChoice, ErrorClass};
 use plan::Plan;
-use stages::Cx;
+use stages::BuildContext;
 use undo::{Outcome, UndoList, UnwindReport};
 
 /// How to run a build, beyond the plan.
@@ -104,7 +104,7 @@ pub async fn build(
             source,
         })
     })?;
-    let cx = Cx::new(plan, store, options, &slot, &log, UndoList::new(keep));
+    let cx = BuildContext::new(plan, store, options, &slot, &log, UndoList::new(keep));
     cx.started(started);
 
     let result = async {

@@ -771,7 +771,7 @@ pub struct Plan {
     /// The recipe's `distribution` targets, paths resolved. Not part of the digest: where an
     /// image goes does not change what it is (the recipe's own sha256 still pins the file).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub distribution: Vec<crate::distribute::target::Target>,
+    pub distribution: Vec<crate::distribute::destination::Destination>,
 }
 
 fn yes() -> bool {
@@ -1253,7 +1253,12 @@ pub fn plan(
         distribution: recipe
             .distribution
             .iter()
-            .map(|d| crate::distribute::target::Target::from_recipe(&d.value, &recipe.source.path))
+            .map(|d| {
+                crate::distribute::destination::Destination::from_recipe(
+                    &d.value,
+                    &recipe.source.path,
+                )
+            })
             .collect(),
     };
     plan.set_layer_keys();

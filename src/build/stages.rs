@@ -1,5 +1,5 @@
 //! The stages of [`super::build`], each a function from one value to the next, and the build
-//! context they share ([`Cx`]: the plan, the store, the log, the undo list, the manifest being
+//! context they share ([`BuildContext`]: the plan, the store, the log, the undo list, the manifest being
 //! filled in).
 
 use std::collections::BTreeMap;
@@ -24,9 +24,9 @@ use crate::export::manifest::{
     ParentInput, PhaseStatus, StageTiming, Status, TestResult,
 };
 use crate::export::{self, ExportError, ExportProgress, ExportRequest};
+use crate::machine::{Capture, ExecRequest, Machine, MachineError};
 use crate::recipe;
 use crate::store::{BuildSlot, DownloadProgress, FetchOptions, Store, StoreError};
-use crate::target::{Capture, ExecRequest, StepTarget, TargetError};
 use crate::vm::seed::CloudInitScope;
 use crate::vm::session::{Session, SessionOptions};
 use crate::vm::{AccelChoice, ErrorClass, GuestChannel, VmError, VmOptions};
@@ -71,7 +71,7 @@ pub enum BuildError {
     Guest {
         what: String,
         #[source]
-        source: TargetError,
+        source: MachineError,
     },
     #[error(
         "the root file system did not grow to `diskSize` ({wanted}): it is {actual} (the parent's disk is {parent}); the image's cloud-init must run growpart and resize the root file system"
@@ -142,7 +142,7 @@ pub trait FailureShell: Send + Sync + std::fmt::Debug {
         &self,
         failure: &ComponentFailure,
         vm: &str,
-        agent: Arc<crate::target::agent::AgentTarget>,
+        agent: Arc<crate::machine::agent::AgentMachine>,
     );
 }
 
@@ -240,8 +240,8 @@ pub fn keeps_on_failure(plan: &Plan, options: &BuildOptions) -> bool {
     options.keep_on_failure || plan.infrastructure.keep_on_failure
 }
 
-/// What the stages share. Everything mutable sits behind a mutex so stages take `&Cx`.
-pub struct Cx<'a> {
+/// What the stages share. Everything mutable sits behind a mutex so stages take `&BuildContext`.
+pub struct BuildContext<'a> {
     pub plan: &'a Plan,
     pub store: &'a Store,
     pub options: &'a BuildOptions,
@@ -264,7 +264,7 @@ pub struct Cx<'a> {
     started: Mutex<Option<Instant>>,
 }
 
-impl<'a> Cx<'a> {
+impl<'a> BuildContext<'a> {
     pub fn new(
         plan: &'a Plan,
         store: &'a Store,
@@ -272,11 +272,11 @@ impl<'a> Cx<'a> {
         slot: &BuildSlot,
         log: &'a BuildLog<'a>,
         undo: UndoList,
-    ) -> Cx<'a> {
+    ) -> BuildContext<'a> {
         let mut manifest = Manifest::new(slot.id().clone(), slot.build_id());
         fill_inputs(&mut manifest, plan);
         let keep = keeps_on_failure(plan, options);
-        Cx {
+        BuildContext {
             plan,
             store,
             options,
@@ -381,7 +381,7 @@ impl<'a> Cx<'a> {
         self.stage_of(name, None, work).await
     }
 
-    /// [`Cx::stage`] for one of several units of a stage (a component).
+    /// [`BuildContext::stage`] for one of several units of a stage (a component).
     pub async fn stage_of<T>(
         &self,
         name: &'static str,
@@ -537,7 +537,7 @@ pub struct Base {
     pub path: PathBuf,
 }
 
-struct DownloadBar<'a, 'b>(&'b Cx<'a>, Mutex<Option<u64>>, Mutex<u64>);
+struct DownloadBar<'a, 'b>(&'b BuildContext<'a>, Mutex<Option<u64>>, Mutex<u64>);
 
 impl DownloadProgress for DownloadBar<'_, '_> {
     fn started(&self, total: Option<u64>, offset: u64) {
@@ -589,7 +589,7 @@ impl DownloadProgress for DownloadBar<'_, '_> {
 }
 
 /// Pull progress as build events (one per MiB at most), like [`DownloadBar`].
-struct PullBar<'a, 'b>(&'b Cx<'a>, Mutex<u64>);
+struct PullBar<'a, 'b>(&'b BuildContext<'a>, Mutex<u64>);
 
 impl crate::distribute::Progress for PullBar<'_, '_> {
     fn step(&self, _target: &str, message: &str) {
@@ -610,7 +610,7 @@ impl crate::distribute::Progress for PullBar<'_, '_> {
     }
 }
 
-pub async fn fetch_parent(cx: &Cx<'_>) -> Result<Base, BuildError> {
+pub async fn fetch_parent(cx: &BuildContext<'_>) -> Result<Base, BuildError> {
     match &cx.plan.parent {
         PlannedParent::Oci {
             reference,
@@ -715,7 +715,7 @@ async fn hash(path: &Path) -> Result<String, BuildError> {
 
 // ─── 3. overlay ─────────────────────────────────────────────────────────────────────────
 
-pub async fn overlay(cx: &Cx<'_>, base: Base) -> Result<DiskChain, BuildError> {
+pub async fn overlay(cx: &BuildContext<'_>, base: Base) -> Result<DiskChain, BuildError> {
     std::fs::create_dir_all(&cx.work).map_err(|source| BuildError::WorkDir {
         path: cx.work.clone(),
         source,
@@ -818,7 +818,7 @@ fn launch_options(
     session
 }
 
-pub async fn boot(cx: &Cx<'_>, chain: DiskChain) -> Result<BuildVm, BuildError> {
+pub async fn boot(cx: &BuildContext<'_>, chain: DiskChain) -> Result<BuildVm, BuildError> {
     let options = launch_options(
         cx.plan,
         cx.options,
@@ -849,7 +849,7 @@ pub async fn boot(cx: &Cx<'_>, chain: DiskChain) -> Result<BuildVm, BuildError> 
     Ok(vm)
 }
 
-async fn qemu_version(cx: &Cx<'_>) -> String {
+async fn qemu_version(cx: &BuildContext<'_>) -> String {
     let qemu = cx
         .options
         .qemu
@@ -870,11 +870,7 @@ async fn qemu_version(cx: &Cx<'_>) -> String {
 }
 
 /// Run a short shell command in the guest; its stdout, or an error naming `what`.
-async fn run_quiet(
-    target: &dyn StepTarget,
-    script: &str,
-    what: &str,
-) -> Result<String, BuildError> {
+async fn run_quiet(target: &dyn Machine, script: &str, what: &str) -> Result<String, BuildError> {
     let out = Capture::default();
     let outcome = target
         .exec(
@@ -889,7 +885,7 @@ async fn run_quiet(
     if !outcome.status.success() {
         return Err(BuildError::Guest {
             what: format!("could not {what} in the guest"),
-            source: TargetError::Failed(format!(
+            source: MachineError::Failed(format!(
                 "`{script}` {}: {}",
                 outcome.status,
                 String::from_utf8_lossy(&out.stderr()).trim()
@@ -901,7 +897,7 @@ async fn run_quiet(
 
 /// With `diskSize`, the guest must have grown its root file system (cloud-init growpart and
 /// resizefs, or systemd's x-systemd.growfs). Checked with `df` once cloud-init is done.
-async fn check_disk_grew(cx: &Cx<'_>, vm: &BuildVm) -> Result<(), BuildError> {
+async fn check_disk_grew(cx: &BuildContext<'_>, vm: &BuildVm) -> Result<(), BuildError> {
     let Some(wanted) = cx.plan.disk_size else {
         return Ok(());
     };
@@ -948,7 +944,7 @@ async fn check_disk_grew(cx: &Cx<'_>, vm: &BuildVm) -> Result<(), BuildError> {
 
 /// Commit the boot layer, then run each component's `build` and `validate` phases and commit
 /// its layer; all within `buildTimeoutSeconds`.
-pub async fn components(cx: &Cx<'_>, mut vm: BuildVm) -> Result<BuildVm, BuildError> {
+pub async fn components(cx: &BuildContext<'_>, mut vm: BuildVm) -> Result<BuildVm, BuildError> {
     let first = cx
         .plan
         .components
@@ -999,7 +995,7 @@ fn component_folder(index: usize, component: &PlannedComponent) -> String {
 }
 
 async fn commit_layer(
-    cx: &Cx<'_>,
+    cx: &BuildContext<'_>,
     vm: &mut BuildVm,
     name: &str,
     key: Option<&str>,
@@ -1012,7 +1008,7 @@ async fn commit_layer(
         .cloned()
         .ok_or_else(|| BuildError::Guest {
             what: format!("could not commit layer `{name}`"),
-            source: TargetError::Failed("the build VM has no builder agent to sync with".into()),
+            source: MachineError::Failed("the build VM has no builder agent to sync with".into()),
         })?;
     let layer = vm
         .session
@@ -1038,7 +1034,7 @@ async fn commit_layer(
 }
 
 async fn run_component(
-    cx: &Cx<'_>,
+    cx: &BuildContext<'_>,
     vm: &mut BuildVm,
     index: usize,
     component: &PlannedComponent,
@@ -1081,7 +1077,7 @@ async fn run_component(
 
 /// One executor run of one document on the session's target.
 async fn run_document(
-    cx: &Cx<'_>,
+    cx: &BuildContext<'_>,
     session: &Session,
     document: crate::component::document::Document,
     component: &PlannedComponent,
@@ -1118,7 +1114,7 @@ async fn run_document(
         ),
         ..RunOptions::default()
     };
-    let target: Arc<dyn StepTarget> = session.target();
+    let target: Arc<dyn Machine> = session.target();
     let run = executor::run(
         target.as_ref(),
         request,
@@ -1136,7 +1132,7 @@ async fn run_document(
         })
 }
 
-fn record_phases(cx: &Cx<'_>, label: &str, report: &ExecutionReport) {
+fn record_phases(cx: &BuildContext<'_>, label: &str, report: &ExecutionReport) {
     let phases: Vec<PhaseStatus> = report
         .documents
         .iter()
@@ -1172,7 +1168,7 @@ fn seconds_between(start: &str, end: &str) -> f64 {
 }
 
 /// The failed step of a run, with its last lines of output and where its logs are.
-fn failure_of(cx: &Cx<'_>, label: &str, outcome: &executor::RunOutcome) -> BuildError {
+fn failure_of(cx: &BuildContext<'_>, label: &str, outcome: &executor::RunOutcome) -> BuildError {
     let report = &outcome.report;
     let failed = report.documents.iter().find_map(|d| {
         d.phases.iter().find_map(|p| {
@@ -1232,7 +1228,7 @@ pub struct Sealed {
     vm: BuildVm,
 }
 
-pub async fn generalize(cx: &Cx<'_>, vm: BuildVm) -> Result<Sealed, BuildError> {
+pub async fn generalize(cx: &BuildContext<'_>, vm: BuildVm) -> Result<Sealed, BuildError> {
     let target = vm.session.target();
     // A `cloud-init clean` racing cloud-init's boot stages would be undone (cloud-init
     // recreates its instance state). Reboots already wait for them; this is for a step that
@@ -1303,7 +1299,7 @@ pub struct BuiltDisk {
     pub chain: DiskChain,
 }
 
-pub async fn shut_down(cx: &Cx<'_>, sealed: Sealed) -> Result<BuiltDisk, BuildError> {
+pub async fn shut_down(cx: &BuildContext<'_>, sealed: Sealed) -> Result<BuiltDisk, BuildError> {
     let BuildVm { session, chain } = sealed.vm;
     let progress = |m: &str| cx.progress("shutdown", m);
     let report = session.close(Outcome::Success, &progress).await;
@@ -1331,7 +1327,7 @@ pub fn untested(disk: BuiltDisk) -> Tested {
 /// Boot a fresh VM on a throwaway overlay of the built disk, run the `test` phase of every
 /// component that has one and then the test components, and throw the VM away. The built
 /// disk's files must hash the same afterwards.
-pub async fn test(cx: &Cx<'_>, disk: BuiltDisk) -> Result<Tested, BuildError> {
+pub async fn test(cx: &BuildContext<'_>, disk: BuiltDisk) -> Result<Tested, BuildError> {
     let files = disk.chain.files();
     let mut before = Vec::new();
     for f in &files {
@@ -1357,7 +1353,7 @@ pub async fn test(cx: &Cx<'_>, disk: BuiltDisk) -> Result<Tested, BuildError> {
 
 /// Within `tests.timeoutSeconds` (the VM's boot and the tests; not the user's time in an
 /// `--on-error shell`).
-async fn run_tests(cx: &Cx<'_>, disk: &BuiltDisk) -> Result<(), BuildError> {
+async fn run_tests(cx: &BuildContext<'_>, disk: &BuiltDisk) -> Result<(), BuildError> {
     let secs = cx.plan.tests.timeout_secs;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
     let timed_out = || BuildError::Timeout {
@@ -1409,7 +1405,7 @@ async fn run_tests(cx: &Cx<'_>, disk: &BuiltDisk) -> Result<(), BuildError> {
 /// The `test` phase of every component that has one, then the test components: each one's
 /// result, and the first failure.
 async fn test_components(
-    cx: &Cx<'_>,
+    cx: &BuildContext<'_>,
     session: &Session,
 ) -> Result<(Vec<TestResult>, Option<BuildError>), BuildError> {
     let mut results = Vec::new();
@@ -1460,7 +1456,7 @@ pub struct Exported {
     pub stem: String,
 }
 
-struct ExportBar<'a, 'b>(&'b Cx<'a>, Mutex<BTreeMap<String, u32>>);
+struct ExportBar<'a, 'b>(&'b BuildContext<'a>, Mutex<BTreeMap<String, u32>>);
 
 impl ExportProgress for ExportBar<'_, '_> {
     fn started(&self, format: export::Format, file: &str) {
@@ -1503,7 +1499,7 @@ impl ExportProgress for ExportBar<'_, '_> {
     }
 }
 
-pub async fn export(cx: &Cx<'_>, tested: Tested) -> Result<Exported, BuildError> {
+pub async fn export(cx: &BuildContext<'_>, tested: Tested) -> Result<Exported, BuildError> {
     let stem = cx.plan.output_stem(cx.id.build, cx.build_date);
     let request = export_request(cx.plan, &tested.disk.chain.top, &cx.dir, &stem);
     let bar = ExportBar(cx, Mutex::new(BTreeMap::new()));
@@ -1550,7 +1546,7 @@ fn export_request(plan: &Plan, top: &Path, dir: &Path, stem: &str) -> ExportRequ
 // ─── 10. manifest + store ───────────────────────────────────────────────────────────────
 
 pub async fn store(
-    cx: &Cx<'_>,
+    cx: &BuildContext<'_>,
     exported: Exported,
     slot: BuildSlot,
     warnings: Vec<String>,
@@ -1604,12 +1600,12 @@ impl crate::distribute::Progress for DistributeEvents<'_, '_> {
 /// Send the stored image to every target of the recipe, one after another. A target that
 /// fails does not stop the others; the image stays stored either way. Every receipt is
 /// recorded in the store. Fails (after trying every target) when one target failed.
-pub async fn distribute(cx: &Cx<'_>, built: &mut super::Built) -> Result<(), BuildError> {
-    use crate::distribute::target;
+pub async fn distribute(cx: &BuildContext<'_>, built: &mut super::Built) -> Result<(), BuildError> {
+    use crate::distribute::destination;
     let events = DistributeEvents(cx.log);
     // Check every target before the first one writes anything.
     for t in &cx.plan.distribution {
-        match target::preflight(&built.image, t).await {
+        match destination::preflight(&built.image, t).await {
             Ok(warnings) => {
                 for w in warnings {
                     cx.progress(
@@ -1627,7 +1623,7 @@ pub async fn distribute(cx: &Cx<'_>, built: &mut super::Built) -> Result<(), Bui
         for t in &cx.plan.distribution {
             let what = t.describe(&built.image);
             cx.progress("distribute", &format!("to {what}"));
-            match target::distribute(&built.image, t, &events).await {
+            match destination::distribute(&built.image, t, &events).await {
                 Ok(receipt) => {
                     cx.progress(
                         "distribute",
@@ -1661,7 +1657,7 @@ pub async fn distribute(cx: &Cx<'_>, built: &mut super::Built) -> Result<(), Bui
 }
 
 /// The build's last event, then its log is closed.
-pub fn finished(cx: &Cx<'_>, built: &super::Built) {
+pub fn finished(cx: &BuildContext<'_>, built: &super::Built) {
     let image_name = cx.image();
     let message = built
         .distribution_failures
@@ -1708,7 +1704,7 @@ fn copy_outputs(
 
 /// After a failure: record it in the manifest, keep the logs in the store's `failed/` area.
 /// Returns where the logs are.
-pub fn abandon(cx: &Cx<'_>, slot: BuildSlot, error: &BuildError) -> Option<PathBuf> {
+pub fn abandon(cx: &BuildContext<'_>, slot: BuildSlot, error: &BuildError) -> Option<PathBuf> {
     let message = error_chain(error);
     let mut manifest = cx.manifest();
     manifest.status = Status::Failed;

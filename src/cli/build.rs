@@ -220,7 +220,7 @@ impl FailureShell for Shell {
         &self,
         failure: &ComponentFailure,
         vm: &str,
-        agent: std::sync::Arc<builder::target::agent::AgentTarget>,
+        agent: std::sync::Arc<builder::machine::agent::AgentMachine>,
     ) {
         let red = Style::new().bold().fg_color(Some(AnsiColor::Red.into()));
         let cyan = note();

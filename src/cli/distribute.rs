@@ -14,8 +14,10 @@ use clap::Args;
 use serde::Serialize;
 
 use super::{CliResult, EXIT_FAILED, EXIT_HOST, EXIT_INPUT, Failure};
-use builder::distribute::local::LocalError;
-use builder::distribute::target::{self, AmiTarget, CliOptions, Target, TargetError};
+use builder::distribute::destination::{
+    self, AmiDestination, CliOptions, Destination, DestinationError,
+};
+use builder::distribute::directory::DirectoryError;
 use builder::distribute::{DistributeError, Progress, Receipt};
 use builder::export::Format;
 use builder::store::{ImageRef, human_size};
@@ -119,7 +121,7 @@ impl DistributeArgs {
             formats: self.formats.clone(),
             overwrite: self.overwrite,
             plain_http: self.plain_http.clone(),
-            ami: AmiTarget {
+            ami: AmiDestination {
                 region: self.region.clone(),
                 bucket: self.bucket.clone().unwrap_or_default(),
                 prefix: self.prefix.clone(),
@@ -146,19 +148,19 @@ impl DistributeArgs {
 /// The exit code class of a target's failure.
 fn code_of(e: &DistributeError) -> u8 {
     match e {
-        DistributeError::Target(_)
-        | DistributeError::Local(LocalError::Exists { .. } | LocalError::BadName { .. }) => {
-            EXIT_INPUT
-        }
-        DistributeError::Local(LocalError::Io { .. }) => EXIT_HOST,
+        DistributeError::Destination(_)
+        | DistributeError::Directory(
+            DirectoryError::Exists { .. } | DirectoryError::BadName { .. },
+        ) => EXIT_INPUT,
+        DistributeError::Directory(DirectoryError::Io { .. }) => EXIT_HOST,
         _ => EXIT_FAILED,
     }
 }
 
 fn hint_of(e: &DistributeError) -> Option<String> {
     match e {
-        DistributeError::Target(t) => t.hint(),
-        DistributeError::Local(LocalError::Exists { .. }) => {
+        DistributeError::Destination(t) => t.hint(),
+        DistributeError::Directory(DirectoryError::Exists { .. }) => {
             Some("pass --overwrite to replace it, or choose another name with --name".into())
         }
         _ => None,
@@ -178,7 +180,7 @@ pub async fn main(args: DistributeArgs) -> CliResult {
     let options = args.cli_options();
     let mut targets = Vec::new();
     for text in &args.to {
-        let t = Target::parse(text, &options).map_err(|e: TargetError| {
+        let t = Destination::parse(text, &options).map_err(|e: DestinationError| {
             let hint = e.hint();
             let f = Failure::input(e);
             match hint {
@@ -208,7 +210,7 @@ pub async fn main(args: DistributeArgs) -> CliResult {
     let mut code = 0u8;
     for t in &targets {
         let checked = tokio::select! {
-            r = target::preflight(&image, t) => r,
+            r = destination::preflight(&image, t) => r,
             sig = super::vm::interrupted() => {
                 eprintln!("{sig}: stopped before anything was sent");
                 return Err(Failure::interrupted());
@@ -246,7 +248,7 @@ pub async fn main(args: DistributeArgs) -> CliResult {
         // The first signal asks the target to stop cleanly (an AMI import is cancelled, a
         // copy removes what it wrote); a second one stops at once.
         let cancel = CancellationToken::new();
-        let run = target::distribute_cancellable(&image, t, &progress, &cancel);
+        let run = destination::distribute_cancellable(&image, t, &progress, &cancel);
         tokio::pin!(run);
         let result = tokio::select! {
             r = &mut run => r,

@@ -20,8 +20,8 @@ use super::{CliResult, EXIT_FAILED, Failure};
 use builder::build::undo::Outcome;
 use builder::component::executor::{self, Observer, RunError, RunOptions, RunOutcome, RunRequest};
 use builder::component::report::Status;
-use builder::target::agent::InteractiveEvent;
-use builder::target::{ExecRequest, ExitStatus, OutputSink, OutputStream};
+use builder::machine::agent::InteractiveEvent;
+use builder::machine::{ExecRequest, ExitStatus, OutputSink, OutputStream};
 use builder::vm::session::{Session, SessionOptions};
 use builder::vm::{AccelChoice, ErrorClass, Firmware, GuestChannel, Network, VmError, VmOptions};
 
@@ -393,7 +393,7 @@ pub async fn run_components(
                 let made = target
                     .exec(
                         &ExecRequest::argv(["mkdir", "-p", GUEST_WORK_DIR]),
-                        &builder::target::Discard,
+                        &builder::machine::Discard,
                     )
                     .await;
                 if !matches!(made, Ok(o) if o.status.success()) {
@@ -498,8 +498,8 @@ async fn exec(args: ExecArgs) -> CliResult {
 
 fn request_words(request: &ExecRequest) -> String {
     match &request.program {
-        builder::target::Program::Argv(a) => a.join(" "),
-        builder::target::Program::Script { interpreter, .. } => format!("{interpreter} script"),
+        builder::machine::Program::Argv(a) => a.join(" "),
+        builder::machine::Program::Script { interpreter, .. } => format!("{interpreter} script"),
     }
 }
 
@@ -566,7 +566,7 @@ async fn shell(args: ShellArgs) -> CliResult {
 /// size when `tty`), until it exits; what it prints goes to `output`. `ready` is printed once
 /// it runs. Also what `builder build --on-error shell` opens.
 pub async fn interactive_shell(
-    agent: &builder::target::agent::AgentTarget,
+    agent: &builder::machine::agent::AgentMachine,
     tty: bool,
     ready: &str,
     output: &dyn OutputSink,

@@ -18,7 +18,7 @@ use regex::Regex;
 use serde_json::Value;
 
 use super::document::{CompareOp, ExistsOp, Expr, HashAlgorithm, StringTest};
-use crate::target::{Capture, Discard, ExecRequest, FileKind, StepTarget, TargetError};
+use crate::machine::{Capture, Discard, ExecRequest, FileKind, Machine, MachineError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConditionError {
@@ -33,7 +33,7 @@ pub enum ConditionError {
     Target {
         what: String,
         #[source]
-        source: TargetError,
+        source: MachineError,
     },
 }
 
@@ -42,7 +42,7 @@ pub type Expander<'a> = &'a (dyn Fn(&str) -> Result<String, String> + Sync);
 
 /// What evaluating needs besides the expression.
 pub struct EvalContext<'a> {
-    pub target: &'a dyn StepTarget,
+    pub target: &'a dyn Machine,
     /// Relative paths are resolved against this folder (the run's working directory).
     pub working_directory: &'a Path,
     pub expand: Expander<'a>,
@@ -267,10 +267,10 @@ pub fn hash_program(algorithm: HashAlgorithm) -> &'static str {
 
 /// The digest of a file on the target, lower-case hex; `None` when it is not a readable file.
 pub async fn file_digest(
-    target: &dyn StepTarget,
+    target: &dyn Machine,
     algorithm: HashAlgorithm,
     path: &Path,
-) -> Result<Option<String>, TargetError> {
+) -> Result<Option<String>, MachineError> {
     let capture = Capture::default();
     let request = ExecRequest::argv([
         hash_program(algorithm).to_string(),
@@ -438,7 +438,7 @@ pub fn expr_from_json(inputs: &Value) -> Result<Expr, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::target::local::LocalTarget;
+    use crate::machine::host::HostMachine;
 
     fn yes(op: CompareOp, value: &str, baseline: &str) -> bool {
         compare(op, value, baseline).expect("valid operands")
@@ -558,7 +558,7 @@ mod tests {
             std::fs::write(dir.path().join("f"), b"abc").expect("write");
             std::os::unix::fs::symlink(dir.path().join("f"), dir.path().join("link"))
                 .expect("symlink");
-            let target = LocalTarget::new();
+            let target = HostMachine::new();
             let expand = |s: &str| -> Result<String, String> { Ok(s.replace("{{ F }}", "f")) };
             let cx = EvalContext {
                 target: &target,

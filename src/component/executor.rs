@@ -1,4 +1,4 @@
-//! Runs component documents on a [`StepTarget`]: phases in document order (filtered by the
+//! Runs component documents on a [`Machine`]: phases in document order (filtered by the
 //! requested phase names), documents in the order given, steps one after another with
 //! `if`, loops, `maxAttempts`, `timeoutSeconds`, `onFailure`, chaining and reboots.
 //!
@@ -37,7 +37,7 @@ use super::report::{
     ReportError, Resolution, RunLog, Status, StepReport, StoredStep, Summary, timestamp,
 };
 use super::template;
-use crate::target::{ExitStatus, StepTarget};
+use crate::machine::{ExitStatus, Machine};
 use events::StepSink;
 use scope::{Iteration, StepScope, Stored, Values, as_input_array, expand_json, iterations};
 
@@ -182,7 +182,7 @@ fn windows_only_steps(document: &Document, filter: Option<&[String]>) -> Vec<Str
 /// Run `request` on `target`. `Err` only when nothing could be run (bad parameters, Windows
 /// actions, no log folder); a run whose steps failed is an `Ok` with that status.
 pub async fn run(
-    target: &dyn StepTarget,
+    target: &dyn Machine,
     request: RunRequest,
     options: RunOptions,
     observer: &dyn Observer,
@@ -276,10 +276,10 @@ pub async fn run(
     if options.working_directory.is_some() {
         // Created on the target, so a guest path works as well as a local one.
         let dir = working_directory.to_string_lossy().into_owned();
-        let capture = crate::target::Capture::default();
+        let capture = crate::machine::Capture::default();
         let made = target
             .exec(
-                &crate::target::ExecRequest::argv(["mkdir", "-p", "--", dir.as_str()]),
+                &crate::machine::ExecRequest::argv(["mkdir", "-p", "--", dir.as_str()]),
                 &capture,
             )
             .await;
@@ -486,7 +486,7 @@ struct DocRun<'d> {
 }
 
 struct Engine<'a> {
-    target: &'a dyn StepTarget,
+    target: &'a dyn Machine,
     observer: &'a dyn Observer,
     cancel: CancellationToken,
     log: Option<RunLog>,

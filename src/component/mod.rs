@@ -1,6 +1,6 @@
 //! AWSTOE-compatible component documents: the model ([`document`]), reading and validating
 //! ([`parse`]), the `{{ }}` language ([`template`]) and the executor that runs phases on a
-//! [`crate::target::StepTarget`].
+//! [`crate::machine::Machine`].
 //!
 //! `document`, `parse` and `template` are pure: they read their input and nothing else.
 

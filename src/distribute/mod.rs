@@ -7,14 +7,14 @@
 //! - [`oci`]: push to an OCI registry as an artifact or a KubeVirt containerDisk; pull a
 //!   pushed disk back as a parent image (`parentImage: oci://…`).
 //! - [`aws`]: S3 multipart upload, then EC2 ImportSnapshot + RegisterImage (AMI).
-//! - [`local`]: a directory, a Vagrant box (libvirt provider), the local store itself.
-//! - [`target`]: the targets as the user names them (`--to oci://…`, recipe `distribution:`)
-//!   and the dispatcher that runs one target.
+//! - [`directory`]: a directory, a Vagrant box (libvirt provider), the local store itself.
+//! - [`destination`]: the destinations as the user names them (`--to oci://…`, recipe `distribution:`)
+//!   and the dispatcher that sends to one.
 
 pub mod aws;
-pub mod local;
+pub mod destination;
+pub mod directory;
 pub mod oci;
-pub mod target;
 
 use std::collections::BTreeMap;
 
@@ -68,7 +68,7 @@ pub enum DistributeError {
     #[error(transparent)]
     Aws(#[from] aws::AwsError),
     #[error(transparent)]
-    Local(#[from] local::LocalError),
+    Directory(#[from] directory::DirectoryError),
     #[error(transparent)]
-    Target(#[from] target::TargetError),
+    Destination(#[from] destination::DestinationError),
 }

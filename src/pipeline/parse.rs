@@ -66,7 +66,7 @@ const NOTIFICATION_KEYS: &[&str] = &["on", "webhook", "command"];
 const WEBHOOK_KEYS: &[&str] = &["url", "headers"];
 
 /// Image Builder's spelling of a setting → how to write it here.
-const IMAGE_BUILDER_KEYS: crate::yaml::walk::ImageBuilderKeys = &[
+const IMAGE_BUILDER_KEYS: crate::yaml::reader::ImageBuilderKeys = &[
     (
         "imageRecipeArn",
         "name the recipe file with `recipe: path/to/recipe.yml`",
@@ -136,8 +136,8 @@ pub fn check(path: &Path, text: &str, now: DateTime<Utc>) -> Checked {
     let (root, problems) = crate::yaml::parse(text);
     let yaml_failed = root.is_none() && !problems.is_empty();
     diagnostics.extend(problems);
-    let mut cx = Cx {
-        walk: crate::yaml::walk::Cx::new(text, IMAGE_BUILDER_KEYS),
+    let mut cx = PipelineReader {
+        walk: crate::yaml::reader::Reader::new(text, IMAGE_BUILDER_KEYS),
         now,
     };
     let pipeline = match &root {
@@ -237,25 +237,25 @@ pub fn validate(
 
 /// The shared walker context (with the pipeline's table of Image Builder spellings) and the
 /// time a schedule must still match.
-struct Cx<'s> {
-    walk: crate::yaml::walk::Cx<'s>,
+struct PipelineReader<'s> {
+    walk: crate::yaml::reader::Reader<'s>,
     now: DateTime<Utc>,
 }
 
-impl<'s> std::ops::Deref for Cx<'s> {
-    type Target = crate::yaml::walk::Cx<'s>;
+impl<'s> std::ops::Deref for PipelineReader<'s> {
+    type Target = crate::yaml::reader::Reader<'s>;
     fn deref(&self) -> &Self::Target {
         &self.walk
     }
 }
 
-impl std::ops::DerefMut for Cx<'_> {
+impl std::ops::DerefMut for PipelineReader<'_> {
     fn deref_mut(&mut self) -> &mut Self::Target {
         &mut self.walk
     }
 }
 
-impl Cx<'_> {
+impl PipelineReader<'_> {
     fn duration(&mut self, node: &Node, what: &str) -> Option<Duration> {
         let text = self.string(node, what)?;
         match parse_duration(&text) {
@@ -289,7 +289,7 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
     n.checked_mul(secs).map(Duration::from_secs)
 }
 
-fn pipeline(cx: &mut Cx<'_>, root: &Node, path: &Path, text: &str) -> Option<Pipeline> {
+fn pipeline(cx: &mut PipelineReader<'_>, root: &Node, path: &Path, text: &str) -> Option<Pipeline> {
     let entries = cx.mapping(root, "a pipeline", TOP_KEYS)?;
     let get = |key: &str| entries.iter().find(|(k, _)| k.as_str() == Some(key));
     let start = Span::from_offsets(cx.source, root.span.start, root.span.start);
@@ -382,7 +382,7 @@ fn pipeline(cx: &mut Cx<'_>, root: &Node, path: &Path, text: &str) -> Option<Pip
     })
 }
 
-fn name(cx: &mut Cx<'_>, node: &Node) -> Option<String> {
+fn name(cx: &mut PipelineReader<'_>, node: &Node) -> Option<String> {
     let text = cx.string(node, "`name`")?;
     let ok = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
     if !text.chars().all(ok) {
@@ -409,7 +409,7 @@ fn name(cx: &mut Cx<'_>, node: &Node) -> Option<String> {
 
 /// The recipe's `infrastructure` rules (the recipe walker's reader, so the messages are the
 /// same), keeping which keys were written: only those replace the recipe's.
-fn infrastructure(cx: &mut Cx<'_>, node: &Node) -> Option<InfrastructureOverride> {
+fn infrastructure(cx: &mut PipelineReader<'_>, node: &Node) -> Option<InfrastructureOverride> {
     if node.is_null() {
         return Some(InfrastructureOverride::default());
     }
@@ -435,7 +435,7 @@ fn infrastructure(cx: &mut Cx<'_>, node: &Node) -> Option<InfrastructureOverride
     Some(InfrastructureOverride { keys, values })
 }
 
-fn tests(cx: &mut Cx<'_>, node: &Node) -> Option<TestsOverride> {
+fn tests(cx: &mut PipelineReader<'_>, node: &Node) -> Option<TestsOverride> {
     let mut out = TestsOverride::default();
     if node.is_null() {
         return Some(out);
@@ -454,7 +454,7 @@ fn tests(cx: &mut Cx<'_>, node: &Node) -> Option<TestsOverride> {
     (cx.problems.len() == before).then_some(out)
 }
 
-fn schedule(cx: &mut Cx<'_>, node: &Node) -> Option<Schedule> {
+fn schedule(cx: &mut PipelineReader<'_>, node: &Node) -> Option<Schedule> {
     if let Some(text) = node.as_str().filter(|_| !node.is_null()) {
         cx.error(
             node.span,
@@ -580,7 +580,7 @@ fn inner_span(source: &str, node: &Node, value: &str, start: usize, end: usize) 
     }
 }
 
-fn lifecycle(cx: &mut Cx<'_>, key: &Node, node: &Node) -> Option<Lifecycle> {
+fn lifecycle(cx: &mut PipelineReader<'_>, key: &Node, node: &Node) -> Option<Lifecycle> {
     let entries = cx.mapping(node, "`lifecycle`", LIFECYCLE_KEYS)?;
     let before = cx.problems.len();
     let mut out = Lifecycle {
@@ -629,7 +629,7 @@ fn lifecycle(cx: &mut Cx<'_>, key: &Node, node: &Node) -> Option<Lifecycle> {
     Some(out)
 }
 
-fn notifications(cx: &mut Cx<'_>, node: &Node) -> Option<Notifications> {
+fn notifications(cx: &mut PipelineReader<'_>, node: &Node) -> Option<Notifications> {
     let entries = cx.mapping(node, "`notifications`", NOTIFICATION_KEYS)?;
     let before = cx.problems.len();
     let mut out = Notifications {
@@ -698,7 +698,7 @@ fn notifications(cx: &mut Cx<'_>, node: &Node) -> Option<Notifications> {
     (cx.problems.len() == before).then_some(out)
 }
 
-fn webhook(cx: &mut Cx<'_>, node: &Node) -> Option<Webhook> {
+fn webhook(cx: &mut PipelineReader<'_>, node: &Node) -> Option<Webhook> {
     if let Some(url) = node.as_str().filter(|_| !node.is_null()) {
         cx.error(
             node.span,

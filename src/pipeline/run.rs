@@ -21,7 +21,7 @@ use super::parse::{self, ParseError, Validated};
 use crate::build::plan::{self, Plan};
 use crate::build::{self, BuildEvent, BuildObserver, BuildOptions};
 use crate::component::executor::{Event, Observer};
-use crate::distribute::target::Target;
+use crate::distribute::destination::Destination;
 use crate::store::Store;
 
 #[derive(Debug, thiserror::Error)]
@@ -330,7 +330,7 @@ pub fn with_overrides(mut plan: Plan, pipeline: &Pipeline) -> Plan {
         // Where an image goes is not part of its digest, so the layer keys stay the same.
         plan.distribution = targets
             .iter()
-            .map(|d| Target::from_recipe(&d.value, &pipeline.source.path))
+            .map(|d| Destination::from_recipe(&d.value, &pipeline.source.path))
             .collect();
     }
     if let Some(enabled) = pipeline.tests.enabled {
@@ -524,7 +524,7 @@ mod tests {
         assert_eq!(overridden.infrastructure.cpus, 3);
         assert_eq!(overridden.infrastructure.memory, plan.infrastructure.memory);
         match overridden.distribution.as_slice() {
-            [Target::Directory { path, .. }] => {
+            [Destination::Directory { path, .. }] => {
                 assert_eq!(
                     path,
                     &dir.path().join("out/"),

@@ -29,10 +29,10 @@
 pub mod components;
 pub mod model;
 pub mod name_template;
+mod parse;
 pub mod schema;
 pub mod units;
 pub mod version;
-mod walk;
 
 use std::path::{Path, PathBuf};
 
@@ -50,19 +50,19 @@ pub use model::{
     OciDistribution, VagrantDistribution,
 };
 pub use name_template::{NameTemplate, NameValues};
-pub use units::ByteSize;
-pub use version::{Version, VersionPattern};
-pub use walk::resolve_relative;
+pub use parse::resolve_relative;
 /// The key lists, for the build's test that every key changes what a build does.
 #[cfg(test)]
-pub(crate) use walk::{
+pub(crate) use parse::{
     AMI_KEYS, COMPONENT_KEYS, DIRECTORY_KEYS, ENDPOINT_KEYS, LAUNCH_PERMISSION_KEYS, OCI_KEYS,
     OUTPUTS_KEYS, PARENT_KEYS, TESTS_KEYS, TOP_KEYS, VAGRANT_KEYS,
 };
-pub use walk::{DEFAULT_OCI_TAG, split_oci_reference};
-pub(crate) use walk::{
+pub use parse::{DEFAULT_OCI_TAG, split_oci_reference};
+pub(crate) use parse::{
     INFRASTRUCTURE_KEYS, distribution as read_distribution, infrastructure as read_infrastructure,
 };
+pub use units::ByteSize;
+pub use version::{Version, VersionPattern};
 
 use crate::diagnostic::{Diagnostics, Span};
 
@@ -128,10 +128,10 @@ pub fn check(
     let (root, problems) = crate::yaml::parse(text);
     let yaml_failed = root.is_none() && !problems.is_empty();
     diagnostics.extend(problems);
-    let mut cx = walk::new_cx(text);
+    let mut cx = parse::new_reader(text);
     let mut included = Vec::new();
     let parts = match &root {
-        Some(root) => walk::recipe(&mut cx, root, include, &mut included),
+        Some(root) => parse::recipe(&mut cx, root, include, &mut included),
         None => {
             if !yaml_failed {
                 cx.problems.push(
@@ -144,7 +144,7 @@ pub fn check(
                     ),
                 );
             }
-            walk::Parts::default()
+            parse::Parts::default()
         }
     };
     diagnostics.extend(cx.problems);
@@ -179,7 +179,7 @@ pub fn check(
     }
 }
 
-fn assemble(parts: walk::Parts, path: &Path, text: &str) -> Option<Recipe> {
+fn assemble(parts: parse::Parts, path: &Path, text: &str) -> Option<Recipe> {
     Some(Recipe {
         name: parts.name?,
         version: parts.version?,

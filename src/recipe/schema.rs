@@ -2,7 +2,7 @@
 //!
 //! Generated with `schemars` from a serde mirror of the file's shape: the validated model is
 //! not serde-shaped (spans, resolved defaults, several spellings per key). The mirror's key
-//! sets are tested against the parser's (`walk::*_KEYS`), so the two cannot drift apart, and
+//! sets are tested against the parser's (`parse::*_KEYS`), so the two cannot drift apart, and
 //! every example in `images/` is checked against the schema.
 
 use std::collections::BTreeMap;
@@ -321,7 +321,7 @@ pub fn json_schema() -> serde_json::Value {
 #[allow(clippy::unwrap_used)] // a test that unwraps fails loudly, which is the point
 mod tests {
     use super::*;
-    use crate::recipe::walk;
+    use crate::recipe::parse;
     use std::collections::BTreeSet;
 
     fn keys(object: &serde_json::Value) -> BTreeSet<String> {
@@ -344,24 +344,24 @@ mod tests {
             schema["$schema"],
             "https://json-schema.org/draft/2020-12/schema"
         );
-        assert_eq!(keys(&schema), set(walk::TOP_KEYS));
+        assert_eq!(keys(&schema), set(parse::TOP_KEYS));
         let defs = &schema["$defs"];
         assert_eq!(
             keys(&defs["InfrastructureFile"]),
-            set(walk::INFRASTRUCTURE_KEYS)
+            set(parse::INFRASTRUCTURE_KEYS)
         );
-        assert_eq!(keys(&defs["TestsFile"]), set(walk::TESTS_KEYS));
-        assert_eq!(keys(&defs["OutputsFile"]), set(walk::OUTPUTS_KEYS));
-        assert_eq!(keys(&defs["ComponentFile"]), set(walk::COMPONENT_KEYS));
-        assert_eq!(keys(&defs["DirectoryFile"]), set(walk::DIRECTORY_KEYS));
-        assert_eq!(keys(&defs["VagrantFile"]), set(walk::VAGRANT_KEYS));
-        assert_eq!(keys(&defs["OciFile"]), set(walk::OCI_KEYS));
-        assert_eq!(keys(&defs["AmiFile"]), set(walk::AMI_KEYS));
+        assert_eq!(keys(&defs["TestsFile"]), set(parse::TESTS_KEYS));
+        assert_eq!(keys(&defs["OutputsFile"]), set(parse::OUTPUTS_KEYS));
+        assert_eq!(keys(&defs["ComponentFile"]), set(parse::COMPONENT_KEYS));
+        assert_eq!(keys(&defs["DirectoryFile"]), set(parse::DIRECTORY_KEYS));
+        assert_eq!(keys(&defs["VagrantFile"]), set(parse::VAGRANT_KEYS));
+        assert_eq!(keys(&defs["OciFile"]), set(parse::OCI_KEYS));
+        assert_eq!(keys(&defs["AmiFile"]), set(parse::AMI_KEYS));
         assert_eq!(
             keys(&defs["LaunchPermissionFile"]),
-            set(walk::LAUNCH_PERMISSION_KEYS)
+            set(parse::LAUNCH_PERMISSION_KEYS)
         );
-        assert_eq!(keys(&defs["EndpointFile"]), set(walk::ENDPOINT_KEYS));
+        assert_eq!(keys(&defs["EndpointFile"]), set(parse::ENDPOINT_KEYS));
         let kinds: BTreeSet<String> = defs["DistributionFile"]["oneOf"]
             .as_array()
             .unwrap()
@@ -376,7 +376,7 @@ mod tests {
             .filter(|alt| alt.get("properties").is_some())
             .flat_map(keys)
             .collect();
-        assert_eq!(parent_keys, set(walk::PARENT_KEYS));
+        assert_eq!(parent_keys, set(parse::PARENT_KEYS));
         assert_eq!(
             schema["required"],
             serde_json::json!(["name", "version", "parentImage", "components"])

@@ -200,7 +200,7 @@ pub enum VmError {
     Guest {
         what: String,
         #[source]
-        source: crate::target::TargetError,
+        source: crate::machine::MachineError,
     },
     #[error(
         "timed out after {secs} s of boot waiting for {what}{}",
@@ -869,12 +869,12 @@ impl ChannelConnector {
 }
 
 #[async_trait::async_trait]
-impl crate::target::agent::Connector for ChannelConnector {
+impl crate::machine::agent::Connector for ChannelConnector {
     async fn connect(
         &self,
-    ) -> Result<Box<dyn crate::target::agent::AgentStream>, crate::target::TargetError> {
+    ) -> Result<Box<dyn crate::machine::agent::AgentStream>, crate::machine::MachineError> {
         let stream = ChannelConnector::connect(self).await.map_err(|e| {
-            crate::target::TargetError::io(
+            crate::machine::MachineError::io(
                 format!(
                     "could not connect to the guest channel {}",
                     self.socket.display()

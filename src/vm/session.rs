@@ -19,11 +19,11 @@ use async_trait::async_trait;
 use super::GuestChannel;
 use super::{RunningVm, ShutdownReport, VmError, VmOptions};
 use crate::build::undo::{Outcome, UnwindReport};
-use crate::target::agent::{AgentTarget, Readiness};
-use crate::target::qga::QgaTarget;
-use crate::target::{
+use crate::machine::agent::{AgentMachine, Readiness};
+use crate::machine::qga::QgaMachine;
+use crate::machine::{
     Capture, DirEntry, ExecOutcome, ExecRequest, ExitStatus, FileInfo, FileSource, FileStat,
-    OutputSink, PutOptions, StepTarget, TargetError, TargetInfo,
+    Machine, MachineError, MachineInfo, OutputSink, PutOptions,
 };
 
 /// How long the guest gets to power itself off before QMP `quit`, unless the caller says
@@ -65,7 +65,11 @@ pub struct BootTimings {
 
 /// The error for a failed talk with the guest: the VM's own failure when it has one (QEMU
 /// killed, a panic), which explains a broken channel better than the channel's error.
-async fn guest_error(vm: &RunningVm, what: String, source: crate::target::TargetError) -> VmError {
+async fn guest_error(
+    vm: &RunningVm,
+    what: String,
+    source: crate::machine::MachineError,
+) -> VmError {
     match vm.explain(Duration::from_secs(1)).await {
         Some(e) => e,
         None => VmError::Guest { what, source },
@@ -156,7 +160,7 @@ fn boot_state(report: &str) -> Option<&str> {
 
 /// Waits until the guest's boot finished (see [`BOOT_GATE`]), within `timeout`. Returns the
 /// gate's report (`system: …` and, when degraded, `failed: …`).
-async fn boot_finished(agent: &AgentTarget, timeout: Duration) -> Result<String, TargetError> {
+async fn boot_finished(agent: &AgentMachine, timeout: Duration) -> Result<String, MachineError> {
     let secs = timeout.as_secs().max(1);
     let out = Capture::default();
     let outcome = agent
@@ -190,7 +194,7 @@ async fn boot_finished(agent: &AgentTarget, timeout: Duration) -> Result<String,
             outcome.status
         ),
     };
-    Err(TargetError::Failed(format!(
+    Err(MachineError::Failed(format!(
         "{what}\n{}",
         report.trim_end()
     )))
@@ -199,10 +203,10 @@ async fn boot_finished(agent: &AgentTarget, timeout: Duration) -> Result<String,
 /// Wait for the guest as `gate` says, within `timeout`: the agent's hello, then (unless
 /// `Gate::None`) the end of the boot, then cloud-init's result.
 async fn settle(
-    agent: &AgentTarget,
+    agent: &AgentMachine,
     gate: Gate,
     timeout: Duration,
-) -> Result<Readiness, TargetError> {
+) -> Result<Readiness, MachineError> {
     let deadline = tokio::time::Instant::now() + timeout;
     let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
     let mut ready = agent.wait_ready(false, timeout).await?;
@@ -260,18 +264,18 @@ async fn settle(
 /// after a Reboot never races cloud-init's boot stages (on later boots the agent starts early
 /// in sysinit, long before them).
 struct Gated {
-    agent: Arc<AgentTarget>,
+    agent: Arc<AgentMachine>,
     gate: Gate,
     timeout: Duration,
 }
 
 #[async_trait]
-impl StepTarget for Gated {
+impl Machine for Gated {
     fn describe(&self) -> String {
         self.agent.describe()
     }
 
-    async fn info(&self) -> Result<TargetInfo, TargetError> {
+    async fn info(&self) -> Result<MachineInfo, MachineError> {
         self.agent.info().await
     }
 
@@ -279,7 +283,7 @@ impl StepTarget for Gated {
         &self,
         request: &ExecRequest,
         sink: &dyn OutputSink,
-    ) -> Result<ExecOutcome, TargetError> {
+    ) -> Result<ExecOutcome, MachineError> {
         self.agent.exec(request, sink).await
     }
 
@@ -288,23 +292,23 @@ impl StepTarget for Gated {
         remote: &Path,
         content: FileSource,
         options: &PutOptions,
-    ) -> Result<FileInfo, TargetError> {
+    ) -> Result<FileInfo, MachineError> {
         self.agent.put_file(remote, content, options).await
     }
 
-    async fn get_file(&self, remote: &Path, local: &Path) -> Result<FileInfo, TargetError> {
+    async fn get_file(&self, remote: &Path, local: &Path) -> Result<FileInfo, MachineError> {
         self.agent.get_file(remote, local).await
     }
 
-    async fn stat(&self, remote: &Path) -> Result<Option<FileStat>, TargetError> {
+    async fn stat(&self, remote: &Path) -> Result<Option<FileStat>, MachineError> {
         self.agent.stat(remote).await
     }
 
-    async fn list(&self, remote: &Path) -> Result<Vec<DirEntry>, TargetError> {
+    async fn list(&self, remote: &Path) -> Result<Vec<DirEntry>, MachineError> {
         self.agent.list(remote).await
     }
 
-    async fn reboot(&self) -> Result<(), TargetError> {
+    async fn reboot(&self) -> Result<(), MachineError> {
         self.agent.reboot().await?;
         // Right after a reboot the host can still see the old boot's agent say hello (it
         // reopens the port while the guest shuts down) before the new boot's agent does; the
@@ -316,7 +320,7 @@ impl StepTarget for Gated {
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             match settle(&self.agent, self.gate, left).await {
-                Err(TargetError::Protocol { .. } | TargetError::Disconnected { .. })
+                Err(MachineError::Protocol { .. } | MachineError::Disconnected { .. })
                     if switches < 3 && !left.is_zero() =>
                 {
                     switches += 1;
@@ -331,14 +335,14 @@ impl StepTarget for Gated {
 /// The target in the guest: our agent, or qemu-guest-agent.
 #[derive(Clone)]
 enum Guest {
-    Agent(Arc<AgentTarget>, Arc<Gated>),
-    Qga(Arc<QgaTarget>),
+    Agent(Arc<AgentMachine>, Arc<Gated>),
+    Qga(Arc<QgaMachine>),
 }
 
 /// A guest channel that just answered, before it is shared.
 enum Connected {
-    Agent(AgentTarget),
-    Qga(QgaTarget),
+    Agent(AgentMachine),
+    Qga(QgaMachine),
 }
 
 /// Boots of one VM whose kernel panicked early before we give up.
@@ -395,18 +399,21 @@ impl Session {
             // The chardev exists once QMP answers: QEMU creates chardevs in command-line order.
             let stream = connector.connect().await.map_err(|e| VmError::Guest {
                 what: format!("could not connect to the agent socket of {describe}"),
-                source: crate::target::TargetError::io(connector.socket().display().to_string(), e),
+                source: crate::machine::MachineError::io(
+                    connector.socket().display().to_string(),
+                    e,
+                ),
             })?;
             let up = if qga {
                 vm.boot_phase("qemu-guest-agent to answer", options.boot_timeout, async {
-                    QgaTarget::connect(stream, describe.clone(), hello_timeout)
+                    QgaMachine::connect(stream, describe.clone(), hello_timeout)
                         .await
                         .map(Connected::Qga)
                 })
                 .await
             } else {
                 vm.boot_phase("the agent to say hello", options.boot_timeout, async {
-                    AgentTarget::connect(stream, describe.clone(), hello_timeout)
+                    AgentMachine::connect(stream, describe.clone(), hello_timeout)
                         .await
                         .map(Connected::Agent)
                 })
@@ -515,7 +522,7 @@ impl Session {
     }
 
     /// Our agent, when the guest channel is ours (not qemu-guest-agent).
-    pub fn agent(&self) -> Option<&Arc<AgentTarget>> {
+    pub fn agent(&self) -> Option<&Arc<AgentMachine>> {
         match &self.guest {
             Guest::Agent(a, _) => Some(a),
             Guest::Qga(_) => None,
@@ -524,7 +531,7 @@ impl Session {
 
     /// The guest as a step target, for the component executor. With our agent, a reboot
     /// returns once cloud-init is done again (as the session waited for it at boot).
-    pub fn target(&self) -> Arc<dyn StepTarget> {
+    pub fn target(&self) -> Arc<dyn Machine> {
         match &self.guest {
             Guest::Agent(_, gated) => gated.clone(),
             Guest::Qga(q) => q.clone(),

@@ -17,7 +17,7 @@ use builder::component::executor::{
 };
 use builder::component::parse;
 use builder::component::report::Status;
-use builder::target::local::LocalTarget;
+use builder::machine::host::HostMachine;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -136,7 +136,7 @@ pub async fn run(args: RunArgs) -> CliResult {
         TargetSpec::Local => {
             let cancel = CancellationToken::new();
             let signals = tokio::spawn(cancel_on_signal(cancel.clone()));
-            let target = LocalTarget::new();
+            let target = HostMachine::new();
             // Steps run inside the working directory and also name paths under it: a relative
             // one would be counted twice.
             let mut options = options;

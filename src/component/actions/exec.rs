@@ -5,7 +5,7 @@
 use serde_json::{Map, Value};
 
 use super::{ActionContext, ActionError, Completed, Inputs, Next, Outputs};
-use crate::target::{ExecRequest, ExitStatus, OutputSink, OutputStream, Program};
+use crate::machine::{ExecRequest, ExitStatus, OutputSink, OutputStream, Program};
 
 /// The exit code with which a Linux script asks for a reboot and a rerun of its step.
 pub const REBOOT_EXIT_CODE: i32 = 194;

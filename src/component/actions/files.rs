@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 
 use super::encoding::Encoding;
 use super::{ActionContext, ActionError, Inputs, Outputs, each_item};
-use crate::target::{FileKind, FileSource, FileStat, OutputStream, PutOptions};
+use crate::machine::{FileKind, FileSource, FileStat, OutputStream, PutOptions};
 
 fn text(path: &Path) -> String {
     path.to_string_lossy().into_owned()

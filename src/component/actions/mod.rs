@@ -1,4 +1,4 @@
-//! The action modules that run on Linux, written against [`StepTarget`] only: a file action is
+//! The action modules that run on Linux, written against [`Machine`] only: a file action is
 //! a few target primitives (`put_file`, `stat`, `list`, an argv such as
 //! `["mkdir", "-p", "--", path]`), so it runs unchanged on this machine and in a guest.
 //!
@@ -18,7 +18,7 @@ use serde_json::{Map, Value};
 
 use super::condition::{self, EvalContext};
 use super::document::Action;
-use crate::target::{Capture, ExecRequest, OutputSink, StepTarget, TargetError};
+use crate::machine::{Capture, ExecRequest, Machine, MachineError, OutputSink};
 
 pub use transfer::{S3Config, Transfer};
 
@@ -64,7 +64,7 @@ pub enum ActionError {
     #[error("{what} {status}")]
     Command {
         what: String,
-        status: crate::target::ExitStatus,
+        status: crate::machine::ExitStatus,
         outputs: Outputs,
     },
     /// The target could not do what was asked.
@@ -72,7 +72,7 @@ pub enum ActionError {
     Target {
         what: String,
         #[source]
-        source: TargetError,
+        source: MachineError,
     },
     /// The action does not run on Linux.
     #[error("{0} is a Windows-only action and does not run on Linux")]
@@ -80,7 +80,7 @@ pub enum ActionError {
 }
 
 impl ActionError {
-    pub fn target(what: impl Into<String>) -> impl FnOnce(TargetError) -> ActionError {
+    pub fn target(what: impl Into<String>) -> impl FnOnce(MachineError) -> ActionError {
         let what = what.into();
         move |source| ActionError::Target { what, source }
     }
@@ -104,7 +104,7 @@ impl ActionError {
 
 /// Everything an action needs besides its inputs.
 pub struct ActionContext<'a> {
-    pub target: &'a dyn StepTarget,
+    pub target: &'a dyn Machine,
     /// Receives the output of commands the step runs (console log, terminal).
     pub sink: &'a dyn OutputSink,
     /// Relative paths are resolved against it; commands run in it.

@@ -8,7 +8,7 @@
 use serde_json::Value;
 
 use super::{ActionContext, ActionError, Completed, Inputs, Next};
-use crate::target::{Capture, ExecRequest, ExitStatus, Program};
+use crate::machine::{Capture, ExecRequest, ExitStatus, Program};
 
 pub async fn reboot(inputs: &Value) -> Result<Completed, ActionError> {
     let delay = match inputs {

@@ -18,7 +18,7 @@ use tokio::io::AsyncWriteExt;
 use super::{ActionContext, ActionError, Outputs, each_item};
 use crate::component::condition::file_digest;
 use crate::component::document::HashAlgorithm;
-use crate::target::{FileKind, FileSource, OutputStream, PutOptions};
+use crate::machine::{FileKind, FileSource, OutputStream, PutOptions};
 
 /// Attempts per download, independent of the step's `maxAttempts` (reference 2.2).
 const DOWNLOAD_ATTEMPTS: u32 = 5;

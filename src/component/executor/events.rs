@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use serde::Serialize;
 
 use crate::component::report::{RunLog, Status, Summary};
-use crate::target::{OutputSink, OutputStream};
+use crate::machine::{OutputSink, OutputStream};
 
 /// One thing that happened. Serialized as one JSON object per line for `--json`
 /// (`{"event":"stepStarted",…}`).

@@ -1,7 +1,7 @@
 //! Comparison and logical expressions, shared by a step's `if` and by `Assert` inputs
 //! (reference 1.8–1.10).
 
-use super::Cx;
+use super::DocumentReader;
 use crate::component::document::{CompareOp, ExistsOp, Expr, HashAlgorithm, StringTest};
 use crate::diagnostic::did_you_mean;
 use crate::yaml::Node;
@@ -63,7 +63,7 @@ fn is_operator(name: &str) -> bool {
 /// the `extra` keys the caller handles (`then`/`else` for `if`). `logical` is the number of
 /// logical operators around it.
 pub(super) fn expression(
-    cx: &mut Cx<'_>,
+    cx: &mut DocumentReader<'_>,
     node: &Node,
     extra: &[&'static str],
     logical: usize,
@@ -297,7 +297,7 @@ pub(super) fn expression(
 
 /// An operand as text (numbers as written; empty is the empty string), remembered for the
 /// reference check.
-fn operand_text(cx: &mut Cx<'_>, node: &Node, what: &str) -> Option<String> {
+fn operand_text(cx: &mut DocumentReader<'_>, node: &Node, what: &str) -> Option<String> {
     if node.is_null() {
         return Some(String::new());
     }

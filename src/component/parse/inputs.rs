@@ -5,13 +5,13 @@ use serde_json::{Map, Value};
 
 use super::refs::InputsInfo;
 use super::spec::{InputShape, InputSpec, InputType, input_shape, input_spec, inputs_optional};
-use super::{Cx, expr};
+use super::{DocumentReader, expr};
 use crate::component::document::Action;
 use crate::diagnostic::{did_you_mean, one_of};
 use crate::yaml::Node;
 
 pub(super) fn step_inputs(
-    cx: &mut Cx<'_>,
+    cx: &mut DocumentReader<'_>,
     action: Action,
     step: &Node,
     node: Option<&Node>,
@@ -125,7 +125,7 @@ pub(super) fn step_inputs(
 /// misspelled key. Every missing required key is reported. `None` (and a problem) when
 /// `node` is not a mapping, or when a key is not a plain name or a required key is missing.
 fn input_entries<'n>(
-    cx: &mut Cx<'_>,
+    cx: &mut DocumentReader<'_>,
     node: &'n Node,
     what: &str,
     needs: &str,
@@ -192,7 +192,11 @@ fn input_entries<'n>(
 }
 
 /// One map of inputs: unknown keys, missing required keys, value types.
-fn item(cx: &mut Cx<'_>, action: Action, node: &Node) -> Option<(Map<String, Value>, Vec<String>)> {
+fn item(
+    cx: &mut DocumentReader<'_>,
+    action: Action,
+    node: &Node,
+) -> Option<(Map<String, Value>, Vec<String>)> {
     let specs = input_spec(action);
     let keys: Vec<&str> = specs.iter().map(|s| s.key).collect();
     let required: Vec<&str> = specs.iter().filter(|s| s.required).map(|s| s.key).collect();
@@ -245,7 +249,7 @@ fn item(cx: &mut Cx<'_>, action: Action, node: &Node) -> Option<(Map<String, Val
     ok.then_some((map, present))
 }
 
-fn convert(cx: &mut Cx<'_>, spec: &InputSpec, node: &Node) -> Option<Value> {
+fn convert(cx: &mut DocumentReader<'_>, spec: &InputSpec, node: &Node) -> Option<Value> {
     let key = spec.key;
     let what = format!("`{key}`");
     match spec.kind {
@@ -387,13 +391,13 @@ fn convert(cx: &mut Cx<'_>, spec: &InputSpec, node: &Node) -> Option<Value> {
 }
 
 /// A scalar as text, remembered for the reference check.
-fn string(cx: &mut Cx<'_>, node: &Node, what: &str) -> Option<String> {
+fn string(cx: &mut DocumentReader<'_>, node: &Node, what: &str) -> Option<String> {
     let s = cx.string(node, what)?;
     cx.text(node);
     Some(s)
 }
 
-fn string_list(cx: &mut Cx<'_>, node: &Node, what: &str) -> Option<Vec<String>> {
+fn string_list(cx: &mut DocumentReader<'_>, node: &Node, what: &str) -> Option<Vec<String>> {
     let Some(items) = node.as_sequence() else {
         if node.as_scalar().is_some() {
             cx.error(

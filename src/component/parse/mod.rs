@@ -7,7 +7,7 @@ mod expr;
 mod inputs;
 mod refs;
 mod spec;
-mod walk;
+mod structure;
 
 use std::path::{Path, PathBuf};
 
@@ -84,9 +84,9 @@ pub fn check(path: &Path, text: &str) -> Checked {
             .into_iter()
             .map(|p| explain_unquoted_template(text, p)),
     );
-    let mut cx = Cx::new(text);
+    let mut cx = DocumentReader::new(text);
     let document = match &root {
-        Some(root) => walk::document(&mut cx, root, path),
+        Some(root) => structure::document(&mut cx, root, path),
         None if yaml_failed => None,
         None => {
             cx.error(
@@ -132,7 +132,7 @@ fn explain_unquoted_template(source: &str, problem: Problem) -> Problem {
 
 /// What validation carries along: the source (for the `{{ }}` shape check and for locating
 /// references inside scalars) and the problems found so far.
-struct Cx<'s> {
+struct DocumentReader<'s> {
     source: &'s str,
     problems: Vec<Problem>,
     /// The step being read, for strings that may hold references.
@@ -143,9 +143,9 @@ struct Cx<'s> {
     declared_elsewhere: Vec<String>,
 }
 
-impl<'s> Cx<'s> {
+impl<'s> DocumentReader<'s> {
     fn new(source: &'s str) -> Self {
-        Cx {
+        DocumentReader {
             source,
             problems: Vec::new(),
             current: None,

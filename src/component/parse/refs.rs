@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use super::Cx;
+use super::DocumentReader;
 use super::spec::outputs_of;
 use crate::component::document::Action;
 use crate::component::template::{self, ChainKind, Piece, Reference};
@@ -55,7 +55,7 @@ pub(super) struct Text {
     ctx: StepCtx,
 }
 
-impl Cx<'_> {
+impl DocumentReader<'_> {
     /// Remember a scalar for the reference check at the end (only strings with `{{`).
     pub(super) fn text(&mut self, node: &Node) {
         let (Some(scalar), Some(ctx)) = (node.as_scalar(), &self.current) else {
@@ -97,7 +97,11 @@ impl Cx<'_> {
     }
 }
 
-pub(super) fn check_all(cx: &mut Cx<'_>, variables: &[&str], phases: &[(String, Vec<StepInfo>)]) {
+pub(super) fn check_all(
+    cx: &mut DocumentReader<'_>,
+    variables: &[&str],
+    phases: &[(String, Vec<StepInfo>)],
+) {
     let texts = std::mem::take(&mut cx.texts);
     let index = Index::new(phases);
     for text in &texts {
@@ -147,7 +151,7 @@ pub(super) fn check_all(cx: &mut Cx<'_>, variables: &[&str], phases: &[(String, 
 }
 
 fn check(
-    cx: &mut Cx<'_>,
+    cx: &mut DocumentReader<'_>,
     ctx: &StepCtx,
     at: Span,
     source: &str,
@@ -208,7 +212,7 @@ fn check(
 
 #[allow(clippy::too_many_arguments)]
 fn chain(
-    cx: &mut Cx<'_>,
+    cx: &mut DocumentReader<'_>,
     ctx: &StepCtx,
     at: Span,
     (phase, step): (&str, &str),
@@ -329,7 +333,7 @@ fn chain(
     }
 }
 
-fn input_key(cx: &mut Cx<'_>, at: Span, step: &str, key: &str, keys: &[String]) {
+fn input_key(cx: &mut DocumentReader<'_>, at: Span, step: &str, key: &str, keys: &[String]) {
     if keys.iter().any(|k| k == key) {
         return;
     }

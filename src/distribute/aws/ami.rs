@@ -271,7 +271,7 @@ pub fn check_ami_name(name: &str) -> Result<(), String> {
 }
 
 /// The clients of one import, built from the options and the resolved credentials.
-struct Session {
+struct ImportClients {
     config: AwsConfig,
     region: String,
     s3: S3Client,
@@ -280,8 +280,8 @@ struct Session {
     iam_custom: bool,
 }
 
-impl Session {
-    fn new(options: &AmiOptions) -> Result<Session, AwsError> {
+impl ImportClients {
+    fn new(options: &AmiOptions) -> Result<ImportClients, AwsError> {
         options.validate()?;
         let config = match &options.credentials {
             Some(given) => {
@@ -344,7 +344,7 @@ impl Session {
             .as_deref()
             .or(options.ec2_endpoint.as_deref());
         let iam = IamClient::new(http, creds, iam_endpoint, options.retry)?;
-        Ok(Session {
+        Ok(ImportClients {
             config,
             region,
             s3,
@@ -384,18 +384,18 @@ fn is_credentials_problem(e: &AwsError) -> bool {
 /// role. Every problem is reported at once; returns warnings (things that could not be
 /// checked).
 pub async fn preflight(options: &AmiOptions) -> Result<Vec<String>, AwsError> {
-    let session = Session::new(options)?;
-    preflight_session(&session, options).await
+    let clients = ImportClients::new(options)?;
+    preflight_session(&clients, options).await
 }
 
 async fn preflight_session(
-    session: &Session,
+    clients: &ImportClients,
     options: &AmiOptions,
 ) -> Result<Vec<String>, AwsError> {
     let mut problems: Vec<String> = Vec::new();
     let mut warnings: Vec<String> = Vec::new();
 
-    if let Err(e) = session.s3.head_bucket(&options.bucket).await {
+    if let Err(e) = clients.s3.head_bucket(&options.bucket).await {
         let e = AwsError::from(e);
         let stop = is_credentials_problem(&e);
         problems.push(chain(&e));
@@ -411,7 +411,7 @@ async fn preflight_session(
     };
     let dry_run = match options.import_method {
         ImportMethod::Snapshot => {
-            session
+            clients
                 .ec2
                 .import_snapshot(
                     &disk,
@@ -423,7 +423,7 @@ async fn preflight_session(
                 .await
         }
         ImportMethod::Image => {
-            session
+            clients
                 .ec2
                 .import_image(
                     &disk,
@@ -447,9 +447,9 @@ async fn preflight_session(
 
     if options.import_method == ImportMethod::Snapshot {
         let regions =
-            std::iter::once(session.region.clone()).chain(options.copy_to_regions.iter().cloned());
+            std::iter::once(clients.region.clone()).chain(options.copy_to_regions.iter().cloned());
         for region in regions {
-            let ec2 = session.ec2.in_region(&region);
+            let ec2 = clients.ec2.in_region(&region);
             match ec2.images_named(&options.name).await {
                 Ok(ids) if !ids.is_empty() => problems.push(
                     Ec2Error::DuplicateName {
@@ -465,7 +465,7 @@ async fn preflight_session(
         }
     }
 
-    match session.iam.get_role(options.role()).await {
+    match clients.iam.get_role(options.role()).await {
         Ok(RoleCheck::Exists(_)) => {}
         Ok(RoleCheck::Missing) => problems.push(format!(
             "the VM Import service role `{}` does not exist; create it (trusted by \
@@ -479,11 +479,11 @@ async fn preflight_session(
              call iam:GetRole",
             options.role()
         )),
-        Err(e) if session.iam_custom => warnings.push(format!(
+        Err(e) if clients.iam_custom => warnings.push(format!(
             "could not check the VM Import role `{}`: IAM at {} did not answer GetRole ({}); \
              custom endpoints often have no IAM",
             options.role(),
-            session.iam.endpoint(),
+            clients.iam.endpoint(),
             chain(&e)
         )),
         Err(e) => warnings.push(format!(
@@ -736,11 +736,11 @@ pub async fn import_ami(
         TARGET,
         "checking credentials, bucket, permissions and the vmimport role",
     );
-    let session = Session::new(options)?;
-    for warning in preflight_session(&session, options).await? {
+    let clients = ImportClients::new(options)?;
+    for warning in preflight_session(&clients, options).await? {
         progress.step(TARGET, &format!("warning: {warning}"));
     }
-    let region = session.region.clone();
+    let region = clients.region.clone();
 
     // The disk, in S3.
     let state_dir = options
@@ -764,7 +764,7 @@ pub async fn import_ami(
         cancel: options.cancel.clone(),
     };
     let uploaded = match s3::upload_multipart(
-        &session.s3,
+        &clients.s3,
         &path,
         &options.bucket,
         &key,
@@ -807,7 +807,7 @@ pub async fn import_ami(
         bucket: options.bucket.clone(),
         key: key.clone(),
     };
-    let ec2 = &session.ec2;
+    let ec2 = &clients.ec2;
     let (task_id, image_id, snapshot_id) = match options.import_method {
         ImportMethod::Snapshot => {
             let task_id = ec2
@@ -916,7 +916,7 @@ pub async fn import_ami(
         ids.insert("s3Object".to_string(), object);
     } else {
         progress.step(TARGET, &format!("deleting {object}"));
-        if let Err(e) = session.s3.delete_object(&options.bucket, &key).await {
+        if let Err(e) = clients.s3.delete_object(&options.bucket, &key).await {
             progress.step(
                 TARGET,
                 &format!(
@@ -936,7 +936,7 @@ pub async fn import_ami(
             uploaded.etag.trim_matches('"').to_string(),
         );
     }
-    let _ = &session.config;
+    let _ = &clients.config;
     Ok(Receipt {
         kind: "ami".into(),
         location: format!("{image_id} ({region})"),

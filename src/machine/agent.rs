@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::{
     Capture, DirEntry, ExecOutcome, ExecRequest, ExitStatus, FileInfo, FileKind, FileSource,
-    FileStat, OutputSink, OutputStream, Program, PutOptions, StepTarget, TargetError, TargetInfo,
+    FileStat, Machine, MachineError, MachineInfo, OutputSink, OutputStream, Program, PutOptions,
 };
 use crate::agent::protocol::{
     self, ExecSpec, ExitKind, HelloInfo, Message, OutStream, ProgramSpec, PutSpec, StatInfo,
@@ -34,10 +34,10 @@ pub trait AgentStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> AgentStream for T {}
 
 /// Opens a fresh stream to the guest's agent port, e.g. a new connection to QEMU's chardev
-/// socket. Needed for [`AgentTarget::reboot`] when the old stream ends during the reboot.
+/// socket. Needed for [`AgentMachine::reboot`] when the old stream ends during the reboot.
 #[async_trait]
 pub trait Connector: Send + Sync {
-    async fn connect(&self) -> Result<Box<dyn AgentStream>, TargetError>;
+    async fn connect(&self) -> Result<Box<dyn AgentStream>, MachineError>;
 }
 
 /// How often to ask for a `Hello` while waiting for one: an agent that is not up yet never
@@ -153,16 +153,18 @@ impl Connection {
         })
     }
 
-    fn send_raw(&self, bytes: Vec<u8>) -> Result<(), TargetError> {
-        self.out.send(bytes).map_err(|_| TargetError::Disconnected {
-            target: self.shared.target.clone(),
-            detail: self.shared.dead_reason(),
-        })
+    fn send_raw(&self, bytes: Vec<u8>) -> Result<(), MachineError> {
+        self.out
+            .send(bytes)
+            .map_err(|_| MachineError::Disconnected {
+                target: self.shared.target.clone(),
+                detail: self.shared.dead_reason(),
+            })
     }
 
-    fn send(&self, id: u32, msg: &Message) -> Result<(), TargetError> {
+    fn send(&self, id: u32, msg: &Message) -> Result<(), MachineError> {
         let bytes = protocol::encode(id, msg).map_err(|e| {
-            TargetError::Failed(format!("cannot send `{}` to the agent: {e}", msg.name()))
+            MachineError::Failed(format!("cannot send `{}` to the agent: {e}", msg.name()))
         })?;
         self.send_raw(bytes)
     }
@@ -313,18 +315,18 @@ struct Request {
 }
 
 impl Request {
-    fn send(&self, msg: &Message) -> Result<(), TargetError> {
+    fn send(&self, msg: &Message) -> Result<(), MachineError> {
         self.conn.send(self.id, msg)
     }
 
-    async fn recv(&mut self) -> Result<Message, TargetError> {
+    async fn recv(&mut self) -> Result<Message, MachineError> {
         match self.rx.recv().await {
             Some(Ok(m)) => Ok(m),
-            Some(Err(detail)) => Err(TargetError::Protocol {
+            Some(Err(detail)) => Err(MachineError::Protocol {
                 target: self.conn.shared.target.clone(),
                 detail,
             }),
-            None => Err(TargetError::Disconnected {
+            None => Err(MachineError::Disconnected {
                 target: self.conn.shared.target.clone(),
                 detail: self.conn.shared.dead_reason(),
             }),
@@ -336,8 +338,8 @@ impl Request {
         self.rx.try_recv().ok()
     }
 
-    fn unexpected(&self, msg: &Message, waiting_for: &str) -> TargetError {
-        TargetError::Protocol {
+    fn unexpected(&self, msg: &Message, waiting_for: &str) -> MachineError {
+        MachineError::Protocol {
             target: self.conn.shared.target.clone(),
             detail: format!("got `{}` while waiting for {waiting_for}", msg.name()),
         }
@@ -357,7 +359,7 @@ impl Drop for Request {
     }
 }
 
-/// What [`AgentTarget::wait_ready`] found.
+/// What [`AgentMachine::wait_ready`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Readiness {
     pub hello: HelloInfo,
@@ -370,7 +372,7 @@ pub struct Readiness {
     pub system: Option<String>,
 }
 
-/// An interactive command started by [`AgentTarget::start_interactive`].
+/// An interactive command started by [`AgentMachine::start_interactive`].
 pub struct Interactive {
     req: Request,
 }
@@ -384,7 +386,7 @@ pub enum InteractiveEvent {
 
 impl Interactive {
     /// Feeds its stdin; an empty slice closes it.
-    pub fn write_stdin(&self, data: &[u8]) -> Result<(), TargetError> {
+    pub fn write_stdin(&self, data: &[u8]) -> Result<(), MachineError> {
         for chunk in data.chunks(protocol::CHUNK_SIZE) {
             self.req.send(&Message::Stdin(chunk.to_vec()))?;
         }
@@ -395,11 +397,11 @@ impl Interactive {
     }
 
     /// Tells its pseudo-terminal the new window size.
-    pub fn resize(&self, rows: u16, cols: u16) -> Result<(), TargetError> {
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<(), MachineError> {
         self.req.send(&Message::Resize { rows, cols })
     }
 
-    pub async fn next(&mut self) -> Result<InteractiveEvent, TargetError> {
+    pub async fn next(&mut self) -> Result<InteractiveEvent, MachineError> {
         match self.req.recv().await? {
             Message::Output { stream, data } => {
                 Ok(InteractiveEvent::Output(stream_of(stream), data))
@@ -410,7 +412,7 @@ impl Interactive {
             }
             Message::Error { message, .. } => {
                 self.req.finish();
-                Err(TargetError::Failed(message))
+                Err(MachineError::Failed(message))
             }
             other => Err(self.req.unexpected(&other, "output")),
         }
@@ -445,9 +447,9 @@ fn stat_of(s: &StatInfo) -> FileStat {
     }
 }
 
-fn path_str(p: &Path) -> Result<String, TargetError> {
+fn path_str(p: &Path) -> Result<String, MachineError> {
     p.to_str().map(str::to_owned).ok_or_else(|| {
-        TargetError::Failed(format!(
+        MachineError::Failed(format!(
             "the guest path {} is not UTF-8, which the agent protocol cannot carry",
             p.display()
         ))
@@ -466,7 +468,7 @@ impl Drop for LocalTemp {
 }
 
 /// A guest reached through builder's agent.
-pub struct AgentTarget {
+pub struct AgentMachine {
     describe: String,
     conn: Mutex<Arc<Connection>>,
     connector: Option<Arc<dyn Connector>>,
@@ -474,7 +476,7 @@ pub struct AgentTarget {
     reboot_timeout: Duration,
 }
 
-impl AgentTarget {
+impl AgentMachine {
     /// Takes over `stream` and waits (at most `hello_timeout`) for the agent's `Hello`. The
     /// agent may start long after the stream is open (a VM still booting): the timeout is the
     /// boot budget. `describe` names the guest in messages ("vm debian-12 (pid 4242)").
@@ -482,25 +484,25 @@ impl AgentTarget {
         stream: impl AgentStream,
         describe: String,
         hello_timeout: Duration,
-    ) -> Result<AgentTarget, TargetError> {
+    ) -> Result<AgentMachine, MachineError> {
         let conn = Connection::start(Box::new(stream), describe.clone());
         let deadline = Instant::now() + hello_timeout;
         match conn.wait_hello(deadline, |_| true).await {
             Ok(hello) => check_protocol(&describe, &hello)?,
             Err(WaitHello::Closed(detail)) => {
-                return Err(TargetError::Disconnected {
+                return Err(MachineError::Disconnected {
                     target: describe,
                     detail: format!("{detail} before the agent said hello"),
                 });
             }
             Err(WaitHello::TimedOut) => {
-                return Err(TargetError::Failed(format!(
+                return Err(MachineError::Failed(format!(
                     "the agent in {describe} did not say hello within {}s",
                     hello_timeout.as_secs_f32()
                 )));
             }
         }
-        Ok(AgentTarget {
+        Ok(AgentMachine {
             describe,
             conn: Mutex::new(conn),
             connector: None,
@@ -509,7 +511,7 @@ impl AgentTarget {
         })
     }
 
-    /// Lets [`reboot`](StepTarget::reboot) open a new stream when the old one ends.
+    /// Lets [`reboot`](Machine::reboot) open a new stream when the old one ends.
     pub fn with_connector(mut self, connector: Arc<dyn Connector>) -> Self {
         self.connector = Some(connector);
         self
@@ -540,10 +542,10 @@ impl AgentTarget {
         self.conn.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    fn request(&self) -> Result<Request, TargetError> {
+    fn request(&self) -> Result<Request, MachineError> {
         let conn = self.conn();
         if conn.is_closed() {
-            return Err(TargetError::Disconnected {
+            return Err(MachineError::Disconnected {
                 target: self.describe.clone(),
                 detail: conn.shared.dead_reason(),
             });
@@ -563,25 +565,25 @@ impl AgentTarget {
     }
 
     /// A request with one reply.
-    async fn call(&self, msg: &Message) -> Result<Message, TargetError> {
+    async fn call(&self, msg: &Message) -> Result<Message, MachineError> {
         let mut req = self.request()?;
         req.send(msg)?;
         let reply = req.recv().await?;
         req.finish();
         match reply {
-            Message::Error { message, .. } => Err(TargetError::Failed(message)),
+            Message::Error { message, .. } => Err(MachineError::Failed(message)),
             other => Ok(other),
         }
     }
 
-    /// Like [`StepTarget::exec`], with environment variables whose values are secret: they
+    /// Like [`Machine::exec`], with environment variables whose values are secret: they
     /// travel only over the agent channel and are never printed by either side.
     pub async fn exec_with_secrets(
         &self,
         request: &ExecRequest,
         secret_env: &[(String, String)],
         sink: &dyn OutputSink,
-    ) -> Result<ExecOutcome, TargetError> {
+    ) -> Result<ExecOutcome, MachineError> {
         if let Program::Script { interpreter, body } = &request.program
             && body.len() > LARGE_SCRIPT
         {
@@ -605,7 +607,7 @@ impl AgentTarget {
                 }
                 Message::Error { message, .. } => {
                     req.finish();
-                    return Err(TargetError::Failed(message));
+                    return Err(MachineError::Failed(message));
                 }
                 other => return Err(req.unexpected(&other, "command output")),
             }
@@ -621,7 +623,7 @@ impl AgentTarget {
         body: &str,
         secret_env: &[(String, String)],
         sink: &dyn OutputSink,
-    ) -> Result<ExecOutcome, TargetError> {
+    ) -> Result<ExecOutcome, MachineError> {
         let path = PathBuf::from(format!(
             "/tmp/.builder-script-{}",
             uuid::Uuid::new_v4().simple()
@@ -647,7 +649,7 @@ impl AgentTarget {
         &self,
         request: &ExecRequest,
         pty: Option<(u16, u16)>,
-    ) -> Result<Interactive, TargetError> {
+    ) -> Result<Interactive, MachineError> {
         let mut spec = exec_spec(request, &[])?;
         spec.stdin = true;
         spec.pty = pty;
@@ -664,7 +666,7 @@ impl AgentTarget {
         &self,
         cloud_init: bool,
         timeout: Duration,
-    ) -> Result<Readiness, TargetError> {
+    ) -> Result<Readiness, MachineError> {
         let hello = match self.hello() {
             Some(h) => h,
             None => hello_of(self.call(&Message::HelloRequest).await?, &self.describe)?,
@@ -732,7 +734,7 @@ impl AgentTarget {
 
     /// The error for cloud-init that did not finish: `what` went wrong, the readiness
     /// check's `report`, and the last lines of cloud-init's output log read from the guest.
-    pub async fn cloud_init_failure(&self, what: String, report: &str) -> TargetError {
+    pub async fn cloud_init_failure(&self, what: String, report: &str) -> MachineError {
         let tail = Capture::default();
         let _ = self
             .exec(
@@ -741,7 +743,7 @@ impl AgentTarget {
                 &tail,
             )
             .await;
-        TargetError::Failed(format!(
+        MachineError::Failed(format!(
             "{what}\n{}\nlast lines of /var/log/cloud-init-output.log:\n{}",
             report.trim_end(),
             String::from_utf8_lossy(&tail.stdout()).trim_end()
@@ -750,7 +752,7 @@ impl AgentTarget {
 
     /// Asks the agent to power the guest off; returns once the agent acknowledged (the
     /// caller watches QEMU exit).
-    pub async fn poweroff(&self) -> Result<(), TargetError> {
+    pub async fn poweroff(&self) -> Result<(), MachineError> {
         match self.call(&Message::Poweroff).await? {
             Message::Ok => Ok(()),
             other => Err(self.protocol_error(&other, "Ok")),
@@ -758,7 +760,7 @@ impl AgentTarget {
     }
 
     /// Flushes the guest's file systems.
-    pub async fn sync(&self) -> Result<(), TargetError> {
+    pub async fn sync(&self) -> Result<(), MachineError> {
         match self.call(&Message::Sync).await? {
             Message::Ok => Ok(()),
             other => Err(self.protocol_error(&other, "Ok")),
@@ -766,15 +768,15 @@ impl AgentTarget {
     }
 
     /// A round trip through the agent.
-    pub async fn ping(&self) -> Result<(), TargetError> {
+    pub async fn ping(&self) -> Result<(), MachineError> {
         match self.call(&Message::Ping).await? {
             Message::Ok => Ok(()),
             other => Err(self.protocol_error(&other, "Ok")),
         }
     }
 
-    fn protocol_error(&self, got: &Message, wanted: &str) -> TargetError {
-        TargetError::Protocol {
+    fn protocol_error(&self, got: &Message, wanted: &str) -> MachineError {
+        MachineError::Protocol {
             target: self.describe.clone(),
             detail: format!("got `{}` while waiting for `{wanted}`", got.name()),
         }
@@ -785,7 +787,7 @@ impl AgentTarget {
         remote: &Path,
         content: FileSource,
         options: &PutOptions,
-    ) -> Result<FileInfo, TargetError> {
+    ) -> Result<FileInfo, MachineError> {
         let path = path_str(remote)?;
         let spec = PutSpec {
             path: path.clone(),
@@ -802,11 +804,11 @@ impl AgentTarget {
         let mut hasher = Sha256::new();
         let mut size: u64 = 0;
         let mut chunk = vec![0u8; protocol::CHUNK_SIZE];
-        let put_failed = |m: String| TargetError::Failed(m);
+        let put_failed = |m: String| MachineError::Failed(m);
         loop {
             // Take what arrived meanwhile without waiting; wait only when out of credit.
             while let Some(incoming) = req.try_recv() {
-                match incoming.map_err(|d| TargetError::Protocol {
+                match incoming.map_err(|d| MachineError::Protocol {
                     target: self.describe.clone(),
                     detail: d,
                 })? {
@@ -849,7 +851,7 @@ impl AgentTarget {
                 } => {
                     req.finish();
                     if theirs != sha256 || their_size != size {
-                        return Err(TargetError::Failed(format!(
+                        return Err(MachineError::Failed(format!(
                             "{path} on {}: the agent wrote {their_size} bytes with sha256 {}, we sent {size} bytes with sha256 {}",
                             self.describe,
                             protocol::hex(&theirs),
@@ -863,7 +865,7 @@ impl AgentTarget {
                 }
                 Message::Error { message, .. } => {
                     req.finish();
-                    return Err(TargetError::Failed(message));
+                    return Err(MachineError::Failed(message));
                 }
                 other => return Err(req.unexpected(&other, "the agent's confirmation")),
             }
@@ -871,9 +873,9 @@ impl AgentTarget {
     }
 }
 
-fn check_protocol(describe: &str, hello: &HelloInfo) -> Result<(), TargetError> {
+fn check_protocol(describe: &str, hello: &HelloInfo) -> Result<(), MachineError> {
     if hello.protocol != protocol::PROTOCOL_VERSION {
-        return Err(TargetError::Protocol {
+        return Err(MachineError::Protocol {
             target: describe.to_owned(),
             detail: format!(
                 "the agent speaks protocol {} (agent {}), this builder speaks {}",
@@ -886,10 +888,10 @@ fn check_protocol(describe: &str, hello: &HelloInfo) -> Result<(), TargetError> 
     Ok(())
 }
 
-fn hello_of(msg: Message, describe: &str) -> Result<HelloInfo, TargetError> {
+fn hello_of(msg: Message, describe: &str) -> Result<HelloInfo, MachineError> {
     match msg {
         Message::Hello(h) => Ok(h),
-        other => Err(TargetError::Protocol {
+        other => Err(MachineError::Protocol {
             target: describe.to_owned(),
             detail: format!("got `{}` while waiting for `Hello`", other.name()),
         }),
@@ -899,7 +901,7 @@ fn hello_of(msg: Message, describe: &str) -> Result<HelloInfo, TargetError> {
 fn exec_spec(
     request: &ExecRequest,
     secret_env: &[(String, String)],
-) -> Result<ExecSpec, TargetError> {
+) -> Result<ExecSpec, MachineError> {
     let program = match &request.program {
         Program::Argv(argv) => ProgramSpec::Argv(argv.clone()),
         Program::Script { interpreter, body } => ProgramSpec::Script {
@@ -932,19 +934,19 @@ enum Source {
 }
 
 impl Source {
-    async fn open(content: FileSource) -> Result<Source, TargetError> {
+    async fn open(content: FileSource) -> Result<Source, MachineError> {
         Ok(match content {
             FileSource::Bytes(b) => Source::Bytes(b, 0),
             FileSource::Path(p) => Source::File(
                 tokio::fs::File::open(&p)
                     .await
-                    .map_err(|e| TargetError::io(format!("cannot open {}", p.display()), e))?,
+                    .map_err(|e| MachineError::io(format!("cannot open {}", p.display()), e))?,
             ),
         })
     }
 
     /// Fills `buf` as far as the content goes; 0 at the end.
-    async fn fill(&mut self, buf: &mut [u8]) -> Result<usize, TargetError> {
+    async fn fill(&mut self, buf: &mut [u8]) -> Result<usize, MachineError> {
         match self {
             Source::Bytes(b, pos) => {
                 let n = (b.len() - *pos).min(buf.len());
@@ -958,7 +960,7 @@ impl Source {
                     let k = f
                         .read(&mut buf[n..])
                         .await
-                        .map_err(|e| TargetError::io("cannot read the file to upload", e))?;
+                        .map_err(|e| MachineError::io("cannot read the file to upload", e))?;
                     if k == 0 {
                         break;
                     }
@@ -971,14 +973,14 @@ impl Source {
 }
 
 #[async_trait]
-impl StepTarget for AgentTarget {
+impl Machine for AgentMachine {
     fn describe(&self) -> String {
         self.describe.clone()
     }
 
-    async fn info(&self) -> Result<TargetInfo, TargetError> {
+    async fn info(&self) -> Result<MachineInfo, MachineError> {
         let h = hello_of(self.call(&Message::HelloRequest).await?, &self.describe)?;
-        Ok(TargetInfo {
+        Ok(MachineInfo {
             os_id: h.os_id,
             os_pretty: h.os_pretty,
             arch: h.arch,
@@ -990,7 +992,7 @@ impl StepTarget for AgentTarget {
         &self,
         request: &ExecRequest,
         sink: &dyn OutputSink,
-    ) -> Result<ExecOutcome, TargetError> {
+    ) -> Result<ExecOutcome, MachineError> {
         self.exec_with_secrets(request, &[], sink).await
     }
 
@@ -999,11 +1001,11 @@ impl StepTarget for AgentTarget {
         remote: &Path,
         content: FileSource,
         options: &PutOptions,
-    ) -> Result<FileInfo, TargetError> {
+    ) -> Result<FileInfo, MachineError> {
         self.put_stream(remote, content, options).await
     }
 
-    async fn get_file(&self, remote: &Path, local: &Path) -> Result<FileInfo, TargetError> {
+    async fn get_file(&self, remote: &Path, local: &Path) -> Result<FileInfo, MachineError> {
         let path = path_str(remote)?;
         let mut req = self.request()?;
         req.send(&Message::GetFile { path: path.clone() })?;
@@ -1011,7 +1013,7 @@ impl StepTarget for AgentTarget {
             Message::FileStart { mode, .. } => mode,
             Message::Error { message, .. } => {
                 req.finish();
-                return Err(TargetError::Failed(message));
+                return Err(MachineError::Failed(message));
             }
             other => return Err(req.unexpected(&other, "FileStart")),
         };
@@ -1030,11 +1032,11 @@ impl StepTarget for AgentTarget {
         let mut guard = LocalTemp(Some(tmp.clone()));
         let mut file = tokio::fs::File::create(&tmp)
             .await
-            .map_err(|e| TargetError::io(format!("cannot create {}", tmp.display()), e))?;
+            .map_err(|e| MachineError::io(format!("cannot create {}", tmp.display()), e))?;
         req.send(&Message::Credit(protocol::WINDOW_CHUNKS))?;
         let mut hasher = Sha256::new();
         let mut size: u64 = 0;
-        let write_err = |e| TargetError::io(format!("cannot write {}", tmp.display()), e);
+        let write_err = |e| MachineError::io(format!("cannot write {}", tmp.display()), e);
         loop {
             match req.recv().await? {
                 Message::Data(d) => {
@@ -1051,7 +1053,7 @@ impl StepTarget for AgentTarget {
                     req.finish();
                     let ours: [u8; 32] = hasher.finalize().into();
                     if ours != theirs || their_size != size {
-                        return Err(TargetError::Failed(format!(
+                        return Err(MachineError::Failed(format!(
                             "{path} from {}: received {size} bytes with sha256 {}, the agent sent {their_size} bytes with sha256 {}; nothing was written",
                             self.describe,
                             protocol::hex(&ours),
@@ -1068,7 +1070,7 @@ impl StepTarget for AgentTarget {
                         std::fs::Permissions::from_mode(mode & 0o777),
                     );
                     std::fs::rename(&tmp, local).map_err(|e| {
-                        TargetError::io(format!("cannot rename into {}", local.display()), e)
+                        MachineError::io(format!("cannot rename into {}", local.display()), e)
                     })?;
                     guard.0 = None;
                     return Ok(FileInfo {
@@ -1078,14 +1080,14 @@ impl StepTarget for AgentTarget {
                 }
                 Message::Error { message, .. } => {
                     req.finish();
-                    return Err(TargetError::Failed(message));
+                    return Err(MachineError::Failed(message));
                 }
                 other => return Err(req.unexpected(&other, "file data")),
             }
         }
     }
 
-    async fn stat(&self, remote: &Path) -> Result<Option<FileStat>, TargetError> {
+    async fn stat(&self, remote: &Path) -> Result<Option<FileStat>, MachineError> {
         let path = path_str(remote)?;
         match self.call(&Message::Stat { path }).await? {
             Message::StatReply(s) => Ok(s.as_ref().map(stat_of)),
@@ -1093,7 +1095,7 @@ impl StepTarget for AgentTarget {
         }
     }
 
-    async fn list(&self, remote: &Path) -> Result<Vec<DirEntry>, TargetError> {
+    async fn list(&self, remote: &Path) -> Result<Vec<DirEntry>, MachineError> {
         let path = path_str(remote)?;
         match self.call(&Message::List { path }).await? {
             Message::ListReply(entries) => Ok(entries
@@ -1110,7 +1112,7 @@ impl StepTarget for AgentTarget {
     /// Sends `Reboot`, then waits for a `Hello` with a new boot id: on the same stream (QEMU
     /// keeps its chardev socket open across a guest reboot) or, when that stream ends, on new
     /// ones from the [`Connector`], retried until the reboot timeout.
-    async fn reboot(&self) -> Result<(), TargetError> {
+    async fn reboot(&self) -> Result<(), MachineError> {
         let before = match self.hello() {
             Some(h) => h.boot_id,
             None => self.info().await?.boot_id,
@@ -1120,7 +1122,7 @@ impl StepTarget for AgentTarget {
             Ok(Message::Ok) => {}
             Ok(other) => return Err(self.protocol_error(&other, "Ok")),
             // The agent may go down before its answer gets out; the boot id decides.
-            Err(TargetError::Disconnected { .. }) | Err(TargetError::Protocol { .. }) => {}
+            Err(MachineError::Disconnected { .. }) | Err(MachineError::Protocol { .. }) => {}
             Err(e) => return Err(e),
         }
         let new_boot = |h: &HelloInfo| !h.boot_id.is_empty() && h.boot_id != before;
@@ -1133,7 +1135,7 @@ impl StepTarget for AgentTarget {
                 Err(WaitHello::Closed(detail)) => last_problem = detail,
             }
             let Some(connector) = &self.connector else {
-                return Err(TargetError::Disconnected {
+                return Err(MachineError::Disconnected {
                     target: self.describe.clone(),
                     detail: format!(
                         "{last_problem} during the reboot, and this target has no way to reconnect"
@@ -1161,7 +1163,7 @@ impl StepTarget for AgentTarget {
                 break;
             }
         }
-        Err(TargetError::Failed(format!(
+        Err(MachineError::Failed(format!(
             "{} did not come back within {}s after the reboot (no agent hello with a new boot id; last problem: {last_problem})",
             self.describe,
             self.reboot_timeout.as_secs()

@@ -1,8 +1,8 @@
 //! Targets as the user names them, and the dispatcher that runs one.
 //!
-//! A [`Target`] comes from the command line (`--to oci://host:5000/repo:tag`, `--to
-//! vagrant:./out/web.box`, …; see [`Target::parse`]) or from a recipe's `distribution:` entry
-//! ([`Target::from_recipe`], paths resolved against the recipe's folder). Names and tags
+//! A [`Destination`] comes from the command line (`--to oci://host:5000/repo:tag`, `--to
+//! vagrant:./out/web.box`, …; see [`Destination::parse`]) or from a recipe's `distribution:` entry
+//! ([`Destination::from_recipe`], paths resolved against the recipe's folder). Names and tags
 //! may hold name-template placeholders; they are rendered for one stored build by
 //! [`distribute`], with that build's name, version, number and date.
 
@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::local::{self, DirectoryOptions, VagrantOptions};
+use super::directory::{self, DirectoryOptions, VagrantOptions};
 use super::{DistributeError, Progress, Receipt, StoredImage};
 use crate::export::Format;
 use crate::recipe::{self, Distribution, NameTemplate, NameValues};
@@ -21,7 +21,7 @@ use crate::recipe::{self, Distribution, NameTemplate, NameValues};
 pub const CLI_FORMS: &str = "`oci://REGISTRY/REPO:TAG`, `containerdisk://REGISTRY/REPO:TAG`, `ami`, `vagrant:PATH.box`, `dir:PATH` or `store`";
 
 #[derive(Debug, thiserror::Error)]
-pub enum TargetError {
+pub enum DestinationError {
     #[error("`{text}` is not a distribution target")]
     Unknown {
         text: String,
@@ -38,14 +38,14 @@ pub enum TargetError {
     Cancelled { kind: &'static str },
 }
 
-impl TargetError {
+impl DestinationError {
     pub fn hint(&self) -> Option<String> {
         match self {
-            TargetError::Unknown {
+            DestinationError::Unknown {
                 suggestion: Some(s),
                 ..
             } => Some(format!("did you mean `{s}`?")),
-            TargetError::Unknown { .. } | TargetError::Bad { .. } => {
+            DestinationError::Unknown { .. } | DestinationError::Bad { .. } => {
                 Some(format!("targets are {CLI_FORMS}"))
             }
             _ => None,
@@ -56,7 +56,7 @@ impl TargetError {
 /// Where an image goes. Names are name templates (as written), rendered per build.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", tag = "kind")]
-pub enum Target {
+pub enum Destination {
     /// A copy of the outputs in `<path>/<name>/`.
     #[serde(rename_all = "camelCase")]
     Directory {
@@ -93,7 +93,7 @@ pub enum Target {
         plain_http: bool,
     },
     /// An AMI.
-    Ami(Box<AmiTarget>),
+    Ami(Box<AmiDestination>),
     /// The local store (where every build already is).
     Store,
 }
@@ -101,7 +101,7 @@ pub enum Target {
 /// The AMI settings as written (name is a template), before credentials are looked up.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct AmiTarget {
+pub struct AmiDestination {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
     pub bucket: String,
@@ -146,27 +146,27 @@ pub struct CliOptions {
     /// `--plain-http HOST`: registries spoken to over plain HTTP.
     pub plain_http: Vec<String>,
     /// `--region`, `--bucket`, `--prefix`, `--endpoint` (both S3 and EC2), `--profile`, …
-    pub ami: AmiTarget,
+    pub ami: AmiDestination,
 }
 
-impl Target {
+impl Destination {
     /// The kind as in receipts: `directory`, `vagrant`, `oci`, `containerdisk`, `ami`, `store`.
     pub fn kind(&self) -> &'static str {
         match self {
-            Target::Directory { .. } => "directory",
-            Target::Vagrant { .. } => "vagrant",
-            Target::Oci { .. } => "oci",
-            Target::ContainerDisk { .. } => "containerdisk",
-            Target::Ami(_) => "ami",
-            Target::Store => "store",
+            Destination::Directory { .. } => "directory",
+            Destination::Vagrant { .. } => "vagrant",
+            Destination::Oci { .. } => "oci",
+            Destination::ContainerDisk { .. } => "containerdisk",
+            Destination::Ami(_) => "ami",
+            Destination::Store => "store",
         }
     }
 
     /// Parse the command-line form of a target: `oci://host:5000/repo:tag`,
     /// `containerdisk://…`, `ami`, `vagrant:PATH`, `dir:PATH`, `store`. `options` fills in
     /// what the form does not say.
-    pub fn parse(text: &str, options: &CliOptions) -> Result<Target, TargetError> {
-        let bad = |reason: &str| TargetError::Bad {
+    pub fn parse(text: &str, options: &CliOptions) -> Result<Destination, DestinationError> {
+        let bad = |reason: &str| DestinationError::Bad {
             text: text.to_string(),
             reason: reason.to_string(),
         };
@@ -180,21 +180,21 @@ impl Target {
             .and_then(|n| NameTemplate::parse(n).err())
         {
             let first = errors.into_iter().next().map(|e| e.message);
-            return Err(TargetError::Bad {
+            return Err(DestinationError::Bad {
                 text: options.name.clone().unwrap_or_default(),
                 reason: first.unwrap_or_else(|| "not a valid name template".into()),
             });
         }
         if let Some(rest) = text.strip_prefix("oci://") {
             let reference = check_reference(text, rest)?;
-            return Ok(Target::Oci {
+            return Ok(Destination::Oci {
                 plain_http: plain_http_for(&reference, &options.plain_http),
                 reference,
             });
         }
         if let Some(rest) = text.strip_prefix("containerdisk://") {
             let reference = check_reference(text, rest)?;
-            return Ok(Target::ContainerDisk {
+            return Ok(Destination::ContainerDisk {
                 plain_http: plain_http_for(&reference, &options.plain_http),
                 reference,
             });
@@ -203,7 +203,7 @@ impl Target {
             if rest.is_empty() {
                 return Err(bad("name the box file: `vagrant:./out/web.box`"));
             }
-            return Ok(Target::Vagrant {
+            return Ok(Destination::Vagrant {
                 folder: rest.ends_with('/') || Path::new(rest).is_dir(),
                 path: absolute(Path::new(rest)),
                 name,
@@ -217,7 +217,7 @@ impl Target {
             if rest.is_empty() {
                 return Err(bad("name the folder: `dir:/srv/images/`"));
             }
-            return Ok(Target::Directory {
+            return Ok(Destination::Directory {
                 path: absolute(Path::new(rest)),
                 name,
                 formats: options.formats.clone(),
@@ -225,16 +225,16 @@ impl Target {
             });
         }
         match text {
-            "store" => return Ok(Target::Store),
+            "store" => return Ok(Destination::Store),
             "ami" => {
                 if options.ami.bucket.is_empty() {
-                    return Err(TargetError::NoBucket);
+                    return Err(DestinationError::NoBucket);
                 }
                 let mut ami = options.ami.clone();
                 if let Some(n) = &options.name {
                     ami.name = n.clone();
                 }
-                return Ok(Target::Ami(Box::new(ami)));
+                return Ok(Destination::Ami(Box::new(ami)));
             }
             _ => {}
         }
@@ -244,14 +244,14 @@ impl Target {
             ));
         }
         if let Some((scheme, _)) = text.split_once("://") {
-            return Err(TargetError::Unknown {
+            return Err(DestinationError::Unknown {
                 text: text.to_string(),
                 suggestion: crate::diagnostic::did_you_mean(scheme, ["oci", "containerdisk"])
                     .map(|s| format!("{s}://…")),
             });
         }
         let head = text.split(':').next().unwrap_or(text);
-        Err(TargetError::Unknown {
+        Err(DestinationError::Unknown {
             text: text.to_string(),
             suggestion: closest(
                 head,
@@ -267,30 +267,30 @@ impl Target {
 
     /// A recipe's distribution entry, with relative paths resolved against the recipe's
     /// folder (`recipe_path` is the recipe file).
-    pub fn from_recipe(entry: &Distribution, recipe_path: &Path) -> Target {
+    pub fn from_recipe(entry: &Distribution, recipe_path: &Path) -> Destination {
         let resolve = |p: &str| absolute(&recipe::resolve_relative(recipe_path, p));
         match entry {
-            Distribution::Directory(d) => Target::Directory {
+            Distribution::Directory(d) => Destination::Directory {
                 path: resolve(&d.path.value),
                 name: d.name.as_str().to_string(),
                 formats: d.formats.iter().map(|f| export_format(*f)).collect(),
                 overwrite: d.overwrite,
             },
-            Distribution::Vagrant(v) => Target::Vagrant {
+            Distribution::Vagrant(v) => Destination::Vagrant {
                 folder: v.path.value.ends_with('/'),
                 path: resolve(&v.path.value),
                 name: v.name.as_str().to_string(),
                 overwrite: v.overwrite,
             },
-            Distribution::Oci(o) => Target::Oci {
+            Distribution::Oci(o) => Destination::Oci {
                 reference: o.reference.value.clone(),
                 plain_http: o.plain_http,
             },
-            Distribution::ContainerDisk(o) => Target::ContainerDisk {
+            Distribution::ContainerDisk(o) => Destination::ContainerDisk {
                 reference: o.reference.value.clone(),
                 plain_http: o.plain_http,
             },
-            Distribution::Ami(a) => Target::Ami(Box::new(AmiTarget {
+            Distribution::Ami(a) => Destination::Ami(Box::new(AmiDestination {
                 region: a.region.clone(),
                 bucket: a.bucket.clone(),
                 prefix: a.prefix.clone(),
@@ -312,32 +312,32 @@ impl Target {
     /// Where this target puts `image`, in words (for messages before it runs).
     pub fn describe(&self, image: &StoredImage) -> String {
         match self {
-            Target::Directory { .. } => self
+            Destination::Directory { .. } => self
                 .directory_options(image)
                 .map(|o| format!("directory {}", o.destination().display()))
                 .unwrap_or_else(|_| "directory".into()),
-            Target::Vagrant { .. } => self
+            Destination::Vagrant { .. } => self
                 .vagrant_options(image)
                 .map(|o| format!("vagrant box {}", o.path.display()))
                 .unwrap_or_else(|_| "vagrant box".into()),
-            Target::Oci { reference, .. } => {
+            Destination::Oci { reference, .. } => {
                 format!("oci://{}", render_reference(reference, image))
             }
-            Target::ContainerDisk { reference, .. } => {
+            Destination::ContainerDisk { reference, .. } => {
                 format!("containerdisk://{}", render_reference(reference, image))
             }
-            Target::Ami(a) => format!(
+            Destination::Ami(a) => format!(
                 "ami {} (bucket {})",
                 a.region.as_deref().unwrap_or("default region"),
                 a.bucket
             ),
-            Target::Store => "the local store".into(),
+            Destination::Store => "the local store".into(),
         }
     }
 
-    fn directory_options(&self, image: &StoredImage) -> Result<DirectoryOptions, TargetError> {
+    fn directory_options(&self, image: &StoredImage) -> Result<DirectoryOptions, DestinationError> {
         match self {
-            Target::Directory {
+            Destination::Directory {
                 path,
                 name,
                 formats,
@@ -348,13 +348,13 @@ impl Target {
                 formats: formats.clone(),
                 overwrite: *overwrite,
             }),
-            _ => Err(TargetError::NotAvailable { kind: self.kind() }),
+            _ => Err(DestinationError::NotAvailable { kind: self.kind() }),
         }
     }
 
-    fn vagrant_options(&self, image: &StoredImage) -> Result<VagrantOptions, TargetError> {
+    fn vagrant_options(&self, image: &StoredImage) -> Result<VagrantOptions, DestinationError> {
         match self {
-            Target::Vagrant {
+            Destination::Vagrant {
                 path,
                 folder,
                 name,
@@ -367,20 +367,22 @@ impl Target {
                 },
                 overwrite: *overwrite,
             }),
-            _ => Err(TargetError::NotAvailable { kind: self.kind() }),
+            _ => Err(DestinationError::NotAvailable { kind: self.kind() }),
         }
     }
 }
 
-impl std::fmt::Display for Target {
+impl std::fmt::Display for Destination {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Target::Directory { path, .. } => write!(f, "dir:{}", path.display()),
-            Target::Vagrant { path, .. } => write!(f, "vagrant:{}", path.display()),
-            Target::Oci { reference, .. } => write!(f, "oci://{reference}"),
-            Target::ContainerDisk { reference, .. } => write!(f, "containerdisk://{reference}"),
-            Target::Ami(a) => write!(f, "ami (bucket {})", a.bucket),
-            Target::Store => f.write_str("store"),
+            Destination::Directory { path, .. } => write!(f, "dir:{}", path.display()),
+            Destination::Vagrant { path, .. } => write!(f, "vagrant:{}", path.display()),
+            Destination::Oci { reference, .. } => write!(f, "oci://{reference}"),
+            Destination::ContainerDisk { reference, .. } => {
+                write!(f, "containerdisk://{reference}")
+            }
+            Destination::Ami(a) => write!(f, "ami (bucket {})", a.bucket),
+            Destination::Store => f.write_str("store"),
         }
     }
 }
@@ -407,12 +409,12 @@ fn export_format(f: recipe::Format) -> Format {
 }
 
 fn absolute(path: &Path) -> PathBuf {
-    local::absolute(path)
+    directory::absolute(path)
 }
 
 /// `registry/repo[:tag]` checked the way a recipe's reference is.
-fn check_reference(text: &str, rest: &str) -> Result<String, TargetError> {
-    let bad = |reason: String| TargetError::Bad {
+fn check_reference(text: &str, rest: &str) -> Result<String, DestinationError> {
+    let bad = |reason: String| DestinationError::Bad {
         text: text.to_string(),
         reason,
     };
@@ -498,20 +500,20 @@ pub fn render_reference(reference: &str, image: &StoredImage) -> String {
 /// (problems that do not stop the target, e.g. a role that could not be checked).
 pub async fn preflight(
     image: &StoredImage,
-    target: &Target,
+    target: &Destination,
 ) -> Result<Vec<String>, DistributeError> {
     match target {
-        Target::Directory { .. } => {
-            local::preflight_directory(&target.directory_options(image)?)?;
+        Destination::Directory { .. } => {
+            directory::preflight_directory(&target.directory_options(image)?)?;
         }
-        Target::Vagrant { .. } => {
-            local::preflight_vagrant(&target.vagrant_options(image)?)?;
+        Destination::Vagrant { .. } => {
+            directory::preflight_vagrant(&target.vagrant_options(image)?)?;
         }
-        Target::Store => {}
-        Target::Oci { .. } | Target::ContainerDisk { .. } => {
+        Destination::Store => {}
+        Destination::Oci { .. } | Destination::ContainerDisk { .. } => {
             oci_dispatch::destination(image, target)?;
         }
-        Target::Ami(ami) => {
+        Destination::Ami(ami) => {
             let options = aws_dispatch::options(image, ami, None)?;
             return Ok(super::aws::preflight(&options).await?);
         }
@@ -522,7 +524,7 @@ pub async fn preflight(
 /// Send `image` to `target`.
 pub async fn distribute(
     image: &StoredImage,
-    target: &Target,
+    target: &Destination,
     progress: &dyn Progress,
 ) -> Result<Receipt, DistributeError> {
     distribute_cancellable(image, target, progress, &CancellationToken::new()).await
@@ -534,30 +536,30 @@ pub async fn distribute(
 /// is; its tag is only written last, so nothing half-pushed is tagged.
 pub async fn distribute_cancellable(
     image: &StoredImage,
-    target: &Target,
+    target: &Destination,
     progress: &dyn Progress,
     cancel: &CancellationToken,
 ) -> Result<Receipt, DistributeError> {
-    let cancelled = || TargetError::Cancelled {
+    let cancelled = || DestinationError::Cancelled {
         kind: target.kind(),
     };
     match target {
-        Target::Directory { .. } => {
+        Destination::Directory { .. } => {
             let options = target.directory_options(image)?;
             tokio::select! {
-                r = local::to_directory(image, &options, progress) => Ok(r?),
+                r = directory::to_directory(image, &options, progress) => Ok(r?),
                 () = cancel.cancelled() => Err(cancelled().into()),
             }
         }
-        Target::Vagrant { .. } => {
+        Destination::Vagrant { .. } => {
             let options = target.vagrant_options(image)?;
             tokio::select! {
-                r = local::to_vagrant(image, &options, progress) => Ok(r?),
+                r = directory::to_vagrant(image, &options, progress) => Ok(r?),
                 () = cancel.cancelled() => Err(cancelled().into()),
             }
         }
-        Target::Store => Ok(local::to_store(image)),
-        Target::Oci { plain_http, .. } | Target::ContainerDisk { plain_http, .. } => {
+        Destination::Store => Ok(directory::to_store(image)),
+        Destination::Oci { plain_http, .. } | Destination::ContainerDisk { plain_http, .. } => {
             let (dest, shape) = oci_dispatch::destination(image, target)?;
             let mut options = super::oci::OciOptions::from_env();
             if *plain_http && !options.plain_http.contains(&dest.registry) {
@@ -568,7 +570,7 @@ pub async fn distribute_cancellable(
                 () = cancel.cancelled() => Err(cancelled().into()),
             }
         }
-        Target::Ami(ami) => {
+        Destination::Ami(ami) => {
             let options = aws_dispatch::options(image, ami, Some(cancel.clone()))?;
             Ok(super::aws::import_ami(image, &options, progress).await?)
         }
@@ -583,19 +585,19 @@ mod oci_dispatch {
     /// Where the push goes (the tag rendered for `image`) and in which shape.
     pub fn destination(
         image: &StoredImage,
-        target: &Target,
-    ) -> Result<(OciReference, OciShape), TargetError> {
+        target: &Destination,
+    ) -> Result<(OciReference, OciShape), DestinationError> {
         let (reference, shape) = match target {
-            Target::Oci { reference, .. } => (reference, OciShape::Artifact),
-            Target::ContainerDisk { reference, .. } => (reference, OciShape::ContainerDisk),
+            Destination::Oci { reference, .. } => (reference, OciShape::Artifact),
+            Destination::ContainerDisk { reference, .. } => (reference, OciShape::ContainerDisk),
             _ => {
-                return Err(TargetError::NotAvailable {
+                return Err(DestinationError::NotAvailable {
                     kind: target.kind(),
                 });
             }
         };
         let rendered = render_reference(reference, image);
-        let dest: OciReference = rendered.parse().map_err(|e| TargetError::Bad {
+        let dest: OciReference = rendered.parse().map_err(|e| DestinationError::Bad {
             text: rendered.clone(),
             reason: crate::distribute::oci::OciError::to_string(&e),
         })?;
@@ -611,9 +613,9 @@ mod aws_dispatch {
     /// The import's options for `image`: the name rendered, the description defaulted.
     pub fn options(
         image: &StoredImage,
-        ami: &AmiTarget,
+        ami: &AmiDestination,
         cancel: Option<CancellationToken>,
-    ) -> Result<AmiOptions, TargetError> {
+    ) -> Result<AmiOptions, DestinationError> {
         let template = if ami.name.is_empty() {
             recipe::name_template::DEFAULT_NAME_TEMPLATE
         } else {
@@ -632,12 +634,12 @@ mod aws_dispatch {
         o.launch_permission_groups = ami.launch_permission_groups.clone();
         o.boot_mode = ami.boot_mode.clone();
         if let Some(m) = &ami.import_method {
-            o.import_method = m
-                .parse::<ImportMethod>()
-                .map_err(|reason| TargetError::Bad {
-                    text: m.clone(),
-                    reason,
-                })?;
+            o.import_method =
+                m.parse::<ImportMethod>()
+                    .map_err(|reason| DestinationError::Bad {
+                        text: m.clone(),
+                        reason,
+                    })?;
         }
         o.s3_endpoint = ami.s3_endpoint.clone();
         o.ec2_endpoint = ami.ec2_endpoint.clone();
@@ -651,49 +653,52 @@ mod aws_dispatch {
 mod tests {
     use super::*;
 
-    fn parse(text: &str) -> Result<Target, TargetError> {
-        Target::parse(text, &CliOptions::default())
+    fn parse(text: &str) -> Result<Destination, DestinationError> {
+        Destination::parse(text, &CliOptions::default())
     }
 
     #[test]
     fn every_cli_form_parses() {
         assert!(matches!(
             parse("oci://127.0.0.1:5000/images/web:1.2.0"),
-            Ok(Target::Oci { ref reference, plain_http: false }) if reference == "127.0.0.1:5000/images/web:1.2.0"
+            Ok(Destination::Oci { ref reference, plain_http: false }) if reference == "127.0.0.1:5000/images/web:1.2.0"
         ));
         let options = CliOptions {
             plain_http: vec!["127.0.0.1".into()],
             ..CliOptions::default()
         };
         assert!(matches!(
-            Target::parse("containerdisk://127.0.0.1:5000/vms/web", &options),
-            Ok(Target::ContainerDisk {
+            Destination::parse("containerdisk://127.0.0.1:5000/vms/web", &options),
+            Ok(Destination::ContainerDisk {
                 plain_http: true,
                 ..
             })
         ));
         assert!(matches!(
             parse("vagrant:./out/web.box"),
-            Ok(Target::Vagrant { folder: false, .. })
+            Ok(Destination::Vagrant { folder: false, .. })
         ));
         assert!(matches!(
             parse("vagrant:./out/"),
-            Ok(Target::Vagrant { folder: true, .. })
+            Ok(Destination::Vagrant { folder: true, .. })
         ));
         assert!(matches!(
             parse("dir:/srv/images/"),
-            Ok(Target::Directory { .. })
+            Ok(Destination::Directory { .. })
         ));
-        assert_eq!(parse("store").ok(), Some(Target::Store));
-        assert!(matches!(parse("ami"), Err(TargetError::NoBucket)));
+        assert_eq!(parse("store").ok(), Some(Destination::Store));
+        assert!(matches!(parse("ami"), Err(DestinationError::NoBucket)));
         let options = CliOptions {
-            ami: AmiTarget {
+            ami: AmiDestination {
                 bucket: "b-1".into(),
-                ..AmiTarget::default()
+                ..AmiDestination::default()
             },
             ..CliOptions::default()
         };
-        assert!(matches!(Target::parse("ami", &options), Ok(Target::Ami(_))));
+        assert!(matches!(
+            Destination::parse("ami", &options),
+            Ok(Destination::Ami(_))
+        ));
     }
 
     #[test]

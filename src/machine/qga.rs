@@ -30,7 +30,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, ReadHal
 use super::agent::{AgentStream, Connector};
 use super::{
     DirEntry, ExecOutcome, ExecRequest, ExitStatus, FileInfo, FileKind, FileSource, FileStat,
-    OutputSink, OutputStream, Program, PutOptions, StepTarget, TargetError, TargetInfo,
+    Machine, MachineError, MachineInfo, OutputSink, OutputStream, Program, PutOptions,
 };
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -171,14 +171,14 @@ enum CallError {
     Agent {
         desc: String,
     },
-    Target(TargetError),
+    Target(MachineError),
 }
 
 impl CallError {
-    fn into_target(self, cmd: &str) -> TargetError {
+    fn into_target(self, cmd: &str) -> MachineError {
         match self {
             CallError::Agent { desc, .. } => {
-                TargetError::Failed(format!("qemu-guest-agent `{cmd}` failed: {desc}"))
+                MachineError::Failed(format!("qemu-guest-agent `{cmd}` failed: {desc}"))
             }
             CallError::Target(e) => e,
         }
@@ -187,7 +187,7 @@ impl CallError {
 
 impl Inner {
     fn io_error(&self, e: std::io::Error) -> CallError {
-        CallError::Target(TargetError::Disconnected {
+        CallError::Target(MachineError::Disconnected {
             target: self.describe.clone(),
             detail: e.to_string(),
         })
@@ -209,7 +209,7 @@ impl Inner {
             io.dirty = false;
             drop(io);
             let v: Value = serde_json::from_slice(&line).map_err(|e| {
-                CallError::Target(TargetError::Protocol {
+                CallError::Target(MachineError::Protocol {
                     target: self.describe.clone(),
                     detail: format!("`{cmd}` answer is not JSON: {e}"),
                 })
@@ -220,7 +220,7 @@ impl Inner {
                 });
             }
             v.get("return").cloned().ok_or_else(|| {
-                CallError::Target(TargetError::Protocol {
+                CallError::Target(MachineError::Protocol {
                     target: self.describe.clone(),
                     detail: format!("`{cmd}` answer has neither `return` nor `error`"),
                 })
@@ -228,7 +228,7 @@ impl Inner {
         };
         match tokio::time::timeout(self.call_timeout, work).await {
             Ok(r) => r,
-            Err(_) => Err(CallError::Target(TargetError::Failed(format!(
+            Err(_) => Err(CallError::Target(MachineError::Failed(format!(
                 "qemu-guest-agent in {} did not answer `{cmd}` within {}s",
                 self.describe,
                 self.call_timeout.as_secs()
@@ -236,7 +236,7 @@ impl Inner {
         }
     }
 
-    async fn call(&self, cmd: &str, args: Value) -> Result<Value, TargetError> {
+    async fn call(&self, cmd: &str, args: Value) -> Result<Value, MachineError> {
         self.call_raw(cmd, Some(args))
             .await
             .map_err(|e| e.into_target(cmd))
@@ -247,7 +247,7 @@ impl Inner {
         argv: &[String],
         env: Vec<String>,
         capture: bool,
-    ) -> Result<i64, TargetError> {
+    ) -> Result<i64, MachineError> {
         self.spawn_with_input(argv, env, capture, None).await
     }
 
@@ -257,23 +257,23 @@ impl Inner {
         env: Vec<String>,
         capture: bool,
         input: Option<&[u8]>,
-    ) -> Result<i64, TargetError> {
+    ) -> Result<i64, MachineError> {
         let (path, args) = argv
             .split_first()
-            .ok_or_else(|| TargetError::Failed("the command is empty".into()))?;
+            .ok_or_else(|| MachineError::Failed("the command is empty".into()))?;
         let mut request = json!({"path": path, "arg": args, "env": env, "capture-output": capture});
         if let Some(data) = input {
             request["input-data"] = Value::String(B64.encode(data));
         }
         let ret = self.call("guest-exec", request).await?;
-        ret["pid"].as_i64().ok_or_else(|| TargetError::Protocol {
+        ret["pid"].as_i64().ok_or_else(|| MachineError::Protocol {
             target: self.describe.clone(),
             detail: "guest-exec returned no pid".into(),
         })
     }
 
     /// Polls `guest-exec-status` until the process exited (which also frees QGA's record).
-    async fn wait(&self, pid: i64) -> Result<Value, TargetError> {
+    async fn wait(&self, pid: i64) -> Result<Value, MachineError> {
         let mut delay = Duration::from_millis(2);
         loop {
             let st = self.call("guest-exec-status", json!({"pid": pid})).await?;
@@ -286,7 +286,7 @@ impl Inner {
     }
 
     /// Kills the process group `pgid` (our commands run under `setsid`, so pid = pgid).
-    async fn kill_group(&self, pgid: i64) -> Result<(), TargetError> {
+    async fn kill_group(&self, pgid: i64) -> Result<(), MachineError> {
         let argv = [
             "kill".to_owned(),
             "-KILL".into(),
@@ -298,7 +298,7 @@ impl Inner {
     }
 
     /// Runs a short helper command and returns its status, stdout and stderr.
-    async fn run(&self, argv: &[String]) -> Result<(ExitStatus, Vec<u8>, Vec<u8>), TargetError> {
+    async fn run(&self, argv: &[String]) -> Result<(ExitStatus, Vec<u8>, Vec<u8>), MachineError> {
         let pid = self.spawn(argv, default_env(), true).await?;
         let st = self.wait(pid).await?;
         Ok((
@@ -319,10 +319,10 @@ fn default_env() -> Vec<String> {
     vec![format!("PATH={DEFAULT_PATH}"), "HOME=/root".into()]
 }
 
-fn b64_field(st: &Value, key: &str) -> Result<Vec<u8>, TargetError> {
+fn b64_field(st: &Value, key: &str) -> Result<Vec<u8>, MachineError> {
     match st.get(key).and_then(Value::as_str) {
         None => Ok(Vec::new()),
-        Some(s) => B64.decode(s).map_err(|e| TargetError::Protocol {
+        Some(s) => B64.decode(s).map_err(|e| MachineError::Protocol {
             target: "qemu-guest-agent".into(),
             detail: format!("`{key}` is not base64: {e}"),
         }),
@@ -336,9 +336,9 @@ fn status_of(st: &Value) -> ExitStatus {
     ExitStatus::Exited(st.get("exitcode").and_then(Value::as_i64).unwrap_or(-1) as i32)
 }
 
-fn path_str(p: &Path) -> Result<String, TargetError> {
+fn path_str(p: &Path) -> Result<String, MachineError> {
     p.to_str().map(str::to_owned).ok_or_else(|| {
-        TargetError::Failed(format!(
+        MachineError::Failed(format!(
             "the guest path {} is not UTF-8, which qemu-guest-agent's JSON cannot carry",
             p.display()
         ))
@@ -406,34 +406,34 @@ impl Drop for LocalTemp {
 }
 
 /// A guest reached through qemu-guest-agent.
-pub struct QgaTarget {
+pub struct QgaMachine {
     inner: Arc<Inner>,
     connector: Option<Arc<dyn Connector>>,
     reboot_timeout: Duration,
 }
 
-impl QgaTarget {
+impl QgaMachine {
     /// Takes over `stream` and waits (at most `timeout`) until qemu-guest-agent answers
     /// `guest-sync-delimited`; QGA may start long after the stream is open.
     pub async fn connect(
         stream: impl AgentStream,
         describe: String,
         timeout: Duration,
-    ) -> Result<QgaTarget, TargetError> {
+    ) -> Result<QgaMachine, MachineError> {
         let inner = Arc::new(Inner {
             describe: describe.clone(),
             io: tokio::sync::Mutex::new(Io::new(Box::new(stream))),
             call_timeout: DEFAULT_CALL_TIMEOUT,
         });
         wait_sync(&inner, Instant::now() + timeout).await?;
-        Ok(QgaTarget {
+        Ok(QgaMachine {
             inner,
             connector: None,
             reboot_timeout: DEFAULT_REBOOT_TIMEOUT,
         })
     }
 
-    /// Lets [`reboot`](StepTarget::reboot) open a new stream when the old one ends.
+    /// Lets [`reboot`](Machine::reboot) open a new stream when the old one ends.
     pub fn with_connector(mut self, connector: Arc<dyn Connector>) -> Self {
         self.connector = Some(connector);
         self
@@ -444,13 +444,13 @@ impl QgaTarget {
         self
     }
 
-    async fn boot_id(&self) -> Result<String, TargetError> {
+    async fn boot_id(&self) -> Result<String, MachineError> {
         let (status, out, err) = self
             .inner
             .run(&["cat".into(), "/proc/sys/kernel/random/boot_id".into()])
             .await?;
         if !status.success() {
-            return Err(TargetError::Failed(format!(
+            return Err(MachineError::Failed(format!(
                 "cannot read the boot id: {}",
                 String::from_utf8_lossy(&err).trim()
             )));
@@ -458,7 +458,11 @@ impl QgaTarget {
         Ok(String::from_utf8_lossy(&out).trim().to_owned())
     }
 
-    async fn upload(&self, tmp: &str, content: FileSource) -> Result<(u64, [u8; 32]), TargetError> {
+    async fn upload(
+        &self,
+        tmp: &str,
+        content: FileSource,
+    ) -> Result<(u64, [u8; 32]), MachineError> {
         let handle = self
             .inner
             .call("guest-file-open", json!({"path": tmp, "mode": "w"}))
@@ -489,13 +493,13 @@ impl QgaTarget {
                 FileSource::Path(p) => {
                     let mut f = tokio::fs::File::open(&p)
                         .await
-                        .map_err(|e| TargetError::io(format!("cannot open {}", p.display()), e))?;
+                        .map_err(|e| MachineError::io(format!("cannot open {}", p.display()), e))?;
                     loop {
                         let mut buf = vec![0u8; FILE_CHUNK];
                         let mut n = 0;
                         while n < buf.len() {
                             let k = f.read(&mut buf[n..]).await.map_err(|e| {
-                                TargetError::io(format!("cannot read {}", p.display()), e)
+                                MachineError::io(format!("cannot read {}", p.display()), e)
                             })?;
                             if k == 0 {
                                 break;
@@ -510,7 +514,7 @@ impl QgaTarget {
                     }
                 }
             }
-            Ok::<(), TargetError>(())
+            Ok::<(), MachineError>(())
         }
         .await;
         let closed = self
@@ -523,11 +527,11 @@ impl QgaTarget {
     }
 }
 
-async fn wait_sync(inner: &Inner, deadline: Instant) -> Result<(), TargetError> {
+async fn wait_sync(inner: &Inner, deadline: Instant) -> Result<(), MachineError> {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(TargetError::Failed(format!(
+            return Err(MachineError::Failed(format!(
                 "qemu-guest-agent in {} did not answer",
                 inner.describe
             )));
@@ -540,7 +544,7 @@ async fn wait_sync(inner: &Inner, deadline: Instant) -> Result<(), TargetError> 
         match tokio::time::timeout(left.min(Duration::from_secs(3)), attempt).await {
             Ok(Ok(())) => return Ok(()),
             Ok(Err(e)) => {
-                return Err(TargetError::Disconnected {
+                return Err(MachineError::Disconnected {
                     target: inner.describe.clone(),
                     detail: e.to_string(),
                 });
@@ -551,12 +555,12 @@ async fn wait_sync(inner: &Inner, deadline: Instant) -> Result<(), TargetError> 
 }
 
 #[async_trait]
-impl StepTarget for QgaTarget {
+impl Machine for QgaMachine {
     fn describe(&self) -> String {
         self.inner.describe.clone()
     }
 
-    async fn info(&self) -> Result<TargetInfo, TargetError> {
+    async fn info(&self) -> Result<MachineInfo, MachineError> {
         let os = self.inner.call_raw("guest-get-osinfo", None).await;
         let os = os.map_err(|e| e.into_target("guest-get-osinfo"))?;
         let field = |k: &str| {
@@ -565,7 +569,7 @@ impl StepTarget for QgaTarget {
                 .unwrap_or_default()
                 .to_owned()
         };
-        Ok(TargetInfo {
+        Ok(MachineInfo {
             os_id: field("id"),
             os_pretty: field("pretty-name"),
             arch: field("machine"),
@@ -578,7 +582,7 @@ impl StepTarget for QgaTarget {
         &self,
         request: &ExecRequest,
         sink: &dyn OutputSink,
-    ) -> Result<ExecOutcome, TargetError> {
+    ) -> Result<ExecOutcome, MachineError> {
         let started = Instant::now();
         let mut guard = ExecGuard {
             inner: self.inner.clone(),
@@ -594,7 +598,7 @@ impl StepTarget for QgaTarget {
             }
         };
         if command.is_empty() {
-            return Err(TargetError::Failed("the command is empty".into()));
+            return Err(MachineError::Failed("the command is empty".into()));
         }
         let cwd = match &request.cwd {
             Some(c) => path_str(c)?,
@@ -681,10 +685,10 @@ impl StepTarget for QgaTarget {
         remote: &Path,
         content: FileSource,
         options: &PutOptions,
-    ) -> Result<FileInfo, TargetError> {
+    ) -> Result<FileInfo, MachineError> {
         let target = path_str(remote)?;
         let (Some(dir), Some(name)) = (remote.parent(), remote.file_name()) else {
-            return Err(TargetError::Failed(format!("`{target}` names no file")));
+            return Err(MachineError::Failed(format!("`{target}` names no file")));
         };
         let dir = path_str(dir)?;
         if options.create_parents {
@@ -693,7 +697,7 @@ impl StepTarget for QgaTarget {
                 .run(&["mkdir".into(), "-p".into(), "--".into(), dir.clone()])
                 .await?;
             if !st.success() {
-                return Err(TargetError::Failed(format!(
+                return Err(MachineError::Failed(format!(
                     "cannot create {dir}: {}",
                     String::from_utf8_lossy(&err).trim()
                 )));
@@ -732,7 +736,7 @@ impl StepTarget for QgaTarget {
         let (st, _, err) = self.inner.run(&argv).await?;
         if !st.success() {
             self.inner.remove(&tmp).await;
-            return Err(TargetError::Failed(format!(
+            return Err(MachineError::Failed(format!(
                 "writing {target} in {}: {}",
                 self.inner.describe,
                 String::from_utf8_lossy(&err).trim()
@@ -744,7 +748,7 @@ impl StepTarget for QgaTarget {
         })
     }
 
-    async fn get_file(&self, remote: &Path, local: &Path) -> Result<FileInfo, TargetError> {
+    async fn get_file(&self, remote: &Path, local: &Path) -> Result<FileInfo, MachineError> {
         let path = path_str(remote)?;
         let handle = self
             .inner
@@ -763,7 +767,7 @@ impl StepTarget for QgaTarget {
             uuid::Uuid::new_v4().simple()
         ));
         let mut guard = LocalTemp(Some(tmp.clone()));
-        let write_err = |e| TargetError::io(format!("cannot write {}", tmp.display()), e);
+        let write_err = |e| MachineError::io(format!("cannot write {}", tmp.display()), e);
         let result = async {
             let mut file = tokio::fs::File::create(&tmp).await.map_err(write_err)?;
             let mut hasher = Sha256::new();
@@ -787,7 +791,7 @@ impl StepTarget for QgaTarget {
             file.flush().await.map_err(write_err)?;
             file.sync_all().await.map_err(write_err)?;
             let sha: [u8; 32] = hasher.finalize().into();
-            Ok::<_, TargetError>((size, hex::encode(sha)))
+            Ok::<_, MachineError>((size, hex::encode(sha)))
         }
         .await;
         let _ = self
@@ -806,19 +810,19 @@ impl StepTarget for QgaTarget {
             .unwrap_or_default()
             .to_owned();
         if !st.success() || theirs != sha {
-            return Err(TargetError::Failed(format!(
+            return Err(MachineError::Failed(format!(
                 "{path} from {}: received {size} bytes with sha256 {sha}, the guest reports {theirs} {}; nothing was written",
                 self.inner.describe,
                 String::from_utf8_lossy(&err).trim()
             )));
         }
         std::fs::rename(&tmp, local)
-            .map_err(|e| TargetError::io(format!("cannot rename into {}", local.display()), e))?;
+            .map_err(|e| MachineError::io(format!("cannot rename into {}", local.display()), e))?;
         guard.0 = None;
         Ok(FileInfo { size, sha256: sha })
     }
 
-    async fn stat(&self, remote: &Path) -> Result<Option<FileStat>, TargetError> {
+    async fn stat(&self, remote: &Path) -> Result<Option<FileStat>, MachineError> {
         let path = path_str(remote)?;
         let argv = ["/bin/sh", "-c", STAT, "sh", &path].map(str::to_owned);
         let (st, out, err) = self.inner.run(&argv).await?;
@@ -829,19 +833,19 @@ impl StepTarget for QgaTarget {
         let fields: Vec<&str> = text.split_whitespace().collect();
         match (st.success(), parse_stat(&fields)) {
             (true, Some(s)) => Ok(Some(s)),
-            _ => Err(TargetError::Failed(format!(
+            _ => Err(MachineError::Failed(format!(
                 "cannot stat {path}: {}",
                 String::from_utf8_lossy(&err).trim()
             ))),
         }
     }
 
-    async fn list(&self, remote: &Path) -> Result<Vec<DirEntry>, TargetError> {
+    async fn list(&self, remote: &Path) -> Result<Vec<DirEntry>, MachineError> {
         let path = path_str(remote)?;
         let argv = ["/bin/sh", "-c", LIST, "sh", &path].map(str::to_owned);
         let (st, out, err) = self.inner.run(&argv).await?;
         if !st.success() {
-            return Err(TargetError::Failed(format!(
+            return Err(MachineError::Failed(format!(
                 "cannot list {path}: {}",
                 String::from_utf8_lossy(&err).trim()
             )));
@@ -852,7 +856,7 @@ impl StepTarget for QgaTarget {
             let mut parts = rec.splitn(4, ' ');
             let fields: Vec<&str> = parts.by_ref().take(3).collect();
             let (Some(stat), Some(name)) = (parse_stat(&fields), parts.next()) else {
-                return Err(TargetError::Protocol {
+                return Err(MachineError::Protocol {
                     target: self.inner.describe.clone(),
                     detail: format!("unexpected find(1) output `{rec}`"),
                 });
@@ -868,13 +872,13 @@ impl StepTarget for QgaTarget {
 
     /// `guest-shutdown {"mode": "reboot"}` (which answers nothing when it works), then
     /// `guest-sync` until QGA answers again with a new boot id.
-    async fn reboot(&self) -> Result<(), TargetError> {
+    async fn reboot(&self) -> Result<(), MachineError> {
         let before = self.boot_id().await?;
         let deadline = Instant::now() + self.reboot_timeout;
         {
             let mut io = self.inner.io.lock().await;
             if io.dirty {
-                io.sync().await.map_err(|e| TargetError::Disconnected {
+                io.sync().await.map_err(|e| MachineError::Disconnected {
                     target: self.inner.describe.clone(),
                     detail: e.to_string(),
                 })?;
@@ -883,7 +887,7 @@ impl StepTarget for QgaTarget {
             let req = json!({"execute": "guest-shutdown", "arguments": {"mode": "reboot"}});
             io.write_line(&req)
                 .await
-                .map_err(|e| TargetError::Disconnected {
+                .map_err(|e| MachineError::Disconnected {
                     target: self.inner.describe.clone(),
                     detail: e.to_string(),
                 })?;
@@ -893,7 +897,7 @@ impl StepTarget for QgaTarget {
                 && let Some(err) = v.get("error")
             {
                 io.dirty = false;
-                return Err(TargetError::Failed(format!(
+                return Err(MachineError::Failed(format!(
                     "qemu-guest-agent in {} refused to reboot: {}",
                     self.inner.describe,
                     err["desc"].as_str().unwrap_or("no description")
@@ -906,10 +910,10 @@ impl StepTarget for QgaTarget {
             match tokio::time::timeout(left.min(Duration::from_secs(10)), self.boot_id()).await {
                 Ok(Ok(id)) if id != before && !id.is_empty() => return Ok(()),
                 Ok(Ok(_)) => tokio::time::sleep(Duration::from_secs(1)).await,
-                Ok(Err(TargetError::Disconnected { detail, .. })) => {
+                Ok(Err(MachineError::Disconnected { detail, .. })) => {
                     last_problem = detail;
                     let Some(connector) = &self.connector else {
-                        return Err(TargetError::Disconnected {
+                        return Err(MachineError::Disconnected {
                             target: self.inner.describe.clone(),
                             detail: format!(
                                 "{last_problem} during the reboot, and this target has no way to reconnect"
@@ -931,7 +935,7 @@ impl StepTarget for QgaTarget {
                 Err(_) => {}
             }
         }
-        Err(TargetError::Failed(format!(
+        Err(MachineError::Failed(format!(
             "{} did not come back within {}s after the reboot (last problem: {last_problem})",
             self.inner.describe,
             self.reboot_timeout.as_secs()

@@ -10,15 +10,15 @@ use crate::yaml::Node;
 pub type ImageBuilderKeys = &'static [(&'static str, &'static str)];
 
 /// The problems of one file as they are found.
-pub struct Cx<'s> {
+pub struct Reader<'s> {
     pub source: &'s str,
     pub problems: Vec<Problem>,
     image_builder_keys: ImageBuilderKeys,
 }
 
-impl<'s> Cx<'s> {
-    pub fn new(source: &'s str, image_builder_keys: ImageBuilderKeys) -> Cx<'s> {
-        Cx {
+impl<'s> Reader<'s> {
+    pub fn new(source: &'s str, image_builder_keys: ImageBuilderKeys) -> Reader<'s> {
+        Reader {
             source,
             problems: Vec::new(),
             image_builder_keys,
@@ -95,7 +95,7 @@ impl<'s> Cx<'s> {
         }
     }
 
-    /// [`Cx::string`], or `None` without a problem when the value is empty.
+    /// [`Reader::string`], or `None` without a problem when the value is empty.
     pub fn optional_string(&mut self, node: &Node, what: &str) -> Option<String> {
         if node.is_null() {
             return None;
@@ -188,11 +188,11 @@ mod tests {
 
     const KEYS: ImageBuilderKeys = &[("semanticVersion", "write `version: 1.0.0`")];
 
-    fn with<T>(text: &str, f: impl FnOnce(&mut Cx<'_>, &Node) -> T) -> (T, Vec<Problem>) {
+    fn with<T>(text: &str, f: impl FnOnce(&mut Reader<'_>, &Node) -> T) -> (T, Vec<Problem>) {
         let (root, problems) = crate::yaml::parse(text);
         assert!(problems.is_empty(), "{problems:?}");
         let root = root.unwrap();
-        let mut cx = Cx::new(text, KEYS);
+        let mut cx = Reader::new(text, KEYS);
         let out = f(&mut cx, &root);
         (out, cx.problems)
     }

@@ -7,7 +7,7 @@ use std::path::Path;
 use sha2::{Digest, Sha256};
 
 use super::refs::{self, LoopCtx, StepCtx, StepInfo};
-use super::{Cx, expr, inputs};
+use super::{DocumentReader, expr, inputs};
 use crate::component::document::{
     Action, Branch, Condition, Constant, DEFAULT_TIMEOUT_SECS, Document, Loop, LoopKind, OnFailure,
     Parameter, ParameterType, Phase, SourceInfo, Step,
@@ -43,7 +43,7 @@ const STANDARD_PHASES: &[&str] = &["build", "validate", "test"];
 /// `forEach` delimiters AWSTOE allows.
 const DELIMITERS: &[char] = &['.', ',', ';', ':', '\n', '\t', ' ', '-', '_'];
 
-pub(super) fn document(cx: &mut Cx<'_>, root: &Node, path: &Path) -> Option<Document> {
+pub(super) fn document(cx: &mut DocumentReader<'_>, root: &Node, path: &Path) -> Option<Document> {
     let entries = cx.mapping(root, "a component document", TOP_KEYS)?;
     let get = |key: &str| entries.iter().find(|(k, _)| k.as_str() == Some(key));
     let start = Span::from_offsets(cx.source, root.span.start, root.span.start);
@@ -102,7 +102,7 @@ pub(super) fn document(cx: &mut Cx<'_>, root: &Node, path: &Path) -> Option<Docu
     })
 }
 
-fn optional_string(cx: &mut Cx<'_>, node: &Node, what: &str) -> Option<String> {
+fn optional_string(cx: &mut DocumentReader<'_>, node: &Node, what: &str) -> Option<String> {
     if node.is_null() {
         return None;
     }
@@ -110,7 +110,7 @@ fn optional_string(cx: &mut Cx<'_>, node: &Node, what: &str) -> Option<String> {
 }
 
 /// `1.0` (a YAML float), `"1.0"` and `1` all occur in real documents.
-fn schema_version(cx: &mut Cx<'_>, node: &Node) {
+fn schema_version(cx: &mut DocumentReader<'_>, node: &Node) {
     match node.as_str() {
         Some("1.0" | "1") => {}
         Some(other) => cx.error_hint(
@@ -123,7 +123,11 @@ fn schema_version(cx: &mut Cx<'_>, node: &Node) {
 }
 
 /// The single-key-map items of `parameters` / `constants`: `- Name: {...}`.
-fn variable_items<'n>(cx: &mut Cx<'_>, node: &'n Node, list: &str) -> Vec<(&'n Node, &'n Node)> {
+fn variable_items<'n>(
+    cx: &mut DocumentReader<'_>,
+    node: &'n Node,
+    list: &str,
+) -> Vec<(&'n Node, &'n Node)> {
     let Some(items) = node.as_sequence() else {
         if !node.is_null() {
             cx.not_a(
@@ -164,7 +168,11 @@ fn variable_items<'n>(cx: &mut Cx<'_>, node: &'n Node, list: &str) -> Vec<(&'n N
 }
 
 /// A parameter or constant name: 3–128 characters of `[A-Za-z0-9_-]`, unique across both.
-fn variable_name(cx: &mut Cx<'_>, key: &Node, names: &mut HashMap<String, Span>) -> Option<String> {
+fn variable_name(
+    cx: &mut DocumentReader<'_>,
+    key: &Node,
+    names: &mut HashMap<String, Span>,
+) -> Option<String> {
     let name = cx.string(key, "a parameter or constant name")?;
     let mut ok = true;
     if !(3..=128).contains(&name.chars().count()) {
@@ -207,7 +215,7 @@ fn variable_name(cx: &mut Cx<'_>, key: &Node, names: &mut HashMap<String, Span>)
 /// Parameter types: the documentation names only `string`; the service API also lists
 /// `Integer`, `Boolean` and `StringList` (SSM uses `stringList`). Accept those four in any
 /// letter case so documents written against either source validate.
-fn parameter_type(cx: &mut Cx<'_>, node: &Node) -> Option<ParameterType> {
+fn parameter_type(cx: &mut DocumentReader<'_>, node: &Node) -> Option<ParameterType> {
     let text = cx.string(node, "`type`")?;
     match text.to_ascii_lowercase().as_str() {
         "string" => Some(ParameterType::String),
@@ -225,7 +233,11 @@ fn parameter_type(cx: &mut Cx<'_>, node: &Node) -> Option<ParameterType> {
     }
 }
 
-fn parameters(cx: &mut Cx<'_>, node: &Node, names: &mut HashMap<String, Span>) -> Vec<Parameter> {
+fn parameters(
+    cx: &mut DocumentReader<'_>,
+    node: &Node,
+    names: &mut HashMap<String, Span>,
+) -> Vec<Parameter> {
     let mut out = Vec::new();
     for (key, body) in variable_items(cx, node, "parameters") {
         let name = variable_name(cx, key, names);
@@ -321,7 +333,11 @@ fn parameters(cx: &mut Cx<'_>, node: &Node, names: &mut HashMap<String, Span>) -
     out
 }
 
-fn constants(cx: &mut Cx<'_>, node: &Node, names: &mut HashMap<String, Span>) -> Vec<Constant> {
+fn constants(
+    cx: &mut DocumentReader<'_>,
+    node: &Node,
+    names: &mut HashMap<String, Span>,
+) -> Vec<Constant> {
     let mut out = Vec::new();
     for (key, body) in variable_items(cx, node, "constants") {
         let name = variable_name(cx, key, names);
@@ -375,7 +391,7 @@ fn constants(cx: &mut Cx<'_>, node: &Node, names: &mut HashMap<String, Span>) ->
 /// checked even in a document with other problems).
 type Phases = (Option<Vec<Phase>>, Vec<(String, Vec<StepInfo>)>);
 
-fn phases(cx: &mut Cx<'_>, key: &Node, node: &Node) -> Option<Phases> {
+fn phases(cx: &mut DocumentReader<'_>, key: &Node, node: &Node) -> Option<Phases> {
     let Some(items) = node.as_sequence() else {
         cx.not_a(node, "`phases`", "a list of phases");
         return None;
@@ -455,7 +471,7 @@ fn phases(cx: &mut Cx<'_>, key: &Node, node: &Node) -> Option<Phases> {
 }
 
 fn steps(
-    cx: &mut Cx<'_>,
+    cx: &mut DocumentReader<'_>,
     phase: usize,
     key: &Node,
     node: &Node,
@@ -488,7 +504,7 @@ fn steps(
 
 #[allow(clippy::too_many_arguments)]
 fn step(
-    cx: &mut Cx<'_>,
+    cx: &mut DocumentReader<'_>,
     phase: usize,
     index: usize,
     item: &Node,
@@ -660,7 +676,7 @@ fn step(
     })
 }
 
-fn action(cx: &mut Cx<'_>, node: &Node) -> Option<Action> {
+fn action(cx: &mut DocumentReader<'_>, node: &Node) -> Option<Action> {
     let name = cx.string(node, "`action`")?;
     if let Some(a) = Action::from_name(&name) {
         return Some(a);
@@ -674,7 +690,7 @@ fn action(cx: &mut Cx<'_>, node: &Node) -> Option<Action> {
     None
 }
 
-fn on_failure(cx: &mut Cx<'_>, node: &Node) -> Option<OnFailure> {
+fn on_failure(cx: &mut DocumentReader<'_>, node: &Node) -> Option<OnFailure> {
     let text = cx.string(node, "`onFailure`")?;
     match text.as_str() {
         "Abort" => Some(OnFailure::Abort),
@@ -694,7 +710,7 @@ fn on_failure(cx: &mut Cx<'_>, node: &Node) -> Option<OnFailure> {
 }
 
 fn step_loop(
-    cx: &mut Cx<'_>,
+    cx: &mut DocumentReader<'_>,
     node: &Node,
     loop_names: &mut HashMap<String, usize>,
 ) -> Option<Loop> {
@@ -765,7 +781,7 @@ fn step_loop(
     ok.then_some(Loop { name, kind })
 }
 
-fn for_loop(cx: &mut Cx<'_>, node: &Node) -> Option<LoopKind> {
+fn for_loop(cx: &mut DocumentReader<'_>, node: &Node) -> Option<LoopKind> {
     let entries = cx.mapping(node, "`for`", FOR_KEYS)?;
     let mut value = |key: &str| -> Option<i64> {
         let Some((_, v)) = entries.iter().find(|(k, _)| k.as_str() == Some(key)) else {
@@ -821,7 +837,7 @@ fn for_loop(cx: &mut Cx<'_>, node: &Node) -> Option<LoopKind> {
     })
 }
 
-fn for_each(cx: &mut Cx<'_>, node: &Node) -> Option<LoopKind> {
+fn for_each(cx: &mut DocumentReader<'_>, node: &Node) -> Option<LoopKind> {
     if let Some(items) = node.as_sequence() {
         if items.is_empty() {
             cx.error(
@@ -877,7 +893,7 @@ fn for_each(cx: &mut Cx<'_>, node: &Node) -> Option<LoopKind> {
     })
 }
 
-fn delimiter(cx: &mut Cx<'_>, node: &Node) -> Option<char> {
+fn delimiter(cx: &mut DocumentReader<'_>, node: &Node) -> Option<char> {
     let text = cx.string(node, "`delimiter`")?;
     // Single-quoted or plain `\n` / `\t` are the two characters backslash and letter; the
     // documentation writes them that way, so read them as the control characters.
@@ -916,7 +932,7 @@ fn delimiter(cx: &mut Cx<'_>, node: &Node) -> Option<char> {
 }
 
 /// Record the loop's strings for the reference check (with the step context set).
-fn loop_texts(cx: &mut Cx<'_>, node: &Node) {
+fn loop_texts(cx: &mut DocumentReader<'_>, node: &Node) {
     let Some(fe) = node.get("forEach") else {
         return;
     };
@@ -931,7 +947,7 @@ fn loop_texts(cx: &mut Cx<'_>, node: &Node) {
 
 const IF_BRANCH_KEYS: &[&str] = &["then", "else"];
 
-fn condition(cx: &mut Cx<'_>, node: &Node) -> Option<Condition> {
+fn condition(cx: &mut DocumentReader<'_>, node: &Node) -> Option<Condition> {
     if node.as_sequence().is_some() {
         cx.error(
             node.span,
@@ -945,7 +961,7 @@ fn condition(cx: &mut Cx<'_>, node: &Node) -> Option<Condition> {
         return None;
     }
     let expr = expr::expression(cx, node, IF_BRANCH_KEYS, 1, "`if`");
-    let branch = |cx: &mut Cx<'_>, key: &str, default: Branch| -> Option<Branch> {
+    let branch = |cx: &mut DocumentReader<'_>, key: &str, default: Branch| -> Option<Branch> {
         let Some(v) = node.get(key) else {
             return Some(default);
         };

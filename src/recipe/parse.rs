@@ -16,6 +16,7 @@ use super::name_template::NameTemplate;
 use super::units::ByteSize;
 use super::version::{Version, VersionPattern};
 use crate::diagnostic::{Problem, Span, one_of};
+use crate::yaml::reader::Reader;
 use crate::yaml::{Node, ScalarStyle};
 
 pub const TOP_KEYS: &[&str] = &[
@@ -70,7 +71,7 @@ pub const ENDPOINT_KEYS: &[&str] = &["s3", "ec2"];
 
 /// Image Builder's spelling of a setting → how to write it here. Users coming from AWS write
 /// these first; a plain "unknown key" would leave them guessing.
-const IMAGE_BUILDER_KEYS: crate::yaml::walk::ImageBuilderKeys = &[
+const IMAGE_BUILDER_KEYS: crate::yaml::reader::ImageBuilderKeys = &[
     ("semanticVersion", "write `version: 1.0.0`"),
     (
         "componentArn",
@@ -123,22 +124,18 @@ const IMAGE_BUILDER_KEYS: crate::yaml::walk::ImageBuilderKeys = &[
     ("timeoutMinutes", "write `timeoutSeconds`"),
 ];
 
-/// The walker's context (shared with the other file kinds), with the recipe's table of Image
-/// Builder spellings.
-pub(crate) type Cx<'s> = crate::yaml::walk::Cx<'s>;
-
 /// A context for a recipe file (or an infrastructure file it names).
-pub(super) fn new_cx(source: &str) -> Cx<'_> {
-    Cx::new(source, IMAGE_BUILDER_KEYS)
+pub(super) fn new_reader(source: &str) -> Reader<'_> {
+    Reader::new(source, IMAGE_BUILDER_KEYS)
 }
 
 /// Readers only recipes need.
-trait RecipeCx {
+trait RecipeReader {
     fn byte_size(&mut self, node: &Node, what: &str) -> Option<ByteSize>;
     fn inner_span(&self, node: &Node, start: usize, end: usize, value: &str) -> Span;
 }
 
-impl RecipeCx for Cx<'_> {
+impl RecipeReader for Reader<'_> {
     fn byte_size(&mut self, node: &Node, what: &str) -> Option<ByteSize> {
         let text = self.string(node, what)?;
         match text.parse::<ByteSize>() {
@@ -206,7 +203,7 @@ pub(super) struct IncludedFile {
 }
 
 pub(super) fn recipe(
-    cx: &mut Cx<'_>,
+    cx: &mut Reader<'_>,
     root: &Node,
     include: Include<'_>,
     included: &mut Vec<IncludedFile>,
@@ -299,7 +296,7 @@ pub(super) fn recipe(
     parts
 }
 
-fn name(cx: &mut Cx<'_>, node: &Node) -> Option<String> {
+fn name(cx: &mut Reader<'_>, node: &Node) -> Option<String> {
     let text = cx.string(node, "`name`")?;
     let mut bad: Vec<char> = text
         .chars()
@@ -351,7 +348,7 @@ fn name(cx: &mut Cx<'_>, node: &Node) -> Option<String> {
     Some(text)
 }
 
-fn version(cx: &mut Cx<'_>, node: &Node) -> Option<Version> {
+fn version(cx: &mut Reader<'_>, node: &Node) -> Option<Version> {
     let text = cx.string(node, "`version`")?;
     match text.parse::<Version>() {
         Ok(v) => Some(v),
@@ -388,7 +385,7 @@ fn looks_like_store_reference(text: &str) -> bool {
         })
 }
 
-fn parent(cx: &mut Cx<'_>, node: &Node) -> Option<Located<ParentImage>> {
+fn parent(cx: &mut Reader<'_>, node: &Node) -> Option<Located<ParentImage>> {
     let value = if node.as_mapping().is_some() {
         parent_mapping(cx, node)?
     } else {
@@ -415,7 +412,7 @@ fn parent(cx: &mut Cx<'_>, node: &Node) -> Option<Located<ParentImage>> {
     })
 }
 
-fn url_without_pin(cx: &mut Cx<'_>, node: &Node, scheme: &str, text: &str) {
+fn url_without_pin(cx: &mut Reader<'_>, node: &Node, scheme: &str, text: &str) {
     match scheme {
         "http" | "https" => cx.error(
             node.span,
@@ -436,7 +433,7 @@ fn url_without_pin(cx: &mut Cx<'_>, node: &Node, scheme: &str, text: &str) {
     }
 }
 
-fn oci_not_supported(cx: &mut Cx<'_>, span: Span) {
+fn oci_not_supported(cx: &mut Reader<'_>, span: Span) {
     cx.error(
         span,
         "an OCI parent image is written as a string, pinned by its manifest digest",
@@ -449,7 +446,7 @@ fn oci_not_supported(cx: &mut Cx<'_>, span: Span) {
 
 /// `registry[:port]/repository[:tag][@sha256:<hex>]` after `oci://`: its shape only (the
 /// plan parses it fully, and pins a tag-only reference or refuses it naming the current digest).
-fn oci_parent(cx: &mut Cx<'_>, node: &Node, rest: &str) -> Option<String> {
+fn oci_parent(cx: &mut Reader<'_>, node: &Node, rest: &str) -> Option<String> {
     let (name, digest) = match rest.split_once('@') {
         Some((name, digest)) => (name, Some(digest)),
         None => (rest, None),
@@ -478,7 +475,7 @@ fn oci_parent(cx: &mut Cx<'_>, node: &Node, rest: &str) -> Option<String> {
     Some(rest.to_string())
 }
 
-fn store_reference(cx: &mut Cx<'_>, node: &Node, text: &str) -> Option<ParentImage> {
+fn store_reference(cx: &mut Reader<'_>, node: &Node, text: &str) -> Option<ParentImage> {
     let (name, version) = text.split_once('/')?;
     match version.parse::<VersionPattern>() {
         Ok(version) => Some(ParentImage::Store {
@@ -495,7 +492,7 @@ fn store_reference(cx: &mut Cx<'_>, node: &Node, text: &str) -> Option<ParentIma
 }
 
 /// A local path; `${VAR}` must be well formed (it is replaced when the plan is made).
-fn file_path(cx: &mut Cx<'_>, node: &Node, text: &str) -> Option<String> {
+fn file_path(cx: &mut Reader<'_>, node: &Node, text: &str) -> Option<String> {
     let mut ok = true;
     let mut rest = 0;
     while let Some(open) = text[rest..].find("${").map(|i| i + rest) {
@@ -529,7 +526,7 @@ fn file_path(cx: &mut Cx<'_>, node: &Node, text: &str) -> Option<String> {
     ok.then(|| text.to_string())
 }
 
-fn sha256(cx: &mut Cx<'_>, node: &Node) -> Option<Sha256> {
+fn sha256(cx: &mut Reader<'_>, node: &Node) -> Option<Sha256> {
     let text = cx.string(node, "`sha256`")?;
     match Sha256::parse(&text) {
         Some(d) => Some(d),
@@ -547,7 +544,7 @@ fn sha256(cx: &mut Cx<'_>, node: &Node) -> Option<Sha256> {
     }
 }
 
-fn parent_mapping(cx: &mut Cx<'_>, node: &Node) -> Option<ParentImage> {
+fn parent_mapping(cx: &mut Reader<'_>, node: &Node) -> Option<ParentImage> {
     let entries = cx.mapping(node, "`parentImage`", PARENT_KEYS)?;
     let get = |key: &str| entries.iter().find(|(k, _)| k.as_str() == Some(key));
     let given: Vec<&str> = ["path", "url", "image"]
@@ -629,7 +626,7 @@ fn parent_mapping(cx: &mut Cx<'_>, node: &Node) -> Option<ParentImage> {
 }
 
 pub(super) fn component_list(
-    cx: &mut Cx<'_>,
+    cx: &mut Reader<'_>,
     node: &Node,
     what: &str,
 ) -> Option<Vec<ComponentUse>> {
@@ -648,7 +645,7 @@ pub(super) fn component_list(
     )
 }
 
-fn component_use(cx: &mut Cx<'_>, item: &Node) -> Option<ComponentUse> {
+fn component_use(cx: &mut Reader<'_>, item: &Node) -> Option<ComponentUse> {
     if let Some(text) = item.as_str().filter(|_| !item.is_null()) {
         cx.error(
             item.span,
@@ -684,7 +681,7 @@ fn component_use(cx: &mut Cx<'_>, item: &Node) -> Option<ComponentUse> {
     })
 }
 
-fn parameters(cx: &mut Cx<'_>, node: &Node) -> Option<Vec<ParameterValue>> {
+fn parameters(cx: &mut Reader<'_>, node: &Node) -> Option<Vec<ParameterValue>> {
     if node.is_null() {
         return Some(Vec::new());
     }
@@ -749,7 +746,7 @@ fn parameters(cx: &mut Cx<'_>, node: &Node) -> Option<Vec<ParameterValue>> {
     ok.then_some(out)
 }
 
-fn working_directory(cx: &mut Cx<'_>, node: &Node) -> Option<String> {
+fn working_directory(cx: &mut Reader<'_>, node: &Node) -> Option<String> {
     let text = cx.string(node, "`workingDirectory`")?;
     if !text.starts_with('/') {
         cx.error(
@@ -762,7 +759,7 @@ fn working_directory(cx: &mut Cx<'_>, node: &Node) -> Option<String> {
     Some(text)
 }
 
-fn user_data(cx: &mut Cx<'_>, node: &Node) -> Option<String> {
+fn user_data(cx: &mut Reader<'_>, node: &Node) -> Option<String> {
     let text = cx.optional_string(node, "`userData`")?;
     if text.lines().next().map(str::trim_end) != Some("#cloud-config") {
         cx.error(
@@ -804,7 +801,7 @@ fn user_data(cx: &mut Cx<'_>, node: &Node) -> Option<String> {
 /// Below this, no Linux image boots; it catches `diskSize: 8` (bytes) meant as GiB.
 const MIN_DISK: ByteSize = ByteSize::mib(64);
 
-fn disk_size(cx: &mut Cx<'_>, node: &Node) -> Option<Located<ByteSize>> {
+fn disk_size(cx: &mut Reader<'_>, node: &Node) -> Option<Located<ByteSize>> {
     let size = cx.byte_size(node, "`diskSize`")?;
     if size < MIN_DISK {
         cx.error(
@@ -830,7 +827,7 @@ fn disk_size(cx: &mut Cx<'_>, node: &Node) -> Option<Located<ByteSize>> {
 }
 
 fn infrastructure_ref(
-    cx: &mut Cx<'_>,
+    cx: &mut Reader<'_>,
     node: &Node,
     include: Include<'_>,
     included: &mut Vec<IncludedFile>,
@@ -854,7 +851,7 @@ fn infrastructure_ref(
             return None;
         }
     };
-    let mut file_cx = new_cx(&text);
+    let mut file_cx = new_reader(&text);
     let (root, problems) = crate::yaml::parse(&text);
     file_cx.problems.extend(problems);
     let result = match &root {
@@ -874,7 +871,7 @@ fn infrastructure_ref(
 
 /// A recipe's `infrastructure` mapping (also read by pipelines, whose overrides obey the same
 /// rules).
-pub(crate) fn infrastructure(cx: &mut Cx<'_>, node: &Node) -> Option<Infrastructure> {
+pub(crate) fn infrastructure(cx: &mut Reader<'_>, node: &Node) -> Option<Infrastructure> {
     let mut infra = Infrastructure::default();
     if node.is_null() {
         return Some(infra);
@@ -950,7 +947,7 @@ pub(crate) fn infrastructure(cx: &mut Cx<'_>, node: &Node) -> Option<Infrastruct
     (cx.problems.len() == before).then_some(infra)
 }
 
-fn tests(cx: &mut Cx<'_>, node: &Node) -> Option<Tests> {
+fn tests(cx: &mut Reader<'_>, node: &Node) -> Option<Tests> {
     let mut tests = Tests::default();
     if node.is_null() {
         return Some(tests);
@@ -980,7 +977,7 @@ fn tests(cx: &mut Cx<'_>, node: &Node) -> Option<Tests> {
     (cx.problems.len() == before).then_some(tests)
 }
 
-fn outputs(cx: &mut Cx<'_>, node: &Node) -> Option<Outputs> {
+fn outputs(cx: &mut Reader<'_>, node: &Node) -> Option<Outputs> {
     let mut outputs = Outputs::default();
     if node.is_null() {
         return Some(outputs);
@@ -1036,7 +1033,7 @@ fn outputs(cx: &mut Cx<'_>, node: &Node) -> Option<Outputs> {
     ok.then_some(outputs)
 }
 
-fn formats(cx: &mut Cx<'_>, key: &Node, node: &Node) -> Option<Vec<Format>> {
+fn formats(cx: &mut Reader<'_>, key: &Node, node: &Node) -> Option<Vec<Format>> {
     let Some(items) = node.as_sequence() else {
         let hint = node
             .as_str()
@@ -1072,7 +1069,7 @@ fn formats(cx: &mut Cx<'_>, key: &Node, node: &Node) -> Option<Vec<Format>> {
 }
 
 /// A recipe's `distribution` list (also read by pipelines, whose list replaces the recipe's).
-pub(crate) fn distribution(cx: &mut Cx<'_>, node: &Node) -> Option<Vec<Located<Distribution>>> {
+pub(crate) fn distribution(cx: &mut Reader<'_>, node: &Node) -> Option<Vec<Located<Distribution>>> {
     if node.is_null() {
         return Some(Vec::new());
     }
@@ -1101,7 +1098,7 @@ pub(crate) fn distribution(cx: &mut Cx<'_>, node: &Node) -> Option<Vec<Located<D
     ok.then_some(out)
 }
 
-fn distribution_entry(cx: &mut Cx<'_>, item: &Node) -> Option<Distribution> {
+fn distribution_entry(cx: &mut Reader<'_>, item: &Node) -> Option<Distribution> {
     let kinds = one_of(DISTRIBUTION_KINDS);
     if let Some(text) = item.as_str().filter(|_| !item.is_null()) {
         let hint = match DISTRIBUTION_KINDS.iter().find(|k| **k == text) {
@@ -1156,7 +1153,7 @@ fn distribution_entry(cx: &mut Cx<'_>, item: &Node) -> Option<Distribution> {
 
 /// The settings mapping of one target (`- directory: {…}`), with unknown keys reported.
 fn target_mapping<'n>(
-    cx: &mut Cx<'_>,
+    cx: &mut Reader<'_>,
     key: &Node,
     value: &'n Node,
     kind: &str,
@@ -1186,7 +1183,7 @@ fn target_mapping<'n>(
 }
 
 /// A name template with each mistake at its place in the file.
-fn name_template(cx: &mut Cx<'_>, node: &Node, what: &str) -> Option<NameTemplate> {
+fn name_template(cx: &mut Reader<'_>, node: &Node, what: &str) -> Option<NameTemplate> {
     let text = cx.string(node, what)?;
     match NameTemplate::parse(&text) {
         Ok(t) => Some(t),
@@ -1214,14 +1211,14 @@ impl<'n> Settings<'n> {
     }
 
     /// `key: true|false`; `default` when it is not set or not a boolean (then reported).
-    fn boolean(&self, cx: &mut Cx<'_>, key: &str, default: bool) -> bool {
+    fn boolean(&self, cx: &mut Reader<'_>, key: &str, default: bool) -> bool {
         self.value(key)
             .and_then(|v| cx.boolean(v, &format!("`{key}`")))
             .unwrap_or(default)
     }
 
     /// The `name` template; the default when it is not set or wrong (then reported).
-    fn name(&self, cx: &mut Cx<'_>) -> NameTemplate {
+    fn name(&self, cx: &mut Reader<'_>) -> NameTemplate {
         self.value("name")
             .and_then(|v| name_template(cx, v, "`name`"))
             .unwrap_or_default()
@@ -1232,7 +1229,7 @@ impl<'n> Settings<'n> {
 /// number of problems before them, and the path (`None` when missing or not a string, then
 /// reported).
 fn path_target<'n>(
-    cx: &mut Cx<'_>,
+    cx: &mut Reader<'_>,
     key: &Node,
     value: &'n Node,
     kind: &str,
@@ -1265,7 +1262,11 @@ fn path_target<'n>(
     Some((settings, before, path))
 }
 
-fn directory_target(cx: &mut Cx<'_>, key: &Node, value: &Node) -> Option<DirectoryDistribution> {
+fn directory_target(
+    cx: &mut Reader<'_>,
+    key: &Node,
+    value: &Node,
+) -> Option<DirectoryDistribution> {
     let (settings, before, path) =
         path_target(cx, key, value, "directory", DIRECTORY_KEYS, "/srv/images/")?;
     let name = settings.name(cx);
@@ -1283,7 +1284,7 @@ fn directory_target(cx: &mut Cx<'_>, key: &Node, value: &Node) -> Option<Directo
     (cx.problems.len() == before).then_some(target)
 }
 
-fn vagrant_target(cx: &mut Cx<'_>, key: &Node, value: &Node) -> Option<VagrantDistribution> {
+fn vagrant_target(cx: &mut Reader<'_>, key: &Node, value: &Node) -> Option<VagrantDistribution> {
     let (settings, before, path) =
         path_target(cx, key, value, "vagrant", VAGRANT_KEYS, "./out/web.box")?;
     let name = settings.name(cx);
@@ -1313,7 +1314,12 @@ fn vagrant_target(cx: &mut Cx<'_>, key: &Node, value: &Node) -> Option<VagrantDi
 /// The tag a pushed image gets when the reference names none.
 pub const DEFAULT_OCI_TAG: &str = "{{imagebuilder:version}}-{{imagebuilder:buildVersion}}";
 
-fn oci_target(cx: &mut Cx<'_>, key: &Node, value: &Node, kind: &str) -> Option<OciDistribution> {
+fn oci_target(
+    cx: &mut Reader<'_>,
+    key: &Node,
+    value: &Node,
+    kind: &str,
+) -> Option<OciDistribution> {
     let entries = target_mapping(
         cx,
         key,
@@ -1352,7 +1358,7 @@ pub fn split_oci_reference(text: &str) -> Option<(usize, Option<usize>)> {
     Some((slash, tag))
 }
 
-fn oci_reference(cx: &mut Cx<'_>, node: &Node) -> Option<Located<String>> {
+fn oci_reference(cx: &mut Reader<'_>, node: &Node) -> Option<Located<String>> {
     let text = cx.string(node, "`reference`")?;
     let example = "`127.0.0.1:5000/images/web:1.0.0`";
     if let Some((scheme, rest)) = text.split_once("://") {
@@ -1466,7 +1472,7 @@ fn oci_reference(cx: &mut Cx<'_>, node: &Node) -> Option<Located<String>> {
     })
 }
 
-fn ami_target(cx: &mut Cx<'_>, key: &Node, value: &Node) -> Option<AmiDistribution> {
+fn ami_target(cx: &mut Reader<'_>, key: &Node, value: &Node) -> Option<AmiDistribution> {
     let entries = target_mapping(
         cx,
         key,
@@ -1588,7 +1594,7 @@ fn ami_target(cx: &mut Cx<'_>, key: &Node, value: &Node) -> Option<AmiDistributi
     (cx.problems.len() == before).then_some(ami)
 }
 
-fn string_list<'n>(cx: &mut Cx<'_>, node: &'n Node, what: &str) -> Vec<&'n Node> {
+fn string_list<'n>(cx: &mut Reader<'_>, node: &'n Node, what: &str) -> Vec<&'n Node> {
     match node.as_sequence() {
         Some(items) => items.iter().collect(),
         None if node.is_null() => Vec::new(),
@@ -1605,7 +1611,7 @@ fn string_list<'n>(cx: &mut Cx<'_>, node: &'n Node, what: &str) -> Vec<&'n Node>
 }
 
 fn string_map(
-    cx: &mut Cx<'_>,
+    cx: &mut Reader<'_>,
     node: &Node,
     what: &str,
 ) -> std::collections::BTreeMap<String, String> {
@@ -1633,7 +1639,7 @@ fn string_map(
     out
 }
 
-fn region(cx: &mut Cx<'_>, node: &Node, what: &str) -> Option<String> {
+fn region(cx: &mut Reader<'_>, node: &Node, what: &str) -> Option<String> {
     let text = cx.string(node, what)?;
     let ok = text.split('-').count() >= 3
         && text
@@ -1651,7 +1657,7 @@ fn region(cx: &mut Cx<'_>, node: &Node, what: &str) -> Option<String> {
     )
 }
 
-fn bucket_name(cx: &mut Cx<'_>, node: &Node) -> Option<String> {
+fn bucket_name(cx: &mut Reader<'_>, node: &Node) -> Option<String> {
     let text = cx.string(node, "`bucket`")?;
     if let Some(rest) = text.strip_prefix("s3://") {
         cx.error(
@@ -1675,7 +1681,7 @@ fn bucket_name(cx: &mut Cx<'_>, node: &Node) -> Option<String> {
     accept(cx, node, text, ok, message, hint)
 }
 
-fn account_id(cx: &mut Cx<'_>, node: &Node) -> Option<String> {
+fn account_id(cx: &mut Reader<'_>, node: &Node) -> Option<String> {
     // Written unquoted, a 12-digit id is a YAML number: take its text as written.
     let text = cx.string(node, "an account id")?;
     let ok = text.len() == 12 && text.bytes().all(|b| b.is_ascii_digit());
@@ -1690,7 +1696,7 @@ fn account_id(cx: &mut Cx<'_>, node: &Node) -> Option<String> {
     )
 }
 
-fn endpoint_url(cx: &mut Cx<'_>, node: &Node, which: &str) -> Option<String> {
+fn endpoint_url(cx: &mut Reader<'_>, node: &Node, which: &str) -> Option<String> {
     let text = cx.string(node, &format!("`endpoint.{which}`"))?;
     let ok = text.starts_with("http://") || text.starts_with("https://");
     let message = format!("`endpoint.{which}` must be an http(s) URL, found `{text}`");
@@ -1700,7 +1706,7 @@ fn endpoint_url(cx: &mut Cx<'_>, node: &Node, which: &str) -> Option<String> {
 
 /// `text` when `ok`; otherwise the error `message` (with `hint`) at `node`, and `None`.
 fn accept(
-    cx: &mut Cx<'_>,
+    cx: &mut Reader<'_>,
     node: &Node,
     text: String,
     ok: bool,

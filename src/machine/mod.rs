@@ -1,12 +1,12 @@
-//! Where steps run. One trait, [`StepTarget`], with an implementation per place: this machine
-//! ([`local`]), a guest through our agent, a guest through qemu-guest-agent.
+//! Where steps run. One trait, [`Machine`], with an implementation per place: this machine
+//! ([`host`]), a guest through our agent, a guest through qemu-guest-agent.
 //!
 //! The component executor and every action are written against this trait only, so the same
 //! document runs unchanged on each target. A target knows primitives (exec, files, reboot),
 //! never actions, loops or templates: those live in the executor on the host.
 
 pub mod agent;
-pub mod local;
+pub mod host;
 pub mod qga;
 
 use std::path::{Path, PathBuf};
@@ -151,7 +151,7 @@ pub struct ExecOutcome {
     pub duration: Duration,
 }
 
-/// Content for [`StepTarget::put_file`].
+/// Content for [`Machine::put_file`].
 #[derive(Debug, Clone)]
 pub enum FileSource {
     Bytes(Vec<u8>),
@@ -159,7 +159,7 @@ pub enum FileSource {
     Path(PathBuf),
 }
 
-/// Options for [`StepTarget::put_file`]. `None` keeps the target's defaults.
+/// Options for [`Machine::put_file`]. `None` keeps the target's defaults.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PutOptions {
     /// Permission bits, e.g. `0o644`.
@@ -204,7 +204,7 @@ pub struct DirEntry {
 
 /// Facts about the machine a target runs on.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TargetInfo {
+pub struct MachineInfo {
     /// `ID` from os-release, e.g. `debian`.
     pub os_id: String,
     /// `PRETTY_NAME` from os-release.
@@ -215,7 +215,7 @@ pub struct TargetInfo {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum TargetError {
+pub enum MachineError {
     /// {context}
     #[error("{context}")]
     Io {
@@ -243,9 +243,9 @@ pub enum TargetError {
     Cancelled,
 }
 
-impl TargetError {
+impl MachineError {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        TargetError::Io {
+        MachineError::Io {
             context: context.into(),
             source,
         }
@@ -254,28 +254,28 @@ impl TargetError {
     /// A hint for the user, where the error has one.
     pub fn hint(&self) -> Option<&str> {
         match self {
-            TargetError::Unsupported { hint, .. } if !hint.is_empty() => Some(hint),
+            MachineError::Unsupported { hint, .. } if !hint.is_empty() => Some(hint),
             _ => None,
         }
     }
 }
 
-/// A place where steps run. Dropping a future returned by [`StepTarget::exec`] must kill the
+/// A place where steps run. Dropping a future returned by [`Machine::exec`] must kill the
 /// command's whole process tree: that is how the executor cancels.
 #[async_trait]
-pub trait StepTarget: Send + Sync {
+pub trait Machine: Send + Sync {
     /// A short description for messages: "this machine", "vm debian-12 (pid 4242)".
     fn describe(&self) -> String;
 
     /// os-release, architecture and boot id of the target.
-    async fn info(&self) -> Result<TargetInfo, TargetError>;
+    async fn info(&self) -> Result<MachineInfo, MachineError>;
 
     /// Run a command, streaming its output to `sink` as it comes.
     async fn exec(
         &self,
         request: &ExecRequest,
         sink: &dyn OutputSink,
-    ) -> Result<ExecOutcome, TargetError>;
+    ) -> Result<ExecOutcome, MachineError>;
 
     /// Write a file on the target. The content's sha256 is checked on the target's side.
     async fn put_file(
@@ -283,19 +283,19 @@ pub trait StepTarget: Send + Sync {
         remote: &Path,
         content: FileSource,
         options: &PutOptions,
-    ) -> Result<FileInfo, TargetError>;
+    ) -> Result<FileInfo, MachineError>;
 
     /// Copy a file from the target to `local` on the host (written under a temporary name and
     /// renamed when its sha256 matched).
-    async fn get_file(&self, remote: &Path, local: &Path) -> Result<FileInfo, TargetError>;
+    async fn get_file(&self, remote: &Path, local: &Path) -> Result<FileInfo, MachineError>;
 
     /// `None` when nothing exists at `remote`. Does not follow a final symlink.
-    async fn stat(&self, remote: &Path) -> Result<Option<FileStat>, TargetError>;
+    async fn stat(&self, remote: &Path) -> Result<Option<FileStat>, MachineError>;
 
     /// The entries of a folder, sorted by name, without `.` and `..`.
-    async fn list(&self, remote: &Path) -> Result<Vec<DirEntry>, TargetError>;
+    async fn list(&self, remote: &Path) -> Result<Vec<DirEntry>, MachineError>;
 
     /// Reboot the target and return once it is back (a new boot id). Targets that cannot
-    /// reboot return [`TargetError::Unsupported`] with a hint.
-    async fn reboot(&self) -> Result<(), TargetError>;
+    /// reboot return [`MachineError::Unsupported`] with a hint.
+    async fn reboot(&self) -> Result<(), MachineError>;
 }

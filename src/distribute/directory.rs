@@ -34,7 +34,7 @@ const CHUNK: usize = 1 << 20;
 const REPORT_EVERY: u64 = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
-pub enum LocalError {
+pub enum DirectoryError {
     #[error("could not {action} {path}")]
     Io {
         action: &'static str,
@@ -71,9 +71,9 @@ pub enum LocalError {
     Task(String),
 }
 
-fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> LocalError {
+fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DirectoryError {
     let path = path.to_path_buf();
-    move |source| LocalError::Io {
+    move |source| DirectoryError::Io {
         action,
         path,
         source,
@@ -81,9 +81,9 @@ fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Local
 }
 
 /// A rendered name used as one path component.
-pub fn check_file_name(name: &str) -> Result<(), LocalError> {
+pub fn check_file_name(name: &str) -> Result<(), DirectoryError> {
     let bad = |reason| {
-        Err(LocalError::BadName {
+        Err(DirectoryError::BadName {
             name: name.to_string(),
             reason,
         })
@@ -125,9 +125,9 @@ impl Reporter {
             .tx
             .send(Message::Transfer(what.to_string(), done, total));
     }
-    fn check(&self) -> Result<(), LocalError> {
+    fn check(&self) -> Result<(), DirectoryError> {
         if self.cancelled.load(Ordering::Relaxed) {
-            Err(LocalError::Cancelled)
+            Err(DirectoryError::Cancelled)
         } else {
             Ok(())
         }
@@ -147,8 +147,8 @@ impl Drop for CancelOnDrop {
 async fn run_blocking<T: Send + 'static>(
     target: &str,
     progress: &dyn Progress,
-    work: impl FnOnce(&Reporter) -> Result<T, LocalError> + Send + 'static,
-) -> Result<T, LocalError> {
+    work: impl FnOnce(&Reporter) -> Result<T, DirectoryError> + Send + 'static,
+) -> Result<T, DirectoryError> {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let cancelled = Arc::new(AtomicBool::new(false));
     let _cancel = CancelOnDrop(cancelled.clone());
@@ -160,7 +160,8 @@ async fn run_blocking<T: Send + 'static>(
             Message::Transfer(what, done, total) => progress.transfer(target, &what, done, total),
         }
     }
-    task.await.map_err(|e| LocalError::Task(e.to_string()))?
+    task.await
+        .map_err(|e| DirectoryError::Task(e.to_string()))?
 }
 
 // ─── temporary names ───────────────────────────────────────────────────────────────────
@@ -184,11 +185,11 @@ impl Partial {
     /// Rename into place. With `overwrite`, an existing destination is first moved aside and
     /// removed after the rename, so the destination name is never missing for long and never
     /// half-written.
-    fn persist(mut self, dest: &Path, overwrite: bool) -> Result<(), LocalError> {
+    fn persist(mut self, dest: &Path, overwrite: bool) -> Result<(), DirectoryError> {
         let mut aside = None;
         if dest.symlink_metadata().is_ok() {
             if !overwrite {
-                return Err(LocalError::Exists {
+                return Err(DirectoryError::Exists {
                     path: dest.to_path_buf(),
                 });
             }
@@ -234,7 +235,7 @@ fn copy_verified(
     expected: &str,
     what: &str,
     r: &Reporter,
-) -> Result<u64, LocalError> {
+) -> Result<u64, DirectoryError> {
     let mut src = std::fs::File::open(from).map_err(io("open", from))?;
     let total = src.metadata().map_err(io("read the size of", from))?.len();
     let mut dst = std::fs::OpenOptions::new()
@@ -265,7 +266,7 @@ fn copy_verified(
     r.step(format!("{what}: verifying sha256"));
     let actual = hash_file(to, r)?;
     if actual != expected {
-        return Err(LocalError::Corrupt {
+        return Err(DirectoryError::Corrupt {
             path: to.to_path_buf(),
             expected: expected.to_string(),
             actual,
@@ -274,7 +275,7 @@ fn copy_verified(
     Ok(done)
 }
 
-fn hash_file(path: &Path, r: &Reporter) -> Result<String, LocalError> {
+fn hash_file(path: &Path, r: &Reporter) -> Result<String, DirectoryError> {
     let mut f = std::fs::File::open(path).map_err(io("open", path))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; CHUNK];
@@ -341,12 +342,12 @@ async fn convert(
     stem: &str,
     target: &str,
     progress: &dyn Progress,
-) -> Result<Artifact, LocalError> {
+) -> Result<Artifact, DirectoryError> {
     let disk = image
         .disk
         .as_ref()
         .filter(|d| d.path.is_file())
-        .ok_or_else(|| LocalError::NoDisk {
+        .ok_or_else(|| DirectoryError::NoDisk {
             image: image.reference(),
             format,
         })?;
@@ -354,18 +355,19 @@ async fn convert(
     request.machine = machine(image);
     request.compression = export::Compression::Auto;
     let bridge = ExportBridge { target, progress };
-    let report = export::export(&request, &bridge)
-        .await
-        .map_err(|source| LocalError::Convert {
-            image: image.reference(),
-            format,
-            source,
-        })?;
+    let report =
+        export::export(&request, &bridge)
+            .await
+            .map_err(|source| DirectoryError::Convert {
+                image: image.reference(),
+                format,
+                source,
+            })?;
     report
         .artifacts
         .into_iter()
         .next()
-        .ok_or_else(|| LocalError::Task("the export produced nothing".into()))
+        .ok_or_else(|| DirectoryError::Task("the export produced nothing".into()))
 }
 
 // ─── directory ─────────────────────────────────────────────────────────────────────────
@@ -390,14 +392,14 @@ impl DirectoryOptions {
 }
 
 /// What can be checked before anything is written: the name, and the destination is free.
-pub fn preflight_directory(options: &DirectoryOptions) -> Result<(), LocalError> {
+pub fn preflight_directory(options: &DirectoryOptions) -> Result<(), DirectoryError> {
     check_file_name(&options.name)?;
     let dest = options.destination();
     if !options.overwrite && dest.symlink_metadata().is_ok() {
-        return Err(LocalError::Exists { path: dest });
+        return Err(DirectoryError::Exists { path: dest });
     }
     if options.path.exists() && !options.path.is_dir() {
-        return Err(LocalError::Io {
+        return Err(DirectoryError::Io {
             action: "use the folder",
             path: options.path.clone(),
             source: std::io::Error::other("it is not a folder"),
@@ -411,7 +413,7 @@ pub async fn to_directory(
     image: &StoredImage,
     options: &DirectoryOptions,
     progress: &dyn Progress,
-) -> Result<Receipt, LocalError> {
+) -> Result<Receipt, DirectoryError> {
     const TARGET: &str = "directory";
     let started = Instant::now();
     preflight_directory(options)?;
@@ -436,7 +438,7 @@ pub async fn to_directory(
         if let Some(a) = image.manifest.output(format) {
             let from = a.path(&image.dir);
             if !from.is_file() {
-                return Err(LocalError::Missing {
+                return Err(DirectoryError::Missing {
                     image: image.reference(),
                     file: from,
                 });
@@ -502,7 +504,7 @@ pub struct VagrantOptions {
     pub overwrite: bool,
 }
 
-pub fn preflight_vagrant(options: &VagrantOptions) -> Result<(), LocalError> {
+pub fn preflight_vagrant(options: &VagrantOptions) -> Result<(), DirectoryError> {
     let name = options
         .path
         .file_name()
@@ -510,7 +512,7 @@ pub fn preflight_vagrant(options: &VagrantOptions) -> Result<(), LocalError> {
         .unwrap_or_default();
     check_file_name(&name)?;
     if !options.overwrite && options.path.symlink_metadata().is_ok() {
-        return Err(LocalError::Exists {
+        return Err(DirectoryError::Exists {
             path: options.path.clone(),
         });
     }
@@ -558,7 +560,7 @@ pub async fn to_vagrant(
     image: &StoredImage,
     options: &VagrantOptions,
     progress: &dyn Progress,
-) -> Result<Receipt, LocalError> {
+) -> Result<Receipt, DirectoryError> {
     const TARGET: &str = "vagrant";
     let started = Instant::now();
     preflight_vagrant(options)?;
@@ -592,7 +594,7 @@ pub async fn to_vagrant(
         None => qcow2.path(&image.dir),
     };
     if !disk_path.is_file() {
-        return Err(LocalError::Missing {
+        return Err(DirectoryError::Missing {
             image: image.reference(),
             file: disk_path,
         });
@@ -631,12 +633,12 @@ pub async fn to_vagrant(
             action,
             path,
             source,
-        } => LocalError::Io {
+        } => DirectoryError::Io {
             action,
             path,
             source,
         },
-        other => LocalError::Task(other.to_string()),
+        other => DirectoryError::Task(other.to_string()),
     })?;
     progress.step(
         TARGET,
@@ -671,7 +673,7 @@ fn write_box(
     vagrantfile: &str,
     disk: &Path,
     r: &Reporter,
-) -> Result<String, LocalError> {
+) -> Result<String, DirectoryError> {
     let file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -714,9 +716,9 @@ fn write_box(
     tar.append_data(&mut header, "box.img", reader)
         .map_err(|e| {
             if r.check().is_err() {
-                LocalError::Cancelled
+                DirectoryError::Cancelled
             } else {
-                LocalError::Io {
+                DirectoryError::Io {
                     action: "write",
                     path: path.to_path_buf(),
                     source: e,
@@ -727,7 +729,7 @@ fn write_box(
     let gz = tar.into_inner().map_err(io("write", path))?;
     let hashing = gz.finish().map_err(io("write", path))?;
     let export::HashingWriter { inner, hasher } = hashing;
-    let file = inner.into_inner().map_err(|e| LocalError::Io {
+    let file = inner.into_inner().map_err(|e| DirectoryError::Io {
         action: "write",
         path: path.to_path_buf(),
         source: e.into_error(),

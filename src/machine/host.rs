@@ -22,7 +22,7 @@ use tokio::io::AsyncReadExt;
 
 use super::{
     DirEntry, ExecOutcome, ExecRequest, ExitStatus, FileInfo, FileKind, FileSource, FileStat,
-    OutputSink, OutputStream, Program, PutOptions, StepTarget, TargetError, TargetInfo,
+    Machine, MachineError, MachineInfo, OutputSink, OutputStream, Program, PutOptions,
 };
 
 /// How long a timed-out command's process group gets between SIGTERM and SIGKILL.
@@ -33,12 +33,12 @@ const DRAIN_GRACE: Duration = Duration::from_millis(500);
 
 /// The machine builder runs on.
 #[derive(Debug, Clone, Default)]
-pub struct LocalTarget {
+pub struct HostMachine {
     /// Where script files are written; the system temporary folder when `None`.
     scratch: Option<PathBuf>,
 }
 
-impl LocalTarget {
+impl HostMachine {
     pub fn new() -> Self {
         Self::default()
     }
@@ -92,7 +92,7 @@ async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-fn resolve_user(user: &str) -> Result<(u32, u32), TargetError> {
+fn resolve_user(user: &str) -> Result<(u32, u32), MachineError> {
     let found = if let Ok(uid) = user.parse::<u32>() {
         nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
     } else {
@@ -100,17 +100,17 @@ fn resolve_user(user: &str) -> Result<(u32, u32), TargetError> {
     };
     match found {
         Ok(Some(u)) => Ok((u.uid.as_raw(), u.gid.as_raw())),
-        Ok(None) => Err(TargetError::Failed(format!(
+        Ok(None) => Err(MachineError::Failed(format!(
             "user `{user}` does not exist on this machine"
         ))),
-        Err(e) => Err(TargetError::io(
+        Err(e) => Err(MachineError::io(
             format!("could not look up user `{user}`"),
             e.into(),
         )),
     }
 }
 
-fn resolve_group(group: &str) -> Result<u32, TargetError> {
+fn resolve_group(group: &str) -> Result<u32, MachineError> {
     let found = if let Ok(gid) = group.parse::<u32>() {
         nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid))
     } else {
@@ -118,19 +118,19 @@ fn resolve_group(group: &str) -> Result<u32, TargetError> {
     };
     match found {
         Ok(Some(g)) => Ok(g.gid.as_raw()),
-        Ok(None) => Err(TargetError::Failed(format!(
+        Ok(None) => Err(MachineError::Failed(format!(
             "group `{group}` does not exist on this machine"
         ))),
-        Err(e) => Err(TargetError::io(
+        Err(e) => Err(MachineError::io(
             format!("could not look up group `{group}`"),
             e.into(),
         )),
     }
 }
 
-fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> TargetError {
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> MachineError {
     let context = context.into();
-    move |e| TargetError::io(context, e)
+    move |e| MachineError::io(context, e)
 }
 
 fn file_stat(meta: &std::fs::Metadata) -> FileStat {
@@ -152,11 +152,11 @@ fn file_stat(meta: &std::fs::Metadata) -> FileStat {
 }
 
 async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, TargetError> + Send + 'static,
-) -> Result<T, TargetError> {
+    f: impl FnOnce() -> Result<T, MachineError> + Send + 'static,
+) -> Result<T, MachineError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| TargetError::Failed(format!("a file operation was interrupted: {e}")))?
+        .map_err(|e| MachineError::Failed(format!("a file operation was interrupted: {e}")))?
 }
 
 /// Copy `reader` into `writer`, returning the size and sha256 of what went through.
@@ -191,7 +191,7 @@ fn put_file_blocking(
     remote: &Path,
     content: FileSource,
     options: &PutOptions,
-) -> Result<FileInfo, TargetError> {
+) -> Result<FileInfo, MachineError> {
     let shown = remote.display();
     if options.create_parents
         && let Some(parent) = remote.parent()
@@ -211,7 +211,7 @@ fn put_file_blocking(
     };
     let owner = options.owner.as_deref().map(resolve_user).transpose()?;
     let group = options.group.as_deref().map(resolve_group).transpose()?;
-    let finish = |path: &Path| -> Result<(), TargetError> {
+    let finish = |path: &Path| -> Result<(), MachineError> {
         if let Some(mode) = options.mode {
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(
                 io_err(format!("could not set the mode of {}", remote.display())),
@@ -221,7 +221,7 @@ fn put_file_blocking(
             let uid = owner.map(|(uid, _)| nix::unistd::Uid::from_raw(uid));
             let gid = group.map(nix::unistd::Gid::from_raw);
             nix::unistd::chown(path, uid, gid).map_err(|e| {
-                TargetError::io(
+                MachineError::io(
                     format!("could not change the owner of {}", remote.display()),
                     e.into(),
                 )
@@ -265,7 +265,7 @@ fn put_file_blocking(
     result
 }
 
-fn get_file_blocking(remote: &Path, local: &Path) -> Result<FileInfo, TargetError> {
+fn get_file_blocking(remote: &Path, local: &Path) -> Result<FileInfo, MachineError> {
     let mut source = std::fs::File::open(remote)
         .map_err(io_err(format!("could not open {}", remote.display())))?;
     let temp = temp_sibling(local);
@@ -293,19 +293,19 @@ fn os_release_value(text: &str, key: &str) -> String {
 }
 
 #[async_trait]
-impl StepTarget for LocalTarget {
+impl Machine for HostMachine {
     fn describe(&self) -> String {
         "this machine".to_string()
     }
 
-    async fn info(&self) -> Result<TargetInfo, TargetError> {
+    async fn info(&self) -> Result<MachineInfo, MachineError> {
         let os_release = tokio::fs::read_to_string("/etc/os-release")
             .await
             .unwrap_or_default();
         let boot_id = tokio::fs::read_to_string("/proc/sys/kernel/random/boot_id")
             .await
             .map_err(io_err("could not read the boot id"))?;
-        Ok(TargetInfo {
+        Ok(MachineInfo {
             os_id: os_release_value(&os_release, "ID"),
             os_pretty: os_release_value(&os_release, "PRETTY_NAME"),
             arch: std::env::consts::ARCH.to_string(),
@@ -317,14 +317,14 @@ impl StepTarget for LocalTarget {
         &self,
         request: &ExecRequest,
         sink: &dyn OutputSink,
-    ) -> Result<ExecOutcome, TargetError> {
+    ) -> Result<ExecOutcome, MachineError> {
         let started = Instant::now();
         // Kept alive until the command has finished; removed on drop.
         let mut _script = None;
         let (program, args): (String, Vec<String>) = match &request.program {
             Program::Argv(argv) => match argv.split_first() {
                 Some((first, rest)) => (first.clone(), rest.to_vec()),
-                None => return Err(TargetError::Failed("nothing to run: empty argv".into())),
+                None => return Err(MachineError::Failed("nothing to run: empty argv".into())),
             },
             Program::Script { interpreter, body } => {
                 let dir = self.scratch.clone().unwrap_or_else(std::env::temp_dir);
@@ -370,14 +370,15 @@ impl StepTarget for LocalTarget {
                 }
                 _ => format!("could not start `{program}`"),
             };
-            TargetError::io(what, e)
+            MachineError::io(what, e)
         })?;
         let Some(pid) = child.id() else {
-            return Err(TargetError::Failed(format!(
+            return Err(MachineError::Failed(format!(
                 "`{program}` exited before its pid could be read"
             )));
         };
-        let pid = i32::try_from(pid).map_err(|_| TargetError::Failed("pid out of range".into()))?;
+        let pid =
+            i32::try_from(pid).map_err(|_| MachineError::Failed("pid out of range".into()))?;
         let mut group = GroupGuard {
             pgid: Pid::from_raw(pid),
             armed: true,
@@ -443,30 +444,30 @@ impl StepTarget for LocalTarget {
         remote: &Path,
         content: FileSource,
         options: &PutOptions,
-    ) -> Result<FileInfo, TargetError> {
+    ) -> Result<FileInfo, MachineError> {
         let remote = remote.to_path_buf();
         let options = options.clone();
         blocking(move || put_file_blocking(&remote, content, &options)).await
     }
 
-    async fn get_file(&self, remote: &Path, local: &Path) -> Result<FileInfo, TargetError> {
+    async fn get_file(&self, remote: &Path, local: &Path) -> Result<FileInfo, MachineError> {
         let remote = remote.to_path_buf();
         let local = local.to_path_buf();
         blocking(move || get_file_blocking(&remote, &local)).await
     }
 
-    async fn stat(&self, remote: &Path) -> Result<Option<FileStat>, TargetError> {
+    async fn stat(&self, remote: &Path) -> Result<Option<FileStat>, MachineError> {
         match tokio::fs::symlink_metadata(remote).await {
             Ok(meta) => Ok(Some(file_stat(&meta))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(TargetError::io(
+            Err(e) => Err(MachineError::io(
                 format!("could not look at {}", remote.display()),
                 e,
             )),
         }
     }
 
-    async fn list(&self, remote: &Path) -> Result<Vec<DirEntry>, TargetError> {
+    async fn list(&self, remote: &Path) -> Result<Vec<DirEntry>, MachineError> {
         let remote = remote.to_path_buf();
         blocking(move || {
             let shown = remote.display();
@@ -480,7 +481,7 @@ impl StepTarget for LocalTarget {
                     // Removed between listing and looking: it is not there any more.
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                     Err(e) => {
-                        return Err(TargetError::io(
+                        return Err(MachineError::io(
                             format!("could not look at {}", entry.path().display()),
                             e,
                         ));
@@ -497,8 +498,8 @@ impl StepTarget for LocalTarget {
         .await
     }
 
-    async fn reboot(&self) -> Result<(), TargetError> {
-        Err(TargetError::Unsupported {
+    async fn reboot(&self) -> Result<(), MachineError> {
+        Err(MachineError::Unsupported {
             what: "rebooting".into(),
             target: self.describe(),
             hint: "a reboot needs a VM target: run the document with `--target vm:IMAGE`".into(),
@@ -509,7 +510,7 @@ impl StepTarget for LocalTarget {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::target::Capture;
+    use crate::machine::Capture;
 
     fn rt() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()
@@ -521,7 +522,7 @@ mod tests {
     #[test]
     fn exec_streams_both_streams_and_reports_the_exit_code() {
         rt().block_on(async {
-            let target = LocalTarget::new();
+            let target = HostMachine::new();
             let sink = Capture::default();
             let outcome = target
                 .exec(&ExecRequest::bash("echo out; echo err >&2; exit 3"), &sink)
@@ -539,11 +540,11 @@ mod tests {
             let dir = tempfile::tempdir().expect("temp dir");
             let pidfile = dir.path().join("pid");
             let script = format!("sleep 300 & echo $! > {}; sleep 300", pidfile.display());
-            let target = LocalTarget::new();
+            let target = HostMachine::new();
             let outcome = target
                 .exec(
                     &ExecRequest::bash(script).with_timeout(Some(Duration::from_millis(300))),
-                    &crate::target::Discard,
+                    &crate::machine::Discard,
                 )
                 .await
                 .expect("bash runs");
@@ -577,7 +578,7 @@ mod tests {
     fn put_stat_list_get_round_trip() {
         rt().block_on(async {
             let dir = tempfile::tempdir().expect("temp dir");
-            let target = LocalTarget::new();
+            let target = HostMachine::new();
             let file = dir.path().join("a/b/c.txt");
             let info = target
                 .put_file(
@@ -614,7 +615,7 @@ mod tests {
     #[test]
     fn reboot_is_unsupported_with_a_hint() {
         rt().block_on(async {
-            let err = LocalTarget::new()
+            let err = HostMachine::new()
                 .reboot()
                 .await
                 .expect_err("cannot reboot");
