@@ -7,12 +7,12 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use builder::distribute::Receipt;
 use builder::export::manifest::{Manifest, ParentInput};
 use builder::export::{Artifact, Format};
 use builder::pipeline::Clock;
 use builder::pipeline::history::{ExecStatus, History, Outcome, Trigger};
 use builder::pipeline::lifecycle::{self, Decision, Policy, RemoteOutcome};
+use builder::store::Receipt;
 use builder::store::{Store, Version};
 use chrono::{DateTime, TimeDelta, Utc};
 

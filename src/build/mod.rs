@@ -58,7 +58,7 @@ pub struct Built {
     /// Undo actions that failed (resources that may be left behind).
     pub warnings: Vec<String>,
     /// Where the recipe's `distribution` targets put the image (also in the store).
-    pub receipts: Vec<crate::distribute::Receipt>,
+    pub receipts: Vec<crate::store::Receipt>,
     /// Targets that failed (the image is stored all the same): (target, error).
     pub distribution_failures: Vec<(String, String)>,
 }

@@ -327,7 +327,7 @@ struct ShowJson<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     manifest: Option<&'a Manifest>,
     /// Where the build was distributed (`receipts.json`), oldest first.
-    receipts: Vec<builder::distribute::Receipt>,
+    receipts: Vec<builder::store::Receipt>,
 }
 
 async fn show(store: &Store, args: &ShowArgs) -> CliResult {

@@ -1,7 +1,7 @@
 //! Distribution: a finished image goes where people use it (Image Builder's last stage).
 //!
 //! Each target takes a stored build ([`StoredImage`]: its folder, manifest, outputs) and
-//! returns a [`Receipt`] saying where the image went, with digests and ids; the store records
+//! returns a [`Receipt`] (a store record) saying where the image went, with digests and ids; the store records
 //! every receipt next to the build (`receipts.json`) and `builder images show` prints them.
 //!
 //! - [`oci`]: push to an OCI registry as an artifact or a KubeVirt containerDisk; pull a
@@ -16,34 +16,7 @@ pub mod destination;
 pub mod directory;
 pub mod oci;
 
-use std::collections::BTreeMap;
-
-use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
-
-pub use crate::store::StoredImage;
-
-/// Where an image went: printed after distributing and recorded in the store.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Receipt {
-    /// The target kind: `oci`, `containerdisk`, `ami`, `vagrant`, `directory`, `store`.
-    pub kind: String,
-    /// Where it went, in a form the user can use again: `oci://host/repo:tag@sha256:…`,
-    /// `ami-0123… (eu-west-1)`, an absolute path.
-    pub location: String,
-    /// Digests of what was written, by role: `manifest`, `config`, `disk`, `box`, file names.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub digests: BTreeMap<String, String>,
-    /// Ids the destination handed out, by role: `ami:eu-west-1`, `snapshot:eu-west-1`,
-    /// `importTask`, …
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub ids: BTreeMap<String, String>,
-    /// When the target finished.
-    pub finished: DateTime<Utc>,
-    /// Wall time in seconds.
-    pub seconds: f64,
-}
+pub use crate::store::{Receipt, StoredImage};
 
 /// Progress of a distribution, for the terminal and `--json` events. Every method has an
 /// empty default; implementations must be cheap (they are called per chunk).

@@ -21,8 +21,8 @@ use serde::{Deserialize, Serialize};
 
 use super::Clock;
 use super::history::{History, HistoryError};
-use crate::distribute::Receipt;
 use crate::export::manifest::MANIFEST_FILE;
+use crate::store::Receipt;
 use crate::store::{ImageRef, Store, StoreError, StoredImage};
 
 /// The file, next to a stored build, where distribution records its receipts.

@@ -38,6 +38,7 @@ pub mod base;
 pub mod reference;
 pub mod runner;
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -59,6 +60,29 @@ pub const LOGS_DIR: &str = "logs";
 
 /// Where a build was distributed, in its folder: a JSON array of receipts, oldest first.
 pub const RECEIPTS_FILE: &str = "receipts.json";
+
+/// Where an image went (one distribution target's result): recorded next to the build in
+/// [`RECEIPTS_FILE`], printed by `builder distribute` and `builder images show`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Receipt {
+    /// The target kind: `oci`, `containerdisk`, `ami`, `vagrant`, `directory`, `store`.
+    pub kind: String,
+    /// Where it went, in a form the user can use again: `oci://host/repo:tag@sha256:…`,
+    /// `ami-0123… (eu-west-1)`, an absolute path.
+    pub location: String,
+    /// Digests of what was written, by role: `manifest`, `config`, `disk`, `box`, file names.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub digests: BTreeMap<String, String>,
+    /// Ids the destination handed out, by role: `ami:eu-west-1`, `snapshot:eu-west-1`,
+    /// `importTask`, …
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ids: BTreeMap<String, String>,
+    /// When the target finished.
+    pub finished: DateTime<Utc>,
+    /// Wall time in seconds.
+    pub seconds: f64,
+}
 
 const BUILD_FILE: &str = "build.json";
 const LAST_BUILD_FILE: &str = ".last-build";
@@ -182,7 +206,7 @@ impl StoredImage {
 
     /// Where this build was distributed, oldest first (empty when never, or when
     /// `receipts.json` is unreadable: receipts are a record, not something a build needs).
-    pub fn receipts(&self) -> Vec<crate::distribute::Receipt> {
+    pub fn receipts(&self) -> Vec<Receipt> {
         std::fs::read(self.dir.join(RECEIPTS_FILE))
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
@@ -674,7 +698,7 @@ impl Store {
     pub fn record_receipts(
         &self,
         image: &StoredImage,
-        receipts: &[crate::distribute::Receipt],
+        receipts: &[Receipt],
     ) -> Result<(), StoreError> {
         if receipts.is_empty() {
             return Ok(());
