@@ -25,7 +25,8 @@ use builder::distribute::NoProgress;
 use builder::distribute::oci::{self, OciOptions, OciReference, OciShape};
 use builder::export::manifest::Manifest;
 use builder::export::{Artifact, Format};
-use builder::store::{Store, StoredImage, Version};
+use builder::recipe::Version;
+use builder::store::{Store, StoredImage};
 
 fn sh(cmd: &mut Command) {
     let out = cmd.output().expect("command runs");

@@ -34,7 +34,8 @@ use std::time::{Duration, Instant};
 
 use builder::export::manifest::Manifest;
 use builder::export::{Artifact, Format};
-use builder::store::{Store, Version};
+use builder::recipe::Version;
+use builder::store::Store;
 
 #[path = "support/vm_tier.rs"]
 mod vm_tier;

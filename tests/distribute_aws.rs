@@ -1108,7 +1108,8 @@ async fn an_interrupted_import_keeps_its_converted_disk_and_resumes() {
 )]
 async fn builder_distribute_to_ami_runs_end_to_end_against_moto() {
     use builder::export::Artifact;
-    use builder::store::{Store, Version};
+    use builder::recipe::Version;
+    use builder::store::Store;
 
     let moto = moto();
     // The task completes at the first look (the CLI polls every 15 s).

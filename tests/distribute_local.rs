@@ -19,7 +19,8 @@ use builder::distribute::directory::DirectoryError;
 use builder::distribute::{DistributeError, NoProgress};
 use builder::export::manifest::{Manifest, ParentInput};
 use builder::export::{Artifact, Format};
-use builder::store::{Store, StoredImage, Version};
+use builder::recipe::Version;
+use builder::store::{Store, StoredImage};
 
 /// A real (empty, 64 MiB) qcow2 made with qemu-img.
 fn qcow2(path: &Path) {

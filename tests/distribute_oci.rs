@@ -16,7 +16,8 @@ use builder::distribute::oci::{self, OciError, OciOptions, OciReference, OciShap
 use builder::distribute::{Progress, Receipt};
 use builder::export::manifest::Manifest;
 use builder::export::{Artifact, Format};
-use builder::store::{Store, StoredImage, Version};
+use builder::recipe::Version;
+use builder::store::{Store, StoredImage};
 use registry::TestRegistry;
 use sha2::{Digest, Sha256};
 

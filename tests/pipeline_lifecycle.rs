@@ -12,8 +12,9 @@ use builder::export::{Artifact, Format};
 use builder::pipeline::Clock;
 use builder::pipeline::history::{ExecStatus, History, Outcome, Trigger};
 use builder::pipeline::lifecycle::{self, Decision, Policy, RemoteOutcome};
+use builder::recipe::Version;
 use builder::store::Receipt;
-use builder::store::{Store, Version};
+use builder::store::Store;
 use chrono::{DateTime, TimeDelta, Utc};
 
 /// A clock the test moves by hand.

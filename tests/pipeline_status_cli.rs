@@ -6,7 +6,8 @@ use assert_cmd::Command;
 use builder::export::manifest::Manifest;
 use builder::export::{Artifact, Format};
 use builder::pipeline::history::{ExecStatus, History, Outcome, Trigger};
-use builder::store::{Store, Version};
+use builder::recipe::Version;
+use builder::store::Store;
 use chrono::{DateTime, TimeDelta, Utc};
 
 fn store_build(store: &Store, name: &str, version: &str) -> String {

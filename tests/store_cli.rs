@@ -4,7 +4,8 @@
 use assert_cmd::Command;
 use builder::export::manifest::{Manifest, ParentInput};
 use builder::export::{Artifact, Format};
-use builder::store::{Store, Version};
+use builder::recipe::Version;
+use builder::store::Store;
 use predicates::prelude::*;
 
 fn store_build(store: &Store, name: &str, version: &str, parent: Option<ParentInput>) -> String {

@@ -6,7 +6,8 @@ use std::path::Path;
 
 use builder::export::manifest::{ImageId, Manifest, ParentInput, Status};
 use builder::export::{Artifact, Format};
-use builder::store::{BuildSlot, ImageRef, Store, StoreError, Version};
+use builder::recipe::Version;
+use builder::store::{BuildSlot, ImageRef, Store, StoreError};
 
 fn v(s: &str) -> Version {
     s.parse().expect("version")

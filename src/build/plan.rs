@@ -728,7 +728,6 @@ impl ParentResolver for crate::store::Store {
             }),
             Err(
                 e @ (crate::store::StoreError::BadName { .. }
-                | crate::store::StoreError::BadVersion { .. }
                 | crate::store::StoreError::BadReference { .. }),
             ) => Err(ResolveError::NotFound {
                 message: e.to_string(),

@@ -519,14 +519,8 @@ fn parent_input(parent: &PlannedParent) -> ParentInput {
 
 /// A build number and folder in the store's staging area.
 pub fn allocate(plan: &Plan, store: &Store) -> Result<BuildSlot, BuildError> {
-    let version: crate::store::Version = plan
-        .recipe
-        .version
-        .to_string()
-        .parse()
-        .map_err(BuildError::Allocate)?;
     store
-        .allocate_build(&plan.recipe.name, &version)
+        .allocate_build(&plan.recipe.name, &plan.recipe.version)
         .map_err(BuildError::Allocate)
 }
 

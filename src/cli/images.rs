@@ -105,7 +105,6 @@ pub(super) fn store_failure(e: StoreError) -> Failure {
             | StoreError::InUse { .. }
             | StoreError::BadReference { .. }
             | StoreError::BadName { .. }
-            | StoreError::BadVersion { .. }
     );
     let failure = if input {
         Failure::input(e)
@@ -222,7 +221,7 @@ fn list(store: &Store, args: &ListArgs, abandoned: &[Abandoned]) -> CliResult {
         let key = |r: &Row| {
             (
                 r.name.clone(),
-                r.version.parse::<builder::store::Version>().ok(),
+                r.version.parse::<builder::recipe::Version>().ok(),
                 r.build,
             )
         };

@@ -62,7 +62,7 @@ pub(crate) use parse::{
     INFRASTRUCTURE_KEYS, distribution as read_distribution, infrastructure as read_infrastructure,
 };
 pub use units::ByteSize;
-pub use version::{Version, VersionPattern};
+pub use version::{Version, VersionError, VersionPattern};
 
 use crate::diagnostic::{Diagnostics, Span};
 

@@ -17,6 +17,16 @@ pub struct Version {
     pub patch: u32,
 }
 
+impl Version {
+    pub const fn new(major: u32, minor: u32, patch: u32) -> Version {
+        Version {
+            major,
+            minor,
+            patch,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum VersionError {
     /// Not three dot-separated parts.
@@ -143,6 +153,14 @@ pub struct VersionPattern {
 }
 
 impl VersionPattern {
+    /// `x.x.x`: every version.
+    pub const ANY: VersionPattern = VersionPattern {
+        major: None,
+        minor: None,
+        patch: None,
+        build: None,
+    };
+
     /// Whether `version` (with its build number) is selected by this pattern.
     pub fn matches(&self, version: Version, build: u32) -> bool {
         self.major.is_none_or(|m| m == version.major)

@@ -47,9 +47,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::export::manifest::{ImageId, MANIFEST_FILE};
 use crate::export::{Artifact, ExportError, Format, Manifest};
+use crate::recipe::Version;
 
 pub use base::{BaseImage, DownloadProgress, FetchOptions, NoDownloadProgress};
-pub use reference::{ImageRef, Version, VersionPattern, check_name};
+pub use reference::{ImageRef, check_name};
 pub use runner::Runner;
 
 /// Environment variable naming the store folder.
@@ -100,8 +101,6 @@ pub enum StoreError {
     },
     #[error("`{name}` is not a valid image name: {reason}")]
     BadName { name: String, reason: String },
-    #[error("`{version}` is not a valid version: {reason}")]
-    BadVersion { version: String, reason: String },
     #[error("`{reference}` is not a valid image reference: {reason}")]
     BadReference { reference: String, reason: String },
     #[error("no stored image matches `{reference}`")]
