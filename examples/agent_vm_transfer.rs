@@ -7,8 +7,8 @@
 
 use std::time::{Duration, Instant};
 
-use builder::build::undo::Outcome;
 use builder::machine::{Capture, ExecRequest, FileSource, Machine, PutOptions};
+use builder::undo::Outcome;
 use builder::vm::VmOptions;
 use builder::vm::session::{Session, SessionOptions};
 

@@ -15,7 +15,8 @@
 //! - [`machine`]: where steps run ([`machine::Machine`]): this machine, a guest via our agent.
 //! - [`agent`]: the host↔guest protocol spoken over virtio-serial.
 //! - [`vm`]: qemu-img, QEMU launch and QMP, accelerator probe, cloud-init seed.
-//! - [`build`]: the stages of a build and the undo list that releases what they created.
+//! - [`undo`]: the undo list that releases what a stage or a VM created, and its report.
+//! - [`build`]: the stages of a build, in order.
 //! - [`export`]: the finished disk converted to qcow2/raw/vmdk/vhdx/vhd/ova, checked, hashed;
 //!   `SHA256SUMS` and the `manifest.json` model.
 //! - [`distribute`]: finished images pushed to OCI registries, AWS (AMI import), Vagrant
@@ -32,5 +33,6 @@ pub mod machine;
 pub mod pipeline;
 pub mod recipe;
 pub mod store;
+pub mod undo;
 pub mod vm;
 pub mod yaml;

@@ -26,8 +26,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use builder::build::undo::Outcome;
 use builder::machine::{Capture, ExecRequest, ExitStatus, FileSource, PutOptions};
+use builder::undo::Outcome;
 use builder::vm::session::{Session, SessionOptions};
 use builder::vm::{GuestChannel, StopRung, VmOptions};
 use sha2::{Digest, Sha256};

@@ -80,6 +80,9 @@ pub enum BuildEvent<'a> {
         outputs: Vec<&'a Path>,
         #[serde(skip_serializing_if = "Option::is_none")]
         message: Option<&'a str>,
+        /// Cleanup that failed (what may be left behind), as `builder build` prints it.
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        warnings: Vec<&'a str>,
         duration_ms: u64,
     },
 }

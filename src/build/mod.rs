@@ -1,11 +1,14 @@
-//! The stages of one build, in order, and the undo list that releases what they created.
+//! The stages of one build, in order; what they create is released by [`crate::undo`] lists.
 //!
 //! [`build`] is the build: reading it is reading the stages. Each stage takes the previous
 //! stage's value and returns the next; a stage that creates a resource registers its undo
 //! right away (the VM's own resources are on the VM's list, the build's disk chain on the
 //! build's). On success the lists unwind before the store commit; on failure they unwind as
 //! a failure (keep-on-failure keeps the disk chain and logs and says how to remove them); a
-//! dropped build future (Ctrl-C, SIGTERM, a timeout in the caller) unwinds through `Drop`.
+//! dropped build future (Ctrl-C, SIGTERM, a timeout in the caller) unwinds through `Drop` and
+//! leaves its report in [`BuildOptions::leftovers`]. What the VMs' lists could not undo is
+//! part of the build's report: [`Built::warnings`], [`Failed::unwind`], `build.log` and the
+//! `buildFinished` event.
 //!
 //! ```text
 //! Plan ─allocate─▶ BuildSlot + logs ─fetch─▶ base ─overlay─▶ DiskChain ─boot─▶ BuildVm
@@ -19,7 +22,6 @@ pub mod generalize;
 pub mod layers;
 pub mod plan;
 mod stages;
-pub mod undo;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -28,10 +30,10 @@ pub use events::{BuildEvent, BuildLog, BuildObserver, Quiet};
 pub use stages::{BuildError, ComponentFailure, FailureShell};
 
 use crate::store::{Store, StoredImage};
+use crate::undo::{Leftovers, Outcome, UnwindReport};
 use crate::vm::{AccelChoice, ErrorClass};
 use plan::Plan;
 use stages::BuildContext;
-use undo::{Outcome, UndoList, UnwindReport};
 
 /// How to run a build, beyond the plan.
 #[derive(Debug, Clone, Default)]
@@ -45,6 +47,9 @@ pub struct BuildOptions {
     pub qemu: Option<PathBuf>,
     /// `--on-error shell`: called when a component step fails, with the build VM running.
     pub on_failure: Option<std::sync::Arc<dyn FailureShell>>,
+    /// Where the cleanup report goes if the build is dropped before it returns (Ctrl-C): the
+    /// caller reads it and tells the user. A build that returns puts it in its result.
+    pub leftovers: Leftovers,
 }
 
 /// A finished, stored build.
@@ -55,7 +60,7 @@ pub struct Built {
     pub outputs: Vec<PathBuf>,
     /// Copies in the recipe's `outputs.directory`, if it names one.
     pub copies: Vec<PathBuf>,
-    /// Undo actions that failed (resources that may be left behind).
+    /// Undo actions that failed, the VMs' included (resources that may be left behind).
     pub warnings: Vec<String>,
     /// Where the recipe's `distribution` targets put the image (also in the store).
     pub receipts: Vec<crate::store::Receipt>,
@@ -90,7 +95,6 @@ pub async fn build(
     observer: &dyn BuildObserver,
 ) -> Result<Built, Failed> {
     let started = Instant::now();
-    let keep = stages::keeps_on_failure(plan, options);
     let fail = |error: BuildError| Failed {
         error,
         image: None,
@@ -104,7 +108,7 @@ pub async fn build(
             source,
         })
     })?;
-    let cx = BuildContext::new(plan, store, options, &slot, &log, UndoList::new(keep));
+    let cx = BuildContext::new(plan, store, options, &slot, &log);
     cx.started(started);
 
     let result = async {
@@ -126,7 +130,7 @@ pub async fn build(
 
     match result {
         Ok(exported) => {
-            let warnings = cx.unwind(Outcome::Success).failed;
+            let warnings = cx.unwind(Outcome::Success).warnings();
             let stored = cx
                 .stage("store", stages::store(&cx, exported, slot, warnings))
                 .await;
@@ -156,7 +160,7 @@ pub async fn build(
         }
         Err(mut error) => {
             let unwind = cx.unwind(Outcome::Failure);
-            let logs = stages::abandon(&cx, slot, &error);
+            let logs = stages::abandon(&cx, slot, &error, &unwind.warnings());
             // The logs moved with the failed build: point at where they are now.
             if let (BuildError::Component(f), Some(now)) = (&mut error, &logs) {
                 for path in [&mut f.log, &mut f.run_log].into_iter().flatten() {

@@ -16,7 +16,6 @@ use super::events::{BuildEvent, BuildLog, StageOutput};
 use super::generalize::{self, GeneralizeError};
 use super::layers::{DiskChain, LayerError, file_safe};
 use super::plan::{self, Plan, PlanError, PlannedComponent, PlannedParent, ReachedDocument};
-use super::undo::{self, Outcome, UndoList, UnwindReport};
 use crate::component::executor::{self, RunError, RunOptions, RunRequest};
 use crate::component::report::{ExecutionReport, Status as StepStatus};
 use crate::export::manifest::{
@@ -27,6 +26,7 @@ use crate::export::{self, ExportError, ExportProgress, ExportRequest};
 use crate::machine::{Capture, ExecRequest, Machine, MachineError};
 use crate::recipe;
 use crate::store::{BuildSlot, DownloadProgress, FetchOptions, Store, StoreError};
+use crate::undo::{self, Leftovers, Outcome, UndoError, UndoList, UnwindReport};
 use crate::vm::seed::CloudInitScope;
 use crate::vm::session::{Session, SessionOptions};
 use crate::vm::{AccelChoice, ErrorClass, GuestChannel, VmError, VmOptions};
@@ -258,10 +258,26 @@ pub struct BuildContext<'a> {
     pub keep: bool,
     pub build_date: DateTime<Utc>,
     undo: Mutex<UndoList>,
-    /// Notes on what a VM's own undo list kept (the test VM's folder), for the final report.
-    kept: Mutex<Vec<String>>,
+    /// What the VMs' lists left (closed, or dropped on an error path), for [`Self::unwind`].
+    leftovers: Leftovers,
     manifest: Mutex<Manifest>,
     started: Mutex<Option<Instant>>,
+}
+
+impl Drop for BuildContext<'_> {
+    /// A build dropped before it finished (Ctrl-C) unwinds as a failure and hands the report
+    /// to its caller ([`super::BuildOptions::leftovers`]); after [`Self::unwind`] there is
+    /// nothing left to hand.
+    fn drop(&mut self) {
+        let mut report = match self.undo.get_mut() {
+            Ok(undo) => undo.unwind(Outcome::Failure),
+            Err(poisoned) => poisoned.into_inner().unwind(Outcome::Failure),
+        };
+        report.append(self.leftovers.take());
+        if !report.is_clean() {
+            self.options.leftovers.add(report);
+        }
+    }
 }
 
 impl<'a> BuildContext<'a> {
@@ -271,11 +287,11 @@ impl<'a> BuildContext<'a> {
         options: &'a BuildOptions,
         slot: &BuildSlot,
         log: &'a BuildLog<'a>,
-        undo: UndoList,
     ) -> BuildContext<'a> {
         let mut manifest = Manifest::new(slot.id().clone(), slot.build_id());
         fill_inputs(&mut manifest, plan);
         let keep = keeps_on_failure(plan, options);
+        let leftovers = Leftovers::default();
         BuildContext {
             plan,
             store,
@@ -288,8 +304,8 @@ impl<'a> BuildContext<'a> {
             work: store.root().join("work").join(slot.build_id()),
             keep,
             build_date: manifest.created,
-            undo: Mutex::new(undo),
-            kept: Mutex::new(Vec::new()),
+            undo: Mutex::new(UndoList::new(keep, leftovers.clone())),
+            leftovers,
             manifest: Mutex::new(manifest),
             started: Mutex::new(None),
         }
@@ -323,11 +339,11 @@ impl<'a> BuildContext<'a> {
             .unwrap_or_default()
     }
 
-    fn push_undo(
+    fn push_undo<E: Into<UndoError>>(
         &self,
         label: String,
         keep_note: Option<String>,
-        action: impl FnOnce() -> Result<(), String> + Send + 'static,
+        action: impl FnOnce() -> Result<(), E> + Send + 'static,
     ) {
         if let Ok(mut undo) = self.undo.lock() {
             match keep_note {
@@ -337,17 +353,17 @@ impl<'a> BuildContext<'a> {
         }
     }
 
+    /// Unwind the build's own list, then add what its VMs' lists left (closed VMs, and VMs
+    /// dropped on an error path): the whole report, also written to `build.log`.
     pub fn unwind(&self, outcome: Outcome) -> UnwindReport {
         let mut report = self
             .undo
             .lock()
             .map(|mut u| u.unwind(outcome))
             .unwrap_or_default();
-        if let Ok(mut kept) = self.kept.lock() {
-            report.kept.append(&mut kept);
-        }
-        for f in &report.failed {
-            self.log.line(&format!("warning: {f}"));
+        report.append(self.leftovers.take());
+        for w in report.warnings() {
+            self.log.line(&format!("warning: {w}"));
         }
         for k in &report.kept {
             self.log.line(&format!("kept: {k}"));
@@ -813,7 +829,7 @@ fn launch_options(
 }
 
 pub async fn boot(cx: &BuildContext<'_>, chain: DiskChain) -> Result<BuildVm, BuildError> {
-    let options = launch_options(
+    let mut options = launch_options(
         cx.plan,
         cx.options,
         cx.keep,
@@ -821,6 +837,7 @@ pub async fn boot(cx: &BuildContext<'_>, chain: DiskChain) -> Result<BuildVm, Bu
         &chain.top,
         cx.logs.join("build-vm"),
     );
+    options.vm.leftovers = cx.leftovers.clone();
     let progress = |m: &str| cx.progress("boot", m);
     let session = Session::open(options, &progress)
         .await
@@ -1301,9 +1318,7 @@ pub async fn shut_down(cx: &BuildContext<'_>, sealed: Sealed) -> Result<BuiltDis
         "shutdown",
         &format!("{:?} after {:.1} s", report.rung, report.took.as_secs_f64()),
     );
-    for f in &report.unwind.failed {
-        cx.progress("shutdown", &format!("warning: {f}"));
-    }
+    cx.leftovers.add(report.unwind);
     Ok(BuiltDisk { chain })
 }
 
@@ -1355,7 +1370,7 @@ async fn run_tests(cx: &BuildContext<'_>, disk: &BuiltDisk) -> Result<(), BuildE
         secs,
         setting: "tests.timeoutSeconds",
     };
-    let options = launch_options(
+    let mut options = launch_options(
         cx.plan,
         cx.options,
         cx.keep,
@@ -1363,6 +1378,7 @@ async fn run_tests(cx: &BuildContext<'_>, disk: &BuiltDisk) -> Result<(), BuildE
         &disk.chain.top,
         cx.logs.join("test-vm"),
     );
+    options.vm.leftovers = cx.leftovers.clone();
     let progress = |m: &str| cx.progress("test", m);
     let session = tokio::time::timeout_at(deadline, Session::open(options, &progress))
         .await
@@ -1384,12 +1400,7 @@ async fn run_tests(cx: &BuildContext<'_>, disk: &BuiltDisk) -> Result<(), BuildE
         Outcome::Success
     };
     let report = session.close(outcome, &progress).await;
-    if let Ok(mut kept) = cx.kept.lock() {
-        kept.extend(report.unwind.kept.iter().cloned());
-    }
-    for f in &report.unwind.failed {
-        cx.progress("test", &format!("warning: {f}"));
-    }
+    cx.leftovers.add(report.unwind);
     match failure {
         Some(f) => Err(f),
         None => Ok(()),
@@ -1667,6 +1678,7 @@ pub fn finished(cx: &BuildContext<'_>, built: &super::Built) {
         directory: Some(&built.image.dir),
         outputs: built.outputs.iter().map(PathBuf::as_path).collect(),
         message: message.as_deref(),
+        warnings: built.warnings.iter().map(String::as_str).collect(),
         duration_ms: cx.elapsed().as_millis() as u64,
     });
     cx.log.close();
@@ -1698,7 +1710,12 @@ fn copy_outputs(
 
 /// After a failure: record it in the manifest, keep the logs in the store's `failed/` area.
 /// Returns where the logs are.
-pub fn abandon(cx: &BuildContext<'_>, slot: BuildSlot, error: &BuildError) -> Option<PathBuf> {
+pub fn abandon(
+    cx: &BuildContext<'_>,
+    slot: BuildSlot,
+    error: &BuildError,
+    warnings: &[String],
+) -> Option<PathBuf> {
     let message = error_chain(error);
     let mut manifest = cx.manifest();
     manifest.status = Status::Failed;
@@ -1710,6 +1727,7 @@ pub fn abandon(cx: &BuildContext<'_>, slot: BuildSlot, error: &BuildError) -> Op
         directory: None,
         outputs: Vec::new(),
         message: Some(&message),
+        warnings: warnings.iter().map(String::as_str).collect(),
         duration_ms: cx.elapsed().as_millis() as u64,
     });
     cx.log.close();
@@ -2355,6 +2373,66 @@ mod tests {
             ignored.is_empty(),
             "changing these settings changes nothing the build reads: {ignored:?}"
         );
+    }
+
+    /// What a VM's undo list could not do (a VM closed, or one dropped on an error path)
+    /// reaches the build's report with its cause, and `build.log`, next to the build's own.
+    #[test]
+    fn the_vms_cleanup_warnings_reach_the_builds_report_and_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("base.raw"), vec![0u8; 1 << 20]).unwrap();
+        std::fs::write(d.join("c.yml"), TEST_COMPONENT).unwrap();
+        let plan = plan_of(d, RECIPE).unwrap();
+        let store = Store::open(d.join("store")).unwrap();
+        let slot = allocate(&plan, &store).unwrap();
+        let log = BuildLog::new(&slot.logs_dir(), &super::super::Quiet).unwrap();
+        let options = BuildOptions::default();
+        let cx = BuildContext::new(&plan, &store, &options, &slot, &log);
+        cx.push_undo::<UndoError>("remove the build's work".into(), None, || {
+            Err("device busy".into())
+        });
+        // A VM dropped on an error path: its list unwinds into the build's leftovers.
+        let mut vm = UndoList::new(false, cx.leftovers.clone());
+        vm.push("stop QEMU pid 4242", || {
+            Err(crate::vm::process::ProcessError::StillRunning {
+                pid: 4242,
+                left: vec![4243],
+            })
+        });
+        drop(vm);
+        // A VM closed by a stage: its report is handed over the same way.
+        let mut closed = UndoList::new(false, Leftovers::default());
+        closed.push(
+            "remove the VM folder /v",
+            undo::remove_dir(d.join("base.raw")),
+        );
+        cx.leftovers.add(closed.unwind(Outcome::Success));
+
+        let report = cx.unwind(Outcome::Success);
+        let warnings = report.warnings();
+        assert_eq!(warnings.len(), 3, "{warnings:?}");
+        assert_eq!(
+            warnings[0],
+            "could not remove the build's work: device busy"
+        );
+        assert_eq!(
+            warnings[1],
+            "could not stop QEMU pid 4242: processes [4243] of group 4242 are still running after SIGKILL"
+        );
+        assert!(
+            warnings[2].starts_with(&format!(
+                "could not remove the VM folder /v: {} is left: ",
+                d.join("base.raw").display()
+            )),
+            "{warnings:?}"
+        );
+        log.close();
+        let text = std::fs::read_to_string(slot.logs_dir().join("build.log")).unwrap();
+        for w in &warnings {
+            assert!(text.contains(&format!("warning: {w}")), "{text}");
+        }
+        assert!(cx.unwind(Outcome::Success).is_clean(), "reported once");
     }
 
     /// The manifest's inputs list the documents a component runs through ExecuteDocument.

@@ -131,6 +131,7 @@ pub async fn main(args: BuildArgs) -> CliResult {
         accel: args.accel,
         qemu: None,
         on_failure,
+        leftovers: Default::default(),
     };
     let observer: Box<dyn BuildObserver> = if args.json {
         Box::new(JsonLines)
@@ -144,6 +145,7 @@ pub async fn main(args: BuildArgs) -> CliResult {
         sig = super::vm::interrupted() => {
             // Dropping the build future ran every undo (VM stopped, files removed) and moved
             // the logs to the store's failed/ area.
+            super::print_unwind(&options.leftovers.take());
             eprintln!("{sig}: the build was stopped; its VM and files were removed (logs kept in {}/failed/)", store.root().display());
             return Err(Failure::interrupted());
         }
@@ -287,8 +289,8 @@ fn print_failure(failed: &build::Failed, keep: bool) {
     if let Some(logs) = &failed.logs {
         eprintln!("  logs: {}", logs.display());
     }
-    for f in &failed.unwind.failed {
-        eprintln!("warning: {f}");
+    for w in failed.unwind.warnings() {
+        eprintln!("warning: {w}");
     }
     for k in &failed.unwind.kept {
         eprintln!("{cyan}note{cyan:#}: {k}");

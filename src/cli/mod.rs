@@ -118,6 +118,17 @@ pub fn recover_abandoned(store: &Store) -> Vec<Abandoned> {
     }
 }
 
+/// A cleanup report that was not part of a command's result (a VM closed, or dropped by
+/// Ctrl-C): `warning:` for what may be left, `note:` for what keep-on-failure kept.
+pub fn print_unwind(report: &builder::undo::UnwindReport) {
+    for w in report.warnings() {
+        eprintln!("warning: {w}");
+    }
+    for k in &report.kept {
+        eprintln!("note: {k}");
+    }
+}
+
 /// Print a failure the way every command does, and turn it into the process exit code.
 pub fn report(failure: &Failure) -> ExitCode {
     if !failure.printed {

@@ -219,6 +219,7 @@ async fn run_once(args: RunArgs) -> CliResult {
         r = run::execute(validated, id, &store, &history, &options, observer.as_ref()) => r,
         sig = super::vm::interrupted() => {
             // Dropping the execution's future unwound its build (VM stopped, files removed).
+            super::print_unwind(&options.build.leftovers.take());
             let _ = run::cancelled(&history, id, &format!("interrupted ({sig})"));
             eprintln!("{sig}: execution {id} was cancelled; its build was stopped and removed");
             return Err(Failure::interrupted());

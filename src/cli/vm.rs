@@ -17,11 +17,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio_util::sync::CancellationToken;
 
 use super::{CliResult, EXIT_FAILED, Failure};
-use builder::build::undo::Outcome;
 use builder::component::executor::{self, Observer, RunError, RunOptions, RunOutcome, RunRequest};
 use builder::component::report::Status;
 use builder::machine::agent::InteractiveEvent;
 use builder::machine::{ExecRequest, ExitStatus, OutputSink, OutputStream};
+use builder::undo::Outcome;
 use builder::vm::session::{Session, SessionOptions};
 use builder::vm::{AccelChoice, ErrorClass, Firmware, GuestChannel, Network, VmError, VmOptions};
 
@@ -255,11 +255,17 @@ where
     Fut: Future<Output = Result<T, Failure>>,
 {
     let keep = options.vm.keep_on_failure;
+    // What the VM's undo list leaves when it is dropped (a failed boot, Ctrl-C).
+    let leftovers = options.vm.leftovers.clone();
     let working = AtomicBool::new(false);
     let whole = async {
-        let session = Session::open(options, progress_fn())
-            .await
-            .map_err(vm_failure)?;
+        let session = match Session::open(options, progress_fn()).await {
+            Ok(session) => session,
+            Err(e) => {
+                super::print_unwind(&leftovers.take());
+                return Err(vm_failure(e));
+            }
+        };
         // Shared by `work` and this function on one task only (never sent to another
         // thread), so it need not be `Sync`: the VM's undo actions are only `Send`.
         #[allow(clippy::arc_with_non_send_sync)]
@@ -282,7 +288,7 @@ where
         // A crashed, panicked or stopped VM will not power off: no ladder, just release it.
         let broken = session.vm().has_failed();
         // `work` is done and dropped its handles: we hold the only one.
-        let report = match Arc::try_unwrap(session) {
+        let mut report = match Arc::try_unwrap(session) {
             Ok(session) if interrupted || broken => session.kill(outcome),
             Ok(session) => session.close(outcome, progress_fn()).await.unwind,
             Err(shared) => {
@@ -290,7 +296,8 @@ where
                 Default::default()
             }
         };
-        report.print();
+        report.append(leftovers.take());
+        super::print_unwind(&report);
         if interrupted {
             return Err(Failure::interrupted());
         }
@@ -312,6 +319,7 @@ where
     }
     // Dropping `whole` drops the VM: its undo list kills QEMU and removes its files.
     drop(whole);
+    super::print_unwind(&leftovers.take());
     eprintln!(
         "{sig}: stopped the VM and removed its files{}",
         if keep {

@@ -284,6 +284,15 @@ pub async fn serve(
                     finished(done, &mut running_ids, &log);
                 }
             }
+            // What their undo lists could not remove, or kept (every execution's options
+            // share these leftovers).
+            let left = options.run.build.leftovers.take();
+            for w in left.warnings() {
+                log(&format!("warning: {w}"));
+            }
+            for k in &left.kept {
+                log(&format!("note: {k}"));
+            }
         }
     }
     log("stopped");

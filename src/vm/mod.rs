@@ -28,7 +28,7 @@ use tokio::sync::watch;
 pub use accel::{AccelChoice, AccelDecision};
 pub use argv::{Accel, DiskFormat, Network};
 
-use crate::build::undo::{self, Outcome, UndoList, UnwindReport};
+use crate::undo::{self, Leftovers, Outcome, UndoList, UnwindReport};
 use argv::{FirmwareFiles, SerialPort, VmSpec};
 use qmp::{EventKind, Qmp};
 
@@ -90,6 +90,9 @@ pub struct VmOptions {
     pub channel: GuestChannel,
     /// Keep the VM's folder (disk, console and QEMU logs) when it ends in failure.
     pub keep_on_failure: bool,
+    /// Where the VM's cleanup report goes when it is dropped instead of shut down (an error,
+    /// a timeout, Ctrl-C): the caller reads it and tells the user. Default: a fresh one.
+    pub leftovers: Leftovers,
     /// Where the VM's folder is created; default `$XDG_RUNTIME_DIR`, else the temp dir.
     pub work_dir: Option<PathBuf>,
     /// The QEMU system emulator; default `qemu-system-x86_64` from `PATH`.
@@ -118,6 +121,7 @@ impl VmOptions {
             disk_size: None,
             channel: GuestChannel::Agent { user_data: None },
             keep_on_failure: false,
+            leftovers: Leftovers::default(),
             work_dir: None,
             qemu: None,
             boot_in_place: false,
@@ -413,7 +417,7 @@ impl RunningVm {
             Firmware::Uefi => Some(firmware::find_uefi()?),
         };
 
-        let mut undo = UndoList::new(options.keep_on_failure);
+        let mut undo = UndoList::new(options.keep_on_failure, options.leftovers.clone());
         let parent = options.work_dir.clone().unwrap_or_else(default_work_dir);
         let dir = tempfile::Builder::new()
             .prefix("builder-vm-")

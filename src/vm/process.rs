@@ -26,6 +26,16 @@ pub enum ProcessError {
         #[source]
         source: std::io::Error,
     },
+    #[error("pid {pid} out of range")]
+    PidRange { pid: u32 },
+    #[error("could not kill process group {pid}")]
+    Kill {
+        pid: u32,
+        #[source]
+        source: nix::errno::Errno,
+    },
+    #[error("processes {left:?} of group {pid} are still running after SIGKILL")]
+    StillRunning { pid: u32, left: Vec<u32> },
 }
 
 /// How the process ended.
@@ -193,8 +203,8 @@ pub fn spawn_dir_watcher(dir: &Path) -> Result<Child, ProcessError> {
 /// SIGKILL the child's whole process group and wait (up to 5 s) until no member is alive.
 /// Synchronous, so it can run from an undo during unwinding or `Drop`. Returns an error
 /// naming what is left.
-pub fn kill_group(pid: u32, exit: &watch::Receiver<Option<Exit>>) -> Result<(), String> {
-    let raw = i32::try_from(pid).map_err(|_| format!("pid {pid} out of range"))?;
+pub fn kill_group(pid: u32, exit: &watch::Receiver<Option<Exit>>) -> Result<(), ProcessError> {
+    let raw = i32::try_from(pid).map_err(|_| ProcessError::PidRange { pid })?;
     let group = Pid::from_raw(raw);
     // An exited leader with no live member left: nothing to do, and its pid may belong to
     // someone else by now, so no signal is sent.
@@ -206,7 +216,7 @@ pub fn kill_group(pid: u32, exit: &watch::Receiver<Option<Exit>>) -> Result<(), 
     loop {
         match killpg(group, Signal::SIGKILL) {
             Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
-            Err(e) => return Err(format!("could not kill process group {pid}: {e}")),
+            Err(source) => return Err(ProcessError::Kill { pid, source }),
         }
         if !leader_gone {
             // Reap it ourselves: the runtime's reaper may not get to run while we block here.
@@ -221,9 +231,7 @@ pub fn kill_group(pid: u32, exit: &watch::Receiver<Option<Exit>>) -> Result<(), 
             return Ok(());
         }
         if Instant::now() > deadline {
-            return Err(format!(
-                "processes {left:?} of group {pid} are still running after SIGKILL"
-            ));
+            return Err(ProcessError::StillRunning { pid, left });
         }
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -18,13 +18,13 @@ use async_trait::async_trait;
 
 use super::GuestChannel;
 use super::{RunningVm, ShutdownReport, VmError, VmOptions};
-use crate::build::undo::{Outcome, UnwindReport};
 use crate::machine::agent::{AgentMachine, Readiness};
 use crate::machine::qga::QgaMachine;
 use crate::machine::{
     Capture, DirEntry, ExecOutcome, ExecRequest, ExitStatus, FileInfo, FileSource, FileStat,
     Machine, MachineError, MachineInfo, OutputSink, PutOptions,
 };
+use crate::undo::{Outcome, UnwindReport};
 
 /// How long the guest gets to power itself off before QMP `quit`, unless the caller says
 /// otherwise ([`SessionOptions::shutdown_timeout`]; a build passes the recipe's
