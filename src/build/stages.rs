@@ -1775,7 +1775,6 @@ mod tests {
     }
 
     use crate::build::plan::{ParentResolver, ResolveError, StoredParent};
-    use crate::recipe as keys;
 
     const COMPONENT: &str = "name: hello\nschemaVersion: 1.0\nparameters:\n  - Greeting:\n      type: string\n      default: hi\nphases:\n  - name: build\n    steps:\n      - name: Say\n        action: ExecuteBash\n        inputs:\n          commands: ['echo {{ Greeting }}']\n";
     const TEST_COMPONENT: &str = "name: check\nschemaVersion: 1.0\nphases:\n  - name: test\n    steps:\n      - name: Check\n        action: ExecuteBash\n        inputs:\n          commands: ['true']\n";
@@ -1892,12 +1891,11 @@ mod tests {
         text + add
     }
 
-    /// Every key the recipe walker accepts (its key lists, which the JSON schema and the
-    /// model's doc comments, the user reference, are tested against) changes what the build
-    /// does: a launch option of its VMs, the export, the manifest, the distribution, or a
-    /// plan field a stage reads. A key whose change reaches nothing is a setting that is
-    /// accepted and ignored (as `shutdownTimeoutSeconds` was). A key added to the walker
-    /// without a row here fails the test.
+    /// Every declared recipe setting (`recipe::settings`, which gives the walker its keys,
+    /// the JSON schema and the reference) changes what the build does: a launch option of its
+    /// VMs, the export, the manifest, the distribution, or a plan field a stage reads. A key whose change reaches nothing is a setting that is
+    /// accepted and ignored (as `shutdownTimeoutSeconds` was). A setting declared without a
+    /// row here fails the test.
     #[test]
     fn every_recipe_key_changes_what_the_build_does() {
         let dir = tempfile::tempdir().unwrap();
@@ -1907,6 +1905,8 @@ mod tests {
         std::fs::write(d.join("t.yml"), TEST_COMPONENT).unwrap();
         std::fs::write(d.join("base.raw"), vec![0u8; 1 << 20]).unwrap();
         std::fs::write(d.join("other.raw"), vec![1u8; 1 << 20]).unwrap();
+        let with_parameter = COMPONENT.replace("name: build", "name: test");
+        std::fs::write(d.join("tp.yml"), with_parameter).unwrap();
         std::fs::write(d.join("infra.yml"), "cpus: 3\n").unwrap();
 
         fn parent(to: &str) -> [(&'static str, &str); 1] {
@@ -2102,6 +2102,21 @@ mod tests {
                 Manifest,
             ),
             (
+                "tests.components.path",
+                recipe_with(&[], "tests:\n  components:\n    - path: t.yml\n"),
+                recipe_with(&[], "tests:\n  components:\n    - path: tp.yml\n"),
+                Manifest,
+            ),
+            (
+                "tests.components.parameters",
+                recipe_with(&[], "tests:\n  components:\n    - path: tp.yml\n"),
+                recipe_with(
+                    &[],
+                    "tests:\n  components:\n    - path: tp.yml\n      parameters: {Greeting: yo}\n",
+                ),
+                Manifest,
+            ),
+            (
                 "outputs",
                 RECIPE.into(),
                 recipe_with(&[], "outputs: {formats: [raw]}\n"),
@@ -2143,6 +2158,36 @@ mod tests {
                 "distribution",
                 RECIPE.into(),
                 recipe_with(&[], &dist("directory: {path: out/}")),
+                Distribution,
+            ),
+            (
+                "distribution.directory",
+                RECIPE.into(),
+                recipe_with(&[], &dist("directory: {path: out/}")),
+                Distribution,
+            ),
+            (
+                "distribution.vagrant",
+                RECIPE.into(),
+                recipe_with(&[], &dist("vagrant: {path: out/}")),
+                Distribution,
+            ),
+            (
+                "distribution.oci",
+                RECIPE.into(),
+                recipe_with(&[], &dist("oci: {reference: 'r:5000/a:1'}")),
+                Distribution,
+            ),
+            (
+                "distribution.containerDisk",
+                recipe_with(&[], &dist("oci: {reference: 'r:5000/a:1'}")),
+                recipe_with(&[], &dist("containerDisk: {reference: 'r:5000/a:1'}")),
+                Distribution,
+            ),
+            (
+                "distribution.ami",
+                RECIPE.into(),
+                recipe_with(&[], &ami("")),
                 Distribution,
             ),
             (
@@ -2315,37 +2360,8 @@ mod tests {
             ),
         ];
 
-        // Every key the walker accepts has a row, and every row a key the walker accepts.
-        let qualified = |prefix: &str, keys: &[&str]| -> Vec<String> {
-            keys.iter()
-                .map(|k| {
-                    if prefix.is_empty() {
-                        k.to_string()
-                    } else {
-                        format!("{prefix}.{k}")
-                    }
-                })
-                .collect()
-        };
-        let mut accepted: Vec<String> = [
-            qualified("", keys::TOP_KEYS),
-            qualified("parentImage", keys::PARENT_KEYS),
-            qualified("components", keys::COMPONENT_KEYS),
-            qualified("infrastructure", keys::INFRASTRUCTURE_KEYS),
-            qualified("tests", keys::TESTS_KEYS),
-            qualified("outputs", keys::OUTPUTS_KEYS),
-            qualified("distribution.directory", keys::DIRECTORY_KEYS),
-            qualified("distribution.vagrant", keys::VAGRANT_KEYS),
-            qualified("distribution.oci", keys::OCI_KEYS),
-            qualified("distribution.containerDisk", keys::OCI_KEYS),
-            qualified("distribution.ami", keys::AMI_KEYS),
-            qualified(
-                "distribution.ami.launchPermission",
-                keys::LAUNCH_PERMISSION_KEYS,
-            ),
-            qualified("distribution.ami.endpoint", keys::ENDPOINT_KEYS),
-        ]
-        .concat();
+        // Every declared setting has a row, and every row is a declared setting.
+        let mut accepted = crate::recipe::settings::paths();
         accepted.sort();
         let mut tested: Vec<String> = rows.iter().map(|r| r.0.to_string()).collect();
         tested.sort();

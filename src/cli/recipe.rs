@@ -282,7 +282,7 @@ pub fn plan(args: PlanArgs) -> CliResult {
 
 pub fn schema(args: SchemaArgs) -> CliResult {
     let schema = match args.kind {
-        SchemaKind::Recipe => builder::recipe::schema::json_schema(),
+        SchemaKind::Recipe => builder::recipe::settings::json_schema(),
     };
     let json = serde_json::to_string_pretty(&schema)
         .map_err(|e| Failure::failed(anyhow::Error::new(e).context("could not write JSON")))?;

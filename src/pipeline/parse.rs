@@ -40,6 +40,7 @@ use crate::build::plan;
 use crate::diagnostic::{Diagnostics, Problem, Span, close_file_hint};
 use crate::recipe::Located;
 use crate::recipe::model::MAX_TIMEOUT_SECS;
+use crate::recipe::settings::pipeline_keys;
 use crate::yaml::Node;
 
 /// The noun used in diagnostics headings.
@@ -59,7 +60,6 @@ pub const TOP_KEYS: &[&str] = &[
     "notifications",
     "status",
 ];
-const TESTS_KEYS: &[&str] = &["enabled", "timeoutSeconds"];
 const SCHEDULE_KEYS: &[&str] = &["expression", "timezone", "startCondition", "packageUpdates"];
 const LIFECYCLE_KEYS: &[&str] = &["keepLast", "maxAge", "deprecateFor", "remote"];
 const NOTIFICATION_KEYS: &[&str] = &["on", "webhook", "command"];
@@ -429,7 +429,7 @@ fn infrastructure(cx: &mut PipelineReader<'_>, node: &Node) -> Option<Infrastruc
         .unwrap_or_default()
         .iter()
         .filter_map(|(k, _)| k.as_str())
-        .filter(|k| crate::recipe::INFRASTRUCTURE_KEYS.contains(k))
+        .filter(|k| pipeline_keys("infrastructure").contains(k))
         .map(str::to_string)
         .collect();
     Some(InfrastructureOverride { keys, values })
@@ -440,7 +440,7 @@ fn tests(cx: &mut PipelineReader<'_>, node: &Node) -> Option<TestsOverride> {
     if node.is_null() {
         return Some(out);
     }
-    let entries = cx.mapping(node, "`tests`", TESTS_KEYS)?;
+    let entries = cx.mapping(node, "`tests`", &pipeline_keys("tests"))?;
     let before = cx.problems.len();
     for (key, value) in entries {
         match key.as_str().unwrap_or_default() {

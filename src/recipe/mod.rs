@@ -1,5 +1,5 @@
-//! Image recipes: the model ([`model`]), reading and validating recipe files, and the JSON
-//! Schema for editors ([`schema`]).
+//! Image recipes: the model ([`model`]), every setting declared once ([`settings`]: key lists,
+//! the JSON Schema for editors, the reference), reading and validating recipe files.
 //!
 //! Pure: [`check`] reads nothing but its arguments (an infrastructure file named by the recipe
 //! is read through the caller's `include` function); [`load`] reads the recipe file and that
@@ -30,7 +30,7 @@ pub mod components;
 pub mod model;
 pub mod name_template;
 mod parse;
-pub mod schema;
+pub mod settings;
 pub mod units;
 pub mod version;
 
@@ -51,16 +51,8 @@ pub use model::{
 };
 pub use name_template::{NameTemplate, NameValues};
 pub use parse::resolve_relative;
-/// The key lists, for the build's test that every key changes what a build does.
-#[cfg(test)]
-pub(crate) use parse::{
-    AMI_KEYS, COMPONENT_KEYS, DIRECTORY_KEYS, ENDPOINT_KEYS, LAUNCH_PERMISSION_KEYS, OCI_KEYS,
-    OUTPUTS_KEYS, PARENT_KEYS, TESTS_KEYS, TOP_KEYS, VAGRANT_KEYS,
-};
 pub use parse::{DEFAULT_OCI_TAG, split_oci_reference};
-pub(crate) use parse::{
-    INFRASTRUCTURE_KEYS, distribution as read_distribution, infrastructure as read_infrastructure,
-};
+pub(crate) use parse::{distribution as read_distribution, infrastructure as read_infrastructure};
 pub use units::ByteSize;
 pub use version::{Version, VersionError, VersionPattern};
 

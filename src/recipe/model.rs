@@ -1,7 +1,7 @@
 //! The validated recipe. A value of these types is always valid and has every default filled
-//! in; the doc comment of each field is the user reference for its key (camelCase in files)
-//! and states the default. Defaults live here, in [`Infrastructure::default`] and friends,
-//! and nowhere else.
+//! in. Defaults live here, in [`Infrastructure::default`] and friends, and nowhere else; the
+//! user reference for each key (camelCase in files) is its declaration in
+//! [`super::settings`], which shows these defaults.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -59,6 +59,8 @@ pub struct Recipe {
 }
 
 pub const DEFAULT_WORKING_DIRECTORY: &str = "/tmp";
+pub const DEFAULT_GENERALIZE: bool = true;
+pub const DEFAULT_IMPORT_METHOD: ImportMethod = ImportMethod::Snapshot;
 
 /// The recipe file: for messages after validation (e.g. while planning) and for pinning.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -385,7 +387,7 @@ impl Default for Infrastructure {
 macro_rules! word_enum {
     ($(#[$meta:meta])* $name:ident { $($variant:ident = $text:literal),+ $(,)? }) => {
         $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
         pub enum $name {
             $(#[serde(rename = $text)] $variant),+
         }

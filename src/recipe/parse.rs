@@ -4,70 +4,21 @@
 use std::path::{Path, PathBuf};
 
 use super::model::{
-    Accelerator, ComponentUse, Compression, DEFAULT_WORKING_DIRECTORY, Firmware, Format,
-    Infrastructure, Located, MAX_CPUS, MAX_TIMEOUT_SECS, MIN_MEMORY, Network, Outputs,
-    ParameterValue, ParentImage, Sha256, Tests,
+    Accelerator, ComponentUse, Compression, DEFAULT_GENERALIZE, DEFAULT_IMPORT_METHOD,
+    DEFAULT_WORKING_DIRECTORY, Firmware, Format, Infrastructure, Located, MAX_CPUS,
+    MAX_TIMEOUT_SECS, MIN_MEMORY, Network, Outputs, ParameterValue, ParentImage, Sha256, Tests,
 };
 use super::model::{
-    AmiDistribution, AmiEndpoints, BootMode, DISTRIBUTION_KINDS, DirectoryDistribution,
-    Distribution, ImportMethod, LaunchPermission, OciDistribution, VagrantDistribution,
+    AmiDistribution, AmiEndpoints, BootMode, DirectoryDistribution, Distribution, ImportMethod,
+    LaunchPermission, OciDistribution, VagrantDistribution,
 };
 use super::name_template::NameTemplate;
+use super::settings::keys;
 use super::units::ByteSize;
 use super::version::{Version, VersionPattern};
 use crate::diagnostic::{Problem, Span, one_of};
 use crate::yaml::reader::Reader;
 use crate::yaml::{Node, ScalarStyle};
-
-pub const TOP_KEYS: &[&str] = &[
-    "name",
-    "version",
-    "description",
-    "parentImage",
-    "components",
-    "workingDirectory",
-    "userData",
-    "diskSize",
-    "infrastructure",
-    "tests",
-    "outputs",
-    "generalize",
-    "distribution",
-];
-pub const PARENT_KEYS: &[&str] = &["path", "url", "image", "sha256"];
-pub const COMPONENT_KEYS: &[&str] = &["path", "parameters"];
-pub const INFRASTRUCTURE_KEYS: &[&str] = &[
-    "cpus",
-    "memory",
-    "accelerator",
-    "firmware",
-    "network",
-    "bootTimeoutSeconds",
-    "buildTimeoutSeconds",
-    "shutdownTimeoutSeconds",
-    "keepOnFailure",
-];
-pub const TESTS_KEYS: &[&str] = &["enabled", "timeoutSeconds", "components"];
-pub const OUTPUTS_KEYS: &[&str] = &["formats", "compression", "name", "directory"];
-pub const DIRECTORY_KEYS: &[&str] = &["path", "name", "formats", "overwrite"];
-pub const VAGRANT_KEYS: &[&str] = &["path", "name", "overwrite"];
-pub const OCI_KEYS: &[&str] = &["reference", "plainHttp"];
-pub const AMI_KEYS: &[&str] = &[
-    "region",
-    "bucket",
-    "prefix",
-    "name",
-    "description",
-    "amiTags",
-    "regions",
-    "launchPermission",
-    "bootMode",
-    "importMethod",
-    "endpoint",
-    "profile",
-];
-pub const LAUNCH_PERMISSION_KEYS: &[&str] = &["userIds", "userGroups"];
-pub const ENDPOINT_KEYS: &[&str] = &["s3", "ec2"];
 
 /// Image Builder's spelling of a setting → how to write it here. Users coming from AWS write
 /// these first; a plain "unknown key" would leave them guessing.
@@ -209,7 +160,7 @@ pub(super) fn recipe(
     included: &mut Vec<IncludedFile>,
 ) -> Parts {
     let mut parts = Parts::default();
-    let Some(entries) = cx.mapping(root, "a recipe", TOP_KEYS) else {
+    let Some(entries) = cx.mapping(root, "a recipe", &keys("")) else {
         return parts;
     };
     let get = |key: &str| entries.iter().find(|(k, _)| k.as_str() == Some(key));
@@ -286,7 +237,7 @@ pub(super) fn recipe(
         Some((_, v)) => outputs(cx, v),
     };
     parts.generalize = match get("generalize") {
-        None => Some(true),
+        None => Some(DEFAULT_GENERALIZE),
         Some((_, v)) => cx.boolean(v, "`generalize`"),
     };
     parts.distribution = match get("distribution") {
@@ -545,7 +496,7 @@ fn sha256(cx: &mut Reader<'_>, node: &Node) -> Option<Sha256> {
 }
 
 fn parent_mapping(cx: &mut Reader<'_>, node: &Node) -> Option<ParentImage> {
-    let entries = cx.mapping(node, "`parentImage`", PARENT_KEYS)?;
+    let entries = cx.mapping(node, "`parentImage`", &keys("parentImage"))?;
     let get = |key: &str| entries.iter().find(|(k, _)| k.as_str() == Some(key));
     let given: Vec<&str> = ["path", "url", "image"]
         .into_iter()
@@ -654,7 +605,7 @@ fn component_use(cx: &mut Reader<'_>, item: &Node) -> Option<ComponentUse> {
         );
         return None;
     }
-    let entries = cx.mapping(item, "a component entry", COMPONENT_KEYS)?;
+    let entries = cx.mapping(item, "a component entry", &keys("components"))?;
     let get = |key: &str| entries.iter().find(|(k, _)| k.as_str() == Some(key));
     let path = match get("path") {
         None => {
@@ -876,7 +827,7 @@ pub(crate) fn infrastructure(cx: &mut Reader<'_>, node: &Node) -> Option<Infrast
     if node.is_null() {
         return Some(infra);
     }
-    let entries = cx.mapping(node, "`infrastructure`", INFRASTRUCTURE_KEYS)?;
+    let entries = cx.mapping(node, "`infrastructure`", &keys("infrastructure"))?;
     let before = cx.problems.len();
     for (key, value) in entries {
         match key.as_str().unwrap_or_default() {
@@ -952,7 +903,7 @@ fn tests(cx: &mut Reader<'_>, node: &Node) -> Option<Tests> {
     if node.is_null() {
         return Some(tests);
     }
-    let entries = cx.mapping(node, "`tests`", TESTS_KEYS)?;
+    let entries = cx.mapping(node, "`tests`", &keys("tests"))?;
     let before = cx.problems.len();
     for (key, value) in entries {
         match key.as_str().unwrap_or_default() {
@@ -982,7 +933,7 @@ fn outputs(cx: &mut Reader<'_>, node: &Node) -> Option<Outputs> {
     if node.is_null() {
         return Some(outputs);
     }
-    let entries = cx.mapping(node, "`outputs`", OUTPUTS_KEYS)?;
+    let entries = cx.mapping(node, "`outputs`", &keys("outputs"))?;
     let before = cx.problems.len();
     let mut compression_span = None;
     for (key, value) in entries {
@@ -1099,9 +1050,10 @@ pub(crate) fn distribution(cx: &mut Reader<'_>, node: &Node) -> Option<Vec<Locat
 }
 
 fn distribution_entry(cx: &mut Reader<'_>, item: &Node) -> Option<Distribution> {
-    let kinds = one_of(DISTRIBUTION_KINDS);
+    let targets = keys("distribution");
+    let kinds = one_of(&targets);
     if let Some(text) = item.as_str().filter(|_| !item.is_null()) {
-        let hint = match DISTRIBUTION_KINDS.iter().find(|k| **k == text) {
+        let hint = match targets.iter().find(|k| **k == text) {
             Some(k) => format!("write `- {k}: {{…}}` with its settings"),
             None => format!(
                 "each entry is a mapping with one of {kinds}, e.g. `- directory: {{path: ./out/}}`"
@@ -1114,10 +1066,10 @@ fn distribution_entry(cx: &mut Reader<'_>, item: &Node) -> Option<Distribution> 
         );
         return None;
     }
-    let entries = cx.mapping(item, "a distribution entry", DISTRIBUTION_KINDS)?;
+    let entries = cx.mapping(item, "a distribution entry", &targets)?;
     let known: Vec<&(Node, Node)> = entries
         .iter()
-        .filter(|(k, _)| k.as_str().is_some_and(|k| DISTRIBUTION_KINDS.contains(&k)))
+        .filter(|(k, _)| k.as_str().is_some_and(|k| targets.contains(&k)))
         .collect();
     if entries.is_empty() {
         cx.error(
@@ -1157,7 +1109,6 @@ fn target_mapping<'n>(
     key: &Node,
     value: &'n Node,
     kind: &str,
-    allowed: &[&str],
     example: &str,
 ) -> Option<&'n [(Node, Node)]> {
     if value.is_null() {
@@ -1179,7 +1130,11 @@ fn target_mapping<'n>(
         );
         return None;
     }
-    cx.mapping(value, &format!("`{kind}`"), allowed)
+    cx.mapping(
+        value,
+        &format!("`{kind}`"),
+        &keys(&format!("distribution.{kind}")),
+    )
 }
 
 /// A name template with each mistake at its place in the file.
@@ -1233,7 +1188,6 @@ fn path_target<'n>(
     key: &Node,
     value: &'n Node,
     kind: &str,
-    allowed: &[&str],
     example: &str,
 ) -> Option<(Settings<'n>, usize, Option<Located<String>>)> {
     let settings = Settings(target_mapping(
@@ -1241,7 +1195,6 @@ fn path_target<'n>(
         key,
         value,
         kind,
-        allowed,
         &format!("{{path: {example}}}"),
     )?);
     let before = cx.problems.len();
@@ -1267,8 +1220,7 @@ fn directory_target(
     key: &Node,
     value: &Node,
 ) -> Option<DirectoryDistribution> {
-    let (settings, before, path) =
-        path_target(cx, key, value, "directory", DIRECTORY_KEYS, "/srv/images/")?;
+    let (settings, before, path) = path_target(cx, key, value, "directory", "/srv/images/")?;
     let name = settings.name(cx);
     let formats = settings
         .entry("formats")
@@ -1285,8 +1237,7 @@ fn directory_target(
 }
 
 fn vagrant_target(cx: &mut Reader<'_>, key: &Node, value: &Node) -> Option<VagrantDistribution> {
-    let (settings, before, path) =
-        path_target(cx, key, value, "vagrant", VAGRANT_KEYS, "./out/web.box")?;
+    let (settings, before, path) = path_target(cx, key, value, "vagrant", "./out/web.box")?;
     let name = settings.name(cx);
     let overwrite = settings.boolean(cx, "overwrite", false);
     let path = path?;
@@ -1325,7 +1276,6 @@ fn oci_target(
         key,
         value,
         kind,
-        OCI_KEYS,
         "{reference: 127.0.0.1:5000/images/web:1.0.0}",
     )?;
     let settings = Settings(entries);
@@ -1478,7 +1428,6 @@ fn ami_target(cx: &mut Reader<'_>, key: &Node, value: &Node) -> Option<AmiDistri
         key,
         value,
         "ami",
-        AMI_KEYS,
         "{region: eu-west-1, bucket: my-imports}",
     )?;
     let before = cx.problems.len();
@@ -1492,7 +1441,7 @@ fn ami_target(cx: &mut Reader<'_>, key: &Node, value: &Node) -> Option<AmiDistri
         regions: Vec::new(),
         launch_permission: LaunchPermission::default(),
         boot_mode: None,
-        import_method: ImportMethod::Snapshot,
+        import_method: DEFAULT_IMPORT_METHOD,
         endpoint: AmiEndpoints::default(),
         profile: None,
     };
@@ -1517,7 +1466,11 @@ fn ami_target(cx: &mut Reader<'_>, key: &Node, value: &Node) -> Option<AmiDistri
                 }
             }
             "launchPermission" => {
-                if let Some(lp) = cx.mapping(v, "`launchPermission`", LAUNCH_PERMISSION_KEYS) {
+                if let Some(lp) = cx.mapping(
+                    v,
+                    "`launchPermission`",
+                    &keys("distribution.ami.launchPermission"),
+                ) {
                     for (lk, lv) in lp {
                         match lk.as_str().unwrap_or_default() {
                             "userIds" => {
@@ -1566,7 +1519,7 @@ fn ami_target(cx: &mut Reader<'_>, key: &Node, value: &Node) -> Option<AmiDistri
                 }
             }
             "endpoint" => {
-                if let Some(ep) = cx.mapping(v, "`endpoint`", ENDPOINT_KEYS) {
+                if let Some(ep) = cx.mapping(v, "`endpoint`", &keys("distribution.ami.endpoint")) {
                     for (ek, ev) in ep {
                         let which = ek.as_str().unwrap_or_default();
                         let url = endpoint_url(cx, ev, which);
