@@ -411,6 +411,29 @@ pub fn one_of<S: AsRef<str>>(items: &[S]) -> String {
     }
 }
 
+/// The causes of `error`, outermost first, without `error` itself: what a printer shows as
+/// `Caused by:` lines.
+pub fn causes<'a>(
+    error: &'a dyn std::error::Error,
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(error.source(), |e| e.source())
+}
+
+/// `error` and its causes on one line, `outer: inner: innermost`, for logs, lists and JSON. A
+/// cause whose text the line already holds is left out (some libraries repeat their source in
+/// their own message).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    for cause in causes(error) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a test that unwraps fails loudly, which is the point
 mod tests {
@@ -529,5 +552,23 @@ mod tests {
         );
         assert_eq!(did_you_mean("zzz", ["ExecuteBash"]), None);
         assert_eq!(one_of(&["auto", "kvm", "tcg"]), "`auto`, `kvm` or `tcg`");
+    }
+
+    #[test]
+    fn an_error_chain_is_one_line_without_repeats() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("could not write `out.json`")]
+        struct Outer(#[source] std::io::Error);
+        let inner = std::io::Error::other("disk full");
+        assert_eq!(
+            error_chain(&Outer(inner)),
+            "could not write `out.json`: disk full"
+        );
+        #[derive(Debug, thiserror::Error)]
+        #[error("request failed: disk full")]
+        struct Repeats(#[source] std::io::Error);
+        let repeats = Repeats(std::io::Error::other("disk full"));
+        assert_eq!(error_chain(&repeats), "request failed: disk full");
+        assert_eq!(causes(&repeats).count(), 1);
     }
 }

@@ -243,7 +243,7 @@ async fn exit_codes_signals_and_spawn_failures() {
         .await
         .expect_err("cannot start");
     assert!(
-        matches!(&err, MachineError::Failed(m) if m.contains("/no/such/program")),
+        matches!(&err, MachineError::Refused { message } if message.contains("/no/such/program")),
         "{err}"
     );
     // A script is removed after it ran.

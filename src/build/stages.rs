@@ -18,6 +18,7 @@ use super::layers::{DiskChain, LayerError, file_safe};
 use super::plan::{self, Plan, PlanError, PlannedComponent, PlannedParent, ReachedDocument};
 use crate::component::executor::{self, RunError, RunOptions, RunRequest};
 use crate::component::report::{ExecutionReport, Status as StepStatus};
+use crate::diagnostic::error_chain;
 use crate::export::manifest::{
     ComponentInput, HostInfo, ImageId, LayerKey, Manifest, PackageList, ParameterValue,
     ParentInput, PhaseStatus, StageTiming, Status, TestResult,
@@ -896,11 +897,11 @@ async fn run_quiet(target: &dyn Machine, script: &str, what: &str) -> Result<Str
     if !outcome.status.success() {
         return Err(BuildError::Guest {
             what: format!("could not {what} in the guest"),
-            source: MachineError::Failed(format!(
-                "`{script}` {}: {}",
-                outcome.status,
-                String::from_utf8_lossy(&out.stderr()).trim()
-            )),
+            source: MachineError::CommandFailed {
+                command: script.to_owned(),
+                status: outcome.status,
+                stderr: String::from_utf8_lossy(&out.stderr()).trim().to_owned(),
+            },
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout()).into_owned())
@@ -1019,7 +1020,7 @@ async fn commit_layer(
         .cloned()
         .ok_or_else(|| BuildError::Guest {
             what: format!("could not commit layer `{name}`"),
-            source: MachineError::Failed("the build VM has no builder agent to sync with".into()),
+            source: MachineError::NoAgent,
         })?;
     let layer = vm
         .session
@@ -1734,18 +1735,6 @@ pub fn abandon(
     slot.abandon(&message)
         .ok()
         .map(|dir| dir.join(crate::store::LOGS_DIR))
-}
-
-/// The error and its causes on one line.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -275,10 +275,8 @@ fn print_failure(failed: &build::Failed, keep: bool) {
     let red = Style::new().bold().fg_color(Some(AnsiColor::Red.into()));
     let cyan = note();
     eprintln!("{red}error{red:#}: {}", failed.error);
-    let mut source = std::error::Error::source(&failed.error);
-    while let Some(s) = source {
+    for s in builder::diagnostic::causes(&failed.error) {
         eprintln!("  Caused by: {}", indent(&s.to_string()));
-        source = s.source();
     }
     if let BuildError::Component(f) = &failed.error {
         print_step_failure(f);

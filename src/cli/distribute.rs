@@ -14,6 +14,7 @@ use clap::Args;
 use serde::Serialize;
 
 use super::{CliResult, EXIT_FAILED, EXIT_HOST, EXIT_INPUT, Failure};
+use builder::diagnostic::{causes, error_chain};
 use builder::distribute::destination::{
     self, AmiDestination, CliOptions, Destination, DestinationError,
 };
@@ -196,10 +197,8 @@ pub async fn main(args: DistributeArgs) -> CliResult {
     let cyan = Style::new().bold().fg_color(Some(AnsiColor::Cyan.into()));
     let print_error = |what: &str, e: &DistributeError| {
         eprintln!("{red}error{red:#}: {what}");
-        let mut source: Option<&dyn std::error::Error> = Some(e);
-        while let Some(s) = source {
+        for s in std::iter::once(e as &dyn std::error::Error).chain(causes(e)) {
             eprintln!("  Caused by: {s}");
-            source = s.source();
         }
         if let Some(h) = hint_of(e) {
             eprintln!("{cyan}hint{cyan:#}: {h}");
@@ -226,7 +225,7 @@ pub async fn main(args: DistributeArgs) -> CliResult {
                 let what = t.describe(&image);
                 progress.json(&Event::Failed {
                     target: &what,
-                    message: &chain(&e),
+                    message: &error_chain(&e),
                 });
                 print_error(&format!("{what}: the check before sending failed"), &e);
                 code = code.max(code_of(&e));
@@ -265,7 +264,7 @@ pub async fn main(args: DistributeArgs) -> CliResult {
         progress.end_bar();
         if cancel.is_cancelled() {
             if let Err(e) = &result {
-                eprintln!("stopped: {}", chain(e));
+                eprintln!("stopped: {}", error_chain(e));
             }
             return Err(Failure::interrupted());
         }
@@ -284,7 +283,7 @@ pub async fn main(args: DistributeArgs) -> CliResult {
             Err(e) => {
                 progress.json(&Event::Failed {
                     target: &what,
-                    message: &chain(&e),
+                    message: &error_chain(&e),
                 });
                 print_error(
                     &format!("sending {} to {what} failed", image.reference()),
@@ -302,17 +301,6 @@ pub async fn main(args: DistributeArgs) -> CliResult {
         return Err(Failure::already_printed(code));
     }
     Ok(0)
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 fn print_receipt(r: &Receipt) {

@@ -306,10 +306,8 @@ fn sent_summary(sent: &[String]) -> String {
 
 fn warn(problem: &StoreError) {
     let mut msg = format!("warning: {problem}");
-    let mut source = std::error::Error::source(problem);
-    while let Some(cause) = source {
+    for cause in builder::diagnostic::causes(problem) {
         msg.push_str(&format!("\n  Caused by: {cause}"));
-        source = cause.source();
     }
     eprintln!("{msg}");
 }

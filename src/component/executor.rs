@@ -414,7 +414,7 @@ pub async fn run(
             ("chaining.json", log.write_json("chaining.json", &chaining)),
         ] {
             if let Err(e) = result {
-                let message = format!("{e}: {}", error_chain(&e));
+                let message = crate::diagnostic::error_chain(&e);
                 log.app("ERROR", &message);
                 let note = format!("{name} was not written: {message}");
                 observer.event(&Event::Note { message: &note });
@@ -432,16 +432,6 @@ pub async fn run(
         hint,
         notes,
     })
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut parts = Vec::new();
-    let mut source = e.source();
-    while let Some(s) = source {
-        parts.push(s.to_string());
-        source = s.source();
-    }
-    parts.join(": ")
 }
 
 /// Where the document of `ExecuteDocument` (`document: written`) is: relative paths are

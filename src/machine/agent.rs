@@ -163,8 +163,9 @@ impl Connection {
     }
 
     fn send(&self, id: u32, msg: &Message) -> Result<(), MachineError> {
-        let bytes = protocol::encode(id, msg).map_err(|e| {
-            MachineError::Failed(format!("cannot send `{}` to the agent: {e}", msg.name()))
+        let bytes = protocol::encode(id, msg).map_err(|source| MachineError::Encode {
+            message: msg.name(),
+            source,
         })?;
         self.send_raw(bytes)
     }
@@ -412,7 +413,7 @@ impl Interactive {
             }
             Message::Error { message, .. } => {
                 self.req.finish();
-                Err(MachineError::Failed(message))
+                Err(MachineError::Refused { message })
             }
             other => Err(self.req.unexpected(&other, "output")),
         }
@@ -448,12 +449,12 @@ fn stat_of(s: &StatInfo) -> FileStat {
 }
 
 fn path_str(p: &Path) -> Result<String, MachineError> {
-    p.to_str().map(str::to_owned).ok_or_else(|| {
-        MachineError::Failed(format!(
-            "the guest path {} is not UTF-8, which the agent protocol cannot carry",
-            p.display()
-        ))
-    })
+    p.to_str()
+        .map(str::to_owned)
+        .ok_or_else(|| MachineError::NonUtf8Path {
+            path: p.to_path_buf(),
+            carrier: "the agent protocol",
+        })
 }
 
 /// Removes a local temporary file unless disarmed.
@@ -496,10 +497,10 @@ impl AgentMachine {
                 });
             }
             Err(WaitHello::TimedOut) => {
-                return Err(MachineError::Failed(format!(
-                    "the agent in {describe} did not say hello within {}s",
-                    hello_timeout.as_secs_f32()
-                )));
+                return Err(MachineError::NoHello {
+                    target: describe,
+                    secs: hello_timeout.as_secs_f32(),
+                });
             }
         }
         Ok(AgentMachine {
@@ -571,7 +572,7 @@ impl AgentMachine {
         let reply = req.recv().await?;
         req.finish();
         match reply {
-            Message::Error { message, .. } => Err(MachineError::Failed(message)),
+            Message::Error { message, .. } => Err(MachineError::Refused { message }),
             other => Ok(other),
         }
     }
@@ -607,7 +608,7 @@ impl AgentMachine {
                 }
                 Message::Error { message, .. } => {
                     req.finish();
-                    return Err(MachineError::Failed(message));
+                    return Err(MachineError::Refused { message });
                 }
                 other => return Err(req.unexpected(&other, "command output")),
             }
@@ -743,11 +744,13 @@ impl AgentMachine {
                 &tail,
             )
             .await;
-        MachineError::Failed(format!(
-            "{what}\n{}\nlast lines of /var/log/cloud-init-output.log:\n{}",
-            report.trim_end(),
-            String::from_utf8_lossy(&tail.stdout()).trim_end()
-        ))
+        MachineError::CloudInit {
+            what,
+            report: report.trim_end().to_owned(),
+            log_tail: String::from_utf8_lossy(&tail.stdout())
+                .trim_end()
+                .to_owned(),
+        }
     }
 
     /// Asks the agent to power the guest off; returns once the agent acknowledged (the
@@ -804,7 +807,6 @@ impl AgentMachine {
         let mut hasher = Sha256::new();
         let mut size: u64 = 0;
         let mut chunk = vec![0u8; protocol::CHUNK_SIZE];
-        let put_failed = |m: String| MachineError::Failed(m);
         loop {
             // Take what arrived meanwhile without waiting; wait only when out of credit.
             while let Some(incoming) = req.try_recv() {
@@ -815,7 +817,7 @@ impl AgentMachine {
                     Message::Credit(n) => credits += u64::from(n),
                     Message::Error { message, .. } => {
                         req.finish();
-                        return Err(put_failed(message));
+                        return Err(MachineError::Refused { message });
                     }
                     other => return Err(req.unexpected(&other, "credit")),
                 }
@@ -825,7 +827,7 @@ impl AgentMachine {
                     Message::Credit(n) => credits += u64::from(n),
                     Message::Error { message, .. } => {
                         req.finish();
-                        return Err(put_failed(message));
+                        return Err(MachineError::Refused { message });
                     }
                     other => return Err(req.unexpected(&other, "credit")),
                 }
@@ -851,12 +853,18 @@ impl AgentMachine {
                 } => {
                     req.finish();
                     if theirs != sha256 || their_size != size {
-                        return Err(MachineError::Failed(format!(
-                            "{path} on {}: the agent wrote {their_size} bytes with sha256 {}, we sent {size} bytes with sha256 {}",
-                            self.describe,
-                            protocol::hex(&theirs),
-                            protocol::hex(&sha256)
-                        )));
+                        return Err(MachineError::PutMismatch {
+                            path,
+                            target: self.describe.clone(),
+                            sent: Box::new(FileInfo {
+                                size,
+                                sha256: protocol::hex(&sha256),
+                            }),
+                            written: Box::new(FileInfo {
+                                size: their_size,
+                                sha256: protocol::hex(&theirs),
+                            }),
+                        });
                     }
                     return Ok(FileInfo {
                         size,
@@ -865,7 +873,7 @@ impl AgentMachine {
                 }
                 Message::Error { message, .. } => {
                     req.finish();
-                    return Err(MachineError::Failed(message));
+                    return Err(MachineError::Refused { message });
                 }
                 other => return Err(req.unexpected(&other, "the agent's confirmation")),
             }
@@ -1013,7 +1021,7 @@ impl Machine for AgentMachine {
             Message::FileStart { mode, .. } => mode,
             Message::Error { message, .. } => {
                 req.finish();
-                return Err(MachineError::Failed(message));
+                return Err(MachineError::Refused { message });
             }
             other => return Err(req.unexpected(&other, "FileStart")),
         };
@@ -1053,12 +1061,22 @@ impl Machine for AgentMachine {
                     req.finish();
                     let ours: [u8; 32] = hasher.finalize().into();
                     if ours != theirs || their_size != size {
-                        return Err(MachineError::Failed(format!(
-                            "{path} from {}: received {size} bytes with sha256 {}, the agent sent {their_size} bytes with sha256 {}; nothing was written",
-                            self.describe,
-                            protocol::hex(&ours),
-                            protocol::hex(&theirs)
-                        )));
+                        return Err(MachineError::GetMismatch {
+                            path,
+                            target: self.describe.clone(),
+                            received: Box::new(FileInfo {
+                                size,
+                                sha256: protocol::hex(&ours),
+                            }),
+                            reported: format!(
+                                "the agent sent {}",
+                                FileInfo {
+                                    size: their_size,
+                                    sha256: protocol::hex(&theirs),
+                                }
+                            )
+                            .into(),
+                        });
                     }
                     file.flush().await.map_err(write_err)?;
                     file.sync_all().await.map_err(write_err)?;
@@ -1080,7 +1098,7 @@ impl Machine for AgentMachine {
                 }
                 Message::Error { message, .. } => {
                     req.finish();
-                    return Err(MachineError::Failed(message));
+                    return Err(MachineError::Refused { message });
                 }
                 other => return Err(req.unexpected(&other, "file data")),
             }
@@ -1163,10 +1181,10 @@ impl Machine for AgentMachine {
                 break;
             }
         }
-        Err(MachineError::Failed(format!(
-            "{} did not come back within {}s after the reboot (no agent hello with a new boot id; last problem: {last_problem})",
-            self.describe,
-            self.reboot_timeout.as_secs()
-        )))
+        Err(MachineError::NotBack {
+            target: self.describe.clone(),
+            secs: self.reboot_timeout.as_secs(),
+            why: format!("no agent hello with a new boot id; last problem: {last_problem}"),
+        })
     }
 }

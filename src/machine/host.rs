@@ -100,9 +100,7 @@ fn resolve_user(user: &str) -> Result<(u32, u32), MachineError> {
     };
     match found {
         Ok(Some(u)) => Ok((u.uid.as_raw(), u.gid.as_raw())),
-        Ok(None) => Err(MachineError::Failed(format!(
-            "user `{user}` does not exist on this machine"
-        ))),
+        Ok(None) => Err(MachineError::NoSuchUser(user.to_owned())),
         Err(e) => Err(MachineError::io(
             format!("could not look up user `{user}`"),
             e.into(),
@@ -118,9 +116,7 @@ fn resolve_group(group: &str) -> Result<u32, MachineError> {
     };
     match found {
         Ok(Some(g)) => Ok(g.gid.as_raw()),
-        Ok(None) => Err(MachineError::Failed(format!(
-            "group `{group}` does not exist on this machine"
-        ))),
+        Ok(None) => Err(MachineError::NoSuchGroup(group.to_owned())),
         Err(e) => Err(MachineError::io(
             format!("could not look up group `{group}`"),
             e.into(),
@@ -156,7 +152,7 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, MachineError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| MachineError::Failed(format!("a file operation was interrupted: {e}")))?
+        .map_err(MachineError::Interrupted)?
 }
 
 /// Copy `reader` into `writer`, returning the size and sha256 of what went through.
@@ -324,7 +320,7 @@ impl Machine for HostMachine {
         let (program, args): (String, Vec<String>) = match &request.program {
             Program::Argv(argv) => match argv.split_first() {
                 Some((first, rest)) => (first.clone(), rest.to_vec()),
-                None => return Err(MachineError::Failed("nothing to run: empty argv".into())),
+                None => return Err(MachineError::EmptyCommand),
             },
             Program::Script { interpreter, body } => {
                 let dir = self.scratch.clone().unwrap_or_else(std::env::temp_dir);
@@ -373,12 +369,9 @@ impl Machine for HostMachine {
             MachineError::io(what, e)
         })?;
         let Some(pid) = child.id() else {
-            return Err(MachineError::Failed(format!(
-                "`{program}` exited before its pid could be read"
-            )));
+            return Err(MachineError::NoPid { program });
         };
-        let pid =
-            i32::try_from(pid).map_err(|_| MachineError::Failed("pid out of range".into()))?;
+        let pid = i32::try_from(pid).map_err(|_| MachineError::PidOutOfRange(pid))?;
         let mut group = GroupGuard {
             pgid: Pid::from_raw(pid),
             armed: true,

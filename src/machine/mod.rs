@@ -180,6 +180,13 @@ pub struct FileInfo {
     pub sha256: String,
 }
 
+/// `12 bytes with sha256 ab…`, for messages.
+impl std::fmt::Display for FileInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} bytes with sha256 {}", self.size, self.sha256)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileKind {
     File,
@@ -236,9 +243,98 @@ pub enum MachineError {
     /// The other end said something we did not expect.
     #[error("protocol error talking to {target}: {detail}")]
     Protocol { target: String, detail: String },
-    /// The target reported a failure of the operation itself (not of a command it ran).
-    #[error("{0}")]
-    Failed(String),
+    /// The guest refused a request: `message` is the agent's own reply, which names what it
+    /// was doing and why it failed.
+    #[error("{message}")]
+    Refused { message: String },
+    /// A request through qemu-guest-agent, or a helper command it ran in the guest, failed:
+    /// `message` is the guest's answer (QGA's `desc` or the command's stderr).
+    #[error("{op}: {message}")]
+    Remote { op: String, message: String },
+    /// A command we ran in the guest for ourselves (not a step's) failed.
+    #[error("`{command}` {status}: {stderr}")]
+    CommandFailed {
+        command: String,
+        status: ExitStatus,
+        stderr: String,
+    },
+    /// A request with nothing to run.
+    #[error("the command is empty")]
+    EmptyCommand,
+    #[error("user `{0}` does not exist on this machine")]
+    NoSuchUser(String),
+    #[error("group `{0}` does not exist on this machine")]
+    NoSuchGroup(String),
+    #[error("`{program}` exited before its pid could be read")]
+    NoPid { program: String },
+    #[error("pid {0} is out of range")]
+    PidOutOfRange(u32),
+    /// A guest path that the protocol (`carrier`) cannot carry.
+    #[error("the guest path {} is not UTF-8, which {carrier} cannot carry", path.display())]
+    NonUtf8Path {
+        path: PathBuf,
+        carrier: &'static str,
+    },
+    #[error("`{0}` names no file")]
+    NoFileName(String),
+    /// A blocking file operation's task ended without finishing (panic or shutdown).
+    #[error("a file operation was interrupted")]
+    Interrupted(#[source] tokio::task::JoinError),
+    /// A request could not be encoded for the agent.
+    #[error("cannot send `{message}` to the agent")]
+    Encode {
+        message: &'static str,
+        #[source]
+        source: crate::agent::protocol::ProtocolError,
+    },
+    #[error("the agent in {target} did not say hello within {secs}s")]
+    NoHello { target: String, secs: f32 },
+    #[error("qemu-guest-agent in {target} did not answer `{command}` within {secs}s")]
+    NoAnswer {
+        target: String,
+        command: String,
+        secs: u64,
+    },
+    #[error("qemu-guest-agent in {target} did not answer")]
+    Unreachable { target: String },
+    /// The guest did not come back after a reboot; `why` is the last problem seen.
+    #[error("{target} did not come back within {secs}s after the reboot ({why})")]
+    NotBack {
+        target: String,
+        secs: u64,
+        why: String,
+    },
+    /// The guest is up but not ready for steps; `report` is the readiness check's output.
+    #[error("{what}\n{report}")]
+    NotReady { what: String, report: String },
+    /// cloud-init did not finish well; `log_tail` is the end of its output log in the guest.
+    #[error("{what}\n{report}\nlast lines of /var/log/cloud-init-output.log:\n{log_tail}")]
+    CloudInit {
+        what: String,
+        report: String,
+        log_tail: String,
+    },
+    // The digests are boxed to keep the error small: it travels in every `Result` of a step.
+    /// A file written to the guest is not what was sent.
+    #[error("{path} on {target}: the agent wrote {written}, we sent {sent}")]
+    PutMismatch {
+        path: String,
+        target: String,
+        sent: Box<FileInfo>,
+        written: Box<FileInfo>,
+    },
+    /// A file read from the guest is not what the guest has; nothing was written.
+    #[error("{path} from {target}: received {received}, {reported}; nothing was written")]
+    GetMismatch {
+        path: String,
+        target: String,
+        received: Box<FileInfo>,
+        /// What the guest says the file is.
+        reported: Box<str>,
+    },
+    /// The build VM was started without the builder agent.
+    #[error("the build VM has no builder agent to sync with")]
+    NoAgent,
     #[error("cancelled")]
     Cancelled,
 }

@@ -177,9 +177,10 @@ enum CallError {
 impl CallError {
     fn into_target(self, cmd: &str) -> MachineError {
         match self {
-            CallError::Agent { desc, .. } => {
-                MachineError::Failed(format!("qemu-guest-agent `{cmd}` failed: {desc}"))
-            }
+            CallError::Agent { desc, .. } => MachineError::Remote {
+                op: format!("qemu-guest-agent `{cmd}` failed"),
+                message: desc,
+            },
             CallError::Target(e) => e,
         }
     }
@@ -228,11 +229,11 @@ impl Inner {
         };
         match tokio::time::timeout(self.call_timeout, work).await {
             Ok(r) => r,
-            Err(_) => Err(CallError::Target(MachineError::Failed(format!(
-                "qemu-guest-agent in {} did not answer `{cmd}` within {}s",
-                self.describe,
-                self.call_timeout.as_secs()
-            )))),
+            Err(_) => Err(CallError::Target(MachineError::NoAnswer {
+                target: self.describe.clone(),
+                command: cmd.to_owned(),
+                secs: self.call_timeout.as_secs(),
+            })),
         }
     }
 
@@ -258,9 +259,7 @@ impl Inner {
         capture: bool,
         input: Option<&[u8]>,
     ) -> Result<i64, MachineError> {
-        let (path, args) = argv
-            .split_first()
-            .ok_or_else(|| MachineError::Failed("the command is empty".into()))?;
+        let (path, args) = argv.split_first().ok_or(MachineError::EmptyCommand)?;
         let mut request = json!({"path": path, "arg": args, "env": env, "capture-output": capture});
         if let Some(data) = input {
             request["input-data"] = Value::String(B64.encode(data));
@@ -337,12 +336,12 @@ fn status_of(st: &Value) -> ExitStatus {
 }
 
 fn path_str(p: &Path) -> Result<String, MachineError> {
-    p.to_str().map(str::to_owned).ok_or_else(|| {
-        MachineError::Failed(format!(
-            "the guest path {} is not UTF-8, which qemu-guest-agent's JSON cannot carry",
-            p.display()
-        ))
-    })
+    p.to_str()
+        .map(str::to_owned)
+        .ok_or_else(|| MachineError::NonUtf8Path {
+            path: p.to_path_buf(),
+            carrier: "qemu-guest-agent's JSON",
+        })
 }
 
 fn kind_of(letter: &str) -> FileKind {
@@ -450,10 +449,10 @@ impl QgaMachine {
             .run(&["cat".into(), "/proc/sys/kernel/random/boot_id".into()])
             .await?;
         if !status.success() {
-            return Err(MachineError::Failed(format!(
-                "cannot read the boot id: {}",
-                String::from_utf8_lossy(&err).trim()
-            )));
+            return Err(MachineError::Remote {
+                op: "cannot read the boot id".into(),
+                message: String::from_utf8_lossy(&err).trim().to_owned(),
+            });
         }
         Ok(String::from_utf8_lossy(&out).trim().to_owned())
     }
@@ -531,10 +530,9 @@ async fn wait_sync(inner: &Inner, deadline: Instant) -> Result<(), MachineError>
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(MachineError::Failed(format!(
-                "qemu-guest-agent in {} did not answer",
-                inner.describe
-            )));
+            return Err(MachineError::Unreachable {
+                target: inner.describe.clone(),
+            });
         }
         // Ask again every few seconds: requests sent before QGA opened its port may be lost.
         let attempt = async {
@@ -598,7 +596,7 @@ impl Machine for QgaMachine {
             }
         };
         if command.is_empty() {
-            return Err(MachineError::Failed("the command is empty".into()));
+            return Err(MachineError::EmptyCommand);
         }
         let cwd = match &request.cwd {
             Some(c) => path_str(c)?,
@@ -688,7 +686,7 @@ impl Machine for QgaMachine {
     ) -> Result<FileInfo, MachineError> {
         let target = path_str(remote)?;
         let (Some(dir), Some(name)) = (remote.parent(), remote.file_name()) else {
-            return Err(MachineError::Failed(format!("`{target}` names no file")));
+            return Err(MachineError::NoFileName(target));
         };
         let dir = path_str(dir)?;
         if options.create_parents {
@@ -697,10 +695,10 @@ impl Machine for QgaMachine {
                 .run(&["mkdir".into(), "-p".into(), "--".into(), dir.clone()])
                 .await?;
             if !st.success() {
-                return Err(MachineError::Failed(format!(
-                    "cannot create {dir}: {}",
-                    String::from_utf8_lossy(&err).trim()
-                )));
+                return Err(MachineError::Remote {
+                    op: format!("cannot create {dir}"),
+                    message: String::from_utf8_lossy(&err).trim().to_owned(),
+                });
             }
         }
         let tmp = format!(
@@ -736,11 +734,10 @@ impl Machine for QgaMachine {
         let (st, _, err) = self.inner.run(&argv).await?;
         if !st.success() {
             self.inner.remove(&tmp).await;
-            return Err(MachineError::Failed(format!(
-                "writing {target} in {}: {}",
-                self.inner.describe,
-                String::from_utf8_lossy(&err).trim()
-            )));
+            return Err(MachineError::Remote {
+                op: format!("writing {target} in {}", self.inner.describe),
+                message: String::from_utf8_lossy(&err).trim().to_owned(),
+            });
         }
         Ok(FileInfo {
             size,
@@ -810,11 +807,16 @@ impl Machine for QgaMachine {
             .unwrap_or_default()
             .to_owned();
         if !st.success() || theirs != sha {
-            return Err(MachineError::Failed(format!(
-                "{path} from {}: received {size} bytes with sha256 {sha}, the guest reports {theirs} {}; nothing was written",
-                self.inner.describe,
-                String::from_utf8_lossy(&err).trim()
-            )));
+            return Err(MachineError::GetMismatch {
+                path,
+                target: self.inner.describe.clone(),
+                received: Box::new(FileInfo { size, sha256: sha }),
+                reported: format!(
+                    "the guest reports {theirs} {}",
+                    String::from_utf8_lossy(&err).trim()
+                )
+                .into(),
+            });
         }
         std::fs::rename(&tmp, local)
             .map_err(|e| MachineError::io(format!("cannot rename into {}", local.display()), e))?;
@@ -833,10 +835,10 @@ impl Machine for QgaMachine {
         let fields: Vec<&str> = text.split_whitespace().collect();
         match (st.success(), parse_stat(&fields)) {
             (true, Some(s)) => Ok(Some(s)),
-            _ => Err(MachineError::Failed(format!(
-                "cannot stat {path}: {}",
-                String::from_utf8_lossy(&err).trim()
-            ))),
+            _ => Err(MachineError::Remote {
+                op: format!("cannot stat {path}"),
+                message: String::from_utf8_lossy(&err).trim().to_owned(),
+            }),
         }
     }
 
@@ -845,10 +847,10 @@ impl Machine for QgaMachine {
         let argv = ["/bin/sh", "-c", LIST, "sh", &path].map(str::to_owned);
         let (st, out, err) = self.inner.run(&argv).await?;
         if !st.success() {
-            return Err(MachineError::Failed(format!(
-                "cannot list {path}: {}",
-                String::from_utf8_lossy(&err).trim()
-            )));
+            return Err(MachineError::Remote {
+                op: format!("cannot list {path}"),
+                message: String::from_utf8_lossy(&err).trim().to_owned(),
+            });
         }
         let mut entries = Vec::new();
         for rec in out.split(|b| *b == 0).filter(|r| !r.is_empty()) {
@@ -897,11 +899,13 @@ impl Machine for QgaMachine {
                 && let Some(err) = v.get("error")
             {
                 io.dirty = false;
-                return Err(MachineError::Failed(format!(
-                    "qemu-guest-agent in {} refused to reboot: {}",
-                    self.inner.describe,
-                    err["desc"].as_str().unwrap_or("no description")
-                )));
+                return Err(MachineError::Remote {
+                    op: format!(
+                        "qemu-guest-agent in {} refused to reboot",
+                        self.inner.describe
+                    ),
+                    message: err["desc"].as_str().unwrap_or("no description").to_owned(),
+                });
             }
         }
         let mut last_problem = String::from("no answer");
@@ -935,10 +939,10 @@ impl Machine for QgaMachine {
                 Err(_) => {}
             }
         }
-        Err(MachineError::Failed(format!(
-            "{} did not come back within {}s after the reboot (last problem: {last_problem})",
-            self.inner.describe,
-            self.reboot_timeout.as_secs()
-        )))
+        Err(MachineError::NotBack {
+            target: self.inner.describe.clone(),
+            secs: self.reboot_timeout.as_secs(),
+            why: format!("last problem: {last_problem}"),
+        })
     }
 }

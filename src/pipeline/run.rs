@@ -271,13 +271,7 @@ pub async fn execute(
         Err(failed) => {
             report.image = failed.image.clone();
             // The whole chain: "the build VM failed: KVM is not usable: …".
-            let mut message = failed.error.to_string();
-            let mut source = std::error::Error::source(&failed.error);
-            while let Some(s) = source {
-                message.push_str(": ");
-                message.push_str(&s.to_string());
-                source = s.source();
-            }
+            let mut message = crate::diagnostic::error_chain(&failed.error);
             if let build::BuildError::Component(f) = &failed.error {
                 message = format!("{message}: {}", f.cause);
             }

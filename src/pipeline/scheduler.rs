@@ -217,7 +217,7 @@ pub async fn serve(
                     Utc::now(),
                 )
                 .await
-                .map_err(|e| error_chain(&e));
+                .map_err(|e| crate::diagnostic::error_chain(&e));
                 (id, task_name, result)
             });
             running_ids.insert(handle.id(), (id, name));
@@ -340,17 +340,6 @@ fn finished(
             }
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// The valid pipelines of `dir` (`*.yml`, `*.yaml`), sorted by file name. An invalid file is

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{Store, StoreError};
+use crate::diagnostic::error_chain;
 
 /// A parent image ready to use, and its verified digest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -442,7 +443,7 @@ async fn download_once(
     let response = request
         .send()
         .await
-        .map_err(|e| AttemptError::Retry(describe(&e)))?;
+        .map_err(|e| AttemptError::Retry(error_chain(&e)))?;
     let status = response.status();
     let total = match status.as_u16() {
         206 => {
@@ -496,7 +497,7 @@ async fn download_once(
     while let Some(chunk) = response
         .chunk()
         .await
-        .map_err(|e| AttemptError::Retry(describe(&e)))?
+        .map_err(|e| AttemptError::Retry(error_chain(&e)))?
     {
         // Small synchronous writes: the page cache absorbs them; a blocking task per chunk
         // would cost more than it saves.
@@ -515,18 +516,6 @@ async fn download_once(
     }
     progress.verifying();
     Ok(hex::encode(hasher.finalize()))
-}
-
-/// reqwest's message with its causes (the useful part is usually in a cause).
-fn describe(e: &reqwest::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
 }
 
 /// `bytes 100-199/200` → (100, Some(200)); `bytes 100-199/*` → (100, None).

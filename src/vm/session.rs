@@ -194,10 +194,10 @@ async fn boot_finished(agent: &AgentMachine, timeout: Duration) -> Result<String
             outcome.status
         ),
     };
-    Err(MachineError::Failed(format!(
-        "{what}\n{}",
-        report.trim_end()
-    )))
+    Err(MachineError::NotReady {
+        what,
+        report: report.trim_end().to_owned(),
+    })
 }
 
 /// Wait for the guest as `gate` says, within `timeout`: the agent's hello, then (unless

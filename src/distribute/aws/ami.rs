@@ -16,6 +16,7 @@ use super::credentials::{self, AwsConfig, AwsCredentials};
 use super::ec2::{DiskSource, Ec2Client, Ec2Error, ImportTask, RegisterImage};
 use super::iam::{IamClient, RoleCheck};
 use super::s3::{self, S3Client, S3Error, UploadOptions};
+use crate::diagnostic::error_chain;
 use crate::distribute::{Progress, Receipt, StoredImage};
 use crate::export::Format;
 use crate::vm::img::{self, ConvertOptions};
@@ -355,21 +356,6 @@ impl ImportClients {
     }
 }
 
-/// The chain of an error as one line (for preflight problem lists).
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        let next = s.to_string();
-        if !text.contains(&next) {
-            text.push_str(": ");
-            text.push_str(&next);
-        }
-        source = s.source();
-    }
-    text
-}
-
 fn is_credentials_problem(e: &AwsError) -> bool {
     match e {
         AwsError::S3(e) => matches!(**e, S3Error::Credentials { .. }),
@@ -398,7 +384,7 @@ async fn preflight_session(
     if let Err(e) = clients.s3.head_bucket(&options.bucket).await {
         let e = AwsError::from(e);
         let stop = is_credentials_problem(&e);
-        problems.push(chain(&e));
+        problems.push(error_chain(&e));
         if stop {
             return Err(AwsError::Preflight { problems });
         }
@@ -439,7 +425,7 @@ async fn preflight_session(
     if let Err(e) = dry_run {
         let e = AwsError::from(e);
         let stop = is_credentials_problem(&e);
-        problems.push(chain(&e));
+        problems.push(error_chain(&e));
         if stop {
             return Err(AwsError::Preflight { problems });
         }
@@ -460,7 +446,7 @@ async fn preflight_session(
                     .to_string(),
                 ),
                 Ok(_) => {}
-                Err(e) => problems.push(chain(&e)),
+                Err(e) => problems.push(error_chain(&e)),
             }
         }
     }
@@ -484,12 +470,12 @@ async fn preflight_session(
              custom endpoints often have no IAM",
             options.role(),
             clients.iam.endpoint(),
-            chain(&e)
+            error_chain(&e)
         )),
         Err(e) => warnings.push(format!(
             "could not check the VM Import role `{}`: {}",
             options.role(),
-            chain(&e)
+            error_chain(&e)
         )),
     }
 
@@ -921,7 +907,7 @@ pub async fn import_ami(
                 TARGET,
                 &format!(
                     "warning: could not delete {object} ({}); delete it yourself",
-                    chain(&e)
+                    error_chain(&e)
                 ),
             );
             ids.insert("s3Object".to_string(), object);

@@ -48,6 +48,7 @@ use sha2::{Digest, Sha256};
 
 use self::blob::BlobSource;
 use self::registry::{BlobGetError, Descriptor, Registry};
+use crate::diagnostic::error_chain;
 use crate::distribute::{Progress, Receipt};
 use crate::export::manifest::MANIFEST_FILE;
 use crate::export::{Format, SUMS_FILE};
@@ -937,7 +938,7 @@ async fn download_once(
     while let Some(chunk) = response
         .chunk()
         .await
-        .map_err(|e| BlobGetError::Transient(registry::describe(&e)))?
+        .map_err(|e| BlobGetError::Transient(error_chain(&e)))?
     {
         part.write_all(&chunk)
             .map_err(|e| fatal(io_err("write", part_path)(e)))?;
@@ -1178,7 +1179,7 @@ async fn extract_once(
             }
             Ok(None) => break,
             Err(e) => {
-                feed_error = Some(registry::describe(&e));
+                feed_error = Some(error_chain(&e));
                 break;
             }
         }

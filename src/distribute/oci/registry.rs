@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 use super::auth::Credentials;
 use super::blob::BlobSource;
 use super::{OciError, OciOptions, OciReference};
+use crate::diagnostic::error_chain;
 use crate::distribute::Progress;
 
 /// A blob in the registry.
@@ -87,7 +88,7 @@ impl Registry {
             .build()
             .map_err(|e| OciError::Unreachable {
                 registry: host.clone(),
-                cause: describe(&e),
+                cause: error_chain(&e),
             })?;
         let oref = Reference::with_tag(
             host.clone(),
@@ -559,7 +560,7 @@ impl Registry {
         let response = self
             .send(request)
             .await
-            .map_err(|e| BlobGetError::Transient(describe(&e)))?;
+            .map_err(|e| BlobGetError::Transient(error_chain(&e)))?;
         match response.status() {
             StatusCode::OK => Ok((response, 0)),
             StatusCode::PARTIAL_CONTENT if offset > 0 => Ok((response, offset)),
@@ -714,7 +715,7 @@ fn is_transient(s: StatusCode) -> bool {
 }
 
 fn transient(e: &reqwest::Error) -> Failure {
-    Failure::Transient(describe(e))
+    Failure::Transient(error_chain(e))
 }
 
 fn header(response: &reqwest::Response, name: &str) -> Option<String> {
@@ -747,24 +748,9 @@ impl From<super::blob::ReadError> for Failure {
     }
 }
 
-/// reqwest's message with its causes (the useful part is usually in a cause).
-pub(super) fn describe(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let c = cause.to_string();
-        if !s.contains(&c) {
-            s.push_str(": ");
-            s.push_str(&c);
-        }
-        source = cause.source();
-    }
-    s
-}
-
 /// A failure to reach the registry at all: unreachable, or HTTPS spoken to a plain-HTTP one.
 fn classify_connect(host: &str, plain: bool, e: &(dyn std::error::Error + 'static)) -> OciError {
-    let cause = describe(e);
+    let cause = error_chain(e);
     let looks_plain = [
         "InvalidContentType",
         "corrupt message",
