@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 pub use super::history::ExecStatus;
 use super::schedule::CronExpr;
-use crate::recipe::{Distribution, Infrastructure, Located};
+use crate::recipe::{Distribution, Located};
 
 /// One pipeline: a recipe built unattended (Image Builder's image pipeline).
 #[derive(Debug, Clone)]
@@ -25,14 +25,14 @@ pub struct Pipeline {
     /// `infrastructure`: settings that replace the recipe's, same keys and rules as the
     /// recipe's `infrastructure` (`cpus`, `memory`, `accelerator`, …); keys not written keep
     /// the recipe's value. Default: the recipe's.
-    pub infrastructure: InfrastructureOverride,
+    pub infrastructure: Override,
     /// `distribution`: a list of targets written as in a recipe (`- directory: {path: …}`,
     /// `- oci: …`, `- ami: …`, …) that replaces the recipe's whole list; `[]` distributes
     /// nowhere. Relative paths are relative to the pipeline file. Default (or empty): the
     /// recipe's.
     pub distribution: Option<Vec<Located<Distribution>>>,
     /// `tests`: `enabled` and `timeoutSeconds` replace the recipe's. Default: the recipe's.
-    pub tests: TestsOverride,
+    pub tests: Override,
     /// `schedule`: when the pipeline runs by itself. Default: none (only `builder pipeline run`).
     pub schedule: Option<Schedule>,
     /// `lifecycle`: which of this pipeline's images are kept. Default: all are kept.
@@ -54,51 +54,41 @@ pub struct PipelineSource {
     pub sha256: String,
 }
 
-/// Infrastructure settings that replace the recipe's: the keys written, and their values
-/// (validated like a recipe's `infrastructure`).
+/// Settings of one recipe section (`infrastructure`, `tests`) that a pipeline replaces: the
+/// keys written (those its declaration lets a pipeline set, `recipe::settings`) and their
+/// values, validated by the recipe's rules.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct InfrastructureOverride {
+pub struct Override {
     /// The keys written in the pipeline file, in file order.
     pub keys: Vec<String>,
-    /// The values; keys not in `keys` hold defaults that are not applied.
-    pub values: Infrastructure,
+    /// Their values in the serde form of the recipe's section, whose names are the file's keys.
+    values: serde_json::Map<String, serde_json::Value>,
 }
 
-impl InfrastructureOverride {
+impl Override {
+    /// The keys written and their values, from the section as read (every key with a value).
+    pub fn new(keys: Vec<String>, section: serde_json::Value) -> Override {
+        let mut values = match section {
+            serde_json::Value::Object(map) => map,
+            _ => serde_json::Map::new(),
+        };
+        values.retain(|k, _| keys.contains(k));
+        Override { keys, values }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }
 
-    /// `recipe` with every key written in the pipeline replaced.
-    pub fn apply(&self, recipe: &Infrastructure) -> Infrastructure {
-        let mut out = recipe.clone();
-        let v = &self.values;
-        for key in &self.keys {
-            match key.as_str() {
-                "cpus" => out.cpus = v.cpus,
-                "memory" => out.memory = v.memory,
-                "accelerator" => out.accelerator = v.accelerator,
-                "firmware" => out.firmware = v.firmware,
-                "network" => out.network = v.network,
-                "bootTimeoutSeconds" => out.boot_timeout_secs = v.boot_timeout_secs,
-                "buildTimeoutSeconds" => out.build_timeout_secs = v.build_timeout_secs,
-                "shutdownTimeoutSeconds" => out.shutdown_timeout_secs = v.shutdown_timeout_secs,
-                "keepOnFailure" => out.keep_on_failure = v.keep_on_failure,
-                // The parser only keeps known keys.
-                _ => {}
-            }
+    /// `base` (the recipe's section, or the plan's) with every key written replaced: both
+    /// name their fields as the file does.
+    pub fn apply<T: Serialize + serde::de::DeserializeOwned>(&self, base: &T) -> T {
+        let mut value = serde_json::to_value(base).expect("a section serializes to JSON");
+        if let Some(map) = value.as_object_mut() {
+            map.extend(self.values.clone());
         }
-        out
+        serde_json::from_value(value).expect("the values were read as this section's")
     }
-}
-
-/// The test stage settings that replace the recipe's.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TestsOverride {
-    /// `enabled`: run the test stage. Default: the recipe's.
-    pub enabled: Option<bool>,
-    /// `timeoutSeconds`: the whole test stage. Default: the recipe's.
-    pub timeout_secs: Option<u64>,
 }
 
 /// When a pipeline runs by itself (Image Builder's `schedule`).

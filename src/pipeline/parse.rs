@@ -32,14 +32,13 @@ use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 
 use super::model::{
-    DEFAULT_NOTIFY_ON, ExecStatus, InfrastructureOverride, Lifecycle, Notifications, Pipeline,
-    PipelineSource, Schedule, StartCondition, TestsOverride, Webhook,
+    DEFAULT_NOTIFY_ON, ExecStatus, Lifecycle, Notifications, Override, Pipeline, PipelineSource,
+    Schedule, StartCondition, Webhook,
 };
 use super::schedule::{CronExpr, close_zone, parse_zone};
 use crate::build::plan;
 use crate::diagnostic::{Diagnostics, Problem, Span, close_file_hint};
 use crate::recipe::Located;
-use crate::recipe::model::MAX_TIMEOUT_SECS;
 use crate::recipe::settings::pipeline_keys;
 use crate::yaml::Node;
 
@@ -327,8 +326,8 @@ fn pipeline(cx: &mut PipelineReader<'_>, root: &Node, path: &Path, text: &str) -
         }),
     };
     let infrastructure = match get("infrastructure") {
-        None => Some(InfrastructureOverride::default()),
-        Some((_, v)) => infrastructure(cx, v),
+        None => Some(Override::default()),
+        Some((_, v)) => section(cx, v, "infrastructure"),
     };
     // The recipe's `distribution` rules; an empty value keeps the recipe's list.
     let distribution = match get("distribution") {
@@ -337,8 +336,8 @@ fn pipeline(cx: &mut PipelineReader<'_>, root: &Node, path: &Path, text: &str) -
         Some((_, v)) => crate::recipe::read_distribution(cx, v).map(Some),
     };
     let tests = match get("tests") {
-        None => Some(TestsOverride::default()),
-        Some((_, v)) => tests(cx, v),
+        None => Some(Override::default()),
+        Some((_, v)) => section(cx, v, "tests"),
     };
     let schedule = match get("schedule") {
         None => Some(None),
@@ -407,13 +406,14 @@ fn name(cx: &mut PipelineReader<'_>, node: &Node) -> Option<String> {
     Some(text)
 }
 
-/// The recipe's `infrastructure` rules (the recipe walker's reader, so the messages are the
-/// same), keeping which keys were written: only those replace the recipe's.
-fn infrastructure(cx: &mut PipelineReader<'_>, node: &Node) -> Option<InfrastructureOverride> {
+/// The settings of the recipe's `section` that the pipeline replaces, by the recipe's rules
+/// (so the messages are the same); only the keys written replace the recipe's.
+fn section(cx: &mut PipelineReader<'_>, node: &Node, section: &str) -> Option<Override> {
     if node.is_null() {
-        return Some(InfrastructureOverride::default());
+        return Some(Override::default());
     }
-    if node.as_str().is_some() {
+    // A recipe's `infrastructure` may name a file; a pipeline's may not.
+    if node.as_str().is_some() && section == "infrastructure" {
         cx.error(
             node.span,
             "`infrastructure` in a pipeline must be a mapping",
@@ -423,35 +423,17 @@ fn infrastructure(cx: &mut PipelineReader<'_>, node: &Node) -> Option<Infrastruc
         );
         return None;
     }
-    let values = crate::recipe::read_infrastructure(cx, node)?;
+    let values = crate::recipe::section_override(cx, node, section)?;
+    let allowed = pipeline_keys(section);
     let keys = node
         .as_mapping()
         .unwrap_or_default()
         .iter()
         .filter_map(|(k, _)| k.as_str())
-        .filter(|k| pipeline_keys("infrastructure").contains(k))
+        .filter(|k| allowed.contains(k))
         .map(str::to_string)
         .collect();
-    Some(InfrastructureOverride { keys, values })
-}
-
-fn tests(cx: &mut PipelineReader<'_>, node: &Node) -> Option<TestsOverride> {
-    let mut out = TestsOverride::default();
-    if node.is_null() {
-        return Some(out);
-    }
-    let entries = cx.mapping(node, "`tests`", &pipeline_keys("tests"))?;
-    let before = cx.problems.len();
-    for (key, value) in entries {
-        match key.as_str().unwrap_or_default() {
-            "enabled" => out.enabled = cx.boolean(value, "`enabled`"),
-            "timeoutSeconds" => {
-                out.timeout_secs = cx.number(value, "timeoutSeconds", 1, MAX_TIMEOUT_SECS);
-            }
-            _ => {}
-        }
-    }
-    (cx.problems.len() == before).then_some(out)
+    Some(Override::new(keys, values))
 }
 
 fn schedule(cx: &mut PipelineReader<'_>, node: &Node) -> Option<Schedule> {
@@ -813,7 +795,11 @@ mod tests {
         assert_eq!(applied.memory, ByteSize::gib(4));
         assert_eq!(applied.accelerator, Accelerator::Tcg);
         assert_eq!(applied.firmware, Infrastructure::default().firmware);
-        assert_eq!(p.tests.enabled, Some(false));
+        let tests = serde_json::json!({"enabled": true, "timeoutSeconds": 3600, "components": []});
+        assert_eq!(
+            p.tests.apply(&tests),
+            serde_json::json!({"enabled": false, "timeoutSeconds": 600, "components": []})
+        );
         let s = p.schedule.unwrap();
         assert_eq!(s.start_condition, StartCondition::Always);
         assert_eq!(s.timezone, chrono_tz::Europe::Paris);

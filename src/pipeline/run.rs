@@ -327,12 +327,7 @@ pub fn with_overrides(mut plan: Plan, pipeline: &Pipeline) -> Plan {
             .map(|d| Destination::from_recipe(&d.value, &pipeline.source.path))
             .collect();
     }
-    if let Some(enabled) = pipeline.tests.enabled {
-        plan.tests.enabled = enabled;
-    }
-    if let Some(timeout) = pipeline.tests.timeout_secs {
-        plan.tests.timeout_secs = timeout;
-    }
+    plan.tests = pipeline.tests.apply(&plan.tests);
     plan.set_layer_keys();
     plan
 }
@@ -542,5 +537,25 @@ mod tests {
             .unwrap()
             .layer_key
         );
+    }
+
+    /// Every setting a pipeline may set (its declaration in `recipe::settings` says so)
+    /// reaches the plan the build runs, set to a value other than its default.
+    #[test]
+    fn every_pipeline_setting_changes_the_plan() {
+        let dir = tempfile::tempdir().unwrap();
+        let recipe =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cases/pipeline/recipes/hello.yml");
+        let head = format!("name: p\nrecipe: {}\n", recipe.display());
+        let settings = crate::recipe::settings::SETTINGS.iter();
+        for s in settings.filter(|s| s.pipeline && !s.parent().is_empty()) {
+            let value = s
+                .other_value()
+                .unwrap_or_else(|| panic!("{}: no other value", s.path));
+            let text = format!("{head}{}: {{{}: {value}}}\n", s.parent(), s.key());
+            let (pipeline, plan) = planned(dir.path(), &text);
+            let after = serde_json::to_value(with_overrides(plan.clone(), &pipeline)).unwrap();
+            assert_ne!(after, serde_json::to_value(plan).unwrap(), "{}", s.path);
+        }
     }
 }

@@ -52,7 +52,7 @@ pub use model::{
 pub use name_template::{NameTemplate, NameValues};
 pub use parse::resolve_relative;
 pub use parse::{DEFAULT_OCI_TAG, split_oci_reference};
-pub(crate) use parse::{distribution as read_distribution, infrastructure as read_infrastructure};
+pub(crate) use parse::{distribution as read_distribution, section_override};
 pub use units::ByteSize;
 pub use version::{Version, VersionError, VersionPattern};
 

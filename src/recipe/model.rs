@@ -454,15 +454,18 @@ impl Format {
     }
 }
 
-/// The test stage (Image Builder's `imageTestsConfiguration`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The test stage (Image Builder's `imageTestsConfiguration`). Serialized (without its
+/// components) for a pipeline's `tests`, named as in the file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Tests {
     /// `enabled`: run the test stage. Default: `true`.
     pub enabled: bool,
     /// `timeoutSeconds`: the whole test stage, boot included. Default: 3600.
+    #[serde(rename = "timeoutSeconds")]
     pub timeout_secs: u64,
     /// `components`: extra test components (`path` + `parameters`); their `test` phase runs
     /// after the `test` phases of the recipe's components. Default: none.
+    #[serde(skip)]
     pub components: Vec<ComponentUse>,
 }
 

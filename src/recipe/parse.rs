@@ -13,7 +13,7 @@ use super::model::{
     LaunchPermission, OciDistribution, VagrantDistribution,
 };
 use super::name_template::NameTemplate;
-use super::settings::keys;
+use super::settings::{keys, pipeline_keys};
 use super::units::ByteSize;
 use super::version::{Version, VersionPattern};
 use crate::diagnostic::{Problem, Span, one_of};
@@ -230,7 +230,7 @@ pub(super) fn recipe(
     };
     parts.tests = match get("tests") {
         None => Some(Tests::default()),
-        Some((_, v)) => tests(cx, v),
+        Some((_, v)) => tests(cx, v, &keys("tests")),
     };
     parts.outputs = match get("outputs") {
         None => Some(Outputs::default()),
@@ -784,7 +784,7 @@ fn infrastructure_ref(
     included: &mut Vec<IncludedFile>,
 ) -> Option<Infrastructure> {
     if node.as_mapping().is_some() || node.is_null() {
-        return infrastructure(cx, node);
+        return infrastructure(cx, node, &keys("infrastructure"));
     }
     let name = cx.string(node, "`infrastructure`")?;
     let (path, read) = include(&name);
@@ -806,7 +806,7 @@ fn infrastructure_ref(
     let (root, problems) = crate::yaml::parse(&text);
     file_cx.problems.extend(problems);
     let result = match &root {
-        Some(root) => infrastructure(&mut file_cx, root),
+        Some(root) => infrastructure(&mut file_cx, root, &keys("infrastructure")),
         None if !file_cx.problems.is_empty() => None,
         // An empty file: every default.
         None => Some(Infrastructure::default()),
@@ -820,14 +820,13 @@ fn infrastructure_ref(
     result
 }
 
-/// A recipe's `infrastructure` mapping (also read by pipelines, whose overrides obey the same
-/// rules).
-pub(crate) fn infrastructure(cx: &mut Reader<'_>, node: &Node) -> Option<Infrastructure> {
+/// A recipe's `infrastructure` mapping, with the keys `allowed` there.
+fn infrastructure(cx: &mut Reader<'_>, node: &Node, allowed: &[&str]) -> Option<Infrastructure> {
     let mut infra = Infrastructure::default();
     if node.is_null() {
         return Some(infra);
     }
-    let entries = cx.mapping(node, "`infrastructure`", &keys("infrastructure"))?;
+    let entries = cx.mapping(node, "`infrastructure`", allowed)?;
     let before = cx.problems.len();
     for (key, value) in entries {
         match key.as_str().unwrap_or_default() {
@@ -898,12 +897,13 @@ pub(crate) fn infrastructure(cx: &mut Reader<'_>, node: &Node) -> Option<Infrast
     (cx.problems.len() == before).then_some(infra)
 }
 
-fn tests(cx: &mut Reader<'_>, node: &Node) -> Option<Tests> {
+/// A recipe's `tests` mapping, with the keys `allowed` there.
+fn tests(cx: &mut Reader<'_>, node: &Node, allowed: &[&str]) -> Option<Tests> {
     let mut tests = Tests::default();
     if node.is_null() {
         return Some(tests);
     }
-    let entries = cx.mapping(node, "`tests`", &keys("tests"))?;
+    let entries = cx.mapping(node, "`tests`", allowed)?;
     let before = cx.problems.len();
     for (key, value) in entries {
         match key.as_str().unwrap_or_default() {
@@ -926,6 +926,22 @@ fn tests(cx: &mut Reader<'_>, node: &Node) -> Option<Tests> {
         }
     }
     (cx.problems.len() == before).then_some(tests)
+}
+
+/// What a pipeline writes in place of the recipe's `section` (`infrastructure` or `tests`):
+/// read by the recipe's rules (so the messages are the same) with the keys a pipeline may set
+/// there, in the model's serde form, whose names are the file's keys.
+pub(crate) fn section_override(
+    cx: &mut Reader<'_>,
+    node: &Node,
+    section: &str,
+) -> Option<serde_json::Value> {
+    let allowed = pipeline_keys(section);
+    let values = match section {
+        "infrastructure" => serde_json::to_value(infrastructure(cx, node, &allowed)?),
+        _ => serde_json::to_value(tests(cx, node, &allowed)?),
+    };
+    Some(values.expect("the model's sections serialize to JSON"))
 }
 
 fn outputs(cx: &mut Reader<'_>, node: &Node) -> Option<Outputs> {

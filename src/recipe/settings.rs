@@ -561,6 +561,27 @@ impl Setting {
     }
 }
 
+impl Setting {
+    /// A value other than the default, for the tests that every setting has an effect: for
+    /// the kinds whose default is a model value.
+    #[cfg(test)]
+    pub fn other_value(&self) -> Option<String> {
+        let DefaultIs::Value(default) = self.default else {
+            return None;
+        };
+        let default = default();
+        match self.kind() {
+            Kind::Bool => Some((default != "true").to_string()),
+            Kind::Number { min, max } => {
+                Some(if default == min.to_string() { max } else { min }.to_string())
+            }
+            Kind::Word(words) => words.iter().find(|w| **w != default).map(|w| w.to_string()),
+            Kind::Size => Some(if default == "1GiB" { "3GiB" } else { "1GiB" }.into()),
+            _ => None,
+        }
+    }
+}
+
 /// The setting at `path`. Panics when there is none: paths are constants of this module and
 /// the walker, checked by the tests.
 fn find(path: &str) -> &'static Setting {
