@@ -1,6 +1,6 @@
 //! builder: golden machine images on a local QEMU/KVM hypervisor, offline.
 //!
-//! The modules and the data flow of one build:
+//! The data flow of one build:
 //!
 //! ```text
 //! recipe.yml ─recipe─▶ Recipe ─build─▶ Plan ─vm─▶ RunningVm ─machine─▶ Session
@@ -8,20 +8,34 @@
 //!   ─build─▶ generalize, shut down, test in a fresh VM ─export─▶ artifacts ─distribute─▶ receipts
 //! ```
 //!
-//! - [`yaml`]: YAML read into a node tree that keeps line and column of every value.
-//! - [`diagnostic`]: problems in input files, collected and rendered with `file:line:col`.
-//! - [`recipe`]: image recipes: model, validation (every problem at `file:line:col`), JSON Schema.
-//! - [`component`]: AWSTOE component documents: model, validation, templating, executor.
-//! - [`machine`]: where steps run ([`machine::Machine`]): this machine, a guest via our agent.
-//! - [`agent`]: the host↔guest protocol spoken over virtio-serial.
-//! - [`vm`]: qemu-img, QEMU launch and QMP, accelerator probe, cloud-init seed.
-//! - [`undo`]: the undo list that releases what a stage or a VM created, and its report.
-//! - [`build`]: the stages of a build, in order.
-//! - [`export`]: the finished disk converted to qcow2/raw/vmdk/vhdx/vhd/ova, checked, hashed;
-//!   `SHA256SUMS` and the `manifest.json` model.
-//! - [`distribute`]: finished images pushed to OCI registries, AWS (AMI import), Vagrant
-//!   boxes, directories; a receipt for each.
-//! - [`store`]: the local store: base image cache and downloads, image versions `name/x.y.z/n`.
+//! The modules in layers. A module uses modules of the layers above its own (the ones named
+//! in brackets), never one of its own layer or below: dependencies point up this list, toward
+//! the pure values. `tests/module_layers.rs` fails on any module that depends on a module that
+//! depends on it (doc links count: rustdoc resolves them).
+//!
+//! 1. Nothing else of the crate:
+//!    - [`diagnostic`]: problems in input files, collected and rendered with `file:line:col`.
+//!    - [`undo`]: the undo list that releases what a stage or a VM created, and its report.
+//!    - [`agent`]: the host↔guest protocol spoken over virtio-serial.
+//! 2. [`yaml`] (diagnostic): YAML read into a node tree that keeps line and column of every
+//!    value.
+//! 3. [`machine`] (agent): where steps run ([`machine::Machine`]): this machine, a guest via
+//!    our agent or qemu-guest-agent.
+//! 4. [`component`] (machine, yaml, diagnostic): AWSTOE component documents: model,
+//!    validation, templating, executor.
+//! 5. [`recipe`] (component, yaml, diagnostic): image recipes: model, validation (every
+//!    problem at `file:line:col`), JSON Schema.
+//! 6. [`vm`] (machine, agent, undo): qemu-img, QEMU launch and QMP, accelerator probe,
+//!    cloud-init seed.
+//! 7. [`export`] (vm): the finished disk converted to qcow2/raw/vmdk/vhdx/vhd/ova, checked,
+//!    hashed; `SHA256SUMS` and the `manifest.json` model.
+//! 8. [`store`] (export, recipe): the local store: base image cache and downloads, image versions
+//!    `name/x.y.z/n` with their manifests and receipts.
+//! 9. [`distribute`] (store, export, vm, recipe, diagnostic): finished images pushed to OCI
+//!    registries, AWS (AMI import), Vagrant boxes, directories; a receipt for each.
+//! 10. [`build`] (all of the above): the stages of a build, in order, and its plan.
+//! 11. [`pipeline`] (build, store, distribute, export, recipe, component, yaml, diagnostic):
+//!     scheduled builds of a recipe, their history, notifications and image lifecycle.
 
 pub mod agent;
 pub mod build;

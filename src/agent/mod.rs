@@ -1,5 +1,5 @@
 //! The host↔guest protocol spoken over a virtio-serial port, shared by the host side
-//! ([`crate::machine`]'s agent target) and the guest agent (`agent/`, a separate small static
+//! (the machine module's agent target, which uses this one) and the guest agent (`agent/`, a separate small static
 //! binary that includes `protocol.rs` by path).
 
 pub mod protocol;

@@ -367,7 +367,7 @@ pub struct Readiness {
     /// `None` when cloud-init was not waited for; otherwise its final status (`done`, or
     /// `absent` when the guest has no cloud-init).
     pub cloud_init: Option<String>,
-    /// How the guest's boot ended, when it was waited for ([`crate::vm::Session`]): the
+    /// How the guest's boot ended, when it was waited for (the VM session waits): the
     /// boot check's `system: running` (or `degraded` with a `failed: …` line, or `none`
     /// without systemd).
     pub system: Option<String>,
