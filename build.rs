@@ -45,12 +45,7 @@ fn main() {
 
     // An escape hatch for packagers who build the agent themselves.
     if let Some(prebuilt) = env::var_os("BUILDER_AGENT_BINARY") {
-        std::fs::copy(&prebuilt, &dest).unwrap_or_else(|e| {
-            panic!(
-                "BUILDER_AGENT_BINARY={}: {e}",
-                PathBuf::from(&prebuilt).display()
-            )
-        });
+        fs_err::copy(&prebuilt, &dest).unwrap_or_else(|e| panic!("BUILDER_AGENT_BINARY: {e}"));
         return;
     }
 
@@ -98,6 +93,5 @@ fn main() {
         .join(TRIPLE)
         .join("release")
         .join("builder-agent");
-    std::fs::copy(&built, &dest)
-        .unwrap_or_else(|e| panic!("copy {} to {}: {e}", built.display(), dest.display()));
+    fs_err::copy(&built, &dest).unwrap_or_else(|e| panic!("{e}"));
 }

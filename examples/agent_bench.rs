@@ -28,8 +28,8 @@ async fn main() -> anyhow::Result<()> {
     let size = mib * 1024 * 1024;
     let dir = tempfile::tempdir()?;
     let exe = dir.path().join("builder-agent");
-    std::fs::write(&exe, builder::agent::AGENT_BINARY)?;
-    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755))?;
+    fs_err::write(&exe, builder::agent::AGENT_BINARY)?;
+    fs_err::set_permissions(&exe, std::fs::Permissions::from_mode(0o755))?;
     println!(
         "agent binary: {} bytes (static, stripped)",
         builder::agent::AGENT_BINARY.len()
@@ -84,7 +84,7 @@ async fn main() -> anyhow::Result<()> {
             x ^= x << 17;
             data.extend_from_slice(&x.to_le_bytes());
         }
-        std::fs::write(&src, data)?;
+        fs_err::write(&src, data)?;
     }
     let remote = dir.path().join("remote.bin");
     let back = dir.path().join("back.bin");

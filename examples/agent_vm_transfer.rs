@@ -50,7 +50,7 @@ async fn main() -> anyhow::Result<()> {
             x ^= x << 17;
             data.extend_from_slice(&x.to_le_bytes());
         }
-        std::fs::write(&src, data)?;
+        fs_err::write(&src, data)?;
         let back = dir.path().join("back.bin");
         let remote = std::path::Path::new("/root/transfer.bin");
         let rounds = if std::env::var_os("SKIP_TRANSFER").is_some() {

@@ -43,7 +43,7 @@ async fn executor(steps: usize) -> Duration {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("bench.yml");
     let text = document(steps);
-    std::fs::write(&path, &text).expect("write document");
+    fs_err::write(&path, &text).expect("write document");
     let document = parse::parse_str(&path, &text).expect("the generated document is valid");
     let target = HostMachine::new();
     let options = RunOptions {

@@ -64,7 +64,7 @@ fn main() {
         seed ^= seed << 17;
         chunk.copy_from_slice(&seed.to_le_bytes()[..chunk.len()]);
     }
-    std::fs::write(&blob, &data).expect("write the blob");
+    fs_err::write(&blob, &data).expect("write the blob");
     let port = serve(data);
 
     let load_before = loadavg();
@@ -187,7 +187,7 @@ fn packer_run(
     run: usize,
 ) -> Result<Duration, String> {
     let at = dir.join(format!("packer-{run}"));
-    std::fs::create_dir_all(at.join("seed")).map_err(|e| e.to_string())?;
+    fs_err::create_dir_all(at.join("seed")).map_err(|e| e.to_string())?;
     let key = at.join("key");
     let status = Command::new("ssh-keygen")
         .args(["-q", "-t", "ed25519", "-N", "", "-f"])
@@ -197,8 +197,8 @@ fn packer_run(
     if !status.success() {
         return Err("ssh-keygen failed".into());
     }
-    let public = std::fs::read_to_string(key.with_extension("pub")).map_err(|e| e.to_string())?;
-    std::fs::write(
+    let public = fs_err::read_to_string(key.with_extension("pub")).map_err(|e| e.to_string())?;
+    fs_err::write(
         at.join("seed/user-data"),
         format!(
             "#cloud-config\ndisable_root: false\nssh_pwauth: false\nusers:\n  - name: root\n    ssh_authorized_keys:\n      - {}\n",
@@ -206,7 +206,7 @@ fn packer_run(
         ),
     )
     .map_err(|e| e.to_string())?;
-    std::fs::write(
+    fs_err::write(
         at.join("seed/meta-data"),
         format!("instance-id: packer-{run}\nlocal-hostname: packer\n"),
     )
@@ -243,7 +243,7 @@ fn packer_run(
         ],
     });
     let file = at.join("template.json");
-    std::fs::write(&file, template.to_string()).map_err(|e| e.to_string())?;
+    fs_err::write(&file, template.to_string()).map_err(|e| e.to_string())?;
     let t0 = Instant::now();
     let out = Command::new(packer)
         .arg("build")
@@ -255,7 +255,7 @@ fn packer_run(
         .output()
         .map_err(|e| format!("packer: {e}"))?;
     let took = t0.elapsed();
-    let _ = std::fs::write(at.join("packer.log"), &out.stdout);
+    let _ = fs_err::write(at.join("packer.log"), &out.stdout);
     if !out.status.success() {
         let text = String::from_utf8_lossy(&out.stdout);
         let tail: Vec<&str> = text.lines().rev().take(15).collect();
@@ -266,7 +266,7 @@ fn packer_run(
             tail.join("\n")
         ));
     }
-    let _ = std::fs::remove_dir_all(&at);
+    let _ = fs_err::remove_dir_all(&at);
     Ok(took)
 }
 
@@ -281,7 +281,7 @@ struct BuilderRun {
 
 /// `/proc/loadavg`'s first three figures.
 fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
+    fs_err::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|_| "?".into())
 }
@@ -294,15 +294,15 @@ fn builder_run(
     run: usize,
 ) -> Result<BuilderRun, String> {
     let at = dir.join(format!("builder-{run}"));
-    std::fs::create_dir_all(&at).map_err(|e| e.to_string())?;
-    std::fs::write(
+    fs_err::create_dir_all(&at).map_err(|e| e.to_string())?;
+    fs_err::write(
         at.join("upload.yml"),
         format!(
             "name: upload-and-hash\nschemaVersion: 1.0\nphases:\n  - name: build\n    steps:\n      - name: Upload\n        action: WebDownload\n        inputs:\n          - source: http://127.0.0.1:{port}/blob\n            destination: /root/blob\n      - name: Hash\n        action: ExecuteBash\n        inputs:\n          commands:\n            - sha256sum /root/blob\n"
         ),
     )
     .map_err(|e| e.to_string())?;
-    std::fs::write(
+    fs_err::write(
         at.join("recipe.yml"),
         format!(
             "name: bench\nversion: 1.0.0\nparentImage: {}\ncomponents:\n  - path: upload.yml\ninfrastructure:\n  cpus: 2\n  memory: 1GiB\n  accelerator: tcg\ntests:\n  enabled: false\noutputs:\n  formats: [qcow2]\n  compression: zlib\n",
@@ -385,7 +385,7 @@ fn builder_run(
             limit += e["durationMs"].as_f64().unwrap_or(0.0) / 1000.0;
         }
     }
-    let _ = std::fs::remove_dir_all(&at);
+    let _ = fs_err::remove_dir_all(&at);
     Ok(BuilderRun {
         wall,
         limit: Duration::from_secs_f64(limit),
@@ -397,13 +397,13 @@ fn builder_run(
 
 /// The process's own user+system ticks and its peak resident memory (KiB).
 fn sample(pid: u32) -> Option<(u64, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let stat = fs_err::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may hold spaces) start after the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
     let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let status = fs_err::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let peak = status
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))

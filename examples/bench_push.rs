@@ -66,17 +66,17 @@ fn stored_image(store_dir: &Path, disk: Option<PathBuf>, mib: u64) -> StoredImag
     let path = slot.dir().join(&file);
     match disk {
         Some(src) => {
-            std::fs::copy(&src, &path).expect("copy BENCH_DISK");
+            fs_err::copy(&src, &path).expect("copy BENCH_DISK");
         }
         None => make_disk(&path, mib),
     }
     let sha256 = builder::export::sha256_file(&path).expect("hash");
-    std::fs::write(slot.dir().join("SHA256SUMS"), format!("{sha256}  {file}\n")).expect("sums");
+    fs_err::write(slot.dir().join("SHA256SUMS"), format!("{sha256}  {file}\n")).expect("sums");
     let mut m = Manifest::new(slot.id().clone(), slot.build_id());
     m.outputs.push(Artifact {
         file,
         format: Format::Qcow2,
-        size: std::fs::metadata(&path).expect("size").len(),
+        size: fs_err::metadata(&path).expect("size").len(),
         virtual_size: 0,
         sha256,
     });
@@ -99,14 +99,14 @@ async fn main() {
     eprintln!("preparing the disk ...");
     let image = stored_image(&tmp.path().join("store"), given, mib);
     let disk = image.disk.clone().expect("disk");
-    let size = std::fs::metadata(&disk.path).expect("size").len();
+    let size = fs_err::metadata(&disk.path).expect("size").len();
 
     // Baseline: read the disk and write a copy (best of two; the page cache is warm after
     // the hash above, as it is for the pushes).
     let out = tmp.path().join("convert.qcow2");
     let mut baseline = Duration::MAX;
     for _ in 0..2 {
-        let _ = std::fs::remove_file(&out);
+        let _ = fs_err::remove_file(&out);
         let t = Instant::now();
         sh(Command::new("qemu-img")
             .args(["convert", "-O", "qcow2"])
@@ -114,7 +114,7 @@ async fn main() {
             .arg(&out));
         baseline = baseline.min(t.elapsed());
     }
-    let _ = std::fs::remove_file(&out);
+    let _ = fs_err::remove_file(&out);
 
     let registry = registry::TestRegistry::start();
     let options = OciOptions {
@@ -144,7 +144,11 @@ async fn main() {
         let client = reqwest::Client::new();
         let t = Instant::now();
         let url = registry::start_upload(&client, &registry.host(), "bench/raw").await;
-        let file = tokio::fs::File::open(&disk.path).await.expect("open disk");
+        let file = fs_err::tokio::File::open(&disk.path)
+            .await
+            .expect("open disk")
+            .into_parts()
+            .0;
         let response = client
             .put(format!("{url}&digest=sha256:{}", disk.sha256))
             .header("content-type", "application/octet-stream")

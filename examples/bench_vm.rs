@@ -125,7 +125,7 @@ async fn main() {
 }
 
 fn load() -> String {
-    std::fs::read_to_string("/proc/loadavg")
+    fs_err::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|_| "?".into())
 }
@@ -289,7 +289,7 @@ impl Vm {
             if let Some(exit) = self.child.exit() {
                 bail!("QEMU exited ({exit:?}) before the bootcmd marker");
             }
-            if let Ok(text) = std::fs::read(&self.console) {
+            if let Ok(text) = fs_err::read(&self.console) {
                 let from = seen.saturating_sub(MARKER.len());
                 if text[from..]
                     .windows(MARKER.len())
@@ -309,12 +309,12 @@ impl Vm {
     /// QEMU's vCPU threads: "CPU 0/TCG", "CPU 1/TCG" with multi-threaded TCG, one
     /// "ALL CPUs/TCG" without.
     fn vcpu_threads(&self) -> Vec<String> {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.child.pid())) else {
+        let Ok(tasks) = fs_err::read_dir(format!("/proc/{}/task", self.child.pid())) else {
             return Vec::new();
         };
         let mut names: Vec<String> = tasks
             .flatten()
-            .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+            .filter_map(|t| fs_err::read_to_string(t.path().join("comm")).ok())
             .map(|c| c.trim().to_string())
             .filter(|c| c.contains("CPU"))
             .collect();
@@ -350,7 +350,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         accel: decision.accel,
         image: args.image.clone(),
         image_format: info.disk_format()?,
-        public_key: std::fs::read_to_string(key.with_extension("pub"))?,
+        public_key: fs_err::read_to_string(key.with_extension("pub"))?,
     };
     let mut raw_boots = Vec::new();
     let mut raw_loads = Vec::new();
@@ -448,7 +448,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let size = args.mib << 20;
     let src = work.path().join("src.bin");
     let data = random_bytes(size as usize);
-    std::fs::write(&src, &data)?;
+    fs_err::write(&src, &data)?;
     let back = work.path().join("back.bin");
     let remote = Path::new("/root/bench.bin");
     let mut t = Transfers::default();
@@ -756,7 +756,7 @@ impl CpuClock {
     }
 
     fn seconds(&self, pid: &str) -> f64 {
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        let Ok(stat) = fs_err::read_to_string(format!("/proc/{pid}/stat")) else {
             return 0.0;
         };
         // utime and stime: fields 14 and 15, counted after the command name's ')'.
@@ -903,7 +903,7 @@ async fn variant(
     }
     let target = AgentMachine::connect(stream, "variant".into(), Duration::from_secs(60)).await?;
     let pid = target.hello().map(|h| h.pid);
-    let size = std::fs::metadata(src)?.len();
+    let size = fs_err::metadata(src)?.len();
     let (mut put, mut get) = (Vec::new(), Vec::new());
     let dest = Path::new("/root/bench-variant.bin");
     for round in 1..=rounds {

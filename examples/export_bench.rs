@@ -41,9 +41,9 @@ fn make_disk(dir: &Path, size_mib: u64, data_mib: u64) -> std::path::PathBuf {
     while (bytes.len() as u64) < data_mib << 20 {
         bytes.extend_from_slice(text);
     }
-    std::fs::write(&raw, &bytes).expect("write data");
+    fs_err::write(&raw, &bytes).expect("write data");
     // The rest of the disk is a hole, as unused space in a filesystem image is.
-    std::fs::OpenOptions::new()
+    fs_err::OpenOptions::new()
         .write(true)
         .open(&raw)
         .and_then(|f| f.set_len(size_mib << 20))
@@ -53,7 +53,7 @@ fn make_disk(dir: &Path, size_mib: u64, data_mib: u64) -> std::path::PathBuf {
         .args(["convert", "-f", "raw", "-O", "qcow2"])
         .arg(&raw)
         .arg(&disk));
-    std::fs::remove_file(&raw).expect("remove data");
+    fs_err::remove_file(&raw).expect("remove data");
     disk
 }
 
@@ -67,7 +67,7 @@ async fn main() {
     println!("disk: {size_mib} MiB virtual, {data_mib} MiB of data");
 
     let out = work.path().join("out");
-    std::fs::create_dir(&out).expect("mkdir");
+    fs_err::create_dir(&out).expect("mkdir");
     let t0 = Instant::now();
     let req = ExportRequest::new(&disk, &out, "bench", &Format::ALL);
     let report = export::export(&req, &export::NoProgress)
@@ -95,7 +95,7 @@ async fn main() {
             .arg(&disk)
             .arg(&bare));
         let bare_secs = t.elapsed().as_secs_f64();
-        let _ = std::fs::remove_file(&bare);
+        let _ = fs_err::remove_file(&bare);
         println!(
             "{:<6} {:>10.1} {:>12.2} {:>12.2}",
             a.format.to_string(),

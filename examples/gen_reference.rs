@@ -5,8 +5,8 @@
 
 fn main() -> std::io::Result<()> {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/reference/recipe.md");
-    std::fs::create_dir_all(path.parent().expect("a file in a folder"))?;
-    std::fs::write(&path, builder::recipe::settings::reference())?;
+    fs_err::create_dir_all(path.parent().expect("a file in a folder"))?;
+    fs_err::write(&path, builder::recipe::settings::reference())?;
     eprintln!("wrote {}", path.display());
     Ok(())
 }

@@ -371,7 +371,7 @@ pub fn close_file_hint(missing: &std::path::Path) -> Option<String> {
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(std::path::Path::new("."));
     let name = missing.file_name()?.to_str()?;
-    let siblings: Vec<String> = std::fs::read_dir(dir)
+    let siblings: Vec<String> = fs_err::read_dir(dir)
         .ok()?
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .collect();

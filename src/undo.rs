@@ -240,7 +240,7 @@ pub struct RemoveError {
 
 /// An undo action that removes a folder and everything in it (already gone is fine).
 pub fn remove_dir(path: std::path::PathBuf) -> impl FnOnce() -> Result<(), RemoveError> + Send {
-    move || match std::fs::remove_dir_all(&path) {
+    move || match fs_err::remove_dir_all(&path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(source) => Err(RemoveError { path, source }),
@@ -314,8 +314,8 @@ mod tests {
     fn drop_unwinds_what_was_not_unwound_into_its_leftovers() {
         let dir = tempfile::tempdir().expect("temp dir");
         let sub = dir.path().join("vm");
-        std::fs::create_dir(&sub).expect("mkdir");
-        std::fs::write(sub.join("disk"), b"x").expect("write");
+        fs_err::create_dir(&sub).expect("mkdir");
+        fs_err::write(sub.join("disk"), b"x").expect("write");
         let leftovers = Leftovers::default();
         {
             let mut undo = UndoList::new(true, leftovers.clone());

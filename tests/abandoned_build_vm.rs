@@ -93,7 +93,7 @@ fn run(guard: &NoLeftovers, registry: &str, args: &[&str]) -> (Output, String) {
 }
 
 fn names(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
+    let mut names: Vec<String> = fs_err::read_dir(dir)
         .into_iter()
         .flatten()
         .flatten()
@@ -119,14 +119,12 @@ fn source_store(root: &Path, image: &Path) -> (PathBuf, String) {
         .expect("cp");
     assert!(status.success());
     let sha = builder::export::sha256_file(&slot.dir().join(file)).expect("hash");
-    std::fs::write(slot.dir().join("SHA256SUMS"), format!("{sha}  {file}\n")).expect("sums");
+    fs_err::write(slot.dir().join("SHA256SUMS"), format!("{sha}  {file}\n")).expect("sums");
     let mut m = Manifest::new(slot.id().clone(), slot.build_id());
     m.outputs.push(Artifact {
         file: file.into(),
         format: Format::Qcow2,
-        size: std::fs::metadata(slot.dir().join(file))
-            .expect("size")
-            .len(),
+        size: fs_err::metadata(slot.dir().join(file)).expect("size").len(),
         virtual_size: 2 << 30,
         sha256: sha.clone(),
     });
@@ -153,10 +151,10 @@ fn a_killed_build_is_cleaned_up_and_an_oci_parent_survives_pruning() {
     let image = vm_tier::test_image();
     let guard = NoLeftovers::new();
     let root = guard.root();
-    std::fs::create_dir(root.join("docker")).expect("mkdir");
-    std::fs::write(root.join("docker/config.json"), "{}").expect("docker config");
-    std::fs::write(root.join("mark.yml"), MARK).expect("component");
-    std::fs::write(root.join("wait.yml"), WAIT).expect("component");
+    fs_err::create_dir(root.join("docker")).expect("mkdir");
+    fs_err::write(root.join("docker/config.json"), "{}").expect("docker config");
+    fs_err::write(root.join("mark.yml"), MARK).expect("component");
+    fs_err::write(root.join("wait.yml"), WAIT).expect("component");
 
     // 1. Push the fixture image; build on it from the registry.
     let mut registry = registry::TestRegistry::start();
@@ -188,13 +186,13 @@ fn a_killed_build_is_cleaned_up_and_an_oci_parent_survives_pruning() {
         .rsplit_once("@sha256:")
         .map(|(_, hex)| hex.to_string())
         .expect("pinned");
-    std::fs::remove_dir_all(&source).expect("remove the source store");
-    std::fs::write(root.join("a.yml"), recipe(&location, &["mark.yml"])).expect("recipe");
+    fs_err::remove_dir_all(&source).expect("remove the source store");
+    fs_err::write(root.join("a.yml"), recipe(&location, &["mark.yml"])).expect("recipe");
     let (out, stderr) = run(&guard, &host, &["build", "a.yml", "--accel", "tcg"]);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     let stored = guard.store().join("images/on-oci/1.0.0/1");
     let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(stored.join("manifest.json")).expect("manifest"))
+        serde_json::from_slice(&fs_err::read(stored.join("manifest.json")).expect("manifest"))
             .expect("JSON");
     let parent = &manifest["inputs"]["parent"];
     assert_eq!(parent["sha256"], manifest_hex.as_str(), "{parent:#}");
@@ -207,9 +205,9 @@ fn a_killed_build_is_cleaned_up_and_an_oci_parent_survives_pruning() {
     // 2. The registry goes; pruning keeps the parent the stored build uses, and only it.
     registry.stop();
     let junk = ["b", "c", "d"].map(|c| c.repeat(64));
-    std::fs::write(cache.join(format!("{}.qcow2", junk[0])), "unused").expect("junk");
-    std::fs::write(cache.join(format!("{}.part", junk[1])), "half").expect("junk");
-    std::fs::write(
+    fs_err::write(cache.join(format!("{}.qcow2", junk[0])), "unused").expect("junk");
+    fs_err::write(cache.join(format!("{}.part", junk[1])), "half").expect("junk");
+    fs_err::write(
         cache.join(format!("manifest-{}.sha256", junk[2])),
         format!("{}\n", junk[1]),
     )
@@ -228,7 +226,7 @@ fn a_killed_build_is_cleaned_up_and_an_oci_parent_survives_pruning() {
     assert_eq!(names(&cache), [cached.clone(), memo.clone()], "{stderr}");
 
     // 3. Build again on the same parent, registry down, and kill it mid-component.
-    std::fs::write(
+    fs_err::write(
         root.join("b.yml"),
         recipe(&location, &["mark.yml", "wait.yml"]),
     )
@@ -317,7 +315,7 @@ fn a_killed_build_is_cleaned_up_and_an_oci_parent_survives_pruning() {
     );
     let failed = guard.store().join("failed").join(&build_id);
     let record: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(failed.join("build.json")).expect("build.json"))
+        serde_json::from_slice(&fs_err::read(failed.join("build.json")).expect("build.json"))
             .expect("JSON");
     let reason = record["failure"].as_str().unwrap_or_default();
     assert!(reason.starts_with("abandoned: "), "{reason}");

@@ -50,8 +50,8 @@ impl Agent {
     async fn start() -> Agent {
         let dir = tempfile::tempdir().expect("temp dir");
         let exe = dir.path().join("builder-agent");
-        std::fs::write(&exe, builder::agent::AGENT_BINARY).expect("write agent");
-        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        fs_err::write(&exe, builder::agent::AGENT_BINARY).expect("write agent");
+        fs_err::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         let sock = dir.path().join("agent.sock");
         let listener = UnixListener::bind(&sock).expect("bind");
         let child = spawn_fresh(
@@ -132,7 +132,7 @@ async fn run(t: &AgentMachine, req: ExecRequest) -> (ExitStatus, String, String)
 /// may not reap them).
 async fn assert_gone(pid: i32) {
     for _ in 0..100 {
-        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        match fs_err::read_to_string(format!("/proc/{pid}/stat")) {
             Err(_) => return,
             Ok(s) => {
                 let state = s
@@ -151,7 +151,7 @@ async fn assert_gone(pid: i32) {
 
 async fn read_pid(path: &Path) -> i32 {
     for _ in 0..200 {
-        if let Ok(s) = std::fs::read_to_string(path)
+        if let Ok(s) = fs_err::read_to_string(path)
             && let Ok(pid) = s.trim().parse()
         {
             return pid;
@@ -169,10 +169,10 @@ async fn hello_reports_this_machine() {
     assert_eq!(hello.protocol, protocol::PROTOCOL_VERSION);
     assert_eq!(hello.pid, agent.child.id());
     let info = t.info().await.expect("info");
-    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").expect("boot id");
+    let boot_id = fs_err::read_to_string("/proc/sys/kernel/random/boot_id").expect("boot id");
     assert_eq!(info.boot_id, boot_id.trim());
     assert_eq!(info.arch, std::env::consts::ARCH);
-    let os = std::fs::read_to_string("/etc/os-release").expect("os-release");
+    let os = fs_err::read_to_string("/etc/os-release").expect("os-release");
     assert!(os.contains(&format!("ID={}", info.os_id)), "{info:?}");
     assert!(!info.os_pretty.is_empty());
     t.ping().await.expect("ping");
@@ -202,7 +202,7 @@ async fn exec_streams_output_in_order_before_the_command_ends() {
             chunk = rx.recv() => {
                 seen.push_str(&String::from_utf8_lossy(&chunk.expect("output")));
                 if seen.contains("three") {
-                    std::fs::write(&go, "").expect("go");
+                    fs_err::write(&go, "").expect("go");
                 }
             }
             done = &mut exec => {
@@ -280,7 +280,7 @@ async fn env_cwd_and_user() {
     req.user = Some("nobody".into());
     let (status, out, err) = run(&t, req).await;
     assert!(status.success(), "{err}");
-    let passwd = std::fs::read_to_string("/etc/passwd").expect("passwd");
+    let passwd = fs_err::read_to_string("/etc/passwd").expect("passwd");
     let home = passwd
         .lines()
         .find(|l| l.starts_with("nobody:"))
@@ -366,7 +366,7 @@ async fn futures_join_all<F: std::future::Future<Output = ()>>(futs: impl Iterat
 
 fn sha256_file(p: &Path) -> String {
     use std::io::Read;
-    let mut f = std::fs::File::open(p).expect("open");
+    let mut f = fs_err::File::open(p).expect("open");
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -388,11 +388,11 @@ fn random_file(path: &Path, size: usize) {
         counter += 1;
     }
     out.truncate(size);
-    std::fs::write(path, out).expect("write random file");
+    fs_err::write(path, out).expect("write random file");
 }
 
 fn leftovers(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
+    fs_err::read_dir(dir)
         .expect("read dir")
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -431,7 +431,7 @@ async fn put_and_get_100_mib_with_matching_sha256() {
     assert!(leftovers(&agent.path("guest/sub")).is_empty());
 
     let back = agent.path("back/big");
-    std::fs::create_dir_all(agent.path("back")).expect("mkdir");
+    fs_err::create_dir_all(agent.path("back")).expect("mkdir");
     let got = t.get_file(&remote, &back).await.expect("get");
     assert_eq!(got.sha256, want);
     assert_eq!(sha256_file(&back), want);
@@ -450,7 +450,7 @@ async fn put_bytes_append_and_keep_mode() {
     )
     .await
     .expect("put");
-    std::fs::set_permissions(&remote, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    fs_err::set_permissions(&remote, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let info = t
         .put_file(
             &remote,
@@ -463,7 +463,7 @@ async fn put_bytes_append_and_keep_mode() {
         .await
         .expect("append");
     assert_eq!(info.size, 4);
-    assert_eq!(std::fs::read(&remote).expect("read"), b"one\ntwo\n");
+    assert_eq!(fs_err::read(&remote).expect("read"), b"one\ntwo\n");
     // Replacing keeps the mode of the file it replaces.
     t.put_file(
         &remote,
@@ -498,10 +498,10 @@ async fn stat_and_list() {
     let agent = Agent::start().await;
     let t = agent.target().await;
     let d = agent.path("tree");
-    std::fs::create_dir(&d).expect("mkdir");
-    std::fs::write(d.join("b"), "12345").expect("write");
-    std::fs::create_dir(d.join("a")).expect("mkdir");
-    std::os::unix::fs::symlink("b", d.join("c")).expect("symlink");
+    fs_err::create_dir(&d).expect("mkdir");
+    fs_err::write(d.join("b"), "12345").expect("write");
+    fs_err::create_dir(d.join("a")).expect("mkdir");
+    fs_err::os::unix::fs::symlink("b", d.join("c")).expect("symlink");
     assert_eq!(t.stat(&d.join("zz")).await.expect("stat"), None);
     let link = t.stat(&d.join("c")).await.expect("stat").expect("exists");
     assert_eq!(link.kind, FileKind::Symlink);
@@ -759,14 +759,14 @@ fn relay(listener: UnixListener) -> Relay {
 async fn a_restarted_agent_or_a_closed_port_fails_requests_in_flight() {
     let dir = tempfile::tempdir().expect("temp dir");
     let exe = dir.path().join("builder-agent");
-    std::fs::write(&exe, builder::agent::AGENT_BINARY).expect("write agent");
-    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    fs_err::write(&exe, builder::agent::AGENT_BINARY).expect("write agent");
+    fs_err::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let sock = dir.path().join("agent.sock");
     let mut relay = relay(UnixListener::bind(&sock).expect("bind"));
     // The agents of this test keep their scripts in a temp dir of their own: an agent that
     // another test starts meanwhile removes a dead agent's scripts from the shared one.
     let tmp = dir.path().join("tmp");
-    std::fs::create_dir(&tmp).expect("mkdir tmp");
+    fs_err::create_dir(&tmp).expect("mkdir tmp");
     let start = || {
         spawn_fresh(
             std::process::Command::new(&exe)
@@ -807,7 +807,7 @@ async fn a_restarted_agent_or_a_closed_port_fails_requests_in_flight() {
     assert_gone(orphan_pid).await;
     let first_scripts = || {
         let prefix = format!(".builder-script-{}-", first.id());
-        std::fs::read_dir(&tmp)
+        fs_err::read_dir(&tmp)
             .expect("temp dir")
             .filter_map(|e| e.ok())
             .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))

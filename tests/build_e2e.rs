@@ -82,7 +82,7 @@ impl NoLeftovers {
 
 fn sha256(path: &Path) -> String {
     use std::io::Read;
-    let mut file = std::fs::File::open(path).expect("open output");
+    let mut file = fs_err::File::open(path).expect("open output");
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 1 << 20];
     loop {
@@ -280,7 +280,7 @@ fn two_components_tested_exported_booted_and_built_upon() {
     // 2. The stored build: every format, checked, hashed as the manifest says.
     let dir = stored_build(&guard.store(), "e2e-two");
     let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).expect("manifest"))
+        serde_json::from_slice(&fs_err::read(dir.join("manifest.json")).expect("manifest"))
             .expect("manifest JSON");
     assert_eq!(manifest["status"], "success");
     let outputs = manifest["outputs"].as_array().expect("outputs");
@@ -289,7 +289,7 @@ fn two_components_tested_exported_booted_and_built_upon() {
         .map(|o| o["format"].as_str().expect("format"))
         .collect();
     assert_eq!(formats, ["qcow2", "raw", "vmdk", "vhdx", "vhd", "ova"]);
-    let sums = std::fs::read_to_string(dir.join("SHA256SUMS")).expect("SHA256SUMS");
+    let sums = fs_err::read_to_string(dir.join("SHA256SUMS")).expect("SHA256SUMS");
     for o in outputs {
         let file = dir.join(o["file"].as_str().expect("file"));
         let digest = sha256(&file);
@@ -422,7 +422,7 @@ fn two_components_on_debian_13_grown_rebooted_and_tested() {
 
     let dir = stored_build(&guard.store(), "e2e-two");
     let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).expect("manifest"))
+        serde_json::from_slice(&fs_err::read(dir.join("manifest.json")).expect("manifest"))
             .expect("manifest JSON");
     let tests: Vec<(&str, &str)> = manifest["tests"]
         .as_array()
@@ -467,7 +467,7 @@ fn example_recipe_and_a_recipe_built_on_it() {
     assert_eq!(out.status.code(), Some(0), "the example failed to build");
     let base = stored_build(&guard.store(), "debian-12-base");
     let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(base.join("manifest.json")).expect("manifest"))
+        serde_json::from_slice(&fs_err::read(base.join("manifest.json")).expect("manifest"))
             .expect("manifest JSON");
     let parent_sha = manifest["outputs"][0]["sha256"].clone();
     assert_eq!(manifest["tests"][0]["component"], "test-basics");
@@ -478,17 +478,17 @@ fn example_recipe_and_a_recipe_built_on_it() {
     // tests/build/on-parent.yml with a `distribution:` to a directory outside the checkout
     // added, so the build's distribute stage runs in a real build too.
     let recipe_dir = guard.root().join("recipe");
-    std::fs::create_dir(&recipe_dir).expect("mkdir recipe");
+    fs_err::create_dir(&recipe_dir).expect("mkdir recipe");
     let components = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/build/components");
     let shipped = guard.root().join("shipped");
-    let text = std::fs::read_to_string("tests/build/on-parent.yml")
+    let text = fs_err::read_to_string("tests/build/on-parent.yml")
         .expect("on-parent.yml")
         .replace(
             "path: components/",
             &format!("path: {}/", components.display()),
         );
     let recipe = recipe_dir.join("on-parent.yml");
-    std::fs::write(
+    fs_err::write(
         &recipe,
         format!(
             "{text}distribution:\n  - directory: {{path: {}}}\n",
@@ -510,14 +510,14 @@ fn example_recipe_and_a_recipe_built_on_it() {
     // Distributed: the folder holds the qcow2, the manifest and SHA256SUMS, with the stored
     // digests, and the store recorded the receipt.
     let receipts: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(child.join("receipts.json")).expect("receipts"))
+        serde_json::from_slice(&fs_err::read(child.join("receipts.json")).expect("receipts"))
             .expect("receipts JSON");
     assert_eq!(receipts[0]["kind"], "directory", "{receipts}");
     let location = PathBuf::from(receipts[0]["location"].as_str().expect("location"));
     assert!(location.starts_with(&shipped), "{}", location.display());
-    let sums = std::fs::read_to_string(location.join("SHA256SUMS")).expect("shipped SHA256SUMS");
+    let sums = fs_err::read_to_string(location.join("SHA256SUMS")).expect("shipped SHA256SUMS");
     let stored_manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(child.join("manifest.json")).expect("manifest"))
+        serde_json::from_slice(&fs_err::read(child.join("manifest.json")).expect("manifest"))
             .expect("manifest JSON");
     let qcow2 = stored_manifest["outputs"][0]["file"]
         .as_str()
@@ -531,7 +531,7 @@ fn example_recipe_and_a_recipe_built_on_it() {
     );
     assert!(sums.contains(qcow2), "{sums}");
     assert!(location.join("manifest.json").is_file());
-    let shipped_entries: Vec<PathBuf> = std::fs::read_dir(&shipped)
+    let shipped_entries: Vec<PathBuf> = fs_err::read_dir(&shipped)
         .expect("shipped folder")
         .map(|e| e.expect("entry").path())
         .collect();
@@ -546,7 +546,7 @@ fn example_recipe_and_a_recipe_built_on_it() {
         "stdout names the output: {printed}"
     );
     let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(child.join("manifest.json")).expect("manifest"))
+        serde_json::from_slice(&fs_err::read(child.join("manifest.json")).expect("manifest"))
             .expect("manifest JSON");
     assert_eq!(
         manifest["inputs"]["parent"]["storeImage"],
@@ -660,7 +660,7 @@ fn failing_test_fails_the_build_and_keep_on_failure_keeps_what_it_says() {
         "{}",
         full_log.display()
     );
-    let log = std::fs::read_to_string(&full_log).expect("the step's log");
+    let log = fs_err::read_to_string(&full_log).expect("the step's log");
     assert!(log.contains("looking for /etc/not-there"), "{log}");
     // The build's own `logs:` line is the last one (the executor prints one per run).
     let logs = stderr
@@ -674,7 +674,7 @@ fn failing_test_fails_the_build_and_keep_on_failure_keeps_what_it_says() {
     }
     // The component's warnings are in the build's own log too (one line each, with place and
     // hint), where a build run by a pipeline keeps them.
-    let build_log = std::fs::read_to_string(logs.join("build.log")).expect("build.log");
+    let build_log = fs_err::read_to_string(logs.join("build.log")).expect("build.log");
     let warnings: Vec<&str> = build_log
         .lines()
         .filter(|l| l.contains(r#""stage":"component""#) && l.contains("write-marker.yml:"))
@@ -686,7 +686,7 @@ fn failing_test_fails_the_build_and_keep_on_failure_keeps_what_it_says() {
         "{build_log}"
     );
     let manifest: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(logs.parent().expect("build folder").join("manifest.json"))
+        &fs_err::read(logs.parent().expect("build folder").join("manifest.json"))
             .expect("the failed build's manifest"),
     )
     .expect("manifest JSON");
@@ -710,7 +710,7 @@ fn failing_test_fails_the_build_and_keep_on_failure_keeps_what_it_says() {
     );
     let chain = PathBuf::from(removals[0]);
     assert!(chain.starts_with(guard.store().join("work")));
-    let mut files: Vec<String> = std::fs::read_dir(&chain)
+    let mut files: Vec<String> = fs_err::read_dir(&chain)
         .expect("kept chain")
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -722,7 +722,7 @@ fn failing_test_fails_the_build_and_keep_on_failure_keeps_what_it_says() {
     );
     qemu_img_check(&chain.join("2-generalize.qcow2"));
     for dir in removals {
-        std::fs::remove_dir_all(dir).expect("remove what was kept");
+        fs_err::remove_dir_all(dir).expect("remove what was kept");
     }
 }
 
@@ -752,7 +752,7 @@ fn on_error_shell_without_a_terminal_is_refused_at_once() {
     );
     assert!(stderr.contains("hint: use `--on-error keep`"), "{stderr}");
     assert_eq!(
-        std::fs::read_dir(store.path()).expect("store").count(),
+        fs_err::read_dir(store.path()).expect("store").count(),
         0,
         "nothing was started"
     );
@@ -762,7 +762,7 @@ fn on_error_shell_without_a_terminal_is_refused_at_once() {
 /// `(placeholder, value)` replaced.
 fn recipe_copy(dir: &Path, name: &str, replace: &[(&str, &str)]) -> PathBuf {
     let components = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/build/components");
-    let mut text = std::fs::read_to_string(Path::new("tests/build").join(name))
+    let mut text = fs_err::read_to_string(Path::new("tests/build").join(name))
         .unwrap_or_else(|e| panic!("tests/build/{name}: {e}"))
         .replace(
             "path: components/",
@@ -773,7 +773,7 @@ fn recipe_copy(dir: &Path, name: &str, replace: &[(&str, &str)]) -> PathBuf {
         text = text.replace(from, to);
     }
     let path = dir.join(name);
-    std::fs::write(&path, text).expect("write the recipe copy");
+    fs_err::write(&path, text).expect("write the recipe copy");
     path
 }
 
@@ -944,14 +944,14 @@ fn uefi_and_user_network_build_fetches_from_the_host_and_tests_on_uefi() {
 
     let dir = stored_build(&guard.store(), "e2e-uefi-net");
     let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).expect("manifest"))
+        serde_json::from_slice(&fs_err::read(dir.join("manifest.json")).expect("manifest"))
             .expect("manifest JSON");
     assert_eq!(manifest["status"], "success");
     assert_eq!(manifest["host"]["firmware"], "uefi", "{}", manifest["host"]);
     assert_eq!(manifest["tests"][0]["component"], "fetch-from-host");
     assert_eq!(manifest["tests"][0]["status"], "success");
     for vm in ["build-vm", "test-vm"] {
-        let console = std::fs::read_to_string(dir.join("logs").join(vm).join("console.log"))
+        let console = fs_err::read_to_string(dir.join("logs").join(vm).join("console.log"))
             .unwrap_or_else(|e| panic!("{vm}/console.log: {e}"));
         // OVMF's boot manager says what it loads on the serial console.
         assert!(

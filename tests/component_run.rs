@@ -30,7 +30,7 @@ struct Sandbox {
 impl Sandbox {
     fn new() -> Self {
         let root = tempfile::tempdir().expect("temp dir");
-        std::fs::create_dir(root.path().join("work")).expect("work dir");
+        fs_err::create_dir(root.path().join("work")).expect("work dir");
         Self { root }
     }
 
@@ -47,14 +47,14 @@ impl Sandbox {
     }
 
     fn read(&self, relative: &str) -> String {
-        std::fs::read_to_string(self.path(relative))
+        fs_err::read_to_string(self.path(relative))
             .unwrap_or_else(|e| panic!("{relative} should exist: {e}"))
     }
 
     /// Write an inline document into the sandbox.
     fn document(&self, name: &str, text: &str) -> PathBuf {
         let path = self.root.path().join(name);
-        std::fs::write(&path, text).expect("write document");
+        fs_err::write(&path, text).expect("write document");
         path
     }
 
@@ -82,7 +82,7 @@ impl Sandbox {
 
     /// The one `TOE_*` folder of the run.
     fn run_folder(&self) -> PathBuf {
-        let folders: Vec<PathBuf> = std::fs::read_dir(self.logs())
+        let folders: Vec<PathBuf> = fs_err::read_dir(self.logs())
             .expect("log directory exists")
             .map(|e| e.expect("entry").path())
             .filter(|p| {
@@ -95,7 +95,7 @@ impl Sandbox {
     }
 
     fn detailed(&self) -> Value {
-        let text = std::fs::read_to_string(self.run_folder().join("detailedoutput.json"))
+        let text = fs_err::read_to_string(self.run_folder().join("detailedoutput.json"))
             .expect("detailedoutput.json");
         serde_json::from_str(&text).expect("valid JSON")
     }
@@ -139,7 +139,7 @@ fn step(detailed: &Value, name: &str) -> Value {
 
 /// Running and not a zombie.
 fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+    match fs_err::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the command name in parentheses.
         Ok(stat) => stat
             .rsplit_once(") ")
@@ -183,12 +183,12 @@ fn file_actions_do_what_they_say() {
     assert_eq!(sb.read("moved/hello-moved.txt"), "hello world");
     assert!(!sb.path("copies/renamed.txt").exists(), "moved away");
     assert_eq!(
-        std::fs::read(sb.path("made/new/parent/utf16.txt")).expect("utf16 file"),
+        fs_err::read(sb.path("made/new/parent/utf16.txt")).expect("utf16 file"),
         [0x68, 0, 0xe9, 0]
     );
     let mode = |p: &str| {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::metadata(sb.path(p))
+        fs_err::metadata(sb.path(p))
             .expect("exists")
             .permissions()
             .mode()
@@ -198,7 +198,7 @@ fn file_actions_do_what_they_say() {
     assert_eq!(mode("made/b.log"), 0o600);
     assert_eq!(mode("shared"), 0o750);
     assert_eq!(
-        std::fs::read_link(sb.path("links/hello")).expect("a symlink"),
+        fs_err::read_link(sb.path("links/hello")).expect("a symlink"),
         Path::new("../made/hello.txt")
     );
     let listed = sb.read("list.txt");
@@ -228,9 +228,9 @@ fn file_actions_do_what_they_say() {
 #[test]
 fn file_actions_refuse_what_they_should() {
     let sb = Sandbox::new();
-    std::fs::write(sb.path("exists.txt"), "old").expect("write");
-    std::fs::create_dir(sb.path("full")).expect("dir");
-    std::fs::write(sb.path("full/x"), "x").expect("write");
+    fs_err::write(sb.path("exists.txt"), "old").expect("write");
+    fs_err::create_dir(sb.path("full")).expect("dir");
+    fs_err::write(sb.path("full/x"), "x").expect("write");
     let cases = [
         (
             "CreateFile",
@@ -380,7 +380,7 @@ fn max_attempts_is_the_total_number_of_attempts() {
 
     // With two attempts the same script gives up.
     let sb = Sandbox::new();
-    let text = std::fs::read_to_string(doc("retry.yml"))
+    let text = fs_err::read_to_string(doc("retry.yml"))
         .expect("read")
         .replace("maxAttempts: 3", "maxAttempts: 2");
     let path = sb.document("retry2.yml", &text);
@@ -716,7 +716,7 @@ fn web_download_checks_the_checksum() {
         .to_string();
     assert!(message.contains("does not match"), "{message}");
     assert!(!sb.path("file.txt").exists(), "a bad download is not kept");
-    let leftovers: Vec<_> = std::fs::read_dir(sb.work())
+    let leftovers: Vec<_> = fs_err::read_dir(sb.work())
         .expect("work")
         .map(|e| e.expect("entry").file_name())
         .collect();
@@ -846,12 +846,12 @@ fn logs_and_json_events() {
         name.starts_with("TOE_") && name.ends_with("_UTC-0_run-42"),
         "{name}"
     );
-    let console = std::fs::read_to_string(folder.join("console.log")).expect("console.log");
+    let console = fs_err::read_to_string(folder.join("console.log")).expect("console.log");
     assert!(console.contains("0:3\n1:2\n2:1\n"), "{console}");
-    let app = std::fs::read_to_string(folder.join("application.log")).expect("application.log");
+    let app = fs_err::read_to_string(folder.join("application.log")).expect("application.log");
     assert!(app.contains("StopsAtFirstFailure"), "{app}");
     let chaining: Value = serde_json::from_str(
-        &std::fs::read_to_string(folder.join("chaining.json")).expect("chaining.json"),
+        &fs_err::read_to_string(folder.join("chaining.json")).expect("chaining.json"),
     )
     .expect("JSON");
     assert!(
@@ -891,7 +891,7 @@ fn example(name: &str) -> PathBuf {
 
 #[test]
 fn example_components_validate_and_the_local_ones_run() {
-    let all: Vec<PathBuf> = std::fs::read_dir(example(""))
+    let all: Vec<PathBuf> = fs_err::read_dir(example(""))
         .expect("images/components")
         .map(|e| e.expect("entry").path())
         .filter(|p| p.extension().is_some_and(|x| x == "yml"))
@@ -1110,7 +1110,7 @@ fn s3_upload_and_download_against_an_s3_compatible_endpoint() {
     let mut back: Vec<String> = Vec::new();
     let mut pending = vec![sb.path("tree-back")];
     while let Some(dir) = pending.pop() {
-        for entry in std::fs::read_dir(&dir).expect("tree-back") {
+        for entry in fs_err::read_dir(&dir).expect("tree-back") {
             let path = entry.expect("entry").path();
             if path.is_dir() {
                 pending.push(path);
@@ -1139,7 +1139,7 @@ fn s3_upload_and_download_against_an_s3_compatible_endpoint() {
         ),
     ] {
         let sb = Sandbox::new();
-        std::fs::write(sb.path("one.txt"), "one").expect("write");
+        fs_err::write(sb.path("one.txt"), "one").expect("write");
         let path = sb.document(
             "wrong.yml",
             &format!(
@@ -1171,17 +1171,17 @@ fn update_os_uses_the_package_manager_it_finds() {
     let sb = Sandbox::new();
     // Stand-ins for apt-get and apt-mark, first on PATH, that record how they were called.
     let bin = sb.root.path().join("bin");
-    std::fs::create_dir(&bin).expect("bin");
+    fs_err::create_dir(&bin).expect("bin");
     let calls = sb.root.path().join("calls");
     for tool in ["apt-get", "apt-mark"] {
         let script = bin.join(tool);
-        std::fs::write(
+        fs_err::write(
             &script,
             format!("#!/bin/sh\necho \"{tool} $*\" >> '{}'\n", calls.display()),
         )
         .expect("write");
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        fs_err::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     }
     let path = sb.document(
         "update.yml",
@@ -1194,7 +1194,7 @@ fn update_os_uses_the_package_manager_it_finds() {
         .output()
         .expect("runs");
     assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let calls = std::fs::read_to_string(&calls).expect("the package manager was called");
+    let calls = fs_err::read_to_string(&calls).expect("the package manager was called");
     let lines: Vec<&str> = calls.lines().collect();
     assert_eq!(
         lines,
@@ -1245,7 +1245,7 @@ fn nothing_is_left_in_the_temporary_folder() {
     // succeed, fail, time out and are interrupted, it is empty again.
     let sb = Sandbox::new();
     let tmp = sb.root.path().join("tmp");
-    std::fs::create_dir(&tmp).expect("tmp");
+    fs_err::create_dir(&tmp).expect("tmp");
     for name in ["exec.yml", "loops.yml", "timeout.yml", "retry.yml"] {
         let mut cmd = assert_cmd::Command::new(env!("CARGO_BIN_EXE_builder"));
         let out = cmd
@@ -1258,7 +1258,7 @@ fn nothing_is_left_in_the_temporary_folder() {
             .output()
             .expect("runs");
         assert!(code(&out) <= 1, "{name}: {}", stderr(&out));
-        let left: Vec<_> = std::fs::read_dir(&tmp)
+        let left: Vec<_> = fs_err::read_dir(&tmp)
             .expect("tmp")
             .map(|e| e.expect("entry").file_name())
             .collect();
@@ -1302,7 +1302,7 @@ fn execute_document_runs_only_pinned_documents_when_given_pins() {
         )
     };
     let child = executor::canonical(&doc("child.yml"));
-    let bytes = std::fs::read(&child).expect("child.yml");
+    let bytes = fs_err::read(&child).expect("child.yml");
     let sha256 = hex::encode(sha2::Sha256::digest(&bytes));
 
     assert_eq!(run(None).0, "success", "no pins: any document");

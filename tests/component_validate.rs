@@ -9,7 +9,7 @@ use builder::component::parse;
 
 fn yaml_files(dir: &str) -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut files: Vec<PathBuf> = std::fs::read_dir(root.join(dir))
+    let mut files: Vec<PathBuf> = fs_err::read_dir(root.join(dir))
         .expect("the directory is part of the repository")
         .map(|e| e.expect("readable directory entry").path())
         .filter(|p| p.extension().is_some_and(|e| e == "yml"))
@@ -24,7 +24,7 @@ fn yaml_files(dir: &str) -> Vec<PathBuf> {
 }
 
 fn read(path: &Path) -> String {
-    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path))
+    fs_err::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path))
         .expect("test file is readable")
 }
 

@@ -227,7 +227,7 @@ fn random_file(dir: &Path, name: &str, size: u64) -> PathBuf {
     }
     bytes.truncate(size as usize);
     let path = dir.join(name);
-    std::fs::write(&path, &bytes).expect("write");
+    fs_err::write(&path, &bytes).expect("write");
     path
 }
 
@@ -241,7 +241,7 @@ fn upload_options(state_dir: &Path) -> UploadOptions {
 }
 
 fn files_in(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
+    fs_err::read_dir(dir)
         .map(|entries| {
             entries
                 .filter_map(|e| e.ok())
@@ -308,7 +308,7 @@ async fn multipart_upload_of_a_file_larger_than_one_part() {
         .await
         .expect("uploads");
 
-    let original = std::fs::read(&file).expect("read");
+    let original = fs_err::read(&file).expect("read");
     assert_eq!(uploaded.parts, 3);
     assert_eq!(uploaded.parts_reused, 0);
     assert_eq!(uploaded.size, original.len() as u64);
@@ -380,7 +380,7 @@ async fn an_interrupted_upload_resumes_with_only_the_missing_parts() {
         2,
         "only the missing parts were sent"
     );
-    let original = std::fs::read(&file).expect("read");
+    let original = fs_err::read(&file).expect("read");
     assert!(
         server.stored(BUCKET, "disk.vmdk").expect("stored") == original,
         "the resumed object differs from the file"
@@ -463,7 +463,7 @@ async fn a_bad_credential_is_rejected_with_a_clear_error() {
 /// A stored build with only a qcow2 (so the import converts it to a vmdk), UEFI firmware.
 fn stored_image(dir: &Path) -> StoredImage {
     let image_dir = dir.join("store/images/web/1.2.0/3");
-    std::fs::create_dir_all(&image_dir).expect("mkdir");
+    fs_err::create_dir_all(&image_dir).expect("mkdir");
     let disk = image_dir.join("web.qcow2");
     let status = std::process::Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2"])
@@ -1134,11 +1134,11 @@ async fn builder_distribute_to_ami_runs_end_to_end_against_moto() {
     manifest.outputs.push(Artifact {
         file: file.into(),
         format: Format::Qcow2,
-        size: std::fs::metadata(&disk).expect("size").len(),
+        size: fs_err::metadata(&disk).expect("size").len(),
         virtual_size: 64 * MIB,
         sha256: sha256.clone(),
     });
-    std::fs::write(slot.dir().join("SHA256SUMS"), format!("{sha256}  {file}\n")).expect("sums");
+    fs_err::write(slot.dir().join("SHA256SUMS"), format!("{sha256}  {file}\n")).expect("sums");
     manifest.write(slot.dir()).expect("manifest");
     slot.commit().expect("commit");
 

@@ -49,11 +49,11 @@ fn store_build(store: &Store, name: &str, parent: Option<ParentInput>) -> Stored
     m.outputs.push(Artifact {
         file: file.clone(),
         format: Format::Qcow2,
-        size: std::fs::metadata(&path).expect("size").len(),
+        size: fs_err::metadata(&path).expect("size").len(),
         virtual_size: 64 << 20,
         sha256: builder::export::sha256_file(&path).expect("hash"),
     });
-    std::fs::write(
+    fs_err::write(
         slot.dir().join("SHA256SUMS"),
         format!("{}  {file}\n", m.outputs[0].sha256),
     )
@@ -63,7 +63,7 @@ fn store_build(store: &Store, name: &str, parent: Option<ParentInput>) -> Stored
 }
 
 fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
+    let mut v: Vec<String> = fs_err::read_dir(dir)
         .map(|d| {
             d.map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
                 .collect()
@@ -107,7 +107,7 @@ async fn a_directory_copy_is_complete_verified_and_never_half_there() {
     let disk = &image.manifest.outputs[0];
     assert_eq!(receipt.digests.get(&disk.file), Some(&disk.sha256));
     let copied: Manifest =
-        serde_json::from_slice(&std::fs::read(folder.join("manifest.json")).expect("read"))
+        serde_json::from_slice(&fs_err::read(folder.join("manifest.json")).expect("read"))
             .expect("manifest");
     assert_eq!(copied.image, image.manifest.image);
 
@@ -120,7 +120,7 @@ async fn a_directory_copy_is_complete_verified_and_never_half_there() {
         "{e}"
     );
     // ...and replaces the folder when asked.
-    std::fs::write(folder.join("stale"), "x").expect("write");
+    fs_err::write(folder.join("stale"), "x").expect("write");
     destination::distribute(&image, &dir_target(&out, true, vec![]), &NoProgress)
         .await
         .expect("overwritten");
@@ -130,11 +130,11 @@ async fn a_directory_copy_is_complete_verified_and_never_half_there() {
     // A stored output that no longer matches its manifest: the copy fails its check and
     // leaves nothing in the destination.
     let other = tmp.path().join("other");
-    std::fs::create_dir(&other).expect("mkdir");
+    fs_err::create_dir(&other).expect("mkdir");
     let stored = disk.path(&image.dir);
-    let mut bytes = std::fs::read(&stored).expect("read");
+    let mut bytes = fs_err::read(&stored).expect("read");
     bytes.push(0);
-    std::fs::write(&stored, bytes).expect("corrupt");
+    fs_err::write(&stored, bytes).expect("corrupt");
     let e = destination::distribute(&image, &dir_target(&other, false, vec![]), &NoProgress)
         .await
         .expect_err("corrupt");
@@ -171,7 +171,7 @@ async fn a_format_the_build_did_not_export_is_converted() {
     builder::export::verify_sums(&folder).expect("sums match");
     assert!(receipt.digests.contains_key("web-1.0.0-1.ova"));
     // The OVA is a tar whose first member is the OVF descriptor.
-    let ova = std::fs::read(folder.join("web-1.0.0-1.ova")).expect("read");
+    let ova = fs_err::read(folder.join("web-1.0.0-1.ova")).expect("read");
     assert_eq!(&ova[..15], b"web-1.0.0-1.ovf");
 }
 
@@ -223,7 +223,7 @@ async fn a_vagrant_box_is_accepted_by_vagrant_box_add() {
         "metadata.json\nVagrantfile\nbox.img\n"
     );
     let unpacked = tmp.path().join("unpacked");
-    std::fs::create_dir(&unpacked).expect("mkdir");
+    fs_err::create_dir(&unpacked).expect("mkdir");
     let status = Command::new("tar")
         .arg("xzf")
         .arg(&box_path)
@@ -233,7 +233,7 @@ async fn a_vagrant_box_is_accepted_by_vagrant_box_add() {
         .expect("tar runs");
     assert!(status.success());
     let metadata: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(unpacked.join("metadata.json")).expect("read"))
+        serde_json::from_slice(&fs_err::read(unpacked.join("metadata.json")).expect("read"))
             .expect("json");
     assert_eq!(
         metadata,
@@ -455,7 +455,7 @@ fn rm_prune_cache_removes_only_parents_nothing_stored_needs() {
     let used = "a".repeat(64);
     let unused = "b".repeat(64);
     for sha in [&used, &unused] {
-        std::fs::write(root.join(format!("cache/base/{sha}.qcow2")), "disk").expect("cache");
+        fs_err::write(root.join(format!("cache/base/{sha}.qcow2")), "disk").expect("cache");
     }
     let parent = |sha: &str| ParentInput {
         source: "base.qcow2".into(),
@@ -493,8 +493,8 @@ fn the_command_line_pushes_to_both_oci_shapes_with_rendered_tags() {
     store_build(&store, "web", None);
     // No credentials of this machine: an empty docker config.
     let docker = tmp.path().join("docker");
-    std::fs::create_dir(&docker).expect("mkdir");
-    std::fs::write(docker.join("config.json"), "{}").expect("config");
+    fs_err::create_dir(&docker).expect("mkdir");
+    fs_err::write(docker.join("config.json"), "{}").expect("config");
     let host = registry.host();
     let o = Command::new(env!("CARGO_BIN_EXE_builder"))
         .args(["distribute", "web", "--json", "--plain-http", "127.0.0.1"])

@@ -28,8 +28,8 @@ fn docker_config() -> &'static Path {
     DIR.get_or_init(|| {
         // In cargo's temp folder for tests (under target/), so nothing is left in /tmp.
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("distribute_oci-docker-config");
-        std::fs::create_dir_all(&dir).expect("create the docker config folder");
-        std::fs::write(dir.join("config.json"), "{}").expect("empty docker config");
+        fs_err::create_dir_all(&dir).expect("create the docker config folder");
+        fs_err::write(dir.join("config.json"), "{}").expect("empty docker config");
         // SAFETY: runs once, and every test calls this before it reads the environment or
         // starts a thread that could, so nothing reads the environment concurrently.
         unsafe {
@@ -45,8 +45,8 @@ fn docker_config() -> &'static Path {
 fn write_docker_config(json: &serde_json::Value) {
     let dir = docker_config();
     let tmp = dir.join(format!("config.json.{}", std::process::id()));
-    std::fs::write(&tmp, serde_json::to_vec(json).expect("json")).expect("write");
-    std::fs::rename(&tmp, dir.join("config.json")).expect("rename");
+    fs_err::write(&tmp, serde_json::to_vec(json).expect("json")).expect("write");
+    fs_err::rename(&tmp, dir.join("config.json")).expect("rename");
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -113,12 +113,12 @@ fn stored_image(store_dir: &Path, name: &str, mib: u32) -> StoredImage {
         ],
     );
     let sha = builder::export::sha256_file(&disk).expect("hash");
-    std::fs::write(slot.dir().join("SHA256SUMS"), format!("{sha}  {file}\n")).expect("sums");
+    fs_err::write(slot.dir().join("SHA256SUMS"), format!("{sha}  {file}\n")).expect("sums");
     let mut m = Manifest::new(slot.id().clone(), slot.build_id());
     m.outputs.push(Artifact {
         file,
         format: Format::Qcow2,
-        size: std::fs::metadata(&disk).expect("size").len(),
+        size: fs_err::metadata(&disk).expect("size").len(),
         virtual_size: 64 << 20,
         sha256: sha,
     });
@@ -162,7 +162,7 @@ fn reference(registry: &TestRegistry, path: &str) -> OciReference {
 }
 
 fn sha256_hex(path: &Path) -> String {
-    hex::encode(Sha256::digest(std::fs::read(path).expect("read")))
+    hex::encode(Sha256::digest(fs_err::read(path).expect("read")))
 }
 
 /// GET from the registry's API without builder's client (what another tool would see):
@@ -330,7 +330,7 @@ fn an_artifact_round_trips_with_equal_digests() {
     );
     assert_eq!(
         sums,
-        std::fs::read(image.dir.join("SHA256SUMS")).expect("sums")
+        fs_err::read(image.dir.join("SHA256SUMS")).expect("sums")
     );
 
     // Pushing again sends nothing new (every blob is there) and gives the same manifest.
@@ -364,10 +364,10 @@ fn an_artifact_round_trips_with_equal_digests() {
     assert_eq!(pulled.path, cache.join(format!("{}.qcow2", disk.sha256)));
     assert_eq!(sha256_hex(&pulled.path), disk.sha256);
     assert_eq!(
-        std::fs::read(&pulled.path).expect("pulled"),
-        std::fs::read(&disk.path).expect("original")
+        fs_err::read(&pulled.path).expect("pulled"),
+        fs_err::read(&disk.path).expect("original")
     );
-    let leftovers: Vec<_> = std::fs::read_dir(&cache)
+    let leftovers: Vec<_> = fs_err::read_dir(&cache)
         .expect("ls")
         .map(|e| e.expect("entry").file_name())
         .filter(|n| n.to_string_lossy().ends_with(".part"))
@@ -666,7 +666,7 @@ fn a_tag_only_pull_is_refused_with_the_digest_to_pin() {
     );
     assert!(
         !tmp.path().join("cache").exists()
-            || std::fs::read_dir(tmp.path().join("cache"))
+            || fs_err::read_dir(tmp.path().join("cache"))
                 .expect("ls")
                 .next()
                 .is_none()
@@ -733,7 +733,7 @@ fn a_gzip_container_disk_built_elsewhere_can_be_a_parent() {
         builder
             .append_data(&mut header, "./disk/", std::io::empty())
             .expect("dir");
-        let body = std::fs::read(&disk.path).expect("disk");
+        let body = fs_err::read(&disk.path).expect("disk");
         let mut header = tar::Header::new_gnu();
         header.set_mode(0o440);
         header.set_uid(107);

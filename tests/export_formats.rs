@@ -45,7 +45,7 @@ fn make_disk(dir: &Path) -> PathBuf {
 }
 
 fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
+    let mut v: Vec<String> = fs_err::read_dir(dir)
         .expect("list")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
         .collect();
@@ -86,7 +86,7 @@ async fn every_format_is_exported_checked_and_hashed() {
     let work = tempfile::tempdir().expect("temp dir");
     let disk = make_disk(work.path());
     let out = work.path().join("out");
-    std::fs::create_dir(&out).expect("mkdir");
+    fs_err::create_dir(&out).expect("mkdir");
 
     // Asked in a scrambled order: qcow2 still comes first.
     let formats = [
@@ -138,7 +138,7 @@ async fn every_format_is_exported_checked_and_hashed() {
     for a in &report.artifacts {
         let path = a.path(&out);
         assert_eq!(a.virtual_size, 64 << 20, "{}", a.file);
-        assert_eq!(a.size, std::fs::metadata(&path).expect("stat").len());
+        assert_eq!(a.size, fs_err::metadata(&path).expect("stat").len());
         // The digest is recomputed by an independent tool.
         let line = run(Command::new("sha256sum").arg(&path));
         assert_eq!(
@@ -199,16 +199,16 @@ async fn every_format_is_exported_checked_and_hashed() {
         members,
         ["web-1.2.0-3.ovf", "web-1.2.0-3.mf", "web-1.2.0-3.vmdk"]
     );
-    let magic = std::fs::read(out.join("web-1.2.0-3.ova")).expect("read ova");
+    let magic = fs_err::read(out.join("web-1.2.0-3.ova")).expect("read ova");
     assert_eq!(&magic[257..263], b"ustar\0", "first header is POSIX ustar");
     let unpacked = work.path().join("unpacked");
-    std::fs::create_dir(&unpacked).expect("mkdir");
+    fs_err::create_dir(&unpacked).expect("mkdir");
     run(Command::new("tar")
         .arg("-xf")
         .arg(out.join("web-1.2.0-3.ova"))
         .arg("-C")
         .arg(&unpacked));
-    let mf = std::fs::read_to_string(unpacked.join("web-1.2.0-3.mf")).expect("mf");
+    let mf = fs_err::read_to_string(unpacked.join("web-1.2.0-3.mf")).expect("mf");
     assert_eq!(mf.lines().count(), 2, "{mf}");
     for line in mf.lines() {
         let (lhs, digest) = line.split_once(")= ").expect("SHA256(name)= hex");
@@ -217,12 +217,12 @@ async fn every_format_is_exported_checked_and_hashed() {
         assert_eq!(actual.split_whitespace().next(), Some(digest), "{name}");
     }
     // The vmdk inside is the exported vmdk, and the descriptor describes it.
-    let inner = std::fs::read(unpacked.join("web-1.2.0-3.vmdk")).expect("inner vmdk");
+    let inner = fs_err::read(unpacked.join("web-1.2.0-3.vmdk")).expect("inner vmdk");
     assert_eq!(
         inner,
-        std::fs::read(out.join("web-1.2.0-3.vmdk")).expect("vmdk")
+        fs_err::read(out.join("web-1.2.0-3.vmdk")).expect("vmdk")
     );
-    let ovf = std::fs::read_to_string(unpacked.join("web-1.2.0-3.ovf")).expect("ovf");
+    let ovf = fs_err::read_to_string(unpacked.join("web-1.2.0-3.ovf")).expect("ovf");
     assert!(ovf.contains(&format!(r#"ovf:size="{}""#, inner.len())));
     assert!(ovf.contains(&format!(r#"ovf:capacity="{}""#, 64u64 << 20)));
     assert!(ovf.contains("<rasd:VirtualQuantity>3</rasd:VirtualQuantity>"));
@@ -253,7 +253,7 @@ async fn ova_alone_and_zlib_and_uncompressed() {
     let work = tempfile::tempdir().expect("temp dir");
     let disk = make_disk(work.path());
     let out = work.path().join("out");
-    std::fs::create_dir(&out).expect("mkdir");
+    fs_err::create_dir(&out).expect("mkdir");
     let mut req = ExportRequest::new(&disk, &out, "img", &[Format::Ova]);
     req.machine.firmware = builder::vm::Firmware::Uefi;
     export::export(&req, &export::NoProgress)
@@ -264,7 +264,7 @@ async fn ova_alone_and_zlib_and_uncompressed() {
 
     for (compression, expected) in [(Compression::Zlib, "zlib"), (Compression::None, "zlib")] {
         let out = work.path().join(format!("out-{compression}"));
-        std::fs::create_dir(&out).expect("mkdir");
+        fs_err::create_dir(&out).expect("mkdir");
         let mut req = ExportRequest::new(&disk, &out, "img", &[Format::Qcow2]);
         req.compression = compression;
         let report = export::export(&req, &export::NoProgress)
@@ -289,9 +289,9 @@ async fn ova_alone_and_zlib_and_uncompressed() {
 async fn a_bogus_source_fails_and_leaves_nothing() {
     let work = tempfile::tempdir().expect("temp dir");
     let out = work.path().join("out");
-    std::fs::create_dir(&out).expect("mkdir");
+    fs_err::create_dir(&out).expect("mkdir");
     let bogus = work.path().join("bogus.qcow2");
-    std::fs::write(&bogus, b"QFI\xfb this is not a qcow2 image").expect("write");
+    fs_err::write(&bogus, b"QFI\xfb this is not a qcow2 image").expect("write");
     let req = ExportRequest::new(&bogus, &out, "x", &[Format::Qcow2, Format::Raw]);
     let e = export::export(&req, &export::NoProgress)
         .await
@@ -321,9 +321,9 @@ impl ExportProgress for BreakSourceAt {
     fn started(&self, format: Format, _file: &str) {
         if format == self.format {
             if self.remove {
-                std::fs::remove_file(&self.source).expect("remove source");
+                fs_err::remove_file(&self.source).expect("remove source");
             } else {
-                std::fs::write(&self.source, b"not an image any more").expect("overwrite");
+                fs_err::write(&self.source, b"not an image any more").expect("overwrite");
             }
         }
     }
@@ -335,7 +335,7 @@ async fn a_failure_midway_removes_finished_and_partial_outputs() {
         let work = tempfile::tempdir().expect("temp dir");
         let disk = make_disk(work.path());
         let out = work.path().join("out");
-        std::fs::create_dir(&out).expect("mkdir");
+        fs_err::create_dir(&out).expect("mkdir");
         let req = ExportRequest::new(
             &disk,
             &out,
@@ -384,7 +384,7 @@ async fn a_cancelled_export_leaves_nothing() {
     let work = tempfile::tempdir().expect("temp dir");
     let disk = make_disk(work.path());
     let out = work.path().join("out");
-    std::fs::create_dir(&out).expect("mkdir");
+    fs_err::create_dir(&out).expect("mkdir");
     let req = ExportRequest::new(&disk, &out, "x", &[Format::Qcow2, Format::Raw]);
 
     struct Notify(Mutex<Option<tokio::sync::oneshot::Sender<()>>>);

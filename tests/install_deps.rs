@@ -41,7 +41,7 @@ fn root() -> PathBuf {
 }
 
 fn files(dir: &Path, ext: &str, out: &mut Vec<PathBuf>) {
-    let mut entries: Vec<_> = std::fs::read_dir(dir)
+    let mut entries: Vec<_> = fs_err::read_dir(dir)
         .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
         .flatten()
         .map(|e| e.path())
@@ -80,7 +80,7 @@ fn programs_started() -> BTreeMap<String, BTreeSet<String>> {
         files(&root.join(dir), "rs", &mut rs);
     }
     for file in &rs {
-        let text = std::fs::read_to_string(file).expect("read source");
+        let text = fs_err::read_to_string(file).expect("read source");
         for c in rust.captures_iter(&text) {
             let program = c.get(1).or_else(|| c.get(2)).expect("a group").as_str();
             add(program, file);
@@ -89,14 +89,14 @@ fn programs_started() -> BTreeMap<String, BTreeSet<String>> {
     let mut py = Vec::new();
     files(&root.join("fixtures"), "py", &mut py);
     for file in &py {
-        let text = std::fs::read_to_string(file).expect("read source");
+        let text = fs_err::read_to_string(file).expect("read source");
         for c in python.captures_iter(&text) {
             add(&c[1], file);
         }
     }
     // build-base-image.sh checks its host tools in one table: `[program]=package`.
     let script = root.join("fixtures/build-base-image.sh");
-    let text = std::fs::read_to_string(&script).expect("read build-base-image.sh");
+    let text = fs_err::read_to_string(&script).expect("read build-base-image.sh");
     let table = text
         .split_once("local -A need=(")
         .and_then(|(_, rest)| rest.split_once(')'))

@@ -355,7 +355,7 @@ fn an_empty_file_is_migrated_and_a_newer_or_foreign_file_is_refused() {
     let tmp = tempfile::tempdir().expect("temp dir");
     // An empty file (touched by someone, or a crash right after creation) becomes a history.
     let empty = tmp.path().join("empty.sqlite");
-    std::fs::write(&empty, b"").expect("touch");
+    fs_err::write(&empty, b"").expect("touch");
     let h = History::open(&empty).expect("migrate an empty file");
     assert!(h.executions(None, 10).expect("read").is_empty());
     drop(h);
@@ -382,7 +382,7 @@ fn an_empty_file_is_migrated_and_a_newer_or_foreign_file_is_refused() {
 
     // Not a database at all: an error naming the file, not a panic.
     let junk = tmp.path().join("junk.sqlite");
-    std::fs::write(&junk, vec![b'x'; 4096]).expect("write junk");
+    fs_err::write(&junk, vec![b'x'; 4096]).expect("write junk");
     let e = History::open(&junk).expect_err("junk");
     assert!(e.to_string().contains("junk.sqlite"), "{e}");
 }

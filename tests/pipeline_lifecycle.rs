@@ -45,7 +45,7 @@ fn store_build(store: &Store, name: &str, version: &str, parent: Option<&str>) -
     let slot = store.allocate_build(name, &version).expect("allocate");
     let file = format!("{name}.qcow2");
     let content = format!("disk of {}", slot.id());
-    std::fs::write(slot.dir().join(&file), &content).expect("output");
+    fs_err::write(slot.dir().join(&file), &content).expect("output");
     let mut m = Manifest::new(slot.id().clone(), slot.build_id());
     if let Some(p) = parent {
         let parent_img = store.resolve(&p.parse().expect("ref")).expect("parent");
@@ -227,7 +227,7 @@ fn old_images_are_deprecated_then_deleted_but_parents_in_use_stay() {
     );
     // Nothing left in the store's trash.
     assert_eq!(
-        std::fs::read_dir(tmp.path().join("trash"))
+        fs_err::read_dir(tmp.path().join("trash"))
             .expect("trash")
             .count(),
         0
@@ -278,9 +278,9 @@ fn remote_copies_are_deleted_where_possible_and_reported_where_not() {
     let copy = tmp.path().join("exports/web-1");
     let reused = tmp.path().join("exports/web-reused");
     for (dir, image) in [(&copy, &old_img), (&reused, &new_img)] {
-        std::fs::create_dir_all(dir).expect("mkdir");
-        std::fs::copy(image.dir.join("manifest.json"), dir.join("manifest.json")).expect("copy");
-        std::fs::write(dir.join("web.qcow2"), "disk").expect("disk");
+        fs_err::create_dir_all(dir).expect("mkdir");
+        fs_err::copy(image.dir.join("manifest.json"), dir.join("manifest.json")).expect("copy");
+        fs_err::write(dir.join("web.qcow2"), "disk").expect("disk");
     }
     let receipt = |kind: &str, location: String| Receipt {
         kind: kind.into(),
@@ -296,7 +296,7 @@ fn remote_copies_are_deleted_where_possible_and_reported_where_not() {
         receipt("oci", "oci://registry.local/web:1.0.0@sha256:ab".into()),
         receipt("store", old.clone()),
     ];
-    std::fs::write(
+    fs_err::write(
         old_img.dir.join(lifecycle::RECEIPTS_FILE),
         serde_json::to_vec(&receipts).expect("json"),
     )

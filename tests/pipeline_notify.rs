@@ -289,10 +289,10 @@ async fn a_command_hook_gets_the_event_on_stdin_and_in_its_environment() {
     .await;
     assert!(d[0].ok(), "{d:?}");
     let received: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&out).expect("stdin written")).expect("JSON");
+        serde_json::from_slice(&fs_err::read(&out).expect("stdin written")).expect("JSON");
     let sent: serde_json::Value = serde_json::from_str(&event.to_json()).expect("JSON");
     assert_eq!(received, sent);
-    let env = std::fs::read_to_string(tmp.path().join("event.json.env")).expect("env written");
+    let env = fs_err::read_to_string(tmp.path().join("event.json.env")).expect("env written");
     for line in [
         "BUILDER_PIPELINE=weekly-web",
         &format!("BUILDER_EXECUTION_ID={}", event.execution_id),
@@ -343,7 +343,7 @@ async fn a_failing_or_hanging_command_hook_is_reported_and_leaves_nothing_runnin
     assert!(errors[1].contains("could not start"), "{errors:?}");
     assert!(errors[2].contains("did not finish"), "{errors:?}");
 
-    let pid: i32 = std::fs::read_to_string(&pid_file)
+    let pid: i32 = fs_err::read_to_string(&pid_file)
         .expect("the hook started its grandchild")
         .trim()
         .parse()
@@ -352,7 +352,7 @@ async fn a_failing_or_hanging_command_hook_is_reported_and_leaves_nothing_runnin
     // sandboxes have no reaper at pid 1): that counts as stopped.
     // SIGKILL lands asynchronously: give the kernel a moment before concluding.
     let state_of = || {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let stat = fs_err::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         stat.rsplit_once(')')
             .and_then(|(_, rest)| rest.split_whitespace().next())
             .unwrap_or("gone")

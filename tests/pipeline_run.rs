@@ -45,28 +45,28 @@ impl Site {
     fn new(pipeline: &str, parent: &str) -> Site {
         let guard = NoLeftovers::new();
         let d = guard.root();
-        std::fs::create_dir_all(d.join("pipelines")).expect("mkdir");
-        std::fs::create_dir_all(d.join("run")).expect("mkdir");
-        std::fs::create_dir_all(d.join("docker")).expect("mkdir");
-        std::fs::write(d.join("docker/config.json"), "{}").expect("write the docker config");
-        std::fs::copy(
+        fs_err::create_dir_all(d.join("pipelines")).expect("mkdir");
+        fs_err::create_dir_all(d.join("run")).expect("mkdir");
+        fs_err::create_dir_all(d.join("docker")).expect("mkdir");
+        fs_err::write(d.join("docker/config.json"), "{}").expect("write the docker config");
+        fs_err::copy(
             root().join("tests/cases/recipe/parent.raw"),
             d.join("parent.raw"),
         )
         .expect("copy the parent");
-        std::fs::copy(
+        fs_err::copy(
             root().join("tests/cases/recipe/components/hello.yml"),
             d.join("hello.yml"),
         )
         .expect("copy the component");
-        std::fs::write(
+        fs_err::write(
             d.join("recipe.yml"),
             format!(
                 "name: hello\nversion: 1.0.0\nparentImage: {parent}\ncomponents:\n  - path: hello.yml\n    parameters: {{Greeting: hi}}\ntests: {{enabled: false}}\n"
             ),
         )
         .expect("write the recipe");
-        std::fs::write(d.join("pipelines/hello.yml"), pipeline).expect("write the pipeline");
+        fs_err::write(d.join("pipelines/hello.yml"), pipeline).expect("write the pipeline");
         Site { guard }
     }
 
@@ -185,9 +185,9 @@ fn skipped_while_nothing_changed_then_built_after_the_parent_changed() {
     );
 
     // 2. A new parent image at the same path: the pipeline builds, and says why.
-    let mut bytes = std::fs::read(site.path("parent.raw")).expect("read the parent");
+    let mut bytes = fs_err::read(site.path("parent.raw")).expect("read the parent");
     bytes[0] ^= 0xff;
-    std::fs::write(site.path("parent.raw"), bytes).expect("write the parent");
+    fs_err::write(site.path("parent.raw"), bytes).expect("write the parent");
     let (code, stderr) = site.builder(&["pipeline", "run", "pipelines/hello.yml"]);
     assert_ne!(code, Some(0), "the 4 KiB parent cannot boot:\n{stderr}");
     assert_ne!(code, Some(2), "not an input problem:\n{stderr}");
@@ -221,15 +221,15 @@ fn skipped_while_nothing_changed_then_built_after_the_parent_changed() {
 #[test]
 fn editing_a_document_run_through_execute_document_is_a_changed_dependency() {
     let site = Site::new(DEPENDENCY_PIPELINE, "parent.raw");
-    std::fs::create_dir_all(site.path("lib")).expect("mkdir");
+    fs_err::create_dir_all(site.path("lib")).expect("mkdir");
     let common = "schemaVersion: 1.0\nphases:\n  - name: build\n    steps:\n      - name: Say\n        action: ExecuteBash\n        inputs:\n          commands: [echo common]\n";
-    std::fs::write(site.path("lib/common.yml"), common).expect("write");
-    std::fs::write(
+    fs_err::write(site.path("lib/common.yml"), common).expect("write");
+    fs_err::write(
         site.path("caller.yml"),
         "name: caller\nschemaVersion: 1.0\nphases:\n  - name: build\n    steps:\n      - name: Common\n        action: ExecuteDocument\n        inputs:\n          document: lib/common.yml\n",
     )
     .expect("write");
-    std::fs::write(
+    fs_err::write(
         site.path("recipe.yml"),
         "name: hello\nversion: 1.0.0\nparentImage: parent.raw\ncomponents:\n  - path: caller.yml\ntests: {enabled: false}\n",
     )
@@ -265,7 +265,7 @@ fn editing_a_document_run_through_execute_document_is_a_changed_dependency() {
         "{why}"
     );
 
-    std::fs::write(site.path("lib/common.yml"), format!("{common}# edited\n")).expect("edit");
+    fs_err::write(site.path("lib/common.yml"), format!("{common}# edited\n")).expect("edit");
     let (code, stderr) = site.builder(&["pipeline", "run", "pipelines/hello.yml"]);
     assert_ne!(code, Some(0), "the 4 KiB parent cannot boot:\n{stderr}");
     assert_ne!(code, Some(2), "not an input problem:\n{stderr}");
@@ -283,7 +283,9 @@ fn editing_a_document_run_through_execute_document_is_a_changed_dependency() {
 
 /// `builder serve` on the site's pipelines folder, with stderr kept in a file.
 fn serve(site: &Site, log: &str) -> Child {
-    let file = std::fs::File::create(site.path(log)).expect("log file");
+    let file = fs_err::File::create(site.path(log))
+        .expect("log file")
+        .into_file();
     site.command(&["serve", "--pipelines", "pipelines"])
         .stdout(Stdio::null())
         .stderr(file)
@@ -329,7 +331,7 @@ fn serve_catches_up_once_after_downtime_and_never_twice_after_a_restart() {
     );
     let next = site.history().next_run("hello").expect("next run");
     assert_eq!(stop(child, nix::sys::signal::Signal::SIGTERM), Some(0));
-    let log = std::fs::read_to_string(site.path("serve-1.log")).expect("log");
+    let log = fs_err::read_to_string(site.path("serve-1.log")).expect("log");
     eprintln!("{log}");
     assert!(log.contains("stopped"), "{log}");
 
@@ -363,7 +365,7 @@ fn serve_catches_up_once_after_downtime_and_never_twice_after_a_restart() {
     // Restarted: the slot is not run again, nothing is recovered, the next run stays.
     let child = serve(&site, "serve-2.log");
     wait_for("the scheduler to start", Duration::from_secs(60), || {
-        std::fs::read_to_string(site.path("serve-2.log")).is_ok_and(|l| l.contains("serving"))
+        fs_err::read_to_string(site.path("serve-2.log")).is_ok_and(|l| l.contains("serving"))
     });
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(stop(child, nix::sys::signal::Signal::SIGTERM), Some(0));
@@ -457,12 +459,12 @@ impl OciSite {
             );
         }
         let sha256 = builder::export::sha256_file(&disk).expect("hash");
-        std::fs::write(slot.dir().join("SHA256SUMS"), format!("{sha256}  {file}\n")).expect("sums");
+        fs_err::write(slot.dir().join("SHA256SUMS"), format!("{sha256}  {file}\n")).expect("sums");
         let mut m = builder::export::manifest::Manifest::new(slot.id().clone(), slot.build_id());
         m.outputs.push(builder::export::Artifact {
             file,
             format: builder::export::Format::Qcow2,
-            size: std::fs::metadata(&disk).expect("size").len(),
+            size: fs_err::metadata(&disk).expect("size").len(),
             virtual_size: 1 << 20,
             sha256: sha256.clone(),
         });
@@ -617,9 +619,9 @@ fn tags_are_resolved_only_when_asked_and_failures_name_the_parent_line() {
     );
 
     // `build --resolve-tags` says what it pinned, then builds (and fails fast: no bootable disk).
-    std::fs::write(
+    fs_err::write(
         site.path("direct.yml"),
-        std::fs::read_to_string(site.path("recipe.yml")).expect("recipe")
+        fs_err::read_to_string(site.path("recipe.yml")).expect("recipe")
             + "infrastructure: {accelerator: kvm, bootTimeoutSeconds: 5}\n",
     )
     .expect("write the recipe");
@@ -629,9 +631,9 @@ fn tags_are_resolved_only_when_asked_and_failures_name_the_parent_line() {
     assert_ne!(code, Some(2), "not an input problem:\n{stderr}");
 
     // A tag the registry does not hold: a problem of the recipe, at its line.
-    std::fs::write(
+    fs_err::write(
         site.path("missing.yml"),
-        std::fs::read_to_string(site.path("recipe.yml"))
+        fs_err::read_to_string(site.path("recipe.yml"))
             .expect("recipe")
             .replace("base:stable", "base:nope"),
     )

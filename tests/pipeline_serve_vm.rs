@@ -56,7 +56,7 @@ impl Site {
         let guard = NoLeftovers::new();
         let d = guard.root();
         for sub in ["pipelines", "run"] {
-            std::fs::create_dir_all(d.join(sub)).expect("mkdir");
+            fs_err::create_dir_all(d.join(sub)).expect("mkdir");
         }
         // A copy, so step 3 can change it.
         let status = Command::new("cp")
@@ -66,9 +66,9 @@ impl Site {
             .status()
             .expect("cp runs");
         assert!(status.success(), "copy the fixture image");
-        std::fs::write(d.join("mark.yml"), COMPONENT).expect("component");
-        std::fs::write(d.join("recipe.yml"), RECIPE).expect("recipe");
-        std::fs::write(d.join("pipelines/tiny.yml"), PIPELINE).expect("pipeline");
+        fs_err::write(d.join("mark.yml"), COMPONENT).expect("component");
+        fs_err::write(d.join("recipe.yml"), RECIPE).expect("recipe");
+        fs_err::write(d.join("pipelines/tiny.yml"), PIPELINE).expect("pipeline");
         Site { guard }
     }
 
@@ -88,16 +88,16 @@ impl Site {
     }
 
     fn spawn(&self, args: &[&str], log: &str) -> Child {
-        let file = std::fs::File::create(self.path(log)).expect("log file");
+        let file = fs_err::File::create(self.path(log)).expect("log file");
         self.command(args)
             .stdout(Stdio::null())
-            .stderr(file)
+            .stderr(file.into_file())
             .spawn()
             .expect("builder starts")
     }
 
     fn log(&self, log: &str) -> String {
-        std::fs::read_to_string(self.path(log)).unwrap_or_default()
+        fs_err::read_to_string(self.path(log)).unwrap_or_default()
     }
 
     fn history(&self) -> History {

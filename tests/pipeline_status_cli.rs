@@ -14,7 +14,7 @@ fn store_build(store: &Store, name: &str, version: &str) -> String {
     let version: Version = version.parse().expect("version");
     let slot = store.allocate_build(name, &version).expect("allocate");
     let file = format!("{name}.qcow2");
-    std::fs::write(slot.dir().join(&file), "disk").expect("output");
+    fs_err::write(slot.dir().join(&file), "disk").expect("output");
     let mut m = Manifest::new(slot.id().clone(), slot.build_id());
     m.outputs.push(Artifact {
         file: file.clone(),

@@ -39,8 +39,7 @@ fn qemu_ga() -> PathBuf {
 impl Qga {
     async fn start() -> Qga {
         let dir = tempfile::tempdir().expect("temp dir");
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
-            .expect("chmod");
+        fs_err::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
         let sock = dir.path().join("qga.sock");
         let child = std::process::Command::new(qemu_ga())
             .args(["-m", "unix-listen", "-p"])
@@ -88,7 +87,7 @@ async fn run(t: &QgaMachine, req: ExecRequest) -> (ExitStatus, String, String) {
 
 async fn assert_gone(pid: i32) {
     for _ in 0..100 {
-        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        match fs_err::read_to_string(format!("/proc/{pid}/stat")) {
             Err(_) => return,
             Ok(s) => {
                 let state = s
@@ -107,7 +106,7 @@ async fn assert_gone(pid: i32) {
 
 async fn read_pid(path: &Path) -> i32 {
     for _ in 0..400 {
-        if let Ok(s) = std::fs::read_to_string(path)
+        if let Ok(s) = fs_err::read_to_string(path)
             && let Ok(pid) = s.trim().parse()
         {
             return pid;
@@ -118,11 +117,11 @@ async fn read_pid(path: &Path) -> i32 {
 }
 
 fn sha256_file(p: &Path) -> String {
-    hex::encode(Sha256::digest(std::fs::read(p).expect("read")))
+    hex::encode(Sha256::digest(fs_err::read(p).expect("read")))
 }
 
 fn leftovers(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
+    fs_err::read_dir(dir)
         .expect("read dir")
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -135,10 +134,10 @@ async fn info_reports_this_machine() {
     let qga = Qga::start().await;
     let t = qga.target().await;
     let info = t.info().await.expect("info");
-    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").expect("boot id");
+    let boot_id = fs_err::read_to_string("/proc/sys/kernel/random/boot_id").expect("boot id");
     assert_eq!(info.boot_id, boot_id.trim());
     assert_eq!(info.arch, std::env::consts::ARCH);
-    let os = std::fs::read_to_string("/etc/os-release").expect("os-release");
+    let os = fs_err::read_to_string("/etc/os-release").expect("os-release");
     assert!(os.contains(&format!("ID={}", info.os_id)), "{info:?}");
 }
 
@@ -228,7 +227,7 @@ async fn put_and_get_with_matching_sha256_and_no_temp_files() {
         i += 1;
     }
     data.truncate(20 * 1024 * 1024 + 777);
-    std::fs::write(&src, &data).expect("write");
+    fs_err::write(&src, &data).expect("write");
     let want = sha256_file(&src);
     let remote = qga.path("guest/sub/big");
     let put = t
@@ -266,7 +265,7 @@ async fn put_and_get_with_matching_sha256_and_no_temp_files() {
     )
     .await
     .expect("put");
-    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    fs_err::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     t.put_file(
         &f,
         FileSource::Bytes(b"two\n".to_vec()),
@@ -277,7 +276,7 @@ async fn put_and_get_with_matching_sha256_and_no_temp_files() {
     )
     .await
     .expect("append");
-    assert_eq!(std::fs::read(&f).expect("read"), b"one\ntwo\n");
+    assert_eq!(fs_err::read(&f).expect("read"), b"one\ntwo\n");
     t.put_file(
         &f,
         FileSource::Bytes(b"three\n".to_vec()),
@@ -300,10 +299,10 @@ async fn stat_list_reconnect_and_refused_reboot() {
     let qga = Qga::start().await;
     let t = qga.target().await;
     let d = qga.path("tree");
-    std::fs::create_dir(&d).expect("mkdir");
-    std::fs::write(d.join("b"), "12345").expect("write");
-    std::fs::create_dir(d.join("a")).expect("mkdir");
-    std::os::unix::fs::symlink("b", d.join("c d")).expect("symlink");
+    fs_err::create_dir(&d).expect("mkdir");
+    fs_err::write(d.join("b"), "12345").expect("write");
+    fs_err::create_dir(d.join("a")).expect("mkdir");
+    fs_err::os::unix::fs::symlink("b", d.join("c d")).expect("symlink");
     assert_eq!(t.stat(&d.join("zz")).await.expect("stat"), None);
     let list = t.list(&d).await.expect("list");
     let names: Vec<(&str, FileKind)> = list

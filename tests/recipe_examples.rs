@@ -17,7 +17,7 @@ fn root() -> &'static Path {
 const BASE_IMAGE: &str = "tests/cases/recipe/parent.raw";
 
 fn examples() -> Vec<PathBuf> {
-    let mut recipes: Vec<PathBuf> = std::fs::read_dir(root().join("images"))
+    let mut recipes: Vec<PathBuf> = fs_err::read_dir(root().join("images"))
         .expect("images/ exists")
         .map(|e| {
             e.expect("a readable folder entry")
@@ -160,7 +160,7 @@ fn every_key_in_the_examples_is_in_the_schema() {
     assert_eq!(unknown, [".infrastructure.cpu"]);
 
     for recipe in examples() {
-        let text = std::fs::read_to_string(&recipe).expect("readable example");
+        let text = fs_err::read_to_string(&recipe).expect("readable example");
         let (node, problems) = builder::yaml::parse(&text);
         assert!(problems.is_empty(), "{problems:?}");
         let json = to_json(&node.expect("a document"));
@@ -198,7 +198,7 @@ fn plan_is_stable_and_lists_the_stages() {
         plan.tests.components[0].name.as_deref(),
         Some("nginx-serves")
     );
-    let parent = std::fs::read(root().join(BASE_IMAGE)).expect("the base file");
+    let parent = fs_err::read(root().join(BASE_IMAGE)).expect("the base file");
     assert_eq!(
         plan.parent.sha256().as_str(),
         hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&parent))

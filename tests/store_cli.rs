@@ -16,8 +16,8 @@ fn store_build(store: &Store, name: &str, version: &str, parent: Option<ParentIn
     // Distinct content per build: the parent link also matches by digest.
     let mut content = format!("disk of {}", slot.id()).into_bytes();
     content.resize(3000, 7);
-    std::fs::write(slot.dir().join(&file), content).expect("output");
-    std::fs::write(slot.logs_dir().join("console.log"), "login:").expect("log");
+    fs_err::write(slot.dir().join(&file), content).expect("output");
+    fs_err::write(slot.logs_dir().join("console.log"), "login:").expect("log");
     let mut m = Manifest::new(slot.id().clone(), slot.build_id());
     m.inputs.parent = parent;
     m.outputs.push(Artifact {
@@ -64,7 +64,7 @@ fn list_show_and_rm_against_a_real_store() {
     let failed = store
         .allocate_build("web", &"1.3.0".parse().expect("v"))
         .expect("slot");
-    std::fs::write(failed.logs_dir().join("console.log"), "panic").expect("log");
+    fs_err::write(failed.logs_dir().join("console.log"), "panic").expect("log");
     failed.abandon("component `nginx` failed").expect("abandon");
 
     // The table on stdout, sorted, with the failed build and its status.
@@ -121,7 +121,7 @@ fn list_show_and_rm_against_a_real_store() {
         .success()
         .stderr(predicate::str::contains("verified: 1 output(s)"));
     let web1 = store.resolve_image("web/1.2.0/1").expect("web 1");
-    std::fs::write(&web1.disk.as_ref().expect("disk").path, "tampered").expect("tamper");
+    fs_err::write(&web1.disk.as_ref().expect("disk").path, "tampered").expect("tamper");
     builder(tmp.path())
         .args(["images", "show", "web/1.2.0/1", "--verify"])
         .assert()
@@ -201,7 +201,7 @@ fn list_show_and_rm_against_a_real_store() {
     assert_eq!(json.as_array().map(Vec::len), Some(1), "{json}");
     assert_eq!(json[0]["reference"], "app/0.1.0/1");
     assert_eq!(
-        std::fs::read_dir(tmp.path().join("trash"))
+        fs_err::read_dir(tmp.path().join("trash"))
             .expect("trash")
             .count(),
         0
@@ -252,12 +252,12 @@ fn a_killed_build_is_cleaned_up_by_the_next_command_and_a_live_one_is_not() {
             }
         }
     });
-    std::fs::write(
+    fs_err::write(
         tmp.path().join("c.yml"),
         "name: noop\nschemaVersion: 1.0\nphases:\n  - name: build\n    steps:\n      - name: Noop\n        action: ExecuteBash\n        inputs:\n          commands: [\"true\"]\n",
     )
     .expect("component");
-    std::fs::write(
+    fs_err::write(
         tmp.path().join("recipe.yml"),
         format!(
             "name: stuck\nversion: 1.0.0\nparentImage: {{url: 'http://127.0.0.1:{port}/base.qcow2', sha256: {}}}\ncomponents: [{{path: c.yml}}]\ntests: {{enabled: false}}\noutputs: {{formats: [qcow2]}}\n",
@@ -285,7 +285,7 @@ fn a_killed_build_is_cleaned_up_by_the_next_command_and_a_live_one_is_not() {
         .expect("the first build fetches");
     let second = start();
     let staging = |dir: &str| -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(store_dir.join(dir))
+        let mut names: Vec<String> = fs_err::read_dir(store_dir.join(dir))
             .expect("ls")
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -346,8 +346,8 @@ fn a_killed_build_is_cleaned_up_by_the_next_command_and_a_live_one_is_not() {
         .clone();
     let reference = |id: &str| -> String {
         let record: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(store_dir.join("staging").join(id).join("build.json"))
-                .or_else(|_| std::fs::read(store_dir.join("failed").join(id).join("build.json")))
+            &fs_err::read(store_dir.join("staging").join(id).join("build.json"))
+                .or_else(|_| fs_err::read(store_dir.join("failed").join(id).join("build.json")))
                 .expect("build.json"),
         )
         .expect("json");

@@ -156,7 +156,7 @@ fn fast() -> FetchOptions {
 }
 
 fn cache_files(store: &Store) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(store.root().join("cache/base"))
+    let mut v: Vec<String> = fs_err::read_dir(store.root().join("cache/base"))
         .expect("list")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
         .collect();
@@ -199,7 +199,7 @@ async fn a_cut_download_resumes_with_range_and_lands_verified() {
         got.path,
         tmp.path().join(format!("cache/base/{}.qcow2", sha(&body)))
     );
-    assert_eq!(std::fs::read(&got.path).expect("read"), body);
+    assert_eq!(fs_err::read(&got.path).expect("read"), body);
     assert_eq!(
         server.ranges(),
         vec![None, Some("bytes=500000-".to_string())],
@@ -237,7 +237,7 @@ async fn a_server_that_ignores_range_restarts_from_zero() {
         .fetch_base(&server.url, &sha(&body), &fast(), &NoDownloadProgress)
         .await
         .expect("download");
-    assert_eq!(std::fs::read(&got.path).expect("read"), body);
+    assert_eq!(fs_err::read(&got.path).expect("read"), body);
     assert_eq!(server.ranges()[1].as_deref(), Some("bytes=100000-"));
 }
 
@@ -253,7 +253,7 @@ async fn a_corrupted_body_is_refetched_and_a_persistent_one_fails_leaving_nothin
         .fetch_base(&server.url, &sha(&body), &fast(), &seen)
         .await
         .expect("second attempt is right");
-    assert_eq!(std::fs::read(&got.path).expect("read"), body);
+    assert_eq!(fs_err::read(&got.path).expect("read"), body);
     assert_eq!(
         server.ranges(),
         vec![None, None],
@@ -355,19 +355,19 @@ async fn a_local_parent_is_hashed_once_per_size_and_mtime() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let store = Store::open(tmp.path().join("store")).expect("store");
     let file = tmp.path().join("base.qcow2");
-    std::fs::write(&file, b"first content").expect("write");
-    let mtime = std::fs::metadata(&file)
+    fs_err::write(&file, b"first content").expect("write");
+    let mtime = fs_err::metadata(&file)
         .expect("stat")
         .modified()
         .expect("mtime");
     let first = store.import_base(&file, None).await.expect("import");
     assert_eq!(first.sha256, sha(b"first content"));
-    assert_eq!(first.path, std::fs::canonicalize(&file).expect("canonical"));
+    assert_eq!(first.path, fs_err::canonicalize(&file).expect("canonical"));
     assert!(store.root().join("cache/hashes.json").is_file());
 
     // Same size, same mtime: the index answers without reading the file (this is the
     // trade-off that saves re-hashing a 1 GiB base at every build).
-    std::fs::write(&file, b"other content").expect("write");
+    fs_err::write(&file, b"other content").expect("write");
     set_mtime(&file, mtime);
     let cached = store.import_base(&file, None).await.expect("import");
     assert_eq!(cached.sha256, first.sha256);
@@ -393,7 +393,7 @@ async fn a_local_parent_is_hashed_once_per_size_and_mtime() {
 }
 
 fn set_mtime(path: &Path, t: std::time::SystemTime) {
-    let f = std::fs::OpenOptions::new()
+    let f = fs_err::OpenOptions::new()
         .write(true)
         .open(path)
         .expect("open");

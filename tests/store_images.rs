@@ -22,7 +22,7 @@ fn store_build(store: &Store, name: &str, version: &str, parent: Option<ParentIn
 fn finish(slot: BuildSlot, parent: Option<ParentInput>) -> String {
     let file = format!("{}.qcow2", slot.id().name);
     let content = format!("disk of {}", slot.id());
-    std::fs::write(slot.dir().join(&file), &content).expect("output");
+    fs_err::write(slot.dir().join(&file), &content).expect("output");
     let mut m = Manifest::new(slot.id().clone(), slot.build_id());
     m.inputs.parent = parent;
     m.outputs.push(Artifact {
@@ -38,7 +38,7 @@ fn finish(slot: BuildSlot, parent: Option<ParentInput>) -> String {
 }
 
 fn entries(dir: &Path) -> usize {
-    std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+    fs_err::read_dir(dir).map(|d| d.count()).unwrap_or(0)
 }
 
 #[test]
@@ -118,7 +118,7 @@ fn references_resolve_to_the_highest_version_and_newest_build() {
         builder::export::sha256_file(&disk.path).expect("hash")
     );
     // A disk file removed by hand: the image cannot be a parent any more.
-    std::fs::remove_file(tmp.path().join("images/base/0.1.0/1/base.qcow2")).expect("rm");
+    fs_err::remove_file(tmp.path().join("images/base/0.1.0/1/base.qcow2")).expect("rm");
     let e = store.resolve_image("base").expect_err("gone");
     assert!(matches!(e, StoreError::NoDisk { .. }), "{e}");
     let e = store.resolve_image("web/1.x.2").expect_err("bad ref");
@@ -206,8 +206,8 @@ fn a_dropped_slot_keeps_its_logs_and_leaves_no_half_build() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let store = Store::open(tmp.path()).expect("open");
     let slot = store.allocate_build("web", &v("1.0.0")).expect("allocate");
-    std::fs::write(slot.logs_dir().join("serial.log"), "boot…").expect("log");
-    std::fs::write(slot.dir().join("web.qcow2"), "half a disk").expect("output");
+    fs_err::write(slot.logs_dir().join("serial.log"), "boot…").expect("log");
+    fs_err::write(slot.dir().join("web.qcow2"), "half a disk").expect("output");
     let mut m = Manifest::new(
         ImageId {
             name: "web".into(),

@@ -36,7 +36,7 @@ use sha2::{Digest, Sha256};
 mod vm_tier;
 
 fn sha256_file(path: &Path) -> String {
-    let mut f = std::fs::File::open(path).expect("open for sha256");
+    let mut f = fs_err::File::open(path).expect("open for sha256");
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -73,7 +73,7 @@ fn the_leftover_guard_sees_a_renamed_qemu() {
         assert!(Instant::now() < deadline, "QEMU did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let comm = std::fs::read_to_string(format!("/proc/{}/comm", qemu.id())).unwrap_or_default();
+    let comm = fs_err::read_to_string(format!("/proc/{}/comm", qemu.id())).unwrap_or_default();
     assert!(comm.starts_with("builder-vm-"), "renamed: {comm}");
     let left = guard.leftovers();
     assert!(
@@ -87,7 +87,7 @@ fn the_leftover_guard_sees_a_renamed_qemu() {
     assert_eq!(status.signal(), Some(9), "killed by the guard");
     // QEMU removes its pid file only on a clean exit: the guard would report it.
     assert_eq!(guard.leftovers(), [format!("file {}", pidfile.display())]);
-    std::fs::remove_file(&pidfile).expect("rm");
+    fs_err::remove_file(&pidfile).expect("rm");
 }
 
 /// `builder` with the VM's folder inside the guard's folder.
@@ -209,7 +209,7 @@ fn gone_within(pid: u32, within: Duration) -> bool {
 }
 
 fn process_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+    fs_err::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| {
             s.rsplit_once(')')
@@ -320,7 +320,7 @@ async fn agent_session_transfers_failures_and_shutdown() {
             x ^= x << 17;
             chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
         }
-        std::fs::write(&src, &data).expect("write");
+        fs_err::write(&src, &data).expect("write");
     }
     let want = sha256_file(&src);
     let t = Instant::now();
@@ -472,7 +472,7 @@ async fn qga_variant_runs_commands_and_files() {
         .await
         .expect("get");
     assert_eq!(got.sha256, info.sha256);
-    assert_eq!(std::fs::read(&back).expect("read"), b"hello over qga\n");
+    assert_eq!(fs_err::read(&back).expect("read"), b"hello over qga\n");
     let report = session.close(Outcome::Success, &progress).await;
     eprintln!("shutdown: {:?} in {:?}", report.rung, report.took);
     assert!(report.unwind.is_clean(), "{:?}", report.unwind);
@@ -545,8 +545,8 @@ fn component_run_in_a_vm_reboots_resumes_and_fails_cleanly() {
     let docs = tempfile::tempdir().expect("temp dir");
     let reboot = docs.path().join("reboot.yml");
     let failing = docs.path().join("failing.yml");
-    std::fs::write(&reboot, REBOOT_DOC).expect("write");
-    std::fs::write(&failing, FAILING_DOC).expect("write");
+    fs_err::write(&reboot, REBOOT_DOC).expect("write");
+    fs_err::write(&failing, FAILING_DOC).expect("write");
     let out = builder(&guard)
         .args(["component", "run", "--target"])
         .arg(format!("vm:{}", vm_tier::test_image().display()))
@@ -726,7 +726,7 @@ fn unbootable_disk_times_out_with_the_console() {
     ignore = "VM tier: set BUILDER_VM_TESTS=1 and BUILDER_TEST_IMAGE (scripts/test does)"
 )]
 fn demanded_kvm_that_does_not_work_is_a_host_error() {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").expect("cpuinfo");
+    let cpuinfo = fs_err::read_to_string("/proc/cpuinfo").expect("cpuinfo");
     let cpu_virtualizes = cpuinfo.split_whitespace().any(|f| f == "vmx" || f == "svm");
     let guard = NoLeftovers::new();
     let out = builder(&guard)
@@ -840,6 +840,6 @@ fn keep_on_failure_keeps_disk_and_logs_and_says_where() {
         .filter(|l| l.starts_with("process"))
         .collect();
     assert!(processes.is_empty(), "{processes:?}");
-    std::fs::remove_dir_all(&kept).expect("remove as advised");
+    fs_err::remove_dir_all(&kept).expect("remove as advised");
     drop(guard);
 }

@@ -8,8 +8,8 @@
 //! `logs/build.log` (timestamped), each step's output to `logs/steps/<component>/<phase>-<step>.log`,
 //! and remembers the last lines of each step for the error message of a failed one.
 
+use fs_err::File;
 use std::collections::{HashMap, VecDeque};
-use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -126,7 +126,7 @@ pub struct BuildLog<'a> {
 impl<'a> BuildLog<'a> {
     /// Logs into `dir` (created if needed): `build.log` and `steps/`.
     pub fn new(dir: &Path, inner: &'a dyn BuildObserver) -> std::io::Result<BuildLog<'a>> {
-        std::fs::create_dir_all(dir.join("steps"))?;
+        fs_err::create_dir_all(dir.join("steps"))?;
         let main = File::create(dir.join("build.log"))?;
         Ok(BuildLog {
             dir: dir.to_path_buf(),
@@ -202,7 +202,7 @@ impl<'a> BuildLog<'a> {
                 super::layers::file_safe(phase),
                 super::layers::file_safe(step)
             ));
-            let file = std::fs::create_dir_all(&dir)
+            let file = fs_err::create_dir_all(&dir)
                 .and_then(|()| File::create(&path))
                 .ok();
             let log = file.as_ref().map(|_| path);
@@ -397,7 +397,7 @@ mod tests {
         let file = tail.log.expect("a log file");
         assert_eq!(file, dir.path().join("steps/1-hello-world/build-Say.log"));
         log.close();
-        let text = std::fs::read_to_string(file).expect("read");
+        let text = fs_err::read_to_string(file).expect("read");
         assert_eq!(text.lines().count(), 15);
         assert_eq!(rec.0.lock().expect("lock").len(), 15, "forwarded");
     }
@@ -419,7 +419,7 @@ mod tests {
             seen,
             [r#"{"event":"stageFinished","stage":"boot","status":"success","durationMs":1500}"#]
         );
-        let text = std::fs::read_to_string(dir.path().join("build.log")).expect("read");
+        let text = fs_err::read_to_string(dir.path().join("build.log")).expect("read");
         assert!(text.contains(r#""stage":"boot""#), "{text}");
     }
 }

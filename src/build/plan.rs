@@ -118,7 +118,7 @@ pub struct LoadedComponent {
 /// Read the recipe at `path` and every file it names, and check them all. Environment
 /// variables in a parent image path are read with `env` (`std::env::var` in the CLI).
 pub fn validate(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Validated, PlanError> {
-    let text = std::fs::read_to_string(path).map_err(|source| PlanError::Unreadable {
+    let text = fs_err::read_to_string(path).map_err(|source| PlanError::Unreadable {
         path: path.to_path_buf(),
         source,
     })?;
@@ -138,7 +138,7 @@ pub fn validate(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Val
         && let ParentImage::File { path: written, .. } = &parent.value
         && let Some(local) = local_parent(path, written, parent.span, env, &mut recipe_problems)
     {
-        match std::fs::metadata(&local) {
+        match fs_err::metadata(&local) {
             Ok(m) if m.is_file() => {}
             Ok(_) => recipe_problems.push(Problem::error(
                 parent.span,
@@ -242,7 +242,7 @@ fn read_component(
     files: &mut Vec<Diagnostics>,
 ) -> Option<LoadedComponent> {
     let path = recipe::resolve_relative(recipe_path, &usage.path.value);
-    let text = match std::fs::read_to_string(&path) {
+    let text = match fs_err::read_to_string(&path) {
         Ok(text) => text,
         Err(e) => {
             let hint = close_file_hint(&path)
@@ -430,7 +430,7 @@ impl Reach<'_> {
                 )),
             );
         }
-        let text = match std::fs::read_to_string(&path) {
+        let text = match fs_err::read_to_string(&path) {
             Ok(text) => text,
             Err(e) => {
                 return self.problem(
@@ -975,7 +975,7 @@ pub fn load_component_checked(
     component: &PlannedComponent,
 ) -> Result<(Document, Vec<String>), PlanError> {
     let path = &component.local_path;
-    let text = std::fs::read_to_string(path).map_err(|source| PlanError::Io {
+    let text = fs_err::read_to_string(path).map_err(|source| PlanError::Io {
         path: path.clone(),
         source,
     })?;
@@ -1478,7 +1478,7 @@ enum HeaderError {
 /// at byte 24, big-endian) or raw (the file's length). Other known formats are refused rather
 /// than booted as raw bytes.
 fn disk_header(path: &Path) -> Result<(DiskFormat, ByteSize), HeaderError> {
-    let mut file = std::fs::File::open(path).map_err(HeaderError::Io)?;
+    let mut file = fs_err::File::open(path).map_err(HeaderError::Io)?;
     let length = file.metadata().map_err(HeaderError::Io)?.len();
     let mut header = [0u8; 512];
     let mut filled = 0;
@@ -1517,7 +1517,7 @@ fn disk_header(path: &Path) -> Result<(DiskFormat, ByteSize), HeaderError> {
 
 /// sha256 of a file, read in 1 MiB blocks; `progress` after each block.
 fn hash_file(path: &Path, progress: &mut dyn FnMut(HashProgress<'_>)) -> std::io::Result<Sha256> {
-    let mut file = std::fs::File::open(path)?;
+    let mut file = fs_err::File::open(path)?;
     let total = file.metadata()?.len();
     let mut hasher = Hasher::new();
     let mut buffer = vec![0u8; 1 << 20];
@@ -1564,10 +1564,10 @@ mod tests {
             self.dir.path().join(name)
         }
         fn write(&self, name: &str, text: &str) {
-            std::fs::write(self.path(name), text).unwrap();
+            fs_err::write(self.path(name), text).unwrap();
         }
         fn write_bytes(&self, name: &str, bytes: &[u8]) {
-            std::fs::write(self.path(name), bytes).unwrap();
+            fs_err::write(self.path(name), bytes).unwrap();
         }
         fn plan(&self) -> Result<Plan, PlanError> {
             let env = |_: &str| None;
@@ -1685,7 +1685,7 @@ mod tests {
 
     fn with_reached_documents() -> Fixture {
         let f = Fixture::new();
-        std::fs::create_dir(f.path("lib")).unwrap();
+        fs_err::create_dir(f.path("lib")).unwrap();
         f.write("caller.yml", CALLER);
         f.write("lib/common.yml", COMMON);
         f.write("lib/deeper.yml", DEEPER);
@@ -1733,7 +1733,7 @@ mod tests {
         );
 
         // The parameter that names the folder: another folder, other documents.
-        std::fs::create_dir(f.path("lib2")).unwrap();
+        fs_err::create_dir(f.path("lib2")).unwrap();
         f.write("lib2/common.yml", COMMON);
         f.write("lib2/deeper.yml", DEEPER);
         f.write(

@@ -727,7 +727,7 @@ async fn hash(path: &Path) -> Result<String, BuildError> {
 // ─── 3. overlay ─────────────────────────────────────────────────────────────────────────
 
 pub async fn overlay(cx: &BuildContext<'_>, base: Base) -> Result<DiskChain, BuildError> {
-    std::fs::create_dir_all(&cx.work).map_err(|source| BuildError::WorkDir {
+    fs_err::create_dir_all(&cx.work).map_err(|source| BuildError::WorkDir {
         path: cx.work.clone(),
         source,
     })?;
@@ -1695,15 +1695,15 @@ fn copy_outputs(
         let path = path.to_path_buf();
         move |source| BuildError::Copy { path, source }
     };
-    std::fs::create_dir_all(dest).map_err(err(dest))?;
+    fs_err::create_dir_all(dest).map_err(err(dest))?;
     let mut names: Vec<String> = report.artifacts.iter().map(|a| a.file.clone()).collect();
     names.push(export::SUMS_FILE.to_string());
     let mut copies = Vec::new();
     for name in names {
         let target = dest.join(&name);
         let temp = dest.join(format!(".{name}.partial"));
-        std::fs::copy(from.join(&name), &temp).map_err(err(&temp))?;
-        std::fs::rename(&temp, &target).map_err(err(&target))?;
+        fs_err::copy(from.join(&name), &temp).map_err(err(&temp))?;
+        fs_err::rename(&temp, &target).map_err(err(&target))?;
         copies.push(target);
     }
     Ok(copies)
@@ -1787,7 +1787,7 @@ mod tests {
     }
 
     fn plan_of(dir: &Path, recipe_text: &str) -> Result<Plan, PlanError> {
-        std::fs::write(dir.join("recipe.yml"), recipe_text).unwrap();
+        fs_err::write(dir.join("recipe.yml"), recipe_text).unwrap();
         let env = |_: &str| None;
         let validated = plan::validate(&dir.join("recipe.yml"), &env)?;
         plan::plan(validated, &Stored(dir.join("base.raw")), &env, &mut |_| {})
@@ -1889,14 +1889,14 @@ mod tests {
     fn every_recipe_key_changes_what_the_build_does() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        std::fs::write(d.join("c.yml"), COMPONENT).unwrap();
-        std::fs::write(d.join("d.yml"), COMPONENT.replace("hello", "other")).unwrap();
-        std::fs::write(d.join("t.yml"), TEST_COMPONENT).unwrap();
-        std::fs::write(d.join("base.raw"), vec![0u8; 1 << 20]).unwrap();
-        std::fs::write(d.join("other.raw"), vec![1u8; 1 << 20]).unwrap();
+        fs_err::write(d.join("c.yml"), COMPONENT).unwrap();
+        fs_err::write(d.join("d.yml"), COMPONENT.replace("hello", "other")).unwrap();
+        fs_err::write(d.join("t.yml"), TEST_COMPONENT).unwrap();
+        fs_err::write(d.join("base.raw"), vec![0u8; 1 << 20]).unwrap();
+        fs_err::write(d.join("other.raw"), vec![1u8; 1 << 20]).unwrap();
         let with_parameter = COMPONENT.replace("name: build", "name: test");
-        std::fs::write(d.join("tp.yml"), with_parameter).unwrap();
-        std::fs::write(d.join("infra.yml"), "cpus: 3\n").unwrap();
+        fs_err::write(d.join("tp.yml"), with_parameter).unwrap();
+        fs_err::write(d.join("infra.yml"), "cpus: 3\n").unwrap();
 
         fn parent(to: &str) -> [(&'static str, &str); 1] {
             [("parentImage: base.raw", to)]
@@ -2386,8 +2386,8 @@ mod tests {
     fn the_vms_cleanup_warnings_reach_the_builds_report_and_log() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        std::fs::write(d.join("base.raw"), vec![0u8; 1 << 20]).unwrap();
-        std::fs::write(d.join("c.yml"), TEST_COMPONENT).unwrap();
+        fs_err::write(d.join("base.raw"), vec![0u8; 1 << 20]).unwrap();
+        fs_err::write(d.join("c.yml"), TEST_COMPONENT).unwrap();
         let plan = plan_of(d, RECIPE).unwrap();
         let store = Store::open(d.join("store")).unwrap();
         let slot = allocate(&plan, &store).unwrap();
@@ -2433,7 +2433,7 @@ mod tests {
             "{warnings:?}"
         );
         log.close();
-        let text = std::fs::read_to_string(slot.logs_dir().join("build.log")).unwrap();
+        let text = fs_err::read_to_string(slot.logs_dir().join("build.log")).unwrap();
         for w in &warnings {
             assert!(text.contains(&format!("warning: {w}")), "{text}");
         }
@@ -2445,14 +2445,14 @@ mod tests {
     fn the_manifest_lists_documents_run_through_execute_document() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        std::fs::create_dir(d.join("lib")).unwrap();
-        std::fs::write(d.join("base.raw"), vec![0u8; 1 << 20]).unwrap();
-        std::fs::write(
+        fs_err::create_dir(d.join("lib")).unwrap();
+        fs_err::write(d.join("base.raw"), vec![0u8; 1 << 20]).unwrap();
+        fs_err::write(
             d.join("c.yml"),
             "schemaVersion: 1.0\nphases:\n  - name: build\n    steps:\n      - name: Lib\n        action: ExecuteDocument\n        inputs:\n          document: lib/x.yml\n",
         )
         .unwrap();
-        std::fs::write(d.join("lib/x.yml"), TEST_COMPONENT).unwrap();
+        fs_err::write(d.join("lib/x.yml"), TEST_COMPONENT).unwrap();
         let plan = plan_of(d, RECIPE).unwrap();
         let id = ImageId {
             name: "web".into(),
@@ -2468,7 +2468,7 @@ mod tests {
             documents[0].sha256,
             plan.components[0].documents[0].sha256.as_str()
         );
-        std::fs::write(d.join("lib/x.yml"), format!("{TEST_COMPONENT}# edited\n")).unwrap();
+        fs_err::write(d.join("lib/x.yml"), format!("{TEST_COMPONENT}# edited\n")).unwrap();
         let mut edited = Manifest::new(m.image.clone(), "build");
         fill_inputs(&mut edited, &plan_of(d, RECIPE).unwrap());
         assert_ne!(edited.inputs.components[0].documents, *documents);

@@ -61,7 +61,7 @@ fn validate(args: ValidateArgs) -> CliResult {
     let mut all_valid = true;
     let mut results = Vec::new();
     for path in &args.documents {
-        let text = match std::fs::read_to_string(path) {
+        let text = match fs_err::read_to_string(path) {
             Ok(text) => text,
             Err(e) => {
                 all_valid = false;

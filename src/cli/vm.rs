@@ -170,7 +170,7 @@ impl VmArgs {
     pub fn session_options(&self, image: PathBuf) -> Result<SessionOptions, Failure> {
         let user_data = match &self.user_data {
             None => None,
-            Some(p) => Some(std::fs::read_to_string(p).map_err(|e| {
+            Some(p) => Some(fs_err::read_to_string(p).map_err(|e| {
                 Failure::input(
                     anyhow::Error::new(e)
                         .context(format!("could not read the user data `{}`", p.display())),

@@ -555,8 +555,8 @@ mod tests {
             .expect("runtime");
         rt.block_on(async {
             let dir = tempfile::tempdir().expect("temp dir");
-            std::fs::write(dir.path().join("f"), b"abc").expect("write");
-            std::os::unix::fs::symlink(dir.path().join("f"), dir.path().join("link"))
+            fs_err::write(dir.path().join("f"), b"abc").expect("write");
+            fs_err::os::unix::fs::symlink(dir.path().join("f"), dir.path().join("link"))
                 .expect("symlink");
             let target = HostMachine::new();
             let expand = |s: &str| -> Result<String, String> { Ok(s.replace("{{ F }}", "f")) };

@@ -451,7 +451,7 @@ pub fn nested_document_path(calling: &Path, written: &str) -> Result<PathBuf, St
 /// The path with symbolic links and `..` resolved when it exists (as written otherwise): how
 /// nested documents are compared, for cycles and with a plan's pins.
 pub fn canonical(path: &Path) -> PathBuf {
-    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+    fs_err::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 /// What the rest of the run does after a step, phase or document.

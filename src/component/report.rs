@@ -7,7 +7,7 @@
 //! The two JSON files are written under a temporary name and renamed; the two logs are
 //! appended as the run goes and flushed after every step, so a killed run still leaves them.
 
-use std::fs::File;
+use fs_err::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -318,7 +318,7 @@ impl RunLog {
     /// Create `<parent>/TOE_…/` with empty `console.log` and `application.log`.
     pub fn create(parent: &Path, execution_id: &str) -> Result<RunLog, ReportError> {
         let dir = parent.join(run_folder_name(Utc::now(), execution_id));
-        std::fs::create_dir_all(&dir).map_err(|source| ReportError::CreateFolder {
+        fs_err::create_dir_all(&dir).map_err(|source| ReportError::CreateFolder {
             path: dir.clone(),
             source,
         })?;
@@ -373,10 +373,10 @@ impl RunLog {
             serde_json::to_writer_pretty(&mut file, value)?;
             file.write_all(b"\n")?;
             file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-            std::fs::rename(&temp, &path)
+            fs_err::rename(&temp, &path)
         };
         write().map_err(|source| {
-            let _ = std::fs::remove_file(&temp);
+            let _ = fs_err::remove_file(&temp);
             ReportError::Write {
                 path: path.clone(),
                 source,
@@ -388,7 +388,7 @@ impl RunLog {
     /// Keep a copy of an input document (`document.yaml`, or `document-<n>.yaml` with several).
     pub fn copy_document(&self, source: &Path, name: &str) -> Result<(), ReportError> {
         let path = self.dir.join(name);
-        std::fs::copy(source, &path)
+        fs_err::copy(source, &path)
             .map(|_| ())
             .map_err(|source| ReportError::Write { path, source })
     }

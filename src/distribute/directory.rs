@@ -199,10 +199,10 @@ impl Partial {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
             let old = partial_name(parent, &format!("{name}.old"));
-            std::fs::rename(dest, &old).map_err(io("move aside", dest))?;
+            fs_err::rename(dest, &old).map_err(io("move aside", dest))?;
             aside = Some(old);
         }
-        std::fs::rename(&self.path, dest).map_err(io("rename into place", dest))?;
+        fs_err::rename(&self.path, dest).map_err(io("rename into place", dest))?;
         self.armed = false;
         if let Some(old) = aside {
             let _ = remove_any(&old);
@@ -221,9 +221,9 @@ impl Drop for Partial {
 
 fn remove_any(path: &Path) -> std::io::Result<()> {
     if path.is_dir() {
-        std::fs::remove_dir_all(path)
+        fs_err::remove_dir_all(path)
     } else {
-        std::fs::remove_file(path)
+        fs_err::remove_file(path)
     }
 }
 
@@ -236,9 +236,9 @@ fn copy_verified(
     what: &str,
     r: &Reporter,
 ) -> Result<u64, DirectoryError> {
-    let mut src = std::fs::File::open(from).map_err(io("open", from))?;
+    let mut src = fs_err::File::open(from).map_err(io("open", from))?;
     let total = src.metadata().map_err(io("read the size of", from))?.len();
-    let mut dst = std::fs::OpenOptions::new()
+    let mut dst = fs_err::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(to)
@@ -276,7 +276,7 @@ fn copy_verified(
 }
 
 fn hash_file(path: &Path, r: &Reporter) -> Result<String, DirectoryError> {
-    let mut f = std::fs::File::open(path).map_err(io("open", path))?;
+    let mut f = fs_err::File::open(path).map_err(io("open", path))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; CHUNK];
     loop {
@@ -417,10 +417,10 @@ pub async fn to_directory(
     const TARGET: &str = "directory";
     let started = Instant::now();
     preflight_directory(options)?;
-    std::fs::create_dir_all(&options.path).map_err(io("create", &options.path))?;
+    fs_err::create_dir_all(&options.path).map_err(io("create", &options.path))?;
     let dest = options.destination();
     let temp = Partial::new(partial_name(&options.path, &options.name));
-    std::fs::create_dir(&temp.path).map_err(io("create", &temp.path))?;
+    fs_err::create_dir(&temp.path).map_err(io("create", &temp.path))?;
 
     let wanted: Vec<Format> = if options.formats.is_empty() {
         image.manifest.outputs.iter().map(|a| a.format).collect()
@@ -456,25 +456,25 @@ pub async fn to_directory(
             // Not exported by the build: convert it into a scratch folder inside ours, then
             // move it up (same file system, one rename).
             let scratch = temp.path.join(".convert");
-            std::fs::create_dir(&scratch).map_err(io("create", &scratch))?;
+            fs_err::create_dir(&scratch).map_err(io("create", &scratch))?;
             let a = convert(image, format, &scratch, &stem, TARGET, progress).await?;
             let to = temp.path.join(&a.file);
-            std::fs::rename(a.path(&scratch), &to).map_err(io("move", &to))?;
-            std::fs::remove_dir_all(&scratch).map_err(io("remove", &scratch))?;
+            fs_err::rename(a.path(&scratch), &to).map_err(io("move", &to))?;
+            fs_err::remove_dir_all(&scratch).map_err(io("remove", &scratch))?;
             delivered.push(a);
         }
     }
     // The manifest says what the build made; SHA256SUMS lists what this folder holds.
     let manifest_from = image.dir.join(MANIFEST_FILE);
     let manifest_to = temp.path.join(MANIFEST_FILE);
-    std::fs::copy(&manifest_from, &manifest_to).map_err(io("copy", &manifest_from))?;
+    fs_err::copy(&manifest_from, &manifest_to).map_err(io("copy", &manifest_from))?;
     let mut sums = String::new();
     for a in &delivered {
         sums.push_str(&format!("{}  {}\n", a.sha256, a.file));
     }
     let sums_path = temp.path.join(SUMS_FILE);
-    std::fs::write(&sums_path, sums).map_err(io("write", &sums_path))?;
-    std::fs::File::open(&temp.path)
+    fs_err::write(&sums_path, sums).map_err(io("write", &sums_path))?;
+    fs_err::File::open(&temp.path)
         .and_then(|d| d.sync_all())
         .map_err(io("sync", &temp.path))?;
     temp.persist(&dest, options.overwrite)?;
@@ -570,7 +570,7 @@ pub async fn to_vagrant(
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
         .to_path_buf();
-    std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+    fs_err::create_dir_all(&dir).map_err(io("create", &dir))?;
     let file_name = options
         .path
         .file_name()
@@ -583,7 +583,7 @@ pub async fn to_vagrant(
         Some(a) => a.clone(),
         None => {
             let s = Partial::new(partial_name(&dir, &format!("{file_name}.qcow2")));
-            std::fs::create_dir(&s.path).map_err(io("create", &s.path))?;
+            fs_err::create_dir(&s.path).map_err(io("create", &s.path))?;
             let a = convert(image, Format::Qcow2, &s.path, "box", TARGET, progress).await?;
             scratch = Some(s);
             a
@@ -674,7 +674,7 @@ fn write_box(
     disk: &Path,
     r: &Reporter,
 ) -> Result<String, DirectoryError> {
-    let file = std::fs::OpenOptions::new()
+    let file = fs_err::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(path)
@@ -698,7 +698,7 @@ fn write_box(
     };
     add(&mut tar, "metadata.json", metadata.as_bytes())?;
     add(&mut tar, "Vagrantfile", vagrantfile.as_bytes())?;
-    let src = std::fs::File::open(disk).map_err(io("open", disk))?;
+    let src = fs_err::File::open(disk).map_err(io("open", disk))?;
     let total = src.metadata().map_err(io("read the size of", disk))?.len();
     let mut header = tar::Header::new_gnu();
     header.set_size(total);
@@ -740,7 +740,7 @@ fn write_box(
 
 /// Reports bytes read and stops (with an error) when the copy is cancelled.
 struct ProgressReader<'r> {
-    inner: std::fs::File,
+    inner: fs_err::File,
     done: u64,
     last: u64,
     total: u64,

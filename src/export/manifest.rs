@@ -358,7 +358,7 @@ impl Manifest {
 
     /// Read a `manifest.json`.
     pub fn read(path: &Path) -> Result<Self, ExportError> {
-        let bytes = std::fs::read(path).map_err(|source| ExportError::Io {
+        let bytes = fs_err::read(path).map_err(|source| ExportError::Io {
             action: "read",
             path: path.to_path_buf(),
             source,
@@ -439,9 +439,9 @@ mod tests {
     #[test]
     fn dpkg_query_prints_the_shape_the_parser_reads() {
         let dir = tempfile::tempdir().expect("temp dir");
-        std::fs::write(dir.path().join("status"), DPKG_STATUS).expect("status");
-        std::fs::write(dir.path().join("available"), "").expect("available");
-        std::fs::create_dir(dir.path().join("updates")).expect("updates");
+        fs_err::write(dir.path().join("status"), DPKG_STATUS).expect("status");
+        fs_err::write(dir.path().join("available"), "").expect("available");
+        fs_err::create_dir(dir.path().join("updates")).expect("updates");
         let format = DPKG_QUERY
             .split_once("-f '")
             .and_then(|(_, f)| f.strip_suffix('\''))
@@ -501,7 +501,7 @@ mod tests {
             sha256: "ab".repeat(32),
         });
         let path = m.write(dir.path()).expect("write");
-        let text = std::fs::read_to_string(&path).expect("read");
+        let text = fs_err::read_to_string(&path).expect("read");
         assert!(!text.contains("hunter2"));
         assert!(text.contains("\"schemaVersion\": 1"));
         assert!(text.contains("\"format\": \"qcow2\""));
@@ -509,7 +509,7 @@ mod tests {
         assert_eq!(back, m);
         assert_eq!(back.output(Format::Qcow2).map(|a| a.size), Some(10));
         // Only the manifest is left: the temporary file was renamed.
-        let names: Vec<_> = std::fs::read_dir(dir.path())
+        let names: Vec<_> = fs_err::read_dir(dir.path())
             .expect("list")
             .map(|e| e.expect("entry").file_name())
             .collect();

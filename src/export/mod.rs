@@ -316,7 +316,7 @@ impl Partial {
     }
 
     fn persist(mut self, dest: &Path) -> Result<(), ExportError> {
-        std::fs::rename(&self.path, dest).map_err(|source| ExportError::Io {
+        fs_err::rename(&self.path, dest).map_err(|source| ExportError::Io {
             action: "rename into place",
             path: dest.to_path_buf(),
             source,
@@ -329,7 +329,7 @@ impl Partial {
 impl Drop for Partial {
     fn drop(&mut self) {
         if self.armed {
-            let _ = std::fs::remove_file(&self.path);
+            let _ = fs_err::remove_file(&self.path);
         }
     }
 }
@@ -347,7 +347,7 @@ impl Drop for Done {
     fn drop(&mut self) {
         if !self.keep {
             for p in &self.paths {
-                let _ = std::fs::remove_file(p);
+                let _ = fs_err::remove_file(p);
             }
         }
     }
@@ -526,7 +526,7 @@ fn sync_and_size(path: &Path) -> Result<u64, ExportError> {
             source,
         }
     };
-    let f = std::fs::File::open(path).map_err(io("open"))?;
+    let f = fs_err::File::open(path).map_err(io("open"))?;
     f.sync_all().map_err(io("sync"))?;
     Ok(f.metadata().map_err(io("read the size of"))?.len())
 }
@@ -703,7 +703,7 @@ struct VhdFooter {
 /// Read and check the footer of a fixed VHD: cookie, disk type, checksum.
 fn read_vhd_footer(path: &Path) -> Result<VhdFooter, String> {
     use std::io::{Seek, SeekFrom};
-    let mut f = std::fs::File::open(path).map_err(|e| format!("cannot open it: {e}"))?;
+    let mut f = fs_err::File::open(path).map_err(|e| format!("cannot open it: {e}"))?;
     let len = f.metadata().map_err(|e| e.to_string())?.len();
     if len < 512 || len % 512 != 0 {
         return Err(format!(
@@ -776,7 +776,7 @@ async fn write_ova(
         }
     };
     progress.verifying(Format::Ova);
-    let out = std::fs::OpenOptions::new()
+    let out = fs_err::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(&partial.path)
@@ -834,7 +834,7 @@ pub fn sha256_file(path: &Path) -> Result<String, ExportError> {
             source,
         }
     };
-    let mut f = std::fs::File::open(path).map_err(io("open"))?;
+    let mut f = fs_err::File::open(path).map_err(io("open"))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -859,7 +859,7 @@ fn write_sums(path: &Path, artifacts: &[Artifact]) -> Result<(), ExportError> {
 
 /// Read a `SHA256SUMS` file into (file name, sha256) pairs.
 pub fn read_sums(path: &Path) -> Result<Vec<(String, String)>, ExportError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ExportError::Io {
+    let text = fs_err::read_to_string(path).map_err(|source| ExportError::Io {
         action: "read",
         path: path.to_path_buf(),
         source,
@@ -930,7 +930,7 @@ mod tests {
     #[test]
     fn sums_round_trip_and_bad_lines_are_named() {
         let dir = tempfile::tempdir().expect("temp dir");
-        std::fs::write(dir.path().join("a.raw"), b"hello").expect("write");
+        fs_err::write(dir.path().join("a.raw"), b"hello").expect("write");
         let a = Artifact {
             file: "a.raw".into(),
             format: Format::Raw,
@@ -942,10 +942,10 @@ mod tests {
         let read = read_sums(&dir.path().join(SUMS_FILE)).expect("read");
         assert_eq!(read, vec![("a.raw".to_string(), a.sha256.clone())]);
         verify_sums(dir.path()).expect("matches");
-        std::fs::write(dir.path().join("a.raw"), b"hellO").expect("write");
+        fs_err::write(dir.path().join("a.raw"), b"hellO").expect("write");
         let e = verify_sums(dir.path()).expect_err("changed");
         assert!(e.to_string().contains("a.raw: sha256 is"), "{e}");
-        std::fs::write(dir.path().join(SUMS_FILE), "zz  a.raw\n").expect("write");
+        fs_err::write(dir.path().join(SUMS_FILE), "zz  a.raw\n").expect("write");
         let e = read_sums(&dir.path().join(SUMS_FILE)).expect_err("bad");
         assert!(e.to_string().contains("line 1"), "{e}");
     }
@@ -954,7 +954,7 @@ mod tests {
     fn vhd_footer_is_checked() {
         let dir = tempfile::tempdir().expect("temp dir");
         let p = dir.path().join("x.vhd");
-        std::fs::write(&p, vec![0u8; 1024]).expect("write");
+        fs_err::write(&p, vec![0u8; 1024]).expect("write");
         let e = read_vhd_footer(&p).err().expect("no footer");
         assert!(e.contains("conectix"), "{e}");
     }

@@ -31,7 +31,7 @@ pub(super) struct OvaLayout {
 /// Write the OVA into `out` (already created at `path`, which is only used in messages) and
 /// return its sha256, computed while writing. Blocking.
 pub(super) fn write(
-    out: std::fs::File,
+    out: fs_err::File,
     path: &Path,
     layout: &OvaLayout,
 ) -> Result<String, ExportError> {
@@ -43,7 +43,7 @@ pub(super) fn write(
             source,
         }
     };
-    let vmdk_size = std::fs::metadata(&layout.vmdk)
+    let vmdk_size = fs_err::metadata(&layout.vmdk)
         .map_err(io("read the size of", &layout.vmdk))?
         .len();
     let vmdk_sha = match &layout.vmdk_sha256 {
@@ -84,7 +84,7 @@ pub(super) fn write(
         .map_err(io("write", path))?;
     tar.append(&header(&mf_name, mf.len() as u64)?, mf.as_bytes())
         .map_err(io("write", path))?;
-    let vmdk_file = std::fs::File::open(&layout.vmdk).map_err(io("open", &layout.vmdk))?;
+    let vmdk_file = fs_err::File::open(&layout.vmdk).map_err(io("open", &layout.vmdk))?;
     // Hash the disk as it goes into the tar: what the manifest promises is what was written.
     let mut reader = HashingReader {
         inner: vmdk_file.take(vmdk_size),
@@ -132,7 +132,7 @@ impl<R: Read> Read for HashingReader<R> {
 /// Read an OVA back: USTAR members `.ovf`, `.mf`, `.vmdk` in that order, and the `.mf` line
 /// for the `.ovf` matching its content. Blocking; skips over the disk without reading it.
 pub(super) fn check_layout(path: &Path) -> Result<(), String> {
-    let file = std::fs::File::open(path).map_err(|e| format!("cannot open it: {e}"))?;
+    let file = fs_err::File::open(path).map_err(|e| format!("cannot open it: {e}"))?;
     let mut archive = tar::Archive::new(file);
     let entries = archive
         .entries_with_seek()

@@ -463,7 +463,7 @@ struct LocalTemp(Option<PathBuf>);
 impl Drop for LocalTemp {
     fn drop(&mut self) {
         if let Some(p) = self.0.take() {
-            let _ = std::fs::remove_file(p);
+            let _ = fs_err::remove_file(p);
         }
     }
 }
@@ -938,7 +938,7 @@ fn exec_spec(
 /// The content of a put: bytes in memory or a host file read as it goes.
 enum Source {
     Bytes(Vec<u8>, usize),
-    File(tokio::fs::File),
+    File(fs_err::tokio::File),
 }
 
 impl Source {
@@ -946,7 +946,7 @@ impl Source {
         Ok(match content {
             FileSource::Bytes(b) => Source::Bytes(b, 0),
             FileSource::Path(p) => Source::File(
-                tokio::fs::File::open(&p)
+                fs_err::tokio::File::open(&p)
                     .await
                     .map_err(|e| MachineError::io(format!("cannot open {}", p.display()), e))?,
             ),
@@ -1038,7 +1038,7 @@ impl Machine for AgentMachine {
             uuid::Uuid::new_v4().simple()
         ));
         let mut guard = LocalTemp(Some(tmp.clone()));
-        let mut file = tokio::fs::File::create(&tmp)
+        let mut file = fs_err::tokio::File::create(&tmp)
             .await
             .map_err(|e| MachineError::io(format!("cannot create {}", tmp.display()), e))?;
         req.send(&Message::Credit(protocol::WINDOW_CHUNKS))?;
@@ -1083,11 +1083,11 @@ impl Machine for AgentMachine {
                     drop(file);
                     use std::os::unix::fs::PermissionsExt;
                     // The guest's permission bits, without set-id bits that mean nothing here.
-                    let _ = std::fs::set_permissions(
+                    let _ = fs_err::set_permissions(
                         &tmp,
                         std::fs::Permissions::from_mode(mode & 0o777),
                     );
-                    std::fs::rename(&tmp, local).map_err(|e| {
+                    fs_err::rename(&tmp, local).map_err(|e| {
                         MachineError::io(format!("cannot rename into {}", local.display()), e)
                     })?;
                     guard.0 = None;

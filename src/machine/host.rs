@@ -7,8 +7,9 @@
 //! detached itself with `setsid` has left the group and is not touched).
 //! Script programs are written to a temporary file that is removed afterwards.
 
+use fs_err::os::unix::fs::OpenOptionsExt;
 use std::io::{Read, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -193,7 +194,7 @@ fn put_file_blocking(
         && let Some(parent) = remote.parent()
         && !parent.as_os_str().is_empty()
     {
-        std::fs::create_dir_all(parent).map_err(io_err(format!(
+        fs_err::create_dir_all(parent).map_err(io_err(format!(
             "could not create folder {}",
             parent.display()
         )))?;
@@ -201,7 +202,7 @@ fn put_file_blocking(
     let mut reader: Box<dyn Read> = match content {
         FileSource::Bytes(bytes) => Box::new(std::io::Cursor::new(bytes)),
         FileSource::Path(path) => Box::new(
-            std::fs::File::open(&path)
+            fs_err::File::open(&path)
                 .map_err(io_err(format!("could not open {}", path.display())))?,
         ),
     };
@@ -209,7 +210,7 @@ fn put_file_blocking(
     let group = options.group.as_deref().map(resolve_group).transpose()?;
     let finish = |path: &Path| -> Result<(), MachineError> {
         if let Some(mode) = options.mode {
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(
+            fs_err::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(
                 io_err(format!("could not set the mode of {}", remote.display())),
             )?;
         }
@@ -226,7 +227,7 @@ fn put_file_blocking(
         Ok(())
     };
     if options.append {
-        let mut file = std::fs::OpenOptions::new()
+        let mut file = fs_err::OpenOptions::new()
             .append(true)
             .create(true)
             .mode(0o666)
@@ -240,7 +241,7 @@ fn put_file_blocking(
     // Written under a temporary name and renamed, so a reader never sees half a file.
     let temp = temp_sibling(remote);
     let result = (|| {
-        let mut file = std::fs::OpenOptions::new()
+        let mut file = fs_err::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o666)
@@ -252,30 +253,30 @@ fn put_file_blocking(
             .map_err(io_err(format!("could not write {shown}")))?;
         drop(file);
         finish(&temp)?;
-        std::fs::rename(&temp, remote).map_err(io_err(format!("could not write {shown}")))?;
+        fs_err::rename(&temp, remote).map_err(io_err(format!("could not write {shown}")))?;
         Ok(info)
     })();
     if result.is_err() {
-        let _ = std::fs::remove_file(&temp);
+        let _ = fs_err::remove_file(&temp);
     }
     result
 }
 
 fn get_file_blocking(remote: &Path, local: &Path) -> Result<FileInfo, MachineError> {
-    let mut source = std::fs::File::open(remote)
+    let mut source = fs_err::File::open(remote)
         .map_err(io_err(format!("could not open {}", remote.display())))?;
     let temp = temp_sibling(local);
     let result = (|| {
-        let mut file = std::fs::File::create(&temp)
+        let mut file = fs_err::File::create(&temp)
             .map_err(io_err(format!("could not create {}", local.display())))?;
         let info = copy_hashing(&mut source, &mut file)
             .map_err(io_err(format!("could not copy {}", remote.display())))?;
-        std::fs::rename(&temp, local)
+        fs_err::rename(&temp, local)
             .map_err(io_err(format!("could not write {}", local.display())))?;
         Ok(info)
     })();
     if result.is_err() {
-        let _ = std::fs::remove_file(&temp);
+        let _ = fs_err::remove_file(&temp);
     }
     result
 }
@@ -295,10 +296,10 @@ impl Machine for HostMachine {
     }
 
     async fn info(&self) -> Result<MachineInfo, MachineError> {
-        let os_release = tokio::fs::read_to_string("/etc/os-release")
+        let os_release = fs_err::tokio::read_to_string("/etc/os-release")
             .await
             .unwrap_or_default();
-        let boot_id = tokio::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        let boot_id = fs_err::tokio::read_to_string("/proc/sys/kernel/random/boot_id")
             .await
             .map_err(io_err("could not read the boot id"))?;
         Ok(MachineInfo {
@@ -450,7 +451,7 @@ impl Machine for HostMachine {
     }
 
     async fn stat(&self, remote: &Path) -> Result<Option<FileStat>, MachineError> {
-        match tokio::fs::symlink_metadata(remote).await {
+        match fs_err::tokio::symlink_metadata(remote).await {
             Ok(meta) => Ok(Some(file_stat(&meta))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(MachineError::io(
@@ -466,7 +467,7 @@ impl Machine for HostMachine {
             let shown = remote.display();
             let mut entries = Vec::new();
             for entry in
-                std::fs::read_dir(&remote).map_err(io_err(format!("could not list {shown}")))?
+                fs_err::read_dir(&remote).map_err(io_err(format!("could not list {shown}")))?
             {
                 let entry = entry.map_err(io_err(format!("could not list {shown}")))?;
                 let meta = match entry.path().symlink_metadata() {
@@ -542,7 +543,7 @@ mod tests {
                 .await
                 .expect("bash runs");
             assert_eq!(outcome.status, ExitStatus::TimedOut);
-            let pid: i32 = std::fs::read_to_string(&pidfile)
+            let pid: i32 = fs_err::read_to_string(&pidfile)
                 .expect("pid written")
                 .trim()
                 .parse()
@@ -550,7 +551,7 @@ mod tests {
             // Gone, or a zombie nobody reaped yet (another test in this process may have made
             // it a child subreaper): either way it no longer runs.
             let running = || {
-                std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                fs_err::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
                     stat.rsplit_once(") ")
                         .is_some_and(|(_, rest)| !rest.starts_with('Z'))
                 })
@@ -594,7 +595,7 @@ mod tests {
             let back = dir.path().join("back");
             let got = target.get_file(&file, &back).await.expect("get");
             assert_eq!(got, info);
-            assert_eq!(std::fs::read(&back).expect("read"), b"hello");
+            assert_eq!(fs_err::read(&back).expect("read"), b"hello");
             assert!(
                 target
                     .stat(&dir.path().join("nope"))

@@ -399,7 +399,7 @@ struct LocalTemp(Option<PathBuf>);
 impl Drop for LocalTemp {
     fn drop(&mut self) {
         if let Some(p) = self.0.take() {
-            let _ = std::fs::remove_file(p);
+            let _ = fs_err::remove_file(p);
         }
     }
 }
@@ -490,7 +490,7 @@ impl QgaMachine {
                     }
                 }
                 FileSource::Path(p) => {
-                    let mut f = tokio::fs::File::open(&p)
+                    let mut f = fs_err::tokio::File::open(&p)
                         .await
                         .map_err(|e| MachineError::io(format!("cannot open {}", p.display()), e))?;
                     loop {
@@ -766,7 +766,7 @@ impl Machine for QgaMachine {
         let mut guard = LocalTemp(Some(tmp.clone()));
         let write_err = |e| MachineError::io(format!("cannot write {}", tmp.display()), e);
         let result = async {
-            let mut file = tokio::fs::File::create(&tmp).await.map_err(write_err)?;
+            let mut file = fs_err::tokio::File::create(&tmp).await.map_err(write_err)?;
             let mut hasher = Sha256::new();
             let mut size = 0u64;
             loop {
@@ -818,7 +818,7 @@ impl Machine for QgaMachine {
                 .into(),
             });
         }
-        std::fs::rename(&tmp, local)
+        fs_err::rename(&tmp, local)
             .map_err(|e| MachineError::io(format!("cannot rename into {}", local.display()), e))?;
         guard.0 = None;
         Ok(FileInfo { size, sha256: sha })

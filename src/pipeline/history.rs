@@ -383,7 +383,7 @@ impl History {
     /// schema as needed.
     pub fn open(path: &Path) -> Result<History, HistoryError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| HistoryError::Folder {
+            fs_err::create_dir_all(dir).map_err(|source| HistoryError::Folder {
                 path: dir.to_path_buf(),
                 source,
             })?;

@@ -567,7 +567,7 @@ pub fn apply_pipeline(
 /// the build's receipts. Never fails: each receipt gets a note.
 pub fn delete_remote(image: &StoredImage) -> Vec<RemoteNote> {
     let path = image.dir.join(RECEIPTS_FILE);
-    let receipts: Vec<Receipt> = match std::fs::read(&path) {
+    let receipts: Vec<Receipt> = match fs_err::read(&path) {
         Ok(bytes) => match serde_json::from_slice(&bytes) {
             Ok(r) => r,
             Err(e) => {
@@ -643,7 +643,7 @@ fn delete_directory_copy(image: &StoredImage, dir: &Path) -> RemoteOutcome {
             .unwrap_or_default(),
         std::process::id()
     ));
-    match std::fs::rename(dir, &trash).and_then(|()| std::fs::remove_dir_all(&trash)) {
+    match fs_err::rename(dir, &trash).and_then(|()| fs_err::remove_dir_all(&trash)) {
         Ok(()) => RemoteOutcome::Deleted,
         Err(e) => RemoteOutcome::Failed(e.to_string()),
     }

@@ -165,7 +165,7 @@ pub fn check(path: &Path, text: &str, now: DateTime<Utc>) -> Checked {
 
 /// Read the pipeline file at `path` (only it).
 pub fn load(path: &Path, now: DateTime<Utc>) -> Result<Pipeline, ParseError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ParseError::Unreadable {
+    let text = fs_err::read_to_string(path).map_err(|source| ParseError::Unreadable {
         path: path.to_path_buf(),
         source,
     })?;
@@ -182,7 +182,7 @@ pub fn validate(
     now: DateTime<Utc>,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Validated, ParseError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ParseError::Unreadable {
+    let text = fs_err::read_to_string(path).map_err(|source| ParseError::Unreadable {
         path: path.to_path_buf(),
         source,
     })?;

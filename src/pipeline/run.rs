@@ -487,7 +487,7 @@ mod tests {
     /// the plan of its recipe before the overrides.
     fn planned(dir: &Path, text: &str) -> (Pipeline, Plan) {
         let path = dir.join("p.yml");
-        std::fs::write(&path, text).unwrap();
+        fs_err::write(&path, text).unwrap();
         let env = |_: &str| None;
         let v = parse::validate(&path, SystemClock.now(), &env).unwrap();
         let plan = plan::plan(v.recipe, &plan::NoStore, &env, &mut |_| {}).unwrap();

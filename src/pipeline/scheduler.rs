@@ -351,7 +351,7 @@ pub fn load_folder(
     reported: &mut HashMap<PathBuf, String>,
     log: &Log,
 ) -> Result<Vec<(PathBuf, Pipeline)>, SchedulerError> {
-    let entries = std::fs::read_dir(dir).map_err(|source| SchedulerError::Folder {
+    let entries = fs_err::read_dir(dir).map_err(|source| SchedulerError::Folder {
         path: dir.to_path_buf(),
         source,
     })?;
@@ -364,7 +364,7 @@ pub fn load_folder(
     paths.sort();
     let mut out: Vec<(PathBuf, Pipeline)> = Vec::new();
     for path in paths {
-        let Ok(text) = std::fs::read_to_string(&path) else {
+        let Ok(text) = fs_err::read_to_string(&path) else {
             continue;
         };
         let checked = parse::check(&path, &text, now);
@@ -521,7 +521,7 @@ mod tests {
     #[test]
     fn the_folder_is_read_with_invalid_files_reported_once_and_duplicates_left_out() {
         let dir = tempfile::tempdir().unwrap();
-        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        let write = |name: &str, text: &str| fs_err::write(dir.path().join(name), text).unwrap();
         write("a.yml", "name: web\nrecipe: r.yml\n");
         write("b.yaml", "name: web\nrecipe: other.yml\n");
         write(

@@ -199,14 +199,14 @@ fn assemble(parts: parse::Parts, path: &Path, text: &str) -> Option<Recipe> {
 pub fn check_file(path: &Path, text: &str) -> Checked {
     check(path, text, &mut |name| {
         let resolved = resolve_relative(path, name);
-        let read = std::fs::read_to_string(&resolved);
+        let read = fs_err::read_to_string(&resolved);
         (resolved, read)
     })
 }
 
 /// Read and validate the recipe at `path` (and the infrastructure file it names).
 pub fn load(path: &Path) -> Result<Recipe, RecipeError> {
-    let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Io {
+    let text = fs_err::read_to_string(path).map_err(|source| RecipeError::Io {
         path: path.to_path_buf(),
         source,
     })?;

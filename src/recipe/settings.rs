@@ -885,7 +885,7 @@ mod tests {
     fn the_reference_is_fresh() {
         let path =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/reference/recipe.md");
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let text = fs_err::read_to_string(&path).unwrap_or_default();
         assert!(
             text == reference(),
             "{} is not what the recipe settings say; run `cargo run --example gen_reference`",

@@ -134,7 +134,7 @@ pub fn oci_layer_memo(cache_dir: &Path, layer_hex: &str) -> PathBuf {
 
 /// The disk digest a memo names, if it is readable and a digest.
 pub fn read_memo(path: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(path).ok()?;
+    let text = fs_err::read_to_string(path).ok()?;
     check_digest(text.trim()).ok()
 }
 
@@ -146,7 +146,7 @@ pub fn write_memo(path: &Path, sha256: &str) {
 /// The backing file a qcow2 image names in its header, if it names one (read from the header
 /// itself: no process, no lock on the image).
 pub fn qcow2_backing_file(path: &Path) -> Option<String> {
-    let mut f = std::fs::File::open(path).ok()?;
+    let mut f = fs_err::File::open(path).ok()?;
     let mut header = [0u8; 20];
     f.read_exact(&mut header).ok()?;
     if header[..4] != *b"QFI\xfb" {
@@ -200,7 +200,7 @@ impl Store {
         if let Some(done) = existing(&dest, &sha)? {
             return Ok(done);
         }
-        let part = std::fs::OpenOptions::new()
+        let part = fs_err::OpenOptions::new()
             .create(true)
             .truncate(false)
             .read(true)
@@ -215,7 +215,7 @@ impl Store {
             // Another builder finished it while we waited. If we opened the `.part` after
             // its rename, we created an empty one: remove it.
             if part.metadata().is_ok_and(|m| m.len() == 0) {
-                let _ = std::fs::remove_file(&part_path);
+                let _ = fs_err::remove_file(&part_path);
             }
             return Ok(done);
         }
@@ -236,9 +236,9 @@ impl Store {
                 Ok(actual) if actual == sha => {
                     part.sync_all()
                         .map_err(StoreError::io("sync", &part_path))?;
-                    std::fs::rename(&part_path, &dest)
+                    fs_err::rename(&part_path, &dest)
                         .map_err(StoreError::io("move into the cache", &dest))?;
-                    let size = std::fs::metadata(&dest)
+                    let size = fs_err::metadata(&dest)
                         .map_err(StoreError::io("read", &dest))?
                         .len();
                     return Ok(BaseImage {
@@ -277,7 +277,7 @@ impl Store {
         let last = last.expect("at least one attempt ran");
         if matches!(last, AttemptError::Store(StoreError::DigestMismatch { .. })) {
             drop(part);
-            let _ = std::fs::remove_file(&part_path);
+            let _ = fs_err::remove_file(&part_path);
         }
         Err(match last {
             AttemptError::Store(e @ StoreError::DigestMismatch { .. }) => e,
@@ -298,8 +298,8 @@ impl Store {
         expected: Option<&str>,
     ) -> Result<BaseImage, StoreError> {
         let expected = expected.map(check_digest).transpose()?;
-        let path = std::fs::canonicalize(path).map_err(StoreError::io("find", path))?;
-        let meta = std::fs::metadata(&path).map_err(StoreError::io("read", &path))?;
+        let path = fs_err::canonicalize(path).map_err(StoreError::io("find", path))?;
+        let meta = fs_err::metadata(&path).map_err(StoreError::io("read", &path))?;
         if !meta.is_file() {
             return Err(StoreError::io("use", &path)(std::io::Error::other(
                 "not a file",
@@ -335,18 +335,18 @@ impl Store {
     /// The recorded digest of the local file at `path`, if the index has one for the file as
     /// it is now (same size, mtime and inode). Never hashes; `None` on any doubt.
     pub fn known_digest(&self, path: &Path) -> Option<String> {
-        let path = std::fs::canonicalize(path).ok()?;
-        let meta = std::fs::metadata(&path).ok()?;
+        let path = fs_err::canonicalize(path).ok()?;
+        let meta = fs_err::metadata(&path).ok()?;
         self.indexed_digest(&hash_key(&path, &meta)).ok().flatten()
     }
 
     /// Record a digest computed elsewhere (e.g. while planning) for the local file at `path`.
     /// Best effort: the index is only a cache.
     pub fn remember_digest(&self, path: &Path, sha256: &str) {
-        let Ok(path) = std::fs::canonicalize(path) else {
+        let Ok(path) = fs_err::canonicalize(path) else {
             return;
         };
-        let Ok(meta) = std::fs::metadata(&path) else {
+        let Ok(meta) = fs_err::metadata(&path) else {
             return;
         };
         let _ = self.index_digest(hash_key(&path, &meta), sha256);
@@ -383,7 +383,7 @@ impl Store {
         let before = index.entries.len();
         index.entries.retain(|e| {
             let path = Path::new(&e.key.path);
-            std::fs::metadata(path).is_ok_and(|meta| hash_key(path, &meta) == e.key)
+            fs_err::metadata(path).is_ok_and(|meta| hash_key(path, &meta) == e.key)
         });
         if index.entries.len() != before {
             let mut json = serde_json::to_vec_pretty(&index).expect("plain data serializes");
@@ -412,7 +412,7 @@ fn hash_key(path: &Path, meta: &std::fs::Metadata) -> HashKey {
 
 /// The cached file, if present. Its name is its digest, checked when it was stored.
 fn existing(dest: &Path, sha: &str) -> Result<Option<BaseImage>, StoreError> {
-    match std::fs::metadata(dest) {
+    match fs_err::metadata(dest) {
         Ok(m) => Ok(Some(BaseImage {
             path: dest.to_path_buf(),
             sha256: sha.to_string(),
@@ -428,7 +428,7 @@ fn existing(dest: &Path, sha: &str) -> Result<Option<BaseImage>, StoreError> {
 async fn download_once(
     client: &reqwest::Client,
     url: &str,
-    part: &mut std::fs::File,
+    part: &mut fs_err::File,
     part_path: &Path,
     progress: &dyn DownloadProgress,
 ) -> Result<String, AttemptError> {
@@ -532,7 +532,7 @@ fn parse_content_range(v: &str) -> Option<(u64, Option<u64>)> {
 }
 
 fn feed_prefix(
-    part: &mut std::fs::File,
+    part: &mut fs_err::File,
     part_path: &Path,
     len: u64,
     hasher: &mut Sha256,
@@ -553,7 +553,7 @@ fn feed_prefix(
 }
 
 async fn hash_prefix(
-    part: &mut std::fs::File,
+    part: &mut fs_err::File,
     part_path: &Path,
     len: u64,
 ) -> Result<String, StoreError> {
@@ -600,7 +600,7 @@ struct HashIndex {
 
 /// The index, or an empty one if it is missing or unreadable (it is only a cache).
 fn read_index(path: &Path) -> HashIndex {
-    std::fs::read(path)
+    fs_err::read(path)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default()

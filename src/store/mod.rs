@@ -38,8 +38,8 @@ pub mod base;
 pub mod reference;
 pub mod runner;
 
+use fs_err::File;
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
@@ -206,7 +206,7 @@ impl StoredImage {
     /// Where this build was distributed, oldest first (empty when never, or when
     /// `receipts.json` is unreadable: receipts are a record, not something a build needs).
     pub fn receipts(&self) -> Vec<Receipt> {
-        std::fs::read(self.dir.join(RECEIPTS_FILE))
+        fs_err::read(self.dir.join(RECEIPTS_FILE))
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
             .unwrap_or_default()
@@ -418,7 +418,7 @@ impl Store {
         let root = root.into();
         for sub in ["cache/base", "images", "staging", "failed", "trash"] {
             let dir = root.join(sub);
-            std::fs::create_dir_all(&dir).map_err(StoreError::io("create", &dir))?;
+            fs_err::create_dir_all(&dir).map_err(StoreError::io("create", &dir))?;
         }
         Ok(Self { root })
     }
@@ -452,7 +452,7 @@ impl Store {
 
     fn lock(&self) -> Result<StoreLock, StoreError> {
         let path = self.root.join("lock");
-        let file = std::fs::OpenOptions::new()
+        let file = fs_err::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
@@ -473,8 +473,8 @@ impl Store {
     fn discard(&self, path: &Path) -> Result<(), StoreError> {
         let tag = uuid::Uuid::new_v4().simple().to_string();
         let trash = self.root.join("trash").join(tag);
-        std::fs::rename(path, &trash).map_err(StoreError::io("move to the trash", path))?;
-        std::fs::remove_dir_all(&trash).map_err(StoreError::io("delete", &trash))
+        fs_err::rename(path, &trash).map_err(StoreError::io("move to the trash", path))?;
+        fs_err::remove_dir_all(&trash).map_err(StoreError::io("delete", &trash))
     }
 
     /// Hand out the next build number of `name/version` (under the lock: two builders never
@@ -483,9 +483,9 @@ impl Store {
         check_name(name)?;
         let _lock = self.lock()?;
         let vdir = self.version_dir(name, version);
-        std::fs::create_dir_all(&vdir).map_err(StoreError::io("create", &vdir))?;
+        fs_err::create_dir_all(&vdir).map_err(StoreError::io("create", &vdir))?;
         let counter = vdir.join(LAST_BUILD_FILE);
-        let last_recorded = match std::fs::read_to_string(&counter) {
+        let last_recorded = match fs_err::read_to_string(&counter) {
             Ok(s) => s.trim().parse::<u32>().unwrap_or(0),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
             Err(e) => return Err(StoreError::io("read", &counter)(e)),
@@ -502,7 +502,7 @@ impl Store {
         );
         let dir = self.root.join("staging").join(&build_id);
         let logs = dir.join(LOGS_DIR);
-        std::fs::create_dir_all(&logs).map_err(StoreError::io("create", &logs))?;
+        fs_err::create_dir_all(&logs).map_err(StoreError::io("create", &logs))?;
         // Taken before the store lock is released: no one ever sees the folder unlocked
         // while this build runs.
         let folder_lock = lock_folder(&dir)?;
@@ -559,7 +559,7 @@ impl Store {
         let failed = self.root.join("failed");
         for id in sorted_names(&failed)? {
             let dir = failed.join(&id);
-            if let Ok(bytes) = std::fs::read(dir.join(BUILD_FILE))
+            if let Ok(bytes) = fs_err::read(dir.join(BUILD_FILE))
                 && let Ok(record) = serde_json::from_slice::<BuildRecord>(&bytes)
             {
                 listing.failed.push(FailedBuild { record, dir });
@@ -753,7 +753,7 @@ impl Store {
             Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
             Err(std::fs::TryLockError::Error(e)) => return Err(StoreError::io("lock", dir)(e)),
         }
-        let record: Option<BuildRecord> = std::fs::read(dir.join(BUILD_FILE))
+        let record: Option<BuildRecord> = fs_err::read(dir.join(BUILD_FILE))
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok());
         let reason = match &record {
@@ -838,13 +838,13 @@ impl Store {
         failure: &str,
     ) -> Result<PathBuf, StoreError> {
         let failed = self.root.join("failed").join(&record.build_id);
-        std::fs::create_dir_all(&failed).map_err(StoreError::io("create", &failed))?;
+        fs_err::create_dir_all(&failed).map_err(StoreError::io("create", &failed))?;
         for keep in [LOGS_DIR, MANIFEST_FILE] {
             let from = staging.join(keep);
             let to = failed.join(keep);
             // Already there when an earlier attempt was cut short half way.
             if from.exists() && !to.exists() {
-                std::fs::rename(&from, &to).map_err(StoreError::io("keep", &from))?;
+                fs_err::rename(&from, &to).map_err(StoreError::io("keep", &from))?;
             }
         }
         let mut record = record.clone();
@@ -891,7 +891,7 @@ impl Store {
         used.extend(self.kept_chain_parents(&cache));
         let mut removed = Vec::new();
         let remove = |path: &Path, removed: &mut Vec<PathBuf>| -> Result<(), StoreError> {
-            std::fs::remove_file(path).map_err(StoreError::io("remove", path))?;
+            fs_err::remove_file(path).map_err(StoreError::io("remove", path))?;
             removed.push(path.to_path_buf());
             Ok(())
         };
@@ -1025,10 +1025,10 @@ impl BuildSlot {
         {
             let _lock = self.store.lock()?;
             let build_file = self.dir.join(BUILD_FILE);
-            std::fs::remove_file(&build_file).map_err(StoreError::io("remove", &build_file))?;
+            fs_err::remove_file(&build_file).map_err(StoreError::io("remove", &build_file))?;
             let parent = final_dir.parent().expect("a build folder has a parent");
-            std::fs::create_dir_all(parent).map_err(StoreError::io("create", parent))?;
-            std::fs::rename(&self.dir, &final_dir)
+            fs_err::create_dir_all(parent).map_err(StoreError::io("create", parent))?;
+            fs_err::rename(&self.dir, &final_dir)
                 .map_err(StoreError::io("move the build into", &final_dir))?;
             self.done = true;
         }
@@ -1071,9 +1071,9 @@ fn file_names(dir: &Path) -> Result<Vec<String>, StoreError> {
 /// Names of the entries of `dir` that `keep` accepts, sorted; empty if `dir` does not exist.
 fn entry_names(
     dir: &Path,
-    keep: impl Fn(&std::fs::DirEntry, &str) -> bool,
+    keep: impl Fn(&fs_err::DirEntry, &str) -> bool,
 ) -> Result<Vec<String>, StoreError> {
-    let entries = match std::fs::read_dir(dir) {
+    let entries = match fs_err::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(StoreError::io("list", dir)(e)),
@@ -1092,13 +1092,13 @@ fn entry_names(
 
 /// Bytes of the files under `path` (best effort: what cannot be read counts as nothing).
 fn tree_size(path: &Path) -> u64 {
-    let Ok(meta) = std::fs::symlink_metadata(path) else {
+    let Ok(meta) = fs_err::symlink_metadata(path) else {
         return 0;
     };
     if !meta.is_dir() {
         return meta.len();
     }
-    std::fs::read_dir(path)
+    fs_err::read_dir(path)
         .into_iter()
         .flatten()
         .flatten()
@@ -1183,13 +1183,13 @@ mod tests {
         assert_eq!(store.list().expect("list").failed.len(), 1);
 
         manifest_for(&b).write(b.dir()).expect("manifest");
-        std::fs::write(b.logs_dir().join("console.log"), "hello").expect("log");
+        fs_err::write(b.logs_dir().join("console.log"), "hello").expect("log");
         let img = b.commit().expect("commit");
         assert_eq!(img.dir, tmp.path().join("images/web/1.2.0/2"));
         assert!(img.logs_dir().join("console.log").exists());
         assert!(!img.dir.join(BUILD_FILE).exists());
         assert_eq!(
-            std::fs::read_dir(tmp.path().join("staging"))
+            fs_err::read_dir(tmp.path().join("staging"))
                 .expect("ls")
                 .count(),
             0,
@@ -1201,7 +1201,7 @@ mod tests {
         assert_eq!(c.id().build, 3);
         let failed = c.abandon("boom").expect("abandon");
         let record: BuildRecord =
-            serde_json::from_slice(&std::fs::read(failed.join(BUILD_FILE)).expect("read"))
+            serde_json::from_slice(&fs_err::read(failed.join(BUILD_FILE)).expect("read"))
                 .expect("json");
         assert_eq!(record.failure.as_deref(), Some("boom"));
         assert!(failed.join(LOGS_DIR).is_dir());
@@ -1211,7 +1211,7 @@ mod tests {
     fn dead_runner() -> Runner {
         let mut child = std::process::Command::new("true").spawn().expect("true");
         let pid = child.id();
-        let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        let ticks = fs_err::read_to_string(format!("/proc/{pid}/stat"))
             .ok()
             .and_then(|s| {
                 s.rsplit_once(')')
@@ -1233,11 +1233,11 @@ mod tests {
             .expect("slot");
         let id = slot.build_id().to_string();
         let dir = slot.dir().to_path_buf();
-        std::fs::write(slot.logs_dir().join("build.log"), "component started").expect("log");
-        std::fs::write(dir.join("out.qcow2.partial"), vec![0u8; 4096]).expect("partial");
+        fs_err::write(slot.logs_dir().join("build.log"), "component started").expect("log");
+        fs_err::write(dir.join("out.qcow2.partial"), vec![0u8; 4096]).expect("partial");
         let work = store.root().join("work").join(&id);
-        std::fs::create_dir_all(&work).expect("work");
-        std::fs::write(work.join("0-boot.qcow2"), vec![0u8; 8192]).expect("chain");
+        fs_err::create_dir_all(&work).expect("work");
+        fs_err::write(work.join("0-boot.qcow2"), vec![0u8; 8192]).expect("chain");
         let mut record = slot.record.clone();
         record.runner = runner;
         write_json(&dir.join(BUILD_FILE), &record).expect("record");
@@ -1291,7 +1291,7 @@ mod tests {
         assert!(reason.starts_with("abandoned: "), "{reason}");
         assert!(reason.contains(&format!("pid {}", runner.pid)), "{reason}");
         assert_eq!(
-            std::fs::read_to_string(failed.join("logs/build.log")).expect("log"),
+            fs_err::read_to_string(failed.join("logs/build.log")).expect("log"),
             "component started"
         );
         assert!(!failed.join("out.qcow2.partial").exists());
@@ -1364,7 +1364,7 @@ mod tests {
         }
         // A folder with no record at all was never a running build: it goes.
         let debris = tmp.path().join("staging/20240101T000000Z-deadbeef");
-        std::fs::create_dir_all(debris.join("logs")).expect("debris");
+        fs_err::create_dir_all(debris.join("logs")).expect("debris");
         let cleaned = store.recover_abandoned().expect("recover");
         assert_eq!(cleaned.len(), 1, "{cleaned:?}");
         assert_eq!(cleaned[0].reference, None);
@@ -1380,7 +1380,7 @@ mod tests {
         let [oci_disk, manifest, kept, unused, stale] =
             ["a", "b", "c", "d", "e"].map(|c| c.repeat(64));
         for sha in [&oci_disk, &kept, &unused] {
-            std::fs::write(cache.join(format!("{sha}.qcow2")), "disk").expect("cache");
+            fs_err::write(cache.join(format!("{sha}.qcow2")), "disk").expect("cache");
         }
         // The OCI pull's memo: manifest digest → the disk it held.
         base::write_memo(
@@ -1390,8 +1390,8 @@ mod tests {
         // Memos about disks no longer cached, and partial downloads no one writes.
         base::write_memo(&base::oci_manifest_memo(&cache, &stale), &stale);
         base::write_memo(&base::oci_layer_memo(&cache, &unused), &stale);
-        std::fs::write(cache.join(format!("{stale}.part")), "half").expect("part");
-        std::fs::write(cache.join(format!("layer-{stale}.part")), "half").expect("part");
+        fs_err::write(cache.join(format!("{stale}.part")), "half").expect("part");
+        fs_err::write(cache.join(format!("layer-{stale}.part")), "half").expect("part");
         // A download in progress: its `.part` is locked.
         let busy_part = cache.join(format!("{unused}.part"));
         let busy = File::create(&busy_part).expect("part");
@@ -1411,7 +1411,7 @@ mod tests {
         slot.commit().expect("commit");
         // A chain kept by --keep-on-failure, backed by a cached file.
         let chain = tmp.path().join("work/20240101T000000Z-0000kept");
-        std::fs::create_dir_all(&chain).expect("chain");
+        fs_err::create_dir_all(&chain).expect("chain");
         let backing = cache.join(format!("{kept}.qcow2"));
         let status = std::process::Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2", "-u", "-F", "qcow2", "-b"])

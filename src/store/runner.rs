@@ -65,7 +65,7 @@ pub struct FoundProcess {
 /// it has in its arguments (its disk, its sockets).
 pub fn processes_mentioning(needle: &str) -> Vec<FoundProcess> {
     let me = std::process::id();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
+    let Ok(entries) = fs_err::read_dir("/proc") else {
         return Vec::new();
     };
     let mut found: Vec<FoundProcess> = entries
@@ -73,7 +73,7 @@ pub fn processes_mentioning(needle: &str) -> Vec<FoundProcess> {
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|&pid| pid != me && process_start_ticks(pid).is_some())
         .filter_map(|pid| {
-            let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let raw = fs_err::read(format!("/proc/{pid}/cmdline")).ok()?;
             let command_line = String::from_utf8_lossy(&raw)
                 .trim_end_matches('\0')
                 .replace('\0', " ");
@@ -87,7 +87,7 @@ pub fn processes_mentioning(needle: &str) -> Vec<FoundProcess> {
 }
 
 fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
+    fs_err::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .ok()
         .filter(|s| !s.is_empty())
@@ -97,7 +97,7 @@ fn host_name() -> String {
 /// Field 22 of `/proc/<pid>/stat`; `None` if the process does not exist (or is a zombie:
 /// a process that has exited but not been reaped runs nothing any more).
 fn process_start_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let stat = fs_err::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) is in parentheses and may contain spaces and ')'.
     let after = &stat[stat.rfind(')')? + 1..];
     let mut fields = after.split_whitespace();
@@ -156,7 +156,7 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         let found = processes_mentioning(&dir.path().to_string_lossy());
-        let name = std::fs::read_to_string(format!("/proc/{}/comm", qemu.id())).unwrap_or_default();
+        let name = fs_err::read_to_string(format!("/proc/{}/comm", qemu.id())).unwrap_or_default();
         qemu.kill().expect("kill QEMU");
         qemu.wait().expect("reap QEMU");
         // The kernel keeps 15 bytes of it.
@@ -182,7 +182,7 @@ mod tests {
         let pid = child.id();
         // Not reaped yet: a zombie until wait().
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        while fs_err::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
             !s.rsplit_once(')')
                 .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
         }) {

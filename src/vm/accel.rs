@@ -95,7 +95,7 @@ pub async fn kvm_works(qemu: &Path) -> Result<(), String> {
 
 async fn probe(qemu: std::path::PathBuf) -> Result<(), String> {
     probe_device(Path::new("/dev/kvm"))?;
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo")
+    let cpuinfo = fs_err::read_to_string("/proc/cpuinfo")
         .map_err(|e| format!("cannot read /proc/cpuinfo: {e}"))?;
     if !cpu_has_virtualization(&cpuinfo) {
         return Err("the CPU does not advertise hardware virtualization (no vmx or svm flag in /proc/cpuinfo; nested virtualization is off)".into());
@@ -118,7 +118,7 @@ nix::ioctl_write_int_bad!(kvm_get_api_version, nix::request_code_none!(0xAE, 0x0
 nix::ioctl_write_int_bad!(kvm_create_vm, nix::request_code_none!(0xAE, 0x01));
 
 fn probe_device(dev: &Path) -> Result<(), String> {
-    let file = std::fs::OpenOptions::new()
+    let file = fs_err::OpenOptions::new()
         .read(true)
         .write(true)
         .open(dev)

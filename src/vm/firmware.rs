@@ -112,7 +112,7 @@ fn usable(d: &Descriptor) -> Option<Uefi> {
 pub fn find_uefi_in(dirs: &[&Path]) -> Result<Uefi, FirmwareError> {
     let mut files: Vec<(String, PathBuf)> = Vec::new();
     for dir in dirs {
-        let Ok(entries) = std::fs::read_dir(dir) else {
+        let Ok(entries) = fs_err::read_dir(dir) else {
             continue;
         };
         for e in entries.flatten() {
@@ -125,7 +125,7 @@ pub fn find_uefi_in(dirs: &[&Path]) -> Result<Uefi, FirmwareError> {
     files.sort();
     files
         .iter()
-        .filter_map(|(_, p)| std::fs::read(p).ok())
+        .filter_map(|(_, p)| fs_err::read(p).ok())
         .filter_map(|bytes| serde_json::from_slice::<Descriptor>(&bytes).ok())
         .find_map(|d| usable(&d))
         .ok_or_else(|| FirmwareError::NoUefi {
@@ -151,8 +151,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let code = dir.path().join("CODE.fd");
         let vars = dir.path().join("VARS.fd");
-        std::fs::write(&code, b"c").expect("write");
-        std::fs::write(&vars, b"v").expect("write");
+        fs_err::write(&code, b"c").expect("write");
+        fs_err::write(&vars, b"v").expect("write");
         let desc = |features: &str| {
             format!(
                 r#"{{"interface-types": ["uefi"], "mapping": {{"device": "flash",
@@ -164,19 +164,19 @@ mod tests {
                 vars.display()
             )
         };
-        std::fs::write(dir.path().join("10-junk.json"), b"{not json").expect("write");
-        std::fs::write(
+        fs_err::write(dir.path().join("10-junk.json"), b"{not json").expect("write");
+        fs_err::write(
             dir.path().join("40-secure.json"),
             desc(r#""secure-boot", "requires-smm""#),
         )
         .expect("write");
-        std::fs::write(dir.path().join("60-plain.json"), desc(r#""acpi-s3""#)).expect("write");
+        fs_err::write(dir.path().join("60-plain.json"), desc(r#""acpi-s3""#)).expect("write");
         let uefi = find_uefi_in(&[dir.path()]).expect("found");
         assert_eq!(uefi.code, code);
         assert_eq!(uefi.vars_template, vars);
         assert_eq!(uefi.vars_format, DiskFormat::Raw);
 
-        std::fs::remove_file(dir.path().join("60-plain.json")).expect("rm");
+        fs_err::remove_file(dir.path().join("60-plain.json")).expect("rm");
         let e = find_uefi_in(&[dir.path()]).expect_err("only secure boot left");
         assert!(e.to_string().contains("ovmf"), "{e}");
     }

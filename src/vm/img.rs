@@ -379,7 +379,7 @@ mod tests {
             .output()
             .expect("qemu-img create");
         assert!(out.status.success());
-        let before = std::fs::read(&base).expect("read base");
+        let before = fs_err::read(&base).expect("read base");
 
         let overlay = dir.path().join("overlay.qcow2");
         create_overlay(&base, DiskFormat::Qcow2, &overlay, Some(128 << 20))
@@ -411,7 +411,7 @@ mod tests {
         .expect("convert");
         assert_eq!(super::info(&raw).await.expect("info").format, "raw");
         assert_eq!(
-            std::fs::read(&base).expect("read base"),
+            fs_err::read(&base).expect("read base"),
             before,
             "base changed"
         );
@@ -420,7 +420,7 @@ mod tests {
             .await
             .expect_err("missing");
         assert!(e.to_string().contains("nope.qcow2 does not exist"));
-        std::fs::write(dir.path().join("junk.qcow2"), b"QFI\xfbjunk").expect("write");
+        fs_err::write(dir.path().join("junk.qcow2"), b"QFI\xfbjunk").expect("write");
         let e = super::info(&dir.path().join("junk.qcow2"))
             .await
             .expect_err("bad image");

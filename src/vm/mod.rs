@@ -452,7 +452,7 @@ impl RunningVm {
             paths.disk = options.image.clone();
         }
         if let Some(logs) = &options.log_dir {
-            std::fs::create_dir_all(logs).map_err(|source| VmError::WorkDir {
+            fs_err::create_dir_all(logs).map_err(|source| VmError::WorkDir {
                 path: logs.display().to_string(),
                 source,
             })?;
@@ -510,7 +510,7 @@ impl RunningVm {
             None => FirmwareFiles::Bios,
             Some(u) => {
                 // A private copy: the VM writes its boot entries there.
-                std::fs::copy(&u.vars_template, &paths.vars).map_err(work_err)?;
+                fs_err::copy(&u.vars_template, &paths.vars).map_err(work_err)?;
                 FirmwareFiles::Uefi {
                     code: u.code,
                     code_format: u.code_format,
@@ -539,7 +539,7 @@ impl RunningVm {
             console_log: paths.console_log.clone(),
             pidfile: paths.pidfile.clone(),
         };
-        std::fs::write(
+        fs_err::write(
             paths.dir.join("qemu.cmdline"),
             shell_words(&qemu, &argv::qemu_argv(&spec)),
         )
@@ -667,7 +667,7 @@ impl RunningVm {
     /// TCG on an overloaded host fails.
     pub async fn reset_after_panic(&mut self) -> Result<(), VmError> {
         self.monitor.abort();
-        let console_offset = std::fs::metadata(&self.paths.console_log)
+        let console_offset = fs_err::metadata(&self.paths.console_log)
             .map(|m| m.len())
             .unwrap_or(0);
         self.qmp
@@ -901,11 +901,12 @@ async fn connect_qmp(paths: &VmPaths, child: &process::Child) -> Result<Qmp, VmE
             });
         }
         if paths.qmp_socket.exists() {
-            let log = std::fs::OpenOptions::new()
+            let log = fs_err::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(&paths.qmp_log)
-                .ok();
+                .ok()
+                .map(fs_err::File::into_file);
             match Qmp::connect(&paths.qmp_socket, log).await {
                 Ok(q) => return Ok(q),
                 Err(e) if Instant::now() > deadline => return Err(VmError::Qmp(e)),
@@ -978,7 +979,7 @@ const PANIC_MARK: &[u8] = b"Kernel panic - not syncing";
 /// was read (keeping a tail so a line split across reads is still seen).
 fn console_shows_panic(path: &Path, offset: &mut u64) -> bool {
     use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = std::fs::File::open(path) else {
+    let Ok(mut f) = fs_err::File::open(path) else {
         return false;
     };
     if f.seek(SeekFrom::Start(*offset)).is_err() {
@@ -1023,11 +1024,11 @@ mod tests {
     fn console_scan_finds_a_panic_once_and_across_reads() {
         let dir = tempfile::tempdir().expect("temp dir");
         let log = dir.path().join("console.log");
-        std::fs::write(&log, b"[    0.0] booting\r\n[    0.1] Kernel pan").expect("write");
+        fs_err::write(&log, b"[    0.0] booting\r\n[    0.1] Kernel pan").expect("write");
         let mut offset = 0;
         assert!(!console_shows_panic(&log, &mut offset));
         // The rest of the line arrives in the next read: still found.
-        let mut f = std::fs::OpenOptions::new()
+        let mut f = fs_err::OpenOptions::new()
             .append(true)
             .open(&log)
             .expect("open");
@@ -1038,7 +1039,7 @@ mod tests {
         .expect("append");
         assert!(console_shows_panic(&log, &mut offset));
         // After a reset the scan starts past the old panic.
-        let mut offset = std::fs::metadata(&log).expect("stat").len();
+        let mut offset = fs_err::metadata(&log).expect("stat").len();
         std::io::Write::write_all(&mut f, b"[    0.0] booting again\r\n").expect("append");
         assert!(!console_shows_panic(&log, &mut offset));
         assert!(!console_shows_panic(&dir.path().join("missing"), &mut 0));

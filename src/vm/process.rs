@@ -120,7 +120,7 @@ fn spawn_with_death_signal(
     stderr_log: &Path,
     death_signal: Signal,
 ) -> Result<Child, ProcessError> {
-    let log = std::fs::OpenOptions::new()
+    let log = fs_err::OpenOptions::new()
         .create(true)
         .append(true)
         .open(stderr_log)
@@ -132,7 +132,7 @@ fn spawn_with_death_signal(
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::from(log))
+        .stderr(Stdio::from(log.into_file()))
         // Its own group: a Ctrl-C in the terminal reaches builder, which shuts the VM down in
         // order, instead of killing QEMU under it; and teardown can kill the whole group.
         .process_group(0)
@@ -239,14 +239,14 @@ pub fn kill_group(pid: u32, exit: &watch::Receiver<Option<Exit>>) -> Result<(), 
 
 /// Live (not zombie) processes whose process group is `pgid`, from `/proc`.
 pub fn live_group_members(pgid: u32) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
+    let Ok(entries) = fs_err::read_dir("/proc") else {
         return Vec::new();
     };
     entries
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            let Ok(stat) = fs_err::read_to_string(format!("/proc/{pid}/stat")) else {
                 return false;
             };
             // "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
@@ -263,7 +263,7 @@ pub fn live_group_members(pgid: u32) -> Vec<u32> {
 
 /// The last `lines` lines of a text file (lossy UTF-8), or nothing if it cannot be read.
 pub fn tail(path: &Path, lines: usize) -> String {
-    let Ok(bytes) = std::fs::read(path) else {
+    let Ok(bytes) = fs_err::read(path) else {
         return String::new();
     };
     let text = String::from_utf8_lossy(&bytes);
@@ -304,7 +304,7 @@ mod tests {
         // until init reaps it, which is harmless).
         assert_eq!(live_group_members(pid), Vec::<u32>::new());
         assert!(
-            std::fs::read_to_string(&log)
+            fs_err::read_to_string(&log)
                 .expect("log")
                 .contains("started")
         );
@@ -333,8 +333,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let kept = dir.path().join("kept");
         let doomed = dir.path().join("doomed");
-        std::fs::create_dir(&kept).expect("mkdir");
-        std::fs::create_dir(&doomed).expect("mkdir");
+        fs_err::create_dir(&kept).expect("mkdir");
+        fs_err::create_dir(&doomed).expect("mkdir");
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -376,7 +376,7 @@ mod tests {
     fn tail_keeps_the_last_non_empty_lines() {
         let dir = tempfile::tempdir().expect("temp dir");
         let p = dir.path().join("c.log");
-        std::fs::write(&p, "a\r\nb\r\n\r\nc\r\nd\r\n").expect("write");
+        fs_err::write(&p, "a\r\nb\r\n\r\nc\r\nd\r\n").expect("write");
         assert_eq!(tail(&p, 2), "c\nd");
         assert_eq!(tail(&dir.path().join("missing"), 2), "");
     }

@@ -357,7 +357,7 @@ mod tests {
         );
 
         // Read it back with fatfs: label and every file under its long name.
-        let f = std::fs::File::open(&seed).expect("open");
+        let f = fs_err::File::open(&seed).expect("open");
         let fs = fatfs::FileSystem::new(fscommon::BufStream::new(f), fatfs::FsOptions::new())
             .expect("mount");
         assert_eq!(fs.volume_label(), "CIDATA");
@@ -391,7 +391,7 @@ mod tests {
         assert!(ud.contains("manage_etc_hosts: true"));
         assert!(ud.contains("mount -o ro"));
         // No temporary file left next to the seed.
-        assert_eq!(std::fs::read_dir(dir.path()).expect("ls").count(), 1);
+        assert_eq!(fs_err::read_dir(dir.path()).expect("ls").count(), 1);
     }
 
     #[test]

@@ -12,7 +12,7 @@ pub fn root() -> &'static Path {
 
 /// The `*.yml` files of `dir` (relative to the repository root), sorted.
 pub fn yml_files(dir: &str) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(root().join(dir))
+    let mut files: Vec<PathBuf> = fs_err::read_dir(root().join(dir))
         .expect("the folder exists")
         .map(|e| e.expect("a readable folder entry").path())
         .filter(|p| p.extension().is_some_and(|e| e == "yml"))

@@ -28,7 +28,7 @@ impl NoLeftovers {
             .prefix("bt-")
             .tempdir_in("/tmp")
             .expect("temp dir");
-        std::fs::create_dir(root.path().join("run")).expect("mkdir run");
+        fs_err::create_dir(root.path().join("run")).expect("mkdir run");
         Self { root }
     }
 
@@ -60,7 +60,7 @@ impl NoLeftovers {
             self.store().join("staging"),
             self.store().join("trash"),
         ] {
-            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            for e in fs_err::read_dir(&dir).into_iter().flatten().flatten() {
                 left.push(format!("file {}", e.path().display()));
             }
         }
@@ -117,7 +117,7 @@ impl Drop for NoLeftovers {
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+    for e in fs_err::read_dir(dir).into_iter().flatten().flatten() {
         let p = e.path();
         if p.is_dir() {
             out.extend(walk(&p));

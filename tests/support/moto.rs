@@ -104,7 +104,7 @@ impl Moto {
     pub fn start(setup: &Setup) -> Moto {
         let python = python();
         let dir = tempfile::tempdir().expect("temp dir");
-        let log = std::fs::File::create(dir.path().join("moto.log")).expect("log file");
+        let log = fs_err::File::create(dir.path().join("moto.log")).expect("log file");
         let port = free_port();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/moto_vmimport.py");
         let mut cmd = Command::new(&python);
@@ -124,7 +124,7 @@ impl Moto {
             .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(log)
+            .stderr(log.into_file())
             .spawn()
             .unwrap_or_else(|e| panic!("could not start {}: {e}", python.display()));
         // The first line on stdout (after the setup) carries the IAM user's access key.
@@ -138,7 +138,7 @@ impl Moto {
         let line = rx
             .recv_timeout(Duration::from_secs(120))
             .unwrap_or_default();
-        let log = || std::fs::read_to_string(dir.path().join("moto.log")).unwrap_or_default();
+        let log = || fs_err::read_to_string(dir.path().join("moto.log")).unwrap_or_default();
         let Ok(ready) = serde_json::from_str::<serde_json::Value>(&line) else {
             let _ = child.kill();
             let _ = child.wait();
@@ -227,7 +227,7 @@ impl Moto {
 
     /// moto's log (its requests, one per line).
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("moto.log")).unwrap_or_default()
+        fs_err::read_to_string(self.dir.path().join("moto.log")).unwrap_or_default()
     }
 }
 

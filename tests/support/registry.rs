@@ -58,7 +58,7 @@ impl TestRegistry {
                 htpasswd.display()
             ));
         }
-        std::fs::write(dir.path().join("config.yml"), config).expect("write config");
+        fs_err::write(dir.path().join("config.yml"), config).expect("write config");
         let mut registry = Self {
             child: None,
             port,
@@ -89,11 +89,12 @@ impl TestRegistry {
     /// connections.
     pub fn restart(&mut self) {
         self.stop();
-        let log = std::fs::OpenOptions::new()
+        let log = fs_err::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.log())
-            .expect("log file");
+            .expect("log file")
+            .into_file();
         let child = Command::new(BINARY)
             .arg("serve")
             .arg(self.dir.path().join("config.yml"))
@@ -111,14 +112,14 @@ impl TestRegistry {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
                 panic!(
                     "docker-registry exited with {status}:\n{}",
-                    std::fs::read_to_string(self.log()).unwrap_or_default()
+                    fs_err::read_to_string(self.log()).unwrap_or_default()
                 );
             }
             assert!(
                 Instant::now() < deadline,
                 "docker-registry did not listen on port {} within 20 s:\n{}",
                 self.port,
-                std::fs::read_to_string(self.log()).unwrap_or_default()
+                fs_err::read_to_string(self.log()).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -69,8 +69,10 @@ impl S3Server {
         let root = tempfile::tempdir().expect("temp dir");
         let data = root.path().join("data");
         // s3s-fs keeps a bucket as a folder under its root: this creates the bucket.
-        std::fs::create_dir_all(data.join(bucket)).expect("bucket folder");
-        let log = std::fs::File::create(root.path().join("s3s-fs.log")).expect("log file");
+        fs_err::create_dir_all(data.join(bucket)).expect("bucket folder");
+        let log = fs_err::File::create(root.path().join("s3s-fs.log"))
+            .expect("log file")
+            .into_file();
         let port = free_port();
         let child = std::process::Command::new(&program)
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
@@ -88,7 +90,7 @@ impl S3Server {
             if exited.is_some() || Instant::now() > deadline {
                 panic!(
                     "s3s-fs did not start listening on port {port} ({exited:?}): {}",
-                    std::fs::read_to_string(server.root.path().join("s3s-fs.log"))
+                    fs_err::read_to_string(server.root.path().join("s3s-fs.log"))
                         .unwrap_or_default()
                 );
             }
@@ -108,12 +110,12 @@ impl S3Server {
 
     /// What the server stored for `bucket/key`, read from its folder (not through S3).
     pub fn stored(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
-        std::fs::read(self.data().join(bucket).join(key)).ok()
+        fs_err::read(self.data().join(bucket).join(key)).ok()
     }
 
     /// Multipart uploads the server still holds (its `.upload-<id>.json` files and parts).
     pub fn pending_uploads(&self) -> Vec<String> {
-        std::fs::read_dir(self.data())
+        fs_err::read_dir(self.data())
             .expect("data folder")
             .filter_map(|e| e.ok())
             .map(|e| e.file_name().to_string_lossy().into_owned())

@@ -541,7 +541,7 @@ pub async fn read_file(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outputs
                 "could not read {}",
                 path.display()
             )))?;
-        let bytes = tokio::fs::read(&local)
+        let bytes = fs_err::tokio::read(&local)
             .await
             .map_err(|e| ActionError::Failed(format!("could not read {}: {e}", local.display())))?;
         let content = encoding.decode(&bytes).ok_or_else(|| {

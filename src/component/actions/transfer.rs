@@ -211,7 +211,7 @@ async fn fetch_once(
             FetchError::Permanent(message)
         });
     }
-    let mut out = tokio::fs::File::create(file)
+    let mut out = fs_err::tokio::File::create(file)
         .await
         .map_err(|e| FetchError::Permanent(format!("could not create {}: {e}", file.display())))?;
     loop {
@@ -694,7 +694,7 @@ pub async fn s3_upload(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outputs
                 .await
                 .map_err(ActionError::target(format!("could not read {}", path.display())))?;
             let url = bucket.put_object(credentials.as_ref(), &object).sign(PRESIGN_FOR);
-            let file = tokio::fs::File::open(&host_file)
+            let file = fs_err::tokio::File::open(&host_file)
                 .await
                 .map_err(host_err(format!("could not open {}", host_file.display())))?;
             let len = file
@@ -705,7 +705,7 @@ pub async fn s3_upload(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outputs
             let response = client
                 .put(url)
                 .header(reqwest::header::CONTENT_LENGTH, len)
-                .body(reqwest::Body::from(file))
+                .body(reqwest::Body::from(file.into_parts().0))
                 .send()
                 .await
                 .map_err(|e| {

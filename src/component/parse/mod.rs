@@ -49,7 +49,7 @@ pub fn load(path: &Path) -> Result<Document, LoadError> {
 /// Read and validate the document at `path`, keeping its warnings (see [`check`]); only an
 /// unreadable file is an `Err`.
 pub fn load_checked(path: &Path) -> Result<Checked, LoadError> {
-    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
+    let text = fs_err::read_to_string(path).map_err(|source| LoadError::Io {
         path: path.to_path_buf(),
         source,
     })?;

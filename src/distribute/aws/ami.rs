@@ -509,7 +509,7 @@ struct Converted {
 impl Drop for Converted {
     fn drop(&mut self) {
         if !self.keep {
-            let _ = std::fs::remove_file(&self.path);
+            let _ = fs_err::remove_file(&self.path);
         }
     }
 }
@@ -531,7 +531,7 @@ async fn disk_to_upload(
             image: image.reference(),
         });
     };
-    std::fs::create_dir_all(state_dir).map_err(|source| AwsError::Io {
+    fs_err::create_dir_all(state_dir).map_err(|source| AwsError::Io {
         action: "create",
         path: state_dir.to_path_buf(),
         source,

@@ -331,7 +331,7 @@ type Ini = BTreeMap<String, BTreeMap<String, String>>;
 
 /// Read an AWS-style INI file; `Ok(None)` when it does not exist.
 fn read_ini(path: &Path) -> Result<Option<Ini>, CredentialsError> {
-    match std::fs::read_to_string(path) {
+    match fs_err::read_to_string(path) {
         Ok(text) => parse_ini(path, &text).map(Some),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(CredentialsError::Io {
@@ -406,12 +406,12 @@ mod tests {
     impl Home {
         fn new(credentials: Option<&str>, config: Option<&str>) -> Home {
             let dir = tempfile::tempdir().expect("temp dir");
-            std::fs::create_dir_all(dir.path().join(".aws")).expect("mkdir");
+            fs_err::create_dir_all(dir.path().join(".aws")).expect("mkdir");
             if let Some(text) = credentials {
-                std::fs::write(dir.path().join(".aws/credentials"), text).expect("write");
+                fs_err::write(dir.path().join(".aws/credentials"), text).expect("write");
             }
             if let Some(text) = config {
-                std::fs::write(dir.path().join(".aws/config"), text).expect("write");
+                fs_err::write(dir.path().join(".aws/config"), text).expect("write");
             }
             Home { dir }
         }
@@ -498,12 +498,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let creds = dir.path().join("c.ini");
         let conf = dir.path().join("k.ini");
-        std::fs::write(
+        fs_err::write(
             &creds,
             "[x]\naws_access_key_id=A\naws_secret_access_key=B\n",
         )
         .expect("w");
-        std::fs::write(&conf, "[profile x]\nregion=eu-south-1\n").expect("w");
+        fs_err::write(&conf, "[profile x]\nregion=eu-south-1\n").expect("w");
         let vars: BTreeMap<&str, String> = [
             ("AWS_SHARED_CREDENTIALS_FILE", creds.display().to_string()),
             ("AWS_CONFIG_FILE", conf.display().to_string()),

@@ -596,22 +596,22 @@ fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> S3Err
 
 fn write_state(path: &Path, state: &UploadState) -> Result<(), S3Error> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+    fs_err::create_dir_all(dir).map_err(io("create", dir))?;
     let json = serde_json::to_vec_pretty(state).expect("the upload state always serializes");
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, json).map_err(io("write", &tmp))?;
-    std::fs::rename(&tmp, path).map_err(io("rename", &tmp))
+    fs_err::write(&tmp, json).map_err(io("write", &tmp))?;
+    fs_err::rename(&tmp, path).map_err(io("rename", &tmp))
 }
 
 fn read_state(path: &Path) -> Option<UploadState> {
-    let bytes = std::fs::read(path).ok()?;
+    let bytes = fs_err::read(path).ok()?;
     serde_json::from_slice::<UploadState>(&bytes)
         .ok()
         .filter(|s| s.version == STATE_VERSION)
 }
 
 fn remove_state(path: &Path) {
-    let _ = std::fs::remove_file(path);
+    let _ = fs_err::remove_file(path);
 }
 
 /// The part size for a file: the asked size, raised so the file fits in 10,000 parts
@@ -626,7 +626,7 @@ pub async fn hash_file(path: &Path) -> Result<(String, u64), S3Error> {
     let owned = path.to_path_buf();
     tokio::task::spawn_blocking(move || -> Result<(String, u64), S3Error> {
         use std::io::Read;
-        let mut file = std::fs::File::open(&owned).map_err(io("open", &owned))?;
+        let mut file = fs_err::File::open(&owned).map_err(io("open", &owned))?;
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 1024 * 1024];
         let mut size = 0u64;
@@ -771,7 +771,7 @@ pub async fn upload_multipart(
         let len = part_len(number);
         running.spawn(async move {
             let (s3, path, bucket, key) = &*shared;
-            let mut file = tokio::fs::File::open(path)
+            let mut file = fs_err::tokio::File::open(path)
                 .await
                 .map_err(io("open", path))?;
             file.seek(std::io::SeekFrom::Start(u64::from(number - 1) * part_size))

@@ -51,7 +51,7 @@ fn candidates() -> Vec<PathBuf> {
 pub(super) fn lookup(host: &str) -> Result<Credentials, OciError> {
     let files = candidates();
     for file in &files {
-        let Ok(f) = std::fs::File::open(file) else {
+        let Ok(f) = fs_err::File::open(file) else {
             continue;
         };
         match docker_credential::get_credential_from_reader(std::io::BufReader::new(f), host) {

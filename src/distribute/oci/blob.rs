@@ -3,7 +3,7 @@
 //! says it stopped, and a containerDisk's tar layer is never written out: its headers are a
 //! few bytes here, its body is the stored disk itself.
 
-use std::fs::File;
+use fs_err::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
@@ -48,7 +48,7 @@ impl BlobSource {
     /// The whole file at `path` (its size is taken now; a file that changes size later makes
     /// the read fail rather than send a mix).
     pub fn file(path: &Path) -> Result<Self, ReadError> {
-        let len = std::fs::metadata(path)
+        let len = fs_err::metadata(path)
             .map_err(|source| ReadError {
                 path: path.to_path_buf(),
                 source,
@@ -67,7 +67,7 @@ impl BlobSource {
     /// containerDisk convention (`ADD --chown=107:107 disk.qcow2 /disk/`). `mtime` is fixed by
     /// the caller so the same disk always gives the same layer digest.
     pub fn container_disk(disk: &Path, file_name: &str, mtime: u64) -> Result<Self, ReadError> {
-        let len = std::fs::metadata(disk)
+        let len = fs_err::metadata(disk)
             .map_err(|source| ReadError {
                 path: disk.to_path_buf(),
                 source,
@@ -174,7 +174,7 @@ mod tests {
     fn reads_across_segments_from_any_offset() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("f");
-        std::fs::write(&path, b"0123456789").expect("write");
+        fs_err::write(&path, b"0123456789").expect("write");
         let src = BlobSource {
             segments: vec![
                 Segment::Bytes(b"ab".to_vec()),
@@ -198,7 +198,7 @@ mod tests {
     fn a_container_disk_layer_is_a_tar_with_the_kubevirt_owner_and_mode() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("d.qcow2");
-        std::fs::write(&path, vec![7u8; 1000]).expect("write");
+        fs_err::write(&path, vec![7u8; 1000]).expect("write");
         let src = BlobSource::container_disk(&path, "web.qcow2", 1_700_000_000).expect("tar");
         assert_eq!(src.len() % 512, 0);
         let bytes = src.read_at(0, src.len() as usize).expect("read");

@@ -534,7 +534,7 @@ pub async fn push(
             let mut layers = vec![descriptor(media, &d, Some(&file_name))];
             for (name, media) in [(MANIFEST_FILE, BUILD_MANIFEST), (SUMS_FILE, SHA256SUMS)] {
                 let path = image.dir.join(name);
-                let bytes = match std::fs::read(&path) {
+                let bytes = match fs_err::read(&path) {
                     Ok(b) => b,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound && name == SUMS_FILE => {
                         continue;
@@ -728,7 +728,7 @@ async fn pull_uncached(
         ));
     }
     let mkdir = |path: &Path| {
-        std::fs::create_dir_all(path).map_err(|source| OciError::Io {
+        fs_err::create_dir_all(path).map_err(|source| OciError::Io {
             action: "create",
             path: path.to_path_buf(),
             source,
@@ -803,8 +803,8 @@ fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> O
 }
 
 /// Open and lock `part` (one download per file: another builder holding it finishes first).
-async fn locked_part(part: &Path) -> Result<std::fs::File, OciError> {
-    let file = std::fs::OpenOptions::new()
+async fn locked_part(part: &Path) -> Result<fs_err::File, OciError> {
+    let file = fs_err::OpenOptions::new()
         .create(true)
         .truncate(false)
         .read(true)
@@ -819,7 +819,7 @@ async fn locked_part(part: &Path) -> Result<std::fs::File, OciError> {
 
 fn is_qcow2(path: &Path) -> Result<bool, OciError> {
     let mut magic = [0u8; 4];
-    let mut f = std::fs::File::open(path).map_err(io_err("open", path))?;
+    let mut f = fs_err::File::open(path).map_err(io_err("open", path))?;
     Ok(f.read_exact(&mut magic).is_ok() && magic == *b"QFI\xfb")
 }
 
@@ -841,7 +841,7 @@ async fn download_layer(
     }
     let mut part = locked_part(&part_path).await?;
     if dest.is_file() {
-        let _ = std::fs::remove_file(&part_path);
+        let _ = fs_err::remove_file(&part_path);
         return Ok(dest);
     }
     let what = layer
@@ -860,7 +860,7 @@ async fn download_layer(
             Ok(actual) if actual == sha => break,
             Ok(actual) => {
                 drop(part);
-                let _ = std::fs::remove_file(&part_path);
+                let _ = fs_err::remove_file(&part_path);
                 return Err(OciError::DigestMismatch {
                     what: format!("layer {} ({what})", layer.digest),
                     expected: layer.digest.clone(),
@@ -885,13 +885,13 @@ async fn download_layer(
     part.sync_all().map_err(io_err("sync", &part_path))?;
     if !is_qcow2(&part_path)? {
         drop(part);
-        let _ = std::fs::remove_file(&part_path);
+        let _ = fs_err::remove_file(&part_path);
         return Err(OciError::NoDisk {
             reference: layer.digest.clone(),
             reason: "its disk layer is not a qcow2 image".into(),
         });
     }
-    std::fs::rename(&part_path, &dest).map_err(io_err("move into the cache", &dest))?;
+    fs_err::rename(&part_path, &dest).map_err(io_err("move into the cache", &dest))?;
     Ok(dest)
 }
 
@@ -899,7 +899,7 @@ async fn download_layer(
 async fn download_once(
     registry: &Registry,
     layer: &OciDescriptor,
-    part: &mut std::fs::File,
+    part: &mut fs_err::File,
     part_path: &Path,
     target: &str,
     what: &str,
@@ -988,13 +988,13 @@ async fn extract_container_disk(
             Ok(found) => break found,
             Err(BlobGetError::Fatal(e)) => {
                 drop(part);
-                let _ = std::fs::remove_file(&part_path);
+                let _ = fs_err::remove_file(&part_path);
                 return Err(e);
             }
             Err(BlobGetError::Transient(cause)) => {
                 if attempt >= registry.attempts() {
                     drop(part);
-                    let _ = std::fs::remove_file(&part_path);
+                    let _ = fs_err::remove_file(&part_path);
                     return Err(OciError::GaveUp {
                         registry: registry.host().to_string(),
                         action: "download the containerDisk layer".into(),
@@ -1009,7 +1009,7 @@ async fn extract_container_disk(
     };
     let (layer_digest, disk_sha) = result;
     let fail = |e: OciError| {
-        let _ = std::fs::remove_file(&part_path);
+        let _ = fs_err::remove_file(&part_path);
         e
     };
     if layer_digest != layer_hex {
@@ -1034,7 +1034,7 @@ async fn extract_container_disk(
     }
     part.sync_all().map_err(io_err("sync", &part_path))?;
     let dest = cache_dir.join(format!("{sha}.qcow2"));
-    std::fs::rename(&part_path, &dest).map_err(io_err("move into the cache", &dest))?;
+    fs_err::rename(&part_path, &dest).map_err(io_err("move into the cache", &dest))?;
     crate::store::base::write_memo(&memo, &sha);
     Ok((dest, sha))
 }
@@ -1096,7 +1096,7 @@ fn bad_tar(e: std::io::Error) -> OciError {
 /// returns that file's sha256 (hex), if there was one.
 fn extract_disk(
     tar_stream: impl Read,
-    file: &mut std::fs::File,
+    file: &mut fs_err::File,
     part: &Path,
 ) -> Result<Option<String>, OciError> {
     let mut disk_sha = None;
@@ -1132,7 +1132,7 @@ fn extract_disk(
 async fn extract_once(
     registry: &Registry,
     layer: &OciDescriptor,
-    file: std::fs::File,
+    file: fs_err::File,
     part_path: &Path,
     target: &str,
     progress: &dyn Progress,
