@@ -207,11 +207,11 @@ fn plan_is_stable_and_lists_the_stages() {
     let text = builder(&["plan", recipe], store.path());
     assert_eq!(text.status.code(), Some(0));
     let text = String::from_utf8_lossy(&text.stdout);
+    // Named as the build's `--json` events name them.
     let order = [
-        "fetch parent",
-        "overlay",
-        "seed",
-        "boot",
+        "fetch           ",
+        "overlay         ",
+        "boot            ",
         "component       install-packages",
         "component       configure-nginx",
         "generalize",

@@ -16,6 +16,7 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
+use super::plan::Stage;
 use crate::component::executor::{Event, Observer};
 use crate::machine::{OutputSink, OutputStream};
 
@@ -37,14 +38,14 @@ pub enum BuildEvent<'a> {
     },
     #[serde(rename_all = "camelCase")]
     StageStarted {
-        stage: &'a str,
+        stage: Stage,
         /// What the stage works on (a component's label), if anything.
         #[serde(skip_serializing_if = "Option::is_none")]
         detail: Option<&'a str>,
     },
     #[serde(rename_all = "camelCase")]
     StageFinished {
-        stage: &'a str,
+        stage: Stage,
         #[serde(skip_serializing_if = "Option::is_none")]
         detail: Option<&'a str>,
         /// `success`, `failed` or `skipped`.
@@ -53,11 +54,11 @@ pub enum BuildEvent<'a> {
     },
     /// A one-line message within a stage ("agent up after 41.2 s").
     #[serde(rename_all = "camelCase")]
-    Progress { stage: &'a str, message: &'a str },
+    Progress { stage: Stage, message: &'a str },
     /// A transfer with a size: a download, a conversion. `total` is `None` when unknown.
     #[serde(rename_all = "camelCase")]
     Transfer {
-        stage: &'a str,
+        stage: Stage,
         what: &'a str,
         done: u64,
         total: Option<u64>,
@@ -173,7 +174,7 @@ impl<'a> BuildLog<'a> {
     }
 
     /// A progress line within `stage`.
-    pub fn progress(&self, stage: &str, message: &str) {
+    pub fn progress(&self, stage: Stage, message: &str) {
         self.emit(&BuildEvent::Progress { stage, message });
     }
 
@@ -408,7 +409,7 @@ mod tests {
         let rec = Recorder::default();
         let log = BuildLog::new(dir.path(), &rec).expect("log");
         log.emit(&BuildEvent::StageFinished {
-            stage: "boot",
+            stage: Stage::Boot,
             detail: None,
             status: "success",
             duration_ms: 1500,

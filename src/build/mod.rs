@@ -32,7 +32,7 @@ pub use stages::{BuildError, ComponentFailure, FailureShell};
 use crate::store::{Store, StoredImage};
 use crate::undo::{Leftovers, Outcome, UnwindReport};
 use crate::vm::{AccelChoice, ErrorClass};
-use plan::Plan;
+use plan::{Plan, Stage};
 use stages::BuildContext;
 
 /// How to run a build, beyond the plan.
@@ -112,19 +112,23 @@ pub async fn build(
     cx.started(started);
 
     let result = async {
-        let base = cx.stage("fetch", stages::fetch_parent(&cx)).await?;
-        let chain = cx.stage("overlay", stages::overlay(&cx, base)).await?;
-        let vm = cx.stage("boot", stages::boot(&cx, chain)).await?;
+        let base = cx.stage(Stage::Fetch, stages::fetch_parent(&cx)).await?;
+        let chain = cx.stage(Stage::Overlay, stages::overlay(&cx, base)).await?;
+        let vm = cx.stage(Stage::Boot, stages::boot(&cx, chain)).await?;
         let vm = stages::components(&cx, vm).await?;
-        let sealed = cx.stage("generalize", stages::generalize(&cx, vm)).await?;
-        let built = cx.stage("shutdown", stages::shut_down(&cx, sealed)).await?;
+        let sealed = cx
+            .stage(Stage::Generalize, stages::generalize(&cx, vm))
+            .await?;
+        let built = cx
+            .stage(Stage::Shutdown, stages::shut_down(&cx, sealed))
+            .await?;
         let tested = if plan.tests.enabled {
-            cx.stage("test", stages::test(&cx, built)).await?
+            cx.stage(Stage::Test, stages::test(&cx, built)).await?
         } else {
-            cx.skipped("test");
+            cx.skipped(Stage::Test);
             stages::untested(built)
         };
-        cx.stage("export", stages::export(&cx, tested)).await
+        cx.stage(Stage::Export, stages::export(&cx, tested)).await
     }
     .await;
 
@@ -132,7 +136,7 @@ pub async fn build(
         Ok(exported) => {
             let warnings = cx.unwind(Outcome::Success).warnings();
             let stored = cx
-                .stage("store", stages::store(&cx, exported, slot, warnings))
+                .stage(Stage::Store, stages::store(&cx, exported, slot, warnings))
                 .await;
             let mut built = match stored {
                 Ok(built) => built,
@@ -147,12 +151,12 @@ pub async fn build(
                 }
             };
             if plan.distribution.is_empty() {
-                cx.skipped("distribute");
+                cx.skipped(Stage::Distribute);
             } else {
                 // A failure is in `built.distribution_failures`: the image is stored and
                 // the caller reports both.
                 let _ = cx
-                    .stage("distribute", stages::distribute(&cx, &mut built))
+                    .stage(Stage::Distribute, stages::distribute(&cx, &mut built))
                     .await;
             }
             stages::finished(&cx, &built);

@@ -944,12 +944,15 @@ pub struct PlannedOutputs {
     pub local_directory: Option<PathBuf>,
 }
 
-/// One stage of the build, in the order the build runs them.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One stage of the build, in the order the build runs them: [`Plan::stages`] lists a plan's,
+/// `builder plan` prints that list, and the build records each by this value, so its events
+/// (`stageStarted`, `progress`, …), the manifest's timings and the plan use the same names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
-    FetchParent,
+    /// The parent image, into the cache and verified.
+    Fetch,
     Overlay,
-    Seed,
+    /// The seed volume (agent, user data), then QEMU, until the guest is ready.
     Boot,
     /// The `build` and `validate` phases of `components[index]`.
     Component(usize),
@@ -961,6 +964,36 @@ pub enum Stage {
     Store,
     /// The recipe's `distribution` targets, one after another.
     Distribute,
+}
+
+impl Stage {
+    /// The name events, logs and `builder plan` show (`fetch`, `component`, …).
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Fetch => "fetch",
+            Stage::Overlay => "overlay",
+            Stage::Boot => "boot",
+            Stage::Component(_) => "component",
+            Stage::Generalize => "generalize",
+            Stage::Shutdown => "shutdown",
+            Stage::Test => "test",
+            Stage::Export => "export",
+            Stage::Store => "store",
+            Stage::Distribute => "distribute",
+        }
+    }
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Serialize for Stage {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.name())
+    }
 }
 
 /// Read the document of a planned component for running it: the file must still have the
@@ -1027,7 +1060,7 @@ impl Plan {
 
     /// The stages in order (the test stage only when enabled).
     pub fn stages(&self) -> Vec<Stage> {
-        let mut stages = vec![Stage::FetchParent, Stage::Overlay, Stage::Seed, Stage::Boot];
+        let mut stages = vec![Stage::Fetch, Stage::Overlay, Stage::Boot];
         stages.extend((0..self.components.len()).map(Stage::Component));
         stages.extend([Stage::Generalize, Stage::Shutdown]);
         if self.tests.enabled {
@@ -1610,7 +1643,7 @@ mod tests {
         assert_eq!(plan.components[0].name.as_deref(), Some("hello"));
         assert_eq!(plan.components[1].phases, ["build"]);
         assert!(plan.components.iter().all(|c| c.layer_key.is_some()));
-        assert_eq!(plan.stages().len(), 4 + 2 + 2 + 1 + 2);
+        assert_eq!(plan.stages().len(), 3 + 2 + 2 + 1 + 2);
         let json = serde_json::to_string(&plan).unwrap();
         let back: Plan = serde_json::from_str(&json).unwrap();
         assert_eq!(back, plan);

@@ -15,7 +15,7 @@ use super::BuildOptions;
 use super::events::{BuildEvent, BuildLog, StageOutput};
 use super::generalize::{self, GeneralizeError};
 use super::layers::{DiskChain, LayerError, file_safe};
-use super::plan::{self, Plan, PlanError, PlannedComponent, PlannedParent, ReachedDocument};
+use super::plan::{self, Plan, PlanError, PlannedComponent, PlannedParent, ReachedDocument, Stage};
 use crate::component::executor::{self, RunError, RunOptions, RunRequest};
 use crate::component::report::{ExecutionReport, Status as StepStatus};
 use crate::diagnostic::error_chain;
@@ -263,6 +263,8 @@ pub struct BuildContext<'a> {
     leftovers: Leftovers,
     manifest: Mutex<Manifest>,
     started: Mutex<Option<Instant>>,
+    /// The stages of [`Plan::stages`] not run yet: the build runs exactly that list, in order.
+    planned: Mutex<std::vec::IntoIter<Stage>>,
 }
 
 impl Drop for BuildContext<'_> {
@@ -309,6 +311,7 @@ impl<'a> BuildContext<'a> {
             leftovers,
             manifest: Mutex::new(manifest),
             started: Mutex::new(None),
+            planned: Mutex::new(plan.stages().into_iter()),
         }
     }
 
@@ -385,30 +388,34 @@ impl<'a> BuildContext<'a> {
             .unwrap_or_else(|p| p.into_inner().clone())
     }
 
-    pub fn progress(&self, stage: &str, message: &str) {
+    pub fn progress(&self, stage: Stage, message: &str) {
         self.log.progress(stage, message);
     }
 
     /// Run one stage: announce it, time it, record its timing and status.
     pub async fn stage<T>(
         &self,
-        name: &'static str,
+        stage: Stage,
         work: impl Future<Output = Result<T, BuildError>>,
     ) -> Result<T, BuildError> {
-        self.stage_of(name, None, work).await
+        self.stage_of(stage, None, work).await
     }
 
     /// [`BuildContext::stage`] for one of several units of a stage (a component).
     pub async fn stage_of<T>(
         &self,
-        name: &'static str,
+        stage: Stage,
         detail: Option<&str>,
         work: impl Future<Output = Result<T, BuildError>>,
     ) -> Result<T, BuildError> {
-        self.log.emit(&BuildEvent::StageStarted {
-            stage: name,
-            detail,
-        });
+        // `builder plan` shows `Plan::stages`: a build that strayed from it is a bug here.
+        let next = self.planned.lock().ok().and_then(|mut p| p.next());
+        debug_assert_eq!(
+            next,
+            Some(stage),
+            "the build runs the stages Plan::stages lists"
+        );
+        self.log.emit(&BuildEvent::StageStarted { stage, detail });
         let started = Utc::now();
         let t0 = Instant::now();
         let result = work.await;
@@ -419,14 +426,14 @@ impl<'a> BuildContext<'a> {
             Status::Failed
         };
         self.log.emit(&BuildEvent::StageFinished {
-            stage: name,
+            stage,
             detail,
             status: &status.to_string(),
             duration_ms: took.as_millis() as u64,
         });
         let stage = match detail {
-            Some(d) => format!("{name}:{d}"),
-            None => name.to_string(),
+            Some(d) => format!("{stage}:{d}"),
+            None => stage.to_string(),
         };
         self.with_manifest(|m| {
             m.timings.push(StageTiming {
@@ -439,16 +446,16 @@ impl<'a> BuildContext<'a> {
         result
     }
 
-    pub fn skipped(&self, name: &'static str) {
+    pub fn skipped(&self, stage: Stage) {
         self.log.emit(&BuildEvent::StageFinished {
-            stage: name,
+            stage,
             detail: None,
             status: "skipped",
             duration_ms: 0,
         });
         self.with_manifest(|m| {
             m.timings.push(StageTiming {
-                stage: name.to_string(),
+                stage: stage.to_string(),
                 started: Utc::now(),
                 duration_secs: 0.0,
                 status: Status::Skipped,
@@ -556,7 +563,7 @@ impl DownloadProgress for DownloadBar<'_, '_> {
             *t = total;
         }
         self.0.progress(
-            "fetch",
+            Stage::Fetch,
             &format!(
                 "downloading{}{}",
                 total
@@ -579,7 +586,7 @@ impl DownloadProgress for DownloadBar<'_, '_> {
         *last = done;
         let total = self.1.lock().ok().and_then(|t| *t);
         self.0.log.emit(&BuildEvent::Transfer {
-            stage: "fetch",
+            stage: Stage::Fetch,
             what: "parent image",
             done,
             total,
@@ -587,7 +594,7 @@ impl DownloadProgress for DownloadBar<'_, '_> {
     }
     fn retrying(&self, attempt: u32, error: &str, wait: Duration) {
         self.0.progress(
-            "fetch",
+            Stage::Fetch,
             &format!(
                 "attempt {attempt} failed ({error}); retrying in {} s",
                 wait.as_secs()
@@ -595,7 +602,7 @@ impl DownloadProgress for DownloadBar<'_, '_> {
         );
     }
     fn verifying(&self) {
-        self.0.progress("fetch", "verifying sha256");
+        self.0.progress(Stage::Fetch, "verifying sha256");
     }
 }
 
@@ -604,7 +611,7 @@ struct PullBar<'a, 'b>(&'b BuildContext<'a>, Mutex<u64>);
 
 impl crate::distribute::Progress for PullBar<'_, '_> {
     fn step(&self, _target: &str, message: &str) {
-        self.0.progress("fetch", message);
+        self.0.progress(Stage::Fetch, message);
     }
     fn transfer(&self, _target: &str, _what: &str, done: u64, total: Option<u64>) {
         let Ok(mut last) = self.1.lock() else { return };
@@ -613,7 +620,7 @@ impl crate::distribute::Progress for PullBar<'_, '_> {
         }
         *last = done;
         self.0.log.emit(&BuildEvent::Transfer {
-            stage: "fetch",
+            stage: Stage::Fetch,
             what: "parent image",
             done,
             total,
@@ -644,7 +651,7 @@ pub async fn fetch_parent(cx: &BuildContext<'_>) -> Result<Base, BuildError> {
             // From the cache, the pull already said so ("already cached as …").
             if !pulled.from_cache {
                 cx.progress(
-                    "fetch",
+                    Stage::Fetch,
                     &format!(
                         "cached as {} (layer digest verified)",
                         pulled.path.display()
@@ -662,7 +669,7 @@ pub async fn fetch_parent(cx: &BuildContext<'_>) -> Result<Base, BuildError> {
         // Hashed by the plan moments ago.
         PlannedParent::File { local_path, .. } => {
             cx.progress(
-                "fetch",
+                Stage::Fetch,
                 &format!(
                     "local file {} (sha256 checked by the plan)",
                     local_path.display()
@@ -680,7 +687,7 @@ pub async fn fetch_parent(cx: &BuildContext<'_>) -> Result<Base, BuildError> {
                 .await
                 .map_err(BuildError::Fetch)?;
             cx.progress(
-                "fetch",
+                Stage::Fetch,
                 &format!("cached as {} (sha256 verified)", base.path.display()),
             );
             Ok(Base { path: base.path })
@@ -692,7 +699,7 @@ pub async fn fetch_parent(cx: &BuildContext<'_>) -> Result<Base, BuildError> {
             ..
         } => {
             cx.progress(
-                "fetch",
+                Stage::Fetch,
                 &format!("{resolved} from the store: verifying sha256"),
             );
             let actual = hash(local_path).await?;
@@ -746,7 +753,7 @@ pub async fn overlay(cx: &BuildContext<'_>, base: Base) -> Result<DiskChain, Bui
         .await
         .map_err(BuildError::Disk)?;
     cx.progress(
-        "overlay",
+        Stage::Overlay,
         &format!(
             "{} on {}{}",
             chain.top.display(),
@@ -839,7 +846,7 @@ pub async fn boot(cx: &BuildContext<'_>, chain: DiskChain) -> Result<BuildVm, Bu
         cx.logs.join("build-vm"),
     );
     options.vm.leftovers = cx.leftovers.clone();
-    let progress = |m: &str| cx.progress("boot", m);
+    let progress = |m: &str| cx.progress(Stage::Boot, m);
     let session = Session::open(options, &progress)
         .await
         .map_err(vm_err("build"))?;
@@ -934,7 +941,7 @@ async fn check_disk_grew(cx: &BuildContext<'_>, vm: &BuildVm) -> Result<(), Buil
     // metadata); it must at least have taken most of the added space.
     let grown_enough = actual > parent.saturating_sub(parent / 10) + (wanted.bytes() - parent) / 2;
     cx.progress(
-        "boot",
+        Stage::Boot,
         &format!(
             "root file system: {} (disk {wanted}, parent {})",
             recipe::ByteSize::b(actual),
@@ -969,7 +976,7 @@ pub async fn components(cx: &BuildContext<'_>, mut vm: BuildVm) -> Result<BuildV
         for (index, component) in cx.plan.components.iter().enumerate() {
             let label = component.label().to_string();
             cx.stage_of(
-                "component",
+                Stage::Component(index),
                 Some(&label),
                 run_component(cx, &mut vm, index, component),
             )
@@ -1054,7 +1061,7 @@ async fn run_component(
     let (document, warnings) = plan::load_component_checked(component)?;
     // Shown before the build too; here they become part of the build's log and events.
     for w in &warnings {
-        cx.progress("component", w);
+        cx.progress(Stage::Component(index), w);
     }
     let wanted = ["build", "validate"];
     let phases: Vec<String> = wanted
@@ -1257,7 +1264,7 @@ pub async fn generalize(cx: &BuildContext<'_>, vm: BuildVm) -> Result<Sealed, Bu
         .map_err(BuildError::Generalize)?;
     if let Some(p) = &packages {
         cx.progress(
-            "generalize",
+            Stage::Generalize,
             &format!("{} packages ({})", p.packages.len(), p.manager),
         );
     }
@@ -1265,11 +1272,11 @@ pub async fn generalize(cx: &BuildContext<'_>, vm: BuildVm) -> Result<Sealed, Bu
     cx.log.set_component("generalize");
     if !cx.plan.generalize {
         cx.progress(
-            "generalize",
+            Stage::Generalize,
             "the recipe has `generalize: false`: only builder's agent is removed",
         );
     }
-    let sink = StageOutput::new(cx.log, "generalize");
+    let sink = StageOutput::new(cx.log, Stage::Generalize.name());
     let t0 = Utc::now();
     let result = vm
         .session
@@ -1285,7 +1292,7 @@ pub async fn generalize(cx: &BuildContext<'_>, vm: BuildVm) -> Result<Sealed, Bu
     let (status, message) = match &result {
         Ok(g) => {
             for c in &g.checks {
-                cx.progress("generalize", &format!("✓ {}: {}", c.name, c.detail));
+                cx.progress(Stage::Generalize, &format!("✓ {}: {}", c.name, c.detail));
             }
             (Status::Success, None)
         }
@@ -1313,10 +1320,10 @@ pub struct BuiltDisk {
 
 pub async fn shut_down(cx: &BuildContext<'_>, sealed: Sealed) -> Result<BuiltDisk, BuildError> {
     let BuildVm { session, chain } = sealed.vm;
-    let progress = |m: &str| cx.progress("shutdown", m);
+    let progress = |m: &str| cx.progress(Stage::Shutdown, m);
     let report = session.close(Outcome::Success, &progress).await;
     cx.progress(
-        "shutdown",
+        Stage::Shutdown,
         &format!("{:?} after {:.1} s", report.rung, report.took.as_secs_f64()),
     );
     cx.leftovers.add(report.unwind);
@@ -1355,7 +1362,7 @@ pub async fn test(cx: &BuildContext<'_>, disk: BuiltDisk) -> Result<Tested, Buil
         }
     }
     cx.progress(
-        "test",
+        Stage::Test,
         "the built disk is unchanged (sha256 of every layer re-checked)",
     );
     Ok(Tested { disk })
@@ -1380,7 +1387,7 @@ async fn run_tests(cx: &BuildContext<'_>, disk: &BuiltDisk) -> Result<(), BuildE
         cx.logs.join("test-vm"),
     );
     options.vm.leftovers = cx.leftovers.clone();
-    let progress = |m: &str| cx.progress("test", m);
+    let progress = |m: &str| cx.progress(Stage::Test, m);
     let session = tokio::time::timeout_at(deadline, Session::open(options, &progress))
         .await
         .map_err(|_| timed_out())?
@@ -1425,7 +1432,7 @@ async fn test_components(
     for (index, component) in with_test.enumerate() {
         let (document, warnings) = plan::load_component_checked(component)?;
         for w in &warnings {
-            cx.progress("test", w);
+            cx.progress(Stage::Test, w);
         }
         let folder = file_safe(&format!("test-{}-{}", index + 1, component.label()));
         let t0 = Instant::now();
@@ -1467,7 +1474,7 @@ struct ExportBar<'a, 'b>(&'b BuildContext<'a>, Mutex<BTreeMap<String, u32>>);
 impl ExportProgress for ExportBar<'_, '_> {
     fn started(&self, format: export::Format, file: &str) {
         self.0
-            .progress("export", &format!("{format}: writing {file}"));
+            .progress(Stage::Export, &format!("{format}: writing {file}"));
     }
     fn converting(&self, format: export::Format, percent: f32) {
         let Ok(mut last) = self.1.lock() else { return };
@@ -1480,7 +1487,7 @@ impl ExportProgress for ExportBar<'_, '_> {
         *seen = p;
         let what = format.to_string();
         self.0.log.emit(&BuildEvent::Transfer {
-            stage: "export",
+            stage: Stage::Export,
             what: &what,
             done: u64::from(p),
             total: Some(100),
@@ -1488,11 +1495,11 @@ impl ExportProgress for ExportBar<'_, '_> {
     }
     fn verifying(&self, format: export::Format) {
         self.0
-            .progress("export", &format!("{format}: checking and hashing"));
+            .progress(Stage::Export, &format!("{format}: checking and hashing"));
     }
     fn finished(&self, artifact: &export::Artifact, took: Duration) {
         self.0.progress(
-            "export",
+            Stage::Export,
             &format!(
                 "{}: {} ({}) in {:.1} s, sha256 {}",
                 artifact.format,
@@ -1590,12 +1597,12 @@ struct DistributeEvents<'a, 'b>(&'b BuildLog<'a>);
 impl crate::distribute::Progress for DistributeEvents<'_, '_> {
     fn step(&self, target: &str, message: &str) {
         self.0
-            .progress("distribute", &format!("{target}: {message}"));
+            .progress(Stage::Distribute, &format!("{target}: {message}"));
     }
     fn transfer(&self, target: &str, what: &str, done: u64, total: Option<u64>) {
         let what = format!("{target}: {what}");
         self.0.emit(&BuildEvent::Transfer {
-            stage: "distribute",
+            stage: Stage::Distribute,
             what: &what,
             done,
             total,
@@ -1615,7 +1622,7 @@ pub async fn distribute(cx: &BuildContext<'_>, built: &mut super::Built) -> Resu
             Ok(warnings) => {
                 for w in warnings {
                     cx.progress(
-                        "distribute",
+                        Stage::Distribute,
                         &format!("warning: {}: {w}", t.describe(&built.image)),
                     );
                 }
@@ -1628,11 +1635,11 @@ pub async fn distribute(cx: &BuildContext<'_>, built: &mut super::Built) -> Resu
     if built.distribution_failures.is_empty() {
         for t in &cx.plan.distribution {
             let what = t.describe(&built.image);
-            cx.progress("distribute", &format!("to {what}"));
+            cx.progress(Stage::Distribute, &format!("to {what}"));
             match destination::distribute(&built.image, t, &events).await {
                 Ok(receipt) => {
                     cx.progress(
-                        "distribute",
+                        Stage::Distribute,
                         &format!("{}: {}", receipt.kind, receipt.location),
                     );
                     if let Err(e) = cx
@@ -1650,7 +1657,7 @@ pub async fn distribute(cx: &BuildContext<'_>, built: &mut super::Built) -> Resu
         }
     }
     for (what, error) in &built.distribution_failures {
-        cx.progress("distribute", &format!("failed: {what}: {error}"));
+        cx.progress(Stage::Distribute, &format!("failed: {what}: {error}"));
     }
     match built.distribution_failures.first() {
         None => Ok(()),

@@ -14,7 +14,7 @@ use clap::{Args, ValueEnum};
 
 use super::component::run::Terminal;
 use super::{CliResult, EXIT_FAILED, EXIT_HOST, EXIT_INPUT, Failure};
-use builder::build::plan::{self, HashProgress};
+use builder::build::plan::{self, HashProgress, Stage};
 use builder::build::{
     self as build, BuildError, BuildEvent, BuildObserver, BuildOptions, ComponentFailure,
     FailureShell,
@@ -409,7 +409,9 @@ impl BuildObserver for Progress {
                 total,
             } => {
                 let text = match total {
-                    Some(100) if *stage == "export" => format!("{what}: converting {done:>3}%"),
+                    Some(100) if *stage == Stage::Export => {
+                        format!("{what}: converting {done:>3}%")
+                    }
                     Some(t) if *t > 0 => format!(
                         "{what}: {} of {} ({:>3}%)",
                         builder::recipe::ByteSize::b(*done),

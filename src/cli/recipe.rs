@@ -445,30 +445,27 @@ pub fn describe(plan: &Plan) -> String {
     let width = stages.len().to_string().len();
     for (n, stage) in stages.iter().enumerate() {
         let n = n + 1;
-        let line = match stage {
-            Stage::FetchParent => format!(
-                "fetch parent    {}",
-                match &plan.parent {
-                    PlannedParent::File { .. } =>
-                        "local file; the build checks it still has the sha256 above".to_string(),
-                    PlannedParent::Url { .. } =>
-                        "download into the cache (resumable), verify sha256".to_string(),
-                    PlannedParent::Store { resolved, .. } => format!("{resolved} from the store"),
-                    PlannedParent::Oci { .. } =>
-                        "pull from the registry into the cache, verify the layer digest".to_string(),
+        let what = match stage {
+            Stage::Fetch => match &plan.parent {
+                PlannedParent::File { .. } => {
+                    "local file; the build checks it still has the sha256 above".to_string()
                 }
-            ),
-            Stage::Overlay => format!("overlay         qcow2 on the parent, {disk}"),
-            Stage::Seed => {
-                "seed            cloud-init NoCloud volume with the agent".to_string()
-                    + if plan.user_data.is_some() {
-                        " and the user data"
-                    } else {
-                        ""
-                    }
-            }
+                PlannedParent::Url { .. } => {
+                    "download into the cache (resumable), verify sha256".to_string()
+                }
+                PlannedParent::Store { resolved, .. } => format!("{resolved} from the store"),
+                PlannedParent::Oci { .. } => {
+                    "pull from the registry into the cache, verify the layer digest".to_string()
+                }
+            },
+            Stage::Overlay => format!("qcow2 on the parent, {disk}"),
             Stage::Boot => format!(
-                "boot            agent expected within {}s",
+                "cloud-init NoCloud seed with the agent{}; agent expected within {}s",
+                if plan.user_data.is_some() {
+                    " and the user data"
+                } else {
+                    ""
+                },
                 i.boot_timeout_secs
             ),
             Stage::Component(index) => {
@@ -480,7 +477,7 @@ pub fn describe(plan: &Plan) -> String {
                     .filter(|p| *p != "test")
                     .collect();
                 let mut s = format!(
-                    "component       {} ({}): {}",
+                    "{} ({}): {}",
                     c.label(),
                     c.path,
                     if phases.is_empty() {
@@ -496,15 +493,14 @@ pub fn describe(plan: &Plan) -> String {
                 s
             }
             Stage::Generalize => {
-                "generalize      cloud-init clean, machine-id, ssh host keys, agent, logs, fstrim"
-                    .to_string()
+                "cloud-init clean, machine-id, ssh host keys, agent, logs, fstrim".to_string()
             }
             Stage::Shutdown => format!(
-                "shutdown        guest power-off (agent, else ACPI), hard stop after {}s",
+                "guest power-off (agent, else ACPI), hard stop after {}s",
                 i.shutdown_timeout_secs
             ),
             Stage::Test => {
-                let mut s = "test            fresh VM from the result; ".to_string();
+                let mut s = "fresh VM from the result; ".to_string();
                 let with_tests: Vec<&str> = plan
                     .components
                     .iter()
@@ -529,9 +525,9 @@ pub fn describe(plan: &Plan) -> String {
                 }
                 s
             }
-            Stage::Export => format!("export          {}", formats.join(", ")),
+            Stage::Export => formats.join(", "),
             Stage::Store => format!(
-                "store           {}/{}/<next build number>{}",
+                "{}/{}/<next build number>{}",
                 r.name,
                 r.version,
                 plan.outputs
@@ -543,9 +539,11 @@ pub fn describe(plan: &Plan) -> String {
             Stage::Distribute => {
                 let targets: Vec<String> =
                     plan.distribution.iter().map(|t| t.to_string()).collect();
-                format!("distribute      {}", targets.join(", "))
+                targets.join(", ")
             }
         };
+        // Named as the build's events name them (`--json`'s `stageStarted`).
+        let line = format!("{:<15} {what}", stage.name());
         let _ = writeln!(out, "  {n:>width$}. {line}");
     }
     if !plan.tests.enabled {

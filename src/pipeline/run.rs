@@ -18,7 +18,7 @@ use super::conditions::{self, Inputs, Verdict};
 use super::history::{ExecStatus, ExecutionId, History, HistoryError, Outcome, Trigger};
 use super::model::{Pipeline, StartCondition};
 use super::parse::{self, ParseError, Validated};
-use crate::build::plan::{self, Plan};
+use crate::build::plan::{self, Plan, Stage};
 use crate::build::{self, BuildEvent, BuildObserver, BuildOptions};
 use crate::component::executor::{Event, Observer};
 use crate::distribute::destination::Destination;
@@ -398,7 +398,7 @@ impl BuildObserver for Tracker<'_> {
                     .set_status(self.id, ExecStatus::Building, Some(&detail));
             }
             BuildEvent::StageStarted {
-                stage: "distribute",
+                stage: Stage::Distribute,
                 ..
             } => {
                 if let Ok(mut seen) = self.seen.lock() {
@@ -408,7 +408,9 @@ impl BuildObserver for Tracker<'_> {
                     .history
                     .set_status(self.id, ExecStatus::Distributing, None);
             }
-            BuildEvent::StageStarted { stage: "test", .. } => {
+            BuildEvent::StageStarted {
+                stage: Stage::Test, ..
+            } => {
                 if let Ok(mut seen) = self.seen.lock() {
                     seen.testing = true;
                 }
