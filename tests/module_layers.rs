@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 type Edges = BTreeMap<(String, String), String>;
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    let mut entries: Vec<_> = std::fs::read_dir(dir)
+    let mut entries: Vec<_> = fs_err::read_dir(dir)
         .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
         .map(|e| e.expect("a directory entry").path())
         .collect();
@@ -26,7 +26,7 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 
 /// The top-level modules `src/lib.rs` declares.
 fn modules(src: &Path) -> BTreeSet<String> {
-    let lib = std::fs::read_to_string(src.join("lib.rs")).expect("src/lib.rs");
+    let lib = fs_err::read_to_string(src.join("lib.rs")).expect("src/lib.rs");
     lib.lines()
         .filter_map(|l| l.trim().strip_prefix("pub mod "))
         .map(|m| m.trim_end_matches(';').to_string())
@@ -92,7 +92,7 @@ fn edges(src: &Path) -> (BTreeSet<String>, Edges) {
         if !modules.contains(&module) {
             continue;
         }
-        let text = std::fs::read_to_string(&file).expect("a source file");
+        let text = fs_err::read_to_string(&file).expect("a source file");
         for (n, line) in text.lines().enumerate() {
             for name in referenced(line) {
                 if name != module && modules.contains(&name) {
