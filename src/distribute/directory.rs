@@ -35,9 +35,11 @@ const REPORT_EVERY: u64 = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DirectoryError {
-    #[error("could not {action} {path}")]
-    Io {
-        action: &'static str,
+    /// A file system call failed; fs-err's error names the path and what was being done.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("could not use the folder {path}")]
+    NotAFolder {
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -69,15 +71,6 @@ pub enum DirectoryError {
     Cancelled,
     #[error("a copy task stopped unexpectedly: {0}")]
     Task(String),
-}
-
-fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DirectoryError {
-    let path = path.to_path_buf();
-    move |source| DirectoryError::Io {
-        action,
-        path,
-        source,
-    }
 }
 
 /// A rendered name used as one path component.
@@ -199,10 +192,10 @@ impl Partial {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
             let old = partial_name(parent, &format!("{name}.old"));
-            fs_err::rename(dest, &old).map_err(io("move aside", dest))?;
+            fs_err::rename(dest, &old)?;
             aside = Some(old);
         }
-        fs_err::rename(&self.path, dest).map_err(io("rename into place", dest))?;
+        fs_err::rename(&self.path, dest)?;
         self.armed = false;
         if let Some(old) = aside {
             let _ = remove_any(&old);
@@ -236,31 +229,30 @@ fn copy_verified(
     what: &str,
     r: &Reporter,
 ) -> Result<u64, DirectoryError> {
-    let mut src = fs_err::File::open(from).map_err(io("open", from))?;
-    let total = src.metadata().map_err(io("read the size of", from))?.len();
+    let mut src = fs_err::File::open(from)?;
+    let total = src.metadata()?.len();
     let mut dst = fs_err::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .open(to)
-        .map_err(io("create", to))?;
+        .open(to)?;
     let mut buf = vec![0u8; CHUNK];
     let mut done = 0u64;
     let mut last = 0u64;
     r.transfer(what, 0, Some(total));
     loop {
         r.check()?;
-        let n = src.read(&mut buf).map_err(io("read", from))?;
+        let n = src.read(&mut buf)?;
         if n == 0 {
             break;
         }
-        dst.write_all(&buf[..n]).map_err(io("write", to))?;
+        dst.write_all(&buf[..n])?;
         done += n as u64;
         if done - last >= REPORT_EVERY {
             last = done;
             r.transfer(what, done, Some(total));
         }
     }
-    dst.sync_all().map_err(io("sync", to))?;
+    dst.sync_all()?;
     drop(dst);
     r.transfer(what, done, Some(total));
     r.step(format!("{what}: verifying sha256"));
@@ -276,12 +268,12 @@ fn copy_verified(
 }
 
 fn hash_file(path: &Path, r: &Reporter) -> Result<String, DirectoryError> {
-    let mut f = fs_err::File::open(path).map_err(io("open", path))?;
+    let mut f = fs_err::File::open(path)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; CHUNK];
     loop {
         r.check()?;
-        let n = f.read(&mut buf).map_err(io("read", path))?;
+        let n = f.read(&mut buf)?;
         if n == 0 {
             break;
         }
@@ -399,8 +391,7 @@ pub fn preflight_directory(options: &DirectoryOptions) -> Result<(), DirectoryEr
         return Err(DirectoryError::Exists { path: dest });
     }
     if options.path.exists() && !options.path.is_dir() {
-        return Err(DirectoryError::Io {
-            action: "use the folder",
+        return Err(DirectoryError::NotAFolder {
             path: options.path.clone(),
             source: std::io::Error::other("it is not a folder"),
         });
@@ -417,10 +408,10 @@ pub async fn to_directory(
     const TARGET: &str = "directory";
     let started = Instant::now();
     preflight_directory(options)?;
-    fs_err::create_dir_all(&options.path).map_err(io("create", &options.path))?;
+    fs_err::create_dir_all(&options.path)?;
     let dest = options.destination();
     let temp = Partial::new(partial_name(&options.path, &options.name));
-    fs_err::create_dir(&temp.path).map_err(io("create", &temp.path))?;
+    fs_err::create_dir(&temp.path)?;
 
     let wanted: Vec<Format> = if options.formats.is_empty() {
         image.manifest.outputs.iter().map(|a| a.format).collect()
@@ -456,27 +447,25 @@ pub async fn to_directory(
             // Not exported by the build: convert it into a scratch folder inside ours, then
             // move it up (same file system, one rename).
             let scratch = temp.path.join(".convert");
-            fs_err::create_dir(&scratch).map_err(io("create", &scratch))?;
+            fs_err::create_dir(&scratch)?;
             let a = convert(image, format, &scratch, &stem, TARGET, progress).await?;
             let to = temp.path.join(&a.file);
-            fs_err::rename(a.path(&scratch), &to).map_err(io("move", &to))?;
-            fs_err::remove_dir_all(&scratch).map_err(io("remove", &scratch))?;
+            fs_err::rename(a.path(&scratch), &to)?;
+            fs_err::remove_dir_all(&scratch)?;
             delivered.push(a);
         }
     }
     // The manifest says what the build made; SHA256SUMS lists what this folder holds.
     let manifest_from = image.dir.join(MANIFEST_FILE);
     let manifest_to = temp.path.join(MANIFEST_FILE);
-    fs_err::copy(&manifest_from, &manifest_to).map_err(io("copy", &manifest_from))?;
+    fs_err::copy(&manifest_from, &manifest_to)?;
     let mut sums = String::new();
     for a in &delivered {
         sums.push_str(&format!("{}  {}\n", a.sha256, a.file));
     }
     let sums_path = temp.path.join(SUMS_FILE);
-    fs_err::write(&sums_path, sums).map_err(io("write", &sums_path))?;
-    fs_err::File::open(&temp.path)
-        .and_then(|d| d.sync_all())
-        .map_err(io("sync", &temp.path))?;
+    fs_err::write(&sums_path, sums)?;
+    fs_err::File::open(&temp.path).and_then(|d| d.sync_all())?;
     temp.persist(&dest, options.overwrite)?;
     progress.step(TARGET, &format!("stored in {}", dest.display()));
 
@@ -570,7 +559,7 @@ pub async fn to_vagrant(
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
         .to_path_buf();
-    fs_err::create_dir_all(&dir).map_err(io("create", &dir))?;
+    fs_err::create_dir_all(&dir)?;
     let file_name = options
         .path
         .file_name()
@@ -583,7 +572,7 @@ pub async fn to_vagrant(
         Some(a) => a.clone(),
         None => {
             let s = Partial::new(partial_name(&dir, &format!("{file_name}.qcow2")));
-            fs_err::create_dir(&s.path).map_err(io("create", &s.path))?;
+            fs_err::create_dir(&s.path)?;
             let a = convert(image, Format::Qcow2, &s.path, "box", TARGET, progress).await?;
             scratch = Some(s);
             a
@@ -629,15 +618,7 @@ pub async fn to_vagrant(
     let mut text = serde_json::to_vec_pretty(&catalog_json).expect("plain JSON serializes");
     text.push(b'\n');
     export::manifest::write_atomic(&catalog, &text).map_err(|e| match e {
-        ExportError::Io {
-            action,
-            path,
-            source,
-        } => DirectoryError::Io {
-            action,
-            path,
-            source,
-        },
+        ExportError::Io { source, .. } => DirectoryError::Io(source),
         other => DirectoryError::Task(other.to_string()),
     })?;
     progress.step(
@@ -677,8 +658,7 @@ fn write_box(
     let file = fs_err::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .open(path)
-        .map_err(io("create", path))?;
+        .open(path)?;
     let hashing = export::HashingWriter {
         inner: std::io::BufWriter::with_capacity(CHUNK, file),
         hasher: Sha256::new(),
@@ -694,12 +674,11 @@ fn write_box(
         header.set_mtime(now);
         header.set_cksum();
         tar.append_data(&mut header, name, bytes)
-            .map_err(io("write", path))
     };
     add(&mut tar, "metadata.json", metadata.as_bytes())?;
     add(&mut tar, "Vagrantfile", vagrantfile.as_bytes())?;
-    let src = fs_err::File::open(disk).map_err(io("open", disk))?;
-    let total = src.metadata().map_err(io("read the size of", disk))?.len();
+    let src = fs_err::File::open(disk)?;
+    let total = src.metadata()?.len();
     let mut header = tar::Header::new_gnu();
     header.set_size(total);
     header.set_mode(0o644);
@@ -718,23 +697,15 @@ fn write_box(
             if r.check().is_err() {
                 DirectoryError::Cancelled
             } else {
-                DirectoryError::Io {
-                    action: "write",
-                    path: path.to_path_buf(),
-                    source: e,
-                }
+                DirectoryError::Io(e)
             }
         })?;
     r.transfer("box.img", total, Some(total));
-    let gz = tar.into_inner().map_err(io("write", path))?;
-    let hashing = gz.finish().map_err(io("write", path))?;
+    let gz = tar.into_inner()?;
+    let hashing = gz.finish()?;
     let export::HashingWriter { inner, hasher } = hashing;
-    let file = inner.into_inner().map_err(|e| DirectoryError::Io {
-        action: "write",
-        path: path.to_path_buf(),
-        source: e.into_error(),
-    })?;
-    file.sync_all().map_err(io("sync", path))?;
+    let file = inner.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
     Ok(hex::encode(hasher.finalize()))
 }
 
