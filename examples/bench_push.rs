@@ -22,9 +22,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use builder::distribute::NoProgress;
-use builder::distribute::oci::{self, OciOptions, OciReference, OciShape};
+use builder::distribute::oci::{self, OciOptions, OciShape};
 use builder::export::manifest::Manifest;
 use builder::export::{Artifact, Format};
+use builder::recipe::OciReference;
 use builder::recipe::Version;
 use builder::store::{Store, StoredImage};
 

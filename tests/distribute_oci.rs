@@ -12,10 +12,11 @@ use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use builder::distribute::oci::{self, OciError, OciOptions, OciReference, OciShape};
+use builder::distribute::oci::{self, OciError, OciOptions, OciShape};
 use builder::distribute::{Progress, Receipt};
 use builder::export::manifest::Manifest;
 use builder::export::{Artifact, Format};
+use builder::recipe::OciReference;
 use builder::recipe::Version;
 use builder::store::{Store, StoredImage};
 use registry::TestRegistry;

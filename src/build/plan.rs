@@ -553,7 +553,7 @@ pub trait ParentResolver {
     /// ask (the default).
     fn oci_tag_digest(
         &self,
-        _reference: &crate::distribute::oci::OciReference,
+        _reference: &crate::recipe::OciReference,
     ) -> Option<Result<Sha256, crate::distribute::oci::OciError>> {
         None
     }
@@ -582,7 +582,7 @@ impl ParentResolver for ResolveTags<'_> {
     }
     fn oci_tag_digest(
         &self,
-        reference: &crate::distribute::oci::OciReference,
+        reference: &crate::recipe::OciReference,
     ) -> Option<Result<Sha256, crate::distribute::oci::OciError>> {
         self.0.oci_tag_digest(reference)
     }
@@ -634,7 +634,7 @@ impl ParentResolver for NoStore {
 /// (docker's `config.json`, `$BUILDER_INSECURE_REGISTRIES`). Runs on a thread of its own, so
 /// it works inside or outside a tokio runtime.
 pub fn registry_tag_digest(
-    reference: &crate::distribute::oci::OciReference,
+    reference: &crate::recipe::OciReference,
 ) -> Result<Sha256, crate::distribute::oci::OciError> {
     use crate::distribute::oci;
     // A plan waits for this: fewer and shorter attempts than a transfer gets.
@@ -681,7 +681,7 @@ impl ParentResolver for crate::store::Store {
 
     fn oci_tag_digest(
         &self,
-        reference: &crate::distribute::oci::OciReference,
+        reference: &crate::recipe::OciReference,
     ) -> Option<Result<Sha256, crate::distribute::oci::OciError>> {
         Some(registry_tag_digest(reference))
     }
@@ -1328,7 +1328,8 @@ fn resolve_parent(
             sha256: sha256.clone(),
         })),
         ParentImage::Oci { reference } => {
-            use crate::distribute::oci::{OciError, OciReference};
+            use crate::distribute::oci::OciError;
+            use crate::recipe::OciReference;
             let parsed = match reference.parse::<OciReference>() {
                 Ok(r) => r,
                 Err(e) => {
@@ -2024,7 +2025,7 @@ mod tests {
         }
         fn oci_tag_digest(
             &self,
-            reference: &crate::distribute::oci::OciReference,
+            reference: &crate::recipe::OciReference,
         ) -> Option<Result<Sha256, crate::distribute::oci::OciError>> {
             use crate::distribute::oci::OciError;
             Some(match reference.to_string().as_str() {

@@ -635,7 +635,9 @@ pub async fn fetch_parent(cx: &BuildContext<'_>) -> Result<Base, BuildError> {
             manifest_digest,
         } => {
             use crate::distribute::oci;
-            let mut src: oci::OciReference = reference.parse().map_err(BuildError::PullParent)?;
+            let mut src = reference
+                .parse::<crate::recipe::OciReference>()
+                .map_err(|e| BuildError::PullParent(e.into()))?;
             // The digest the plan pinned (written in the recipe, or what the tag pointed to
             // when the plan resolved it): a tag moved since is not followed.
             src.digest = Some(format!("sha256:{manifest_digest}"));

@@ -237,7 +237,7 @@ impl ParentResolver for DefaultStore {
 
     fn oci_tag_digest(
         &self,
-        reference: &builder::distribute::oci::OciReference,
+        reference: &builder::recipe::OciReference,
     ) -> Option<Result<builder::recipe::Sha256, builder::distribute::oci::OciError>> {
         Some(plan::registry_tag_digest(reference))
     }

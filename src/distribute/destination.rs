@@ -461,16 +461,7 @@ fn plain_http_for(reference: &str, hosts: &[String]) -> bool {
 pub fn name_values(image: &StoredImage) -> NameValues<'_> {
     NameValues {
         name: &image.name,
-        // Store versions allow wider numbers than recipes; a stored build came from a recipe.
-        version: image
-            .version
-            .to_string()
-            .parse()
-            .unwrap_or(recipe::Version {
-                major: 0,
-                minor: 0,
-                patch: 0,
-            }),
+        version: image.version,
         build_version: image.build,
         build_date: image.manifest.created,
     }
@@ -580,7 +571,8 @@ pub async fn distribute_cancellable(
 /// The OCI targets, through `super::oci`.
 mod oci_dispatch {
     use super::*;
-    use crate::distribute::oci::{OciReference, OciShape};
+    use crate::distribute::oci::OciShape;
+    use crate::recipe::OciReference;
 
     /// Where the push goes (the tag rendered for `image`) and in which shape.
     pub fn destination(
@@ -597,10 +589,12 @@ mod oci_dispatch {
             }
         };
         let rendered = render_reference(reference, image);
-        let dest: OciReference = rendered.parse().map_err(|e| DestinationError::Bad {
-            text: rendered.clone(),
-            reason: crate::distribute::oci::OciError::to_string(&e),
-        })?;
+        let dest = rendered
+            .parse::<OciReference>()
+            .map_err(|e| DestinationError::Bad {
+                text: rendered.clone(),
+                reason: e.to_string(),
+            })?;
         Ok((dest, shape))
     }
 }

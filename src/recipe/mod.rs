@@ -29,6 +29,7 @@
 pub mod components;
 pub mod model;
 pub mod name_template;
+pub mod oci_reference;
 mod parse;
 pub mod settings;
 pub mod units;
@@ -50,8 +51,8 @@ pub use model::{
     OciDistribution, VagrantDistribution,
 };
 pub use name_template::{NameTemplate, NameValues};
+pub use oci_reference::{DEFAULT_OCI_TAG, OciReference, OciReferenceError, split_oci_reference};
 pub use parse::resolve_relative;
-pub use parse::{DEFAULT_OCI_TAG, split_oci_reference};
 pub(crate) use parse::{distribution as read_distribution, section_override};
 pub use units::ByteSize;
 pub use version::{Version, VersionError, VersionPattern};

@@ -13,6 +13,7 @@ use super::model::{
     LaunchPermission, OciDistribution, VagrantDistribution,
 };
 use super::name_template::NameTemplate;
+use super::oci_reference::split_oci_reference;
 use super::settings::{keys, pipeline_keys};
 use super::units::ByteSize;
 use super::version::{Version, VersionPattern};
@@ -1278,9 +1279,6 @@ fn vagrant_target(cx: &mut Reader<'_>, key: &Node, value: &Node) -> Option<Vagra
     })
 }
 
-/// The tag a pushed image gets when the reference names none.
-pub const DEFAULT_OCI_TAG: &str = "{{imagebuilder:version}}-{{imagebuilder:buildVersion}}";
-
 fn oci_target(
     cx: &mut Reader<'_>,
     key: &Node,
@@ -1313,15 +1311,6 @@ fn oci_target(
         reference,
         plain_http,
     })
-}
-
-/// Where the parts of an OCI reference `registry/repository[:tag]` are: (registry end,
-/// tag start) as byte offsets; the tag starts after a `:` that follows the last `/`.
-pub fn split_oci_reference(text: &str) -> Option<(usize, Option<usize>)> {
-    let slash = text.find('/')?;
-    let last_slash = text.rfind('/')?;
-    let tag = text[last_slash..].find(':').map(|i| last_slash + i + 1);
-    Some((slash, tag))
 }
 
 fn oci_reference(cx: &mut Reader<'_>, node: &Node) -> Option<Located<String>> {

@@ -52,6 +52,7 @@ use crate::diagnostic::error_chain;
 use crate::distribute::{Progress, Receipt};
 use crate::export::manifest::MANIFEST_FILE;
 use crate::export::{Format, SUMS_FILE};
+use crate::recipe::{OciReference, OciReferenceError};
 use crate::store::StoredImage;
 
 /// `artifactType` of a builder disk artifact.
@@ -81,9 +82,8 @@ const TITLE: &str = "org.opencontainers.image.title";
 
 #[derive(Debug, thiserror::Error)]
 pub enum OciError {
-    /// The reference cannot be parsed.
-    #[error("`{reference}` is not a valid OCI reference: {reason}")]
-    BadReference { reference: String, reason: String },
+    #[error(transparent)]
+    BadReference(#[from] OciReferenceError),
     /// A credential file or helper could not be used.
     #[error("could not read the credential for {registry} from {}: {message}", file.display())]
     Credentials {
@@ -184,9 +184,7 @@ impl OciError {
             OciError::NotPinned { reference, .. } => Some(format!(
                 "pin it with the manifest digest the push printed: `oci://{reference}@sha256:…`"
             )),
-            OciError::BadReference { .. } => {
-                Some("write it as `host[:port]/repository[:tag][@sha256:<64 hex digits>]`".into())
-            }
+            OciError::BadReference(e) => e.hint(),
             _ => None,
         }
     }
@@ -199,138 +197,6 @@ impl From<blob::ReadError> for OciError {
             path: e.path,
             source: e.source,
         }
-    }
-}
-
-/// `host[:port]/repository[:tag][@sha256:…]`, without a scheme.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct OciReference {
-    /// `host[:port]`.
-    pub registry: String,
-    /// `path/to/repo` (lower case).
-    pub repository: String,
-    pub tag: Option<String>,
-    /// `sha256:<64 hex>`.
-    pub digest: Option<String>,
-}
-
-impl std::str::FromStr for OciReference {
-    type Err = OciError;
-
-    fn from_str(text: &str) -> Result<Self, OciError> {
-        let bad = |reason: String| OciError::BadReference {
-            reference: text.to_string(),
-            reason,
-        };
-        if let Some((scheme, _)) = text.split_once("://") {
-            return Err(bad(format!(
-                "leave out the scheme `{scheme}://` (write `host[:port]/repository:tag`)"
-            )));
-        }
-        let (rest, digest) = match text.split_once('@') {
-            Some((rest, d)) => {
-                let hex = d
-                    .strip_prefix("sha256:")
-                    .ok_or_else(|| bad(format!("the digest `{d}` must start with `sha256:`")))?;
-                if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    return Err(bad(format!(
-                        "the digest `{d}` must be `sha256:` and 64 hex digits"
-                    )));
-                }
-                (rest, Some(format!("sha256:{}", hex.to_ascii_lowercase())))
-            }
-            None => (text, None),
-        };
-        let (registry, path) = rest
-            .split_once('/')
-            .ok_or_else(|| bad("name the registry host first: `host[:port]/repository`".into()))?;
-        if registry.is_empty() {
-            return Err(bad("the registry host is empty".into()));
-        }
-        let (host, port) = match registry.rsplit_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (registry, None),
-        };
-        if host.is_empty()
-            || !host
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
-        {
-            return Err(bad(format!("`{registry}` is not a host name or address")));
-        }
-        if let Some(p) = port
-            && p.parse::<u16>().is_err()
-        {
-            return Err(bad(format!("`{p}` is not a port number")));
-        }
-        // The tag follows the last `:` of the last path component.
-        let (repository, tag) = match path.rsplit_once('/') {
-            Some((_, last)) if last.contains(':') => {
-                let (r, t) = path.rsplit_once(':').expect("the last component has a `:`");
-                (r, Some(t))
-            }
-            None if path.contains(':') => {
-                let (r, t) = path.split_once(':').expect("contains a `:`");
-                (r, Some(t))
-            }
-            _ => (path, None),
-        };
-        if repository.is_empty() {
-            return Err(bad("the repository is empty".into()));
-        }
-        for component in repository.split('/') {
-            let ok = !component.is_empty()
-                && component
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
-                && component
-                    .bytes()
-                    .next()
-                    .is_some_and(|b| b.is_ascii_alphanumeric())
-                && component
-                    .bytes()
-                    .last()
-                    .is_some_and(|b| b.is_ascii_alphanumeric());
-            if !ok {
-                return Err(bad(format!(
-                    "repository component `{component}`: use lower-case letters, digits and \
-                     `.`, `_`, `-` between them"
-                )));
-            }
-        }
-        if let Some(t) = tag {
-            let ok = !t.is_empty()
-                && t.len() <= 128
-                && t.bytes()
-                    .next()
-                    .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_')
-                && t.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-            if !ok {
-                return Err(bad(format!(
-                    "tag `{t}`: up to 128 letters, digits, `.`, `_`, `-`, not starting with `.` or `-`"
-                )));
-            }
-        }
-        Ok(OciReference {
-            registry: registry.to_string(),
-            repository: repository.to_string(),
-            tag: tag.map(str::to_string),
-            digest,
-        })
-    }
-}
-
-impl std::fmt::Display for OciReference {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.registry, self.repository)?;
-        if let Some(t) = &self.tag {
-            write!(f, ":{t}")?;
-        }
-        if let Some(d) = &self.digest {
-            write!(f, "@{d}")?;
-        }
-        Ok(())
     }
 }
 
@@ -1203,45 +1069,6 @@ async fn extract_once(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn parse(s: &str) -> Result<OciReference, OciError> {
-        s.parse()
-    }
-
-    #[test]
-    fn references_parse_with_port_path_tag_and_digest() {
-        let d = "a".repeat(64);
-        let r = parse(&format!("127.0.0.1:5000/images/web:1.2.0@sha256:{d}")).expect("ok");
-        assert_eq!(r.registry, "127.0.0.1:5000");
-        assert_eq!(r.repository, "images/web");
-        assert_eq!(r.tag.as_deref(), Some("1.2.0"));
-        assert_eq!(r.digest, Some(format!("sha256:{d}")));
-        assert_eq!(
-            r.to_string(),
-            format!("127.0.0.1:5000/images/web:1.2.0@sha256:{d}")
-        );
-        let r = parse("registry.local/web").expect("ok");
-        assert_eq!((r.tag, r.digest), (None, None));
-        let r = parse("registry.local/a/b/c:latest").expect("ok");
-        assert_eq!(r.repository, "a/b/c");
-    }
-
-    #[test]
-    fn bad_references_say_what_is_wrong() {
-        for (text, needle) in [
-            ("oci://host/repo:1", "leave out the scheme"),
-            ("repo:1", "name the registry host"),
-            ("host/Repo:1", "lower-case"),
-            ("host/repo:-x", "tag `-x`"),
-            ("host/repo@sha256:abc", "64 hex digits"),
-            ("host/repo@md5:abc", "must start with `sha256:`"),
-            ("host:99999/repo", "not a port"),
-            ("host/", "repository is empty"),
-        ] {
-            let e = parse(text).expect_err(text);
-            assert!(e.to_string().contains(needle), "{text}: {e}");
-        }
-    }
 
     #[test]
     fn insecure_registries_come_from_the_environment_list() {

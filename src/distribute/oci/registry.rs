@@ -17,9 +17,10 @@ use sha2::{Digest, Sha256};
 
 use super::auth::Credentials;
 use super::blob::BlobSource;
-use super::{OciError, OciOptions, OciReference};
+use super::{OciError, OciOptions};
 use crate::diagnostic::error_chain;
 use crate::distribute::Progress;
+use crate::recipe::OciReference;
 
 /// A blob in the registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
