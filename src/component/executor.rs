@@ -1245,11 +1245,11 @@ impl<'a> Engine<'a> {
             .map_err(ActionError::Input)?;
         let depth = run.depth + 1;
         if depth > MAX_NESTING {
-            return Err(ActionError::Failed(format!(
-                "ExecuteDocument may nest at most {MAX_NESTING} levels below the documents \
-                 given to the run; {} would be level {depth}",
-                path.display()
-            )));
+            return Err(ActionError::TooDeep {
+                max: MAX_NESTING,
+                path,
+                depth,
+            });
         }
         let canonical_path = canonical(&path);
         if run.ancestry.contains(&canonical_path) {
@@ -1259,47 +1259,36 @@ impl<'a> Engine<'a> {
                 .chain(std::iter::once(&canonical_path))
                 .map(|p| p.display().to_string())
                 .collect();
-            return Err(ActionError::Failed(format!(
-                "documents call each other in a cycle: {}",
-                chain.join(" → ")
-            )));
+            return Err(ActionError::Cycle(chain.join(" → ")));
         }
-        let document = super::parse::load(&path).map_err(|e| {
-            ActionError::Failed(match e {
-                super::parse::LoadError::Io { path, source } => {
-                    format!("could not read {}: {source}", path.display())
-                }
-                super::parse::LoadError::Invalid(diagnostics) => diagnostics.render(false),
-            })
+        let document = super::parse::load(&path).map_err(|e| match e {
+            super::parse::LoadError::Io { path, source } => ActionError::Host {
+                what: format!("could not read {}", path.display()),
+                source,
+            },
+            super::parse::LoadError::Invalid(diagnostics) => {
+                ActionError::InvalidDocument(Box::new(diagnostics))
+            }
         })?;
         if let Some(pinned) = &self.pinned_documents {
             match pinned.get(&canonical_path) {
                 Some(sha256) if *sha256 == document.source.sha256 => {}
                 Some(sha256) => {
-                    return Err(ActionError::Failed(format!(
-                        "{} changed since the build was planned (sha256 {}, planned {sha256}); \
-                         plan the build again",
-                        path.display(),
-                        document.source.sha256
-                    )));
+                    return Err(ActionError::DocumentChanged {
+                        path,
+                        sha256: document.source.sha256.clone(),
+                        planned: sha256.clone(),
+                    });
                 }
                 None => {
-                    return Err(ActionError::Failed(format!(
-                        "{} is not one of the documents the build's plan pinned; the plan \
-                         pins every document a component reaches through ExecuteDocument \
-                         (`builder plan` lists them)",
-                        path.display()
-                    )));
+                    return Err(ActionError::NotPinned(path));
                 }
             }
         }
         let phases = text("phases").and_then(|p| selected_phases(&p));
         let windows = windows_only_steps(&document, phases.as_deref());
         if !windows.is_empty() {
-            return Err(ActionError::Failed(format!(
-                "the document uses Windows-only actions, which do not run on Linux: {}",
-                windows.join("; ")
-            )));
+            return Err(ActionError::WindowsOnlyDocument(windows.join("; ")));
         }
         let mut parameters = Vec::new();
         if let Some(Value::Array(items)) = map.get("parameters") {
@@ -1371,10 +1360,11 @@ impl<'a> Engine<'a> {
                 next: Next::Continue,
             })
         } else {
-            Err(ActionError::Failed(format!(
-                "{} ended with status {status}: {failure_message}",
-                path.display()
-            )))
+            Err(ActionError::NestedFailed {
+                path,
+                status: status.to_string(),
+                message: failure_message,
+            })
         }
     }
 }
@@ -1386,7 +1376,7 @@ fn failure_end(e: &ActionError) -> AttemptEnd {
             status: ExitStatus::TimedOut,
             ..
         } => AttemptEnd::TimedOut(e.to_string()),
-        _ => AttemptEnd::Failed(e.to_string()),
+        _ => AttemptEnd::Failed(crate::diagnostic::error_chain(e)),
     }
 }
 

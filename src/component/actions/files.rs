@@ -121,24 +121,19 @@ async fn sources(
             .map(|e| parent.join(e.name))
             .collect();
         if found.is_empty() {
-            return Err(ActionError::Failed(format!(
-                "no {} matches `{}`",
-                kind_name(folder),
-                full.display()
-            )));
+            return Err(ActionError::NoMatch {
+                pattern: full,
+                kind: kind_name(folder),
+            });
         }
         return Ok(found);
     }
     match stat(cx, &full).await? {
-        None => Err(ActionError::Failed(format!(
-            "{} does not exist",
-            full.display()
-        ))),
-        Some(s) if !is_kind(&s, folder) => Err(ActionError::Failed(format!(
-            "{} is not a {}",
-            full.display(),
-            kind_name(folder)
-        ))),
+        None => Err(ActionError::NotFound(full)),
+        Some(s) if !is_kind(&s, folder) => Err(ActionError::NotA {
+            path: full,
+            kind: kind_name(folder),
+        }),
         Some(_) => Ok(vec![full]),
     }
 }
@@ -161,16 +156,10 @@ pub async fn create_file(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outpu
         let overwrite = i.bool("overwrite", true)?;
         match stat(cx, &path).await? {
             Some(s) if s.kind == FileKind::Dir => {
-                return Err(ActionError::Failed(format!(
-                    "{} is a folder",
-                    path.display()
-                )));
+                return Err(ActionError::IsAFolder { path, hint: "" });
             }
             Some(_) if !overwrite => {
-                return Err(ActionError::Failed(format!(
-                    "{} already exists and `overwrite` is false",
-                    path.display()
-                )));
+                return Err(ActionError::Exists(path));
             }
             _ => {}
         }
@@ -200,16 +189,10 @@ pub async fn append_file(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outpu
         let bytes = encoding(&i)?.encode(&content);
         match stat(cx, &path).await? {
             None => {
-                return Err(ActionError::Failed(format!(
-                    "{} does not exist (AppendFile only appends; use CreateFile first)",
-                    path.display()
-                )));
+                return Err(ActionError::AppendToMissing(path));
             }
             Some(s) if s.kind == FileKind::Dir => {
-                return Err(ActionError::Failed(format!(
-                    "{} is a folder",
-                    path.display()
-                )));
+                return Err(ActionError::IsAFolder { path, hint: "" });
             }
             Some(_) => {}
         }
@@ -237,16 +220,13 @@ pub async fn create_folder(inputs: &Value, cx: &ActionContext<'_>) -> Result<Out
         let owner = owner_spec(i.string("owner")?.as_deref(), i.string("group")?.as_deref());
         match stat(cx, &path).await? {
             Some(s) if s.kind != FileKind::Dir => {
-                return Err(ActionError::Failed(format!(
-                    "{} exists and is not a folder",
-                    path.display()
-                )));
+                return Err(ActionError::ExistsAsOther {
+                    path,
+                    kind: "folder",
+                });
             }
             Some(_) if !overwrite => {
-                return Err(ActionError::Failed(format!(
-                    "{} already exists and `overwrite` is false",
-                    path.display()
-                )));
+                return Err(ActionError::Exists(path));
             }
             _ => {}
         }
@@ -276,23 +256,17 @@ pub async fn create_symlink(
         // `..` is taken lexically: the link's folder may not exist yet.
         let target_full = lexical(&path.parent().unwrap_or(cx.working_directory).join(&target));
         if stat(cx, &target_full).await?.is_none() {
-            return Err(ActionError::Failed(format!(
-                "the link target {} does not exist",
-                target_full.display()
-            )));
+            return Err(ActionError::LinkTargetMissing(target_full));
         }
         match stat(cx, &path).await? {
             Some(s) if s.kind != FileKind::Symlink => {
-                return Err(ActionError::Failed(format!(
-                    "{} exists and is not a symbolic link",
-                    path.display()
-                )));
+                return Err(ActionError::ExistsAsOther {
+                    path,
+                    kind: "symbolic link",
+                });
             }
             Some(_) if !force => {
-                return Err(ActionError::Failed(format!(
-                    "the link {} already exists; set `force: true` to replace it",
-                    path.display()
-                )));
+                return Err(ActionError::LinkExists(path));
             }
             _ => {}
         }
@@ -361,17 +335,11 @@ pub async fn copy_or_move(
                 destination.clone()
             };
             if dst == src {
-                return Err(ActionError::Failed(format!(
-                    "source and destination are the same: {}",
-                    src.display()
-                )));
+                return Err(ActionError::SameFile(src));
             }
             let existing = stat(cx, &dst).await?;
             if existing.is_some() && !overwrite {
-                return Err(ActionError::Failed(format!(
-                    "{} already exists and `overwrite` is false",
-                    dst.display()
-                )));
+                return Err(ActionError::Exists(dst));
             }
             mkdir_parents(cx, &dst).await?;
             // `-T`: the destination is exactly `dst`, never "inside dst if it is a folder".
@@ -415,7 +383,9 @@ pub async fn delete_file(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outpu
             .is_some_and(|n| n.to_string_lossy().contains('*'));
         let found = match sources(cx, &path, false).await {
             // A pattern that matches nothing leaves nothing to delete.
-            Err(ActionError::Failed(_)) if has_pattern => Vec::new(),
+            Err(
+                ActionError::NoMatch { .. } | ActionError::NotFound(_) | ActionError::NotA { .. },
+            ) if has_pattern => Vec::new(),
             other => other?,
         };
         if found.is_empty() {
@@ -435,16 +405,13 @@ pub async fn delete_folder(inputs: &Value, cx: &ActionContext<'_>) -> Result<Out
         let force = i.bool("force", false)?;
         match stat(cx, &path).await? {
             None => {
-                return Err(ActionError::Failed(format!(
-                    "{} does not exist",
-                    path.display()
-                )));
+                return Err(ActionError::NotFound(path));
             }
             Some(s) if s.kind != FileKind::Dir => {
-                return Err(ActionError::Failed(format!(
-                    "{} is not a folder",
-                    path.display()
-                )));
+                return Err(ActionError::NotA {
+                    path,
+                    kind: "folder",
+                });
             }
             Some(_) => {}
         }
@@ -460,11 +427,10 @@ pub async fn delete_folder(inputs: &Value, cx: &ActionContext<'_>) -> Result<Out
                     path.display()
                 )))?;
             if !entries.is_empty() {
-                return Err(ActionError::Failed(format!(
-                    "{} is not empty ({} entries); set `force: true` to delete it with its content",
-                    path.display(),
-                    entries.len()
-                )));
+                return Err(ActionError::NotEmpty {
+                    path,
+                    entries: entries.len(),
+                });
             }
             cx.run_quiet(&argv(["rmdir", "--"], &[&path])).await?;
         }
@@ -481,16 +447,13 @@ pub async fn list_files(inputs: &Value, cx: &ActionContext<'_>) -> Result<Output
         match stat(cx, &root).await? {
             Some(s) if s.kind == FileKind::Dir => {}
             Some(_) => {
-                return Err(ActionError::Failed(format!(
-                    "{} is not a folder",
-                    root.display()
-                )));
+                return Err(ActionError::NotA {
+                    path: root,
+                    kind: "folder",
+                });
             }
             None => {
-                return Err(ActionError::Failed(format!(
-                    "{} does not exist",
-                    root.display()
-                )));
+                return Err(ActionError::NotFound(root));
             }
         }
         let mut files = Vec::new();
@@ -530,8 +493,9 @@ pub async fn read_file(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outputs
         let path = cx.path(&i.required("path")?);
         let encoding = encoding(&i)?;
         let print = i.bool("printFileContent", false)?;
-        let host_dir = tempfile::tempdir().map_err(|e| {
-            ActionError::Failed(format!("could not create a temporary folder: {e}"))
+        let host_dir = tempfile::tempdir().map_err(|e| ActionError::Host {
+            what: "could not create a temporary folder".into(),
+            source: e,
         })?;
         let local = host_dir.path().join("content");
         cx.target
@@ -543,10 +507,13 @@ pub async fn read_file(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outputs
             )))?;
         let bytes = fs_err::tokio::read(&local)
             .await
-            .map_err(|e| ActionError::Failed(format!("could not read {}: {e}", local.display())))?;
-        let content = encoding.decode(&bytes).ok_or_else(|| {
-            ActionError::Failed(format!("{} is not valid {encoding:?} text", path.display()))
-        })?;
+            .map_err(ActionError::HostFile)?;
+        let content = encoding
+            .decode(&bytes)
+            .ok_or_else(|| ActionError::NotText {
+                path: path.clone(),
+                encoding: format!("{encoding:?}"),
+            })?;
         if print {
             cx.sink.output(OutputStream::Stdout, content.as_bytes());
             if !content.ends_with('\n') {

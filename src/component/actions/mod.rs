@@ -57,9 +57,160 @@ pub enum ActionError {
     /// An input is missing or has the wrong form after templating.
     #[error("{0}")]
     Input(String),
-    /// The operation could not be done (the file exists, the checksum differs, …).
-    #[error("{0}")]
-    Failed(String),
+    /// `inputs[i]` of an action given several failed.
+    #[error("inputs[{index}]")]
+    Item {
+        index: usize,
+        #[source]
+        source: Box<ActionError>,
+    },
+    #[error("{0} does not exist")]
+    NotFound(PathBuf),
+    #[error("{0} already exists and `overwrite` is false")]
+    Exists(PathBuf),
+    #[error("{path} is not a {kind}")]
+    NotA { path: PathBuf, kind: &'static str },
+    /// A folder where a file is needed; `hint` says how to use the folder instead.
+    #[error("{path} is a folder{hint}")]
+    IsAFolder { path: PathBuf, hint: &'static str },
+    #[error("{path} exists and is not a {kind}")]
+    ExistsAsOther { path: PathBuf, kind: &'static str },
+    #[error("no {kind} matches `{}`", pattern.display())]
+    NoMatch {
+        pattern: PathBuf,
+        kind: &'static str,
+    },
+    #[error("{0} does not exist (AppendFile only appends; use CreateFile first)")]
+    AppendToMissing(PathBuf),
+    #[error("the link target {0} does not exist")]
+    LinkTargetMissing(PathBuf),
+    #[error("the link {0} already exists; set `force: true` to replace it")]
+    LinkExists(PathBuf),
+    #[error("source and destination are the same: {0}")]
+    SameFile(PathBuf),
+    #[error(
+        "{path} is not empty ({entries} entries); set `force: true` to delete it with its content"
+    )]
+    NotEmpty { path: PathBuf, entries: usize },
+    #[error("the destination folder {0} does not exist")]
+    NoDestinationFolder(PathBuf),
+    #[error("{path} is not valid {encoding} text")]
+    NotText { path: PathBuf, encoding: String },
+    /// A helper command the action ran (mkdir, cp, chown, …) failed.
+    #[error("`{command}` {status}{}", if stderr.is_empty() { String::new() } else { format!(": {stderr}") })]
+    Helper {
+        command: String,
+        status: crate::machine::ExitStatus,
+        stderr: String,
+    },
+    /// A file on the host (a download or upload on its way) could not be used; the error
+    /// (from `fs_err`) names the file.
+    #[error(transparent)]
+    HostFile(std::io::Error),
+    /// Something on the host other than a named file (a temporary folder) could not be made.
+    #[error("{what}")]
+    Host {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// An HTTP request failed before an answer; the cause has its URL removed (a presigned
+    /// URL carries a signature).
+    #[error("{what}")]
+    Http {
+        what: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The server answered, and not with what was asked.
+    #[error("{what}: the endpoint answered {answer}{hint}")]
+    Answered {
+        what: String,
+        answer: String,
+        hint: &'static str,
+    },
+    /// A download answered with an error status.
+    #[error("{shown} answered {answer}; expected 200 OK{hint}")]
+    NotOk {
+        shown: String,
+        answer: String,
+        hint: &'static str,
+    },
+    /// A download that failed in a way that may pass failed every attempt.
+    #[error("gave up after {attempts} attempts")]
+    GaveUp {
+        attempts: u32,
+        #[source]
+        source: Box<ActionError>,
+    },
+    #[error("the listing of {what} is not S3 XML")]
+    NotS3Xml {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(
+        "the {algorithm} checksum of the download does not match: expected {expected}, got {actual}; {} was not written",
+        dest.display()
+    )]
+    ChecksumMismatch {
+        algorithm: String,
+        expected: String,
+        actual: String,
+        dest: PathBuf,
+    },
+    #[error(
+        "{action} needs an S3-compatible endpoint and none is configured: set {env} (e.g. http://127.0.0.1:9000) with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_REGION, or pass --s3-endpoint"
+    )]
+    NoS3Endpoint { action: String, env: &'static str },
+    /// An `Assert` step's condition could not be evaluated.
+    #[error(transparent)]
+    Condition(#[from] condition::ConditionError),
+    #[error("the assertion is false: {0}")]
+    AssertionFalse(String),
+    #[error(
+        "no supported package manager on the target (looked for apt-get, dnf, yum, zypper, apk)"
+    )]
+    NoPackageManager,
+    #[error("ExecuteDocument is run by the executor")]
+    NotHere,
+    #[error(
+        "ExecuteDocument may nest at most {max} levels below the documents given to the run; {} would be level {depth}",
+        path.display()
+    )]
+    TooDeep {
+        max: usize,
+        path: PathBuf,
+        depth: usize,
+    },
+    #[error("documents call each other in a cycle: {0}")]
+    Cycle(String),
+    /// A nested document with problems, rendered as `builder validate` shows them.
+    #[error("{}", .0.render(false))]
+    InvalidDocument(Box<crate::diagnostic::Diagnostics>),
+    #[error(
+        "{} changed since the build was planned (sha256 {sha256}, planned {planned}); plan the build again",
+        path.display()
+    )]
+    DocumentChanged {
+        path: PathBuf,
+        sha256: String,
+        planned: String,
+    },
+    #[error(
+        "{} is not one of the documents the build's plan pinned; the plan pins every document a component reaches through ExecuteDocument (`builder plan` lists them)",
+        .0.display()
+    )]
+    NotPinned(PathBuf),
+    #[error("the document uses Windows-only actions, which do not run on Linux: {0}")]
+    WindowsOnlyDocument(String),
+    /// A nested document's run failed; `message` is its failure message.
+    #[error("{} ended with status {status}: {message}", path.display())]
+    NestedFailed {
+        path: PathBuf,
+        status: String,
+        message: String,
+    },
     /// A command the action ran did not succeed. Its stdout is kept for the step's outputs.
     #[error("{what} {status}")]
     Command {
@@ -68,7 +219,7 @@ pub enum ActionError {
         outputs: Outputs,
     },
     /// The target could not do what was asked.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Target {
         what: String,
         #[source]
@@ -148,11 +299,11 @@ impl ActionContext<'_> {
             .trim()
             .to_string();
         let shown = shell_words(argv);
-        Err(ActionError::Failed(if stderr.is_empty() {
-            format!("`{shown}` {}", outcome.status)
-        } else {
-            format!("`{shown}` {}: {stderr}", outcome.status)
-        }))
+        Err(ActionError::Helper {
+            command: shown,
+            status: outcome.status,
+            stderr,
+        })
     }
 }
 
@@ -298,8 +449,13 @@ where
             Err(e) if several => {
                 return Err(match e {
                     ActionError::Input(m) => ActionError::Input(format!("inputs[{i}]: {m}")),
-                    ActionError::Failed(m) => ActionError::Failed(format!("inputs[{i}]: {m}")),
-                    other => other,
+                    e @ (ActionError::Command { .. }
+                    | ActionError::Target { .. }
+                    | ActionError::WindowsOnly(_)) => e,
+                    e => ActionError::Item {
+                        index: i,
+                        source: Box::new(e),
+                    },
                 });
             }
             Err(e) => return Err(e),
@@ -336,12 +492,11 @@ pub async fn run(
             };
             let holds = condition::evaluate(&expr, &ecx)
                 .await
-                .map_err(|e| ActionError::Failed(e.to_string()))?;
+                .map_err(ActionError::Condition)?;
             if !holds {
-                return Err(ActionError::Failed(format!(
-                    "the assertion is false: {}",
-                    serde_json::to_string(inputs).unwrap_or_default()
-                )));
+                return Err(ActionError::AssertionFalse(
+                    serde_json::to_string(inputs).unwrap_or_default(),
+                ));
             }
             Vec::new()
         }
@@ -365,9 +520,7 @@ pub async fn run(
         Action::SetFilePermissions => files::set_permissions(inputs, cx, false).await?,
         Action::SetFolderPermissions => files::set_permissions(inputs, cx, true).await?,
         Action::ExecuteDocument => {
-            return Err(ActionError::Failed(
-                "ExecuteDocument is run by the executor".into(),
-            ));
+            return Err(ActionError::NotHere);
         }
         Action::ExecutePowerShell
         | Action::InstallMSI

@@ -140,10 +140,7 @@ async fn detect(cx: &ActionContext<'_>) -> Result<PackageManager, ActionError> {
     {
         return Ok(*manager);
     }
-    Err(ActionError::Failed(
-        "no supported package manager on the target (looked for apt-get, dnf, yum, zypper, apk)"
-            .into(),
-    ))
+    Err(ActionError::NoPackageManager)
 }
 
 pub async fn update_os(inputs: &Value, cx: &ActionContext<'_>) -> Result<(), ActionError> {

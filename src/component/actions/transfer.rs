@@ -18,6 +18,7 @@ use tokio::io::AsyncWriteExt;
 use super::{ActionContext, ActionError, Outputs, each_item};
 use crate::component::condition::file_digest;
 use crate::component::document::HashAlgorithm;
+use crate::diagnostic::error_chain;
 use crate::machine::{FileKind, FileSource, OutputStream, PutOptions};
 
 /// Attempts per download, independent of the step's `maxAttempts` (reference 2.2).
@@ -125,30 +126,30 @@ impl Transfer {
             .read_timeout(Duration::from_secs(120))
             .danger_accept_invalid_certs(ignore_certificate_errors)
             .build()
-            .map_err(|e| ActionError::Failed(format!("could not set up the HTTP client: {e}")))?;
+            .map_err(|source| ActionError::Http {
+                what: "could not set up the HTTP client".into(),
+                source,
+            })?;
         Ok(cell.get_or_init(|| client))
     }
 
     fn s3(&self, action: &str) -> Result<&S3Config, ActionError> {
-        self.s3.as_ref().ok_or_else(|| {
-            ActionError::Failed(format!(
-                "{action} needs an S3-compatible endpoint and none is configured: set \
-                 {S3_ENDPOINT_ENV} (e.g. http://127.0.0.1:9000) with AWS_ACCESS_KEY_ID, \
-                 AWS_SECRET_ACCESS_KEY and AWS_REGION, or pass --s3-endpoint"
-            ))
+        self.s3.as_ref().ok_or_else(|| ActionError::NoS3Endpoint {
+            action: action.to_owned(),
+            env: S3_ENDPOINT_ENV,
         })
     }
 }
 
 fn host_err(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> ActionError {
     let what = what.to_string();
-    move |e| ActionError::Failed(format!("{what}: {e}"))
+    move |source| ActionError::Host { what, source }
 }
 
 enum FetchError {
     /// Worth another attempt (connection trouble, 5xx, 429).
-    Transient(String),
-    Permanent(String),
+    Transient(ActionError),
+    Permanent(ActionError),
 }
 
 /// Why a response is not a success, for a message: the status plus, from an S3 error body,
@@ -192,45 +193,43 @@ async fn fetch_once(
     file: &Path,
 ) -> Result<(), FetchError> {
     let mut response = client.get(url.clone()).send().await.map_err(|e| {
-        FetchError::Transient(format!("could not fetch {shown}: {}", e.without_url()))
+        FetchError::Transient(ActionError::Http {
+            what: format!("could not fetch {shown}"),
+            source: e.without_url(),
+        })
     })?;
     let status = response.status();
     if status != reqwest::StatusCode::OK {
-        let message = format!(
-            "{shown} answered {}; expected 200 OK{}",
-            refusal(response).await,
-            if shown.starts_with("s3://") {
+        let message = ActionError::NotOk {
+            shown: shown.to_owned(),
+            answer: refusal(response).await,
+            hint: if shown.starts_with("s3://") {
                 credentials_hint(status)
             } else {
                 ""
-            }
-        );
+            },
+        };
         return Err(if status.is_server_error() || status.as_u16() == 429 {
             FetchError::Transient(message)
         } else {
             FetchError::Permanent(message)
         });
     }
-    let mut out = fs_err::tokio::File::create(file)
-        .await
-        .map_err(|e| FetchError::Permanent(format!("could not create {}: {e}", file.display())))?;
+    let host = |e| FetchError::Permanent(ActionError::HostFile(e));
+    let mut out = fs_err::tokio::File::create(file).await.map_err(host)?;
     loop {
         match response.chunk().await {
-            Ok(Some(bytes)) => out.write_all(&bytes).await.map_err(|e| {
-                FetchError::Permanent(format!("could not write {}: {e}", file.display()))
-            })?,
+            Ok(Some(bytes)) => out.write_all(&bytes).await.map_err(host)?,
             Ok(None) => break,
             Err(e) => {
-                return Err(FetchError::Transient(format!(
-                    "the download of {shown} broke off: {}",
-                    e.without_url()
-                )));
+                return Err(FetchError::Transient(ActionError::Http {
+                    what: format!("the download of {shown} broke off"),
+                    source: e.without_url(),
+                }));
             }
         }
     }
-    out.flush()
-        .await
-        .map_err(|e| FetchError::Permanent(format!("could not write {}: {e}", file.display())))?;
+    out.flush().await.map_err(host)?;
     Ok(())
 }
 
@@ -248,10 +247,11 @@ async fn fetch(
     loop {
         match fetch_once(client, url, shown, file).await {
             Ok(()) => return Ok(()),
-            Err(FetchError::Permanent(message)) => return Err(ActionError::Failed(message)),
-            Err(FetchError::Transient(message)) if attempt < DOWNLOAD_ATTEMPTS => {
+            Err(FetchError::Permanent(e)) => return Err(e),
+            Err(FetchError::Transient(e)) if attempt < DOWNLOAD_ATTEMPTS => {
                 let note = format!(
-                    "{message}; trying again in {} ms (attempt {} of {DOWNLOAD_ATTEMPTS})\n",
+                    "{}; trying again in {} ms (attempt {} of {DOWNLOAD_ATTEMPTS})\n",
+                    error_chain(&e),
                     backoff.as_millis(),
                     attempt + 1
                 );
@@ -260,10 +260,11 @@ async fn fetch(
                 backoff *= 2;
                 attempt += 1;
             }
-            Err(FetchError::Transient(message)) => {
-                return Err(ActionError::Failed(format!(
-                    "{message} (gave up after {DOWNLOAD_ATTEMPTS} attempts)"
-                )));
+            Err(FetchError::Transient(e)) => {
+                return Err(ActionError::GaveUp {
+                    attempts: DOWNLOAD_ATTEMPTS,
+                    source: Box::new(e),
+                });
             }
         }
     }
@@ -341,11 +342,12 @@ async fn deliver(
             Ok(None) => "(could not be computed)".into(),
             Err(e) => format!("(could not be computed: {e})"),
         };
-        return Err(ActionError::Failed(format!(
-            "the {algorithm:?} checksum of the download does not match: expected {}, got {actual}; {} was not written",
-            expected.trim().to_ascii_lowercase(),
-            dest.display()
-        )));
+        return Err(ActionError::ChecksumMismatch {
+            algorithm: format!("{algorithm:?}"),
+            expected: expected.trim().to_ascii_lowercase(),
+            actual,
+            dest: dest.to_path_buf(),
+        });
     }
     cx.run_quiet(&[
         "mv".into(),
@@ -401,16 +403,13 @@ pub async fn web_download(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outp
             .map_err(ActionError::target(format!("could not look at {}", dest.display())))?;
         match existing {
             Some(s) if s.kind == FileKind::Dir => {
-                return Err(ActionError::Failed(format!(
-                    "{} is a folder; end `destination` with `/` to download into it",
-                    dest.display()
-                )));
+                return Err(ActionError::IsAFolder {
+                    path: dest,
+                    hint: "; end `destination` with `/` to download into it",
+                });
             }
             Some(_) if !overwrite => {
-                return Err(ActionError::Failed(format!(
-                    "{} already exists and `overwrite` is false",
-                    dest.display()
-                )));
+                return Err(ActionError::Exists(dest));
             }
             Some(_) => {
                 if let Some((alg, sum)) = &verify
@@ -496,10 +495,7 @@ pub async fn s3_download(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outpu
         let host_file = host_dir.path().join("object");
         let check_dest = |dest: PathBuf| async move {
             match cx.target.stat(&dest).await {
-                Ok(Some(_)) if !overwrite => Err(ActionError::Failed(format!(
-                    "{} already exists and `overwrite` is false",
-                    dest.display()
-                ))),
+                Ok(Some(_)) if !overwrite => Err(ActionError::Exists(dest)),
                 Ok(_) => Ok(dest),
                 Err(e) => Err(ActionError::Target {
                     what: format!("could not look at {}", dest.display()),
@@ -513,22 +509,25 @@ pub async fn s3_download(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outpu
             list.with_prefix(prefix);
             list.with_max_keys(MAX_PREFIX_OBJECTS);
             let url = list.sign(PRESIGN_FOR);
-            let response = client.get(url).send().await.map_err(|e| {
-                ActionError::Failed(format!("could not list {source}: {}", e.without_url()))
-            })?;
+            let http = |e: reqwest::Error| ActionError::Http {
+                what: format!("could not list {source}"),
+                source: e.without_url(),
+            };
+            let response = client.get(url).send().await.map_err(http)?;
             let status = response.status();
             if !status.is_success() {
-                return Err(ActionError::Failed(format!(
-                    "could not list {source}: the endpoint answered {}{}",
-                    refusal(response).await,
-                    credentials_hint(status)
-                )));
+                return Err(ActionError::Answered {
+                    what: format!("could not list {source}"),
+                    answer: refusal(response).await,
+                    hint: credentials_hint(status),
+                });
             }
-            let body = response.text().await.map_err(|e| {
-                ActionError::Failed(format!("could not list {source}: {}", e.without_url()))
-            })?;
+            let body = response.text().await.map_err(http)?;
             let listing = rusty_s3::actions::ListObjectsV2::parse_response(&body).map_err(|e| {
-                ActionError::Failed(format!("the listing of {source} is not S3 XML: {e}"))
+                ActionError::NotS3Xml {
+                    what: source.to_string(),
+                    source: Box::new(e),
+                }
             })?;
             let root = cx.path(destination.trim_end_matches('/'));
             for object in listing.contents {
@@ -556,10 +555,7 @@ pub async fn s3_download(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outpu
                     Ok(Some(s)) if s.kind == FileKind::Dir
                 )
             {
-                return Err(ActionError::Failed(format!(
-                    "the destination folder {} does not exist",
-                    parent.display()
-                )));
+                return Err(ActionError::NoDestinationFolder(parent.to_path_buf()));
             }
             let dest = check_dest(dest).await?;
             s3_get(client, config, &bucket, &key, &host_file, cx).await?;
@@ -638,15 +634,15 @@ pub async fn s3_upload(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outputs
             {
                 Some(s) => vec![(full.clone(), s.kind, name.clone())],
                 None => {
-                    return Err(ActionError::Failed(format!(
-                        "{} does not exist",
-                        full.display()
-                    )));
+                    return Err(ActionError::NotFound(full));
                 }
             }
         };
         if matches.is_empty() {
-            return Err(ActionError::Failed(format!("nothing matches {}", full.display())));
+            return Err(ActionError::NoMatch {
+                pattern: full,
+                kind: "file or folder",
+            });
         }
         if matches.len() > 1 && !into_prefix {
             return Err(ActionError::Input(format!(
@@ -659,10 +655,10 @@ pub async fn s3_upload(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outputs
             match kind {
                 FileKind::Dir if recurse => folders.push((path, file_name)),
                 FileKind::Dir => {
-                    return Err(ActionError::Failed(format!(
-                        "{} is a folder; set `recurse: true` to upload its content",
-                        path.display()
-                    )));
+                    return Err(ActionError::IsAFolder {
+                        path,
+                        hint: "; set `recurse: true` to upload its content",
+                    });
                 }
                 FileKind::File => {
                     let object = if into_prefix {
@@ -696,11 +692,11 @@ pub async fn s3_upload(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outputs
             let url = bucket.put_object(credentials.as_ref(), &object).sign(PRESIGN_FOR);
             let file = fs_err::tokio::File::open(&host_file)
                 .await
-                .map_err(host_err(format!("could not open {}", host_file.display())))?;
+                .map_err(ActionError::HostFile)?;
             let len = file
                 .metadata()
                 .await
-                .map_err(host_err(format!("could not open {}", host_file.display())))?
+                .map_err(ActionError::HostFile)?
                 .len();
             let response = client
                 .put(url)
@@ -708,21 +704,23 @@ pub async fn s3_upload(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outputs
                 .body(reqwest::Body::from(file.into_parts().0))
                 .send()
                 .await
-                .map_err(|e| {
-                    ActionError::Failed(format!(
-                        "could not upload {} to s3://{bucket_name}/{object}: {}",
-                        path.display(),
-                        e.without_url()
-                    ))
+                .map_err(|e| ActionError::Http {
+                    what: format!(
+                        "could not upload {} to s3://{bucket_name}/{object}",
+                        path.display()
+                    ),
+                    source: e.without_url(),
                 })?;
             let status = response.status();
             if !status.is_success() {
-                return Err(ActionError::Failed(format!(
-                    "could not upload {} to s3://{bucket_name}/{object}: the endpoint answered {}{}",
-                    path.display(),
-                    refusal(response).await,
-                    credentials_hint(status)
-                )));
+                return Err(ActionError::Answered {
+                    what: format!(
+                        "could not upload {} to s3://{bucket_name}/{object}",
+                        path.display()
+                    ),
+                    answer: refusal(response).await,
+                    hint: credentials_hint(status),
+                });
             }
         }
         Ok(None)
