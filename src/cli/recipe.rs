@@ -392,25 +392,26 @@ pub fn describe(plan: &Plan) -> String {
         None => "none".to_string(),
     };
     let _ = writeln!(out, "  user data       {user_data}");
-    let _ = writeln!(
-        out,
-        "  vm              {} cpus, {} memory, accelerator {}, firmware {}, network {}",
-        i.cpus, i.memory, i.accelerator, i.firmware, i.network
-    );
-    let _ = writeln!(
-        out,
-        "  timeouts        boot {}s, build {}s, shutdown {}s, tests {}s",
-        i.boot_timeout_secs, i.build_timeout_secs, i.shutdown_timeout_secs, plan.tests.timeout_secs
-    );
-    let _ = writeln!(
-        out,
-        "  on failure      {}",
-        if i.keep_on_failure {
-            "keep the VM's disk and logs"
-        } else {
-            "remove everything"
+    // The sections a pipeline may override, key by key as declared (and named as in files).
+    let sections = [
+        ("infrastructure", serde_json::to_value(&plan.infrastructure)),
+        ("tests", serde_json::to_value(&plan.tests)),
+    ];
+    for (section, value) in sections {
+        let value = value.unwrap_or_default();
+        let mut label = section;
+        for key in builder::recipe::settings::keys(section) {
+            let shown = match value.get(key) {
+                Some(serde_json::Value::String(text)) => text.clone(),
+                Some(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => {
+                    v.to_string()
+                }
+                _ => continue,
+            };
+            let _ = writeln!(out, "  {label:<15} {key} {shown}");
+            label = "";
         }
-    );
+    }
     let _ = writeln!(
         out,
         "  generalize      {}",
