@@ -24,6 +24,7 @@ use sha2::{Digest, Sha256};
 
 /// Credentials come from `$DOCKER_CONFIG/config.json`: every test uses one temp folder, set
 /// once before any test reads the environment (so no test sees the machine's own logins).
+#[allow(unsafe_code)] // `set_var`: unsafe since edition 2024
 fn docker_config() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {

@@ -254,6 +254,7 @@ fn run(
     );
 }
 
+#[allow(unsafe_code)] // `pre_exec`: session, terminal and user are set in the forked child
 fn spawn(
     id: u32,
     spec: &ExecSpec,

@@ -147,6 +147,7 @@ fn usage_error(msg: &str) -> ! {
 
 /// Starts a copy of ourselves without `--daemon` in a new session with stdio on /dev/null,
 /// then exits, so a cloud-init bootcmd returns at once.
+#[allow(unsafe_code)] // `pre_exec`, to start a new session in the child
 fn detach() {
     use std::os::unix::process::CommandExt;
     let exe = match std::env::current_exe() {
@@ -167,7 +168,7 @@ fn detach() {
         .stderr(std::process::Stdio::null());
     // SAFETY: setsid is async-signal-safe and touches no memory.
     unsafe {
-        cmd.pre_exec(sys_setsid);
+        cmd.pre_exec(sys::new_session);
     }
     match cmd.spawn() {
         Ok(_) => std::process::exit(0),
@@ -176,17 +177,6 @@ fn detach() {
             std::process::exit(1);
         }
     }
-}
-
-fn sys_setsid() -> io::Result<()> {
-    unsafe extern "C" {
-        fn setsid() -> i32;
-    }
-    // SAFETY: setsid takes no arguments.
-    if unsafe { setsid() } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------

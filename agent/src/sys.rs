@@ -2,6 +2,9 @@
 //! reboot), declared directly against the C library the static binary links anyway, and the
 //! /etc/passwd and /etc/group lookups (parsed by hand: a static glibc cannot load NSS
 //! modules, and guests keep their local users in these files).
+//!
+//! The agent's only module with `unsafe` calls besides the `pre_exec` hooks that run them.
+#![allow(unsafe_code)]
 
 use std::ffi::CStr;
 use std::fs::File;
@@ -44,17 +47,23 @@ pub fn sync_all() {
     unsafe { c_sync() }
 }
 
+/// In a forked child before exec: start a new session (no controlling terminal, its own
+/// process group). Async-signal-safe.
+pub fn new_session() -> io::Result<()> {
+    // SAFETY: setsid(2) takes no arguments and touches no memory of ours.
+    if unsafe { setsid() } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// In a forked child before exec: start a new session and make `fd 0` (the pty slave) its
 /// controlling terminal. Only async-signal-safe calls.
 pub fn become_session_leader_with_tty() -> io::Result<()> {
-    // SAFETY: setsid and ioctl take integers; fd 0 is the pty slave set up by Command.
-    unsafe {
-        if setsid() < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if ioctl(0, TIOCSCTTY, 0i32) < 0 {
-            return Err(io::Error::last_os_error());
-        }
+    new_session()?;
+    // SAFETY: ioctl takes integers here; fd 0 is the pty slave set up by Command.
+    if unsafe { ioctl(0, TIOCSCTTY, 0i32) } < 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }

@@ -117,6 +117,7 @@ fn cpu_has_virtualization(cpuinfo: &str) -> bool {
 nix::ioctl_write_int_bad!(kvm_get_api_version, nix::request_code_none!(0xAE, 0x00));
 nix::ioctl_write_int_bad!(kvm_create_vm, nix::request_code_none!(0xAE, 0x01));
 
+#[allow(unsafe_code)] // KVM ioctls on a raw descriptor: nix has no safe wrapper for them
 fn probe_device(dev: &Path) -> Result<(), String> {
     let file = fs_err::OpenOptions::new()
         .read(true)

@@ -114,6 +114,7 @@ pub fn spawn(program: &Path, args: &[String], stderr_log: &Path) -> Result<Child
     spawn_with_death_signal(program, args, stderr_log, Signal::SIGKILL)
 }
 
+#[allow(unsafe_code)] // `pre_exec`: the parent-death signal must be set in the forked child
 fn spawn_with_death_signal(
     program: &Path,
     args: &[String],
