@@ -34,8 +34,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use builder::machine::agent::AgentMachine;
 use builder::machine::{Capture, Discard, ExecRequest, FileSource, Machine, PutOptions};
-use builder::vm::argv::{Accel, DiskFormat, FirmwareFiles, Network, SerialPort, VmSpec};
-use builder::vm::{AccelChoice, img, process, seed};
+use builder::recipe::Network;
+use builder::vm::argv::{Accel, DiskFormat, FirmwareFiles, SerialPort, VmSpec};
+use builder::vm::{img, process, seed};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
@@ -327,7 +328,7 @@ impl Vm {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let qemu = process::find_program("qemu-system-x86_64")?;
-    let decision = builder::vm::accel::decide(AccelChoice::Auto, &qemu).await?;
+    let decision = builder::vm::accel::decide(builder::recipe::Accelerator::Auto, &qemu).await?;
     if let Some(why) = &decision.fallback_reason {
         eprintln!("bench_vm: KVM not usable ({why}); using TCG");
     }

@@ -31,11 +31,12 @@ use builder::distribute::Progress;
 use builder::distribute::aws::client::http_client;
 use builder::distribute::aws::ec2::{Ec2Client, Ec2Error};
 use builder::distribute::aws::{
-    AmiOptions, AwsCredentials, AwsError, ImportMethod, RetryPolicy, S3Client, S3Error,
-    UploadOptions, Uploaded, import_ami, preflight, upload_multipart,
+    AmiOptions, AwsCredentials, AwsError, RetryPolicy, S3Client, S3Error, UploadOptions, Uploaded,
+    import_ami, preflight, upload_multipart,
 };
 use builder::export::Format;
 use builder::export::manifest::ImageId;
+use builder::recipe::ImportMethod;
 use builder::store::{StoredDisk, StoredImage};
 use moto::Moto;
 use s3s::{KEY, S3Server, SECRET, free_port};

@@ -255,7 +255,7 @@ async fn ova_alone_and_zlib_and_uncompressed() {
     let out = work.path().join("out");
     fs_err::create_dir(&out).expect("mkdir");
     let mut req = ExportRequest::new(&disk, &out, "img", &[Format::Ova]);
-    req.machine.firmware = builder::vm::Firmware::Uefi;
+    req.machine.firmware = builder::recipe::Firmware::Uefi;
     export::export(&req, &export::NoProgress)
         .await
         .expect("ova alone");

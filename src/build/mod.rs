@@ -29,9 +29,10 @@ use std::time::Instant;
 pub use events::{BuildEvent, BuildLog, BuildObserver, Quiet};
 pub use stages::{BuildError, ComponentFailure, FailureShell};
 
+use crate::recipe::Accelerator;
 use crate::store::{Store, StoredImage};
 use crate::undo::{Leftovers, Outcome, UnwindReport};
-use crate::vm::{AccelChoice, ErrorClass};
+use crate::vm::ErrorClass;
 use plan::{Plan, Stage};
 use stages::BuildContext;
 
@@ -42,7 +43,7 @@ pub struct BuildOptions {
     /// by the recipe's `infrastructure.keepOnFailure`.
     pub keep_on_failure: bool,
     /// Overrides the recipe's `infrastructure.accelerator`.
-    pub accel: Option<AccelChoice>,
+    pub accel: Option<Accelerator>,
     /// The QEMU system emulator; default `qemu-system-x86_64` from `PATH`.
     pub qemu: Option<PathBuf>,
     /// `--on-error shell`: called when a component step fails, with the build VM running.

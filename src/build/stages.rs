@@ -30,7 +30,7 @@ use crate::store::{BuildSlot, DownloadProgress, FetchOptions, Store, StoreError}
 use crate::undo::{self, Leftovers, Outcome, UndoError, UndoList, UnwindReport};
 use crate::vm::seed::CloudInitScope;
 use crate::vm::session::{Session, SessionOptions};
-use crate::vm::{AccelChoice, ErrorClass, GuestChannel, VmError, VmOptions};
+use crate::vm::{ErrorClass, GuestChannel, VmError, VmOptions};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -800,21 +800,11 @@ fn launch_options(
 ) -> SessionOptions {
     let i = &plan.infrastructure;
     let mut vm = VmOptions::new(image);
-    vm.accel = options.accel.unwrap_or(match i.accelerator {
-        recipe::Accelerator::Auto => AccelChoice::Auto,
-        recipe::Accelerator::Kvm => AccelChoice::Kvm,
-        recipe::Accelerator::Tcg => AccelChoice::Tcg,
-    });
+    vm.accel = options.accel.unwrap_or(i.accelerator);
     vm.cpus = i.cpus;
     vm.memory_mib = i.memory.bytes() >> 20;
-    vm.firmware = match i.firmware {
-        recipe::Firmware::Bios => crate::vm::Firmware::Bios,
-        recipe::Firmware::Uefi => crate::vm::Firmware::Uefi,
-    };
-    vm.network = match i.network {
-        recipe::Network::None => crate::vm::Network::None,
-        recipe::Network::User => crate::vm::Network::User,
-    };
+    vm.firmware = i.firmware;
+    vm.network = i.network;
     vm.channel = GuestChannel::Agent {
         user_data: plan.user_data.clone(),
     };
@@ -1551,10 +1541,7 @@ fn export_request(plan: &Plan, top: &Path, dir: &Path, stem: &str) -> ExportRequ
     request.machine.description = plan.recipe.description.clone();
     request.machine.cpus = plan.infrastructure.cpus;
     request.machine.memory_mib = plan.infrastructure.memory.bytes() >> 20;
-    request.machine.firmware = match plan.infrastructure.firmware {
-        recipe::Firmware::Bios => crate::vm::Firmware::Bios,
-        recipe::Firmware::Uefi => crate::vm::Firmware::Uefi,
-    };
+    request.machine.firmware = plan.infrastructure.firmware;
     request
 }
 

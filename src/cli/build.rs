@@ -20,7 +20,8 @@ use builder::build::{
     FailureShell,
 };
 use builder::component::executor::{Event, Observer};
-use builder::vm::{AccelChoice, ErrorClass};
+use builder::recipe::Accelerator;
+use builder::vm::ErrorClass;
 
 #[derive(Debug, Args)]
 pub struct BuildArgs {
@@ -47,7 +48,7 @@ pub struct BuildArgs {
     store: Option<PathBuf>,
     /// Override the recipe's accelerator: `auto`, `kvm` or `tcg`.
     #[arg(long, value_parser = parse_accel)]
-    accel: Option<AccelChoice>,
+    accel: Option<Accelerator>,
     /// Accept a `parentImage: oci://host/repo:tag` without `@sha256:…`: ask the registry what
     /// the tag points to now and pin that manifest digest for this build (printed, and kept in
     /// the plan and the manifest). Without it such a parent is refused.
@@ -62,8 +63,8 @@ enum OnError {
     Shell,
 }
 
-fn parse_accel(s: &str) -> Result<AccelChoice, String> {
-    s.parse()
+fn parse_accel(s: &str) -> Result<Accelerator, String> {
+    Accelerator::parse_named("accelerator", s)
 }
 
 fn env(name: &str) -> Option<String> {

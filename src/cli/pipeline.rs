@@ -16,8 +16,8 @@ use builder::pipeline::parse::{self, ParseError};
 use builder::pipeline::run::{self, RunOptions};
 use builder::pipeline::scheduler::{self, Control, OnStop};
 use builder::pipeline::{Clock, SystemClock};
+use builder::recipe::Accelerator;
 use builder::store::Store;
-use builder::vm::AccelChoice;
 
 #[derive(Debug, Subcommand)]
 pub enum PipelineCommand {
@@ -56,7 +56,7 @@ pub struct RunArgs {
     store: Option<PathBuf>,
     /// Override the accelerator: `auto`, `kvm` or `tcg`.
     #[arg(long, value_parser = parse_accel)]
-    accel: Option<AccelChoice>,
+    accel: Option<Accelerator>,
 }
 
 #[derive(Debug, Args)]
@@ -77,7 +77,7 @@ pub struct ServeArgs {
     store: Option<PathBuf>,
     /// Override every pipeline's accelerator: `auto`, `kvm` or `tcg`.
     #[arg(long, value_parser = parse_accel)]
-    accel: Option<AccelChoice>,
+    accel: Option<Accelerator>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -86,8 +86,8 @@ enum StopMode {
     Finish,
 }
 
-fn parse_accel(s: &str) -> Result<AccelChoice, String> {
-    s.parse()
+fn parse_accel(s: &str) -> Result<Accelerator, String> {
+    Accelerator::parse_named("accelerator", s)
 }
 
 fn env(name: &str) -> Option<String> {

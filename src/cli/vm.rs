@@ -21,9 +21,10 @@ use builder::component::executor::{self, Observer, RunError, RunOptions, RunOutc
 use builder::component::report::Status;
 use builder::machine::agent::InteractiveEvent;
 use builder::machine::{ExecRequest, ExitStatus, OutputSink, OutputStream};
+use builder::recipe::{Accelerator, Firmware, Network};
 use builder::undo::Outcome;
 use builder::vm::session::{Session, SessionOptions};
-use builder::vm::{AccelChoice, ErrorClass, Firmware, GuestChannel, Network, VmError, VmOptions};
+use builder::vm::{ErrorClass, GuestChannel, VmError, VmOptions};
 
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
@@ -41,7 +42,7 @@ pub enum VmCommand {
 pub struct VmArgs {
     /// Accelerator: `auto` uses KVM only when a probe shows it works, else TCG.
     #[arg(long, default_value = "auto", value_parser = parse_accel)]
-    pub accel: AccelChoice,
+    pub accel: Accelerator,
     /// Guest memory, e.g. `1G`, `1536M` (MiB without a unit).
     #[arg(long, default_value = "1G", value_parser = parse_mib)]
     pub memory: u64,
@@ -97,22 +98,16 @@ pub struct ShellArgs {
     vm: VmArgs,
 }
 
-fn parse_accel(s: &str) -> Result<AccelChoice, String> {
-    s.parse()
+fn parse_accel(s: &str) -> Result<Accelerator, String> {
+    Accelerator::parse_named("accelerator", s)
 }
 
 fn parse_firmware(s: &str) -> Result<Firmware, String> {
-    s.parse()
+    Firmware::parse_named("firmware", s)
 }
 
 fn parse_network(s: &str) -> Result<Network, String> {
-    match s {
-        "none" => Ok(Network::None),
-        "user" => Ok(Network::User),
-        other => Err(format!(
-            "unknown network `{other}`; expected `none` or `user`"
-        )),
-    }
+    Network::parse_named("network", s)
 }
 
 /// `10G`, `512M`, `1536K`, `1T` or a plain number of bytes.

@@ -602,7 +602,8 @@ mod oci_dispatch {
 /// The AMI target, through `super::aws`.
 mod aws_dispatch {
     use super::*;
-    use crate::distribute::aws::{AmiOptions, ImportMethod};
+    use crate::distribute::aws::AmiOptions;
+    use crate::recipe::ImportMethod;
 
     /// The import's options for `image`: the name rendered, the description defaulted.
     pub fn options(
@@ -628,12 +629,12 @@ mod aws_dispatch {
         o.launch_permission_groups = ami.launch_permission_groups.clone();
         o.boot_mode = ami.boot_mode.clone();
         if let Some(m) = &ami.import_method {
-            o.import_method =
-                m.parse::<ImportMethod>()
-                    .map_err(|reason| DestinationError::Bad {
-                        text: m.clone(),
-                        reason,
-                    })?;
+            o.import_method = ImportMethod::parse_named("import method", m).map_err(|reason| {
+                DestinationError::Bad {
+                    text: m.clone(),
+                    reason,
+                }
+            })?;
         }
         o.s3_endpoint = ami.s3_endpoint.clone();
         o.ec2_endpoint = ami.ec2_endpoint.clone();

@@ -295,9 +295,9 @@ fn machine(image: &StoredImage) -> export::MachineSpec {
             host.memory_mib
         },
         firmware: if host.firmware.starts_with("uefi") {
-            crate::vm::Firmware::Uefi
+            crate::recipe::Firmware::Uefi
         } else {
-            crate::vm::Firmware::Bios
+            crate::recipe::Firmware::Bios
         },
         controller: export::DiskController::Scsi,
     }

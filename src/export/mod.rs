@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::vm::Firmware;
+use crate::recipe::Firmware;
 use crate::vm::img::{self, ConvertOptions, ImgError};
 
 pub use manifest::Manifest;

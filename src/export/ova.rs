@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use super::{DiskController, ExportError, HashingWriter, MachineSpec};
-use crate::vm::Firmware;
+use crate::recipe::Firmware;
 
 pub(super) struct OvaLayout {
     pub stem: String,

@@ -309,6 +309,12 @@ macro_rules! word_enum {
             pub fn from_name(text: &str) -> Option<$name> {
                 match text { $($text => Some($name::$variant),)+ _ => None }
             }
+            /// `text` as a command-line value, refused with the recipe's message.
+            pub fn parse_named(noun: &str, text: &str) -> Result<$name, String> {
+                $name::from_name(text).ok_or_else(|| {
+                    format!("unknown {noun} `{text}`; expected {}", crate::diagnostic::one_of($name::NAMES))
+                })
+            }
         }
         impl std::fmt::Display for $name {
             fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

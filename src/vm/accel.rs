@@ -15,30 +15,7 @@ use tokio::sync::OnceCell;
 use super::argv::Accel;
 use super::process;
 use super::qmp::{HumanMonitorCommand, Qmp, QueryKvm};
-
-/// What the user asked for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum AccelChoice {
-    /// KVM when it works, otherwise TCG with a one-line notice.
-    #[default]
-    Auto,
-    Kvm,
-    Tcg,
-}
-
-impl std::str::FromStr for AccelChoice {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(AccelChoice::Auto),
-            "kvm" => Ok(AccelChoice::Kvm),
-            "tcg" => Ok(AccelChoice::Tcg),
-            other => Err(format!(
-                "unknown accelerator `{other}`; expected `auto`, `kvm` or `tcg`"
-            )),
-        }
-    }
-}
+use crate::recipe::Accelerator;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AccelError {
@@ -59,20 +36,20 @@ static PROBE: OnceCell<Result<(), String>> = OnceCell::const_new();
 
 /// Decide the accelerator for `choice`. `qemu` is the system emulator binary used for the
 /// last stage of the probe.
-pub async fn decide(choice: AccelChoice, qemu: &Path) -> Result<AccelDecision, AccelError> {
+pub async fn decide(choice: Accelerator, qemu: &Path) -> Result<AccelDecision, AccelError> {
     match choice {
-        AccelChoice::Tcg => Ok(AccelDecision {
+        Accelerator::Tcg => Ok(AccelDecision {
             accel: Accel::Tcg,
             fallback_reason: None,
         }),
-        AccelChoice::Kvm => match kvm_works(qemu).await {
+        Accelerator::Kvm => match kvm_works(qemu).await {
             Ok(()) => Ok(AccelDecision {
                 accel: Accel::Kvm,
                 fallback_reason: None,
             }),
             Err(reason) => Err(AccelError::KvmUnusable { reason }),
         },
-        AccelChoice::Auto => Ok(match kvm_works(qemu).await {
+        Accelerator::Auto => Ok(match kvm_works(qemu).await {
             Ok(()) => AccelDecision {
                 accel: Accel::Kvm,
                 fallback_reason: None,
@@ -241,9 +218,13 @@ mod tests {
 
     #[test]
     fn choice_parses_with_a_clear_error() {
-        assert_eq!("tcg".parse::<AccelChoice>(), Ok(AccelChoice::Tcg));
-        let e = "kvmm".parse::<AccelChoice>().expect_err("typo");
-        assert!(e.contains("`kvmm`") && e.contains("`auto`, `kvm` or `tcg`"));
+        let parse = |s| Accelerator::parse_named("accelerator", s);
+        assert_eq!(parse("tcg"), Ok(Accelerator::Tcg));
+        let e = parse("kvmm").expect_err("typo");
+        assert_eq!(
+            e,
+            "unknown accelerator `kvmm`; expected `auto`, `kvm` or `tcg`"
+        );
     }
 
     #[test]
@@ -260,10 +241,10 @@ mod tests {
         let Ok(qemu) = process::find_program("qemu-system-x86_64") else {
             panic!("qemu-system-x86_64 is needed for this test (apt install qemu-system-x86)");
         };
-        let auto = decide(AccelChoice::Auto, &qemu)
+        let auto = decide(Accelerator::Auto, &qemu)
             .await
             .expect("auto never fails");
-        let demanded = decide(AccelChoice::Kvm, &qemu).await;
+        let demanded = decide(Accelerator::Kvm, &qemu).await;
         match (&auto.accel, &auto.fallback_reason, demanded) {
             (Accel::Tcg, Some(reason), Err(AccelError::KvmUnusable { reason: r2 })) => {
                 assert_eq!(reason, &r2);
@@ -274,7 +255,7 @@ mod tests {
             other => panic!("auto and kvm disagree: {other:?}"),
         }
         // TCG is never probed.
-        let tcg = decide(AccelChoice::Tcg, &qemu).await.expect("tcg");
+        let tcg = decide(Accelerator::Tcg, &qemu).await.expect("tcg");
         assert_eq!(tcg.accel, Accel::Tcg);
     }
 

@@ -7,6 +7,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::recipe::Network;
+
 /// The accelerator QEMU runs with (already decided: see [`crate::vm::accel`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
@@ -27,17 +29,6 @@ impl std::fmt::Display for Accel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
-}
-
-/// Guest networking. There is never a port forward: the host talks to the guest over
-/// virtio-serial only.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Network {
-    /// No network card at all.
-    #[default]
-    None,
-    /// QEMU's user-mode network (outbound NAT, no inbound).
-    User,
 }
 
 /// Image format of a firmware or disk file, as QEMU names it.
@@ -243,6 +234,7 @@ pub fn qemu_args(spec: &VmSpec) -> Vec<QemuArg> {
     args.push(arg("-serial", "chardev:console0"));
 
     match spec.network {
+        // Never a port forward: the host talks to the guest over virtio-serial only.
         Network::None => args.push(arg("-nic", "none")),
         // No hostfwd: nothing listens on the host for this guest.
         Network::User => args.push(arg("-nic", "user,model=virtio-net-pci")),

@@ -25,9 +25,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-pub use accel::{AccelChoice, AccelDecision};
-pub use argv::{Accel, DiskFormat, Network};
+pub use accel::AccelDecision;
+pub use argv::{Accel, DiskFormat};
 
+use crate::recipe::{Accelerator, Firmware, Network};
 use crate::undo::{self, Leftovers, Outcome, UndoList, UnwindReport};
 use argv::{FirmwareFiles, SerialPort, VmSpec};
 use qmp::{EventKind, Qmp};
@@ -36,29 +37,6 @@ use qmp::{EventKind, Qmp};
 const MAX_SOCKET_PATH: usize = 107;
 /// Lines of the serial console shown in boot errors.
 const CONSOLE_TAIL_LINES: usize = 30;
-
-/// Platform firmware.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Firmware {
-    /// SeaBIOS, QEMU's default.
-    #[default]
-    Bios,
-    /// OVMF (UEFI without Secure Boot), chosen from QEMU's firmware descriptors.
-    Uefi,
-}
-
-impl std::str::FromStr for Firmware {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "bios" => Ok(Firmware::Bios),
-            "uefi" => Ok(Firmware::Uefi),
-            other => Err(format!(
-                "unknown firmware `{other}`; expected `bios` or `uefi`"
-            )),
-        }
-    }
-}
 
 /// How the host talks to the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,7 +54,7 @@ pub struct VmOptions {
     /// The base image; never written to (the VM writes to an overlay).
     pub image: PathBuf,
     /// Default `auto`.
-    pub accel: AccelChoice,
+    pub accel: Accelerator,
     /// Default 2.
     pub cpus: u32,
     /// Default 1024 MiB.
@@ -113,7 +91,7 @@ impl VmOptions {
     pub fn new(image: impl Into<PathBuf>) -> Self {
         Self {
             image: image.into(),
-            accel: AccelChoice::Auto,
+            accel: Accelerator::Auto,
             cpus: 2,
             memory_mib: 1024,
             firmware: Firmware::Bios,

@@ -19,37 +19,13 @@ use super::s3::{self, S3Client, S3Error, UploadOptions};
 use crate::diagnostic::error_chain;
 use crate::distribute::{Progress, Receipt, StoredImage};
 use crate::export::Format;
+use crate::recipe::ImportMethod;
 use crate::vm::img::{self, ConvertOptions};
 
 /// The target name in progress events.
 const TARGET: &str = "ami";
 /// The root device of the registered image.
 const ROOT_DEVICE: &str = "/dev/xvda";
-
-/// How the disk becomes an AMI.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ImportMethod {
-    /// ImportSnapshot, then RegisterImage with our settings (boot mode, ENA, root device).
-    /// Works for any Linux image, UEFI included. The default.
-    #[default]
-    Snapshot,
-    /// ImportImage: AWS inspects and converts the OS (drivers, boot loader); the AMI gets
-    /// AWS's generated name, and `name` goes into its `Name` tag.
-    Image,
-}
-
-impl std::str::FromStr for ImportMethod {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "snapshot" => Ok(ImportMethod::Snapshot),
-            "image" => Ok(ImportMethod::Image),
-            other => Err(format!(
-                "unknown import method `{other}`; expected `snapshot` or `image`"
-            )),
-        }
-    }
-}
 
 /// Everything an AMI import needs. [`AmiOptions::new`] fills the defaults.
 #[derive(Debug, Clone)]

@@ -27,7 +27,7 @@ mod xml;
 
 use std::path::PathBuf;
 
-pub use ami::{AmiOptions, ImportMethod, import_ami, preflight};
+pub use ami::{AmiOptions, import_ami, preflight};
 pub use client::RetryPolicy;
 pub use credentials::{AwsConfig, AwsCredentials, CredentialsError};
 pub use ec2::Ec2Error;
