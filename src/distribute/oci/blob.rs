@@ -31,13 +31,6 @@ pub(super) struct BlobSource {
     segments: Vec<Segment>,
 }
 
-/// A read failed: which file, and why.
-#[derive(Debug)]
-pub(super) struct ReadError {
-    pub path: PathBuf,
-    pub source: std::io::Error,
-}
-
 impl BlobSource {
     pub fn bytes(data: Vec<u8>) -> Self {
         Self {
@@ -47,13 +40,8 @@ impl BlobSource {
 
     /// The whole file at `path` (its size is taken now; a file that changes size later makes
     /// the read fail rather than send a mix).
-    pub fn file(path: &Path) -> Result<Self, ReadError> {
-        let len = fs_err::metadata(path)
-            .map_err(|source| ReadError {
-                path: path.to_path_buf(),
-                source,
-            })?
-            .len();
+    pub fn file(path: &Path) -> std::io::Result<Self> {
+        let len = fs_err::metadata(path)?.len();
         Ok(Self {
             segments: vec![Segment::File {
                 path: path.to_path_buf(),
@@ -66,13 +54,8 @@ impl BlobSource {
     /// uid/gid 107 (the `qemu` user KubeVirt runs as), the file with mode 0440: the
     /// containerDisk convention (`ADD --chown=107:107 disk.qcow2 /disk/`). `mtime` is fixed by
     /// the caller so the same disk always gives the same layer digest.
-    pub fn container_disk(disk: &Path, file_name: &str, mtime: u64) -> Result<Self, ReadError> {
-        let len = fs_err::metadata(disk)
-            .map_err(|source| ReadError {
-                path: disk.to_path_buf(),
-                source,
-            })?
-            .len();
+    pub fn container_disk(disk: &Path, file_name: &str, mtime: u64) -> std::io::Result<Self> {
+        let len = fs_err::metadata(disk)?.len();
         let header = |path: &str, kind: tar::EntryType, mode: u32, size: u64| {
             let mut h = tar::Header::new_ustar();
             h.set_entry_type(kind);
@@ -81,12 +64,9 @@ impl BlobSource {
             h.set_gid(107);
             h.set_mtime(mtime);
             h.set_size(size);
-            h.set_path(path).map_err(|source| ReadError {
-                path: disk.to_path_buf(),
-                source,
-            })?;
+            h.set_path(path)?;
             h.set_cksum();
-            Ok::<_, ReadError>(h.as_bytes().to_vec())
+            Ok::<_, std::io::Error>(h.as_bytes().to_vec())
         };
         let mut head = header("disk/", tar::EntryType::Directory, 0o555, 0)?;
         head.extend(header(
@@ -115,7 +95,7 @@ impl BlobSource {
     }
 
     /// Up to `max` bytes from `offset` (fewer only at the end). Blocking.
-    pub fn read_at(&self, offset: u64, max: usize) -> Result<Vec<u8>, ReadError> {
+    pub fn read_at(&self, offset: u64, max: usize) -> std::io::Result<Vec<u8>> {
         let mut out = Vec::with_capacity(max.min(self.len().saturating_sub(offset) as usize));
         let mut start = 0u64;
         for seg in &self.segments {
@@ -132,15 +112,11 @@ impl BlobSource {
                         out.extend_from_slice(&b[from as usize..from as usize + n]);
                     }
                     Segment::File { path, .. } => {
-                        let io = |source| ReadError {
-                            path: path.clone(),
-                            source,
-                        };
-                        let mut f = File::open(path).map_err(io)?;
-                        f.seek(SeekFrom::Start(from)).map_err(io)?;
+                        let mut f = File::open(path)?;
+                        f.seek(SeekFrom::Start(from))?;
                         let old = out.len();
                         out.resize(old + n, 0);
-                        f.read_exact(&mut out[old..]).map_err(io)?;
+                        f.read_exact(&mut out[old..])?;
                     }
                 }
             }
@@ -150,7 +126,7 @@ impl BlobSource {
     }
 
     /// sha256 of the first `len` bytes. Blocking.
-    pub fn hash_prefix(&self, len: u64) -> Result<Sha256, ReadError> {
+    pub fn hash_prefix(&self, len: u64) -> std::io::Result<Sha256> {
         let mut h = Sha256::new();
         let mut done = 0u64;
         while done < len {

@@ -142,13 +142,11 @@ pub enum OciError {
     NoDisk { reference: String, reason: String },
     #[error("{image} has no qcow2 or raw output to push")]
     NothingToPush { image: String },
-    #[error("could not {action} {}", path.display())]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// A file system call failed; fs-err's error names the path and what was being done.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("could not read {}: the file got shorter while it was being uploaded", path.display())]
+    Shrunk { path: PathBuf },
     #[error("an upload or download task stopped unexpectedly: {0}")]
     Task(String),
 }
@@ -186,16 +184,6 @@ impl OciError {
             )),
             OciError::BadReference(e) => e.hint(),
             _ => None,
-        }
-    }
-}
-
-impl From<blob::ReadError> for OciError {
-    fn from(e: blob::ReadError) -> Self {
-        OciError::Io {
-            action: "read",
-            path: e.path,
-            source: e.source,
         }
     }
 }
@@ -405,13 +393,7 @@ pub async fn push(
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound && name == SUMS_FILE => {
                         continue;
                     }
-                    Err(source) => {
-                        return Err(OciError::Io {
-                            action: "read",
-                            path,
-                            source,
-                        });
-                    }
+                    Err(e) => return Err(e.into()),
                 };
                 let known = sha256_of(&bytes);
                 let d = registry
@@ -593,13 +575,7 @@ async fn pull_uncached(
             "it is an image index (several platforms); pin the digest of the amd64 manifest".into(),
         ));
     }
-    let mkdir = |path: &Path| {
-        fs_err::create_dir_all(path).map_err(|source| OciError::Io {
-            action: "create",
-            path: path.to_path_buf(),
-            source,
-        })
-    };
+    let mkdir = |path: &Path| fs_err::create_dir_all(path);
     mkdir(cache_dir)?;
     if let Some(layer) = manifest.layers.iter().find(|l| l.media_type == DISK_QCOW2) {
         let sha = digest_hex(&layer.digest).ok_or_else(|| {
@@ -659,15 +635,6 @@ fn digest_hex(digest: &str) -> Option<String> {
         .then(|| hex.to_ascii_lowercase())
 }
 
-fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> OciError {
-    let path = path.to_path_buf();
-    move |source| OciError::Io {
-        action,
-        path,
-        source,
-    }
-}
-
 /// Open and lock `part` (one download per file: another builder holding it finishes first).
 async fn locked_part(part: &Path) -> Result<fs_err::File, OciError> {
     let file = fs_err::OpenOptions::new()
@@ -675,17 +642,16 @@ async fn locked_part(part: &Path) -> Result<fs_err::File, OciError> {
         .truncate(false)
         .read(true)
         .write(true)
-        .open(part)
-        .map_err(io_err("open", part))?;
+        .open(part)?;
     tokio::task::spawn_blocking(move || file.lock().map(|()| file))
         .await
         .map_err(|e| OciError::Task(e.to_string()))?
-        .map_err(io_err("lock", part))
+        .map_err(OciError::from)
 }
 
 fn is_qcow2(path: &Path) -> Result<bool, OciError> {
     let mut magic = [0u8; 4];
-    let mut f = fs_err::File::open(path).map_err(io_err("open", path))?;
+    let mut f = fs_err::File::open(path)?;
     Ok(f.read_exact(&mut magic).is_ok() && magic == *b"QFI\xfb")
 }
 
@@ -718,11 +684,7 @@ async fn download_layer(
     progress.step(target, &format!("downloading {what}"));
     let mut attempt = 1;
     loop {
-        match download_once(
-            registry, layer, &mut part, &part_path, target, &what, progress,
-        )
-        .await
-        {
+        match download_once(registry, layer, &mut part, target, &what, progress).await {
             Ok(actual) if actual == sha => break,
             Ok(actual) => {
                 drop(part);
@@ -748,7 +710,7 @@ async fn download_layer(
             }
         }
     }
-    part.sync_all().map_err(io_err("sync", &part_path))?;
+    part.sync_all()?;
     if !is_qcow2(&part_path)? {
         drop(part);
         let _ = fs_err::remove_file(&part_path);
@@ -757,7 +719,7 @@ async fn download_layer(
             reason: "its disk layer is not a qcow2 image".into(),
         });
     }
-    fs_err::rename(&part_path, &dest).map_err(io_err("move into the cache", &dest))?;
+    fs_err::rename(&part_path, &dest)?;
     Ok(dest)
 }
 
@@ -766,39 +728,31 @@ async fn download_once(
     registry: &Registry,
     layer: &OciDescriptor,
     part: &mut fs_err::File,
-    part_path: &Path,
     target: &str,
     what: &str,
     progress: &dyn Progress,
 ) -> Result<String, BlobGetError> {
     use std::io::{Seek, SeekFrom};
     let fatal = |e: OciError| BlobGetError::Fatal(e);
-    let have = part
-        .metadata()
-        .map_err(|e| fatal(io_err("read", part_path)(e)))?
-        .len();
+    let have = part.metadata().map_err(|e| fatal(e.into()))?.len();
     let have = if have > layer.size { 0 } else { have };
     let (mut response, start) = registry.get_blob(&layer.digest, have).await?;
     let mut hasher = Sha256::new();
     if start > 0 {
-        part.seek(SeekFrom::Start(0))
-            .map_err(|e| fatal(io_err("seek in", part_path)(e)))?;
+        part.seek(SeekFrom::Start(0)).map_err(|e| fatal(e.into()))?;
         let mut reader = (&mut *part).take(start);
         let mut buf = vec![0u8; 1 << 20];
         loop {
-            let n = reader
-                .read(&mut buf)
-                .map_err(|e| fatal(io_err("read", part_path)(e)))?;
+            let n = reader.read(&mut buf).map_err(|e| fatal(e.into()))?;
             if n == 0 {
                 break;
             }
             hasher.update(&buf[..n]);
         }
     }
-    part.set_len(start)
-        .map_err(|e| fatal(io_err("truncate", part_path)(e)))?;
+    part.set_len(start).map_err(|e| fatal(e.into()))?;
     part.seek(SeekFrom::Start(start))
-        .map_err(|e| fatal(io_err("seek in", part_path)(e)))?;
+        .map_err(|e| fatal(e.into()))?;
     let mut done = start;
     progress.transfer(target, what, done, Some(layer.size));
     while let Some(chunk) = response
@@ -806,8 +760,7 @@ async fn download_once(
         .await
         .map_err(|e| BlobGetError::Transient(error_chain(&e)))?
     {
-        part.write_all(&chunk)
-            .map_err(|e| fatal(io_err("write", part_path)(e)))?;
+        part.write_all(&chunk).map_err(|e| fatal(e.into()))?;
         hasher.update(&chunk);
         done += chunk.len() as u64;
         progress.transfer(target, what, done, Some(layer.size));
@@ -849,8 +802,8 @@ async fn extract_container_disk(
     progress.step(target, "downloading the containerDisk layer");
     let mut attempt = 1;
     let result = loop {
-        let file = part.try_clone().map_err(io_err("open", &part_path))?;
-        match extract_once(registry, layer, file, &part_path, target, progress).await {
+        let file = part.try_clone()?;
+        match extract_once(registry, layer, file, target, progress).await {
             Ok(found) => break found,
             Err(BlobGetError::Fatal(e)) => {
                 drop(part);
@@ -898,9 +851,9 @@ async fn extract_container_disk(
                 .into(),
         }));
     }
-    part.sync_all().map_err(io_err("sync", &part_path))?;
+    part.sync_all()?;
     let dest = cache_dir.join(format!("{sha}.qcow2"));
-    fs_err::rename(&part_path, &dest).map_err(io_err("move into the cache", &dest))?;
+    fs_err::rename(&part_path, &dest)?;
     crate::store::base::write_memo(&memo, &sha);
     Ok((dest, sha))
 }
@@ -963,7 +916,6 @@ fn bad_tar(e: std::io::Error) -> OciError {
 fn extract_disk(
     tar_stream: impl Read,
     file: &mut fs_err::File,
-    part: &Path,
 ) -> Result<Option<String>, OciError> {
     let mut disk_sha = None;
     let mut archive = tar::Archive::new(tar_stream);
@@ -984,7 +936,7 @@ fn extract_disk(
                 if n == 0 {
                     break;
                 }
-                file.write_all(&buf[..n]).map_err(io_err("write", part))?;
+                file.write_all(&buf[..n])?;
                 h.update(&buf[..n]);
             }
             disk_sha = Some(hex::encode(h.finalize()));
@@ -999,13 +951,11 @@ async fn extract_once(
     registry: &Registry,
     layer: &OciDescriptor,
     file: fs_err::File,
-    part_path: &Path,
     target: &str,
     progress: &dyn Progress,
 ) -> Result<(String, Option<String>), BlobGetError> {
     let (mut response, _) = registry.get_blob(&layer.digest, 0).await?;
     let (tx, rx) = tokio::sync::mpsc::channel(16);
-    let part = part_path.to_path_buf();
     let gzip = layer.media_type.ends_with("gzip");
     let extract = tokio::task::spawn_blocking(move || -> Result<_, OciError> {
         let mut reader = HashingReader {
@@ -1017,16 +967,16 @@ async fn extract_once(
             hasher: Sha256::new(),
         };
         let mut file = file;
-        file.set_len(0).map_err(io_err("truncate", &part))?;
+        file.set_len(0)?;
         // Docker and podman build containerDisks with gzip layers; builder pushes plain tar.
         // Either way the layer digest is of the bytes as sent (hashed below the decoder).
         let disk_sha = if gzip {
             let mut gz = flate2::read::GzDecoder::new(&mut reader);
-            let found = extract_disk(&mut gz, &mut file, &part)?;
+            let found = extract_disk(&mut gz, &mut file)?;
             std::io::copy(&mut gz, &mut std::io::sink()).map_err(bad_tar)?;
             found
         } else {
-            extract_disk(&mut reader, &mut file, &part)?
+            extract_disk(&mut reader, &mut file)?
         };
         // The rest of the layer (padding after the end marker) counts for its digest.
         std::io::copy(&mut reader, &mut std::io::sink()).map_err(bad_tar)?;

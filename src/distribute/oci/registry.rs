@@ -350,7 +350,7 @@ impl Registry {
                 let data = src.read_at(from, chunk)?;
                 let mut hasher = hasher;
                 hasher.update(&data);
-                Ok::<_, super::blob::ReadError>((data, hasher))
+                Ok::<_, std::io::Error>((data, hasher))
             })
         };
         // Read (and hash) the next chunk while the current one is on the wire.
@@ -362,14 +362,7 @@ impl Registry {
                 .map_err(|e| Failure::Fatal(OciError::from(e)))?;
             let n = data.len() as u64;
             if n == 0 {
-                return Err(Failure::Fatal(OciError::Io {
-                    action: "read",
-                    path: what.into(),
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "the file got shorter while it was being uploaded",
-                    ),
-                }));
+                return Err(Failure::Fatal(OciError::Shrunk { path: what.into() }));
             }
             let end = state.offset + n;
             if end < len {
@@ -743,8 +736,8 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         .map_err(|e| Failure::Fatal(OciError::Task(e.to_string())))
 }
 
-impl From<super::blob::ReadError> for Failure {
-    fn from(e: super::blob::ReadError) -> Self {
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Self {
         Failure::Fatal(e.into())
     }
 }
