@@ -563,10 +563,10 @@ async fn hash_prefix(
 }
 
 fn hash_file(path: &Path) -> Result<String, StoreError> {
-    crate::export::sha256_file(path).map_err(|e| StoreError::Io {
+    crate::export::sha256_file(path).map_err(|e| StoreError::Export {
         action: "hash",
         path: path.to_path_buf(),
-        source: std::io::Error::other(e.to_string()),
+        source: Box::new(e),
     })
 }
 

@@ -99,6 +99,14 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// Like `Io`, from the export module's file helpers (hashing, atomic writes).
+    #[error("could not {action} {path}")]
+    Export {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: Box<ExportError>,
+    },
     #[error("`{name}` is not a valid image name: {reason}")]
     BadName { name: String, reason: String },
     #[error("`{reference}` is not a valid image reference: {reason}")]
@@ -222,10 +230,10 @@ impl StoredImage {
     pub fn verify(&self) -> Result<(), StoreError> {
         for a in &self.manifest.outputs {
             let path = a.path(&self.dir);
-            let actual = crate::export::sha256_file(&path).map_err(|e| StoreError::Io {
+            let actual = crate::export::sha256_file(&path).map_err(|e| StoreError::Export {
                 action: "hash",
                 path: path.clone(),
-                source: std::io::Error::other(e.to_string()),
+                source: Box::new(e),
             })?;
             if actual != a.sha256 {
                 return Err(StoreError::DigestMismatch {
@@ -1145,10 +1153,10 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
             path,
             source,
         },
-        other => StoreError::Io {
+        other => StoreError::Export {
             action: "write",
             path: path.to_path_buf(),
-            source: std::io::Error::other(other.to_string()),
+            source: Box::new(other),
         },
     })
 }
