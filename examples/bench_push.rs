@@ -71,7 +71,9 @@ fn stored_image(store_dir: &Path, disk: Option<PathBuf>, mib: u64) -> StoredImag
         }
         None => make_disk(&path, mib),
     }
-    let sha256 = builder::export::sha256_file(&path).expect("hash");
+    let sha256 = builder::digest::sha256_file(&path, None)
+        .expect("hash")
+        .hex();
     fs_err::write(slot.dir().join("SHA256SUMS"), format!("{sha256}  {file}\n")).expect("sums");
     let mut m = Manifest::new(slot.id().clone(), slot.build_id());
     m.outputs.push(Artifact {

@@ -16,6 +16,7 @@
 //! 1. Nothing else of the crate:
 //!    - [`diagnostic`]: problems in input files, collected and rendered with `file:line:col`.
 //!    - [`undo`]: the undo list that releases what a stage or a VM created, and its report.
+//!    - [`digest`]: sha256 of files, streamed, with progress: the one file hasher.
 //!    - [`agent`]: the host↔guest protocol spoken over virtio-serial.
 //! 2. [`yaml`] (diagnostic): YAML read into a node tree that keeps line and column of every
 //!    value.
@@ -41,6 +42,7 @@ pub mod agent;
 pub mod build;
 pub mod component;
 pub mod diagnostic;
+pub mod digest;
 pub mod distribute;
 pub mod export;
 pub mod machine;

@@ -118,7 +118,9 @@ fn source_store(root: &Path, image: &Path) -> (PathBuf, String) {
         .status()
         .expect("cp");
     assert!(status.success());
-    let sha = builder::export::sha256_file(&slot.dir().join(file)).expect("hash");
+    let sha = builder::digest::sha256_file(&slot.dir().join(file), None)
+        .expect("hash")
+        .hex();
     fs_err::write(slot.dir().join("SHA256SUMS"), format!("{sha}  {file}\n")).expect("sums");
     let mut m = Manifest::new(slot.id().clone(), slot.build_id());
     m.outputs.push(Artifact {

@@ -365,18 +365,7 @@ async fn futures_join_all<F: std::future::Future<Output = ()>>(futs: impl Iterat
 }
 
 fn sha256_file(p: &Path) -> String {
-    use std::io::Read;
-    let mut f = fs_err::File::open(p).expect("open");
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).expect("read");
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    hex::encode(h.finalize())
+    builder::digest::sha256_file(p, None).expect("hash").hex()
 }
 
 fn random_file(path: &Path, size: usize) {

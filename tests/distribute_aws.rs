@@ -473,7 +473,9 @@ fn stored_image(dir: &Path) -> StoredImage {
         .status()
         .expect("qemu-img runs (install qemu-utils)");
     assert!(status.success());
-    let sha256 = builder::export::sha256_file(&disk).expect("hash");
+    let sha256 = builder::digest::sha256_file(&disk, None)
+        .expect("hash")
+        .hex();
     let mut manifest = builder::export::Manifest::new(
         ImageId {
             name: "web".into(),
@@ -1131,7 +1133,9 @@ async fn builder_distribute_to_ami_runs_end_to_end_against_moto() {
     assert!(status.success());
     let mut manifest = builder::export::Manifest::new(slot.id().clone(), slot.build_id());
     manifest.host.firmware = "bios".into();
-    let sha256 = builder::export::sha256_file(&disk).expect("hash");
+    let sha256 = builder::digest::sha256_file(&disk, None)
+        .expect("hash")
+        .hex();
     manifest.outputs.push(Artifact {
         file: file.into(),
         format: Format::Qcow2,

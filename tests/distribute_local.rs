@@ -51,7 +51,9 @@ fn store_build(store: &Store, name: &str, parent: Option<ParentInput>) -> Stored
         format: Format::Qcow2,
         size: fs_err::metadata(&path).expect("size").len(),
         virtual_size: 64 << 20,
-        sha256: builder::export::sha256_file(&path).expect("hash"),
+        sha256: builder::digest::sha256_file(&path, None)
+            .expect("hash")
+            .hex(),
     });
     fs_err::write(
         slot.dir().join("SHA256SUMS"),
@@ -208,7 +210,11 @@ async fn a_vagrant_box_is_accepted_by_vagrant_box_add() {
     assert_eq!(receipt.kind, "vagrant");
     assert_eq!(
         receipt.digests.get("box"),
-        Some(&builder::export::sha256_file(&box_path).expect("hash"))
+        Some(
+            &builder::digest::sha256_file(&box_path, None)
+                .expect("hash")
+                .hex()
+        )
     );
     assert_eq!(names(&tmp.path().join("out")), ["web.box", "web.json"]);
 
@@ -240,7 +246,9 @@ async fn a_vagrant_box_is_accepted_by_vagrant_box_add() {
         serde_json::json!({"provider": "libvirt", "format": "qcow2", "virtual_size": 1})
     );
     assert_eq!(
-        builder::export::sha256_file(&unpacked.join("box.img")).expect("hash"),
+        builder::digest::sha256_file(&unpacked.join("box.img"), None)
+            .expect("hash")
+            .hex(),
         image.manifest.outputs[0].sha256
     );
 

@@ -114,7 +114,9 @@ fn stored_image(store_dir: &Path, name: &str, mib: u32) -> StoredImage {
             disk_s,
         ],
     );
-    let sha = builder::export::sha256_file(&disk).expect("hash");
+    let sha = builder::digest::sha256_file(&disk, None)
+        .expect("hash")
+        .hex();
     fs_err::write(slot.dir().join("SHA256SUMS"), format!("{sha}  {file}\n")).expect("sums");
     let mut m = Manifest::new(slot.id().clone(), slot.build_id());
     m.outputs.push(Artifact {

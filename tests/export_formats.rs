@@ -444,7 +444,12 @@ async fn an_export_committed_to_the_store_resolves_as_a_parent() {
     assert_eq!(parent.reference(), stored.reference());
     let d = parent.disk.expect("disk");
     assert_eq!(d.path, stored.dir.join("web-1.2.0-1.qcow2"));
-    assert_eq!(d.sha256, export::sha256_file(&d.path).expect("hash"));
+    assert_eq!(
+        d.sha256,
+        builder::digest::sha256_file(&d.path, None)
+            .expect("hash")
+            .hex()
+    );
     run(Command::new("sha256sum")
         .args(["-c", "SHA256SUMS"])
         .current_dir(&stored.dir));

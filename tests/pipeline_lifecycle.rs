@@ -61,7 +61,9 @@ fn store_build(store: &Store, name: &str, version: &str, parent: Option<&str>) -
         format: Format::Qcow2,
         size: content.len() as u64,
         virtual_size: 1 << 20,
-        sha256: builder::export::sha256_file(&slot.dir().join(&file)).expect("hash"),
+        sha256: builder::digest::sha256_file(&slot.dir().join(&file), None)
+            .expect("hash")
+            .hex(),
     });
     m.write(slot.dir()).expect("manifest");
     slot.commit().expect("commit").reference()

@@ -458,7 +458,9 @@ impl OciSite {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let sha256 = builder::export::sha256_file(&disk).expect("hash");
+        let sha256 = builder::digest::sha256_file(&disk, None)
+            .expect("hash")
+            .hex();
         fs_err::write(slot.dir().join("SHA256SUMS"), format!("{sha256}  {file}\n")).expect("sums");
         let mut m = builder::export::manifest::Manifest::new(slot.id().clone(), slot.build_id());
         m.outputs.push(builder::export::Artifact {

@@ -21,7 +21,9 @@ fn store_build(store: &Store, name: &str, version: &str) -> String {
         format: Format::Qcow2,
         size: 4,
         virtual_size: 1 << 20,
-        sha256: builder::export::sha256_file(&slot.dir().join(&file)).expect("hash"),
+        sha256: builder::digest::sha256_file(&slot.dir().join(&file), None)
+            .expect("hash")
+            .hex(),
     });
     m.write(slot.dir()).expect("manifest");
     slot.commit().expect("commit").reference()

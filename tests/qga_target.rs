@@ -117,7 +117,7 @@ async fn read_pid(path: &Path) -> i32 {
 }
 
 fn sha256_file(p: &Path) -> String {
-    hex::encode(Sha256::digest(fs_err::read(p).expect("read")))
+    builder::digest::sha256_file(p, None).expect("hash").hex()
 }
 
 fn leftovers(dir: &Path) -> Vec<String> {

@@ -30,8 +30,12 @@ fn finish(slot: BuildSlot, parent: Option<ParentInput>) -> String {
         format: Format::Qcow2,
         size: content.len() as u64,
         virtual_size: 1 << 20,
-        sha256: builder::export::sha256_file(&slot.dir().join(format!("{}.qcow2", slot.id().name)))
-            .expect("hash"),
+        sha256: builder::digest::sha256_file(
+            &slot.dir().join(format!("{}.qcow2", slot.id().name)),
+            None,
+        )
+        .expect("hash")
+        .hex(),
     });
     m.write(slot.dir()).expect("manifest");
     slot.commit().expect("commit").reference()
@@ -115,7 +119,9 @@ fn references_resolve_to_the_highest_version_and_newest_build() {
     assert_eq!(disk.path, tmp.path().join("images/web/1.10.0/2/web.qcow2"));
     assert_eq!(
         disk.sha256,
-        builder::export::sha256_file(&disk.path).expect("hash")
+        builder::digest::sha256_file(&disk.path, None)
+            .expect("hash")
+            .hex()
     );
     // A disk file removed by hand: the image cannot be a parent any more.
     fs_err::remove_file(tmp.path().join("images/base/0.1.0/1/base.qcow2")).expect("rm");

@@ -30,23 +30,14 @@ use builder::machine::{Capture, ExecRequest, ExitStatus, FileSource, PutOptions}
 use builder::undo::Outcome;
 use builder::vm::session::{Session, SessionOptions};
 use builder::vm::{GuestChannel, StopRung, VmOptions};
-use sha2::{Digest, Sha256};
 
 #[path = "support/vm_tier.rs"]
 mod vm_tier;
 
 fn sha256_file(path: &Path) -> String {
-    let mut f = fs_err::File::open(path).expect("open for sha256");
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).expect("read for sha256");
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    hex::encode(h.finalize())
+    builder::digest::sha256_file(path, None)
+        .expect("hash")
+        .hex()
 }
 
 #[path = "support/leftovers.rs"]

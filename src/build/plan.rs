@@ -23,6 +23,7 @@ use sha2::{Digest, Sha256 as Hasher};
 use crate::component::document::Document;
 use crate::component::executor::{self, bind_parameters};
 use crate::diagnostic::{Diagnostics, Problem, Span, close_file_hint};
+use crate::digest::Hashed;
 use crate::recipe::{
     self, ByteSize, ComponentUse, Compression, Format, Infrastructure, Located, ParentImage,
     Recipe, Sha256, Version, VersionPattern,
@@ -738,14 +739,6 @@ impl ParentResolver for crate::store::Store {
     }
 }
 
-/// Progress of hashing a parent image.
-#[derive(Debug, Clone, Copy)]
-pub struct HashProgress<'a> {
-    pub path: &'a Path,
-    pub done: u64,
-    pub total: u64,
-}
-
 /// The resolved build: what `builder plan --json` prints and the build follows.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -1190,7 +1183,7 @@ pub fn plan(
     validated: Validated,
     resolver: &dyn ParentResolver,
     env: &dyn Fn(&str) -> Option<String>,
-    progress: &mut dyn FnMut(HashProgress<'_>),
+    progress: &mut dyn FnMut(Hashed<'_>),
 ) -> Result<Plan, PlanError> {
     let Validated {
         recipe,
@@ -1301,7 +1294,7 @@ pub fn plan(
 pub fn make(
     recipe_path: &Path,
     resolver: &dyn ParentResolver,
-    progress: &mut dyn FnMut(HashProgress<'_>),
+    progress: &mut dyn FnMut(Hashed<'_>),
 ) -> Result<(Plan, Vec<Diagnostics>), PlanError> {
     let env = |name: &str| std::env::var(name).ok();
     let validated = validate(recipe_path, &env)?;
@@ -1318,7 +1311,7 @@ fn resolve_parent(
     recipe: &Recipe,
     resolver: &dyn ParentResolver,
     env: &dyn Fn(&str) -> Option<String>,
-    progress: &mut dyn FnMut(HashProgress<'_>),
+    progress: &mut dyn FnMut(Hashed<'_>),
     problems: &mut Vec<Problem>,
 ) -> Result<Option<PlannedParent>, PlanError> {
     let Located { value, span } = &recipe.parent;
@@ -1422,10 +1415,16 @@ fn resolve_parent(
             let digest = match resolver.known_digest(&local) {
                 Some(known) => known,
                 None => {
-                    let digest = hash_file(&local, progress).map_err(|source| PlanError::Io {
-                        path: local.clone(),
-                        source,
-                    })?;
+                    let mut each_block = |h: Hashed<'_>| {
+                        progress(h);
+                        std::ops::ControlFlow::Continue(())
+                    };
+                    let digest = crate::digest::sha256_file(&local, Some(&mut each_block))
+                        .map(|d| Sha256::from_digest(&d.sha256))
+                        .map_err(|e| PlanError::Io {
+                            path: e.path,
+                            source: e.source,
+                        })?;
                     resolver.remember_digest(&local, &digest);
                     digest
                 }
@@ -1547,27 +1546,6 @@ fn disk_header(path: &Path) -> Result<(DiskFormat, ByteSize), HeaderError> {
         Some(kind) => Err(HeaderError::Unsupported(kind)),
         None => Ok((DiskFormat::Raw, ByteSize::b(length))),
     }
-}
-
-/// sha256 of a file, read in 1 MiB blocks; `progress` after each block.
-fn hash_file(path: &Path, progress: &mut dyn FnMut(HashProgress<'_>)) -> std::io::Result<Sha256> {
-    let mut file = fs_err::File::open(path)?;
-    let total = file.metadata()?.len();
-    let mut hasher = Hasher::new();
-    let mut buffer = vec![0u8; 1 << 20];
-    let mut done = 0u64;
-    loop {
-        let n = match file.read(&mut buffer) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        hasher.update(&buffer[..n]);
-        done += n as u64;
-        progress(HashProgress { path, done, total });
-    }
-    Ok(Sha256::from_digest(&hasher.finalize()))
 }
 
 #[cfg(test)]

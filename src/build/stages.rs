@@ -110,7 +110,7 @@ pub enum BuildError {
     Hash {
         path: PathBuf,
         #[source]
-        source: ExportError,
+        source: std::io::Error,
     },
     #[error("exporting the image failed")]
     Export(#[source] ExportError),
@@ -721,16 +721,14 @@ pub async fn fetch_parent(cx: &BuildContext<'_>) -> Result<Base, BuildError> {
 
 async fn hash(path: &Path) -> Result<String, BuildError> {
     let p = path.to_path_buf();
-    tokio::task::spawn_blocking(move || export::sha256_file(&p))
+    let hashed = tokio::task::spawn_blocking(move || crate::digest::sha256_file(&p, None))
         .await
-        .map_err(|e| BuildError::Hash {
-            path: path.to_path_buf(),
-            source: ExportError::Task(e.to_string()),
-        })?
-        .map_err(|source| BuildError::Hash {
-            path: path.to_path_buf(),
-            source,
-        })
+        .map_err(std::io::Error::other)
+        .and_then(|r| r.map_err(|e| e.source));
+    hashed.map(|d| d.hex()).map_err(|source| BuildError::Hash {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 // ─── 3. overlay ─────────────────────────────────────────────────────────────────────────

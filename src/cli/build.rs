@@ -14,12 +14,13 @@ use clap::{Args, ValueEnum};
 
 use super::component::run::Terminal;
 use super::{CliResult, EXIT_FAILED, EXIT_HOST, EXIT_INPUT, Failure};
-use builder::build::plan::{self, HashProgress, Stage};
+use builder::build::plan::{self, Stage};
 use builder::build::{
     self as build, BuildError, BuildEvent, BuildObserver, BuildOptions, ComponentFailure,
     FailureShell,
 };
 use builder::component::executor::{Event, Observer};
+use builder::digest::Hashed;
 use builder::recipe::Accelerator;
 use builder::vm::ErrorClass;
 
@@ -103,7 +104,7 @@ pub async fn main(args: BuildArgs) -> CliResult {
     super::recipe::show(&validated.warnings);
     let terminal = std::io::stderr().is_terminal();
     let mut shown = None;
-    let mut progress = |p: HashProgress<'_>| {
+    let mut progress = |p: Hashed<'_>| {
         let percent = (p.done * 100).checked_div(p.total).unwrap_or(100);
         if terminal && !args.json && shown != Some(percent) {
             shown = Some(percent);

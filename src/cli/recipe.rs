@@ -9,8 +9,8 @@ use clap::{Args, ValueEnum};
 
 use super::{CliResult, EXIT_INPUT, Failure};
 use builder::build::plan::{
-    self, HashProgress, ParentResolver, Plan, PlanError, PlannedComponent, PlannedParent,
-    ResolveError, Stage, StoredParent,
+    self, ParentResolver, Plan, PlanError, PlannedComponent, PlannedParent, ResolveError, Stage,
+    StoredParent,
 };
 use builder::diagnostic::{Diagnostics, Severity};
 use builder::recipe::{Format, VersionPattern};
@@ -248,7 +248,7 @@ pub fn plan(args: PlanArgs) -> CliResult {
     show(&validated.warnings);
     let terminal = std::io::stderr().is_terminal();
     let mut shown = None;
-    let mut progress = |p: HashProgress<'_>| {
+    let mut progress = |p: builder::digest::Hashed<'_>| {
         let percent = (p.done * 100).checked_div(p.total).unwrap_or(100);
         if terminal && shown != Some(percent) {
             shown = Some(percent);

@@ -268,18 +268,18 @@ fn copy_verified(
 }
 
 fn hash_file(path: &Path, r: &Reporter) -> Result<String, DirectoryError> {
-    let mut f = fs_err::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        r.check()?;
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
+    let mut each_block = |_: crate::digest::Hashed<'_>| {
+        if r.check().is_err() {
+            std::ops::ControlFlow::Break(())
+        } else {
+            std::ops::ControlFlow::Continue(())
         }
-        hasher.update(&buf[..n]);
+    };
+    match crate::digest::sha256_file(path, Some(&mut each_block)) {
+        Ok(d) => Ok(d.hex()),
+        // Stopped because the copy was cancelled: say that.
+        Err(e) => r.check().and(Err(DirectoryError::Io(e.source))),
     }
-    Ok(hex::encode(hasher.finalize()))
 }
 
 /// The OVA machine description from what the manifest recorded about the build VM.

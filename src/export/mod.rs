@@ -447,7 +447,7 @@ pub async fn export(
         .await?;
         let path = partial.path.clone();
         let task = tokio::task::spawn_blocking(move || {
-            let sha = sha256_file(&path)?;
+            let sha = sha256_hex(&path)?;
             Ok((sha, sync_and_size(&path)?, Instant::now()))
         });
         hashing.push(Hashing {
@@ -824,27 +824,15 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
-/// sha256 of a file, read in 1 MiB blocks (blocking).
-pub fn sha256_file(path: &Path) -> Result<String, ExportError> {
-    let io = |action| {
-        let p = path.to_path_buf();
-        move |source| ExportError::Io {
-            action,
-            path: p,
-            source,
-        }
-    };
-    let mut f = fs_err::File::open(path).map_err(io("open"))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(io("read"))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hex::encode(hasher.finalize()))
+/// sha256 (hex) of a file ([`crate::digest::sha256_file`]), blocking.
+fn sha256_hex(path: &Path) -> Result<String, ExportError> {
+    crate::digest::sha256_file(path, None)
+        .map(|d| d.hex())
+        .map_err(|e| ExportError::Io {
+            action: "read",
+            path: e.path,
+            source: e.source,
+        })
 }
 
 /// Write `SHA256SUMS` (GNU coreutils format: `<hex>  <file>`, checkable with
@@ -893,7 +881,7 @@ pub fn read_sums(path: &Path) -> Result<Vec<(String, String)>, ExportError> {
 pub fn verify_sums(dir: &Path) -> Result<(), ExportError> {
     let sums = dir.join(SUMS_FILE);
     for (name, expected) in read_sums(&sums)? {
-        let actual = sha256_file(&dir.join(&name))?;
+        let actual = sha256_hex(&dir.join(&name))?;
         if actual != expected {
             return Err(ExportError::Sums {
                 path: sums,
@@ -936,7 +924,7 @@ mod tests {
             format: Format::Raw,
             size: 5,
             virtual_size: 5,
-            sha256: sha256_file(&dir.path().join("a.raw")).expect("hash"),
+            sha256: sha256_hex(&dir.path().join("a.raw")).expect("hash"),
         };
         write_sums(&dir.path().join(SUMS_FILE), std::slice::from_ref(&a)).expect("sums");
         let read = read_sums(&dir.path().join(SUMS_FILE)).expect("read");

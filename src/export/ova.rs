@@ -48,7 +48,7 @@ pub(super) fn write(
         .len();
     let vmdk_sha = match &layout.vmdk_sha256 {
         Some(s) => s.clone(),
-        None => super::sha256_file(&layout.vmdk)?,
+        None => super::sha256_hex(&layout.vmdk)?,
     };
     let ovf_name = format!("{}.ovf", layout.stem);
     let mf_name = format!("{}.mf", layout.stem);

@@ -563,11 +563,9 @@ async fn hash_prefix(
 }
 
 fn hash_file(path: &Path) -> Result<String, StoreError> {
-    crate::export::sha256_file(path).map_err(|e| StoreError::Export {
-        action: "hash",
-        path: path.to_path_buf(),
-        source: Box::new(e),
-    })
+    crate::digest::sha256_file(path, None)
+        .map(|d| d.hex())
+        .map_err(StoreError::from)
 }
 
 async fn blocking<T: Send + 'static>(

@@ -157,6 +157,16 @@ pub enum StoreError {
     Task(String),
 }
 
+impl From<crate::digest::DigestError> for StoreError {
+    fn from(e: crate::digest::DigestError) -> Self {
+        StoreError::Io {
+            action: "hash",
+            path: e.path,
+            source: e.source,
+        }
+    }
+}
+
 impl StoreError {
     fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
         let path = path.to_path_buf();
@@ -230,11 +240,7 @@ impl StoredImage {
     pub fn verify(&self) -> Result<(), StoreError> {
         for a in &self.manifest.outputs {
             let path = a.path(&self.dir);
-            let actual = crate::export::sha256_file(&path).map_err(|e| StoreError::Export {
-                action: "hash",
-                path: path.clone(),
-                source: Box::new(e),
-            })?;
+            let actual = crate::digest::sha256_file(&path, None)?.hex();
             if actual != a.sha256 {
                 return Err(StoreError::DigestMismatch {
                     what: path.display().to_string(),

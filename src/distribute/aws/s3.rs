@@ -624,24 +624,15 @@ pub fn effective_part_size(asked: u64, file_size: u64) -> u64 {
 /// sha256 (hex) and size of a file, read in a blocking thread.
 pub async fn hash_file(path: &Path) -> Result<(String, u64), S3Error> {
     let owned = path.to_path_buf();
-    tokio::task::spawn_blocking(move || -> Result<(String, u64), S3Error> {
-        use std::io::Read;
-        let mut file = fs_err::File::open(&owned).map_err(io("open", &owned))?;
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 1024 * 1024];
-        let mut size = 0u64;
-        loop {
-            let n = file.read(&mut buf).map_err(io("read", &owned))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            size += n as u64;
-        }
-        Ok((hex::encode(hasher.finalize()), size))
-    })
-    .await
-    .map_err(|e| S3Error::Task(e.to_string()))?
+    let d = tokio::task::spawn_blocking(move || crate::digest::sha256_file(&owned, None))
+        .await
+        .map_err(|e| S3Error::Task(e.to_string()))?
+        .map_err(|e| S3Error::Io {
+            action: "read",
+            path: e.path,
+            source: e.source,
+        })?;
+    Ok((d.hex(), d.size))
 }
 
 async fn cancelled(token: &Option<CancellationToken>) {
