@@ -38,6 +38,12 @@
 //! 11. [`pipeline`] (build, store, distribute, export, recipe, component, yaml, diagnostic):
 //!     scheduled builds of a recipe, their history, notifications and image lifecycle.
 
+// `expect` is reviewed in the library and the binaries: each one left says why it cannot fail
+// and carries `#[expect(clippy::expect_used, reason = ...)]`. Unit tests are exempt
+// (`allow-expect-in-tests` in clippy.toml); so are tests/ and examples/, which are other crates
+// and do not take this lint (it is here, not in `[workspace.lints]`, for that reason).
+#![warn(clippy::expect_used)]
+
 pub mod agent;
 pub mod build;
 pub mod component;

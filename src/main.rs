@@ -1,6 +1,9 @@
 //! The `builder` command line: parse arguments, call the library, map errors to exit codes.
 //! Every command lives in `cli/<group>.rs`; this file only wires them up.
 
+// `expect` is reviewed here as in the library (see src/lib.rs); tests are exempt.
+#![warn(clippy::expect_used)]
+
 mod cli;
 
 use std::process::ExitCode;

@@ -10,6 +10,9 @@
 //! It writes nothing to the guest except what it is asked to, and never prints request
 //! contents (an exec's `secret_env` values in particular).
 
+// `expect` is reviewed here as in the library (see src/lib.rs); tests are exempt.
+#![warn(clippy::expect_used)]
+
 #[path = "../../src/agent/protocol.rs"]
 #[allow(dead_code)]
 mod protocol;

@@ -159,7 +159,9 @@ impl DiskChain {
             key: key.map(str::to_string),
             file: sealed,
         });
-        Ok(self.layers.last().expect("a layer was just pushed"))
+        #[expect(clippy::expect_used, reason = "the layer pushed just above is there")]
+        let layer = self.layers.last().expect("a layer was just pushed");
+        Ok(layer)
     }
 
     /// Every file of the chain this build wrote (not the parent), bottom to top.

@@ -229,6 +229,10 @@ fn list(store: &Store, args: &ListArgs, abandoned: &[Abandoned]) -> CliResult {
     });
     let mut out = std::io::stdout().lock();
     if args.json {
+        #[expect(
+            clippy::expect_used,
+            reason = "plain data (structs, strings, numbers, string-keyed maps) always serialises with serde_json"
+        )]
         let json = serde_json::to_string_pretty(&rows).expect("rows serialize");
         let _ = writeln!(out, "{json}");
         return Ok(0);
@@ -356,6 +360,10 @@ async fn show(store: &Store, args: &ShowArgs) -> CliResult {
                     manifest: Some(&image.manifest),
                     receipts: image.receipts(),
                 };
+                #[expect(
+                    clippy::expect_used,
+                    reason = "plain data (structs, strings, numbers, string-keyed maps) always serialises with serde_json"
+                )]
                 let text = serde_json::to_string_pretty(&json).expect("serializes");
                 let _ = writeln!(out, "{text}");
             } else {
@@ -380,6 +388,10 @@ async fn show(store: &Store, args: &ShowArgs) -> CliResult {
                     manifest: manifest.as_ref(),
                     receipts: Vec::new(),
                 };
+                #[expect(
+                    clippy::expect_used,
+                    reason = "plain data (structs, strings, numbers, string-keyed maps) always serialises with serde_json"
+                )]
                 let text = serde_json::to_string_pretty(&json).expect("serializes");
                 let _ = writeln!(out, "{text}");
             } else {

@@ -114,6 +114,10 @@ pub fn status(args: StatusArgs) -> CliResult {
     }
     let mut out = std::io::stdout().lock();
     if args.json {
+        #[expect(
+            clippy::expect_used,
+            reason = "plain data (structs, strings, numbers, string-keyed maps) always serialises with serde_json"
+        )]
         let text = serde_json::to_string_pretty(&all).expect("plain data serializes");
         let _ = writeln!(out, "{text}");
         return Ok(0);

@@ -153,6 +153,10 @@ pub fn string_test(op: StringTest, value: &str) -> bool {
     }
 }
 
+#[expect(
+    clippy::expect_used,
+    reason = "a constant regex, checked by the unit tests"
+)]
 static NUMBER: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^[-+]?([0-9]+[.])?[0-9]+$").expect("a constant, valid regex"));
 

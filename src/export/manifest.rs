@@ -350,6 +350,10 @@ impl Manifest {
     /// Write `dir/manifest.json` under a temporary name, sync it, and rename it into place.
     pub fn write(&self, dir: &Path) -> Result<PathBuf, ExportError> {
         let path = dir.join(MANIFEST_FILE);
+        #[expect(
+            clippy::expect_used,
+            reason = "plain data (structs, strings, numbers, string-keyed maps) always serialises with serde_json"
+        )]
         let mut json = serde_json::to_vec_pretty(self).expect("a manifest always serializes");
         json.push(b'\n');
         write_atomic(&path, &json)?;

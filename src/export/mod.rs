@@ -717,7 +717,15 @@ fn read_vhd_footer(path: &Path) -> Result<VhdFooter, String> {
     if &footer[0..8] != b"conectix" {
         return Err("it has no VHD footer (cookie `conectix`)".into());
     }
+    #[expect(
+        clippy::expect_used,
+        reason = "the footer is 512 bytes and every offset read is a constant below 504"
+    )]
     let be32 = |at: usize| u32::from_be_bytes(footer[at..at + 4].try_into().expect("4 bytes"));
+    #[expect(
+        clippy::expect_used,
+        reason = "the footer is 512 bytes and every offset read is a constant below 504"
+    )]
     let be64 = |at: usize| u64::from_be_bytes(footer[at..at + 8].try_into().expect("8 bytes"));
     let disk_type = be32(60);
     if disk_type != 2 {

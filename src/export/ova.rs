@@ -172,7 +172,9 @@ pub(super) fn check_layout(path: &Path) -> Result<(), String> {
             "its members are {names:?}; expected .ovf, .mf, .vmdk in that order"
         ));
     }
-    let (ovf_name, sha) = ovf_sha.expect("an .ovf member was seen");
+    let Some((ovf_name, sha)) = ovf_sha else {
+        return Err("it has no .ovf member".into());
+    };
     let line = format!("SHA256({ovf_name})= {sha}");
     if !mf.lines().any(|l| l == line) {
         return Err(format!("its manifest does not list `{line}`"));

@@ -419,6 +419,10 @@ impl Machine for HostMachine {
             }
         }
         group.armed = false;
+        #[expect(
+            clippy::expect_used,
+            reason = "the select loop breaks only after the child's status was stored"
+        )]
         let status = status.expect("the loop only ends after the child was waited for");
         let status = if timed_out {
             ExitStatus::TimedOut

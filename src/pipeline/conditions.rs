@@ -112,6 +112,10 @@ impl Inputs {
         }
     }
 
+    #[expect(
+        clippy::expect_used,
+        reason = "plain data (structs, strings, numbers, string-keyed maps) always serialises with serde_json"
+    )]
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::to_value(self).expect("inputs serialise to JSON")
     }

@@ -504,30 +504,38 @@ pub fn apply(
                 history.note_image(pipeline, &verdict.image, &text)?;
                 text
             }
-            Decision::Delete => {
-                let image = stored
-                    .get(&verdict.image)
-                    .expect("every candidate was found in the store");
-                if policy.remote {
-                    remote = delete_remote(image);
-                }
-                match store.remove(std::slice::from_ref(*image), false) {
-                    Ok(()) => {
-                        let detail: Vec<String> = remote.iter().map(ToString::to_string).collect();
-                        let detail = (!detail.is_empty()).then(|| detail.join("; "));
-                        history.mark_deleted(pipeline, &verdict.image, now, detail.as_deref())?;
-                        "deleted from the store".to_string()
+            // Every candidate was found in the store above; were one not, there is nothing to
+            // delete.
+            Decision::Delete => match stored.get(&verdict.image) {
+                None => "already gone from the store".to_string(),
+                Some(image) => {
+                    if policy.remote {
+                        remote = delete_remote(image);
                     }
-                    // A child stored since we looked, or a disk problem: keep going.
-                    Err(e) => {
-                        history.mark_deprecated(pipeline, &verdict.image, now)?;
-                        report
-                            .warnings
-                            .push(format!("could not delete {}: {e}", verdict.image));
-                        format!("not deleted: {e}")
+                    match store.remove(std::slice::from_ref(*image), false) {
+                        Ok(()) => {
+                            let detail: Vec<String> =
+                                remote.iter().map(ToString::to_string).collect();
+                            let detail = (!detail.is_empty()).then(|| detail.join("; "));
+                            history.mark_deleted(
+                                pipeline,
+                                &verdict.image,
+                                now,
+                                detail.as_deref(),
+                            )?;
+                            "deleted from the store".to_string()
+                        }
+                        // A child stored since we looked, or a disk problem: keep going.
+                        Err(e) => {
+                            history.mark_deprecated(pipeline, &verdict.image, now)?;
+                            report
+                                .warnings
+                                .push(format!("could not delete {}: {e}", verdict.image));
+                            format!("not deleted: {e}")
+                        }
                     }
                 }
-            }
+            },
         };
         report.actions.push(Action {
             verdict,

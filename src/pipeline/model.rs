@@ -82,6 +82,10 @@ impl Override {
 
     /// `base` (the recipe's section, or the plan's) with every key written replaced: both
     /// name their fields as the file does.
+    #[expect(
+        clippy::expect_used,
+        reason = "a section is plain data, and each value kept was read as this section's own field, so the merged object reads back as the section"
+    )]
     pub fn apply<T: Serialize + serde::de::DeserializeOwned>(&self, base: &T) -> T {
         let mut value = serde_json::to_value(base).expect("a section serializes to JSON");
         if let Some(map) = value.as_object_mut() {

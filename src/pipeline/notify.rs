@@ -179,6 +179,10 @@ impl Event {
         }
     }
 
+    #[expect(
+        clippy::expect_used,
+        reason = "plain data (structs, strings, numbers, string-keyed maps) always serialises with serde_json"
+    )]
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("an event is plain data")
     }
@@ -433,7 +437,15 @@ async fn run_command(hook: &CommandHook, event: &Event) -> Delivery {
         Err(e) => return fail(format!("could not start `{program}`: {e}")),
     };
     let pgid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
+    #[expect(
+        clippy::expect_used,
+        reason = "the command was spawned with stdin piped"
+    )]
     let mut stdin = child.stdin.take().expect("stdin is piped");
+    #[expect(
+        clippy::expect_used,
+        reason = "the command was spawned with stderr piped"
+    )]
     let mut stderr = child.stderr.take().expect("stderr is piped");
     let json = event.to_json();
     let work = async {

@@ -190,7 +190,7 @@ fn assemble(parts: parse::Parts, path: &Path, text: &str) -> Option<Recipe> {
         source: RecipeSource {
             path: path.to_path_buf(),
             text: text.to_string(),
-            sha256: hex::encode(Sha256Hasher::digest(text.as_bytes())),
+            sha256: Sha256::from_digest(&Sha256Hasher::digest(text.as_bytes())),
         },
     })
 }
@@ -265,7 +265,7 @@ mod tests {
         assert_eq!(r.outputs.formats, [Format::Qcow2]);
         assert_eq!(r.outputs.compression, Compression::Zlib);
         assert_eq!(r.disk_size, None);
-        assert_eq!(r.source.sha256.len(), 64);
+        assert_eq!(r.source.sha256.as_str().len(), 64);
     }
 
     #[test]

@@ -44,7 +44,7 @@ pub const DEFAULT_IMPORT_METHOD: ImportMethod = ImportMethod::Snapshot;
 pub struct RecipeSource {
     pub path: PathBuf,
     pub text: String,
-    pub sha256: String,
+    pub sha256: Sha256,
 }
 
 /// A value and where it was written, for problems found after validation (while planning).

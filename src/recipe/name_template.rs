@@ -149,6 +149,10 @@ impl fmt::Display for NameTemplate {
 }
 
 impl Default for NameTemplate {
+    #[expect(
+        clippy::expect_used,
+        reason = "the default template is a constant, parsed by the unit tests"
+    )]
     fn default() -> NameTemplate {
         NameTemplate::parse(DEFAULT_NAME_TEMPLATE).expect("the default template is valid")
     }

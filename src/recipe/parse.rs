@@ -942,7 +942,12 @@ pub(crate) fn section_override(
         "infrastructure" => serde_json::to_value(infrastructure(cx, node, &allowed)?),
         _ => serde_json::to_value(tests(cx, node, &allowed)?),
     };
-    Some(values.expect("the model's sections serialize to JSON"))
+    #[expect(
+        clippy::expect_used,
+        reason = "the model's sections are plain structs with string keys: serde_json cannot fail"
+    )]
+    let values = values.expect("the model's sections serialize to JSON");
+    Some(values)
 }
 
 fn outputs(cx: &mut Reader<'_>, node: &Node) -> Option<Outputs> {

@@ -274,6 +274,10 @@ impl Store {
             }
         }
         // A body with the wrong digest is worthless; a broken transfer is kept to resume.
+        #[expect(
+            clippy::expect_used,
+            reason = "the attempt loop runs at least once and each failed attempt stores its error"
+        )]
         let last = last.expect("at least one attempt ran");
         if matches!(last, AttemptError::Store(StoreError::DigestMismatch { .. })) {
             drop(part);
@@ -370,6 +374,10 @@ impl Store {
             key,
             sha256: sha256.to_string(),
         });
+        #[expect(
+            clippy::expect_used,
+            reason = "plain data (structs, strings, numbers, string-keyed maps) always serialises with serde_json"
+        )]
         let mut json = serde_json::to_vec_pretty(&index).expect("plain data serializes");
         json.push(b'\n');
         super::write_atomic(&index_path, &json)
@@ -386,6 +394,10 @@ impl Store {
             fs_err::metadata(path).is_ok_and(|meta| hash_key(path, &meta) == e.key)
         });
         if index.entries.len() != before {
+            #[expect(
+                clippy::expect_used,
+                reason = "plain data (structs, strings, numbers, string-keyed maps) always serialises with serde_json"
+            )]
             let mut json = serde_json::to_vec_pretty(&index).expect("plain data serializes");
             json.push(b'\n');
             let _ = super::write_atomic(&index_path, &json);

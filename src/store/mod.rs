@@ -1040,8 +1040,8 @@ impl BuildSlot {
             let _lock = self.store.lock()?;
             let build_file = self.dir.join(BUILD_FILE);
             fs_err::remove_file(&build_file).map_err(StoreError::io("remove", &build_file))?;
-            let parent = final_dir.parent().expect("a build folder has a parent");
-            fs_err::create_dir_all(parent).map_err(StoreError::io("create", parent))?;
+            let parent = self.store.version_dir(&self.id.name, &self.version);
+            fs_err::create_dir_all(&parent).map_err(StoreError::io("create", &parent))?;
             fs_err::rename(&self.dir, &final_dir)
                 .map_err(StoreError::io("move the build into", &final_dir))?;
             self.done = true;
@@ -1168,6 +1168,10 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
 }
 
 fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StoreError> {
+    #[expect(
+        clippy::expect_used,
+        reason = "plain data (structs, strings, numbers, string-keyed maps) always serialises with serde_json"
+    )]
     let mut json = serde_json::to_vec_pretty(value).expect("plain data always serializes");
     json.push(b'\n');
     write_atomic(path, &json)

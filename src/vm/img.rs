@@ -257,7 +257,9 @@ pub async fn convert_with_progress(
         .kill_on_drop(true)
         .spawn()
         .map_err(|source| ImgError::Run { subcommand, source })?;
+    #[expect(clippy::expect_used, reason = "qemu-img was spawned with stdout piped")]
     let mut stdout = child.stdout.take().expect("stdout was piped");
+    #[expect(clippy::expect_used, reason = "qemu-img was spawned with stderr piped")]
     let mut stderr = child.stderr.take().expect("stderr was piped");
     let stderr_task = tokio::spawn(async move {
         let mut buf = Vec::new();

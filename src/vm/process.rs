@@ -155,6 +155,10 @@ fn spawn_with_death_signal(
         program: program.display().to_string(),
         source,
     })?;
+    #[expect(
+        clippy::expect_used,
+        reason = "a child just spawned and not yet waited for has a pid, and Linux pids fit in i32"
+    )]
     let pid = Pid::from_raw(
         child
             .id()

@@ -283,6 +283,10 @@ impl std::fmt::Debug for Client {
 
 /// The HTTP client every AWS request uses: bounded connect time, and a read timeout long
 /// enough for a slow part upload but short enough that a dead server is noticed.
+#[expect(
+    clippy::expect_used,
+    reason = "the builder sets only timeouts; it fails only when the TLS backend cannot start, which no input causes"
+)]
 pub fn http_client() -> reqwest::Client {
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(20))
@@ -353,6 +357,10 @@ impl Client {
     /// One attempt.
     pub async fn send_once(&self, request: &Request) -> Result<Response, RequestError> {
         let signed = self.sign(request)?;
+        #[expect(
+            clippy::expect_used,
+            reason = "every request method is a constant such as GET or PUT"
+        )]
         let method = reqwest::Method::from_bytes(request.method.as_bytes())
             .expect("request methods are constants");
         let mut builder = self.http.request(method, &request.url);

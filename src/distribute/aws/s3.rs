@@ -597,6 +597,10 @@ fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> S3Err
 fn write_state(path: &Path, state: &UploadState) -> Result<(), S3Error> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs_err::create_dir_all(dir).map_err(io("create", dir))?;
+    #[expect(
+        clippy::expect_used,
+        reason = "plain data (structs, strings, numbers, string-keyed maps) always serialises with serde_json"
+    )]
     let json = serde_json::to_vec_pretty(state).expect("the upload state always serializes");
     let tmp = path.with_extension("json.tmp");
     fs_err::write(&tmp, json).map_err(io("write", &tmp))?;

@@ -450,6 +450,7 @@ pub async fn push(
                         env!("CARGO_PKG_VERSION"), image.reference()),
                 }],
             });
+            #[expect(clippy::expect_used, reason = "a json! value always serialises")]
             let config = serde_json::to_vec(&config).expect("plain data serializes");
             let known = sha256_of(&config);
             let c = registry
@@ -478,6 +479,10 @@ pub async fn push(
         manifests: None,
         annotations,
     };
+    #[expect(
+        clippy::expect_used,
+        reason = "plain data (structs, strings, numbers, string-keyed maps) always serialises with serde_json"
+    )]
     let body = serde_json::to_vec_pretty(&oci_manifest).expect("plain data serializes");
     progress.step(&target, &format!("tagging {tag}"));
     let digest = registry.put_manifest(&tag, &body, OCI_MANIFEST).await?;

@@ -490,6 +490,10 @@ impl Registry {
     ) -> Result<String, OciError> {
         let digest = format!("sha256:{}", hex::encode(Sha256::digest(body)));
         let oref = self.reference(reference);
+        #[expect(
+            clippy::expect_used,
+            reason = "media types are this crate's ASCII constants"
+        )]
         let content_type = HeaderValue::from_str(media_type).expect("media types are ASCII");
         self.retrying("store the manifest", || async {
             match self
