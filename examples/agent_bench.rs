@@ -10,13 +10,13 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use builder::machine::agent::AgentMachine;
-use builder::machine::{Capture, ExecRequest, FileSource, Machine, PutOptions};
+use builder::machine::{Capture, ExecRequest, Machine};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
-fn mib_s(bytes: u64, d: Duration) -> f64 {
-    bytes as f64 / (1024.0 * 1024.0) / d.as_secs_f64()
-}
+#[path = "support/bench.rs"]
+mod bench;
+use bench::{RoundTrip, mib_s, random_bytes};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -75,39 +75,16 @@ async fn main() -> anyhow::Result<()> {
         AgentMachine::connect(stream, "local agent".into(), Duration::from_secs(10)).await?;
 
     let src = dir.path().join("src.bin");
-    {
-        let mut data = Vec::with_capacity(size as usize);
-        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-        while (data.len() as u64) < size {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            data.extend_from_slice(&x.to_le_bytes());
-        }
-        fs_err::write(&src, data)?;
-    }
+    fs_err::write(&src, random_bytes(size as usize))?;
     let remote = dir.path().join("remote.bin");
     let back = dir.path().join("back.bin");
     for round in 1..=2 {
-        let t0 = Instant::now();
-        let put = target
-            .put_file(
-                &remote,
-                FileSource::Path(src.clone()),
-                &PutOptions::default(),
-            )
-            .await?;
-        let put_t = t0.elapsed();
-        let t0 = Instant::now();
-        let get = target.get_file(&remote, &back).await?;
-        let get_t = t0.elapsed();
-        assert_eq!(put.sha256, get.sha256);
+        let trip = RoundTrip::run(&target, &src, &remote, &back).await?;
+        assert_eq!(trip.put.sha256, trip.get.sha256);
+        let (put, get) = trip.speeds();
         println!(
-            "round {round}: put {:8.1} MiB/s   get {:8.1} MiB/s   ({} MiB, sha256 {}…)",
-            mib_s(put.size, put_t),
-            mib_s(get.size, get_t),
-            mib,
-            &put.sha256[..12]
+            "round {round}: put {put:8.1} MiB/s   get {get:8.1} MiB/s   ({mib} MiB, sha256 {}…)",
+            &trip.put.sha256[..12]
         );
     }
 

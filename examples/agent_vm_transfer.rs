@@ -5,16 +5,16 @@
 //!
 //! A benchmark, not a test: it asserts nothing about time.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use builder::machine::{Capture, ExecRequest, FileSource, Machine, PutOptions};
+use builder::machine::{Capture, ExecRequest, Machine};
 use builder::undo::Outcome;
 use builder::vm::VmOptions;
 use builder::vm::session::{Session, SessionOptions};
 
-fn mib_s(bytes: u64, d: Duration) -> f64 {
-    bytes as f64 / (1024.0 * 1024.0) / d.as_secs_f64()
-}
+#[path = "support/bench.rs"]
+mod bench;
+use bench::{RoundTrip, mib_s, random_bytes};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -42,15 +42,7 @@ async fn main() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let src = dir.path().join("src.bin");
         let size = mib * 1024 * 1024;
-        let mut data = Vec::with_capacity(size as usize);
-        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-        while (data.len() as u64) < size {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            data.extend_from_slice(&x.to_le_bytes());
-        }
-        fs_err::write(&src, data)?;
+        fs_err::write(&src, random_bytes(size as usize))?;
         let back = dir.path().join("back.bin");
         let remote = std::path::Path::new("/root/transfer.bin");
         let rounds = if std::env::var_os("SKIP_TRANSFER").is_some() {
@@ -59,24 +51,10 @@ async fn main() -> anyhow::Result<()> {
             2
         };
         for round in 1..=rounds {
-            let t0 = Instant::now();
-            let put = agent
-                .put_file(
-                    remote,
-                    FileSource::Path(src.clone()),
-                    &PutOptions::default(),
-                )
-                .await?;
-            let put_t = t0.elapsed();
-            let t0 = Instant::now();
-            let get = agent.get_file(remote, &back).await?;
-            let get_t = t0.elapsed();
-            anyhow::ensure!(put.sha256 == get.sha256, "digests differ");
-            println!(
-                "round {round}: put {:6.1} MiB/s   get {:6.1} MiB/s   ({mib} MiB)",
-                mib_s(put.size, put_t),
-                mib_s(get.size, get_t)
-            );
+            let trip = RoundTrip::run(agent.as_ref(), &src, remote, &back).await?;
+            anyhow::ensure!(trip.put.sha256 == trip.get.sha256, "digests differ");
+            let (put, get) = trip.speeds();
+            println!("round {round}: put {put:6.1} MiB/s   get {get:6.1} MiB/s   ({mib} MiB)");
         }
         for (what, script) in [
             ("guest sha256sum", "sha256sum /root/transfer.bin >/dev/null"),

@@ -29,14 +29,9 @@ use builder::recipe::OciReference;
 use builder::recipe::Version;
 use builder::store::{Store, StoredImage};
 
-fn sh(cmd: &mut Command) {
-    let out = cmd.output().expect("command runs");
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+#[path = "support/bench.rs"]
+mod bench;
+use bench::{mib_s, sh};
 
 /// A qcow2 with `mib` MiB of data, in 64 MiB runs of different byte patterns.
 fn make_disk(path: &Path, mib: u64) {
@@ -85,10 +80,6 @@ fn stored_image(store_dir: &Path, disk: Option<PathBuf>, mib: u64) -> StoredImag
     });
     m.write(slot.dir()).expect("manifest");
     slot.commit().expect("commit")
-}
-
-fn mib_s(bytes: u64, t: Duration) -> f64 {
-    bytes as f64 / (1 << 20) as f64 / t.as_secs_f64()
 }
 
 #[tokio::main]

@@ -40,6 +40,10 @@ use builder::vm::{img, process, seed};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
+#[path = "support/bench.rs"]
+mod bench;
+use bench::{mib_s, random_bytes};
+
 const BENCH_PORT: &str = "org.builder.bench.0";
 const CPUS: u32 = 2;
 const MEMORY_MIB: u64 = 1024;
@@ -139,10 +143,6 @@ fn median(v: &[f64]) -> f64 {
         n if n % 2 == 1 => v[n / 2],
         n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
-}
-
-fn mib_s(bytes: u64, d: Duration) -> f64 {
-    bytes as f64 / (1024.0 * 1024.0) / d.as_secs_f64()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -773,18 +773,6 @@ impl CpuClock {
     fn sample(&self) -> (f64, f64) {
         (self.seconds(&self.qemu.to_string()), self.seconds("self"))
     }
-}
-
-fn random_bytes(n: usize) -> Vec<u8> {
-    let mut data = vec![0u8; n];
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    for chunk in data.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
-    data
 }
 
 async fn raw_boot(common: &Common, n: usize) -> anyhow::Result<(Duration, String)> {

@@ -15,27 +15,15 @@ use std::time::Instant;
 
 use builder::export::{self, ExportRequest, Format};
 
-fn sh(cmd: &mut Command) {
-    let out = cmd.output().expect("command runs");
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+#[path = "support/bench.rs"]
+mod bench;
+use bench::{random_bytes, sh};
 
 fn make_disk(dir: &Path, size_mib: u64, data_mib: u64) -> std::path::PathBuf {
     let raw = dir.join("data.raw");
     let mut bytes = Vec::with_capacity((data_mib << 20) as usize);
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let half = (data_mib << 20) / 2;
-    while (bytes.len() as u64) < half {
-        // xorshift: incompressible enough for zstd and zlib.
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        bytes.extend_from_slice(&x.to_le_bytes());
-    }
+    // Half incompressible for zstd and zlib.
+    bytes.extend_from_slice(&random_bytes(((data_mib << 20) / 2) as usize));
     let text =
         b"Lorem ipsum dolor sit amet, consectetur adipiscing elit; /usr/lib/x86_64-linux-gnu\n";
     while (bytes.len() as u64) < data_mib << 20 {

@@ -66,29 +66,17 @@ fn recipe(parent: &str, components: &[&str]) -> String {
 /// `builder ARGS` on the guard's store, with the registry at `registry` spoken to in plain
 /// HTTP, and no credentials.
 fn command(guard: &NoLeftovers, registry: &str, args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_builder"));
-    cmd.args(args)
-        .current_dir(guard.root())
-        .env("BUILDER_STORE", guard.store())
-        .env("XDG_RUNTIME_DIR", guard.runtime())
-        .env("DOCKER_CONFIG", guard.root().join("docker"))
+    let mut cmd = guard.builder_command(args);
+    cmd.env("DOCKER_CONFIG", guard.root().join("docker"))
         .env_remove("REGISTRY_AUTH_FILE")
         .env("BUILDER_INSECURE_REGISTRIES", registry)
-        .env("NO_COLOR", "1")
         .stdin(Stdio::null());
     cmd
 }
 
 fn run(guard: &NoLeftovers, registry: &str, args: &[&str]) -> (Output, String) {
-    let out = command(guard, registry, args)
-        .output()
-        .expect("builder runs");
+    let out = leftovers::run_echoed(&mut command(guard, registry, args), args);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    eprintln!(
-        "$ builder {}\n{stderr}--- exit {:?}",
-        args.join(" "),
-        out.status.code()
-    );
     (out, stderr)
 }
 

@@ -12,9 +12,12 @@ use builder::machine::{
     Capture, ExecRequest, ExitStatus, FileKind, FileSource, Machine, MachineError, OutputSink,
     OutputStream, PutOptions,
 };
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
+
+#[path = "support/machine_checks.rs"]
+mod machine_checks;
+use machine_checks::{assert_gone, leftovers, random_file, read_pid, run, sha256_file};
 
 /// The agent process; killed (and checked gone) when dropped.
 struct Agent {
@@ -116,49 +119,6 @@ impl Recorder {
             .collect();
         String::from_utf8_lossy(&bytes).into_owned()
     }
-}
-
-async fn run(t: &AgentMachine, req: ExecRequest) -> (ExitStatus, String, String) {
-    let cap = Capture::default();
-    let out = t.exec(&req, &cap).await.expect("exec");
-    (
-        out.status,
-        String::from_utf8_lossy(&cap.stdout()).into_owned(),
-        String::from_utf8_lossy(&cap.stderr()).into_owned(),
-    )
-}
-
-/// Waits until no live process has this pid (zombies count as gone: the container's init
-/// may not reap them).
-async fn assert_gone(pid: i32) {
-    for _ in 0..100 {
-        match fs_err::read_to_string(format!("/proc/{pid}/stat")) {
-            Err(_) => return,
-            Ok(s) => {
-                let state = s
-                    .rsplit(')')
-                    .next()
-                    .and_then(|r| r.split_whitespace().next());
-                if state == Some("Z") {
-                    return;
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("process {pid} is still running");
-}
-
-async fn read_pid(path: &Path) -> i32 {
-    for _ in 0..200 {
-        if let Ok(s) = fs_err::read_to_string(path)
-            && let Ok(pid) = s.trim().parse()
-        {
-            return pid;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("{} never got a pid", path.display());
 }
 
 #[tokio::test]
@@ -364,31 +324,6 @@ async fn futures_join_all<F: std::future::Future<Output = ()>>(futs: impl Iterat
     }
 }
 
-fn sha256_file(p: &Path) -> String {
-    builder::digest::sha256_file(p, None).expect("hash").hex()
-}
-
-fn random_file(path: &Path, size: usize) {
-    // A fast deterministic generator: sha256 in counter mode.
-    let mut out = Vec::with_capacity(size);
-    let mut counter: u64 = 0;
-    while out.len() < size {
-        out.extend_from_slice(&Sha256::digest(counter.to_le_bytes()));
-        counter += 1;
-    }
-    out.truncate(size);
-    fs_err::write(path, out).expect("write random file");
-}
-
-fn leftovers(dir: &Path) -> Vec<String> {
-    fs_err::read_dir(dir)
-        .expect("read dir")
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains("builder-tmp"))
-        .collect()
-}
-
 #[tokio::test]
 async fn put_and_get_100_mib_with_matching_sha256() {
     let agent = Agent::start().await;
@@ -487,27 +422,9 @@ async fn stat_and_list() {
     let agent = Agent::start().await;
     let t = agent.target().await;
     let d = agent.path("tree");
-    fs_err::create_dir(&d).expect("mkdir");
-    fs_err::write(d.join("b"), "12345").expect("write");
-    fs_err::create_dir(d.join("a")).expect("mkdir");
-    fs_err::os::unix::fs::symlink("b", d.join("c")).expect("symlink");
-    assert_eq!(t.stat(&d.join("zz")).await.expect("stat"), None);
+    machine_checks::check_stat_and_list(&t, &d, "c").await;
     let link = t.stat(&d.join("c")).await.expect("stat").expect("exists");
     assert_eq!(link.kind, FileKind::Symlink);
-    let list = t.list(&d).await.expect("list");
-    let names: Vec<(&str, FileKind)> = list
-        .iter()
-        .map(|e| (e.name.as_str(), e.stat.kind))
-        .collect();
-    assert_eq!(
-        names,
-        [
-            ("a", FileKind::Dir),
-            ("b", FileKind::File),
-            ("c", FileKind::Symlink)
-        ]
-    );
-    assert_eq!(list[1].stat.size, 5);
     let err = t.list(&d.join("b")).await.expect_err("not a dir");
     assert!(err.to_string().contains("cannot list"), "{err}");
     let err = t.stat(Path::new("relative")).await.expect_err("relative");

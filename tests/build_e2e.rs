@@ -56,27 +56,16 @@ use leftovers::NoLeftovers;
 impl NoLeftovers {
     /// `builder ARGS` with this guard's store and runtime folder, not started.
     fn command(&self, image: &Path, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_builder"));
-        cmd.args(args)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .env("BUILDER_STORE", self.store())
-            .env("XDG_RUNTIME_DIR", self.runtime())
+        let mut cmd = self.builder_command(args);
+        cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
             .env("BUILDER_TEST_IMAGE", image)
-            .env("BUILDER_BASE_IMAGE", image)
-            .env("NO_COLOR", "1");
+            .env("BUILDER_BASE_IMAGE", image);
         cmd
     }
 
     /// `builder ARGS` with this guard's store and runtime folder.
     fn builder(&self, image: &Path, args: &[&str]) -> Output {
-        let out = self.command(image, args).output().expect("builder runs");
-        eprintln!(
-            "$ builder {}\n--- stderr ---\n{}--- exit {:?} ---",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr),
-            out.status.code()
-        );
-        out
+        leftovers::run_echoed(&mut self.command(image, args), args)
     }
 }
 

@@ -82,28 +82,20 @@ impl Site {
 
     /// For commands without `--store` (`builder plan`): the store through `$BUILDER_STORE`.
     fn command_on_store_env(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_builder"));
-        c.args(args)
-            .env("BUILDER_STORE", self.path("store"))
-            .current_dir(self.guard.root())
-            .env("NO_COLOR", "1")
-            .env("XDG_RUNTIME_DIR", self.path("run"))
-            // No registry credentials of this machine: an empty docker config.
-            .env("DOCKER_CONFIG", self.path("docker"))
+        let mut c = self.guard.builder_command(args);
+        // No registry credentials of this machine: an empty docker config.
+        c.env("DOCKER_CONFIG", self.path("docker"))
             .env_remove("REGISTRY_AUTH_FILE")
             .env_remove("BUILDER_INSECURE_REGISTRIES");
         c
     }
 
     fn builder(&self, args: &[&str]) -> (Option<i32>, String) {
-        let out = self.command(args).output().expect("builder runs");
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        eprintln!(
-            "$ builder {}\n{stderr}--- exit {:?}",
-            args.join(" "),
-            out.status.code()
-        );
-        (out.status.code(), stderr)
+        let out = leftovers::run_echoed(&mut self.command(args), args);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     fn history(&self) -> History {
@@ -401,18 +393,13 @@ impl OciSite {
 
     /// `builder ARGS` with the registry allowed over plain HTTP (the store from the environment).
     fn builder(&self, args: &[&str]) -> (Option<i32>, String, String) {
-        let out = self
-            .site
-            .command_on_store_env(args)
-            .env("BUILDER_INSECURE_REGISTRIES", self.registry.host())
-            .output()
-            .expect("builder runs");
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        eprintln!(
-            "$ builder {}\n{stderr}--- exit {:?}",
-            args.join(" "),
-            out.status.code()
+        let out = leftovers::run_echoed(
+            self.site
+                .command_on_store_env(args)
+                .env("BUILDER_INSECURE_REGISTRIES", self.registry.host()),
+            args,
         );
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         (out.status.code(), stdout, stderr)
     }

@@ -77,13 +77,8 @@ impl Site {
     }
 
     fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_builder"));
-        c.args(args)
-            .arg("--store")
-            .arg(self.path("store"))
-            .current_dir(self.guard.root())
-            .env("NO_COLOR", "1")
-            .env("XDG_RUNTIME_DIR", self.path("run"));
+        let mut c = self.guard.builder_command(args);
+        c.arg("--store").arg(self.path("store"));
         c
     }
 

@@ -11,8 +11,11 @@ use builder::machine::qga::QgaMachine;
 use builder::machine::{
     Capture, ExecRequest, ExitStatus, FileKind, FileSource, Machine, PutOptions,
 };
-use sha2::{Digest, Sha256};
 use tokio::net::UnixStream;
+
+#[path = "support/machine_checks.rs"]
+mod machine_checks;
+use machine_checks::{assert_gone, leftovers, random_file, read_pid, run, sha256_file};
 
 struct Qga {
     child: std::process::Child,
@@ -73,60 +76,6 @@ impl Qga {
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
-}
-
-async fn run(t: &QgaMachine, req: ExecRequest) -> (ExitStatus, String, String) {
-    let cap = Capture::default();
-    let out = t.exec(&req, &cap).await.expect("exec");
-    (
-        out.status,
-        String::from_utf8_lossy(&cap.stdout()).into_owned(),
-        String::from_utf8_lossy(&cap.stderr()).into_owned(),
-    )
-}
-
-async fn assert_gone(pid: i32) {
-    for _ in 0..100 {
-        match fs_err::read_to_string(format!("/proc/{pid}/stat")) {
-            Err(_) => return,
-            Ok(s) => {
-                let state = s
-                    .rsplit(')')
-                    .next()
-                    .and_then(|r| r.split_whitespace().next());
-                if state == Some("Z") {
-                    return;
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("process {pid} is still running");
-}
-
-async fn read_pid(path: &Path) -> i32 {
-    for _ in 0..400 {
-        if let Ok(s) = fs_err::read_to_string(path)
-            && let Ok(pid) = s.trim().parse()
-        {
-            return pid;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("{} never got a pid", path.display());
-}
-
-fn sha256_file(p: &Path) -> String {
-    builder::digest::sha256_file(p, None).expect("hash").hex()
-}
-
-fn leftovers(dir: &Path) -> Vec<String> {
-    fs_err::read_dir(dir)
-        .expect("read dir")
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains("builder-tmp"))
-        .collect()
 }
 
 #[tokio::test]
@@ -220,14 +169,8 @@ async fn put_and_get_with_matching_sha256_and_no_temp_files() {
     let qga = Qga::start().await;
     let t = qga.target().await;
     let src = qga.path("big.src");
-    let mut data = Vec::with_capacity(20 * 1024 * 1024);
-    let mut i: u64 = 0;
-    while data.len() < 20 * 1024 * 1024 + 777 {
-        data.extend_from_slice(&Sha256::digest(i.to_le_bytes()));
-        i += 1;
-    }
-    data.truncate(20 * 1024 * 1024 + 777);
-    fs_err::write(&src, &data).expect("write");
+    let size = 20 * 1024 * 1024 + 777;
+    random_file(&src, size);
     let want = sha256_file(&src);
     let remote = qga.path("guest/sub/big");
     let put = t
@@ -244,7 +187,7 @@ async fn put_and_get_with_matching_sha256_and_no_temp_files() {
         .expect("put");
     assert_eq!(
         (put.size, put.sha256.as_str()),
-        (data.len() as u64, want.as_str())
+        (size as u64, want.as_str())
     );
     assert_eq!(sha256_file(&remote), want);
     let st = t.stat(&remote).await.expect("stat").expect("exists");
@@ -299,25 +242,7 @@ async fn stat_list_reconnect_and_refused_reboot() {
     let qga = Qga::start().await;
     let t = qga.target().await;
     let d = qga.path("tree");
-    fs_err::create_dir(&d).expect("mkdir");
-    fs_err::write(d.join("b"), "12345").expect("write");
-    fs_err::create_dir(d.join("a")).expect("mkdir");
-    fs_err::os::unix::fs::symlink("b", d.join("c d")).expect("symlink");
-    assert_eq!(t.stat(&d.join("zz")).await.expect("stat"), None);
-    let list = t.list(&d).await.expect("list");
-    let names: Vec<(&str, FileKind)> = list
-        .iter()
-        .map(|e| (e.name.as_str(), e.stat.kind))
-        .collect();
-    assert_eq!(
-        names,
-        [
-            ("a", FileKind::Dir),
-            ("b", FileKind::File),
-            ("c d", FileKind::Symlink)
-        ]
-    );
-    assert_eq!(list[1].stat.size, 5);
+    machine_checks::check_stat_and_list(&t, &d, "c d").await;
     assert!(t.list(&d.join("b")).await.is_err());
 
     // guest-shutdown is disabled in this qemu-ga: the refusal comes back as an error.

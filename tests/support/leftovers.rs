@@ -15,6 +15,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 pub struct NoLeftovers {
@@ -45,6 +46,18 @@ impl NoLeftovers {
     /// Where VM folders go (`XDG_RUNTIME_DIR`, `VmOptions::work_dir`); must end empty.
     pub fn runtime(&self) -> PathBuf {
         self.root().join("run")
+    }
+
+    /// `builder ARGS` in this folder: its store (`BUILDER_STORE`) and runtime folder
+    /// (`XDG_RUNTIME_DIR`), the folder as working directory, no colour; not started.
+    pub fn builder_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_builder"));
+        cmd.args(args)
+            .current_dir(self.root())
+            .env("BUILDER_STORE", self.store())
+            .env("XDG_RUNTIME_DIR", self.runtime())
+            .env("NO_COLOR", "1");
+        cmd
     }
 
     /// What is left now, one line each (`process <pid>: <command line>`, or a path).
@@ -113,6 +126,19 @@ impl Drop for NoLeftovers {
             panic!("left behind after the test:\n  {}", left.join("\n  "));
         }
     }
+}
+
+/// Runs `cmd` (a `builder ARGS`) to its end, and echoes the command line, its stderr and its
+/// exit code on the test's stderr (shown when the test fails).
+pub fn run_echoed(cmd: &mut Command, args: &[&str]) -> Output {
+    let out = cmd.output().expect("builder runs");
+    eprintln!(
+        "$ builder {}\n{}--- exit {:?}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr),
+        out.status.code()
+    );
+    out
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
