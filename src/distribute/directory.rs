@@ -618,10 +618,7 @@ pub async fn to_vagrant(
     #[expect(clippy::expect_used, reason = "a json! value always serialises")]
     let mut text = serde_json::to_vec_pretty(&catalog_json).expect("plain JSON serializes");
     text.push(b'\n');
-    export::manifest::write_atomic(&catalog, &text).map_err(|e| match e {
-        ExportError::Io { source, .. } => DirectoryError::Io(source),
-        other => DirectoryError::Task(other.to_string()),
-    })?;
+    export::manifest::write_atomic(&catalog, &text)?;
     progress.step(
         TARGET,
         &format!("box {} (sha256 {box_sha})", location.display()),

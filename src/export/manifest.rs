@@ -362,11 +362,7 @@ impl Manifest {
 
     /// Read a `manifest.json`.
     pub fn read(path: &Path) -> Result<Self, ExportError> {
-        let bytes = fs_err::read(path).map_err(|source| ExportError::Io {
-            action: "read",
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let bytes = fs_err::read(path)?;
         serde_json::from_slice(&bytes).map_err(|e| ExportError::ManifestDecode {
             path: path.to_path_buf(),
             detail: e.to_string(),
@@ -381,27 +377,19 @@ impl Manifest {
 
 /// Write `bytes` to `path` through a temporary sibling that is synced, then renamed: readers
 /// see the old file or the new one, never half of one.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ExportError> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let io = |action: &'static str, p: &Path| {
-        let p = p.to_path_buf();
-        move |source| ExportError::Io {
-            action,
-            path: p,
-            source,
-        }
-    };
-    let mut tmp = tempfile::Builder::new()
+    // tempfile's own errors name the path; the rest goes through fs-err, whose errors do too.
+    let (file, tmp) = tempfile::Builder::new()
         .prefix(".tmp-")
-        .tempfile_in(dir)
-        .map_err(io("create a file in", dir))?;
-    tmp.write_all(bytes).map_err(io("write", tmp.path()))?;
-    tmp.as_file().sync_all().map_err(io("sync", tmp.path()))?;
-    tmp.persist(path).map_err(|e| ExportError::Io {
-        action: "rename into place",
-        path: path.to_path_buf(),
-        source: e.error,
-    })?;
+        .tempfile_in(dir)?
+        .into_parts();
+    let mut file = fs_err::File::from_parts(file, &*tmp);
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    fs_err::rename(&tmp, path)?;
+    // Renamed: nothing is left under the temporary name to remove.
+    let _ = tmp.keep();
     Ok(())
 }
 

@@ -68,9 +68,11 @@ pub enum ExportError {
         file: String,
         detail: String,
     },
-    #[error("could not {action} {path}")]
-    Io {
-        action: &'static str,
+    /// A file system call failed; fs-err's error names the path and what was being done.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("could not use the output folder {path}")]
+    NotAFolder {
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -316,11 +318,7 @@ impl Partial {
     }
 
     fn persist(mut self, dest: &Path) -> Result<(), ExportError> {
-        fs_err::rename(&self.path, dest).map_err(|source| ExportError::Io {
-            action: "rename into place",
-            path: dest.to_path_buf(),
-            source,
-        })?;
+        fs_err::rename(&self.path, dest)?;
         self.armed = false;
         Ok(())
     }
@@ -366,8 +364,7 @@ pub async fn export(
     }
     check_stem(&req.stem)?;
     if !req.out_dir.is_dir() {
-        return Err(ExportError::Io {
-            action: "use the output folder",
+        return Err(ExportError::NotAFolder {
             path: req.out_dir.clone(),
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "not a folder"),
         });
@@ -517,18 +514,10 @@ impl Hashing {
 
 /// Flush a file to disk and return its size. An output is on disk before it gets its name:
 /// after a crash, a final name never points at blocks qemu-img had only in the page cache.
-fn sync_and_size(path: &Path) -> Result<u64, ExportError> {
-    let io = |action| {
-        let p = path.to_path_buf();
-        move |source| ExportError::Io {
-            action,
-            path: p,
-            source,
-        }
-    };
-    let f = fs_err::File::open(path).map_err(io("open"))?;
-    f.sync_all().map_err(io("sync"))?;
-    Ok(f.metadata().map_err(io("read the size of"))?.len())
+fn sync_and_size(path: &Path) -> std::io::Result<u64> {
+    let f = fs_err::File::open(path)?;
+    f.sync_all()?;
+    Ok(f.metadata()?.len())
 }
 
 fn file_name(stem: &str, format: Format) -> String {
@@ -787,12 +776,7 @@ async fn write_ova(
     let out = fs_err::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .open(&partial.path)
-        .map_err(|source| ExportError::Io {
-            action: "create",
-            path: partial.path.clone(),
-            source,
-        })?;
+        .open(&partial.path)?;
     let layout = ova::OvaLayout {
         stem: req.stem.clone(),
         disk_name,
@@ -832,20 +816,17 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
-/// sha256 (hex) of a file ([`crate::digest::sha256_file`]), blocking.
+/// sha256 (hex) of a file ([`crate::digest::sha256_file`]), blocking. The digest error's
+/// source is fs-err's, which names the path already.
 fn sha256_hex(path: &Path) -> Result<String, ExportError> {
     crate::digest::sha256_file(path, None)
         .map(|d| d.hex())
-        .map_err(|e| ExportError::Io {
-            action: "read",
-            path: e.path,
-            source: e.source,
-        })
+        .map_err(|e| ExportError::Io(e.source))
 }
 
 /// Write `SHA256SUMS` (GNU coreutils format: `<hex>  <file>`, checkable with
 /// `sha256sum -c`) atomically.
-fn write_sums(path: &Path, artifacts: &[Artifact]) -> Result<(), ExportError> {
+fn write_sums(path: &Path, artifacts: &[Artifact]) -> std::io::Result<()> {
     let mut text = String::new();
     for a in artifacts {
         text.push_str(&format!("{}  {}\n", a.sha256, a.file));
@@ -855,11 +836,7 @@ fn write_sums(path: &Path, artifacts: &[Artifact]) -> Result<(), ExportError> {
 
 /// Read a `SHA256SUMS` file into (file name, sha256) pairs.
 pub fn read_sums(path: &Path) -> Result<Vec<(String, String)>, ExportError> {
-    let text = fs_err::read_to_string(path).map_err(|source| ExportError::Io {
-        action: "read",
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = fs_err::read_to_string(path)?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.is_empty() {

@@ -35,17 +35,7 @@ pub(super) fn write(
     path: &Path,
     layout: &OvaLayout,
 ) -> Result<String, ExportError> {
-    let io = |action: &'static str, p: &Path| {
-        let p = p.to_path_buf();
-        move |source| ExportError::Io {
-            action,
-            path: p,
-            source,
-        }
-    };
-    let vmdk_size = fs_err::metadata(&layout.vmdk)
-        .map_err(io("read the size of", &layout.vmdk))?
-        .len();
+    let vmdk_size = fs_err::metadata(&layout.vmdk)?.len();
     let vmdk_sha = match &layout.vmdk_sha256 {
         Some(s) => s.clone(),
         None => super::sha256_hex(&layout.vmdk)?,
@@ -70,7 +60,7 @@ pub(super) fn write(
     let mut tar = tar::Builder::new(writer);
     let header = |name: &str, size: u64| -> Result<tar::Header, ExportError> {
         let mut h = tar::Header::new_ustar();
-        h.set_path(name).map_err(io("name a member of", path))?;
+        h.set_path(name)?;
         h.set_size(size);
         h.set_mode(0o644);
         h.set_mtime(mtime);
@@ -80,19 +70,16 @@ pub(super) fn write(
         h.set_cksum();
         Ok(h)
     };
-    tar.append(&header(&ovf_name, ovf.len() as u64)?, ovf.as_bytes())
-        .map_err(io("write", path))?;
-    tar.append(&header(&mf_name, mf.len() as u64)?, mf.as_bytes())
-        .map_err(io("write", path))?;
-    let vmdk_file = fs_err::File::open(&layout.vmdk).map_err(io("open", &layout.vmdk))?;
+    tar.append(&header(&ovf_name, ovf.len() as u64)?, ovf.as_bytes())?;
+    tar.append(&header(&mf_name, mf.len() as u64)?, mf.as_bytes())?;
+    let vmdk_file = fs_err::File::open(&layout.vmdk)?;
     // Hash the disk as it goes into the tar: what the manifest promises is what was written.
     let mut reader = HashingReader {
         inner: vmdk_file.take(vmdk_size),
         hasher: Sha256::new(),
         count: 0,
     };
-    tar.append(&header(&layout.disk_name, vmdk_size)?, &mut reader)
-        .map_err(io("write", path))?;
+    tar.append(&header(&layout.disk_name, vmdk_size)?, &mut reader)?;
     if reader.count != vmdk_size || hex::encode(reader.hasher.finalize()) != vmdk_sha {
         return Err(ExportError::Verify {
             format: super::Format::Ova,
@@ -103,14 +90,11 @@ pub(super) fn write(
             ),
         });
     }
-    tar.finish().map_err(io("write", path))?;
-    let HashingWriter { inner, hasher } = tar.into_inner().map_err(io("write", path))?;
-    let file = inner.into_inner().map_err(|e| ExportError::Io {
-        action: "write",
-        path: path.to_path_buf(),
-        source: e.into_error(),
-    })?;
-    file.sync_all().map_err(io("sync", path))?;
+    // The tar writes go to an fs-err file, so their errors name the OVA.
+    tar.finish()?;
+    let HashingWriter { inner, hasher } = tar.into_inner()?;
+    let file = inner.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
     Ok(hex::encode(hasher.finalize()))
 }
 

@@ -74,6 +74,12 @@ enum AttemptError {
     Store(#[from] StoreError),
 }
 
+impl From<std::io::Error> for AttemptError {
+    fn from(e: std::io::Error) -> Self {
+        AttemptError::Store(e.into())
+    }
+}
+
 pub(super) fn check_digest(sha256: &str) -> Result<String, StoreError> {
     if sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
         Ok(sha256.to_ascii_lowercase())
@@ -205,12 +211,9 @@ impl Store {
             .truncate(false)
             .read(true)
             .write(true)
-            .open(&part_path)
-            .map_err(StoreError::io("open", &part_path))?;
+            .open(&part_path)?;
         // One download per digest: another builder holding it finishes first.
-        let part = blocking(move || part.lock().map(|()| part))
-            .await?
-            .map_err(StoreError::io("lock", &part_path))?;
+        let part = blocking(move || part.lock().map(|()| part)).await??;
         if let Some(done) = existing(&dest, &sha)? {
             // Another builder finished it while we waited. If we opened the `.part` after
             // its rename, we created an empty one: remove it.
@@ -232,15 +235,11 @@ impl Store {
         let mut part = part;
         let mut last = None;
         for attempt in 1..=attempts {
-            match download_once(&client, url, &mut part, &part_path, progress).await {
+            match download_once(&client, url, &mut part, progress).await {
                 Ok(actual) if actual == sha => {
-                    part.sync_all()
-                        .map_err(StoreError::io("sync", &part_path))?;
-                    fs_err::rename(&part_path, &dest)
-                        .map_err(StoreError::io("move into the cache", &dest))?;
-                    let size = fs_err::metadata(&dest)
-                        .map_err(StoreError::io("read", &dest))?
-                        .len();
+                    part.sync_all()?;
+                    fs_err::rename(&part_path, &dest)?;
+                    let size = fs_err::metadata(&dest)?.len();
                     return Ok(BaseImage {
                         path: dest,
                         sha256: sha,
@@ -249,8 +248,7 @@ impl Store {
                 }
                 Ok(actual) => {
                     // The wrong bytes: resuming would keep them, so start over.
-                    part.set_len(0)
-                        .map_err(StoreError::io("truncate", &part_path))?;
+                    part.set_len(0)?;
                     last = Some(AttemptError::Store(StoreError::DigestMismatch {
                         what: url.to_string(),
                         expected: sha.clone(),
@@ -302,12 +300,13 @@ impl Store {
         expected: Option<&str>,
     ) -> Result<BaseImage, StoreError> {
         let expected = expected.map(check_digest).transpose()?;
-        let path = fs_err::canonicalize(path).map_err(StoreError::io("find", path))?;
-        let meta = fs_err::metadata(&path).map_err(StoreError::io("read", &path))?;
+        let path = fs_err::canonicalize(path)?;
+        let meta = fs_err::metadata(&path)?;
         if !meta.is_file() {
-            return Err(StoreError::io("use", &path)(std::io::Error::other(
-                "not a file",
-            )));
+            return Err(StoreError::NotAFile {
+                path,
+                source: std::io::Error::other("not a file"),
+            });
         }
         let key = hash_key(&path, &meta);
         let sha256 = match self.indexed_digest(&key)? {
@@ -431,7 +430,7 @@ fn existing(dest: &Path, sha: &str) -> Result<Option<BaseImage>, StoreError> {
             size: m.len(),
         })),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(StoreError::io("read", dest)(e)),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -441,13 +440,9 @@ async fn download_once(
     client: &reqwest::Client,
     url: &str,
     part: &mut fs_err::File,
-    part_path: &Path,
     progress: &dyn DownloadProgress,
 ) -> Result<String, AttemptError> {
-    let mut offset = part
-        .metadata()
-        .map_err(StoreError::io("read", part_path))?
-        .len();
+    let mut offset = part.metadata()?.len();
     let mut request = client.get(url);
     if offset > 0 {
         request = request.header(reqwest::header::RANGE, format!("bytes={offset}-"));
@@ -468,8 +463,7 @@ async fn download_once(
                 Some((start, total)) if start == offset => total,
                 _ => {
                     // A range we did not ask for: start over rather than guess.
-                    part.set_len(0)
-                        .map_err(StoreError::io("truncate", part_path))?;
+                    part.set_len(0)?;
                     return Err(AttemptError::Retry(
                         "the server answered a different range than asked".into(),
                     ));
@@ -479,15 +473,12 @@ async fn download_once(
         200 => {
             // No resume from this server: the body is the whole file.
             offset = 0;
-            part.set_len(0)
-                .map_err(StoreError::io("truncate", part_path))?;
+            part.set_len(0)?;
             response.content_length()
         }
         416 if offset > 0 => {
             // What we have is already the whole file (or more): let the digest decide.
-            return hash_prefix(part, part_path, offset)
-                .await
-                .map_err(Into::into);
+            return hash_prefix(part, offset).await.map_err(Into::into);
         }
         408 | 429 | 500..=599 => {
             return Err(AttemptError::Retry(format!("the server answered {status}")));
@@ -497,13 +488,12 @@ async fn download_once(
     progress.started(total, offset);
     let mut hasher = if offset > 0 {
         let mut h = Sha256::new();
-        feed_prefix(part, part_path, offset, &mut h)?;
+        feed_prefix(part, offset, &mut h)?;
         h
     } else {
         Sha256::new()
     };
-    part.seek(SeekFrom::Start(offset))
-        .map_err(StoreError::io("seek in", part_path))?;
+    part.seek(SeekFrom::Start(offset))?;
     let mut done = offset;
     let mut response = response;
     while let Some(chunk) = response
@@ -513,8 +503,7 @@ async fn download_once(
     {
         // Small synchronous writes: the page cache absorbs them; a blocking task per chunk
         // would cost more than it saves.
-        part.write_all(&chunk)
-            .map_err(StoreError::io("write", part_path))?;
+        part.write_all(&chunk)?;
         hasher.update(&chunk);
         done += chunk.len() as u64;
         progress.advanced(done);
@@ -543,20 +532,12 @@ fn parse_content_range(v: &str) -> Option<(u64, Option<u64>)> {
     Some((start.parse().ok()?, total))
 }
 
-fn feed_prefix(
-    part: &mut fs_err::File,
-    part_path: &Path,
-    len: u64,
-    hasher: &mut Sha256,
-) -> Result<(), StoreError> {
-    part.seek(SeekFrom::Start(0))
-        .map_err(StoreError::io("seek in", part_path))?;
+fn feed_prefix(part: &mut fs_err::File, len: u64, hasher: &mut Sha256) -> Result<(), StoreError> {
+    part.seek(SeekFrom::Start(0))?;
     let mut reader = (&mut *part).take(len);
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = reader
-            .read(&mut buf)
-            .map_err(StoreError::io("read", part_path))?;
+        let n = reader.read(&mut buf)?;
         if n == 0 {
             return Ok(());
         }
@@ -564,13 +545,9 @@ fn feed_prefix(
     }
 }
 
-async fn hash_prefix(
-    part: &mut fs_err::File,
-    part_path: &Path,
-    len: u64,
-) -> Result<String, StoreError> {
+async fn hash_prefix(part: &mut fs_err::File, len: u64) -> Result<String, StoreError> {
     let mut h = Sha256::new();
-    feed_prefix(part, part_path, len, &mut h)?;
+    feed_prefix(part, len, &mut h)?;
     Ok(hex::encode(h.finalize()))
 }
 

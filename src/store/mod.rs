@@ -92,20 +92,21 @@ const LAST_BUILD_FILE: &str = ".last-build";
 pub enum StoreError {
     #[error("cannot find the store folder: set ${STORE_ENV}, $XDG_DATA_HOME or $HOME")]
     NoHome,
-    #[error("could not {action} {path}")]
-    Io {
-        action: &'static str,
+    /// A file system call failed; fs-err's error names the path and what was being done.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// Taking a folder's lock without waiting failed (std's error does not name the folder).
+    #[error("could not lock {path}")]
+    Lock {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    /// Like `Io`, from the export module's file helpers (hashing, atomic writes).
-    #[error("could not {action} {path}")]
-    Export {
-        action: &'static str,
+    #[error("could not use {path}")]
+    NotAFile {
         path: PathBuf,
         #[source]
-        source: Box<ExportError>,
+        source: std::io::Error,
     },
     #[error("`{name}` is not a valid image name: {reason}")]
     BadName { name: String, reason: String },
@@ -158,23 +159,9 @@ pub enum StoreError {
 }
 
 impl From<crate::digest::DigestError> for StoreError {
+    /// The digest error's source is fs-err's, which names the path already.
     fn from(e: crate::digest::DigestError) -> Self {
-        StoreError::Io {
-            action: "hash",
-            path: e.path,
-            source: e.source,
-        }
-    }
-}
-
-impl StoreError {
-    fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
-        let path = path.to_path_buf();
-        move |source| StoreError::Io {
-            action,
-            path,
-            source,
-        }
+        StoreError::Io(e.source)
     }
 }
 
@@ -432,7 +419,7 @@ impl Store {
         let root = root.into();
         for sub in ["cache/base", "images", "staging", "failed", "trash"] {
             let dir = root.join(sub);
-            fs_err::create_dir_all(&dir).map_err(StoreError::io("create", &dir))?;
+            fs_err::create_dir_all(&dir)?;
         }
         Ok(Self { root })
     }
@@ -470,9 +457,8 @@ impl Store {
             .create(true)
             .truncate(false)
             .write(true)
-            .open(&path)
-            .map_err(StoreError::io("open", &path))?;
-        file.lock().map_err(StoreError::io("lock", &path))?;
+            .open(&path)?;
+        file.lock()?;
         Ok(StoreLock { _file: file })
     }
 
@@ -487,8 +473,8 @@ impl Store {
     fn discard(&self, path: &Path) -> Result<(), StoreError> {
         let tag = uuid::Uuid::new_v4().simple().to_string();
         let trash = self.root.join("trash").join(tag);
-        fs_err::rename(path, &trash).map_err(StoreError::io("move to the trash", path))?;
-        fs_err::remove_dir_all(&trash).map_err(StoreError::io("delete", &trash))
+        fs_err::rename(path, &trash)?;
+        Ok(fs_err::remove_dir_all(&trash)?)
     }
 
     /// Hand out the next build number of `name/version` (under the lock: two builders never
@@ -497,12 +483,12 @@ impl Store {
         check_name(name)?;
         let _lock = self.lock()?;
         let vdir = self.version_dir(name, version);
-        fs_err::create_dir_all(&vdir).map_err(StoreError::io("create", &vdir))?;
+        fs_err::create_dir_all(&vdir)?;
         let counter = vdir.join(LAST_BUILD_FILE);
         let last_recorded = match fs_err::read_to_string(&counter) {
             Ok(s) => s.trim().parse::<u32>().unwrap_or(0),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-            Err(e) => return Err(StoreError::io("read", &counter)(e)),
+            Err(e) => return Err(e.into()),
         };
         // Also above any folder already there, should the counter have been lost.
         let last_present = numbered_dirs(&vdir)?.into_iter().max().unwrap_or(0);
@@ -516,7 +502,7 @@ impl Store {
         );
         let dir = self.root.join("staging").join(&build_id);
         let logs = dir.join(LOGS_DIR);
-        fs_err::create_dir_all(&logs).map_err(StoreError::io("create", &logs))?;
+        fs_err::create_dir_all(&logs)?;
         // Taken before the store lock is released: no one ever sees the folder unlocked
         // while this build runs.
         let folder_lock = lock_folder(&dir)?;
@@ -759,13 +745,18 @@ impl Store {
         let folder = match File::open(dir) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(StoreError::io("open", dir)(e)),
+            Err(e) => return Err(e.into()),
         };
         match folder.try_lock() {
             Ok(()) => {}
             // A live build holds it.
             Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
-            Err(std::fs::TryLockError::Error(e)) => return Err(StoreError::io("lock", dir)(e)),
+            Err(std::fs::TryLockError::Error(source)) => {
+                return Err(StoreError::Lock {
+                    path: dir.to_path_buf(),
+                    source,
+                });
+            }
         }
         let record: Option<BuildRecord> = fs_err::read(dir.join(BUILD_FILE))
             .ok()
@@ -852,13 +843,13 @@ impl Store {
         failure: &str,
     ) -> Result<PathBuf, StoreError> {
         let failed = self.root.join("failed").join(&record.build_id);
-        fs_err::create_dir_all(&failed).map_err(StoreError::io("create", &failed))?;
+        fs_err::create_dir_all(&failed)?;
         for keep in [LOGS_DIR, MANIFEST_FILE] {
             let from = staging.join(keep);
             let to = failed.join(keep);
             // Already there when an earlier attempt was cut short half way.
             if from.exists() && !to.exists() {
-                fs_err::rename(&from, &to).map_err(StoreError::io("keep", &from))?;
+                fs_err::rename(&from, &to)?;
             }
         }
         let mut record = record.clone();
@@ -905,7 +896,7 @@ impl Store {
         used.extend(self.kept_chain_parents(&cache));
         let mut removed = Vec::new();
         let remove = |path: &Path, removed: &mut Vec<PathBuf>| -> Result<(), StoreError> {
-            fs_err::remove_file(path).map_err(StoreError::io("remove", path))?;
+            fs_err::remove_file(path)?;
             removed.push(path.to_path_buf());
             Ok(())
         };
@@ -1039,11 +1030,10 @@ impl BuildSlot {
         {
             let _lock = self.store.lock()?;
             let build_file = self.dir.join(BUILD_FILE);
-            fs_err::remove_file(&build_file).map_err(StoreError::io("remove", &build_file))?;
+            fs_err::remove_file(&build_file)?;
             let parent = self.store.version_dir(&self.id.name, &self.version);
-            fs_err::create_dir_all(&parent).map_err(StoreError::io("create", &parent))?;
-            fs_err::rename(&self.dir, &final_dir)
-                .map_err(StoreError::io("move the build into", &final_dir))?;
+            fs_err::create_dir_all(&parent)?;
+            fs_err::rename(&self.dir, &final_dir)?;
             self.done = true;
         }
         StoredImage::from_dir(&self.id.name, self.version, self.id.build, final_dir)
@@ -1090,11 +1080,11 @@ fn entry_names(
     let entries = match fs_err::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(StoreError::io("list", dir)(e)),
+        Err(e) => return Err(e.into()),
     };
     let mut names = Vec::new();
     for entry in entries {
-        let entry = entry.map_err(StoreError::io("list", dir))?;
+        let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if keep(&entry, &name) {
             names.push(name);
@@ -1122,14 +1112,15 @@ fn tree_size(path: &Path) -> u64 {
 
 /// Lock a build's staging folder (flock on the folder itself), without waiting.
 fn lock_folder(dir: &Path) -> Result<File, StoreError> {
-    let folder = File::open(dir).map_err(StoreError::io("open", dir))?;
-    folder.try_lock().map_err(|e| {
-        StoreError::io("lock", dir)(match e {
+    let folder = File::open(dir)?;
+    folder.try_lock().map_err(|e| StoreError::Lock {
+        path: dir.to_path_buf(),
+        source: match e {
             std::fs::TryLockError::WouldBlock => {
                 std::io::Error::other("another process holds the build's lock")
             }
             std::fs::TryLockError::Error(e) => e,
-        })
+        },
     })?;
     Ok(folder)
 }
@@ -1149,22 +1140,7 @@ fn numbered_dirs(vdir: &Path) -> Result<Vec<u32>, StoreError> {
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    crate::export::manifest::write_atomic(path, bytes).map_err(|e| match e {
-        ExportError::Io {
-            action,
-            path,
-            source,
-        } => StoreError::Io {
-            action,
-            path,
-            source,
-        },
-        other => StoreError::Export {
-            action: "write",
-            path: path.to_path_buf(),
-            source: Box::new(other),
-        },
-    })
+    Ok(crate::export::manifest::write_atomic(path, bytes)?)
 }
 
 fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StoreError> {
