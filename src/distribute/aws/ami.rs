@@ -507,11 +507,7 @@ async fn disk_to_upload(
             image: image.reference(),
         });
     };
-    fs_err::create_dir_all(state_dir).map_err(|source| AwsError::Io {
-        action: "create",
-        path: state_dir.to_path_buf(),
-        source,
-    })?;
+    fs_err::create_dir_all(state_dir)?;
     // Named by the source's digest: an interrupted upload's rerun finds the same bytes (a
     // new conversion would differ: vmdk headers carry a random id).
     let short = disk.sha256.get(..16).unwrap_or(&disk.sha256);

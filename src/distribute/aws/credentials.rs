@@ -71,12 +71,9 @@ pub enum CredentialsError {
         line: usize,
         detail: String,
     },
-    #[error("could not read {}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// Reading a file failed; fs-err's error names the path.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
 }
 
 /// An access key pair (and session token), with where it came from. `Debug` shows neither
@@ -334,10 +331,7 @@ fn read_ini(path: &Path) -> Result<Option<Ini>, CredentialsError> {
     match fs_err::read_to_string(path) {
         Ok(text) => parse_ini(path, &text).map(Some),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(CredentialsError::Io {
-            path: path.to_path_buf(),
-            source,
-        }),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -100,13 +100,9 @@ pub enum AwsError {
     },
     #[error("the AMI import was cancelled {during}")]
     Cancelled { during: String },
-    #[error("could not {action} {}", path.display())]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// A file system call failed; fs-err's error names the path and what was being done.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
 }
 
 impl From<S3Error> for AwsError {

@@ -103,13 +103,9 @@ pub enum S3Error {
     PartSize { part_size: u64 },
     #[error("{} is {size} bytes, more than one S3 object can hold (5 TiB)", path.display())]
     TooLarge { path: PathBuf, size: u64 },
-    #[error("could not {action} {}", path.display())]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// A file system call failed; fs-err's error names the path and what was being done.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
     #[error(transparent)]
     Interrupted(Box<Interrupted>),
     #[error("the upload to s3://{bucket}/{key} was cancelled; its multipart upload was aborted")]
@@ -585,26 +581,17 @@ fn incomplete(action: &'static str, bucket: &str, key: &str, missing: &'static s
     }
 }
 
-fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> S3Error {
-    let path = path.to_path_buf();
-    move |source| S3Error::Io {
-        action,
-        path,
-        source,
-    }
-}
-
 fn write_state(path: &Path, state: &UploadState) -> Result<(), S3Error> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    fs_err::create_dir_all(dir).map_err(io("create", dir))?;
+    fs_err::create_dir_all(dir)?;
     #[expect(
         clippy::expect_used,
         reason = "plain data (structs, strings, numbers, string-keyed maps) always serialises with serde_json"
     )]
     let json = serde_json::to_vec_pretty(state).expect("the upload state always serializes");
     let tmp = path.with_extension("json.tmp");
-    fs_err::write(&tmp, json).map_err(io("write", &tmp))?;
-    fs_err::rename(&tmp, path).map_err(io("rename", &tmp))
+    fs_err::write(&tmp, json)?;
+    Ok(fs_err::rename(&tmp, path)?)
 }
 
 fn read_state(path: &Path) -> Option<UploadState> {
@@ -631,11 +618,8 @@ pub async fn hash_file(path: &Path) -> Result<(String, u64), S3Error> {
     let d = tokio::task::spawn_blocking(move || crate::digest::sha256_file(&owned, None))
         .await
         .map_err(|e| S3Error::Task(e.to_string()))?
-        .map_err(|e| S3Error::Io {
-            action: "read",
-            path: e.path,
-            source: e.source,
-        })?;
+        // The digest error's source is fs-err's, which names the path already.
+        .map_err(|e| S3Error::Io(e.source))?;
     Ok((d.hex(), d.size))
 }
 
@@ -766,14 +750,11 @@ pub async fn upload_multipart(
         let len = part_len(number);
         running.spawn(async move {
             let (s3, path, bucket, key) = &*shared;
-            let mut file = fs_err::tokio::File::open(path)
-                .await
-                .map_err(io("open", path))?;
+            let mut file = fs_err::tokio::File::open(path).await?;
             file.seek(std::io::SeekFrom::Start(u64::from(number - 1) * part_size))
-                .await
-                .map_err(io("seek in", path))?;
+                .await?;
             let mut data = vec![0u8; len as usize];
-            file.read_exact(&mut data).await.map_err(io("read", path))?;
+            file.read_exact(&mut data).await?;
             let digest = Sha256::digest(&data);
             let etag = s3
                 .upload_part(bucket, key, &upload_id, number, data, &digest)
