@@ -5,10 +5,9 @@
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::time::Instant;
 
-use anstream::{eprint, eprintln};
+use anstream::eprintln;
 use anstyle::{AnsiColor, Style};
 use clap::{Args, ValueEnum};
 
@@ -102,23 +101,14 @@ pub async fn main(args: BuildArgs) -> CliResult {
     // 1. Validate (every problem of every file, nothing started), then pin the inputs.
     let validated = plan::validate(&args.recipe, &env).map_err(super::recipe::failure)?;
     super::recipe::show(&validated.warnings);
-    let terminal = std::io::stderr().is_terminal();
-    let mut shown = None;
-    let mut progress = |p: Hashed<'_>| {
-        let percent = (p.done * 100).checked_div(p.total).unwrap_or(100);
-        if terminal && !args.json && shown != Some(percent) {
-            shown = Some(percent);
-            eprint!("\rhashing {} … {percent:>3}%", p.path.display());
-        }
-    };
+    let hashing = super::bar::Hashing::new(!args.json);
+    let mut progress = |p: Hashed<'_>| hashing.show(&p);
     let planned = if args.resolve_tags {
         plan::plan(validated, &plan::ResolveTags(&store), &env, &mut progress)
     } else {
         plan::plan(validated, &store, &env, &mut progress)
     };
-    if shown.is_some() {
-        eprintln!();
-    }
+    hashing.end();
     let plan = planned.map_err(super::recipe::failure)?;
     super::recipe::show_resolved_tag(&plan);
 
@@ -319,8 +309,8 @@ pub(super) struct Progress {
     start: Instant,
     steps: Terminal,
     tty: bool,
-    /// The transfer a bar is being drawn for (on a terminal), to end its line.
-    bar: Mutex<Option<String>>,
+    /// The transfer a bar is being drawn for (on a terminal).
+    bar: super::bar::Bar,
 }
 
 impl Progress {
@@ -329,7 +319,7 @@ impl Progress {
             start: Instant::now(),
             steps: Terminal,
             tty: std::io::stderr().is_terminal(),
-            bar: Mutex::new(None),
+            bar: super::bar::Bar::default(),
         }
     }
 
@@ -339,11 +329,7 @@ impl Progress {
     }
 
     fn end_bar(&self) {
-        if let Ok(mut bar) = self.bar.lock()
-            && bar.take().is_some()
-        {
-            eprintln!();
-        }
+        self.bar.end();
     }
 }
 
@@ -410,6 +396,16 @@ impl BuildObserver for Progress {
                 done,
                 total,
             } => {
+                if self.tty {
+                    let dim = super::bar::styled(dim);
+                    let unit = match total {
+                        Some(100) if *stage == Stage::Export => super::bar::Unit::Percent,
+                        _ => super::bar::Unit::Bytes,
+                    };
+                    let prefix = format!("{dim}[{}]   {stage}:{dim:#}", self.clock());
+                    self.bar.show(what, prefix, unit, *done, *total);
+                    return;
+                }
                 let text = match total {
                     Some(100) if *stage == Stage::Export => {
                         format!("{what}: converting {done:>3}%")
@@ -422,12 +418,7 @@ impl BuildObserver for Progress {
                     ),
                     _ => format!("{what}: {}", builder::recipe::ByteSize::b(*done)),
                 };
-                if self.tty {
-                    eprint!("\r{dim}[{}]   {stage}:{dim:#} {text}\x1b[K", self.clock());
-                    if let Ok(mut bar) = self.bar.lock() {
-                        *bar = Some(what.to_string());
-                    }
-                } else if total.is_some_and(|t| *done == t || (t == 100 && done % 25 == 0)) {
+                if total.is_some_and(|t| *done == t || (t == 100 && done % 25 == 0)) {
                     eprintln!("{dim}[{}]   {stage}:{dim:#} {text}", self.clock());
                 }
             }

@@ -8,7 +8,7 @@ use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use anstream::{eprint, eprintln};
+use anstream::eprintln;
 use anstyle::{AnsiColor, Style};
 use clap::Args;
 use serde::Serialize;
@@ -349,6 +349,8 @@ struct Terminal {
     tty: bool,
     /// The last percentage printed per transfer (not on a terminal: every 25 %).
     shown: Mutex<Option<(String, u64)>>,
+    /// The transfer's bar (on a terminal).
+    bar: super::bar::Bar,
 }
 
 impl Terminal {
@@ -357,6 +359,7 @@ impl Terminal {
             json,
             tty: std::io::stderr().is_terminal(),
             shown: Mutex::new(None),
+            bar: super::bar::Bar::default(),
         }
     }
 
@@ -372,11 +375,9 @@ impl Terminal {
 
     /// End a bar drawn on a terminal.
     fn end_bar(&self) {
-        if let Ok(mut shown) = self.shown.lock()
-            && shown.take().is_some()
-            && self.tty
-        {
-            eprintln!();
+        self.bar.end();
+        if let Ok(mut shown) = self.shown.lock() {
+            shown.take();
         }
     }
 }
@@ -396,6 +397,16 @@ impl Progress for Terminal {
             done,
             total,
         });
+        if self.tty {
+            let dim = super::bar::styled(Style::new().dimmed());
+            let unit = match total {
+                Some(100) if what.len() <= 5 && done <= 100 => super::bar::Unit::Percent,
+                _ => super::bar::Unit::Bytes,
+            };
+            let prefix = format!("  {dim}{target}:{dim:#}");
+            self.bar.show(what, prefix, unit, done, total);
+            return;
+        }
         let size = human_size;
         let (text, percent) = match total {
             Some(100) if what.len() <= 5 && done <= 100 => {
@@ -416,15 +427,10 @@ impl Progress for Terminal {
             return;
         };
         let dim = Style::new().dimmed();
-        if self.tty {
-            eprint!("\r  {dim}{target}:{dim:#} {text}\x1b[K");
+        let last = shown.as_ref().filter(|(w, _)| w == what).map(|(_, p)| *p);
+        if last.is_none_or(|p| percent >= p + 25 || (percent == 100 && p != 100)) {
+            eprintln!("  {dim}{target}:{dim:#} {text}");
             *shown = Some((what.to_string(), percent));
-        } else {
-            let last = shown.as_ref().filter(|(w, _)| w == what).map(|(_, p)| *p);
-            if last.is_none_or(|p| percent >= p + 25 || (percent == 100 && p != 100)) {
-                eprintln!("  {dim}{target}:{dim:#} {text}");
-                *shown = Some((what.to_string(), percent));
-            }
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Shared plumbing for commands: failures with an exit-code class, and how they are printed
 //! (`error:`, `Caused by:` lines, `hint:`). stdout carries data; messages go to stderr.
 
+mod bar;
 pub mod build;
 pub mod component;
 pub mod distribute;

@@ -1,7 +1,6 @@
 //! `builder validate recipe.yml`, `builder plan recipe.yml [--json]`, `builder schema recipe`.
 
 use std::fmt::Write as _;
-use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anstream::{eprint, eprintln};
@@ -246,15 +245,8 @@ impl ParentResolver for DefaultStore {
 pub fn plan(args: PlanArgs) -> CliResult {
     let validated = plan::validate(&args.recipe, &env).map_err(failure)?;
     show(&validated.warnings);
-    let terminal = std::io::stderr().is_terminal();
-    let mut shown = None;
-    let mut progress = |p: builder::digest::Hashed<'_>| {
-        let percent = (p.done * 100).checked_div(p.total).unwrap_or(100);
-        if terminal && shown != Some(percent) {
-            shown = Some(percent);
-            eprint!("\rhashing {} … {percent:>3}%", p.path.display());
-        }
-    };
+    let hashing = super::bar::Hashing::new(true);
+    let mut progress = |p: builder::digest::Hashed<'_>| hashing.show(&p);
     let result = if args.resolve_tags {
         plan::plan(
             validated,
@@ -265,9 +257,7 @@ pub fn plan(args: PlanArgs) -> CliResult {
     } else {
         plan::plan(validated, &DefaultStore, &env, &mut progress)
     };
-    if shown.is_some() {
-        eprintln!();
-    }
+    hashing.end();
     let plan = result.map_err(failure)?;
     show_resolved_tag(&plan);
     if args.json {
