@@ -13,7 +13,7 @@
 
 use std::time::Duration;
 
-use crate::export::manifest::{DPKG_QUERY, PackageList, RPM_QUERY, parse_packages};
+use crate::export::manifest::{Package, PackageList};
 use crate::machine::{Capture, ExecRequest, Machine, MachineError, OutputSink, OutputStream};
 use crate::vm::seed::AGENT_INSTALLED_PATHS;
 
@@ -30,7 +30,7 @@ pub enum GeneralizeError {
         source: MachineError,
     },
     #[error("the package list could not be read")]
-    Packages(#[source] crate::export::ExportError),
+    Packages(#[source] PackageLineError),
     #[error("`{command}` {status} in the guest{}", tail(.stderr))]
     Command {
         command: &'static str,
@@ -39,6 +39,17 @@ pub enum GeneralizeError {
     },
     #[error("the image is not generalized: {}", .0.join("; "))]
     Unsealed(Vec<String>),
+}
+
+/// A line of the package manager's list that is not `name<TAB>version<TAB>arch`.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "`{manager}` package list, line {line}: expected `name<TAB>version<TAB>arch`, got `{text}`"
+)]
+pub struct PackageLineError {
+    pub manager: String,
+    pub line: usize,
+    pub text: String,
 }
 
 fn tail(stderr: &str) -> String {
@@ -99,6 +110,67 @@ pub async fn packages(target: &dyn Machine) -> Result<Option<PackageList>, Gener
     parse_packages(manager.trim(), list)
         .map(Some)
         .map_err(GeneralizeError::Packages)
+}
+
+/// The guest command whose output [`parse_packages`] reads for `dpkg`: every package dpkg
+/// knows, with its status first (`ii `, `rc `, `hi `, …), because `-W` also lists packages that
+/// were removed but not purged (`rc`: only their configuration files are left).
+pub const DPKG_QUERY: &str =
+    r"dpkg-query -W -f '${db:Status-Abbrev}\t${Package}\t${Version}\t${Architecture}\n'";
+/// The guest command whose output [`parse_packages`] reads for `rpm` (it lists only
+/// installed packages).
+pub const RPM_QUERY: &str = r"rpm -qa --qf '%{NAME}\t%{VERSION}-%{RELEASE}\t%{ARCH}\n'";
+
+/// Read the output of [`DPKG_QUERY`] (`status\tname\tversion\tarch` per line) or
+/// [`RPM_QUERY`] (`name\tversion\tarch`) into a list sorted by name. For dpkg, only the
+/// packages whose status is *installed* count: `ii`, and `hi` for one on hold; removed ones
+/// (`rc`), half-installed or only unpacked ones are not in the image as packages. `manager`
+/// is recorded as given (`dpkg` or `rpm`).
+pub fn parse_packages(manager: &str, output: &str) -> Result<PackageList, PackageLineError> {
+    let mut packages = Vec::new();
+    for (i, line) in output.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = || PackageLineError {
+            manager: manager.to_string(),
+            line: i + 1,
+            text: line.chars().take(120).collect(),
+        };
+        let mut fields = line.split('\t');
+        if manager == "dpkg" {
+            // `db:Status-Abbrev`: three letters, the desired action (`uihrp`), the status
+            // (`ncHUFWti`) and the error flag (a space or `R`).
+            let status: Vec<char> = fields.next().ok_or_else(bad)?.chars().collect();
+            let [wanted, state, flag] = status[..] else {
+                return Err(bad());
+            };
+            if !"uihrp".contains(wanted) || !"ncHUFWti".contains(state) || !" R".contains(flag) {
+                return Err(bad());
+            }
+            if state != 'i' {
+                continue;
+            }
+        }
+        let (Some(name), Some(version), Some(arch), None) =
+            (fields.next(), fields.next(), fields.next(), fields.next())
+        else {
+            return Err(bad());
+        };
+        if name.is_empty() {
+            return Err(bad());
+        }
+        packages.push(Package {
+            name: name.to_string(),
+            version: version.to_string(),
+            arch: arch.to_string(),
+        });
+    }
+    packages.sort();
+    Ok(PackageList {
+        manager: manager.to_string(),
+        packages,
+    })
 }
 
 /// The clean-up script. Every command says what it does (its output goes to the build log);
@@ -317,5 +389,68 @@ mod tests {
             .expect("bash runs");
         let checks = parse_checks(&String::from_utf8_lossy(&out.stdout));
         assert_eq!(checks.len(), 1, "only the agent's check without sealing");
+    }
+
+    /// What `DPKG_QUERY` prints, run by the real `dpkg-query` on a status database with one
+    /// package in each state a guest can have: installed, removed with its configuration kept
+    /// (`rc`), held, half-installed with reinstall required, purged, only unpacked.
+    const DPKG_STATUS: &str = "Package: bash\nEssential: yes\nStatus: install ok installed\nPriority: required\nSection: shells\nMaintainer: Matthias Klose <doko@debian.org>\nArchitecture: amd64\nMulti-Arch: foreign\nVersion: 5.2.15-2+b7\nDescription: GNU Bourne Again SHell\n\nPackage: nginx\nStatus: deinstall ok config-files\nPriority: optional\nSection: httpd\nMaintainer: Debian Nginx Maintainers <pkg-nginx-maintainers@alioth-lists.debian.net>\nArchitecture: amd64\nVersion: 1.22.1-9\nConffiles:\n /etc/nginx/nginx.conf 0a1ef1d8e2f1d3f6f3d5f1d1e0e1d1f1\nDescription: small, powerful, scalable web/proxy server\n\nPackage: libc6\nStatus: hold ok installed\nPriority: optional\nSection: libs\nMaintainer: GNU Libc Maintainers <debian-glibc@lists.debian.org>\nArchitecture: i386\nMulti-Arch: same\nVersion: 2.36-9+deb12u7\nDescription: GNU C Library: Shared libraries\n\nPackage: broken\nStatus: install reinstreq half-installed\nPriority: optional\nSection: misc\nMaintainer: Someone <a@example.org>\nArchitecture: all\nVersion: 1.0\nDescription: half\n\nPackage: gone\nStatus: purge ok not-installed\nPriority: optional\nSection: misc\nArchitecture: all\nDescription: purged\n\nPackage: unpacked\nStatus: install ok unpacked\nPriority: optional\nSection: misc\nMaintainer: Someone <a@example.org>\nArchitecture: amd64\nVersion: 2.0\nDescription: unpacked only\n";
+
+    /// The output of `DPKG_QUERY` on [`DPKG_STATUS`] (dpkg-query 1.21.22, Debian 12).
+    const DPKG_OUTPUT: &str = "ii \tbash\t5.2.15-2+b7\tamd64\niHR\tbroken\t1.0\tall\nhi \tlibc6\t2.36-9+deb12u7\ti386\nrc \tnginx\t1.22.1-9\tamd64\niU \tunpacked\t2.0\tamd64\n";
+
+    #[test]
+    fn dpkg_counts_only_installed_packages() {
+        let list = parse_packages("dpkg", DPKG_OUTPUT).expect("parses");
+        assert_eq!(list.manager, "dpkg");
+        let names: Vec<(&str, &str, &str)> = list
+            .packages
+            .iter()
+            .map(|p| (p.name.as_str(), p.version.as_str(), p.arch.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("bash", "5.2.15-2+b7", "amd64"),
+                ("libc6", "2.36-9+deb12u7", "i386")
+            ]
+        );
+        let e = parse_packages("dpkg", "bash\t5.2\tamd64\n").expect_err("no status");
+        assert!(e.to_string().contains("line 1"), "{e}");
+    }
+
+    /// The real `dpkg-query` (dpkg is essential on Debian, where builder runs) prints what
+    /// [`DPKG_OUTPUT`] holds, so the parser is tested against the real shape.
+    #[test]
+    fn dpkg_query_prints_the_shape_the_parser_reads() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        fs_err::write(dir.path().join("status"), DPKG_STATUS).expect("status");
+        fs_err::write(dir.path().join("available"), "").expect("available");
+        fs_err::create_dir(dir.path().join("updates")).expect("updates");
+        let format = DPKG_QUERY
+            .split_once("-f '")
+            .and_then(|(_, f)| f.strip_suffix('\''))
+            .expect("DPKG_QUERY has a -f '…' format");
+        let out = std::process::Command::new("dpkg-query")
+            .arg(format!("--admindir={}", dir.path().display()))
+            .args(["-W", "-f", format])
+            .output()
+            .expect("dpkg-query runs (install dpkg)");
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8(out.stdout).expect("UTF-8");
+        assert_eq!(text, DPKG_OUTPUT);
+    }
+
+    #[test]
+    fn rpm_output_parses_and_bad_lines_name_their_line() {
+        let out = "gpg-pubkey\t5a6340b3-6229229e\t(none)\nbash\t5.1.8-9.el9\tx86_64\n";
+        let list = parse_packages("rpm", out).expect("parses");
+        assert_eq!(list.packages[0].arch, "x86_64");
+        assert_eq!(list.packages[1].arch, "(none)");
+
+        let e = parse_packages("rpm", "bash\t5.1\tx86_64\nbroken line\n").expect_err("bad");
+        assert!(e.to_string().contains("line 2"), "{e}");
+        let e = parse_packages("dpkg", "a\tb\tc\td\n").expect_err("four fields");
+        assert!(e.to_string().contains("line 1"), "{e}");
     }
 }

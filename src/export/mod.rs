@@ -77,14 +77,6 @@ pub enum ExportError {
         #[source]
         source: std::io::Error,
     },
-    #[error(
-        "`{manager}` package list, line {line}: expected `name<TAB>version<TAB>arch`, got `{text}`"
-    )]
-    PackageLine {
-        manager: String,
-        line: usize,
-        text: String,
-    },
     #[error("{path} is not a valid manifest: {detail}")]
     ManifestDecode { path: PathBuf, detail: String },
     #[error("{path}: {detail}")]
