@@ -3,7 +3,7 @@
 
 use std::io::Read;
 use std::ops::ControlFlow;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
@@ -34,32 +34,16 @@ impl FileDigest {
     }
 }
 
-/// A file that could not be read to the end (or whose hashing was stopped: an `Interrupted`
+/// Called after each block; [`ControlFlow::Break`] stops the hashing (an `Interrupted`
 /// error).
-#[derive(Debug, thiserror::Error)]
-#[error("could not read {path}")]
-pub struct DigestError {
-    pub path: PathBuf,
-    #[source]
-    pub source: std::io::Error,
-}
-
-/// Called after each block; [`ControlFlow::Break`] stops the hashing (a [`DigestError`]
-/// whose source is `Interrupted`).
 pub type Progress<'p> = &'p mut dyn FnMut(Hashed<'_>) -> ControlFlow<()>;
 
 /// sha256 of the file at `path`, read in 1 MiB blocks (blocking: call it from a blocking
-/// thread in async code), with `progress` after each block when given.
-pub fn sha256_file(
-    path: &Path,
-    mut progress: Option<Progress<'_>>,
-) -> Result<FileDigest, DigestError> {
-    let read = |source| DigestError {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut file = fs_err::File::open(path).map_err(read)?;
-    let total = file.metadata().map_err(read)?.len();
+/// thread in async code), with `progress` after each block when given. Every error names
+/// the file: fs-err's do, and so does the one for a stop.
+pub fn sha256_file(path: &Path, mut progress: Option<Progress<'_>>) -> std::io::Result<FileDigest> {
+    let mut file = fs_err::File::open(path)?;
+    let total = file.metadata()?.len();
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; BLOCK];
     let mut done = 0u64;
@@ -68,17 +52,17 @@ pub fn sha256_file(
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(read(e)),
+            Err(e) => return Err(e),
         };
         hasher.update(&buffer[..n]);
         done += n as u64;
         if let Some(progress) = progress.as_mut()
             && progress(Hashed { path, done, total }).is_break()
         {
-            return Err(read(std::io::Error::new(
+            return Err(std::io::Error::new(
                 std::io::ErrorKind::Interrupted,
-                "hashing was stopped",
-            )));
+                format!("hashing `{}` was stopped", path.display()),
+            ));
         }
     }
     Ok(FileDigest {
@@ -114,7 +98,7 @@ mod tests {
         );
         let stopped = sha256_file(&path, Some(&mut |_| ControlFlow::Break(())));
         let stopped = stopped.expect_err("stopped");
-        assert_eq!(stopped.source.kind(), std::io::ErrorKind::Interrupted);
+        assert_eq!(stopped.kind(), std::io::ErrorKind::Interrupted);
         let missing = sha256_file(&dir.path().join("gone"), None).expect_err("missing");
         assert!(missing.to_string().contains("gone"), "{missing}");
     }

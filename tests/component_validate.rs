@@ -306,7 +306,7 @@ mod cli {
             .assert()
             .code(2)
             .stderr(predicate::str::contains(
-                "could not read `no/such/file.yml`",
+                "could not read the component document\n  Caused by: failed to open file `no/such/file.yml`",
             ));
     }
 

@@ -48,7 +48,9 @@ fn an_unreadable_recipe_is_an_input_error() {
     let (code, _, stderr) = validate("tests/cases/recipe/no-such-recipe.yml");
     assert_eq!(code, Some(2));
     assert!(
-        stderr.starts_with("error: could not read `tests/cases/recipe/no-such-recipe.yml`"),
+        stderr.starts_with(
+            "error: could not read the recipe\n  Caused by: failed to open file `tests/cases/recipe/no-such-recipe.yml`"
+        ),
         "{stderr}"
     );
 }

@@ -103,12 +103,7 @@ pub async fn build(
         unwind: UnwindReport::default(),
     };
     let slot = stages::allocate(plan, store).map_err(fail)?;
-    let log = BuildLog::new(&slot.logs_dir(), observer).map_err(|source| {
-        fail(BuildError::Logs {
-            path: slot.logs_dir(),
-            source,
-        })
-    })?;
+    let log = BuildLog::new(&slot.logs_dir(), observer).map_err(|e| fail(BuildError::Logs(e)))?;
     let cx = BuildContext::new(plan, store, options, &slot, &log);
     cx.started(started);
 

@@ -35,22 +35,16 @@ pub const PLAN_FORMAT: u32 = 1;
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
     /// The recipe file itself cannot be read (exit 2: the user named a file that is not there).
-    #[error("could not read `{path}`")]
-    Unreadable {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The io error names the file.
+    #[error("could not read the recipe")]
+    Unreadable(#[source] std::io::Error),
     /// Invalid input: the diagnostics of each file with problems, the recipe's first.
     #[error("{}", recipe::render(.0))]
     Invalid(Vec<Diagnostics>),
-    /// Reading an input failed part-way (a host problem, exit 3).
-    #[error("could not read `{path}`")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// Reading an input failed part-way (a host problem, exit 3); fs-err's error names the
+    /// file and what was being done.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
     /// A component document changed after the plan was made.
     #[error(
         "component document `{path}` changed since the plan was made (sha256 {actual}, planned {planned})"
@@ -119,10 +113,7 @@ pub struct LoadedComponent {
 /// Read the recipe at `path` and every file it names, and check them all. Environment
 /// variables in a parent image path are read with `env` (`std::env::var` in the CLI).
 pub fn validate(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Validated, PlanError> {
-    let text = fs_err::read_to_string(path).map_err(|source| PlanError::Unreadable {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = fs_err::read_to_string(path).map_err(PlanError::Unreadable)?;
     let checked = recipe::check_file(path, &text);
     let mut files = checked.diagnostics;
     let mut recipe_problems = Vec::new();
@@ -1001,10 +992,7 @@ pub fn load_component_checked(
     component: &PlannedComponent,
 ) -> Result<(Document, Vec<String>), PlanError> {
     let path = &component.local_path;
-    let text = fs_err::read_to_string(path).map_err(|source| PlanError::Io {
-        path: path.clone(),
-        source,
-    })?;
+    let text = fs_err::read_to_string(path)?;
     let actual = Sha256::from_digest(&Hasher::digest(text.as_bytes()));
     if actual != component.sha256 {
         return Err(PlanError::Changed {
@@ -1405,12 +1393,7 @@ fn resolve_parent(
             };
             let (format, virtual_size) = match disk_header(&local) {
                 Ok(header) => header,
-                Err(HeaderError::Io(source)) => {
-                    return Err(PlanError::Io {
-                        path: local,
-                        source,
-                    });
-                }
+                Err(HeaderError::Io(source)) => return Err(source.into()),
                 Err(HeaderError::Unsupported(kind)) => {
                     problems.push(unsupported_format(*span, &local, kind));
                     return Ok(None);
@@ -1424,11 +1407,7 @@ fn resolve_parent(
                         std::ops::ControlFlow::Continue(())
                     };
                     let digest = crate::digest::sha256_file(&local, Some(&mut each_block))
-                        .map(|d| Sha256::from_digest(&d.sha256))
-                        .map_err(|e| PlanError::Io {
-                            path: e.path,
-                            source: e.source,
-                        })?;
+                        .map(|d| Sha256::from_digest(&d.sha256))?;
                     resolver.remember_digest(&local, &digest);
                     digest
                 }
@@ -1460,12 +1439,7 @@ fn resolve_parent(
             Ok(stored) => {
                 let (format, virtual_size) = match disk_header(&stored.disk) {
                     Ok(header) => header,
-                    Err(HeaderError::Io(source)) => {
-                        return Err(PlanError::Io {
-                            path: stored.disk,
-                            source,
-                        });
-                    }
+                    Err(HeaderError::Io(source)) => return Err(source.into()),
                     Err(HeaderError::Unsupported(kind)) => {
                         problems.push(unsupported_format(*span, &stored.disk, kind));
                         return Ok(None);

@@ -36,12 +36,9 @@ use crate::vm::{ErrorClass, GuestChannel, VmError, VmOptions};
 pub enum BuildError {
     #[error("could not start a build in the store")]
     Allocate(#[source] StoreError),
-    #[error("could not write the build's logs in {path}")]
-    Logs {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The io error names the file.
+    #[error("could not write the build's logs")]
+    Logs(#[source] std::io::Error),
     #[error("could not fetch the parent image")]
     Fetch(#[source] StoreError),
     #[error("could not pull the parent image from its registry")]
@@ -56,12 +53,9 @@ pub enum BuildError {
     Plan(#[from] PlanError),
     #[error("could not prepare the build's disk")]
     Disk(#[source] LayerError),
-    #[error("could not create the build's work folder {path}")]
-    WorkDir {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The io error names the folder.
+    #[error("could not create the build's work folder")]
+    WorkDir(#[source] std::io::Error),
     #[error("the {which} VM failed")]
     Vm {
         which: &'static str,
@@ -106,22 +100,16 @@ pub enum BuildError {
         before: String,
         after: String,
     },
-    #[error("could not hash {path}")]
-    Hash {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The io error names the file.
+    #[error("could not compute the sha256 of a disk")]
+    Hash(#[source] std::io::Error),
     #[error("exporting the image failed")]
     Export(#[source] ExportError),
     #[error("could not write the manifest")]
     Manifest(#[source] ExportError),
-    #[error("could not copy the outputs to {path}")]
-    Copy {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The io error names the files.
+    #[error("could not copy the outputs to `outputs.directory`")]
+    Copy(#[source] std::io::Error),
     #[error("could not store the build")]
     Commit(#[source] StoreError),
     /// The image is stored; sending it to a target failed.
@@ -192,16 +180,16 @@ impl BuildError {
             | BuildError::ParentChanged { .. } => ErrorClass::Input,
             BuildError::Vm { source, .. } => source.class(),
             BuildError::Allocate(_)
-            | BuildError::Logs { .. }
+            | BuildError::Logs(_)
             | BuildError::Fetch(_)
             | BuildError::PullParent(_)
             | BuildError::Plan(_)
             | BuildError::Disk(_)
-            | BuildError::WorkDir { .. }
-            | BuildError::Hash { .. }
+            | BuildError::WorkDir(_)
+            | BuildError::Hash(_)
             | BuildError::Export(_)
             | BuildError::Manifest(_)
-            | BuildError::Copy { .. }
+            | BuildError::Copy(_)
             | BuildError::Commit(_) => ErrorClass::Host,
             BuildError::Distribute { .. } => ErrorClass::Failed,
             BuildError::Guest { .. }
@@ -721,23 +709,18 @@ pub async fn fetch_parent(cx: &BuildContext<'_>) -> Result<Base, BuildError> {
 
 async fn hash(path: &Path) -> Result<String, BuildError> {
     let p = path.to_path_buf();
-    let hashed = tokio::task::spawn_blocking(move || crate::digest::sha256_file(&p, None))
+    tokio::task::spawn_blocking(move || crate::digest::sha256_file(&p, None))
         .await
         .map_err(std::io::Error::other)
-        .and_then(|r| r.map_err(|e| e.source));
-    hashed.map(|d| d.hex()).map_err(|source| BuildError::Hash {
-        path: path.to_path_buf(),
-        source,
-    })
+        .and_then(|r| r)
+        .map(|d| d.hex())
+        .map_err(BuildError::Hash)
 }
 
 // ─── 3. overlay ─────────────────────────────────────────────────────────────────────────
 
 pub async fn overlay(cx: &BuildContext<'_>, base: Base) -> Result<DiskChain, BuildError> {
-    fs_err::create_dir_all(&cx.work).map_err(|source| BuildError::WorkDir {
-        path: cx.work.clone(),
-        source,
-    })?;
+    fs_err::create_dir_all(&cx.work).map_err(BuildError::WorkDir)?;
     let work = cx.work.clone();
     cx.push_undo(
         format!("remove the build's disk chain {}", work.display()),
@@ -1685,19 +1668,15 @@ fn copy_outputs(
     from: &Path,
     report: &export::ExportReport,
 ) -> Result<Vec<PathBuf>, BuildError> {
-    let err = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| BuildError::Copy { path, source }
-    };
-    fs_err::create_dir_all(dest).map_err(err(dest))?;
+    fs_err::create_dir_all(dest).map_err(BuildError::Copy)?;
     let mut names: Vec<String> = report.artifacts.iter().map(|a| a.file.clone()).collect();
     names.push(export::SUMS_FILE.to_string());
     let mut copies = Vec::new();
     for name in names {
         let target = dest.join(&name);
         let temp = dest.join(format!(".{name}.partial"));
-        fs_err::copy(from.join(&name), &temp).map_err(err(&temp))?;
-        fs_err::rename(&temp, &target).map_err(err(&target))?;
+        fs_err::copy(from.join(&name), &temp).map_err(BuildError::Copy)?;
+        fs_err::rename(&temp, &target).map_err(BuildError::Copy)?;
         copies.push(target);
     }
     Ok(copies)

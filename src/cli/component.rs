@@ -79,8 +79,7 @@ fn validate(args: ValidateArgs) -> CliResult {
                     });
                 } else {
                     super::report(&Failure::input(
-                        anyhow::Error::new(e)
-                            .context(format!("could not read `{}`", path.display())),
+                        anyhow::Error::new(e).context("could not read the component document"),
                     ));
                 }
                 continue;

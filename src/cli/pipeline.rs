@@ -118,7 +118,7 @@ fn parse_failure(error: ParseError) -> Failure {
             super::recipe::show(&files);
             Failure::already_printed(EXIT_INPUT)
         }
-        e @ ParseError::Unreadable { .. } => Failure::input(e),
+        e @ ParseError::Unreadable(_) => Failure::input(e),
         ParseError::Recipe(e) => super::recipe::failure(e),
     }
 }
@@ -315,7 +315,7 @@ pub async fn serve(args: ServeArgs) -> CliResult {
     signals.abort();
     match result {
         Ok(()) => Ok(0),
-        Err(e @ scheduler::SchedulerError::Folder { .. }) => Err(Failure::input(e)),
+        Err(e @ scheduler::SchedulerError::Folder(_)) => Err(Failure::input(e)),
         Err(e) => Err(Failure::new(EXIT_HOST, e)),
     }
 }

@@ -75,8 +75,8 @@ pub(super) fn failure(error: PlanError) -> Failure {
             show(&files);
             Failure::already_printed(EXIT_INPUT)
         }
-        e @ (PlanError::Unreadable { .. } | PlanError::Changed { .. }) => Failure::input(e),
-        e @ (PlanError::Io { .. } | PlanError::Store { .. }) => Failure::host(e),
+        e @ (PlanError::Unreadable(_) | PlanError::Changed { .. }) => Failure::input(e),
+        e @ (PlanError::Io(_) | PlanError::Store { .. }) => Failure::host(e),
         e @ PlanError::Registry { .. } => {
             let hint = e.hint();
             let failure = Failure::host(e);

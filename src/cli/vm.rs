@@ -166,10 +166,7 @@ impl VmArgs {
         let user_data = match &self.user_data {
             None => None,
             Some(p) => Some(fs_err::read_to_string(p).map_err(|e| {
-                Failure::input(
-                    anyhow::Error::new(e)
-                        .context(format!("could not read the user data `{}`", p.display())),
-                )
+                Failure::input(anyhow::Error::new(e).context("could not read the user data"))
             })?),
         };
         let mut vm = VmOptions::new(image);

@@ -1262,10 +1262,7 @@ impl<'a> Engine<'a> {
             return Err(ActionError::Cycle(chain.join(" → ")));
         }
         let document = super::parse::load(&path).map_err(|e| match e {
-            super::parse::LoadError::Io { path, source } => ActionError::Host {
-                what: format!("could not read {}", path.display()),
-                source,
-            },
+            super::parse::LoadError::Io { source, .. } => ActionError::HostFile(source),
             super::parse::LoadError::Invalid(diagnostics) => {
                 ActionError::InvalidDocument(Box::new(diagnostics))
             }

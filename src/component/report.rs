@@ -284,19 +284,9 @@ pub struct Chaining {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
-    /// could not create the log folder
-    #[error("could not create the log folder {path}")]
-    CreateFolder {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("could not write {path}")]
-    Write {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The run folder or a file in it could not be written; the io error names which.
+    #[error("could not write the run's logs")]
+    Io(#[from] std::io::Error),
 }
 
 /// `TOE_<YYYY-MM-DD>_<HH-MM-SS>_UTC-0_<execution-id>`.
@@ -318,16 +308,8 @@ impl RunLog {
     /// Create `<parent>/TOE_…/` with empty `console.log` and `application.log`.
     pub fn create(parent: &Path, execution_id: &str) -> Result<RunLog, ReportError> {
         let dir = parent.join(run_folder_name(Utc::now(), execution_id));
-        fs_err::create_dir_all(&dir).map_err(|source| ReportError::CreateFolder {
-            path: dir.clone(),
-            source,
-        })?;
-        let open = |name: &str| {
-            let path = dir.join(name);
-            File::create(&path)
-                .map(BufWriter::new)
-                .map_err(|source| ReportError::Write { path, source })
-        };
+        fs_err::create_dir_all(&dir)?;
+        let open = |name: &str| File::create(dir.join(name)).map(BufWriter::new);
         Ok(RunLog {
             console: Mutex::new(open("console.log")?),
             application: Mutex::new(open("application.log")?),
@@ -375,22 +357,16 @@ impl RunLog {
             file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
             fs_err::rename(&temp, &path)
         };
-        write().map_err(|source| {
+        write().inspect_err(|_| {
             let _ = fs_err::remove_file(&temp);
-            ReportError::Write {
-                path: path.clone(),
-                source,
-            }
         })?;
         Ok(path)
     }
 
     /// Keep a copy of an input document (`document.yaml`, or `document-<n>.yaml` with several).
     pub fn copy_document(&self, source: &Path, name: &str) -> Result<(), ReportError> {
-        let path = self.dir.join(name);
-        fs_err::copy(source, &path)
-            .map(|_| ())
-            .map_err(|source| ReportError::Write { path, source })
+        fs_err::copy(source, self.dir.join(name))?;
+        Ok(())
     }
 }
 

@@ -278,7 +278,7 @@ fn hash_file(path: &Path, r: &Reporter) -> Result<String, DirectoryError> {
     match crate::digest::sha256_file(path, Some(&mut each_block)) {
         Ok(d) => Ok(d.hex()),
         // Stopped because the copy was cancelled: say that.
-        Err(e) => r.check().and(Err(DirectoryError::Io(e.source))),
+        Err(e) => r.check().and(Err(DirectoryError::Io(e))),
     }
 }
 

@@ -808,12 +808,9 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
-/// sha256 (hex) of a file ([`crate::digest::sha256_file`]), blocking. The digest error's
-/// source is fs-err's, which names the path already.
-fn sha256_hex(path: &Path) -> Result<String, ExportError> {
-    crate::digest::sha256_file(path, None)
-        .map(|d| d.hex())
-        .map_err(|e| ExportError::Io(e.source))
+/// sha256 (hex) of a file ([`crate::digest::sha256_file`]), blocking.
+fn sha256_hex(path: &Path) -> std::io::Result<String> {
+    Ok(crate::digest::sha256_file(path, None)?.hex())
 }
 
 /// Write `SHA256SUMS` (GNU coreutils format: `<hex>  <file>`, checkable with

@@ -945,11 +945,7 @@ impl Source {
     async fn open(content: FileSource) -> Result<Source, MachineError> {
         Ok(match content {
             FileSource::Bytes(b) => Source::Bytes(b, 0),
-            FileSource::Path(p) => Source::File(
-                fs_err::tokio::File::open(&p)
-                    .await
-                    .map_err(|e| MachineError::io(format!("cannot open {}", p.display()), e))?,
-            ),
+            FileSource::Path(p) => Source::File(fs_err::tokio::File::open(&p).await?),
         })
     }
 
@@ -965,10 +961,7 @@ impl Source {
             Source::File(f) => {
                 let mut n = 0;
                 while n < buf.len() {
-                    let k = f
-                        .read(&mut buf[n..])
-                        .await
-                        .map_err(|e| MachineError::io("cannot read the file to upload", e))?;
+                    let k = f.read(&mut buf[n..]).await?;
                     if k == 0 {
                         break;
                     }
@@ -1038,13 +1031,10 @@ impl Machine for AgentMachine {
             uuid::Uuid::new_v4().simple()
         ));
         let mut guard = LocalTemp(Some(tmp.clone()));
-        let mut file = fs_err::tokio::File::create(&tmp)
-            .await
-            .map_err(|e| MachineError::io(format!("cannot create {}", tmp.display()), e))?;
+        let mut file = fs_err::tokio::File::create(&tmp).await?;
         req.send(&Message::Credit(protocol::WINDOW_CHUNKS))?;
         let mut hasher = Sha256::new();
         let mut size: u64 = 0;
-        let write_err = |e| MachineError::io(format!("cannot write {}", tmp.display()), e);
         loop {
             match req.recv().await? {
                 Message::Data(d) => {
@@ -1052,7 +1042,7 @@ impl Machine for AgentMachine {
                     req.send(&Message::Credit(1))?;
                     hasher.update(&d);
                     size += d.len() as u64;
-                    file.write_all(&d).await.map_err(write_err)?;
+                    file.write_all(&d).await?;
                 }
                 Message::End {
                     size: their_size,
@@ -1078,8 +1068,8 @@ impl Machine for AgentMachine {
                             .into(),
                         });
                     }
-                    file.flush().await.map_err(write_err)?;
-                    file.sync_all().await.map_err(write_err)?;
+                    file.flush().await?;
+                    file.sync_all().await?;
                     drop(file);
                     use std::os::unix::fs::PermissionsExt;
                     // The guest's permission bits, without set-id bits that mean nothing here.
@@ -1087,9 +1077,7 @@ impl Machine for AgentMachine {
                         &tmp,
                         std::fs::Permissions::from_mode(mode & 0o777),
                     );
-                    fs_err::rename(&tmp, local).map_err(|e| {
-                        MachineError::io(format!("cannot rename into {}", local.display()), e)
-                    })?;
+                    fs_err::rename(&tmp, local)?;
                     guard.0 = None;
                     return Ok(FileInfo {
                         size,

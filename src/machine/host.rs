@@ -189,30 +189,21 @@ fn put_file_blocking(
     content: FileSource,
     options: &PutOptions,
 ) -> Result<FileInfo, MachineError> {
-    let shown = remote.display();
     if options.create_parents
         && let Some(parent) = remote.parent()
         && !parent.as_os_str().is_empty()
     {
-        fs_err::create_dir_all(parent).map_err(io_err(format!(
-            "could not create folder {}",
-            parent.display()
-        )))?;
+        fs_err::create_dir_all(parent)?;
     }
     let mut reader: Box<dyn Read> = match content {
         FileSource::Bytes(bytes) => Box::new(std::io::Cursor::new(bytes)),
-        FileSource::Path(path) => Box::new(
-            fs_err::File::open(&path)
-                .map_err(io_err(format!("could not open {}", path.display())))?,
-        ),
+        FileSource::Path(path) => Box::new(fs_err::File::open(&path)?),
     };
     let owner = options.owner.as_deref().map(resolve_user).transpose()?;
     let group = options.group.as_deref().map(resolve_group).transpose()?;
     let finish = |path: &Path| -> Result<(), MachineError> {
         if let Some(mode) = options.mode {
-            fs_err::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(
-                io_err(format!("could not set the mode of {}", remote.display())),
-            )?;
+            fs_err::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
         }
         if owner.is_some() || group.is_some() {
             let uid = owner.map(|(uid, _)| nix::unistd::Uid::from_raw(uid));
@@ -231,10 +222,8 @@ fn put_file_blocking(
             .append(true)
             .create(true)
             .mode(0o666)
-            .open(remote)
-            .map_err(io_err(format!("could not open {shown} to append")))?;
-        let info = copy_hashing(&mut reader, &mut file)
-            .map_err(io_err(format!("could not append to {shown}")))?;
+            .open(remote)?;
+        let info = copy_hashing(&mut reader, &mut file)?;
         finish(remote)?;
         return Ok(info);
     }
@@ -245,15 +234,12 @@ fn put_file_blocking(
             .write(true)
             .create_new(true)
             .mode(0o666)
-            .open(&temp)
-            .map_err(io_err(format!("could not create {shown}")))?;
-        let info = copy_hashing(&mut reader, &mut file)
-            .map_err(io_err(format!("could not write {shown}")))?;
-        file.sync_all()
-            .map_err(io_err(format!("could not write {shown}")))?;
+            .open(&temp)?;
+        let info = copy_hashing(&mut reader, &mut file)?;
+        file.sync_all()?;
         drop(file);
         finish(&temp)?;
-        fs_err::rename(&temp, remote).map_err(io_err(format!("could not write {shown}")))?;
+        fs_err::rename(&temp, remote)?;
         Ok(info)
     })();
     if result.is_err() {
@@ -263,16 +249,12 @@ fn put_file_blocking(
 }
 
 fn get_file_blocking(remote: &Path, local: &Path) -> Result<FileInfo, MachineError> {
-    let mut source = fs_err::File::open(remote)
-        .map_err(io_err(format!("could not open {}", remote.display())))?;
+    let mut source = fs_err::File::open(remote)?;
     let temp = temp_sibling(local);
     let result = (|| {
-        let mut file = fs_err::File::create(&temp)
-            .map_err(io_err(format!("could not create {}", local.display())))?;
-        let info = copy_hashing(&mut source, &mut file)
-            .map_err(io_err(format!("could not copy {}", remote.display())))?;
-        fs_err::rename(&temp, local)
-            .map_err(io_err(format!("could not write {}", local.display())))?;
+        let mut file = fs_err::File::create(&temp)?;
+        let info = copy_hashing(&mut source, &mut file)?;
+        fs_err::rename(&temp, local)?;
         Ok(info)
     })();
     if result.is_err() {
@@ -299,9 +281,7 @@ impl Machine for HostMachine {
         let os_release = fs_err::tokio::read_to_string("/etc/os-release")
             .await
             .unwrap_or_default();
-        let boot_id = fs_err::tokio::read_to_string("/proc/sys/kernel/random/boot_id")
-            .await
-            .map_err(io_err("could not read the boot id"))?;
+        let boot_id = fs_err::tokio::read_to_string("/proc/sys/kernel/random/boot_id").await?;
         Ok(MachineInfo {
             os_id: os_release_value(&os_release, "ID"),
             os_pretty: os_release_value(&os_release, "PRETTY_NAME"),
@@ -329,10 +309,8 @@ impl Machine for HostMachine {
                     .prefix("builder-script-")
                     .suffix(".sh")
                     .tempfile_in(&dir)
-                    .map_err(io_err(format!(
-                        "could not create a script file in {}",
-                        dir.display()
-                    )))?;
+                    // tempfile's error names the file it tried.
+                    .map_err(io_err("could not create a script file"))?;
                 file.write_all(body.as_bytes())
                     .and_then(|()| file.flush())
                     .map_err(io_err("could not write the script file"))?;
@@ -458,32 +436,21 @@ impl Machine for HostMachine {
         match fs_err::tokio::symlink_metadata(remote).await {
             Ok(meta) => Ok(Some(file_stat(&meta))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(MachineError::io(
-                format!("could not look at {}", remote.display()),
-                e,
-            )),
+            Err(e) => Err(e.into()),
         }
     }
 
     async fn list(&self, remote: &Path) -> Result<Vec<DirEntry>, MachineError> {
         let remote = remote.to_path_buf();
         blocking(move || {
-            let shown = remote.display();
             let mut entries = Vec::new();
-            for entry in
-                fs_err::read_dir(&remote).map_err(io_err(format!("could not list {shown}")))?
-            {
-                let entry = entry.map_err(io_err(format!("could not list {shown}")))?;
-                let meta = match entry.path().symlink_metadata() {
+            for entry in fs_err::read_dir(&remote)? {
+                let entry = entry?;
+                let meta = match fs_err::symlink_metadata(entry.path()) {
                     Ok(m) => m,
                     // Removed between listing and looking: it is not there any more.
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) => {
-                        return Err(MachineError::io(
-                            format!("could not look at {}", entry.path().display()),
-                            e,
-                        ));
-                    }
+                    Err(e) => return Err(e.into()),
                 };
                 entries.push(DirEntry {
                     name: entry.file_name().to_string_lossy().into_owned(),

@@ -223,13 +223,17 @@ pub struct MachineInfo {
 
 #[derive(Debug, thiserror::Error)]
 pub enum MachineError {
-    /// {context}
+    /// Something other than a file call failed (a socket, a child process, a user lookup):
+    /// `context` says what was being done.
     #[error("{context}")]
     Io {
         context: String,
         #[source]
         source: std::io::Error,
     },
+    /// A file call on this machine failed; fs-err's error names the file and the operation.
+    #[error(transparent)]
+    File(#[from] std::io::Error),
     /// The target cannot do this at all (e.g. reboot this machine).
     #[error("{what} is not possible on {target}")]
     Unsupported {

@@ -490,16 +490,12 @@ impl QgaMachine {
                     }
                 }
                 FileSource::Path(p) => {
-                    let mut f = fs_err::tokio::File::open(&p)
-                        .await
-                        .map_err(|e| MachineError::io(format!("cannot open {}", p.display()), e))?;
+                    let mut f = fs_err::tokio::File::open(&p).await?;
                     loop {
                         let mut buf = vec![0u8; FILE_CHUNK];
                         let mut n = 0;
                         while n < buf.len() {
-                            let k = f.read(&mut buf[n..]).await.map_err(|e| {
-                                MachineError::io(format!("cannot read {}", p.display()), e)
-                            })?;
+                            let k = f.read(&mut buf[n..]).await?;
                             if k == 0 {
                                 break;
                             }
@@ -764,9 +760,8 @@ impl Machine for QgaMachine {
             uuid::Uuid::new_v4().simple()
         ));
         let mut guard = LocalTemp(Some(tmp.clone()));
-        let write_err = |e| MachineError::io(format!("cannot write {}", tmp.display()), e);
         let result = async {
-            let mut file = fs_err::tokio::File::create(&tmp).await.map_err(write_err)?;
+            let mut file = fs_err::tokio::File::create(&tmp).await?;
             let mut hasher = Sha256::new();
             let mut size = 0u64;
             loop {
@@ -780,13 +775,13 @@ impl Machine for QgaMachine {
                 let data = b64_field(&r, "buf-b64")?;
                 hasher.update(&data);
                 size += data.len() as u64;
-                file.write_all(&data).await.map_err(write_err)?;
+                file.write_all(&data).await?;
                 if r["eof"].as_bool() == Some(true) || data.is_empty() {
                     break;
                 }
             }
-            file.flush().await.map_err(write_err)?;
-            file.sync_all().await.map_err(write_err)?;
+            file.flush().await?;
+            file.sync_all().await?;
             let sha: [u8; 32] = hasher.finalize().into();
             Ok::<_, MachineError>((size, hex::encode(sha)))
         }
@@ -818,8 +813,7 @@ impl Machine for QgaMachine {
                 .into(),
             });
         }
-        fs_err::rename(&tmp, local)
-            .map_err(|e| MachineError::io(format!("cannot rename into {}", local.display()), e))?;
+        fs_err::rename(&tmp, local)?;
         guard.0 = None;
         Ok(FileInfo { size, sha256: sha })
     }

@@ -80,13 +80,9 @@ const MIGRATIONS: &[&str] = &[
 
 #[derive(Debug, thiserror::Error)]
 pub enum HistoryError {
-    /// The folder for the history file could not be created.
-    #[error("could not create the folder {path}")]
-    Folder {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The folder for the history file could not be created; the io error names it.
+    #[error("could not create the pipeline history's folder")]
+    Folder(#[source] std::io::Error),
     /// SQLite could not open or set up the file.
     #[error("could not open the pipeline history {path}")]
     Open {
@@ -383,10 +379,7 @@ impl History {
     /// schema as needed.
     pub fn open(path: &Path) -> Result<History, HistoryError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            fs_err::create_dir_all(dir).map_err(|source| HistoryError::Folder {
-                path: dir.to_path_buf(),
-                source,
-            })?;
+            fs_err::create_dir_all(dir).map_err(HistoryError::Folder)?;
         }
         let open_err = |source| HistoryError::Open {
             path: path.to_path_buf(),

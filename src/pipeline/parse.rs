@@ -25,7 +25,7 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -95,13 +95,9 @@ const IMAGE_BUILDER_KEYS: crate::yaml::reader::ImageBuilderKeys = &[
 
 #[derive(Debug, thiserror::Error)]
 pub enum ParseError {
-    /// The pipeline file cannot be read.
-    #[error("could not read `{path}`")]
-    Unreadable {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The pipeline file cannot be read; the io error names it.
+    #[error("could not read the pipeline")]
+    Unreadable(#[source] std::io::Error),
     /// The pipeline (or its recipe, or a file the recipe names) is not valid: the diagnostics
     /// of each file with problems, the pipeline's first.
     #[error("{}", crate::recipe::render(.0))]
@@ -165,10 +161,7 @@ pub fn check(path: &Path, text: &str, now: DateTime<Utc>) -> Checked {
 
 /// Read the pipeline file at `path` (only it).
 pub fn load(path: &Path, now: DateTime<Utc>) -> Result<Pipeline, ParseError> {
-    let text = fs_err::read_to_string(path).map_err(|source| ParseError::Unreadable {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = fs_err::read_to_string(path).map_err(ParseError::Unreadable)?;
     let checked = check(path, &text, now);
     checked
         .pipeline
@@ -182,10 +175,7 @@ pub fn validate(
     now: DateTime<Utc>,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Validated, ParseError> {
-    let text = fs_err::read_to_string(path).map_err(|source| ParseError::Unreadable {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = fs_err::read_to_string(path).map_err(ParseError::Unreadable)?;
     let Checked {
         pipeline,
         mut diagnostics,

@@ -42,12 +42,9 @@ pub const TICK: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SchedulerError {
-    #[error("could not read the pipelines folder `{path}`")]
-    Folder {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The io error names the folder.
+    #[error("could not read the pipelines folder")]
+    Folder(#[source] std::io::Error),
     #[error(transparent)]
     History(#[from] HistoryError),
 }
@@ -351,10 +348,7 @@ pub fn load_folder(
     reported: &mut HashMap<PathBuf, String>,
     log: &Log,
 ) -> Result<Vec<(PathBuf, Pipeline)>, SchedulerError> {
-    let entries = fs_err::read_dir(dir).map_err(|source| SchedulerError::Folder {
-        path: dir.to_path_buf(),
-        source,
-    })?;
+    let entries = fs_err::read_dir(dir).map_err(SchedulerError::Folder)?;
     let mut paths: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {

@@ -66,13 +66,9 @@ pub const CONSEQUENCE: &str = "nothing was started";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecipeError {
-    /// could not read `{path}`
-    #[error("could not read `{path}`")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The recipe file cannot be read; the io error names it.
+    #[error("could not read the recipe")]
+    Io(#[source] std::io::Error),
     /// The recipe (or a file it names) was read but is not valid: the diagnostics of each
     /// file with problems, the recipe's first.
     #[error("{}", render(.0))]
@@ -207,10 +203,7 @@ pub fn check_file(path: &Path, text: &str) -> Checked {
 
 /// Read and validate the recipe at `path` (and the infrastructure file it names).
 pub fn load(path: &Path) -> Result<Recipe, RecipeError> {
-    let text = fs_err::read_to_string(path).map_err(|source| RecipeError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = fs_err::read_to_string(path).map_err(RecipeError::Io)?;
     let checked = check_file(path, &text);
     match checked.recipe {
         Some(recipe) => Ok(recipe),

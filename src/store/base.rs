@@ -552,9 +552,7 @@ async fn hash_prefix(part: &mut fs_err::File, len: u64) -> Result<String, StoreE
 }
 
 fn hash_file(path: &Path) -> Result<String, StoreError> {
-    crate::digest::sha256_file(path, None)
-        .map(|d| d.hex())
-        .map_err(StoreError::from)
+    Ok(crate::digest::sha256_file(path, None)?.hex())
 }
 
 async fn blocking<T: Send + 'static>(

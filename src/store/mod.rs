@@ -158,13 +158,6 @@ pub enum StoreError {
     Task(String),
 }
 
-impl From<crate::digest::DigestError> for StoreError {
-    /// The digest error's source is fs-err's, which names the path already.
-    fn from(e: crate::digest::DigestError) -> Self {
-        StoreError::Io(e.source)
-    }
-}
-
 /// The local store, rooted at one folder.
 #[derive(Debug, Clone)]
 pub struct Store {

@@ -72,8 +72,7 @@ pub async fn kvm_works(qemu: &Path) -> Result<(), String> {
 
 async fn probe(qemu: std::path::PathBuf) -> Result<(), String> {
     probe_device(Path::new("/dev/kvm"))?;
-    let cpuinfo = fs_err::read_to_string("/proc/cpuinfo")
-        .map_err(|e| format!("cannot read /proc/cpuinfo: {e}"))?;
+    let cpuinfo = fs_err::read_to_string("/proc/cpuinfo").map_err(|e| e.to_string())?;
     if !cpu_has_virtualization(&cpuinfo) {
         return Err("the CPU does not advertise hardware virtualization (no vmx or svm flag in /proc/cpuinfo; nested virtualization is off)".into());
     }
@@ -100,7 +99,7 @@ fn probe_device(dev: &Path) -> Result<(), String> {
         .read(true)
         .write(true)
         .open(dev)
-        .map_err(|e| format!("cannot open {}: {e}", dev.display()))?;
+        .map_err(|e| e.to_string())?;
     let fd = file.as_raw_fd();
     // SAFETY: `fd` is an open /dev/kvm descriptor owned by `file` for this whole function;
     // KVM_GET_API_VERSION takes a zero argument and only returns an integer.

@@ -140,12 +140,9 @@ pub enum VmError {
     Accel(#[from] accel::AccelError),
     #[error(transparent)]
     Firmware(#[from] firmware::FirmwareError),
-    #[error("could not prepare the VM's folder {path}")]
-    WorkDir {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The io error (fs-err's or tempfile's) names the file.
+    #[error("could not prepare the VM's folder")]
+    WorkDir(#[source] std::io::Error),
     #[error(
         "the VM's folder {dir} is too deep for unix socket paths (at most {MAX_SOCKET_PATH} bytes); set a shorter work directory"
     )]
@@ -217,7 +214,7 @@ impl VmError {
             VmError::QemuMissing
             | VmError::Accel(_)
             | VmError::Firmware(_)
-            | VmError::WorkDir { .. }
+            | VmError::WorkDir(_)
             | VmError::SocketPathTooLong { .. }
             | VmError::Seed(_)
             | VmError::Overlay(_)
@@ -400,10 +397,7 @@ impl RunningVm {
         let dir = tempfile::Builder::new()
             .prefix("builder-vm-")
             .tempdir_in(&parent)
-            .map_err(|source| VmError::WorkDir {
-                path: parent.display().to_string(),
-                source,
-            })?
+            .map_err(VmError::WorkDir)?
             .keep();
         let name = dir
             .file_name()
@@ -430,10 +424,7 @@ impl RunningVm {
             paths.disk = options.image.clone();
         }
         if let Some(logs) = &options.log_dir {
-            fs_err::create_dir_all(logs).map_err(|source| VmError::WorkDir {
-                path: logs.display().to_string(),
-                source,
-            })?;
+            fs_err::create_dir_all(logs).map_err(VmError::WorkDir)?;
             paths.console_log = logs.join("console.log");
             paths.qemu_log = logs.join("qemu.log");
             paths.qmp_log = logs.join("qmp.log");
@@ -443,11 +434,6 @@ impl RunningVm {
                 dir: paths.dir.display().to_string(),
             });
         }
-        let work_err = |source| VmError::WorkDir {
-            path: paths.dir.display().to_string(),
-            source,
-        };
-
         if !options.boot_in_place {
             img::create_overlay(&options.image, base_format, &paths.disk, options.disk_size)
                 .await
@@ -488,7 +474,7 @@ impl RunningVm {
             None => FirmwareFiles::Bios,
             Some(u) => {
                 // A private copy: the VM writes its boot entries there.
-                fs_err::copy(&u.vars_template, &paths.vars).map_err(work_err)?;
+                fs_err::copy(&u.vars_template, &paths.vars).map_err(VmError::WorkDir)?;
                 FirmwareFiles::Uefi {
                     code: u.code,
                     code_format: u.code_format,
@@ -521,7 +507,7 @@ impl RunningVm {
             paths.dir.join("qemu.cmdline"),
             shell_words(&qemu, &argv::qemu_argv(&spec)),
         )
-        .map_err(work_err)?;
+        .map_err(VmError::WorkDir)?;
         let child = process::spawn(&qemu, &argv::qemu_argv(&spec), &paths.qemu_log)
             .map_err(VmError::Spawn)?;
         let (pid, exit) = (child.pid(), child.exit_watch());

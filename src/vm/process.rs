@@ -14,12 +14,9 @@ use tokio::sync::watch;
 pub enum ProcessError {
     #[error("`{program}` was not found on PATH")]
     NotFound { program: String },
-    #[error("could not open the log file {path}")]
-    Log {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The io error names the file.
+    #[error("could not open the log file")]
+    Log(#[source] std::io::Error),
     #[error("could not start `{program}`")]
     Spawn {
         program: String,
@@ -125,10 +122,7 @@ fn spawn_with_death_signal(
         .create(true)
         .append(true)
         .open(stderr_log)
-        .map_err(|source| ProcessError::Log {
-            path: stderr_log.display().to_string(),
-            source,
-        })?;
+        .map_err(ProcessError::Log)?;
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)
         .stdin(Stdio::null())

@@ -25,8 +25,8 @@ pub const NOUN: &str = "component document";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    /// could not read `{path}`
-    #[error("could not read `{path}`")]
+    /// The document cannot be read; the io error names the file.
+    #[error("could not read the component document")]
     Io {
         path: PathBuf,
         #[source]

@@ -617,9 +617,7 @@ pub async fn hash_file(path: &Path) -> Result<(String, u64), S3Error> {
     let owned = path.to_path_buf();
     let d = tokio::task::spawn_blocking(move || crate::digest::sha256_file(&owned, None))
         .await
-        .map_err(|e| S3Error::Task(e.to_string()))?
-        // The digest error's source is fs-err's, which names the path already.
-        .map_err(|e| S3Error::Io(e.source))?;
+        .map_err(|e| S3Error::Task(e.to_string()))??;
     Ok((d.hex(), d.size))
 }
 
