@@ -17,7 +17,10 @@ use std::sync::LazyLock;
 use regex::Regex;
 use serde_json::Value;
 
-use super::document::{CompareOp, ExistsOp, Expr, HashAlgorithm, StringTest};
+use super::document::{
+    COMPARISONS, CompareOp, EXISTS, ExistsOp, Expr, HASHES, HashAlgorithm, STRING_TESTS,
+    StringTest, operator,
+};
 use crate::machine::{Capture, Discard, ExecRequest, FileKind, Machine, MachineError};
 
 #[derive(Debug, thiserror::Error)]
@@ -311,24 +314,6 @@ async fn file_hash_equals(
     Ok(actual.is_some_and(|a| a.eq_ignore_ascii_case(digest.trim())))
 }
 
-/// Operator keys as written in documents, for the comparison operators.
-pub fn compare_op_from_name(name: &str) -> Option<CompareOp> {
-    Some(match name {
-        "stringEquals" => CompareOp::StringEquals,
-        "stringLessThan" => CompareOp::StringLessThan,
-        "stringLessThanEquals" => CompareOp::StringLessThanEquals,
-        "stringGreaterThan" => CompareOp::StringGreaterThan,
-        "stringGreaterThanEquals" => CompareOp::StringGreaterThanEquals,
-        "patternMatches" => CompareOp::PatternMatches,
-        "numberEquals" => CompareOp::NumberEquals,
-        "numberLessThan" => CompareOp::NumberLessThan,
-        "numberLessThanEquals" => CompareOp::NumberLessThanEquals,
-        "numberGreaterThan" => CompareOp::NumberGreaterThan,
-        "numberGreaterThanEquals" => CompareOp::NumberGreaterThanEquals,
-        _ => return None,
-    })
-}
-
 fn scalar_text(value: &Value) -> Option<String> {
     match value {
         Value::String(s) => Some(s.clone()),
@@ -371,48 +356,34 @@ pub fn expr_from_json(inputs: &Value) -> Result<Expr, String> {
     };
     let op = op.as_str();
     let arg = &map[op];
-    if let Some(cmp) = compare_op_from_name(op) {
+    let single = || scalar_text(arg).ok_or_else(|| format!("`{op}` must be a string"));
+    if let Some(cmp) = operator(COMPARISONS, op) {
         return Ok(Expr::Compare {
             op: cmp,
-            baseline: scalar_text(arg).ok_or_else(|| format!("`{op}` must be a string"))?,
+            baseline: single()?,
             value: operand("value")?,
         });
     }
-    let single = |arg: &Value| scalar_text(arg).ok_or_else(|| format!("`{op}` must be a string"));
+    if let Some(test) = operator(STRING_TESTS, op) {
+        return Ok(Expr::StringTest {
+            op: test,
+            value: single()?,
+        });
+    }
+    if let Some(exists) = operator(EXISTS, op) {
+        return Ok(Expr::Exists {
+            op: exists,
+            path: single()?,
+        });
+    }
+    if let Some(algorithm) = operator(HASHES, op) {
+        return Ok(Expr::FileHash {
+            algorithm,
+            digest: single()?,
+            path: operand("path")?,
+        });
+    }
     Ok(match op {
-        "stringIsEmpty" => Expr::StringTest {
-            op: StringTest::IsEmpty,
-            value: single(arg)?,
-        },
-        "stringIsWhitespace" => Expr::StringTest {
-            op: StringTest::IsWhitespace,
-            value: single(arg)?,
-        },
-        "binaryExists" => Expr::Exists {
-            op: ExistsOp::Binary,
-            path: single(arg)?,
-        },
-        "fileExists" => Expr::Exists {
-            op: ExistsOp::File,
-            path: single(arg)?,
-        },
-        "folderExists" => Expr::Exists {
-            op: ExistsOp::Folder,
-            path: single(arg)?,
-        },
-        "fileMD5Equals" | "fileSHA1Equals" | "fileSHA256Equals" | "fileSHA512Equals" => {
-            let algorithm = match op {
-                "fileMD5Equals" => HashAlgorithm::Md5,
-                "fileSHA1Equals" => HashAlgorithm::Sha1,
-                "fileSHA256Equals" => HashAlgorithm::Sha256,
-                _ => HashAlgorithm::Sha512,
-            };
-            Expr::FileHash {
-                algorithm,
-                digest: single(arg)?,
-                path: operand("path")?,
-            }
-        }
         "and" | "or" => {
             let Value::Array(items) = arg else {
                 return Err(format!("`{op}` must be a list of expressions"));

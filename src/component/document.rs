@@ -320,3 +320,44 @@ pub enum HashAlgorithm {
     Sha256,
     Sha512,
 }
+
+/// Each operator as documents spell it (reference 1.9/1.10).
+pub const COMPARISONS: &[(&str, CompareOp)] = &[
+    ("stringEquals", CompareOp::StringEquals),
+    ("stringLessThan", CompareOp::StringLessThan),
+    ("stringLessThanEquals", CompareOp::StringLessThanEquals),
+    ("stringGreaterThan", CompareOp::StringGreaterThan),
+    (
+        "stringGreaterThanEquals",
+        CompareOp::StringGreaterThanEquals,
+    ),
+    ("patternMatches", CompareOp::PatternMatches),
+    ("numberEquals", CompareOp::NumberEquals),
+    ("numberLessThan", CompareOp::NumberLessThan),
+    ("numberLessThanEquals", CompareOp::NumberLessThanEquals),
+    ("numberGreaterThan", CompareOp::NumberGreaterThan),
+    (
+        "numberGreaterThanEquals",
+        CompareOp::NumberGreaterThanEquals,
+    ),
+];
+pub const STRING_TESTS: &[(&str, StringTest)] = &[
+    ("stringIsEmpty", StringTest::IsEmpty),
+    ("stringIsWhitespace", StringTest::IsWhitespace),
+];
+pub const EXISTS: &[(&str, ExistsOp)] = &[
+    ("binaryExists", ExistsOp::Binary),
+    ("fileExists", ExistsOp::File),
+    ("folderExists", ExistsOp::Folder),
+];
+pub const HASHES: &[(&str, HashAlgorithm)] = &[
+    ("fileMD5Equals", HashAlgorithm::Md5),
+    ("fileSHA1Equals", HashAlgorithm::Sha1),
+    ("fileSHA256Equals", HashAlgorithm::Sha256),
+    ("fileSHA512Equals", HashAlgorithm::Sha512),
+];
+
+/// The operator `name` of one of the tables above.
+pub fn operator<T: Copy>(table: &[(&str, T)], name: &str) -> Option<T> {
+    table.iter().find(|(n, _)| *n == name).map(|(_, op)| *op)
+}

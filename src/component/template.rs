@@ -50,6 +50,16 @@ pub enum ChainKind {
     Outputs,
 }
 
+impl ChainKind {
+    /// The word as written in a reference (`inputs`, `outputs`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ChainKind::Inputs => "inputs",
+            ChainKind::Outputs => "outputs",
+        }
+    }
+}
+
 /// A piece of a template string.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Piece {
@@ -96,16 +106,10 @@ impl std::fmt::Display for Reference {
                 kind,
                 index,
                 key,
-            } => {
-                let kind = match kind {
-                    ChainKind::Inputs => "inputs",
-                    ChainKind::Outputs => "outputs",
-                };
-                match index {
-                    Some(i) => write!(f, "{phase}.{step}.{kind}[{i}].{key}"),
-                    None => write!(f, "{phase}.{step}.{kind}.{key}"),
-                }
-            }
+            } => match index {
+                Some(i) => write!(f, "{phase}.{step}.{}[{i}].{key}", kind.name()),
+                None => write!(f, "{phase}.{step}.{}.{key}", kind.name()),
+            },
             Reference::Ssm(rest) => write!(f, "aws:ssm:{rest}"),
         }
     }
@@ -337,11 +341,9 @@ fn chain_kind(segment: &str) -> Option<Result<(ChainKind, Option<usize>), String
         Some(i) => (&segment[..i], Some(&segment[i..])),
         None => (segment, None),
     };
-    let kind = match word {
-        "inputs" => ChainKind::Inputs,
-        "outputs" => ChainKind::Outputs,
-        _ => return None,
-    };
+    let kind = [ChainKind::Inputs, ChainKind::Outputs]
+        .into_iter()
+        .find(|k| k.name() == word)?;
     let Some(bracket) = bracket else {
         return Some(Ok((kind, None)));
     };

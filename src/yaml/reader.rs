@@ -1,6 +1,7 @@
-//! The context every file walker (recipes, pipelines) carries: the problems found so far and
-//! the readers of the values all file kinds share, so a mistake gets the same message in every
-//! file. Only the table of Image Builder spellings differs from one file kind to the next.
+//! The context every file walker (recipes, pipelines, component documents) carries: the
+//! problems found so far and the readers of the values all file kinds share, so a mistake gets
+//! the same message in every file. Only the table of Image Builder spellings differs from one
+//! file kind to the next, and component documents speak AWSTOE's words ([`Reader::awstoe`]).
 
 use crate::diagnostic::{Problem, Span, did_you_mean, one_of};
 use crate::yaml::Node;
@@ -14,6 +15,9 @@ pub struct Reader<'s> {
     pub source: &'s str,
     pub problems: Vec<Problem>,
     image_builder_keys: ImageBuilderKeys,
+    /// A component document: a scalar is "a string" (AWSTOE's word, "text" elsewhere), and an
+    /// unquoted `{{ name }}`, which YAML reads as a mapping, is explained as that.
+    awstoe: bool,
 }
 
 impl<'s> Reader<'s> {
@@ -22,6 +26,15 @@ impl<'s> Reader<'s> {
             source,
             problems: Vec::new(),
             image_builder_keys,
+            awstoe: false,
+        }
+    }
+
+    /// A reader for a component document (no Image Builder spellings; see `awstoe`).
+    pub fn awstoe(source: &'s str) -> Reader<'s> {
+        Reader {
+            awstoe: true,
+            ..Reader::new(source, &[])
         }
     }
 
@@ -72,12 +85,36 @@ impl<'s> Reader<'s> {
         Some(entries)
     }
 
+    /// Report that `node` is not the kind of value `what` must be.
     pub fn not_a(&mut self, node: &Node, what: &str, expected: &str) {
+        if let Some(written) = self.unquoted_template(node) {
+            self.error(
+                node.span,
+                format!("this `{written}` is read by YAML as a mapping, not as text"),
+                Some(format!("quote it: `\"{written}\"`")),
+            );
+            return;
+        }
         self.error(
             node.span,
             format!("{what} must be {expected}, found {}", node.describe()),
             None,
         );
+    }
+
+    /// In a component document, `{{ name }}` as written when `node` is an unquoted template
+    /// that YAML read as a flow mapping (the AWSTOE trap).
+    pub fn unquoted_template(&self, node: &Node) -> Option<String> {
+        if !self.awstoe || !node.flow || node.as_mapping().is_none() {
+            return None;
+        }
+        let rest = self.source.get(node.span.start..)?;
+        if !rest.starts_with("{{") {
+            return None;
+        }
+        let line = rest.lines().next().unwrap_or(rest);
+        let end = line.find("}}").map_or(line.len(), |i| i + 2);
+        Some(line[..end].to_string())
     }
 
     /// A non-empty scalar's text (numbers and booleans as written).
@@ -89,7 +126,8 @@ impl<'s> Reader<'s> {
         match node.as_str() {
             Some(s) => Some(s.to_string()),
             None => {
-                self.not_a(node, what, "text");
+                let expected = if self.awstoe { "a string" } else { "text" };
+                self.not_a(node, what, expected);
                 None
             }
         }

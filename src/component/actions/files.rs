@@ -9,18 +9,22 @@ use serde_json::{Map, Value};
 
 use super::encoding::Encoding;
 use super::{ActionContext, ActionError, Inputs, Outputs, each_item};
-use crate::machine::{FileKind, FileSource, FileStat, OutputStream, PutOptions};
+use crate::machine::{DirEntry, FileKind, FileSource, FileStat, OutputStream, PutOptions};
 
 fn text(path: &Path) -> String {
     path.to_string_lossy().into_owned()
 }
 
-fn argv<const N: usize>(words: [&str; N], paths: &[&Path]) -> Vec<String> {
-    words
-        .iter()
-        .map(|w| w.to_string())
-        .chain(paths.iter().map(|p| text(p)))
-        .collect()
+/// Run `words` followed by `paths`.
+async fn run(
+    cx: &ActionContext<'_>,
+    words: &[&str],
+    paths: &[impl AsRef<Path>],
+) -> Result<(), ActionError> {
+    let argv: Vec<String> = (words.iter().map(|w| w.to_string()))
+        .chain(paths.iter().map(|p| text(p.as_ref())))
+        .collect();
+    cx.run_quiet(&argv).await
 }
 
 async fn stat(cx: &ActionContext<'_>, path: &Path) -> Result<Option<FileStat>, ActionError> {
@@ -33,10 +37,44 @@ async fn stat(cx: &ActionContext<'_>, path: &Path) -> Result<Option<FileStat>, A
         )))
 }
 
+async fn list(cx: &ActionContext<'_>, path: &Path) -> Result<Vec<DirEntry>, ActionError> {
+    cx.target
+        .list(path)
+        .await
+        .map_err(ActionError::target(format!(
+            "could not list {}",
+            path.display()
+        )))
+}
+
+/// Write `bytes` to `path`; `doing` names the change for the error ("create", "append to").
+async fn put(
+    cx: &ActionContext<'_>,
+    path: &Path,
+    bytes: Vec<u8>,
+    options: &PutOptions,
+    doing: &str,
+) -> Result<Option<Map<String, Value>>, ActionError> {
+    cx.target
+        .put_file(path, FileSource::Bytes(bytes), options)
+        .await
+        .map_err(ActionError::target(format!(
+            "could not {doing} {}",
+            path.display()
+        )))?;
+    Ok(None)
+}
+
+/// `content` in the step's `encoding`.
+fn content(inputs: &Inputs<'_>) -> Result<Vec<u8>, ActionError> {
+    let content = inputs.string("content")?.unwrap_or_default();
+    Ok(encoding(inputs)?.encode(&content))
+}
+
 async fn mkdir_parents(cx: &ActionContext<'_>, path: &Path) -> Result<(), ActionError> {
     match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => {
-            cx.run_quiet(&argv(["mkdir", "-p", "--"], &[parent])).await
+            run(cx, &["mkdir", "-p", "--"], &[parent]).await
         }
         _ => Ok(()),
     }
@@ -107,16 +145,7 @@ async fn sources(
                 "`{source}`: `*` is allowed only in the last part of the path"
             )));
         }
-        let entries = cx
-            .target
-            .list(&parent)
-            .await
-            .map_err(ActionError::target(format!(
-                "could not list {}",
-                parent.display()
-            )))?;
-        let found: Vec<PathBuf> = entries
-            .into_iter()
+        let found: Vec<PathBuf> = (list(cx, &parent).await?.into_iter())
             .filter(|e| wildcard_match(&name, &e.name) && is_kind(&e.stat, folder))
             .map(|e| parent.join(e.name))
             .collect();
@@ -128,13 +157,19 @@ async fn sources(
         }
         return Ok(found);
     }
-    match stat(cx, &full).await? {
-        None => Err(ActionError::NotFound(full)),
+    existing(cx, &full, folder).await?;
+    Ok(vec![full])
+}
+
+/// `Ok` when `path` is a folder (`folder`) or a file.
+async fn existing(cx: &ActionContext<'_>, path: &Path, folder: bool) -> Result<(), ActionError> {
+    match stat(cx, path).await? {
+        None => Err(ActionError::NotFound(path.to_path_buf())),
         Some(s) if !is_kind(&s, folder) => Err(ActionError::NotA {
-            path: full,
+            path: path.to_path_buf(),
             kind: kind_name(folder),
         }),
-        Some(_) => Ok(vec![full]),
+        Some(_) => Ok(()),
     }
 }
 
@@ -151,16 +186,13 @@ fn owner_spec(owner: Option<&str>, group: Option<&str>) -> Option<String> {
 pub async fn create_file(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outputs, ActionError> {
     each_item(inputs, |i| async move {
         let path = cx.path(&i.required("path")?);
-        let content = i.string("content")?.unwrap_or_default();
-        let bytes = encoding(&i)?.encode(&content);
+        let bytes = content(&i)?;
         let overwrite = i.bool("overwrite", true)?;
         match stat(cx, &path).await? {
             Some(s) if s.kind == FileKind::Dir => {
                 return Err(ActionError::IsAFolder { path, hint: "" });
             }
-            Some(_) if !overwrite => {
-                return Err(ActionError::Exists(path));
-            }
+            Some(_) if !overwrite => return Err(ActionError::Exists(path)),
             _ => {}
         }
         let options = PutOptions {
@@ -170,14 +202,7 @@ pub async fn create_file(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outpu
             create_parents: true,
             append: false,
         };
-        cx.target
-            .put_file(&path, FileSource::Bytes(bytes), &options)
-            .await
-            .map_err(ActionError::target(format!(
-                "could not create {}",
-                path.display()
-            )))?;
-        Ok(None)
+        put(cx, &path, bytes, &options, "create").await
     })
     .await
 }
@@ -185,12 +210,9 @@ pub async fn create_file(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outpu
 pub async fn append_file(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outputs, ActionError> {
     each_item(inputs, |i| async move {
         let path = cx.path(&i.required("path")?);
-        let content = i.string("content")?.unwrap_or_default();
-        let bytes = encoding(&i)?.encode(&content);
+        let bytes = content(&i)?;
         match stat(cx, &path).await? {
-            None => {
-                return Err(ActionError::AppendToMissing(path));
-            }
+            None => return Err(ActionError::AppendToMissing(path)),
             Some(s) if s.kind == FileKind::Dir => {
                 return Err(ActionError::IsAFolder { path, hint: "" });
             }
@@ -200,14 +222,7 @@ pub async fn append_file(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outpu
             append: true,
             ..PutOptions::default()
         };
-        cx.target
-            .put_file(&path, FileSource::Bytes(bytes), &options)
-            .await
-            .map_err(ActionError::target(format!(
-                "could not append to {}",
-                path.display()
-            )))?;
-        Ok(None)
+        put(cx, &path, bytes, &options, "append to").await
     })
     .await
 }
@@ -225,19 +240,15 @@ pub async fn create_folder(inputs: &Value, cx: &ActionContext<'_>) -> Result<Out
                     kind: "folder",
                 });
             }
-            Some(_) if !overwrite => {
-                return Err(ActionError::Exists(path));
-            }
+            Some(_) if !overwrite => return Err(ActionError::Exists(path)),
             _ => {}
         }
-        cx.run_quiet(&argv(["mkdir", "-p", "--"], &[&path])).await?;
+        run(cx, &["mkdir", "-p", "--"], &[&path]).await?;
         if let Some(mode) = mode {
-            cx.run_quiet(&argv(["chmod", &format!("{mode:o}"), "--"], &[&path]))
-                .await?;
+            run(cx, &["chmod", &format!("{mode:o}"), "--"], &[&path]).await?;
         }
         if let Some(spec) = owner {
-            cx.run_quiet(&argv(["chown", &spec, "--"], &[&path]))
-                .await?;
+            run(cx, &["chown", &spec, "--"], &[&path]).await?;
         }
         Ok(None)
     })
@@ -265,21 +276,12 @@ pub async fn create_symlink(
                     kind: "symbolic link",
                 });
             }
-            Some(_) if !force => {
-                return Err(ActionError::LinkExists(path));
-            }
+            Some(_) if !force => return Err(ActionError::LinkExists(path)),
             _ => {}
         }
         mkdir_parents(cx, &path).await?;
         let flags = if force { "-sfn" } else { "-s" };
-        cx.run_quiet(&[
-            "ln".to_string(),
-            flags.to_string(),
-            "--".to_string(),
-            target,
-            text(&path),
-        ])
-        .await?;
+        run(cx, &["ln", flags, "--", &target], &[&path]).await?;
         Ok(None)
     })
     .await
@@ -343,30 +345,17 @@ pub async fn copy_or_move(
             }
             mkdir_parents(cx, &dst).await?;
             // `-T`: the destination is exactly `dst`, never "inside dst if it is a folder".
-            match kind {
-                Transfer::CopyFile => {
-                    cx.run_quiet(&argv(["cp", "-pT", "--"], &[&src, &dst]))
-                        .await?
-                }
-                Transfer::CopyFolder => {
-                    cx.run_quiet(&argv(["cp", "-aT", "--"], &[&src, &dst]))
-                        .await?
-                }
-                Transfer::MoveFile => {
-                    cx.run_quiet(&argv(["mv", "-fT", "--"], &[&src, &dst]))
-                        .await?
-                }
-                Transfer::MoveFolder if existing.is_some() => {
-                    // `mv` cannot replace a non-empty folder: merge the content, then remove
-                    // the source.
-                    cx.run_quiet(&argv(["cp", "-aT", "--"], &[&src, &dst]))
-                        .await?;
-                    cx.run_quiet(&argv(["rm", "-rf", "--"], &[&src])).await?;
-                }
-                Transfer::MoveFolder => {
-                    cx.run_quiet(&argv(["mv", "-T", "--"], &[&src, &dst]))
-                        .await?
-                }
+            let words: &[&str] = match kind {
+                Transfer::CopyFile => &["cp", "-pT", "--"],
+                Transfer::MoveFile => &["mv", "-fT", "--"],
+                // `mv` cannot replace a non-empty folder: merge the content, then remove the
+                // source.
+                Transfer::MoveFolder if existing.is_none() => &["mv", "-T", "--"],
+                Transfer::CopyFolder | Transfer::MoveFolder => &["cp", "-aT", "--"],
+            };
+            run(cx, words, &[&src, &dst]).await?;
+            if kind == Transfer::MoveFolder && existing.is_some() {
+                run(cx, &["rm", "-rf", "--"], &[&src]).await?;
             }
         }
         Ok(None)
@@ -391,9 +380,7 @@ pub async fn delete_file(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outpu
         if found.is_empty() {
             return Ok(None);
         }
-        let mut command = vec!["rm".to_string(), "-f".to_string(), "--".to_string()];
-        command.extend(found.iter().map(|p| text(p)));
-        cx.run_quiet(&command).await?;
+        run(cx, &["rm", "-f", "--"], &found).await?;
         Ok(None)
     })
     .await
@@ -403,36 +390,18 @@ pub async fn delete_folder(inputs: &Value, cx: &ActionContext<'_>) -> Result<Out
     each_item(inputs, |i| async move {
         let path = cx.path(&i.required("path")?);
         let force = i.bool("force", false)?;
-        match stat(cx, &path).await? {
-            None => {
-                return Err(ActionError::NotFound(path));
-            }
-            Some(s) if s.kind != FileKind::Dir => {
-                return Err(ActionError::NotA {
-                    path,
-                    kind: "folder",
-                });
-            }
-            Some(_) => {}
-        }
+        existing(cx, &path, true).await?;
         if force {
-            cx.run_quiet(&argv(["rm", "-rf", "--"], &[&path])).await?;
+            run(cx, &["rm", "-rf", "--"], &[&path]).await?;
         } else {
-            let entries = cx
-                .target
-                .list(&path)
-                .await
-                .map_err(ActionError::target(format!(
-                    "could not list {}",
-                    path.display()
-                )))?;
+            let entries = list(cx, &path).await?;
             if !entries.is_empty() {
                 return Err(ActionError::NotEmpty {
                     path,
                     entries: entries.len(),
                 });
             }
-            cx.run_quiet(&argv(["rmdir", "--"], &[&path])).await?;
+            run(cx, &["rmdir", "--"], &[&path]).await?;
         }
         Ok(None)
     })
@@ -444,31 +413,12 @@ pub async fn list_files(inputs: &Value, cx: &ActionContext<'_>) -> Result<Output
         let root = cx.path(&i.required("path")?);
         let pattern = i.string("fileNamePattern")?.unwrap_or_else(|| "*".into());
         let recursive = i.bool("recursive", false)?;
-        match stat(cx, &root).await? {
-            Some(s) if s.kind == FileKind::Dir => {}
-            Some(_) => {
-                return Err(ActionError::NotA {
-                    path: root,
-                    kind: "folder",
-                });
-            }
-            None => {
-                return Err(ActionError::NotFound(root));
-            }
-        }
+        existing(cx, &root, true).await?;
         let mut files = Vec::new();
         let mut pending = vec![root];
         while let Some(dir) = pending.pop() {
-            let entries = cx
-                .target
-                .list(&dir)
-                .await
-                .map_err(ActionError::target(format!(
-                    "could not list {}",
-                    dir.display()
-                )))?;
             let mut subdirs = Vec::new();
-            for entry in entries {
+            for entry in list(cx, &dir).await? {
                 let full = dir.join(&entry.name);
                 if entry.stat.kind == FileKind::Dir {
                     if recursive {
@@ -540,14 +490,14 @@ pub async fn set_owner(
             Some(g) if !g.is_empty() => format!("{owner}:{g}"),
             _ => format!("{owner}:"),
         };
-        let recursive = folder && i.bool("recursive", true)?;
-        let mut command = vec!["chown".to_string()];
-        if recursive {
-            command.push("-R".into());
-        }
-        command.extend([spec, "--".into(), text(&path)]);
-        cx.run_quiet(&command).await?;
-        Ok(None)
+        change(
+            cx,
+            "chown",
+            &spec,
+            folder && i.bool("recursive", true)?,
+            &path,
+        )
+        .await
     })
     .await
 }
@@ -563,15 +513,26 @@ pub async fn set_permissions(
             return Err(ActionError::Input("`permissions` is required".into()));
         };
         let recursive = folder && i.bool("recursive", true)?;
-        let mut command = vec!["chmod".to_string()];
-        if recursive {
-            command.push("-R".into());
-        }
-        command.extend([format!("{mode:o}"), "--".into(), text(&path)]);
-        cx.run_quiet(&command).await?;
-        Ok(None)
+        change(cx, "chmod", &format!("{mode:o}"), recursive, &path).await
     })
     .await
+}
+
+/// `chown`/`chmod` `spec` on `path`, `-R` when `recursive`.
+async fn change(
+    cx: &ActionContext<'_>,
+    program: &str,
+    spec: &str,
+    recursive: bool,
+    path: &Path,
+) -> Result<Option<Map<String, Value>>, ActionError> {
+    let words: &[&str] = if recursive {
+        &[program, "-R", spec, "--"]
+    } else {
+        &[program, spec, "--"]
+    };
+    run(cx, words, &[path]).await?;
+    Ok(None)
 }
 
 #[cfg(test)]

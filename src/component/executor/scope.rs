@@ -123,10 +123,7 @@ impl StepScope<'_> {
         index: Option<usize>,
         key: &str,
     ) -> Result<String, String> {
-        let what = match kind {
-            ChainKind::Inputs => "inputs",
-            ChainKind::Outputs => "outputs",
-        };
+        let what = kind.name();
         let stored = self
             .values
             .stored

@@ -2,47 +2,15 @@
 //! (reference 1.8–1.10).
 
 use super::DocumentReader;
-use crate::component::document::{CompareOp, ExistsOp, Expr, HashAlgorithm, StringTest};
+use crate::component::document::{
+    COMPARISONS, CompareOp, EXISTS, Expr, HASHES, STRING_TESTS, operator,
+};
 use crate::diagnostic::did_you_mean;
 use crate::yaml::Node;
 
 /// Logical operators may be nested at most this deep.
 pub const MAX_LOGICAL_NESTING: usize = 4;
 
-const COMPARISONS: &[(&str, CompareOp)] = &[
-    ("stringEquals", CompareOp::StringEquals),
-    ("stringLessThan", CompareOp::StringLessThan),
-    ("stringLessThanEquals", CompareOp::StringLessThanEquals),
-    ("stringGreaterThan", CompareOp::StringGreaterThan),
-    (
-        "stringGreaterThanEquals",
-        CompareOp::StringGreaterThanEquals,
-    ),
-    ("patternMatches", CompareOp::PatternMatches),
-    ("numberEquals", CompareOp::NumberEquals),
-    ("numberLessThan", CompareOp::NumberLessThan),
-    ("numberLessThanEquals", CompareOp::NumberLessThanEquals),
-    ("numberGreaterThan", CompareOp::NumberGreaterThan),
-    (
-        "numberGreaterThanEquals",
-        CompareOp::NumberGreaterThanEquals,
-    ),
-];
-const STRING_TESTS: &[(&str, StringTest)] = &[
-    ("stringIsEmpty", StringTest::IsEmpty),
-    ("stringIsWhitespace", StringTest::IsWhitespace),
-];
-const EXISTS: &[(&str, ExistsOp)] = &[
-    ("binaryExists", ExistsOp::Binary),
-    ("fileExists", ExistsOp::File),
-    ("folderExists", ExistsOp::Folder),
-];
-const HASHES: &[(&str, HashAlgorithm)] = &[
-    ("fileMD5Equals", HashAlgorithm::Md5),
-    ("fileSHA1Equals", HashAlgorithm::Sha1),
-    ("fileSHA256Equals", HashAlgorithm::Sha256),
-    ("fileSHA512Equals", HashAlgorithm::Sha512),
-];
 const LOGICAL: &[&str] = &["and", "or", "not"];
 
 fn operator_names() -> impl Iterator<Item = &'static str> {
@@ -91,7 +59,7 @@ pub(super) fn expression(
                     .chain(["value", "path"])
                     .chain(extra.iter().copied());
                 let hint = did_you_mean(k, candidates).map(|c| format!("did you mean `{c}`?"));
-                cx.error_hint(key.span, format!("unknown operator `{k}` in {what}"), hint);
+                cx.error(key.span, format!("unknown operator `{k}` in {what}"), hint);
                 ok = false;
             }
             None => {
@@ -110,14 +78,16 @@ pub(super) fn expression(
                 cx.error(
                     node.span,
                     format!("{what} has no operator"),
-                    Some("e.g. `stringEquals: x` with `value: y`, or `fileExists: /etc/motd`"),
+                    Some(
+                        "e.g. `stringEquals: x` with `value: y`, or `fileExists: /etc/motd`".into(),
+                    ),
                 );
             }
             return None;
         }
         [one] => *one,
         [first, second, ..] => {
-            cx.error_hint(
+            cx.error(
                 second.0.span,
                 format!(
                     "{what} has more than one operator: `{}` and `{}`",
@@ -128,13 +98,13 @@ pub(super) fn expression(
             return None;
         }
     };
-    let takes_value = COMPARISONS.iter().any(|(n, _)| *n == op);
-    let takes_path = HASHES.iter().any(|(n, _)| *n == op);
+    let takes_value = operator(COMPARISONS, op).is_some();
+    let takes_path = operator(HASHES, op).is_some();
     if let (false, Some((k, _))) = (takes_value, value) {
         cx.error(
             k.span,
             format!("`{op}` takes no `value`"),
-            Some("its operand is written after the operator"),
+            Some("its operand is written after the operator".into()),
         );
         ok = false;
     }
@@ -142,11 +112,11 @@ pub(super) fn expression(
         cx.error(
             k.span,
             format!("`{op}` takes no `path`"),
-            Some("`path` belongs to the file hash operators"),
+            Some("`path` belongs to the file hash operators".into()),
         );
         ok = false;
     }
-    let expr = if let Some((_, cmp)) = COMPARISONS.iter().find(|(n, _)| *n == op) {
+    let expr = if let Some(cmp) = operator(COMPARISONS, op) {
         let baseline = operand_text(cx, operand, op);
         let value_node = value.map(|(_, v)| v);
         let value = match value {
@@ -155,13 +125,13 @@ pub(super) fn expression(
                 cx.error(
                     key.span,
                     format!("`{op}` needs a `value` to compare with"),
-                    Some("add `value: <text>` next to it"),
+                    Some("add `value: <text>` next to it".into()),
                 );
                 None
             }
         };
         let baseline = baseline?;
-        if *cmp == CompareOp::PatternMatches
+        if cmp == CompareOp::PatternMatches
             && !baseline.contains("{{")
             && let Err(e) = regex::Regex::new(&baseline)
         {
@@ -175,7 +145,7 @@ pub(super) fn expression(
             cx.error(
                 operand.span,
                 format!("`{baseline}` is not a valid regular expression: {reason}"),
-                Some("patterns use RE2 syntax (as Go's regexp)"),
+                Some("patterns use RE2 syntax (as Go's regexp)".into()),
             );
             return None;
         }
@@ -198,21 +168,21 @@ pub(super) fn expression(
             }
         }
         Expr::Compare {
-            op: *cmp,
+            op: cmp,
             baseline,
             value,
         }
-    } else if let Some((_, test)) = STRING_TESTS.iter().find(|(n, _)| *n == op) {
+    } else if let Some(test) = operator(STRING_TESTS, op) {
         Expr::StringTest {
-            op: *test,
+            op: test,
             value: operand_text(cx, operand, op)?,
         }
-    } else if let Some((_, exists)) = EXISTS.iter().find(|(n, _)| *n == op) {
+    } else if let Some(exists) = operator(EXISTS, op) {
         Expr::Exists {
-            op: *exists,
+            op: exists,
             path: operand_text(cx, operand, op)?,
         }
-    } else if let Some((_, algorithm)) = HASHES.iter().find(|(n, _)| *n == op) {
+    } else if let Some(algorithm) = operator(HASHES, op) {
         let digest = operand_text(cx, operand, op);
         let path = match path {
             Some((_, p)) => operand_text(cx, p, "path"),
@@ -220,13 +190,13 @@ pub(super) fn expression(
                 cx.error(
                     key.span,
                     format!("`{op}` needs a `path` to the file to hash"),
-                    Some("add `path: /the/file` next to it"),
+                    Some("add `path: /the/file` next to it".into()),
                 );
                 None
             }
         };
         Expr::FileHash {
-            algorithm: *algorithm,
+            algorithm,
             digest: digest?,
             path: path?,
         }
@@ -236,8 +206,7 @@ pub(super) fn expression(
             cx.error(
                 key.span,
                 format!("logical operators are nested {level} levels deep; at most {MAX_LOGICAL_NESTING} are allowed"),
-                Some("split the condition over several steps"),
-            );
+                Some("split the condition over several steps".into()));
             return None;
         }
         match op {
@@ -268,7 +237,7 @@ pub(super) fn expression(
                     cx.error(
                         operand.span,
                         format!("`{op}` takes a list of expressions"),
-                        Some("write each expression as a `- ` item"),
+                        Some("write each expression as a `- ` item".into()),
                     );
                     return None;
                 };

@@ -33,7 +33,7 @@ pub(super) fn step_inputs(
             (_, []) => format!("add `inputs:` for `{action}`"),
             (_, keys) => format!("`{action}` needs {}", one_of(keys)),
         };
-        cx.error_hint(
+        cx.error(
             node.map_or(step.span, |n| n.span),
             format!("{what} (`{action}`) has no `inputs`"),
             Some(hint),
@@ -43,7 +43,7 @@ pub(super) fn step_inputs(
     match input_shape(action) {
         InputShape::Map => {
             if node.as_sequence().is_some() {
-                cx.error_hint(
+                cx.error(
                     node.span,
                     format!("the inputs of `{action}` are a mapping, not a list"),
                     Some("remove the `- ` in front of the first input".to_string()),
@@ -72,7 +72,7 @@ pub(super) fn step_inputs(
         InputShape::List => {
             let Some(items) = node.as_sequence() else {
                 if node.as_mapping().is_some() && cx.unquoted_template(node).is_none() {
-                    cx.error_hint(
+                    cx.error(
                         node.span,
                         format!("the inputs of `{action}` are a list of mappings, not a mapping"),
                         Some("start the inputs with `- `, one item per operation".to_string()),
@@ -163,7 +163,7 @@ fn input_entries<'n>(
         match did_you_mean(k, keys.iter().copied()) {
             Some(close) if missing.contains(&close) && !explained.contains(&close) => {
                 explained.push(close);
-                cx.error_hint(
+                cx.error(
                     key.span,
                     format!("{needs} `{close}`; `{k}` is not one of its keys"),
                     Some(format!("did you mean `{close}`?")),
@@ -182,7 +182,7 @@ fn input_entries<'n>(
         }
     }
     for key in missing.iter().filter(|k| !explained.contains(k)) {
-        cx.error_hint(
+        cx.error(
             node.span,
             format!("{needs} `{key}`"),
             Some(format!("add `{key}: …`")),
@@ -236,7 +236,7 @@ fn item(
             .iter()
             .find(|(k, _)| k.as_str() == Some(given))
             .map_or(node.span, |(k, _)| k.span);
-        cx.error_hint(
+        cx.error(
             at,
             format!("`{given}` without `{missing}`: the download would not be verified"),
             Some(format!(
@@ -261,7 +261,7 @@ fn convert(cx: &mut DocumentReader<'_>, spec: &InputSpec, node: &Node) -> Option
                     Some(close) => format!("did you mean `{close}`?"),
                     None => format!("expected {}", one_of(options)),
                 };
-                cx.error_hint(node.span, format!("unknown {what} `{text}`"), Some(hint));
+                cx.error(node.span, format!("unknown {what} `{text}`"), Some(hint));
                 return None;
             }
             Some(Value::String(text))
@@ -283,7 +283,7 @@ fn convert(cx: &mut DocumentReader<'_>, spec: &InputSpec, node: &Node) -> Option
                 if node.as_scalar().is_none() && cx.unquoted_template(node).is_some() {
                     cx.not_a(node, &what, "true or false");
                 } else {
-                    cx.error_hint(
+                    cx.error(
                         node.span,
                         format!("{what} must be true or false, found {}", shown(node)),
                         hint,
@@ -316,7 +316,7 @@ fn convert(cx: &mut DocumentReader<'_>, spec: &InputSpec, node: &Node) -> Option
                 cx.error(
                     node.span,
                     format!("{what} `{text}` is not an octal file mode"),
-                    Some("write the mode in octal, e.g. `'0644'` or `'0755'`"),
+                    Some("write the mode in octal, e.g. `'0644'` or `'0755'`".into()),
                 );
                 return None;
             }
@@ -406,7 +406,7 @@ fn string_list(cx: &mut DocumentReader<'_>, node: &Node, what: &str) -> Option<V
                     "{what} must be a list of strings, found {}",
                     node.describe()
                 ),
-                Some("write each item on its own line, starting with `- `"),
+                Some("write each item on its own line, starting with `- `".into()),
             );
         } else {
             cx.not_a(node, what, "a list of strings");

@@ -18,7 +18,7 @@ pub use spec::{
 
 use crate::component::document::Document;
 use crate::diagnostic::{Diagnostics, Problem, Span};
-use crate::yaml::Node;
+use crate::yaml::reader::Reader;
 
 /// The noun used in diagnostics headings.
 pub const NOUN: &str = "component document";
@@ -84,7 +84,12 @@ pub fn check(path: &Path, text: &str) -> Checked {
             .into_iter()
             .map(|p| explain_unquoted_template(text, p)),
     );
-    let mut cx = DocumentReader::new(text);
+    let mut cx = DocumentReader {
+        reader: Reader::awstoe(text),
+        current: None,
+        texts: Vec::new(),
+        declared_elsewhere: Vec::new(),
+    };
     let document = match &root {
         Some(root) => structure::document(&mut cx, root, path),
         None if yaml_failed => None,
@@ -92,12 +97,14 @@ pub fn check(path: &Path, text: &str) -> Checked {
             cx.error(
                 Span::from_offsets(text, 0, 0),
                 "the file holds no YAML document",
-                Some("a component document needs at least `schemaVersion: 1.0` and `phases`"),
+                Some(
+                    "a component document needs at least `schemaVersion: 1.0` and `phases`".into(),
+                ),
             );
             None
         }
     };
-    diagnostics.extend(cx.problems);
+    diagnostics.extend(cx.reader.problems);
     diagnostics.sort();
     let document = document.filter(|_| !diagnostics.has_errors());
     Checked {
@@ -130,11 +137,11 @@ fn explain_unquoted_template(source: &str, problem: Problem) -> Problem {
     }
 }
 
-/// What validation carries along: the source (for the `{{ }}` shape check and for locating
-/// references inside scalars) and the problems found so far.
+/// What validation carries along: the shared [`Reader`] (the source, for the `{{ }}` shape
+/// check and for locating references inside scalars, and the problems found so far) and what
+/// only component documents need.
 struct DocumentReader<'s> {
-    source: &'s str,
-    problems: Vec<Problem>,
+    reader: Reader<'s>,
     /// The step being read, for strings that may hold references.
     current: Option<refs::StepCtx>,
     /// Strings with `{{`, checked once every phase and step is known.
@@ -143,94 +150,15 @@ struct DocumentReader<'s> {
     declared_elsewhere: Vec<String>,
 }
 
-impl<'s> DocumentReader<'s> {
-    fn new(source: &'s str) -> Self {
-        DocumentReader {
-            source,
-            problems: Vec::new(),
-            current: None,
-            texts: Vec::new(),
-            declared_elsewhere: Vec::new(),
-        }
+impl<'s> std::ops::Deref for DocumentReader<'s> {
+    type Target = Reader<'s>;
+    fn deref(&self) -> &Self::Target {
+        &self.reader
     }
+}
 
-    fn error(&mut self, span: Span, message: impl Into<String>, hint: Option<&str>) {
-        self.problems
-            .push(Problem::error(span, message).with_hint_opt(hint.map(str::to_string)));
-    }
-
-    fn error_hint(&mut self, span: Span, message: impl Into<String>, hint: Option<String>) {
-        self.problems
-            .push(Problem::error(span, message).with_hint_opt(hint));
-    }
-
-    fn warning(&mut self, span: Span, message: impl Into<String>, hint: Option<String>) {
-        self.problems
-            .push(Problem::warning(span, message).with_hint_opt(hint));
-    }
-
-    /// The mapping entries of `node`, reporting every key not in `allowed` (with the closest
-    /// allowed key as a suggestion). `None` (and a problem) when `node` is not a mapping.
-    fn mapping<'n>(
-        &mut self,
-        node: &'n Node,
-        what: &str,
-        allowed: &[&str],
-    ) -> Option<&'n [(Node, Node)]> {
-        let Some(entries) = node.as_mapping() else {
-            self.not_a(node, what, "a mapping");
-            return None;
-        };
-        self.problems
-            .extend(crate::yaml::unknown_keys(entries, allowed, what, |_| None));
-        Some(entries)
-    }
-
-    /// Report that `node` is not the kind of value `what` must be. Recognises the AWSTOE trap:
-    /// an unquoted `{{ name }}` that YAML reads as a mapping.
-    fn not_a(&mut self, node: &Node, what: &str, expected: &str) {
-        if let Some(written) = self.unquoted_template(node) {
-            self.error_hint(
-                node.span,
-                format!("this `{written}` is read by YAML as a mapping, not as text"),
-                Some(format!("quote it: `\"{written}\"`")),
-            );
-            return;
-        }
-        self.error(
-            node.span,
-            format!("{what} must be {expected}, found {}", node.describe()),
-            None,
-        );
-    }
-
-    /// `{{ name }}` as written when `node` is an unquoted template read as a flow mapping.
-    fn unquoted_template(&self, node: &Node) -> Option<String> {
-        if !node.flow || node.as_mapping().is_none() {
-            return None;
-        }
-        let rest = self.source.get(node.span.start..)?;
-        if !rest.starts_with("{{") {
-            return None;
-        }
-        let line = rest.lines().next().unwrap_or(rest);
-        let end = line.find("}}").map_or(line.len(), |i| i + 2);
-        Some(line[..end].to_string())
-    }
-
-    /// The text of a scalar (numbers and booleans as written). Reports a problem for
-    /// mappings, lists and empty values.
-    fn string(&mut self, node: &Node, what: &str) -> Option<String> {
-        if node.is_null() {
-            self.error(node.span, format!("{what} is empty"), None);
-            return None;
-        }
-        match node.as_str() {
-            Some(s) => Some(s.to_string()),
-            None => {
-                self.not_a(node, what, "a string");
-                None
-            }
-        }
+impl std::ops::DerefMut for DocumentReader<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.reader
     }
 }

@@ -113,7 +113,7 @@ pub(super) fn check_all(
                 // A malformed reference is a typo whose message already lists the valid forms.
                 match e.message.split_once("; expected ") {
                     Some((what, forms)) => {
-                        cx.error_hint(
+                        cx.error(
                             at,
                             what.to_string(),
                             Some(format!("references look like {forms}")),
@@ -168,7 +168,7 @@ fn check(
                         "declare it under `parameters:` (`- {name}: {{type: string}}`) or `constants:`"
                     ),
                 };
-                cx.error_hint(
+                cx.error(
                     at,
                     format!("`{name}` is not a declared parameter or constant"),
                     Some(hint),
@@ -183,14 +183,14 @@ fn check(
                 Some("add a `loop` to this step, or remove the reference".to_string()),
             ),
             (LoopCtx::Named(Some(actual)), Some(name)) if actual == name => {}
-            (LoopCtx::Named(Some(actual)), Some(name)) => cx.error_hint(
+            (LoopCtx::Named(Some(actual)), Some(name)) => cx.error(
                 at,
                 format!("this step's loop is named `{actual}`, not `{name}`"),
                 Some(format!(
                     "use `{{{{ {actual}.value }}}}` or `{{{{ loop.value }}}}`"
                 )),
             ),
-            (LoopCtx::Named(None), Some(name)) => cx.error_hint(
+            (LoopCtx::Named(None), Some(name)) => cx.error(
                 at,
                 format!("this step's loop has no name, so `{name}` refers to nothing"),
                 Some(format!(
@@ -228,7 +228,7 @@ fn chain(
             Some(close) => format!("did you mean `{close}`?"),
             None => format!("phases in this document: {}", one_of(&names)),
         };
-        cx.error_hint(
+        cx.error(
             at,
             format!("there is no phase `{phase}` in this document"),
             Some(hint),
@@ -247,7 +247,7 @@ fn chain(
             Some(close) => format!("did you mean `{close}`?"),
             None => format!("steps in phase `{phase}`: {}", one_of(&names)),
         };
-        cx.error_hint(
+        cx.error(
             at,
             format!("phase `{phase}` has no step `{step}`"),
             Some(hint),
@@ -270,7 +270,7 @@ fn chain(
             cx.error(
                 at,
                 when,
-                Some("chain only to the outputs of steps that run earlier"),
+                Some("chain only to the outputs of steps that run earlier".into()),
             );
         }
         ChainKind::Outputs => {
@@ -278,7 +278,7 @@ fn chain(
                 cx.error(
                     at,
                     format!("`outputs[{i}]` is out of range: a step's outputs have only index 0"),
-                    Some("use `outputs.<key>` or `outputs[0].<key>`"),
+                    Some("use `outputs.<key>` or `outputs[0].<key>`".into()),
                 );
                 return;
             }
@@ -296,7 +296,7 @@ fn chain(
                     Some(close) => format!("did you mean `{close}`?"),
                     None => format!("`{action}` outputs: {}", one_of(outputs)),
                 };
-                cx.error_hint(at, format!("`{action}` has no output `{key}`"), Some(hint));
+                cx.error(at, format!("`{action}` has no output `{key}`"), Some(hint));
             }
         }
         ChainKind::Inputs => match (&info.inputs, index) {
@@ -304,14 +304,14 @@ fn chain(
             (InputsInfo::Absent, _) => {
                 cx.error(at, format!("step `{step}` has no inputs"), None);
             }
-            (InputsInfo::Map(_), Some(i)) => cx.error_hint(
+            (InputsInfo::Map(_), Some(i)) => cx.error(
                 at,
                 format!("`inputs[{i}]`: the inputs of `{action}` are a mapping, not a list"),
                 Some(format!("use `{phase}.{step}.inputs.{key}`")),
             ),
             (InputsInfo::Map(keys), None) => input_key(cx, at, step, key, keys),
             (InputsInfo::List(_), None) => {
-                cx.error_hint(
+                cx.error(
                     at,
                     format!("the inputs of `{action}` are a list, so the reference needs an index"),
                     Some(format!("use `{phase}.{step}.inputs[0].{key}`")),
@@ -326,7 +326,7 @@ fn chain(
                         items.len(),
                         if items.len() == 1 { "" } else { "s" }
                     ),
-                    Some("indexes start at 0"),
+                    Some("indexes start at 0".into()),
                 ),
             },
         },
@@ -341,7 +341,7 @@ fn input_key(cx: &mut DocumentReader<'_>, at: Span, step: &str, key: &str, keys:
         Some(close) => format!("did you mean `{close}`?"),
         None => format!("its inputs: {}", one_of(keys)),
     };
-    cx.error_hint(
+    cx.error(
         at,
         format!("step `{step}` has no input `{key}`"),
         Some(hint),

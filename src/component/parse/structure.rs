@@ -10,7 +10,7 @@ use super::refs::{self, LoopCtx, StepCtx, StepInfo};
 use super::{DocumentReader, expr, inputs};
 use crate::component::document::{
     Action, Branch, Condition, Constant, DEFAULT_TIMEOUT_SECS, Document, Loop, LoopKind, OnFailure,
-    Parameter, ParameterType, Phase, SourceInfo, Step,
+    Parameter, ParameterType, Phase, SourceInfo, Step, operator,
 };
 use crate::diagnostic::{Span, did_you_mean, one_of};
 use crate::yaml::Node;
@@ -40,39 +40,51 @@ const LOOP_KEYS: &[&str] = &["name", "for", "forEach"];
 const FOR_KEYS: &[&str] = &["start", "end", "updateBy"];
 const FOR_EACH_KEYS: &[&str] = &["list", "delimiter"];
 const STANDARD_PHASES: &[&str] = &["build", "validate", "test"];
+const ON_FAILURE: &[(&str, OnFailure)] = &[
+    ("Abort", OnFailure::Abort),
+    ("Continue", OnFailure::Continue),
+    ("Ignore", OnFailure::Ignore),
+];
+const BRANCHES: &[(&str, Branch)] = &[
+    ("Abort", Branch::Abort),
+    ("Execute", Branch::Execute),
+    ("Skip", Branch::Skip),
+];
 /// `forEach` delimiters AWSTOE allows.
 const DELIMITERS: &[char] = &['.', ',', ';', ':', '\n', '\t', ' ', '-', '_'];
 
 pub(super) fn document(cx: &mut DocumentReader<'_>, root: &Node, path: &Path) -> Option<Document> {
-    let entries = cx.mapping(root, "a component document", TOP_KEYS)?;
-    let get = |key: &str| entries.iter().find(|(k, _)| k.as_str() == Some(key));
-    let start = Span::from_offsets(cx.source, root.span.start, root.span.start);
-
-    let name = get("name").and_then(|(_, v)| optional_string(cx, v, "`name`"));
-    let description = get("description").and_then(|(_, v)| optional_string(cx, v, "`description`"));
-    match get("schemaVersion") {
+    cx.mapping(root, "a component document", TOP_KEYS)?;
+    let start = cx.start_of(root);
+    let name = root
+        .get("name")
+        .and_then(|v| cx.optional_string(v, "`name`"));
+    let description = root
+        .get("description")
+        .and_then(|v| cx.optional_string(v, "`description`"));
+    match root.get("schemaVersion") {
         None => cx.error(
             start,
             "missing `schemaVersion`",
-            Some("add `schemaVersion: 1.0` at the top level"),
+            Some("add `schemaVersion: 1.0` at the top level".into()),
         ),
-        Some((_, v)) => schema_version(cx, v),
+        Some(v) => schema_version(cx, v),
     }
 
     let mut names: HashMap<String, Span> = HashMap::new();
-    let parameters = get("parameters")
-        .map(|(_, v)| parameters(cx, v, &mut names))
-        .unwrap_or_default();
-    let constants = get("constants")
-        .map(|(_, v)| constants(cx, v, &mut names))
-        .unwrap_or_default();
+    let parameters = root.get("parameters").map_or_else(Vec::new, |v| {
+        variables(cx, v, &mut names, "parameter", PARAMETER_KEYS, parameter)
+    });
+    let constants = root.get("constants").map_or_else(Vec::new, |v| {
+        variables(cx, v, &mut names, "constant", CONSTANT_KEYS, constant)
+    });
 
-    let phases = match get("phases") {
+    let phases = match root.entry("phases") {
         None => {
             cx.error(
                 start,
                 "missing `phases`",
-                Some("add `phases:` with at least a `build`, `validate` or `test` phase"),
+                Some("add `phases:` with at least a `build`, `validate` or `test` phase".into()),
             );
             None
         }
@@ -102,18 +114,86 @@ pub(super) fn document(cx: &mut DocumentReader<'_>, root: &Node, path: &Path) ->
     })
 }
 
-fn optional_string(cx: &mut DocumentReader<'_>, node: &Node, what: &str) -> Option<String> {
-    if node.is_null() {
+/// The value of `key` in the mapping `node`, or "{what} has no `key`" at `at`, with `hint`.
+fn required<'n>(
+    cx: &mut DocumentReader<'_>,
+    node: &'n Node,
+    key: &str,
+    what: &str,
+    at: Span,
+    hint: &str,
+) -> Option<&'n Node> {
+    let value = node.get(key);
+    if value.is_none() {
+        cx.error(at, format!("{what} has no `{key}`"), Some(hint.into()));
+    }
+    value
+}
+
+/// Records `name` (written at `node`) in `seen`, or reports it as used before (`twice`, with
+/// a hint that ends in `rule`). Whether it was new.
+fn first_use(
+    cx: &mut DocumentReader<'_>,
+    seen: &mut HashMap<String, usize>,
+    name: &str,
+    node: &Node,
+    twice: String,
+    rule: &str,
+) -> bool {
+    if let Some(line) = seen.get(name) {
+        let hint = format!("the first is on line {line}; {rule}");
+        cx.error(node.span, twice, Some(hint));
+        return false;
+    }
+    seen.insert(name.to_string(), node.span.line);
+    true
+}
+
+/// The items of the list `key: node` (of `what`, e.g. "phases"): a problem when it is not a
+/// list or is empty (with `hint`).
+fn non_empty_list<'n>(
+    cx: &mut DocumentReader<'_>,
+    key: &Node,
+    node: &'n Node,
+    what: &str,
+    hint: &str,
+) -> Option<&'n [Node]> {
+    let Some(items) = node.as_sequence() else {
+        cx.not_a(node, &format!("`{what}`"), &format!("a list of {what}"));
+        return None;
+    };
+    if items.is_empty() {
+        cx.error(key.span, format!("`{what}` is empty"), Some(hint.into()));
         return None;
     }
-    cx.string(node, what)
+    Some(items)
+}
+
+/// One of the words in `options`, spelled exactly (`what` names the value, `unknown` the
+/// word in "unknown {unknown} `x`; expected …"), with a suggestion for a near miss.
+fn word<T: Copy>(
+    cx: &mut DocumentReader<'_>,
+    node: &Node,
+    what: &str,
+    unknown: &str,
+    options: &[(&str, T)],
+) -> Option<T> {
+    let text = cx.string(node, what)?;
+    if let Some(value) = operator(options, &text) {
+        return Some(value);
+    }
+    let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+    let hint = did_you_mean(&text, names.iter().copied()).map(|c| format!("did you mean `{c}`?"));
+    let message = format!("unknown {unknown} `{text}`; expected {}", one_of(&names));
+    cx.error(node.span, message, hint);
+    None
 }
 
 /// `1.0` (a YAML float), `"1.0"` and `1` all occur in real documents.
 fn schema_version(cx: &mut DocumentReader<'_>, node: &Node) {
     match node.as_str() {
         Some("1.0" | "1") => {}
-        Some(other) => cx.error_hint(
+        Some(other) => cx.error(
             node.span,
             format!("unsupported schemaVersion `{other}`; expected `1.0`"),
             Some("only schemaVersion 1.0 exists: write `schemaVersion: 1.0`".to_string()),
@@ -148,7 +228,7 @@ fn variable_items<'n>(
                 if let Some(name) = key.as_str() {
                     cx.declared_elsewhere.push(name.to_string());
                 }
-                cx.error_hint(
+                cx.error(
                     item.span,
                     format!("each item of `{list}` must be a single-key map `- Name: {{...}}`, this one has {} keys", entries.len()),
                     Some(format!(
@@ -157,7 +237,7 @@ fn variable_items<'n>(
                     )),
                 );
             }
-            _ => cx.error_hint(
+            _ => cx.error(
                 item.span,
                 format!("each item of `{list}` must be a single-key map `- Name: {{...}}`"),
                 Some("write it as `- Name:` followed by its settings, indented".to_string()),
@@ -167,6 +247,12 @@ fn variable_items<'n>(
     out
 }
 
+/// Only letters, digits, `_` and `-`: a name references can use.
+fn plain_name(name: &str) -> bool {
+    name.chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
 /// A parameter or constant name: 3–128 characters of `[A-Za-z0-9_-]`, unique across both.
 fn variable_name(
     cx: &mut DocumentReader<'_>,
@@ -174,31 +260,20 @@ fn variable_name(
     names: &mut HashMap<String, Span>,
 ) -> Option<String> {
     let name = cx.string(key, "a parameter or constant name")?;
-    let mut ok = true;
-    if !(3..=128).contains(&name.chars().count()) {
-        cx.error(
-            key.span,
-            format!("name `{name}` must be 3 to 128 characters long"),
-            Some("parameter and constant names are 3 to 128 letters, digits, `_` or `-`"),
-        );
-        ok = false;
-    } else if !name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-    {
-        cx.error(
-            key.span,
-            format!("name `{name}` may only hold letters, digits, `_` and `-`"),
-            Some("parameter and constant names are 3 to 128 letters, digits, `_` or `-`"),
-        );
-        ok = false;
-    }
-    if !ok {
+    let wrong = if !(3..=128).contains(&name.chars().count()) {
+        Some(format!("name `{name}` must be 3 to 128 characters long"))
+    } else {
+        (!plain_name(&name))
+            .then(|| format!("name `{name}` may only hold letters, digits, `_` and `-`"))
+    };
+    if let Some(message) = wrong {
+        let hint = "parameter and constant names are 3 to 128 letters, digits, `_` or `-`";
+        cx.error(key.span, message, Some(hint.into()));
         cx.declared_elsewhere.push(name);
         return None;
     }
     if let Some(first) = names.get(&name) {
-        cx.error_hint(
+        cx.error(
             key.span,
             format!("`{name}` is declared twice"),
             Some(format!(
@@ -223,168 +298,132 @@ fn parameter_type(cx: &mut DocumentReader<'_>, node: &Node) -> Option<ParameterT
         "boolean" => Some(ParameterType::Boolean),
         "stringlist" => Some(ParameterType::StringList),
         _ => {
+            let expected = "`string`, `integer`, `boolean` or `stringList`";
+            let message = format!("unknown parameter type `{text}`; expected {expected}");
             cx.error(
                 node.span,
-                format!("unknown parameter type `{text}`; expected `string`, `integer`, `boolean` or `stringList`"),
-                Some("almost every document uses `type: string`"),
+                message,
+                Some("almost every document uses `type: string`".into()),
             );
             None
         }
     }
 }
 
-fn parameters(
+/// Every `- Name: {...}` item of `parameters` or `constants` (a `noun` each), read by `read`
+/// from its name (when valid), its `what` ("parameter `Name`"), its key and its mapping `body`.
+fn variables<T>(
     cx: &mut DocumentReader<'_>,
     node: &Node,
     names: &mut HashMap<String, Span>,
-) -> Vec<Parameter> {
+    noun: &str,
+    keys: &[&str],
+    read: fn(&mut DocumentReader<'_>, Option<String>, &str, &Node, &Node) -> Option<T>,
+) -> Vec<T> {
     let mut out = Vec::new();
-    for (key, body) in variable_items(cx, node, "parameters") {
+    for (key, body) in variable_items(cx, node, &format!("{noun}s")) {
         let name = variable_name(cx, key, names);
-        let what = format!("parameter `{}`", key.as_str().unwrap_or("?"));
-        let Some(entries) = cx.mapping(body, &what, PARAMETER_KEYS) else {
-            continue;
-        };
-        let get = |k: &str| {
-            entries
-                .iter()
-                .find(|(key, _)| key.as_str() == Some(k))
-                .map(|(_, v)| v)
-        };
-        let kind = match get("type") {
-            Some(t) => parameter_type(cx, t),
-            None => {
-                cx.error(
-                    key.span,
-                    format!("{what} has no `type`"),
-                    Some("add `type: string`"),
-                );
-                None
-            }
-        };
-        let default = get("default").and_then(|d| {
-            if d.is_null() {
-                None
-            } else {
-                cx.string(d, "`default`")
-            }
-        });
-        let description = get("description").and_then(|d| optional_string(cx, d, "`description`"));
-        // A default must be a value of the declared type (only checked when it holds no
-        // reference).
-        if let (Some(d), Some(kind), Some(dn)) = (&default, kind, get("default"))
-            && !d.contains("{{")
-        {
-            let fits = match kind {
-                ParameterType::Integer => d.trim().parse::<i64>().is_ok(),
-                ParameterType::Boolean => {
-                    matches!(d.to_ascii_lowercase().as_str(), "true" | "false")
-                }
-                ParameterType::String | ParameterType::StringList => true,
-            };
-            if !fits {
-                cx.error(
-                    dn.span,
-                    format!(
-                        "default `{d}` is not {}",
-                        if kind == ParameterType::Integer {
-                            "a whole number"
-                        } else {
-                            "`true` or `false`"
-                        }
-                    ),
-                    Some("the default must fit the parameter's `type`"),
-                );
-            }
-        }
-        let mut allowed_values = Vec::new();
-        if let Some(av) = get("allowedValues") {
-            match av.as_sequence() {
-                Some(items) => {
-                    for item in items {
-                        if let Some(v) = cx.string(item, "an allowed value") {
-                            allowed_values.push(v);
-                        }
-                    }
-                }
-                None => cx.not_a(av, "`allowedValues`", "a list of strings"),
-            }
-            if let (Some(d), Some(dn)) = (&default, get("default"))
-                && !allowed_values.is_empty()
-                && !allowed_values.contains(d)
-            {
-                cx.error_hint(
-                    dn.span,
-                    format!("default `{d}` is not one of the allowed values"),
-                    Some(format!("allowed: {}", one_of(&allowed_values))),
-                );
-            }
-        }
-        if let (Some(name), Some(kind)) = (name, kind) {
-            out.push(Parameter {
-                name,
-                kind,
-                default,
-                description,
-                allowed_values,
-            });
+        let what = format!("{noun} `{}`", key.as_str().unwrap_or("?"));
+        if cx.mapping(body, &what, keys).is_some() {
+            out.extend(read(cx, name, &what, key, body));
         }
     }
     out
 }
 
-fn constants(
+fn parameter(
     cx: &mut DocumentReader<'_>,
-    node: &Node,
-    names: &mut HashMap<String, Span>,
-) -> Vec<Constant> {
-    let mut out = Vec::new();
-    for (key, body) in variable_items(cx, node, "constants") {
-        let name = variable_name(cx, key, names);
-        let what = format!("constant `{}`", key.as_str().unwrap_or("?"));
-        let Some(entries) = cx.mapping(body, &what, CONSTANT_KEYS) else {
-            continue;
-        };
-        let get = |k: &str| {
-            entries
-                .iter()
-                .find(|(key, _)| key.as_str() == Some(k))
-                .map(|(_, v)| v)
-        };
-        match get("type") {
-            Some(t) => {
-                if let Some(text) = cx.string(t, "`type`")
-                    && !text.eq_ignore_ascii_case("string")
-                {
-                    cx.error(
-                        t.span,
-                        format!("constant type `{text}` is not supported; constants are `string`"),
-                        None,
-                    );
-                }
+    name: Option<String>,
+    what: &str,
+    key: &Node,
+    body: &Node,
+) -> Option<Parameter> {
+    let kind = required(cx, body, "type", what, key.span, "add `type: string`")
+        .and_then(|t| parameter_type(cx, t));
+    let default_node = body.get("default");
+    let default = default_node.and_then(|d| cx.optional_string(d, "`default`"));
+    let description =
+        (body.get("description")).and_then(|d| cx.optional_string(d, "`description`"));
+    // A default must be a value of the declared type (only checked when it holds no
+    // reference).
+    if let (Some(d), Some(kind), Some(dn)) = (&default, kind, default_node)
+        && !d.contains("{{")
+    {
+        let fits = match kind {
+            ParameterType::Integer => d.trim().parse::<i64>().is_ok(),
+            ParameterType::Boolean => {
+                matches!(d.to_ascii_lowercase().as_str(), "true" | "false")
             }
-            None => cx.error(
-                key.span,
-                format!("{what} has no `type`"),
-                Some("add `type: string`"),
-            ),
-        }
-        let value = match get("value") {
-            Some(v) => cx.string(v, "`value`"),
-            None => {
-                cx.error(
-                    key.span,
-                    format!("{what} has no `value`"),
-                    Some("a constant needs `value: <text>`"),
-                );
-                None
-            }
+            ParameterType::String | ParameterType::StringList => true,
         };
-        if let (Some(name), Some(value)) = (name, value) {
-            out.push(Constant { name, value });
+        if !fits {
+            cx.error(
+                dn.span,
+                format!(
+                    "default `{d}` is not {}",
+                    if kind == ParameterType::Integer {
+                        "a whole number"
+                    } else {
+                        "`true` or `false`"
+                    }
+                ),
+                Some("the default must fit the parameter's `type`".into()),
+            );
         }
     }
-    out
+    let mut allowed_values = Vec::new();
+    if let Some(av) = body.get("allowedValues") {
+        match av.as_sequence() {
+            Some(items) => {
+                for item in items {
+                    if let Some(v) = cx.string(item, "an allowed value") {
+                        allowed_values.push(v);
+                    }
+                }
+            }
+            None => cx.not_a(av, "`allowedValues`", "a list of strings"),
+        }
+        if let (Some(d), Some(dn)) = (&default, default_node)
+            && !allowed_values.is_empty()
+            && !allowed_values.contains(d)
+        {
+            cx.error(
+                dn.span,
+                format!("default `{d}` is not one of the allowed values"),
+                Some(format!("allowed: {}", one_of(&allowed_values))),
+            );
+        }
+    }
+    Some(Parameter {
+        name: name?,
+        kind: kind?,
+        default,
+        description,
+        allowed_values,
+    })
+}
+
+fn constant(
+    cx: &mut DocumentReader<'_>,
+    name: Option<String>,
+    what: &str,
+    key: &Node,
+    body: &Node,
+) -> Option<Constant> {
+    if let Some(t) = required(cx, body, "type", what, key.span, "add `type: string`")
+        && let Some(text) = cx.string(t, "`type`")
+        && !text.eq_ignore_ascii_case("string")
+    {
+        let message = format!("constant type `{text}` is not supported; constants are `string`");
+        cx.error(t.span, message, None);
+    }
+    let hint = "a constant needs `value: <text>`";
+    let value =
+        required(cx, body, "value", what, key.span, hint).and_then(|v| cx.string(v, "`value`"));
+    Some(Constant {
+        name: name?,
+        value: value?,
+    })
 }
 
 /// The phases when all are valid, and what is known of every step either way (references are
@@ -392,55 +431,34 @@ fn constants(
 type Phases = (Option<Vec<Phase>>, Vec<(String, Vec<StepInfo>)>);
 
 fn phases(cx: &mut DocumentReader<'_>, key: &Node, node: &Node) -> Option<Phases> {
-    let Some(items) = node.as_sequence() else {
-        cx.not_a(node, "`phases`", "a list of phases");
-        return None;
-    };
-    if items.is_empty() {
-        cx.error(
-            key.span,
-            "`phases` is empty",
-            Some("add a `build`, `validate` or `test` phase with steps"),
-        );
-        return None;
-    }
+    let hint = "add a `build`, `validate` or `test` phase with steps";
+    let items = non_empty_list(cx, key, node, "phases", hint)?;
     let mut phases = Vec::new();
     let mut infos = Vec::new();
     let mut seen: HashMap<String, usize> = HashMap::new();
     let mut complete = true;
     for item in items {
-        let Some(entries) = cx.mapping(item, "a phase", PHASE_KEYS) else {
+        if cx.mapping(item, "a phase", PHASE_KEYS).is_none() {
             complete = false;
             continue;
-        };
-        let get = |k: &str| entries.iter().find(|(key, _)| key.as_str() == Some(k));
-        let name = match get("name") {
-            Some((_, n)) => cx.string(n, "a phase `name`"),
-            None => {
-                cx.error(
-                    item.span,
-                    "a phase has no `name`",
-                    Some("add `name: build` (or `validate`, `test`)"),
-                );
-                None
-            }
-        };
-        if let (Some(name), Some((_, n))) = (&name, get("name")) {
-            if let Some(line) = seen.get(name) {
-                cx.error_hint(
-                    n.span,
-                    format!("phase `{name}` is defined twice"),
-                    Some(format!(
-                        "the first is on line {line}; put all its steps in one phase"
-                    )),
-                );
-            } else {
-                seen.insert(name.clone(), n.span.line);
-            }
+        }
+        let hint = "add `name: build` (or `validate`, `test`)";
+        let name_node = required(cx, item, "name", "a phase", item.span, hint);
+        let name = name_node.and_then(|n| cx.string(n, "a phase `name`"));
+        if let (Some(name), Some(n)) = (&name, name_node) {
+            let twice = format!("phase `{name}` is defined twice");
+            first_use(
+                cx,
+                &mut seen,
+                name,
+                n,
+                twice,
+                "put all its steps in one phase",
+            );
         }
         let phase_index = infos.len();
         let mut step_infos = Vec::new();
-        let steps = match get("steps") {
+        let steps = match item.entry("steps") {
             None => {
                 cx.error(
                     item.span,
@@ -477,18 +495,8 @@ fn steps(
     node: &Node,
     infos: &mut Vec<StepInfo>,
 ) -> Option<Vec<Step>> {
-    let Some(items) = node.as_sequence() else {
-        cx.not_a(node, "`steps`", "a list of steps");
-        return None;
-    };
-    if items.is_empty() {
-        cx.error(
-            key.span,
-            "`steps` is empty",
-            Some("add at least one step, or remove the phase"),
-        );
-        return None;
-    }
+    let hint = "add at least one step, or remove the phase";
+    let items = non_empty_list(cx, key, node, "steps", hint)?;
     let mut out = Vec::new();
     let mut names: HashMap<String, usize> = HashMap::new();
     let mut loop_names: HashMap<String, usize> = HashMap::new();
@@ -512,53 +520,40 @@ fn step(
     loop_names: &mut HashMap<String, usize>,
     infos: &mut Vec<StepInfo>,
 ) -> Option<Step> {
-    let Some(entries) = cx.mapping(item, "a step", STEP_KEYS) else {
+    if cx.mapping(item, "a step", STEP_KEYS).is_none() {
         infos.push(StepInfo::default());
         return None;
-    };
-    let get = |k: &str| entries.iter().find(|(key, _)| key.as_str() == Some(k));
-    let name = match get("name") {
-        Some((_, n)) => cx.string(n, "a step `name`"),
-        None => {
-            cx.error(
-                item.span,
-                "a step has no `name`",
-                Some("add `name: <StepName>`"),
-            );
-            None
-        }
-    };
-    if let (Some(name), Some((_, n))) = (&name, get("name")) {
-        if let Some(line) = names.get(name) {
-            cx.error_hint(
-                n.span,
-                format!("step name `{name}` is used twice in this phase"),
-                Some(format!(
-                    "the first is on line {line}; step names must be unique within a phase"
-                )),
-            );
-        } else {
-            names.insert(name.clone(), n.span.line);
-        }
+    }
+    let get = |k: &str| item.get(k);
+    let name_node = required(
+        cx,
+        item,
+        "name",
+        "a step",
+        item.span,
+        "add `name: <StepName>`",
+    );
+    let name = name_node.and_then(|n| cx.string(n, "a step `name`"));
+    if let (Some(name), Some(n)) = (&name, name_node) {
+        let twice = format!("step name `{name}` is used twice in this phase");
+        first_use(
+            cx,
+            names,
+            name,
+            n,
+            twice,
+            "step names must be unique within a phase",
+        );
     }
     let what = match &name {
         Some(n) => format!("step `{n}`"),
         None => "this step".to_string(),
     };
-    let action = match get("action") {
-        None => {
-            cx.error(
-                item.span,
-                format!("{what} has no `action`"),
-                Some("add `action: ExecuteBash` (or another action module)"),
-            );
-            None
-        }
-        Some((_, a)) => action(cx, a),
-    };
+    let hint = "add `action: ExecuteBash` (or another action module)";
+    let action = required(cx, item, "action", &what, item.span, hint).and_then(|a| action(cx, a));
 
     // The loop first: references in inputs depend on whether the step loops.
-    let looping = get("loop").and_then(|(_, l)| step_loop(cx, l, loop_names));
+    let looping = get("loop").and_then(|l| step_loop(cx, l, loop_names));
     let loop_ctx = match (get("loop"), &looping) {
         (None, _) => LoopCtx::None,
         (Some(_), Some(l)) => LoopCtx::Named(l.name.clone()),
@@ -570,12 +565,12 @@ fn step(
         looping: loop_ctx,
     });
     // Re-read the loop's strings now that the context is known (they may hold references).
-    if let Some((_, l)) = get("loop") {
+    if let Some(l) = get("loop") {
         loop_texts(cx, l);
     }
 
     let (inputs, info) = match action {
-        Some(action) => inputs::step_inputs(cx, action, item, get("inputs").map(|(_, v)| v), &what),
+        Some(action) => inputs::step_inputs(cx, action, item, get("inputs"), &what),
         None => (None, refs::InputsInfo::Unknown),
     };
     infos.push(StepInfo {
@@ -586,17 +581,17 @@ fn step(
 
     let on_failure = match get("onFailure") {
         None => Some(OnFailure::Abort),
-        Some((_, v)) => on_failure(cx, v),
+        Some(v) => word(cx, v, "`onFailure`", "onFailure", ON_FAILURE),
     };
     let fixed = action == Some(Action::ExecuteDocument);
     let max_attempts = match get("maxAttempts") {
         None => Some(1),
-        Some((_, v)) => match v.as_int() {
+        Some(v) => match v.as_int() {
             Some(n) if n >= 1 && fixed && n != 1 => {
                 cx.error(
                     v.span,
                     "`maxAttempts` of an `ExecuteDocument` step must be 1",
-                    Some("remove `maxAttempts`; nested documents are never retried"),
+                    Some("remove `maxAttempts`; nested documents are never retried".into()),
                 );
                 None
             }
@@ -608,7 +603,7 @@ fn step(
                 cx.error(
                     v.span,
                     format!("`maxAttempts` must be at least 1, found {n}"),
-                    Some("`maxAttempts` counts all attempts; 1 means no retry"),
+                    Some("`maxAttempts` counts all attempts; 1 means no retry".into()),
                 );
                 None
             }
@@ -621,13 +616,16 @@ fn step(
     let timeout_secs = match get("timeoutSeconds") {
         None if fixed => Some(None),
         None => Some(Some(DEFAULT_TIMEOUT_SECS)),
-        Some((_, v)) => match v.as_int() {
+        Some(v) => match v.as_int() {
             Some(-1) => Some(None),
             Some(n) if fixed => {
                 cx.error(
                     v.span,
                     format!("`timeoutSeconds` of an `ExecuteDocument` step must be -1, found {n}"),
-                    Some("remove `timeoutSeconds`; nested documents run without a step timeout"),
+                    Some(
+                        "remove `timeoutSeconds`; nested documents run without a step timeout"
+                            .into(),
+                    ),
                 );
                 None
             }
@@ -635,7 +633,7 @@ fn step(
                 cx.error(
                     v.span,
                     "`timeoutSeconds` is 0",
-                    Some("use a number of seconds greater than 0, or -1 for no timeout"),
+                    Some("use a number of seconds greater than 0, or -1 for no timeout".into()),
                 );
                 None
             }
@@ -644,7 +642,7 @@ fn step(
                 cx.error(
                     v.span,
                     format!("`timeoutSeconds` must be greater than 0 or -1, found {n}"),
-                    Some("use -1 for no timeout"),
+                    Some("use -1 for no timeout".into()),
                 );
                 None
             }
@@ -656,7 +654,7 @@ fn step(
     };
     let condition = match get("if") {
         None => Some(None),
-        Some((_, v)) => condition(cx, v).map(Some),
+        Some(v) => condition(cx, v).map(Some),
     };
     cx.current = None;
 
@@ -686,27 +684,8 @@ fn action(cx: &mut DocumentReader<'_>, node: &Node) -> Option<Action> {
         Some(close) => format!("did you mean `{close}`?"),
         None => "see the list of action modules in the AWSTOE documentation (ExecuteBash, CreateFile, WebDownload, …)".to_string(),
     };
-    cx.error_hint(node.span, format!("unknown action `{name}`"), Some(hint));
+    cx.error(node.span, format!("unknown action `{name}`"), Some(hint));
     None
-}
-
-fn on_failure(cx: &mut DocumentReader<'_>, node: &Node) -> Option<OnFailure> {
-    let text = cx.string(node, "`onFailure`")?;
-    match text.as_str() {
-        "Abort" => Some(OnFailure::Abort),
-        "Continue" => Some(OnFailure::Continue),
-        "Ignore" => Some(OnFailure::Ignore),
-        _ => {
-            let options = ["Abort", "Continue", "Ignore"];
-            let hint = did_you_mean(&text, options).map(|c| format!("did you mean `{c}`?"));
-            cx.error_hint(
-                node.span,
-                format!("unknown onFailure `{text}`; expected {}", one_of(&options)),
-                hint,
-            );
-            None
-        }
-    }
 }
 
 fn step_loop(
@@ -714,55 +693,39 @@ fn step_loop(
     node: &Node,
     loop_names: &mut HashMap<String, usize>,
 ) -> Option<Loop> {
-    let entries = cx.mapping(node, "`loop`", LOOP_KEYS)?;
-    let get = |k: &str| {
-        entries
-            .iter()
-            .find(|(key, _)| key.as_str() == Some(k))
-            .map(|(_, v)| v)
-    };
+    cx.mapping(node, "`loop`", LOOP_KEYS)?;
+    let get = |k: &str| node.get(k);
     let mut ok = true;
     let name = match get("name") {
         None => None,
-        Some(n) => {
-            match cx.string(n, "a loop `name`") {
-                Some(name) => {
-                    if name == "loop"
-                        || !name
-                            .chars()
-                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-                    {
-                        cx.error(
-                            n.span,
-                            format!("loop name `{name}` cannot be used in references"),
-                            Some("use letters, digits, `_` and `-`, and not the word `loop`"),
-                        );
-                        ok = false;
-                    } else if let Some(line) = loop_names.get(&name) {
-                        cx.error_hint(
+        Some(n) => match cx.string(n, "a loop `name`") {
+            Some(name) => {
+                if name == "loop" || !plain_name(&name) {
+                    cx.error(
                         n.span,
-                        format!("loop name `{name}` is used twice in this phase"),
-                        Some(format!("the first is on line {line}; loop names must be unique within a phase")),
+                        format!("loop name `{name}` cannot be used in references"),
+                        Some("use letters, digits, `_` and `-`, and not the word `loop`".into()),
                     );
-                        ok = false;
-                    } else {
-                        loop_names.insert(name.clone(), n.span.line);
-                    }
-                    Some(name)
-                }
-                None => {
                     ok = false;
-                    None
+                } else {
+                    let twice = format!("loop name `{name}` is used twice in this phase");
+                    let rule = "loop names must be unique within a phase";
+                    ok = first_use(cx, loop_names, &name, n, twice, rule);
                 }
+                Some(name)
             }
-        }
+            None => {
+                ok = false;
+                None
+            }
+        },
     };
     let kind = match (get("for"), get("forEach")) {
         (Some(_), Some(fe)) => {
             cx.error(
                 fe.span,
                 "a loop has both `for` and `forEach`",
-                Some("keep one of them; use two steps for two loops"),
+                Some("keep one of them; use two steps for two loops".into()),
             );
             None
         }
@@ -770,7 +733,7 @@ fn step_loop(
             cx.error(
                 node.span,
                 "a loop needs `for` or `forEach`",
-                Some("e.g. `forEach: [a, b]` or `for: {start: 1, end: 3, updateBy: 1}`"),
+                Some("e.g. `forEach: [a, b]` or `for: {start: 1, end: 3, updateBy: 1}`".into()),
             );
             None
         }
@@ -782,20 +745,14 @@ fn step_loop(
 }
 
 fn for_loop(cx: &mut DocumentReader<'_>, node: &Node) -> Option<LoopKind> {
-    let entries = cx.mapping(node, "`for`", FOR_KEYS)?;
+    cx.mapping(node, "`for`", FOR_KEYS)?;
     let mut value = |key: &str| -> Option<i64> {
-        let Some((_, v)) = entries.iter().find(|(k, _)| k.as_str() == Some(key)) else {
-            cx.error(
-                node.span,
-                format!("`for` has no `{key}`"),
-                Some("`for` needs `start`, `end` and `updateBy`"),
-            );
-            return None;
-        };
+        let hint = "`for` needs `start`, `end` and `updateBy`";
+        let v = required(cx, node, key, "`for`", node.span, hint)?;
         match v.as_int() {
             Some(n) => Some(n),
             None => {
-                cx.error_hint(
+                cx.error(
                     v.span,
                     format!("`{key}` must be a whole number, found {}", v.describe()),
                     v.as_str()
@@ -808,20 +765,17 @@ fn for_loop(cx: &mut DocumentReader<'_>, node: &Node) -> Option<LoopKind> {
     };
     let (start, end, update_by) = (value("start"), value("end"), value("updateBy"));
     let (start, end, update_by) = (start?, end?, update_by?);
-    let at = entries
-        .iter()
-        .find(|(k, _)| k.as_str() == Some("updateBy"))
-        .map_or(node.span, |(_, v)| v.span);
+    let at = node.get("updateBy").map_or(node.span, |v| v.span);
     if update_by == 0 {
         cx.error(
             at,
             "`updateBy` is 0, so the loop never ends",
-            Some("use a positive step to count up or a negative one to count down"),
+            Some("use a positive step to count up or a negative one to count down".into()),
         );
         return None;
     }
     if (start < end && update_by < 0) || (start > end && update_by > 0) {
-        cx.error_hint(
+        cx.error(
             at,
             format!(
                 "this loop never ends: `updateBy: {update_by}` moves from {start} away from `end: {end}`"
@@ -843,7 +797,7 @@ fn for_each(cx: &mut DocumentReader<'_>, node: &Node) -> Option<LoopKind> {
             cx.error(
                 node.span,
                 "`forEach` is an empty list",
-                Some("list the values to loop over"),
+                Some("list the values to loop over".into()),
             );
             return None;
         }
@@ -865,25 +819,17 @@ fn for_each(cx: &mut DocumentReader<'_>, node: &Node) -> Option<LoopKind> {
         );
         return None;
     }
-    let entries = cx.mapping(node, "`forEach`", FOR_EACH_KEYS)?;
-    let get = |k: &str| {
-        entries
-            .iter()
-            .find(|(key, _)| key.as_str() == Some(k))
-            .map(|(_, v)| v)
-    };
-    let list = match get("list") {
-        Some(l) => cx.string(l, "`list`"),
-        None => {
-            cx.error(
-                node.span,
-                "`forEach` has no `list`",
-                Some("add `list: a,b,c`"),
-            );
-            None
-        }
-    };
-    let delimiter = match get("delimiter") {
+    cx.mapping(node, "`forEach`", FOR_EACH_KEYS)?;
+    let list = required(
+        cx,
+        node,
+        "list",
+        "`forEach`",
+        node.span,
+        "add `list: a,b,c`",
+    )
+    .and_then(|l| cx.string(l, "`list`"));
+    let delimiter = match node.get("delimiter") {
         None => Some(','),
         Some(d) => delimiter(cx, d),
     };
@@ -919,7 +865,7 @@ fn delimiter(cx: &mut DocumentReader<'_>, node: &Node) -> Option<char> {
             } else {
                 format!("delimiter `{shown}` is not allowed")
             };
-            cx.error_hint(
+            cx.error(
                 node.span,
                 why,
                 Some(
@@ -949,10 +895,12 @@ const IF_BRANCH_KEYS: &[&str] = &["then", "else"];
 
 fn condition(cx: &mut DocumentReader<'_>, node: &Node) -> Option<Condition> {
     if node.as_sequence().is_some() {
+        let hint =
+            "write it as `if:` followed by e.g. `fileExists: /path` and optional `then:`/`else:`";
         cx.error(
             node.span,
             "`if` must be a mapping with one operator",
-            Some("write it as `if:` followed by e.g. `fileExists: /path` and optional `then:`/`else:`"),
+            Some(hint.into()),
         );
         return None;
     }
@@ -961,29 +909,15 @@ fn condition(cx: &mut DocumentReader<'_>, node: &Node) -> Option<Condition> {
         return None;
     }
     let expr = expr::expression(cx, node, IF_BRANCH_KEYS, 1, "`if`");
-    let branch = |cx: &mut DocumentReader<'_>, key: &str, default: Branch| -> Option<Branch> {
-        let Some(v) = node.get(key) else {
-            return Some(default);
-        };
-        let text = cx.string(v, &format!("`{key}`"))?;
-        match text.as_str() {
-            "Abort" => Some(Branch::Abort),
-            "Execute" => Some(Branch::Execute),
-            "Skip" => Some(Branch::Skip),
-            _ => {
-                let options = ["Abort", "Execute", "Skip"];
-                let hint = did_you_mean(&text, options).map(|c| format!("did you mean `{c}`?"));
-                cx.error_hint(
-                    v.span,
-                    format!(
-                        "unknown `{key}` action `{text}`; expected {}",
-                        one_of(&options)
-                    ),
-                    hint,
-                );
-                None
-            }
-        }
+    let branch = |cx: &mut DocumentReader<'_>, key: &str, default: Branch| match node.get(key) {
+        None => Some(default),
+        Some(v) => word(
+            cx,
+            v,
+            &format!("`{key}`"),
+            &format!("`{key}` action"),
+            BRANCHES,
+        ),
     };
     let then = branch(cx, "then", Branch::Execute);
     let otherwise = branch(cx, "else", Branch::Skip);
