@@ -23,8 +23,9 @@ use std::time::{Duration, Instant};
 
 use builder::distribute::NoProgress;
 use builder::distribute::oci::{self, OciOptions, OciShape};
+use builder::export::Artifact;
 use builder::export::manifest::Manifest;
-use builder::export::{Artifact, Format};
+use builder::recipe::Format;
 use builder::recipe::OciReference;
 use builder::recipe::Version;
 use builder::store::{Store, StoredImage};

@@ -13,7 +13,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use builder::export::{self, ExportRequest, Format};
+use builder::export::{self, ExportRequest};
+use builder::recipe::Format;
 
 #[path = "support/bench.rs"]
 mod bench;
@@ -57,7 +58,7 @@ async fn main() {
     let out = work.path().join("out");
     fs_err::create_dir(&out).expect("mkdir");
     let t0 = Instant::now();
-    let req = ExportRequest::new(&disk, &out, "bench", &Format::ALL);
+    let req = ExportRequest::new(&disk, &out, "bench", Format::ALL);
     let report = export::export(&req, &export::NoProgress)
         .await
         .expect("export");

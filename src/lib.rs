@@ -28,8 +28,8 @@
 //!    problem at `file:line:col`), JSON Schema.
 //! 6. [`vm`] (machine, agent, undo): qemu-img, QEMU launch and QMP, accelerator probe,
 //!    cloud-init seed.
-//! 7. [`export`] (vm): the finished disk converted to qcow2/raw/vmdk/vhdx/vhd/ova, checked,
-//!    hashed; `SHA256SUMS` and the `manifest.json` model.
+//! 7. [`export`] (vm, recipe): the finished disk converted to qcow2/raw/vmdk/vhdx/vhd/ova,
+//!    checked, hashed; `SHA256SUMS` and the `manifest.json` model.
 //! 8. [`store`] (export, recipe): the local store: base image cache and downloads, image versions
 //!    `name/x.y.z/n` with their manifests and receipts.
 //! 9. [`distribute`] (store, export, vm, recipe, diagnostic): finished images pushed to OCI

@@ -32,8 +32,9 @@ use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use builder::export::Artifact;
 use builder::export::manifest::Manifest;
-use builder::export::{Artifact, Format};
+use builder::recipe::Format;
 use builder::recipe::Version;
 use builder::store::Store;
 

@@ -34,8 +34,8 @@ use builder::distribute::aws::{
     AmiOptions, AwsCredentials, AwsError, RetryPolicy, S3Client, S3Error, UploadOptions, Uploaded,
     import_ami, preflight, upload_multipart,
 };
-use builder::export::Format;
 use builder::export::manifest::ImageId;
+use builder::recipe::Format;
 use builder::recipe::ImportMethod;
 use builder::store::{StoredDisk, StoredImage};
 use moto::Moto;

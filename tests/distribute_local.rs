@@ -17,8 +17,9 @@ use std::process::{Command, Output};
 use builder::distribute::destination::{self, CliOptions, Destination};
 use builder::distribute::directory::DirectoryError;
 use builder::distribute::{DistributeError, NoProgress};
+use builder::export::Artifact;
 use builder::export::manifest::{Manifest, ParentInput};
-use builder::export::{Artifact, Format};
+use builder::recipe::Format;
 use builder::recipe::Version;
 use builder::store::{Store, StoredImage};
 

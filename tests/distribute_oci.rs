@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use builder::distribute::oci::{self, OciError, OciOptions, OciShape};
 use builder::distribute::{Progress, Receipt};
+use builder::export::Artifact;
 use builder::export::manifest::Manifest;
-use builder::export::{Artifact, Format};
+use builder::recipe::Format;
 use builder::recipe::OciReference;
 use builder::recipe::Version;
 use builder::store::{Store, StoredImage};

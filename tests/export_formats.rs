@@ -6,9 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 
-use builder::export::{
-    self, Artifact, Compression, ExportError, ExportProgress, ExportRequest, Format,
-};
+use builder::export::{self, Artifact, ExportError, ExportProgress, ExportRequest};
+use builder::recipe::{Compression, Format};
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd
@@ -151,7 +150,7 @@ async fn every_format_is_exported_checked_and_hashed() {
         let qemu_format = match a.format {
             Format::Vhd => "vpc",
             Format::Ova => continue,
-            f => f.as_str(),
+            f => f.name(),
         };
         if matches!(a.format, Format::Qcow2 | Format::Vmdk | Format::Vhdx) {
             run(Command::new("qemu-img")
@@ -266,7 +265,7 @@ async fn ova_alone_and_zlib_and_uncompressed() {
         let out = work.path().join(format!("out-{compression}"));
         fs_err::create_dir(&out).expect("mkdir");
         let mut req = ExportRequest::new(&disk, &out, "img", &[Format::Qcow2]);
-        req.compression = compression;
+        req.compression = Some(compression);
         let report = export::export(&req, &export::NoProgress)
             .await
             .expect("qcow2");

@@ -7,11 +7,12 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use builder::export::Artifact;
 use builder::export::manifest::{Manifest, ParentInput};
-use builder::export::{Artifact, Format};
 use builder::pipeline::Clock;
 use builder::pipeline::history::{ExecStatus, History, Outcome, Trigger};
 use builder::pipeline::lifecycle::{self, Decision, Policy, RemoteOutcome};
+use builder::recipe::Format;
 use builder::recipe::Version;
 use builder::store::Receipt;
 use builder::store::Store;

@@ -452,7 +452,7 @@ impl OciSite {
         let mut m = builder::export::manifest::Manifest::new(slot.id().clone(), slot.build_id());
         m.outputs.push(builder::export::Artifact {
             file,
-            format: builder::export::Format::Qcow2,
+            format: builder::recipe::Format::Qcow2,
             size: fs_err::metadata(&disk).expect("size").len(),
             virtual_size: 1 << 20,
             sha256: sha256.clone(),

@@ -3,9 +3,10 @@
 //! JSON; they never create a history.
 
 use assert_cmd::Command;
+use builder::export::Artifact;
 use builder::export::manifest::Manifest;
-use builder::export::{Artifact, Format};
 use builder::pipeline::history::{ExecStatus, History, Outcome, Trigger};
+use builder::recipe::Format;
 use builder::recipe::Version;
 use builder::store::Store;
 use chrono::{DateTime, TimeDelta, Utc};

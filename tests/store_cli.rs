@@ -2,8 +2,9 @@
 //! (`BUILDER_STORE`): data on stdout, messages on stderr, exit codes.
 
 use assert_cmd::Command;
+use builder::export::Artifact;
 use builder::export::manifest::{Manifest, ParentInput};
-use builder::export::{Artifact, Format};
+use builder::recipe::Format;
 use builder::recipe::Version;
 use builder::store::Store;
 use predicates::prelude::*;

@@ -1445,11 +1445,11 @@ pub struct Exported {
 struct ExportBar<'a, 'b>(&'b BuildContext<'a>, Mutex<BTreeMap<String, u32>>);
 
 impl ExportProgress for ExportBar<'_, '_> {
-    fn started(&self, format: export::Format, file: &str) {
+    fn started(&self, format: recipe::Format, file: &str) {
         self.0
             .progress(Stage::Export, &format!("{format}: writing {file}"));
     }
-    fn converting(&self, format: export::Format, percent: f32) {
+    fn converting(&self, format: recipe::Format, percent: f32) {
         let Ok(mut last) = self.1.lock() else { return };
         let p = percent as u32;
         let seen = last.entry(format.to_string()).or_insert(u32::MAX);
@@ -1466,7 +1466,7 @@ impl ExportProgress for ExportBar<'_, '_> {
             total: Some(100),
         });
     }
-    fn verifying(&self, format: export::Format) {
+    fn verifying(&self, format: recipe::Format) {
         self.0
             .progress(Stage::Export, &format!("{format}: checking and hashing"));
     }
@@ -1499,25 +1499,8 @@ pub async fn export(cx: &BuildContext<'_>, tested: Tested) -> Result<Exported, B
 /// What the export stage writes: the recipe's `outputs` and, for an OVA, the VM it
 /// describes. Pure, so a test can check that each setting reaches it.
 fn export_request(plan: &Plan, top: &Path, dir: &Path, stem: &str) -> ExportRequest {
-    let formats: Vec<export::Format> = plan
-        .outputs
-        .formats
-        .iter()
-        .map(|f| match f {
-            recipe::Format::Qcow2 => export::Format::Qcow2,
-            recipe::Format::Raw => export::Format::Raw,
-            recipe::Format::Vmdk => export::Format::Vmdk,
-            recipe::Format::Vhdx => export::Format::Vhdx,
-            recipe::Format::Vhd => export::Format::Vhd,
-            recipe::Format::Ova => export::Format::Ova,
-        })
-        .collect();
-    let mut request = ExportRequest::new(top, dir, stem, &formats);
-    request.compression = match plan.outputs.compression {
-        recipe::Compression::Zstd => export::Compression::Zstd,
-        recipe::Compression::Zlib => export::Compression::Zlib,
-        recipe::Compression::None => export::Compression::None,
-    };
+    let mut request = ExportRequest::new(top, dir, stem, &plan.outputs.formats);
+    request.compression = Some(plan.outputs.compression);
     request.machine.name = format!("{}-{}", plan.recipe.name, plan.recipe.version);
     request.machine.description = plan.recipe.description.clone();
     request.machine.cpus = plan.infrastructure.cpus;

@@ -20,7 +20,7 @@ use builder::distribute::destination::{
 };
 use builder::distribute::directory::DirectoryError;
 use builder::distribute::{DistributeError, Progress, Receipt};
-use builder::export::Format;
+use builder::recipe::Format;
 use builder::store::{ImageRef, human_size};
 use tokio_util::sync::CancellationToken;
 
@@ -104,7 +104,12 @@ pub struct DistributeArgs {
 }
 
 fn parse_format(s: &str) -> Result<Format, String> {
-    s.parse()
+    Format::from_name(s).ok_or_else(|| {
+        format!(
+            "unknown output format `{s}`; expected one of {}",
+            Format::NAMES.join(", ")
+        )
+    })
 }
 
 fn parse_tag(s: &str) -> Result<(String, String), String> {

@@ -14,8 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::directory::{self, DirectoryOptions, VagrantOptions};
 use super::{DistributeError, Progress, Receipt, StoredImage};
-use crate::export::Format;
-use crate::recipe::{self, Distribution, NameTemplate, NameValues};
+use crate::recipe::{self, Distribution, Format, NameTemplate, NameValues};
 
 /// The CLI forms, for messages.
 pub const CLI_FORMS: &str = "`oci://REGISTRY/REPO:TAG`, `containerdisk://REGISTRY/REPO:TAG`, `ami`, `vagrant:PATH.box`, `dir:PATH` or `store`";
@@ -273,7 +272,7 @@ impl Destination {
             Distribution::Directory(d) => Destination::Directory {
                 path: resolve(&d.path.value),
                 name: d.name.as_str().to_string(),
-                formats: d.formats.iter().map(|f| export_format(*f)).collect(),
+                formats: d.formats.clone(),
                 overwrite: d.overwrite,
             },
             Distribution::Vagrant(v) => Destination::Vagrant {
@@ -395,17 +394,6 @@ fn closest(word: &str, kinds: &[&'static str]) -> Option<&'static str> {
             .copied()
             .find(|k| strsim::damerau_levenshtein(&word.to_lowercase(), k) <= 1)
     })
-}
-
-fn export_format(f: recipe::Format) -> Format {
-    match f {
-        recipe::Format::Qcow2 => Format::Qcow2,
-        recipe::Format::Raw => Format::Raw,
-        recipe::Format::Vmdk => Format::Vmdk,
-        recipe::Format::Vhdx => Format::Vhdx,
-        recipe::Format::Vhd => Format::Vhd,
-        recipe::Format::Ova => Format::Ova,
-    }
 }
 
 fn absolute(path: &Path) -> PathBuf {

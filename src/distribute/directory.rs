@@ -27,7 +27,8 @@ use tokio::sync::mpsc;
 
 use super::{Progress, Receipt, StoredImage};
 use crate::export::manifest::MANIFEST_FILE;
-use crate::export::{self, Artifact, ExportError, Format, SUMS_FILE};
+use crate::export::{self, Artifact, ExportError, SUMS_FILE};
+use crate::recipe::Format;
 
 /// Bytes per read/write while copying; progress is reported every [`REPORT_EVERY`].
 const CHUNK: usize = 1 << 20;
@@ -318,7 +319,7 @@ impl export::ExportProgress for ExportBridge<'_> {
     }
     fn converting(&self, format: Format, percent: f32) {
         self.progress
-            .transfer(self.target, format.as_str(), percent as u64, Some(100));
+            .transfer(self.target, format.name(), percent as u64, Some(100));
     }
     fn verifying(&self, format: Format) {
         self.progress
@@ -345,7 +346,6 @@ async fn convert(
         })?;
     let mut request = export::ExportRequest::new(&disk.path, dir, stem, &[format]);
     request.machine = machine(image);
-    request.compression = export::Compression::Auto;
     let bridge = ExportBridge { target, progress };
     let report =
         export::export(&request, &bridge)

@@ -13,6 +13,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::{Artifact, ExportError};
+use crate::recipe::Format;
 
 /// The shape of `manifest.json` this builder writes. Bump it when a field changes meaning.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -309,7 +310,7 @@ impl Manifest {
     }
 
     /// The output of the given format, if the build exported one.
-    pub fn output(&self, format: super::Format) -> Option<&Artifact> {
+    pub fn output(&self, format: Format) -> Option<&Artifact> {
         self.outputs.iter().find(|a| a.format == format)
     }
 }
@@ -335,7 +336,6 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::export::Format;
 
     #[test]
     fn secrets_are_redacted_and_manifest_round_trips() {

@@ -25,7 +25,6 @@
 pub mod manifest;
 mod ova;
 
-use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -33,7 +32,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::recipe::Firmware;
+use crate::recipe::{Compression, Firmware, Format};
 use crate::vm::img::{self, ConvertOptions, ImgError};
 
 pub use manifest::Manifest;
@@ -85,97 +84,6 @@ pub enum ExportError {
     Task(String),
 }
 
-/// An output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Format {
-    Qcow2,
-    Raw,
-    Vmdk,
-    Vhdx,
-    Vhd,
-    Ova,
-}
-
-impl Format {
-    /// Every format, in the order they are exported.
-    pub const ALL: [Format; 6] = [
-        Format::Qcow2,
-        Format::Raw,
-        Format::Vmdk,
-        Format::Vhdx,
-        Format::Vhd,
-        Format::Ova,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Format::Qcow2 => "qcow2",
-            Format::Raw => "raw",
-            Format::Vmdk => "vmdk",
-            Format::Vhdx => "vhdx",
-            Format::Vhd => "vhd",
-            Format::Ova => "ova",
-        }
-    }
-
-    /// The file name extension (without the dot); the same as the name.
-    pub fn extension(self) -> &'static str {
-        self.as_str()
-    }
-
-    /// A disk QEMU can boot directly (a later build can use it as its parent).
-    pub fn is_bootable_disk(self) -> bool {
-        matches!(self, Format::Qcow2 | Format::Raw)
-    }
-}
-
-impl std::fmt::Display for Format {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for Format {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Format::ALL
-            .into_iter()
-            .find(|f| f.as_str() == s)
-            .ok_or_else(|| {
-                format!(
-                    "unknown output format `{s}`; expected one of qcow2, raw, vmdk, vhdx, vhd, ova"
-                )
-            })
-    }
-}
-
-/// qcow2 cluster compression.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Compression {
-    /// zstd where this QEMU writes it (5.1 or later), zlib otherwise. The default.
-    #[default]
-    Auto,
-    /// Needs QEMU 5.1 or later to read the image; about 3x faster than zlib.
-    Zstd,
-    /// Readable by any QEMU.
-    Zlib,
-    /// Uncompressed.
-    None,
-}
-
-impl std::fmt::Display for Compression {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Compression::Auto => "auto",
-            Compression::Zstd => "zstd",
-            Compression::Zlib => "zlib",
-            Compression::None => "none",
-        })
-    }
-}
-
 /// The disk controller an OVA's virtual machine attaches its disk to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DiskController {
@@ -209,8 +117,9 @@ pub struct ExportRequest {
     /// File name without extension: `<stem>.qcow2`, `<stem>.ova`, …
     pub stem: String,
     pub formats: Vec<Format>,
-    /// qcow2 only. Default [`Compression::Auto`].
-    pub compression: Compression,
+    /// qcow2 only. `None` (the default): zstd where this QEMU writes it (5.1 or later), zlib
+    /// otherwise.
+    pub compression: Option<Compression>,
     /// For OVA.
     pub machine: MachineSpec,
     /// Replace outputs that already exist (default: refuse).
@@ -239,7 +148,7 @@ impl ExportRequest {
             },
             stem,
             formats: formats.to_vec(),
-            compression: Compression::Auto,
+            compression: None,
             overwrite: false,
         }
     }
@@ -272,7 +181,7 @@ pub struct ExportReport {
     pub artifacts: Vec<Artifact>,
     /// `<out_dir>/SHA256SUMS`.
     pub sums_file: PathBuf,
-    /// The qcow2 compression actually used (never `Auto`).
+    /// The qcow2 compression actually used.
     pub compression: Compression,
     /// Wall time of each format, from the start of its conversion to its digest (the
     /// digest of one format is computed while the next converts, so these overlap).
@@ -350,7 +259,12 @@ pub async fn export(
     req: &ExportRequest,
     progress: &dyn ExportProgress,
 ) -> Result<ExportReport, ExportError> {
-    let formats: BTreeSet<Format> = req.formats.iter().copied().collect();
+    // Each format once, in export order.
+    let formats: Vec<Format> = Format::ALL
+        .iter()
+        .copied()
+        .filter(|f| req.formats.contains(f))
+        .collect();
     if formats.is_empty() {
         return Err(ExportError::NoFormats);
     }
@@ -381,7 +295,8 @@ pub async fn export(
         })?;
     let virtual_size = source_info.virtual_size;
     let compression = match req.compression {
-        Compression::Auto => match img::supports_zstd().await {
+        Some(c) => c,
+        None => match img::supports_zstd().await {
             Ok(true) => Compression::Zstd,
             Ok(false) => Compression::Zlib,
             Err(source) => {
@@ -391,7 +306,6 @@ pub async fn export(
                 });
             }
         },
-        c => c,
     };
 
     let mut done = Done::default();
@@ -550,8 +464,8 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ExportError::Task(e.to_string()))
 }
 
-/// The qemu-img options for one format.
-fn convert_options(format: Format, compression: Compression) -> (ConvertOptions, bool) {
+/// The qemu-img options for one format, and whether it may be written out of order (`-W`).
+pub fn convert_options(format: Format, compression: Compression) -> (ConvertOptions, bool) {
     let opts = |fmt: &str, compress: bool, options: &[&str]| ConvertOptions {
         format: fmt.to_string(),
         compress,
@@ -559,9 +473,7 @@ fn convert_options(format: Format, compression: Compression) -> (ConvertOptions,
     };
     match format {
         Format::Qcow2 => match compression {
-            Compression::Zstd | Compression::Auto => {
-                (opts("qcow2", true, &["compression_type=zstd"]), true)
-            }
+            Compression::Zstd => (opts("qcow2", true, &["compression_type=zstd"]), true),
             Compression::Zlib => (opts("qcow2", true, &["compression_type=zlib"]), true),
             Compression::None => (opts("qcow2", false, &[]), true),
         },
@@ -635,7 +547,7 @@ async fn verify(
         .map_err(|e| fail(format!("`qemu-img info` failed: {e}")))?;
     let expected = match format {
         Format::Ova => "vmdk",
-        f => f.as_str(),
+        f => f.name(),
     };
     if info.format != expected {
         return Err(fail(format!(
@@ -869,17 +781,6 @@ pub fn verify_sums(dir: &Path) -> Result<(), ExportError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn formats_parse_and_order_qcow2_first() {
-        assert_eq!("vhd".parse::<Format>(), Ok(Format::Vhd));
-        let e = "vdi".parse::<Format>().expect_err("unknown");
-        assert!(e.contains("qcow2, raw"), "{e}");
-        let set: BTreeSet<Format> = [Format::Ova, Format::Raw, Format::Qcow2]
-            .into_iter()
-            .collect();
-        assert_eq!(set.into_iter().next(), Some(Format::Qcow2));
-    }
 
     #[test]
     fn stems_that_are_not_file_names_are_refused() {

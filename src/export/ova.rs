@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use super::{DiskController, ExportError, HashingWriter, MachineSpec};
-use crate::recipe::Firmware;
+use crate::recipe::{Firmware, Format};
 
 pub(super) struct OvaLayout {
     pub stem: String,
@@ -82,7 +82,7 @@ pub(super) fn write(
     tar.append(&header(&layout.disk_name, vmdk_size)?, &mut reader)?;
     if reader.count != vmdk_size || hex::encode(reader.hasher.finalize()) != vmdk_sha {
         return Err(ExportError::Verify {
-            format: super::Format::Ova,
+            format: Format::Ova,
             file: path.display().to_string(),
             detail: format!(
                 "{} changed while it was being archived",

@@ -46,7 +46,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::export::manifest::{ImageId, MANIFEST_FILE};
-use crate::export::{Artifact, ExportError, Format, Manifest};
+use crate::export::{Artifact, ExportError, Manifest};
+use crate::recipe::Format;
 use crate::recipe::Version;
 
 pub use base::{BaseImage, DownloadProgress, FetchOptions, NoDownloadProgress};

@@ -18,9 +18,9 @@ use super::iam::{IamClient, RoleCheck};
 use super::s3::{self, S3Client, S3Error, UploadOptions};
 use crate::diagnostic::error_chain;
 use crate::distribute::{Progress, Receipt, StoredImage};
-use crate::export::Format;
-use crate::recipe::ImportMethod;
-use crate::vm::img::{self, ConvertOptions};
+use crate::export;
+use crate::recipe::{Compression, Format, ImportMethod};
+use crate::vm::img;
 
 /// The target name in progress events.
 const TARGET: &str = "ami";
@@ -531,11 +531,7 @@ async fn disk_to_upload(
             disk.path.display()
         ),
     );
-    let options = ConvertOptions {
-        format: "vmdk".into(),
-        compress: false,
-        options: vec!["subformat=streamOptimized".into()],
-    };
+    let (options, _) = export::convert_options(Format::Vmdk, Compression::None);
     img::convert(&disk.path, &dest, &options)
         .await
         .map_err(|source| AwsError::Convert {

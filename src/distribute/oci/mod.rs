@@ -50,8 +50,9 @@ use self::blob::BlobSource;
 use self::registry::{BlobGetError, Descriptor, Registry};
 use crate::diagnostic::error_chain;
 use crate::distribute::{Progress, Receipt};
+use crate::export::SUMS_FILE;
 use crate::export::manifest::MANIFEST_FILE;
-use crate::export::{Format, SUMS_FILE};
+use crate::recipe::Format;
 use crate::recipe::{OciReference, OciReferenceError};
 use crate::store::StoredImage;
 
