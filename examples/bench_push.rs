@@ -23,11 +23,10 @@ use std::time::{Duration, Instant};
 
 use builder::distribute::NoProgress;
 use builder::distribute::oci::{self, OciOptions, OciShape};
-use builder::export::Artifact;
-use builder::export::manifest::Manifest;
 use builder::recipe::Format;
 use builder::recipe::OciReference;
 use builder::recipe::Version;
+use builder::store::manifest::{Artifact, Manifest};
 use builder::store::{Store, StoredImage};
 
 #[path = "support/bench.rs"]

@@ -28,10 +28,12 @@
 //!    problem at `file:line:col`), JSON Schema.
 //! 6. [`vm`] (machine, agent, undo): qemu-img, QEMU launch and QMP, accelerator probe,
 //!    cloud-init seed.
-//! 7. [`export`] (vm, recipe): the finished disk converted to qcow2/raw/vmdk/vhdx/vhd/ova,
-//!    checked, hashed; `SHA256SUMS` and the `manifest.json` model.
-//! 8. [`store`] (export, recipe): the local store: base image cache and downloads, image versions
-//!    `name/x.y.z/n` with their manifests and receipts.
+//! 7. [`store`] (recipe, digest, diagnostic): the local store: base image cache and downloads,
+//!    image versions `name/x.y.z/n` with their manifests (the `manifest.json` model) and
+//!    receipts.
+//! 8. [`export`] (store, vm, recipe): the finished disk converted to
+//!    qcow2/raw/vmdk/vhdx/vhd/ova, checked, hashed, recorded as the manifest's artifacts;
+//!    `SHA256SUMS`.
 //! 9. [`distribute`] (store, export, vm, recipe, diagnostic): finished images pushed to OCI
 //!    registries, AWS (AMI import), Vagrant boxes, directories; a receipt for each.
 //! 10. [`build`] (all of the above): the stages of a build, in order, and its plan.

@@ -32,11 +32,10 @@ use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use builder::export::Artifact;
-use builder::export::manifest::Manifest;
 use builder::recipe::Format;
 use builder::recipe::Version;
 use builder::store::Store;
+use builder::store::manifest::{Artifact, Manifest};
 
 #[path = "support/vm_tier.rs"]
 mod vm_tier;

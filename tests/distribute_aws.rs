@@ -34,9 +34,9 @@ use builder::distribute::aws::{
     AmiOptions, AwsCredentials, AwsError, RetryPolicy, S3Client, S3Error, UploadOptions, Uploaded,
     import_ami, preflight, upload_multipart,
 };
-use builder::export::manifest::ImageId;
 use builder::recipe::Format;
 use builder::recipe::ImportMethod;
+use builder::store::manifest::{Artifact, ImageId};
 use builder::store::{StoredDisk, StoredImage};
 use moto::Moto;
 use s3s::{KEY, S3Server, SECRET, free_port};
@@ -476,7 +476,7 @@ fn stored_image(dir: &Path) -> StoredImage {
     let sha256 = builder::digest::sha256_file(&disk, None)
         .expect("hash")
         .hex();
-    let mut manifest = builder::export::Manifest::new(
+    let mut manifest = builder::store::Manifest::new(
         ImageId {
             name: "web".into(),
             version: "1.2.0".into(),
@@ -1110,7 +1110,6 @@ async fn an_interrupted_import_keeps_its_converted_disk_and_resumes() {
     ignore = "S3 tier: set BUILDER_S3_TESTS=1 after scripts/install-deps (scripts/test does)"
 )]
 async fn builder_distribute_to_ami_runs_end_to_end_against_moto() {
-    use builder::export::Artifact;
     use builder::recipe::Version;
     use builder::store::Store;
 
@@ -1131,7 +1130,7 @@ async fn builder_distribute_to_ami_runs_end_to_end_against_moto() {
         .status()
         .expect("qemu-img runs (install qemu-utils)");
     assert!(status.success());
-    let mut manifest = builder::export::Manifest::new(slot.id().clone(), slot.build_id());
+    let mut manifest = builder::store::Manifest::new(slot.id().clone(), slot.build_id());
     manifest.host.firmware = "bios".into();
     let sha256 = builder::digest::sha256_file(&disk, None)
         .expect("hash")

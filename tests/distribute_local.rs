@@ -17,10 +17,9 @@ use std::process::{Command, Output};
 use builder::distribute::destination::{self, CliOptions, Destination};
 use builder::distribute::directory::DirectoryError;
 use builder::distribute::{DistributeError, NoProgress};
-use builder::export::Artifact;
-use builder::export::manifest::{Manifest, ParentInput};
 use builder::recipe::Format;
 use builder::recipe::Version;
+use builder::store::manifest::{Artifact, Manifest, ParentInput};
 use builder::store::{Store, StoredImage};
 
 /// A real (empty, 64 MiB) qcow2 made with qemu-img.

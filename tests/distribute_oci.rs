@@ -14,11 +14,10 @@ use std::time::Duration;
 
 use builder::distribute::oci::{self, OciError, OciOptions, OciShape};
 use builder::distribute::{Progress, Receipt};
-use builder::export::Artifact;
-use builder::export::manifest::Manifest;
 use builder::recipe::Format;
 use builder::recipe::OciReference;
 use builder::recipe::Version;
+use builder::store::manifest::{Artifact, Manifest};
 use builder::store::{Store, StoredImage};
 use registry::TestRegistry;
 use sha2::{Digest, Sha256};

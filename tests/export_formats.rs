@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 
-use builder::export::{self, Artifact, ExportError, ExportProgress, ExportRequest};
+use builder::export::{self, ExportError, ExportProgress, ExportRequest};
 use builder::recipe::{Compression, Format};
+use builder::store::Artifact;
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd
@@ -413,8 +414,8 @@ async fn a_cancelled_export_leaves_nothing() {
 /// the file's, and `sha256sum -c` passes in its final folder.
 #[tokio::test]
 async fn an_export_committed_to_the_store_resolves_as_a_parent() {
-    use builder::export::manifest::{ImageId, Manifest};
     use builder::store::Store;
+    use builder::store::manifest::{ImageId, Manifest};
 
     let work = tempfile::tempdir().expect("temp dir");
     let disk = make_disk(work.path());

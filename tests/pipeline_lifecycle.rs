@@ -7,8 +7,6 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use builder::export::Artifact;
-use builder::export::manifest::{Manifest, ParentInput};
 use builder::pipeline::Clock;
 use builder::pipeline::history::{ExecStatus, History, Outcome, Trigger};
 use builder::pipeline::lifecycle::{self, Decision, Policy, RemoteOutcome};
@@ -16,6 +14,7 @@ use builder::recipe::Format;
 use builder::recipe::Version;
 use builder::store::Receipt;
 use builder::store::Store;
+use builder::store::manifest::{Artifact, Manifest, ParentInput};
 use chrono::{DateTime, TimeDelta, Utc};
 
 /// A clock the test moves by hand.

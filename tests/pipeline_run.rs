@@ -449,8 +449,8 @@ impl OciSite {
             .expect("hash")
             .hex();
         fs_err::write(slot.dir().join("SHA256SUMS"), format!("{sha256}  {file}\n")).expect("sums");
-        let mut m = builder::export::manifest::Manifest::new(slot.id().clone(), slot.build_id());
-        m.outputs.push(builder::export::Artifact {
+        let mut m = builder::store::manifest::Manifest::new(slot.id().clone(), slot.build_id());
+        m.outputs.push(builder::store::Artifact {
             file,
             format: builder::recipe::Format::Qcow2,
             size: fs_err::metadata(&disk).expect("size").len(),

@@ -3,12 +3,11 @@
 //! JSON; they never create a history.
 
 use assert_cmd::Command;
-use builder::export::Artifact;
-use builder::export::manifest::Manifest;
 use builder::pipeline::history::{ExecStatus, History, Outcome, Trigger};
 use builder::recipe::Format;
 use builder::recipe::Version;
 use builder::store::Store;
+use builder::store::manifest::{Artifact, Manifest};
 use chrono::{DateTime, TimeDelta, Utc};
 
 fn store_build(store: &Store, name: &str, version: &str) -> String {

@@ -2,11 +2,10 @@
 //! (`BUILDER_STORE`): data on stdout, messages on stderr, exit codes.
 
 use assert_cmd::Command;
-use builder::export::Artifact;
-use builder::export::manifest::{Manifest, ParentInput};
 use builder::recipe::Format;
 use builder::recipe::Version;
 use builder::store::Store;
+use builder::store::manifest::{Artifact, Manifest, ParentInput};
 use predicates::prelude::*;
 
 fn store_build(store: &Store, name: &str, version: &str, parent: Option<ParentInput>) -> String {

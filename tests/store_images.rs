@@ -4,10 +4,9 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use builder::export::Artifact;
-use builder::export::manifest::{ImageId, Manifest, ParentInput, Status};
 use builder::recipe::Format;
 use builder::recipe::Version;
+use builder::store::manifest::{Artifact, ImageId, Manifest, ParentInput, Status};
 use builder::store::{BuildSlot, ImageRef, Store, StoreError};
 
 fn v(s: &str) -> Version {

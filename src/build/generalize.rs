@@ -13,8 +13,8 @@
 
 use std::time::Duration;
 
-use crate::export::manifest::{Package, PackageList};
 use crate::machine::{Capture, ExecRequest, Machine, MachineError, OutputSink, OutputStream};
+use crate::store::manifest::{Package, PackageList};
 use crate::vm::seed::AGENT_INSTALLED_PATHS;
 
 /// Generalizing may trim a few GiB under TCG.

@@ -323,8 +323,8 @@ pub struct ReachedDocument {
 
 impl ReachedDocument {
     /// How the manifest's inputs (and a pipeline's recorded inputs) name this document.
-    pub fn input(&self) -> crate::export::manifest::DocumentInput {
-        crate::export::manifest::DocumentInput {
+    pub fn input(&self) -> crate::store::manifest::DocumentInput {
+        crate::store::manifest::DocumentInput {
             path: self.path.clone(),
             sha256: self.sha256.to_string(),
         }

@@ -19,13 +19,13 @@ use super::plan::{self, Plan, PlanError, PlannedComponent, PlannedParent, Reache
 use crate::component::executor::{self, RunError, RunOptions, RunRequest};
 use crate::component::report::{ExecutionReport, Status as StepStatus};
 use crate::diagnostic::error_chain;
-use crate::export::manifest::{
-    ComponentInput, HostInfo, ImageId, LayerKey, Manifest, PackageList, ParameterValue,
-    ParentInput, PhaseStatus, StageTiming, Status, TestResult,
-};
 use crate::export::{self, ExportError, ExportProgress, ExportRequest};
 use crate::machine::{Capture, ExecRequest, Machine, MachineError};
 use crate::recipe;
+use crate::store::manifest::{
+    Artifact, ComponentInput, HostInfo, ImageId, LayerKey, Manifest, PackageList, ParameterValue,
+    ParentInput, PhaseStatus, StageTiming, Status, TestResult,
+};
 use crate::store::{BuildSlot, DownloadProgress, FetchOptions, Store, StoreError};
 use crate::undo::{self, Leftovers, Outcome, UndoError, UndoList, UnwindReport};
 use crate::vm::seed::CloudInitScope;
@@ -106,7 +106,7 @@ pub enum BuildError {
     #[error("exporting the image failed")]
     Export(#[source] ExportError),
     #[error("could not write the manifest")]
-    Manifest(#[source] ExportError),
+    Manifest(#[source] std::io::Error),
     /// The io error names the files.
     #[error("could not copy the outputs to `outputs.directory`")]
     Copy(#[source] std::io::Error),
@@ -1470,7 +1470,7 @@ impl ExportProgress for ExportBar<'_, '_> {
         self.0
             .progress(Stage::Export, &format!("{format}: checking and hashing"));
     }
-    fn finished(&self, artifact: &export::Artifact, took: Duration) {
+    fn finished(&self, artifact: &Artifact, took: Duration) {
         self.0.progress(
             Stage::Export,
             &format!(

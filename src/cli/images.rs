@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 
 use super::{CliResult, Failure};
-use builder::export::Manifest;
+use builder::store::Manifest;
 use builder::store::{
     Abandoned, FailedBuild, ImageRef, Store, StoreError, StoredImage, human_size,
 };
@@ -470,7 +470,7 @@ fn describe(image: &StoredImage) -> String {
         let passed = m
             .tests
             .iter()
-            .filter(|t| t.status == builder::export::manifest::Status::Success)
+            .filter(|t| t.status == builder::store::manifest::Status::Success)
             .count();
         let _ = writeln!(
             s,

@@ -26,9 +26,10 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use super::{Progress, Receipt, StoredImage};
-use crate::export::manifest::MANIFEST_FILE;
-use crate::export::{self, Artifact, ExportError, SUMS_FILE};
+use crate::export::{self, ExportError, SUMS_FILE};
 use crate::recipe::Format;
+use crate::store::Artifact;
+use crate::store::manifest::MANIFEST_FILE;
 
 /// Bytes per read/write while copying; progress is reported every [`REPORT_EVERY`].
 const CHUNK: usize = 1 << 20;
@@ -615,10 +616,7 @@ pub async fn to_vagrant(
             }],
         }],
     });
-    #[expect(clippy::expect_used, reason = "a json! value always serialises")]
-    let mut text = serde_json::to_vec_pretty(&catalog_json).expect("plain JSON serializes");
-    text.push(b'\n');
-    export::manifest::write_atomic(&catalog, &text)?;
+    crate::store::write_json(&catalog, &catalog_json)?;
     progress.step(
         TARGET,
         &format!("box {} (sha256 {box_sha})", location.display()),

@@ -1,5 +1,5 @@
 //! Export: a finished disk (a qcow2, possibly with a backing chain) converted to the formats
-//! people use, each checked and hashed, plus `SHA256SUMS` and the `manifest.json` model.
+//! people use, each checked and hashed, plus `SHA256SUMS`.
 //! Owns output files and their digests; it does not know how the disk was built, and it never
 //! boots anything. qemu-img is driven only through [`crate::vm::img`].
 //!
@@ -22,20 +22,17 @@
 //! one after another from the same source. `-W` (out-of-order writes) is used only where the
 //! output allows it: a streamOptimized vmdk must be written in order.
 
-pub mod manifest;
 mod ova;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::recipe::{Compression, Firmware, Format};
+use crate::store::Artifact;
 use crate::vm::img::{self, ConvertOptions, ImgError};
-
-pub use manifest::Manifest;
 
 /// The file listing every output's digest, as `sha256sum` writes it.
 pub const SUMS_FILE: &str = "SHA256SUMS";
@@ -76,8 +73,6 @@ pub enum ExportError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} is not a valid manifest: {detail}")]
-    ManifestDecode { path: PathBuf, detail: String },
     #[error("{path}: {detail}")]
     Sums { path: PathBuf, detail: String },
     #[error("an export task stopped unexpectedly: {0}")]
@@ -151,26 +146,6 @@ impl ExportRequest {
             compression: None,
             overwrite: false,
         }
-    }
-}
-
-/// One exported file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Artifact {
-    /// File name inside the output folder.
-    pub file: String,
-    pub format: Format,
-    /// Bytes on disk (the apparent size; a raw file is sparse).
-    pub size: u64,
-    /// The disk's size as the guest sees it.
-    pub virtual_size: u64,
-    pub sha256: String,
-}
-
-impl Artifact {
-    pub fn path(&self, out_dir: &Path) -> PathBuf {
-        out_dir.join(&self.file)
     }
 }
 
@@ -732,7 +707,7 @@ fn write_sums(path: &Path, artifacts: &[Artifact]) -> std::io::Result<()> {
     for a in artifacts {
         text.push_str(&format!("{}  {}\n", a.sha256, a.file));
     }
-    manifest::write_atomic(path, text.as_bytes())
+    crate::store::write_atomic(path, text.as_bytes())
 }
 
 /// Read a `SHA256SUMS` file into (file name, sha256) pairs.

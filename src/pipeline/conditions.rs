@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::history::Execution;
 use super::model::StartCondition;
 use crate::build::plan::{Plan, PlannedComponent, PlannedParent, ReachedDocument};
-use crate::export::manifest::DocumentInput;
+use crate::store::manifest::DocumentInput;
 
 /// What a build is made from, as recorded with each execution (`inputs` in the history).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

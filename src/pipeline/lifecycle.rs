@@ -21,8 +21,8 @@ use serde::{Deserialize, Serialize};
 
 use super::Clock;
 use super::history::{History, HistoryError};
-use crate::export::manifest::MANIFEST_FILE;
 use crate::store::Receipt;
+use crate::store::manifest::MANIFEST_FILE;
 use crate::store::{ImageRef, Store, StoreError, StoredImage};
 
 /// The file, next to a stored build, where distribution records its receipts.
@@ -632,7 +632,7 @@ pub fn delete_remote(image: &StoredImage) -> Vec<RemoteNote> {
 /// only if that manifest still names this build (never a folder someone reused).
 fn delete_directory_copy(image: &StoredImage, dir: &Path) -> RemoteOutcome {
     let manifest = dir.join(MANIFEST_FILE);
-    match crate::export::Manifest::read(&manifest) {
+    match crate::store::Manifest::read(&manifest) {
         Ok(m) if m.image.to_string() == image.reference() => {}
         Ok(m) => {
             return RemoteOutcome::Failed(format!(

@@ -224,7 +224,7 @@ pub async fn execute(
     match built {
         Ok(built) => {
             report.image = Some(built.image.reference());
-            report.manifest = Some(built.image.dir.join(crate::export::manifest::MANIFEST_FILE));
+            report.manifest = Some(built.image.dir.join(crate::store::manifest::MANIFEST_FILE));
             report.logs = Some(built.image.logs_dir());
             report.warnings.extend(built.warnings.iter().cloned());
             if !built.distribution_failures.is_empty() {

@@ -373,13 +373,7 @@ impl Store {
             key,
             sha256: sha256.to_string(),
         });
-        #[expect(
-            clippy::expect_used,
-            reason = "plain data (structs, strings, numbers, string-keyed maps) always serialises with serde_json"
-        )]
-        let mut json = serde_json::to_vec_pretty(&index).expect("plain data serializes");
-        json.push(b'\n');
-        super::write_atomic(&index_path, &json)
+        Ok(super::write_json(&index_path, &index)?)
     }
 
     /// Drop the digests of local files that are gone or changed since they were hashed
@@ -393,13 +387,7 @@ impl Store {
             fs_err::metadata(path).is_ok_and(|meta| hash_key(path, &meta) == e.key)
         });
         if index.entries.len() != before {
-            #[expect(
-                clippy::expect_used,
-                reason = "plain data (structs, strings, numbers, string-keyed maps) always serialises with serde_json"
-            )]
-            let mut json = serde_json::to_vec_pretty(&index).expect("plain data serializes");
-            json.push(b'\n');
-            let _ = super::write_atomic(&index_path, &json);
+            let _ = super::write_json(&index_path, &index);
         }
     }
 

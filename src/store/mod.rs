@@ -35,22 +35,23 @@
 //! failed build's. A live build is never taken for abandoned: its flock is held.
 
 pub mod base;
+pub mod manifest;
 pub mod reference;
 pub mod runner;
 
 use fs_err::File;
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::export::manifest::{ImageId, MANIFEST_FILE};
-use crate::export::{Artifact, ExportError, Manifest};
 use crate::recipe::Format;
 use crate::recipe::Version;
 
 pub use base::{BaseImage, DownloadProgress, FetchOptions, NoDownloadProgress};
+pub use manifest::{Artifact, ImageId, MANIFEST_FILE, Manifest, ManifestError};
 pub use reference::{ImageRef, check_name};
 pub use runner::Runner;
 
@@ -130,7 +131,7 @@ pub enum StoreError {
     Manifest {
         path: PathBuf,
         #[source]
-        source: ExportError,
+        source: ManifestError,
     },
     #[error("the manifest in {path} is for {found}, but this build is {expected}")]
     ManifestMismatch {
@@ -705,7 +706,7 @@ impl Store {
         }
         let mut all = image.receipts();
         all.extend_from_slice(receipts);
-        write_json(&image.dir.join(RECEIPTS_FILE), &all)
+        Ok(write_json(&image.dir.join(RECEIPTS_FILE), &all)?)
     }
 
     /// Clean up abandoned builds (see the module doc): for each build in `staging/` whose
@@ -1133,11 +1134,26 @@ fn numbered_dirs(vdir: &Path) -> Result<Vec<u32>, StoreError> {
     Ok(v)
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    Ok(crate::export::manifest::write_atomic(path, bytes)?)
+/// Write `bytes` to `path` through a temporary sibling that is synced, then renamed: readers
+/// see the old file or the new one, never half of one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    // tempfile's own errors name the path; the rest goes through fs-err, whose errors do too.
+    let (file, tmp) = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempfile_in(dir)?
+        .into_parts();
+    let mut file = fs_err::File::from_parts(file, &*tmp);
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    fs_err::rename(&tmp, path)?;
+    // Renamed: nothing is left under the temporary name to remove.
+    let _ = tmp.keep();
+    Ok(())
 }
 
-fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StoreError> {
+/// Write `value` as pretty JSON, with a final newline, through [`write_atomic`].
+pub fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
     #[expect(
         clippy::expect_used,
         reason = "plain data (structs, strings, numbers, string-keyed maps) always serialises with serde_json"
@@ -1389,7 +1405,7 @@ mod tests {
             .allocate_build("web", &Version::new(1, 0, 0))
             .expect("slot");
         let mut m = manifest_for(&slot);
-        m.inputs.parent = Some(crate::export::manifest::ParentInput {
+        m.inputs.parent = Some(manifest::ParentInput {
             source: format!("oci://127.0.0.1:5000/base:1@sha256:{manifest}"),
             sha256: manifest.clone(),
             store_image: None,

@@ -950,8 +950,8 @@ mod tests {
     #[test]
     fn state_lives_in_the_store() {
         let image_dir = PathBuf::from("/data/store/images/web/1.0.0/3");
-        let manifest = crate::export::Manifest::new(
-            crate::export::manifest::ImageId {
+        let manifest = crate::store::Manifest::new(
+            crate::store::manifest::ImageId {
                 name: "web".into(),
                 version: "1.0.0".into(),
                 build: 3,

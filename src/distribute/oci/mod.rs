@@ -51,10 +51,10 @@ use self::registry::{BlobGetError, Descriptor, Registry};
 use crate::diagnostic::error_chain;
 use crate::distribute::{Progress, Receipt};
 use crate::export::SUMS_FILE;
-use crate::export::manifest::MANIFEST_FILE;
 use crate::recipe::Format;
 use crate::recipe::{OciReference, OciReferenceError};
 use crate::store::StoredImage;
+use crate::store::manifest::MANIFEST_FILE;
 
 /// `artifactType` of a builder disk artifact.
 pub const ARTIFACT_TYPE: &str = "application/vnd.builder.disk.v1";

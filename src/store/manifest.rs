@@ -1,18 +1,16 @@
 //! `manifest.json`: what went into one build and what came out of it. The build fills a
-//! [`Manifest`]; this module defines it, writes it atomically and reads it back (the store
-//! lists and resolves images from it), with the package inventory (a simple SBOM) the build
-//! reads from the guest.
+//! [`Manifest`] (export gives its [`Artifact`]s); this module defines it, writes it atomically
+//! and reads it back (the store lists and resolves images from it), with the package
+//! inventory (a simple SBOM) the build reads from the guest.
 //!
 //! Readers are lenient (missing lists default to empty, unknown keys are ignored) so a newer
 //! builder can still list builds made by an older one; `schemaVersion` says which shape it is.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{Artifact, ExportError};
 use crate::recipe::Format;
 
 /// The shape of `manifest.json` this builder writes. Bump it when a field changes meaning.
@@ -23,6 +21,16 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 
 /// What a redacted parameter value is replaced with.
 pub const REDACTED: &str = "<redacted>";
+
+/// Why a `manifest.json` could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// A file system call failed; fs-err's error names the path and what was being done.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("{path} is not a valid manifest: {detail}")]
+    Decode { path: PathBuf, detail: String },
+}
 
 /// Everything recorded about one build.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -249,6 +257,26 @@ pub struct TestResult {
     pub message: Option<String>,
 }
 
+/// One exported file, as the manifest records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Artifact {
+    /// File name inside the output folder.
+    pub file: String,
+    pub format: Format,
+    /// Bytes on disk (the apparent size; a raw file is sparse).
+    pub size: u64,
+    /// The disk's size as the guest sees it.
+    pub virtual_size: u64,
+    pub sha256: String,
+}
+
+impl Artifact {
+    pub fn path(&self, out_dir: &Path) -> PathBuf {
+        out_dir.join(&self.file)
+    }
+}
+
 /// The package inventory of the image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -288,22 +316,16 @@ impl Manifest {
     }
 
     /// Write `dir/manifest.json` under a temporary name, sync it, and rename it into place.
-    pub fn write(&self, dir: &Path) -> Result<PathBuf, ExportError> {
+    pub fn write(&self, dir: &Path) -> std::io::Result<PathBuf> {
         let path = dir.join(MANIFEST_FILE);
-        #[expect(
-            clippy::expect_used,
-            reason = "plain data (structs, strings, numbers, string-keyed maps) always serialises with serde_json"
-        )]
-        let mut json = serde_json::to_vec_pretty(self).expect("a manifest always serializes");
-        json.push(b'\n');
-        write_atomic(&path, &json)?;
+        super::write_json(&path, self)?;
         Ok(path)
     }
 
     /// Read a `manifest.json`.
-    pub fn read(path: &Path) -> Result<Self, ExportError> {
+    pub fn read(path: &Path) -> Result<Self, ManifestError> {
         let bytes = fs_err::read(path)?;
-        serde_json::from_slice(&bytes).map_err(|e| ExportError::ManifestDecode {
+        serde_json::from_slice(&bytes).map_err(|e| ManifestError::Decode {
             path: path.to_path_buf(),
             detail: e.to_string(),
         })
@@ -313,24 +335,6 @@ impl Manifest {
     pub fn output(&self, format: Format) -> Option<&Artifact> {
         self.outputs.iter().find(|a| a.format == format)
     }
-}
-
-/// Write `bytes` to `path` through a temporary sibling that is synced, then renamed: readers
-/// see the old file or the new one, never half of one.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    // tempfile's own errors name the path; the rest goes through fs-err, whose errors do too.
-    let (file, tmp) = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .tempfile_in(dir)?
-        .into_parts();
-    let mut file = fs_err::File::from_parts(file, &*tmp);
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    fs_err::rename(&tmp, path)?;
-    // Renamed: nothing is left under the temporary name to remove.
-    let _ = tmp.keep();
-    Ok(())
 }
 
 #[cfg(test)]
