@@ -96,21 +96,15 @@ pub fn evaluate<'a>(
                 let path = cx.operand(path)?;
                 file_hash_equals(*algorithm, &digest, &path, cx).await
             }
-            Expr::And(items) => {
+            Expr::And(items) | Expr::Or(items) => {
+                // The value that decides: `false` for `and`, `true` for `or`.
+                let decides = matches!(expr, Expr::Or(_));
                 for item in items {
-                    if !evaluate(item, cx).await? {
-                        return Ok(false);
+                    if evaluate(item, cx).await? == decides {
+                        return Ok(decides);
                     }
                 }
-                Ok(true)
-            }
-            Expr::Or(items) => {
-                for item in items {
-                    if evaluate(item, cx).await? {
-                        return Ok(true);
-                    }
-                }
-                Ok(false)
+                Ok(!decides)
             }
             Expr::Not(inner) => Ok(!evaluate(inner, cx).await?),
         }

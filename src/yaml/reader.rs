@@ -3,7 +3,7 @@
 //! the same message in every file. Only the table of Image Builder spellings differs from one
 //! file kind to the next, and component documents speak AWSTOE's words ([`Reader::awstoe`]).
 
-use crate::diagnostic::{Problem, Span, did_you_mean, one_of};
+use crate::diagnostic::{Problem, Span, did_you_mean_hint, one_of};
 use crate::yaml::Node;
 
 /// Image Builder's spelling of a setting → how to write it here. Users coming from AWS write
@@ -208,8 +208,7 @@ impl<'s> Reader<'s> {
         if let Some(value) = from_name(&text) {
             return Some(value);
         }
-        let hint =
-            did_you_mean(&text, names.iter().copied()).map(|c| format!("did you mean `{c}`?"));
+        let hint = did_you_mean_hint(&text, names.iter().copied());
         self.error(
             node.span,
             format!("unknown {noun} `{text}`; expected {}", one_of(names)),

@@ -5,7 +5,7 @@ use super::DocumentReader;
 use crate::component::document::{
     COMPARISONS, CompareOp, EXISTS, Expr, HASHES, STRING_TESTS, operator,
 };
-use crate::diagnostic::did_you_mean;
+use crate::diagnostic::did_you_mean_hint;
 use crate::yaml::Node;
 
 /// Logical operators may be nested at most this deep.
@@ -58,7 +58,7 @@ pub(super) fn expression(
                 let candidates = operator_names()
                     .chain(["value", "path"])
                     .chain(extra.iter().copied());
-                let hint = did_you_mean(k, candidates).map(|c| format!("did you mean `{c}`?"));
+                let hint = did_you_mean_hint(k, candidates);
                 cx.error(key.span, format!("unknown operator `{k}` in {what}"), hint);
                 ok = false;
             }

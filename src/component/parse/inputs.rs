@@ -7,7 +7,7 @@ use super::refs::InputsInfo;
 use super::spec::{InputShape, InputSpec, InputType, input_shape, input_spec, inputs_optional};
 use super::{DocumentReader, expr};
 use crate::component::document::Action;
-use crate::diagnostic::{did_you_mean, one_of};
+use crate::diagnostic::{did_you_mean, did_you_mean_hint, one_of};
 use crate::yaml::Node;
 
 pub(super) fn step_inputs(
@@ -257,10 +257,8 @@ fn convert(cx: &mut DocumentReader<'_>, spec: &InputSpec, node: &Node) -> Option
         InputType::OneOf(options) => {
             let text = string(cx, node, &what)?;
             if !text.contains("{{") && !options.iter().any(|o| o.eq_ignore_ascii_case(&text)) {
-                let hint = match did_you_mean(&text, options.iter().copied()) {
-                    Some(close) => format!("did you mean `{close}`?"),
-                    None => format!("expected {}", one_of(options)),
-                };
+                let hint = did_you_mean_hint(&text, options.iter().copied())
+                    .unwrap_or_else(|| format!("expected {}", one_of(options)));
                 cx.error(node.span, format!("unknown {what} `{text}`"), Some(hint));
                 return None;
             }

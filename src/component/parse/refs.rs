@@ -7,7 +7,7 @@ use super::DocumentReader;
 use super::spec::outputs_of;
 use crate::component::document::Action;
 use crate::component::template::{self, ChainKind, Piece, Reference};
-use crate::diagnostic::{Span, did_you_mean, one_of};
+use crate::diagnostic::{Span, did_you_mean_hint, one_of};
 use crate::yaml::Node;
 
 /// Whether the step being read loops, and the loop's name.
@@ -162,17 +162,15 @@ fn check(
     match reference {
         Reference::Variable(name) => {
             if !variables.contains(&name.as_str()) {
-                let hint = match did_you_mean(name, variables.iter().copied()) {
-                    Some(close) => format!("did you mean `{close}`?"),
-                    None => format!(
-                        "declare it under `parameters:` (`- {name}: {{type: string}}`) or `constants:`"
-                    ),
-                };
-                cx.error(
-                    at,
-                    format!("`{name}` is not a declared parameter or constant"),
-                    Some(hint),
-                );
+                let hint =
+                    did_you_mean_hint(name, variables.iter().copied()).unwrap_or_else(|| {
+                        format!(
+                            "declare it under `parameters:` (`- {name}: {{type: string}}`) or \
+                             `constants:`"
+                        )
+                    });
+                let message = format!("`{name}` is not a declared parameter or constant");
+                cx.error(at, message, Some(hint));
             }
         }
         Reference::Loop { name, .. } => match (&ctx.looping, name) {
@@ -224,10 +222,8 @@ fn chain(
     let phases = index_of.phases;
     let Some(&phase_index) = index_of.phase.get(phase) else {
         let names: Vec<&str> = phases.iter().map(|(n, _)| n.as_str()).collect();
-        let hint = match did_you_mean(phase, names.iter().copied()) {
-            Some(close) => format!("did you mean `{close}`?"),
-            None => format!("phases in this document: {}", one_of(&names)),
-        };
+        let hint = did_you_mean_hint(phase, names.iter().copied())
+            .unwrap_or_else(|| format!("phases in this document: {}", one_of(&names)));
         cx.error(
             at,
             format!("there is no phase `{phase}` in this document"),
@@ -243,10 +239,8 @@ fn chain(
                 names.push(name);
             }
         }
-        let hint = match did_you_mean(step, names.iter().copied()) {
-            Some(close) => format!("did you mean `{close}`?"),
-            None => format!("steps in phase `{phase}`: {}", one_of(&names)),
-        };
+        let hint = did_you_mean_hint(step, names.iter().copied())
+            .unwrap_or_else(|| format!("steps in phase `{phase}`: {}", one_of(&names)));
         cx.error(
             at,
             format!("phase `{phase}` has no step `{step}`"),
@@ -292,10 +286,8 @@ fn chain(
                     None,
                 );
             } else if !outputs.contains(&key) {
-                let hint = match did_you_mean(key, outputs.iter().copied()) {
-                    Some(close) => format!("did you mean `{close}`?"),
-                    None => format!("`{action}` outputs: {}", one_of(outputs)),
-                };
+                let hint = did_you_mean_hint(key, outputs.iter().copied())
+                    .unwrap_or_else(|| format!("`{action}` outputs: {}", one_of(outputs)));
                 cx.error(at, format!("`{action}` has no output `{key}`"), Some(hint));
             }
         }
@@ -337,10 +329,8 @@ fn input_key(cx: &mut DocumentReader<'_>, at: Span, step: &str, key: &str, keys:
     if keys.iter().any(|k| k == key) {
         return;
     }
-    let hint = match did_you_mean(key, keys.iter().map(String::as_str)) {
-        Some(close) => format!("did you mean `{close}`?"),
-        None => format!("its inputs: {}", one_of(keys)),
-    };
+    let hint = did_you_mean_hint(key, keys.iter().map(String::as_str))
+        .unwrap_or_else(|| format!("its inputs: {}", one_of(keys)));
     cx.error(
         at,
         format!("step `{step}` has no input `{key}`"),

@@ -12,7 +12,7 @@ use crate::component::document::{
     Action, Branch, Condition, Constant, DEFAULT_TIMEOUT_SECS, Document, Loop, LoopKind, OnFailure,
     Parameter, ParameterType, Phase, SourceInfo, Step, operator,
 };
-use crate::diagnostic::{Span, did_you_mean, one_of};
+use crate::diagnostic::{Span, did_you_mean_hint, one_of};
 use crate::yaml::Node;
 
 const TOP_KEYS: &[&str] = &[
@@ -183,9 +183,31 @@ fn word<T: Copy>(
         return Some(value);
     }
     let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
-    let hint = did_you_mean(&text, names.iter().copied()).map(|c| format!("did you mean `{c}`?"));
+    let hint = did_you_mean_hint(&text, names.iter().copied());
     let message = format!("unknown {unknown} `{text}`; expected {}", one_of(&names));
     cx.error(node.span, message, hint);
+    None
+}
+
+/// Report that `node` breaks a rule (`message`, with `hint`): no value.
+fn refuse<T>(
+    cx: &mut DocumentReader<'_>,
+    node: &Node,
+    message: impl Into<String>,
+    hint: &str,
+) -> Option<T> {
+    cx.error(node.span, message, Some(hint.into()));
+    None
+}
+
+/// [`Reader::not_a`](crate::yaml::reader::Reader::not_a): no value.
+fn refuse_not_a<T>(
+    cx: &mut DocumentReader<'_>,
+    node: &Node,
+    what: &str,
+    expected: &str,
+) -> Option<T> {
+    cx.not_a(node, what, expected);
     None
 }
 
@@ -587,30 +609,23 @@ fn step(
     let max_attempts = match get("maxAttempts") {
         None => Some(1),
         Some(v) => match v.as_int() {
-            Some(n) if n >= 1 && fixed && n != 1 => {
-                cx.error(
-                    v.span,
-                    "`maxAttempts` of an `ExecuteDocument` step must be 1",
-                    Some("remove `maxAttempts`; nested documents are never retried".into()),
-                );
-                None
-            }
+            Some(n) if n >= 1 && fixed && n != 1 => refuse(
+                cx,
+                v,
+                "`maxAttempts` of an `ExecuteDocument` step must be 1",
+                "remove `maxAttempts`; nested documents are never retried",
+            ),
             Some(n) if n >= 1 => u32::try_from(n).ok().or_else(|| {
                 cx.error(v.span, format!("`maxAttempts` {n} is too large"), None);
                 None
             }),
-            Some(n) => {
-                cx.error(
-                    v.span,
-                    format!("`maxAttempts` must be at least 1, found {n}"),
-                    Some("`maxAttempts` counts all attempts; 1 means no retry".into()),
-                );
-                None
-            }
-            None => {
-                cx.not_a(v, "`maxAttempts`", "a whole number");
-                None
-            }
+            Some(n) => refuse(
+                cx,
+                v,
+                format!("`maxAttempts` must be at least 1, found {n}"),
+                "`maxAttempts` counts all attempts; 1 means no retry",
+            ),
+            None => refuse_not_a(cx, v, "`maxAttempts`", "a whole number"),
         },
     };
     let timeout_secs = match get("timeoutSeconds") {
@@ -618,38 +633,26 @@ fn step(
         None => Some(Some(DEFAULT_TIMEOUT_SECS)),
         Some(v) => match v.as_int() {
             Some(-1) => Some(None),
-            Some(n) if fixed => {
-                cx.error(
-                    v.span,
-                    format!("`timeoutSeconds` of an `ExecuteDocument` step must be -1, found {n}"),
-                    Some(
-                        "remove `timeoutSeconds`; nested documents run without a step timeout"
-                            .into(),
-                    ),
-                );
-                None
-            }
-            Some(0) => {
-                cx.error(
-                    v.span,
-                    "`timeoutSeconds` is 0",
-                    Some("use a number of seconds greater than 0, or -1 for no timeout".into()),
-                );
-                None
-            }
+            Some(n) if fixed => refuse(
+                cx,
+                v,
+                format!("`timeoutSeconds` of an `ExecuteDocument` step must be -1, found {n}"),
+                "remove `timeoutSeconds`; nested documents run without a step timeout",
+            ),
+            Some(0) => refuse(
+                cx,
+                v,
+                "`timeoutSeconds` is 0",
+                "use a number of seconds greater than 0, or -1 for no timeout",
+            ),
             Some(n) if n > 0 => Some(Some(n as u64)),
-            Some(n) => {
-                cx.error(
-                    v.span,
-                    format!("`timeoutSeconds` must be greater than 0 or -1, found {n}"),
-                    Some("use -1 for no timeout".into()),
-                );
-                None
-            }
-            None => {
-                cx.not_a(v, "`timeoutSeconds`", "a whole number of seconds");
-                None
-            }
+            Some(n) => refuse(
+                cx,
+                v,
+                format!("`timeoutSeconds` must be greater than 0 or -1, found {n}"),
+                "use -1 for no timeout",
+            ),
+            None => refuse_not_a(cx, v, "`timeoutSeconds`", "a whole number of seconds"),
         },
     };
     let condition = match get("if") {
@@ -680,10 +683,11 @@ fn action(cx: &mut DocumentReader<'_>, node: &Node) -> Option<Action> {
         return Some(a);
     }
     let names: Vec<&str> = Action::ALL.iter().map(|a| a.name()).collect();
-    let hint = match did_you_mean(&name, names.iter().copied()) {
-        Some(close) => format!("did you mean `{close}`?"),
-        None => "see the list of action modules in the AWSTOE documentation (ExecuteBash, CreateFile, WebDownload, …)".to_string(),
-    };
+    let hint = did_you_mean_hint(&name, names.iter().copied()).unwrap_or_else(|| {
+        "see the list of action modules in the AWSTOE documentation (ExecuteBash, CreateFile, \
+         WebDownload, …)"
+            .to_string()
+    });
     cx.error(node.span, format!("unknown action `{name}`"), Some(hint));
     None
 }
@@ -721,22 +725,18 @@ fn step_loop(
         },
     };
     let kind = match (get("for"), get("forEach")) {
-        (Some(_), Some(fe)) => {
-            cx.error(
-                fe.span,
-                "a loop has both `for` and `forEach`",
-                Some("keep one of them; use two steps for two loops".into()),
-            );
-            None
-        }
-        (None, None) => {
-            cx.error(
-                node.span,
-                "a loop needs `for` or `forEach`",
-                Some("e.g. `forEach: [a, b]` or `for: {start: 1, end: 3, updateBy: 1}`".into()),
-            );
-            None
-        }
+        (Some(_), Some(fe)) => refuse(
+            cx,
+            fe,
+            "a loop has both `for` and `forEach`",
+            "keep one of them; use two steps for two loops",
+        ),
+        (None, None) => refuse(
+            cx,
+            node,
+            "a loop needs `for` or `forEach`",
+            "e.g. `forEach: [a, b]` or `for: {start: 1, end: 3, updateBy: 1}`",
+        ),
         (Some(f), None) => for_loop(cx, f),
         (None, Some(fe)) => for_each(cx, fe),
     };
@@ -794,12 +794,12 @@ fn for_loop(cx: &mut DocumentReader<'_>, node: &Node) -> Option<LoopKind> {
 fn for_each(cx: &mut DocumentReader<'_>, node: &Node) -> Option<LoopKind> {
     if let Some(items) = node.as_sequence() {
         if items.is_empty() {
-            cx.error(
-                node.span,
+            return refuse(
+                cx,
+                node,
                 "`forEach` is an empty list",
-                Some("list the values to loop over".into()),
+                "list the values to loop over",
             );
-            return None;
         }
         let mut values = Vec::new();
         let mut ok = true;
