@@ -71,3 +71,34 @@ fn the_example_pipelines_are_valid() {
         assert!(stderr.starts_with("ok: "), "{stderr}");
     }
 }
+
+/// A pipeline in a folder whose name is not UTF-8 is refused when its recipe is planned (a
+/// plan is written as JSON), before the pipeline's `tests` replace the recipe's; that step
+/// used to panic on such a path.
+#[test]
+fn a_folder_whose_name_is_not_utf8_is_refused_when_planned() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let folder = dir
+        .path()
+        .join(std::ffi::OsStr::from_bytes(b"pipelines-\xff"));
+    fs_err::create_dir(&folder).expect("mkdir");
+    for file in ["parent.raw", "components/hello.yml", "components/check.yml"] {
+        let from = root().join("tests/cases/recipe").join(file);
+        let name = from.file_name().expect("a file name").to_owned();
+        fs_err::copy(&from, folder.join(name)).expect("copy");
+    }
+    let recipe = "name: hello\nversion: 1.0.0\nparentImage: parent.raw\ncomponents:\n  - path: hello.yml\n    parameters: {Greeting: hi}\ntests:\n  components:\n    - path: check.yml\n";
+    fs_err::write(folder.join("recipe.yml"), recipe).expect("write");
+    let pipeline = "name: weekly\nrecipe: recipe.yml\ntests: {timeoutSeconds: 600}\n";
+    fs_err::write(folder.join("pipeline.yml"), pipeline).expect("write");
+    let (code, _, stderr) = cases::builder(&["pipeline", "run", "pipeline.yml"], |c| {
+        c.current_dir(&folder)
+            .env("BUILDER_STORE", dir.path().join("store"))
+    });
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("would name a path that is not UTF-8") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+}

@@ -54,6 +54,14 @@ pub enum PlanError {
         planned: Sha256,
         actual: Sha256,
     },
+    /// A path the plan records is not UTF-8 (the recipe's folder, the store's, the working
+    /// folder's): a plan travels as JSON (its digest, `builder plan --json`, the manifest, a
+    /// pipeline's settings), whose strings are UTF-8.
+    #[error(
+        "the plan of `{}` would name a path that is not UTF-8, which a plan (written as JSON) cannot hold; use folders whose names are UTF-8",
+        recipe.display()
+    )]
+    NotUtf8 { recipe: PathBuf },
     /// The store could not be asked (a host problem).
     #[error("could not look up `{reference}` in the image store")]
     Store {
@@ -1034,7 +1042,7 @@ impl Plan {
     pub fn digest(&self) -> String {
         #[expect(
             clippy::expect_used,
-            reason = "a plan is plain data; serde_json fails only on non-string map keys or a failing Serialize impl, and it has neither"
+            reason = "plan() refuses a plan that does not serialize (PlanError::NotUtf8: a path that is not UTF-8, the one Serialize in it that can fail), and a plan read back from JSON serializes again"
         )]
         let mut value = serde_json::to_value(self).expect("a plan serialises to JSON");
         strip_local(&mut value);
@@ -1278,6 +1286,11 @@ pub fn plan(
             })
             .collect(),
     };
+    if serde_json::to_value(&plan).is_err() {
+        return Err(PlanError::NotUtf8 {
+            recipe: recipe.source.path.clone(),
+        });
+    }
     plan.set_layer_keys();
     Ok(plan)
 }

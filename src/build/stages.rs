@@ -176,7 +176,9 @@ impl BuildError {
     /// Whose fault it is, for the exit code.
     pub fn class(&self) -> ErrorClass {
         match self {
-            BuildError::Plan(PlanError::Invalid(_) | PlanError::Changed { .. })
+            BuildError::Plan(
+                PlanError::Invalid(_) | PlanError::Changed { .. } | PlanError::NotUtf8 { .. },
+            )
             | BuildError::ParentChanged { .. } => ErrorClass::Input,
             BuildError::Vm { source, .. } => source.class(),
             BuildError::Allocate(_)

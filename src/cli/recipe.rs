@@ -75,7 +75,9 @@ pub(super) fn failure(error: PlanError) -> Failure {
             show(&files);
             Failure::already_printed(EXIT_INPUT)
         }
-        e @ (PlanError::Unreadable(_) | PlanError::Changed { .. }) => Failure::input(e),
+        e @ (PlanError::Unreadable(_) | PlanError::Changed { .. } | PlanError::NotUtf8 { .. }) => {
+            Failure::input(e)
+        }
         e @ (PlanError::Io(_) | PlanError::Store { .. }) => Failure::host(e),
         e @ PlanError::Registry { .. } => {
             let hint = e.hint();

@@ -84,7 +84,7 @@ impl Override {
     /// name their fields as the file does.
     #[expect(
         clippy::expect_used,
-        reason = "a section is plain data, and each value kept was read as this section's own field, so the merged object reads back as the section"
+        reason = "`base` is a section of a plan, and plan::plan refuses a plan that does not serialize (PlanError::NotUtf8); each value kept was serialized from a field of the same type and name (the recipe's reader), so the merged object reads back as the section"
     )]
     pub fn apply<T: Serialize + serde::de::DeserializeOwned>(&self, base: &T) -> T {
         let mut value = serde_json::to_value(base).expect("a section serializes to JSON");
