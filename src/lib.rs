@@ -20,9 +20,11 @@
 //!    - [`agent`]: the host↔guest protocol spoken over virtio-serial.
 //! 2. [`yaml`] (diagnostic): YAML read into a node tree that keeps line and column of every
 //!    value.
+//!    [`aws`] (digest): signed AWS requests, credentials, the one S3 client (objects,
+//!    resumable multipart upload).
 //! 3. [`machine`] (agent): where steps run ([`machine::Machine`]): this machine, a guest via
 //!    our agent or qemu-guest-agent.
-//! 4. [`component`] (machine, yaml, diagnostic): AWSTOE component documents: model,
+//! 4. [`component`] (machine, yaml, aws, diagnostic): AWSTOE component documents: model,
 //!    validation, templating, executor.
 //! 5. [`recipe`] (component, yaml, diagnostic): image recipes: model, validation (every
 //!    problem at `file:line:col`), JSON Schema.
@@ -34,7 +36,7 @@
 //! 8. [`export`] (store, vm, recipe): the finished disk converted to
 //!    qcow2/raw/vmdk/vhdx/vhd/ova, checked, hashed, recorded as the manifest's artifacts;
 //!    `SHA256SUMS`.
-//! 9. [`distribute`] (store, export, vm, recipe, diagnostic): finished images pushed to OCI
+//! 9. [`distribute`] (store, export, vm, recipe, aws, diagnostic): finished images pushed to OCI
 //!    registries, AWS (AMI import), Vagrant boxes, directories; a receipt for each.
 //! 10. [`build`] (all of the above): the stages of a build, in order, and its plan.
 //! 11. [`pipeline`] (build, store, distribute, export, recipe, component, yaml, diagnostic):
@@ -47,6 +49,7 @@
 #![warn(clippy::expect_used)]
 
 pub mod agent;
+pub mod aws;
 pub mod build;
 pub mod component;
 pub mod diagnostic;

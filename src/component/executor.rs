@@ -41,7 +41,7 @@ use crate::machine::{ExitStatus, Machine};
 use events::StepSink;
 use scope::{Iteration, StepScope, Stored, Values, as_input_array, expand_json, iterations};
 
-pub use super::actions::{S3Config, Transfer};
+pub use super::actions::{Transfer, s3_client};
 
 /// `ExecuteDocument` may nest this many levels below the documents given to the run.
 pub const MAX_NESTING: usize = 3;
@@ -74,7 +74,7 @@ pub struct RunOptions {
     /// the local target; a VM target passes a guest path).
     pub working_directory: Option<PathBuf>,
     /// The S3-compatible endpoint for `S3Download`/`S3Upload`.
-    pub s3: Option<S3Config>,
+    pub s3: Option<crate::aws::S3Client>,
     pub max_reboots: u32,
     /// Extra environment for scripts and binaries.
     pub env: Vec<(String, String)>,

@@ -12,9 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::super::{CliResult, EXIT_FAILED, EXIT_INPUT, EXIT_INTERRUPTED, Failure};
 use crate::cli::vm::TargetSpec;
-use builder::component::executor::{
-    self, Event, Observer, RunError, RunOptions, RunRequest, S3Config,
-};
+use builder::component::executor::{self, Event, Observer, RunError, RunOptions, RunRequest};
 use builder::component::parse;
 use builder::component::report::Status;
 use builder::machine::host::HostMachine;
@@ -78,7 +76,7 @@ pub async fn run(args: RunArgs) -> CliResult {
         .map_err(|e| Failure::input(anyhow::anyhow!("--parameters: {e}")))?;
     let s3 = match &args.s3_endpoint {
         Some(endpoint) if !endpoint.is_empty() => Some(
-            S3Config::new(endpoint)
+            executor::s3_client(endpoint)
                 .map_err(|e| Failure::input(anyhow::anyhow!("--s3-endpoint: {e}")))?,
         ),
         _ => None,

@@ -20,7 +20,7 @@ use super::condition::{self, EvalContext};
 use super::document::Action;
 use crate::machine::{Capture, ExecRequest, Machine, MachineError, OutputSink};
 
-pub use transfer::{S3Config, Transfer};
+pub use transfer::{Transfer, s3_client};
 
 /// The outputs of one action run: one map per input item (`outputs[i]` in chaining; map-style
 /// inputs give one map, actions without outputs none).
@@ -145,6 +145,13 @@ pub enum ActionError {
     },
     #[error("the listing of {what} is not S3 XML")]
     NotS3Xml {
+        what: String,
+        #[source]
+        source: Box<crate::aws::client::RequestError>,
+    },
+    /// An S3 request or upload failed other than by S3's refusal or the network.
+    #[error("{what}")]
+    S3 {
         what: String,
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,

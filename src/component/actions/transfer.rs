@@ -2,20 +2,22 @@
 //! without a network): downloads land in a host temporary file and are then put on the target
 //! with `put_file`; uploads are fetched from the target with `get_file` first.
 //!
-//! S3 means an S3-compatible endpoint from configuration ([`S3Config`]): requests are presigned
-//! with `rusty-s3` and sent with `reqwest`. Without an endpoint the S3 actions fail with a
-//! message saying how to configure one.
+//! S3 means an S3-compatible endpoint from configuration ([`s3_client`]), spoken to with the
+//! crate's one S3 client ([`crate::aws::s3`], the AMI import's too). Without an endpoint the
+//! S3 actions fail with a message saying how to configure one.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use reqwest::Url;
-use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
 use serde_json::{Map, Value};
 use tokio::io::AsyncWriteExt;
 
 use super::{ActionContext, ActionError, Outputs, each_item};
+use crate::aws::AwsCredentials;
+use crate::aws::client::{RequestError, RetryPolicy, http_client};
+use crate::aws::s3::{self, S3Client, UploadOptions};
 use crate::component::condition::file_digest;
 use crate::component::document::HashAlgorithm;
 use crate::diagnostic::error_chain;
@@ -24,86 +26,42 @@ use crate::machine::{FileKind, FileSource, OutputStream, PutOptions};
 /// Attempts per download, independent of the step's `maxAttempts` (reference 2.2).
 const DOWNLOAD_ATTEMPTS: u32 = 5;
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
-/// How long a presigned S3 URL stays valid.
-const PRESIGN_FOR: Duration = Duration::from_secs(3600);
 /// S3Download's prefix form copies at most this many objects (as AWSTOE does).
 const MAX_PREFIX_OBJECTS: usize = 1000;
 
 /// Environment variable naming the S3-compatible endpoint, e.g. `http://127.0.0.1:9000`.
 pub const S3_ENDPOINT_ENV: &str = "BUILDER_S3_ENDPOINT";
 
-/// Where `s3://` URLs go.
-#[derive(Debug, Clone)]
-pub struct S3Config {
-    pub endpoint: Url,
-    pub region: String,
-    /// `None`: unsigned (anonymous) requests.
-    pub credentials: Option<(String, String, Option<String>)>,
-}
-
-impl S3Config {
-    /// An endpoint with credentials and region from the standard AWS variables
-    /// (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`).
-    pub fn new(endpoint: &str) -> Result<S3Config, String> {
-        let endpoint = Url::parse(endpoint)
-            .map_err(|e| format!("`{endpoint}` is not a URL: {e}"))
-            .and_then(|u| match u.scheme() {
-                "http" | "https" => Ok(u),
-                other => Err(format!(
-                    "the S3 endpoint must be an http:// or https:// URL, not {other}://"
-                )),
-            })?;
-        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-        let credentials = match (var("AWS_ACCESS_KEY_ID"), var("AWS_SECRET_ACCESS_KEY")) {
-            (Some(key), Some(secret)) => Some((key, secret, var("AWS_SESSION_TOKEN"))),
-            _ => None,
-        };
-        Ok(S3Config {
-            endpoint,
-            region: var("AWS_REGION")
-                .or_else(|| var("AWS_DEFAULT_REGION"))
-                .unwrap_or_else(|| "us-east-1".into()),
-            credentials,
-        })
-    }
-
-    /// From `BUILDER_S3_ENDPOINT`; `Ok(None)` when it is not set.
-    pub fn from_env() -> Result<Option<S3Config>, String> {
-        match std::env::var(S3_ENDPOINT_ENV) {
-            Ok(v) if !v.is_empty() => S3Config::new(&v).map(Some),
-            _ => Ok(None),
-        }
-    }
-
-    fn rusty_credentials(&self) -> Option<Credentials> {
-        self.credentials
-            .as_ref()
-            .map(|(key, secret, token)| match token {
-                Some(t) => Credentials::new_with_token(key, secret, t),
-                None => Credentials::new(key, secret),
-            })
-    }
-
-    fn bucket(&self, name: &str) -> Result<Bucket, ActionError> {
-        Bucket::new(
-            self.endpoint.clone(),
-            UrlStyle::Path,
-            name.to_string(),
-            self.region.clone(),
-        )
-        .map_err(|e| ActionError::Input(format!("bucket `{name}`: {e}")))
-    }
+/// The client for `s3://` URLs: `endpoint`, with credentials and region from the standard
+/// AWS variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`,
+/// `AWS_REGION`, `AWS_DEFAULT_REGION`, else `us-east-1`); without keys requests go unsigned.
+pub fn s3_client(endpoint: &str) -> Result<S3Client, crate::aws::S3Error> {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let credentials = match (var("AWS_ACCESS_KEY_ID"), var("AWS_SECRET_ACCESS_KEY")) {
+        (Some(key), Some(secret)) => Some(AwsCredentials::new(
+            key,
+            secret,
+            var("AWS_SESSION_TOKEN"),
+            "environment variables",
+        )),
+        _ => None,
+    };
+    let region = var("AWS_REGION")
+        .or_else(|| var("AWS_DEFAULT_REGION"))
+        .unwrap_or_else(|| "us-east-1".into());
+    let retry = RetryPolicy::default();
+    S3Client::new(http_client(), credentials, &region, Some(endpoint), retry)
 }
 
 /// Network clients and configuration shared by the transfer actions of one run.
 pub struct Transfer {
-    s3: Option<S3Config>,
+    s3: Option<S3Client>,
     client: OnceLock<reqwest::Client>,
     insecure_client: OnceLock<reqwest::Client>,
 }
 
 impl Transfer {
-    pub fn new(s3: Option<S3Config>) -> Self {
+    pub fn new(s3: Option<S3Client>) -> Self {
         Self {
             s3,
             client: OnceLock::new(),
@@ -133,7 +91,7 @@ impl Transfer {
         Ok(cell.get_or_init(|| client))
     }
 
-    fn s3(&self, action: &str) -> Result<&S3Config, ActionError> {
+    fn s3(&self, action: &str) -> Result<&S3Client, ActionError> {
         self.s3.as_ref().ok_or_else(|| ActionError::NoS3Endpoint {
             action: action.to_owned(),
             env: S3_ENDPOINT_ENV,
@@ -152,10 +110,21 @@ enum FetchError {
     Permanent(ActionError),
 }
 
-/// Why a response is not a success, for a message: the status plus, from an S3 error body,
+/// Why an answer is not a success, for a message: the status plus, from an S3 error body,
 /// its `<Code>` and `<Message>` (e.g. `403 Forbidden (SignatureDoesNotMatch: …)`).
+fn answer(status: u16, code: Option<&str>, message: Option<&str>) -> String {
+    let status = reqwest::StatusCode::from_u16(status)
+        .map_or_else(|_| status.to_string(), |s| s.to_string());
+    match (code, message) {
+        (Some(code), Some(message)) => format!("{status} ({code}: {message})"),
+        (Some(code), None) => format!("{status} ({code})"),
+        _ => status,
+    }
+}
+
+/// [`answer`] for a response (its body read for an S3-style error document).
 async fn refusal(response: reqwest::Response) -> String {
-    let status = response.status();
+    let status = response.status().as_u16();
     // S3 error documents are small; a large body is some other page, not worth reading.
     let body = if response.content_length().is_some_and(|n| n <= 64 * 1024) {
         response.text().await.unwrap_or_default()
@@ -168,53 +137,96 @@ async fn refusal(response: reqwest::Response) -> String {
         let end = body[start..].find(&format!("</{name}>"))? + start;
         Some(body[start..end].trim().to_string()).filter(|t| !t.is_empty())
     };
-    match (element("Code"), element("Message")) {
-        (Some(code), Some(message)) => format!("{status} ({code}: {message})"),
-        (Some(code), None) => format!("{status} ({code})"),
-        _ => status.to_string(),
-    }
+    answer(
+        status,
+        element("Code").as_deref(),
+        element("Message").as_deref(),
+    )
 }
 
 /// A hint for S3 refusals that usually mean wrong credentials.
-fn credentials_hint(status: reqwest::StatusCode) -> &'static str {
-    if status == reqwest::StatusCode::FORBIDDEN {
+fn credentials_hint(status: u16) -> &'static str {
+    if status == 403 {
         "; check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and that the key may use this bucket)"
     } else {
         ""
     }
 }
 
-/// GET `url` into `file` once. Messages name the request as `shown`: a presigned URL carries
-/// the access key id and a signature, which have no place in logs.
-async fn fetch_once(
-    client: &reqwest::Client,
-    url: &Url,
-    shown: &str,
-    file: &Path,
-) -> Result<(), FetchError> {
-    let mut response = client.get(url.clone()).send().await.map_err(|e| {
-        FetchError::Transient(ActionError::Http {
-            what: format!("could not fetch {shown}"),
-            source: e.without_url(),
-        })
-    })?;
-    let status = response.status();
-    if status != reqwest::StatusCode::OK {
-        let message = ActionError::NotOk {
-            shown: shown.to_owned(),
-            answer: refusal(response).await,
-            hint: if shown.starts_with("s3://") {
-                credentials_hint(status)
-            } else {
-                ""
-            },
-        };
-        return Err(if status.is_server_error() || status.as_u16() == 429 {
-            FetchError::Transient(message)
-        } else {
-            FetchError::Permanent(message)
-        });
+/// A failed S3 request as the step reports it: S3's answer with its code and message (and a
+/// hint for a refusal), or the transport error. Its URL is left out: requests are named as
+/// `s3://bucket/key`.
+fn s3_failure(what: String, e: RequestError) -> ActionError {
+    match e {
+        RequestError::Service(f) => ActionError::Answered {
+            what,
+            answer: answer(f.status, f.code.as_deref(), f.message.as_deref()),
+            hint: credentials_hint(f.status),
+        },
+        RequestError::Transport { source, .. } => ActionError::Http {
+            what,
+            source: source.without_url(),
+        },
+        e => ActionError::S3 {
+            what,
+            source: Box::new(e),
+        },
     }
+}
+
+/// What a download GETs: a URL, or an S3 object.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    Web(&'a reqwest::Client, &'a Url),
+    S3 {
+        s3: &'a S3Client,
+        bucket: &'a str,
+        key: &'a str,
+    },
+}
+
+/// GET `source` into `file` once. Messages name the request as `shown`.
+async fn fetch_once(source: Source<'_>, shown: &str, file: &Path) -> Result<(), FetchError> {
+    let mut response = match source {
+        Source::Web(client, url) => {
+            let response = client.get(url.clone()).send().await.map_err(|e| {
+                FetchError::Transient(ActionError::Http {
+                    what: format!("could not fetch {shown}"),
+                    source: e.without_url(),
+                })
+            })?;
+            let status = response.status();
+            if status != reqwest::StatusCode::OK {
+                let message = ActionError::NotOk {
+                    shown: shown.to_owned(),
+                    answer: refusal(response).await,
+                    hint: "",
+                };
+                return Err(if status.is_server_error() || status.as_u16() == 429 {
+                    FetchError::Transient(message)
+                } else {
+                    FetchError::Permanent(message)
+                });
+            }
+            response
+        }
+        Source::S3 { s3, bucket, key } => s3.get_object(bucket, key).await.map_err(|e| {
+            let transient = e.is_transient();
+            let message = match e {
+                RequestError::Service(f) => ActionError::NotOk {
+                    shown: shown.to_owned(),
+                    answer: answer(f.status, f.code.as_deref(), f.message.as_deref()),
+                    hint: credentials_hint(f.status),
+                },
+                e => s3_failure(format!("could not fetch {shown}"), e),
+            };
+            if transient {
+                FetchError::Transient(message)
+            } else {
+                FetchError::Permanent(message)
+            }
+        })?,
+    };
     let host = |e| FetchError::Permanent(ActionError::HostFile(e));
     let mut out = fs_err::tokio::File::create(file).await.map_err(host)?;
     loop {
@@ -233,19 +245,17 @@ async fn fetch_once(
     Ok(())
 }
 
-/// GET `url` into `file` on the host, with up to [`DOWNLOAD_ATTEMPTS`] attempts and doubling
-/// back-off for failures that may pass.
-async fn fetch(
-    client: &reqwest::Client,
-    url: &Url,
-    shown: &str,
-    file: &Path,
-    cx: &ActionContext<'_>,
-) -> Result<(), ActionError> {
+/// GET `source` into `file` on the host, with up to [`DOWNLOAD_ATTEMPTS`] attempts and
+/// doubling back-off for failures that may pass.
+async fn fetch(source: Source<'_>, file: &Path, cx: &ActionContext<'_>) -> Result<(), ActionError> {
+    let shown = &match source {
+        Source::Web(_, url) => url.to_string(),
+        Source::S3 { bucket, key, .. } => format!("s3://{bucket}/{key}"),
+    };
     let mut backoff = FIRST_BACKOFF;
     let mut attempt = 1;
     loop {
-        match fetch_once(client, url, shown, file).await {
+        match fetch_once(source, shown, file).await {
             Ok(()) => return Ok(()),
             Err(FetchError::Permanent(e)) => return Err(e),
             Err(FetchError::Transient(e)) if attempt < DOWNLOAD_ATTEMPTS => {
@@ -429,7 +439,7 @@ pub async fn web_download(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outp
         let client = cx.transfer.client(insecure)?;
         let host_dir = tempfile::tempdir().map_err(host_err("could not create a temporary folder"))?;
         let host_file = host_dir.path().join("download");
-        fetch(client, &url, url.as_str(), &host_file, cx).await?;
+        fetch(Source::Web(client, &url), &host_file, cx).await?;
         deliver(
             cx,
             &host_file,
@@ -465,31 +475,13 @@ pub fn parse_s3_url(url: &str) -> Result<(String, String), ActionError> {
     }
 }
 
-async fn s3_get(
-    client: &reqwest::Client,
-    config: &S3Config,
-    bucket: &Bucket,
-    key: &str,
-    file: &Path,
-    cx: &ActionContext<'_>,
-) -> Result<(), ActionError> {
-    let credentials = config.rusty_credentials();
-    let url = bucket
-        .get_object(credentials.as_ref(), key)
-        .sign(PRESIGN_FOR);
-    let shown = format!("s3://{}/{key}", bucket.name());
-    fetch(client, &url, &shown, file, cx).await
-}
-
 pub async fn s3_download(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outputs, ActionError> {
     each_item(inputs, |i| async move {
         let source = i.required("source")?;
         let destination = i.required("destination")?;
         let overwrite = i.bool("overwrite", true)?;
-        let config = cx.transfer.s3("S3Download")?;
-        let client = cx.transfer.client(false)?;
-        let (bucket_name, key) = parse_s3_url(&source)?;
-        let bucket = config.bucket(&bucket_name)?;
+        let s3 = cx.transfer.s3("S3Download")?;
+        let (bucket, key) = parse_s3_url(&source)?;
         let host_dir =
             tempfile::tempdir().map_err(host_err("could not create a temporary folder"))?;
         let host_file = host_dir.path().join("object");
@@ -504,41 +496,27 @@ pub async fn s3_download(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outpu
             }
         };
         if let Some(prefix) = key.strip_suffix('*') {
-            let credentials = config.rusty_credentials();
-            let mut list = bucket.list_objects_v2(credentials.as_ref());
-            list.with_prefix(prefix);
-            list.with_max_keys(MAX_PREFIX_OBJECTS);
-            let url = list.sign(PRESIGN_FOR);
-            let http = |e: reqwest::Error| ActionError::Http {
-                what: format!("could not list {source}"),
-                source: e.without_url(),
-            };
-            let response = client.get(url).send().await.map_err(http)?;
-            let status = response.status();
-            if !status.is_success() {
-                return Err(ActionError::Answered {
-                    what: format!("could not list {source}"),
-                    answer: refusal(response).await,
-                    hint: credentials_hint(status),
-                });
-            }
-            let body = response.text().await.map_err(http)?;
-            let listing = rusty_s3::actions::ListObjectsV2::parse_response(&body).map_err(|e| {
-                ActionError::NotS3Xml {
-                    what: source.to_string(),
-                    source: Box::new(e),
-                }
-            })?;
+            let keys = s3
+                .list_objects(&bucket, prefix, MAX_PREFIX_OBJECTS)
+                .await
+                .map_err(|e| match e {
+                    RequestError::BadResponse { .. } => ActionError::NotS3Xml {
+                        what: source.to_string(),
+                        source: Box::new(e),
+                    },
+                    e => s3_failure(format!("could not list {source}"), e),
+                })?;
             let root = cx.path(destination.trim_end_matches('/'));
-            for object in listing.contents {
-                let Some(relative) = object.key.strip_prefix(prefix) else {
+            for object in keys {
+                let Some(relative) = object.strip_prefix(prefix) else {
                     continue;
                 };
                 if relative.is_empty() || relative.ends_with('/') {
                     continue;
                 }
                 let dest = check_dest(root.join(relative)).await?;
-                s3_get(client, config, &bucket, &object.key, &host_file, cx).await?;
+                let (bucket, key) = (&bucket, &object);
+                fetch(Source::S3 { s3, bucket, key }, &host_file, cx).await?;
                 deliver(cx, &host_file, &dest, None, true).await?;
             }
         } else {
@@ -558,7 +536,8 @@ pub async fn s3_download(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outpu
                 return Err(ActionError::NoDestinationFolder(parent.to_path_buf()));
             }
             let dest = check_dest(dest).await?;
-            s3_get(client, config, &bucket, &key, &host_file, cx).await?;
+            let (bucket, key) = (&bucket, &key);
+            fetch(Source::S3 { s3, bucket, key }, &host_file, cx).await?;
             deliver(cx, &host_file, &dest, None, false).await?;
         }
         Ok(None)
@@ -601,10 +580,8 @@ pub async fn s3_upload(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outputs
         let source = i.required("source")?;
         let destination = i.required("destination")?;
         let recurse = i.bool("recurse", false)?;
-        let config = cx.transfer.s3("S3Upload")?;
-        let client = cx.transfer.client(false)?;
-        let (bucket_name, key) = parse_s3_url(&destination)?;
-        let bucket = config.bucket(&bucket_name)?;
+        let s3 = cx.transfer.s3("S3Upload")?;
+        let (bucket, key) = parse_s3_url(&destination)?;
         let full = cx.path(&source);
         let name = full
             .file_name()
@@ -683,44 +660,36 @@ pub async fn s3_upload(inputs: &Value, cx: &ActionContext<'_>) -> Result<Outputs
         }
         let host_dir = tempfile::tempdir().map_err(host_err("could not create a temporary folder"))?;
         let host_file = host_dir.path().join("upload");
-        let credentials = config.rusty_credentials();
         for (path, object) in uploads {
             cx.target
                 .get_file(&path, &host_file)
                 .await
                 .map_err(ActionError::target(format!("could not read {}", path.display())))?;
-            let url = bucket.put_object(credentials.as_ref(), &object).sign(PRESIGN_FOR);
-            let file = fs_err::tokio::File::open(&host_file)
-                .await
-                .map_err(ActionError::HostFile)?;
-            let len = file
-                .metadata()
-                .await
+            let what = || {
+                format!(
+                    "could not upload {} to s3://{bucket}/{object}",
+                    path.display()
+                )
+            };
+            let len = fs_err::metadata(&host_file)
                 .map_err(ActionError::HostFile)?
                 .len();
-            let response = client
-                .put(url)
-                .header(reqwest::header::CONTENT_LENGTH, len)
-                .body(reqwest::Body::from(file.into_parts().0))
-                .send()
-                .await
-                .map_err(|e| ActionError::Http {
-                    what: format!(
-                        "could not upload {} to s3://{bucket_name}/{object}",
-                        path.display()
-                    ),
-                    source: e.without_url(),
-                })?;
-            let status = response.status();
-            if !status.is_success() {
-                return Err(ActionError::Answered {
-                    what: format!(
-                        "could not upload {} to s3://{bucket_name}/{object}",
-                        path.display()
-                    ),
-                    answer: refusal(response).await,
-                    hint: credentials_hint(status),
-                });
+            // Large files go in parts (a part in memory at a time), as the AMI import does.
+            if len <= s3::DEFAULT_PART_SIZE {
+                let data = fs_err::tokio::read(&host_file)
+                    .await
+                    .map_err(ActionError::HostFile)?;
+                s3.put_object(&bucket, &object, data)
+                    .await
+                    .map_err(|e| s3_failure(what(), e))?;
+            } else {
+                let options = UploadOptions::new(host_dir.path().join("state"));
+                s3::upload_multipart(s3, &host_file, &bucket, &object, &options, &|_, _| {})
+                    .await
+                    .map_err(|e| ActionError::S3 {
+                        what: what(),
+                        source: Box::new(e),
+                    })?;
             }
         }
         Ok(None)

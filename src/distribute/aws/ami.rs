@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
-use super::AwsError;
-use super::client::{self, RetryPolicy};
-use super::credentials::{self, AwsConfig, AwsCredentials};
 use super::ec2::{DiskSource, Ec2Client, Ec2Error, ImportTask, RegisterImage};
 use super::iam::{IamClient, RoleCheck};
-use super::s3::{self, S3Client, S3Error, UploadOptions};
+use super::{AwsError, upload_multipart};
+use crate::aws::client::{self, RetryPolicy};
+use crate::aws::credentials::{self, AwsConfig, AwsCredentials};
+use crate::aws::s3::{self, S3Client, S3Error, UploadOptions};
 use crate::diagnostic::error_chain;
 use crate::distribute::{Progress, Receipt, StoredImage};
 use crate::export;
@@ -560,14 +560,13 @@ async fn sleep_or_cancel(duration: Duration, cancel: &Option<CancellationToken>)
 async fn wait_for_import(
     ec2: &Ec2Client,
     task_id: &str,
-    method: ImportMethod,
     options: &AmiOptions,
     progress: &dyn Progress,
 ) -> Result<ImportTask, AwsError> {
     let deadline = Instant::now() + options.import_timeout;
     let mut last_shown = String::new();
     loop {
-        let task = match method {
+        let task = match options.import_method {
             ImportMethod::Snapshot => ec2.describe_import_snapshot_task(task_id).await?,
             ImportMethod::Image => ec2.describe_import_image_task(task_id).await?,
         };
@@ -717,7 +716,7 @@ pub async fn import_ami(
         state_dir: state_dir.clone(),
         cancel: options.cancel.clone(),
     };
-    let uploaded = match s3::upload_multipart(
+    let uploaded = match upload_multipart(
         &clients.s3,
         &path,
         &options.bucket,
@@ -762,14 +761,21 @@ pub async fn import_ami(
         key: key.clone(),
     };
     let ec2 = &clients.ec2;
-    let (task_id, image_id, snapshot_id) = match options.import_method {
+    let task_id = match options.import_method {
         ImportMethod::Snapshot => {
-            let task_id = ec2
-                .import_snapshot(&disk, &description, options.role(), &tags, false)
-                .await?;
-            progress.step(TARGET, &format!("import task {task_id} started"));
-            let task =
-                wait_for_import(ec2, &task_id, ImportMethod::Snapshot, options, progress).await?;
+            ec2.import_snapshot(&disk, &description, options.role(), &tags, false)
+                .await?
+        }
+        ImportMethod::Image => {
+            let role = options.role();
+            ec2.import_image(&disk, &description, role, &boot_mode, &tags, false)
+                .await?
+        }
+    };
+    progress.step(TARGET, &format!("import task {task_id} started"));
+    let task = wait_for_import(ec2, &task_id, options, progress).await?;
+    let (image_id, snapshot_id) = match options.import_method {
+        ImportMethod::Snapshot => {
             let snapshot_id = task.snapshot_id.ok_or(Ec2Error::Incomplete {
                 action: "DescribeImportSnapshotTasks",
                 region: region.clone(),
@@ -789,28 +795,15 @@ pub async fn import_ami(
                     root_device: ROOT_DEVICE.into(),
                 })
                 .await?;
-            (task_id, image_id, Some(snapshot_id))
+            (image_id, Some(snapshot_id))
         }
         ImportMethod::Image => {
-            let task_id = ec2
-                .import_image(
-                    &disk,
-                    &description,
-                    options.role(),
-                    &boot_mode,
-                    &tags,
-                    false,
-                )
-                .await?;
-            progress.step(TARGET, &format!("import task {task_id} started"));
-            let task =
-                wait_for_import(ec2, &task_id, ImportMethod::Image, options, progress).await?;
             let image_id = task.image_id.ok_or(Ec2Error::Incomplete {
                 action: "DescribeImportImageTasks",
                 region: region.clone(),
                 missing: "the image id of a completed task",
             })?;
-            (task_id, image_id, task.snapshot_id)
+            (image_id, task.snapshot_id)
         }
     };
     let listed_snapshot = wait_for_image(ec2, &image_id, options, progress).await?;

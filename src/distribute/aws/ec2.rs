@@ -4,9 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use super::client::{self, Client, CredentialsRefused, RequestError, RetryPolicy, Service};
-use super::credentials::AwsCredentials;
-use super::xml::Element;
+use crate::aws::client::{self, Client, CredentialsRefused, RequestError, RetryPolicy, Service};
+use crate::aws::credentials::AwsCredentials;
+use crate::aws::xml::Element;
 
 const VERSION: &str = "2016-11-15";
 
@@ -98,12 +98,31 @@ pub struct RegisterImage {
     pub root_device: String,
 }
 
-/// EC2 in one region.
+/// The parameters both imports send; `container` is `DiskContainer` (ImportSnapshot) or
+/// `DiskContainer.1` (ImportImage).
+fn import_params(
+    container: &str,
+    disk: &DiskSource,
+    description: &str,
+    role_name: &str,
+) -> Vec<(String, String)> {
+    vec![
+        ("Description".to_string(), description.to_string()),
+        (format!("{container}.Description"), description.to_string()),
+        (format!("{container}.Format"), disk.format.clone()),
+        (
+            format!("{container}.UserBucket.S3Bucket"),
+            disk.bucket.clone(),
+        ),
+        (format!("{container}.UserBucket.S3Key"), disk.key.clone()),
+        ("RoleName".into(), role_name.to_string()),
+    ]
+}
+
+/// EC2 in one region (a custom endpoint serves every region).
 #[derive(Debug, Clone)]
 pub struct Ec2Client {
     client: Client,
-    /// A custom endpoint (all regions go there), or `None` for AWS.
-    custom: Option<String>,
 }
 
 impl Ec2Client {
@@ -114,20 +133,16 @@ impl Ec2Client {
         endpoint: Option<&str>,
         retry: RetryPolicy,
     ) -> Result<Ec2Client, Ec2Error> {
-        let custom = client::custom_endpoint(endpoint)
-            .map_err(|endpoint| Ec2Error::BadEndpoint { endpoint })?;
-        let url = Self::endpoint_for(custom.as_deref(), region);
-        Ok(Ec2Client {
-            client: Client::new(http, credentials, region, Service::Ec2, url, retry),
-            custom,
-        })
-    }
-
-    fn endpoint_for(custom: Option<&str>, region: &str) -> String {
-        match custom {
-            Some(c) => c.to_string(),
-            None => format!("https://ec2.{region}.amazonaws.com"),
-        }
+        let client = Client::new(
+            http,
+            Some(credentials),
+            region,
+            Service::Ec2,
+            endpoint,
+            retry,
+        )
+        .map_err(|endpoint| Ec2Error::BadEndpoint { endpoint })?;
+        Ok(Ec2Client { client })
     }
 
     pub fn region(&self) -> &str {
@@ -137,10 +152,7 @@ impl Ec2Client {
     /// The same account in another region (copies).
     pub fn in_region(&self, region: &str) -> Ec2Client {
         Ec2Client {
-            client: self
-                .client
-                .for_region(region, Self::endpoint_for(self.custom.as_deref(), region)),
-            custom: self.custom.clone(),
+            client: self.client.for_region(region),
         }
     }
 
@@ -150,13 +162,9 @@ impl Ec2Client {
         params: Vec<(String, String)>,
     ) -> Result<Element, Ec2Error> {
         let request = client::query_request(&self.client.endpoint, action, VERSION, &params);
-        let response = self
-            .client
-            .send(&request)
+        self.client
+            .send_xml(&request)
             .await
-            .map_err(|e| self.error(action, e))?;
-        response
-            .xml(Service::Ec2, &self.client.endpoint)
             .map_err(|e| self.error(action, e))
     }
 
@@ -201,20 +209,9 @@ impl Ec2Client {
         tags: &BTreeMap<String, String>,
         dry_run: bool,
     ) -> Result<String, Ec2Error> {
-        let action = "ImportSnapshot";
-        let mut params = vec![
-            ("Description".to_string(), description.to_string()),
-            ("DiskContainer.Description".into(), description.to_string()),
-            ("DiskContainer.Format".into(), disk.format.clone()),
-            (
-                "DiskContainer.UserBucket.S3Bucket".into(),
-                disk.bucket.clone(),
-            ),
-            ("DiskContainer.UserBucket.S3Key".into(), disk.key.clone()),
-            ("RoleName".into(), role_name.to_string()),
-        ];
+        let mut params = import_params("DiskContainer", disk, description, role_name);
         tag_specification(&mut params, "import-snapshot-task", tags);
-        self.dry_run_or_call(action, params, dry_run, &["importTaskId"])
+        self.dry_run_or_call("ImportSnapshot", params, dry_run, &["importTaskId"])
             .await
     }
 
@@ -228,26 +225,14 @@ impl Ec2Client {
         tags: &BTreeMap<String, String>,
         dry_run: bool,
     ) -> Result<String, Ec2Error> {
-        let action = "ImportImage";
-        let mut params = vec![
-            ("Description".to_string(), description.to_string()),
-            (
-                "DiskContainer.1.Description".into(),
-                description.to_string(),
-            ),
-            ("DiskContainer.1.Format".into(), disk.format.clone()),
-            (
-                "DiskContainer.1.UserBucket.S3Bucket".into(),
-                disk.bucket.clone(),
-            ),
-            ("DiskContainer.1.UserBucket.S3Key".into(), disk.key.clone()),
-            ("RoleName".into(), role_name.to_string()),
+        let mut params = import_params("DiskContainer.1", disk, description, role_name);
+        params.extend([
             ("Architecture".into(), "x86_64".into()),
             ("Platform".into(), "Linux".into()),
             ("BootMode".into(), boot_mode.to_string()),
-        ];
+        ]);
         tag_specification(&mut params, "import-image-task", tags);
-        self.dry_run_or_call(action, params, dry_run, &["importTaskId"])
+        self.dry_run_or_call("ImportImage", params, dry_run, &["importTaskId"])
             .await
     }
 

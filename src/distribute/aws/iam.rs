@@ -1,8 +1,8 @@
 //! IAM, for one question before an import: does the VM Import service role exist? IAM is a
 //! global Query API (`Version=2010-05-08`) signed for `us-east-1`.
 
-use super::client::{self, Client, RequestError, RetryPolicy, Service};
-use super::credentials::AwsCredentials;
+use crate::aws::client::{self, Client, RequestError, RetryPolicy, Service};
+use crate::aws::credentials::AwsCredentials;
 
 const VERSION: &str = "2010-05-08";
 /// IAM's signing region in the standard partition.
@@ -42,12 +42,16 @@ impl IamClient {
         endpoint: Option<&str>,
         retry: RetryPolicy,
     ) -> Result<IamClient, IamError> {
-        let url = client::custom_endpoint(endpoint)
-            .map_err(|endpoint| IamError::BadEndpoint { endpoint })?
-            .unwrap_or_else(|| "https://iam.amazonaws.com".to_string());
-        Ok(IamClient {
-            client: Client::new(http, credentials, SIGNING_REGION, Service::Iam, url, retry),
-        })
+        let client = Client::new(
+            http,
+            Some(credentials),
+            SIGNING_REGION,
+            Service::Iam,
+            endpoint,
+            retry,
+        )
+        .map_err(|endpoint| IamError::BadEndpoint { endpoint })?;
+        Ok(IamClient { client })
     }
 
     pub fn endpoint(&self) -> &str {
@@ -61,19 +65,11 @@ impl IamClient {
             VERSION,
             &[("RoleName".to_string(), role.to_string())],
         );
-        match self.client.send(&request).await {
-            Ok(response) => {
-                let root = response
-                    .xml(Service::Iam, &self.client.endpoint)
-                    .map_err(|source| IamError::Request {
-                        role: role.to_string(),
-                        source,
-                    })?;
-                Ok(RoleCheck::Exists(
-                    root.text_at(&["GetRoleResult", "Role", "Arn"])
-                        .unwrap_or_default(),
-                ))
-            }
+        match self.client.send_xml(&request).await {
+            Ok(root) => Ok(RoleCheck::Exists(
+                root.text_at(&["GetRoleResult", "Role", "Arn"])
+                    .unwrap_or_default(),
+            )),
             Err(e) if e.code() == Some("NoSuchEntity") => Ok(RoleCheck::Missing),
             Err(e) if matches!(e.code(), Some("AccessDenied" | "AccessDeniedException")) => {
                 Ok(RoleCheck::NotAllowed)

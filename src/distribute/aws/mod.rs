@@ -3,13 +3,9 @@
 //! and registered with RegisterImage (or imported whole with ImportImage when asked), then
 //! tagged, copied to other regions and shared.
 //!
-//! No AWS SDK: requests are signed with `aws-sigv4` (AWS's own signer) and sent with
-//! reqwest; answers are XML read with quick-xml. The SDK crates cost minutes of build and
-//! GiBs of `target/` on our 2-core machines, and we need a dozen calls.
+//! Requests, credentials and the S3 client (HeadBucket, the resumable multipart upload) are
+//! [`crate::aws`]'s; this module holds what only an import needs:
 //!
-//! - [`credentials`]: keys and region from the environment and `~/.aws` files, as the CLI.
-//! - [`client`]: one signed request, its XML error, retries with backoff.
-//! - [`s3`]: HeadBucket and a resumable multipart upload with per-part SHA-256.
 //! - [`ec2`]: the EC2 Query calls of an import; [`iam`]: does the `vmimport` role exist?
 //! - [`ami`]: [`preflight`] and [`import_ami`], the flow above.
 //!
@@ -18,21 +14,32 @@
 //! every request's signature, action and parameters (`tests/distribute_aws.rs`).
 
 pub mod ami;
-pub mod client;
-pub mod credentials;
 pub mod ec2;
 pub mod iam;
-pub mod s3;
-mod xml;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+pub use crate::aws::{
+    AwsConfig, AwsCredentials, CredentialsError, RetryPolicy, S3Client, S3Error, UploadOptions,
+    Uploaded, client,
+};
 pub use ami::{AmiOptions, import_ami, preflight};
-pub use client::RetryPolicy;
-pub use credentials::{AwsConfig, AwsCredentials, CredentialsError};
 pub use ec2::Ec2Error;
 pub use iam::IamError;
-pub use s3::{S3Client, S3Error, UploadOptions, Uploaded, upload_multipart};
+
+/// [`crate::aws::s3::upload_multipart`], its progress reported as `target`'s transfer of `key`.
+pub async fn upload_multipart(
+    s3: &S3Client,
+    path: &Path,
+    bucket: &str,
+    key: &str,
+    options: &UploadOptions,
+    progress: &dyn crate::distribute::Progress,
+    target: &str,
+) -> Result<Uploaded, S3Error> {
+    let report = |done, total| progress.transfer(target, key, done, Some(total));
+    crate::aws::s3::upload_multipart(s3, path, bucket, key, options, &report).await
+}
 
 /// Why an AMI import (or its preflight) failed.
 #[derive(Debug, thiserror::Error)]

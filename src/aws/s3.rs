@@ -1,5 +1,5 @@
-//! S3: the bucket check before an upload, and a multipart upload of a large file that can be
-//! resumed.
+//! S3: objects (get, put, list with a prefix), the bucket check before an upload, and a
+//! multipart upload of a large file that can be resumed.
 //!
 //! Each part is sent with its SHA-256 twice: signed as `x-amz-content-sha256` (S3 and
 //! S3-compatible servers such as s3s-fs reject a part whose body does not match it: this is
@@ -28,12 +28,10 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::sync::CancellationToken;
 
 use super::client::{
-    self, Client, CredentialsRefused, Request, RequestError, Response, RetryPolicy, Service,
-    describe,
+    self, Client, CredentialsRefused, Request, RequestError, RetryPolicy, Service, describe,
 };
 use super::credentials::AwsCredentials;
-use super::xml::{self, Element};
-use crate::distribute::Progress;
+use super::xml;
 
 /// S3's smallest part (except the last).
 pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
@@ -148,13 +146,11 @@ pub struct Interrupted {
     pub source: RequestError,
 }
 
-/// Where S3 requests go.
+/// Where S3 requests go: AWS itself (virtual-hosted buckets) or an S3-compatible endpoint,
+/// addressed path-style (`<endpoint>/<bucket>/<key>`), as such servers expect.
 #[derive(Debug, Clone)]
 pub struct S3Client {
     client: Client,
-    /// `None`: AWS itself (virtual-hosted buckets); `Some(base)`: an S3-compatible endpoint,
-    /// addressed path-style (`<base>/<bucket>/<key>`), as such servers expect.
-    base: Option<String>,
 }
 
 /// A part S3 already has, from ListParts.
@@ -168,22 +164,24 @@ pub struct ListedPart {
 
 impl S3Client {
     /// `endpoint`: an S3-compatible service (`http://127.0.0.1:9000`); `None` for AWS.
+    /// Without credentials requests go unsigned.
     pub fn new(
         http: reqwest::Client,
-        credentials: AwsCredentials,
+        credentials: impl Into<Option<AwsCredentials>>,
         region: &str,
         endpoint: Option<&str>,
         retry: RetryPolicy,
     ) -> Result<S3Client, S3Error> {
-        let base = client::custom_endpoint(endpoint)
-            .map_err(|endpoint| S3Error::BadEndpoint { endpoint })?;
-        let shown = base
-            .clone()
-            .unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com"));
-        Ok(S3Client {
-            client: Client::new(http, credentials, region, Service::S3, shown, retry),
-            base,
-        })
+        let client = Client::new(
+            http,
+            credentials.into(),
+            region,
+            Service::S3,
+            endpoint,
+            retry,
+        )
+        .map_err(|endpoint| S3Error::BadEndpoint { endpoint })?;
+        Ok(S3Client { client })
     }
 
     pub fn endpoint(&self) -> &str {
@@ -195,7 +193,7 @@ impl S3Client {
     }
 
     fn bucket_url(&self, bucket: &str) -> String {
-        match &self.base {
+        match &self.client.custom {
             Some(base) => format!("{base}/{}", client::encode(bucket)),
             // Dotted names do not match S3's wildcard certificate: path-style for those.
             None if bucket.contains('.') => {
@@ -207,6 +205,13 @@ impl S3Client {
 
     fn object_url(&self, bucket: &str, key: &str) -> String {
         format!("{}/{}", self.bucket_url(bucket), client::encode_path(key))
+    }
+
+    /// The object's URL for a call on the multipart upload `upload_id`; `query` (empty or
+    /// ending in `&`) goes before `uploadId`, keeping the parameters in sorted order.
+    fn upload_url(&self, bucket: &str, key: &str, query: &str, upload_id: &str) -> String {
+        let object = self.object_url(bucket, key);
+        format!("{object}?{query}uploadId={}", client::encode(upload_id))
     }
 
     fn request_error(
@@ -238,77 +243,85 @@ impl S3Client {
         }
     }
 
-    /// Send `request` (with retries); a failure becomes the error for `action`.
-    async fn send(
+    /// GetObject, up to the answer's headers: the body is the caller's to stream. One
+    /// attempt: the caller retries (a broken stream needs a new request anyway).
+    pub async fn get_object(
         &self,
-        request: &Request,
-        action: &'static str,
         bucket: &str,
         key: &str,
-    ) -> Result<Response, S3Error> {
-        self.client
-            .send(request)
-            .await
-            .map_err(|e| self.request_error(action, bucket, key, e))
+    ) -> Result<reqwest::Response, RequestError> {
+        let request = Request::bare("GET", self.object_url(bucket, key));
+        self.client.start(&request).await
     }
 
-    /// [`Self::send`], then read the XML answer.
-    async fn send_xml(
+    /// PutObject of `data` (in memory: [`upload_multipart`] is for large files).
+    pub async fn put_object(
         &self,
-        request: &Request,
-        action: &'static str,
         bucket: &str,
         key: &str,
-    ) -> Result<Element, S3Error> {
-        self.send(request, action, bucket, key)
-            .await?
-            .xml(Service::S3, &self.client.endpoint)
-            .map_err(|e| self.request_error(action, bucket, key, e))
+        data: Vec<u8>,
+    ) -> Result<(), RequestError> {
+        let request = Request {
+            method: "PUT",
+            url: self.object_url(bucket, key),
+            headers: vec![("content-type".into(), "application/octet-stream".into())],
+            body: data,
+        };
+        self.client.send(&request).await.map(drop)
+    }
+
+    /// ListObjectsV2: the keys under `prefix`, at most `max_keys` of them (one page).
+    pub async fn list_objects(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        max_keys: usize,
+    ) -> Result<Vec<String>, RequestError> {
+        let url = format!(
+            "{}/?list-type=2&max-keys={max_keys}&prefix={}",
+            self.bucket_url(bucket),
+            client::encode(prefix)
+        );
+        let root = self.client.send_xml(&Request::bare("GET", url)).await?;
+        Ok(root
+            .children_named("Contents")
+            .filter_map(|c| c.text_at(&["Key"]))
+            .collect())
     }
 
     /// HeadBucket: the bucket exists, these credentials may use it, and it is in our region.
     pub async fn head_bucket(&self, bucket: &str) -> Result<(), S3Error> {
         let request = Request::bare("HEAD", format!("{}/", self.bucket_url(bucket)));
-        match self.client.send(&request).await {
-            Ok(response) => {
-                if let Some(actual) = response.header("x-amz-bucket-region")
-                    && self.base.is_none()
-                    && actual != self.client.region
-                {
-                    return Err(S3Error::WrongRegion {
-                        bucket: bucket.to_string(),
-                        expected: self.client.region.clone(),
-                        actual,
-                    });
-                }
-                Ok(())
-            }
-            // AWS names the bucket's region on a refusal caused by signing for another one
-            // (301 PermanentRedirect, 400 AuthorizationHeaderMalformed; no body on HEAD).
-            Err(RequestError::Service(f))
-                if self.base.is_none()
-                    && let Some(actual) = f.bucket_region.clone()
-                    && actual != self.client.region =>
-            {
-                Err(S3Error::WrongRegion {
-                    bucket: bucket.to_string(),
-                    expected: self.client.region.clone(),
-                    actual,
-                })
-            }
+        let result = self.client.send(&request).await;
+        // AWS names the bucket's region, also on a refusal caused by signing for another one
+        // (301 PermanentRedirect, 400 AuthorizationHeaderMalformed; no body on HEAD).
+        let actual = match &result {
+            Ok(response) => response.header("x-amz-bucket-region"),
+            Err(RequestError::Service(f)) => f.bucket_region.clone(),
+            Err(_) => None,
+        };
+        if let Some(actual) = actual
+            && self.client.custom.is_none()
+            && actual != self.client.region
+        {
+            return Err(S3Error::WrongRegion {
+                bucket: bucket.to_string(),
+                expected: self.client.region.clone(),
+                actual,
+            });
+        }
+        match result {
+            Ok(_) => Ok(()),
             Err(e) if e.status() == Some(404) => Err(S3Error::NoSuchBucket {
                 bucket: bucket.to_string(),
                 endpoint: self.client.endpoint.clone(),
                 region: self.client.region.clone(),
             }),
-            Err(e) if e.status() == Some(403) && e.code().is_none() => {
-                let credentials = self.client.credentials();
-                Err(S3Error::Forbidden {
-                    bucket: bucket.to_string(),
-                    who: describe(credentials),
-                    source: e,
-                })
-            }
+            Err(e) if e.status() == Some(403) && e.code().is_none() => Err(S3Error::Forbidden {
+                bucket: bucket.to_string(),
+                who: describe(self.client.credentials()),
+                source: e,
+            }),
             Err(e) => Err(self.request_error("HeadBucket", bucket, "", e)),
         }
     }
@@ -342,7 +355,8 @@ impl S3Client {
             body: vec![],
         };
         let action = "CreateMultipartUpload";
-        let root = self.send_xml(&request, action, bucket, key).await?;
+        let failed = |e| self.request_error(action, bucket, key, e);
+        let root = self.client.send_xml(&request).await.map_err(failed)?;
         root.text_at(&["UploadId"])
             .ok_or_else(|| incomplete(action, bucket, key, "an UploadId"))
     }
@@ -359,11 +373,7 @@ impl S3Client {
     ) -> Result<String, S3Error> {
         let request = Request {
             method: "PUT",
-            url: format!(
-                "{}?partNumber={number}&uploadId={}",
-                self.object_url(bucket, key),
-                client::encode(upload_id)
-            ),
+            url: self.upload_url(bucket, key, &format!("partNumber={number}&"), upload_id),
             headers: vec![(
                 "x-amz-checksum-sha256".into(),
                 base64::engine::general_purpose::STANDARD.encode(sha256),
@@ -371,7 +381,8 @@ impl S3Client {
             body: data,
         };
         let action = "UploadPart";
-        let response = self.send(&request, action, bucket, key).await?;
+        let failed = |e| self.request_error(action, bucket, key, e);
+        let response = self.client.send(&request).await.map_err(failed)?;
         response
             .header("etag")
             .ok_or_else(|| incomplete(action, bucket, key, "an ETag"))
@@ -388,20 +399,11 @@ impl S3Client {
         let mut parts = Vec::new();
         let mut marker: Option<String> = None;
         loop {
-            let mut url = format!(
-                "{}?max-parts=1000&uploadId={}",
-                self.object_url(bucket, key),
-                client::encode(upload_id)
-            );
-            if let Some(m) = &marker {
-                url = format!(
-                    "{}?max-parts=1000&part-number-marker={}&uploadId={}",
-                    self.object_url(bucket, key),
-                    client::encode(m),
-                    client::encode(upload_id)
-                );
-            }
-            let request = Request::bare("GET", url);
+            let query = match &marker {
+                Some(m) => format!("max-parts=1000&part-number-marker={}&", client::encode(m)),
+                None => "max-parts=1000&".to_string(),
+            };
+            let request = Request::bare("GET", self.upload_url(bucket, key, &query, upload_id));
             let response = match self.client.send(&request).await {
                 Ok(r) => r,
                 Err(e) if e.code() == Some("NoSuchUpload") || e.status() == Some(404) => {
@@ -456,16 +458,13 @@ impl S3Client {
         body.push_str("</CompleteMultipartUpload>");
         let request = Request {
             method: "POST",
-            url: format!(
-                "{}?uploadId={}",
-                self.object_url(bucket, key),
-                client::encode(upload_id)
-            ),
+            url: self.upload_url(bucket, key, "", upload_id),
             headers: vec![("content-type".into(), "application/xml".into())],
             body: body.into_bytes(),
         };
         let action = "CompleteMultipartUpload";
-        let root = self.send_xml(&request, action, bucket, key).await?;
+        let failed = |e| self.request_error(action, bucket, key, e);
+        let root = self.client.send_xml(&request).await.map_err(failed)?;
         Ok(root.text_at(&["ETag"]).unwrap_or_default())
     }
 
@@ -486,14 +485,7 @@ impl S3Client {
         key: &str,
         upload_id: &str,
     ) -> Result<(), S3Error> {
-        let request = Request::bare(
-            "DELETE",
-            format!(
-                "{}?uploadId={}",
-                self.object_url(bucket, key),
-                client::encode(upload_id)
-            ),
-        );
+        let request = Request::bare("DELETE", self.upload_url(bucket, key, "", upload_id));
         match self.client.send(&request).await {
             Ok(_) => Ok(()),
             Err(e) if e.code() == Some("NoSuchUpload") || e.status() == Some(404) => Ok(()),
@@ -629,16 +621,15 @@ async fn cancelled(token: &Option<CancellationToken>) {
 }
 
 /// Upload `path` to `s3://bucket/key` in parts; resume an earlier interrupted upload of the
-/// same file to the same place (see the module docs). Progress goes to
-/// `progress.transfer(target, key, …)` as parts finish.
+/// same file to the same place (see the module docs). `progress(done, total)` is called with
+/// the bytes in S3 as parts finish.
 pub async fn upload_multipart(
     s3: &S3Client,
     path: &Path,
     bucket: &str,
     key: &str,
     options: &UploadOptions,
-    progress: &dyn Progress,
-    target: &str,
+    progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<Uploaded, S3Error> {
     if options.part_size < MIN_PART_SIZE {
         return Err(S3Error::PartSize {
@@ -726,7 +717,7 @@ pub async fn upload_multipart(
     write_state(&state_file, &state)?;
 
     let mut done_bytes: u64 = state.parts.values().map(|p| p.size).sum();
-    progress.transfer(target, key, done_bytes, Some(size));
+    progress(done_bytes, size);
     let missing: Vec<u32> = (1..=total_parts)
         .filter(|n| !state.parts.contains_key(n))
         .collect();
@@ -788,7 +779,7 @@ pub async fn upload_multipart(
                 done_bytes += record.size;
                 state.parts.insert(number, record);
                 write_state(&state_file, &state)?;
-                progress.transfer(target, key, done_bytes, Some(size));
+                progress(done_bytes, size);
                 if failure.is_none()
                     && let Some(next) = pending.next()
                 {

@@ -1,6 +1,7 @@
 //! One signed AWS request: SigV4 with `aws-sigv4` (the signer of AWS's own SDKs; no
 //! hand-written crypto), sent with reqwest, its XML error decoded, retried with backoff when
-//! the failure is transient. S3 (REST), EC2 and IAM (Query) all go through here.
+//! the failure is transient. S3 (REST), EC2 and IAM (Query) all go through here. Requests
+//! without credentials go unsigned (anonymous S3 reads).
 
 use std::time::{Duration, SystemTime};
 
@@ -148,6 +149,14 @@ impl Service {
             Service::Iam => "IAM",
         }
     }
+
+    /// The service's AWS endpoint for `region` (IAM is global).
+    pub fn aws_endpoint(self, region: &str) -> String {
+        match self {
+            Service::Iam => "https://iam.amazonaws.com".to_string(),
+            _ => format!("https://{}.{region}.amazonaws.com", self.signing_name()),
+        }
+    }
 }
 
 /// How often to try a request, and how long to wait in between.
@@ -214,12 +223,11 @@ pub struct CredentialsRefused {
 }
 
 /// `access key AKIA… from <where>`, for messages (the key id is not a secret).
-pub(crate) fn describe(credentials: &AwsCredentials) -> String {
-    format!(
-        "access key {} from {}",
-        credentials.access_key_id(),
-        credentials.source
-    )
+pub(crate) fn describe(credentials: Option<&AwsCredentials>) -> String {
+    match credentials {
+        Some(c) => format!("access key {} from {}", c.access_key_id(), c.source),
+        None => "no credentials: unsigned requests".to_string(),
+    }
 }
 
 impl Request {
@@ -260,25 +268,19 @@ impl Response {
 }
 
 /// Signs and sends requests for one service in one region.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct Client {
     http: reqwest::Client,
-    credentials: AwsCredentials,
+    /// `None`: requests go unsigned.
+    credentials: Option<AwsCredentials>,
     pub region: String,
     pub service: Service,
-    /// For messages: where requests go.
+    /// A custom endpoint (an S3-compatible server, a fake) as requests use it (no trailing
+    /// `/`); every region goes there. `None`: AWS's endpoint for the service and region.
+    pub custom: Option<String>,
+    /// Where requests go: the custom endpoint, else AWS's.
     pub endpoint: String,
     pub retry: RetryPolicy,
-}
-
-impl std::fmt::Debug for Client {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client")
-            .field("service", &self.service)
-            .field("region", &self.region)
-            .field("endpoint", &self.endpoint)
-            .finish_non_exhaustive()
-    }
 }
 
 /// The HTTP client every AWS request uses: bounded connect time, and a read timeout long
@@ -300,22 +302,31 @@ pub fn http_client() -> reqwest::Client {
 }
 
 impl Client {
+    /// `endpoint`: a custom endpoint, `None` for AWS. `Err` with the endpoint as written when
+    /// it is not an http:// or https:// URL with a host.
     pub fn new(
         http: reqwest::Client,
-        credentials: AwsCredentials,
-        region: impl Into<String>,
+        credentials: Option<AwsCredentials>,
+        region: &str,
         service: Service,
-        endpoint: impl Into<String>,
+        endpoint: Option<&str>,
         retry: RetryPolicy,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, String> {
+        let custom = match endpoint {
+            Some(e) if !valid_endpoint(e) => return Err(e.to_string()),
+            e => e.map(|e| e.trim_end_matches('/').to_string()),
+        };
+        Ok(Self {
             http,
             credentials,
-            region: region.into(),
+            region: region.to_string(),
             service,
-            endpoint: endpoint.into(),
+            endpoint: custom
+                .clone()
+                .unwrap_or_else(|| service.aws_endpoint(region)),
+            custom,
             retry,
-        }
+        })
     }
 
     /// `source` (a refusal of the credentials) as the error that names them.
@@ -323,40 +334,47 @@ impl Client {
         Box::new(CredentialsRefused {
             service: self.service.display(),
             endpoint: self.endpoint.clone(),
-            who: describe(&self.credentials),
-            has_token: self.credentials.has_session_token(),
+            who: describe(self.credentials.as_ref()),
+            has_token: self
+                .credentials
+                .as_ref()
+                .is_some_and(AwsCredentials::has_session_token),
             source,
         })
     }
 
-    pub fn credentials(&self) -> &AwsCredentials {
-        &self.credentials
+    pub fn credentials(&self) -> Option<&AwsCredentials> {
+        self.credentials.as_ref()
     }
 
-    /// The same credentials for another region (EC2 in each copy destination).
-    pub fn for_region(&self, region: &str, endpoint: String) -> Client {
+    /// The same credentials and endpoint for another region (EC2 in each copy destination).
+    pub fn for_region(&self, region: &str) -> Client {
         Client {
             region: region.to_string(),
-            endpoint,
+            endpoint: self
+                .custom
+                .clone()
+                .unwrap_or_else(|| self.service.aws_endpoint(region)),
             ..self.clone()
         }
     }
 
-    /// The headers SigV4 adds (`authorization`, `x-amz-date`, `x-amz-content-sha256` for S3,
-    /// `x-amz-security-token`) for this request signed now.
-    pub fn sign(&self, request: &Request) -> Result<Vec<(String, String)>, RequestError> {
-        sign_request(
-            &self.credentials,
-            &self.region,
-            self.service,
-            request,
-            SystemTime::now(),
-        )
+    fn transport(&self, source: reqwest::Error) -> RequestError {
+        RequestError::Transport {
+            service: self.service.display(),
+            endpoint: self.endpoint.clone(),
+            source,
+        }
     }
 
-    /// One attempt.
-    pub async fn send_once(&self, request: &Request) -> Result<Response, RequestError> {
-        let signed = self.sign(request)?;
+    /// One attempt, up to the answer's headers: a success status gives the response to read
+    /// (or stream) its body from; any other the service's error.
+    pub async fn start(&self, request: &Request) -> Result<reqwest::Response, RequestError> {
+        // Without credentials the request goes unsigned.
+        let signed = match &self.credentials {
+            Some(c) => sign_request(c, &self.region, self.service, request, SystemTime::now())?,
+            None => Vec::new(),
+        };
         #[expect(
             clippy::expect_used,
             reason = "every request method is a constant such as GET or PUT"
@@ -367,37 +385,43 @@ impl Client {
         for (name, value) in request.headers.iter().chain(signed.iter()) {
             builder = builder.header(name.as_str(), value.as_str());
         }
-        let transport = |source| RequestError::Transport {
-            service: self.service.display(),
-            endpoint: self.endpoint.clone(),
-            source,
-        };
         let response = builder
             .body(request.body.clone())
             .send()
             .await
-            .map_err(transport)?;
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let body = response.bytes().await.map_err(transport)?.to_vec();
-        let response = Response {
-            status,
-            headers,
-            body,
-        };
-        if (200..300).contains(&status) {
-            // S3 may answer 200 and put an <Error> in the body (CompleteMultipartUpload).
-            if self.service == Service::S3
-                && response.body.len() < 64 * 1024
-                && let Ok(root) = Element::parse(&String::from_utf8_lossy(&response.body))
-                && root.name == "Error"
-            {
-                return Err(self.service_error(&response, Some(&root)));
-            }
+            .map_err(|e| self.transport(e))?;
+        if response.status().is_success() {
             return Ok(response);
         }
+        let response = self.read(response).await?;
         let root = Element::parse(&String::from_utf8_lossy(&response.body)).ok();
         Err(self.service_error(&response, root.as_ref()))
+    }
+
+    async fn read(&self, response: reqwest::Response) -> Result<Response, RequestError> {
+        Ok(Response {
+            status: response.status().as_u16(),
+            headers: response.headers().clone(),
+            body: response
+                .bytes()
+                .await
+                .map_err(|e| self.transport(e))?
+                .to_vec(),
+        })
+    }
+
+    /// One attempt.
+    pub async fn send_once(&self, request: &Request) -> Result<Response, RequestError> {
+        let response = self.read(self.start(request).await?).await?;
+        // S3 may answer 200 and put an <Error> in the body (CompleteMultipartUpload).
+        if self.service == Service::S3
+            && response.body.len() < 64 * 1024
+            && let Ok(root) = Element::parse(&String::from_utf8_lossy(&response.body))
+            && root.name == "Error"
+        {
+            return Err(self.service_error(&response, Some(&root)));
+        }
+        Ok(response)
     }
 
     fn service_error(&self, response: &Response, root: Option<&Element>) -> RequestError {
@@ -442,6 +466,11 @@ impl Client {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// [`Self::send`], then read the XML answer.
+    pub async fn send_xml(&self, request: &Request) -> Result<Element, RequestError> {
+        self.send(request).await?.xml(self.service, &self.endpoint)
     }
 }
 
@@ -555,16 +584,7 @@ pub fn query_request(
     }
 }
 
-/// Check that a user-given endpoint is an http(s) URL with a host.
-/// A custom endpoint as requests use it (no trailing `/`); `Err` with the endpoint as written
-/// when it is not an http:// or https:// URL with a host.
-pub fn custom_endpoint(endpoint: Option<&str>) -> Result<Option<String>, String> {
-    match endpoint {
-        Some(e) if !valid_endpoint(e) => Err(e.to_string()),
-        e => Ok(e.map(|e| e.trim_end_matches('/').to_string())),
-    }
-}
-
+/// A user-given endpoint is an http(s) URL with a host.
 pub fn valid_endpoint(endpoint: &str) -> bool {
     reqwest::Url::parse(endpoint)
         .map(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some())
