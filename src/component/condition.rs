@@ -79,21 +79,16 @@ pub fn evaluate<'a>(
                 value,
             } => {
                 let baseline = cx.operand(baseline)?;
-                let value = cx.operand(value)?;
-                compare(*op, &value, &baseline)
+                compare(*op, &cx.operand(value)?, &baseline)
             }
             Expr::StringTest { op, value } => Ok(string_test(*op, &cx.operand(value)?)),
-            Expr::Exists { op, path } => {
-                let path = cx.operand(path)?;
-                exists(*op, &path, cx).await
-            }
+            Expr::Exists { op, path } => exists(*op, &cx.operand(path)?, cx).await,
             Expr::FileHash {
                 algorithm,
                 digest,
                 path,
             } => {
-                let digest = cx.operand(digest)?;
-                let path = cx.operand(path)?;
+                let (digest, path) = (cx.operand(digest)?, cx.operand(path)?);
                 file_hash_equals(*algorithm, &digest, &path, cx).await
             }
             Expr::And(items) | Expr::Or(items) => {

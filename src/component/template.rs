@@ -27,15 +27,19 @@ pub enum Reference {
         field: LoopField,
     },
     /// `<phase>.<step>.inputs…` or `<phase>.<step>.outputs…`.
-    Chain {
-        phase: String,
-        step: String,
-        kind: ChainKind,
-        index: Option<usize>,
-        key: String,
-    },
+    Chain(Chain),
     /// `aws:ssm:<name>` or `aws:ssm:resolve(<ref>)`: not available offline.
     Ssm(String),
+}
+
+/// `<phase>.<step>.<kind>[<index>].<key>`: an input or output of another step.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Chain {
+    pub phase: String,
+    pub step: String,
+    pub kind: ChainKind,
+    pub index: Option<usize>,
+    pub key: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -100,16 +104,13 @@ impl std::fmt::Display for Reference {
                 };
                 write!(f, "{}.{field}", name.as_deref().unwrap_or("loop"))
             }
-            Reference::Chain {
-                phase,
-                step,
-                kind,
-                index,
-                key,
-            } => match index {
-                Some(i) => write!(f, "{phase}.{step}.{}[{i}].{key}", kind.name()),
-                None => write!(f, "{phase}.{step}.{}.{key}", kind.name()),
-            },
+            Reference::Chain(c) => {
+                write!(f, "{}.{}.{}", c.phase, c.step, c.kind.name())?;
+                match c.index {
+                    Some(i) => write!(f, "[{i}].{}", c.key),
+                    None => write!(f, ".{}", c.key),
+                }
+            }
             Reference::Ssm(rest) => write!(f, "aws:ssm:{rest}"),
         }
     }
@@ -324,13 +325,13 @@ fn parse_chain(expr: &str, segments: &[&str]) -> Parsed {
     if key.contains(['[', ']']) || segments[..at].iter().any(|s| s.contains(['[', ']'])) {
         return Parsed::Invalid(format!("`{expr}` is not a valid reference; {usage}"));
     }
-    Parsed::Reference(Reference::Chain {
+    Parsed::Reference(Reference::Chain(Chain {
         phase: segments[0].to_string(),
         step: segments[1..at].join("."),
         kind,
         index,
         key,
-    })
+    }))
 }
 
 /// `inputs`, `outputs`, `inputs[3]`, `outputs[0]` → kind and index; `None` for other
@@ -383,13 +384,13 @@ mod tests {
         index: Option<usize>,
         key: &str,
     ) -> Reference {
-        Reference::Chain {
+        Reference::Chain(Chain {
             phase: phase.into(),
             step: step.into(),
             kind,
             index,
             key: key.into(),
-        }
+        })
     }
 
     #[test]

@@ -482,22 +482,13 @@ pub async fn set_owner(
     cx: &ActionContext<'_>,
     folder: bool,
 ) -> Result<Outputs, ActionError> {
-    each_item(inputs, |i| async move {
-        let path = cx.path(&i.required("path")?);
+    change(inputs, cx, folder, "chown", |i| {
         let owner = i.required("owner")?;
         // `owner:` (empty group) means the owner's login group.
-        let spec = match i.string("group")? {
+        Ok(match i.string("group")? {
             Some(g) if !g.is_empty() => format!("{owner}:{g}"),
             _ => format!("{owner}:"),
-        };
-        change(
-            cx,
-            "chown",
-            &spec,
-            folder && i.bool("recursive", true)?,
-            &path,
-        )
-        .await
+        })
     })
     .await
 }
@@ -507,32 +498,37 @@ pub async fn set_permissions(
     cx: &ActionContext<'_>,
     folder: bool,
 ) -> Result<Outputs, ActionError> {
-    each_item(inputs, |i| async move {
-        let path = cx.path(&i.required("path")?);
-        let Some(mode) = i.mode("permissions")? else {
-            return Err(ActionError::Input("`permissions` is required".into()));
-        };
-        let recursive = folder && i.bool("recursive", true)?;
-        change(cx, "chmod", &format!("{mode:o}"), recursive, &path).await
+    change(inputs, cx, folder, "chmod", |i| {
+        match i.mode("permissions")? {
+            Some(mode) => Ok(format!("{mode:o}")),
+            None => Err(ActionError::Input("`permissions` is required".into())),
+        }
     })
     .await
 }
 
-/// `chown`/`chmod` `spec` on `path`, `-R` when `recursive`.
+/// `chown`/`chmod` (`program`) with the `spec` the inputs give on each item's `path`; `-R`
+/// for a folder unless `recursive: false`.
 async fn change(
+    inputs: &Value,
     cx: &ActionContext<'_>,
+    folder: bool,
     program: &str,
-    spec: &str,
-    recursive: bool,
-    path: &Path,
-) -> Result<Option<Map<String, Value>>, ActionError> {
-    let words: &[&str] = if recursive {
-        &[program, "-R", spec, "--"]
-    } else {
-        &[program, spec, "--"]
-    };
-    run(cx, words, &[path]).await?;
-    Ok(None)
+    spec: impl Fn(&Inputs<'_>) -> Result<String, ActionError>,
+) -> Result<Outputs, ActionError> {
+    let spec = &spec;
+    each_item(inputs, |i| async move {
+        let path = cx.path(&i.required("path")?);
+        let spec = spec(&i)?;
+        let words: &[&str] = if folder && i.bool("recursive", true)? {
+            &[program, "-R", &spec, "--"]
+        } else {
+            &[program, &spec, "--"]
+        };
+        run(cx, words, &[path]).await?;
+        Ok(None)
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::component::document::{Document, Loop, LoopKind, ParameterType};
 use crate::component::report::Resolution;
-use crate::component::template::{self, ChainKind, LoopField, Reference, Scope};
+use crate::component::template::{self, Chain, ChainKind, LoopField, Reference, Scope};
 
 /// A loop can have at most this many iterations: a guard against a typo such as
 /// `end: 100000000`, which would otherwise run for days.
@@ -101,13 +101,7 @@ impl StepScope<'_> {
                     LoopField::Value => it.value.to_string(),
                 }))
             }
-            Reference::Chain {
-                phase,
-                step,
-                kind,
-                index,
-                key,
-            } => self.chained(phase, step, *kind, *index, key).map(Some),
+            Reference::Chain(chain) => self.chained(chain).map(Some),
             Reference::Ssm(_) => Err(format!(
                 "`{reference}` needs AWS Systems Manager Parameter Store, which builder does not \
                  use (it works offline); pass the value as a parameter instead"
@@ -115,15 +109,9 @@ impl StepScope<'_> {
         }
     }
 
-    fn chained(
-        &self,
-        phase: &str,
-        step: &str,
-        kind: ChainKind,
-        index: Option<usize>,
-        key: &str,
-    ) -> Result<String, String> {
-        let what = kind.name();
+    fn chained(&self, chain: &Chain) -> Result<String, String> {
+        let (phase, step, key) = (&chain.phase, &chain.step, &chain.key);
+        let what = chain.kind.name();
         let stored = self
             .values
             .stored
@@ -146,12 +134,12 @@ impl StepScope<'_> {
                 format!("there is no step `{step}` in phase `{phase}` of this document")
             });
         };
-        let list = match kind {
+        let list = match chain.kind {
             ChainKind::Inputs => stored.inputs,
             ChainKind::Outputs => stored.outputs,
         };
         let items = list.as_array().cloned().unwrap_or_default();
-        let i = index.unwrap_or(0);
+        let i = chain.index.unwrap_or(0);
         let Some(item) = items.get(i) else {
             return Err(format!(
                 "step `{phase}.{step}` has {} {what} item(s); there is no [{i}]",

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use super::DocumentReader;
 use super::spec::outputs_of;
 use crate::component::document::Action;
-use crate::component::template::{self, ChainKind, Piece, Reference};
+use crate::component::template::{self, Chain, ChainKind, Piece, Reference};
 use crate::diagnostic::{Span, did_you_mean_hint, one_of};
 use crate::yaml::Node;
 
@@ -196,29 +196,20 @@ fn check(
                 )),
             ),
         },
-        Reference::Chain {
-            phase,
-            step,
-            kind,
-            index: item,
-            key,
-        } => chain(cx, ctx, at, (phase, step), *kind, *item, key, index),
+        Reference::Chain(c) => chain(cx, ctx, at, c, index),
         // Resolved at run time (and refused offline by the executor).
         Reference::Ssm(_) => {}
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn chain(
     cx: &mut DocumentReader<'_>,
     ctx: &StepCtx,
     at: Span,
-    (phase, step): (&str, &str),
-    kind: ChainKind,
-    index: Option<usize>,
-    key: &str,
+    chain: &Chain,
     index_of: &Index<'_>,
 ) {
+    let (phase, step, key, index) = (&*chain.phase, &*chain.step, &*chain.key, chain.index);
     let phases = index_of.phases;
     let Some(&phase_index) = index_of.phase.get(phase) else {
         let names: Vec<&str> = phases.iter().map(|(n, _)| n.as_str()).collect();
@@ -252,7 +243,7 @@ fn chain(
     let Some(action) = info.action else {
         return;
     };
-    match kind {
+    match chain.kind {
         ChainKind::Outputs if (phase_index, step_index) >= (ctx.phase, ctx.step) => {
             let when = if (phase_index, step_index) == (ctx.phase, ctx.step) {
                 "this step's own outputs do not exist while it runs".to_string()
