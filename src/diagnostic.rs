@@ -24,8 +24,8 @@ pub struct Span {
 impl Span {
     /// The span of `source[start..end]`, with line and column computed from the text.
     pub fn from_offsets(source: &str, start: usize, end: usize) -> Span {
-        let start = floor_char_boundary(source, start.min(source.len()));
-        let end = floor_char_boundary(source, end.clamp(start, source.len()));
+        let start = source.floor_char_boundary(start);
+        let end = source.floor_char_boundary(end.clamp(start, source.len()));
         let before = &source[..start];
         let line = before.matches('\n').count() + 1;
         let line_start = before.rfind('\n').map_or(0, |i| i + 1);
@@ -37,13 +37,6 @@ impl Span {
             col,
         }
     }
-}
-
-fn floor_char_boundary(s: &str, mut i: usize) -> usize {
-    while i > 0 && !s.is_char_boundary(i) {
-        i -= 1;
-    }
-    i
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -207,28 +200,17 @@ impl Diagnostics {
         let styles = Styles::new(color);
         let errors = self.error_count();
         let warnings = self.problems.len() - errors;
-        let path = self.path.display();
-        let mut out = String::new();
-        if errors > 0 {
-            let _ = write!(
-                out,
-                "{}: `{path}` is not a valid {} ({errors} {})",
-                styles.error.render_text("error"),
-                self.noun,
-                plural(errors, "problem", "problems"),
-            );
-            if let Some(consequence) = &self.consequence {
-                let _ = write!(out, "; {consequence}");
-            }
+        let (path, noun) = (self.path.display(), &self.noun);
+        let mut out = if errors > 0 {
+            let error = styles.error.render_text("error");
+            let problems = plural(errors, "problem", "problems");
+            let then = (self.consequence.as_ref()).map_or(String::new(), |c| format!("; {c}"));
+            format!("{error}: `{path}` is not a valid {noun} ({errors} {problems}){then}")
         } else {
-            let _ = write!(
-                out,
-                "{}: `{path}` is a valid {} with {warnings} {}",
-                styles.warning.render_text("warning"),
-                self.noun,
-                plural(warnings, "warning", "warnings"),
-            );
-        }
+            let warning = styles.warning.render_text("warning");
+            let plural = plural(warnings, "warning", "warnings");
+            format!("{warning}: `{path}` is a valid {noun} with {warnings} {plural}")
+        };
         out.push('\n');
         let width = self
             .problems

@@ -296,11 +296,7 @@ impl Builder<'_> {
             .positions
             .byte(marker.index(), marker.line(), marker.col());
         // Positions of a valid parse are always on character boundaries; clamp defensively.
-        let mut byte = byte.min(self.source.len());
-        while !self.source.is_char_boundary(byte) {
-            byte -= 1;
-        }
-        byte
+        self.source.floor_char_boundary(byte)
     }
 
     fn span(&self, span: saphyr_parser::Span) -> Span {
@@ -613,6 +609,17 @@ pub fn unknown_keys(
         }
     }
     problems
+}
+
+/// `text` with the bytes from `at` (`len` of them) replaced by `insert`, both ends moved to char
+/// boundaries: the edit of the file walkers' "never panic" property tests.
+#[cfg(test)]
+pub(crate) fn edited(text: &str, at: usize, len: usize, insert: &str) -> String {
+    let start = text.floor_char_boundary(at);
+    let end = text.ceil_char_boundary(start + len);
+    let mut text = text.to_string();
+    text.replace_range(start..end, insert);
+    text
 }
 
 #[cfg(test)]

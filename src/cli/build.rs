@@ -12,7 +12,7 @@ use anstyle::{AnsiColor, Style};
 use clap::{Args, ValueEnum};
 
 use super::component::run::Terminal;
-use super::{CliResult, EXIT_FAILED, EXIT_HOST, EXIT_INPUT, Failure};
+use super::{CliResult, EXIT_FAILED, EXIT_HOST, EXIT_INPUT, Failure, env, parse_accel};
 use builder::build::plan::{self, Stage};
 use builder::build::{
     self as build, BuildError, BuildEvent, BuildObserver, BuildOptions, ComponentFailure,
@@ -61,14 +61,6 @@ enum OnError {
     Abort,
     Keep,
     Shell,
-}
-
-fn parse_accel(s: &str) -> Result<Accelerator, String> {
-    Accelerator::parse_named("accelerator", s)
-}
-
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok()
 }
 
 pub async fn main(args: BuildArgs) -> CliResult {

@@ -229,12 +229,7 @@ fn list(store: &Store, args: &ListArgs, abandoned: &[Abandoned]) -> CliResult {
     });
     let mut out = std::io::stdout().lock();
     if args.json {
-        #[expect(
-            clippy::expect_used,
-            reason = "plain data (structs, strings, numbers, string-keyed maps) always serialises with serde_json"
-        )]
-        let json = serde_json::to_string_pretty(&rows).expect("rows serialize");
-        let _ = writeln!(out, "{json}");
+        super::print_json(&rows);
         return Ok(0);
     }
     if rows.is_empty() {
@@ -360,12 +355,7 @@ async fn show(store: &Store, args: &ShowArgs) -> CliResult {
                     manifest: Some(&image.manifest),
                     receipts: image.receipts(),
                 };
-                #[expect(
-                    clippy::expect_used,
-                    reason = "plain data (structs, strings, numbers, string-keyed maps) always serialises with serde_json"
-                )]
-                let text = serde_json::to_string_pretty(&json).expect("serializes");
-                let _ = writeln!(out, "{text}");
+                super::print_json(&json);
             } else {
                 let _ = write!(out, "{}", describe(&image));
             }
@@ -388,12 +378,7 @@ async fn show(store: &Store, args: &ShowArgs) -> CliResult {
                     manifest: manifest.as_ref(),
                     receipts: Vec::new(),
                 };
-                #[expect(
-                    clippy::expect_used,
-                    reason = "plain data (structs, strings, numbers, string-keyed maps) always serialises with serde_json"
-                )]
-                let text = serde_json::to_string_pretty(&json).expect("serializes");
-                let _ = writeln!(out, "{text}");
+                super::print_json(&json);
             } else {
                 let _ = writeln!(out, "{}", failed.reference());
                 let _ = writeln!(out, "  status:   failed");

@@ -17,6 +17,7 @@ use std::process::ExitCode;
 
 use anstream::eprintln;
 use anstyle::{AnsiColor, Style};
+use builder::recipe::Accelerator;
 use builder::store::{Abandoned, Store, StoreError};
 
 /// Exit codes (STYLE.md): 0 ok, 1 build or test failed, 2 invalid input, 3 host problem,
@@ -73,6 +74,36 @@ impl Failure {
 }
 
 pub type CliResult = Result<u8, Failure>;
+
+/// The end of a command that went through several inputs and reported each failure as it came:
+/// success, or the worst exit code (2 invalid, 3 host problem) without another message.
+pub fn worst_of(worst: u8) -> CliResult {
+    if worst == 0 {
+        Ok(0)
+    } else {
+        Err(Failure::already_printed(worst))
+    }
+}
+
+/// `value` as pretty JSON on stdout: the `--json` output of listings.
+pub fn print_json(value: &impl serde::Serialize) {
+    #[expect(
+        clippy::expect_used,
+        reason = "plain data (structs, strings, numbers, string-keyed maps) always serialises with serde_json"
+    )]
+    let text = serde_json::to_string_pretty(value).expect("plain data serializes");
+    let _ = writeln!(std::io::stdout().lock(), "{text}");
+}
+
+/// `--accel`: `auto`, `kvm` or `tcg`.
+pub fn parse_accel(s: &str) -> Result<Accelerator, String> {
+    Accelerator::parse_named("accelerator", s)
+}
+
+/// The environment that `${VAR}` in recipes and pipelines reads.
+pub fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
 
 /// Open the store (`dir`, else the default) as every command that uses it does: create its
 /// folders if needed, then clean up abandoned builds (a `builder build` killed with SIGKILL,

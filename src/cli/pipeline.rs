@@ -9,7 +9,7 @@ use anstream::eprintln;
 use anstyle::{AnsiColor, Style};
 use clap::{Args, Subcommand, ValueEnum};
 
-use super::{CliResult, EXIT_FAILED, EXIT_HOST, EXIT_INPUT, Failure};
+use super::{CliResult, EXIT_FAILED, EXIT_HOST, EXIT_INPUT, Failure, env, parse_accel, worst_of};
 use builder::build::{BuildObserver, BuildOptions};
 use builder::pipeline::history::{ExecStatus, History, Trigger};
 use builder::pipeline::parse::{self, ParseError};
@@ -86,14 +86,6 @@ enum StopMode {
     Finish,
 }
 
-fn parse_accel(s: &str) -> Result<Accelerator, String> {
-    Accelerator::parse_named("accelerator", s)
-}
-
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok()
-}
-
 pub async fn main(command: PipelineCommand) -> CliResult {
     match command {
         PipelineCommand::Validate(args) => validate(args),
@@ -163,18 +155,12 @@ fn validate(args: ValidateArgs) -> CliResult {
             }
             Err(e) => {
                 let failure = parse_failure(e);
-                if !failure.printed {
-                    super::report(&failure);
-                }
+                super::report(&failure);
                 worst = worst.max(failure.code);
             }
         }
     }
-    if worst == 0 {
-        Ok(0)
-    } else {
-        Err(Failure::already_printed(worst))
-    }
+    worst_of(worst)
 }
 
 async fn run_once(args: RunArgs) -> CliResult {

@@ -114,12 +114,7 @@ pub fn status(args: StatusArgs) -> CliResult {
     }
     let mut out = std::io::stdout().lock();
     if args.json {
-        #[expect(
-            clippy::expect_used,
-            reason = "plain data (structs, strings, numbers, string-keyed maps) always serialises with serde_json"
-        )]
-        let text = serde_json::to_string_pretty(&all).expect("plain data serializes");
-        let _ = writeln!(out, "{text}");
+        super::print_json(&all);
         return Ok(0);
     }
     if all.is_empty() {
@@ -255,9 +250,7 @@ mod tests {
     use builder::pipeline::history::{ExecutionId, Transition};
 
     fn t(s: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(s)
-            .expect("test time")
-            .with_timezone(&Utc)
+        s.parse().expect("test time")
     }
 
     fn execution(id: i64, status: ExecStatus, reason: &str) -> Execution {

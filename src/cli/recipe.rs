@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anstream::{eprint, eprintln};
 use clap::{Args, ValueEnum};
 
-use super::{CliResult, EXIT_INPUT, Failure};
+use super::{CliResult, EXIT_INPUT, Failure, env, worst_of};
 use builder::build::plan::{
     self, ParentResolver, Plan, PlanError, PlannedComponent, PlannedParent, ResolveError, Stage,
     StoredParent,
@@ -53,10 +53,6 @@ pub struct SchemaArgs {
 enum SchemaKind {
     /// Recipe files.
     Recipe,
-}
-
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok()
 }
 
 /// Print every file's problems (errors and warnings), coloured when stderr allows it.
@@ -106,17 +102,11 @@ pub fn validate(args: ValidateArgs) -> CliResult {
     let mut worst = 0;
     for recipe in &args.recipes {
         if let Err(failure) = validate_one(recipe) {
-            if !failure.printed {
-                super::report(&failure);
-            }
+            super::report(&failure);
             worst = worst.max(failure.code);
         }
     }
-    if worst == 0 {
-        Ok(0)
-    } else {
-        Err(Failure::already_printed(worst))
-    }
+    worst_of(worst)
 }
 
 #[derive(Serialize)]
@@ -194,11 +184,7 @@ fn validate_json(recipes: &[PathBuf]) -> CliResult {
     let json = serde_json::to_string_pretty(&results)
         .map_err(|e| Failure::failed(anyhow::Error::new(e).context("could not write JSON")))?;
     stdout(&(json + "\n"))?;
-    if worst == 0 {
-        Ok(0)
-    } else {
-        Err(Failure::already_printed(worst))
-    }
+    worst_of(worst)
 }
 
 fn validate_one(path: &std::path::Path) -> CliResult {

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio_util::sync::CancellationToken;
 
-use super::{CliResult, EXIT_FAILED, Failure};
+use super::{CliResult, EXIT_FAILED, Failure, parse_accel};
 use builder::component::executor::{self, Observer, RunError, RunOptions, RunOutcome, RunRequest};
 use builder::component::report::Status;
 use builder::machine::agent::InteractiveEvent;
@@ -96,10 +96,6 @@ pub struct ShellArgs {
     image: PathBuf,
     #[command(flatten)]
     vm: VmArgs,
-}
-
-fn parse_accel(s: &str) -> Result<Accelerator, String> {
-    Accelerator::parse_named("accelerator", s)
 }
 
 fn parse_firmware(s: &str) -> Result<Firmware, String> {

@@ -1145,9 +1145,7 @@ mod tests {
     use crate::pipeline::FixedClock;
 
     fn at(s: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(s)
-            .expect("test time")
-            .with_timezone(&Utc)
+        s.parse().expect("test time")
     }
 
     #[test]

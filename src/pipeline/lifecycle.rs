@@ -679,9 +679,7 @@ mod tests {
     use crate::pipeline::FixedClock;
 
     fn t(s: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(s)
-            .expect("test time")
-            .with_timezone(&Utc)
+        s.parse().expect("test time")
     }
 
     const NOW: &str = "2026-11-21T12:00:00Z";

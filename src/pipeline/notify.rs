@@ -467,11 +467,7 @@ async fn run_command(hook: &CommandHook, event: &Event) -> Delivery {
         Ok((Ok(status), err)) => {
             let text = String::from_utf8_lossy(&err);
             let text = text.trim();
-            let mut start = text.len().saturating_sub(STDERR_TAIL);
-            while !text.is_char_boundary(start) {
-                start += 1;
-            }
-            let tail = &text[start..];
+            let tail = &text[text.ceil_char_boundary(text.len().saturating_sub(STDERR_TAIL))..];
             fail(if tail.is_empty() {
                 format!("`{program}` exited with {status}")
             } else {

@@ -310,10 +310,9 @@ fn pipeline(cx: &mut PipelineReader<'_>, root: &Node, path: &Path, text: &str) -
             );
             None
         }
-        Some((_, v)) => cx.string(v, "`recipe`").map(|r| Located {
-            value: crate::recipe::resolve_relative(path, &r),
-            span: v.span,
-        }),
+        Some((_, v)) => cx
+            .string(v, "`recipe`")
+            .map(|r| Located::new(crate::recipe::resolve_relative(path, &r), v.span)),
     };
     let infrastructure = match get("infrastructure") {
         None => Some(Override::default()),
@@ -483,10 +482,7 @@ fn schedule(cx: &mut PipelineReader<'_>, node: &Node) -> Option<Schedule> {
                         );
                             return None;
                         }
-                        Some(Located {
-                            value: expr,
-                            span: v.span,
-                        })
+                        Some(Located::new(expr, v.span))
                     }
                     Err(problem) => {
                         let span = match problem.part {
@@ -922,13 +918,8 @@ mod tests {
         /// Any edit of a valid pipeline gives a pipeline or problems, never a panic.
         #[test]
         fn edited_pipelines_never_panic(at in 0usize..600, len in 0usize..8, insert in ".{0,6}") {
-            let mut text = "name: weekly-web\nrecipe: r.yml\ninfrastructure: {cpus: 4}\nschedule:\n  expression: cron(0 3 ? * MON *)\n  timezone: Europe/Paris\nlifecycle: {keepLast: 4}\nnotifications: {webhook: {url: 'http://x'}, command: [a]}\n".to_string();
-            let start = at.min(text.len());
-            let start = (0..=start).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0);
-            let end = (start + len).min(text.len());
-            let end = (end..=text.len()).find(|i| text.is_char_boundary(*i)).unwrap_or(text.len());
-            text.replace_range(start..end, &insert);
-            let c = checked(&text);
+            let text = "name: weekly-web\nrecipe: r.yml\ninfrastructure: {cpus: 4}\nschedule:\n  expression: cron(0 3 ? * MON *)\n  timezone: Europe/Paris\nlifecycle: {keepLast: 4}\nnotifications: {webhook: {url: 'http://x'}, command: [a]}\n";
+            let c = checked(&crate::yaml::edited(text, at, len, &insert));
             proptest::prop_assert!(c.pipeline.is_some() || c.diagnostics.has_errors());
         }
     }

@@ -453,13 +453,7 @@ mod tests {
         /// Any edit of a valid recipe gives a recipe or problems, never a panic.
         #[test]
         fn edited_recipes_never_panic(at in 0usize..2000, len in 0usize..8, insert in ".{0,6}") {
-            let mut text = FULL.to_string();
-            let start = at.min(text.len());
-            let start = (0..=start).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0);
-            let end = (start + len).min(text.len());
-            let end = (end..=text.len()).find(|i| text.is_char_boundary(*i)).unwrap_or(text.len());
-            text.replace_range(start..end, &insert);
-            let c = checked(&text);
+            let c = checked(&crate::yaml::edited(FULL, at, len, &insert));
             proptest::prop_assert!(c.recipe.is_some() || c.has_errors());
         }
     }

@@ -294,163 +294,74 @@ mod tests {
 
     #[test]
     fn table_of_specs_to_arguments() {
-        struct Case {
-            what: &'static str,
-            change: fn(&mut VmSpec),
-            option: &'static str,
-            expect: Vec<&'static str>,
-        }
-        let cases = vec![
-            Case {
-                what: "tcg emulates the max cpu",
-                change: |_| {},
-                option: "-cpu",
-                expect: vec!["max"],
-            },
-            Case {
-                what: "kvm passes the host cpu through",
-                change: |s| s.accel = Accel::Kvm,
-                option: "-cpu",
-                expect: vec!["host"],
-            },
-            Case {
-                what: "accelerator",
-                change: |s| s.accel = Accel::Kvm,
-                option: "-accel",
-                expect: vec!["kvm"],
-            },
-            Case {
-                what: "machine",
-                change: |_| {},
-                option: "-machine",
-                expect: vec!["q35"],
-            },
-            Case {
-                what: "cpus",
-                change: |s| s.cpus = 4,
-                option: "-smp",
-                expect: vec!["4"],
-            },
-            Case {
-                what: "memory in MiB",
-                change: |s| s.memory_mib = 2048,
-                option: "-m",
-                expect: vec!["2048M"],
-            },
-            Case {
-                what: "no network card",
-                change: |_| {},
-                option: "-nic",
-                expect: vec!["none"],
-            },
-            Case {
-                what: "user network without port forwards",
-                change: |s| s.network = Network::User,
-                option: "-nic",
-                expect: vec!["user,model=virtio-net-pci"],
-            },
-            Case {
-                what: "bios: only the disk and the seed drives",
-                change: |_| {},
-                option: "-drive",
-                expect: vec![
-                    "if=none,id=disk0,format=qcow2,file=/run/b/disk.qcow2,discard=unmap,detect-zeroes=unmap,cache=writeback",
-                    "if=none,id=seed0,format=raw,readonly=on,file=/run/b/seed.img",
-                ],
-            },
-            Case {
-                what: "uefi: read-only code, private vars, then the disks",
-                change: |s| {
-                    s.seed = None;
-                    s.firmware = FirmwareFiles::Uefi {
-                        code: "/usr/share/OVMF/OVMF_CODE_4M.fd".into(),
-                        code_format: DiskFormat::Raw,
-                        vars: "/run/b/vars.fd".into(),
-                        vars_format: DiskFormat::Raw,
-                    }
-                },
-                option: "-drive",
-                expect: vec![
-                    "if=pflash,unit=0,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
-                    "if=pflash,unit=1,format=raw,file=/run/b/vars.fd",
-                    "if=none,id=disk0,format=qcow2,file=/run/b/disk.qcow2,discard=unmap,detect-zeroes=unmap,cache=writeback",
-                ],
-            },
-            Case {
-                what: "commas in paths are doubled",
-                change: |s| {
-                    s.disk = "/tmp/a,b/disk.qcow2".into();
-                    s.seed = None;
-                },
-                option: "-drive",
-                expect: vec![
-                    "if=none,id=disk0,format=qcow2,file=/tmp/a,,b/disk.qcow2,discard=unmap,detect-zeroes=unmap,cache=writeback",
-                ],
-            },
-            Case {
-                what: "agent port and qmp on unix sockets, console to a file",
-                change: |_| {},
-                option: "-chardev",
-                expect: vec![
-                    "socket,id=port0,path=/run/b/agent.sock,server=on,wait=off",
-                    "file,id=console0,path=/run/b/console.log",
-                    "socket,id=qmp0,path=/run/b/qmp.sock,server=on,wait=off",
-                ],
-            },
-            Case {
-                what: "two virtio-serial ports",
-                change: |s| {
-                    s.ports.push(SerialPort {
-                        name: "org.qemu.guest_agent.0".into(),
-                        socket: "/run/b/qga.sock".into(),
-                    })
-                },
-                option: "-device",
-                expect: vec![
-                    "pvpanic",
-                    "virtio-rng-pci",
-                    "virtio-blk-pci,drive=disk0,bootindex=0",
-                    "virtio-blk-pci,drive=seed0",
-                    "virtio-serial-pci,id=vser0",
-                    "virtserialport,bus=vser0.0,chardev=port0,name=org.builder.agent.0",
-                    "virtserialport,bus=vser0.0,chardev=port1,name=org.qemu.guest_agent.0",
-                ],
-            },
-            Case {
-                what: "no ports: no virtio-serial controller",
-                change: |s| s.ports.clear(),
-                option: "-device",
-                expect: vec![
-                    "pvpanic",
-                    "virtio-rng-pci",
-                    "virtio-blk-pci,drive=disk0,bootindex=0",
-                    "virtio-blk-pci,drive=seed0",
-                ],
-            },
-            Case {
-                what: "serial console",
-                change: |_| {},
-                option: "-serial",
-                expect: vec!["chardev:console0"],
-            },
-            Case {
-                what: "qmp monitor",
-                change: |_| {},
-                option: "-mon",
-                expect: vec!["chardev=qmp0,mode=control"],
-            },
-            Case {
-                what: "reboots reset, panics pause",
-                change: |_| {},
-                option: "-action",
-                expect: vec!["reboot=reset,shutdown=poweroff,panic=pause"],
-            },
+        // What the case shows, the change to the base spec, the option, its values in order.
+        type Change = fn(&mut VmSpec);
+        #[rustfmt::skip]
+        let cases: Vec<(&str, Change, &str, Vec<&str>)> = vec![
+            ("tcg emulates the max cpu", |_| {}, "-cpu", vec!["max"]),
+            ("kvm passes the host cpu through", |s| s.accel = Accel::Kvm, "-cpu", vec!["host"]),
+            ("accelerator", |s| s.accel = Accel::Kvm, "-accel", vec!["kvm"]),
+            ("machine", |_| {}, "-machine", vec!["q35"]),
+            ("cpus", |s| s.cpus = 4, "-smp", vec!["4"]),
+            ("memory in MiB", |s| s.memory_mib = 2048, "-m", vec!["2048M"]),
+            ("no network card", |_| {}, "-nic", vec!["none"]),
+            ("user network without port forwards", |s| s.network = Network::User, "-nic", vec!["user,model=virtio-net-pci"]),
+            ("bios: only the disk and the seed drives", |_| {}, "-drive", vec![
+                "if=none,id=disk0,format=qcow2,file=/run/b/disk.qcow2,discard=unmap,detect-zeroes=unmap,cache=writeback",
+                "if=none,id=seed0,format=raw,readonly=on,file=/run/b/seed.img",
+            ]),
+            ("uefi: read-only code, private vars, then the disks", |s| {
+                s.seed = None;
+                s.firmware = FirmwareFiles::Uefi {
+                    code: "/usr/share/OVMF/OVMF_CODE_4M.fd".into(),
+                    code_format: DiskFormat::Raw,
+                    vars: "/run/b/vars.fd".into(),
+                    vars_format: DiskFormat::Raw,
+                }
+            }, "-drive", vec![
+                "if=pflash,unit=0,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+                "if=pflash,unit=1,format=raw,file=/run/b/vars.fd",
+                "if=none,id=disk0,format=qcow2,file=/run/b/disk.qcow2,discard=unmap,detect-zeroes=unmap,cache=writeback",
+            ]),
+            ("commas in paths are doubled", |s| {
+                s.disk = "/tmp/a,b/disk.qcow2".into();
+                s.seed = None;
+            }, "-drive", vec![
+                "if=none,id=disk0,format=qcow2,file=/tmp/a,,b/disk.qcow2,discard=unmap,detect-zeroes=unmap,cache=writeback",
+            ]),
+            ("agent port and qmp on unix sockets, console to a file", |_| {}, "-chardev", vec![
+                "socket,id=port0,path=/run/b/agent.sock,server=on,wait=off",
+                "file,id=console0,path=/run/b/console.log",
+                "socket,id=qmp0,path=/run/b/qmp.sock,server=on,wait=off",
+            ]),
+            ("two virtio-serial ports", |s| {
+                s.ports.push(SerialPort {
+                    name: "org.qemu.guest_agent.0".into(),
+                    socket: "/run/b/qga.sock".into(),
+                })
+            }, "-device", vec![
+                "pvpanic",
+                "virtio-rng-pci",
+                "virtio-blk-pci,drive=disk0,bootindex=0",
+                "virtio-blk-pci,drive=seed0",
+                "virtio-serial-pci,id=vser0",
+                "virtserialport,bus=vser0.0,chardev=port0,name=org.builder.agent.0",
+                "virtserialport,bus=vser0.0,chardev=port1,name=org.qemu.guest_agent.0",
+            ]),
+            ("no ports: no virtio-serial controller", |s| s.ports.clear(), "-device", vec![
+                "pvpanic",
+                "virtio-rng-pci",
+                "virtio-blk-pci,drive=disk0,bootindex=0",
+                "virtio-blk-pci,drive=seed0",
+            ]),
+            ("serial console", |_| {}, "-serial", vec!["chardev:console0"]),
+            ("qmp monitor", |_| {}, "-mon", vec!["chardev=qmp0,mode=control"]),
+            ("reboots reset, panics pause", |_| {}, "-action", vec!["reboot=reset,shutdown=poweroff,panic=pause"]),
         ];
-        for case in cases {
+        for (what, change, option, expect) in cases {
             let mut spec = base_spec();
-            (case.change)(&mut spec);
-            let args = qemu_args(&spec);
-            assert_eq!(values(&args, case.option), case.expect, "{}", case.what);
+            change(&mut spec);
+            assert_eq!(values(&qemu_args(&spec), option), expect, "{what}");
         }
     }
 
