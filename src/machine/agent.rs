@@ -22,7 +22,8 @@ use tokio::sync::{mpsc, watch};
 
 use super::{
     Capture, DirEntry, ExecOutcome, ExecRequest, ExitStatus, FileInfo, FileKind, FileSource,
-    FileStat, Machine, MachineError, MachineInfo, OutputSink, OutputStream, Program, PutOptions,
+    FileStat, LocalTemp, Machine, MachineError, MachineInfo, OutputSink, OutputStream, Program,
+    PutOptions, REBOOT_TIMEOUT,
 };
 use crate::agent::protocol::{
     self, ExecSpec, ExitKind, HelloInfo, Message, OutStream, ProgramSpec, PutSpec, StatInfo,
@@ -43,7 +44,6 @@ pub trait Connector: Send + Sync {
 /// How often to ask for a `Hello` while waiting for one: an agent that is not up yet never
 /// sees our first request if the guest port was reset, and a torn frame may swallow one.
 const HELLO_RETRY: Duration = Duration::from_secs(2);
-const DEFAULT_REBOOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// Script bodies above this go as a file instead of inside the `Exec` frame.
 const LARGE_SCRIPT: usize = protocol::MAX_PAYLOAD - 64 * 1024;
 
@@ -449,23 +449,7 @@ fn stat_of(s: &StatInfo) -> FileStat {
 }
 
 fn path_str(p: &Path) -> Result<String, MachineError> {
-    p.to_str()
-        .map(str::to_owned)
-        .ok_or_else(|| MachineError::NonUtf8Path {
-            path: p.to_path_buf(),
-            carrier: "the agent protocol",
-        })
-}
-
-/// Removes a local temporary file unless disarmed.
-struct LocalTemp(Option<PathBuf>);
-
-impl Drop for LocalTemp {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            let _ = fs_err::remove_file(p);
-        }
-    }
+    super::guest_path(p, "the agent protocol")
 }
 
 /// A guest reached through builder's agent.
@@ -474,7 +458,6 @@ pub struct AgentMachine {
     conn: Mutex<Arc<Connection>>,
     connector: Option<Arc<dyn Connector>>,
     next_id: AtomicU32,
-    reboot_timeout: Duration,
 }
 
 impl AgentMachine {
@@ -508,19 +491,12 @@ impl AgentMachine {
             conn: Mutex::new(conn),
             connector: None,
             next_id: AtomicU32::new(1),
-            reboot_timeout: DEFAULT_REBOOT_TIMEOUT,
         })
     }
 
     /// Lets [`reboot`](Machine::reboot) open a new stream when the old one ends.
     pub fn with_connector(mut self, connector: Arc<dyn Connector>) -> Self {
         self.connector = Some(connector);
-        self
-    }
-
-    /// How long a reboot may take until the agent is back (default 600 s).
-    pub fn with_reboot_timeout(mut self, timeout: Duration) -> Self {
-        self.reboot_timeout = timeout;
         self
     }
 
@@ -784,101 +760,6 @@ impl AgentMachine {
             detail: format!("got `{}` while waiting for `{wanted}`", got.name()),
         }
     }
-
-    async fn put_stream(
-        &self,
-        remote: &Path,
-        content: FileSource,
-        options: &PutOptions,
-    ) -> Result<FileInfo, MachineError> {
-        let path = path_str(remote)?;
-        let spec = PutSpec {
-            path: path.clone(),
-            mode: options.mode,
-            owner: options.owner.clone(),
-            group: options.group.clone(),
-            create_parents: options.create_parents,
-            append: options.append,
-        };
-        let mut source = Source::open(content).await?;
-        let mut req = self.request()?;
-        req.send(&Message::PutFile(spec))?;
-        let mut credits: u64 = 0;
-        let mut hasher = Sha256::new();
-        let mut size: u64 = 0;
-        let mut chunk = vec![0u8; protocol::CHUNK_SIZE];
-        loop {
-            // Take what arrived meanwhile without waiting; wait only when out of credit.
-            while let Some(incoming) = req.try_recv() {
-                match incoming.map_err(|d| MachineError::Protocol {
-                    target: self.describe.clone(),
-                    detail: d,
-                })? {
-                    Message::Credit(n) => credits += u64::from(n),
-                    Message::Error { message, .. } => {
-                        req.finish();
-                        return Err(MachineError::Refused { message });
-                    }
-                    other => return Err(req.unexpected(&other, "credit")),
-                }
-            }
-            if credits == 0 {
-                match req.recv().await? {
-                    Message::Credit(n) => credits += u64::from(n),
-                    Message::Error { message, .. } => {
-                        req.finish();
-                        return Err(MachineError::Refused { message });
-                    }
-                    other => return Err(req.unexpected(&other, "credit")),
-                }
-                continue;
-            }
-            let n = source.fill(&mut chunk).await?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&chunk[..n]);
-            size += n as u64;
-            req.send(&Message::Data(chunk[..n].to_vec()))?;
-            credits -= 1;
-        }
-        let sha256: [u8; 32] = hasher.finalize().into();
-        req.send(&Message::End { size, sha256 })?;
-        loop {
-            match req.recv().await? {
-                Message::Credit(_) => {}
-                Message::Done {
-                    size: their_size,
-                    sha256: theirs,
-                } => {
-                    req.finish();
-                    if theirs != sha256 || their_size != size {
-                        return Err(MachineError::PutMismatch {
-                            path,
-                            target: self.describe.clone(),
-                            sent: Box::new(FileInfo {
-                                size,
-                                sha256: protocol::hex(&sha256),
-                            }),
-                            written: Box::new(FileInfo {
-                                size: their_size,
-                                sha256: protocol::hex(&theirs),
-                            }),
-                        });
-                    }
-                    return Ok(FileInfo {
-                        size,
-                        sha256: protocol::hex(&sha256),
-                    });
-                }
-                Message::Error { message, .. } => {
-                    req.finish();
-                    return Err(MachineError::Refused { message });
-                }
-                other => return Err(req.unexpected(&other, "the agent's confirmation")),
-            }
-        }
-    }
 }
 
 fn check_protocol(describe: &str, hello: &HelloInfo) -> Result<(), MachineError> {
@@ -1003,7 +884,93 @@ impl Machine for AgentMachine {
         content: FileSource,
         options: &PutOptions,
     ) -> Result<FileInfo, MachineError> {
-        self.put_stream(remote, content, options).await
+        let path = path_str(remote)?;
+        let spec = PutSpec {
+            path: path.clone(),
+            mode: options.mode,
+            owner: options.owner.clone(),
+            group: options.group.clone(),
+            create_parents: options.create_parents,
+            append: options.append,
+        };
+        let mut source = Source::open(content).await?;
+        let mut req = self.request()?;
+        req.send(&Message::PutFile(spec))?;
+        let mut credits: u64 = 0;
+        let mut hasher = Sha256::new();
+        let mut size: u64 = 0;
+        let mut chunk = vec![0u8; protocol::CHUNK_SIZE];
+        loop {
+            // Take what arrived meanwhile without waiting; wait only when out of credit.
+            while let Some(incoming) = req.try_recv() {
+                match incoming.map_err(|d| MachineError::Protocol {
+                    target: self.describe.clone(),
+                    detail: d,
+                })? {
+                    Message::Credit(n) => credits += u64::from(n),
+                    Message::Error { message, .. } => {
+                        req.finish();
+                        return Err(MachineError::Refused { message });
+                    }
+                    other => return Err(req.unexpected(&other, "credit")),
+                }
+            }
+            if credits == 0 {
+                match req.recv().await? {
+                    Message::Credit(n) => credits += u64::from(n),
+                    Message::Error { message, .. } => {
+                        req.finish();
+                        return Err(MachineError::Refused { message });
+                    }
+                    other => return Err(req.unexpected(&other, "credit")),
+                }
+                continue;
+            }
+            let n = source.fill(&mut chunk).await?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&chunk[..n]);
+            size += n as u64;
+            req.send(&Message::Data(chunk[..n].to_vec()))?;
+            credits -= 1;
+        }
+        let sha256: [u8; 32] = hasher.finalize().into();
+        req.send(&Message::End { size, sha256 })?;
+        loop {
+            match req.recv().await? {
+                Message::Credit(_) => {}
+                Message::Done {
+                    size: their_size,
+                    sha256: theirs,
+                } => {
+                    req.finish();
+                    if theirs != sha256 || their_size != size {
+                        return Err(MachineError::PutMismatch {
+                            path,
+                            target: self.describe.clone(),
+                            sent: Box::new(FileInfo {
+                                size,
+                                sha256: protocol::hex(&sha256),
+                            }),
+                            written: Box::new(FileInfo {
+                                size: their_size,
+                                sha256: protocol::hex(&theirs),
+                            }),
+                        });
+                    }
+                    return Ok(FileInfo {
+                        size,
+                        sha256: protocol::hex(&sha256),
+                    });
+                }
+                Message::Error { message, .. } => {
+                    req.finish();
+                    return Err(MachineError::Refused { message });
+                }
+                other => return Err(req.unexpected(&other, "the agent's confirmation")),
+            }
+        }
     }
 
     async fn get_file(&self, remote: &Path, local: &Path) -> Result<FileInfo, MachineError> {
@@ -1018,20 +985,8 @@ impl Machine for AgentMachine {
             }
             other => return Err(req.unexpected(&other, "FileStart")),
         };
-        let name = local
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "download".into());
-        let dir = match local.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let tmp = dir.join(format!(
-            ".{name}.builder-tmp-{}",
-            uuid::Uuid::new_v4().simple()
-        ));
-        let mut guard = LocalTemp(Some(tmp.clone()));
-        let mut file = fs_err::tokio::File::create(&tmp).await?;
+        let tmp = LocalTemp::next_to(local);
+        let mut file = fs_err::tokio::File::create(tmp.path()).await?;
         req.send(&Message::Credit(protocol::WINDOW_CHUNKS))?;
         let mut hasher = Sha256::new();
         let mut size: u64 = 0;
@@ -1074,11 +1029,10 @@ impl Machine for AgentMachine {
                     use std::os::unix::fs::PermissionsExt;
                     // The guest's permission bits, without set-id bits that mean nothing here.
                     let _ = fs_err::set_permissions(
-                        &tmp,
+                        tmp.path(),
                         std::fs::Permissions::from_mode(mode & 0o777),
                     );
-                    fs_err::rename(&tmp, local)?;
-                    guard.0 = None;
+                    tmp.rename_to(local)?;
                     return Ok(FileInfo {
                         size,
                         sha256: protocol::hex(&ours),
@@ -1123,7 +1077,7 @@ impl Machine for AgentMachine {
             Some(h) => h.boot_id,
             None => self.info().await?.boot_id,
         };
-        let deadline = Instant::now() + self.reboot_timeout;
+        let deadline = Instant::now() + REBOOT_TIMEOUT;
         match self.call(&Message::Reboot).await {
             Ok(Message::Ok) => {}
             Ok(other) => return Err(self.protocol_error(&other, "Ok")),
@@ -1171,7 +1125,7 @@ impl Machine for AgentMachine {
         }
         Err(MachineError::NotBack {
             target: self.describe.clone(),
-            secs: self.reboot_timeout.as_secs(),
+            secs: REBOOT_TIMEOUT.as_secs(),
             why: format!("no agent hello with a new boot id; last problem: {last_problem}"),
         })
     }

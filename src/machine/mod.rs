@@ -360,6 +360,60 @@ impl MachineError {
     }
 }
 
+/// How long a guest may take to come back from a reboot.
+const REBOOT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A guest path as text, for a protocol (`carrier`) that carries only UTF-8.
+fn guest_path(path: &Path, carrier: &'static str) -> Result<String, MachineError> {
+    path.to_str()
+        .map(str::to_owned)
+        .ok_or_else(|| MachineError::NonUtf8Path {
+            path: path.to_path_buf(),
+            carrier,
+        })
+}
+
+/// A file copied from a guest while it arrives: hidden next to its destination, removed when
+/// dropped unless [`rename_to`](LocalTemp::rename_to) moved it into place.
+struct LocalTemp {
+    path: PathBuf,
+    renamed: bool,
+}
+
+impl LocalTemp {
+    fn next_to(local: &Path) -> LocalTemp {
+        let name = local
+            .file_name()
+            .map_or("download".into(), |n| n.to_string_lossy());
+        let dir = (local.parent())
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let id = uuid::Uuid::new_v4().simple();
+        LocalTemp {
+            path: dir.join(format!(".{name}.builder-tmp-{id}")),
+            renamed: false,
+        }
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn rename_to(mut self, local: &Path) -> Result<(), MachineError> {
+        fs_err::rename(&self.path, local)?;
+        self.renamed = true;
+        Ok(())
+    }
+}
+
+impl Drop for LocalTemp {
+    fn drop(&mut self) {
+        if !self.renamed {
+            let _ = fs_err::remove_file(&self.path);
+        }
+    }
+}
+
 /// A place where steps run. Dropping a future returned by [`Machine::exec`] must kill the
 /// command's whole process tree: that is how the executor cancels.
 #[async_trait]

@@ -16,7 +16,7 @@
 //!   default `PATH` and `HOME` are added.
 //! - Files travel as base64 in JSON (1 MiB per call), so transfers are slower than our agent.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,14 +30,14 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, ReadHal
 use super::agent::{AgentStream, Connector};
 use super::{
     DirEntry, ExecOutcome, ExecRequest, ExitStatus, FileInfo, FileKind, FileSource, FileStat,
-    Machine, MachineError, MachineInfo, OutputSink, OutputStream, Program, PutOptions,
+    LocalTemp, Machine, MachineError, MachineInfo, OutputSink, OutputStream, Program, PutOptions,
+    REBOOT_TIMEOUT,
 };
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// Bytes per guest-file-read/-write call (1.33 MiB of base64 in one JSON line).
 const FILE_CHUNK: usize = 1024 * 1024;
 const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(120);
-const DEFAULT_REBOOT_TIMEOUT: Duration = Duration::from_secs(600);
 const MAX_POLL: Duration = Duration::from_millis(200);
 
 /// Run by `setsid /bin/sh -c` (so the shell's pid, which QGA reports, is the process group
@@ -336,12 +336,7 @@ fn status_of(st: &Value) -> ExitStatus {
 }
 
 fn path_str(p: &Path) -> Result<String, MachineError> {
-    p.to_str()
-        .map(str::to_owned)
-        .ok_or_else(|| MachineError::NonUtf8Path {
-            path: p.to_path_buf(),
-            carrier: "qemu-guest-agent's JSON",
-        })
+    super::guest_path(p, "qemu-guest-agent's JSON")
 }
 
 fn kind_of(letter: &str) -> FileKind {
@@ -393,22 +388,10 @@ impl Drop for ExecGuard {
     }
 }
 
-/// Removes a local temporary file unless disarmed.
-struct LocalTemp(Option<PathBuf>);
-
-impl Drop for LocalTemp {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            let _ = fs_err::remove_file(p);
-        }
-    }
-}
-
 /// A guest reached through qemu-guest-agent.
 pub struct QgaMachine {
     inner: Arc<Inner>,
     connector: Option<Arc<dyn Connector>>,
-    reboot_timeout: Duration,
 }
 
 impl QgaMachine {
@@ -428,18 +411,12 @@ impl QgaMachine {
         Ok(QgaMachine {
             inner,
             connector: None,
-            reboot_timeout: DEFAULT_REBOOT_TIMEOUT,
         })
     }
 
     /// Lets [`reboot`](Machine::reboot) open a new stream when the old one ends.
     pub fn with_connector(mut self, connector: Arc<dyn Connector>) -> Self {
         self.connector = Some(connector);
-        self
-    }
-
-    pub fn with_reboot_timeout(mut self, timeout: Duration) -> Self {
-        self.reboot_timeout = timeout;
         self
     }
 
@@ -747,21 +724,9 @@ impl Machine for QgaMachine {
             .inner
             .call("guest-file-open", json!({"path": path, "mode": "r"}))
             .await?;
-        let name = local
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "download".into());
-        let dir = match local.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let tmp = dir.join(format!(
-            ".{name}.builder-tmp-{}",
-            uuid::Uuid::new_v4().simple()
-        ));
-        let mut guard = LocalTemp(Some(tmp.clone()));
+        let tmp = LocalTemp::next_to(local);
         let result = async {
-            let mut file = fs_err::tokio::File::create(&tmp).await?;
+            let mut file = fs_err::tokio::File::create(tmp.path()).await?;
             let mut hasher = Sha256::new();
             let mut size = 0u64;
             loop {
@@ -813,8 +778,7 @@ impl Machine for QgaMachine {
                 .into(),
             });
         }
-        fs_err::rename(&tmp, local)?;
-        guard.0 = None;
+        tmp.rename_to(local)?;
         Ok(FileInfo { size, sha256: sha })
     }
 
@@ -870,7 +834,7 @@ impl Machine for QgaMachine {
     /// `guest-sync` until QGA answers again with a new boot id.
     async fn reboot(&self) -> Result<(), MachineError> {
         let before = self.boot_id().await?;
-        let deadline = Instant::now() + self.reboot_timeout;
+        let deadline = Instant::now() + REBOOT_TIMEOUT;
         {
             let mut io = self.inner.io.lock().await;
             if io.dirty {
@@ -935,7 +899,7 @@ impl Machine for QgaMachine {
         }
         Err(MachineError::NotBack {
             target: self.inner.describe.clone(),
-            secs: self.reboot_timeout.as_secs(),
+            secs: REBOOT_TIMEOUT.as_secs(),
             why: format!("last problem: {last_problem}"),
         })
     }

@@ -54,6 +54,12 @@ pub struct Located<T> {
     pub span: Span,
 }
 
+impl<T> Located<T> {
+    pub fn new(value: T, span: Span) -> Located<T> {
+        Located { value, span }
+    }
+}
+
 /// Where the parent image comes from. Forms in a recipe:
 ///
 /// - `parentImage: ../base/debian-12.qcow2` — a local file, relative to the recipe's directory.
@@ -292,6 +298,12 @@ impl Default for Infrastructure {
     }
 }
 
+/// A closed set of words ([`word_enum!`]'s enums), as the file walker reads one.
+pub(crate) trait Word: Copy {
+    const NAMES: &'static [&'static str];
+    fn from_name(text: &str) -> Option<Self>;
+}
+
 /// Closed sets of words, each with its spelling in files.
 macro_rules! word_enum {
     ($(#[$meta:meta])* $name:ident { $($variant:ident = $text:literal),+ $(,)? }) => {
@@ -314,6 +326,12 @@ macro_rules! word_enum {
                 $name::from_name(text).ok_or_else(|| {
                     format!("unknown {noun} `{text}`; expected {}", crate::diagnostic::one_of($name::NAMES))
                 })
+            }
+        }
+        impl Word for $name {
+            const NAMES: &'static [&'static str] = $name::NAMES;
+            fn from_name(text: &str) -> Option<$name> {
+                $name::from_name(text)
             }
         }
         impl std::fmt::Display for $name {

@@ -4,13 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use super::model::{
-    Accelerator, ComponentUse, Compression, DEFAULT_GENERALIZE, DEFAULT_IMPORT_METHOD,
-    DEFAULT_WORKING_DIRECTORY, Firmware, Format, Infrastructure, Located, MAX_CPUS,
-    MAX_TIMEOUT_SECS, MIN_MEMORY, Network, Outputs, ParameterValue, ParentImage, Sha256, Tests,
-};
-use super::model::{
-    AmiDistribution, AmiEndpoints, BootMode, DirectoryDistribution, Distribution, ImportMethod,
-    LaunchPermission, OciDistribution, VagrantDistribution,
+    AmiDistribution, AmiEndpoints, ComponentUse, DEFAULT_GENERALIZE, DEFAULT_IMPORT_METHOD,
+    DEFAULT_WORKING_DIRECTORY, DirectoryDistribution, Distribution, Format, Infrastructure,
+    LaunchPermission, Located, MAX_CPUS, MAX_TIMEOUT_SECS, MIN_MEMORY, OciDistribution, Outputs,
+    ParameterValue, ParentImage, Sha256, Tests, VagrantDistribution, Word,
 };
 use super::name_template::NameTemplate;
 use super::oci_reference::split_oci_reference;
@@ -84,10 +81,16 @@ pub(super) fn new_reader(source: &str) -> Reader<'_> {
 /// Readers only recipes need.
 trait RecipeReader {
     fn byte_size(&mut self, node: &Node, what: &str) -> Option<ByteSize>;
+    fn named<T: Word>(&mut self, node: &Node, noun: &str) -> Option<T>;
     fn inner_span(&self, node: &Node, start: usize, end: usize, value: &str) -> Span;
 }
 
 impl RecipeReader for Reader<'_> {
+    /// One word of `T`'s closed set (`accelerator: kvm`).
+    fn named<T: Word>(&mut self, node: &Node, noun: &str) -> Option<T> {
+        self.word(node, noun, T::NAMES, T::from_name)
+    }
+
     fn byte_size(&mut self, node: &Node, what: &str) -> Option<ByteSize> {
         let text = self.string(node, what)?;
         match text.parse::<ByteSize>() {
@@ -166,85 +169,57 @@ pub(super) fn recipe(
     };
     let get = |key: &str| entries.iter().find(|(k, _)| k.as_str() == Some(key));
     let start = cx.start_of(root);
+    let required = |cx: &mut Reader<'_>, key: &str, hint: &str| {
+        let entry = get(key);
+        if entry.is_none() {
+            cx.error(start, format!("missing `{key}`"), Some(hint.to_string()));
+        }
+        entry
+    };
 
-    match get("name") {
-        None => cx.error(
-            start,
-            "missing `name`",
-            Some("add `name: my-image` at the top level".to_string()),
-        ),
-        Some((_, v)) => parts.name = name(cx, v),
-    }
-    match get("version") {
-        None => cx.error(
-            start,
-            "missing `version`",
-            Some(
-                "add `version: 1.0.0` at the top level (semantic version major.minor.patch)"
-                    .to_string(),
-            ),
-        ),
-        Some((_, v)) => parts.version = version(cx, v),
-    }
+    let hint = "add `name: my-image` at the top level";
+    parts.name = required(cx, "name", hint).and_then(|(_, v)| name(cx, v));
+    let hint = "add `version: 1.0.0` at the top level (semantic version major.minor.patch)";
+    parts.version = required(cx, "version", hint).and_then(|(_, v)| version(cx, v));
     parts.description =
         get("description").and_then(|(_, v)| cx.optional_string(v, "`description`"));
-    match get("parentImage") {
-        None => cx.error(
-            start,
-            "missing `parentImage`",
-            Some("add `parentImage: path/to/base.qcow2` (or `{url: …, sha256: …}`, or `name/1.x.x` from the store)".to_string()),
-        ),
-        Some((_, v)) => parts.parent = parent(cx, v),
-    }
-    match get("components") {
-        None => cx.error(
-            start,
-            "missing `components`",
-            Some("add `components:` with at least one `- path: components/x.yml`".to_string()),
-        ),
-        Some((key, v)) => {
-            if let Some(list) = component_list(cx, v, "`components`") {
-                // Entries with problems are not in `list`; only a list with none written is empty.
-                if v.as_sequence().is_none_or(|items| items.is_empty()) {
-                    cx.error(
-                        key.span,
-                        "`components` is empty",
-                        Some(
-                            "a recipe applies at least one component: `- path: components/x.yml`"
-                                .to_string(),
-                        ),
-                    );
-                }
-                parts.components = list;
-            }
+    let hint = "add `parentImage: path/to/base.qcow2` (or `{url: …, sha256: …}`, or `name/1.x.x` from the store)";
+    parts.parent = required(cx, "parentImage", hint).and_then(|(_, v)| parent(cx, v));
+    let hint = "add `components:` with at least one `- path: components/x.yml`";
+    if let Some((key, v)) = required(cx, "components", hint)
+        && let Some(list) = component_list(cx, v, "`components`")
+    {
+        // Entries with problems are not in `list`; only a list with none written is empty.
+        if v.as_sequence().is_none_or(|items| items.is_empty()) {
+            cx.error(
+                key.span,
+                "`components` is empty",
+                Some(
+                    "a recipe applies at least one component: `- path: components/x.yml`"
+                        .to_string(),
+                ),
+            );
         }
+        parts.components = list;
     }
-    parts.working_directory = match get("workingDirectory") {
-        None => Some(DEFAULT_WORKING_DIRECTORY.to_string()),
-        Some((_, v)) => working_directory(cx, v),
-    };
+    parts.working_directory = get("workingDirectory")
+        .map_or(Some(DEFAULT_WORKING_DIRECTORY.to_string()), |(_, v)| {
+            working_directory(cx, v)
+        });
     parts.user_data = get("userData").and_then(|(_, v)| user_data(cx, v));
     parts.disk_size = get("diskSize").and_then(|(_, v)| disk_size(cx, v));
-    parts.infrastructure = match get("infrastructure") {
-        None => Some(Infrastructure::default()),
-        Some((_, v)) => infrastructure_ref(cx, v, include, included),
-    };
-    parts.tests = match get("tests") {
-        None => Some(Tests::default()),
-        Some((_, v)) => tests(cx, v, &keys("tests")),
-    };
-    parts.outputs = match get("outputs") {
-        None => Some(Outputs::default()),
-        Some((_, v)) => outputs(cx, v),
-    };
-    parts.generalize = match get("generalize") {
-        None => Some(DEFAULT_GENERALIZE),
-        Some((_, v)) => cx.boolean(v, "`generalize`"),
-    };
-    parts.distribution = match get("distribution") {
-        None => Some(Vec::new()),
-        Some((_, v)) => distribution(cx, v),
-    };
+    parts.infrastructure = get("infrastructure")
+        .map_or(Some(Infrastructure::default()), |(_, v)| {
+            infrastructure_ref(cx, v, include, included)
+        });
+    parts.tests = get("tests").map_or(Some(Tests::default()), |(_, v)| {
+        tests(cx, v, &keys("tests"))
+    });
+    parts.outputs = get("outputs").map_or(Some(Outputs::default()), |(_, v)| outputs(cx, v));
+    parts.generalize = get("generalize").map_or(Some(DEFAULT_GENERALIZE), |(_, v)| {
+        cx.boolean(v, "`generalize`")
+    });
+    parts.distribution = get("distribution").map_or(Some(Vec::new()), |(_, v)| distribution(cx, v));
     parts
 }
 
@@ -358,10 +333,7 @@ fn parent(cx: &mut Reader<'_>, node: &Node) -> Option<Located<ParentImage>> {
             }
         }
     };
-    Some(Located {
-        value,
-        span: node.span,
-    })
+    Some(Located::new(value, node.span))
 }
 
 fn url_without_pin(cx: &mut Reader<'_>, node: &Node, scheme: &str, text: &str) {
@@ -608,20 +580,8 @@ fn component_use(cx: &mut Reader<'_>, item: &Node) -> Option<ComponentUse> {
     }
     let entries = cx.mapping(item, "a component entry", &keys("components"))?;
     let get = |key: &str| entries.iter().find(|(k, _)| k.as_str() == Some(key));
-    let path = match get("path") {
-        None => {
-            cx.error(
-                item.span,
-                "a component entry has no `path`",
-                Some("add `path: components/x.yml` (relative to the recipe)".to_string()),
-            );
-            None
-        }
-        Some((_, v)) => cx.string(v, "`path`").map(|p| Located {
-            value: p,
-            span: v.span,
-        }),
-    };
+    let missing = (item.span, "a component entry");
+    let path = path(cx, get("path").map(|(_, v)| v), missing, "components/x.yml");
     let parameters = match get("parameters") {
         None => Some(Vec::new()),
         Some((_, v)) => parameters(cx, v),
@@ -772,10 +732,7 @@ fn disk_size(cx: &mut Reader<'_>, node: &Node) -> Option<Located<ByteSize>> {
         );
         return None;
     }
-    Some(Located {
-        value: size,
-        span: node.span,
-    })
+    Some(Located::new(size, node.span))
 }
 
 fn infrastructure_ref(
@@ -821,112 +778,110 @@ fn infrastructure_ref(
     result
 }
 
+/// A section mapping (`infrastructure`, `tests`, `outputs`): the model's defaults with each key
+/// given `read` into them, when no key had a problem. Written empty, it is all defaults.
+fn section<T: Default>(
+    cx: &mut Reader<'_>,
+    node: &Node,
+    what: &str,
+    allowed: &[&str],
+    mut read: impl FnMut(&mut Reader<'_>, &mut T, &Node, &Node),
+) -> Option<T> {
+    let mut value = T::default();
+    if node.is_null() {
+        return Some(value);
+    }
+    let entries = cx.mapping(node, what, allowed)?;
+    let before = cx.problems.len();
+    for (key, v) in entries {
+        read(cx, &mut value, key, v);
+    }
+    (cx.problems.len() == before).then_some(value)
+}
+
+/// Sets `field` to what a reader returned, unless it found a problem (then reported).
+fn set<T>(field: &mut T, read: Option<T>) {
+    if let Some(value) = read {
+        *field = value;
+    }
+}
+
 /// A recipe's `infrastructure` mapping, with the keys `allowed` there.
 fn infrastructure(cx: &mut Reader<'_>, node: &Node, allowed: &[&str]) -> Option<Infrastructure> {
-    let mut infra = Infrastructure::default();
-    if node.is_null() {
-        return Some(infra);
+    section(
+        cx,
+        node,
+        "`infrastructure`",
+        allowed,
+        |cx, infra: &mut Infrastructure, key, value| {
+            let timeout = |cx: &mut Reader<'_>, what| cx.number(value, what, 1, MAX_TIMEOUT_SECS);
+            match key.as_str().unwrap_or_default() {
+                "cpus" => set(
+                    &mut infra.cpus,
+                    cx.number(value, "cpus", 1, u64::from(MAX_CPUS))
+                        .map(|n| n as u32),
+                ),
+                "memory" => set(&mut infra.memory, memory(cx, value)),
+                "accelerator" => set(&mut infra.accelerator, cx.named(value, "accelerator")),
+                "firmware" => set(&mut infra.firmware, cx.named(value, "firmware")),
+                "network" => set(&mut infra.network, cx.named(value, "network")),
+                "bootTimeoutSeconds" => set(
+                    &mut infra.boot_timeout_secs,
+                    timeout(cx, "bootTimeoutSeconds"),
+                ),
+                "buildTimeoutSeconds" => set(
+                    &mut infra.build_timeout_secs,
+                    timeout(cx, "buildTimeoutSeconds"),
+                ),
+                "shutdownTimeoutSeconds" => set(
+                    &mut infra.shutdown_timeout_secs,
+                    timeout(cx, "shutdownTimeoutSeconds"),
+                ),
+                "keepOnFailure" => set(
+                    &mut infra.keep_on_failure,
+                    cx.boolean(value, "keepOnFailure"),
+                ),
+                _ => {}
+            }
+        },
+    )
+}
+
+fn memory(cx: &mut Reader<'_>, node: &Node) -> Option<ByteSize> {
+    let size = cx.byte_size(node, "memory")?;
+    if size < MIN_MEMORY {
+        let hint = (node.as_int())
+            .map(|_| "a plain number is bytes; write a unit, e.g. `2GiB`".to_string());
+        cx.error(
+            node.span,
+            format!("memory ({size}) is below the minimum ({MIN_MEMORY})"),
+            hint,
+        );
+        return None;
     }
-    let entries = cx.mapping(node, "`infrastructure`", allowed)?;
-    let before = cx.problems.len();
-    for (key, value) in entries {
-        match key.as_str().unwrap_or_default() {
-            "cpus" => {
-                if let Some(n) = cx.number(value, "cpus", 1, u64::from(MAX_CPUS)) {
-                    infra.cpus = n as u32;
-                }
-            }
-            "memory" => {
-                if let Some(size) = cx.byte_size(value, "memory") {
-                    if size < MIN_MEMORY {
-                        let hint = value.as_int().map(|_| {
-                            "a plain number is bytes; write a unit, e.g. `2GiB`".to_string()
-                        });
-                        cx.error(
-                            value.span,
-                            format!("memory ({size}) is below the minimum ({MIN_MEMORY})"),
-                            hint,
-                        );
-                    } else {
-                        infra.memory = size;
-                    }
-                }
-            }
-            "accelerator" => {
-                if let Some(a) = cx.word(
-                    value,
-                    "accelerator",
-                    Accelerator::NAMES,
-                    Accelerator::from_name,
-                ) {
-                    infra.accelerator = a;
-                }
-            }
-            "firmware" => {
-                if let Some(f) = cx.word(value, "firmware", Firmware::NAMES, Firmware::from_name) {
-                    infra.firmware = f;
-                }
-            }
-            "network" => {
-                if let Some(n) = cx.word(value, "network", Network::NAMES, Network::from_name) {
-                    infra.network = n;
-                }
-            }
-            "bootTimeoutSeconds" => {
-                if let Some(n) = cx.number(value, "bootTimeoutSeconds", 1, MAX_TIMEOUT_SECS) {
-                    infra.boot_timeout_secs = n;
-                }
-            }
-            "buildTimeoutSeconds" => {
-                if let Some(n) = cx.number(value, "buildTimeoutSeconds", 1, MAX_TIMEOUT_SECS) {
-                    infra.build_timeout_secs = n;
-                }
-            }
-            "shutdownTimeoutSeconds" => {
-                if let Some(n) = cx.number(value, "shutdownTimeoutSeconds", 1, MAX_TIMEOUT_SECS) {
-                    infra.shutdown_timeout_secs = n;
-                }
-            }
-            "keepOnFailure" => {
-                if let Some(b) = cx.boolean(value, "keepOnFailure") {
-                    infra.keep_on_failure = b;
-                }
-            }
-            _ => {}
-        }
-    }
-    (cx.problems.len() == before).then_some(infra)
+    Some(size)
 }
 
 /// A recipe's `tests` mapping, with the keys `allowed` there.
 fn tests(cx: &mut Reader<'_>, node: &Node, allowed: &[&str]) -> Option<Tests> {
-    let mut tests = Tests::default();
-    if node.is_null() {
-        return Some(tests);
-    }
-    let entries = cx.mapping(node, "`tests`", allowed)?;
-    let before = cx.problems.len();
-    for (key, value) in entries {
-        match key.as_str().unwrap_or_default() {
-            "enabled" => {
-                if let Some(b) = cx.boolean(value, "`enabled`") {
-                    tests.enabled = b;
-                }
-            }
-            "timeoutSeconds" => {
-                if let Some(n) = cx.number(value, "timeoutSeconds", 1, MAX_TIMEOUT_SECS) {
-                    tests.timeout_secs = n;
-                }
-            }
-            "components" => {
-                if let Some(list) = component_list(cx, value, "`tests.components`") {
-                    tests.components = list;
-                }
-            }
+    section(
+        cx,
+        node,
+        "`tests`",
+        allowed,
+        |cx, tests: &mut Tests, key, value| match key.as_str().unwrap_or_default() {
+            "enabled" => set(&mut tests.enabled, cx.boolean(value, "`enabled`")),
+            "timeoutSeconds" => set(
+                &mut tests.timeout_secs,
+                cx.number(value, "timeoutSeconds", 1, MAX_TIMEOUT_SECS),
+            ),
+            "components" => set(
+                &mut tests.components,
+                component_list(cx, value, "`tests.components`"),
+            ),
             _ => {}
-        }
-    }
-    (cx.problems.len() == before).then_some(tests)
+        },
+    )
 }
 
 /// What a pipeline writes in place of the recipe's `section` (`infrastructure` or `tests`):
@@ -951,51 +906,31 @@ pub(crate) fn section_override(
 }
 
 fn outputs(cx: &mut Reader<'_>, node: &Node) -> Option<Outputs> {
-    let mut outputs = Outputs::default();
-    if node.is_null() {
-        return Some(outputs);
-    }
-    let entries = cx.mapping(node, "`outputs`", &keys("outputs"))?;
-    let before = cx.problems.len();
     let mut compression_span = None;
-    for (key, value) in entries {
-        match key.as_str().unwrap_or_default() {
+    let mut qcow2 = Outputs::default().formats.contains(&Format::Qcow2);
+    let outputs = section(
+        cx,
+        node,
+        "`outputs`",
+        &keys("outputs"),
+        |cx, outputs: &mut Outputs, key, value| match key.as_str().unwrap_or_default() {
             "formats" => {
                 if let Some(formats) = formats(cx, key, value) {
+                    qcow2 = formats.contains(&Format::Qcow2);
                     outputs.formats = formats;
                 }
             }
             "compression" => {
                 compression_span = Some(key.span);
-                if let Some(c) = cx.word(
-                    value,
-                    "compression",
-                    Compression::NAMES,
-                    Compression::from_name,
-                ) {
-                    outputs.compression = c;
-                }
+                set(&mut outputs.compression, cx.named(value, "compression"));
             }
-            "name" => {
-                if let Some(text) = cx.string(value, "`name`") {
-                    match NameTemplate::parse(&text) {
-                        Ok(t) => outputs.name = t,
-                        Err(errors) => {
-                            for e in errors {
-                                let span = cx.inner_span(value, e.start, e.end, &text);
-                                cx.error(span, e.message, e.hint);
-                            }
-                        }
-                    }
-                }
-            }
+            "name" => set(&mut outputs.name, name_template(cx, value, "`name`")),
             "directory" => outputs.directory = cx.optional_string(value, "`directory`"),
             _ => {}
-        }
-    }
-    let ok = cx.problems.len() == before;
+        },
+    );
     if let Some(span) = compression_span
-        && !outputs.formats.contains(&Format::Qcow2)
+        && !qcow2
     {
         cx.warning(
             span,
@@ -1003,7 +938,7 @@ fn outputs(cx: &mut Reader<'_>, node: &Node) -> Option<Outputs> {
             Some("add `qcow2` to `formats` or remove `compression`".to_string()),
         );
     }
-    ok.then_some(outputs)
+    outputs
 }
 
 fn formats(cx: &mut Reader<'_>, key: &Node, node: &Node) -> Option<Vec<Format>> {
@@ -1029,7 +964,7 @@ fn formats(cx: &mut Reader<'_>, key: &Node, node: &Node) -> Option<Vec<Format>> 
     let mut out: Vec<Format> = Vec::new();
     let mut ok = true;
     for item in items {
-        match cx.word(item, "output format", Format::NAMES, Format::from_name) {
+        match cx.named(item, "output format") {
             Some(f) if out.contains(&f) => {
                 cx.error(item.span, format!("format `{f}` is listed twice"), None);
                 ok = false;
@@ -1061,10 +996,7 @@ pub(crate) fn distribution(cx: &mut Reader<'_>, node: &Node) -> Option<Vec<Locat
     let mut ok = true;
     for item in items {
         match distribution_entry(cx, item) {
-            Some(d) => out.push(Located {
-                value: d,
-                span: item.span,
-            }),
+            Some(d) => out.push(Located::new(d, item.span)),
             None => ok = false,
         }
     }
@@ -1220,21 +1152,32 @@ fn path_target<'n>(
         &format!("{{path: {example}}}"),
     )?);
     let before = cx.problems.len();
-    let path = match settings.value("path") {
-        None => {
-            cx.error(
-                key.span,
-                format!("`{kind}` has no `path`"),
-                Some(format!("add `path: {example}` (relative to the recipe)")),
-            );
-            None
-        }
-        Some(v) => cx.string(v, "`path`").map(|p| Located {
-            value: p,
-            span: v.span,
-        }),
-    };
+    let path = path(
+        cx,
+        settings.value("path"),
+        (key.span, &format!("`{kind}`")),
+        example,
+    );
     Some((settings, before, path))
+}
+
+/// The `path` of a component entry or a target; when it is missing, a problem at the
+/// `missing` span saying that the thing it names has none.
+fn path(
+    cx: &mut Reader<'_>,
+    node: Option<&Node>,
+    missing: (Span, &str),
+    example: &str,
+) -> Option<Located<String>> {
+    let Some(v) = node else {
+        cx.error(
+            missing.0,
+            format!("{} has no `path`", missing.1),
+            Some(format!("add `path: {example}` (relative to the recipe)")),
+        );
+        return None;
+    };
+    cx.string(v, "`path`").map(|p| Located::new(p, v.span))
 }
 
 fn directory_target(
@@ -1426,10 +1369,7 @@ fn oci_reference(cx: &mut Reader<'_>, node: &Node) -> Option<Located<String>> {
             return None;
         }
     }
-    Some(Located {
-        value: text,
-        span: node.span,
-    })
+    Some(Located::new(text, node.span))
 }
 
 fn ami_target(cx: &mut Reader<'_>, key: &Node, value: &Node) -> Option<AmiDistribution> {
@@ -1515,16 +1455,9 @@ fn ami_target(cx: &mut Reader<'_>, key: &Node, value: &Node) -> Option<AmiDistri
                 "unknown boot mode `bios`; EC2 calls it `legacy-bios`",
                 Some("write `bootMode: legacy-bios` (or `uefi`, `uefi-preferred`)".to_string()),
             ),
-            "bootMode" => {
-                ami.boot_mode = cx.word(v, "boot mode", BootMode::NAMES, BootMode::from_name)
-            }
+            "bootMode" => ami.boot_mode = cx.named(v, "boot mode"),
             "importMethod" => {
-                if let Some(m) = cx.word(
-                    v,
-                    "import method",
-                    ImportMethod::NAMES,
-                    ImportMethod::from_name,
-                ) {
+                if let Some(m) = cx.named(v, "import method") {
                     ami.import_method = m;
                 }
             }
