@@ -1167,6 +1167,42 @@ fn s3_upload_and_download_against_an_s3_compatible_endpoint() {
 }
 
 #[test]
+#[cfg_attr(
+    not(s3_tier),
+    ignore = "S3 tier: set BUILDER_S3_TESTS=1 after scripts/install-deps (scripts/test does)"
+)]
+fn s3_upload_of_a_large_file_goes_in_parts() {
+    let server = S3Server::start("bucket");
+    let sb = Sandbox::new();
+    // Past the 16 MiB single-request limit: two parts with the AMI import's multipart upload.
+    let data: Vec<u8> = (0..17 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    fs_err::write(sb.path("big.bin"), &data).expect("write");
+    let path = sb.document(
+        "big.yml",
+        "name: big\nschemaVersion: 1.0\nphases:\n  - name: build\n    steps:\n      - name: Up\n        action: S3Upload\n        inputs:\n          - source: big.bin\n            destination: s3://bucket/big.bin\n      - name: Down\n        action: S3Download\n        inputs:\n          - source: s3://bucket/big.bin\n            destination: back.bin\n",
+    );
+    let out = sb
+        .command(&[&path])
+        .env("BUILDER_S3_ENDPOINT", server.endpoint())
+        .env("AWS_ACCESS_KEY_ID", S3_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", S3_SECRET)
+        .env_remove("AWS_SESSION_TOKEN")
+        .env("AWS_REGION", "us-east-1")
+        .output()
+        .expect("runs");
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(
+        server.stored("bucket", "big.bin") == Some(data.clone()),
+        "stored intact"
+    );
+    assert!(
+        fs_err::read(sb.path("back.bin")).expect("back") == data,
+        "read back intact"
+    );
+    assert_eq!(server.pending_uploads(), Vec::<String>::new());
+}
+
+#[test]
 fn update_os_uses_the_package_manager_it_finds() {
     let sb = Sandbox::new();
     // Stand-ins for apt-get and apt-mark, first on PATH, that record how they were called.
