@@ -36,18 +36,12 @@ impl qmp::Command for BlockdevSnapshotSync {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LayerError {
-    #[error("could not create the build's overlay {path}")]
-    Overlay {
-        path: PathBuf,
-        #[source]
-        source: img::ImgError,
-    },
-    #[error("could not inspect the parent image {path}")]
-    Parent {
-        path: PathBuf,
-        #[source]
-        source: img::ImgError,
-    },
+    /// qemu-img's error names the file.
+    #[error("could not create the build's overlay")]
+    Overlay(#[source] img::ImgError),
+    /// qemu-img's error names the file.
+    #[error("could not inspect the parent image")]
+    Parent(#[source] img::ImgError),
     #[error("could not flush the guest's file systems before committing layer `{layer}`")]
     Sync {
         layer: String,
@@ -94,23 +88,12 @@ impl DiskChain {
         parent: &Path,
         size: Option<u64>,
     ) -> Result<DiskChain, LayerError> {
-        let info = img::info(parent)
-            .await
-            .map_err(|source| LayerError::Parent {
-                path: parent.to_path_buf(),
-                source,
-            })?;
-        let format = info.disk_format().map_err(|source| LayerError::Parent {
-            path: parent.to_path_buf(),
-            source,
-        })?;
+        let info = img::info(parent).await.map_err(LayerError::Parent)?;
+        let format = info.disk_format().map_err(LayerError::Parent)?;
         let top = dir.join("0-boot.qcow2");
         img::create_overlay(parent, format, &top, size)
             .await
-            .map_err(|source| LayerError::Overlay {
-                path: top.clone(),
-                source,
-            })?;
+            .map_err(LayerError::Overlay)?;
         Ok(DiskChain {
             dir: dir.to_path_buf(),
             parent: parent.to_path_buf(),
