@@ -240,11 +240,7 @@ impl StoredImage {
         build: u32,
         dir: PathBuf,
     ) -> Result<Self, StoreError> {
-        let manifest_path = dir.join(MANIFEST_FILE);
-        let manifest = Manifest::read(&manifest_path).map_err(|source| StoreError::Manifest {
-            path: dir.clone(),
-            source,
-        })?;
+        let manifest = read_manifest(&dir)?;
         let disk = [Format::Qcow2, Format::Raw].into_iter().find_map(|f| {
             manifest.output(f).map(|a: &Artifact| StoredDisk {
                 path: a.path(&dir),
@@ -1009,14 +1005,10 @@ impl BuildSlot {
     /// Store the finished build: its `manifest.json` must be there and name this build. One
     /// rename puts the whole folder under its final name.
     pub fn commit(mut self) -> Result<StoredImage, StoreError> {
-        let manifest_path = self.dir.join(MANIFEST_FILE);
-        let manifest = Manifest::read(&manifest_path).map_err(|source| StoreError::Manifest {
-            path: self.dir.clone(),
-            source,
-        })?;
+        let manifest = read_manifest(&self.dir)?;
         if manifest.image != self.id {
             return Err(StoreError::ManifestMismatch {
-                path: manifest_path,
+                path: self.dir.join(MANIFEST_FILE),
                 found: manifest.image.to_string(),
                 expected: self.id.to_string(),
             });
@@ -1132,6 +1124,14 @@ fn numbered_dirs(vdir: &Path) -> Result<Vec<u32>, StoreError> {
         .collect();
     v.sort_unstable();
     Ok(v)
+}
+
+/// The manifest of the build in `dir`.
+fn read_manifest(dir: &Path) -> Result<Manifest, StoreError> {
+    Manifest::read(&dir.join(MANIFEST_FILE)).map_err(|source| StoreError::Manifest {
+        path: dir.to_path_buf(),
+        source,
+    })
 }
 
 /// Write `bytes` to `path` through a temporary sibling that is synced, then renamed: readers
