@@ -839,17 +839,7 @@ impl Source {
                 *pos += n;
                 Ok(n)
             }
-            Source::File(f) => {
-                let mut n = 0;
-                while n < buf.len() {
-                    let k = f.read(&mut buf[n..]).await?;
-                    if k == 0 {
-                        break;
-                    }
-                    n += k;
-                }
-                Ok(n)
-            }
+            Source::File(f) => Ok(super::read_full(f, buf).await?),
         }
     }
 }

@@ -373,6 +373,20 @@ fn guest_path(path: &Path, carrier: &'static str) -> Result<String, MachineError
         })
 }
 
+/// Reads into `buf` until it is full or `file` ends: the number of bytes read.
+async fn read_full(file: &mut fs_err::tokio::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    use tokio::io::AsyncReadExt;
+    let mut n = 0;
+    while n < buf.len() {
+        let k = file.read(&mut buf[n..]).await?;
+        if k == 0 {
+            break;
+        }
+        n += k;
+    }
+    Ok(n)
+}
+
 /// A file copied from a guest while it arrives: hidden next to its destination, removed when
 /// dropped unless [`rename_to`](LocalTemp::rename_to) moved it into place.
 struct LocalTemp {

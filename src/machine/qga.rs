@@ -470,14 +470,7 @@ impl QgaMachine {
                     let mut f = fs_err::tokio::File::open(&p).await?;
                     loop {
                         let mut buf = vec![0u8; FILE_CHUNK];
-                        let mut n = 0;
-                        while n < buf.len() {
-                            let k = f.read(&mut buf[n..]).await?;
-                            if k == 0 {
-                                break;
-                            }
-                            n += k;
-                        }
+                        let n = super::read_full(&mut f, &mut buf).await?;
                         if n == 0 {
                             break;
                         }
