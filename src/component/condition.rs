@@ -209,46 +209,27 @@ async fn exists(op: ExistsOp, path: &str, cx: &EvalContext<'_>) -> Result<bool, 
         what: path.to_string(),
         source,
     };
-    match op {
-        ExistsOp::Binary => {
-            // `type` finds executables on PATH, builtins and functions, like AWSTOE's check.
-            let request = ExecRequest::argv(["bash", "-c", "type -- \"$1\"", "bash", path]);
-            let outcome = cx
-                .target
-                .exec(&request, &Discard)
-                .await
-                .map_err(target_err)?;
-            Ok(outcome.status.success())
-        }
+    let request = match op {
+        // `type` finds executables on PATH, builtins and functions, like AWSTOE's check.
+        ExistsOp::Binary => ExecRequest::argv(["bash", "-c", "type -- \"$1\"", "bash", path]),
         ExistsOp::File | ExistsOp::Folder => {
             let full = cx.path(path);
-            let stat = cx.target.stat(&full).await.map_err(target_err)?;
-            let want = if op == ExistsOp::File {
-                FileKind::File
-            } else {
-                FileKind::Dir
+            let (want, flag) = match op {
+                ExistsOp::File => (FileKind::File, "-f"),
+                _ => (FileKind::Dir, "-d"),
             };
-            match stat {
-                None => Ok(false),
+            match cx.target.stat(&full).await.map_err(target_err)? {
+                None => return Ok(false),
+                // A link counts for what it points to (like `test -f`).
                 Some(s) if s.kind == FileKind::Symlink => {
-                    // A link counts for what it points to (like `test -f`).
-                    let flag = if op == ExistsOp::File { "-f" } else { "-d" };
-                    let request = ExecRequest::argv([
-                        "test".to_string(),
-                        flag.to_string(),
-                        full.to_string_lossy().into_owned(),
-                    ]);
-                    let outcome = cx
-                        .target
-                        .exec(&request, &Discard)
-                        .await
-                        .map_err(target_err)?;
-                    Ok(outcome.status.success())
+                    ExecRequest::argv(["test", flag, &full.to_string_lossy()])
                 }
-                Some(s) => Ok(s.kind == want),
+                Some(s) => return Ok(s.kind == want),
             }
         }
-    }
+    };
+    let outcome = cx.target.exec(&request, &Discard).await;
+    Ok(outcome.map_err(target_err)?.status.success())
 }
 
 /// The coreutils program that computes `algorithm`.
