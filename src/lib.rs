@@ -18,10 +18,11 @@
 //!    - [`undo`]: the undo list that releases what a stage or a VM created, and its report.
 //!    - [`digest`]: sha256 of files, streamed, with progress: the one file hasher.
 //!    - [`agent`]: the host↔guest protocol spoken over virtio-serial.
-//! 2. [`yaml`] (diagnostic): YAML read into a node tree that keeps line and column of every
-//!    value.
-//!    [`aws`] (digest): signed AWS requests, credentials, the one S3 client (objects,
-//!    resumable multipart upload).
+//! 2. Only layer 1:
+//!    - [`yaml`] (diagnostic): YAML read into a node tree that keeps line and column of every
+//!      value.
+//!    - [`aws`] (digest): signed AWS requests, credentials, the one S3 client (objects,
+//!      resumable multipart upload).
 //! 3. [`machine`] (agent): where steps run ([`machine::Machine`]): this machine, a guest via
 //!    our agent or qemu-guest-agent.
 //! 4. [`component`] (machine, yaml, aws, diagnostic): AWSTOE component documents: model,
