@@ -8,6 +8,8 @@
 //!   lock                              flock: build numbers, commits, removals, hash index
 //!   cache/base/<sha256>.qcow2         parent images by digest (downloads land here, verified)
 //!   cache/base/<sha256>.part          a download in progress; resumed with an HTTP Range
+//!   cache/layers/<key>.qcow2          component layers by the plan's layer keys, each with
+//!   cache/layers/<key>.json           its record; see [`layers`]
 //!   cache/hashes.json                 digests of local parent images by (path, size, mtime,
 //!                                     inode), so a 1 GiB base is not re-hashed every build
 //!   images/<name>/<x.y.z>/.last-build the highest build number handed out for this version
@@ -35,6 +37,7 @@
 //! failed build's. A live build is never taken for abandoned: its flock is held.
 
 pub mod base;
+pub mod layers;
 pub mod manifest;
 pub mod reference;
 pub mod runner;
@@ -51,6 +54,7 @@ use crate::recipe::Format;
 use crate::recipe::Version;
 
 pub use base::{BaseImage, DownloadProgress, FetchOptions, NoDownloadProgress};
+pub use layers::{LayerCache, LayerCacheError};
 pub use manifest::{Artifact, ImageId, MANIFEST_FILE, Manifest, ManifestError};
 pub use reference::{ImageRef, check_name};
 pub use runner::Runner;
@@ -859,7 +863,8 @@ impl Store {
     /// an OCI parent, by the manifest digest, which the pull's memo maps to the disk it
     /// held. A disk chain kept by `--keep-on-failure` keeps the file it is backed by. While
     /// a build is in progress (its folder is in `staging/`) nothing is removed: its disk
-    /// chain may be backed by any cached file. Abandoned builds are cleaned up first.
+    /// chain may be backed by any cached file. Nor is a parent image a cached layer is
+    /// backed by (`cache/layers/`). Abandoned builds are cleaned up first.
     pub fn prune_cache(&self) -> Result<PruneReport, StoreError> {
         let _lock = self.lock()?;
         let abandoned = self.recover_abandoned_locked()?;
@@ -885,6 +890,7 @@ impl Store {
             )));
         }
         used.extend(self.kept_chain_parents(&cache));
+        used.extend(self.layer_cache().bases_in_use());
         let mut removed = Vec::new();
         let remove = |path: &Path, removed: &mut Vec<PathBuf>| -> Result<(), StoreError> {
             fs_err::remove_file(path)?;

@@ -1,6 +1,6 @@
 //! `qemu-img` wrappers: inspect an image (typed `info --output=json`), create a qcow2
-//! overlay on a backing file, resize, convert, check. Each call is one `qemu-img` process;
-//! failures carry its stderr.
+//! overlay on a backing file, rewrite its backing reference, resize, convert, check. Each
+//! call is one `qemu-img` process; failures carry its stderr.
 
 use std::path::{Path, PathBuf};
 
@@ -161,6 +161,34 @@ pub async fn create_overlay(
         args.push(size.as_ref());
     }
     run("create", overlay, &args).await.map(drop)
+}
+
+/// `qemu-img rebase -u`: rewrite the backing-file reference in `path`'s header to `backing`
+/// (format `backing_format`) without reading either chain ("unsafe" mode: the caller knows
+/// the new backing file has the same contents as the old one). A relative `backing` is
+/// resolved from `path`'s folder, as QEMU does when it opens the chain.
+pub async fn rebase_unsafe(
+    path: &Path,
+    backing: &str,
+    backing_format: DiskFormat,
+) -> Result<(), ImgError> {
+    run(
+        "rebase",
+        path,
+        &[
+            "-q".as_ref(),
+            "-u".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "-F".as_ref(),
+            backing_format.as_str().as_ref(),
+            "-b".as_ref(),
+            backing.as_ref(),
+            path.as_os_str(),
+        ],
+    )
+    .await
+    .map(drop)
 }
 
 /// Grow (or with `shrink`, shrink) an image to `size` bytes.
