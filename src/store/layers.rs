@@ -36,8 +36,9 @@
 //!
 //! **Lookup** ([`LayerCache::lookup`]) walks the chain from the first key and returns the
 //! longest prefix that is cached and sound. Each layer is checked before use: the record is
-//! there and names this key and the expected parent, the first layer's parent image is there,
-//! the file's size (cheap) and then its sha256 match the record. A layer that fails is
+//! there and names this key and the expected parent, the first layer is backed by the very
+//! file the build's plan verified as its parent (same path: the key names the parent's
+//! digest, not where it is), the file's size (cheap) and then its sha256 match the record. A layer that fails is
 //! reported ([`Discarded`]), removed with its record and with every layer whose chain goes
 //! through it, and the prefix stops before it. Lookup updates each returned layer's last use.
 //!
@@ -201,6 +202,12 @@ pub enum Damage {
     },
     #[error("its parent image {} is gone", .0.display())]
     BaseMissing(PathBuf),
+    #[error(
+        "it is backed by the parent image {}, this build's is {}",
+        cached.display(),
+        wanted.display()
+    )]
+    BaseDiffers { cached: PathBuf, wanted: PathBuf },
     #[error("its file has {actual} bytes, the record says {expected} (truncated?)")]
     Size { expected: u64, actual: u64 },
     #[error("its file has sha256 {actual}, the record says {expected} (corrupt)")]
@@ -436,24 +443,30 @@ impl LayerCache {
         })
     }
 
-    /// The longest cached prefix of `chain` (layer keys, first layer first), each layer
-    /// verified (record, parent, size, sha256) and locked. A layer that fails is removed
-    /// with the layers built on it and reported in [`Lookup::discarded`]. Updates the last
-    /// use of the layers returned. Reads every returned layer in full.
-    pub async fn lookup(&self, chain: &[String]) -> Result<Lookup, LayerCacheError> {
+    /// The longest cached prefix of `chain` (layer keys, first layer first) for a build on
+    /// the parent image `base` (the file the plan verified), each layer verified (record,
+    /// parent, parent image, size, sha256) and locked. A layer that fails is removed with
+    /// the layers built on it and reported in [`Lookup::discarded`]. Updates the last use of
+    /// the layers returned. Reads every returned layer in full.
+    ///
+    /// The first layer must be backed by `base` itself: the key names the parent's digest,
+    /// not where it is, and a first layer backed by another path (a local parent image
+    /// since edited, with the same digest now found elsewhere) would read other clusters.
+    pub async fn lookup(&self, base: &Path, chain: &[String]) -> Result<Lookup, LayerCacheError> {
         let chain: Vec<String> = chain
             .iter()
             .map(|k| check_key(k))
             .collect::<Result<_, _>>()?;
+        let base = fs_err::canonicalize(base).or_else(|_| std::path::absolute(base))?;
         let cache = self.clone();
-        blocking(move || cache.lookup_blocking(&chain)).await?
+        blocking(move || cache.lookup_blocking(&base, &chain)).await?
     }
 
-    fn lookup_blocking(&self, chain: &[String]) -> Result<Lookup, LayerCacheError> {
+    fn lookup_blocking(&self, base: &Path, chain: &[String]) -> Result<Lookup, LayerCacheError> {
         let mut found = Lookup::default();
         let mut parent: Option<&str> = None;
         for key in chain {
-            match self.verify(key, parent)? {
+            match self.verify(key, parent, base)? {
                 Verified::Sound(layer) => found.layers.push(layer),
                 Verified::NotCached => break,
                 Verified::Damaged(damage, held) => {
@@ -489,7 +502,12 @@ impl LayerCache {
 
     /// Check one cached layer. Takes its shared lock first, so what is checked is what the
     /// build will use.
-    fn verify(&self, key: &str, parent: Option<&str>) -> Result<Verified, LayerCacheError> {
+    fn verify(
+        &self,
+        key: &str,
+        parent: Option<&str>,
+        base: &Path,
+    ) -> Result<Verified, LayerCacheError> {
         let Some(lock) = self.lock_shared(key)? else {
             return Ok(if self.record_path(key).is_file() {
                 Verified::Damaged(Damage::FileMissing, None)
@@ -513,9 +531,16 @@ impl LayerCache {
             });
         }
         if record.parent.is_none() {
-            let base = self.dir.join(&record.backing);
-            if !base.is_file() {
-                return damaged(Damage::BaseMissing(base));
+            let backing = self.dir.join(&record.backing);
+            match fs_err::canonicalize(&backing) {
+                Err(_) => return damaged(Damage::BaseMissing(backing)),
+                Ok(cached) if cached != base => {
+                    return damaged(Damage::BaseDiffers {
+                        cached,
+                        wanted: base.to_path_buf(),
+                    });
+                }
+                Ok(_) => {}
             }
         }
         let actual = lock.metadata()?.len();
@@ -1005,7 +1030,10 @@ mod tests {
         let before = fs_err::read(&t.l2).expect("read l2");
         t.insert_chain().await;
         let cache = t.cache();
-        let found = cache.lookup(&chain(&[1, 2, 3])).await.expect("lookup");
+        let found = cache
+            .lookup(&t.base, &chain(&[1, 2, 3]))
+            .await
+            .expect("lookup");
         assert!(found.discarded.is_empty(), "{:?}", found.discarded);
         let keys: Vec<&str> = found.layers.iter().map(|l| l.record.key.as_str()).collect();
         assert_eq!(keys, [key(1), key(2)]);
@@ -1075,7 +1103,10 @@ mod tests {
         let last = bytes.len() - 1;
         bytes[last] ^= 0xff;
         fs_err::write(&path, bytes).expect("write");
-        let found = cache.lookup(&chain(&[1, 2])).await.expect("lookup");
+        let found = cache
+            .lookup(&t.base, &chain(&[1, 2]))
+            .await
+            .expect("lookup");
         assert_eq!(found.layers.len(), 1);
         assert_eq!(found.discarded.len(), 1);
         assert_eq!(found.discarded[0].key, key(2));
@@ -1101,7 +1132,10 @@ mod tests {
             .expect("open")
             .set_len(size - 100)
             .expect("truncate");
-        let found = cache.lookup(&chain(&[1, 2])).await.expect("lookup");
+        let found = cache
+            .lookup(&t.base, &chain(&[1, 2]))
+            .await
+            .expect("lookup");
         assert!(found.layers.is_empty());
         assert_eq!(
             found.discarded[0].damage,
@@ -1121,19 +1155,41 @@ mod tests {
         // A missing record; then a missing file.
         t.insert_chain().await;
         fs_err::remove_file(cache.record_path(&key(2))).expect("rm record");
-        let found = cache.lookup(&chain(&[1, 2])).await.expect("lookup");
+        let found = cache
+            .lookup(&t.base, &chain(&[1, 2]))
+            .await
+            .expect("lookup");
         assert_eq!(found.layers.len(), 1);
         assert_eq!(found.discarded[0].damage, Damage::RecordMissing);
         assert!(!cache.path(&key(2)).exists());
         drop(found);
         fs_err::remove_file(cache.path(&key(1))).expect("rm file");
-        let found = cache.lookup(&chain(&[1, 2])).await.expect("lookup");
+        let found = cache
+            .lookup(&t.base, &chain(&[1, 2]))
+            .await
+            .expect("lookup");
         assert!(found.layers.is_empty());
         assert_eq!(found.discarded[0].damage, Damage::FileMissing);
         assert!(fs_err::read_dir(cache.dir()).expect("dir").next().is_none());
 
+        // A first layer backed by another file than this build's parent image.
+        t.insert_chain().await;
+        let elsewhere = t.l1.with_file_name("parent.qcow2");
+        fs_err::copy(&t.base, &elsewhere).expect("copy");
+        let found = cache
+            .lookup(&elsewhere, &chain(&[1, 2]))
+            .await
+            .expect("lookup");
+        assert!(found.layers.is_empty());
+        assert!(
+            matches!(&found.discarded[0].damage, Damage::BaseDiffers { wanted, .. } if wanted.ends_with("parent.qcow2")),
+            "{}",
+            found.discarded[0]
+        );
+        assert_eq!(found.discarded[0].removed.len(), 4);
+
         // Nothing cached is a plain miss.
-        let found = cache.lookup(&chain(&[1])).await.expect("lookup");
+        let found = cache.lookup(&t.base, &chain(&[1])).await.expect("lookup");
         assert!(found.layers.is_empty() && found.discarded.is_empty());
     }
 
@@ -1197,7 +1253,7 @@ mod tests {
         let size = |n| cache.read_record(&key(n)).ok().expect("record").size;
 
         // Old, but in use: kept. Old and free: the child goes first, then its parent.
-        let held = cache.lookup(&chain(&[3])).await.expect("lookup");
+        let held = cache.lookup(&t.base, &chain(&[3])).await.expect("lookup");
         for n in [1, 2, 3] {
             age(&cache, n, 20);
         }
