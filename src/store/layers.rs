@@ -53,6 +53,17 @@
 //! chain (its parents are not leaves). Leftovers are removed whatever the options: temporary
 //! files no insert holds, files without a record, records without a file, and orphans (a
 //! layer whose parent is gone, with its descendants).
+//!
+//! **A build uses it** like this: `lookup(parent image, chain)`; boot an overlay on the
+//! last returned layer's path (or on the parent image when none); after each commit,
+//! `insert` the sealed layer on [`LayerParent::Base`] (the first) or on
+//! [`LayerParent::Layer`] with the previous layer's key and sha256, and stop inserting once
+//! one is refused; keep every guard until the build's VM is gone. The chain's first layer
+//! is what lies between the parent image and the first component: in `build::layers` that
+//! is the boot layer (first boot, cloud-init), which the first component's layer is written
+//! on, so it is cached too, under the plan's root key, and the chain is the root key then
+//! each component's key. A layer is never rebased onto anything but the layer it was
+//! written on.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::MetadataExt;
@@ -1310,6 +1321,16 @@ mod tests {
         assert_eq!(report.leftovers.len(), 4, "{:?}", report.leftovers);
         assert_eq!(cache.list().expect("list").len(), 1);
 
+        // A layer the build just inserted is in use as long as it keeps the guard.
+        let inserted = cache
+            .insert(&key(4), t.base(), &t.l1, origin("four"))
+            .await
+            .expect("insert l1 as key 4");
+        let report = cache.prune(&all).expect("prune");
+        let removed: Vec<&str> = report.removed.iter().map(|r| r.key.as_str()).collect();
+        assert_eq!(removed, [key(3)]);
+        assert_eq!(report.in_use, [key(4)]);
+        drop(inserted);
         let report = cache.prune(&all).expect("prune");
         assert_eq!(report.removed.len(), 1);
         assert!(fs_err::read_dir(cache.dir()).expect("dir").next().is_none());
