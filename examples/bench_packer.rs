@@ -28,6 +28,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "support/bench.rs"]
+mod bench;
+use bench::loadavg;
+
 const BLOB_MIB: usize = 50;
 
 fn main() {
@@ -277,13 +281,6 @@ struct BuilderRun {
     peak_kib: u64,
     /// Where builder's time went: agent up, cloud-init done, and each stage's duration.
     stages: String,
-}
-
-/// `/proc/loadavg`'s first three figures.
-fn loadavg() -> String {
-    fs_err::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
 }
 
 fn builder_run(

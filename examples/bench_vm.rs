@@ -42,7 +42,7 @@ use tokio::net::UnixStream;
 
 #[path = "support/bench.rs"]
 mod bench;
-use bench::{mib_s, random_bytes};
+use bench::{loadavg, mib_s, random_bytes};
 
 const BENCH_PORT: &str = "org.builder.bench.0";
 const CPUS: u32 = 2;
@@ -127,12 +127,6 @@ async fn main() {
         _ = term.recv() => { eprintln!("bench_vm: terminated; cleaned up"); 143 }
     };
     std::process::exit(code);
-}
-
-fn load() -> String {
-    fs_err::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -364,7 +358,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     // The agent VM.
-    let load_boot = load();
+    let load_boot = loadavg();
     eprintln!("agent VM: booting (load {load_boot})");
     let vm = launch(&common, true).await?;
     let agent_stream = vm.connect(&vm.agent_socket).await?;
@@ -409,7 +403,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         port: vm.ssh_port,
     };
     ssh.wait_up().await?;
-    let load_exec = load();
+    let load_exec = loadavg();
     let mut exec_ms = Vec::new();
     let mut ssh_ms = Vec::new();
     let per_ssh = args.execs.div_ceil(args.ssh);
@@ -453,7 +447,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let back = work.path().join("back.bin");
     let remote = Path::new("/root/bench.bin");
     let mut t = Transfers::default();
-    let load_xfer_start = load();
+    let load_xfer_start = loadavg();
     let cpu = CpuClock::new(vm.child.pid());
     for round in 1..=args.rounds {
         let stream = bench.as_mut().context("bench port connected")?;
@@ -513,7 +507,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ];
         eprintln!(
             "round {round} (load {}): up bare {:.1} bare-to-file {:.1} agent {:.1} scp {:.1}   down bare {:.1} bare-from-file {:.1} agent {:.1} scp {:.1} MiB/s",
-            load(),
+            loadavg(),
             row[0],
             row[6],
             row[1],
@@ -532,7 +526,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         t.bare_down_file.push(row[7]);
         t.scp_down.push(row[5]);
     }
-    let load_xfer_end = load();
+    let load_xfer_end = loadavg();
     let _ = agent
         .exec(
             &ExecRequest::argv([
@@ -573,7 +567,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         eprintln!(
             "guest run {} ({status}, load {}):\n{}{}",
             path.display(),
-            load(),
+            loadavg(),
             String::from_utf8_lossy(&out.stdout()),
             String::from_utf8_lossy(&out.stderr())
         );
@@ -776,7 +770,7 @@ impl CpuClock {
 }
 
 async fn raw_boot(common: &Common, n: usize) -> anyhow::Result<(Duration, String)> {
-    let l = load();
+    let l = loadavg();
     eprintln!("raw boot {n}: booting (load {l})");
     let vm = launch(common, false).await?;
     // Connected like the agent VM's ports, so the guest sees the same devices in the same state.
@@ -921,7 +915,7 @@ async fn variant(
         eprintln!(
             "variant {} round {round} (load {}): put {:.1} get {:.1} MiB/s{put_note}{get_note}",
             path.display(),
-            load(),
+            loadavg(),
             put[round - 1],
             get[round - 1]
         );

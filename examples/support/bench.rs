@@ -28,6 +28,13 @@ pub fn random_bytes(n: usize) -> Vec<u8> {
     data
 }
 
+/// `/proc/loadavg`'s first three figures (1, 5 and 15 minutes), `?` when unreadable.
+pub fn loadavg() -> String {
+    fs_err::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
 /// Runs a helper command (qemu-img, mkfs…); panics with its stderr when it fails.
 pub fn sh(cmd: &mut Command) {
     let out = cmd.output().expect("command runs");
