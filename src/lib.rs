@@ -31,10 +31,10 @@
 //!    problem at `file:line:col`), JSON Schema.
 //! 6. [`vm`] (machine, agent, undo): qemu-img, QEMU launch and QMP, accelerator probe,
 //!    cloud-init seed.
-//! 7. [`store`] (recipe, digest, diagnostic, vm): the local store: base image cache and
+//! 7. [`store`] (recipe, digest, diagnostic, vm, yaml): the local store: base image cache and
 //!    downloads, the layer cache (component layers by key, qcow2 chains rebased with
-//!    qemu-img), image versions `name/x.y.z/n` with their manifests (the `manifest.json`
-//!    model) and receipts.
+//!    qemu-img, pruned to the cap of the store's `config.yml`), image versions `name/x.y.z/n`
+//!    with their manifests (the `manifest.json` model) and receipts.
 //! 8. [`export`] (store, vm, recipe): the finished disk converted to
 //!    qcow2/raw/vmdk/vhdx/vhd/ova, checked, hashed, recorded as the manifest's artifacts;
 //!    `SHA256SUMS`.

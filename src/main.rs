@@ -43,6 +43,9 @@ enum Command {
     /// The image versions in the local store: list, show, remove.
     #[command(subcommand)]
     Images(cli::images::ImagesCommand),
+    /// The layer cache (component layers kept by key, reused by later builds): list, prune.
+    #[command(subcommand)]
+    Cache(cli::cache::CacheCommand),
     /// Pipelines: a recipe built on a schedule or when a dependency changed, with a history.
     #[command(subcommand)]
     Pipeline(cli::pipeline::PipelineCommand),
@@ -74,6 +77,7 @@ fn main() -> ExitCode {
             Command::Build(args) => cli::build::main(args).await,
             Command::Distribute(args) => cli::distribute::main(*args).await,
             Command::Images(cmd) => cli::images::main(cmd).await,
+            Command::Cache(cmd) => cli::cache::main(cmd).await,
             Command::Pipeline(cmd) => cli::pipeline::main(cmd).await,
             Command::Serve(args) => cli::pipeline::serve(args).await,
         }

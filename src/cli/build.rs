@@ -158,6 +158,8 @@ pub async fn main(args: BuildArgs) -> CliResult {
                     let _ = writeln!(out, "{}", o.display());
                 }
             }
+            // The build's layers are no longer in use: the cache goes back under its cap.
+            super::cache::prune_after_build(&store);
             if built.distribution_failures.is_empty() {
                 return Ok(0);
             }

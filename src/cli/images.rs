@@ -64,8 +64,11 @@ pub struct RmArgs {
     /// Remove even if another stored build uses it as its parent image.
     #[arg(long)]
     force: bool,
-    /// Also remove cached parent images (`cache/base/`) that no remaining stored build was
-    /// made from (never one a stored build references; nothing while a build runs).
+    /// Also prune the caches: the layer cache down to its cap (`layerCache.maxSize` in the
+    /// store's config.yml) and its leftovers (never a layer a running build uses), then the
+    /// cached parent images (`cache/base/`) that no remaining stored build was made from and
+    /// no cached layer is built on (never one a stored build references; nothing while a
+    /// build runs).
     #[arg(long)]
     prune_cache: bool,
 }
@@ -262,28 +265,7 @@ fn list(store: &Store, args: &ListArgs, abandoned: &[Abandoned]) -> CliResult {
     let header = [
         "NAME", "VERSION", "BUILD", "CREATED", "STATUS", "FORMATS", "SIZE", "SENT",
     ];
-    let mut widths = header.map(str::len);
-    for cells in &table {
-        for (w, c) in widths.iter_mut().zip(cells) {
-            *w = (*w).max(c.chars().count());
-        }
-    }
-    let line = |cells: &[&str]| {
-        let mut s = String::new();
-        for (i, (c, w)) in cells.iter().zip(widths).enumerate() {
-            if i + 1 == cells.len() {
-                s.push_str(c);
-            } else {
-                s.push_str(&format!("{c:<w$}  "));
-            }
-        }
-        s.trim_end().to_string()
-    };
-    let _ = writeln!(out, "{}", line(&header));
-    for cells in &table {
-        let refs: Vec<&str> = cells.iter().map(String::as_str).collect();
-        let _ = writeln!(out, "{}", line(&refs));
-    }
+    let _ = write!(out, "{}", super::table("", header, &table));
     Ok(0)
 }
 
@@ -546,8 +528,11 @@ fn rm(store: &Store, args: &RmArgs) -> CliResult {
     Ok(0)
 }
 
-/// `--prune-cache`: what was removed from the parent cache, or why nothing was.
+/// `--prune-cache`: what was removed from the layer cache and the parent cache, or why
+/// nothing was. Layers first: a parent image the removed layers were built on can go too.
 fn prune_cache(store: &Store) -> Result<(), Failure> {
+    let layers = store.prune_layers_to_cap().map_err(super::cache::failure)?;
+    super::cache::print_pruned(&layers.report);
     let report = store.prune_cache().map_err(store_failure)?;
     for a in &report.abandoned {
         eprintln!("note: {a}");

@@ -3,6 +3,7 @@
 
 mod bar;
 pub mod build;
+pub mod cache;
 pub mod component;
 pub mod distribute;
 pub mod images;
@@ -93,6 +94,37 @@ pub fn print_json(value: &impl serde::Serialize) {
     )]
     let text = serde_json::to_string_pretty(value).expect("plain data serializes");
     let _ = writeln!(std::io::stdout().lock(), "{text}");
+}
+
+/// The text output of listings: `header` then `rows`, each line after `indent`, every column
+/// but the last padded to its widest cell, two spaces apart; one line each, trailing spaces
+/// trimmed.
+pub fn table<const N: usize>(indent: &str, header: [&str; N], rows: &[[String; N]]) -> String {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: &[&str]| {
+        let mut l = String::from(indent);
+        for (i, (c, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(c);
+            } else {
+                l.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        l.truncate(l.trim_end().len());
+        l.push('\n');
+        l
+    };
+    let mut text = line(&header);
+    for row in rows {
+        let cells: Vec<&str> = row.iter().map(String::as_str).collect();
+        text.push_str(&line(&cells));
+    }
+    text
 }
 
 /// `--accel`: `auto`, `kvm` or `tcg`.

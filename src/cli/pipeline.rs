@@ -226,6 +226,9 @@ async fn run_once(args: RunArgs) -> CliResult {
     for l in &report.lifecycle {
         eprintln!("lifecycle: {l}");
     }
+    if let Some(pruned) = &report.layer_cache {
+        eprintln!("{pruned}");
+    }
     let green = Style::new().bold().fg_color(Some(AnsiColor::Green.into()));
     let red = Style::new().bold().fg_color(Some(AnsiColor::Red.into()));
     match report.status {

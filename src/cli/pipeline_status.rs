@@ -209,28 +209,7 @@ fn render(p: &PipelineStatus, now: DateTime<Utc>) -> String {
             ]
         })
         .collect();
-    let mut widths = header.map(str::len);
-    for row in &rows {
-        for (w, c) in widths.iter_mut().zip(row) {
-            *w = (*w).max(c.chars().count());
-        }
-    }
-    let line = |cells: &[&str]| {
-        let mut l = String::from("  ");
-        for (i, (c, w)) in cells.iter().zip(widths).enumerate() {
-            if i + 1 == cells.len() {
-                l.push_str(c);
-            } else {
-                l.push_str(&format!("{c:<w$}  "));
-            }
-        }
-        l.trim_end().to_string()
-    };
-    let _ = writeln!(s, "{}", line(&header));
-    for row in &rows {
-        let cells: Vec<&str> = row.iter().map(String::as_str).collect();
-        let _ = writeln!(s, "{}", line(&cells));
-    }
+    s.push_str(&super::table("  ", header, &rows));
     s
 }
 

@@ -253,13 +253,16 @@ impl PipelineReader<'_> {
                 self.error(
                     node.span,
                     format!("{what} `{text}` is not a duration"),
-                    Some("write a number and a unit: `30d`, `12h`, `2w`, `90m` or `0s`".into()),
+                    Some(DURATION_HINT.into()),
                 );
                 None
             }
         }
     }
 }
+
+/// How to write a duration, for the messages about one that is not.
+pub const DURATION_HINT: &str = "write a number and a unit: `30d`, `12h`, `2w`, `90m` or `0s`";
 
 /// `30d`, `12h`, `2w`, `90m`, `45s`.
 pub fn parse_duration(text: &str) -> Option<Duration> {

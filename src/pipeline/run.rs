@@ -58,6 +58,10 @@ pub struct Report {
     /// What the lifecycle did after a success (`name/1.0.0/2: deprecated`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub lifecycle: Vec<String>,
+    /// What pruning the layer cache to its cap removed after a success, when it removed
+    /// something (`layer cache: removed 2 least recently used layers (1.2 GiB) …`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layer_cache: Option<String>,
 }
 
 /// How to run.
@@ -117,6 +121,7 @@ pub async fn execute_file(
                 error: Some(message),
                 warnings: Vec::new(),
                 lifecycle: Vec::new(),
+                layer_cache: None,
             })
         }
     }
@@ -145,6 +150,7 @@ pub async fn execute(
         error: None,
         warnings: Vec::new(),
         lifecycle: Vec::new(),
+        layer_cache: None,
     };
     let notifier = Notifier::new(&pipeline, history, id);
 
@@ -266,6 +272,14 @@ pub async fn execute(
                 apply_lifecycle(&pipeline, store, history, &options.protected_refs);
             report.lifecycle = done;
             report.warnings.extend(warnings);
+            // Once the build is done (its layers no longer in use), as `builder build` does.
+            match store.prune_layers_to_cap() {
+                Ok(pruned) => report.layer_cache = pruned.summary(),
+                Err(e) => report.warnings.push(format!(
+                    "the layer cache was not pruned to its cap: {}",
+                    crate::diagnostic::error_chain(&e)
+                )),
+            }
             Ok(report)
         }
         Err(failed) => {

@@ -325,6 +325,9 @@ fn finished(
                     for l in &report.lifecycle {
                         log(&format!("{name}: lifecycle: {l}"));
                     }
+                    if let Some(pruned) = &report.layer_cache {
+                        log(&format!("{name}: {pruned}"));
+                    }
                 }
                 Err(e) => log(&format!(
                     "{name}: execution {id} could not be recorded: {e}"

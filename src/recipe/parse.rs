@@ -80,7 +80,6 @@ pub(super) fn new_reader(source: &str) -> Reader<'_> {
 
 /// Readers only recipes need.
 trait RecipeReader {
-    fn byte_size(&mut self, node: &Node, what: &str) -> Option<ByteSize>;
     fn named<T: Word>(&mut self, node: &Node, noun: &str) -> Option<T>;
     fn inner_span(&self, node: &Node, start: usize, end: usize, value: &str) -> Span;
 }
@@ -89,17 +88,6 @@ impl RecipeReader for Reader<'_> {
     /// One word of `T`'s closed set (`accelerator: kvm`).
     fn named<T: Word>(&mut self, node: &Node, noun: &str) -> Option<T> {
         self.word(node, noun, T::NAMES, T::from_name)
-    }
-
-    fn byte_size(&mut self, node: &Node, what: &str) -> Option<ByteSize> {
-        let text = self.string(node, what)?;
-        match text.parse::<ByteSize>() {
-            Ok(size) => Some(size),
-            Err(e) => {
-                self.error(node.span, format!("{what}: {e}"), e.hint());
-                None
-            }
-        }
     }
 
     /// The span of `part` inside the scalar `node` (found in its source text), or the whole
@@ -714,7 +702,7 @@ fn user_data(cx: &mut Reader<'_>, node: &Node) -> Option<String> {
 const MIN_DISK: ByteSize = ByteSize::mib(64);
 
 fn disk_size(cx: &mut Reader<'_>, node: &Node) -> Option<Located<ByteSize>> {
-    let size = cx.byte_size(node, "`diskSize`")?;
+    let size = ByteSize::read(cx, node, "`diskSize`")?;
     if size < MIN_DISK {
         cx.error(
             node.span,
@@ -848,7 +836,7 @@ fn infrastructure(cx: &mut Reader<'_>, node: &Node, allowed: &[&str]) -> Option<
 }
 
 fn memory(cx: &mut Reader<'_>, node: &Node) -> Option<ByteSize> {
-    let size = cx.byte_size(node, "memory")?;
+    let size = ByteSize::read(cx, node, "memory")?;
     if size < MIN_MEMORY {
         let hint = (node.as_int())
             .map(|_| "a plain number is bytes; write a unit, e.g. `2GiB`".to_string());

@@ -6,6 +6,9 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::yaml::Node;
+use crate::yaml::reader::Reader;
+
 /// A number of bytes. Written in recipes as `2GiB`, `512MiB`, `2G` (QEMU's convention:
 /// `K`, `M`, `G`, `T` are powers of 1024, as in `qemu-system -m 2G` and `qemu-img create … 8G`),
 /// or a plain integer (bytes). Shown as the largest unit that divides it exactly.
@@ -94,6 +97,19 @@ impl ByteSize {
     /// Whole MiB, rounded down (QEMU's `-m` takes MiB).
     pub const fn whole_mib(self) -> u64 {
         self.0 / MIB
+    }
+
+    /// The size a YAML value writes (recipes, the store's configuration): the parser's
+    /// message and hint at the value when it is not one.
+    pub fn read(cx: &mut Reader<'_>, node: &Node, what: &str) -> Option<ByteSize> {
+        let text = cx.string(node, what)?;
+        match text.parse::<ByteSize>() {
+            Ok(size) => Some(size),
+            Err(e) => {
+                cx.error(node.span, format!("{what}: {e}"), e.hint());
+                None
+            }
+        }
     }
 }
 

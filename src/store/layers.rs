@@ -52,7 +52,9 @@
 //! they are leaves and old too); or everything with `all`. A layer in use keeps its whole
 //! chain (its parents are not leaves). Leftovers are removed whatever the options: temporary
 //! files no insert holds, files without a record, records without a file, and orphans (a
-//! layer whose parent is gone, with its descendants).
+//! layer whose parent is gone, with its descendants). [`Store::prune_layers_to_cap`] prunes
+//! to the cap the store's `config.yml` sets ([`super::config`]): every successful build
+//! does, once it is done.
 //!
 //! **A build uses it** like this: `lookup(parent image, chain)`; boot an overlay on the
 //! last returned layer's path (or on the parent image when none); after each commit,
@@ -74,8 +76,10 @@ use chrono::{DateTime, Utc};
 use fs_err::File;
 use serde::{Deserialize, Serialize};
 
-use super::{Store, StoreError, write_json};
+use super::config::ConfigError;
+use super::{Store, StoreError, human_size, write_json};
 use crate::digest::sha256_file;
+use crate::recipe::ByteSize;
 use crate::vm::DiskFormat;
 use crate::vm::img;
 
@@ -118,6 +122,9 @@ pub enum LayerCacheError {
     BaseMissing { key: String, path: PathBuf },
     #[error("a layer cache task stopped unexpectedly: {0}")]
     Task(String),
+    /// The store's `config.yml` (which sets the cache's cap) is unreadable or invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
 }
 
 impl From<std::io::Error> for LayerCacheError {
@@ -274,6 +281,41 @@ pub struct LayerPruneReport {
     pub leftovers: Vec<PathBuf>,
 }
 
+/// What [`Store::prune_layers_to_cap`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CapPrune {
+    /// The cap (`layerCache.maxSize` of the store's `config.yml`); `None`: unlimited.
+    pub max_size: Option<ByteSize>,
+    pub report: LayerPruneReport,
+}
+
+impl CapPrune {
+    /// One line for the user when something was removed: `layer cache: removed 2 least
+    /// recently used layers (1.2 GiB) to stay within its 20GiB cap; removed 1 leftover file`.
+    pub fn summary(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        let removed = self.report.removed.len();
+        if removed > 0 {
+            let cap = self
+                .max_size
+                .map_or_else(|| "unlimited".to_string(), |m| m.to_string());
+            parts.push(format!(
+                "removed {removed} least recently used {} ({}) to stay within its {cap} cap",
+                if removed == 1 { "layer" } else { "layers" },
+                human_size(self.report.freed_bytes)
+            ));
+        }
+        let leftovers = self.report.leftovers.len();
+        if leftovers > 0 {
+            parts.push(format!(
+                "removed {leftovers} leftover {}",
+                if leftovers == 1 { "file" } else { "files" }
+            ));
+        }
+        (!parts.is_empty()).then(|| format!("layer cache: {}", parts.join("; ")))
+    }
+}
+
 /// The store's layer cache (`cache/layers/`).
 #[derive(Debug, Clone)]
 pub struct LayerCache {
@@ -287,6 +329,18 @@ impl Store {
         let cache = self.layer_cache();
         fs_err::create_dir_all(&cache.dir)?;
         Ok(cache)
+    }
+
+    /// Prune the layer cache to the cap the store's `config.yml` sets (20 GiB by default),
+    /// least recently used layers first, never one in use, and remove its leftovers: what
+    /// every successful build does once it is done, and `builder images rm --prune-cache`.
+    pub fn prune_layers_to_cap(&self) -> Result<CapPrune, LayerCacheError> {
+        let max_size = self.config()?.layer_cache.max_size;
+        let report = self.layer_cache().prune(&PruneOptions {
+            max_size: max_size.map(ByteSize::bytes),
+            ..PruneOptions::default()
+        })?;
+        Ok(CapPrune { max_size, report })
     }
 
     /// The layer cache, its folder not created (readers: a missing folder holds nothing).

@@ -5,6 +5,8 @@
 //! ```text
 //! <store>/                            $BUILDER_STORE, else $XDG_DATA_HOME/builder,
 //!                                     else ~/.local/share/builder
+//!   config.yml                        the store's settings, written by the user (optional):
+//!                                     the layer cache's cap; see [`config`]
 //!   lock                              flock: build numbers, commits, removals, hash index
 //!   cache/base/<sha256>.qcow2         parent images by digest (downloads land here, verified)
 //!   cache/base/<sha256>.part          a download in progress; resumed with an HTTP Range
@@ -37,6 +39,7 @@
 //! failed build's. A live build is never taken for abandoned: its flock is held.
 
 pub mod base;
+pub mod config;
 pub mod layers;
 pub mod manifest;
 pub mod reference;
@@ -54,6 +57,7 @@ use crate::recipe::Format;
 use crate::recipe::Version;
 
 pub use base::{BaseImage, DownloadProgress, FetchOptions, NoDownloadProgress};
+pub use config::{ConfigError, StoreConfig};
 pub use layers::{LayerCache, LayerCacheError};
 pub use manifest::{Artifact, ImageId, MANIFEST_FILE, Manifest, ManifestError};
 pub use reference::{ImageRef, check_name};
