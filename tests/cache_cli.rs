@@ -10,43 +10,9 @@ use builder::store::Store;
 use builder::store::layers::{Inserted, LayerCache, LayerParent, LayerRecord, Origin};
 use builder::vm::DiskFormat;
 
-fn run(program: &str, args: &[&std::ffi::OsStr]) {
-    let out = std::process::Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program} is needed for this test (qemu-utils): {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A 4 MiB qcow2 at `path` (on `backing` when given) with `len` of `pattern` written at
-/// `offset`.
-fn image(path: &Path, backing: Option<&Path>, pattern: &str, offset: &str, len: &str) {
-    let mut args: Vec<&std::ffi::OsStr> = vec![
-        "create".as_ref(),
-        "-q".as_ref(),
-        "-f".as_ref(),
-        "qcow2".as_ref(),
-    ];
-    if let Some(backing) = backing {
-        args.extend([
-            "-b".as_ref(),
-            backing.as_os_str(),
-            "-F".as_ref(),
-            "qcow2".as_ref(),
-        ]);
-    }
-    args.extend([path.as_os_str(), "4M".as_ref()]);
-    run("qemu-img", &args);
-    let write = format!("write -P {pattern} {offset} {len}");
-    run(
-        "qemu-io",
-        &["-c".as_ref(), write.as_ref(), path.as_os_str()],
-    );
-}
+#[path = "support/qcow2.rs"]
+mod qcow2;
+use qcow2::image;
 
 /// Keys that differ in their first 12 digits, as text output shows them.
 fn key(n: u32) -> String {

@@ -945,10 +945,16 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| LayerCacheError::Task(e.to_string()))
 }
 
+/// The qcow2 chains the tests make, shared with tests/cache_cli.rs.
+#[cfg(test)]
+#[path = "../../tests/support/qcow2.rs"]
+mod qcow2;
+
 #[cfg(test)]
 mod tests {
     //! Real qemu-img and qemu-io on small chains; no VM.
 
+    use super::qcow2::run;
     use super::*;
 
     /// A store with a parent image in `cache/base/`, and a build's chain in `work/`:
@@ -962,51 +968,12 @@ mod tests {
         l2: PathBuf,
     }
 
-    fn run(program: &str, args: &[&std::ffi::OsStr]) -> Vec<u8> {
-        let out = std::process::Command::new(program)
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("{program} is needed for this test (qemu-utils): {e}"));
-        assert!(
-            out.status.success(),
-            "{program} {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout
-    }
-
-    /// A 4 MiB qcow2 at `path` (on `backing` when given) with 64 KiB of `pattern` written
-    /// at `offset`.
-    fn image(path: &Path, backing: Option<&Path>, pattern: &str, offset: &str) {
-        let mut args: Vec<&std::ffi::OsStr> = vec![
-            "create".as_ref(),
-            "-q".as_ref(),
-            "-f".as_ref(),
-            "qcow2".as_ref(),
-        ];
-        if let Some(backing) = backing {
-            args.extend([
-                "-b".as_ref(),
-                backing.as_os_str(),
-                "-F".as_ref(),
-                "qcow2".as_ref(),
-            ]);
-        }
-        args.extend([path.as_os_str(), "4M".as_ref()]);
-        run("qemu-img", &args);
-        let write = format!("write -P {pattern} {offset} 64k");
-        run(
-            "qemu-io",
-            &["-c".as_ref(), write.as_ref(), path.as_os_str()],
-        );
-    }
-
     impl Setup {
         fn new() -> Setup {
             let dir = tempfile::tempdir().expect("temp dir");
             let store = Store::open(dir.path().join("store")).expect("store");
             let base = store.base_dir().join(format!("{}.qcow2", "b".repeat(64)));
-            image(&base, None, "0x11", "0");
+            super::qcow2::image(&base, None, "0x11", "0", "64k");
             let work = dir.path().join("work");
             fs_err::create_dir_all(&work).expect("work");
             let (l1, l1b, l2) = (
@@ -1014,9 +981,9 @@ mod tests {
                 work.join("l1b.qcow2"),
                 work.join("l2.qcow2"),
             );
-            image(&l1, Some(&base), "0x5a", "64k");
-            image(&l1b, Some(&base), "0x5b", "64k");
-            image(&l2, Some(&l1), "0x66", "128k");
+            super::qcow2::image(&l1, Some(&base), "0x5a", "64k", "64k");
+            super::qcow2::image(&l1b, Some(&base), "0x5b", "64k", "64k");
+            super::qcow2::image(&l2, Some(&l1), "0x66", "128k", "64k");
             Setup {
                 _dir: dir,
                 store,
