@@ -28,6 +28,7 @@ use crate::recipe::{
     self, ByteSize, ComponentUse, Compression, Format, Infrastructure, Located, ParentImage,
     Recipe, Sha256, Version, VersionPattern,
 };
+use crate::store::layers::LayerInputs;
 
 /// Bumped when the plan's JSON changes meaning; part of every digest and layer key.
 pub const PLAN_FORMAT: u32 = 1;
@@ -905,6 +906,12 @@ pub struct PlannedComponent {
     /// each document it reaches). Equal keys mean the same disk contents could be reused.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub layer_key: Option<String>,
+    /// The recipe entry's `cache` (default true): `false` runs the component (and every
+    /// later one) at every build, whatever the layer cache holds. Not part of the layer key
+    /// (the layer it makes is the same; only whether a cached one may be reused changes).
+    /// Written only when false, so plans made before it existed keep their digest.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub cache: bool,
 }
 
 impl PlannedComponent {
@@ -1079,13 +1086,51 @@ impl Plan {
     /// The key the first layer builds on: the parent's digest and the settings that shape
     /// the disk before the first component runs.
     pub fn root_layer_key(&self) -> String {
-        root_layer_key(
-            self.parent.sha256(),
-            self.disk_size,
-            self.user_data.as_deref(),
-            &self.working_directory,
-            self.infrastructure.network,
-        )
+        let mut text = String::new();
+        canonical_json(&self.root_key_value(), &mut text);
+        hex::encode(Hasher::digest(text.as_bytes()))
+    }
+
+    /// What went into [`Plan::root_layer_key`], for the boot layer's record: every setting
+    /// it hashes, as text, the user data by its sha256 (a cloud-config may hold secrets).
+    pub fn root_layer_inputs(&self) -> LayerInputs {
+        let value = self.root_key_value();
+        let settings = value
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(k, v)| {
+                let text = match v {
+                    serde_json::Value::String(s) if k == "userData" => {
+                        format!("sha256 {}", hex::encode(Hasher::digest(s.as_bytes())))
+                    }
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                (k.clone(), text)
+            })
+            .collect();
+        LayerInputs {
+            layer: "boot".to_string(),
+            settings,
+            ..LayerInputs::default()
+        }
+    }
+
+    /// The settings the root key hashes. The formula (parent key + component +
+    /// parameters) starts from the parent's digest; the disk size, user data, working
+    /// directory and network also change what the first component sees, so they are folded
+    /// in here.
+    fn root_key_value(&self) -> serde_json::Value {
+        serde_json::json!({
+            "format": PLAN_FORMAT,
+            "parent": self.parent.sha256().as_str(),
+            "diskSize": self.disk_size.map(|s| s.bytes()),
+            "userData": self.user_data.as_deref(),
+            "workingDirectory": &self.working_directory,
+            "network": self.infrastructure.network.name(),
+        })
     }
 }
 
@@ -1134,29 +1179,6 @@ fn canonical_json(value: &serde_json::Value, out: &mut String) {
     }
 }
 
-/// The root of the layer chain. The formula (parent key + component + parameters)
-/// starts from the parent's digest; the disk size, user data, working directory and network
-/// also change what the first component sees, so they are folded in here.
-fn root_layer_key(
-    parent: &Sha256,
-    disk_size: Option<ByteSize>,
-    user_data: Option<&str>,
-    working_directory: &str,
-    network: recipe::Network,
-) -> String {
-    let value = serde_json::json!({
-        "format": PLAN_FORMAT,
-        "parent": parent.as_str(),
-        "diskSize": disk_size.map(|s| s.bytes()),
-        "userData": user_data,
-        "workingDirectory": working_directory,
-        "network": network.name(),
-    });
-    let mut text = String::new();
-    canonical_json(&value, &mut text);
-    hex::encode(Hasher::digest(text.as_bytes()))
-}
-
 /// sha256(previous layer key, component digest, canonical parameters, then the digest of
 /// each document the component reaches, when it reaches any).
 pub fn layer_key(previous: &str, component: &PlannedComponent) -> String {
@@ -1176,6 +1198,25 @@ pub fn layer_key(previous: &str, component: &PlannedComponent) -> String {
         hasher.update(document.sha256.as_str().as_bytes());
     }
     hex::encode(hasher.finalize())
+}
+
+/// What went into `component`'s layer key on top of the layer `previous`, for the layer's
+/// record ([`LayerInputs`]): what [`layer_key`] hashes, with names.
+pub fn layer_inputs(previous: &str, component: &PlannedComponent) -> LayerInputs {
+    LayerInputs {
+        layer: component.label().to_string(),
+        name: component.name.clone(),
+        path: Some(component.path.clone()),
+        sha256: Some(component.sha256.to_string()),
+        parameters: component.parameters.clone(),
+        documents: component
+            .documents
+            .iter()
+            .map(ReachedDocument::input)
+            .collect(),
+        settings: BTreeMap::new(),
+        previous: Some(previous.to_string()),
+    }
 }
 
 /// Resolve everything validation left: the parent image (hashed, or looked up in the store)
@@ -1242,6 +1283,7 @@ pub fn plan(
         phases: c.document.phases.iter().map(|p| p.name.clone()).collect(),
         documents: c.documents.clone(),
         layer_key: None,
+        cache: c.usage.cache,
     };
     let mut plan = Plan {
         format: PLAN_FORMAT,
@@ -1654,12 +1696,35 @@ mod tests {
         );
         let changed = f.plan().unwrap();
         assert_ne!(key(&changed, 0), key(&first, 0));
+        let root = first.root_layer_key();
+        let said: Vec<String> = layer_inputs(&root, &changed.components[0])
+            .changes(&layer_inputs(&root, &first.components[0]))
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(said, ["parameter greeting changed from \"hi\" to \"bye\""]);
+        // `cache: false` is not part of the key.
+        f.write(
+            "recipe.yml",
+            "name: web\nversion: 1.0.0\nparentImage: base.raw\ncomponents:\n  - path: a.yml\n    cache: false\n    parameters: {greeting: hi}\n  - path: b.yml\n    parameters: {greeting: hello}\n",
+        );
+        let uncached = f.plan().unwrap();
+        assert!(!uncached.components[0].cache && uncached.components[1].cache);
+        assert_eq!(key(&uncached, 1), key(&first, 1));
 
-        // A different parent changes everything.
+        // A different parent changes everything; the boot layer's inputs say it.
         let f = Fixture::new();
         f.write_bytes("base.raw", &vec![1u8; 3 << 20]);
         let changed = f.plan().unwrap();
         assert_ne!(key(&changed, 0), key(&first, 0));
+        let said: Vec<String> = changed
+            .root_layer_inputs()
+            .changes(&first.root_layer_inputs())
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(said.len(), 1, "{said:?}");
+        assert!(said[0].starts_with("parent changed from"), "{said:?}");
     }
 
     /// A component that runs `{{ lib }}/common.yml` (the parameter's default is `lib`), which
@@ -1716,6 +1781,18 @@ mod tests {
         assert_eq!(
             edited.components[1].documents[1].sha256,
             sha(&(DEEPER.to_string() + "# edited\n"))
+        );
+        // The layer's recorded inputs say which document it was.
+        let previous = plan.components[0].layer_key.clone().unwrap();
+        let inputs = |p: &Plan| layer_inputs(&previous, &p.components[1]);
+        let changes = inputs(&edited).changes(&inputs(&plan));
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        assert!(
+            changes[0]
+                .to_string()
+                .starts_with("document lib/deeper.yml (run through ExecuteDocument) changed"),
+            "{}",
+            changes[0]
         );
 
         // The parameter that names the folder: another folder, other documents.

@@ -1941,6 +1941,13 @@ mod tests {
                 recipe_with(&[], "    parameters: {Greeting: yo}\n"),
                 Manifest,
             ),
+            // Read by the build's layer cache (`build::cache`): always run it.
+            (
+                "components.cache",
+                RECIPE.into(),
+                recipe_with(&[], "    cache: false\n"),
+                Plan(|p| p.components[0].cache.to_string()),
+            ),
             // Read by `boot` (mkdir) and `run_document` (the executor's working directory).
             (
                 "workingDirectory",

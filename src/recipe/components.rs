@@ -233,6 +233,7 @@ mod tests {
                     span: Span::default(),
                 })
                 .collect(),
+            cache: true,
             span: Span::default(),
         }
     }

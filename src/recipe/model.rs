@@ -236,6 +236,9 @@ pub struct AmiEndpoints {
 pub struct ComponentUse {
     pub path: Located<String>,
     pub parameters: Vec<ParameterValue>,
+    /// `cache` (default true): `false` always runs the component (and every later one)
+    /// instead of reusing its cached layer.
+    pub cache: bool,
     /// The whole entry, for problems about it.
     pub span: Span,
 }

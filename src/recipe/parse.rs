@@ -175,7 +175,7 @@ pub(super) fn recipe(
     parts.parent = required(cx, "parentImage", hint).and_then(|(_, v)| parent(cx, v));
     let hint = "add `components:` with at least one `- path: components/x.yml`";
     if let Some((key, v)) = required(cx, "components", hint)
-        && let Some(list) = component_list(cx, v, "`components`")
+        && let Some(list) = component_list(cx, v, "components")
     {
         // Entries with problems are not in `list`; only a list with none written is empty.
         if v.as_sequence().is_none_or(|items| items.is_empty()) {
@@ -537,27 +537,33 @@ fn parent_mapping(cx: &mut Reader<'_>, node: &Node) -> Option<ParentImage> {
     }
 }
 
+/// The list at `section` (`components`, `tests.components`).
 pub(super) fn component_list(
     cx: &mut Reader<'_>,
     node: &Node,
-    what: &str,
+    section: &str,
 ) -> Option<Vec<ComponentUse>> {
     if node.is_null() {
         return Some(Vec::new());
     }
     let Some(items) = node.as_sequence() else {
-        cx.not_a(node, what, "a list of `- path: …` entries");
+        cx.not_a(
+            node,
+            &format!("`{section}`"),
+            "a list of `- path: …` entries",
+        );
         return None;
     };
     Some(
         items
             .iter()
-            .filter_map(|item| component_use(cx, item))
+            .filter_map(|item| component_use(cx, item, section))
             .collect(),
     )
 }
 
-fn component_use(cx: &mut Reader<'_>, item: &Node) -> Option<ComponentUse> {
+/// One entry of the list at `section` (`components`, `tests.components`: their keys differ).
+fn component_use(cx: &mut Reader<'_>, item: &Node, section: &str) -> Option<ComponentUse> {
     if let Some(text) = item.as_str().filter(|_| !item.is_null()) {
         cx.error(
             item.span,
@@ -566,7 +572,7 @@ fn component_use(cx: &mut Reader<'_>, item: &Node) -> Option<ComponentUse> {
         );
         return None;
     }
-    let entries = cx.mapping(item, "a component entry", &keys("components"))?;
+    let entries = cx.mapping(item, "a component entry", &keys(section))?;
     let get = |key: &str| entries.iter().find(|(k, _)| k.as_str() == Some(key));
     let missing = (item.span, "a component entry");
     let path = path(cx, get("path").map(|(_, v)| v), missing, "components/x.yml");
@@ -574,9 +580,14 @@ fn component_use(cx: &mut Reader<'_>, item: &Node) -> Option<ComponentUse> {
         None => Some(Vec::new()),
         Some((_, v)) => parameters(cx, v),
     };
+    let cache = match get("cache") {
+        None => Some(true),
+        Some((_, v)) => cx.boolean(v, "`cache`"),
+    };
     Some(ComponentUse {
         path: path?,
         parameters: parameters?,
+        cache: cache?,
         span: item.span,
     })
 }
@@ -865,7 +876,7 @@ fn tests(cx: &mut Reader<'_>, node: &Node, allowed: &[&str]) -> Option<Tests> {
             ),
             "components" => set(
                 &mut tests.components,
-                component_list(cx, value, "`tests.components`"),
+                component_list(cx, value, "tests.components"),
             ),
             _ => {}
         },

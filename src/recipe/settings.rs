@@ -89,6 +89,11 @@ const TIMEOUT: Kind = Kind::Number {
     max: MAX_TIMEOUT_SECS,
 };
 const SHA256: Kind = Kind::Text(Some("^[0-9a-fA-F]{64}$"));
+const COMPONENT_PATH: &str =
+    "The component document (AWSTOE YAML), relative to the recipe's directory.";
+const COMPONENT_PARAMETERS: &str = "Values for the document's parameters, `name: value`; a list is passed joined with `,` (as AWSTOE reads a `stringList`).";
+const COMPONENT_PARAMETERS_DEFAULT: DefaultIs =
+    DefaultIs::Text("each parameter's default in the document");
 const DEFAULT_NAME: DefaultIs = DefaultIs::Value(|| NameTemplate::default().to_string());
 
 fn default_formats() -> String {
@@ -153,10 +158,10 @@ pub const SETTINGS: &[Setting] = &[
         "64 hex digits pinning `path` or `url` (required with `url`); the build fails when the file's digest differs."),
     required("components", Kind::List,
         "Component documents applied in order; each one's `build` then `validate` phase runs before the next starts."),
-    required("components.path", Kind::Text(None),
-        "The component document (AWSTOE YAML), relative to the recipe's directory."),
-    setting("components.parameters", Kind::Parameters, DefaultIs::Text("each parameter's default in the document"),
-        "Values for the document's parameters, `name: value`; a list is passed joined with `,` (as AWSTOE reads a `stringList`)."),
+    required("components.path", Kind::Text(None), COMPONENT_PATH),
+    setting("components.parameters", Kind::Parameters, COMPONENT_PARAMETERS_DEFAULT, COMPONENT_PARAMETERS),
+    setting("components.cache", Kind::Bool, DefaultIs::Value(|| "true".to_string()),
+        "`false`: never reuse a cached layer for this component: it runs at every build, and so does every component after it (for steps whose result depends on more than the inputs: a download without a checksum, packages from a mirror). Not part of the layer key."),
     setting("workingDirectory", Kind::Text(Some("^/")), DefaultIs::Value(|| DEFAULT_WORKING_DIRECTORY.to_string()),
         "Absolute directory in the guest where components run."),
     setting("userData", Kind::Text(Some("^#cloud-config")), DefaultIs::None,
@@ -189,8 +194,11 @@ pub const SETTINGS: &[Setting] = &[
         "Run the test stage."),
     overridable("tests.timeoutSeconds", TIMEOUT, DefaultIs::Value(|| Tests::default().timeout_secs.to_string()),
         "The whole test stage, boot included."),
-    setting("tests.components", Kind::Like("components"), DefaultIs::None,
+    setting("tests.components", Kind::List, DefaultIs::None,
         "Extra test components (`path` and `parameters`); their `test` phase runs after the `test` phases of the recipe's components."),
+    // A component entry without `cache`: a test component makes no layer.
+    required("tests.components.path", Kind::Text(None), COMPONENT_PATH),
+    setting("tests.components.parameters", Kind::Parameters, COMPONENT_PARAMETERS_DEFAULT, COMPONENT_PARAMETERS),
     setting("outputs", Kind::Section, DefaultIs::None,
         "What the build exports: formats and their file names. The local store always keeps the outputs."),
     setting("outputs.formats", Kind::Words(Format::NAMES), DefaultIs::Value(default_formats),

@@ -77,6 +77,7 @@ use fs_err::File;
 use serde::{Deserialize, Serialize};
 
 use super::config::ConfigError;
+use super::manifest::DocumentInput;
 use super::{Store, StoreError, human_size, write_json};
 use crate::digest::sha256_file;
 use crate::recipe::ByteSize;
@@ -158,6 +159,208 @@ pub struct LayerRecord {
     pub last_used: DateTime<Utc>,
     /// The build that made it: `name/x.y.z/n`.
     pub build: String,
+    /// What went into its key, to explain why a later plan's key differs (records written
+    /// before it existed have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inputs: Option<Box<LayerInputs>>,
+}
+
+/// What went into one layer's key (`build::plan` makes it from the plan), kept in the
+/// layer's record: when a build's key is not cached but a layer built on the same parent
+/// key is, comparing the two ([`LayerInputs::changes`]) says what changed. Holds no more
+/// than the plan shows (`builder plan`): parameters as given, the user data only by digest.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LayerInputs {
+    /// `boot`, the component's label, or `generalize`.
+    pub layer: String,
+    /// The component document's `name`, if it has one. An AWSTOE document has no version:
+    /// its sha256 is what identifies it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The component document as the recipe names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// sha256 of the component document.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// The component's parameters, each with the value it gets.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub parameters: BTreeMap<String, String>,
+    /// The documents the component runs through `ExecuteDocument`, with their sha256.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub documents: Vec<DocumentInput>,
+    /// For the boot and generalize layers: the settings in their key (the parent image's
+    /// digest, `diskSize`, the user data's digest, …), as text.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub settings: BTreeMap<String, String>,
+    /// The key of the layer below (`None` for the boot layer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<String>,
+}
+
+/// One difference between the inputs of a cached layer and those of the layer a build
+/// wants ([`LayerInputs::changes`]); its `Display` is the sentence `builder plan` shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InputChange {
+    /// The component's document: another file, or the same file with other contents.
+    Document {
+        path: String,
+        before: Option<String>,
+        after: Option<String>,
+    },
+    /// A document reached through `ExecuteDocument`: `None` on one side when only one of
+    /// the two runs it.
+    Reached {
+        path: String,
+        before: Option<String>,
+        after: Option<String>,
+    },
+    Parameter {
+        name: String,
+        before: Option<String>,
+        after: Option<String>,
+    },
+    Setting {
+        name: String,
+        before: Option<String>,
+        after: Option<String>,
+    },
+    /// Built on another layer (never when the two share their parent key).
+    Previous,
+}
+
+impl std::fmt::Display for InputChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        fn short(sha: &Option<String>) -> String {
+            sha.as_deref()
+                .map_or("none".to_string(), |s| s.chars().take(12).collect())
+        }
+        fn value(v: &Option<String>) -> String {
+            v.as_deref().map_or("unset".to_string(), |v| {
+                serde_json::Value::String(v.to_string()).to_string()
+            })
+        }
+        match self {
+            InputChange::Document {
+                path,
+                before,
+                after,
+            } => write!(
+                f,
+                "document {path} changed (sha256 {} → {})",
+                short(before),
+                short(after)
+            ),
+            InputChange::Reached {
+                path,
+                before: Some(_),
+                after: None,
+            } => write!(f, "no longer runs document {path} (ExecuteDocument)"),
+            InputChange::Reached {
+                path,
+                before: None,
+                after: Some(_),
+            } => write!(f, "now runs document {path} (ExecuteDocument)"),
+            InputChange::Reached {
+                path,
+                before,
+                after,
+            } => write!(
+                f,
+                "document {path} (run through ExecuteDocument) changed (sha256 {} → {})",
+                short(before),
+                short(after)
+            ),
+            InputChange::Parameter {
+                name,
+                before,
+                after,
+            } => write!(
+                f,
+                "parameter {name} changed from {} to {}",
+                value(before),
+                value(after)
+            ),
+            InputChange::Setting {
+                name,
+                before,
+                after,
+            } => write!(
+                f,
+                "{name} changed from {} to {}",
+                value(before),
+                value(after)
+            ),
+            InputChange::Previous => f.write_str("it is built on another layer"),
+        }
+    }
+}
+
+impl LayerInputs {
+    /// What differs from `before` (a cached layer's inputs) to `self` (the wanted layer's):
+    /// empty when they are equal.
+    pub fn changes(&self, before: &LayerInputs) -> Vec<InputChange> {
+        let mut out = Vec::new();
+        if self.path != before.path || self.sha256 != before.sha256 {
+            out.push(InputChange::Document {
+                path: self
+                    .path
+                    .clone()
+                    .or_else(|| before.path.clone())
+                    .unwrap_or_default(),
+                before: before.sha256.clone(),
+                after: self.sha256.clone(),
+            });
+        }
+        for (name, before, after) in map_changes(&before.parameters, &self.parameters) {
+            out.push(InputChange::Parameter {
+                name,
+                before,
+                after,
+            });
+        }
+        for (name, before, after) in map_changes(&before.settings, &self.settings) {
+            out.push(InputChange::Setting {
+                name,
+                before,
+                after,
+            });
+        }
+        let reached = |inputs: &LayerInputs| -> BTreeMap<String, String> {
+            inputs
+                .documents
+                .iter()
+                .map(|d| (d.path.clone(), d.sha256.clone()))
+                .collect()
+        };
+        for (path, before, after) in map_changes(&reached(before), &reached(self)) {
+            out.push(InputChange::Reached {
+                path,
+                before,
+                after,
+            });
+        }
+        if out.is_empty() && self.previous != before.previous {
+            out.push(InputChange::Previous);
+        }
+        out
+    }
+}
+
+/// Keys whose values differ between two maps: (key, before, after).
+fn map_changes(
+    before: &BTreeMap<String, String>,
+    after: &BTreeMap<String, String>,
+) -> Vec<(String, Option<String>, Option<String>)> {
+    before
+        .keys()
+        .chain(after.keys())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .filter(|k| before.get(*k) != after.get(*k))
+        .map(|k| (k.clone(), before.get(k).cloned(), after.get(k).cloned()))
+        .collect()
 }
 
 /// What a new layer is written on.
@@ -177,6 +380,8 @@ pub struct Origin<'a> {
     pub component: &'a str,
     /// `name/x.y.z/n`.
     pub build: &'a str,
+    /// What went into the key (`build::plan::layer_inputs`), kept in the record.
+    pub inputs: Option<&'a LayerInputs>,
 }
 
 /// A cached layer a build uses: holds a shared lock on its file, so no prune removes it
@@ -254,6 +459,16 @@ pub struct Lookup {
     pub layers: Vec<CachedLayer>,
     /// Layers found unusable (at most one: the prefix stops there), for the caller to print.
     pub discarded: Vec<Discarded>,
+}
+
+/// What [`LayerCache::peek`] sees under one key of a chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peeked {
+    /// A record and a file of the recorded size (its sha256 is checked only by lookup).
+    Cached(LayerRecord),
+    Missing,
+    /// Lookup would discard it.
+    Damaged(Damage),
 }
 
 /// What [`LayerCache::prune`] removes, besides leftovers.
@@ -353,6 +568,18 @@ impl Store {
 }
 
 impl LayerCache {
+    /// The layer cache of the store at `root`, for reading only ([`LayerCache::peek`],
+    /// [`LayerCache::list`]): neither the store nor the cache folder is created, and a
+    /// missing one holds nothing.
+    pub fn read_only(root: &Path) -> LayerCache {
+        LayerCache {
+            store: Store {
+                root: root.to_path_buf(),
+            },
+            dir: root.join("cache").join("layers"),
+        }
+    }
+
     /// `<store>/cache/layers/`.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -442,6 +669,7 @@ impl LayerCache {
             created: now,
             last_used: now,
             build: origin.build.to_string(),
+            inputs: origin.inputs.cloned().map(Box::new),
         };
         let cache = self.clone();
         blocking(move || cache.place(tmp, record)).await?
@@ -562,6 +790,94 @@ impl LayerCache {
                 }
             }
         }
+        Ok(found)
+    }
+
+    /// What the cache holds under each key of `chain` (first layer first), for showing a
+    /// plan: reads records and file sizes only. Unlike [`LayerCache::lookup`] it changes
+    /// nothing (removes no damaged layer, updates no last use, takes no lock, creates no
+    /// folder) and does not hash the files: a layer of the right size whose bytes changed is
+    /// `Cached` here and discarded by the build's lookup. Each key is judged on its own, its
+    /// expected parent being the key before it. `base` is the parent image the first layer
+    /// must be backed by; `None` when it is not on this machine yet (a download or pull the
+    /// build makes), and then it is not compared.
+    pub fn peek(
+        &self,
+        base: Option<&Path>,
+        chain: &[String],
+    ) -> Result<Vec<Peeked>, LayerCacheError> {
+        let base = match base {
+            Some(base) => Some(fs_err::canonicalize(base).or_else(|_| std::path::absolute(base))?),
+            None => None,
+        };
+        let mut out = Vec::with_capacity(chain.len());
+        let mut parent: Option<String> = None;
+        for key in chain {
+            let key = check_key(key)?;
+            out.push(self.peek_one(&key, parent.as_deref(), base.as_deref())?);
+            parent = Some(key);
+        }
+        Ok(out)
+    }
+
+    fn peek_one(
+        &self,
+        key: &str,
+        parent: Option<&str>,
+        base: Option<&Path>,
+    ) -> Result<Peeked, LayerCacheError> {
+        let size = match fs_err::metadata(self.path(key)) {
+            Ok(m) => Some(m.len()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e.into()),
+        };
+        let record = match self.read_record(key) {
+            Ok(record) => record,
+            Err(RecordError::Missing) if size.is_none() => return Ok(Peeked::Missing),
+            Err(RecordError::Missing) => return Ok(Peeked::Damaged(Damage::RecordMissing)),
+            Err(RecordError::Unreadable(e)) => {
+                return Ok(Peeked::Damaged(Damage::RecordUnreadable(e)));
+            }
+        };
+        let Some(size) = size else {
+            return Ok(Peeked::Damaged(Damage::FileMissing));
+        };
+        if record.key != key {
+            return Ok(Peeked::Damaged(Damage::WrongKey { found: record.key }));
+        }
+        if record.parent.as_deref() != parent {
+            return Ok(Peeked::Damaged(Damage::WrongParent {
+                found: record.parent,
+                expected: parent.map(str::to_string),
+            }));
+        }
+        if record.parent.is_none() {
+            let backing = self.dir.join(&record.backing);
+            match (fs_err::canonicalize(&backing), base) {
+                (Err(_), _) => return Ok(Peeked::Damaged(Damage::BaseMissing(backing))),
+                (Ok(cached), Some(wanted)) if cached != wanted => {
+                    return Ok(Peeked::Damaged(Damage::BaseDiffers {
+                        cached,
+                        wanted: wanted.to_path_buf(),
+                    }));
+                }
+                _ => {}
+            }
+        }
+        if size != record.size {
+            return Ok(Peeked::Damaged(Damage::Size {
+                expected: record.size,
+                actual: size,
+            }));
+        }
+        Ok(Peeked::Cached(record))
+    }
+
+    /// The cached layers built on `parent` (`None`: first layers), most recently used
+    /// first: a build whose key is not cached compares its inputs with theirs.
+    pub fn built_on(&self, parent: Option<&str>) -> Result<Vec<LayerRecord>, LayerCacheError> {
+        let mut found = self.list()?;
+        found.retain(|r| r.parent.as_deref() == parent);
         Ok(found)
     }
 
@@ -1034,6 +1350,7 @@ mod tests {
         Origin {
             component,
             build: "web/1.0.0/1",
+            inputs: None,
         }
     }
 
@@ -1355,6 +1672,150 @@ mod tests {
         let report = cache.prune(&all).expect("prune");
         assert_eq!(report.removed.len(), 1);
         assert!(fs_err::read_dir(cache.dir()).expect("dir").next().is_none());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn peek_reads_records_and_sizes_and_changes_nothing() {
+        let t = Setup::new();
+        // A store that does not exist yet: nothing cached, nothing created.
+        let nowhere = t.store.root().join("not-yet");
+        let empty = LayerCache::read_only(&nowhere);
+        let seen = empty.peek(Some(&t.base), &chain(&[1, 2])).expect("peek");
+        assert_eq!(seen, [Peeked::Missing, Peeked::Missing]);
+        assert!(empty.built_on(None).expect("built on").is_empty());
+        assert!(!nowhere.exists());
+        let cache = LayerCache::read_only(t.store.root());
+        assert!(cache.peek(None, &chain(&[1])).expect("peek")[0] == Peeked::Missing);
+        assert!(!cache.dir().exists(), "peek created the cache folder");
+
+        t.insert_chain().await;
+        age(&cache, 1, 5);
+        let before: Vec<LayerRecord> = [1, 2]
+            .iter()
+            .map(|n| cache.read_record(&key(*n)).ok().expect("record"))
+            .collect();
+        let seen = cache.peek(Some(&t.base), &chain(&[1, 2, 3])).expect("peek");
+        assert_eq!(
+            seen,
+            [
+                Peeked::Cached(before[0].clone()),
+                Peeked::Cached(before[1].clone()),
+                Peeked::Missing
+            ]
+        );
+        // Another parent image, or the chain in another order: not this build's layers.
+        let elsewhere = t.l1.with_file_name("parent.qcow2");
+        fs_err::copy(&t.base, &elsewhere).expect("copy");
+        let seen = cache.peek(Some(&elsewhere), &chain(&[1])).expect("peek");
+        assert!(
+            matches!(&seen[0], Peeked::Damaged(Damage::BaseDiffers { .. })),
+            "{seen:?}"
+        );
+        let seen = cache.peek(None, &chain(&[2, 1])).expect("peek");
+        assert!(
+            matches!(&seen[0], Peeked::Damaged(Damage::WrongParent { .. })),
+            "{seen:?}"
+        );
+        assert_eq!(
+            cache.built_on(Some(&key(1))).expect("built on"),
+            [before[1].clone()]
+        );
+
+        // Same size, other bytes: peek does not hash, so it cannot tell (lookup does).
+        let path = cache.path(&key(2));
+        let mut bytes = fs_err::read(&path).expect("read");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        fs_err::write(&path, &bytes).expect("write");
+        assert!(matches!(
+            cache.peek(None, &chain(&[1, 2])).expect("peek")[1],
+            Peeked::Cached(_)
+        ));
+        // Truncated, or without its record: damaged, and left where it is.
+        bytes.truncate(last);
+        fs_err::write(&path, &bytes).expect("write");
+        let seen = cache.peek(None, &chain(&[1, 2])).expect("peek");
+        assert!(
+            matches!(seen[1], Peeked::Damaged(Damage::Size { .. })),
+            "{seen:?}"
+        );
+        fs_err::remove_file(cache.record_path(&key(1))).expect("rm record");
+        let seen = cache.peek(None, &chain(&[1, 2])).expect("peek");
+        assert_eq!(seen[0], Peeked::Damaged(Damage::RecordMissing));
+        assert!(cache.path(&key(1)).is_file() && path.is_file());
+        let after = cache.read_record(&key(2)).ok().expect("record");
+        assert_eq!(
+            after.last_used, before[1].last_used,
+            "peek updated last use"
+        );
+        assert!(cache.peek(None, &["nope".to_string()]).is_err());
+
+        // What went into a key is kept in its record.
+        let inputs = LayerInputs {
+            layer: "three".into(),
+            parameters: [("Port".to_string(), "80".to_string())].into(),
+            ..LayerInputs::default()
+        };
+        let origin = Origin {
+            inputs: Some(&inputs),
+            ..origin("three")
+        };
+        cache
+            .insert(&key(3), t.base(), &t.l1b, origin)
+            .await
+            .expect("insert with inputs");
+        let record = cache.read_record(&key(3)).ok().expect("record");
+        assert_eq!(record.inputs, Some(Box::new(inputs)));
+        assert!(before[0].inputs.is_none());
+    }
+
+    #[test]
+    fn changes_name_each_input_that_differs() {
+        let doc = |path: &str, sha: &str| DocumentInput {
+            path: path.into(),
+            sha256: sha.into(),
+        };
+        let before = LayerInputs {
+            layer: "web".into(),
+            path: Some("components/web.yml".into()),
+            sha256: Some("a".repeat(64)),
+            parameters: [("Port".to_string(), "80".to_string())].into(),
+            documents: vec![doc("lib/a.yml", "1"), doc("lib/b.yml", "2")],
+            previous: Some(key(1)),
+            ..LayerInputs::default()
+        };
+        assert!(before.changes(&before).is_empty());
+        let after = LayerInputs {
+            sha256: Some("b".repeat(64)),
+            parameters: [
+                ("Port".to_string(), "8080".to_string()),
+                ("Tls".to_string(), "on".to_string()),
+            ]
+            .into(),
+            documents: vec![doc("lib/a.yml", "3"), doc("lib/c.yml", "4")],
+            ..before.clone()
+        };
+        let said: Vec<String> = after
+            .changes(&before)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            said,
+            [
+                "document components/web.yml changed (sha256 aaaaaaaaaaaa → bbbbbbbbbbbb)",
+                "parameter Port changed from \"80\" to \"8080\"",
+                "parameter Tls changed from unset to \"on\"",
+                "document lib/a.yml (run through ExecuteDocument) changed (sha256 1 → 3)",
+                "no longer runs document lib/b.yml (ExecuteDocument)",
+                "now runs document lib/c.yml (ExecuteDocument)",
+            ]
+        );
+        let moved = LayerInputs {
+            previous: Some(key(2)),
+            ..before.clone()
+        };
+        assert_eq!(moved.changes(&before), [InputChange::Previous]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
