@@ -60,6 +60,7 @@ impl Setup {
         let origin = Origin {
             component,
             build: "web/1.0.0/1",
+            ..Origin::default()
         };
         self.runtime
             .block_on(self.cache().insert(&key(n), parent, file, origin))

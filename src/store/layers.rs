@@ -373,8 +373,9 @@ pub enum LayerParent<'a> {
     Layer { key: &'a str, sha256: &'a str },
 }
 
-/// Who made a layer, for its record.
-#[derive(Debug, Clone, Copy)]
+/// Who made a layer, for its record. Fields added later are optional: build one with
+/// `..Origin::default()`.
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Origin<'a> {
     /// The component's label.
     pub component: &'a str,
@@ -1350,7 +1351,7 @@ mod tests {
         Origin {
             component,
             build: "web/1.0.0/1",
-            inputs: None,
+            ..Origin::default()
         }
     }
 
