@@ -764,6 +764,11 @@ pub struct Plan {
     /// image goes does not change what it is (the recipe's own sha256 still pins the file).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub distribution: Vec<crate::distribute::destination::Destination>,
+    /// The recipe's `cache` (registries that share the layer cache; `--cache-from` and
+    /// `--cache-to` replace it). Not part of the digest nor of any layer key: where layers
+    /// are shared does not change what they hold.
+    #[serde(default, skip_serializing_if = "recipe::SharedCache::is_empty")]
+    pub shared_cache: recipe::SharedCache,
 }
 
 fn yes() -> bool {
@@ -1134,8 +1139,9 @@ impl Plan {
     }
 }
 
-/// Keys whose values say where something is on this machine, left out of digests.
-const LOCAL_KEYS: &[&str] = &["localPath", "localDirectory", "distribution"];
+/// Keys whose values say where something is on this machine or where it is shared, left out
+/// of digests.
+const LOCAL_KEYS: &[&str] = &["localPath", "localDirectory", "distribution", "sharedCache"];
 
 fn strip_local(value: &mut serde_json::Value) {
     match value {
@@ -1327,6 +1333,7 @@ pub fn plan(
                 )
             })
             .collect(),
+        shared_cache: recipe.cache.clone(),
     };
     if serde_json::to_value(&plan).is_err() {
         return Err(PlanError::NotUtf8 {
@@ -1822,6 +1829,43 @@ mod tests {
         assert_eq!(plan.tests.components[0].documents[0].path, "lib/deeper.yml");
         f.write("lib/deeper.yml", &(DEEPER.to_string() + "# edited\n"));
         assert_ne!(f.plan().unwrap().digest(), plan.digest());
+    }
+
+    #[test]
+    fn the_shared_cache_is_in_the_plan_but_in_no_digest_or_key() {
+        let f = with_reached_documents();
+        let recipe =
+            "name: web\nversion: 1.0.0\nparentImage: base.raw\ncomponents:\n  - path: a.yml\n";
+        f.write("recipe.yml", recipe);
+        let plain = f.plan().unwrap();
+        assert!(
+            serde_json::to_value(&plain)
+                .unwrap()
+                .get("sharedCache")
+                .is_none()
+        );
+        f.write(
+            "recipe.yml",
+            &format!(
+                "{recipe}cache:\n  from: oci://127.0.0.1:5000/cache/web\n  to: oci://127.0.0.1:5000/cache/web\n"
+            ),
+        );
+        let shared = f.plan().unwrap();
+        let repository: crate::recipe::OciReference = "127.0.0.1:5000/cache/web".parse().unwrap();
+        assert_eq!(shared.shared_cache.from, std::slice::from_ref(&repository));
+        assert_eq!(shared.shared_cache.to, Some(repository));
+        assert_eq!(
+            shared.components[0].layer_key,
+            plain.components[0].layer_key
+        );
+        // The recipe's own sha256 changed; the rest of the digest did not.
+        let mut same_recipe = shared.clone();
+        same_recipe.recipe.sha256 = plain.recipe.sha256.clone();
+        assert_eq!(same_recipe.digest(), plain.digest());
+        // A plan read back keeps it.
+        let json = serde_json::to_string(&shared).unwrap();
+        let back: Plan = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.shared_cache, shared.shared_cache);
     }
 
     #[test]

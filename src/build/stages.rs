@@ -2108,6 +2108,25 @@ mod tests {
                 recipe_with(&[], "generalize: false\n"),
                 Plan(|p| p.generalize.to_string()),
             ),
+            // What `build::cache` pulls from and pushes to.
+            (
+                "cache",
+                RECIPE.into(),
+                recipe_with(&[], "cache: {to: oci://127.0.0.1:5000/cache/web}\n"),
+                Plan(|p| format!("{:?}", p.shared_cache)),
+            ),
+            (
+                "cache.from",
+                RECIPE.into(),
+                recipe_with(&[], "cache: {from: oci://127.0.0.1:5000/cache/web}\n"),
+                Plan(|p| format!("{:?}", p.shared_cache.from)),
+            ),
+            (
+                "cache.to",
+                RECIPE.into(),
+                recipe_with(&[], "cache: {to: oci://127.0.0.1:5000/cache/web}\n"),
+                Plan(|p| format!("{:?}", p.shared_cache.to)),
+            ),
             (
                 "distribution",
                 RECIPE.into(),

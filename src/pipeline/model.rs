@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 pub use super::history::ExecStatus;
 use super::schedule::CronExpr;
-use crate::recipe::{Distribution, Located};
+use crate::recipe::{Distribution, Located, SharedCache};
 
 /// One pipeline: a recipe built unattended (Image Builder's image pipeline).
 #[derive(Debug, Clone)]
@@ -31,6 +31,9 @@ pub struct Pipeline {
     /// nowhere. Relative paths are relative to the pipeline file. Default (or empty): the
     /// recipe's.
     pub distribution: Option<Vec<Located<Distribution>>>,
+    /// `cache`: `from` and `to`, written as in a recipe, replacing the recipe's whole
+    /// `cache`. Default (or empty): the recipe's.
+    pub cache: Option<SharedCache>,
     /// `tests`: `enabled` and `timeoutSeconds` replace the recipe's. Default: the recipe's.
     pub tests: Override,
     /// `schedule`: when the pipeline runs by itself. Default: none (only `builder pipeline run`).

@@ -11,6 +11,7 @@
 //! infrastructure: {cpus: 4, memory: 4GiB}      # replaces these keys of the recipe's
 //! distribution:                               # replaces the recipe's list (same entries)
 //!   - directory: {path: ../../out/weekly/}    # relative to this file
+//! cache: {from: oci://registry.lab:5000/cache/web, to: oci://registry.lab:5000/cache/web}
 //! tests: {enabled: true, timeoutSeconds: 1800}
 //! schedule:
 //!   expression: "0 3 * * 1"                    # or Image Builder's "cron(0 3 ? * MON *)"
@@ -53,6 +54,7 @@ pub const TOP_KEYS: &[&str] = &[
     "recipe",
     "infrastructure",
     "distribution",
+    "cache",
     "tests",
     "schedule",
     "lifecycle",
@@ -327,6 +329,12 @@ fn pipeline(cx: &mut PipelineReader<'_>, root: &Node, path: &Path, text: &str) -
         Some((_, v)) if v.is_null() => Some(None),
         Some((_, v)) => crate::recipe::read_distribution(cx, v).map(Some),
     };
+    // The recipe's `cache` rules; an empty value keeps the recipe's.
+    let cache = match get("cache") {
+        None => Some(None),
+        Some((_, v)) if v.is_null() => Some(None),
+        Some((_, v)) => crate::recipe::read_shared_cache(cx, v).map(Some),
+    };
     let tests = match get("tests") {
         None => Some(Override::default()),
         Some((_, v)) => section(cx, v, "tests"),
@@ -360,6 +368,7 @@ fn pipeline(cx: &mut PipelineReader<'_>, root: &Node, path: &Path, text: &str) -
         recipe: recipe?,
         infrastructure: infrastructure?,
         distribution: distribution?,
+        cache: cache?,
         tests: tests?,
         schedule: schedule?,
         lifecycle: lifecycle?,

@@ -330,8 +330,9 @@ async fn fail(
     Ok(report)
 }
 
-/// The plan with the pipeline's infrastructure and tests settings in place of the recipe's,
-/// and the layer keys computed again (the network setting is part of them).
+/// The plan with the pipeline's infrastructure, tests, distribution and cache settings in
+/// place of the recipe's, and the layer keys computed again (the network setting is part of
+/// them).
 pub fn with_overrides(mut plan: Plan, pipeline: &Pipeline) -> Plan {
     plan.infrastructure = pipeline.infrastructure.apply(&plan.infrastructure);
     if let Some(targets) = &pipeline.distribution {
@@ -340,6 +341,10 @@ pub fn with_overrides(mut plan: Plan, pipeline: &Pipeline) -> Plan {
             .iter()
             .map(|d| Destination::from_recipe(&d.value, &pipeline.source.path))
             .collect();
+    }
+    if let Some(cache) = &pipeline.cache {
+        // Where layers are shared is not part of their keys either.
+        plan.shared_cache = cache.clone();
     }
     plan.tests = pipeline.tests.apply(&plan.tests);
     plan.set_layer_keys();
@@ -552,6 +557,35 @@ mod tests {
             .last()
             .unwrap()
             .layer_key
+        );
+    }
+
+    #[test]
+    fn a_pipelines_cache_replaces_the_recipes_and_keeps_the_layer_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let recipe =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cases/pipeline/recipes/hello.yml");
+        let head = format!("name: p\nrecipe: {}\n", recipe.display());
+        let (pipeline, plan) = planned(dir.path(), &head);
+        assert!(with_overrides(plan, &pipeline).shared_cache.is_empty());
+        let text = format!("{head}cache: {{from: [oci://127.0.0.1:5000/cache/web]}}\n");
+        let (pipeline, plan) = planned(dir.path(), &text);
+        let overridden = with_overrides(plan.clone(), &pipeline);
+        assert_eq!(overridden.shared_cache.from[0].repository, "cache/web");
+        assert_eq!(overridden.shared_cache.to, None);
+        assert_eq!(overridden.components, plan.components);
+        let bad = dir.path().join("bad.yml");
+        fs_err::write(
+            &bad,
+            format!("{head}cache: {{to: oci://127.0.0.1:5000/cache/web:v1}}\n"),
+        )
+        .unwrap();
+        let env = |_: &str| None;
+        let e = parse::validate(&bad, SystemClock.now(), &env).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("a shared layer cache is a repository"),
+            "{e}"
         );
     }
 

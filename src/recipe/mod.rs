@@ -48,12 +48,14 @@ pub use model::{
 };
 pub use model::{
     AmiDistribution, AmiEndpoints, BootMode, DirectoryDistribution, ImportMethod, LaunchPermission,
-    OciDistribution, VagrantDistribution,
+    OciDistribution, SharedCache, VagrantDistribution,
 };
 pub use name_template::{NameTemplate, NameValues};
 pub use oci_reference::{DEFAULT_OCI_TAG, OciReference, OciReferenceError, split_oci_reference};
 pub use parse::resolve_relative;
-pub(crate) use parse::{distribution as read_distribution, section_override};
+pub(crate) use parse::{
+    distribution as read_distribution, section_override, shared_cache as read_shared_cache,
+};
 pub use units::ByteSize;
 pub use version::{Version, VersionError, VersionPattern};
 
@@ -183,6 +185,7 @@ fn assemble(parts: parse::Parts, path: &Path, text: &str) -> Option<Recipe> {
         outputs: parts.outputs?,
         generalize: parts.generalize?,
         distribution: parts.distribution?,
+        cache: parts.cache?,
         source: RecipeSource {
             path: path.to_path_buf(),
             text: text.to_string(),

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::name_template::NameTemplate;
+use super::oci_reference::OciReference;
 use super::units::ByteSize;
 use super::version::{Version, VersionPattern};
 use crate::diagnostic::Span;
@@ -31,8 +32,27 @@ pub struct Recipe {
     pub outputs: Outputs,
     pub generalize: bool,
     pub distribution: Vec<Located<Distribution>>,
+    pub cache: SharedCache,
     /// Where the recipe was read from, its text and its sha256.
     pub source: RecipeSource,
+}
+
+/// `cache`: the OCI repositories that share the layer cache (`oci://host[:port]/repository`,
+/// no tag: each layer's tag is its key).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedCache {
+    /// Pulled from in order, for the layers the local cache lacks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<OciReference>,
+    /// Where the build's new layers are pushed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<OciReference>,
+}
+
+impl SharedCache {
+    pub fn is_empty(&self) -> bool {
+        self.from.is_empty() && self.to.is_none()
+    }
 }
 
 pub const DEFAULT_WORKING_DIRECTORY: &str = "/tmp";

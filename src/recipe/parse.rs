@@ -7,10 +7,10 @@ use super::model::{
     AmiDistribution, AmiEndpoints, ComponentUse, DEFAULT_GENERALIZE, DEFAULT_IMPORT_METHOD,
     DEFAULT_WORKING_DIRECTORY, DirectoryDistribution, Distribution, Format, Infrastructure,
     LaunchPermission, Located, MAX_CPUS, MAX_TIMEOUT_SECS, MIN_MEMORY, OciDistribution, Outputs,
-    ParameterValue, ParentImage, Sha256, Tests, VagrantDistribution, Word,
+    ParameterValue, ParentImage, Sha256, SharedCache, Tests, VagrantDistribution, Word,
 };
 use super::name_template::NameTemplate;
-use super::oci_reference::split_oci_reference;
+use super::oci_reference::{OciReference, split_oci_reference};
 use super::settings::{keys, pipeline_keys};
 use super::units::ByteSize;
 use super::version::{Version, VersionPattern};
@@ -132,6 +132,7 @@ pub(super) struct Parts {
     pub outputs: Option<Outputs>,
     pub generalize: Option<bool>,
     pub distribution: Option<Vec<Located<Distribution>>>,
+    pub cache: Option<SharedCache>,
 }
 
 /// How the walk reads an infrastructure file named by the recipe: its path (as resolved) and
@@ -208,6 +209,7 @@ pub(super) fn recipe(
         cx.boolean(v, "`generalize`")
     });
     parts.distribution = get("distribution").map_or(Some(Vec::new()), |(_, v)| distribution(cx, v));
+    parts.cache = get("cache").map_or(Some(SharedCache::default()), |(_, v)| shared_cache(cx, v));
     parts
 }
 
@@ -1369,6 +1371,65 @@ fn oci_reference(cx: &mut Reader<'_>, node: &Node) -> Option<Located<String>> {
         }
     }
     Some(Located::new(text, node.span))
+}
+
+/// A recipe's `cache` (also read by pipelines, whose value replaces the recipe's).
+pub(crate) fn shared_cache(cx: &mut Reader<'_>, node: &Node) -> Option<SharedCache> {
+    section(
+        cx,
+        node,
+        "`cache`",
+        &keys("cache"),
+        |cx, cache: &mut SharedCache, key, value| match key.as_str().unwrap_or_default() {
+            "from" => {
+                // One reference, or a list of them.
+                let items = if value.as_sequence().is_some() {
+                    string_list(cx, value, "`from`")
+                } else {
+                    vec![value]
+                };
+                for item in items {
+                    if let Some(reference) = cache_repository(cx, item, "`from`") {
+                        cache.from.push(reference);
+                    }
+                }
+            }
+            "to" => cache.to = cache_repository(cx, value, "`to`"),
+            _ => {}
+        },
+    )
+}
+
+/// `oci://registry[:port]/repository`: a repository, since each layer's tag is its key.
+fn cache_repository(cx: &mut Reader<'_>, node: &Node, what: &str) -> Option<OciReference> {
+    let text = cx.string(node, what)?;
+    let example = "`oci://registry[:port]/repository`";
+    let Some(rest) = text.strip_prefix("oci://") else {
+        cx.error(
+            node.span,
+            format!("{what} must be an `oci://` reference, found `{text}`"),
+            Some(format!("write {example}")),
+        );
+        return None;
+    };
+    match rest.parse::<OciReference>() {
+        Err(e) => {
+            cx.error(node.span, e.to_string(), Some(format!("write {example}")));
+            None
+        }
+        Ok(r) if r.tag.is_some() || r.digest.is_some() => {
+            cx.error(
+                node.span,
+                format!("`{text}` names a tag or a digest; a shared layer cache is a repository"),
+                Some(format!(
+                    "write `oci://{}/{}` (each layer is tagged with its key)",
+                    r.registry, r.repository
+                )),
+            );
+            None
+        }
+        Ok(r) => Some(r),
+    }
 }
 
 fn ami_target(cx: &mut Reader<'_>, key: &Node, value: &Node) -> Option<AmiDistribution> {

@@ -52,6 +52,8 @@ pub enum Kind {
     Words(&'static [&'static str]),
     /// A list of texts.
     Texts,
+    /// A text matching `pattern` when there is one, or a list of them.
+    TextOrTexts(Option<&'static str>),
     /// A mapping of texts to texts.
     TextMap,
     /// A name template (see `outputs.name`).
@@ -88,6 +90,8 @@ const TIMEOUT: Kind = Kind::Number {
     min: 1,
     max: MAX_TIMEOUT_SECS,
 };
+/// An `oci://` repository, without a tag or digest.
+const CACHE_REPOSITORY: &str = r"^oci://[^/@]+/[^:@]+$";
 const SHA256: Kind = Kind::Text(Some("^[0-9a-fA-F]{64}$"));
 const COMPONENT_PATH: &str =
     "The component document (AWSTOE YAML), relative to the recipe's directory.";
@@ -273,6 +277,12 @@ pub const SETTINGS: &[Setting] = &[
         "`http(s)://host[:port]` of an EC2-compatible service."),
     setting("distribution.ami.profile", Kind::Text(None), DefaultIs::Text("`AWS_PROFILE`, else `default`"),
         "The profile in `~/.aws/config` and `~/.aws/credentials`."),
+    overridable("cache", Kind::Section, DefaultIs::Text("the local layer cache only"),
+        "The layer cache shared through OCI registries, so builds on other machines reuse the layers built here: each layer is an artifact tagged with its key. `--cache-from` and `--cache-to` replace these. Credentials and plain-HTTP registries (`BUILDER_INSECURE_REGISTRIES`) as for `distribution`."),
+    setting("cache.from", Kind::TextOrTexts(Some(CACHE_REPOSITORY)), DefaultIs::None,
+        "`oci://registry[:port]/repository`, or a list of them: before the build VM boots, the layers the local cache lacks are pulled from each in order (the longest prefix of the chain, each layer verified); a registry that fails is a warning."),
+    setting("cache.to", Kind::Text(Some(CACHE_REPOSITORY)), DefaultIs::None,
+        "`oci://registry[:port]/repository`: after the image is stored, the chain's layers the repository lacks are pushed (a tag already there is never replaced); a push that fails is a warning."),
 ];
 
 impl Setting {
@@ -452,6 +462,13 @@ fn value_schema(s: &Setting) -> Value {
             "items": {"type": "string", "enum": words},
         }),
         Kind::Texts => json!({"type": "array", "items": {"type": "string"}}),
+        Kind::TextOrTexts(pattern) => {
+            let text = match pattern {
+                Some(pattern) => json!({"type": "string", "pattern": pattern}),
+                None => json!({"type": "string"}),
+            };
+            json!({"anyOf": [text, {"type": "array", "items": text}]})
+        }
         Kind::TextMap => json!({"type": "object", "additionalProperties": {"type": "string"}}),
         Kind::Section => Value::Object(object(s.path)),
         Kind::SectionOrFile => json!({"anyOf": [
@@ -572,6 +589,7 @@ fn value_text(s: &Setting) -> String {
         Kind::Word(w) => format!("one of {}", words(w)),
         Kind::Words(w) => format!("list of {}", words(w)),
         Kind::Texts => "list of texts".into(),
+        Kind::TextOrTexts(_) => "text or list of texts".into(),
         Kind::TextMap => "mapping of texts".into(),
         Kind::Template => "name template".into(),
         Kind::Section => "mapping".into(),

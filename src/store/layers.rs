@@ -163,6 +163,9 @@ pub struct LayerRecord {
     /// before it existed have none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inputs: Option<Box<LayerInputs>>,
+    /// The registry it was pulled from (`oci://host/repository`); `None`: built here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 /// What went into one layer's key (`build::plan` makes it from the plan), kept in the
@@ -383,6 +386,8 @@ pub struct Origin<'a> {
     pub build: &'a str,
     /// What went into the key (`build::plan::layer_inputs`), kept in the record.
     pub inputs: Option<&'a LayerInputs>,
+    /// The registry a pulled layer came from (`oci://host/repository`); `None`: built here.
+    pub source: Option<&'a str>,
 }
 
 /// A cached layer a build uses: holds a shared lock on its file, so no prune removes it
@@ -591,6 +596,40 @@ impl LayerCache {
         self.dir.join(format!("{key}.qcow2"))
     }
 
+    /// The cached layer `key` as its record says, locked, its file not hashed (a push checks
+    /// what it sends against the record's sha256); `None` when it is not cached.
+    pub async fn get(&self, key: &str) -> Result<Option<CachedLayer>, LayerCacheError> {
+        let key = check_key(key)?;
+        let cache = self.clone();
+        blocking(move || {
+            let Some(lock) = cache.lock_shared(&key)? else {
+                return Ok(None);
+            };
+            Ok(match cache.read_record(&key) {
+                Ok(record) if record.key == key => Some(CachedLayer {
+                    record,
+                    path: cache.path(&key),
+                    _lock: lock,
+                }),
+                _ => None,
+            })
+        })
+        .await?
+    }
+
+    /// A new empty file in the cache's folder, locked: prune leaves it alone while it is
+    /// open, and removes it if a crash leaves it. Where a pulled layer is downloaded before
+    /// [`LayerCache::insert`] copies it (on the same file system, so the copy can share
+    /// its extents).
+    pub fn scratch_file(&self) -> Result<tempfile::NamedTempFile, LayerCacheError> {
+        let tmp = tempfile::Builder::new()
+            .prefix(TMP_PREFIX)
+            .suffix(".part")
+            .tempfile_in(&self.dir)?;
+        tmp.as_file().lock()?;
+        Ok(tmp)
+    }
+
     fn record_path(&self, key: &str) -> PathBuf {
         self.dir.join(format!("{key}.json"))
     }
@@ -671,6 +710,7 @@ impl LayerCache {
             last_used: now,
             build: origin.build.to_string(),
             inputs: origin.inputs.cloned().map(Box::new),
+            source: origin.source.map(str::to_string),
         };
         let cache = self.clone();
         blocking(move || cache.place(tmp, record)).await?

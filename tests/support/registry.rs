@@ -73,6 +73,13 @@ impl TestRegistry {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// The registry's storage (`docker/registry/v2/blobs/sha256/<2>/<hex>/data` holds a blob),
+    /// for tests that damage what it serves.
+    #[allow(dead_code)] // tests/cache_registry.rs damages a blob; the others do not
+    pub fn storage(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
     pub fn log(&self) -> PathBuf {
         self.dir.path().join("registry.log")
     }

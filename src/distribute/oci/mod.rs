@@ -1,6 +1,7 @@
 //! OCI registries: push a stored image as an OCI artifact or as a KubeVirt containerDisk, and
-//! pull a pushed disk back into the parent-image cache (`parentImage: oci://…`). Owns the two
-//! image shapes and the registry protocol; it never builds or converts a disk.
+//! pull a pushed disk back into the parent-image cache (`parentImage: oci://…`); share the
+//! layer cache through a repository ([`layers`]). Owns the image shapes and the registry
+//! protocol; it never builds or converts a disk.
 //!
 //! **Artifact** (`oci://host/repo:tag`): an OCI 1.1 image manifest with
 //! `artifactType: application/vnd.builder.disk.v1`, the empty config
@@ -34,6 +35,7 @@
 
 mod auth;
 mod blob;
+pub mod layers;
 mod registry;
 
 use std::collections::BTreeMap;
@@ -323,6 +325,26 @@ fn sha256_of(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
+/// Upload the empty config of an artifact (`{}`; the registry usually has it already).
+async fn empty_config(
+    registry: &Registry,
+    target: &str,
+    progress: &dyn Progress,
+) -> Result<OciDescriptor, OciError> {
+    let empty = b"{}".to_vec();
+    let known = sha256_of(&empty);
+    let c = registry
+        .upload(
+            Arc::new(BlobSource::bytes(empty)),
+            Some(&known),
+            target,
+            "config",
+            progress,
+        )
+        .await?;
+    Ok(descriptor(EMPTY_CONFIG, &c, None))
+}
+
 /// Push `image`'s disk to `dest` (which must name a tag) in `shape`. Blobs first, each
 /// verified; the manifest (and so the tag) last.
 pub async fn push(
@@ -409,19 +431,8 @@ pub async fn push(
                 digests.insert(name.to_string(), d.digest.clone());
                 layers.push(descriptor(media, &d, Some(name)));
             }
-            let empty = b"{}".to_vec();
-            let known = sha256_of(&empty);
-            let c = registry
-                .upload(
-                    Arc::new(BlobSource::bytes(empty)),
-                    Some(&known),
-                    &target,
-                    "config",
-                    progress,
-                )
-                .await?;
             (
-                descriptor(EMPTY_CONFIG, &c, None),
+                empty_config(&registry, &target, progress).await?,
                 layers,
                 Some(ARTIFACT_TYPE.to_string()),
             )
@@ -688,13 +699,45 @@ async fn download_layer(
         .cloned()
         .unwrap_or_else(|| "disk".to_string());
     progress.step(target, &format!("downloading {what}"));
+    match fetch_blob(registry, layer, sha, &mut part, target, &what, progress).await {
+        Ok(()) => {}
+        Err(e @ OciError::DigestMismatch { .. }) => {
+            drop(part);
+            let _ = fs_err::remove_file(&part_path);
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    }
+    part.sync_all()?;
+    if !is_qcow2(&part_path)? {
+        drop(part);
+        let _ = fs_err::remove_file(&part_path);
+        return Err(OciError::NoDisk {
+            reference: layer.digest.clone(),
+            reason: "its disk layer is not a qcow2 image".into(),
+        });
+    }
+    fs_err::rename(&part_path, &dest)?;
+    Ok(dest)
+}
+
+/// Download the blob `layer` (sha256 `sha`, hex) into `part`, resuming what it holds with a
+/// Range request and retrying transient failures; the whole file must have the digest
+/// ([`OciError::DigestMismatch`] when not: the caller removes the file).
+async fn fetch_blob(
+    registry: &Registry,
+    layer: &OciDescriptor,
+    sha: &str,
+    part: &mut fs_err::File,
+    target: &str,
+    what: &str,
+    progress: &dyn Progress,
+) -> Result<(), OciError> {
     let mut attempt = 1;
     loop {
-        match download_once(registry, layer, &mut part, target, &what, progress).await {
-            Ok(actual) if actual == sha => break,
+        match download_once(registry, layer, part, target, what, progress).await {
+            Ok(actual) if actual == sha => return Ok(()),
             Ok(actual) => {
-                drop(part);
-                let _ = fs_err::remove_file(&part_path);
                 return Err(OciError::DigestMismatch {
                     what: format!("layer {} ({what})", layer.digest),
                     expected: layer.digest.clone(),
@@ -716,17 +759,6 @@ async fn download_layer(
             }
         }
     }
-    part.sync_all()?;
-    if !is_qcow2(&part_path)? {
-        drop(part);
-        let _ = fs_err::remove_file(&part_path);
-        return Err(OciError::NoDisk {
-            reference: layer.digest.clone(),
-            reason: "its disk layer is not a qcow2 image".into(),
-        });
-    }
-    fs_err::rename(&part_path, &dest)?;
-    Ok(dest)
 }
 
 /// One GET of the layer, from what `part` holds on; returns the sha256 (hex) of the whole file.
