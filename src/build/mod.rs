@@ -21,6 +21,7 @@ pub mod events;
 pub mod generalize;
 pub mod layers;
 pub mod plan;
+pub mod reuse;
 mod stages;
 
 use std::path::PathBuf;

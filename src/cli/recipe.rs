@@ -11,8 +11,10 @@ use builder::build::plan::{
     self, ParentResolver, Plan, PlanError, PlannedComponent, PlannedParent, ResolveError, Stage,
     StoredParent,
 };
+use builder::build::reuse::{self, Preview, Status, Why};
 use builder::diagnostic::{Diagnostics, Severity};
 use builder::recipe::{Format, VersionPattern};
+use builder::store::LayerCache;
 use serde::Serialize;
 
 #[derive(Debug, Args)]
@@ -40,6 +42,9 @@ pub struct PlanArgs {
     /// --resolve-tags` and every pipeline execution do.
     #[arg(long)]
     resolve_tags: bool,
+    /// Show the plan of `builder build --no-cache`: every layer runs.
+    #[arg(long)]
+    no_cache: bool,
 }
 
 #[derive(Debug, Args)]
@@ -248,13 +253,127 @@ pub fn plan(args: PlanArgs) -> CliResult {
     hashing.end();
     let plan = result.map_err(failure)?;
     show_resolved_tag(&plan);
+    // Read only: planning never creates the store or its cache.
+    let layers = builder::store::Store::default_root()
+        .map_err(anyhow::Error::new)
+        .and_then(|root| {
+            let cache = LayerCache::read_only(&root);
+            Ok(reuse::preview(&plan, &cache, args.no_cache)?)
+        });
+    let layers = match layers {
+        Ok(layers) => Some(layers),
+        Err(e) => {
+            eprintln!("warning: the layer cache could not be read: {e:#}");
+            None
+        }
+    };
     if args.json {
-        let json = serde_json::to_string_pretty(&plan).map_err(|e| {
+        let shown = JsonPlan {
+            plan: &plan,
+            layers: layers
+                .as_deref()
+                .map(|l| l.iter().map(JsonLayer::from).collect()),
+        };
+        let json = serde_json::to_string_pretty(&shown).map_err(|e| {
             Failure::failed(anyhow::Error::new(e).context("could not write the plan as JSON"))
         })?;
         stdout(&(json + "\n"))
     } else {
-        stdout(&describe(&plan))
+        stdout(&describe(&plan, layers.as_deref()))
+    }
+}
+
+/// `builder plan --json`: the plan, and what the layer cache holds for it.
+#[derive(Serialize)]
+struct JsonPlan<'a> {
+    #[serde(flatten)]
+    plan: &'a Plan,
+    /// Boot, each component, generalize: cached or run, and why. Absent when the cache could
+    /// not be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    layers: Option<Vec<JsonLayer>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct JsonLayer {
+    /// `boot`, the component's label, or `generalize`.
+    layer: String,
+    key: String,
+    /// `cached` or `run`, as the build's `layerCache` events say.
+    status: &'static str,
+    /// Cached: the build that made it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    build: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_used: Option<chrono::DateTime<chrono::Utc>>,
+    /// Run: why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+    /// Run because inputs changed: each change.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    changes: Vec<String>,
+}
+
+impl From<&Preview> for JsonLayer {
+    fn from(p: &Preview) -> Self {
+        let (status, build, last_used, reason, changes) = match &p.status {
+            Status::Cached(record) => (
+                "cached",
+                Some(record.build.clone()),
+                Some(record.last_used),
+                None,
+                Vec::new(),
+            ),
+            Status::Run(why) => {
+                let changes = match why {
+                    Why::Changed { changes, .. } => {
+                        changes.iter().map(ToString::to_string).collect()
+                    }
+                    _ => Vec::new(),
+                };
+                ("run", None, None, Some(why.to_string()), changes)
+            }
+        };
+        JsonLayer {
+            layer: p.name.clone(),
+            key: p.key.clone(),
+            status,
+            build,
+            last_used,
+            reason,
+            changes,
+        }
+    }
+}
+
+/// One layer's line under its stage: `cached    layer 3f2a91c0d4e5, made by …` or
+/// `will run  layer 3f2a91c0d4e5: why`, a change a line.
+fn layer_line(s: &mut String, layer: &Preview, pad: usize) {
+    let short: String = layer.key.chars().take(12).collect();
+    match &layer.status {
+        Status::Cached(record) => {
+            let _ = write!(
+                s,
+                "\n{:pad$}cached    layer {short}, made by {}, last used {}",
+                "",
+                record.build,
+                reuse::when(record.last_used)
+            );
+        }
+        Status::Run(Why::Changed { build, changes }) if !changes.is_empty() => {
+            let _ = write!(
+                s,
+                "\n{:pad$}will run  layer {short}: changed since the layer {build} made here:",
+                ""
+            );
+            for change in changes {
+                let _ = write!(s, "\n{:pad$}            {change}", "");
+            }
+        }
+        Status::Run(why) => {
+            let _ = write!(s, "\n{:pad$}will run  layer {short}: {why}", "");
+        }
     }
 }
 
@@ -280,8 +399,10 @@ fn stdout(text: &str) -> CliResult {
     }
 }
 
-/// The plan for people: every setting with defaults filled in, the pins, and the stages.
-pub fn describe(plan: &Plan) -> String {
+/// The plan for people: every setting with defaults filled in, the pins, and the stages;
+/// with `layers` ([`reuse::preview`]), whether each layer is cached or runs, and why.
+pub fn describe(plan: &Plan, layers: Option<&[Preview]>) -> String {
+    let layer = |i: usize| layers.and_then(|l| l.get(i));
     let mut out = String::new();
     let r = &plan.recipe;
     let _ = writeln!(out, "plan for {} {}", r.name, r.version);
@@ -438,15 +559,21 @@ pub fn describe(plan: &Plan) -> String {
                 }
             },
             Stage::Overlay => format!("qcow2 on the parent, {disk}"),
-            Stage::Boot => format!(
-                "cloud-init NoCloud seed with the agent{}; agent expected within {}s",
-                if plan.user_data.is_some() {
-                    " and the user data"
-                } else {
-                    ""
-                },
-                i.boot_timeout_secs
-            ),
+            Stage::Boot => {
+                let mut s = format!(
+                    "cloud-init NoCloud seed with the agent{}; agent expected within {}s",
+                    if plan.user_data.is_some() {
+                        " and the user data"
+                    } else {
+                        ""
+                    },
+                    i.boot_timeout_secs
+                );
+                if let Some(l) = layer(0) {
+                    layer_line(&mut s, l, width + 20);
+                }
+                s
+            }
             Stage::Component(index) => {
                 let c = &plan.components[*index];
                 let phases: Vec<&str> = c
@@ -469,10 +596,18 @@ pub fn describe(plan: &Plan) -> String {
                 if let Some(key) = &c.layer_key {
                     let _ = write!(s, "\n{:w$}layer key {key}", "", w = width + 20);
                 }
+                if let Some(l) = layer(index + 1) {
+                    layer_line(&mut s, l, width + 20);
+                }
                 s
             }
             Stage::Generalize => {
-                "cloud-init clean, machine-id, ssh host keys, agent, logs, fstrim".to_string()
+                let mut s =
+                    "cloud-init clean, machine-id, ssh host keys, agent, logs, fstrim".to_string();
+                if let Some(l) = layer(plan.components.len() + 1) {
+                    layer_line(&mut s, l, width + 20);
+                }
+                s
             }
             Stage::Shutdown => format!(
                 "guest power-off (agent, else ACPI), hard stop after {}s",

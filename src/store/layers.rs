@@ -586,6 +586,11 @@ impl LayerCache {
         }
     }
 
+    /// The store it belongs to.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     /// `<store>/cache/layers/`.
     pub fn dir(&self) -> &Path {
         &self.dir
