@@ -113,6 +113,11 @@ impl Site {
     /// Cache every layer of the current recipe's chain not cached yet as build `build` made
     /// it: a small qcow2 per layer, each on the one before, inserted with the layer's inputs.
     fn cache_every_layer(&self, build: &str) {
+        self.cache_layers(build, None);
+    }
+
+    /// [`Site::cache_every_layer`], the layers recorded as pulled from `source`.
+    fn cache_layers(&self, build: &str, source: Option<&str>) {
         let plan = self.make_plan();
         let store = Store::open(self.store_root()).expect("store");
         let cache = store.layers().expect("layer cache");
@@ -144,7 +149,7 @@ impl Site {
                 component: &layer.name,
                 build,
                 inputs: Some(&layer.inputs),
-                ..Origin::default()
+                source,
             };
             let inserted = runtime
                 .block_on(cache.insert(&layer.key, parent, &file, origin))
@@ -247,6 +252,23 @@ fn a_cached_chain_is_shown_cached_layer_by_layer() {
             path.display()
         );
     }
+
+    // A layer pulled from a registry says which.
+    let site = Site::new();
+    site.cache_layers("web/1.0.0/7", Some("oci://registry.test/cache/web"));
+    let (code, stdout, stderr) = site.plan(&["--json"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let json: Value = serde_json::from_str(&stdout).expect("JSON");
+    assert_eq!(
+        json["layers"][1]["pulledFrom"], "oci://registry.test/cache/web",
+        "{stdout}"
+    );
+    let (_, text, _) = site.plan(&[]);
+    assert!(
+        text.contains("made by web/1.0.0/7, last used ")
+            && text.contains(", pulled from oci://registry.test/cache/web"),
+        "{text}"
+    );
 
     // --no-cache: everything runs, for that reason.
     let layers = site.layers(&["--no-cache"]);

@@ -307,6 +307,9 @@ struct JsonLayer {
     build: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     last_used: Option<chrono::DateTime<chrono::Utc>>,
+    /// Cached from a registry (`--cache-from`): which.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pulled_from: Option<String>,
     /// Run: why.
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<String>,
@@ -317,6 +320,10 @@ struct JsonLayer {
 
 impl From<&Preview> for JsonLayer {
     fn from(p: &Preview) -> Self {
+        let pulled_from = match &p.status {
+            Status::Cached(record) => record.source.clone(),
+            Status::Run(_) => None,
+        };
         let (status, build, last_used, reason, changes) = match &p.status {
             Status::Cached(record) => (
                 "cached",
@@ -341,6 +348,7 @@ impl From<&Preview> for JsonLayer {
             status,
             build,
             last_used,
+            pulled_from,
             reason,
             changes,
         }
@@ -360,6 +368,9 @@ fn layer_line(s: &mut String, layer: &Preview, pad: usize) {
                 record.build,
                 reuse::when(record.last_used)
             );
+            if let Some(source) = &record.source {
+                let _ = write!(s, ", pulled from {source}");
+            }
         }
         Status::Run(Why::Changed { build, changes }) if !changes.is_empty() => {
             let _ = write!(
