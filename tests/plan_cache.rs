@@ -351,6 +351,29 @@ fn a_document_reached_through_execute_document_that_changed_is_named() {
 }
 
 #[test]
+fn another_parent_image_is_named_for_the_boot_layer() {
+    let site = Site::new();
+    site.cache_every_layer("web/1.0.0/1");
+    let before = site.make_plan().parent.sha256().to_string();
+    image(&site.path("base.qcow2"), None, "0x22", "0", "64k");
+    let after = site.make_plan().parent.sha256().to_string();
+    let layers = site.layers(&[]);
+    assert_eq!(
+        statuses(&layers)[0],
+        (
+            "run",
+            format!(
+                "parent changed from \"{}\" to \"{}\" (since web/1.0.0/1)",
+                &before[..12],
+                &after[..12]
+            )
+            .as_str()
+        )
+    );
+    assert_eq!(layers[1].2, "an earlier layer runs (boot)");
+}
+
+#[test]
 fn cache_false_runs_its_component_and_every_later_one() {
     let site = Site::new();
     site.cache_every_layer("web/1.0.0/1");

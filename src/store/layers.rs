@@ -241,7 +241,15 @@ impl std::fmt::Display for InputChange {
         }
         fn value(v: &Option<String>) -> String {
             v.as_deref().map_or("unset".to_string(), |v| {
-                serde_json::Value::String(v.to_string()).to_string()
+                // A digest (the parent image's, the user data's) by its first 12 digits.
+                let shown: Vec<String> = v
+                    .split(' ')
+                    .map(|word| match check_key(word) {
+                        Ok(_) => word.chars().take(12).collect(),
+                        Err(_) => word.to_string(),
+                    })
+                    .collect();
+                serde_json::Value::String(shown.join(" ")).to_string()
             })
         }
         match self {
