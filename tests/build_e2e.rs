@@ -257,8 +257,11 @@ fn two_components_tested_exported_booted_and_built_upon() {
         .iter()
         .filter_map(|e| e["key"].as_str())
         .collect();
+    // The boot layer (first boot, cloud-init) is committed first, under the chain's root key.
+    assert_eq!(layers.len(), planned_keys.len() + 1, "{layers:?}");
     assert_eq!(
-        layers, planned_keys,
+        layers[1..],
+        planned_keys[..],
         "each component committed its own layer"
     );
     let finished = events(&all, "buildFinished");
@@ -305,13 +308,20 @@ fn two_components_tested_exported_booted_and_built_upon() {
         4u64 << 30,
         "diskSize is the disk's size"
     );
-    let keys: Vec<&str> = manifest["layers"]
-        .as_array()
-        .expect("layers")
+    // boot, each component, generalize: every layer of the chain, none from the cache.
+    let recorded = manifest["layers"].as_array().expect("layers");
+    let keys: Vec<&str> = recorded
         .iter()
         .map(|l| l["key"].as_str().expect("key"))
         .collect();
-    assert_eq!(keys, planned_keys);
+    assert_eq!(keys.len(), planned_keys.len() + 2, "{keys:?}");
+    assert_eq!(keys[1..=planned_keys.len()], planned_keys[..]);
+    assert_eq!(recorded[0]["component"], "boot");
+    assert_eq!(recorded[keys.len() - 1]["component"], "generalize");
+    assert!(
+        recorded.iter().all(|l| l.get("from").is_none()),
+        "a first build takes nothing from the cache: {recorded:?}"
+    );
     assert_eq!(manifest["planDigest"], plan_digest(&guard, &image, recipe));
     let packages = manifest["packages"]["packages"]
         .as_array()

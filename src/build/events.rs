@@ -71,6 +71,24 @@ pub enum BuildEvent<'a> {
         key: Option<&'a str>,
         file: &'a Path,
     },
+    /// Whether one layer of the build's chain comes from the layer cache or runs: one per
+    /// layer (`boot`, each component, `generalize`), in order, before the build VM boots.
+    #[serde(rename_all = "camelCase")]
+    LayerCache {
+        layer: &'a str,
+        key: &'a str,
+        /// `cached` or `run`.
+        status: &'a str,
+        /// Cached: `local`, or the registry the layer was pulled from.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        from: Option<&'a str>,
+        /// Cached: the build that made it (`name/x.y.z/n`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        build: Option<&'a str>,
+        /// Run: why.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<&'a str>,
+    },
     /// The end: `success` with the image and outputs, or `failed` with the message.
     #[serde(rename_all = "camelCase")]
     BuildFinished {

@@ -4,8 +4,9 @@
 //! component, [`DiskChain::commit`] flushes the guest's file systems (the agent's `sync`) and
 //! takes an external snapshot over QMP (`blockdev-snapshot-sync`): the current top becomes
 //! read-only and QEMU creates a new qcow2 on top of it that receives the next writes. So each
-//! component's changes sit in their own file, keyed by the plan's layer key (parent key +
-//! component digest + parameters), which a later build can reuse when nothing changed.
+//! component's changes sit in their own file, keyed by the layer cache's key
+//! (`build::cache::chain`), which a later build reuses when nothing changed: it then starts
+//! from cached files ([`DiskChain::resume`], [`DiskChain::from_cache`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -63,7 +64,7 @@ pub enum LayerError {
 pub struct Layer {
     /// `boot` (first boot and cloud-init) or the component's label.
     pub name: String,
-    /// The plan's layer key (`None` for the boot layer, which holds per-instance state).
+    /// The layer cache's key (`build::cache::chain`).
     pub key: Option<String>,
     pub file: PathBuf,
 }
@@ -98,6 +99,42 @@ impl DiskChain {
             dir: dir.to_path_buf(),
             parent: parent.to_path_buf(),
             layers: Vec::new(),
+            top,
+        })
+    }
+
+    /// A chain that starts on layers taken from the layer cache (`cached`, bottom first,
+    /// each file in the cache): a new top `dir/<n>-<next>.qcow2` on the last of them, where
+    /// the build VM writes from now on. The cached files are only read.
+    pub async fn resume(
+        dir: &Path,
+        parent: &Path,
+        cached: Vec<Layer>,
+        next: &str,
+    ) -> Result<DiskChain, LayerError> {
+        let Some(last) = cached.last() else {
+            return Self::create(dir, parent, None).await;
+        };
+        let top = dir.join(format!("{}-{}.qcow2", cached.len() + 1, file_safe(next)));
+        img::create_overlay(&last.file, crate::vm::DiskFormat::Qcow2, &top, None)
+            .await
+            .map_err(LayerError::Overlay)?;
+        Ok(DiskChain {
+            dir: dir.to_path_buf(),
+            parent: parent.to_path_buf(),
+            layers: cached,
+            top,
+        })
+    }
+
+    /// A finished chain made of cached layers only (the generalize layer on top): no VM
+    /// writes to it; the test stage and export read it where it is.
+    pub fn from_cache(dir: &Path, parent: &Path, mut cached: Vec<Layer>) -> Option<DiskChain> {
+        let top = cached.pop()?.file;
+        Some(DiskChain {
+            dir: dir.to_path_buf(),
+            parent: parent.to_path_buf(),
+            layers: cached,
             top,
         })
     }

@@ -16,7 +16,13 @@
 //!   ─shut down─▶ BuiltDisk ─test (fresh VM)─▶ Tested ─export─▶ outputs ─manifest, commit─▶ StoredImage
 //!   ─distribute (each recipe target; a failure leaves the image stored)─▶ Receipts
 //! ```
+//!
+//! The overlay stage takes the longest usable prefix of the layer chain from the layer cache
+//! ([`cache`]): the build VM boots on its last layer and runs only the components above it,
+//! and each new layer is cached as it is committed. With every layer cached (generalize
+//! too), overlay hands a finished disk ([`stages::Start::Built`]) straight to the test stage.
 
+pub mod cache;
 pub mod events;
 pub mod generalize;
 pub mod layers;
@@ -47,6 +53,9 @@ pub struct BuildOptions {
     pub accel: Option<Accelerator>,
     /// The QEMU system emulator; default `qemu-system-x86_64` from `PATH`.
     pub qemu: Option<PathBuf>,
+    /// `--no-cache`: take no layer from the layer cache; every layer runs, and replaces the
+    /// cached one of its key (the cache is refreshed).
+    pub no_cache: bool,
     /// `--on-error shell`: called when a component step fails, with the build VM running.
     pub on_failure: Option<std::sync::Arc<dyn FailureShell>>,
     /// Where the cleanup report goes if the build is dropped before it returns (Ctrl-C): the
@@ -110,15 +119,22 @@ pub async fn build(
 
     let result = async {
         let base = cx.stage(Stage::Fetch, stages::fetch_parent(&cx)).await?;
-        let chain = cx.stage(Stage::Overlay, stages::overlay(&cx, base)).await?;
-        let vm = cx.stage(Stage::Boot, stages::boot(&cx, chain)).await?;
-        let vm = stages::components(&cx, vm).await?;
-        let sealed = cx
-            .stage(Stage::Generalize, stages::generalize(&cx, vm))
-            .await?;
-        let built = cx
-            .stage(Stage::Shutdown, stages::shut_down(&cx, sealed))
-            .await?;
+        let start = cx.stage(Stage::Overlay, stages::overlay(&cx, base)).await?;
+        let built = match start {
+            stages::Start::Built(built) => {
+                stages::all_cached(&cx);
+                built
+            }
+            stages::Start::Boot(chain) => {
+                let vm = cx.stage(Stage::Boot, stages::boot(&cx, chain)).await?;
+                let vm = stages::components(&cx, vm).await?;
+                let sealed = cx
+                    .stage(Stage::Generalize, stages::generalize(&cx, vm))
+                    .await?;
+                cx.stage(Stage::Shutdown, stages::shut_down(&cx, sealed))
+                    .await?
+            }
+        };
         let tested = if plan.tests.enabled {
             cx.stage(Stage::Test, stages::test(&cx, built)).await?
         } else {

@@ -12,9 +12,10 @@ use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
 use super::BuildOptions;
+use super::cache::{self, ChainLayer, Inserting};
 use super::events::{BuildEvent, BuildLog, StageOutput};
 use super::generalize::{self, GeneralizeError};
-use super::layers::{DiskChain, LayerError, file_safe};
+use super::layers::{DiskChain, Layer, LayerError, file_safe};
 use super::plan::{self, Plan, PlanError, PlannedComponent, PlannedParent, ReachedDocument, Stage};
 use crate::component::executor::{self, RunError, RunOptions, RunRequest};
 use crate::component::report::{ExecutionReport, Status as StepStatus};
@@ -22,11 +23,12 @@ use crate::diagnostic::error_chain;
 use crate::export::{self, ExportError, ExportProgress, ExportRequest};
 use crate::machine::{Capture, ExecRequest, Machine, MachineError};
 use crate::recipe;
+use crate::store::layers::Origin;
 use crate::store::manifest::{
     Artifact, ComponentInput, HostInfo, ImageId, LayerKey, Manifest, PackageList, ParameterValue,
     ParentInput, PhaseStatus, StageTiming, Status, TestResult,
 };
-use crate::store::{BuildSlot, DownloadProgress, FetchOptions, Store, StoreError};
+use crate::store::{BuildSlot, DownloadProgress, FetchOptions, LayerCacheError, Store, StoreError};
 use crate::undo::{self, Leftovers, Outcome, UndoError, UndoList, UnwindReport};
 use crate::vm::seed::CloudInitScope;
 use crate::vm::session::{Session, SessionOptions};
@@ -53,6 +55,10 @@ pub enum BuildError {
     Plan(#[from] PlanError),
     #[error("could not prepare the build's disk")]
     Disk(#[source] LayerError),
+    /// Only a full disk fails the build; any other trouble with the cache is a warning and
+    /// the build goes on without it.
+    #[error("could not write the layer cache")]
+    Cache(#[source] LayerCacheError),
     /// The io error names the folder.
     #[error("could not create the build's work folder")]
     WorkDir(#[source] std::io::Error),
@@ -187,6 +193,7 @@ impl BuildError {
             | BuildError::PullParent(_)
             | BuildError::Plan(_)
             | BuildError::Disk(_)
+            | BuildError::Cache(_)
             | BuildError::WorkDir(_)
             | BuildError::Hash(_)
             | BuildError::Export(_)
@@ -213,6 +220,9 @@ impl BuildError {
             | BuildError::DiskNotGrown { .. } => {
                 Some("rerun with `--keep-on-failure` to keep the build's disk and logs".into())
             }
+            BuildError::Cache(_) => Some(
+                "free space on the store's disk, e.g. `builder cache prune --max-size 10GiB`, or build with `--no-cache`".into(),
+            ),
             BuildError::Timeout { setting, .. } => Some(format!(
                 "raise `{setting}` in the recipe if the work is just slow (TCG is much slower than KVM)"
             )),
@@ -255,6 +265,11 @@ pub struct BuildContext<'a> {
     started: Mutex<Option<Instant>>,
     /// The stages of [`Plan::stages`] not run yet: the build runs exactly that list, in order.
     planned: Mutex<std::vec::IntoIter<Stage>>,
+    /// The build's layer chain (`build::cache::chain`).
+    pub chain: Vec<ChainLayer>,
+    /// The layer cache as the build uses it: `None` before the overlay stage, and when the
+    /// cache cannot be used (said then). Holds the guards of the layers the build uses.
+    layer_cache: Mutex<Option<Inserting>>,
 }
 
 impl Drop for BuildContext<'_> {
@@ -302,6 +317,8 @@ impl<'a> BuildContext<'a> {
             manifest: Mutex::new(manifest),
             started: Mutex::new(None),
             planned: Mutex::new(plan.stages().into_iter()),
+            chain: cache::chain(plan),
+            layer_cache: Mutex::new(None),
         }
     }
 
@@ -434,6 +451,34 @@ impl<'a> BuildContext<'a> {
             })
         });
         result
+    }
+
+    /// A stage that did not run because the layer cache held its result.
+    pub fn cached(&self, stage: Stage, detail: Option<&str>) {
+        let next = self.planned.lock().ok().and_then(|mut p| p.next());
+        debug_assert_eq!(
+            next,
+            Some(stage),
+            "the build runs the stages Plan::stages lists"
+        );
+        self.log.emit(&BuildEvent::StageFinished {
+            stage,
+            detail,
+            status: "cached",
+            duration_ms: 0,
+        });
+        let stage = match detail {
+            Some(d) => format!("{stage}:{d}"),
+            None => stage.to_string(),
+        };
+        self.with_manifest(|m| {
+            m.timings.push(StageTiming {
+                stage,
+                started: Utc::now(),
+                duration_secs: 0.0,
+                status: Status::Cached,
+            })
+        });
     }
 
     pub fn skipped(&self, stage: Stage) {
@@ -721,7 +766,18 @@ async fn hash(path: &Path) -> Result<String, BuildError> {
 
 // ─── 3. overlay ─────────────────────────────────────────────────────────────────────────
 
-pub async fn overlay(cx: &BuildContext<'_>, base: Base) -> Result<DiskChain, BuildError> {
+/// Where the build starts after the overlay stage.
+pub enum Start {
+    /// Boot the build VM on this chain: a new overlay on the parent image, or on the last
+    /// layer taken from the cache.
+    Boot(DiskChain),
+    /// Every layer, the generalize layer included, came from the cache: no build VM boots.
+    Built(BuiltDisk),
+}
+
+/// Take the longest usable prefix of the chain from the layer cache, then make the chain's
+/// new top file on it (or on the parent image).
+pub async fn overlay(cx: &BuildContext<'_>, base: Base) -> Result<Start, BuildError> {
     fs_err::create_dir_all(&cx.work).map_err(BuildError::WorkDir)?;
     let work = cx.work.clone();
     cx.push_undo(
@@ -733,6 +789,38 @@ pub async fn overlay(cx: &BuildContext<'_>, base: Base) -> Result<DiskChain, Bui
         )),
         undo::remove_dir(work),
     );
+    let cached = reuse_layers(cx, &base).await?;
+    if cached.len() == cx.chain.len()
+        && let Some(chain) = DiskChain::from_cache(&cx.work, &base.path, cached.clone())
+    {
+        cx.progress(
+            Stage::Overlay,
+            &format!(
+                "every layer is cached: no build VM boots; the image is {}",
+                chain.top.display()
+            ),
+        );
+        return Ok(Start::Built(BuiltDisk { chain }));
+    }
+    if !cached.is_empty() {
+        let next = &cx.chain[cached.len()].name;
+        let names: Vec<&str> = cached.iter().map(|l| l.name.as_str()).collect();
+        let chain = DiskChain::resume(&cx.work, &base.path, cached.clone(), next)
+            .await
+            .map_err(BuildError::Disk)?;
+        cx.progress(
+            Stage::Overlay,
+            &format!(
+                "{} on {} cached layer{} ({}); from {} on, the build runs",
+                chain.top.display(),
+                names.len(),
+                if names.len() == 1 { "" } else { "s" },
+                names.join(", "),
+                next
+            ),
+        );
+        return Ok(Start::Boot(chain));
+    }
     let size = cx.plan.disk_size.map(|s| s.bytes());
     let chain = DiskChain::create(&cx.work, &base.path, size)
         .await
@@ -749,7 +837,223 @@ pub async fn overlay(cx: &BuildContext<'_>, base: Base) -> Result<DiskChain, Bui
                 .unwrap_or_default()
         ),
     );
-    Ok(chain)
+    Ok(Start::Boot(chain))
+}
+
+/// Look the chain up in the layer cache: report what was discarded, say for every layer
+/// whether it is cached or runs (events, manifest), and keep the cache for the inserts to
+/// come. Returns the cached prefix as chain layers (their files in the cache).
+async fn reuse_layers(cx: &BuildContext<'_>, base: &Base) -> Result<Vec<Layer>, BuildError> {
+    let no_cache = cx.options.no_cache;
+    let cacheable = cache::usable_prefix(cx.plan, &cx.chain, false);
+    let usable = if no_cache { 0 } else { cacheable };
+    let layer_cache = match cx.store.layers() {
+        Ok(c) => Some(c),
+        Err(e) => {
+            cx.progress(
+                Stage::Overlay,
+                &format!(
+                    "warning: the layer cache cannot be used ({}); every layer runs and none is cached",
+                    error_chain(&e)
+                ),
+            );
+            None
+        }
+    };
+    let found = match &layer_cache {
+        Some(c) => match cache::lookup(c, &base.path, &cx.chain, usable).await {
+            Ok(found) => found,
+            Err(LayerCacheError::Full(e)) => {
+                return Err(BuildError::Cache(LayerCacheError::Full(e)));
+            }
+            Err(e) => {
+                cx.progress(
+                    Stage::Overlay,
+                    &format!(
+                        "warning: could not read the layer cache ({}); every layer runs",
+                        error_chain(&e)
+                    ),
+                );
+                Default::default()
+            }
+        },
+        None => Default::default(),
+    };
+    for d in &found.discarded {
+        cx.progress(
+            Stage::Overlay,
+            &format!("{d}; it and the layers built on it are rebuilt"),
+        );
+    }
+    let reasons = cache::run_reasons(cx.plan, &cx.chain, found.layers.len(), no_cache);
+    let mut layers = Vec::new();
+    for (layer, cached) in cx.chain.iter().zip(&found.layers) {
+        let from = "local";
+        cx.log.emit(&BuildEvent::LayerCache {
+            layer: &layer.name,
+            key: &layer.key,
+            status: "cached",
+            from: Some(from),
+            build: Some(&cached.record.build),
+            reason: None,
+        });
+        cx.with_manifest(|m| {
+            m.layers.push(LayerKey {
+                component: layer.name.clone(),
+                key: layer.key.clone(),
+                from: Some(from.to_string()),
+                build: Some(cached.record.build.clone()),
+            })
+        });
+        layers.push(Layer {
+            name: layer.name.clone(),
+            key: Some(layer.key.clone()),
+            file: cached.path.clone(),
+        });
+    }
+    for (layer, reason) in cx.chain.iter().skip(found.layers.len()).zip(&reasons) {
+        let reason = reason.to_string();
+        cx.log.emit(&BuildEvent::LayerCache {
+            layer: &layer.name,
+            key: &layer.key,
+            status: "run",
+            from: None,
+            build: None,
+            reason: Some(&reason),
+        });
+    }
+    if let Some(last) = found.layers.last()
+        && layers.len() == cx.chain.len()
+    {
+        let packages = last.record.packages.clone();
+        cx.with_manifest(|m| m.packages = packages);
+    }
+    if let Some(cache) = layer_cache {
+        let base_format = crate::vm::img::info(&base.path)
+            .await
+            .and_then(|i| i.disk_format())
+            .map_err(|e| BuildError::Disk(LayerError::Parent(e)))?;
+        let parent = found
+            .layers
+            .last()
+            .map(|l| (l.record.key.clone(), l.record.sha256.clone()));
+        let next = found.layers.len();
+        if let Ok(mut slot) = cx.layer_cache.lock() {
+            *slot = Some(Inserting {
+                cache,
+                base: base.path.clone(),
+                base_format,
+                parent,
+                refresh: no_cache,
+                on: next < cacheable,
+                next,
+                limit: cacheable,
+                guards: found.layers,
+            });
+        }
+    }
+    Ok(layers)
+}
+
+/// Put a layer the build just finished (`file`, chain layer `name` with `key`) into the
+/// layer cache, written on the previous one. A refusal stops the inserts of this build (its
+/// later layers are written on bytes the cache does not hold) and is said; only a full disk
+/// fails the build.
+async fn insert_layer(
+    cx: &BuildContext<'_>,
+    stage: Stage,
+    name: &str,
+    key: &str,
+    file: &Path,
+    packages: Option<&PackageList>,
+) -> Result<(), BuildError> {
+    let Some(mut state) = cx.layer_cache.lock().ok().and_then(|mut s| s.take()) else {
+        return Ok(());
+    };
+    let result = insert_into(cx, stage, &mut state, name, key, file, packages).await;
+    if let Ok(mut slot) = cx.layer_cache.lock() {
+        *slot = Some(state);
+    }
+    result
+}
+
+async fn insert_into(
+    cx: &BuildContext<'_>,
+    stage: Stage,
+    state: &mut Inserting,
+    name: &str,
+    key: &str,
+    file: &Path,
+    packages: Option<&PackageList>,
+) -> Result<(), BuildError> {
+    let index = state.next;
+    state.next += 1;
+    if !state.on || index >= state.limit {
+        state.on = false;
+        return Ok(());
+    }
+    let short = &key[..12.min(key.len())];
+    if state.refresh {
+        match state.cache.evict(key) {
+            Ok(true) => {}
+            Ok(false) => {
+                cx.progress(stage, &format!(
+                    "layer {name} ({short}) is cached and in use by another build: kept; this build's later layers are not cached"
+                ));
+                state.on = false;
+                return Ok(());
+            }
+            Err(e) => return cache_trouble(cx, stage, state, name, e),
+        }
+    }
+    let image = cx.image();
+    let origin = Origin {
+        component: name,
+        build: &image,
+        packages,
+    };
+    let started = Instant::now();
+    match state.cache.insert(key, state.parent(), file, origin).await {
+        Ok(inserted) => {
+            let note = if inserted.ours {
+                format!(
+                    "cached layer {name} as {short} ({}, {:.1} s)",
+                    recipe::ByteSize::b(inserted.layer.record.size),
+                    started.elapsed().as_secs_f64()
+                )
+            } else {
+                format!("layer {name} ({short}) was cached by another build meanwhile")
+            };
+            cx.progress(stage, &note);
+            state.parent = Some((key.to_string(), inserted.sha256));
+            state.guards.push(inserted.layer);
+            Ok(())
+        }
+        Err(e) => cache_trouble(cx, stage, state, name, e),
+    }
+}
+
+/// A full disk fails the build (exit 3, the cache is left consistent); anything else is said
+/// and the build goes on without caching its later layers.
+fn cache_trouble(
+    cx: &BuildContext<'_>,
+    stage: Stage,
+    state: &mut Inserting,
+    name: &str,
+    e: LayerCacheError,
+) -> Result<(), BuildError> {
+    state.on = false;
+    if let LayerCacheError::Full(_) = e {
+        return Err(BuildError::Cache(e));
+    }
+    cx.progress(
+        stage,
+        &format!(
+            "warning: layer {name} was not cached: {}; this build's later layers are not cached either",
+            error_chain(&e)
+        ),
+    );
+    Ok(())
 }
 
 // ─── 4. seed + boot ─────────────────────────────────────────────────────────────────────
@@ -802,6 +1106,9 @@ fn launch_options(
             vm.cloud_init = CloudInitScope::Build {
                 grow_root: plan.disk_size.is_some(),
             };
+            // One instance for every boot of the chain: a build that resumes on cached
+            // layers reboots the guest that wrote them, as far as cloud-init can tell.
+            vm.instance_id = Some(format!("builder-{}", &plan.root_layer_key()[..16]));
         }
         WhichVm::Test => vm.keep_on_failure = keep,
     }
@@ -939,17 +1246,21 @@ async fn check_disk_grew(cx: &BuildContext<'_>, vm: &BuildVm) -> Result<(), Buil
 /// Commit the boot layer, then run each component's `build` and `validate` phases and commit
 /// its layer; all within `buildTimeoutSeconds`.
 pub async fn components(cx: &BuildContext<'_>, mut vm: BuildVm) -> Result<BuildVm, BuildError> {
-    let first = cx
-        .plan
-        .components
-        .first()
-        .map(|c| c.label().to_string())
-        .unwrap_or_else(|| "generalize".into());
-    commit_layer(cx, &mut vm, "boot", None, &first).await?;
+    // Layers taken from the cache: the boot layer and the components below the first that runs.
+    let cached = vm.chain.layers.len();
+    if cached == 0 {
+        let first = cx.chain[1].name.clone();
+        let key = cx.chain[0].key.clone();
+        commit_layer(cx, &mut vm, cache::BOOT, &key, &first).await?;
+    }
     let secs = cx.plan.infrastructure.build_timeout_secs;
     let all = async {
         for (index, component) in cx.plan.components.iter().enumerate() {
             let label = component.label().to_string();
+            if index + 1 < cached {
+                cx.cached(Stage::Component(index), Some(&label));
+                continue;
+            }
             cx.stage_of(
                 Stage::Component(index),
                 Some(&label),
@@ -992,7 +1303,7 @@ async fn commit_layer(
     cx: &BuildContext<'_>,
     vm: &mut BuildVm,
     name: &str,
-    key: Option<&str>,
+    key: &str,
     next: &str,
 ) -> Result<(), BuildError> {
     let qmp = vm.session.vm().qmp().clone();
@@ -1006,7 +1317,7 @@ async fn commit_layer(
         })?;
     let layer = vm
         .session
-        .guard(vm.chain.commit(&qmp, &agent, name, key, next))
+        .guard(vm.chain.commit(&qmp, &agent, name, Some(key), next))
         .await
         .map_err(vm_err("build"))?
         .map_err(BuildError::Disk)?
@@ -1016,15 +1327,26 @@ async fn commit_layer(
         key: layer.key.as_deref(),
         file: &layer.file,
     });
-    if let Some(key) = &layer.key {
-        cx.with_manifest(|m| {
-            m.layers.push(LayerKey {
-                component: layer.name.clone(),
-                key: key.clone(),
-            })
-        });
-    }
-    Ok(())
+    cx.with_manifest(|m| {
+        m.layers.push(LayerKey {
+            component: layer.name.clone(),
+            key: key.to_string(),
+            from: None,
+            build: None,
+        })
+    });
+    let stage = if name == cache::BOOT {
+        Stage::Boot
+    } else {
+        Stage::Component(
+            cx.chain
+                .iter()
+                .find(|l| l.key == key)
+                .and_then(|l| l.component)
+                .unwrap_or_default(),
+        )
+    };
+    insert_layer(cx, stage, name, key, &layer.file, None).await
 }
 
 async fn run_component(
@@ -1060,13 +1382,9 @@ async fn run_component(
     if !report.report.status.is_ok() {
         return Err(failure_of(cx, &label, &report));
     }
-    let next = cx
-        .plan
-        .components
-        .get(index + 1)
-        .map(|c| c.label().to_string())
-        .unwrap_or_else(|| "generalize".into());
-    commit_layer(cx, vm, &label, component.layer_key.as_deref(), &next).await
+    let next = cx.chain[index + 2].name.clone();
+    let key = cx.chain[index + 1].key.clone();
+    commit_layer(cx, vm, &label, &key, &next).await
 }
 
 /// One executor run of one document on the session's target.
@@ -1302,7 +1620,41 @@ pub async fn shut_down(cx: &BuildContext<'_>, sealed: Sealed) -> Result<BuiltDis
         &format!("{:?} after {:.1} s", report.rung, report.took.as_secs_f64()),
     );
     cx.leftovers.add(report.unwind);
+    // The top file holds what generalizing wrote: the chain's last layer.
+    #[expect(
+        clippy::expect_used,
+        reason = "the chain ends with the generalize layer"
+    )]
+    let layer = cx.chain.last().expect("the generalize layer");
+    cx.with_manifest(|m| {
+        m.layers.push(LayerKey {
+            component: layer.name.clone(),
+            key: layer.key.clone(),
+            from: None,
+            build: None,
+        })
+    });
+    let packages = cx.manifest().packages;
+    insert_layer(
+        cx,
+        Stage::Shutdown,
+        &layer.name,
+        &layer.key,
+        &chain.top,
+        packages.as_ref(),
+    )
+    .await?;
     Ok(BuiltDisk { chain })
+}
+
+/// Every layer came from the cache: the stages that would have made them are `cached`.
+pub fn all_cached(cx: &BuildContext<'_>) {
+    cx.cached(Stage::Boot, None);
+    for (index, component) in cx.plan.components.iter().enumerate() {
+        cx.cached(Stage::Component(index), Some(component.label()));
+    }
+    cx.cached(Stage::Generalize, None);
+    cx.cached(Stage::Shutdown, None);
 }
 
 // ─── 8. test ────────────────────────────────────────────────────────────────────────────

@@ -54,6 +54,10 @@ pub struct BuildArgs {
     /// the plan and the manifest). Without it such a parent is refused.
     #[arg(long)]
     resolve_tags: bool,
+    /// Take no layer from the layer cache: every component runs, and each new layer replaces
+    /// the cached one of its key (the cache is refreshed). See "The layer cache" in the README.
+    #[arg(long)]
+    no_cache: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -114,6 +118,7 @@ pub async fn main(args: BuildArgs) -> CliResult {
         keep_on_failure: args.keep_on_failure || args.on_error == OnError::Keep,
         accel: args.accel,
         qemu: None,
+        no_cache: args.no_cache,
         on_failure,
         leftovers: Default::default(),
     };
@@ -373,6 +378,7 @@ impl BuildObserver for Progress {
                 let (mark, style) = match *status {
                     "success" => ("✓", green),
                     "skipped" => ("↷", dim),
+                    "cached" => ("↺", dim),
                     _ => ("✗", red),
                 };
                 eprintln!(
@@ -424,6 +430,29 @@ impl BuildObserver for Progress {
                     "{dim}[{}]   layer:{dim:#} {layer} committed to {}{dim}{key}{dim:#}",
                     self.clock(),
                     file.display()
+                );
+            }
+            BuildEvent::LayerCache {
+                layer,
+                key,
+                status,
+                from,
+                build,
+                reason,
+            } => {
+                let short = &key[..12.min(key.len())];
+                let why = match (*status, reason, build, from) {
+                    ("cached", _, Some(b), Some(f)) if *f != "local" => {
+                        format!(" (made by {b}, from {f})")
+                    }
+                    ("cached", _, Some(b), _) => format!(" (made by {b})"),
+                    (_, Some(r), _, _) => format!(" ({r})"),
+                    _ => String::new(),
+                };
+                let style = if *status == "cached" { green } else { bold };
+                eprintln!(
+                    "{dim}[{}]   cache:{dim:#} {layer}  {style}{status}{style:#}  {dim}layer {short}{why}{dim:#}",
+                    self.clock()
                 );
             }
             BuildEvent::BuildFinished { .. } => {}

@@ -166,6 +166,10 @@ pub struct LayerRecord {
     /// The registry it was pulled from (`oci://host/repository`); `None`: built here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// The generalize layer's: the packages the image holds (read before generalizing), so
+    /// a build that takes every layer from the cache still lists them in its manifest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packages: Option<super::manifest::PackageList>,
 }
 
 /// What went into one layer's key (`build::plan` makes it from the plan), kept in the
@@ -396,6 +400,8 @@ pub struct Origin<'a> {
     pub inputs: Option<&'a LayerInputs>,
     /// The registry a pulled layer came from (`oci://host/repository`); `None`: built here.
     pub source: Option<&'a str>,
+    /// For [`LayerRecord::packages`].
+    pub packages: Option<&'a super::manifest::PackageList>,
 }
 
 /// A cached layer a build uses: holds a shared lock on its file, so no prune removes it
@@ -700,9 +706,25 @@ impl LayerCache {
             .tempfile_in(&self.dir)?;
         tmp.as_file().lock()?;
         let tmp_path = tmp.path().to_path_buf();
+        // Into the temporary file's own handle, never by its name: a build dropped mid-copy
+        // removes the name, and nothing can create it again.
         let source = file.to_path_buf();
-        let copy_to = tmp_path.clone();
-        blocking(move || fs_err::copy(&source, &copy_to).map(drop)).await??;
+        let mut copy_to = tmp.as_file().try_clone()?;
+        blocking(move || {
+            let (mut from, _) = File::open(&source)?.into_parts();
+            std::io::copy(&mut from, &mut copy_to)
+                .map(drop)
+                .map_err(|e| {
+                    std::io::Error::new(
+                        e.kind(),
+                        format!(
+                            "could not copy {} into the layer cache: {e}",
+                            source.display()
+                        ),
+                    )
+                })
+        })
+        .await??;
         img::rebase_unsafe(&tmp_path, &backing, format)
             .await
             .map_err(|source| LayerCacheError::Rebase {
@@ -724,6 +746,7 @@ impl LayerCache {
             build: origin.build.to_string(),
             inputs: origin.inputs.cloned().map(Box::new),
             source: origin.source.map(str::to_string),
+            packages: origin.packages.cloned(),
         };
         let cache = self.clone();
         blocking(move || cache.place(tmp, record)).await?
@@ -1026,6 +1049,34 @@ impl LayerCache {
             removed.extend(self.remove_layer(&doomed)?);
         }
         Ok(removed)
+    }
+
+    /// Remove the layer cached under `key` and every layer built on it, so a build can
+    /// insert its own (`--no-cache` refreshes the cache). Nothing is removed when one of
+    /// them is in use (a running build holds it): returns `false` then. `true` when the key
+    /// is free now.
+    pub fn evict(&self, key: &str) -> Result<bool, LayerCacheError> {
+        let key = check_key(key)?;
+        let _lock = self.store.lock()?;
+        let records = self.records();
+        let doomed: Vec<String> = std::iter::once(key.clone())
+            .chain(descendants(&records, &key))
+            .collect();
+        let mut held = Vec::new();
+        for k in &doomed {
+            let path = self.path(k);
+            if !path.is_file() {
+                continue;
+            }
+            match try_lock_exclusive(&path)? {
+                Some(lock) => held.push(lock),
+                None => return Ok(false),
+            }
+        }
+        for k in &doomed {
+            self.remove_layer(k)?;
+        }
+        Ok(true)
     }
 
     /// Remove a layer's record, then its file (a file left by a crash in between has no

@@ -97,6 +97,8 @@ pub enum Status {
     Failed,
     Skipped,
     Cancelled,
+    /// Not run: its result came from the layer cache.
+    Cached,
 }
 
 impl std::fmt::Display for Status {
@@ -105,6 +107,7 @@ impl std::fmt::Display for Status {
             Status::Success => "success",
             Status::Failed => "failed",
             Status::Skipped => "skipped",
+            Status::Cached => "cached",
             Status::Cancelled => "cancelled",
         })
     }
@@ -237,13 +240,21 @@ pub struct PhaseStatus {
     pub message: Option<String>,
 }
 
-/// The disk layer a component's changes were committed to.
+/// One layer of the build's disk: `boot`, a component's, or `generalize`, by its cache key;
+/// and, when the build took it from the layer cache, from where and which build made it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LayerKey {
     pub component: String,
-    /// sha256 of (parent layer key, component digest, parameters).
+    /// The layer cache's key (`build::cache`).
     pub key: String,
+    /// `local` (this store's cache) or the registry it was pulled from; absent when the
+    /// build ran it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// The earlier build that made the reused layer (`name/x.y.z/n`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

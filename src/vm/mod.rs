@@ -85,6 +85,11 @@ pub struct VmOptions {
     /// How much of cloud-init the seed lets run (our agent's channel only). Default: a full
     /// first boot.
     pub cloud_init: seed::CloudInitScope,
+    /// cloud-init's instance id on the seed (our agent's channel only). Default: a new one
+    /// per VM, so each boot is a first boot. A build gives every VM of one disk chain the
+    /// same id, so booting a cached layer again is a reboot to cloud-init (its per-instance
+    /// modules, and the user data's, do not run twice).
+    pub instance_id: Option<String>,
 }
 
 impl VmOptions {
@@ -105,6 +110,7 @@ impl VmOptions {
             boot_in_place: false,
             log_dir: None,
             cloud_init: seed::CloudInitScope::Full,
+            instance_id: None,
         }
     }
 }
@@ -446,7 +452,10 @@ impl RunningVm {
                 seed::write_seed_scoped(
                     &paths.seed,
                     &seed::SeedContent {
-                        instance_id: format!("builder-{}", uuid::Uuid::new_v4()),
+                        instance_id: options
+                            .instance_id
+                            .clone()
+                            .unwrap_or_else(|| format!("builder-{}", uuid::Uuid::new_v4())),
                         hostname: "builder".into(),
                         agent: Some(crate::agent::AGENT_BINARY.to_vec()),
                         user_data: user_data.clone(),

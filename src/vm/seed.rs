@@ -237,6 +237,33 @@ pub fn user_data(content: &SeedContent, scope: CloudInitScope) -> Result<String,
     Ok(out)
 }
 
+/// sha256 of what builder puts in a build VM's guest before the first component runs: the
+/// agent executable and our cloud-config (the bootcmd that installs and starts the agent,
+/// the readiness steps), in every scope a build uses. Part of the layer cache's root key: a
+/// new agent or new readiness steps make new layers.
+pub fn guest_digest() -> &'static str {
+    static DIGEST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DIGEST.get_or_init(guest_digest_uncached)
+}
+
+fn guest_digest_uncached() -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update(crate::agent::AGENT_BINARY);
+    for grow_root in [false, true] {
+        for has_user_data in [false, true] {
+            hasher.update(b"\n");
+            hasher.update(our_cloud_config(
+                true,
+                CloudInitScope::Build { grow_root },
+                has_user_data,
+            ));
+        }
+    }
+    hasher.update(NETWORK_DISABLED);
+    hex::encode(hasher.finalize())
+}
+
 fn meta_data(content: &SeedContent) -> String {
     // Both values are ours (a uuid and a fixed name), never user text, so plain lines are
     // valid YAML.

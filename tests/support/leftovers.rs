@@ -5,7 +5,7 @@
 //! Left behind means: a live process whose command line mentions the folder (QEMU, the VM
 //! folder's watcher, builder itself), anything in `run/`, a disk chain in `store/work/`, a
 //! build in `store/staging/`, anything in `store/trash/`, a `.partial` output in
-//! `store/images/`. Processes are found by command line
+//! `store/images/`, an insert in progress (`.tmp-*`) in `store/cache/layers/`. Processes are found by command line
 //! ([`builder::store::runner::processes_mentioning`]), never by name: QEMU renames itself
 //! (`-name …,process=builder-vm-…`), so `pgrep qemu-system` sees nothing. `Drop` waits a
 //! little (a killed builder's QEMU and watcher take a moment), kills what is still running,
@@ -75,6 +75,16 @@ impl NoLeftovers {
         ] {
             for e in fs_err::read_dir(&dir).into_iter().flatten().flatten() {
                 left.push(format!("file {}", e.path().display()));
+            }
+        }
+        // An insert into the layer cache in progress (store::layers) never outlives its build.
+        for e in fs_err::read_dir(self.store().join("cache/layers"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if e.file_name().to_string_lossy().starts_with(".tmp-") {
+                left.push(format!("layer cache insert {}", e.path().display()));
             }
         }
         for p in walk(&self.store().join("images")) {
