@@ -1007,10 +1007,21 @@ async fn insert_into(
         }
     }
     let image = cx.image();
+    // What went into the key, so a later plan can say what changed.
+    let inputs = match cx.chain[index].component {
+        Some(c) => Some(plan::layer_inputs(
+            &cx.chain[index - 1].key,
+            &cx.plan.components[c],
+        )),
+        None if index == 0 => Some(cx.plan.root_layer_inputs()),
+        None => None,
+    };
     let origin = Origin {
         component: name,
         build: &image,
         packages,
+        inputs: inputs.as_ref(),
+        ..Origin::default()
     };
     let started = Instant::now();
     match state.cache.insert(key, state.parent(), file, origin).await {
