@@ -925,7 +925,7 @@ async fn reuse_layers(cx: &BuildContext<'_>, base: &Base) -> Result<Vec<Layer>, 
     if let Some(last) = found.layers.last()
         && layers.len() == cx.chain.len()
     {
-        let packages = last.record.packages.clone();
+        let packages = last.record.packages.clone().map(|p| *p);
         cx.with_manifest(|m| m.packages = packages);
     }
     if let Some(cache) = layer_cache {
@@ -1021,7 +1021,6 @@ async fn insert_into(
         build: &image,
         packages,
         inputs: inputs.as_ref(),
-        ..Origin::default()
     };
     let started = Instant::now();
     match state.cache.insert(key, state.parent(), file, origin).await {

@@ -169,7 +169,7 @@ pub struct LayerRecord {
     /// The generalize layer's: the packages the image holds (read before generalizing), so
     /// a build that takes every layer from the cache still lists them in its manifest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub packages: Option<super::manifest::PackageList>,
+    pub packages: Option<Box<super::manifest::PackageList>>,
 }
 
 /// What went into one layer's key (`build::plan` makes it from the plan), kept in the
@@ -746,7 +746,7 @@ impl LayerCache {
             build: origin.build.to_string(),
             inputs: origin.inputs.cloned().map(Box::new),
             source: origin.source.map(str::to_string),
-            packages: origin.packages.cloned(),
+            packages: origin.packages.cloned().map(Box::new),
         };
         let cache = self.clone();
         blocking(move || cache.place(tmp, record)).await?
