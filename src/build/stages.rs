@@ -1021,6 +1021,8 @@ async fn insert_into(
         build: &image,
         packages,
         inputs: inputs.as_ref(),
+        // Built here (a pulled layer is inserted by distribute::oci::layers).
+        source: None,
     };
     let started = Instant::now();
     match state.cache.insert(key, state.parent(), file, origin).await {
