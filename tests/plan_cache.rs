@@ -150,6 +150,7 @@ impl Site {
                 build,
                 inputs: Some(&layer.inputs),
                 source,
+                ..Origin::default()
             };
             let inserted = runtime
                 .block_on(cache.insert(&layer.key, parent, &file, origin))
