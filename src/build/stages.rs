@@ -2193,6 +2193,79 @@ mod tests {
     }
 
     /// `RECIPE` with `replace` applied and `add` appended.
+    /// The chain the build walks: boot, each component, generalize; what may come from the
+    /// cache, and why the rest runs, with `cache: false` and `--no-cache`.
+    #[test]
+    fn the_layer_chain_and_what_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        fs_err::write(d.join("c.yml"), COMPONENT).unwrap();
+        fs_err::write(d.join("d.yml"), COMPONENT.replace("hello", "other")).unwrap();
+        fs_err::write(d.join("base.raw"), vec![0u8; 1 << 20]).unwrap();
+        let three = recipe_with(&[], "  - path: d.yml\n  - path: c.yml\n");
+        let plan = plan_of(d, &three).unwrap();
+        let chain = cache::chain(&plan);
+        let names: Vec<&str> = chain.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(names[0], "boot");
+        assert_eq!(names[4], "generalize");
+        assert_eq!(chain.len(), 5);
+        assert_eq!(chain[0].key, plan.root_layer_key());
+        for (i, c) in plan.components.iter().enumerate() {
+            assert_eq!(Some(&chain[i + 1].key), c.layer_key.as_ref());
+            assert_eq!(chain[i + 1].component, Some(i));
+        }
+        // The same component twice at different places has different keys.
+        assert_ne!(chain[1].key, chain[3].key);
+        assert_eq!(
+            chain[4].key,
+            cache::generalize_key(&chain[3].key, plan.generalize)
+        );
+        assert_eq!(cache::usable_prefix(&plan, &chain, false), 5);
+        assert_eq!(cache::usable_prefix(&plan, &chain, true), 0);
+        let reasons = cache::run_reasons(&plan, &chain, 2, false);
+        assert_eq!(
+            reasons,
+            [
+                cache::RunReason::NotCached,
+                cache::RunReason::Earlier(chain[2].name.clone()),
+                cache::RunReason::Earlier(chain[2].name.clone()),
+            ]
+        );
+        assert!(
+            cache::run_reasons(&plan, &chain, 0, true)
+                .iter()
+                .all(|r| *r == cache::RunReason::NoCache)
+        );
+
+        // `cache: false` on the second entry: it and everything above it always run.
+        let off = recipe_with(&[], "  - path: d.yml\n    cache: false\n  - path: c.yml\n");
+        let plan = plan_of(d, &off).unwrap();
+        let off_chain = cache::chain(&plan);
+        assert_eq!(
+            off_chain.iter().map(|l| &l.key).collect::<Vec<_>>(),
+            chain.iter().map(|l| &l.key).collect::<Vec<_>>(),
+            "`cache: false` is not part of any key"
+        );
+        assert_eq!(cache::usable_prefix(&plan, &off_chain, false), 2);
+        assert_eq!(
+            cache::run_reasons(&plan, &off_chain, 2, false)[0],
+            cache::RunReason::CacheOff
+        );
+        // The build VM's cloud-init instance is the chain's, whatever the build.
+        let vm = launch_options(
+            &plan,
+            &BuildOptions::default(),
+            false,
+            WhichVm::Build,
+            d,
+            d.join("logs"),
+        );
+        assert_eq!(
+            vm.vm.instance_id,
+            Some(format!("builder-{}", &chain[0].key[..16]))
+        );
+    }
+
     fn recipe_with(replace: &[(&str, &str)], add: &str) -> String {
         let mut text = RECIPE.to_string();
         for (from, to) in replace {
