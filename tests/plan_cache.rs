@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use builder::build::plan::{self, Plan};
-use builder::build::reuse;
+use builder::build::{cache, reuse};
 use builder::store::Store;
 use builder::store::layers::{LayerParent, Origin};
 use builder::vm::DiskFormat;
@@ -129,7 +129,9 @@ impl Site {
         let work = self.path(&format!("work-{}", build.replace('/', "-")));
         fs_err::create_dir_all(&work).expect("work");
         let mut below: (PathBuf, Option<(String, String)>) = (base.clone(), None);
-        for (i, layer) in reuse::chain(&plan).iter().enumerate() {
+        let chain = cache::chain(&plan);
+        for (i, layer) in chain.iter().enumerate() {
+            let inputs = reuse::inputs(&plan, &chain, i);
             let file = work.join(format!("{i}.qcow2"));
             image(
                 &file,
@@ -148,7 +150,7 @@ impl Site {
             let origin = Origin {
                 component: &layer.name,
                 build,
-                inputs: Some(&layer.inputs),
+                inputs: Some(&inputs),
                 source,
                 ..Origin::default()
             };
@@ -385,7 +387,7 @@ fn cache_false_runs_its_component_and_every_later_one() {
         [
             ("cached", "web/1.0.0/1"),
             ("cached", "web/1.0.0/1"),
-            ("run", "`cache: false` on this entry"),
+            ("run", "its recipe entry says `cache: false`"),
             ("run", "an earlier layer runs (caller)"),
             ("run", "an earlier layer runs (caller)"),
         ]

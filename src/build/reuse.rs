@@ -11,72 +11,29 @@
 use std::path::PathBuf;
 
 use chrono::{DateTime, Utc};
-use sha2::{Digest, Sha256};
 
+use super::cache::{self, ChainLayer, RunReason};
 use super::plan::{self, Plan, PlannedParent};
 use crate::store::layers::{
     Damage, InputChange, LayerCache, LayerCacheError, LayerInputs, LayerRecord, Peeked,
 };
 use crate::store::{Store, base};
 
-/// The chain's names for the two layers that are not a component's.
-pub const BOOT: &str = "boot";
-pub const GENERALIZE: &str = "generalize";
-
-/// One layer of a plan's chain, with what went into its key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Layer {
-    /// `boot`, the component's label, or `generalize`.
-    pub name: String,
-    pub key: String,
-    /// The component's index in the plan; `None` for the boot and generalize layers.
-    pub component: Option<usize>,
-    pub inputs: LayerInputs,
-}
-
-/// The plan's layer chain: boot, each component, generalize.
-pub fn chain(plan: &Plan) -> Vec<Layer> {
-    let mut chain = vec![Layer {
-        name: BOOT.into(),
-        key: plan.root_layer_key(),
-        component: None,
-        inputs: plan.root_layer_inputs(),
-    }];
-    for (index, component) in plan.components.iter().enumerate() {
-        let previous = chain[index].key.clone();
-        chain.push(Layer {
-            name: component.label().to_string(),
-            key: component
-                .layer_key
-                .clone()
-                .unwrap_or_else(|| plan::layer_key(&previous, component)),
-            component: Some(index),
-            inputs: plan::layer_inputs(&previous, component),
-        });
-    }
-    let last = chain[chain.len() - 1].key.clone();
-    chain.push(Layer {
-        name: GENERALIZE.into(),
-        key: generalize_key(&last, plan.generalize),
-        component: None,
-        inputs: LayerInputs {
-            layer: GENERALIZE.into(),
+/// What went into the key of layer `index` of `plan`'s chain ([`cache::chain`]), for its
+/// record and for comparing with a cached layer's: the boot layer's settings, a
+/// component's document, parameters and reached documents, whether generalize seals.
+pub fn inputs(plan: &Plan, chain: &[ChainLayer], index: usize) -> LayerInputs {
+    let previous = index.checked_sub(1).map(|p| chain[p].key.clone());
+    match (chain[index].component, &previous) {
+        (Some(c), Some(previous)) => plan::layer_inputs(previous, &plan.components[c]),
+        _ if index == 0 => plan.root_layer_inputs(),
+        _ => LayerInputs {
+            layer: chain[index].name.clone(),
             settings: [("generalize".to_string(), plan.generalize.to_string())].into(),
-            previous: Some(last),
+            previous,
             ..LayerInputs::default()
         },
-    });
-    chain
-}
-
-/// The generalize layer's key: the last component's key and whether the recipe seals the
-/// image.
-fn generalize_key(previous: &str, seal: bool) -> String {
-    let mut hasher = Sha256::new();
-    hasher.update(b"generalize\n");
-    hasher.update(previous.as_bytes());
-    hasher.update(if seal { b"\nseal" } else { b"\nkeep" });
-    hex::encode(hasher.finalize())
+    }
 }
 
 /// What a build would do with one layer.
@@ -92,18 +49,17 @@ pub struct Preview {
 pub enum Status {
     /// Taken from the cache (the build verifies its sha256 first).
     Cached(Box<LayerRecord>),
-    Run(Why),
+    /// Runs, for the reason the build gives ([`cache::run_reasons`]); a layer that is not
+    /// cached says more ([`Missing`]).
+    Run {
+        reason: RunReason,
+        missing: Option<Missing>,
+    },
 }
 
-/// Why a layer runs.
+/// Why a layer the build may take from the cache is not there.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Why {
-    /// `--no-cache`.
-    NoCache,
-    /// The component's entry says `cache: false`.
-    CacheOff,
-    /// A layer below runs (named), so this one is written on new bytes.
-    Earlier(String),
+pub enum Missing {
     /// No layer is cached at this place in the chain.
     NothingCached,
     /// A layer of the same component on the same parent key is cached, made by `build`,
@@ -116,72 +72,75 @@ pub enum Why {
     Damaged(Damage),
 }
 
-impl std::fmt::Display for Why {
+impl std::fmt::Display for Missing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Why::NoCache => f.write_str("--no-cache"),
-            Why::CacheOff => f.write_str("`cache: false` on this entry"),
-            Why::Earlier(name) => write!(f, "an earlier layer runs ({name})"),
-            Why::NothingCached => f.write_str("nothing cached for this chain yet"),
-            Why::Changed { build, changes } if changes.is_empty() => write!(
+            Missing::NothingCached => f.write_str("nothing cached for this chain yet"),
+            Missing::Changed { build, changes } if changes.is_empty() => write!(
                 f,
                 "the layer cached here (made by {build}) was built from other inputs"
             ),
-            Why::Changed { build, changes } => {
+            Missing::Changed { build, changes } => {
                 let changes: Vec<String> = changes.iter().map(ToString::to_string).collect();
                 write!(f, "{} (since {build})", changes.join("; "))
             }
-            Why::Damaged(damage) => write!(f, "the cached layer is damaged: {damage}"),
+            Missing::Damaged(damage) => write!(f, "the cached layer is damaged: {damage}"),
+        }
+    }
+}
+
+impl Status {
+    /// Why it runs, in words; `None` when it is cached.
+    pub fn why(&self) -> Option<String> {
+        match self {
+            Status::Cached(_) => None,
+            Status::Run {
+                missing: Some(missing),
+                ..
+            } => Some(missing.to_string()),
+            Status::Run { reason, .. } => Some(reason.to_string()),
         }
     }
 }
 
 /// For each layer of `plan`'s chain, whether a build would take it from `cache` or run it,
-/// and why. `no_cache`: `--no-cache` (nothing is read then).
+/// and why: the build's own rules ([`cache::usable_prefix`], [`cache::run_reasons`]) on
+/// what [`LayerCache::peek`] sees. `no_cache`: `--no-cache` (nothing is read then).
 pub fn preview(
     plan: &Plan,
     cache: &LayerCache,
     no_cache: bool,
 ) -> Result<Vec<Preview>, LayerCacheError> {
-    let chain = chain(plan);
-    let peeked = if no_cache {
-        vec![Peeked::Missing; chain.len()]
-    } else {
-        let keys: Vec<String> = chain.iter().map(|l| l.key.clone()).collect();
-        cache.peek(parent_image(plan, cache.store()).as_deref(), &keys)?
-    };
-    let mut out: Vec<Preview> = Vec::with_capacity(chain.len());
-    let mut runs_from: Option<&str> = None;
-    for (i, (layer, peeked)) in chain.iter().zip(peeked).enumerate() {
-        let cache_off = layer
-            .component
-            .and_then(|c| plan.components.get(c))
-            .is_some_and(|c| !c.cache);
-        let why = if no_cache {
-            Why::NoCache
-        } else if let Some(earlier) = runs_from {
-            Why::Earlier(earlier.to_string())
-        } else if cache_off {
-            Why::CacheOff
-        } else {
-            match peeked {
-                Peeked::Cached(record) => {
-                    out.push(Preview {
-                        name: layer.name.clone(),
-                        key: layer.key.clone(),
-                        status: Status::Cached(Box::new(record)),
-                    });
-                    continue;
-                }
-                Peeked::Damaged(damage) => Why::Damaged(damage),
-                Peeked::Missing => missing(plan, cache, &chain, i)?,
+    let chain = cache::chain(plan);
+    let usable = cache::usable_prefix(plan, &chain, no_cache);
+    let keys: Vec<String> = chain[..usable].iter().map(|l| l.key.clone()).collect();
+    let peeked = cache.peek(parent_image(plan, cache.store()).as_deref(), &keys)?;
+    let cached = peeked
+        .iter()
+        .position(|p| !matches!(p, Peeked::Cached(_)))
+        .unwrap_or(peeked.len());
+    let mut reasons = cache::run_reasons(plan, &chain, cached, no_cache).into_iter();
+    let mut peeked = peeked.into_iter();
+    let mut out = Vec::with_capacity(chain.len());
+    for (i, layer) in chain.iter().enumerate() {
+        let status = match peeked.next() {
+            Some(Peeked::Cached(record)) if i < cached => Status::Cached(Box::new(record)),
+            seen => {
+                let reason = reasons.next().unwrap_or(RunReason::NotCached);
+                let missing = match (&reason, seen) {
+                    (RunReason::NotCached, Some(Peeked::Damaged(damage))) => {
+                        Some(Missing::Damaged(damage))
+                    }
+                    (RunReason::NotCached, _) => Some(missing(plan, cache, &chain, i)?),
+                    _ => None,
+                };
+                Status::Run { reason, missing }
             }
         };
-        runs_from.get_or_insert(&layer.name);
         out.push(Preview {
             name: layer.name.clone(),
             key: layer.key.clone(),
-            status: Status::Run(why),
+            status,
         });
     }
     Ok(out)
@@ -192,9 +151,9 @@ pub fn preview(
 fn missing(
     plan: &Plan,
     cache: &LayerCache,
-    chain: &[Layer],
+    chain: &[ChainLayer],
     i: usize,
-) -> Result<Why, LayerCacheError> {
+) -> Result<Missing, LayerCacheError> {
     let layer = &chain[i];
     let parent = i.checked_sub(1).map(|p| chain[p].key.as_str());
     let ours = format!("{}/", plan.recipe.name);
@@ -203,12 +162,12 @@ fn missing(
         .into_iter()
         .find(|r| r.component == layer.name && (parent.is_some() || r.build.starts_with(&ours)));
     Ok(match sibling {
-        None => Why::NothingCached,
-        Some(record) => Why::Changed {
+        None => Missing::NothingCached,
+        Some(record) => Missing::Changed {
             changes: record
                 .inputs
                 .as_deref()
-                .map(|before| layer.inputs.changes(before))
+                .map(|before| inputs(plan, chain, i).changes(before))
                 .unwrap_or_default(),
             build: record.build,
         },

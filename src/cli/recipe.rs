@@ -11,7 +11,7 @@ use builder::build::plan::{
     self, ParentResolver, Plan, PlanError, PlannedComponent, PlannedParent, ResolveError, Stage,
     StoredParent,
 };
-use builder::build::reuse::{self, Preview, Status, Why};
+use builder::build::reuse::{self, Missing, Preview, Status};
 use builder::diagnostic::{Diagnostics, Severity};
 use builder::recipe::{Format, VersionPattern};
 use builder::store::LayerCache;
@@ -322,7 +322,7 @@ impl From<&Preview> for JsonLayer {
     fn from(p: &Preview) -> Self {
         let pulled_from = match &p.status {
             Status::Cached(record) => record.source.clone(),
-            Status::Run(_) => None,
+            Status::Run { .. } => None,
         };
         let (status, build, last_used, reason, changes) = match &p.status {
             Status::Cached(record) => (
@@ -332,14 +332,14 @@ impl From<&Preview> for JsonLayer {
                 None,
                 Vec::new(),
             ),
-            Status::Run(why) => {
-                let changes = match why {
-                    Why::Changed { changes, .. } => {
+            Status::Run { missing, .. } => {
+                let changes = match missing {
+                    Some(Missing::Changed { changes, .. }) => {
                         changes.iter().map(ToString::to_string).collect()
                     }
                     _ => Vec::new(),
                 };
-                ("run", None, None, Some(why.to_string()), changes)
+                ("run", None, None, p.status.why(), changes)
             }
         };
         JsonLayer {
@@ -372,7 +372,10 @@ fn layer_line(s: &mut String, layer: &Preview, pad: usize) {
                 let _ = write!(s, ", pulled from {source}");
             }
         }
-        Status::Run(Why::Changed { build, changes }) if !changes.is_empty() => {
+        Status::Run {
+            missing: Some(Missing::Changed { build, changes }),
+            ..
+        } if !changes.is_empty() => {
             let _ = write!(
                 s,
                 "\n{:pad$}will run  layer {short}: changed since the layer {build} made here:",
@@ -382,7 +385,8 @@ fn layer_line(s: &mut String, layer: &Preview, pad: usize) {
                 let _ = write!(s, "\n{:pad$}            {change}", "");
             }
         }
-        Status::Run(why) => {
+        Status::Run { .. } => {
+            let why = layer.status.why().unwrap_or_default();
             let _ = write!(s, "\n{:pad$}will run  layer {short}: {why}", "");
         }
     }
