@@ -928,11 +928,15 @@ impl LayerCache {
                 expected: parent.map(str::to_string),
             }));
         }
-        if record.parent.is_none() {
+        // Without `base` the parent image is not here yet, so neither is the file a first
+        // layer is backed by: the build fetches it first.
+        if record.parent.is_none()
+            && let Some(wanted) = base
+        {
             let backing = self.dir.join(&record.backing);
-            match (fs_err::canonicalize(&backing), base) {
-                (Err(_), _) => return Ok(Peeked::Damaged(Damage::BaseMissing(backing))),
-                (Ok(cached), Some(wanted)) if cached != wanted => {
+            match fs_err::canonicalize(&backing) {
+                Err(_) => return Ok(Peeked::Damaged(Damage::BaseMissing(backing))),
+                Ok(cached) if cached != wanted => {
                     return Ok(Peeked::Damaged(Damage::BaseDiffers {
                         cached,
                         wanted: wanted.to_path_buf(),
@@ -1872,6 +1876,19 @@ mod tests {
         let record = cache.read_record(&key(3)).ok().expect("record");
         assert_eq!(record.inputs, Some(Box::new(inputs)));
         assert!(before[0].inputs.is_none());
+
+        // A parent image not on this machine yet (`None`: the build downloads it first) is
+        // not held against a first layer; one that should be here and is gone is.
+        fs_err::remove_file(&t.base).expect("rm base");
+        assert!(matches!(
+            cache.peek(None, &chain(&[3])).expect("peek")[0],
+            Peeked::Cached(_)
+        ));
+        let seen = cache.peek(Some(&t.base), &chain(&[3])).expect("peek");
+        assert!(
+            matches!(seen[0], Peeked::Damaged(Damage::BaseMissing(_))),
+            "{seen:?}"
+        );
     }
 
     #[test]
