@@ -20,7 +20,7 @@ use builder::build::{
 };
 use builder::component::executor::{Event, Observer};
 use builder::digest::Hashed;
-use builder::recipe::Accelerator;
+use builder::recipe::{Accelerator, OciReference};
 use builder::vm::ErrorClass;
 
 #[derive(Debug, Args)]
@@ -58,6 +58,19 @@ pub struct BuildArgs {
     /// the cached one of its key (the cache is refreshed). See "The layer cache" in the README.
     #[arg(long)]
     no_cache: bool,
+    /// A shared layer cache (`oci://registry[:port]/repository`) to pull the layers the local
+    /// cache lacks from, before the build VM boots; repeat it to try several in order.
+    /// Replaces the recipe's `cache.from`.
+    #[arg(long, value_name = "REF", value_parser = parse_cache_repository)]
+    cache_from: Vec<OciReference>,
+    /// A shared layer cache (`oci://registry[:port]/repository`) to push the build's layers
+    /// to once the image is stored. Replaces the recipe's `cache.to`.
+    #[arg(long, value_name = "REF", value_parser = parse_cache_repository)]
+    cache_to: Option<OciReference>,
+}
+
+fn parse_cache_repository(s: &str) -> Result<OciReference, String> {
+    OciReference::parse_repository(s).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -105,8 +118,15 @@ pub async fn main(args: BuildArgs) -> CliResult {
         plan::plan(validated, &store, &env, &mut progress)
     };
     hashing.end();
-    let plan = planned.map_err(super::recipe::failure)?;
+    let mut plan = planned.map_err(super::recipe::failure)?;
     super::recipe::show_resolved_tag(&plan);
+    // Where layers are shared is in no key: the flags replace the recipe's after planning.
+    if !args.cache_from.is_empty() {
+        plan.shared_cache.from = args.cache_from.clone();
+    }
+    if let Some(to) = &args.cache_to {
+        plan.shared_cache.to = Some(to.clone());
+    }
 
     let on_failure: Option<std::sync::Arc<dyn FailureShell>> = (args.on_error == OnError::Shell)
         .then(|| {

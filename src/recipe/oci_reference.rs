@@ -154,6 +154,29 @@ impl fmt::Display for OciReference {
     }
 }
 
+impl OciReference {
+    /// `oci://registry[:port]/repository`, without a tag or digest: a shared layer cache
+    /// (`cache.from`, `--cache-from`), whose layers are each tagged with their key.
+    pub fn parse_repository(text: &str) -> Result<OciReference, OciReferenceError> {
+        let bad = |reason: String| OciReferenceError {
+            reference: text.to_string(),
+            reason,
+        };
+        let rest = text
+            .strip_prefix("oci://")
+            .ok_or_else(|| bad("a shared layer cache is named with its scheme, `oci://`".into()))?;
+        let reference: OciReference = rest.parse().map_err(|e: OciReferenceError| bad(e.reason))?;
+        if reference.tag.is_some() || reference.digest.is_some() {
+            return Err(bad(
+                "a shared layer cache is a repository: leave out the tag or digest (each layer \
+                 is tagged with its key)"
+                    .into(),
+            ));
+        }
+        Ok(reference)
+    }
+}
+
 /// As its text (`host[:port]/repository[:tag][@sha256:…]`), in plans.
 impl serde::Serialize for OciReference {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
@@ -174,6 +197,24 @@ mod tests {
 
     fn parse(s: &str) -> Result<OciReference, OciReferenceError> {
         s.parse()
+    }
+
+    #[test]
+    fn a_shared_cache_is_an_oci_repository_without_tag_or_digest() {
+        let r = OciReference::parse_repository("oci://127.0.0.1:5000/cache/web").expect("ok");
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str()),
+            ("127.0.0.1:5000", "cache/web")
+        );
+        assert_eq!((r.tag, r.digest), (None, None));
+        for (text, says) in [
+            ("127.0.0.1:5000/cache/web", "`oci://`"),
+            ("oci://127.0.0.1:5000/cache/web:1", "leave out the tag"),
+            ("oci://127.0.0.1:5000/Cache", "lower-case"),
+        ] {
+            let e = OciReference::parse_repository(text).expect_err(text);
+            assert!(e.to_string().contains(says), "{e}");
+        }
     }
 
     #[test]

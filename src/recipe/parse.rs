@@ -1403,32 +1403,13 @@ pub(crate) fn shared_cache(cx: &mut Reader<'_>, node: &Node) -> Option<SharedCac
 /// `oci://registry[:port]/repository`: a repository, since each layer's tag is its key.
 fn cache_repository(cx: &mut Reader<'_>, node: &Node, what: &str) -> Option<OciReference> {
     let text = cx.string(node, what)?;
-    let example = "`oci://registry[:port]/repository`";
-    let Some(rest) = text.strip_prefix("oci://") else {
-        cx.error(
-            node.span,
-            format!("{what} must be an `oci://` reference, found `{text}`"),
-            Some(format!("write {example}")),
-        );
-        return None;
-    };
-    match rest.parse::<OciReference>() {
+    match OciReference::parse_repository(&text) {
+        Ok(reference) => Some(reference),
         Err(e) => {
-            cx.error(node.span, e.to_string(), Some(format!("write {example}")));
+            let hint = "write `oci://registry[:port]/repository`".to_string();
+            cx.error(node.span, e.to_string(), Some(hint));
             None
         }
-        Ok(r) if r.tag.is_some() || r.digest.is_some() => {
-            cx.error(
-                node.span,
-                format!("`{text}` names a tag or a digest; a shared layer cache is a repository"),
-                Some(format!(
-                    "write `oci://{}/{}` (each layer is tagged with its key)",
-                    r.registry, r.repository
-                )),
-            );
-            None
-        }
-        Ok(r) => Some(r),
     }
 }
 
