@@ -397,3 +397,171 @@ async fn a_layer_on_another_parent_or_with_a_corrupt_blob_is_refused() {
     assert_eq!(found.layers.len(), 2);
     assert!(found.discarded.is_empty());
 }
+
+const HELLO: &str = "name: hello\nschemaVersion: 1.0\nphases:\n  - name: build\n    steps:\n      - name: say\n        action: ExecuteBash\n        inputs:\n          commands: [echo hello]\n";
+const RECIPE: &str = "name: shared\nversion: 1.0.0\nparentImage: base.qcow2\ncomponents:\n  - path: hello.yml\ntests: {enabled: false}\noutputs: {formats: [qcow2]}\n";
+
+/// A recipe folder (its parent image, one component) at `dir`, the parent copied from
+/// `parent` when given.
+fn site(dir: &Path, parent: Option<&Path>) {
+    fs_err::create_dir_all(dir).expect("site");
+    match parent {
+        Some(parent) => drop(fs_err::copy(parent, dir.join("base.qcow2")).expect("copy")),
+        None => qcow2::image(&dir.join("base.qcow2"), None, "0x11", "0", "64k"),
+    }
+    fs_err::write(dir.join("hello.yml"), HELLO).expect("component");
+    fs_err::write(dir.join("recipe.yml"), RECIPE).expect("recipe");
+}
+
+/// `builder build --json` of the recipe in `dir` on the store `store`, plain HTTP to
+/// `registry`: exit code, events, stderr.
+fn build(
+    dir: &Path,
+    store: &Path,
+    registry: &str,
+    args: &[&str],
+) -> (Option<i32>, Vec<serde_json::Value>, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_builder"))
+        .args(["build", "--json", "--store"])
+        .arg(store)
+        .args(args)
+        .arg("recipe.yml")
+        .current_dir(dir)
+        .env("NO_COLOR", "1")
+        .env("BUILDER_INSECURE_REGISTRIES", registry)
+        .output()
+        .expect("builder build runs");
+    let events = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    (
+        out.status.code(),
+        events,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A build on a store whose cache is empty, with `--cache-from` a repository that holds its
+/// whole chain (pushed from another machine's cache, whose parent image is elsewhere):
+/// every layer is pulled and reused, so no build VM boots (no QEMU is needed); the events
+/// and the manifest name the repository; `--cache-to` the same repository sends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_takes_every_layer_from_a_shared_cache_and_boots_no_vm() {
+    let registry = TestRegistry::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (site_a, site_b) = (dir.path().join("a"), dir.path().join("b"));
+    site(&site_a, None);
+    site(&site_b, Some(&site_a.join("base.qcow2")));
+
+    // Machine A's cache holds the recipe's chain; it pushes it.
+    let store_a = Store::open(dir.path().join("store-a")).expect("store A");
+    let (plan, _) = builder::build::plan::make(&site_a.join("recipe.yml"), &store_a, &mut |_| {})
+        .expect("plan");
+    let chain = builder::build::cache::chain(&plan);
+    let keys: Vec<String> = chain.iter().map(|l| l.key.clone()).collect();
+    let cache_a = store_a.layers().expect("cache A");
+    let base = site_a.join("base.qcow2");
+    let mut below: Option<(PathBuf, String, String)> = None;
+    for (i, layer) in chain.iter().enumerate() {
+        let file = dir.path().join(format!("work/{i}.qcow2"));
+        let backing = below.as_ref().map_or(base.clone(), |b| b.0.clone());
+        image(&file, Some(&backing), "0x5a", &format!("{}k", 64 * (i + 1)));
+        let parent = match &below {
+            None => LayerParent::Base {
+                path: &base,
+                format: DiskFormat::Qcow2,
+            },
+            Some((_, key, sha256)) => LayerParent::Layer { key, sha256 },
+        };
+        let origin = Origin {
+            component: &layer.name,
+            build: "shared/1.0.0/1",
+            ..Origin::default()
+        };
+        let inserted = cache_a
+            .insert(&layer.key, parent, &file, origin)
+            .await
+            .expect("insert into A");
+        below = Some((
+            inserted.layer.path.clone(),
+            layer.key.clone(),
+            inserted.layer.record.sha256.clone(),
+        ));
+    }
+    let at = repository(&registry, "cache/shared");
+    assert_eq!(push(&cache_a, &at, &keys).await.pushed, keys);
+
+    // Machine B builds the same recipe from its own folder, its cache empty.
+    let from = format!("oci://{at}");
+    let (code, events, stderr) = tokio::task::spawn_blocking({
+        let (site_b, store_b, host) = (site_b.clone(), dir.path().join("store-b"), registry.host());
+        move || {
+            build(
+                &site_b,
+                &store_b,
+                &host,
+                &["--cache-from", &from, "--cache-to", &from],
+            )
+        }
+    })
+    .await
+    .expect("build");
+    assert_eq!(code, Some(0), "{stderr}");
+    let of = |name: &str| -> Vec<&serde_json::Value> {
+        events.iter().filter(|e| e["event"] == name).collect()
+    };
+    let layers: Vec<(String, String, String)> = of("layerCache")
+        .iter()
+        .map(|e| {
+            let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+            (text(&e["key"]), text(&e["status"]), text(&e["from"]))
+        })
+        .collect();
+    let location = layers::location(&at);
+    let expected: Vec<(String, String, String)> = keys
+        .iter()
+        .map(|k| (k.clone(), "cached".to_string(), location.clone()))
+        .collect();
+    assert_eq!(layers, expected, "{stderr}");
+    assert!(
+        !of("stageStarted").iter().any(|e| e["stage"] == "boot"),
+        "a build VM booted"
+    );
+    let said: Vec<String> = of("progress")
+        .iter()
+        .filter_map(|e| e["message"].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        said.iter().any(
+            |m| m.contains(&location) && m.contains(&format!("pulled {} layer(s)", keys.len()))
+        ),
+        "{said:#?}"
+    );
+    assert!(
+        said.iter()
+            .any(|m| m.contains(&format!("pushed 0 layer(s), {} already there", keys.len()))),
+        "{said:#?}"
+    );
+
+    // The manifest says where each reused layer came from.
+    let finished = of("buildFinished");
+    let image = finished[0]["image"].as_str().expect("image");
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &fs_err::read(
+            dir.path()
+                .join("store-b/images")
+                .join(image)
+                .join("manifest.json"),
+        )
+        .expect("manifest"),
+    )
+    .expect("json");
+    let froms: Vec<&str> = manifest["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| l["from"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(froms, vec![location.as_str(); keys.len()]);
+}

@@ -20,6 +20,14 @@
 //! the layer before it; once an insert is refused (another build won the race for a key
 //! with other bytes), later layers are not inserted. With `--no-cache` an existing layer is
 //! evicted first, so the cache is refreshed.
+//!
+//! **Shared caches** (the recipe's `cache`, `--cache-from`, `--cache-to`;
+//! [`crate::distribute::oci::layers`]): before the lookup, [`pull_shared`] pulls the layers
+//! of the usable prefix the local cache lacks from each `from` repository in turn, so the
+//! lookup finds (and verifies) them like layers built here. Once the image is stored,
+//! [`push_shared`] pushes the chain's cached layers to `to`: after the build rather than
+//! after each insert, so an upload never holds the build VM up and only layers of a build
+//! that passed its tests are shared. Neither ever fails a build: what goes wrong is a warning.
 
 use std::path::Path;
 
@@ -27,7 +35,11 @@ use sha2::{Digest, Sha256};
 
 use super::generalize;
 use super::plan::Plan;
-use crate::store::layers::{CachedLayer, LayerCache, LayerParent, Lookup};
+use crate::diagnostic::error_chain;
+use crate::distribute::Progress;
+use crate::distribute::oci::OciOptions;
+use crate::distribute::oci::layers::{location, pull_layers, push_layers};
+use crate::store::layers::{CachedLayer, LayerCache, LayerParent, Lookup, Peeked};
 
 /// The chain's names for the two layers that are not a component's.
 pub const BOOT: &str = "boot";
@@ -167,6 +179,110 @@ pub async fn lookup(
     }
     let keys: Vec<String> = chain[..usable].iter().map(|l| l.key.clone()).collect();
     cache.lookup(base, &keys).await
+}
+
+/// Pull from the plan's shared caches (`cache.from`, in order) the layers of
+/// `chain[..usable]` the local cache lacks, each repository going on from where the local
+/// cache (and the repositories before it) left off. `base` is the parent image the plan
+/// verified, read as `base_format`. Returns a warning for each repository that failed; what
+/// was pulled before a failure stays cached.
+pub async fn pull_shared(
+    plan: &Plan,
+    cache: &LayerCache,
+    base: &Path,
+    base_format: crate::vm::DiskFormat,
+    chain: &[ChainLayer],
+    usable: usize,
+    progress: &dyn Progress,
+) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let keys: Vec<String> = chain[..usable.min(chain.len())]
+        .iter()
+        .map(|l| l.key.clone())
+        .collect();
+    if keys.is_empty() {
+        return warnings;
+    }
+    let options = OciOptions::from_env();
+    for reference in &plan.shared_cache.from {
+        let have = cached_prefix(cache, base, &keys);
+        if have == keys.len() {
+            break;
+        }
+        let source = location(reference);
+        let pulled = pull_layers(
+            cache,
+            reference,
+            base,
+            base_format,
+            &keys,
+            have,
+            &options,
+            progress,
+        )
+        .await;
+        match pulled {
+            Ok(pulled) => {
+                let said = format!("pulled {} layer(s)", pulled.pulled.len());
+                match pulled.stopped {
+                    Some(why) if pulled.cached < keys.len() => {
+                        progress.step(&source, &format!("{said}; {why}"));
+                    }
+                    _ => progress.step(&source, &said),
+                }
+            }
+            Err(e) => warnings.push(format!(
+                "could not pull cached layers from {source}: {}",
+                error_chain(&e)
+            )),
+        }
+    }
+    warnings
+}
+
+/// How many layers at the start of `keys` the local cache holds, by their records and sizes
+/// (the lookup then verifies them).
+fn cached_prefix(cache: &LayerCache, base: &Path, keys: &[String]) -> usize {
+    cache.peek(Some(base), keys).map_or(0, |seen| {
+        seen.iter()
+            .take_while(|p| matches!(p, Peeked::Cached(_)))
+            .count()
+    })
+}
+
+/// Push the chain's cached layers to the plan's shared cache (`cache.to`), if it names one.
+/// Returns a warning when the push failed.
+pub async fn push_shared(
+    plan: &Plan,
+    cache: &LayerCache,
+    chain: &[ChainLayer],
+    progress: &dyn Progress,
+) -> Option<String> {
+    let to = plan.shared_cache.to.as_ref()?;
+    let source = location(to);
+    let keys: Vec<String> = chain.iter().map(|l| l.key.clone()).collect();
+    match push_layers(cache, to, &keys, &OciOptions::from_env(), progress).await {
+        Ok(pushed) => {
+            let mut said = format!(
+                "pushed {} layer(s), {} already there",
+                pushed.pushed.len(),
+                pushed.present.len()
+            );
+            if let Some(conflict) = &pushed.conflict {
+                said.push_str(&format!(
+                    "; layer {} is there as another copy (sha256 {}, the first push wins): it \
+                     and the layers above it stay unshared",
+                    conflict.key, conflict.theirs
+                ));
+            }
+            progress.step(&source, &said);
+            None
+        }
+        Err(e) => Some(format!(
+            "could not push the layer cache to {source}: {}",
+            error_chain(&e)
+        )),
+    }
 }
 
 /// What a build needs to go on inserting: the cache, the layer the next one is written on,

@@ -641,22 +641,52 @@ impl DownloadProgress for DownloadBar<'_, '_> {
     }
 }
 
-/// Pull progress as build events (one per MiB at most), like [`DownloadBar`].
-struct PullBar<'a, 'b>(&'b BuildContext<'a>, Mutex<u64>);
+/// Registry transfers as build events in `stage` (one per MiB at most per thing moved), like
+/// [`DownloadBar`]: the parent image's pull, and the shared layer cache's pulls and pushes.
+struct PullBar<'a, 'b> {
+    cx: &'b BuildContext<'a>,
+    stage: Stage,
+    /// What the events name; `None`: the target and what the registry code names.
+    what: Option<&'static str>,
+    /// The last thing reported and its bytes.
+    last: Mutex<(String, u64)>,
+}
+
+impl<'a, 'b> PullBar<'a, 'b> {
+    fn new(cx: &'b BuildContext<'a>, stage: Stage, what: Option<&'static str>) -> Self {
+        Self {
+            cx,
+            stage,
+            what,
+            last: Mutex::new((String::new(), 0)),
+        }
+    }
+}
 
 impl crate::distribute::Progress for PullBar<'_, '_> {
-    fn step(&self, _target: &str, message: &str) {
-        self.0.progress(Stage::Fetch, message);
+    fn step(&self, target: &str, message: &str) {
+        match self.what {
+            Some(_) => self.cx.progress(self.stage, message),
+            None => self
+                .cx
+                .progress(self.stage, &format!("{target}: {message}")),
+        }
     }
-    fn transfer(&self, _target: &str, _what: &str, done: u64, total: Option<u64>) {
-        let Ok(mut last) = self.1.lock() else { return };
-        if done < *last + (1 << 20) && Some(done) != total {
+    fn transfer(&self, target: &str, what: &str, done: u64, total: Option<u64>) {
+        let what = match self.what {
+            Some(what) => what.to_string(),
+            None => format!("{target}: {what}"),
+        };
+        let Ok(mut last) = self.last.lock() else {
+            return;
+        };
+        if last.0 == what && done < last.1 + (1 << 20) && Some(done) != total {
             return;
         }
-        *last = done;
-        self.0.log.emit(&BuildEvent::Transfer {
-            stage: Stage::Fetch,
-            what: "parent image",
+        *last = (what.clone(), done);
+        self.cx.log.emit(&BuildEvent::Transfer {
+            stage: self.stage,
+            what: &what,
             done,
             total,
         });
@@ -676,7 +706,7 @@ pub async fn fetch_parent(cx: &BuildContext<'_>) -> Result<Base, BuildError> {
             // The digest the plan pinned (written in the recipe, or what the tag pointed to
             // when the plan resolved it): a tag moved since is not followed.
             src.digest = Some(format!("sha256:{manifest_digest}"));
-            let bar = PullBar(cx, Mutex::new(0));
+            let bar = PullBar::new(cx, Stage::Fetch, Some("parent image"));
             let pulled = oci::pull_disk(
                 &src,
                 &oci::OciOptions::from_env(),
@@ -860,6 +890,27 @@ async fn reuse_layers(cx: &BuildContext<'_>, base: &Base) -> Result<Vec<Layer>, 
             None
         }
     };
+    // Needed to insert a first layer: the build's own, or one pulled from a shared cache.
+    let base_format = match &layer_cache {
+        Some(_) => Some(
+            crate::vm::img::info(&base.path)
+                .await
+                .and_then(|i| i.disk_format())
+                .map_err(|e| BuildError::Disk(LayerError::Parent(e)))?,
+        ),
+        None => None,
+    };
+    if let (Some(c), Some(format)) = (&layer_cache, base_format) {
+        let bar = PullBar::new(cx, Stage::Overlay, None);
+        let pulled =
+            cache::pull_shared(cx.plan, c, &base.path, format, &cx.chain, usable, &bar).await;
+        for warning in pulled {
+            cx.progress(
+                Stage::Overlay,
+                &format!("warning: {warning}; the build goes on without those layers"),
+            );
+        }
+    }
     let found = match &layer_cache {
         Some(c) => match cache::lookup(c, &base.path, &cx.chain, usable).await {
             Ok(found) => found,
@@ -888,7 +939,8 @@ async fn reuse_layers(cx: &BuildContext<'_>, base: &Base) -> Result<Vec<Layer>, 
     let reasons = cache::run_reasons(cx.plan, &cx.chain, found.layers.len(), no_cache);
     let mut layers = Vec::new();
     for (layer, cached) in cx.chain.iter().zip(&found.layers) {
-        let from = "local";
+        // A layer pulled from a shared cache names it.
+        let from = cached.record.source.as_deref().unwrap_or("local");
         cx.log.emit(&BuildEvent::LayerCache {
             layer: &layer.name,
             key: &layer.key,
@@ -928,11 +980,7 @@ async fn reuse_layers(cx: &BuildContext<'_>, base: &Base) -> Result<Vec<Layer>, 
         let packages = last.record.packages.clone().map(|p| *p);
         cx.with_manifest(|m| m.packages = packages);
     }
-    if let Some(cache) = layer_cache {
-        let base_format = crate::vm::img::info(&base.path)
-            .await
-            .and_then(|i| i.disk_format())
-            .map_err(|e| BuildError::Disk(LayerError::Parent(e)))?;
+    if let (Some(cache), Some(base_format)) = (layer_cache, base_format) {
         let parent = found
             .layers
             .last()
@@ -1898,6 +1946,22 @@ pub async fn store(
         .map(|a| a.path(&image.dir))
         .collect::<Vec<_>>();
     let _ = exported.stem;
+    let mut warnings = warnings;
+    if cx.plan.shared_cache.to.is_some() {
+        // The image is stored whatever happens here: a push that fails is a warning.
+        let bar = PullBar::new(cx, Stage::Store, None);
+        let failed = match cx.store.layers() {
+            Ok(layers) => cache::push_shared(cx.plan, &layers, &cx.chain, &bar).await,
+            Err(e) => Some(format!(
+                "could not push the layer cache: {}",
+                error_chain(&e)
+            )),
+        };
+        if let Some(warning) = failed {
+            cx.progress(Stage::Store, &format!("warning: {warning}"));
+            warnings.push(warning);
+        }
+    }
     Ok(super::Built {
         image,
         outputs,
