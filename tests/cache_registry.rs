@@ -19,7 +19,8 @@ use builder::distribute::oci::layers::{
 };
 use builder::recipe::OciReference;
 use builder::store::Store;
-use builder::store::layers::{LayerCache, LayerParent, Origin};
+use builder::store::layers::{LayerCache, LayerInputs, LayerParent, Origin};
+use builder::store::manifest::{Package, PackageList};
 use builder::vm::DiskFormat;
 use registry::TestRegistry;
 
@@ -73,6 +74,19 @@ impl Setup {
             .expect("cache B");
         let chain: Vec<String> = (1..=3).map(key).collect();
         let mut sha = String::new();
+        let packages = PackageList {
+            manager: "dpkg".into(),
+            packages: vec![Package {
+                name: "nginx".into(),
+                version: "1.22.1-9".into(),
+                arch: "amd64".into(),
+            }],
+        };
+        let inputs = LayerInputs {
+            layer: "two".into(),
+            parameters: [("Greeting".to_string(), "hi".to_string())].into(),
+            ..LayerInputs::default()
+        };
         for (i, (file, component)) in files.iter().zip(["boot", "one", "two"]).enumerate() {
             let parent = if i == 0 {
                 LayerParent::Base {
@@ -85,9 +99,14 @@ impl Setup {
                     sha256: &sha,
                 }
             };
+            // The top layer keeps what went into its key and a package list (as a
+            // generalize layer does): both travel with it.
+            let top = i == 2;
             let origin = Origin {
                 component,
                 build: "web/1.0.0/1",
+                inputs: top.then_some(&inputs),
+                packages: top.then_some(&packages),
                 ..Origin::default()
             };
             sha = a
@@ -208,6 +227,7 @@ async fn a_chain_pushed_from_one_store_is_pulled_into_another_on_its_own_parent(
     // The artifact's shape and annotations.
     let manifest = get_manifest(&registry, "cache/web", &t.chain[1]).await;
     assert_eq!(manifest["artifactType"], layers::LAYER_ARTIFACT_TYPE);
+    assert_eq!(manifest["config"]["mediaType"], layers::LAYER_CONFIG);
     assert_eq!(manifest["layers"].as_array().expect("layers").len(), 1);
     assert_eq!(manifest["layers"][0]["mediaType"], layers::LAYER_QCOW2);
     let a1 = t.a.get(&t.chain[0]).await.expect("get").expect("cached");
@@ -247,6 +267,12 @@ async fn a_chain_pushed_from_one_store_is_pulled_into_another_on_its_own_parent(
         );
     }
     assert_eq!(found.layers[2].record.component, "two");
+    let a3 = t.a.get(&t.chain[2]).await.expect("get").expect("cached");
+    assert!(a3.record.packages.is_some() && a3.record.inputs.is_some());
+    assert_eq!(found.layers[2].record.packages, a3.record.packages);
+    assert_eq!(found.layers[2].record.inputs, a3.record.inputs);
+    assert!(found.layers[0].record.packages.is_none());
+    drop(a3);
     assert_eq!(found.layers[2].record.build, "web/1.0.0/1");
     // The same guest-visible disk as the build's in A.
     qcow2::run(
@@ -445,7 +471,8 @@ fn build(
 /// A build on a store whose cache is empty, with `--cache-from` a repository that holds its
 /// whole chain (pushed from another machine's cache, whose parent image is elsewhere):
 /// every layer is pulled and reused, so no build VM boots (no QEMU is needed); the events
-/// and the manifest name the repository; `--cache-to` the same repository sends nothing.
+/// and the manifest name the repository, the manifest lists the packages the generalize
+/// layer's record carried; `--cache-to` the same repository sends nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_build_takes_every_layer_from_a_shared_cache_and_boots_no_vm() {
     let registry = TestRegistry::start();
@@ -474,9 +501,20 @@ async fn a_build_takes_every_layer_from_a_shared_cache_and_boots_no_vm() {
             },
             Some((_, key, sha256)) => LayerParent::Layer { key, sha256 },
         };
+        // The generalize layer keeps the image's packages, for the manifest of a build that
+        // takes every layer from the cache.
+        let packages = PackageList {
+            manager: "dpkg".into(),
+            packages: vec![Package {
+                name: "openssh-server".into(),
+                version: "1:9.2p1-2".into(),
+                arch: "amd64".into(),
+            }],
+        };
         let origin = Origin {
             component: &layer.name,
             build: "shared/1.0.0/1",
+            packages: (i + 1 == chain.len()).then_some(&packages),
             ..Origin::default()
         };
         let inserted = cache_a
@@ -564,4 +602,8 @@ async fn a_build_takes_every_layer_from_a_shared_cache_and_boots_no_vm() {
         .map(|l| l["from"].as_str().unwrap_or_default())
         .collect();
     assert_eq!(froms, vec![location.as_str(); keys.len()]);
+    assert_eq!(
+        manifest["packages"]["packages"][0]["name"],
+        "openssh-server"
+    );
 }

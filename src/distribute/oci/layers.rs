@@ -8,9 +8,12 @@
 //! in the store.
 //!
 //! **A layer artifact** (`<repository>:<key>`): an OCI 1.1 image manifest with
-//! `artifactType: application/vnd.builder.layer.v1`, the empty config, and one blob: the
-//! cached qcow2 file as it is in the pushing machine's cache ([`LAYER_QCOW2`]). The
-//! manifest's annotations:
+//! `artifactType: application/vnd.builder.layer.v1` and one blob: the cached qcow2 file as
+//! it is in the pushing machine's cache ([`LAYER_QCOW2`]). Its config ([`LAYER_CONFIG`], a
+//! small JSON document) carries what the layer's record keeps besides the file: what went
+//! into its key (so `builder plan` on the pulling machine explains a changed key too) and,
+//! for a generalize layer, the image's package list (so a build that takes every layer from
+//! the cache still lists the packages in its manifest). The manifest's annotations:
 //!
 //! | annotation | value |
 //! | --- | --- |
@@ -41,22 +44,30 @@ use std::path::Path;
 use std::sync::Arc;
 
 use oci_client::RegistryOperation;
+use serde::{Deserialize, Serialize};
 
 use super::blob::BlobSource;
 use super::registry::Registry;
 use super::{
     ImageManifest, OCI_MANIFEST, OciDescriptor, OciError, OciOptions, descriptor, digest_hex,
-    empty_config, fetch_blob, is_qcow2,
+    fetch_blob, fetch_small_blob, is_qcow2, sha256_of,
 };
 use crate::distribute::Progress;
 use crate::recipe::OciReference;
-use crate::store::layers::{CachedLayer, LayerCache, LayerCacheError, LayerParent, Origin};
+use crate::store::layers::{
+    CachedLayer, LayerCache, LayerCacheError, LayerInputs, LayerParent, Origin,
+};
+use crate::store::manifest::PackageList;
 use crate::vm::DiskFormat;
 
 /// `artifactType` of a layer artifact.
 pub const LAYER_ARTIFACT_TYPE: &str = "application/vnd.builder.layer.v1";
 /// Media type of a layer artifact's blob: a qcow2 file whose backing file is its parent.
 pub const LAYER_QCOW2: &str = "application/vnd.builder.layer.qcow2";
+/// Media type of a layer artifact's config ([`LayerConfig`]).
+pub const LAYER_CONFIG: &str = "application/vnd.builder.layer.config.v1+json";
+/// The largest config a pull reads (a package list is tens of KiB).
+const MAX_CONFIG: u64 = 16 << 20;
 /// Annotation: the layer's key.
 pub const KEY: &str = "org.builder.layer.key";
 /// Annotation: the parent layer's key.
@@ -142,6 +153,16 @@ pub struct Pulled {
     pub stopped: Option<String>,
 }
 
+/// A layer artifact's config: the parts of the layer's record a pull keeps besides the file.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LayerConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    inputs: Option<Box<LayerInputs>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    packages: Option<Box<PackageList>>,
+}
+
 /// `oci://host/repository`: how records, events and manifests name a shared cache.
 pub fn location(reference: &OciReference) -> String {
     format!("oci://{}/{}", reference.registry, reference.repository)
@@ -151,6 +172,9 @@ pub fn location(reference: &OciReference) -> String {
 struct RemoteLayer {
     /// Its one blob.
     blob: OciDescriptor,
+    /// Its config, when it is a [`LAYER_CONFIG`] (layers pushed with the empty one carry no
+    /// record).
+    config: Option<OciDescriptor>,
     /// sha256 (hex) of the blob.
     sha256: String,
     annotations: BTreeMap<String, String>,
@@ -205,6 +229,7 @@ async fn remote_layer(
     Ok(Some(RemoteLayer {
         blob,
         sha256,
+        config: manifest.config.filter(|c| c.media_type == LAYER_CONFIG),
         annotations: manifest.annotations,
     }))
 }
@@ -284,9 +309,27 @@ pub async fn push_layers(
             .upload(file, Some(&known), &source, &what, progress)
             .await
             .map_err(transfer)?;
-        let config = empty_config(&registry, &source, progress)
+        let config = LayerConfig {
+            inputs: record.inputs.clone(),
+            packages: record.packages.clone(),
+        };
+        #[expect(
+            clippy::expect_used,
+            reason = "plain data (structs, strings, numbers, string-keyed maps) always serialises with serde_json"
+        )]
+        let config = serde_json::to_vec(&config).expect("plain data serializes");
+        let known = sha256_of(&config);
+        let config = registry
+            .upload(
+                Arc::new(BlobSource::bytes(config)),
+                Some(&known),
+                &source,
+                "config",
+                progress,
+            )
             .await
             .map_err(transfer)?;
+        let config = descriptor(LAYER_CONFIG, &config, None);
         let mut annotations = BTreeMap::from([
             (KEY.to_string(), key.clone()),
             (COMPONENT.to_string(), record.component.clone()),
@@ -445,11 +488,25 @@ pub async fn pull_layers(
                 sha256: &layer.record.sha256,
             },
         };
+        let config = match &remote.config {
+            Some(blob) => {
+                let bytes = fetch_small_blob(&registry, blob, "layer config", MAX_CONFIG)
+                    .await
+                    .map_err(transfer)?;
+                serde_json::from_slice(&bytes).map_err(|e| LayerShareError::NotALayer {
+                    reference: source.clone(),
+                    key: key.clone(),
+                    reason: format!("its config is not a layer record ({e})"),
+                })?
+            }
+            None => LayerConfig::default(),
+        };
         let origin = Origin {
             component: &component,
             build: &build,
             source: Some(&source),
-            ..Origin::default()
+            inputs: config.inputs.as_deref(),
+            packages: config.packages.as_deref(),
         };
         let inserted = cache
             .insert(key, parent, download.path(), origin)

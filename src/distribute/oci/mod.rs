@@ -761,6 +761,58 @@ async fn fetch_blob(
     }
 }
 
+/// A small blob (a config) in memory, at most `max` bytes, checked against its digest;
+/// transient failures retried.
+async fn fetch_small_blob(
+    registry: &Registry,
+    blob: &OciDescriptor,
+    what: &str,
+    max: u64,
+) -> Result<Vec<u8>, OciError> {
+    if blob.size > max {
+        return Err(OciError::NoDisk {
+            reference: blob.digest.clone(),
+            reason: format!("its {what} has {} bytes, more than {max}", blob.size),
+        });
+    }
+    let mut attempt = 1;
+    loop {
+        let got = match registry.get_blob(&blob.digest, 0).await {
+            Ok((response, _)) => response
+                .bytes()
+                .await
+                .map_err(|e| BlobGetError::Transient(error_chain(&e))),
+            Err(e) => Err(e),
+        };
+        match got {
+            Ok(bytes) => {
+                let actual = sha256_of(&bytes);
+                if actual != blob.digest {
+                    return Err(OciError::DigestMismatch {
+                        what: format!("{what} {}", blob.digest),
+                        expected: blob.digest.clone(),
+                        actual,
+                    });
+                }
+                return Ok(bytes.to_vec());
+            }
+            Err(BlobGetError::Fatal(e)) => return Err(e),
+            Err(BlobGetError::Transient(cause)) => {
+                if attempt >= registry.attempts() {
+                    return Err(OciError::GaveUp {
+                        registry: registry.host().to_string(),
+                        action: format!("download {what}"),
+                        attempts: attempt,
+                        cause,
+                    });
+                }
+                tokio::time::sleep(registry.backoff_for(attempt)).await;
+                attempt += 1;
+            }
+        }
+    }
+}
+
 /// One GET of the layer, from what `part` holds on; returns the sha256 (hex) of the whole file.
 async fn download_once(
     registry: &Registry,
