@@ -1056,14 +1056,7 @@ async fn insert_into(
     }
     let image = cx.image();
     // What went into the key, so a later plan can say what changed.
-    let inputs = match cx.chain[index].component {
-        Some(c) => Some(plan::layer_inputs(
-            &cx.chain[index - 1].key,
-            &cx.plan.components[c],
-        )),
-        None if index == 0 => Some(cx.plan.root_layer_inputs()),
-        None => None,
-    };
+    let inputs = Some(super::reuse::inputs(cx.plan, &cx.chain, index));
     let origin = Origin {
         component: name,
         build: &image,
@@ -1188,10 +1181,21 @@ pub async fn boot(cx: &BuildContext<'_>, chain: DiskChain) -> Result<BuildVm, Bu
         cx.logs.join("build-vm"),
     );
     options.vm.leftovers = cx.leftovers.clone();
+    // On a cached layer: cloud-init is disabled for this boot (SKIP_CLOUD_INIT).
+    let resumed = !chain.layers.is_empty();
+    options.cloud_init_disabled = resumed;
     let progress = |m: &str| cx.progress(Stage::Boot, m);
     let session = Session::open(options, &progress)
         .await
         .map_err(vm_err("build"))?;
+    if resumed {
+        run_quiet(
+            session.target().as_ref(),
+            RUN_CLOUD_INIT,
+            "unmark the cached layer",
+        )
+        .await?;
+    }
     let accel = session.vm().accel().accel.as_str().to_string();
     let qemu_version = qemu_version(cx).await;
     cx.with_manifest(|m| {
@@ -1359,6 +1363,20 @@ fn component_folder(index: usize, component: &PlannedComponent) -> String {
     file_safe(&format!("{}-{}", index + 1, component.label()))
 }
 
+/// Run just before a layer is committed: a build that resumes on the layer boots it as a
+/// reboot of the guest that wrote it, and cloud-init has nothing to do there (its work is in
+/// the layer; the seed's instance is the same). Under TCG its Python stages cost tens of
+/// seconds, so the layer carries `/etc/cloud/cloud-init.disabled`, which cloud-init's systemd
+/// generator honours at boot ([`RUN_CLOUD_INIT`] removes it from the next layer right after
+/// the commit, and from a resumed boot once it is ready). A marker the guest already had (a
+/// component disabled cloud-init on purpose) is left alone: ours says `builder-layer`.
+const SKIP_CLOUD_INIT: &str = r#"f=/etc/cloud/cloud-init.disabled
+if [ -d /etc/cloud ] && [ ! -e "$f" ]; then echo builder-layer > "$f" && echo added; fi"#;
+
+/// Remove the marker [`SKIP_CLOUD_INIT`] wrote, only if it is ours.
+const RUN_CLOUD_INIT: &str = r#"f=/etc/cloud/cloud-init.disabled
+if [ "$(cat "$f" 2>/dev/null)" = builder-layer ]; then rm -f "$f"; fi"#;
+
 async fn commit_layer(
     cx: &BuildContext<'_>,
     vm: &mut BuildVm,
@@ -1375,6 +1393,11 @@ async fn commit_layer(
             what: format!("could not commit layer `{name}`"),
             source: MachineError::NoAgent,
         })?;
+    // A build that resumes on this layer boots it without cloud-init (see SKIP_CLOUD_INIT).
+    let target = vm.session.target();
+    let marked = run_quiet(target.as_ref(), SKIP_CLOUD_INIT, "mark the layer")
+        .await?
+        .contains("added");
     let layer = vm
         .session
         .guard(vm.chain.commit(&qmp, &agent, name, Some(key), next))
@@ -1382,6 +1405,9 @@ async fn commit_layer(
         .map_err(vm_err("build"))?
         .map_err(BuildError::Disk)?
         .clone();
+    if marked {
+        run_quiet(target.as_ref(), RUN_CLOUD_INIT, "unmark the layer").await?;
+    }
     cx.log.emit(&BuildEvent::LayerCommitted {
         layer: &layer.name,
         key: layer.key.as_deref(),

@@ -39,6 +39,10 @@ pub struct SessionOptions {
     pub boot_timeout: Duration,
     /// Wait for cloud-init to finish before handing out the target (default true).
     pub wait_cloud_init: bool,
+    /// The disk disables cloud-init for this boot (`/etc/cloud/cloud-init.disabled`: a layer
+    /// the build cached, see `build::stages`): wait for systemd's boot only, until the
+    /// first reboot, after which cloud-init runs again and is waited for. Default false.
+    pub cloud_init_disabled: bool,
     /// From asking the guest to power off (through the agent, else the ACPI power button)
     /// until QEMU is stopped hard. Default 60 s.
     pub shutdown_timeout: Duration,
@@ -50,6 +54,7 @@ impl SessionOptions {
             vm,
             boot_timeout: Duration::from_secs(600),
             wait_cloud_init: true,
+            cloud_init_disabled: false,
             shutdown_timeout: POWEROFF_GRACE,
         }
     }
@@ -86,6 +91,9 @@ enum Gate {
     /// The boot finished and cloud-init's init stages ran to their end this boot: the seed
     /// cancelled the config and final stages.
     InitStages,
+    /// The boot finished; cloud-init is disabled for this boot
+    /// ([`SessionOptions::cloud_init_disabled`]).
+    Boot,
 }
 
 /// Waits (at most `$1` seconds) until systemd has finished booting: every job of the boot
@@ -214,6 +222,11 @@ async fn settle(
         return Ok(ready);
     }
     let boot = boot_finished(agent, left()).await?;
+    if gate == Gate::Boot {
+        ready.cloud_init = Some("disabled for this boot".into());
+        ready.system = Some(boot.trim_end().to_owned());
+        return Ok(ready);
+    }
     if ready.hello.cloud_init == "absent" {
         ready.cloud_init = Some("absent".into());
         ready.system = Some(boot.trim_end().to_owned());
@@ -266,7 +279,31 @@ async fn settle(
 struct Gated {
     agent: Arc<AgentMachine>,
     gate: Gate,
+    /// cloud-init is disabled in the boot now running (until the first reboot).
+    disabled_this_boot: std::sync::atomic::AtomicBool,
     timeout: Duration,
+}
+
+impl Gated {
+    /// How to tell that the boot running now is done.
+    fn current(&self) -> Gate {
+        self.gate.this_boot(
+            self.disabled_this_boot
+                .load(std::sync::atomic::Ordering::SeqCst),
+        )
+    }
+}
+
+impl Gate {
+    /// The gate for a boot in which cloud-init is disabled (or not): only the boot then,
+    /// unless nothing is waited for at all.
+    fn this_boot(self, cloud_init_disabled: bool) -> Gate {
+        if cloud_init_disabled && self != Gate::None {
+            Gate::Boot
+        } else {
+            self
+        }
+    }
 }
 
 #[async_trait]
@@ -310,6 +347,9 @@ impl Machine for Gated {
 
     async fn reboot(&self) -> Result<(), MachineError> {
         self.agent.reboot().await?;
+        // A new boot: cloud-init runs in it (the build removed the marker once ready).
+        self.disabled_this_boot
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         // Right after a reboot the host can still see the old boot's agent say hello (it
         // reopens the port while the guest shuts down) before the new boot's agent does; the
         // switch then fails whatever was in flight with "the agent in the guest restarted".
@@ -319,7 +359,7 @@ impl Machine for Gated {
         let mut switches = 0;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match settle(&self.agent, self.gate, left).await {
+            match settle(&self.agent, self.current(), left).await {
                 Err(MachineError::Protocol { .. } | MachineError::Disconnected { .. })
                     if switches < 3 && !left.is_zero() =>
                 {
@@ -386,6 +426,7 @@ impl Session {
             }
             _ => Gate::Status,
         };
+        let first_gate = gate.this_boot(options.cloud_init_disabled);
         let mut vm = RunningVm::boot(options.vm, progress).await?;
         let connector = vm.channel_connector();
         let describe = vm.describe();
@@ -470,7 +511,7 @@ impl Session {
             .boot_phase(
                 "the boot and cloud-init to finish",
                 options.boot_timeout,
-                settle(&agent, gate, cloud_init_budget),
+                settle(&agent, first_gate, cloud_init_budget),
             )
             .await?;
         let readiness = match readiness {
@@ -503,6 +544,7 @@ impl Session {
         let gated = Arc::new(Gated {
             agent: agent.clone(),
             gate,
+            disabled_this_boot: (first_gate == Gate::Boot).into(),
             timeout: options.boot_timeout,
         });
         Ok(Session {
@@ -548,7 +590,11 @@ impl Session {
         if gated.gate == Gate::None {
             return Ok(None);
         }
-        match self.vm.guard(settle(agent, gated.gate, timeout)).await? {
+        match self
+            .vm
+            .guard(settle(agent, gated.current(), timeout))
+            .await?
+        {
             Ok(r) => Ok(Some(r)),
             Err(source) => Err(guest_error(
                 &self.vm,
@@ -623,6 +669,15 @@ mod tests {
  }}
 }}"#
         )
+    }
+
+    #[test]
+    fn a_boot_with_cloud_init_disabled_waits_for_systemd_only() {
+        for gate in [Gate::Status, Gate::InitStages, Gate::Boot] {
+            assert_eq!(gate.this_boot(true), Gate::Boot);
+            assert_eq!(gate.this_boot(false), gate);
+        }
+        assert_eq!(Gate::None.this_boot(true), Gate::None);
     }
 
     #[test]
