@@ -12,8 +12,8 @@
 //! One test, one store, one sequence of builds of `tests/cache/recipe.yml` (three small
 //! components, each writing `/opt/cache-test/<n>` from its parameter), each step building on
 //! what the previous ones left in the cache. Boots are what costs (35-60 s each under TCG):
-//! seven in all, two of them at once; the test stage is off except in (b). The whole
-//! sequence took 14 minutes with the two cores shared (load 4-5): (a) 144 s, (b) 249 s with
+//! eight in all (one in a second store, step (j)), two of them at once; the test stage is
+//! off except in (b). The whole sequence (before (j)) took 14 minutes with the two cores shared (load 4-5): (a) 144 s, (b) 249 s with
 //! its test VM, (c) 20 s, (d) 115 s, the comparison 27 s, (e, g) 154 s, (f) 114 s.
 //!
 //! - (a) from scratch: every layer runs; the manifest's layers say none was reused.
@@ -32,6 +32,9 @@
 //!   layer's file matches its record (size, sha256) and its parent is cached.
 //! - (f) a cached layer corrupted (bytes flipped in the middle, size kept): the next build
 //!   reports it discarded and rebuilds from it; the cache then holds a sound layer again.
+//! - (j) this store pushes its chain to a registry (`--cache-to`, no VM boots); a second
+//!   store with an empty cache builds the recipe with its last component changed from that
+//!   registry (`--cache-from`): the first layers are pulled, only the last component runs.
 //! - (h) `builder cache prune --all` empties the cache.
 //!
 //! The [`NoLeftovers`] guard (tests/support/leftovers.rs) checks at the end that no process,
@@ -51,6 +54,10 @@ mod vm_tier;
 
 #[path = "support/leftovers.rs"]
 mod leftovers;
+
+#[path = "support/registry.rs"]
+#[allow(dead_code)] // shared with tests/distribute_oci.rs, which uses all of it
+mod registry;
 use leftovers::NoLeftovers;
 
 /// The chain's layers, bottom to top, as `layerCache` events and the manifest name them.
@@ -552,8 +559,14 @@ fn corrupt(file: &Path) {
     not(vm_tier),
     ignore = "VM tier: set BUILDER_VM_TESTS=1 and BUILDER_TEST_IMAGE (scripts/test does)"
 )]
+#[allow(unsafe_code)] // `set_var`: unsafe since edition 2024
 fn layer_cache_reuses_verifies_and_shares_layers() {
     let image = vm_tier::test_image();
+    // The registry of step (j), spoken to over plain HTTP by the builds this test starts.
+    let registry = registry::TestRegistry::start();
+    // SAFETY: this binary's one test sets it before it starts any thread or process; the
+    // builds inherit it.
+    unsafe { std::env::set_var("BUILDER_INSECURE_REGISTRIES", registry.host()) };
     let guard = NoLeftovers::new();
     let store = guard.store();
     let dir = copy_recipe(guard.root());
@@ -730,8 +743,60 @@ fn layer_cache_reuses_verifies_and_shares_layers() {
         "the layer is cached again, sound"
     );
 
-    // (j) Helper B: a second store with an empty cache pulls layers through a registry and
-    // runs only the changed component. (Goes here: the cache above is consistent and full.)
+    // (j) A second store with an empty cache pulls layers through a registry and runs only
+    // the changed component. This store pushes `recipe`'s chain (every layer is cached: no VM
+    // boots); store B, empty, builds `recipe_b` (its last component differs) with
+    // `--cache-from`: the boot layer and the first two components come from the registry,
+    // verified; only the last component (and generalize) run, on them: one boot.
+    let shared = format!("oci://{}/cache/e2e", registry.host());
+    let (pushed, qemus) = build(&guard, &image, &recipe, &["--cache-to", &shared]);
+    pushed.print("j, push");
+    pushed.assert_layers(["cached"; 5]);
+    assert!(qemus.is_empty(), "no VM may boot: {qemus:?}");
+    let said = |run: &Run, what: &str| {
+        run.events("progress")
+            .iter()
+            .any(|e| text(&e["message"]).contains(what))
+    };
+    assert!(
+        said(&pushed, "pushed 5 layer(s), 0 already there"),
+        "{}",
+        pushed.stderr
+    );
+    let store_b = guard.root().join("store-b");
+    let store_b = store_b.to_string_lossy().into_owned();
+    let pull = ["--store", &store_b, "--cache-from", &shared];
+    let (j, _) = build(&guard, &image, &recipe_b, &pull);
+    j.print("j, pull");
+    boots += 1;
+    assert_eq!(j.code, Some(0), "{}", j.stderr);
+    let statuses = ["cached", "cached", "cached", "run", "run"];
+    let expected: Vec<(String, String)> = LAYERS
+        .iter()
+        .zip(statuses)
+        .map(|(l, s)| (l.to_string(), s.to_string()))
+        .collect();
+    assert_eq!(j.layer_statuses(), expected, "layerCache events");
+    for layer in &LAYERS[..3] {
+        assert_eq!(j.layer(layer)["from"], shared.as_str(), "{layer}");
+        assert_eq!(j.key(layer), g.key(layer), "{layer}");
+    }
+    assert_eq!(j.key("cache-third"), g.key("cache-third"));
+    assert_eq!(j.started("boot", None), 1, "one build VM boot");
+    for (layer, runs) in LAYERS[1..4].iter().zip([0, 0, 1]) {
+        assert_eq!(j.started("component", Some(layer)), runs, "{layer}");
+    }
+    let (_, manifest) = j.stored();
+    for l in manifest["layers"].as_array().expect("layers") {
+        let pulled =
+            ["boot", "cache-first", "cache-second"].contains(&text(&l["component"]).as_str());
+        assert_eq!(l["from"] == shared.as_str(), pulled, "{l}");
+    }
+    assert_eq!(
+        assert_cache_consistent(Path::new(&store_b)).len(),
+        5,
+        "three layers pulled, two built"
+    );
 
     // (h) Prune: every layer is unused now, so `--all` empties the cache.
     let pruned = guard
