@@ -738,6 +738,17 @@ fn layer_cache_reuses_verifies_and_shares_layers() {
         .chain([f.stderr.clone()])
         .any(|t| t.contains("discarded") && t.contains(&key[..12]));
     assert!(said, "the corrupt layer {key} is reported discarded");
+    // Its layerCache event says why it runs: the damage, not only that it is missing.
+    let reason = f
+        .events("layerCache")
+        .iter()
+        .find(|e| e["key"] == key.as_str())
+        .map(|e| text(&e["reason"]))
+        .unwrap_or_default();
+    assert!(
+        reason.contains("discarded") && reason.contains("corrupt"),
+        "{reason}"
+    );
     assert!(
         assert_cache_consistent(&store).contains(&key),
         "the layer is cached again, sound"

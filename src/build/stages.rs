@@ -964,7 +964,14 @@ async fn reuse_layers(cx: &BuildContext<'_>, base: &Base) -> Result<Vec<Layer>, 
         });
     }
     for (layer, reason) in cx.chain.iter().skip(found.layers.len()).zip(&reasons) {
-        let reason = reason.to_string();
+        // A layer the lookup just discarded says why, rather than only that it is missing.
+        let discarded = found.discarded.iter().find(|d| d.key == layer.key);
+        let reason = match (reason, discarded) {
+            (cache::RunReason::NotCached, Some(d)) => {
+                format!("the cached layer was discarded: {}", d.damage)
+            }
+            _ => reason.to_string(),
+        };
         cx.log.emit(&BuildEvent::LayerCache {
             layer: &layer.name,
             key: &layer.key,
