@@ -43,7 +43,7 @@ pub use components::{
     bind_parameters, check_build_component, check_linux_actions, check_test_component,
 };
 pub use model::{
-    Accelerator, ComponentUse, Compression, Distribution, Firmware, Format, Infrastructure,
+    Accelerator, Boot, ComponentUse, Compression, Distribution, Firmware, Format, Infrastructure,
     Located, Network, Outputs, ParameterValue, ParentImage, Recipe, RecipeSource, Sha256, Tests,
 };
 pub use model::{

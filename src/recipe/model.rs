@@ -382,6 +382,15 @@ word_enum!(
     }
 );
 word_enum!(Firmware { Bios = "bios", Uefi = "uefi" });
+word_enum!(
+    /// How the build VM starts: the guest's own boot (firmware, bootloader, systemd,
+    /// cloud-init), or a small appliance (the host's kernel, our agent as init, steps in a
+    /// chroot of the guest's root file system; see `vm::appliance`).
+    Boot {
+        Full = "full",
+        Appliance = "appliance",
+    }
+);
 word_enum!(Network { None = "none", User = "user" });
 word_enum!(
     /// Export formats. `vmdk` is streamOptimized, `vhd` is fixed (as clouds import it).

@@ -28,7 +28,7 @@ use tokio::sync::watch;
 pub use accel::AccelDecision;
 pub use argv::{Accel, DiskFormat};
 
-use crate::recipe::{Accelerator, Firmware, Network};
+use crate::recipe::{Accelerator, Boot, Firmware, Network};
 use crate::undo::{self, Leftovers, Outcome, UndoList, UnwindReport};
 use argv::{FirmwareFiles, SerialPort, VmSpec};
 use qmp::{EventKind, Qmp};
@@ -61,6 +61,9 @@ pub struct VmOptions {
     pub memory_mib: u64,
     /// Default BIOS.
     pub firmware: Firmware,
+    /// Default full: the guest's own boot. `Appliance`: the host's kernel with our agent as
+    /// init, serving from a chroot of the guest's root file system (no firmware, no seed).
+    pub boot: Boot,
     /// Default none.
     pub network: Network,
     /// Grow the VM's disk to this many bytes; default: the image's size.
@@ -100,6 +103,7 @@ impl VmOptions {
             cpus: 2,
             memory_mib: 1024,
             firmware: Firmware::Bios,
+            boot: Boot::Full,
             network: Network::None,
             disk_size: None,
             channel: GuestChannel::Agent { user_data: None },
