@@ -205,8 +205,11 @@ fn a_scheduled_slot_is_taken_once_whoever_races_for_it() {
             let barrier = barrier.clone();
             std::thread::spawn(move || {
                 barrier.wait();
-                let history = History::open(&path).expect("open");
+                let history = History::open(&path);
+                // Past the second barrier before any panic: a thread that failed to open must
+                // fail the test, not leave the other seven waiting for it forever.
                 barrier.wait();
+                let history = history.expect("open");
                 history
                     .begin("weekly", Trigger::Schedule { due }, "schedule")
                     .expect("begin")

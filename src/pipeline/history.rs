@@ -30,6 +30,29 @@ pub const HISTORY_FILE: &str = "pipelines.sqlite";
 /// How long a writer waits for another process's write to finish before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Run `op` again while SQLite answers "database is locked" without waiting, within
+/// [`BUSY_TIMEOUT`]. The busy timeout covers waiting for a lock, but not the case where
+/// waiting could deadlock: switching a new file to WAL needs an exclusive lock while every
+/// other connection opening it at the same moment holds a shared one, so SQLite fails all
+/// but one at once (SQLITE_BUSY) instead of calling the busy handler. Eight schedulers opening
+/// a new history together hit it (tests/pipeline_history.rs).
+fn busy_retry<T>(mut op: impl FnMut() -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        match op() {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(200));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Each entry brings the schema from the previous version to the next; the file records how
 /// many were applied. Append only: never edit a shipped migration.
 const MIGRATIONS: &[&str] = &[
@@ -389,9 +412,9 @@ impl History {
         conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
         // WAL: readers never block the writer nor the other way round. The mode is stored in
         // the file, so this only changes something the first time.
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-            .map_err(open_err)?;
+        let mode: String =
+            busy_retry(|| conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)))
+                .map_err(open_err)?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(HistoryError::NoWal {
                 path: path.to_path_buf(),
