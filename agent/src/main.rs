@@ -19,11 +19,12 @@ mod protocol;
 
 mod exec;
 mod files;
+mod init;
 mod sys;
 
 use std::collections::HashMap;
 use std::io::{self, BufReader, Read, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,7 +39,13 @@ const USAGE: &str = "usage: builder-agent [--port NAME|PATH] [--connect-unix PAT
   --connect-unix PATH  serve a unix socket the host listens on instead (for tests)
   --daemon             detach from the caller (e.g. cloud-init bootcmd) and keep running
   --cloud-init-status  print cloud-init's state as the agent reports it, then exit
+
+As PID 1 (the appliance's /init) it boots the appliance instead: see agent/src/init.rs.
 ";
+
+/// Set by `--appliance` (init starts the agent so, chrooted in the guest's root): Reboot and
+/// Poweroff then exit with init's codes instead of asking a service manager.
+static APPLIANCE: AtomicBool = AtomicBool::new(false);
 
 enum Endpoint {
     Port(String),
@@ -46,6 +53,9 @@ enum Endpoint {
 }
 
 fn main() {
+    if std::process::id() == 1 {
+        init::run();
+    }
     let mut args = std::env::args().skip(1);
     let mut endpoint = Endpoint::Port(format!("/dev/virtio-ports/{}", protocol::DEFAULT_PORT_NAME));
     let mut daemon = false;
@@ -68,6 +78,7 @@ fn main() {
                 endpoint = Endpoint::Unix(v);
             }
             "--daemon" => daemon = true,
+            "--appliance" => APPLIANCE.store(true, Ordering::SeqCst),
             "--cloud-init-status" => {
                 println!("{}", cloud_init_state());
                 return;
@@ -547,9 +558,18 @@ pub fn lock(jobs: &Jobs) -> std::sync::MutexGuard<'_, HashMap<u32, Job>> {
     jobs.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Acknowledges, then asks systemd (or the init in charge) for a clean reboot or poweroff.
+/// Acknowledges, then asks systemd (or the init in charge) for a clean reboot or poweroff. In
+/// the appliance the init in charge is ours: the agent exits with the code that asks it.
 fn power(id: u32, tx: &Tx, verb: &'static str) {
     let _ = tx.send(id, &Message::Ok);
+    if APPLIANCE.load(Ordering::SeqCst) {
+        sys::sync_all();
+        std::process::exit(if verb == "reboot" {
+            init::EXIT_REBOOT
+        } else {
+            init::EXIT_POWEROFF
+        });
+    }
     std::thread::spawn(move || {
         sys::sync_all();
         let attempts: [&[&str]; 3] = [&["systemctl", verb], &[verb], &[verb, "-f"]];
@@ -594,8 +614,12 @@ pub fn hello() -> HelloInfo {
 }
 
 /// cloud-init's state from the files it leaves in /run, without running it (that takes
-/// seconds on a slow guest): `absent`, `running`, `done` or `error`.
+/// seconds on a slow guest): `absent`, `running`, `done` or `error`. In the appliance it never
+/// runs: `absent`.
 fn cloud_init_state() -> &'static str {
+    if APPLIANCE.load(Ordering::SeqCst) {
+        return "absent";
+    }
     let installed = ["/usr/bin/cloud-init", "/usr/local/bin/cloud-init"]
         .iter()
         .any(|p| std::path::Path::new(p).exists());

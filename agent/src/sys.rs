@@ -1,12 +1,13 @@
-//! The few system calls std does not wrap (process groups, setuid, pseudo-terminals, sync,
-//! reboot), declared directly against the C library the static binary links anyway, and the
+//! The few system calls std does not wrap (process groups, setuid, pseudo-terminals, sync;
+//! and for the appliance's init: mount, chroot, reboot, module loading, waitpid, network
+//! ioctls), declared directly against the C library the static binary links anyway, and the
 //! /etc/passwd and /etc/group lookups (parsed by hand: a static glibc cannot load NSS
 //! modules, and guests keep their local users in these files).
 //!
 //! The agent's only module with `unsafe` calls besides the `pre_exec` hooks that run them.
 #![allow(unsafe_code)]
 
-use std::ffi::CStr;
+use std::ffi::{CStr, CString, c_char};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -24,6 +25,21 @@ unsafe extern "C" {
     fn ptsname_r(fd: i32, buf: *mut u8, len: usize) -> i32;
     #[link_name = "sync"]
     fn c_sync();
+    fn mount(
+        source: *const c_char,
+        target: *const c_char,
+        fstype: *const c_char,
+        flags: u64,
+        data: *const c_char,
+    ) -> i32;
+    fn umount2(target: *const c_char, flags: i32) -> i32;
+    fn chroot(path: *const c_char) -> i32;
+    fn chdir(path: *const c_char) -> i32;
+    fn reboot(cmd: i32) -> i32;
+    fn syscall(number: i64, ...) -> i64;
+    fn sethostname(name: *const c_char, len: usize) -> i32;
+    fn waitpid(pid: i32, status: *mut i32, options: i32) -> i32;
+    fn socket(domain: i32, ty: i32, protocol: i32) -> i32;
 }
 
 pub const SIGKILL: i32 = 9;
@@ -227,4 +243,176 @@ pub fn lookup_group(spec: &str) -> io::Result<u32> {
         io::ErrorKind::NotFound,
         format!("no group `{spec}` in /etc/group"),
     ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The appliance's init (agent/src/init.rs).
+
+pub const SIGTERM: i32 = 15;
+const SYS_FINIT_MODULE: i64 = 313;
+const MNT_DETACH: i32 = 2;
+const WNOHANG: i32 = 1;
+const LINUX_REBOOT_CMD_POWER_OFF: i32 = 0x4321_FEDC;
+const LINUX_REBOOT_CMD_RESTART: i32 = 0x0123_4567;
+
+fn cstr(s: &str) -> io::Result<CString> {
+    CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a path"))
+}
+
+fn check(rc: i32) -> io::Result<()> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// mount(2). `source`, `fstype` and `data` may be empty (passed as NULL).
+pub fn mount_fs(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: u64,
+    data: &str,
+) -> io::Result<()> {
+    let opt = |s: &str| {
+        if s.is_empty() {
+            Ok(None)
+        } else {
+            cstr(s).map(Some)
+        }
+    };
+    let (source, fstype, data) = (opt(source)?, opt(fstype)?, opt(data)?);
+    let target = cstr(target)?;
+    let ptr = |c: &Option<CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+    // SAFETY: every pointer is NULL or a live NUL-terminated string owned above.
+    check(unsafe {
+        mount(
+            ptr(&source),
+            target.as_ptr(),
+            ptr(&fstype),
+            flags,
+            ptr(&data),
+        )
+    })
+}
+
+/// umount2(2); `detach` for MNT_DETACH (lazy: gone from the tree now, released when unused).
+pub fn unmount(target: &str, detach: bool) -> io::Result<()> {
+    let target = cstr(target)?;
+    // SAFETY: a live NUL-terminated string and an integer.
+    check(unsafe { umount2(target.as_ptr(), if detach { MNT_DETACH } else { 0 }) })
+}
+
+/// chroot(2). Async-signal-safe once `path` is built (call [`chroot_path`] before a fork).
+pub fn change_root(path: &CStr) -> io::Result<()> {
+    // SAFETY: a live NUL-terminated string.
+    check(unsafe { chroot(path.as_ptr()) })
+}
+
+/// chdir(2), async-signal-safe.
+pub fn change_dir(path: &CStr) -> io::Result<()> {
+    // SAFETY: a live NUL-terminated string.
+    check(unsafe { chdir(path.as_ptr()) })
+}
+
+pub fn chroot_path(path: &str) -> io::Result<CString> {
+    cstr(path)
+}
+
+/// Loads a kernel module from an open file (finit_module(2)); `compressed` lets the kernel
+/// decompress it (MODULE_INIT_COMPRESSED_FILE).
+pub fn load_module(file: &File, compressed: bool) -> io::Result<()> {
+    let params = c"";
+    let flags: i64 = if compressed { 4 } else { 0 };
+    // SAFETY: finit_module takes an fd, a NUL-terminated string that lives through the call
+    // and integer flags.
+    let rc = unsafe {
+        syscall(
+            SYS_FINIT_MODULE,
+            i64::from(file.as_raw_fd()),
+            params.as_ptr(),
+            flags,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+pub fn set_hostname(name: &str) -> io::Result<()> {
+    // SAFETY: the pointer and length describe a live byte slice.
+    check(unsafe { sethostname(name.as_ptr().cast(), name.len()) })
+}
+
+/// Powers off (`restart` false) or reboots the machine at once. Returns only on failure.
+pub fn power(restart: bool) -> io::Error {
+    let cmd = if restart {
+        LINUX_REBOOT_CMD_RESTART
+    } else {
+        LINUX_REBOOT_CMD_POWER_OFF
+    };
+    // SAFETY: reboot(2) takes an integer command.
+    unsafe { reboot(cmd) };
+    io::Error::last_os_error()
+}
+
+/// Sends `sig` to every process but init itself.
+pub fn kill_all(sig: i32) {
+    // SAFETY: kill(2) takes plain integers.
+    unsafe {
+        kill(-1, sig);
+    }
+}
+
+/// How a reaped child ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    Signal(i32),
+}
+
+/// Reaps one child: `Ok(Some((pid, how)))`, `Ok(None)` when none has ended yet (`block`
+/// false), `Err` with ECHILD when there are no children left.
+pub fn reap(block: bool) -> io::Result<Option<(i32, Exit)>> {
+    let mut status = 0i32;
+    loop {
+        // SAFETY: status is a live i32 the kernel writes into.
+        let pid = unsafe { waitpid(-1, &mut status, if block { 0 } else { WNOHANG }) };
+        if pid < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if pid == 0 {
+            return Ok(None);
+        }
+        let how = if status & 0x7f == 0 {
+            Exit::Code((status >> 8) & 0xff)
+        } else {
+            Exit::Signal(status & 0x7f)
+        };
+        return Ok(Some((pid, how)));
+    }
+}
+
+/// An AF_INET datagram socket, for the interface ioctls.
+pub fn inet_socket() -> io::Result<OwnedFd> {
+    // SAFETY: socket(2) takes integers and returns a new fd we own, or -1.
+    let fd = unsafe { socket(2, 2 | 0o2000000, 0) }; // AF_INET, SOCK_DGRAM | SOCK_CLOEXEC
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// An ioctl whose argument is a struct the caller owns (`struct ifreq`, `struct rtentry`).
+pub fn ioctl_struct<T>(fd: &OwnedFd, request: u64, arg: &mut T) -> io::Result<()> {
+    // SAFETY: `arg` is a live, exclusively borrowed #[repr(C)] struct of the layout `request`
+    // reads and writes (the callers in init/net.rs pass ifreq and rtentry).
+    check(unsafe { ioctl(fd.as_raw_fd(), request, std::ptr::from_mut(arg)) })
 }
