@@ -1332,16 +1332,24 @@ mod tests {
         let id = killed_build(&store, "web", Some(dead_runner()));
         let dir = tmp.path().join("staging").join(&id);
         // The lock is on the folder opened by the shell, kept by `sleep` after the exec.
+        // It says when it holds the lock: probing with a lock of our own could take it in the
+        // very moment the shell tries, and make its `flock -n` fail.
         let mut holder = std::process::Command::new("sh")
-            .args(["-c", r#"exec 9<"$0"; flock -n 9 || exit 7; exec sleep 300"#])
+            .args([
+                "-c",
+                r#"exec 9<"$0"; flock -n 9 || exit 7; echo locked; exec sleep 300"#,
+            ])
             .arg(&dir)
+            .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("sh and flock (util-linux)");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while File::open(&dir).expect("open").try_lock().is_ok() {
-            assert!(std::time::Instant::now() < deadline, "flock never locked");
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        let mut said = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(holder.stdout.as_mut().expect("stdout")),
+            &mut said,
+        )
+        .expect("read");
+        assert_eq!(said.trim(), "locked", "the lock holder failed to lock");
         assert!(store.recover_abandoned().expect("recover").is_empty());
         let report = store.prune_cache().expect("prune");
         assert_eq!(report.builds_in_progress, std::slice::from_ref(&id));
