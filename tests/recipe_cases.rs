@@ -141,3 +141,15 @@ fn component_warnings_are_shown_and_do_not_fail() {
         (&21.into(), &21.into())
     );
 }
+
+/// `infrastructure.boot: appliance` is a valid recipe (with `diskSize` and `network: user`);
+/// with `userData` it is not (`user-data-with-appliance-boot.yml`).
+#[test]
+fn an_appliance_boot_recipe_is_valid() {
+    let (code, _, stderr) = validate("tests/cases/recipe/valid/appliance-boot.yml");
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("ok: tests/cases/recipe/valid/appliance-boot.yml"),
+        "{stderr}"
+    );
+}

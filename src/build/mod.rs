@@ -112,6 +112,10 @@ pub async fn build(
         logs: None,
         unwind: UnwindReport::default(),
     };
+    // A pipeline or the command line may have set the boot mode of a recipe with user data.
+    if plan.user_data.is_some() && plan.infrastructure.boot == crate::recipe::Boot::Appliance {
+        return Err(fail(BuildError::ApplianceUserData));
+    }
     let slot = stages::allocate(plan, store).map_err(fail)?;
     let log = BuildLog::new(&slot.logs_dir(), observer).map_err(|e| fail(BuildError::Logs(e)))?;
     let cx = BuildContext::new(plan, store, options, &slot, &log);

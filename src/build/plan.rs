@@ -1127,16 +1127,32 @@ impl Plan {
     /// parameters) starts from the parent's digest; the disk size, user data, working
     /// directory and network also change what the first component sees, so they are folded
     /// in here.
+    ///
+    /// An appliance boot (`infrastructure.boot: appliance`) leaves another disk than the
+    /// image's own boot (no cloud-init ran, nothing of builder's was installed): its boot mode
+    /// and what the appliance puts in the guest's way are folded in too. A full boot adds
+    /// neither, so the keys of full builds are what they were before boot modes existed.
     fn root_key_value(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut value = serde_json::json!({
             "format": PLAN_FORMAT,
             "parent": self.parent.sha256().as_str(),
             "diskSize": self.disk_size.map(|s| s.bytes()),
             "userData": self.user_data.as_deref(),
             "workingDirectory": &self.working_directory,
             "network": self.infrastructure.network.name(),
-        })
+        });
+        if self.infrastructure.boot == recipe::Boot::Appliance {
+            value["boot"] = self.infrastructure.boot.name().into();
+            value["appliance"] = appliance_digest_placeholder().into();
+        }
+        value
     }
+}
+
+/// PLACEHOLDER until `vm::appliance::digest()` (issue #13, h2) lands: what the appliance puts
+/// in the guest's way.
+fn appliance_digest_placeholder() -> &'static str {
+    "appliance-digest-placeholder"
 }
 
 /// Keys whose values say where something is on this machine or where it is shared, left out

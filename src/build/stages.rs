@@ -82,6 +82,17 @@ pub enum BuildError {
         actual: recipe::ByteSize,
         parent: recipe::ByteSize,
     },
+    /// The appliance has no cloud-init to grow the root partition: the build does it with
+    /// the image's own tools ([`GROW_ROOT`]).
+    #[error("the appliance could not grow the root file system to `diskSize` ({wanted}): {reason}")]
+    ApplianceGrow {
+        wanted: recipe::ByteSize,
+        reason: String,
+    },
+    /// `userData` and `infrastructure.boot: appliance`, brought together by a pipeline or the
+    /// command line (a recipe that has both is refused when it is read).
+    #[error("{}", recipe::USER_DATA_IN_APPLIANCE)]
+    ApplianceUserData,
     #[error("{}", .0.heading())]
     Component(Box<ComponentFailure>),
     #[error("could not run component `{component}`")]
@@ -157,6 +168,26 @@ pub struct ComponentFailure {
     pub log: Option<PathBuf>,
     /// The executor's own log folder for this component (`TOE_…`, detailedoutput.json).
     pub run_log: Option<PathBuf>,
+    /// The step ran in the appliance and its output says it wanted a running service
+    /// manager ([`wants_a_service_manager`]): the hint says to boot `full`.
+    pub no_service_manager: bool,
+}
+
+/// The hint of a step that failed in the appliance for want of a running service manager.
+pub const NO_SERVICE_MANAGER: &str = "the build VM is the appliance (`infrastructure.boot: appliance`), where no service manager runs: `systemctl enable` works there, but starting, stopping or asking services (`systemctl start`, D-Bus) does not; use `infrastructure.boot: full` for this recipe";
+
+/// Whether a step's output (its last lines, its failure message) says it wanted systemd
+/// running as PID 1 or a D-Bus system bus, which the appliance does not have.
+pub fn wants_a_service_manager<'a>(texts: impl IntoIterator<Item = &'a str>) -> bool {
+    const SIGNS: &[&str] = &[
+        "System has not been booted with systemd",
+        "Failed to connect to bus",
+        "Failed to connect to system scope bus",
+        "Running in chroot, ignoring",
+    ];
+    texts
+        .into_iter()
+        .any(|t| SIGNS.iter().any(|sign| t.contains(sign)))
 }
 
 impl ComponentFailure {
@@ -185,7 +216,8 @@ impl BuildError {
             BuildError::Plan(
                 PlanError::Invalid(_) | PlanError::Changed { .. } | PlanError::NotUtf8 { .. },
             )
-            | BuildError::ParentChanged { .. } => ErrorClass::Input,
+            | BuildError::ParentChanged { .. }
+            | BuildError::ApplianceUserData => ErrorClass::Input,
             BuildError::Vm { source, .. } => source.class(),
             BuildError::Allocate(_)
             | BuildError::Logs(_)
@@ -203,6 +235,7 @@ impl BuildError {
             BuildError::Distribute { .. } => ErrorClass::Failed,
             BuildError::Guest { .. }
             | BuildError::DiskNotGrown { .. }
+            | BuildError::ApplianceGrow { .. }
             | BuildError::Component(_)
             | BuildError::Executor { .. }
             | BuildError::Generalize(_)
@@ -215,6 +248,11 @@ impl BuildError {
         match self {
             BuildError::Vm { source, .. } => source.hint(),
             BuildError::PullParent(source) => source.hint(),
+            BuildError::Component(f) if f.no_service_manager => Some(NO_SERVICE_MANAGER.into()),
+            BuildError::ApplianceGrow { .. } => Some(
+                "use `infrastructure.boot: full`: the image's cloud-init grows its root partition as it boots (or add cloud-guest-utils to the parent image)".into(),
+            ),
+            BuildError::ApplianceUserData => Some(recipe::USER_DATA_IN_APPLIANCE_HINT.into()),
             BuildError::Component(_)
             | BuildError::Generalize(_)
             | BuildError::DiskNotGrown { .. } => {
@@ -524,6 +562,7 @@ fn fill_inputs(m: &mut Manifest, plan: &Plan) {
         qemu_version: String::new(),
         accelerator: String::new(),
         firmware: i.firmware.to_string(),
+        boot: i.boot.to_string(),
         cpus: i.cpus,
         memory_mib: i.memory.bytes() >> 20,
     };
@@ -1135,7 +1174,8 @@ enum WhichVm {
 }
 
 /// How the build launches one of its VMs: every `infrastructure` setting a VM uses (the
-/// accelerator unless the command line overrides it), the user data and the disk size.
+/// accelerator unless the command line overrides it; `boot` only for the build VM), the user
+/// data and the disk size.
 /// Pure, so a test can check that each setting reaches the VM.
 fn launch_options(
     plan: &Plan,
@@ -1152,6 +1192,11 @@ fn launch_options(
     vm.memory_mib = i.memory.bytes() >> 20;
     vm.firmware = i.firmware;
     vm.network = i.network;
+    // The test VM always boots the image's own way: the result as it will boot.
+    vm.boot = match which {
+        WhichVm::Build => i.boot,
+        WhichVm::Test => recipe::Boot::Full,
+    };
     vm.channel = GuestChannel::Agent {
         user_data: plan.user_data.clone(),
     };
@@ -1188,8 +1233,10 @@ pub async fn boot(cx: &BuildContext<'_>, chain: DiskChain) -> Result<BuildVm, Bu
         cx.logs.join("build-vm"),
     );
     options.vm.leftovers = cx.leftovers.clone();
-    // On a cached layer: cloud-init is disabled for this boot (SKIP_CLOUD_INIT).
-    let resumed = !chain.layers.is_empty();
+    // On a cached layer: cloud-init is disabled for this boot (SKIP_CLOUD_INIT). The
+    // appliance runs no cloud-init at all: its layers carry no marker.
+    let appliance = cx.plan.infrastructure.boot == recipe::Boot::Appliance;
+    let resumed = !chain.layers.is_empty() && !appliance;
     options.cloud_init_disabled = resumed;
     let progress = |m: &str| cx.progress(Stage::Boot, m);
     let session = Session::open(options, &progress)
@@ -1210,6 +1257,9 @@ pub async fn boot(cx: &BuildContext<'_>, chain: DiskChain) -> Result<BuildVm, Bu
         m.host.qemu_version = qemu_version;
     });
     let vm = BuildVm { session, chain };
+    if appliance {
+        grow_root_in_appliance(cx, &vm).await?;
+    }
     check_disk_grew(cx, &vm).await?;
     let wd = cx.plan.working_directory.clone();
     run_quiet(
@@ -1267,12 +1317,9 @@ async fn run_quiet(target: &dyn Machine, script: &str, what: &str) -> Result<Str
     Ok(String::from_utf8_lossy(&out.stdout()).into_owned())
 }
 
-/// With `diskSize`, the guest must have grown its root file system (cloud-init growpart and
-/// resizefs, or systemd's x-systemd.growfs). Checked with `df` once cloud-init is done.
-async fn check_disk_grew(cx: &BuildContext<'_>, vm: &BuildVm) -> Result<(), BuildError> {
-    let Some(wanted) = cx.plan.disk_size else {
-        return Ok(());
-    };
+/// `diskSize` and the parent's size in bytes, when the disk was grown beyond the parent.
+async fn disk_growth(cx: &BuildContext<'_>, vm: &BuildVm) -> Option<(recipe::ByteSize, u64)> {
+    let wanted = cx.plan.disk_size?;
     let parent = match cx.plan.parent.virtual_size() {
         Some(s) => s.bytes(),
         None => crate::vm::img::info(&vm.chain.parent)
@@ -1280,9 +1327,91 @@ async fn check_disk_grew(cx: &BuildContext<'_>, vm: &BuildVm) -> Result<(), Buil
             .map(|i| i.virtual_size)
             .unwrap_or(0),
     };
-    if wanted.bytes() <= parent {
+    (wanted.bytes() > parent).then_some((wanted, parent))
+}
+
+/// Grows the root partition and its file system to the end of the disk, with the image's own
+/// tools, for the appliance (which has no cloud-init to do it). Exit 3: it cannot (a tool is
+/// missing, the root is not on a partition, a file system it cannot grow), the reason on the
+/// last `error:` line; any other failure exits with the failing tool's status.
+const GROW_ROOT: &str = r#"set -u
+exec 2>&1
+fail() { echo "error: $*"; exit 3; }
+src=$(findmnt -nvo SOURCE / 2>/dev/null || awk '$2 == "/" { s = $1 } END { print s }' /proc/self/mounts)
+fstype=$(findmnt -no FSTYPE / 2>/dev/null || awk '$2 == "/" { t = $3 } END { print t }' /proc/self/mounts)
+part=${src#/dev/}
+sys=/sys/class/block/$part
+[ -n "$part" ] && [ -e "$sys/partition" ] || fail "the root file system ($src) is not on a disk partition"
+number=$(cat "$sys/partition")
+disk=/dev/$(basename "$(readlink -f "$sys/..")")
+case $fstype in
+  ext2|ext3|ext4) tool=resize2fs ;;
+  xfs) tool=xfs_growfs ;;
+  btrfs) tool=btrfs ;;
+  *) fail "the root file system is $fstype, which builder cannot grow" ;;
+esac
+missing=""
+for t in growpart $tool; do command -v "$t" >/dev/null 2>&1 || missing="$missing \`$t\`"; done
+[ -z "$missing" ] || fail "the image has no$missing (growpart is in cloud-guest-utils or cloud-utils-growpart)"
+echo "+ growpart $disk $number"
+out=$(growpart "$disk" "$number"); status=$?
+echo "$out"
+# 1 with NOCHANGE: the partition already fills the disk (a layer grown before).
+if [ $status -ne 0 ] && ! { [ $status -eq 1 ] && case $out in *NOCHANGE*) true ;; *) false ;; esac; }; then
+  exit $status
+fi
+echo "+ $tool ($fstype on $src)"
+case $fstype in
+  xfs) xfs_growfs / ;;
+  btrfs) btrfs filesystem resize max / ;;
+  *) resize2fs "$src" ;;
+esac
+"#;
+
+/// For the appliance: grow the root partition and file system when `diskSize` grew the disk
+/// ([`GROW_ROOT`]); [`check_disk_grew`] then checks the result as for a full boot.
+async fn grow_root_in_appliance(cx: &BuildContext<'_>, vm: &BuildVm) -> Result<(), BuildError> {
+    let Some((wanted, _)) = disk_growth(cx, vm).await else {
+        return Ok(());
+    };
+    let out = Capture::default();
+    let outcome = vm
+        .session
+        .target()
+        .exec(
+            &ExecRequest::bash(GROW_ROOT).with_timeout(Some(Duration::from_secs(300))),
+            &out,
+        )
+        .await
+        .map_err(|source| BuildError::Guest {
+            what: "could not grow the root file system in the appliance".into(),
+            source,
+        })?;
+    let text = String::from_utf8_lossy(&out.stdout()).into_owned();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        cx.progress(Stage::Boot, line);
+    }
+    if outcome.status.success() {
         return Ok(());
     }
+    let reason = match text.lines().rev().find_map(|l| l.strip_prefix("error: ")) {
+        Some(reason) => reason.to_string(),
+        None => {
+            let last: Vec<&str> = text.lines().rev().take(3).collect();
+            let last: Vec<&str> = last.into_iter().rev().collect();
+            format!("growing it {}: {}", outcome.status, last.join(" / "))
+        }
+    };
+    Err(BuildError::ApplianceGrow { wanted, reason })
+}
+
+/// With `diskSize`, the guest must have grown its root file system (cloud-init growpart and
+/// resizefs, or systemd's x-systemd.growfs; in the appliance, [`grow_root_in_appliance`]).
+/// Checked with `df` once cloud-init is done.
+async fn check_disk_grew(cx: &BuildContext<'_>, vm: &BuildVm) -> Result<(), BuildError> {
+    let Some((wanted, parent)) = disk_growth(cx, vm).await else {
+        return Ok(());
+    };
     let out = run_quiet(
         vm.session.target().as_ref(),
         "df -B1 --output=size / | tail -n 1",
@@ -1400,11 +1529,13 @@ async fn commit_layer(
             what: format!("could not commit layer `{name}`"),
             source: MachineError::NoAgent,
         })?;
-    // A build that resumes on this layer boots it without cloud-init (see SKIP_CLOUD_INIT).
+    // A build that resumes on this layer boots it without cloud-init (see SKIP_CLOUD_INIT);
+    // the appliance boots none anyway.
     let target = vm.session.target();
-    let marked = run_quiet(target.as_ref(), SKIP_CLOUD_INIT, "mark the layer")
-        .await?
-        .contains("added");
+    let marked = cx.plan.infrastructure.boot == recipe::Boot::Full
+        && run_quiet(target.as_ref(), SKIP_CLOUD_INIT, "mark the layer")
+            .await?
+            .contains("added");
     let layer = vm
         .session
         .guard(vm.chain.commit(&qmp, &agent, name, Some(key), next))
@@ -1473,7 +1604,8 @@ async fn run_component(
     let label = component.label().to_string();
     record_phases(cx, &label, &report.report);
     if !report.report.status.is_ok() {
-        return Err(failure_of(cx, &label, &report));
+        let appliance = cx.plan.infrastructure.boot == recipe::Boot::Appliance;
+        return Err(failure_of(cx, &label, &report, appliance));
     }
     let next = cx.chain[index + 2].name.clone();
     let key = cx.chain[index + 1].key.clone();
@@ -1573,7 +1705,13 @@ fn seconds_between(start: &str, end: &str) -> f64 {
 }
 
 /// The failed step of a run, with its last lines of output and where its logs are.
-fn failure_of(cx: &BuildContext<'_>, label: &str, outcome: &executor::RunOutcome) -> BuildError {
+/// `appliance`: it ran in the appliance (see [`wants_a_service_manager`]).
+fn failure_of(
+    cx: &BuildContext<'_>,
+    label: &str,
+    outcome: &executor::RunOutcome,
+    appliance: bool,
+) -> BuildError {
     let report = &outcome.report;
     let failed = report.documents.iter().find_map(|d| {
         d.phases.iter().find_map(|p| {
@@ -1583,7 +1721,7 @@ fn failure_of(cx: &BuildContext<'_>, label: &str, outcome: &executor::RunOutcome
                 .map(|s| (d, p, s))
         })
     });
-    let failure = match failed {
+    let mut failure = match failed {
         Some((d, p, s)) => {
             let tail = cx.log.tail(&d.name, &p.name, &s.name);
             ComponentFailure {
@@ -1600,6 +1738,7 @@ fn failure_of(cx: &BuildContext<'_>, label: &str, outcome: &executor::RunOutcome
                 last_lines: tail.lines.into_iter().collect(),
                 log: tail.log,
                 run_log: outcome.log_dir.clone(),
+                no_service_manager: false,
             }
         }
         None => ComponentFailure {
@@ -1621,8 +1760,21 @@ fn failure_of(cx: &BuildContext<'_>, label: &str, outcome: &executor::RunOutcome
             last_lines: Vec::new(),
             log: None,
             run_log: outcome.log_dir.clone(),
+            no_service_manager: false,
         },
     };
+    if appliance {
+        // The sign may be above the last lines (a service's unit failing, then more output).
+        let full = failure
+            .log
+            .as_ref()
+            .and_then(|log| fs_err::read(log).ok())
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+            .unwrap_or_default();
+        let texts = failure.last_lines.iter().map(String::as_str);
+        failure.no_service_manager =
+            wants_a_service_manager(texts.chain([failure.cause.as_str(), full.as_str()]));
+    }
     BuildError::Component(Box::new(failure))
 }
 
@@ -1875,7 +2027,8 @@ async fn test_components(
             message: (!ok).then(|| outcome.report.failure_message.clone()),
         });
         if !ok && failure.is_none() {
-            failure = Some(failure_of(cx, &label, &outcome));
+            // The test VM always boots full.
+            failure = Some(failure_of(cx, &label, &outcome, false));
         }
     }
     Ok((results, failure))
@@ -2533,6 +2686,12 @@ mod tests {
                 BuildVm,
             ),
             (
+                "infrastructure.boot",
+                RECIPE.into(),
+                recipe_with(&[], "infrastructure: {boot: appliance}\n"),
+                BuildVm,
+            ),
+            (
                 "infrastructure.network",
                 RECIPE.into(),
                 recipe_with(&[], "infrastructure: {network: user}\n"),
@@ -2990,5 +3149,135 @@ mod tests {
         let mut edited = Manifest::new(m.image.clone(), "build");
         fill_inputs(&mut edited, &plan_of(d, RECIPE).unwrap());
         assert_ne!(edited.inputs.components[0].documents, *documents);
+    }
+
+    fn launched(plan: &Plan, which: WhichVm) -> SessionOptions {
+        let options = BuildOptions::default();
+        launch_options(
+            plan,
+            &options,
+            false,
+            which,
+            Path::new("/top.qcow2"),
+            PathBuf::from("/logs"),
+        )
+    }
+
+    /// `infrastructure.boot` is the build VM's; the test VM always boots the image's own way.
+    #[test]
+    fn the_build_vm_boots_the_recipes_way_and_the_test_vm_boots_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        fs_err::write(d.join("c.yml"), COMPONENT).unwrap();
+        fs_err::write(d.join("base.raw"), vec![0u8; 1 << 20]).unwrap();
+        let full = plan_of(d, RECIPE).unwrap();
+        let appliance =
+            plan_of(d, &recipe_with(&[], "infrastructure: {boot: appliance}\n")).unwrap();
+        assert_eq!(launched(&full, WhichVm::Build).vm.boot, recipe::Boot::Full);
+        assert_eq!(
+            launched(&appliance, WhichVm::Build).vm.boot,
+            recipe::Boot::Appliance
+        );
+        assert_eq!(launched(&full, WhichVm::Test).vm.boot, recipe::Boot::Full);
+        assert_eq!(
+            launched(&appliance, WhichVm::Test).vm.boot,
+            recipe::Boot::Full
+        );
+    }
+
+    /// An appliance build's layers are not a full build's: every key of the chain differs,
+    /// and the boot layer's record says why. A full build's keys are what they were before
+    /// boot modes (no `boot` in the root key's settings).
+    #[test]
+    fn the_boot_mode_is_in_every_layer_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        fs_err::write(d.join("c.yml"), COMPONENT).unwrap();
+        fs_err::write(d.join("base.raw"), vec![0u8; 1 << 20]).unwrap();
+        let full = plan_of(d, RECIPE).unwrap();
+        let appliance =
+            plan_of(d, &recipe_with(&[], "infrastructure: {boot: appliance}\n")).unwrap();
+        let (a, b) = (cache::chain(&full), cache::chain(&appliance));
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            assert_ne!(x.key, y.key, "{}", x.name);
+        }
+        let settings = appliance.root_layer_inputs().settings;
+        assert_eq!(settings.get("boot").map(String::as_str), Some("appliance"));
+        assert!(settings.contains_key("appliance"), "{settings:?}");
+        assert!(!full.root_layer_inputs().settings.contains_key("boot"));
+        // The plan's JSON (and so its digest) has `boot` only when it is not `full`.
+        let json = serde_json::to_value(&full).unwrap();
+        assert!(json["infrastructure"].get("boot").is_none(), "{json}");
+        let json = serde_json::to_value(&appliance).unwrap();
+        assert_eq!(json["infrastructure"]["boot"], "appliance");
+    }
+
+    /// A step that wanted a running systemd in the appliance gets the hint to boot `full`;
+    /// any other failure, or the same output in a full boot, the usual hint.
+    #[test]
+    fn a_step_that_wants_a_service_manager_in_the_appliance_suggests_a_full_boot() {
+        assert!(wants_a_service_manager([
+            "System has not been booted with systemd as init system (PID 1). Can't operate.",
+        ]));
+        assert!(wants_a_service_manager([
+            "ok",
+            "Failed to connect to bus: No such file or directory",
+        ]));
+        assert!(!wants_a_service_manager([
+            "E: Unable to locate package ngnix"
+        ]));
+        let failure = |no_service_manager| {
+            BuildError::Component(Box::new(ComponentFailure {
+                component: "nginx".into(),
+                phase: "build".into(),
+                step: "Start".into(),
+                attempt: 1,
+                max_attempts: 1,
+                cause: "`systemctl start nginx` exited with status 1".into(),
+                last_lines: vec![],
+                log: None,
+                run_log: None,
+                no_service_manager,
+            }))
+        };
+        let hint = failure(true).hint().unwrap();
+        assert!(hint.contains("no service manager runs"), "{hint}");
+        assert!(hint.contains("`infrastructure.boot: full`"), "{hint}");
+        let hint = failure(false).hint().unwrap();
+        assert!(hint.contains("--keep-on-failure"), "{hint}");
+    }
+
+    /// The appliance's grow script is valid shell.
+    #[test]
+    fn the_grow_script_parses() {
+        let status = std::process::Command::new("bash")
+            .args(["-n", "-c", GROW_ROOT])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// The manifest records how the build VM booted.
+    #[test]
+    fn the_manifest_records_the_build_vms_boot_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        fs_err::write(d.join("c.yml"), COMPONENT).unwrap();
+        fs_err::write(d.join("base.raw"), vec![0u8; 1 << 20]).unwrap();
+        for (add, boot) in [
+            ("", "full"),
+            ("infrastructure: {boot: appliance}\n", "appliance"),
+        ] {
+            let plan = plan_of(d, &recipe_with(&[], add)).unwrap();
+            let id = ImageId {
+                name: "web".into(),
+                version: "1.0.0".into(),
+                build: 1,
+            };
+            let mut m = Manifest::new(id, "build");
+            fill_inputs(&mut m, &plan);
+            assert_eq!(m.host.boot, boot);
+        }
     }
 }

@@ -304,13 +304,16 @@ fn print_failure(failed: &build::Failed, keep: bool) {
     for k in &failed.unwind.kept {
         eprintln!("{cyan}note{cyan:#}: {k}");
     }
+    // With `--keep-on-failure` the usual hint (to rerun with it) is not needed; the
+    // appliance's is.
     let hint = failed.error.hint().filter(|_| {
         !keep
             || !matches!(
+                &failed.error,
+                BuildError::Component(f) if !f.no_service_manager
+            ) && !matches!(
                 failed.error,
-                BuildError::Component(_)
-                    | BuildError::Generalize(_)
-                    | BuildError::DiskNotGrown { .. }
+                BuildError::Generalize(_) | BuildError::DiskNotGrown { .. }
             )
     });
     if let Some(h) = hint {

@@ -426,8 +426,16 @@ fn describe(image: &StoredImage) -> String {
     if !m.host.qemu_version.is_empty() || !m.host.accelerator.is_empty() {
         let _ = writeln!(
             s,
-            "  host:       {}, accelerator {}, firmware {}",
-            m.host.qemu_version, m.host.accelerator, m.host.firmware
+            "  host:       {}, accelerator {}, firmware {}{}",
+            m.host.qemu_version,
+            m.host.accelerator,
+            m.host.firmware,
+            // Shown only when it is not the image's own boot (older manifests have none).
+            if m.host.boot == "appliance" {
+                ", build VM booted the appliance"
+            } else {
+                ""
+            }
         );
     }
     if let Some(p) = &m.packages {

@@ -45,6 +45,7 @@ pub use components::{
 pub use model::{
     Accelerator, Boot, ComponentUse, Compression, Distribution, Firmware, Format, Infrastructure,
     Located, Network, Outputs, ParameterValue, ParentImage, Recipe, RecipeSource, Sha256, Tests,
+    USER_DATA_IN_APPLIANCE, USER_DATA_IN_APPLIANCE_HINT,
 };
 pub use model::{
     AmiDistribution, AmiEndpoints, BootMode, DirectoryDistribution, ImportMethod, LaunchPermission,

@@ -290,6 +290,9 @@ pub struct Infrastructure {
     pub memory: ByteSize,
     pub accelerator: Accelerator,
     pub firmware: Firmware,
+    /// Written only when not `full`, so plans made before the key existed keep their digest.
+    #[serde(default = "Boot::full", skip_serializing_if = "Boot::is_full")]
+    pub boot: Boot,
     pub network: Network,
     #[serde(rename = "bootTimeoutSeconds")]
     pub boot_timeout_secs: u64,
@@ -312,6 +315,7 @@ impl Default for Infrastructure {
             memory: ByteSize::gib(2),
             accelerator: Accelerator::Auto,
             firmware: Firmware::Bios,
+            boot: Boot::Full,
             network: Network::None,
             boot_timeout_secs: 900,
             build_timeout_secs: 7200,
@@ -392,6 +396,21 @@ word_enum!(
     }
 );
 word_enum!(Network { None = "none", User = "user" });
+
+impl Boot {
+    /// The default (for serde: plans written before the key existed have none).
+    pub fn full() -> Boot {
+        Boot::Full
+    }
+    pub fn is_full(&self) -> bool {
+        *self == Boot::Full
+    }
+}
+
+/// `userData` with `infrastructure.boot: appliance`: in the recipe, or made so by a pipeline
+/// or the command line.
+pub const USER_DATA_IN_APPLIANCE: &str = "`userData` cannot be used with `infrastructure.boot: appliance`: cloud-init does not run in the appliance";
+pub const USER_DATA_IN_APPLIANCE_HINT: &str = "use `infrastructure.boot: full` to have cloud-init apply it, or do its work in a component step";
 word_enum!(
     /// Export formats. `vmdk` is streamOptimized, `vhd` is fixed (as clouds import it).
     Format {

@@ -4,10 +4,11 @@
 use std::path::{Path, PathBuf};
 
 use super::model::{
-    AmiDistribution, AmiEndpoints, ComponentUse, DEFAULT_GENERALIZE, DEFAULT_IMPORT_METHOD,
+    AmiDistribution, AmiEndpoints, Boot, ComponentUse, DEFAULT_GENERALIZE, DEFAULT_IMPORT_METHOD,
     DEFAULT_WORKING_DIRECTORY, DirectoryDistribution, Distribution, Format, Infrastructure,
     LaunchPermission, Located, MAX_CPUS, MAX_TIMEOUT_SECS, MIN_MEMORY, OciDistribution, Outputs,
-    ParameterValue, ParentImage, Sha256, SharedCache, Tests, VagrantDistribution, Word,
+    ParameterValue, ParentImage, Sha256, SharedCache, Tests, USER_DATA_IN_APPLIANCE,
+    USER_DATA_IN_APPLIANCE_HINT, VagrantDistribution, Word,
 };
 use super::name_template::NameTemplate;
 use super::oci_reference::{OciReference, split_oci_reference};
@@ -201,6 +202,17 @@ pub(super) fn recipe(
         .map_or(Some(Infrastructure::default()), |(_, v)| {
             infrastructure_ref(cx, v, include, included)
         });
+    // Said where `userData` is written: it is always in the recipe, while `boot` may be in an
+    // infrastructure file.
+    if let (Some((key, _)), Some(infra)) = (get("userData"), &parts.infrastructure)
+        && infra.boot == Boot::Appliance
+    {
+        cx.error(
+            key.span,
+            USER_DATA_IN_APPLIANCE,
+            Some(USER_DATA_IN_APPLIANCE_HINT.to_string()),
+        );
+    }
     parts.tests = get("tests").map_or(Some(Tests::default()), |(_, v)| {
         tests(cx, v, &keys("tests"))
     });
@@ -825,6 +837,7 @@ fn infrastructure(cx: &mut Reader<'_>, node: &Node, allowed: &[&str]) -> Option<
                 "memory" => set(&mut infra.memory, memory(cx, value)),
                 "accelerator" => set(&mut infra.accelerator, cx.named(value, "accelerator")),
                 "firmware" => set(&mut infra.firmware, cx.named(value, "firmware")),
+                "boot" => set(&mut infra.boot, cx.named(value, "boot mode")),
                 "network" => set(&mut infra.network, cx.named(value, "network")),
                 "bootTimeoutSeconds" => set(
                     &mut infra.boot_timeout_secs,

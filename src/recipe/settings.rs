@@ -13,7 +13,7 @@
 use serde_json::{Map, Value, json};
 
 use super::model::{
-    Accelerator, BootMode, Compression, DEFAULT_GENERALIZE, DEFAULT_IMPORT_METHOD,
+    Accelerator, Boot, BootMode, Compression, DEFAULT_GENERALIZE, DEFAULT_IMPORT_METHOD,
     DEFAULT_WORKING_DIRECTORY, Firmware, Format, ImportMethod, Infrastructure, MAX_CPUS,
     MAX_TIMEOUT_SECS, Network, Outputs, Tests,
 };
@@ -182,6 +182,8 @@ pub const SETTINGS: &[Setting] = &[
         "`auto` uses KVM when it works and TCG otherwise; `kvm` fails when KVM is unusable; `tcg` always emulates."),
     overridable("infrastructure.firmware", Kind::Word(Firmware::NAMES), DefaultIs::Value(|| Infrastructure::default().firmware.to_string()),
         "`bios` or `uefi`."),
+    overridable("infrastructure.boot", Kind::Word(Boot::NAMES), DefaultIs::Value(|| Infrastructure::default().boot.to_string()),
+        "How the build VM starts. `full`: the image's own boot (firmware, bootloader, its kernel, systemd, cloud-init). `appliance`: the host's kernel with builder's agent as init, the steps in a chroot of the image's root file system: much faster under TCG, but no service manager runs (`systemctl enable` works, `systemctl start` does not), the image's own kernel does not run, and `userData` is refused (see \"Boot modes\" in the README). The test stage always boots `full`."),
     overridable("infrastructure.network", Kind::Word(Network::NAMES), DefaultIs::Value(|| Infrastructure::default().network.to_string()),
         "`none`: no network device; `user`: QEMU user networking (outbound only)."),
     overridable("infrastructure.bootTimeoutSeconds", TIMEOUT, DefaultIs::Value(|| Infrastructure::default().boot_timeout_secs.to_string()),

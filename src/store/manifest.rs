@@ -211,6 +211,11 @@ pub struct HostInfo {
     /// `bios`, or `uefi` with the firmware file used.
     #[serde(default)]
     pub firmware: String,
+    /// How the build VM started (`infrastructure.boot`): `full` (the image's own boot) or
+    /// `appliance` (the host's kernel, builder's agent as init). Empty in manifests written
+    /// before boot modes existed: those builds booted `full`. The test VM always boots `full`.
+    #[serde(default)]
+    pub boot: String,
     #[serde(default)]
     pub cpus: u32,
     #[serde(default)]
