@@ -226,6 +226,7 @@ async fn launch(common: &Common, with_agent: bool) -> anyhow::Result<Vm> {
         cpus: CPUS,
         memory_mib: MEMORY_MIB,
         firmware: FirmwareFiles::Bios,
+        direct_kernel: None,
         disk: p("disk.qcow2"),
         disk_format: DiskFormat::Qcow2,
         seed: Some(p("seed.img")),

@@ -70,6 +70,16 @@ pub struct SerialPort {
     pub socket: PathBuf,
 }
 
+/// A Linux kernel QEMU boots itself (`-kernel`, `-initrd`, `-append`): no firmware boot
+/// menu, no bootloader. The appliance boot (see [`crate::vm::appliance`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectKernel {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// The kernel command line.
+    pub append: String,
+}
+
 /// Everything QEMU needs to know about one VM, with every path resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmSpec {
@@ -79,6 +89,9 @@ pub struct VmSpec {
     pub cpus: u32,
     pub memory_mib: u64,
     pub firmware: FirmwareFiles,
+    /// Boot this kernel instead of the disk's bootloader (with BIOS firmware: SeaBIOS loads
+    /// it, no UEFI is needed).
+    pub direct_kernel: Option<DirectKernel>,
     /// The VM's own writable disk (an overlay on the base image).
     pub disk: PathBuf,
     pub disk_format: DiskFormat,
@@ -181,6 +194,13 @@ pub fn qemu_args(spec: &VmSpec) -> Vec<QemuArg> {
         ));
     }
 
+    if let Some(direct) = &spec.direct_kernel {
+        // Plain values, not `key=value` lists: no comma doubling.
+        args.push(arg("-kernel", direct.kernel.to_string_lossy()));
+        args.push(arg("-initrd", direct.initrd.to_string_lossy()));
+        args.push(arg("-append", direct.append.clone()));
+    }
+
     // discard=unmap + detect-zeroes=unmap: space the guest frees (fstrim) or zeroes is
     // released from the overlay, so exported images stay small.
     args.push(arg(
@@ -191,7 +211,15 @@ pub fn qemu_args(spec: &VmSpec) -> Vec<QemuArg> {
             qpath(&spec.disk)
         ),
     ));
-    args.push(arg("-device", "virtio-blk-pci,drive=disk0,bootindex=0"));
+    // The disk boots first; with a kernel of our own, the firmware boots that instead.
+    args.push(arg(
+        "-device",
+        if spec.direct_kernel.is_some() {
+            "virtio-blk-pci,drive=disk0"
+        } else {
+            "virtio-blk-pci,drive=disk0,bootindex=0"
+        },
+    ));
 
     if let Some(seed) = &spec.seed {
         args.push(arg(
@@ -271,6 +299,7 @@ mod tests {
             cpus: 2,
             memory_mib: 1024,
             firmware: FirmwareFiles::Bios,
+            direct_kernel: None,
             disk: "/run/b/disk.qcow2".into(),
             disk_format: DiskFormat::Qcow2,
             seed: Some("/run/b/seed.img".into()),
@@ -290,6 +319,16 @@ mod tests {
             .filter(|a| a.option == option)
             .filter_map(|a| a.value.as_deref())
             .collect()
+    }
+
+    /// An appliance boot as `RunningVm::boot` makes it: the kernel, no seed, BIOS.
+    fn appliance(s: &mut VmSpec) {
+        s.seed = None;
+        s.direct_kernel = Some(DirectKernel {
+            kernel: "/boot/vmlinuz-6.1.0-57-cloud-amd64".into(),
+            initrd: "/cache/a,b/initrd.cpio".into(),
+            append: "console=ttyS0 builder.appliance=1".into(),
+        });
     }
 
     #[test]
@@ -357,6 +396,26 @@ mod tests {
             ("serial console", |_| {}, "-serial", vec!["chardev:console0"]),
             ("qmp monitor", |_| {}, "-mon", vec!["chardev=qmp0,mode=control"]),
             ("reboots reset, panics pause", |_| {}, "-action", vec!["reboot=reset,shutdown=poweroff,panic=pause"]),
+            ("no direct kernel boot by default", |_| {}, "-kernel", vec![]),
+            ("direct kernel: the kernel", appliance, "-kernel", vec!["/boot/vmlinuz-6.1.0-57-cloud-amd64"]),
+            ("direct kernel: the initramfs", appliance, "-initrd", vec!["/cache/a,b/initrd.cpio"]),
+            ("direct kernel: the command line as one value", appliance, "-append", vec!["console=ttyS0 builder.appliance=1"]),
+            ("direct kernel: a reboot still resets (it boots the appliance again)", appliance, "-action", vec!["reboot=reset,shutdown=poweroff,panic=pause"]),
+            ("direct kernel: no seed, no pflash, the disk without a boot index", appliance, "-drive", vec![
+                "if=none,id=disk0,format=qcow2,file=/run/b/disk.qcow2,discard=unmap,detect-zeroes=unmap,cache=writeback",
+            ]),
+            ("direct kernel: the same ports and devices", appliance, "-device", vec![
+                "pvpanic",
+                "virtio-rng-pci",
+                "virtio-blk-pci,drive=disk0",
+                "virtio-serial-pci,id=vser0",
+                "virtserialport,bus=vser0.0,chardev=port0,name=org.builder.agent.0",
+            ]),
+            ("direct kernel: console, agent and qmp as before", appliance, "-chardev", vec![
+                "socket,id=port0,path=/run/b/agent.sock,server=on,wait=off",
+                "file,id=console0,path=/run/b/console.log",
+                "socket,id=qmp0,path=/run/b/qmp.sock,server=on,wait=off",
+            ]),
         ];
         for (what, change, option, expect) in cases {
             let mut spec = base_spec();

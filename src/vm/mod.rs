@@ -8,8 +8,13 @@
 //! removes everything at once. While it runs, QEMU's exit, the QMP connection closing and a
 //! guest kernel panic are watched at all times and surface as a [`VmError`] through
 //! [`RunningVm::guard`].
+//!
+//! Two ways to boot ([`VmOptions::boot`]): the guest's own (firmware, bootloader, its
+//! systemd; our agent comes on a cloud-init seed), or the appliance ([`appliance`]: the
+//! host's kernel booted directly with our agent as init, no seed, no firmware of its own).
 
 pub mod accel;
+pub mod appliance;
 pub mod argv;
 pub mod firmware;
 pub mod img;
@@ -30,7 +35,7 @@ pub use argv::{Accel, DiskFormat};
 
 use crate::recipe::{Accelerator, Boot, Firmware, Network};
 use crate::undo::{self, Leftovers, Outcome, UndoList, UnwindReport};
-use argv::{FirmwareFiles, SerialPort, VmSpec};
+use argv::{DirectKernel, FirmwareFiles, SerialPort, VmSpec};
 use qmp::{EventKind, Qmp};
 
 /// Unix socket paths are limited to 107 bytes plus the terminating zero.
@@ -191,6 +196,14 @@ pub enum VmError {
         #[source]
         source: crate::machine::MachineError,
     },
+    #[error(transparent)]
+    ApplianceSetup(#[from] appliance::ApplianceError),
+    #[error("the appliance boot serves builder's own agent; it cannot use qemu-guest-agent")]
+    ApplianceNeedsAgent,
+    /// The agent as init gave up (it printed `builder-appliance: error:` lines, then powered
+    /// off) before it said hello.
+    #[error("the appliance could not serve this image: {reason}")]
+    Appliance { reason: String },
     #[error(
         "timed out after {secs} s of boot waiting for {what}{}",
         section("last lines of the serial console", console_tail)
@@ -199,6 +212,8 @@ pub enum VmError {
         what: String,
         secs: u64,
         console_tail: String,
+        /// An appliance boot (no firmware, no cloud-init: a different hint).
+        appliance: bool,
     },
 }
 
@@ -220,6 +235,7 @@ impl VmError {
         match self {
             VmError::Image { .. }
             | VmError::DiskTooSmall { .. }
+            | VmError::ApplianceNeedsAgent
             | VmError::Seed(seed::SeedError::UnsupportedUserData { .. }) => ErrorClass::Input,
             VmError::QemuMissing
             | VmError::Accel(_)
@@ -228,7 +244,9 @@ impl VmError {
             | VmError::SocketPathTooLong { .. }
             | VmError::Seed(_)
             | VmError::Overlay(_)
-            | VmError::Spawn(_) => ErrorClass::Host,
+            | VmError::Spawn(_)
+            | VmError::ApplianceSetup(_)
+            | VmError::Appliance { .. } => ErrorClass::Host,
             VmError::Qmp(_)
             | VmError::QemuExited { .. }
             | VmError::QmpClosed
@@ -244,6 +262,15 @@ impl VmError {
         match self {
             VmError::QemuMissing => Some("install QEMU: apt install qemu-system-x86 qemu-utils".into()),
             VmError::Accel(_) => Some("use `--accel auto` or `--accel tcg` (slower, works everywhere)".into()),
+            VmError::ApplianceSetup(e) => e.hint(),
+            VmError::Appliance { .. } => Some(
+                "the appliance (the host's kernel with builder's agent as init) mounts the image's root file system itself; use `infrastructure.boot: full` (`--boot full`) to boot the image's own system".into(),
+            ),
+            VmError::BootTimeout {
+                appliance: true, ..
+            } => Some(
+                "the appliance usually answers within seconds: its console lines (`builder-appliance: …`) say how far it got; a longer --boot-timeout helps on busy machines, or use `infrastructure.boot: full`".into(),
+            ),
             VmError::BootTimeout { .. } => Some(
                 "check that the image boots with a serial console (console=ttyS0) and runs cloud-init; a longer --boot-timeout helps on slow or busy machines".into(),
             ),
@@ -324,6 +351,8 @@ pub struct RunningVm {
     paths: VmPaths,
     accel: AccelDecision,
     channel: GuestChannel,
+    /// The appliance it boots, for an appliance boot.
+    appliance: Option<appliance::Appliance>,
     qmp: Arc<Qmp>,
     child: process::Child,
     fault: watch::Receiver<Option<Fault>>,
@@ -397,9 +426,22 @@ impl RunningVm {
         if let Some(reason) = &accel.fallback_reason {
             progress(&format!("KVM not usable ({reason}); using TCG (slower)"));
         }
+        let appliance = match options.boot {
+            Boot::Full => None,
+            Boot::Appliance => {
+                if options.channel == GuestChannel::Qga {
+                    return Err(VmError::ApplianceNeedsAgent);
+                }
+                Some(appliance::Appliance::prepare(
+                    &appliance::cache_dir(),
+                    progress,
+                )?)
+            }
+        };
+        // The appliance's kernel is loaded by QEMU's own BIOS: no UEFI firmware.
         let uefi = match options.firmware {
-            Firmware::Bios => None,
-            Firmware::Uefi => Some(firmware::find_uefi()?),
+            Firmware::Uefi if appliance.is_none() => Some(firmware::find_uefi()?),
+            _ => None,
         };
 
         let mut undo = UndoList::new(options.keep_on_failure, options.leftovers.clone());
@@ -452,6 +494,14 @@ impl RunningVm {
 
         let mut ports = Vec::new();
         let seed = match &options.channel {
+            // The agent is the appliance's init: no seed, no cloud-init.
+            GuestChannel::Agent { .. } if appliance.is_some() => {
+                ports.push(SerialPort {
+                    name: seed::AGENT_PORT.into(),
+                    socket: paths.agent_socket.clone(),
+                });
+                None
+            }
             GuestChannel::Agent { user_data } => {
                 seed::write_seed_scoped(
                     &paths.seed,
@@ -503,6 +553,11 @@ impl RunningVm {
             cpus: options.cpus,
             memory_mib: options.memory_mib,
             firmware,
+            direct_kernel: appliance.as_ref().map(|a| DirectKernel {
+                kernel: a.kernel.clone(),
+                initrd: a.initrd.clone(),
+                append: appliance::cmdline(options.network, "builder"),
+            }),
             disk: paths.disk.clone(),
             disk_format: if options.boot_in_place {
                 base_format
@@ -545,6 +600,7 @@ impl RunningVm {
             paths,
             accel,
             channel: options.channel,
+            appliance,
             qmp,
             child,
             fault,
@@ -568,6 +624,11 @@ impl RunningVm {
 
     pub fn paths(&self) -> &VmPaths {
         &self.paths
+    }
+
+    /// The appliance this VM boots (`None`: the guest's own boot).
+    pub fn appliance(&self) -> Option<&appliance::Appliance> {
+        self.appliance.as_ref()
     }
 
     pub fn qmp(&self) -> &Arc<Qmp> {
@@ -622,7 +683,22 @@ impl RunningVm {
         Some(self.error_for(fault))
     }
 
+    /// In an appliance boot, the agent as init's own account of why it gave up (its
+    /// `builder-appliance: error:` lines on the console), which explains a power-off, an
+    /// exit, a panic or a timeout better than they do.
+    fn appliance_failure(&self) -> Option<VmError> {
+        self.appliance.as_ref()?;
+        let console = process::tail(&self.paths.console_log, 4 * CONSOLE_TAIL_LINES);
+        let errors = appliance::console_errors(&console);
+        (!errors.is_empty()).then(|| VmError::Appliance {
+            reason: errors.join("; "),
+        })
+    }
+
     fn error_for(&self, fault: Fault) -> VmError {
+        if let Some(e) = self.appliance_failure() {
+            return e;
+        }
         match fault {
             Fault::Exited(exit) => VmError::QemuExited {
                 exit,
@@ -723,11 +799,14 @@ impl RunningVm {
         let left = timeout.saturating_sub(self.started.elapsed());
         match tokio::time::timeout(left, self.guard(work)).await {
             Ok(result) => result,
-            Err(_) => Err(VmError::BootTimeout {
-                what: what.to_string(),
-                secs: timeout.as_secs(),
-                console_tail: self.console_tail_or_note(),
-            }),
+            Err(_) => Err(self
+                .appliance_failure()
+                .unwrap_or_else(|| VmError::BootTimeout {
+                    what: what.to_string(),
+                    secs: timeout.as_secs(),
+                    console_tail: self.console_tail_or_note(),
+                    appliance: self.appliance.is_some(),
+                })),
         }
     }
 
@@ -1030,6 +1109,7 @@ mod tests {
             what: "the agent to say hello".into(),
             secs: 10,
             console_tail: "GRUB".into(),
+            appliance: false,
         };
         assert_eq!(
             e.to_string(),

@@ -7,7 +7,9 @@
 //! record of this boot (`/run/cloud-init/status.json`) showing its init stages finished
 //! without errors. Neither depends on how a cloud-init release names its units (22.4 runs
 //! one process per stage, 24.3 and later one process for all). After a Reboot step the
-//! target waits for the same again before the next step runs. [`Session::close`] powers the
+//! target waits for the same again before the next step runs. An appliance boot
+//! ([`crate::recipe::Boot::Appliance`]) has no systemd and no cloud-init: the agent is init,
+//! and its hello is readiness, at boot and after a reboot. [`Session::close`] powers the
 //! guest off through its agent, then falls back on the VM's shutdown ladder.
 
 use std::path::Path;
@@ -24,6 +26,7 @@ use crate::machine::{
     Capture, DirEntry, ExecOutcome, ExecRequest, ExitStatus, FileInfo, FileSource, FileStat,
     Machine, MachineError, MachineInfo, OutputSink, PutOptions,
 };
+use crate::recipe::Boot;
 use crate::undo::{Outcome, UnwindReport};
 
 /// How long the guest gets to power itself off before QMP `quit`, unless the caller says
@@ -94,6 +97,8 @@ enum Gate {
     /// The boot finished; cloud-init is disabled for this boot
     /// ([`SessionOptions::cloud_init_disabled`]).
     Boot,
+    /// The appliance: the agent is init; its hello is all there is to wait for.
+    Appliance,
 }
 
 /// Waits (at most `$1` seconds) until systemd has finished booting: every job of the boot
@@ -218,8 +223,13 @@ async fn settle(
     let deadline = tokio::time::Instant::now() + timeout;
     let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
     let mut ready = agent.wait_ready(false, timeout).await?;
-    if gate == Gate::None {
-        return Ok(ready);
+    match gate {
+        Gate::None => return Ok(ready),
+        Gate::Appliance => {
+            ready.system = Some("system: appliance".into());
+            return Ok(ready);
+        }
+        _ => {}
     }
     let boot = boot_finished(agent, left()).await?;
     if gate == Gate::Boot {
@@ -298,7 +308,7 @@ impl Gate {
     /// The gate for a boot in which cloud-init is disabled (or not): only the boot then,
     /// unless nothing is waited for at all.
     fn this_boot(self, cloud_init_disabled: bool) -> Gate {
-        if cloud_init_disabled && self != Gate::None {
+        if cloud_init_disabled && !matches!(self, Gate::None | Gate::Appliance) {
             Gate::Boot
         } else {
             self
@@ -415,6 +425,7 @@ impl Session {
         progress: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<Session, VmError> {
         let gate = match (&options.vm.channel, options.wait_cloud_init) {
+            _ if options.vm.boot == Boot::Appliance => Gate::Appliance,
             (_, false) => Gate::None,
             (GuestChannel::Agent { user_data }, true)
                 if options
@@ -514,13 +525,16 @@ impl Session {
                 settle(&agent, first_gate, cloud_init_budget),
             )
             .await?;
-        let readiness = match readiness {
+        let mut readiness = match readiness {
             Ok(r) => r,
             Err(source) => {
                 let what = format!("{describe} is not ready for steps");
                 return Err(guest_error(&vm, what, source).await);
             }
         };
+        if let Some(appliance) = vm.appliance() {
+            readiness.system = Some(format!("system: appliance (kernel {})", appliance.release));
+        }
         if let Some(failed) = readiness.system.as_deref().and_then(|r| {
             r.lines()
                 .find_map(|l| l.trim().strip_prefix("failed:"))
@@ -677,7 +691,11 @@ mod tests {
             assert_eq!(gate.this_boot(true), Gate::Boot);
             assert_eq!(gate.this_boot(false), gate);
         }
-        assert_eq!(Gate::None.this_boot(true), Gate::None);
+        // Nothing to wait for, or the appliance (no systemd): the same in every boot.
+        for gate in [Gate::None, Gate::Appliance] {
+            assert_eq!(gate.this_boot(true), gate);
+            assert_eq!(gate.this_boot(false), gate);
+        }
     }
 
     #[test]
