@@ -26,11 +26,9 @@
 //!
 //! Without `BUILDER_VM_TESTS=1` the test is ignored (tests/support/vm_tier.rs).
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use builder::recipe::Format;
 use builder::recipe::Version;
@@ -123,15 +121,6 @@ fn source_store(root: &Path, image: &Path) -> (PathBuf, String) {
     (dir, sha)
 }
 
-/// QEMU processes of this test, found by command line (QEMU renames itself).
-fn qemus(guard: &NoLeftovers) -> Vec<u32> {
-    builder::store::runner::processes_mentioning(&guard.root().to_string_lossy())
-        .into_iter()
-        .filter(|p| p.command_line.contains("qemu-system"))
-        .map(|p| p.pid)
-        .collect()
-}
-
 #[test]
 #[cfg_attr(
     not(vm_tier),
@@ -221,51 +210,15 @@ fn a_killed_build_is_cleaned_up_and_an_oci_parent_survives_pruning() {
         recipe(&location, &["mark.yml", "wait.yml"]),
     )
     .expect("recipe");
-    let mut child = command(&guard, &host, &["build", "b.yml", "--accel", "tcg"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("builder starts");
-    let (tx, lines) = mpsc::channel();
-    let stderr_pipe = child.stderr.take().expect("piped");
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr_pipe).lines().map_while(Result::ok) {
-            eprintln!("  | {line}");
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20 * 60);
-    while !seen
-        .iter()
-        .any(|l: &String| l.contains("WAITING-FOR-THE-MARKER"))
-    {
-        match lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(line) => seen.push(line),
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("the waiting component never started:\n{}", seen.join("\n"));
-            }
-        }
-    }
+    let (mut child, seen, _rest) = leftovers::spawn_until(
+        &mut command(&guard, &host, &["build", "b.yml", "--accel", "tcg"]),
+        "WAITING-FOR-THE-MARKER",
+        Duration::from_secs(20 * 60),
+    );
     let all = seen.join("\n");
     assert!(all.contains("already cached as"), "no pull: {all}");
     assert!(!all.contains("connecting to"), "no pull: {all}");
-    let running = qemus(&guard);
-    assert_eq!(running.len(), 1, "one QEMU: {running:?}");
-    child.kill().expect("SIGKILL builder");
-    child.wait().expect("reap builder");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !qemus(&guard).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "QEMU {running:?} outlived its builder"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    guard.kill_builder_and_its_qemu(&mut child);
     let build_id = names(&guard.store().join("staging"))
         .pop()
         .expect("the killed build's staging folder is left");

@@ -52,6 +52,14 @@ mod vm_tier;
 mod leftovers;
 use leftovers::NoLeftovers;
 
+#[path = "support/http.rs"]
+mod http;
+use http::HostHttp;
+
+#[path = "support/events.rs"]
+mod build_events;
+use build_events::{events, json_lines, print_stage_times, step_output, step_succeeded};
+
 /// Builder as this file's tests run it, in a guard's store and runtime folder.
 impl NoLeftovers {
     /// `builder ARGS` with this guard's store and runtime folder, not started.
@@ -82,53 +90,6 @@ fn sha256(path: &Path) -> String {
         hasher.update(&buffer[..n]);
     }
     hex::encode(hasher.finalize())
-}
-
-fn json_lines(stdout: &[u8]) -> Vec<serde_json::Value> {
-    String::from_utf8_lossy(stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect()
-}
-
-fn events<'a>(all: &'a [serde_json::Value], name: &str) -> Vec<&'a serde_json::Value> {
-    all.iter().filter(|e| e["event"] == name).collect()
-}
-
-/// Each stage's duration and the boot's progress messages, on stderr (what a boot costs CI).
-fn print_stage_times(all: &[serde_json::Value]) {
-    for e in all {
-        if e["event"] == "stageFinished" {
-            eprintln!(
-                "stage {} {}: {:.1} s",
-                e["stage"].as_str().unwrap_or("?"),
-                e["status"].as_str().unwrap_or("?"),
-                e["durationMs"].as_f64().unwrap_or(0.0) / 1000.0
-            );
-        } else if e["event"] == "progress" && matches!(e["stage"].as_str(), Some("boot" | "test")) {
-            eprintln!(
-                "  {}: {}",
-                e["stage"].as_str().unwrap_or("?"),
-                e["message"].as_str().unwrap_or("?")
-            );
-        }
-    }
-}
-
-/// The output lines of the step named `step` in `phase`.
-fn step_output<'a>(all: &'a [serde_json::Value], phase: &str, step: &str) -> Vec<&'a str> {
-    events(all, "stepOutput")
-        .iter()
-        .filter(|e| e["phase"] == phase && e["step"] == step)
-        .filter_map(|e| e["line"].as_str())
-        .collect()
-}
-
-/// Whether the step named `step` in `phase` finished with `success`.
-fn step_succeeded(all: &[serde_json::Value], phase: &str, step: &str) -> bool {
-    events(all, "stepFinished")
-        .iter()
-        .any(|e| e["phase"] == phase && e["step"] == step && e["status"] == "success")
 }
 
 fn stored_build(store: &Path, name: &str) -> PathBuf {
@@ -776,103 +737,6 @@ fn recipe_copy(dir: &Path, name: &str, replace: &[(&str, &str)]) -> PathBuf {
     path
 }
 
-/// An HTTP/1.0 server on the host's loopback, for guests on QEMU's user network (which reach
-/// the host's 127.0.0.1 as 10.0.2.2): `GET /build` and `GET /test` answer `body`, anything
-/// else 404. It records each request line; stopped (and its thread joined) on drop.
-struct HostHttp {
-    port: u16,
-    requests: std::sync::Arc<Mutex<Vec<String>>>,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl HostHttp {
-    fn start(body: &str) -> Self {
-        use std::io::{BufRead, BufReader, Write};
-        use std::sync::atomic::Ordering;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the loopback");
-        listener.set_nonblocking(true).expect("non-blocking");
-        let port = listener.local_addr().expect("local address").port();
-        let requests = std::sync::Arc::new(Mutex::new(Vec::new()));
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let body = format!("{body}\n");
-        let thread = {
-            let (requests, stop) = (requests.clone(), stop.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    let stream = match listener.accept() {
-                        Ok((stream, _)) => stream,
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            std::thread::sleep(std::time::Duration::from_millis(50));
-                            continue;
-                        }
-                        Err(e) => panic!("accept: {e}"),
-                    };
-                    let _ = stream.set_nonblocking(false);
-                    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(30)));
-                    let mut reader = BufReader::new(&stream);
-                    let mut line = String::new();
-                    if reader.read_line(&mut line).is_err() {
-                        continue;
-                    }
-                    let request = line.trim_end().to_string();
-                    // The rest of the header, up to the empty line.
-                    loop {
-                        let mut header = String::new();
-                        match reader.read_line(&mut header) {
-                            Ok(0) | Err(_) => break,
-                            Ok(_) if header.trim_end().is_empty() => break,
-                            Ok(_) => {}
-                        }
-                    }
-                    let found = matches!(
-                        request.as_str(),
-                        "GET /build HTTP/1.0" | "GET /test HTTP/1.0"
-                    );
-                    requests
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(request);
-                    let (status, text) = if found {
-                        ("200 OK", body.as_str())
-                    } else {
-                        ("404 Not Found", "not found\n")
-                    };
-                    let _ = (&stream).write_all(
-                        format!(
-                            "HTTP/1.0 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
-                            text.len()
-                        )
-                        .as_bytes(),
-                    );
-                }
-            })
-        };
-        Self {
-            port,
-            requests,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn requests(&self) -> Vec<String> {
-        self.requests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-}
-
-impl Drop for HostHttp {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
 /// `firmware: uefi` and `network: user` in one build (tests/build/uefi-user-network.yml): the
 /// build VM boots OVMF and fetches from an HTTP server this test runs on the host's loopback,
 /// through QEMU's user network; the test VM boots UEFI too, finds what was fetched and fetches
@@ -895,7 +759,9 @@ fn uefi_and_user_network_build_fetches_from_the_host_and_tests_on_uefi() {
             .expect("clock")
             .as_nanos()
     );
-    let server = HostHttp::start(&token);
+    // `GET /build` and `GET /test` answer the token, anything else 404.
+    let body = format!("{token}\n").into_bytes();
+    let server = HostHttp::start([("/build", body.clone()), ("/test", body)]);
     let recipe = recipe_copy(
         guard.root(),
         "uefi-user-network.yml",

@@ -25,6 +25,7 @@ const ESSENTIAL: &[(&str, &str)] = &[
     ("sha256sum", "coreutils"),
     ("tar", "tar"),
     ("dpkg-query", "dpkg"),
+    ("dpkg-deb", "dpkg"),
     ("setsid", "util-linux"),
     ("stty", "coreutils"),
     ("true", "coreutils"),

@@ -14,8 +14,10 @@
 // Each test file that includes this uses part of it.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 pub struct NoLeftovers {
@@ -109,6 +111,32 @@ impl NoLeftovers {
         }
     }
 
+    /// The QEMU processes of this folder, found by command line (QEMU renames itself).
+    pub fn qemus(&self) -> Vec<u32> {
+        builder::store::runner::processes_mentioning(&self.root().to_string_lossy())
+            .into_iter()
+            .filter(|p| p.command_line.contains("qemu-system"))
+            .map(|p| p.pid)
+            .collect()
+    }
+
+    /// SIGKILLs `builder` (running one VM of this folder) and checks its QEMU dies with it
+    /// (parent-death signal) within 30 s.
+    pub fn kill_builder_and_its_qemu(&self, builder: &mut Child) {
+        let running = self.qemus();
+        assert_eq!(running.len(), 1, "one QEMU: {running:?}");
+        builder.kill().expect("SIGKILL builder");
+        builder.wait().expect("reap builder");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.qemus().is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "QEMU {running:?} outlived its builder"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Kill (SIGKILL) every process that mentions the folder; their pids.
     pub fn kill_processes(&self) -> Vec<u32> {
         let found = builder::store::runner::processes_mentioning(&self.root().to_string_lossy());
@@ -149,6 +177,44 @@ pub fn run_echoed(cmd: &mut Command, args: &[&str]) -> Output {
         out.status.code()
     );
     out
+}
+
+/// Starts `cmd` (a `builder ARGS`) with its stderr piped and echoed on the test's stderr, and
+/// returns once a line contains `needle`: the child, the lines so far, and the rest as they
+/// come. Kills the child and fails the test when no such line comes within `within`.
+pub fn spawn_until(
+    cmd: &mut Command,
+    needle: &str,
+    within: Duration,
+) -> (Child, Vec<String>, mpsc::Receiver<String>) {
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("builder starts");
+    let (tx, lines) = mpsc::channel();
+    let stderr = child.stderr.take().expect("piped");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("  | {line}");
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen: Vec<String> = Vec::new();
+    let deadline = Instant::now() + within;
+    while !seen.iter().any(|l| l.contains(needle)) {
+        match lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => seen.push(line),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("no `{needle}` from builder:\n{}", seen.join("\n"));
+            }
+        }
+    }
+    (child, seen, lines)
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
