@@ -641,39 +641,58 @@ fn network(cmdline: &Cmdline) {
     }
 }
 
-/// The guest resolves through 10.0.2.3 without its /etc/resolv.conf changing: a file bind-
-/// mounted over it, or, when it links into /run (systemd-resolved), the file it points to
-/// written in our /run tmpfs.
+/// The guest resolves through 10.0.2.3 without its image changing: a file bind-mounted over
+/// its resolv.conf, or, when that links into /run (systemd-resolved), the file it points to
+/// written in our /run tmpfs. An image with none at all (it would get one from DHCP at boot)
+/// gets one for the session, removed at shutdown.
 fn resolv_conf() -> Result<(), String> {
     let Some(target) = net::resolv_conf_target(Path::new(SYSROOT)) else {
-        return Err("the image has no /etc/resolv.conf; name resolution is not set up".into());
+        return Err("/etc/resolv.conf is a symlink loop; name resolution is not set up".into());
     };
     let text = net::resolv_conf_text();
     let guest = target.to_string_lossy().into_owned();
     let host = in_root(&guest);
-    if target.starts_with("/run") && !host.exists() {
+    if host.is_file() {
+        let ours = Path::new("/run/builder-appliance/resolv.conf");
+        let _ = std::fs::create_dir_all("/run/builder-appliance");
+        std::fs::write(ours, text).map_err(|e| format!("cannot write {}: {e}", ours.display()))?;
+        return mount(
+            &ours.to_string_lossy(),
+            &host.to_string_lossy(),
+            "",
+            fstab::MS_BIND,
+            "",
+        );
+    }
+    if target.starts_with("/run") {
         if let Some(parent) = host.parent() {
             std::fs::create_dir_all(parent)
                 .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
         }
-        std::fs::write(&host, text).map_err(|e| format!("cannot write {guest}: {e}"))?;
-        return Ok(());
+        return std::fs::write(&host, text).map_err(|e| format!("cannot write {guest}: {e}"));
     }
-    if !host.is_file() {
-        return Err(format!(
-            "/etc/resolv.conf leads to {guest}, which does not exist"
-        ));
-    }
-    let ours = Path::new("/run/builder-appliance/resolv.conf");
+    std::fs::write(&host, &text).map_err(|e| format!("cannot write {guest}: {e}"))?;
     let _ = std::fs::create_dir_all("/run/builder-appliance");
-    std::fs::write(ours, text).map_err(|e| format!("cannot write {}: {e}", ours.display()))?;
-    mount(
-        &ours.to_string_lossy(),
-        &host.to_string_lossy(),
-        "",
-        fstab::MS_BIND,
-        "",
-    )
+    std::fs::write(CREATED, format!("{}\n", host.display()))
+        .map_err(|e| format!("cannot write {CREATED}: {e}"))?;
+    say(&format!(
+        "DNS: the image has no {guest}; one is there until shutdown"
+    ));
+    Ok(())
+}
+
+/// Files init created in the guest for the session (one host path a line), removed at
+/// shutdown if they still hold what init wrote.
+const CREATED: &str = "/run/builder-appliance/created";
+
+fn remove_created() {
+    let list = std::fs::read_to_string(CREATED).unwrap_or_default();
+    let ours = net::resolv_conf_text();
+    for path in list.lines().filter(|l| !l.is_empty()) {
+        if std::fs::read_to_string(path).is_ok_and(|t| t == ours) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 /// Runs the agent chrooted in the guest's root until it asks for a power-off or a reboot,
@@ -752,6 +771,7 @@ fn shut_down(restart: bool) -> ! {
     }
     sys::kill_all(sys::SIGKILL);
     while let Ok(Some(_)) = sys::reap(true) {}
+    remove_created();
     sys::sync_all();
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     for target in mounts_under(&mountinfo, SYSROOT).iter().rev() {

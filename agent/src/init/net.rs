@@ -140,8 +140,8 @@ pub fn user_network(nic: &str) -> io::Result<()> {
 }
 
 /// Where the guest's `/etc/resolv.conf` leads, as a path inside the guest: itself when it is a
-/// file, the symlink's target (resolved inside `root`, following a chain) when it is a link.
-/// None when there is nothing there.
+/// file or missing, the symlink's target (resolved inside `root`, following a chain, existing
+/// or not) when it is a link. None for a link loop.
 pub fn resolv_conf_target(root: &Path) -> Option<PathBuf> {
     let mut guest = PathBuf::from("/etc/resolv.conf");
     for _ in 0..8 {
@@ -153,8 +153,8 @@ pub fn resolv_conf_target(root: &Path) -> Option<PathBuf> {
                 guest = normalize(&base.join(link));
             }
             Ok(_) => return Some(guest),
-            // A dangling link into /run (systemd-resolved's stub file) is still a target.
-            Err(_) => return (guest != Path::new("/etc/resolv.conf")).then_some(guest),
+            // Missing, or a dangling link (into /run for systemd-resolved's stub file).
+            Err(_) => return Some(guest),
         }
     }
     None
@@ -189,7 +189,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let root = dir.path();
         std::fs::create_dir_all(root.join("etc")).expect("etc");
-        assert_eq!(resolv_conf_target(root), None);
+        assert_eq!(resolv_conf_target(root), Some("/etc/resolv.conf".into()));
 
         std::fs::write(root.join("etc/resolv.conf"), "nameserver 1.1.1.1\n").expect("file");
         assert_eq!(resolv_conf_target(root), Some("/etc/resolv.conf".into()));
@@ -223,6 +223,11 @@ mod tests {
         symlink("real", root.join("etc/alt")).expect("link");
         std::fs::write(root.join("etc/real"), "x").expect("file");
         assert_eq!(resolv_conf_target(root), Some("/etc/real".into()));
+
+        // A loop leads nowhere.
+        std::fs::remove_file(root.join("etc/real")).expect("rm");
+        symlink("alt", root.join("etc/real")).expect("link");
+        assert_eq!(resolv_conf_target(root), None);
     }
 
     #[test]
