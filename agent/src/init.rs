@@ -112,6 +112,7 @@ pub fn run() -> ! {
 fn boot() -> Result<String, String> {
     let started = Instant::now();
     early_mounts()?;
+    console_stdio();
     let cmdline = parse_cmdline(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
     if let Some(name) = &cmdline.hostname
         && let Err(e) = sys::set_hostname(name)
@@ -158,6 +159,29 @@ fn early_mounts() -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The kernel opens /dev/console as init's stdin, stdout and stderr when the initramfs has
+/// that node. Without it they are closed, and the first files init opens would take their
+/// numbers: open the console from devtmpfs instead (the lowest free numbers: 0, 1, 2).
+fn console_stdio() {
+    use std::os::fd::IntoRawFd;
+    if Path::new("/proc/self/fd/1").exists() {
+        return;
+    }
+    for _ in 0..3 {
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/console")
+        {
+            // Kept open for good: it is init's stdio from now on.
+            Ok(f) => {
+                let _ = f.into_raw_fd();
+            }
+            Err(_) => return,
+        }
+    }
 }
 
 /// The modules the initramfs lists, loaded in order; some wait until a file system needs them.
