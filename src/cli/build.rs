@@ -12,7 +12,7 @@ use anstyle::{AnsiColor, Style};
 use clap::{Args, ValueEnum};
 
 use super::component::run::Terminal;
-use super::{CliResult, EXIT_FAILED, EXIT_HOST, EXIT_INPUT, Failure, env, parse_accel};
+use super::{CliResult, EXIT_FAILED, EXIT_HOST, EXIT_INPUT, Failure, env, parse_accel, parse_boot};
 use builder::build::plan::{self, Stage};
 use builder::build::{
     self as build, BuildError, BuildEvent, BuildObserver, BuildOptions, ComponentFailure,
@@ -20,7 +20,7 @@ use builder::build::{
 };
 use builder::component::executor::{Event, Observer};
 use builder::digest::Hashed;
-use builder::recipe::{Accelerator, OciReference};
+use builder::recipe::{Accelerator, Boot, OciReference};
 use builder::vm::ErrorClass;
 
 #[derive(Debug, Args)]
@@ -49,6 +49,10 @@ pub struct BuildArgs {
     /// Override the recipe's accelerator: `auto`, `kvm` or `tcg`.
     #[arg(long, value_parser = parse_accel)]
     accel: Option<Accelerator>,
+    /// Override the recipe's `infrastructure.boot`: `full` or `appliance` (the build VM's; the
+    /// test stage always boots full). Part of the layer keys, as the recipe's setting is.
+    #[arg(long, value_parser = parse_boot)]
+    boot: Option<Boot>,
     /// Accept a `parentImage: oci://host/repo:tag` without `@sha256:…`: ask the registry what
     /// the tag points to now and pin that manifest digest for this build (printed, and kept in
     /// the plan and the manifest). Without it such a parent is refused.
@@ -120,6 +124,13 @@ pub async fn main(args: BuildArgs) -> CliResult {
     hashing.end();
     let mut plan = planned.map_err(super::recipe::failure)?;
     super::recipe::show_resolved_tag(&plan);
+    if let Some(boot) = args.boot
+        && boot != plan.infrastructure.boot
+    {
+        // As a pipeline's setting would: the boot layer, and so every layer, changes key.
+        plan.infrastructure.boot = boot;
+        plan.set_layer_keys();
+    }
     // Where layers are shared is in no key: the flags replace the recipe's after planning.
     if !args.cache_from.is_empty() {
         plan.shared_cache.from = args.cache_from.clone();

@@ -132,6 +132,11 @@ pub fn parse_accel(s: &str) -> Result<Accelerator, String> {
     Accelerator::parse_named("accelerator", s)
 }
 
+/// `--boot`: `full` or `appliance`.
+pub fn parse_boot(s: &str) -> Result<builder::recipe::Boot, String> {
+    builder::recipe::Boot::parse_named("boot mode", s)
+}
+
 /// The environment that `${VAR}` in recipes and pipelines reads.
 pub fn env(name: &str) -> Option<String> {
     std::env::var(name).ok()

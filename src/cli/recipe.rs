@@ -13,7 +13,7 @@ use builder::build::plan::{
 };
 use builder::build::reuse::{self, Missing, Preview, Status};
 use builder::diagnostic::{Diagnostics, Severity};
-use builder::recipe::{Format, VersionPattern};
+use builder::recipe::{Boot, Format, VersionPattern};
 use builder::store::LayerCache;
 use serde::Serialize;
 
@@ -516,6 +516,8 @@ pub fn describe(plan: &Plan, layers: Option<&[Preview]>) -> String {
         let mut label = section;
         for key in builder::recipe::settings::keys(section) {
             let shown = match value.get(key) {
+                // Written in the plan only when not `full`; shown always.
+                None if section == "infrastructure" && key == "boot" => i.boot.to_string(),
                 Some(serde_json::Value::String(text)) => text.clone(),
                 Some(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => {
                     v.to_string()
@@ -575,15 +577,26 @@ pub fn describe(plan: &Plan, layers: Option<&[Preview]>) -> String {
             },
             Stage::Overlay => format!("qcow2 on the parent, {disk}"),
             Stage::Boot => {
-                let mut s = format!(
-                    "cloud-init NoCloud seed with the agent{}; agent expected within {}s",
-                    if plan.user_data.is_some() {
-                        " and the user data"
-                    } else {
-                        ""
-                    },
-                    i.boot_timeout_secs
-                );
+                let mut s = match i.boot {
+                    Boot::Full => format!(
+                        "cloud-init NoCloud seed with the agent{}; agent expected within {}s",
+                        if plan.user_data.is_some() {
+                            " and the user data"
+                        } else {
+                            ""
+                        },
+                        i.boot_timeout_secs
+                    ),
+                    Boot::Appliance => format!(
+                        "appliance: the host's kernel, the agent as init, steps in a chroot of the image's root{}; agent expected within {}s",
+                        if plan.disk_size.is_some() {
+                            ", root grown with the image's growpart"
+                        } else {
+                            ""
+                        },
+                        i.boot_timeout_secs
+                    ),
+                };
                 if let Some(l) = layer(0) {
                     layer_line(&mut s, l, width + 20);
                 }
@@ -629,7 +642,7 @@ pub fn describe(plan: &Plan, layers: Option<&[Preview]>) -> String {
                 i.shutdown_timeout_secs
             ),
             Stage::Test => {
-                let mut s = "fresh VM from the result; ".to_string();
+                let mut s = "fresh VM from the result (the image's own boot); ".to_string();
                 let with_tests: Vec<&str> = plan
                     .components
                     .iter()

@@ -16,12 +16,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio_util::sync::CancellationToken;
 
-use super::{CliResult, EXIT_FAILED, Failure, parse_accel};
+use super::{CliResult, EXIT_FAILED, Failure, parse_accel, parse_boot};
 use builder::component::executor::{self, Observer, RunError, RunOptions, RunOutcome, RunRequest};
 use builder::component::report::Status;
 use builder::machine::agent::InteractiveEvent;
 use builder::machine::{ExecRequest, ExitStatus, OutputSink, OutputStream};
-use builder::recipe::{Accelerator, Firmware, Network};
+use builder::recipe::{Accelerator, Boot, Firmware, Network};
 use builder::undo::Outcome;
 use builder::vm::session::{Session, SessionOptions};
 use builder::vm::{ErrorClass, GuestChannel, VmError, VmOptions};
@@ -56,6 +56,13 @@ pub struct VmArgs {
     /// Platform firmware: `bios` or `uefi` (OVMF, from QEMU's firmware descriptors).
     #[arg(long, default_value = "bios", value_parser = parse_firmware)]
     pub firmware: Firmware,
+    /// How the VM starts: `full` (the image's own boot: firmware, its kernel, systemd,
+    /// cloud-init) or `appliance` (the host's kernel with builder's agent as init, commands in
+    /// a chroot of the image's root file system: seconds instead of a whole boot under TCG,
+    /// but no service manager runs and `--user-data` is refused). See "Boot modes" in the
+    /// README.
+    #[arg(long, default_value = "full", value_parser = parse_boot)]
+    pub boot: Boot,
     /// Grow the VM's disk to this size, e.g. `10G` (the image itself is never changed).
     #[arg(long, value_parser = parse_bytes)]
     pub disk_size: Option<u64>,
@@ -159,6 +166,12 @@ fn parse_mib(s: &str) -> Result<u64, String> {
 impl VmArgs {
     /// Session options for booting `image` with our agent.
     pub fn session_options(&self, image: PathBuf) -> Result<SessionOptions, Failure> {
+        if self.boot == Boot::Appliance && self.user_data.is_some() {
+            return Err(Failure::input(anyhow::anyhow!(
+                "`--user-data` cannot be used with `--boot appliance`: cloud-init does not run in the appliance"
+            ))
+            .with_hint("use `--boot full`, or run what the user data does as commands"));
+        }
         let user_data = match &self.user_data {
             None => None,
             Some(p) => Some(fs_err::read_to_string(p).map_err(|e| {
@@ -171,6 +184,7 @@ impl VmArgs {
         vm.memory_mib = self.memory;
         vm.network = self.network;
         vm.firmware = self.firmware;
+        vm.boot = self.boot;
         vm.disk_size = self.disk_size;
         vm.keep_on_failure = self.keep_on_failure;
         vm.channel = GuestChannel::Agent { user_data };
@@ -367,6 +381,12 @@ pub async fn run_components(
     observer: &dyn Observer,
 ) -> Result<RunOutcome, Failure> {
     let mut options = vm_args.session_options(image)?;
+    if qga && vm_args.boot == Boot::Appliance {
+        return Err(Failure::input(anyhow::anyhow!(
+            "a `qga:` target cannot boot the appliance: the appliance runs builder's agent, not the image's qemu-guest-agent"
+        ))
+        .with_hint("use `--target vm:IMAGE --boot appliance`, or `--boot full` with `qga:`"));
+    }
     if qga {
         options.vm.channel = GuestChannel::Qga;
         options.wait_cloud_init = false;
@@ -646,5 +666,34 @@ mod tests {
         assert_eq!(parse_mib("1G"), Ok(1024));
         assert_eq!(parse_mib("1536"), Ok(1536));
         assert!(parse_mib("64M").is_err());
+    }
+
+    fn vm_args(extra: &[&str]) -> VmArgs {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            vm: VmArgs,
+        }
+        let argv = std::iter::once("x").chain(extra.iter().copied());
+        <Cli as clap::Parser>::try_parse_from(argv)
+            .expect("valid")
+            .vm
+    }
+
+    /// `--boot` reaches the VM (default full); the appliance refuses user data.
+    #[test]
+    fn boot_modes() {
+        let image = PathBuf::from("/img.qcow2");
+        let full = vm_args(&[]).session_options(image.clone()).expect("ok");
+        assert_eq!(full.vm.boot, Boot::Full);
+        let appliance = vm_args(&["--boot", "appliance"])
+            .session_options(image.clone())
+            .expect("ok");
+        assert_eq!(appliance.vm.boot, Boot::Appliance);
+        let refused = vm_args(&["--boot", "appliance", "--user-data", "/u"])
+            .session_options(image)
+            .expect_err("refused");
+        assert_eq!(refused.code, crate::cli::EXIT_INPUT);
+        assert!(parse_boot("appliances").is_err());
     }
 }
