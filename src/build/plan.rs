@@ -1143,16 +1143,10 @@ impl Plan {
         });
         if self.infrastructure.boot == recipe::Boot::Appliance {
             value["boot"] = self.infrastructure.boot.name().into();
-            value["appliance"] = appliance_digest_placeholder().into();
+            value["appliance"] = crate::vm::appliance::digest().into();
         }
         value
     }
-}
-
-/// PLACEHOLDER until `vm::appliance::digest()` (issue #13, h2) lands: what the appliance puts
-/// in the guest's way.
-fn appliance_digest_placeholder() -> &'static str {
-    "appliance-digest-placeholder"
 }
 
 /// Keys whose values say where something is on this machine or where it is shared, left out
