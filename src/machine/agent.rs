@@ -87,9 +87,12 @@ impl Shared {
 
     fn route(&self, id: u32, incoming: Incoming) {
         if let Ok(Message::Hello(h)) = &incoming {
-            let previous = self.hello.send_replace(Some(h.clone()));
             // A Hello from another agent process (new pid or boot id) means the one that held
             // our requests is gone (killed, crashed): fail them now, they would wait forever.
+            // Failed before the new Hello is published: a task woken by it (a reboot that
+            // waited for the new boot) may send its next request at once, on another thread,
+            // and that one goes to the new agent.
+            let previous = self.hello.borrow().clone();
             if let Some(prev) = previous
                 && (prev.pid != h.pid || prev.boot_id != h.boot_id)
             {
@@ -98,6 +101,7 @@ impl Shared {
                     prev.pid, h.pid
                 ));
             }
+            self.hello.send_replace(Some(h.clone()));
         }
         if id == 0 {
             return; // unsolicited Hello, or the agent complaining about a frame of ours
