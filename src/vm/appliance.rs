@@ -122,11 +122,14 @@ impl ApplianceError {
     /// A hint for the user, where there is one.
     pub fn hint(&self) -> Option<String> {
         match self {
-            ApplianceError::NoKernel { .. }
-            | ApplianceError::KernelMissing { .. }
-            | ApplianceError::ModulesMissing { .. } => Some(format!(
-                "install a kernel for it: `apt-get install linux-image-cloud-amd64` (Debian, Ubuntu: linux-image-kvm), or set {KERNEL_VAR} to a vmlinuz whose modules are in /lib/modules/<release>; or use `infrastructure.boot: full`"
+            ApplianceError::KernelMissing { .. } => Some(format!(
+                "point {KERNEL_VAR} at an existing vmlinuz, or unset it to boot the newest /boot/vmlinuz-*"
             )),
+            ApplianceError::NoKernel { .. } | ApplianceError::ModulesMissing { .. } => {
+                Some(format!(
+                    "install a kernel for it: `apt-get install linux-image-cloud-amd64` (Debian, Ubuntu: linux-image-kvm), or set {KERNEL_VAR} to a vmlinuz whose modules are in /lib/modules/<release>; or use `infrastructure.boot: full`"
+                ))
+            }
             ApplianceError::KernelUnreadable { source, .. }
                 if source.kind() == std::io::ErrorKind::PermissionDenied =>
             {

@@ -422,10 +422,6 @@ impl RunningVm {
             });
         }
 
-        let accel = accel::decide(options.accel, &qemu).await?;
-        if let Some(reason) = &accel.fallback_reason {
-            progress(&format!("KVM not usable ({reason}); using TCG (slower)"));
-        }
         let appliance = match options.boot {
             Boot::Full => None,
             Boot::Appliance => {
@@ -438,6 +434,10 @@ impl RunningVm {
                 )?)
             }
         };
+        let accel = accel::decide(options.accel, &qemu).await?;
+        if let Some(reason) = &accel.fallback_reason {
+            progress(&format!("KVM not usable ({reason}); using TCG (slower)"));
+        }
         // The appliance's kernel is loaded by QEMU's own BIOS: no UEFI firmware.
         let uefi = match options.firmware {
             Firmware::Uefi if appliance.is_none() => Some(firmware::find_uefi()?),
