@@ -746,11 +746,11 @@ fn serve(port_dev: &str) -> ! {
                 restarts += 1;
                 if restarts > MAX_RESTARTS {
                     fatal(&format!(
-                        "the agent ended ({other:?}) {restarts} times; giving up"
+                        "the agent {other}, the {restarts}th time; giving up"
                     ));
                 }
                 say(&format!(
-                    "the agent ended ({other:?}); starting it again ({restarts} of {MAX_RESTARTS})"
+                    "the agent {other}; starting it again ({restarts} of {MAX_RESTARTS})"
                 ));
             }
         }

@@ -373,6 +373,15 @@ pub enum Exit {
     Signal(i32),
 }
 
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Exit::Code(c) => write!(f, "exited with status {c}"),
+            Exit::Signal(s) => write!(f, "was killed by signal {s}"),
+        }
+    }
+}
+
 /// Reaps one child: `Ok(Some((pid, how)))`, `Ok(None)` when none has ended yet (`block`
 /// false), `Err` with ECHILD when there are no children left.
 pub fn reap(block: bool) -> io::Result<Option<(i32, Exit)>> {
