@@ -124,6 +124,7 @@ fn boot() -> Result<String, String> {
     let port_dev = wait_for_devices(&cmdline)?;
 
     let (disks, devices) = probe::scan(Path::new("/sys/class/block"), Path::new("/dev"));
+    disk_links(&devices);
     find_root(&disks, &devices, &mut modules)?;
     mount_fstab(&devices, &mut modules)?;
     container_mounts()?;
@@ -342,6 +343,43 @@ fn seen(dir: &str) -> String {
         "none".into()
     } else {
         names.join(" ")
+    }
+}
+
+/// The /dev/disk/by-* links udev would make (none runs here): tools in the guest look for
+/// them, grub-mkconfig for one (it writes `root=UUID=…` only when /dev/disk/by-uuid has the
+/// root's UUID, else `root=/dev/vda1`). In devtmpfs, so the guest's /dev has them too.
+fn disk_links(devices: &[Device]) {
+    for dev in devices {
+        let mut links: Vec<(&str, String)> = Vec::new();
+        if let Some(fs) = dev.fs() {
+            if !fs.uuid.is_empty() {
+                links.push(("by-uuid", fs.uuid.clone()));
+            }
+            if !fs.label.is_empty() {
+                links.push(("by-label", fs.label.clone()));
+            }
+        }
+        if let Some(u) = &dev.part_uuid {
+            links.push(("by-partuuid", u.clone()));
+        }
+        if let Some(l) = &dev.part_label {
+            links.push(("by-partlabel", l.clone()));
+        }
+        if let Some(serial) = &dev.serial {
+            let id = match dev.partition {
+                Some(n) => format!("virtio-{serial}-part{n}"),
+                None => format!("virtio-{serial}"),
+            };
+            links.push(("by-id", id));
+        }
+        for (kind, name) in links {
+            let dir = Path::new("/dev/disk").join(kind);
+            let _ = std::fs::create_dir_all(&dir);
+            let link = dir.join(fstab::escape_udev(&name));
+            // The first device with a name keeps it, as a fixed order makes it with udev.
+            let _ = std::os::unix::fs::symlink(format!("../../{}", dev.name), link);
+        }
     }
 }
 

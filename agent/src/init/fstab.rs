@@ -51,6 +51,20 @@ fn unescape_octal(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// A name under /dev/disk/by-*, escaped as udev does: bytes other than ASCII letters, digits,
+/// `#+-.:=@_` and valid multi-byte UTF-8 become `\xNN` (`/` and blanks in particular).
+pub fn escape_udev(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for c in name.chars() {
+        if c.is_ascii_alphanumeric() || "#+-.:=@_".contains(c) || !c.is_ascii() {
+            out.push(c);
+        } else {
+            out.push_str(&format!("\\x{:02x}", u32::from(c)));
+        }
+    }
+    out
+}
+
 /// udev escapes the names under /dev/disk/by-* as `\xNN`.
 fn unescape_udev(name: &str) -> String {
     let b = name.as_bytes();
@@ -424,6 +438,14 @@ mod tests {
         assert!(matches!(parse_spec("/dev/vg0/root"), Some(Spec::Mapper(_))));
         assert_eq!(parse_spec("tmpfs"), None);
         assert_eq!(parse_spec("FOO=bar"), None);
+    }
+
+    #[test]
+    fn udev_names_round_trip() {
+        assert_eq!(escape_udev("my root/1"), "my\\x20root\\x2f1");
+        assert_eq!(escape_udev("UEFI"), "UEFI");
+        assert_eq!(escape_udev("données"), "données");
+        assert_eq!(unescape_udev(&escape_udev("a b/c\\d")), "a b/c\\d");
     }
 
     #[test]
