@@ -14,6 +14,7 @@
 mod fstab;
 mod net;
 mod probe;
+pub mod systemctl;
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -128,6 +129,7 @@ fn boot() -> Result<String, String> {
     find_root(&disks, &devices, &mut modules)?;
     mount_fstab(&devices, &mut modules)?;
     container_mounts()?;
+    install_systemctl();
     network(&cmdline);
     say(&format!(
         "ready in {:.1} s since the kernel started init ({:.1} s uptime)",
@@ -680,6 +682,26 @@ fn container_mounts() -> Result<(), String> {
     Ok(())
 }
 
+/// The agent as `systemctl`, first on the steps' PATH (see init/systemctl.rs).
+fn install_systemctl() {
+    let dir = in_root(systemctl::BIN_DIR);
+    let copy = std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::copy("/proc/self/exe", dir.join("systemctl")))
+        .and_then(|_| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(
+                dir.join("systemctl"),
+                std::fs::Permissions::from_mode(0o755),
+            )
+        });
+    if let Err(e) = copy {
+        say(&format!(
+            "cannot install the systemctl that refuses `start` in {}: {e}",
+            systemctl::BIN_DIR
+        ));
+    }
+}
+
 fn network(cmdline: &Cmdline) {
     if let Err(e) = net::loopback() {
         say(&format!("cannot bring up lo: {e}"));
@@ -802,7 +824,7 @@ fn spawn_agent(port_dev: &str, root: &std::ffi::CStr) -> std::io::Result<i32> {
     let mut cmd = std::process::Command::new("/proc/self/exe");
     cmd.args(["--port", port_dev, "--appliance"])
         .env_clear()
-        .env("PATH", PATH)
+        .env("PATH", format!("{}:{PATH}", systemctl::BIN_DIR))
         .env("HOME", "/root")
         .env("LANG", "C.UTF-8")
         .env("TERM", "linux");

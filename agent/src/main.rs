@@ -41,6 +41,8 @@ const USAGE: &str = "usage: builder-agent [--port NAME|PATH] [--connect-unix PAT
   --cloud-init-status  print cloud-init's state as the agent reports it, then exit
 
 As PID 1 (the appliance's /init) it boots the appliance instead: see agent/src/init.rs.
+Run as `systemctl` (the appliance puts it first on PATH) it refuses `start` and its kin and
+hands anything else to the guest's systemctl: see agent/src/init/systemctl.rs.
 ";
 
 /// Set by `--appliance` (init starts the agent so, chrooted in the guest's root): Reboot and
@@ -53,6 +55,10 @@ enum Endpoint {
 }
 
 fn main() {
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    if std::path::Path::new(&argv0).file_name() == Some("systemctl".as_ref()) {
+        init::systemctl::main();
+    }
     if std::process::id() == 1 {
         init::run();
     }
