@@ -84,7 +84,9 @@ fn fatal(text: &str) -> ! {
     for line in text.lines() {
         say(&format!("error: {line}"));
     }
-    sys::sync_all();
+    // The guest's disk as clean as a power-off leaves it (nothing to undo before its root
+    // was mounted).
+    release(Duration::ZERO);
     let e = sys::power(false);
     say(&format!("error: cannot power off: {e}"));
     loop {
@@ -844,8 +846,19 @@ fn spawn_agent(port_dev: &str, root: &std::ffi::CStr) -> std::io::Result<i32> {
 /// reboots. Never returns.
 fn shut_down(restart: bool) -> ! {
     say(if restart { "rebooting" } else { "powering off" });
+    release(Duration::from_secs(3));
+    let e = sys::power(restart);
+    fatal(&format!(
+        "cannot {}: {e}",
+        if restart { "reboot" } else { "power off" }
+    ))
+}
+
+/// Stops every process (SIGTERM, `grace` to end, then SIGKILL), removes what init created in
+/// the guest, unmounts the guest's file systems in reverse and syncs.
+fn release(grace: Duration) {
     sys::kill_all(sys::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(3);
+    let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
         match sys::reap(false) {
             Ok(Some(_)) => {}
@@ -867,11 +880,6 @@ fn shut_down(restart: bool) -> ! {
         }
     }
     sys::sync_all();
-    let e = sys::power(restart);
-    fatal(&format!(
-        "cannot {}: {e}",
-        if restart { "reboot" } else { "power off" }
-    ))
 }
 
 /// The mount points at or under `root` in /proc/self/mountinfo's order (mount order).
