@@ -100,18 +100,20 @@ pub fn main() -> ! {
         eprintln!("{msg}");
         std::process::exit(1);
     }
-    let Some(real) = ["/usr/bin/systemctl", "/bin/systemctl"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
+    // The guest's, in the guest's usual places (a guest program: the host need not have it).
+    let Some(real) = ["/usr/bin", "/bin"]
+        .iter()
+        .map(|dir| std::path::Path::new(dir).join("systemctl"))
+        .find(|p| p.exists())
     else {
         eprintln!("systemctl: not found in the guest (/usr/bin/systemctl, /bin/systemctl)");
         std::process::exit(127);
     };
-    let err = std::process::Command::new(real)
+    let err = std::process::Command::new(&real)
         .arg0("systemctl")
         .args(&args)
         .exec();
-    eprintln!("systemctl: cannot run {real}: {err}");
+    eprintln!("systemctl: cannot run {}: {err}", real.display());
     std::process::exit(126);
 }
 
