@@ -4,9 +4,10 @@
 //! The **chain** ([`chain`]) is one key per layer, bottom to top:
 //!
 //! ```text
-//! boot          Plan::root_layer_key: the parent's digest, the settings that shape the disk
-//!               before the first component (disk size, user data, working directory,
-//!               network, firmware) and builder's guest side (agent, readiness steps)
+//! boot          Plan::root_layer_key: the parent's digest and the settings that shape the
+//!               disk before the first component (disk size, user data, working directory,
+//!               network); for `boot: appliance` also the boot mode and what the appliance
+//!               puts in the guest's way (`vm::appliance::digest`)
 //! component i   plan.components[i].layer_key: the previous key, the component's document,
 //!               its parameters and every document it reaches through ExecuteDocument
 //! generalize    [`generalize_key`]: the last key and what generalizing does

@@ -184,6 +184,8 @@ pub fn wants_a_service_manager<'a>(texts: impl IntoIterator<Item = &'a str>) -> 
         "Failed to connect to bus",
         "Failed to connect to system scope bus",
         "Running in chroot, ignoring",
+        // What the appliance's own `systemctl start` and friends say.
+        "no service manager runs in the appliance",
     ];
     texts
         .into_iter()
@@ -3223,6 +3225,9 @@ mod tests {
         assert!(wants_a_service_manager([
             "ok",
             "Failed to connect to bus: No such file or directory",
+        ]));
+        assert!(wants_a_service_manager([
+            "builder appliance: no service manager runs in the appliance; `systemctl start nginx` cannot run here."
         ]));
         assert!(!wants_a_service_manager([
             "E: Unable to locate package ngnix"
