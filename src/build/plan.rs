@@ -1144,6 +1144,14 @@ impl Plan {
         if self.infrastructure.boot == recipe::Boot::Appliance {
             value["boot"] = self.infrastructure.boot.name().into();
             value["appliance"] = crate::vm::appliance::digest().into();
+            // What the build does in the appliance before the first component (a host key,
+            // the root grown): in the boot layer.
+            let first_boot = format!(
+                "{}\n{}",
+                super::stages::APPLIANCE_HOST_KEY,
+                super::stages::GROW_ROOT
+            );
+            value["applianceFirstBoot"] = hex::encode(Hasher::digest(first_boot.as_bytes())).into();
         }
         value
     }

@@ -1238,7 +1238,8 @@ pub async fn boot(cx: &BuildContext<'_>, chain: DiskChain) -> Result<BuildVm, Bu
     // On a cached layer: cloud-init is disabled for this boot (SKIP_CLOUD_INIT). The
     // appliance runs no cloud-init at all: its layers carry no marker.
     let appliance = cx.plan.infrastructure.boot == recipe::Boot::Appliance;
-    let resumed = !chain.layers.is_empty() && !appliance;
+    let on_cached_layer = !chain.layers.is_empty();
+    let resumed = on_cached_layer && !appliance;
     options.cloud_init_disabled = resumed;
     let progress = |m: &str| cx.progress(Stage::Boot, m);
     let session = Session::open(options, &progress)
@@ -1260,6 +1261,21 @@ pub async fn boot(cx: &BuildContext<'_>, chain: DiskChain) -> Result<BuildVm, Bu
     });
     let vm = BuildVm { session, chain };
     if appliance {
+        // A cached boot layer has both already.
+        if !on_cached_layer {
+            let made = run_quiet(
+                vm.session.target().as_ref(),
+                APPLIANCE_HOST_KEY,
+                "make an SSH host key",
+            )
+            .await?;
+            if made.contains("made") {
+                cx.progress(
+                    Stage::Boot,
+                    "made an ed25519 SSH host key, as the image's first boot would (generalize removes it)",
+                );
+            }
+        }
         grow_root_in_appliance(cx, &vm).await?;
     }
     check_disk_grew(cx, &vm).await?;
@@ -1319,6 +1335,14 @@ async fn run_quiet(target: &dyn Machine, script: &str, what: &str) -> Result<Str
     Ok(String::from_utf8_lossy(&out.stdout()).into_owned())
 }
 
+/// What a full build VM's first boot gives steps and the appliance does not: an SSH host key
+/// (cloud-init makes one ed25519 key in the build VM; `sshd -t`, and so many hardening
+/// components, refuse to run without one). Only when the image has OpenSSH and no host key;
+/// generalizing removes it as it removes cloud-init's.
+pub(super) const APPLIANCE_HOST_KEY: &str = r#"if [ -d /etc/ssh ] && command -v ssh-keygen >/dev/null 2>&1 && ! ls /etc/ssh/ssh_host_*_key >/dev/null 2>&1; then
+  ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key && echo made
+fi"#;
+
 /// `diskSize` and the parent's size in bytes, when the disk was grown beyond the parent.
 async fn disk_growth(cx: &BuildContext<'_>, vm: &BuildVm) -> Option<(recipe::ByteSize, u64)> {
     let wanted = cx.plan.disk_size?;
@@ -1336,7 +1360,7 @@ async fn disk_growth(cx: &BuildContext<'_>, vm: &BuildVm) -> Option<(recipe::Byt
 /// tools, for the appliance (which has no cloud-init to do it). Exit 3: it cannot (a tool is
 /// missing, the root is not on a partition, a file system it cannot grow), the reason on the
 /// last `error:` line; any other failure exits with the failing tool's status.
-const GROW_ROOT: &str = r#"set -u
+pub(super) const GROW_ROOT: &str = r#"set -u
 exec 2>&1
 fail() { echo "error: $*"; exit 3; }
 src=$(findmnt -nvo SOURCE / 2>/dev/null || awk '$2 == "/" { s = $1 } END { print s }' /proc/self/mounts)
@@ -3256,11 +3280,13 @@ mod tests {
     /// The appliance's grow script is valid shell.
     #[test]
     fn the_grow_script_parses() {
-        let status = std::process::Command::new("bash")
-            .args(["-n", "-c", GROW_ROOT])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        for script in [GROW_ROOT, APPLIANCE_HOST_KEY] {
+            let status = std::process::Command::new("bash")
+                .args(["-n", "-c", script])
+                .status()
+                .unwrap();
+            assert!(status.success(), "{script}");
+        }
     }
 
     /// The manifest records how the build VM booted.
