@@ -708,6 +708,7 @@ fn network(cmdline: &Cmdline) {
     if let Err(e) = net::loopback() {
         say(&format!("cannot bring up lo: {e}"));
     }
+    adopt_leftover_resolv_conf();
     if !cmdline.net {
         return;
     }
@@ -738,6 +739,10 @@ fn resolv_conf() -> Result<(), String> {
     let text = net::resolv_conf_text();
     let guest = target.to_string_lossy().into_owned();
     let host = in_root(&guest);
+    if std::fs::read_to_string(&host).is_ok_and(|t| t == text) {
+        // Ours, from an earlier session (see adopt_leftover_resolv_conf): already right.
+        return Ok(());
+    }
     if host.is_file() {
         let ours = Path::new("/run/builder-appliance/resolv.conf");
         let _ = std::fs::create_dir_all("/run/builder-appliance");
@@ -765,6 +770,30 @@ fn resolv_conf() -> Result<(), String> {
         "DNS: the image has no {guest}; one is there until shutdown"
     ));
     Ok(())
+}
+
+/// A resolv.conf init wrote in an earlier session that never shut down (QEMU killed), or that
+/// a build's layer caught mid-session (a layer is a snapshot of the running guest): it holds
+/// exactly our text. It is ours, so it goes at shutdown like one written now; left alone it
+/// would end up in the image.
+fn adopt_leftover_resolv_conf() {
+    let Some(target) = net::resolv_conf_target(Path::new(SYSROOT)) else {
+        return;
+    };
+    let host = in_root(&target.to_string_lossy());
+    if !std::fs::read_to_string(&host).is_ok_and(|t| t == net::resolv_conf_text()) {
+        return;
+    }
+    let _ = std::fs::create_dir_all("/run/builder-appliance");
+    let mut list = std::fs::read_to_string(CREATED).unwrap_or_default();
+    list.push_str(&format!("{}\n", host.display()));
+    match std::fs::write(CREATED, list) {
+        Ok(()) => say(&format!(
+            "DNS: {} is one an earlier session left; removed at shutdown",
+            target.display()
+        )),
+        Err(e) => say(&format!("cannot write {CREATED}: {e}")),
+    }
 }
 
 /// Files init created in the guest for the session (one host path a line), removed at
