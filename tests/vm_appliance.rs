@@ -173,3 +173,32 @@ async fn an_image_the_appliance_cannot_read_is_a_clear_error() {
     );
     drop(guard);
 }
+
+/// The shutdown ladder without the agent: the appliance has nothing that handles the ACPI
+/// power button, so the ladder goes straight to QMP `quit` instead of waiting out the grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(vm_tier),
+    ignore = "VM tier: set BUILDER_VM_TESTS=1 and BUILDER_TEST_IMAGE (scripts/test does)"
+)]
+async fn without_its_agent_the_appliance_is_stopped_at_once() {
+    let guard = NoLeftovers::new();
+    let options = appliance_options(&guard, vm_tier::test_image());
+    let vm = builder::vm::RunningVm::boot(options.vm, &progress)
+        .await
+        .expect("QEMU started");
+    // Nobody connects to the agent: init's own line says the appliance is up.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !vm.console_tail(50).contains("builder-appliance: ready") {
+        assert!(Instant::now() < deadline, "{}", vm.console_tail(50));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let report = vm
+        .shut_down(Outcome::Success, false, Duration::from_secs(60), &progress)
+        .await;
+    eprintln!("shutdown: {:?} in {:?}", report.rung, report.took);
+    assert_eq!(report.rung, StopRung::Quit);
+    assert!(report.took < Duration::from_secs(30), "{:?}", report.took);
+    assert!(report.unwind.is_clean(), "{:?}", report.unwind);
+    drop(guard);
+}

@@ -840,7 +840,8 @@ impl RunningVm {
 
     /// Stop the VM and release everything. The ladder: if the guest is already stopping (it
     /// was told to power off through its agent: `guest_stopping`), wait for that; otherwise
-    /// press the ACPI power button; wait up to `grace` for QEMU to exit; then QMP `quit`;
+    /// press the ACPI power button (not in the appliance, where nothing handles it); wait up
+    /// to `grace` for QEMU to exit; then QMP `quit`;
     /// then SIGKILL to its process group. Then the undo list unwinds with `outcome`.
     pub async fn shut_down(
         mut self,
@@ -858,7 +859,10 @@ impl RunningVm {
             }
             // A panicked (paused) guest will not react to the power button.
             let broken = self.has_failed();
-            if !guest_stopping && !broken {
+            // Nothing in the appliance handles the power button (no systemd, no acpid): its
+            // init powers off when its agent is told to, and only then.
+            let acpi = !guest_stopping && !broken && self.appliance.is_none();
+            if acpi {
                 progress("powering off (ACPI)…");
                 if let Err(e) = self
                     .qmp
@@ -867,15 +871,18 @@ impl RunningVm {
                 {
                     progress(&format!("ACPI power button failed: {e}"));
                 }
+            } else if !guest_stopping && !broken {
+                progress("the appliance powers off only through its agent; stopping QEMU");
             }
-            if !broken && self.child.wait_timeout(grace).await.is_some() {
+            let waiting = !broken && (guest_stopping || acpi);
+            if waiting && self.child.wait_timeout(grace).await.is_some() {
                 break 'ladder if guest_stopping {
                     StopRung::AgentPoweroff
                 } else {
                     StopRung::Powerdown
                 };
             }
-            if !broken {
+            if waiting {
                 progress(&format!(
                     "the guest did not power off within {} s; stopping QEMU",
                     grace.as_secs()
