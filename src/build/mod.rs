@@ -34,7 +34,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 pub use events::{BuildEvent, BuildLog, BuildObserver, Quiet};
-pub use stages::{BuildError, ComponentFailure, FailureShell};
+pub use stages::{BuildError, ComponentFailure, FailureShell, wants_a_service_manager};
 
 use crate::recipe::Accelerator;
 use crate::store::{Store, StoredImage};

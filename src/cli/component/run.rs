@@ -130,6 +130,8 @@ pub async fn run(args: RunArgs) -> CliResult {
     } else {
         Box::new(Terminal)
     };
+    let in_appliance = matches!(args.target, TargetSpec::Vm(_))
+        && args.vm.boot == builder::recipe::Boot::Appliance;
     let outcome = match args.target {
         TargetSpec::Local => {
             let cancel = CancellationToken::new();
@@ -206,12 +208,26 @@ pub async fn run(args: RunArgs) -> CliResult {
         }
         _ => {
             let mut failure = Failure::new(EXIT_FAILED, run_failure(&outcome, &logs));
-            if let Some(hint) = outcome.hint {
+            if let Some(hint) = outcome.hint.clone() {
                 failure = failure.with_hint(hint);
+            } else if in_appliance && wanted_a_service_manager(&outcome) {
+                failure = failure.with_hint(
+                    "the VM is the appliance (`--boot appliance`), where no service manager runs: `systemctl enable` works there, but starting, stopping or asking services (`systemctl start`, D-Bus) does not; use `--boot full`",
+                );
             }
             Err(failure)
         }
     }
+}
+
+/// The failed step's output says it wanted a running systemd or D-Bus (see
+/// `builder::build::wants_a_service_manager`).
+fn wanted_a_service_manager(outcome: &executor::RunOutcome) -> bool {
+    outcome.report.failed_step().is_some_and(|failed| {
+        let step = failed.step;
+        let texts = step.output_tail.iter().map(String::as_str);
+        builder::build::wants_a_service_manager(texts.chain([step.failure_message.as_str()]))
+    })
 }
 
 /// "component `x` failed in phase `build`, step `y` (attempt 3 of 3)", caused by the step's
