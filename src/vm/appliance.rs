@@ -649,6 +649,12 @@ fn write_entry(kernel: &Kernel, closure: &Closure, entry: &Path) -> std::io::Res
         modules: &closure.load_order,
         skipped_optional_modules: &closure.skipped,
     };
+    // Under the lock, a temporary file is one a killed build left: remove it.
+    for stale in fs_err::read_dir(entry)?.flatten() {
+        if stale.file_name().to_string_lossy().starts_with(".tmp") {
+            let _ = fs_err::remove_file(stale.path());
+        }
+    }
     let json = serde_json::to_vec_pretty(&record).map_err(std::io::Error::other)?;
     let mut tmp = tempfile::NamedTempFile::new_in(entry)?;
     tmp.write_all(&json)?;
@@ -1104,7 +1110,27 @@ kernel/fs/nls/nls_iso8859-1.ko:
         let cache = dir.path().join("cache");
         let said = std::sync::Mutex::new(Vec::new());
         let progress = |m: &str| said.lock().expect("lock").push(m.to_string());
+        // What a build killed while writing this entry left behind.
+        let entry_dir = cache.join(
+            cache_key(
+                &kernel,
+                &closure(
+                    &ModuleIndex::read(&kernel).expect("index"),
+                    REQUIRED_MODULES,
+                    OPTIONAL_MODULES,
+                    &kernel,
+                )
+                .expect("closure"),
+            )
+            .expect("key"),
+        );
+        fs_err::create_dir_all(&entry_dir).expect("mkdir");
+        fs_err::write(entry_dir.join(".tmpKILLED"), b"half an initramfs").expect("write");
         let first = Appliance::prepare_kernel(&kernel, &cache, &progress).expect("built");
+        assert!(
+            !entry_dir.join(".tmpKILLED").exists(),
+            "the killed build's file is gone"
+        );
         assert!(!first.cached);
         assert!(first.initrd.starts_with(&cache) && first.initrd.is_file());
         assert!(first.skipped.contains(&"btrfs".to_string()));
