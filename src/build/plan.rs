@@ -1128,10 +1128,13 @@ impl Plan {
     /// directory and network also change what the first component sees, so they are folded
     /// in here.
     ///
-    /// An appliance boot (`infrastructure.boot: appliance`) leaves another disk than the
-    /// image's own boot (no cloud-init ran, nothing of builder's was installed): its boot mode
-    /// and what the appliance puts in the guest's way are folded in too. A full boot adds
-    /// neither, so the keys of full builds are what they were before boot modes existed.
+    /// What builder itself puts in the guest before the first component is folded in too:
+    /// a full boot installs our agent on the disk (a build resuming on a cached layer runs
+    /// the agent that layer holds, so a layer made by another agent must not be reused) and
+    /// boots it with the recipe's firmware (`seed::guest_digest()`, `firmware`). An appliance
+    /// boot (`infrastructure.boot: appliance`) leaves another disk than the image's own boot
+    /// (no cloud-init ran, nothing of builder's was installed): its boot mode and what the
+    /// appliance puts in the guest's way instead.
     fn root_key_value(&self) -> serde_json::Value {
         let mut value = serde_json::json!({
             "format": PLAN_FORMAT,
@@ -1152,6 +1155,9 @@ impl Plan {
                 super::stages::GROW_ROOT
             );
             value["applianceFirstBoot"] = hex::encode(Hasher::digest(first_boot.as_bytes())).into();
+        } else {
+            value["firmware"] = self.infrastructure.firmware.name().into();
+            value["builderGuest"] = crate::vm::seed::guest_digest().into();
         }
         value
     }

@@ -3212,8 +3212,8 @@ mod tests {
     }
 
     /// An appliance build's layers are not a full build's: every key of the chain differs,
-    /// and the boot layer's record says why. A full build's keys are what they were before
-    /// boot modes (no `boot` in the root key's settings).
+    /// and the boot layer's record says why. A full build's root key holds what builder puts
+    /// in its guest (the agent it installs, the firmware), not the appliance's.
     #[test]
     fn the_boot_mode_is_in_every_layer_key() {
         let dir = tempfile::tempdir().unwrap();
@@ -3232,6 +3232,14 @@ mod tests {
         assert_eq!(settings.get("boot").map(String::as_str), Some("appliance"));
         assert!(settings.contains_key("appliance"), "{settings:?}");
         assert!(!full.root_layer_inputs().settings.contains_key("boot"));
+        let settings = full.root_layer_inputs().settings;
+        assert_eq!(
+            settings.get("builderGuest").map(String::as_str),
+            Some(crate::vm::seed::guest_digest())
+        );
+        assert_eq!(settings.get("firmware").map(String::as_str), Some("bios"));
+        let uefi = plan_of(d, &recipe_with(&[], "infrastructure: {firmware: uefi}\n")).unwrap();
+        assert_ne!(uefi.root_layer_key(), full.root_layer_key());
         // The plan's JSON (and so its digest) has `boot` only when it is not `full`.
         let json = serde_json::to_value(&full).unwrap();
         assert!(json["infrastructure"].get("boot").is_none(), "{json}");
