@@ -26,10 +26,20 @@ struct Setup {
     store: Store,
     base: PathBuf,
     runtime: tokio::runtime::Runtime,
+    /// One test at a time (dropped last, after the store and its locks): a layer lock this
+    /// process holds is inherited by every child another test spawns until that child execs
+    /// (the descriptor is close-on-exec, not close-on-fork), and a `builder cache prune`
+    /// started meanwhile sees the layer in use. Under load that window was wide enough to
+    /// fail a test now and then (1 run in 60 at load 7).
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
 
 impl Setup {
     fn new() -> Setup {
+        static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let serial = SERIAL
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(dir.path().join("store")).expect("store");
         let base = store.base_dir().join(format!("{}.qcow2", "b".repeat(64)));
@@ -43,6 +53,7 @@ impl Setup {
             store,
             base,
             runtime,
+            _serial: serial,
         }
     }
 
