@@ -530,7 +530,6 @@ fn virt_customize_run(
         .args(["--run-command", "sha256sum /root/blob"])
         .env("LIBGUESTFS_BACKEND", "direct")
         .env("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
-        .env("TMPDIR", &at)
         .stdin(Stdio::null())
         .output()
         .map_err(|e| format!("virt-customize: {e}"))?;

@@ -225,6 +225,7 @@ fn example_recipe_built_in_the_appliance_passes_its_full_boot_test_stage() {
     // The same test stage as in full mode (tests/build_e2e.rs builds it that way), passed.
     assert_eq!(m["tests"][0]["component"], "test-basics", "{m:#}");
     assert_eq!(m["tests"][0]["status"], "success", "{m:#}");
+    assert_eq!(m["host"]["boot"], "appliance", "{}", m["host"]);
     assert_booted_the_appliance(&console(&dir, "build-vm"));
     // The test stage booted the result for real: the guest's own boot, not the appliance.
     let test_vm = console(&dir, "test-vm");
@@ -514,6 +515,7 @@ fn appliance_reboots_installs_from_the_host_and_mounts_the_esp() {
     let dir = stored_build(&guard.store(), "e2e-appliance");
     let m = manifest(&dir);
     assert_eq!(m["status"], "success", "{m:#}");
+    assert_eq!(m["host"]["boot"], "appliance", "{}", m["host"]);
     let build_vm = console(&dir, "build-vm");
     assert_booted_the_appliance(&build_vm);
     assert!(
