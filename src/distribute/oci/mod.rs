@@ -49,7 +49,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use self::blob::BlobSource;
-use self::registry::{BlobGetError, Descriptor, Registry};
+use self::registry::{Descriptor, Failure, Registry};
 use crate::diagnostic::error_chain;
 use crate::distribute::{Progress, Receipt};
 use crate::export::SUMS_FILE;
@@ -733,32 +733,19 @@ async fn fetch_blob(
     what: &str,
     progress: &dyn Progress,
 ) -> Result<(), OciError> {
-    let mut attempt = 1;
-    loop {
-        match download_once(registry, layer, part, target, what, progress).await {
-            Ok(actual) if actual == sha => return Ok(()),
-            Ok(actual) => {
-                return Err(OciError::DigestMismatch {
-                    what: format!("layer {} ({what})", layer.digest),
-                    expected: layer.digest.clone(),
-                    actual: format!("sha256:{actual}"),
-                });
-            }
-            Err(BlobGetError::Fatal(e)) => return Err(e),
-            Err(BlobGetError::Transient(cause)) => {
-                if attempt >= registry.attempts() {
-                    return Err(OciError::GaveUp {
-                        registry: registry.host().to_string(),
-                        action: format!("download {what}"),
-                        attempts: attempt,
-                        cause,
-                    });
-                }
-                tokio::time::sleep(registry.backoff_for(attempt)).await;
-                attempt += 1;
-            }
-        }
+    let actual = registry
+        .retrying(&format!("download {what}"), async || {
+            download_once(registry, layer, part, target, what, progress).await
+        })
+        .await?;
+    if actual != sha {
+        return Err(OciError::DigestMismatch {
+            what: format!("layer {} ({what})", layer.digest),
+            expected: layer.digest.clone(),
+            actual: format!("sha256:{actual}"),
+        });
     }
+    Ok(())
 }
 
 /// A small blob (a config) in memory, at most `max` bytes, checked against its digest;
@@ -775,42 +762,24 @@ async fn fetch_small_blob(
             reason: format!("its {what} has {} bytes, more than {max}", blob.size),
         });
     }
-    let mut attempt = 1;
-    loop {
-        let got = match registry.get_blob(&blob.digest, 0).await {
-            Ok((response, _)) => response
+    let bytes = registry
+        .retrying(&format!("download {what}"), async || {
+            let (response, _) = registry.get_blob(&blob.digest, 0).await?;
+            response
                 .bytes()
                 .await
-                .map_err(|e| BlobGetError::Transient(error_chain(&e))),
-            Err(e) => Err(e),
-        };
-        match got {
-            Ok(bytes) => {
-                let actual = sha256_of(&bytes);
-                if actual != blob.digest {
-                    return Err(OciError::DigestMismatch {
-                        what: format!("{what} {}", blob.digest),
-                        expected: blob.digest.clone(),
-                        actual,
-                    });
-                }
-                return Ok(bytes.to_vec());
-            }
-            Err(BlobGetError::Fatal(e)) => return Err(e),
-            Err(BlobGetError::Transient(cause)) => {
-                if attempt >= registry.attempts() {
-                    return Err(OciError::GaveUp {
-                        registry: registry.host().to_string(),
-                        action: format!("download {what}"),
-                        attempts: attempt,
-                        cause,
-                    });
-                }
-                tokio::time::sleep(registry.backoff_for(attempt)).await;
-                attempt += 1;
-            }
-        }
+                .map_err(|e| Failure::Transient(error_chain(&e)))
+        })
+        .await?;
+    let actual = sha256_of(&bytes);
+    if actual != blob.digest {
+        return Err(OciError::DigestMismatch {
+            what: format!("{what} {}", blob.digest),
+            expected: blob.digest.clone(),
+            actual,
+        });
     }
+    Ok(bytes.to_vec())
 }
 
 /// One GET of the layer, from what `part` holds on; returns the sha256 (hex) of the whole file.
@@ -821,9 +790,9 @@ async fn download_once(
     target: &str,
     what: &str,
     progress: &dyn Progress,
-) -> Result<String, BlobGetError> {
+) -> Result<String, Failure> {
     use std::io::{Seek, SeekFrom};
-    let fatal = |e: OciError| BlobGetError::Fatal(e);
+    let fatal = |e: OciError| Failure::Fatal(e);
     let have = part.metadata().map_err(|e| fatal(e.into()))?.len();
     let have = if have > layer.size { 0 } else { have };
     let (mut response, start) = registry.get_blob(&layer.digest, have).await?;
@@ -848,7 +817,7 @@ async fn download_once(
     while let Some(chunk) = response
         .chunk()
         .await
-        .map_err(|e| BlobGetError::Transient(error_chain(&e)))?
+        .map_err(|e| Failure::Transient(error_chain(&e)))?
     {
         part.write_all(&chunk).map_err(|e| fatal(e.into()))?;
         hasher.update(&chunk);
@@ -856,7 +825,7 @@ async fn download_once(
         progress.transfer(target, what, done, Some(layer.size));
     }
     if done != layer.size {
-        return Err(BlobGetError::Transient(format!(
+        return Err(Failure::Transient(format!(
             "the connection ended after {done} of {} bytes",
             layer.size
         )));
@@ -890,30 +859,18 @@ async fn extract_container_disk(
     let part_path = cache_dir.join(format!("layer-{layer_hex}.part"));
     let part = locked_part(&part_path).await?;
     progress.step(target, "downloading the containerDisk layer");
-    let mut attempt = 1;
-    let result = loop {
-        let file = part.try_clone()?;
-        match extract_once(registry, layer, file, target, progress).await {
-            Ok(found) => break found,
-            Err(BlobGetError::Fatal(e)) => {
-                drop(part);
-                let _ = fs_err::remove_file(&part_path);
-                return Err(e);
-            }
-            Err(BlobGetError::Transient(cause)) => {
-                if attempt >= registry.attempts() {
-                    drop(part);
-                    let _ = fs_err::remove_file(&part_path);
-                    return Err(OciError::GaveUp {
-                        registry: registry.host().to_string(),
-                        action: "download the containerDisk layer".into(),
-                        attempts: attempt,
-                        cause,
-                    });
-                }
-                tokio::time::sleep(registry.backoff_for(attempt)).await;
-                attempt += 1;
-            }
+    let result = registry
+        .retrying("download the containerDisk layer", async || {
+            let file = part.try_clone().map_err(|e| Failure::Fatal(e.into()))?;
+            extract_once(registry, layer, file, target, progress).await
+        })
+        .await;
+    let result = match result {
+        Ok(found) => found,
+        Err(e) => {
+            drop(part);
+            let _ = fs_err::remove_file(&part_path);
+            return Err(e);
         }
     };
     let (layer_digest, disk_sha) = result;
@@ -1043,7 +1000,7 @@ async fn extract_once(
     file: fs_err::File,
     target: &str,
     progress: &dyn Progress,
-) -> Result<(String, Option<String>), BlobGetError> {
+) -> Result<(String, Option<String>), Failure> {
     let (mut response, _) = registry.get_blob(&layer.digest, 0).await?;
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let gzip = layer.media_type.ends_with("gzip");
@@ -1093,17 +1050,17 @@ async fn extract_once(
     drop(tx);
     let extracted = extract
         .await
-        .map_err(|e| BlobGetError::Fatal(OciError::Task(e.to_string())))?;
+        .map_err(|e| Failure::Fatal(OciError::Task(e.to_string())))?;
     if let Some(cause) = feed_error {
-        return Err(BlobGetError::Transient(cause));
+        return Err(Failure::Transient(cause));
     }
     if done != layer.size && extracted.is_ok() {
-        return Err(BlobGetError::Transient(format!(
+        return Err(Failure::Transient(format!(
             "the connection ended after {done} of {} bytes",
             layer.size
         )));
     }
-    extracted.map_err(BlobGetError::Fatal)
+    extracted.map_err(Failure::Fatal)
 }
 
 #[cfg(test)]

@@ -31,7 +31,9 @@ pub(super) struct Descriptor {
 }
 
 /// What one request attempt came to: retry (the network or the registry hiccupped) or stop.
-enum Failure {
+/// Every retried request of this module and its caller (blob downloads) returns it to
+/// [`Registry::retrying`].
+pub(super) enum Failure {
     Transient(String),
     Fatal(OciError),
 }
@@ -257,36 +259,24 @@ impl Registry {
             offset: 0,
             hasher: Sha256::new(),
         };
-        let mut attempt = 1u32;
-        let digest = loop {
-            match self
-                .try_upload(&source, &mut state, target, what, progress)
-                .await
-            {
-                Ok(digest) => break digest,
-                Err(Failure::Fatal(e)) => return Err(e),
-                Err(Failure::Transient(cause)) => {
-                    if attempt >= self.options.attempts.max(1) {
-                        return Err(OciError::GaveUp {
-                            registry: self.host.clone(),
-                            action: format!("upload {what}"),
-                            attempts: attempt,
-                            cause,
-                        });
-                    }
-                    let wait = self.backoff(attempt);
+        let digest = self
+            .retrying_noisy(
+                &format!("upload {what}"),
+                |cause, wait| {
                     progress.step(
                         target,
                         &format!(
                             "uploading {what} failed ({cause}); retrying in {} s",
                             wait.as_secs_f32()
                         ),
-                    );
-                    tokio::time::sleep(wait).await;
-                    attempt += 1;
-                }
-            }
-        };
+                    )
+                },
+                async || {
+                    self.try_upload(&source, &mut state, target, what, progress)
+                        .await
+                },
+            )
+            .await?;
         if let Some(known) = known
             && known != digest
         {
@@ -550,7 +540,7 @@ impl Registry {
         &self,
         digest: &str,
         offset: u64,
-    ) -> Result<(reqwest::Response, u64), BlobGetError> {
+    ) -> Result<(reqwest::Response, u64), Failure> {
         let mut request = self.http.get(self.blob_url(digest));
         if offset > 0 {
             request = request.header(RANGE, format!("bytes={offset}-"));
@@ -558,27 +548,21 @@ impl Registry {
         let response = self
             .send(request)
             .await
-            .map_err(|e| BlobGetError::Transient(error_chain(&e)))?;
+            .map_err(|e| Failure::Transient(error_chain(&e)))?;
         match response.status() {
             StatusCode::OK => Ok((response, 0)),
             StatusCode::PARTIAL_CONTENT if offset > 0 => Ok((response, offset)),
-            s if is_transient(s) => Err(BlobGetError::Transient(format!(
-                "the registry answered {s}"
-            ))),
+            s if is_transient(s) => Err(Failure::Transient(format!("the registry answered {s}"))),
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                Err(BlobGetError::Fatal(self.auth_failed()))
+                Err(Failure::Fatal(self.auth_failed()))
             }
-            s => Err(BlobGetError::Fatal(OciError::Registry {
+            s => Err(Failure::Fatal(OciError::Registry {
                 registry: self.host.clone(),
                 action: format!("send blob {digest}"),
                 status: s.as_u16(),
                 message: body_text(response).await,
             })),
         }
-    }
-
-    pub fn backoff_for(&self, attempt: u32) -> Duration {
-        self.backoff(attempt)
     }
 
     pub fn attempts(&self) -> u32 {
@@ -601,18 +585,30 @@ impl Registry {
         }
     }
 
-    /// Run `op` until it succeeds, fails for good, or attempts run out.
-    async fn retrying<T, F, Fut>(&self, action: &str, op: F) -> Result<T, OciError>
-    where
-        F: Fn() -> Fut,
-        Fut: std::future::Future<Output = Result<T, Failure>>,
-    {
+    /// Run `op` until it succeeds, fails for good, or attempts run out: the one retry policy
+    /// (attempts, exponential backoff) of every registry request. [`Registry::retrying_noisy`]
+    /// also says each retry.
+    pub(super) async fn retrying<T>(
+        &self,
+        action: &str,
+        op: impl AsyncFnMut() -> Result<T, Failure>,
+    ) -> Result<T, OciError> {
+        self.retrying_noisy(action, |_, _| {}, op).await
+    }
+
+    /// [`Registry::retrying`], calling `notice(cause, wait)` before each retry.
+    pub(super) async fn retrying_noisy<T>(
+        &self,
+        action: &str,
+        notice: impl Fn(&str, Duration),
+        mut op: impl AsyncFnMut() -> Result<T, Failure>,
+    ) -> Result<T, OciError> {
         let mut attempt = 1;
         loop {
             match op().await {
                 Ok(v) => return Ok(v),
                 Err(Failure::Fatal(e)) => return Err(e),
-                Err(Failure::Transient(cause)) if attempt >= self.options.attempts.max(1) => {
+                Err(Failure::Transient(cause)) if attempt >= self.attempts() => {
                     return Err(OciError::GaveUp {
                         registry: self.host.clone(),
                         action: action.to_string(),
@@ -620,8 +616,10 @@ impl Registry {
                         cause,
                     });
                 }
-                Err(Failure::Transient(_)) => {
-                    tokio::time::sleep(self.backoff(attempt)).await;
+                Err(Failure::Transient(cause)) => {
+                    let wait = self.backoff(attempt);
+                    notice(&cause, wait);
+                    tokio::time::sleep(wait).await;
                     attempt += 1;
                 }
             }
@@ -685,12 +683,6 @@ impl Registry {
             }),
         }
     }
-}
-
-/// A blob download attempt failed.
-pub(super) enum BlobGetError {
-    Transient(String),
-    Fatal(OciError),
 }
 
 struct UploadState {
@@ -788,5 +780,97 @@ fn map_client_error(
             status: 0,
             message: other.to_string(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registry(attempts: u32) -> Registry {
+        Registry {
+            http: reqwest::Client::new(),
+            oci: oci_client::Client::new(ClientConfig::default()),
+            base: "http://registry.invalid".into(),
+            host: "registry.invalid".into(),
+            repository: "r".into(),
+            authorization: None,
+            credentials: Credentials {
+                auth: RegistryAuth::Anonymous,
+                origin: String::new(),
+            },
+            options: OciOptions {
+                attempts,
+                first_backoff: Duration::from_millis(1),
+                max_backoff: Duration::from_millis(2),
+                ..OciOptions::default()
+            },
+        }
+    }
+
+    /// The one retry policy: transient failures are retried (each said, with its wait) until
+    /// an attempt succeeds; a fatal one ends at once; the last transient one gives up naming
+    /// the action, the attempts and the cause. The operation keeps its state across attempts
+    /// (an `AsyncFnMut`, as a resumed download's file).
+    #[tokio::test]
+    async fn transient_failures_are_retried_and_give_up_after_the_last_attempt() {
+        let r = registry(3);
+        let mut calls = 0;
+        let said = std::sync::Mutex::new(Vec::new());
+        let got = r
+            .retrying_noisy(
+                "download it",
+                |cause, wait| said.lock().unwrap().push((cause.to_string(), wait)),
+                async || {
+                    calls += 1;
+                    if calls < 3 {
+                        Err(Failure::Transient(format!("hiccup {calls}")))
+                    } else {
+                        Ok(calls)
+                    }
+                },
+            )
+            .await;
+        assert!(matches!(got, Ok(3)), "{got:?}");
+        let said = said.into_inner().unwrap();
+        assert_eq!(
+            said,
+            [
+                ("hiccup 1".to_string(), Duration::from_millis(1)),
+                ("hiccup 2".to_string(), Duration::from_millis(2)),
+            ]
+        );
+
+        let mut calls = 0;
+        let got: Result<(), OciError> = r
+            .retrying("download it", async || {
+                calls += 1;
+                Err(Failure::Transient(format!("hiccup {calls}")))
+            })
+            .await;
+        match got {
+            Err(OciError::GaveUp {
+                action,
+                attempts,
+                cause,
+                ..
+            }) => {
+                assert_eq!(
+                    (action.as_str(), attempts, cause.as_str()),
+                    ("download it", 3, "hiccup 3")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+
+        let mut calls = 0;
+        let got: Result<(), OciError> = r
+            .retrying("download it", async || {
+                calls += 1;
+                Err(Failure::Fatal(OciError::Task("broken".into())))
+            })
+            .await;
+        assert!(matches!(got, Err(OciError::Task(_))), "{got:?}");
+        assert_eq!(calls, 1);
     }
 }
