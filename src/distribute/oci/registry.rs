@@ -820,7 +820,7 @@ mod tests {
         let got = r
             .retrying_noisy(
                 "download it",
-                |cause, wait| said.lock().unwrap().push((cause.to_string(), wait)),
+                |cause, wait| said.lock().expect("lock").push((cause.to_string(), wait)),
                 async || {
                     calls += 1;
                     if calls < 3 {
@@ -832,7 +832,7 @@ mod tests {
             )
             .await;
         assert!(matches!(got, Ok(3)), "{got:?}");
-        let said = said.into_inner().unwrap();
+        let said = said.into_inner().expect("lock");
         assert_eq!(
             said,
             [
