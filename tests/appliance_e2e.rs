@@ -16,7 +16,7 @@
 //! two shared cores), a full boot (the test stage) 35-60 s or more under TCG: one full boot in
 //! all, in (a). One VM at a time. Measured here at load 7: (a) 210 s (its test stage 157 s,
 //! the agent up after 95 s of it), (b, c, d) 98 s, (e) 24 s, (f) 23 s; the whole binary 319 s at
-//! load 8-10.
+//! load 8-10, 210 s at load 5-6.
 //!
 //! - (a) the example `images/debian-12-base/recipe.yml`, its `infrastructure.boot` overridden
 //!   (`builder build --boot appliance`; the example itself is not edited): its components run in the appliance (the build VM's console shows the appliance,
