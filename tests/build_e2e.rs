@@ -9,7 +9,8 @@
 //! Without `BUILDER_VM_TESTS=1` each VM test is ignored (tests/support/vm_tier.rs); with it, a
 //! missing image fails.
 //! Boots are expensive (60-140 s each under TCG, several minutes on a busy machine), so the
-//! tests share them: sixteen boots in all (a reboot counts as one), one build at a time.
+//! tests share them: fifteen full boots in all (a reboot counts as one) and one appliance,
+//! one build at a time.
 //!
 //! - the two-component recipe (`tests/build/two-components.yml`: `diskSize`, a Reboot step,
 //!   AWS's exit-194 reboot, the test stage, every export format): exit 0, every output
@@ -25,7 +26,7 @@
 //! - `--on-error shell` on a pseudo-terminal (`tests/build/failing-step.yml`): the shell opens
 //!   in the build VM, a typed command runs, exiting fails the build.
 //! - the example `images/debian-12-base/recipe.yml`, then a recipe built on it from the store
-//!   (`tests/build/on-parent.yml`).
+//!   (`tests/build/on-parent.yml`) in the appliance (`--boot appliance`: seconds, not a boot).
 //! - a failing test component with `--keep-on-failure` and `--on-error shell` on a
 //!   pseudo-terminal: the shell opens in the test VM; then exit 1, the STYLE.md error, logs in
 //!   the store's `failed/` area, the disk chain and the test VM kept as the notes say, then
@@ -456,6 +457,8 @@ fn example_recipe_and_a_recipe_built_on_it() {
         ),
     )
     .expect("write the child recipe");
+    // Its build VM is the appliance (`--boot appliance`): a full boot would only repeat the
+    // example's, and this is an appliance build on a parent from the store.
     let out = guard.builder(
         &image,
         &[
@@ -463,6 +466,8 @@ fn example_recipe_and_a_recipe_built_on_it() {
             recipe.to_str().expect("utf-8 path"),
             "--accel",
             "tcg",
+            "--boot",
+            "appliance",
         ],
     );
     assert_eq!(out.status.code(), Some(0), "the child build failed");
@@ -511,6 +516,11 @@ fn example_recipe_and_a_recipe_built_on_it() {
     assert_eq!(
         manifest["inputs"]["parent"]["storeImage"],
         "debian-12-base/1.0.0/1"
+    );
+    assert_eq!(
+        manifest["host"]["boot"], "appliance",
+        "{}",
+        manifest["host"]
     );
     assert_eq!(
         manifest["inputs"]["parent"]["sha256"], parent_sha,

@@ -3189,9 +3189,9 @@ mod tests {
         )
     }
 
-    /// `infrastructure.boot` is the build VM's; the test VM always boots the image's own way.
-    #[test]
-    fn the_build_vm_boots_the_recipes_way_and_the_test_vm_boots_full() {
+    /// The test recipe's plan booting full and booting the appliance (and the folder they
+    /// read, which must outlive them).
+    fn full_and_appliance_plans() -> (tempfile::TempDir, Plan, Plan) {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         fs_err::write(d.join("c.yml"), COMPONENT).unwrap();
@@ -3199,6 +3199,13 @@ mod tests {
         let full = plan_of(d, RECIPE).unwrap();
         let appliance =
             plan_of(d, &recipe_with(&[], "infrastructure: {boot: appliance}\n")).unwrap();
+        (dir, full, appliance)
+    }
+
+    /// `infrastructure.boot` is the build VM's; the test VM always boots the image's own way.
+    #[test]
+    fn the_build_vm_boots_the_recipes_way_and_the_test_vm_boots_full() {
+        let (_dir, full, appliance) = full_and_appliance_plans();
         assert_eq!(launched(&full, WhichVm::Build).vm.boot, recipe::Boot::Full);
         assert_eq!(
             launched(&appliance, WhichVm::Build).vm.boot,
@@ -3216,13 +3223,8 @@ mod tests {
     /// in its guest (the agent it installs, the firmware), not the appliance's.
     #[test]
     fn the_boot_mode_is_in_every_layer_key() {
-        let dir = tempfile::tempdir().unwrap();
+        let (dir, full, appliance) = full_and_appliance_plans();
         let d = dir.path();
-        fs_err::write(d.join("c.yml"), COMPONENT).unwrap();
-        fs_err::write(d.join("base.raw"), vec![0u8; 1 << 20]).unwrap();
-        let full = plan_of(d, RECIPE).unwrap();
-        let appliance =
-            plan_of(d, &recipe_with(&[], "infrastructure: {boot: appliance}\n")).unwrap();
         let (a, b) = (cache::chain(&full), cache::chain(&appliance));
         assert_eq!(a.len(), b.len());
         for (x, y) in a.iter().zip(&b) {
