@@ -75,12 +75,14 @@ pub enum BuildError {
         source: MachineError,
     },
     #[error(
-        "the root file system did not grow to `diskSize` ({wanted}): it is {actual} (the parent's disk is {parent}); the image's cloud-init must run growpart and resize the root file system"
+        "the root file system did not grow to `diskSize` ({wanted}): it is {actual} (the parent's disk is {parent}); {grower}"
     )]
     DiskNotGrown {
         wanted: recipe::ByteSize,
         actual: recipe::ByteSize,
         parent: recipe::ByteSize,
+        /// Who should have grown it, in this boot mode.
+        grower: &'static str,
     },
     /// The appliance has no cloud-init to grow the root partition: the build does it with
     /// the image's own tools ([`GROW_ROOT`]).
@@ -1463,6 +1465,14 @@ async fn check_disk_grew(cx: &BuildContext<'_>, vm: &BuildVm) -> Result<(), Buil
             wanted,
             actual: recipe::ByteSize::b(actual),
             parent: recipe::ByteSize::b(parent),
+            grower: match cx.plan.infrastructure.boot {
+                recipe::Boot::Full => {
+                    "the image's cloud-init must run growpart and resize the root file system"
+                }
+                recipe::Boot::Appliance => {
+                    "the image's growpart and resize2fs, xfs_growfs or btrfs ran in the appliance but the file system stayed small"
+                }
+            },
         })
     }
 }
