@@ -18,6 +18,7 @@
 //!    - [`undo`]: the undo list that releases what a stage or a VM created, and its report.
 //!    - [`digest`]: sha256 of files, streamed, with progress: the one file hasher.
 //!    - [`agent`]: the host↔guest protocol spoken over virtio-serial.
+//!    - [`atomic`]: files written whole or not at all (temporary sibling, sync, rename).
 //! 2. Only layer 1:
 //!    - [`yaml`] (diagnostic): YAML read into a node tree that keeps line and column of every
 //!      value.
@@ -51,6 +52,7 @@
 #![warn(clippy::expect_used)]
 
 pub mod agent;
+pub mod atomic;
 pub mod aws;
 pub mod build;
 pub mod component;

@@ -655,11 +655,7 @@ fn write_entry(kernel: &Kernel, closure: &Closure, entry: &Path) -> std::io::Res
             let _ = fs_err::remove_file(stale.path());
         }
     }
-    let json = serde_json::to_vec_pretty(&record).map_err(std::io::Error::other)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(entry)?;
-    tmp.write_all(&json)?;
-    tmp.persist(entry.join("record.json"))
-        .map_err(|e| e.error)?;
+    crate::atomic::write_json(&entry.join("record.json"), &record)?;
 
     let tmp = tempfile::NamedTempFile::new_in(entry)?;
     let mut out = BufWriter::new(tmp);
