@@ -62,6 +62,9 @@ pub enum BuildEvent<'a> {
         what: &'a str,
         done: u64,
         total: Option<u64>,
+        /// `percent` for a conversion (total 100); left out for bytes.
+        #[serde(skip_serializing_if = "crate::distribute::Unit::is_bytes")]
+        unit: crate::distribute::Unit,
     },
     /// A component's changes were committed to their own disk layer.
     #[serde(rename_all = "camelCase")]

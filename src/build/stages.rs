@@ -668,6 +668,7 @@ impl DownloadProgress for DownloadBar<'_, '_> {
             what: "parent image",
             done,
             total,
+            unit: crate::distribute::Unit::Bytes,
         });
     }
     fn retrying(&self, attempt: u32, error: &str, wait: Duration) {
@@ -732,6 +733,7 @@ impl crate::distribute::Progress for PullBar<'_, '_> {
             what: &what,
             done,
             total,
+            unit: crate::distribute::Unit::Bytes,
         });
     }
 }
@@ -2100,6 +2102,7 @@ impl ExportProgress for ExportBar<'_, '_> {
             what: &what,
             done: u64::from(p),
             total: Some(100),
+            unit: crate::distribute::Unit::Percent,
         });
     }
     fn verifying(&self, format: recipe::Format) {
@@ -2211,6 +2214,17 @@ impl crate::distribute::Progress for DistributeEvents<'_, '_> {
             what: &what,
             done,
             total,
+            unit: crate::distribute::Unit::Bytes,
+        });
+    }
+    fn converting(&self, target: &str, what: &str, percent: u64) {
+        let what = format!("{target}: {what}");
+        self.0.emit(&BuildEvent::Transfer {
+            stage: Stage::Distribute,
+            what: &what,
+            done: percent,
+            total: Some(100),
+            unit: crate::distribute::Unit::Percent,
         });
     }
 }

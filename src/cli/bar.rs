@@ -9,12 +9,8 @@ use std::time::Duration;
 use anstyle::Style;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-/// What the numbers of a bar count.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) enum Unit {
-    Bytes,
-    Percent,
-}
+/// What the numbers of a bar count (what a transfer event says it counts).
+pub(super) use builder::distribute::Unit;
 
 /// At most one bar at a time, named by what it shows; a new name ends the previous bar.
 #[derive(Default)]

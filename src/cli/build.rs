@@ -13,7 +13,7 @@ use clap::{Args, ValueEnum};
 
 use super::component::run::Terminal;
 use super::{CliResult, EXIT_FAILED, EXIT_HOST, EXIT_INPUT, Failure, env, parse_accel, parse_boot};
-use builder::build::plan::{self, Stage};
+use builder::build::plan;
 use builder::build::{
     self as build, BuildError, BuildEvent, BuildObserver, BuildOptions, ComponentFailure,
     FailureShell,
@@ -429,19 +429,16 @@ impl BuildObserver for Progress {
                 what,
                 done,
                 total,
+                unit,
             } => {
                 if self.tty {
                     let dim = super::bar::styled(dim);
-                    let unit = match total {
-                        Some(100) if *stage == Stage::Export => super::bar::Unit::Percent,
-                        _ => super::bar::Unit::Bytes,
-                    };
                     let prefix = format!("{dim}[{}]   {stage}:{dim:#}", self.clock());
-                    self.bar.show(what, prefix, unit, *done, *total);
+                    self.bar.show(what, prefix, *unit, *done, *total);
                     return;
                 }
                 let text = match total {
-                    Some(100) if *stage == Stage::Export => {
+                    _ if *unit == super::bar::Unit::Percent => {
                         format!("{what}: converting {done:>3}%")
                     }
                     Some(t) if *t > 0 => format!(

@@ -19,7 +19,7 @@ use builder::distribute::destination::{
     self, AmiDestination, CliOptions, Destination, DestinationError,
 };
 use builder::distribute::directory::DirectoryError;
-use builder::distribute::{DistributeError, Progress, Receipt};
+use builder::distribute::{DistributeError, Progress, Receipt, Unit};
 use builder::recipe::Format;
 use builder::store::{ImageRef, human_size};
 use tokio_util::sync::CancellationToken;
@@ -338,6 +338,9 @@ enum Event<'a> {
         what: &'a str,
         done: u64,
         total: Option<u64>,
+        /// `percent` for a conversion (total 100); left out for bytes.
+        #[serde(skip_serializing_if = "Unit::is_bytes")]
+        unit: Unit,
     },
     Receipt {
         receipt: &'a Receipt,
@@ -396,27 +399,32 @@ impl Progress for Terminal {
     }
 
     fn transfer(&self, target: &str, what: &str, done: u64, total: Option<u64>) {
+        self.show(target, what, done, total, Unit::Bytes);
+    }
+
+    fn converting(&self, target: &str, what: &str, percent: u64) {
+        self.show(target, what, percent, Some(100), Unit::Percent);
+    }
+}
+
+impl Terminal {
+    fn show(&self, target: &str, what: &str, done: u64, total: Option<u64>, unit: Unit) {
         self.json(&Event::Transfer {
             target,
             what,
             done,
             total,
+            unit,
         });
         if self.tty {
             let dim = super::bar::styled(Style::new().dimmed());
-            let unit = match total {
-                Some(100) if what.len() <= 5 && done <= 100 => super::bar::Unit::Percent,
-                _ => super::bar::Unit::Bytes,
-            };
             let prefix = format!("  {dim}{target}:{dim:#}");
             self.bar.show(what, prefix, unit, done, total);
             return;
         }
         let size = human_size;
         let (text, percent) = match total {
-            Some(100) if what.len() <= 5 && done <= 100 => {
-                (format!("{what}: converting {done:>3}%"), done)
-            }
+            _ if unit == Unit::Percent => (format!("{what}: converting {done:>3}%"), done),
             Some(t) if t > 0 => (
                 format!(
                     "{what}: {} of {} ({:>3}%)",

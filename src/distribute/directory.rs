@@ -320,7 +320,7 @@ impl export::ExportProgress for ExportBridge<'_> {
     }
     fn converting(&self, format: Format, percent: f32) {
         self.progress
-            .transfer(self.target, format.name(), percent as u64, Some(100));
+            .converting(self.target, format.name(), percent as u64);
     }
     fn verifying(&self, format: Format) {
         self.progress

@@ -18,6 +18,22 @@ pub mod oci;
 
 pub use crate::store::{Receipt, StoredImage};
 
+/// What the numbers of a transfer count: bytes moved, or the percent of a conversion (whose
+/// total is 100). Build events and every progress printer read it; nothing guesses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Unit {
+    Bytes,
+    Percent,
+}
+
+impl Unit {
+    /// For `skip_serializing_if`: bytes are what a transfer event means without a unit.
+    pub fn is_bytes(&self) -> bool {
+        *self == Unit::Bytes
+    }
+}
+
 /// Progress of a distribution, for the terminal and `--json` events. Every method has an
 /// empty default; implementations must be cheap (they are called per chunk).
 pub trait Progress: Send + Sync {
@@ -26,6 +42,8 @@ pub trait Progress: Send + Sync {
     fn step(&self, _target: &str, _message: &str) {}
     /// Bytes moved so far of `total` for the thing named `what` (a file or blob).
     fn transfer(&self, _target: &str, _what: &str, _done: u64, _total: Option<u64>) {}
+    /// A conversion of the thing named `what` (a disk format) is `percent` done.
+    fn converting(&self, _target: &str, _what: &str, _percent: u64) {}
 }
 
 /// Reports nothing.
