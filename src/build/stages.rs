@@ -2477,13 +2477,7 @@ mod tests {
                 )
             }
             Reads::Manifest => {
-                let id = ImageId {
-                    name: "web".into(),
-                    version: "1.0.0".into(),
-                    build: 1,
-                };
-                let mut m = Manifest::new(id, "build");
-                fill_inputs(&mut m, plan);
+                let m = manifest_of(plan);
                 format!("{:?}", m.inputs)
             }
             Reads::Distribution => format!("{:?}", plan.distribution),
@@ -3181,13 +3175,7 @@ mod tests {
         .unwrap();
         fs_err::write(d.join("lib/x.yml"), TEST_COMPONENT).unwrap();
         let plan = plan_of(d, RECIPE).unwrap();
-        let id = ImageId {
-            name: "web".into(),
-            version: "1.0.0".into(),
-            build: 1,
-        };
-        let mut m = Manifest::new(id, "build");
-        fill_inputs(&mut m, &plan);
+        let m = manifest_of(&plan);
         let documents = &m.inputs.components[0].documents;
         assert_eq!(documents.len(), 1);
         assert_eq!(documents[0].path, "lib/x.yml");
@@ -3211,6 +3199,18 @@ mod tests {
             Path::new("/top.qcow2"),
             PathBuf::from("/logs"),
         )
+    }
+
+    /// A manifest of build web/1.0.0/1 with `plan`'s inputs filled in.
+    fn manifest_of(plan: &Plan) -> Manifest {
+        let id = ImageId {
+            name: "web".into(),
+            version: "1.0.0".into(),
+            build: 1,
+        };
+        let mut m = Manifest::new(id, "build");
+        fill_inputs(&mut m, plan);
+        m
     }
 
     /// The test recipe's plan booting full and booting the appliance (and the folder they
@@ -3335,13 +3335,7 @@ mod tests {
             ("infrastructure: {boot: appliance}\n", "appliance"),
         ] {
             let plan = plan_of(d, &recipe_with(&[], add)).unwrap();
-            let id = ImageId {
-                name: "web".into(),
-                version: "1.0.0".into(),
-                build: 1,
-            };
-            let mut m = Manifest::new(id, "build");
-            fill_inputs(&mut m, &plan);
+            let m = manifest_of(&plan);
             assert_eq!(m.host.boot, boot);
         }
     }
