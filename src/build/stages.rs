@@ -1264,21 +1264,19 @@ pub async fn boot(cx: &BuildContext<'_>, chain: DiskChain) -> Result<BuildVm, Bu
         m.host.qemu_version = qemu_version;
     });
     let vm = BuildVm { session, chain };
-    if appliance {
-        // A cached boot layer has both already.
-        if !on_cached_layer {
-            let made = run_quiet(
-                vm.session.target().as_ref(),
-                APPLIANCE_HOST_KEY,
-                "make an SSH host key",
-            )
-            .await?;
-            if made.contains("made") {
-                cx.progress(
-                    Stage::Boot,
-                    "made an ed25519 SSH host key, as the image's first boot would (generalize removes it)",
-                );
-            }
+    // A cached boot layer has both already (`diskSize` is in its key).
+    if appliance && !on_cached_layer {
+        let made = run_quiet(
+            vm.session.target().as_ref(),
+            APPLIANCE_HOST_KEY,
+            "make an SSH host key",
+        )
+        .await?;
+        if made.contains("made") {
+            cx.progress(
+                Stage::Boot,
+                "made an ed25519 SSH host key, as the image's first boot would (generalize removes it)",
+            );
         }
         grow_root_in_appliance(cx, &vm).await?;
     }
