@@ -423,6 +423,18 @@ word_enum!(
     }
 );
 word_enum!(
+    /// A container recipe's `containerType` (Image Builder's key; `docker` is its only value).
+    ContainerType { Docker = "docker" }
+);
+word_enum!(
+    /// The files a container image is written to in a `directory` distribution: `docker load`
+    /// / `podman load` read either.
+    ArchiveFormat {
+        DockerArchive = "docker-archive",
+        OciArchive = "oci-archive",
+    }
+);
+word_enum!(
     /// qcow2 compression. `zstd` needs QEMU ≥ 5.1 to read the image.
     Compression {
         Zstd = "zstd",
