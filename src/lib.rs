@@ -35,7 +35,8 @@
 //! 7. [`store`] (recipe, digest, diagnostic, vm, yaml): the local store: base image cache and
 //!    downloads, the layer cache (component layers by key, qcow2 chains rebased with
 //!    qemu-img, pruned to the cap of the store's `config.yml`), image versions `name/x.y.z/n`
-//!    with their manifests (the `manifest.json` model) and receipts.
+//!    with their manifests (the `manifest.json` model) and receipts; container builds as OCI
+//!    image layouts (the shapes of OCI manifests, indexes and descriptors live there).
 //! 8. [`export`] (store, vm, recipe): the finished disk converted to
 //!    qcow2/raw/vmdk/vhdx/vhd/ova, checked, hashed, recorded as the manifest's artifacts;
 //!    `SHA256SUMS`.

@@ -16,7 +16,7 @@ use builder::store::{
 #[derive(Debug, Subcommand)]
 pub enum ImagesCommand {
     /// List stored builds (and failed ones, whose logs are kept): NAME VERSION BUILD CREATED
-    /// STATUS FORMATS SIZE.
+    /// STATUS KIND FORMATS SIZE SENT.
     List(ListArgs),
     /// Show one build: its manifest summary, outputs with sha256, and where its logs are.
     /// A partial reference (`web`, `web/1.x.x`) shows the newest matching build.
@@ -134,8 +134,12 @@ struct Row {
     build: u32,
     created: chrono::DateTime<chrono::Utc>,
     status: String,
+    /// `machine` or `container` (empty for a failed build).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    kind: String,
+    /// Output formats; `oci` for a container build (its OCI image layout).
     formats: Vec<String>,
-    /// Bytes of all outputs.
+    /// Bytes of all outputs (a container build's: its image's blobs).
     size: u64,
     dir: std::path::PathBuf,
     logs: std::path::PathBuf,
@@ -159,11 +163,13 @@ fn row(image: &StoredImage) -> Row {
         build: image.build,
         created: image.manifest.created,
         status: image.manifest.status.to_string(),
+        kind: image.kind().to_string(),
         formats: image
             .manifest
             .outputs
             .iter()
             .map(|a| a.format.to_string())
+            .chain(image.manifest.container.as_ref().map(|_| "oci".to_string()))
             .collect(),
         size: image.outputs_size(),
         dir: image.dir.clone(),
@@ -186,6 +192,7 @@ fn failed_row(f: &FailedBuild) -> Row {
         build: f.record.build,
         created: f.record.started,
         status: "failed".into(),
+        kind: String::new(),
         formats: Vec::new(),
         size: 0,
         dir: f.dir.clone(),
@@ -239,7 +246,7 @@ fn list(store: &Store, args: &ListArgs, abandoned: &[Abandoned]) -> CliResult {
         eprintln!("no images in the store ({})", store.root().display());
         return Ok(0);
     }
-    let table: Vec<[String; 8]> = rows
+    let table: Vec<[String; 9]> = rows
         .iter()
         .map(|r| {
             [
@@ -248,6 +255,11 @@ fn list(store: &Store, args: &ListArgs, abandoned: &[Abandoned]) -> CliResult {
                 r.build.to_string(),
                 r.created.format("%Y-%m-%d %H:%M").to_string(),
                 r.status.clone(),
+                if r.kind.is_empty() {
+                    "-".into()
+                } else {
+                    r.kind.clone()
+                },
                 if r.formats.is_empty() {
                     "-".into()
                 } else {
@@ -263,7 +275,7 @@ fn list(store: &Store, args: &ListArgs, abandoned: &[Abandoned]) -> CliResult {
         })
         .collect();
     let header = [
-        "NAME", "VERSION", "BUILD", "CREATED", "STATUS", "FORMATS", "SIZE", "SENT",
+        "NAME", "VERSION", "BUILD", "CREATED", "STATUS", "KIND", "FORMATS", "SIZE", "SENT",
     ];
     let _ = write!(out, "{}", super::table("", header, &table));
     Ok(0)
@@ -321,10 +333,16 @@ async fn show(store: &Store, args: &ShowArgs) -> CliResult {
                         e @ StoreError::DigestMismatch { .. } => Failure::failed(e),
                         e => store_failure(e),
                     })?;
-                eprintln!(
-                    "verified: {} output(s) match their sha256",
-                    image.manifest.outputs.len()
-                );
+                match &image.manifest.container {
+                    Some(c) => eprintln!(
+                        "verified: every blob of the image {} matches its digest",
+                        c.manifest_digest
+                    ),
+                    None => eprintln!(
+                        "verified: {} output(s) match their sha256",
+                        image.manifest.outputs.len()
+                    ),
+                }
             }
             let mut out = std::io::stdout().lock();
             if args.json {
@@ -387,6 +405,7 @@ fn describe(image: &StoredImage) -> String {
     let m = &image.manifest;
     let mut s = String::new();
     let _ = writeln!(s, "{}", image.reference());
+    let _ = writeln!(s, "  kind:       {}", m.kind);
     let _ = writeln!(s, "  status:     {}", m.status);
     let _ = writeln!(
         s,
@@ -453,7 +472,18 @@ fn describe(image: &StoredImage) -> String {
             m.tests.len() - passed
         );
     }
-    if m.outputs.is_empty() {
+    if let Some(c) = &m.container {
+        let _ = writeln!(
+            s,
+            "  image:      {} ({}/{}, {})",
+            image.dir.join(&c.layout).display(),
+            c.os,
+            c.architecture,
+            human_size(c.size)
+        );
+        let _ = writeln!(s, "    manifest  {} ({})", c.manifest_digest, c.media_type);
+        let _ = writeln!(s, "    config    {}", c.config_digest);
+    } else if m.outputs.is_empty() {
         let _ = writeln!(s, "  outputs:    none");
     } else {
         let _ = writeln!(s, "  outputs:");

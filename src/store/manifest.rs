@@ -37,6 +37,10 @@ pub enum ManifestError {
 #[serde(rename_all = "camelCase")]
 pub struct Manifest {
     pub schema_version: u32,
+    /// A machine image (disk outputs) or a container image (an OCI image layout). Absent in
+    /// manifests written before container builds existed: those are machine builds.
+    #[serde(default)]
+    pub kind: ImageKind,
     pub image: ImageId,
     /// A unique id for this build (also the name of its log folder if it fails).
     pub build_id: String,
@@ -70,6 +74,56 @@ pub struct Manifest {
     /// Results of the test stage.
     #[serde(default)]
     pub tests: Vec<TestResult>,
+    /// A container build's image: where its OCI image layout is and what it holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerImage>,
+}
+
+/// What a build made: a machine image or a container image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageKind {
+    /// Disks (qcow2, raw, …) booted by a VM: `outputs`.
+    #[default]
+    Machine,
+    /// An OCI image: `container`.
+    Container,
+}
+
+impl ImageKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ImageKind::Machine => "machine",
+            ImageKind::Container => "container",
+        }
+    }
+}
+
+impl std::fmt::Display for ImageKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A container build's image, as its OCI image layout holds it: one image manifest
+/// (`index.json` names it with `org.opencontainers.image.ref.name`), its config and layers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerImage {
+    /// The OCI image layout's folder, relative to the build's folder (`oci`).
+    pub layout: String,
+    /// `sha256:<hex>` of the image manifest (its bytes, as pushed: a registry reports the same).
+    pub manifest_digest: String,
+    /// `sha256:<hex>` of the image config.
+    pub config_digest: String,
+    /// The image manifest's media type (`application/vnd.oci.image.manifest.v1+json`).
+    pub media_type: String,
+    /// Bytes of the manifest, the config and the layers, as stored (compressed layers).
+    pub size: u64,
+    /// From the image config: `amd64`, …
+    pub architecture: String,
+    /// From the image config: `linux`.
+    pub os: String,
 }
 
 /// `name/x.y.z/n`.
@@ -314,6 +368,7 @@ impl Manifest {
     pub fn new(image: ImageId, build_id: impl Into<String>) -> Self {
         Self {
             schema_version: SCHEMA_VERSION,
+            kind: ImageKind::Machine,
             image,
             build_id: build_id.into(),
             created: Utc::now(),
@@ -328,6 +383,7 @@ impl Manifest {
             outputs: Vec::new(),
             packages: None,
             tests: Vec::new(),
+            container: None,
         }
     }
 

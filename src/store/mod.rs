@@ -18,6 +18,8 @@
 //!   images/<name>/<x.y.z>/<n>/        one finished build: manifest.json, the outputs,
 //!                                     SHA256SUMS, logs/, receipts.json (where it was
 //!                                     distributed; appended under the lock)
+//!   images/<name>/<x.y.z>/<n>/oci/    a container build's image: an OCI image layout holding
+//!                                     one image (see [`layout`]); it has no disk outputs
 //!   staging/<build-id>/               a build in progress (build.json says which, and which
 //!                                     process runs it); renamed to images/… by commit,
 //!                                     never copied. The build holds a flock on the folder
@@ -41,6 +43,7 @@
 pub mod base;
 pub mod config;
 pub mod layers;
+pub mod layout;
 pub mod manifest;
 pub mod reference;
 pub mod runner;
@@ -58,7 +61,10 @@ use crate::recipe::Version;
 pub use base::{BaseImage, DownloadProgress, FetchOptions, NoDownloadProgress};
 pub use config::{ConfigError, StoreConfig};
 pub use layers::{LayerCache, LayerCacheError};
-pub use manifest::{Artifact, ImageId, MANIFEST_FILE, Manifest, ManifestError};
+pub use layout::{Layout, LayoutError};
+pub use manifest::{
+    Artifact, ContainerImage, ImageId, ImageKind, MANIFEST_FILE, Manifest, ManifestError,
+};
 pub use reference::{ImageRef, check_name};
 pub use runner::Runner;
 
@@ -129,6 +135,16 @@ pub enum StoreError {
     },
     #[error("{image} has no qcow2 or raw output to build on (none exported, or its file is gone)")]
     NoDisk { image: String },
+    #[error("{image} is a container build: a machine recipe cannot build on it")]
+    ContainerNotMachine { image: String },
+    #[error("{image} is a machine build: a container recipe cannot build on it")]
+    MachineNotContainer { image: String },
+    #[error("the container image of {image} cannot be read")]
+    Layout {
+        image: String,
+        #[source]
+        source: Box<LayoutError>,
+    },
     #[error("{image} is the parent of {}; remove those first or force it", dependents.join(", "))]
     InUse {
         image: String,
@@ -188,7 +204,7 @@ pub struct StoredImage {
     pub dir: PathBuf,
     pub manifest: Manifest,
     /// The output a later build boots from: the qcow2, else the raw. [`Store::resolve_image`]
-    /// only returns images that have one.
+    /// only returns images that have one. `None` for a container build.
     pub disk: Option<StoredDisk>,
 }
 
@@ -219,14 +235,39 @@ impl StoredImage {
             .unwrap_or_default()
     }
 
-    /// Total size of the outputs in bytes.
+    /// Total size of the outputs in bytes (a container build's: its image's blobs).
     pub fn outputs_size(&self) -> u64 {
-        self.manifest.outputs.iter().map(|a| a.size).sum()
+        self.manifest.outputs.iter().map(|a| a.size).sum::<u64>()
+            + self.manifest.container.as_ref().map_or(0, |c| c.size)
+    }
+
+    /// A machine or a container build.
+    pub fn kind(&self) -> ImageKind {
+        self.manifest.kind
+    }
+
+    /// A container build's OCI image layout (`<build>/oci`), as its manifest records it.
+    pub fn layout(&self) -> Result<Layout, StoreError> {
+        let container =
+            self.manifest
+                .container
+                .as_ref()
+                .ok_or_else(|| StoreError::MachineNotContainer {
+                    image: self.reference(),
+                })?;
+        Layout::open(self.dir.join(&container.layout)).map_err(|source| StoreError::Layout {
+            image: self.reference(),
+            source: Box::new(source),
+        })
     }
 
     /// Recompute the sha256 of every output and compare it with the manifest (blocking; reads
-    /// every file). Returns the first output that is missing or differs.
+    /// every file). Returns the first output that is missing or differs. For a container
+    /// build: every blob of its image, and the image manifest's digest the build recorded.
     pub fn verify(&self) -> Result<(), StoreError> {
+        if let Some(container) = &self.manifest.container {
+            return self.verify_container(container);
+        }
         for a in &self.manifest.outputs {
             let path = a.path(&self.dir);
             let actual = crate::digest::sha256_file(&path, None)?.hex();
@@ -237,6 +278,39 @@ impl StoredImage {
                     actual,
                 });
             }
+        }
+        Ok(())
+    }
+
+    fn verify_container(&self, container: &ContainerImage) -> Result<(), StoreError> {
+        let layout = self.layout()?;
+        let image = match layout.verify(None) {
+            Ok(image) => image,
+            Err(LayoutError::DigestMismatch {
+                path,
+                expected,
+                actual,
+                ..
+            }) => {
+                return Err(StoreError::DigestMismatch {
+                    what: path.display().to_string(),
+                    expected,
+                    actual,
+                });
+            }
+            Err(source) => {
+                return Err(StoreError::Layout {
+                    image: self.reference(),
+                    source: Box::new(source),
+                });
+            }
+        };
+        if image.descriptor.digest != container.manifest_digest {
+            return Err(StoreError::DigestMismatch {
+                what: format!("the image manifest of {}", self.reference()),
+                expected: container.manifest_digest.clone(),
+                actual: image.descriptor.digest,
+            });
         }
         Ok(())
     }
@@ -597,6 +671,11 @@ impl Store {
     pub fn resolve_image(&self, reference: &str) -> Result<StoredImage, StoreError> {
         let reference: ImageRef = reference.parse()?;
         let image = self.resolve(&reference)?;
+        if image.kind() == ImageKind::Container {
+            return Err(StoreError::ContainerNotMachine {
+                image: image.reference(),
+            });
+        }
         match &image.disk {
             Some(d) if d.path.is_file() => Ok(image),
             // Recorded but gone (removed by hand): as unusable as never exported.
@@ -604,6 +683,20 @@ impl Store {
                 image: image.reference(),
             }),
         }
+    }
+
+    /// For a container recipe's `parentImage: name/1.x.x`: the container build it means, its
+    /// OCI image layout present (`manifest.container` is always `Some` in what this returns).
+    pub fn resolve_container(&self, reference: &str) -> Result<StoredImage, StoreError> {
+        let reference: ImageRef = reference.parse()?;
+        let image = self.resolve(&reference)?;
+        if image.kind() != ImageKind::Container || image.manifest.container.is_none() {
+            return Err(StoreError::MachineNotContainer {
+                image: image.reference(),
+            });
+        }
+        image.layout()?;
+        Ok(image)
     }
 
     /// A failed build with exactly this `name/x.y.z/n`, if there is one.
@@ -647,7 +740,10 @@ impl Store {
     /// or by the digest of its disk).
     pub fn dependents(&self, image: &StoredImage) -> Result<Vec<StoredImage>, StoreError> {
         let me = image.reference();
-        let digest = image.disk.as_ref().map(|d| d.sha256.as_str());
+        let digest = image.disk.as_ref().map(|d| d.sha256.as_str()).or_else(|| {
+            let c = image.manifest.container.as_ref()?;
+            c.manifest_digest.strip_prefix("sha256:")
+        });
         Ok(self
             .list()?
             .images
@@ -656,7 +752,9 @@ impl Store {
             .filter(|other| {
                 other.manifest.inputs.parent.as_ref().is_some_and(|p| {
                     p.store_image.as_deref() == Some(me.as_str())
-                        || digest.is_some_and(|d| d == p.sha256)
+                        || digest.is_some_and(|d| {
+                            d == p.sha256.strip_prefix("sha256:").unwrap_or(&p.sha256)
+                        })
                 })
             })
             .collect())
@@ -1002,6 +1100,24 @@ impl BuildSlot {
     /// Where the build writes its logs; kept when the build fails.
     pub fn logs_dir(&self) -> PathBuf {
         self.dir.join(LOGS_DIR)
+    }
+
+    /// Where a container build puts its OCI image layout (`<slot>/oci`).
+    pub fn layout_dir(&self) -> PathBuf {
+        self.dir.join(layout::LAYOUT_DIR)
+    }
+
+    /// What the manifest records about the container image in [`BuildSlot::layout_dir`],
+    /// every blob checked (blocking; reads every layer). Set it as the manifest's
+    /// `container`, with `kind: container`, before [`BuildSlot::commit`].
+    pub fn container_image(&self) -> Result<ContainerImage, StoreError> {
+        let layout_error = |source| StoreError::Layout {
+            image: self.id.to_string(),
+            source: Box::new(source),
+        };
+        let layout = Layout::open(self.layout_dir()).map_err(layout_error)?;
+        let image = layout.verify(None).map_err(layout_error)?;
+        Ok(image.facts(layout::LAYOUT_DIR))
     }
 
     /// Where the build will be once committed.
@@ -1431,6 +1547,79 @@ mod tests {
         );
         assert_eq!(report.removed.len(), 5, "{report:?}");
         drop(busy);
+    }
+
+    #[test]
+    fn a_container_build_is_stored_resolved_verified_and_kept_apart_from_machine_builds() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(tmp.path()).expect("open");
+        let slot = store
+            .allocate_build("tools", &Version::new(1, 0, 0))
+            .expect("slot");
+        let (_, image) = layout::tests::small_layout(&slot.layout_dir());
+        let mut m = manifest_for(&slot);
+        m.kind = ImageKind::Container;
+        m.container = Some(slot.container_image().expect("facts"));
+        assert_eq!(
+            m.container.as_ref().map(|c| c.manifest_digest.clone()),
+            Some(image.descriptor.digest.clone())
+        );
+        m.write(slot.dir()).expect("manifest");
+        let stored = slot.commit().expect("commit");
+        assert_eq!(stored.kind(), ImageKind::Container);
+        assert!(stored.disk.is_none());
+        let text = fs_err::read_to_string(stored.dir.join(MANIFEST_FILE)).expect("read");
+        assert!(text.contains("\"kind\": \"container\""), "{text}");
+
+        let found = store.resolve_container("tools/1.x.x").expect("container");
+        assert_eq!(found.reference(), "tools/1.0.0/1");
+        found.verify().expect("verified");
+        let e = store
+            .resolve_image("tools")
+            .expect_err("not a machine build");
+        assert!(matches!(e, StoreError::ContainerNotMachine { .. }), "{e}");
+
+        // A machine build is not a container parent.
+        let machine = store
+            .allocate_build("web", &Version::new(1, 0, 0))
+            .expect("slot");
+        manifest_for(&machine)
+            .write(machine.dir())
+            .expect("manifest");
+        machine.commit().expect("commit");
+        let e = store.resolve_container("web").expect_err("machine");
+        assert!(e.to_string().contains("is a machine build"), "{e}");
+
+        // A build made from it (by its manifest digest) keeps it from removal.
+        let child = store
+            .allocate_build("app", &Version::new(1, 0, 0))
+            .expect("slot");
+        let mut m = manifest_for(&child);
+        m.inputs.parent = Some(manifest::ParentInput {
+            source: "tools/1.x.x".into(),
+            sha256: image.descriptor.digest.clone(),
+            store_image: None,
+            disk_sha256: None,
+        });
+        m.write(child.dir()).expect("manifest");
+        child.commit().expect("commit");
+        let e = store
+            .remove(std::slice::from_ref(&found), false)
+            .expect_err("in use");
+        assert!(matches!(e, StoreError::InUse { .. }), "{e}");
+
+        // A changed layer is found.
+        let layer = found
+            .layout()
+            .expect("layout")
+            .blob_path(&image.manifest.layers[0].digest)
+            .expect("path");
+        let mut bytes = fs_err::read(&layer).expect("read");
+        bytes[0] ^= 1;
+        fs_err::write(&layer, bytes).expect("tamper");
+        let e = found.verify().expect_err("tampered");
+        assert!(matches!(e, StoreError::DigestMismatch { .. }), "{e}");
+        store.remove(&[found], true).expect("rm");
     }
 
     #[test]
