@@ -73,8 +73,13 @@ impl NoLeftovers {
     }
 
     /// `builder ARGS` with this guard's store and runtime folder.
+    /// When it fails, the end of each failed VM's console follows its output.
     fn builder(&self, image: &Path, args: &[&str]) -> Output {
-        leftovers::run_echoed(&mut self.command(image, args), args)
+        let out = leftovers::run_echoed(&mut self.command(image, args), args);
+        if !out.status.success() {
+            self.echo_failed_consoles(80);
+        }
+        out
     }
 }
 

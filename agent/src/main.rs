@@ -576,22 +576,42 @@ fn power(id: u32, tx: &Tx, verb: &'static str) {
             init::EXIT_POWEROFF
         });
     }
-    std::thread::spawn(move || {
-        sys::sync_all();
-        let attempts: [&[&str]; 3] = [&["systemctl", verb], &[verb], &[verb, "-f"]];
-        for argv in attempts {
-            let ok = std::process::Command::new(argv[0])
-                .args(&argv[1..])
-                .stdin(std::process::Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-            if ok {
-                return;
-            }
+    std::thread::spawn(move || escalate(verb));
+}
+
+/// How long a machine that accepted a `systemctl reboot` (or `poweroff`) may take to start
+/// shutting down before the agent asks harder. Once the shutdown starts, systemd stops the
+/// agent (its unit conflicts with `shutdown.target`), so an agent still alive after this has
+/// seen a request accepted and then nothing happen: a loaded guest whose D-Bus call timed
+/// out, or a job queue that dropped it.
+const POWER_GRACE: Duration = Duration::from_secs(90);
+
+/// Asks the service manager, then asks it to skip the orderly shutdown (`-f`), then reboots
+/// or powers off with the system call (after a sync, like `reboot -ff`): each only when the
+/// machine is still up after the one before. The host waits for a new boot id, so a request
+/// that is accepted and never carried out would otherwise cost it the whole reboot timeout.
+fn escalate(verb: &'static str) {
+    sys::sync_all();
+    let ladder: [&[&str]; 3] = [&["systemctl", verb], &[verb], &["systemctl", verb, "-f"]];
+    for argv in ladder {
+        let ok = std::process::Command::new(argv[0])
+            .args(&argv[1..])
+            .stdin(std::process::Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if ok {
+            std::thread::sleep(POWER_GRACE);
+            eprintln!(
+                "builder-agent: `{}` was accepted but the machine is still up after {} s; asking harder",
+                argv.join(" "),
+                POWER_GRACE.as_secs()
+            );
         }
-        eprintln!("builder-agent: could not {verb} the machine");
-    });
+    }
+    sys::sync_all();
+    let e = sys::power(verb == "reboot");
+    eprintln!("builder-agent: could not {verb} the machine: {e}");
 }
 
 pub fn hello() -> HelloInfo {

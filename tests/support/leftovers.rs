@@ -62,6 +62,27 @@ impl NoLeftovers {
         cmd
     }
 
+    /// The end of each VM's serial console in the store's failed builds, on the test's
+    /// stderr: what a CI log needs to tell a guest that hung from one that was slow (the
+    /// store itself goes with the guard).
+    pub fn echo_failed_consoles(&self, lines: usize) {
+        for path in walk(&self.store().join("failed")) {
+            if path.file_name().is_none_or(|n| n != "console.log") {
+                continue;
+            }
+            let text = fs_err::read(&path).unwrap_or_default();
+            let text = String::from_utf8_lossy(&text);
+            let all: Vec<&str> = text.lines().collect();
+            eprintln!(
+                "--- last {lines} lines of {} ---",
+                path.strip_prefix(self.store()).unwrap_or(&path).display()
+            );
+            for line in &all[all.len().saturating_sub(lines)..] {
+                eprintln!("  | {line}");
+            }
+        }
+    }
+
     /// What is left now, one line each (`process <pid>: <command line>`, or a path).
     pub fn leftovers(&self) -> Vec<String> {
         let mut left: Vec<String> =
