@@ -14,11 +14,13 @@ const TRIPLE: &str = "x86_64-unknown-linux-gnu";
 /// The slow or tool-dependent test tiers are chosen when the tests are compiled, so a test
 /// whose tier is off shows as *ignored* (with its reason) instead of passing without running:
 /// `BUILDER_VM_TESTS=1` sets `cfg(vm_tier)` (tests/support/vm_tier.rs), `BUILDER_S3_TESTS=1`
-/// sets `cfg(s3_tier)` (tests/support/s3s.rs).
+/// sets `cfg(s3_tier)` (tests/support/s3s.rs), `BUILDER_CONTAINER_TESTS=1` sets
+/// `cfg(container_tier)` (tests/support/container_tier.rs: real buildah, as root).
 fn test_tiers() {
     for (var, cfg) in [
         ("BUILDER_VM_TESTS", "vm_tier"),
         ("BUILDER_S3_TESTS", "s3_tier"),
+        ("BUILDER_CONTAINER_TESTS", "container_tier"),
     ] {
         println!("cargo::rustc-check-cfg=cfg({cfg})");
         println!("cargo::rerun-if-env-changed={var}");

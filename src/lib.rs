@@ -40,6 +40,8 @@
 //! 8. [`export`] (store, vm, recipe): the finished disk converted to
 //!    qcow2/raw/vmdk/vhdx/vhd/ova, checked, hashed, recorded as the manifest's artifacts;
 //!    `SHA256SUMS`.
+//!    [`container`] (machine, agent, undo, vm, store): buildah in the store's private
+//!    container storage, the isolation probe, the agent in a container, leftovers recovery.
 //! 9. [`distribute`] (store, export, vm, recipe, aws, diagnostic): finished images pushed to OCI
 //!    registries, AWS (AMI import), Vagrant boxes, directories; a receipt for each.
 //! 10. [`build`] (all of the above): the stages of a build, in order, and its plan.
@@ -57,6 +59,7 @@ pub mod atomic;
 pub mod aws;
 pub mod build;
 pub mod component;
+pub mod container;
 pub mod diagnostic;
 pub mod digest;
 pub mod distribute;

@@ -51,6 +51,11 @@ fn spawn_fresh(cmd: &mut std::process::Command) -> std::process::Child {
 
 impl Agent {
     async fn start() -> Agent {
+        Agent::start_with(&[]).await
+    }
+
+    /// The agent with `extra` arguments before `--connect-unix`.
+    async fn start_with(extra: &[&str]) -> Agent {
         let dir = tempfile::tempdir().expect("temp dir");
         let exe = dir.path().join("builder-agent");
         fs_err::write(&exe, builder::agent::AGENT_BINARY).expect("write agent");
@@ -59,6 +64,7 @@ impl Agent {
         let listener = UnixListener::bind(&sock).expect("bind");
         let child = spawn_fresh(
             std::process::Command::new(&exe)
+                .args(extra)
                 .arg("--connect-unix")
                 .arg(&sock),
         );
@@ -495,6 +501,37 @@ async fn interactive_command_on_a_pty() {
 
 // ---------------------------------------------------------------------------------------------
 // Raw protocol against the agent: garbage and a forged checksum.
+
+/// `--container`: one connection; Reboot refused; Poweroff ends the agent with 0, a host that
+/// goes away without it with 1 (the container build's step fails).
+#[tokio::test]
+async fn in_a_container_poweroff_exits_0_a_lost_host_1_and_reboot_is_refused() {
+    let mut agent = Agent::start_with(&["--container", "--key", "sha256:abc"]).await;
+    let mut s = agent.accept().await;
+    let mut buf = Vec::new();
+    let Message::Hello(hello) = read_frame(&mut s, &mut buf).await.msg else {
+        panic!("the agent says hello first");
+    };
+    assert_eq!(hello.cloud_init, "absent");
+    send(&mut s, 1, &Message::Reboot).await;
+    match read_frame(&mut s, &mut buf).await.msg {
+        Message::Error { code, message } => {
+            assert_eq!(code, protocol::code::UNSUPPORTED);
+            assert!(message.starts_with("a container cannot reboot"), "{message}");
+        }
+        other => panic!("Reboot is refused, got {}", other.name()),
+    }
+    send(&mut s, 2, &Message::Poweroff).await;
+    assert!(matches!(read_frame(&mut s, &mut buf).await.msg, Message::Ok));
+    let status = agent.child.wait().expect("wait");
+    assert_eq!(status.code(), Some(0), "Poweroff ends the run: {status}");
+
+    let mut agent = Agent::start_with(&["--container"]).await;
+    let s = agent.accept().await;
+    drop(s);
+    let status = agent.child.wait().expect("wait");
+    assert_eq!(status.code(), Some(1), "a lost host fails the step: {status}");
+}
 
 async fn read_frame(s: &mut UnixStream, buf: &mut Vec<u8>) -> protocol::Frame {
     loop {

@@ -7,6 +7,12 @@
 //! others. The agent never exits on its own: when the port reports end-of-file (the host is
 //! not connected yet, or went away) it closes it, waits a moment and opens it again.
 //!
+//! `--container` is the exception: builder runs the agent as a container build's `RUN`
+//! instruction, connected to a unix socket. It serves that one connection and then exits: 0
+//! when the host sends `Poweroff` (the run is over and the instruction succeeds), 1 when the
+//! connection ends without it (the host went away: the build must fail). A container cannot
+//! reboot: `Reboot` is refused.
+//!
 //! It writes nothing to the guest except what it is asked to, and never prints request
 //! contents (an exec's `secret_env` values in particular).
 
@@ -31,6 +37,7 @@ use std::time::Duration;
 use protocol::{Frame, HelloInfo, Message};
 
 const USAGE: &str = "usage: builder-agent [--port NAME|PATH] [--connect-unix PATH] [--daemon]
+       builder-agent --container --connect-unix PATH [--key KEY]
        builder-agent --cloud-init-status
        builder-agent --version
 
@@ -38,6 +45,10 @@ const USAGE: &str = "usage: builder-agent [--port NAME|PATH] [--connect-unix PAT
                        /dev/virtio-ports/)
   --connect-unix PATH  serve a unix socket the host listens on instead (for tests)
   --daemon             detach from the caller (e.g. cloud-init bootcmd) and keep running
+  --container          serve one connection in a container build, then exit: 0 after the
+                       host's Poweroff, 1 when the host went away without it
+  --key KEY            ignored: the build's cache key, in the instruction's text for the
+                       container engine's layer cache
   --cloud-init-status  print cloud-init's state as the agent reports it, then exit
 
 As PID 1 (the appliance's /init) it boots the appliance instead: see agent/src/init.rs.
@@ -48,6 +59,13 @@ hands anything else to the guest's systemctl: see agent/src/init/systemctl.rs.
 /// Set by `--appliance` (init starts the agent so, chrooted in the guest's root): Reboot and
 /// Poweroff then exit with init's codes instead of asking a service manager.
 static APPLIANCE: AtomicBool = AtomicBool::new(false);
+
+/// Set by `--container`: one connection, Poweroff ends the agent with 0, Reboot is refused.
+static CONTAINER: AtomicBool = AtomicBool::new(false);
+
+/// The error a container's agent answers `Reboot` with (the host's executor refuses first;
+/// this is for any other client).
+const CONTAINER_REBOOT: &str = "a container cannot reboot: the component asked for a reboot (a `Reboot` step or exit code 194), which only a machine image can do";
 
 enum Endpoint {
     Port(String),
@@ -85,6 +103,12 @@ fn main() {
             }
             "--daemon" => daemon = true,
             "--appliance" => APPLIANCE.store(true, Ordering::SeqCst),
+            "--container" => CONTAINER.store(true, Ordering::SeqCst),
+            "--key" => {
+                if args.next().is_none() {
+                    usage_error("--key needs a value")
+                }
+            }
             "--cloud-init-status" => {
                 println!("{}", cloud_init_state());
                 return;
@@ -99,6 +123,12 @@ fn main() {
             }
             other => usage_error(&format!("unknown argument `{other}`")),
         }
+    }
+    if CONTAINER.load(Ordering::SeqCst) {
+        let Endpoint::Unix(path) = endpoint else {
+            usage_error("--container needs --connect-unix PATH")
+        };
+        serve_once(&path);
     }
     if daemon {
         detach();
@@ -346,6 +376,52 @@ fn serve_forever(endpoint: Endpoint) -> ! {
     }
 }
 
+/// `--container`: serve the one connection on `path`, then exit (see the module's comment). The
+/// host listens before it starts the container, so a socket that is not there is an error
+/// after a few tries, not something to wait for.
+fn serve_once(path: &str) -> ! {
+    let endpoint = Endpoint::Unix(path.to_owned());
+    let mut tries = 0;
+    let (reader, writer) = loop {
+        match open_endpoint(&endpoint) {
+            Ok(rw) => break rw,
+            Err(e) if tries < 50 => {
+                tries += 1;
+                if tries == 1 {
+                    eprintln!("builder-agent: cannot connect to {path}: {e}; retrying");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => {
+                eprintln!("builder-agent: cannot connect to builder at {path}: {e}");
+                std::process::exit(1);
+            }
+        }
+    };
+    let link = Arc::new(Link {
+        generation: AtomicU64::new(1),
+        writer: Mutex::new(Some(writer)),
+    });
+    let tx = Tx {
+        link: link.clone(),
+        generation: 1,
+    };
+    let jobs: Jobs = Arc::new(Mutex::new(HashMap::new()));
+    let _ = tx.send(0, &Message::Hello(hello()));
+    serve_connection(reader, &tx, &jobs);
+    // No Poweroff came (it exits in `power`): stop what still runs, and fail the instruction.
+    link.generation.fetch_add(1, Ordering::SeqCst);
+    for (_, job) in lock(&jobs).drain() {
+        if let Job::Exec(h) = job {
+            h.kill();
+        }
+    }
+    eprintln!(
+        "builder-agent: the connection to builder ended before the run was over; failing this step"
+    );
+    std::process::exit(1);
+}
+
 fn serve_connection(reader: Box<dyn Read + Send>, tx: &Tx, jobs: &Jobs) {
     // A small buffer: reads of a whole data chunk then go straight into the chunk's own
     // buffer instead of through this one (a copy less per chunk in a slow guest).
@@ -567,6 +643,15 @@ pub fn lock(jobs: &Jobs) -> std::sync::MutexGuard<'_, HashMap<u32, Job>> {
 /// Acknowledges, then asks systemd (or the init in charge) for a clean reboot or poweroff. In
 /// the appliance the init in charge is ours: the agent exits with the code that asks it.
 fn power(id: u32, tx: &Tx, verb: &'static str) {
+    if CONTAINER.load(Ordering::SeqCst) {
+        if verb == "reboot" {
+            tx.error(id, protocol::code::UNSUPPORTED, CONTAINER_REBOOT);
+            return;
+        }
+        // The run is over: the file systems are the container's (the engine commits them).
+        let _ = tx.send(id, &Message::Ok);
+        std::process::exit(0);
+    }
     let _ = tx.send(id, &Message::Ok);
     if APPLIANCE.load(Ordering::SeqCst) {
         sys::sync_all();
@@ -640,10 +725,10 @@ pub fn hello() -> HelloInfo {
 }
 
 /// cloud-init's state from the files it leaves in /run, without running it (that takes
-/// seconds on a slow guest): `absent`, `running`, `done` or `error`. In the appliance it never
+/// seconds on a slow guest): `absent`, `running`, `done` or `error`. In the appliance and a container it never
 /// runs: `absent`.
 fn cloud_init_state() -> &'static str {
-    if APPLIANCE.load(Ordering::SeqCst) {
+    if APPLIANCE.load(Ordering::SeqCst) || CONTAINER.load(Ordering::SeqCst) {
         return "absent";
     }
     let installed = ["/usr/bin/cloud-init", "/usr/local/bin/cloud-init"]

@@ -461,6 +461,9 @@ pub struct AgentMachine {
     describe: String,
     conn: Mutex<Arc<Connection>>,
     connector: Option<Arc<dyn Connector>>,
+    /// Why this target cannot reboot (a container), when it cannot: the hint of the
+    /// [`MachineError::Unsupported`] that [`Machine::reboot`] then returns.
+    no_reboot: Option<String>,
     next_id: AtomicU32,
 }
 
@@ -494,6 +497,7 @@ impl AgentMachine {
             describe,
             conn: Mutex::new(conn),
             connector: None,
+            no_reboot: None,
             next_id: AtomicU32::new(1),
         })
     }
@@ -501,6 +505,13 @@ impl AgentMachine {
     /// Lets [`reboot`](Machine::reboot) open a new stream when the old one ends.
     pub fn with_connector(mut self, connector: Arc<dyn Connector>) -> Self {
         self.connector = Some(connector);
+        self
+    }
+
+    /// Makes [`reboot`](Machine::reboot) refuse (a container cannot reboot): `hint` says why
+    /// and what to do instead.
+    pub fn without_reboot(mut self, hint: String) -> Self {
+        self.no_reboot = Some(hint);
         self
     }
 
@@ -1067,6 +1078,13 @@ impl Machine for AgentMachine {
     /// keeps its chardev socket open across a guest reboot) or, when that stream ends, on new
     /// ones from the [`Connector`], retried until the reboot timeout.
     async fn reboot(&self) -> Result<(), MachineError> {
+        if let Some(hint) = &self.no_reboot {
+            return Err(MachineError::Unsupported {
+                what: "rebooting".into(),
+                target: self.describe.clone(),
+                hint: hint.clone(),
+            });
+        }
         let before = match self.hello() {
             Some(h) => h.boot_id,
             None => self.info().await?.boot_id,

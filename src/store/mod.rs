@@ -523,6 +523,12 @@ impl Store {
         &self.root
     }
 
+    /// `<root>/containers`: the container engine's private storage (buildah's), so
+    /// container builds put nothing in the host's own container storage.
+    pub fn containers_dir(&self) -> PathBuf {
+        self.root.join("containers")
+    }
+
     fn lock(&self) -> Result<StoreLock, StoreError> {
         let path = self.root.join("lock");
         let file = fs_err::OpenOptions::new()

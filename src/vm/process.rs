@@ -111,7 +111,31 @@ pub fn spawn(program: &Path, args: &[String], stderr_log: &Path) -> Result<Child
     spawn_with_death_signal(program, args, stderr_log, Signal::SIGKILL)
 }
 
+/// A command for `program` that runs in its own process group and gets `death_signal` when
+/// the thread that spawns it dies (spawn from a long-lived thread, as for [`spawn`]). Its stdio
+/// is the caller's to set. QEMU's launch uses it; so does the container engine for buildah.
 #[allow(unsafe_code)] // `pre_exec`: the parent-death signal must be set in the forked child
+pub fn command_dying_with_parent(program: &Path, death_signal: Signal) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(program);
+    // Its own group: a Ctrl-C in the terminal reaches builder, which stops the child in order,
+    // instead of killing it under builder; and teardown can kill the whole group.
+    cmd.process_group(0).kill_on_drop(false);
+    let parent = std::process::id();
+    // SAFETY: the closure runs in the forked child before exec and only makes two
+    // async-signal-safe system calls (prctl, getppid); it allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(death_signal).map_err(std::io::Error::from)?;
+            // The parent may have died between fork and prctl: then no signal would ever come.
+            if nix::unistd::getppid().as_raw().unsigned_abs() != parent {
+                return Err(std::io::Error::other("builder exited while starting it"));
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
 fn spawn_with_death_signal(
     program: &Path,
     args: &[String],
@@ -123,28 +147,11 @@ fn spawn_with_death_signal(
         .append(true)
         .open(stderr_log)
         .map_err(ProcessError::Log)?;
-    let mut cmd = tokio::process::Command::new(program);
+    let mut cmd = command_dying_with_parent(program, death_signal);
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::from(log.into_file()))
-        // Its own group: a Ctrl-C in the terminal reaches builder, which shuts the VM down in
-        // order, instead of killing QEMU under it; and teardown can kill the whole group.
-        .process_group(0)
-        .kill_on_drop(false);
-    let parent = std::process::id();
-    // SAFETY: the closure runs in the forked child before exec and only makes two
-    // async-signal-safe system calls (prctl, getppid); it allocates nothing and takes no lock.
-    unsafe {
-        cmd.pre_exec(move || {
-            nix::sys::prctl::set_pdeathsig(death_signal).map_err(std::io::Error::from)?;
-            // The parent may have died between fork and prctl: then no signal would ever come.
-            if nix::unistd::getppid().as_raw().unsigned_abs() != parent {
-                return Err(std::io::Error::other("builder exited while starting QEMU"));
-            }
-            Ok(())
-        });
-    }
+        .stderr(Stdio::from(log.into_file()));
     let mut child = cmd.spawn().map_err(|source| ProcessError::Spawn {
         program: program.display().to_string(),
         source,
