@@ -1263,6 +1263,24 @@ pub fn plan(
         test_components,
         ..
     } = validated;
+    if let Some(container) = &recipe.container {
+        // Until the container build is wired in (issue #14), a container recipe validates but
+        // is not planned.
+        let mut d = Diagnostics::new(
+            &recipe.source.path,
+            recipe.source.text.clone(),
+            recipe::NOUN,
+        )
+        .with_consequence(recipe::CONSEQUENCE);
+        d.push(
+            Problem::error(
+                container.template.span,
+                "container recipes cannot be built yet",
+            )
+            .with_hint("`builder validate` checks it; the container build is not wired in yet"),
+        );
+        return Err(PlanError::Invalid(vec![d]));
+    }
     let mut problems = Vec::new();
     let parent = resolve_parent(&recipe, resolver, env, progress, &mut problems)?;
 

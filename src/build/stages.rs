@@ -2622,6 +2622,22 @@ mod tests {
                 recipe_with(&[], "description: b\n"),
                 Export,
             ),
+            // Container recipes are refused by the plan until their build is wired in.
+            (
+                "containerType",
+                recipe_with(&[], ""),
+                recipe_with(&[], "containerType: docker\n"),
+                Refused,
+            ),
+            (
+                "dockerfileTemplate",
+                recipe_with(&[], ""),
+                recipe_with(
+                    &[],
+                    "containerType: docker\ndockerfileTemplate: |\n  FROM {{{ imagebuilder:parentImage }}}\n  {{{ imagebuilder:components }}}\n",
+                ),
+                Refused,
+            ),
             (
                 "parentImage",
                 RECIPE.into(),

@@ -272,7 +272,7 @@ impl Destination {
             Distribution::Directory(d) => Destination::Directory {
                 path: resolve(&d.path.value),
                 name: d.name.as_str().to_string(),
-                formats: d.formats.clone(),
+                formats: d.formats.disk().to_vec(),
                 overwrite: d.overwrite,
             },
             Distribution::Vagrant(v) => Destination::Vagrant {

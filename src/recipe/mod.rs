@@ -27,6 +27,7 @@
 //! ```
 
 pub mod components;
+pub mod dockerfile;
 pub mod model;
 pub mod name_template;
 pub mod oci_reference;
@@ -42,10 +43,12 @@ use sha2::{Digest, Sha256 as Sha256Hasher};
 pub use components::{
     bind_parameters, check_build_component, check_linux_actions, check_test_component,
 };
+pub use dockerfile::{DEFAULT_TEMPLATE, DockerfileTemplate};
 pub use model::{
-    Accelerator, Boot, ComponentUse, Compression, Distribution, Firmware, Format, Infrastructure,
-    Located, Network, Outputs, ParameterValue, ParentImage, Recipe, RecipeSource, Sha256, Tests,
-    USER_DATA_IN_APPLIANCE, USER_DATA_IN_APPLIANCE_HINT,
+    Accelerator, ArchiveFormat, Boot, ComponentUse, Compression, ContainerRecipe, ContainerType,
+    DirectoryFormats, Distribution, Firmware, Format, Infrastructure, Located, Network, Outputs,
+    ParameterValue, ParentImage, Recipe, RecipeSource, Sha256, Tests, USER_DATA_IN_APPLIANCE,
+    USER_DATA_IN_APPLIANCE_HINT,
 };
 pub use model::{
     AmiDistribution, AmiEndpoints, BootMode, DirectoryDistribution, ImportMethod, LaunchPermission,
@@ -187,6 +190,7 @@ fn assemble(parts: parse::Parts, path: &Path, text: &str) -> Option<Recipe> {
         generalize: parts.generalize?,
         distribution: parts.distribution?,
         cache: parts.cache?,
+        container: parts.container?,
         source: RecipeSource {
             path: path.to_path_buf(),
             text: text.to_string(),
@@ -451,6 +455,170 @@ mod tests {
         assert_eq!(r.outputs.directory.as_deref(), Some("./out"));
         assert_eq!(r.disk_size.unwrap().value, ByteSize::gib(8));
         assert_eq!(r.tests.components.len(), 1);
+    }
+
+    const CONTAINER: &str = "name: tools\nversion: 1.0.0\ncontainerType: docker\nparentImage: oci://registry.local:5000/base/debian:12@sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\ncomponents:\n  - path: c.yml\n";
+
+    /// (line, column, message) of each problem of the recipe file.
+    fn placed(text: &str) -> Vec<(usize, usize, String)> {
+        checked(text).diagnostics[0]
+            .problems()
+            .iter()
+            .map(|p| (p.span.line, p.span.col, p.message.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn a_container_recipe_gets_the_default_template_and_archive() {
+        let text = format!(
+            "{CONTAINER}distribution:\n  - directory: {{path: out/}}\n  - oci: {{reference: 'registry.local:5000/tools/x'}}\n"
+        );
+        let r = checked(&text).recipe.unwrap();
+        let container = r.container.as_ref().unwrap();
+        assert_eq!(container.container_type, ContainerType::Docker);
+        assert_eq!(container.template.value.text(), DEFAULT_TEMPLATE);
+        // The default template is located at `containerType`.
+        assert_eq!(container.template.span.line, 3);
+        assert!(matches!(r.parent.value, ParentImage::Oci { .. }));
+        let Distribution::Directory(d) = &r.distribution[0].value else {
+            panic!("a directory target")
+        };
+        assert_eq!(
+            d.formats,
+            DirectoryFormats::Container(vec![ArchiveFormat::OciArchive])
+        );
+        // A machine recipe's directory target copies every output.
+        let machine = format!("{MINIMAL}distribution:\n  - directory: {{path: out/}}\n");
+        let r = checked(&machine).recipe.unwrap();
+        assert!(!r.is_container());
+        let Distribution::Directory(d) = &r.distribution[0].value else {
+            panic!("a directory target")
+        };
+        assert_eq!(d.formats, DirectoryFormats::Disk(vec![]));
+    }
+
+    #[test]
+    fn a_container_recipe_reads_its_template_and_archives() {
+        let text = format!(
+            "{CONTAINER}dockerfileTemplate: |\n  FROM {{{{{{ imagebuilder:parentImage }}}}}}\n  ENV A=1\n  {{{{{{ imagebuilder:components }}}}}}\n  USER nobody\ndistribution:\n  - directory: {{path: out/, formats: [docker-archive, oci-archive]}}\ninfrastructure: {{buildTimeoutSeconds: 60, keepOnFailure: true}}\n"
+        );
+        let r = checked(&text).recipe.unwrap();
+        let template = &r.container.as_ref().unwrap().template.value;
+        assert_eq!(
+            template.render("P", "", "RUN c"),
+            "FROM P\nENV A=1\nRUN c\nUSER nobody\n"
+        );
+        let Distribution::Directory(d) = &r.distribution[0].value else {
+            panic!("a directory target")
+        };
+        assert_eq!(
+            d.formats.archives(),
+            [ArchiveFormat::DockerArchive, ArchiveFormat::OciArchive]
+        );
+        assert_eq!(r.infrastructure.build_timeout_secs, 60);
+        for parent in [
+            "./debian.tar",
+            "{path: ./debian.tar, sha256: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa}",
+            "base/1.x.x",
+            "'oci://r.local/b:12'",
+        ] {
+            let text = CONTAINER.replace(
+                "oci://registry.local:5000/base/debian:12@sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+                parent,
+            );
+            assert!(checked(&text).recipe.is_some(), "{parent}");
+        }
+    }
+
+    #[test]
+    fn template_problems_are_placed_in_the_file() {
+        let text = format!(
+            "{CONTAINER}dockerfileTemplate: |\n  FROM debian:12\n  RUN x\n    {{{{{{ imagebuilder:component }}}}}}\n"
+        );
+        assert_eq!(
+            placed(&text),
+            [
+                (7, 1, "the template has no `{{{ imagebuilder:components }}}` line".to_string()),
+                (8, 8, "`FROM debian:12` does not start from the parent image; the template has no `FROM {{{ imagebuilder:parentImage }}}` line".to_string()),
+                (10, 5, "unknown placeholder `{{{ imagebuilder:component }}}`".to_string()),
+            ]
+        );
+        // Quoted: found in the scalar as written.
+        let quoted = format!(
+            "{CONTAINER}dockerfileTemplate: \"FROM {{{{{{ imagebuilder:parentImage }}}}}}\\n{{{{{{ imagebuilder:x }}}}}}\\n{{{{{{ imagebuilder:components }}}}}}\"\n"
+        );
+        assert_eq!(placed(&quoted)[0].0, 7);
+        assert_eq!(placed(&quoted)[0].1, 61);
+    }
+
+    #[test]
+    fn machine_only_settings_are_refused_in_a_container_recipe() {
+        let text = format!(
+            "{CONTAINER}diskSize: 8GiB\nuserData: x\ngeneralize: false\noutputs: {{formats: [raw]}}\ncache: {{to: 'oci://r.local/c'}}\ninfrastructure:\n  cpus: 4\n  firmware: uefi\n  keepOnFailure: true\ndistribution:\n  - vagrant: {{path: x.box}}\n  - ami: {{bucket: b}}\n  - containerDisk: {{reference: 'r.local/x'}}\n  - directory: {{path: out/, formats: [qcow2, oci-archive]}}\n"
+        );
+        let p = placed(&text);
+        let at: Vec<(usize, usize)> = p.iter().map(|(l, c, _)| (*l, *c)).collect();
+        assert_eq!(
+            at,
+            [
+                (7, 1),
+                (8, 1),
+                (9, 1),
+                (10, 1),
+                (11, 1),
+                (13, 3),
+                (14, 3),
+                (17, 5),
+                (18, 5),
+                (19, 5),
+                (20, 39)
+            ],
+            "{p:#?}"
+        );
+        assert_eq!(
+            p[0].2,
+            "`diskSize` is for machine images; this is a container recipe (`containerType`)"
+        );
+        assert_eq!(
+            p[5].2,
+            "`infrastructure.cpus` is for machine images; this is a container recipe (`containerType`)"
+        );
+        assert_eq!(
+            p[10].2,
+            "`qcow2` is a disk format; a container image is written as `docker-archive` or `oci-archive`"
+        );
+        let url = CONTAINER.replace(
+            "oci://registry.local:5000/base/debian:12@sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+            "{url: 'https://x/y.tar', sha256: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa}",
+        );
+        assert_eq!(
+            messages(&url),
+            [
+                "`parentImage.url` is for machine images; this is a container recipe (`containerType`)"
+            ]
+        );
+    }
+
+    #[test]
+    fn container_settings_are_refused_in_a_machine_recipe() {
+        let text = format!(
+            "{MINIMAL}dockerfileTemplate: x\ndistribution:\n  - directory: {{path: out/, formats: [oci-archive]}}\n"
+        );
+        assert_eq!(
+            messages(&text),
+            [
+                "`dockerfileTemplate` is for container recipes",
+                "`oci-archive` is only for container recipes"
+            ]
+        );
+        let wrong = CONTAINER.replace("containerType: docker", "containerType: DOCKER");
+        let c = checked(&wrong);
+        let problem = &c.diagnostics[0].problems()[0];
+        assert_eq!(
+            problem.message,
+            "unknown container type `DOCKER`; expected `docker`"
+        );
+        assert_eq!(problem.hint.as_deref(), Some("did you mean `docker`?"));
     }
 
     proptest::proptest! {

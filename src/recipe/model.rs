@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::dockerfile::DockerfileTemplate;
 use super::name_template::NameTemplate;
 use super::oci_reference::OciReference;
 use super::units::ByteSize;
@@ -33,8 +34,29 @@ pub struct Recipe {
     pub generalize: bool,
     pub distribution: Vec<Located<Distribution>>,
     pub cache: SharedCache,
+    /// A container recipe (`containerType` written): built as an OCI image by buildah
+    /// instead of a disk in a VM. `None`: a machine recipe.
+    pub container: Option<ContainerRecipe>,
     /// Where the recipe was read from, its text and its sha256.
     pub source: RecipeSource,
+}
+
+impl Recipe {
+    /// Whether it builds a container image (else a machine image).
+    pub fn is_container(&self) -> bool {
+        self.container.is_some()
+    }
+}
+
+/// What a container recipe adds: its `containerType` and `dockerfileTemplate`. A container
+/// recipe has none of the machine-only settings (`diskSize`, `userData`, `generalize`,
+/// `outputs`, `cache`, the VM's `infrastructure` keys): validation refuses them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerRecipe {
+    pub container_type: ContainerType,
+    /// The template as written, or [`super::dockerfile::DEFAULT_TEMPLATE`] when the recipe
+    /// has none (then located at the `containerType` key).
+    pub template: Located<DockerfileTemplate>,
 }
 
 /// `cache`: the OCI repositories that share the layer cache (`oci://host[:port]/repository`,
@@ -197,8 +219,50 @@ impl Distribution {
 pub struct DirectoryDistribution {
     pub path: Located<String>,
     pub name: NameTemplate,
-    pub formats: Vec<Format>,
+    pub formats: DirectoryFormats,
     pub overwrite: bool,
+}
+
+/// `directory.formats`: a machine build's disk formats, or a container build's archives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DirectoryFormats {
+    /// The disk formats to copy (a format the build did not export is converted); empty:
+    /// every output of the build (and, in a pipeline's list, `formats` not written).
+    Disk(Vec<Format>),
+    /// The archive files a container image is written to; a container recipe without
+    /// `formats` gets `[oci-archive]`.
+    Container(Vec<ArchiveFormat>),
+}
+
+/// A container recipe's `directory.formats` when it writes none.
+pub const DEFAULT_ARCHIVE_FORMATS: &[ArchiveFormat] = &[ArchiveFormat::OciArchive];
+
+impl Default for DirectoryFormats {
+    fn default() -> DirectoryFormats {
+        DirectoryFormats::Disk(Vec::new())
+    }
+}
+
+impl DirectoryFormats {
+    /// The disk formats (none for a container build's archives).
+    pub fn disk(&self) -> &[Format] {
+        match self {
+            DirectoryFormats::Disk(formats) => formats,
+            DirectoryFormats::Container(_) => &[],
+        }
+    }
+
+    /// The archives for a container build: those written, else the default (also for a
+    /// pipeline's entry that names no formats).
+    pub fn archives(&self) -> Vec<ArchiveFormat> {
+        match self {
+            DirectoryFormats::Container(formats) => formats.clone(),
+            DirectoryFormats::Disk(formats) if formats.is_empty() => {
+                DEFAULT_ARCHIVE_FORMATS.to_vec()
+            }
+            DirectoryFormats::Disk(_) => Vec::new(),
+        }
+    }
 }
 
 /// `vagrant`: a Vagrant box for the libvirt provider (`metadata.json`, a `Vagrantfile` with

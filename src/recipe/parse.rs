@@ -1,18 +1,21 @@
 //! Spanned YAML nodes → the typed [`Recipe`]. Every problem is collected (never stop at the
 //! first); each names the offending value and, where one exists, what would be right.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use super::dockerfile::DockerfileTemplate;
 use super::model::{
-    AmiDistribution, AmiEndpoints, Boot, ComponentUse, DEFAULT_GENERALIZE, DEFAULT_IMPORT_METHOD,
-    DEFAULT_WORKING_DIRECTORY, DirectoryDistribution, Distribution, Format, Infrastructure,
-    LaunchPermission, Located, MAX_CPUS, MAX_TIMEOUT_SECS, MIN_MEMORY, OciDistribution, Outputs,
-    ParameterValue, ParentImage, Sha256, SharedCache, Tests, USER_DATA_IN_APPLIANCE,
-    USER_DATA_IN_APPLIANCE_HINT, VagrantDistribution, Word,
+    AmiDistribution, AmiEndpoints, ArchiveFormat, Boot, ComponentUse, ContainerRecipe,
+    ContainerType, DEFAULT_ARCHIVE_FORMATS, DEFAULT_GENERALIZE, DEFAULT_IMPORT_METHOD,
+    DEFAULT_WORKING_DIRECTORY, DirectoryDistribution, DirectoryFormats, Distribution, Format,
+    Infrastructure, LaunchPermission, Located, MAX_CPUS, MAX_TIMEOUT_SECS, MIN_MEMORY,
+    OciDistribution, Outputs, ParameterValue, ParentImage, Sha256, SharedCache, Tests,
+    USER_DATA_IN_APPLIANCE, USER_DATA_IN_APPLIANCE_HINT, VagrantDistribution, Word,
 };
 use super::name_template::NameTemplate;
 use super::oci_reference::{OciReference, split_oci_reference};
-use super::settings::{keys, pipeline_keys};
+use super::settings::{Scope, keys, pipeline_keys, scope_of};
 use super::units::ByteSize;
 use super::version::{Version, VersionPattern};
 use crate::diagnostic::{Problem, Span, one_of};
@@ -72,7 +75,32 @@ const IMAGE_BUILDER_KEYS: crate::yaml::reader::ImageBuilderKeys = &[
         "share the AMI with `launchPermission: {userIds: [...]}`",
     ),
     ("timeoutMinutes", "write `timeoutSeconds`"),
+    (
+        "dockerfileTemplateData",
+        "write the template inline: `dockerfileTemplate: |`",
+    ),
+    (
+        "dockerfileTemplateUri",
+        "write the template inline: `dockerfileTemplate: |`",
+    ),
+    (
+        "targetRepository",
+        "write `distribution:` then `- oci: {reference: registry/repository:tag}`",
+    ),
+    (
+        "containerTags",
+        "write the tag in the reference: `- oci: {reference: registry/repository:tag}`",
+    ),
 ];
+
+/// Which recipe a part is read for: a machine recipe, a container recipe, or not known yet
+/// (a pipeline's `distribution` list, read before its recipe).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RecipeKind {
+    Machine,
+    Container,
+    Unknown,
+}
 
 /// A context for a recipe file (or an infrastructure file it names).
 pub(super) fn new_reader(source: &str) -> Reader<'_> {
@@ -134,6 +162,8 @@ pub(super) struct Parts {
     pub generalize: Option<bool>,
     pub distribution: Option<Vec<Located<Distribution>>>,
     pub cache: Option<SharedCache>,
+    /// `Some(None)`: a machine recipe.
+    pub container: Option<Option<ContainerRecipe>>,
 }
 
 /// How the walk reads an infrastructure file named by the recipe: its path (as resolved) and
@@ -157,7 +187,27 @@ pub(super) fn recipe(
     let Some(entries) = cx.mapping(root, "a recipe", &keys("")) else {
         return parts;
     };
-    let get = |key: &str| entries.iter().find(|(k, _)| k.as_str() == Some(key));
+    let container_entry = entries
+        .iter()
+        .find(|(k, _)| k.as_str() == Some("containerType"));
+    let kind = if container_entry.is_some() {
+        RecipeKind::Container
+    } else {
+        RecipeKind::Machine
+    };
+    // Each key written in the other kind of recipe is refused where it is written; a
+    // machine-only key in a container recipe is not read further.
+    for (key, _) in entries {
+        if let Some(k) = key.as_str() {
+            scoped(cx, key, k, kind);
+        }
+    }
+    let get = |key: &str| {
+        entries
+            .iter()
+            .find(|(k, _)| k.as_str() == Some(key))
+            .filter(|_| in_scope(key, kind))
+    };
     let start = cx.start_of(root);
     let required = |cx: &mut Reader<'_>, key: &str, hint: &str| {
         let entry = get(key);
@@ -173,8 +223,38 @@ pub(super) fn recipe(
     parts.version = required(cx, "version", hint).and_then(|(_, v)| version(cx, v));
     parts.description =
         get("description").and_then(|(_, v)| cx.optional_string(v, "`description`"));
-    let hint = "add `parentImage: path/to/base.qcow2` (or `{url: …, sha256: …}`, or `name/1.x.x` from the store)";
-    parts.parent = required(cx, "parentImage", hint).and_then(|(_, v)| parent(cx, v));
+    parts.container = match container_entry {
+        None => Some(None),
+        Some((key, value)) => {
+            let container_type = cx.named::<ContainerType>(value, "container type");
+            let template = match entries
+                .iter()
+                .find(|(k, _)| k.as_str() == Some("dockerfileTemplate"))
+            {
+                Some((template_key, v)) => dockerfile_template(cx, template_key, v),
+                None => Some(Located::new(
+                    DockerfileTemplate::default_template(),
+                    key.span,
+                )),
+            };
+            match (container_type, template) {
+                (Some(container_type), Some(template)) => Some(Some(ContainerRecipe {
+                    container_type,
+                    template,
+                })),
+                _ => None,
+            }
+        }
+    };
+    let hint = match kind {
+        RecipeKind::Container => {
+            "add `parentImage: oci://registry/repository@sha256:…` (or the path of an OCI archive, or `name/1.x.x` from the store)"
+        }
+        _ => {
+            "add `parentImage: path/to/base.qcow2` (or `{url: …, sha256: …}`, or `name/1.x.x` from the store)"
+        }
+    };
+    parts.parent = required(cx, "parentImage", hint).and_then(|(_, v)| parent(cx, v, kind));
     let hint = "add `components:` with at least one `- path: components/x.yml`";
     if let Some((key, v)) = required(cx, "components", hint)
         && let Some(list) = component_list(cx, v, "components")
@@ -200,7 +280,7 @@ pub(super) fn recipe(
     parts.disk_size = get("diskSize").and_then(|(_, v)| disk_size(cx, v));
     parts.infrastructure = get("infrastructure")
         .map_or(Some(Infrastructure::default()), |(_, v)| {
-            infrastructure_ref(cx, v, include, included)
+            infrastructure_ref(cx, v, include, included, kind)
         });
     // Said where `userData` is written: it is always in the recipe, while `boot` may be in an
     // infrastructure file.
@@ -220,9 +300,104 @@ pub(super) fn recipe(
     parts.generalize = get("generalize").map_or(Some(DEFAULT_GENERALIZE), |(_, v)| {
         cx.boolean(v, "`generalize`")
     });
-    parts.distribution = get("distribution").map_or(Some(Vec::new()), |(_, v)| distribution(cx, v));
+    parts.distribution =
+        get("distribution").map_or(Some(Vec::new()), |(_, v)| distribution_for(cx, v, kind));
     parts.cache = get("cache").map_or(Some(SharedCache::default()), |(_, v)| shared_cache(cx, v));
     parts
+}
+
+/// Whether the setting at `path` may be read in a recipe of `kind`.
+fn in_scope(path: &str, kind: RecipeKind) -> bool {
+    !(kind == RecipeKind::Container && matches!(scope_of(path), Scope::Machine(_)))
+}
+
+/// Refuse the setting at `path` (written at `key`) when it is not for recipes of `kind`;
+/// whether it was refused.
+fn scoped(cx: &mut Reader<'_>, key: &Node, path: &str, kind: RecipeKind) -> bool {
+    match (scope_of(path), kind) {
+        (Scope::Machine(hint), RecipeKind::Container) => {
+            cx.error(
+                key.span,
+                format!(
+                    "`{path}` is for machine images; this is a container recipe (`containerType`)"
+                ),
+                Some(hint.to_string()),
+            );
+            true
+        }
+        (Scope::Container, RecipeKind::Machine) if path != "containerType" => {
+            cx.error(
+                key.span,
+                format!("`{path}` is for container recipes"),
+                Some("add `containerType: docker` to build a container image".to_string()),
+            );
+            true
+        }
+        _ => false,
+    }
+}
+
+/// `dockerfileTemplate`, each problem at its place in the file.
+fn dockerfile_template(
+    cx: &mut Reader<'_>,
+    key: &Node,
+    node: &Node,
+) -> Option<Located<DockerfileTemplate>> {
+    let text = cx.string(node, "`dockerfileTemplate`")?;
+    match DockerfileTemplate::parse(&text) {
+        Ok(template) => Some(Located::new(template, node.span)),
+        Err(problems) => {
+            for p in problems {
+                let span = match p.at {
+                    None => key.span,
+                    Some(range) => literal_span(cx.source, node, &text, range.clone())
+                        .unwrap_or_else(|| cx.inner_span(node, range.start, range.end, &text)),
+                };
+                cx.error(span, p.message, p.hint);
+            }
+            None
+        }
+    }
+}
+
+/// Where `range` of a literal block scalar's value (`|`) is in the file: each line of the
+/// value is a line of the file, after the block's indentation. `None` when the scalar is not
+/// a literal block or the line cannot be found as written.
+fn literal_span(source: &str, node: &Node, value: &str, range: Range<usize>) -> Option<Span> {
+    if node.as_scalar().map(|s| s.style) != Some(ScalarStyle::Literal) {
+        return None;
+    }
+    let line_index = value.get(..range.start)?.matches('\n').count();
+    let line_start = value[..range.start].rfind('\n').map_or(0, |i| i + 1);
+    let value_line = value[line_start..].split('\n').next()?;
+    let first = source
+        .get(..node.span.start)?
+        .rfind('\n')
+        .map_or(0, |i| i + 1);
+    let mut offset = first;
+    let lines: Vec<(usize, &str)> = source[first..]
+        .split_inclusive('\n')
+        .map(|line| {
+            let at = offset;
+            offset += line.len();
+            (at, line.trim_end_matches(['\n', '\r']))
+        })
+        .collect();
+    // The block starts on the line after its `|` header (or, for a span that starts at its
+    // content, on that line).
+    for header in 0..2 {
+        let Some((at, text)) = lines.get(header + line_index) else {
+            continue;
+        };
+        if let Some(indent) = text.len().checked_sub(value_line.len())
+            && text.get(indent..) == Some(value_line)
+            && text[..indent].chars().all(|c| c == ' ')
+        {
+            let start = at + indent + (range.start - line_start);
+            return Some(Span::from_offsets(source, start, start + range.len()));
+        }
+    }
+    None
 }
 
 fn name(cx: &mut Reader<'_>, node: &Node) -> Option<String> {
@@ -314,15 +489,25 @@ fn looks_like_store_reference(text: &str) -> bool {
         })
 }
 
-fn parent(cx: &mut Reader<'_>, node: &Node) -> Option<Located<ParentImage>> {
+fn parent(cx: &mut Reader<'_>, node: &Node, kind: RecipeKind) -> Option<Located<ParentImage>> {
     let value = if node.as_mapping().is_some() {
-        parent_mapping(cx, node)?
+        parent_mapping(cx, node, kind)?
     } else {
         let text = cx.string(node, "`parentImage`")?;
         if let Some(rest) = text.strip_prefix("oci://") {
             ParentImage::Oci {
                 reference: oci_parent(cx, node, rest)?,
             }
+        } else if let Some((scheme, _)) = text.split_once("://")
+            && kind == RecipeKind::Container
+            && scheme != "oci"
+        {
+            cx.error(
+                node.span,
+                format!("a container recipe's parent image cannot come from `{scheme}://`"),
+                Some("write `oci://registry[:port]/repository:tag@sha256:<64 hex digits>`, the path of an OCI archive, or a stored container build `name/1.x.x`".to_string()),
+            );
+            return None;
         } else if let Some((scheme, _)) = text.split_once("://") {
             url_without_pin(cx, node, scheme, &text);
             return None;
@@ -470,9 +655,14 @@ fn sha256(cx: &mut Reader<'_>, node: &Node) -> Option<Sha256> {
     }
 }
 
-fn parent_mapping(cx: &mut Reader<'_>, node: &Node) -> Option<ParentImage> {
+fn parent_mapping(cx: &mut Reader<'_>, node: &Node, kind: RecipeKind) -> Option<ParentImage> {
     let entries = cx.mapping(node, "`parentImage`", &keys("parentImage"))?;
     let get = |key: &str| entries.iter().find(|(k, _)| k.as_str() == Some(key));
+    if let Some((key, _)) = get("url")
+        && scoped(cx, key, "parentImage.url", kind)
+    {
+        return None;
+    }
     let given: Vec<&str> = ["path", "url", "image"]
         .into_iter()
         .filter(|k| get(k).is_some())
@@ -753,9 +943,10 @@ fn infrastructure_ref(
     node: &Node,
     include: Include<'_>,
     included: &mut Vec<IncludedFile>,
+    kind: RecipeKind,
 ) -> Option<Infrastructure> {
     if node.as_mapping().is_some() || node.is_null() {
-        return infrastructure(cx, node, &keys("infrastructure"));
+        return infrastructure(cx, node, &keys("infrastructure"), kind);
     }
     let name = cx.string(node, "`infrastructure`")?;
     let (path, read) = include(&name);
@@ -777,7 +968,7 @@ fn infrastructure_ref(
     let (root, problems) = crate::yaml::parse(&text);
     file_cx.problems.extend(problems);
     let result = match &root {
-        Some(root) => infrastructure(&mut file_cx, root, &keys("infrastructure")),
+        Some(root) => infrastructure(&mut file_cx, root, &keys("infrastructure"), kind),
         None if !file_cx.problems.is_empty() => None,
         // An empty file: every default.
         None => Some(Infrastructure::default()),
@@ -819,8 +1010,14 @@ fn set<T>(field: &mut T, read: Option<T>) {
     }
 }
 
-/// A recipe's `infrastructure` mapping, with the keys `allowed` there.
-fn infrastructure(cx: &mut Reader<'_>, node: &Node, allowed: &[&str]) -> Option<Infrastructure> {
+/// A recipe's `infrastructure` mapping, with the keys `allowed` there (those of machine
+/// recipes refused in a container recipe).
+fn infrastructure(
+    cx: &mut Reader<'_>,
+    node: &Node,
+    allowed: &[&str],
+    kind: RecipeKind,
+) -> Option<Infrastructure> {
     section(
         cx,
         node,
@@ -828,7 +1025,11 @@ fn infrastructure(cx: &mut Reader<'_>, node: &Node, allowed: &[&str]) -> Option<
         allowed,
         |cx, infra: &mut Infrastructure, key, value| {
             let timeout = |cx: &mut Reader<'_>, what| cx.number(value, what, 1, MAX_TIMEOUT_SECS);
-            match key.as_str().unwrap_or_default() {
+            let name = key.as_str().unwrap_or_default();
+            if allowed.contains(&name) && scoped(cx, key, &format!("infrastructure.{name}"), kind) {
+                return;
+            }
+            match name {
                 "cpus" => set(
                     &mut infra.cpus,
                     cx.number(value, "cpus", 1, u64::from(MAX_CPUS))
@@ -908,7 +1109,9 @@ pub(crate) fn section_override(
 ) -> Option<serde_json::Value> {
     let allowed = pipeline_keys(section);
     let values = match section {
-        "infrastructure" => serde_json::to_value(infrastructure(cx, node, &allowed)?),
+        "infrastructure" => {
+            serde_json::to_value(infrastructure(cx, node, &allowed, RecipeKind::Unknown)?)
+        }
         _ => serde_json::to_value(tests(cx, node, &allowed)?),
     };
     #[expect(
@@ -990,8 +1193,119 @@ fn formats(cx: &mut Reader<'_>, key: &Node, node: &Node) -> Option<Vec<Format>> 
     ok.then_some(out)
 }
 
-/// A recipe's `distribution` list (also read by pipelines, whose list replaces the recipe's).
+/// `directory.formats`: disk formats in a machine recipe, archives in a container recipe.
+fn directory_formats(
+    cx: &mut Reader<'_>,
+    key: &Node,
+    node: &Node,
+    kind: RecipeKind,
+) -> Option<DirectoryFormats> {
+    if kind == RecipeKind::Machine && node.as_sequence().is_none_or(|items| items.is_empty()) {
+        // Not a list, or empty: the messages of `outputs.formats`.
+        return formats(cx, key, node).map(DirectoryFormats::Disk);
+    }
+    let Some(items) = node.as_sequence() else {
+        let hint = node
+            .as_str()
+            .map(|s| format!("write a list: `formats: [{s}]`"));
+        cx.error(
+            node.span,
+            format!("`formats` must be a list, found {}", node.describe()),
+            hint,
+        );
+        return None;
+    };
+    if items.is_empty() {
+        cx.error(
+            key.span,
+            "`formats` is empty",
+            Some(format!(
+                "list at least one of {}",
+                one_of(ArchiveFormat::NAMES)
+            )),
+        );
+        return None;
+    }
+    let mut disk: Vec<Format> = Vec::new();
+    let mut archives: Vec<ArchiveFormat> = Vec::new();
+    let mut ok = true;
+    for item in items {
+        let text = item.as_str().filter(|_| !item.is_null());
+        let archive = text.and_then(ArchiveFormat::from_name);
+        let disk_format = text.and_then(Format::from_name);
+        let twice = |cx: &mut Reader<'_>, name: &str| {
+            cx.error(item.span, format!("format `{name}` is listed twice"), None);
+        };
+        match (kind, archive, disk_format) {
+            (RecipeKind::Machine, Some(a), _) => {
+                cx.error(
+                    item.span,
+                    format!("`{a}` is only for container recipes"),
+                    Some(format!(
+                        "a machine image's directory gets disk formats: {}",
+                        one_of(Format::NAMES)
+                    )),
+                );
+                ok = false;
+            }
+            (RecipeKind::Container, None, Some(f)) => {
+                cx.error(
+                    item.span,
+                    format!(
+                        "`{f}` is a disk format; a container image is written as {}",
+                        one_of(ArchiveFormat::NAMES)
+                    ),
+                    Some("`docker load` and `podman load` read either archive".to_string()),
+                );
+                ok = false;
+            }
+            (_, Some(a), _) if archives.contains(&a) => {
+                twice(cx, a.name());
+                ok = false;
+            }
+            (_, Some(a), _) => archives.push(a),
+            (RecipeKind::Container, None, None) => {
+                cx.named::<ArchiveFormat>(item, "archive format");
+                ok = false;
+            }
+            (_, None, _) => match cx.named::<Format>(item, "output format") {
+                Some(f) if disk.contains(&f) => {
+                    twice(cx, f.name());
+                    ok = false;
+                }
+                Some(f) => disk.push(f),
+                None => ok = false,
+            },
+        }
+    }
+    if ok && !disk.is_empty() && !archives.is_empty() {
+        cx.error(
+            key.span,
+            "`formats` names disk formats and container archives",
+            Some("a machine image gets disk formats, a container image archives".to_string()),
+        );
+        return None;
+    }
+    let formats = if archives.is_empty() {
+        DirectoryFormats::Disk(disk)
+    } else {
+        DirectoryFormats::Container(archives)
+    };
+    ok.then_some(formats)
+}
+
+/// A pipeline's `distribution` list (which replaces its recipe's): read before the recipe is
+/// known, so `directory.formats` may name disk formats or container archives, not both.
 pub(crate) fn distribution(cx: &mut Reader<'_>, node: &Node) -> Option<Vec<Located<Distribution>>> {
+    distribution_for(cx, node, RecipeKind::Unknown)
+}
+
+/// A `distribution` list for a recipe of `kind`.
+pub(crate) fn distribution_for(
+    cx: &mut Reader<'_>,
+    node: &Node,
+    kind: RecipeKind,
+) -> Option<Vec<Located<Distribution>>> {
     if node.is_null() {
         return Some(Vec::new());
     }
@@ -1009,7 +1323,7 @@ pub(crate) fn distribution(cx: &mut Reader<'_>, node: &Node) -> Option<Vec<Locat
     let mut out = Vec::new();
     let mut ok = true;
     for item in items {
-        match distribution_entry(cx, item) {
+        match distribution_entry(cx, item, kind) {
             Some(d) => out.push(Located::new(d, item.span)),
             None => ok = false,
         }
@@ -1017,7 +1331,7 @@ pub(crate) fn distribution(cx: &mut Reader<'_>, node: &Node) -> Option<Vec<Locat
     ok.then_some(out)
 }
 
-fn distribution_entry(cx: &mut Reader<'_>, item: &Node) -> Option<Distribution> {
+fn distribution_entry(cx: &mut Reader<'_>, item: &Node, kind: RecipeKind) -> Option<Distribution> {
     let targets = keys("distribution");
     let kinds = one_of(&targets);
     if let Some(text) = item.as_str().filter(|_| !item.is_null()) {
@@ -1060,8 +1374,12 @@ fn distribution_entry(cx: &mut Reader<'_>, item: &Node) -> Option<Distribution> 
         return None;
     }
     let (key, value) = known[0];
-    match key.as_str().unwrap_or_default() {
-        "directory" => directory_target(cx, key, value).map(Distribution::Directory),
+    let target = key.as_str().unwrap_or_default();
+    if scoped(cx, key, &format!("distribution.{target}"), kind) {
+        return None;
+    }
+    match target {
+        "directory" => directory_target(cx, key, value, kind).map(Distribution::Directory),
         "vagrant" => vagrant_target(cx, key, value).map(Distribution::Vagrant),
         "oci" => oci_target(cx, key, value, "oci").map(Distribution::Oci),
         "containerDisk" => {
@@ -1198,13 +1516,17 @@ fn directory_target(
     cx: &mut Reader<'_>,
     key: &Node,
     value: &Node,
+    kind: RecipeKind,
 ) -> Option<DirectoryDistribution> {
     let (settings, before, path) = path_target(cx, key, value, "directory", "/srv/images/")?;
     let name = settings.name(cx);
-    let formats = settings
-        .entry("formats")
-        .and_then(|(k, v)| formats(cx, k, v))
-        .unwrap_or_default();
+    let formats = match settings.entry("formats") {
+        Some((k, v)) => directory_formats(cx, k, v, kind).unwrap_or_default(),
+        None if kind == RecipeKind::Container => {
+            DirectoryFormats::Container(DEFAULT_ARCHIVE_FORMATS.to_vec())
+        }
+        None => DirectoryFormats::default(),
+    };
     let overwrite = settings.boolean(cx, "overwrite", false);
     let target = DirectoryDistribution {
         path: path?,

@@ -13,9 +13,9 @@
 use serde_json::{Map, Value, json};
 
 use super::model::{
-    Accelerator, Boot, BootMode, Compression, DEFAULT_GENERALIZE, DEFAULT_IMPORT_METHOD,
-    DEFAULT_WORKING_DIRECTORY, Firmware, Format, ImportMethod, Infrastructure, MAX_CPUS,
-    MAX_TIMEOUT_SECS, Network, Outputs, Tests,
+    Accelerator, ArchiveFormat, Boot, BootMode, Compression, ContainerType, DEFAULT_GENERALIZE,
+    DEFAULT_IMPORT_METHOD, DEFAULT_WORKING_DIRECTORY, Firmware, Format, ImportMethod,
+    Infrastructure, MAX_CPUS, MAX_TIMEOUT_SECS, Network, Outputs, Tests,
 };
 use super::name_template::NameTemplate;
 
@@ -30,6 +30,9 @@ pub struct Setting {
     pub default: DefaultIs,
     /// A pipeline file may set it, replacing the recipe's value.
     pub pipeline: bool,
+    /// Which recipes may write it: machine recipes, container recipes (`containerType`), or
+    /// both.
+    pub scope: Scope,
     /// What it does, for the user (Markdown).
     pub doc: &'static str,
 }
@@ -76,6 +79,16 @@ pub enum Kind {
     Like(&'static str),
 }
 
+/// Which recipes a setting belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Both,
+    /// Machine recipes only; a container recipe that writes it is refused with this hint.
+    Machine(&'static str),
+    /// Container recipes only.
+    Container,
+}
+
 /// A setting's default, as the reference and the schema show it.
 pub enum DefaultIs {
     /// Required, or nothing happens without it.
@@ -100,6 +113,26 @@ const COMPONENT_PARAMETERS_DEFAULT: DefaultIs =
     DefaultIs::Text("each parameter's default in the document");
 const DEFAULT_NAME: DefaultIs = DefaultIs::Value(|| NameTemplate::default().to_string());
 
+/// What `distribution.directory.formats` may name: disk formats (machine recipes) and
+/// archives (container recipes).
+const DIRECTORY_FORMATS: [&str; Format::NAMES.len() + ArchiveFormat::NAMES.len()] =
+    concat(Format::NAMES, ArchiveFormat::NAMES);
+
+const fn concat<const N: usize>(a: &[&'static str], b: &[&'static str]) -> [&'static str; N] {
+    let mut out = [""; N];
+    let mut i = 0;
+    while i < a.len() {
+        out[i] = a[i];
+        i += 1;
+    }
+    let mut j = 0;
+    while j < b.len() {
+        out[i + j] = b[j];
+        j += 1;
+    }
+    out
+}
+
 fn default_formats() -> String {
     let formats: Vec<&str> = Outputs::default()
         .formats
@@ -116,9 +149,31 @@ const fn setting(path: &'static str, kind: Kind, default: DefaultIs, doc: &'stat
         required: false,
         default,
         pipeline: false,
+        scope: Scope::Both,
         doc,
     }
 }
+
+/// A setting of machine recipes only; `hint` says a container recipe's author what to do.
+const fn machine(hint: &'static str, s: Setting) -> Setting {
+    Setting {
+        scope: Scope::Machine(hint),
+        ..s
+    }
+}
+
+/// A setting of container recipes only.
+const fn container(s: Setting) -> Setting {
+    Setting {
+        scope: Scope::Container,
+        ..s
+    }
+}
+
+/// The hint for the VM's `infrastructure` keys in a container recipe.
+const IN_A_CONTAINER: &str = "a container recipe builds in a container on this host: of `infrastructure`, only `buildTimeoutSeconds` and `keepOnFailure` apply";
+/// The hint for a distribution kind that takes a disk.
+const DISK_TARGET: &str = "a container image is distributed with `oci` (a registry) or `directory` (`docker-archive`/`oci-archive` files)";
 
 const fn required(path: &'static str, kind: Kind, doc: &'static str) -> Setting {
     Setting {
@@ -150,12 +205,16 @@ pub const SETTINGS: &[Setting] = &[
         "Semantic version `major.minor.patch`; each build of it gets a build number in the store (`name/1.2.0/3`)."),
     setting("description", Kind::Text(None), DefaultIs::None,
         "Free text."),
+    container(setting("containerType", Kind::Word(ContainerType::NAMES), DefaultIs::Text("none: a machine recipe"),
+        "Makes this a container recipe (Image Builder's key): the components are applied to a container image built by buildah, tested in a container, stored as an OCI image layout and distributed with `oci` and `directory`. Machine-only keys (`diskSize`, `userData`, `generalize`, `outputs`, `cache`, the VM's `infrastructure` keys) are refused in a container recipe.")),
+    container(setting("dockerfileTemplate", Kind::Text(Some(r"\{\{\{ *imagebuilder:components *\}\}\}")), DefaultIs::Text("`FROM {{{ imagebuilder:parentImage }}}`, `{{{ imagebuilder:environments }}}` and `{{{ imagebuilder:components }}}`, one a line"),
+        "The Containerfile the image is built from, with Image Builder's placeholders: a `FROM {{{ imagebuilder:parentImage }}}` line (the pinned parent), and, each on a line of its own after it, `{{{ imagebuilder:environments }}}` (at most once; builder's executor needs nothing installed in the image, so it becomes a comment) and `{{{ imagebuilder:components }}}` (exactly once: one `RUN` per component, each running its `build` then `validate` phase; nothing of builder stays in a layer). Other lines (`ENV`, `LABEL`, `USER`, stages after the placeholders) work as in any Containerfile.")),
     required("parentImage", Kind::Parent,
-        "The disk image the build starts from: a local file relative to the recipe's directory (`${VAR}` is replaced by the environment variable `VAR`; a path that starts with `${VAR}` takes a relative value from the directory builder runs in), a previous build in the local store (`name/1.2.0`, `name/1.x.x`, `name/1.2.0/3`), or a disk pushed to an OCI registry (`oci://host[:port]/repository:tag@sha256:<manifest digest>`; a tag alone is pinned to what it points to by pipelines and `--resolve-tags`). Or a mapping with one of `path`, `url`, `image`."),
+        "The image the build starts from. A machine recipe's disk image: a local file relative to the recipe's directory (`${VAR}` is replaced by the environment variable `VAR`; a path that starts with `${VAR}` takes a relative value from the directory builder runs in), a previous build in the local store (`name/1.2.0`, `name/1.x.x`, `name/1.2.0/3`), or a disk pushed to an OCI registry (`oci://host[:port]/repository:tag@sha256:<manifest digest>`; a tag alone is pinned to what it points to by pipelines and `--resolve-tags`). Or a mapping with one of `path`, `url`, `image`. A container recipe's image: `oci://host[:port]/repository[:tag]@sha256:<manifest digest>`, an OCI archive file (`path`, optionally pinned by `sha256`), or a container build in the local store (`name/1.x.x`)."),
     setting("parentImage.path", Kind::Text(None), DefaultIs::None,
         "A local file, relative to the recipe's directory; `${VAR}` is replaced by the environment variable."),
-    setting("parentImage.url", Kind::Text(Some("^https?://")), DefaultIs::None,
-        "`https://` or `http://`: downloaded into the cache and verified; needs `sha256`."),
+    machine("a container recipe starts from `oci://registry/repository@sha256:…`, an OCI archive file or a stored container build", setting("parentImage.url", Kind::Text(Some("^https?://")), DefaultIs::None,
+        "`https://` or `http://`: downloaded into the cache and verified; needs `sha256`.")),
     setting("parentImage.image", Kind::Text(Some(r"^[A-Za-z0-9][A-Za-z0-9_-]*/([0-9]+|x)\.([0-9]+|x)\.([0-9]+|x)(/[0-9]+)?$")), DefaultIs::None,
         "A previous build in the local store: `name/1.2.0`, `name/1.x.x` (once a part is `x`, all after it are) or `name/1.2.0/3`."),
     setting("parentImage.sha256", SHA256, DefaultIs::None,
@@ -168,34 +227,34 @@ pub const SETTINGS: &[Setting] = &[
         "`false`: never reuse a cached layer for this component: it runs at every build, and so does every component after it (for steps whose result depends on more than the inputs: a download without a checksum, packages from a mirror). Not part of the layer key."),
     setting("workingDirectory", Kind::Text(Some("^/")), DefaultIs::Value(|| DEFAULT_WORKING_DIRECTORY.to_string()),
         "Absolute directory in the guest where components run."),
-    setting("userData", Kind::Text(Some("^#cloud-config")), DefaultIs::None,
-        "A `#cloud-config` document merged into the build VM's cloud-init seed."),
-    setting("diskSize", Kind::Size, DefaultIs::Text("the parent's size"),
-        "Size of the image's disk (`8GiB`); the guest grows its root partition to fill it. At least the parent image's virtual size."),
+    machine("cloud-init does not run in a container build: do its work in a component step", setting("userData", Kind::Text(Some("^#cloud-config")), DefaultIs::None,
+        "A `#cloud-config` document merged into the build VM's cloud-init seed.")),
+    machine("a container image has no disk to size", setting("diskSize", Kind::Size, DefaultIs::Text("the parent's size"),
+        "Size of the image's disk (`8GiB`); the guest grows its root partition to fill it. At least the parent image's virtual size.")),
     overridable("infrastructure", Kind::SectionOrFile, DefaultIs::Text("every infrastructure default"),
         "The build VM (Image Builder's infrastructure configuration): these keys inline, or the path (relative to the recipe) of a YAML file holding them."),
-    overridable("infrastructure.cpus", Kind::Number { min: 1, max: MAX_CPUS as u64 }, DefaultIs::Value(|| Infrastructure::default().cpus.to_string()),
-        "Virtual CPUs."),
-    overridable("infrastructure.memory", Kind::Size, DefaultIs::Value(|| Infrastructure::default().memory.to_string()),
-        "Guest memory, at least 256MiB."),
-    overridable("infrastructure.accelerator", Kind::Word(Accelerator::NAMES), DefaultIs::Value(|| Infrastructure::default().accelerator.to_string()),
-        "`auto` uses KVM when it works and TCG otherwise; `kvm` fails when KVM is unusable; `tcg` always emulates."),
-    overridable("infrastructure.firmware", Kind::Word(Firmware::NAMES), DefaultIs::Value(|| Infrastructure::default().firmware.to_string()),
-        "`bios` or `uefi`."),
-    overridable("infrastructure.boot", Kind::Word(Boot::NAMES), DefaultIs::Value(|| Infrastructure::default().boot.to_string()),
-        "How the build VM starts. `full`: the image's own boot (firmware, bootloader, its kernel, systemd, cloud-init). `appliance`: the host's kernel with builder's agent as init, the steps in a chroot of the image's root file system: much faster under TCG, but no service manager runs (`systemctl enable` works, `systemctl start` does not), the image's own kernel does not run, and `userData` is refused (see \"Boot modes\" in the README). The test stage always boots `full`."),
-    overridable("infrastructure.network", Kind::Word(Network::NAMES), DefaultIs::Value(|| Infrastructure::default().network.to_string()),
-        "`none`: no network device; `user`: QEMU user networking (outbound only)."),
-    overridable("infrastructure.bootTimeoutSeconds", TIMEOUT, DefaultIs::Value(|| Infrastructure::default().boot_timeout_secs.to_string()),
-        "From QEMU start until the agent connects (TCG is slow)."),
+    machine(IN_A_CONTAINER, overridable("infrastructure.cpus", Kind::Number { min: 1, max: MAX_CPUS as u64 }, DefaultIs::Value(|| Infrastructure::default().cpus.to_string()),
+        "Virtual CPUs.")),
+    machine(IN_A_CONTAINER, overridable("infrastructure.memory", Kind::Size, DefaultIs::Value(|| Infrastructure::default().memory.to_string()),
+        "Guest memory, at least 256MiB.")),
+    machine(IN_A_CONTAINER, overridable("infrastructure.accelerator", Kind::Word(Accelerator::NAMES), DefaultIs::Value(|| Infrastructure::default().accelerator.to_string()),
+        "`auto` uses KVM when it works and TCG otherwise; `kvm` fails when KVM is unusable; `tcg` always emulates.")),
+    machine(IN_A_CONTAINER, overridable("infrastructure.firmware", Kind::Word(Firmware::NAMES), DefaultIs::Value(|| Infrastructure::default().firmware.to_string()),
+        "`bios` or `uefi`.")),
+    machine(IN_A_CONTAINER, overridable("infrastructure.boot", Kind::Word(Boot::NAMES), DefaultIs::Value(|| Infrastructure::default().boot.to_string()),
+        "How the build VM starts. `full`: the image's own boot (firmware, bootloader, its kernel, systemd, cloud-init). `appliance`: the host's kernel with builder's agent as init, the steps in a chroot of the image's root file system: much faster under TCG, but no service manager runs (`systemctl enable` works, `systemctl start` does not), the image's own kernel does not run, and `userData` is refused (see \"Boot modes\" in the README). The test stage always boots `full`.")),
+    machine(IN_A_CONTAINER, overridable("infrastructure.network", Kind::Word(Network::NAMES), DefaultIs::Value(|| Infrastructure::default().network.to_string()),
+        "`none`: no network device; `user`: QEMU user networking (outbound only).")),
+    machine(IN_A_CONTAINER, overridable("infrastructure.bootTimeoutSeconds", TIMEOUT, DefaultIs::Value(|| Infrastructure::default().boot_timeout_secs.to_string()),
+        "From QEMU start until the agent connects (TCG is slow).")),
     overridable("infrastructure.buildTimeoutSeconds", TIMEOUT, DefaultIs::Value(|| Infrastructure::default().build_timeout_secs.to_string()),
         "The whole build stage (all components)."),
-    overridable("infrastructure.shutdownTimeoutSeconds", TIMEOUT, DefaultIs::Value(|| Infrastructure::default().shutdown_timeout_secs.to_string()),
-        "For each VM (build and test): from asking the guest to power off (through builder's agent, else the ACPI power button) until QEMU is stopped hard (QMP `quit`, then SIGKILL)."),
+    machine(IN_A_CONTAINER, overridable("infrastructure.shutdownTimeoutSeconds", TIMEOUT, DefaultIs::Value(|| Infrastructure::default().shutdown_timeout_secs.to_string()),
+        "For each VM (build and test): from asking the guest to power off (through builder's agent, else the ACPI power button) until QEMU is stopped hard (QMP `quit`, then SIGKILL).")),
     overridable("infrastructure.keepOnFailure", Kind::Bool, DefaultIs::Value(|| Infrastructure::default().keep_on_failure.to_string()),
         "Keep the VM's disk and logs when the build fails (the inverse of Image Builder's `terminateInstanceOnFailure`)."),
     setting("tests", Kind::Section, DefaultIs::None,
-        "The test stage (Image Builder's image tests configuration), in a fresh VM booted from the result."),
+        "The test stage (Image Builder's image tests configuration), in a fresh VM booted from the result (a container recipe: in a fresh container from the image)."),
     overridable("tests.enabled", Kind::Bool, DefaultIs::Value(|| Tests::default().enabled.to_string()),
         "Run the test stage."),
     overridable("tests.timeoutSeconds", TIMEOUT, DefaultIs::Value(|| Tests::default().timeout_secs.to_string()),
@@ -205,8 +264,8 @@ pub const SETTINGS: &[Setting] = &[
     // A component entry without `cache`: a test component makes no layer.
     required("tests.components.path", Kind::Text(None), COMPONENT_PATH),
     setting("tests.components.parameters", Kind::Parameters, COMPONENT_PARAMETERS_DEFAULT, COMPONENT_PARAMETERS),
-    setting("outputs", Kind::Section, DefaultIs::None,
-        "What the build exports: formats and their file names. The local store always keeps the outputs."),
+    machine("the store keeps a container build as an OCI image layout; write archives with `- directory: {path: …, formats: [oci-archive]}`", setting("outputs", Kind::Section, DefaultIs::None,
+        "What the build exports: formats and their file names. The local store always keeps the outputs.")),
     setting("outputs.formats", Kind::Words(Format::NAMES), DefaultIs::Value(default_formats),
         "Each at most once. `vmdk` is streamOptimized, `vhd` is fixed (as clouds import it)."),
     setting("outputs.compression", Kind::Word(Compression::NAMES), DefaultIs::Value(|| Outputs::default().compression.to_string()),
@@ -215,8 +274,8 @@ pub const SETTINGS: &[Setting] = &[
         "File stem of each output, a template with `{{imagebuilder:name}}`, `{{imagebuilder:version}}`, `{{imagebuilder:buildVersion}}` and `{{imagebuilder:buildDate}}` (optionally `{{imagebuilder:buildDate:yyyyMMddHHmm}}`) and literal text without `/`."),
     setting("outputs.directory", Kind::Text(None), DefaultIs::None,
         "An extra directory (relative to the recipe's directory) that receives a copy of the outputs."),
-    setting("generalize", Kind::Bool, DefaultIs::Value(|| DEFAULT_GENERALIZE.to_string()),
-        "Seal the image before it is shut down for good (cloud-init clean, empty machine-id, no SSH host keys, logs and shell history cleared, fstrim); `false` keeps all of that as the build left it (builder's agent is removed either way)."),
+    machine("nothing of builder stays in a container image's layers, and a container has no machine identity to clear", setting("generalize", Kind::Bool, DefaultIs::Value(|| DEFAULT_GENERALIZE.to_string()),
+        "Seal the image before it is shut down for good (cloud-init clean, empty machine-id, no SSH host keys, logs and shell history cleared, fstrim); `false` keeps all of that as the build left it (builder's agent is removed either way).")),
     overridable("distribution", Kind::Targets, DefaultIs::None,
         "Where finished images go besides the local store (which always keeps them): a list of targets, each a mapping with one key naming its kind and that kind's settings. `builder build` distributes to every target after the image is stored; `builder distribute` does the same for an image already in the store. Name templates (`name`, an OCI tag) know the placeholders of `outputs.name`."),
     setting("distribution.directory", Kind::Section, DefaultIs::None,
@@ -225,12 +284,12 @@ pub const SETTINGS: &[Setting] = &[
         "The folder that receives the image's folder; relative to the recipe's directory. Created if missing."),
     setting("distribution.directory.name", Kind::Template, DEFAULT_NAME,
         "The image's folder inside `path`, a name template."),
-    setting("distribution.directory.formats", Kind::Words(Format::NAMES), DefaultIs::Text("every output of the build"),
-        "Which outputs to copy; a format the build did not export (e.g. `ova`) is converted from the stored disk."),
+    setting("distribution.directory.formats", Kind::Words(&DIRECTORY_FORMATS), DefaultIs::Text("every output of the build; `[oci-archive]` in a container recipe"),
+        "Which outputs to copy; a format the build did not export (e.g. `ova`) is converted from the stored disk. A container recipe writes archive files instead (`docker-archive`, `oci-archive`) that `docker load` and `podman load` read; disk formats are refused there, and archives in a machine recipe."),
     setting("distribution.directory.overwrite", Kind::Bool, DefaultIs::Value(|| "false".to_string()),
         "Replace a folder of the same name (else refuse)."),
-    setting("distribution.vagrant", Kind::Section, DefaultIs::None,
-        "A Vagrant box for the libvirt provider (`metadata.json`, a `Vagrantfile`, `box.img`; a gzip'd tar) that `vagrant box add` accepts, with `<box>.json` catalog metadata next to it. `vagrant up` needs the vagrant-libvirt plugin."),
+    machine(DISK_TARGET, setting("distribution.vagrant", Kind::Section, DefaultIs::None,
+        "A Vagrant box for the libvirt provider (`metadata.json`, a `Vagrantfile`, `box.img`; a gzip'd tar) that `vagrant box add` accepts, with `<box>.json` catalog metadata next to it. `vagrant up` needs the vagrant-libvirt plugin.")),
     required("distribution.vagrant.path", Kind::Text(None),
         "The box file (`./out/web.box`), or a folder (written with a trailing `/`) that receives `<name>.box`; relative to the recipe's directory."),
     setting("distribution.vagrant.name", Kind::Template, DEFAULT_NAME,
@@ -243,10 +302,10 @@ pub const SETTINGS: &[Setting] = &[
         "`registry[:port]/repository:tag`, without a scheme; the tag may hold name-template placeholders (`web:{{imagebuilder:version}}`). Default tag: `{{imagebuilder:version}}-{{imagebuilder:buildVersion}}`."),
     setting("distribution.oci.plainHttp", Kind::Bool, DefaultIs::Value(|| "false".to_string()),
         "Talk to this registry over plain HTTP (a registry on loopback or a lab network) instead of HTTPS."),
-    setting("distribution.containerDisk", Kind::Like("distribution.oci"), DefaultIs::None,
-        "The disk pushed as a KubeVirt containerDisk (an image whose single layer holds `disk/<name>.qcow2`); the settings of `oci`."),
-    setting("distribution.ami", Kind::Section, DefaultIs::None,
-        "The disk imported into EC2 as an AMI (S3 upload, then ImportSnapshot + RegisterImage): Image Builder's `amiDistributionConfiguration`, plus where to upload the disk. Credentials come from the standard AWS environment variables and `~/.aws` files."),
+    machine(DISK_TARGET, setting("distribution.containerDisk", Kind::Like("distribution.oci"), DefaultIs::None,
+        "The disk pushed as a KubeVirt containerDisk (an image whose single layer holds `disk/<name>.qcow2`); the settings of `oci`.")),
+    machine(DISK_TARGET, setting("distribution.ami", Kind::Section, DefaultIs::None,
+        "The disk imported into EC2 as an AMI (S3 upload, then ImportSnapshot + RegisterImage): Image Builder's `amiDistributionConfiguration`, plus where to upload the disk. Credentials come from the standard AWS environment variables and `~/.aws` files.")),
     setting("distribution.ami.region", Kind::Text(None), DefaultIs::Text("`AWS_REGION`, `AWS_DEFAULT_REGION`, then the profile's region"),
         "Where the AMI is made."),
     required("distribution.ami.bucket", Kind::Text(Some(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")),
@@ -279,8 +338,8 @@ pub const SETTINGS: &[Setting] = &[
         "`http(s)://host[:port]` of an EC2-compatible service."),
     setting("distribution.ami.profile", Kind::Text(None), DefaultIs::Text("`AWS_PROFILE`, else `default`"),
         "The profile in `~/.aws/config` and `~/.aws/credentials`."),
-    overridable("cache", Kind::Section, DefaultIs::Text("the local layer cache only"),
-        "The layer cache shared through OCI registries, so builds on other machines reuse the layers built here: each layer is an artifact tagged with its key. `--cache-from` and `--cache-to` replace these. Credentials and plain-HTTP registries (`BUILDER_INSECURE_REGISTRIES`) as for `distribution`."),
+    machine("buildah's layer cache reuses the components that did not change", overridable("cache", Kind::Section, DefaultIs::Text("the local layer cache only"),
+        "The layer cache shared through OCI registries, so builds on other machines reuse the layers built here: each layer is an artifact tagged with its key. `--cache-from` and `--cache-to` replace these. Credentials and plain-HTTP registries (`BUILDER_INSECURE_REGISTRIES`) as for `distribution`.")),
     setting("cache.from", Kind::TextOrTexts(Some(CACHE_REPOSITORY)), DefaultIs::None,
         "`oci://registry[:port]/repository`, or a list of them: before the build VM boots, the layers the local cache lacks are pulled from each in order (the longest prefix of the chain, each layer verified); a registry that fails is a warning."),
     setting("cache.to", Kind::Text(Some(CACHE_REPOSITORY)), DefaultIs::None,
@@ -364,6 +423,14 @@ fn children(section: &str) -> impl Iterator<Item = &'static Setting> {
     SETTINGS.iter().filter(move |s| s.parent() == section)
 }
 
+/// Which recipes the setting at `path` belongs to (`Both` for a path that is no setting).
+pub fn scope_of(path: &str) -> Scope {
+    SETTINGS
+        .iter()
+        .find(|s| s.path == path)
+        .map_or(Scope::Both, |s| s.scope)
+}
+
 /// The keys of the mapping at `section` (`""`: the top level), for the walker.
 pub fn keys(section: &str) -> Vec<&'static str> {
     children(section).map(Setting::key).collect()
@@ -440,6 +507,11 @@ fn property(s: &Setting) -> Value {
     let mut description = s.doc.to_string();
     if let Some(default) = s.default_text() {
         description.push_str(&format!(" Default: {default}."));
+    }
+    match s.scope {
+        Scope::Both => {}
+        Scope::Machine(_) => description.push_str(" Machine recipes only."),
+        Scope::Container => description.push_str(" Container recipes only."),
     }
     if let Value::Object(map) = &mut value {
         map.insert("description".into(), json!(description));
@@ -541,7 +613,9 @@ pub fn reference() -> String {
          Every key of a recipe file (camelCase, as in EC2 Image Builder). A mapping's keys are \
          listed under it; a key in no recipe takes its default. `builder schema recipe` prints \
          the same as a JSON Schema for editors. Keys marked *pipeline* may also be set in a \
-         pipeline file, replacing the recipe's value.\n\n\
+         pipeline file, replacing the recipe's value. Keys marked *machine* belong to machine \
+         recipes only and are refused in a container recipe (one with `containerType`); keys \
+         marked *container* belong to container recipes only.\n\n\
          | key | value | default | |\n| --- | --- | --- | --- |\n",
     );
     for path in paths() {
@@ -552,8 +626,13 @@ pub fn reference() -> String {
             s.default_text().unwrap_or_else(|| "none".into())
         };
         let pipeline = if s.pipeline { " *pipeline*" } else { "" };
+        let scope = match s.scope {
+            Scope::Both => "",
+            Scope::Machine(_) => " *machine*",
+            Scope::Container => " *container*",
+        };
         out.push_str(&format!(
-            "| `{path}` | {} | {default} | {}{pipeline} |\n",
+            "| `{path}` | {} | {default} | {}{pipeline}{scope} |\n",
             value_text(s),
             s.doc.replace('|', "\\|"),
         ));
