@@ -11,14 +11,21 @@
 //!
 //! One test, one store, one sequence of builds of `tests/cache/recipe.yml` (three small
 //! components, each writing `/opt/cache-test/<n>` from its parameter), each step building on
-//! what the previous ones left in the cache. Boots are what costs (35-60 s each under TCG):
-//! eight in all (one in a second store, step (j)), two of them at once; the test stage is
-//! off except in (b). The whole sequence (before (j)) took 14 minutes with the two cores shared (load 4-5): (a) 144 s, (b) 249 s with
-//! its test VM, (c) 20 s, (d) 115 s, the comparison 27 s, (e, g) 154 s, (f) 114 s.
+//! what the previous ones left in the cache. Boots are what costs: the test's copy of the
+//! recipe boots the appliance (`infrastructure.boot: appliance`, seconds under TCG), so (a) to
+//! (j) cost seven appliance boots (one in a second store, step (j); two of them at once) and
+//! no full boot. The full boot (35-120 s each under TCG) has its own layer keys and a resume of
+//! its own (cloud-init kept from running on a cached layer, then re-armed for the image), so
+//! (k) builds the recipe with `--boot full` twice: three full boots in all, with the test
+//! stage, which always boots full. The test stage is off except in (k). Measured here with the
+//! two cores shared (load 6-10): (a) 26 s, (b) 31 s, (c) 18 s, (d) 34 s, the comparison 52 s,
+//! (e, g) 47 s, (f) 29 s, (j) 19 s and 30 s, (k) 86 s and 170 s with its test VM: 547 s in all
+//! (953 s at load 5-13 when every build booted full: eight full boots).
 //!
-//! - (a) from scratch: every layer runs; the manifest's layers say none was reused.
-//! - (b) the last component's document edited, the test stage on: the boot layer and the
-//!   first two components are cached, only the last runs; the test stage passes.
+//! - (a) from scratch: every layer runs; the manifest's layers say none was reused, and that
+//!   the build VM was the appliance.
+//! - (b) the last component's document edited: the boot layer and the first two components
+//!   are cached, only the last runs, in an appliance booted on the cached layers.
 //! - (c) nothing changed: every layer is cached, no build VM boots (no `stageStarted` of the
 //!   boot, no QEMU process while it runs, no build VM console log), and the build still gets
 //!   its own build number and exports.
@@ -35,6 +42,11 @@
 //! - (j) this store pushes its chain to a registry (`--cache-to`, no VM boots); a second
 //!   store with an empty cache builds the recipe with its last component changed from that
 //!   registry (`--cache-from`): the first layers are pulled, only the last component runs.
+//! - (k) the full boot: `--boot full` from scratch reuses none of the appliance's layers
+//!   (every layer runs); then, with the last component changed and the test stage on, a full
+//!   build resumes on the cached boot layer and the first two components: only the last runs,
+//!   and the test stage passes (each component's test phase reads its file in the test VM,
+//!   which boots the result with cloud-init, as a user will).
 //! - (h) `builder cache prune --all` empties the cache.
 //!
 //! The [`NoLeftovers`] guard (tests/support/leftovers.rs) checks at the end that no process,
@@ -255,6 +267,10 @@ fn builds(
             .builder_command(&argv)
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .env("BUILDER_TEST_IMAGE", image)
+            .env(
+                "BUILDER_APPLIANCE_CACHE",
+                guard.root().join("appliance-cache"),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -328,7 +344,8 @@ fn build(
     (runs.remove(0), qemus)
 }
 
-/// `tests/cache/` copied into `dir/recipe/`; returns the copy's folder.
+/// `tests/cache/` copied into `dir/recipe/`, its build VM the appliance (`boot: appliance`);
+/// returns the copy's folder.
 fn copy_recipe(dir: &Path) -> PathBuf {
     let from = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cache");
     let to = dir.join("recipe");
@@ -337,6 +354,12 @@ fn copy_recipe(dir: &Path) -> PathBuf {
         let e = e.expect("entry");
         fs_err::copy(e.path(), to.join(e.file_name())).expect("copy");
     }
+    edit(
+        &to.join("recipe.yml"),
+        "  network: none\n",
+        "  network: none\n  boot: appliance\n",
+        None,
+    );
     to
 }
 
@@ -403,7 +426,8 @@ fn assert_cache_consistent(store: &Path) -> BTreeSet<String> {
 /// Paths (and folders, ending in `/`) that differ between two builds of the same recipe
 /// without any cache (seen comparing two such builds): what the build VM's boots write with
 /// the time or a per-boot identity. Everything else, /etc and /usr included, must be equal
-/// byte for byte.
+/// byte for byte. (Seen in full boots; the appliance, which the comparison builds boot, runs
+/// neither systemd nor cloud-init and writes none of them.)
 const PER_BOOT: &[(&str, &str)] = &[
     (
         "/var/log/",
@@ -534,6 +558,29 @@ fn assert_same_files(cached: &BTreeMap<String, String>, fresh: &BTreeMap<String,
     }
 }
 
+/// `run` resumed on the boot layer and the first two components of `below`'s chain (made by
+/// the build `made_by`): they are cached and the same, the last component is not, and one
+/// build VM booted on them; the manifest says which layers were reused and from which build.
+fn assert_resumed(run: &Run, below: &Run, made_by: &str) {
+    for layer in &LAYERS[..3] {
+        assert_eq!(run.layer(layer)["build"], made_by, "{layer}");
+        assert_eq!(run.key(layer), below.key(layer), "{layer}");
+    }
+    assert_ne!(run.key("cache-third"), below.key("cache-third"));
+    assert_eq!(
+        run.started("boot", None),
+        1,
+        "the build VM boots on the cached layers"
+    );
+    let (_, manifest) = run.stored();
+    for l in manifest["layers"].as_array().expect("layers") {
+        let reused =
+            ["boot", "cache-first", "cache-second"].contains(&text(&l["component"]).as_str());
+        assert_eq!(l["from"] == "local", reused, "{l}");
+        assert_eq!(l["build"] == made_by, reused, "{l}");
+    }
+}
+
 /// Flips 16 bytes in the middle of `file`, keeping its size.
 fn corrupt(file: &Path) {
     use std::io::{Seek, SeekFrom, Write};
@@ -571,7 +618,7 @@ fn layer_cache_reuses_verifies_and_shares_layers() {
     let store = guard.store();
     let dir = copy_recipe(guard.root());
     let recipe = dir.join("recipe.yml");
-    let mut boots = 0;
+    let (mut appliance_boots, mut full_boots) = (0, 0);
 
     // (a) From scratch: every layer runs, and the manifest says none was reused.
     let (a, _) = build(&guard, &image, &recipe, &[]);
@@ -579,8 +626,13 @@ fn layer_cache_reuses_verifies_and_shares_layers() {
     a.assert_layers(["run"; 5]);
     assert_eq!(a.image(), format!("{NAME}/1"));
     assert_eq!(a.started("boot", None), 1);
-    boots += 1;
+    appliance_boots += 1;
     let (_, manifest) = a.stored();
+    assert_eq!(
+        manifest["host"]["boot"], "appliance",
+        "{}",
+        manifest["host"]
+    );
     let layers = manifest["layers"].as_array().expect("manifest layers");
     let names: Vec<String> = layers.iter().map(|l| text(&l["component"])).collect();
     assert_eq!(names, LAYERS, "the manifest's layers");
@@ -589,55 +641,22 @@ fn layer_cache_reuses_verifies_and_shares_layers() {
         assert_eq!(l["key"].as_str().map(str::len), Some(64), "{l}");
     }
 
-    // (b) The last component's document edited, the test stage on: only the last runs, on
-    // the cached layers; the test stage reads every component's file in the test VM.
+    // (b) The last component's document edited: only the last runs, in an appliance booted
+    // on the cached layers.
     edit(
         &dir.join("cache-third.yml"),
         "permissions: 0644",
         "permissions: 0640",
         None,
     );
-    edit(&recipe, "enabled: false", "enabled: true", None);
     let (b, _) = build(&guard, &image, &recipe, &[]);
     b.print("b");
     b.assert_layers(["cached", "cached", "cached", "run", "run"]);
-    boots += 2;
-    for layer in &LAYERS[..3] {
-        assert_eq!(b.layer(layer)["build"], format!("{NAME}/1"), "{layer}");
-        assert_eq!(b.key(layer), a.key(layer), "{layer}");
-    }
-    assert_ne!(b.key("cache-third"), a.key("cache-third"));
-    assert_eq!(
-        b.started("boot", None),
-        1,
-        "the build VM boots on the cached layers"
-    );
-    assert_eq!(b.finished("test", None), ["success"]);
-    let (_, manifest) = b.stored();
-    let tests: Vec<(String, String)> = manifest["tests"]
-        .as_array()
-        .expect("tests")
-        .iter()
-        .map(|t| (text(&t["component"]), text(&t["status"])))
-        .collect();
-    assert_eq!(
-        tests,
-        LAYERS[1..4]
-            .iter()
-            .map(|c| (c.to_string(), "success".to_string()))
-            .collect::<Vec<_>>(),
-        "each component's test phase read its file"
-    );
-    for l in manifest["layers"].as_array().expect("layers") {
-        let reused =
-            ["boot", "cache-first", "cache-second"].contains(&text(&l["component"]).as_str());
-        assert_eq!(l["from"] == "local", reused, "{l}");
-        assert_eq!(l["build"] == format!("{NAME}/1").as_str(), reused, "{l}");
-    }
+    appliance_boots += 1;
+    assert_resumed(&b, &a, &format!("{NAME}/1"));
 
-    // (c) Nothing changed (the test stage off again): every layer is cached, no VM boots at
-    // all, and the build is a build of its own, exported.
-    edit(&recipe, "enabled: true", "enabled: false", None);
+    // (c) Nothing changed: every layer is cached, no VM boots at all, and the build is a
+    // build of its own, exported.
     let (c, qemus) = build(&guard, &image, &recipe, &[]);
     c.print("c");
     c.assert_layers(["cached"; 5]);
@@ -678,7 +697,7 @@ fn layer_cache_reuses_verifies_and_shares_layers() {
         assert_eq!(d.started("component", Some(layer)), 1, "{layer}");
     }
     assert_eq!(d.image(), format!("{NAME}/4"));
-    boots += 1;
+    appliance_boots += 1;
 
     // The image from cached layers (c) has the same files as the one from scratch (d).
     let started = Instant::now();
@@ -704,7 +723,7 @@ fn layer_cache_reuses_verifies_and_shares_layers() {
         Some(&recipe_b),
     );
     let (runs, _) = builds(&guard, &image, &[(&recipe, &[]), (&recipe_b, &[])]);
-    boots += 2;
+    appliance_boots += 2;
     for (run, step) in runs.iter().zip(["e", "g"]) {
         run.print(step);
         run.assert_layers(["cached", "run", "run", "run", "run"]);
@@ -730,7 +749,7 @@ fn layer_cache_reuses_verifies_and_shares_layers() {
     let (f, _) = build(&guard, &image, &recipe, &[]);
     f.print("f");
     f.assert_layers(["cached", "run", "run", "run", "run"]);
-    boots += 1;
+    appliance_boots += 1;
     let said = f
         .events
         .iter()
@@ -779,7 +798,7 @@ fn layer_cache_reuses_verifies_and_shares_layers() {
     let pull = ["--store", &store_b, "--cache-from", &shared];
     let (j, _) = build(&guard, &image, &recipe_b, &pull);
     j.print("j, pull");
-    boots += 1;
+    appliance_boots += 1;
     assert_eq!(j.code, Some(0), "{}", j.stderr);
     let statuses = ["cached", "cached", "cached", "run", "run"];
     let expected: Vec<(String, String)> = LAYERS
@@ -809,6 +828,45 @@ fn layer_cache_reuses_verifies_and_shares_layers() {
         "three layers pulled, two built"
     );
 
+    // (k) The full boot. Its layers are not the appliance's: from scratch, every layer runs.
+    let (k, _) = build(&guard, &image, &recipe, &["--boot", "full"]);
+    k.print("k, full");
+    k.assert_layers(["run"; 5]);
+    full_boots += 1;
+    let (_, manifest) = k.stored();
+    assert_eq!(manifest["host"]["boot"], "full", "{}", manifest["host"]);
+    for layer in LAYERS {
+        assert_ne!(k.key(layer), f.key(layer), "{layer}: the appliance's key");
+    }
+    // The last component changed and the test stage on: a full build VM boots on the cached
+    // layers (cloud-init kept from running again on them, then re-armed for the image), only
+    // the last component runs, and the test VM boots the result with cloud-init: each
+    // component's test phase reads its file.
+    edit(&recipe, "Content: third", "Content: third, full", None);
+    edit(&recipe, "enabled: false", "enabled: true", None);
+    let (resumed, _) = build(&guard, &image, &recipe, &["--boot", "full"]);
+    resumed.print("k, full on cached layers");
+    resumed.assert_layers(["cached", "cached", "cached", "run", "run"]);
+    full_boots += 2;
+    assert_resumed(&resumed, &k, &k.image());
+    assert_eq!(resumed.finished("test", None), ["success"]);
+    let (_, manifest) = resumed.stored();
+    assert_eq!(manifest["host"]["boot"], "full", "{}", manifest["host"]);
+    let tests: Vec<(String, String)> = manifest["tests"]
+        .as_array()
+        .expect("tests")
+        .iter()
+        .map(|t| (text(&t["component"]), text(&t["status"])))
+        .collect();
+    assert_eq!(
+        tests,
+        LAYERS[1..4]
+            .iter()
+            .map(|c| (c.to_string(), "success".to_string()))
+            .collect::<Vec<_>>(),
+        "each component's test phase read its file"
+    );
+
     // (h) Prune: every layer is unused now, so `--all` empties the cache.
     let pruned = guard
         .builder_command(&["cache", "prune", "--all"])
@@ -825,5 +883,5 @@ fn layer_cache_reuses_verifies_and_shares_layers() {
         assert_cache_consistent(&store).is_empty(),
         "prune --all left layers"
     );
-    eprintln!("== {boots} boots");
+    eprintln!("== {appliance_boots} appliance boots, {full_boots} full boots");
 }
