@@ -517,12 +517,18 @@ async fn in_a_container_poweroff_exits_0_a_lost_host_1_and_reboot_is_refused() {
     match read_frame(&mut s, &mut buf).await.msg {
         Message::Error { code, message } => {
             assert_eq!(code, protocol::code::UNSUPPORTED);
-            assert!(message.starts_with("a container cannot reboot"), "{message}");
+            assert!(
+                message.starts_with("a container cannot reboot"),
+                "{message}"
+            );
         }
         other => panic!("Reboot is refused, got {}", other.name()),
     }
     send(&mut s, 2, &Message::Poweroff).await;
-    assert!(matches!(read_frame(&mut s, &mut buf).await.msg, Message::Ok));
+    assert!(matches!(
+        read_frame(&mut s, &mut buf).await.msg,
+        Message::Ok
+    ));
     let status = agent.child.wait().expect("wait");
     assert_eq!(status.code(), Some(0), "Poweroff ends the run: {status}");
 
@@ -530,7 +536,11 @@ async fn in_a_container_poweroff_exits_0_a_lost_host_1_and_reboot_is_refused() {
     let s = agent.accept().await;
     drop(s);
     let status = agent.child.wait().expect("wait");
-    assert_eq!(status.code(), Some(1), "a lost host fails the step: {status}");
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "a lost host fails the step: {status}"
+    );
 }
 
 async fn read_frame(s: &mut UnixStream, buf: &mut Vec<u8>) -> protocol::Frame {

@@ -153,3 +153,17 @@ fn an_appliance_boot_recipe_is_valid() {
         "{stderr}"
     );
 }
+
+/// A container recipe (`containerType: docker`, a custom template, an archive by default in
+/// its `directory` target) is valid, and says what it builds.
+#[test]
+fn a_container_recipe_is_valid() {
+    let (code, _, stderr) = validate("tests/cases/recipe/valid/container.yml");
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains(
+            "ok: tests/cases/recipe/valid/container.yml (tools 1.0.0: a container image, 1 component)"
+        ),
+        "{stderr}"
+    );
+}

@@ -198,10 +198,15 @@ fn validate_one(path: &std::path::Path) -> CliResult {
     let r = &validated.recipe;
     let count = |n: usize, one: &str| format!("{n} {one}{}", if n == 1 { "" } else { "s" });
     let mut summary = format!(
-        "ok: {} ({} {}: {}",
+        "ok: {} ({} {}: {}{}",
         path.display(),
         r.name,
         r.version,
+        if r.is_container() {
+            "a container image, "
+        } else {
+            ""
+        },
         count(validated.components.len(), "component")
     );
     if !validated.test_components.is_empty() {
