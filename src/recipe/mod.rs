@@ -25,6 +25,23 @@
 //! tests: {enabled: true, timeoutSeconds: 3600, components: [{path: tests/serves.yml}]}
 //! outputs: {formats: [qcow2, vmdk], compression: zstd, name: "{{imagebuilder:name}}-{{imagebuilder:buildVersion}}"}
 //! ```
+//!
+//! A container recipe (`containerType`, [`dockerfile`]) builds an OCI image from the same
+//! components; the machine-only keys above (`userData`, `diskSize`, `outputs`, the VM's
+//! `infrastructure` keys, …) are refused in it, as [`settings`] declares:
+//!
+//! ```yaml
+//! name: debian-12-tools
+//! version: 1.0.0
+//! containerType: docker
+//! parentImage: oci://registry.local:5000/base/debian:12@sha256:…   # or an OCI archive, or name/1.x.x
+//! components: [{path: components/install-packages.yml, parameters: {Packages: curl jq}}]
+//! dockerfileTemplate: |               # optional; this is the default
+//!   FROM {{{ imagebuilder:parentImage }}}
+//!   {{{ imagebuilder:environments }}}
+//!   {{{ imagebuilder:components }}}
+//! distribution: [{oci: {reference: registry.local:5000/tools/debian-12-tools}}, {directory: {path: out/, formats: [oci-archive]}}]
+//! ```
 
 pub mod components;
 pub mod dockerfile;

@@ -1158,7 +1158,13 @@ fn outputs(cx: &mut Reader<'_>, node: &Node) -> Option<Outputs> {
     outputs
 }
 
-fn formats(cx: &mut Reader<'_>, key: &Node, node: &Node) -> Option<Vec<Format>> {
+/// The items of a `formats` list (`key: node`) that may name `names`: a list of at least one.
+fn format_items<'n>(
+    cx: &mut Reader<'_>,
+    key: &Node,
+    node: &'n Node,
+    names: &[&str],
+) -> Option<&'n [Node]> {
     let Some(items) = node.as_sequence() else {
         let hint = node
             .as_str()
@@ -1174,10 +1180,15 @@ fn formats(cx: &mut Reader<'_>, key: &Node, node: &Node) -> Option<Vec<Format>> 
         cx.error(
             key.span,
             "`formats` is empty",
-            Some(format!("list at least one of {}", one_of(Format::NAMES))),
+            Some(format!("list at least one of {}", one_of(names))),
         );
         return None;
     }
+    Some(items)
+}
+
+fn formats(cx: &mut Reader<'_>, key: &Node, node: &Node) -> Option<Vec<Format>> {
+    let items = format_items(cx, key, node, Format::NAMES)?;
     let mut out: Vec<Format> = Vec::new();
     let mut ok = true;
     for item in items {
@@ -1200,32 +1211,11 @@ fn directory_formats(
     node: &Node,
     kind: RecipeKind,
 ) -> Option<DirectoryFormats> {
-    if kind == RecipeKind::Machine && node.as_sequence().is_none_or(|items| items.is_empty()) {
-        // Not a list, or empty: the messages of `outputs.formats`.
-        return formats(cx, key, node).map(DirectoryFormats::Disk);
-    }
-    let Some(items) = node.as_sequence() else {
-        let hint = node
-            .as_str()
-            .map(|s| format!("write a list: `formats: [{s}]`"));
-        cx.error(
-            node.span,
-            format!("`formats` must be a list, found {}", node.describe()),
-            hint,
-        );
-        return None;
+    let names = match kind {
+        RecipeKind::Container => ArchiveFormat::NAMES,
+        _ => Format::NAMES,
     };
-    if items.is_empty() {
-        cx.error(
-            key.span,
-            "`formats` is empty",
-            Some(format!(
-                "list at least one of {}",
-                one_of(ArchiveFormat::NAMES)
-            )),
-        );
-        return None;
-    }
+    let items = format_items(cx, key, node, names)?;
     let mut disk: Vec<Format> = Vec::new();
     let mut archives: Vec<ArchiveFormat> = Vec::new();
     let mut ok = true;

@@ -478,6 +478,26 @@ pub fn json_schema() -> Value {
         json!("A builder image recipe: a parent image, components applied in order, and how to build, test and export the result. Keys are camelCase, as in EC2 Image Builder."),
     );
     schema.extend(object(""));
+    // A container recipe (one with `containerType`) has no machine-only keys; a machine
+    // recipe no container-only ones.
+    let none_of = |section: &str, machine: bool| -> Map<String, Value> {
+        children(section)
+            .filter(|s| match s.scope {
+                Scope::Machine(_) => machine,
+                Scope::Container => !machine && s.path != "containerType",
+                Scope::Both => false,
+            })
+            .map(|s| (s.key().to_string(), Value::Bool(false)))
+            .collect()
+    };
+    let mut machine_only = none_of("", true);
+    machine_only.insert(
+        "infrastructure".into(),
+        json!({"anyOf": [{"type": "string"}, {"properties": none_of("infrastructure", true)}]}),
+    );
+    schema.insert("if".into(), json!({"required": ["containerType"]}));
+    schema.insert("then".into(), json!({"properties": machine_only}));
+    schema.insert("else".into(), json!({"properties": none_of("", false)}));
     Value::Object(schema)
 }
 
@@ -727,6 +747,21 @@ mod tests {
                 .as_str()
                 .unwrap()
                 .contains("store references")
+        );
+        // Machine-only keys are refused in a container recipe, container-only ones elsewhere.
+        assert_eq!(schema["then"]["properties"]["diskSize"], json!(false));
+        assert_eq!(
+            schema["then"]["properties"]["infrastructure"]["anyOf"][1]["properties"]["cpus"],
+            json!(false)
+        );
+        assert!(
+            schema["then"]["properties"]["infrastructure"]["anyOf"][1]["properties"]
+                .get("keepOnFailure")
+                .is_none()
+        );
+        assert_eq!(
+            schema["else"]["properties"],
+            json!({"dockerfileTemplate": false})
         );
     }
 
