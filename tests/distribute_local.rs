@@ -413,6 +413,7 @@ fn recipe_targets_resolve_paths_against_the_recipe() {
             path: PathBuf::from("/srv/recipes/web/out/"),
             name: "web-{{imagebuilder:buildVersion}}".into(),
             formats: vec![Format::Qcow2, Format::Ova],
+            archives: Vec::new(),
             overwrite: true,
         }
     );

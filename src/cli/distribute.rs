@@ -21,6 +21,7 @@ use builder::distribute::destination::{
 use builder::distribute::directory::DirectoryError;
 use builder::distribute::{DistributeError, Progress, Receipt, Unit};
 use builder::recipe::Format;
+use builder::recipe::model::ArchiveFormat;
 use builder::store::{ImageRef, human_size};
 use tokio_util::sync::CancellationToken;
 
@@ -33,7 +34,9 @@ pub struct DistributeArgs {
     /// Where to: `oci://REGISTRY/REPO:TAG` (an OCI artifact), `containerdisk://REGISTRY/REPO:TAG`
     /// (a KubeVirt containerDisk), `ami` (with `--region`, `--bucket`), `vagrant:PATH.box`
     /// (a libvirt box; `vagrant:DIR/` for `DIR/<name>.box`), `dir:PATH` (a copy in
-    /// `PATH/<name>/`) or `store`. Repeat for several targets.
+    /// `PATH/<name>/`) or `store`. A container build goes to `oci://REGISTRY/REPO:TAG` (the
+    /// image itself, same digests), `dir:PATH` (archive files) or `store`. Repeat for several
+    /// targets.
     #[arg(long = "to", value_name = "TARGET", required = true)]
     to: Vec<String>,
     /// Name template for `dir:` folders, `vagrant:DIR/` boxes and AMIs
@@ -41,9 +44,10 @@ pub struct DistributeArgs {
     #[arg(long, value_name = "TEMPLATE")]
     name: Option<String>,
     /// `dir:` targets: the formats to copy; one the build did not export is converted (e.g.
-    /// `ova`) [default: every output of the build]. Repeatable.
+    /// `ova`) [default: every output of the build]. A container build is written as
+    /// `oci-archive` or `docker-archive` files [default: oci-archive]. Repeatable.
     #[arg(long = "format", value_name = "FORMAT", value_parser = parse_format)]
-    formats: Vec<Format>,
+    formats: Vec<FormatArg>,
     /// `dir:` and `vagrant:` targets: replace what is already there.
     #[arg(long)]
     overwrite: bool,
@@ -103,13 +107,25 @@ pub struct DistributeArgs {
     store: Option<PathBuf>,
 }
 
-fn parse_format(s: &str) -> Result<Format, String> {
-    Format::from_name(s).ok_or_else(|| {
-        format!(
-            "unknown output format `{s}`; expected one of {}",
-            Format::NAMES.join(", ")
-        )
-    })
+/// A `--format`: a disk format (machine builds) or an archive format (container builds).
+#[derive(Debug, Clone, Copy)]
+enum FormatArg {
+    Disk(Format),
+    Archive(ArchiveFormat),
+}
+
+fn parse_format(s: &str) -> Result<FormatArg, String> {
+    Format::from_name(s)
+        .map(FormatArg::Disk)
+        .or_else(|| ArchiveFormat::from_name(s).map(FormatArg::Archive))
+        .ok_or_else(|| {
+            format!(
+                "unknown output format `{s}`; expected one of {} (machine builds) or {} \
+                 (container builds)",
+                Format::NAMES.join(", "),
+                ArchiveFormat::NAMES.join(", ")
+            )
+        })
 }
 
 fn parse_tag(s: &str) -> Result<(String, String), String> {
@@ -124,7 +140,22 @@ impl DistributeArgs {
         let both = self.endpoint.clone();
         CliOptions {
             name: self.name.clone(),
-            formats: self.formats.clone(),
+            formats: self
+                .formats
+                .iter()
+                .filter_map(|f| match f {
+                    FormatArg::Disk(f) => Some(*f),
+                    FormatArg::Archive(_) => None,
+                })
+                .collect(),
+            archives: self
+                .formats
+                .iter()
+                .filter_map(|f| match f {
+                    FormatArg::Archive(f) => Some(*f),
+                    FormatArg::Disk(_) => None,
+                })
+                .collect(),
             overwrite: self.overwrite,
             plain_http: self.plain_http.clone(),
             ami: AmiDestination {

@@ -14,7 +14,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::directory::{self, DirectoryOptions, VagrantOptions};
 use super::{DistributeError, Progress, Receipt, StoredImage};
+use crate::recipe::model::ArchiveFormat;
 use crate::recipe::{self, Distribution, Format, NameTemplate, NameValues};
+use crate::store::ImageKind;
 
 /// The CLI forms, for messages.
 pub const CLI_FORMS: &str = "`oci://REGISTRY/REPO:TAG`, `containerdisk://REGISTRY/REPO:TAG`, `ami`, `vagrant:PATH.box`, `dir:PATH` or `store`";
@@ -35,6 +37,14 @@ pub enum DestinationError {
     NotAvailable { kind: &'static str },
     #[error("sending to the {kind} target was stopped")]
     Cancelled { kind: &'static str },
+    #[error("{image} is a container build: the {kind} target takes machine builds only")]
+    NotForContainers { image: String, kind: &'static str },
+    #[error("{image} is a {kind} build: {detail}")]
+    WrongFormats {
+        image: String,
+        kind: ImageKind,
+        detail: String,
+    },
 }
 
 impl DestinationError {
@@ -47,6 +57,11 @@ impl DestinationError {
             DestinationError::Unknown { .. } | DestinationError::Bad { .. } => {
                 Some(format!("targets are {CLI_FORMS}"))
             }
+            DestinationError::NotForContainers { .. } => Some(
+                "a container build goes to `oci://REGISTRY/REPO:TAG` or `dir:PATH` (as an \
+                 oci-archive or docker-archive file)"
+                    .into(),
+            ),
             _ => None,
         }
     }
@@ -56,7 +71,7 @@ impl DestinationError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", tag = "kind")]
 pub enum Destination {
-    /// A copy of the outputs in `<path>/<name>/`.
+    /// A copy of the outputs in `<path>/<name>/` (a container build's: archive files).
     #[serde(rename_all = "camelCase")]
     Directory {
         path: PathBuf,
@@ -64,6 +79,9 @@ pub enum Destination {
         /// Empty: every output of the build.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         formats: Vec<Format>,
+        /// A container build's files; empty: an `oci-archive`.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        archives: Vec<ArchiveFormat>,
         #[serde(default)]
         overwrite: bool,
     },
@@ -140,6 +158,8 @@ pub struct CliOptions {
     pub name: Option<String>,
     /// `--format`: for `dir:` targets.
     pub formats: Vec<Format>,
+    /// `--format oci-archive|docker-archive`: for `dir:` targets of container builds.
+    pub archives: Vec<ArchiveFormat>,
     /// `--overwrite`: for `dir:` and `vagrant:` targets.
     pub overwrite: bool,
     /// `--plain-http HOST`: registries spoken to over plain HTTP.
@@ -220,6 +240,7 @@ impl Destination {
                 path: absolute(Path::new(rest)),
                 name,
                 formats: options.formats.clone(),
+                archives: options.archives.clone(),
                 overwrite: options.overwrite,
             });
         }
@@ -273,6 +294,12 @@ impl Destination {
                 path: resolve(&d.path.value),
                 name: d.name.as_str().to_string(),
                 formats: d.formats.disk().to_vec(),
+                // Empty for a machine recipe's entry (the default for a container build is
+                // applied when it is written: `oci-archive`).
+                archives: match &d.formats {
+                    recipe::model::DirectoryFormats::Container(archives) => archives.clone(),
+                    recipe::model::DirectoryFormats::Disk(_) => Vec::new(),
+                },
                 overwrite: d.overwrite,
             },
             Distribution::Vagrant(v) => Destination::Vagrant {
@@ -340,11 +367,13 @@ impl Destination {
                 path,
                 name,
                 formats,
+                archives,
                 overwrite,
             } => Ok(DirectoryOptions {
                 path: path.clone(),
                 name: render(name, image),
                 formats: formats.clone(),
+                archives: archives.clone(),
                 overwrite: *overwrite,
             }),
             _ => Err(DestinationError::NotAvailable { kind: self.kind() }),
@@ -481,6 +510,7 @@ pub async fn preflight(
     image: &StoredImage,
     target: &Destination,
 ) -> Result<Vec<String>, DistributeError> {
+    check_kind(image, target)?;
     match target {
         Destination::Directory { .. } => {
             directory::preflight_directory(&target.directory_options(image)?)?;
@@ -522,6 +552,7 @@ pub async fn distribute_cancellable(
     let cancelled = || DestinationError::Cancelled {
         kind: target.kind(),
     };
+    check_kind(image, target)?;
     match target {
         Destination::Directory { .. } => {
             let options = target.directory_options(image)?;
@@ -544,6 +575,12 @@ pub async fn distribute_cancellable(
             if *plain_http && !options.plain_http.contains(&dest.registry) {
                 options.plain_http.push(dest.registry.clone());
             }
+            if image.kind() == ImageKind::Container {
+                return tokio::select! {
+                    r = super::oci::push_container(image, &dest, &options, progress) => Ok(r?),
+                    () = cancel.cancelled() => Err(cancelled().into()),
+                };
+            }
             tokio::select! {
                 r = super::oci::push(image, &dest, shape, &options, progress) => Ok(r?),
                 () = cancel.cancelled() => Err(cancelled().into()),
@@ -553,6 +590,48 @@ pub async fn distribute_cancellable(
             let options = aws_dispatch::options(image, ami, Some(cancel.clone()))?;
             Ok(super::aws::import_ami(image, &options, progress).await?)
         }
+    }
+}
+
+/// Whether `target` takes `image`'s kind: a container build goes to `oci`, `directory` (as
+/// archive files) and `store`; a directory target's formats must be of the build's kind.
+fn check_kind(image: &StoredImage, target: &Destination) -> Result<(), DestinationError> {
+    let kind = image.kind();
+    let wrong = |detail: String| DestinationError::WrongFormats {
+        image: image.reference(),
+        kind,
+        detail,
+    };
+    match (kind, target) {
+        (
+            ImageKind::Container,
+            Destination::Vagrant { .. } | Destination::ContainerDisk { .. } | Destination::Ami(_),
+        ) => Err(DestinationError::NotForContainers {
+            image: image.reference(),
+            kind: target.kind(),
+        }),
+        (ImageKind::Container, Destination::Directory { formats, .. }) if !formats.is_empty() => {
+            Err(wrong(format!(
+                "its image is written as {} files, not as {}",
+                crate::diagnostic::one_of(ArchiveFormat::NAMES),
+                formats
+                    .iter()
+                    .map(|f| format!("`{f}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )))
+        }
+        (ImageKind::Machine, Destination::Directory { archives, .. }) if !archives.is_empty() => {
+            Err(wrong(format!(
+                "{} files are made of container builds only",
+                archives
+                    .iter()
+                    .map(|f| format!("`{f}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )))
+        }
+        _ => Ok(()),
     }
 }
 

@@ -28,6 +28,7 @@ use tokio::sync::mpsc;
 use super::{Progress, Receipt, StoredImage};
 use crate::export::{self, ExportError, SUMS_FILE};
 use crate::recipe::Format;
+use crate::recipe::model::ArchiveFormat;
 use crate::store::Artifact;
 use crate::store::manifest::MANIFEST_FILE;
 
@@ -71,6 +72,19 @@ pub enum DirectoryError {
     BadName { name: String, reason: &'static str },
     #[error("the copy was stopped")]
     Cancelled,
+    #[error("writing the {format} of {image} failed")]
+    Archive {
+        image: String,
+        format: ArchiveFormat,
+        #[source]
+        source: super::archive::ArchiveError,
+    },
+    #[error("the container image of {image} cannot be read")]
+    Store {
+        image: String,
+        #[source]
+        source: Box<crate::store::StoreError>,
+    },
     #[error("a copy task stopped unexpectedly: {0}")]
     Task(String),
 }
@@ -374,6 +388,8 @@ pub struct DirectoryOptions {
     pub name: String,
     /// Which outputs; empty: every output of the build.
     pub formats: Vec<Format>,
+    /// A container build's archive files; empty: an `oci-archive`.
+    pub archives: Vec<ArchiveFormat>,
     pub overwrite: bool,
 }
 
@@ -413,6 +429,9 @@ pub async fn to_directory(
     let dest = options.destination();
     let temp = Partial::new(partial_name(&options.path, &options.name));
     fs_err::create_dir(&temp.path)?;
+    if image.manifest.container.is_some() {
+        return container_to_directory(image, options, temp, started, progress).await;
+    }
 
     let wanted: Vec<Format> = if options.formats.is_empty() {
         image.manifest.outputs.iter().map(|a| a.format).collect()
@@ -480,6 +499,84 @@ pub async fn to_directory(
     };
     for a in &delivered {
         receipt.digests.insert(a.file.clone(), a.sha256.clone());
+    }
+    Ok(receipt)
+}
+
+/// [`to_directory`] for a container build: its image as archive files (`oci-archive` unless
+/// `options.archives` says otherwise), `manifest.json` and `SHA256SUMS`, in `temp`, which is
+/// renamed into place when whole.
+async fn container_to_directory(
+    image: &StoredImage,
+    options: &DirectoryOptions,
+    temp: Partial,
+    started: Instant,
+    progress: &dyn Progress,
+) -> Result<Receipt, DirectoryError> {
+    const TARGET: &str = "directory";
+    let layout = image.layout().map_err(|e| DirectoryError::Store {
+        image: image.reference(),
+        source: Box::new(e),
+    })?;
+    let formats = if options.archives.is_empty() {
+        vec![ArchiveFormat::OciArchive]
+    } else {
+        options.archives.clone()
+    };
+    let stem = format!("{}-{}-{}", image.name, image.version, image.build);
+    let tag = format!("{}:{}", image.name, image.version);
+    let mut written = Vec::new();
+    for format in formats {
+        let file = super::archive::file_name(&stem, format);
+        let to = temp.path.join(&file);
+        let (layout, tag, reference) = (layout.clone(), tag.clone(), image.reference());
+        progress.step(TARGET, &format!("writing {file} ({format})"));
+        let what = file.clone();
+        let w = run_blocking(TARGET, progress, move |r| {
+            let mut tick = |done: u64| {
+                r.transfer(&what, done, None);
+                if r.check().is_err() {
+                    std::ops::ControlFlow::Break(())
+                } else {
+                    std::ops::ControlFlow::Continue(())
+                }
+            };
+            super::archive::write(format, &layout, &to, &tag, &mut tick).map_err(|source| {
+                match source {
+                    super::archive::ArchiveError::Cancelled => DirectoryError::Cancelled,
+                    source => DirectoryError::Archive {
+                        image: reference,
+                        format,
+                        source,
+                    },
+                }
+            })
+        })
+        .await?;
+        written.push((file, w.sha256));
+    }
+    fs_err::copy(image.dir.join(MANIFEST_FILE), temp.path.join(MANIFEST_FILE))?;
+    let sums: String = written
+        .iter()
+        .map(|(file, sha)| format!("{sha}  {file}\n"))
+        .collect();
+    fs_err::write(temp.path.join(SUMS_FILE), sums)?;
+    fs_err::File::open(&temp.path).and_then(|d| d.sync_all())?;
+    let dest = options.destination();
+    temp.persist(&dest, options.overwrite)?;
+    progress.step(TARGET, &format!("stored in {}", dest.display()));
+    let mut receipt = Receipt {
+        kind: TARGET.into(),
+        location: absolute(&dest).display().to_string(),
+        digests: written.into_iter().collect(),
+        ids: Default::default(),
+        finished: Utc::now(),
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    if let Some(c) = &image.manifest.container {
+        receipt
+            .digests
+            .insert("manifest".into(), c.manifest_digest.clone());
     }
     Ok(receipt)
 }
@@ -748,6 +845,11 @@ pub fn to_store(image: &StoredImage) -> Receipt {
         .insert("folder".into(), image.dir.display().to_string());
     if let Some(d) = &image.disk {
         receipt.digests.insert("disk".into(), d.sha256.clone());
+    }
+    if let Some(c) = &image.manifest.container {
+        receipt
+            .digests
+            .insert("manifest".into(), c.manifest_digest.clone());
     }
     receipt
 }

@@ -5,12 +5,15 @@
 //! every receipt next to the build (`receipts.json`) and `builder images show` prints them.
 //!
 //! - [`oci`]: push to an OCI registry as an artifact or a KubeVirt containerDisk; pull a
-//!   pushed disk back as a parent image (`parentImage: oci://…`).
+//!   pushed disk back as a parent image (`parentImage: oci://…`); push and pull container
+//!   images between registries and OCI image layouts.
 //! - [`aws`]: S3 multipart upload, then EC2 ImportSnapshot + RegisterImage (AMI).
 //! - [`directory`]: a directory, a Vagrant box (libvirt provider), the local store itself.
+//! - [`archive`]: a container image as an `oci-archive` or `docker-archive` file.
 //! - [`destination`]: the destinations as the user names them (`--to oci://…`, recipe `distribution:`)
 //!   and the dispatcher that sends to one.
 
+pub mod archive;
 pub mod aws;
 pub mod destination;
 pub mod directory;
@@ -62,4 +65,6 @@ pub enum DistributeError {
     Directory(#[from] directory::DirectoryError),
     #[error(transparent)]
     Destination(#[from] destination::DestinationError),
+    #[error(transparent)]
+    Archive(#[from] archive::ArchiveError),
 }

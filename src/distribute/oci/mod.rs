@@ -1,7 +1,9 @@
 //! OCI registries: push a stored image as an OCI artifact or as a KubeVirt containerDisk, and
-//! pull a pushed disk back into the parent-image cache (`parentImage: oci://…`); share the
+//! pull a pushed disk back into the parent-image cache (`parentImage: oci://…`); push and pull
+//! container images to and from OCI image layouts ([`push_layout`], [`pull_layout`]); share the
 //! layer cache through a repository ([`layers`]). Owns the image shapes and the registry
-//! protocol; it never builds or converts a disk.
+//! protocol (the OCI types themselves live in [`crate::store::layout`]); it never builds or
+//! converts a disk.
 //!
 //! **Artifact** (`oci://host/repo:tag`): an OCI 1.1 image manifest with
 //! `artifactType: application/vnd.builder.disk.v1`, the empty config
@@ -35,8 +37,11 @@
 
 mod auth;
 mod blob;
+mod image;
 pub mod layers;
 mod registry;
+
+pub use image::{PulledLayout, PushedImage, pull_layout, push_container, push_layout};
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -45,7 +50,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use oci_client::RegistryOperation;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use self::blob::BlobSource;
@@ -56,6 +60,15 @@ use crate::export::SUMS_FILE;
 use crate::recipe::Format;
 use crate::recipe::{OciReference, OciReferenceError};
 use crate::store::StoredImage;
+// The OCI shapes have one home, the store's layouts; `Descriptor` here is a blob the registry
+// holds (`registry::Descriptor`).
+use crate::store::layout::media::{
+    DOCKER_LAYER_GZIP, DOCKER_LAYER_TAR, DOCKER_LIST, OCI_CONFIG, OCI_INDEX, OCI_LAYER_GZIP,
+    OCI_LAYER_TAR, OCI_MANIFEST,
+};
+use crate::store::layout::{
+    Descriptor as OciDescriptor, ImageManifest, TITLE, digest_hex, digest_of as sha256_of,
+};
 use crate::store::manifest::MANIFEST_FILE;
 
 /// `artifactType` of a builder disk artifact.
@@ -72,16 +85,6 @@ pub const SHA256SUMS: &str = "application/vnd.builder.sha256sums";
 pub const EMPTY_CONFIG: &str = "application/vnd.oci.empty.v1+json";
 /// Environment variable: registries (`host[:port]`, comma-separated) spoken to over plain HTTP.
 pub const INSECURE_ENV: &str = "BUILDER_INSECURE_REGISTRIES";
-
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-const IMAGE_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-const TAR_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
-const DOCKER_TAR_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar";
-const TAR_GZIP_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-const DOCKER_TAR_GZIP_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
-const TITLE: &str = "org.opencontainers.image.title";
 
 #[derive(Debug, thiserror::Error)]
 pub enum OciError {
@@ -145,6 +148,13 @@ pub enum OciError {
     NoDisk { reference: String, reason: String },
     #[error("{image} has no qcow2 or raw output to push")]
     NothingToPush { image: String },
+    #[error("{reference} holds no container image: {reason}")]
+    NoImage { reference: String, reason: String },
+    /// A container image's OCI image layout could not be read or written.
+    #[error(transparent)]
+    Layout(Box<crate::store::LayoutError>),
+    #[error(transparent)]
+    Store(Box<crate::store::StoreError>),
     /// A file system call failed; fs-err's error names the path and what was being done.
     #[error(transparent)]
     Io(#[from] std::io::Error),
@@ -280,49 +290,12 @@ pub struct PulledDisk {
     pub from_cache: bool,
 }
 
-/// An OCI descriptor (what a manifest says about a blob).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct OciDescriptor {
-    media_type: String,
-    digest: String,
-    size: u64,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    annotations: BTreeMap<String, String>,
-}
-
-/// An OCI image manifest (or, when read, possibly an index: `manifests` is then set).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ImageManifest {
-    schema_version: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    media_type: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    artifact_type: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    config: Option<OciDescriptor>,
-    #[serde(default)]
-    layers: Vec<OciDescriptor>,
-    #[serde(default, skip_serializing)]
-    manifests: Option<Vec<serde_json::Value>>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    annotations: BTreeMap<String, String>,
-}
-
 fn descriptor(media_type: &str, d: &Descriptor, title: Option<&str>) -> OciDescriptor {
-    OciDescriptor {
-        media_type: media_type.to_string(),
-        digest: d.digest.clone(),
-        size: d.size,
-        annotations: title
-            .map(|t| BTreeMap::from([(TITLE.to_string(), t.to_string())]))
-            .unwrap_or_default(),
+    let described = OciDescriptor::new(media_type, &d.digest, d.size);
+    match title {
+        Some(t) => described.titled(t),
+        None => described,
     }
-}
-
-fn sha256_of(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
 /// Upload the empty config of an artifact (`{}`; the registry usually has it already).
@@ -475,8 +448,8 @@ pub async fn push(
                 )
                 .await?;
             (
-                descriptor(IMAGE_CONFIG, &c, None),
-                vec![descriptor(TAR_LAYER, &d, None)],
+                descriptor(OCI_CONFIG, &c, None),
+                vec![descriptor(OCI_LAYER_TAR, &d, None)],
                 None,
             )
         }
@@ -614,10 +587,10 @@ async fn pull_uncached(
         .iter()
         .filter(|l| {
             [
-                TAR_LAYER,
-                DOCKER_TAR_LAYER,
-                TAR_GZIP_LAYER,
-                DOCKER_TAR_GZIP_LAYER,
+                OCI_LAYER_TAR,
+                DOCKER_LAYER_TAR,
+                OCI_LAYER_GZIP,
+                DOCKER_LAYER_GZIP,
             ]
             .contains(&l.media_type.as_str())
         })
@@ -644,12 +617,6 @@ async fn pull_uncached(
                 .join(", ")
         ))),
     }
-}
-
-fn digest_hex(digest: &str) -> Option<String> {
-    let hex = digest.strip_prefix("sha256:")?;
-    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
-        .then(|| hex.to_ascii_lowercase())
 }
 
 /// Open and lock `part` (one download per file: another builder holding it finishes first).

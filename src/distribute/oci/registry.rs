@@ -694,7 +694,7 @@ struct UploadState {
 }
 
 const MANIFEST_TYPES: &[&str] = &[
-    super::OCI_MANIFEST,
+    crate::store::layout::media::OCI_MANIFEST,
     "application/vnd.docker.distribution.manifest.v2+json",
     "application/vnd.oci.image.index.v1+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
