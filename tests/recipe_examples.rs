@@ -2,8 +2,9 @@
 //! use is in the JSON Schema (`builder schema recipe`) so editors accept them, and `builder
 //! plan` resolves them the same way every time.
 //!
-//! The examples read their parent image from `$BUILDER_BASE_IMAGE`; here it points at a small
-//! raw file, since validating and planning only need a file to hash.
+//! The examples read their parent image from `$BUILDER_BASE_IMAGE` (machine recipes) or
+//! `$BUILDER_BASE_CONTAINER` (container recipes); here both point at a small raw file, since
+//! validating and planning only need a file to hash.
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -36,6 +37,7 @@ fn builder(args: &[&str], store: &Path) -> Output {
         .current_dir(root())
         .env("NO_COLOR", "1")
         .env("BUILDER_BASE_IMAGE", BASE_IMAGE)
+        .env("BUILDER_BASE_CONTAINER", BASE_IMAGE)
         .env("BUILDER_STORE", store)
         .output()
         .expect("builder runs")
