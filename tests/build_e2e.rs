@@ -9,8 +9,8 @@
 //! Without `BUILDER_VM_TESTS=1` each VM test is ignored (tests/support/vm_tier.rs); with it, a
 //! missing image fails.
 //! Boots are expensive (60-140 s each under TCG, several minutes on a busy machine), so the
-//! tests share them: fifteen full boots in all (a reboot counts as one) and one appliance,
-//! one build at a time.
+//! tests share them: thirteen full boots in all (a reboot counts as one) and three appliances
+//! (seconds each) where the build VM's boot is not what a test is about, one build at a time.
 //!
 //! - the two-component recipe (`tests/build/two-components.yml`: `diskSize`, a Reboot step,
 //!   AWS's exit-194 reboot, the test stage, every export format): exit 0, every output
@@ -24,13 +24,14 @@
 //!   and the test VM boot OVMF and fetch from an HTTP server the test runs on the host's
 //!   loopback.
 //! - `--on-error shell` on a pseudo-terminal (`tests/build/failing-step.yml`): the shell opens
-//!   in the build VM, a typed command runs, exiting fails the build.
+//!   in the build VM (the appliance), a typed command runs, exiting fails the build.
 //! - the example `images/debian-12-base/recipe.yml`, then a recipe built on it from the store
 //!   (`tests/build/on-parent.yml`) in the appliance (`--boot appliance`: seconds, not a boot).
 //! - a failing test component with `--keep-on-failure` and `--on-error shell` on a
-//!   pseudo-terminal: the shell opens in the test VM; then exit 1, the STYLE.md error, logs in
-//!   the store's `failed/` area, the disk chain and the test VM kept as the notes say, then
-//!   removed with the notes' own commands.
+//!   pseudo-terminal (the build VM the appliance; the test VM boots full, as always): the shell
+//!   opens in the test VM; then exit 1, the STYLE.md error, logs in the store's `failed/` area,
+//!   the disk chain and the test VM kept as the notes say, then removed with the notes' own
+//!   commands.
 //!
 //! Each test owns a [`NoLeftovers`] guard (tests/support/leftovers.rs, shared with
 //! tests/vm.rs): a private store and runtime folder (where the VM folders go, through
@@ -561,6 +562,8 @@ fn failing_test_fails_the_build_and_keep_on_failure_keeps_what_it_says() {
     // With `--on-error shell` too, on a terminal (stdout a pipe): the test step fails in the
     // test VM, so the shell opens there; once it is closed the build fails and keeps what
     // --keep-on-failure keeps. (No boot of its own: the failing build boots both VMs anyway.)
+    // The build VM is the appliance (`--boot appliance`): this test is about the test VM, which
+    // boots full whatever the build VM did.
     let minutes = |m: u64| std::time::Duration::from_secs(m * 60);
     let mut term = OnTerminal::spawn(
         &guard.command(
@@ -573,6 +576,8 @@ fn failing_test_fails_the_build_and_keep_on_failure_keeps_what_it_says() {
                 "shell",
                 "--accel",
                 "tcg",
+                "--boot",
+                "appliance",
             ],
         ),
         false,
@@ -1057,7 +1062,10 @@ impl Drop for OnTerminal {
 /// `--on-error shell` on a terminal (a pseudo-terminal here): a build step fails, builder says
 /// what failed and opens a root shell in the build VM, in the state the step left; a command
 /// typed there runs; exiting the shell fails the build as `abort` does (exit 1, VM and disk
-/// removed, logs kept). One boot (the build VM; the build never reaches its test stage).
+/// removed, logs kept). One boot, of the appliance (`--boot appliance`: the shell is the
+/// agent's, the same in both modes; the build never reaches its test stage, and
+/// `failing_test_fails_the_build_and_keep_on_failure_keeps_what_it_says` opens one in a
+/// fully booted test VM).
 #[test]
 #[cfg_attr(
     not(vm_tier),
@@ -1078,6 +1086,8 @@ fn on_error_shell_opens_a_shell_in_the_build_vm_on_a_terminal() {
                 "shell",
                 "--accel",
                 "tcg",
+                "--boot",
+                "appliance",
             ],
         ),
         true,
