@@ -10,6 +10,8 @@
 //!   lock                              flock: build numbers, commits, removals, hash index
 //!   cache/base/<sha256>.qcow2         parent images by digest (downloads land here, verified)
 //!   cache/base/<sha256>.part          a download in progress; resumed with an HTTP Range
+//!   cache/oci/<sha256>/               container parents pulled from registries: OCI image
+//!                                     layouts named by the digest the recipe pins
 //!   cache/layers/<key>.qcow2          component layers by the plan's layer keys, each with
 //!   cache/layers/<key>.json           its record; see [`layers`]
 //!   cache/hashes.json                 digests of local parent images by (path, size, mtime,
@@ -705,6 +707,18 @@ impl Store {
         Ok(image)
     }
 
+    /// Where a container parent pulled from a registry is kept: an OCI image layout named by
+    /// the digest the recipe pins (`sha256:<hex>` or `<hex>`), `cache/oci/<hex>`.
+    /// [`Store::prune_cache`] removes those no stored build names as its parent.
+    pub fn oci_parent_dir(&self, digest: &str) -> Result<PathBuf, StoreError> {
+        let hex = base::check_digest(digest.strip_prefix("sha256:").unwrap_or(digest))?;
+        Ok(self.oci_cache_dir().join(hex))
+    }
+
+    fn oci_cache_dir(&self) -> PathBuf {
+        self.root.join("cache").join("oci")
+    }
+
     /// A failed build with exactly this `name/x.y.z/n`, if there is one.
     pub fn failed_build(&self, reference: &ImageRef) -> Result<Option<FailedBuild>, StoreError> {
         Ok(self.list()?.failed.into_iter().find(|f| {
@@ -989,7 +1003,13 @@ impl Store {
             let Some(parent) = &image.manifest.inputs.parent else {
                 continue;
             };
-            used.insert(parent.sha256.clone());
+            used.insert(
+                parent
+                    .sha256
+                    .strip_prefix("sha256:")
+                    .unwrap_or(&parent.sha256)
+                    .to_string(),
+            );
             used.extend(parent.disk_sha256.clone());
             used.extend(base::read_memo(&base::oci_manifest_memo(
                 &cache,
@@ -1029,6 +1049,17 @@ impl Store {
             let target = base::read_memo(&memo);
             if target.is_none_or(|sha| self.cached_base(&sha).is_none()) {
                 remove(&memo, &mut removed)?;
+            }
+        }
+        // Container parents: layouts no stored build names, and pulls cut short.
+        for name in sorted_names(&self.oci_cache_dir())?
+            .into_iter()
+            .chain(hidden_names(&self.oci_cache_dir())?)
+        {
+            if !used.contains(&name) {
+                let path = self.oci_cache_dir().join(&name);
+                self.discard(&path)?;
+                removed.push(path);
             }
         }
         self.prune_hash_index_locked();
@@ -1182,6 +1213,13 @@ impl Drop for BuildSlot {
 fn sorted_names(dir: &Path) -> Result<Vec<String>, StoreError> {
     entry_names(dir, |entry, name| {
         !name.starts_with('.') && entry.path().is_dir()
+    })
+}
+
+/// Hidden sub-folder names of `dir` (`.…partial-…`: work cut short), sorted.
+fn hidden_names(dir: &Path) -> Result<Vec<String>, StoreError> {
+    entry_names(dir, |entry, name| {
+        name.starts_with('.') && entry.path().is_dir()
     })
 }
 
@@ -1626,6 +1664,39 @@ mod tests {
         let e = found.verify().expect_err("tampered");
         assert!(matches!(e, StoreError::DigestMismatch { .. }), "{e}");
         store.remove(&[found], true).expect("rm");
+    }
+
+    #[test]
+    fn pulled_container_parents_no_stored_build_names_are_pruned() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(tmp.path()).expect("open");
+        let [kept, unused] = ["a", "b"].map(|c| c.repeat(64));
+        for hex in [&kept, &unused] {
+            let dir = store.oci_parent_dir(&format!("sha256:{hex}")).expect("dir");
+            layout::tests::small_layout(&dir);
+        }
+        let partial = tmp.path().join("cache/oci/.x.partial-1234");
+        fs_err::create_dir_all(&partial).expect("partial");
+        assert!(store.oci_parent_dir("sha256:nope").is_err());
+        let slot = store
+            .allocate_build("tools", &Version::new(1, 0, 0))
+            .expect("slot");
+        let mut m = manifest_for(&slot);
+        m.inputs.parent = Some(manifest::ParentInput {
+            source: format!("oci://127.0.0.1:5000/base@sha256:{kept}"),
+            sha256: format!("sha256:{kept}"),
+            store_image: None,
+            disk_sha256: None,
+        });
+        m.write(slot.dir()).expect("manifest");
+        slot.commit().expect("commit");
+        let report = store.prune_cache().expect("prune");
+        let oci = tmp.path().join("cache/oci");
+        assert_eq!(
+            report.removed,
+            [oci.join(".x.partial-1234"), oci.join(&unused)]
+        );
+        assert_eq!(sorted_names(&oci).expect("ls"), [kept]);
     }
 
     #[test]
