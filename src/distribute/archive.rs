@@ -319,37 +319,14 @@ mod tests {
 
     /// A layout whose one layer is a real gzip'd tar holding `hello.txt`.
     fn layout_with_a_file(dir: &Path) -> Layout {
-        let layout = Layout::create(dir).expect("create");
         let mut plain = tar::Builder::new(Vec::new());
         append_bytes(&mut plain, "hello.txt", b"hello\n").expect("entry");
         let plain = plain.into_inner().expect("tar");
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(&plain).expect("gzip");
         let gz = gz.finish().expect("gzip");
-        let layer = layout.write_blob(&gz).expect("layer");
         let diff_id = crate::store::layout::digest_of(&plain);
-        let config = serde_json::to_vec(&serde_json::json!({
-            "architecture": "amd64", "os": "linux",
-            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-        }))
-        .expect("json");
-        let config_digest = layout.write_blob(&config).expect("config");
-        let manifest = serde_json::to_vec(&serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": media::OCI_MANIFEST,
-            "config": {"mediaType": media::OCI_CONFIG, "digest": config_digest, "size": config.len()},
-            "layers": [{"mediaType": media::OCI_LAYER_GZIP, "digest": layer, "size": gz.len()}],
-        }))
-        .expect("json");
-        let digest = layout.write_blob(&manifest).expect("manifest");
-        layout
-            .write_index(&Index::of(vec![Descriptor::new(
-                media::OCI_MANIFEST,
-                &digest,
-                manifest.len() as u64,
-            )]))
-            .expect("index");
-        layout
+        crate::store::layout::tests::layout_with_layer(dir, &gz, media::OCI_LAYER_GZIP, &diff_id).0
     }
 
     fn entries(path: &Path) -> Vec<(String, Vec<u8>)> {

@@ -524,7 +524,8 @@ async fn container_to_directory(
         options.archives.clone()
     };
     let stem = format!("{}-{}-{}", image.name, image.version, image.build);
-    let tag = format!("{}:{}", image.name, image.version);
+    // Repository names are lower case in Docker's references.
+    let tag = format!("{}:{}", image.name.to_ascii_lowercase(), image.version);
     let mut written = Vec::new();
     for format in formats {
         let file = super::archive::file_name(&stem, format);

@@ -508,12 +508,23 @@ pub(crate) mod tests {
 
     /// A layout with one image of one layer, as `buildah push oci:` writes one.
     pub(crate) fn small_layout(dir: &Path) -> (Layout, LayoutImage) {
+        let layer = b"not really a tar, but a blob";
+        layout_with_layer(dir, layer, media::OCI_LAYER_TAR, &digest_of(layer))
+    }
+
+    /// A layout with one image whose one layer is `layer` (of `media_type`; `diff_id`: the
+    /// digest of its tar uncompressed), named `latest`.
+    pub(crate) fn layout_with_layer(
+        dir: &Path,
+        layer: &[u8],
+        media_type: &str,
+        diff_id: &str,
+    ) -> (Layout, LayoutImage) {
         let layout = Layout::create(dir).expect("create");
-        let layer = b"not really a tar, but a blob".to_vec();
-        let layer_digest = layout.write_blob(&layer).expect("layer");
+        let layer_digest = layout.write_blob(layer).expect("layer");
         let config = serde_json::to_vec(&serde_json::json!({
             "architecture": "amd64", "os": "linux",
-            "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
+            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
         }))
         .expect("json");
         let config_digest = layout.write_blob(&config).expect("config");
@@ -521,7 +532,7 @@ pub(crate) mod tests {
             "schemaVersion": 2,
             "mediaType": media::OCI_MANIFEST,
             "config": {"mediaType": media::OCI_CONFIG, "digest": config_digest, "size": config.len()},
-            "layers": [{"mediaType": media::OCI_LAYER_TAR, "digest": layer_digest, "size": layer.len()}],
+            "layers": [{"mediaType": media_type, "digest": layer_digest, "size": layer.len()}],
         }))
         .expect("json");
         let manifest_digest = layout.write_blob(&manifest).expect("manifest");
