@@ -477,3 +477,51 @@ fn run_in(dir: &Path, cmd: &mut Command) -> String {
     let out = run(cmd.current_dir(dir));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+#[test]
+fn a_container_image_is_pushed_and_pulled_with_the_docker_config_credential() {
+    let config_dir = docker_config();
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let buildah = Buildah::new();
+    let source = tmp.path().join("source");
+    buildah.small_image(&source);
+    let layout = Layout::open(&source).expect("layout");
+    let registry = TestRegistry::start_with_auth("builder", "s3cret-pass");
+    let rt = runtime();
+    let o = options(&registry);
+    let dest: OciReference = format!("{}/private/small:1", registry.host())
+        .parse()
+        .expect("ref");
+
+    let e = rt
+        .block_on(oci::push_layout(&layout, &dest, &o, &NoProgress))
+        .expect_err("anonymous push to an htpasswd registry");
+    assert!(matches!(e, OciError::AuthFailed { .. }), "{e}");
+
+    // Logged in (for this registry only: the other tests' registries stay anonymous).
+    use base64::Engine as _;
+    let auth = base64::engine::general_purpose::STANDARD.encode("builder:s3cret-pass");
+    let config = serde_json::json!({ "auths": { registry.host(): { "auth": auth } } });
+    let tmp_config = config_dir.join(format!("config.json.{}", std::process::id()));
+    fs_err::write(&tmp_config, serde_json::to_vec(&config).expect("json")).expect("write");
+    fs_err::rename(&tmp_config, config_dir.join("config.json")).expect("rename");
+    let pushed = rt
+        .block_on(oci::push_layout(&layout, &dest, &o, &NoProgress))
+        .expect("push with the credential");
+    let pinned: OciReference = format!(
+        "{}/private/small:1@{}",
+        registry.host(),
+        pushed.manifest_digest
+    )
+    .parse()
+    .expect("ref");
+    let pulled = rt
+        .block_on(oci::pull_layout(
+            &pinned,
+            &tmp.path().join("pulled"),
+            &o,
+            &NoProgress,
+        ))
+        .expect("pull with the credential");
+    assert_eq!(pulled.image.manifest_digest, pushed.manifest_digest);
+}
