@@ -617,6 +617,41 @@ mod tests {
     }
 
     #[test]
+    fn a_container_parent_is_not_an_image_name_or_a_disk() {
+        let parent = |p: &str| {
+            let text = CONTAINER.replace(
+                "oci://registry.local:5000/base/debian:12@sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+                p,
+            );
+            let c = checked(&text);
+            let problems = c.diagnostics[0].problems().to_vec();
+            (c.recipe.is_some(), problems)
+        };
+        let (ok, problems) = parent("docker.io/library/debian:12");
+        assert!(!ok);
+        assert_eq!(
+            problems[0].hint.as_deref(),
+            Some(
+                "write `parentImage: oci://docker.io/library/debian:12@sha256:<64 hex digits>` (`skopeo inspect` prints the digest)"
+            )
+        );
+        let (ok, problems) = parent("debian:12");
+        assert!(!ok);
+        assert!(
+            problems[0]
+                .hint
+                .as_deref()
+                .unwrap()
+                .contains("oci://<registry>/debian:12@sha256:")
+        );
+        let (ok, problems) = parent("./base.qcow2");
+        assert!(ok, "a warning only");
+        assert!(problems[0].message.contains("looks like a disk image"));
+        assert!(parent("./debian:12.tar").0);
+        assert!(parent("${BASE}/debian.tar").0);
+    }
+
+    #[test]
     fn container_settings_are_refused_in_a_machine_recipe() {
         let text = format!(
             "{MINIMAL}dockerfileTemplate: x\ndistribution:\n  - directory: {{path: out/, formats: [oci-archive]}}\n"

@@ -513,6 +513,20 @@ fn parent(cx: &mut Reader<'_>, node: &Node, kind: RecipeKind) -> Option<Located<
             return None;
         } else if looks_like_store_reference(&text) {
             store_reference(cx, node, &text)?
+        } else if kind == RecipeKind::Container && looks_like_image_name(&text) {
+            cx.error(
+                node.span,
+                format!("`{text}` is an image name, not a file; a container recipe's parent from a registry is an `oci://` reference pinned by its digest"),
+                Some(format!(
+                    "write `parentImage: oci://{}{text}@sha256:<64 hex digits>` (`skopeo inspect` prints the digest)",
+                    if text.split_once('/').is_some_and(|(host, _)| host.contains(['.', ':'])) {
+                        ""
+                    } else {
+                        "<registry>/"
+                    }
+                )),
+            );
+            return None;
         } else {
             ParentImage::File {
                 path: file_path(cx, node, &text)?,
@@ -520,7 +534,36 @@ fn parent(cx: &mut Reader<'_>, node: &Node, kind: RecipeKind) -> Option<Located<
             }
         }
     };
+    if kind == RecipeKind::Container
+        && let ParentImage::File { path, .. } = &value
+    {
+        disk_image_as_container_parent(cx, node, path);
+    }
     Some(Located::new(value, node.span))
+}
+
+/// `debian:12`, `docker.io/library/debian:12`: what `docker pull` takes, not a path.
+fn looks_like_image_name(text: &str) -> bool {
+    let last = text.rsplit('/').next().unwrap_or(text);
+    !text.starts_with(['.', '/', '$', '~'])
+        && last.contains(':')
+        && !last.contains("${")
+        && !last.contains(".tar")
+        && !text.contains(char::is_whitespace)
+}
+
+/// A container recipe's parent file is an OCI archive: a disk image there is a mix-up.
+fn disk_image_as_container_parent(cx: &mut Reader<'_>, node: &Node, path: &str) {
+    let extension = path.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase());
+    if let Some(extension) = extension
+        && (Format::from_name(&extension).is_some() || extension == "img")
+    {
+        cx.warning(
+            node.span,
+            format!("`{path}` looks like a disk image; a container recipe starts from an OCI archive"),
+            Some("a container recipe's parent file is an `oci-archive` (`skopeo copy … oci-archive:base.tar`, `podman save --format oci-archive`)".to_string()),
+        );
+    }
 }
 
 fn url_without_pin(cx: &mut Reader<'_>, node: &Node, scheme: &str, text: &str) {
@@ -682,6 +725,9 @@ fn parent_mapping(cx: &mut Reader<'_>, node: &Node, kind: RecipeKind) -> Option<
             let (_, v) = get("path")?;
             let text = cx.string(v, "`path`")?;
             let path = file_path(cx, v, &text)?;
+            if kind == RecipeKind::Container {
+                disk_image_as_container_parent(cx, v, &path);
+            }
             Some(ParentImage::File {
                 path,
                 sha256: digest.flatten(),
