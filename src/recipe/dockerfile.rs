@@ -464,6 +464,28 @@ mod tests {
         assert_eq!(problems(continued).len(), 1);
     }
 
+    proptest::proptest! {
+        /// Any text is a template or problems whose places are in the text, never a panic.
+        #[test]
+        fn any_text_is_checked_without_panic(
+            text in "(FROM |RUN |\\{\\{\\{ ?|imagebuilder:|parentImage|components|environments| ?\\}\\}\\}|\\\\|\n|#|\u{3000}|é|x){0,40}"
+        ) {
+            match DockerfileTemplate::parse(&text) {
+                Ok(t) => {
+                    let _ = t.render("p", "e", "c");
+                }
+                Err(problems) => {
+                    proptest::prop_assert!(!problems.is_empty());
+                    for p in problems {
+                        if let Some(r) = p.at {
+                            proptest::prop_assert!(text.get(r).is_some());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn an_unknown_placeholder_suggests_the_closest() {
         let err = DockerfileTemplate::parse(
