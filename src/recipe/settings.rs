@@ -226,7 +226,7 @@ pub const SETTINGS: &[Setting] = &[
     setting("components.cache", Kind::Bool, DefaultIs::Value(|| "true".to_string()),
         "`false`: never reuse a cached layer for this component: it runs at every build, and so does every component after it (for steps whose result depends on more than the inputs: a download without a checksum, packages from a mirror). Not part of the layer key."),
     setting("workingDirectory", Kind::Text(Some("^/")), DefaultIs::Value(|| DEFAULT_WORKING_DIRECTORY.to_string()),
-        "Absolute directory in the guest where components run."),
+        "Absolute directory in the guest (a container recipe: in the container) where components run."),
     machine("cloud-init does not run in a container build: do its work in a component step", setting("userData", Kind::Text(Some("^#cloud-config")), DefaultIs::None,
         "A `#cloud-config` document merged into the build VM's cloud-init seed.")),
     machine("a container image has no disk to size", setting("diskSize", Kind::Size, DefaultIs::Text("the parent's size"),
