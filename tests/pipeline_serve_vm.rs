@@ -6,7 +6,9 @@
 //!     cargo test --test pipeline_serve_vm
 //! ```
 //!
-//! One full build in all (boots cost minutes under TCG), in one test that walks through:
+//! One build to its end in all, in one test that walks through the steps below. Its build VM
+//! is the appliance (`boot: appliance`: seconds under TCG, where a full boot costs minutes;
+//! how the VM boots is not what this test is about):
 //!
 //! 1. a pipeline (`* * * * *`, `dependencyChanged`) whose run is due when `serve` starts; the
 //!    scheduler is killed with SIGKILL once QEMU runs: QEMU and the VM folder go with it, the
@@ -41,8 +43,9 @@ use leftovers::NoLeftovers;
 
 const COMPONENT: &str = "name: mark\nschemaVersion: 1.0\nphases:\n  - name: build\n    steps:\n      - name: Mark\n        action: ExecuteBash\n        inputs:\n          commands:\n            - echo built-by-a-pipeline > /etc/pipeline-mark\n";
 
-/// The smallest useful build: one step, no test stage, no generalize, an uncompressed qcow2.
-const RECIPE: &str = "name: tiny\nversion: 1.0.0\nparentImage: parent.qcow2\ncomponents:\n  - path: mark.yml\ninfrastructure: {cpus: 2, memory: 1GiB, network: none}\ntests: {enabled: false}\ngeneralize: false\noutputs: {formats: [qcow2], compression: none}\n";
+/// The smallest useful build: one step in the appliance, no test stage, no generalize, an
+/// uncompressed qcow2.
+const RECIPE: &str = "name: tiny\nversion: 1.0.0\nparentImage: parent.qcow2\ncomponents:\n  - path: mark.yml\ninfrastructure: {cpus: 2, memory: 1GiB, network: none, boot: appliance}\ntests: {enabled: false}\ngeneralize: false\noutputs: {formats: [qcow2], compression: none}\n";
 
 const PIPELINE: &str = "name: tiny\nrecipe: ../recipe.yml\nschedule:\n  expression: '* * * * *'\n  startCondition: dependencyChanged\n";
 
@@ -78,7 +81,9 @@ impl Site {
 
     fn command(&self, args: &[&str]) -> Command {
         let mut c = self.guard.builder_command(args);
-        c.arg("--store").arg(self.path("store"));
+        c.arg("--store")
+            .arg(self.path("store"))
+            .env("BUILDER_APPLIANCE_CACHE", self.path("appliance-cache"));
         c
     }
 
