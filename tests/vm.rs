@@ -746,7 +746,9 @@ fn demanded_kvm_that_does_not_work_is_a_host_error() {
 
 /// `builder vm shell` without a terminal: commands come from stdin (line mode) and their
 /// output comes back; then the guest kernel panics (sysrq `c`), which builder reports as a
-/// panic with the console's last lines instead of waiting forever.
+/// panic with the console's last lines instead of waiting forever. In the appliance (`--boot
+/// appliance`, seconds instead of a full boot): the shell is the agent's and the panic QEMU's
+/// report, the same in both modes.
 #[test]
 #[cfg_attr(
     not(vm_tier),
@@ -755,8 +757,12 @@ fn demanded_kvm_that_does_not_work_is_a_host_error() {
 fn shell_line_mode_then_a_guest_panic_is_reported() {
     let guard = NoLeftovers::new();
     let mut child = builder(&guard)
-        .args(["vm", "shell", "--no-cloud-init-wait", "--image"])
+        .args(["vm", "shell", "--boot", "appliance", "--image"])
         .arg(vm_tier::test_image())
+        .env(
+            "BUILDER_APPLIANCE_CACHE",
+            guard.root().join("appliance-cache"),
+        )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
