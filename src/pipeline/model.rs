@@ -64,19 +64,27 @@ pub struct PipelineSource {
 pub struct Override {
     /// The keys written in the pipeline file, in file order.
     pub keys: Vec<String>,
+    /// Where each key is written, in the same order (for problems found with the recipe).
+    pub spans: Vec<crate::diagnostic::Span>,
     /// Their values in the serde form of the recipe's section, whose names are the file's keys.
     values: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Override {
     /// The keys written and their values, from the section as read (every key with a value).
-    pub fn new(keys: Vec<String>, section: serde_json::Value) -> Override {
+    pub fn new(keys: Vec<Located<String>>, section: serde_json::Value) -> Override {
         let mut values = match section {
             serde_json::Value::Object(map) => map,
             _ => serde_json::Map::new(),
         };
+        let (keys, spans): (Vec<String>, Vec<_>) =
+            keys.into_iter().map(|k| (k.value, k.span)).unzip();
         values.retain(|k, _| keys.contains(k));
-        Override { keys, values }
+        Override {
+            keys,
+            spans,
+            values,
+        }
     }
 
     pub fn is_empty(&self) -> bool {

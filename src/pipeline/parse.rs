@@ -39,8 +39,8 @@ use super::model::{
 use super::schedule::{CronExpr, close_zone, parse_zone};
 use crate::build::plan;
 use crate::diagnostic::{Diagnostics, Problem, Span, close_file_hint};
-use crate::recipe::Located;
-use crate::recipe::settings::pipeline_keys;
+use crate::recipe::settings::{Scope, pipeline_keys, scope_of};
+use crate::recipe::{DirectoryFormats, Distribution, Located, Recipe};
 use crate::yaml::Node;
 
 /// The noun used in diagnostics headings.
@@ -203,6 +203,11 @@ pub fn validate(
     }
     match plan::validate(recipe_path, env) {
         Ok(recipe) => {
+            let kind_problems = for_the_recipe_kind(&pipeline, &recipe.recipe);
+            if !kind_problems.is_empty() {
+                diagnostics.extend(kind_problems);
+                return Err(ParseError::Invalid(vec![diagnostics]));
+            }
             let mut warnings = Vec::new();
             if !diagnostics.is_empty() {
                 warnings.push(diagnostics);
@@ -267,6 +272,62 @@ impl PipelineReader<'_> {
 pub const DURATION_HINT: &str = "write a number and a unit: `30d`, `12h`, `2w`, `90m` or `0s`";
 
 /// `30d`, `12h`, `2w`, `90m`, `45s`.
+/// What the pipeline sets that its recipe's kind cannot take: machine-only `infrastructure`
+/// keys (see `recipe::settings::Scope`) and distribution targets or formats of the other kind.
+/// The pipeline's reader cannot know (it reads the pipeline before its recipe).
+fn for_the_recipe_kind(pipeline: &Pipeline, recipe: &Recipe) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let recipe_name = pipeline.recipe.value.display();
+    if recipe.is_container() {
+        for (key, span) in pipeline
+            .infrastructure
+            .keys
+            .iter()
+            .zip(&pipeline.infrastructure.spans)
+        {
+            if let Scope::Machine(hint) = scope_of(&format!("infrastructure.{key}")) {
+                problems.push(
+                    Problem::error(
+                        *span,
+                        format!(
+                            "`infrastructure.{key}` is a machine recipe's setting, and `{recipe_name}` is a container recipe"
+                        ),
+                    )
+                    .with_hint(format!("remove it from the pipeline; {hint}")),
+                );
+            }
+        }
+    }
+    for target in pipeline.distribution.iter().flatten() {
+        let wrong = match (&target.value, recipe.is_container()) {
+            (
+                Distribution::Vagrant(_) | Distribution::Ami(_) | Distribution::ContainerDisk(_),
+                true,
+            ) => Some(format!(
+                "a `{}` target takes a machine image, and `{recipe_name}` is a container recipe",
+                target.value.kind()
+            )),
+            (Distribution::Directory(d), true) if !d.formats.disk().is_empty() => Some(format!(
+                "disk formats in a `directory` target, and `{recipe_name}` is a container recipe (it writes `docker-archive` or `oci-archive` files)"
+            )),
+            (Distribution::Directory(d), false)
+                if matches!(d.formats, DirectoryFormats::Container(_)) =>
+            {
+                Some(format!(
+                    "archive formats in a `directory` target, and `{recipe_name}` is a machine recipe (it writes disk formats)"
+                ))
+            }
+            _ => None,
+        };
+        if let Some(message) = wrong {
+            problems.push(Problem::error(target.span, message).with_hint(
+                "a pipeline's distribution replaces its recipe's: write the targets that recipe's kind takes".to_string(),
+            ));
+        }
+    }
+    problems
+}
+
 pub fn parse_duration(text: &str) -> Option<Duration> {
     let text = text.trim();
     let split = text.find(|c: char| !c.is_ascii_digit())?;
@@ -430,9 +491,9 @@ fn section(cx: &mut PipelineReader<'_>, node: &Node, section: &str) -> Option<Ov
         .as_mapping()
         .unwrap_or_default()
         .iter()
-        .filter_map(|(k, _)| k.as_str())
-        .filter(|k| allowed.contains(k))
-        .map(str::to_string)
+        .filter_map(|(k, _)| Some((k.as_str()?, k.span)))
+        .filter(|(k, _)| allowed.contains(k))
+        .map(|(k, span)| Located::new(k.to_string(), span))
         .collect();
     Some(Override::new(keys, values))
 }
