@@ -180,9 +180,10 @@ async fn the_agent_runs_a_build_step_and_a_working_container_and_nothing_is_left
         ])
         .await
         .expect("list /run");
-    assert_eq!(
-        listed,
-        ".containerenv\nlock\nls: cannot access '/run/builder-agent': No such file or directory\n"
+    assert!(
+        listed.ends_with("ls: cannot access '/run/builder-agent': No such file or directory\n")
+            && !listed.lines().any(|l| l == "builder-agent"),
+        "{listed}"
     );
     let mut agents = AgentDir::create(&root.path().join("agent-test"), 1).expect("agent dir");
     let mut connections = agents.connections().expect("listen");

@@ -23,6 +23,7 @@
 //! too), overlay hands a finished disk ([`stages::Start::Built`]) straight to the test stage.
 
 pub mod cache;
+pub mod container;
 pub mod events;
 pub mod generalize;
 pub mod layers;
@@ -121,7 +122,18 @@ pub async fn build(
     let cx = BuildContext::new(plan, store, options, &slot, &log);
     cx.started(started);
 
+    // A container recipe: buildah builds the image (`container`); a machine recipe: the VM
+    // stages. Both end stored the same way, distributed the same way.
+    enum Done {
+        Machine(stages::Exported),
+        Container(container::BuiltImage),
+    }
     let result = async {
+        if plan.container.is_some() {
+            // Boxed: the container flow's future inside this one's is deeper than rustc's
+            // layout query allows for `cli::build`'s future.
+            return Box::pin(container::run(&cx)).await.map(Done::Container);
+        }
         let base = cx.stage(Stage::Fetch, stages::fetch_parent(&cx)).await?;
         let start = cx.stage(Stage::Overlay, stages::overlay(&cx, base)).await?;
         let built = match start {
@@ -145,16 +157,28 @@ pub async fn build(
             cx.skipped(Stage::Test);
             stages::untested(built)
         };
-        cx.stage(Stage::Export, stages::export(&cx, tested)).await
+        cx.stage(Stage::Export, stages::export(&cx, tested))
+            .await
+            .map(Done::Machine)
     }
     .await;
 
     match result {
-        Ok(exported) => {
+        Ok(done) => {
             let warnings = cx.unwind(Outcome::Success).warnings();
-            let stored = cx
-                .stage(Stage::Store, stages::store(&cx, exported, slot, warnings))
-                .await;
+            let stored = match done {
+                Done::Machine(exported) => {
+                    cx.stage(Stage::Store, stages::store(&cx, exported, slot, warnings))
+                        .await
+                }
+                Done::Container(image) => {
+                    cx.stage(
+                        Stage::Store,
+                        Box::pin(container::store(&cx, image, slot, warnings)),
+                    )
+                    .await
+                }
+            };
             let mut built = match stored {
                 Ok(built) => built,
                 Err(error) => {

@@ -540,6 +540,21 @@ pub trait ParentResolver {
     /// The newest stored build of `name` whose version matches `version`.
     fn resolve(&self, name: &str, version: &VersionPattern) -> Result<StoredParent, ResolveError>;
 
+    /// The newest stored container build of `name` whose version matches `version`: its OCI
+    /// image layout and manifest digest. Default: none (no store).
+    fn resolve_container(
+        &self,
+        name: &str,
+        version: &VersionPattern,
+    ) -> Result<StoredContainerParent, ResolveError> {
+        Err(ResolveError::NotFound {
+            message: format!("no container image `{name}/{version}` in the store"),
+            hint: Some(format!(
+                "build it first: `builder build` of the container recipe named `{name}`"
+            )),
+        })
+    }
+
     /// The digest of the local file at `path` if it is known and the file has not changed
     /// since (the store keeps such an index), so a large parent is not hashed at every plan.
     fn known_digest(&self, _path: &Path) -> Option<Sha256> {
@@ -575,6 +590,13 @@ impl ParentResolver for ResolveTags<'_> {
     fn resolve(&self, name: &str, version: &VersionPattern) -> Result<StoredParent, ResolveError> {
         self.0.resolve(name, version)
     }
+    fn resolve_container(
+        &self,
+        name: &str,
+        version: &VersionPattern,
+    ) -> Result<StoredContainerParent, ResolveError> {
+        self.0.resolve_container(name, version)
+    }
     fn known_digest(&self, path: &Path) -> Option<Sha256> {
         self.0.known_digest(path)
     }
@@ -600,6 +622,17 @@ pub struct StoredParent {
     pub disk: PathBuf,
     /// From the store's manifest; the build verifies it when it reads the disk.
     pub sha256: Sha256,
+}
+
+/// A stored container build, as the plan pins it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredContainerParent {
+    /// `name/x.y.z/n`.
+    pub reference: String,
+    /// Its OCI image layout.
+    pub layout: PathBuf,
+    /// The image's manifest digest (from the store's manifest).
+    pub manifest_digest: Sha256,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -687,6 +720,61 @@ impl ParentResolver for crate::store::Store {
         Some(registry_tag_digest(reference))
     }
 
+    fn resolve_container(
+        &self,
+        name: &str,
+        version: &VersionPattern,
+    ) -> Result<StoredContainerParent, ResolveError> {
+        let reference = format!("{name}/{version}");
+        match self.resolve_container(&reference) {
+            Ok(image) => {
+                let layout = image
+                    .layout()
+                    .map_err(|e| ResolveError::Failed(Box::new(e)))?;
+                let digest = image
+                    .manifest
+                    .container
+                    .as_ref()
+                    .map(|c| c.manifest_digest.clone())
+                    .unwrap_or_default();
+                let manifest_digest = Sha256::parse(digest.trim_start_matches("sha256:"))
+                    .ok_or_else(|| {
+                        ResolveError::Failed(
+                            format!(
+                                "the manifest of {} has a malformed image digest",
+                                image.reference()
+                            )
+                            .into(),
+                        )
+                    })?;
+                Ok(StoredContainerParent {
+                    reference: image.reference(),
+                    layout: layout.dir().to_path_buf(),
+                    manifest_digest,
+                })
+            }
+            Err(crate::store::StoreError::NotFound { close, .. }) => Err(ResolveError::NotFound {
+                message: format!("no image `{reference}` in the store"),
+                hint: Some(if close.is_empty() {
+                    format!(
+                        "build it first: `builder build` of the container recipe named `{name}`; `builder images list` shows what is stored"
+                    )
+                } else {
+                    format!("the store has {}", crate::diagnostic::one_of(&close))
+                }),
+            }),
+            Err(
+                e @ (crate::store::StoreError::MachineNotContainer { .. }
+                | crate::store::StoreError::BadName { .. }
+                | crate::store::StoreError::BadReference { .. }),
+            ) => Err(ResolveError::NotFound {
+                message: e.to_string(),
+                hint: None,
+            }),
+            Err(e) => Err(ResolveError::Failed(Box::new(e))),
+        }
+    }
+
     fn resolve(&self, name: &str, version: &VersionPattern) -> Result<StoredParent, ResolveError> {
         let reference = format!("{name}/{version}");
         match self.resolve_image(&reference) {
@@ -769,6 +857,20 @@ pub struct Plan {
     /// are shared does not change what they hold.
     #[serde(default, skip_serializing_if = "recipe::SharedCache::is_empty")]
     pub shared_cache: recipe::SharedCache,
+    /// A container recipe's build (an OCI image built by buildah, `build::container`); `None`
+    /// for a machine image. Written only for container recipes, so machine plans keep their
+    /// digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<PlannedContainer>,
+}
+
+/// What a container recipe's build adds to the plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlannedContainer {
+    pub container_type: recipe::ContainerType,
+    /// The `dockerfileTemplate` (the default when the recipe has none).
+    pub template: recipe::dockerfile::DockerfileTemplate,
 }
 
 fn yes() -> bool {
@@ -826,8 +928,29 @@ pub enum PlannedParent {
         format: DiskFormat,
         virtual_size: ByteSize,
     },
+    /// A container recipe's parent in an OCI archive file on this machine, hashed now.
+    #[serde(rename_all = "camelCase")]
+    Archive {
+        /// As written in the recipe.
+        path: String,
+        local_path: PathBuf,
+        sha256: Sha256,
+    },
+    /// A container recipe's parent: a stored container build (its OCI image layout).
+    #[serde(rename_all = "camelCase")]
+    StoredContainer {
+        /// As written in the recipe (`name/1.x.x`).
+        reference: String,
+        /// The build it resolved to (`name/1.2.0/3`).
+        resolved: String,
+        /// The build's OCI image layout.
+        layout: PathBuf,
+        /// The image's manifest digest.
+        manifest_digest: Sha256,
+    },
     /// Pulled from an OCI registry by the build (the disk layer of a builder artifact, or the
-    /// qcow2 in a containerDisk), pinned by the manifest digest; the pull checks the layer.
+    /// qcow2 in a containerDisk; a container recipe's parent image), pinned by the manifest
+    /// digest; the pull checks the layer.
     #[serde(rename_all = "camelCase")]
     Oci {
         /// As written, without `oci://`. Without `@sha256:…` when the plan resolved the tag
@@ -858,8 +981,12 @@ impl PlannedParent {
         match self {
             PlannedParent::File { sha256, .. }
             | PlannedParent::Url { sha256, .. }
-            | PlannedParent::Store { sha256, .. } => sha256,
+            | PlannedParent::Store { sha256, .. }
+            | PlannedParent::Archive { sha256, .. } => sha256,
             PlannedParent::Oci {
+                manifest_digest, ..
+            }
+            | PlannedParent::StoredContainer {
                 manifest_digest, ..
             } => manifest_digest,
         }
@@ -883,7 +1010,10 @@ impl PlannedParent {
         match self {
             PlannedParent::File { virtual_size, .. }
             | PlannedParent::Store { virtual_size, .. } => Some(*virtual_size),
-            PlannedParent::Url { .. } | PlannedParent::Oci { .. } => None,
+            PlannedParent::Url { .. }
+            | PlannedParent::Oci { .. }
+            | PlannedParent::Archive { .. }
+            | PlannedParent::StoredContainer { .. } => None,
         }
     }
 }
@@ -1065,6 +1195,20 @@ impl Plan {
 
     /// The stages in order (the test stage only when enabled).
     pub fn stages(&self) -> Vec<Stage> {
+        if self.container.is_some() {
+            // buildah builds the image: each component is a RUN; the test runs in a
+            // container of the image; the store keeps an OCI image layout.
+            let mut stages = vec![Stage::Fetch];
+            stages.extend((0..self.components.len()).map(Stage::Component));
+            if self.tests.enabled {
+                stages.push(Stage::Test);
+            }
+            stages.push(Stage::Store);
+            if !self.distribution.is_empty() {
+                stages.push(Stage::Distribute);
+            }
+            return stages;
+        }
         let mut stages = vec![Stage::Fetch, Stage::Overlay, Stage::Boot];
         stages.extend((0..self.components.len()).map(Stage::Component));
         stages.extend([Stage::Generalize, Stage::Shutdown]);
@@ -1263,24 +1407,6 @@ pub fn plan(
         test_components,
         ..
     } = validated;
-    if let Some(container) = &recipe.container {
-        // Until the container build is wired in (issue #14), a container recipe validates but
-        // is not planned.
-        let mut d = Diagnostics::new(
-            &recipe.source.path,
-            recipe.source.text.clone(),
-            recipe::NOUN,
-        )
-        .with_consequence(recipe::CONSEQUENCE);
-        d.push(
-            Problem::error(
-                container.template.span,
-                "container recipes cannot be built yet",
-            )
-            .with_hint("`builder validate` checks it; the container build is not wired in yet"),
-        );
-        return Err(PlanError::Invalid(vec![d]));
-    }
     let mut problems = Vec::new();
     let parent = resolve_parent(&recipe, resolver, env, progress, &mut problems)?;
 
@@ -1376,6 +1502,10 @@ pub fn plan(
             })
             .collect(),
         shared_cache: recipe.cache.clone(),
+        container: recipe.container.as_ref().map(|c| PlannedContainer {
+            container_type: c.container_type,
+            template: c.template.value.clone(),
+        }),
     };
     if serde_json::to_value(&plan).is_err() {
         return Err(PlanError::NotUtf8 {
@@ -1495,12 +1625,17 @@ fn resolve_parent(
             let Some(local) = local_parent(&recipe.source.path, path, *span, env, problems) else {
                 return Ok(None);
             };
-            let (format, virtual_size) = match disk_header(&local) {
-                Ok(header) => header,
-                Err(HeaderError::Io(source)) => return Err(source.into()),
-                Err(HeaderError::Unsupported(kind)) => {
-                    problems.push(unsupported_format(*span, &local, kind));
-                    return Ok(None);
+            // A container recipe's file parent is an OCI archive: no disk header to read.
+            let header = if recipe.container.is_some() {
+                None
+            } else {
+                match disk_header(&local) {
+                    Ok(header) => Some(header),
+                    Err(HeaderError::Io(source)) => return Err(source.into()),
+                    Err(HeaderError::Unsupported(kind)) => {
+                        problems.push(unsupported_format(*span, &local, kind));
+                        return Ok(None);
+                    }
                 }
             };
             let digest = match resolver.known_digest(&local) {
@@ -1531,13 +1666,38 @@ fn resolve_parent(
                 );
                 return Ok(None);
             }
-            Ok(Some(PlannedParent::File {
-                path: path.clone(),
-                local_path: absolute(&local),
-                sha256: digest,
-                format,
-                virtual_size,
+            Ok(Some(match header {
+                Some((format, virtual_size)) => PlannedParent::File {
+                    path: path.clone(),
+                    local_path: absolute(&local),
+                    sha256: digest,
+                    format,
+                    virtual_size,
+                },
+                None => PlannedParent::Archive {
+                    path: path.clone(),
+                    local_path: absolute(&local),
+                    sha256: digest,
+                },
             }))
+        }
+        ParentImage::Store { name, version } if recipe.container.is_some() => {
+            match resolver.resolve_container(name, version) {
+                Ok(stored) => Ok(Some(PlannedParent::StoredContainer {
+                    reference: format!("{name}/{version}"),
+                    resolved: stored.reference,
+                    layout: stored.layout,
+                    manifest_digest: stored.manifest_digest,
+                })),
+                Err(ResolveError::NotFound { message, hint }) => {
+                    problems.push(Problem::error(*span, message).with_hint_opt(hint));
+                    Ok(None)
+                }
+                Err(ResolveError::Failed(source)) => Err(PlanError::Store {
+                    reference: format!("{name}/{version}"),
+                    source,
+                }),
+            }
         }
         ParentImage::Store { name, version } => match resolver.resolve(name, version) {
             Ok(stored) => {

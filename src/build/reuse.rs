@@ -182,6 +182,8 @@ fn parent_image(plan: &Plan, store: &Store) -> Option<PathBuf> {
             Some(local_path.clone())
         }
         PlannedParent::Url { sha256, .. } => store.cached_base(sha256.as_str()),
+        // Container images have no layer chain of builder's.
+        PlannedParent::Archive { .. } | PlannedParent::StoredContainer { .. } => None,
         PlannedParent::Oci {
             manifest_digest, ..
         } => {

@@ -131,6 +131,16 @@ pub enum BuildError {
     Copy(#[source] std::io::Error),
     #[error("could not store the build")]
     Commit(#[source] StoreError),
+    /// A machine build's plan names a container image as its parent.
+    #[error("{parent} is a container image: a machine image builds on a disk image")]
+    ParentNotADisk { parent: String },
+    /// A container build's engine (buildah) failed.
+    #[error("{what}")]
+    Container {
+        what: String,
+        #[source]
+        source: Box<crate::container::ContainerError>,
+    },
     /// The image is stored; sending it to a target failed.
     #[error("the image is stored, but distributing it to {target} failed{}: {message}", if *.failed > 1 { format!(" (and {} more)", .failed - 1) } else { String::new() })]
     Distribute {
@@ -221,6 +231,7 @@ impl BuildError {
                 PlanError::Invalid(_) | PlanError::Changed { .. } | PlanError::NotUtf8 { .. },
             )
             | BuildError::ParentChanged { .. }
+            | BuildError::ParentNotADisk { .. }
             | BuildError::ApplianceUserData => ErrorClass::Input,
             BuildError::Vm { source, .. } => source.class(),
             BuildError::Allocate(_)
@@ -237,6 +248,11 @@ impl BuildError {
             | BuildError::Copy(_)
             | BuildError::Commit(_) => ErrorClass::Host,
             BuildError::Distribute { .. } => ErrorClass::Failed,
+            BuildError::Container { source, .. } => match **source {
+                crate::container::ContainerError::Command { .. }
+                | crate::container::ContainerError::Agent { .. } => ErrorClass::Failed,
+                _ => ErrorClass::Host,
+            },
             BuildError::Guest { .. }
             | BuildError::DiskNotGrown { .. }
             | BuildError::ApplianceGrow { .. }
@@ -392,7 +408,7 @@ impl<'a> BuildContext<'a> {
             .unwrap_or_default()
     }
 
-    fn push_undo<E: Into<UndoError>>(
+    pub(super) fn push_undo<E: Into<UndoError>>(
         &self,
         label: String,
         keep_note: Option<String>,
@@ -428,6 +444,16 @@ impl<'a> BuildContext<'a> {
         if let Ok(mut m) = self.manifest.lock() {
             f(&mut m);
         }
+    }
+
+    /// The manifest as the build has filled it so far.
+    pub(super) fn manifest_now(&self) -> Manifest {
+        self.manifest()
+    }
+
+    /// The test stage's results, for the manifest.
+    pub(super) fn set_tests(&self, results: Vec<TestResult>) {
+        self.with_manifest(|m| m.tests = results);
     }
 
     fn manifest(&self) -> Manifest {
@@ -614,6 +640,23 @@ fn parent_input(parent: &PlannedParent) -> ParentInput {
             store_image: Some(resolved.clone()),
             disk_sha256: None,
         },
+        PlannedParent::Archive { path, sha256, .. } => ParentInput {
+            source: path.clone(),
+            sha256: sha256.to_string(),
+            store_image: None,
+            disk_sha256: None,
+        },
+        PlannedParent::StoredContainer {
+            reference,
+            resolved,
+            manifest_digest,
+            ..
+        } => ParentInput {
+            source: reference.clone(),
+            sha256: manifest_digest.to_string(),
+            store_image: Some(resolved.clone()),
+            disk_sha256: None,
+        },
     }
 }
 
@@ -687,7 +730,7 @@ impl DownloadProgress for DownloadBar<'_, '_> {
 
 /// Registry transfers as build events in `stage` (one per MiB at most per thing moved), like
 /// [`DownloadBar`]: the parent image's pull, and the shared layer cache's pulls and pushes.
-struct PullBar<'a, 'b> {
+pub(super) struct PullBar<'a, 'b> {
     cx: &'b BuildContext<'a>,
     stage: Stage,
     /// What the events name; `None`: the target and what the registry code names.
@@ -697,7 +740,7 @@ struct PullBar<'a, 'b> {
 }
 
 impl<'a, 'b> PullBar<'a, 'b> {
-    fn new(cx: &'b BuildContext<'a>, stage: Stage, what: Option<&'static str>) -> Self {
+    pub(super) fn new(cx: &'b BuildContext<'a>, stage: Stage, what: Option<&'static str>) -> Self {
         Self {
             cx,
             stage,
@@ -740,6 +783,13 @@ impl crate::distribute::Progress for PullBar<'_, '_> {
 
 pub async fn fetch_parent(cx: &BuildContext<'_>) -> Result<Base, BuildError> {
     match &cx.plan.parent {
+        // Only container plans have these parents, and `build` sends those elsewhere.
+        PlannedParent::Archive { local_path, .. } => Err(BuildError::ParentNotADisk {
+            parent: local_path.display().to_string(),
+        }),
+        PlannedParent::StoredContainer { resolved, .. } => Err(BuildError::ParentNotADisk {
+            parent: resolved.clone(),
+        }),
         PlannedParent::Oci {
             reference,
             manifest_digest,
@@ -1615,6 +1665,31 @@ async fn run_component(
     index: usize,
     component: &PlannedComponent,
 ) -> Result<(), BuildError> {
+    let appliance = cx.plan.infrastructure.boot == recipe::Boot::Appliance;
+    let label = run_build_phases(cx, RunOn::Vm(&vm.session), index, component, appliance).await?;
+    let next = cx.chain[index + 2].name.clone();
+    let key = cx.chain[index + 1].key.clone();
+    commit_layer(cx, vm, &label, &key, &next).await
+}
+
+/// Where a component's documents run: a VM's session (guarded: a VM that dies ends the run
+/// at once) or a container's agent (a container that ends breaks the agent's connection).
+#[derive(Clone, Copy)]
+pub(super) enum RunOn<'s> {
+    Vm(&'s Session),
+    Container(&'s dyn Machine),
+}
+
+/// A component's `build` then `validate` phases on `on`, recorded in the manifest; the
+/// component's label, or the failed step as the error. `appliance`: it ran in the appliance
+/// (see [`wants_a_service_manager`]).
+pub(super) async fn run_build_phases(
+    cx: &BuildContext<'_>,
+    on: RunOn<'_>,
+    index: usize,
+    component: &PlannedComponent,
+    appliance: bool,
+) -> Result<String, BuildError> {
     let (document, warnings) = plan::load_component_checked(component)?;
     // Shown before the build too; here they become part of the build's log and events.
     for w in &warnings {
@@ -1627,31 +1702,19 @@ async fn run_component(
         .map(|p| p.to_string())
         .collect();
     let folder = component_folder(index, component);
-    let report = run_document(
-        cx,
-        &vm.session,
-        document,
-        component,
-        phases,
-        &folder,
-        "components",
-    )
-    .await?;
+    let report = run_document(cx, on, document, component, phases, &folder, "components").await?;
     let label = component.label().to_string();
     record_phases(cx, &label, &report.report);
     if !report.report.status.is_ok() {
-        let appliance = cx.plan.infrastructure.boot == recipe::Boot::Appliance;
         return Err(failure_of(cx, &label, &report, appliance));
     }
-    let next = cx.chain[index + 2].name.clone();
-    let key = cx.chain[index + 1].key.clone();
-    commit_layer(cx, vm, &label, &key, &next).await
+    Ok(label)
 }
 
-/// One executor run of one document on the session's target.
+/// One executor run of one document on `on`.
 async fn run_document(
     cx: &BuildContext<'_>,
-    session: &Session,
+    on: RunOn<'_>,
     document: crate::component::document::Document,
     component: &PlannedComponent,
     phases: Vec<String>,
@@ -1687,22 +1750,32 @@ async fn run_document(
         ),
         ..RunOptions::default()
     };
-    let target: Arc<dyn Machine> = session.target();
-    let run = executor::run(
-        target.as_ref(),
-        request,
-        options,
-        cx.log,
-        CancellationToken::new(),
-    );
-    session
-        .guard(run)
-        .await
-        .map_err(vm_err(if logs == "tests" { "test" } else { "build" }))?
-        .map_err(|source| BuildError::Executor {
-            component: component.label().to_string(),
-            source,
-        })
+    let executor_err = |source| BuildError::Executor {
+        component: component.label().to_string(),
+        source,
+    };
+    match on {
+        RunOn::Vm(session) => {
+            let target: Arc<dyn Machine> = session.target();
+            let run = executor::run(
+                target.as_ref(),
+                request,
+                options,
+                cx.log,
+                CancellationToken::new(),
+            );
+            session
+                .guard(run)
+                .await
+                .map_err(vm_err(if logs == "tests" { "test" } else { "build" }))?
+                .map_err(executor_err)
+        }
+        RunOn::Container(target) => {
+            executor::run(target, request, options, cx.log, CancellationToken::new())
+                .await
+                .map_err(executor_err)
+        }
+    }
 }
 
 fn record_phases(cx: &BuildContext<'_>, label: &str, report: &ExecutionReport) {
@@ -2000,9 +2073,10 @@ async fn run_tests(cx: &BuildContext<'_>, disk: &BuiltDisk) -> Result<(), BuildE
         .await
         .map_err(|_| timed_out())?
         .map_err(vm_err("test"))?;
-    let (results, failure) = tokio::time::timeout_at(deadline, test_components(cx, &session))
-        .await
-        .map_err(|_| timed_out())??;
+    let (results, failure) =
+        tokio::time::timeout_at(deadline, test_components(cx, RunOn::Vm(&session)))
+            .await
+            .map_err(|_| timed_out())??;
     cx.with_manifest(|m| m.tests = results);
     if let (Some(BuildError::Component(f)), Some(shell), Some(agent)) =
         (&failure, &cx.options.on_failure, session.agent().cloned())
@@ -2025,9 +2099,9 @@ async fn run_tests(cx: &BuildContext<'_>, disk: &BuiltDisk) -> Result<(), BuildE
 
 /// The `test` phase of every component that has one, then the test components: each one's
 /// result, and the first failure.
-async fn test_components(
+pub(super) async fn test_components(
     cx: &BuildContext<'_>,
-    session: &Session,
+    on: RunOn<'_>,
 ) -> Result<(Vec<TestResult>, Option<BuildError>), BuildError> {
     let mut results = Vec::new();
     let mut failure = None;
@@ -2046,7 +2120,7 @@ async fn test_components(
         let t0 = Instant::now();
         let outcome = run_document(
             cx,
-            session,
+            on,
             document,
             component,
             vec!["test".to_string()],
@@ -2622,12 +2696,12 @@ mod tests {
                 recipe_with(&[], "description: b\n"),
                 Export,
             ),
-            // Container recipes are refused by the plan until their build is wired in.
+            // A container recipe: built by `build::container` from the plan's template.
             (
                 "containerType",
                 recipe_with(&[], ""),
                 recipe_with(&[], "containerType: docker\n"),
-                Refused,
+                Plan(|p| format!("{:?}", p.container)),
             ),
             (
                 "dockerfileTemplate",
@@ -2636,7 +2710,7 @@ mod tests {
                     &[],
                     "containerType: docker\ndockerfileTemplate: |\n  FROM {{{ imagebuilder:parentImage }}}\n  {{{ imagebuilder:components }}}\n",
                 ),
-                Refused,
+                Plan(|p| format!("{:?}", p.container)),
             ),
             (
                 "parentImage",

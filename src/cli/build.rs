@@ -161,7 +161,9 @@ pub async fn main(args: BuildArgs) -> CliResult {
 
     let started = Instant::now();
     let result = tokio::select! {
-        r = build::build(&plan, &store, &options, observer.as_ref()) => r,
+        // Boxed: the build's future is deep (VM and container stages) for rustc's layout
+        // query of this one.
+        r = Box::pin(build::build(&plan, &store, &options, observer.as_ref())) => r,
         sig = super::vm::interrupted() => {
             // Dropping the build future ran every undo (VM stopped, files removed) and moved
             // the logs to the store's failed/ area.

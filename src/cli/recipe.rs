@@ -478,6 +478,27 @@ pub fn describe(plan: &Plan, layers: Option<&[Preview]>) -> String {
                 "                  virtual size {virtual_size}, sha256 {sha256}"
             );
         }
+        PlannedParent::Archive {
+            path,
+            local_path,
+            sha256,
+        } => {
+            let _ = writeln!(out, "  parent image    {path} → {}", local_path.display());
+            let _ = writeln!(out, "                  OCI archive, sha256 {sha256}");
+        }
+        PlannedParent::StoredContainer {
+            reference,
+            resolved,
+            layout,
+            manifest_digest,
+        } => {
+            let _ = writeln!(
+                out,
+                "  parent image    {reference} → {resolved} ({})",
+                layout.display()
+            );
+            let _ = writeln!(out, "                  manifest sha256:{manifest_digest}");
+        }
         PlannedParent::Oci {
             reference,
             manifest_digest,
@@ -576,6 +597,15 @@ pub fn describe(plan: &Plan, layers: Option<&[Preview]>) -> String {
                     "download into the cache (resumable), verify sha256".to_string()
                 }
                 PlannedParent::Store { resolved, .. } => format!("{resolved} from the store"),
+                PlannedParent::Archive { .. } => {
+                    "import the OCI archive into the container engine (sha256 checked)".to_string()
+                }
+                PlannedParent::StoredContainer { resolved, .. } => {
+                    format!("{resolved} from the store into the container engine")
+                }
+                PlannedParent::Oci { .. } if plan.container.is_some() => {
+                    "pull into the container engine, pinned by the manifest digest".to_string()
+                }
                 PlannedParent::Oci { .. } => {
                     "pull from the registry into the cache, verify the layer digest".to_string()
                 }

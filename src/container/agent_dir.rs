@@ -41,6 +41,7 @@ impl AgentDir {
         let mut listeners = Vec::new();
         for n in 1..=count {
             use std::os::fd::AsRawFd;
+            use std::os::unix::fs::PermissionsExt;
             let short = format!("/proc/self/fd/{}/c{n}.sock", folder.as_raw_fd());
             let listener = std::os::unix::net::UnixListener::bind(&short).map_err(|e| {
                 std::io::Error::new(
@@ -51,6 +52,11 @@ impl AgentDir {
                     ),
                 )
             })?;
+            // A RUN after the template's own `USER` runs the agent as that user.
+            fs_err::set_permissions(
+                dir.join(format!("c{n}.sock")),
+                std::fs::Permissions::from_mode(0o666),
+            )?;
             listener.set_nonblocking(true)?;
             listeners.push(listener);
         }

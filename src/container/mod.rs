@@ -187,6 +187,9 @@ impl Engine {
             .arg("--runroot")
             .arg(self.dir.join("run"))
             .args(args)
+            // The OCI runtime keeps its state under XDG_RUNTIME_DIR when it is set: in the
+            // engine's folder too, not in the caller's runtime folder.
+            .env("XDG_RUNTIME_DIR", self.dir.join("run"))
             .stdin(Stdio::null());
         cmd
     }
@@ -199,6 +202,7 @@ impl Engine {
             .arg("--runroot")
             .arg(dir.join("run"))
             .args(args)
+            .env("XDG_RUNTIME_DIR", dir.join("run"))
             .stdin(Stdio::null());
         cmd
     }
@@ -319,10 +323,14 @@ impl Engine {
         mounts: &[String],
         argv: &[String],
     ) -> Result<Running, ContainerError> {
+        // As root whatever the image's USER: builder's agent runs the steps (each may name
+        // its own user).
         let mut args = vec![
             "run".to_string(),
             "--isolation".into(),
             self.isolation.as_str().into(),
+            "--user".into(),
+            "0:0".into(),
         ];
         for m in mounts {
             args.push("-v".into());
@@ -377,11 +385,28 @@ impl Engine {
     /// `oci:/layout:tag`) into the storage as `name` (`localhost/…:…`), dropping the name the
     /// source gave it, so what is in the storage is named by builder only. Returns its id.
     pub async fn import(&self, source: &str, name: &str) -> Result<String, ContainerError> {
-        let id = self
-            .run(&["pull", "--quiet", source])
-            .await?
-            .trim()
-            .to_string();
+        // buildah names an image pulled from an `oci:` layout after the layout's path, and
+        // refuses a path that is not a valid image name (upper case letters, a user's home):
+        // the layout is pulled through a lower-case link made for the pull.
+        let mut link = None;
+        let linked;
+        let source = match source.strip_prefix("oci:") {
+            Some(layout) => {
+                let dir = tempfile::Builder::new()
+                    .prefix("builder-import-")
+                    .rand_bytes(0)
+                    .suffix(&uuid::Uuid::new_v4().simple().to_string())
+                    .tempdir()?;
+                fs_err::os::unix::fs::symlink(layout, dir.path().join("layout"))?;
+                linked = format!("oci:{}", dir.path().join("layout").display());
+                link = Some(dir);
+                linked.as_str()
+            }
+            None => source,
+        };
+        let pulled = self.run(&["pull", "--quiet", source]).await;
+        drop(link);
+        let id = pulled?.trim().to_string();
         if id.is_empty() {
             return Err(ContainerError::Output {
                 what: format!("pull {source}"),
@@ -644,9 +669,10 @@ impl Running {
         })
     }
 
-    /// Whether buildah has ended.
-    pub fn try_finished(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(Some(_)))
+    /// Takes the output's lines, so they can be read while [`Self::exited`] is awaited.
+    pub fn take_lines(&mut self) -> Lines {
+        let (_, closed) = mpsc::unbounded_channel();
+        std::mem::replace(&mut self.lines, closed)
     }
 
     /// Waits for the exit status only (the caller reads [`Self::lines`] meanwhile).

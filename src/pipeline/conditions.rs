@@ -86,6 +86,22 @@ impl Inputs {
                 resolved: Some(resolved.clone()),
                 sha256: sha256.to_string(),
             },
+            PlannedParent::Archive { path, sha256, .. } => ParentInput {
+                written: path.clone(),
+                resolved: None,
+                sha256: sha256.to_string(),
+            },
+            // A rebuilt parent has a new image digest.
+            PlannedParent::StoredContainer {
+                reference,
+                resolved,
+                manifest_digest,
+                ..
+            } => ParentInput {
+                written: reference.clone(),
+                resolved: Some(resolved.clone()),
+                sha256: manifest_digest.to_string(),
+            },
             // The plan asked the registry what the tag points at now: a pushed image moves
             // the manifest digest.
             PlannedParent::Oci {

@@ -1,0 +1,264 @@
+//! Container tier: `builder build` of container recipes end to end, with real buildah (as
+//! root) on the fixture base container image (`BUILDER_TEST_CONTAINER`, an OCI archive of
+//! Debian 12 made by fixtures/base-container.sh). Run with:
+//!
+//! ```text
+//! BUILDER_CONTAINER_TESTS=1 BUILDER_TEST_CONTAINER=$(fixtures/base-container.sh) \
+//!     cargo test --test container_e2e
+//! ```
+//!
+//! One test, in order, so the parent is imported into the store's engine once
+//! (tests/container/): a recipe with a loop, chaining and file actions builds and its test
+//! stage runs in a container; the stored image (an OCI layout, kind `container`, packages
+//! listed) runs with `buildah` and has the components' changes; built again, every component
+//! is cached; one changed component redoes only itself; a custom template's ENV, LABEL and
+//! USER are honoured; a failing component exits 1 naming the step and its output, leaving no
+//! container, mount or work folder behind.
+
+#[path = "support/container_tier.rs"]
+mod container_tier;
+
+#[path = "support/leftovers.rs"]
+mod leftovers;
+use leftovers::NoLeftovers;
+
+#[path = "support/events.rs"]
+mod build_events;
+use build_events::{events, json_lines};
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+fn here() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/container")
+}
+
+fn build(guard: &NoLeftovers, base: &Path, recipe: &Path) -> (Output, Vec<serde_json::Value>) {
+    let recipe = recipe.display().to_string();
+    let args = ["build", "--json", recipe.as_str()];
+    let out = leftovers::run_echoed(
+        guard
+            .builder_command(&args)
+            .env("BUILDER_TEST_CONTAINER", base),
+        &args,
+    );
+    let all = json_lines(&out.stdout);
+    (out, all)
+}
+
+/// Each component stage's status, in order: `success` or `cached`.
+fn component_statuses(all: &[serde_json::Value]) -> Vec<String> {
+    events(all, "stageFinished")
+        .iter()
+        .filter(|e| {
+            e["stage"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("component"))
+        })
+        .map(|e| e["status"].as_str().unwrap_or("?").to_string())
+        .collect()
+}
+
+/// The recipe of the two-component image, its second component's parameter `text`.
+fn tools_recipe(guard: &NoLeftovers, text: &str) -> PathBuf {
+    let components = here().join("components");
+    let path = guard.root().join("tools.yml");
+    fs_err::write(
+        &path,
+        format!(
+            "name: ctools\nversion: 1.0.0\ncontainerType: docker\nparentImage: ${{BUILDER_TEST_CONTAINER}}\n\
+             components:\n  - path: {c}/write-tools.yml\n  - path: {c}/second.yml\n    parameters:\n      Text: {text}\n\
+             tests:\n  components:\n    - path: {c}/test-basics.yml\n",
+            c = components.display()
+        ),
+    )
+    .expect("write recipe");
+    path
+}
+
+/// buildah on the store's engine storage.
+fn buildah(guard: &NoLeftovers, args: &[&str]) -> String {
+    let dir = guard.store().join("containers");
+    let out = std::process::Command::new("buildah")
+        .arg("--root")
+        .arg(dir.join("storage"))
+        .arg("--runroot")
+        .arg(dir.join("run"))
+        .args(args)
+        .output()
+        .expect("buildah");
+    assert!(
+        out.status.success(),
+        "buildah {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn manifest(dir: &Path) -> serde_json::Value {
+    serde_json::from_slice(&fs_err::read(dir.join("manifest.json")).expect("manifest"))
+        .expect("manifest JSON")
+}
+
+/// The stored build's folder, from the `buildFinished` event.
+fn stored_dir(all: &[serde_json::Value]) -> PathBuf {
+    let finished = events(all, "buildFinished");
+    PathBuf::from(
+        finished[0]["directory"]
+            .as_str()
+            .expect("a finished build names its folder"),
+    )
+}
+
+/// `oci:<a lower-case link to the build's layout>` (buildah names what it reads from a layout
+/// after its path, and refuses upper case letters, which temporary folders have), and the
+/// folder of the link.
+fn lower_case_link(dir: &Path) -> (tempfile::TempDir, String) {
+    let link = tempfile::Builder::new()
+        .prefix("e2e-")
+        .rand_bytes(0)
+        .suffix(&format!("{}", std::process::id()))
+        .tempdir()
+        .expect("temp dir");
+    fs_err::os::unix::fs::symlink(dir.join("oci"), link.path().join("layout")).expect("link");
+    let source = format!("oci:{}", link.path().join("layout").display());
+    (link, source)
+}
+
+/// The image configuration in the OCI layout at `layout` (its one image).
+fn image_config(layout: &Path) -> serde_json::Value {
+    let read = |digest: &str| -> serde_json::Value {
+        let hex = digest.trim_start_matches("sha256:");
+        serde_json::from_slice(&fs_err::read(layout.join("blobs/sha256").join(hex)).expect("blob"))
+            .expect("blob JSON")
+    };
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs_err::read(layout.join("index.json")).expect("index.json"))
+            .expect("index JSON");
+    let manifest = read(
+        index["manifests"][0]["digest"]
+            .as_str()
+            .expect("a manifest"),
+    );
+    read(manifest["config"]["digest"].as_str().expect("a config"))
+}
+
+/// Runs `script` in a throwaway container of the stored layout at `dir`; its stdout.
+fn run_in_stored(guard: &NoLeftovers, dir: &Path, script: &str) -> String {
+    let source = lower_case_link(dir);
+    let name = buildah(guard, &["from", "--name", "e2e-check", &source.1]);
+    let out = buildah(
+        guard,
+        &[
+            "run",
+            "--isolation",
+            "chroot",
+            "e2e-check",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+    );
+    buildah(guard, &["rm", name.trim()]);
+    out
+}
+
+#[test]
+#[cfg_attr(
+    not(container_tier),
+    ignore = "container tier: set BUILDER_CONTAINER_TESTS=1 and BUILDER_TEST_CONTAINER (scripts/test does)"
+)]
+fn container_recipes_build_test_cache_and_fail_cleanly() {
+    let base = container_tier::base_container();
+    let guard = NoLeftovers::new();
+    // Dropped first: the engine's storage is unmounted before the guard checks and removes.
+    let _engine = container_tier::EngineDir(guard.store().join("containers"));
+
+    // 1. Loops, chaining, file actions; the test stage in a container.
+    let recipe = tools_recipe(&guard, "first");
+    let (out, all) = build(&guard, &base, &recipe);
+    assert!(out.status.success(), "the container build succeeds");
+    assert_eq!(component_statuses(&all), ["success", "success"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let tested = events(&all, "stageFinished")
+        .iter()
+        .any(|e| e["stage"] == "test" && e["status"] == "success");
+    assert!(tested, "the test stage ran: {stderr}");
+    let dir = stored_dir(&all);
+    let m = manifest(&dir);
+    assert_eq!(m["kind"], "container");
+    assert!(
+        m["container"]["manifestDigest"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("sha256:")),
+        "{m:#}"
+    );
+    let packages = m["packages"]["packages"]
+        .as_array()
+        .map(Vec::len)
+        .unwrap_or(0);
+    assert!(
+        packages > 50,
+        "the image's dpkg database is the SBOM: {packages}"
+    );
+    assert_eq!(m["tests"][0]["status"], "success", "{:#}", m["tests"]);
+    let seen = run_in_stored(
+        &guard,
+        &dir,
+        "cat /opt/tools/list /opt/tools/stamp; echo; cat /opt/tools/second /opt/tools/env; ls -A /run",
+    );
+    assert!(
+        seen.starts_with("curl\njq\nyq\nstamp-3\nfirst\ngreeting=none user=root\n"),
+        "the components' changes: {seen}"
+    );
+    assert!(
+        !seen.lines().any(|l| l == "builder-agent"),
+        "nothing of builder in /run: {seen}"
+    );
+
+    // 2. The same recipe again: every component comes from buildah's cache.
+    let (out, all) = build(&guard, &base, &recipe);
+    assert!(out.status.success());
+    assert_eq!(component_statuses(&all), ["cached", "cached"]);
+
+    // 3. The second component changed: only it runs again.
+    let recipe = tools_recipe(&guard, "changed");
+    let (out, all) = build(&guard, &base, &recipe);
+    assert!(out.status.success());
+    assert_eq!(component_statuses(&all), ["cached", "success"]);
+    let dir = stored_dir(&all);
+    assert_eq!(
+        run_in_stored(&guard, &dir, "cat /opt/tools/second"),
+        "changed\n"
+    );
+
+    // 4. A custom template: ENV reaches the components, LABEL and USER are in the image.
+    let (out, all) = build(&guard, &base, &here().join("custom-template.yml"));
+    assert!(out.status.success());
+    let dir = stored_dir(&all);
+    assert_eq!(
+        run_in_stored(&guard, &dir, "cat /opt/tools/env; id -un"),
+        "greeting=hello user=root\nnobody\n"
+    );
+    let config = image_config(&dir.join("oci"));
+    assert_eq!(config["config"]["User"], "nobody", "{config:#}");
+    assert_eq!(config["config"]["Labels"]["org.example.team"], "tools");
+
+    // 5. A failing component: exit 1, the step and its output named, nothing left.
+    let (out, _) = build(&guard, &base, &here().join("failing.yml"));
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("`Breaks`"), "the step is named: {stderr}");
+    assert!(
+        stderr.contains("about to fail, no such tool"),
+        "its output is shown: {stderr}"
+    );
+    let containers = buildah(&guard, &["containers", "--all", "--quiet"]);
+    assert_eq!(containers.trim(), "", "no working container is left");
+    let mounts: Vec<String> = container_tier::mounts_under(&guard.store())
+        .into_iter()
+        .filter(|m| m.ends_with("/merged"))
+        .collect();
+    assert!(mounts.is_empty(), "no container mount is left: {mounts:?}");
+}
