@@ -13,7 +13,9 @@
 //! listed) runs with `buildah` and has the components' changes; built again, every component
 //! is cached; one changed component redoes only itself; a custom template's ENV, LABEL and
 //! USER are honoured; a failing component exits 1 naming the step and its output, leaving no
-//! container, mount or work folder behind.
+//! container, mount or work folder behind; a parent pushed to a real registry
+//! (docker-registry, by skopeo) is pulled by digest. `container-host-test` phases run on the
+//! host after the test phases in the container.
 
 #[path = "support/container_tier.rs"]
 mod container_tier;
@@ -21,6 +23,10 @@ mod container_tier;
 #[path = "support/leftovers.rs"]
 mod leftovers;
 use leftovers::NoLeftovers;
+
+#[path = "support/registry.rs"]
+#[allow(dead_code)] // shared with tests/distribute_oci.rs, which uses all of it
+mod registry;
 
 #[path = "support/events.rs"]
 mod build_events;
@@ -202,7 +208,29 @@ fn container_recipes_build_test_cache_and_fail_cleanly() {
         packages > 50,
         "the image's dpkg database is the SBOM: {packages}"
     );
-    assert_eq!(m["tests"][0]["status"], "success", "{:#}", m["tests"]);
+    let tests: Vec<(String, String)> = m["tests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| {
+            (
+                t["component"].as_str().unwrap_or("?").to_string(),
+                t["status"].as_str().unwrap_or("?").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        tests,
+        [
+            ("write-tools".to_string(), "success".to_string()),
+            ("test-basics".to_string(), "success".to_string()),
+            (
+                "test-basics (container-host-test)".to_string(),
+                "success".to_string()
+            ),
+        ],
+        "the test phases in a container, then container-host-test on the host"
+    );
     let seen = run_in_stored(
         &guard,
         &dir,
@@ -256,6 +284,52 @@ fn container_recipes_build_test_cache_and_fail_cleanly() {
     );
     let containers = buildah(&guard, &["containers", "--all", "--quiet"]);
     assert_eq!(containers.trim(), "", "no working container is left");
+
+    // 6. A parent from an OCI registry, pinned by digest: pulled into the store's cache.
+    let registry = registry::TestRegistry::start();
+    let digest_file = guard.root().join("digest");
+    let pushed = std::process::Command::new("skopeo")
+        .args(["copy", "--quiet", "--dest-tls-verify=false", "--digestfile"])
+        .arg(&digest_file)
+        .arg(format!("oci-archive:{}", base.display()))
+        .arg(format!("docker://{}/base/debian:12", registry.host()))
+        .status()
+        .expect("skopeo");
+    assert!(pushed.success(), "skopeo pushes the fixture");
+    let digest = fs_err::read_to_string(&digest_file).expect("digest");
+    let recipe = guard.root().join("from-registry.yml");
+    fs_err::write(
+        &recipe,
+        format!(
+            "name: cregistry\nversion: 1.0.0\ncontainerType: docker\n\
+             parentImage: oci://{}/base/debian@{}\n\
+             components:\n  - path: {}/write-tools.yml\ntests:\n  enabled: false\n",
+            registry.host(),
+            digest.trim(),
+            here().join("components").display()
+        ),
+    )
+    .expect("write recipe");
+    let recipe_arg = recipe.display().to_string();
+    let args = ["build", "--json", recipe_arg.as_str()];
+    let out = leftovers::run_echoed(
+        guard
+            .builder_command(&args)
+            .env("BUILDER_INSECURE_REGISTRIES", registry.host()),
+        &args,
+    );
+    assert!(
+        out.status.success(),
+        "the build from a registry parent succeeds"
+    );
+    let dir = stored_dir(&json_lines(&out.stdout));
+    assert_eq!(
+        manifest(&dir)["inputs"]["parent"]["sha256"]
+            .as_str()
+            .map(|d| format!("sha256:{d}")),
+        Some(digest.trim().to_string())
+    );
+
     let mounts: Vec<String> = container_tier::mounts_under(&guard.store())
         .into_iter()
         .filter(|m| m.ends_with("/merged"))

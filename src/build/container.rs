@@ -280,7 +280,7 @@ async fn components(
                         .map_err(engine_err(format!("the agent for component `{label}` did not answer")))?;
                     let result = stages::run_build_phases(
                         cx,
-                        RunOn::Container(&machine as &dyn Machine),
+                        RunOn::Machine(&machine as &dyn Machine),
                         index,
                         component,
                         false,
@@ -449,9 +449,17 @@ async fn test_in(
     let work = async {
         let mut failure = None;
         if run_tests {
-            let (results, first) = stages::test_components(cx, RunOn::Container(&machine)).await?;
-            cx.set_tests(results);
+            let (mut results, first) =
+                stages::test_components(cx, RunOn::Machine(&machine), "test").await?;
             failure = first;
+            // AWSTOE's `container-host-test` phases run on this machine, after the test
+            // phases in the container.
+            let host = crate::machine::host::HostMachine::new();
+            let (host_results, host_failure) =
+                stages::test_components(cx, RunOn::Machine(&host), "container-host-test").await?;
+            results.extend(host_results);
+            failure = failure.or(host_failure);
+            cx.set_tests(results);
         }
         let packages = crate::build::generalize::packages(&machine)
             .await

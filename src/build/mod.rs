@@ -17,6 +17,11 @@
 //!   ─distribute (each recipe target; a failure leaves the image stored)─▶ Receipts
 //! ```
 //!
+//! A container recipe (`Plan::container`) takes the stages of [`container`] instead: the
+//! parent into buildah's storage, one `RUN` per component driven through the agent, the test
+//! in a container of the image, the image stored as an OCI image layout; then the same
+//! distribute stage.
+//!
 //! The overlay stage takes the longest usable prefix of the layer chain from the layer cache
 //! ([`cache`]): the build VM boots on its last layer and runs only the components above it,
 //! and each new layer is cached as it is committed. With every layer cached (generalize

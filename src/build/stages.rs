@@ -1673,11 +1673,12 @@ async fn run_component(
 }
 
 /// Where a component's documents run: a VM's session (guarded: a VM that dies ends the run
-/// at once) or a container's agent (a container that ends breaks the agent's connection).
+/// at once) or another target (a container's agent: a container that ends breaks the agent's
+/// connection; this machine, for `container-host-test`).
 #[derive(Clone, Copy)]
 pub(super) enum RunOn<'s> {
     Vm(&'s Session),
-    Container(&'s dyn Machine),
+    Machine(&'s dyn Machine),
 }
 
 /// A component's `build` then `validate` phases on `on`, recorded in the manifest; the
@@ -1770,7 +1771,7 @@ async fn run_document(
                 .map_err(vm_err(if logs == "tests" { "test" } else { "build" }))?
                 .map_err(executor_err)
         }
-        RunOn::Container(target) => {
+        RunOn::Machine(target) => {
             executor::run(target, request, options, cx.log, CancellationToken::new())
                 .await
                 .map_err(executor_err)
@@ -2074,7 +2075,7 @@ async fn run_tests(cx: &BuildContext<'_>, disk: &BuiltDisk) -> Result<(), BuildE
         .map_err(|_| timed_out())?
         .map_err(vm_err("test"))?;
     let (results, failure) =
-        tokio::time::timeout_at(deadline, test_components(cx, RunOn::Vm(&session)))
+        tokio::time::timeout_at(deadline, test_components(cx, RunOn::Vm(&session), "test"))
             .await
             .map_err(|_| timed_out())??;
     cx.with_manifest(|m| m.tests = results);
@@ -2099,36 +2100,46 @@ async fn run_tests(cx: &BuildContext<'_>, disk: &BuiltDisk) -> Result<(), BuildE
 
 /// The `test` phase of every component that has one, then the test components: each one's
 /// result, and the first failure.
+/// `phase` is `test`, or `container-host-test` (AWSTOE's phase that a container build runs
+/// on the host): then only the components that have it run, and the results say the phase.
 pub(super) async fn test_components(
     cx: &BuildContext<'_>,
     on: RunOn<'_>,
+    phase: &'static str,
 ) -> Result<(Vec<TestResult>, Option<BuildError>), BuildError> {
     let mut results = Vec::new();
     let mut failure = None;
-    let with_test = cx
-        .plan
-        .components
-        .iter()
-        .filter(|c| c.phases.iter().any(|p| p == "test"))
-        .chain(&cx.plan.tests.components);
+    let has = |c: &&PlannedComponent| c.phases.iter().any(|p| p == phase);
+    let with_test = cx.plan.components.iter().filter(has).chain(
+        cx.plan
+            .tests
+            .components
+            .iter()
+            .filter(|c| phase == "test" || has(c)),
+    );
+    let prefix = if phase == "test" { "test" } else { "host-test" };
     for (index, component) in with_test.enumerate() {
         let (document, warnings) = plan::load_component_checked(component)?;
         for w in &warnings {
             cx.progress(Stage::Test, w);
         }
-        let folder = file_safe(&format!("test-{}-{}", index + 1, component.label()));
+        let folder = file_safe(&format!("{prefix}-{}-{}", index + 1, component.label()));
         let t0 = Instant::now();
         let outcome = run_document(
             cx,
             on,
             document,
             component,
-            vec!["test".to_string()],
+            vec![phase.to_string()],
             &folder,
             "tests",
         )
         .await?;
-        let label = component.label().to_string();
+        let label = if phase == "test" {
+            component.label().to_string()
+        } else {
+            format!("{} ({phase})", component.label())
+        };
         let ok = outcome.report.status.is_ok();
         results.push(TestResult {
             component: label.clone(),
