@@ -14,8 +14,9 @@
 //! is cached; one changed component redoes only itself; a custom template's ENV, LABEL and
 //! USER are honoured; a failing component exits 1 naming the step and its output, leaving no
 //! container, mount or work folder behind; a parent pushed to a real registry
-//! (docker-registry, by skopeo) is pulled by digest. `container-host-test` phases run on the
-//! host after the test phases in the container.
+//! (docker-registry, by skopeo) is pulled by digest; builder killed (SIGKILL) during a
+//! component leaves nothing the next build does not remove. `container-host-test` phases run
+//! on the host after the test phases in the container.
 
 #[path = "support/container_tier.rs"]
 mod container_tier;
@@ -329,6 +330,35 @@ fn container_recipes_build_test_cache_and_fail_cleanly() {
             .map(|d| format!("sha256:{d}")),
         Some(digest.trim().to_string())
     );
+
+    // 7. builder killed (SIGKILL) in the middle of a component: buildah goes with it, and
+    // the next build removes what was left.
+    let sleeping = here().join("sleeping.yml").display().to_string();
+    let mut killed = guard
+        .builder_command(&["build", sleeping.as_str()])
+        .env("BUILDER_TEST_CONTAINER", &base)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("builder starts");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while buildah(&guard, &["containers", "--all", "--quiet"])
+        .trim()
+        .is_empty()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sleeping component's RUN started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    killed.kill().expect("SIGKILL builder");
+    killed.wait().expect("reap builder");
+    let (out, _) = build(&guard, &base, &here().join("custom-template.yml"));
+    assert!(out.status.success(), "the next build runs");
+    let containers = buildah(&guard, &["containers", "--all", "--quiet"]);
+    assert_eq!(containers.trim(), "", "nothing of the killed build is left");
 
     let mounts: Vec<String> = container_tier::mounts_under(&guard.store())
         .into_iter()
