@@ -422,6 +422,8 @@ fn stdout(text: &str) -> CliResult {
 /// The plan for people: every setting with defaults filled in, the pins, and the stages;
 /// with `layers` ([`reuse::preview`]), whether each layer is cached or runs, and why.
 pub fn describe(plan: &Plan, layers: Option<&[Preview]>) -> String {
+    // A container image's layers are buildah's: the disk layer cache says nothing of them.
+    let layers = layers.filter(|_| plan.container.is_none());
     let layer = |i: usize| layers.and_then(|l| l.get(i));
     let mut out = String::new();
     let r = &plan.recipe;
@@ -525,13 +527,28 @@ pub fn describe(plan: &Plan, layers: Option<&[Preview]>) -> String {
         (None, None) => "the parent's".to_string(),
     };
     let i = &plan.infrastructure;
-    let _ = writeln!(out, "  disk size       {disk}");
+    if let Some(container) = &plan.container {
+        let _ = writeln!(
+            out,
+            "  image           a container image ({}), built by buildah",
+            container.container_type
+        );
+        let mut label = "template";
+        for line in container.template.text().lines() {
+            let _ = writeln!(out, "  {label:<15} {line}");
+            label = "";
+        }
+    } else {
+        let _ = writeln!(out, "  disk size       {disk}");
+    }
     let _ = writeln!(out, "  working dir     {}", plan.working_directory);
-    let user_data = match &plan.user_data {
-        Some(u) => format!("{} lines of cloud-config", u.lines().count()),
-        None => "none".to_string(),
-    };
-    let _ = writeln!(out, "  user data       {user_data}");
+    if plan.container.is_none() {
+        let user_data = match &plan.user_data {
+            Some(u) => format!("{} lines of cloud-config", u.lines().count()),
+            None => "none".to_string(),
+        };
+        let _ = writeln!(out, "  user data       {user_data}");
+    }
     // The sections a pipeline may override, key by key as declared (and named as in files).
     let sections = [
         ("infrastructure", serde_json::to_value(&plan.infrastructure)),
@@ -541,6 +558,13 @@ pub fn describe(plan: &Plan, layers: Option<&[Preview]>) -> String {
         let value = value.unwrap_or_default();
         let mut label = section;
         for key in builder::recipe::settings::keys(section) {
+            // A container recipe has only these of the infrastructure's keys.
+            if plan.container.is_some()
+                && section == "infrastructure"
+                && !matches!(key, "buildTimeoutSeconds" | "keepOnFailure")
+            {
+                continue;
+            }
             let shown = match value.get(key) {
                 // Written in the plan only when not `full`; shown always.
                 None if section == "infrastructure" && key == "boot" => i.boot.to_string(),
@@ -554,15 +578,6 @@ pub fn describe(plan: &Plan, layers: Option<&[Preview]>) -> String {
             label = "";
         }
     }
-    let _ = writeln!(
-        out,
-        "  generalize      {}",
-        if plan.generalize {
-            "yes (cloud-init clean, machine-id, ssh host keys, logs, fstrim)"
-        } else {
-            "no (only builder's agent is removed)"
-        }
-    );
     let formats: Vec<String> = plan
         .outputs
         .formats
@@ -572,12 +587,24 @@ pub fn describe(plan: &Plan, layers: Option<&[Preview]>) -> String {
             other => other.to_string(),
         })
         .collect();
-    let _ = writeln!(
-        out,
-        "  outputs         {} named `{}`",
-        formats.join(", "),
-        plan.outputs.name
-    );
+    if plan.container.is_none() {
+        let _ = writeln!(
+            out,
+            "  generalize      {}",
+            if plan.generalize {
+                "yes (cloud-init clean, machine-id, ssh host keys, logs, fstrim)"
+            } else {
+                "no (only builder's agent is removed)"
+            }
+        );
+
+        let _ = writeln!(
+            out,
+            "  outputs         {} named `{}`",
+            formats.join(", "),
+            plan.outputs.name
+        );
+    }
     if let Some(dir) = &plan.outputs.local_directory {
         let _ = writeln!(out, "  copied to       {}", dir.display());
     }
