@@ -717,3 +717,55 @@ impl Drop for Running {
         let _ = self.child.start_kill();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_working_container_names_its_builder() {
+        let name = container_name("test stage/1");
+        let owner = owner_of(&name).expect("an owner");
+        assert_eq!(owner.pid, std::process::id());
+        assert!(owner.is_alive(), "this process: {name}");
+        assert!(name.contains("-test-stage-1-"), "{name}");
+        let gone = owner_of("builder-999999.1-gone-abcd").expect("an owner");
+        assert!(!gone.is_alive());
+        assert!(owner_of("e2e-check").is_none());
+        assert!(owner_of("builder-x.1-y").is_none());
+    }
+
+    #[test]
+    fn the_probe_says_why_the_runtime_cannot_start_containers() {
+        let output = "error running container: from /usr/bin/crun creating container for [/builder-agent --version]: cgroups in hybrid mode not supported, drop all controllers from cgroupv2\n: exit status 1\nError: while running runtime: exit status 1\n";
+        assert_eq!(
+            first_error_line(output),
+            "error running container: from /usr/bin/crun creating container for [/builder-agent --version]: cgroups in hybrid mode not supported, drop all controllers from cgroupv2"
+        );
+        assert_eq!(
+            first_error_line("Error: no such image\n"),
+            "Error: no such image"
+        );
+        assert_eq!(first_error_line(""), "no output");
+    }
+
+    #[test]
+    fn a_run_instruction_mounts_the_agent_and_carries_the_key() {
+        assert_eq!(
+            AgentDir::run_instruction(".builder", 2, "abc"),
+            "RUN --mount=type=bind,source=.builder,target=/run/builder-agent,rw \
+             [\"/run/builder-agent/builder-agent\",\"--container\",\"--connect-unix\",\
+             \"/run/builder-agent/c2.sock\",\"--key\",\"abc\"]"
+        );
+    }
+
+    #[test]
+    fn an_empty_container_list_is_null() {
+        assert!(parse_containers("null\n").expect("null").is_empty());
+        assert!(parse_containers("").expect("empty").is_empty());
+        let one =
+            parse_containers(r#"[{"id":"e8cb","builder":true,"containername":"builder-1.2-x-y"}]"#)
+                .expect("one");
+        assert_eq!(one[0].containername, "builder-1.2-x-y");
+    }
+}
