@@ -283,6 +283,10 @@ fn container_recipes_build_test_cache_and_fail_cleanly() {
         stderr.contains("about to fail, no such tool"),
         "its output is shown: {stderr}"
     );
+    assert!(
+        !stderr.contains("--keep-on-failure"),
+        "no disk to keep in a container build: {stderr}"
+    );
     let containers = buildah(&guard, &["containers", "--all", "--quiet"]);
     assert_eq!(containers.trim(), "", "no working container is left");
 

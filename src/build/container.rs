@@ -52,6 +52,17 @@ fn engine_err(what: impl Into<String>) -> impl FnOnce(ContainerError) -> BuildEr
     }
 }
 
+/// A step that failed in a container: no disk to keep, so no `--keep-on-failure` hint.
+fn in_container(error: BuildError) -> BuildError {
+    match error {
+        BuildError::Component(mut f) => {
+            f.in_container = true;
+            BuildError::Component(f)
+        }
+        other => other,
+    }
+}
+
 /// The agent's sha256 (hex): part of every component's key, so a new agent redoes them.
 fn agent_digest() -> &'static str {
     static DIGEST: OnceLock<String> = OnceLock::new();
@@ -285,7 +296,8 @@ async fn components(
                         component,
                         false,
                     )
-                    .await;
+                    .await
+                    .map_err(in_container);
                     if result.is_ok() {
                         machine.poweroff().await.map_err(|source| BuildError::Guest {
                             what: format!("could not end the step of component `{label}`"),
@@ -474,7 +486,7 @@ async fn test_in(
                 None
             });
         match failure {
-            Some(f) => Err(f),
+            Some(f) => Err(in_container(f)),
             None => Ok(packages),
         }
     };

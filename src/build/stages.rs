@@ -183,6 +183,9 @@ pub struct ComponentFailure {
     /// The step ran in the appliance and its output says it wanted a running service
     /// manager ([`wants_a_service_manager`]): the hint says to boot `full`.
     pub no_service_manager: bool,
+    /// The step ran in a container build: there is no disk to keep (the logs are kept
+    /// anyway), so no `--keep-on-failure` hint.
+    pub in_container: bool,
 }
 
 /// The hint of a step that failed in the appliance for want of a running service manager.
@@ -269,6 +272,7 @@ impl BuildError {
             BuildError::Vm { source, .. } => source.hint(),
             BuildError::PullParent(source) => source.hint(),
             BuildError::Component(f) if f.no_service_manager => Some(NO_SERVICE_MANAGER.into()),
+            BuildError::Component(f) if f.in_container => None,
             BuildError::ApplianceGrow { .. } => Some(
                 "use `infrastructure.boot: full`: the image's cloud-init grows its root partition as it boots (or add cloud-guest-utils to the parent image)".into(),
             ),
@@ -1849,6 +1853,7 @@ fn failure_of(
                 log: tail.log,
                 run_log: outcome.log_dir.clone(),
                 no_service_manager: false,
+                in_container: false,
             }
         }
         None => ComponentFailure {
@@ -1871,6 +1876,7 @@ fn failure_of(
             log: None,
             run_log: outcome.log_dir.clone(),
             no_service_manager: false,
+            in_container: false,
         },
     };
     if appliance {
@@ -3401,6 +3407,7 @@ mod tests {
                 log: None,
                 run_log: None,
                 no_service_manager,
+                in_container: false,
             }))
         };
         let hint = failure(true).hint().unwrap();
