@@ -11,7 +11,7 @@
 //! (tests/container/): a recipe with a loop, chaining and file actions builds and its test
 //! stage runs in a container; the stored image (an OCI layout, kind `container`, packages
 //! listed) runs with `buildah` and has the components' changes; built again, every component
-//! is cached; one changed component redoes only itself; a custom template's ENV, LABEL and
+//! is cached, and with `--no-cache` every component runs; one changed component redoes only itself; a custom template's ENV, LABEL and
 //! USER are honoured; a failing component exits 1 naming the step and its output, leaving no
 //! container, mount or work folder behind; a parent pushed to a real registry
 //! (docker-registry, by skopeo) is pulled by digest; builder killed (SIGKILL) during a
@@ -41,8 +41,19 @@ fn here() -> PathBuf {
 }
 
 fn build(guard: &NoLeftovers, base: &Path, recipe: &Path) -> (Output, Vec<serde_json::Value>) {
+    build_with(guard, base, recipe, &[])
+}
+
+/// [`build`] with more options (`--no-cache`).
+fn build_with(
+    guard: &NoLeftovers,
+    base: &Path,
+    recipe: &Path,
+    extra: &[&str],
+) -> (Output, Vec<serde_json::Value>) {
     let recipe = recipe.display().to_string();
-    let args = ["build", "--json", recipe.as_str()];
+    let mut args = vec!["build", "--json", recipe.as_str()];
+    args.extend_from_slice(extra);
     let out = leftovers::run_echoed(
         guard
             .builder_command(&args)
@@ -250,6 +261,11 @@ fn container_recipes_build_test_cache_and_fail_cleanly() {
     let (out, all) = build(&guard, &base, &recipe);
     assert!(out.status.success());
     assert_eq!(component_statuses(&all), ["cached", "cached"]);
+
+    // 2b. `--no-cache`: every component runs again.
+    let (out, all) = build_with(&guard, &base, &recipe, &["--no-cache"]);
+    assert!(out.status.success());
+    assert_eq!(component_statuses(&all), ["success", "success"]);
 
     // 3. The second component changed: only it runs again.
     let recipe = tools_recipe(&guard, "changed");

@@ -237,7 +237,7 @@ async fn components(
     // The Containerfile builder ran, next to the build's logs.
     let _ = fs_err::write(cx.logs.join("Containerfile"), &containerfile);
     let iid = work.join("image-id");
-    let args: Vec<String> = vec![
+    let mut args: Vec<String> = vec![
         "build".into(),
         "--isolation".into(),
         engine.isolation().as_str().into(),
@@ -250,6 +250,10 @@ async fn components(
         file.display().to_string(),
         context.display().to_string(),
     ];
+    if cx.options.no_cache {
+        // `--no-cache`: every component runs, and its new layer replaces the cached one.
+        args.insert(1, "--no-cache".into());
+    }
     let mut connections = agents
         .connections()
         .map_err(engine_err("could not listen for the agent"))?;
