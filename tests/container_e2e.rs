@@ -379,6 +379,15 @@ fn container_recipes_build_test_cache_and_fail_cleanly() {
     assert!(out.status.success(), "the next build runs");
     let containers = buildah(&guard, &["containers", "--all", "--quiet"]);
     assert_eq!(containers.trim(), "", "nothing of the killed build is left");
+    let scratch: Vec<_> = fs_err::read_dir(guard.store().join("containers/tmp"))
+        .expect("the engine's scratch folder")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(
+        scratch.is_empty(),
+        "nothing of the killed buildah in the scratch folder: {scratch:?}"
+    );
 
     let mounts: Vec<String> = container_tier::mounts_under(&guard.store())
         .into_iter()

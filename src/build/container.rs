@@ -409,7 +409,7 @@ async fn test(
         .from_image(image, what, &mut undo)
         .await
         .map_err(engine_err("could not start a container of the built image"))?;
-    let result = test_in(cx, engine, &name, run_tests, stage).await;
+    let result = test_in(cx, engine, image, &name, run_tests, stage).await;
     let report = undo.unwind(crate::undo::Outcome::Success);
     for w in report.warnings() {
         cx.progress(stage, &format!("warning: {w}"));
@@ -420,6 +420,7 @@ async fn test(
 async fn test_in(
     cx: &BuildContext<'_>,
     engine: &Engine,
+    image: &str,
     name: &str,
     run_tests: bool,
     stage: Stage,
@@ -469,8 +470,15 @@ async fn test_in(
                 stages::test_components(cx, RunOn::Machine(&machine), "test").await?;
             failure = first;
             // AWSTOE's `container-host-test` phases run on this machine, after the test
-            // phases in the container.
-            let host = crate::machine::host::HostMachine::new();
+            // phases in the container. Their commands reach the image: `BUILDER_IMAGE` is its
+            // id, and `buildah`/`podman` see builder's storage and isolation.
+            let conf = engine
+                .storage_conf()
+                .map_err(engine_err("could not describe the container storage"))?;
+            let host = crate::machine::host::HostMachine::new()
+                .with_env("BUILDER_IMAGE", image)
+                .with_env("BUILDAH_ISOLATION", engine.isolation().as_str())
+                .with_env("CONTAINERS_STORAGE_CONF", conf.display().to_string());
             let (host_results, host_failure) =
                 stages::test_components(cx, RunOn::Machine(&host), "container-host-test").await?;
             results.extend(host_results);

@@ -31,6 +31,9 @@ use crate::machine::agent::AgentMachine;
 use crate::store::runner;
 use crate::undo::UndoList;
 
+/// buildah's scratch folder (`TMPDIR`) inside the engine's folder.
+const TMP_DIR: &str = "tmp";
+
 /// The program builder runs; `BUILDER_BUILDAH` overrides it (tests, packagers).
 const BUILDAH: &str = "buildah";
 
@@ -133,7 +136,7 @@ impl Engine {
                 crate::vm::process::find_program(BUILDAH).map_err(|_| ContainerError::NoBuildah)?
             }
         };
-        fs_err::create_dir_all(dir)?;
+        fs_err::create_dir_all(dir.join(TMP_DIR))?;
         let lock = fs_err::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -179,6 +182,30 @@ impl Engine {
         &self.dir
     }
 
+    /// A `storage.conf` naming the private storage (written once, in the engine's folder), for
+    /// programs builder does not start itself: with `CONTAINERS_STORAGE_CONF` pointing at it,
+    /// `buildah` and `podman` see builder's images (a `container-host-test` phase runs them).
+    pub fn storage_conf(&self) -> Result<PathBuf, ContainerError> {
+        let path = self.dir.join("storage.conf");
+        let storage = self.dir.join("storage");
+        // The driver buildah chose for this storage (its folder is named after it); buildah
+        // refuses a configuration without one.
+        let driver = if storage.join("vfs").is_dir() {
+            "vfs"
+        } else {
+            "overlay"
+        };
+        let text = format!(
+            "# Written by builder: its private container storage.\n[storage]\ndriver = \"{driver}\"\ngraphroot = \"{}\"\nrunroot = \"{}\"\n",
+            storage.display(),
+            self.dir.join("run").display()
+        );
+        if fs_err::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
+            crate::atomic::write_atomic(&path, text.as_bytes())?;
+        }
+        Ok(path)
+    }
+
     /// buildah with the private storage, not started.
     fn command(&self, args: &[&str]) -> tokio::process::Command {
         let mut cmd = crate::vm::process::command_dying_with_parent(&self.program, Signal::SIGTERM);
@@ -190,6 +217,9 @@ impl Engine {
             // The OCI runtime keeps its state under XDG_RUNTIME_DIR when it is set: in the
             // engine's folder too, not in the caller's runtime folder.
             .env("XDG_RUNTIME_DIR", self.dir.join("run"))
+            // buildah's scratch (a `RUN`'s bundle, an archive being unpacked) in the engine's
+            // folder, where [`Self::recover`] finds what a killed buildah left.
+            .env("TMPDIR", self.dir.join(TMP_DIR))
             .stdin(Stdio::null());
         cmd
     }
@@ -203,6 +233,7 @@ impl Engine {
             .arg(dir.join("run"))
             .args(args)
             .env("XDG_RUNTIME_DIR", dir.join("run"))
+            .env("TMPDIR", dir.join(TMP_DIR))
             .stdin(Stdio::null());
         cmd
     }
@@ -347,6 +378,21 @@ impl Engine {
     /// (what a killed `buildah build` left). Returns what it removed, one line each.
     pub async fn recover(&self) -> Result<Vec<String>, ContainerError> {
         let alone = self.lock.try_lock().is_ok();
+        let mut removed = Vec::new();
+        if alone {
+            // No other builder uses the storage: anything in its scratch folder is a killed
+            // buildah's (a bundle, a half-unpacked archive).
+            for entry in fs_err::read_dir(self.dir.join(TMP_DIR))?.flatten() {
+                let path = entry.path();
+                let gone = if path.is_dir() {
+                    fs_err::remove_dir_all(&path)
+                } else {
+                    fs_err::remove_file(&path)
+                };
+                gone?;
+                removed.push(format!("scratch {}", path.display()));
+            }
+        }
         let listed = self.run(&["containers", "--all", "--json"]).await;
         if alone {
             // Back to shared: this engine stays open.
@@ -354,7 +400,6 @@ impl Engine {
         }
         let listed = listed?;
         let containers = parse_containers(&listed)?;
-        let mut removed = Vec::new();
         for c in containers {
             let stale = match owner_of(&c.containername) {
                 Some(owner) => !owner.is_alive(),

@@ -37,6 +37,8 @@ const DRAIN_GRACE: Duration = Duration::from_millis(500);
 pub struct HostMachine {
     /// Where script files are written; the system temporary folder when `None`.
     scratch: Option<PathBuf>,
+    /// Set for every command, under a request's own environment.
+    env: Vec<(String, String)>,
 }
 
 impl HostMachine {
@@ -48,7 +50,14 @@ impl HostMachine {
     pub fn with_scratch_dir(dir: impl Into<PathBuf>) -> Self {
         Self {
             scratch: Some(dir.into()),
+            env: Vec::new(),
         }
+    }
+
+    /// Sets `key` for every command this machine runs (a request's own `env` wins).
+    pub fn with_env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
     }
 }
 
@@ -323,6 +332,7 @@ impl Machine for HostMachine {
         let mut command = tokio::process::Command::new(&program);
         command
             .args(&args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .envs(request.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
