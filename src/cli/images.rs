@@ -517,7 +517,9 @@ fn describe(image: &StoredImage) -> String {
                 r.location
             );
             for (role, digest) in &r.digests {
-                let _ = writeln!(s, "      {role}: sha256 {digest}");
+                // Receipts hold files' digests as bare hex, images' as `sha256:<hex>`.
+                let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+                let _ = writeln!(s, "      {role}: sha256 {hex}");
             }
             for (role, id) in &r.ids {
                 let _ = writeln!(s, "      {role}: {id}");
