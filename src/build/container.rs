@@ -156,10 +156,7 @@ async fn fetch_parent(cx: &BuildContext<'_>) -> Result<(Engine, String), BuildEr
             manifest_digest,
         } => {
             use crate::distribute::oci;
-            let mut src = reference
-                .parse::<crate::recipe::OciReference>()
-                .map_err(|e| BuildError::PullParent(e.into()))?;
-            src.digest = Some(format!("sha256:{manifest_digest}"));
+            let src = stages::pinned_oci(reference, manifest_digest)?;
             let dest = cx
                 .store
                 .oci_parent_dir(manifest_digest.as_str())

@@ -753,16 +753,9 @@ impl ParentResolver for crate::store::Store {
                     manifest_digest,
                 })
             }
-            Err(crate::store::StoreError::NotFound { close, .. }) => Err(ResolveError::NotFound {
-                message: format!("no image `{reference}` in the store"),
-                hint: Some(if close.is_empty() {
-                    format!(
-                        "build it first: `builder build` of the container recipe named `{name}`; `builder images list` shows what is stored"
-                    )
-                } else {
-                    format!("the store has {}", crate::diagnostic::one_of(&close))
-                }),
-            }),
+            Err(crate::store::StoreError::NotFound { close, .. }) => {
+                Err(not_in_store(&reference, "container recipe", name, &close))
+            }
             Err(
                 e @ (crate::store::StoreError::MachineNotContainer { .. }
                 | crate::store::StoreError::BadName { .. }
@@ -801,16 +794,9 @@ impl ParentResolver for crate::store::Store {
                     sha256,
                 })
             }
-            Err(crate::store::StoreError::NotFound { close, .. }) => Err(ResolveError::NotFound {
-                message: format!("no image `{reference}` in the store"),
-                hint: Some(if close.is_empty() {
-                    format!(
-                        "build it first: `builder build` of the recipe named `{name}`; `builder images list` shows what is stored"
-                    )
-                } else {
-                    format!("the store has {}", crate::diagnostic::one_of(&close))
-                }),
-            }),
+            Err(crate::store::StoreError::NotFound { close, .. }) => {
+                Err(not_in_store(&reference, "recipe", name, &close))
+            }
             Err(crate::store::StoreError::NoDisk { image }) => Err(ResolveError::NotFound {
                 message: format!("{image} has no qcow2 or raw output to build on"),
                 hint: Some("build it again with `qcow2` in `outputs.formats`".to_string()),
@@ -824,6 +810,21 @@ impl ParentResolver for crate::store::Store {
             }),
             Err(e) => Err(ResolveError::Failed(Box::new(e))),
         }
+    }
+}
+
+/// A stored parent that is not in the store: the builds of that name it has, or how to make
+/// one (`recipe`: which kind of recipe builds it).
+fn not_in_store(reference: &str, recipe: &str, name: &str, close: &[String]) -> ResolveError {
+    ResolveError::NotFound {
+        message: format!("no image `{reference}` in the store"),
+        hint: Some(if close.is_empty() {
+            format!(
+                "build it first: `builder build` of the {recipe} named `{name}`; `builder images list` shows what is stored"
+            )
+        } else {
+            format!("the store has {}", crate::diagnostic::one_of(close))
+        }),
     }
 }
 

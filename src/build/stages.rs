@@ -785,6 +785,19 @@ impl crate::distribute::Progress for PullBar<'_, '_> {
     }
 }
 
+/// An OCI parent as the plan pinned it: its reference with the digest written in the recipe,
+/// or the one its tag pointed to when the plan resolved it (a tag moved since is not followed).
+pub fn pinned_oci(
+    reference: &str,
+    manifest_digest: &crate::recipe::Sha256,
+) -> Result<crate::recipe::OciReference, BuildError> {
+    let mut src = reference
+        .parse::<crate::recipe::OciReference>()
+        .map_err(|e| BuildError::PullParent(e.into()))?;
+    src.digest = Some(format!("sha256:{manifest_digest}"));
+    Ok(src)
+}
+
 pub async fn fetch_parent(cx: &BuildContext<'_>) -> Result<Base, BuildError> {
     match &cx.plan.parent {
         // Only container plans have these parents, and `build` sends those elsewhere.
@@ -799,12 +812,7 @@ pub async fn fetch_parent(cx: &BuildContext<'_>) -> Result<Base, BuildError> {
             manifest_digest,
         } => {
             use crate::distribute::oci;
-            let mut src = reference
-                .parse::<crate::recipe::OciReference>()
-                .map_err(|e| BuildError::PullParent(e.into()))?;
-            // The digest the plan pinned (written in the recipe, or what the tag pointed to
-            // when the plan resolved it): a tag moved since is not followed.
-            src.digest = Some(format!("sha256:{manifest_digest}"));
+            let src = pinned_oci(reference, manifest_digest)?;
             let bar = PullBar::new(cx, Stage::Fetch, Some("parent image"));
             let pulled = oci::pull_disk(
                 &src,
