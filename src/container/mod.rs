@@ -689,21 +689,13 @@ impl Running {
     /// Waits for buildah to end, reading its output to the end first; `Err` with the output's
     /// last lines (`output`, what was not taken from [`Self::lines`]) when it failed.
     pub async fn wait(mut self, output: &mut Vec<String>) -> Result<(), ContainerError> {
-        let status = self
-            .child
-            .wait()
-            .await
-            .map_err(|source| ContainerError::Spawn {
-                what: self.what.clone(),
-                source,
-            })?;
+        let status = self.exited().await?;
         for r in std::mem::take(&mut self.readers) {
             let _ = r.await;
         }
         while let Ok(line) = self.lines.try_recv() {
             output.push(line);
         }
-        self.pid = None;
         if status.success() {
             return Ok(());
         }
