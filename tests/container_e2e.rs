@@ -15,8 +15,9 @@
 //! USER are honoured; a failing component exits 1 naming the step and its output, leaving no
 //! container, mount or work folder behind; a parent pushed to a real registry
 //! (docker-registry, by skopeo) is pulled by digest; builder killed (SIGKILL) during a
-//! component leaves nothing the next build does not remove. `container-host-test` phases run
-//! on the host after the test phases in the container.
+//! component leaves nothing the next build does not remove; SIGTERM during a component exits
+//! 130 and leaves nothing at all. `container-host-test` phases run on the host after the test
+//! phases in the container, and reach the image through buildah.
 
 #[path = "support/container_tier.rs"]
 mod container_tier;
@@ -394,4 +395,40 @@ fn container_recipes_build_test_cache_and_fail_cleanly() {
         .filter(|m| m.ends_with("/merged"))
         .collect();
     assert!(mounts.is_empty(), "no container mount is left: {mounts:?}");
+
+    // 8. SIGTERM (and Ctrl-C, the same path) in the middle of a component: builder stops
+    // buildah, removes its containers and says it was interrupted; nothing needs a next build.
+    let mut stopped = guard
+        .builder_command(&["build", sleeping.as_str()])
+        .env("BUILDER_TEST_CONTAINER", &base)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("builder starts");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while buildah(&guard, &["containers", "--all", "--quiet"])
+        .trim()
+        .is_empty()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sleeping component's RUN started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(stopped.id()).expect("a pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM builder");
+    let status = stopped.wait().expect("reap builder");
+    assert_eq!(status.code(), Some(130), "an interrupted build exits 130");
+    let containers = buildah(&guard, &["containers", "--all", "--quiet"]);
+    assert_eq!(containers.trim(), "", "SIGTERM leaves no container");
+    let mounts: Vec<String> = container_tier::mounts_under(&guard.store())
+        .into_iter()
+        .filter(|m| m.ends_with("/merged"))
+        .collect();
+    assert!(
+        mounts.is_empty(),
+        "SIGTERM leaves no container mount: {mounts:?}"
+    );
 }
