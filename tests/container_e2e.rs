@@ -65,6 +65,32 @@ fn build_with(
     (out, all)
 }
 
+/// `builder build` of tests/container/sleeping.yml, returned once its component's RUN runs
+/// (a working container exists), for a test to interrupt.
+fn sleeping_build(guard: &NoLeftovers, base: &Path) -> std::process::Child {
+    let sleeping = here().join("sleeping.yml").display().to_string();
+    let child = guard
+        .builder_command(&["build", sleeping.as_str()])
+        .env("BUILDER_TEST_CONTAINER", base)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("builder starts");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while buildah(guard, &["containers", "--all", "--quiet"])
+        .trim()
+        .is_empty()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sleeping component's RUN started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    child
+}
+
 /// Each component stage's status, in order: `success` or `cached`.
 fn component_statuses(all: &[serde_json::Value]) -> Vec<String> {
     events(all, "stageFinished")
@@ -354,26 +380,7 @@ fn container_recipes_build_test_cache_and_fail_cleanly() {
 
     // 7. builder killed (SIGKILL) in the middle of a component: buildah goes with it, and
     // the next build removes what was left.
-    let sleeping = here().join("sleeping.yml").display().to_string();
-    let mut killed = guard
-        .builder_command(&["build", sleeping.as_str()])
-        .env("BUILDER_TEST_CONTAINER", &base)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("builder starts");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while buildah(&guard, &["containers", "--all", "--quiet"])
-        .trim()
-        .is_empty()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the sleeping component's RUN started"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
-    std::thread::sleep(std::time::Duration::from_secs(1));
+    let mut killed = sleeping_build(&guard, &base);
     killed.kill().expect("SIGKILL builder");
     killed.wait().expect("reap builder");
     let (out, _) = build(&guard, &base, &here().join("custom-template.yml"));
@@ -398,25 +405,7 @@ fn container_recipes_build_test_cache_and_fail_cleanly() {
 
     // 8. SIGTERM (and Ctrl-C, the same path) in the middle of a component: builder stops
     // buildah, removes its containers and says it was interrupted; nothing needs a next build.
-    let mut stopped = guard
-        .builder_command(&["build", sleeping.as_str()])
-        .env("BUILDER_TEST_CONTAINER", &base)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("builder starts");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while buildah(&guard, &["containers", "--all", "--quiet"])
-        .trim()
-        .is_empty()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the sleeping component's RUN started"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
-    std::thread::sleep(std::time::Duration::from_secs(1));
+    let mut stopped = sleeping_build(&guard, &base);
     let pid = nix::unistd::Pid::from_raw(i32::try_from(stopped.id()).expect("a pid"));
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM builder");
     let status = stopped.wait().expect("reap builder");
