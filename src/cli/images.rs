@@ -24,6 +24,26 @@ pub enum ImagesCommand {
     /// Remove stored builds. A reference matching several builds needs `--all` (or `--yes`);
     /// an image another stored build was made from needs `--force`.
     Rm(RmArgs),
+    /// Which installed packages of a stored build have newer versions in its repositories now:
+    /// NAME INSTALLED → CANDIDATE REPOSITORY. Checked on the host (no VM), from the package
+    /// list and sources its manifest records, with the signatures verified by the keys the
+    /// image trusts. Exit 0 (updates or not), 1 when the check failed.
+    Outdated(OutdatedArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct OutdatedArgs {
+    /// `NAME`, `NAME/VERSION` (with `x` wildcards, like `1.x.x`) or `NAME/VERSION/BUILD`: the
+    /// newest matching build.
+    #[arg(value_name = "NAME[/VERSION[/BUILD]]")]
+    reference: String,
+    /// Print the result as JSON on stdout (`packagesChecked`, `repositories`, `updates`).
+    #[arg(long)]
+    json: bool,
+    /// Only updates from security repositories (a Release `Label` with "Security", or a suite
+    /// ending in `-security`).
+    #[arg(long)]
+    security_only: bool,
 }
 
 #[derive(Debug, Args)]
@@ -79,7 +99,61 @@ pub async fn main(command: ImagesCommand) -> CliResult {
         ImagesCommand::List(args) => list(&store, &args, &abandoned),
         ImagesCommand::Show(args) => show(&store, &args).await,
         ImagesCommand::Rm(args) => rm(&store, &args),
+        ImagesCommand::Outdated(args) => outdated(&store, &args).await,
     }
+}
+
+async fn outdated(store: &Store, args: &OutdatedArgs) -> CliResult {
+    let reference = parse_ref(&args.reference)?;
+    let image = store.resolve(&reference).map_err(store_failure)?;
+    let name = image.reference();
+    eprintln!("checking the package repositories of {name}…");
+    let checked = builder::packages::image::check_image(store, &name, &image.manifest).await;
+    let mut outdated = checked.map_err(|e| {
+        let hint = e.hint();
+        let failure = Failure::failed(e);
+        match hint {
+            Some(h) => failure.with_hint(h),
+            None => failure,
+        }
+    })?;
+    if args.security_only {
+        outdated = outdated.security_only();
+    }
+    if args.json {
+        super::print_json(&outdated);
+        return Ok(0);
+    }
+    let mut out = std::io::stdout().lock();
+    let _ = write!(out, "{}", outdated_table(&outdated.updates));
+    eprintln!("{name}: {}", outdated.summary());
+    Ok(0)
+}
+
+/// `name  installed → candidate  repository`, aligned as in the example; a package
+/// installed for several architectures is named `name:arch`.
+fn outdated_table(updates: &[builder::packages::Update]) -> String {
+    let label = |u: &builder::packages::Update| {
+        if updates.iter().filter(|o| o.name == u.name).count() > 1 {
+            format!("{}:{}", u.name, u.arch)
+        } else {
+            u.name.clone()
+        }
+    };
+    let name_w = updates.iter().map(|u| label(u).chars().count()).max().unwrap_or(0);
+    let from_w = updates.iter().map(|u| u.installed.chars().count()).max().unwrap_or(0);
+    let to_w = updates.iter().map(|u| u.candidate.chars().count()).max().unwrap_or(0);
+    let mut s = String::new();
+    for u in updates {
+        s.push_str(&format!(
+            "{:name_w$}  {:from_w$} → {:to_w$}  {}\n",
+            label(u),
+            u.installed,
+            u.candidate,
+            u.repository
+        ));
+    }
+    s
 }
 
 /// Exit 2 for what the user can fix by asking differently, 3 for the host (disk, permissions).

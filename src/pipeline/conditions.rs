@@ -6,15 +6,19 @@
 //!
 //! A parent from an OCI registry named by its tag (`oci://host/repo:tag`) is pinned by the plan
 //! to the manifest digest the tag points at now (pipelines always resolve tags), so a newer push
-//! to the tag is a change, named with its new digest. Package updates inside the guest would
-//! need a VM and are not checked.
+//! to the tag is a change, named with its new digest.
+//!
+//! With `packageUpdates: true`, a run whose inputs did not change still builds when the
+//! repositories of the last image offer newer versions of its installed packages
+//! ([`package_updates`]): the check runs on the host against the package list and sources
+//! the image's manifest records (`crate::packages`), without a VM.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
 use super::history::Execution;
-use super::model::StartCondition;
+use super::model::{OnCheckFailure, StartCondition};
 use crate::build::plan::{Plan, PlannedComponent, PlannedParent, ReachedDocument};
 use crate::store::manifest::DocumentInput;
 
@@ -357,6 +361,107 @@ pub fn evaluate(
                 changed.join("; ")
             ),
         }
+    }
+}
+
+/// A skip that `packageUpdates` turned around, or confirmed, or could not decide.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackageVerdict {
+    pub verdict: Verdict,
+    /// The check failed: the reason says why; `onCheckFailure: skip` notifies whatever
+    /// `notifications.on` says.
+    pub check_failed: bool,
+}
+
+/// `packageUpdates`: `skipped` is the reason nothing else changed since `last`; the last
+/// image's manifest is checked against its repositories now.
+pub async fn package_updates(
+    store: &crate::store::Store,
+    last: &Execution,
+    skipped: String,
+    on_failure: OnCheckFailure,
+) -> PackageVerdict {
+    let result = match last_image(store, last) {
+        Ok((image, manifest)) => crate::packages::image::check_image(store, &image, &manifest)
+            .await
+            .map_err(|e| {
+                let text = crate::diagnostic::error_chain(&e);
+                match e.hint() {
+                    Some(hint) => format!("{text} (hint: {hint})"),
+                    None => text,
+                }
+            }),
+        Err(e) => Err(e),
+    };
+    package_verdict(last, skipped, result, on_failure)
+}
+
+/// The last successful execution's image and its manifest.
+fn last_image(
+    store: &crate::store::Store,
+    last: &Execution,
+) -> Result<(String, crate::store::manifest::Manifest), String> {
+    let image = last.image.clone().ok_or_else(|| {
+        format!(
+            "could not check updates: execution {} recorded no image",
+            last.id
+        )
+    })?;
+    let reference = image.parse::<crate::store::reference::ImageRef>().map_err(|e| {
+        format!(
+            "could not check updates: execution {}'s image `{image}`: {e}",
+            last.id
+        )
+    })?;
+    let stored = store.resolve(&reference).map_err(|e| {
+        format!(
+            "could not check updates: execution {}'s image {image} is no longer in the store ({e})",
+            last.id
+        )
+    })?;
+    Ok((image, stored.manifest))
+}
+
+/// The decision from the check's result (pure, for tests).
+pub fn package_verdict(
+    last: &Execution,
+    skipped: String,
+    checked: Result<crate::packages::Outdated, String>,
+    on_failure: OnCheckFailure,
+) -> PackageVerdict {
+    let image = last
+        .image
+        .as_ref()
+        .map(|i| format!(" ({i})"))
+        .unwrap_or_default();
+    match checked {
+        Ok(outdated) if outdated.updates.is_empty() => PackageVerdict {
+            verdict: Verdict::Skip {
+                reason: format!("{skipped}; no package updates: {}", outdated.summary()),
+            },
+            check_failed: false,
+        },
+        Ok(outdated) => PackageVerdict {
+            verdict: Verdict::Run {
+                reason: format!(
+                    "package updates since execution {}{image}: {}",
+                    last.id,
+                    outdated.summary()
+                ),
+            },
+            check_failed: false,
+        },
+        Err(why) => PackageVerdict {
+            verdict: match on_failure {
+                OnCheckFailure::Skip => Verdict::Skip {
+                    reason: format!("{why}; {skipped}"),
+                },
+                OnCheckFailure::Build => Verdict::Run {
+                    reason: format!("{why}; building anyway (onCheckFailure: build)"),
+                },
+            },
+            check_failed: true,
+        },
     }
 }
 

@@ -122,9 +122,45 @@ pub struct Schedule {
     /// `EXPRESSION_MATCH_ONLY` / `EXPRESSION_MATCH_AND_DEPENDENCY_UPDATES_AVAILABLE` are
     /// accepted too. Default: `dependencyChanged` (as Image Builder).
     pub start_condition: StartCondition,
-    /// `packageUpdates`: also count package updates available in the guest as a changed
-    /// dependency. Not checked yet (it needs a VM): accepted with a warning. Default: `false`.
+    /// `packageUpdates`: also build when nothing else changed but the repositories of the
+    /// last image (its manifest's package sources) offer newer versions of its installed
+    /// packages. Checked on the host, no VM: the repositories' signed indices are fetched and
+    /// verified with the keys the image trusts (`builder images outdated` shows the same).
+    /// Default: `false`.
     pub package_updates: bool,
+    /// `onCheckFailure`: what to do when `packageUpdates` could not be checked (a repository
+    /// unreachable, a bad signature, an image without recorded sources): `skip` skips this
+    /// run and notifies (whatever `notifications.on` says), `build` builds anyway. The reason
+    /// (`could not check updates: …`) is in the history either way. Default: `skip`.
+    pub on_check_failure: OnCheckFailure,
+}
+
+/// `schedule.onCheckFailure`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum OnCheckFailure {
+    #[default]
+    Skip,
+    Build,
+}
+
+impl OnCheckFailure {
+    pub const NAMES: &'static [&'static str] = &["skip", "build"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            OnCheckFailure::Skip => "skip",
+            OnCheckFailure::Build => "build",
+        }
+    }
+
+    pub fn from_name(text: &str) -> Option<OnCheckFailure> {
+        match text {
+            "skip" => Some(OnCheckFailure::Skip),
+            "build" => Some(OnCheckFailure::Build),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -34,7 +34,7 @@ use sha2::{Digest, Sha256};
 
 use super::model::{
     DEFAULT_NOTIFY_ON, ExecStatus, Lifecycle, Notifications, Override, Pipeline, PipelineSource,
-    Schedule, StartCondition, Webhook,
+    OnCheckFailure, Schedule, StartCondition, Webhook,
 };
 use super::schedule::{CronExpr, close_zone, parse_zone};
 use crate::build::plan;
@@ -61,7 +61,13 @@ pub const TOP_KEYS: &[&str] = &[
     "notifications",
     "status",
 ];
-const SCHEDULE_KEYS: &[&str] = &["expression", "timezone", "startCondition", "packageUpdates"];
+const SCHEDULE_KEYS: &[&str] = &[
+    "expression",
+    "timezone",
+    "startCondition",
+    "packageUpdates",
+    "onCheckFailure",
+];
 const LIFECYCLE_KEYS: &[&str] = &["keepLast", "maxAge", "deprecateFor", "remote"];
 const NOTIFICATION_KEYS: &[&str] = &["on", "webhook", "command"];
 const WEBHOOK_KEYS: &[&str] = &["url", "headers"];
@@ -579,16 +585,25 @@ fn schedule(cx: &mut PipelineReader<'_>, node: &Node) -> Option<Schedule> {
     };
     let package_updates = match get("packageUpdates") {
         None => Some(false),
+        Some((_, v)) => cx.boolean(v, "`packageUpdates`"),
+    };
+    let on_check_failure = match get("onCheckFailure") {
+        None => Some(OnCheckFailure::Skip),
         Some((key, v)) => {
-            let b = cx.boolean(v, "`packageUpdates`");
-            if b == Some(true) {
+            let word = cx.word(
+                v,
+                "check failure action",
+                OnCheckFailure::NAMES,
+                OnCheckFailure::from_name,
+            );
+            if package_updates == Some(false) {
                 cx.warning(
                     key.span,
-                    "`packageUpdates` is not checked yet (it needs a VM); only the parent image, components, parameters and recipe count as dependencies",
-                    Some("use `startCondition: always` to rebuild on every match and pick up package updates".into()),
+                    "`onCheckFailure` has no effect without `packageUpdates: true`",
+                    Some("set `packageUpdates: true`, or remove `onCheckFailure`".into()),
                 );
             }
-            b
+            word
         }
     };
     if cx
@@ -604,6 +619,7 @@ fn schedule(cx: &mut PipelineReader<'_>, node: &Node) -> Option<Schedule> {
         timezone: timezone?,
         start_condition: start_condition?,
         package_updates: package_updates?,
+        on_check_failure: on_check_failure?,
     })
 }
 

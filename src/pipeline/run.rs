@@ -185,13 +185,36 @@ pub async fn execute(
         .as_ref()
         .map_or(StartCondition::Always, |s| s.start_condition);
     let last = history.last_success(&pipeline.name)?;
-    match conditions::evaluate(condition, options.force, last.as_ref(), &inputs) {
+    let mut verdict = conditions::evaluate(condition, options.force, last.as_ref(), &inputs);
+    let mut check_failed = false;
+    // `packageUpdates`: nothing else changed, so the last image's packages decide.
+    if let (Verdict::Skip { reason }, Some(schedule), Some(last)) =
+        (&verdict, &pipeline.schedule, &last)
+        && schedule.package_updates
+    {
+        let decided = conditions::package_updates(
+            store,
+            last,
+            reason.clone(),
+            schedule.on_check_failure,
+        )
+        .await;
+        verdict = decided.verdict;
+        check_failed = decided.check_failed;
+    }
+    match verdict {
         Verdict::Skip { reason } => {
             // The reason is the skipped transition's detail (it is not an error).
             history.set_status(id, ExecStatus::Skipped, Some(&reason))?;
             report.status = ExecStatus::Skipped;
             report.reason = reason;
-            report.warnings = notifier.send(ExecStatus::Skipped, &report).await;
+            // A check that failed is told whatever `notifications.on` says: nobody would
+            // otherwise learn that the image is no longer checked.
+            report.warnings = if check_failed {
+                notifier.send_always(ExecStatus::Skipped, &report).await
+            } else {
+                notifier.send(ExecStatus::Skipped, &report).await
+            };
             return Ok(report);
         }
         Verdict::Run { reason } => {
@@ -472,11 +495,20 @@ impl<'a> Notifier<'a> {
     /// Warnings for hooks that failed; a failed hook never fails the execution. The event
     /// is the execution as recorded, at `status`.
     async fn send(&self, status: ExecStatus, report: &Report) -> Vec<String> {
-        let notifications = &self.pipeline.notifications;
-        if !notifications.on.contains(&status)
-            || (notifications.webhook.is_none() && notifications.command.is_none())
-        {
+        if !self.pipeline.notifications.on.contains(&status) {
             return Vec::new();
+        }
+        self.send_always(status, report).await
+    }
+
+    /// [`Notifier::send`] even when `notifications.on` does not list `status`.
+    async fn send_always(&self, status: ExecStatus, report: &Report) -> Vec<String> {
+        let mut notifications = self.pipeline.notifications.clone();
+        if notifications.webhook.is_none() && notifications.command.is_none() {
+            return Vec::new();
+        }
+        if !notifications.on.contains(&status) {
+            notifications.on.push(status);
         }
         let mut event = match self.history.execution(self.id) {
             Ok(execution) => super::notify::Event::from_execution(&execution),
@@ -493,7 +525,7 @@ impl<'a> Notifier<'a> {
         }
         event.image = event.image.or_else(|| report.image.clone());
         event.error = event.error.or_else(|| report.error.clone());
-        super::notify::send(notifications, &event).await
+        super::notify::send(&notifications, &event).await
     }
 }
 
