@@ -187,6 +187,9 @@ pub async fn execute(
     let last = history.last_success(&pipeline.name)?;
     let mut verdict = conditions::evaluate(condition, options.force, last.as_ref(), &inputs);
     let mut check_failed = false;
+    // A build for package updates runs every layer again: its inputs did not change, so the
+    // layer cache would hand back the old packages.
+    let mut fresh_layers = false;
     // `packageUpdates`: nothing else changed, so the last image's packages decide.
     if let (Verdict::Skip { reason }, Some(schedule), Some(last)) =
         (&verdict, &pipeline.schedule, &last)
@@ -201,6 +204,7 @@ pub async fn execute(
         .await;
         verdict = decided.verdict;
         check_failed = decided.check_failed;
+        fresh_layers = matches!(verdict, Verdict::Run { .. });
     }
     match verdict {
         Verdict::Skip { reason } => {
@@ -234,7 +238,9 @@ pub async fn execute(
         id,
         seen: Mutex::new(Seen::default()),
     };
-    let built = build::build(&plan, store, &options.build, &tracker).await;
+    let mut build_options = options.build.clone();
+    build_options.no_cache |= fresh_layers;
+    let built = build::build(&plan, store, &build_options, &tracker).await;
     let (testing, distributing) = tracker
         .seen
         .lock()
