@@ -437,7 +437,7 @@ pub fn package_verdict(
     match checked {
         Ok(outdated) if outdated.updates.is_empty() => PackageVerdict {
             verdict: Verdict::Skip {
-                reason: format!("{skipped}; no package updates: {}", outdated.summary()),
+                reason: format!("{skipped}; package updates checked: {}", outdated.summary()),
             },
             check_failed: false,
         },
@@ -540,4 +540,107 @@ mod tests {
             ["the recipe file changed (sha256 rrrrrrrrrrrr → ssssssssssss)"]
         );
     }
+
+    fn last_execution() -> Execution {
+        Execution {
+            id: crate::pipeline::history::ExecutionId(4),
+            pipeline: "web".into(),
+            trigger: crate::pipeline::history::Trigger::Manual,
+            reason: String::new(),
+            status: crate::pipeline::history::ExecStatus::Available,
+            created: chrono::Utc::now(),
+            started: None,
+            finished: None,
+            image: Some("web/1.0.0/4".into()),
+            build_id: None,
+            manifest: None,
+            logs: None,
+            error: None,
+            inputs: Some(inputs().to_json()),
+            runner: None,
+            transitions: Vec::new(),
+        }
+    }
+
+    fn outdated(updates: &[(&str, &str, &str, bool)]) -> crate::packages::Outdated {
+        crate::packages::Outdated {
+            packages_checked: 312,
+            repositories: Vec::new(),
+            updates: updates
+                .iter()
+                .map(|(name, from, to, security)| crate::packages::Update {
+                    name: (*name).into(),
+                    arch: "amd64".into(),
+                    installed: (*from).into(),
+                    candidate: (*to).into(),
+                    repository: if *security {
+                        "bookworm-security".into()
+                    } else {
+                        "bookworm".into()
+                    },
+                    security: *security,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn package_updates_turn_a_skip_into_a_build_naming_them() {
+        let last = last_execution();
+        let found = outdated(&[("nginx", "1.22.1-9+deb12u12", "1.22.1-9+deb12u13", true)]);
+        let v = package_verdict(&last, "nothing changed".into(), Ok(found), OnCheckFailure::Skip);
+        assert!(!v.check_failed);
+        let Verdict::Run { reason } = v.verdict else {
+            panic!("updates must build: {v:?}")
+        };
+        assert!(
+            reason.starts_with("package updates since execution 4 (web/1.0.0/4): 1 update (1 security)"),
+            "{reason}"
+        );
+        assert!(
+            reason.contains("nginx 1.22.1-9+deb12u12 → 1.22.1-9+deb12u13 (bookworm-security)"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn no_package_updates_keep_the_skip_and_say_so() {
+        let v = package_verdict(
+            &last_execution(),
+            "nothing changed since execution 4".into(),
+            Ok(outdated(&[])),
+            OnCheckFailure::Build,
+        );
+        assert_eq!(
+            v,
+            PackageVerdict {
+                verdict: Verdict::Skip {
+                    reason: "nothing changed since execution 4; package updates checked: no updates among 312 packages from 0 repositories".into()
+                },
+                check_failed: false,
+            }
+        );
+    }
+
+    #[test]
+    fn a_failed_check_skips_or_builds_as_configured_and_says_why() {
+        let why = || Err("could not check updates: http://10.0.2.2:8080/debian bookworm: bad signature".to_string());
+        let skip = package_verdict(&last_execution(), "nothing changed".into(), why(), OnCheckFailure::Skip);
+        assert!(skip.check_failed);
+        assert_eq!(
+            skip.verdict,
+            Verdict::Skip {
+                reason: "could not check updates: http://10.0.2.2:8080/debian bookworm: bad signature; nothing changed".into()
+            }
+        );
+        let build = package_verdict(&last_execution(), "nothing changed".into(), why(), OnCheckFailure::Build);
+        assert!(build.check_failed);
+        assert_eq!(
+            build.verdict,
+            Verdict::Run {
+                reason: "could not check updates: http://10.0.2.2:8080/debian bookworm: bad signature; building anyway (onCheckFailure: build)".into()
+            }
+        );
+    }
+
 }
