@@ -55,7 +55,9 @@ pub enum SignatureProblem {
         "bad signature (made by key {key}, but the signed text was changed or the signature was not made by that key)"
     )]
     Bad { key: String },
-    #[error("signed by unknown key {key} (not among the keys the image trusts for it: {trusted})")]
+    #[error(
+        "signature by unknown key {key}, not one the image trusts for this repository (it trusts {trusted})"
+    )]
     UnknownKey { key: String, trusted: String },
     #[error("signed by key {key}, which has expired")]
     ExpiredKey { key: String },
@@ -366,7 +368,7 @@ mod tests {
         let e = judge(unknown, &allowing(&[]), false).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "signed by unknown key 89ABCDEF01234567 (not among the keys the image trusts for it: `/usr/share/keyrings/x.gpg`)"
+            "signature by unknown key 89ABCDEF01234567, not one the image trusts for this repository (it trusts `/usr/share/keyrings/x.gpg`)"
         );
         assert_eq!(
             judge("[GNUPG:] NODATA 1\n", &allowing(&[]), false),
