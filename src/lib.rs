@@ -42,6 +42,9 @@
 //!    `SHA256SUMS`.
 //!    [`container`] (machine, agent, undo, vm, store): buildah in the store's private
 //!    container storage, the isolation probe, the agent in a container, leftovers recovery.
+//!    [`packages`] (store, diagnostic): the package update check: an image's recorded apt
+//!    sources and keys, its repositories' signed indices fetched on the host, versions
+//!    compared by Debian's rules.
 //! 9. [`distribute`] (store, export, vm, recipe, aws, diagnostic): finished images pushed to OCI
 //!    registries, AWS (AMI import), Vagrant boxes, directories; a receipt for each.
 //! 10. [`build`] (all of the above): the stages of a build, in order, and its plan.
@@ -65,6 +68,7 @@ pub mod digest;
 pub mod distribute;
 pub mod export;
 pub mod machine;
+pub mod packages;
 pub mod pipeline;
 pub mod recipe;
 pub mod store;

@@ -9,6 +9,10 @@
 //! layerCache:
 //!   maxSize: 20GiB    # the default; a size (`500MiB`, `1TiB`, bytes), `unlimited`,
 //!                     # or 0: keep no layer once the build that made it is done
+//! packageUpdates:
+//!   mirrors:          # what the host fetches instead of the URIs the images' sources use
+//!     - from: http://deb.example.org/debian    # a URI prefix the images' sources use
+//!       to: http://mirror.internal/debian       # http, https or file
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -31,13 +35,39 @@ pub const DEFAULT_LAYER_CACHE_MAX_SIZE: ByteSize = ByteSize::gib(20);
 /// `layerCache.maxSize: unlimited`.
 pub const UNLIMITED: &str = "unlimited";
 
-const TOP_KEYS: &[&str] = &["layerCache"];
+const TOP_KEYS: &[&str] = &["layerCache", "packageUpdates"];
 const LAYER_CACHE_KEYS: &[&str] = &["maxSize"];
+const PACKAGE_UPDATES_KEYS: &[&str] = &["mirrors"];
+const MIRROR_KEYS: &[&str] = &["from", "to"];
+
+/// The URI schemes the update check fetches from (a mirror's `to`; `from` may be anything the
+/// images' sources write).
+const MIRROR_SCHEMES: &[&str] = &["http", "https", "file"];
 
 /// What `config.yml` says, defaults filled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct StoreConfig {
     pub layer_cache: LayerCacheConfig,
+    pub package_updates: PackageUpdatesConfig,
+}
+
+/// `packageUpdates:`: how the host checks an image's repositories for updates.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PackageUpdatesConfig {
+    /// `mirrors`: URI prefixes of the images' sources rewritten before the host fetches
+    /// (air-gapped sites, a local mirror, a guest-only address). In the file's order; the
+    /// longest matching `from` wins. Default: none, the images' URIs as written.
+    pub mirrors: Vec<Mirror>,
+}
+
+/// One `packageUpdates.mirrors` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mirror {
+    /// A URI prefix the images' sources use (`http://deb.debian.org/debian`), without a
+    /// trailing `/`; it matches whole path segments only.
+    pub from: String,
+    /// What the host fetches instead (`http`, `https` or `file`), without a trailing `/`.
+    pub to: String,
 }
 
 /// `layerCache:`.
@@ -97,8 +127,12 @@ pub fn parse(path: &Path, text: &str) -> Result<StoreConfig, Diagnostics> {
         && let Some(entries) = cx.mapping(&root, "the store configuration", TOP_KEYS)
     {
         for (key, value) in entries {
-            if key.as_str() == Some("layerCache") {
-                layer_cache(&mut cx, value, &mut config.layer_cache);
+            match key.as_str() {
+                Some("layerCache") => layer_cache(&mut cx, value, &mut config.layer_cache),
+                Some("packageUpdates") => {
+                    package_updates(&mut cx, value, &mut config.package_updates);
+                }
+                _ => {}
             }
         }
     }
@@ -124,6 +158,94 @@ fn layer_cache(cx: &mut Reader<'_>, node: &Node, out: &mut LayerCacheConfig) {
             out.max_size = max;
         }
     }
+}
+
+fn package_updates(cx: &mut Reader<'_>, node: &Node, out: &mut PackageUpdatesConfig) {
+    if node.is_null() {
+        return;
+    }
+    let Some(entries) = cx.mapping(node, "`packageUpdates`", PACKAGE_UPDATES_KEYS) else {
+        return;
+    };
+    for (key, value) in entries {
+        if key.as_str() != Some("mirrors") || value.is_null() {
+            continue;
+        }
+        let Some(items) = value.as_sequence() else {
+            cx.not_a(value, "`packageUpdates.mirrors`", "a list");
+            continue;
+        };
+        for item in items {
+            if let Some(m) = mirror(cx, item) {
+                out.mirrors.push(m);
+            }
+        }
+    }
+}
+
+/// One `{from, to}` entry: both present, URIs with a scheme (`to` one the host fetches).
+fn mirror(cx: &mut Reader<'_>, node: &Node) -> Option<Mirror> {
+    const WHAT: &str = "a `packageUpdates.mirrors` entry";
+    let entries = cx.mapping(node, WHAT, MIRROR_KEYS)?;
+    let (mut from, mut to) = (None, None);
+    for (key, value) in entries {
+        match key.as_str() {
+            Some("from") => from = mirror_uri(cx, value, "from", None),
+            Some("to") => to = mirror_uri(cx, value, "to", Some(MIRROR_SCHEMES)),
+            _ => {}
+        }
+    }
+    for (name, found) in [("from", from.is_some()), ("to", to.is_some())] {
+        if !found && node.get(name).is_none() {
+            cx.error(
+                cx.start_of(node),
+                format!("{WHAT} has no `{name}`"),
+                Some("write both: `{from: http://deb.example.org/debian, to: http://mirror.internal/debian}`".into()),
+            );
+        }
+    }
+    Some(Mirror {
+        from: from?,
+        to: to?,
+    })
+}
+
+/// A URI `scheme://…` (the scheme in `schemes` when given), its trailing `/` dropped.
+fn mirror_uri(
+    cx: &mut Reader<'_>,
+    node: &Node,
+    key: &str,
+    schemes: Option<&[&str]>,
+) -> Option<String> {
+    let what = format!("`packageUpdates.mirrors[].{key}`");
+    let text = cx.string(node, &what)?;
+    let scheme = text.split_once("://").map(|(s, _)| s).filter(|s| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    });
+    let Some(scheme) = scheme else {
+        cx.error(
+            node.span,
+            format!("{what} must be a URI such as `http://mirror.internal/debian`; found `{text}`"),
+            None,
+        );
+        return None;
+    };
+    if let Some(schemes) = schemes
+        && !schemes.contains(&scheme)
+    {
+        cx.error(
+            node.span,
+            format!(
+                "{what}: the host cannot fetch `{scheme}` URIs; expected {}",
+                crate::diagnostic::one_of(schemes)
+            ),
+            did_you_mean_hint(scheme, schemes.iter().copied()),
+        );
+        return None;
+    }
+    Some(text.trim_end_matches('/').to_string())
 }
 
 /// `maxSize`: a size or `unlimited` (`Some(None)`).
@@ -204,5 +326,75 @@ mod tests {
             "{d}"
         );
         assert!(read("layerCache: [").is_err());
+    }
+
+    #[test]
+    fn mirrors_in_order_without_trailing_slashes() {
+        let config = read(
+            "packageUpdates:\n  mirrors:\n    - from: http://deb.example.org/debian/\n      to: file:///srv/mirror/debian\n    - {from: 'http://10.0.2.2:8080', to: 'http://127.0.0.1:8080'}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            config.package_updates.mirrors,
+            [
+                Mirror {
+                    from: "http://deb.example.org/debian".into(),
+                    to: "file:///srv/mirror/debian".into()
+                },
+                Mirror {
+                    from: "http://10.0.2.2:8080".into(),
+                    to: "http://127.0.0.1:8080".into()
+                }
+            ]
+        );
+        for empty in ["", "packageUpdates:\n", "packageUpdates: {mirrors: []}\n"] {
+            assert_eq!(
+                read(empty).unwrap().package_updates.mirrors,
+                [],
+                "{empty:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn mirror_mistakes_are_reported_where_they_are() {
+        let d = read(
+            "packageUpdates:\n  mirrors:\n    - from: deb.example.org\n      to: ftp://m/debian\n    - {form: 'http://a', to: 'http://b'}\n  mirror: []\n",
+        )
+        .unwrap_err();
+        let lines = d.lines();
+        assert_eq!(lines.len(), 5, "{lines:#?}");
+        assert_eq!(
+            lines[0],
+            "/s/config.yml:3:13: error: `packageUpdates.mirrors[].from` must be a URI such as \
+             `http://mirror.internal/debian`; found `deb.example.org`"
+        );
+        assert!(
+            lines[1].starts_with(
+                "/s/config.yml:4:11: error: `packageUpdates.mirrors[].to`: the host cannot fetch `ftp` URIs"
+            ),
+            "{}",
+            lines[1]
+        );
+        assert!(
+            lines[2].starts_with(
+                "/s/config.yml:5:7: error: a `packageUpdates.mirrors` entry has no `from`"
+            ),
+            "{}",
+            lines[2]
+        );
+        assert!(
+            lines[3].starts_with("/s/config.yml:5:8: error: unknown key `form`"),
+            "{}",
+            lines[3]
+        );
+        assert!(
+            lines[4]
+                .starts_with("/s/config.yml:6:3: error: unknown key `mirror` in `packageUpdates`"),
+            "{}",
+            lines[4]
+        );
+        let d = read("packageUpdates: {mirrors: http://a}").unwrap_err();
+        assert!(d.problems()[0].message.contains("must be a list"), "{d}");
     }
 }

@@ -1,23 +1,29 @@
 //! An HTTP server on the host's loopback for guests and benchmarks: guests on QEMU's user
-//! network reach the host's 127.0.0.1 as 10.0.2.2. It serves a fixed set of files (`GET` of a
-//! path it holds → 200 with the bytes, anything else → 404), one connection at a time, each
+//! network reach the host's 127.0.0.1 as 10.0.2.2. It serves a set of files (`GET` of a
+//! path it holds → 200 with the bytes, anything else → 404), which [`HostHttp::put`] and
+//! [`HostHttp::remove`] change while it runs, or a directory read at each request
+//! ([`HostHttp::serve_dir`]: a test repository republished on disk is served as it is now),
+//! one connection at a time, each
 //! answered with `Connection: close` (HTTP/1.0 clients, bash's `/dev/tcp`, apt and builder's
 //! WebDownload all read to the end). It records each request line; stopped (and its thread
 //! joined) on drop.
 //!
-//! Shared by tests/build_e2e.rs, tests/appliance_e2e.rs and examples/bench_packer.rs.
+//! Shared by tests/build_e2e.rs, tests/appliance_e2e.rs, tests/support/apt_repo.rs and
+//! examples/bench_packer.rs.
 
 // Each file that includes this uses part of it.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
+use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub struct HostHttp {
     pub port: u16,
+    files: Arc<Mutex<BTreeMap<String, Vec<u8>>>>,
     requests: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -29,13 +35,40 @@ impl HostHttp {
     pub fn start<P: Into<String>>(files: impl IntoIterator<Item = (P, Vec<u8>)>) -> Self {
         let files: BTreeMap<String, Vec<u8>> =
             files.into_iter().map(|(p, b)| (p.into(), b)).collect();
+        Self::run(files, None)
+    }
+
+    /// Serves the files under `root` as they are at each request (`GET /a/b` → `root/a/b`;
+    /// a path with `..` → 404).
+    pub fn serve_dir(root: impl Into<PathBuf>) -> Self {
+        Self::run(BTreeMap::new(), Some(root.into()))
+    }
+
+    /// Serve `body` at `path` from now on (replacing what was there).
+    pub fn put(&self, path: impl Into<String>, body: Vec<u8>) {
+        self.files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(path.into(), body);
+    }
+
+    /// Answer 404 for `path` from now on.
+    pub fn remove(&self, path: &str) {
+        self.files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(path);
+    }
+
+    fn run(files: BTreeMap<String, Vec<u8>>, root: Option<PathBuf>) -> Self {
+        let files = Arc::new(Mutex::new(files));
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the loopback");
         listener.set_nonblocking(true).expect("non-blocking");
         let port = listener.local_addr().expect("local address").port();
         let requests = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
-            let (requests, stop) = (requests.clone(), stop.clone());
+            let (files, requests, stop) = (files.clone(), requests.clone(), stop.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     let stream = match listener.accept() {
@@ -65,14 +98,22 @@ impl HostHttp {
                     }
                     let mut words = request.split(' ');
                     let body = match (words.next(), words.next()) {
-                        (Some("GET"), Some(path)) => files.get(&path.replace("/./", "/")),
+                        (Some("GET"), Some(path)) => {
+                            let path = path.replace("/./", "/");
+                            let held = files
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .get(&path)
+                                .cloned();
+                            held.or_else(|| root.as_deref().and_then(|r| from_dir(r, &path)))
+                        }
                         _ => None,
                     };
                     requests
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .push(request);
-                    let (status, body) = match body {
+                    let (status, body) = match &body {
                         Some(body) => ("200 OK", body.as_slice()),
                         None => ("404 Not Found", b"not found\n".as_slice()),
                     };
@@ -87,6 +128,7 @@ impl HostHttp {
         };
         Self {
             port,
+            files,
             requests,
             stop,
             thread: Some(thread),
@@ -100,6 +142,22 @@ impl HostHttp {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
+}
+
+/// The bytes of `root` + `path` (`/a/b`), if it is a file under `root`.
+fn from_dir(root: &Path, path: &str) -> Option<Vec<u8>> {
+    let relative = Path::new(path.split('?').next()?.trim_start_matches('/'));
+    if relative
+        .components()
+        .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+    {
+        return None;
+    }
+    let full = root.join(relative);
+    if !full.is_file() {
+        return None;
+    }
+    fs_err::read(full).ok()
 }
 
 impl Drop for HostHttp {

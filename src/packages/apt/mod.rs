@@ -1,0 +1,457 @@
+//! apt repositories: the image's sources ([`sources`]), a repository's `Release` file
+//! ([`release`]) and `Packages` indices ([`index`]), and getting them: `InRelease` (else
+//! `Release` + `Release.gpg`) verified with the keys the image trusts for that source, then
+//! each index the Release file lists for the source's components and architectures, its
+//! sha256 checked against the Release file before it is read.
+
+pub mod index;
+pub mod release;
+pub mod sources;
+
+use std::collections::HashSet;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use sha2::{Digest as _, Sha256};
+
+use self::index::{BadIndex, Offered};
+use self::release::Release;
+use self::sources::Repository;
+use crate::packages::fetch::{FetchProblem, Fetcher};
+use crate::packages::gpg::{self, KeyProblem, SignatureProblem};
+use crate::store::manifest::KeyFile;
+
+/// apt's default pin priorities: what a `NotAutomatic` repository gets (1, or 100 with
+/// `ButAutomaticUpgrades`), what the others get (500), and what the installed version gets
+/// when no repository offers it (100).
+pub const PRIORITY_DEFAULT: i32 = 500;
+pub const PRIORITY_INSTALLED: i32 = 100;
+pub const PRIORITY_NOT_AUTOMATIC: i32 = 1;
+
+/// What one repository offers of the wanted packages, and who it is.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    /// Where it was fetched from, after mirrors (`http://127.0.0.1:8080/debian`).
+    pub fetched_from: String,
+    pub release: Release,
+    /// Fingerprints of the keys whose signature was good; empty for `trusted=yes`.
+    pub signed_by: Vec<String>,
+    /// apt's pin priority of its versions.
+    pub priority: i32,
+    pub offered: Vec<Offered>,
+}
+
+/// What went wrong with one repository.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RepositoryProblem {
+    #[error(transparent)]
+    Fetch(#[from] FetchProblem),
+    #[error("no Release file: neither {dist}InRelease nor {dist}Release exists")]
+    NoRelease { dist: String },
+    #[error("{file}: {problem}")]
+    Signature {
+        file: String,
+        problem: SignatureProblem,
+    },
+    #[error("its keys: {0}")]
+    Keys(#[from] KeyProblem),
+    #[error("{file} is not a Release file: {message}")]
+    BadRelease { file: String, message: String },
+    #[error("hash mismatch: {url} has sha256 {found}, its Release file says {expected}")]
+    HashMismatch {
+        url: String,
+        expected: String,
+        found: String,
+    },
+    #[error("{url}: {problem}")]
+    BadIndex { url: String, problem: BadIndex },
+    #[error("could not decompress {url}: {message}")]
+    Decompress { url: String, message: String },
+    #[error("its Release file lists no Packages index for {what}")]
+    NoIndex { what: String },
+    #[error("{0}")]
+    Host(String),
+}
+
+impl RepositoryProblem {
+    /// How to fix it, where something helps.
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            RepositoryProblem::Fetch(
+                FetchProblem::Unreachable { .. } | FetchProblem::Status { .. },
+            )
+            | RepositoryProblem::NoRelease { .. } => Some(
+                "if the host cannot reach the address the image uses, map it to one it can in the store's config.yml (`packageUpdates.mirrors`)",
+            ),
+            RepositoryProblem::Signature {
+                problem: SignatureProblem::UnknownKey { .. } | SignatureProblem::NotAllowed { .. },
+                ..
+            }
+            | RepositoryProblem::Keys(_) => Some(
+                "the image must trust the repository's key (Signed-By, or a key in /etc/apt/trusted.gpg.d/); rebuild the image with it",
+            ),
+            RepositoryProblem::Signature {
+                problem: SignatureProblem::Bad { .. } | SignatureProblem::Missing,
+                ..
+            } => Some(
+                "the repository (or a mirror or proxy in between) serves files its key did not sign; nothing from it was used",
+            ),
+            RepositoryProblem::HashMismatch { .. } => {
+                Some("the mirror may be in the middle of an update; check again later")
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Priority of a repository's versions, as apt's default policy gives it.
+pub fn priority(release: &Release) -> i32 {
+    match (release.not_automatic, release.but_automatic_upgrades) {
+        (false, _) => PRIORITY_DEFAULT,
+        (true, true) => PRIORITY_INSTALLED,
+        (true, false) => PRIORITY_NOT_AUTOMATIC,
+    }
+}
+
+/// Everything a repository fetch needs that is the same for every repository.
+pub struct Context<'a> {
+    pub fetcher: &'a Fetcher,
+    /// The image's architectures (a source's `arch=` overrides them).
+    pub architectures: &'a [String],
+    pub keys: &'a [KeyFile],
+    pub wanted: Arc<HashSet<(String, String)>>,
+    /// A private temporary directory (keys, downloads, gpgv's home).
+    pub scratch: &'a Path,
+}
+
+/// The base URL after mirrors, and what the repository offers or what went wrong.
+pub async fn fetch(
+    cx: &Context<'_>,
+    repository: &Repository,
+    number: usize,
+) -> (String, Result<Fetched, RepositoryProblem>) {
+    let base = cx.fetcher.rewrite(&repository.uri);
+    let base = base.trim_end_matches('/').to_string();
+    let result = fetch_from(cx, repository, number, &base).await;
+    (base, result)
+}
+
+async fn fetch_from(
+    cx: &Context<'_>,
+    repository: &Repository,
+    number: usize,
+    base: &str,
+) -> Result<Fetched, RepositoryProblem> {
+    let dist = if repository.is_flat() {
+        match repository.suite.trim_start_matches("./") {
+            "" | "/" => format!("{base}/"),
+            sub => format!("{base}/{sub}"),
+        }
+    } else {
+        format!("{base}/dists/{}/", repository.suite)
+    };
+    let dir = cx.scratch.join(format!("repository-{number}"));
+    let home = dir.join("gnupg");
+    let host = |e: std::io::Error| RepositoryProblem::Host(e.to_string());
+    fs_err::create_dir_all(&home).map_err(host)?;
+    let keyring = if repository.trusted {
+        None
+    } else {
+        Some(gpg::keyring(&repository.signed_by, cx.keys, &dir)?)
+    };
+
+    let mut signed_by = Vec::new();
+    let release_text = match cx.fetcher.get(&format!("{dist}InRelease")).await? {
+        Some(bytes) => {
+            let file = format!("{dist}InRelease");
+            match &keyring {
+                Some(keyring) => {
+                    let signed = write(&dir, "InRelease", &bytes)?;
+                    let output = dir.join("InRelease.text");
+                    signed_by = gpg::verify(keyring, &signed, None, Some(&output), &home)
+                        .await
+                        .map_err(|problem| RepositoryProblem::Signature {
+                            file: file.clone(),
+                            problem,
+                        })?;
+                    Some(fs_err::read_to_string(&output).map_err(host)?)
+                }
+                None => Some(cleartext(&String::from_utf8_lossy(&bytes))),
+            }
+        }
+        None => match cx.fetcher.get(&format!("{dist}Release")).await? {
+            Some(bytes) => {
+                if let Some(keyring) = &keyring {
+                    let file = format!("{dist}Release.gpg");
+                    let Some(signature) = cx.fetcher.get(&file).await? else {
+                        return Err(RepositoryProblem::Signature {
+                            file,
+                            problem: SignatureProblem::Missing,
+                        });
+                    };
+                    let data = write(&dir, "Release", &bytes)?;
+                    let signature = write(&dir, "Release.gpg", &signature)?;
+                    signed_by = gpg::verify(keyring, &signature, Some(&data), None, &home)
+                        .await
+                        .map_err(|problem| RepositoryProblem::Signature { file, problem })?;
+                }
+                Some(String::from_utf8_lossy(&bytes).into_owned())
+            }
+            // apt reads a trusted flat repository without a Release file.
+            None if repository.trusted && repository.is_flat() => None,
+            None => return Err(RepositoryProblem::NoRelease { dist }),
+        },
+    };
+
+    let mut offered = Vec::new();
+    let release = match release_text {
+        Some(text) => {
+            let release =
+                Release::parse(&text).map_err(|message| RepositoryProblem::BadRelease {
+                    file: format!("{dist}InRelease"),
+                    message,
+                })?;
+            let dirs = index_dirs(repository, cx.architectures, &release);
+            let mut found = 0;
+            for index_dir in &dirs {
+                let Some((path, hash, _)) = release.packages_index(index_dir) else {
+                    continue;
+                };
+                found += 1;
+                let url = format!("{dist}{path}");
+                let Some(bytes) = cx.fetcher.get(&url).await? else {
+                    return Err(FetchProblem::Status {
+                        url,
+                        status: "404 Not Found (its Release file lists it)".into(),
+                    }
+                    .into());
+                };
+                let sha = hex::encode(Sha256::digest(&bytes));
+                if sha != hash {
+                    return Err(RepositoryProblem::HashMismatch {
+                        url,
+                        expected: hash.to_string(),
+                        found: sha,
+                    });
+                }
+                offered.extend(read_index(url, bytes, cx.wanted.clone(), dir.join("index")).await?);
+            }
+            if found == 0 {
+                return Err(RepositoryProblem::NoIndex {
+                    what: if repository.is_flat() {
+                        "the flat repository".into()
+                    } else {
+                        format!(
+                            "components {} and architectures {}",
+                            repository.components.join(", "),
+                            architectures(repository, cx.architectures).join(", ")
+                        )
+                    },
+                });
+            }
+            release
+        }
+        None => {
+            let mut got = None;
+            for name in ["Packages.xz", "Packages.gz", "Packages"] {
+                let url = format!("{dist}{name}");
+                if let Some(bytes) = cx.fetcher.get(&url).await? {
+                    got = Some((url, bytes));
+                    break;
+                }
+            }
+            let Some((url, bytes)) = got else {
+                return Err(RepositoryProblem::NoRelease { dist });
+            };
+            offered.extend(read_index(url, bytes, cx.wanted.clone(), dir.join("index")).await?);
+            Release::default()
+        }
+    };
+    Ok(Fetched {
+        fetched_from: base.to_string(),
+        priority: priority(&release),
+        release,
+        signed_by,
+        offered,
+    })
+}
+
+fn write(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf, RepositoryProblem> {
+    let path = dir.join(name);
+    fs_err::write(&path, bytes).map_err(|e| RepositoryProblem::Host(e.to_string()))?;
+    Ok(path)
+}
+
+/// The source's architectures, else the image's.
+fn architectures<'a>(repository: &'a Repository, image: &'a [String]) -> &'a [String] {
+    if repository.architectures.is_empty() {
+        image
+    } else {
+        &repository.architectures
+    }
+}
+
+/// The directories (relative to the Release file) whose `Packages` apt reads for this source:
+/// `<component>/binary-<arch>/` for each, `binary-all/` too when the Release file lists it
+/// and does not say its `all` packages are in the architectures' indices; `""` when flat.
+fn index_dirs(repository: &Repository, image: &[String], release: &Release) -> Vec<String> {
+    if repository.is_flat() {
+        return vec![String::new()];
+    }
+    let mut dirs = Vec::new();
+    for component in &repository.components {
+        for arch in architectures(repository, image) {
+            dirs.push(format!("{component}/binary-{arch}/"));
+        }
+        let all = format!("{component}/binary-all/");
+        if !release.all_in_arch_indices
+            && release.packages_index(&all).is_some()
+            && !dirs.contains(&all)
+        {
+            dirs.push(all);
+        }
+    }
+    dirs
+}
+
+/// Decompress (by the name's extension) and read an index off the async threads: xz is
+/// decoded to a file first (`spill`), gzip streamed.
+async fn read_index(
+    url: String,
+    bytes: Vec<u8>,
+    wanted: Arc<HashSet<(String, String)>>,
+    spill: PathBuf,
+) -> Result<Vec<Offered>, RepositoryProblem> {
+    tokio::task::spawn_blocking(move || {
+        let decompress = |message: String| RepositoryProblem::Decompress {
+            url: url.clone(),
+            message,
+        };
+        let result = if url.ends_with(".xz") {
+            let file =
+                fs_err::File::create(&spill).map_err(|e| RepositoryProblem::Host(e.to_string()))?;
+            let mut writer = std::io::BufWriter::new(file);
+            lzma_rs::xz_decompress(&mut bytes.as_slice(), &mut writer)
+                .map_err(|e| decompress(e.to_string()))?;
+            drop(writer);
+            let file =
+                fs_err::File::open(&spill).map_err(|e| RepositoryProblem::Host(e.to_string()))?;
+            let result = index::offered(BufReader::new(file), &wanted);
+            let _ = fs_err::remove_file(&spill);
+            result
+        } else if url.ends_with(".gz") {
+            let mut decoder = BufReader::new(flate2::read::GzDecoder::new(bytes.as_slice()));
+            // A gzip error surfaces as a read error of the first paragraph it breaks.
+            index::offered(&mut decoder, &wanted)
+        } else {
+            index::offered(bytes.as_slice(), &wanted)
+        };
+        result.map_err(|problem| {
+            if problem.message.starts_with("could not read") {
+                decompress(problem.message)
+            } else {
+                RepositoryProblem::BadIndex {
+                    url: url.clone(),
+                    problem,
+                }
+            }
+        })
+    })
+    .await
+    .map_err(|e| RepositoryProblem::Host(format!("reading an index stopped: {e}")))?
+}
+
+/// The text of a clearsigned file, without checking it: only for `trusted=yes` sources, where
+/// apt does not check either.
+fn cleartext(text: &str) -> String {
+    let Some((_, rest)) = text.split_once("-----BEGIN PGP SIGNED MESSAGE-----") else {
+        return text.to_string();
+    };
+    // Armor headers (`Hash: SHA512`) up to the first empty line.
+    let body = rest.split_once("\n\n").map_or(rest, |(_, b)| b);
+    let body = body
+        .split_once("\n-----BEGIN PGP SIGNATURE-----")
+        .map_or(body, |(b, _)| b);
+    body.lines()
+        .map(|l| l.strip_prefix("- ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that unwraps fails loudly, which is the point
+mod tests {
+    use super::*;
+
+    fn repository(suite: &str, components: &[&str], arch: &[&str]) -> Repository {
+        Repository {
+            declared: "/etc/apt/sources.list:1".into(),
+            uri: "http://a/debian".into(),
+            suite: suite.into(),
+            components: components.iter().map(|s| s.to_string()).collect(),
+            architectures: arch.iter().map(|s| s.to_string()).collect(),
+            signed_by: vec![],
+            trusted: false,
+        }
+    }
+
+    #[test]
+    fn index_directories() {
+        let image = ["amd64".to_string(), "i386".to_string()];
+        let mut release = Release::default();
+        assert_eq!(
+            index_dirs(
+                &repository("bookworm", &["main", "contrib"], &[]),
+                &image,
+                &release
+            ),
+            [
+                "main/binary-amd64/",
+                "main/binary-i386/",
+                "contrib/binary-amd64/",
+                "contrib/binary-i386/"
+            ]
+        );
+        assert_eq!(
+            index_dirs(
+                &repository("bookworm", &["main"], &["arm64"]),
+                &image,
+                &release
+            ),
+            ["main/binary-arm64/"]
+        );
+        release
+            .sha256
+            .insert("main/binary-all/Packages".into(), ("00".into(), 1));
+        assert_eq!(
+            index_dirs(&repository("x", &["main"], &["amd64"]), &image, &release),
+            ["main/binary-amd64/", "main/binary-all/"]
+        );
+        release.all_in_arch_indices = true;
+        assert_eq!(
+            index_dirs(&repository("x", &["main"], &["amd64"]), &image, &release),
+            ["main/binary-amd64/"]
+        );
+        assert_eq!(
+            index_dirs(&repository("./", &[], &[]), &image, &release),
+            [""]
+        );
+    }
+
+    #[test]
+    fn priorities_as_apt_gives_them() {
+        let mut r = Release::default();
+        assert_eq!(priority(&r), 500);
+        r.not_automatic = true;
+        assert_eq!(priority(&r), 1);
+        r.but_automatic_upgrades = true;
+        assert_eq!(priority(&r), 100);
+    }
+
+    #[test]
+    fn cleartext_of_a_clearsigned_release() {
+        let text = "-----BEGIN PGP SIGNED MESSAGE-----\nHash: SHA512\n\nSuite: x\n- -dash\n-----BEGIN PGP SIGNATURE-----\n\nabc\n-----END PGP SIGNATURE-----\n";
+        assert_eq!(cleartext(text), "Suite: x\n-dash");
+    }
+}

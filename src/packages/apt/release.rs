@@ -1,0 +1,147 @@
+//! A repository's `Release` file (the text `InRelease` signs): who it is (`Suite`,
+//! `Codename`, `Label`, `Origin`), whether apt upgrades from it on its own (`NotAutomatic`,
+//! `ButAutomaticUpgrades`), and the sha256 and size of every index it lists. Pure.
+
+use std::collections::BTreeMap;
+
+use crate::packages::deb822;
+
+/// What a `Release` file says that the check uses.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Release {
+    pub suite: Option<String>,
+    pub codename: Option<String>,
+    pub label: Option<String>,
+    pub origin: Option<String>,
+    /// `NotAutomatic: yes`: apt installs from it only when asked (experimental, backports).
+    pub not_automatic: bool,
+    /// `ButAutomaticUpgrades: yes`: …but upgrades what was installed from it.
+    pub but_automatic_upgrades: bool,
+    /// `No-Support-for-Architecture-all: Packages`: `all` packages are in each
+    /// architecture's index, `binary-all` is not for apt.
+    pub all_in_arch_indices: bool,
+    /// `SHA256:` path (relative to the Release file's directory) → (sha256 hex, size).
+    pub sha256: BTreeMap<String, (String, u64)>,
+}
+
+impl Release {
+    /// Read the text of a `Release` file (or of an `InRelease` once its signature is removed).
+    pub fn parse(text: &str) -> Result<Release, String> {
+        let paragraph = match deb822::paragraphs(text).next() {
+            Some(Ok(p)) => p,
+            Some(Err(e)) => return Err(e.to_string()),
+            None => return Err("it is empty".into()),
+        };
+        let owned = |name: &str| paragraph.get(name).map(String::from);
+        let yes = |name: &str| {
+            paragraph
+                .get(name)
+                .is_some_and(|v| v.eq_ignore_ascii_case("yes"))
+        };
+        let mut sha256 = BTreeMap::new();
+        if let Some(field) = paragraph.field("SHA256") {
+            for (i, line) in field.value.lines().enumerate() {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                match words[..] {
+                    [] => {}
+                    [hash, size, path]
+                        if hash.len() == 64 && hash.chars().all(|c| c.is_ascii_hexdigit()) =>
+                    {
+                        let size = size.parse().map_err(|_| {
+                            format!(
+                                "line {}: size `{size}` of `{path}` is not a number",
+                                field.line + i
+                            )
+                        })?;
+                        sha256.insert(path.to_string(), (hash.to_ascii_lowercase(), size));
+                    }
+                    _ => {
+                        return Err(format!(
+                            "line {}: expected `<sha256> <size> <path>` in `SHA256`, found `{line}`",
+                            field.line + i
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(Release {
+            suite: owned("Suite"),
+            codename: owned("Codename"),
+            label: owned("Label"),
+            origin: owned("Origin"),
+            not_automatic: yes("NotAutomatic"),
+            but_automatic_upgrades: yes("ButAutomaticUpgrades"),
+            all_in_arch_indices: paragraph
+                .get("No-Support-for-Architecture-all")
+                .is_some_and(|v| v == "Packages"),
+            sha256,
+        })
+    }
+
+    /// The `Packages` index of `dir` (`main/binary-amd64/`, or `""` for a flat repository)
+    /// the Release file lists, preferring the smallest download: `.xz`, `.gz`, then plain.
+    pub fn packages_index(&self, dir: &str) -> Option<(&str, &str, u64)> {
+        ["Packages.xz", "Packages.gz", "Packages"]
+            .iter()
+            .find_map(|name| self.sha256.get_key_value(&format!("{dir}{name}")))
+            .map(|(path, (hash, size))| (path.as_str(), hash.as_str(), *size))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that unwraps fails loudly, which is the point
+mod tests {
+    use super::*;
+
+    const SECURITY: &str = "Origin: Debian\n\
+        Label: Debian-Security\n\
+        Suite: stable-security\n\
+        Version: 12\n\
+        Codename: bookworm-security\n\
+        Date: Sat, 05 Dec 2026 10:00:00 UTC\n\
+        Architectures: amd64 arm64\n\
+        Components: updates/main\n\
+        No-Support-for-Architecture-all: Packages\n\
+        MD5Sum:\n 0123456789abcdef0123456789abcdef 10 main/binary-amd64/Packages\n\
+        SHA256:\n \
+        1111111111111111111111111111111111111111111111111111111111111111 1000 main/binary-amd64/Packages\n \
+        2222222222222222222222222222222222222222222222222222222222222222 200 main/binary-amd64/Packages.xz\n \
+        3333333333333333333333333333333333333333333333333333333333333333 300 main/binary-arm64/Packages.gz\n";
+
+    #[test]
+    fn fields_and_indices() {
+        let r = Release::parse(SECURITY).unwrap();
+        assert_eq!(r.suite.as_deref(), Some("stable-security"));
+        assert_eq!(r.codename.as_deref(), Some("bookworm-security"));
+        assert_eq!(r.label.as_deref(), Some("Debian-Security"));
+        assert_eq!(r.origin.as_deref(), Some("Debian"));
+        assert!(!r.not_automatic && r.all_in_arch_indices);
+        assert_eq!(
+            r.packages_index("main/binary-amd64/"),
+            Some((
+                "main/binary-amd64/Packages.xz",
+                "2222222222222222222222222222222222222222222222222222222222222222",
+                200
+            ))
+        );
+        assert_eq!(
+            r.packages_index("main/binary-arm64/").map(|i| i.0),
+            Some("main/binary-arm64/Packages.gz")
+        );
+        assert_eq!(r.packages_index("main/binary-i386/"), None);
+    }
+
+    #[test]
+    fn not_automatic_and_mistakes() {
+        let r =
+            Release::parse("Suite: experimental\nNotAutomatic: yes\nButAutomaticUpgrades: yes\n")
+                .unwrap();
+        assert!(r.not_automatic && r.but_automatic_upgrades);
+        let e = Release::parse("Suite: x\nSHA256:\n abc 1 Packages\n").unwrap_err();
+        assert!(
+            e.contains("line 3") && e.contains("expected `<sha256> <size> <path>`"),
+            "{e}"
+        );
+        assert!(Release::parse("").is_err());
+    }
+}
