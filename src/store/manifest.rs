@@ -71,6 +71,13 @@ pub struct Manifest {
     /// Packages installed in the image, read from the guest after the build.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub packages: Option<PackageList>,
+    /// The image's package sources and the keys it trusts, read from the image after the build
+    /// (what `builder images outdated` and `packageUpdates` check against).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub package_sources: Option<PackageSources>,
+    /// What changed in the package list since the image this one replaces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub package_changes: Option<PackageChanges>,
     /// Results of the test stage.
     #[serde(default)]
     pub tests: Vec<TestResult>,
@@ -363,6 +370,66 @@ pub struct Package {
     pub arch: String,
 }
 
+/// The package sources an image uses and the keys it trusts, as files read from the image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PackageSources {
+    /// `apt` or `dnf` (yum's files too).
+    pub manager: String,
+    /// apt: `dpkg --print-architecture`, then `dpkg --print-foreign-architectures`.
+    /// dnf: `uname -m`.
+    pub architectures: Vec<String>,
+    /// Every sources file, sorted by path: apt `/etc/apt/sources.list`,
+    /// `/etc/apt/sources.list.d/*.list` and `*.sources`; dnf `/etc/yum.repos.d/*.repo`.
+    pub files: Vec<SourceFile>,
+    /// Every key file in the places keys live, sorted by path: apt `/etc/apt/trusted.gpg`,
+    /// `/etc/apt/trusted.gpg.d/*`, `/etc/apt/keyrings/*`, `/usr/share/keyrings/*`;
+    /// dnf `/etc/pki/rpm-gpg/*`. WHICH keys a repository trusts is decided at check time
+    /// from the sources (Signed-By / signed-by), as apt does; not here.
+    pub keys: Vec<KeyFile>,
+}
+
+/// A package sources file of the image, as text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceFile {
+    pub path: String,
+    pub text: String,
+}
+
+/// A key file of the image (binary or armored OpenPGP), as bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyFile {
+    pub path: String,
+    /// sha256 of the file's bytes, hex.
+    pub sha256: String,
+    /// The file's bytes, standard base64.
+    pub data: String,
+}
+
+/// What changed in the package list since the image this one replaces.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PackageChanges {
+    /// `name/x.y.z/n` of the image this one replaces: the newest *available* stored build of
+    /// the same image name made before this build (in a pipeline: its previous image).
+    pub since: String,
+    pub added: Vec<Package>,
+    pub removed: Vec<Package>,
+    pub changed: Vec<PackageChange>,
+}
+
+/// A package installed in both images, at different versions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PackageChange {
+    pub name: String,
+    pub arch: String,
+    pub from: String,
+    pub to: String,
+}
+
 impl Manifest {
     /// A manifest for a build that starts now, with every list empty.
     pub fn new(image: ImageId, build_id: impl Into<String>) -> Self {
@@ -382,6 +449,8 @@ impl Manifest {
             layers: Vec::new(),
             outputs: Vec::new(),
             packages: None,
+            package_sources: None,
+            package_changes: None,
             tests: Vec::new(),
             container: None,
         }
