@@ -311,7 +311,8 @@ impl std::fmt::Display for Diagnostics {
 
 impl std::error::Error for Diagnostics {}
 
-fn plural<'a>(n: usize, one: &'a str, many: &'a str) -> &'a str {
+/// `one` when `n` is 1, else `many`: `format!("{n} {}", plural(n, "file", "files"))`.
+pub fn plural<'a>(n: usize, one: &'a str, many: &'a str) -> &'a str {
     if n == 1 { one } else { many }
 }
 

@@ -10,9 +10,10 @@
 //! One test, in order, so the parent is imported into the store's engine once
 //! (tests/container/): a recipe with a loop, chaining and file actions builds and its test
 //! stage runs in a container; the stored image (an OCI layout, kind `container`, packages
-//! listed) runs with `buildah` and has the components' changes; built again, every component
-//! is cached, and with `--no-cache` every component runs; one changed component redoes only itself; a custom template's ENV, LABEL and
-//! USER are honoured; a failing component exits 1 naming the step and its output, leaving no
+//! and their apt sources and keys listed) runs with `buildah` and has the components'
+//! changes; built again, every component is cached and the manifest's package changes name
+//! the first build (and, where a package's version differs, list it); with `--no-cache` every component runs; one changed component redoes
+//! only itself; a custom template's ENV, LABEL and USER are honoured; a failing component exits 1 naming the step and its output, leaving no
 //! container, mount or work folder behind; a parent pushed to a real registry
 //! (docker-registry, by skopeo) is pulled by digest; builder killed (SIGKILL) during a
 //! component leaves nothing the next build does not remove; SIGTERM during a component exits
@@ -247,6 +248,49 @@ fn container_recipes_build_test_cache_and_fail_cleanly() {
         packages > 50,
         "the image's dpkg database is the SBOM: {packages}"
     );
+    // The image's apt sources and keys, for the package update check (mmdebstrap wrote the
+    // host's deb822 sources; debian-archive-keyring the keys).
+    let sources = &m["packageSources"];
+    assert_eq!(sources["manager"], "apt", "{sources:#}");
+    assert_eq!(sources["architectures"], serde_json::json!(["amd64"]));
+    let files: Vec<&str> = sources["files"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f["path"].as_str())
+        .collect();
+    assert_eq!(files, ["/etc/apt/sources.list.d/0000debian.sources"]);
+    assert!(
+        sources["files"][0]["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("bookworm")),
+        "{sources:#}"
+    );
+    let keys: Vec<(&str, &str)> = sources["keys"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|k| Some((k["path"].as_str()?, k["sha256"].as_str()?)))
+        .collect();
+    let in_image = run_in_stored(
+        &guard,
+        &dir,
+        "cd / && sha256sum /usr/share/keyrings/debian-archive-keyring.gpg \
+         /etc/apt/trusted.gpg.d/debian-archive-bookworm-stable.asc",
+    );
+    assert_eq!(in_image.lines().count(), 2, "{in_image}");
+    for line in in_image.lines() {
+        let (sha256, path) = line.split_once("  ").expect("sha256sum's line");
+        assert!(
+            keys.contains(&(path, sha256)),
+            "{path} with its sha256 {sha256} is among the keys: {keys:?}"
+        );
+    }
+    assert!(
+        m.get("packageChanges").is_none(),
+        "the first build replaces nothing"
+    );
+    let first = m["image"].clone();
     let tests: Vec<(String, String)> = m["tests"]
         .as_array()
         .into_iter()
@@ -284,10 +328,75 @@ fn container_recipes_build_test_cache_and_fail_cleanly() {
         "nothing of builder in /run: {seen}"
     );
 
-    // 2. The same recipe again: every component comes from buildah's cache.
+    // 2. The same recipe again: every component comes from buildah's cache. It replaces the
+    // first build, and no package changed.
     let (out, all) = build(&guard, &base, &recipe);
     assert!(out.status.success());
     assert_eq!(component_statuses(&all), ["cached", "cached"]);
+    let changes = &manifest(&stored_dir(&all))["packageChanges"];
+    assert_eq!(
+        changes["since"].as_str(),
+        Some(
+            format!(
+                "{}/{}/{}",
+                first["name"].as_str().unwrap_or("?"),
+                first["version"].as_str().unwrap_or("?"),
+                first["build"]
+            )
+            .as_str()
+        ),
+        "{changes:#}"
+    );
+    for list in ["added", "removed", "changed"] {
+        assert_eq!(changes[list], serde_json::json!([]), "{changes:#}");
+    }
+
+    // 2a. A package's version differs from the image this build replaces: the manifest's
+    // package changes say which, and `builder images show` lists it.
+    let package_recipe = |version: &str| {
+        let path = guard.root().join("package.yml");
+        fs_err::write(
+            &path,
+            format!(
+                "name: cpackage\nversion: 1.0.0\ncontainerType: docker\n\
+                 parentImage: ${{BUILDER_TEST_CONTAINER}}\ncomponents:\n\
+                 \x20 - path: {}/install-package.yml\n    parameters:\n      Version: '{version}'\n\
+                 tests:\n  enabled: false\n",
+                here().join("components").display()
+            ),
+        )
+        .expect("write recipe");
+        path
+    };
+    let (out, _) = build(&guard, &base, &package_recipe("1.0"));
+    assert!(out.status.success());
+    let (out, all) = build(&guard, &base, &package_recipe("2.0~rc1"));
+    assert!(out.status.success());
+    let changes = &manifest(&stored_dir(&all))["packageChanges"];
+    assert_eq!(
+        changes,
+        &serde_json::json!({
+            "since": "cpackage/1.0.0/1",
+            "added": [],
+            "removed": [],
+            "changed": [{"name": "builder-demo", "arch": "all", "from": "1.0", "to": "2.0~rc1"}],
+        }),
+        "{changes:#}"
+    );
+    let args = ["images", "show", "cpackage/1.0.0/2"];
+    let shown = leftovers::run_echoed(&mut guard.builder_command(&args), &args);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        shown.contains(
+            "  package changes since cpackage/1.0.0/1: 1 changed, 0 added, 0 removed\n\
+             \x20   builder-demo all 1.0 → 2.0~rc1\n"
+        ),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("  package sources: apt, 1 file, "),
+        "{shown}"
+    );
 
     // 2b. `--no-cache`: every component runs again.
     let (out, all) = build_with(&guard, &base, &recipe, &["--no-cache"]);

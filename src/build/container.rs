@@ -25,7 +25,7 @@ use super::stages::{self, BuildContext, BuildError, RunOn};
 use crate::container::{AgentDir, ContainerError, Engine};
 use crate::machine::Machine;
 use crate::store::BuildSlot;
-use crate::store::manifest::{ImageKind, PackageList, Status};
+use crate::store::manifest::{ImageKind, PackageList, PackageSources, Status};
 use crate::undo::{Leftovers, UndoList};
 
 /// The folder in the build context that holds the agent and its sockets.
@@ -42,7 +42,11 @@ pub struct BuiltImage {
     /// buildah's image id.
     image: String,
     packages: Option<PackageList>,
+    package_sources: Option<PackageSources>,
 }
+
+/// What the built image holds, read from a container of it: its packages and package sources.
+type Inventory = (Option<PackageList>, Option<PackageSources>);
 
 fn engine_err(what: impl Into<String>) -> impl FnOnce(ContainerError) -> BuildError {
     let what = what.into();
@@ -85,7 +89,7 @@ fn run_key(cx: &BuildContext<'_>, index: usize) -> String {
 pub async fn run(cx: &BuildContext<'_>) -> Result<BuiltImage, BuildError> {
     let (engine, parent) = cx.stage(Stage::Fetch, fetch_parent(cx)).await?;
     let image = components(cx, &engine, &parent).await?;
-    let packages = if cx.plan.tests.enabled {
+    let (packages, package_sources) = if cx.plan.tests.enabled {
         cx.stage(Stage::Test, test(cx, &engine, &image, true))
             .await?
     } else {
@@ -96,6 +100,7 @@ pub async fn run(cx: &BuildContext<'_>) -> Result<BuiltImage, BuildError> {
         engine,
         image,
         packages,
+        package_sources,
     })
 }
 
@@ -392,13 +397,13 @@ fn render(
 
 /// A fresh working container of `image` running the agent: with `run_tests`, the `test`
 /// phase of each component that has one and the test components; always the package list
-/// (the manifest's SBOM). The container is removed afterwards.
+/// (the manifest's SBOM) and the package sources. The container is removed afterwards.
 async fn test(
     cx: &BuildContext<'_>,
     engine: &Engine,
     image: &str,
     run_tests: bool,
-) -> Result<Option<PackageList>, BuildError> {
+) -> Result<Inventory, BuildError> {
     let stage = if run_tests { Stage::Test } else { Stage::Store };
     let mut undo = UndoList::new(false, Leftovers::default());
     let what = if run_tests { "test" } else { "inspect" };
@@ -421,7 +426,7 @@ async fn test_in(
     name: &str,
     run_tests: bool,
     stage: Stage,
-) -> Result<Option<PackageList>, BuildError> {
+) -> Result<Inventory, BuildError> {
     let secs = cx.plan.tests.timeout_secs;
     let dir = cx
         .work
@@ -494,9 +499,11 @@ async fn test_in(
                 );
                 None
             });
+        let sources = crate::build::generalize::package_sources(&machine).await;
+        let sources = stages::package_sources(cx, stage, sources);
         match failure {
             Some(f) => Err(in_container(f)),
-            None => Ok(packages),
+            None => Ok((packages, sources)),
         }
     };
     let result = tokio::time::timeout(Duration::from_secs(secs), work)
@@ -552,6 +559,8 @@ pub async fn store(
     manifest.kind = ImageKind::Container;
     manifest.container = Some(facts);
     manifest.packages = built.packages;
+    manifest.package_sources = built.package_sources;
+    stages::record_package_changes(cx, Stage::Store, &mut manifest);
     manifest.write(slot.dir()).map_err(BuildError::Manifest)?;
     let image = slot.commit().map_err(BuildError::Commit)?;
     let outputs = vec![image.dir.join(crate::store::layout::LAYOUT_DIR)];

@@ -14,7 +14,10 @@
 use std::time::Duration;
 
 use crate::machine::{Capture, ExecRequest, Machine, MachineError, OutputSink, OutputStream};
-use crate::store::manifest::{Package, PackageList};
+use base64::Engine as _;
+use sha2::{Digest as _, Sha256};
+
+use crate::store::manifest::{KeyFile, Package, PackageList, PackageSources, SourceFile};
 use crate::vm::seed::AGENT_INSTALLED_PATHS;
 
 /// Generalizing may trim a few GiB under TCG.
@@ -31,6 +34,8 @@ pub enum GeneralizeError {
     },
     #[error("the package list could not be read")]
     Packages(#[source] PackageLineError),
+    #[error("the package sources could not be read")]
+    Sources(#[source] SourcesLineError),
     #[error("`{command}` {status} in the guest{}", tail(.stderr))]
     Command {
         command: &'static str,
@@ -49,6 +54,15 @@ pub enum GeneralizeError {
 pub struct PackageLineError {
     pub manager: String,
     pub line: usize,
+    pub text: String,
+}
+
+/// A line of [`SOURCES_SCRIPT`]'s listing that [`parse_sources`] cannot read.
+#[derive(Debug, thiserror::Error)]
+#[error("package sources listing, line {line}: {problem} in `{text}`")]
+pub struct SourcesLineError {
+    pub line: usize,
+    pub problem: &'static str,
     pub text: String,
 }
 
@@ -110,6 +124,147 @@ pub async fn packages(target: &dyn Machine) -> Result<Option<PackageList>, Gener
     parse_packages(manager.trim(), list)
         .map(Some)
         .map_err(GeneralizeError::Packages)
+}
+
+/// The image's package sources as [`package_sources`] read them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadSources {
+    pub sources: PackageSources,
+    /// Files that are there but could not be read (paths): not in `sources`.
+    pub unreadable: Vec<String>,
+}
+
+/// The image's package sources and the key files it trusts (`apt` when the guest has `dpkg`,
+/// `dnf` when it has `/etc/yum.repos.d`); `None` when it has neither. One exec: the files
+/// travel base64-encoded in [`SOURCES_SCRIPT`]'s listing, so a guest with a dozen keyrings
+/// costs no more round trips than one with none.
+pub async fn package_sources(target: &dyn Machine) -> Result<Option<ReadSources>, GeneralizeError> {
+    let out = Capture::default();
+    let outcome = target
+        .exec(
+            &ExecRequest::bash(SOURCES_SCRIPT).with_timeout(Some(QUERY_TIMEOUT)),
+            &out,
+        )
+        .await
+        .map_err(|source| GeneralizeError::Target {
+            what: "read the package sources",
+            source,
+        })?;
+    if !outcome.status.success() {
+        return Err(GeneralizeError::Command {
+            command: "list the package sources",
+            status: outcome.status,
+            stderr: String::from_utf8_lossy(&out.stderr()).into_owned(),
+        });
+    }
+    parse_sources(&String::from_utf8_lossy(&out.stdout())).map_err(GeneralizeError::Sources)
+}
+
+/// The guest script whose listing [`parse_sources`] reads, one line per fact: `manager M`,
+/// `arch A` (in order: apt's native architecture first), `source PATH DATA` and
+/// `key PATH DATA` (path and bytes in base64, so any name or content fits on a line), and
+/// `unreadable PATH` for a file that is there but could not be read. Where keys live is
+/// INTERFACES' list; which of them a repository trusts is decided at check time.
+pub const SOURCES_SCRIPT: &str = r#"shopt -s nullglob
+emit() {
+  local path data
+  path=$(printf '%s' "$2" | base64 -w0)
+  if data=$(base64 -w0 -- "$2" 2>/dev/null); then
+    printf '%s %s %s\n' "$1" "$path" "$data"
+  else
+    printf 'unreadable %s\n' "$path"
+  fi
+}
+each() {
+  local kind=$1 f
+  shift
+  for f in "$@"; do
+    if [ -f "$f" ]; then emit "$kind" "$f"; fi
+  done
+}
+if command -v dpkg >/dev/null 2>&1; then
+  echo manager apt
+  echo "arch $(dpkg --print-architecture)"
+  for a in $(dpkg --print-foreign-architectures); do echo "arch $a"; done
+  each source /etc/apt/sources.list /etc/apt/sources.list.d/*.list \
+    /etc/apt/sources.list.d/*.sources
+  each key /etc/apt/trusted.gpg /etc/apt/trusted.gpg.d/* /etc/apt/keyrings/* \
+    /usr/share/keyrings/*
+elif [ -d /etc/yum.repos.d ]; then
+  echo manager dnf
+  echo "arch $(uname -m)"
+  each source /etc/yum.repos.d/*.repo
+  each key /etc/pki/rpm-gpg/*
+fi
+"#;
+
+/// Read [`SOURCES_SCRIPT`]'s listing: `None` when it names no manager (the guest has
+/// neither apt nor dnf). Files and keys are sorted by path; a key's sha256 is computed here,
+/// from the bytes received.
+pub fn parse_sources(listing: &str) -> Result<Option<ReadSources>, SourcesLineError> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut manager = None;
+    let mut architectures = Vec::new();
+    let (mut files, mut keys, mut unreadable) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, line) in listing.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |problem| SourcesLineError {
+            line: i + 1,
+            problem,
+            text: line.chars().take(120).collect(),
+        };
+        let decode = |field: &str, what| b64.decode(field).map_err(|_| bad(what));
+        let mut fields = line.split(' ');
+        let kind = fields.next().unwrap_or_default();
+        let rest: Vec<&str> = fields.collect();
+        match (kind, rest.as_slice()) {
+            ("manager", [m @ ("apt" | "dnf")]) => manager = Some(m.to_string()),
+            ("manager", _) => return Err(bad("not `apt` or `dnf`")),
+            ("arch", [a]) if !a.is_empty() => architectures.push(a.to_string()),
+            ("arch", _) => return Err(bad("expected one architecture")),
+            ("source" | "key", [path, data]) => {
+                let path =
+                    String::from_utf8_lossy(&decode(path, "the path is not base64")?).into_owned();
+                let bytes = decode(data, "the data is not base64")?;
+                if kind == "source" {
+                    files.push(SourceFile {
+                        path,
+                        text: String::from_utf8_lossy(&bytes).into_owned(),
+                    });
+                } else {
+                    keys.push(KeyFile {
+                        path,
+                        sha256: hex::encode(Sha256::digest(&bytes)),
+                        data: data.to_string(),
+                    });
+                }
+            }
+            ("unreadable", [path]) => unreadable.push(
+                String::from_utf8_lossy(&decode(path, "the path is not base64")?).into_owned(),
+            ),
+            ("source" | "key" | "unreadable", _) => {
+                return Err(bad("expected a base64 path and data"));
+            }
+            _ => return Err(bad("unknown kind of line")),
+        }
+    }
+    let Some(manager) = manager else {
+        return Ok(None);
+    };
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    keys.sort_by(|a, b| a.path.cmp(&b.path));
+    unreadable.sort();
+    Ok(Some(ReadSources {
+        sources: PackageSources {
+            manager,
+            architectures,
+            files,
+            keys,
+        },
+        unreadable,
+    }))
 }
 
 /// The guest command whose output [`parse_packages`] reads for `dpkg`: every package dpkg
@@ -452,5 +607,115 @@ mod tests {
         assert!(e.to_string().contains("line 2"), "{e}");
         let e = parse_packages("dpkg", "a\tb\tc\td\n").expect_err("four fields");
         assert!(e.to_string().contains("line 1"), "{e}");
+    }
+
+    fn b64(bytes: &[u8]) -> String {
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    }
+
+    #[test]
+    fn sources_listing_parses_sorted_with_key_digests() {
+        let deb822 = "Types: deb\nURIs: http://deb.example.org/debian\nSuites: bookworm\n\
+                      Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n";
+        let key: &[u8] = b"\x99\x02\x0d\x04binary key";
+        let listing = format!(
+            "manager apt\narch amd64\narch i386\n\
+             source {} {}\nsource {} {}\nkey {} {}\nkey {} \nunreadable {}\n",
+            b64(b"/etc/apt/sources.list.d/debian.sources"),
+            b64(deb822.as_bytes()),
+            b64(b"/etc/apt/sources.list"),
+            b64(b""),
+            b64(b"/usr/share/keyrings/debian-archive-keyring.gpg"),
+            b64(key),
+            b64(b"/etc/apt/keyrings/a key with spaces.asc"),
+            b64(b"/etc/apt/trusted.gpg.d/secret.gpg"),
+        );
+        let read = parse_sources(&listing).expect("parses").expect("apt");
+        let s = &read.sources;
+        assert_eq!(s.manager, "apt");
+        assert_eq!(s.architectures, ["amd64", "i386"]);
+        let paths: Vec<&str> = s.files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "/etc/apt/sources.list",
+                "/etc/apt/sources.list.d/debian.sources"
+            ]
+        );
+        assert_eq!(s.files[0].text, "");
+        assert_eq!(s.files[1].text, deb822);
+        let keys: Vec<(&str, &str)> = s
+            .keys
+            .iter()
+            .map(|k| (k.path.as_str(), k.sha256.as_str()))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                (
+                    "/etc/apt/keyrings/a key with spaces.asc",
+                    // sha256 of nothing: the file is empty.
+                    "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+                ),
+                (
+                    "/usr/share/keyrings/debian-archive-keyring.gpg",
+                    hex::encode(Sha256::digest(key)).as_str()
+                ),
+            ]
+        );
+        assert_eq!(s.keys[1].data, b64(key));
+        assert_eq!(read.unreadable, ["/etc/apt/trusted.gpg.d/secret.gpg"]);
+    }
+
+    #[test]
+    fn sources_listing_without_a_manager_is_none_and_bad_lines_name_their_line() {
+        assert_eq!(parse_sources("").expect("empty"), None);
+        let bad = [
+            ("manager apt\nsource !!! AAAA\n", 2, "not base64"),
+            ("manager zypper\n", 1, "not `apt` or `dnf`"),
+            ("manager dnf\narch \n", 2, "one architecture"),
+            ("manager apt\nkey QUJD\n", 2, "a base64 path and data"),
+            ("manager apt\n\nfile QUJD QUJD\n", 3, "unknown kind"),
+        ];
+        for (listing, line, problem) in bad {
+            let e = parse_sources(listing).expect_err(listing);
+            let text = e.to_string();
+            assert!(text.contains(&format!("line {line}:")), "{text}");
+            assert!(text.contains(problem), "{text}");
+        }
+    }
+
+    /// The real script, run by bash on this Debian host (builder runs on Debian: dpkg is
+    /// there), lists the host's own apt sources and keys: what it sends is what the files
+    /// hold, byte for byte, and the native architecture comes first.
+    #[test]
+    fn sources_script_sends_the_files_as_they_are() {
+        let out = std::process::Command::new("bash")
+            .args(["-c", SOURCES_SCRIPT])
+            .output()
+            .expect("bash runs");
+        assert!(out.status.success(), "{out:?}");
+        let read = parse_sources(&String::from_utf8_lossy(&out.stdout))
+            .expect("parses")
+            .expect("this host has dpkg");
+        let native = std::process::Command::new("dpkg")
+            .arg("--print-architecture")
+            .output()
+            .expect("dpkg runs");
+        assert_eq!(
+            read.sources.architectures.first().map(String::as_str),
+            Some(String::from_utf8_lossy(&native.stdout).trim())
+        );
+        assert!(!read.sources.files.is_empty(), "apt has sources here");
+        for f in &read.sources.files {
+            let text = fs_err::read_to_string(&f.path).expect("readable");
+            assert_eq!(f.text, text, "{}", f.path);
+        }
+        for k in &read.sources.keys {
+            let bytes = fs_err::read(&k.path).expect("readable");
+            assert_eq!(k.data, b64(&bytes), "{}", k.path);
+            assert_eq!(k.sha256, hex::encode(Sha256::digest(&bytes)));
+        }
+        assert!(read.unreadable.is_empty(), "{:?}", read.unreadable);
     }
 }

@@ -25,8 +25,8 @@ use crate::machine::{Capture, ExecRequest, Machine, MachineError};
 use crate::recipe;
 use crate::store::layers::Origin;
 use crate::store::manifest::{
-    Artifact, ComponentInput, HostInfo, ImageId, LayerKey, Manifest, PackageList, ParameterValue,
-    ParentInput, PhaseStatus, StageTiming, Status, TestResult,
+    Artifact, ComponentInput, HostInfo, ImageId, LayerKey, Manifest, PackageList, PackageSources,
+    ParameterValue, ParentInput, PhaseStatus, StageTiming, Status, TestResult,
 };
 use crate::store::{BuildSlot, DownloadProgress, FetchOptions, LayerCacheError, Store, StoreError};
 use crate::undo::{self, Leftovers, Outcome, UndoError, UndoList, UnwindReport};
@@ -1931,6 +1931,13 @@ pub async fn generalize(cx: &BuildContext<'_>, vm: BuildVm) -> Result<Sealed, Bu
         );
     }
     cx.with_manifest(|m| m.packages = packages);
+    let sources = vm
+        .session
+        .guard(generalize::package_sources(target.as_ref()))
+        .await
+        .map_err(vm_err("build"))?;
+    let sources = package_sources(cx, Stage::Generalize, sources);
+    cx.with_manifest(|m| m.package_sources = sources);
     cx.log.set_component("generalize");
     if !cx.plan.generalize {
         cx.progress(
@@ -1971,6 +1978,62 @@ pub async fn generalize(cx: &BuildContext<'_>, vm: BuildVm) -> Result<Sealed, Bu
     });
     result.map_err(BuildError::Generalize)?;
     Ok(Sealed { vm })
+}
+
+/// The image's package sources for the manifest, said in the stage's progress. Not being able
+/// to read them, or some of their files, is a warning: the image is fine, only checking it
+/// for package updates will lack what it needs.
+pub(super) fn package_sources(
+    cx: &BuildContext<'_>,
+    stage: Stage,
+    read: Result<Option<generalize::ReadSources>, GeneralizeError>,
+) -> Option<PackageSources> {
+    let read = match read {
+        Ok(read) => read?,
+        Err(e) => {
+            cx.progress(
+                stage,
+                &format!(
+                    "warning: could not read the image's package sources: {}",
+                    error_chain(&e)
+                ),
+            );
+            return None;
+        }
+    };
+    for path in &read.unreadable {
+        cx.progress(
+            stage,
+            &format!("warning: could not read {path} in the image; the manifest lacks it"),
+        );
+    }
+    let s = read.sources;
+    cx.progress(stage, &format!("package sources: {}", s.summary()));
+    Some(s)
+}
+
+/// `manifest.package_changes`: the package diff from the image this build replaces (the
+/// newest stored build of its name made before it), when both have a package list. Not
+/// finding it is a warning: the image is stored all the same.
+pub(super) fn record_package_changes(cx: &BuildContext<'_>, stage: Stage, manifest: &mut Manifest) {
+    let previous = match cx.store.replaced_by(&manifest.image.name, manifest.created) {
+        Ok(previous) => previous,
+        Err(e) => {
+            cx.progress(
+                stage,
+                &format!(
+                    "warning: could not find the image this one replaces, for its package changes: {}",
+                    error_chain(&e)
+                ),
+            );
+            return;
+        }
+    };
+    let Some(changes) = previous.and_then(|p| manifest.package_changes_since(&p.manifest)) else {
+        return;
+    };
+    cx.progress(stage, &format!("package changes {}", changes.summary()));
+    manifest.package_changes = Some(changes);
 }
 
 // ─── 7. shut down ───────────────────────────────────────────────────────────────────────
@@ -2255,6 +2318,7 @@ pub async fn store(
 ) -> Result<super::Built, BuildError> {
     let mut manifest = cx.manifest();
     manifest.status = Status::Success;
+    record_package_changes(cx, Stage::Store, &mut manifest);
     manifest.write(&cx.dir).map_err(BuildError::Manifest)?;
     let mut copies = Vec::new();
     if let Some(dir) = &cx.plan.outputs.local_directory {

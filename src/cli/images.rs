@@ -534,6 +534,21 @@ fn describe(image: &StoredImage) -> String {
     if let Some(p) = &m.packages {
         let _ = writeln!(s, "  packages:   {} ({})", p.packages.len(), p.manager);
     }
+    if let Some(p) = &m.package_sources {
+        let _ = writeln!(s, "  package sources: {}", p.summary());
+    }
+    if let Some(c) = &m.package_changes {
+        let _ = writeln!(s, "  package changes {}", c.summary());
+        for p in &c.changed {
+            let _ = writeln!(s, "    {} {} {} → {}", p.name, p.arch, p.from, p.to);
+        }
+        for p in &c.added {
+            let _ = writeln!(s, "    + {} {} {}", p.name, p.arch, p.version);
+        }
+        for p in &c.removed {
+            let _ = writeln!(s, "    - {} {} {}", p.name, p.arch, p.version);
+        }
+    }
     if !m.tests.is_empty() {
         let passed = m
             .tests
@@ -732,6 +747,72 @@ fn pipeline_view(store: &Store, pipeline: Option<&str>) -> Result<PipelineView, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn show_lists_package_sources_and_changes() {
+        use builder::store::manifest::{
+            ImageId, KeyFile, Package, PackageChange, PackageChanges, PackageSources, SourceFile,
+        };
+        let mut manifest = Manifest::new(
+            ImageId {
+                name: "web".into(),
+                version: "1.2.0".into(),
+                build: 2,
+            },
+            "b-2",
+        );
+        manifest.package_sources = Some(PackageSources {
+            manager: "apt".into(),
+            architectures: vec!["amd64".into()],
+            files: vec![SourceFile {
+                path: "/etc/apt/sources.list.d/debian.sources".into(),
+                text: String::new(),
+            }],
+            keys: vec![
+                KeyFile {
+                    path: "/usr/share/keyrings/a.gpg".into(),
+                    sha256: String::new(),
+                    data: String::new(),
+                };
+                2
+            ],
+        });
+        let package = |name: &str| Package {
+            name: name.into(),
+            version: "1.0".into(),
+            arch: "amd64".into(),
+        };
+        manifest.package_changes = Some(PackageChanges {
+            since: "web/1.2.0/1".into(),
+            added: vec![package("curl")],
+            removed: vec![package("wget")],
+            changed: vec![PackageChange {
+                name: "libssl3".into(),
+                arch: "amd64".into(),
+                from: "3.0.17-1~deb12u2".into(),
+                to: "3.0.18-1~deb12u1".into(),
+            }],
+        });
+        let image = StoredImage {
+            name: "web".into(),
+            version: "1.2.0".parse().expect("a version"),
+            build: 2,
+            dir: "/nonexistent/web/1.2.0/2".into(),
+            manifest,
+            disk: None,
+        };
+        let text = describe(&image);
+        assert!(
+            text.contains(
+                "  package sources: apt, 1 file, 2 keys\n\
+                 \x20 package changes since web/1.2.0/1: 1 changed, 1 added, 1 removed\n\
+                 \x20   libssl3 amd64 3.0.17-1~deb12u2 → 3.0.18-1~deb12u1\n\
+                 \x20   + curl amd64 1.0\n\
+                 \x20   - wget amd64 1.0\n"
+            ),
+            "{text}"
+        );
+    }
 
     #[test]
     fn sizes_read_like_people_write_them() {

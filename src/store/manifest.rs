@@ -430,6 +430,92 @@ pub struct PackageChange {
     pub to: String,
 }
 
+impl PackageSources {
+    /// `apt, 3 files, 4 keys`.
+    pub fn summary(&self) -> String {
+        use crate::diagnostic::plural;
+        let (files, keys) = (self.files.len(), self.keys.len());
+        format!(
+            "{}, {files} {}, {keys} {}",
+            self.manager,
+            plural(files, "file", "files"),
+            plural(keys, "key", "keys")
+        )
+    }
+}
+
+impl PackageChanges {
+    /// `since web/1.2.0/1: 1 changed, 0 added, 0 removed`.
+    pub fn summary(&self) -> String {
+        format!(
+            "since {}: {} changed, {} added, {} removed",
+            self.since,
+            self.changed.len(),
+            self.added.len(),
+            self.removed.len()
+        )
+    }
+}
+
+impl PackageList {
+    /// What changed from `older` to `self`, keyed by (name, arch), sorted by name then arch:
+    /// the packages only `self` has (added), those only `older` has (removed), and those
+    /// both have at different versions (changed). A name and arch installed at several
+    /// versions at once (rpm's kernels) compares as a set of versions: one version on each
+    /// side that differs is a change, otherwise the versions only one side has are added or
+    /// removed.
+    pub fn changes_since(
+        &self,
+        older: &PackageList,
+    ) -> (Vec<Package>, Vec<Package>, Vec<PackageChange>) {
+        use std::collections::BTreeMap;
+        type Versions<'a> = BTreeMap<(&'a str, &'a str), Vec<&'a str>>;
+        fn by_key(list: &PackageList) -> Versions<'_> {
+            let mut map = Versions::new();
+            for p in &list.packages {
+                map.entry((p.name.as_str(), p.arch.as_str()))
+                    .or_default()
+                    .push(p.version.as_str());
+            }
+            for versions in map.values_mut() {
+                versions.sort_unstable();
+                versions.dedup();
+            }
+            map
+        }
+        let package = |(name, arch): (&str, &str), version: &str| Package {
+            name: name.to_string(),
+            version: version.to_string(),
+            arch: arch.to_string(),
+        };
+        let (new, old) = (by_key(self), by_key(older));
+        let (mut added, mut removed, mut changed) = (Vec::new(), Vec::new(), Vec::new());
+        let keys: std::collections::BTreeSet<(&str, &str)> =
+            new.keys().chain(old.keys()).copied().collect();
+        for key in keys {
+            let now = new.get(&key).map(Vec::as_slice).unwrap_or_default();
+            let before = old.get(&key).map(Vec::as_slice).unwrap_or_default();
+            match (now, before) {
+                ([to], [from]) if to != from => changed.push(PackageChange {
+                    name: key.0.to_string(),
+                    arch: key.1.to_string(),
+                    from: from.to_string(),
+                    to: to.to_string(),
+                }),
+                _ => {
+                    for v in now.iter().filter(|v| !before.contains(v)) {
+                        added.push(package(key, v));
+                    }
+                    for v in before.iter().filter(|v| !now.contains(v)) {
+                        removed.push(package(key, v));
+                    }
+                }
+            }
+        }
+        (added, removed, changed)
+    }
+}
+
 impl Manifest {
     /// A manifest for a build that starts now, with every list empty.
     pub fn new(image: ImageId, build_id: impl Into<String>) -> Self {
@@ -469,6 +555,19 @@ impl Manifest {
         serde_json::from_slice(&bytes).map_err(|e| ManifestError::Decode {
             path: path.to_path_buf(),
             detail: e.to_string(),
+        })
+    }
+
+    /// What changed in the package list since `older` (the image this one replaces), when
+    /// both have a package list.
+    pub fn package_changes_since(&self, older: &Manifest) -> Option<PackageChanges> {
+        let (new, old) = (self.packages.as_ref()?, older.packages.as_ref()?);
+        let (added, removed, changed) = new.changes_since(old);
+        Some(PackageChanges {
+            since: older.image.to_string(),
+            added,
+            removed,
+            changed,
         })
     }
 
@@ -527,5 +626,120 @@ mod tests {
             .map(|e| e.expect("entry").file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from(MANIFEST_FILE)]);
+    }
+
+    fn list(packages: &[(&str, &str, &str)]) -> PackageList {
+        PackageList {
+            manager: "dpkg".into(),
+            packages: packages
+                .iter()
+                .map(|(name, version, arch)| Package {
+                    name: name.to_string(),
+                    version: version.to_string(),
+                    arch: arch.to_string(),
+                })
+                .collect(),
+        }
+    }
+
+    fn names(packages: &[Package]) -> Vec<String> {
+        packages
+            .iter()
+            .map(|p| format!("{}:{} {}", p.name, p.arch, p.version))
+            .collect()
+    }
+
+    #[test]
+    fn changes_since_finds_added_removed_and_changed_by_name_and_arch() {
+        let older = list(&[
+            ("bash", "5.2.15-2+b7", "amd64"),
+            ("libc6", "2.36-9+deb12u7", "amd64"),
+            ("libc6", "2.36-9+deb12u7", "i386"),
+            ("nginx", "1.22.1-9", "amd64"),
+            ("tzdata", "2024a-0+deb12u1", "all"),
+        ]);
+        let newer = list(&[
+            ("bash", "5.2.15-2+b7", "amd64"),
+            ("curl", "7.88.1-10+deb12u8", "amd64"),
+            // Only the amd64 one was upgraded: the i386 one did not change.
+            ("libc6", "2.36-9+deb12u9", "amd64"),
+            ("libc6", "2.36-9+deb12u7", "i386"),
+            ("tzdata", "2025b-0+deb12u1", "all"),
+        ]);
+        let (added, removed, changed) = newer.changes_since(&older);
+        assert_eq!(names(&added), ["curl:amd64 7.88.1-10+deb12u8"]);
+        assert_eq!(names(&removed), ["nginx:amd64 1.22.1-9"]);
+        assert_eq!(
+            changed,
+            [
+                PackageChange {
+                    name: "libc6".into(),
+                    arch: "amd64".into(),
+                    from: "2.36-9+deb12u7".into(),
+                    to: "2.36-9+deb12u9".into(),
+                },
+                PackageChange {
+                    name: "tzdata".into(),
+                    arch: "all".into(),
+                    from: "2024a-0+deb12u1".into(),
+                    to: "2025b-0+deb12u1".into(),
+                },
+            ]
+        );
+        // The same list: nothing; the other way round: added and removed swap.
+        assert_eq!(newer.changes_since(&newer), (vec![], vec![], vec![]));
+        let (added, removed, changed) = older.changes_since(&newer);
+        assert_eq!(names(&added), ["nginx:amd64 1.22.1-9"]);
+        assert_eq!(names(&removed), ["curl:amd64 7.88.1-10+deb12u8"]);
+        assert_eq!(changed[0].from, "2.36-9+deb12u9");
+    }
+
+    #[test]
+    fn package_changes_name_the_older_build_and_need_both_lists() {
+        let id = |build| ImageId {
+            name: "web".into(),
+            version: "1.2.0".into(),
+            build,
+        };
+        let (mut older, mut newer) = (Manifest::new(id(1), "b-1"), Manifest::new(id(2), "b-2"));
+        newer.packages = Some(list(&[("bash", "5.2.15-2+b8", "amd64")]));
+        assert_eq!(newer.package_changes_since(&older), None, "no older list");
+        older.packages = Some(list(&[("bash", "5.2.15-2+b7", "amd64")]));
+        let changes = newer.package_changes_since(&older).expect("both lists");
+        assert_eq!(changes.since, "web/1.2.0/1");
+        assert_eq!(changes.changed.len(), 1);
+        assert_eq!(
+            changes.summary(),
+            "since web/1.2.0/1: 1 changed, 0 added, 0 removed"
+        );
+        newer.packages = None;
+        assert_eq!(newer.package_changes_since(&older), None, "no newer list");
+    }
+
+    #[test]
+    fn changes_since_an_arch_change_is_a_removal_and_an_addition() {
+        let older = list(&[("libfoo", "1.0", "i386")]);
+        let newer = list(&[("libfoo", "1.0", "amd64")]);
+        let (added, removed, changed) = newer.changes_since(&older);
+        assert_eq!(names(&added), ["libfoo:amd64 1.0"]);
+        assert_eq!(names(&removed), ["libfoo:i386 1.0"]);
+        assert!(changed.is_empty());
+    }
+
+    #[test]
+    fn changes_since_compares_several_installed_versions_as_sets() {
+        // rpm keeps several kernels: one more and one fewer is not a "change".
+        let older = list(&[
+            ("kernel", "5.14.0-1.el9", "x86_64"),
+            ("kernel", "5.14.0-2.el9", "x86_64"),
+        ]);
+        let newer = list(&[
+            ("kernel", "5.14.0-2.el9", "x86_64"),
+            ("kernel", "5.14.0-3.el9", "x86_64"),
+        ]);
+        let (added, removed, changed) = newer.changes_since(&older);
+        assert_eq!(names(&added), ["kernel:x86_64 5.14.0-3.el9"]);
+        assert_eq!(names(&removed), ["kernel:x86_64 5.14.0-1.el9"]);
+        assert!(changed.is_empty());
     }
 }

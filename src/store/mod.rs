@@ -668,6 +668,22 @@ impl Store {
             .collect())
     }
 
+    /// The image a build of `name` started at `created` replaces: the newest stored build of
+    /// that name made before it (by its manifest's `created`), if there is one. Builds being
+    /// made, failed or removed are not stored ones, so they never count.
+    pub fn replaced_by(
+        &self,
+        name: &str,
+        created: DateTime<Utc>,
+    ) -> Result<Option<StoredImage>, StoreError> {
+        Ok(self
+            .list()?
+            .images
+            .into_iter()
+            .filter(|i| i.name == name && i.manifest.created < created)
+            .max_by_key(|i| (i.manifest.created, i.version, i.build)))
+    }
+
     /// The build `reference` means: the newest build of the highest matching version.
     pub fn resolve(&self, reference: &ImageRef) -> Result<StoredImage, StoreError> {
         let mut all = self.matching(reference)?;
@@ -1312,6 +1328,44 @@ mod tests {
 
     fn manifest_for(slot: &BuildSlot) -> Manifest {
         Manifest::new(slot.id().clone(), slot.build_id())
+    }
+
+    #[test]
+    fn the_replaced_image_is_the_newest_of_the_name_made_before() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(tmp.path()).expect("open");
+        let start = Utc::now() - chrono::Duration::hours(10);
+        // (name, version, made hours after `start`), stored in this order.
+        for (name, version, hours) in [
+            ("web", Version::new(2, 0, 0), 1),
+            ("web", Version::new(1, 0, 0), 3),
+            ("web", Version::new(1, 0, 0), 5),
+            ("db", Version::new(1, 0, 0), 6),
+        ] {
+            let slot = store.allocate_build(name, &version).expect("slot");
+            let mut m = manifest_for(&slot);
+            m.created = start + chrono::Duration::hours(hours);
+            m.write(slot.dir()).expect("manifest");
+            slot.commit().expect("commit");
+        }
+        let replaced = |hours| {
+            store
+                .replaced_by("web", start + chrono::Duration::hours(hours))
+                .expect("list")
+                .map(|i| i.reference())
+        };
+        // By when it was made, not by version: the 1.0.0 hotfix replaced the 2.0.0.
+        assert_eq!(replaced(4).as_deref(), Some("web/1.0.0/1"));
+        assert_eq!(replaced(7).as_deref(), Some("web/1.0.0/2"));
+        assert_eq!(replaced(2).as_deref(), Some("web/2.0.0/1"));
+        assert_eq!(replaced(1), None, "made at the same time is not before");
+        assert_eq!(
+            store
+                .replaced_by("app", Utc::now())
+                .expect("list")
+                .map(|i| i.reference()),
+            None
+        );
     }
 
     #[test]
