@@ -13,6 +13,7 @@ mod check;
 pub mod deb822;
 pub mod fetch;
 pub mod gpg;
+pub mod image;
 pub mod version;
 
 pub use check::{
