@@ -226,6 +226,33 @@ fn example_recipe_built_in_the_appliance_passes_its_full_boot_test_stage() {
     assert_eq!(m["tests"][0]["component"], "test-basics", "{m:#}");
     assert_eq!(m["tests"][0]["status"], "success", "{m:#}");
     assert_eq!(m["host"]["boot"], "appliance", "{}", m["host"]);
+    // The image's apt sources (the fixture has the host's bookworm ones) and its keys, read
+    // in the appliance before generalizing, for the package update check.
+    let sources = &m["packageSources"];
+    assert_eq!(sources["manager"], "apt", "{sources:#}");
+    assert_eq!(sources["architectures"][0], "amd64", "{sources:#}");
+    let texts: Vec<&str> = sources["files"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f["text"].as_str())
+        .collect();
+    assert!(texts.iter().any(|t| t.contains("bookworm")), "{sources:#}");
+    assert!(
+        sources["keys"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(
+                |k| k["path"] == "/usr/share/keyrings/debian-archive-keyring.gpg"
+                    && k["data"].as_str().is_some_and(|d| !d.is_empty())
+            ),
+        "{sources:#}"
+    );
+    assert!(
+        m.get("packageChanges").is_none(),
+        "the store had no earlier build"
+    );
     assert_booted_the_appliance(&console(&dir, "build-vm"));
     // The test stage booted the result for real: the guest's own boot, not the appliance.
     let test_vm = console(&dir, "test-vm");

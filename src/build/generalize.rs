@@ -175,6 +175,10 @@ emit() {
     printf 'unreadable %s\n' "$path"
   fi
 }
+# The files travel in base64: without it (coreutils) there is nothing to send them with.
+need_base64() {
+  command -v base64 >/dev/null 2>&1 || { echo 'base64 (coreutils) is not in the image' >&2; exit 3; }
+}
 each() {
   local kind=$1 f
   shift
@@ -183,6 +187,7 @@ each() {
   done
 }
 if command -v dpkg >/dev/null 2>&1; then
+  need_base64
   echo manager apt
   echo "arch $(dpkg --print-architecture)"
   for a in $(dpkg --print-foreign-architectures); do echo "arch $a"; done
@@ -191,6 +196,7 @@ if command -v dpkg >/dev/null 2>&1; then
   each key /etc/apt/trusted.gpg /etc/apt/trusted.gpg.d/* /etc/apt/keyrings/* \
     /usr/share/keyrings/*
 elif [ -d /etc/yum.repos.d ]; then
+  need_base64
   echo manager dnf
   echo "arch $(uname -m)"
   each source /etc/yum.repos.d/*.repo
@@ -683,6 +689,33 @@ mod tests {
             assert!(text.contains(&format!("line {line}:")), "{text}");
             assert!(text.contains(problem), "{text}");
         }
+    }
+
+    /// Without dpkg (nor `/etc/yum.repos.d`, which a Debian host lacks) the script says
+    /// nothing: no sources, no error. With dpkg but no base64 it fails saying why.
+    #[test]
+    fn sources_script_without_a_manager_or_without_base64() {
+        let bin = tempfile::tempdir().expect("temp dir");
+        let run = || {
+            std::process::Command::new("/bin/bash")
+                .args(["-c", SOURCES_SCRIPT])
+                .env("PATH", bin.path())
+                .output()
+                .expect("bash runs")
+        };
+        let out = run();
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(
+            parse_sources(&String::from_utf8_lossy(&out.stdout)).expect("parses"),
+            None
+        );
+        fs_err::os::unix::fs::symlink("/usr/bin/dpkg", bin.path().join("dpkg")).expect("link");
+        let out = run();
+        assert_eq!(out.status.code(), Some(3), "{out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("base64 (coreutils) is not in the image"),
+            "{out:?}"
+        );
     }
 
     /// The real script, run by bash on this Debian host (builder runs on Debian: dpkg is
