@@ -2007,7 +2007,9 @@ pub(super) fn package_sources(
             &format!("warning: could not read {path} in the image; the manifest lacks it"),
         );
     }
-    let s = read.sources;
+    let mut s = read.sources;
+    // Only the keys a repository of the image may be verified with go in the manifest.
+    s.keys = crate::packages::gpg::keys_in_use(&s);
     cx.progress(stage, &format!("package sources: {}", s.summary()));
     Some(s)
 }

@@ -140,9 +140,21 @@ fn outdated_table(updates: &[builder::packages::Update]) -> String {
             u.name.clone()
         }
     };
-    let name_w = updates.iter().map(|u| label(u).chars().count()).max().unwrap_or(0);
-    let from_w = updates.iter().map(|u| u.installed.chars().count()).max().unwrap_or(0);
-    let to_w = updates.iter().map(|u| u.candidate.chars().count()).max().unwrap_or(0);
+    let name_w = updates
+        .iter()
+        .map(|u| label(u).chars().count())
+        .max()
+        .unwrap_or(0);
+    let from_w = updates
+        .iter()
+        .map(|u| u.installed.chars().count())
+        .max()
+        .unwrap_or(0);
+    let to_w = updates
+        .iter()
+        .map(|u| u.candidate.chars().count())
+        .max()
+        .unwrap_or(0);
     let mut s = String::new();
     for u in updates {
         s.push_str(&format!(

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use base64::Engine as _;
 
 use crate::packages::apt::sources::KeySpec;
-use crate::store::manifest::KeyFile;
+use crate::store::manifest::{KeyFile, PackageSources};
 
 /// apt's global keyrings: used when a source names no key.
 const GLOBAL_KEYRING: &str = "/etc/apt/trusted.gpg";
@@ -104,11 +104,7 @@ pub fn keyring(signed_by: &[KeySpec], keys: &[KeyFile], dir: &Path) -> Result<Ke
         }
     }
     if global {
-        for key in keys.iter().filter(|k| {
-            k.path == GLOBAL_KEYRING
-                || (k.path.starts_with(GLOBAL_KEYRING_DIR)
-                    && (k.path.ends_with(".gpg") || k.path.ends_with(".asc")))
-        }) {
+        for key in keys.iter().filter(|k| is_global(&k.path)) {
             sources.push((format!("`{}`", key.path), decode(key)?));
         }
     }
@@ -133,6 +129,46 @@ pub fn keyring(signed_by: &[KeySpec], keys: &[KeyFile], dir: &Path) -> Result<Ke
         out.origin.push(origin);
     }
     Ok(out)
+}
+
+/// Whether apt trusts the key file at `path` for every source that names no key file
+/// (`/etc/apt/trusted.gpg`, `/etc/apt/trusted.gpg.d/*.gpg|*.asc`).
+pub fn is_global(path: &str) -> bool {
+    path == GLOBAL_KEYRING
+        || (path.starts_with(GLOBAL_KEYRING_DIR)
+            && (path.ends_with(".gpg") || path.ends_with(".asc")))
+}
+
+/// The recorded key files some repository of `sources` may be verified with: those a
+/// `Signed-By` names, and apt's global ones when an entry names none (or names
+/// fingerprints). What a build keeps in the manifest: a Debian image has some 20 key files in
+/// the places keys live, most for other releases or removed keys. Sources that are not apt's,
+/// or that do not parse (the check reports them), keep every key.
+pub fn keys_in_use(sources: &PackageSources) -> Vec<KeyFile> {
+    if sources.manager != "apt" {
+        return sources.keys.clone();
+    }
+    let Ok(repositories) = crate::packages::apt::sources::repositories(&sources.files) else {
+        return sources.keys.clone();
+    };
+    let mut named: Vec<&str> = Vec::new();
+    let mut global = false;
+    for repository in &repositories {
+        global |= repository.signed_by.is_empty();
+        for spec in &repository.signed_by {
+            match spec {
+                KeySpec::File(path) => named.push(path),
+                KeySpec::Fingerprint(_) => global = true,
+                KeySpec::Inline(_) => {}
+            }
+        }
+    }
+    sources
+        .keys
+        .iter()
+        .filter(|k| named.contains(&k.path.as_str()) || (global && is_global(&k.path)))
+        .cloned()
+        .collect()
 }
 
 fn is_armored(bytes: &[u8]) -> bool {
@@ -423,5 +459,73 @@ mod tests {
             keyring(&[], &keys[1..], dir.path()).unwrap_err(),
             KeyProblem::NoKeys
         );
+    }
+
+    fn key(path: &str) -> KeyFile {
+        KeyFile {
+            path: path.into(),
+            sha256: "0".repeat(64),
+            data: String::new(),
+        }
+    }
+
+    fn sources(files: &[(&str, &str)]) -> PackageSources {
+        PackageSources {
+            manager: "apt".into(),
+            architectures: vec!["amd64".into()],
+            files: files
+                .iter()
+                .map(|(path, text)| crate::store::manifest::SourceFile {
+                    path: (*path).into(),
+                    text: (*text).into(),
+                })
+                .collect(),
+            keys: [
+                "/etc/apt/trusted.gpg.d/debian-archive-bookworm-automatic.asc",
+                "/etc/apt/trusted.gpg.d/notes.txt",
+                "/usr/share/keyrings/debian-archive-keyring.gpg",
+                "/usr/share/keyrings/debian-archive-removed-keys.gpg",
+                "/etc/apt/keyrings/vendor.gpg",
+            ]
+            .into_iter()
+            .map(key)
+            .collect(),
+        }
+    }
+
+    fn kept(s: &PackageSources) -> Vec<String> {
+        keys_in_use(s).into_iter().map(|k| k.path).collect()
+    }
+
+    #[test]
+    fn only_the_keys_a_repository_may_use_are_kept() {
+        let signed = sources(&[(
+            "/etc/apt/sources.list.d/debian.sources",
+            "Types: deb\nURIs: http://deb.example.org/debian\nSuites: bookworm\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n",
+        )]);
+        assert_eq!(
+            kept(&signed),
+            ["/usr/share/keyrings/debian-archive-keyring.gpg"]
+        );
+        let global = sources(&[
+            (
+                "/etc/apt/sources.list",
+                "deb http://deb.example.org/debian bookworm main\n",
+            ),
+            (
+                "/etc/apt/sources.list.d/vendor.list",
+                "deb [signed-by=/etc/apt/keyrings/vendor.gpg] http://vendor.example.org/apt stable main\n",
+            ),
+        ]);
+        assert_eq!(
+            kept(&global),
+            [
+                "/etc/apt/trusted.gpg.d/debian-archive-bookworm-automatic.asc",
+                "/etc/apt/keyrings/vendor.gpg"
+            ]
+        );
+        // Sources the check cannot read keep everything: it reports them itself.
+        let broken = sources(&[("/etc/apt/sources.list", "deb\n")]);
+        assert_eq!(kept(&broken).len(), 5);
     }
 }

@@ -407,12 +407,14 @@ fn last_image(
             last.id
         )
     })?;
-    let reference = image.parse::<crate::store::reference::ImageRef>().map_err(|e| {
-        format!(
-            "could not check updates: execution {}'s image `{image}`: {e}",
-            last.id
-        )
-    })?;
+    let reference = image
+        .parse::<crate::store::reference::ImageRef>()
+        .map_err(|e| {
+            format!(
+                "could not check updates: execution {}'s image `{image}`: {e}",
+                last.id
+            )
+        })?;
     let stored = store.resolve(&reference).map_err(|e| {
         format!(
             "could not check updates: execution {}'s image {image} is no longer in the store ({e})",
@@ -588,13 +590,20 @@ mod tests {
     fn package_updates_turn_a_skip_into_a_build_naming_them() {
         let last = last_execution();
         let found = outdated(&[("nginx", "1.22.1-9+deb12u12", "1.22.1-9+deb12u13", true)]);
-        let v = package_verdict(&last, "nothing changed".into(), Ok(found), OnCheckFailure::Skip);
+        let v = package_verdict(
+            &last,
+            "nothing changed".into(),
+            Ok(found),
+            OnCheckFailure::Skip,
+        );
         assert!(!v.check_failed);
         let Verdict::Run { reason } = v.verdict else {
             panic!("updates must build: {v:?}")
         };
         assert!(
-            reason.starts_with("package updates since execution 4 (web/1.0.0/4): 1 update (1 security)"),
+            reason.starts_with(
+                "package updates since execution 4 (web/1.0.0/4): 1 update (1 security)"
+            ),
             "{reason}"
         );
         assert!(
@@ -624,8 +633,18 @@ mod tests {
 
     #[test]
     fn a_failed_check_skips_or_builds_as_configured_and_says_why() {
-        let why = || Err("could not check updates: http://10.0.2.2:8080/debian bookworm: bad signature".to_string());
-        let skip = package_verdict(&last_execution(), "nothing changed".into(), why(), OnCheckFailure::Skip);
+        let why = || {
+            Err(
+                "could not check updates: http://10.0.2.2:8080/debian bookworm: bad signature"
+                    .to_string(),
+            )
+        };
+        let skip = package_verdict(
+            &last_execution(),
+            "nothing changed".into(),
+            why(),
+            OnCheckFailure::Skip,
+        );
         assert!(skip.check_failed);
         assert_eq!(
             skip.verdict,
@@ -633,7 +652,12 @@ mod tests {
                 reason: "could not check updates: http://10.0.2.2:8080/debian bookworm: bad signature; nothing changed".into()
             }
         );
-        let build = package_verdict(&last_execution(), "nothing changed".into(), why(), OnCheckFailure::Build);
+        let build = package_verdict(
+            &last_execution(),
+            "nothing changed".into(),
+            why(),
+            OnCheckFailure::Build,
+        );
         assert!(build.check_failed);
         assert_eq!(
             build.verdict,
@@ -642,5 +666,4 @@ mod tests {
             }
         );
     }
-
 }

@@ -33,8 +33,8 @@ use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 
 use super::model::{
-    DEFAULT_NOTIFY_ON, ExecStatus, Lifecycle, Notifications, Override, Pipeline, PipelineSource,
-    OnCheckFailure, Schedule, StartCondition, Webhook,
+    DEFAULT_NOTIFY_ON, ExecStatus, Lifecycle, Notifications, OnCheckFailure, Override, Pipeline,
+    PipelineSource, Schedule, StartCondition, Webhook,
 };
 use super::schedule::{CronExpr, close_zone, parse_zone};
 use crate::build::plan;

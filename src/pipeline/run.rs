@@ -195,13 +195,9 @@ pub async fn execute(
         (&verdict, &pipeline.schedule, &last)
         && schedule.package_updates
     {
-        let decided = conditions::package_updates(
-            store,
-            last,
-            reason.clone(),
-            schedule.on_check_failure,
-        )
-        .await;
+        let decided =
+            conditions::package_updates(store, last, reason.clone(), schedule.on_check_failure)
+                .await;
         verdict = decided.verdict;
         check_failed = decided.check_failed;
         fresh_layers = matches!(verdict, Verdict::Run { .. });
