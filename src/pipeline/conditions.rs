@@ -456,7 +456,7 @@ pub fn package_verdict(
         Err(why) => PackageVerdict {
             verdict: match on_failure {
                 OnCheckFailure::Skip => Verdict::Skip {
-                    reason: format!("{why}; {skipped}"),
+                    reason: format!("{why}\n{skipped}"),
                 },
                 OnCheckFailure::Build => Verdict::Run {
                     reason: format!("{why}; building anyway (onCheckFailure: build)"),
@@ -649,7 +649,7 @@ mod tests {
         assert_eq!(
             skip.verdict,
             Verdict::Skip {
-                reason: "could not check updates: http://10.0.2.2:8080/debian bookworm: bad signature; nothing changed".into()
+                reason: "could not check updates: http://10.0.2.2:8080/debian bookworm: bad signature\nnothing changed".into()
             }
         );
         let build = package_verdict(
