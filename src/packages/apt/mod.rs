@@ -215,15 +215,26 @@ async fn fetch_from(
             let dirs = index_dirs(repository, cx.architectures, &release);
             let mut found = 0;
             for index_dir in &dirs {
-                let Some((path, hash, _)) = release.packages_index(index_dir) else {
+                let listed = release.packages_indices(index_dir);
+                if listed.is_empty() {
                     continue;
-                };
+                }
                 found += 1;
-                let url = format!("{dist}{path}");
-                let Some(bytes) = cx.fetcher.get(&url).await? else {
+                // The first one the mirror has (a partial mirror may keep only one kind).
+                let mut got = None;
+                for (path, hash, _) in &listed {
+                    let url = format!("{dist}{path}");
+                    if let Some(bytes) = cx.fetcher.get(&url).await? {
+                        got = Some((url, *hash, bytes));
+                        break;
+                    }
+                }
+                let Some((url, hash, bytes)) = got else {
                     return Err(FetchProblem::Status {
-                        url,
-                        status: "404 Not Found (its Release file lists it)".into(),
+                        url: format!("{dist}{}", listed[0].0),
+                        status: format!(
+                            "404 Not Found, as every index of {index_dir} its Release file lists"
+                        ),
                     }
                     .into());
                 };
@@ -293,8 +304,9 @@ fn architectures<'a>(repository: &'a Repository, image: &'a [String]) -> &'a [St
 }
 
 /// The directories (relative to the Release file) whose `Packages` apt reads for this source:
-/// `<component>/binary-<arch>/` for each, `binary-all/` too when the Release file lists it
-/// and does not say its `all` packages are in the architectures' indices; `""` when flat.
+/// `<component>/binary-<arch>/` for each, `binary-all/` too when the Release file's
+/// `Architectures` has `all` and it does not say those are in the architectures' indices
+/// (as apt decides); `""` when flat.
 fn index_dirs(repository: &Repository, image: &[String], release: &Release) -> Vec<String> {
     if repository.is_flat() {
         return vec![String::new()];
@@ -305,10 +317,7 @@ fn index_dirs(repository: &Repository, image: &[String], release: &Release) -> V
             dirs.push(format!("{component}/binary-{arch}/"));
         }
         let all = format!("{component}/binary-all/");
-        if !release.all_in_arch_indices
-            && release.packages_index(&all).is_some()
-            && !dirs.contains(&all)
-        {
+        if release.separate_all_index && !dirs.contains(&all) {
             dirs.push(all);
         }
     }
@@ -421,14 +430,12 @@ mod tests {
             ),
             ["main/binary-arm64/"]
         );
-        release
-            .sha256
-            .insert("main/binary-all/Packages".into(), ("00".into(), 1));
+        release.separate_all_index = true;
         assert_eq!(
             index_dirs(&repository("x", &["main"], &["amd64"]), &image, &release),
             ["main/binary-amd64/", "main/binary-all/"]
         );
-        release.all_in_arch_indices = true;
+        release.separate_all_index = false;
         assert_eq!(
             index_dirs(&repository("x", &["main"], &["amd64"]), &image, &release),
             ["main/binary-amd64/"]

@@ -17,9 +17,9 @@ pub struct Release {
     pub not_automatic: bool,
     /// `ButAutomaticUpgrades: yes`: …but upgrades what was installed from it.
     pub but_automatic_upgrades: bool,
-    /// `No-Support-for-Architecture-all: Packages`: `all` packages are in each
-    /// architecture's index, `binary-all` is not for apt.
-    pub all_in_arch_indices: bool,
+    /// `Architectures:` lists `all` and no `No-Support-for-Architecture-all: Packages` says
+    /// those are in each architecture's index too: apt reads `binary-all` as well.
+    pub separate_all_index: bool,
     /// `SHA256:` path (relative to the Release file's directory) → (sha256 hex, size).
     pub sha256: BTreeMap<String, (String, u64)>,
 }
@@ -71,20 +71,25 @@ impl Release {
             origin: owned("Origin"),
             not_automatic: yes("NotAutomatic"),
             but_automatic_upgrades: yes("ButAutomaticUpgrades"),
-            all_in_arch_indices: paragraph
-                .get("No-Support-for-Architecture-all")
-                .is_some_and(|v| v == "Packages"),
+            separate_all_index: paragraph
+                .get("Architectures")
+                .is_some_and(|v| v.split_whitespace().any(|a| a == "all"))
+                && paragraph
+                    .get("No-Support-for-Architecture-all")
+                    .is_none_or(|v| v != "Packages"),
             sha256,
         })
     }
 
-    /// The `Packages` index of `dir` (`main/binary-amd64/`, or `""` for a flat repository)
-    /// the Release file lists, preferring the smallest download: `.xz`, `.gz`, then plain.
-    pub fn packages_index(&self, dir: &str) -> Option<(&str, &str, u64)> {
+    /// The `Packages` indices of `dir` (`main/binary-amd64/`, or `""` for a flat repository)
+    /// the Release file lists, the smallest download first: `.xz`, `.gz`, then plain. A
+    /// Release file lists the plain one even where the mirror keeps only compressed ones.
+    pub fn packages_indices(&self, dir: &str) -> Vec<(&str, &str, u64)> {
         ["Packages.xz", "Packages.gz", "Packages"]
             .iter()
-            .find_map(|name| self.sha256.get_key_value(&format!("{dir}{name}")))
+            .filter_map(|name| self.sha256.get_key_value(&format!("{dir}{name}")))
             .map(|(path, (hash, size))| (path.as_str(), hash.as_str(), *size))
+            .collect()
     }
 }
 
@@ -115,20 +120,39 @@ mod tests {
         assert_eq!(r.codename.as_deref(), Some("bookworm-security"));
         assert_eq!(r.label.as_deref(), Some("Debian-Security"));
         assert_eq!(r.origin.as_deref(), Some("Debian"));
-        assert!(!r.not_automatic && r.all_in_arch_indices);
+        assert!(!r.not_automatic && !r.separate_all_index);
+        let all = Release::parse("Architectures: all amd64\n").unwrap();
+        assert!(all.separate_all_index);
+        let merged =
+            Release::parse("Architectures: all amd64\nNo-Support-for-Architecture-all: Packages\n")
+                .unwrap();
+        assert!(!merged.separate_all_index);
+        let names = |dir: &str| -> Vec<String> {
+            r.packages_indices(dir)
+                .iter()
+                .map(|i| i.0.to_string())
+                .collect()
+        };
         assert_eq!(
-            r.packages_index("main/binary-amd64/"),
-            Some((
+            names("main/binary-amd64/"),
+            [
                 "main/binary-amd64/Packages.xz",
+                "main/binary-amd64/Packages"
+            ]
+        );
+        let xz = r.packages_indices("main/binary-amd64/")[0];
+        assert_eq!(
+            (xz.1, xz.2),
+            (
                 "2222222222222222222222222222222222222222222222222222222222222222",
                 200
-            ))
+            )
         );
         assert_eq!(
-            r.packages_index("main/binary-arm64/").map(|i| i.0),
-            Some("main/binary-arm64/Packages.gz")
+            names("main/binary-arm64/"),
+            ["main/binary-arm64/Packages.gz"]
         );
-        assert_eq!(r.packages_index("main/binary-i386/"), None);
+        assert!(names("main/binary-i386/").is_empty());
     }
 
     #[test]
