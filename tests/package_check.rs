@@ -431,3 +431,31 @@ async fn the_global_keyring_when_no_key_is_named() {
         .to_string();
     assert!(message.contains("names no key (no Signed-By)"), "{message}");
 }
+
+#[tokio::test]
+async fn an_expired_release_file_fails_unless_the_source_says_otherwise() {
+    let repo = AptRepo::new();
+    repo.publish("hello", "1.0-1");
+    repo.expire();
+    let list = installed(&[("hello", "1.0-1")]);
+    let message = run(&list, &repo.package_sources(&repo.url()))
+        .await
+        .expect_err("the check fails")
+        .to_string();
+    assert!(
+        message.contains("dists/bookworm/Release expired at Sat, 1 Jan 2000 00:00:00 +0000"),
+        "{message}"
+    );
+    let text = repo
+        .sources_text(&repo.url())
+        .replace("[signed-by=", "[check-valid-until=no signed-by=");
+    let sources = AptRepo::package_sources_with(
+        vec![SourceFile {
+            path: AptRepo::SOURCES_PATH.into(),
+            text,
+        }],
+        vec![repo.key_file()],
+    );
+    let outdated = run(&list, &sources).await.expect("the check succeeds");
+    assert!(outdated.updates.is_empty());
+}

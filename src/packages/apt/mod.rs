@@ -68,6 +68,8 @@ pub enum RepositoryProblem {
     BadIndex { url: String, problem: BadIndex },
     #[error("could not decompress {url}: {message}")]
     Decompress { url: String, message: String },
+    #[error("{file} expired at {valid_until} (its Valid-Until): apt in the image refuses it too")]
+    Expired { file: String, valid_until: String },
     #[error("its Release file lists no Packages index for {what}")]
     NoIndex { what: String },
     #[error("{0}")]
@@ -96,6 +98,9 @@ impl RepositoryProblem {
                 ..
             } => Some(
                 "the repository (or a mirror or proxy in between) serves files its key did not sign; nothing from it was used",
+            ),
+            RepositoryProblem::Expired { .. } => Some(
+                "the mirror (or what serves it) is out of date: update it; a source may turn the check off with check-valid-until=no",
             ),
             RepositoryProblem::HashMismatch { .. } => {
                 Some("the mirror may be in the middle of an update; check again later")
@@ -212,6 +217,15 @@ async fn fetch_from(
                     file: format!("{dist}InRelease"),
                     message,
                 })?;
+            if repository.check_valid_until
+                && let Some(valid_until) = &release.valid_until
+                && *valid_until < chrono::Utc::now()
+            {
+                return Err(RepositoryProblem::Expired {
+                    file: format!("{dist}Release"),
+                    valid_until: valid_until.to_rfc2822(),
+                });
+            }
             let dirs = index_dirs(repository, cx.architectures, &release);
             let mut found = 0;
             for index_dir in &dirs {
@@ -402,6 +416,7 @@ mod tests {
             architectures: arch.iter().map(|s| s.to_string()).collect(),
             signed_by: vec![],
             trusted: false,
+            check_valid_until: true,
         }
     }
 

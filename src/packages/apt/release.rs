@@ -20,6 +20,8 @@ pub struct Release {
     /// `Architectures:` lists `all` and no `No-Support-for-Architecture-all: Packages` says
     /// those are in each architecture's index too: apt reads `binary-all` as well.
     pub separate_all_index: bool,
+    /// `Valid-Until`: apt refuses the file after this.
+    pub valid_until: Option<chrono::DateTime<chrono::Utc>>,
     /// `SHA256:` path (relative to the Release file's directory) → (sha256 hex, size).
     pub sha256: BTreeMap<String, (String, u64)>,
 }
@@ -64,7 +66,19 @@ impl Release {
                 }
             }
         }
+        let valid_until = paragraph
+            .field("Valid-Until")
+            .map(|field| {
+                date(&field.value).ok_or_else(|| {
+                    format!(
+                        "line {}: `Valid-Until: {}` is not a date such as `Sun, 13 Dec 2026 02:54:29 UTC`",
+                        field.line, field.value
+                    )
+                })
+            })
+            .transpose()?;
         Ok(Release {
+            valid_until,
             suite: owned("Suite"),
             codename: owned("Codename"),
             label: owned("Label"),
@@ -90,6 +104,24 @@ impl Release {
             .filter_map(|name| self.sha256.get_key_value(&format!("{dir}{name}")))
             .map(|(path, (hash, size))| (path.as_str(), hash.as_str(), *size))
             .collect()
+    }
+}
+
+/// A Release file's date: RFC 2822 as Debian's archive writes it (`Sun, 13 Dec 2026
+/// 02:54:29 UTC`; `UTC`, `GMT` or `+0000`).
+fn date(text: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    let text = text.trim();
+    let utc = text
+        .strip_suffix(" UTC")
+        .or_else(|| text.strip_suffix(" GMT"))
+        .or_else(|| text.strip_suffix(" Z"));
+    match utc {
+        Some(naive) => chrono::NaiveDateTime::parse_from_str(naive, "%a, %d %b %Y %H:%M:%S")
+            .ok()
+            .map(|n| n.and_utc()),
+        None => chrono::DateTime::parse_from_rfc2822(text)
+            .ok()
+            .map(|d| d.with_timezone(&chrono::Utc)),
     }
 }
 
@@ -153,6 +185,26 @@ mod tests {
             ["main/binary-arm64/Packages.gz"]
         );
         assert!(names("main/binary-i386/").is_empty());
+    }
+
+    #[test]
+    fn valid_until_dates() {
+        let r = Release::parse("Valid-Until: Sun, 13 Dec 2026 02:54:29 UTC\n").unwrap();
+        assert_eq!(
+            r.valid_until.unwrap().to_rfc3339(),
+            "2026-12-13T02:54:29+00:00"
+        );
+        let r = Release::parse("Valid-Until: Sun, 13 Dec 2026 03:54:29 +0100\n").unwrap();
+        assert_eq!(
+            r.valid_until.unwrap().to_rfc3339(),
+            "2026-12-13T02:54:29+00:00"
+        );
+        assert_eq!(Release::parse("Suite: x\n").unwrap().valid_until, None);
+        let e = Release::parse("Suite: x\nValid-Until: next week\n").unwrap_err();
+        assert!(
+            e.starts_with("line 2: `Valid-Until: next week` is not a date"),
+            "{e}"
+        );
     }
 
     #[test]
