@@ -225,18 +225,38 @@ pub async fn check(
         .prefix("builder-packages-")
         .tempdir()
         .map_err(CheckError::Scratch)?;
-    let fetcher = Fetcher::new(&options.mirrors);
     let cx = apt::Context {
-        fetcher: &fetcher,
-        architectures: &architectures,
-        keys: &sources.keys,
+        fetcher: Fetcher::new(&options.mirrors),
+        architectures: architectures.into(),
+        keys: sources.keys.clone().into(),
         wanted: Arc::new(wanted),
-        scratch: scratch.path(),
+        scratch: scratch.path().to_path_buf(),
     };
+    // Every repository at once: most of the time is waiting for servers.
+    let mut tasks = tokio::task::JoinSet::new();
+    for (number, repository) in repositories.iter().enumerate() {
+        let (cx, repository) = (cx.clone(), repository.clone());
+        tasks.spawn(async move { (number, apt::fetch(&cx, &repository, number).await) });
+    }
+    let mut results: Vec<Option<(String, Result<Fetched, RepositoryProblem>)>> =
+        repositories.iter().map(|_| None).collect();
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((number, result)) => results[number] = Some(result),
+            // A panic in a task is a bug: carry it on, as it would have gone without tasks.
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => {}
+        }
+    }
     let mut fetched = Vec::new();
     let mut failures = Vec::new();
-    for (number, repository) in repositories.iter().enumerate() {
-        let (fetched_from, result) = apt::fetch(&cx, repository, number).await;
+    for (repository, result) in repositories.iter().zip(results) {
+        let (fetched_from, result) = result.unwrap_or_else(|| {
+            (
+                repository.uri.clone(),
+                Err(RepositoryProblem::Host("its task was cancelled".into())),
+            )
+        });
         match result {
             Ok(f) => fetched.push((repository, f)),
             Err(problem) => failures.push(RepositoryFailure {

@@ -120,19 +120,21 @@ pub fn priority(release: &Release) -> i32 {
 }
 
 /// Everything a repository fetch needs that is the same for every repository.
-pub struct Context<'a> {
-    pub fetcher: &'a Fetcher,
+/// Cheap to clone (shared parts), so each repository is fetched in its own task.
+#[derive(Clone)]
+pub struct Context {
+    pub fetcher: Fetcher,
     /// The image's architectures (a source's `arch=` overrides them).
-    pub architectures: &'a [String],
-    pub keys: &'a [KeyFile],
+    pub architectures: Arc<[String]>,
+    pub keys: Arc<[KeyFile]>,
     pub wanted: Arc<HashSet<(String, String)>>,
     /// A private temporary directory (keys, downloads, gpgv's home).
-    pub scratch: &'a Path,
+    pub scratch: PathBuf,
 }
 
 /// The base URL after mirrors, and what the repository offers or what went wrong.
 pub async fn fetch(
-    cx: &Context<'_>,
+    cx: &Context,
     repository: &Repository,
     number: usize,
 ) -> (String, Result<Fetched, RepositoryProblem>) {
@@ -143,7 +145,7 @@ pub async fn fetch(
 }
 
 async fn fetch_from(
-    cx: &Context<'_>,
+    cx: &Context,
     repository: &Repository,
     number: usize,
     base: &str,
@@ -163,7 +165,7 @@ async fn fetch_from(
     let keyring = if repository.trusted {
         None
     } else {
-        Some(gpg::keyring(&repository.signed_by, cx.keys, &dir)?)
+        Some(gpg::keyring(&repository.signed_by, &cx.keys, &dir)?)
     };
 
     let mut signed_by = Vec::new();
@@ -226,7 +228,7 @@ async fn fetch_from(
                     valid_until: valid_until.to_rfc2822(),
                 });
             }
-            let dirs = index_dirs(repository, cx.architectures, &release);
+            let dirs = index_dirs(repository, &cx.architectures, &release);
             let mut found = 0;
             for index_dir in &dirs {
                 let listed = release.packages_indices(index_dir);
@@ -270,7 +272,7 @@ async fn fetch_from(
                         format!(
                             "components {} and architectures {}",
                             repository.components.join(", "),
-                            architectures(repository, cx.architectures).join(", ")
+                            architectures(repository, &cx.architectures).join(", ")
                         )
                     },
                 });
