@@ -140,15 +140,12 @@ impl std::fmt::Display for RepositoryFailure {
         if self.fetched_from.trim_end_matches('/') != self.uri.trim_end_matches('/') {
             write!(f, ", fetched from {}", self.fetched_from)?;
         }
-        write!(f, "): {}", self.problem)?;
-        if let Some(hint) = self.problem.hint() {
-            write!(f, "\n  hint: {hint}")?;
-        }
-        Ok(())
+        write!(f, "): {}", self.problem)
     }
 }
 
-/// Why there is no answer. Every message starts `could not check updates: `.
+/// Why there is no answer. Every message starts `could not check updates: `; how to fix it
+/// is [`CheckError::hint`], apart (commands print it as `hint:`).
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
     #[error(
@@ -158,13 +155,38 @@ pub enum CheckError {
     #[error("could not check updates: the image's apt sources are not valid:\n{}", sources_text(.0))]
     Sources(Vec<Diagnostics>),
     #[error(
-        "could not check updates: the image's sources ({files} files) enable no binary package repository\n  hint: a `deb` line or a `Types: deb` entry that is not `Enabled: no`"
+        "could not check updates: the image's sources ({files} files) enable no binary package repository"
     )]
     NoRepositories { files: usize },
     #[error("could not check updates: {}", failures_text(.0))]
     Repositories(Vec<RepositoryFailure>),
     #[error("could not check updates: could not make a temporary directory: {0}")]
     Scratch(std::io::Error),
+}
+
+impl CheckError {
+    /// How to fix it, where something helps: for failed repositories, each distinct hint of
+    /// theirs, joined with `; `.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            CheckError::Unsupported { .. } => Some(
+                "`packageUpdates` checks apt images only for now; rebuild dnf images on their schedule".into(),
+            ),
+            CheckError::NoRepositories { .. } => Some(
+                "the image needs a `deb` line or a `Types: deb` entry that is not `Enabled: no`".into(),
+            ),
+            CheckError::Repositories(failures) => {
+                let mut hints: Vec<&str> = Vec::new();
+                for hint in failures.iter().filter_map(|f| f.problem.hint()) {
+                    if !hints.contains(&hint) {
+                        hints.push(hint);
+                    }
+                }
+                (!hints.is_empty()).then(|| hints.join("; "))
+            }
+            CheckError::Sources(_) | CheckError::Scratch(_) => None,
+        }
+    }
 }
 
 fn sources_text(files: &[Diagnostics]) -> String {
@@ -183,7 +205,7 @@ fn failures_text(failures: &[RepositoryFailure]) -> String {
             let mut text = format!("{} repositories failed", many.len());
             for failure in many {
                 text.push_str("\n- ");
-                text.push_str(&failure.to_string().replace('\n', "\n  "));
+                text.push_str(&failure.to_string());
             }
             text
         }

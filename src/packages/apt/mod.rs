@@ -84,7 +84,7 @@ impl RepositoryProblem {
                 FetchProblem::Unreachable { .. } | FetchProblem::Status { .. },
             )
             | RepositoryProblem::NoRelease { .. } => Some(
-                "if the host cannot reach the address the image uses, map it to one it can in the store's config.yml (`packageUpdates.mirrors`)",
+                "map the image's URI to one this host reaches with `packageUpdates.mirrors` in <store>/config.yml",
             ),
             RepositoryProblem::Signature {
                 problem: SignatureProblem::UnknownKey { .. } | SignatureProblem::NotAllowed { .. },
