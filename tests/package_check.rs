@@ -465,3 +465,73 @@ async fn an_expired_release_file_fails_unless_the_source_says_otherwise() {
     let outdated = run(&list, &sources).await.expect("the check succeeds");
     assert!(outdated.updates.is_empty());
 }
+
+/// The repository is one apt itself accepts (what the VM tests rely on): the host's apt-get,
+/// with its state in a temporary directory, updates from it with the key at `signed-by` and
+/// sees the candidate the check reports.
+#[tokio::test]
+async fn apt_itself_reads_the_test_repository_and_agrees() {
+    let repo = AptRepo::new();
+    repo.publish("hello", "1.0-1");
+    repo.publish_to("bookworm-security", "hello", "1.0-1+deb12u1");
+    let state = tempfile::tempdir().expect("apt state dir");
+    let key = state.path().join("key.gpg");
+    fs_err::write(&key, repo.public_key_bytes()).expect("key");
+    let sources = state.path().join("sources.list");
+    fs_err::write(
+        &sources,
+        repo.sources_text(&repo.url())
+            .replace(AptRepo::KEY_PATH, &key.display().to_string()),
+    )
+    .expect("sources");
+    for dir in ["lists/partial", "cache/archives/partial"] {
+        fs_err::create_dir_all(state.path().join(dir)).expect("apt dirs");
+    }
+    let apt = |args: &[&str]| {
+        let s = state.path().display().to_string();
+        let out = std::process::Command::new("apt-get")
+            .args([
+                "-o",
+                &format!("Dir::Etc::sourcelist={}", sources.display()),
+                "-o",
+                "Dir::Etc::sourceparts=-",
+                "-o",
+                &format!("Dir::State::lists={s}/lists"),
+                "-o",
+                &format!("Dir::Cache={s}/cache"),
+                "-o",
+                "Dir::State::status=/dev/null",
+                "-o",
+                "APT::Architecture=amd64",
+                "-o",
+                "Debug::NoLocking=1",
+            ])
+            .args(args)
+            .output()
+            .expect("apt-get (scripts/install-deps installs it)");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "apt-get {args:?}: {text}");
+        text
+    };
+    let update = apt(&["update"]);
+    assert!(!update.contains("W:") && !update.contains("E:"), "{update}");
+    let candidate = apt(&["install", "--simulate", "hello"]);
+    assert!(
+        candidate.contains("Inst hello (1.0-1+deb12u1 "),
+        "{candidate}"
+    );
+    let outdated = run(
+        &installed(&[("hello", "1.0-1")]),
+        &repo.package_sources(&repo.url()),
+    )
+    .await
+    .expect("the check succeeds");
+    assert_eq!(
+        updates(&outdated),
+        ["hello:all 1.0-1 → 1.0-1+deb12u1 (bookworm-security) security"]
+    );
+}
