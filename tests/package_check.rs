@@ -449,7 +449,7 @@ async fn an_expired_release_file_fails_unless_the_source_says_otherwise() {
         .expect_err("the check fails")
         .to_string();
     assert!(
-        message.contains("dists/bookworm/Release expired at Sat, 1 Jan 2000 00:00:00 +0000"),
+        message.contains("dists/bookworm/InRelease expired at Sat, 1 Jan 2000 00:00:00 +0000"),
         "{message}"
     );
     let text = repo

@@ -169,7 +169,8 @@ async fn fetch_from(
     };
 
     let mut signed_by = Vec::new();
-    let release_text = match cx.fetcher.get(&format!("{dist}InRelease")).await? {
+    let mut release_file = format!("{dist}InRelease");
+    let release_text = match cx.fetcher.get(&release_file).await? {
         Some(bytes) => {
             let file = format!("{dist}InRelease");
             match &keyring {
@@ -189,6 +190,7 @@ async fn fetch_from(
         }
         None => match cx.fetcher.get(&format!("{dist}Release")).await? {
             Some(bytes) => {
+                release_file = format!("{dist}Release");
                 if let Some(keyring) = &keyring {
                     let file = format!("{dist}Release.gpg");
                     let Some(signature) = cx.fetcher.get(&file).await? else {
@@ -216,7 +218,7 @@ async fn fetch_from(
         Some(text) => {
             let release =
                 Release::parse(&text).map_err(|message| RepositoryProblem::BadRelease {
-                    file: format!("{dist}InRelease"),
+                    file: release_file.clone(),
                     message,
                 })?;
             if repository.check_valid_until
@@ -224,7 +226,7 @@ async fn fetch_from(
                 && *valid_until < chrono::Utc::now()
             {
                 return Err(RepositoryProblem::Expired {
-                    file: format!("{dist}Release"),
+                    file: release_file.clone(),
                     valid_until: valid_until.to_rfc2822(),
                 });
             }
