@@ -140,15 +140,12 @@ impl std::fmt::Display for RepositoryFailure {
         if self.fetched_from.trim_end_matches('/') != self.uri.trim_end_matches('/') {
             write!(f, ", fetched from {}", self.fetched_from)?;
         }
-        write!(f, "): {}", self.problem)?;
-        if let Some(hint) = self.problem.hint() {
-            write!(f, "\n  hint: {hint}")?;
-        }
-        Ok(())
+        write!(f, "): {}", self.problem)
     }
 }
 
-/// Why there is no answer. Every message starts `could not check updates: `.
+/// Why there is no answer. Every message starts `could not check updates: `; how to fix it
+/// is [`CheckError::hint`], apart (commands print it as `hint:`).
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
     #[error(
@@ -158,13 +155,38 @@ pub enum CheckError {
     #[error("could not check updates: the image's apt sources are not valid:\n{}", sources_text(.0))]
     Sources(Vec<Diagnostics>),
     #[error(
-        "could not check updates: the image's sources ({files} files) enable no binary package repository\n  hint: a `deb` line or a `Types: deb` entry that is not `Enabled: no`"
+        "could not check updates: the image's sources ({files} files) enable no binary package repository"
     )]
     NoRepositories { files: usize },
     #[error("could not check updates: {}", failures_text(.0))]
     Repositories(Vec<RepositoryFailure>),
     #[error("could not check updates: could not make a temporary directory: {0}")]
     Scratch(std::io::Error),
+}
+
+impl CheckError {
+    /// How to fix it, where something helps: for failed repositories, each distinct hint of
+    /// theirs, joined with `; `.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            CheckError::Unsupported { .. } => Some(
+                "`packageUpdates` checks apt images only for now; rebuild dnf images on their schedule".into(),
+            ),
+            CheckError::NoRepositories { .. } => Some(
+                "the image needs a `deb` line or a `Types: deb` entry that is not `Enabled: no`".into(),
+            ),
+            CheckError::Repositories(failures) => {
+                let mut hints: Vec<&str> = Vec::new();
+                for hint in failures.iter().filter_map(|f| f.problem.hint()) {
+                    if !hints.contains(&hint) {
+                        hints.push(hint);
+                    }
+                }
+                (!hints.is_empty()).then(|| hints.join("; "))
+            }
+            CheckError::Sources(_) | CheckError::Scratch(_) => None,
+        }
+    }
 }
 
 fn sources_text(files: &[Diagnostics]) -> String {
@@ -183,7 +205,7 @@ fn failures_text(failures: &[RepositoryFailure]) -> String {
             let mut text = format!("{} repositories failed", many.len());
             for failure in many {
                 text.push_str("\n- ");
-                text.push_str(&failure.to_string().replace('\n', "\n  "));
+                text.push_str(&failure.to_string());
             }
             text
         }
@@ -225,18 +247,38 @@ pub async fn check(
         .prefix("builder-packages-")
         .tempdir()
         .map_err(CheckError::Scratch)?;
-    let fetcher = Fetcher::new(&options.mirrors);
     let cx = apt::Context {
-        fetcher: &fetcher,
-        architectures: &architectures,
-        keys: &sources.keys,
+        fetcher: Fetcher::new(&options.mirrors),
+        architectures: architectures.into(),
+        keys: sources.keys.clone().into(),
         wanted: Arc::new(wanted),
-        scratch: scratch.path(),
+        scratch: scratch.path().to_path_buf(),
     };
+    // Every repository at once: most of the time is waiting for servers.
+    let mut tasks = tokio::task::JoinSet::new();
+    for (number, repository) in repositories.iter().enumerate() {
+        let (cx, repository) = (cx.clone(), repository.clone());
+        tasks.spawn(async move { (number, apt::fetch(&cx, &repository, number).await) });
+    }
+    let mut results: Vec<Option<(String, Result<Fetched, RepositoryProblem>)>> =
+        repositories.iter().map(|_| None).collect();
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((number, result)) => results[number] = Some(result),
+            // A panic in a task is a bug: carry it on, as it would have gone without tasks.
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => {}
+        }
+    }
     let mut fetched = Vec::new();
     let mut failures = Vec::new();
-    for (number, repository) in repositories.iter().enumerate() {
-        let (fetched_from, result) = apt::fetch(&cx, repository, number).await;
+    for (repository, result) in repositories.iter().zip(results) {
+        let (fetched_from, result) = result.unwrap_or_else(|| {
+            (
+                repository.uri.clone(),
+                Err(RepositoryProblem::Host("its task was cancelled".into())),
+            )
+        });
         match result {
             Ok(f) => fetched.push((repository, f)),
             Err(problem) => failures.push(RepositoryFailure {

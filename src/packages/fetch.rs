@@ -19,10 +19,11 @@ pub enum FetchProblem {
     Scheme { scheme: String, url: String },
 }
 
-/// Fetches files, rewriting URIs by the mirrors first.
+/// Fetches files, rewriting URIs by the mirrors first. Clones share the connection pool.
+#[derive(Clone)]
 pub struct Fetcher {
     client: reqwest::Client,
-    mirrors: Vec<Mirror>,
+    mirrors: std::sync::Arc<[Mirror]>,
 }
 
 impl Fetcher {
@@ -39,7 +40,7 @@ impl Fetcher {
             .expect("a reqwest client with rustls and timeouts always builds");
         Fetcher {
             client,
-            mirrors: mirrors.to_vec(),
+            mirrors: mirrors.into(),
         }
     }
 

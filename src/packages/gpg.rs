@@ -268,7 +268,7 @@ pub async fn verify(
         })
     })?;
     let status = String::from_utf8_lossy(&result.stdout);
-    judge(&status, keyring, result.status.success()).map_err(|problem| match problem {
+    judge(&status, keyring).map_err(|problem| match problem {
         SignatureProblem::Gpgv(message) if message.is_empty() => SignatureProblem::Gpgv(format!(
             "{}: {}",
             result.status,
@@ -280,7 +280,7 @@ pub async fn verify(
 
 /// Decide from gpgv's status lines, as apt does: any bad signature fails; otherwise at least
 /// one good signature (by an allowed key) is needed.
-fn judge(status: &str, keyring: &Keyring, success: bool) -> Result<Vec<String>, SignatureProblem> {
+fn judge(status: &str, keyring: &Keyring) -> Result<Vec<String>, SignatureProblem> {
     let mut good = Vec::new();
     let mut problem = None;
     let mut any = false;
@@ -358,8 +358,7 @@ fn judge(status: &str, keyring: &Keyring, success: bool) -> Result<Vec<String>, 
     if !any || status.contains("[GNUPG:] NODATA") {
         return Err(SignatureProblem::Missing);
     }
-    // gpgv failed without saying why in its status lines: its stderr says it.
-    let _ = success;
+    // gpgv failed without saying why in its status lines: `verify` adds its stderr.
     Err(SignatureProblem::Gpgv(String::new()))
 }
 
@@ -386,28 +385,28 @@ mod tests {
 
     #[test]
     fn good_bad_unknown_missing() {
-        assert_eq!(judge(&validsig(), &allowing(&[]), true).unwrap(), [FPR]);
+        assert_eq!(judge(&validsig(), &allowing(&[])).unwrap(), [FPR]);
         assert_eq!(
-            judge(&validsig(), &allowing(&["89ABCDEF01234567"]), true).unwrap(),
+            judge(&validsig(), &allowing(&["89ABCDEF01234567"])).unwrap(),
             [FPR]
         );
         assert!(matches!(
-            judge(&validsig(), &allowing(&["FFFF"]), true),
+            judge(&validsig(), &allowing(&["FFFF"])),
             Err(SignatureProblem::NotAllowed { .. })
         ));
         let bad = "[GNUPG:] NEWSIG\n[GNUPG:] BADSIG 89ABCDEF01234567 t\n";
         assert!(matches!(
-            judge(bad, &allowing(&[]), false),
+            judge(bad, &allowing(&[])),
             Err(SignatureProblem::Bad { .. })
         ));
         let unknown = "[GNUPG:] NEWSIG\n[GNUPG:] ERRSIG 89ABCDEF01234567 1 10 01 1 9 -\n[GNUPG:] NO_PUBKEY 89ABCDEF01234567\n";
-        let e = judge(unknown, &allowing(&[]), false).unwrap_err();
+        let e = judge(unknown, &allowing(&[])).unwrap_err();
         assert_eq!(
             e.to_string(),
             "signature by unknown key 89ABCDEF01234567, not one the image trusts for this repository (it trusts `/usr/share/keyrings/x.gpg`)"
         );
         assert_eq!(
-            judge("[GNUPG:] NODATA 1\n", &allowing(&[]), false),
+            judge("[GNUPG:] NODATA 1\n", &allowing(&[])),
             Err(SignatureProblem::Missing)
         );
         let expired = format!(
@@ -415,7 +414,7 @@ mod tests {
             validsig().lines().last().unwrap()
         );
         assert!(matches!(
-            judge(&expired, &allowing(&[]), false),
+            judge(&expired, &allowing(&[])),
             Err(SignatureProblem::ExpiredKey { .. })
         ));
     }

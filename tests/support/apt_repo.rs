@@ -202,6 +202,19 @@ impl AptRepo {
         }
     }
 
+    /// Give every Release file a `Valid-Until` in the past (signed again by the current key):
+    /// the check then fails with "… expired at …" unless the source says
+    /// `check-valid-until=no`. Publishing again makes fresh Release files.
+    pub fn expire(&self) {
+        for suite in self.published_suites() {
+            let dist = self.dist(&suite);
+            let release = fs_err::read_to_string(dist.join("Release")).expect("Release");
+            let release = format!("Valid-Until: Sat, 01 Jan 2000 00:00:00 UTC\n{release}");
+            fs_err::write(dist.join("Release"), release).expect("write Release");
+            self.sign(&dist);
+        }
+    }
+
     /// Remove `InRelease` from every suite: clients fall back to `Release` + `Release.gpg`.
     pub fn remove_inrelease(&self) {
         for suite in self.published_suites() {

@@ -68,6 +68,8 @@ pub enum RepositoryProblem {
     BadIndex { url: String, problem: BadIndex },
     #[error("could not decompress {url}: {message}")]
     Decompress { url: String, message: String },
+    #[error("{file} expired at {valid_until} (its Valid-Until): apt in the image refuses it too")]
+    Expired { file: String, valid_until: String },
     #[error("its Release file lists no Packages index for {what}")]
     NoIndex { what: String },
     #[error("{0}")]
@@ -82,7 +84,7 @@ impl RepositoryProblem {
                 FetchProblem::Unreachable { .. } | FetchProblem::Status { .. },
             )
             | RepositoryProblem::NoRelease { .. } => Some(
-                "if the host cannot reach the address the image uses, map it to one it can in the store's config.yml (`packageUpdates.mirrors`)",
+                "map the image's URI to one this host reaches with `packageUpdates.mirrors` in <store>/config.yml",
             ),
             RepositoryProblem::Signature {
                 problem: SignatureProblem::UnknownKey { .. } | SignatureProblem::NotAllowed { .. },
@@ -96,6 +98,9 @@ impl RepositoryProblem {
                 ..
             } => Some(
                 "the repository (or a mirror or proxy in between) serves files its key did not sign; nothing from it was used",
+            ),
+            RepositoryProblem::Expired { .. } => Some(
+                "the mirror (or what serves it) is out of date: update it; a source may turn the check off with check-valid-until=no",
             ),
             RepositoryProblem::HashMismatch { .. } => {
                 Some("the mirror may be in the middle of an update; check again later")
@@ -115,19 +120,21 @@ pub fn priority(release: &Release) -> i32 {
 }
 
 /// Everything a repository fetch needs that is the same for every repository.
-pub struct Context<'a> {
-    pub fetcher: &'a Fetcher,
+/// Cheap to clone (shared parts), so each repository is fetched in its own task.
+#[derive(Clone)]
+pub struct Context {
+    pub fetcher: Fetcher,
     /// The image's architectures (a source's `arch=` overrides them).
-    pub architectures: &'a [String],
-    pub keys: &'a [KeyFile],
+    pub architectures: Arc<[String]>,
+    pub keys: Arc<[KeyFile]>,
     pub wanted: Arc<HashSet<(String, String)>>,
     /// A private temporary directory (keys, downloads, gpgv's home).
-    pub scratch: &'a Path,
+    pub scratch: PathBuf,
 }
 
 /// The base URL after mirrors, and what the repository offers or what went wrong.
 pub async fn fetch(
-    cx: &Context<'_>,
+    cx: &Context,
     repository: &Repository,
     number: usize,
 ) -> (String, Result<Fetched, RepositoryProblem>) {
@@ -138,7 +145,7 @@ pub async fn fetch(
 }
 
 async fn fetch_from(
-    cx: &Context<'_>,
+    cx: &Context,
     repository: &Repository,
     number: usize,
     base: &str,
@@ -158,11 +165,12 @@ async fn fetch_from(
     let keyring = if repository.trusted {
         None
     } else {
-        Some(gpg::keyring(&repository.signed_by, cx.keys, &dir)?)
+        Some(gpg::keyring(&repository.signed_by, &cx.keys, &dir)?)
     };
 
     let mut signed_by = Vec::new();
-    let release_text = match cx.fetcher.get(&format!("{dist}InRelease")).await? {
+    let mut release_file = format!("{dist}InRelease");
+    let release_text = match cx.fetcher.get(&release_file).await? {
         Some(bytes) => {
             let file = format!("{dist}InRelease");
             match &keyring {
@@ -182,6 +190,7 @@ async fn fetch_from(
         }
         None => match cx.fetcher.get(&format!("{dist}Release")).await? {
             Some(bytes) => {
+                release_file = format!("{dist}Release");
                 if let Some(keyring) = &keyring {
                     let file = format!("{dist}Release.gpg");
                     let Some(signature) = cx.fetcher.get(&file).await? else {
@@ -209,21 +218,41 @@ async fn fetch_from(
         Some(text) => {
             let release =
                 Release::parse(&text).map_err(|message| RepositoryProblem::BadRelease {
-                    file: format!("{dist}InRelease"),
+                    file: release_file.clone(),
                     message,
                 })?;
-            let dirs = index_dirs(repository, cx.architectures, &release);
+            if repository.check_valid_until
+                && let Some(valid_until) = &release.valid_until
+                && *valid_until < chrono::Utc::now()
+            {
+                return Err(RepositoryProblem::Expired {
+                    file: release_file.clone(),
+                    valid_until: valid_until.to_rfc2822(),
+                });
+            }
+            let dirs = index_dirs(repository, &cx.architectures, &release);
             let mut found = 0;
             for index_dir in &dirs {
-                let Some((path, hash, _)) = release.packages_index(index_dir) else {
+                let listed = release.packages_indices(index_dir);
+                if listed.is_empty() {
                     continue;
-                };
+                }
                 found += 1;
-                let url = format!("{dist}{path}");
-                let Some(bytes) = cx.fetcher.get(&url).await? else {
+                // The first one the mirror has (a partial mirror may keep only one kind).
+                let mut got = None;
+                for (path, hash, _) in &listed {
+                    let url = format!("{dist}{path}");
+                    if let Some(bytes) = cx.fetcher.get(&url).await? {
+                        got = Some((url, *hash, bytes));
+                        break;
+                    }
+                }
+                let Some((url, hash, bytes)) = got else {
                     return Err(FetchProblem::Status {
-                        url,
-                        status: "404 Not Found (its Release file lists it)".into(),
+                        url: format!("{dist}{}", listed[0].0),
+                        status: format!(
+                            "404 Not Found, as every index of {index_dir} its Release file lists"
+                        ),
                     }
                     .into());
                 };
@@ -245,7 +274,7 @@ async fn fetch_from(
                         format!(
                             "components {} and architectures {}",
                             repository.components.join(", "),
-                            architectures(repository, cx.architectures).join(", ")
+                            architectures(repository, &cx.architectures).join(", ")
                         )
                     },
                 });
@@ -293,8 +322,9 @@ fn architectures<'a>(repository: &'a Repository, image: &'a [String]) -> &'a [St
 }
 
 /// The directories (relative to the Release file) whose `Packages` apt reads for this source:
-/// `<component>/binary-<arch>/` for each, `binary-all/` too when the Release file lists it
-/// and does not say its `all` packages are in the architectures' indices; `""` when flat.
+/// `<component>/binary-<arch>/` for each, `binary-all/` too when the Release file's
+/// `Architectures` has `all` and it does not say those are in the architectures' indices
+/// (as apt decides); `""` when flat.
 fn index_dirs(repository: &Repository, image: &[String], release: &Release) -> Vec<String> {
     if repository.is_flat() {
         return vec![String::new()];
@@ -305,10 +335,7 @@ fn index_dirs(repository: &Repository, image: &[String], release: &Release) -> V
             dirs.push(format!("{component}/binary-{arch}/"));
         }
         let all = format!("{component}/binary-all/");
-        if !release.all_in_arch_indices
-            && release.packages_index(&all).is_some()
-            && !dirs.contains(&all)
-        {
+        if release.separate_all_index && !dirs.contains(&all) {
             dirs.push(all);
         }
     }
@@ -393,6 +420,7 @@ mod tests {
             architectures: arch.iter().map(|s| s.to_string()).collect(),
             signed_by: vec![],
             trusted: false,
+            check_valid_until: true,
         }
     }
 
@@ -421,14 +449,12 @@ mod tests {
             ),
             ["main/binary-arm64/"]
         );
-        release
-            .sha256
-            .insert("main/binary-all/Packages".into(), ("00".into(), 1));
+        release.separate_all_index = true;
         assert_eq!(
             index_dirs(&repository("x", &["main"], &["amd64"]), &image, &release),
             ["main/binary-amd64/", "main/binary-all/"]
         );
-        release.all_in_arch_indices = true;
+        release.separate_all_index = false;
         assert_eq!(
             index_dirs(&repository("x", &["main"], &["amd64"]), &image, &release),
             ["main/binary-amd64/"]

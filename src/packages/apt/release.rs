@@ -17,9 +17,11 @@ pub struct Release {
     pub not_automatic: bool,
     /// `ButAutomaticUpgrades: yes`: …but upgrades what was installed from it.
     pub but_automatic_upgrades: bool,
-    /// `No-Support-for-Architecture-all: Packages`: `all` packages are in each
-    /// architecture's index, `binary-all` is not for apt.
-    pub all_in_arch_indices: bool,
+    /// `Architectures:` lists `all` and no `No-Support-for-Architecture-all: Packages` says
+    /// those are in each architecture's index too: apt reads `binary-all` as well.
+    pub separate_all_index: bool,
+    /// `Valid-Until`: apt refuses the file after this.
+    pub valid_until: Option<chrono::DateTime<chrono::Utc>>,
     /// `SHA256:` path (relative to the Release file's directory) → (sha256 hex, size).
     pub sha256: BTreeMap<String, (String, u64)>,
 }
@@ -64,27 +66,62 @@ impl Release {
                 }
             }
         }
+        let valid_until = paragraph
+            .field("Valid-Until")
+            .map(|field| {
+                date(&field.value).ok_or_else(|| {
+                    format!(
+                        "line {}: `Valid-Until: {}` is not a date such as `Sun, 13 Dec 2026 02:54:29 UTC`",
+                        field.line, field.value
+                    )
+                })
+            })
+            .transpose()?;
         Ok(Release {
+            valid_until,
             suite: owned("Suite"),
             codename: owned("Codename"),
             label: owned("Label"),
             origin: owned("Origin"),
             not_automatic: yes("NotAutomatic"),
             but_automatic_upgrades: yes("ButAutomaticUpgrades"),
-            all_in_arch_indices: paragraph
-                .get("No-Support-for-Architecture-all")
-                .is_some_and(|v| v == "Packages"),
+            separate_all_index: paragraph
+                .get("Architectures")
+                .is_some_and(|v| v.split_whitespace().any(|a| a == "all"))
+                && paragraph
+                    .get("No-Support-for-Architecture-all")
+                    .is_none_or(|v| v != "Packages"),
             sha256,
         })
     }
 
-    /// The `Packages` index of `dir` (`main/binary-amd64/`, or `""` for a flat repository)
-    /// the Release file lists, preferring the smallest download: `.xz`, `.gz`, then plain.
-    pub fn packages_index(&self, dir: &str) -> Option<(&str, &str, u64)> {
+    /// The `Packages` indices of `dir` (`main/binary-amd64/`, or `""` for a flat repository)
+    /// the Release file lists, the smallest download first: `.xz`, `.gz`, then plain. A
+    /// Release file lists the plain one even where the mirror keeps only compressed ones.
+    pub fn packages_indices(&self, dir: &str) -> Vec<(&str, &str, u64)> {
         ["Packages.xz", "Packages.gz", "Packages"]
             .iter()
-            .find_map(|name| self.sha256.get_key_value(&format!("{dir}{name}")))
+            .filter_map(|name| self.sha256.get_key_value(&format!("{dir}{name}")))
             .map(|(path, (hash, size))| (path.as_str(), hash.as_str(), *size))
+            .collect()
+    }
+}
+
+/// A Release file's date: RFC 2822 as Debian's archive writes it (`Sun, 13 Dec 2026
+/// 02:54:29 UTC`; `UTC`, `GMT` or `+0000`).
+fn date(text: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    let text = text.trim();
+    let utc = text
+        .strip_suffix(" UTC")
+        .or_else(|| text.strip_suffix(" GMT"))
+        .or_else(|| text.strip_suffix(" Z"));
+    match utc {
+        Some(naive) => chrono::NaiveDateTime::parse_from_str(naive, "%a, %d %b %Y %H:%M:%S")
+            .ok()
+            .map(|n| n.and_utc()),
+        None => chrono::DateTime::parse_from_rfc2822(text)
+            .ok()
+            .map(|d| d.with_timezone(&chrono::Utc)),
     }
 }
 
@@ -115,20 +152,59 @@ mod tests {
         assert_eq!(r.codename.as_deref(), Some("bookworm-security"));
         assert_eq!(r.label.as_deref(), Some("Debian-Security"));
         assert_eq!(r.origin.as_deref(), Some("Debian"));
-        assert!(!r.not_automatic && r.all_in_arch_indices);
+        assert!(!r.not_automatic && !r.separate_all_index);
+        let all = Release::parse("Architectures: all amd64\n").unwrap();
+        assert!(all.separate_all_index);
+        let merged =
+            Release::parse("Architectures: all amd64\nNo-Support-for-Architecture-all: Packages\n")
+                .unwrap();
+        assert!(!merged.separate_all_index);
+        let names = |dir: &str| -> Vec<String> {
+            r.packages_indices(dir)
+                .iter()
+                .map(|i| i.0.to_string())
+                .collect()
+        };
         assert_eq!(
-            r.packages_index("main/binary-amd64/"),
-            Some((
+            names("main/binary-amd64/"),
+            [
                 "main/binary-amd64/Packages.xz",
+                "main/binary-amd64/Packages"
+            ]
+        );
+        let xz = r.packages_indices("main/binary-amd64/")[0];
+        assert_eq!(
+            (xz.1, xz.2),
+            (
                 "2222222222222222222222222222222222222222222222222222222222222222",
                 200
-            ))
+            )
         );
         assert_eq!(
-            r.packages_index("main/binary-arm64/").map(|i| i.0),
-            Some("main/binary-arm64/Packages.gz")
+            names("main/binary-arm64/"),
+            ["main/binary-arm64/Packages.gz"]
         );
-        assert_eq!(r.packages_index("main/binary-i386/"), None);
+        assert!(names("main/binary-i386/").is_empty());
+    }
+
+    #[test]
+    fn valid_until_dates() {
+        let r = Release::parse("Valid-Until: Sun, 13 Dec 2026 02:54:29 UTC\n").unwrap();
+        assert_eq!(
+            r.valid_until.unwrap().to_rfc3339(),
+            "2026-12-13T02:54:29+00:00"
+        );
+        let r = Release::parse("Valid-Until: Sun, 13 Dec 2026 03:54:29 +0100\n").unwrap();
+        assert_eq!(
+            r.valid_until.unwrap().to_rfc3339(),
+            "2026-12-13T02:54:29+00:00"
+        );
+        assert_eq!(Release::parse("Suite: x\n").unwrap().valid_until, None);
+        let e = Release::parse("Suite: x\nValid-Until: next week\n").unwrap_err();
+        assert!(
+            e.starts_with("line 2: `Valid-Until: next week` is not a date"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -28,6 +28,9 @@ pub struct Repository {
     pub signed_by: Vec<KeySpec>,
     /// `trusted=yes` / `Trusted: yes`: apt accepts the repository unsigned.
     pub trusted: bool,
+    /// `check-valid-until=no` / `Check-Valid-Until: no` turns it off: apt refuses a Release
+    /// file past its `Valid-Until` (a stale mirror, or old files served again).
+    pub check_valid_until: bool,
 }
 
 impl Repository {
@@ -137,6 +140,7 @@ fn one_line_file(file: &SourceFile, out: &mut Vec<Repository>, d: &mut Diagnosti
             architectures: Vec::new(),
             signed_by: Vec::new(),
             trusted: false,
+            check_valid_until: true,
         };
         if let Some(&(open, first)) = rest.first()
             && first.starts_with('[')
@@ -229,6 +233,7 @@ fn one_line_option(option: &str, repository: &mut Repository) -> Result<(), Stri
         }
         ("signed-by", _) => repository.signed_by = value.split(',').map(key_spec).collect(),
         ("trusted", _) => repository.trusted = yes(value)?,
+        ("check-valid-until", _) => repository.check_valid_until = yes(value)?,
         // The rest (lang, target, pdiffs, by-hash, check-valid-until…) do not change which
         // packages apt may install.
         _ => {}
@@ -359,18 +364,28 @@ fn deb822_file(file: &SourceFile, out: &mut Vec<Repository>, d: &mut Diagnostics
             architectures: list("Architectures"),
             signed_by: Vec::new(),
             trusted: false,
+            check_valid_until: true,
         };
         template.architectures.extend(list("Architectures-Add"));
         let remove = list("Architectures-Remove");
         template.architectures.retain(|a| !remove.contains(a));
-        if let Some(field) = paragraph.field("Trusted") {
-            match yes(field.value.trim()) {
-                Ok(t) => template.trusted = t,
-                Err(message) => {
-                    d.push(Problem::error(at(field), format!("`Trusted`: {message}")));
-                    continue;
+        let mut bad = false;
+        for (name, flag) in [
+            ("Trusted", &mut template.trusted),
+            ("Check-Valid-Until", &mut template.check_valid_until),
+        ] {
+            if let Some(field) = paragraph.field(name) {
+                match yes(field.value.trim()) {
+                    Ok(value) => *flag = value,
+                    Err(message) => {
+                        d.push(Problem::error(at(field), format!("`{name}`: {message}")));
+                        bad = true;
+                    }
                 }
             }
+        }
+        if bad {
+            continue;
         }
         if let Some(value) = paragraph.get("Signed-By") {
             template.signed_by = if value.contains("-----BEGIN PGP PUBLIC KEY BLOCK-----") {
@@ -383,7 +398,6 @@ fn deb822_file(file: &SourceFile, out: &mut Vec<Repository>, d: &mut Diagnostics
                     .collect()
             };
         }
-        let mut bad = false;
         if let Some(field) = paragraph.field("URIs") {
             for uri in field.value.split_whitespace() {
                 if let Err(message) = check_uri(uri) {
@@ -443,7 +457,7 @@ mod tests {
             deb-src http://deb.debian.org/debian bookworm main\n\
             \n\
             deb [arch=amd64,arm64 signed-by=/usr/share/keyrings/x.gpg] https://x.example/apt stable main\n\
-            deb [ trusted=yes ] file:/srv/repo ./\n\
+            deb [ trusted=yes check-valid-until=no ] file:/srv/repo ./\n\
             #deb http://disabled/ bookworm main\n";
         let all = read("/etc/apt/sources.list", text);
         assert_eq!(all.len(), 3, "{all:#?}");
@@ -459,6 +473,7 @@ mod tests {
         );
         assert_eq!(all[1].declared, "/etc/apt/sources.list:5");
         assert!(all[2].trusted && all[2].is_flat() && all[2].components.is_empty());
+        assert!(all[0].check_valid_until && !all[2].check_valid_until);
         assert_eq!(all[2].uri, "file:/srv/repo");
     }
 
