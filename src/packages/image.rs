@@ -30,8 +30,7 @@ impl ImageCheckError {
                 "builds record their apt or dnf sources since package update checks exist: build the image again once (a pipeline: `builder pipeline run --force`)".into(),
             ),
             ImageCheckError::Config(_) => Some("fix `<store>/config.yml` (see the error above)".into()),
-            // Its message carries its hints (one per repository that failed).
-            ImageCheckError::Check(_) => None,
+            ImageCheckError::Check(e) => e.hint(),
         }
     }
 }
