@@ -279,10 +279,7 @@ fn container_recipes_build_test_cache_and_fail_cleanly() {
         &dir,
         "cd / && sha256sum /usr/share/keyrings/debian-archive-keyring.gpg",
     );
-    let (sha256, path) = in_image
-        .trim()
-        .split_once("  ")
-        .expect("sha256sum's line");
+    let (sha256, path) = in_image.trim().split_once("  ").expect("sha256sum's line");
     assert_eq!(keys, [(path, sha256)], "{in_image}");
     assert!(
         m.get("packageChanges").is_none(),
