@@ -535,3 +535,132 @@ async fn apt_itself_reads_the_test_repository_and_agrees() {
         ["hello:all 1.0-1 → 1.0-1+deb12u1 (bookworm-security) security"]
     );
 }
+
+fn sha256_of(path: &std::path::Path) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(fs_err::read(path).expect("index")))
+}
+
+#[tokio::test]
+async fn a_by_hash_repository_is_read_by_hash() {
+    let repo = AptRepo::with_by_hash();
+    repo.publish("hello", "1.0-1");
+    let dir = repo.index_dir(apt_repo::SUITE);
+    let stale = fs_err::read(dir.join("Packages.xz")).expect("Packages.xz");
+    repo.publish("hello", "1.2-1");
+    let release =
+        fs_err::read_to_string(repo.root().join("dists/bookworm/Release")).expect("Release");
+    assert!(release.contains("Acquire-By-Hash: yes"), "{release}");
+    let xz = sha256_of(&dir.join("Packages.xz"));
+    assert!(dir.join("by-hash/SHA256").join(&xz).is_file());
+    // A mirror caught between moving the by-hash files and the canonical names: the canonical
+    // Packages.xz is the old one, by-hash has the one the Release file lists.
+    fs_err::write(dir.join("Packages.xz"), stale).expect("stale Packages.xz");
+    let outdated = run(
+        &installed(&[("hello", "1.0-1")]),
+        &repo.package_sources(&repo.url()),
+    )
+    .await
+    .expect("the check succeeds");
+    assert_eq!(updates(&outdated), ["hello:all 1.0-1 → 1.2-1 (bookworm)"]);
+    let requests = repo.requests();
+    let by_hash = format!("GET /dists/bookworm/main/binary-amd64/by-hash/SHA256/{xz} ");
+    assert!(
+        requests.iter().any(|r| r.starts_with(&by_hash)),
+        "{requests:#?}"
+    );
+    assert!(
+        !requests.iter().any(|r| r.contains("/Packages")),
+        "only the by-hash index is fetched: {requests:#?}"
+    );
+}
+
+#[tokio::test]
+async fn a_stale_xz_index_falls_back_to_the_gz_one() {
+    let repo = AptRepo::new();
+    repo.publish("hello", "1.0-1");
+    let dir = repo.index_dir(apt_repo::SUITE);
+    let stale = fs_err::read(dir.join("Packages.xz")).expect("Packages.xz");
+    repo.publish("hello", "1.2-1");
+    fs_err::write(dir.join("Packages.xz"), stale).expect("stale Packages.xz");
+    let outdated = run(
+        &installed(&[("hello", "1.0-1")]),
+        &repo.package_sources(&repo.url()),
+    )
+    .await
+    .expect("the check succeeds with Packages.gz");
+    assert_eq!(updates(&outdated), ["hello:all 1.0-1 → 1.2-1 (bookworm)"]);
+    let indices: Vec<String> = repo
+        .requests()
+        .into_iter()
+        .filter(|r| r.contains("/Packages"))
+        .collect();
+    assert_eq!(
+        indices
+            .iter()
+            .map(|r| r.split(' ').nth(1).unwrap_or_default())
+            .collect::<Vec<_>>(),
+        [
+            "/dists/bookworm/main/binary-amd64/Packages.xz",
+            "/dists/bookworm/main/binary-amd64/Packages.gz"
+        ],
+        "{indices:#?}"
+    );
+}
+
+#[tokio::test]
+async fn every_listed_index_wrong_fails_naming_each_url_tried() {
+    let repo = AptRepo::with_by_hash();
+    repo.publish("hello", "1.0-1");
+    let dir = repo.index_dir(apt_repo::SUITE);
+    let stale_xz = fs_err::read(dir.join("Packages.xz")).expect("Packages.xz");
+    let stale_gz = fs_err::read(dir.join("Packages.gz")).expect("Packages.gz");
+    repo.publish("hello", "1.2-1");
+    let size = |name: &str| fs_err::metadata(dir.join(name)).expect("index").len();
+    let listed: Vec<(&str, String, u64)> = ["Packages.xz", "Packages.gz", "Packages"]
+        .into_iter()
+        .map(|name| (name, sha256_of(&dir.join(name)), size(name)))
+        .collect();
+    // The mirror has no by-hash files, stale xz and gz, and no plain Packages.
+    fs_err::remove_dir_all(dir.join("by-hash")).expect("remove by-hash");
+    fs_err::write(dir.join("Packages.xz"), &stale_xz).expect("stale xz");
+    fs_err::write(dir.join("Packages.gz"), &stale_gz).expect("stale gz");
+    fs_err::remove_file(dir.join("Packages")).expect("remove Packages");
+    let got = [
+        Some((sha256_of(&dir.join("Packages.xz")), stale_xz.len())),
+        Some((sha256_of(&dir.join("Packages.gz")), stale_gz.len())),
+        None,
+    ];
+
+    let e = run(
+        &installed(&[("hello", "1.0-1")]),
+        &repo.package_sources(&repo.url()),
+    )
+    .await
+    .expect_err("no index matches its Release file");
+    let message = e.to_string();
+    let base = format!("{}/dists/bookworm/main/binary-amd64/", repo.url());
+    let mut expected =
+        "no `Packages` index of main/binary-amd64/ its Release file lists could be used; tried:"
+            .to_string();
+    for ((name, sha, size), got) in listed.iter().zip(&got) {
+        expected.push_str(&format!(
+            "\n  {base}by-hash/SHA256/{sha}: not found (404)\n  {base}{name}: "
+        ));
+        match got {
+            Some((found, found_size)) => expected.push_str(&format!(
+                "sha256 {found} ({found_size} bytes), its Release file says {sha} ({size} bytes)"
+            )),
+            None => expected.push_str("not found (404)"),
+        }
+    }
+    assert!(
+        message.starts_with("could not check updates: repository `http://127.0.0.1:"),
+        "{message}"
+    );
+    assert!(message.ends_with(&expected), "{message}\n---\n{expected}");
+    assert_eq!(
+        e.hint().as_deref(),
+        Some("the mirror may be in the middle of an update; check again later")
+    );
+}

@@ -279,11 +279,14 @@ pub fn parse_sources(listing: &str) -> Result<Option<ReadSources>, SourcesLineEr
 pub const DPKG_QUERY: &str =
     r"dpkg-query -W -f '${db:Status-Abbrev}\t${Package}\t${Version}\t${Architecture}\n'";
 /// The guest command whose output [`parse_packages`] reads for `rpm` (it lists only
-/// installed packages).
-pub const RPM_QUERY: &str = r"rpm -qa --qf '%{NAME}\t%{VERSION}-%{RELEASE}\t%{ARCH}\n'";
+/// installed packages). The version is rpm's EVR, `EPOCH:VERSION-RELEASE`, the epoch and its
+/// `:` only when the package has one (`%|EPOCH?{…}:{}|`): without it `1:2.0-1` would record
+/// as `2.0-1` and compare below a repository's `1:1.0-1`.
+pub const RPM_QUERY: &str =
+    r"rpm -qa --qf '%{NAME}\t%|EPOCH?{%{EPOCH}:}:{}|%{VERSION}-%{RELEASE}\t%{ARCH}\n'";
 
 /// Read the output of [`DPKG_QUERY`] (`status\tname\tversion\tarch` per line) or
-/// [`RPM_QUERY`] (`name\tversion\tarch`) into a list sorted by name. For dpkg, only the
+/// [`RPM_QUERY`] (`name\t[epoch:]version-release\tarch`) into a list sorted by name. For dpkg, only the
 /// packages whose status is *installed* count: `ii`, and `hi` for one on hold; removed ones
 /// (`rc`), half-installed or only unpacked ones are not in the image as packages. `manager`
 /// is recorded as given (`dpkg` or `rpm`).
@@ -604,10 +607,15 @@ mod tests {
 
     #[test]
     fn rpm_output_parses_and_bad_lines_name_their_line() {
-        let out = "gpg-pubkey\t5a6340b3-6229229e\t(none)\nbash\t5.1.8-9.el9\tx86_64\n";
+        let out = "gpg-pubkey\t5a6340b3-6229229e\t(none)\nbash\t5.1.8-9.el9\tx86_64\n\
+                   openssl-libs\t1:3.0.7-27.el9\tx86_64\n";
         let list = parse_packages("rpm", out).expect("parses");
         assert_eq!(list.packages[0].arch, "x86_64");
         assert_eq!(list.packages[1].arch, "(none)");
+        // The epoch is kept: it is what the check compares first.
+        assert_eq!(list.packages[2].name, "openssl-libs");
+        assert_eq!(list.packages[2].version, "1:3.0.7-27.el9");
+        assert_eq!(list.packages[0].version, "5.1.8-9.el9");
 
         let e = parse_packages("rpm", "bash\t5.1\tx86_64\nbroken line\n").expect_err("bad");
         assert!(e.to_string().contains("line 2"), "{e}");

@@ -134,6 +134,8 @@ mod tests {
         assert_eq!(rpm("3.0.7-24.el9", "3.0.7-27.el9_4"), Less);
         assert_eq!(rpm("1.0a-1", "1.0-1"), Greater);
         assert_eq!(rpm("1.0-1", "1.0-1"), Equal);
+        // RPM_QUERY records an explicit epoch 0 as `0:` (rpm 4.18 does), a repository may not.
+        assert_eq!(rpm("0:1.0-1", "1.0-1"), Equal);
     }
 
     #[test]

@@ -21,6 +21,8 @@
 //! installs `/usr/share/<name>/version` holding its version (what a VM test reads back).
 //! Indices are written as `Packages`, `Packages.gz` and `Packages.xz` (dists/ layout; the
 //! check prefers xz) or `Packages` and `Packages.gz` (flat; the check reads gz).
+//! [`AptRepo::with_by_hash`] publishes as Debian's archive does, each index also at
+//! `<index dir>/by-hash/SHA256/<sha256>` and `Acquire-By-Hash: yes` in the Release file.
 //! Host programs: gpg (gnupg), dpkg-deb (dpkg), apt-ftparchive (apt-utils).
 
 // Each file that includes this uses part of it.
@@ -51,6 +53,8 @@ pub struct AptRepo {
     /// Where packages are built.
     work: tempfile::TempDir,
     flat: bool,
+    /// Published with `APT::FTPArchive::DoByHash`: by-hash copies and `Acquire-By-Hash: yes`.
+    by_hash: bool,
     /// Fingerprint of the key the image trusts.
     fingerprint: String,
     /// Fingerprint of the key the repository is signed with now.
@@ -69,15 +73,23 @@ impl AptRepo {
 
     /// An empty dists/ repository (`deb URL SUITE main`), served on 127.0.0.1.
     pub fn new() -> AptRepo {
-        Self::create(false)
+        Self::create(false, false)
+    }
+
+    /// An empty dists/ repository like [`AptRepo::new`], published by-hash as Debian's
+    /// archive is: the Release file says `Acquire-By-Hash: yes` and each index is also at
+    /// `<index dir>/by-hash/SHA256/<its sha256>` (older ones stay there, as apt-ftparchive
+    /// leaves them).
+    pub fn with_by_hash() -> AptRepo {
+        Self::create(false, true)
     }
 
     /// An empty flat repository (`deb URL ./`): `Packages` and `Release` at its root.
     pub fn flat() -> AptRepo {
-        Self::create(true)
+        Self::create(true, false)
     }
 
-    fn create(flat: bool) -> AptRepo {
+    fn create(flat: bool, by_hash: bool) -> AptRepo {
         let root = tempfile::tempdir().expect("repository dir");
         let gnupg = tempfile::tempdir().expect("GNUPGHOME");
         let work = tempfile::tempdir().expect("work dir");
@@ -91,6 +103,7 @@ impl AptRepo {
             gnupg,
             work,
             flat,
+            by_hash,
             signing: fingerprint.clone(),
             fingerprint,
             suites: std::cell::RefCell::new(Vec::new()),
@@ -124,6 +137,18 @@ impl AptRepo {
     /// The repository's root on disk.
     pub fn root(&self) -> &Path {
         self.root.path()
+    }
+
+    /// The directory of `suite`'s `Packages` indices on disk (`dists/SUITE/main/binary-amd64`;
+    /// the root when flat): a test changes the files in it to play a stale or broken mirror.
+    pub fn index_dir(&self, suite: &str) -> PathBuf {
+        if self.flat {
+            self.root.path().to_path_buf()
+        } else {
+            self.dist(suite)
+                .join(COMPONENT)
+                .join(format!("binary-{ARCH}"))
+        }
     }
 
     /// The request lines the server answered so far.
@@ -292,13 +317,11 @@ impl AptRepo {
     fn regenerate(&self, suite: &str) {
         let root = self.root.path();
         let dist = self.dist(suite);
-        let (index_dir, scan) = if self.flat {
-            (dist.clone(), ".".to_string())
+        let index_dir = self.index_dir(suite);
+        let scan = if self.flat {
+            ".".to_string()
         } else {
-            (
-                dist.join(COMPONENT).join(format!("binary-{ARCH}")),
-                format!("pool/{suite}"),
-            )
+            format!("pool/{suite}")
         };
         fs_err::create_dir_all(&index_dir).expect("index dir");
         if !root.join(&scan).exists() {
@@ -322,6 +345,9 @@ impl AptRepo {
         }
         let mut command = Command::new("apt-ftparchive");
         command.current_dir(&dist);
+        if self.by_hash {
+            command.args(["-o", "APT::FTPArchive::DoByHash=true"]);
+        }
         if !self.flat {
             for (field, value) in [
                 ("Suite", suite),

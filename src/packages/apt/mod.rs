@@ -2,7 +2,10 @@
 //! ([`release`]) and `Packages` indices ([`index`]), and getting them: `InRelease` (else
 //! `Release` + `Release.gpg`) verified with the keys the image trusts for that source, then
 //! each index the Release file lists for the source's components and architectures, its
-//! sha256 checked against the Release file before it is read.
+//! sha256 checked against the Release file before it is read. As apt: `by-hash/SHA256/<sha256>`
+//! first when the Release file says `Acquire-By-Hash: yes`, then the canonical name; a file
+//! that is missing or whose sha256 differs (a mirror caught mid-update, or stale) makes the
+//! next compression the Release file lists tried; an index whose sha256 differs is never read.
 
 pub mod index;
 pub mod release;
@@ -58,11 +61,16 @@ pub enum RepositoryProblem {
     Keys(#[from] KeyProblem),
     #[error("{file} is not a Release file: {message}")]
     BadRelease { file: String, message: String },
-    #[error("hash mismatch: {url} has sha256 {found}, its Release file says {expected}")]
-    HashMismatch {
-        url: String,
-        expected: String,
-        found: String,
+    #[error(
+        "no `Packages` index of {} its Release file lists could be used; tried:{}",
+        if .dir.is_empty() { "the flat repository" } else { .dir.as_str() },
+        attempts_text(.attempts)
+    )]
+    Index {
+        /// `main/binary-amd64/`, `""` when flat.
+        dir: String,
+        /// Every URL tried, in order, and what it gave.
+        attempts: Vec<IndexAttempt>,
     },
     #[error("{url}: {problem}")]
     BadIndex { url: String, problem: BadIndex },
@@ -102,12 +110,127 @@ impl RepositoryProblem {
             RepositoryProblem::Expired { .. } => Some(
                 "the mirror (or what serves it) is out of date: update it; a source may turn the check off with check-valid-until=no",
             ),
-            RepositoryProblem::HashMismatch { .. } => {
-                Some("the mirror may be in the middle of an update; check again later")
-            }
+            RepositoryProblem::Index { attempts, .. } => Some(
+                if attempts
+                    .iter()
+                    .any(|a| matches!(a.outcome, IndexOutcome::Mismatch { .. }))
+                {
+                    "the mirror may be in the middle of an update; check again later"
+                } else {
+                    "map the image's URI to one this host reaches with `packageUpdates.mirrors` in <store>/config.yml"
+                },
+            ),
             _ => None,
         }
     }
+}
+
+/// One URL tried for an index and what it gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexAttempt {
+    pub url: String,
+    pub outcome: IndexOutcome,
+}
+
+/// Why an index URL was not used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IndexOutcome {
+    /// Not there (HTTP 404 or 410, or no such file).
+    #[error("not found (404)")]
+    NotFound,
+    /// Another HTTP status that is not success.
+    #[error("answered {0}")]
+    Status(String),
+    #[error(
+        "sha256 {found} ({found_size} bytes), its Release file says {expected} ({expected_size} bytes)"
+    )]
+    Mismatch {
+        found: String,
+        found_size: u64,
+        expected: String,
+        expected_size: u64,
+    },
+}
+
+fn attempts_text(attempts: &[IndexAttempt]) -> String {
+    attempts
+        .iter()
+        .map(|a| format!("\n  {}: {}", a.url, a.outcome))
+        .collect()
+}
+
+/// One place an index may be fetched from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct IndexSource {
+    url: String,
+    /// The canonical name (`main/binary-amd64/Packages.xz`): its extension says how the
+    /// bytes are compressed, whatever the URL (a by-hash URL has none).
+    name: String,
+    sha256: String,
+    size: u64,
+}
+
+/// Where apt looks for an index, in order: for each compression the Release file lists
+/// (`listed`, as [`Release::packages_indices`] orders them), the by-hash name in the index's
+/// directory when `by_hash`, then the canonical name.
+fn index_sources(dist: &str, listed: &[(&str, &str, u64)], by_hash: bool) -> Vec<IndexSource> {
+    let mut sources = Vec::new();
+    for &(path, sha256, size) in listed {
+        let source = |url: String| IndexSource {
+            url,
+            name: path.to_string(),
+            sha256: sha256.to_string(),
+            size,
+        };
+        if by_hash {
+            let dir = path.rsplit_once('/').map_or("", |(dir, _)| dir);
+            let dir = if dir.is_empty() {
+                String::new()
+            } else {
+                format!("{dir}/")
+            };
+            sources.push(source(format!("{dist}{dir}by-hash/SHA256/{sha256}")));
+        }
+        sources.push(source(format!("{dist}{path}")));
+    }
+    sources
+}
+
+/// The first of `sources` that is there with the sha256 the Release file gives; else every
+/// URL tried and what it gave. An unreachable host fails at once (the next URL is on it too).
+async fn fetch_index(
+    fetcher: &Fetcher,
+    dir: &str,
+    sources: Vec<IndexSource>,
+) -> Result<(IndexSource, Vec<u8>), RepositoryProblem> {
+    let mut attempts = Vec::new();
+    for source in sources {
+        let outcome = match fetcher.get(&source.url).await {
+            Ok(Some(bytes)) => {
+                let found = hex::encode(Sha256::digest(&bytes));
+                if found == source.sha256 {
+                    return Ok((source, bytes));
+                }
+                IndexOutcome::Mismatch {
+                    found,
+                    found_size: bytes.len() as u64,
+                    expected: source.sha256.clone(),
+                    expected_size: source.size,
+                }
+            }
+            Ok(None) => IndexOutcome::NotFound,
+            Err(FetchProblem::Status { status, .. }) => IndexOutcome::Status(status),
+            Err(problem) => return Err(problem.into()),
+        };
+        attempts.push(IndexAttempt {
+            url: source.url,
+            outcome,
+        });
+    }
+    Err(RepositoryProblem::Index {
+        dir: dir.to_string(),
+        attempts,
+    })
 }
 
 /// Priority of a repository's versions, as apt's default policy gives it.
@@ -238,33 +361,20 @@ async fn fetch_from(
                     continue;
                 }
                 found += 1;
-                // The first one the mirror has (a partial mirror may keep only one kind).
-                let mut got = None;
-                for (path, hash, _) in &listed {
-                    let url = format!("{dist}{path}");
-                    if let Some(bytes) = cx.fetcher.get(&url).await? {
-                        got = Some((url, *hash, bytes));
-                        break;
-                    }
-                }
-                let Some((url, hash, bytes)) = got else {
-                    return Err(FetchProblem::Status {
-                        url: format!("{dist}{}", listed[0].0),
-                        status: format!(
-                            "404 Not Found, as every index of {index_dir} its Release file lists"
-                        ),
-                    }
-                    .into());
-                };
-                let sha = hex::encode(Sha256::digest(&bytes));
-                if sha != hash {
-                    return Err(RepositoryProblem::HashMismatch {
-                        url,
-                        expected: hash.to_string(),
-                        found: sha,
-                    });
-                }
-                offered.extend(read_index(url, bytes, cx.wanted.clone(), dir.join("index")).await?);
+                // A partial mirror may keep only one kind; a stale one may keep a kind whose
+                // hash no longer matches: the next kind may still be right.
+                let sources = index_sources(&dist, &listed, release.acquire_by_hash);
+                let (source, bytes) = fetch_index(&cx.fetcher, index_dir, sources).await?;
+                offered.extend(
+                    read_index(
+                        source.url,
+                        source.name,
+                        bytes,
+                        cx.wanted.clone(),
+                        dir.join("index"),
+                    )
+                    .await?,
+                );
             }
             if found == 0 {
                 return Err(RepositoryProblem::NoIndex {
@@ -293,7 +403,9 @@ async fn fetch_from(
             let Some((url, bytes)) = got else {
                 return Err(RepositoryProblem::NoRelease { dist });
             };
-            offered.extend(read_index(url, bytes, cx.wanted.clone(), dir.join("index")).await?);
+            let name = url.clone();
+            offered
+                .extend(read_index(url, name, bytes, cx.wanted.clone(), dir.join("index")).await?);
             Release::default()
         }
     };
@@ -342,10 +454,11 @@ fn index_dirs(repository: &Repository, image: &[String], release: &Release) -> V
     dirs
 }
 
-/// Decompress (by the name's extension) and read an index off the async threads: xz is
-/// decoded to a file first (`spill`), gzip streamed.
+/// Decompress (by the extension of `name`, its canonical name) and read an index fetched from
+/// `url` off the async threads: xz is decoded to a file first (`spill`), gzip streamed.
 async fn read_index(
     url: String,
+    name: String,
     bytes: Vec<u8>,
     wanted: Arc<HashSet<(String, String)>>,
     spill: PathBuf,
@@ -355,7 +468,7 @@ async fn read_index(
             url: url.clone(),
             message,
         };
-        let result = if url.ends_with(".xz") {
+        let result = if name.ends_with(".xz") {
             let file =
                 fs_err::File::create(&spill).map_err(|e| RepositoryProblem::Host(e.to_string()))?;
             let mut writer = std::io::BufWriter::new(file);
@@ -367,7 +480,7 @@ async fn read_index(
             let result = index::offered(BufReader::new(file), &wanted);
             let _ = fs_err::remove_file(&spill);
             result
-        } else if url.ends_with(".gz") {
+        } else if name.ends_with(".gz") {
             let mut decoder = BufReader::new(flate2::read::GzDecoder::new(bytes.as_slice()));
             // A gzip error surfaces as a read error of the first paragraph it breaks.
             index::offered(&mut decoder, &wanted)
@@ -463,6 +576,98 @@ mod tests {
             index_dirs(&repository("./", &[], &[]), &image, &release),
             [""]
         );
+    }
+
+    #[test]
+    fn by_hash_first_then_the_canonical_name_for_each_listed_compression() {
+        let (xz, gz) = ("a".repeat(64), "b".repeat(64));
+        let listed = [
+            ("main/binary-all/Packages.xz", xz.as_str(), 20),
+            ("main/binary-all/Packages.gz", gz.as_str(), 30),
+        ];
+        let urls = |by_hash| -> Vec<String> {
+            index_sources("http://m/dists/x/", &listed, by_hash)
+                .into_iter()
+                .map(|s| s.url)
+                .collect()
+        };
+        assert_eq!(
+            urls(true),
+            [
+                format!("http://m/dists/x/main/binary-all/by-hash/SHA256/{xz}"),
+                "http://m/dists/x/main/binary-all/Packages.xz".to_string(),
+                format!("http://m/dists/x/main/binary-all/by-hash/SHA256/{gz}"),
+                "http://m/dists/x/main/binary-all/Packages.gz".to_string(),
+            ]
+        );
+        assert_eq!(
+            urls(false),
+            [
+                "http://m/dists/x/main/binary-all/Packages.xz",
+                "http://m/dists/x/main/binary-all/Packages.gz"
+            ]
+        );
+        // The by-hash URL is read as what its canonical name says it is.
+        let first = &index_sources("http://m/dists/x/", &listed, true)[0];
+        assert_eq!(
+            (first.name.as_str(), first.sha256.as_str(), first.size),
+            ("main/binary-all/Packages.xz", xz.as_str(), 20)
+        );
+        // Flat: by-hash/ next to the Release file.
+        let flat = index_sources("http://m/repo/", &[("Packages.gz", gz.as_str(), 30)], true);
+        assert_eq!(flat[0].url, format!("http://m/repo/by-hash/SHA256/{gz}"));
+        assert_eq!(flat[1].url, "http://m/repo/Packages.gz");
+    }
+
+    #[test]
+    fn every_index_tried_is_named_with_what_it_gave() {
+        let problem = RepositoryProblem::Index {
+            dir: "main/binary-all/".into(),
+            attempts: vec![
+                IndexAttempt {
+                    url: "http://m/d/main/binary-all/by-hash/SHA256/514f".into(),
+                    outcome: IndexOutcome::NotFound,
+                },
+                IndexAttempt {
+                    url: "http://m/d/main/binary-all/Packages.xz".into(),
+                    outcome: IndexOutcome::Mismatch {
+                        found: "9c1e".into(),
+                        found_size: 130640,
+                        expected: "514f".into(),
+                        expected_size: 138560,
+                    },
+                },
+                IndexAttempt {
+                    url: "http://m/d/main/binary-all/Packages".into(),
+                    outcome: IndexOutcome::Status("403 Forbidden".into()),
+                },
+            ],
+        };
+        assert_eq!(
+            problem.to_string(),
+            "no `Packages` index of main/binary-all/ its Release file lists could be used; tried:\n  \
+             http://m/d/main/binary-all/by-hash/SHA256/514f: not found (404)\n  \
+             http://m/d/main/binary-all/Packages.xz: sha256 9c1e (130640 bytes), its Release file says 514f (138560 bytes)\n  \
+             http://m/d/main/binary-all/Packages: answered 403 Forbidden"
+        );
+        assert_eq!(
+            problem.hint(),
+            Some("the mirror may be in the middle of an update; check again later")
+        );
+        let missing = RepositoryProblem::Index {
+            dir: String::new(),
+            attempts: vec![IndexAttempt {
+                url: "http://m/repo/Packages.gz".into(),
+                outcome: IndexOutcome::NotFound,
+            }],
+        };
+        assert!(
+            missing
+                .to_string()
+                .starts_with("no `Packages` index of the flat repository"),
+            "{missing}"
+        );
+        assert!(missing.hint().unwrap().contains("packageUpdates.mirrors"));
     }
 
     #[test]

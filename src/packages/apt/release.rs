@@ -20,6 +20,9 @@ pub struct Release {
     /// `Architectures:` lists `all` and no `No-Support-for-Architecture-all: Packages` says
     /// those are in each architecture's index too: apt reads `binary-all` as well.
     pub separate_all_index: bool,
+    /// `Acquire-By-Hash: yes`: each index is also at `<its dir>/by-hash/SHA256/<sha256>`, which
+    /// a mirror updates before it moves the canonical names, so apt asks there first.
+    pub acquire_by_hash: bool,
     /// `Valid-Until`: apt refuses the file after this.
     pub valid_until: Option<chrono::DateTime<chrono::Utc>>,
     /// `SHA256:` path (relative to the Release file's directory) → (sha256 hex, size).
@@ -85,6 +88,7 @@ impl Release {
             origin: owned("Origin"),
             not_automatic: yes("NotAutomatic"),
             but_automatic_upgrades: yes("ButAutomaticUpgrades"),
+            acquire_by_hash: yes("Acquire-By-Hash"),
             separate_all_index: paragraph
                 .get("Architectures")
                 .is_some_and(|v| v.split_whitespace().any(|a| a == "all"))
@@ -213,6 +217,12 @@ mod tests {
             Release::parse("Suite: experimental\nNotAutomatic: yes\nButAutomaticUpgrades: yes\n")
                 .unwrap();
         assert!(r.not_automatic && r.but_automatic_upgrades);
+        assert!(!r.acquire_by_hash);
+        assert!(
+            Release::parse("Acquire-By-Hash: yes\nSuite: x\n")
+                .unwrap()
+                .acquire_by_hash
+        );
         let e = Release::parse("Suite: x\nSHA256:\n abc 1 Packages\n").unwrap_err();
         assert!(
             e.contains("line 3") && e.contains("expected `<sha256> <size> <path>`"),
