@@ -43,21 +43,7 @@ async fn run_with(
 }
 
 fn updates(outdated: &Outdated) -> Vec<String> {
-    outdated
-        .updates
-        .iter()
-        .map(|u| {
-            format!(
-                "{}:{} {} → {} ({}){}",
-                u.name,
-                u.arch,
-                u.installed,
-                u.candidate,
-                u.repository,
-                if u.security { " security" } else { "" }
-            )
-        })
-        .collect()
+    outdated.updates.iter().map(ToString::to_string).collect()
 }
 
 #[tokio::test]

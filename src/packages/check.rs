@@ -70,6 +70,23 @@ pub struct Update {
     pub security: bool,
 }
 
+impl std::fmt::Display for Update {
+    /// `nginx:amd64 1.22.1-9+deb12u12 → 1.22.1-9+deb12u13 (bookworm-security) security`: one
+    /// update, whole, for logs and tests (the CLI aligns its own columns).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}:{} {} → {} ({}){}",
+            self.name,
+            self.arch,
+            self.installed,
+            self.candidate,
+            self.repository,
+            if self.security { " security" } else { "" }
+        )
+    }
+}
+
 impl Outdated {
     /// Only the security updates.
     pub fn security_only(mut self) -> Outdated {
@@ -460,20 +477,7 @@ mod tests {
     }
 
     fn summary(updates: &[Update]) -> Vec<String> {
-        updates
-            .iter()
-            .map(|u| {
-                format!(
-                    "{}:{} {} → {} {}{}",
-                    u.name,
-                    u.arch,
-                    u.installed,
-                    u.candidate,
-                    u.repository,
-                    if u.security { " security" } else { "" }
-                )
-            })
-            .collect()
+        updates.iter().map(Update::to_string).collect()
     }
 
     #[test]
@@ -542,9 +546,9 @@ mod tests {
         assert_eq!(
             summary(&candidates(Scheme::Debian, &list, &offers)),
             [
-                "nginx:amd64 1.22.1-9+deb12u12 → 1.22.1-9+deb12u13 bookworm-security security",
-                "libssl3:amd64 3.0.17-1~deb12u2 → 3.0.18-1~deb12u1 bookworm-security security",
-                "tzdata:all 2025b-0+deb12u1 → 2026a-0+deb12u1 bookworm",
+                "nginx:amd64 1.22.1-9+deb12u12 → 1.22.1-9+deb12u13 (bookworm-security) security",
+                "libssl3:amd64 3.0.17-1~deb12u2 → 3.0.18-1~deb12u1 (bookworm-security) security",
+                "tzdata:all 2025b-0+deb12u1 → 2026a-0+deb12u1 (bookworm)",
             ]
         );
     }
@@ -591,7 +595,7 @@ mod tests {
         ];
         assert_eq!(
             summary(&candidates(Scheme::Debian, &list, &offers)),
-            ["b:amd64 2.0~bpo12+1 → 2.1~bpo12+1 bookworm-backports"]
+            ["b:amd64 2.0~bpo12+1 → 2.1~bpo12+1 (bookworm-backports)"]
         );
     }
 
