@@ -682,6 +682,18 @@ fn layer_cache_reuses_verifies_and_shares_layers() {
     for l in manifest["layers"].as_array().expect("layers") {
         assert_eq!(l["from"], "local", "{l}");
     }
+    // What the generalize layer's record kept: the image can still be checked for package
+    // updates without its generalize stage running.
+    assert!(
+        manifest["packages"]["packages"]
+            .as_array()
+            .is_some_and(|p| !p.is_empty()),
+        "packages"
+    );
+    assert_eq!(
+        manifest["packageSources"]["manager"], "apt",
+        "package sources"
+    );
     let c_disk = c.qcow2();
 
     // (d) --no-cache: everything runs.

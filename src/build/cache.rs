@@ -85,7 +85,8 @@ pub fn chain(plan: &Plan) -> Vec<ChainLayer> {
 }
 
 /// The generalize layer's key: the last component's key, whether the recipe seals the image
-/// (`generalize`), and the script and package queries builder runs.
+/// (`generalize`), and the script, package queries and package sources listing builder runs
+/// (what the layer's record keeps for a build that takes it from the cache).
 pub fn generalize_key(previous: &str, seal: bool) -> String {
     let mut hasher = Sha256::new();
     hasher.update(b"generalize\n");
@@ -96,6 +97,8 @@ pub fn generalize_key(previous: &str, seal: bool) -> String {
     hasher.update(generalize::DPKG_QUERY.as_bytes());
     hasher.update(b"\n");
     hasher.update(generalize::RPM_QUERY.as_bytes());
+    hasher.update(b"\n");
+    hasher.update(generalize::SOURCES_SCRIPT.as_bytes());
     hex::encode(hasher.finalize())
 }
 

@@ -1092,7 +1092,11 @@ async fn reuse_layers(cx: &BuildContext<'_>, base: &Base) -> Result<Vec<Layer>, 
         && layers.len() == cx.chain.len()
     {
         let packages = last.record.packages.clone().map(|p| *p);
-        cx.with_manifest(|m| m.packages = packages);
+        let sources = last.record.package_sources.clone().map(|s| *s);
+        cx.with_manifest(|m| {
+            m.packages = packages;
+            m.package_sources = sources;
+        });
     }
     if let (Some(cache), Some(base_format)) = (layer_cache, base_format) {
         let parent = found
@@ -1171,10 +1175,13 @@ async fn insert_into(
     let image = cx.image();
     // What went into the key, so a later plan can say what changed.
     let inputs = Some(super::reuse::inputs(cx.plan, &cx.chain, index));
+    // Recorded with the generalize layer, as its packages are (they come together).
+    let sources = packages.and(cx.manifest().package_sources);
     let origin = Origin {
         component: name,
         build: &image,
         packages,
+        package_sources: sources.as_ref(),
         inputs: inputs.as_ref(),
         // Built here (a pulled layer is inserted by distribute::oci::layers).
         source: None,

@@ -170,6 +170,10 @@ pub struct LayerRecord {
     /// a build that takes every layer from the cache still lists them in its manifest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub packages: Option<Box<super::manifest::PackageList>>,
+    /// The generalize layer's too: the image's package sources and keys (read with the
+    /// packages), so a fully cached build can still be checked for package updates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub package_sources: Option<Box<super::manifest::PackageSources>>,
 }
 
 /// What went into one layer's key (`build::plan` makes it from the plan), kept in the
@@ -402,6 +406,8 @@ pub struct Origin<'a> {
     pub source: Option<&'a str>,
     /// For [`LayerRecord::packages`].
     pub packages: Option<&'a super::manifest::PackageList>,
+    /// For [`LayerRecord::package_sources`].
+    pub package_sources: Option<&'a super::manifest::PackageSources>,
 }
 
 /// A cached layer a build uses: holds a shared lock on its file, so no prune removes it
@@ -747,6 +753,7 @@ impl LayerCache {
             inputs: origin.inputs.cloned().map(Box::new),
             source: origin.source.map(str::to_string),
             packages: origin.packages.cloned().map(Box::new),
+            package_sources: origin.package_sources.cloned().map(Box::new),
         };
         let cache = self.clone();
         blocking(move || cache.place(tmp, record)).await?

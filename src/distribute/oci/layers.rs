@@ -161,6 +161,8 @@ struct LayerConfig {
     inputs: Option<Box<LayerInputs>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     packages: Option<Box<PackageList>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    package_sources: Option<Box<crate::store::manifest::PackageSources>>,
 }
 
 /// `oci://host/repository`: how records, events and manifests name a shared cache.
@@ -312,6 +314,7 @@ pub async fn push_layers(
         let config = LayerConfig {
             inputs: record.inputs.clone(),
             packages: record.packages.clone(),
+            package_sources: record.package_sources.clone(),
         };
         #[expect(
             clippy::expect_used,
@@ -507,6 +510,7 @@ pub async fn pull_layers(
             source: Some(&source),
             inputs: config.inputs.as_deref(),
             packages: config.packages.as_deref(),
+            package_sources: config.package_sources.as_deref(),
         };
         let inserted = cache
             .insert(key, parent, download.path(), origin)
